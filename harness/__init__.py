@@ -1,0 +1,1 @@
+"""lazybench's measuring instrument: registry, network shaping, runtimes, records and charts."""

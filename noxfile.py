@@ -1,0 +1,57 @@
+"""Entry points: `nox -s tests`, `nox -s bench`, `nox -s lint`.
+
+Each session makes sure the Debian packages it needs are present (through
+`ci/install-system-deps`) before installing the Python packages into its own virtualenv.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _system_deps(session: nox.Session) -> None:
+    session.run(str(ROOT / "ci" / "install-system-deps"), external=True)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole pytest suite: unit tests and end-to-end tests against real services."""
+    _system_deps(session)
+    session.install("-e", ".[test,shaping]")
+    args = session.posargs or ["-ra", "--durations=15"]
+    session.run("pytest", *args, env={"PYTHONUNBUFFERED": "1"})
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run scenarios/default.toml end to end and print where the table and chart are."""
+    _system_deps(session)
+    session.install("-e", ".[shaping]")
+    scenario = session.posargs[0] if session.posargs else str(ROOT / "scenarios" / "default.toml")
+    session.run("lazybench", "run", scenario, *session.posargs[1:])
+
+
+@nox.session
+def microbench(session: nox.Session) -> None:
+    """The component benchmarks (format, registry client, store data path) with baselines."""
+    _system_deps(session)
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest", "benchmarks", "-p", "no:cacheprovider", "-s", *session.posargs,
+        env={"LAZYBENCH_BENCH": "1", **os.environ},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
