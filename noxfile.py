@@ -44,7 +44,12 @@ def microbench(session: nox.Session) -> None:
     _system_deps(session)
     session.install("-e", ".[test]")
     session.run(
-        "pytest", "benchmarks", "-p", "no:cacheprovider", "-s", *session.posargs,
+        "pytest",
+        "benchmarks",
+        "-p",
+        "no:cacheprovider",
+        "-s",
+        *session.posargs,
         env={"LAZYBENCH_BENCH": "1", **os.environ},
     )
 

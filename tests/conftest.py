@@ -18,5 +18,7 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="session")
 def vectors_dir() -> Path:
     if not VECTORS.is_dir():
-        pytest.fail(f"reference vectors not found at {VECTORS} (expected ../shared beside the clone)")
+        pytest.fail(
+            f"reference vectors not found at {VECTORS} (expected ../shared beside the clone)"
+        )
     return VECTORS
