@@ -13,6 +13,7 @@ import sys
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
     "harness.estargz_cmd",
+    "harness.images_cmd",
 ]
 
 

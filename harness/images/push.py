@@ -1,0 +1,290 @@
+"""Compress a built image in one of the measured modes and push it to a registry.
+
+Modes (DESIGN.md §5):
+
+* ``legacy`` — plain gzip layers, what a normal ``podman pull`` downloads in full;
+* ``estargz-noopt`` — eStargz layers without prioritized files (``.no.prefetch.landmark``);
+* ``estargz`` — eStargz with the workload's files first, before ``.prefetch.landmark``;
+* ``zstd-chunked`` — podman's own partial-pull format, produced by containers/image itself
+  (``skopeo copy --dest-compress-format zstd:chunked``) so it is exactly what a user would get.
+
+The compressed image is written once as an OCI layout under the built image's cache directory
+(keyed by mode and options) and copied to the registry with ``skopeo copy --preserve-digests``
+— the manifest and layer annotations arrive byte for byte. skopeo runs in a private mount
+namespace with an empty blob-info cache: containers/image would otherwise silently swap in a
+blob it compressed differently for an earlier push (e.g. a gzip layer for a zstd:chunked push).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from harness.images.build import BuiltImage
+from harness.images.layertar import file_digest, normalize, tar_names
+
+MODES = ("legacy", "estargz-noopt", "estargz", "zstd-chunked")
+
+MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+ZSTD_CHUNKED_MANIFEST_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
+
+
+class PushError(RuntimeError):
+    """Compressing or pushing an image failed: names the image, mode and registry."""
+
+
+@dataclass(frozen=True)
+class PushedLayer:
+    """A layer as the registry holds it (from the pushed manifest and config)."""
+
+    digest: str
+    size: int
+    media_type: str
+    diff_id: str
+    toc_digest: str | None
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PushedImage:
+    """An image in a registry: ``ref`` is ``host/repo:tag`` (plain HTTP)."""
+
+    ref: str
+    manifest_digest: str
+    mode: str
+    config_digest: str
+    layers: tuple[PushedLayer, ...]
+
+    @property
+    def digest_ref(self) -> str:
+        """``host/repo@sha256:…``: the same image pinned by digest."""
+        return f"{self.ref.rsplit(':', 1)[0]}@{self.manifest_digest}"
+
+    @property
+    def compressed_size(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+
+def push_image(
+    built: BuiltImage,
+    registry_host: str,
+    repo: str,
+    tag: str,
+    mode: str,
+    *,
+    prioritized_files: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+    timeout: float = 900.0,
+) -> PushedImage:
+    """Push ``built`` to ``http://registry_host/repo:tag`` in ``mode``; return what landed.
+
+    ``prioritized_files`` (image paths, in access order) is used by mode ``estargz`` only; the
+    runner gets it from a traced run. Compressed layouts are cached, so pushing the same image
+    and mode again (another registry, another sample) costs only the upload.
+    """
+    if mode not in MODES:
+        raise PushError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+    ref = f"{registry_host}/{repo}:{tag}"
+    extra: list[str] = []
+    if mode == "zstd-chunked":
+        layout = oci_layout(built, "uncompressed")
+        extra = ["--dest-compress-format", "zstd:chunked"]
+    else:
+        layout = oci_layout(built, mode, prioritized_files=prioritized_files, chunk_size=chunk_size)
+        extra = ["--preserve-digests"]
+    _skopeo_copy(f"oci:{layout}:latest", f"docker://{ref}", extra, timeout=timeout, what=ref)
+    return inspect_pushed(registry_host, repo, tag, mode, timeout=timeout)
+
+
+def oci_layout(
+    built: BuiltImage,
+    mode: str,
+    *,
+    prioritized_files: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+) -> Path:
+    """An OCI image layout of ``built`` in ``mode`` (``uncompressed`` too), built once."""
+    key = json.dumps([mode, list(prioritized_files or []) if mode == "estargz" else [], chunk_size])
+    name = f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    final = built.dir / "oci" / name
+    if (final / "index.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        blobs = work / "blobs" / "sha256"
+        blobs.mkdir(parents=True)
+        descriptors, diff_ids = [], []
+        for layer in built.layers:
+            tmp = work / "layer.tmp"
+            if mode == "uncompressed":
+                shutil.copyfile(layer.path, tmp)
+                desc = {"mediaType": MEDIA_TAR}
+                diff_ids.append(layer.diff_id)
+            elif mode == "legacy":
+                _gzip(layer.path, tmp)
+                desc = {"mediaType": MEDIA_GZIP}
+                diff_ids.append(layer.diff_id)
+            elif mode in ("estargz", "estargz-noopt"):
+                wanted = _prioritized_in(layer.path, prioritized_files) if mode == "estargz" else []
+                desc, diff_id = _estargz(layer.path, tmp, wanted, chunk_size)
+                diff_ids.append(diff_id)
+            else:
+                raise PushError(f"no OCI layout for mode {mode!r}")
+            digest = file_digest(tmp)
+            os.replace(tmp, blobs / digest.split(":")[1])
+            size = (blobs / digest[7:]).stat().st_size
+            descriptors.append({**desc, "digest": digest, "size": size})
+        config = json.loads(json.dumps(built.config))
+        config["rootfs"]["diff_ids"] = diff_ids
+        config_desc = _write_blob(blobs, json.dumps(config, sort_keys=True).encode(), MEDIA_CONFIG)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_MANIFEST,
+            "config": config_desc,
+            "layers": descriptors,
+        }
+        manifest_desc = _write_blob(blobs, json.dumps(manifest).encode(), MEDIA_MANIFEST)
+        manifest_desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+        (work / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+        (work / "index.json").write_text(
+            json.dumps({"schemaVersion": 2, "manifests": [manifest_desc]})
+        )
+        try:
+            os.rename(work, final)
+        except OSError:
+            if not (final / "index.json").is_file():
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def inspect_pushed(
+    registry_host: str, repo: str, tag: str, mode: str, *, timeout: float = 60.0
+) -> PushedImage:
+    """Read a pushed image's manifest and config back from the registry."""
+    base = f"http://{registry_host}/v2/{repo}"
+    accept = f"{MEDIA_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"
+    try:
+        with httpx.Client(timeout=timeout) as client:
+            resp = client.get(f"{base}/manifests/{tag}", headers={"Accept": accept})
+            resp.raise_for_status()
+            manifest = resp.json()
+            digest = resp.headers.get("Docker-Content-Digest") or (
+                "sha256:" + hashlib.sha256(resp.content).hexdigest()
+            )
+            cfg = client.get(f"{base}/blobs/{manifest['config']['digest']}")
+            cfg.raise_for_status()
+            diff_ids = cfg.json()["rootfs"]["diff_ids"]
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        raise PushError(f"reading back {registry_host}/{repo}:{tag}: {exc}") from exc
+    layers = tuple(
+        PushedLayer(
+            digest=d["digest"],
+            size=d["size"],
+            media_type=d["mediaType"],
+            diff_id=diff_id,
+            toc_digest=(d.get("annotations") or {}).get(TOC_DIGEST_ANNOTATION),
+            annotations=dict(d.get("annotations") or {}),
+        )
+        for d, diff_id in zip(manifest["layers"], diff_ids, strict=True)
+    )
+    return PushedImage(
+        f"{registry_host}/{repo}:{tag}", digest, mode, manifest["config"]["digest"], layers
+    )
+
+
+def _prioritized_in(tar: Path, files: Sequence[str] | None) -> list[str]:
+    """The prioritized files present in this layer, in the given (access) order."""
+    if not files:
+        return []
+    names = set(tar_names(tar))
+    seen: set[str] = set()
+    out = []
+    for f in files:
+        n = normalize(f)
+        if n in names and n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def _estargz(
+    tar: Path, out: Path, prioritized: list[str], chunk_size: int | None
+) -> tuple[dict, str]:
+    """Convert one layer with the project's eStargz writer; (descriptor fields, diff ID)."""
+    from store.estargz import convert  # the format library (store/estargz)
+
+    kwargs: dict = {"prioritized_files": prioritized}
+    if chunk_size:
+        kwargs["chunk_size"] = chunk_size
+    result = convert(tar, out, **kwargs)
+    desc = {
+        "mediaType": MEDIA_GZIP,
+        "annotations": {
+            TOC_DIGEST_ANNOTATION: result.toc_digest,
+            UNCOMPRESSED_SIZE_ANNOTATION: str(result.uncompressed_size),
+        },
+    }
+    return desc, result.diff_id
+
+
+def _gzip(src: Path, out: Path) -> None:
+    with (
+        open(src, "rb") as fin,
+        open(out, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0, filename="") as gz,
+    ):
+        shutil.copyfileobj(fin, gz, 1 << 20)
+
+
+def _write_blob(blobs: Path, data: bytes, media_type: str) -> dict:
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+
+def _skopeo_copy(src: str, dest: str, extra: list[str], *, timeout: float, what: str) -> None:
+    """``skopeo copy`` with a private, empty blob-info cache (see the module docstring)."""
+    cache = "/var/lib/containers/cache"
+    os.makedirs(cache, exist_ok=True)
+    cmd = " ".join(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *extra, _q(src), _q(dest)]
+    )
+    script = f"mount -t tmpfs tmpfs {cache} && exec {cmd}"
+    try:
+        proc = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise PushError(f"pushing {what}: skopeo did not finish within {timeout:.0f}s") from None
+    if proc.returncode != 0:
+        tail = proc.stderr.strip()[-1500:]
+        raise PushError(f"pushing {what}: skopeo exited {proc.returncode}: {tail}")
+
+
+def _q(s: str) -> str:
+    return shlex.quote(s)

@@ -1,0 +1,205 @@
+"""What a workload image is made of, and what the runner does with it.
+
+A :class:`Recipe` is pure data: the base, the layers on top of it (Debian packages installed in
+a chroot, or plain files), the image config, and how the workload is run and judged (command,
+stdin script, the ready line on stdout, the timeout). Its :func:`recipe_hash` names the cached
+build, so changing anything that changes the image bytes changes the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Bump when the builder changes the bytes it produces for the same recipe.
+BUILDER_VERSION = 1
+
+DEBIAN_SUITE = "bookworm"
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One entry of a file-set layer.
+
+    ``kind`` is ``file`` (``data`` or ``source``, a host path whose bytes are copied), ``dir``,
+    ``symlink`` (``target``), ``whiteout`` (deletes ``path`` from lower layers) or ``opaque``
+    (``path`` is a directory whose lower contents are hidden).
+    """
+
+    path: str
+    kind: str = "file"
+    data: bytes = field(default=b"", repr=False)
+    source: str = ""
+    target: str = ""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One image layer: packages installed with apt, then shell commands, then files.
+
+    A layer with ``packages`` or ``run`` is built in a chroot over the lower layers (overlayfs)
+    and stored as the diff; ``files`` are added to that diff as given.
+    """
+
+    comment: str
+    packages: tuple[str, ...] = ()
+    run: tuple[str, ...] = ()
+    files: tuple[FileSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A workload image and how to run it.
+
+    ``base`` is ``debian`` (an ``mmdebstrap --variant=minbase`` tree of :data:`DEBIAN_SUITE` as
+    the first layer) or ``scratch`` (no base: the layers are everything). ``cmd``/``env``/
+    ``workdir``/``user`` go into the image config. The runner uses ``run_cmd`` (the command
+    given to ``podman create``, empty = the image's own), feeds ``stdin`` when set, waits for
+    ``ready_line`` on the container's stdout (``None`` = wait for exit), expects
+    ``expected_output`` in stdout, and gives up after ``timeout`` seconds.
+    """
+
+    name: str
+    base: str
+    layers: tuple[LayerSpec, ...]
+    cmd: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = (
+        ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    )
+    workdir: str = "/"
+    user: str = ""
+    run_cmd: tuple[str, ...] = ()
+    stdin: str | None = None
+    ready_line: str | None = None
+    expected_output: str | None = None
+    timeout: float = 120.0
+    description: str = ""
+
+
+# Recipe fields that tune the run only: they do not change the image, so not its hash.
+RUN_FIELDS = ("name", "run_cmd", "stdin", "ready_line", "expected_output", "timeout", "description")
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """A short hex name of everything that determines the image bytes (not how it is run)."""
+    data = asdict(recipe)
+    for key in RUN_FIELDS:
+        data.pop(key, None)
+    data["builder"] = BUILDER_VERSION
+    data["suite"] = DEBIAN_SUITE if recipe.base == "debian" else None
+    # Files copied from the host count by content, not by path.
+    data["sources"] = sorted(
+        {
+            f.source: hashlib.sha256(Path(f.source).read_bytes()).hexdigest()
+            for layer in recipe.layers
+            for f in layer.files
+            if f.source
+        }.items()
+    )
+    text = json.dumps(data, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return hashlib.sha256(value).hexdigest()
+    raise TypeError(f"cannot hash {type(value).__name__}")
+
+
+# Layers every Debian workload shares, like the ``buildpack-deps`` family upstream images sit on.
+_CERTS = LayerSpec("certificates and tzdata", packages=("ca-certificates", "tzdata", "netbase"))
+
+_HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n'
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            name="python",
+            description="python3 prints hello (stands in for python:3.7)",
+            base="debian",
+            layers=(
+                _CERTS,
+                LayerSpec("python runtime", packages=("python3",)),
+            ),
+            cmd=("python3",),
+            run_cmd=("python3", "-c", "print('hello')"),
+            expected_output="hello",
+            timeout=120,
+        ),
+        Recipe(
+            name="gcc",
+            description="gcc compiles and runs hello from stdin (stands in for gcc:9.2.0)",
+            base="debian",
+            layers=(
+                _CERTS,
+                LayerSpec("toolchain", packages=("gcc", "libc6-dev")),
+                LayerSpec("build helpers", packages=("make", "pkg-config")),
+            ),
+            cmd=("/bin/sh",),
+            run_cmd=("/bin/sh", "-c", "gcc -x c -o /tmp/hello - && /tmp/hello"),
+            stdin=_HELLO_C,
+            expected_output="hello",
+            timeout=180,
+        ),
+        Recipe(
+            name="postgres",
+            description="postgres 15 on a pre-initialised cluster, until it accepts connections",
+            base="debian",
+            layers=(
+                _CERTS,
+                LayerSpec(
+                    "postgresql server with its cluster",
+                    packages=("postgresql-15",),
+                    run=("mkdir -p /run/postgresql && chown postgres:postgres /run/postgresql",),
+                ),
+            ),
+            user="postgres",
+            cmd=(
+                "/bin/sh",
+                "-c",
+                "exec /usr/lib/postgresql/15/bin/postgres -D /var/lib/postgresql/15/main"
+                " -c config_file=/etc/postgresql/15/main/postgresql.conf"
+                " -c listen_addresses= -c unix_socket_directories=/tmp 2>&1",
+            ),
+            ready_line="database system is ready to accept connections",
+            timeout=180,
+        ),
+        Recipe(
+            name="tomcat",
+            description="Tomcat 10 on OpenJDK 17, until startup (stands in for glassfish)",
+            base="debian",
+            layers=(
+                _CERTS,
+                LayerSpec("java runtime", packages=("openjdk-17-jre-headless",)),
+                LayerSpec("application server", packages=("tomcat10",)),
+            ),
+            env=(
+                ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+                ("CATALINA_HOME", "/usr/share/tomcat10"),
+                ("CATALINA_BASE", "/var/lib/tomcat10"),
+                ("CATALINA_TMPDIR", "/tmp"),
+            ),
+            cmd=("/bin/sh", "-c", "exec /usr/share/tomcat10/bin/catalina.sh run 2>&1"),
+            ready_line="Server startup in",
+            timeout=300,
+        ),
+        Recipe(
+            name="redis",
+            description="redis-server until ready (stands in for rethinkdb)",
+            base="debian",
+            layers=(
+                _CERTS,
+                LayerSpec("redis server", packages=("redis-server",)),
+            ),
+            cmd=("redis-server", "--save", "", "--appendonly", "no"),
+            ready_line="Ready to accept connections",
+            timeout=120,
+        ),
+    )
+}

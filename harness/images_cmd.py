@@ -1,0 +1,121 @@
+"""`lazybench images build [NAMES…]` and `lazybench images ls`: the workload image cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from harness.cli import UserError
+from harness.images import (
+    RECIPES,
+    ImageBuildError,
+    build_layers,
+    cached_image,
+    default_cache_dir,
+    find_recipe,
+)
+from harness.images.recipes import recipe_hash
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("images", help="build and list the workload images")
+    isub = parser.add_subparsers(dest="images_command", required=True, metavar="ACTION")
+    build = isub.add_parser("build", help="build workload images (reusing cached builds)")
+    build.add_argument("names", nargs="*", metavar="NAME", help="workloads (default: all)")
+    build.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/lazybench")
+    build.set_defaults(func=cmd_build)
+    ls = isub.add_parser("ls", help="list cached workload images with sizes")
+    ls.add_argument("--cache-dir", type=Path, default=None)
+    ls.add_argument("--json", action="store_true", help="one JSON object per image")
+    ls.set_defaults(func=cmd_ls)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    names = args.names or list(RECIPES)
+    try:
+        recipes = [find_recipe(n) for n in names]
+    except KeyError as exc:
+        raise UserError(exc.args[0]) from None
+    console = Console(stderr=True)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        for recipe in recipes:
+            name = recipe.name
+            task = progress.add_task(f"{name}: checking cache", total=None)
+            start = time.monotonic()
+            reused = cached_image(recipe, args.cache_dir) is not None
+            try:
+                built = build_layers(
+                    recipe,
+                    args.cache_dir,
+                    progress=lambda msg, t=task: progress.update(t, description=msg),
+                )
+            except ImageBuildError as exc:
+                raise UserError(str(exc).splitlines()[0]) from exc
+            how = "cached" if reused else f"built in {time.monotonic() - start:.0f}s"
+            progress.update(
+                task,
+                total=1,
+                completed=1,
+                description=f"{name}: {len(built.layers)} layers, {_mb(built.size)} ({how})",
+            )
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    root = (args.cache_dir or default_cache_dir()) / "images"
+    known = {recipe_hash(r): r.name for r in [*RECIPES.values(), find_recipe("tiny")]}
+    rows = []
+    for meta in sorted(root.glob("*/image.json")):
+        data = json.loads(meta.read_text())
+        oci = meta.parent / "oci"
+        rows.append(
+            {
+                "name": data["name"],
+                "hash": data["hash"],
+                "current": data["hash"] in known,
+                "layers": len(data["layers"]),
+                "size": sum(layer["size"] for layer in data["layers"]),
+                "modes": sorted(p.name.rsplit("-", 1)[0] for p in oci.iterdir())
+                if oci.is_dir()
+                else [],
+                "disk": _du(meta.parent),
+                "built": data.get("built", ""),
+            }
+        )
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "hash", "layers", "uncompressed", "on disk", "pushed modes", "built")
+    for row in rows:
+        name = row["name"] + ("" if row["current"] else " (stale)")
+        table.add_row(
+            name,
+            row["hash"],
+            str(row["layers"]),
+            _mb(row["size"]),
+            _mb(row["disk"]),
+            ", ".join(row["modes"]),
+            row["built"],
+        )
+    Console().print(table)
+    if not rows:
+        print(f"no images cached under {root}")
+    return 0
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
