@@ -1,0 +1,373 @@
+"""Scenario files: what a run measures, read from TOML and checked before anything starts.
+
+A run can take an hour; a typo found after the first sample wastes it. So every key is checked
+up front and every problem is reported as ``FILE: KEY: PROBLEM`` (a :class:`ScenarioError`,
+which the CLI prints as one line).
+
+Schema (all keys but ``workloads`` optional)::
+
+    name = "default"                 # run-id prefix; default: the file's stem
+    samples = 3                      # measurements per (workload, mode)
+    percentile = 95                  # the statistic tables and charts show, besides the median
+    modes = ["legacy", "estargz-noopt", "estargz", "zstd-chunked"]
+    runtime = "podman"               # or "crio" (needs crictl + a running CRI-O)
+    seed = 0                         # shuffle seed: the same seed gives the same order
+
+    [network]
+    profile = "wan"                  # a profile name from harness.netshape
+
+    [store]                          # the Additional Layer Store under test (lazy modes)
+    command = ["stargz-store", "--config", "{config}", "--root", "{root}", "{mountpoint}"]
+    mount_timeout = 30               # seconds to wait for the mount to appear
+    # Placeholders: {config} (resolver/prefetch config the harness writes), {root} (an empty
+    # cache directory per measurement), {mountpoint}, {metrics} (a file the store writes its
+    # Prometheus metrics to on exit, optional). The estargz mode's access trace is always
+    # taken with our own stargz-store, whatever store is under test.
+
+    [[workloads]]
+    name = "python"                  # unique; default: the recipe name
+    recipe = "python"                # image recipe from harness.images.RECIPES, or "tiny"
+    command = ["python3", "-c", "print('hello')"]   # optional; default: the recipe's
+    stdin = "…"                      # optional script fed on stdin; default: the recipe's
+    ready = "hello"                  # optional line (substring) on stdout that means "ready"
+    timeout = 300                    # optional seconds for each step; default: the recipe's
+    reference = "python:3.7"         # optional: the published image this stands in for
+                                     # (results/reference/published.csv); default: matched by
+                                     # the workload or recipe name against its stand_in column
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.cli import UserError
+
+MODES = ("legacy", "estargz-noopt", "estargz", "zstd-chunked")
+LAZY_MODES = frozenset({"estargz-noopt", "estargz"})
+RUNTIMES = ("podman", "crio")
+DEFAULT_STORE_COMMAND = (
+    "stargz-store",
+    "--config",
+    "{config}",
+    "--root",
+    "{root}",
+    "{mountpoint}",
+)
+STORE_PLACEHOLDERS = frozenset({"config", "root", "mountpoint"})
+
+
+class ScenarioError(UserError):
+    """A scenario file is malformed; the message names the file, the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One image and what to run in it. ``None`` fields fall back to the recipe's values."""
+
+    name: str
+    recipe: str
+    command: tuple[str, ...] | None = None
+    stdin: str | None = None
+    ready: str | None = None
+    timeout: float | None = None
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """How to start the layer store under test; ``{placeholders}`` are filled per measurement."""
+
+    command: tuple[str, ...] = DEFAULT_STORE_COMMAND
+    mount_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    workloads: tuple[Workload, ...]
+    modes: tuple[str, ...] = MODES
+    samples: int = 3
+    percentile: float = 95.0
+    network_profile: str = "loopback"
+    runtime: str = "podman"
+    seed: int = 0
+    store: StoreSpec = field(default_factory=StoreSpec)
+    source: Path | None = None
+
+    def keys(self) -> list[tuple[int, str, str]]:
+        """Every (sample, workload, mode) a complete run records, in plan order."""
+        return [
+            (s, w.name, m) for s in range(self.samples) for w in self.workloads for m in self.modes
+        ]
+
+    def workload(self, name: str) -> Workload:
+        for w in self.workloads:
+            if w.name == name:
+                return w
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, TOML/JSON-able form (stored with the run so it can be resumed as it was)."""
+        return {
+            "name": self.name,
+            "samples": self.samples,
+            "percentile": self.percentile,
+            "modes": list(self.modes),
+            "runtime": self.runtime,
+            "seed": self.seed,
+            "network": {"profile": self.network_profile},
+            "store": {
+                "command": list(self.store.command),
+                "mount_timeout": self.store.mount_timeout,
+            },
+            "workloads": [
+                {
+                    k: (list(v) if isinstance(v, tuple) else v)
+                    for k, v in vars(w).items()
+                    if v is not None
+                }
+                for w in self.workloads
+            ],
+        }
+
+
+class _Checker:
+    """Collects the file name so every error message can start with it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> ScenarioError:
+        return ScenarioError(f"{self.source}: {key}: {problem}")
+
+    def table(self, data: Any, key: str) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise self.fail(key, f"must be a table, got {_show(data)}")
+        return data
+
+    def unknown(self, data: dict[str, Any], allowed: set[str], prefix: str) -> None:
+        for k in data:
+            if k not in allowed:
+                where = f"{prefix}.{k}" if prefix else k
+                raise self.fail(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def string(self, data: dict[str, Any], key: str, where: str, default: Any = None) -> Any:
+        value = data.get(key, default)
+        if value is not default and (not isinstance(value, str) or not value):
+            raise self.fail(where, f"must be a non-empty string, got {_show(value)}")
+        return value
+
+    def number(
+        self, data: dict[str, Any], key: str, where: str, default: Any, *, lo: float, hi: float
+    ) -> Any:
+        value = data.get(key, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(where, f"must be a number, got {_show(value)}")
+        if not lo <= value <= hi:
+            raise self.fail(where, f"must be between {lo:g} and {hi:g}, got {value!r}")
+        return value
+
+    def integer(
+        self, data: dict[str, Any], key: str, where: str, default: int, *, lo: int, hi: int
+    ) -> int:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(where, f"must be an integer, got {_show(value)}")
+        if not lo <= value <= hi:
+            raise self.fail(where, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def strings(self, data: dict[str, Any], key: str, where: str) -> tuple[str, ...] | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, str) and v for v in value)
+        ):
+            raise self.fail(where, f"must be a non-empty list of strings, got {_show(value)}")
+        return tuple(value)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _known_recipes() -> set[str] | None:
+    """Recipe names from harness.images, or None when that package is not importable."""
+    try:
+        from harness.images import RECIPES
+    except ImportError:
+        return None
+    return set(RECIPES) | {"tiny"}
+
+
+def _known_profiles() -> set[str] | None:
+    try:
+        from harness import netshape
+    except ImportError:
+        return None
+    profiles = getattr(netshape, "PROFILES", None)
+    return set(profiles) if profiles is not None else None
+
+
+def parse_scenario(
+    data: dict[str, Any],
+    source: str = "<scenario>",
+    *,
+    recipes: set[str] | None = None,
+    profiles: set[str] | None = None,
+) -> Scenario:
+    """Check a decoded scenario and build a :class:`Scenario`; raise :class:`ScenarioError`.
+
+    ``recipes``/``profiles`` are the names a workload's recipe and the network profile may
+    take; ``None`` skips that check.
+    """
+    c = _Checker(source)
+    c.unknown(
+        data,
+        {
+            "name",
+            "samples",
+            "percentile",
+            "modes",
+            "runtime",
+            "seed",
+            "network",
+            "store",
+            "workloads",
+        },
+        "",
+    )
+    name = c.string(data, "name", "name", default=Path(source).stem or "scenario")
+    if not all(ch.isalnum() or ch in "-_." for ch in name):
+        raise c.fail("name", f"may only hold letters, digits, '-', '_' and '.', got {name!r}")
+    samples = c.integer(data, "samples", "samples", 3, lo=1, hi=1000)
+    percentile = float(c.number(data, "percentile", "percentile", 95.0, lo=1, hi=100))
+    seed = c.integer(data, "seed", "seed", 0, lo=0, hi=2**32 - 1)
+
+    modes = c.strings(data, "modes", "modes") or MODES
+    for i, mode in enumerate(modes):
+        if mode not in MODES:
+            raise c.fail(f"modes[{i}]", f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+    if len(set(modes)) != len(modes):
+        raise c.fail("modes", "lists a mode twice")
+
+    runtime = c.string(data, "runtime", "runtime", default="podman")
+    if runtime not in RUNTIMES:
+        raise c.fail("runtime", f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
+
+    network = c.table(data.get("network", {}), "network")
+    c.unknown(network, {"profile"}, "network")
+    profile = c.string(network, "profile", "network.profile", default="loopback")
+    if profiles is not None and profile not in profiles:
+        raise c.fail(
+            "network.profile", f"unknown profile {profile!r} (known: {', '.join(sorted(profiles))})"
+        )
+
+    store_data = c.table(data.get("store", {}), "store")
+    c.unknown(store_data, {"command", "mount_timeout"}, "store")
+    command = c.strings(store_data, "command", "store.command") or DEFAULT_STORE_COMMAND
+    for arg in command:
+        for placeholder in _placeholders(arg):
+            if placeholder not in STORE_PLACEHOLDERS:
+                raise c.fail(
+                    "store.command",
+                    f"unknown placeholder {{{placeholder}}} "
+                    f"(known: {', '.join('{' + p + '}' for p in sorted(STORE_PLACEHOLDERS))})",
+                )
+    if not any("{mountpoint}" in arg for arg in command):
+        raise c.fail("store.command", "must contain {mountpoint}")
+    store = StoreSpec(
+        command=command,
+        mount_timeout=float(
+            c.number(store_data, "mount_timeout", "store.mount_timeout", 30.0, lo=0.1, hi=3600)
+        ),
+    )
+
+    raw_workloads = data.get("workloads")
+    if raw_workloads is None:
+        raise c.fail("workloads", "missing: add at least one [[workloads]] table")
+    if not isinstance(raw_workloads, list) or not raw_workloads:
+        raise c.fail("workloads", "must be a non-empty array of tables ([[workloads]])")
+    workloads: list[Workload] = []
+    for i, raw in enumerate(raw_workloads):
+        where = f"workloads[{i}]"
+        w = c.table(raw, where)
+        c.unknown(w, {"name", "recipe", "command", "stdin", "ready", "timeout", "reference"}, where)
+        recipe = c.string(w, "recipe", f"{where}.recipe")
+        if recipe is None:
+            raise c.fail(f"{where}.recipe", "missing: name an image recipe")
+        if recipes is not None and recipe not in recipes:
+            known = ", ".join(sorted(recipes))
+            raise c.fail(f"{where}.recipe", f"unknown recipe {recipe!r} (known: {known})")
+        wname = c.string(w, "name", f"{where}.name", default=recipe)
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", wname):
+            raise c.fail(
+                f"{where}.name",
+                f"must be lower-case letters, digits, '.', '_', '-' (it names the image "
+                f"repository), got {wname!r}",
+            )
+        if any(x.name == wname for x in workloads):
+            raise c.fail(f"{where}.name", f"duplicate workload name {wname!r}")
+        stdin = w.get("stdin")
+        if stdin is not None and not isinstance(stdin, str):
+            raise c.fail(f"{where}.stdin", f"must be a string, got {_show(stdin)}")
+        timeout = c.number(w, "timeout", f"{where}.timeout", None, lo=0.1, hi=86400)
+        workloads.append(
+            Workload(
+                name=wname,
+                recipe=recipe,
+                command=c.strings(w, "command", f"{where}.command"),
+                stdin=stdin,
+                ready=c.string(w, "ready", f"{where}.ready"),
+                timeout=float(timeout) if timeout is not None else None,
+                reference=c.string(w, "reference", f"{where}.reference"),
+            )
+        )
+    return Scenario(
+        name=name,
+        workloads=tuple(workloads),
+        modes=tuple(modes),
+        samples=samples,
+        percentile=percentile,
+        network_profile=profile,
+        runtime=runtime,
+        seed=seed,
+        store=store,
+    )
+
+
+def _placeholders(arg: str) -> list[str]:
+    import string
+
+    return [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
+
+
+def load_scenario(path: Path | str, *, check_references: bool = True) -> Scenario:
+    """Read and check a scenario file. Recipe and profile names are checked against
+    harness.images / harness.netshape when those are importable and ``check_references``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    scenario = parse_scenario(
+        data,
+        str(path),
+        recipes=_known_recipes() if check_references else None,
+        profiles=_known_profiles() if check_references else None,
+    )
+    return Scenario(**{**vars(scenario), "source": path.resolve()})

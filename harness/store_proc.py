@@ -1,0 +1,291 @@
+"""The Additional Layer Store under test, as a process: started empty, mounted, stopped, gone.
+
+Each lazy measurement starts the store afresh with an empty cache directory, so no chunk fetched
+for one sample makes the next one faster. The store is any ALS-compatible command (ours,
+``stargz-store``, by default; the Go ``stargz-store`` works with the same config file), given as
+a template with ``{config}``, ``{root}`` and ``{mountpoint}`` placeholders.
+
+The harness writes the store's config (Go ``stargz-store`` TOML keys, which ours reads too):
+the registry is plain HTTP, so it gets a ``[[resolver.host."HOST".mirrors]]`` entry with
+``insecure = true``; ``noprefetch`` for the estargz-noopt mode; and our own keys
+``metrics_address`` (Prometheus endpoint, scraped after the workload ran) and
+``access_trace_path`` (the files each layer served, in first-access order — what the estargz
+mode prioritizes).
+
+The process runs in its own session so a Ctrl-C aimed at the harness does not kill it before
+the harness has unmounted it: a dead FUSE mount under an ALS path makes every podman command
+fail. :meth:`StoreProcess.stop` always leaves the mount point unmounted and the process gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from harness.podman import mounts_below
+from harness.scenario import DEFAULT_STORE_COMMAND
+
+
+class StoreError(RuntimeError):
+    """The store did not start, did not mount in time, or could not be stopped."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)
+
+
+def is_mounted(path: Path) -> bool:
+    return Path(os.path.realpath(path)) in mounts_below(path)
+
+
+def store_config_text(
+    insecure_hosts: Sequence[str],
+    *,
+    noprefetch: bool = False,
+    metrics_address: str = "",
+    access_trace_path: str = "",
+) -> str:
+    """The store's TOML config (Go ``stargz-store`` keys plus ours)."""
+    lines = [f"noprefetch = {'true' if noprefetch else 'false'}"]
+    if metrics_address:
+        lines.append(f"metrics_address = {_toml_str(metrics_address)}")
+    if access_trace_path:
+        lines.append(f"access_trace_path = {_toml_str(access_trace_path)}")
+    for host in insecure_hosts:
+        lines += [
+            "",
+            f"[[resolver.host.{_toml_str(host)}.mirrors]]",
+            f"host = {_toml_str(host)}",
+            "insecure = true",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class StoreProcess:
+    """One run of the layer store, mounted at ``workdir/mnt`` with cache ``workdir/root``."""
+
+    workdir: Path
+    command: Sequence[str] = DEFAULT_STORE_COMMAND
+    insecure_hosts: Sequence[str] = ()
+    noprefetch: bool = False
+    trace: bool = False
+    metrics: bool = True
+    mount_timeout: float = 30.0
+    stop_timeout: float = 15.0
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _metrics_address: str = field(default="", init=False, repr=False)
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.workdir / "mnt"
+
+    @property
+    def root(self) -> Path:
+        return self.workdir / "root"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "config.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "store.log"
+
+    @property
+    def trace_path(self) -> Path:
+        return self.workdir / "trace.jsonl"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def __enter__(self) -> StoreProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def argv(self) -> list[str]:
+        values = {
+            "config": str(self.config_path),
+            "root": str(self.root),
+            "mountpoint": str(self.mountpoint),
+        }
+        argv = [arg.format(**values) for arg in self.command]
+        exe = shutil.which(argv[0])
+        if exe is None:
+            raise StoreError(f"store command {argv[0]!r} not found on PATH")
+        return [exe, *argv[1:]]
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise StoreError("store already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if is_mounted(self.mountpoint):
+            raise StoreError(f"{self.mountpoint} is already mounted")
+        shutil.rmtree(self.root, ignore_errors=True)  # an empty cache, every time
+        self.root.mkdir()
+        self.mountpoint.mkdir(exist_ok=True)
+        self.trace_path.unlink(missing_ok=True)
+        self._metrics_address = f"127.0.0.1:{_free_port()}" if self.metrics else ""
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(
+            store_config_text(
+                self.insecure_hosts,
+                noprefetch=self.noprefetch,
+                metrics_address=self._metrics_address,
+                access_trace_path=str(self.trace_path) if self.trace else "",
+            )
+        )
+        os.replace(tmp, self.config_path)
+        argv = self.argv()
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            self._wait_mounted()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_mounted(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.mount_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise StoreError(
+                    f"store exited with status {self._proc.returncode} before mounting "
+                    f"{self.mountpoint}: {self.log_tail()}"
+                )
+            if is_mounted(self.mountpoint):
+                return
+            time.sleep(0.05)
+        raise StoreError(
+            f"store did not mount {self.mountpoint} within {self.mount_timeout:g}s: "
+            f"{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])[-800:]
+
+    def stop(self) -> None:
+        """SIGTERM (the store unmounts itself), then unmount and SIGKILL if it did not."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=self.stop_timeout)
+        if is_mounted(self.mountpoint):
+            for cmd in (
+                ["fusermount3", "-u", "-z", str(self.mountpoint)],
+                ["umount", "-l", str(self.mountpoint)],
+            ):
+                subprocess.run(cmd, capture_output=True, timeout=30)
+                if not is_mounted(self.mountpoint):
+                    break
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        if is_mounted(self.mountpoint):
+            raise StoreError(f"{self.mountpoint} is still mounted after stopping the store")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- what the store reports ------------------------------------------------------------------
+
+    def scrape_metrics(self, timeout: float = 5.0) -> dict[str, float]:
+        """The store's Prometheus samples as ``name{labels}`` → value (empty when it has none).
+
+        Process/Python runtime samples are left out: they describe the interpreter, not lazy
+        pulling.
+        """
+        if not self._metrics_address:
+            return {}
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(
+                f"http://{self._metrics_address}/metrics", timeout=timeout
+            ) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name.startswith(("python_", "process_")):
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return out
+
+    def trace_files(self) -> list[str]:
+        """Files the workload read, in first-access order across layers (no duplicates)."""
+        return read_trace(self.trace_path)
+
+
+def read_trace(path: Path) -> list[str]:
+    """Read an access trace (JSON lines). Each line names one layer and the files it served in
+    first-access order — ``{"layer": …, "files": [...]}`` — or one access —
+    ``{"layer": …, "path": …}``; both are accepted."""
+    seen: dict[str, None] = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            entry: Any = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line
+        if not isinstance(entry, dict):
+            continue
+        names = entry.get("files")
+        if names is None:
+            one = entry.get("path") or entry.get("file") or entry.get("name")
+            names = [one] if one else []
+        for name in names:
+            if isinstance(name, dict):
+                name = name.get("path") or name.get("name")
+            if isinstance(name, str) and name:
+                seen.setdefault(name.lstrip("/"), None)
+    return list(seen)

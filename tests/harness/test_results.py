@@ -1,0 +1,152 @@
+"""Records, statistics, table, chart, report and compare/gate on synthetic records."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from harness.cli import UserError
+from harness.results import (
+    ENVIRONMENT,
+    RECORDS,
+    Gate,
+    Record,
+    aggregate,
+    append_record,
+    compare_runs,
+    finished_keys,
+    gate_failures,
+    load_gate,
+    read_records,
+    records_frame,
+    write_report,
+)
+
+WORKLOADS = [
+    {"name": "python", "recipe": "python"},
+    {"name": "gcc", "recipe": "gcc"},
+    {"name": "db", "recipe": "postgres", "reference": "rethinkdb:2.3.6"},
+]
+MODES = ["legacy", "estargz-noopt", "estargz"]
+
+
+def make_run(run_dir: Path, samples: int = 3, slow: float = 1.0, seed: int = 1) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rnd = random.Random(seed)
+    scenario = {
+        "name": "synthetic",
+        "samples": samples,
+        "percentile": 95,
+        "modes": MODES,
+        "network": {"profile": "wan"},
+        "workloads": WORKLOADS,
+    }
+    (run_dir / ENVIRONMENT).write_text(json.dumps({"scenario": scenario, "kernel": "6.1"}))
+    for s in range(samples):
+        for w in WORKLOADS:
+            for m in MODES:
+                pull = {"legacy": 10.0, "estargz-noopt": 1.0, "estargz": 0.8}[m] * slow
+                run = {"legacy": 0.2, "estargz-noopt": 2.0, "estargz": 0.6}[m] * slow
+                jitter = rnd.uniform(0.9, 1.1)
+                append_record(
+                    run_dir,
+                    Record(
+                        sample=s,
+                        workload=w["name"],
+                        mode=m,
+                        pull_s=pull * jitter,
+                        create_s=0.5,
+                        run_s=run,
+                        total_s=pull * jitter + 0.5 + run,
+                        bytes_fetched=int(
+                            {"legacy": 100e6, "estargz-noopt": 20e6, "estargz": 25e6}[m]
+                        ),
+                        bytes_before_first_output=int(5e6),
+                        requests=3,
+                    ),
+                )
+    return run_dir
+
+
+def test_records_survive_a_torn_last_line_and_last_record_wins(tmp_path: Path) -> None:
+    append_record(tmp_path, Record(0, "w", "legacy", status="error", error="boom"))
+    append_record(tmp_path, Record(0, "w", "legacy", total_s=1.0))
+    append_record(tmp_path, Record(1, "w", "legacy", status="error", error="boom"))
+    with (tmp_path / RECORDS).open("a") as f:
+        f.write('{"sample": 2, "workl')  # the process died mid-write
+    records = read_records(tmp_path)
+    assert [(r.key, r.status) for r in records] == [
+        ((0, "w", "legacy"), "ok"),
+        ((1, "w", "legacy"), "error"),
+    ]
+    assert finished_keys(tmp_path) == {(0, "w", "legacy")}
+
+
+def test_aggregate_medians_percentiles_and_order(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    agg = aggregate(records_frame(read_records(tmp_path)), 95)
+    assert list(agg["workload"].unique()) == ["python", "gcc", "db"]
+    assert list(agg["mode"][:3]) == MODES
+    assert (agg["n"] == 3).all()
+    legacy = agg[(agg["workload"] == "gcc") & (agg["mode"] == "legacy")].iloc[0]
+    assert legacy["total_min"] <= legacy["total_median"] <= legacy["total_p"] <= legacy["total_max"]
+    assert legacy["mb_fetched_median"] == pytest.approx(100.0)
+
+
+def test_report_writes_table_chart_and_ratios(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    report = write_report(run)
+    table = (run / "table.md").read_text()
+    for w in WORKLOADS:
+        assert f"### {w['name']}" in table
+    assert table.count("| legacy |") == 3 and table.count("| estargz |") == 3
+    assert "| mode | pull" in table and "MB fetched" in table
+    for chart in report.charts:
+        assert chart.stat().st_size > 1000
+    assert {c.suffix for c in report.charts} == {".png", ".svg"}
+    text = (run / "report.md").read_text()
+    assert "estargz ÷ legacy" in text and "python:3.7" in text and "rethinkdb:2.3.6" in text
+    by_name = {r["workload"]: r for r in report.ratios}
+    assert by_name["python"]["published_estargz"] == pytest.approx(4.1 / 37.1)
+    assert by_name["db"]["published_image"] == "rethinkdb:2.3.6"
+    assert 0.1 < by_name["gcc"]["estargz"] < 0.2
+    assert report.missing == []
+    assert (run / "summary.csv").read_text().startswith("workload,mode,n,")
+
+
+def test_report_names_missing_measurements(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    lines = (run / RECORDS).read_text().splitlines()
+    (run / RECORDS).write_text("\n".join(lines[:-2]) + "\n")
+    report = write_report(run)
+    assert len(report.missing) == 2
+    assert "Incomplete" in (run / "report.md").read_text()
+
+
+def test_compare_and_gate(tmp_path: Path) -> None:
+    base = make_run(tmp_path / "a")
+    same = make_run(tmp_path / "b", seed=2)
+    slow = make_run(tmp_path / "c", slow=2.0)
+    gate = Gate()
+    assert gate_failures(compare_runs(base, same), gate) == []
+    problems = gate_failures(compare_runs(base, slow), gate)
+    assert any("python/legacy: total" in p for p in problems)
+    ratio_gate = Gate(max_ratio={"estargz": 0.05})
+    assert any("estargz ÷ legacy" in p for p in gate_failures(compare_runs(base, same), ratio_gate))
+
+
+def test_gate_file_is_checked(tmp_path: Path) -> None:
+    repo_gate = Path(__file__).resolve().parents[2] / "ci" / "gate.toml"
+    assert load_gate(repo_gate).statistic in ("median", "percentile")
+    bad = tmp_path / "gate.toml"
+    bad.write_text("[total]\nmax_increase_pct = 'lots'\n")
+    with pytest.raises(UserError, match=r"gate.toml: total.max_increase_pct: must be a number"):
+        load_gate(bad)
+
+
+def test_report_on_a_non_run_dir_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not a run directory"):
+        write_report(tmp_path)

@@ -1,0 +1,93 @@
+"""Scenario files: the shipped ones load, and every kind of mistake is named precisely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.scenario import LAZY_MODES, MODES, ScenarioError, load_scenario, parse_scenario
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
+
+MINIMAL = {"workloads": [{"recipe": "python"}]}
+
+
+@pytest.mark.parametrize("name", ["default.toml", "smoke.toml"])
+def test_shipped_scenarios_load(name: str) -> None:
+    scenario = load_scenario(SCENARIOS / name)
+    assert scenario.workloads and scenario.samples >= 2
+    assert set(scenario.modes) <= set(MODES)
+    assert len(scenario.keys()) == scenario.samples * len(scenario.workloads) * len(scenario.modes)
+
+
+def test_default_scenario_is_the_published_style_set() -> None:
+    scenario = load_scenario(SCENARIOS / "default.toml")
+    assert {"legacy", "estargz-noopt", "estargz"} <= set(scenario.modes)
+    assert scenario.network_profile not in ("loopback", "lan")
+    assert len(scenario.workloads) >= 4
+
+
+def test_defaults() -> None:
+    s = parse_scenario(MINIMAL, "x.toml")
+    assert s.name == "x" and s.samples == 3 and s.percentile == 95 and s.modes == MODES
+    assert s.workloads[0].name == "python" and s.workloads[0].command is None
+    assert "{mountpoint}" in s.store.command
+    assert set(MODES) >= LAZY_MODES
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, r"f.toml: workloads: missing"),
+        ({"workloads": []}, r"f.toml: workloads: must be a non-empty array"),
+        ({**MINIMAL, "samples": 0}, r"f.toml: samples: must be between 1 and 1000, got 0"),
+        ({**MINIMAL, "samples": "3"}, r"f.toml: samples: must be an integer, got '3'"),
+        ({**MINIMAL, "percentile": 101}, r"f.toml: percentile: must be between 1 and 100"),
+        ({**MINIMAL, "modes": ["lazy"]}, r"f.toml: modes\[0\]: unknown mode 'lazy'"),
+        ({**MINIMAL, "modes": ["legacy", "legacy"]}, r"f.toml: modes: lists a mode twice"),
+        ({**MINIMAL, "runtime": "docker"}, r"f.toml: runtime: unknown runtime 'docker'"),
+        ({**MINIMAL, "sampels": 3}, r"f.toml: sampels: unknown key"),
+        ({**MINIMAL, "network": {"profile": "moon"}}, r"network.profile: unknown profile 'moon'"),
+        ({**MINIMAL, "network": {"rate": 1}}, r"f.toml: network.rate: unknown key"),
+        ({**MINIMAL, "store": {"command": ["x"]}}, r"store.command: must contain \{mountpoint\}"),
+        ({**MINIMAL, "store": {"command": ["x", "{mnt}"]}}, r"unknown placeholder \{mnt\}"),
+        ({"workloads": [{"name": "a"}]}, r"f.toml: workloads\[0\].recipe: missing"),
+        ({"workloads": [{"recipe": "nope"}]}, r"workloads\[0\].recipe: unknown recipe 'nope'"),
+        ({"workloads": [{"recipe": "python", "timeout": -1}]}, r"workloads\[0\].timeout: must be"),
+        ({"workloads": [{"recipe": "python", "command": "ls"}]}, r"workloads\[0\].command: must"),
+        ({"workloads": [{"recipe": "python"}, {"recipe": "python"}]}, r"workloads\[1\].name: dup"),
+        ({"workloads": [{"recipe": "python", "stdn": "x"}]}, r"workloads\[0\].stdn: unknown key"),
+    ],
+)
+def test_errors_name_file_key_and_problem(data: dict, message: str) -> None:
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario(data, "f.toml", recipes={"python", "gcc"}, profiles={"loopback", "wan"})
+
+
+def test_load_reports_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("samples = [\n")
+    with pytest.raises(ScenarioError, match=r"bad.toml: not valid TOML"):
+        load_scenario(bad)
+    with pytest.raises(ScenarioError, match=r"nothere.toml: cannot read"):
+        load_scenario(tmp_path / "nothere.toml")
+
+
+def test_plan_keys_and_round_trip(tmp_path: Path) -> None:
+    s = parse_scenario(
+        {
+            "samples": 2,
+            "modes": ["legacy", "estargz"],
+            "workloads": [{"recipe": "python", "stdin": "print(1)", "ready": "1", "timeout": 30}],
+        },
+        "f.toml",
+    )
+    assert s.keys() == [
+        (0, "python", "legacy"),
+        (0, "python", "estargz"),
+        (1, "python", "legacy"),
+        (1, "python", "estargz"),
+    ]
+    again = parse_scenario(s.to_dict(), "f.toml")
+    assert again == s
