@@ -1,0 +1,197 @@
+"""On-disk, content-addressed cache of verified, decompressed chunks.
+
+Why content-addressed: a chunk's key is its ``chunkDigest`` (sha256 of the uncompressed
+bytes), so identical chunks of different layers or images share one file, and a cached file
+can be re-verified against its own name. Only verified bytes are ever put here, so a hit is
+served as is.
+
+Layout: ``<root>/sha256/<first two hex>/<rest of hex>``. Writes go to a temporary file in the
+same directory and are renamed into place (``os.replace``), so a crash leaves either nothing
+or a whole chunk. The cache has a byte limit; when an insertion crosses it, least recently
+used files are deleted until it fits. The LRU order lives in memory and is rebuilt from file
+access times at start, so the disk cache survives store restarts and layer releases.
+
+In-flight deduplication: :meth:`ChunkCache.get_or_fetch` makes concurrent requests for one
+key share a single fetch; the others wait for its result (or its failure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    deduplicated: int = 0
+
+
+@dataclass
+class _InFlight:
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+class ChunkCache:
+    """A byte-limited LRU cache of chunk bytes on disk, keyed by ``sha256:<hex>`` digests."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.stats = CacheStats()
+        self._lru: OrderedDict[str, int] = OrderedDict()
+        self._total = 0
+        self._inflight: dict[str, _InFlight] = {}
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._scan()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        """Rebuild the LRU order from what is on disk (oldest access first)."""
+        found: list[tuple[float, str, int]] = []
+        algo_dir = self.root / "sha256"
+        if algo_dir.is_dir():
+            for sub in algo_dir.iterdir():
+                if not sub.is_dir():
+                    continue
+                for f in sub.iterdir():
+                    if f.name.startswith("."):  # a temp file left by a crash
+                        f.unlink(missing_ok=True)
+                        continue
+                    st = f.stat()
+                    found.append((st.st_atime, f"sha256:{sub.name}{f.name}", st.st_size))
+        for _, key, size in sorted(found):
+            self._lru[key] = size
+            self._total += size
+        self._evict()
+
+    def _path(self, key: str) -> Path:
+        algo, _, hexd = key.partition(":")
+        if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
+            raise ValueError(f"cache key must be sha256:<64 hex>, got {key!r}")
+        return self.root / algo / hexd[:2] / hexd[2:]
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._lru
+
+    # -- access ------------------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        """The cached bytes of ``key``, or None (also when the file vanished under us)."""
+        if key not in self._lru:
+            return None
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            self._forget(key)
+            return None
+        self._lru.move_to_end(key)
+        self.stats.hits += 1
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` (already verified against ``key``) atomically, then enforce the limit."""
+        path = self._path(key)
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            # A full or broken cache disk must not fail the read: the bytes are still served.
+            log.warning("chunk cache write failed for %s: %s", key, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return
+        self._lru[key] = len(data)
+        self._total += len(data)
+        self._evict()
+
+    def _forget(self, key: str) -> None:
+        size = self._lru.pop(key, None)
+        if size is not None:
+            self._total -= size
+
+    def _evict(self) -> None:
+        while self._total > self.max_bytes and self._lru:
+            key, size = self._lru.popitem(last=False)
+            self._total -= size
+            self.stats.evictions += 1
+            with contextlib.suppress(FileNotFoundError):
+                self._path(key).unlink()
+
+    async def get_or_fetch(self, key: str, fetch: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Cached bytes, or the result of ``fetch()`` — one fetch per key however many ask."""
+        data = self.get(key)
+        if data is not None:
+            return data
+        flight = self._inflight.get(key)
+        if flight is not None:
+            self.stats.deduplicated += 1
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.data is not None
+            return flight.data
+        self.stats.misses += 1
+        flight = self._inflight[key] = _InFlight()
+        try:
+            data = await fetch()
+            flight.data = data
+            self.put(key, data)
+            return data
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            del self._inflight[key]
+            flight.done.set()
+
+    def begin(self, key: str) -> _InFlight | None:
+        """Claim ``key`` for a batch fetch; None when someone else is already fetching it."""
+        if key in self._inflight:
+            return None
+        flight = self._inflight[key] = _InFlight()
+        return flight
+
+    def finish(self, key: str, data: bytes | None, error: BaseException | None = None) -> None:
+        """Complete a :meth:`begin` claim with the verified bytes or the error."""
+        flight = self._inflight.pop(key, None)
+        if data is not None:
+            self.put(key, data)
+        if flight is not None:
+            flight.data, flight.error = data, error
+            flight.done.set()
+
+    async def wait_inflight(self, key: str) -> bytes | None:
+        """If ``key`` is being fetched, wait and return its bytes (raise its error)."""
+        flight = self._inflight.get(key)
+        if flight is None:
+            return None
+        self.stats.deduplicated += 1
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.data

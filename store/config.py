@@ -1,0 +1,178 @@
+"""The store's TOML configuration: the Go ``stargz-store`` keys, plus a few of our own.
+
+Why this shape: operators move between the Go store and this one with the same
+``/etc/stargz-store/config.toml``. Keys that mean the same thing here are honoured
+(``noprefetch``, ``prefetch_size``, ``prefetch_timeout_sec``, ``no_background_fetch``,
+``max_concurrency``, ``[blob] chunk_size / fetching_timeout_sec / max_retries``,
+``[fuse] attr_timeout / entry_timeout``, ``[resolver]``). Keys the Go store knows but that have
+no meaning here (its HTTP/directory cache tuning, kubeconfig keychains …) are accepted and
+ignored with a log line, so a Go config loads unchanged. Anything else is a typo and is
+rejected with the key's dotted path and the file name.
+
+Our additions (top level):
+
+``cache_max_bytes``      size limit of the on-disk chunk cache (LRU eviction), default 10 GiB
+``metrics_address``      ``HOST:PORT`` for the Prometheus endpoint; empty = off
+``access_trace_path``    JSON-lines file receiving per-layer first-access file order; empty = off
+``resolve_timeout_sec``  bound on any lookup that needs the registry (the runtime then falls
+                         back to a normal pull), default 15
+``auth_file``            a containers auth.json / docker config.json to take credentials from
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_PATH = Path("/etc/stargz-store/config.toml")
+DEFAULT_ROOT = Path("/var/lib/stargz-store")
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable, or carries a bad key/value."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Everything the store needs to know, with the Go store's defaults where it has them."""
+
+    noprefetch: bool = False
+    prefetch_size: int = 0
+    prefetch_timeout_sec: float = 10.0
+    no_background_fetch: bool = False
+    max_concurrency: int = 2
+    chunk_size: int = 50000
+    fetching_timeout_sec: float = 300.0
+    max_retries: int = 5
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    resolver: dict[str, Any] = field(default_factory=dict)
+    # ours
+    cache_max_bytes: int = 10 << 30
+    metrics_address: str = ""
+    access_trace_path: str = ""
+    resolve_timeout_sec: float = 15.0
+    auth_file: str = ""
+
+
+# Keys we honour: dotted TOML path -> (StoreConfig field, accepted python types).
+_NUM = (int, float)
+_KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
+    "noprefetch": ("noprefetch", (bool,)),
+    "prefetch_size": ("prefetch_size", (int,)),
+    "prefetch_timeout_sec": ("prefetch_timeout_sec", _NUM),
+    "no_background_fetch": ("no_background_fetch", (bool,)),
+    "max_concurrency": ("max_concurrency", (int,)),
+    "blob.chunk_size": ("chunk_size", (int,)),
+    "blob.fetching_timeout_sec": ("fetching_timeout_sec", _NUM),
+    "blob.max_retries": ("max_retries", (int,)),
+    "fuse.attr_timeout": ("attr_timeout", _NUM),
+    "fuse.entry_timeout": ("entry_timeout", _NUM),
+    "cache_max_bytes": ("cache_max_bytes", (int,)),
+    "metrics_address": ("metrics_address", (str,)),
+    "access_trace_path": ("access_trace_path", (str,)),
+    "resolve_timeout_sec": ("resolve_timeout_sec", _NUM),
+    "auth_file": ("auth_file", (str,)),
+}
+
+# Keys of the Go store that have no effect here; accepted so a Go config loads unchanged.
+_IGNORED = {
+    "http_cache_type",
+    "http_cache_chunk_ttl_sec",
+    "filesystem_cache_type",
+    "resolve_result_entry_ttl_sec",
+    "resolve_result_entry",
+    "prefetch_async_size",
+    "debug",
+    "allow_no_verification",
+    "disable_verification",
+    "no_prometheus",
+    "log_file_access",
+    "blob.valid_interval",
+    "blob.check_always",
+    "blob.force_single_range_mode",
+    "blob.prefetch_chunk_size",
+    "blob.min_wait_msec",
+    "blob.max_wait_msec",
+    "directory_cache",
+    "fuse.passthrough",
+    "fuse.merge_buffer_size",
+    "fuse.merge_worker_count",
+    "kubeconfig_keychain",
+    "cri_keychain",
+    "listen_path",
+    "config_path",
+}
+_SECTIONS = {"blob", "fuse"}
+
+# Values that must be positive for the store to work at all.
+_POSITIVE = {
+    "chunk_size",
+    "max_concurrency",
+    "fetching_timeout_sec",
+    "resolve_timeout_sec",
+    "cache_max_bytes",
+}
+
+
+def load_config(path: Path | None) -> StoreConfig:
+    """Load ``path``; ``None`` means the default path, which may be absent (defaults apply)."""
+    explicit = path is not None
+    path = DEFAULT_CONFIG_PATH if path is None else path
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return StoreConfig()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
+    """Turn decoded TOML into a :class:`StoreConfig`, rejecting unknown keys and bad types."""
+    values: dict[str, Any] = {}
+    for key, value in _flatten(data):
+        if key == "resolver" or key.startswith("resolver."):
+            continue
+        if key in _KNOWN:
+            name, types = _KNOWN[key]
+            if isinstance(value, bool) and bool not in types:
+                raise ConfigError(f"{source}: key {key!r} must be a number, not a boolean")
+            if not isinstance(value, types):
+                want = " or ".join(t.__name__ for t in types)
+                raise ConfigError(f"{source}: key {key!r} must be {want}, got {value!r}")
+            if name in _POSITIVE and value <= 0:
+                raise ConfigError(f"{source}: key {key!r} must be positive, got {value!r}")
+            values[name] = value
+        elif key in _IGNORED or key.split(".")[0] in _IGNORED:
+            log.info("config key %r (Go stargz-store) has no effect here; ignored", key)
+        else:
+            raise ConfigError(f"{source}: unknown key {key!r}")
+    resolver = data.get("resolver", {})
+    if not isinstance(resolver, dict):
+        raise ConfigError(f"{source}: [resolver] must be a table")
+    return StoreConfig(resolver=resolver, **values)
+
+
+def _flatten(data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Dotted keys for the known sections; other tables stay whole (they are ignored/passed)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            out.extend((f"{key}.{sub}", v) for sub, v in value.items())
+        else:
+            out.append((key, value))
+    return out

@@ -1,0 +1,381 @@
+"""The layer-store directory tree of DESIGN.md §3, as plain objects (no FUSE here).
+
+``<mnt>/<base64(ref)>/<digest>/{diff,info,blob,use}``, ``<mnt>/<base64(ref)>/{manifest,config}``
+and ``<mnt>/status``. :class:`StoreFS` answers lookups, attributes, reads and the two
+reference-counting signals; :mod:`store.fuse_ops` only translates pyfuse3 calls to these.
+
+Inode numbers: one monotonically increasing 64-bit counter hands out numbers and never gives
+one back, so a number is never reused (in particular not before the kernel's ``forget``, which
+matters because c/image looks layers up in parallel). A resolved layer takes a contiguous
+block of numbers, ``base + node.index``, so its 100,000 nodes cost no per-inode dict entries.
+Synthetic nodes (ref/layer directories, ``info``, ``blob`` …) live in a dict until forgotten.
+
+Errors are :class:`FSError` carrying an errno. Resolution errors map so that the runtime falls
+back to a normal pull: not eStargz / unknown digest → ENOENT (fast), anything else → EIO, and
+a resolution exceeding the bounded wait → EIO while it continues in the background.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import errno
+import json
+import logging
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from store.layer import ChunkVerifyError, Layer, LayerFetchError
+from store.resolver import LayerManager, NotEstargzError, ResolveError, ResolveTimeout
+from store.tree import Node
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+DIFF, INFO, BLOB, USE = "diff", "info", "blob", "use"
+DIR_MODE = stat.S_IFDIR | 0o500
+FILE_MODE = stat.S_IFREG | 0o400
+
+
+class FSError(OSError):
+    """An errno to answer the kernel with."""
+
+    def __init__(self, err: int, why: str = "") -> None:
+        super().__init__(err, why or errno.errorcode.get(err, str(err)))
+        self.errno_value = err
+
+
+@dataclass
+class Attr:
+    """What ``stat`` shows for one inode."""
+
+    ino: int
+    mode: int
+    size: int = 0
+    uid: int = 0
+    gid: int = 0
+    nlink: int = 1
+    rdev: int = 0
+    mtime_ns: int = 0
+
+
+@dataclass
+class Synth:
+    """A node of the store's own skeleton: kind is root|ref|layerdir|info|blob|bytes."""
+
+    ino: int
+    kind: str
+    ref: str = ""
+    digest: str = ""
+    data: bytes = b""
+    layer: Layer | None = None
+    lookups: int = 0
+    key: tuple[int, str] | None = None  # (parent ino, name) for the name cache
+
+
+@dataclass
+class _LayerSlot:
+    layer: Layer
+    lookups: int = 0
+
+
+@dataclass
+class StoreFS:
+    """The store's filesystem logic over a :class:`~store.resolver.LayerManager`."""
+
+    manager: LayerManager
+    _next_ino: int = ROOT_INO + 1
+    _synth: dict[int, Synth] = field(default_factory=dict)
+    _names: dict[tuple[int, str], int] = field(default_factory=dict)
+    _bases: list[int] = field(default_factory=list)
+    _slots: dict[int, _LayerSlot] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._synth[ROOT_INO] = Synth(ROOT_INO, "root", lookups=1)
+
+    # -- inode bookkeeping -------------------------------------------------------------------
+
+    def _alloc(self, count: int = 1) -> int:
+        ino = self._next_ino
+        self._next_ino += count
+        return ino
+
+    def _new_synth(self, parent: int, name: str, **kw: Any) -> Synth:
+        node = Synth(self._alloc(), key=(parent, name), **kw)
+        self._synth[node.ino] = node
+        self._names[(parent, name)] = node.ino
+        return node
+
+    def _mount_layer(self, layer: Layer) -> None:
+        if layer.ino_base and layer.ino_base in self._slots:
+            return
+        layer.ino_base = self._alloc(len(layer.tree.nodes))
+        bisect.insort(self._bases, layer.ino_base)
+        self._slots[layer.ino_base] = _LayerSlot(layer)
+
+    def _layer_of(self, ino: int) -> tuple[_LayerSlot, Node] | None:
+        i = bisect.bisect_right(self._bases, ino) - 1
+        if i < 0:
+            return None
+        slot = self._slots[self._bases[i]]
+        idx = ino - slot.layer.ino_base
+        if idx >= len(slot.layer.tree.nodes):
+            return None
+        return slot, slot.layer.tree.nodes[idx]
+
+    def _counted(self, attr: Attr) -> Attr:
+        """Count one kernel lookup of the returned inode (balanced by :meth:`forget`)."""
+        synth = self._synth.get(attr.ino)
+        if synth is not None:
+            synth.lookups += 1
+        else:
+            found = self._layer_of(attr.ino)
+            if found is not None:
+                found[0].lookups += 1
+        return attr
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        synth = self._synth.get(ino)
+        if synth is not None:
+            synth.lookups -= nlookup
+            if synth.lookups <= 0 and ino != ROOT_INO:
+                del self._synth[ino]
+                if synth.key is not None and self._names.get(synth.key) == ino:
+                    del self._names[synth.key]
+            return
+        found = self._layer_of(ino)
+        if found is not None:
+            slot = found[0]
+            slot.lookups -= nlookup
+            self._maybe_unmount(slot)
+
+    def _maybe_unmount(self, slot: _LayerSlot) -> None:
+        """Drop a released layer's tree once the kernel holds none of its inodes."""
+        if slot.layer.released and slot.lookups <= 0:
+            base = slot.layer.ino_base
+            self._slots.pop(base, None)
+            i = bisect.bisect_left(self._bases, base)
+            if i < len(self._bases) and self._bases[i] == base:
+                del self._bases[i]
+            log.info("layer %s unmounted (memory freed)", slot.layer.key)
+
+    def mounted_layers(self) -> int:
+        return len(self._slots)
+
+    # -- attributes --------------------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Attr:
+        synth = self._synth.get(ino)
+        if synth is not None:
+            return self._synth_attr(synth)
+        found = self._layer_of(ino)
+        if found is None:
+            raise FSError(errno.ENOENT, f"inode {ino} unknown")
+        return self._node_attr(found[0].layer, found[1])
+
+    def _synth_attr(self, s: Synth) -> Attr:
+        if s.kind in ("root", "ref", "layerdir"):
+            return Attr(s.ino, DIR_MODE, nlink=2)
+        if s.kind == "blob":
+            assert s.layer is not None
+            return Attr(s.ino, FILE_MODE, size=s.layer.blob.size)
+        if s.kind == "status":
+            return Attr(s.ino, FILE_MODE, size=len(self.status_bytes()))
+        return Attr(s.ino, FILE_MODE, size=len(s.data))
+
+    @staticmethod
+    def _node_attr(layer: Layer, node: Node) -> Attr:
+        return Attr(
+            ino=layer.ino_base + node.index,
+            mode=node.mode,
+            size=node.size,
+            uid=node.uid,
+            gid=node.gid,
+            nlink=node.nlink,
+            rdev=node.rdev,
+            mtime_ns=node.mtime * 1_000_000_000,
+        )
+
+    # -- lookup ------------------------------------------------------------------------------
+
+    async def lookup(self, parent: int, name: str) -> Attr:
+        """Resolve ``name`` in ``parent``; the returned inode's lookup count goes up by one."""
+        return self._counted(await self._lookup(parent, name))
+
+    async def _lookup(self, parent: int, name: str) -> Attr:
+        synth = self._synth.get(parent)
+        if synth is None:
+            found = self._layer_of(parent)
+            if found is None:
+                raise FSError(errno.ENOENT)
+            layer, node = found[0].layer, found[1]
+            if node.children is None:
+                raise FSError(errno.ENOTDIR)
+            child = node.children.get(name.encode("utf-8", "surrogateescape"))
+            if child is None:
+                raise FSError(errno.ENOENT)
+            return self._node_attr(layer, child)
+        known = self._names.get((parent, name))
+        if known is not None and known in self._synth:
+            return self._synth_attr(self._synth[known])
+        if synth.kind == "root":
+            return self._lookup_root(name)
+        if synth.kind == "ref":
+            return await self._lookup_ref(synth, name)
+        if synth.kind == "layerdir":
+            return await self._lookup_layerdir(synth, name)
+        raise FSError(errno.ENOTDIR)
+
+    def _lookup_root(self, name: str) -> Attr:
+        if name == "status":
+            return self._synth_attr(self._new_synth(ROOT_INO, name, kind="status"))
+        try:
+            ref = base64.b64decode(name.encode(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise FSError(errno.EINVAL, f"{name!r} is not base64") from None
+        if not self.manager.valid_ref(ref):
+            raise FSError(errno.EINVAL, f"{ref!r} is not an image reference")
+        return self._synth_attr(self._new_synth(ROOT_INO, name, kind="ref", ref=ref))
+
+    async def _lookup_ref(self, ref: Synth, name: str) -> Attr:
+        if name in ("manifest", "config"):
+            image = await self._resolve(self.manager.image(ref.ref))
+            data = image.manifest_bytes if name == "manifest" else image.config_bytes
+            return self._synth_attr(self._new_synth(ref.ino, name, kind="bytes", data=data))
+        if not self.manager.valid_digest(name):
+            raise FSError(errno.EINVAL, f"{name!r} is not a digest")
+        return self._synth_attr(
+            self._new_synth(ref.ino, name, kind="layerdir", ref=ref.ref, digest=name)
+        )
+
+    async def _lookup_layerdir(self, d: Synth, name: str) -> Attr:
+        if name == INFO:
+            info = await self._resolve(self.manager.layer_info(d.ref, d.digest))
+            data = (json.dumps(info) + "\n").encode()
+            return self._synth_attr(self._new_synth(d.ino, name, kind="bytes", data=data))
+        if name in (DIFF, BLOB):
+            layer = await self._resolve(self.manager.get_layer(d.ref, d.digest))
+            if name == BLOB:
+                return self._synth_attr(self._new_synth(d.ino, name, kind="blob", layer=layer))
+            self._mount_layer(layer)
+            return self._node_attr(layer, layer.tree.root)
+        raise FSError(errno.ENOENT)  # includes "use": it never exists
+
+    async def _resolve(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except NotEstargzError as exc:
+            log.info("not served (normal pull fallback): %s", exc)
+            raise FSError(errno.ENOENT, str(exc)) from None
+        except ResolveTimeout as exc:
+            log.warning("resolution exceeded the bounded wait: %s", exc)
+            raise FSError(errno.EIO, str(exc)) from None
+        except ResolveError as exc:
+            log.warning("resolution failed: %s", exc)
+            raise FSError(errno.EIO, str(exc)) from None
+
+    # -- reference counting ------------------------------------------------------------------
+
+    def create(self, parent: int, name: str) -> None:
+        """``open(O_CREAT)`` of ``use`` counts a reference; every create answers ENOENT."""
+        synth = self._synth.get(parent)
+        if synth is not None and synth.kind == "layerdir" and name == USE:
+            count = self.manager.use(synth.ref, synth.digest)
+            log.info("layer %s/%s in use (refcount %d)", synth.ref, synth.digest, count)
+            raise FSError(errno.ENOENT)
+        if synth is None and self._layer_of(parent) is not None:
+            raise FSError(errno.EROFS)
+        raise FSError(errno.ENOENT)
+
+    def rmdir(self, parent: int, name: str) -> None:
+        """``rmdir`` of a layer directory drops a reference; it always answers ENOENT."""
+        synth = self._synth.get(parent)
+        if synth is not None and synth.kind == "ref" and self.manager.valid_digest(name):
+            count = self.manager.release(synth.ref, name)
+            log.info("layer %s/%s released (refcount %d)", synth.ref, name, count)
+            if count == 0:
+                for slot in list(self._slots.values()):
+                    if slot.layer.released:
+                        self._maybe_unmount(slot)
+            raise FSError(errno.ENOENT)
+        if synth is None and self._layer_of(parent) is not None:
+            raise FSError(errno.EROFS)
+        raise FSError(errno.ENOENT)
+
+    # -- contents ----------------------------------------------------------------------------
+
+    def readdir(self, ino: int) -> Iterator[tuple[str, Attr]]:
+        """Entries of a directory (the store's skeleton lists nothing: it is lookup-only)."""
+        if ino in self._synth:
+            return iter(())
+        found = self._layer_of(ino)
+        if found is None:
+            raise FSError(errno.ENOENT)
+        layer, node = found[0].layer, found[1]
+        if node.children is None:
+            raise FSError(errno.ENOTDIR)
+        return (
+            (name.decode("utf-8", "surrogateescape"), self._node_attr(layer, child))
+            for name, child in sorted(node.children.items())
+        )
+
+    def readdir_counted(self, attr: Attr) -> Attr:
+        return self._counted(attr)
+
+    def readlink(self, ino: int) -> bytes:
+        found = self._layer_of(ino)
+        if found is None or not stat.S_ISLNK(found[1].mode):
+            raise FSError(errno.EINVAL)
+        return found[1].target
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        found = self._layer_of(ino)
+        if found is None:
+            raise FSError(errno.ENODATA)
+        value = found[1].getxattr(name)
+        if value is None:
+            raise FSError(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        found = self._layer_of(ino)
+        return found[1].listxattr() if found is not None else []
+
+    def open(self, ino: int, write: bool) -> None:
+        if write:
+            raise FSError(errno.EROFS)
+        if ino in self._synth:
+            if self._synth[ino].kind in ("root", "ref", "layerdir"):
+                raise FSError(errno.EISDIR)
+            return
+        found = self._layer_of(ino)
+        if found is None:
+            raise FSError(errno.ENOENT)
+        if not stat.S_ISREG(found[1].mode):
+            raise FSError(errno.EINVAL)
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        synth = self._synth.get(ino)
+        try:
+            if synth is not None:
+                if synth.kind == "blob":
+                    assert synth.layer is not None
+                    return await synth.layer.read_blob(offset, size)
+                data = self.status_bytes() if synth.kind == "status" else synth.data
+                return data[offset : offset + size]
+            found = self._layer_of(ino)
+            if found is None:
+                raise FSError(errno.ENOENT)
+            return await found[0].layer.read_file(found[1], offset, size)
+        except ChunkVerifyError as exc:
+            log.error("refusing unverified data: %s", exc)
+            raise FSError(errno.EIO, str(exc)) from None
+        except LayerFetchError as exc:
+            log.error("read failed: %s", exc)
+            raise FSError(errno.EIO, str(exc)) from None
+
+    def status_bytes(self) -> bytes:
+        return (json.dumps(self.manager.status(), indent=1, sort_keys=True) + "\n").encode()

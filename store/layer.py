@@ -1,0 +1,426 @@
+"""One mounted eStargz layer: its tree, and the data path from FUSE reads to verified bytes.
+
+Why here and not in the format module: the format says where a chunk lives and how to check
+it; this module decides *when* to fetch what — batching a read's missing chunks into one
+multi-range request aligned to ``chunk_size``, deduplicating concurrent fetches through the
+:class:`~store.cache.ChunkCache`, prefetching the region before ``.prefetch.landmark`` in one
+request on mount, reading ahead in large files, and fetching the rest of the layer in the
+background while yielding to on-demand reads.
+
+Every chunk is verified against its ``chunkDigest`` (in :meth:`LayerIndexView.decompress`)
+before it enters the cache or reaches a reader; a mismatch raises :class:`ChunkVerifyError`,
+which the FUSE layer turns into EIO.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from store.cache import ChunkCache
+from store.tree import LayerTree, Node
+
+log = logging.getLogger(__name__)
+
+READAHEAD_CHUNKS = 2
+BLOB_WINDOW = 4 << 20
+BACKGROUND_BATCH = 4 << 20
+
+
+class ChunkVerifyError(Exception):
+    """A chunk's bytes do not match its ``chunkDigest`` (or it has none): never served."""
+
+
+class LayerFetchError(Exception):
+    """The registry did not deliver a chunk's bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """Where one chunk of one regular file is, compressed and uncompressed."""
+
+    compressed_offset: int
+    compressed_end: int
+    inner_offset: int
+    file_offset: int
+    size: int
+    digest: str
+
+
+class LayerIndexView(Protocol):
+    """What the data path needs from a parsed layer (an adapter over ``store.estargz``)."""
+
+    def chunks_of(self, entry: Any) -> Sequence[ChunkRef]: ...
+
+    def all_chunks(self) -> Sequence[ChunkRef]: ...
+
+    def decompress(self, chunk: ChunkRef, data: bytes) -> bytes: ...
+
+    @property
+    def prefetch_end(self) -> int | None: ...
+
+
+class BlobReader(Protocol):
+    """Async range reads of one compressed blob (the registry, or a local file in tests)."""
+
+    size: int
+
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
+
+
+@dataclass
+class LayerStats:
+    fetched_bytes: int = 0
+    fetch_requests: int = 0
+    on_demand_reads: int = 0
+    cached_chunk_bytes: int = 0
+    verify_failures: int = 0
+    prefetch_done: bool = False
+    background_done: bool = False
+
+
+@dataclass
+class Layer:
+    """A resolved layer: tree, index, blob reader, shared cache; counts its references."""
+
+    key: str  # "<ref>/<digest>"
+    digest: str
+    toc_digest: str
+    tree: LayerTree
+    index: LayerIndexView
+    blob: BlobReader
+    cache: ChunkCache
+    chunk_size: int = 50000
+    on_fetch: Callable[[Layer, int, float], None] | None = None
+    on_file_access: Callable[[Layer, Node], None] | None = None
+    stats: LayerStats = field(default_factory=LayerStats)
+    ino_base: int = 0
+    released: bool = False
+    _active_reads: int = 0
+    _idle: trio.Event = field(default_factory=trio.Event)
+    _blob_windows: dict[int, bytes] = field(default_factory=dict)
+    _chunk_offsets: list[int] | None = None
+    _total_chunk_bytes: int | None = None
+    _accessed: set[int] = field(default_factory=set)
+    cancel_scope: trio.CancelScope | None = None
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    # -- status ------------------------------------------------------------------------------
+
+    @property
+    def total_chunk_bytes(self) -> int:
+        if self._total_chunk_bytes is None:
+            self._total_chunk_bytes = sum(c.size for c in self.index.all_chunks())
+        return self._total_chunk_bytes
+
+    def status(self) -> dict[str, Any]:
+        chunks = self.index.all_chunks()
+        cached = sum(c.size for c in chunks if c.digest in self.cache)
+        total = self.total_chunk_bytes
+        return {
+            "digest": self.digest,
+            "toc_digest": self.toc_digest,
+            "blob_size": self.blob.size,
+            "fetched_bytes": self.stats.fetched_bytes,
+            "fetch_requests": self.stats.fetch_requests,
+            "on_demand_reads": self.stats.on_demand_reads,
+            "cached_bytes": cached,
+            "total_bytes": total,
+            "percent": round(100.0 * cached / total, 1) if total else 100.0,
+            "prefetch_done": self.stats.prefetch_done,
+            "background_done": self.stats.background_done,
+            "released": self.released,
+        }
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def read_file(self, node: Node, offset: int, size: int) -> bytes:
+        """``size`` bytes of a regular file from ``offset`` — verified, from cache or registry."""
+        if offset >= node.size or size <= 0:
+            return b""
+        size = min(size, node.size - offset)
+        if node.index not in self._accessed:
+            self._accessed.add(node.index)
+            if self.on_file_access is not None:
+                self.on_file_access(self, node)
+        chunks = self.index.chunks_of(node.entry)
+        starts = [c.file_offset for c in chunks]
+        first = max(bisect.bisect_right(starts, offset) - 1, 0)
+        wanted = []
+        for c in chunks[first:]:
+            if c.file_offset >= offset + size:
+                break
+            if c.file_offset + c.size > offset:
+                wanted.append(c)
+        self.stats.on_demand_reads += 1
+        self._active_reads += 1
+        self._idle = trio.Event() if self._active_reads == 1 else self._idle
+        try:
+            datas = await self.get_chunks(wanted)
+        finally:
+            self._active_reads -= 1
+            if self._active_reads == 0:
+                self._idle.set()
+        # Read ahead in large files: the next chunks are most likely read next.
+        last = chunks.index(wanted[-1]) if wanted else -1
+        ahead = [
+            c for c in chunks[last + 1 : last + 1 + READAHEAD_CHUNKS] if c.digest not in self.cache
+        ]
+        if ahead and self._nursery is not None:
+            self._nursery.start_soon(self._readahead, ahead)
+        out = bytearray()
+        for c, data in zip(wanted, datas, strict=True):
+            lo = max(offset - c.file_offset, 0)
+            hi = min(offset + size - c.file_offset, c.size)
+            out += data[lo:hi]
+        return bytes(out)
+
+    _nursery: trio.Nursery | None = None
+
+    async def _readahead(self, chunks: list[ChunkRef]) -> None:
+        try:
+            await self.get_chunks(chunks)
+        except Exception as exc:  # a later on-demand read will report it
+            log.debug("read-ahead failed in %s: %s", self.key, exc)
+
+    async def get_chunks(self, chunks: Sequence[ChunkRef]) -> list[bytes]:
+        """The verified bytes of ``chunks``: cached ones directly, missing ones in one request."""
+        result: dict[str, bytes] = {}
+        claimed: list[ChunkRef] = []
+        waiting: list[ChunkRef] = []
+        for c in chunks:
+            if c.digest in result:
+                continue
+            data = self.cache.get(c.digest)
+            if data is not None:
+                result[c.digest] = data
+            elif self.cache.begin(c.digest) is not None:
+                claimed.append(c)
+            else:
+                waiting.append(c)
+        if claimed:
+            result.update(await self._fetch(claimed))
+        for c in waiting:
+            data = await self.cache.wait_inflight(c.digest)
+            if data is None:  # finished between our check and the wait
+                data = self.cache.get(c.digest)
+            if data is None:
+                data = (await self.get_chunks([c]))[0]
+            result[c.digest] = data
+        return [result[c.digest] for c in chunks]
+
+    async def _fetch(self, claimed: list[ChunkRef]) -> dict[str, bytes]:
+        """Fetch and verify claimed chunks (plus free riders in the aligned ranges)."""
+        ranges = self._ranges_for(claimed)
+        extra = self._free_riders(ranges, {c.digest for c in claimed})
+        claimed = claimed + extra
+        start = time.monotonic()
+        out: dict[str, bytes] = {}
+        try:
+            try:
+                parts = await self.blob.read_ranges(ranges)
+            except Exception as exc:
+                raise LayerFetchError(
+                    f"{self.key}: fetching {len(ranges)} range(s): {exc}"
+                ) from exc
+            nbytes = sum(len(p) for p in parts)
+            self.stats.fetched_bytes += nbytes
+            self.stats.fetch_requests += 1
+            if self.on_fetch is not None:
+                self.on_fetch(self, nbytes, time.monotonic() - start)
+            range_starts = [r[0] for r in ranges]
+            compressed = []
+            for c in claimed:
+                i = bisect.bisect_right(range_starts, c.compressed_offset) - 1
+                lo, _hi = ranges[i]
+                part = parts[i]
+                compressed.append(part[c.compressed_offset - lo : c.compressed_end - lo])
+            datas = await trio.to_thread.run_sync(self._decompress_all, claimed, compressed)
+        except BaseException as exc:
+            for c in claimed:
+                self.cache.finish(c.digest, None, _as_error(exc))
+            raise
+        for c, data in zip(claimed, datas, strict=True):
+            if isinstance(data, Exception):
+                self.stats.verify_failures += 1
+                log.error(
+                    "chunk verification failed in %s at %d: %s", self.key, c.compressed_offset, data
+                )
+                self.cache.finish(c.digest, None, data)
+            else:
+                self.cache.finish(c.digest, data)
+                out[c.digest] = data
+        failed = [d for d in datas if isinstance(d, Exception)]
+        if failed and any(c.digest not in out for c in claimed[: len(claimed) - len(extra)]):
+            raise failed[0]
+        return out
+
+    def _decompress_all(self, chunks: list[ChunkRef], compressed: list[bytes]) -> list[Any]:
+        out: list[Any] = []
+        for c, data in zip(chunks, compressed, strict=True):
+            try:
+                out.append(self.index.decompress(c, data))
+            except Exception as exc:
+                out.append(ChunkVerifyError(f"chunk {c.digest}: {exc}"))
+        return out
+
+    def _ranges_for(self, chunks: list[ChunkRef]) -> list[tuple[int, int]]:
+        """Compressed ranges covering ``chunks``, aligned to ``chunk_size`` and coalesced."""
+        cs = self.chunk_size
+        spans = sorted(
+            ((c.compressed_offset // cs) * cs, min(-(-c.compressed_end // cs) * cs, self.blob.size))
+            for c in chunks
+        )
+        merged: list[tuple[int, int]] = []
+        for lo, hi in spans:
+            # The exact chunk bounds must be covered even when alignment is clipped.
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return merged
+
+    def _free_riders(self, ranges: list[tuple[int, int]], have: set[str]) -> list[ChunkRef]:
+        """Other uncached chunks lying wholly inside ``ranges``: decompress them for free."""
+        all_chunks = self.index.all_chunks()
+        if self._chunk_offsets is None:
+            self._chunk_offsets = [c.compressed_offset for c in all_chunks]
+        extra = []
+        for lo, hi in ranges:
+            i = bisect.bisect_left(self._chunk_offsets, lo)
+            while i < len(all_chunks) and all_chunks[i].compressed_offset < hi:
+                c = all_chunks[i]
+                i += 1
+                if c.compressed_end > hi or c.digest in have or c.digest in self.cache:
+                    continue
+                if self.cache.begin(c.digest) is not None:
+                    have.add(c.digest)
+                    extra.append(c)
+        return extra
+
+    # -- blob --------------------------------------------------------------------------------
+
+    async def read_blob(self, offset: int, size: int) -> bytes:
+        """Raw compressed blob bytes (for ``podman save``), through a small window cache."""
+        if offset >= self.blob.size:
+            return b""
+        size = min(size, self.blob.size - offset)
+        out = bytearray()
+        pos = offset
+        while pos < offset + size:
+            w = pos // BLOB_WINDOW
+            window = self._blob_windows.get(w)
+            if window is None:
+                lo = w * BLOB_WINDOW
+                hi = min(lo + BLOB_WINDOW, self.blob.size)
+                try:
+                    (window,) = await self.blob.read_ranges([(lo, hi)])
+                except Exception as exc:
+                    raise LayerFetchError(f"{self.key}: blob range {lo}-{hi}: {exc}") from exc
+                self.stats.fetched_bytes += len(window)
+                self.stats.fetch_requests += 1
+                if len(self._blob_windows) >= 4:
+                    self._blob_windows.pop(next(iter(self._blob_windows)))
+                self._blob_windows[w] = window
+            take = window[pos - w * BLOB_WINDOW : offset + size - w * BLOB_WINDOW]
+            if not take:
+                break
+            out += take
+            pos += len(take)
+        return bytes(out)
+
+    # -- background work ---------------------------------------------------------------------
+
+    async def run_background(
+        self,
+        *,
+        prefetch: bool,
+        background: bool,
+        limiter: trio.CapacityLimiter,
+        prefetch_timeout: float,
+    ) -> None:
+        """Prefetch the landmark region, then fetch the rest; yields to on-demand reads."""
+        with trio.CancelScope() as scope:
+            self.cancel_scope = scope
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if prefetch:
+                    with trio.move_on_after(prefetch_timeout):
+                        await self._prefetch(limiter)
+                self.stats.prefetch_done = True
+                if background:
+                    await self._background(limiter)
+                    self.stats.background_done = True
+                await trio.sleep_forever()  # keep the nursery for read-ahead tasks
+
+    async def _prefetch(self, limiter: trio.CapacityLimiter) -> None:
+        end = self.index.prefetch_end
+        if not end:
+            return
+        chunks = [c for c in self.index.all_chunks() if c.compressed_end <= end]
+        async with limiter:
+            try:
+                await self._fetch_region(chunks, [(0, end)])
+            except Exception as exc:
+                log.warning("prefetch of %s failed: %s", self.key, exc)
+
+    async def _fetch_region(self, chunks: list[ChunkRef], ranges: list[tuple[int, int]]) -> None:
+        claimed = [
+            c
+            for c in chunks
+            if c.digest not in self.cache and self.cache.begin(c.digest) is not None
+        ]
+        if not claimed:
+            return
+        saved = self.chunk_size
+        try:
+            await self._fetch(claimed)
+        finally:
+            self.chunk_size = saved
+
+    async def _background(self, limiter: trio.CapacityLimiter) -> None:
+        batch: list[ChunkRef] = []
+        batch_bytes = 0
+        for c in self.index.all_chunks():
+            if c.digest in self.cache:
+                continue
+            batch.append(c)
+            batch_bytes += c.compressed_end - c.compressed_offset
+            if batch_bytes >= BACKGROUND_BATCH:
+                await self._background_batch(batch, limiter)
+                batch, batch_bytes = [], 0
+        if batch:
+            await self._background_batch(batch, limiter)
+
+    async def _background_batch(self, batch: list[ChunkRef], limiter: trio.CapacityLimiter) -> None:
+        await self._idle.wait()  # on-demand reads first
+        async with limiter:
+            try:
+                await self._fetch_region(batch, [])
+            except Exception as exc:
+                log.warning("background fetch of %s failed: %s", self.key, exc)
+                await trio.sleep(1.0)
+
+    def release(self) -> None:
+        """Stop background work and drop what memory can be dropped; the disk cache stays."""
+        self.released = True
+        self._blob_windows.clear()
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
+
+def _as_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, trio.Cancelled):
+        return LayerFetchError("fetch cancelled")
+    return exc
+
+
+FetchHook = Callable[["Layer", int, float], Awaitable[None]]

@@ -1,0 +1,356 @@
+"""Image reference → manifest/config → layer, with bounded waits and reference counts.
+
+Why one manager: c/image looks up every layer of an image in parallel and stats ``diff``,
+``info`` and ``blob`` of each; all of that must cost one manifest+config fetch per image and
+one footer+TOC fetch per layer. Resolutions are shared tasks that run in the store's nursery,
+so a lookup that gives up after ``resolve_timeout_sec`` (answering an errno, the runtime then
+pulls normally) does not cancel work a later lookup can use.
+
+Layers are keyed by their compressed blob digest, whichever name they were looked up by (the
+manifest digest for podman < 5.1, the TOC digest for podman ≥ 5.1) and whichever image they
+belong to: two images sharing a layer share one :class:`~store.layer.Layer` and one reference
+count. At count zero the layer is released: background fetching stops and its memory goes
+once the kernel forgets its inodes; its chunks stay in the disk cache.
+
+A layer is served only when it is eStargz and verifiable: its descriptor must carry the TOC
+digest annotation, and the TOC fetched from the blob must hash to it. Anything else raises
+:class:`NotEstargzError` (→ ENOENT, normal pull) or :class:`ResolveError` (→ EIO).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from store.cache import ChunkCache
+from store.config import StoreConfig
+from store.estargz_view import EstargzLayerView, TocMismatchError, load_layer_index
+from store.layer import BlobReader, Layer
+from store.tree import LayerTree
+
+log = logging.getLogger(__name__)
+
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+GZIP_COMPRESSION = 2  # containers/storage archive.Gzip
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class ResolveError(Exception):
+    """The layer or image could not be resolved (registry error, bad TOC …)."""
+
+
+class NotEstargzError(ResolveError):
+    """Not something this store serves: no such layer, or not a verifiable eStargz layer."""
+
+
+class ResolveTimeout(ResolveError):
+    """Resolution did not finish within the bounded wait (it goes on in the background)."""
+
+
+@dataclass
+class LayerDesc:
+    digest: str
+    size: int
+    annotations: dict[str, str]
+    diff_id: str
+    media_type: str = ""
+
+    @property
+    def toc_digest(self) -> str | None:
+        return self.annotations.get(TOC_DIGEST_ANNOTATION)
+
+
+@dataclass
+class ImageInfo:
+    ref: str
+    manifest_bytes: bytes
+    config_bytes: bytes
+    layers: list[LayerDesc]
+
+    def find(self, digest: str) -> tuple[LayerDesc, bool] | None:
+        """The layer named ``digest``; the flag says it was named by TOC digest (new protocol)."""
+        for desc in self.layers:
+            if desc.digest == digest:
+                return desc, False
+        for desc in self.layers:
+            if desc.toc_digest == digest:
+                return desc, True
+        return None
+
+
+class RegistryAccess:
+    """What the manager needs from the registry; implemented over ``store.registry``."""
+
+    async def image(self, ref: str) -> tuple[bytes, bytes, list[LayerDesc]]:
+        raise NotImplementedError
+
+    def blob(self, ref: str, digest: str, size: int) -> BlobReader:
+        raise NotImplementedError
+
+
+@dataclass
+class _Task:
+    done: trio.Event = field(default_factory=trio.Event)
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class LayerManager:
+    """Resolves images and layers, counts references, keeps per-layer status."""
+
+    config: StoreConfig
+    registry: RegistryAccess
+    cache: ChunkCache
+    nursery: trio.Nursery
+    on_layer_fetch: Callable[[Layer, int, float], None] | None = None
+    on_file_access: Callable[[Layer, Any], None] | None = None
+    _images: dict[str, _Task] = field(default_factory=dict)
+    _layers: dict[str, _Task] = field(default_factory=dict)
+    _refcount: dict[str, int] = field(default_factory=dict)
+    _limiter: trio.CapacityLimiter | None = None
+    released: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._limiter = trio.CapacityLimiter(max(1, self.config.max_concurrency))
+
+    # -- validation --------------------------------------------------------------------------
+
+    @staticmethod
+    def valid_ref(ref: str) -> bool:
+        from store.registry.reference import Reference
+
+        try:
+            Reference.parse(ref)
+        except ValueError:
+            return False
+        return True
+
+    @staticmethod
+    def valid_digest(digest: str) -> bool:
+        return bool(_DIGEST.match(digest))
+
+    # -- shared, bounded tasks ---------------------------------------------------------------
+
+    async def _shared(
+        self, table: dict[str, _Task], key: str, work: Callable[[], Awaitable[Any]], what: str
+    ) -> Any:
+        task = table.get(key)
+        if task is None or (task.done.is_set() and task.error is not None):
+            task = table[key] = _Task()
+            self.nursery.start_soon(self._run, task, work)
+        with trio.move_on_after(self.config.resolve_timeout_sec):
+            await task.done.wait()
+        if not task.done.is_set():
+            raise ResolveTimeout(f"{what}: no answer within {self.config.resolve_timeout_sec}s")
+        if task.error is not None:
+            if isinstance(task.error, ResolveError):
+                raise type(task.error)(str(task.error))
+            raise ResolveError(f"{what}: {task.error}")
+        return task.value
+
+    @staticmethod
+    async def _run(task: _Task, work: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            task.value = await work()
+        except Exception as exc:
+            task.error = exc
+        finally:
+            task.done.set()
+
+    # -- images ------------------------------------------------------------------------------
+
+    async def image(self, ref: str) -> ImageInfo:
+        async def work() -> ImageInfo:
+            try:
+                manifest, config, layers = await self.registry.image(ref)
+            except ResolveError:
+                raise
+            except Exception as exc:
+                raise ResolveError(f"{ref}: {exc}") from exc
+            return ImageInfo(ref, manifest, config, layers)
+
+        return await self._shared(self._images, ref, work, f"image {ref}")
+
+    async def layer_info(self, ref: str, digest: str) -> dict[str, Any]:
+        """The ``info`` JSON for the protocol generation the lookup name implies."""
+        image = await self.image(ref)
+        found = image.find(digest)
+        if found is None:
+            raise NotEstargzError(f"{ref}: no layer {digest}")
+        desc, by_toc = found
+        if desc.toc_digest is None:
+            raise NotEstargzError(f"{ref}: layer {desc.digest} is not eStargz (no TOC digest)")
+        if by_toc:
+            return {
+                "diff-size": -1,
+                "compression": GZIP_COMPRESSION,
+                "toc-digest": digest,
+                "flags": {"expected-layer-diffid": desc.diff_id},
+            }
+        info: dict[str, Any] = {
+            "compressed-diff-digest": desc.digest,
+            "compressed-size": desc.size,
+            "diff-digest": desc.diff_id,
+            "compression": GZIP_COMPRESSION,
+        }
+        size = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)
+        if size is not None and size.isdigit():
+            info["diff-size"] = int(size)
+        return info
+
+    # -- layers ------------------------------------------------------------------------------
+
+    async def get_layer(self, ref: str, digest: str) -> Layer:
+        image = await self.image(ref)
+        found = image.find(digest)
+        if found is None:
+            raise NotEstargzError(f"{ref}: no layer {digest}")
+        desc = found[0]
+        if desc.toc_digest is None:
+            raise NotEstargzError(f"{ref}: layer {desc.digest} is not eStargz (no TOC digest)")
+        task = self._layers.get(desc.digest)
+        # A layer released earlier and wanted again is resolved afresh.
+        if task is not None and task.done.is_set() and task.error is None and task.value.released:
+            del self._layers[desc.digest]
+        return await self._shared(
+            self._layers,
+            desc.digest,
+            lambda: self._resolve_layer(ref, desc),
+            f"layer {ref}/{desc.digest}",
+        )
+
+    async def _resolve_layer(self, ref: str, desc: LayerDesc) -> Layer:
+        assert desc.toc_digest is not None
+        blob = self.registry.blob(ref, desc.digest, desc.size)
+        try:
+            index = await load_layer_index(blob, desc.toc_digest)
+        except TocMismatchError as exc:
+            log.error("refusing layer %s of %s: %s", desc.digest, ref, exc)
+            raise ResolveError(str(exc)) from exc
+        except ResolveError:
+            raise
+        except Exception as exc:
+            raise ResolveError(f"layer {desc.digest} of {ref}: {exc}") from exc
+        tree = await trio.to_thread.run_sync(lambda: LayerTree(index.tree_entries()))
+        layer = Layer(
+            key=f"{ref}/{desc.digest}",
+            digest=desc.digest,
+            toc_digest=desc.toc_digest,
+            tree=tree,
+            index=index,
+            blob=blob,
+            cache=self.cache,
+            chunk_size=self.config.chunk_size,
+            on_fetch=self.on_layer_fetch,
+            on_file_access=self.on_file_access,
+        )
+        index.drop_toc_entries()
+        assert self._limiter is not None
+        self.nursery.start_soon(self._background, layer)
+        log.info("layer %s of %s resolved: %d nodes", desc.digest, ref, len(tree.nodes))
+        return layer
+
+    async def _background(self, layer: Layer) -> None:
+        assert self._limiter is not None
+        await layer.run_background(
+            prefetch=not self.config.noprefetch,
+            background=not self.config.no_background_fetch,
+            limiter=self._limiter,
+            prefetch_timeout=self.config.prefetch_timeout_sec,
+        )
+
+    def _blob_key(self, ref: str, digest: str) -> str:
+        task = self._images.get(ref)
+        if task is not None and task.done.is_set() and task.error is None:
+            found = task.value.find(digest)
+            if found is not None:
+                return found[0].digest
+        return digest
+
+    def use(self, ref: str, digest: str) -> int:
+        key = self._blob_key(ref, digest)
+        self._refcount[key] = self._refcount.get(key, 0) + 1
+        return self._refcount[key]
+
+    def release(self, ref: str, digest: str) -> int:
+        key = self._blob_key(ref, digest)
+        count = self._refcount.get(key, 0) - 1
+        if count > 0:
+            self._refcount[key] = count
+            return count
+        self._refcount.pop(key, None)
+        task = self._layers.pop(key, None)
+        if task is not None and task.done.is_set() and task.error is None:
+            task.value.release()
+            self.released.append(key)
+            log.info("layer %s released: no references left", key)
+        return 0
+
+    def refcount(self, ref: str, digest: str) -> int:
+        return self._refcount.get(self._blob_key(ref, digest), 0)
+
+    def layers(self) -> list[Layer]:
+        return [t.value for t in self._layers.values() if t.done.is_set() and t.error is None]
+
+    def status(self) -> dict[str, Any]:
+        out = {}
+        for layer in self.layers():
+            st = layer.status()
+            st["refcount"] = self._refcount.get(layer.digest, 0)
+            out[layer.key] = st
+        return {
+            "layers": out,
+            "released": list(self.released),
+            "cache_bytes": self.cache.total_bytes,
+        }
+
+
+def layer_descs(manifest: dict[str, Any], config: dict[str, Any]) -> list[LayerDesc]:
+    """Pair manifest layer descriptors with the config's diff IDs."""
+    layers = manifest.get("layers") or []
+    diff_ids = ((config.get("rootfs") or {}).get("diff_ids")) or []
+    if len(layers) != len(diff_ids):
+        raise ResolveError(
+            f"manifest has {len(layers)} layers but config has {len(diff_ids)} diff_ids"
+        )
+    return [
+        LayerDesc(
+            digest=str(d["digest"]),
+            size=int(d["size"]),
+            annotations=dict(d.get("annotations") or {}),
+            diff_id=str(diff_id),
+            media_type=str(d.get("mediaType", "")),
+        )
+        for d, diff_id in zip(layers, diff_ids, strict=True)
+    ]
+
+
+def decode_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise ResolveError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ResolveError(f"{what} is not a JSON object")
+    return value
+
+
+__all__ = [
+    "EstargzLayerView",
+    "ImageInfo",
+    "LayerDesc",
+    "LayerManager",
+    "NotEstargzError",
+    "RegistryAccess",
+    "ResolveError",
+    "ResolveTimeout",
+    "layer_descs",
+]
