@@ -1,0 +1,398 @@
+"""A real `docker-registry` (CNCF distribution 2.8) process for tests, benchmarks and scenarios.
+
+Why a plain subprocess: the harness must measure bytes and requests exactly as a registry serves
+them, on loopback or inside a network namespace it created, with no container engine in the
+way. The registry's access log (Apache combined format, written on the process's stdout) is the
+ground truth for "how many bytes did a pull fetch" and "did anything GET a whole blob".
+
+Use::
+
+    with RegistryServer() as reg:
+        reg.url            # "http://127.0.0.1:PORT"
+        reg.host           # "127.0.0.1:PORT"
+        reg.access_log()   # [AccessRecord(...), ...]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+
+# 127.0.0.1 - - [27/Nov/2026:22:04:56 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"
+_COMBINED = re.compile(
+    r"^(?P<remote>\S+) \S+ (?P<user>\S+) \[(?P<time>[^\]]+)\] "
+    r'"(?P<method>[A-Z]+) (?P<path>\S+) (?P<proto>[^"]+)" (?P<status>\d{3}) (?P<bytes>\d+|-)'
+    r'(?: "(?P<referer>[^"]*)" "(?P<agent>[^"]*)")?'
+)
+_V2_PATH = re.compile(
+    r"^/v2/(?P<repo>.+?)/(?P<kind>blobs/uploads|blobs|manifests|tags)(?:/(?P<ref>[^?]*))?(?:\?.*)?$"
+)
+_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+
+
+class RegistryServerError(RuntimeError):
+    """The registry process could not be started or did not become ready in time."""
+
+
+@dataclass(frozen=True)
+class AccessRecord:
+    """One line of the registry's access log, with what it touched decoded from the path."""
+
+    remote: str
+    user: str | None
+    time: str
+    method: str
+    path: str
+    status: int
+    bytes: int
+    user_agent: str
+    repo: str | None = None
+    kind: str | None = None  # "blobs", "manifests", "blobs/uploads", "tags", "base", "catalog"
+    reference: str | None = None  # tag, digest or upload id
+    digest: str | None = None  # the reference when it is a digest
+
+    @property
+    def is_blob_get(self) -> bool:
+        return self.method == "GET" and self.kind == "blobs"
+
+    @property
+    def is_full_blob_get(self) -> bool:
+        """A GET that returned a whole blob (200, not 206): what lazy pulling must avoid."""
+        return self.is_blob_get and self.status == 200
+
+
+def parse_access_line(line: str) -> AccessRecord | None:
+    """Parse one combined-format line; None for lines that are not access records."""
+    m = _COMBINED.match(line.strip())
+    if not m:
+        return None
+    path = m["path"]
+    repo = kind = ref = digest = None
+    bare = path.split("?", 1)[0]
+    if bare in ("/v2/", "/v2"):
+        kind = "base"
+    elif bare == "/v2/_catalog":
+        kind = "catalog"
+    else:
+        pm = _V2_PATH.match(path)
+        if pm:
+            repo, kind, ref = pm["repo"], pm["kind"], pm["ref"] or None
+            if ref and _DIGEST.match(ref):
+                digest = ref
+    user = m["user"]
+    return AccessRecord(
+        remote=m["remote"],
+        user=None if user == "-" else user,
+        time=m["time"],
+        method=m["method"],
+        path=path,
+        status=int(m["status"]),
+        bytes=0 if m["bytes"] == "-" else int(m["bytes"]),
+        user_agent=m["agent"] or "",
+        repo=repo,
+        kind=kind,
+        reference=ref,
+        digest=digest,
+    )
+
+
+def parse_access_log(text: str) -> list[AccessRecord]:
+    return [r for r in map(parse_access_line, text.splitlines()) if r is not None]
+
+
+@dataclass(frozen=True)
+class TokenAuthConfig:
+    """distribution's `auth: token` section: JWTs signed by a key whose cert is in the bundle."""
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: str | os.PathLike[str]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel says is free now (a tiny race remains; start() retries on it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def write_htpasswd(path: Path, users: Mapping[str, str]) -> None:
+    """Write a bcrypt htpasswd file (the only scheme distribution accepts)."""
+    try:
+        import bcrypt
+
+        def _hash(pw: str) -> str:
+            return bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=5)).decode()
+    except ImportError:  # pragma: no cover - Python <3.13 fallback
+        import crypt  # type: ignore[import-not-found]
+
+        def _hash(pw: str) -> str:
+            return crypt.crypt(pw, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=32))
+
+    lines = [f"{user}:{_hash(pw)}\n" for user, pw in users.items()]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+@dataclass
+class RegistryServer:
+    """Start `docker-registry serve` with a config of our own; stop it on exit, always.
+
+    `wrapper` prefixes the command (e.g. ``["ip", "netns", "exec", "ns0"]``) so the harness can
+    run the registry inside a namespace; then give `host` (an address of that namespace) and,
+    if that address is not reachable from here, `ready_url` to probe instead.
+    """
+
+    storage_dir: Path | None = None
+    host_addr: str = "127.0.0.1"
+    port: int | None = None
+    wrapper: Sequence[str] = ()
+    htpasswd_users: Mapping[str, str] | None = None
+    htpasswd_file: Path | None = None
+    token_auth: TokenAuthConfig | None = None
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+    startup_timeout: float = 15.0
+    ready_url: str | None = None
+    binary: str = REGISTRY_BINARY
+
+    _workdir: Path | None = field(default=None, init=False, repr=False)
+    _owns_storage: bool = field(default=False, init=False, repr=False)
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    # ---- addresses -----------------------------------------------------------------------
+    @property
+    def host(self) -> str:
+        """`HOST:PORT` as it appears in image references."""
+        if self.port is None:
+            raise RegistryServerError("registry not started")
+        h = f"[{self.host_addr}]" if ":" in self.host_addr else self.host_addr
+        return f"{h}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    @property
+    def workdir(self) -> Path:
+        if self._workdir is None:
+            raise RegistryServerError("registry not started")
+        return self._workdir
+
+    @property
+    def access_log_path(self) -> Path:
+        return self.workdir / "access.log"
+
+    @property
+    def error_log_path(self) -> Path:
+        return self.workdir / "registry.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "config.yml"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def __enter__(self) -> RegistryServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def config(self) -> dict[str, Any]:
+        assert self.storage_dir is not None and self.port is not None
+        cfg: dict[str, Any] = {
+            "version": 0.1,
+            "log": {"level": "info", "accesslog": {"disabled": False}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage_dir)},
+                "delete": {"enabled": True},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {"addr": f"{self.host}", "secret": "lazybench-registry-secret"},
+        }
+        if self.htpasswd_users is not None or self.htpasswd_file is not None:
+            path = self.htpasswd_file
+            if path is None:
+                path = self.workdir / "htpasswd"
+                write_htpasswd(path, self.htpasswd_users or {})
+            cfg["auth"] = {"htpasswd": {"realm": "lazybench", "path": str(path)}}
+        elif self.token_auth is not None:
+            t = self.token_auth
+            cfg["auth"] = {
+                "token": {
+                    "realm": t.realm,
+                    "service": t.service,
+                    "issuer": t.issuer,
+                    "rootcertbundle": str(t.rootcertbundle),
+                }
+            }
+        return _deep_merge(cfg, self.extra_config)
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise RegistryServerError("registry already started")
+        self._workdir = Path(tempfile.mkdtemp(prefix="lazybench-registry-"))
+        if self.storage_dir is None:
+            self.storage_dir = self._workdir / "storage"
+            self._owns_storage = True
+        self.storage_dir = Path(self.storage_dir)
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        fixed_port = self.port is not None
+        attempts = 1 if fixed_port else 5
+        last = ""
+        try:
+            for _ in range(attempts):
+                if not fixed_port:
+                    self.port = free_port(self.host_addr if not self.wrapper else "127.0.0.1")
+                last = self._spawn_and_wait()
+                if not last:
+                    return
+            raise RegistryServerError(last)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn_and_wait(self) -> str:
+        """Start once; '' when ready, else why it failed (after killing the process)."""
+        # JSON is YAML: no YAML library needed.
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.config(), indent=2))
+        os.replace(tmp, self.config_path)
+        out = open(self.access_log_path, "wb")  # noqa: SIM115 - handed to the child
+        err = open(self.error_log_path, "wb")  # noqa: SIM115
+        try:
+            self._proc = subprocess.Popen(
+                [*self.wrapper, self.binary, "serve", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        finally:
+            out.close()
+            err.close()
+        probe = self.ready_url or f"{self.url}/v2/"
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                rc, self._proc = self._proc.returncode, None
+                return f"docker-registry exited with status {rc}: {self._tail_error_log()}"
+            try:
+                with urllib.request.urlopen(probe, timeout=1.0) as r:
+                    if r.status in (200, 401):
+                        return ""
+            except urllib.error.HTTPError as e:
+                if e.code == 401:
+                    return ""
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.05)
+        self._kill()
+        return f"docker-registry did not answer {probe} within {self.startup_timeout:.0f}s"
+
+    def _tail_error_log(self) -> str:
+        try:
+            lines = self.error_log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        bad = [ln for ln in lines if "level=fatal" in ln or "level=error" in ln or "panic" in ln]
+        return (bad or lines or [""])[-1][-500:]
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def stop(self) -> None:
+        """Kill the process; remove the temp dir (and storage if we created it)."""
+        self._kill()
+        if self._workdir is not None and os.environ.get("LAZYBENCH_KEEP_REGISTRY") != "1":
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+            if self._owns_storage:
+                self.storage_dir = None
+                self._owns_storage = False
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # ---- inspection ----------------------------------------------------------------------
+    def access_log(self) -> list[AccessRecord]:
+        """Every request served so far (the registry writes each line when it completes)."""
+        try:
+            text = self.access_log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return parse_access_log(text)
+
+    def log_mark(self) -> int:
+        """How many records exist now; pass to `access_log_since` to see only later ones."""
+        return len(self.access_log())
+
+    def access_log_since(self, mark: int) -> list[AccessRecord]:
+        return self.access_log()[mark:]
+
+    def blob_path(self, digest: str) -> Path:
+        """The file that holds a blob's bytes in filesystem storage (tests corrupt it)."""
+        if self.storage_dir is None:
+            raise RegistryServerError("registry has no storage directory")
+        algo, _, hexpart = digest.partition(":")
+        if not hexpart or len(hexpart) < 2:
+            raise ValueError(f"not a digest: {digest!r}")
+        return (
+            Path(self.storage_dir)
+            / "docker/registry/v2/blobs"
+            / algo
+            / hexpart[:2]
+            / hexpart
+            / "data"
+        )

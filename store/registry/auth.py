@@ -1,0 +1,159 @@
+"""Answering registry auth challenges: Basic, and Bearer tokens cached per scope until expiry.
+
+The flow is distribution's token spec: a 401 carries `WWW-Authenticate: Bearer realm=…,
+service=…,scope=…`; we GET the realm with those parameters (Basic credentials if we have any,
+anonymous otherwise; a refresh token goes by POST) and send `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from .credentials import Credentials
+from .errors import AuthenticationError, RegistryTimeout, RegistryUnavailable
+
+_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+TOKEN_DEFAULT_EXPIRY = 60.0
+TOKEN_EXPIRY_MARGIN = 5.0
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str  # lower case: "basic" or "bearer"
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def realm(self) -> str:
+        return self.params.get("realm", "")
+
+
+def parse_challenge(value: str | None) -> Challenge | None:
+    """The first challenge of a WWW-Authenticate header (registries send one)."""
+    if not value:
+        return None
+    scheme, _, rest = value.strip().partition(" ")
+    params = {m[1].lower(): (m[2] if m[2] is not None else m[3]) for m in _PARAM.finditer(rest)}
+    params = {k: v.replace('\\"', '"') for k, v in params.items()}
+    return Challenge(scheme.lower(), params)
+
+
+def basic_header(creds: Credentials) -> str:
+    return "Basic " + base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+
+
+def scope_for(repository: str, actions: tuple[str, ...]) -> str:
+    return f"repository:{repository}:{','.join(actions)}"
+
+
+@dataclass
+class _CachedToken:
+    token: str
+    expires_at: float
+
+
+class TokenCache:
+    """Bearer tokens keyed by (realm, service, scopes, user); dropped when they expire."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple[str, str, tuple[str, ...], str], _CachedToken] = {}
+        self.fetches = 0  # how many times a token endpoint was asked (tests check caching)
+
+    def get(self, key: tuple[str, str, tuple[str, ...], str]) -> str | None:
+        entry = self._tokens.get(key)
+        if entry is None:
+            return None
+        if time.monotonic() >= entry.expires_at:
+            del self._tokens[key]
+            return None
+        return entry.token
+
+    def clear(self) -> None:
+        self._tokens.clear()
+
+    def invalidate(self, key: tuple[str, str, tuple[str, ...], str]) -> None:
+        self._tokens.pop(key, None)
+
+    async def fetch(
+        self,
+        http: httpx.AsyncClient,
+        challenge: Challenge,
+        scopes: tuple[str, ...],
+        creds: Credentials | None,
+        timeout: float,
+        registry_host: str,
+    ) -> str:
+        realm = challenge.realm
+        if not realm:
+            raise AuthenticationError(
+                f"{registry_host}: Bearer challenge without a realm", host=registry_host
+            )
+        service = challenge.params.get("service", "")
+        user = creds.username if creds else ""
+        key = (realm, service, scopes, user)
+        if token := self.get(key):
+            return token
+        self.fetches += 1
+        try:
+            if creds and creds.identity_token:
+                form = {
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.identity_token,
+                    "service": service,
+                    "scope": " ".join(scopes),
+                    "client_id": "lazybench",
+                }
+                resp = await http.post(realm, data=form, timeout=timeout)
+            else:
+                params: list[tuple[str, str]] = []
+                if service:
+                    params.append(("service", service))
+                params += [("scope", s) for s in scopes]
+                if creds and creds.username:
+                    params.append(("account", creds.username))
+                headers = {"Authorization": basic_header(creds)} if creds else {}
+                resp = await http.get(realm, params=params, headers=headers, timeout=timeout)
+        except httpx.TimeoutException as e:
+            raise RegistryTimeout(
+                f"token server {realm} for {registry_host} timed out after {timeout:g}s",
+                host=registry_host,
+            ) from e
+        except httpx.TransportError as e:
+            raise RegistryUnavailable(
+                f"token server {realm} for {registry_host} unreachable: {e}", host=registry_host
+            ) from e
+        if resp.status_code in (401, 403):
+            who = f"user {user!r}" if user else "anonymous access"
+            raise AuthenticationError(
+                f"{registry_host}: token server {realm} refused {who} "
+                f"(HTTP {resp.status_code}) for {' '.join(scopes) or 'registry access'}",
+                host=registry_host,
+                status=resp.status_code,
+            )
+        if resp.status_code != 200:
+            raise AuthenticationError(
+                f"{registry_host}: token server {realm} answered HTTP {resp.status_code}",
+                host=registry_host,
+                status=resp.status_code,
+            )
+        try:
+            body = resp.json()
+            token = body.get("token") or body.get("access_token")
+            expires_in = float(body.get("expires_in") or TOKEN_DEFAULT_EXPIRY)
+        except (ValueError, AttributeError, TypeError) as e:
+            raise AuthenticationError(
+                f"{registry_host}: token server {realm} sent an unreadable answer",
+                host=registry_host,
+            ) from e
+        if not token:
+            raise AuthenticationError(
+                f"{registry_host}: token server {realm} sent no token", host=registry_host
+            )
+        expires_in = max(expires_in, 1.0)
+        margin = min(TOKEN_EXPIRY_MARGIN, expires_in / 2)
+        self._tokens[key] = _CachedToken(token, time.monotonic() + expires_in - margin)
+        return token

@@ -1,0 +1,923 @@
+"""The async OCI distribution client: pull (manifests, configs, ranged blob reads) and push.
+
+One `httpx.AsyncClient` underneath, so it runs on trio (the store) and asyncio alike. Every
+request has a timeout; connection errors, cut bodies and 5xx are retried with backoff (a
+timeout is not retried: it is the answer the caller configured); mirrors are tried in order
+before the origin; redirects are followed by hand so Authorization never goes to another host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import urljoin, urlsplit
+
+import anyio
+import httpx
+
+from .auth import Challenge, TokenCache, basic_header, parse_challenge, scope_for
+from .credentials import Credentials, CredentialStore
+from .errors import (
+    AuthenticationError,
+    DigestMismatch,
+    ManifestError,
+    NotFoundError,
+    RangeError,
+    RegistryError,
+    RegistryTimeout,
+    RegistryUnavailable,
+)
+from .hosts import DEFAULT_REQUEST_TIMEOUT, Endpoint, ResolverConfig
+from .manifest import (
+    ACCEPT,
+    INDEX_TYPES,
+    Descriptor,
+    ManifestResult,
+    Platform,
+    parse_manifest,
+    select_platform,
+    sha256_digest,
+)
+from .ranges import (
+    Span,
+    coalesce,
+    multipart_boundary,
+    parse_content_range,
+    parse_multipart_byteranges,
+    range_header,
+    slice_from,
+)
+from .reference import Reference, validate_digest
+
+T = TypeVar("T")
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_REDIRECTS = 5
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+DOWN_FOR = 10.0  # seconds an endpoint that failed to connect is skipped (if others remain)
+DEFAULT_CHUNK = 8 * 1024 * 1024
+USER_AGENT = "lazybench-registry/0.1"
+
+Reader = Callable[[httpx.Response], Awaitable[T]]
+
+
+@dataclass(frozen=True)
+class BlobPushResult:
+    digest: str
+    size: int
+    how: str  # "exists" (skipped after HEAD), "mounted" (cross-repo), "uploaded"
+
+
+@dataclass
+class ClientStats:
+    """Counters the harness and tests read (requests sent, retries, bytes of bodies)."""
+
+    requests: int = 0
+    retries: int = 0
+    body_bytes: int = 0
+    auth_round_trips: int = 0
+
+
+def _error_detail(resp: httpx.Response, body: bytes) -> str:
+    """The registry's own error code/message, when it sent the standard JSON."""
+    try:
+        errs = json.loads(body).get("errors") or []
+        return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip() for e in errs)
+    except Exception:
+        return ""
+
+
+async def _read_all(resp: httpx.Response) -> bytes:
+    return await resp.aread()
+
+
+class RegistryClient:
+    """Async context manager: `async with RegistryClient() as c: await c.get_manifest(ref)`."""
+
+    def __init__(
+        self,
+        *,
+        resolver: ResolverConfig | None = None,
+        credentials: CredentialStore | Mapping[str, Credentials] | None = None,
+        timeout: float | None = None,
+        retries: int = 3,
+        backoff: float = 0.1,
+        max_ranges_per_request: int = 32,
+        coalesce_gap: int = 0,
+        user_agent: str = USER_AGENT,
+        max_connections: int = 32,
+    ) -> None:
+        self.resolver = resolver or ResolverConfig(
+            default_timeout=timeout or DEFAULT_REQUEST_TIMEOUT
+        )
+        if timeout is not None and resolver is not None:
+            self.resolver = ResolverConfig(resolver.hosts, resolver.insecure_hosts, timeout)
+        if isinstance(credentials, CredentialStore):
+            self.credentials = credentials
+        else:
+            self.credentials = CredentialStore(explicit=credentials)
+        self.retries = retries
+        self.backoff = backoff
+        self.max_ranges_per_request = max(1, max_ranges_per_request)
+        self.coalesce_gap = coalesce_gap
+        self.stats = ClientStats()
+        self.tokens = TokenCache()
+        self._user_agent = user_agent
+        self._max_connections = max_connections
+        self._http: httpx.AsyncClient | None = None
+        self._challenges: dict[str, Challenge | None] = {}
+        self._down_until: dict[str, float] = {}
+        self._no_multirange: set[str] = set()
+
+    # ---- lifetime ------------------------------------------------------------------------
+    async def __aenter__(self) -> RegistryClient:
+        self._http = httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=self.resolver.default_timeout,
+            limits=httpx.Limits(
+                max_connections=self._max_connections,
+                max_keepalive_connections=self._max_connections,
+            ),
+            headers={"User-Agent": self._user_agent},
+            trust_env=False,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise RuntimeError("RegistryClient used outside 'async with'")
+        return self._http
+
+    # ---- endpoints -----------------------------------------------------------------------
+    def endpoints(self, registry: str) -> list[Endpoint]:
+        """Mirrors then origin; endpoints that recently refused connections go last."""
+        eps = self.resolver.endpoints(registry)
+        now = time.monotonic()
+        up = [e for e in eps if self._down_until.get(e.host, 0) <= now]
+        down = [e for e in eps if self._down_until.get(e.host, 0) > now]
+        return up + down
+
+    async def _on_endpoints(
+        self, ref: Reference, op: Callable[[Endpoint], Awaitable[T]], *, push: bool = False
+    ) -> T:
+        """Run `op` on each endpoint in turn until one succeeds. Pushes go to the origin only.
+
+        A mirror's failure of any registry kind (down, missing, refused) falls through to the
+        next; the last endpoint's error is the one raised.
+        """
+        eps = self.endpoints(ref.registry)
+        if push:
+            eps = [e for e in eps if not e.is_mirror]
+        last: RegistryError | None = None
+        for ep in eps:
+            try:
+                return await op(ep)
+            except RegistryError as e:
+                last = e
+                if isinstance(e, RegistryUnavailable) and not isinstance(e, RegistryTimeout):
+                    self._down_until[ep.host] = time.monotonic() + DOWN_FOR
+                if isinstance(e, DigestMismatch | RangeError) and not ep.is_mirror:
+                    raise
+        assert last is not None
+        raise last
+
+    # ---- auth ----------------------------------------------------------------------------
+    async def _auth_header(
+        self, ep: Endpoint, ref_registry: str, scopes: tuple[str, ...], repo: str
+    ) -> str | None:
+        challenge = self._challenges.get(ep.host)
+        if challenge is None:
+            return None
+        creds = self.credentials.lookup(ref_registry, repo) or self.credentials.lookup(ep.host)
+        if challenge.scheme == "basic":
+            if creds is None or not creds.username:
+                raise AuthenticationError(
+                    f"{ep.host} requires Basic authentication and no credentials are "
+                    f"configured for {ref_registry}",
+                    host=ep.host,
+                    repository=repo or None,
+                )
+            return basic_header(creds)
+        if challenge.scheme == "bearer":
+            token = await self.tokens.fetch(
+                self.http, challenge, scopes, creds, ep.request_timeout, ep.host
+            )
+            return f"Bearer {token}"
+        raise AuthenticationError(
+            f"{ep.host} asks for unsupported auth scheme {challenge.scheme!r}", host=ep.host
+        )
+
+    # ---- the one request path ------------------------------------------------------------
+    async def _call(
+        self,
+        ep: Endpoint,
+        method: str,
+        path: str,
+        *,
+        registry: str,
+        repo: str = "",
+        actions: tuple[str, ...] = ("pull",),
+        extra_scopes: tuple[str, ...] = (),
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        params: Mapping[str, str] | None = None,
+        reader: Reader[T] = _read_all,  # type: ignore[assignment]
+        ok: Sequence[int] = (200,),
+        digest: str | None = None,
+        retry: bool = True,
+    ) -> tuple[httpx.Response, T]:
+        """Send one logical request: auth, redirects, retries, status → typed errors."""
+        scopes = ((scope_for(repo, actions),) if repo else ()) + extra_scopes
+        attempts = (self.retries + 1) if retry else 1
+        what = f"{ep.host}/{repo}" if repo else ep.host
+        if digest:
+            what += f"@{digest}"
+        last_exc: RegistryError | None = None
+        for attempt in range(attempts):
+            if attempt:
+                self.stats.retries += 1
+                await anyio.sleep(self.backoff * (2 ** (attempt - 1)))
+            try:
+                return await self._send_once(
+                    ep,
+                    method,
+                    path,
+                    registry,
+                    repo,
+                    scopes,
+                    headers,
+                    content,
+                    params,
+                    reader,
+                    ok,
+                    what,
+                    digest,
+                )
+            except RegistryTimeout:
+                raise
+            except RegistryUnavailable as e:
+                last_exc = e
+                continue
+        assert last_exc is not None
+        raise last_exc
+
+    async def _send_once(
+        self,
+        ep: Endpoint,
+        method: str,
+        path: str,
+        registry: str,
+        repo: str,
+        scopes: tuple[str, ...],
+        headers: Mapping[str, str] | None,
+        content: bytes | None,
+        params: Mapping[str, str] | None,
+        reader: Reader[T],
+        ok: Sequence[int],
+        what: str,
+        digest: str | None,
+    ) -> tuple[httpx.Response, T]:
+        hdrs = dict(ep.headers)
+        hdrs.update(headers or {})
+        url = path if path.startswith(("http://", "https://")) else ep.base_url + path
+        origin = urlsplit(url).netloc
+        authed_once = False
+        redirects = 0
+        cur_method = method
+        timeout = httpx.Timeout(ep.request_timeout)
+        while True:
+            send_headers = dict(hdrs)
+            same_host = urlsplit(url).netloc == origin
+            if same_host:
+                auth = await self._auth_header(ep, registry, scopes, repo)
+                if auth:
+                    send_headers["Authorization"] = auth
+            req = self.http.build_request(
+                cur_method,
+                url,
+                headers=send_headers,
+                content=content if cur_method not in ("GET", "HEAD") else None,
+                params=params if redirects == 0 else None,
+                timeout=timeout,
+            )
+            self.stats.requests += 1
+            try:
+                resp = await self.http.send(req, stream=True)
+            except httpx.TimeoutException as e:
+                raise RegistryTimeout(
+                    f"{what}: no answer within {ep.request_timeout:g}s ({type(e).__name__})",
+                    host=ep.host,
+                    repository=repo or None,
+                    digest=digest,
+                ) from e
+            except (httpx.TransportError, OSError) as e:
+                raise RegistryUnavailable(
+                    f"{what}: cannot connect to {ep.base_url}: {e or type(e).__name__}",
+                    host=ep.host,
+                    repository=repo or None,
+                    digest=digest,
+                ) from e
+            try:
+                status = resp.status_code
+                if status in (301, 302, 303, 307, 308) and "location" in resp.headers:
+                    redirects += 1
+                    if redirects > MAX_REDIRECTS:
+                        raise RegistryError(f"{what}: too many redirects", host=ep.host)
+                    url = urljoin(str(resp.request.url), resp.headers["location"])
+                    if status == 303 or (
+                        status in (301, 302) and cur_method not in ("GET", "HEAD")
+                    ):
+                        cur_method = "GET"
+                    continue
+                if status == 401 and same_host and not authed_once:
+                    challenge = parse_challenge(resp.headers.get("www-authenticate"))
+                    if challenge is not None:
+                        # A Bearer challenge may name a scope we did not know; use ours plus it.
+                        extra = challenge.params.get("scope")
+                        if extra and extra not in scopes:
+                            scopes = (*scopes, extra)
+                        if challenge == self._challenges.get(ep.host):
+                            self.tokens.clear()  # what we sent was refused: fetch afresh
+                        self._challenges[ep.host] = challenge
+                        authed_once = True
+                        self.stats.auth_round_trips += 1
+                        continue
+                if status in ok:
+                    try:
+                        result = await reader(resp)
+                    except httpx.TimeoutException as e:
+                        raise RegistryTimeout(
+                            f"{what}: body stalled for {ep.request_timeout:g}s",
+                            host=ep.host,
+                            repository=repo or None,
+                            digest=digest,
+                        ) from e
+                    except (httpx.TransportError, OSError) as e:
+                        raise RegistryUnavailable(
+                            f"{what}: connection lost while reading the body: "
+                            f"{e or type(e).__name__}",
+                            host=ep.host,
+                            repository=repo or None,
+                            digest=digest,
+                        ) from e
+                    return resp, result
+                body = b""
+                if cur_method != "HEAD":
+                    try:
+                        body = await resp.aread()
+                    except httpx.HTTPError:
+                        body = b""
+                raise self._status_error(resp, body, what, ep, repo, digest)
+            finally:
+                await resp.aclose()
+
+    def _status_error(
+        self,
+        resp: httpx.Response,
+        body: bytes,
+        what: str,
+        ep: Endpoint,
+        repo: str,
+        digest: str | None,
+    ) -> RegistryError:
+        status = resp.status_code
+        detail = _error_detail(resp, body)
+        detail = f" ({detail})" if detail else ""
+        kw: dict[str, Any] = {
+            "host": ep.host,
+            "repository": repo or None,
+            "digest": digest,
+            "status": status,
+        }
+        if status == 401:
+            creds = self.credentials.lookup(ep.host, repo)
+            who = f"user {creds.username!r}" if creds and creds.username else "no credentials"
+            return AuthenticationError(
+                f"{what}: authentication failed with {who} (HTTP 401){detail}", **kw
+            )
+        if status == 403:
+            return AuthenticationError(f"{what}: access denied (HTTP 403){detail}", **kw)
+        if status == 404:
+            return NotFoundError(f"{what}: not found (HTTP 404){detail}", **kw)
+        if status == 416:
+            return RangeError(f"{what}: range not satisfiable (HTTP 416){detail}", **kw)
+        if status in RETRY_STATUSES:
+            return RegistryUnavailable(f"{what}: server error HTTP {status}{detail}", **kw)
+        return RegistryError(f"{what}: unexpected HTTP {status}{detail}", **kw)
+
+    # ---- pull ----------------------------------------------------------------------------
+    async def ping(self, registry: str) -> None:
+        """GET /v2/ (answering an auth challenge); raises if no endpoint speaks v2."""
+
+        async def op(ep: Endpoint) -> None:
+            await self._call(ep, "GET", "/v2/", registry=registry)
+
+        await self._on_endpoints(Reference(registry, "x", "latest"), op)
+
+    async def _fetch_manifest(self, ref: Reference, reference: str) -> ManifestResult:
+        async def op(ep: Endpoint) -> ManifestResult:
+            resp, raw = await self._call(
+                ep,
+                "GET",
+                f"/v2/{ref.repository}/manifests/{reference}",
+                registry=ref.registry,
+                repo=ref.repository,
+                headers={"Accept": ACCEPT},
+                reader=_limited_reader(MAX_MANIFEST_BYTES),
+                digest=reference if ":" in reference else None,
+            )
+            digest = sha256_digest(raw)
+            if ":" in reference and reference != digest:
+                raise DigestMismatch(
+                    f"{ep.host}/{ref.repository}: manifest asked as {reference} hashes to {digest}",
+                    host=ep.host,
+                    repository=ref.repository,
+                    digest=reference,
+                )
+            return parse_manifest(raw, resp.headers.get("content-type"), digest)
+
+        return await self._on_endpoints(ref, op)
+
+    async def get_index(self, ref: Reference | str) -> ManifestResult:
+        """The manifest as tagged, without platform selection (may be a plain manifest)."""
+        ref = _ref(ref)
+        return await self._fetch_manifest(ref, ref.reference)
+
+    async def get_manifest(
+        self, ref: Reference | str, platform: Platform | str | None = None
+    ) -> ManifestResult:
+        """An image manifest; an index is resolved to `platform` (default: this host)."""
+        ref = _ref(ref)
+        result = await self._fetch_manifest(ref, ref.reference)
+        if result.media_type in INDEX_TYPES:
+            want = Platform.parse(platform) if isinstance(platform, str) else platform
+            desc = select_platform(result, want or Platform.host())
+            result = await self._fetch_manifest(ref, desc.digest)
+            if result.media_type in INDEX_TYPES:
+                raise ManifestError(f"{ref}: nested index {desc.digest} is not supported")
+        return result
+
+    async def get_config(
+        self, ref: Reference | str, platform: Platform | str | None = None
+    ) -> dict[str, Any]:
+        manifest = await self.get_manifest(ref, platform)
+        raw = await self.get_blob(ref, manifest.config.digest)
+        try:
+            parsed = json.loads(raw)
+        except ValueError as e:
+            raise ManifestError(f"{ref}: config {manifest.config.digest} is not JSON") from e
+        if not isinstance(parsed, dict):
+            raise ManifestError(f"{ref}: config {manifest.config.digest} is not a JSON object")
+        return parsed
+
+    async def blob_size(self, ref: Reference | str, digest: str) -> int:
+        """Size by HEAD (no body transferred)."""
+        ref = _ref(ref)
+        validate_digest(digest)
+
+        async def op(ep: Endpoint) -> int:
+            resp, _ = await self._call(
+                ep,
+                "HEAD",
+                f"/v2/{ref.repository}/blobs/{digest}",
+                registry=ref.registry,
+                repo=ref.repository,
+                digest=digest,
+                reader=_no_body,
+            )
+            try:
+                return int(resp.headers["content-length"])
+            except (KeyError, ValueError) as e:
+                raise RegistryError(
+                    f"{ep.host}/{ref.repository}@{digest}: HEAD without Content-Length",
+                    host=ep.host,
+                    repository=ref.repository,
+                    digest=digest,
+                ) from e
+
+        return await self._on_endpoints(ref, op)
+
+    async def blob_exists(self, ref: Reference | str, digest: str) -> bool:
+        try:
+            await self.blob_size(ref, digest)
+            return True
+        except NotFoundError:
+            return False
+
+    async def get_blob(self, ref: Reference | str, digest: str) -> bytes:
+        """The whole blob, verified against its digest (never returns unverified bytes)."""
+        ref = _ref(ref)
+        validate_digest(digest)
+
+        async def op(ep: Endpoint) -> bytes:
+            _, data = await self._call(
+                ep,
+                "GET",
+                f"/v2/{ref.repository}/blobs/{digest}",
+                registry=ref.registry,
+                repo=ref.repository,
+                digest=digest,
+            )
+            self.stats.body_bytes += len(data)
+            _verify(data, digest, ep.host, ref.repository)
+            return data
+
+        return await self._on_endpoints(ref, op)
+
+    async def download_blob(self, ref: Reference | str, digest: str, dest: Path) -> int:
+        """Stream a blob to `dest` atomically, verifying the digest before it appears."""
+        ref = _ref(ref)
+        validate_digest(digest)
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.part")
+
+        async def reader(resp: httpx.Response) -> int:
+            h = hashlib.new(digest.split(":", 1)[0])
+            n = 0
+            with open(tmp, "wb") as f:
+                async for chunk in resp.aiter_bytes(1 << 20):
+                    h.update(chunk)
+                    f.write(chunk)
+                    n += len(chunk)
+            got = f"{digest.split(':', 1)[0]}:{h.hexdigest()}"
+            if got != digest:
+                tmp.unlink(missing_ok=True)
+                raise DigestMismatch(
+                    f"{ref.registry}/{ref.repository}: blob {digest} hashes to {got}",
+                    host=ref.registry,
+                    repository=ref.repository,
+                    digest=digest,
+                )
+            return n
+
+        async def op(ep: Endpoint) -> int:
+            _, n = await self._call(
+                ep,
+                "GET",
+                f"/v2/{ref.repository}/blobs/{digest}",
+                registry=ref.registry,
+                repo=ref.repository,
+                digest=digest,
+                reader=reader,
+            )
+            self.stats.body_bytes += n
+            return n
+
+        try:
+            n = await self._on_endpoints(ref, op)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(dest)
+        return n
+
+    async def read_range(self, ref: Reference | str, digest: str, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of a blob by one Range request (unverified: the
+        caller verifies chunks against the TOC's chunk digests)."""
+        if offset < 0 or size < 0:
+            raise RangeError(f"invalid range offset={offset} size={size}", digest=digest)
+        if size == 0:
+            return b""
+        return (await self.read_ranges(ref, digest, [(offset, size)]))[0]
+
+    async def read_ranges(
+        self, ref: Reference | str, digest: str, ranges: Sequence[tuple[int, int]]
+    ) -> list[bytes]:
+        """Several (offset, size) ranges; results in the order asked.
+
+        Overlapping and adjacent ranges are coalesced; up to `max_ranges_per_request` spans go
+        in one multi-range request; a server that answers multi-range with 200 is remembered
+        and then asked one range at a time.
+        """
+        ref = _ref(ref)
+        validate_digest(digest)
+        for o, s in ranges:
+            if o < 0 or s < 0:
+                raise RangeError(f"invalid range offset={o} size={s}", digest=digest)
+        spans = coalesce(ranges, self.coalesce_gap)
+        parts: dict[tuple[int, int], bytes] = {}
+
+        async def op(ep: Endpoint) -> None:
+            batch = self.max_ranges_per_request if ep.host not in self._no_multirange else 1
+            groups = [spans[i : i + batch] for i in range(0, len(spans), batch)]
+            async with anyio.create_task_group() as tg:
+                for group in groups:
+                    if all((s.start, s.end) in parts for s in group):
+                        continue
+                    tg.start_soon(self._fetch_spans, ep, ref, digest, group, parts)
+
+        await self._on_endpoints(ref, op)
+        return [slice_from(parts, o, s) if s else b"" for o, s in ranges]
+
+    async def _fetch_spans(
+        self,
+        ep: Endpoint,
+        ref: Reference,
+        digest: str,
+        group: list[Span],
+        parts: dict[tuple[int, int], bytes],
+    ) -> None:
+        multi = len(group) > 1
+        need_end = max(s.end for s in group)
+        need_start = min(s.start for s in group)
+
+        async def reader(resp: httpx.Response) -> dict[tuple[int, int], bytes]:
+            if resp.status_code == 200:
+                if multi:
+                    return {}  # server ignores multi-range; we fall back below
+                # Server ignored Range: take what we need from the front, drop the rest.
+                buf = bytearray()
+                async for chunk in resp.aiter_raw():
+                    buf += chunk
+                    if len(buf) >= need_end:
+                        break
+                if len(buf) < need_end:
+                    raise RangeError(
+                        f"{ep.host}/{ref.repository}@{digest}: blob shorter than {need_end}",
+                        host=ep.host,
+                        repository=ref.repository,
+                        digest=digest,
+                    )
+                return {(need_start, need_end): bytes(buf[need_start:need_end])}
+            body = await resp.aread()
+            ctype = resp.headers.get("content-type", "")
+            boundary = multipart_boundary(ctype)
+            if boundary:
+                return parse_multipart_byteranges(body, boundary)
+            start, end, _ = parse_content_range(resp.headers.get("content-range"))
+            if len(body) != end - start:
+                raise RangeError(
+                    f"{ep.host}/{ref.repository}@{digest}: range {start}-{end - 1} body has "
+                    f"{len(body)} bytes",
+                    host=ep.host,
+                    repository=ref.repository,
+                    digest=digest,
+                )
+            return {(start, end): body}
+
+        _, got = await self._call(
+            ep,
+            "GET",
+            f"/v2/{ref.repository}/blobs/{digest}",
+            registry=ref.registry,
+            repo=ref.repository,
+            digest=digest,
+            headers={"Range": range_header(group)},
+            reader=reader,
+            ok=(200, 206),
+        )
+        if multi and not got:
+            self._no_multirange.add(ep.host)
+            async with anyio.create_task_group() as tg:
+                for s in group:
+                    tg.start_soon(self._fetch_spans, ep, ref, digest, [s], parts)
+            return
+        for s in group:
+            try:
+                data = slice_from(got, s.start, s.size)
+            except RangeError as e:
+                raise RangeError(
+                    f"{ep.host}/{ref.repository}@{digest}: {e}",
+                    host=ep.host,
+                    repository=ref.repository,
+                    digest=digest,
+                ) from e
+            self.stats.body_bytes += len(data)
+            parts[(s.start, s.end)] = data
+
+    # ---- push ----------------------------------------------------------------------------
+    async def push_blob(
+        self,
+        ref: Reference | str,
+        data: bytes,
+        *,
+        digest: str | None = None,
+        chunk_size: int | None = None,
+        mount_from: Reference | str | None = None,
+    ) -> BlobPushResult:
+        """Upload a blob unless it exists; mount it from `mount_from` (same registry) if it
+        can; otherwise monolithic, or chunked PATCHes of `chunk_size` bytes."""
+        ref = _ref(ref)
+        actual = sha256_digest(data)
+        if digest is not None and digest != actual:
+            raise DigestMismatch(
+                f"{ref.name}: blob to push was named {digest} but hashes to {actual}",
+                host=ref.registry,
+                repository=ref.repository,
+                digest=digest,
+            )
+        digest = actual
+        if await self.blob_exists(ref, digest):
+            return BlobPushResult(digest, len(data), "exists")
+        src = None
+        if isinstance(mount_from, Reference):
+            src = mount_from
+        elif mount_from:  # a repository of the same registry
+            src = Reference(ref.registry, mount_from, "latest")
+
+        async def op(ep: Endpoint) -> BlobPushResult:
+            base = f"/v2/{ref.repository}/blobs/uploads/"
+            kw: dict[str, Any] = {
+                "registry": ref.registry,
+                "repo": ref.repository,
+                "actions": ("pull", "push"),
+                "digest": digest,
+            }
+            params = None
+            extra: tuple[str, ...] = ()
+            if src is not None and src.registry == ref.registry:
+                params = {"mount": digest, "from": src.repository}
+                extra = (scope_for(src.repository, ("pull",)),)
+            resp, _ = await self._call(
+                ep, "POST", base, params=params, extra_scopes=extra, ok=(201, 202), **kw
+            )
+            if resp.status_code == 201:
+                return BlobPushResult(digest, len(data), "mounted")
+            location = _location(resp, ep)
+            if chunk_size and len(data) > chunk_size:
+                for start in range(0, len(data), chunk_size):
+                    chunk = data[start : start + chunk_size]
+                    resp, _ = await self._call(
+                        ep,
+                        "PATCH",
+                        location,
+                        content=chunk,
+                        ok=(202,),
+                        retry=False,
+                        headers={
+                            "Content-Type": "application/octet-stream",
+                            "Content-Range": f"{start}-{start + len(chunk) - 1}",
+                            "Content-Length": str(len(chunk)),
+                        },
+                        **kw,
+                    )
+                    location = _location(resp, ep)
+                await self._call(
+                    ep,
+                    "PUT",
+                    _with_digest(location, digest),
+                    content=b"",
+                    ok=(201,),
+                    retry=False,
+                    headers={"Content-Length": "0"},
+                    **kw,
+                )
+            else:
+                await self._call(
+                    ep,
+                    "PUT",
+                    _with_digest(location, digest),
+                    content=data,
+                    ok=(201,),
+                    retry=False,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(len(data)),
+                    },
+                    **kw,
+                )
+            return BlobPushResult(digest, len(data), "uploaded")
+
+        return await self._on_endpoints(ref, op, push=True)
+
+    async def push_manifest(self, ref: Reference | str, raw: bytes, media_type: str) -> str:
+        """PUT a manifest or index under ref's tag (or digest); returns its digest."""
+        ref = _ref(ref)
+        digest = sha256_digest(raw)
+        if ref.digest and ref.digest != digest and not ref.tag:
+            raise DigestMismatch(
+                f"{ref.name}: manifest to push under {ref.digest} hashes to {digest}",
+                host=ref.registry,
+                repository=ref.repository,
+                digest=ref.digest,
+            )
+        target = ref.tag or digest
+
+        async def op(ep: Endpoint) -> str:
+            resp, _ = await self._call(
+                ep,
+                "PUT",
+                f"/v2/{ref.repository}/manifests/{target}",
+                registry=ref.registry,
+                repo=ref.repository,
+                actions=("pull", "push"),
+                content=raw,
+                headers={"Content-Type": media_type},
+                ok=(201,),
+            )
+            served = resp.headers.get("docker-content-digest")
+            if served and served != digest:
+                raise DigestMismatch(
+                    f"{ep.host}/{ref.repository}: registry stored manifest as {served}, "
+                    f"we sent {digest}",
+                    host=ep.host,
+                    repository=ref.repository,
+                    digest=digest,
+                )
+            return digest
+
+        return await self._on_endpoints(ref, op, push=True)
+
+    async def tag(self, ref: Reference | str, new_tag: str) -> str:
+        """Point `new_tag` at what `ref` names (same repository); returns the digest."""
+        ref = _ref(ref)
+        m = await self.get_index(ref)
+        return await self.push_manifest(ref.with_tag(new_tag), m.raw, m.media_type)
+
+    async def push_image(
+        self,
+        ref: Reference | str,
+        config: bytes,
+        layers: Sequence[tuple[bytes, str] | tuple[bytes, str, Mapping[str, str]]],
+        *,
+        annotations: Mapping[str, str] | None = None,
+        media_type: str = "application/vnd.oci.image.manifest.v1+json",
+        config_media_type: str | None = None,
+        chunk_size: int | None = None,
+    ) -> ManifestResult:
+        """Push layers (bytes, media type[, annotations]), config and manifest; returns it."""
+        from .manifest import build_manifest
+
+        ref = _ref(ref)
+        descs = []
+        for item in layers:
+            blob, mt = item[0], item[1]
+            ann = dict(item[2]) if len(item) > 2 else None  # type: ignore[misc]
+            await self.push_blob(ref, blob, chunk_size=chunk_size)
+            descs.append(Descriptor.of(blob, mt, annotations=ann))
+        await self.push_blob(ref, config)
+        raw, mt = build_manifest(
+            config,
+            descs,
+            annotations=annotations,
+            media_type=media_type,
+            config_media_type=config_media_type,
+        )
+        digest = await self.push_manifest(ref, raw, mt)
+        return parse_manifest(raw, mt, digest)
+
+
+def _ref(ref: Reference | str) -> Reference:
+    return ref if isinstance(ref, Reference) else Reference.parse(ref)
+
+
+def _verify(data: bytes, digest: str, host: str, repo: str) -> None:
+    algo = digest.split(":", 1)[0]
+    try:
+        got = f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+    except ValueError as e:
+        raise DigestMismatch(f"unsupported digest algorithm in {digest}", digest=digest) from e
+    if got != digest:
+        raise DigestMismatch(
+            f"{host}/{repo}: blob {digest} hashes to {got}",
+            host=host,
+            repository=repo,
+            digest=digest,
+        )
+
+
+def _limited_reader(limit: int) -> Reader[bytes]:
+    async def reader(resp: httpx.Response) -> bytes:
+        buf = bytearray()
+        async for chunk in resp.aiter_bytes():
+            buf += chunk
+            if len(buf) > limit:
+                raise ManifestError(f"{resp.request.url}: manifest larger than {limit} bytes")
+        return bytes(buf)
+
+    return reader
+
+
+async def _no_body(resp: httpx.Response) -> None:
+    return None
+
+
+def _location(resp: httpx.Response, ep: Endpoint) -> str:
+    loc = resp.headers.get("location")
+    if not loc:
+        raise RegistryError(f"{ep.host}: upload answer without Location", host=ep.host)
+    return urljoin(str(resp.request.url), loc)
+
+
+def _with_digest(location: str, digest: str) -> str:
+    sep = "&" if "?" in location else "?"
+    return f"{location}{sep}digest={digest}"

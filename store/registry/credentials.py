@@ -1,0 +1,117 @@
+"""Registry credentials from containers' auth.json and docker's config.json, or given.
+
+Lookup order (as containers/image): `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/
+auth.json`, `~/.config/containers/auth.json`, `~/.docker/config.json`. Keys may be a registry
+(`quay.io`), a namespace (`quay.io/org/repo`, most specific wins), or docker's legacy
+`https://index.docker.io/v1/`. Credential helpers are not run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str = ""
+    password: str = ""
+    identity_token: str = ""  # OAuth2 refresh token (docker `identitytoken`)
+
+    def __repr__(self) -> str:  # never print secrets
+        return f"Credentials(username={self.username!r}, password=***)"
+
+
+def default_auth_files() -> list[Path]:
+    files: list[Path] = []
+    if env := os.environ.get("REGISTRY_AUTH_FILE"):
+        files.append(Path(env))
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        files.append(Path(xdg) / "containers" / "auth.json")
+    home = Path(os.path.expanduser("~"))
+    files.append(home / ".config" / "containers" / "auth.json")
+    docker_dir = os.environ.get("DOCKER_CONFIG")
+    files.append(Path(docker_dir) / "config.json" if docker_dir else home / ".docker/config.json")
+    return files
+
+
+def _normalize_key(key: str) -> str:
+    for prefix in ("https://", "http://"):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    key = key.rstrip("/")
+    if key.endswith("/v1") or key.endswith("/v2"):
+        key = key[:-3]
+    if key in ("index.docker.io", "registry-1.docker.io"):
+        key = "docker.io"
+    return key
+
+
+def _decode_entry(entry: Mapping[str, object], where: str) -> Credentials:
+    user = str(entry.get("username") or "")
+    password = str(entry.get("password") or "")
+    if auth := entry.get("auth"):
+        try:
+            decoded = base64.b64decode(str(auth), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError) as e:
+            raise ConfigError(f"{where}: 'auth' is not base64 of user:password") from e
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            raise ConfigError(f"{where}: 'auth' is not base64 of user:password")
+    return Credentials(user, password, str(entry.get("identitytoken") or ""))
+
+
+class CredentialStore:
+    """Explicit credentials first, then auth files; a file that is missing is skipped."""
+
+    def __init__(
+        self,
+        explicit: Mapping[str, Credentials] | None = None,
+        auth_files: list[Path] | None = None,
+    ) -> None:
+        self._explicit = {_normalize_key(k): v for k, v in (explicit or {}).items()}
+        self._files = auth_files if auth_files is not None else default_auth_files()
+        self._loaded: list[dict[str, Credentials]] | None = None
+
+    def _load(self) -> list[dict[str, Credentials]]:
+        if self._loaded is None:
+            self._loaded = []
+            for path in self._files:
+                try:
+                    data = json.loads(path.read_text())
+                except FileNotFoundError:
+                    continue
+                except (OSError, ValueError) as e:
+                    raise ConfigError(f"cannot read credentials file {path}: {e}") from e
+                auths = data.get("auths", {}) if isinstance(data, dict) else {}
+                if not isinstance(auths, dict):
+                    raise ConfigError(f"{path}: 'auths' must be an object")
+                table = {
+                    _normalize_key(k): _decode_entry(v, f"{path} [{k}]")
+                    for k, v in auths.items()
+                    if isinstance(v, dict)
+                }
+                self._loaded.append(table)
+        return self._loaded
+
+    def lookup(self, registry: str, repository: str = "") -> Credentials | None:
+        """Most specific match of `registry/repository` prefixes, explicit before files."""
+        keys = []
+        path = f"{registry}/{repository}" if repository else registry
+        while True:
+            keys.append(path)
+            if "/" not in path:
+                break
+            path = path.rsplit("/", 1)[0]
+        for table in [self._explicit, *self._load()]:
+            for k in keys:
+                if k in table:
+                    return table[k]
+        return None

@@ -1,0 +1,62 @@
+"""Typed registry errors. Each message names the host, repository and digest involved.
+
+Callers (the store's FUSE layer, the harness CLI) turn these into errno values or one-line
+messages; they never need to look at httpx exceptions.
+"""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base of every error the registry client raises."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str | None = None,
+        repository: str | None = None,
+        digest: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.host = host
+        self.repository = repository
+        self.digest = digest
+        self.status = status
+
+
+class ReferenceError(RegistryError, ValueError):
+    """An image reference that cannot be parsed."""
+
+
+class AuthenticationError(RegistryError):
+    """Credentials missing or refused (401/403 after answering the challenge)."""
+
+
+class NotFoundError(RegistryError):
+    """The manifest, blob or repository does not exist (404)."""
+
+
+class RegistryUnavailable(RegistryError):
+    """Could not talk to any endpoint: refused, reset, 5xx after retries."""
+
+
+class RegistryTimeout(RegistryUnavailable):
+    """An endpoint did not answer within the configured timeout."""
+
+
+class DigestMismatch(RegistryError):
+    """Bytes received do not hash to the digest that was asked for."""
+
+
+class ManifestError(RegistryError):
+    """A manifest or index is malformed, of an unknown type, or has no matching platform."""
+
+
+class RangeError(RegistryError):
+    """A range response that does not match what was asked (bad Content-Range, short body)."""
+
+
+class ConfigError(RegistryError):
+    """Resolver or credentials configuration that cannot be used."""
