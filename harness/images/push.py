@@ -44,7 +44,7 @@ MEDIA_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
-ZSTD_CHUNKED_MANIFEST_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
+ZSTD_CHUNKED_MANIFEST_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
 
 
 class PushError(RuntimeError):
@@ -204,13 +204,20 @@ def inspect_pushed(
             size=d["size"],
             media_type=d["mediaType"],
             diff_id=diff_id,
-            toc_digest=(d.get("annotations") or {}).get(TOC_DIGEST_ANNOTATION),
+            toc_digest=_toc_digest(d.get("annotations") or {}),
             annotations=dict(d.get("annotations") or {}),
         )
         for d, diff_id in zip(manifest["layers"], diff_ids, strict=True)
     )
     return PushedImage(
         f"{registry_host}/{repo}:{tag}", digest, mode, manifest["config"]["digest"], layers
+    )
+
+
+def _toc_digest(annotations: dict[str, str]) -> str | None:
+    """The layer's TOC digest: eStargz's annotation, or zstd:chunked's manifest checksum."""
+    return annotations.get(TOC_DIGEST_ANNOTATION) or annotations.get(
+        ZSTD_CHUNKED_MANIFEST_CHECKSUM
     )
 
 

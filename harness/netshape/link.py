@@ -1,0 +1,481 @@
+"""A shaped link into a network namespace of our own: veth, tbf rate, netem or NFQUEUE delay.
+
+Layout (names carry our pid so a crashed run's leftovers can be told from a live run's)::
+
+    host: lzb<pid>h<n>  10.213.X.1/30  ──veth──  netns lzb-<pid>-<n>: eth0 10.213.X.2/30
+
+Rate: ``tbf`` on the egress of both veth ends. Delay: ``netem`` (half the RTT per direction)
+when the kernel has it; otherwise the user-space NFQUEUE delayer (:mod:`.delayer`) holds the
+packets arriving in the namespace for the whole RTT. All state lives in the namespace (its
+iptables rule, the delayer, the far veth end and its qdisc) or on the host veth, which the
+kernel deletes with its peer: removing the namespace removes everything.
+
+Traffic stays local: the addresses are a /30 from 10.213.0.0/16 that exists only on our veth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+
+from harness.netshape.probe import LinkMeasurement, measure
+from harness.netshape.profiles import NetworkProfile, get_profile
+
+PREFIX = "lzb-"
+SUBNET = ipaddress.ip_network("10.213.0.0/16")
+NS_IFACE = "eth0"
+QUEUE_NUM = 0
+PROBE_PORT = 5999
+
+
+class NetworkError(RuntimeError):
+    """Building, measuring or removing a link failed: names the step and the command's error."""
+
+
+def _run(*cmd: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise NetworkError(f"`{' '.join(cmd)}` did not finish within {timeout:.0f}s") from None
+    if check and proc.returncode != 0:
+        raise NetworkError(f"`{' '.join(cmd)}` exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc
+
+
+def _set_pdeathsig() -> None:
+    """Child setup: die with the harness, so a killed run does not leave a delayer behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class NetworkLink:
+    """Context manager: a namespace reachable over a link shaped like ``profile``.
+
+    Inside: ``netns`` (``None`` for ``loopback``), ``host_addr`` (our end), ``ns_addr`` (where
+    a server in the namespace listens), ``prefix`` (argv prefix that runs a command in the
+    namespace, ``[]`` for loopback), ``measurement`` after :meth:`measure`, :meth:`info` for
+    the results.
+    """
+
+    def __init__(
+        self,
+        profile: str | NetworkProfile,
+        *,
+        delay_method: str = "auto",
+        python: str = sys.executable,
+    ) -> None:
+        if delay_method not in ("auto", "netem", "nfqueue"):
+            raise ValueError(f"delay_method must be auto, netem or nfqueue, not {delay_method!r}")
+        self.profile = get_profile(profile)
+        self.delay_method = delay_method
+        self.python = python
+        self.netns: str | None = None
+        self.host_iface: str | None = None
+        self.host_addr = "127.0.0.1"
+        self.ns_addr = "127.0.0.1"
+        self.delay_used: str | None = None
+        self.measurement: LinkMeasurement | None = None
+        self._delayer: subprocess.Popen | None = None
+        self._probe: subprocess.Popen | None = None
+        self._shaped = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> NetworkLink:
+        if not self.profile.namespace:
+            return self
+        try:
+            self._create()
+            self._shape()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def prefix(self) -> list[str]:
+        """argv prefix that runs a command inside the namespace."""
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
+    def _create(self) -> None:
+        pid = os.getpid()
+        for n in range(100):
+            name = f"{PREFIX}{pid}-{n}"
+            if not os.path.exists(f"/run/netns/{name}"):
+                break
+        else:
+            raise NetworkError(f"no free namespace name {PREFIX}{pid}-N")
+        self.netns, self.host_iface = name, f"lzb{pid}h{n}"
+        net = _free_subnet()
+        host, peer = list(net.hosts())
+        self.host_addr, self.ns_addr = str(host), str(peer)
+        _run("ip", "netns", "add", name)
+        _run("ip", "link", "add", self.host_iface, "type", "veth", "peer", "name", f"lzb{pid}n{n}")
+        _run("ip", "link", "set", f"lzb{pid}n{n}", "netns", name)
+        _run("ip", "-n", name, "link", "set", f"lzb{pid}n{n}", "name", NS_IFACE)
+        _run("ip", "addr", "add", f"{host}/{net.prefixlen}", "dev", self.host_iface)
+        _run("ip", "-n", name, "addr", "add", f"{peer}/{net.prefixlen}", "dev", NS_IFACE)
+        _run("ip", "link", "set", self.host_iface, "up")
+        _run("ip", "-n", name, "link", "set", NS_IFACE, "up")
+        _run("ip", "-n", name, "link", "set", "lo", "up")
+
+    def _shape(self) -> None:
+        p = self.profile
+        use_netem = False
+        if p.rtt_ms > 0 and self.delay_method in ("auto", "netem"):
+            use_netem = self._try_netem()
+            if not use_netem and self.delay_method == "netem":
+                raise NetworkError("netem requested but this kernel has no sch_netem")
+        if p.rate_mbit:
+            parent = ["parent", "1:"] if use_netem else ["root"]
+            for where in (["dev", self.host_iface], ["-n", self.netns, "dev", NS_IFACE]):
+                ns, dev = (where[:2], where[2:]) if where[0] == "-n" else ([], where)
+                _run(
+                    "tc",
+                    *ns,
+                    "qdisc",
+                    "add",
+                    *dev,
+                    *parent,
+                    "handle",
+                    "10:",
+                    "tbf",
+                    *_tbf_args(p.rate_mbit, p.rtt_ms),
+                )
+        if p.rtt_ms > 0 and not use_netem:
+            self._start_delayer()
+        self.delay_used = "netem" if use_netem else ("nfqueue" if p.rtt_ms > 0 else None)
+        self._shaped = True
+
+    def _try_netem(self) -> bool:
+        """Half the RTT on each direction's egress with netem; False if the kernel lacks it."""
+        half = f"{self.profile.rtt_ms / 2:.3f}ms"
+        proc = _run(
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            self.host_iface,
+            "root",
+            "handle",
+            "1:",
+            "netem",
+            "delay",
+            half,
+            "limit",
+            "100000",
+            check=False,
+        )
+        if proc.returncode != 0:
+            return False
+        _run(
+            "tc",
+            "-n",
+            self.netns,
+            "qdisc",
+            "add",
+            "dev",
+            NS_IFACE,
+            "root",
+            "handle",
+            "1:",
+            "netem",
+            "delay",
+            half,
+            "limit",
+            "100000",
+        )
+        return True
+
+    def _start_delayer(self) -> None:
+        cmd = [
+            *self.prefix,
+            self.python,
+            "-m",
+            "harness.netshape.delayer",
+            "--queue",
+            str(QUEUE_NUM),
+            "--delay-ms",
+            str(self.profile.rtt_ms),
+        ]
+        self._delayer = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_set_pdeathsig,
+        )
+        _wait_ready(self._delayer, "NFQUEUE delayer", timeout=15)
+        _run(*self.prefix, "iptables", "-w", "5", "-I", "INPUT", *self._rule())
+
+    def _rule(self) -> list[str]:
+        return ["-i", NS_IFACE, "-j", "NFQUEUE", "--queue-num", str(QUEUE_NUM), "--queue-bypass"]
+
+    def close(self) -> None:
+        """Remove everything this link made, in the order that never drops a packet."""
+        if self._probe is not None:
+            _stop(self._probe)
+            self._probe = None
+        if self.netns is None:
+            return
+        errors = []
+        if self._delayer is not None:
+            # The rule goes first: the delayer then releases what it holds and exits.
+            _run(*self.prefix, "iptables", "-w", "5", "-D", "INPUT", *self._rule(), check=False)
+            _stop(self._delayer)
+            self._delayer = None
+        _kill_namespace_processes(self.netns)
+        for cmd in (
+            ["ip", "netns", "del", self.netns],
+            ["ip", "link", "del", self.host_iface or ""],
+        ):
+            proc = _run(*cmd, check=False)
+            if (
+                proc.returncode != 0
+                and cmd[1] == "netns"
+                and os.path.exists(f"/run/netns/{self.netns}")
+            ):
+                errors.append(proc.stderr.strip())
+        self.netns = None
+        self._shaped = False
+        if errors:
+            raise NetworkError(f"removing the link: {'; '.join(errors)}")
+
+    # -- use ---------------------------------------------------------------------------------
+
+    def measure(self, *, seconds: float = 1.5, rtt_samples: int = 7) -> LinkMeasurement:
+        """Measure the achieved download rate (namespace → host) and the TCP connect RTT.
+
+        The transfer is sized to last about ``seconds`` at the profile's rate.
+        """
+        rate = self.profile.rate_mbit or 4000.0
+        size = int(rate * 1e6 / 8 * seconds)
+        port = _free_port(self.host_addr if self.netns is None else None) or PROBE_PORT
+        listen = self.ns_addr
+        self._probe = subprocess.Popen(
+            [
+                *self.prefix,
+                self.python,
+                "-m",
+                "harness.netshape.probe",
+                "--host",
+                listen,
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_set_pdeathsig,
+        )
+        try:
+            _wait_ready(self._probe, "link probe server", timeout=15)
+            self.measurement = measure(
+                self.ns_addr,
+                port,
+                transfer_bytes=size,
+                rtt_samples=rtt_samples,
+                timeout=max(60.0, seconds * 20),
+            )
+        except OSError as exc:
+            raise NetworkError(f"measuring the {self.profile.name} link: {exc}") from exc
+        finally:
+            _stop(self._probe)
+            self._probe = None
+        return self.measurement
+
+    def info(self) -> dict:
+        """Profile, addresses, delay method and measurement: what results record."""
+        return {
+            "profile": self.profile.as_dict(),
+            "netns": self.netns,
+            "host_addr": self.host_addr,
+            "ns_addr": self.ns_addr,
+            "delay_method": self.delay_used,
+            "measured": self.measurement.as_dict() if self.measurement else None,
+        }
+
+    @contextlib.contextmanager
+    def unshaped(self) -> Iterator[None]:
+        """Lift rate and delay for a while (e.g. to push images before measuring)."""
+        if self.netns is None or not self._shaped:
+            yield
+            return
+        had_delayer = self._delayer is not None
+        if had_delayer:
+            _run(*self.prefix, "iptables", "-w", "5", "-D", "INPUT", *self._rule())
+        for ns, dev in (([], self.host_iface), (["-n", self.netns], NS_IFACE)):
+            _run("tc", *ns, "qdisc", "del", "dev", dev, "root", check=False)
+        try:
+            yield
+        finally:
+            if self.netns is not None:
+                self._shaped = False
+                if had_delayer:
+                    _stop(self._delayer)
+                    self._delayer = None
+                self._shape()
+
+
+def _tbf_args(rate_mbit: float, rtt_ms: float) -> list[str]:
+    """tbf with a burst for 64 KiB segments and a queue of about two bandwidth-delay products."""
+    rate_bytes = rate_mbit * 1e6 / 8
+    burst = max(64 * 1024, int(rate_bytes * 0.002))
+    limit = max(256 * 1024, int(rate_bytes * max(rtt_ms, 1.0) / 1000 * 2)) + burst
+    return ["rate", f"{rate_mbit}mbit", "burst", str(burst), "limit", str(limit)]
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    """A /30 of 10.213.0.0/16 not assigned on this host."""
+    used = set()
+    out = _run("ip", "-o", "-4", "addr", "show").stdout
+    for line in out.splitlines():
+        for word in line.split():
+            if word.startswith("10.213."):
+                used.add(ipaddress.ip_interface(word).network)
+    subnets = list(SUBNET.subnets(new_prefix=30))
+    for _ in range(1000):
+        net = random.choice(subnets[1:])
+        if not any(net.overlaps(u) for u in used):
+            return net
+    raise NetworkError("no free /30 left in 10.213.0.0/16")
+
+
+def _free_port(host: str | None) -> int | None:
+    if host is None:
+        return None  # a fresh namespace: every port is free
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(proc: subprocess.Popen, what: str, *, timeout: float) -> None:
+    """Wait for the child's ``ready`` line; on failure stop it and report its stderr."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    assert proc.stdout is not None
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                line = proc.stdout.readline()
+                if line.strip() == "ready":
+                    return
+                if not line:
+                    break
+        _stop(proc)
+        err = proc.stderr.read().strip()[-800:] if proc.stderr else ""
+        raise NetworkError(f"{what} did not start: {err or 'no ready line within the timeout'}")
+    finally:
+        sel.close()
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _kill_namespace_processes(netns: str, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, whatever still runs in the namespace (a registry left behind)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _run("ip", "netns", "pids", netns, check=False).stdout.split()
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _run("ip", "netns", "pids", netns, check=False).stdout.split():
+                return
+            time.sleep(0.05)
+
+
+def cleanup_stale(*, include_own: bool = False) -> list[str]:
+    """Remove namespaces and veths a crashed run left (``lzb-<pid>-N`` whose pid is gone).
+
+    Returns what it removed. Live runs' links are left alone (``include_own`` also removes
+    this process's own, for tests).
+    """
+    removed = []
+    names = _run("ip", "netns", "list", check=False).stdout.split("\n")
+    for line in names:
+        name = line.split(" ", 1)[0].strip()
+        if not name.startswith(PREFIX):
+            continue
+        if not _is_stale(name.removeprefix(PREFIX).split("-", 1)[0], include_own):
+            continue
+        if not os.path.exists(f"/run/netns/{name}"):
+            continue
+        _kill_namespace_processes(name)
+        _run("ip", "netns", "del", name, check=False)
+        removed.append(f"netns {name}")
+    for line in _run("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        iface = line.split(":", 2)[1].strip().split("@", 1)[0] if ":" in line else ""
+        if iface.startswith("lzb") and ("h" in iface[3:] or "n" in iface[3:]):
+            pid = iface[3:].replace("n", "h").split("h", 1)[0]
+            if pid.isdigit() and _is_stale(pid, include_own):
+                _run("ip", "link", "del", iface, check=False)
+                removed.append(f"link {iface}")
+    return removed
+
+
+def _is_stale(pid: str, include_own: bool) -> bool:
+    if not pid.isdigit():
+        return True  # not one of ours by pid: a foreign lzb- leftover
+    if int(pid) == os.getpid():
+        return include_own
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def leftovers() -> list[str]:
+    """Everything of ours that exists right now (namespaces and veths), for tests."""
+    found = [
+        line.split(" ", 1)[0]
+        for line in _run("ip", "netns", "list", check=False).stdout.splitlines()
+        if line.startswith(PREFIX)
+    ]
+    for line in _run("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) > 1 and parts[1].strip().startswith("lzb"):
+            found.append(parts[1].strip().split("@", 1)[0])
+    return found
+
+
+def link_names(netns: str) -> Sequence[str]:
+    """Interfaces inside a namespace (for diagnostics)."""
+    return _run("ip", "-n", netns, "-o", "link", "show", check=False).stdout.splitlines()
