@@ -1,0 +1,119 @@
+"""Resolver config from the Go stargz-store TOML keys, and credentials files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from store.registry import (
+    ConfigError,
+    Credentials,
+    CredentialStore,
+    Platform,
+    default_auth_files,
+    is_local_host,
+    parse_resolver_config,
+)
+
+TOML = """
+[[resolver.host."docker.io".mirrors]]
+host = "mirror-a.example:5000"
+insecure = true
+request_timeout_sec = 3
+
+[[resolver.host."docker.io".mirrors]]
+host = "mirror-b.example"
+
+[[resolver.host."10.0.0.2:5000".mirrors]]
+host = "10.0.0.2:5000"
+insecure = true
+"""
+
+
+def test_mirrors_in_order_then_origin() -> None:
+    cfg = parse_resolver_config(tomllib.loads(TOML))
+    eps = cfg.endpoints("docker.io")
+    assert [(e.host, e.scheme, e.request_timeout, e.is_mirror) for e in eps] == [
+        ("mirror-a.example:5000", "http", 3.0, True),
+        ("mirror-b.example", "https", 30.0, True),
+        ("registry-1.docker.io", "https", 30.0, False),
+    ]
+    # Listing the origin itself as an insecure mirror makes the origin plain HTTP.
+    assert [(e.host, e.scheme, e.is_mirror) for e in cfg.endpoints("10.0.0.2:5000")] == [
+        ("10.0.0.2:5000", "http", False)
+    ]
+    assert [e.base_url for e in cfg.endpoints("127.0.0.1:5000")] == ["http://127.0.0.1:5000"]
+    assert parse_resolver_config({}).endpoints("quay.io")[0].base_url == "https://quay.io"
+
+
+@pytest.mark.parametrize(
+    ("table", "where"),
+    [
+        ({"resolver": {"host": {"docker.io": {"mirrors": [{"insecure": True}]}}}}, "host"),
+        (
+            {"resolver": {"host": {"d": {"mirrors": [{"host": "m", "insecure": "yes"}]}}}},
+            "insecure",
+        ),
+        (
+            {"resolver": {"host": {"d": {"mirrors": [{"host": "m", "request_timeout_sec": -1}]}}}},
+            "request_timeout_sec",
+        ),
+        ({"resolver": {"host": {"d": {"mirrors": {"host": "m"}}}}}, "mirrors"),
+    ],
+)
+def test_bad_config_names_key(table: dict, where: str) -> None:
+    with pytest.raises(ConfigError, match=where):
+        parse_resolver_config(table)
+
+
+def test_local_hosts() -> None:
+    for h in ("localhost", "localhost:5000", "127.0.0.1:1", "127.1.2.3", "[::1]:5000", "::1"):
+        assert is_local_host(h), h
+    for h in ("example.com", "10.0.0.1:5000", "[fe80::1]:5"):
+        assert not is_local_host(h), h
+
+
+def _auth_file(path: Path, entries: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    auths = {k: {"auth": base64.b64encode(v.encode()).decode()} for k, v in entries.items()}
+    path.write_text(json.dumps({"auths": auths}))
+
+
+def test_credentials_lookup_order(isolated_auth_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = isolated_auth_env
+    _auth_file(home / ".docker/config.json", {"https://index.docker.io/v1/": "d:1", "q.io": "x:2"})
+    _auth_file(home / "run/containers/auth.json", {"q.io": "xdg:3", "q.io/org/app": "ns:4"})
+    store = CredentialStore()
+    assert store.lookup("docker.io", "library/python") == Credentials("d", "1")
+    assert store.lookup("q.io", "org/app") == Credentials("ns", "4")
+    assert store.lookup("q.io", "other/app") == Credentials("xdg", "3")
+    assert store.lookup("nothing.io", "x") is None
+    env_file = home / "env-auth.json"
+    _auth_file(env_file, {"q.io": "env:5"})
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(env_file))
+    assert default_auth_files()[0] == env_file
+    assert CredentialStore().lookup("q.io", "other/app") == Credentials("env", "5")
+    explicit = CredentialStore(explicit={"q.io": Credentials("given", "6")})
+    assert explicit.lookup("q.io", "org/app") == Credentials("given", "6")
+    assert "6" not in repr(Credentials("given", "6"))
+
+
+def test_bad_auth_file(isolated_auth_env: Path) -> None:
+    bad = isolated_auth_env / "bad.json"
+    bad.write_text(json.dumps({"auths": {"q.io": {"auth": "!!notbase64"}}}))
+    with pytest.raises(ConfigError, match="bad.json"):
+        CredentialStore(auth_files=[bad]).lookup("q.io")
+
+
+def test_platform_parse_and_match() -> None:
+    p = Platform.parse("linux/arm64/v8")
+    assert p.matches({"os": "linux", "architecture": "arm64"})
+    assert Platform.parse("linux/arm/v7").matches({"os": "linux", "architecture": "arm", "variant": "v7"})
+    assert not Platform.parse("linux/arm/v6").matches(
+        {"os": "linux", "architecture": "arm", "variant": "v7"}
+    )
+    assert Platform.host().os == "linux"
