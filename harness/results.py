@@ -560,6 +560,17 @@ def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFra
     a = a[["workload", "mode", *cols]].rename(columns={k: f"{v}_base" for k, v in cols.items()})
     b = b[["workload", "mode", *cols]].rename(columns={k: f"{v}_new" for k, v in cols.items()})
     out = a.merge(b, on=["workload", "mode"], how="outer", sort=False)
+    order = {
+        k: i
+        for i, k in enumerate(
+            [
+                *zip(a["workload"], a["mode"], strict=True),
+                *zip(b["workload"], b["mode"], strict=True),
+            ]
+        )
+    }
+    out["_o"] = [order[k] for k in zip(out["workload"], out["mode"], strict=True)]
+    out = out.sort_values("_o").drop(columns="_o").reset_index(drop=True)
     out["total_delta_s"] = out["total_new"] - out["total_base"]
     out["total_delta_pct"] = 100.0 * out["total_delta_s"] / out["total_base"]
     out["mb_delta"] = out["mb_new"] - out["mb_base"]

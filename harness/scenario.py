@@ -212,11 +212,10 @@ def _known_recipes() -> set[str] | None:
 
 def _known_profiles() -> set[str] | None:
     try:
-        from harness import netshape
+        from harness.netshape.profiles import PROFILES
     except ImportError:
         return None
-    profiles = getattr(netshape, "PROFILES", None)
-    return set(profiles) if profiles is not None else None
+    return set(PROFILES)
 
 
 def parse_scenario(

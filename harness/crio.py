@@ -1,0 +1,139 @@
+"""The CRI-O runtime driver, through ``crictl``: used when CRI-O is installed, skipped otherwise.
+
+CRI-O reads the same ``storage.conf`` as podman (containers/storage), so lazy pulling through
+an Additional Layer Store works the same way; what differs is the client: images are pulled
+with ``crictl pull``, containers live in a pod sandbox (``crictl runp``), and the workload's
+output is read with ``crictl logs --follow``. CRI-O is a daemon with one storage configuration,
+so this driver measures against the host's CRI-O as configured by its operator (ALS line in
+``/etc/containers/storage.conf``, registry marked insecure in ``registries.conf``) and cleans
+images and pods between measurements with ``crictl rmi``/``rmp``.
+
+This machine has neither CRI-O nor crictl (DESIGN.md §6): :func:`crio_unavailable` says why,
+and scenarios naming ``runtime = "crio"`` stop with that message before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.cli import UserError
+
+CRIO_SOCKET = Path("/var/run/crio/crio.sock")
+
+
+class CrioUnavailable(UserError):
+    """CRI-O or crictl is missing: the CRI-O driver is skipped."""
+
+
+def crio_unavailable() -> str | None:
+    """Why the CRI-O driver cannot run here, or ``None`` when it can."""
+    if shutil.which("crictl") is None:
+        return "crictl is not installed (the CRI-O driver is skipped)"
+    if not CRIO_SOCKET.is_socket():
+        return f"CRI-O is not running: no socket at {CRIO_SOCKET} (the CRI-O driver is skipped)"
+    return None
+
+
+def require_crio() -> None:
+    reason = crio_unavailable()
+    if reason is not None:
+        raise CrioUnavailable(f"runtime 'crio': {reason}")
+
+
+@dataclass
+class CrioTimes:
+    pull_s: float
+    create_s: float
+    run_s: float
+    first_output_s: float | None
+    ready: bool
+    stdout: str
+
+
+@dataclass
+class CrioDriver:
+    """Pull, create and start one workload through CRI-O, timing each step."""
+
+    endpoint: str = f"unix://{CRIO_SOCKET}"
+    timeout: float = 300.0
+
+    def crictl(self, *args: str, timeout: float | None = None) -> str:
+        proc = subprocess.run(
+            ["crictl", "--runtime-endpoint", self.endpoint, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout or self.timeout,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"crictl {' '.join(args)}: {proc.stderr.strip()[-500:]}")
+        return proc.stdout.strip()
+
+    def measure(
+        self, ref: str, command: tuple[str, ...], ready: str | None, timeout: float
+    ) -> CrioTimes:
+        with tempfile.TemporaryDirectory(prefix="lzb-crio-") as tmp:
+            pod_cfg = Path(tmp) / "pod.json"
+            ctr_cfg = Path(tmp) / "ctr.json"
+            name = f"lzb-{int(time.time() * 1000)}"
+            pod_cfg.write_text(
+                json.dumps(
+                    {
+                        "metadata": {"name": name, "namespace": "lazybench", "uid": name},
+                        "linux": {"security_context": {"namespace_options": {"network": 2}}},
+                    }
+                )
+            )
+            ctr = {"metadata": {"name": name}, "image": {"image": ref}, "log_path": "ctr.log"}
+            if command:
+                ctr["command"] = list(command)
+            ctr_cfg.write_text(json.dumps(ctr))
+            t = time.monotonic()
+            self.crictl("pull", ref, timeout=timeout)
+            pull = time.monotonic() - t
+            pod = self.crictl("runp", str(pod_cfg), timeout=timeout)
+            try:
+                t = time.monotonic()
+                cid = self.crictl("create", pod, str(ctr_cfg), str(pod_cfg), timeout=timeout)
+                create = time.monotonic() - t
+                t = time.monotonic()
+                self.crictl("start", cid, timeout=timeout)
+                first, ok, out = self._follow(cid, ready, timeout)
+                run = time.monotonic() - t
+            finally:
+                subprocess.run(["crictl", "stopp", pod], capture_output=True, timeout=60)
+                subprocess.run(["crictl", "rmp", "--force", pod], capture_output=True, timeout=60)
+                subprocess.run(["crictl", "rmi", ref], capture_output=True, timeout=60)
+        return CrioTimes(pull, create, run, first and first - t, ok, out)
+
+    def _follow(
+        self, cid: str, ready: str | None, timeout: float
+    ) -> tuple[float | None, bool, str]:
+        proc = subprocess.Popen(
+            ["crictl", "--runtime-endpoint", self.endpoint, "logs", "--follow", cid],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        first = None
+        lines: list[str] = []
+        deadline = time.monotonic() + timeout
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                first = first or time.monotonic()
+                lines.append(line)
+                if (ready and ready in line) or time.monotonic() > deadline:
+                    break
+            ok = bool(ready and any(ready in ln for ln in lines)) or (
+                not ready and proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 0
+            )
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+        return first, ok, "".join(lines)

@@ -1,0 +1,153 @@
+"""``lazybench run SCENARIO``, ``lazybench report RUN_DIR``, ``lazybench compare BASE NEW``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from harness.cli import UserError
+
+DEFAULT_GATE = Path(__file__).resolve().parent.parent / "ci" / "gate.toml"
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    run = sub.add_parser(
+        "run",
+        help="run a scenario: registry behind a shaped link, podman full vs lazy pulls",
+        description="Run SCENARIO (a TOML file) and write results/runs/<id>/: records.jsonl, "
+        "environment.json, summary.csv, table.md, chart.png/svg, report.md.",
+    )
+    run.add_argument("scenario", nargs="?", type=Path, help="scenario TOML file")
+    run.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="finish an interrupted run (its own copy of the scenario is used)",
+    )
+    run.add_argument("--run-id", help="name of the run directory (default: time + scenario)")
+    run.add_argument(
+        "--results-dir", type=Path, help="where run directories go (default: results/runs)"
+    )
+    run.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="image/trace cache (default: $LAZYBENCH_CACHE or ~/.cache/lazybench)",
+    )
+    run.add_argument("--samples", type=int, help="override the scenario's sample count")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser("report", help="(re)build table, chart and report of a run")
+    report.add_argument("run_dir", type=Path)
+    report.set_defaults(func=cmd_report)
+
+    compare = sub.add_parser(
+        "compare",
+        help="per workload × mode deltas between two runs; --gate fails on regressions",
+    )
+    compare.add_argument("base", type=Path, help="the reference run directory")
+    compare.add_argument("new", type=Path, help="the run to judge")
+    compare.add_argument(
+        "--gate",
+        nargs="?",
+        type=Path,
+        const=DEFAULT_GATE,
+        metavar="GATE_TOML",
+        help=f"exit 1 when NEW regresses past these thresholds (default file: {DEFAULT_GATE})",
+    )
+    compare.add_argument(
+        "--statistic", choices=("median", "percentile"), help="override the gate's statistic"
+    )
+    compare.set_defaults(func=cmd_compare)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from harness.results import write_report
+    from harness.runner import RESULTS_DIR, Interrupted, Runner, load_run_scenario, new_run_id
+    from harness.scenario import load_scenario
+
+    console = Console(soft_wrap=True)
+    if args.resume is not None:
+        run_dir = args.resume.resolve()
+        scenario = load_run_scenario(run_dir)
+    elif args.scenario is not None:
+        scenario = load_scenario(args.scenario)
+        if args.samples is not None:
+            if args.samples < 1:
+                raise UserError("--samples must be at least 1")
+            scenario = replace(scenario, samples=args.samples)
+        results = args.results_dir or RESULTS_DIR
+        run_dir = (results / (args.run_id or new_run_id(scenario))).resolve()
+    else:
+        raise UserError("run: name a SCENARIO file or --resume RUN_DIR")
+    console.print(f"run directory: {run_dir}")
+    runner = Runner(
+        scenario,
+        run_dir,
+        console=console,
+        cache_dir=args.cache_dir,
+        show_progress=not args.no_progress,
+    )
+    try:
+        runner.run()
+    except Interrupted as exc:
+        print(
+            f"lazybench: interrupted ({exc}); finished measurements are kept in {run_dir}; "
+            f"resume with `lazybench run --resume {run_dir}`",
+            file=sys.stderr,
+        )
+        return 130
+    report = write_report(run_dir)
+    print(report.table_text)
+    failed = _failures(run_dir)
+    console.print(f"table:  {report.table}")
+    console.print(f"chart:  {report.charts[0]} (and .svg)")
+    console.print(f"report: {report.report}")
+    if report.missing or failed:
+        print(
+            f"lazybench: {len(failed)} measurements failed, {len(report.missing)} missing; "
+            f"see {report.report}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _failures(run_dir: Path) -> list[str]:
+    from harness.results import read_records
+
+    return [f"{r.workload}/{r.mode}" for r in read_records(run_dir) if r.status != "ok"]
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.results import write_report
+
+    report = write_report(args.run_dir)
+    print(report.table_text)
+    print(f"table:  {report.table}\nchart:  {report.charts[0]} (and .svg)\nreport: {report.report}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.results import Gate, compare_runs, compare_table, gate_failures, load_gate
+
+    gate = load_gate(args.gate) if args.gate is not None else Gate()
+    statistic = args.statistic or gate.statistic
+    cmp = compare_runs(args.base, args.new, statistic)
+    print(f"{args.base} → {args.new} ({statistic})\n")
+    print(compare_table(cmp))
+    if args.gate is None:
+        return 0
+    problems = gate_failures(cmp, gate)
+    if problems:
+        print(f"gate {args.gate}: FAILED", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    print(f"gate {args.gate}: passed")
+    return 0
