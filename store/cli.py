@@ -1,14 +1,197 @@
-"""`stargz-store MOUNTPOINT` (placeholder until the store lands)."""
+"""`stargz-store [--config PATH] [--root DIR] [--log-level L] MOUNTPOINT` — drop-in for the Go one.
+
+Mounts the Additional Layer Store at MOUNTPOINT with pyfuse3 and serves until SIGINT/SIGTERM
+or an external unmount, then unmounts. ``--root`` holds the chunk cache (``<root>/cache``).
+A stale FUSE mount left on MOUNTPOINT by a crashed store is unmounted first (``fusermount3
+-u``, then ``umount -l``); if that fails the store says so and exits non-zero. Logs are JSON
+lines on stderr. Errors the user can fix are printed as one line, exit status 1.
+"""
 
 from __future__ import annotations
 
+import argparse
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
+
+from store.config import DEFAULT_ROOT, ConfigError, StoreConfig, load_config
+
+log = logging.getLogger("store")
+
+
+class StoreError(Exception):
+    """A startup problem the user can fix (mountpoint, permissions, config)."""
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("httpcore").setLevel(max(logging.WARNING, root.level))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stargz-store", description="Lazily pulled eStargz layers for podman, over FUSE."
+    )
+    p.add_argument("--config", type=Path, default=None,
+                   help="TOML config (default /etc/stargz-store/config.toml, may be absent)")
+    p.add_argument("--root", type=Path, default=DEFAULT_ROOT,
+                   help="state directory: chunk cache (default /var/lib/stargz-store)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warn", "warning", "error"], help="log level")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    return p
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as info:
+        for line in info:
+            if line.split()[4].encode().decode("unicode_escape") == real:
+                return True
+    return False
+
+
+def prepare_mountpoint(path: Path) -> None:
+    """Make sure ``path`` is a usable, unmounted directory; clean a stale mount from a crash."""
+    stale = False
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
+            stale = True
+        elif exc.errno == errno.ENOENT:
+            raise StoreError(f"mountpoint {path} does not exist") from None
+        else:
+            raise StoreError(f"mountpoint {path}: {exc.strerror}") from None
+    if stale or is_mounted(path):
+        log.warning("cleaning up a stale mount on %s", path)
+        for cmd in (["fusermount3", "-u", str(path)], ["umount", "-l", str(path)]):
+            try:
+                subprocess.run(cmd, capture_output=True, timeout=30, check=False)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if not is_mounted(path):
+                break
+        if is_mounted(path):
+            raise StoreError(
+                f"{path} is still mounted (a store already running there, or a stale mount "
+                f"that could not be removed): unmount it with `fusermount3 -u {path}`"
+            )
+    if not path.is_dir():
+        raise StoreError(f"mountpoint {path} is not a directory")
+
+
+async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
+    import pyfuse3
+    import trio
+
+    from store.cache import ChunkCache
+    from store.fs import StoreFS
+    from store.fuse_ops import StoreOperations
+    from store.metrics import AccessTrace, StoreMetrics
+    from store.registry.client import RegistryClient
+    from store.registry.credentials import CredentialStore
+    from store.registry.hosts import parse_resolver_config
+    from store.remote import RemoteRegistry
+    from store.resolver import LayerManager
+
+    cache = ChunkCache(root / "cache", cfg.cache_max_bytes)
+    metrics = StoreMetrics()
+    if cfg.metrics_address:
+        metrics.serve(cfg.metrics_address)
+    trace = AccessTrace(Path(cfg.access_trace_path)) if cfg.access_trace_path else None
+    credentials = CredentialStore(auth_files=[Path(cfg.auth_file)]) if cfg.auth_file else None
+    client = RegistryClient(
+        resolver=parse_resolver_config(cfg.resolver),
+        credentials=credentials,
+        timeout=cfg.fetching_timeout_sec,
+        retries=cfg.max_retries,
+    )
+
+    def on_access(layer, node) -> None:  # type: ignore[no-untyped-def]
+        metrics.on_read(layer)
+        if trace is not None:
+            trace.record(layer, node)
+
+    async with client, trio.open_nursery() as nursery:
+        manager = LayerManager(
+            cfg, RemoteRegistry(client), cache, nursery,
+            on_layer_fetch=metrics.on_fetch, on_file_access=on_access,
+        )
+        ops = StoreOperations(StoreFS(manager), cfg.attr_timeout, cfg.entry_timeout)
+        options = set(pyfuse3.default_options)
+        options.discard("default_permissions")
+        options |= {"fsname=stargzstore", "allow_other", "suid", "dev"}
+        pyfuse3.init(ops, str(mountpoint), options)
+        log.info("mounted on %s (cache %s)", mountpoint, root / "cache")
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("signal %d: unmounting", signum)
+                    nursery.cancel_scope.cancel()
+                    return
+
+        try:
+            nursery.start_soon(watch_signals)
+            await pyfuse3.main()
+            log.info("filesystem unmounted externally")
+        finally:
+            nursery.cancel_scope.cancel()
+            pyfuse3.close(unmount=True)
+            if trace is not None:
+                trace.close()
+            log.info("unmounted %s", mountpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(
-        "usage: stargz-store [--config PATH] [--root DIR] [--log-level L] MOUNTPOINT\n"
-        "stargz-store: the FUSE store is not built yet",
-        file=sys.stderr,
-    )
-    return 2
+    args = build_parser().parse_args(argv)
+    setup_logging("warning" if args.log_level == "warn" else args.log_level)
+    try:
+        cfg = load_config(args.config)
+        args.root.mkdir(parents=True, exist_ok=True)
+        prepare_mountpoint(args.mountpoint)
+    except (ConfigError, StoreError) as exc:
+        print(f"stargz-store: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"stargz-store: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 1
+    import trio
+
+    started = time.monotonic()
+    try:
+        trio.run(serve, cfg, args.root, args.mountpoint)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:
+        if "fuse" in str(exc).lower() or "mount" in str(exc).lower():
+            print(f"stargz-store: cannot mount {args.mountpoint}: {exc}", file=sys.stderr)
+            return 1
+        raise
+    log.info("stopped after %.1fs", time.monotonic() - started)
+    return 0

@@ -115,7 +115,7 @@ class LayerTree:
     def __init__(self, entries: Iterable[tuple[EntryView, Any]]) -> None:
         self.nodes: list[Node] = []
         self.root = self._new(stat.S_IFDIR | 0o755)
-        self.files_by_node: dict[int, str] = {}
+        self._paths: dict[int, str] | None = None
         for view, raw in entries:
             self._add(view, raw)
         self._count_dir_links(self.root)
@@ -198,6 +198,14 @@ class LayerTree:
             subdirs = [c for c in node.children.values() if c.is_dir]
             node.nlink = 2 + len(subdirs)
             stack.extend(subdirs)
+
+    def path_of(self, node: Node) -> str:
+        """A path of ``node`` (built on first use: only the access trace needs it)."""
+        if self._paths is None:
+            self._paths = {}
+            for path, n in self.walk():
+                self._paths.setdefault(n.index, path)
+        return self._paths.get(node.index, "")
 
     def walk(self) -> Iterable[tuple[str, Node]]:
         """``(path, node)`` for every name in the tree, parents before children."""

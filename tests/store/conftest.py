@@ -17,3 +17,95 @@ class FileBlob:
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         self.requests.append(list(ranges))
         return [self.data[lo:hi] for lo, hi in ranges]
+
+
+# -- end-to-end fixtures: a real registry, the store mounted as a process ----------------------
+
+import base64  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+class StoreProcess:
+    """``python -m store`` on a mountpoint, with its config; always unmounted on stop."""
+
+    def __init__(self, workdir: Path, config: str = "") -> None:
+        self.workdir = workdir
+        self.mnt = workdir / "mnt"
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "config.toml"
+        self.config.write_text(config)
+        self.log = workdir / "store.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StoreProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "store", "--config", str(self.config), "--root",
+             str(self.workdir / "root"), "--log-level", "debug", str(self.mnt)],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"),
+        )
+        deadline = time.monotonic() + 20
+        while not _mounted(self.mnt):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"store did not mount: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if _mounted(self.mnt):
+            subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
+        if _mounted(self.mnt):
+            subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+
+    def layer_dir(self, ref: str, digest: str) -> Path:
+        return self.mnt / base64.b64encode(ref.encode()).decode() / digest
+
+    def status(self) -> dict:
+        import json
+
+        return json.loads((self.mnt / "status").read_text())
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[object]:
+    from harness.registry_server import RegistryServer
+
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry not installed")
+    with RegistryServer(storage_dir=tmp_path / "registry") as reg:
+        yield reg
+
+
+@pytest.fixture
+def store_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[StoreProcess] = []
+
+    def make(config: str = "", name: str = "store") -> StoreProcess:
+        sp = StoreProcess(tmp_path / name, config)
+        started.append(sp)
+        return sp.start()
+
+    yield make
+    for sp in started:
+        sp.stop()

@@ -1,0 +1,124 @@
+"""Thin pyfuse3 Operations over :class:`store.fs.StoreFS`.
+
+Why thin: everything with a decision in it lives in ``store.fs`` (testable without a mount);
+this class converts names/attributes and turns :class:`~store.fs.FSError` into
+``pyfuse3.FUSEError``. Files open with ``keep_cache``: layer content never changes, so the
+kernel page cache may serve re-reads across opens.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from store.fs import Attr, FSError, StoreFS
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _call(fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except FSError as exc:
+        raise pyfuse3.FUSEError(exc.errno_value) from None
+
+
+class StoreOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: StoreFS, attr_timeout: float = 1.0, entry_timeout: float = 1.0):
+        super().__init__()
+        self.fs = fs
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = 4096
+        e.st_blocks = (a.size + 511) // 512
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
+        return e
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None):
+        try:
+            attr = await self.fs.lookup(parent_inode, os.fsdecode(name))
+        except FSError as exc:
+            raise pyfuse3.FUSEError(exc.errno_value) from None
+        return self._entry(attr)
+
+    async def getattr(self, inode: int, ctx: Any = None):
+        return self._entry(_call(self.fs.getattr, inode))
+
+    async def forget(self, inode_list):
+        for ino, nlookup in inode_list:
+            self.fs.forget(ino, nlookup)
+
+    async def opendir(self, inode: int, ctx: Any):
+        _call(self.fs.getattr, inode)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token):
+        entries = list(_call(self.fs.readdir, fh))
+        for i, (name, attr) in enumerate(entries[start_id:], start=start_id):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), i + 1):
+                break
+            self.fs.readdir_counted(attr)
+
+    async def releasedir(self, fh: int):
+        return None
+
+    async def open(self, inode: int, flags: int, ctx: Any):
+        _call(self.fs.open, inode, bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)))
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int):
+        try:
+            return await self.fs.read(fh, off, size)
+        except FSError as exc:
+            raise pyfuse3.FUSEError(exc.errno_value) from None
+
+    async def release(self, fh: int):
+        return None
+
+    async def readlink(self, inode: int, ctx: Any):
+        return _call(self.fs.readlink, inode)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any):
+        return _call(self.fs.getxattr, inode, name)
+
+    async def listxattr(self, inode: int, ctx: Any):
+        return _call(self.fs.listxattr, inode)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any):
+        _call(self.fs.create, parent_inode, os.fsdecode(name))
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any):
+        _call(self.fs.rmdir, parent_inode, os.fsdecode(name))
+
+    async def access(self, inode: int, mode: int, ctx: Any):
+        return True
+
+    async def statfs(self, ctx: Any):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s

@@ -1,0 +1,250 @@
+"""The store mounted for real, a real docker-registry, podman 4.3 pulling through it."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+
+import json
+import os
+import shutil
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.podman import PodmanEnv
+from tests.store.images import (
+    add_file,
+    add_node,
+    busybox,
+    make_tar,
+    push,
+    to_estargz,
+    to_gzip,
+)
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed"),
+]
+
+LISTING = (
+    "cd / && find / -xdev ! -path '/proc*' ! -path '/sys*' ! -path '/dev*' ! -path '/run*' "
+    "! -path /etc/hosts ! -path /etc/hostname ! -path /etc/resolv.conf | sort | while read p; "
+    "do s=$(stat -c '%F %a %u %g %s' \"$p\"); "
+    "if [ -f \"$p\" ] && [ ! -L \"$p\" ]; then h=$(sha256sum \"$p\" | cut -c1-64); else h=-; fi; "
+    "echo \"$p|$s|$h\"; done"
+)
+
+
+def lower_layer(tar: tarfile.TarFile, big: bytes) -> None:
+    busybox(tar)
+    for d in ("etc", "data", "data/sub", "opq", "tmp"):
+        add_node(tar, d, tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755)
+    add_file(tar, "etc/hello", b"hello from lower\n")
+    add_file(tar, "data/a", b"to be deleted\n")
+    add_file(tar, "data/sub/b", b"kept\n", 0o600, uid=1000, gid=1000)
+    add_file(tar, "opq/old", b"hidden by opaque\n")
+    add_file(tar, "bin/suid", b"#!/bin/sh\n", 0o4755)
+    add_file(tar, "big", big)
+    add_node(tar, "data/hard", tarfile.LNKTYPE, 0o644, linkname="data/sub/b")
+    add_file(tar, "etc/empty", b"")
+
+
+def upper_layer(tar: tarfile.TarFile) -> None:
+    add_node(tar, "data", tarfile.DIRTYPE)
+    add_file(tar, "data/.wh.a", b"")
+    add_node(tar, "opq", tarfile.DIRTYPE)
+    add_file(tar, "opq/.wh..wh..opq", b"")
+    add_file(tar, "opq/new", b"new in opaque dir\n")
+    add_file(tar, "etc/hello", b"hello from upper\n")
+
+
+@pytest.fixture(scope="module")
+def layers() -> dict:
+    rng = __import__("random").Random(7)
+    big = bytes(rng.getrandbits(8) for _ in range(300_000)) * 4
+    lower = make_tar(lambda t: lower_layer(t, big))
+    upper = make_tar(upper_layer)
+    return {"lower": lower, "upper": upper, "big": big}
+
+
+def full_blob_gets(reg, mark: int) -> list:
+    return [r for r in reg.access_log_since(mark) if r.is_full_blob_get]
+
+
+def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
+    registry, store_factory, tmp_path, layers
+):
+    host = registry.host
+    blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
+    push(host, "lazy/img", "1", blobs)
+    ref = f"{host}/lazy/img:1"
+    store = store_factory()
+
+    mark = registry.log_mark()
+    with PodmanEnv(tmp_path / "lazy", additional_layer_store=store.mnt,
+                   insecure_registries=[host]) as env:
+        env.pull(ref, timeout=120)
+        assert full_blob_gets(registry, mark) == []
+        out = env.run(ref, "/bin/cat", "/etc/hello", timeout=120)
+        assert out.stdout == "hello from upper\n"
+        lazy_listing = env.run(ref, "/bin/sh", "-c", LISTING, timeout=300).stdout
+        status = store.status()
+        assert len(status["layers"]) == 2
+        assert all(s["refcount"] >= 1 for s in status["layers"].values())
+
+        # podman save reproduces the layers: the saved (uncompressed) layer tars hash to the
+        # config's diff IDs.
+        saved = tmp_path / "saved.tar"
+        env.podman("save", "-o", str(saved), ref, timeout=300)
+        with tarfile.open(saved) as tar:
+            manifest = json.load(tar.extractfile("manifest.json"))
+            digests = []
+            for name in manifest[0]["Layers"]:
+                digests.append("sha256:" + hashlib.sha256(tar.extractfile(name).read())
+                               .hexdigest())
+        assert digests == [b.diff_id for b in blobs]
+
+        # rmi releases both layers.
+        env.podman("rmi", "-f", ref, timeout=120)
+        deadline = time.monotonic() + 10
+        while store.status()["layers"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status = store.status()
+        assert status["layers"] == {}
+        assert sorted(status["released"]) == sorted(b.digest for b in blobs)
+
+    with PodmanEnv(tmp_path / "full", insecure_registries=[host]) as env:
+        env.pull(ref, timeout=120)
+        full_listing = env.run(ref, "/bin/sh", "-c", LISTING, timeout=300).stdout
+    assert "/data/a|" not in full_listing and "/opq/old|" not in full_listing
+    assert "/opq/new|" in full_listing and "/bin/suid|regular file 4755" in full_listing
+    assert lazy_listing.splitlines() == full_listing.splitlines()
+
+
+def test_gzip_image_falls_back_quickly_and_toc_mismatch_is_refused(
+    registry, store_factory, tmp_path, layers
+):
+    host = registry.host
+    push(host, "plain/img", "1", [to_gzip(layers["lower"])])
+    bad = [to_estargz(layers["lower"])]
+    push(host, "badtoc/img", "1", bad, toc_override={0: "sha256:" + "ab" * 32})
+    store = store_factory("resolve_timeout_sec = 5\n")
+
+    # Filesystem level: lookups answer promptly.
+    plain_ref = f"{host}/plain/img:1"
+    gz = to_gzip(layers["lower"])
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        os.stat(store.layer_dir(plain_ref, gz.digest) / "diff")
+    assert time.monotonic() - start < 5
+    with pytest.raises(OSError) as exc:
+        os.stat(store.layer_dir(f"{host}/badtoc/img:1", bad[0].digest) / "diff")
+    assert exc.value.errno == errno.EIO
+
+    with PodmanEnv(tmp_path / "env", additional_layer_store=store.mnt,
+                   insecure_registries=[host]) as env:
+        start = time.monotonic()
+        env.pull(plain_ref, timeout=120)
+        assert time.monotonic() - start < 30
+        assert env.run(plain_ref, "/bin/cat", "/etc/hello", timeout=60).stdout == (
+            "hello from lower\n"
+        )
+        # The refused eStargz image is pulled normally and still works.
+        env.pull(f"{host}/badtoc/img:1", timeout=120)
+        assert env.run(f"{host}/badtoc/img:1", "/bin/cat", "/etc/hello",
+                       timeout=60).stdout == "hello from lower\n"
+
+
+def test_corrupted_chunk_gives_eio(registry, store_factory, tmp_path, layers):
+    host = registry.host
+    blob = to_estargz(layers["lower"])
+    push(host, "corrupt/img", "1", [blob])
+    # Flip a byte in the middle of the blob as the registry stores it (inside "big").
+    path = registry.blob_path(blob.digest)
+    data = bytearray(path.read_bytes())
+    big_at = data.find(b"") + len(data) // 2
+    data[big_at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    store = store_factory("no_background_fetch = true\nnoprefetch = true\n")
+    diff = store.layer_dir(f"{host}/corrupt/img:1", blob.digest) / "diff"
+    with pytest.raises(OSError) as exc:
+        (diff / "big").read_bytes()
+    assert exc.value.errno == errno.EIO
+    assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"
+    assert "chunk verification failed" in store.log.read_text()
+
+
+def test_new_protocol_by_toc_digest(registry, store_factory, layers):
+    host = registry.host
+    blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
+    push(host, "toc/img", "1", blobs)
+    ref = f"{host}/toc/img:1"
+    store = store_factory()
+    d = store.layer_dir(ref, blobs[0].toc_digest)
+    assert (d / "diff").is_dir() and (d / "blob").is_file()
+    info = json.loads((d / "info").read_text())
+    assert info == {"diff-size": -1, "compression": 2, "toc-digest": blobs[0].toc_digest,
+                    "flags": {"expected-layer-diffid": blobs[0].diff_id}}
+    assert (d / "diff" / "etc" / "hello").read_bytes() == b"hello from lower\n"
+    assert os.stat(d / "blob").st_size == len(blobs[0].data)
+    with open(d / "blob", "rb") as f:
+        assert f.read() == blobs[0].data
+    with pytest.raises(FileNotFoundError):
+        open(d / "use", "w").close()
+    key = f"{ref}/{blobs[0].digest}"
+    assert store.status()["layers"][key]["refcount"] == 1
+    with pytest.raises(FileNotFoundError):
+        os.rmdir(d)
+    assert store.status()["layers"] == {}
+    # Old generation of the same layer: info by compressed digest.
+    old = json.loads((store.layer_dir(ref, blobs[1].digest) / "info").read_text())
+    assert old["compressed-diff-digest"] == blobs[1].digest
+    assert old["diff-digest"] == blobs[1].diff_id
+    assert old["compressed-size"] == len(blobs[1].data) and old["compression"] == 2
+    # Overlay conventions on the upper layer.
+    up = store.layer_dir(ref, blobs[1].toc_digest) / "diff"
+    st = os.lstat(up / "data" / "a")
+    assert os.major(st.st_rdev) == 0 and (st.st_mode & 0o170000) == 0o020000
+    assert os.getxattr(up / "opq", "trusted.overlay.opaque") == b"y"
+    assert os.getxattr(up / "opq", "user.overlay.opaque") == b"y"
+    with pytest.raises(OSError) as exc:
+        os.getxattr(up / "opq", "trusted.overlay.redirect")
+    assert exc.value.errno == errno.ENODATA
+
+
+def test_two_images_sharing_a_layer_pulled_concurrently(registry, store_factory, tmp_path,
+                                                        layers):
+    host = registry.host
+    base = to_estargz(layers["lower"])
+    other = to_estargz(make_tar(lambda t: add_file(t, "etc/other", b"other\n")))
+    push(host, "share/one", "1", [base, to_estargz(layers["upper"])])
+    push(host, "share/two", "1", [base, other])
+    store = store_factory()
+    refs = [f"{host}/share/one:1", f"{host}/share/two:1"]
+    with PodmanEnv(tmp_path / "env", additional_layer_store=store.mnt,
+                   insecure_registries=[host]) as env:
+        errors: list[BaseException] = []
+
+        def pull(ref: str) -> None:
+            try:
+                env.pull(ref, timeout=180)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=pull, args=(r,)) for r in refs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert env.run(refs[0], "/bin/cat", "/etc/hello", timeout=60).stdout == (
+            "hello from upper\n"
+        )
+        assert env.run(refs[1], "/bin/cat", "/etc/other", timeout=60).stdout == "other\n"
+
+
