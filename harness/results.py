@@ -376,9 +376,28 @@ def _environment_lines(env: dict[str, Any]) -> list[str]:
             lines.append(f"- **{key}**: `{value}`")
     link = env.get("link") or {}
     if link:
-        parts = [f"{k} {v}" for k, v in link.items() if v is not None]
-        lines.append(f"- **link**: {', '.join(parts)}")
+        lines.append(f"- **link**: {describe_link(link)}")
     return lines
+
+
+def describe_link(link: dict[str, Any]) -> str:
+    """``wan: 100 Mbit/s, 40 ms RTT (delay: nfqueue); measured 93.1 Mbit/s, 41.0 ms``."""
+    profile = link.get("profile") or {}
+    if not isinstance(profile, dict):
+        return str(profile)
+    rate = profile.get("rate_mbit")
+    text = f"{profile.get('name', '?')}: " + (
+        f"{rate:g} Mbit/s, {profile.get('rtt_ms', 0):g} ms RTT" if rate else "unshaped"
+    )
+    if link.get("delay_method"):
+        text += f" (delay: {link['delay_method']})"
+    measured = link.get("measured") or {}
+    if measured:
+        text += (
+            f"; measured {measured.get('rate_mbit', 0):.1f} Mbit/s, "
+            f"{measured.get('rtt_ms', 0):.1f} ms RTT"
+        )
+    return text
 
 
 @dataclass

@@ -58,7 +58,7 @@ from harness.cli import UserError
 from harness.podman import PodmanEnv, PodmanError, write_atomic
 from harness.results import ENVIRONMENT, Record, append_record, finished_keys
 from harness.scenario import LAZY_MODES, Scenario, Workload, parse_scenario
-from harness.store_proc import StoreProcess
+from harness.store_proc import StoreError, StoreProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "results" / "runs"
@@ -258,35 +258,17 @@ class Link:
 
 @contextlib.contextmanager
 def open_link(profile: str, console: Console) -> Iterator[Link]:
-    """The shaped link of ``profile`` (harness.netshape), torn down on exit. ``loopback``
-    needs no namespace: the registry listens on 127.0.0.1."""
-    if profile == "loopback":
-        yield Link(profile, measured={"profile": "loopback"})
-        return
-    try:
-        from harness.netshape import NetworkLink
-    except ImportError as exc:
-        raise UserError(f"network profile {profile!r} needs harness.netshape: {exc}") from None
+    """The shaped link of ``profile`` (harness.netshape), measured, torn down on exit
+    (``loopback`` has no namespace: the registry listens on 127.0.0.1)."""
+    from harness.netshape import NetworkLink
+
     with NetworkLink(profile) as net:
-        link = Link(
-            profile,
-            prefix=tuple(net.command_prefix),
-            address=str(net.ns_address),
-        )
-        console.print(f"[dim]link {profile}: measuring rate and RTT…[/]")
-        measured = net.measure()
-        link.measured = {"profile": profile, **_as_dict(measured)}
+        link = Link(profile, prefix=tuple(net.prefix), address=net.ns_addr)
+        if net.netns is not None:
+            console.print(f"link {profile}: measuring rate and RTT…")
+            net.measure()
+        link.measured = net.info()
         yield link
-
-
-def _as_dict(value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return value
-    if hasattr(value, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(value)
-    return {"measured": str(value)}
 
 
 # -- environment metadata ---------------------------------------------------------------
@@ -474,6 +456,17 @@ class Runner:
         self, workloads: dict[str, ResolvedWorkload], storage: Path, work: Path
     ) -> dict[str, Any]:
         """Build and push every (workload, mode) into ``storage`` via a loopback registry."""
+        from harness.images import ImageBuildError, PushError
+        from harness.registry_server import RegistryServerError
+
+        try:
+            return self._build_and_push(workloads, storage, work)
+        except (ImageBuildError, PushError, RegistryServerError, PodmanError, StoreError) as exc:
+            raise UserError(f"preparing images: {exc}") from None
+
+    def _build_and_push(
+        self, workloads: dict[str, ResolvedWorkload], storage: Path, work: Path
+    ) -> dict[str, Any]:
         from harness.images import build_layers, push_image
         from harness.registry_server import RegistryServer
 

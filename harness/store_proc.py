@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -137,7 +138,8 @@ class StoreProcess:
             "mountpoint": str(self.mountpoint),
         }
         argv = [arg.format(**values) for arg in self.command]
-        exe = shutil.which(argv[0])
+        # Our own console script sits beside this interpreter even when its venv is not on PATH.
+        exe = shutil.which(argv[0]) or shutil.which(argv[0], path=str(Path(sys.executable).parent))
         if exe is None:
             raise StoreError(f"store command {argv[0]!r} not found on PATH")
         return [exe, *argv[1:]]
