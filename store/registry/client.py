@@ -8,10 +8,12 @@ before the origin; redirects are followed by hand so Authorization never goes to
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -193,7 +195,7 @@ class RegistryClient:
                 return await op(ep)
             except RegistryError as e:
                 last = e
-                if isinstance(e, RegistryUnavailable) and not isinstance(e, RegistryTimeout):
+                if isinstance(e, RegistryUnavailable) and len(eps) > 1:
                     self._down_until[ep.host] = time.monotonic() + DOWN_FOR
                 if isinstance(e, DigestMismatch | RangeError) and not ep.is_mirror:
                     raise
@@ -320,22 +322,14 @@ class RegistryClient:
                 timeout=timeout,
             )
             self.stats.requests += 1
-            try:
+            with _transport_errors(
+                ep,
+                repo,
+                digest,
+                f"{what}: no answer within {ep.request_timeout:g}s",
+                f"{what}: cannot connect to {ep.base_url}",
+            ):
                 resp = await self.http.send(req, stream=True)
-            except httpx.TimeoutException as e:
-                raise RegistryTimeout(
-                    f"{what}: no answer within {ep.request_timeout:g}s ({type(e).__name__})",
-                    host=ep.host,
-                    repository=repo or None,
-                    digest=digest,
-                ) from e
-            except (httpx.TransportError, OSError) as e:
-                raise RegistryUnavailable(
-                    f"{what}: cannot connect to {ep.base_url}: {e or type(e).__name__}",
-                    host=ep.host,
-                    repository=repo or None,
-                    digest=digest,
-                ) from e
             try:
                 status = resp.status_code
                 if status in (301, 302, 303, 307, 308) and "location" in resp.headers:
@@ -362,23 +356,14 @@ class RegistryClient:
                         self.stats.auth_round_trips += 1
                         continue
                 if status in ok:
-                    try:
+                    with _transport_errors(
+                        ep,
+                        repo,
+                        digest,
+                        f"{what}: body stalled for {ep.request_timeout:g}s",
+                        f"{what}: connection lost while reading the body",
+                    ):
                         result = await reader(resp)
-                    except httpx.TimeoutException as e:
-                        raise RegistryTimeout(
-                            f"{what}: body stalled for {ep.request_timeout:g}s",
-                            host=ep.host,
-                            repository=repo or None,
-                            digest=digest,
-                        ) from e
-                    except (httpx.TransportError, OSError) as e:
-                        raise RegistryUnavailable(
-                            f"{what}: connection lost while reading the body: "
-                            f"{e or type(e).__name__}",
-                            host=ep.host,
-                            repository=repo or None,
-                            digest=digest,
-                        ) from e
                     return resp, result
                 body = b""
                 if cur_method != "HEAD":
@@ -619,11 +604,13 @@ class RegistryClient:
         async def op(ep: Endpoint) -> None:
             batch = self.max_ranges_per_request if ep.host not in self._no_multirange else 1
             groups = [spans[i : i + batch] for i in range(0, len(spans), batch)]
-            async with anyio.create_task_group() as tg:
-                for group in groups:
-                    if all((s.start, s.end) in parts for s in group):
-                        continue
-                    tg.start_soon(self._fetch_spans, ep, ref, digest, group, parts)
+            await _run_all(
+                [
+                    functools.partial(self._fetch_spans, ep, ref, digest, group, parts)
+                    for group in groups
+                    if not all((s.start, s.end) in parts for s in group)
+                ]
+            )
 
         await self._on_endpoints(ref, op)
         return [slice_from(parts, o, s) if s else b"" for o, s in ranges]
@@ -687,9 +674,9 @@ class RegistryClient:
         )
         if multi and not got:
             self._no_multirange.add(ep.host)
-            async with anyio.create_task_group() as tg:
-                for s in group:
-                    tg.start_soon(self._fetch_spans, ep, ref, digest, [s], parts)
+            await _run_all(
+                [functools.partial(self._fetch_spans, ep, ref, digest, [s], parts) for s in group]
+            )
             return
         for s in group:
             try:
@@ -874,6 +861,43 @@ class RegistryClient:
         )
         digest = await self.push_manifest(ref, raw, mt)
         return parse_manifest(raw, mt, digest)
+
+
+@contextlib.contextmanager
+def _transport_errors(
+    ep: Endpoint, repo: str, digest: str | None, on_timeout: str, on_error: str
+) -> Iterator[None]:
+    """httpx transport failures → RegistryTimeout (not retried) / RegistryUnavailable."""
+    where = {"host": ep.host, "repository": repo or None, "digest": digest}
+    try:
+        yield
+    except httpx.TimeoutException as e:
+        raise RegistryTimeout(f"{on_timeout} ({type(e).__name__})", **where) from e
+    except (httpx.TransportError, ConnectionError) as e:
+        raise RegistryUnavailable(f"{on_error}: {e or type(e).__name__}", **where) from e
+
+
+async def _run_all(jobs: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Run jobs concurrently; on failure raise the first RegistryError itself, not a group,
+    so callers see the same typed errors whether one request or many went out."""
+    if len(jobs) == 1:
+        await jobs[0]()
+        return
+    try:
+        async with anyio.create_task_group() as tg:
+            for job in jobs:
+                tg.start_soon(job)
+    except BaseExceptionGroup as group:
+        for exc in _leaves(group):
+            if isinstance(exc, RegistryError):
+                raise exc from None
+        raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
 
 
 def _ref(ref: Reference | str) -> Reference:

@@ -8,11 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from regtest_tokens import TokenServer, make_signing_cert
+from regtest_tokens import USERS, TokenServer, make_signing_cert
 
 from harness.registry_server import RegistryServer, TokenAuthConfig
-
-USERS = {"alice": "wonderland", "bob": "builder"}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +33,9 @@ def basic_registry() -> Iterator[RegistryServer]:
 
 
 @pytest.fixture(scope="module")
-def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RegistryServer, TokenServer]]:
+def token_registry(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[RegistryServer, TokenServer]]:
     """A registry with `auth: token` trusting our cert, and the token endpoint that signs."""
     key, cert = make_signing_cert(tmp_path_factory.mktemp("token"))
     with TokenServer(

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import threading
@@ -82,10 +83,8 @@ class CuttingProxy:
             pass
         finally:
             for s in (client, upstream):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 s.close()
 
 
@@ -143,7 +142,9 @@ class HttpFaultProxy:
     def host(self) -> str:
         return f"{self.bind}:{self.port}"
 
-    def forward(self, h: BaseHTTPRequestHandler, extra_headers: dict[str, str] | None = None) -> None:
+    def forward(
+        self, h: BaseHTTPRequestHandler, extra_headers: dict[str, str] | None = None
+    ) -> None:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
         conn = http.client.HTTPConnection(*self.upstream, timeout=10)

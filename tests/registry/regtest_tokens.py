@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+USERS = {"alice": "wonderland", "bob": "builder"}
+
 
 def libtrust_key_id(public_key: ec.EllipticCurvePublicKey) -> str:
     der = public_key.public_bytes(

@@ -105,14 +105,15 @@ def test_credentials_lookup_order(isolated_auth_env: Path, monkeypatch: pytest.M
 def test_bad_auth_file(isolated_auth_env: Path) -> None:
     bad = isolated_auth_env / "bad.json"
     bad.write_text(json.dumps({"auths": {"q.io": {"auth": "!!notbase64"}}}))
-    with pytest.raises(ConfigError, match="bad.json"):
+    with pytest.raises(ConfigError, match=r"bad\.json"):
         CredentialStore(auth_files=[bad]).lookup("q.io")
 
 
 def test_platform_parse_and_match() -> None:
     p = Platform.parse("linux/arm64/v8")
     assert p.matches({"os": "linux", "architecture": "arm64"})
-    assert Platform.parse("linux/arm/v7").matches({"os": "linux", "architecture": "arm", "variant": "v7"})
+    arm7 = {"os": "linux", "architecture": "arm", "variant": "v7"}
+    assert Platform.parse("linux/arm/v7").matches(arm7)
     assert not Platform.parse("linux/arm/v6").matches(
         {"os": "linux", "architecture": "arm", "variant": "v7"}
     )

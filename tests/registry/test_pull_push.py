@@ -93,7 +93,8 @@ async def test_two_platform_index_and_selection(registry: RegistryServer) -> Non
         amd = await c.get_manifest(f"{repo}:latest", "linux/amd64")
         assert amd.digest == descs[0].digest
         host = await c.get_manifest(f"{repo}:latest")  # default: this machine
-        assert host.digest == (descs[0] if Platform.host().architecture == "amd64" else descs[1]).digest
+        expected = descs[0] if Platform.host().architecture == "amd64" else descs[1]
+        assert host.digest == expected.digest
         with pytest.raises(ManifestError, match="no manifest for platform linux/s390x"):
             await c.get_manifest(f"{repo}:latest", "linux/s390x")
 

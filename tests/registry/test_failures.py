@@ -1,0 +1,214 @@
+"""Mirrors, timeouts, cut connections, 5xx, refused multi-range, redirects — against real
+registries behind loopback proxies that misbehave on purpose."""
+
+from __future__ import annotations
+
+import random
+import time
+from http.server import BaseHTTPRequestHandler
+
+import pytest
+from regtest_proxies import CuttingProxy, HttpFaultProxy, SilentListener, answer
+
+from harness.registry_server import RegistryServer, free_port
+from store.registry import (
+    Credentials,
+    NotFoundError,
+    RegistryClient,
+    RegistryTimeout,
+    RegistryUnavailable,
+    parse_resolver_config,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+CONFIG = b'{"architecture":"amd64","os":"linux"}'
+
+
+def _addr(reg: RegistryServer) -> tuple[str, int]:
+    host, port = reg.host.rsplit(":", 1)
+    return host, int(port)
+
+
+@pytest.fixture(scope="module")
+def seeded(registry: RegistryServer) -> tuple[RegistryServer, str, str, bytes]:
+    """The module registry with an image whose 3 MiB layer the tests read."""
+    import trio
+
+    data = random.Random(99).randbytes(3 * 1024 * 1024)
+    ref = f"{registry.host}/fail/app:v1"
+
+    async def push() -> str:
+        async with RegistryClient(timeout=10) as c:
+            m = await c.push_image(ref, CONFIG, [(data, LAYER)])
+            return m.layers[0].digest
+
+    return registry, ref, trio.run(push), data
+
+
+def _mirrors(origin: str, *mirrors: str, timeout: float = 2) -> object:
+    return parse_resolver_config(
+        {
+            "resolver": {
+                "host": {
+                    origin: {
+                        "mirrors": [
+                            {"host": m, "insecure": True, "request_timeout_sec": timeout}
+                            for m in mirrors
+                        ]
+                    }
+                }
+            }
+        }
+    )
+
+
+async def test_down_mirrors_fall_through_to_origin(seeded, fresh_registry) -> None:
+    reg, ref, digest, data = seeded
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens
+    with SilentListener() as silent:
+        # fresh_registry is up but lacks the image: a mirror's 404 also falls through.
+        cfg = _mirrors(reg.host, dead, silent.host, fresh_registry.host, timeout=1)
+        async with RegistryClient(resolver=cfg) as c:
+            start = time.monotonic()
+            m = await c.get_manifest(ref)
+            assert time.monotonic() - start < 5
+            assert m.layers[0].digest == digest
+            assert await c.read_range(ref, digest, 1000, 10) == data[1000:1010]
+    assert any(r.kind == "manifests" and r.status == 404 for r in fresh_registry.access_log())
+
+
+async def test_mirror_serves_when_up(seeded, fresh_registry) -> None:
+    reg, ref, digest, data = seeded
+    mirror_ref = f"{fresh_registry.host}/fail/app:v1"
+    async with RegistryClient(timeout=10) as c:
+        await c.push_image(mirror_ref, CONFIG, [(data, LAYER)])
+    mark = reg.log_mark()
+    async with RegistryClient(resolver=_mirrors(reg.host, fresh_registry.host)) as c:
+        assert await c.read_range(ref, digest, 0, 100) == data[:100]
+    assert reg.access_log_since(mark) == []  # the origin was not asked
+
+
+async def test_not_listening_fails_fast(isolated_auth_env) -> None:
+    host = f"127.0.0.1:{free_port()}"
+    async with RegistryClient(timeout=1, retries=2, backoff=0.05) as c:
+        start = time.monotonic()
+        with pytest.raises(RegistryUnavailable, match=rf"{host}.*cannot connect"):
+            await c.get_manifest(f"{host}/x/y:z")
+        assert time.monotonic() - start < 2
+        assert c.stats.retries == 2
+
+
+async def test_silent_registry_times_out(isolated_auth_env) -> None:
+    with SilentListener() as silent:
+        async with RegistryClient(timeout=1.0) as c:
+            start = time.monotonic()
+            with pytest.raises(RegistryTimeout, match=rf"{silent.host}.*within 1s"):
+                await c.get_manifest(f"{silent.host}/x/y:z")
+            elapsed = time.monotonic() - start
+    assert 0.9 <= elapsed < 2.5
+
+
+async def test_connection_cut_mid_body_is_retried(seeded) -> None:
+    reg, ref, digest, data = seeded
+    with CuttingProxy(_addr(reg), cut_after=200_000, cuts=1) as proxy:
+        pref = ref.replace(reg.host, proxy.host)
+        async with RegistryClient(timeout=5, backoff=0.01) as c:
+            assert await c.read_range(pref, digest, 0, 1_000_000) == data[:1_000_000]
+            assert proxy.cut_count == 1 and c.stats.retries >= 1
+            assert await c.get_blob(pref, digest) == data
+
+
+async def test_connection_always_cut_fails_cleanly(seeded) -> None:
+    reg, ref, digest, _ = seeded
+    with CuttingProxy(_addr(reg), cut_after=100_000, cuts=None) as proxy:
+        pref = ref.replace(reg.host, proxy.host)
+        async with RegistryClient(timeout=5, retries=2, backoff=0.01) as c:
+            with pytest.raises(RegistryUnavailable, match=rf"{proxy.host}/fail/app@{digest}"):
+                await c.get_blob(pref, digest)
+            assert proxy.cut_count == 3
+
+
+async def test_5xx_retried_with_backoff(seeded) -> None:
+    reg, ref, digest, data = seeded
+    failures = {"left": 2}
+
+    def flaky(h: BaseHTTPRequestHandler) -> bool:
+        if "/blobs/" in h.path and failures["left"] > 0:
+            failures["left"] -= 1
+            answer(h, 503, b'{"errors":[{"code":"UNAVAILABLE","message":"busy"}]}')
+            return True
+        return False
+
+    with HttpFaultProxy(_addr(reg), flaky) as proxy:
+        pref = ref.replace(reg.host, proxy.host)
+        async with RegistryClient(timeout=5, backoff=0.01) as c:
+            assert await c.read_range(pref, digest, 10, 10) == data[10:20]
+            assert c.stats.retries == 2
+            failures["left"] = 100
+            with pytest.raises(RegistryUnavailable, match=r"HTTP 503.*busy"):
+                await c.read_range(pref, digest, 10, 10)
+
+
+async def test_multi_range_refused_falls_back(seeded) -> None:
+    reg, ref, digest, data = seeded
+
+    def no_multirange(h: BaseHTTPRequestHandler) -> bool:
+        if "," in h.headers.get("Range", ""):
+            answer(h, 200, data, Content_Type="application/octet-stream")
+            return True
+        return False
+
+    ranges = [(100, 10), (5000, 20), (2_000_000, 30)]
+    with HttpFaultProxy(_addr(reg), no_multirange) as proxy:
+        pref = ref.replace(reg.host, proxy.host)
+        async with RegistryClient(timeout=5) as c:
+            got = await c.read_ranges(pref, digest, ranges)
+            assert got == [data[o : o + s] for o, s in ranges]
+            n = len(proxy.seen)
+            assert await c.read_ranges(pref, digest, ranges) == got
+            # Remembered: the second call sent single ranges only.
+            assert all("," not in s["headers"].get("Range", "") for s in proxy.seen[n:])
+
+
+async def test_redirect_does_not_leak_credentials(basic_registry, isolated_auth_env) -> None:
+    reg = basic_registry
+    user, pw = "alice", "wonderland"
+    async with RegistryClient(timeout=5, credentials={reg.host: Credentials(user, pw)}) as c:
+        pushed = await c.push_image(f"{reg.host}/redir/app:v1", CONFIG, [(b"redirected", LAYER)])
+    digest = pushed.layers[0].digest
+    import base64
+
+    basic = "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()
+
+    # The "storage" host on another address serves the blob with its own credentials.
+    def storage(h: BaseHTTPRequestHandler) -> bool:
+        storage_proxy.forward(h, {"Authorization": basic})
+        return True
+
+    storage_proxy = HttpFaultProxy(_addr(reg), storage, bind="127.0.0.2")
+
+    def front(h: BaseHTTPRequestHandler) -> bool:
+        # Authenticated blob GETs are redirected; the rest goes to the registry (which
+        # challenges unauthenticated requests).
+        if h.command == "GET" and "/blobs/" in h.path and "Authorization" in h.headers:
+            answer(h, 307, Location=f"http://{storage_proxy.host}{h.path}")
+            return True
+        return False
+
+    with storage_proxy, HttpFaultProxy(_addr(reg), front) as proxy:
+        ref = f"{proxy.host}/redir/app:v1"
+        async with RegistryClient(timeout=5, credentials={proxy.host: Credentials(user, pw)}) as c:
+            assert await c.get_blob(ref, digest) == b"redirected"
+            assert await c.read_range(ref, digest, 2, 3) == b"dir"
+        assert any("Authorization" in s["headers"] for s in proxy.seen)
+        assert storage_proxy.seen and all(
+            "Authorization" not in s["headers"] for s in storage_proxy.seen
+        )
+
+
+async def test_unknown_manifest_through_mirror_is_not_found(seeded, fresh_registry) -> None:
+    reg, *_ = seeded
+    async with RegistryClient(resolver=_mirrors(reg.host, fresh_registry.host)) as c:
+        with pytest.raises(NotFoundError, match=rf"{reg.host}/fail/missing"):
+            await c.get_manifest(f"{reg.host}/fail/missing:v1")
