@@ -231,7 +231,8 @@ class StoreProcess:
     # -- what the store reports ------------------------------------------------------------------
 
     def scrape_metrics(self, timeout: float = 5.0) -> dict[str, float]:
-        """The store's Prometheus samples as ``name{labels}`` → value (empty when it has none).
+        """The store's Prometheus samples, summed over labels (per-layer counters become the
+        measurement's totals; histograms keep ``_sum``/``_count``). Empty when it has none.
 
         Process/Python runtime samples are left out: they describe the interpreter, not lazy
         pulling.
@@ -252,10 +253,9 @@ class StoreProcess:
             if family.name.startswith(("python_", "process_")):
                 continue
             for sample in family.samples:
-                if sample.name.endswith("_created"):
+                if sample.name.endswith(("_created", "_bucket")):
                     continue
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
         return out
 
     def trace_files(self) -> list[str]:

@@ -1,0 +1,81 @@
+"""Runner pieces that need no services: the plan, workload defaults, the CLI's refusals."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.runner import plan, resolve
+from harness.scenario import parse_scenario
+from harness.store_proc import read_trace, store_config_text
+
+SCENARIO = {
+    "samples": 3,
+    "modes": ["legacy", "estargz-noopt", "estargz"],
+    "workloads": [{"recipe": "python"}, {"recipe": "gcc"}, {"recipe": "tiny"}],
+}
+
+
+def test_plan_shuffles_each_sample_and_is_reproducible() -> None:
+    s = parse_scenario(SCENARIO, "s.toml")
+    order = plan(s)
+    assert sorted(order) == sorted(s.keys())
+    assert plan(s) == order  # the same seed, the same order: a resume keeps it
+    per_sample = [[k[1:] for k in order if k[0] == n] for n in range(3)]
+    assert len({tuple(p) for p in per_sample}) > 1, "samples were not shuffled"
+    other = parse_scenario({**SCENARIO, "seed": 7}, "s.toml")
+    assert plan(other) != order
+
+
+def test_workloads_take_the_recipes_defaults() -> None:
+    s = parse_scenario(
+        {"workloads": [{"recipe": "gcc"}, {"recipe": "postgres", "timeout": 5, "ready": "x"}]},
+        "s.toml",
+    )
+    gcc, pg = (resolve(w) for w in s.workloads)
+    assert gcc.stdin and "gcc" in " ".join(gcc.command) and gcc.ready == "hello"
+    assert pg.ready == "x" and pg.timeout == 5 and pg.repo == "lazybench/postgres"
+
+
+def test_store_config_marks_the_registry_insecure() -> None:
+    import tomllib
+
+    cfg = tomllib.loads(
+        store_config_text(["10.1.2.3:5000"], noprefetch=True, metrics_address="127.0.0.1:9")
+    )
+    assert cfg["noprefetch"] is True and cfg["metrics_address"] == "127.0.0.1:9"
+    mirror = cfg["resolver"]["host"]["10.1.2.3:5000"]["mirrors"][0]
+    assert mirror == {"host": "10.1.2.3:5000", "insecure": True}
+
+
+def test_read_trace_keeps_first_access_order(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        '{"layer": "sha256:a", "path": "/usr/bin/python3"}\n'
+        '{"layer": "sha256:b", "files": ["etc/hosts", "usr/bin/python3"]}\n'
+        '{"layer": "sha256:a", "pa'
+    )
+    assert read_trace(trace) == ["usr/bin/python3", "etc/hosts"]
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('samples = 0\n[[workloads]]\nrecipe = "python"\n')
+    assert main(["run", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"lazybench: {bad}: samples: must be between 1 and 1000, got 0"
+    assert main(["report", str(tmp_path)]) == 1
+    assert "not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("crictl") is not None, reason="crictl is installed here")
+def test_crio_runtime_is_skipped_with_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = tmp_path / "crio.toml"
+    scenario.write_text('runtime = "crio"\n[[workloads]]\nrecipe = "tiny"\n')
+    assert main(["run", str(scenario), "--results-dir", str(tmp_path / "runs")]) == 1
+    assert "runtime 'crio': crictl is not installed" in capsys.readouterr().err
