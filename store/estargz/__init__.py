@@ -1,0 +1,105 @@
+"""eStargz (and zstd:chunked) layer format: read, verify, write. No network, no FUSE.
+
+Sans-IO pieces for the async store (it fetches bytes itself):
+
+    tail = fetch(blob_size - tail_fetch_size(blob_size), ...)      # one ranged read
+    footer = parse_footer(tail, blob_size)
+    toc_bytes = toc_bytes_from_tail(tail, blob_size, footer)        # None → fetch toc_range()
+    toc = parse_toc(toc_bytes, footer, expected_digest)             # TocDigestMismatch
+    index = LayerIndex.from_toc(toc, footer)                        # tree + chunk table
+    for c in index.chunks_for_range(entry, off, size):
+        data = fetch(c.offset, c.compressed_end - c.offset)
+        payload = decompress_chunk(c, data)                         # ChunkDigestMismatch
+
+Synchronous convenience: :class:`EstargzReader` over a :class:`BlobSource`; writer:
+:func:`convert`.
+"""
+
+from .chunk import decompress_chunk
+from .errors import (
+    BadFooter,
+    ChunkDigestMismatch,
+    CorruptChunk,
+    EstargzError,
+    FileDigestMismatch,
+    InvalidEntryName,
+    InvalidLayerTar,
+    InvalidToc,
+    TocDigestMismatch,
+    TocOutOfRange,
+    TruncatedBlob,
+)
+from .footer import (
+    DEFAULT_TAIL_FETCH,
+    ESTARGZ_FOOTER_SIZE,
+    LANDMARK_CONTENTS,
+    LEGACY_FOOTER_SIZE,
+    MAX_FOOTER_SIZE,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC_TAR_NAME,
+    ZSTD_FOOTER_SIZE,
+    Footer,
+    FooterKind,
+    estargz_footer_bytes,
+    parse_footer,
+    tail_fetch_size,
+    toc_bytes_from_tail,
+    toc_range,
+)
+from .index import Chunk, Entry, LayerIndex, clean_name
+from .reader import EstargzReader
+from .source import BlobSource, BytesBlobSource, FileBlobSource
+from .toc import Toc, parse_toc, toc_digest
+from .writer import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, ConvertResult, convert
+
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_LEVEL",
+    "DEFAULT_TAIL_FETCH",
+    "ESTARGZ_FOOTER_SIZE",
+    "LANDMARK_CONTENTS",
+    "LEGACY_FOOTER_SIZE",
+    "MAX_FOOTER_SIZE",
+    "NO_PREFETCH_LANDMARK",
+    "PREFETCH_LANDMARK",
+    "TOC_DIGEST_ANNOTATION",
+    "TOC_TAR_NAME",
+    "UNCOMPRESSED_SIZE_ANNOTATION",
+    "ZSTD_FOOTER_SIZE",
+    "BadFooter",
+    "BlobSource",
+    "BytesBlobSource",
+    "Chunk",
+    "ChunkDigestMismatch",
+    "ConvertResult",
+    "CorruptChunk",
+    "Entry",
+    "EstargzError",
+    "EstargzReader",
+    "FileBlobSource",
+    "FileDigestMismatch",
+    "Footer",
+    "FooterKind",
+    "InvalidEntryName",
+    "InvalidLayerTar",
+    "InvalidToc",
+    "LayerIndex",
+    "Toc",
+    "TocDigestMismatch",
+    "TocOutOfRange",
+    "TruncatedBlob",
+    "clean_name",
+    "convert",
+    "decompress_chunk",
+    "estargz_footer_bytes",
+    "parse_footer",
+    "parse_toc",
+    "tail_fetch_size",
+    "toc_bytes_from_tail",
+    "toc_digest",
+    "toc_range",
+]
