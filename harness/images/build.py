@@ -31,15 +31,15 @@ from harness.images.recipes import DEBIAN_SUITE, LayerSpec, Recipe, recipe_hash
 HOST_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 Progress = Callable[[str], None]
 
-# Paths dropped from every layer: package indexes and caches, logs, scratch space, and the
-# helper files the build itself puts in the chroot.
+# Paths dropped from every layer: package indexes and caches, scratch space, mount points'
+# contents. Under _DROP_FILES_UNDER only files go: packages create log directories with the
+# owner their daemon needs (tomcat's logs, postgres's), and those must stay.
 _DROP_PREFIXES = (
     "var/lib/apt/lists/",
     "var/cache/apt/",
     "var/cache/debconf/config.dat-old",
     "var/cache/debconf/templates.dat-old",
     "var/cache/ldconfig/aux-cache",
-    "var/log/",
     "tmp/",
     "var/tmp/",
     "root/.cache",
@@ -48,6 +48,7 @@ _DROP_PREFIXES = (
     "sys/",
     "run/lock/",
 )
+_DROP_FILES_UNDER = ("var/log/",)
 # Files the build writes into the chroot and removes from the upperdir afterwards.
 _BUILD_FILES = ("etc/resolv.conf", "usr/sbin/policy-rc.d")
 
@@ -304,10 +305,14 @@ def _chroot_layer(
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+    for name in _DROP_FILES_UNDER:
+        for path in sorted((upper / name).rglob("*")) if (upper / name).is_dir() else []:
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
 
 
-def _drop(name: str) -> bool:
-    return name.startswith(_DROP_PREFIXES)
+def _drop(name: str, is_dir: bool) -> bool:
+    return name.startswith(_DROP_PREFIXES) or (not is_dir and name.startswith(_DROP_FILES_UNDER))
 
 
 def _run(cmd: list[str], what: str, *, timeout: float) -> None:

@@ -32,13 +32,13 @@ def tree_to_tar(
     root: Path,
     out: Path,
     *,
-    exclude: Callable[[str], bool] = lambda name: False,
+    exclude: Callable[[str, bool], bool] = lambda name, is_dir: False,
     overlay_upper: bool = False,
 ) -> str:
     """Write the tree under ``root`` as an uncompressed layer tar at ``out``; return its diff ID.
 
-    ``exclude(name)`` gets each relative name (``usr/bin/x``) and drops it (and, for a
-    directory, everything below). With ``overlay_upper`` the tree is an overlayfs upperdir and
+    ``exclude(name, is_dir)`` gets each relative name (``usr/bin/x``) and drops it (and, for
+    a directory, everything below). With ``overlay_upper`` the tree is an overlayfs upperdir and
     its whiteouts and opaque directories become OCI whiteout entries.
     """
     links: dict[tuple[int, int], str] = {}
@@ -144,7 +144,7 @@ class _HashingWriter(io.RawIOBase):
         return self.raw.write(data)
 
 
-def _walk(root: Path, exclude: Callable[[str], bool]) -> Iterable[tuple[str, Path]]:
+def _walk(root: Path, exclude: Callable[[str, bool], bool]) -> Iterable[tuple[str, Path]]:
     """(relative name, path) of everything below ``root``, parents first, siblings sorted."""
     stack = [("", root)]
     while stack:
@@ -156,11 +156,12 @@ def _walk(root: Path, exclude: Callable[[str], bool]) -> Iterable[tuple[str, Pat
         subdirs = []
         for base in names:
             name = f"{prefix}{base}"
-            if exclude(name):
-                continue
             path = directory / base
+            is_dir = path.is_dir() and not path.is_symlink()
+            if exclude(name, is_dir):
+                continue
             yield name, path
-            if path.is_dir() and not path.is_symlink():
+            if is_dir:
                 subdirs.append((name + "/", path))
         stack.extend(reversed(subdirs))
 

@@ -216,9 +216,7 @@ def inspect_pushed(
 
 def _toc_digest(annotations: dict[str, str]) -> str | None:
     """The layer's TOC digest: eStargz's annotation, or zstd:chunked's manifest checksum."""
-    return annotations.get(TOC_DIGEST_ANNOTATION) or annotations.get(
-        ZSTD_CHUNKED_MANIFEST_CHECKSUM
-    )
+    return annotations.get(TOC_DIGEST_ANNOTATION) or annotations.get(ZSTD_CHUNKED_MANIFEST_CHECKSUM)
 
 
 def _prioritized_in(tar: Path, files: Sequence[str] | None) -> list[str]:
@@ -245,7 +243,8 @@ def _estargz(
     kwargs: dict = {"prioritized_files": prioritized}
     if chunk_size:
         kwargs["chunk_size"] = chunk_size
-    result = convert(tar, out, **kwargs)
+    with open(tar, "rb") as fin, open(out, "wb") as fout:
+        result = convert(fin, fout, **kwargs)
     desc = {
         "mediaType": MEDIA_GZIP,
         "annotations": {

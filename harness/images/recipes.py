@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # Bump when the builder changes the bytes it produces for the same recipe.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 DEBIAN_SUITE = "bookworm"
 

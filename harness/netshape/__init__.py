@@ -10,7 +10,7 @@
 """
 
 from harness.netshape.link import NetworkError, NetworkLink, cleanup_stale, leftovers
-from harness.netshape.probe import LinkMeasurement
+from harness.netshape.measure import LinkMeasurement
 from harness.netshape.profiles import PROFILES, NetworkProfile, UnknownProfile, get_profile
 
 __all__ = [

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 
-from harness.netshape.probe import LinkMeasurement, measure
+from harness.netshape.measure import LinkMeasurement, measure
 from harness.netshape.profiles import NetworkProfile, get_profile
 
 PREFIX = "lzb-"
@@ -36,6 +36,7 @@ SUBNET = ipaddress.ip_network("10.213.0.0/16")
 NS_IFACE = "eth0"
 QUEUE_NUM = 0
 PROBE_PORT = 5999
+UNSHAPED_MBIT = 20000.0  # what `unshaped()` sets tbf to: far above what a veth carries here
 
 
 class NetworkError(RuntimeError):
@@ -237,11 +238,7 @@ class NetworkLink:
         if self.netns is None:
             return
         errors = []
-        if self._delayer is not None:
-            # The rule goes first: the delayer then releases what it holds and exits.
-            _run(*self.prefix, "iptables", "-w", "5", "-D", "INPUT", *self._rule(), check=False)
-            _stop(self._delayer)
-            self._delayer = None
+        self._stop_delayer()
         _kill_namespace_processes(self.netns)
         for cmd in (
             ["ip", "netns", "del", self.netns],
@@ -315,24 +312,43 @@ class NetworkLink:
 
     @contextlib.contextmanager
     def unshaped(self) -> Iterator[None]:
-        """Lift rate and delay for a while (e.g. to push images before measuring)."""
+        """Lift rate and delay for a while (e.g. to push images before measuring).
+
+        Nothing in flight is lost: the tbf qdiscs are changed in place (deleting a qdisc drops
+        its queue) and the delayer is stopped the safe way (rule first, then release).
+        """
         if self.netns is None or not self._shaped:
             yield
             return
-        had_delayer = self._delayer is not None
-        if had_delayer:
-            _run(*self.prefix, "iptables", "-w", "5", "-D", "INPUT", *self._rule())
-        for ns, dev in (([], self.host_iface), (["-n", self.netns], NS_IFACE)):
-            _run("tc", *ns, "qdisc", "del", "dev", dev, "root", check=False)
+        self._set_rate(None)
+        self._stop_delayer()
         try:
             yield
         finally:
             if self.netns is not None:
-                self._shaped = False
-                if had_delayer:
-                    _stop(self._delayer)
-                    self._delayer = None
-                self._shape()
+                self._set_rate(self.profile.rate_mbit)
+                if self.delay_used == "nfqueue":
+                    self._start_delayer()
+
+    def _set_rate(self, rate_mbit: float | None) -> None:
+        if not self.profile.rate_mbit:
+            return
+        args = (
+            _tbf_args(rate_mbit, self.profile.rtt_ms)
+            if rate_mbit
+            else _tbf_args(UNSHAPED_MBIT, self.profile.rtt_ms)
+        )
+        parent = ["parent", "1:"] if self.delay_used == "netem" else ["root"]
+        for ns, dev in (([], self.host_iface), (["-n", self.netns], NS_IFACE)):
+            _run("tc", *ns, "qdisc", "change", "dev", dev, *parent, "handle", "10:", "tbf", *args)
+
+    def _stop_delayer(self) -> None:
+        """Remove the NFQUEUE rule, then let the delayer release what it holds and exit."""
+        if self._delayer is None:
+            return
+        _run(*self.prefix, "iptables", "-w", "5", "-D", "INPUT", *self._rule(), check=False)
+        _stop(self._delayer)
+        self._delayer = None
 
 
 def _tbf_args(rate_mbit: float, rtt_ms: float) -> list[str]:

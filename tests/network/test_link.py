@@ -1,0 +1,224 @@
+"""Real namespaces, veths, tbf and the NFQUEUE delayer: measured figures and clean teardown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from harness.netshape import (
+    PROFILES,
+    NetworkLink,
+    NetworkProfile,
+    UnknownProfile,
+    cleanup_stale,
+    leftovers,
+)
+from harness.netshape.link import NS_IFACE
+from harness.netshape.measure import measure
+
+
+def test_unknown_profile_names_the_known_ones():
+    with pytest.raises(UnknownProfile) as err:
+        NetworkLink("moon")
+    assert "moon" in str(err.value) and "wan" in str(err.value)
+
+
+def test_loopback_has_no_namespace(no_leftovers):
+    with NetworkLink("loopback") as link:
+        assert link.netns is None and link.prefix == []
+        assert link.ns_addr == "127.0.0.1"
+        m = link.measure(seconds=0.3, rtt_samples=3)
+        assert m.rate_mbit > 500 and m.rtt_ms < 5
+        assert link.info()["measured"]["rate_mbit"] == m.rate_mbit
+
+
+@pytest.mark.slow
+def test_wan_profile_rate_and_rtt_within_tolerance(no_leftovers):
+    profile = PROFILES["wan"]
+    with NetworkLink(profile) as link:
+        assert link.netns and link.netns.startswith(f"lzb-{os.getpid()}-")
+        assert link.host_addr.startswith("10.213.") and link.ns_addr.startswith("10.213.")
+        # a process started with the prefix really runs in the namespace
+        out = subprocess.run(
+            [*link.prefix, "ip", "-o", "-4", "addr", "show", "dev", NS_IFACE],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert link.ns_addr in out
+        m = link.measure(seconds=2.0)
+        info = link.info()
+    assert info["delay_method"] in ("netem", "nfqueue")
+    assert 0.80 * profile.rate_mbit <= m.rate_mbit <= 1.05 * profile.rate_mbit, m
+    assert 0.95 * profile.rtt_ms <= m.rtt_ms <= 1.25 * profile.rtt_ms, m
+
+
+@pytest.mark.slow
+def test_lan_profile_is_fast_and_short(no_leftovers):
+    profile = PROFILES["lan"]
+    with NetworkLink(profile) as link:
+        m = link.measure(seconds=1.0)
+    # 2 shared cores: the user-space delayer costs some rate and a fraction of a millisecond.
+    assert 0.4 * profile.rate_mbit <= m.rate_mbit <= 1.05 * profile.rate_mbit, m
+    assert profile.rtt_ms * 0.9 <= m.rtt_ms <= profile.rtt_ms + 1.5, m
+
+
+def test_custom_profile_rate_only(no_leftovers):
+    profile = NetworkProfile("test-50", 50.0, 0.0, "rate only")
+    with NetworkLink(profile) as link:
+        assert link.info()["delay_method"] is None
+        m = link.measure(seconds=1.0)
+    assert 40 <= m.rate_mbit <= 52.5, m
+    assert m.rtt_ms < 2, m
+
+
+def test_cleanup_after_an_exception(no_leftovers):
+    names = {}
+    with pytest.raises(RuntimeError, match="boom"), NetworkLink("wan") as link:
+        names["ns"], names["veth"] = link.netns, link.host_iface
+        raise RuntimeError("boom")
+    assert names["ns"] not in leftovers() and names["veth"] not in leftovers()
+    assert not os.path.exists(f"/run/netns/{names['ns']}")
+
+
+def _serve_in_ns(link: NetworkLink, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [
+            *link.prefix,
+            sys.executable,
+            "-m",
+            "harness.netshape.probe",
+            "--host",
+            link.ns_addr,
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _retransmits(link: NetworkLink) -> int:
+    out = subprocess.run(
+        [*link.prefix, "cat", "/proc/net/snmp"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    tcp = [line.split() for line in out if line.startswith("Tcp:")]
+    return int(tcp[1][tcp[0].index("RetransSegs")])
+
+
+def test_lifting_the_delay_mid_transfer_loses_no_packet(no_leftovers):
+    """Stopping the delayer while it holds packets: removed rule first, then all released."""
+    with NetworkLink("wan") as link:
+        server = _serve_in_ns(link, 6001)
+        try:
+            result = {}
+
+            def download():
+                result["m"] = measure(link.ns_addr, 6001, transfer_bytes=30_000_000, rtt_samples=1)
+
+            t = threading.Thread(target=download)
+            t.start()
+            time.sleep(1.0)  # in full flight: the delayer holds a window of ACKs
+            before = _retransmits(link)
+            with link.unshaped():
+                time.sleep(0.3)
+            t.join(60)
+            assert "m" in result and result["m"].transfer_bytes == 30_000_000
+            assert _retransmits(link) - before == 0
+            # shaping is back
+            m = link.measure(seconds=1.0, rtt_samples=3)
+            assert m.rtt_ms > 30 and m.rate_mbit < 110, m
+        finally:
+            server.terminate()
+            server.wait(5)
+
+
+def test_a_dead_delayer_does_not_cut_the_link(no_leftovers):
+    """--queue-bypass: with no delayer bound, packets pass undelayed instead of dropping."""
+    with NetworkLink("wan") as link:
+        link._delayer.kill()
+        link._delayer.wait(5)
+        server = _serve_in_ns(link, 6002)
+        try:
+            start = time.perf_counter()
+            with socket.create_connection((link.ns_addr, 6002), timeout=5):
+                pass
+            assert time.perf_counter() - start < 0.02
+        finally:
+            server.terminate()
+            server.wait(5)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from harness.netshape import NetworkLink
+    with NetworkLink("wan") as link:
+        print(link.netns, link.host_iface, link._delayer.pid, flush=True)
+        if sys.argv[1] == "sigint":
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(60)
+    """
+)
+
+
+def _child(how: str) -> tuple[subprocess.Popen, list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, how],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline().split()
+    assert len(line) == 3, proc.stderr.read()
+    return proc, line
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_ctrl_c_cleans_up():
+    proc, (netns, veth, delayer) = _child("sigint")
+    proc.wait(30)
+    assert proc.returncode != 0  # KeyboardInterrupt propagated after cleanup
+    assert netns not in leftovers() and veth not in leftovers()
+    assert not _alive(int(delayer))
+
+
+def test_cleanup_stale_removes_a_killed_runs_leftovers():
+    proc, (netns, veth, delayer) = _child("sleep")
+    with NetworkLink("loopback"):
+        pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert netns in leftovers()  # SIGKILL leaves the namespace behind…
+    deadline = time.monotonic() + 5
+    while _alive(int(delayer)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(int(delayer))  # …but the delayer died with its parent
+    removed = cleanup_stale()
+    assert f"netns {netns}" in removed
+    assert netns not in leftovers() and veth not in leftovers()
+
+
+def test_cleanup_stale_leaves_live_links_alone(no_leftovers):
+    with NetworkLink("veth") as link:
+        cleanup_stale()
+        assert link.netns in leftovers()
