@@ -1,10 +1,133 @@
-"""`lazybench estargz convert|ls` (placeholder until the format library lands)."""
+"""`lazybench estargz convert|ls`: the format library for users and scripts.
+
+``convert`` prints one JSON object (what the layer descriptor and its annotations need);
+``ls`` verifies a blob (every chunk; the TOC too when ``--toc-digest`` is given) and prints one
+JSON line per path, in the shape of the reference vectors' ``NAME.entries.jsonl``. Output
+files are written atomically; bad input is one line on stderr and a non-zero exit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from harness.cli import UserError
+from store.estargz import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_LEVEL,
+    EstargzError,
+    EstargzReader,
+    FileBlobSource,
+    convert,
+)
+from store.estargz.listing import listing
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("estargz", help="convert and inspect eStargz layers")
-    parser.set_defaults(func=lambda args: 2)
+    esub = parser.add_subparsers(dest="estargz_command", required=True, metavar="ACTION")
+
+    conv = esub.add_parser("convert", help="layer tar (plain/gzip/zstd) → eStargz blob")
+    conv.add_argument("input", help="layer tar, or - for stdin")
+    conv.add_argument("output", help="eStargz blob to write (atomically)")
+    conv.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK_SIZE)
+    conv.add_argument("--level", type=_level, default=DEFAULT_LEVEL, help="gzip level 0-9")
+    conv.add_argument(
+        "--prioritized-files",
+        metavar="FILE",
+        help="file listing paths to put first, one per line (# comments allowed)",
+    )
+    conv.set_defaults(func=_convert)
+
+    ls = esub.add_parser("ls", help="verify an eStargz blob and list its entries as JSON lines")
+    ls.add_argument("blob")
+    ls.add_argument("--toc-digest", help="expected TOC digest (sha256:…)")
+    ls.set_defaults(func=_ls)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def _level(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= 9:
+        raise argparse.ArgumentTypeError(f"gzip level must be 0-9: {value}")
+    return value
+
+
+def _read_prioritized(path: str | None) -> list[str]:
+    if not path:
+        return []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read prioritized files list {path}: {exc}") from None
+    return [s for line in lines if (s := line.strip()) and not s.startswith("#")]
+
+
+def _convert(args: argparse.Namespace) -> int:
+    prioritized = _read_prioritized(args.prioritized_files)
+    out_path = Path(args.output)
+    try:
+        src: BinaryIO = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise UserError(f"cannot open {args.input}: {exc.strerror}") from None
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent or "."
+        )
+        with os.fdopen(fd, "wb") as out:
+            result = convert(
+                src,
+                out,
+                chunk_size=args.chunk_size,
+                level=args.level,
+                prioritized_files=prioritized,
+            )
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, out_path)
+        tmp_name = None
+    except EstargzError as exc:
+        raise UserError(f"{args.input}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"converting {args.input} to {args.output}: {exc}") from None
+    finally:
+        if src is not sys.stdin.buffer:
+            src.close()
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+    print(json.dumps(result.as_dict()))
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    try:
+        with FileBlobSource(args.blob) as src:
+            reader = EstargzReader(src, args.toc_digest)
+            # Verify everything before printing anything: no partial listing of a bad blob.
+            lines = list(listing(reader))
+    except EstargzError as exc:
+        raise UserError(f"{args.blob}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {args.blob}: {exc.strerror or exc}") from None
+    out = sys.stdout
+    for line in lines:
+        out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n")
+    return 0

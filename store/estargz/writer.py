@@ -1,13 +1,69 @@
-"""Layer tar → eStargz blob (placeholder until the streaming writer lands)."""
+"""Layer tar (plain, gzip or zstd) → eStargz blob, streaming, compressing on all cores.
+
+Layout follows the Go writer (containerd/stargz-snapshotter ``estargz.Writer``/``Build``):
+
+* a new gzip member starts at every regular file's payload and at every ``chunk_size`` piece
+  of it; tar headers (and padding) of the entries that follow ride in the current member;
+* prioritized files (and their parent directories, and hardlink targets) come first, then
+  ``.prefetch.landmark``; with no prioritized files ``.no.prefetch.landmark`` comes first.
+  Landmarks hold one byte ``0x0f``; landmarks or a TOC already in the input are dropped;
+* TOC entries carry ``digest`` (sha256 of the whole file) and ``chunkDigest`` (sha256 of the
+  chunk's bytes); the reg entry doubles as its first chunk; ``chunkSize`` is written for
+  every chunk except a trailing partial one;
+* the TOC is the tar entry ``stargz.index.json`` (followed by the end-of-archive blocks) in
+  its own gzip member, then the 51-byte footer. ``diff_id`` covers everything up to the
+  footer, decompressed.
+
+Members are independent, so they are compressed in a thread pool (``zlib.compress`` releases
+the GIL) and written in order; at most a few batches are in flight, so memory stays bounded
+whatever the layer size. With prioritized files the (decompressed) input is spooled to a
+temporary file so it can be read twice.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import base64
+import collections
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from datetime import UTC, datetime
+from typing import Any, BinaryIO
+
+from zstandard import ZstdDecompressor, ZstdError
+
+from .errors import InvalidLayerTar
+from .footer import (
+    LANDMARK_CONTENTS,
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC_TAR_NAME,
+    estargz_footer_bytes,
+)
+from .index import clean_name, parent_dir
+from .toc import encode_toc, toc_digest
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 9  # the Go library's default (gzip.BestCompression)
+BATCH_BYTES = 1 << 20  # small members are compressed in batches of about this size
+XATTR_PREFIX = "SCHILY.xattr."
+_TYPES = {
+    tarfile.REGTYPE: "reg",
+    tarfile.AREGTYPE: "reg",
+    tarfile.DIRTYPE: "dir",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
+    tarfile.FIFOTYPE: "fifo",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +73,15 @@ class ConvertResult:
     diff_id: str  # sha256 of the blob decompressed (the tar we wrote)
     toc_digest: str  # sha256 of the TOC JSON
     uncompressed_size: int  # bytes of that tar
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest,
+            "size": self.size,
+            "diff_id": self.diff_id,
+            "toc_digest": self.toc_digest,
+            "uncompressed_size": self.uncompressed_size,
+        }
 
 
 def convert(
@@ -28,4 +93,404 @@ def convert(
     prioritized_files: Iterable[str] = (),
     workers: int | None = None,
 ) -> ConvertResult:
-    raise NotImplementedError("eStargz writer not implemented yet")
+    """Write the eStargz form of the layer tar read from ``tar_in`` to ``out``.
+
+    Raises :class:`InvalidLayerTar` if the input is not a readable tar (or a tar entry type
+    eStargz cannot carry). ``out`` only needs ``write``.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk size must be positive, got {chunk_size}")
+    if not 0 <= level <= 9:
+        raise ValueError(f"gzip level must be 0..9, got {level}")
+    prioritized = [p for p in prioritized_files if clean_name(p)]
+    plain = _decompressed(tar_in)
+    members = _MemberWriter(out, level, workers or os.cpu_count() or 2)
+    try:
+        w = _LayerWriter(members, chunk_size)
+        try:
+            if prioritized:
+                with tempfile.TemporaryFile(prefix="lazybench-estargz-") as spool:
+                    _copy(plain, spool)
+                    spool.seek(0)
+                    for item in _prioritized_order(spool, prioritized):
+                        w.add(*item)
+            else:
+                w.add_landmark(NO_PREFETCH_LANDMARK)
+                for item in _stream_items(plain):
+                    w.add(*item)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, ZstdError) as exc:
+            raise InvalidLayerTar(f"input is not a readable tar: {exc}") from None
+        return w.finish()
+    finally:
+        members.close()
+
+
+# -- input ----------------------------------------------------------------------------------
+
+
+class _Prefixed(io.RawIOBase):
+    """A read-only stream: some already-read bytes, then the rest of ``f``."""
+
+    def __init__(self, head: bytes, f: BinaryIO) -> None:
+        self._head = head
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _decompressed(f: BinaryIO) -> BinaryIO:
+    """The plain tar stream from plain, gzip or zstd input (sniffed from the magic bytes)."""
+    head = f.read(4)
+    if not head:
+        raise InvalidLayerTar("input is empty: not a tar")
+    stream: BinaryIO = io.BufferedReader(_Prefixed(head, f), 1 << 20)  # type: ignore[arg-type]
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
+    if head == b"\x28\xb5\x2f\xfd":
+        reader = ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+        return reader  # type: ignore[return-value]
+    return stream
+
+
+def _copy(src: BinaryIO, dst: BinaryIO) -> None:
+    while piece := src.read(1 << 20):
+        dst.write(piece)
+
+
+class _Reader:
+    """Reads exactly ``size`` bytes of one member's payload, in pieces."""
+
+    def __init__(self, f: BinaryIO | None, size: int, name: str) -> None:
+        self.f, self.size, self.name = f, size, name
+
+    def read(self, n: int) -> bytes:
+        if self.f is None:
+            raise InvalidLayerTar(f"{self.name!r}: no payload")
+        data = self.f.read(n)
+        if len(data) != n:
+            raise InvalidLayerTar(
+                f"{self.name!r}: tar truncated inside the payload ({len(data)} of {n} bytes)"
+            )
+        return data
+
+
+def _stream_items(f: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, _Reader | None]]:
+    with tarfile.open(fileobj=f, mode="r|", encoding="utf-8", errors="surrogateescape") as tar:
+        for ti in tar:
+            tar.members.clear()  # stream mode would otherwise keep every header
+            if _skip(ti):
+                continue
+            payload = tar.extractfile(ti) if ti.isreg() and ti.size else None
+            if payload is None:
+                yield ti, None
+            else:
+                yield ti, _Reader(payload, ti.size, ti.name)  # type: ignore[arg-type]
+
+
+def _skip(ti: tarfile.TarInfo) -> bool:
+    return clean_name(ti.name) in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME)
+
+
+def _prioritized_order(
+    spool: BinaryIO, prioritized: list[str]
+) -> Iterator[tuple[tarfile.TarInfo | None, _Reader | None]]:
+    """Prioritized files (with parents and hardlink targets), the landmark, then the rest —
+    Go's ``sortEntries``/``moveRec``. Yields ``(None, None)`` where the landmark goes."""
+    with tarfile.open(fileobj=spool, mode="r:", encoding="utf-8", errors="surrogateescape") as tar:
+        infos = [ti for ti in tar.getmembers() if not _skip(ti)]
+    by_name: dict[str, int] = {}
+    for i, ti in enumerate(infos):
+        by_name[clean_name(ti.name)] = i  # the last of duplicates wins, as on extraction
+    moved: list[int] = []
+    taken: set[int] = set()
+
+    def move(name: str) -> None:
+        name = clean_name(name)
+        i = by_name.get(name)
+        if name:
+            move(parent_dir(name))
+        if i is None or i in taken:
+            return
+        if infos[i].islnk():
+            move(infos[i].linkname)
+        taken.add(i)
+        moved.append(i)
+
+    for p in prioritized:
+        move(p)
+    order = moved + [-1] + [i for i in range(len(infos)) if i not in taken]
+    for i in order:
+        if i < 0:
+            yield None, None
+            continue
+        ti = infos[i]
+        if ti.isreg() and ti.size:
+            spool.seek(ti.offset_data)
+            yield ti, _Reader(spool, ti.size, ti.name)
+        else:
+            yield ti, None
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def _compress_batch(jobs: list[tuple[bytes, int]], level: int) -> list[tuple[bytes, str]]:
+    """Compress each member; hash its leading payload bytes (the chunk) while we're here."""
+    out = []
+    for data, payload_len in jobs:
+        digest = "sha256:" + hashlib.sha256(data[:payload_len]).hexdigest() if payload_len else ""
+        out.append((zlib.compress(data, level, wbits=31), digest))
+    return out
+
+
+class _MemberWriter:
+    """Gzip members in order: compressed in a pool, written sequentially, hashed."""
+
+    def __init__(self, out: BinaryIO, level: int, workers: int) -> None:
+        self.out = out
+        self.level = level
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="estargz-gz")
+        self.max_inflight = max(2, workers * 2)
+        self.pending: collections.deque[Future[list[tuple[bytes, str]]]] = collections.deque()
+        self.batch: list[tuple[bytes, int]] = []
+        self.batch_bytes = 0
+        self.cur = bytearray()
+        self.cur_payload = 0
+        self.count = 0  # members closed so far (the current one has index `count`)
+        self.offsets: list[int] = []  # compressed offset of each written member
+        self.chunk_digests: list[str] = []  # digest of each member's leading payload
+        self.written = 0
+        self.blob_hash = hashlib.sha256()
+        self.diff_hash = hashlib.sha256()
+        self.uncompressed = 0
+
+    def write(self, data: bytes) -> None:
+        self.cur += data
+        self.diff_hash.update(data)
+        self.uncompressed += len(data)
+
+    def start_payload_member(self, payload: bytes) -> int:
+        """Close the current member and start one with ``payload``; returns its index."""
+        self.cut()
+        self.cur_payload = len(payload)
+        self.write(payload)
+        return self.count
+
+    def cut(self) -> None:
+        if self.cur:
+            self.batch.append((bytes(self.cur), self.cur_payload))
+            self.batch_bytes += len(self.cur)
+            self.cur = bytearray()
+            self.cur_payload = 0
+            self.count += 1
+            if self.batch_bytes >= BATCH_BYTES:
+                self._submit()
+
+    def _submit(self) -> None:
+        if self.batch:
+            self.pending.append(self.pool.submit(_compress_batch, self.batch, self.level))
+            self.batch, self.batch_bytes = [], 0
+            while len(self.pending) > self.max_inflight:
+                self._drain_one()
+
+    def _drain_one(self) -> None:
+        for data, digest in self.pending.popleft().result():
+            self.offsets.append(self.written)
+            self.chunk_digests.append(digest)
+            self._emit(data)
+
+    def _emit(self, data: bytes) -> None:
+        self.out.write(data)
+        self.blob_hash.update(data)
+        self.written += len(data)
+
+    def flush(self) -> None:
+        self.cut()
+        self._submit()
+        while self.pending:
+            self._drain_one()
+
+    def write_raw_member(self, uncompressed: bytes) -> None:
+        """Compress and write one member right now (the TOC), after everything pending."""
+        self.flush()
+        self.diff_hash.update(uncompressed)
+        self.uncompressed += len(uncompressed)
+        self._emit(zlib.compress(uncompressed, self.level, wbits=31))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _LayerWriter:
+    """Turns tar entries into members and TOC entries."""
+
+    def __init__(self, members: _MemberWriter, chunk_size: int) -> None:
+        self.m = members
+        self.chunk_size = chunk_size
+        self.entries: list[dict[str, Any]] = []
+        # (entry dict, member index) whose offset/chunkDigest are filled in at the end
+        self.fixups: list[tuple[dict[str, Any], int]] = []
+        self.unames: dict[int, str] = {}
+        self.gnames: dict[int, str] = {}
+
+    def add_landmark(self, name: str) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mode, ti.mtime = len(LANDMARK_CONTENTS), 0, 0
+        ti.uname = ti.gname = ""
+        self.add(ti, _BytesReader(LANDMARK_CONTENTS))
+
+    def add(self, ti: tarfile.TarInfo | None, payload: _Reader | _BytesReader | None) -> None:
+        if ti is None:
+            self.add_landmark(PREFETCH_LANDMARK)
+            return
+        if ti.issparse():
+            raise InvalidLayerTar(f"{ti.name!r}: sparse tar entries are not supported")
+        etype = _TYPES.get(ti.type)
+        if etype is None:
+            raise InvalidLayerTar(f"{ti.name!r}: tar entry type {ti.type!r} is not supported")
+        self.m.write(_header(ti))
+        entry = self._toc_entry(ti, etype)
+        self.entries.append(entry)
+        if etype != "reg":
+            return
+        if ti.size == 0:
+            entry["digest"] = "sha256:" + hashlib.sha256(b"").hexdigest()
+            return
+        assert payload is not None
+        whole = hashlib.sha256() if ti.size > self.chunk_size else None
+        done = 0
+        chunk_entry = entry
+        while done < ti.size:
+            n = min(self.chunk_size, ti.size - done)
+            data = payload.read(n)
+            if whole is not None:
+                whole.update(data)
+            else:
+                entry["digest"] = None  # the chunk digest, filled in at the end
+            if chunk_entry is not entry:
+                chunk_entry["chunkOffset"] = done
+            if n == self.chunk_size:
+                chunk_entry["chunkSize"] = n
+            idx = self.m.start_payload_member(data)
+            self.fixups.append((chunk_entry, idx))
+            done += n
+            if done < ti.size:
+                chunk_entry = {"name": ti.name, "type": "chunk"}
+                self.entries.append(chunk_entry)
+        if whole is not None:
+            entry["digest"] = "sha256:" + whole.hexdigest()
+        pad = -ti.size % tarfile.BLOCKSIZE
+        if pad:
+            self.m.write(b"\0" * pad)
+
+    def _toc_entry(self, ti: tarfile.TarInfo, etype: str) -> dict[str, Any]:
+        e: dict[str, Any] = {"name": ti.name + ("/" if etype == "dir" else ""), "type": etype}
+        if etype == "reg" and ti.size:
+            e["size"] = ti.size
+        if int(ti.mtime) != 0:
+            e["modtime"] = _rfc3339(ti.mtime)
+        if ti.linkname and etype in ("symlink", "hardlink"):
+            e["linkName"] = ti.linkname
+        if ti.mode:
+            e["mode"] = ti.mode
+        if ti.uid:
+            e["uid"] = ti.uid
+        if ti.gid:
+            e["gid"] = ti.gid
+        if un := _name_if_changed(self.unames, ti.uid, ti.uname):
+            e["userName"] = un
+        if gn := _name_if_changed(self.gnames, ti.gid, ti.gname):
+            e["groupName"] = gn
+        if etype in ("reg",) and ti.size:
+            e["offset"] = None  # placeholder keeps Go's field order; filled in at the end
+        if etype in ("char", "block"):
+            if ti.devmajor:
+                e["devMajor"] = ti.devmajor
+            if ti.devminor:
+                e["devMinor"] = ti.devminor
+        xattrs = {
+            k[len(XATTR_PREFIX) :]: base64.b64encode(v.encode("utf-8", "surrogateescape")).decode(
+                "ascii"
+            )
+            for k, v in ti.pax_headers.items()
+            if k.startswith(XATTR_PREFIX)
+        }
+        if xattrs:
+            e["xattrs"] = dict(sorted(xattrs.items()))
+        if etype == "reg":
+            e["digest"] = ""
+        return e
+
+    def finish(self) -> ConvertResult:
+        self.m.flush()
+        for entry, idx in self.fixups:
+            entry["offset"] = self.m.offsets[idx]
+            entry["chunkDigest"] = self.m.chunk_digests[idx]
+            if entry.get("digest", "") is None:
+                entry["digest"] = self.m.chunk_digests[idx]
+        toc_offset = self.m.written
+        for e in self.entries:
+            if e.get("type") == "chunk":
+                # Go's field order: name, type, offset, chunkOffset, chunkSize, chunkDigest
+                order = ("name", "type", "offset", "chunkOffset", "chunkSize", "chunkDigest")
+                items = {k: e[k] for k in order if k in e}
+                e.clear()
+                e.update(items)
+        toc_json = encode_toc(self.entries)
+        ti = tarfile.TarInfo(TOC_TAR_NAME)
+        ti.size, ti.mode, ti.mtime = len(toc_json), 0, 0
+        ti.uname = ti.gname = ""
+        pad = -len(toc_json) % tarfile.BLOCKSIZE
+        member = (
+            ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+            + toc_json
+            + b"\0" * pad
+            + b"\0" * (2 * tarfile.BLOCKSIZE)
+        )
+        self.m.write_raw_member(member)
+        self.m._emit(estargz_footer_bytes(toc_offset))
+        return ConvertResult(
+            digest="sha256:" + self.m.blob_hash.hexdigest(),
+            size=self.m.written,
+            diff_id="sha256:" + self.m.diff_hash.hexdigest(),
+            toc_digest=toc_digest(toc_json),
+            uncompressed_size=self.m.uncompressed,
+        )
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self.f = io.BytesIO(data)
+
+    def read(self, n: int) -> bytes:
+        return self.f.read(n)
+
+
+def _header(ti: tarfile.TarInfo) -> bytes:
+    try:
+        return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    except ValueError as exc:
+        raise InvalidLayerTar(f"{ti.name!r}: cannot write its tar header: {exc}") from None
+
+
+def _name_if_changed(seen: dict[int, str], ident: int, name: str) -> str:
+    """Go's ``nameIfChanged``: a user/group name is written only when it changes per id."""
+    if not name or seen.get(ident) == name:
+        return ""
+    seen[ident] = name
+    return name
+
+
+def _rfc3339(mtime: float) -> str:
+    return datetime.fromtimestamp(round(mtime), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
