@@ -56,12 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="stargz-store", description="Lazily pulled eStargz layers for podman, over FUSE."
     )
-    p.add_argument("--config", type=Path, default=None,
-                   help="TOML config (default /etc/stargz-store/config.toml, may be absent)")
-    p.add_argument("--root", type=Path, default=DEFAULT_ROOT,
-                   help="state directory: chunk cache (default /var/lib/stargz-store)")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warn", "warning", "error"], help="log level")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML config (default /etc/stargz-store/config.toml, may be absent)",
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=DEFAULT_ROOT,
+        help="state directory: chunk cache (default /var/lib/stargz-store)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warn", "warning", "error"],
+        help="log level",
+    )
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     return p
 
@@ -139,8 +151,12 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
 
     async with client, trio.open_nursery() as nursery:
         manager = LayerManager(
-            cfg, RemoteRegistry(client), cache, nursery,
-            on_layer_fetch=metrics.on_fetch, on_file_access=on_access,
+            cfg,
+            RemoteRegistry(client),
+            cache,
+            nursery,
+            on_layer_fetch=metrics.on_fetch,
+            on_file_access=on_access,
         )
         ops = StoreOperations(StoreFS(manager), cfg.attr_timeout, cfg.entry_timeout)
         options = set(pyfuse3.default_options)

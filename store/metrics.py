@@ -33,23 +33,35 @@ class StoreMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.fetched_bytes = Counter(
-            "stargz_store_fetched_bytes", "Compressed bytes fetched from the registry",
-            ["layer"], registry=self.registry)
+            "stargz_store_fetched_bytes",
+            "Compressed bytes fetched from the registry",
+            ["layer"],
+            registry=self.registry,
+        )
         self.fetch_requests = Counter(
-            "stargz_store_fetch_requests", "Range requests sent to the registry", ["layer"],
-            registry=self.registry)
+            "stargz_store_fetch_requests",
+            "Range requests sent to the registry",
+            ["layer"],
+            registry=self.registry,
+        )
         self.fetch_seconds = Histogram(
-            "stargz_store_fetch_seconds", "Latency of one range request",
-            registry=self.registry)
+            "stargz_store_fetch_seconds", "Latency of one range request", registry=self.registry
+        )
         self.on_demand_reads = Counter(
-            "stargz_store_on_demand_reads", "FUSE reads of layer files", ["layer"],
-            registry=self.registry)
-        self.cache_hits = Gauge("stargz_store_cache_hits", "Chunk cache hits",
-                                registry=self.registry)
-        self.cache_misses = Gauge("stargz_store_cache_misses", "Chunk cache misses",
-                                  registry=self.registry)
-        self.cache_bytes = Gauge("stargz_store_cache_bytes", "Bytes in the chunk cache",
-                                 registry=self.registry)
+            "stargz_store_on_demand_reads",
+            "FUSE reads of layer files",
+            ["layer"],
+            registry=self.registry,
+        )
+        self.cache_hits = Gauge(
+            "stargz_store_cache_hits", "Chunk cache hits", registry=self.registry
+        )
+        self.cache_misses = Gauge(
+            "stargz_store_cache_misses", "Chunk cache misses", registry=self.registry
+        )
+        self.cache_bytes = Gauge(
+            "stargz_store_cache_bytes", "Bytes in the chunk cache", registry=self.registry
+        )
 
     def on_fetch(self, layer: Layer, nbytes: int, seconds: float) -> None:
         self.fetched_bytes.labels(layer.digest).inc(nbytes)
@@ -77,8 +89,10 @@ class AccessTrace:
 
     def record(self, layer: Layer, node: Node) -> None:
         line: dict[str, Any] = {
-            "layer": layer.digest, "toc_digest": layer.toc_digest,
-            "path": layer.tree.path_of(node), "time": round(time.time(), 3),
+            "layer": layer.digest,
+            "toc_digest": layer.toc_digest,
+            "path": layer.tree.path_of(node),
+            "time": round(time.time(), 3),
         }
         self._f.write(json.dumps(line) + "\n")
         self._f.flush()

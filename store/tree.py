@@ -69,6 +69,8 @@ class Node:
         self.rdev = 0
         self.nlink = 1
         self.children: dict[bytes, Node] | None = {} if stat.S_ISDIR(mode) else None
+        if self.children is not None:
+            self.size = 4096  # what ext4/xfs show; tools comparing trees expect it
         self.entry: Any = None  # the TOC entry of a regular file (for its chunks)
         self.target: bytes = b""  # symlink target
         self.xattrs: dict[bytes, bytes] | None = None
@@ -114,7 +116,8 @@ class LayerTree:
 
     def __init__(self, entries: Iterable[tuple[EntryView, Any]]) -> None:
         self.nodes: list[Node] = []
-        self.root = self._new(stat.S_IFDIR | 0o755)
+        # A tar that does not name "./" gets a 0555 layer root from containers/storage.
+        self.root = self._new(stat.S_IFDIR | 0o555)
         self._paths: dict[int, str] | None = None
         for view, raw in entries:
             self._add(view, raw)

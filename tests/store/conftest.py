@@ -53,9 +53,20 @@ class StoreProcess:
 
     def start(self) -> StoreProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "store", "--config", str(self.config), "--root",
-             str(self.workdir / "root"), "--log-level", "debug", str(self.mnt)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"),
+            [
+                sys.executable,
+                "-m",
+                "store",
+                "--config",
+                str(self.config),
+                "--root",
+                str(self.workdir / "root"),
+                "--log-level",
+                "debug",
+                str(self.mnt),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "wb"),
         )
         deadline = time.monotonic() + 20
         while not _mounted(self.mnt):

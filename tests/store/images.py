@@ -29,9 +29,16 @@ USIZE_ANN = "io.containers.estargz.uncompressed-size"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-_TYPES = {tarfile.DIRTYPE: "dir", tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg",
-          tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink", tarfile.CHRTYPE: "char",
-          tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo"}
+_TYPES = {
+    tarfile.DIRTYPE: "dir",
+    tarfile.REGTYPE: "reg",
+    tarfile.AREGTYPE: "reg",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
+    tarfile.FIFOTYPE: "fifo",
+}
 
 
 @dataclass
@@ -106,17 +113,27 @@ def to_estargz(tar_bytes: bytes, chunk_size: int = 256 << 10) -> Blob:
     cut_of = {(id(m), off): t for t, m, off in cuts}
     for m in members:
         name = m.name[2:] if m.name.startswith("./") else m.name
-        e: dict = {"name": name, "type": _TYPES[m.type], "mode": m.mode, "uid": m.uid,
-                   "gid": m.gid, "userName": m.uname, "groupName": m.gname,
-                   "modtime": dt.datetime.fromtimestamp(m.mtime, dt.UTC)
-                   .strftime("%Y-%m-%dT%H:%M:%SZ")}
+        e: dict = {
+            "name": name,
+            "type": _TYPES[m.type],
+            "mode": m.mode,
+            "uid": m.uid,
+            "gid": m.gid,
+            "userName": m.uname,
+            "groupName": m.gname,
+            "modtime": dt.datetime.fromtimestamp(m.mtime, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
         if m.issym() or m.islnk():
             e["linkName"] = m.linkname
         if m.ischr() or m.isblk():
             e["devMajor"], e["devMinor"] = m.devmajor, m.devminor
-        xattrs = {k[len("SCHILY.xattr."):]: base64.b64encode(v.encode("utf-8",
-                  "surrogateescape")).decode() for k, v in m.pax_headers.items()
-                  if k.startswith("SCHILY.xattr.")}
+        xattrs = {
+            k[len("SCHILY.xattr.") :]: base64.b64encode(
+                v.encode("utf-8", "surrogateescape")
+            ).decode()
+            for k, v in m.pax_headers.items()
+            if k.startswith("SCHILY.xattr.")
+        }
         if xattrs:
             e["xattrs"] = xattrs
         if m.isreg():
@@ -152,8 +169,13 @@ def to_estargz(tar_bytes: bytes, chunk_size: int = 256 << 10) -> Blob:
     uncompressed.update(toc_tar)
     payload = b"%016xSTARGZ" % toc_offset
     extra = b"SG" + struct.pack("<H", len(payload)) + payload
-    out += (b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff" + struct.pack("<H", len(extra)) + extra
-            + b"\x01\x00\x00\xff\xff" + b"\0" * 8)
+    out += (
+        b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
+        + struct.pack("<H", len(extra))
+        + extra
+        + b"\x01\x00\x00\xff\xff"
+        + b"\0" * 8
+    )
     total = end_of_entries + len(toc_tar)
     return Blob(bytes(out), "sha256:" + uncompressed.hexdigest(), sha(toc_json), total)
 
@@ -162,11 +184,13 @@ def to_gzip(tar_bytes: bytes) -> Blob:
     return Blob(gzip.compress(tar_bytes, 6, mtime=0), sha(tar_bytes))
 
 
-async def push_image(host: str, repo: str, tag: str, blobs: list[Blob],
-                     toc_override: dict[int, str] | None = None) -> str:
+async def push_image(
+    host: str, repo: str, tag: str, blobs: list[Blob], toc_override: dict[int, str] | None = None
+) -> str:
     """Push layers + config + OCI manifest; returns the manifest digest."""
     config = {
-        "architecture": "amd64", "os": "linux",
+        "architecture": "amd64",
+        "os": "linux",
         "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
         "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b in blobs]},
     }
@@ -185,9 +209,9 @@ async def push_image(host: str, repo: str, tag: str, blobs: list[Blob],
             layers.append(desc)
         await client.push_blob(ref, config_raw)
         manifest = {
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": sha(config_raw),
-                       "size": len(config_raw)},
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": sha(config_raw), "size": len(config_raw)},
             "layers": layers,
         }
         return await client.push_manifest(ref, json.dumps(manifest).encode(), OCI_MANIFEST)
