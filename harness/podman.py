@@ -157,7 +157,10 @@ class PodmanEnv:
         for host in self.insecure_registries:
             registries += f"\n[[registry]]\nlocation = {toml_str(host)}\ninsecure = true\n"
         for name, text in (
-            ("containers.conf", CONTAINERS_CONF),
+            # [engine] is the last table: a private libpod tmp_dir, so another env's
+            # `system reset` cannot remove our /run/libpod/alive.
+            ("containers.conf",
+             CONTAINERS_CONF + f"tmp_dir = {toml_str(str(self.workdir / 'libpod'))}\n"),
             ("storage.conf", storage),
             ("registries.conf", registries),
         ):
