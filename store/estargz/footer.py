@@ -10,6 +10,8 @@ here. Layouts (checked against containerd/stargz-snapshotter ``estargz`` and
 * zstd:chunked, 48 bytes: a zstd skippable frame (magic ``50 2a 4d 18``, length 40) holding
   little-endian u64 TOC offset, compressed TOC length, uncompressed TOC length, manifest type
   (1) and the magic ``GnUlInUx``. The offset points at the zstd-compressed TOC JSON itself.
+  containers/storage ``pkg/chunked`` writes a 64-byte payload instead (72 bytes in all): the
+  same four fields, then tar-split offset and lengths, then ``GNUlInUx``.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from .errors import BadFooter, TruncatedBlob
 
 ESTARGZ_FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
-ZSTD_FOOTER_SIZE = 48
-MAX_FOOTER_SIZE = ESTARGZ_FOOTER_SIZE
+ZSTD_FOOTER_SIZE = 48  # stargz-snapshotter's zstdchunked: 8 + 40
+ZSTD_FOOTER_V2_SIZE = 72  # containers/storage pkg/chunked (with tar-split): 8 + 64
+MAX_FOOTER_SIZE = ZSTD_FOOTER_V2_SIZE
 ZSTD_SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
 ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
+ZSTD_CHUNKED_MAGICS = (ZSTD_CHUNKED_MAGIC, b"GNUlInUx")  # containers/storage spells it so
 ZSTD_MANIFEST_TYPE_CRFS = 1
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -103,8 +107,8 @@ def parse_footer(tail: bytes, blob_size: int) -> Footer:
             f"(need at least {LEGACY_FOOTER_SIZE} bytes at the end, got {len(tail)})"
         )
     errors: list[str] = []
-    if len(tail) >= ZSTD_FOOTER_SIZE and tail[-8:] == ZSTD_CHUNKED_MAGIC:
-        return _parse_zstd(tail[-ZSTD_FOOTER_SIZE:], blob_size)
+    if len(tail) >= ZSTD_FOOTER_SIZE and tail[-8:] in ZSTD_CHUNKED_MAGICS:
+        return _parse_zstd(tail, blob_size)
     for size, parse in ((ESTARGZ_FOOTER_SIZE, _parse_estargz), (LEGACY_FOOTER_SIZE, _parse_legacy)):
         if len(tail) < size:
             continue
@@ -172,16 +176,27 @@ def _parse_legacy(footer: bytes) -> int:
     return _toc_offset_field(_gzip_extra(footer))
 
 
-def _parse_zstd(footer: bytes, blob_size: int) -> Footer:
-    where = f"zstd:chunked footer at offset {blob_size - ZSTD_FOOTER_SIZE}"
-    if footer[:4] != ZSTD_SKIPPABLE_MAGIC or struct.unpack_from("<I", footer, 4)[0] != 40:
-        raise BadFooter(f"{where}: not a 40-byte zstd skippable frame")
+def _parse_zstd(tail: bytes, blob_size: int) -> Footer:
+    for size in (ZSTD_FOOTER_V2_SIZE, ZSTD_FOOTER_SIZE):
+        footer = tail[-size:]
+        if (
+            len(footer) == size
+            and footer[:4] == ZSTD_SKIPPABLE_MAGIC
+            and struct.unpack_from("<I", footer, 4)[0] == size - 8
+        ):
+            break
+    else:
+        raise BadFooter(
+            f"zstd:chunked magic at offset {blob_size - 8} but no 40- or 64-byte zstd "
+            f"skippable frame holding the footer"
+        )
+    where = f"zstd:chunked footer at offset {blob_size - size}"
     offset, csize, usize, mtype = struct.unpack_from("<QQQQ", footer, 8)
     if mtype != ZSTD_MANIFEST_TYPE_CRFS:
         raise BadFooter(f"{where}: manifest type {mtype} is not CRFS (1)")
-    payload_end = blob_size - ZSTD_FOOTER_SIZE
+    payload_end = blob_size - size
     if not (8 <= offset <= payload_end and csize <= payload_end - offset):
         raise BadFooter(
             f"{where}: TOC [{offset}, {offset + csize}) is outside the payload [0, {payload_end})"
         )
-    return Footer(FooterKind.ZSTD_CHUNKED, offset, csize, usize, ZSTD_FOOTER_SIZE)
+    return Footer(FooterKind.ZSTD_CHUNKED, offset, csize, usize, size)

@@ -1,0 +1,81 @@
+"""Helpers for the eStargz format tests (importable: the test directory is on sys.path)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+ROOT = Path(__file__).resolve().parents[2]
+VECTORS = ROOT.parent / "shared" / "vectors" / "estargz"
+
+
+@dataclass
+class Vector:
+    name: str
+    blob: Path
+    meta: dict
+    entries: list[dict] | None  # None for zstdchunked (no listing)
+
+    @property
+    def args(self) -> list[str]:
+        return self.meta["producer"]["args"]
+
+    def option(self, flag: str) -> str | None:
+        a = self.args
+        return a[a.index(flag) + 1] if flag in a else None
+
+    def uncompressed_tar(self) -> bytes:
+        """The blob decompressed: a tar holding the layer (plus landmark and TOC entries)."""
+        data = self.blob.read_bytes()
+        if "-zstd" in self.args:
+            reader = zstandard.ZstdDecompressor().stream_reader(
+                io.BytesIO(data), read_across_frames=True
+            )
+            return reader.read()
+        out = bytearray()
+        while data:
+            d = zlib.decompressobj(wbits=31)
+            out += d.decompress(data)
+            data = d.unused_data
+        return bytes(out)
+
+
+def load_vectors(vectors_dir: Path) -> list[Vector]:
+    out = []
+    for blob in sorted(vectors_dir.glob("*.blob")):
+        name = blob.stem
+        listing = vectors_dir / f"{name}.entries.jsonl"
+        entries = (
+            [json.loads(line) for line in listing.read_text().splitlines() if line.strip()]
+            if listing.exists()
+            else None
+        )
+        meta = json.loads((vectors_dir / f"{name}.json").read_text())
+        out.append(Vector(name, blob, meta, entries))
+    return out
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_lazybench_process(*argv: str, cwd: Path | None = None) -> CliResult:
+    """Run ``lazybench`` as a real process (to check exit status and the absence of tracebacks)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
