@@ -145,6 +145,11 @@ def build_layers(
                     raise ImageBuildError(
                         f"recipe {recipe.name}: layer {spec.comment!r} mixes packages and files"
                     )
+                if not lowers:
+                    raise ImageBuildError(
+                        f"recipe {recipe.name}: layer {spec.comment!r} runs commands but has no"
+                        " base to run them on"
+                    )
                 upper = work / f"upper{index}"
                 _chroot_layer(recipe, spec, lowers, upper, work)
                 diff_id = tree_to_tar(upper, tar, exclude=_drop, overlay_upper=True)
@@ -179,6 +184,8 @@ def build_layers(
         for scratch in work.glob("ovl*"):
             shutil.rmtree(scratch, ignore_errors=True)
         (work / "image.json").write_text(json.dumps(meta, indent=1))
+        if final.exists() and cached_image(recipe, cache_dir) is None:
+            _discard(final)  # an incomplete entry (a layer file deleted by hand)
         try:
             os.rename(work, final)
         except OSError:
@@ -190,6 +197,16 @@ def build_layers(
     built = cached_image(recipe, cache_dir)
     assert built is not None
     return built
+
+
+def _discard(path: Path) -> None:
+    """Rename out of the way (atomic), then delete: a reader never sees a half-deleted entry."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def image_config(recipe: Recipe, diff_ids: list[str], comments: list[str]) -> dict:

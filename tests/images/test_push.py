@@ -1,0 +1,132 @@
+"""Pushing built images in every mode to a real docker-registry, and running them with podman."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from harness.images import TINY_OUTPUT, PushError, oci_layout, push_image
+from harness.images.push import (
+    MEDIA_GZIP,
+    MEDIA_ZSTD,
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+)
+from harness.podman import PodmanEnv
+from harness.registry_server import RegistryServer
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def registry():
+    with RegistryServer() as reg:
+        yield reg
+
+
+def _run(env: PodmanEnv, ref: str) -> str:
+    return env.run(ref, timeout=120).stdout
+
+
+def test_legacy_push_pull_run(registry, tiny):
+    pushed = push_image(tiny, registry.host, "t/tiny", "legacy", "legacy")
+    assert pushed.ref == f"{registry.host}/t/tiny:legacy"
+    assert [x.media_type for x in pushed.layers] == [MEDIA_GZIP] * 3
+    assert [x.diff_id for x in pushed.layers] == [x.diff_id for x in tiny.layers]
+    assert all(x.toc_digest is None for x in pushed.layers)
+    # the manifest is the one we wrote, byte for byte (--preserve-digests)
+    layout = oci_layout(tiny, "legacy")
+    index = json.loads((layout / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == pushed.manifest_digest
+    with PodmanEnv(insecure_registries=[registry.host]) as env:
+        env.pull(pushed.digest_ref)
+        assert _run(env, pushed.digest_ref).strip() == TINY_OUTPUT
+        # the whiteout and the opaque dir took effect
+        ls = env.run(pushed.ref, "/bin/ls", "/data", "/data/opq").stdout
+        assert "gone.txt" not in ls and "old.txt" not in ls and "new.txt" in ls
+
+
+def test_zstd_chunked_is_podmans_own_format(registry, tiny):
+    pushed = push_image(tiny, registry.host, "t/tiny", "zstd-chunked", "zstd-chunked")
+    for layer in pushed.layers:
+        assert layer.media_type == MEDIA_ZSTD
+        assert layer.toc_digest and layer.toc_digest.startswith("sha256:")
+        assert "io.containers.zstd-chunked.manifest-position" in layer.annotations
+    # the first bytes are a zstd frame (skippable or data)
+    first = pushed.layers[0]
+    head = httpx.get(
+        f"{registry.url}/v2/t/tiny/blobs/{first.digest}", headers={"Range": "bytes=0-3"}
+    ).content
+    assert head in (b"\x28\xb5\x2f\xfd",) or head[1:4] == b"\x2a\x4d\x18"
+    mark = registry.log_mark()
+    with PodmanEnv(insecure_registries=[registry.host], partial_pulls=True) as env:
+        env.pull(pushed.ref)
+        assert _run(env, pushed.ref).strip() == TINY_OUTPUT
+    ranged = [r for r in registry.access_log_since(mark) if r.is_blob_get and r.status == 206]
+    assert ranged, "podman did not use partial pulls"
+
+
+def test_a_second_push_reuses_the_compressed_layout(registry, tiny):
+    first = oci_layout(tiny, "legacy")
+    mtime = (first / "index.json").stat().st_mtime_ns
+    push_image(tiny, registry.host, "t/again", "v", "legacy")
+    assert (oci_layout(tiny, "legacy") / "index.json").stat().st_mtime_ns == mtime
+
+
+def test_bad_mode_and_dead_registry_are_named(tiny):
+    with pytest.raises(PushError, match="unknown mode 'gzip'"):
+        push_image(tiny, "127.0.0.1:1", "x", "y", "gzip")
+    with pytest.raises(PushError, match=re.escape("127.0.0.1:1/x:y")):
+        push_image(tiny, "127.0.0.1:1", "x", "y", "legacy", timeout=30)
+
+
+def test_estargz_modes_carry_annotations_and_landmarks(registry, tiny):
+    from store.estargz import EstargzReader, FileBlobSource
+
+    noopt = push_image(tiny, registry.host, "t/tiny", "estargz-noopt", "estargz-noopt")
+    files = ["/data/hello.txt", "bin/busybox", "/not/there"]
+    opt = push_image(tiny, registry.host, "t/tiny", "estargz", "estargz", prioritized_files=files)
+
+    def toc_names(pushed, mode, i):
+        blob = oci_layout(tiny, mode, prioritized_files=files if mode == "estargz" else None)
+        path = blob / "blobs" / "sha256" / pushed.layers[i].digest.split(":")[1]
+        with FileBlobSource(path) as src:
+            reader = EstargzReader(src, expected_toc_digest=pushed.layers[i].toc_digest)
+            return [e["name"] for e in reader.toc.entries]
+
+    for pushed in (noopt, opt):
+        for layer, built in zip(pushed.layers, tiny.layers, strict=True):
+            assert layer.media_type == MEDIA_GZIP
+            assert layer.annotations[TOC_DIGEST_ANNOTATION] == layer.toc_digest
+            assert int(layer.annotations[UNCOMPRESSED_SIZE_ANNOTATION]) >= built.size // 2
+    assert ".no.prefetch.landmark" in toc_names(noopt, "estargz-noopt", 1)
+    names = toc_names(opt, "estargz", 1)  # layer 1 holds data/hello.txt
+    assert names.index("data/hello.txt") < names.index(".prefetch.landmark")
+    assert names.index(".prefetch.landmark") < names.index("data/big.bin")
+    with PodmanEnv(insecure_registries=[registry.host]) as env:
+        env.pull(opt.ref)  # a full pull of an eStargz image works like any gzip image
+        assert _run(env, opt.ref).strip() == TINY_OUTPUT
+
+
+def test_cli_build_and_ls(tmp_path):
+    cmd = [sys.executable, "-c", "from harness.cli import main; raise SystemExit(main())", "images"]
+    out = subprocess.run(
+        [*cmd, "build", "tiny", "--cache-dir", str(tmp_path)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    ls = subprocess.run(
+        [*cmd, "ls", "--json", "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = [json.loads(line) for line in ls.stdout.splitlines()]
+    assert [(r["name"], r["layers"], r["current"]) for r in rows] == [("tiny", 3, True)]
+    bad = subprocess.run([*cmd, "build", "nosuch"], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().count("\n") == 0 and "nosuch" in bad.stderr
