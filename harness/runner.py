@@ -577,6 +577,7 @@ class Runner:
                             command=self.scenario.store.command,
                             insecure_hosts=[registry.host],
                             noprefetch=mode == "estargz-noopt",
+                            background_fetch=self.scenario.store.background_fetch,
                             mount_timeout=self.scenario.store.mount_timeout,
                         )
                     )

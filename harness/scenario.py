@@ -19,6 +19,8 @@ Schema (all keys but ``workloads`` optional)::
     [store]                          # the Additional Layer Store under test (lazy modes)
     command = ["stargz-store", "--config", "{config}", "--root", "{root}", "{mountpoint}"]
     mount_timeout = 30               # seconds to wait for the mount to appear
+    background_fetch = false         # let the store fetch whole layers in the background
+                                     # (off: a measurement shows what the workload needs)
     # Placeholders: {config} (resolver/prefetch config the harness writes), {root} (an empty
     # cache directory per measurement), {mountpoint}, {metrics} (a file the store writes its
     # Prometheus metrics to on exit, optional). The estargz mode's access trace is always
@@ -83,6 +85,7 @@ class StoreSpec:
 
     command: tuple[str, ...] = DEFAULT_STORE_COMMAND
     mount_timeout: float = 30.0
+    background_fetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class Scenario:
             "store": {
                 "command": list(self.store.command),
                 "mount_timeout": self.store.mount_timeout,
+                "background_fetch": self.store.background_fetch,
             },
             "workloads": [
                 {
@@ -273,7 +277,7 @@ def parse_scenario(
         )
 
     store_data = c.table(data.get("store", {}), "store")
-    c.unknown(store_data, {"command", "mount_timeout"}, "store")
+    c.unknown(store_data, {"command", "mount_timeout", "background_fetch"}, "store")
     command = c.strings(store_data, "command", "store.command") or DEFAULT_STORE_COMMAND
     for arg in command:
         for placeholder in _placeholders(arg):
@@ -285,8 +289,14 @@ def parse_scenario(
                 )
     if not any("{mountpoint}" in arg for arg in command):
         raise c.fail("store.command", "must contain {mountpoint}")
+    background_fetch = store_data.get("background_fetch", False)
+    if not isinstance(background_fetch, bool):
+        raise c.fail(
+            "store.background_fetch", f"must be true or false, got {_show(background_fetch)}"
+        )
     store = StoreSpec(
         command=command,
+        background_fetch=background_fetch,
         mount_timeout=float(
             c.number(store_data, "mount_timeout", "store.mount_timeout", 30.0, lo=0.1, hi=3600)
         ),

@@ -61,11 +61,15 @@ def store_config_text(
     insecure_hosts: Sequence[str],
     *,
     noprefetch: bool = False,
+    background_fetch: bool = False,
     metrics_address: str = "",
     access_trace_path: str = "",
 ) -> str:
     """The store's TOML config (Go ``stargz-store`` keys plus ours)."""
-    lines = [f"noprefetch = {'true' if noprefetch else 'false'}"]
+    lines = [
+        f"noprefetch = {'true' if noprefetch else 'false'}",
+        f"no_background_fetch = {'false' if background_fetch else 'true'}",
+    ]
     if metrics_address:
         lines.append(f"metrics_address = {_toml_str(metrics_address)}")
     if access_trace_path:
@@ -88,6 +92,7 @@ class StoreProcess:
     command: Sequence[str] = DEFAULT_STORE_COMMAND
     insecure_hosts: Sequence[str] = ()
     noprefetch: bool = False
+    background_fetch: bool = False
     trace: bool = False
     metrics: bool = True
     mount_timeout: float = 30.0
@@ -160,6 +165,7 @@ class StoreProcess:
             store_config_text(
                 self.insecure_hosts,
                 noprefetch=self.noprefetch,
+                background_fetch=self.background_fetch,
                 metrics_address=self._metrics_address,
                 access_trace_path=str(self.trace_path) if self.trace else "",
             )

@@ -1,0 +1,157 @@
+"""`lazybench run` end to end on the tiny image: real registry, real store, real podman.
+
+Two modes (legacy and estargz-noopt), two samples, loopback. Checked: every record is there
+and good, the lazy mode fetched fewer bytes than legacy before the workload's first output,
+the workload printed what it should, nothing is left mounted or running — and an interrupted
+run, resumed, ends with the same set of records as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.images import TINY_OUTPUT
+from harness.podman import mounts_below
+from harness.results import RECORDS, read_records
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in ("podman", "docker-registry", "skopeo", "fusermount3"))
+        or not Path("/dev/fuse").exists()
+        or os.geteuid() != 0,
+        reason="needs root, podman, docker-registry, skopeo and FUSE",
+    ),
+]
+
+SCENARIO = """
+name = "e2e"
+samples = 2
+modes = ["legacy", "estargz-noopt"]
+[network]
+profile = "loopback"
+[[workloads]]
+name = "tiny"
+recipe = "tiny"
+timeout = 60
+"""
+KEYS = {(s, "tiny", m) for s in range(2) for m in ("legacy", "estargz-noopt")}
+
+
+def lazybench(tmp: Path, *args: str) -> subprocess.Popen[str]:
+    """`lazybench ARGS` as a user runs it, with its temporary files under ``tmp``."""
+    (tmp / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmp / "tmp"), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", *args, "--no-progress"]
+        if args[0] == "run"
+        else [sys.executable, "-m", "harness.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 420) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def assert_nothing_left(tmp: Path) -> None:
+    assert mounts_below(tmp) == [], "mounts left behind"
+    left = subprocess.run(["pgrep", "-af", str(tmp)], capture_output=True, text=True).stdout
+    assert left.strip() == "", f"processes left behind: {left}"
+    assert list((tmp / "tmp").glob("lzb-run-*")) == [], "work directory left behind"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("run")
+    (tmp / "smoke.toml").write_text(SCENARIO)
+    return tmp
+
+
+def run_args(base: Path, run_id: str) -> list[str]:
+    return [
+        "run",
+        str(base / "smoke.toml"),
+        "--results-dir",
+        str(base / "runs"),
+        "--run-id",
+        run_id,
+        "--cache-dir",
+        str(base / "cache"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def full_run(base: Path) -> Path:
+    rc, out = finish(lazybench(base, *run_args(base, "full")))
+    assert rc == 0, out
+    assert "chart:" in out and "table:" in out
+    return base / "runs" / "full"
+
+
+def test_small_scenario_end_to_end(full_run: Path, base: Path) -> None:
+    records = read_records(full_run)
+    assert {r.key for r in records} == KEYS
+    assert all(r.status == "ok" for r in records), [r.error for r in records]
+    for r in records:
+        assert TINY_OUTPUT in r.stdout_head and r.ready
+        assert r.pull_s > 0 and r.create_s > 0 and r.run_s > 0
+        assert r.total_s == pytest.approx(r.pull_s + r.create_s + r.run_s)
+        assert r.requests_before_first_output and r.bytes_fetched
+    for s in range(2):
+        by_mode = {r.mode: r for r in records if r.sample == s}
+        legacy, lazy = by_mode["legacy"], by_mode["estargz-noopt"]
+        # The lazy pull skips the 4 MiB file the workload never reads.
+        assert lazy.bytes_before_first_output < legacy.bytes_before_first_output
+        assert legacy.bytes_before_first_output > 4 << 20
+        assert lazy.store_metrics, "store metrics were not collected"
+    env = json.loads((full_run / "environment.json").read_text())
+    assert env["podman"] and env["kernel"] and env["link"]["profile"]["name"] == "loopback"
+    table = (full_run / "table.md").read_text()
+    assert "| legacy |" in table and "| estargz-noopt |" in table
+    assert (full_run / "chart.png").stat().st_size > 0 and (full_run / "chart.svg").exists()
+    assert_nothing_left(base)
+
+
+def test_interrupted_run_resumes_to_the_same_records(full_run: Path, base: Path) -> None:
+    run_dir = base / "runs" / "interrupted"
+    proc = lazybench(base, *run_args(base, "interrupted"))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        path = run_dir / RECORDS
+        if path.exists() and path.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, finish(proc)[1]
+    time.sleep(0.3)  # land in the middle of the next measurement
+    proc.send_signal(signal.SIGINT)
+    rc, out = finish(proc, timeout=120)
+    assert rc == 130, out
+    assert "resume with" in out
+    assert_nothing_left(base)
+    kept = read_records(run_dir)
+    assert 1 <= len(kept) < len(KEYS)
+
+    rc, out = finish(lazybench(base, "run", "--resume", str(run_dir)))
+    assert rc == 0, out
+    assert_nothing_left(base)
+    resumed = read_records(run_dir)
+    assert {r.key for r in resumed} == {r.key for r in read_records(full_run)} == KEYS
+    assert all(r.status == "ok" for r in resumed)
+    lines = (run_dir / RECORDS).read_text().splitlines()
+    assert len(lines) == len(KEYS), "a measurement was recorded twice"
+    # The records kept from before the interruption are untouched by the resume.
+    assert {r.key: r.finished for r in kept}.items() <= {r.key: r.finished for r in resumed}.items()
