@@ -69,13 +69,47 @@ class CliResult:
     err: str
 
 
+def lazybench_command() -> list[str]:
+    """The installed ``lazybench`` console script (``python -m harness.cli`` would load the CLI
+    module twice — as ``__main__`` and as ``harness.cli`` — and split its exception class)."""
+    script = Path(sys.executable).parent / "lazybench"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from harness.cli import main; sys.exit(main())"]
+
+
 def run_lazybench_process(*argv: str, cwd: Path | None = None) -> CliResult:
     """Run ``lazybench`` as a real process (to check exit status and the absence of tracebacks)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.cli", *argv],
+        [*lazybench_command(), *argv],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=cwd,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def replace_toc(blob: bytes, toc_json: bytes) -> bytes:
+    """``blob`` (gzip eStargz) with its TOC member replaced by one holding ``toc_json``."""
+    import tarfile
+
+    from store.estargz import estargz_footer_bytes, parse_footer
+
+    footer = parse_footer(blob[-51:], len(blob))
+    ti = tarfile.TarInfo("stargz.index.json")
+    ti.size = len(toc_json)
+    member = ti.tobuf(tarfile.USTAR_FORMAT) + toc_json + b"\0" * (-len(toc_json) % 512)
+    member += b"\0" * 1024
+    head = blob[: footer.toc_offset]
+    return head + zlib.compress(member, 6, wbits=31) + estargz_footer_bytes(footer.toc_offset)
+
+
+def toc_entries(blob: bytes) -> list[dict]:
+    from store.estargz import BytesBlobSource, EstargzReader
+
+    return EstargzReader(BytesBlobSource(blob)).toc.entries
+
+
+def encode_entries(entries: list[dict]) -> bytes:
+    return json.dumps({"version": 1, "entries": entries}).encode()

@@ -1,0 +1,224 @@
+"""One test per class of malformed input, each expecting its own typed error."""
+
+from __future__ import annotations
+
+import copy
+import io
+import tarfile
+
+import pytest
+from fmt_helpers import encode_entries, replace_toc, toc_entries
+
+from store.estargz import (
+    BadFooter,
+    BytesBlobSource,
+    ChunkDigestMismatch,
+    CorruptChunk,
+    EstargzReader,
+    FileDigestMismatch,
+    InvalidEntryName,
+    InvalidLayerTar,
+    InvalidToc,
+    TocDigestMismatch,
+    TocOutOfRange,
+    TruncatedBlob,
+    convert,
+    estargz_footer_bytes,
+    parse_footer,
+)
+
+
+@pytest.fixture(scope="module")
+def blob(vectors_dir) -> bytes:
+    return (vectors_dir / "basic.blob").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def chunked_blob(vectors_dir) -> bytes:
+    return (vectors_dir / "chunked-1m.blob").read_bytes()
+
+
+def _open(data: bytes, digest: str | None = None) -> EstargzReader:
+    return EstargzReader(BytesBlobSource(data), digest)
+
+
+def test_bad_footer(blob: bytes) -> None:
+    with pytest.raises(BadFooter, match="no eStargz, stargz or zstd:chunked footer"):
+        _open(blob[:-51] + b"\0" * 51)
+
+
+def test_footer_with_non_hex_offset(blob: bytes) -> None:
+    bad = bytearray(blob)
+    bad[-51 + 16 : -51 + 20] = b"zzzz"
+    with pytest.raises(BadFooter):
+        _open(bytes(bad))
+
+
+def test_footer_pointing_outside_blob(blob: bytes) -> None:
+    bad = blob[:-51] + estargz_footer_bytes(len(blob) * 2)
+    with pytest.raises(BadFooter, match="outside the blob"):
+        _open(bad)
+
+
+def test_blob_too_short_for_a_footer() -> None:
+    with pytest.raises(TruncatedBlob, match="too short"):
+        parse_footer(b"\x1f\x8b" * 5, 10)
+
+
+def test_source_that_under_delivers(blob: bytes) -> None:
+    class Short(BytesBlobSource):
+        def size(self) -> int:
+            return len(blob) + 100  # claims more bytes than it has
+
+    with pytest.raises(TruncatedBlob, match="the blob gave"):
+        EstargzReader(Short(blob))
+
+
+def test_blob_cut_in_the_middle(blob: bytes) -> None:
+    # Lost its tail: no footer any more.
+    with pytest.raises(BadFooter):
+        _open(blob[: len(blob) // 2])
+
+
+def test_toc_not_json(blob: bytes) -> None:
+    with pytest.raises(InvalidToc, match="not JSON"):
+        _open(replace_toc(blob, b"{this is not json"))
+
+
+def test_toc_not_gzip(blob: bytes) -> None:
+    footer = parse_footer(blob[-51:], len(blob))
+    bad = blob[: footer.toc_offset] + b"garbage!" * 10 + estargz_footer_bytes(footer.toc_offset)
+    with pytest.raises(InvalidToc, match="not gzip"):
+        _open(bad)
+
+
+def test_toc_without_entries(blob: bytes) -> None:
+    with pytest.raises(InvalidToc, match="entries"):
+        _open(replace_toc(blob, b'{"version": 1}'))
+
+
+def test_toc_offset_outside_blob(blob: bytes) -> None:
+    entries = toc_entries(blob)
+    e = next(e for e in entries if e.get("size", 0) > 0)
+    e["offset"] = len(blob) + 1000
+    with pytest.raises(TocOutOfRange, match=r"offset \d+ is at or past the TOC"):
+        _open(replace_toc(blob, encode_entries(entries)))
+
+
+def test_toc_unknown_type(blob: bytes) -> None:
+    entries = toc_entries(blob)
+    entries[1]["type"] = "socket"
+    with pytest.raises(InvalidToc, match="unknown type 'socket'"):
+        _open(replace_toc(blob, encode_entries(entries)))
+
+
+def test_name_escaping_root(blob: bytes) -> None:
+    entries = toc_entries(blob)
+    entries.append({"name": "../../etc/shadow", "type": "reg", "mode": 420})
+    with pytest.raises(InvalidEntryName, match="escapes the layer root"):
+        _open(replace_toc(blob, encode_entries(entries)))
+
+
+def test_hardlink_escaping_root(blob: bytes) -> None:
+    entries = toc_entries(blob)
+    entries.append({"name": "x", "type": "hardlink", "linkName": "a/../../x"})
+    with pytest.raises(InvalidEntryName):
+        _open(replace_toc(blob, encode_entries(entries)))
+
+
+def test_hardlink_to_nothing(blob: bytes) -> None:
+    entries = toc_entries(blob)
+    entries.append({"name": "x", "type": "hardlink", "linkName": "no/such/file"})
+    with pytest.raises(InvalidToc, match="target not found"):
+        _open(replace_toc(blob, encode_entries(entries)))
+
+
+def test_toc_digest_mismatch(blob: bytes) -> None:
+    with pytest.raises(TocDigestMismatch, match="does not match the expected sha256:0000"):
+        _open(blob, "sha256:" + "0" * 64)
+
+
+def test_chunk_digest_mismatch(blob: bytes) -> None:
+    entries = toc_entries(blob)
+    e = next(e for e in entries if e["name"] == "etc/hostname")
+    e["chunkDigest"] = "sha256:" + "1" * 64
+    r = _open(replace_toc(blob, encode_entries(entries)))
+    with pytest.raises(ChunkDigestMismatch, match=r"'etc/hostname' chunk at file offset 0"):
+        r.read_file("etc/hostname")
+
+
+def test_chunk_without_digest_is_not_served(blob: bytes) -> None:
+    entries = toc_entries(blob)
+    e = next(e for e in entries if e["name"] == "etc/hostname")
+    del e["chunkDigest"]
+    r = _open(replace_toc(blob, encode_entries(entries)))
+    with pytest.raises(ChunkDigestMismatch, match="no sha256 chunkDigest"):
+        r.read_file("etc/hostname")
+
+
+def test_corrupt_chunk_bytes(blob: bytes) -> None:
+    r = _open(blob)
+    c = r.lookup("usr/bin/tool").chunks[0]
+    bad = bytearray(blob)
+    bad[c.offset : c.offset + 40] = b"\xff" * 40
+    with pytest.raises(CorruptChunk, match="not gzip"):
+        _open(bytes(bad)).read_file("usr/bin/tool")
+
+
+def test_file_digest_mismatch(chunked_blob: bytes) -> None:
+    entries = toc_entries(chunked_blob)
+    e = next(e for e in entries if e["name"] == "big/random.bin" and e["type"] == "reg")
+    e["digest"] = "sha256:" + "2" * 64
+    r = _open(replace_toc(chunked_blob, encode_entries(entries)))
+    assert r.read_file("big/random.bin", 0, 10)  # chunks themselves are fine
+    with pytest.raises(FileDigestMismatch, match=r"big/random\.bin"):
+        r.verify_all()
+
+
+def test_chunks_not_covering_file(blob: bytes) -> None:
+    entries = toc_entries(blob)
+    e = next(e for e in entries if e["name"] == "usr/bin/tool")
+    e["chunkSize"] = 100  # claims a first chunk of 100 bytes, and no other chunk follows
+    with pytest.raises(InvalidToc, match="chunks cover 100 of its 70000 bytes"):
+        _open(replace_toc(blob, encode_entries(entries)))
+
+
+# -- writer input -------------------------------------------------------------------------
+
+
+def test_writer_rejects_non_tar() -> None:
+    with pytest.raises(InvalidLayerTar, match="not a readable tar"):
+        convert(io.BytesIO(b"hello, this is not a tar archive" * 40), io.BytesIO())
+
+
+def test_writer_rejects_empty_input() -> None:
+    with pytest.raises(InvalidLayerTar, match="empty"):
+        convert(io.BytesIO(b""), io.BytesIO())
+
+
+def test_writer_rejects_truncated_tar() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        ti = tarfile.TarInfo("big")
+        ti.size = 100_000
+        tar.addfile(ti, io.BytesIO(b"x" * 100_000))
+    with pytest.raises(InvalidLayerTar, match=r"truncated|unexpected end"):
+        convert(io.BytesIO(buf.getvalue()[:50_000]), io.BytesIO())
+
+
+def test_writer_rejects_bad_gzip() -> None:
+    with pytest.raises(InvalidLayerTar):
+        convert(io.BytesIO(b"\x1f\x8b\x08\x00" + b"\xff" * 100), io.BytesIO())
+
+
+def test_writer_rejects_bad_zstd() -> None:
+    with pytest.raises(InvalidLayerTar):
+        convert(io.BytesIO(b"\x28\xb5\x2f\xfd" + b"\xff" * 100), io.BytesIO())
+
+
+def test_unmodified_copy_still_reads(blob: bytes) -> None:
+    """Sanity for the helpers above: replacing the TOC with itself keeps a valid layer."""
+    entries = copy.deepcopy(toc_entries(blob))
+    r = _open(replace_toc(blob, encode_entries(entries)))
+    assert r.read_file("etc/hostname") == _open(blob).read_file("etc/hostname")
+    assert len(r.read_file("etc/hostname")) == 5
