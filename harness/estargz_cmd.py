@@ -92,6 +92,7 @@ def _convert(args: argparse.Namespace) -> int:
         fd, tmp_name = tempfile.mkstemp(
             prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent or "."
         )
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "wb") as out:
             result = convert(
                 src,
@@ -115,6 +116,12 @@ def _convert(args: argparse.Namespace) -> int:
             Path(tmp_name).unlink(missing_ok=True)
     print(json.dumps(result.as_dict()))
     return 0
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _ls(args: argparse.Namespace) -> int:
