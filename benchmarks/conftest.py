@@ -13,6 +13,8 @@ import pytest
 
 
 def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Module | None:
+    if parent.session.isinitpath(file_path):
+        return None  # named on the command line: pytest's python plugin collects it already
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
