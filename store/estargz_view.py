@@ -13,97 +13,44 @@ is :class:`TocMismatchError` and the layer is refused — and builds the chunk t
 from __future__ import annotations
 
 import base64
-import hashlib
-import io
-import json
-import struct
-import tarfile
-import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from store import estargz
 from store.layer import BlobReader, ChunkRef
 from store.tree import EntryView
 
-FOOTER_SIZE = 51
-LEGACY_FOOTER_SIZE = 47
-TOC_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
-NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
-TAIL_GUESS = 1 << 20
 
 
 class TocError(ValueError):
     """The blob is not a readable eStargz layer (bad footer, bad TOC)."""
 
 
-class TocMismatchError(TocError):
-    """The TOC does not hash to the digest the manifest promised: the layer is refused."""
-
-
-def parse_footer(tail: bytes) -> tuple[int, int]:
-    """``(toc_offset, footer_size)`` from the blob's last bytes (eStargz or legacy stargz)."""
-    for size in (FOOTER_SIZE, LEGACY_FOOTER_SIZE):
-        if len(tail) < size:
-            continue
-        footer = tail[-size:]
-        if footer[:2] != b"\x1f\x8b" or not footer[3] & 0x04:
-            continue
-        xlen = struct.unpack("<H", footer[10:12])[0]
-        extra = footer[12 : 12 + xlen]
-        if size == FOOTER_SIZE:
-            if extra[:2] != b"SG" or len(extra) < 4 + 22:
-                continue
-            payload = extra[4 : 4 + 22]
-        else:
-            payload = extra[:22]
-        if len(payload) != 22 or payload[16:] != b"STARGZ":
-            continue
-        try:
-            return int(payload[:16], 16), size
-        except ValueError:
-            continue
-    raise TocError("no eStargz/stargz footer at the end of the blob")
-
-
-def decode_toc(member: bytes) -> tuple[dict[str, Any], str]:
-    """The TOC JSON and its sha256 digest from the gzip member(s) holding the TOC tar entry."""
-    try:
-        raw = zlib.decompressobj(wbits=31).decompress(member)
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-            info = tar.next()
-            if info is None or info.name != TOC_NAME:
-                raise TocError(f"first entry after the TOC offset is not {TOC_NAME}")
-            f = tar.extractfile(info)
-            assert f is not None
-            data = f.read()
-    except (zlib.error, tarfile.TarError, EOFError) as exc:
-        raise TocError(f"cannot decode TOC: {exc}") from None
-    try:
-        toc = json.loads(data)
-    except ValueError as exc:
-        raise TocError(f"TOC is not JSON: {exc}") from None
-    if not isinstance(toc, dict) or not isinstance(toc.get("entries"), list):
-        raise TocError("TOC has no entries list")
-    return toc, "sha256:" + hashlib.sha256(data).hexdigest()
+TocMismatchError = estargz.TocDigestMismatch
 
 
 async def load_layer_index(blob: BlobReader, toc_digest: str) -> EstargzLayerView:
-    """Fetch footer+TOC of ``blob``, verify the TOC digest, and build the view."""
-    tail_len = min(blob.size, TAIL_GUESS)
+    """Fetch footer+TOC of ``blob`` (one request when the TOC sits in the tail), verify the
+    TOC digest (:class:`TocMismatchError` → the layer is refused), and build the view."""
+    tail_len = estargz.tail_fetch_size(blob.size)
     (tail,) = await blob.read_ranges([(blob.size - tail_len, blob.size)])
-    toc_offset, footer_size = parse_footer(tail)
-    toc_end = blob.size - footer_size
-    if not 0 <= toc_offset < toc_end:
-        raise TocError(f"TOC offset {toc_offset} outside the blob")
-    if toc_offset >= blob.size - tail_len:
-        member = tail[toc_offset - (blob.size - tail_len) : len(tail) - footer_size]
-    else:
-        (member,) = await blob.read_ranges([(toc_offset, toc_end)])
-    toc, digest = decode_toc(member)
-    if digest != toc_digest:
-        raise TocMismatchError(f"TOC digest {digest} does not match annotation {toc_digest}")
-    return EstargzLayerView(toc, toc_offset)
+    try:
+        footer = estargz.parse_footer(tail, blob.size)
+        toc_bytes = estargz.toc_bytes_from_tail(tail, blob.size, footer)
+    except estargz.EstargzError as exc:
+        raise TocError(str(exc)) from exc
+    if footer.kind is estargz.FooterKind.ZSTD_CHUNKED:
+        raise TocError("zstd:chunked layers are not served (podman pulls them itself)")
+    if toc_bytes is None:
+        (toc_bytes,) = await blob.read_ranges([estargz.toc_range(footer, blob.size)])
+    try:
+        toc = estargz.parse_toc(toc_bytes, footer, toc_digest)
+    except TocMismatchError:
+        raise
+    except estargz.EstargzError as exc:
+        raise TocError(str(exc)) from exc
+    return EstargzLayerView({"entries": toc.entries}, footer.toc_offset)
 
 
 class EstargzLayerView:
@@ -162,22 +109,18 @@ class EstargzLayerView:
         return self._prefetch_end
 
     def decompress(self, chunk: ChunkRef, data: bytes) -> bytes:
-        """Inflate one chunk's gzip member(s) and check the bytes against ``chunkDigest``."""
-        if not chunk.digest.startswith("sha256:"):
-            raise TocError("chunk has no sha256 chunkDigest: cannot verify, not serving")
-        want = chunk.inner_offset + chunk.size
-        out = bytearray()
-        rest = data
-        while len(out) < want and rest:
-            d = zlib.decompressobj(wbits=31)
-            out += d.decompress(rest, want - len(out))
-            rest = d.unused_data if d.eof else b""
-        payload = bytes(out[chunk.inner_offset : want])
-        if len(payload) != chunk.size:
-            raise TocError(f"chunk inflated to {len(payload)} bytes, expected {chunk.size}")
-        if "sha256:" + hashlib.sha256(payload).hexdigest() != chunk.digest:
-            raise TocError(f"chunk content does not match {chunk.digest}")
-        return payload
+        """Inflate one chunk and check it against ``chunkDigest`` (raises if it differs)."""
+        ref = estargz.Chunk(
+            name="",
+            chunk_offset=chunk.file_offset,
+            size=chunk.size,
+            offset=chunk.compressed_offset,
+            compressed_end=chunk.compressed_end,
+            inner_offset=chunk.inner_offset,
+            digest=chunk.digest,
+            compression="gzip",
+        )
+        return estargz.decompress_chunk(ref, data)
 
     # -- tree --------------------------------------------------------------------------------
 

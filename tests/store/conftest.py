@@ -66,7 +66,7 @@ class StoreProcess:
                 str(self.mnt),
             ],
             stdout=subprocess.DEVNULL,
-            stderr=open(self.log, "wb"),
+            stderr=open(self.log, "wb"),  # noqa: SIM115 - closed with the process
         )
         deadline = time.monotonic() + 20
         while not _mounted(self.mnt):

@@ -1,20 +1,13 @@
-"""Tiny test images for the store's end-to-end tests: layer tars, eStargz, push.
-
-A minimal eStargz writer lives here only because the project's writer (``store.estargz``) was
-not available when these tests were written; it splits the tar at every regular file's payload
-and every ``chunk_size`` bytes into separate gzip members, appends the TOC entry in its own
-member and the 51-byte footer. Replace with ``store.estargz.convert`` when it lands.
-"""
+"""Tiny test images for the store's end-to-end tests: layer tars built with ``tarfile``
+(busybox-static as the userland), converted by the project's eStargz writer, pushed with the
+project's registry client as OCI images with the TOC-digest annotations."""
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
 import gzip
 import hashlib
 import io
 import json
-import struct
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from store.estargz import convert
 from store.registry.client import RegistryClient
 
 TOC_ANN = "containerd.io/snapshot/stargz/toc.digest"
@@ -87,97 +81,13 @@ def busybox(tar: tarfile.TarFile) -> None:
         add_node(tar, f"bin/{name}", tarfile.SYMTYPE, 0o777, linkname="busybox")
 
 
-def to_estargz(tar_bytes: bytes, chunk_size: int = 256 << 10) -> Blob:
-    """Convert an uncompressed tar to eStargz (no landmark: nothing is prioritized)."""
-    tar = tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:")
-    members = tar.getmembers()
-    end_of_entries = tar.offset
-    cuts: list[tuple[int, tarfile.TarInfo | None, int]] = []  # (tar offset, owner, chunk off)
-    for m in members:
-        if m.isreg() and m.size > 0:
-            for off in range(0, m.size, chunk_size):
-                cuts.append((m.offset_data + off, m, off))
-    out = bytearray()
-    uncompressed = hashlib.sha256()
-    positions: dict[int, int] = {}
-    pos = 0
-    bounds = [c[0] for c in cuts] + [end_of_entries]
-    for start in bounds:
-        if start > pos:
-            seg = tar_bytes[pos:start]
-            out += gzip.compress(seg, 6, mtime=0)
-            uncompressed.update(seg)
-            pos = start
-        positions[start] = len(out)
-    entries = []
-    cut_of = {(id(m), off): t for t, m, off in cuts}
-    for m in members:
-        name = m.name[2:] if m.name.startswith("./") else m.name
-        e: dict = {
-            "name": name,
-            "type": _TYPES[m.type],
-            "mode": m.mode,
-            "uid": m.uid,
-            "gid": m.gid,
-            "userName": m.uname,
-            "groupName": m.gname,
-            "modtime": dt.datetime.fromtimestamp(m.mtime, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-        if m.issym() or m.islnk():
-            e["linkName"] = m.linkname
-        if m.ischr() or m.isblk():
-            e["devMajor"], e["devMinor"] = m.devmajor, m.devminor
-        xattrs = {
-            k[len("SCHILY.xattr.") :]: base64.b64encode(
-                v.encode("utf-8", "surrogateescape")
-            ).decode()
-            for k, v in m.pax_headers.items()
-            if k.startswith("SCHILY.xattr.")
-        }
-        if xattrs:
-            e["xattrs"] = xattrs
-        if m.isreg():
-            e["size"] = m.size
-            data = tar_bytes[m.offset_data : m.offset_data + m.size]
-            if m.size:
-                e["digest"] = sha(data)
-            for off in range(0, m.size, chunk_size):
-                piece = data[off : off + chunk_size]
-                ce = e if off == 0 else {"name": name, "type": "chunk"}
-                ce["offset"] = positions[cut_of[(id(m), off)]]
-                if off:
-                    ce["chunkOffset"] = off
-                if m.size > chunk_size:
-                    ce["chunkSize"] = len(piece)
-                ce["chunkDigest"] = sha(piece)
-                if ce is not e:
-                    entries.append(ce)
-                else:
-                    entries.append(e)
-            if m.size == 0:
-                entries.append(e)
-        else:
-            entries.append(e)
-    # keep file entries before their chunk entries (already in order)
-    toc_json = json.dumps({"version": 1, "entries": entries}, indent="\t").encode()
-    toc_info = tarfile.TarInfo("stargz.index.json")
-    toc_info.size, toc_info.mode = len(toc_json), 0o644
-    toc_tar = toc_info.tobuf(tarfile.USTAR_FORMAT) + toc_json
-    toc_tar += b"\0" * (-len(toc_tar) % 512) + b"\0" * 1024
-    toc_offset = len(out)
-    out += gzip.compress(toc_tar, 6, mtime=0)
-    uncompressed.update(toc_tar)
-    payload = b"%016xSTARGZ" % toc_offset
-    extra = b"SG" + struct.pack("<H", len(payload)) + payload
-    out += (
-        b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
-        + struct.pack("<H", len(extra))
-        + extra
-        + b"\x01\x00\x00\xff\xff"
-        + b"\0" * 8
-    )
-    total = end_of_entries + len(toc_tar)
-    return Blob(bytes(out), "sha256:" + uncompressed.hexdigest(), sha(toc_json), total)
+def to_estargz(
+    tar_bytes: bytes, chunk_size: int = 256 << 10, prioritized: tuple[str, ...] = ()
+) -> Blob:
+    """Convert an uncompressed tar with the project's eStargz writer."""
+    out = io.BytesIO()
+    res = convert(io.BytesIO(tar_bytes), out, chunk_size=chunk_size, prioritized_files=prioritized)
+    return Blob(out.getvalue(), res.diff_id, res.toc_digest, res.uncompressed_size)
 
 
 def to_gzip(tar_bytes: bytes) -> Blob:

@@ -33,7 +33,8 @@ LISTING = (
     "cd / && find / -xdev ! -path '/proc*' ! -path '/sys*' ! -path '/dev*' ! -path '/run*' "
     "! -path /etc/hosts ! -path /etc/hostname ! -path /etc/resolv.conf "
     # The TOC is a tar entry: a normal pull extracts it, the lazy tree does not show it.
-    "! -path /stargz.index.json | sort | while read p; "
+    "! -path /stargz.index.json ! -path /.no.prefetch.landmark ! -path /.prefetch.landmark "
+    "| sort | while read p; "
     "do s=$(stat -c '%F %a %u %g %s' \"$p\"); "
     'if [ -f "$p" ] && [ ! -L "$p" ]; then h=$(sha256sum "$p" | cut -c1-64); else h=-; fi; '
     'echo "$p|$s|$h"; done'
