@@ -35,6 +35,7 @@ from .errors import (
     RegistryTimeout,
     RegistryUnavailable,
 )
+from .fasttransport import FastRangeTransport
 from .hosts import DEFAULT_REQUEST_TIMEOUT, Endpoint, ResolverConfig
 from .manifest import (
     ACCEPT,
@@ -113,6 +114,7 @@ class RegistryClient:
         coalesce_gap: int = 0,
         user_agent: str = USER_AGENT,
         max_connections: int = 32,
+        fast_ranges: bool = True,
     ) -> None:
         self.resolver = resolver or ResolverConfig(
             default_timeout=timeout or DEFAULT_REQUEST_TIMEOUT
@@ -131,6 +133,7 @@ class RegistryClient:
         self.tokens = TokenCache()
         self._user_agent = user_agent
         self._max_connections = max_connections
+        self._fast_ranges = fast_ranges
         self._http: httpx.AsyncClient | None = None
         self._challenges: dict[str, Challenge | None] = {}
         self._down_until: dict[str, float] = {}
@@ -138,13 +141,19 @@ class RegistryClient:
 
     # ---- lifetime ------------------------------------------------------------------------
     async def __aenter__(self) -> RegistryClient:
-        self._http = httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=self.resolver.default_timeout,
+        transport: httpx.AsyncBaseTransport = httpx.AsyncHTTPTransport(
             limits=httpx.Limits(
                 max_connections=self._max_connections,
                 max_keepalive_connections=self._max_connections,
             ),
+            trust_env=False,
+        )
+        if self._fast_ranges:
+            transport = FastRangeTransport(transport)
+        self._http = httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=self.resolver.default_timeout,
+            transport=transport,
             headers={"User-Agent": self._user_agent},
             trust_env=False,
         )

@@ -1,0 +1,145 @@
+"""Ranged-read throughput of `store.registry` against a local docker-registry, beside curl.
+
+Why curl is the baseline: it is what a C HTTP client gets from the same registry over the same
+loopback. Both fetch exactly the same ranges in the same order over one kept-alive connection
+(curl: one invocation, a config file with `next` between ranges, body to /dev/null; ours:
+sequential `read_range` calls that keep the bytes). Rounds alternate curl/ours, so load from
+other processes hits both alike; the ratio is the median of the per-round ratios, throughput
+figures are medians too. Target: ours ≥ 0.8× curl's throughput for 4 MiB ranges.
+
+Run: `LAZYBENCH_BENCH=1 pytest benchmarks/bench_registry_ranges.py -s` (or `nox -s
+microbench`), or `python benchmarks/bench_registry_ranges.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from harness.registry_server import RegistryServer
+from store.registry import RegistryClient
+
+MiB = 1024 * 1024
+BLOB_SIZE = 96 * MiB
+# (range size, how many ranges per round)
+CASES = [(4 * MiB, 48), (1 * MiB, 96), (64 * 1024, 400)]
+ROUNDS = 5
+TARGET_RATIO_4MIB = 0.8
+
+
+@dataclass
+class Result:
+    range_size: int
+    ranges: int
+    ours_mb_s: float
+    curl_mb_s: float
+    ours_req_s: float
+    curl_req_s: float
+    ratio: float  # median over rounds of (curl time / our time)
+
+
+def _curl_round(url: str, ranges: list[tuple[int, int]], workdir: Path) -> float:
+    cfg = workdir / "curl.cfg"
+    lines = []
+    for i, (off, size) in enumerate(ranges):
+        if i:
+            lines.append("next")
+        lines += [f'url = "{url}"', f'range = "{off}-{off + size - 1}"', 'output = "/dev/null"']
+    cfg.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    subprocess.run(
+        ["curl", "-sS", "--fail", "--max-time", "120", "-K", str(cfg)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - start
+
+
+async def _ours_round(
+    client: RegistryClient, ref: str, digest: str, ranges: list[tuple[int, int]]
+) -> float:
+    start = time.perf_counter()
+    for off, size in ranges:
+        data = await client.read_range(ref, digest, off, size)
+        if len(data) != size:
+            raise AssertionError(f"short read at {off}: {len(data)} != {size}")
+    return time.perf_counter() - start
+
+
+def run_benchmark() -> list[Result]:
+    if shutil.which("curl") is None:
+        raise RuntimeError("curl is not installed")
+    blob = random.Random(5).randbytes(BLOB_SIZE)
+    results: list[Result] = []
+    with RegistryServer() as reg, tempfile.TemporaryDirectory() as tmp:
+        ref = f"{reg.host}/bench/ranges:v1"
+
+        async def main() -> None:
+            async with RegistryClient(timeout=60) as client:
+                digest = (await client.push_blob(ref, blob)).digest
+                url = f"{reg.url}/v2/bench/ranges/blobs/{digest}"
+                await client.read_range(ref, digest, 0, 1)  # warm the connection
+                for size, count in CASES:
+                    rnd = random.Random(size)
+                    ranges = [(rnd.randrange(0, BLOB_SIZE - size), size) for _ in range(count)]
+                    t_curl, t_ours = [], []
+                    for _ in range(ROUNDS):
+                        t_curl.append(
+                            await trio.to_thread.run_sync(_curl_round, url, ranges, Path(tmp))
+                        )
+                        t_ours.append(await _ours_round(client, ref, digest, ranges))
+                    total_mb = size * count / MiB
+                    tc, to = statistics.median(t_curl), statistics.median(t_ours)
+                    ratio = statistics.median(c / o for c, o in zip(t_curl, t_ours, strict=True))
+                    results.append(
+                        Result(
+                            size, count, total_mb / to, total_mb / tc, count / to, count / tc, ratio
+                        )
+                    )
+
+        trio.run(main)
+    return results
+
+
+def report(results: list[Result]) -> str:
+    lines = [
+        f"{'range':>8} {'n':>4} {'ours MB/s':>10} {'curl MB/s':>10} {'ratio':>6} "
+        f"{'ours req/s':>11} {'curl req/s':>11}"
+    ]
+    for r in results:
+        size = f"{r.range_size // MiB}MiB" if r.range_size >= MiB else f"{r.range_size // 1024}KiB"
+        lines.append(
+            f"{size:>8} {r.ranges:>4} {r.ours_mb_s:>10.0f} {r.curl_mb_s:>10.0f} {r.ratio:>6.2f} "
+            f"{r.ours_req_s:>11.0f} {r.curl_req_s:>11.0f}"
+        )
+    return "\n".join(lines)
+
+
+@pytest.mark.skipif(os.environ.get("LAZYBENCH_BENCH") != "1", reason="set LAZYBENCH_BENCH=1")
+def test_registry_ranges_vs_curl() -> None:
+    results = run_benchmark()
+    print("\nregistry ranged reads vs curl (same ranges, same invocation)\n" + report(results))
+    print(json.dumps([asdict(r) for r in results]))
+    four = next(r for r in results if r.range_size == 4 * MiB)
+    assert four.ratio >= TARGET_RATIO_4MIB, (
+        f"4 MiB ranges: {four.ours_mb_s:.0f} MB/s is {four.ratio:.2f}x curl's "
+        f"{four.curl_mb_s:.0f} MB/s (target {TARGET_RATIO_4MIB}x)"
+    )
+
+
+if __name__ == "__main__":
+    res = run_benchmark()
+    print(report(res))
+    sys.exit(0 if next(r for r in res if r.range_size == 4 * MiB).ratio >= TARGET_RATIO_4MIB else 1)
