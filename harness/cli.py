@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = [
     "harness.estargz_cmd",
     "harness.images_cmd",
+    "harness.net_cmd",
     "harness.run_cmd",
 ]
 

@@ -89,12 +89,14 @@ class NetworkLink:
         self._delayer: subprocess.Popen | None = None
         self._probe: subprocess.Popen | None = None
         self._shaped = False
+        self.removed_stale: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> NetworkLink:
         if not self.profile.namespace:
             return self
+        self.removed_stale = cleanup_stale()  # a crashed earlier run's namespaces, if any
         try:
             self._create()
             self._shape()

@@ -54,11 +54,23 @@ def test_wan_profile_rate_and_rtt_within_tolerance(no_leftovers):
             check=True,
         ).stdout
         assert link.ns_addr in out
-        m = link.measure(seconds=2.0)
+        # Two cores shared with other work: a busy moment can slow the user-space delayer, so
+        # one retry is allowed before the figures must be within tolerance.
+        for _ in range(2):
+            m = link.measure(seconds=2.0)
+            if _within(m, profile):
+                break
         info = link.info()
     assert info["delay_method"] in ("netem", "nfqueue")
     assert 0.80 * profile.rate_mbit <= m.rate_mbit <= 1.05 * profile.rate_mbit, m
     assert 0.95 * profile.rtt_ms <= m.rtt_ms <= 1.25 * profile.rtt_ms, m
+
+
+def _within(m, profile) -> bool:
+    return (
+        0.80 * profile.rate_mbit <= m.rate_mbit <= 1.05 * profile.rate_mbit
+        and 0.95 * profile.rtt_ms <= m.rtt_ms <= 1.25 * profile.rtt_ms
+    )
 
 
 @pytest.mark.slow
@@ -66,6 +78,8 @@ def test_lan_profile_is_fast_and_short(no_leftovers):
     profile = PROFILES["lan"]
     with NetworkLink(profile) as link:
         m = link.measure(seconds=1.0)
+        if m.rate_mbit < 0.4 * profile.rate_mbit or m.rtt_ms > profile.rtt_ms + 1.5:
+            m = link.measure(seconds=1.0)  # one retry after a busy moment, as above
     # 2 shared cores: the user-space delayer costs some rate and a fraction of a millisecond.
     assert 0.4 * profile.rate_mbit <= m.rate_mbit <= 1.05 * profile.rate_mbit, m
     assert profile.rtt_ms * 0.9 <= m.rtt_ms <= profile.rtt_ms + 1.5, m
@@ -222,3 +236,20 @@ def test_cleanup_stale_leaves_live_links_alone(no_leftovers):
     with NetworkLink("veth") as link:
         cleanup_stale()
         assert link.netns in leftovers()
+
+
+def test_cli_measure_and_cleanup(no_leftovers):
+    import json as _json
+
+    main = [sys.executable, "-c", "from harness.cli import main; raise SystemExit(main())", "net"]
+    out = subprocess.run(
+        [*main, "measure", "veth", "--seconds", "0.3", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    info = _json.loads(out.stdout)
+    assert info["profile"]["name"] == "veth" and info["measured"]["rate_mbit"] > 100
+    bad = subprocess.run([*main, "measure", "moon"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "unknown network profile 'moon'" in bad.stderr
+    assert subprocess.run([*main, "cleanup"], capture_output=True, text=True).returncode == 0
