@@ -69,12 +69,18 @@ class StoreProcess:
             stderr=open(self.log, "wb"),  # noqa: SIM115 - closed with the process
         )
         deadline = time.monotonic() + 20
-        while not _mounted(self.mnt):
+        while not self._serving():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"store did not mount: {self.log.read_text()[-2000:]}")
             time.sleep(0.1)
         return self
+
+    def _serving(self) -> bool:
+        try:
+            return (self.mnt / "status").read_bytes().startswith(b"{")
+        except OSError:  # a stale mount from an earlier run, not cleaned yet
+            return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -148,3 +148,44 @@ async def test_concurrent_readers_share_one_fetch_and_corruption_is_refused(vect
     with pytest.raises(ChunkVerifyError):
         await other.read_file(node, chunk.file_offset, 10)
     assert chunk.digest not in other.cache
+
+
+@pytest.mark.anyio
+async def test_prefetch_fetches_landmark_region_in_one_request(vectors_dir, tmp_path):
+    layer = await open_layer(vectors_dir, "prioritized", tmp_path)
+    end = layer.index.prefetch_end
+    assert end
+    before = len(layer.blob.requests)
+    await layer._prefetch(trio.CapacityLimiter(1))
+    new = layer.blob.requests[before:]
+    assert len(new) == 1 and len(new[0]) == 1
+    lo, hi = new[0][0]
+    assert lo == 0 and hi >= end
+    prefetched = [c for c in layer.index.all_chunks() if c.compressed_end <= end]
+    assert prefetched and all(c.digest in layer.cache for c in prefetched)
+
+
+@pytest.mark.anyio
+async def test_background_fetch_completes_and_status_reaches_100(vectors_dir, tmp_path):
+    layer = await open_layer(vectors_dir, "chunked-1m", tmp_path)
+    assert layer.status()["percent"] < 100
+    await layer._background(trio.CapacityLimiter(1))
+    assert layer.status()["percent"] == 100.0
+    before = len(layer.blob.requests)
+    for _, node in layer.tree.walk():
+        if stat.S_ISREG(node.mode):
+            await layer.read_file(node, 0, node.size)
+    assert len(layer.blob.requests) == before  # all served from the cache
+
+
+def test_cache_lru_eviction_and_restart(tmp_path):
+    cache = ChunkCache(tmp_path, max_bytes=250)
+    keys = ["sha256:" + f"{i:064x}" for i in range(4)]
+    for k in keys[:3]:
+        cache.put(k, b"x" * 100)
+    assert keys[0] not in cache and keys[1] in cache and cache.total_bytes == 200
+    cache.get(keys[1])
+    cache.put(keys[3], b"y" * 100)
+    assert keys[2] not in cache and keys[1] in cache
+    again = ChunkCache(tmp_path, max_bytes=250)
+    assert again.total_bytes == 200 and again.get(keys[3]) == b"y" * 100

@@ -1,0 +1,122 @@
+"""Config keys (Go-compatible, ours, unknown), and CLI startup errors as one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from store.cli import main
+from store.config import ConfigError, StoreConfig, load_config, parse_config
+
+GO_CONFIG = """
+noprefetch = true
+prefetch_size = 1048576
+prefetch_timeout_sec = 5
+no_background_fetch = true
+max_concurrency = 4
+http_cache_type = "memory"
+[blob]
+chunk_size = 100000
+fetching_timeout_sec = 60
+max_retries = 2
+check_always = true
+[fuse]
+attr_timeout = 3
+entry_timeout = 4
+[directory_cache]
+direct = true
+[[resolver.host."docker.io".mirrors]]
+host = "mirror.example:5000"
+insecure = true
+"""
+
+
+def test_go_config_loads(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('metrics_address = "127.0.0.1:9999"\ncache_max_bytes = 1000\n' + GO_CONFIG)
+    cfg = load_config(path)
+    assert cfg.noprefetch and cfg.no_background_fetch
+    assert (cfg.prefetch_size, cfg.max_concurrency, cfg.chunk_size) == (1048576, 4, 100000)
+    assert (cfg.fetching_timeout_sec, cfg.max_retries) == (60, 2)
+    assert (cfg.attr_timeout, cfg.entry_timeout) == (3, 4)
+    assert cfg.resolver["host"]["docker.io"]["mirrors"][0]["host"] == "mirror.example:5000"
+    assert cfg.metrics_address == "127.0.0.1:9999" and cfg.cache_max_bytes == 1000
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"no_such_key": 1}, "unknown key 'no_such_key'"),
+        ({"blob": {"chunksize": 1}}, "unknown key 'blob.chunksize'"),
+        ({"noprefetch": "yes"}, "'noprefetch' must be bool"),
+        ({"blob": {"chunk_size": 0}}, "must be positive"),
+        ({"max_concurrency": True}, "must be a number"),
+    ],
+)
+def test_bad_keys_are_named(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, source="c.toml")
+
+
+def test_missing_default_is_fine_missing_explicit_is_not(tmp_path: Path, monkeypatch) -> None:
+    import store.config
+
+    monkeypatch.setattr(store.config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    assert load_config(None) == StoreConfig()
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["--config", str(tmp_path / "nope.toml"), str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"stargz-store: config file {tmp_path / 'nope.toml'} does not exist"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("typo_key = 1\n")
+    assert main(["--config", str(bad), str(tmp_path)]) == 1
+    assert "unknown key 'typo_key'" in capsys.readouterr().err
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert (
+        main(["--config", str(empty), "--root", str(tmp_path / "r"), str(tmp_path / "missing")])
+        == 1
+    )
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_stale_mount_is_cleaned_and_sigterm_unmounts(tmp_path: Path) -> None:
+    from tests.store.conftest import StoreProcess, _mounted
+
+    sp = StoreProcess(tmp_path / "s").start()
+    try:
+        assert sp.proc is not None
+        sp.proc.kill()  # a crash: the FUSE mount stays, dead
+        sp.proc.wait(10)
+        assert _mounted(sp.mnt)
+        with pytest.raises(OSError):
+            os.listdir(sp.mnt)  # ENOTCONN: the mount is dead
+        sp.proc = None
+        sp.start()  # cleans the stale mount and mounts again
+        assert (sp.mnt / "status").read_text().startswith("{")
+        sp.proc.terminate()
+        assert sp.proc.wait(15) == 0
+        assert not _mounted(sp.mnt)
+    finally:
+        sp.stop()
+
+
+def test_module_entry_point_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "store", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "MOUNTPOINT" in out.stdout
+
+
+def test_shipped_example_config_loads() -> None:
+    path = Path(__file__).resolve().parents[2] / "store" / "packaging" / "config.toml"
+    assert load_config(path).metrics_address == "127.0.0.1:9110"
