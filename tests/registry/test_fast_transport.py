@@ -1,0 +1,157 @@
+"""FastRangeTransport against canned raw HTTP answers: framing, keep-alive, stale connections."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from store.registry.fasttransport import FastRangeTransport
+
+pytestmark = pytest.mark.anyio
+
+Script = Callable[[socket.socket, int], None]  # (connection, connection number)
+
+
+class CannedServer:
+    """Accepts connections; `script(conn, n)` answers on each (in its own thread)."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.requests: list[bytes] = []
+
+    def read_request(self, conn: socket.socket) -> bytes:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = conn.recv(65536)
+            if not data:
+                return b""
+            buf += data
+        self.requests.append(buf)
+        return buf
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            n = self.connections
+            threading.Thread(target=self._serve, args=(conn, n), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, n: int) -> None:
+        with conn, contextlib.suppress(OSError):
+            self.script(conn, n)
+
+    def __enter__(self) -> CannedServer:
+        threading.Thread(target=self._loop, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def client_factory() -> Iterator[Callable[[], httpx.AsyncClient]]:
+    def make() -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=FastRangeTransport(httpx.AsyncHTTPTransport()), timeout=2.0
+        )
+
+    yield make
+
+
+def _url(server: CannedServer) -> str:
+    return f"http://127.0.0.1:{server.port}/v2/x/blobs/sha256:00"
+
+
+async def test_content_length_keepalive_and_split_head(client_factory) -> None:
+    def script(conn: socket.socket, n: int) -> None:
+        srv.read_request(conn)
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Ra")
+        time.sleep(0.05)  # head split across segments
+        conn.sendall(b"nge: bytes 0-4/10\r\nContent-Length: 5\r\n\r\nhel")
+        time.sleep(0.05)
+        conn.sendall(b"lo")
+        srv.read_request(conn)
+        conn.sendall(
+            b"HTTP/1.1 206 OK\r\nContent-Range: bytes 5-9/10\r\nContent-Length: 5\r\n\r\nworld"
+        )
+        time.sleep(0.5)
+
+    with CannedServer(script) as srv:
+        async with client_factory() as c:
+            r1 = await c.get(_url(srv), headers={"Range": "bytes=0-4"})
+            r2 = await c.get(_url(srv), headers={"Range": "bytes=5-9"})
+    assert (r1.status_code, r1.content, r2.content) == (206, b"hello", b"world")
+    assert r1.headers["content-range"] == "bytes 0-4/10"
+    assert srv.connections == 1  # kept alive
+    assert b"Range: bytes=0-4" in srv.requests[0] or b"range: bytes=0-4" in srv.requests[0]
+
+
+async def test_chunked_and_read_until_close(client_factory) -> None:
+    def script(conn: socket.socket, n: int) -> None:
+        srv.read_request(conn)
+        if n == 1:
+            conn.sendall(
+                b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"4\r\nnot \r\n5;x=y\r\nfound\r\n0\r\nTrailer: 1\r\n\r\n"
+            )
+            srv.read_request(conn)
+        conn.sendall(b"HTTP/1.0 206 OK\r\nContent-Range: bytes 0-2/3\r\n\r\nabc")
+
+    with CannedServer(script) as srv:
+        async with client_factory() as c:
+            r1 = await c.get(_url(srv), headers={"Range": "bytes=0-2"})
+            r2 = await c.get(_url(srv), headers={"Range": "bytes=0-2"})
+    assert (r1.status_code, r1.content) == (404, b"not found")
+    assert (r2.status_code, r2.content) == (206, b"abc")
+
+
+async def test_stale_keepalive_connection_is_replaced(client_factory) -> None:
+    def script(conn: socket.socket, n: int) -> None:
+        srv.read_request(conn)
+        conn.sendall(b"HTTP/1.1 206 OK\r\nContent-Length: 2\r\n\r\nok")
+        # then close: the client's idle connection is stale
+
+    with CannedServer(script) as srv:
+        async with client_factory() as c:
+            assert (await c.get(_url(srv), headers={"Range": "bytes=0-1"})).content == b"ok"
+            time.sleep(0.1)
+            assert (await c.get(_url(srv), headers={"Range": "bytes=0-1"})).content == b"ok"
+    assert srv.connections == 2
+
+
+async def test_short_body_and_silence(client_factory) -> None:
+    def script(conn: socket.socket, n: int) -> None:
+        srv.read_request(conn)
+        if n == 1:
+            conn.sendall(b"HTTP/1.1 206 OK\r\nContent-Length: 10\r\n\r\nabc")
+        else:
+            time.sleep(3)
+
+    with CannedServer(script) as srv:
+        async with client_factory() as c:
+            with pytest.raises(httpx.RemoteProtocolError, match="received 3 of 10"):
+                await c.get(_url(srv), headers={"Range": "bytes=0-9"})
+            start = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout):
+                await c.get(_url(srv), headers={"Range": "bytes=0-9"})
+            assert time.monotonic() - start < 2.9
+
+
+async def test_refused_connect(client_factory) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    async with client_factory() as c:
+        with pytest.raises(httpx.ConnectError):
+            await c.get(f"http://127.0.0.1:{port}/x", headers={"Range": "bytes=0-1"})
