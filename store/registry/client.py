@@ -212,13 +212,17 @@ class RegistryClient:
         raise last
 
     # ---- auth ----------------------------------------------------------------------------
+    def _creds_for(self, ep: Endpoint, registry: str, repo: str) -> Credentials | None:
+        """The origin's credentials go to the origin only; a mirror gets its own, if any."""
+        return self.credentials.lookup(ep.host if ep.is_mirror else registry, repo)
+
     async def _auth_header(
         self, ep: Endpoint, ref_registry: str, scopes: tuple[str, ...], repo: str
     ) -> str | None:
         challenge = self._challenges.get(ep.host)
         if challenge is None:
             return None
-        creds = self.credentials.lookup(ref_registry, repo) or self.credentials.lookup(ep.host)
+        creds = self._creds_for(ep, ref_registry, repo)
         if challenge.scheme == "basic":
             if creds is None or not creds.username:
                 raise AuthenticationError(
@@ -380,7 +384,7 @@ class RegistryClient:
                         body = await resp.aread()
                     except httpx.HTTPError:
                         body = b""
-                raise self._status_error(resp, body, what, ep, repo, digest)
+                raise self._status_error(resp, body, what, ep, registry, repo, digest)
             finally:
                 await resp.aclose()
 
@@ -390,6 +394,7 @@ class RegistryClient:
         body: bytes,
         what: str,
         ep: Endpoint,
+        registry: str,
         repo: str,
         digest: str | None,
     ) -> RegistryError:
@@ -403,7 +408,7 @@ class RegistryClient:
             "status": status,
         }
         if status == 401:
-            creds = self.credentials.lookup(ep.host, repo)
+            creds = self._creds_for(ep, registry, repo)
             who = f"user {creds.username!r}" if creds and creds.username else "no credentials"
             return AuthenticationError(
                 f"{what}: authentication failed with {who} (HTTP 401){detail}", **kw

@@ -7,10 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
+import trio
 from regtest_tokens import USERS, TokenServer
 
 from harness.registry_server import RegistryServer
-from store.registry import AuthenticationError, Credentials, RegistryClient
+from store.registry import (
+    AuthenticationError,
+    Credentials,
+    RegistryClient,
+    parse_resolver_config,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -107,3 +113,50 @@ async def test_token_auth_wrong_password(
     async with RegistryClient(timeout=10, credentials=creds(reg.host, "alice", "bad")) as c:
         with pytest.raises(AuthenticationError, match=r"refused user 'alice' \(HTTP 401\)"):
             await c.get_manifest(f"{reg.host}/private/app:v1")
+
+
+async def test_token_refetched_after_expiry(
+    token_registry: tuple[RegistryServer, TokenServer], isolated_auth_env: Path
+) -> None:
+    reg, tokens = token_registry
+    ref = f"{reg.host}/private/expiring:v1"
+    old = tokens.expires_in
+    tokens.expires_in = 2  # cached for 1 s (expiry minus a margin)
+    try:
+        async with RegistryClient(
+            timeout=10, credentials=creds(reg.host, "alice", "wonderland")
+        ) as c:
+            await c.push_image(ref, CONFIG, [(b"short-lived", LAYER)])
+            await c.get_manifest(ref)
+            fetched = c.tokens.fetches
+            await c.get_manifest(ref)
+            assert c.tokens.fetches == fetched
+            await trio.sleep(1.2)
+            await c.get_manifest(ref)
+            assert c.tokens.fetches == fetched + 1
+    finally:
+        tokens.expires_in = old
+
+
+async def test_origin_credentials_not_sent_to_mirror(
+    basic_registry: RegistryServer, isolated_auth_env: Path
+) -> None:
+    """A mirror that asks for Basic auth gets nothing from the origin's credentials; the pull
+    falls through to the origin, which gets them."""
+    from regtest_proxies import HttpFaultProxy, answer
+
+    def challenge(h) -> bool:  # type: ignore[no-untyped-def]
+        answer(h, 401, b"", WWW_Authenticate='Basic realm="mirror"')
+        return True
+
+    host, port = basic_registry.host.rsplit(":", 1)
+    with HttpFaultProxy((host, int(port)), challenge) as mirror:
+        cfg = parse_resolver_config(
+            {"resolver": {"host": {basic_registry.host: {"mirrors": [{"host": mirror.host}]}}}}
+        )
+        user = creds(basic_registry.host, "alice", "wonderland")
+        async with RegistryClient(resolver=cfg, timeout=10, credentials=user) as c:
+            ref = f"{basic_registry.host}/mirrored/app:v1"
+            pushed = await c.push_image(ref, CONFIG, [(b"m", LAYER)])
+            assert (await c.get_manifest(ref)).digest == pushed.digest
+        assert mirror.seen and all("Authorization" not in s["headers"] for s in mirror.seen)
