@@ -168,8 +168,7 @@ class LayerIndex:
         end = min(entry.size, offset + size)
         if size <= 0 or offset >= end:
             return []
-        starts = [c.chunk_offset for c in entry.chunks]
-        i = max(0, bisect.bisect_right(starts, offset) - 1)
+        i = max(0, bisect.bisect_right(entry.chunks, offset, key=_chunk_start) - 1)
         out = []
         for c in entry.chunks[i:]:
             if c.chunk_offset >= end:
@@ -366,6 +365,10 @@ class LayerIndex:
         if target.type == "dir":
             raise InvalidToc(f"hardlink {e.name!r} -> {e.link_name!r}: target is a directory")
         return target
+
+
+def _chunk_start(c: Chunk) -> int:
+    return c.chunk_offset
 
 
 def _copy_meta(dst: Entry, src: Entry) -> None:

@@ -120,7 +120,13 @@ def _toc_json_from_gzip_tar(data: bytes, where: str) -> bytes:
 
 
 def encode_toc(entries: list[dict[str, Any]]) -> bytes:
-    """TOC JSON laid out like Go's ``json.MarshalIndent(toc, "", "\\t")``."""
-    return json.dumps({"version": 1, "entries": entries}, indent="\t", ensure_ascii=False).encode(
-        "utf-8"
-    )
+    """TOC JSON laid out like Go's ``json.MarshalIndent(toc, "", "\\t")``.
+
+    Names that are not valid UTF-8 (carried as surrogate escapes) get U+FFFD for each bad
+    byte, as Go's encoder does; the tar headers keep the original bytes.
+    """
+    text = json.dumps({"version": 1, "entries": entries}, indent="\t", ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode("utf-8")

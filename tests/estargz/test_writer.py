@@ -1,0 +1,108 @@
+"""Writer specifics: input formats, determinism, Go-compatible TOC fields, odd inputs."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+
+import zstandard
+
+from store.estargz import BytesBlobSource, EstargzReader, convert
+from store.estargz.listing import listing
+
+
+def _tar(files: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, errors="surrogateescape") as tar:
+        for name, data in files:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mtime = 1_700_000_000
+            tar.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _convert(data: bytes, **kw) -> tuple[bytes, EstargzReader]:
+    out = io.BytesIO()
+    res = convert(io.BytesIO(data), out, **kw)
+    return out.getvalue(), EstargzReader(BytesBlobSource(out.getvalue()), res.toc_digest)
+
+
+FILES = [("a/x.bin", bytes(range(256)) * 1000), ("a/y.txt", b"hello\n"), ("b/empty", b"")]
+
+
+def test_plain_gzip_and_zstd_inputs_give_the_same_blob() -> None:
+    plain = _tar(FILES)
+    blob, _ = _convert(plain, chunk_size=10_000)
+    assert _convert(gzip.compress(plain), chunk_size=10_000)[0] == blob
+    assert _convert(zstandard.ZstdCompressor().compress(plain), chunk_size=10_000)[0] == blob
+
+
+def test_output_does_not_depend_on_worker_count() -> None:
+    plain = _tar(FILES * 1 + [(f"many/{i}", bytes([i]) * i * 50) for i in range(200)])
+    one = io.BytesIO()
+    convert(io.BytesIO(plain), one, chunk_size=4096, workers=1)
+    two = io.BytesIO()
+    convert(io.BytesIO(plain), two, chunk_size=4096, workers=2)
+    assert one.getvalue() == two.getvalue()
+
+
+def test_toc_fields_like_go() -> None:
+    _, r = _convert(_tar(FILES), chunk_size=256_000)
+    e = {x["name"]: x for x in r.toc.entries if x["type"] != "chunk"}
+    # exactly one chunk: reg entry carries chunkSize (= chunk size) and digest == chunkDigest
+    x = e["a/x.bin"]
+    assert x["chunkSize"] == 256_000 and x["digest"] == x["chunkDigest"]
+    assert list(x) == [
+        "name", "type", "size", "modtime", "mode", "offset", "digest", "chunkSize", "chunkDigest",
+    ]  # fmt: skip
+    assert x["modtime"] == "2023-11-14T22:13:20Z"
+    # empty file: digest of nothing, no offset, no chunkDigest
+    assert "offset" not in e["b/empty"] and "chunkDigest" not in e["b/empty"]
+    assert e[".no.prefetch.landmark"] == {
+        "name": ".no.prefetch.landmark",
+        "type": "reg",
+        "size": 1,
+        "offset": e[".no.prefetch.landmark"]["offset"],
+        "digest": "sha256:dc0e9c3658a1a3ed1ec94274d8b19925c93e1abb7ddba294923ad9bde30f8cb8",
+        "chunkDigest": "sha256:dc0e9c3658a1a3ed1ec94274d8b19925c93e1abb7ddba294923ad9bde30f8cb8",
+    }
+    assert r.toc.entries[0]["name"] == ".no.prefetch.landmark"
+
+
+def test_multi_chunk_entries() -> None:
+    data = bytes(range(256)) * 40  # 10240 bytes, chunk 4096 → 4096, 4096, 2048
+    _, r = _convert(_tar([("f", data)]), chunk_size=4096)
+    chunks = [x for x in r.toc.entries if x["name"] == "f"]
+    assert [x["type"] for x in chunks] == ["reg", "chunk", "chunk"]
+    assert [x.get("chunkOffset", 0) for x in chunks] == [0, 4096, 8192]
+    assert [x.get("chunkSize") for x in chunks] == [4096, 4096, None]  # last partial: omitted
+    assert len({x["offset"] for x in chunks}) == 3  # a gzip member per chunk
+    assert r.read_file("f", 4000, 200) == data[4000:4200]
+
+
+def test_existing_landmarks_and_toc_are_dropped_and_non_utf8_names_survive() -> None:
+    files = [
+        (".no.prefetch.landmark", b"\x0f"),
+        ("./.prefetch.landmark", b"\x0f"),
+        ("stargz.index.json", b"{}"),
+        ("bad-\udcff-name", b"abc"),
+    ]
+    blob, r = _convert(_tar(files))
+    names = [line["name"] for line in listing(r)]
+    assert names == ["", ".no.prefetch.landmark", "bad-\ufffd-name"]
+    # the tar stream keeps the original bytes of the name
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob)), errors="surrogateescape") as t:
+        assert "bad-\udcff-name" in t.getnames()
+
+
+def test_gnu_format_long_names() -> None:
+    long = "d/" + "n" * 200
+    _, r = _convert(_tar([(long, b"x")], fmt=tarfile.GNU_FORMAT))
+    assert r.read_file(long) == b"x"
+
+
+def test_duplicate_entries_later_wins() -> None:
+    _, r = _convert(_tar([("f", b"old"), ("f", b"new!")]))
+    assert r.read_file("f") == b"new!"
