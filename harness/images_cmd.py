@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
 from harness.cli import UserError
 from harness.images import (
+    MODES,
     RECIPES,
     ImageBuildError,
+    PushError,
     build_layers,
     cached_image,
     default_cache_dir,
     find_recipe,
+    oci_layout,
 )
 from harness.images.recipes import recipe_hash
 
@@ -25,11 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     build = isub.add_parser("build", help="build workload images (reusing cached builds)")
     build.add_argument("names", nargs="*", metavar="NAME", help="workloads (default: all)")
     build.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/lazybench")
+    build.add_argument(
+        "--modes",
+        default="",
+        help="also prepare these push modes now, comma-separated (legacy, estargz-noopt,"
+        " zstd-chunked); estargz needs a traced run and is made by `lazybench run`",
+    )
     build.set_defaults(func=cmd_build)
     ls = isub.add_parser("ls", help="list cached workload images with sizes")
     ls.add_argument("--cache-dir", type=Path, default=None)
     ls.add_argument("--json", action="store_true", help="one JSON object per image")
     ls.set_defaults(func=cmd_ls)
+    prune = isub.add_parser("prune", help="remove cached builds of recipes that have changed")
+    prune.add_argument("--cache-dir", type=Path, default=None)
+    prune.set_defaults(func=cmd_prune)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -41,6 +54,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         recipes = [find_recipe(n) for n in names]
     except KeyError as exc:
         raise UserError(exc.args[0]) from None
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES or m == "estargz"]
+    if bad:
+        raise UserError(
+            f"--modes: cannot prepare {', '.join(bad)} (choose from legacy, estargz-noopt,"
+            " zstd-chunked)"
+        )
     console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -58,6 +78,13 @@ def cmd_build(args: argparse.Namespace) -> int:
             except ImageBuildError as exc:
                 raise UserError(str(exc).splitlines()[0]) from exc
             how = "cached" if reused else f"built in {time.monotonic() - start:.0f}s"
+            for mode in modes:
+                try:
+                    oci_layout(
+                        built, mode, progress=lambda m, t=task: progress.update(t, description=m)
+                    )
+                except (PushError, ImageBuildError) as exc:
+                    raise UserError(str(exc).splitlines()[0]) from exc
             progress.update(
                 task,
                 total=1,
@@ -71,7 +98,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     root = (args.cache_dir or default_cache_dir()) / "images"
     known = {recipe_hash(r): r.name for r in [*RECIPES.values(), find_recipe("tiny")]}
     rows = []
-    for meta in sorted(root.glob("*/image.json")):
+    for meta in root.glob("*/image.json"):
         data = json.loads(meta.read_text())
         oci = meta.parent / "oci"
         rows.append(
@@ -81,13 +108,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 "current": data["hash"] in known,
                 "layers": len(data["layers"]),
                 "size": sum(layer["size"] for layer in data["layers"]),
-                "modes": sorted(p.name.rsplit("-", 1)[0] for p in oci.iterdir())
+                "modes": sorted(
+                    {p.name.rsplit("-", 1)[0] for p in oci.iterdir() if not p.name.startswith(".")}
+                    - {"uncompressed"}
+                )
                 if oci.is_dir()
                 else [],
                 "disk": _du(meta.parent),
                 "built": data.get("built", ""),
             }
         )
+    rows.sort(key=lambda r: (r["name"], not r["current"]))
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -95,26 +126,49 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "hash", "layers", "uncompressed", "on disk", "pushed modes", "built")
+    table = Table("name", "hash", "layers", "uncompressed", "on disk", "prepared modes")
     for row in rows:
         name = row["name"] + ("" if row["current"] else " (stale)")
         table.add_row(
             name,
-            row["hash"],
+            row["hash"][:12],
             str(row["layers"]),
             _mb(row["size"]),
             _mb(row["disk"]),
-            ", ".join(row["modes"]),
-            row["built"],
+            " ".join(row["modes"]),
         )
-    Console().print(table)
+    Console(width=max(110, shutil.get_terminal_size().columns)).print(table)
     if not rows:
         print(f"no images cached under {root}")
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    root = (args.cache_dir or default_cache_dir()) / "images"
+    current = {recipe_hash(r) for r in [*RECIPES.values(), find_recipe("tiny")]}
+    freed = 0
+    for meta in sorted(root.glob("*/image.json")):
+        if meta.parent.name in current:
+            continue
+        size = _du(meta.parent)
+        name = json.loads(meta.read_text()).get("name", "?")
+        trash = meta.parent.with_name(f".trash-{meta.parent.name}")
+        meta.parent.rename(trash)  # atomic: a reader never sees half an entry
+        shutil.rmtree(trash, ignore_errors=True)
+        freed += size
+        print(f"removed {name} {meta.parent.name} ({_mb(size)})")
+    print(f"freed {_mb(freed)}")
+    return 0
+
+
 def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    """Bytes on disk below ``path``, each hard-linked file once."""
+    seen: dict[tuple[int, int], int] = {}
+    for p in path.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
 
 
 def _mb(size: int) -> str:

@@ -25,7 +25,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,24 +93,28 @@ def push_image(
     prioritized_files: Sequence[str] | None = None,
     chunk_size: int | None = None,
     timeout: float = 900.0,
+    progress: Callable[[str], None] | None = None,
 ) -> PushedImage:
     """Push ``built`` to ``http://registry_host/repo:tag`` in ``mode``; return what landed.
 
     ``prioritized_files`` (image paths, in access order) is used by mode ``estargz`` only; the
     runner gets it from a traced run. Compressed layouts are cached, so pushing the same image
-    and mode again (another registry, another sample) costs only the upload.
+    and mode again (another registry, another sample) costs only the upload. ``progress``
+    receives a line per layer converted.
     """
     if mode not in MODES:
         raise PushError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
     ref = f"{registry_host}/{repo}:{tag}"
-    extra: list[str] = []
-    if mode == "zstd-chunked":
-        layout = oci_layout(built, "uncompressed")
-        extra = ["--dest-compress-format", "zstd:chunked"]
-    else:
-        layout = oci_layout(built, mode, prioritized_files=prioritized_files, chunk_size=chunk_size)
-        extra = ["--preserve-digests"]
-    _skopeo_copy(f"oci:{layout}:latest", f"docker://{ref}", extra, timeout=timeout, what=ref)
+    layout = oci_layout(
+        built, mode, prioritized_files=prioritized_files, chunk_size=chunk_size, progress=progress
+    )
+    _skopeo_copy(
+        f"oci:{layout}:latest",
+        f"docker://{ref}",
+        ["--dest-tls-verify=false", "--preserve-digests"],
+        timeout=timeout,
+        what=ref,
+    )
     return inspect_pushed(registry_host, repo, tag, mode, timeout=timeout)
 
 
@@ -120,54 +124,44 @@ def oci_layout(
     *,
     prioritized_files: Sequence[str] | None = None,
     chunk_size: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """An OCI image layout of ``built`` in ``mode`` (``uncompressed`` too), built once."""
+    """An OCI image layout of ``built`` in ``mode`` (``uncompressed`` too), built once.
+
+    ``zstd-chunked`` is written by containers/image itself (``skopeo copy
+    --dest-compress-format zstd:chunked`` from the uncompressed layout), so its blobs and
+    annotations are exactly what ``podman push --compression-format zstd:chunked`` makes.
+    """
+    say = progress or (lambda message: None)
     key = json.dumps([mode, list(prioritized_files or []) if mode == "estargz" else [], chunk_size])
     name = f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     final = built.dir / "oci" / name
     if (final / "index.json").is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    try:
-        blobs = work / "blobs" / "sha256"
-        blobs.mkdir(parents=True)
-        descriptors, diff_ids = [], []
-        for layer in built.layers:
-            tmp = work / "layer.tmp"
-            if mode == "uncompressed":
-                shutil.copyfile(layer.path, tmp)
-                desc = {"mediaType": MEDIA_TAR}
-                diff_ids.append(layer.diff_id)
-            elif mode == "legacy":
-                _gzip(layer.path, tmp)
-                desc = {"mediaType": MEDIA_GZIP}
-                diff_ids.append(layer.diff_id)
-            elif mode in ("estargz", "estargz-noopt"):
-                wanted = _prioritized_in(layer.path, prioritized_files) if mode == "estargz" else []
-                desc, diff_id = _estargz(layer.path, tmp, wanted, chunk_size)
-                diff_ids.append(diff_id)
-            else:
-                raise PushError(f"no OCI layout for mode {mode!r}")
-            digest = file_digest(tmp)
-            os.replace(tmp, blobs / digest.split(":")[1])
-            size = (blobs / digest[7:]).stat().st_size
-            descriptors.append({**desc, "digest": digest, "size": size})
-        config = json.loads(json.dumps(built.config))
-        config["rootfs"]["diff_ids"] = diff_ids
-        config_desc = _write_blob(blobs, json.dumps(config, sort_keys=True).encode(), MEDIA_CONFIG)
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": MEDIA_MANIFEST,
-            "config": config_desc,
-            "layers": descriptors,
-        }
-        manifest_desc = _write_blob(blobs, json.dumps(manifest).encode(), MEDIA_MANIFEST)
-        manifest_desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
-        (work / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-        (work / "index.json").write_text(
-            json.dumps({"schemaVersion": 2, "manifests": [manifest_desc]})
+    if mode == "zstd-chunked":
+        source = oci_layout(built, "uncompressed")
+        say(f"{built.name}: {len(built.layers)} layers → zstd:chunked (skopeo)")
+        return _publish(
+            final,
+            lambda work: _skopeo_copy(
+                f"oci:{source}:latest",
+                f"oci:{work}:latest",
+                ["--dest-compress-format", "zstd:chunked"],
+                timeout=3600,
+                what=f"{built.name} as zstd:chunked",
+            ),
         )
+    return _publish(
+        final, lambda work: _write_layout(built, mode, work, prioritized_files, chunk_size, say)
+    )
+
+
+def _publish(final: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmpdir)`` and rename the result to ``final`` (or keep a concurrent one)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        write(work)
         try:
             os.rename(work, final)
         except OSError:
@@ -177,6 +171,62 @@ def oci_layout(
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def _write_layout(
+    built: BuiltImage,
+    mode: str,
+    work: Path,
+    prioritized_files: Sequence[str] | None,
+    chunk_size: int | None,
+    say: Callable[[str], None],
+) -> None:
+    blobs = work / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    descriptors, diff_ids = [], []
+    for i, layer in enumerate(built.layers, 1):
+        tmp = work / "layer.tmp"
+        if mode != "uncompressed":
+            say(f"{built.name}: layer {i}/{len(built.layers)} ({layer.size / 1e6:.0f} MB) → {mode}")
+        if mode == "uncompressed":
+            _link_or_copy(layer.path, tmp)
+            desc = {"mediaType": MEDIA_TAR}
+            diff_ids.append(layer.diff_id)
+        elif mode == "legacy":
+            _gzip(layer.path, tmp)
+            desc = {"mediaType": MEDIA_GZIP}
+            diff_ids.append(layer.diff_id)
+        elif mode in ("estargz", "estargz-noopt"):
+            wanted = _prioritized_in(layer.path, prioritized_files) if mode == "estargz" else []
+            desc, diff_id = _estargz(layer.path, tmp, wanted, chunk_size)
+            diff_ids.append(diff_id)
+        else:
+            raise PushError(f"no OCI layout for mode {mode!r}")
+        digest = layer.diff_id if mode == "uncompressed" else file_digest(tmp)
+        os.replace(tmp, blobs / digest.split(":")[1])
+        size = (blobs / digest[7:]).stat().st_size
+        descriptors.append({**desc, "digest": digest, "size": size})
+    config = json.loads(json.dumps(built.config))
+    config["rootfs"]["diff_ids"] = diff_ids
+    config_desc = _write_blob(blobs, json.dumps(config, sort_keys=True).encode(), MEDIA_CONFIG)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": config_desc,
+        "layers": descriptors,
+    }
+    manifest_desc = _write_blob(blobs, json.dumps(manifest).encode(), MEDIA_MANIFEST)
+    manifest_desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+    (work / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (work / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest_desc]}))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (the layer tars are immutable once built), or a copy across filesystems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def inspect_pushed(
@@ -274,9 +324,7 @@ def _skopeo_copy(src: str, dest: str, extra: list[str], *, timeout: float, what:
     """``skopeo copy`` with a private, empty blob-info cache (see the module docstring)."""
     cache = "/var/lib/containers/cache"
     os.makedirs(cache, exist_ok=True)
-    cmd = " ".join(
-        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *extra, _q(src), _q(dest)]
-    )
+    cmd = " ".join(["skopeo", "copy", "--quiet", *extra, _q(src), _q(dest)])
     script = f"mount -t tmpfs tmpfs {cache} && exec {cmd}"
     try:
         proc = subprocess.run(

@@ -71,11 +71,13 @@ def test_zstd_chunked_is_podmans_own_format(registry, tiny):
     assert ranged, "podman did not use partial pulls"
 
 
-def test_a_second_push_reuses_the_compressed_layout(registry, tiny):
-    first = oci_layout(tiny, "legacy")
-    mtime = (first / "index.json").stat().st_mtime_ns
-    push_image(tiny, registry.host, "t/again", "v", "legacy")
-    assert (oci_layout(tiny, "legacy") / "index.json").stat().st_mtime_ns == mtime
+@pytest.mark.parametrize("mode", ["legacy", "zstd-chunked"])
+def test_a_second_push_reuses_the_compressed_layout(registry, tiny, mode):
+    first = push_image(tiny, registry.host, "t/again", "v1", mode)
+    mtime = (oci_layout(tiny, mode) / "index.json").stat().st_mtime_ns
+    second = push_image(tiny, registry.host, "t/again", "v2", mode)
+    assert (oci_layout(tiny, mode) / "index.json").stat().st_mtime_ns == mtime
+    assert second.manifest_digest == first.manifest_digest
 
 
 def test_bad_mode_and_dead_registry_are_named(tiny):
@@ -127,6 +129,14 @@ def test_cli_build_and_ls(tmp_path):
     )
     rows = [json.loads(line) for line in ls.stdout.splitlines()]
     assert [(r["name"], r["layers"], r["current"]) for r in rows] == [("tiny", 3, True)]
+    stale = tmp_path / "images" / "0000stale"
+    stale.mkdir()
+    (stale / "image.json").write_text('{"name": "old", "layers": []}')
+    pruned = subprocess.run(
+        [*cmd, "prune", "--cache-dir", str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert "removed old 0000stale" in pruned.stdout and not stale.exists()
+    assert len(list((tmp_path / "images").glob("*/image.json"))) == 1  # tiny is kept
     bad = subprocess.run([*cmd, "build", "nosuch"], capture_output=True, text=True)
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and "nosuch" in bad.stderr
