@@ -148,7 +148,7 @@ class NetworkLink:
             if not use_netem and self.delay_method == "netem":
                 raise NetworkError("netem requested but this kernel has no sch_netem")
         if p.rate_mbit:
-            parent = ["parent", "1:"] if use_netem else ["root"]
+            parent = ["parent", "1:1"] if use_netem else ["root"]
             for where in (["dev", self.host_iface], ["-n", self.netns, "dev", NS_IFACE]):
                 ns, dev = (where[:2], where[2:]) if where[0] == "-n" else ([], where)
                 _run(
@@ -340,7 +340,7 @@ class NetworkLink:
             if rate_mbit
             else _tbf_args(UNSHAPED_MBIT, self.profile.rtt_ms)
         )
-        parent = ["parent", "1:"] if self.delay_used == "netem" else ["root"]
+        parent = ["parent", "1:1"] if self.delay_used == "netem" else ["root"]
         for ns, dev in (([], self.host_iface), (["-n", self.netns], NS_IFACE)):
             _run("tc", *ns, "qdisc", "change", "dev", dev, *parent, "handle", "10:", "tbf", *args)
 

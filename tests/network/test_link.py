@@ -253,3 +253,26 @@ def test_cli_measure_and_cleanup(no_leftovers):
     bad = subprocess.run([*main, "measure", "moon"], capture_output=True, text=True)
     assert bad.returncode == 1 and "unknown network profile 'moon'" in bad.stderr
     assert subprocess.run([*main, "cleanup"], capture_output=True, text=True).returncode == 0
+
+
+def test_netem_commands_where_the_kernel_has_it(monkeypatch):
+    """This kernel has no sch_netem, so the netem path is checked by the commands it issues."""
+    import harness.netshape.link as link_mod
+
+    calls = []
+
+    def fake_run(*cmd, check=True, timeout=30.0):
+        calls.append(list(cmd))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(link_mod, "_run", fake_run)
+    link = NetworkLink("wan", delay_method="netem")
+    link.netns, link.host_iface = "lzb-x-0", "lzbxh0"
+    link._shape()
+    text = [" ".join(c) for c in calls]
+    assert any("dev lzbxh0 root handle 1: netem delay 20.000ms" in t for t in text)
+    ns_netem = "-n lzb-x-0 qdisc add dev eth0 root handle 1: netem delay 20.000ms"
+    assert any(ns_netem in t for t in text)
+    assert sum("parent 1:1 handle 10: tbf rate 100.0mbit" in t for t in text) == 2
+    assert link.delay_used == "netem" and link._delayer is None
+    assert not any("NFQUEUE" in t for t in text)
