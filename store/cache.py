@@ -48,9 +48,14 @@ class _InFlight:
 class ChunkCache:
     """A byte-limited LRU cache of chunk bytes on disk, keyed by ``sha256:<hex>`` digests."""
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, memory_bytes: int = 64 << 20) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
+        # A few recent chunks in memory: the kernel reads a 4 MiB chunk in 128 KiB pieces,
+        # and re-reading the chunk file for each piece would multiply disk reads by 32.
+        self.memory_bytes = memory_bytes
+        self._mem: OrderedDict[str, bytes] = OrderedDict()
+        self._mem_total = 0
         self.stats = CacheStats()
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._total = 0
@@ -98,6 +103,12 @@ class ChunkCache:
         """The cached bytes of ``key``, or None (also when the file vanished under us)."""
         if key not in self._lru:
             return None
+        data = self._mem.get(key)
+        if data is not None:
+            self._mem.move_to_end(key)
+            self._lru.move_to_end(key)
+            self.stats.hits += 1
+            return data
         try:
             data = self._path(key).read_bytes()
         except FileNotFoundError:
@@ -105,7 +116,20 @@ class ChunkCache:
             return None
         self._lru.move_to_end(key)
         self.stats.hits += 1
+        self._remember(key, data)
         return data
+
+    def _remember(self, key: str, data: bytes) -> None:
+        if len(data) > self.memory_bytes // 4:
+            return
+        self._mem[key] = data
+        self._mem_total += len(data)
+        while self._mem_total > self.memory_bytes:
+            _, old = self._mem.popitem(last=False)
+            self._mem_total -= len(old)
+
+    def is_inflight(self, key: str) -> bool:
+        return key in self._inflight
 
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` (already verified against ``key``) atomically, then enforce the limit."""
@@ -127,9 +151,13 @@ class ChunkCache:
             return
         self._lru[key] = len(data)
         self._total += len(data)
+        self._remember(key, data)
         self._evict()
 
     def _forget(self, key: str) -> None:
+        data = self._mem.pop(key, None)
+        if data is not None:
+            self._mem_total -= len(data)
         size = self._lru.pop(key, None)
         if size is not None:
             self._total -= size
@@ -138,6 +166,9 @@ class ChunkCache:
         while self._total > self.max_bytes and self._lru:
             key, size = self._lru.popitem(last=False)
             self._total -= size
+            data = self._mem.pop(key, None)
+            if data is not None:
+                self._mem_total -= len(data)
             self.stats.evictions += 1
             with contextlib.suppress(FileNotFoundError):
                 self._path(key).unlink()

@@ -172,7 +172,9 @@ class Layer:
         # Read ahead in large files: the next chunks are most likely read next.
         last = chunks.index(wanted[-1]) if wanted else -1
         ahead = [
-            c for c in chunks[last + 1 : last + 1 + READAHEAD_CHUNKS] if c.digest not in self.cache
+            c
+            for c in chunks[last + 1 : last + 1 + READAHEAD_CHUNKS]
+            if c.digest not in self.cache and not self.cache.is_inflight(c.digest)
         ]
         if ahead and self._nursery is not None:
             self._nursery.start_soon(self._readahead, ahead)
