@@ -83,7 +83,6 @@ def test_store_read(tmp_path: Path) -> None:
     blob = to_estargz(make_tar(one_file), chunk_size=4 << 20)
     local = tmp_path / "local-copy"
     local.write_bytes(data)
-    del data
 
     def many(tar: tarfile.TarFile) -> None:
         for d in range(ENTRIES // 100):
