@@ -9,11 +9,14 @@ overlay whiteouts turned into ``.wh.`` entries. The mounts live in a private mou
 Cache: ``<cache>/images/<recipe hash>/`` holds ``image.json`` and ``layers/<n>.tar``; a build
 happens in a temporary sibling directory renamed into place at the end, so a crashed build
 leaves nothing that looks finished. The mmdebstrap base tree is cached the same way under
-``<cache>/bases/``.
+``<cache>/bases/``, and each Debian layer under ``<cache>/layers/<prefix hash>/`` (its tar and
+the upperdir later layers stack on): recipes that start with the same layers share them, as
+images built ``FROM`` one parent do — same bytes, same digests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -22,11 +25,17 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness.images.layertar import specs_to_tar, tree_to_tar
-from harness.images.recipes import DEBIAN_SUITE, LayerSpec, Recipe, recipe_hash
+from harness.images.recipes import (
+    BUILDER_VERSION,
+    DEBIAN_SUITE,
+    LayerSpec,
+    Recipe,
+    recipe_hash,
+)
 
 HOST_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 Progress = Callable[[str], None]
@@ -130,15 +139,17 @@ def build_layers(
         if recipe.base == "debian":
             say(f"{recipe.name}: Debian {DEBIAN_SUITE} base (mmdebstrap)")
             base = debian_base(cache_dir, progress=say)
-            tar = work / "layers" / "0.tar"
-            diff_id = tree_to_tar(base, tar, exclude=_drop)
-            layers.append(BuiltLayer(tar, diff_id, tar.stat().st_size, f"debian {DEBIAN_SUITE}"))
+            shared = _shared_layer(
+                cache_dir,
+                _prefix_key(recipe, 0),
+                lambda w: tree_to_tar(base, w / "layer.tar", exclude=_drop),
+            )
+            layers.append(_image_layer(work, 0, shared, f"debian {DEBIAN_SUITE}"))
             lowers.append(base)
         elif recipe.base != "scratch":
             raise ImageBuildError(f"recipe {recipe.name}: unknown base {recipe.base!r}")
         for spec in recipe.layers:
             index = len(layers)
-            tar = work / "layers" / f"{index}.tar"
             say(f"{recipe.name}: layer {index}: {spec.comment}")
             if spec.packages or spec.run:
                 if spec.files:
@@ -150,17 +161,24 @@ def build_layers(
                         f"recipe {recipe.name}: layer {spec.comment!r} runs commands but has no"
                         " base to run them on"
                     )
-                upper = work / f"upper{index}"
-                _chroot_layer(recipe, spec, lowers, upper, work)
-                diff_id = tree_to_tar(upper, tar, exclude=_drop, overlay_upper=True)
-                lowers.append(upper)
+
+                def build_one(w: Path, spec: LayerSpec = spec) -> str:
+                    _chroot_layer(recipe, spec, lowers, w / "tree", w)
+                    return tree_to_tar(
+                        w / "tree", w / "layer.tar", exclude=_drop, overlay_upper=True
+                    )
+
+                shared = _shared_layer(cache_dir, _prefix_key(recipe, index), build_one)
+                layers.append(_image_layer(work, index, shared, spec.comment))
+                lowers.append(shared / "tree")
             elif lowers:
                 raise ImageBuildError(
                     f"recipe {recipe.name}: file-set layers are only supported on a scratch base"
                 )
             else:
+                tar = work / "layers" / f"{index}.tar"
                 diff_id = specs_to_tar(spec.files, tar)
-            layers.append(BuiltLayer(tar, diff_id, tar.stat().st_size, spec.comment))
+                layers.append(BuiltLayer(tar, diff_id, tar.stat().st_size, spec.comment))
         config = image_config(
             recipe, [layer.diff_id for layer in layers], [layer.comment for layer in layers]
         )
@@ -179,10 +197,6 @@ def build_layers(
                 for i, x in enumerate(layers)
             ],
         }
-        for upper in work.glob("upper*"):
-            shutil.rmtree(upper)
-        for scratch in work.glob("ovl*"):
-            shutil.rmtree(scratch, ignore_errors=True)
         (work / "image.json").write_text(json.dumps(meta, indent=1))
         if final.exists() and cached_image(recipe, cache_dir) is None:
             _discard(final)  # an incomplete entry (a layer file deleted by hand)
@@ -197,6 +211,53 @@ def build_layers(
     built = cached_image(recipe, cache_dir)
     assert built is not None
     return built
+
+
+def _prefix_key(recipe: Recipe, index: int) -> str:
+    """Names layer ``index`` of a Debian recipe by everything below and including it, so
+    recipes that start alike share those layers (same bytes, same digests), like images built
+    FROM a common parent."""
+    specs = [asdict(spec) for spec in recipe.layers[:index]]
+    text = json.dumps(
+        [BUILDER_VERSION, DEBIAN_SUITE, recipe.base, specs], sort_keys=True, default=str
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _shared_layer(cache_dir: Path, key: str, build: Callable[[Path], str]) -> Path:
+    """``<cache>/layers/<key>/`` with ``layer.tar``, ``layer.json`` and (for chroot layers) the
+    ``tree`` later layers stack on; ``build(workdir)`` writes them and returns the diff ID."""
+    final = cache_dir / "layers" / key
+    if (final / "layer.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=final.parent))
+    try:
+        diff_id = build(work)
+        for scratch in work.glob("ovl*"):
+            shutil.rmtree(scratch, ignore_errors=True)
+        size = (work / "layer.tar").stat().st_size
+        (work / "layer.json").write_text(json.dumps({"diff_id": diff_id, "size": size}))
+        try:
+            os.rename(work, final)
+        except OSError:
+            if not (final / "layer.json").is_file():  # not a concurrent identical build
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def _image_layer(work: Path, index: int, shared: Path, comment: str) -> BuiltLayer:
+    """Hard-link a shared layer's tar into the image being built."""
+    meta = json.loads((shared / "layer.json").read_text())
+    tar = work / "layers" / f"{index}.tar"
+    try:
+        os.link(shared / "layer.tar", tar)
+    except OSError:
+        shutil.copyfile(shared / "layer.tar", tar)
+    return BuiltLayer(tar, meta["diff_id"], meta["size"], comment)
 
 
 def _discard(path: Path) -> None:
