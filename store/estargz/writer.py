@@ -14,8 +14,10 @@ Layout follows the Go writer (containerd/stargz-snapshotter ``estargz.Writer``/`
   its own gzip member, then the 51-byte footer. ``diff_id`` covers everything up to the
   footer, decompressed.
 
-Members are independent, so they are compressed in a thread pool (``zlib.compress`` releases
-the GIL) and written in order; at most a few batches are in flight, so memory stays bounded
+Members are independent, so they are compressed in a thread pool (``compress`` releases the
+GIL) and written in order. Deflate comes from zlib-ng when installed (a dependency): its level
+9 is about 3x cheaper than classic zlib's at a slightly better ratio; stdlib zlib otherwise.
+Members are written in order; at most a few batches are in flight, so memory stays bounded
 whatever the layer size. With prioritized files the (decompressed) input is spooled to a
 temporary file so it can be read twice.
 """
@@ -40,6 +42,11 @@ from typing import Any, BinaryIO
 from zstandard import ZstdDecompressor, ZstdError
 
 from .errors import InvalidLayerTar
+
+try:
+    from zlib_ng import zlib_ng as _deflate
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; stdlib zlib still works
+    _deflate = zlib  # type: ignore[no-redef]
 from .footer import (
     LANDMARK_CONTENTS,
     NO_PREFETCH_LANDMARK,
@@ -250,7 +257,7 @@ def _compress_batch(jobs: list[tuple[bytes, int]], level: int) -> list[tuple[byt
     out = []
     for data, payload_len in jobs:
         digest = "sha256:" + hashlib.sha256(data[:payload_len]).hexdigest() if payload_len else ""
-        out.append((zlib.compress(data, level, wbits=31), digest))
+        out.append((_deflate.compress(data, level, wbits=31), digest))
     return out
 
 
@@ -326,7 +333,7 @@ class _MemberWriter:
         self.flush()
         self.diff_hash.update(uncompressed)
         self.uncompressed += len(uncompressed)
-        self._emit(zlib.compress(uncompressed, self.level, wbits=31))
+        self._emit(_deflate.compress(uncompressed, self.level, wbits=31))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
