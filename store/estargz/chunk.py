@@ -13,6 +13,14 @@ import zlib
 from .errors import ChunkDigestMismatch, CorruptChunk
 from .index import Chunk
 
+try:  # zlib-ng inflates ~1.8x faster than stdlib zlib: this is the store's read path
+    from zlib_ng import zlib_ng as _inflate
+
+    _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _inflate.error)
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; stdlib zlib still works
+    _inflate = zlib  # type: ignore[no-redef]
+    _INFLATE_ERRORS = (zlib.error,)
+
 
 def decompress_chunk(chunk: Chunk, compressed: bytes, *, verify: bool = True) -> bytes:
     """The chunk's file bytes, checked against ``chunk.digest`` (when ``verify``).
@@ -46,12 +54,12 @@ def _gunzip(data: bytes, want: int, where: str) -> bytes:
     rest = data
     try:
         while len(out) < want and rest:
-            d = zlib.decompressobj(wbits=31)
+            d = _inflate.decompressobj(wbits=31)
             out += d.decompress(rest, want - len(out))
             if not d.eof:
                 break  # got what we wanted (or the data ran out: checked by the caller)
             rest = d.unused_data
-    except zlib.error as exc:
+    except _INFLATE_ERRORS as exc:
         raise CorruptChunk(f"{where}: not gzip: {exc}") from None
     return bytes(out)
 
