@@ -112,3 +112,19 @@ def test_gzip_input_is_accepted(name: str, vectors: dict[str, Vector], tmp_path:
     ours = EstargzReader(BytesBlobSource(out.getvalue()), res.toc_digest)
     assert [e["name"] for e in listing(ours)] == [e["name"] for e in v.entries or []]
     assert sum(1 for e in ours.toc.entries if e["name"].endswith("stargz.index.json")) == 0
+
+
+def test_containers_storage_zstd_footer(vectors: dict[str, Vector]) -> None:
+    """The same zstd:chunked layer with containers/storage's 64-byte footer payload (tar-split
+    fields added, magic spelled GNUlInUx) reads the same."""
+    import struct
+
+    v = vectors["zstdchunked"]
+    blob = v.blob.read_bytes()
+    offset, csize, usize, mtype = struct.unpack_from("<QQQQ", blob, len(blob) - 40)
+    payload = struct.pack("<QQQQQQQ", offset, csize, usize, mtype, 0, 0, 0) + b"GNUlInUx"
+    footer = b"\x50\x2a\x4d\x18" + struct.pack("<I", len(payload)) + payload
+    r = EstargzReader(BytesBlobSource(blob[:-48] + footer), v.meta["toc_digest"])
+    assert r.footer.footer_size == 72
+    with FileBlobSource(v.blob) as src:
+        assert r.verify_all() == EstargzReader(src).verify_all()
