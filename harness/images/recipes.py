@@ -111,7 +111,59 @@ def _json_default(value: object) -> object:
     raise TypeError(f"cannot hash {type(value).__name__}")
 
 
-# Layers every Debian workload shares, like the ``buildpack-deps`` family upstream images sit on.
+# The published python and gcc images are built FROM buildpack-deps (curl, then scm, then the
+# build dependencies), glassfish FROM java:8-jdk (buildpack-deps' curl and scm plus a JDK),
+# rethinkdb FROM plain debian. The recipes keep that ancestry, so images are about as large
+# and as layered as the ones in the published chart, and python and gcc share their lower
+# layers byte for byte.
+_CURL = LayerSpec(
+    "buildpack-deps curl",
+    packages=("ca-certificates", "curl", "gnupg", "netbase", "wget", "tzdata"),
+)
+_SCM = LayerSpec(
+    "buildpack-deps scm",
+    packages=("git", "mercurial", "openssh-client", "subversion", "procps"),
+)
+_BUILD_DEPS = LayerSpec(
+    "buildpack-deps build dependencies",
+    packages=(
+        "autoconf",
+        "automake",
+        "bzip2",
+        "dpkg-dev",
+        "file",
+        "g++",
+        "gcc",
+        "libbz2-dev",
+        "libc6-dev",
+        "libcurl4-openssl-dev",
+        "libdb-dev",
+        "libevent-dev",
+        "libffi-dev",
+        "libgdbm-dev",
+        "libglib2.0-dev",
+        "libgmp-dev",
+        "libjpeg-dev",
+        "libkrb5-dev",
+        "liblzma-dev",
+        "libncurses-dev",
+        "libpng-dev",
+        "libpq-dev",
+        "libreadline-dev",
+        "libsqlite3-dev",
+        "libssl-dev",
+        "libtool",
+        "libwebp-dev",
+        "libxml2-dev",
+        "libxslt1-dev",
+        "libyaml-dev",
+        "make",
+        "patch",
+        "unzip",
+        "xz-utils",
+        "zlib1g-dev",
+    ),
+)
 _CERTS = LayerSpec("certificates and tzdata", packages=("ca-certificates", "tzdata", "netbase"))
 
 _HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n'
@@ -124,8 +176,11 @@ RECIPES: dict[str, Recipe] = {
             description="python3 prints hello (stands in for python:3.7)",
             base="debian",
             layers=(
-                _CERTS,
-                LayerSpec("python runtime", packages=("python3",)),
+                _CURL,
+                _SCM,
+                _BUILD_DEPS,
+                LayerSpec("python runtime", packages=("python3", "python3-dev", "python3-venv")),
+                LayerSpec("pip", packages=("python3-pip", "python3-setuptools", "python3-wheel")),
             ),
             cmd=("python3",),
             run_cmd=("python3", "-c", "print('hello')"),
@@ -137,9 +192,10 @@ RECIPES: dict[str, Recipe] = {
             description="gcc compiles and runs hello from stdin (stands in for gcc:9.2.0)",
             base="debian",
             layers=(
-                _CERTS,
-                LayerSpec("toolchain", packages=("gcc", "libc6-dev")),
-                LayerSpec("build helpers", packages=("make", "pkg-config")),
+                _CURL,
+                _SCM,
+                _BUILD_DEPS,
+                LayerSpec("compilers", packages=("gcc-12", "g++-12", "gfortran-12", "cpp-12")),
             ),
             cmd=("/bin/sh",),
             run_cmd=("/bin/sh", "-c", "gcc -x c -o /tmp/hello - && /tmp/hello"),
@@ -175,9 +231,10 @@ RECIPES: dict[str, Recipe] = {
             description="Tomcat 10 on OpenJDK 17, until startup (stands in for glassfish)",
             base="debian",
             layers=(
-                _CERTS,
-                LayerSpec("java runtime", packages=("openjdk-17-jre-headless",)),
-                LayerSpec("application server", packages=("tomcat10",)),
+                _CURL,
+                _SCM,
+                LayerSpec("java development kit", packages=("openjdk-17-jdk-headless",)),
+                LayerSpec("application server", packages=("tomcat10", "tomcat10-admin")),
             ),
             env=(
                 ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
