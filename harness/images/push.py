@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from harness.images.build import BuiltImage
+from harness.images.build import BuiltImage, BuiltLayer
 from harness.images.layertar import file_digest, normalize, tar_names
 
 MODES = ("legacy", "estargz-noopt", "estargz", "zstd-chunked")
@@ -156,7 +156,7 @@ def oci_layout(
     )
 
 
-def _publish(final: Path, write: Callable[[Path], None]) -> Path:
+def _publish(final: Path, write: Callable[[Path], None], *, marker: str = "index.json") -> Path:
     """Run ``write(tmpdir)`` and rename the result to ``final`` (or keep a concurrent one)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
@@ -165,7 +165,7 @@ def _publish(final: Path, write: Callable[[Path], None]) -> Path:
         try:
             os.rename(work, final)
         except OSError:
-            if not (final / "index.json").is_file():
+            if not (final / marker).is_file():
                 raise
     finally:
         if work.exists():
@@ -185,27 +185,24 @@ def _write_layout(
     blobs.mkdir(parents=True)
     descriptors, diff_ids = [], []
     for i, layer in enumerate(built.layers, 1):
-        tmp = work / "layer.tmp"
-        if mode != "uncompressed":
-            say(f"{built.name}: layer {i}/{len(built.layers)} ({layer.size / 1e6:.0f} MB) → {mode}")
         if mode == "uncompressed":
-            _link_or_copy(layer.path, tmp)
-            desc = {"mediaType": MEDIA_TAR}
+            _link_or_copy(layer.path, blobs / layer.diff_id.split(":")[1])
+            descriptors.append(
+                {"mediaType": MEDIA_TAR, "digest": layer.diff_id, "size": layer.size}
+            )
             diff_ids.append(layer.diff_id)
-        elif mode == "legacy":
-            _gzip(layer.path, tmp)
-            desc = {"mediaType": MEDIA_GZIP}
-            diff_ids.append(layer.diff_id)
-        elif mode in ("estargz", "estargz-noopt"):
-            wanted = _prioritized_in(layer.path, prioritized_files) if mode == "estargz" else []
-            desc, diff_id = _estargz(layer.path, tmp, wanted, chunk_size)
-            diff_ids.append(diff_id)
-        else:
+            continue
+        if mode not in ("legacy", "estargz", "estargz-noopt"):
             raise PushError(f"no OCI layout for mode {mode!r}")
-        digest = layer.diff_id if mode == "uncompressed" else file_digest(tmp)
-        os.replace(tmp, blobs / digest.split(":")[1])
-        size = (blobs / digest[7:]).stat().st_size
-        descriptors.append({**desc, "digest": digest, "size": size})
+        wanted = _prioritized_in(layer.path, prioritized_files) if mode == "estargz" else []
+        kind = "gzip" if mode == "legacy" else "estargz"
+        n, mb = len(built.layers), layer.size / 1e6
+        message = f"{built.name}: layer {i}/{n} ({mb:.0f} MB) → {mode}"
+        blob = _converted_layer(built, layer, kind, wanted, chunk_size, say, message)
+        meta = json.loads((blob / "blob.json").read_text())
+        _link_or_copy(blob / "blob", blobs / meta["digest"].split(":")[1])
+        descriptors.append(meta["descriptor"])
+        diff_ids.append(meta["diff_id"])
     config = json.loads(json.dumps(built.config))
     config["rootfs"]["diff_ids"] = diff_ids
     config_desc = _write_blob(blobs, json.dumps(config, sort_keys=True).encode(), MEDIA_CONFIG)
@@ -219,6 +216,46 @@ def _write_layout(
     manifest_desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
     (work / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     (work / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest_desc]}))
+
+
+def _converted_layer(
+    built: BuiltImage,
+    layer: BuiltLayer,
+    kind: str,
+    wanted: list[str],
+    chunk_size: int | None,
+    say: Callable[[str], None],
+    message: str,
+) -> Path:
+    """One layer compressed as ``kind`` (gzip | estargz), cached by what determines its bytes.
+
+    Shared by every image and mode that needs the same bytes: python and gcc share their
+    lower layers, and an optimized image's layers holding none of the prioritized files are
+    the same as the unoptimized ones (``.no.prefetch.landmark``), so only the layers that
+    hold the workload's files are converted again.
+    """
+    key = hashlib.sha256(
+        json.dumps([kind, layer.diff_id, wanted, chunk_size]).encode()
+    ).hexdigest()[:24]
+    final = built.dir.parent.parent / "blobs" / key
+    if (final / "blob.json").is_file():
+        return final
+
+    def write(work: Path) -> None:
+        say(message)
+        out = work / "blob"
+        if kind == "gzip":
+            _gzip(layer.path, out)
+            desc: dict = {"mediaType": MEDIA_GZIP}
+            diff_id = layer.diff_id
+        else:
+            desc, diff_id = _estargz(layer.path, out, wanted, chunk_size)
+        digest = file_digest(out)
+        desc.update(digest=digest, size=out.stat().st_size)
+        meta = {"digest": digest, "diff_id": diff_id, "descriptor": desc}
+        (work / "blob.json").write_text(json.dumps(meta))
+
+    return _publish(final, write, marker="blob.json")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

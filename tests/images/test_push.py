@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from harness.images import TINY_OUTPUT, PushError, oci_layout, push_image
+from harness.images import TINY_OUTPUT, PushError, oci_layout, push_image, tiny_image
 from harness.images.push import (
     MEDIA_GZIP,
     MEDIA_ZSTD,
@@ -140,3 +140,22 @@ def test_cli_build_and_ls(tmp_path):
     bad = subprocess.run([*cmd, "build", "nosuch"], capture_output=True, text=True)
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and "nosuch" in bad.stderr
+
+
+def test_optimized_image_reconverts_only_layers_with_prioritized_files(tmp_path):
+    built = tiny_image(tmp_path, big_file_size=4096)
+    noopt = oci_layout(built, "estargz-noopt")
+    blobs_dir = tmp_path / "blobs"
+    before = {p.name for p in blobs_dir.iterdir()}
+    opt = oci_layout(built, "estargz", prioritized_files=["/data/hello.txt"])
+    added = {p.name for p in blobs_dir.iterdir()} - before
+    assert len(added) == 1  # only layer 1 holds data/hello.txt
+
+    def layer_digests(layout):
+        index = json.loads((layout / "index.json").read_text())
+        digest = index["manifests"][0]["digest"].split(":")[1]
+        manifest = json.loads((layout / "blobs" / "sha256" / digest).read_text())
+        return [x["digest"] for x in manifest["layers"]]
+
+    a, b = layer_digests(noopt), layer_digests(opt)
+    assert a[0] == b[0] and a[2] == b[2] and a[1] != b[1]
