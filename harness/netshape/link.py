@@ -148,64 +148,28 @@ class NetworkLink:
             if not use_netem and self.delay_method == "netem":
                 raise NetworkError("netem requested but this kernel has no sch_netem")
         if p.rate_mbit:
-            parent = ["parent", "1:1"] if use_netem else ["root"]
-            for where in (["dev", self.host_iface], ["-n", self.netns, "dev", NS_IFACE]):
-                ns, dev = (where[:2], where[2:]) if where[0] == "-n" else ([], where)
-                _run(
-                    "tc",
-                    *ns,
-                    "qdisc",
-                    "add",
-                    *dev,
-                    *parent,
-                    "handle",
-                    "10:",
-                    "tbf",
-                    *_tbf_args(p.rate_mbit, p.rtt_ms),
-                )
+            parent = "parent 1:1" if use_netem else "root"
+            for ns, dev in self._ends():
+                tbf = _tbf_args(p.rate_mbit, p.rtt_ms)
+                _run("tc", *ns, *f"qdisc add dev {dev} {parent} handle 10: tbf".split(), *tbf)
         if p.rtt_ms > 0 and not use_netem:
             self._start_delayer()
         self.delay_used = "netem" if use_netem else ("nfqueue" if p.rtt_ms > 0 else None)
         self._shaped = True
 
+    def _ends(self) -> list[tuple[list[str], str]]:
+        """(``ip``/``tc`` namespace option, device) of both veth ends: host side, far side."""
+        assert self.netns is not None and self.host_iface is not None
+        return [([], self.host_iface), (["-n", self.netns], NS_IFACE)]
+
     def _try_netem(self) -> bool:
         """Half the RTT on each direction's egress with netem; False if the kernel lacks it."""
         half = f"{self.profile.rtt_ms / 2:.3f}ms"
-        proc = _run(
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            self.host_iface,
-            "root",
-            "handle",
-            "1:",
-            "netem",
-            "delay",
-            half,
-            "limit",
-            "100000",
-            check=False,
-        )
-        if proc.returncode != 0:
-            return False
-        _run(
-            "tc",
-            "-n",
-            self.netns,
-            "qdisc",
-            "add",
-            "dev",
-            NS_IFACE,
-            "root",
-            "handle",
-            "1:",
-            "netem",
-            "delay",
-            half,
-            "limit",
-            "100000",
-        )
+        for i, (ns, dev) in enumerate(self._ends()):
+            cmd = f"qdisc add dev {dev} root handle 1: netem delay {half} limit 100000".split()
+            proc = _run("tc", *ns, *cmd, check=i > 0)
+            if proc.returncode != 0:
+                return False  # "Specified qdisc kind is unknown": no sch_netem here
         return True
 
     def _start_delayer(self) -> None:
@@ -340,9 +304,9 @@ class NetworkLink:
             if rate_mbit
             else _tbf_args(UNSHAPED_MBIT, self.profile.rtt_ms)
         )
-        parent = ["parent", "1:1"] if self.delay_used == "netem" else ["root"]
-        for ns, dev in (([], self.host_iface), (["-n", self.netns], NS_IFACE)):
-            _run("tc", *ns, "qdisc", "change", "dev", dev, *parent, "handle", "10:", "tbf", *args)
+        parent = "parent 1:1" if self.delay_used == "netem" else "root"
+        for ns, dev in self._ends():
+            _run("tc", *ns, *f"qdisc change dev {dev} {parent} handle 10: tbf".split(), *args)
 
     def _stop_delayer(self) -> None:
         """Remove the NFQUEUE rule, then let the delayer release what it holds and exit."""
