@@ -51,7 +51,7 @@ from .footer import (
 from .index import Chunk, Entry, LayerIndex, clean_name
 from .reader import EstargzReader
 from .source import BlobSource, BytesBlobSource, FileBlobSource
-from .toc import Toc, parse_toc, toc_digest
+from .toc import Toc, parse_toc, toc_digest, toc_json_bytes
 from .writer import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, ConvertResult, convert
 
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
@@ -103,5 +103,6 @@ __all__ = [
     "tail_fetch_size",
     "toc_bytes_from_tail",
     "toc_digest",
+    "toc_json_bytes",
     "toc_range",
 ]

@@ -46,10 +46,7 @@ def parse_toc(data: bytes, footer: Footer, expected_digest: str | None = None) -
     raises :class:`InvalidToc` if the bytes do not decode to a TOC object.
     """
     where = f"TOC at offset {footer.toc_offset}"
-    if footer.compression == "zstd":
-        raw = _unzstd(data, footer, where)
-    else:
-        raw = _toc_json_from_gzip_tar(data, where)
+    raw = toc_json_bytes(data, footer)
     digest = toc_digest(raw)
     if expected_digest is not None and digest != expected_digest:
         raise TocDigestMismatch(
@@ -68,6 +65,17 @@ def parse_toc(data: bytes, footer: Footer, expected_digest: str | None = None) -
     if version != 1:
         raise InvalidToc(f"{where}: unsupported TOC version {version!r}")
     return Toc(version, entries, digest, footer.toc_offset, footer.compression, len(raw))
+
+
+def toc_json_bytes(data: bytes, footer: Footer) -> bytes:
+    """The uncompressed TOC JSON from the compressed TOC bytes (:func:`toc_range`): a gzip
+    member holding the ``stargz.index.json`` tar entry, or a zstd frame. Its sha256 is the TOC
+    digest (:func:`toc_digest`). For callers that decode the JSON their own way (e.g. into
+    compact records for huge layers); raises :class:`InvalidToc`."""
+    where = f"TOC at offset {footer.toc_offset}"
+    if footer.compression == "zstd":
+        return _unzstd(data, footer, where)
+    return _toc_json_from_gzip_tar(data, where)
 
 
 def _unzstd(data: bytes, footer: Footer, where: str) -> bytes:
