@@ -20,14 +20,43 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from .errors import InvalidEntryName, InvalidToc, TocOutOfRange
 from .footer import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Footer
 from .toc import Toc
+
+
+# Shared empty containers: a layer can have 100,000 entries, and most have no xattrs, no
+# children and (unless regular files) no chunks; one object each instead of three per entry.
+class _EmptyMapping(Mapping[str, Any]):
+    """An immutable, hashable empty mapping (a valid dataclass default)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "{}"
+
+
+_NO_XATTRS: Mapping[str, bytes] = _EmptyMapping()
+_NO_CHILDREN: Mapping[str, Entry] = _EmptyMapping()
+_NO_CHUNKS: tuple[Chunk, ...] = ()
 
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
 
@@ -52,7 +81,12 @@ class Chunk:
 
 @dataclass(slots=True, eq=False)
 class Entry:
-    """A node of the tree (hardlinks share their target's Entry)."""
+    """A node of the tree (hardlinks share their target's Entry).
+
+    ``children`` is a dict for directories (read-only empty mapping otherwise), ``chunks`` a
+    list for regular files with content (empty tuple otherwise), ``xattrs`` read-only when
+    there are none.
+    """
 
     name: str
     type: str
@@ -66,13 +100,17 @@ class Entry:
     link_name: str = ""  # symlink target as written; for hardlinks the cleaned target path
     dev_major: int = 0
     dev_minor: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)
+    xattrs: Mapping[str, bytes] = _NO_XATTRS
     digest: str = ""  # sha256 of the whole file (reg), "" if absent
     nlink: int = 0
     parent: Entry | None = None
-    children: dict[str, Entry] = field(default_factory=dict)
-    chunks: list[Chunk] = field(default_factory=list)
+    children: Mapping[str, Entry] = _NO_CHILDREN  # a dict for directories
+    chunks: list[Chunk] | tuple[Chunk, ...] = _NO_CHUNKS  # a list for regular files
     implicit: bool = False  # a directory the TOC never named
+
+    def __post_init__(self) -> None:
+        if self.type == "dir" and self.children is _NO_CHILDREN:
+            self.children = {}
 
     @property
     def mtime(self) -> float:
@@ -232,7 +270,7 @@ class LayerIndex:
                 gid=_int(raw, "gid", where),
                 uname=_str(raw, "userName", where),
                 gname=_str(raw, "groupName", where),
-                modtime=_str(raw, "modtime", where),
+                modtime=sys.intern(_str(raw, "modtime", where)),
                 link_name=_str(raw, "linkName", where),
                 dev_major=_int(raw, "devMajor", where),
                 dev_minor=_int(raw, "devMinor", where),
@@ -283,6 +321,11 @@ class LayerIndex:
                 f"{where}{owner.name!r}: chunk [{chunk_offset}, {chunk_offset + chunk_size}) "
                 f"does not continue the file (expected offset {prev_end}, size {owner.size})"
             )
+        if owner.chunks is _NO_CHUNKS:
+            owner.chunks = []
+        digest = _str(raw, "chunkDigest", where)
+        if digest == owner.digest:
+            digest = owner.digest  # one string object for the usual single-chunk file
         c = Chunk(
             name=owner.name,
             chunk_offset=chunk_offset,
@@ -290,10 +333,10 @@ class LayerIndex:
             offset=offset,
             compressed_end=0,
             inner_offset=inner,
-            digest=_str(raw, "chunkDigest", where),
+            digest=digest,
             compression=self.compression,
         )
-        owner.chunks.append(c)
+        owner.chunks.append(c)  # type: ignore[union-attr]
         data.append((c, inner))
         self.chunk_count += 1
 
@@ -328,7 +371,7 @@ class LayerIndex:
             if old.type == "dir":
                 parent.nlink -= 1
             old.nlink -= 1
-        parent.children[base] = e
+        parent.children[base] = e  # type: ignore[index]  # parents are directories
         if e.type == "dir":
             parent.nlink += 1
             e.parent = parent
@@ -395,10 +438,10 @@ def _str(raw: dict[str, Any], key: str, where: str) -> str:
     return v
 
 
-def _xattrs(raw: dict[str, Any], where: str) -> dict[str, bytes]:
+def _xattrs(raw: dict[str, Any], where: str) -> Mapping[str, bytes]:
     v = raw.get("xattrs")
     if not v:
-        return {}
+        return _NO_XATTRS
     if not isinstance(v, dict):
         raise InvalidToc(f"{where}xattrs is not an object")
     out = {}
