@@ -13,10 +13,13 @@ is :class:`TocMismatchError` and the layer is refused — and builds the chunk t
 from __future__ import annotations
 
 import base64
+import json
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from store import estargz
+from store.estargz.toc import _toc_json_from_gzip_tar
 from store.layer import BlobReader, ChunkRef
 from store.tree import EntryView
 
@@ -44,13 +47,71 @@ async def load_layer_index(blob: BlobReader, toc_digest: str) -> EstargzLayerVie
         raise TocError("zstd:chunked layers are not served (podman pulls them itself)")
     if toc_bytes is None:
         (toc_bytes,) = await blob.read_ranges([estargz.toc_range(footer, blob.size)])
+    where = f"TOC at offset {footer.toc_offset}"
     try:
-        toc = estargz.parse_toc(toc_bytes, footer, toc_digest)
-    except TocMismatchError:
-        raise
+        # The format module's TOC extraction; the JSON is decoded here, straight into compact
+        # records, because 100,000 entry dicts would cost ~120 MB (and fragment the heap).
+        raw = _toc_json_from_gzip_tar(toc_bytes, where)
     except estargz.EstargzError as exc:
         raise TocError(str(exc)) from exc
-    return EstargzLayerView({"entries": toc.entries}, footer.toc_offset)
+    digest = estargz.toc_digest(raw)
+    if digest != toc_digest:
+        raise TocMismatchError(f"{where}: digest {digest} does not match the expected {toc_digest}")
+    try:
+        toc = json.loads(raw, object_hook=_record)
+    except ValueError as exc:
+        raise TocError(f"{where}: not JSON: {exc}") from None
+    del raw
+    if not isinstance(toc, dict) or not isinstance(toc.get("entries"), list):
+        raise TocError(f"{where}: no entries list")
+    if not all(isinstance(e, TocRecord) for e in toc["entries"]):
+        raise TocError(f"{where}: an entry lacks name or type")
+    return EstargzLayerView(toc, footer.toc_offset)
+
+
+_FIELDS = {
+    "name": "name",
+    "type": "type",
+    "size": "size",
+    "modtime": "modtime",
+    "linkName": "link_name",
+    "mode": "mode",
+    "uid": "uid",
+    "gid": "gid",
+    "offset": "offset",
+    "innerOffset": "inner_offset",
+    "devMajor": "dev_major",
+    "devMinor": "dev_minor",
+    "xattrs": "xattrs",
+    "chunkOffset": "chunk_offset",
+    "chunkSize": "chunk_size",
+    "chunkDigest": "chunk_digest",
+}
+
+
+class TocRecord:
+    """One TOC entry with only the fields the store uses (``get`` like the JSON dict)."""
+
+    __slots__ = tuple(_FIELDS.values())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        attr = _FIELDS.get(key)
+        if attr is None:
+            return default
+        return getattr(self, attr, default)
+
+
+def _record(d: dict[str, Any]) -> Any:
+    if "name" not in d or "type" not in d:
+        return d  # the TOC object itself, or an xattrs table
+    rec = TocRecord()
+    for key, value in d.items():
+        attr = _FIELDS.get(key)
+        if attr is not None and value not in (None, "", 0):
+            if isinstance(value, str) and key in ("type", "modtime"):
+                value = sys.intern(value)
+            setattr(rec, attr, value)
+    return rec
 
 
 class EstargzLayerView:

@@ -19,6 +19,9 @@ digest annotation, and the TOC fetched from the blob must hash to it. Anything e
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import logging
 import re
@@ -253,6 +256,7 @@ class LayerManager:
             on_file_access=self.on_file_access,
         )
         index.drop_toc_entries()
+        _return_freed_memory()
         assert self._limiter is not None
         self.nursery.start_soon(self._background, layer)
         log.info("layer %s of %s resolved: %d nodes", desc.digest, ref, len(tree.nodes))
@@ -311,6 +315,13 @@ class LayerManager:
             "released": list(self.released),
             "cache_bytes": self.cache.total_bytes,
         }
+
+
+def _return_freed_memory() -> None:
+    """Give the TOC's transient memory back to the OS (a big TOC briefly costs ~100 MB)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def layer_descs(manifest: dict[str, Any], config: dict[str, Any]) -> list[LayerDesc]:
