@@ -16,6 +16,7 @@ Use::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
+PR_SET_PDEATHSIG = 1
 
 # 127.0.0.1 - - [27/Nov/2026:22:04:56 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"
 _COMBINED = re.compile(
@@ -152,6 +154,16 @@ def write_htpasswd(path: Path, users: Mapping[str, str]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(lines))
     os.replace(tmp, path)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started us dies (even by SIGKILL), so a
+    killed test run or harness never leaves a registry behind. Survives the wrapper's exec."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -305,6 +317,7 @@ class RegistryServer:
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             out.close()
