@@ -11,9 +11,11 @@ import tarfile
 import threading
 import time
 
+import httpx
 import pytest
 
 from harness.podman import PodmanEnv
+from harness.registry_server import free_port
 from tests.store.images import (
     add_file,
     add_node,
@@ -189,12 +191,14 @@ def test_corrupted_chunk_gives_eio(registry, store_factory, tmp_path, layers):
     assert "chunk verification failed" in store.log.read_text()
 
 
-def test_new_protocol_by_toc_digest(registry, store_factory, layers):
+def test_new_protocol_by_toc_digest(registry, store_factory, layers, tmp_path):
     host = registry.host
     blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
     push(host, "toc/img", "1", blobs)
     ref = f"{host}/toc/img:1"
-    store = store_factory()
+    port = free_port()
+    trace = tmp_path / "trace.jsonl"
+    store = store_factory(f'metrics_address = "127.0.0.1:{port}"\naccess_trace_path = "{trace}"\n')
     d = store.layer_dir(ref, blobs[0].toc_digest)
     assert (d / "diff").is_dir() and (d / "blob").is_file()
     info = json.loads((d / "info").read_text())
@@ -220,6 +224,11 @@ def test_new_protocol_by_toc_digest(registry, store_factory, layers):
     assert old["compressed-diff-digest"] == blobs[1].digest
     assert old["diff-digest"] == blobs[1].diff_id
     assert old["compressed-size"] == len(blobs[1].data) and old["compression"] == 2
+    # Metrics and the access trace saw the reads.
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert f'stargz_store_fetched_bytes_total{{layer="{blobs[0].digest}"}}' in metrics
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert {"layer": blobs[0].digest, "path": "etc/hello"}.items() <= lines[0].items()
     # Overlay conventions on the upper layer.
     up = store.layer_dir(ref, blobs[1].toc_digest) / "diff"
     st = os.lstat(up / "data" / "a")
