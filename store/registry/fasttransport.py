@@ -18,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 import httpx
 
+T = TypeVar("T")
 MAX_HEAD = 64 * 1024
 RECEIVE = 1024 * 1024
 EAGER_MAX = 64 * 1024 * 1024  # 206/error bodies up to this size are read with the head
@@ -55,6 +58,9 @@ class _Conn:
         self.sock = sock
         self.key = key
         self.buffer = b""  # bytes received beyond the head (only on the slow head path)
+        self.lock = threading.Lock()
+        self.busy = False  # a worker thread is using the socket
+        self.dead = False
 
     @classmethod
     def connect(cls, key: tuple[str, int], timeout: float | None, request: httpx.Request) -> _Conn:
@@ -170,9 +176,39 @@ class _Conn:
             return data
         return self._recv(RECEIVE, 0, request)
 
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on this connection in a worker thread. On cancellation the task
+        returns at once: the socket is shut down, which ends the thread's blocking call, and
+        the thread closes it when it leaves (never two threads closing one descriptor)."""
+        with self.lock:
+            self.busy = True
+        try:
+            return await anyio.to_thread.run_sync(
+                self._in_thread, fn, *args, abandon_on_cancel=True
+            )
+        except anyio.get_cancelled_exc_class():
+            self.close()
+            raise
+
+    def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        finally:
+            with self.lock:
+                self.busy = False
+                if self.dead:
+                    with contextlib.suppress(OSError):
+                        self.sock.close()
+
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        """Close now, or, while a worker thread is inside a call, wake it to close it."""
+        with self.lock:
+            self.dead = True
+            with contextlib.suppress(OSError):
+                if self.busy:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                else:
+                    self.sock.close()
 
 
 class _Body(httpx.AsyncByteStream):
@@ -200,7 +236,7 @@ class _Body(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         conn, req = self.conn, self.request
         assert conn is not None
-        run = anyio.to_thread.run_sync
+        run = conn.call
         if self.eager is not None:
             data, self.eager = self.eager, None
             if data:
@@ -225,7 +261,7 @@ class _Body(httpx.AsyncByteStream):
         conn, self.conn = self.conn, None
         if conn is None:
             return
-        if self.done and self.reusable and not conn.buffer:
+        if self.done and self.reusable and not conn.buffer and not conn.dead:
             self.transport._release(conn)
         else:
             conn.close()
@@ -258,9 +294,11 @@ class FastRangeTransport(httpx.AsyncBaseTransport):
             if idle:
                 conn = idle.pop()
             else:
-                conn = await anyio.to_thread.run_sync(_Conn.connect, key, t["connect"], request)
+                conn = await anyio.to_thread.run_sync(
+                    _Conn.connect, key, t["connect"], request, abandon_on_cancel=True
+                )
             try:
-                return await anyio.to_thread.run_sync(self._exchange, conn, request, head, t)
+                return await conn.call(self._exchange, conn, request, head, t)
             except _NoAnswer:
                 conn.close()
                 if not (reused and attempt == 0):

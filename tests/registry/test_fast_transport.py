@@ -155,3 +155,22 @@ async def test_refused_connect(client_factory) -> None:
     async with client_factory() as c:
         with pytest.raises(httpx.ConnectError):
             await c.get(f"http://127.0.0.1:{port}/x", headers={"Range": "bytes=0-1"})
+
+
+async def test_cancellation_returns_promptly(client_factory) -> None:
+    """A read stuck on a silent server is cancelled at once, not after the read timeout."""
+    import trio
+
+    def script(conn: socket.socket, n: int) -> None:
+        srv.read_request(conn)
+        conn.sendall(b"HTTP/1.1 206 OK\r\nContent-Length: 100\r\n\r\nabc")
+        time.sleep(3)
+
+    with CannedServer(script) as srv:
+        async with httpx.AsyncClient(
+            transport=FastRangeTransport(httpx.AsyncHTTPTransport()), timeout=10.0
+        ) as c:
+            start = time.monotonic()
+            with trio.move_on_after(0.3):
+                await c.get(_url(srv), headers={"Range": "bytes=0-99"})
+            assert time.monotonic() - start < 1.0
