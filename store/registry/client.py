@@ -188,7 +188,7 @@ class RegistryClient:
         return up + down
 
     async def _on_endpoints(
-        self, ref: Reference, op: Callable[[Endpoint], Awaitable[T]], *, push: bool = False
+        self, ref: Reference, op: Callable[[Endpoint], Awaitable[T]], *, origin_only: bool = False
     ) -> T:
         """Run `op` on each endpoint in turn until one succeeds. Pushes go to the origin only.
 
@@ -196,7 +196,7 @@ class RegistryClient:
         next; the last endpoint's error is the one raised.
         """
         eps = self.endpoints(ref.registry)
-        if push:
+        if origin_only:
             eps = [e for e in eps if not e.is_mirror]
         last: RegistryError | None = None
         for ep in eps:
@@ -432,7 +432,9 @@ class RegistryClient:
 
         await self._on_endpoints(Reference(registry, "x", "latest"), op)
 
-    async def _fetch_manifest(self, ref: Reference, reference: str) -> ManifestResult:
+    async def _fetch_manifest(
+        self, ref: Reference, reference: str, *, origin_only: bool = False
+    ) -> ManifestResult:
         async def op(ep: Endpoint) -> ManifestResult:
             resp, raw = await self._call(
                 ep,
@@ -454,7 +456,7 @@ class RegistryClient:
                 )
             return parse_manifest(raw, resp.headers.get("content-type"), digest)
 
-        return await self._on_endpoints(ref, op)
+        return await self._on_endpoints(ref, op, origin_only=origin_only)
 
     async def get_index(self, ref: Reference | str) -> ManifestResult:
         """The manifest as tagged, without platform selection (may be a plain manifest)."""
@@ -488,8 +490,10 @@ class RegistryClient:
             raise ManifestError(f"{ref}: config {manifest.config.digest} is not a JSON object")
         return parsed
 
-    async def blob_size(self, ref: Reference | str, digest: str) -> int:
-        """Size by HEAD (no body transferred)."""
+    async def blob_size(
+        self, ref: Reference | str, digest: str, *, origin_only: bool = False
+    ) -> int:
+        """Size by HEAD (no body transferred); `origin_only` skips mirrors (push checks)."""
         ref = _ref(ref)
         validate_digest(digest)
 
@@ -513,11 +517,13 @@ class RegistryClient:
                     digest=digest,
                 ) from e
 
-        return await self._on_endpoints(ref, op)
+        return await self._on_endpoints(ref, op, origin_only=origin_only)
 
-    async def blob_exists(self, ref: Reference | str, digest: str) -> bool:
+    async def blob_exists(
+        self, ref: Reference | str, digest: str, *, origin_only: bool = False
+    ) -> bool:
         try:
-            await self.blob_size(ref, digest)
+            await self.blob_size(ref, digest, origin_only=origin_only)
             return True
         except NotFoundError:
             return False
@@ -727,7 +733,7 @@ class RegistryClient:
                 digest=digest,
             )
         digest = actual
-        if await self.blob_exists(ref, digest):
+        if await self.blob_exists(ref, digest, origin_only=True):
             return BlobPushResult(digest, len(data), "exists")
         src = None
         if isinstance(mount_from, Reference):
@@ -798,7 +804,7 @@ class RegistryClient:
                 )
             return BlobPushResult(digest, len(data), "uploaded")
 
-        return await self._on_endpoints(ref, op, push=True)
+        return await self._on_endpoints(ref, op, origin_only=True)
 
     async def push_manifest(self, ref: Reference | str, raw: bytes, media_type: str) -> str:
         """PUT a manifest or index under ref's tag (or digest); returns its digest."""
@@ -836,12 +842,12 @@ class RegistryClient:
                 )
             return digest
 
-        return await self._on_endpoints(ref, op, push=True)
+        return await self._on_endpoints(ref, op, origin_only=True)
 
     async def tag(self, ref: Reference | str, new_tag: str) -> str:
         """Point `new_tag` at what `ref` names (same repository); returns the digest."""
         ref = _ref(ref)
-        m = await self.get_index(ref)
+        m = await self._fetch_manifest(ref, ref.reference, origin_only=True)
         return await self.push_manifest(ref.with_tag(new_tag), m.raw, m.media_type)
 
     async def push_image(

@@ -44,6 +44,7 @@ def token_registry(
         service="lazybench-test-registry",
         users=USERS,
         anonymous_pull=("public/app",),
+        refresh_tokens={"refresh-for-alice": "alice"},
     ) as tokens:
         auth = TokenAuthConfig(
             realm=tokens.realm,

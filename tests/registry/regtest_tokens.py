@@ -72,6 +72,7 @@ class TokenServer:
     users: Mapping[str, str] = field(default_factory=dict)
     anonymous_pull: tuple[str, ...] = ()
     expires_in: int = 300
+    refresh_tokens: Mapping[str, str] = field(default_factory=dict)  # token -> user
     requests: list[dict[str, object]] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
 
@@ -100,7 +101,17 @@ class TokenServer:
         q = parse_qs(urlsplit(handler.path).query)
         user = ""
         auth = handler.headers.get("Authorization", "")
-        if auth.startswith("Basic "):
+        if handler.command == "POST":  # OAuth2 refresh-token grant (docker `identitytoken`)
+            length = int(handler.headers.get("Content-Length") or 0)
+            q = parse_qs(handler.rfile.read(length).decode())
+            user = self.refresh_tokens.get((q.get("refresh_token") or [""])[0], "")
+            if q.get("grant_type") != ["refresh_token"] or not user:
+                self.requests.append({"user": user, "ok": False})
+                handler.send_response(401)
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+                return
+        elif auth.startswith("Basic "):
             user, _, pw = base64.b64decode(auth[6:]).decode().partition(":")
             if self.users.get(user) != pw:
                 self.requests.append({"user": user, "ok": False})
@@ -109,7 +120,7 @@ class TokenServer:
                 handler.end_headers()
                 return
         access = []
-        for scope in q.get("scope", []):
+        for scope in q.get("scope", []):  # GET: repeated; POST: space-separated
             for one in scope.split(" "):
                 typ, _, rest = one.partition(":")
                 name, _, actions = rest.rpartition(":")
@@ -132,6 +143,9 @@ class TokenServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                owner._handle(self)
+
+            def do_POST(self) -> None:
                 owner._handle(self)
 
             def log_message(self, *args: object) -> None:

@@ -160,3 +160,18 @@ async def test_origin_credentials_not_sent_to_mirror(
             pushed = await c.push_image(ref, CONFIG, [(b"m", LAYER)])
             assert (await c.get_manifest(ref)).digest == pushed.digest
         assert mirror.seen and all("Authorization" not in s["headers"] for s in mirror.seen)
+
+
+async def test_token_auth_with_identity_token(
+    token_registry: tuple[RegistryServer, TokenServer], isolated_auth_env: Path
+) -> None:
+    """docker's `identitytoken` is exchanged by an OAuth2 refresh-token POST."""
+    reg, tokens = token_registry
+    assert tokens.refresh_tokens
+    good = {reg.host: Credentials("<token>", "", identity_token="refresh-for-alice")}
+    async with RegistryClient(timeout=10, credentials=good) as c:
+        await _round_trip(c, f"{reg.host}/private/oauth:v1")
+    bad = {reg.host: Credentials("<token>", "", identity_token="stale")}
+    async with RegistryClient(timeout=10, credentials=bad) as c:
+        with pytest.raises(AuthenticationError, match="refused"):
+            await c.get_manifest(f"{reg.host}/private/oauth:v1")

@@ -212,3 +212,15 @@ async def test_unknown_manifest_through_mirror_is_not_found(seeded, fresh_regist
     async with RegistryClient(resolver=_mirrors(reg.host, fresh_registry.host)) as c:
         with pytest.raises(NotFoundError, match=rf"{reg.host}/fail/missing"):
             await c.get_manifest(f"{reg.host}/fail/missing:v1")
+
+
+async def test_push_ignores_mirrors(seeded, fresh_registry) -> None:
+    """A mirror that has a blob must not make a push skip it: existence is asked of the origin."""
+    reg, _, digest, data = seeded
+    cfg = _mirrors(fresh_registry.host, reg.host)
+    async with RegistryClient(resolver=cfg) as c:
+        assert await c.blob_size(f"{fresh_registry.host}/fail/app", digest) == len(data)
+        pushed = await c.push_blob(f"{fresh_registry.host}/fail/app", data)
+        assert pushed.how == "uploaded"
+    async with RegistryClient(timeout=10) as c:
+        assert await c.blob_size(f"{fresh_registry.host}/fail/app", digest) == len(data)
