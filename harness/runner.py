@@ -232,15 +232,33 @@ def start_until_ready(
                 raise MeasurementError(f"run: podman did not exit within {timeout:g}s") from None
             elapsed = time.monotonic() - start
     finally:
+        # Never raise from here: that would replace the exception being handled.
         if proc.poll() is None:
-            env.podman("stop", "--time", "0", container, timeout=60, check=False)
+            with contextlib.suppress(PodmanError):
+                env.podman("stop", "--time", "0", container, timeout=30, check=False)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(timeout=10)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
     ok = seen_ready if ready else exit_code == 0
     return RunOutcome(elapsed, first, ok, exit_code, "".join(out["stdout"]), "".join(out["stderr"]))
+
+
+def _abort_on_error(store: StoreProcess) -> Callable[..., bool]:
+    def exit_(exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None:
+            store.abort()
+        return False
+
+    return exit_
+
+
+def _keep_log(src: Path, dest: Path) -> None:
+    with contextlib.suppress(OSError):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
 
 
 # -- the network link -----------------------------------------------------------------------------
@@ -322,21 +340,35 @@ def environment(scenario: Scenario) -> dict[str, Any]:
 # -- the runner -------------------------------------------------------------------------
 
 
+@dataclass
+class InterruptState:
+    """Set by the signal handler; checked where an error raised during cleanup could
+    otherwise replace (and so swallow) the :class:`Interrupted` exception."""
+
+    signal: str | None = None
+
+    def check(self) -> None:
+        if self.signal is not None:
+            raise Interrupted(self.signal)
+
+
 @contextlib.contextmanager
-def interruptible() -> Iterator[None]:
+def interruptible() -> Iterator[InterruptState]:
     """SIGINT/SIGTERM raise :class:`Interrupted` once; later ones are ignored so cleanup ends."""
+    state = InterruptState()
 
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Interrupted(signal.Signals(signum).name)
+        state.signal = signal.Signals(signum).name
+        raise Interrupted(state.signal)
 
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield state
         return
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield state
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -363,6 +395,7 @@ class Runner:
     show_progress: bool = True
     workdir: Path | None = None
     images: dict[tuple[str, str], str] = field(default_factory=dict)
+    _interrupt: InterruptState = field(default_factory=InterruptState, repr=False)
 
     def run(self) -> list[tuple[int, str, str]]:
         """Measure every planned key not yet recorded; return the keys measured now."""
@@ -384,7 +417,7 @@ class Runner:
                 dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             )
         done: list[tuple[int, str, str]] = []
-        with interruptible(), contextlib.ExitStack() as stack:
+        with interruptible() as self._interrupt, contextlib.ExitStack() as stack:
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))
             stack.callback(shutil.rmtree, work, ignore_errors=True)
             storage = work / "registry"
@@ -396,6 +429,7 @@ class Runner:
             progress = stack.enter_context(self._progress())
             task = progress.add_task("measuring", total=len(todo))
             for sample, name, mode in todo:
+                self._interrupt.check()
                 progress.update(task, description=f"sample {sample + 1} {name}/{mode}")
                 record = self.measure(sample, workloads[name], mode, registry, work)
                 append_record(self.run_dir, record)
@@ -571,6 +605,12 @@ class Runner:
                 stack.callback(shutil.rmtree, mdir, ignore_errors=True)
                 store = None
                 if mode in LAZY_MODES:
+                    # Runs after the store stopped: its log stays with the run's records.
+                    stack.callback(
+                        _keep_log,
+                        mdir / "store" / "store.log",
+                        self.run_dir / "logs" / f"{sample}-{w.name}-{mode}-store.log",
+                    )
                     store = stack.enter_context(
                         StoreProcess(
                             mdir / "store",
@@ -589,6 +629,10 @@ class Runner:
                         partial_pulls=mode == "zstd-chunked",
                     )
                 )
+                if store is not None:
+                    # On any failure (or Ctrl-C) cut the FUSE connection first, so that
+                    # podman's cleanup does not wait on reads a stuck store never answers.
+                    stack.push(_abort_on_error(store))
                 mark = registry.log_mark()
                 pull = env.pull(ref, timeout=w.timeout)
                 rec.pull_s = pull.seconds
@@ -627,8 +671,11 @@ class Runner:
                         f"{outcome.stdout[-200:]!r} {outcome.stderr.strip()[-300:]!r}"
                     )
         except (MeasurementError, PodmanError, OSError, RuntimeError, UserError) as exc:
+            # An error out of the cleanup of an interrupted measurement is not a result.
+            self._interrupt.check()
             rec.status = "error"
             rec.error = str(exc)[:2000]
+        self._interrupt.check()
         rec.finished = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         return rec
 
