@@ -17,6 +17,9 @@ Our additions (top level):
 ``resolve_timeout_sec``  bound on any lookup that needs the registry (the runtime then falls
                          back to a normal pull), default 15
 ``auth_file``            a containers auth.json / docker config.json to take credentials from
+
+``[fuse] attr_timeout / entry_timeout`` apply to the layer trees (default 60 s: their content
+is immutable); the store's own directories and files always use short timeouts.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ class StoreConfig:
     chunk_size: int = 50000
     fetching_timeout_sec: float = 300.0
     max_retries: int = 5
-    attr_timeout: float = 1.0
-    entry_timeout: float = 1.0
+    # Layer contents never change, so the kernel may cache their entries and attributes long
+    # (the Go store uses 1 s; page-cache re-reads through FUSE are much faster with more).
+    attr_timeout: float = 60.0
+    entry_timeout: float = 60.0
     resolver: dict[str, Any] = field(default_factory=dict)
     # ours
     cache_max_bytes: int = 10 << 30

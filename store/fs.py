@@ -162,6 +162,13 @@ class StoreFS:
                 del self._bases[i]
             log.info("layer %s unmounted (memory freed)", slot.layer.key)
 
+    def is_layer_inode(self, ino: int) -> bool:
+        return ino not in self._synth and self._layer_of(ino) is not None
+
+    @property
+    def status_ino(self) -> int:
+        return self._names.get((ROOT_INO, "status"), -1)
+
     def mounted_layers(self) -> int:
         return len(self._slots)
 

@@ -44,8 +44,10 @@ class StoreOperations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
         e.generation = 0
-        e.entry_timeout = self.entry_timeout
-        e.attr_timeout = self.attr_timeout
+        if self.fs.is_layer_inode(a.ino):  # immutable layer content: cache as configured
+            e.entry_timeout, e.attr_timeout = self.entry_timeout, self.attr_timeout
+        else:  # the store's own skeleton changes (status, released layers): short
+            e.entry_timeout = e.attr_timeout = 0.0 if a.ino == self.fs.status_ino else 1.0
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid = a.uid
