@@ -108,3 +108,12 @@ def test_go_reads_random_trees_as_we_do(gocheck: Path, tmp_path: Path, tree, lev
     blob.write_bytes(out.getvalue())
     ours = list(listing(EstargzReader(BytesBlobSource(out.getvalue()), res.toc_digest)))
     assert _go_listing(gocheck, blob, res.toc_digest) == ours
+
+
+def test_go_and_we_list_the_zstdchunked_vector_alike(
+    gocheck: Path, vectors: dict[str, Vector]
+) -> None:
+    v = vectors["zstdchunked"]
+    with v.blob.open("rb") as f:
+        ours = list(listing(EstargzReader(BytesBlobSource(f.read()), v.meta["toc_digest"])))
+    assert _go_listing(gocheck, v.blob, v.meta["toc_digest"]) == ours
