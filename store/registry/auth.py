@@ -12,6 +12,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+import anyio
 import httpx
 
 from .credentials import Credentials
@@ -61,6 +62,7 @@ class TokenCache:
 
     def __init__(self) -> None:
         self._tokens: dict[tuple[str, str, tuple[str, ...], str], _CachedToken] = {}
+        self._locks: dict[tuple[str, str, tuple[str, ...], str], anyio.Lock] = {}
         self.fetches = 0  # how many times a token endpoint was asked (tests check caching)
 
     def get(self, key: tuple[str, str, tuple[str, ...], str]) -> str | None:
@@ -97,6 +99,25 @@ class TokenCache:
         key = (realm, service, scopes, user)
         if token := self.get(key):
             return token
+        # One fetch per key at a time: a burst of first reads must not ask the server N times.
+        async with self._locks.setdefault(key, anyio.Lock()):
+            if token := self.get(key):
+                return token
+            return await self._fetch_new(
+                http, challenge, key, scopes, creds, timeout, registry_host
+            )
+
+    async def _fetch_new(
+        self,
+        http: httpx.AsyncClient,
+        challenge: Challenge,
+        key: tuple[str, str, tuple[str, ...], str],
+        scopes: tuple[str, ...],
+        creds: Credentials | None,
+        timeout: float,
+        registry_host: str,
+    ) -> str:
+        realm, service, _, user = key
         self.fetches += 1
         try:
             if creds and creds.identity_token:

@@ -804,7 +804,18 @@ class RegistryClient:
                 )
             return BlobPushResult(digest, len(data), "uploaded")
 
-        return await self._on_endpoints(ref, op, origin_only=True)
+        # An upload session broken by a connection error is started again from scratch.
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._on_endpoints(ref, op, origin_only=True)
+            except RegistryTimeout:
+                raise
+            except RegistryUnavailable:
+                if attempt == self.retries:
+                    raise
+                self.stats.retries += 1
+                await anyio.sleep(self.backoff * (2**attempt))
+        raise AssertionError("unreachable")
 
     async def push_manifest(self, ref: Reference | str, raw: bytes, media_type: str) -> str:
         """PUT a manifest or index under ref's tag (or digest); returns its digest."""

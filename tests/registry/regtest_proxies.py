@@ -148,7 +148,8 @@ class HttpFaultProxy:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else None
         conn = http.client.HTTPConnection(*self.upstream, timeout=10)
-        headers = {k: v for k, v in h.headers.items() if k.lower() != "host"}
+        # Keep Host: the registry builds upload Locations from it (they must name the proxy).
+        headers = dict(h.headers.items())
         headers.update(extra_headers or {})
         conn.request(h.command, h.path, body=body, headers=headers)
         resp = conn.getresponse()

@@ -175,3 +175,20 @@ async def test_token_auth_with_identity_token(
     async with RegistryClient(timeout=10, credentials=bad) as c:
         with pytest.raises(AuthenticationError, match="refused"):
             await c.get_manifest(f"{reg.host}/private/oauth:v1")
+
+
+async def test_concurrent_first_reads_share_one_token(
+    token_registry: tuple[RegistryServer, TokenServer], isolated_auth_env: Path
+) -> None:
+    reg, _ = token_registry
+    ref = f"{reg.host}/private/burst:v1"
+    alice = creds(reg.host, "alice", "wonderland")
+    async with RegistryClient(timeout=10, credentials=alice) as c:
+        layer = (await c.push_image(ref, CONFIG, [(b"0123456789" * 100, LAYER)])).layers[0]
+    async with RegistryClient(timeout=10, credentials=alice) as c:
+        await c.ping(reg.host)  # learn the challenge (costs one unscoped token)
+        before = c.tokens.fetches
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(c.read_range, ref, layer.digest, i, 10)
+        assert c.tokens.fetches == before + 1

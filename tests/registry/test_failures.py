@@ -224,3 +224,23 @@ async def test_push_ignores_mirrors(seeded, fresh_registry) -> None:
         assert pushed.how == "uploaded"
     async with RegistryClient(timeout=10) as c:
         assert await c.blob_size(f"{fresh_registry.host}/fail/app", digest) == len(data)
+
+
+async def test_broken_upload_is_restarted(fresh_registry) -> None:
+    reg = fresh_registry
+    broken = {"left": 1}
+
+    def drop_first_put(h: BaseHTTPRequestHandler) -> bool:
+        if h.command == "PUT" and "/blobs/uploads/" in h.path and broken["left"]:
+            broken["left"] -= 1
+            h.close_connection = True  # hang up without an answer
+            return True
+        return False
+
+    data = random.Random(3).randbytes(300_000)
+    with HttpFaultProxy(_addr(reg), drop_first_put) as proxy:
+        async with RegistryClient(timeout=5, backoff=0.01) as c:
+            pushed = await c.push_blob(f"{proxy.host}/up/load", data)
+            assert pushed.how == "uploaded" and c.stats.retries >= 1
+            assert await c.get_blob(f"{proxy.host}/up/load", pushed.digest) == data
+    assert broken["left"] == 0
