@@ -126,6 +126,15 @@ class StoreFS:
             return None
         return slot, slot.layer.tree.nodes[idx]
 
+    def _layer_dir(self, ino: int) -> tuple[Layer, Node]:
+        """The layer and directory node of ``ino``: ENOENT/ENOTDIR otherwise."""
+        found = self._layer_of(ino)
+        if found is None:
+            raise FSError(errno.ENOENT)
+        if found[1].children is None:
+            raise FSError(errno.ENOTDIR)
+        return found[0].layer, found[1]
+
     def _counted(self, attr: Attr) -> Attr:
         """Count one kernel lookup of the returned inode (balanced by :meth:`forget`)."""
         synth = self._synth.get(attr.ino)
@@ -215,12 +224,7 @@ class StoreFS:
     async def _lookup(self, parent: int, name: str) -> Attr:
         synth = self._synth.get(parent)
         if synth is None:
-            found = self._layer_of(parent)
-            if found is None:
-                raise FSError(errno.ENOENT)
-            layer, node = found[0].layer, found[1]
-            if node.children is None:
-                raise FSError(errno.ENOTDIR)
+            layer, node = self._layer_dir(parent)
             child = node.children.get(name.encode("utf-8", "surrogateescape"))
             if child is None:
                 raise FSError(errno.ENOENT)
@@ -318,12 +322,7 @@ class StoreFS:
         """Entries of a directory (the store's skeleton lists nothing: it is lookup-only)."""
         if ino in self._synth:
             return iter(())
-        found = self._layer_of(ino)
-        if found is None:
-            raise FSError(errno.ENOENT)
-        layer, node = found[0].layer, found[1]
-        if node.children is None:
-            raise FSError(errno.ENOTDIR)
+        layer, node = self._layer_dir(ino)
         return (
             (name.decode("utf-8", "surrogateescape"), self._node_attr(layer, child))
             for name, child in sorted(node.children.items())

@@ -23,16 +23,6 @@ USIZE_ANN = "io.containers.estargz.uncompressed-size"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-_TYPES = {
-    tarfile.DIRTYPE: "dir",
-    tarfile.REGTYPE: "reg",
-    tarfile.AREGTYPE: "reg",
-    tarfile.SYMTYPE: "symlink",
-    tarfile.LNKTYPE: "hardlink",
-    tarfile.CHRTYPE: "char",
-    tarfile.BLKTYPE: "block",
-    tarfile.FIFOTYPE: "fifo",
-}
 
 
 @dataclass
