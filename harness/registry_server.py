@@ -387,11 +387,32 @@ class RegistryServer:
             return []
         return parse_access_log(text)
 
+    def settle_log(self, quiet: float = 0.15, timeout: float = 3.0) -> None:
+        """Wait until the access log has not grown for `quiet` seconds (at most `timeout`).
+
+        The registry writes a request's line after the response is sent, so a client can hold
+        the bytes before the line exists; counting right after a request can miss it.
+        """
+        deadline = time.monotonic() + timeout
+        last = -1
+        while time.monotonic() < deadline:
+            try:
+                size = self.access_log_path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            if size == last:
+                return
+            last = size
+            time.sleep(quiet)
+
     def log_mark(self) -> int:
-        """How many records exist now; pass to `access_log_since` to see only later ones."""
+        """How many records exist once the log settled; pass to `access_log_since`."""
+        self.settle_log()
         return len(self.access_log())
 
-    def access_log_since(self, mark: int) -> list[AccessRecord]:
+    def access_log_since(self, mark: int, settle: bool = True) -> list[AccessRecord]:
+        if settle:
+            self.settle_log()
         return self.access_log()[mark:]
 
     def blob_path(self, digest: str) -> Path:

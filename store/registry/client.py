@@ -423,6 +423,20 @@ class RegistryClient:
             return RegistryUnavailable(f"{what}: server error HTTP {status}{detail}", **kw)
         return RegistryError(f"{what}: unexpected HTTP {status}{detail}", **kw)
 
+    async def _blob_call(
+        self, ep: Endpoint, ref: Reference, digest: str, method: str, **kw: Any
+    ) -> tuple[httpx.Response, Any]:
+        """A request on `/v2/<repo>/blobs/<digest>` of the origin or a mirror."""
+        return await self._call(
+            ep,
+            method,
+            f"/v2/{ref.repository}/blobs/{digest}",
+            registry=ref.registry,
+            repo=ref.repository,
+            digest=digest,
+            **kw,
+        )
+
     # ---- pull ----------------------------------------------------------------------------
     async def ping(self, registry: str) -> None:
         """GET /v2/ (answering an auth challenge); raises if no endpoint speaks v2."""
@@ -498,13 +512,11 @@ class RegistryClient:
         validate_digest(digest)
 
         async def op(ep: Endpoint) -> int:
-            resp, _ = await self._call(
+            resp, _ = await self._blob_call(
                 ep,
+                ref,
+                digest,
                 "HEAD",
-                f"/v2/{ref.repository}/blobs/{digest}",
-                registry=ref.registry,
-                repo=ref.repository,
-                digest=digest,
                 reader=_no_body,
             )
             try:
@@ -534,13 +546,11 @@ class RegistryClient:
         validate_digest(digest)
 
         async def op(ep: Endpoint) -> bytes:
-            _, data = await self._call(
+            _, data = await self._blob_call(
                 ep,
+                ref,
+                digest,
                 "GET",
-                f"/v2/{ref.repository}/blobs/{digest}",
-                registry=ref.registry,
-                repo=ref.repository,
-                digest=digest,
             )
             self.stats.body_bytes += len(data)
             _verify(data, digest, ep.host, ref.repository)
@@ -575,13 +585,11 @@ class RegistryClient:
             return n
 
         async def op(ep: Endpoint) -> int:
-            _, n = await self._call(
+            _, n = await self._blob_call(
                 ep,
+                ref,
+                digest,
                 "GET",
-                f"/v2/{ref.repository}/blobs/{digest}",
-                registry=ref.registry,
-                repo=ref.repository,
-                digest=digest,
                 reader=reader,
             )
             self.stats.body_bytes += n
@@ -681,13 +689,11 @@ class RegistryClient:
                 )
             return {(start, end): body}
 
-        _, got = await self._call(
+        _, got = await self._blob_call(
             ep,
+            ref,
+            digest,
             "GET",
-            f"/v2/{ref.repository}/blobs/{digest}",
-            registry=ref.registry,
-            repo=ref.repository,
-            digest=digest,
             headers={"Range": range_header(group)},
             reader=reader,
             ok=(200, 206),
