@@ -34,7 +34,7 @@ from store.registry import RegistryClient
 MiB = 1024 * 1024
 BLOB_SIZE = 96 * MiB
 # (range size, how many ranges per round)
-CASES = [(4 * MiB, 48), (1 * MiB, 96), (64 * 1024, 400)]
+CASES = [(4 * MiB, 48), (1 * MiB, 96), (64 * 1024, 300)]
 ROUNDS = 5
 TARGET_RATIO_4MIB = 0.8
 
@@ -48,6 +48,7 @@ class Result:
     ours_req_s: float
     curl_req_s: float
     ratio: float  # median over rounds of (curl time / our time)
+    httpx_only_mb_s: float  # the same client without FastRangeTransport (for reference)
 
 
 def _curl_round(url: str, ranges: list[tuple[int, int]], workdir: Path) -> float:
@@ -87,25 +88,37 @@ def run_benchmark() -> list[Result]:
         ref = f"{reg.host}/bench/ranges:v1"
 
         async def main() -> None:
-            async with RegistryClient(timeout=60) as client:
+            async with (
+                RegistryClient(timeout=60) as client,
+                RegistryClient(timeout=60, fast_ranges=False) as plain,
+            ):
                 digest = (await client.push_blob(ref, blob)).digest
                 url = f"{reg.url}/v2/bench/ranges/blobs/{digest}"
                 await client.read_range(ref, digest, 0, 1)  # warm the connection
                 for size, count in CASES:
                     rnd = random.Random(size)
                     ranges = [(rnd.randrange(0, BLOB_SIZE - size), size) for _ in range(count)]
-                    t_curl, t_ours = [], []
+                    t_curl, t_ours, t_plain = [], [], []
                     for _ in range(ROUNDS):
                         t_curl.append(
                             await trio.to_thread.run_sync(_curl_round, url, ranges, Path(tmp))
                         )
                         t_ours.append(await _ours_round(client, ref, digest, ranges))
+                        t_plain.append(await _ours_round(plain, ref, digest, ranges))
                     total_mb = size * count / MiB
                     tc, to = statistics.median(t_curl), statistics.median(t_ours)
                     ratio = statistics.median(c / o for c, o in zip(t_curl, t_ours, strict=True))
+                    tp = statistics.median(t_plain)
                     results.append(
                         Result(
-                            size, count, total_mb / to, total_mb / tc, count / to, count / tc, ratio
+                            size,
+                            count,
+                            total_mb / to,
+                            total_mb / tc,
+                            count / to,
+                            count / tc,
+                            ratio,
+                            total_mb / tp,
                         )
                     )
 
@@ -116,13 +129,13 @@ def run_benchmark() -> list[Result]:
 def report(results: list[Result]) -> str:
     lines = [
         f"{'range':>8} {'n':>4} {'ours MB/s':>10} {'curl MB/s':>10} {'ratio':>6} "
-        f"{'ours req/s':>11} {'curl req/s':>11}"
+        f"{'ours req/s':>11} {'curl req/s':>11} {'httpx-only MB/s':>16}"
     ]
     for r in results:
         size = f"{r.range_size // MiB}MiB" if r.range_size >= MiB else f"{r.range_size // 1024}KiB"
         lines.append(
             f"{size:>8} {r.ranges:>4} {r.ours_mb_s:>10.0f} {r.curl_mb_s:>10.0f} {r.ratio:>6.2f} "
-            f"{r.ours_req_s:>11.0f} {r.curl_req_s:>11.0f}"
+            f"{r.ours_req_s:>11.0f} {r.curl_req_s:>11.0f} {r.httpx_only_mb_s:>16.0f}"
         )
     return "\n".join(lines)
 
