@@ -108,12 +108,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 "current": data["hash"] in known,
                 "layers": len(data["layers"]),
                 "size": sum(layer["size"] for layer in data["layers"]),
-                "modes": sorted(
-                    {p.name.rsplit("-", 1)[0] for p in oci.iterdir() if not p.name.startswith(".")}
-                    - {"uncompressed"}
-                )
-                if oci.is_dir()
-                else [],
+                "modes": _prepared_modes(oci),
                 "disk": _du(meta.parent),
                 "built": data.get("built", ""),
             }
@@ -159,6 +154,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"removed {name} {meta.parent.name} ({_mb(size)})")
     print(f"freed {_mb(freed)}")
     return 0
+
+
+def _prepared_modes(oci: Path) -> list[str]:
+    """Modes with a finished OCI layout (``<mode>-<options hash>`` directories)."""
+    if not oci.is_dir():
+        return []
+    done = {p.name.rsplit("-", 1)[0] for p in oci.iterdir() if (p / "index.json").is_file()}
+    return sorted(done - {"uncompressed"})
 
 
 def _du(path: Path) -> int:

@@ -501,7 +501,7 @@ class Runner:
     def _build_and_push(
         self, workloads: dict[str, ResolvedWorkload], storage: Path, work: Path
     ) -> dict[str, Any]:
-        from harness.images import build_layers, push_image
+        from harness.images import ModeUnsupported, build_layers, push_image
         from harness.registry_server import RegistryServer
 
         info: dict[str, Any] = {}
@@ -516,9 +516,14 @@ class Runner:
                     if mode == "estargz":
                         files = self._traced_files(w, built, reg, work)
                     self.console.print(f"  push {w.name}:{mode}")
-                    pushed = push_image(
-                        built, reg.host, w.repo, mode, mode, prioritized_files=files
-                    )
+                    try:
+                        pushed = push_image(
+                            built, reg.host, w.repo, mode, mode, prioritized_files=files
+                        )
+                    except ModeUnsupported as exc:  # e.g. zstd:chunked of a JDK on skopeo 1.9
+                        self.console.print(f"  [yellow]skip {w.name}:{mode}[/]: {exc}")
+                        info.setdefault(w.name, {})[mode] = {"skipped": str(exc)}
+                        continue
                     self.images[(w.name, mode)] = f"{w.repo}:{mode}"
                     info.setdefault(w.name, {})[mode] = {
                         "manifest_digest": pushed.manifest_digest,
@@ -588,6 +593,15 @@ class Runner:
         self, sample: int, w: ResolvedWorkload, mode: str, registry: Any, work: Path
     ) -> Record:
         """One measurement from empty caches; failures become an error record."""
+        if (w.name, mode) not in self.images:  # the image could not be made in this mode
+            return Record(
+                sample=sample,
+                workload=w.name,
+                mode=mode,
+                status="error",
+                error="image not available in this mode (see images in environment.json)",
+                runtime=self.scenario.runtime,
+            )
         ref = f"{registry.host}/{self.images[(w.name, mode)]}"
         rec = Record(
             sample=sample,

@@ -21,6 +21,7 @@ from harness.images.build import (
 )
 from harness.images.push import (
     MODES,
+    ModeUnsupported,
     PushedImage,
     PushedLayer,
     PushError,
@@ -52,6 +53,7 @@ __all__ = [
     "FileSpec",
     "ImageBuildError",
     "LayerSpec",
+    "ModeUnsupported",
     "PushError",
     "PushedImage",
     "PushedLayer",

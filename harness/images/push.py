@@ -51,6 +51,15 @@ class PushError(RuntimeError):
     """Compressing or pushing an image failed: names the image, mode and registry."""
 
 
+class ModeUnsupported(PushError):
+    """This image cannot be produced in this mode with the tools on this machine.
+
+    Seen here: skopeo 1.9.3 (containers/storage 1.43, as in podman 4.3) fails to write
+    zstd:chunked for OpenJDK 17's ``libjvm.so`` with "short write" from its chunk compressor.
+    A runner records such an (image, mode) pair as skipped instead of aborting the run.
+    """
+
+
 @dataclass(frozen=True)
 class PushedLayer:
     """A layer as the registry holds it (from the pushed manifest and config)."""
@@ -140,17 +149,33 @@ def oci_layout(
         return final
     if mode == "zstd-chunked":
         source = oci_layout(built, "uncompressed")
+        unsupported = final.with_name(final.name + ".unsupported")
+        if unsupported.is_file():  # known from an earlier attempt: fail fast
+            raise ModeUnsupported(unsupported.read_text().strip())
         say(f"{built.name}: {len(built.layers)} layers → zstd:chunked (skopeo)")
-        return _publish(
-            final,
-            lambda work: _skopeo_copy(
-                f"oci:{source}:latest",
-                f"oci:{work}:latest",
-                ["--dest-compress-format", "zstd:chunked"],
-                timeout=3600,
-                what=f"{built.name} as zstd:chunked",
-            ),
-        )
+        try:
+            return _publish(
+                final,
+                lambda work: _skopeo_copy(
+                    f"oci:{source}:latest",
+                    f"oci:{work}:latest",
+                    ["--dest-compress-format", "zstd:chunked"],
+                    timeout=3600,
+                    what=f"{built.name} as zstd:chunked",
+                ),
+            )
+        except PushError as exc:
+            if "short write" not in str(exc):
+                raise
+            message = (
+                f"{built.name}: zstd:chunked cannot be written by this machine's skopeo"
+                " (its containers/storage compressor fails with 'short write' on a file of this"
+                " image); skip this image in mode zstd-chunked"
+            )
+            tmp = unsupported.with_name(unsupported.name + ".tmp")
+            tmp.write_text(message + "\n")
+            os.replace(tmp, unsupported)
+            raise ModeUnsupported(message) from exc
     return _publish(
         final, lambda work: _write_layout(built, mode, work, prioritized_files, chunk_size, say)
     )
