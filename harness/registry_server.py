@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -36,6 +37,9 @@ from typing import Any
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 PR_SET_PDEATHSIG = 1
+_NO_VERIFY = ssl.create_default_context()
+_NO_VERIFY.check_hostname = False
+_NO_VERIFY.verify_mode = ssl.CERT_NONE
 
 # 127.0.0.1 - - [27/Nov/2026:22:04:56 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"
 _COMBINED = re.compile(
@@ -192,6 +196,9 @@ class RegistryServer:
     htpasswd_file: Path | None = None
     token_auth: TokenAuthConfig | None = None
     extra_config: Mapping[str, Any] = field(default_factory=dict)
+    # Serve HTTPS with this PEM certificate and key (the readiness probe does not verify it).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     startup_timeout: float = 15.0
     ready_url: str | None = None
     binary: str = REGISTRY_BINARY
@@ -211,7 +218,8 @@ class RegistryServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{self.host}"
 
     @property
     def workdir(self) -> Path:
@@ -260,6 +268,10 @@ class RegistryServer:
             },
             "http": {"addr": f"{self.host}", "secret": "lazybench-registry-secret"},
         }
+        if self.tls_cert is not None:
+            if self.tls_key is None:
+                raise RegistryServerError("tls_cert given without tls_key")
+            cfg["http"]["tls"] = {"certificate": str(self.tls_cert), "key": str(self.tls_key)}
         if self.htpasswd_users is not None or self.htpasswd_file is not None:
             path = self.htpasswd_file
             if path is None:
@@ -329,7 +341,7 @@ class RegistryServer:
                 rc, self._proc = self._proc.returncode, None
                 return f"docker-registry exited with status {rc}: {self._tail_error_log()}"
             try:
-                with urllib.request.urlopen(probe, timeout=1.0) as r:
+                with urllib.request.urlopen(probe, timeout=1.0, context=_NO_VERIFY) as r:
                     if r.status in (200, 401):
                         return ""
             except urllib.error.HTTPError as e:

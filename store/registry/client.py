@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ class RegistryClient:
         user_agent: str = USER_AGENT,
         max_connections: int = 32,
         fast_ranges: bool = True,
+        verify: ssl.SSLContext | str | bool = True,
     ) -> None:
         self.resolver = resolver or ResolverConfig(
             default_timeout=timeout or DEFAULT_REQUEST_TIMEOUT
@@ -134,6 +136,7 @@ class RegistryClient:
         self._user_agent = user_agent
         self._max_connections = max_connections
         self._fast_ranges = fast_ranges
+        self._verify = verify  # TLS: True (system CAs), a CA bundle path, or an SSLContext
         self._http: httpx.AsyncClient | None = None
         self._challenges: dict[str, Challenge | None] = {}
         self._down_until: dict[str, float] = {}
@@ -147,6 +150,11 @@ class RegistryClient:
                 max_keepalive_connections=self._max_connections,
             ),
             trust_env=False,
+            verify=(
+                ssl.create_default_context(cafile=self._verify)
+                if isinstance(self._verify, str)
+                else self._verify
+            ),
         )
         if self._fast_ranges:
             transport = FastRangeTransport(transport)
@@ -911,7 +919,17 @@ def _transport_errors(
     except httpx.TimeoutException as e:
         raise RegistryTimeout(f"{on_timeout} ({type(e).__name__})", **where) from e
     except (httpx.TransportError, ConnectionError) as e:
-        raise RegistryUnavailable(f"{on_error}: {e or type(e).__name__}", **where) from e
+        raise RegistryUnavailable(f"{on_error}: {_describe(e)}", **where) from e
+
+
+def _describe(exc: BaseException) -> str:
+    """The first non-empty message along the cause chain (httpx often wraps a silent one)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
 
 
 async def _run_all(jobs: Sequence[Callable[[], Awaitable[None]]]) -> None:
