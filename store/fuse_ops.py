@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -27,6 +27,23 @@ def _call(fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     except FSError as exc:
         raise pyfuse3.FUSEError(exc.errno_value) from None
+    except pyfuse3.FUSEError:
+        raise
+    except Exception:
+        log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+async def _acall(coro: Awaitable[T], what: str) -> T:
+    """Await ``coro``; an unexpected error is logged and answered with EIO — an exception
+    escaping a handler would stop pyfuse3's main loop and leave a dead mount behind."""
+    try:
+        return await coro
+    except FSError as exc:
+        raise pyfuse3.FUSEError(exc.errno_value) from None
+    except Exception:
+        log.exception("unexpected error in %s", what)
+        raise pyfuse3.FUSEError(errno.EIO) from None
 
 
 class StoreOperations(pyfuse3.Operations):
@@ -60,10 +77,7 @@ class StoreOperations(pyfuse3.Operations):
         return e
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None):
-        try:
-            attr = await self.fs.lookup(parent_inode, os.fsdecode(name))
-        except FSError as exc:
-            raise pyfuse3.FUSEError(exc.errno_value) from None
+        attr = await _acall(self.fs.lookup(parent_inode, os.fsdecode(name)), "lookup")
         return self._entry(attr)
 
     async def getattr(self, inode: int, ctx: Any = None):
@@ -92,10 +106,7 @@ class StoreOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int):
-        try:
-            return await self.fs.read(fh, off, size)
-        except FSError as exc:
-            raise pyfuse3.FUSEError(exc.errno_value) from None
+        return await _acall(self.fs.read(fh, off, size), "read")
 
     async def release(self, fh: int):
         return None
