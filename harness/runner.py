@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -246,6 +247,24 @@ def start_until_ready(
     return RunOutcome(elapsed, first, ok, exit_code, "".join(out["stdout"]), "".join(out["stderr"]))
 
 
+def _retry(push: Callable[[], Any], console: Console, attempts: int = 3) -> Any:
+    """Pushes go over loopback to a registry we own: a failure other than an unsupported
+    mode is most likely transient, so try again before giving up on the run."""
+    from harness.images import ModeUnsupported, PushError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return push()
+        except ModeUnsupported:
+            raise
+        except PushError as exc:
+            if attempt == attempts:
+                raise
+            console.print(f"  [yellow]push failed ({exc}); retrying[/]")
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
 def _abort_on_error(store: StoreProcess) -> Callable[..., bool]:
     def exit_(exc_type: Any, exc: Any, tb: Any) -> bool:
         if exc_type is not None:
@@ -396,6 +415,7 @@ class Runner:
     workdir: Path | None = None
     images: dict[tuple[str, str], str] = field(default_factory=dict)
     _interrupt: InterruptState = field(default_factory=InterruptState, repr=False)
+    _skipped: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
 
     def run(self) -> list[tuple[int, str, str]]:
         """Measure every planned key not yet recorded; return the keys measured now."""
@@ -517,12 +537,22 @@ class Runner:
                         files = self._traced_files(w, built, reg, work)
                     self.console.print(f"  push {w.name}:{mode}")
                     try:
-                        pushed = push_image(
-                            built, reg.host, w.repo, mode, mode, prioritized_files=files
+                        pushed = _retry(
+                            functools.partial(
+                                push_image,
+                                built,
+                                reg.host,
+                                w.repo,
+                                mode,
+                                mode,
+                                prioritized_files=files,
+                            ),
+                            self.console,
                         )
                     except ModeUnsupported as exc:  # e.g. zstd:chunked of a JDK on skopeo 1.9
                         self.console.print(f"  [yellow]skip {w.name}:{mode}[/]: {exc}")
                         info.setdefault(w.name, {})[mode] = {"skipped": str(exc)}
+                        self._skipped[(w.name, mode)] = str(exc)
                         continue
                     self.images[(w.name, mode)] = f"{w.repo}:{mode}"
                     info.setdefault(w.name, {})[mode] = {
@@ -600,6 +630,16 @@ class Runner:
                 mode=mode,
                 status="error",
                 error="image not available in this mode (see images in environment.json)",
+                runtime=self.scenario.runtime,
+            )
+        if (w.name, mode) not in self.images:
+            reason = self._skipped.get((w.name, mode), "no image was pushed in this mode")
+            return Record(
+                sample=sample,
+                workload=w.name,
+                mode=mode,
+                status="error",
+                error=f"image not available: {reason}",
                 runtime=self.scenario.runtime,
             )
         ref = f"{registry.host}/{self.images[(w.name, mode)]}"
