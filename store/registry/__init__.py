@@ -1,9 +1,15 @@
 """OCI distribution client: references, auth, mirrors, manifests, ranged blob reads, push.
 
-The store reads layers through `RegistryBlobSource.read_at`; the harness pushes the images it
-builds with `RegistryClient.push_blob/push_manifest/push_image`. Everything here is async on
-httpx (trio or asyncio) and raises `RegistryError` subclasses whose messages name the host,
-repository and digest.
+The store reads layers through `RegistryBlobSource.read_at` / `RegistryClient.read_ranges`;
+the harness pushes the images it builds with `RegistryClient.push_blob/push_manifest/
+push_image`. Everything here is async on httpx (trio or asyncio) and raises `RegistryError`
+subclasses whose messages name the host, repository and digest.
+
+Modules: `reference` (Reference.parse), `hosts` (resolver config in the Go store's TOML keys →
+endpoints), `credentials` (auth.json / docker config.json), `auth` (Basic, Bearer tokens cached
+per scope), `manifest` (media types, Platform, build/parse), `ranges` (coalescing, multipart
+parsing), `client` (RegistryClient), `fasttransport` (plain-HTTP range GETs off the event
+loop), `blobsource` (read_at adapter).
 """
 
 from .auth import Challenge, TokenCache, parse_challenge
