@@ -1,0 +1,132 @@
+"""StoreFS without a mount: lookups, both protocol generations, refcounts, inode lifetimes."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import trio
+
+from store.cache import ChunkCache
+from store.config import StoreConfig
+from store.fs import ROOT_INO, FSError, StoreFS
+from store.resolver import LayerDesc, LayerManager, RegistryAccess
+from tests.store.conftest import FileBlob
+
+REF = "127.0.0.1:5000/vec/basic:1"
+
+
+class VectorRegistry(RegistryAccess):
+    """One image whose single layer is the Go-written ``basic`` vector."""
+
+    def __init__(self, vectors: Path, annotate: bool = True) -> None:
+        self.meta = json.loads((vectors / "basic.json").read_text())
+        self.path = vectors / "basic.blob"
+        self.annotate = annotate
+
+    async def image(self, ref: str):
+        ann = {"containerd.io/snapshot/stargz/toc.digest": self.meta["toc_digest"]}
+        desc = LayerDesc(
+            self.meta["digest"],
+            self.meta["size"],
+            ann if self.annotate else {},
+            self.meta["diff_id"],
+        )
+        return b"{}", b"{}", [desc]
+
+    def blob(self, ref: str, digest: str, size: int):
+        return FileBlob(self.path)
+
+
+async def _fs(nursery, vectors_dir, tmp_path, annotate=True) -> tuple[StoreFS, dict]:
+    cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
+    reg = VectorRegistry(vectors_dir, annotate)
+    manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+    return StoreFS(manager), reg.meta
+
+
+async def _path(fs: StoreFS, *names: str) -> int:
+    ino = ROOT_INO
+    for name in names:
+        ino = (await fs.lookup(ino, name)).ino
+    return ino
+
+
+@pytest.mark.anyio
+async def test_both_generations_refcount_and_release(vectors_dir, tmp_path):
+    async with trio.open_nursery() as nursery:
+        fs, meta = await _fs(nursery, vectors_dir, tmp_path)
+        b64 = base64.b64encode(REF.encode()).decode()
+        old = await _path(fs, b64, meta["digest"])
+        new = await _path(fs, b64, meta["toc_digest"])
+        diff_old = await _path(fs, b64, meta["digest"], "diff")
+        diff_new = await _path(fs, b64, meta["toc_digest"], "diff")
+        assert diff_old == diff_new  # one layer, whichever name
+        info_old = json.loads(await fs.read(await _path(fs, b64, meta["digest"], "info"), 0, 4096))
+        assert info_old["diff-digest"] == meta["diff_id"]
+        info_new = json.loads(
+            await fs.read(await _path(fs, b64, meta["toc_digest"], "info"), 0, 4096)
+        )
+        assert info_new["flags"] == {"expected-layer-diffid": meta["diff_id"]}
+        blob_ino = await _path(fs, b64, meta["digest"], "blob")
+        blob = (vectors_dir / "basic.blob").read_bytes()
+        assert await fs.read(blob_ino, 10, 100) == blob[10:110]
+        with pytest.raises(FSError) as exc:
+            await fs.lookup(old, "use")
+        assert exc.value.errno_value == errno.ENOENT
+        for d in (old, new):
+            with pytest.raises(FSError) as exc:
+                fs.create(d, "use")
+            assert exc.value.errno_value == errno.ENOENT
+        assert fs.manager.refcount(REF, meta["digest"]) == 2
+        ref_ino = await _path(fs, b64)
+        with pytest.raises(FSError):
+            fs.rmdir(ref_ino, meta["digest"])
+        assert fs.manager.refcount(REF, meta["digest"]) == 1
+        with pytest.raises(FSError):
+            fs.rmdir(ref_ino, meta["toc_digest"])
+        assert fs.manager.layers() == [] and fs.manager.released == [meta["digest"]]
+        # The kernel still holds the tree's inodes: it stays until forgotten, then goes.
+        assert fs.mounted_layers() == 1
+        fs.forget(diff_old, 2)
+        assert fs.mounted_layers() == 0
+        with pytest.raises(FSError):
+            fs.getattr(diff_old)
+        # Looked up again: resolved afresh, with new inode numbers.
+        again = await _path(fs, b64, meta["digest"], "diff")
+        assert again > diff_old
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_not_estargz_is_enoent_and_bad_names_einval(vectors_dir, tmp_path):
+    async with trio.open_nursery() as nursery:
+        fs, meta = await _fs(nursery, vectors_dir, tmp_path, annotate=False)
+        b64 = base64.b64encode(REF.encode()).decode()
+        with pytest.raises(FSError) as exc:
+            await _path(fs, b64, meta["digest"], "diff")
+        assert exc.value.errno_value == errno.ENOENT
+        with pytest.raises(FSError) as exc:
+            await fs.lookup(ROOT_INO, "not base64!")
+        assert exc.value.errno_value == errno.EINVAL
+        with pytest.raises(FSError) as exc:
+            await _path(fs, b64, "sha256:xyz")
+        assert exc.value.errno_value == errno.EINVAL
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_inode_numbers_are_never_reused(vectors_dir, tmp_path):
+    async with trio.open_nursery() as nursery:
+        fs, _meta = await _fs(nursery, vectors_dir, tmp_path)
+        seen = set()
+        for i in range(3):
+            ref = base64.b64encode(f"127.0.0.1:5000/vec/basic:{i}".encode()).decode()
+            ino = await _path(fs, ref)
+            assert ino not in seen
+            seen.add(ino)
+            fs.forget(ino, 1)
+        nursery.cancel_scope.cancel()
