@@ -13,6 +13,7 @@ from harness.images import (
     MODES,
     RECIPES,
     ImageBuildError,
+    ModeUnsupported,
     PushError,
     build_layers,
     cached_image,
@@ -83,6 +84,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                     oci_layout(
                         built, mode, progress=lambda m, t=task: progress.update(t, description=m)
                     )
+                except ModeUnsupported as exc:  # not fatal: runs skip this (image, mode)
+                    console.print(f"[yellow]warning[/]: {exc}")
                 except (PushError, ImageBuildError) as exc:
                     raise UserError(str(exc).splitlines()[0]) from exc
             progress.update(
