@@ -137,6 +137,11 @@ def build_layers(
         layers: list[BuiltLayer] = []
         lowers: list[Path] = []
         if recipe.base == "debian":
+            if os.geteuid() != 0:
+                raise ImageBuildError(
+                    f"recipe {recipe.name}: building Debian layers needs root (mmdebstrap,"
+                    " overlay mounts, chroot); run as root"
+                )
             say(f"{recipe.name}: Debian {DEBIAN_SUITE} base (mmdebstrap)")
             base = debian_base(cache_dir, progress=say)
             shared = _shared_layer(
