@@ -52,9 +52,9 @@ def lazybench(tmp: Path, *args: str) -> subprocess.Popen[str]:
     (tmp / "tmp").mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp / "tmp"), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", *args, "--no-progress"]
+        [sys.executable, "-m", "harness", *args, "--no-progress"]
         if args[0] == "run"
-        else [sys.executable, "-m", "harness.cli", *args],
+        else [sys.executable, "-m", "harness", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
