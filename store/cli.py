@@ -145,7 +145,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
     )
 
     def on_access(layer, node) -> None:  # type: ignore[no-untyped-def]
-        metrics.on_read(layer)
+        metrics.on_file_access(layer)
         if trace is not None:
             trace.record(layer, node)
 
@@ -157,6 +157,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
             nursery,
             on_layer_fetch=metrics.on_fetch,
             on_file_access=on_access,
+            on_read=metrics.on_read,
         )
         ops = StoreOperations(StoreFS(manager), cfg.attr_timeout, cfg.entry_timeout)
         options = set(pyfuse3.default_options)

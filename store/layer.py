@@ -99,6 +99,7 @@ class Layer:
     chunk_size: int = 50000
     on_fetch: Callable[[Layer, int, float], None] | None = None
     on_file_access: Callable[[Layer, Node], None] | None = None
+    on_read: Callable[[Layer], None] | None = None
     stats: LayerStats = field(default_factory=LayerStats)
     ino_base: int = 0
     released: bool = False
@@ -161,6 +162,8 @@ class Layer:
             if c.file_offset + c.size > offset:
                 wanted.append(c)
         self.stats.on_demand_reads += 1
+        if self.on_read is not None:
+            self.on_read(self)
         self._active_reads += 1
         self._idle = trio.Event() if self._active_reads == 1 else self._idle
         try:

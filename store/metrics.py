@@ -53,6 +53,12 @@ class StoreMetrics:
             ["layer"],
             registry=self.registry,
         )
+        self.files_accessed = Counter(
+            "stargz_store_files_accessed",
+            "Layer files read for the first time",
+            ["layer"],
+            registry=self.registry,
+        )
         self.cache_hits = Gauge(
             "stargz_store_cache_hits", "Chunk cache hits", registry=self.registry
         )
@@ -74,6 +80,9 @@ class StoreMetrics:
 
     def on_read(self, layer: Layer) -> None:
         self.on_demand_reads.labels(layer.digest).inc()
+
+    def on_file_access(self, layer: Layer) -> None:
+        self.files_accessed.labels(layer.digest).inc()
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")

@@ -115,6 +115,7 @@ class LayerManager:
     nursery: trio.Nursery
     on_layer_fetch: Callable[[Layer, int, float], None] | None = None
     on_file_access: Callable[[Layer, Any], None] | None = None
+    on_read: Callable[[Layer], None] | None = None
     _images: dict[str, _Task] = field(default_factory=dict)
     _layers: dict[str, _Task] = field(default_factory=dict)
     _refcount: dict[str, int] = field(default_factory=dict)
@@ -254,6 +255,7 @@ class LayerManager:
             chunk_size=self.config.chunk_size,
             on_fetch=self.on_layer_fetch,
             on_file_access=self.on_file_access,
+            on_read=self.on_read,
         )
         index.drop_toc_entries()
         _return_freed_memory()

@@ -227,6 +227,7 @@ def test_new_protocol_by_toc_digest(registry, store_factory, layers, tmp_path):
     # Metrics and the access trace saw the reads.
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert f'stargz_store_fetched_bytes_total{{layer="{blobs[0].digest}"}}' in metrics
+    assert f'stargz_store_on_demand_reads_total{{layer="{blobs[0].digest}"}}' in metrics
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
     assert {"layer": blobs[0].digest, "path": "etc/hello"}.items() <= lines[0].items()
     # Overlay conventions on the upper layer.
