@@ -53,7 +53,7 @@ def load_vectors(vectors_dir: Path) -> list[Vector]:
         name = blob.stem
         listing = vectors_dir / f"{name}.entries.jsonl"
         entries = (
-            [json.loads(line) for line in listing.read_text().splitlines() if line.strip()]
+            [json.loads(line) for line in listing.read_text().split("\n") if line.strip()]
             if listing.exists()
             else None
         )

@@ -53,7 +53,7 @@ def _go_listing(gocheck: Path, blob: Path, toc_digest: str) -> list[dict]:
         [str(gocheck), str(blob), toc_digest], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    return [json.loads(line) for line in proc.stdout.splitlines()]
+    return [json.loads(line) for line in proc.stdout.split("\n") if line]
 
 
 @pytest.mark.parametrize("name", LISTED)
