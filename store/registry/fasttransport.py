@@ -1,11 +1,12 @@
-"""An httpx transport that serves plain-HTTP range GETs on blocking sockets in worker threads.
+"""An httpx transport that serves plain-HTTP range GETs on raw sockets, big bodies off-loop.
 
 Why: blob range reads are the store's hot path. Through httpcore/h11 every 64 KiB of body is
 parsed and copied several times on the event loop, which caps a ranged read at about half of
-what curl gets from the same local registry. Here the request head is consumed exactly (found
-with MSG_PEEK) and the body is received with one `recv(n, MSG_WAITALL)` into a single bytes
-object, in a worker thread: one copy, no per-chunk Python work, and the event loop (the FUSE
-loop, in the store) stays free while the kernel copies.
+what curl gets from the same local registry. Here the request is sent and the head read on the
+event loop (non-blocking calls, no thread hop for small answers); the head is consumed exactly
+(found with MSG_PEEK) so that a large body is received in a worker thread with one
+`recv(n, MSG_WAITALL)` straight into a single bytes object: one copy, no per-chunk Python work,
+and the event loop (the FUSE loop, in the store) stays free while the kernel copies.
 
 Only `GET` requests with a `Range` header to `http://` URLs take this path; everything else
 (TLS, pushes, manifests, auth) goes through httpx's own transport, and auth, redirects,
@@ -29,6 +30,7 @@ import httpx
 T = TypeVar("T")
 MAX_HEAD = 64 * 1024
 RECEIVE = 1024 * 1024
+LOOP_MAX = 1024 * 1024  # bodies up to this size are read on the event loop (no thread hop)
 EAGER_MAX = 64 * 1024 * 1024  # 206/error bodies up to this size are read with the head
 PIECE = 16 * 1024 * 1024  # other bodies are yielded in pieces of at most this size
 MAX_IDLE_PER_HOST = 16
@@ -52,7 +54,8 @@ class _NoAnswer(httpx.RemoteProtocolError):
 
 
 class _Conn:
-    """A blocking socket; every method runs in a worker thread."""
+    """A blocking socket: `*_async` methods run on the event loop (MSG_DONTWAIT), the others
+    in a worker thread (blocking, bounded by SO_RCVTIMEO/SO_SNDTIMEO)."""
 
     def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
         self.sock = sock
@@ -88,26 +91,54 @@ class _Conn:
         except OSError as e:
             raise httpx.ReadError(str(e) or type(e).__name__, request=request) from e
 
-    def send_head(self, head: bytes, request: httpx.Request) -> None:
+    async def _wait(self, readable: bool, timeout: float | None, request: httpx.Request) -> None:
         try:
-            self.sock.sendall(head)
-        except (BlockingIOError, TimeoutError) as e:
-            raise httpx.WriteTimeout("timed out sending the request", request=request) from e
-        except OSError as e:
-            raise _NoAnswer(f"send failed: {e}", request=request) from e
+            with anyio.fail_after(timeout):
+                if readable:
+                    await anyio.wait_readable(self.sock)
+                else:
+                    await anyio.wait_writable(self.sock)
+        except TimeoutError as e:
+            cls = httpx.ReadTimeout if readable else httpx.WriteTimeout
+            raise cls("timed out waiting for the registry", request=request) from e
 
-    def read_head(self, request: httpx.Request) -> bytes:
-        """The response head without its blank line; the body stays in the socket."""
-        peek = self._recv(MAX_HEAD, socket.MSG_PEEK, request)
+    async def _recv_async(
+        self, n: int, flags: int, timeout: float | None, request: httpx.Request
+    ) -> bytes:
+        """recv without blocking the event loop (MSG_DONTWAIT, then wait for readability)."""
+        while True:
+            try:
+                return self.sock.recv(n, flags | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                await self._wait(True, timeout, request)
+            except OSError as e:
+                raise httpx.ReadError(str(e) or type(e).__name__, request=request) from e
+
+    async def send_head_async(
+        self, head: bytes, t: dict[str, float | None], request: httpx.Request
+    ) -> None:
+        view = memoryview(head)
+        while view:
+            try:
+                view = view[self.sock.send(view, socket.MSG_DONTWAIT) :]
+            except BlockingIOError:
+                await self._wait(False, t["write"], request)
+            except OSError as e:
+                raise _NoAnswer(f"send failed: {e}", request=request) from e
+
+    async def read_head_async(self, timeout: float | None, request: httpx.Request) -> bytes:
+        """The response head without its blank line, found with MSG_PEEK so the body stays in
+        the socket for one recv(MSG_WAITALL); a head split across segments (rare) is consumed
+        and the overshoot buffered."""
+        peek = await self._recv_async(MAX_HEAD, socket.MSG_PEEK, timeout, request)
         if not peek:
             raise _NoAnswer("server closed the connection without a response", request=request)
         end = peek.find(b"\r\n\r\n")
         if end >= 0:
-            return self.recv_exact(end + 4, request)[:-4]
-        # Head split across segments (rare): consume and buffer the overshoot.
+            return (await self.recv_exact_async(end + 4, timeout, request))[:-4]
         buf = b""
         while True:
-            data = self._recv(RECEIVE, 0, request)
+            data = await self._recv_async(RECEIVE, 0, timeout, request)
             if not data:
                 raise httpx.RemoteProtocolError(
                     "connection closed inside the head", request=request
@@ -119,6 +150,27 @@ class _Conn:
                 return buf[:end]
             if len(buf) > MAX_HEAD:
                 raise httpx.RemoteProtocolError("response head too long", request=request)
+
+    async def recv_exact_async(
+        self, n: int, timeout: float | None, request: httpx.Request
+    ) -> bytes:
+        parts: list[bytes] = []
+        got = 0
+        if self.buffer:
+            parts.append(self.buffer[:n])
+            got = len(parts[0])
+            self.buffer = self.buffer[n:]
+        while got < n:
+            data = await self._recv_async(min(n - got, RECEIVE), 0, timeout, request)
+            if not data:
+                raise httpx.RemoteProtocolError(
+                    f"peer closed connection without sending complete message body "
+                    f"(received {got} of {n} bytes)",
+                    request=request,
+                )
+            parts.append(data)
+            got += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def recv_exact(self, n: int, request: httpx.Request) -> bytes:
         """Exactly n bytes: usually one recv(MSG_WAITALL) straight into the result."""
@@ -298,7 +350,7 @@ class FastRangeTransport(httpx.AsyncBaseTransport):
                     _Conn.connect, key, t["connect"], request, abandon_on_cancel=True
                 )
             try:
-                return await conn.call(self._exchange, conn, request, head, t)
+                return await self._exchange(conn, request, head, t)
             except _NoAnswer:
                 conn.close()
                 if not (reused and attempt == 0):
@@ -317,17 +369,18 @@ class FastRangeTransport(httpx.AsyncBaseTransport):
             lines.append(name + b": " + value)
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    def _exchange(
+    async def _exchange(
         self,
         conn: _Conn,
         request: httpx.Request,
         head: bytes,
         t: dict[str, float | None],
     ) -> httpx.Response:
-        """Send, read the head, and (for 206 and error answers) the body: one thread hop."""
-        conn.set_timeouts(t["read"], t["write"])
-        conn.send_head(head, request)
-        raw_head = conn.read_head(request)
+        """Send and read the head on the event loop; a 206/error body up to LOOP_MAX bytes too,
+        a larger one in a worker thread with one recv(MSG_WAITALL)."""
+        conn.set_timeouts(t["read"], t["write"])  # for the worker-thread reads
+        await conn.send_head_async(head, t, request)
+        raw_head = await conn.read_head_async(t["read"], request)
         status_line, *header_lines = raw_head.split(b"\r\n")
         parts = status_line.split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
@@ -354,7 +407,10 @@ class FastRangeTransport(httpx.AsyncBaseTransport):
                 raise httpx.RemoteProtocolError("bad Content-Length", request=request) from e
         eager = None
         if length is not None and length <= EAGER_MAX and (status == 206 or status >= 300):
-            eager = conn.recv_exact(length, request) if length else b""
+            if length <= LOOP_MAX:
+                eager = await conn.recv_exact_async(length, t["read"], request)
+            else:
+                eager = await conn.call(conn.recv_exact, length, request)
         body = _Body(self, conn, request, length, chunked, reusable, eager)
         if eager is not None:
             body.done = True
