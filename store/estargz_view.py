@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from store import estargz
-from store.estargz.toc import _toc_json_from_gzip_tar
 from store.layer import BlobReader, ChunkRef
 from store.tree import EntryView
 
@@ -51,7 +50,7 @@ async def load_layer_index(blob: BlobReader, toc_digest: str) -> EstargzLayerVie
     try:
         # The format module's TOC extraction; the JSON is decoded here, straight into compact
         # records, because 100,000 entry dicts would cost ~120 MB (and fragment the heap).
-        raw = _toc_json_from_gzip_tar(toc_bytes, where)
+        raw = estargz.toc_json_bytes(toc_bytes, footer)
     except estargz.EstargzError as exc:
         raise TocError(str(exc)) from exc
     digest = estargz.toc_digest(raw)
