@@ -495,6 +495,7 @@ def _planned_keys(scenario: dict[str, Any]) -> list[tuple[int, str, str]]:
         for s in range(samples)
         for w in scenario.get("workloads", [])
         for m in scenario.get("modes", [])
+        if "modes" not in w or m in w["modes"]
     ]
 
 

@@ -127,7 +127,7 @@ def resolve(w: Workload) -> ResolvedWorkload:
 
 def plan(scenario: Scenario) -> list[tuple[int, str, str]]:
     """Every (sample, workload, mode), each sample's pairs shuffled with a seeded RNG."""
-    pairs = [(w.name, m) for w in scenario.workloads for m in scenario.modes]
+    pairs = [(w.name, m) for w in scenario.workloads for m in scenario.modes_of(w)]
     out = []
     for sample in range(scenario.samples):
         order = pairs[:]
@@ -531,7 +531,7 @@ class Runner:
                 built = build_layers(
                     w.recipe, self.cache_dir, progress=lambda m: self.console.print(f"  {m}")
                 )
-                for mode in self.scenario.modes:
+                for mode in self.scenario.modes_of(self.scenario.workload(w.name)):
                     files = None
                     if mode == "estargz":
                         files = self._traced_files(w, built, reg, work)

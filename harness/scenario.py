@@ -33,6 +33,7 @@ Schema (all keys but ``workloads`` optional)::
     stdin = "…"                      # optional script fed on stdin; default: the recipe's
     ready = "hello"                  # optional line (substring) on stdout that means "ready"
     timeout = 300                    # optional seconds for each step; default: the recipe's
+    modes = ["legacy", "estargz"]    # optional: measure this workload in these modes only
     reference = "python:3.7"         # optional: the published image this stands in for
                                      # (results/reference/published.csv); default: matched by
                                      # the workload or recipe name against its stand_in column
@@ -51,6 +52,7 @@ from harness.cli import UserError
 MODES = ("legacy", "estargz-noopt", "estargz", "zstd-chunked")
 LAZY_MODES = frozenset({"estargz-noopt", "estargz"})
 RUNTIMES = ("podman", "crio")
+WORKLOAD_KEYS = {"name", "recipe", "command", "stdin", "ready", "timeout", "reference", "modes"}
 DEFAULT_STORE_COMMAND = (
     "stargz-store",
     "--config",
@@ -77,6 +79,7 @@ class Workload:
     ready: str | None = None
     timeout: float | None = None
     reference: str | None = None
+    modes: tuple[str, ...] | None = None  # a subset of the scenario's modes; None = all
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,15 @@ class Scenario:
     def keys(self) -> list[tuple[int, str, str]]:
         """Every (sample, workload, mode) a complete run records, in plan order."""
         return [
-            (s, w.name, m) for s in range(self.samples) for w in self.workloads for m in self.modes
+            (s, w.name, m)
+            for s in range(self.samples)
+            for w in self.workloads
+            for m in self.modes_of(w)
         ]
+
+    def modes_of(self, w: Workload) -> tuple[str, ...]:
+        """The modes a workload is measured in (the scenario's, in the scenario's order)."""
+        return tuple(m for m in self.modes if w.modes is None or m in w.modes)
 
     def workload(self, name: str) -> Workload:
         for w in self.workloads:
@@ -311,7 +321,7 @@ def parse_scenario(
     for i, raw in enumerate(raw_workloads):
         where = f"workloads[{i}]"
         w = c.table(raw, where)
-        c.unknown(w, {"name", "recipe", "command", "stdin", "ready", "timeout", "reference"}, where)
+        c.unknown(w, WORKLOAD_KEYS, where)
         recipe = c.string(w, "recipe", f"{where}.recipe")
         if recipe is None:
             raise c.fail(f"{where}.recipe", "missing: name an image recipe")
@@ -331,6 +341,13 @@ def parse_scenario(
         if stdin is not None and not isinstance(stdin, str):
             raise c.fail(f"{where}.stdin", f"must be a string, got {_show(stdin)}")
         timeout = c.number(w, "timeout", f"{where}.timeout", None, lo=0.1, hi=86400)
+        wmodes = c.strings(w, "modes", f"{where}.modes")
+        for j, mode in enumerate(wmodes or ()):
+            if mode not in modes:
+                raise c.fail(
+                    f"{where}.modes[{j}]",
+                    f"{mode!r} is not one of the scenario's modes ({', '.join(modes)})",
+                )
         workloads.append(
             Workload(
                 name=wname,
@@ -340,6 +357,7 @@ def parse_scenario(
                 ready=c.string(w, "ready", f"{where}.ready"),
                 timeout=float(timeout) if timeout is not None else None,
                 reference=c.string(w, "reference", f"{where}.reference"),
+                modes=wmodes,
             )
         )
     return Scenario(

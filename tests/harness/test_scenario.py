@@ -58,6 +58,10 @@ def test_defaults() -> None:
         ({"workloads": [{"recipe": "python", "command": "ls"}]}, r"workloads\[0\].command: must"),
         ({"workloads": [{"recipe": "python"}, {"recipe": "python"}]}, r"workloads\[1\].name: dup"),
         ({"workloads": [{"recipe": "python", "stdn": "x"}]}, r"workloads\[0\].stdn: unknown key"),
+        (
+            {"modes": ["legacy"], "workloads": [{"recipe": "python", "modes": ["estargz"]}]},
+            r"workloads\[0\].modes\[0\]: 'estargz' is not one of the scenario's modes",
+        ),
     ],
 )
 def test_errors_name_file_key_and_problem(data: dict, message: str) -> None:
@@ -91,3 +95,25 @@ def test_plan_keys_and_round_trip(tmp_path: Path) -> None:
     ]
     again = parse_scenario(s.to_dict(), "f.toml")
     assert again == s
+
+
+def test_a_workload_can_narrow_the_modes() -> None:
+    s = parse_scenario(
+        {
+            "samples": 1,
+            "modes": ["legacy", "estargz", "zstd-chunked"],
+            "workloads": [
+                {"recipe": "python"},
+                {"recipe": "gcc", "modes": ["zstd-chunked", "legacy"]},
+            ],
+        },
+        "f.toml",
+    )
+    assert s.keys() == [
+        (0, "python", "legacy"),
+        (0, "python", "estargz"),
+        (0, "python", "zstd-chunked"),
+        (0, "gcc", "legacy"),
+        (0, "gcc", "zstd-chunked"),
+    ]
+    assert parse_scenario(s.to_dict(), "f.toml") == s
