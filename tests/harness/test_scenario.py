@@ -18,7 +18,9 @@ def test_shipped_scenarios_load(name: str) -> None:
     scenario = load_scenario(SCENARIOS / name)
     assert scenario.workloads and scenario.samples >= 2
     assert set(scenario.modes) <= set(MODES)
-    assert len(scenario.keys()) == scenario.samples * len(scenario.workloads) * len(scenario.modes)
+    per_sample = sum(len(scenario.modes_of(w)) for w in scenario.workloads)
+    assert len(scenario.keys()) == scenario.samples * per_sample
+    assert all({"legacy", "estargz"} <= set(scenario.modes_of(w)) for w in scenario.workloads)
 
 
 def test_default_scenario_is_the_published_style_set() -> None:
