@@ -432,8 +432,8 @@ def write_report(run_dir: Path) -> Report:
     write_summary_csv(agg, run_dir / "summary.csv")
     charts = draw_chart(df, agg, percentile, run_dir / "chart", title=_chart_title(env))
     ratios = ratio_rows(agg, scenario.get("workloads", []), read_published())
-    done = {r.key for r in records if r.status == "ok"}
-    missing = [k for k in _planned_keys(scenario) if k not in done]
+    recorded = {r.key for r in records}
+    missing = [k for k in _planned_keys(scenario) if k not in recorded]
     errors = [r for r in records if r.status != "ok"]
 
     p = _pct_label(percentile)
