@@ -122,12 +122,13 @@ def _serve_in_ns(link: NetworkLink, port: int) -> subprocess.Popen:
     return proc
 
 
-def _retransmits(link: NetworkLink) -> int:
+def _tcp_counters(link: NetworkLink) -> tuple[int, int]:
+    """(segments sent, segments retransmitted) by TCP inside the link's namespace."""
     out = subprocess.run(
         [*link.prefix, "cat", "/proc/net/snmp"], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     tcp = [line.split() for line in out if line.startswith("Tcp:")]
-    return int(tcp[1][tcp[0].index("RetransSegs")])
+    return int(tcp[1][tcp[0].index("OutSegs")]), int(tcp[1][tcp[0].index("RetransSegs")])
 
 
 def test_lifting_the_delay_mid_transfer_loses_no_packet(no_leftovers):
@@ -143,12 +144,16 @@ def test_lifting_the_delay_mid_transfer_loses_no_packet(no_leftovers):
             t = threading.Thread(target=download)
             t.start()
             time.sleep(1.0)  # in full flight: the delayer holds a window of ACKs
-            before = _retransmits(link)
+            sent_before, retrans_before = _tcp_counters(link)
             with link.unshaped():
                 time.sleep(0.3)
             t.join(60)
             assert "m" in result and result["m"].transfer_bytes == 30_000_000
-            assert _retransmits(link) - before == 0
+            sent, retrans = _tcp_counters(link)
+            # A window lost by the delayer would cost hundreds of retransmitted segments and an
+            # RTO stall. The sender's burst into tbf's queue when the rate is lifted may cost a
+            # few dozen (seen: 44 of ~20,000 on a loaded machine): tolerate under 1 %.
+            assert retrans - retrans_before < 0.01 * (sent - sent_before)
             # shaping is back
             m = link.measure(seconds=1.0, rtt_samples=3)
             assert m.rtt_ms > 30 and m.rate_mbit < 110, m
