@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import functools
 import hashlib
 import json
@@ -420,6 +421,16 @@ class Runner:
     def run(self) -> list[tuple[int, str, str]]:
         """Measure every planned key not yet recorded; return the keys measured now."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(
+                    f"{self.run_dir}: another `lazybench run` is writing to this run directory"
+                ) from None
+            return self._run_locked()
+
+    def _run_locked(self) -> list[tuple[int, str, str]]:
         self._check_same_scenario()
         todo = [k for k in plan(self.scenario) if k not in finished_keys(self.run_dir)]
         if not todo:

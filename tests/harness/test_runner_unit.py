@@ -79,3 +79,18 @@ def test_crio_runtime_is_skipped_with_a_clear_message(
     scenario.write_text('runtime = "crio"\n[[workloads]]\nrecipe = "tiny"\n')
     assert main(["run", str(scenario), "--results-dir", str(tmp_path / "runs")]) == 1
     assert "runtime 'crio': crictl is not installed" in capsys.readouterr().err
+
+
+def test_two_runs_cannot_share_a_run_directory(tmp_path: Path) -> None:
+    import fcntl
+
+    from harness.cli import UserError
+    from harness.runner import Runner
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    s = parse_scenario({"samples": 1, "workloads": [{"recipe": "tiny"}]}, "s.toml")
+    with open(run_dir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="another `lazybench run` is writing"):
+            Runner(s, run_dir, show_progress=False).run()
