@@ -44,4 +44,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lazybench: interrupted", file=sys.stderr)
         return 130
-

@@ -159,8 +159,10 @@ class PodmanEnv:
         for name, text in (
             # [engine] is the last table: a private libpod tmp_dir, so another env's
             # `system reset` cannot remove our /run/libpod/alive.
-            ("containers.conf",
-             CONTAINERS_CONF + f"tmp_dir = {toml_str(str(self.workdir / 'libpod'))}\n"),
+            (
+                "containers.conf",
+                CONTAINERS_CONF + f"tmp_dir = {toml_str(str(self.workdir / 'libpod'))}\n",
+            ),
             ("storage.conf", storage),
             ("registries.conf", registries),
         ):
