@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from store.cache import ChunkCache
 from store.config import StoreConfig
@@ -129,4 +130,50 @@ async def test_inode_numbers_are_never_reused(vectors_dir, tmp_path):
             assert ino not in seen
             seen.add(ino)
             fs.forget(ino, 1)
+        nursery.cancel_scope.cancel()
+
+
+class GatedRegistry(VectorRegistry):
+    """Three layers (the ``basic`` vector under three digests) whose reads wait for a gate."""
+
+    def __init__(self, vectors: Path) -> None:
+        super().__init__(vectors)
+        self.gate = trio.Event()
+        self.started: list[str] = []
+        self.digests = [f"sha256:{i:064x}" for i in range(1, 4)]
+
+    async def image(self, ref: str):
+        ann = {"containerd.io/snapshot/stargz/toc.digest": self.meta["toc_digest"]}
+        descs = [LayerDesc(d, self.meta["size"], ann, self.meta["diff_id"]) for d in self.digests]
+        return b"{}", b"{}", descs
+
+    def blob(self, ref: str, digest: str, size: int):
+        registry, inner = self, FileBlob(self.path)
+
+        class Gated:
+            size = inner.size
+
+            async def read_ranges(self, ranges):
+                registry.started.append(digest)
+                await registry.gate.wait()
+                return await inner.read_ranges(ranges)
+
+        return Gated()
+
+
+@pytest.mark.anyio
+async def test_all_layer_tocs_are_fetched_at_once_when_the_manifest_is_known(vectors_dir, tmp_path):
+    """podman 4.3 looks layers up one by one; their footer+TOC reads must overlap anyway."""
+    async with trio.open_nursery() as nursery:
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
+        reg = GatedRegistry(vectors_dir)
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        await manager.image(REF)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(reg.started) == reg.digests  # all three in flight before any lookup
+        reg.gate.set()
+        layers = [await manager.get_layer(REF, d) for d in reg.digests]
+        assert [layer.digest for layer in layers] == reg.digests
+        assert sorted(reg.started) == reg.digests  # the lookups reused them: no second read
+        assert manager.layers() == layers
         nursery.cancel_scope.cancel()
