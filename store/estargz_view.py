@@ -24,6 +24,12 @@ from store.tree import EntryView
 
 PREFETCH_LANDMARK = ".prefetch.landmark"
 
+# First read from the blob's end: footer plus small TOCs. Why not the format module's 1 MiB:
+# the layers of an image are loaded at once over one link, and real TOCs are 4-470 KB, so a
+# 1 MiB guess spent ~4-5 MB of a 100 Mbit/s link per image (gcc: 5.2 MB read for 1.2 MB of
+# TOC) — more than the one extra round trip a large TOC now costs.
+TAIL_GUESS = 64 << 10
+
 
 class TocError(ValueError):
     """The blob is not a readable eStargz layer (bad footer, bad TOC)."""
@@ -33,9 +39,10 @@ TocMismatchError = estargz.TocDigestMismatch
 
 
 async def load_layer_index(blob: BlobReader, toc_digest: str) -> EstargzLayerView:
-    """Fetch footer+TOC of ``blob`` (one request when the TOC sits in the tail), verify the
-    TOC digest (:class:`TocMismatchError` → the layer is refused), and build the view."""
-    tail_len = estargz.tail_fetch_size(blob.size)
+    """Fetch footer+TOC of ``blob`` (one request when the TOC fits :data:`TAIL_GUESS`, else
+    two), verify the TOC digest (:class:`TocMismatchError` → the layer is refused), and build
+    the view."""
+    tail_len = estargz.tail_fetch_size(blob.size, TAIL_GUESS)
     (tail,) = await blob.read_ranges([(blob.size - tail_len, blob.size)])
     try:
         footer = estargz.parse_footer(tail, blob.size)

@@ -189,3 +189,24 @@ def test_cache_lru_eviction_and_restart(tmp_path):
     assert keys[2] not in cache and keys[1] in cache
     again = ChunkCache(tmp_path, max_bytes=250)
     assert again.total_bytes == 200 and again.get(keys[3]) == b"y" * 100
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["basic", "chunked-1m"])
+async def test_toc_load_reads_a_small_tail_then_the_toc_only_if_needed(
+    vectors_dir, name, monkeypatch
+):
+    """A small first read (not 1 MiB per layer); a TOC beyond it costs exactly one more read."""
+    import store.estargz_view as view_mod
+
+    meta = json.loads((vectors_dir / f"{name}.json").read_text())
+    small = FileBlob(vectors_dir / f"{name}.blob")
+    index = await load_layer_index(small, meta["toc_digest"])
+    ((lo, hi),) = small.requests[0]
+    assert hi == small.size and hi - lo <= max(view_mod.TAIL_GUESS, 1 << 10)
+    expected = sorted(e.name for e, _ in index.tree_entries())
+    monkeypatch.setattr(view_mod, "TAIL_GUESS", 0)  # footer only: the TOC needs its own read
+    tiny = FileBlob(vectors_dir / f"{name}.blob")
+    again = await load_layer_index(tiny, meta["toc_digest"])
+    assert len(tiny.requests) == 2
+    assert sorted(e.name for e, _ in again.tree_entries()) == expected
