@@ -34,14 +34,13 @@ import trio
 
 from store.cache import ChunkCache
 from store.config import StoreConfig
+from store.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from store.estargz_view import EstargzLayerView, TocMismatchError, load_layer_index
 from store.layer import BlobReader, Layer
 from store.tree import LayerTree
 
 log = logging.getLogger(__name__)
 
-TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 GZIP_COMPRESSION = 2  # containers/storage archive.Gzip
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
