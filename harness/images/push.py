@@ -257,6 +257,8 @@ def tar_archive_end(path: Path) -> int:
     the copy with "short write" — for any layer whose padding reaches past the write that
     carried the marker (tomcat's JDK layer here). The blob never holds the padding either, so
     a tar cut here compresses to the same blob, and its digest is the blob's real diff ID.
+    ``podman push`` never meets this: the tars it compresses come from Go's archive/tar,
+    which ends an archive with the marker and no record padding.
     """
     try:
         with tarfile.open(path, "r:") as tar:
