@@ -9,9 +9,10 @@ overlay whiteouts turned into ``.wh.`` entries. The mounts live in a private mou
 Cache: ``<cache>/images/<recipe hash>/`` holds ``image.json`` and ``layers/<n>.tar``; a build
 happens in a temporary sibling directory renamed into place at the end, so a crashed build
 leaves nothing that looks finished. The mmdebstrap base tree is cached the same way under
-``<cache>/bases/``, and each Debian layer under ``<cache>/layers/<prefix hash>/`` (its tar and
-the upperdir later layers stack on): recipes that start with the same layers share them, as
-images built ``FROM`` one parent do — same bytes, same digests.
+``<cache>/bases/``, and each Debian layer under ``<cache>/layers/<prefix hash>/`` (the upperdir
+later layers stack on, and its tar per tar format, ``layer.f<LAYER_FORMAT>.tar``): recipes that
+start with the same layers share them, as images built ``FROM`` one parent do — same bytes,
+same digests. A new tar format is written from the cached trees, without running apt again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -32,6 +34,7 @@ from harness.images.layertar import specs_to_tar, tree_to_tar
 from harness.images.recipes import (
     BUILDER_VERSION,
     DEBIAN_SUITE,
+    LAYER_FORMAT,
     LayerSpec,
     Recipe,
     recipe_hash,
@@ -144,12 +147,9 @@ def build_layers(
                 )
             say(f"{recipe.name}: Debian {DEBIAN_SUITE} base (mmdebstrap)")
             base = debian_base(cache_dir, progress=say)
-            shared = _shared_layer(
-                cache_dir,
-                _prefix_key(recipe, 0),
-                lambda w: tree_to_tar(base, w / "layer.tar", exclude=_drop),
-            )
-            layers.append(_image_layer(work, 0, shared, f"debian {DEBIAN_SUITE}"))
+            shared = _shared_layer(cache_dir, _prefix_key(recipe, 0))
+            tar = _layer_tar(shared, base, overlay_upper=False)
+            layers.append(_image_layer(work, 0, tar, f"debian {DEBIAN_SUITE}"))
             lowers.append(base)
         elif recipe.base != "scratch":
             raise ImageBuildError(f"recipe {recipe.name}: unknown base {recipe.base!r}")
@@ -167,14 +167,12 @@ def build_layers(
                         " base to run them on"
                     )
 
-                def build_one(w: Path, spec: LayerSpec = spec) -> str:
+                def build_tree(w: Path, spec: LayerSpec = spec) -> None:
                     _chroot_layer(recipe, spec, lowers, w / "tree", w)
-                    return tree_to_tar(
-                        w / "tree", w / "layer.tar", exclude=_drop, overlay_upper=True
-                    )
 
-                shared = _shared_layer(cache_dir, _prefix_key(recipe, index), build_one)
-                layers.append(_image_layer(work, index, shared, spec.comment))
+                shared = _shared_layer(cache_dir, _prefix_key(recipe, index), build_tree)
+                tar = _layer_tar(shared, shared / "tree", overlay_upper=True)
+                layers.append(_image_layer(work, index, tar, spec.comment))
                 lowers.append(shared / "tree")
             elif lowers:
                 raise ImageBuildError(
@@ -229,24 +227,26 @@ def _prefix_key(recipe: Recipe, index: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _shared_layer(cache_dir: Path, key: str, build: Callable[[Path], str]) -> Path:
-    """``<cache>/layers/<key>/`` with ``layer.tar``, ``layer.json`` and (for chroot layers) the
-    ``tree`` later layers stack on; ``build(workdir)`` writes them and returns the diff ID."""
+def _shared_layer(
+    cache_dir: Path, key: str, build_tree: Callable[[Path], None] | None = None
+) -> Path:
+    """``<cache>/layers/<key>/``, made once: for a chroot layer ``build_tree(workdir)`` leaves
+    there the ``tree`` later layers stack on. Its tars are written by :func:`_layer_tar`."""
     final = cache_dir / "layers" / key
-    if (final / "layer.json").is_file():
+    if _shared_layer_done(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=final.parent))
     try:
-        diff_id = build(work)
+        if build_tree is not None:
+            build_tree(work)
         for scratch in work.glob("ovl*"):
             shutil.rmtree(scratch, ignore_errors=True)
-        size = (work / "layer.tar").stat().st_size
-        (work / "layer.json").write_text(json.dumps({"diff_id": diff_id, "size": size}))
+        (work / "tree.json").write_text(json.dumps({"builder": BUILDER_VERSION}))
         try:
             os.rename(work, final)
         except OSError:
-            if not (final / "layer.json").is_file():  # not a concurrent identical build
+            if not _shared_layer_done(final):  # not a concurrent identical build
                 raise
     finally:
         if work.exists():
@@ -254,15 +254,47 @@ def _shared_layer(cache_dir: Path, key: str, build: Callable[[Path], str]) -> Pa
     return final
 
 
-def _image_layer(work: Path, index: int, shared: Path, comment: str) -> BuiltLayer:
+def _shared_layer_done(directory: Path) -> bool:
+    # layer.json marks a directory made before tar formats were versioned: same tree.
+    return (directory / "tree.json").is_file() or (directory / "layer.json").is_file()
+
+
+@dataclass(frozen=True)
+class _LayerTar:
+    path: Path
+    diff_id: str
+    size: int
+
+
+def _layer_tar(shared: Path, source: Path, *, overlay_upper: bool) -> _LayerTar:
+    """The tar of ``source`` in the current :data:`LAYER_FORMAT`, written once into ``shared``
+    (``layer.f<N>.tar`` and its ``.json``; atomically, so a concurrent build is harmless)."""
+    tar = shared / f"layer.f{LAYER_FORMAT}.tar"
+    meta_path = shared / f"layer.f{LAYER_FORMAT}.json"
+    if not meta_path.is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=".tar-", dir=shared))
+        try:
+            diff_id = tree_to_tar(
+                source, tmp / "layer.tar", exclude=_drop, overlay_upper=overlay_upper
+            )
+            meta = {"diff_id": diff_id, "size": (tmp / "layer.tar").stat().st_size}
+            (tmp / "layer.json").write_text(json.dumps(meta))
+            os.replace(tmp / "layer.tar", tar)
+            os.replace(tmp / "layer.json", meta_path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    meta = json.loads(meta_path.read_text())
+    return _LayerTar(tar, meta["diff_id"], meta["size"])
+
+
+def _image_layer(work: Path, index: int, shared: _LayerTar, comment: str) -> BuiltLayer:
     """Hard-link a shared layer's tar into the image being built."""
-    meta = json.loads((shared / "layer.json").read_text())
     tar = work / "layers" / f"{index}.tar"
     try:
-        os.link(shared / "layer.tar", tar)
+        os.link(shared.path, tar)
     except OSError:
-        shutil.copyfile(shared / "layer.tar", tar)
-    return BuiltLayer(tar, meta["diff_id"], meta["size"], comment)
+        shutil.copyfile(shared.path, tar)
+    return BuiltLayer(tar, shared.diff_id, shared.size, comment)
 
 
 def _discard(path: Path) -> None:
@@ -338,6 +370,11 @@ def _chroot_layer(
 ) -> None:
     """Run apt (and the layer's commands) in a chroot over ``lowers``, writing to ``upper``."""
     upper.mkdir()
+    # The upperdir's own attributes are the merged root's, and the layer's "./" entry: keep
+    # those of the root below (whatever this process's umask).
+    below = lowers[-1].stat()
+    os.chown(upper, below.st_uid, below.st_gid)
+    os.chmod(upper, stat.S_IMODE(below.st_mode))
     ovl = Path(tempfile.mkdtemp(prefix="ovl", dir=work))
     merged, workdir = ovl / "merged", ovl / "work"
     merged.mkdir()

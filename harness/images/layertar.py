@@ -5,6 +5,14 @@ overlayfs records a deletion as a 0:0 character device and an opaque directory a
 ``trusted.overlay.opaque=y``; an OCI layer says the same with ``.wh.<name>`` and
 ``<dir>/.wh..wh..opq`` entries. Entries are written in sorted order with PAX headers (xattrs
 as ``SCHILY.xattr.*``), hardlinks as tar links, so a layer rebuilt from the same tree is the same.
+
+Every layer starts with an entry for its root directory, ``./``, as ``tar -C DIR .`` writes it.
+containers/storage 1.43 (podman 4.3) gives a layer's root a mode in two ways: its tar extraction
+(full pulls) makes the layer directory 0555 and skips a ``.`` entry, while its partial pull
+(zstd:chunked) assembles the layer in a fresh ``mkdtemp`` directory, 0700, renamed into place,
+and only a ``./`` entry sets its mode. Without one the container's ``/`` was 0700 and a
+non-root user could exec nothing ("permission denied" from runc). With it ``/`` is 0755
+there and 0555 after a full pull: traversable by every user either way.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 from harness.images.recipes import FileSpec
 
 WHITEOUT_PREFIX = ".wh."
+ROOT_NAME = "."  # tarfile writes a directory named "." as "./"
 OPAQUE_MARKER = ".wh..wh..opq"
 _OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
 
@@ -39,13 +48,15 @@ def tree_to_tar(
 
     ``exclude(name, is_dir)`` gets each relative name (``usr/bin/x``) and drops it (and, for
     a directory, everything below). With ``overlay_upper`` the tree is an overlayfs upperdir and
-    its whiteouts and opaque directories become OCI whiteout entries.
+    its whiteouts and opaque directories become OCI whiteout entries. The first entry is
+    ``root`` itself (its mode, owner, time and xattrs), named ``./``.
     """
     links: dict[tuple[int, int], str] = {}
     tmp = out.with_name(out.name + ".part")
     with open(tmp, "wb") as raw:
         hasher = _HashingWriter(raw)
         with tarfile.open(fileobj=hasher, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            tar.addfile(_tarinfo(root, ROOT_NAME, root.lstat(), links))
             for name, path in _walk(root, exclude):
                 st = path.lstat()
                 if stat.S_ISSOCK(st.st_mode):
@@ -70,11 +81,17 @@ def tree_to_tar(
 
 
 def specs_to_tar(files: Iterable[FileSpec], out: Path, *, mtime: int = 1_700_000_000) -> str:
-    """Write a file-set layer; return its diff ID. Deterministic (fixed mtime)."""
+    """Write a file-set layer; return its diff ID. Deterministic (fixed mtime).
+
+    The first entry is the root directory (``./``, 0755 root:root), as in a tree's layer.
+    """
     tmp = out.with_name(out.name + ".part")
     with open(tmp, "wb") as raw:
         hasher = _HashingWriter(raw)
         with tarfile.open(fileobj=hasher, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            root = tarfile.TarInfo(ROOT_NAME)
+            root.type, root.mode, root.mtime = tarfile.DIRTYPE, 0o755, mtime
+            tar.addfile(root)
             for spec in files:
                 name = spec.path.strip("/")
                 if not name:
@@ -110,15 +127,17 @@ def specs_to_tar(files: Iterable[FileSpec], out: Path, *, mtime: int = 1_700_000
 
 
 def tar_names(path: Path) -> list[str]:
-    """The entry names of an uncompressed layer tar, normalised (no ``./`` or leading ``/``)."""
+    """The entry names of an uncompressed layer tar, normalised (no ``./`` or leading ``/``;
+    the root directory's entry is ``""``)."""
     with tarfile.open(path, "r:") as tar:
         return [normalize(m.name) for m in tar]
 
 
 def normalize(name: str) -> str:
-    """``./usr/bin/x`` and ``/usr/bin/x`` → ``usr/bin/x``."""
+    """``./usr/bin/x`` and ``/usr/bin/x`` → ``usr/bin/x``; ``./`` and ``.`` → ``""``."""
     name = name.removeprefix("./").lstrip("/")
-    return name.rstrip("/")
+    name = name.rstrip("/")
+    return "" if name == "." else name
 
 
 def file_digest(path: Path) -> str:

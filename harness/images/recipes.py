@@ -13,8 +13,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# Bump when the builder changes the bytes it produces for the same recipe.
+# Bump when the builder changes the trees it builds for the same recipe (what apt leaves in a
+# chroot layer's upperdir, what is dropped from it): names the cached trees and the images.
 BUILDER_VERSION = 2
+# Bump when the tar writer changes the bytes of a layer written from the same tree (layertar):
+# cached trees are written again, images are rebuilt. 2: every layer names its root (``./``).
+LAYER_FORMAT = 2
 
 DEBIAN_SUITE = "bookworm"
 
@@ -91,6 +95,7 @@ def recipe_hash(recipe: Recipe) -> str:
     for key in RUN_FIELDS:
         data.pop(key, None)
     data["builder"] = BUILDER_VERSION
+    data["layer_format"] = LAYER_FORMAT
     data["suite"] = DEBIAN_SUITE if recipe.base == "debian" else None
     # Files copied from the host count by content, not by path.
     data["sources"] = sorted(
@@ -166,6 +171,23 @@ _BUILD_DEPS = LayerSpec(
 )
 _CERTS = LayerSpec("certificates and tzdata", packages=("ca-certificates", "tzdata", "netbase"))
 
+# Like the official postgres image's entrypoint: start as root, hand the cluster, its config
+# and the socket directory to the postgres user, then drop privileges (setpriv, util-linux, in
+# the Debian base) and exec the server. The ownership step finds nothing to change after a
+# full or an eStargz pull; it matters after podman 4.3's zstd:chunked partial pull, which
+# ignores the owners in the layer's TOC (containers/storage 1.43 reads keys "UID"/"GID"/
+# "ModTime", its writer emits "uid"/"gid"/"modtime") and leaves every file root's. SSL stays
+# off: there is no TCP listener, and the snakeoil key's group (ssl-cert) is lost the same way.
+_POSTGRES_START = (
+    'set -e; if [ "$(id -u)" = 0 ]; then'
+    " find /var/lib/postgresql /etc/postgresql /run/postgresql ! -user postgres"
+    " -exec chown postgres:postgres {} +;"
+    " set -- setpriv --reuid=postgres --regid=postgres --init-groups; fi;"
+    ' exec "$@" /usr/lib/postgresql/15/bin/postgres -D /var/lib/postgresql/15/main'
+    " -c config_file=/etc/postgresql/15/main/postgresql.conf"
+    " -c listen_addresses= -c unix_socket_directories=/tmp -c ssl=off 2>&1"
+)
+
 _HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n'
 
 RECIPES: dict[str, Recipe] = {
@@ -215,14 +237,7 @@ RECIPES: dict[str, Recipe] = {
                     run=("mkdir -p /run/postgresql && chown postgres:postgres /run/postgresql",),
                 ),
             ),
-            user="postgres",
-            cmd=(
-                "/bin/sh",
-                "-c",
-                "exec /usr/lib/postgresql/15/bin/postgres -D /var/lib/postgresql/15/main"
-                " -c config_file=/etc/postgresql/15/main/postgresql.conf"
-                " -c listen_addresses= -c unix_socket_directories=/tmp 2>&1",
-            ),
+            cmd=("/bin/sh", "-c", _POSTGRES_START),
             ready_line="database system is ready to accept connections",
             timeout=180,
         ),

@@ -19,11 +19,12 @@ from harness.images import (
     cached_image,
     find_recipe,
     recipe_hash,
+    recipes,
     tiny_image,
     tiny_recipe,
 )
-from harness.images.build import _chroot_layer, _drop
-from harness.images.layertar import tree_to_tar
+from harness.images.build import _chroot_layer, _drop, _layer_tar, _shared_layer
+from harness.images.layertar import tar_names, tree_to_tar
 
 
 def test_tiny_image_layers_and_cache(image_cache, tiny):
@@ -90,6 +91,7 @@ def test_chroot_layer_is_the_overlay_diff(tmp_path):
     (lower / "data" / "gone.txt").write_text("bye")
     (lower / "data" / "opq" / "old.txt").write_text("old")
     (lower / "etc" / "resolv.conf").write_text("nameserver 192.0.2.1\n")
+    lower.chmod(0o751)
     spec = LayerSpec(
         "edit",
         run=(
@@ -106,6 +108,9 @@ def test_chroot_layer_is_the_overlay_diff(tmp_path):
     with tarfile.open(out) as tar:
         names = set(tar.getnames())
     assert {"data/.wh.gone.txt", "data/opq/.wh..wh..opq", "data/opq/new.txt"} <= names
+    with tarfile.open(out) as tar:  # the upperdir root took the lower root's mode: "./" first
+        root = tar.next()
+    assert (root.name, root.mode) == (".", 0o751)
     assert "var/log/app" in names and "var/log/app/x.log" not in names  # dirs kept, logs not
     assert not {"etc/resolv.conf", "usr/sbin/policy-rc.d", "tmp/scratch"} & names
     assert not any(n.startswith(("proc/", "dev/")) for n in names)
@@ -121,3 +126,32 @@ def test_build_refuses_commands_without_a_base(tmp_path):
     with pytest.raises(ImageBuildError, match="bad: layer 'mixed' runs commands but has no base"):
         build_layers(bad, tmp_path)
     assert not [p for p in (tmp_path / "images").iterdir() if p.name.startswith(".build")]
+
+
+def test_layer_format_is_part_of_the_cache_key(monkeypatch):
+    """Images built before a tar format change are not reused: their hash names the format."""
+    before = recipe_hash(tiny_recipe())
+    monkeypatch.setattr(recipes, "LAYER_FORMAT", recipes.LAYER_FORMAT + 1)
+    assert recipe_hash(tiny_recipe()) != before
+
+
+def test_new_layer_format_is_written_from_the_cached_tree(tmp_path):
+    """A shared layer made before tar formats were versioned (``layer.json``, ``layer.tar``)
+    keeps its tree; the current format's tar is written from it without running apt again."""
+    shared = tmp_path / "layers" / "k"
+    (shared / "tree" / "etc").mkdir(parents=True)
+    (shared / "tree" / "etc" / "x").write_text("x")
+    (shared / "layer.json").write_text('{"diff_id": "sha256:old", "size": 3}')
+    (shared / "layer.tar").write_bytes(b"old")
+
+    def rebuild(work):
+        raise AssertionError("the cached tree was built again")
+
+    assert _shared_layer(tmp_path, "k", rebuild) == shared
+    tar = _layer_tar(shared, shared / "tree", overlay_upper=True)
+    assert tar.path == shared / f"layer.f{recipes.LAYER_FORMAT}.tar"
+    assert tar_names(tar.path) == ["", "etc", "etc/x"]
+    assert tar.size == tar.path.stat().st_size
+    assert (shared / "layer.tar").read_bytes() == b"old"  # older images keep their bytes
+    assert _layer_tar(shared, shared / "tree", overlay_upper=True) == tar  # written once
+    assert not [p for p in shared.iterdir() if p.name.startswith(".")]

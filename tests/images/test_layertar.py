@@ -32,7 +32,7 @@ def test_specs_whiteout_opaque_symlink(tmp_path):
     )
     assert diff_id == "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest()
     m = _members(out)
-    assert set(m) == {"a", "a/f", "a/.wh.gone", ".wh.top", "a/o", "a/o/.wh..wh..opq", "a/l"}
+    assert set(m) == {".", "a", "a/f", "a/.wh.gone", ".wh.top", "a/o", "a/o/.wh..wh..opq", "a/l"}
     assert (m["a/f"].mode, m["a/f"].uid, m["a/f"].gid, m["a/f"].size) == (0o600, 7, 8, 1)
     assert m["a/l"].issym() and m["a/l"].linkname == "f"
     # deterministic: the same specs make the same bytes
@@ -78,4 +78,30 @@ def test_upperdir_whiteouts_opaque_hardlinks_xattrs(tmp_path):
     )
     # the overlay xattr itself is not copied into the layer
     assert not any("overlay" in k for x in m.values() for k in x.pax_headers)
-    assert tar_names(out)[0] == "bin"  # sorted, parents first
+    assert tar_names(out)[:2] == ["", "bin"]  # the root, then sorted, parents first
+
+
+def test_every_layer_names_its_root(tmp_path):
+    """The first entry is ``./`` with the tree root's mode and owner (a layer that does not
+    name its root gets a 0700 ``/`` from podman 4.3's zstd:chunked partial pull)."""
+    tree = tmp_path / "tree"
+    (tree / "usr").mkdir(parents=True)
+    tree.chmod(0o751)
+    os.chown(tree, 12, 34)
+    out = tmp_path / "t.tar"
+    tree_to_tar(tree, out)
+    with tarfile.open(out) as tar:
+        first = tar.next()
+    assert (first.name, first.isdir(), first.mode, first.uid, first.gid) == (
+        ".",
+        True,
+        0o751,
+        12,
+        34,
+    )
+    assert out.read_bytes()[:2] == b"./"  # the name on disk, as `tar -C tree .` writes it
+    specs_to_tar([FileSpec("usr", "dir", mode=0o755)], out)
+    with tarfile.open(out) as tar:
+        first = tar.next()
+    assert (first.name, first.isdir(), first.mode, first.uid, first.gid) == (".", True, 0o755, 0, 0)
+    assert tar_names(out) == ["", "usr"]
