@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+import trio
 
 from store import estargz
 from store.layer import BlobReader, ChunkRef
@@ -38,10 +41,18 @@ class TocError(ValueError):
 TocMismatchError = estargz.TocDigestMismatch
 
 
-async def load_layer_index(blob: BlobReader, toc_digest: str) -> EstargzLayerView:
+async def load_layer_index(
+    blob: BlobReader,
+    toc_digest: str,
+    on_verified: Callable[[int | None], None] | None = None,
+) -> EstargzLayerView:
     """Fetch footer+TOC of ``blob`` (one request when the TOC fits :data:`TAIL_GUESS`, else
     two), verify the TOC digest (:class:`TocMismatchError` → the layer is refused), and build
-    the view."""
+    the view.
+
+    ``on_verified`` is called with :func:`landmark_offset_hint` of the verified TOC before
+    the (CPU-heavy) parse, so the caller can start downloading the prefetch region meanwhile.
+    """
     tail_len = estargz.tail_fetch_size(blob.size, TAIL_GUESS)
     (tail,) = await blob.read_ranges([(blob.size - tail_len, blob.size)])
     try:
@@ -63,6 +74,14 @@ async def load_layer_index(blob: BlobReader, toc_digest: str) -> EstargzLayerVie
     digest = estargz.toc_digest(raw)
     if digest != toc_digest:
         raise TocMismatchError(f"{where}: digest {digest} does not match the expected {toc_digest}")
+    if on_verified is not None:
+        on_verified(landmark_offset_hint(raw))
+    # Parsed in a worker thread: a big TOC costs ~0.1 s of CPU per 10,000 entries, which
+    # would otherwise stall every FUSE request the store is answering meanwhile.
+    return await trio.to_thread.run_sync(_parse_view, raw, where, footer.toc_offset)
+
+
+def _parse_view(raw: bytes, where: str, toc_offset: int) -> EstargzLayerView:
     try:
         toc = json.loads(raw, object_hook=_record)
     except ValueError as exc:
@@ -72,7 +91,27 @@ async def load_layer_index(blob: BlobReader, toc_digest: str) -> EstargzLayerVie
         raise TocError(f"{where}: no entries list")
     if not all(isinstance(e, TocRecord) for e in toc["entries"]):
         raise TocError(f"{where}: an entry lacks name or type")
-    return EstargzLayerView(toc, footer.toc_offset)
+    return EstargzLayerView(toc, toc_offset)
+
+
+_LANDMARK_ENTRY = re.compile(
+    rb'\{[^{}]*"name"\s*:\s*"(?:\./)?\.prefetch\.landmark"[^{}]*\}', re.ASCII
+)
+_OFFSET_FIELD = re.compile(rb'"offset"\s*:\s*(\d+)')
+
+
+def landmark_offset_hint(raw: bytes) -> int | None:
+    """The ``.prefetch.landmark`` entry's offset, found in the TOC's JSON text without parsing it.
+
+    A hint only, to start downloading the prefetch region early: the parsed index decides
+    what is prefetched, and every chunk is verified before it is served, so a wrong hint
+    costs bytes, never correctness.
+    """
+    found = _LANDMARK_ENTRY.search(raw)
+    if found is None:
+        return None
+    offset = _OFFSET_FIELD.search(found.group(0))
+    return int(offset.group(1)) if offset is not None else None
 
 
 _FIELDS = {

@@ -36,7 +36,7 @@ from store.cache import ChunkCache
 from store.config import StoreConfig
 from store.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from store.estargz_view import EstargzLayerView, TocMismatchError, load_layer_index
-from store.layer import BlobReader, Layer
+from store.layer import AheadBlob, BlobReader, Layer
 from store.tree import LayerTree
 
 log = logging.getLogger(__name__)
@@ -187,13 +187,14 @@ class LayerManager:
         return await self._shared(self._images, ref, work, f"image {ref}")
 
     def _start_indexes(self, image: ImageInfo) -> None:
-        """Fetch footer+TOC of every eStargz layer of ``image`` at once, in the background.
+        """Load every eStargz layer of ``image`` at once, in the background, and prefetch it.
 
         Why: podman 4.3 looks the layers of an image up one after another, and each layer's
         footer+TOC costs a ranged request (a few round trips and ~1 MiB on a slow link);
-        overlapping them as soon as the manifest is known turns N waits into about one. Only
-        the index is loaded here — a layer becomes a :class:`Layer` (counted, listed, fetched
-        in the background) when it is looked up, which picks the index up from this table.
+        overlapping them as soon as the manifest is known turns N waits into about one. The
+        prioritized files (the region before the landmark) start downloading then too, while
+        the runtime is still walking the layers. Such an early layer is not counted, listed
+        or background-fetched until it is looked up, which picks it up from this table.
         """
         for desc in image.layers:
             if desc.toc_digest is None or desc.digest in self._indexes:
@@ -201,7 +202,15 @@ class LayerManager:
             if desc.digest in self._layers:
                 continue
             task = self._indexes[desc.digest] = _Task()
-            self.nursery.start_soon(self._run, task, partial(self._load_index, image.ref, desc))
+            self.nursery.start_soon(self._run, task, partial(self._early_layer, image.ref, desc))
+
+    async def _early_layer(self, ref: str, desc: LayerDesc) -> Layer:
+        layer = await self._new_layer(ref, desc)
+        log.debug("layer %s of %s loaded before its lookup", desc.digest, ref)
+        if not self.config.noprefetch:
+            assert self._limiter is not None
+            self.nursery.start_soon(layer.prefetch, self._limiter, self.config.prefetch_timeout_sec)
+        return layer
 
     async def layer_info(self, ref: str, digest: str) -> dict[str, Any]:
         """The ``info`` JSON for the protocol generation the lookup name implies."""
@@ -252,16 +261,22 @@ class LayerManager:
         )
 
     async def _resolve_layer(self, ref: str, desc: LayerDesc) -> Layer:
-        assert desc.toc_digest is not None
         early = self._indexes.pop(desc.digest, None)
         if early is None:
-            blob, index, tree = await self._load_index(ref, desc)
+            layer = await self._new_layer(ref, desc)
         else:
             await early.done.wait()
             if early.error is not None:
                 raise early.error
-            blob, index, tree = early.value
-        layer = Layer(
+            layer = early.value
+        self.nursery.start_soon(self._background, layer)
+        log.info("layer %s of %s resolved: %d nodes", desc.digest, ref, len(layer.tree.nodes))
+        return layer
+
+    async def _new_layer(self, ref: str, desc: LayerDesc) -> Layer:
+        assert desc.toc_digest is not None
+        blob, index, tree = await self._load_index(ref, desc)
+        return Layer(
             key=f"{ref}/{desc.digest}",
             digest=desc.digest,
             toc_digest=desc.toc_digest,
@@ -274,27 +289,27 @@ class LayerManager:
             on_file_access=self.on_file_access,
             on_read=self.on_read,
         )
-        assert self._limiter is not None
-        self.nursery.start_soon(self._background, layer)
-        log.info("layer %s of %s resolved: %d nodes", desc.digest, ref, len(tree.nodes))
-        return layer
 
     async def _load_index(
         self, ref: str, desc: LayerDesc
     ) -> tuple[BlobReader, EstargzLayerView, LayerTree]:
         """Footer+TOC → verified index and tree (the decoded TOC entries are freed)."""
         assert desc.toc_digest is not None
-        blob = self.registry.blob(ref, desc.digest, desc.size)
+        ahead = AheadBlob(self.registry.blob(ref, desc.digest, desc.size))
+        # The prefetch region starts downloading once the TOC is verified, before its parse.
+        on_verified = None if self.config.noprefetch else partial(ahead.start, nursery=self.nursery)
         try:
-            index = await load_layer_index(blob, desc.toc_digest)
-        except TocMismatchError as exc:
-            log.error("refusing layer %s of %s: %s", desc.digest, ref, exc)
-            raise ResolveError(str(exc)) from exc
-        except ResolveError:
-            raise
-        except Exception as exc:
+            index = await load_layer_index(ahead, desc.toc_digest, on_verified)
+            tree = await trio.to_thread.run_sync(lambda: LayerTree(index.tree_entries()))
+        except BaseException as exc:
+            ahead.drop()
+            if isinstance(exc, TocMismatchError):
+                log.error("refusing layer %s of %s: %s", desc.digest, ref, exc)
+                raise ResolveError(str(exc)) from exc
+            if isinstance(exc, ResolveError) or not isinstance(exc, Exception):
+                raise
             raise ResolveError(f"layer {desc.digest} of {ref}: {exc}") from exc
-        tree = await trio.to_thread.run_sync(lambda: LayerTree(index.tree_entries()))
+        blob: BlobReader = ahead
         index.drop_toc_entries()
         _return_freed_memory()
         return blob, index, tree

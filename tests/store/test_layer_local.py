@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from store.cache import ChunkCache
-from store.estargz_view import TocMismatchError, load_layer_index
-from store.layer import ChunkVerifyError, Layer
+from store.estargz_view import TocMismatchError, landmark_offset_hint, load_layer_index
+from store.layer import AheadBlob, ChunkVerifyError, Layer
 from store.tree import LayerTree
 from tests.store.conftest import FileBlob
 
@@ -151,18 +151,44 @@ async def test_concurrent_readers_share_one_fetch_and_corruption_is_refused(vect
 
 
 @pytest.mark.anyio
-async def test_prefetch_fetches_landmark_region_in_one_request(vectors_dir, tmp_path):
+async def test_prefetch_fetches_landmark_region_in_single_range_pieces(vectors_dir, tmp_path):
     layer = await open_layer(vectors_dir, "prioritized", tmp_path)
     end = layer.index.prefetch_end
     assert end
-    before = len(layer.blob.requests)
-    await layer._prefetch(trio.CapacityLimiter(1))
-    new = layer.blob.requests[before:]
-    assert len(new) == 1 and len(new[0]) == 1
-    lo, hi = new[0][0]
-    assert lo == 0 and hi >= end
     prefetched = [c for c in layer.index.all_chunks() if c.compressed_end <= end]
+    before = len(layer.blob.requests)
+    await layer.prefetch(trio.CapacityLimiter(1), timeout=30)
+    new = layer.blob.requests[before:]
+    assert len(new) == 1 and new[0] == [(prefetched[0].compressed_offset, end)]
     assert prefetched and all(c.digest in layer.cache for c in prefetched)
+    await layer.prefetch(trio.CapacityLimiter(1), timeout=30)  # once only
+    assert len(layer.blob.requests) == before + 1
+
+
+@pytest.mark.anyio
+async def test_prefetch_pieces_cover_the_region_and_feed_waiting_readers(
+    vectors_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("store.layer.PREFETCH_PIECE", 1)  # one chunk per request
+    layer = await open_layer(vectors_dir, "prioritized", tmp_path)
+    end = layer.index.prefetch_end
+    prefetched = [c for c in layer.index.all_chunks() if c.compressed_end <= end]
+    assert len(prefetched) >= 2
+    files = [n for _, n in layer.tree.walk() if stat.S_ISREG(n.mode) and n.size]
+    last_chunk = prefetched[-1]
+    target = next(n for n in files if last_chunk in layer.index.chunks_of(n.entry))
+    before = len(layer.blob.requests)
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(layer.prefetch, trio.CapacityLimiter(1), 30.0)
+        while not layer._prefetch_started:  # the pieces are claimed before its first await
+            await trio.sleep(0)
+        got.append(await layer.read_file(target, last_chunk.file_offset, 16))
+    new = layer.blob.requests[before:]
+    assert sorted(r[0] for r in new) == [
+        (c.compressed_offset, c.compressed_end) for c in prefetched
+    ]
+    assert got[0] and all(c.digest in layer.cache for c in prefetched)
 
 
 @pytest.mark.anyio
@@ -210,3 +236,66 @@ async def test_toc_load_reads_a_small_tail_then_the_toc_only_if_needed(
     again = await load_layer_index(tiny, meta["toc_digest"])
     assert len(tiny.requests) == 2
     assert sorted(e.name for e, _ in again.tree_entries()) == expected
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["prioritized", "basic"])
+async def test_landmark_hint_from_raw_toc_equals_parsed_prefetch_end(vectors_dir, name):
+    meta = json.loads((vectors_dir / f"{name}.json").read_text())
+    hints: list[int | None] = []
+    index = await load_layer_index(
+        FileBlob(vectors_dir / f"{name}.blob"), meta["toc_digest"], hints.append
+    )
+    assert hints == [index.prefetch_end]
+    assert (index.prefetch_end is not None) == (name == "prioritized")
+
+
+def test_landmark_hint_needs_the_landmark_entry():
+    toc = b'{"version":1,"entries":[{"name":"a","type":"reg","offset":7},'
+    assert landmark_offset_hint(toc + b'{"name":"b","type":"reg","offset":9}]}') is None
+    entry = b'{"name":".prefetch.landmark","type":"reg","size":1,"offset":4242}]}'
+    assert landmark_offset_hint(toc + entry) == 4242
+
+
+@pytest.mark.anyio
+async def test_ahead_blob_serves_its_region_from_one_early_download(
+    vectors_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("store.layer.PREFETCH_PIECE", 4096)
+    blob = FileBlob(vectors_dir / "chunked-1m.blob")
+    ahead = AheadBlob(blob)
+    end = min(blob.size - 1, 3 * 4096 + 100)
+    async with trio.open_nursery() as nursery:
+        ahead.start(end, nursery)
+        ahead.start(end, nursery)  # once only
+    early = list(blob.requests)
+    assert sorted(r[0] for r in early) == [(0, 4096), (4096, 8192), (8192, 12288), (12288, end)]
+    # Inside the region: no new request, bytes equal; across its end: the registry.
+    assert await ahead.read_ranges([(100, 9000), (5, 6)]) == [blob.data[100:9000], blob.data[5:6]]
+    assert blob.requests == early
+    assert await ahead.read_ranges([(end - 10, end + 10)]) == [blob.data[end - 10 : end + 10]]
+    assert blob.requests[-1] == [(end - 10, end + 10)]
+    ahead.drop()
+    assert await ahead.read_ranges([(0, 10)]) == [blob.data[:10]]
+    assert blob.requests[-1] == [(0, 10)]
+
+
+@pytest.mark.anyio
+async def test_ahead_blob_failed_piece_falls_back_to_the_registry(vectors_dir, monkeypatch):
+    monkeypatch.setattr("store.layer.PREFETCH_PIECE", 4096)
+    blob = FileBlob(vectors_dir / "chunked-1m.blob")
+    real = blob.read_ranges
+    calls = 0
+
+    async def flaky(ranges):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("connection reset")
+        return await real(ranges)
+
+    blob.read_ranges = flaky
+    ahead = AheadBlob(blob)
+    async with trio.open_nursery() as nursery:
+        ahead.start(8192, nursery)
+    assert await ahead.read_ranges([(0, 8192)]) == [blob.data[:8192]]
