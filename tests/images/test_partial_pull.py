@@ -3,8 +3,8 @@
 That pull assembles each layer in a fresh ``mkdtemp`` directory (mode 0700) and renames it into
 place; only a tar entry for the layer's root (``./``) sets that directory's mode. Layers that
 do not name their root gave the container a 0700 ``/``: root could still run it, any other user
-got "permission denied" from runc before the workload started (the postgres image, which drops
-to the postgres user). The builder now writes ``./`` first in every layer; this test pulls the
+got "permission denied" from runc before the workload started (the postgres image, whose server
+runs as the postgres user). The builder now writes ``./`` first in every layer; this test pulls the
 tiny image both ways and runs it as an unprivileged user.
 """
 
