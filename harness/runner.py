@@ -560,7 +560,7 @@ class Runner:
                             ),
                             self.console,
                         )
-                    except ModeUnsupported as exc:  # e.g. zstd:chunked of a JDK on skopeo 1.9
+                    except ModeUnsupported as exc:  # a mode this machine's tools cannot produce
                         self.console.print(f"  [yellow]skip {w.name}:{mode}[/]: {exc}")
                         info.setdefault(w.name, {})[mode] = {"skipped": str(exc)}
                         self._skipped[(w.name, mode)] = str(exc)

@@ -24,10 +24,10 @@ def test_shipped_scenarios_load(name: str) -> None:
 
 def test_default_scenario_is_the_published_style_set() -> None:
     scenario = load_scenario(SCENARIOS / "default.toml")
-    assert {"legacy", "estargz-noopt", "estargz"} <= set(scenario.modes)
+    assert set(scenario.modes) == set(MODES)
     assert scenario.network_profile not in ("loopback", "lan")
-    assert len(scenario.workloads) >= 4
-    assert all({"legacy", "estargz"} <= set(scenario.modes_of(w)) for w in scenario.workloads)
+    assert len(scenario.workloads) >= 4 and scenario.samples == 5 and scenario.percentile == 95
+    assert all(set(scenario.modes_of(w)) == set(MODES) for w in scenario.workloads)
 
 
 def test_defaults() -> None:
