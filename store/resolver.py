@@ -122,6 +122,9 @@ class LayerManager:
     _refcount: dict[str, int] = field(default_factory=dict)
     _limiter: trio.CapacityLimiter | None = None
     released: list[str] = field(default_factory=list)
+    # A layer loaded with its image but not looked up within this many seconds is dropped
+    # (the runtime had it already, or gave up): its tree and prefetched bytes are not kept.
+    early_ttl: float = 120.0
 
     def __post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(max(1, self.config.max_concurrency))
@@ -203,6 +206,16 @@ class LayerManager:
                 continue
             task = self._indexes[desc.digest] = _Task()
             self.nursery.start_soon(self._run, task, partial(self._early_layer, image.ref, desc))
+            self.nursery.start_soon(self._expire_early, desc.digest, task)
+
+    async def _expire_early(self, digest: str, task: _Task) -> None:
+        await trio.sleep(self.early_ttl)
+        if self._indexes.get(digest) is not task:
+            return  # looked up meanwhile: it is a counted layer now
+        del self._indexes[digest]
+        if task.done.is_set() and task.error is None:
+            task.value.release()
+        log.info("layer %s was loaded with its image but never looked up: dropped", digest)
 
     async def _early_layer(self, ref: str, desc: LayerDesc) -> Layer:
         layer = await self._new_layer(ref, desc)

@@ -177,3 +177,21 @@ async def test_all_layer_tocs_are_fetched_at_once_when_the_manifest_is_known(vec
         assert sorted(reg.started) == reg.digests  # the lookups reused them: no second read
         assert manager.layers() == layers
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_layer_loaded_with_its_image_but_never_looked_up_is_dropped(vectors_dir, tmp_path):
+    async with trio.open_nursery() as nursery:
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
+        reg = GatedRegistry(vectors_dir)
+        reg.gate.set()
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        manager.early_ttl = 0.3
+        await manager.image(REF)
+        looked_up = await manager.get_layer(REF, reg.digests[0])
+        await trio.sleep(0.6)
+        assert manager._indexes == {}  # the two never looked up are gone
+        assert not looked_up.released and manager.layers() == [looked_up]
+        again = await manager.get_layer(REF, reg.digests[1])  # loaded afresh on demand
+        assert again.digest == reg.digests[1] and not again.released
+        nursery.cancel_scope.cancel()
