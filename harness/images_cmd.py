@@ -21,7 +21,7 @@ from harness.images import (
     find_recipe,
     oci_layout,
 )
-from harness.images.recipes import recipe_hash
+from harness.images.recipes import LAYER_FORMAT, recipe_hash
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -155,8 +155,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
         shutil.rmtree(trash, ignore_errors=True)
         freed += size
         print(f"removed {name} {meta.parent.name} ({_mb(size)})")
+    freed += _prune_layer_tars((args.cache_dir or default_cache_dir()) / "layers")
     print(f"freed {_mb(freed)}")
     return 0
+
+
+def _prune_layer_tars(layers: Path) -> int:
+    """Remove shared layer tars written in an older tar format (the trees are kept: a
+    rebuild writes the current format from them without rerunning apt)."""
+    keep = {f"layer.f{LAYER_FORMAT}.tar", f"layer.f{LAYER_FORMAT}.json"}
+    freed = 0
+    for path in sorted(layers.glob("*/layer*.*")):
+        if path.name in keep or path.suffix not in (".tar", ".json") or not path.is_file():
+            continue
+        freed += path.stat().st_size
+        path.unlink()
+        if path.suffix == ".tar":
+            print(f"removed old-format layer tar {path.parent.name}/{path.name}")
+    return freed
 
 
 def _prepared_modes(oci: Path) -> list[str]:

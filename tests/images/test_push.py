@@ -17,6 +17,7 @@ from harness.images.push import (
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
 )
+from harness.images.recipes import LAYER_FORMAT
 from harness.podman import PodmanEnv
 from harness.registry_server import RegistryServer
 
@@ -132,10 +133,21 @@ def test_cli_build_and_ls(tmp_path):
     stale = tmp_path / "images" / "0000stale"
     stale.mkdir()
     (stale / "image.json").write_text('{"name": "old", "layers": []}')
+    shared = tmp_path / "layers" / "0000shared"  # a shared apt layer, tars of two formats
+    shared.mkdir(parents=True)
+    for name in ("layer.tar", f"layer.f{LAYER_FORMAT}.tar"):
+        (shared / name).write_bytes(b"\0" * 1024)
+    for name in ("layer.json", f"layer.f{LAYER_FORMAT}.json"):
+        (shared / name).write_text("{}")
     pruned = subprocess.run(
         [*cmd, "prune", "--cache-dir", str(tmp_path)], capture_output=True, text=True, check=True
     )
     assert "removed old 0000stale" in pruned.stdout and not stale.exists()
+    assert f"removed old-format layer tar {shared.name}/layer.tar" in pruned.stdout
+    assert sorted(p.name for p in shared.glob("layer*")) == [
+        f"layer.f{LAYER_FORMAT}.json",
+        f"layer.f{LAYER_FORMAT}.tar",
+    ]
     assert len(list((tmp_path / "images").glob("*/image.json"))) == 1  # tiny is kept
     bad = subprocess.run([*cmd, "build", "nosuch"], capture_output=True, text=True)
     assert bad.returncode == 1
