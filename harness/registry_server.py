@@ -15,14 +15,10 @@ Use::
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -32,11 +28,11 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from harness.processes import Service, die_with_parent, free_port, stop_group
+
 REGISTRY_BINARY = "/usr/bin/docker-registry"
-PR_SET_PDEATHSIG = 1
 _NO_VERIFY = ssl.create_default_context()
 _NO_VERIFY.check_hostname = False
 _NO_VERIFY.verify_mode = ssl.CERT_NONE
@@ -133,14 +129,6 @@ class TokenAuthConfig:
     rootcertbundle: str | os.PathLike[str]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel says is free now (a tiny race remains; start() retries on it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def write_htpasswd(path: Path, users: Mapping[str, str]) -> None:
     """Write a bcrypt htpasswd file (the only scheme distribution accepts)."""
     try:
@@ -160,16 +148,6 @@ def write_htpasswd(path: Path, users: Mapping[str, str]) -> None:
     os.replace(tmp, path)
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the process that started us dies (even by SIGKILL), so a
-    killed test run or harness never leaves a registry behind. Survives the wrapper's exec."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in extra.items():
         if isinstance(v, Mapping) and isinstance(base.get(k), dict):
@@ -180,7 +158,7 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
 
 
 @dataclass
-class RegistryServer:
+class RegistryServer(Service):
     """Start `docker-registry serve` with a config of our own; stop it on exit, always.
 
     `wrapper` prefixes the command (e.g. ``["ip", "netns", "exec", "ns0"]``) so the harness can
@@ -244,18 +222,6 @@ class RegistryServer:
         return self._proc.pid if self._proc else None
 
     # ---- lifecycle -----------------------------------------------------------------------
-    def __enter__(self) -> RegistryServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def config(self) -> dict[str, Any]:
         assert self.storage_dir is not None and self.port is not None
         cfg: dict[str, Any] = {
@@ -329,7 +295,7 @@ class RegistryServer:
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         finally:
             out.close()
@@ -363,18 +329,8 @@ class RegistryServer:
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        if proc is not None:
+            stop_group(proc, timeout=5, kill_timeout=5)
 
     def stop(self) -> None:
         """Kill the process; remove the temp dir (and storage if we created it)."""

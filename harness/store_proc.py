@@ -19,12 +19,10 @@ fail. :meth:`StoreProcess.stop` always leaves the mount point unmounted and the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,20 +30,14 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from harness.processes import Service, free_port, kill_group, signal_group, wait_quietly
 from harness.scenario import DEFAULT_STORE_COMMAND
 
 
 class StoreError(RuntimeError):
     """The store did not start, did not mount in time, or could not be stopped."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _toml_str(value: str) -> str:
@@ -91,7 +83,7 @@ def store_config_text(
 
 
 @dataclass
-class StoreProcess:
+class StoreProcess(Service):
     """One run of the layer store, mounted at ``workdir/mnt`` with cache ``workdir/root``."""
 
     workdir: Path
@@ -130,18 +122,6 @@ class StoreProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def __enter__(self) -> StoreProcess:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def argv(self) -> list[str]:
         values = {
             "config": str(self.config_path),
@@ -165,7 +145,7 @@ class StoreProcess:
         self.root.mkdir()
         self.mountpoint.mkdir(exist_ok=True)
         self.trace_path.unlink(missing_ok=True)
-        self._metrics_address = f"127.0.0.1:{_free_port()}" if self.metrics else ""
+        self._metrics_address = f"127.0.0.1:{free_port()}" if self.metrics else ""
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(
             store_config_text(
@@ -219,21 +199,15 @@ class StoreProcess:
     def abort(self) -> None:
         """Kill the store outright: the kernel then fails every pending and later request on
         the mount (ENOTCONN) instead of waiting, so cleanup of a stuck measurement is quick."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+        if self._proc is not None:
+            kill_group(self._proc)
 
     def stop(self) -> None:
         """SIGTERM (the store unmounts itself), then unmount and SIGKILL if it did not."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=self.stop_timeout)
+        if proc is not None:
+            signal_group(proc, signal.SIGTERM)
+            wait_quietly(proc, self.stop_timeout)
         if is_mounted(self.mountpoint):
             for cmd in (
                 ["fusermount3", "-u", "-z", str(self.mountpoint)],
@@ -242,10 +216,8 @@ class StoreProcess:
                 subprocess.run(cmd, capture_output=True, timeout=30)
                 if not is_mounted(self.mountpoint):
                     break
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        if proc is not None:
+            kill_group(proc)
         if is_mounted(self.mountpoint):
             raise StoreError(f"{self.mountpoint} is still mounted after stopping the store")
         shutil.rmtree(self.root, ignore_errors=True)

@@ -16,20 +16,18 @@ Traffic stays local: the addresses are a /30 from 10.213.0.0/16 that exists only
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from types import TracebackType
 
 from harness.netshape.measure import LinkMeasurement, measure
 from harness.netshape.profiles import NetworkProfile, get_profile
+from harness.processes import Service, die_with_parent, free_port
 
 PREFIX = "lzb-"
 SUBNET = ipaddress.ip_network("10.213.0.0/16")
@@ -53,13 +51,7 @@ def _run(*cmd: str, check: bool = True, timeout: float = 30.0) -> subprocess.Com
     return proc
 
 
-def _set_pdeathsig() -> None:
-    """Child setup: die with the harness, so a killed run does not leave a delayer behind."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class NetworkLink:
+class NetworkLink(Service):
     """Context manager: a namespace reachable over a link shaped like ``profile``.
 
     Inside: ``netns`` (``None`` for ``loopback``), ``host_addr`` (our end), ``ns_addr`` (where
@@ -93,9 +85,9 @@ class NetworkLink:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def __enter__(self) -> NetworkLink:
+    def start(self) -> None:
         if not self.profile.namespace:
-            return self
+            return
         self.removed_stale = cleanup_stale()  # a crashed earlier run's namespaces, if any
         try:
             self._create()
@@ -103,14 +95,8 @@ class NetworkLink:
         except BaseException:
             self.close()
             raise
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self.close()
 
     @property
@@ -188,7 +174,7 @@ class NetworkLink:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=_set_pdeathsig,
+            preexec_fn=die_with_parent,
         )
         _wait_ready(self._delayer, "NFQUEUE delayer", timeout=15)
         _run(*self.prefix, "iptables", "-w", "5", "-I", "INPUT", *self._rule())
@@ -231,7 +217,8 @@ class NetworkLink:
         """
         rate = self.profile.rate_mbit or 4000.0
         size = int(rate * 1e6 / 8 * seconds)
-        port = _free_port(self.host_addr if self.netns is None else None) or PROBE_PORT
+        # In a fresh namespace every port is free.
+        port = PROBE_PORT if self.netns is not None else free_port(self.host_addr)
         listen = self.ns_addr
         self._probe = subprocess.Popen(
             [
@@ -247,7 +234,7 @@ class NetworkLink:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=_set_pdeathsig,
+            preexec_fn=die_with_parent,
         )
         try:
             _wait_ready(self._probe, "link probe server", timeout=15)
@@ -339,14 +326,6 @@ def _free_subnet() -> ipaddress.IPv4Network:
         if not any(net.overlaps(u) for u in used):
             return net
     raise NetworkError("no free /30 left in 10.213.0.0/16")
-
-
-def _free_port(host: str | None) -> int | None:
-    if host is None:
-        return None  # a fresh namespace: every port is free
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(proc: subprocess.Popen, what: str, *, timeout: float) -> None:

@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from regtest_proxies import CuttingProxy, HttpFaultProxy, SilentListener, answer
 
-from harness.registry_server import RegistryServer, free_port
+from harness.processes import free_port
+from harness.registry_server import RegistryServer
 from store.registry import (
     Credentials,
     NotFoundError,

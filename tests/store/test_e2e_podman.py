@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from harness.podman import PodmanEnv
-from harness.registry_server import free_port
+from harness.processes import free_port
 from tests.store.images import (
     add_file,
     add_node,

@@ -1,0 +1,91 @@
+"""The mounted store against registries that need credentials or are reached through a mirror.
+
+The registry client's own tests cover auth and mirrors request by request; these check that
+the store process picks them up the way a user configures them: credentials from the auth
+file podman uses (``REGISTRY_AUTH_FILE``), mirrors from the Go store's
+``[[resolver.host."ORIGIN".mirrors]]`` table.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+
+import pytest
+
+from harness.podman import PodmanEnv
+from harness.processes import free_port
+from harness.registry_server import RegistryServer
+from tests.store.images import push, to_estargz
+from tests.store.test_e2e_podman import full_blob_gets, layers  # noqa: F401 - fixture
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("docker-registry") is None, reason="no docker-registry"),
+]
+
+
+def _auth_file(path, host: str, user: str, password: str):
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
+    return path
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")
+def test_lazy_pull_from_a_registry_that_needs_credentials(
+    tmp_path,
+    store_factory,
+    layers,
+    monkeypatch,  # noqa: F811
+):
+    with RegistryServer(
+        storage_dir=tmp_path / "reg", htpasswd_users={"alice": "s3cret"}
+    ) as registry:
+        host = registry.host
+        # One auth file for all three, as a user would have it: our push, the store, podman.
+        monkeypatch.setenv(
+            "REGISTRY_AUTH_FILE", str(_auth_file(tmp_path / "auth.json", host, "alice", "s3cret"))
+        )
+        blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
+        push(host, "auth/img", "1", blobs)
+        ref = f"{host}/auth/img:1"
+        store = store_factory()
+        mark = registry.log_mark()
+        with PodmanEnv(
+            tmp_path / "podman", additional_layer_store=store.mnt, insecure_registries=[host]
+        ) as env:
+            env.pull(ref, timeout=120)
+            assert full_blob_gets(registry, mark, blobs) == []
+            assert env.run(ref, "/bin/cat", "/etc/hello", timeout=120).stdout == (
+                "hello from upper\n"
+            )
+        served = registry.access_log_since(mark)
+        # The store's range reads (its own user agent) were answered, so it sent credentials.
+        layer_digests = {b.digest for b in blobs}
+        ours = [r for r in served if r.user_agent.startswith("lazybench") and r.kind == "blobs"]
+        assert any(r.status == 206 and r.digest in layer_digests for r in ours)
+
+
+def test_store_reads_layers_through_a_mirror_when_the_origin_is_down(
+    tmp_path,
+    store_factory,
+    layers,
+    registry,  # noqa: F811
+):
+    origin = f"127.0.0.1:{free_port()}"  # nothing listens there
+    mirror = registry.host
+    blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
+    push(mirror, "mirrored/img", "1", blobs)
+    store = store_factory(
+        f'[[resolver.host."{origin}".mirrors]]\nhost = "{mirror}"\ninsecure = true\n'
+    )
+    ref = f"{origin}/mirrored/img:1"  # the name podman would look up: the origin's
+    mark = registry.log_mark()
+    layer = store.layer_dir(ref, blobs[1].digest)
+    assert (layer / "diff" / "etc" / "hello").read_text() == "hello from upper\n"
+    info = json.loads((layer / "info").read_text())
+    assert info["diff-digest"] == blobs[1].diff_id
+    served = registry.access_log_since(mark)
+    assert any(r.status == 206 and r.digest == blobs[1].digest for r in served)
+    assert full_blob_gets(registry, mark, blobs) == []
