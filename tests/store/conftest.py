@@ -32,6 +32,8 @@ from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests.store import images  # noqa: E402
+
 
 def _mounted(path: Path) -> bool:
     real = os.path.realpath(path)
@@ -126,3 +128,13 @@ def store_factory(tmp_path: Path) -> Iterator[object]:
     yield make
     for sp in started:
         sp.stop()
+
+
+@pytest.fixture(scope="module")
+def layers() -> dict:
+    """The lower and upper layer tars of the end-to-end tests' image, and the big file."""
+    rng = __import__("random").Random(7)
+    big = bytes(rng.getrandbits(8) for _ in range(300_000)) * 4
+    lower = images.make_tar(lambda t: images.lower_layer(t, big))
+    upper = images.make_tar(images.upper_layer)
+    return {"lower": lower, "upper": upper, "big": big}

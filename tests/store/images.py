@@ -124,3 +124,38 @@ def push(host: str, repo: str, tag: str, blobs: list[Blob], **kw) -> str:
 def write_tar(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+# -- the two-layer image the end-to-end tests pull ------------------------------------
+
+
+def lower_layer(tar: tarfile.TarFile, big: bytes) -> None:
+    busybox(tar)
+    for d in ("etc", "data", "data/sub", "opq", "tmp"):
+        add_node(tar, d, tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755)
+    add_file(tar, "etc/hello", b"hello from lower\n")
+    add_file(tar, "data/a", b"to be deleted\n")
+    add_file(tar, "data/sub/b", b"kept\n", 0o600, uid=1000, gid=1000)
+    add_file(tar, "opq/old", b"hidden by opaque\n")
+    add_file(tar, "bin/suid", b"#!/bin/sh\n", 0o4755)
+    add_file(tar, "big", big)
+    # As tar writes it: a hardlink header carries its target's metadata.
+    add_node(tar, "data/hard", tarfile.LNKTYPE, 0o600, uid=1000, gid=1000, linkname="data/sub/b")
+    add_file(tar, "etc/empty", b"")
+
+
+def upper_layer(tar: tarfile.TarFile) -> None:
+    add_node(tar, "data", tarfile.DIRTYPE)
+    add_file(tar, "data/.wh.a", b"")
+    add_node(tar, "opq", tarfile.DIRTYPE)
+    add_file(tar, "opq/.wh..wh..opq", b"")
+    add_file(tar, "opq/new", b"new in opaque dir\n")
+    add_file(tar, "etc/hello", b"hello from upper\n")
+
+
+def full_blob_gets(reg, mark: int, blobs) -> list:
+    """Whole-blob GETs of layer blobs (the config blob is always fetched whole)."""
+    layer_digests = {b.digest for b in blobs}
+    return [
+        r for r in reg.access_log_since(mark) if r.is_full_blob_get and r.digest in layer_digests
+    ]

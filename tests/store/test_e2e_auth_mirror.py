@@ -17,8 +17,7 @@ import pytest
 from harness.podman import PodmanEnv
 from harness.processes import free_port
 from harness.registry_server import RegistryServer
-from tests.store.images import push, to_estargz
-from tests.store.test_e2e_podman import full_blob_gets, layers  # noqa: F401 - fixture
+from tests.store.images import full_blob_gets, push, to_estargz
 
 pytestmark = [
     pytest.mark.e2e,
@@ -37,7 +36,7 @@ def test_lazy_pull_from_a_registry_that_needs_credentials(
     tmp_path,
     store_factory,
     layers,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
 ):
     with RegistryServer(
         storage_dir=tmp_path / "reg", htpasswd_users={"alice": "s3cret"}
@@ -71,7 +70,7 @@ def test_store_reads_layers_through_a_mirror_when_the_origin_is_down(
     tmp_path,
     store_factory,
     layers,
-    registry,  # noqa: F811
+    registry,
 ):
     origin = f"127.0.0.1:{free_port()}"  # nothing listens there
     mirror = registry.host

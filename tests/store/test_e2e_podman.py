@@ -16,15 +16,7 @@ import pytest
 
 from harness.podman import PodmanEnv
 from harness.processes import free_port
-from tests.store.images import (
-    add_file,
-    add_node,
-    busybox,
-    make_tar,
-    push,
-    to_estargz,
-    to_gzip,
-)
+from tests.store.images import add_file, full_blob_gets, make_tar, push, to_estargz, to_gzip
 
 pytestmark = [
     pytest.mark.e2e,
@@ -41,47 +33,6 @@ LISTING = (
     'if [ -f "$p" ] && [ ! -L "$p" ]; then h=$(sha256sum "$p" | cut -c1-64); else h=-; fi; '
     'echo "$p|$s|$h"; done'
 )
-
-
-def lower_layer(tar: tarfile.TarFile, big: bytes) -> None:
-    busybox(tar)
-    for d in ("etc", "data", "data/sub", "opq", "tmp"):
-        add_node(tar, d, tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755)
-    add_file(tar, "etc/hello", b"hello from lower\n")
-    add_file(tar, "data/a", b"to be deleted\n")
-    add_file(tar, "data/sub/b", b"kept\n", 0o600, uid=1000, gid=1000)
-    add_file(tar, "opq/old", b"hidden by opaque\n")
-    add_file(tar, "bin/suid", b"#!/bin/sh\n", 0o4755)
-    add_file(tar, "big", big)
-    # As tar writes it: a hardlink header carries its target's metadata.
-    add_node(tar, "data/hard", tarfile.LNKTYPE, 0o600, uid=1000, gid=1000, linkname="data/sub/b")
-    add_file(tar, "etc/empty", b"")
-
-
-def upper_layer(tar: tarfile.TarFile) -> None:
-    add_node(tar, "data", tarfile.DIRTYPE)
-    add_file(tar, "data/.wh.a", b"")
-    add_node(tar, "opq", tarfile.DIRTYPE)
-    add_file(tar, "opq/.wh..wh..opq", b"")
-    add_file(tar, "opq/new", b"new in opaque dir\n")
-    add_file(tar, "etc/hello", b"hello from upper\n")
-
-
-@pytest.fixture(scope="module")
-def layers() -> dict:
-    rng = __import__("random").Random(7)
-    big = bytes(rng.getrandbits(8) for _ in range(300_000)) * 4
-    lower = make_tar(lambda t: lower_layer(t, big))
-    upper = make_tar(upper_layer)
-    return {"lower": lower, "upper": upper, "big": big}
-
-
-def full_blob_gets(reg, mark: int, blobs) -> list:
-    """Whole-blob GETs of layer blobs (the config blob is always fetched whole)."""
-    layer_digests = {b.digest for b in blobs}
-    return [
-        r for r in reg.access_log_since(mark) if r.is_full_blob_get and r.digest in layer_digests
-    ]
 
 
 def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
