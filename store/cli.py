@@ -10,6 +10,8 @@ lines on stderr. Errors the user can fix are printed as one line, exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import errno
 import json
 import logging
@@ -23,6 +25,8 @@ from pathlib import Path
 from store.config import DEFAULT_ROOT, ConfigError, StoreConfig, load_config
 
 log = logging.getLogger("store")
+
+M_ARENA_MAX = -8  # glibc mallopt parameter
 
 
 class StoreError(Exception):
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import trio
 
+    _one_malloc_arena()
     started = time.monotonic()
     try:
         trio.run(serve, cfg, args.root, args.mountpoint)
@@ -212,3 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         raise
     log.info("stopped after %.1fs", time.monotonic() - started)
     return 0
+
+
+def _one_malloc_arena() -> None:
+    """Keep glibc's malloc to one arena.
+
+    Why: TOCs are parsed and trees built in worker threads (so FUSE requests are answered
+    meanwhile), and each thread's own arena keeps the freed ~100 MB transient of a big TOC
+    fragmented: 7 MB more resident with a 100,000-entry layer. The store's threads spend
+    their time in zlib, hashlib and recv with the GIL released, not in malloc, so the shared
+    arena's lock costs nothing measurable.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 1)
