@@ -77,6 +77,16 @@ class BlobReader(Protocol):
 
 
 @dataclass
+class _Region:
+    """One early download of ``[0, end)``: piece ``i``'s bytes once ``done[i]`` is set
+    (``None`` if it failed, or after the region was dropped)."""
+
+    end: int
+    data: list[bytes | None]
+    done: list[trio.Event]
+
+
+@dataclass
 class AheadBlob:
     """A blob reader that can download the blob's first bytes ahead of need, in pieces.
 
@@ -85,15 +95,14 @@ class AheadBlob:
     layers are parsed together. Starting the prefetch region's download at verification
     instead of after the parse puts it on the wire about half a second sooner in a pull.
     The bytes are handed to the layer raw: every chunk is still inflated and verified
-    before anything is served. Reads outside the region (or of a failed piece) go to the
-    registry as usual.
+    before anything is served. Reads outside the region (or of a failed or dropped piece)
+    go to the registry as usual.
     """
 
     blob: BlobReader
-    _end: int = 0
-    _data: list[bytes | None] = field(default_factory=list)
-    _done: list[trio.Event] = field(default_factory=list)
-    _scope: trio.CancelScope | None = None
+    _region: _Region | None = None
+    _started: bool = False
+    _scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     @property
     def size(self) -> int:
@@ -101,15 +110,16 @@ class AheadBlob:
 
     def start(self, end: int | None, nursery: trio.Nursery) -> None:
         """Begin downloading ``[0, end)`` (once; ``None`` or 0: nothing to do)."""
-        if self._end or not end or end <= 0:
+        if self._started or not end or end <= 0:
             return
-        self._end = end = min(end, self.blob.size)
-        starts = range(0, end, PREFETCH_PIECE)
-        self._data = [None] * len(starts)
-        self._done = [trio.Event() for _ in starts]
-        nursery.start_soon(self._run, [(lo, min(lo + PREFETCH_PIECE, end)) for lo in starts])
+        self._started = True
+        end = min(end, self.blob.size)
+        pieces = [(lo, min(lo + PREFETCH_PIECE, end)) for lo in range(0, end, PREFETCH_PIECE)]
+        region = _Region(end, [None] * len(pieces), [trio.Event() for _ in pieces])
+        self._region = region
+        nursery.start_soon(self._run, region, pieces)
 
-    async def _run(self, pieces: list[tuple[int, int]]) -> None:
+    async def _run(self, region: _Region, pieces: list[tuple[int, int]]) -> None:
         send, receive = trio.open_memory_channel[int](len(pieces))
         for i in range(len(pieces)):
             send.send_nowait(i)
@@ -118,38 +128,44 @@ class AheadBlob:
         async def worker() -> None:
             async for i in receive:
                 try:
-                    (self._data[i],) = await self.blob.read_ranges([pieces[i]])
+                    (part,) = await self.blob.read_ranges([pieces[i]])
+                    if self._region is region:  # not dropped meanwhile
+                        region.data[i] = part
                 except Exception as exc:  # the layer then reads these bytes itself
                     log.warning("early prefetch of bytes %d-%d failed: %s", *pieces[i], exc)
                 finally:
-                    self._done[i].set()
+                    region.done[i].set()
 
         try:
-            with trio.CancelScope() as self._scope:
+            with self._scope:
                 async with trio.open_nursery() as nursery:
                     for _ in range(min(PREFETCH_STREAMS, len(pieces))):
                         nursery.start_soon(worker)
         finally:
-            for done in self._done:
+            for done in region.done:
                 done.set()
 
     def drop(self) -> None:
-        """Stop downloading and forget the region's bytes (the layer has what it needs)."""
-        self._end = 0
-        self._data, self._done = [], []
-        if self._scope is not None:
-            self._scope.cancel()
+        """Stop downloading and forget the region's bytes (the layer has what it needs).
+
+        A reader still waiting on a piece wakes up and reads from the registry instead."""
+        region, self._region = self._region, None
+        self._scope.cancel()
+        if region is not None:
+            for i, done in enumerate(region.done):
+                region.data[i] = None
+                done.set()
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         out: list[bytes | None] = [None] * len(ranges)
         for n, (lo, hi) in enumerate(ranges):
-            if hi > self._end:
+            region = self._region
+            if region is None or hi > region.end:
                 continue
             first, last = lo // PREFETCH_PIECE, (hi - 1) // PREFETCH_PIECE
-            done, data = self._done, self._data  # drop() may swap them while we wait
             for i in range(first, last + 1):
-                await done[i].wait()
-            parts = data[first : last + 1]
+                await region.done[i].wait()
+            parts = region.data[first : last + 1]
             if all(p is not None for p in parts):
                 joined = b"".join(p for p in parts if p is not None)
                 base = first * PREFETCH_PIECE

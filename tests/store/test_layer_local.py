@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from store.cache import ChunkCache
 from store.estargz_view import TocMismatchError, landmark_offset_hint, load_layer_index
@@ -299,3 +300,36 @@ async def test_ahead_blob_failed_piece_falls_back_to_the_registry(vectors_dir, m
     async with trio.open_nursery() as nursery:
         ahead.start(8192, nursery)
     assert await ahead.read_ranges([(0, 8192)]) == [blob.data[:8192]]
+
+
+@pytest.mark.anyio
+async def test_ahead_blob_dropped_mid_download_wakes_readers_and_ends_quietly(
+    vectors_dir, monkeypatch
+):
+    """A layer released (or its prefetch timed out) while pieces are on the wire: nothing
+    raises, a waiting reader gets its bytes from the registry, no task is left behind."""
+    monkeypatch.setattr("store.layer.PREFETCH_PIECE", 4096)
+    blob = FileBlob(vectors_dir / "chunked-1m.blob")
+    gate = trio.Event()
+    real = blob.read_ranges
+
+    async def slow(ranges):
+        if ranges[0][1] <= 3 * 4096:  # the early pieces hang until the gate opens
+            await gate.wait()
+        return await real(ranges)
+
+    blob.read_ranges = slow
+    ahead = AheadBlob(blob)
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        ahead.start(3 * 4096, nursery)
+
+        async def reader() -> None:
+            got.append((await ahead.read_ranges([(100, 5000)]))[0])
+
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        ahead.drop()
+        gate.set()  # the registry answers the fallback read (and the cancelled pieces)
+    assert got == [blob.data[100:5000]]
+    assert ahead._region is None
