@@ -159,3 +159,10 @@ def full_blob_gets(reg, mark: int, blobs) -> list:
     return [
         r for r in reg.access_log_since(mark) if r.is_full_blob_get and r.digest in layer_digests
     ]
+
+
+def push_two_layer_estargz(host: str, repo: str, layers: dict) -> tuple[str, list[Blob]]:
+    """Push the ``layers`` fixture's two tars as eStargz to ``host/repo:1``; (ref, blobs)."""
+    blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
+    push(host, repo, "1", blobs)
+    return f"{host}/{repo}:1", blobs

@@ -17,7 +17,7 @@ import pytest
 from harness.podman import PodmanEnv
 from harness.processes import free_port
 from harness.registry_server import RegistryServer
-from tests.store.images import full_blob_gets, push, to_estargz
+from tests.store.images import full_blob_gets, push_two_layer_estargz
 
 pytestmark = [
     pytest.mark.e2e,
@@ -46,9 +46,7 @@ def test_lazy_pull_from_a_registry_that_needs_credentials(
         monkeypatch.setenv(
             "REGISTRY_AUTH_FILE", str(_auth_file(tmp_path / "auth.json", host, "alice", "s3cret"))
         )
-        blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
-        push(host, "auth/img", "1", blobs)
-        ref = f"{host}/auth/img:1"
+        ref, blobs = push_two_layer_estargz(host, "auth/img", layers)
         store = store_factory()
         mark = registry.log_mark()
         with PodmanEnv(
@@ -74,8 +72,7 @@ def test_store_reads_layers_through_a_mirror_when_the_origin_is_down(
 ):
     origin = f"127.0.0.1:{free_port()}"  # nothing listens there
     mirror = registry.host
-    blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
-    push(mirror, "mirrored/img", "1", blobs)
+    _, blobs = push_two_layer_estargz(mirror, "mirrored/img", layers)
     store = store_factory(
         f'[[resolver.host."{origin}".mirrors]]\nhost = "{mirror}"\ninsecure = true\n'
     )

@@ -16,7 +16,15 @@ import pytest
 
 from harness.podman import PodmanEnv
 from harness.processes import free_port
-from tests.store.images import add_file, full_blob_gets, make_tar, push, to_estargz, to_gzip
+from tests.store.images import (
+    add_file,
+    full_blob_gets,
+    make_tar,
+    push,
+    push_two_layer_estargz,
+    to_estargz,
+    to_gzip,
+)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -39,9 +47,7 @@ def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
     registry, store_factory, tmp_path, layers
 ):
     host = registry.host
-    blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
-    push(host, "lazy/img", "1", blobs)
-    ref = f"{host}/lazy/img:1"
+    ref, blobs = push_two_layer_estargz(host, "lazy/img", layers)
     store = store_factory()
 
     mark = registry.log_mark()
