@@ -8,6 +8,11 @@ here lets the FUSE side stay independent of the TOC's JSON field names.
 Loading (:func:`load_layer_index`) reads the footer, then the TOC (one request when the TOC
 sits in the blob's tail), checks the TOC digest against the manifest annotation — a mismatch
 is :class:`TocMismatchError` and the layer is refused — and builds the chunk table.
+
+zstd:chunked layers written by containers/storage are found through their descriptor's
+annotations instead (:mod:`store.estargz.zstdchunked`): one read of exactly the compressed
+TOC, checked against ``manifest-checksum`` before it is decompressed, then validated by the
+format library's :class:`~store.estargz.LayerIndex` before the view is built.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ async def load_layer_index(
     blob: BlobReader,
     toc_digest: str,
     on_verified: Callable[[int | None], None] | None = None,
+    zstd_chunked: estargz.ZstdChunkedLayer | None = None,
 ) -> EstargzLayerView:
     """Fetch footer+TOC of ``blob`` (one request when the TOC fits :data:`TAIL_GUESS`, else
     two), verify the TOC digest (:class:`TocMismatchError` → the layer is refused), and build
@@ -52,7 +58,12 @@ async def load_layer_index(
 
     ``on_verified`` is called with :func:`landmark_offset_hint` of the verified TOC before
     the (CPU-heavy) parse, so the caller can start downloading the prefetch region meanwhile.
+
+    With ``zstd_chunked`` (the layer's annotations) the TOC is read where they say and
+    ``toc_digest`` is its manifest checksum (sha256 of the compressed TOC).
     """
+    if zstd_chunked is not None:
+        return await _load_zstd_chunked(blob, toc_digest, on_verified, zstd_chunked)
     tail_len = estargz.tail_fetch_size(blob.size, TAIL_GUESS)
     (tail,) = await blob.read_ranges([(blob.size - tail_len, blob.size)])
     try:
@@ -60,8 +71,6 @@ async def load_layer_index(
         toc_bytes = estargz.toc_bytes_from_tail(tail, blob.size, footer)
     except estargz.EstargzError as exc:
         raise TocError(str(exc)) from exc
-    if footer.kind is estargz.FooterKind.ZSTD_CHUNKED:
-        raise TocError("zstd:chunked layers are not served (podman pulls them itself)")
     if toc_bytes is None:
         (toc_bytes,) = await blob.read_ranges([estargz.toc_range(footer, blob.size)])
     where = f"TOC at offset {footer.toc_offset}"
@@ -78,10 +87,44 @@ async def load_layer_index(
         on_verified(landmark_offset_hint(raw))
     # Parsed in a worker thread: a big TOC costs ~0.1 s of CPU per 10,000 entries, which
     # would otherwise stall every FUSE request the store is answering meanwhile.
-    return await trio.to_thread.run_sync(_parse_view, raw, where, footer.toc_offset)
+    return await trio.to_thread.run_sync(
+        _parse_view, raw, where, footer.toc_offset, footer.compression
+    )
 
 
-def _parse_view(raw: bytes, where: str, toc_offset: int) -> EstargzLayerView:
+async def _load_zstd_chunked(
+    blob: BlobReader,
+    toc_digest: str,
+    on_verified: Callable[[int | None], None] | None,
+    layer: estargz.ZstdChunkedLayer,
+) -> EstargzLayerView:
+    start, end = layer.toc_range
+    if end > blob.size:
+        raise TocError(f"zstd:chunked TOC [{start}, {end}) is past the blob's {blob.size} bytes")
+    (toc_bytes,) = await blob.read_ranges([(start, end)])
+    try:
+        toc = estargz.parse_manifest(toc_bytes, layer.position, toc_digest)
+    except estargz.TocDigestMismatch:
+        raise
+    except estargz.EstargzError as exc:
+        raise TocError(str(exc)) from exc
+    if on_verified is not None:
+        on_verified(None)  # zstd:chunked has no prefetch landmark
+    return await trio.to_thread.run_sync(_zstd_view, toc)
+
+
+def _zstd_view(toc: estargz.Toc) -> EstargzLayerView:
+    try:
+        estargz.LayerIndex.from_toc(toc)  # the format library's checks of every entry
+    except estargz.EstargzError as exc:
+        raise TocError(f"zstd:chunked TOC at offset {toc.offset}: {exc}") from exc
+    entries = [_record(e) for e in toc.entries]
+    return EstargzLayerView({"entries": entries}, toc.offset, compression="zstd")
+
+
+def _parse_view(
+    raw: bytes, where: str, toc_offset: int, compression: str = "gzip"
+) -> EstargzLayerView:
     try:
         toc = json.loads(raw, object_hook=_record)
     except ValueError as exc:
@@ -91,7 +134,7 @@ def _parse_view(raw: bytes, where: str, toc_offset: int) -> EstargzLayerView:
         raise TocError(f"{where}: no entries list")
     if not all(isinstance(e, TocRecord) for e in toc["entries"]):
         raise TocError(f"{where}: an entry lacks name or type")
-    return EstargzLayerView(toc, toc_offset)
+    return EstargzLayerView(toc, toc_offset, compression)
 
 
 _LANDMARK_ENTRY = re.compile(
@@ -124,6 +167,7 @@ _FIELDS = {
     "uid": "uid",
     "gid": "gid",
     "offset": "offset",
+    "endOffset": "end_offset",
     "innerOffset": "inner_offset",
     "devMajor": "dev_major",
     "devMinor": "dev_minor",
@@ -162,13 +206,19 @@ def _record(d: dict[str, Any]) -> Any:
 class EstargzLayerView:
     """Chunk table and tree entries of one layer (implements ``LayerIndexView``)."""
 
-    def __init__(self, toc: dict[str, Any], toc_offset: int) -> None:
+    def __init__(self, toc: dict[str, Any], toc_offset: int, compression: str = "gzip") -> None:
         self._entries: list[dict[str, Any]] | None = toc["entries"]
         self.toc_offset = toc_offset
+        self.compression = compression
         self._prefetch_end: int | None = None
         self._file_chunks: dict[int, list[ChunkRef]] = {}
         chunks: list[ChunkRef] = []
-        offsets = sorted({int(e.get("offset") or 0) for e in toc["entries"]} | {toc_offset})
+        # A member (frame) ends where the next starts, or at a zstd:chunked file's endOffset.
+        offsets = sorted(
+            {int(e.get("offset") or 0) for e in toc["entries"]}
+            | {int(e.get("endOffset") or 0) for e in toc["entries"]}
+            | {toc_offset}
+        )
         next_offset = {o: offsets[i + 1] for i, o in enumerate(offsets[:-1])}
         self._raw_by_name: dict[str, int] = {}
         for i, e in enumerate(toc["entries"]):
@@ -224,7 +274,7 @@ class EstargzLayerView:
             compressed_end=chunk.compressed_end,
             inner_offset=chunk.inner_offset,
             digest=chunk.digest,
-            compression="gzip",
+            compression=self.compression,
         )
         return estargz.decompress_chunk(ref, data)
 

@@ -12,9 +12,13 @@ belong to: two images sharing a layer share one :class:`~store.layer.Layer` and 
 count. At count zero the layer is released: background fetching stops and its memory goes
 once the kernel forgets its inodes; its chunks stay in the disk cache.
 
-A layer is served only when it is eStargz and verifiable: its descriptor must carry the TOC
-digest annotation, and the TOC fetched from the blob must hash to it. Anything else raises
-:class:`NotEstargzError` (→ ENOENT, normal pull) or :class:`ResolveError` (→ EIO).
+A layer is served only when it is eStargz or zstd:chunked and verifiable: its descriptor must
+carry the TOC digest annotation (eStargz ``containerd.io/snapshot/stargz/toc.digest``, or
+zstd:chunked's ``manifest-checksum`` with its ``manifest-position``), and the TOC fetched from
+the blob must hash to it. Anything else raises :class:`NotEstargzError` (→ ENOENT, normal
+pull) or :class:`ResolveError` (→ EIO). A zstd:chunked layer is looked up by the value
+containers/storage ≥ 1.54 uses as its TOC digest (``toc.GetTOCDigest``: the manifest checksum
+annotation itself), and its ``info`` says ``compression`` 4 (``archive.Zstd``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ import trio
 
 from store.cache import ChunkCache
 from store.config import StoreConfig
-from store.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
+from store.estargz import (
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD_COMPRESSION,
+    EstargzError,
+    ZstdChunkedLayer,
+    zstd_chunked_layer,
+)
 from store.estargz_view import EstargzLayerView, TocMismatchError, load_layer_index
 from store.layer import AheadBlob, BlobReader, Layer
 from store.tree import LayerTree
@@ -67,7 +78,30 @@ class LayerDesc:
 
     @property
     def toc_digest(self) -> str | None:
-        return self.annotations.get(TOC_DIGEST_ANNOTATION)
+        """eStargz's TOC digest annotation, else zstd:chunked's manifest checksum."""
+        estargz_digest = self.annotations.get(TOC_DIGEST_ANNOTATION)
+        if estargz_digest is not None:
+            return estargz_digest
+        zstd = self.zstd_chunked
+        return zstd.checksum if zstd is not None else None
+
+    @property
+    def zstd_chunked(self) -> ZstdChunkedLayer | None:
+        """The zstd:chunked annotations (None: none, malformed, or an eStargz layer)."""
+        if TOC_DIGEST_ANNOTATION in self.annotations:
+            return None  # eStargz (or stargz-snapshotter's zstd, read through its footer)
+        try:
+            return zstd_chunked_layer(self.annotations)
+        except EstargzError as exc:
+            log.warning("layer %s: unusable zstd:chunked annotations: %s", self.digest, exc)
+            return None
+
+    @property
+    def compression(self) -> int:
+        """containers/storage's ``archive.Compression`` of the blob (``info``)."""
+        if self.media_type.endswith("+zstd") or self.zstd_chunked is not None:
+            return ZSTD_COMPRESSION
+        return GZIP_COMPRESSION
 
 
 @dataclass
@@ -237,7 +271,7 @@ class LayerManager:
         if by_toc:
             return {
                 "diff-size": -1,
-                "compression": GZIP_COMPRESSION,
+                "compression": desc.compression,
                 "toc-digest": digest,
                 "flags": {"expected-layer-diffid": desc.diff_id},
             }
@@ -245,7 +279,7 @@ class LayerManager:
             "compressed-diff-digest": desc.digest,
             "compressed-size": desc.size,
             "diff-digest": desc.diff_id,
-            "compression": GZIP_COMPRESSION,
+            "compression": desc.compression,
         }
         size = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)
         if size is not None and size.isdigit():
@@ -312,7 +346,7 @@ class LayerManager:
         # The prefetch region starts downloading once the TOC is verified, before its parse.
         on_verified = None if self.config.noprefetch else partial(ahead.start, nursery=self.nursery)
         try:
-            index = await load_layer_index(ahead, desc.toc_digest, on_verified)
+            index = await load_layer_index(ahead, desc.toc_digest, on_verified, desc.zstd_chunked)
             tree = await trio.to_thread.run_sync(lambda: LayerTree(index.tree_entries()))
         except BaseException as exc:
             ahead.drop()

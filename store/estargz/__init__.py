@@ -11,8 +11,15 @@ Sans-IO pieces for the async store (it fetches bytes itself):
         data = fetch(c.offset, c.compressed_end - c.offset)
         payload = decompress_chunk(c, data)                         # ChunkDigestMismatch
 
-Synchronous convenience: :class:`EstargzReader` over a :class:`BlobSource`; writer:
-:func:`convert`.
+zstd:chunked as containers/storage writes it (:mod:`.zstdchunked`): the TOC is found and
+verified through the layer's annotations instead of the footer, then feeds the same index::
+
+    layer = zstd_chunked_layer(descriptor_annotations)             # None: not zstd:chunked
+    toc = parse_manifest(fetch(*layer.toc_range), layer.position, layer.checksum)
+    index = LayerIndex.from_toc(toc)                                # same path as above
+
+Synchronous convenience: :class:`EstargzReader` over a :class:`BlobSource`; writers:
+:func:`convert` (eStargz) and :func:`write_zstd_chunked`.
 """
 
 from .chunk import decompress_chunk
@@ -53,6 +60,21 @@ from .reader import EstargzReader
 from .source import BlobSource, BytesBlobSource, FileBlobSource
 from .toc import Toc, parse_toc, toc_digest, toc_json_bytes
 from .writer import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, ConvertResult, convert
+from .zstdchunked import (
+    LEGACY_MANIFEST_CHECKSUM_KEY,
+    LEGACY_MANIFEST_POSITION_KEY,
+    MANIFEST_CHECKSUM_KEY,
+    MANIFEST_POSITION_KEY,
+    TARSPLIT_POSITION_KEY,
+    ZSTD_COMPRESSION,
+    ManifestPosition,
+    ZstdChunkedLayer,
+    ZstdChunkedResult,
+    manifest_checksum,
+    parse_manifest,
+    write_zstd_chunked,
+)
+from .zstdchunked import from_annotations as zstd_chunked_layer
 
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
@@ -64,12 +86,18 @@ __all__ = [
     "ESTARGZ_FOOTER_SIZE",
     "LANDMARK_CONTENTS",
     "LEGACY_FOOTER_SIZE",
+    "LEGACY_MANIFEST_CHECKSUM_KEY",
+    "LEGACY_MANIFEST_POSITION_KEY",
+    "MANIFEST_CHECKSUM_KEY",
+    "MANIFEST_POSITION_KEY",
     "MAX_FOOTER_SIZE",
     "NO_PREFETCH_LANDMARK",
     "PREFETCH_LANDMARK",
+    "TARSPLIT_POSITION_KEY",
     "TOC_DIGEST_ANNOTATION",
     "TOC_TAR_NAME",
     "UNCOMPRESSED_SIZE_ANNOTATION",
+    "ZSTD_COMPRESSION",
     "ZSTD_FOOTER_SIZE",
     "ZSTD_FOOTER_V2_SIZE",
     "BadFooter",
@@ -90,19 +118,26 @@ __all__ = [
     "InvalidLayerTar",
     "InvalidToc",
     "LayerIndex",
+    "ManifestPosition",
     "Toc",
     "TocDigestMismatch",
     "TocOutOfRange",
     "TruncatedBlob",
+    "ZstdChunkedLayer",
+    "ZstdChunkedResult",
     "clean_name",
     "convert",
     "decompress_chunk",
     "estargz_footer_bytes",
+    "manifest_checksum",
     "parse_footer",
+    "parse_manifest",
     "parse_toc",
     "tail_fetch_size",
     "toc_bytes_from_tail",
     "toc_digest",
     "toc_json_bytes",
     "toc_range",
+    "write_zstd_chunked",
+    "zstd_chunked_layer",
 ]

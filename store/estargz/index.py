@@ -12,7 +12,8 @@ Rules taken from containerd/stargz-snapshotter ``estargz.Reader.initFields``:
 * a hardlink resolves to its target entry, which gets the link's name as another parent
   reference (``nlink``); a later entry with the same name replaces the earlier one;
 * a chunk's compressed bytes end where the next member starts (the next distinct offset of a
-  data entry with ``innerOffset`` 0), or at the TOC.
+  data entry with ``innerOffset`` 0, or a file's ``endOffset`` — zstd:chunked writes it: where
+  the file's last frame ends, see :mod:`.zstdchunked`), or at the TOC.
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ class LayerIndex:
         order: list[Entry] = []
         # (entry, raw dict) of data entries, to compute compressed ends afterwards
         data: list[tuple[Chunk, int]] = []
+        frame_ends: set[int] = set()  # zstd:chunked endOffset values
         last: Entry | None = None
         for i, raw in enumerate(raw_entries):
             where = f"TOC entry {i}: "
@@ -254,6 +256,14 @@ class LayerIndex:
                 raise TocOutOfRange(
                     f"{where}{name!r}: offset {offset} is at or past the TOC (offset {toc_offset})"
                 )
+            end_offset = _int(raw, "endOffset", where)
+            if end_offset and is_data:
+                if not offset < end_offset <= toc_offset:
+                    raise TocOutOfRange(
+                        f"{where}{name!r}: endOffset {end_offset} is not in ({offset}, "
+                        f"{toc_offset}] (after its offset, not past the TOC)"
+                    )
+                frame_ends.add(end_offset)
             if etype == "chunk":
                 if last is None or last.type != "reg" or last.name != name:
                     raise InvalidToc(f"{where}chunk of {name!r} does not follow its file")
@@ -299,7 +309,7 @@ class LayerIndex:
             last = e
             order.append(e)
 
-        self._set_compressed_ends(data, toc_offset)
+        self._set_compressed_ends(data, toc_offset, frame_ends)
         for e in order:
             self._insert(e)
         self._check_chunk_coverage()
@@ -341,8 +351,10 @@ class LayerIndex:
         self.chunk_count += 1
 
     @staticmethod
-    def _set_compressed_ends(data: list[tuple[Chunk, int]], toc_offset: int) -> None:
-        starts = sorted({c.offset for c, inner in data if inner == 0} | {toc_offset})
+    def _set_compressed_ends(
+        data: list[tuple[Chunk, int]], toc_offset: int, frame_ends: set[int]
+    ) -> None:
+        starts = sorted({c.offset for c, inner in data if inner == 0} | {toc_offset} | frame_ends)
         for c, _ in data:
             j = bisect.bisect_right(starts, c.offset)
             c.compressed_end = starts[j] if j < len(starts) else toc_offset

@@ -64,6 +64,10 @@ def parse_toc(data: bytes, footer: Footer, expected_digest: str | None = None) -
     version = obj.get("version")
     if version != 1:
         raise InvalidToc(f"{where}: unsupported TOC version {version!r}")
+    if footer.compression == "zstd":
+        from .zstdchunked import normalize_entries
+
+        entries = normalize_entries(entries)
     return Toc(version, entries, digest, footer.toc_offset, footer.compression, len(raw))
 
 
