@@ -110,7 +110,36 @@ async def _load_zstd_chunked(
         raise TocError(str(exc)) from exc
     if on_verified is not None:
         on_verified(None)  # zstd:chunked has no prefetch landmark
-    return await trio.to_thread.run_sync(_zstd_view, toc)
+    view = await trio.to_thread.run_sync(_zstd_view, toc)
+    view.uncompressed_size = await _zstd_tar_size(blob, toc)
+    return view
+
+
+async def _zstd_tar_size(blob: BlobReader, toc: estargz.Toc) -> int:
+    """The size of the tar the blob decompresses to, which podman < 5.1 wants in ``info``
+    (``diff-size``; ``podman save`` writes a tar entry that long) and no annotation carries:
+    the files' sizes from the TOC plus each header frame's content size — read from the
+    frame's header (18 bytes) where the writer recorded it, else by inflating that frame."""
+    from store.estargz import zstdchunked
+
+    frames = zstdchunked.header_frames(toc)
+    heads = await blob.read_ranges([(lo, min(hi, lo + 18)) for lo, hi in frames])
+    total = zstdchunked.payload_size(toc)
+    unknown = []
+    for frame, head in zip(frames, heads, strict=True):
+        size = zstdchunked.frame_content_size(head)
+        if size is None:
+            unknown.append(frame)
+        else:
+            total += size
+    if unknown:
+        for (lo, hi), data in zip(unknown, await blob.read_ranges(unknown), strict=True):
+            where = f"zstd:chunked header frame at offset {lo}"
+            try:
+                total += len(zstdchunked.inflate_bounded(data, 64 * (hi - lo) + (1 << 20), where))
+            except estargz.EstargzError as exc:
+                raise TocError(str(exc)) from exc
+    return total
 
 
 def _zstd_view(toc: estargz.Toc) -> EstargzLayerView:
@@ -210,6 +239,8 @@ class EstargzLayerView:
         self._entries: list[dict[str, Any]] | None = toc["entries"]
         self.toc_offset = toc_offset
         self.compression = compression
+        # The decompressed blob's size when the format does not say it elsewhere (zstd:chunked).
+        self.uncompressed_size: int | None = None
         self._prefetch_end: int | None = None
         self._file_chunks: dict[int, list[ChunkRef]] = {}
         chunks: list[ChunkRef] = []

@@ -284,6 +284,14 @@ class LayerManager:
         size = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)
         if size is not None and size.isdigit():
             info["diff-size"] = int(size)
+        elif desc.zstd_chunked is not None:
+            # No annotation carries a zstd:chunked tar's size, and podman 4.3 needs it: 0
+            # makes `podman save` write a 0-byte tar entry ("write too long"), -1 fails its
+            # image size ("size for layer is unknown"). The layer's loader measured it.
+            layer = await self.get_layer(ref, digest)
+            measured = getattr(layer.index, "uncompressed_size", None)
+            if measured is not None:
+                info["diff-size"] = measured
         return info
 
     # -- layers ------------------------------------------------------------------------------

@@ -254,6 +254,41 @@ def normalize_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def header_frames(toc: Toc) -> list[tuple[int, int]]:
+    """``(start, end)`` of the frames between file payloads: tar headers, padding, and the
+    end-of-archive marker — the blob's frames that no TOC entry describes. Each is one frame
+    in containers/storage's layout (compression restarts only at payloads and chunks)."""
+    spans = sorted(
+        (e["offset"], e["endOffset"])
+        for e in toc.entries
+        if e.get("type") == "reg" and e.get("size") and e.get("endOffset")
+    )
+    out, prev = [], 0
+    for start, end in spans:
+        if start > prev:
+            out.append((prev, start))
+        prev = max(prev, end)
+    toc_frame = toc.offset - 8  # the TOC's skippable frame header
+    if toc_frame > prev:
+        out.append((prev, toc_frame))
+    return out
+
+
+def payload_size(toc: Toc) -> int:
+    """Bytes of file contents the tar holds: the sizes of the regular files with contents."""
+    return sum(e.get("size") or 0 for e in toc.entries if e.get("type") == "reg")
+
+
+def frame_content_size(head: bytes) -> int | None:
+    """The Frame_Content_Size in a zstd frame header (its first up to 18 bytes), None if the
+    writer left it out (klauspost's streaming encoder does for some frames)."""
+    try:
+        size = zstandard.get_frame_parameters(head).content_size
+    except zstandard.ZstdError:
+        return None
+    return None if size == zstandard.CONTENTSIZE_UNKNOWN else size
+
+
 def footer_bytes(
     position: ManifestPosition, tar_split: tuple[int, int, int] | None = None
 ) -> bytes:

@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from store import estargz
 from store.cache import ChunkCache
@@ -43,7 +44,13 @@ async def test_skopeo_layer_tree_and_contents(tmp_path):
     blob = FileBlob(DATA / "zstd-chunked-skopeo19.blob")
     layer = await _open(blob, META["descriptor"]["annotations"], tmp_path)
     start, end = estargz.zstd_chunked_layer(META["descriptor"]["annotations"]).toc_range
-    assert blob.requests == [[(start, end)]]  # the TOC alone, where the annotation says
+    assert blob.requests[0] == [(start, end)]  # the TOC alone, where the annotation says
+    # Then the header frames' sizes, for info's diff-size: the tar's exact length.
+    plain = zstandard.ZstdDecompressor().stream_reader(
+        io.BytesIO(blob.data), read_across_frames=True
+    )
+    assert layer.index.uncompressed_size == len(plain.read())
+    assert len(blob.requests) == 3  # frame headers, then the frames that do not say their size
     nodes = dict(layer.tree.walk())
     for path, digest in META["files"].items():
         if path.rsplit("/", 1)[-1].startswith(".wh."):
