@@ -32,7 +32,7 @@ from harness.podman import write_atomic
 RECORDS = "records.jsonl"
 ENVIRONMENT = "environment.json"
 PHASES = ("pull", "create", "run")
-MODE_ORDER = ("legacy", "estargz-noopt", "estargz", "zstd-chunked")
+MODE_ORDER = ("legacy", "estargz-noopt", "estargz", "zstd-chunked", "zstd-chunked-lazy")
 PUBLISHED_CSV = Path(__file__).resolve().parent.parent / "results" / "reference" / "published.csv"
 MB = 1e6
 

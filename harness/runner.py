@@ -59,7 +59,14 @@ from rich.progress import (
 from harness.cli import UserError
 from harness.podman import PodmanEnv, PodmanError, write_atomic
 from harness.results import ENVIRONMENT, Record, append_record, finished_keys
-from harness.scenario import LAZY_MODES, Scenario, Workload, parse_scenario
+from harness.scenario import (
+    LAZY_MODES,
+    ON_DEMAND_MODES,
+    Scenario,
+    Workload,
+    image_mode,
+    parse_scenario,
+)
 from harness.store_proc import StoreError, StoreProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -555,7 +562,7 @@ class Runner:
                                 reg.host,
                                 w.repo,
                                 mode,
-                                mode,
+                                image_mode(mode),
                                 prioritized_files=files,
                             ),
                             self.console,
@@ -672,7 +679,7 @@ class Runner:
                             mdir / "store",
                             command=self.scenario.store.command,
                             insecure_hosts=[registry.host],
-                            noprefetch=mode == "estargz-noopt",
+                            noprefetch=mode in ON_DEMAND_MODES,
                             background_fetch=self.scenario.store.background_fetch,
                             mount_timeout=self.scenario.store.mount_timeout,
                         )
