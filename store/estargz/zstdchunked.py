@@ -257,9 +257,10 @@ def normalize_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def header_frames(toc: Toc) -> list[tuple[int, int]]:
     """``(start, end)`` of the frames between file payloads: tar headers, padding, and the
     end-of-archive marker — the blob's frames that no TOC entry describes. Each is one frame
-    in containers/storage's layout (compression restarts only at payloads and chunks)."""
+    in containers/storage's layout (compression restarts only at payloads and chunks).
+    ``toc`` must have passed :class:`LayerIndex` (offsets are then non-negative integers)."""
     spans = sorted(
-        (e["offset"], e["endOffset"])
+        (e.get("offset") or 0, e["endOffset"])
         for e in toc.entries
         if e.get("type") == "reg" and e.get("size") and e.get("endOffset")
     )
