@@ -117,3 +117,30 @@ async def test_toc_past_the_blob_is_a_toc_error(tmp_path):
     annotations[estargz.LEGACY_MANIFEST_POSITION_KEY] = "999999:757:3351:1"
     with pytest.raises(TocError, match="past the blob"):
         await _open(FileBlob(DATA / "zstd-chunked-skopeo19.blob"), annotations, tmp_path)
+
+
+@pytest.mark.anyio
+async def test_stargz_snapshotter_zstdchunked_vector_through_its_footer(vectors_dir, tmp_path):
+    """stargz-snapshotter's zstdchunked writer: eStargz's TOC digest annotation (sha256 of
+    the TOC JSON), the TOC found through the 48-byte footer; served like eStargz."""
+    meta = json.loads((vectors_dir / "zstdchunked.json").read_text())
+    blob = FileBlob(vectors_dir / "zstdchunked.blob")
+    index = await load_layer_index(blob, meta["toc_digest"])
+    assert index.compression == "zstd"
+    layer = Layer(
+        key="k",
+        digest=meta["digest"],
+        toc_digest=meta["toc_digest"],
+        tree=LayerTree(index.tree_entries()),
+        index=index,
+        blob=blob,
+        cache=ChunkCache(tmp_path / "cache", 1 << 30),
+    )
+    reader = estargz.EstargzReader(estargz.BytesBlobSource(blob.data), meta["toc_digest"])
+    checked = 0
+    for path, node in layer.tree.walk():
+        if stat.S_ISREG(node.mode) and node.size:
+            data = await layer.read_file(node, 0, node.size)
+            assert data == reader.read_file(path), path
+            checked += 1
+    assert checked
