@@ -67,8 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from harness.results import write_report
-    from harness.runner import RESULTS_DIR, Interrupted, Runner, load_run_scenario, new_run_id
+    from harness.measure import RESULTS_DIR, Interrupted, Runner, load_run_scenario, new_run_id
+    from harness.report import write_report
     from harness.scenario import load_scenario
 
     console = Console(soft_wrap=True)
@@ -119,13 +119,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _failures(run_dir: Path) -> list[str]:
-    from harness.results import read_records
+    from harness.records import read_records
 
     return [f"{r.workload}/{r.mode}" for r in read_records(run_dir) if r.status != "ok"]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.results import write_report
+    from harness.report import write_report
 
     report = write_report(args.run_dir)
     print(report.table_text)
@@ -134,7 +134,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.results import Gate, compare_runs, compare_table, gate_failures, load_gate
+    from harness.gate import Gate, compare_runs, compare_table, gate_failures, load_gate
 
     gate = load_gate(args.gate) if args.gate is not None else Gate()
     statistic = args.statistic or gate.statistic

@@ -9,21 +9,10 @@ from pathlib import Path
 import pytest
 
 from harness.cli import UserError
-from harness.results import (
-    ENVIRONMENT,
-    RECORDS,
-    Gate,
-    Record,
-    aggregate,
-    append_record,
-    compare_runs,
-    finished_keys,
-    gate_failures,
-    load_gate,
-    read_records,
-    records_frame,
-    write_report,
-)
+from harness.gate import Gate, compare_runs, gate_failures, load_gate
+from harness.records import ENVIRONMENT, RECORDS, Record, append_record, finished_keys, read_records
+from harness.report import write_report
+from harness.stats import aggregate, records_frame
 
 WORKLOADS = [
     {"name": "python", "recipe": "python"},
