@@ -1,10 +1,12 @@
 """``lazybench compare BASE NEW [--gate]``: per workload × mode deltas between two runs, and
-the thresholds (``ci/gate.toml``) a new run must keep against a base run."""
+the thresholds a new run must keep against a base run (a gate file; the default one ships in
+the package as ``harness/data/gate.toml``)."""
 
 from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -14,10 +16,12 @@ from harness.records import RECORDS, read_environment, read_records
 from harness.report import fmt
 from harness.stats import aggregate, records_frame
 
+DEFAULT_GATE = resources.files("harness") / "data" / "gate.toml"
+
 
 @dataclass(frozen=True)
 class Gate:
-    """Thresholds a new run must keep against a base run (``ci/gate.toml``)."""
+    """Thresholds a new run must keep against a base run (a gate file, see :func:`load_gate`)."""
 
     statistic: str = "median"  # "median" or "percentile"
     max_total_increase_pct: float = 25.0
@@ -28,9 +32,15 @@ class Gate:
     fail_on_missing: bool = True
 
 
-def load_gate(path: Path) -> Gate:
+def load_gate(path: Path | None = None) -> Gate:
+    """The gate in TOML file ``path`` (None: the packaged default, ``harness/data/gate.toml``,
+    which documents every key). Raises :class:`UserError` naming the file and key on bad
+    input."""
+    source = DEFAULT_GATE if path is None else Path(path)
+    if path is None:
+        path = Path("harness/data/gate.toml")  # how errors name the packaged file
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(source.read_text())
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:

@@ -61,7 +61,9 @@ from harness.records import (
 from harness.scenario import LAZY_MODES, Scenario, parse_scenario
 from harness.store_proc import StoreProcess
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "results" / "runs"
+# Where run directories go unless ``--results-dir`` says otherwise: under the current directory,
+# wherever lazybench is installed.
+RESULTS_DIR = Path("results") / "runs"
 STDOUT_KEEP = 4000
 
 

@@ -14,8 +14,11 @@ Everything here is regenerated from ``records.jsonl`` and ``environment.json`` a
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
+from importlib import resources
+from importlib.resources.abc import Traversable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,9 @@ from harness.podman import write_atomic
 from harness.records import RECORDS, read_environment, read_records
 from harness.stats import PHASES, aggregate, records_frame
 
-PUBLISHED_CSV = Path(__file__).resolve().parent.parent / "results" / "reference" / "published.csv"
+# The upstream chart's numbers, shipped inside the package (harness/data/published.csv) so an
+# installed lazybench reports them wherever it runs.
+PUBLISHED_CSV = resources.files("harness") / "data" / "published.csv"
 
 
 def _pct_label(percentile: float) -> str:
@@ -134,16 +139,19 @@ class Published:
         return None
 
 
-def read_published(path: Path = PUBLISHED_CSV) -> list[Published]:
-    if not path.exists():
+def read_published(source: Path | Traversable | None = None) -> list[Published]:
+    """The published totals per image (``image,stand_in,mode,pull,create,run,total`` rows,
+    ``#`` comments), from ``source`` or the packaged ``harness/data/published.csv``."""
+    path = PUBLISHED_CSV if source is None else source
+    if not path.is_file():
         return []
     by_image: dict[str, Published] = {}
-    with path.open() as f:
-        rows = csv.DictReader(line for line in f if not line.startswith("#"))
-        for row in rows:
-            pub = by_image.setdefault(row["image"], Published(row["image"], row["stand_in"], {}))
-            if row.get("total"):
-                pub.totals[row["mode"]] = float(row["total"])
+    text = path.read_text()
+    rows = csv.DictReader(line for line in io.StringIO(text) if not line.startswith("#"))
+    for row in rows:
+        pub = by_image.setdefault(row["image"], Published(row["image"], row["stand_in"], {}))
+        if row.get("total"):
+            pub.totals[row["mode"]] = float(row["total"])
     return list(by_image.values())
 
 
@@ -302,7 +310,7 @@ def write_report(run_dir: Path) -> Report:
         f"## Lazy ÷ legacy total ({p}), beside the published chart",
         "",
         "Published: containerd + stargz snapshotter on GitHub Actions pulling from ghcr.io "
-        "(results/reference/published.csv); ours: the stand-in images on this machine.",
+        "(harness/data/published.csv); ours: the stand-in images on this machine.",
         "",
         ratio_table(ratios),
     ]
