@@ -17,9 +17,9 @@ import csv
 import io
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -31,13 +31,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A virtualenv with lazybench installed from a freshly built wheel; its bin directory."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # setuptools builds inside the source tree (build/, *.egg-info): build from a copy.
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("harness", "store"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(tmp / "dist"), str(ROOT)],
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"),
+            *("-q", "-w", str(tmp / "dist"), str(src)),
+        ],
         check=True,
         timeout=300,
-        # setuptools builds in ./build: keep the checkout clean.
-        cwd=tmp,
         env={**os.environ, "PIP_NO_INPUT": "1"},
     )
     (wheel,) = (tmp / "dist").glob("lazybench-*.whl")
