@@ -108,19 +108,28 @@ def scan_toc(data: bytes, footer: Footer, limits: TocLimits = DEFAULT_LIMITS) ->
 
     Why before the decode: the store checks the digest against the manifest annotation
     first, so no JSON it was not promised ever reaches the decoder, and it can start the
-    prefetch download on the hint while the index is built.
+    prefetch download on the hint while the index is built. A TOC with more ``"name"`` keys
+    than ``limits.max_entries`` is refused here already, before any memory goes to entries
+    (:class:`InvalidToc`); an entry key spelled with escapes is still counted by the decoder.
     """
     h = hashlib.sha256()
     size = 0
     hint: int | None = None
     carry = b""
+    names = 0  # "name" keys: at least the entry count (a string can add, never hide one)
     for piece in toc_json_pieces(data, footer, limits):
         h.update(piece)
         size += len(piece)
+        window = carry + piece
+        names += window.count(b'"name"') - carry.count(b'"name"')
+        if names > limits.max_entries:
+            raise InvalidToc(
+                f"TOC at offset {footer.toc_offset}: more than {limits.max_entries} entries "
+                "(the limit on TOC entries)"
+            )
         if hint is None:
-            window = carry + piece
             hint = landmark_offset_hint(window)
-            carry = window[-(64 << 10) :]
+        carry = window[-(64 << 10) :]
     return TocScan("sha256:" + h.hexdigest(), size, hint)
 
 
