@@ -16,7 +16,7 @@ bytes arrive and which thread does the work:
    request the store is answering meanwhile).
 
 Every error of the layer's own bytes is an :class:`store.estargz.EstargzError` (or
-:class:`TocError` for a footer the store does not serve): the caller refuses the layer.
+:class:`TocError` for a format the store does not serve): the caller refuses the layer.
 """
 
 from __future__ import annotations
@@ -65,10 +65,7 @@ async def load_layer_index(
     """
     tail_len = estargz.tail_fetch_size(blob.size, TAIL_GUESS)
     (tail,) = await blob.read_ranges([(blob.size - tail_len, blob.size)])
-    try:
-        footer = estargz.parse_footer(tail, blob.size)
-    except estargz.EstargzError as exc:
-        raise TocError(str(exc)) from exc
+    footer = estargz.parse_footer(tail, blob.size)
     if footer.kind is estargz.FooterKind.ZSTD_CHUNKED:
         raise TocError("zstd:chunked layers are not served (podman pulls them itself)")
     lo, hi = estargz.toc_range(footer, blob.size)

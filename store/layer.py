@@ -433,7 +433,7 @@ class Layer:
             try:
                 out.append(self.index.decompress(c, data))
             except Exception as exc:
-                out.append(ChunkVerifyError(f"chunk {c.digest}: {exc}"))
+                out.append(ChunkVerifyError(f"chunk {c.digest}: {type(exc).__name__}: {exc}"))
         return out
 
     def _ranges_for(self, chunks: list[ChunkRef]) -> list[tuple[int, int]]:

@@ -333,7 +333,9 @@ class LayerManager:
         except BaseException as exc:
             ahead.drop()
             if isinstance(exc, EstargzError | TreeError):
-                log.error("refusing layer %s of %s: %s", desc.digest, ref, exc)
+                log.error(
+                    "refusing layer %s of %s: %s: %s", desc.digest, ref, type(exc).__name__, exc
+                )
                 raise LayerRefused(f"layer {desc.digest} of {ref} refused: {exc}") from exc
             if isinstance(exc, ResolveError) or not isinstance(exc, Exception):
                 raise
