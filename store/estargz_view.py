@@ -71,8 +71,8 @@ async def load_layer_index(
     lo, hi = estargz.toc_range(footer, blob.size)
     if hi - lo > limits.max_bytes + _COMPRESSED_SLACK:
         raise estargz.InvalidToc(
-            f"TOC at offset {footer.toc_offset}: {hi - lo} compressed bytes, over the limit "
-            f"of {limits.max_bytes} TOC bytes (store config toc_max_bytes)"
+            f"TOC at offset {footer.toc_offset}: {hi - lo} compressed bytes, over the limit on "
+            f"TOC bytes ({limits.max_bytes}, store config toc_max_bytes)"
         )
     toc_bytes = estargz.toc_bytes_from_tail(tail, blob.size, footer)
     del tail

@@ -217,7 +217,9 @@ def _gzip_tar_pieces(data: bytes, cap: int, where: str) -> Iterator[bytes]:
             if info.name != TOC_TAR_NAME or not info.isreg():
                 raise InvalidToc(f"{where}: first tar entry is {info.name!r}, not {TOC_TAR_NAME}")
             if info.size > cap:
-                raise InvalidToc(f"{where}: TOC is {info.size} bytes, over the limit of {cap}")
+                raise InvalidToc(
+                    f"{where}: TOC is {info.size} bytes, over the limit on TOC bytes ({cap})"
+                )
             f = tar.extractfile(info)
             assert f is not None
             left = info.size
@@ -238,7 +240,7 @@ def _zstd_pieces(data: bytes, footer: Footer, cap: int, where: str) -> Iterator[
 
     expected = footer.toc_uncompressed_size
     if expected is not None and expected > cap:
-        raise InvalidToc(f"{where}: TOC is {expected} bytes, over the limit of {cap}")
+        raise InvalidToc(f"{where}: TOC is {expected} bytes, over the limit on TOC bytes ({cap})")
     limit = expected if expected is not None else cap
     total = 0
     try:
