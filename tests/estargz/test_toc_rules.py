@@ -195,3 +195,31 @@ def test_a_gigantic_name_is_decoded_in_linear_time_and_refused() -> None:
 def test_iter_toc_entries_yields_dicts_in_order() -> None:
     text = b'{"entries":[{"name":"a","type":"dir"},{"name":"b","type":"reg"}],"version":1}'
     assert [e["name"] for e in iter_toc_entries([text])] == ["a", "b"]
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_chunk_inflating_past_its_size_is_refused_without_inflating_it(compression) -> None:
+    import hashlib
+    import tracemalloc
+    import zlib
+
+    import zstandard
+
+    from store.estargz import Chunk, ChunkDigestMismatch, decompress_chunk
+
+    bomb_size = 128 << 20
+    if compression == "zstd":
+        bomb = zstandard.ZstdCompressor(level=1).compress(bytes(bomb_size))
+    else:
+        z = zlib.compressobj(1, wbits=31)
+        bomb = b"".join(z.compress(bytes(1 << 20)) for _ in range(bomb_size >> 20)) + z.flush()
+    digest = "sha256:" + hashlib.sha256(b"\1" * 10).hexdigest()
+    chunk = Chunk("bomb", 0, 10, 0, len(bomb), 0, digest, compression)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChunkDigestMismatch):
+            decompress_chunk(chunk, bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20  # only the 10 bytes asked for were inflated
