@@ -62,7 +62,7 @@ import json
 import struct
 import tarfile
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, ClassVar, Literal
 
@@ -73,9 +73,11 @@ from .footer import (
     ZSTD_CHUNKED_MAGIC,
     ZSTD_MANIFEST_TYPE_CRFS,
     ZSTD_SKIPPABLE_MAGIC,
+    Footer,
+    FooterKind,
 )
 from .index import clean_name
-from .toc import MAX_TOC_SIZE, Toc
+from .toc import DEFAULT_LIMITS, MAX_TOC_SIZE, Toc, TocLimits, iter_toc_entries, toc_json_pieces
 
 # podman ≥ 5 / containers/storage ≥ ~1.45 (internal/minimal/compression.go)
 MANIFEST_CHECKSUM_KEY = "io.github.containers.zstd-chunked.manifest-checksum"
@@ -171,14 +173,38 @@ def parse_manifest(
     compressed: bytes,
     position: ManifestPosition,
     expected_checksum: str | None,
+    limits: TocLimits = DEFAULT_LIMITS,
 ) -> Toc:
-    """Verify and decode the compressed TOC read from ``position``.
+    """Verify and decode the compressed TOC read from ``position`` into a :class:`Toc` (a
+    list of entry dicts; the store streams :func:`manifest_entries` into the index instead).
+
+    The returned :class:`Toc` carries the checksum as its digest and
+    :func:`normalize_entries`'d entries; errors as :func:`manifest_entries`.
+    """
+    entries = list(manifest_entries(compressed, position, expected_checksum, limits))
+    return Toc(
+        1,
+        entries,
+        manifest_checksum(compressed),
+        position.offset,
+        "zstd",
+        position.uncompressed_length,
+    )
+
+
+def manifest_entries(
+    compressed: bytes,
+    position: ManifestPosition,
+    expected_checksum: str | None,
+    limits: TocLimits = DEFAULT_LIMITS,
+) -> Iterator[dict[str, Any]]:
+    """The TOC's entries, normalized, decoded one at a time (the format library's streaming
+    decoder, :func:`~store.estargz.toc.iter_toc_entries`, under ``limits``).
 
     Order (containers/storage ``readZstdChunkedManifest``): the compressed bytes must hash to
-    ``expected_checksum`` (:class:`TocDigestMismatch`) before anything is decompressed; they
-    must inflate to exactly ``position.uncompressed_length`` bytes of TOC JSON version 1
-    (:class:`InvalidToc`). The returned :class:`Toc` carries the checksum as its digest and
-    :func:`normalize_entries`'d entries.
+    ``expected_checksum`` (:class:`TocDigestMismatch`, raised before anything is yielded or
+    decompressed); they must inflate to exactly ``position.uncompressed_length`` bytes of TOC
+    JSON version 1 (:class:`InvalidToc`, possibly while iterating: discard what was built).
     """
     where = f"zstd:chunked TOC at offset {position.offset}"
     if len(compressed) != position.length:
@@ -188,21 +214,20 @@ def parse_manifest(
         raise TocDigestMismatch(
             f"{where}: compressed TOC hashes to {digest}, the annotation says {expected_checksum}"
         )
-    raw = inflate_bounded(compressed, position.uncompressed_length, where)
-    if len(raw) != position.uncompressed_length:
-        raise InvalidToc(
-            f"{where}: inflated to {len(raw)} bytes, position says {position.uncompressed_length}"
-        )
-    try:
-        obj = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidToc(f"{where}: not JSON: {exc}") from None
-    if not isinstance(obj, dict) or obj.get("version") != 1:
-        raise InvalidToc(f"{where}: not a version 1 TOC object")
-    entries = obj.get("entries")
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise InvalidToc(f"{where}: 'entries' is not a list of objects")
-    return Toc(1, normalize_entries(entries), digest, position.offset, "zstd", len(raw))
+    footer = Footer(
+        FooterKind.ZSTD_CHUNKED,
+        position.offset,
+        position.length,
+        position.uncompressed_length,
+        0,  # not read from a footer: the annotation's position
+    )
+    pieces = toc_json_pieces(compressed, footer, limits)
+    return _normalized(iter_toc_entries(pieces, where, limits))
+
+
+def _normalized(entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for i, e in enumerate(entries):
+        yield _normalize(i, e)
 
 
 def inflate_bounded(data: bytes, limit: int, where: str) -> bytes:
@@ -237,47 +262,49 @@ def normalize_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     must be ``""`` or ``"zeros"`` (:class:`InvalidToc` otherwise). Entries are returned as
     new dicts only where something changes.
     """
-    out = []
-    for i, e in enumerate(entries):
-        ctype = e.get("chunkType", "")
-        if ctype not in CHUNK_TYPES and ctype is not None:
-            raise InvalidToc(f"TOC entry {i}: unknown chunkType {ctype!r}")
-        if (
-            e.get("type") == "reg"
-            and not e.get("chunkDigest")
-            and not e.get("chunkSize")
-            and isinstance(e.get("digest"), str)
-        ):
-            e = dict(e)
-            e["chunkDigest"] = e["digest"]
-        out.append(e)
-    return out
+    return [_normalize(i, e) for i, e in enumerate(entries)]
 
 
-def header_frames(toc: Toc) -> list[tuple[int, int]]:
-    """``(start, end)`` of the frames between file payloads: tar headers, padding, and the
-    end-of-archive marker — the blob's frames that no TOC entry describes. Each is one frame
-    in containers/storage's layout (compression restarts only at payloads and chunks).
-    ``toc`` must have passed :class:`LayerIndex` (offsets are then non-negative integers)."""
-    spans = sorted(
-        (e.get("offset") or 0, e["endOffset"])
-        for e in toc.entries
+def _normalize(i: int, e: dict[str, Any]) -> dict[str, Any]:
+    ctype = e.get("chunkType", "")
+    if ctype not in CHUNK_TYPES and ctype is not None:
+        raise InvalidToc(f"TOC entry {i}: unknown chunkType {ctype!r}")
+    if (
+        e.get("type") == "reg"
+        and not e.get("chunkDigest")
+        and not e.get("chunkSize")
+        and isinstance(e.get("digest"), str)
+    ):
+        e = dict(e)
+        e["chunkDigest"] = e["digest"]
+    return e
+
+
+def file_frames(entries: Iterable[Mapping[str, Any]]) -> list[tuple[int, int, int]]:
+    """``(offset, endOffset, size)`` of every regular file with contents whose entry says
+    where its frames end (containers/storage's writers always do)."""
+    return [
+        (e.get("offset") or 0, e["endOffset"], e["size"])
+        for e in entries
         if e.get("type") == "reg" and e.get("size") and e.get("endOffset")
-    )
+    ]
+
+
+def header_frames(files: Iterable[tuple[int, int, int]], toc_offset: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the frames between file payloads (``files`` from
+    :func:`file_frames`): tar headers, padding, and the end-of-archive marker — the blob's
+    frames no TOC entry describes. Each is one frame in containers/storage's layout
+    (compression restarts only at payloads and chunks). The entries must have passed
+    :class:`LayerIndex` (offsets are then non-negative integers, each file's in order)."""
     out, prev = [], 0
-    for start, end in spans:
+    for start, end, _size in sorted(files):
         if start > prev:
             out.append((prev, start))
         prev = max(prev, end)
-    toc_frame = toc.offset - 8  # the TOC's skippable frame header
+    toc_frame = toc_offset - 8  # the TOC's skippable frame header
     if toc_frame > prev:
         out.append((prev, toc_frame))
     return out
-
-
-def payload_size(toc: Toc) -> int:
-    """Bytes of file contents the tar holds: the sizes of the regular files with contents."""
-    return sum(e.get("size") or 0 for e in toc.entries if e.get("type") == "reg")
 
 
 def frame_content_size(head: bytes) -> int | None:
