@@ -39,6 +39,7 @@ import trio
 from store.cache import ChunkCache
 from store.config import StoreConfig
 from store.estargz import (
+    MANIFEST_CHECKSUM_KEY,
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
     ZSTD_COMPRESSION,
@@ -85,9 +86,13 @@ class LayerDesc:
 
     @property
     def toc_digest(self) -> str | None:
-        """eStargz's TOC digest annotation, else zstd:chunked's manifest checksum."""
+        """eStargz's TOC digest annotation, else zstd:chunked's manifest checksum; None for
+        a layer carrying both eStargz's and podman 5's key (containers/storage's
+        ``toc.GetTOCDigest`` refuses it too: "both zstd:chunked and eStargz TOC found")."""
         estargz_digest = self.annotations.get(TOC_DIGEST_ANNOTATION)
         if estargz_digest is not None:
+            if MANIFEST_CHECKSUM_KEY in self.annotations:
+                return None
             return estargz_digest
         zstd = self.zstd_chunked
         return zstd.checksum if zstd is not None else None

@@ -119,3 +119,13 @@ def test_a_workload_can_narrow_the_modes() -> None:
         (0, "gcc", "zstd-chunked"),
     ]
     assert parse_scenario(s.to_dict(), "f.toml") == s
+
+
+def test_zstd_chunked_lazy_pulls_the_zstd_chunked_image_through_the_store() -> None:
+    from harness.images import MODES as IMAGE_MODES
+    from harness.scenario import ON_DEMAND_MODES, image_mode
+
+    assert "zstd-chunked-lazy" in MODES and "zstd-chunked-lazy" in LAZY_MODES
+    assert image_mode("zstd-chunked-lazy") == "zstd-chunked"
+    assert "zstd-chunked-lazy" in ON_DEMAND_MODES  # on demand, as estargz-noopt
+    assert all(image_mode(m) in IMAGE_MODES for m in MODES)

@@ -144,3 +144,23 @@ async def test_stargz_snapshotter_zstdchunked_vector_through_its_footer(vectors_
             assert data == reader.read_file(path), path
             checked += 1
     assert checked
+
+
+def test_layer_descriptor_toc_digest_rules():
+    """Which value a layer is looked up by (containers/storage ``toc.GetTOCDigest``)."""
+    z4 = META["descriptor"]["annotations"]
+    checksum = z4[estargz.LEGACY_MANIFEST_CHECKSUM_KEY]
+    assert LayerDesc("d", 1, dict(z4), "i").toc_digest == checksum
+    z5 = {
+        estargz.MANIFEST_CHECKSUM_KEY: checksum,
+        estargz.MANIFEST_POSITION_KEY: z4[estargz.LEGACY_MANIFEST_POSITION_KEY],
+    }
+    assert LayerDesc("d", 1, z5, "i").toc_digest == checksum
+    both = {**z5, estargz.TOC_DIGEST_ANNOTATION: "sha256:" + "2" * 64}
+    assert LayerDesc("d", 1, both, "i").toc_digest is None  # refused, as c/storage does
+    bad = {estargz.MANIFEST_CHECKSUM_KEY: checksum, estargz.MANIFEST_POSITION_KEY: "x"}
+    assert LayerDesc("d", 1, bad, "i").toc_digest is None
+    assert (
+        LayerDesc("d", 1, {}, "i", "application/vnd.oci.image.layer.v1.tar+zstd").compression == 4
+    )
+    assert LayerDesc("d", 1, {}, "i").compression == 2
