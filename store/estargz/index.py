@@ -135,7 +135,7 @@ class Entry:
     nlink: int = 0
     parent: Entry | None = None
     children: Mapping[str, Entry] = _NO_CHILDREN  # a dict for directories
-    chunks: list[Chunk] | tuple[Chunk, ...] = _NO_CHUNKS  # a list for regular files
+    chunks: list[Chunk] | tuple[Chunk, ...] = _NO_CHUNKS  # a tuple once the file is complete
     implicit: bool = False  # a directory the TOC never named
     ino: int = -1  # position in LayerIndex.entries (-1: not in the final tree)
 
