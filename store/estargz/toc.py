@@ -39,7 +39,7 @@ class TocLimits:
     """Caps on one TOC, checked while it streams in (:class:`InvalidToc` past either).
 
     ``max_bytes``: uncompressed TOC JSON bytes (also bounds the compressed TOC fetched);
-    ``max_entries``: entry objects (each costs the index ~0.5 KB). Defaults admit a layer of a
+    ``max_entries``: entry objects (each costs the index ~0.7 KB). Defaults admit a layer of a
     million files; the store takes its own from its config (``toc_max_bytes``,
     ``toc_max_entries``).
     """
