@@ -49,7 +49,14 @@ from rich.progress import (
 from harness.cli import UserError
 from harness.container import MeasurementError, create_container, start_until_ready
 from harness.podman import PodmanEnv, PodmanError, write_atomic
-from harness.prepare import ImagePreparer, Link, ResolvedWorkload, open_link, resolve
+from harness.prepare import (
+    ImagePreparer,
+    Link,
+    ResolvedWorkload,
+    open_link,
+    preflight_link,
+    resolve,
+)
 from harness.records import (
     ENVIRONMENT,
     SCENARIO_COPY,
@@ -180,6 +187,7 @@ class Runner:
             from harness.crio import require_crio
 
             require_crio()
+        preflight_link(self.scenario.network_profile)
         workloads = {w.name: resolve(w) for w in self.scenario.workloads}
         env_path = self.run_dir / ENVIRONMENT
         meta = json.loads(env_path.read_text()) if env_path.exists() else environment(self.scenario)
