@@ -44,7 +44,11 @@ name = "tiny"
 recipe = "tiny"
 timeout = 60
 """
-KEYS = {(s, "tiny", m) for s in range(2) for m in ("legacy", "estargz-noopt")}
+KEYS = {
+    (s, "tiny", m, "default" if m != "legacy" else "")
+    for s in range(2)
+    for m in ("legacy", "estargz-noopt")
+}
 
 
 def lazybench(tmp: Path, *args: str) -> subprocess.Popen[str]:
@@ -118,6 +122,8 @@ def test_small_scenario_end_to_end(full_run: Path, base: Path) -> None:
         assert lazy.bytes_before_first_output < legacy.bytes_before_first_output
         assert legacy.bytes_before_first_output > 4 << 20
         assert lazy.store_metrics, "store metrics were not collected"
+        assert lazy.store == "default" and lazy.layers_total
+        assert lazy.layers_from_store == lazy.layers_total, "the lazy pull fell back"
     env = json.loads((full_run / "environment.json").read_text())
     assert env["podman"] and env["kernel"] and env["link"]["profile"]["name"] == "loopback"
     table = (full_run / "table.md").read_text()
