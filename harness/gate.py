@@ -19,12 +19,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from harness.cli import UserError
 from harness.records import RECORDS, Record, read_environment, read_records
 from harness.report import fmt
-from harness.stats import MIN_SAMPLES, WIDE_SPREAD, compare_samples, mode_rank
+from harness.stats import (
+    bootstrap_interval,
+    compare_samples,
+    median_of,
+    mode_rank,
+    spread_too_wide,
+)
 
 DEFAULT_GATE = resources.files("harness") / "data" / "gate.toml"
 
@@ -178,13 +185,13 @@ def _stat(values: list[float], statistic: str, percentile: float) -> float:
 
 
 def _noisy(values: list[float]) -> bool:
-    """Too few samples to test, or a spread (interquartile range) wider than
-    :data:`harness.stats.WIDE_SPREAD` of the median."""
-    if len(values) < MIN_SAMPLES:
-        return bool(values)
-    s = pd.Series(values, dtype=float)
-    median = float(s.median())
-    return median > 0 and float(s.quantile(0.75) - s.quantile(0.25)) > WIDE_SPREAD * median
+    """Too few samples to test, or a median whose bootstrap interval is wider than
+    :data:`harness.stats.WIDE_SPREAD` of it (:func:`harness.stats.spread_too_wide`)."""
+    if not values:
+        return False
+    median = float(np.median(values))
+    lo, hi = bootstrap_interval(values, median_of)
+    return spread_too_wide(median, lo, hi)
 
 
 def _where(r: Any) -> str:

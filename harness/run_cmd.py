@@ -1,4 +1,5 @@
-"""``lazybench run SCENARIO``, ``lazybench report RUN_DIR``, ``lazybench compare BASE NEW``."""
+"""``lazybench run SCENARIO``, ``lazybench merge OUT RUN_DIR…``, ``lazybench report RUN_DIR``,
+``lazybench compare BASE NEW``."""
 
 from __future__ import annotations
 
@@ -48,6 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
+
+    merge = sub.add_parser(
+        "merge",
+        help="join the shards of one run (`run --shard K/N`) into one run directory",
+        description="Join run directories holding shards of one scenario into OUT and report "
+        "on it. Shards of different scenarios are refused; shards run on different machines "
+        "are marked in environment.json and the report.",
+    )
+    merge.add_argument("out", type=Path, help="the merged run directory (new)")
+    merge.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    merge.set_defaults(func=cmd_merge)
 
     report = sub.add_parser("report", help="(re)build table, chart and report of a run")
     report.add_argument("run_dir", type=Path)
@@ -143,6 +155,25 @@ def _failures(run_dir: Path, status: str) -> list[str]:
     from harness.records import read_records
 
     return [f"{r.workload}/{r.mode}" for r in read_records(run_dir) if r.status == status]
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from harness.merge import merge_runs
+    from harness.records import read_environment
+    from harness.report import write_report
+
+    out = merge_runs(args.out, args.run_dirs)
+    env = read_environment(out)
+    print(f"merged {len(args.run_dirs)} run directories into {out}")
+    if env.get("machines_differ"):
+        print(
+            "lazybench: the shards ran on different machines (see environment.json: shards)",
+            file=sys.stderr,
+        )
+    report = write_report(out)
+    print(report.table_text)
+    print(f"table:  {report.table}\nchart:  {report.charts[0]} (and .svg)\nreport: {report.report}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -85,7 +85,7 @@ def _quantile(q: float) -> Callable[..., Any]:
     return statistic
 
 
-def _median(x: np.ndarray, axis: int = -1) -> Any:
+def median_of(x: np.ndarray, axis: int = -1) -> Any:
     return np.median(x, axis=axis)
 
 
@@ -156,7 +156,7 @@ def aggregate(df: pd.DataFrame, percentile: float) -> pd.DataFrame:
             row[f"{name}_max"] = float(values.max())
             row[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
             if name in CI_METRICS:
-                lo, hi = bootstrap_interval(values, _median)
+                lo, hi = bootstrap_interval(values, median_of)
                 row[f"{name}_median_lo"], row[f"{name}_median_hi"] = lo, hi
                 lo, hi = bootstrap_interval(values, _quantile(q))
                 row[f"{name}_p_lo"], row[f"{name}_p_hi"] = lo, hi
@@ -211,7 +211,7 @@ def compare_samples(
     b = np.asarray(new, dtype=float)
     if len(a) == 0 or len(b) == 0:
         raise ValueError("compare_samples needs samples on both sides")
-    stat = _median if statistic == "median" else _quantile(percentile / 100.0)
+    stat = median_of if statistic == "median" else _quantile(percentile / 100.0)
     va, vb = float(stat(a)), float(stat(b))
     lo = hi = float("nan")
     if min(len(a), len(b)) >= MIN_SAMPLES:
@@ -250,7 +250,7 @@ def ratio_of(
     ((ratio, nan, nan) with fewer than :data:`MIN_SAMPLES` samples on a side)."""
     a = np.asarray(base, dtype=float)
     b = np.asarray(new, dtype=float)
-    stat = _median if statistic == "median" else _quantile(percentile / 100.0)
+    stat = median_of if statistic == "median" else _quantile(percentile / 100.0)
     ratio = float(stat(b) / stat(a)) if stat(a) else float("nan")
     if min(len(a), len(b)) < MIN_SAMPLES or not stat(a):
         return (ratio, float("nan"), float("nan"))
