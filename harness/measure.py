@@ -5,12 +5,15 @@ Order of a run:
 1. *Preparation* (:mod:`harness.prepare`): images built and pushed, the link set up and
    measured, the registry started behind it (inside the link's namespace); podman and the store
    reach it at the namespace's address over plain HTTP.
-2. *Measurements*: per sample the (workload × mode) list is shuffled (seeded: a resumed run
-   keeps the order). Each measurement gets a fresh podman (graphroot, runroot, configs, empty
-   blob-info cache; the layer store only in lazy modes) and, in lazy modes, the store started
-   with an empty cache. ``pull``, ``create`` and ``run`` (until the ready line, or exit) are
-   timed separately; the registry's access log gives bytes and requests, including those done
-   before the workload's first output line.
+2. *Measurements*: per sample the (workload × mode × store) list is shuffled (seeded: a resumed
+   run keeps the order; :mod:`harness.plan`, which also cuts a ``--shard K/N`` out of it).
+   Each measurement gets a fresh podman (graphroot, runroot, configs, empty blob-info cache;
+   the layer store only in lazy modes) and, in lazy modes, that store started with an empty
+   cache. ``pull``, ``create`` and ``run`` (until the ready line, or exit) are timed
+   separately; the registry's access log gives bytes and requests, including those done
+   before the workload's first output line. In lazy modes the laziness verdict
+   (:mod:`harness.laziness`: podman's storage right after the pull, the registry's log after
+   the run) turns a record whose layers did not all come from the store into "fell-back".
 
 Records are appended as they complete (:mod:`harness.records`); a run is resumed by skipping the
 keys already recorded as successful. SIGINT/SIGTERM raise :class:`Interrupted` once (further

@@ -148,8 +148,8 @@ def draw_chart(
 ) -> list[Path]:
     """Stacked pull/create/run bars (chosen percentile) per mode (and store), one panel per
     workload, each sample's total as a black dot, the percentile's 95 % interval as an error
-    bar; a cell with fallbacks is labelled "fell back N" in red (and has no bar when nothing
-    was ok). Written as ``stem.png`` and ``stem.svg``."""
+    bar; a cell with fallbacks has its label in red with "fell back N×" (and no bar when
+    nothing was ok). Written as ``stem.png`` and ``stem.svg``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +161,7 @@ def draw_chart(
     fig, axes = plt.subplots(
         1,
         len(workloads),
-        figsize=(max(4.0, (1.4 + 0.55 * widest) * len(workloads)), 4.6),
+        figsize=(max(5.5, (1.4 + 0.55 * widest) * len(workloads)), 4.8),
         squeeze=False,
     )
     top = float(pd.to_numeric(df["total_s"]).max()) if not df.empty else 0.0
@@ -190,27 +190,24 @@ def draw_chart(
                 ax.errorbar([x], [bottom[x]], yerr=err, color="#444", capsize=3, lw=0.8)
             if bottom[x] > 0:
                 ax.text(x, bottom[x], f"{bottom[x]:.1f}", ha="center", va="bottom", fontsize=8)
-            if r["fell_back"]:
-                ax.text(
-                    x,
-                    bottom[x] + 0.04 * max(top, 1.0),
-                    f"fell back {r['fell_back']}",
-                    ha="center",
-                    va="bottom",
-                    fontsize=7,
-                    color="#c00000",
-                    rotation=90,
-                )
-                top = max(top, bottom[x])
+        fell = list(group["fell_back"])
+        labels = [
+            f"{lab}\nfell back {n}×" if n else lab for lab, n in zip(labels, fell, strict=True)
+        ]
         ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
+        for tick, n in zip(ax.get_xticklabels(), fell, strict=True):
+            if n:
+                tick.set_color("#c00000")
         ax.set_title(workload)
         ax.set_ylabel("seconds")
         ax.set_ylim(0, max([*bottom, top]) * 1.3 or 1)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", ncol=3, fontsize=8)
-    fig.suptitle(title or f"time to first exec ({_pct_label(percentile)}; dots: samples)")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(
+        title or f"time to first exec ({_pct_label(percentile)}; dots: samples)", fontsize=10
+    )
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     paths = []
     for ext in ("png", "svg"):
         path = stem.with_suffix(f".{ext}")
@@ -407,7 +404,11 @@ def store_rows(df: pd.DataFrame, percentile: float, counts: pd.DataFrame) -> lis
                 if first.empty:
                     row[f"ratio_{key}"] = row[f"ratio_{key}_lo"] = row[f"ratio_{key}_hi"] = None
                     continue
-                ratio = ratio_of(first, mine, stat, percentile)
+                ratio = (
+                    ratio_of(first, mine, stat, percentile)
+                    if store != stores[0]
+                    else (1.0, float("nan"), float("nan"))
+                )
                 row[f"ratio_{key}"], row[f"ratio_{key}_lo"], row[f"ratio_{key}_hi"] = ratio
             row["p_value"] = (
                 compare_samples(first, mine).p_value_two_sided
