@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from harness.cli import UserError
-from harness.records import RECORDS, Record, read_environment, read_records
+from harness.records import RECORDS, Record, read_environment, read_records, sort_records
 from harness.report import fmt
 from harness.stats import (
     bootstrap_interval,
@@ -110,7 +110,7 @@ def _run_records(run_dir: Path) -> tuple[list[Record], float]:
         raise UserError(f"{run_dir}: no {RECORDS} here (not a run directory?)")
     env = read_environment(run_dir)
     percentile = float(env.get("scenario", {}).get("percentile", 95))
-    records = read_records(run_dir)
+    records = sort_records(read_records(run_dir), env)
     if not any(r.status in ("ok", "fell-back") for r in records):
         raise UserError(f"{run_dir}: no successful measurements")
     return records, percentile
@@ -143,7 +143,8 @@ def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFra
     a, b = _cells(base_records), _cells(new_records)
     keys = list(dict.fromkeys([*a, *b]))
     workloads = list(dict.fromkeys(k[0] for k in keys))
-    keys.sort(key=lambda k: (workloads.index(k[0]), mode_rank(k[1]), k[2] != "", k[2]))
+    # Stable: stores keep the scenario's order (sort_records), the first store first.
+    keys.sort(key=lambda k: (workloads.index(k[0]), mode_rank(k[1]), k[2] != ""))
     rows = []
     nan = float("nan")
     for key in keys:

@@ -163,6 +163,29 @@ def finished_keys(run_dir: Path) -> set[Key]:
     return {r.key for r in read_records(run_dir) if r.status in ("ok", "fell-back")}
 
 
+def sort_records(records: list[Record], env: dict[str, Any]) -> list[Record]:
+    """Records in the scenario's order (from ``environment.json``): workloads, then modes, then
+    no store before the stores in their scenario order (the first is the one reports compare
+    the others with), then samples. Unknown names go last, in their own order."""
+    scenario = env.get("scenario", {})
+    workloads = [w.get("name", w.get("recipe")) for w in scenario.get("workloads", [])]
+    modes = list(scenario.get("modes", []))
+    stores = [s.get("name") for s in scenario.get("stores", [])] or [DEFAULT_STORE_NAME]
+
+    def rank(seq: list[Any], value: Any) -> int:
+        return seq.index(value) if value in seq else len(seq)
+
+    return sorted(
+        records,
+        key=lambda r: (
+            rank(workloads, r.workload),
+            rank(modes, r.mode),
+            -1 if r.store == "" else rank(stores, r.store),
+            r.sample,
+        ),
+    )
+
+
 def read_environment(run_dir: Path) -> dict[str, Any]:
     path = run_dir / ENVIRONMENT
     if not path.exists():

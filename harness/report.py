@@ -27,7 +27,7 @@ import pandas as pd
 
 from harness.cli import UserError
 from harness.podman import write_atomic
-from harness.records import RECORDS, Key, read_environment, read_records
+from harness.records import RECORDS, Key, read_environment, read_records, sort_records
 from harness.stats import (
     CELL,
     PHASES,
@@ -486,7 +486,7 @@ def write_report(run_dir: Path) -> Report:
     env = read_environment(run_dir)
     scenario = env.get("scenario", {})
     percentile = float(scenario.get("percentile", 95))
-    records = read_records(run_dir)
+    records = sort_records(read_records(run_dir), env)
     df = records_frame(records)
     counts = status_counts(records)
     if df.empty and not counts["fell_back"].any():

@@ -173,3 +173,14 @@ def test_merge_marks_different_machines(tmp_path: Path, capsys: pytest.CaptureFi
     assert "different machines" in capsys.readouterr().err
     assert "different machines" in (tmp_path / "out" / "report.md").read_text()
     assert len(read_records(tmp_path / "out")) == 6
+
+
+def test_stores_keep_the_scenario_order_whatever_the_record_order(tmp_path: Path) -> None:
+    # "ours" is the scenario's first store; the records list "go" first.
+    run = write_run(tmp_path / "a", {"": [30, 31, 30], "go": [6, 6, 6.2], "ours": [5, 5, 5.1]})
+    report = write_report(run)
+    assert [r["store"] for r in report.stores] == ["ours", "go"]
+    assert report.stores[1]["ratio_median"] == pytest.approx(1.2)
+    assert report.table_text.index("· ours") < report.table_text.index("· go")
+    cmp = compare_runs(run, run)
+    assert list(cmp["store"]) == ["", "ours", "go"]
