@@ -322,6 +322,10 @@ def _environment_lines(env: dict[str, Any]) -> list[str]:
         "store_command",
         "git_commit",
     ):
+        if key == "store_command" and len(env.get("stores") or {}) > 1:
+            for name, command in env["stores"].items():
+                lines.append(f"- **store {name}**: `{' '.join(command)}`")
+            continue
         if env.get(key) not in (None, ""):
             value = env[key]
             if isinstance(value, list):
