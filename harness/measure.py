@@ -415,7 +415,7 @@ class Runner:
                     rec.error = fallback_reason(
                         layers,
                         [
-                            ("store log", _read_text(store.log_path)),
+                            (f"store log (logs/{tag}-store.log)", _read_text(store.log_path)),
                             ("podman pull", pull.stderr),
                         ],
                     )
