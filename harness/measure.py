@@ -156,6 +156,11 @@ def load_run_scenario(run_dir: Path) -> Scenario:
 
 @dataclass
 class Runner:
+    """Measures ``scenario`` (its ``shard`` only, when given) into ``run_dir``: one fsynced
+    record per key of the plan not yet finished there (:meth:`run`). Raises
+    :class:`harness.cli.UserError` for a run directory of another scenario or shard, or one
+    another run holds; :class:`Interrupted` on SIGINT/SIGTERM, after cleaning up."""
+
     scenario: Scenario
     run_dir: Path
     console: Console = field(default_factory=Console)
