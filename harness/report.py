@@ -94,19 +94,28 @@ def markdown_tables(cells: pd.DataFrame, percentile: float) -> str:
     ``pull | create | run | total`` in seconds at the chosen percentile, the total with its
     95 % bootstrap interval, MB fetched, the median total with its interval, range, MB before
     first output, samples, and the laziness verdict (``fell back`` counts, ``not checked``
-    for records from before the verdict existed). A ⚠ marks a cell
-    whose spread is too wide to tell anything (:func:`harness.stats.spread_too_wide`)."""
+    for records from before the verdict existed). A ⚠ marks a cell whose spread is too wide
+    to tell anything (:func:`harness.stats.spread_too_wide`). With several stores, ``÷ FIRST``
+    gives each store's total (chosen percentile) over the first store's."""
     p = _pct_label(percentile)
     stores = [st for st in dict.fromkeys(cells["store"]) if st]
+    versus = f" ÷ {stores[0]} |" if len(stores) > 1 else ""
     out: list[str] = []
     for workload, group in cells.groupby("workload", sort=False):
         out.append(f"### {workload}\n")
         out.append(
             f"| mode | pull ({p}, s) | create ({p}, s) | run ({p}, s) | total ({p}, s) [95% CI] "
             "| MB fetched | total median (s) [95% CI] | total min–max (s) "
-            "| MB before first output | samples | lazy |"
+            f"| MB before first output | samples | lazy |{versus}"
         )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        out.append(
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + "---:|" * bool(versus)
+        )
+        firsts = {
+            r["mode"]: _get(r, "total_p")
+            for _, r in group.iterrows()
+            if stores and r["store"] == stores[0]
+        }
         for _, r in group.iterrows():
             total = _with_ci(_get(r, "total_p"), _get(r, "total_p_lo"), _get(r, "total_p_hi"))
             median = _with_ci(
@@ -129,6 +138,11 @@ def markdown_tables(cells: pd.DataFrame, percentile: float) -> str:
                 f"| {fmt(_get(r, 'mb_fetched_median'), 1)} | {median} "
                 f"| {fmt(_get(r, 'total_min'))}–{fmt(_get(r, 'total_max'))} "
                 f"| {fmt(_get(r, 'mb_before_first_output_median'), 1)} | {r['ok']} | {lazy} |"
+                + (
+                    f" {_ratio(_get(r, 'total_p') / firsts.get(r['mode'], float('nan')))} |"
+                    if versus and r["store"]
+                    else " |" * bool(versus)
+                )
             )
         out.append("")
     return "\n".join(out)
@@ -148,7 +162,8 @@ def draw_chart(
 ) -> list[Path]:
     """Stacked pull/create/run bars (chosen percentile) per mode (and store), one panel per
     workload, each sample's total as a black dot, the percentile's 95 % interval as an error
-    bar; a cell with fallbacks has its label in red with "fell back N×" (and no bar when
+    bar, and with several stores each store's total over the first store's (``1.23×``);
+    a cell with fallbacks has its label in red with "fell back N×" (and no bar when
     nothing was ok). Written as ``stem.png`` and ``stem.svg``."""
     import matplotlib
 
@@ -177,6 +192,11 @@ def draw_chart(
             heights = [0.0 if pd.isna(v) else float(v) for v in column]
             ax.bar(xs, heights, 0.65, bottom=bottom, color=PHASE_COLORS[phase], label=phase)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        firsts = {
+            m: b
+            for m, st, b in zip(group["mode"], group["store"], bottom, strict=True)
+            if stores and st == stores[0]
+        }
         for x, (_, r) in zip(xs, group.iterrows(), strict=True):
             mine = df[
                 (df["workload"] == workload)
@@ -189,7 +209,11 @@ def draw_chart(
                 err = [[max(0.0, bottom[x] - lo)], [max(0.0, hi - bottom[x])]]
                 ax.errorbar([x], [bottom[x]], yerr=err, color="#444", capsize=3, lw=0.8)
             if bottom[x] > 0:
-                ax.text(x, bottom[x], f"{bottom[x]:.1f}", ha="center", va="bottom", fontsize=8)
+                label = f"{bottom[x]:.1f}"
+                first = firsts.get(r["mode"], 0.0)
+                if len(stores) > 1 and r["store"] and r["store"] != stores[0] and first > 0:
+                    label += f"\n{bottom[x] / first:.2f}× {stores[0]}"
+                ax.text(x, bottom[x], label, ha="center", va="bottom", fontsize=8)
         fell = list(group["fell_back"])
         labels = [
             f"{lab}\nfell back {n}×" if n else lab for lab, n in zip(labels, fell, strict=True)
