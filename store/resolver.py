@@ -16,9 +16,13 @@ A layer is served only when it is eStargz or zstd:chunked and verifiable: its de
 carry the TOC digest annotation (eStargz ``containerd.io/snapshot/stargz/toc.digest``, or
 zstd:chunked's ``manifest-checksum`` with its ``manifest-position``), and the TOC fetched from
 the blob must hash to it. Anything else raises :class:`NotEstargzError` (→ ENOENT, normal
-pull) or :class:`ResolveError` (→ EIO). A zstd:chunked layer is looked up by the value
-containers/storage ≥ 1.54 uses as its TOC digest (``toc.GetTOCDigest``: the manifest checksum
-annotation itself), and its ``info`` says ``compression`` 4 (``archive.Zstd``).
+pull) or :class:`ResolveError` (→ EIO). A layer whose own bytes fail a check (footer, TOC
+digest, any rule of the format library's validated index, the ``toc_max_bytes`` /
+``toc_max_entries`` caps) raises :class:`LayerRefused` (→ EIO): logged once with its cause and
+remembered, so later lookups answer at once without refetching. A zstd:chunked layer is looked
+up by the value containers/storage ≥ 1.54 uses as its TOC digest (``toc.GetTOCDigest``: the
+manifest checksum annotation itself), and its ``info`` says ``compression`` 4
+(``archive.Zstd``).
 """
 
 from __future__ import annotations

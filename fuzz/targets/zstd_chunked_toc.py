@@ -1,18 +1,19 @@
-"""The zstd:chunked TOC as containers/storage writes it, from the wire to the validated index.
+"""The TOC of a zstd:chunked layer, from the wire to the validated index.
 
-Input: the first byte picks the form, the rest is the payload —
+Input: the first byte picks the form (modulo 5), the rest is the payload —
 
-* ``0``: TOC JSON, compressed here, described by a ``manifest-position`` with the right sizes
-  and checked against the right ``manifest-checksum`` (so the JSON itself is what is fuzzed);
-* ``1``: the compressed frame itself (bytes from the wire); the next 4 payload bytes are the
-  uncompressed size the position claims;
+* ``0``: TOC JSON, compressed here, found as containers/storage finds it: a
+  ``manifest-position`` with the right sizes and the right ``manifest-checksum`` (so the JSON
+  itself is what is fuzzed), through :func:`store.estargz.parse_manifest`;
+* ``1``: as 0, but the payload is the compressed frame itself (bytes from the wire); its first
+  4 bytes are the uncompressed size the position claims;
 * ``2``: the payload (as text) is the value of both zstd:chunked annotations, parsed by
-  :func:`store.estargz.zstd_chunked_layer`.
+  :func:`store.estargz.zstd_chunked_layer`;
+* ``3`` and ``4``: as 0 and 1, but found through a zstd:chunked footer (stargz-snapshotter's
+  zstdchunked, read by :func:`store.estargz.toc.parse_toc`).
 
-Forms 0 and 1 go through :func:`store.estargz.parse_manifest` and
-:class:`store.estargz.LayerIndex`; the index's invariants are checked (clean paths under
-directories, chunks covering each file in order, every frame before the TOC), and so are the
-header-frame spans the store measures the tar with.
+Every TOC goes through :class:`store.estargz.LayerIndex` and the index's invariants; forms 0
+and 1 also through the header-frame spans the store measures the tar with.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import itertools
 
 import zstandard
 
+from fuzz.targets._common import TOC_OFFSET, check_index, index_from_compressed_toc
 from store.estargz import (
     LEGACY_MANIFEST_CHECKSUM_KEY,
     LEGACY_MANIFEST_POSITION_KEY,
+    ZSTD_FOOTER_SIZE,
     EstargzError,
+    Footer,
+    FooterKind,
     LayerIndex,
     ManifestPosition,
-    clean_name,
     manifest_checksum,
     parse_manifest,
     zstd_chunked_layer,
@@ -36,13 +40,11 @@ from store.estargz.zstdchunked import file_frames, header_frames
 
 ALLOWED: tuple[type[BaseException], ...] = (EstargzError,)
 
-TOC_OFFSET = 1 << 40  # where the TOC claims to be: every frame must come before it
-
 
 def one_input(data: bytes) -> None:
     if not data:
         return
-    form, payload = data[0] % 3, data[1:]
+    form, payload = data[0] % 5, data[1:]
     if form == 2:
         text = payload.decode("utf-8", "replace")
         layer = zstd_chunked_layer(
@@ -51,36 +53,25 @@ def one_input(data: bytes) -> None:
         assert layer is not None
         assert layer.position.offset >= 8 and layer.position.length > 0
         return
-    if form == 0:
+    usize: int | None
+    if form in (0, 3):
         compressed = zstandard.ZstdCompressor(level=1).compress(payload)
         usize = len(payload)
     else:
-        usize = int.from_bytes(payload[:4].ljust(4, b"\0"), "little")
+        usize = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else None
         compressed = payload[4:]
+    if form in (3, 4):
+        footer = Footer(
+            FooterKind.ZSTD_CHUNKED, TOC_OFFSET, len(compressed), usize, ZSTD_FOOTER_SIZE
+        )
+        index_from_compressed_toc(compressed, footer)
+        return
     if not compressed or not usize:
         return
     position = ManifestPosition(TOC_OFFSET, len(compressed), usize)
     toc = parse_manifest(compressed, position, manifest_checksum(compressed))
     assert toc.digest == manifest_checksum(compressed) and toc.compression == "zstd"
-    index = LayerIndex.from_toc(toc)
-    _check_index(index)
+    check_index(LayerIndex.from_toc(toc), TOC_OFFSET)
     spans = header_frames(file_frames(toc.entries), toc.offset)
     assert all(lo < hi for lo, hi in spans), spans
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans
-
-
-def _check_index(index: LayerIndex) -> None:
-    for path, entry in index.names():
-        assert clean_name(path) == path, path
-        if path:
-            parent = index.lookup(path.rpartition("/")[0])
-            assert parent is not None and parent.type == "dir", path
-        if entry.type != "reg":
-            continue
-        pos = 0
-        for c in entry.chunks:
-            assert c.chunk_offset == pos and c.size > 0, (path, c)
-            assert 0 <= c.offset < c.compressed_end <= TOC_OFFSET, (path, c)
-            assert c.compression == "zstd"
-            pos += c.size
-        assert pos == entry.size, (path, pos, entry.size)

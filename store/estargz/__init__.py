@@ -14,15 +14,20 @@ Sans-IO pieces for the async store (it fetches bytes itself):
         data = fetch(c.offset, c.compressed_end - c.offset)
         payload = decompress_chunk(c, data)                         # ChunkDigestMismatch
 
+``LayerIndex.from_toc_json`` is the one TOC → validated tree path (module doc of
+:mod:`store.estargz.index` for its rules); any container of the TOC schema (a zstd:chunked
+frame too) feeds it uncompressed JSON pieces. Synchronous convenience: :class:`EstargzReader`
+over a :class:`BlobSource`; writers: :func:`convert` (eStargz) and
+:func:`write_zstd_chunked`.
+
 zstd:chunked as containers/storage writes it (:mod:`.zstdchunked`): the TOC is found and
-verified through the layer's annotations instead of the footer, then feeds the same index::
+verified through the layer's annotations instead of the footer, then streams into the same
+index::
 
     layer = zstd_chunked_layer(descriptor_annotations)             # None: not zstd:chunked
-    toc = parse_manifest(fetch(*layer.toc_range), layer.position, layer.checksum)
-    index = LayerIndex.from_toc(toc)                                # same path as above
-
-Synchronous convenience: :class:`EstargzReader` over a :class:`BlobSource`; writers:
-:func:`convert` (eStargz) and :func:`write_zstd_chunked`.
+    entries = manifest_entries(fetch(*layer.toc_range), layer.position, layer.checksum)
+    index = LayerIndex.from_entries(entries, toc_offset=layer.position.offset,
+                                    compression="zstd")
 """
 
 from .chunk import decompress_chunk
