@@ -3,7 +3,8 @@
 Facts, read from containers/storage ``pkg/chunked`` (``compressor/compressor.go``,
 ``internal/compression.go`` — moved to ``internal/minimal/compression.go`` in newer releases —,
 ``compression_linux.go``, ``toc/toc.go``) and checked against blobs written here by skopeo 1.9.3
-(containers/storage 1.43, the compressor podman 4.3 uses):
+(containers/storage 1.43, the compressor podman 4.3 uses) and skopeo 1.18 (containers/storage
+1.57, podman 5.4's, in a Debian trixie root) — both are test vectors:
 
 * The blob is a concatenation of zstd frames; decompressed in one go it is the layer tar.
   Compression restarts (a new frame) where each regular file's payload starts and at each of
@@ -18,11 +19,15 @@ Facts, read from containers/storage ``pkg/chunked`` (``compressor/compressor.go`
     layer annotations ``io.containers.zstd-chunked.manifest-checksum`` and
     ``io.containers.zstd-chunked.manifest-position``.
   - newer (podman 5.x): after the TOC frame a *tar-split* frame (skippable, payload = the
-    zstd-compressed tar-split JSON lines, see :func:`tar_split`); footer payload 64 bytes =
+    zstd-compressed JSON lines of github.com/vbatts/tar-split ``tar/storage``:
+    ``{"type":2,"payload":<base64 raw tar bytes>,"position":N}`` for headers and padding,
+    ``{"type":1,"name":…,"size":…,"payload":<base64 CRC-64/ISO of the contents, null when
+    empty>,"position":N}`` per entry); footer payload 64 bytes =
     the four fields above, then tar-split offset, compressed and uncompressed length, then
     magic ``GNUlInUx``; annotations under ``io.github.containers.zstd-chunked.`` plus
     ``…tarsplit-position`` (``offset:length:uncompressed``); the TOC gains ``tarSplitDigest``
-    (sha256 of the *compressed* tar-split bytes).
+    (sha256 of the *compressed* tar-split bytes). This writer also keeps the tar's record
+    padding after the end-of-archive marker in the last frame; 1.43's drops it.
 
 * ``manifest-position`` is ``offset:length:uncompressedLength:type``: the offset of the
   compressed TOC (just past the skippable frame's 8-byte header), its compressed and

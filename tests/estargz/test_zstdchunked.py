@@ -22,6 +22,13 @@ from store.estargz import zstdchunked as Z
 DATA = Path(__file__).parent / "data"
 SKOPEO = json.loads((DATA / "zstd-chunked-skopeo19.json").read_text())
 SKOPEO_BLOB = (DATA / "zstd-chunked-skopeo19.blob").read_bytes()
+# The same tar as written by podman 5's generation: skopeo 1.18 (containers/storage 1.57).
+SKOPEO5 = json.loads((DATA / "zstd-chunked-skopeo118.json").read_text())
+SKOPEO5_BLOB = (DATA / "zstd-chunked-skopeo118.blob").read_bytes()
+VECTORS = {
+    "podman4": (SKOPEO, SKOPEO_BLOB, E.ZSTD_FOOTER_SIZE),
+    "podman5": (SKOPEO5, SKOPEO5_BLOB, E.ZSTD_FOOTER_V2_SIZE),
+}
 
 
 def _plain(blob: bytes) -> bytes:
@@ -46,21 +53,23 @@ def _reader(blob: bytes, annotations: dict[str, str]) -> E.EstargzReader:
     return E.EstargzReader(E.BytesBlobSource(blob), zstd_chunked=E.zstd_chunked_layer(annotations))
 
 
-def test_skopeo_layer_reads_back_its_files():
-    layer = E.zstd_chunked_layer(SKOPEO["descriptor"]["annotations"])
-    assert layer is not None and layer.generation == "podman4"
-    r = E.EstargzReader(E.BytesBlobSource(SKOPEO_BLOB), zstd_chunked=layer)
+@pytest.mark.parametrize("generation", sorted(VECTORS))
+def test_skopeo_layer_reads_back_its_files(generation):
+    meta, blob, footer_size = VECTORS[generation]
+    layer = E.zstd_chunked_layer(meta["descriptor"]["annotations"])
+    assert layer is not None and layer.generation == generation
+    r = E.EstargzReader(E.BytesBlobSource(blob), zstd_chunked=layer)
     # The TOC digest is the checksum annotation: sha256 of the *compressed* TOC bytes.
     start, end = layer.toc_range
-    assert r.toc.digest == layer.checksum == Z.manifest_checksum(SKOPEO_BLOB[start:end])
-    assert r.footer.footer_size == E.ZSTD_FOOTER_SIZE
+    assert r.toc.digest == layer.checksum == Z.manifest_checksum(blob[start:end])
+    assert r.footer.footer_size == footer_size
     assert r.footer.toc_offset == layer.position.offset
-    assert "sha256:" + hashlib.sha256(_plain(SKOPEO_BLOB)).hexdigest() == SKOPEO["diff_id"]
+    assert "sha256:" + hashlib.sha256(_plain(blob)).hexdigest() == meta["diff_id"]
     sums = r.verify_all()
-    for path, digest in SKOPEO["files"].items():
+    for path, digest in meta["files"].items():
         e = r.lookup(path)
         assert sums.get(e.name, None) == digest, path
-    for path, etype in SKOPEO["types"].items():
+    for path, etype in meta["types"].items():
         assert r.index.lookup(path).type == ("reg" if etype == "hardlink" else etype), path
     tool = r.lookup("usr/bin/tool")
     assert len(tool.chunks) > 2
@@ -70,6 +79,34 @@ def test_skopeo_layer_reads_back_its_files():
     assert tool.chunks[-1].compressed_end == next(
         x["endOffset"] for x in r.toc.entries if x.get("name") == "./usr/bin/tool"
     )
+
+
+def test_podman5_tar_split_frame_as_skopeo_writes_it():
+    """The tar-split frame of podman 5's generation: its compressed bytes hash to the TOC's
+    ``tarSplitDigest``; JSON lines of segments and files, each file with its CRC-64/ISO —
+    the schema our writer's podman-5 layout follows."""
+    layer = E.zstd_chunked_layer(SKOPEO5["descriptor"]["annotations"])
+    offset, length, usize = layer.tar_split
+    frame = SKOPEO5_BLOB[offset : offset + length]
+    start, end = layer.toc_range
+    toc = json.loads(
+        zstandard.ZstdDecompressor().decompressobj().decompress(SKOPEO5_BLOB[start:end])
+    )
+    assert toc["tarSplitDigest"] == Z.manifest_checksum(frame)
+    lines = zstandard.ZstdDecompressor().decompressobj().decompress(frame)
+    assert len(lines) == usize
+    r = E.EstargzReader(E.BytesBlobSource(SKOPEO5_BLOB), zstd_chunked=layer)
+    files = 0
+    for pos, line in enumerate(lines.splitlines()):
+        entry = json.loads(line)
+        assert set(entry) <= {"type", "name", "size", "payload", "position"}
+        assert entry["position"] == pos and entry["type"] in (1, 2)
+        if entry["type"] == 1 and entry.get("size"):
+            crc = Z._Crc64()
+            crc.update(r.read_file(entry["name"]))
+            assert base64.b64decode(entry["payload"]) == crc.digest(), entry["name"]
+            files += 1
+    assert files == 2
 
 
 def test_skopeo_layer_tampering_is_caught():

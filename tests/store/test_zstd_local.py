@@ -22,6 +22,8 @@ from tests.store.conftest import FileBlob
 
 DATA = Path(__file__).parents[1] / "estargz" / "data"
 META = json.loads((DATA / "zstd-chunked-skopeo19.json").read_text())
+# skopeo 1.9 → podman 4.3's writer; skopeo 1.18 (Debian trixie) → podman 5's writer.
+WRITERS = ["zstd-chunked-skopeo19", "zstd-chunked-skopeo118"]
 
 
 async def _open(blob: FileBlob, annotations: dict[str, str], tmp_path: Path) -> Layer:
@@ -40,19 +42,21 @@ async def _open(blob: FileBlob, annotations: dict[str, str], tmp_path: Path) -> 
 
 
 @pytest.mark.anyio
-async def test_skopeo_layer_tree_and_contents(tmp_path):
-    blob = FileBlob(DATA / "zstd-chunked-skopeo19.blob")
-    layer = await _open(blob, META["descriptor"]["annotations"], tmp_path)
-    start, end = estargz.zstd_chunked_layer(META["descriptor"]["annotations"]).toc_range
+@pytest.mark.parametrize("writer", WRITERS)
+async def test_skopeo_layer_tree_and_contents(tmp_path, writer):
+    meta = json.loads((DATA / f"{writer}.json").read_text())
+    blob = FileBlob(DATA / f"{writer}.blob")
+    layer = await _open(blob, meta["descriptor"]["annotations"], tmp_path)
+    start, end = estargz.zstd_chunked_layer(meta["descriptor"]["annotations"]).toc_range
     assert blob.requests[0] == [(start, end)]  # the TOC alone, where the annotation says
     # Then the header frames' sizes, for info's diff-size: the tar's exact length.
     plain = zstandard.ZstdDecompressor().stream_reader(
         io.BytesIO(blob.data), read_across_frames=True
     )
     assert layer.index.uncompressed_size == len(plain.read())
-    assert len(blob.requests) == 3  # frame headers, then the frames that do not say their size
+    assert len(blob.requests) <= 3  # frame headers, then frames that do not say their size
     nodes = dict(layer.tree.walk())
-    for path, digest in META["files"].items():
+    for path, digest in meta["files"].items():
         if path.rsplit("/", 1)[-1].startswith(".wh."):
             continue
         node = nodes[path]
