@@ -20,7 +20,7 @@ annotations instead (:mod:`store.estargz.zstdchunked`): one read of exactly the 
 TOC where ``manifest-position`` says, its sha256 checked against ``manifest-checksum`` before
 anything is decompressed, then the same streaming decode into the validated index. Their
 tar's size, which no annotation carries and podman 4.3 needs, is measured from the frames
-between the files (:func:`_zstd_tar_size`).
+between the files, when podman first asks for it (:func:`measure_tar_size`).
 
 Every error of the layer's own bytes is an :class:`store.estargz.EstargzError` (or
 :class:`TocError` for a format the store does not serve): the caller refuses the layer.
@@ -28,6 +28,7 @@ Every error of the layer's own bytes is an :class:`store.estargz.EstargzError` (
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -133,30 +134,36 @@ async def _load_zstd_chunked(
         )
     if on_verified is not None:
         on_verified(None)  # zstd:chunked has no prefetch landmark
-    files: list[tuple[int, int, int]] = []
+    files = array("q")  # offset, endOffset, size of each file's frames: 24 bytes a file
 
     def build() -> LayerIndex:
         entries = estargz.manifest_entries(toc_bytes, layer.position, None, limits)
         return LayerIndex.from_entries(_tap(entries, files), toc_offset=lo, compression="zstd")
 
     view = EstargzLayerView(await trio.to_thread.run_sync(build))
-    view.uncompressed_size = await _zstd_tar_size(blob, files, lo)
+    view._zstd_files = files
     return view
 
 
-def _tap(entries: Iterable[dict[str, Any]], files: list[tuple[int, int, int]]) -> Iterator:
+def _tap(entries: Iterable[dict[str, Any]], files: array) -> Iterator[dict[str, Any]]:
     """Pass ``entries`` on, noting each file's frames (validated by the index as they pass)."""
     for e in entries:
-        files.extend(zstdchunked.file_frames((e,)))
+        for frame in zstdchunked.file_frames((e,)):
+            files.extend(frame)
         yield e
 
 
-async def _zstd_tar_size(blob: BlobReader, files: list[tuple[int, int, int]], toc: int) -> int:
-    """The size of the tar the blob decompresses to, which podman < 5.1 wants in ``info``
-    (``diff-size``; ``podman save`` writes a tar entry that long) and no annotation carries:
-    the files' sizes from the TOC plus each header frame's content size — read from the
-    frame's header (18 bytes) where the writer recorded it, else by inflating that frame."""
-    frames = zstdchunked.header_frames(files, toc)
+async def measure_tar_size(view: EstargzLayerView, blob: BlobReader) -> int | None:
+    """The size of the tar a zstd:chunked blob decompresses to (None for other layers),
+    measured once: podman < 5.1 wants it in ``info`` (``diff-size``; ``podman save`` writes a
+    tar entry that long) and no annotation carries it. The files' sizes from the TOC plus each
+    header frame's content size — read from the frame's header (18 bytes; one ranged read of
+    up to 32 frames at a time) where the writer recorded it, else by inflating that frame."""
+    if view.uncompressed_size is not None or view._zstd_files is None:
+        return view.uncompressed_size
+    flat = view._zstd_files
+    files = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+    frames = zstdchunked.header_frames(files, view.toc_offset)
     heads = await blob.read_ranges([(lo, min(hi, lo + 18)) for lo, hi in frames])
     total = sum(size for _, _, size in files)
     unknown = []
@@ -170,6 +177,8 @@ async def _zstd_tar_size(blob: BlobReader, files: list[tuple[int, int, int]], to
         for (lo, hi), data in zip(unknown, await blob.read_ranges(unknown), strict=True):
             where = f"zstd:chunked header frame at offset {lo}"
             total += len(zstdchunked.inflate_bounded(data, 64 * (hi - lo) + (1 << 20), where))
+    view.uncompressed_size = total
+    view._zstd_files = None
     return total
 
 
@@ -178,9 +187,10 @@ class EstargzLayerView:
 
     def __init__(self, index: LayerIndex) -> None:
         self.index = index
-        # The decompressed blob's size where the format does not say it elsewhere (measured
-        # for zstd:chunked, see :func:`_zstd_tar_size`).
+        # zstd:chunked: the decompressed blob's size, measured on first need from the file
+        # frames noted while the TOC was read (:func:`measure_tar_size`).
         self.uncompressed_size: int | None = None
+        self._zstd_files: array | None = None
 
     def chunks_of(self, entry: Entry) -> Sequence[Chunk]:
         return entry.chunks

@@ -52,7 +52,7 @@ from store.estargz import (
     ZstdChunkedLayer,
     zstd_chunked_layer,
 )
-from store.estargz_view import EstargzLayerView, load_layer_index
+from store.estargz_view import EstargzLayerView, load_layer_index, measure_tar_size
 from store.layer import AheadBlob, BlobReader, Layer
 from store.tree import LayerTree, TreeError
 
@@ -307,11 +307,15 @@ class LayerManager:
         elif desc.zstd_chunked is not None:
             # No annotation carries a zstd:chunked tar's size, and podman 4.3 needs it: 0
             # makes `podman save` write a 0-byte tar entry ("write too long"), -1 fails its
-            # image size ("size for layer is unknown"). The layer's loader measured it.
+            # image size ("size for layer is unknown"). Measured here, on the old protocol
+            # only (podman ≥ 5.1 takes -1), within the resolve bound; without it the pull
+            # still works and only `podman save` of the image fails.
             layer = await self.get_layer(ref, digest)
-            measured = getattr(layer.index, "uncompressed_size", None)
-            if measured is not None:
-                info["diff-size"] = measured
+            if isinstance(layer.index, EstargzLayerView):
+                with trio.move_on_after(self.config.resolve_timeout_sec):
+                    measured = await measure_tar_size(layer.index, layer.blob)
+                    if measured is not None:
+                        info["diff-size"] = measured
         return info
 
     # -- layers ------------------------------------------------------------------------------
