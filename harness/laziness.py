@@ -138,6 +138,8 @@ def image_layer_chain(graphroot: Path, image: str) -> list[dict[str, Any]]:
         rec = layers.get(layer_id)
         if rec is None:
             raise LookupError(f"layer {layer_id} of {image!r} has no record in {graphroot}")
+        if any(r is rec for r in chain):
+            raise LookupError(f"layer {layer_id} of {image!r} is its own ancestor in {graphroot}")
         chain.append(rec)
         layer_id = rec.get("parent")
     return chain[::-1]
@@ -166,7 +168,7 @@ def storage_verdict(graphroot: Path, image: str, store_mount: Path | None) -> Ve
     (``None``: no store, so no layer is)."""
     try:
         chain = image_layer_chain(graphroot, image)
-    except (LookupError, OSError, ValueError, KeyError) as exc:
+    except (LookupError, OSError, ValueError, TypeError, AttributeError) as exc:
         return Verdict(problem=f"cannot read the runtime's storage: {exc}")
     return Verdict(
         [
