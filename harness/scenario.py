@@ -347,6 +347,13 @@ def parse_scenario(
     else:
         stores = (_parse_store(c, c.table(data.get("store", {}), "store"), "store", named=False),)
 
+    if runtime == "crio" and len(stores) > 1:
+        raise c.fail(
+            "stores",
+            "runtime 'crio' measures the host's CRI-O with the one layer store its operator "
+            "configured: name at most one store",
+        )
+
     raw_workloads = data.get("workloads")
     if raw_workloads is None:
         raise c.fail("workloads", "missing: add at least one [[workloads]] table")

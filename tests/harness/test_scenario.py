@@ -180,3 +180,15 @@ def test_old_store_table_still_works_and_cannot_mix_with_stores() -> None:
             {"store": {}, "stores": [{"name": "a"}], "workloads": [{"recipe": "python"}]},
             "f.toml",
         )
+
+
+def test_crio_takes_one_store_only() -> None:
+    with pytest.raises(ScenarioError, match=r"stores: runtime 'crio' .*at most one store"):
+        parse_scenario(
+            {
+                "runtime": "crio",
+                "stores": [{"name": "a"}, {"name": "b"}],
+                "workloads": [{"recipe": "python"}],
+            },
+            "f.toml",
+        )
