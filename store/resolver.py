@@ -305,12 +305,12 @@ class LayerManager:
         size = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)
         if size is not None and size.isdigit():
             info["diff-size"] = int(size)
-        elif desc.zstd_chunked is not None:
-            # No annotation carries a zstd:chunked tar's size, and podman 4.3 needs it: 0
-            # makes `podman save` write a 0-byte tar entry ("write too long"), -1 fails its
-            # image size ("size for layer is unknown"). Measured here, on the old protocol
-            # only (podman ≥ 5.1 takes -1), within the resolve bound; without it the pull
-            # still works and only `podman save` of the image fails.
+        elif desc.zstd_chunked is not None and self.config.zstd_measure_diff_size:
+            # No annotation carries a zstd:chunked tar's size, and podman 4.3's `podman save`
+            # needs it: without it (0) save writes a 0-byte tar entry ("write too long"); -1
+            # fails its image size ("size for layer is unknown"). Measuring costs a ranged
+            # read per file (store/config.py), so only when configured, on the old protocol
+            # only (podman ≥ 5.1 takes -1), within the resolve bound.
             layer = await self.get_layer(ref, digest)
             if isinstance(layer.index, EstargzLayerView):
                 with trio.move_on_after(self.config.resolve_timeout_sec):

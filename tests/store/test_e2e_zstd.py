@@ -84,7 +84,9 @@ def test_lazy_pull_of_skopeo_layers_matches_full_pull(
     assert all(zstd_chunked_layer(b.annotations).generation == "podman4" for b in blobs)
     push(host, "zstd/img", "1", blobs)
     ref = f"{host}/zstd/img:1"
-    store = store_factory("noprefetch = true\nno_background_fetch = true\n")
+    store = store_factory(
+        "noprefetch = true\nno_background_fetch = true\nzstd_measure_diff_size = true\n"
+    )
 
     mark = registry.log_mark()
     with PodmanEnv(
@@ -105,6 +107,8 @@ def test_lazy_pull_of_skopeo_layers_matches_full_pull(
         assert (d / "blob").read_bytes() == blobs[0].data
         info = json.loads((d / "info").read_text())
         assert info["compression"] == 4 and info["diff-digest"] == blobs[0].diff_id
+        plain = zstandard.ZstdDecompressor().stream_reader(blobs[0].data, read_across_frames=True)
+        assert info["diff-size"] == len(plain.read())
 
     with PodmanEnv(tmp_path / "full", insecure_registries=[host]) as env:
         env.pull(ref, timeout=120)
