@@ -12,20 +12,26 @@ Layout follows the Go writer (containerd/stargz-snapshotter ``estargz.Writer``/`
   every chunk except a trailing partial one;
 * the TOC is the tar entry ``stargz.index.json`` (followed by the end-of-archive blocks) in
   its own gzip member, then the 51-byte footer. ``diff_id`` covers everything up to the
-  footer, decompressed.
+  footer, decompressed;
+* a name that appears more than once in the input is written once, as extracting the input
+  would leave it (the later entry wins; see :func:`_extracted`), so ``tar -xf`` of the output,
+  the TOC and a normal pull of either agree whatever the order of entries.
 
 Members are independent, so they are compressed in a thread pool (``compress`` releases the
 GIL) and written in order. Deflate comes from zlib-ng when installed (a dependency): its level
 9 is about 3x cheaper than classic zlib's at a slightly better ratio; stdlib zlib otherwise.
 Members are written in order; at most a few batches are in flight, so memory stays bounded
-whatever the layer size. With prioritized files the (decompressed) input is spooled to a
-temporary file so it can be read twice.
+whatever the layer size. The input is read twice (its headers, then the payloads in the
+output's order): a plain tar in a seekable file is read in place, anything else (compressed,
+a pipe) is first spooled decompressed to a temporary file, as the Go ``Build`` does.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import contextlib
+import copy
 import gzip
 import hashlib
 import io
@@ -115,15 +121,10 @@ def convert(
     try:
         w = _LayerWriter(members, chunk_size)
         try:
-            if prioritized:
-                with tempfile.TemporaryFile(prefix="lazybench-estargz-") as spool:
-                    _copy(plain, spool)
-                    spool.seek(0)
-                    for item in _prioritized_order(spool, prioritized):
-                        w.add(*item)
-            else:
+            if not prioritized:
                 w.add_landmark(NO_PREFETCH_LANDMARK)
-                for item in _stream_items(plain):
+            with _seekable(plain) as spool:
+                for item in _ordered(spool, prioritized):
                     w.add(*item)
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, ZstdError) as exc:
             raise InvalidLayerTar(f"input is not a readable tar: {exc}") from None
@@ -157,10 +158,17 @@ class _Prefixed(io.RawIOBase):
 
 
 def _decompressed(f: BinaryIO) -> BinaryIO:
-    """The plain tar stream from plain, gzip or zstd input (sniffed from the magic bytes)."""
+    """The plain tar stream from plain, gzip or zstd input (sniffed from the magic bytes).
+
+    A plain tar in a seekable file is returned as is (positioned where it was), so it need not
+    be spooled."""
+    start = f.tell() if _is_seekable(f) else None
     head = f.read(4)
     if not head:
         raise InvalidLayerTar("input is empty: not a tar")
+    if start is not None and head[:2] != b"\x1f\x8b" and head != b"\x28\xb5\x2f\xfd":
+        f.seek(start)
+        return f
     stream: BinaryIO = io.BufferedReader(_Prefixed(head, f), 1 << 20)  # type: ignore[arg-type]
     if head[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
@@ -168,6 +176,25 @@ def _decompressed(f: BinaryIO) -> BinaryIO:
         reader = ZstdDecompressor().stream_reader(stream, read_across_frames=True)
         return reader  # type: ignore[return-value]
     return stream
+
+
+def _is_seekable(f: BinaryIO) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _seekable(plain: BinaryIO) -> Iterator[BinaryIO]:
+    """``plain`` itself when it can seek, else a temporary file holding a copy of it."""
+    if _is_seekable(plain) and not isinstance(plain, gzip.GzipFile):
+        yield plain
+        return
+    with tempfile.TemporaryFile(prefix="lazybench-estargz-") as spool:
+        _copy(plain, spool)
+        spool.seek(0)
+        yield spool  # type: ignore[misc]
 
 
 def _copy(src: BinaryIO, dst: BinaryIO) -> None:
@@ -192,33 +219,90 @@ class _Reader:
         return data
 
 
-def _stream_items(f: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, _Reader | None]]:
-    with tarfile.open(fileobj=f, mode="r|", encoding="utf-8", errors="surrogateescape") as tar:
-        for ti in tar:
-            tar.members.clear()  # stream mode would otherwise keep every header
-            if _skip(ti):
-                continue
-            payload = tar.extractfile(ti) if ti.isreg() and ti.size else None
-            if payload is None:
-                yield ti, None
-            else:
-                yield ti, _Reader(payload, ti.size, ti.name)  # type: ignore[arg-type]
-
-
 def _skip(ti: tarfile.TarInfo) -> bool:
     return clean_name(ti.name) in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME)
 
 
-def _prioritized_order(
+def _extracted(infos: Iterable[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
+    """The entries that survive extracting the tar in order: one per name, the later wins.
+
+    What containers/storage's layer extraction (``UnpackLayer``) and ``tar -xf`` leave, applied
+    to the entry list, so the written layer, its TOC and any reordering agree with a normal
+    pull (the Go writer's ``Build`` also keeps only the last entry of a name):
+
+    * a later entry of a name replaces the earlier one, whatever the types (a file replacing a
+      symlink, a directory replacing a file ...);
+    * a non-directory replacing a directory removes what was under it (``os.RemoveAll``);
+    * a directory re-declared over a directory keeps its children and takes the later mode and
+      owner; extended attributes accumulate (extraction sets them, never clears them), the
+      later value of a key winning;
+    * a file replaced after hardlinks to it were made lives on in those hardlinks: the first
+      becomes a regular file with the old content, the others link to it.
+    """
+    kept: dict[int, tarfile.TarInfo] = {}  # input position -> entry (possibly rewritten)
+    where: dict[str, int] = {}  # clean name -> position in `kept`
+    links_to: dict[str, list[int]] = {}  # clean target name -> positions of hardlinks to it
+    for pos, ti in enumerate(infos):
+        name = clean_name(ti.name)
+        old_pos = where.get(name)
+        if old_pos is not None:
+            old = kept[old_pos]
+            if ti.isdir() and old.isdir():
+                ti = copy.copy(ti)
+                ti.pax_headers = {
+                    **{k: v for k, v in old.pax_headers.items() if k.startswith(XATTR_PREFIX)},
+                    **ti.pax_headers,
+                }
+                _drop(kept, where, links_to, name)
+            else:
+                _drop(kept, where, links_to, name)
+                if old.isdir() and not ti.isdir():
+                    for sub in [n for n in where if n.startswith(name + "/")]:
+                        _drop(kept, where, links_to, sub)
+        kept[pos] = ti
+        where[name] = pos
+        if ti.islnk():
+            links_to.setdefault(clean_name(ti.linkname), []).append(pos)
+    return [kept[pos] for pos in sorted(kept)]
+
+
+def _drop(
+    kept: dict[int, tarfile.TarInfo],
+    where: dict[str, int],
+    links_to: dict[str, list[int]],
+    name: str,
+) -> None:
+    """Remove ``name``'s entry; hardlinks made to it keep its content (see :func:`_extracted`)."""
+    pos = where.pop(name)
+    old = kept.pop(pos)
+    live = [p for p in links_to.pop(name, []) if p in kept and kept[p].islnk()]
+    live = [p for p in live if clean_name(kept[p].linkname) == name]
+    if not live:
+        return
+    first = live[0]
+    heir = copy.copy(old)  # keeps offset_data: the payload is read from the old entry
+    heir.name = kept[first].name
+    kept[first] = heir
+    heir_name = clean_name(heir.name)
+    if old.islnk():  # the dropped entry was itself a link: the heir links where it did
+        links_to.setdefault(clean_name(old.linkname), []).append(first)
+    for p in live[1:]:
+        link = copy.copy(kept[p])
+        link.linkname = heir.name
+        kept[p] = link
+        links_to.setdefault(heir_name, []).append(p)
+
+
+def _ordered(
     spool: BinaryIO, prioritized: list[str]
 ) -> Iterator[tuple[tarfile.TarInfo | None, _Reader | None]]:
-    """Prioritized files (with parents and hardlink targets), the landmark, then the rest —
-    Go's ``sortEntries``/``moveRec``. Yields ``(None, None)`` where the landmark goes."""
+    """The entries :func:`_extracted` keeps, in the Go writer's order (``sortEntries`` /
+    ``moveRec``): prioritized files (with parents and hardlink targets), the landmark, then the
+    rest. Yields ``(None, None)`` where ``.prefetch.landmark`` goes; with no prioritized files
+    there is none (the caller writes ``.no.prefetch.landmark`` first)."""
     with tarfile.open(fileobj=spool, mode="r:", encoding="utf-8", errors="surrogateescape") as tar:
-        infos = [ti for ti in tar.getmembers() if not _skip(ti)]
-    by_name: dict[str, int] = {}
-    for i, ti in enumerate(infos):
-        by_name[clean_name(ti.name)] = i  # the last of duplicates wins, as on extraction
+        infos = _extracted(ti for ti in tar.getmembers() if not _skip(ti))
+    by_name = {clean_name(ti.name): i for i, ti in enumerate(infos)}
     moved: list[int] = []
     taken: set[int] = set()
 
@@ -236,17 +320,20 @@ def _prioritized_order(
 
     for p in prioritized:
         move(p)
-    order = moved + [-1] + [i for i in range(len(infos)) if i not in taken]
-    for i in order:
-        if i < 0:
-            yield None, None
-            continue
-        ti = infos[i]
-        if ti.isreg() and ti.size:
-            spool.seek(ti.offset_data)
-            yield ti, _Reader(spool, ti.size, ti.name)
-        else:
-            yield ti, None
+    rest = [i for i in range(len(infos)) if i not in taken]
+    for i in moved:
+        yield _with_payload(spool, infos[i])
+    if prioritized:
+        yield None, None
+    for i in rest:
+        yield _with_payload(spool, infos[i])
+
+
+def _with_payload(spool: BinaryIO, ti: tarfile.TarInfo) -> tuple[tarfile.TarInfo, _Reader | None]:
+    if ti.isreg() and ti.size:
+        spool.seek(ti.offset_data)
+        return ti, _Reader(spool, ti.size, ti.name)
+    return ti, None
 
 
 # -- output ---------------------------------------------------------------------------------
