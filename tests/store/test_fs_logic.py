@@ -232,3 +232,18 @@ async def test_opaque_directory_answers_the_configured_xattr(vectors_dir, tmp_pa
                         fs.getxattr(ino, name)
                     assert exc.value.errno_value == errno.ENODATA
         nursery.cancel_scope.cancel()
+
+
+def test_a_blob_listed_twice_in_an_image_is_left_to_a_normal_pull():
+    """Both occurrences would be one directory: overlayfs refuses it twice as a lowerdir."""
+    from store.resolver import ImageInfo, NotEstargzError
+
+    toc = "containerd.io/snapshot/stargz/toc.digest"
+    twice = LayerDesc("sha256:" + "a" * 64, 10, {toc: "sha256:" + "b" * 64}, "sha256:" + "c" * 64)
+    once = LayerDesc("sha256:" + "d" * 64, 10, {toc: "sha256:" + "e" * 64}, "sha256:" + "f" * 64)
+    image = ImageInfo("r", b"{}", b"{}", [twice, once, twice])
+    for name in (twice.digest, twice.toc_digest):
+        with pytest.raises(NotEstargzError, match="listed 2 times"):
+            image.servable(name)
+    assert image.servable(once.digest) == (once, False)
+    assert image.servable(once.toc_digest) == (once, True)
