@@ -30,6 +30,14 @@ Our additions (top level):
                          read up as ordinary data, so ``all`` leaks ``user.overlay.opaque=y``
                          into every image committed from a container whose change touches an
                          opaque directory, which a normally pulled base never gives.
+``toc_max_bytes``        largest TOC accepted, uncompressed JSON bytes (default 256 MiB); a
+                         larger one — or a compressed TOC that could inflate past it — is
+                         refused before it is decoded, with an error naming the limit
+``toc_max_entries``      most TOC entries accepted (default 1,000,000; the index costs about
+                         0.7 KB per entry); decoding stops at the first entry past it
+
+Both caps bound the memory one hostile layer can take; a refused layer's lookup answers EIO
+and the store logs one line naming the cause (the runtime then pulls the layer normally).
 
 ``[fuse] attr_timeout / entry_timeout`` apply to the layer trees (default 60 s: their content
 is immutable); the store's own directories and files always use short timeouts.
@@ -77,6 +85,8 @@ class StoreConfig:
     resolve_timeout_sec: float = 15.0
     auth_file: str = ""
     overlay_opaque_type: str = "trusted"
+    toc_max_bytes: int = 256 << 20
+    toc_max_entries: int = 1_000_000
 
     @property
     def opaque_xattrs(self) -> tuple[bytes, ...]:
@@ -111,6 +121,8 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "resolve_timeout_sec": ("resolve_timeout_sec", _NUM),
     "auth_file": ("auth_file", (str,)),
     "overlay_opaque_type": ("overlay_opaque_type", (str,)),
+    "toc_max_bytes": ("toc_max_bytes", (int,)),
+    "toc_max_entries": ("toc_max_entries", (int,)),
 }
 
 # Keys whose value must be one of a few words.
@@ -153,6 +165,8 @@ _POSITIVE = {
     "fetching_timeout_sec",
     "resolve_timeout_sec",
     "cache_max_bytes",
+    "toc_max_bytes",
+    "toc_max_entries",
 }
 
 
