@@ -41,6 +41,10 @@ def _implicit_setgid(image: Image) -> bool:
     return "implicit-setgid" in _notes(image)
 
 
+def _names_its_root(image: Image) -> bool:
+    return any(e.kind == "dir" and not e.name for layer in image for e in layer)
+
+
 def _whiteout_after_its_entry(image: Image) -> bool:
     """A whiteout following, in its layer, an entry at or under the path it names (an opaque
     marker or a whiteout under that path names it as a directory too)."""
@@ -72,6 +76,12 @@ KNOWN: list[tuple[str, Callable[[Image], bool]]] = [
         "mkdir gives it the set-group-ID bit, the store's implicit directories are 0755 "
         "(store/tree.py)",
         _implicit_setgid,
+    ),
+    (
+        "a layer naming its root (./): podman's extraction keeps every layer root 0555 "
+        "root:root whatever the entry says, the store applies the entry (store/tree.py); seen "
+        "through podman image mount only, a container's root being its own layer's",
+        _names_its_root,
     ),
 ]
 
