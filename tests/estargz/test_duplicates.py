@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from fmt_helpers import CliResult, lazybench_command
 
 from store.estargz import BytesBlobSource, EstargzReader, convert
 from store.estargz.listing import listing
@@ -306,3 +307,32 @@ def test_duplicates_are_resolved_for_every_input_form(compress: str, tmp_path: P
     reader = EstargzReader(BytesBlobSource(out.getvalue()), res.toc_digest)
     (conf,) = [e for n, e in reader.index.names() if n == "conf"]
     assert reader.read_file(conf) == b"new\n"
+
+
+@pytest.mark.parametrize("stdin", [False, True])
+def test_cli_convert_and_ls_see_the_later_entry(tmp_path: Path, lazybench, stdin: bool) -> None:
+    """The field report through ``lazybench estargz convert --prioritized-files`` and ``ls``."""
+    src, out = tmp_path / "in.tar", tmp_path / "out.blob"
+    src.write_bytes(_tar(CASES["file-twice"].entries))
+    prio = tmp_path / "prio.txt"
+    prio.write_text("conf\n")
+    args = ["estargz", "convert", "-" if stdin else str(src), str(out), "--prioritized-files"]
+    if stdin:  # a pipe: not seekable, so the input is spooled
+        proc = subprocess.run(
+            [*lazybench_command(), *args, str(prio)],
+            input=src.read_bytes(),
+            capture_output=True,
+            timeout=120,
+        )
+        res = CliResult(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+    else:
+        res = lazybench(*args, str(prio))
+    assert res.code == 0, res.err
+    toc = json.loads(res.out)["toc_digest"]
+    res = lazybench("estargz", "ls", str(out), "--toc-digest", toc)
+    assert res.code == 0, res.err
+    lines = {json.loads(line)["name"]: json.loads(line) for line in res.out.splitlines()}
+    assert lines["conf"]["sha256"] == sha(b"new\n")
+    assert [n for n in lines if n == "conf"] == ["conf"]
+    assert _extract(out, tmp_path / "x", "-xzf").returncode == 0
+    assert (tmp_path / "x" / "conf").read_bytes() == b"new\n"
