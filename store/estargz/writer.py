@@ -232,7 +232,8 @@ def _extracted(infos: Iterable[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
 
     * a later entry of a name replaces the earlier one, whatever the types (a file replacing a
       symlink, a directory replacing a file ...);
-    * a non-directory replacing a directory removes what was under it (``os.RemoveAll``);
+    * a non-directory replacing a directory removes what was under it (``os.RemoveAll``),
+      also a directory the tar never named but made for the entries under it;
     * a directory re-declared over a directory keeps its children and takes the later mode and
       owner; extended attributes accumulate (extraction sets them, never clears them), the
       later value of a key winning;
@@ -242,6 +243,7 @@ def _extracted(infos: Iterable[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
     kept: dict[int, tarfile.TarInfo] = {}  # input position -> entry (possibly rewritten)
     where: dict[str, int] = {}  # clean name -> position in `kept`
     links_to: dict[str, list[int]] = {}  # clean target name -> positions of hardlinks to it
+    parents: set[str] = set()  # every directory some entry was put under (named or not)
     for pos, ti in enumerate(infos):
         name = clean_name(ti.name)
         old_pos = where.get(name)
@@ -253,14 +255,17 @@ def _extracted(infos: Iterable[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
                     **{k: v for k, v in old.pax_headers.items() if k.startswith(XATTR_PREFIX)},
                     **ti.pax_headers,
                 }
-                _drop(kept, where, links_to, name)
-            else:
-                _drop(kept, where, links_to, name)
-                if old.isdir() and not ti.isdir():
-                    for sub in [n for n in where if n.startswith(name + "/")]:
-                        _drop(kept, where, links_to, sub)
+            _drop(kept, where, links_to, name)
+        if not ti.isdir() and name in parents:  # a directory (even one made implicitly) goes
+            parents.discard(name)
+            for sub in [n for n in where if n.startswith(name + "/")]:
+                _drop(kept, where, links_to, sub)
         kept[pos] = ti
         where[name] = pos
+        parent = parent_dir(name)
+        while parent and parent not in parents:
+            parents.add(parent)
+            parent = parent_dir(parent)
         if ti.islnk():
             links_to.setdefault(clean_name(ti.linkname), []).append(pos)
     return [kept[pos] for pos in sorted(kept)]

@@ -121,6 +121,18 @@ CASES = {
         # Build keeps x/y and x/z/w before x: its tar is refused by GNU tar as the input is
         go_agrees=True,
     ),
+    "implicit-dir-by-symlink": Case(
+        [
+            ("b", R, b"", {}),
+            ("a/x", L, b"", {"linkname": "b"}),
+            ("a/y", R, b"y", {}),
+            ("a", S, b"", {"linkname": "../b"}),
+        ],
+        prioritized=[[], ["a"], ["b"]],
+        tar_refuses=True,
+        expected={"b": ("reg", 0o755, 0, 0, sha(b"")), "a": ("symlink", None, 0, 0, "../b")},
+        go_agrees=False,  # Build keeps a/x and a/y
+    ),
     "fifo-and-device-replaced": Case(
         [
             ("p", FIFO, b"", {}),

@@ -41,6 +41,22 @@ def _implicit_setgid(image: Image) -> bool:
     return "implicit-setgid" in _notes(image)
 
 
+def _replaced_hardlink(image: Image) -> bool:
+    """A hardlink whose name, or a directory above it, a later entry of its layer replaces."""
+    for layer in image:
+        for i, e in enumerate(layer):
+            if e.kind != "hardlink":
+                continue
+            for later in layer[i + 1 :]:
+                if later.kind in ("whiteout", "opaque"):
+                    continue
+                if later.name == e.name or (
+                    later.kind != "dir" and e.name.startswith(later.name + "/")
+                ):
+                    return True
+    return False
+
+
 def _names_its_root(image: Image) -> bool:
     return any(e.kind == "dir" and not e.name for layer in image for e in layer)
 
@@ -82,6 +98,11 @@ KNOWN: list[tuple[str, Callable[[Image], bool]]] = [
         "root:root whatever the entry says, the store applies the entry (store/tree.py); seen "
         "through podman image mount only, a container's root being its own layer's",
         _names_its_root,
+    ),
+    (
+        "a hardlink its layer replaces later (its name, or a directory above it): the store's "
+        "tree still counts it in the target's link count (store/tree.py); our writer drops it",
+        _replaced_hardlink,
     ),
 ]
 
