@@ -383,6 +383,9 @@ class LayerIndex:
             _copy_meta(self.root, e)
             return
         parent = self._get_or_create_dir(parent_dir(name))
+        old = self._by_name.get(name)
+        if old is not None and old.children and e.type != "dir":
+            raise InvalidToc(f"{name!r}: a {e.type} entry replaces a directory holding entries")
         if e.type == "hardlink":
             target = self._resolve_hardlink(e)
             self._hardlinks[name] = target.name
@@ -390,7 +393,6 @@ class LayerIndex:
             self._attach(parent, base_name(name), target)
             self._by_name[name] = target
             return
-        old = self._by_name.get(name)
         if old is not None and old.type == "dir" and e.type == "dir":
             # A repeated directory entry updates metadata; its children stay.
             _copy_meta(old, e)
