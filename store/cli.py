@@ -1,7 +1,9 @@
 """`stargz-store [--config PATH] [--root DIR] [--log-level L] MOUNTPOINT` — drop-in for the Go one.
 
 Mounts the Additional Layer Store at MOUNTPOINT with pyfuse3 and serves until SIGINT/SIGTERM
-or an external unmount, then unmounts. ``--root`` holds the chunk cache (``<root>/cache``).
+or an external unmount, then unmounts. ``--root`` holds the chunk cache (``<root>/cache``)
+and the credential socket ``<root>/store.sock`` that podman's layer-store auth helper
+(``stargz-store-helper``) hands credentials to (:mod:`store.credsocket`).
 A stale FUSE mount left on MOUNTPOINT by a crashed store is unmounted first (``fusermount3
 -u``, then ``umount -l``); if that fails the store says so and exits non-zero. Logs are JSON
 lines on stderr. Errors the user can fix are printed as one line, exit status 1.
@@ -126,6 +128,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
     import trio
 
     from store.cache import ChunkCache
+    from store.credsocket import SOCKET_NAME, serve_credentials
     from store.fs import StoreFS
     from store.fuse_ops import StoreOperations
     from store.metrics import AccessTrace, StoreMetrics
@@ -140,7 +143,9 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
     if cfg.metrics_address:
         metrics.serve(cfg.metrics_address)
     trace = AccessTrace(Path(cfg.access_trace_path)) if cfg.access_trace_path else None
-    credentials = CredentialStore(auth_files=[Path(cfg.auth_file)]) if cfg.auth_file else None
+    credentials = (
+        CredentialStore(auth_files=[Path(cfg.auth_file)]) if cfg.auth_file else CredentialStore()
+    )
     client = RegistryClient(
         resolver=parse_resolver_config(cfg.resolver),
         credentials=credentials,
@@ -179,6 +184,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
 
         try:
             nursery.start_soon(watch_signals)
+            await nursery.start(serve_credentials, root / SOCKET_NAME, credentials)
             await pyfuse3.main()
             log.info("filesystem unmounted externally")
         finally:
