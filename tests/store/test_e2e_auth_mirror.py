@@ -14,7 +14,6 @@ import shutil
 
 import pytest
 
-from harness.podman import PodmanEnv
 from harness.processes import free_port
 from harness.registry_server import RegistryServer
 from tests.store.images import full_blob_gets, push_two_layer_estargz
@@ -37,6 +36,7 @@ def test_lazy_pull_from_a_registry_that_needs_credentials(
     store_factory,
     layers,
     monkeypatch,
+    podman_env,
 ):
     with RegistryServer(
         storage_dir=tmp_path / "reg", htpasswd_users={"alice": "s3cret"}
@@ -49,7 +49,7 @@ def test_lazy_pull_from_a_registry_that_needs_credentials(
         ref, blobs = push_two_layer_estargz(host, "auth/img", layers)
         store = store_factory()
         mark = registry.log_mark()
-        with PodmanEnv(
+        with podman_env(
             tmp_path / "podman", additional_layer_store=store.mnt, insecure_registries=[host]
         ) as env:
             env.pull(ref, timeout=120)
