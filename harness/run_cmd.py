@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -67,24 +68,42 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from harness.results import write_report
-    from harness.runner import RESULTS_DIR, Interrupted, Runner, load_run_scenario, new_run_id
+    from harness.runner import RESULTS_DIR, load_run_scenario, new_run_id
     from harness.scenario import load_scenario
 
     console = Console(soft_wrap=True)
     if args.resume is not None:
         run_dir = args.resume.resolve()
-        scenario = load_run_scenario(run_dir)
-    elif args.scenario is not None:
-        scenario = load_scenario(args.scenario)
-        if args.samples is not None:
-            if args.samples < 1:
-                raise UserError("--samples must be at least 1")
-            scenario = replace(scenario, samples=args.samples)
-        results = args.results_dir or RESULTS_DIR
-        run_dir = (results / (args.run_id or new_run_id(scenario))).resolve()
-    else:
+        return _run_one(load_run_scenario(run_dir), run_dir, args, console)
+    if args.scenario is None:
         raise UserError("run: name a SCENARIO file or --resume RUN_DIR")
+    scenario = load_scenario(args.scenario)
+    if args.samples is not None:
+        if args.samples < 1:
+            raise UserError("--samples must be at least 1")
+        scenario = replace(scenario, samples=args.samples)
+    results = args.results_dir or RESULTS_DIR
+    run_id = args.run_id or new_run_id(scenario)
+    if len(scenario.nodes) == 1:
+        return _run_one(scenario, (results / run_id).resolve(), args, console)
+    # One run directory per runtime node: each is a complete run (records, table, report)
+    # that resumes on its own.
+    status = 0
+    for node in scenario.nodes:
+        console.rule(f"node {node}")
+        one = _run_one(
+            scenario.for_node(node), (results / f"{run_id}-{node}").resolve(), args, console
+        )
+        if one == 130:
+            return one
+        status = status or one
+    return status
+
+
+def _run_one(scenario: Any, run_dir: Path, args: argparse.Namespace, console: Console) -> int:
+    from harness.results import write_report
+    from harness.runner import Interrupted, Runner
+
     console.print(f"run directory: {run_dir}")
     runner = Runner(
         scenario,
