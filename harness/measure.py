@@ -48,7 +48,7 @@ from rich.progress import (
 
 from harness.cli import UserError
 from harness.container import MeasurementError, create_container, start_until_ready
-from harness.podman import PodmanEnv, PodmanError, write_atomic
+from harness.podman import LOST_LAYERS_BUG, Persistence, PodmanEnv, PodmanError, write_atomic
 from harness.prepare import ImagePreparer, Link, ResolvedWorkload, open_link, resolve
 from harness.records import (
     ENVIRONMENT,
@@ -58,6 +58,7 @@ from harness.records import (
     environment,
     finished_keys,
 )
+from harness.runtimes import HOST, Node, NodeError, build_node, runtime_versions, version_tuple
 from harness.scenario import LAZY_MODES, Scenario, parse_scenario
 from harness.store_proc import StoreProcess
 
@@ -65,6 +66,16 @@ from harness.store_proc import StoreProcess
 # wherever lazybench is installed.
 RESULTS_DIR = Path("results") / "runs"
 STDOUT_KEEP = 4000
+
+
+def persistence_verdict(check: Persistence, storage_version: str) -> tuple[bool, str | None]:
+    """(persisted, why not) for a record; names the containers/storage bug where it applies."""
+    if check.ok:
+        return True, None
+    what = "image not listed" if not check.listed else "layers not known"
+    if version_tuple(storage_version) >= (1, 58):
+        return False, f"lost after the pull ({what}): {LOST_LAYERS_BUG}"
+    return False, f"lost after the pull ({what}): {check.detail}"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -157,6 +168,8 @@ class Runner:
     images: dict[tuple[str, str], str] = field(default_factory=dict)
     _interrupt: InterruptState = field(default_factory=InterruptState, repr=False)
     _skipped: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    _node: Node | None = field(default=None, repr=False)
+    _versions: dict[str, str] = field(default_factory=dict, repr=False)
 
     def run(self) -> list[tuple[int, str, str]]:
         """Measure every planned key not yet recorded; return the keys measured now."""
@@ -171,6 +184,8 @@ class Runner:
             return self._run_locked()
 
     def _run_locked(self) -> list[tuple[int, str, str]]:
+        if len(self.scenario.nodes) != 1:
+            raise UserError("a run measures one runtime node: use Scenario.for_node")
         self._check_same_scenario()
         todo = [k for k in plan(self.scenario) if k not in finished_keys(self.run_dir)]
         if not todo:
@@ -181,6 +196,8 @@ class Runner:
 
             require_crio()
         workloads = {w.name: resolve(w) for w in self.scenario.workloads}
+        self._node = self._runtime_node()
+        self._versions = runtime_versions(self.scenario.node)
         env_path = self.run_dir / ENVIRONMENT
         meta = json.loads(env_path.read_text()) if env_path.exists() else environment(self.scenario)
         if env_path.exists():
@@ -213,6 +230,20 @@ class Runner:
 
     # -- pieces -------------------------------------------------------------------------------
 
+    def _runtime_node(self) -> Node | None:
+        """The scenario's runtime node, built now if it is not cached (None: the host)."""
+        if self.scenario.node == HOST:
+            return None
+        self.console.print(f"[bold]node {self.scenario.node}[/]: building (cached by recipe)")
+        try:
+            node = build_node(self.scenario.node, progress=lambda m: self.console.print(f"  {m}"))
+        except NodeError as exc:
+            raise UserError(f"runtime node {self.scenario.node}: {exc}") from None
+        self.console.print(
+            f"  podman {node.podman_version}, containers/storage {node.storage_version}"
+        )
+        return node
+
     def _check_same_scenario(self) -> None:
         path = self.run_dir / SCENARIO_COPY
         mine = self.scenario.to_dict()
@@ -244,6 +275,7 @@ class Runner:
             progress.console.print(
                 f"  sample {r.sample + 1} {r.workload}/{r.mode}: pull {r.pull_s:.2f}s "
                 f"create {r.create_s:.2f}s run {r.run_s:.2f}s = {r.total_s:.2f}s, {mb:.1f} MB"
+                + ("  [yellow](image lost after the pull)[/]" if r.persisted is False else "")
             )
         else:
             progress.console.print(
@@ -280,6 +312,9 @@ class Runner:
             mode=mode,
             image=ref,
             runtime=self.scenario.runtime,
+            node=self.scenario.node,
+            podman_version=self._versions.get("podman", ""),
+            storage_version=self._versions.get("containers_storage", ""),
             started=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
         )
         mdir = work / f"m-{sample}-{w.name}-{mode}"
@@ -312,8 +347,10 @@ class Runner:
                         additional_layer_store=store.mountpoint if store else None,
                         insecure_registries=[registry.host],
                         partial_pulls=mode == "zstd-chunked",
+                        node=self._node,
                     )
                 )
+                rec.storage_options = env.storage_options
                 if store is not None:
                     # On any failure (or Ctrl-C) cut the FUSE connection first, so that
                     # podman's cleanup does not wait on reads a stuck store never answers.
@@ -321,6 +358,13 @@ class Runner:
                 mark = registry.log_mark()
                 pull = env.pull(ref, timeout=w.timeout)
                 rec.pull_s = pull.seconds
+                if mode in LAZY_MODES:
+                    # Untimed: fresh podman processes ask for the image and its layers. A
+                    # runtime that lost them pulls again in `create`, which is then timed as
+                    # a user gets it.
+                    rec.persisted, rec.persistence = persistence_verdict(
+                        env.check_persistence(ref), rec.storage_version
+                    )
                 t = time.monotonic()
                 cid = create_container(env, ref, w.command, w.stdin, w.timeout)
                 rec.create_s = time.monotonic() - t

@@ -229,10 +229,36 @@ def _environment_lines(env: dict[str, Any]) -> list[str]:
             if isinstance(value, list):
                 value = " ".join(value)
             lines.append(f"- **{key}**: `{value}`")
+    versions = env.get("runtime_versions") or {}
+    if versions:
+        lines.append(
+            f"- **runtime node**: `{versions.get('node', '?')}`: podman "
+            f"`{versions.get('podman', '?')}`, containers/storage "
+            f"`{versions.get('containers_storage', '?')}`"
+        )
     link = env.get("link") or {}
     if link:
         lines.append(f"- **link**: {describe_link(link)}")
     return lines
+
+
+def persistence_lines(records: Sequence[Any]) -> list[str]:
+    """A report section when the runtime forgot lazily pulled images (records'
+    ``persisted = false``): which measurements, and why."""
+    lost = [r for r in records if getattr(r, "persisted", None) is False]
+    if not lost:
+        return []
+    checked = sum(1 for r in records if getattr(r, "persisted", None) is not None)
+    first = lost[0]
+    return [
+        "",
+        "## Lazily pulled images lost by the runtime",
+        "",
+        f"{len(lost)} of {checked} lazy pulls were gone "
+        f"once the pull exited (podman {first.podman_version}, containers/storage "
+        f"{first.storage_version}): {first.persistence}. The times above are what a user of "
+        "this runtime gets: `create` pulls the image again through the store.",
+    ]
 
 
 def describe_link(link: dict[str, Any]) -> str:
@@ -314,6 +340,7 @@ def write_report(run_dir: Path) -> Report:
         "",
         ratio_table(ratios),
     ]
+    lines += persistence_lines(records)
     if missing:
         lines += [
             "",
