@@ -51,7 +51,10 @@ def test_lazy_pull_from_a_registry_that_needs_credentials(
         store = store_factory()
         mark = registry.log_mark()
         with podman_env(
-            tmp_path / "podman", additional_layer_store=store.mnt, insecure_registries=[host]
+            tmp_path / "podman",
+            additional_layer_store=store.mnt,
+            insecure_registries=[host],
+            auth_file=tmp_path / "auth.json",  # a runtime node's podman has a clean environment
         ) as env:
             env.pull(ref, timeout=120)
             assert full_blob_gets(registry, mark, blobs) == []

@@ -173,6 +173,30 @@ def test_corrupted_chunk_gives_eio(registry, store_factory, tmp_path, layers):
     assert "chunk verification failed" in store.log.read_text()
 
 
+def test_corrupted_chunk_is_eio_inside_the_container(
+    registry, store_factory, tmp_path, layers, podman_env
+):
+    """The same corruption seen by a container: reading the file fails, never wrong bytes."""
+    host = registry.host
+    blob = to_estargz(layers["lower"])
+    push(host, "corrupt/img", "1", [blob])
+    path = registry.blob_path(blob.digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    store = store_factory("no_background_fetch = true\nnoprefetch = true\n")
+    ref = f"{host}/corrupt/img:1"
+    with podman_env(
+        tmp_path / "env", additional_layer_store=store.mnt, insecure_registries=[host]
+    ) as env:
+        env.pull(ref, timeout=120)
+        assert env.run(ref, "/bin/cat", "/etc/hello", timeout=60).stdout == "hello from lower\n"
+        bad = env.podman("run", "--rm", "--network=none", ref, "/bin/cat", "/big", check=False)
+        assert bad.returncode != 0
+        assert "Input/output error" in bad.stderr, bad.stderr[-500:]
+    assert "chunk verification failed" in store.log.read_text()
+
+
 def test_new_protocol_by_toc_digest(registry, store_factory, layers, tmp_path):
     host = registry.host
     blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
@@ -224,7 +248,7 @@ def test_new_protocol_by_toc_digest(registry, store_factory, layers, tmp_path):
 
 
 def test_two_images_sharing_a_layer_pulled_concurrently(
-    registry, store_factory, tmp_path, layers, podman_env
+    registry, store_factory, tmp_path, layers, podman_env, runtime_node
 ):
     host = registry.host
     base = to_estargz(layers["lower"])
@@ -249,7 +273,14 @@ def test_two_images_sharing_a_layer_pulled_concurrently(
             t.start()
         for t in threads:
             t.join()
-        assert errors == []
+        if lost_lazy_layers(runtime_node):
+            # The same bug: concurrent pulls sharing a layer trip over each other's unsaved
+            # layer records and fail. Pulled one at a time they work (and `run` re-pulls).
+            assert errors and all("layer not known" in str(e) for e in errors), errors
+            for ref in refs:
+                env.pull(ref, timeout=180)
+        else:
+            assert errors == []
         assert env.run(refs[0], "/bin/cat", "/etc/hello", timeout=60).stdout == (
             "hello from upper\n"
         )
