@@ -104,9 +104,10 @@ class PodmanEnv:
     explicitly: containers/storage ≥ 1.56 has them off by default, 1.43 on).
 
     ``node`` (a built :class:`harness.runtimes.Node`) runs podman inside that runtime node
-    instead of the host's. ``store_socket`` is the layer store's credential socket: inside a
-    node it is bound at the place ``stargz-store-helper`` looks for it with no arguments, the
-    helper is installed there and registries.conf names it as
+    instead of the host's; the layer store must be mounted before the env is entered (its
+    mountpoint is bound into the node then). ``store_socket`` is the layer store's credential
+    socket: inside a node it is bound at the place ``stargz-store-helper`` looks for it with no
+    arguments, the helper is installed there and registries.conf names it as
     ``additional-layer-store-auth-helper`` (podman ≥ 5.2 runs it for every pull).
     ``auth_file`` (an auth.json) is copied into the env and given to podman only, as
     ``REGISTRY_AUTH_FILE``.

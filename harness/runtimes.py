@@ -472,6 +472,7 @@ def enter_node(node: Node, workdir: Path | None = None) -> Iterator[EnteredNode]
     view = base / "root"
     for d in ("root", "upper", "work"):
         (base / d).mkdir()
+    (base / "owner").write_text(str(os.getpid()))  # for clean_stale_views after a SIGKILL
     entered = EnteredNode(node, view)
     try:
         _run(
@@ -495,6 +496,24 @@ def enter_node(node: Node, workdir: Path | None = None) -> Iterator[EnteredNode]
             _teardown(base, view)
         finally:
             in_use.close()
+
+
+def clean_stale_views(directory: Path | None = None) -> list[Path]:
+    """Tear down node views left by processes that died without cleaning up (SIGKILL):
+    ``lzb-node-*`` directories in ``directory`` (default: the temporary directory) whose
+    owner process is gone. Returns what was removed."""
+    removed = []
+    for base in Path(directory or tempfile.gettempdir()).glob("lzb-node-*"):
+        try:
+            pid = int((base / "owner").read_text())
+        except (OSError, ValueError):
+            continue
+        if pid == os.getpid() or Path(f"/proc/{pid}").exists():
+            continue
+        with contextlib.suppress(NodeError):
+            _teardown(base, base / "root")
+            removed.append(base)
+    return removed
 
 
 def _teardown(base: Path, view: Path) -> None:

@@ -27,7 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--cache-dir", type=Path, default=None)
     ls.add_argument("--json", action="store_true", help="one JSON object per node")
     ls.set_defaults(func=cmd_ls)
-    prune = rsub.add_parser("prune", help="remove nodes built from older recipes")
+    prune = rsub.add_parser(
+        "prune",
+        help="remove nodes built from older recipes, and node views a killed run left mounted",
+    )
     prune.add_argument("--cache-dir", type=Path, default=None)
     prune.add_argument("--all", action="store_true", help="remove the current builds too")
     prune.set_defaults(func=cmd_prune)
@@ -85,9 +88,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from harness.runtimes import prune_nodes
+    from harness.runtimes import clean_stale_views, prune_nodes
 
-    removed = prune_nodes(args.cache_dir, everything=args.all)
+    removed = clean_stale_views() + prune_nodes(args.cache_dir, everything=args.all)
     for path in removed:
         print(f"removed {path}")
     if not removed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -118,3 +119,23 @@ def test_entering_a_node_leaves_no_mount_behind_even_on_error(tmp_path: Path) ->
         raise RuntimeError("boom")
     assert mounts_below(base) == [] and not base.exists()
     assert (shared / "f").read_text() == "from the host\n"  # never removed through a mount
+
+
+@pytest.mark.e2e
+def test_a_view_left_by_a_killed_process_is_cleaned(tmp_path: Path) -> None:
+    import shutil
+
+    from harness.podman import mounts_below
+
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("mmdebstrap not installed (ci/install-system-deps)")
+    node = runtimes.build_node("trixie")
+    cm = runtimes.enter_node(node, tmp_path)
+    entered = cm.__enter__()  # and never left, as after a SIGKILL
+    base = entered.view.parent
+    assert mounts_below(base)
+    (base / "owner").write_text("999999999")  # a pid that does not run
+    assert runtimes.clean_stale_views(tmp_path) == [base]
+    assert mounts_below(base) == [] and not base.exists()
+    with contextlib.suppress(Exception):
+        cm.__exit__(None, None, None)
