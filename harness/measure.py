@@ -209,7 +209,7 @@ class Runner:
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))
             stack.callback(shutil.rmtree, work, ignore_errors=True)
             storage = work / "registry"
-            images = ImagePreparer(self.scenario, self.console, self.cache_dir)
+            images = ImagePreparer(self.scenario, self.console, self.cache_dir, self._node)
             meta["images"] = images.prepare(workloads, storage, work)
             self.images, self._skipped = images.refs, images.skipped
             link = stack.enter_context(open_link(self.scenario.network_profile, self.console))

@@ -29,6 +29,7 @@ from rich.console import Console
 from harness.cli import UserError
 from harness.container import create_container, start_until_ready
 from harness.podman import PodmanEnv, PodmanError, write_atomic
+from harness.runtimes import Node
 from harness.scenario import Scenario, Workload
 from harness.store_proc import StoreError, StoreProcess
 
@@ -113,6 +114,7 @@ class ImagePreparer:
     scenario: Scenario
     console: Console
     cache_dir: Path | None = None
+    node: Node | None = None  # the runtime node measured: it writes the zstd-chunked images
     refs: dict[tuple[str, str], str] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -156,6 +158,8 @@ class ImagePreparer:
                                 mode,
                                 mode,
                                 prioritized_files=files,
+                                # podman 5.x partial-pulls only what its generation writes
+                                node=self.node if mode == "zstd-chunked" else None,
                             ),
                             self.console,
                         )

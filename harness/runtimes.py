@@ -43,9 +43,11 @@ NODES: dict[str, str] = {"trixie": "trixie", "sid": "sid"}  # node name -> Debia
 HOST = "host"
 NODE_NAMES = (HOST, *NODES)
 
-# What podman needs as root in a chroot, and python3 for the layer store's auth helper.
+# What podman needs as root in a chroot, python3 for the layer store's auth helper, and skopeo
+# to write zstd:chunked images the way this generation's containers/image writes them.
 PACKAGES = (
     "podman",
+    "skopeo",
     "runc",
     "conmon",
     "fuse-overlayfs",

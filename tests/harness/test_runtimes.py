@@ -139,3 +139,30 @@ def test_a_view_left_by_a_killed_process_is_cleaned(tmp_path: Path) -> None:
     assert mounts_below(base) == [] and not base.exists()
     with contextlib.suppress(Exception):
         cm.__exit__(None, None, None)
+
+
+@pytest.mark.e2e
+def test_podman_5_partial_pull_of_a_zstd_chunked_image_its_node_wrote(tmp_path: Path) -> None:
+    """containers/storage 1.57 has partial pulls off by default and does not recognize the
+    host's (c/storage 1.43) zstd:chunked annotations: the node writes the image, the env
+    switches partial pulls on, and podman fetches ranges, never a whole layer."""
+    import shutil
+
+    from harness.images import build_layers, find_recipe, push_image
+    from harness.registry_server import RegistryServer
+
+    if not all(shutil.which(t) for t in ("mmdebstrap", "docker-registry", "skopeo")):
+        pytest.skip("needs mmdebstrap, docker-registry and skopeo")
+    node = runtimes.build_node("trixie")
+    with RegistryServer(storage_dir=tmp_path / "reg") as reg:
+        built = build_layers(find_recipe("tiny"), None)
+        pushed = push_image(built, reg.host, "tiny", "z", "zstd-chunked", node=node)
+        assert all(layer.toc_digest for layer in pushed.layers)
+        mark = reg.log_mark()
+        with PodmanEnv(
+            tmp_path / "p", insecure_registries=[reg.host], partial_pulls=True, node=node
+        ) as env:
+            env.pull(f"{reg.host}/tiny:z", timeout=120)
+        layers = {layer.digest for layer in pushed.layers}
+        served = [r for r in reg.access_log_since(mark) if r.digest in layers]
+        assert served and all(r.status == 206 for r in served), served
