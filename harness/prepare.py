@@ -116,6 +116,7 @@ class ImagePreparer:
     cache_dir: Path | None = None
     node: Node | None = None  # the runtime node measured: it writes the zstd-chunked images
     refs: dict[tuple[str, str], str] = field(default_factory=dict)
+    layer_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def prepare(
@@ -169,6 +170,7 @@ class ImagePreparer:
                         self.skipped[(w.name, mode)] = str(exc)
                         continue
                     self.refs[(w.name, mode)] = f"{w.repo}:{mode}"
+                    self.layer_digests[(w.name, mode)] = [x.digest for x in pushed.layers]
                     info.setdefault(w.name, {})[mode] = {
                         "manifest_digest": pushed.manifest_digest,
                         "compressed_bytes": pushed.compressed_size,
@@ -240,16 +242,36 @@ class Link:
     measured: dict[str, Any] = field(default_factory=dict)
 
 
+def preflight_link(profile: str) -> None:
+    """Refuse, before anything is built, a profile whose shaping cannot work here: its
+    delay needs the NFQUEUE delayer (no ``sch_netem``) and netfilterqueue is missing."""
+    from harness.netshape import get_profile
+    from harness.netshape.link import missing_delayer_dependency, needs_delayer
+
+    if needs_delayer(get_profile(profile)):
+        missing = missing_delayer_dependency()
+        if missing:
+            raise UserError(f"network profile {profile!r}: {missing}")
+
+
 @contextlib.contextmanager
 def open_link(profile: str, console: Console) -> Iterator[Link]:
     """The shaped link of ``profile`` (harness.netshape), measured, torn down on exit
-    (``loopback`` has no namespace: the registry listens on 127.0.0.1)."""
-    from harness.netshape import NetworkLink
+    (``loopback`` has no namespace: the registry listens on 127.0.0.1). A link that cannot be
+    set up is a :class:`UserError` naming the cause."""
+    from harness.netshape import NetworkError, NetworkLink
 
-    with NetworkLink(profile) as net:
+    net = NetworkLink(profile)
+    try:
+        net.start()  # cleans up after itself when it fails
+    except NetworkError as exc:
+        raise UserError(f"setting up the {profile} link: {exc}") from None
+    try:
         link = Link(profile, prefix=tuple(net.prefix), address=net.ns_addr)
         if net.netns is not None:
             console.print(f"link {profile}: measuring rate and RTT…")
             net.measure()
         link.measured = net.info()
         yield link
+    finally:
+        net.stop()

@@ -166,3 +166,15 @@ def test_podman_5_partial_pull_of_a_zstd_chunked_image_its_node_wrote(tmp_path: 
         layers = {layer.digest for layer in pushed.layers}
         served = [r for r in reg.access_log_since(mark) if r.digest in layers]
         assert served and all(r.status == 206 for r in served), served
+
+
+def test_lost_layer_records_leave_the_registry_as_the_evidence() -> None:
+    from harness.laziness import Verdict
+    from harness.measure import lost_records_verdict
+
+    unreadable = Verdict(problem="cannot read the runtime's storage: layer not known")
+    lazy = lost_records_verdict(["sha256:a", "sha256:b"], {"sha256:config"}, unreadable)
+    assert lazy.lazy and lazy.total == 2 and lazy.from_store == 2
+    whole = lost_records_verdict(["sha256:a", "sha256:b"], {"sha256:b"}, unreadable)
+    assert not whole.lazy and whole.served_whole == 1 and whole.from_store == 1
+    assert lost_records_verdict([], set(), unreadable) is unreadable
