@@ -664,3 +664,32 @@ def planned_keys(env: dict[str, Any]) -> list[Key]:
         return []
     shard = Shard.parse(env["shard"]) if env.get("shard") else None
     return plan(scenario, shard)
+
+
+def write_runtimes_summary(path: Path, run_dirs: Sequence[Path]) -> Path:
+    """One page over the run directories of a scenario run on several runtime nodes: per node
+    its podman and containers/storage versions, its table, and what it did differently
+    (lazily pulled images it lost). Each run directory keeps its own full report."""
+    lines = ["# Runtime generations", ""]
+    lines.append("| node | podman | containers/storage | measurements | lost after pull | run |")
+    lines.append("|---|---|---|---:|---:|---|")
+    sections: list[str] = []
+    for run_dir in run_dirs:
+        env = read_environment(run_dir)
+        v = env.get("runtime_versions") or {}
+        records = read_records(run_dir) if (run_dir / RECORDS).exists() else []
+        lost = sum(1 for r in records if r.persisted is False)
+        lines.append(
+            f"| {v.get('node', '?')} | {v.get('podman', '?')} | "
+            f"{v.get('containers_storage', '?')} | {len(records)} | {lost} | `{run_dir.name}` |"
+        )
+        table = run_dir / "table.md"
+        sections += [
+            "",
+            f"## {v.get('node', run_dir.name)}: podman {v.get('podman', '?')}",
+            "",
+            table.read_text() if table.exists() else "(no table: no successful measurement)",
+            *persistence_lines(records),
+        ]
+    write_atomic(path, "\n".join(lines + sections) + "\n")
+    return path

@@ -119,14 +119,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     # One run directory per runtime node: each is a complete run (records, table, report)
     # that resumes on its own.
     status = 0
+    run_dirs = []
     for node in scenario.nodes:
         console.rule(f"node {node}")
-        one = _run_one(
-            scenario.for_node(node), (results / f"{run_id}-{node}").resolve(), args, console, shard
-        )
+        run_dirs.append((results / f"{run_id}-{node}").resolve())
+        one = _run_one(scenario.for_node(node), run_dirs[-1], args, console, shard)
         if one == 130:
             return one
         status = status or one
+    from harness.report import write_runtimes_summary
+
+    summary = write_runtimes_summary(results / f"{run_id}-runtimes.md", run_dirs)
+    console.print(f"runtimes: {summary}")
     return status
 
 

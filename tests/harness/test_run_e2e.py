@@ -176,7 +176,10 @@ def test_a_node_list_runs_once_per_runtime_node_and_flags_lost_images(tmp_path: 
     proc = lazybench(tmp_path, "run", str(scenario), "--results-dir", str(tmp_path / "runs"))
     code, out = finish(proc)
     assert code == 0, out[-3000:]
-    runs = {p.name.rsplit("-", 1)[1]: p for p in (tmp_path / "runs").iterdir()}
+    runs = {p.name.rsplit("-", 1)[1]: p for p in (tmp_path / "runs").iterdir() if p.is_dir()}
+    summary = next((tmp_path / "runs").glob("*-runtimes.md")).read_text()
+    assert "| sid | 5.8" in summary and "| trixie | 5.4" in summary
+    assert "lost by the runtime" in summary
     assert set(runs) == {"trixie", "sid"}
     records = {node: read_records(d)[0] for node, d in runs.items()}
     assert records["trixie"].podman_version.startswith("5.4")
