@@ -33,6 +33,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -159,11 +160,10 @@ def debian_mirror(sources: Sequence[Path] | None = None) -> str:
         with contextlib.suppress(OSError):
             for line in path.read_text().splitlines():
                 line = line.strip()
-                uri = ""
-                if line.startswith("URIs:"):
-                    uri = line.split(":", 1)[1].split()[0] if line.split(":", 1)[1].split() else ""
-                elif m := re.match(r"deb\s+(?:\[[^\]]*\]\s+)?(\S+)", line):
-                    uri = m.group(1)
+                m = re.match(r"URIs:\s*(\S+)", line) or re.match(
+                    r"deb\s+(?:\[[^\]]*\]\s+)?(\S+)", line
+                )
+                uri = m.group(1) if m else ""
                 if uri.startswith(("http://", "https://")) and "security" not in uri:
                     return uri.rstrip("/")
     return DEFAULT_MIRROR
@@ -227,18 +227,22 @@ def _build(name: str, tmp: Path, final: Path, mirror: str, progress: Callable[[s
         argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace"
     )
     assert proc.stderr is not None
+    watchdog = threading.Timer(BUILD_TIMEOUT, proc.kill)  # a silent hang ends too
+    watchdog.start()
     try:
         for line in proc.stderr:  # mmdebstrap reports progress as "I: ..." lines on stderr
             log.append(line)
             if line.startswith(("I: ", "W: ", "E: ")):
                 progress(line.rstrip())
-            if time.monotonic() - start > BUILD_TIMEOUT:
-                proc.kill()
         returncode = proc.wait(timeout=60)
     except BaseException:
         proc.kill()
         proc.wait()
         raise
+    finally:
+        watchdog.cancel()
+    if time.monotonic() - start >= BUILD_TIMEOUT:
+        raise NodeError(f"building node {name}: mmdebstrap did not finish in {BUILD_TIMEOUT:.0f}s")
     if returncode != 0:
         raise NodeError(
             f"building node {name}: mmdebstrap exited {returncode} "
