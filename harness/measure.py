@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -77,7 +78,7 @@ from harness.records import (
     finished_keys,
 )
 from harness.runtimes import HOST, Node, NodeError, build_node, runtime_versions, version_tuple
-from harness.scenario import LAZY_MODES, Scenario, parse_scenario
+from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, parse_scenario
 from harness.store_proc import StoreProcess
 
 # Where run directories go unless ``--results-dir`` says otherwise: under the current directory,
@@ -263,7 +264,7 @@ class Runner:
             task = progress.add_task("measuring", total=len(todo))
             for sample, name, mode, store in todo:
                 self._interrupt.check()
-                label = f"{name}/{mode}" + (f" [{store}]" if store else "")
+                label = f"{name}/{mode}" + (f" · {store}" if store else "")
                 progress.update(task, description=f"sample {sample + 1} {label}")
                 record = self.measure(sample, workloads[name], mode, registry, work, store)
                 append_record(self.run_dir, record)
@@ -328,7 +329,8 @@ class Runner:
         )
 
     def _say(self, progress: Progress, r: Record) -> None:
-        what = f"sample {r.sample + 1} {r.workload}/{r.mode}" + (f" [{r.store}]" if r.store else "")
+        what = f"sample {r.sample + 1} {r.workload}/{r.mode}" + (f" · {r.store}" if r.store else "")
+        what = escape(what)
         if r.status == "ok":
             mb = (r.bytes_fetched or 0) / 1e6
             layers = (
@@ -342,9 +344,11 @@ class Runner:
                 f"= {r.total_s:.2f}s, {mb:.1f} MB{layers}{lost}"
             )
         elif r.status == "fell-back":
-            progress.console.print(f"  [yellow]{what} fell back to a full pull:[/] {r.error}")
+            progress.console.print(
+                f"  [yellow]{what} fell back to a full pull:[/] {escape(r.error or '')}"
+            )
         else:
-            progress.console.print(f"  [red]{what} failed:[/] {r.error}")
+            progress.console.print(f"  [red]{what} failed:[/] {escape(r.error or '')}")
 
     @contextlib.contextmanager
     def _registry(self, storage: Path, link: Link) -> Iterator[Any]:
@@ -413,7 +417,7 @@ class Runner:
                             mdir / "store",
                             command=spec.command,
                             insecure_hosts=[registry.host],
-                            noprefetch=mode == "estargz-noopt",
+                            noprefetch=mode in ON_DEMAND_MODES,
                             background_fetch=spec.background_fetch,
                             mount_timeout=spec.mount_timeout,
                         )

@@ -30,7 +30,7 @@ from harness.cli import UserError
 from harness.container import create_container, start_until_ready
 from harness.podman import PodmanEnv, PodmanError, write_atomic
 from harness.runtimes import Node
-from harness.scenario import Scenario, Workload
+from harness.scenario import Scenario, Workload, image_mode
 from harness.store_proc import StoreError, StoreProcess
 
 # Our store, whatever store is under test: only it writes the access trace.
@@ -157,10 +157,10 @@ class ImagePreparer:
                                 reg.host,
                                 w.repo,
                                 mode,
-                                mode,
+                                image_mode(mode),
                                 prioritized_files=files,
                                 # podman 5.x partial-pulls only what its generation writes
-                                node=self.node if mode == "zstd-chunked" else None,
+                                node=self.node if image_mode(mode) == "zstd-chunked" else None,
                             ),
                             self.console,
                         )

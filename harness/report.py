@@ -192,9 +192,10 @@ def draw_chart(
             heights = [0.0 if pd.isna(v) else float(v) for v in column]
             ax.bar(xs, heights, 0.65, bottom=bottom, color=PHASE_COLORS[phase], label=phase)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        # The ratio to the first store, as the table gives it: of the totals' percentile.
         firsts = {
-            m: b
-            for m, st, b in zip(group["mode"], group["store"], bottom, strict=True)
+            m: t
+            for m, st, t in zip(group["mode"], group["store"], group["total_p"], strict=True)
             if stores and st == stores[0]
         }
         for x, (_, r) in zip(xs, group.iterrows(), strict=True):
@@ -210,9 +211,9 @@ def draw_chart(
                 ax.errorbar([x], [bottom[x]], yerr=err, color="#444", capsize=3, lw=0.8)
             if bottom[x] > 0:
                 label = f"{bottom[x]:.1f}"
-                first = firsts.get(r["mode"], 0.0)
+                first = firsts.get(r["mode"], float("nan"))
                 if len(stores) > 1 and r["store"] and r["store"] != stores[0] and first > 0:
-                    label += f"\n{bottom[x] / first:.2f}× {stores[0]}"
+                    label += f"\n{r['total_p'] / first:.2f}× {stores[0]}"
                 ax.text(x, bottom[x], label, ha="center", va="bottom", fontsize=8)
         fell = list(group["fell_back"])
         labels = [

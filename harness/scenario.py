@@ -9,7 +9,7 @@ Schema (all keys but ``workloads`` optional)::
     name = "default"                 # run-id prefix; default: the file's stem
     samples = 3                      # measurements per (workload, mode)
     percentile = 95                  # the statistic tables and charts show, besides the median
-    modes = ["legacy", "estargz-noopt", "estargz", "zstd-chunked"]
+    modes = ["legacy", "estargz-noopt", "estargz", "zstd-chunked", "zstd-chunked-lazy"]
     runtime = "podman"               # or "crio" (needs crictl + a running CRI-O)
     node = "host"                    # the podman generation: "host" (this machine's), or a
                                      # runtime node: "trixie" (podman 5.4), "sid" (podman 5.8)
@@ -59,8 +59,22 @@ from typing import Any
 from harness.cli import UserError
 from harness.runtimes import NODE_NAMES
 
-MODES = ("legacy", "estargz-noopt", "estargz", "zstd-chunked")
-LAZY_MODES = frozenset({"estargz-noopt", "estargz"})
+# The measured modes, the one list (DESIGN.md §5): a full pull of gzip layers; eStargz through
+# the layer store, without and with prioritized files; podman's own zstd:chunked partial pull;
+# and the same zstd:chunked image pulled lazily through the layer store.
+MODES = ("legacy", "estargz-noopt", "estargz", "zstd-chunked", "zstd-chunked-lazy")
+# Modes pulled through the layer store, and those of them measured on demand (prefetch off).
+LAZY_MODES = frozenset({"estargz-noopt", "estargz", "zstd-chunked-lazy"})
+ON_DEMAND_MODES = frozenset({"estargz-noopt", "zstd-chunked-lazy"})
+# The image (harness.images push mode) a measured mode pulls, where the two differ.
+_IMAGE_OF_MODE = {"zstd-chunked-lazy": "zstd-chunked"}
+
+
+def image_mode(mode: str) -> str:
+    """The push mode (image format, :data:`harness.images.MODES`) the measured ``mode`` pulls."""
+    return _IMAGE_OF_MODE.get(mode, mode)
+
+
 RUNTIMES = ("podman", "crio")
 WORKLOAD_KEYS = {"name", "recipe", "command", "stdin", "ready", "timeout", "reference", "modes"}
 DEFAULT_STORE_COMMAND = (
@@ -367,6 +381,13 @@ def parse_scenario(
                 raise c.fail(f"stores[{i}].name", f"duplicate store name {store_name!r}")
     else:
         stores = (_parse_store(c, c.table(data.get("store", {}), "store"), "store", named=False),)
+
+    if runtime == "crio" and len(stores) > 1:
+        raise c.fail(
+            "stores",
+            "runtime 'crio' measures the host's CRI-O with the one layer store its operator "
+            "configured: name at most one store",
+        )
 
     raw_workloads = data.get("workloads")
     if raw_workloads is None:

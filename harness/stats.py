@@ -28,7 +28,7 @@ from scipy import stats as sps
 from harness.records import Record
 
 PHASES = ("pull", "create", "run")
-MODE_ORDER = ("legacy", "estargz-noopt", "estargz", "zstd-chunked")
+MODE_ORDER = ("legacy", "estargz-noopt", "estargz", "zstd-chunked", "zstd-chunked-lazy")
 CELL = ["workload", "mode", "store"]
 MB = 1e6
 CONFIDENCE = 0.95

@@ -136,6 +136,16 @@ def test_node_defaults_to_the_host_and_a_list_splits_into_one_scenario_per_node(
     assert parse_scenario(s.to_dict(), "x.toml") == s
 
 
+def test_zstd_chunked_lazy_pulls_the_zstd_chunked_image_through_the_store() -> None:
+    from harness.images import MODES as IMAGE_MODES
+    from harness.scenario import ON_DEMAND_MODES, image_mode
+
+    assert "zstd-chunked-lazy" in MODES and "zstd-chunked-lazy" in LAZY_MODES
+    assert image_mode("zstd-chunked-lazy") == "zstd-chunked"
+    assert "zstd-chunked-lazy" in ON_DEMAND_MODES  # on demand, as estargz-noopt
+    assert all(image_mode(m) in IMAGE_MODES for m in MODES)
+
+
 def test_several_stores_each_measure_every_lazy_mode() -> None:
     s = parse_scenario(
         {
@@ -183,5 +193,17 @@ def test_old_store_table_still_works_and_cannot_mix_with_stores() -> None:
     with pytest.raises(ScenarioError, match="either a \\[store\\] table or"):
         parse_scenario(
             {"store": {}, "stores": [{"name": "a"}], "workloads": [{"recipe": "python"}]},
+            "f.toml",
+        )
+
+
+def test_crio_takes_one_store_only() -> None:
+    with pytest.raises(ScenarioError, match=r"stores: runtime 'crio' .*at most one store"):
+        parse_scenario(
+            {
+                "runtime": "crio",
+                "stores": [{"name": "a"}, {"name": "b"}],
+                "workloads": [{"recipe": "python"}],
+            },
             "f.toml",
         )
