@@ -1,4 +1,5 @@
-"""`stargz-store [--config PATH] [--root DIR] [--log-level L] MOUNTPOINT` — drop-in for the Go one.
+"""`stargz-store [--config PATH] [--root DIR] [--addr SOCKET] [--log-level L] MOUNTPOINT` — drop-in
+for the Go one.
 
 Mounts the Additional Layer Store at MOUNTPOINT with pyfuse3 and serves until SIGINT/SIGTERM
 or an external unmount, then unmounts. ``--root`` holds the chunk cache (``<root>/cache``)
@@ -76,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="state directory: chunk cache (default /var/lib/stargz-store)",
     )
     p.add_argument(
+        "--addr",
+        type=Path,
+        default=None,
+        help="credential socket for stargz-store-helper (default <root>/store.sock)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warn", "warning", "error"],
@@ -124,7 +131,7 @@ def prepare_mountpoint(path: Path) -> None:
         raise StoreError(f"mountpoint {path} is not a directory")
 
 
-async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
+async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | None = None) -> None:
     import pyfuse3
     import trio
 
@@ -186,7 +193,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
 
         try:
             nursery.start_soon(watch_signals)
-            await nursery.start(serve_credentials, root / SOCKET_NAME, credentials)
+            await nursery.start(serve_credentials, addr or root / SOCKET_NAME, credentials)
             await pyfuse3.main()
             log.info("filesystem unmounted externally")
         finally:
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     _one_malloc_arena()
     started = time.monotonic()
     try:
-        trio.run(serve, cfg, args.root, args.mountpoint)
+        trio.run(serve, cfg, args.root, args.mountpoint, args.addr)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:

@@ -91,3 +91,11 @@ def _error(fn) -> BaseException | None:  # type: ignore[no-untyped-def]
     except (OSError, ValueError) as exc:
         return exc
     return None
+
+
+def test_the_socket_path_can_be_given_as_the_go_store_takes_it() -> None:
+    from store.cli import build_parser
+
+    args = build_parser().parse_args(["--addr", "/run/x.sock", "/mnt"])
+    assert args.addr == Path("/run/x.sock")
+    assert build_parser().parse_args(["/mnt"]).addr is None  # <root>/store.sock
