@@ -238,7 +238,7 @@ class Runner:
         needed = {k.workload for k in todo}  # a shard prepares only its own workloads' images
         workloads = {w.name: resolve(w) for w in self.scenario.workloads if w.name in needed}
         self._node = self._runtime_node()
-        self._versions = runtime_versions(self.scenario.node)
+        self._versions = runtime_versions(self.scenario.node, self.cache_dir)
         env_path = self.run_dir / ENVIRONMENT
         meta = json.loads(env_path.read_text()) if env_path.exists() else environment(self.scenario)
         if env_path.exists():
@@ -247,6 +247,7 @@ class Runner:
             )
         if self.shard is not None:
             meta["shard"] = str(self.shard)
+        meta["runtime_versions"] = self._versions  # as built in this run's cache
         done: list[Key] = []
         with interruptible() as self._interrupt, contextlib.ExitStack() as stack:
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))
@@ -281,7 +282,11 @@ class Runner:
             return None
         self.console.print(f"[bold]node {self.scenario.node}[/]: building (cached by recipe)")
         try:
-            node = build_node(self.scenario.node, progress=lambda m: self.console.print(f"  {m}"))
+            node = build_node(
+                self.scenario.node,
+                self.cache_dir,
+                progress=lambda m: self.console.print(f"  {m}"),
+            )
         except NodeError as exc:
             raise UserError(f"runtime node {self.scenario.node}: {exc}") from None
         self.console.print(

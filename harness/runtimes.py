@@ -319,12 +319,13 @@ def host_versions() -> dict[str, Any]:
     return versions
 
 
-def runtime_versions(node: str) -> dict[str, str]:
-    """``{"node", "podman", "containers_storage", "containers_image"}`` of a node name."""
+def runtime_versions(node: str, cache_dir: Path | None = None) -> dict[str, str]:
+    """``{"node", "podman", "containers_storage", "containers_image"}`` of a node name (empty
+    versions for a node not built in ``cache_dir``)."""
     if node == HOST:
         v = host_versions()
     else:
-        built = cached_node(node)
+        built = cached_node(node, cache_dir)
         v = built.versions if built else {}
     return {
         "node": node,
