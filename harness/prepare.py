@@ -29,7 +29,8 @@ from rich.console import Console
 from harness.cli import UserError
 from harness.container import create_container, start_until_ready
 from harness.podman import PodmanEnv, PodmanError, write_atomic
-from harness.scenario import Scenario, Workload
+from harness.runtimes import Node
+from harness.scenario import Scenario, Workload, image_mode
 from harness.store_proc import StoreError, StoreProcess
 
 # Our store, whatever store is under test: only it writes the access trace.
@@ -113,7 +114,9 @@ class ImagePreparer:
     scenario: Scenario
     console: Console
     cache_dir: Path | None = None
+    node: Node | None = None  # the runtime node measured: it writes the zstd-chunked images
     refs: dict[tuple[str, str], str] = field(default_factory=dict)
+    layer_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def prepare(
@@ -154,8 +157,10 @@ class ImagePreparer:
                                 reg.host,
                                 w.repo,
                                 mode,
-                                mode,
+                                image_mode(mode),
                                 prioritized_files=files,
+                                # podman 5.x partial-pulls only what its generation writes
+                                node=self.node if image_mode(mode) == "zstd-chunked" else None,
                             ),
                             self.console,
                         )
@@ -165,6 +170,7 @@ class ImagePreparer:
                         self.skipped[(w.name, mode)] = str(exc)
                         continue
                     self.refs[(w.name, mode)] = f"{w.repo}:{mode}"
+                    self.layer_digests[(w.name, mode)] = [x.digest for x in pushed.layers]
                     info.setdefault(w.name, {})[mode] = {
                         "manifest_digest": pushed.manifest_digest,
                         "compressed_bytes": pushed.compressed_size,
