@@ -86,12 +86,13 @@ class ResolvedWorkload:
     """A scenario workload with the recipe's defaults filled in."""
 
     name: str
-    recipe: Any  # harness.images.Recipe
+    recipe: Any  # harness.images.Recipe, ImageSource or ContainerfileSource
     command: tuple[str, ...]
     stdin: str | None
     ready: str | None
     expected: str | None
     timeout: float
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def repo(self) -> str:
@@ -109,7 +110,29 @@ def recipe_for(name: str) -> Any:
         raise UserError(f"unknown image recipe {name!r}") from None
 
 
+# A workload from an image or a Containerfile has no recipe to take a timeout from.
+DEFAULT_IMAGE_TIMEOUT = 300.0
+
+
 def resolve(w: Workload) -> ResolvedWorkload:
+    if w.recipe is None:
+        from harness.images import ContainerfileSource, ImageSource
+
+        source: Any = (
+            ImageSource(w.image, w.platform, w.name)
+            if w.image is not None
+            else ContainerfileSource(str(w.containerfile), w.context, w.platform, w.name)
+        )
+        return ResolvedWorkload(
+            name=w.name,
+            recipe=source,
+            command=w.command or (),  # empty: the image's own entrypoint and cmd
+            stdin=w.stdin,
+            ready=w.ready if w.ready is not None else w.expect,
+            expected=w.expect,
+            timeout=w.timeout if w.timeout is not None else DEFAULT_IMAGE_TIMEOUT,
+            env=w.env or (),
+        )
     recipe = recipe_for(w.recipe)
     return ResolvedWorkload(
         name=w.name,
@@ -121,8 +144,9 @@ def resolve(w: Workload) -> ResolvedWorkload:
         # podman's own exit bookkeeping (with zstd:chunked layers podman 4.3 waits out a 20 s
         # conmon timeout before `start --attach` returns).
         ready=w.ready if w.ready is not None else (recipe.ready_line or recipe.expected_output),
-        expected=recipe.expected_output,
+        expected=w.expect if w.expect is not None else recipe.expected_output,
         timeout=w.timeout if w.timeout is not None else float(recipe.timeout),
+        env=w.env or (),
     )
 
 
@@ -246,6 +270,17 @@ def start_until_ready(
                     proc.wait(timeout=10)
     ok = seen_ready if ready else exit_code == 0
     return RunOutcome(elapsed, first, ok, exit_code, "".join(out["stdout"]), "".join(out["stderr"]))
+
+
+def _not_ready(w: ResolvedWorkload, outcome: RunOutcome) -> str:
+    """Why a run that ended is not a success, in the workload's terms."""
+    if w.ready and w.ready not in outcome.stdout:
+        return (
+            f"the workload exited ({outcome.exit_code}) without printing its ready line {w.ready!r}"
+        )
+    if w.expected is not None and w.expected not in outcome.stdout:
+        return f"the output lacks the expected {w.expected!r} (exit {outcome.exit_code})"
+    return f"the workload exited {outcome.exit_code}"
 
 
 def _retry(push: Callable[[], Any], console: Console, attempts: int = 3) -> Any:
@@ -532,14 +567,14 @@ class Runner:
     def _build_and_push(
         self, workloads: dict[str, ResolvedWorkload], storage: Path, work: Path
     ) -> dict[str, Any]:
-        from harness.images import ModeUnsupported, build_layers, push_image
+        from harness.images import ModeUnsupported, build_image, push_image
         from harness.registry_server import RegistryServer
 
         info: dict[str, Any] = {}
         with RegistryServer(storage_dir=storage) as reg:
             for w in workloads.values():
-                self.console.print(f"[bold]image {w.name}[/]: building (cached by recipe hash)")
-                built = build_layers(
+                self.console.print(f"[bold]image {w.name}[/]: building or importing (cached)")
+                built = build_image(
                     w.recipe, self.cache_dir, progress=lambda m: self.console.print(f"  {m}")
                 )
                 for mode in self.scenario.modes_of(self.scenario.workload(w.name)):
@@ -611,8 +646,8 @@ class Runner:
             outcome = start_until_ready(env, cid, stdin=w.stdin, ready=w.ready, timeout=w.timeout)
             if not outcome.ready:
                 raise UserError(
-                    f"trace run of {w.name} did not get ready: exit {outcome.exit_code}, "
-                    f"{outcome.stderr.strip()[-300:]!r}"
+                    f"trace run of {w.name}: {_not_ready(w, outcome)}; "
+                    f"stdout {outcome.stdout[-200:]!r}, stderr {outcome.stderr.strip()[-300:]!r}"
                 )
             env.podman("rm", "--force", "--time", "0", cid, timeout=60, check=False)
             files = store.trace_files()
@@ -628,6 +663,7 @@ class Runner:
         opts = ["--network=none"]
         if w.stdin is not None:
             opts.append("--interactive")
+        opts += [f"--env={k}={v}" for k, v in w.env]
         return env.podman("create", *opts, ref, *w.command, timeout=w.timeout).stdout.strip()
 
     def measure(
@@ -723,7 +759,7 @@ class Runner:
                 rec.requests_before_first_output = len(before)
                 if not rec.ready:
                     raise MeasurementError(
-                        f"run: workload output not as expected (exit {outcome.exit_code}): "
+                        f"run: {_not_ready(w, outcome)}: "
                         f"{outcome.stdout[-200:]!r} {outcome.stderr.strip()[-300:]!r}"
                     )
         except (MeasurementError, PodmanError, OSError, RuntimeError, UserError) as exc:

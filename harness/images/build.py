@@ -92,7 +92,7 @@ class BuiltImage:
     dir: Path
     layers: tuple[BuiltLayer, ...]
     config: dict
-    recipe: Recipe
+    recipe: Recipe | None  # None for an image imported from elsewhere (harness.images.source)
 
     @property
     def size(self) -> int:
