@@ -29,7 +29,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -66,8 +65,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "results" / "runs"
 SCENARIO_COPY = "scenario.json"
 STDOUT_KEEP = 4000
-# Our store, whatever store is under test: only it writes the access trace.
-TRACE_STORE_COMMAND = ("stargz-store", "--config", "{config}", "--root", "{root}", "{mountpoint}")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -611,52 +608,17 @@ class Runner:
 
     def _traced_files(self, w: ResolvedWorkload, built: Any, reg: Any, work: Path) -> list[str]:
         """The files the workload reads, from a run through our store with the trace on."""
-        key = hashlib.sha256(
-            json.dumps([built.hash, w.command, w.stdin, w.ready]).encode()
-        ).hexdigest()[:20]
-        from harness.images import default_cache_dir, push_image
+        from harness.trace import traced_files
 
-        cache = (self.cache_dir or default_cache_dir()) / "traces" / f"{w.name}-{key}.json"
-        if cache.exists():
-            files = json.loads(cache.read_text())
-            self.console.print(f"  trace {w.name}: {len(files)} files (cached)")
-            return files
-        self.console.print(f"  trace {w.name}: running it once through stargz-store")
-        push_image(built, reg.host, w.repo, "trace", "estargz-noopt")
-        ref = f"{reg.host}/{w.repo}:trace"
-        tdir = work / f"trace-{w.name}"
-        with (
-            StoreProcess(
-                tdir / "store",
-                command=TRACE_STORE_COMMAND,
-                insecure_hosts=[reg.host],
-                noprefetch=True,
-                trace=True,
-                metrics=False,
-                mount_timeout=self.scenario.store.mount_timeout,
-            ) as store,
-            PodmanEnv(
-                tdir / "podman",
-                additional_layer_store=store.mountpoint,
-                insecure_registries=[reg.host],
-            ) as env,
-        ):
-            env.pull(ref, timeout=w.timeout)
-            cid = self._create(env, ref, w)
-            outcome = start_until_ready(env, cid, stdin=w.stdin, ready=w.ready, timeout=w.timeout)
-            if not outcome.ready:
-                raise UserError(
-                    f"trace run of {w.name}: {_not_ready(w, outcome)}; "
-                    f"stdout {outcome.stdout[-200:]!r}, stderr {outcome.stderr.strip()[-300:]!r}"
-                )
-            env.podman("rm", "--force", "--time", "0", cid, timeout=60, check=False)
-            files = store.trace_files()
-        if not files:
-            self.console.print(f"  [yellow]trace {w.name}: the store traced no files[/]")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cache, json.dumps(files))
-        self.console.print(f"  trace {w.name}: {len(files)} files")
-        return files
+        return traced_files(
+            built,
+            w,
+            reg.host,
+            work,
+            cache_dir=self.cache_dir,
+            mount_timeout=self.scenario.store.mount_timeout,
+            say=self.console.print,
+        )
 
     @staticmethod
     def _create(env: PodmanEnv, ref: str, w: ResolvedWorkload) -> str:

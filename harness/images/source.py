@@ -131,7 +131,8 @@ def copy_to_layout(
     if all_platforms:
         args.append("--all")
     args += [ref, f"oci:{layout}:latest"]
-    skopeo(args, f"copying {ref}", timeout=timeout, private_cache=True)
+    what = f"cannot read image {ref} (check the reference, the file, or that the registry is up)"
+    skopeo(args, what, timeout=timeout, private_cache=True)
 
 
 # -- OCI layouts ------------------------------------------------------------------------------
