@@ -1,0 +1,138 @@
+"""`convert_image` between OCI layouts (skopeo, no registry or podman): indexes, platforms,
+diff IDs and annotations, pass-through of eStargz layers, zstd:chunked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.images import oci_layout
+from harness.images.convert import ConvertError, ConvertOptions, convert_image
+from harness.images.source import decompress_layer
+from store.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
+
+pytestmark = pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")
+
+INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def _blob(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digest.split(":")[1]
+
+
+def _put(layout: Path, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    _blob(layout, digest).write_bytes(data)
+    return digest
+
+
+@pytest.fixture(scope="module")
+def two_platforms(tiny, tmp_path_factory) -> Path:
+    """An OCI layout whose index holds the tiny image for amd64 and (relabelled) arm64."""
+    layout = tmp_path_factory.mktemp("index") / "layout"
+    shutil.copytree(oci_layout(tiny, "legacy"), layout)
+    top = json.loads((layout / "index.json").read_text())["manifests"][0]
+    amd = json.loads(_blob(layout, top["digest"]).read_bytes())
+    config = json.loads(_blob(layout, amd["config"]["digest"]).read_bytes())
+    arm_config = json.dumps({**config, "architecture": "arm64"}).encode()
+    arm = {**amd, "config": {**amd["config"], "digest": _put(layout, arm_config)}}
+    arm["config"]["size"] = len(arm_config)
+    arm_raw = json.dumps(arm).encode()
+    entries = [
+        {**{k: top[k] for k in ("mediaType", "digest", "size")}, "platform": p}
+        for p in ({"os": "linux", "architecture": "amd64"},)
+    ]
+    entries.append(
+        {
+            "mediaType": top["mediaType"],
+            "digest": _put(layout, arm_raw),
+            "size": len(arm_raw),
+            "platform": {"os": "linux", "architecture": "arm64"},
+        }
+    )
+    index = json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": entries}).encode()
+    desc = {"mediaType": INDEX, "digest": _put(layout, index), "size": len(index)}
+    desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    return layout
+
+
+def _images(out: Path) -> tuple[dict, dict[str, dict]]:
+    top = json.loads((out / "index.json").read_text())["manifests"][0]
+    index = json.loads(_blob(out, top["digest"]).read_bytes())
+    by_arch = {
+        d["platform"]["architecture"]: {
+            **d,
+            "manifest": json.loads(_blob(out, d["digest"]).read_bytes()),
+        }
+        for d in index["manifests"]
+    }
+    return index, by_arch
+
+
+def _check_estargz_image(out: Path, manifest: dict) -> None:
+    config = json.loads(_blob(out, manifest["config"]["digest"]).read_bytes())
+    for d, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
+        ann = d["annotations"]
+        assert ann[TOC_DIGEST_ANNOTATION].startswith("sha256:")
+        size, digest = decompress_layer(_blob(out, d["digest"]), out / "plain.tar")
+        assert digest == diff_id and size == int(ann[UNCOMPRESSED_SIZE_ANNOTATION])
+
+
+def test_index_keeps_other_platforms_or_converts_all(two_platforms: Path, tmp_path: Path) -> None:
+    _, source = _images(two_platforms)
+    out = tmp_path / "one"
+    report = convert_image(f"oci:{two_platforms}", f"oci:{out}:x", show_progress=False)
+    index, images = _images(out)
+    assert report.manifests == 1 and report.converted == 3
+    assert index["mediaType"] == INDEX
+    assert images["arm64"]["digest"] == source["arm64"]["digest"]  # untouched, byte for byte
+    assert images["amd64"]["digest"] != source["amd64"]["digest"]
+    _check_estargz_image(out, images["amd64"]["manifest"])
+
+    out = tmp_path / "all"
+    options = ConvertOptions(all_platforms=True)
+    report = convert_image(f"oci:{two_platforms}", f"oci:{out}:x", options, show_progress=False)
+    _, images = _images(out)
+    assert report.manifests == 2
+    for arch in ("amd64", "arm64"):
+        _check_estargz_image(out, images[arch]["manifest"])
+
+    # Converting the result again passes every layer through.
+    again = convert_image(
+        f"oci:{out}:x", f"oci:{tmp_path / 'again'}:x", options, show_progress=False
+    )
+    assert again.converted == 0 and again.passed_through == 6
+    assert again.digest == report.digest
+
+    with pytest.raises(ConvertError, match="no manifest for platform linux/s390x"):
+        convert_image(
+            f"oci:{two_platforms}",
+            f"oci:{tmp_path / 'none'}:x",
+            ConvertOptions(platform="linux/s390x"),
+            show_progress=False,
+        )
+
+
+def test_zstd_chunked(tiny, tmp_path: Path) -> None:
+    out = tmp_path / "zstd"
+    report = convert_image(
+        f"oci:{oci_layout(tiny, 'legacy')}",
+        f"oci:{out}:z",
+        ConvertOptions(format="zstd-chunked"),
+        show_progress=False,
+    )
+    top = json.loads((out / "index.json").read_text())["manifests"][0]
+    assert top["digest"] == report.digest
+    manifest = json.loads(_blob(out, top["digest"]).read_bytes())
+    config = json.loads(_blob(out, manifest["config"]["digest"]).read_bytes())
+    for d, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
+        assert d["mediaType"].endswith("+zstd")
+        assert "io.github.containers.zstd-chunked.manifest-checksum" in d["annotations"] or any(
+            k.endswith("zstd-chunked.manifest-checksum") for k in d["annotations"]
+        )
+        assert decompress_layer(_blob(out, d["digest"]), tmp_path / "p.tar")[1] == diff_id
