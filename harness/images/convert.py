@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -334,7 +335,7 @@ def convert_layers(
         (i, str(layout.blob(d["digest"])), d, str(layout.path / "blobs" / "sha256"))
         for i, d in enumerate(layers)
     ]
-    ctx = multiprocessing.get_context("forkserver")
+    ctx = multiprocessing.get_context(_start_method())
     counters = ctx.Array("q", max(1, len(jobs)), lock=False)
     nproc = max(1, min(len(jobs), options.workers or os.cpu_count() or 1))
     cores = os.cpu_count() or 1
@@ -378,6 +379,15 @@ def convert_layers(
         for task, (_, _, d, _) in zip(tasks, jobs, strict=True):
             progress.update(task, completed=d["size"])
         return [f.result() for f in futures]
+
+
+def _start_method() -> str:
+    """``forkserver`` (workers do not inherit this process's threads and locks), unless the
+    main program is not a file a worker could re-import (``python -`` / ``-c``): then ``fork``,
+    safe here because the workers touch nothing but their layer files."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return "forkserver" if path and os.path.isfile(path) else "fork"
 
 
 def _wait_any(futures: list[Any], timeout: float) -> None:

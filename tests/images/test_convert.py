@@ -136,3 +136,32 @@ def test_zstd_chunked(tiny, tmp_path: Path) -> None:
             k.endswith("zstd-chunked.manifest-checksum") for k in d["annotations"]
         )
         assert decompress_layer(_blob(out, d["digest"]), tmp_path / "p.tar")[1] == diff_id
+
+
+def test_import_picks_the_platform_and_names_what_is_missing(
+    two_platforms: Path, tmp_path: Path
+) -> None:
+    from harness.images.source import ImageSourceError, import_image
+
+    ref = f"oci:{two_platforms}"
+    arm = import_image(ref, tmp_path, platform="linux/arm64")
+    amd = import_image(ref, tmp_path, platform="linux/amd64")
+    assert arm.config["architecture"] == "arm64" and amd.config["architecture"] == "amd64"
+    assert [x.diff_id for x in arm.layers] == [x.diff_id for x in amd.layers]
+    assert import_image(ref, tmp_path, platform="linux/amd64").dir == amd.dir  # cached
+    with pytest.raises(ImageSourceError, match=r"no manifest for platform linux/s390x"):
+        import_image(ref, tmp_path, platform="linux/s390x")
+
+    # A single-platform image for another architecture than the one asked for.
+    out = tmp_path / "arm-only"
+    convert_image(ref, f"oci:{out}:x", ConvertOptions(platform="linux/arm64"), show_progress=False)
+    _, images = _images(out)
+    single = tmp_path / "single"
+    shutil.copytree(out, single)
+    desc = {k: images["arm64"][k] for k in ("mediaType", "digest", "size")}
+    desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+    (single / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    with pytest.raises(ImageSourceError, match=r"has no layers for platform linux/amd64: .*arm64"):
+        import_image(f"oci:{single}", tmp_path, platform="linux/amd64")
+    with pytest.raises(ImageSourceError, match=r"does not exist"):
+        import_image(f"oci-archive:{tmp_path / 'nope.tar'}", tmp_path)
