@@ -33,12 +33,12 @@ def traced_files(
     mount_timeout: float = 30.0,
     say: Callable[[str], None] = lambda message: None,
 ) -> list[str]:
-    """The image paths workload ``w`` (a ``harness.runner.ResolvedWorkload``) reads from
+    """The image paths workload ``w`` (a ``harness.prepare.ResolvedWorkload``) reads from
     ``built`` (a ``BuiltImage``), in first-access order. ``registry_host`` is a plain-HTTP
     registry the image may be pushed to (as ``<repo>:trace``); ``work`` a scratch directory.
     Raises :class:`UserError` when the workload does not get ready."""
+    from harness.container import create_container, not_ready_reason, start_until_ready
     from harness.images import default_cache_dir, push_image
-    from harness.runner import Runner, _not_ready, start_until_ready
 
     parts: list[Any] = [built.hash, w.command, w.stdin, w.ready]
     if w.env:
@@ -70,11 +70,11 @@ def traced_files(
         ) as env,
     ):
         env.pull(ref, timeout=w.timeout)
-        cid = Runner._create(env, ref, w)
+        cid = create_container(env, ref, w.command, w.stdin, w.timeout, w.env)
         outcome = start_until_ready(env, cid, stdin=w.stdin, ready=w.ready, timeout=w.timeout)
         if not outcome.ready:
             raise UserError(
-                f"trace run of {w.name}: {_not_ready(w, outcome)}; "
+                f"trace run of {w.name}: {not_ready_reason(w.ready, w.expected, outcome)}; "
                 f"stdout {outcome.stdout[-200:]!r}, stderr {outcome.stderr.strip()[-300:]!r}"
             )
         env.podman("rm", "--force", "--time", "0", cid, timeout=60, check=False)

@@ -555,8 +555,8 @@ def optimize_files(
     (cached), pushed unoptimized to a registry on loopback, run once through our store with
     the access trace (``harness.trace``). ``command`` empty: the image's own."""
     from harness.images.source import import_image
+    from harness.prepare import ResolvedWorkload
     from harness.registry_server import RegistryServer
-    from harness.runner import ResolvedWorkload
     from harness.trace import traced_files
 
     built = import_image(src, cache_dir, platform=platform, name="convert", progress=say)

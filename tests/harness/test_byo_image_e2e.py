@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.results import read_records
+from harness.records import read_records
 from harness.scenario import LAZY_MODES, MODES
 from tests.harness.byo_image import OUTPUT, build_and_save, write_context
 

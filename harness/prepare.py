@@ -1,0 +1,234 @@
+"""Everything a run sets up before it measures: workloads, images, the link.
+
+* *Workloads*: a scenario workload with its recipe's defaults filled in
+  (:func:`resolve`).
+* *Images*: each workload's recipe is built (cached by recipe hash, so a second run reuses it),
+  or its image imported from any source or built from its Containerfile (cached by manifest
+  digest; harness.images.source), and pushed in every mode to a registry on loopback whose
+  storage directory the measured registry then serves (:class:`ImagePreparer`). Pushing never
+  crosses the shaped link. For ``estargz`` the workload first runs once through our store with
+  the access trace on (from the estargz-noopt image; harness.trace), and the image is rebuilt
+  with the traced files prioritized (the trace is cached too).
+* *Link*: the network profile's link is set up and measured (:func:`open_link`); the registry
+  is then started behind it (inside the link's namespace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from harness.cli import UserError
+from harness.podman import PodmanError
+from harness.scenario import Scenario, Workload
+from harness.store_proc import StoreError
+
+# -- workloads -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedWorkload:
+    """A scenario workload with the recipe's defaults filled in."""
+
+    name: str
+    recipe: Any  # harness.images.Recipe, ImageSource or ContainerfileSource
+    command: tuple[str, ...]
+    stdin: str | None
+    ready: str | None
+    expected: str | None
+    timeout: float
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def repo(self) -> str:
+        return f"lazybench/{self.name}"
+
+
+def recipe_for(name: str) -> Any:
+    from harness.images import RECIPES, tiny_recipe
+
+    if name == "tiny":
+        return tiny_recipe()
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise UserError(f"unknown image recipe {name!r}") from None
+
+
+# A workload from an image or a Containerfile has no recipe to take a timeout from.
+DEFAULT_IMAGE_TIMEOUT = 300.0
+
+
+def resolve(w: Workload) -> ResolvedWorkload:
+    if w.recipe is None:
+        from harness.images import ContainerfileSource, ImageSource
+
+        source: Any = (
+            ImageSource(w.image, w.platform, w.name)
+            if w.image is not None
+            else ContainerfileSource(str(w.containerfile), w.context, w.platform, w.name)
+        )
+        return ResolvedWorkload(
+            name=w.name,
+            recipe=source,
+            command=w.command or (),  # empty: the image's own entrypoint and cmd
+            stdin=w.stdin,
+            ready=w.ready if w.ready is not None else w.expect,
+            expected=w.expect,
+            timeout=w.timeout if w.timeout is not None else DEFAULT_IMAGE_TIMEOUT,
+            env=w.env or (),
+        )
+    recipe = recipe_for(w.recipe)
+    return ResolvedWorkload(
+        name=w.name,
+        recipe=recipe,
+        command=w.command if w.command is not None else tuple(recipe.run_cmd),
+        stdin=w.stdin if w.stdin is not None else recipe.stdin,
+        # A workload that runs to completion is "ready" when its expected output appears:
+        # that is within milliseconds of its exit, and it does not charge the workload with
+        # podman's own exit bookkeeping (with zstd:chunked layers podman 4.3 waits out a 20 s
+        # conmon timeout before `start --attach` returns).
+        ready=w.ready if w.ready is not None else (recipe.ready_line or recipe.expected_output),
+        expected=w.expect if w.expect is not None else recipe.expected_output,
+        timeout=w.timeout if w.timeout is not None else float(recipe.timeout),
+        env=w.env or (),
+    )
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def _retry(push: Callable[[], Any], console: Console, attempts: int = 3) -> Any:
+    """Pushes go over loopback to a registry we own: a failure other than an unsupported
+    mode is most likely transient, so try again before giving up on the run."""
+    from harness.images import ModeUnsupported, PushError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return push()
+        except ModeUnsupported:
+            raise
+        except PushError as exc:
+            if attempt == attempts:
+                raise
+            console.print(f"  [yellow]push failed ({exc}); retrying[/]")
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class ImagePreparer:
+    """Builds and pushes a scenario's images; ``refs`` maps (workload, mode) to the pushed
+    ``repo:tag``, ``skipped`` the pairs this machine's tools could not produce to why."""
+
+    scenario: Scenario
+    console: Console
+    cache_dir: Path | None = None
+    refs: dict[tuple[str, str], str] = field(default_factory=dict)
+    skipped: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def prepare(
+        self, workloads: dict[str, ResolvedWorkload], storage: Path, work: Path
+    ) -> dict[str, Any]:
+        """Build and push every (workload, mode) into ``storage`` via a loopback registry."""
+        from harness.images import ImageBuildError, PushError
+        from harness.registry_server import RegistryServerError
+
+        try:
+            return self._build_and_push(workloads, storage, work)
+        except (ImageBuildError, PushError, RegistryServerError, PodmanError, StoreError) as exc:
+            raise UserError(f"preparing images: {exc}") from None
+
+    def _build_and_push(
+        self, workloads: dict[str, ResolvedWorkload], storage: Path, work: Path
+    ) -> dict[str, Any]:
+        from harness.images import ModeUnsupported, build_image, push_image
+        from harness.registry_server import RegistryServer
+
+        info: dict[str, Any] = {}
+        with RegistryServer(storage_dir=storage) as reg:
+            for w in workloads.values():
+                self.console.print(f"[bold]image {w.name}[/]: building or importing (cached)")
+                built = build_image(
+                    w.recipe, self.cache_dir, progress=lambda m: self.console.print(f"  {m}")
+                )
+                for mode in self.scenario.modes_of(self.scenario.workload(w.name)):
+                    files = None
+                    if mode == "estargz":
+                        files = self._traced_files(w, built, reg, work)
+                    self.console.print(f"  push {w.name}:{mode}")
+                    try:
+                        pushed = _retry(
+                            functools.partial(
+                                push_image,
+                                built,
+                                reg.host,
+                                w.repo,
+                                mode,
+                                mode,
+                                prioritized_files=files,
+                            ),
+                            self.console,
+                        )
+                    except ModeUnsupported as exc:  # a mode this machine's tools cannot produce
+                        self.console.print(f"  [yellow]skip {w.name}:{mode}[/]: {exc}")
+                        info.setdefault(w.name, {})[mode] = {"skipped": str(exc)}
+                        self.skipped[(w.name, mode)] = str(exc)
+                        continue
+                    self.refs[(w.name, mode)] = f"{w.repo}:{mode}"
+                    info.setdefault(w.name, {})[mode] = {
+                        "manifest_digest": pushed.manifest_digest,
+                        "compressed_bytes": pushed.compressed_size,
+                        "layers": len(pushed.layers),
+                        "prioritized_files": len(files) if files is not None else None,
+                    }
+        return info
+
+    def _traced_files(self, w: ResolvedWorkload, built: Any, reg: Any, work: Path) -> list[str]:
+        """The files the workload reads, from a run through our store with the trace on."""
+        from harness.trace import traced_files
+
+        return traced_files(
+            built,
+            w,
+            reg.host,
+            work,
+            cache_dir=self.cache_dir,
+            mount_timeout=self.scenario.store.mount_timeout,
+            say=self.console.print,
+        )
+
+
+# -- the network link -----------------------------------------------------------------------------
+
+
+@dataclass
+class Link:
+    """Where the registry runs: ``prefix`` runs a command there, ``address`` is its address."""
+
+    profile: str
+    prefix: tuple[str, ...] = ()
+    address: str = "127.0.0.1"
+    measured: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def open_link(profile: str, console: Console) -> Iterator[Link]:
+    """The shaped link of ``profile`` (harness.netshape), measured, torn down on exit
+    (``loopback`` has no namespace: the registry listens on 127.0.0.1)."""
+    from harness.netshape import NetworkLink
+
+    with NetworkLink(profile) as net:
+        link = Link(profile, prefix=tuple(net.prefix), address=net.ns_addr)
+        if net.netns is not None:
+            console.print(f"link {profile}: measuring rate and RTT…")
+            net.measure()
+        link.measured = net.info()
+        yield link
