@@ -89,8 +89,7 @@ def test_convert_push_then_lazy_pull_equals_full_pull(image: Path, tmp_path: Pat
         mark = reg.log_mark()
         with (
             StoreProcess(tmp_path / "store", insecure_hosts=[reg.host]) as store,
-            PodmanEnv(
-                tmp_path / "lazy",
+            PodmanEnv(  # a short workdir: conmon's attach socket path has a length limit
                 additional_layer_store=store.mountpoint,
                 insecure_registries=[reg.host],
             ) as env,
@@ -102,12 +101,12 @@ def test_convert_push_then_lazy_pull_equals_full_pull(image: Path, tmp_path: Pat
             layer_digests = {d["digest"] for d in m["layers"]}
             assert not [r for r in whole if r.digest in layer_digests], whole
 
-        with PodmanEnv(tmp_path / "orig") as env:
+        with PodmanEnv() as env:
             env.podman("load", "--input", str(image), timeout=300)
             loaded = env.podman("images", "--format", "{{.ID}}").stdout.split()[0]
             full = env.run(loaded, "/bin/sh", "-c", LISTING, timeout=300).stdout
 
-        with PodmanEnv(tmp_path / "plain", insecure_registries=[reg.host]) as env:
+        with PodmanEnv(insecure_registries=[reg.host]) as env:
             env.pull(ref, timeout=120)
             assert env.run(ref, timeout=120).stdout == OUTPUT + "\n"
 
