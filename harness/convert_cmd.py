@@ -148,7 +148,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
             dest_tls_verify=args.dest_tls_verify,
         )
         console.print(f"convert: {args.src} → {args.dest} ({args.format})")
-        report = convert_image(args.src, args.dest, options, show_progress=not args.no_progress)
+        report = convert_image(
+            args.src,
+            args.dest,
+            options,
+            show_progress=not args.no_progress,
+            say=lambda m: console.print(f"convert: {m}"),
+        )
     except ImageSourceError as exc:
         raise UserError(str(exc)) from None
     console.print(

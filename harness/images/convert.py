@@ -31,7 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +104,7 @@ def convert_image(
     *,
     workdir: Path | None = None,
     show_progress: bool = True,
+    say: Callable[[str], None] = lambda message: None,
 ) -> ConvertReport:
     """Convert ``src`` and write it to ``dest`` (both in the transport syntax); see the module
     docstring. Raises :class:`ConvertError` (or its base ``ImageSourceError``) naming what
@@ -123,6 +124,7 @@ def convert_image(
     want = wanted_platform(options.platform)
     with tempfile.TemporaryDirectory(prefix="lazybench-convert-", dir=workdir) as tmp:
         layout = Layout(Path(tmp) / "oci")
+        say(f"reading {src} (skopeo)")
         copy_to_layout(src, layout.path, all_platforms=True)
         top_desc = layout.top()
         raw = layout.blob(top_desc["digest"]).read_bytes()
@@ -133,6 +135,7 @@ def convert_image(
             children = []
             for d in top.parsed.get("manifests") or []:
                 if d["digest"] in chosen:
+                    say(f"converting the {_platform_text(d)} image ({d['digest'][:19]})")
                     new = _convert_manifest(layout, d, options, report, Path(tmp), show_progress)
                     children.append({**d, **new})
                 else:
@@ -148,8 +151,14 @@ def convert_image(
         (layout.path / "index.json").write_text(
             json.dumps({"schemaVersion": 2, "manifests": [new_top]})
         )
+        say(f"writing {dest} (skopeo)")
         report.digest = _write_dest(layout, dest, dest_transport, top.is_index, options, Path(tmp))
     return report
+
+
+def _platform_text(desc: dict[str, Any]) -> str:
+    p = desc.get("platform") or {}
+    return "/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x)
 
 
 def _chosen(top: Any, want: Any, all_platforms: bool, src: str) -> set[str]:

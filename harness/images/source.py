@@ -10,10 +10,11 @@ eStargz, optimized eStargz, zstd:chunked) makes it exactly as it makes a recipe'
 
 Cache: ``<cache>/images/src-<key>/`` (``image.json`` + ``layers/<n>.tar``, the recipe cache's
 shape), ``key`` = the source's manifest digest (of the index, when it is one) and the platform:
-the same image from any transport or path is imported once. A Containerfile is built with
-podman in a private graphroot, saved as an OCI archive and imported the same way; it is cached
-by the Containerfile and the context's contents (``<cache>/containerfile/<key>.json`` names the
-imported image). Every step writes into a temporary sibling renamed into place.
+the same image from any transport or path is imported once. An archive file unchanged since
+(path, size, mtime) is not even inspected again (``<cache>/sources/``). A Containerfile is
+built with podman in a private graphroot, saved as an OCI archive and imported the same way; it
+is cached by the Containerfile and the context's contents (``<cache>/containerfile/<key>.json``
+names the imported image). Every step writes into a temporary sibling renamed into place.
 
 Errors (:class:`ImageSourceError`) name the source and what to check: an unreadable source
 (missing file, registry down, unknown tag), an index without the platform, an image for
@@ -228,11 +229,21 @@ def import_image(
 ) -> BuiltImage:
     """The image ``ref`` names, for ``platform`` (``os/arch[/variant]``; default the host's), as
     plain layer tars and its config; imported once per manifest digest and platform."""
+    from harness.podman import write_atomic
+
     say = progress or (lambda message: None)
     cache_dir = cache_dir or default_cache_dir()
     want = wanted_platform(platform)
-    key, _ = source_key(ref, want)
     name = name or _name_of(ref)
+    # An archive file unchanged since it was imported is not read again (for oci-archive:
+    # skopeo would unpack all of it just to show the manifest).
+    memo = _archive_memo(ref, want, cache_dir)
+    if memo is not None and memo.is_file():
+        found = load_imported(cache_dir / "images" / json.loads(memo.read_text())["image"], name)
+        if found is not None:
+            check_config_platform(ref, found.config, want)
+            return found
+    key, _ = source_key(ref, want)
     final = cache_dir / "images" / f"src-{key}"
     found = load_imported(final, name)
     if found is None:
@@ -252,7 +263,23 @@ def import_image(
         found = load_imported(final, name)
         assert found is not None
     check_config_platform(ref, found.config, want)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(memo, json.dumps({"image": final.name, "source": ref}))
     return found
+
+
+def _archive_memo(ref: str, platform: Any, cache_dir: Path) -> Path | None:
+    """``<cache>/sources/<key>.json`` for an archive file, keyed by its path, size, mtime and
+    the platform; ``None`` for other sources (their manifest digest is cheap to read)."""
+    transport, _ = split_transport(ref)
+    path = local_path(ref)
+    if transport not in ("oci-archive", "docker-archive") or path is None or not path.is_file():
+        return None
+    st = path.stat()
+    text = json.dumps([IMPORT_FORMAT, ref, str(path.resolve()), st.st_size, st.st_mtime_ns])
+    key = hashlib.sha256(f"{text}{platform}".encode()).hexdigest()[:24]
+    return cache_dir / "sources" / f"{key}.json"
 
 
 def load_imported(directory: Path, name: str) -> BuiltImage | None:

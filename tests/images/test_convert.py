@@ -165,3 +165,19 @@ def test_import_picks_the_platform_and_names_what_is_missing(
         import_image(f"oci:{single}", tmp_path, platform="linux/amd64")
     with pytest.raises(ImageSourceError, match=r"does not exist"):
         import_image(f"oci-archive:{tmp_path / 'nope.tar'}", tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("docker-registry") is None, reason="needs docker-registry")
+def test_registry_round_trip(two_platforms: Path, tmp_path: Path) -> None:
+    """An index pushed to docker:// (plain HTTP on loopback), imported and converted back."""
+    from harness.images.source import import_image
+    from harness.registry_server import RegistryServer
+
+    with RegistryServer(storage_dir=tmp_path / "registry") as reg:
+        ref = f"docker://{reg.host}/byo/index:esgz"
+        options = ConvertOptions(all_platforms=True)
+        pushed = convert_image(f"oci:{two_platforms}", ref, options, show_progress=False)
+        arm = import_image(ref, tmp_path / "cache", platform="linux/arm64")
+        assert arm.config["architecture"] == "arm64" and len(arm.layers) == 3
+        back = convert_image(ref, f"oci:{tmp_path / 'back'}:x", options, show_progress=False)
+    assert back.passed_through == 6 and back.digest == pushed.digest
