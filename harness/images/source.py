@@ -251,7 +251,7 @@ def import_image(
         final.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".import-{key}-", dir=final.parent))
         try:
-            _import_into(ref, want, work, say)
+            _import_into(ref, want, key, work, say)
             try:
                 os.rename(work, final)
             except OSError:
@@ -297,7 +297,7 @@ def load_imported(directory: Path, name: str) -> BuiltImage | None:
     return BuiltImage(name, directory.name, directory, layers, data["config"], None)
 
 
-def _import_into(ref: str, platform: Any, work: Path, say: Progress) -> None:
+def _import_into(ref: str, platform: Any, key: str, work: Path, say: Progress) -> None:
     layout = Layout(work / "oci")
     copy_to_layout(ref, layout.path, platform=platform)
     top = layout.top()
@@ -336,6 +336,8 @@ def _import_into(ref: str, platform: Any, work: Path, say: Progress) -> None:
     with ThreadPoolExecutor(max(1, min(n, os.cpu_count() or 2))) as pool:
         layers = list(pool.map(one, range(n)))
     meta = {
+        "name": _name_of(ref),
+        "hash": f"src-{key}",
         "source": ref,
         "manifest_digest": manifest.digest,
         "platform": str(platform),
