@@ -2,7 +2,8 @@
 
 No base image can be pulled here, so it is ``FROM scratch`` with the static busybox; one layer
 carries a few MB of random bytes the workload never reads, so a lazy pull visibly fetches less
-than a full one. :func:`write_context` writes the build context, :func:`build_and_save` builds it
+than a full one; a ``RUN`` layer deletes files and replaces a directory (whiteouts).
+:func:`write_context` writes the build context, :func:`build_and_save` builds it
 in a private podman and exports it with ``podman save`` in the formats asked for.
 """
 
@@ -20,11 +21,14 @@ CONTAINERFILE = """\
 FROM scratch
 COPY busybox /bin/busybox
 COPY etc/ /etc/
-ENV APPLETS="sh cat echo ls find sort stat sha256sum cut head wc"
+ENV APPLETS="sh cat echo ls find sort stat sha256sum cut head wc rm mkdir"
 RUN ["/bin/busybox", "sh", "-c", "for a in $APPLETS; do /bin/busybox ln -s busybox /bin/$a; done"]
 COPY data/hello.txt /data/hello.txt
+COPY data/old/ /data/old/
 COPY data/unread-1.bin /data/unread-1.bin
 COPY opt/ /opt/
+RUN rm /opt/lib/part-0.bin /data/old/gone.txt && rm -rf /data/old \\
+    && mkdir /data/old && echo new > /data/old/new.txt
 CMD ["/bin/cat", "/data/hello.txt"]
 """
 
@@ -38,6 +42,9 @@ def write_context(directory: Path, *, unread_bytes: int = 6 << 20) -> Path:
     (directory / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (directory / "data").mkdir(exist_ok=True)
     (directory / "data" / "hello.txt").write_text(OUTPUT + "\n")
+    (directory / "data" / "old").mkdir(exist_ok=True)
+    (directory / "data" / "old" / "gone.txt").write_text("deleted by a later layer\n")
+    (directory / "data" / "old" / "kept.txt").write_text("hidden by an opaque directory\n")
     rng = random.Random(14)
     (directory / "data" / "unread-1.bin").write_bytes(rng.randbytes(unread_bytes // 2))
     (directory / "opt" / "lib").mkdir(parents=True, exist_ok=True)

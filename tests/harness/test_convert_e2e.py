@@ -112,6 +112,8 @@ def test_convert_push_then_lazy_pull_equals_full_pull(image: Path, tmp_path: Pat
 
     lazy_set, full_set = set(lazy.splitlines()), set(full.splitlines())
     assert f"/data/hello.txt|regular file 644 0 0 {len(OUTPUT) + 1}" in "\n".join(full_set)
+    assert not [p for p in full_set if p.startswith(("/data/old/gone.txt|", "/data/old/kept.txt|"))]
+    assert any(p.startswith("/data/old/new.txt|") for p in full_set)
     assert lazy_set == full_set, (sorted(lazy_set - full_set), sorted(full_set - lazy_set))
 
 
