@@ -66,6 +66,12 @@ def toml_str(value: str) -> str:
 class PodmanEnv:
     """A podman with private graphroot/runroot and configuration under ``workdir``.
 
+    The runroot is a short directory of its own under ``/tmp`` instead (``lzbr-*``, removed
+    on exit): conmon's attach socket lives at ``<runroot>/overlay-containers/<64 hex id>/
+    userdata/attach``, and when that passes the 108-byte limit of a socket path podman 4.3 still
+    runs the container but ``run``/``start --attach`` return only after a 20 s timeout (seen
+    with a workdir path longer than about 45 characters).
+
     ``additional_layer_store`` names a mounted layer store to consult while pulling (written
     as ``additionallayerstores = ["PATH:ref"]``). ``insecure_registries`` are reached over
     plain HTTP. ``partial_pulls`` turns on podman's own zstd:chunked partial pulls.
@@ -78,6 +84,7 @@ class PodmanEnv:
     default_timeout: float = 600.0
     keep_blob_info_cache: bool = False
     _own_workdir: bool = field(default=False, init=False, repr=False)
+    _runroot: Path | None = field(default=None, init=False, repr=False)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -86,8 +93,9 @@ class PodmanEnv:
             self.workdir = Path(tempfile.mkdtemp(prefix="lzb-podman-"))
             self._own_workdir = True
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for sub in ("graph", "run", "tmp"):
+        for sub in ("graph", "tmp"):
             (self.workdir / sub).mkdir(exist_ok=True)
+        self._runroot = Path(tempfile.mkdtemp(prefix="lzbr-", dir="/tmp"))
         self._write_configs()
         if not self.keep_blob_info_cache:
             BLOB_INFO_CACHE.unlink(missing_ok=True)
@@ -103,12 +111,15 @@ class PodmanEnv:
 
     @property
     def runroot(self) -> Path:
-        assert self.workdir is not None, "PodmanEnv used outside its context"
-        return self.workdir / "run"
+        assert self._runroot is not None, "PodmanEnv used outside its context"
+        return self._runroot
 
     def close(self) -> None:
         """Stop containers, unmount everything under the graphroot, remove the workdir."""
         if self.workdir is None or not self.workdir.exists():
+            if self._runroot is not None:
+                unmount_below(self._runroot)
+                shutil.rmtree(self._runroot, ignore_errors=True)
             return
         try:
             self.podman("rm", "--all", "--force", "--time", "0", timeout=60, check=False)
@@ -116,10 +127,13 @@ class PodmanEnv:
         except PodmanError:
             pass
         unmount_below(self.workdir)
+        if self._runroot is not None:
+            unmount_below(self._runroot)
+            shutil.rmtree(self._runroot, ignore_errors=True)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         else:
-            for sub in ("graph", "run", "tmp"):
+            for sub in ("graph", "tmp"):
                 shutil.rmtree(self.workdir / sub, ignore_errors=True)
 
     # -- configuration -----------------------------------------------------------------------

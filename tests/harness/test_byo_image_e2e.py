@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,16 +64,17 @@ timeout = 90
 
 
 def lazybench(tmp: Path, *args: str, timeout: float = 900) -> tuple[int, str]:
-    (tmp / "tmp").mkdir(exist_ok=True)
-    env = {**os.environ, "TMPDIR": str(tmp / "tmp"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "harness", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=tmp,
-    )
+    """`lazybench ARGS` run in ``tmp``, its scratch files in a directory removed after."""
+    with tempfile.TemporaryDirectory(prefix="lzb-") as scratch:
+        env = {**os.environ, "TMPDIR": scratch, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "harness", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=tmp,
+        )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -127,4 +129,43 @@ def test_missing_source_is_a_clear_error(base: Path) -> None:
     )
     assert rc == 1
     assert f"{base / 'nope.tar'} does not exist" in out, out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    ("modes", "expected"),
+    [
+        # The measurement records the error; the run exits 1.
+        (["legacy"], "exited (0) without printing its ready line 'never printed'"),
+        # The estargz trace run refuses to optimize for a workload that never got ready.
+        (["estargz"], "trace run of img: the workload exited (0) without printing its ready"),
+    ],
+)
+def test_workload_that_never_prints_its_ready_line(
+    base: Path, modes: list[str], expected: str
+) -> None:
+    name = f"never-{modes[0]}"
+    (base / f"{name}.toml").write_text(
+        f"modes = {modes}\nsamples = 1\n"
+        '[[workloads]]\nname = "img"\nimage = "docker-archive:image.docker.tar"\n'
+        'ready = "never printed"\ntimeout = 30\n[network]\nprofile = "loopback"\n'
+    )
+    rc, out = lazybench(
+        base,
+        "run",
+        str(base / f"{name}.toml"),
+        "--no-progress",
+        "--results-dir",
+        str(base / "runs"),
+        "--run-id",
+        name,
+        "--cache-dir",
+        str(base / "cache"),
+    )
+    assert rc == 1, out
+    if modes == ["legacy"]:
+        (record,) = read_records(base / "runs" / name)
+        assert record.status == "error" and expected in record.error, record.error
+    else:
+        assert expected in out, out
     assert "Traceback" not in out

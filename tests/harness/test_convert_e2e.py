@@ -89,7 +89,7 @@ def test_convert_push_then_lazy_pull_equals_full_pull(image: Path, tmp_path: Pat
         mark = reg.log_mark()
         with (
             StoreProcess(tmp_path / "store", insecure_hosts=[reg.host]) as store,
-            PodmanEnv(  # a short workdir: conmon's attach socket path has a length limit
+            PodmanEnv(
                 additional_layer_store=store.mountpoint,
                 insecure_registries=[reg.host],
             ) as env,
