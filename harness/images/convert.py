@@ -250,7 +250,7 @@ def _convert_manifest(
                 "digest": r["digest"],
                 "size": r["size"],
                 "annotations": {
-                    **(old.get("annotations") or {}),
+                    **_kept_annotations(old.get("annotations") or {}),
                     _toc_annotation(): r["toc_digest"],
                     _size_annotation(): str(r["uncompressed_size"]),
                 },
@@ -260,6 +260,20 @@ def _convert_manifest(
         report.layers.append({"manifest": manifest.digest, "layer": i, **r})
         new_layers.append(new)
     return _write_image(layout, manifest, config, diff_ids, new_layers)
+
+
+# Layer annotations that describe the old blob's format: a converted layer must not keep them
+# (containers/storage would take a gzip layer with a zstd:chunked checksum for zstd:chunked).
+_FORMAT_ANNOTATION_PREFIXES = (
+    "io.github.containers.zstd-chunked.",
+    "io.containers.zstd-chunked.",
+    "containerd.io/snapshot/stargz/",
+    "io.containers.estargz.",
+)
+
+
+def _kept_annotations(annotations: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in annotations.items() if not k.startswith(_FORMAT_ANNOTATION_PREFIXES)}
 
 
 def _write_image(

@@ -181,3 +181,21 @@ def test_registry_round_trip(two_platforms: Path, tmp_path: Path) -> None:
         assert arm.config["architecture"] == "arm64" and len(arm.layers) == 3
         back = convert_image(ref, f"oci:{tmp_path / 'back'}:x", options, show_progress=False)
     assert back.passed_through == 6 and back.digest == pushed.digest
+
+
+def test_zstd_chunked_source_to_estargz(tiny, tmp_path: Path) -> None:
+    """A zstd:chunked image converts to eStargz without keeping the zstd:chunked annotations."""
+    zstd = tmp_path / "zstd"
+    convert_image(
+        f"oci:{oci_layout(tiny, 'legacy')}",
+        f"oci:{zstd}:z",
+        ConvertOptions(format="zstd-chunked"),
+        show_progress=False,
+    )
+    out = tmp_path / "esgz"
+    report = convert_image(f"oci:{zstd}:z", f"oci:{out}:e", show_progress=False)
+    manifest = json.loads(_blob(out, report.digest).read_bytes())
+    for d in manifest["layers"]:
+        assert d["mediaType"].endswith("+gzip")
+        assert not [k for k in d["annotations"] if "zstd-chunked" in k], d["annotations"]
+    _check_estargz_image(out, manifest)
