@@ -12,9 +12,17 @@ belong to: two images sharing a layer share one :class:`~store.layer.Layer` and 
 count. At count zero the layer is released: background fetching stops and its memory goes
 once the kernel forgets its inodes; its chunks stay in the disk cache.
 
-A layer is served only when it is eStargz and verifiable: its descriptor must carry the TOC
-digest annotation, and the TOC fetched from the blob must hash to it. Anything else raises
-:class:`NotEstargzError` (→ ENOENT, normal pull) or :class:`ResolveError` (→ EIO).
+A layer is served only when it is eStargz or zstd:chunked and verifiable: its descriptor must
+carry the TOC digest annotation (eStargz ``containerd.io/snapshot/stargz/toc.digest``, or
+zstd:chunked's ``manifest-checksum`` with its ``manifest-position``), and the TOC fetched from
+the blob must hash to it. Anything else raises :class:`NotEstargzError` (→ ENOENT, normal
+pull) or :class:`ResolveError` (→ EIO). A layer whose own bytes fail a check (footer, TOC
+digest, any rule of the format library's validated index, the ``toc_max_bytes`` /
+``toc_max_entries`` caps) raises :class:`LayerRefused` (→ EIO): logged once with its cause and
+remembered, so later lookups answer at once without refetching. A zstd:chunked layer is looked
+up by the value containers/storage ≥ 1.54 uses as its TOC digest (``toc.GetTOCDigest``: the
+manifest checksum annotation itself), and its ``info`` says ``compression`` 4
+(``archive.Zstd``).
 """
 
 from __future__ import annotations
@@ -34,10 +42,19 @@ import trio
 
 from store.cache import ChunkCache
 from store.config import StoreConfig
-from store.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
-from store.estargz_view import EstargzLayerView, TocMismatchError, load_layer_index
+from store.estargz import (
+    MANIFEST_CHECKSUM_KEY,
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD_COMPRESSION,
+    EstargzError,
+    TocLimits,
+    ZstdChunkedLayer,
+    zstd_chunked_layer,
+)
+from store.estargz_view import EstargzLayerView, load_layer_index, measure_tar_size
 from store.layer import AheadBlob, BlobReader, Layer
-from store.tree import LayerTree
+from store.tree import LayerTree, TreeError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +68,12 @@ class ResolveError(Exception):
 
 class NotEstargzError(ResolveError):
     """Not something this store serves: no such layer, or not a verifiable eStargz layer."""
+
+
+class LayerRefused(ResolveError):
+    """The layer's own bytes are not a valid eStargz layer (bad footer, TOC digest or entry).
+
+    Final: logged once, and every later lookup answers at once without fetching again."""
 
 
 class ResolveTimeout(ResolveError):
@@ -67,7 +90,34 @@ class LayerDesc:
 
     @property
     def toc_digest(self) -> str | None:
-        return self.annotations.get(TOC_DIGEST_ANNOTATION)
+        """eStargz's TOC digest annotation, else zstd:chunked's manifest checksum; None for
+        a layer carrying both eStargz's and podman 5's key (containers/storage's
+        ``toc.GetTOCDigest`` refuses it too: "both zstd:chunked and eStargz TOC found")."""
+        estargz_digest = self.annotations.get(TOC_DIGEST_ANNOTATION)
+        if estargz_digest is not None:
+            if MANIFEST_CHECKSUM_KEY in self.annotations:
+                return None
+            return estargz_digest
+        zstd = self.zstd_chunked
+        return zstd.checksum if zstd is not None else None
+
+    @property
+    def zstd_chunked(self) -> ZstdChunkedLayer | None:
+        """The zstd:chunked annotations (None: none, malformed, or an eStargz layer)."""
+        if TOC_DIGEST_ANNOTATION in self.annotations:
+            return None  # eStargz (or stargz-snapshotter's zstd, read through its footer)
+        try:
+            return zstd_chunked_layer(self.annotations)
+        except EstargzError as exc:
+            log.warning("layer %s: unusable zstd:chunked annotations: %s", self.digest, exc)
+            return None
+
+    @property
+    def compression(self) -> int:
+        """containers/storage's ``archive.Compression`` of the blob (``info``)."""
+        if self.media_type.endswith("+zstd") or self.zstd_chunked is not None:
+            return ZSTD_COMPRESSION
+        return GZIP_COMPRESSION
 
 
 @dataclass
@@ -151,7 +201,11 @@ class LayerManager:
         self, table: dict[str, _Task], key: str, work: Callable[[], Awaitable[Any]], what: str
     ) -> Any:
         task = table.get(key)
-        if task is None or (task.done.is_set() and task.error is not None):
+        if task is None or (
+            task.done.is_set()
+            and task.error is not None
+            and not isinstance(task.error, LayerRefused)  # a bad layer stays bad
+        ):
             task = table[key] = _Task()
             self.nursery.start_soon(self._run, task, work)
         with trio.move_on_after(self.config.resolve_timeout_sec):
@@ -237,7 +291,7 @@ class LayerManager:
         if by_toc:
             return {
                 "diff-size": -1,
-                "compression": GZIP_COMPRESSION,
+                "compression": desc.compression,
                 "toc-digest": digest,
                 "flags": {"expected-layer-diffid": desc.diff_id},
             }
@@ -245,11 +299,23 @@ class LayerManager:
             "compressed-diff-digest": desc.digest,
             "compressed-size": desc.size,
             "diff-digest": desc.diff_id,
-            "compression": GZIP_COMPRESSION,
+            "compression": desc.compression,
         }
         size = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)
         if size is not None and size.isdigit():
             info["diff-size"] = int(size)
+        elif desc.zstd_chunked is not None:
+            # No annotation carries a zstd:chunked tar's size, and podman 4.3 needs it: 0
+            # makes `podman save` write a 0-byte tar entry ("write too long"), -1 fails its
+            # image size ("size for layer is unknown"). Measured here, on the old protocol
+            # only (podman ≥ 5.1 takes -1), within the resolve bound; without it the pull
+            # still works and only `podman save` of the image fails.
+            layer = await self.get_layer(ref, digest)
+            if isinstance(layer.index, EstargzLayerView):
+                with trio.move_on_after(self.config.resolve_timeout_sec):
+                    measured = await measure_tar_size(layer.index, layer.blob)
+                    if measured is not None:
+                        info["diff-size"] = measured
         return info
 
     # -- layers ------------------------------------------------------------------------------
@@ -311,19 +377,23 @@ class LayerManager:
         ahead = AheadBlob(self.registry.blob(ref, desc.digest, desc.size))
         # The prefetch region starts downloading once the TOC is verified, before its parse.
         on_verified = None if self.config.noprefetch else partial(ahead.start, nursery=self.nursery)
+        limits = TocLimits(self.config.toc_max_bytes, self.config.toc_max_entries)
         try:
-            index = await load_layer_index(ahead, desc.toc_digest, on_verified)
-            tree = await trio.to_thread.run_sync(lambda: LayerTree(index.tree_entries()))
+            index = await load_layer_index(
+                ahead, desc.toc_digest, on_verified, limits, desc.zstd_chunked
+            )
+            tree = LayerTree(index.index)
         except BaseException as exc:
             ahead.drop()
-            if isinstance(exc, TocMismatchError):
-                log.error("refusing layer %s of %s: %s", desc.digest, ref, exc)
-                raise ResolveError(str(exc)) from exc
+            if isinstance(exc, EstargzError | TreeError):
+                log.error(
+                    "refusing layer %s of %s: %s: %s", desc.digest, ref, type(exc).__name__, exc
+                )
+                raise LayerRefused(f"layer {desc.digest} of {ref} refused: {exc}") from exc
             if isinstance(exc, ResolveError) or not isinstance(exc, Exception):
                 raise
             raise ResolveError(f"layer {desc.digest} of {ref}: {exc}") from exc
         blob: BlobReader = ahead
-        index.drop_toc_entries()
         _return_freed_memory()
         return blob, index, tree
 
@@ -424,6 +494,7 @@ __all__ = [
     "ImageInfo",
     "LayerDesc",
     "LayerManager",
+    "LayerRefused",
     "NotEstargzError",
     "RegistryAccess",
     "ResolveError",

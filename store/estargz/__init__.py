@@ -5,14 +5,29 @@ Sans-IO pieces for the async store (it fetches bytes itself):
     tail = fetch(blob_size - tail_fetch_size(blob_size), ...)      # one ranged read
     footer = parse_footer(tail, blob_size)
     toc_bytes = toc_bytes_from_tail(tail, blob_size, footer)        # None → fetch toc_range()
-    toc = parse_toc(toc_bytes, footer, expected_digest)             # TocDigestMismatch
-    index = LayerIndex.from_toc(toc, footer)                        # tree + chunk table
+    scan = scan_toc(toc_bytes, footer, limits)                      # digest, landmark hint
+    # compare scan.digest with the manifest annotation, then (bounded memory, validated):
+    index = LayerIndex.from_toc_json(toc_json_pieces(toc_bytes, footer, limits),
+                                     toc_offset=footer.toc_offset,
+                                     compression=footer.compression, limits=limits)
     for c in index.chunks_for_range(entry, off, size):
         data = fetch(c.offset, c.compressed_end - c.offset)
         payload = decompress_chunk(c, data)                         # ChunkDigestMismatch
 
-Synchronous convenience: :class:`EstargzReader` over a :class:`BlobSource`; writer:
-:func:`convert`.
+``LayerIndex.from_toc_json`` is the one TOC → validated tree path (module doc of
+:mod:`store.estargz.index` for its rules); any container of the TOC schema (a zstd:chunked
+frame too) feeds it uncompressed JSON pieces. Synchronous convenience: :class:`EstargzReader`
+over a :class:`BlobSource`; writers: :func:`convert` (eStargz) and
+:func:`write_zstd_chunked`.
+
+zstd:chunked as containers/storage writes it (:mod:`.zstdchunked`): the TOC is found and
+verified through the layer's annotations instead of the footer, then streams into the same
+index::
+
+    layer = zstd_chunked_layer(descriptor_annotations)             # None: not zstd:chunked
+    entries = manifest_entries(fetch(*layer.toc_range), layer.position, layer.checksum)
+    index = LayerIndex.from_entries(entries, toc_offset=layer.position.offset,
+                                    compression="zstd")
 """
 
 from .chunk import decompress_chunk
@@ -51,8 +66,36 @@ from .footer import (
 from .index import Chunk, Entry, LayerIndex, clean_name
 from .reader import EstargzReader
 from .source import BlobSource, BytesBlobSource, FileBlobSource
-from .toc import Toc, parse_toc, toc_digest, toc_json_bytes
+from .toc import (
+    DEFAULT_LIMITS,
+    Toc,
+    TocLimits,
+    TocScan,
+    iter_toc_entries,
+    landmark_offset_hint,
+    parse_toc,
+    scan_toc,
+    toc_digest,
+    toc_json_bytes,
+    toc_json_pieces,
+)
 from .writer import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, ConvertResult, convert
+from .zstdchunked import (
+    LEGACY_MANIFEST_CHECKSUM_KEY,
+    LEGACY_MANIFEST_POSITION_KEY,
+    MANIFEST_CHECKSUM_KEY,
+    MANIFEST_POSITION_KEY,
+    TARSPLIT_POSITION_KEY,
+    ZSTD_COMPRESSION,
+    ManifestPosition,
+    ZstdChunkedLayer,
+    ZstdChunkedResult,
+    manifest_checksum,
+    manifest_entries,
+    parse_manifest,
+    write_zstd_chunked,
+)
+from .zstdchunked import from_annotations as zstd_chunked_layer
 
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
@@ -60,16 +103,23 @@ UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_LEVEL",
+    "DEFAULT_LIMITS",
     "DEFAULT_TAIL_FETCH",
     "ESTARGZ_FOOTER_SIZE",
     "LANDMARK_CONTENTS",
     "LEGACY_FOOTER_SIZE",
+    "LEGACY_MANIFEST_CHECKSUM_KEY",
+    "LEGACY_MANIFEST_POSITION_KEY",
+    "MANIFEST_CHECKSUM_KEY",
+    "MANIFEST_POSITION_KEY",
     "MAX_FOOTER_SIZE",
     "NO_PREFETCH_LANDMARK",
     "PREFETCH_LANDMARK",
+    "TARSPLIT_POSITION_KEY",
     "TOC_DIGEST_ANNOTATION",
     "TOC_TAR_NAME",
     "UNCOMPRESSED_SIZE_ANNOTATION",
+    "ZSTD_COMPRESSION",
     "ZSTD_FOOTER_SIZE",
     "ZSTD_FOOTER_V2_SIZE",
     "BadFooter",
@@ -90,19 +140,33 @@ __all__ = [
     "InvalidLayerTar",
     "InvalidToc",
     "LayerIndex",
+    "ManifestPosition",
     "Toc",
     "TocDigestMismatch",
+    "TocLimits",
     "TocOutOfRange",
+    "TocScan",
     "TruncatedBlob",
+    "ZstdChunkedLayer",
+    "ZstdChunkedResult",
     "clean_name",
     "convert",
     "decompress_chunk",
     "estargz_footer_bytes",
+    "iter_toc_entries",
+    "landmark_offset_hint",
+    "manifest_checksum",
+    "manifest_entries",
     "parse_footer",
+    "parse_manifest",
     "parse_toc",
+    "scan_toc",
     "tail_fetch_size",
     "toc_bytes_from_tail",
     "toc_digest",
     "toc_json_bytes",
+    "toc_json_pieces",
     "toc_range",
+    "write_zstd_chunked",
+    "zstd_chunked_layer",
 ]
