@@ -53,7 +53,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="FILE",
         help="paths to put first, one per line (# comments allowed)",
     )
-    p.add_argument("--chunk-size", type=_positive, help="eStargz chunk size in bytes (4 MiB)")
+    p.add_argument(
+        "--chunk-size",
+        type=_positive,
+        help="chunk size in bytes (eStargz 4 MiB, zstd:chunked 1 MiB)",
+    )
+    p.add_argument(
+        "--zstd-generation",
+        choices=("podman4", "podman5"),
+        default="podman4",
+        help="zstd:chunked layout and annotation keys podman reads: podman4 (containers/storage "
+        "before 1.5x, this machine's) or podman5",
+    )
     p.add_argument("--platform", help="OS/ARCH[/VARIANT] of an index to convert (host's)")
     p.add_argument(
         "--all-platforms",
@@ -125,8 +136,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     files = _read_prioritized(args.prioritized_files)
     try:
         if args.optimize:
-            if args.format != "estargz":
-                raise UserError("--optimize needs --format estargz")
             console.print(f"optimize: tracing the workload in {args.src}")
             files += optimize_files(
                 args.src,
@@ -146,6 +155,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             prioritized_files=tuple(files),
             chunk_size=args.chunk_size,
             dest_tls_verify=args.dest_tls_verify,
+            zstd_generation=args.zstd_generation,
         )
         console.print(f"convert: {args.src} → {args.dest} ({args.format})")
         report = convert_image(
@@ -159,7 +169,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     console.print(
         f"convert: {report.manifests} image(s), {report.converted} layers converted, "
-        f"{report.passed_through} already eStargz"
+        f"{report.passed_through} already {args.format}"
         + (f", {len(files)} prioritized files" if files else "")
     )
     print(report.digest)

@@ -5,22 +5,24 @@ The path of ``lazybench convert SRC DEST``:
 1. skopeo copies SRC (every platform of an index) into a scratch OCI layout, layers as they are;
 2. the manifests to convert are chosen: the wanted platform's (default the host's), or every
    image of the index with ``all_platforms``; the index's other entries stay untouched;
-3. each of their layers is converted by the format library (``store.estargz.convert``, which
-   reads gzip, zstd and plain tars), layers in parallel in worker processes (tar parsing is
-   Python; compression inside each is threaded), with a progress bar per layer; a layer that
-   already is eStargz (TOC annotation whose TOC verifies against the blob's footer) passes
-   through unchanged. ``zstd-chunked`` is written by containers/image itself (skopeo's
-   ``--dest-compress-format zstd:chunked``) from the layers decompressed and cut after their
-   end-of-archive marker (see ``harness.images.push.tar_archive_end``);
+3. each of their layers is converted by the format library (``store.estargz.convert``, or
+   ``store.estargz.write_zstd_chunked`` for ``zstd-chunked``; both read gzip, zstd and plain
+   tars), layers in parallel in worker processes (tar parsing is Python; eStargz compression
+   inside each is threaded too), with a progress bar per layer; a layer already in the target
+   format (eStargz: TOC annotation whose TOC verifies against the blob's footer; zstd:chunked:
+   annotations whose TOC verifies against its checksum) passes through unchanged;
 4. a new config (``rootfs.diff_ids`` of the new layers) and OCI manifest (layer descriptors with
-   ``containerd.io/snapshot/stargz/toc.digest`` and ``io.containers.estargz.uncompressed-size``)
-   are written, and a new index around them when the source was one;
+   ``containerd.io/snapshot/stargz/toc.digest`` and ``io.containers.estargz.uncompressed-size``,
+   or zstd:chunked's manifest checksum and position in the keys of the chosen podman
+   generation; the old format's annotations dropped) are written, and a new index around them
+   when the source was one;
 5. skopeo copies the result to DEST with ``--preserve-digests`` (a registry on loopback over
    plain HTTP, others as registries.conf says; credentials from the usual auth files, as for
    any skopeo or podman command), and the destination's manifest digest is returned.
 
-Prioritized files (``--prioritized-files`` or ``--optimize``'s trace) go first in the layers that
-hold them; a layer that holds none keeps the unoptimized layout (``.no.prefetch.landmark``).
+Prioritized files (``--prioritized-files`` or ``--optimize``'s trace, taken on the host's
+platform and applied to every platform converted) go first in the layers that hold them; a layer
+that holds none keeps the unoptimized layout (``.no.prefetch.landmark``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -53,6 +54,8 @@ from harness.images.transports import TransportError, split_transport
 FORMATS = ("estargz", "zstd-chunked")
 MEDIA_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MEDIA_TAR = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+ZSTD_GENERATIONS = ("podman4", "podman5")
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
 # Docker's media types of the layers that pass through, in OCI terms.
 _OCI_LAYER_TYPE = {
@@ -80,6 +83,9 @@ class ConvertOptions:
     chunk_size: int | None = None
     level: int | None = None
     dest_tls_verify: bool | None = None  # None: off for a loopback registry, else as configured
+    # zstd:chunked layout and annotation keys: podman4 (containers/storage < 1.5x, io.containers.)
+    # or podman5 (tar-split frame, io.github.containers.); see store.estargz.zstdchunked.
+    zstd_generation: str = "podman4"
     workers: int | None = None  # layer conversions at once (default: every core)
 
 
@@ -111,10 +117,10 @@ def convert_image(
     failed; nothing is written to ``dest`` unless every layer converted."""
     if options.format not in FORMATS:
         raise ConvertError(f"unknown format {options.format!r} (known: {', '.join(FORMATS)})")
-    if options.format == "zstd-chunked" and options.prioritized_files:
+    if options.zstd_generation not in ZSTD_GENERATIONS:
         raise ConvertError(
-            "prioritized files (--optimize, --prioritized-files) need --format estargz: "
-            "zstd:chunked is written by skopeo here, which cannot order files"
+            f"unknown zstd:chunked generation {options.zstd_generation!r} "
+            f"(known: {', '.join(ZSTD_GENERATIONS)})"
         )
     check_source(src)
     try:
@@ -236,8 +242,6 @@ def _convert_manifest(
             f"{len(diff_ids)} diff IDs"
         )
     report.manifests += 1
-    if options.format == "zstd-chunked":
-        return _zstd_chunked(layout, manifest, config, report, tmp)
     results = convert_layers(layout, layers, options, show_progress=show_progress)
     new_layers = []
     for i, (old, r) in enumerate(zip(layers, results, strict=True)):
@@ -246,13 +250,12 @@ def _convert_manifest(
             report.passed_through += 1
         else:
             new = {
-                "mediaType": MEDIA_GZIP,
+                "mediaType": MEDIA_ZSTD if options.format == "zstd-chunked" else MEDIA_GZIP,
                 "digest": r["digest"],
                 "size": r["size"],
                 "annotations": {
                     **_kept_annotations(old.get("annotations") or {}),
-                    _toc_annotation(): r["toc_digest"],
-                    _size_annotation(): str(r["uncompressed_size"]),
+                    **r["annotations"],
                 },
             }
             diff_ids[i] = r["diff_id"]
@@ -341,10 +344,11 @@ def convert_layers(
     *,
     show_progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Convert layer descriptors of ``layout`` to eStargz blobs written into its blob store,
+    """Convert layer descriptors of ``layout`` to eStargz (or zstd:chunked) blobs written into
+    its blob store,
     ``workers`` at a time (default: one per core); a rich progress bar per layer (compressed
-    bytes read). Returns per layer ``digest, size, diff_id, toc_digest, uncompressed_size,
-    passed_through``."""
+    bytes read). Returns per layer ``digest, size, diff_id, annotations`` (what the
+    descriptor needs), ``passed_through``."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -388,6 +392,8 @@ def convert_layers(
                 blob,
                 desc,
                 out_dir,
+                options.format,
+                options.zstd_generation,
                 tuple(options.prioritized_files),
                 options.chunk_size,
                 options.level,
@@ -436,34 +442,56 @@ def is_estargz(blob: Path, desc: dict[str, Any]) -> bool:
         return False
 
 
+def is_zstd_chunked(blob: Path, desc: dict[str, Any]) -> bool:
+    """Whether the layer already is zstd:chunked: its annotations parse and the TOC they point
+    at hashes to their checksum and decodes (chunks are not read)."""
+    from store.estargz import EstargzError, manifest_entries, zstd_chunked_layer
+
+    try:
+        layer = zstd_chunked_layer(desc.get("annotations") or {})
+        if layer is None:
+            return False
+        start, end = layer.toc_range
+        with open(blob, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        for _ in manifest_entries(data, layer.position, layer.checksum):
+            pass
+        return True
+    except (EstargzError, OSError, ValueError):
+        return False
+
+
 def _convert_one(
     index: int,
     blob: str,
     desc: dict[str, Any],
     out_dir: str,
+    fmt: str,
+    generation: str,
     prioritized: tuple[str, ...],
     chunk_size: int | None,
     level: int | None,
     workers: int,
 ) -> dict[str, Any]:
-    """Worker: one layer blob → an eStargz blob in ``out_dir`` (named by its digest)."""
-    from store.estargz import EstargzError, convert
+    """Worker: one layer blob → an eStargz (or zstd:chunked) blob in ``out_dir``, named by its
+    digest; returns digest, size, diff_id, annotations, passed_through."""
+    from store.estargz import EstargzError, convert, write_zstd_chunked
 
     path = Path(blob)
     wanted = _present(path, prioritized) if prioritized else []
-    if not wanted and is_estargz(path, desc):
-        ann = desc["annotations"]
+    already = is_zstd_chunked if fmt == "zstd-chunked" else is_estargz
+    if not wanted and already(path, desc):
         if _counters is not None:
             _counters[index] = desc["size"]
         return {
             "digest": desc["digest"],
             "size": desc["size"],
             "diff_id": None,
-            "toc_digest": ann[_toc_annotation()],
-            "uncompressed_size": int(ann[_size_annotation()]),
+            "annotations": {},
             "passed_through": True,
         }
-    kwargs: dict[str, Any] = {"prioritized_files": wanted, "workers": workers}
+    kwargs: dict[str, Any] = {"prioritized_files": wanted}
     if chunk_size:
         kwargs["chunk_size"] = chunk_size
     if level is not None:
@@ -471,13 +499,30 @@ def _convert_one(
     fd, tmp = tempfile.mkstemp(prefix=".convert-", dir=out_dir)
     try:
         with open(path, "rb") as raw, os.fdopen(fd, "wb") as out:
-            result = convert(_Counting(raw, index), out, **kwargs)  # type: ignore[arg-type]
-        os.replace(tmp, Path(out_dir) / result.digest.split(":", 1)[1])
+            src = _Counting(raw, index)
+            if fmt == "zstd-chunked":
+                z = write_zstd_chunked(src, out, generation=generation, **kwargs)  # type: ignore[arg-type]
+                digest, size, diff_id, annotations = z.digest, z.size, z.diff_id, z.annotations
+            else:
+                e = convert(src, out, workers=workers, **kwargs)  # type: ignore[arg-type]
+                digest, size, diff_id = e.digest, e.size, e.diff_id
+                annotations = {
+                    _toc_annotation(): e.toc_digest,
+                    _size_annotation(): str(e.uncompressed_size),
+                }
+        os.replace(tmp, Path(out_dir) / digest.split(":", 1)[1])
     except EstargzError as exc:
         raise ConvertError(f"layer {desc['digest']}: {exc}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return {**result.as_dict(), "passed_through": False, "prioritized": len(wanted)}
+    return {
+        "digest": digest,
+        "size": size,
+        "diff_id": diff_id,
+        "annotations": dict(annotations),
+        "passed_through": False,
+        "prioritized": len(wanted),
+    }
 
 
 def _present(blob: Path, names: Sequence[str]) -> list[str]:
@@ -496,66 +541,6 @@ def _present(blob: Path, names: Sequence[str]) -> list[str]:
             seen.add(c)
             out.append(c)
     return out
-
-
-# -- zstd:chunked through containers/image ----------------------------------------------------
-
-
-def _zstd_chunked(
-    layout: Layout, manifest: Any, config: dict[str, Any], report: ConvertReport, tmp: Path
-) -> dict[str, Any]:
-    """containers/image's zstd:chunked of one image: its layers decompressed and cut after the
-    end-of-archive marker into a scratch layout, then ``skopeo copy --dest-compress-format
-    zstd:chunked``; the resulting blobs join ``layout``."""
-    import hashlib
-
-    from harness.images.push import tar_archive_end
-
-    plain = Layout(Path(tempfile.mkdtemp(prefix="plain-", dir=tmp)))
-    (plain.path / "blobs" / "sha256").mkdir(parents=True)
-    descs, diff_ids = [], []
-    for d in manifest.parsed.get("layers") or []:
-        part = plain.path / "blobs" / "sha256" / ".part"
-        with open_layer(layout.blob(d["digest"])) as src, open(part, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
-        end = tar_archive_end(part)
-        os.truncate(part, end)
-        h = hashlib.sha256()
-        with open(part, "rb") as f:
-            while piece := f.read(1 << 20):
-                h.update(piece)
-        digest = f"sha256:{h.hexdigest()}"
-        os.replace(part, plain.blob(digest))
-        descs.append({"mediaType": MEDIA_TAR, "digest": digest, "size": end})
-        diff_ids.append(digest)
-    top = _write_image(plain, manifest, config, diff_ids, descs)
-    top["annotations"] = {REF_NAME: "latest"}
-    (plain.path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    (plain.path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
-    out = Layout(Path(tempfile.mkdtemp(prefix="zstd-", dir=tmp)))
-    skopeo(
-        [
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--dest-compress-format",
-            "zstd:chunked",
-            f"oci:{plain.path}:latest",
-            f"oci:{out.path}:latest",
-        ],
-        f"compressing {manifest.digest} as zstd:chunked",
-        private_cache=True,
-    )
-    new_desc = out.top()
-    new = json.loads(out.blob(new_desc["digest"]).read_bytes())
-    for d in [new_desc, new["config"], *new["layers"]]:
-        target = layout.blob(d["digest"])
-        if not target.exists():
-            shutil.copyfile(out.blob(d["digest"]), target)
-    report.converted += len(new["layers"])
-    shutil.rmtree(plain.path, ignore_errors=True)
-    shutil.rmtree(out.path, ignore_errors=True)
-    return {k: new_desc[k] for k in ("mediaType", "digest", "size")}
 
 
 # -- --optimize -------------------------------------------------------------------------------

@@ -110,6 +110,23 @@ def test_convert_push_then_lazy_pull_equals_full_pull(image: Path, tmp_path: Pat
             env.pull(ref, timeout=120)
             assert env.run(ref, timeout=120).stdout == OUTPUT + "\n"
 
+        # zstd:chunked from our writer: podman's own partial pull takes it.
+        zref = f"{reg.host}/byo/app:zstd"
+        rc, out, err = lazybench(
+            tmp_path,
+            "convert",
+            "--format",
+            "zstd-chunked",
+            f"docker-archive:{image}",
+            f"docker://{zref}",
+        )
+        assert rc == 0, err
+        zm, _ = manifest(reg.host, "byo/app", "zstd")
+        assert all(d["mediaType"].endswith("+zstd") for d in zm["layers"])
+        with PodmanEnv(insecure_registries=[reg.host], partial_pulls=True) as env:
+            env.pull(zref, timeout=120)
+            assert env.run(zref, timeout=120).stdout == OUTPUT + "\n"
+
     lazy_set, full_set = set(lazy.splitlines()), set(full.splitlines())
     assert f"/data/hello.txt|regular file 644 0 0 {len(OUTPUT) + 1}" in "\n".join(full_set)
     assert not [p for p in full_set if p.startswith(("/data/old/gone.txt|", "/data/old/kept.txt|"))]

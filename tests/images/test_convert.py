@@ -136,6 +136,13 @@ def test_zstd_chunked(tiny, tmp_path: Path) -> None:
             k.endswith("zstd-chunked.manifest-checksum") for k in d["annotations"]
         )
         assert decompress_layer(_blob(out, d["digest"]), tmp_path / "p.tar")[1] == diff_id
+    again = convert_image(
+        f"oci:{out}:z",
+        f"oci:{tmp_path / 'again'}:z",
+        ConvertOptions(format="zstd-chunked"),
+        show_progress=False,
+    )
+    assert again.passed_through == 3 and again.digest == report.digest
 
 
 def test_import_picks_the_platform_and_names_what_is_missing(
