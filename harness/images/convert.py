@@ -142,7 +142,7 @@ def convert_image(
             for d in top.parsed.get("manifests") or []:
                 if d["digest"] in chosen:
                     say(f"converting the {_platform_text(d)} image ({d['digest'][:19]})")
-                    new = _convert_manifest(layout, d, options, report, Path(tmp), show_progress)
+                    new = _convert_manifest(layout, d, options, report, show_progress, say)
                     children.append({**d, **new})
                 else:
                     children.append(d)
@@ -152,7 +152,7 @@ def convert_image(
                 index["annotations"] = top.parsed["annotations"]
             new_top = _write_blob(layout, json.dumps(index).encode(), index["mediaType"])
         else:
-            new_top = _convert_manifest(layout, top_desc, options, report, Path(tmp), show_progress)
+            new_top = _convert_manifest(layout, top_desc, options, report, show_progress, say)
         new_top["annotations"] = {REF_NAME: "latest"}
         (layout.path / "index.json").write_text(
             json.dumps({"schemaVersion": 2, "manifests": [new_top]})
@@ -227,8 +227,8 @@ def _convert_manifest(
     desc: dict[str, Any],
     options: ConvertOptions,
     report: ConvertReport,
-    tmp: Path,
     show_progress: bool,
+    say: Callable[[str], None],
 ) -> dict[str, Any]:
     """Convert one image manifest's layers; return its new descriptor (mediaType, digest,
     size)."""
@@ -242,6 +242,7 @@ def _convert_manifest(
             f"{len(diff_ids)} diff IDs"
         )
     report.manifests += 1
+    say(f"converting {len(layers)} layers to {options.format}")
     results = convert_layers(layout, layers, options, show_progress=show_progress)
     new_layers = []
     for i, (old, r) in enumerate(zip(layers, results, strict=True)):
