@@ -23,9 +23,7 @@ import gzip
 import hashlib
 import json
 import os
-import shlex
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
@@ -438,23 +436,14 @@ def _write_blob(blobs: Path, data: bytes, media_type: str) -> dict:
 
 def _skopeo_copy(src: str, dest: str, extra: list[str], *, timeout: float, what: str) -> None:
     """``skopeo copy`` with a private, empty blob-info cache (see the module docstring)."""
-    cache = "/var/lib/containers/cache"
-    os.makedirs(cache, exist_ok=True)
-    cmd = " ".join(["skopeo", "copy", "--quiet", *extra, _q(src), _q(dest)])
-    script = f"mount -t tmpfs tmpfs {cache} && exec {cmd}"
+    from harness.images.source import ImageSourceError, skopeo
+
     try:
-        proc = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            capture_output=True,
-            text=True,
+        skopeo(
+            ["copy", "--quiet", *extra, src, dest],
+            f"pushing {what}",
             timeout=timeout,
+            private_cache=True,
         )
-    except subprocess.TimeoutExpired:
-        raise PushError(f"pushing {what}: skopeo did not finish within {timeout:.0f}s") from None
-    if proc.returncode != 0:
-        tail = proc.stderr.strip()[-1500:]
-        raise PushError(f"pushing {what}: skopeo exited {proc.returncode}: {tail}")
-
-
-def _q(s: str) -> str:
-    return shlex.quote(s)
+    except ImageSourceError as exc:
+        raise PushError(str(exc)) from None
