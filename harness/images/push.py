@@ -2,7 +2,8 @@
 
 Modes (DESIGN.md §5):
 
-* ``legacy`` — plain gzip layers, what a normal ``podman pull`` downloads in full;
+* ``legacy`` — plain gzip layers, what a normal ``podman pull`` downloads in full (an imported
+  image's gzip layers as the source has them, the others compressed here);
 * ``estargz-noopt`` — eStargz layers without prioritized files (``.no.prefetch.landmark``);
 * ``estargz`` — eStargz with the workload's files first, before ``.prefetch.landmark``;
 * ``zstd-chunked`` — podman's own partial-pull format, produced by containers/image itself
@@ -199,6 +200,12 @@ def _write_layout(
             digest, size = _trimmed_tar(layer, blobs)
             descriptors.append({"mediaType": MEDIA_TAR, "digest": digest, "size": size})
             diff_ids.append(digest)
+            continue
+        if mode == "legacy" and layer.gzip_blob is not None:  # the source's own gzip blob
+            _link_or_copy(layer.gzip_blob, blobs / layer.gzip_digest.split(":")[1])
+            size = layer.gzip_blob.stat().st_size
+            descriptors.append({"mediaType": MEDIA_GZIP, "digest": layer.gzip_digest, "size": size})
+            diff_ids.append(layer.diff_id)
             continue
         if mode not in ("legacy", "estargz", "estargz-noopt"):
             raise PushError(f"no OCI layout for mode {mode!r}")

@@ -42,7 +42,7 @@ from harness.images.transports import TransportError, local_path, registry_host,
 Progress = Callable[[str], None]
 SKOPEO_TIMEOUT = 3600.0
 # Bump when the import changes the tars or metadata it writes for the same source.
-IMPORT_FORMAT = 1
+IMPORT_FORMAT = 2  # 2: gzip layers keep the source's blob for legacy
 
 
 class ImageSourceError(ImageBuildError):
@@ -289,10 +289,20 @@ def load_imported(directory: Path, name: str) -> BuiltImage | None:
         return None
     data = json.loads(meta.read_text())
     layers = tuple(
-        BuiltLayer(directory / x["file"], x["diff_id"], x["size"], x["comment"])
+        BuiltLayer(
+            directory / x["file"],
+            x["diff_id"],
+            x["size"],
+            x["comment"],
+            directory / x["gzip_file"] if x.get("gzip_file") else None,
+            x.get("gzip_digest", ""),
+        )
         for x in data["layers"]
     )
-    if not all(layer.path.is_file() for layer in layers):
+    if not all(
+        layer.path.is_file() and (layer.gzip_blob is None or layer.gzip_blob.is_file())
+        for layer in layers
+    ):
         return None
     return BuiltImage(name, directory.name, directory, layers, data["config"], None)
 
@@ -329,7 +339,14 @@ def _import_into(ref: str, platform: Any, key: str, work: Path, say: Progress) -
                 f"{digest}, but the config says {diff_ids[i]}"
             )
         comment = layer_history[i] if i < len(layer_history) else ""
-        return {"file": f"layers/{i}.tar", "diff_id": digest, "size": size, "comment": comment}
+        entry = {"file": f"layers/{i}.tar", "diff_id": digest, "size": size, "comment": comment}
+        blob = layout.blob(manifest.layers[i].digest)
+        with open(blob, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        if gzipped:  # kept for legacy: the user's own compressed bytes
+            os.link(blob, work / "layers" / f"{i}.tar.gz")
+            entry.update(gzip_file=f"layers/{i}.tar.gz", gzip_digest=manifest.layers[i].digest)
+        return entry
 
     n = len(manifest.layers)
     say(f"  {n} layers: decompressing")

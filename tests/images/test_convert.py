@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -206,3 +207,25 @@ def test_zstd_chunked_source_to_estargz(tiny, tmp_path: Path) -> None:
         assert d["mediaType"].endswith("+gzip")
         assert not [k for k in d["annotations"] if "zstd-chunked" in k], d["annotations"]
     _check_estargz_image(out, manifest)
+
+
+def test_legacy_pushes_the_sources_own_gzip_layers(tiny, tmp_path: Path) -> None:
+    from harness.images.source import import_image
+
+    source = oci_layout(tiny, "legacy")
+    top = json.loads((source / "index.json").read_text())["manifests"][0]
+    wanted = [d["digest"] for d in json.loads(_blob(source, top["digest"]).read_bytes())["layers"]]
+    # A gzip source keeps its blobs; a source that is not gzip is compressed here.
+    for ref, kept in ((f"oci:{source}", True), (f"oci:{oci_layout(tiny, 'uncompressed')}", False)):
+        built = import_image(ref, tmp_path / "cache")
+        assert all((x.gzip_blob is not None) is kept for x in built.layers)
+        legacy = oci_layout(built, "legacy")
+        top = json.loads((legacy / "index.json").read_text())["manifests"][0]
+        got = [d["digest"] for d in json.loads(_blob(legacy, top["digest"]).read_bytes())["layers"]]
+        assert got == wanted  # our gzip of the same tars is deterministic, too
+        if kept:  # the very bytes the source held
+            assert all(
+                os.path.samefile(_blob(legacy, d), x.gzip_blob)
+                for d, x in zip(got, built.layers, strict=True)
+            )
+        assert [x.diff_id for x in built.layers] == [x.diff_id for x in tiny.layers]
