@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "harness.images_cmd",
     "harness.net_cmd",
     "harness.run_cmd",
+    "harness.runtimes_cmd",
 ]
 
 

@@ -57,10 +57,10 @@ def start_until_ready(
 ) -> RunOutcome:
     """``podman start --attach`` the container; return when ``ready`` shows on its output (then
     stop it) or, without a ready line, when it exits. Times out after ``timeout`` seconds."""
-    argv = ["podman", "start", "--attach"]
+    args = ["start", "--attach"]
     if stdin is not None:
-        argv.append("--interactive")
-    argv.append(container)
+        args.append("--interactive")
+    argv = env.argv(*args, container)  # inside the env's runtime node, if any
     lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
     out: dict[str, list[str]] = {"stdout": [], "stderr": []}
     start = time.monotonic()

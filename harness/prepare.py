@@ -27,6 +27,7 @@ from rich.console import Console
 
 from harness.cli import UserError
 from harness.podman import PodmanError
+from harness.runtimes import Node
 from harness.scenario import Scenario, Workload, image_mode
 from harness.store_proc import StoreError
 
@@ -131,7 +132,9 @@ class ImagePreparer:
     scenario: Scenario
     console: Console
     cache_dir: Path | None = None
+    node: Node | None = None  # the runtime node measured: it writes the zstd-chunked images
     refs: dict[tuple[str, str], str] = field(default_factory=dict)
+    layer_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def prepare(
@@ -174,6 +177,8 @@ class ImagePreparer:
                                 mode,
                                 image_mode(mode),
                                 prioritized_files=files,
+                                # podman 5.x partial-pulls only what its generation writes
+                                node=self.node if image_mode(mode) == "zstd-chunked" else None,
                             ),
                             self.console,
                         )
@@ -183,6 +188,7 @@ class ImagePreparer:
                         self.skipped[(w.name, mode)] = str(exc)
                         continue
                     self.refs[(w.name, mode)] = f"{w.repo}:{mode}"
+                    self.layer_digests[(w.name, mode)] = [x.digest for x in pushed.layers]
                     info.setdefault(w.name, {})[mode] = {
                         "manifest_digest": pushed.manifest_digest,
                         "compressed_bytes": pushed.compressed_size,

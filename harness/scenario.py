@@ -11,6 +11,11 @@ Schema (all keys but ``workloads`` optional)::
     percentile = 95                  # the statistic tables and charts show, besides the median
     modes = ["legacy", "estargz-noopt", "estargz", "zstd-chunked", "zstd-chunked-lazy"]
     runtime = "podman"               # or "crio" (needs crictl + a running CRI-O)
+    node = "host"                    # the podman generation: "host" (this machine's), or a
+                                     # runtime node: "trixie" (podman 5.4), "sid" (podman 5.8)
+                                     # (harness.runtimes; built on first use). A list, e.g.
+                                     # ["host", "trixie", "sid"], runs the scenario once per
+                                     # node, each into its own run directory <id>-<node>.
     seed = 0                         # shuffle seed: the same seed gives the same order
 
     [network]
@@ -66,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli import UserError
+from harness.runtimes import NODE_NAMES
 
 # The measured modes, the one list (DESIGN.md §5): a full pull of gzip layers; eStargz through
 # the layer store, without and with prioritized files; podman's own zstd:chunked partial pull;
@@ -166,7 +172,21 @@ class Scenario:
     runtime: str = "podman"
     seed: int = 0
     stores: tuple[StoreSpec, ...] = (StoreSpec(),)
+    nodes: tuple[str, ...] = ("host",)
     source: Path | None = None
+
+    @property
+    def node(self) -> str:
+        """The one runtime node of a scenario that runs on one (see :meth:`for_node`)."""
+        if len(self.nodes) != 1:
+            raise ValueError(f"scenario {self.name} runs on {len(self.nodes)} nodes")
+        return self.nodes[0]
+
+    def for_node(self, node: str) -> Scenario:
+        """This scenario on ``node`` alone (what one run directory measures)."""
+        from dataclasses import replace
+
+        return replace(self, nodes=(node,))
 
     @property
     def store(self) -> StoreSpec:
@@ -211,6 +231,7 @@ class Scenario:
             "percentile": self.percentile,
             "modes": list(self.modes),
             "runtime": self.runtime,
+            "node": self.nodes[0] if len(self.nodes) == 1 else list(self.nodes),
             "seed": self.seed,
             "network": {"profile": self.network_profile},
             "stores": [
@@ -337,6 +358,7 @@ def parse_scenario(
             "percentile",
             "modes",
             "runtime",
+            "node",
             "seed",
             "network",
             "store",
@@ -362,6 +384,19 @@ def parse_scenario(
     runtime = c.string(data, "runtime", "runtime", default="podman")
     if runtime not in RUNTIMES:
         raise c.fail("runtime", f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
+
+    raw_node = data.get("node", "host")
+    node_list = [raw_node] if isinstance(raw_node, str) else raw_node
+    if not isinstance(node_list, list) or not node_list:
+        raise c.fail("node", f"must be a node name or a list of them, got {_show(raw_node)}")
+    for i, n in enumerate(node_list):
+        where = "node" if isinstance(raw_node, str) else f"node[{i}]"
+        if n not in NODE_NAMES:
+            raise c.fail(where, f"unknown node {_show(n)} (known: {', '.join(NODE_NAMES)})")
+    if len(set(node_list)) != len(node_list):
+        raise c.fail("node", "lists a node twice")
+    if runtime != "podman" and node_list != ["host"]:
+        raise c.fail("node", f"runtime nodes run podman; runtime {runtime!r} runs on the host")
 
     network = c.table(data.get("network", {}), "network")
     c.unknown(network, {"profile"}, "network")
@@ -471,6 +506,7 @@ def parse_scenario(
         runtime=runtime,
         seed=seed,
         stores=stores,
+        nodes=tuple(node_list),
     )
 
 

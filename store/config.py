@@ -28,6 +28,11 @@ and the store logs one line naming the cause (the runtime then pulls the layer n
 
 ``[fuse] attr_timeout / entry_timeout`` apply to the layer trees (default 60 s: their content
 is immutable); the store's own directories and files always use short timeouts.
+
+``[blob] fetching_timeout_sec`` bounds one read from the registry with all its
+``max_retries`` retries (a reader gets EIO past it); each attempt may wait an equal share of
+it, 1–30 s, for a connection or for its next bytes before it is retried
+(:func:`store.cli.request_timeout`).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import logging
@@ -101,7 +102,7 @@ class LayerDesc:
         zstd = self.zstd_chunked
         return zstd.checksum if zstd is not None else None
 
-    @property
+    @functools.cached_property
     def zstd_chunked(self) -> ZstdChunkedLayer | None:
         """The zstd:chunked annotations (None: none, malformed, or an eStargz layer)."""
         if TOC_DIGEST_ANNOTATION in self.annotations:

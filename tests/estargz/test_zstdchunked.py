@@ -262,3 +262,46 @@ def test_footer_layouts_parse():
     for footer in (v1, v2):
         f = E.parse_footer(bytes(200) + footer, 200 + len(footer))
         assert (f.toc_offset, f.toc_size, f.toc_uncompressed_size) == (100, 20, 50)
+
+
+def _manifest(entries: list[dict], *, claim: int | None = None) -> tuple[bytes, E.ManifestPosition]:
+    raw = json.dumps({"version": 1, "entries": entries}).encode()
+    compressed = zstandard.ZstdCompressor().compress(raw)
+    return compressed, E.ManifestPosition(1000, len(compressed), claim or len(raw))
+
+
+@pytest.mark.parametrize(
+    ("entries", "claim", "error", "message"),
+    [
+        (  # a frame that ends before it starts
+            [{"type": "reg", "name": "f", "size": 3, "offset": 50, "endOffset": 40}],
+            None,
+            E.TocOutOfRange,
+            "endOffset 40 is not in",
+        ),
+        (  # a frame that ends inside the TOC
+            [{"type": "reg", "name": "f", "size": 3, "offset": 50, "endOffset": 1001}],
+            None,
+            E.TocOutOfRange,
+            "endOffset 1001",
+        ),
+        (  # more JSON than the position promises
+            [{"type": "dir", "name": "d"}],
+            10,
+            E.InvalidToc,
+            "inflate",
+        ),
+        ([{"type": "reg", "name": "f", "chunkType": "sparse"}], None, E.InvalidToc, "chunkType"),
+    ],
+)
+def test_hostile_manifests_are_refused(entries, claim, error, message):
+    compressed, position = _manifest(entries, claim=claim)
+    with pytest.raises(error, match=message):
+        toc = E.parse_manifest(compressed, position, Z.manifest_checksum(compressed))
+        E.LayerIndex.from_toc(toc)
+
+
+def test_position_length_must_match_the_bytes_read():
+    compressed, position = _manifest([{"type": "dir", "name": "d"}])
+    with pytest.raises(E.InvalidToc, match="position says"):
+        E.parse_manifest(compressed + b"x", position, None)

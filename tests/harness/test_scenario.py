@@ -51,6 +51,11 @@ def test_defaults() -> None:
         ({**MINIMAL, "modes": ["legacy", "legacy"]}, r"f.toml: modes: lists a mode twice"),
         ({**MINIMAL, "runtime": "docker"}, r"f.toml: runtime: unknown runtime 'docker'"),
         ({**MINIMAL, "sampels": 3}, r"f.toml: sampels: unknown key"),
+        ({**MINIMAL, "node": "bookworm"}, r"f.toml: node: unknown node 'bookworm' \(known: host"),
+        ({**MINIMAL, "node": ["host", "jammy"]}, r"f.toml: node\[1\]: unknown node 'jammy'"),
+        ({**MINIMAL, "node": []}, r"f.toml: node: must be a node name or a list"),
+        ({**MINIMAL, "node": ["sid", "sid"]}, r"f.toml: node: lists a node twice"),
+        ({**MINIMAL, "runtime": "crio", "node": "sid"}, r"f.toml: node: runtime nodes run podman"),
         ({**MINIMAL, "network": {"profile": "moon"}}, r"network.profile: unknown profile 'moon'"),
         ({**MINIMAL, "network": {"rate": 1}}, r"f.toml: network.rate: unknown key"),
         ({**MINIMAL, "store": {"command": ["x"]}}, r"store.command: must contain \{mountpoint\}"),
@@ -154,6 +159,16 @@ def test_workloads_from_images_and_containerfiles(tmp_path: Path) -> None:
 def test_image_workload_errors(workload: dict, match: str) -> None:
     with pytest.raises(ScenarioError, match=match):
         parse_scenario({"workloads": [workload]}, "f.toml", recipes={"tiny"})
+
+
+def test_node_defaults_to_the_host_and_a_list_splits_into_one_scenario_per_node() -> None:
+    assert parse_scenario(MINIMAL, "x.toml").node == "host"
+    s = parse_scenario({**MINIMAL, "node": ["host", "trixie", "sid"]}, "x.toml")
+    assert s.nodes == ("host", "trixie", "sid")
+    one = s.for_node("sid")
+    assert one.node == "sid" and one.to_dict()["node"] == "sid"
+    assert parse_scenario(one.to_dict(), "x.toml") == one
+    assert parse_scenario(s.to_dict(), "x.toml") == s
 
 
 def test_zstd_chunked_lazy_pulls_the_zstd_chunked_image_through_the_store() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from store.cli import main
+from store.cli import main, request_timeout
 from store.config import ConfigError, StoreConfig, load_config, parse_config
 
 GO_CONFIG = """
@@ -128,3 +128,10 @@ def test_toc_caps_are_read() -> None:
 def test_shipped_example_config_loads() -> None:
     path = Path(__file__).resolve().parents[2] / "store" / "packaging" / "config.toml"
     assert load_config(path).metrics_address == "127.0.0.1:9110"
+
+
+def test_request_timeout_is_a_share_of_the_fetch_bound():
+    assert request_timeout(StoreConfig()) == 30  # 300 s over 6 attempts, capped at 30
+    assert request_timeout(StoreConfig(fetching_timeout_sec=15, max_retries=8)) == 15 / 9
+    assert request_timeout(StoreConfig(fetching_timeout_sec=2, max_retries=5)) == 1  # floor
+    assert request_timeout(StoreConfig(fetching_timeout_sec=10, max_retries=-1)) == 10

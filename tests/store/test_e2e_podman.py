@@ -1,4 +1,10 @@
-"""The store mounted for real, a real docker-registry, podman 4.3 pulling through it."""
+"""The store mounted for real, a real docker-registry, podman pulling through it.
+
+Every test that runs podman runs once per runtime generation (``runtime_node``: the host's
+podman 4.3, podman 5.4 in a trixie node, podman 5.8 in a sid node). On runtimes with the
+containers/storage ≥ 1.58 bug that forgets lazily pulled images, the tests assert its exact
+symptoms, so they fail — and say so — when a fixed podman arrives.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,9 @@ import time
 import httpx
 import pytest
 
-from harness.podman import PodmanEnv
+from harness.podman import PodmanError
 from harness.processes import free_port
+from tests.store.conftest import lost_lazy_layers
 from tests.store.images import (
     add_file,
     full_blob_gets,
@@ -44,46 +51,64 @@ LISTING = (
 
 
 def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
-    registry, store_factory, tmp_path, layers
+    registry, store_factory, tmp_path, layers, podman_env, runtime_node
 ):
     host = registry.host
     ref, blobs = push_two_layer_estargz(host, "lazy/img", layers)
     store = store_factory()
 
     mark = registry.log_mark()
-    with PodmanEnv(
+    lost = lost_lazy_layers(runtime_node)
+    with podman_env(
         tmp_path / "lazy", additional_layer_store=store.mnt, insecure_registries=[host]
     ) as env:
         env.pull(ref, timeout=120)
+        persisted = env.check_persistence(ref)
+        if lost:
+            # podman ≥ 5.5: the image is forgotten once the pull exits; `run` pulls it again
+            # through the store. When this fails, a fixed podman has arrived: drop the branch.
+            assert not persisted.listed and not persisted.layers_known, persisted
+            assert "layer not known" in persisted.detail
+        else:
+            assert persisted.ok, persisted
         assert full_blob_gets(registry, mark, blobs) == []
         out = env.run(ref, "/bin/cat", "/etc/hello", timeout=120)
         assert out.stdout == "hello from upper\n"
         lazy_listing = env.run(ref, "/bin/sh", "-c", LISTING, timeout=300).stdout
+        assert full_blob_gets(registry, mark, blobs) == []
         status = store.status()
         assert len(status["layers"]) == 2
         assert all(s["refcount"] >= 1 for s in status["layers"].values())
 
         # podman save reproduces the layers: the saved (uncompressed) layer tars hash to the
         # config's diff IDs.
-        saved = tmp_path / "saved.tar"
-        env.podman("save", "-o", str(saved), ref, timeout=300)
-        with tarfile.open(saved) as tar:
-            manifest = json.load(tar.extractfile("manifest.json"))
-            digests = []
-            for name in manifest[0]["Layers"]:
-                digests.append("sha256:" + hashlib.sha256(tar.extractfile(name).read()).hexdigest())
-        assert digests == [b.diff_id for b in blobs]
+        saved = env.workdir / "saved.tar"  # bound into a runtime node at the same path
+        if lost:
+            with pytest.raises(PodmanError, match="layer not known"):
+                env.podman("save", "-o", str(saved), ref, timeout=300)
+        else:
+            env.podman("save", "-o", str(saved), ref, timeout=300)
+            with tarfile.open(saved) as tar:
+                manifest = json.load(tar.extractfile("manifest.json"))
+                digests = []
+                for name in manifest[0]["Layers"]:
+                    layer = tar.extractfile(name).read()
+                    digests.append("sha256:" + hashlib.sha256(layer).hexdigest())
+            assert digests == [b.diff_id for b in blobs]
 
-        # rmi releases both layers.
+        # rmi releases both layers (never, where the runtime lost their records).
         env.podman("rmi", "-f", ref, timeout=120)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + (3 if lost else 10)
         while store.status()["layers"] and time.monotonic() < deadline:
             time.sleep(0.2)
         status = store.status()
-        assert status["layers"] == {}
-        assert sorted(status["released"]) == sorted(b.digest for b in blobs)
+        if lost:
+            assert len(status["layers"]) == 2 and status["released"] == []
+        else:
+            assert status["layers"] == {}
+            assert sorted(status["released"]) == sorted(b.digest for b in blobs)
 
-    with PodmanEnv(tmp_path / "full", insecure_registries=[host]) as env:
+    with podman_env(tmp_path / "full", insecure_registries=[host]) as env:
         env.pull(ref, timeout=120)
         full_listing = env.run(ref, "/bin/sh", "-c", LISTING, timeout=300).stdout
     assert "/data/a|" not in full_listing and "/opq/old|" not in full_listing
@@ -93,7 +118,7 @@ def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
 
 
 def test_gzip_image_falls_back_quickly_and_toc_mismatch_is_refused(
-    registry, store_factory, tmp_path, layers
+    registry, store_factory, tmp_path, layers, podman_env
 ):
     host = registry.host
     push(host, "plain/img", "1", [to_gzip(layers["lower"])])
@@ -112,7 +137,7 @@ def test_gzip_image_falls_back_quickly_and_toc_mismatch_is_refused(
         os.stat(store.layer_dir(f"{host}/badtoc/img:1", bad[0].digest) / "diff")
     assert exc.value.errno == errno.EIO
 
-    with PodmanEnv(
+    with podman_env(
         tmp_path / "env", additional_layer_store=store.mnt, insecure_registries=[host]
     ) as env:
         start = time.monotonic()
@@ -145,6 +170,30 @@ def test_corrupted_chunk_gives_eio(registry, store_factory, tmp_path, layers):
         (diff / "big").read_bytes()
     assert exc.value.errno == errno.EIO
     assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"
+    assert "chunk verification failed" in store.log.read_text()
+
+
+def test_corrupted_chunk_is_eio_inside_the_container(
+    registry, store_factory, tmp_path, layers, podman_env
+):
+    """The same corruption seen by a container: reading the file fails, never wrong bytes."""
+    host = registry.host
+    blob = to_estargz(layers["lower"])
+    push(host, "corrupt/img", "1", [blob])
+    path = registry.blob_path(blob.digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    store = store_factory("no_background_fetch = true\nnoprefetch = true\n")
+    ref = f"{host}/corrupt/img:1"
+    with podman_env(
+        tmp_path / "env", additional_layer_store=store.mnt, insecure_registries=[host]
+    ) as env:
+        env.pull(ref, timeout=120)
+        assert env.run(ref, "/bin/cat", "/etc/hello", timeout=60).stdout == "hello from lower\n"
+        bad = env.podman("run", "--rm", "--network=none", ref, "/bin/cat", "/big", check=False)
+        assert bad.returncode != 0
+        assert "Input/output error" in bad.stderr, bad.stderr[-500:]
     assert "chunk verification failed" in store.log.read_text()
 
 
@@ -198,7 +247,9 @@ def test_new_protocol_by_toc_digest(registry, store_factory, layers, tmp_path):
     assert exc.value.errno == errno.ENODATA
 
 
-def test_two_images_sharing_a_layer_pulled_concurrently(registry, store_factory, tmp_path, layers):
+def test_two_images_sharing_a_layer_pulled_concurrently(
+    registry, store_factory, tmp_path, layers, podman_env, runtime_node
+):
     host = registry.host
     base = to_estargz(layers["lower"])
     other = to_estargz(make_tar(lambda t: add_file(t, "etc/other", b"other\n")))
@@ -206,7 +257,7 @@ def test_two_images_sharing_a_layer_pulled_concurrently(registry, store_factory,
     push(host, "share/two", "1", [base, other])
     store = store_factory()
     refs = [f"{host}/share/one:1", f"{host}/share/two:1"]
-    with PodmanEnv(
+    with podman_env(
         tmp_path / "env", additional_layer_store=store.mnt, insecure_registries=[host]
     ) as env:
         errors: list[BaseException] = []
@@ -222,7 +273,14 @@ def test_two_images_sharing_a_layer_pulled_concurrently(registry, store_factory,
             t.start()
         for t in threads:
             t.join()
-        assert errors == []
+        if lost_lazy_layers(runtime_node):
+            # The same bug: concurrent pulls sharing a layer trip over each other's unsaved
+            # layer records and fail. Pulled one at a time they work (and `run` re-pulls).
+            assert errors and all("layer not known" in str(e) for e in errors), errors
+            for ref in refs:
+                env.pull(ref, timeout=180)
+        else:
+            assert errors == []
         assert env.run(refs[0], "/bin/cat", "/etc/hello", timeout=60).stdout == (
             "hello from upper\n"
         )
