@@ -336,6 +336,20 @@ def _ordered(
         yield _with_payload(spool, infos[i])
 
 
+@contextlib.contextmanager
+def layer_members(
+    tar_in: BinaryIO, prioritized: Iterable[str] = ()
+) -> Iterator[Iterator[tuple[tarfile.TarInfo | None, _Reader | None]]]:
+    """The members of the layer tar ``tar_in`` (plain, gzip or zstd) as extraction leaves them
+    (:func:`_extracted`: one per name, the later wins), in write order (:func:`_ordered`):
+    ``(TarInfo, payload reader or None)``, with ``(None, None)`` where ``.prefetch.landmark``
+    goes when ``prioritized`` is not empty. Shared by every writer of this package so that all
+    formats agree with a normal pull. Raises what :mod:`tarfile` raises on a bad tar."""
+    prioritized = [p for p in prioritized if clean_name(p)]
+    with _seekable(_decompressed(tar_in)) as spool:
+        yield _ordered(spool, prioritized)
+
+
 def _with_payload(spool: BinaryIO, ti: tarfile.TarInfo) -> tuple[tarfile.TarInfo, _Reader | None]:
     if ti.isreg() and ti.size:
         spool.seek(ti.offset_data)

@@ -21,7 +21,7 @@ import time
 import httpx
 import pytest
 
-from harness.podman import PodmanError
+from harness.podman import PodmanEnv, PodmanError
 from harness.processes import free_port
 from tests.store.conftest import lost_lazy_layers
 from tests.store.images import (
