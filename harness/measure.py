@@ -50,10 +50,21 @@ from rich.progress import (
 )
 
 from harness.cli import UserError
-from harness.container import MeasurementError, create_container, start_until_ready
-from harness.laziness import blobs_served_whole_to_runtime, fallback_reason, storage_verdict
+from harness.container import (
+    MeasurementError,
+    create_container,
+    not_ready_reason,
+    start_until_ready,
+)
+from harness.laziness import (
+    LayerEvidence,
+    Verdict,
+    blobs_served_whole_to_runtime,
+    fallback_reason,
+    storage_verdict,
+)
 from harness.plan import Shard, plan
-from harness.podman import PodmanEnv, PodmanError, write_atomic
+from harness.podman import LOST_LAYERS_BUG, Persistence, PodmanEnv, PodmanError, write_atomic
 from harness.prepare import (
     ImagePreparer,
     Link,
@@ -71,6 +82,7 @@ from harness.records import (
     environment,
     finished_keys,
 )
+from harness.runtimes import HOST, Node, NodeError, build_node, runtime_versions, version_tuple
 from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, parse_scenario
 from harness.store_proc import StoreProcess
 
@@ -78,6 +90,32 @@ from harness.store_proc import StoreProcess
 # wherever lazybench is installed.
 RESULTS_DIR = Path("results") / "runs"
 STDOUT_KEEP = 4000
+
+
+def persistence_verdict(check: Persistence, storage_version: str) -> tuple[bool, str | None]:
+    """(persisted, why not) for a record; names the containers/storage bug where it applies."""
+    if check.ok:
+        return True, None
+    what = "image not listed" if not check.listed else "layers not known"
+    if version_tuple(storage_version) >= (1, 58):
+        return False, f"lost after the pull ({what}): {LOST_LAYERS_BUG}"
+    return False, f"lost after the pull ({what}): {check.detail}"
+
+
+def lost_records_verdict(
+    layer_digests: list[str], served_whole: set[str], unreadable: Verdict
+) -> Verdict:
+    """The laziness verdict of a pull whose runtime lost its layer records (containers/storage
+    >= 1.58): a layer whose blob the registry never served whole to the runtime came from the
+    store. Without the image's layer digests the storage's problem stands."""
+    if not layer_digests:
+        return unreadable
+    return Verdict(
+        [
+            LayerEvidence(layer_id="", digest=d, from_store=d not in served_whole)
+            for d in layer_digests
+        ]
+    ).with_registry(served_whole)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -172,6 +210,9 @@ class Runner:
     images: dict[tuple[str, str], str] = field(default_factory=dict)
     _interrupt: InterruptState = field(default_factory=InterruptState, repr=False)
     _skipped: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    _node: Node | None = field(default=None, repr=False)
+    _layer_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict, repr=False)
+    _versions: dict[str, str] = field(default_factory=dict, repr=False)
 
     def run(self) -> list[Key]:
         """Measure every planned key not yet recorded; return the keys measured now."""
@@ -186,6 +227,8 @@ class Runner:
             return self._run_locked()
 
     def _run_locked(self) -> list[Key]:
+        if len(self.scenario.nodes) != 1:
+            raise UserError("a run measures one runtime node: use Scenario.for_node")
         self._check_same_scenario()
         self._check_same_shard()
         todo = [k for k in plan(self.scenario, self.shard) if k not in finished_keys(self.run_dir)]
@@ -199,6 +242,8 @@ class Runner:
         preflight_link(self.scenario.network_profile)
         needed = {k.workload for k in todo}  # a shard prepares only its own workloads' images
         workloads = {w.name: resolve(w) for w in self.scenario.workloads if w.name in needed}
+        self._node = self._runtime_node()
+        self._versions = runtime_versions(self.scenario.node, self.cache_dir)
         env_path = self.run_dir / ENVIRONMENT
         meta = json.loads(env_path.read_text()) if env_path.exists() else environment(self.scenario)
         if env_path.exists():
@@ -207,14 +252,16 @@ class Runner:
             )
         if self.shard is not None:
             meta["shard"] = str(self.shard)
+        meta["runtime_versions"] = self._versions  # as built in this run's cache
         done: list[Key] = []
         with interruptible() as self._interrupt, contextlib.ExitStack() as stack:
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))
             stack.callback(shutil.rmtree, work, ignore_errors=True)
             storage = work / "registry"
-            images = ImagePreparer(self.scenario, self.console, self.cache_dir)
+            images = ImagePreparer(self.scenario, self.console, self.cache_dir, self._node)
             meta["images"] = images.prepare(workloads, storage, work)
             self.images, self._skipped = images.refs, images.skipped
+            self._layer_digests = images.layer_digests
             link = stack.enter_context(open_link(self.scenario.network_profile, self.console))
             meta["link"] = link.measured
             write_atomic(env_path, json.dumps(meta, indent=1, sort_keys=True))
@@ -233,6 +280,24 @@ class Runner:
         return done
 
     # -- pieces -------------------------------------------------------------------------------
+
+    def _runtime_node(self) -> Node | None:
+        """The scenario's runtime node, built now if it is not cached (None: the host)."""
+        if self.scenario.node == HOST:
+            return None
+        self.console.print(f"[bold]node {self.scenario.node}[/]: building (cached by recipe)")
+        try:
+            node = build_node(
+                self.scenario.node,
+                self.cache_dir,
+                progress=lambda m: self.console.print(f"  {m}"),
+            )
+        except NodeError as exc:
+            raise UserError(f"runtime node {self.scenario.node}: {exc}") from None
+        self.console.print(
+            f"  podman {node.podman_version}, containers/storage {node.storage_version}"
+        )
+        return node
 
     def _check_same_scenario(self) -> None:
         path = self.run_dir / SCENARIO_COPY
@@ -283,9 +348,10 @@ class Runner:
                 if r.store and r.layers_total is not None
                 else ""
             )
+            lost = "  [yellow](image lost after the pull)[/]" if r.persisted is False else ""
             progress.console.print(
                 f"  {what}: pull {r.pull_s:.2f}s create {r.create_s:.2f}s run {r.run_s:.2f}s "
-                f"= {r.total_s:.2f}s, {mb:.1f} MB{layers}"
+                f"= {r.total_s:.2f}s, {mb:.1f} MB{layers}{lost}"
             )
         elif r.status == "fell-back":
             progress.console.print(
@@ -335,6 +401,9 @@ class Runner:
             store=store_name,
             image=ref,
             runtime=self.scenario.runtime,
+            node=self.scenario.node,
+            podman_version=self._versions.get("podman", ""),
+            storage_version=self._versions.get("containers_storage", ""),
             started=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
         )
         tag = f"{sample}-{w.name}-{mode}" + (f"-{store_name}" if store_name else "")
@@ -369,8 +438,10 @@ class Runner:
                         additional_layer_store=store.mountpoint if store else None,
                         insecure_registries=[registry.host],
                         partial_pulls=mode == "zstd-chunked",
+                        node=self._node,
                     )
                 )
+                rec.storage_options = env.storage_options
                 if store is not None:
                     # On any failure (or Ctrl-C) cut the FUSE connection first, so that
                     # podman's cleanup does not wait on reads a stuck store never answers.
@@ -380,8 +451,15 @@ class Runner:
                 rec.pull_s = pull.seconds
                 # Read from the runtime's storage right after the pull (no FUSE access).
                 layers = storage_verdict(env.graphroot, ref, store.mountpoint if store else None)
+                if mode in LAZY_MODES:
+                    # Untimed: fresh podman processes ask for the image and its layers. A
+                    # runtime that lost them pulls again in `create`, which is then timed as
+                    # a user gets it.
+                    rec.persisted, rec.persistence = persistence_verdict(
+                        env.check_persistence(ref), rec.storage_version
+                    )
                 t = time.monotonic()
-                cid = create_container(env, ref, w.command, w.stdin, w.timeout)
+                cid = create_container(env, ref, w.command, w.stdin, w.timeout, w.env)
                 rec.create_s = time.monotonic() - t
                 first_mark: list[int] = []
                 outcome = start_until_ready(
@@ -411,10 +489,18 @@ class Runner:
                 rec.requests_before_first_output = len(before)
                 if not rec.ready:
                     raise MeasurementError(
-                        f"run: workload output not as expected (exit {outcome.exit_code}): "
+                        f"run: {not_ready_reason(w.ready, w.expected, outcome)}: "
                         f"{outcome.stdout[-200:]!r} {outcome.stderr.strip()[-300:]!r}"
                     )
                 layers = layers.with_registry(blobs_served_whole_to_runtime(served))
+                if store is not None and rec.persisted is False and layers.problem is not None:
+                    # The runtime lost its layer records (so its storage cannot say where the
+                    # layers came from): the registry's log is the evidence left.
+                    layers = lost_records_verdict(
+                        self._layer_digests.get((w.name, mode), []),
+                        blobs_served_whole_to_runtime(served),
+                        layers,
+                    )
                 if layers.problem is None:
                     rec.layers_total = layers.total
                     rec.layers_from_store = layers.from_store
