@@ -47,7 +47,7 @@ from typing import Any, BinaryIO
 
 from zstandard import ZstdDecompressor, ZstdError
 
-from .errors import InvalidLayerTar
+from .errors import InvalidLayerTar, InvalidToc
 
 try:
     from zlib_ng import zlib_ng as _deflate
@@ -60,8 +60,8 @@ from .footer import (
     TOC_TAR_NAME,
     estargz_footer_bytes,
 )
-from .index import clean_name, parent_dir
-from .toc import encode_toc, toc_digest
+from .index import LayerIndex, clean_name, parent_dir
+from .toc import encode_toc, iter_toc_entries, toc_digest
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 9  # the Go library's default (gzip.BestCompression)
@@ -108,8 +108,10 @@ def convert(
 ) -> ConvertResult:
     """Write the eStargz form of the layer tar read from ``tar_in`` to ``out``.
 
-    Raises :class:`InvalidLayerTar` if the input is not a readable tar (or a tar entry type
-    eStargz cannot carry). ``out`` only needs ``write``.
+    Raises :class:`InvalidLayerTar` if the input is not a readable tar, has a tar entry type
+    eStargz cannot carry, or holds what no layer can (checked at the end with the reader's
+    rules, :meth:`LayerIndex.from_entries`; ``out`` then holds an unfinished blob). ``out``
+    only needs ``write``.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk size must be positive, got {chunk_size}")
@@ -334,6 +336,20 @@ def _ordered(
         yield _with_payload(spool, infos[i])
 
 
+@contextlib.contextmanager
+def layer_members(
+    tar_in: BinaryIO, prioritized: Iterable[str] = ()
+) -> Iterator[Iterator[tuple[tarfile.TarInfo | None, _Reader | None]]]:
+    """The members of the layer tar ``tar_in`` (plain, gzip or zstd) as extraction leaves them
+    (:func:`_extracted`: one per name, the later wins), in write order (:func:`_ordered`):
+    ``(TarInfo, payload reader or None)``, with ``(None, None)`` where ``.prefetch.landmark``
+    goes when ``prioritized`` is not empty. Shared by every writer of this package so that all
+    formats agree with a normal pull. Raises what :mod:`tarfile` raises on a bad tar."""
+    prioritized = [p for p in prioritized if clean_name(p)]
+    with _seekable(_decompressed(tar_in)) as spool:
+        yield _ordered(spool, prioritized)
+
+
 def _with_payload(spool: BinaryIO, ti: tarfile.TarInfo) -> tuple[tarfile.TarInfo, _Reader | None]:
     if ti.isreg() and ti.size:
         spool.seek(ti.offset_data)
@@ -547,6 +563,15 @@ class _LayerWriter:
                 e.clear()
                 e.update(items)
         toc_json = encode_toc(self.entries)
+        # A tar can hold what no layer can (an entry named "" that is a file, a hardlink to
+        # nothing, a file replacing a directory that has entries): check the TOC with the
+        # reader's own rules, so that whatever converts also reads back.
+        try:
+            LayerIndex.from_entries(
+                iter_toc_entries([toc_json]), toc_offset=toc_offset, compression="gzip"
+            )
+        except InvalidToc as exc:
+            raise InvalidLayerTar(f"the tar cannot be an eStargz layer: {exc}") from None
         ti = tarfile.TarInfo(TOC_TAR_NAME)
         ti.size, ti.mode, ti.mtime = len(toc_json), 0, 0
         ti.uname = ti.gname = ""
