@@ -330,7 +330,12 @@ def list_tree(root: Path) -> Listing:
     for dirpath, dirs, files in os.walk(root):
         for n in dirs + files:
             p = Path(dirpath) / n
-            out[str(p.relative_to(root))] = row(p)
+            try:
+                out[str(p.relative_to(root))] = row(p)
+            except FileNotFoundError:
+                # overlayfs lists a whiteout kept inside an opaque lower directory (it reads
+                # such a directory as it is) but answers ENOENT for it: not a file, skipped.
+                continue
     return out
 
 

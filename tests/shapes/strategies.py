@@ -72,9 +72,15 @@ def layers(draw: st.DrawFn, size: int = 7) -> Layer:
                 Entry("symlink", name, uid=uid, gid=gid, link=draw(st.sampled_from(LINK_TARGETS)))
             )
         elif kind == "hardlink":
-            # To a file written earlier in this layer; now and then to anything.
+            # To a file written earlier in this layer; now and then to anything. The header
+            # carries its target's mode and owner, as tar writes it; now and then others.
             pool = files if files and draw(st.integers(0, 9)) else PATHS[:2]
-            out.append(Entry("hardlink", name, mode=0o644, link=draw(st.sampled_from(pool))))
+            target = draw(st.sampled_from(pool))
+            like = [e for e in out if e.name == target and e.kind == "file"]
+            link = Entry("hardlink", name, mode=0o644, link=target)
+            if like and draw(st.integers(0, 9)):
+                link.mode, link.uid, link.gid = like[-1].mode, like[-1].uid, like[-1].gid
+            out.append(link)
         else:
             mode = draw(st.sampled_from([0o644, 0o600, 0o666]))
             dev = (draw(st.integers(1, 9)), draw(st.integers(0, 5))) if kind != "fifo" else (0, 0)

@@ -316,10 +316,10 @@ def test_commit_over_an_opaque_directory_does_not_depend_on_the_pull(
     registry, store_factory, tmp_path, pull, leaks
 ):
     """Lower ``case/a/old``; upper makes ``case/a`` opaque and adds ``new``; a container
-    touches ``case/a/added`` and is committed. Rootful overlayfs copies ``case/a`` up with its
-    xattrs, reading only ``trusted.overlay.opaque``: a store answering ``user.overlay.opaque``
-    too (``overlay_opaque_type = "all"``, the Go store's choice) leaks it into the committed
-    layer, which a normal pull never does."""
+    touches ``case/a/added`` and is committed (the host's podman 4.3). Rootful overlayfs copies
+    ``case/a`` up with its xattrs, reading only ``trusted.overlay.opaque``: a store answering
+    ``user.overlay.opaque`` too (``overlay_opaque_type = "all"``, the Go store's choice) leaks
+    it into the committed layer, which a normal pull never does."""
     host = registry.host
     blobs = [to_estargz(t) for t in _opaque_case_layers()]
     push(host, "opq/img", "1", blobs)
