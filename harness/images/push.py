@@ -367,7 +367,11 @@ def _converted_layer(
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link (the layer tars are immutable once built), or a copy across filesystems."""
+    """A hard link (the layer tars are immutable once built), or a copy across filesystems.
+    An existing ``dst`` is kept: blobs are named by digest, and an image may list a layer
+    twice."""
+    if dst.exists():
+        return
     try:
         os.link(src, dst)
     except OSError:

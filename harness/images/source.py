@@ -6,7 +6,8 @@ image index the manifest of the wanted platform (default: the host's) is chosen 
 ``store.registry.select_platform``. Its layers are decompressed into plain tars (gzip, zstd,
 zstd:chunked or plain in; each checked against the config's diff ID) and kept with the config
 as a :class:`~harness.images.build.BuiltImage`, so every mode of ``harness.images.push`` (gzip,
-eStargz, optimized eStargz, zstd:chunked) makes it exactly as it makes a recipe's image.
+eStargz, optimized eStargz, zstd:chunked) makes it exactly as it makes a recipe's image; a gzip
+layer also keeps the source's own blob, which ``legacy`` pushes as it is.
 
 Cache: ``<cache>/images/src-<key>/`` (``image.json`` + ``layers/<n>.tar``, the recipe cache's
 shape), ``key`` = the source's manifest digest (of the index, when it is one) and the platform:

@@ -229,3 +229,32 @@ def test_legacy_pushes_the_sources_own_gzip_layers(tiny, tmp_path: Path) -> None
                 for d, x in zip(got, built.layers, strict=True)
             )
         assert [x.diff_id for x in built.layers] == [x.diff_id for x in tiny.layers]
+
+
+def test_an_image_that_lists_a_layer_twice(tiny, tmp_path: Path) -> None:
+    """Images may repeat a layer (old Docker images repeat their empty layer): imported,
+    made in the harness's modes and converted all the same."""
+    from harness.images.source import import_image
+
+    layout = tmp_path / "dup"
+    shutil.copytree(oci_layout(tiny, "legacy"), layout)
+    top = json.loads((layout / "index.json").read_text())["manifests"][0]
+    manifest = json.loads(_blob(layout, top["digest"]).read_bytes())
+    config = json.loads(_blob(layout, manifest["config"]["digest"]).read_bytes())
+    manifest["layers"].append(manifest["layers"][0])
+    config["rootfs"]["diff_ids"].append(config["rootfs"]["diff_ids"][0])
+    raw_config = json.dumps(config).encode()
+    manifest["config"].update(digest=_put(layout, raw_config), size=len(raw_config))
+    raw = json.dumps(manifest).encode()
+    desc = {"mediaType": top["mediaType"], "digest": _put(layout, raw), "size": len(raw)}
+    desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+
+    built = import_image(f"oci:{layout}", tmp_path / "cache")
+    assert len(built.layers) == 4 and built.layers[0].diff_id == built.layers[3].diff_id
+    for mode in ("legacy", "estargz-noopt"):
+        made = oci_layout(built, mode)
+        top = json.loads((made / "index.json").read_text())["manifests"][0]
+        assert len(json.loads(_blob(made, top["digest"]).read_bytes())["layers"]) == 4
+    report = convert_image(f"oci:{layout}", f"oci:{tmp_path / 'out'}:x", show_progress=False)
+    assert report.converted == 4
