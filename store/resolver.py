@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import gc
 import json
 import logging
 import re
@@ -173,6 +172,8 @@ class LayerManager:
     _refcount: dict[str, int] = field(default_factory=dict)
     _limiter: trio.CapacityLimiter | None = None
     released: list[str] = field(default_factory=list)
+    _trim_running: bool = False
+    _trim_pending: bool = False
     # A layer loaded with its image but not looked up within this many seconds is dropped
     # (the runtime had it already, or gave up): its tree and prefetched bytes are not kept.
     early_ttl: float = 120.0
@@ -395,8 +396,33 @@ class LayerManager:
                 raise
             raise ResolveError(f"layer {desc.digest} of {ref}: {exc}") from exc
         blob: BlobReader = ahead
-        _return_freed_memory()
+        self._trim_memory()
         return blob, index, tree
+
+    def _trim_memory(self) -> None:
+        """Give the TOC's transient memory back to the OS, off the FUSE thread.
+
+        A big TOC briefly costs ~100 MB of heap that glibc keeps after it is freed; its
+        ``malloc_trim`` returns it (the store runs one malloc arena, so one trim covers every
+        thread's frees). It runs in a worker thread (ctypes drops the GIL), and requests made
+        while one runs are folded into one more. No ``gc.collect()``: the decoded TOC holds no
+        reference cycles (a full collection found none and cost 0.2-0.8 s per 100k-entry
+        layer, growing with the layers held).
+        """
+        if self._trim_running:
+            self._trim_pending = True
+            return
+        self._trim_running = True
+        self.nursery.start_soon(self._trim_loop)
+
+    async def _trim_loop(self) -> None:
+        try:
+            self._trim_pending = True
+            while self._trim_pending:
+                self._trim_pending = False
+                await trio.to_thread.run_sync(_malloc_trim)
+        finally:
+            self._trim_running = False
 
     async def _background(self, layer: Layer) -> None:
         assert self._limiter is not None
@@ -453,10 +479,10 @@ class LayerManager:
         }
 
 
-def _return_freed_memory() -> None:
-    """Give the TOC's transient memory back to the OS (a big TOC briefly costs ~100 MB)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+def _malloc_trim() -> None:
+    """glibc's ``malloc_trim(0)``: return free heap pages to the OS (blocking; a worker
+    thread's job). Not glibc: nothing to do."""
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 

@@ -195,3 +195,32 @@ async def test_a_layer_loaded_with_its_image_but_never_looked_up_is_dropped(vect
         again = await manager.get_layer(REF, reg.digests[1])  # loaded afresh on demand
         assert again.digest == reg.digests[1] and not again.released
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_layer_load_runs_no_gc_and_trims_memory_off_the_fuse_thread(
+    vectors_dir, tmp_path, monkeypatch
+):
+    """A full collection on the thread that answers FUSE requests stalls every lookup (it
+    grows with the layers held); the heap trim it was paired with runs in a worker thread."""
+    import gc
+    import threading
+
+    import store.resolver as resolver
+
+    def no_gc(*_args: object) -> int:
+        raise AssertionError("gc.collect() on the FUSE thread")
+
+    trims: list[threading.Thread] = []
+    monkeypatch.setattr(resolver, "_malloc_trim", lambda: trims.append(threading.current_thread()))
+    with monkeypatch.context() as patch:  # undone before pytest's own collections
+        patch.setattr(gc, "collect", no_gc)
+        async with trio.open_nursery() as nursery:
+            fs, meta = await _fs(nursery, vectors_dir, tmp_path)
+            b64 = base64.b64encode(REF.encode()).decode()
+            await _path(fs, b64, meta["digest"], "diff")
+            with trio.fail_after(10):
+                while not trims:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert trims and all(t is not threading.main_thread() for t in trims)
