@@ -50,7 +50,12 @@ from rich.progress import (
 )
 
 from harness.cli import UserError
-from harness.container import MeasurementError, create_container, start_until_ready
+from harness.container import (
+    MeasurementError,
+    create_container,
+    not_ready_reason,
+    start_until_ready,
+)
 from harness.laziness import (
     LayerEvidence,
     Verdict,
@@ -454,7 +459,7 @@ class Runner:
                         env.check_persistence(ref), rec.storage_version
                     )
                 t = time.monotonic()
-                cid = create_container(env, ref, w.command, w.stdin, w.timeout)
+                cid = create_container(env, ref, w.command, w.stdin, w.timeout, w.env)
                 rec.create_s = time.monotonic() - t
                 first_mark: list[int] = []
                 outcome = start_until_ready(
@@ -484,7 +489,7 @@ class Runner:
                 rec.requests_before_first_output = len(before)
                 if not rec.ready:
                     raise MeasurementError(
-                        f"run: workload output not as expected (exit {outcome.exit_code}): "
+                        f"run: {not_ready_reason(w.ready, w.expected, outcome)}: "
                         f"{outcome.stdout[-200:]!r} {outcome.stderr.strip()[-300:]!r}"
                     )
                 layers = layers.with_registry(blobs_served_whole_to_runtime(served))

@@ -98,6 +98,12 @@ def toml_str(value: str) -> str:
 class PodmanEnv:
     """A podman with private graphroot/runroot and configuration under ``workdir``.
 
+    The runroot is a short directory of its own under ``/tmp`` instead (``lzbr-*``, removed
+    on exit): conmon's attach socket lives at ``<runroot>/overlay-containers/<64 hex id>/
+    userdata/attach``, and when that passes the 108-byte limit of a socket path podman 4.3 still
+    runs the container but ``run``/``start --attach`` return only after a 20 s timeout (seen
+    with a workdir path longer than about 45 characters).
+
     ``additional_layer_store`` names a mounted layer store to consult while pulling (written
     as ``additionallayerstores = ["PATH:ref"]``). ``insecure_registries`` are reached over
     plain HTTP. ``partial_pulls`` turns on podman's own zstd:chunked partial pulls (written
@@ -123,6 +129,7 @@ class PodmanEnv:
     store_socket: Path | None = None
     auth_file: Path | None = None
     _own_workdir: bool = field(default=False, init=False, repr=False)
+    _runroot: Path | None = field(default=None, init=False, repr=False)
     _entered: EnteredNode | None = field(default=None, init=False, repr=False)
     _node_cm: Any = field(default=None, init=False, repr=False)
 
@@ -135,8 +142,9 @@ class PodmanEnv:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.node is not None:  # the same path on both sides of the node's bind mount
             self.workdir = Path(os.path.realpath(self.workdir))
-        for sub in ("graph", "run", "tmp"):
+        for sub in ("graph", "tmp"):
             (self.workdir / sub).mkdir(exist_ok=True)
+        self._runroot = Path(tempfile.mkdtemp(prefix="lzbr-", dir="/tmp"))
         if self.auth_file is not None:
             shutil.copyfile(self.auth_file, self.workdir / "auth.json")
             os.chmod(self.workdir / "auth.json", 0o600)
@@ -159,6 +167,7 @@ class PodmanEnv:
         self._node_cm = enter_node(self.node)
         self._entered = self._node_cm.__enter__()
         self._entered.bind(self.workdir)
+        self._entered.bind(self.runroot)
         if self.additional_layer_store is not None:
             self._entered.bind(self.additional_layer_store)
         if self.store_socket is not None:
@@ -182,12 +191,15 @@ class PodmanEnv:
 
     @property
     def runroot(self) -> Path:
-        assert self.workdir is not None, "PodmanEnv used outside its context"
-        return self.workdir / "run"
+        assert self._runroot is not None, "PodmanEnv used outside its context"
+        return self._runroot
 
     def close(self) -> None:
         """Stop containers, unmount everything under the graphroot, remove the workdir."""
         if self.workdir is None or not self.workdir.exists():
+            if self._runroot is not None:
+                unmount_below(self._runroot)
+                shutil.rmtree(self._runroot, ignore_errors=True)
             return
         try:
             self.podman("rm", "--all", "--force", "--time", "0", timeout=60, check=False)
@@ -196,12 +208,17 @@ class PodmanEnv:
             pass
         if self._entered is not None:
             unmount_below(self._entered.host_path(self.workdir))
+            if self._runroot is not None:
+                unmount_below(self._entered.host_path(self._runroot))
         self._leave_node()
         unmount_below(self.workdir)
+        if self._runroot is not None:
+            unmount_below(self._runroot)
+            shutil.rmtree(self._runroot, ignore_errors=True)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         else:
-            for sub in ("graph", "run", "tmp"):
+            for sub in ("graph", "tmp"):
                 shutil.rmtree(self.workdir / sub, ignore_errors=True)
 
     # -- configuration -----------------------------------------------------------------------

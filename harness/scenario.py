@@ -46,6 +46,20 @@ Schema (all keys but ``workloads`` optional)::
     reference = "python:3.7"         # optional: the published image this stands in for
                                      # (harness/data/published.csv); default: matched by
                                      # the workload or recipe name against its stand_in column
+    expect = "hello"                 # optional substring stdout must contain
+    env = { GREETING = "hi" }        # optional environment for the container
+
+    [[workloads]]                    # your own image instead of a recipe: exactly one of
+    name = "app"                     # recipe, image, containerfile (name required here)
+    image = "docker-archive:app.tar" # any containers-image reference: docker://, oci:,
+                                     # oci-archive:, docker-archive:, containers-storage:, dir:
+                                     # (relative paths: from the scenario file's directory)
+    # containerfile = "app/Containerfile"   # or built with podman; context = "app" (default:
+                                            # the Containerfile's directory)
+    platform = "linux/amd64"         # optional, for image indexes; default: the host's
+    command = ["/app/server"]        # optional; default: the image's own entrypoint/cmd
+    ready = "listening"              # optional; absent: wait for exit (or for `expect`)
+    timeout = 300                    # optional; default 300 s for images
 """
 
 from __future__ import annotations
@@ -76,7 +90,23 @@ def image_mode(mode: str) -> str:
 
 
 RUNTIMES = ("podman", "crio")
-WORKLOAD_KEYS = {"name", "recipe", "command", "stdin", "ready", "timeout", "reference", "modes"}
+WORKLOAD_KEYS = {
+    "name",
+    "recipe",
+    "image",
+    "containerfile",
+    "context",
+    "platform",
+    "command",
+    "stdin",
+    "ready",
+    "expect",
+    "env",
+    "timeout",
+    "reference",
+    "modes",
+}
+IMAGE_SOURCE_KEYS = ("recipe", "image", "containerfile")
 DEFAULT_STORE_COMMAND = (
     "stargz-store",
     "--config",
@@ -94,16 +124,27 @@ class ScenarioError(UserError):
 
 @dataclass(frozen=True)
 class Workload:
-    """One image and what to run in it. ``None`` fields fall back to the recipe's values."""
+    """One image and what to run in it. ``None`` fields fall back to the recipe's values (or,
+    for ``image``/``containerfile`` workloads, to the image's own command).
+
+    Exactly one of ``recipe``, ``image`` (a containers-image reference, paths absolute) and
+    ``containerfile`` (absolute; ``context`` too) names the image.
+    """
 
     name: str
-    recipe: str
+    recipe: str | None = None
     command: tuple[str, ...] | None = None
     stdin: str | None = None
     ready: str | None = None
     timeout: float | None = None
     reference: str | None = None
     modes: tuple[str, ...] | None = None  # a subset of the scenario's modes; None = all
+    image: str | None = None
+    containerfile: str | None = None
+    context: str | None = None
+    platform: str | None = None
+    expect: str | None = None
+    env: tuple[tuple[str, str], ...] | None = None
 
 
 DEFAULT_STORE_NAME = "default"
@@ -204,7 +245,7 @@ class Scenario:
             ],
             "workloads": [
                 {
-                    k: (list(v) if isinstance(v, tuple) else v)
+                    k: (dict(v) if k == "env" else list(v) if isinstance(v, tuple) else v)
                     for k, v in vars(w).items()
                     if v is not None
                 }
@@ -389,6 +430,8 @@ def parse_scenario(
             "configured: name at most one store",
         )
 
+    # Relative image paths are the scenario file's: resolve them against its directory.
+    base = Path(source).parent if Path(source).is_file() else Path.cwd()
     raw_workloads = data.get("workloads")
     if raw_workloads is None:
         raise c.fail("workloads", "missing: add at least one [[workloads]] table")
@@ -399,12 +442,22 @@ def parse_scenario(
         where = f"workloads[{i}]"
         w = c.table(raw, where)
         c.unknown(w, WORKLOAD_KEYS, where)
+        given = [k for k in IMAGE_SOURCE_KEYS if k in w]
+        if not given:
+            raise c.fail(
+                f"{where}.recipe", "missing: name an image recipe (or an image, a containerfile)"
+            )
+        if len(given) > 1:
+            raise c.fail(where, f"name the image once: recipe, image or containerfile, not {given}")
         recipe = c.string(w, "recipe", f"{where}.recipe")
-        if recipe is None:
-            raise c.fail(f"{where}.recipe", "missing: name an image recipe")
-        if recipes is not None and recipe not in recipes:
+        if recipe is not None and recipes is not None and recipe not in recipes:
             known = ", ".join(sorted(recipes))
             raise c.fail(f"{where}.recipe", f"unknown recipe {recipe!r} (known: {known})")
+        image, containerfile, context, platform = _image_source(c, w, where, base)
+        if recipe is None and "name" not in w:
+            raise c.fail(
+                f"{where}.name", "missing: a workload with image or containerfile needs one"
+            )
         wname = c.string(w, "name", f"{where}.name", default=recipe)
         if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", wname):
             raise c.fail(
@@ -435,6 +488,12 @@ def parse_scenario(
                 timeout=float(timeout) if timeout is not None else None,
                 reference=c.string(w, "reference", f"{where}.reference"),
                 modes=wmodes,
+                image=image,
+                containerfile=containerfile,
+                context=context,
+                platform=platform,
+                expect=c.string(w, "expect", f"{where}.expect"),
+                env=_env(c, w, f"{where}.env"),
             )
         )
     return Scenario(
@@ -488,6 +547,47 @@ def _parse_store(c: _Checker, data: dict[str, Any], where: str, *, named: bool) 
             c.number(data, "mount_timeout", f"{where}.mount_timeout", 30.0, lo=0.1, hi=3600)
         ),
     )
+
+
+def _image_source(
+    c: _Checker, w: dict[str, Any], where: str, base: Path
+) -> tuple[str | None, str | None, str | None, str | None]:
+    """(image, containerfile, context, platform) of a workload, paths made absolute."""
+    from harness.images.transports import TransportError, absolute
+
+    image = c.string(w, "image", f"{where}.image")
+    if image is not None:
+        try:
+            image = absolute(image, base)
+        except TransportError as exc:
+            raise c.fail(f"{where}.image", str(exc)) from None
+    containerfile = c.string(w, "containerfile", f"{where}.containerfile")
+    if containerfile is not None:
+        containerfile = str((base / containerfile).resolve())
+    context = c.string(w, "context", f"{where}.context")
+    if context is not None:
+        if containerfile is None:
+            raise c.fail(f"{where}.context", "only goes with containerfile")
+        context = str((base / context).resolve())
+    platform = c.string(w, "platform", f"{where}.platform")
+    if platform is not None:
+        if image is None and containerfile is None:
+            raise c.fail(f"{where}.platform", "only goes with image or containerfile")
+        parts = platform.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise c.fail(f"{where}.platform", f"must be OS/ARCH[/VARIANT], got {platform!r}")
+    return image, containerfile, context, platform
+
+
+def _env(c: _Checker, w: dict[str, Any], where: str) -> tuple[tuple[str, str], ...] | None:
+    env = w.get("env")
+    if env is None:
+        return None
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
+    ):
+        raise c.fail(where, f'must be a table of NAME = "value" strings, got {_show(env)}')
+    return tuple(env.items())
 
 
 def _placeholders(arg: str) -> list[str]:

@@ -23,6 +23,11 @@ remembered, so later lookups answer at once without refetching. A zstd:chunked l
 up by the value containers/storage ≥ 1.54 uses as its TOC digest (``toc.GetTOCDigest``: the
 manifest checksum annotation itself), and its ``info`` says ``compression`` 4
 (``archive.Zstd``).
+
+A blob an image lists more than once (identical layers, e.g. two empty ones) is not served
+either: the runtime looks each occurrence up under the same ``<ref>/<digest>`` directory, and
+overlayfs refuses to mount one directory as two lower layers (ELOOP, "too many levels of
+symbolic links"), so such a layer is pulled normally, once per occurrence.
 """
 
 from __future__ import annotations
@@ -136,6 +141,22 @@ class ImageInfo:
             if desc.toc_digest == digest:
                 return desc, True
         return None
+
+    def servable(self, digest: str) -> tuple[LayerDesc, bool]:
+        """:meth:`find`, refusing (:class:`NotEstargzError`) a layer the store cannot serve:
+        not in the image, not eStargz, or listed more than once (see the module docstring)."""
+        found = self.find(digest)
+        if found is None:
+            raise NotEstargzError(f"{self.ref}: no layer {digest}")
+        desc = found[0]
+        if desc.toc_digest is None:
+            raise NotEstargzError(f"{self.ref}: layer {desc.digest} is not eStargz (no TOC digest)")
+        if (n := sum(1 for d in self.layers if d.digest == desc.digest)) > 1:
+            raise NotEstargzError(
+                f"{self.ref}: layer {desc.digest} is listed {n} times; overlayfs cannot mount"
+                " one directory as several lower layers, so it is pulled normally"
+            )
+        return found
 
 
 class RegistryAccess:
@@ -284,12 +305,7 @@ class LayerManager:
     async def layer_info(self, ref: str, digest: str) -> dict[str, Any]:
         """The ``info`` JSON for the protocol generation the lookup name implies."""
         image = await self.image(ref)
-        found = image.find(digest)
-        if found is None:
-            raise NotEstargzError(f"{ref}: no layer {digest}")
-        desc, by_toc = found
-        if desc.toc_digest is None:
-            raise NotEstargzError(f"{ref}: layer {desc.digest} is not eStargz (no TOC digest)")
+        desc, by_toc = image.servable(digest)
         if by_toc:
             return {
                 "diff-size": -1,
@@ -306,12 +322,12 @@ class LayerManager:
         size = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)
         if size is not None and size.isdigit():
             info["diff-size"] = int(size)
-        elif desc.zstd_chunked is not None:
-            # No annotation carries a zstd:chunked tar's size, and podman 4.3 needs it: 0
-            # makes `podman save` write a 0-byte tar entry ("write too long"), -1 fails its
-            # image size ("size for layer is unknown"). Measured here, on the old protocol
-            # only (podman ≥ 5.1 takes -1), within the resolve bound; without it the pull
-            # still works and only `podman save` of the image fails.
+        elif desc.zstd_chunked is not None and self.config.zstd_measure_diff_size:
+            # No annotation carries a zstd:chunked tar's size, and podman 4.3's `podman save`
+            # needs it: without it (0) save writes a 0-byte tar entry ("write too long"); -1
+            # fails its image size ("size for layer is unknown"). Measuring costs a ranged
+            # read per file (store/config.py), so only when configured, on the old protocol
+            # only (podman ≥ 5.1 takes -1), within the resolve bound.
             layer = await self.get_layer(ref, digest)
             if isinstance(layer.index, EstargzLayerView):
                 with trio.move_on_after(self.config.resolve_timeout_sec):
@@ -324,12 +340,7 @@ class LayerManager:
 
     async def get_layer(self, ref: str, digest: str) -> Layer:
         image = await self.image(ref)
-        found = image.find(digest)
-        if found is None:
-            raise NotEstargzError(f"{ref}: no layer {digest}")
-        desc = found[0]
-        if desc.toc_digest is None:
-            raise NotEstargzError(f"{ref}: layer {desc.digest} is not eStargz (no TOC digest)")
+        desc = image.servable(digest)[0]
         task = self._layers.get(desc.digest)
         # A layer released earlier and wanted again is resolved afresh.
         if task is not None and task.done.is_set() and task.error is None and task.value.released:

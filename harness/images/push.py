@@ -2,7 +2,8 @@
 
 Modes (DESIGN.md §5):
 
-* ``legacy`` — plain gzip layers, what a normal ``podman pull`` downloads in full;
+* ``legacy`` — plain gzip layers, what a normal ``podman pull`` downloads in full (an imported
+  image's gzip layers as the source has them, the others compressed here);
 * ``estargz-noopt`` — eStargz layers without prioritized files (``.no.prefetch.landmark``);
 * ``estargz`` — eStargz with the workload's files first, before ``.prefetch.landmark``;
 * ``zstd-chunked`` — podman's own partial-pull format, produced by containers/image itself
@@ -23,7 +24,6 @@ import gzip
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import tarfile
@@ -222,6 +222,12 @@ def _write_layout(
             descriptors.append({"mediaType": MEDIA_TAR, "digest": digest, "size": size})
             diff_ids.append(digest)
             continue
+        if mode == "legacy" and layer.gzip_blob is not None:  # the source's own gzip blob
+            _link_or_copy(layer.gzip_blob, blobs / layer.gzip_digest.split(":")[1])
+            size = layer.gzip_blob.stat().st_size
+            descriptors.append({"mediaType": MEDIA_GZIP, "digest": layer.gzip_digest, "size": size})
+            diff_ids.append(layer.diff_id)
+            continue
         if mode not in ("legacy", "estargz", "estargz-noopt"):
             raise PushError(f"no OCI layout for mode {mode!r}")
         wanted = _prioritized_in(layer.path, prioritized_files) if mode == "estargz" else []
@@ -361,7 +367,11 @@ def _converted_layer(
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link (the layer tars are immutable once built), or a copy across filesystems."""
+    """A hard link (the layer tars are immutable once built), or a copy across filesystems.
+    An existing ``dst`` is kept: blobs are named by digest, and an image may list a layer
+    twice."""
+    if dst.exists():
+        return
     try:
         os.link(src, dst)
     except OSError:
@@ -465,22 +475,17 @@ def _write_blob(blobs: Path, data: bytes, media_type: str) -> dict:
 
 def _skopeo_copy(src: str, dest: str, extra: list[str], *, timeout: float, what: str) -> None:
     """``skopeo copy`` with a private, empty blob-info cache (see the module docstring)."""
-    cache = "/var/lib/containers/cache"
-    os.makedirs(cache, exist_ok=True)
-    cmd = " ".join(["skopeo", "copy", "--quiet", *extra, _q(src), _q(dest)])
-    script = f"mount -t tmpfs tmpfs {cache} && exec {cmd}"
+    from harness.images.source import ImageSourceError, skopeo
+
     try:
-        proc = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            capture_output=True,
-            text=True,
+        skopeo(
+            ["copy", "--quiet", *extra, src, dest],
+            f"pushing {what}",
             timeout=timeout,
+            private_cache=True,
         )
-    except subprocess.TimeoutExpired:
-        raise PushError(f"pushing {what}: skopeo did not finish within {timeout:.0f}s") from None
-    if proc.returncode != 0:
-        tail = proc.stderr.strip()[-1500:]
-        raise PushError(f"pushing {what}: skopeo exited {proc.returncode}: {tail}")
+    except ImageSourceError as exc:
+        raise PushError(str(exc)) from None
 
 
 def _node_skopeo_zstd_chunked(node: Node, source: Path, dest: Path, *, what: str) -> None:
@@ -511,7 +516,3 @@ def _node_skopeo_zstd_chunked(node: Node, source: Path, dest: Path, *, what: str
         raise PushError(
             f"writing {what}: node {node.name}'s skopeo exited {proc.returncode}: {tail}"
         )
-
-
-def _q(s: str) -> str:
-    return shlex.quote(s)

@@ -66,7 +66,6 @@ import hashlib
 import json
 import struct
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, ClassVar, Literal
@@ -411,18 +410,11 @@ def write_zstd_chunked(
         raise ValueError(f"chunk size must be positive, got {chunk_size}")
     prioritized = [p for p in prioritized_files if clean_name(p)]
     lw = _ZstdLayerWriter(out, level, chunk_size, generation)
-    plain = _w._decompressed(tar_in)
     try:
-        if prioritized:
-            with tempfile.TemporaryFile(prefix="lazybench-zstdchunked-") as spool:
-                _w._copy(plain, spool)
-                spool.seek(0)
-                for ti, payload in _w._prioritized_order(spool, prioritized):
-                    if ti is not None:  # no landmark in zstd:chunked
-                        lw.add(ti, payload)
-        else:
-            for ti, payload in _w._stream_items(plain):
-                lw.add(ti, payload)
+        with _w.layer_members(tar_in, prioritized) as members:
+            for ti, payload in members:
+                if ti is not None:  # no landmark in zstd:chunked
+                    lw.add(ti, payload)
     except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as exc:
         raise InvalidLayerTar(f"input is not a readable tar: {exc}") from None
     return lw.finish()

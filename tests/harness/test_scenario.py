@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,40 @@ def test_a_workload_can_narrow_the_modes() -> None:
         (0, "gcc", "zstd-chunked", ""),
     ]
     assert parse_scenario(s.to_dict(), "f.toml") == s
+
+
+def test_workloads_from_images_and_containerfiles(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[[workloads]]\nname = "a"\nimage = "docker-archive:img.tar"\nexpect = "hi"\n'
+        'env = { X = "1" }\nplatform = "linux/arm64/v8"\n'
+        '[[workloads]]\nname = "b"\ncontainerfile = "ctx/Containerfile"\ncontext = "ctx"\n'
+    )
+    s = load_scenario(path)
+    a, b = s.workloads
+    assert a.image == f"docker-archive:{tmp_path / 'img.tar'}" and a.recipe is None
+    assert a.env == (("X", "1"),) and a.expect == "hi" and a.platform == "linux/arm64/v8"
+    assert b.containerfile == str(tmp_path / "ctx" / "Containerfile")
+    assert b.context == str(tmp_path / "ctx")
+    # The stored copy (for --resume) reads back to the same scenario.
+    again = parse_scenario(json.loads(json.dumps(s.to_dict())), "copy")
+    assert again.workloads == s.workloads
+
+
+@pytest.mark.parametrize(
+    ("workload", "match"),
+    [
+        ({"name": "a", "image": "app:latest"}, r"workloads\[0\].image: 'app:latest' is not"),
+        ({"image": "oci:/x"}, r"workloads\[0\].name: missing"),
+        ({"name": "a", "recipe": "tiny", "image": "oci:/x"}, r"workloads\[0\]: name the image"),
+        ({"name": "a", "image": "oci:/x", "platform": "amd64"}, r"platform: must be OS/ARCH"),
+        ({"name": "a", "image": "oci:/x", "env": {"A": 1}}, r"env: must be a table"),
+        ({"name": "a", "recipe": "tiny", "context": "."}, r"context: only goes with"),
+    ],
+)
+def test_image_workload_errors(workload: dict, match: str) -> None:
+    with pytest.raises(ScenarioError, match=match):
+        parse_scenario({"workloads": [workload]}, "f.toml", recipes={"tiny"})
 
 
 def test_node_defaults_to_the_host_and_a_list_splits_into_one_scenario_per_node() -> None:

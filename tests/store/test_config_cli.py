@@ -55,6 +55,7 @@ def test_go_config_loads(tmp_path: Path) -> None:
         ({"noprefetch": "yes"}, "'noprefetch' must be bool"),
         ({"blob": {"chunk_size": 0}}, "must be positive"),
         ({"max_concurrency": True}, "must be a number"),
+        ({"overlay_opaque_type": "both"}, "'overlay_opaque_type' must be one of 'trusted'"),
         ({"toc_max_bytes": 0}, "'toc_max_bytes' must be positive"),
         ({"toc_max_entries": "many"}, "'toc_max_entries' must be int"),
     ],
@@ -62,6 +63,12 @@ def test_go_config_loads(tmp_path: Path) -> None:
 def test_bad_keys_are_named(data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(data, source="c.toml")
+
+
+def test_overlay_opaque_type_defaults_to_rootful_overlayfs() -> None:
+    assert StoreConfig().opaque_xattrs == (b"trusted.overlay.opaque",)
+    assert parse_config({"overlay_opaque_type": "user"}).opaque_xattrs == (b"user.overlay.opaque",)
+    assert len(parse_config({"overlay_opaque_type": "all"}).opaque_xattrs) == 2
 
 
 def test_missing_default_is_fine_missing_explicit_is_not(tmp_path: Path, monkeypatch) -> None:

@@ -84,7 +84,9 @@ def test_lazy_pull_of_skopeo_layers_matches_full_pull(
     assert all(zstd_chunked_layer(b.annotations).generation == "podman4" for b in blobs)
     push(host, "zstd/img", "1", blobs)
     ref = f"{host}/zstd/img:1"
-    store = store_factory("noprefetch = true\nno_background_fetch = true\n")
+    store = store_factory(
+        "noprefetch = true\nno_background_fetch = true\nzstd_measure_diff_size = true\n"
+    )
 
     mark = registry.log_mark()
     with PodmanEnv(
@@ -105,6 +107,8 @@ def test_lazy_pull_of_skopeo_layers_matches_full_pull(
         assert (d / "blob").read_bytes() == blobs[0].data
         info = json.loads((d / "info").read_text())
         assert info["compression"] == 4 and info["diff-digest"] == blobs[0].diff_id
+        plain = zstandard.ZstdDecompressor().stream_reader(blobs[0].data, read_across_frames=True)
+        assert info["diff-size"] == len(plain.read())
 
     with PodmanEnv(tmp_path / "full", insecure_registries=[host]) as env:
         env.pull(ref, timeout=120)
@@ -280,3 +284,41 @@ def test_bytes_fetched_per_format(registry, store_factory, tmp_path, layers, sko
     print("bytes fetched (fetched, image size):", json.dumps(fetched))
     for mode in ("zstd-chunked-lazy", "estargz-noopt"):
         assert fetched[mode][0] < fetched[mode][1]
+
+
+def test_podman_5_pulls_its_own_zstd_chunked_image_lazily_by_toc_digest(
+    registry, store_factory, tmp_path
+):
+    """podman 5.4 (Debian trixie, containers/storage 1.57) looks a zstd:chunked layer up by its
+    TOC digest — the ``io.github.containers.zstd-chunked.manifest-checksum`` its own skopeo
+    wrote into the image — and the store serves it lazily: no whole-layer GET, the container
+    runs, every layer counted by the store."""
+    from harness.images import TINY_OUTPUT, build_layers, find_recipe, push_image
+    from harness.runtimes import NodeError, build_node
+    from store.estargz import MANIFEST_CHECKSUM_KEY
+
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("mmdebstrap not installed (ci/install-system-deps)")
+    try:
+        node = build_node("trixie")
+    except NodeError as exc:
+        pytest.fail(f"building runtime node trixie: {exc}")
+    built = build_layers(find_recipe("tiny"), None)
+    pushed = push_image(built, registry.host, "tiny5", "z", "zstd-chunked", node=node)
+    checksums = {x.annotations[MANIFEST_CHECKSUM_KEY] for x in pushed.layers}
+    assert all(zstd_chunked_layer(x.annotations).generation == "podman5" for x in pushed.layers)
+    store = store_factory("noprefetch = true\nno_background_fetch = true\n")
+    ref = f"{registry.host}/tiny5:z"
+    mark = registry.log_mark()
+    with PodmanEnv(
+        tmp_path / "p5",
+        additional_layer_store=store.mnt,
+        insecure_registries=[registry.host],
+        node=node,
+    ) as env:
+        env.pull(ref, timeout=180)
+        assert env.run(ref, timeout=120).stdout.strip() == TINY_OUTPUT
+        assert set(store.status()["layers"]) == {f"{ref}/{x.digest}" for x in pushed.layers}
+    assert full_blob_gets(registry, mark, pushed.layers) == []
+    log = store.log.read_text()
+    assert all(f"{ref}/{checksum} in use" in log for checksum in checksums), log[-3000:]
