@@ -276,3 +276,38 @@ def test_a_blob_listed_twice_in_an_image_is_left_to_a_normal_pull():
             image.servable(name)
     assert image.servable(once.digest) == (once, False)
     assert image.servable(once.toc_digest) == (once, True)
+
+
+@pytest.mark.anyio
+async def test_resolved_images_are_a_bounded_lru_and_counts_survive_eviction(vectors_dir, tmp_path):
+    """At most ``IMAGE_CACHE_ENTRIES`` resolved images are kept (least recently used leave
+    first, to be resolved afresh if wanted again); a layer counted under a TOC-digest name is
+    still released after its image left the cache."""
+    from store.resolver import IMAGE_CACHE_ENTRIES
+
+    cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
+    reg = VectorRegistry(vectors_dir)
+    asked: list[str] = []
+    image = reg.image
+
+    async def counting(ref: str):
+        asked.append(ref)
+        return await image(ref)
+
+    reg.image = counting  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        refs = [f"127.0.0.1:5000/vec/img{i}:1" for i in range(IMAGE_CACHE_ENTRIES + 1)]
+        await manager.get_layer(refs[0], reg.meta["toc_digest"])
+        assert manager.use(refs[0], reg.meta["toc_digest"]) == 1
+        for ref in refs[1:]:
+            await manager.image(ref)
+        assert len(asked) == IMAGE_CACHE_ENTRIES + 1
+        await manager.image(refs[-1])  # recently used: kept
+        assert len(asked) == IMAGE_CACHE_ENTRIES + 1
+        assert manager.refcount(refs[0], reg.meta["toc_digest"]) == 1
+        assert manager.release(refs[0], reg.meta["toc_digest"]) == 0
+        assert manager.released == [reg.meta["digest"]]
+        await manager.image(refs[0])  # evicted: resolved again
+        assert len(asked) == IMAGE_CACHE_ENTRIES + 2
+        nursery.cancel_scope.cancel()
