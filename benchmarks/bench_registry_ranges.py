@@ -82,11 +82,12 @@ def _curl_round(
         if i:
             lines.append("next")
         lines += [f'url = "{url}"', f'range = "{off}-{off + size - 1}"', 'output = "/dev/null"']
+        if cacert is not None:  # `next` resets per-transfer options: once per range
+            lines.append(f'cacert = "{cacert}"')
     cfg.write_text("\n".join(lines) + "\n")
-    tls = ["--cacert", str(cacert)] if cacert is not None else []
     start = time.perf_counter()
     subprocess.run(
-        ["curl", "-sS", "--fail", "--max-time", "120", *tls, "-K", str(cfg)],
+        ["curl", "-sS", "--fail", "--max-time", "120", "-K", str(cfg)],
         check=True,
         stdout=subprocess.DEVNULL,
     )
