@@ -35,10 +35,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import gc
 import json
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -177,6 +177,31 @@ class _Task:
     error: BaseException | None = None
 
 
+# Resolved images (manifest, config, layer list) kept for later lookups, least recently used
+# dropped first: the Go stargz-store's pool of resolved references keeps 30 too.
+IMAGE_CACHE_ENTRIES = 30
+
+
+class _LRU(OrderedDict[str, _Task]):
+    """A task table that keeps its ``capacity`` most recently used entries."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return self[key]
+
+    def __setitem__(self, key: str, value: _Task) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
 @dataclass
 class LayerManager:
     """Resolves images and layers, counts references, keeps per-layer status."""
@@ -188,12 +213,17 @@ class LayerManager:
     on_layer_fetch: Callable[[Layer, int, float], None] | None = None
     on_file_access: Callable[[Layer, Any], None] | None = None
     on_read: Callable[[Layer], None] | None = None
-    _images: dict[str, _Task] = field(default_factory=dict)
+    _images: _LRU = field(default_factory=lambda: _LRU(IMAGE_CACHE_ENTRIES))
     _layers: dict[str, _Task] = field(default_factory=dict)
     _indexes: dict[str, _Task] = field(default_factory=dict)
     _refcount: dict[str, int] = field(default_factory=dict)
+    # (ref, lookup name) → blob digest of each counted layer: a release still finds its layer
+    # after the image left the LRU (the name may be a TOC digest).
+    _counted: dict[tuple[str, str], str] = field(default_factory=dict)
     _limiter: trio.CapacityLimiter | None = None
     released: list[str] = field(default_factory=list)
+    _trim_running: bool = False
+    _trim_pending: bool = False
     # A layer loaded with its image but not looked up within this many seconds is dropped
     # (the runtime had it already, or gave up): its tree and prefetched bytes are not kept.
     early_ttl: float = 120.0
@@ -406,8 +436,33 @@ class LayerManager:
                 raise
             raise ResolveError(f"layer {desc.digest} of {ref}: {exc}") from exc
         blob: BlobReader = ahead
-        _return_freed_memory()
+        self._trim_memory()
         return blob, index, tree
+
+    def _trim_memory(self) -> None:
+        """Give the TOC's transient memory back to the OS, off the FUSE thread.
+
+        A big TOC briefly costs ~100 MB of heap that glibc keeps after it is freed; its
+        ``malloc_trim`` returns it (the store runs one malloc arena, so one trim covers every
+        thread's frees). It runs in a worker thread (ctypes drops the GIL), and requests made
+        while one runs are folded into one more. No ``gc.collect()``: the decoded TOC holds no
+        reference cycles (a full collection found none and cost 0.2-0.8 s per 100k-entry
+        layer, growing with the layers held).
+        """
+        if self._trim_running:
+            self._trim_pending = True
+            return
+        self._trim_running = True
+        self.nursery.start_soon(self._trim_loop)
+
+    async def _trim_loop(self) -> None:
+        try:
+            self._trim_pending = True
+            while self._trim_pending:
+                self._trim_pending = False
+                await trio.to_thread.run_sync(_malloc_trim)
+        finally:
+            self._trim_running = False
 
     async def _background(self, layer: Layer) -> None:
         assert self._limiter is not None
@@ -427,17 +482,20 @@ class LayerManager:
         return digest
 
     def use(self, ref: str, digest: str) -> int:
-        key = self._blob_key(ref, digest)
+        key = self._counted.get((ref, digest)) or self._blob_key(ref, digest)
+        self._counted[(ref, digest)] = key
         self._refcount[key] = self._refcount.get(key, 0) + 1
         return self._refcount[key]
 
     def release(self, ref: str, digest: str) -> int:
-        key = self._blob_key(ref, digest)
+        key = self._counted.get((ref, digest)) or self._blob_key(ref, digest)
         count = self._refcount.get(key, 0) - 1
         if count > 0:
             self._refcount[key] = count
             return count
         self._refcount.pop(key, None)
+        for name in [n for n, k in self._counted.items() if k == key]:
+            del self._counted[name]
         task = self._layers.pop(key, None)
         if task is not None and task.done.is_set() and task.error is None:
             task.value.release()
@@ -446,7 +504,8 @@ class LayerManager:
         return 0
 
     def refcount(self, ref: str, digest: str) -> int:
-        return self._refcount.get(self._blob_key(ref, digest), 0)
+        key = self._counted.get((ref, digest)) or self._blob_key(ref, digest)
+        return self._refcount.get(key, 0)
 
     def layers(self) -> list[Layer]:
         return [t.value for t in self._layers.values() if t.done.is_set() and t.error is None]
@@ -464,10 +523,10 @@ class LayerManager:
         }
 
 
-def _return_freed_memory() -> None:
-    """Give the TOC's transient memory back to the OS (a big TOC briefly costs ~100 MB)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+def _malloc_trim() -> None:
+    """glibc's ``malloc_trim(0)``: return free heap pages to the OS (blocking; a worker
+    thread's job). Not glibc: nothing to do."""
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 

@@ -39,7 +39,6 @@ from .errors import (
     RegistryTimeout,
     RegistryUnavailable,
 )
-from .fasttransport import FastRangeTransport
 from .hosts import DEFAULT_REQUEST_TIMEOUT, Endpoint, ResolverConfig
 from .manifest import (
     ACCEPT,
@@ -60,6 +59,7 @@ from .ranges import (
     range_header,
     slice_from,
 )
+from .rangetransport import RangeTransport
 from .reference import Reference, validate_digest
 
 T = TypeVar("T")
@@ -143,28 +143,38 @@ class RegistryClient:
         self._fast_ranges = fast_ranges
         self._verify = verify  # TLS: True (system CAs), a CA bundle path, or an SSLContext
         self._http: httpx.AsyncClient | None = None
-        self._fast: FastRangeTransport | None = None
+        self._fast: RangeTransport | None = None
         self._challenges: dict[str, Challenge | None] = {}
         self._down_until: dict[str, float] = {}
         self._no_multirange: set[str] = set()
 
     # ---- lifetime ------------------------------------------------------------------------
     async def __aenter__(self) -> RegistryClient:
+        verify = (
+            ssl.create_default_context(cafile=self._verify)
+            if isinstance(self._verify, str)
+            else self._verify
+        )
         transport: httpx.AsyncBaseTransport = httpx.AsyncHTTPTransport(
             limits=httpx.Limits(
                 max_connections=self._max_connections,
                 max_keepalive_connections=self._max_connections,
             ),
             trust_env=False,
-            verify=(
-                ssl.create_default_context(cafile=self._verify)
-                if isinstance(self._verify, str)
-                else self._verify
-            ),
+            verify=verify,
         )
         self._fast = None
         if self._fast_ranges:
-            transport = self._fast = FastRangeTransport(transport)
+            if verify is False:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                verify = ctx
+            transport = self._fast = RangeTransport(
+                transport,
+                ssl_context=verify if isinstance(verify, ssl.SSLContext) else None,
+                max_connections=self._max_connections,
+            )
         self._http = httpx.AsyncClient(
             follow_redirects=False,
             timeout=self.resolver.default_timeout,

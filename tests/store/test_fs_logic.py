@@ -199,6 +199,35 @@ async def test_a_layer_loaded_with_its_image_but_never_looked_up_is_dropped(vect
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.anyio
+async def test_layer_load_runs_no_gc_and_trims_memory_off_the_fuse_thread(
+    vectors_dir, tmp_path, monkeypatch
+):
+    """A full collection on the thread that answers FUSE requests stalls every lookup (it
+    grows with the layers held); the heap trim it was paired with runs in a worker thread."""
+    import gc
+    import threading
+
+    import store.resolver as resolver
+
+    def no_gc(*_args: object) -> int:
+        raise AssertionError("gc.collect() on the FUSE thread")
+
+    trims: list[threading.Thread] = []
+    monkeypatch.setattr(resolver, "_malloc_trim", lambda: trims.append(threading.current_thread()))
+    with monkeypatch.context() as patch:  # undone before pytest's own collections
+        patch.setattr(gc, "collect", no_gc)
+        async with trio.open_nursery() as nursery:
+            fs, meta = await _fs(nursery, vectors_dir, tmp_path)
+            b64 = base64.b64encode(REF.encode()).decode()
+            await _path(fs, b64, meta["digest"], "diff")
+            with trio.fail_after(10):
+                while not trims:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert trims and all(t is not threading.main_thread() for t in trims)
+
+
 TRUSTED, USER = b"trusted.overlay.opaque", b"user.overlay.opaque"
 
 
@@ -247,3 +276,38 @@ def test_a_blob_listed_twice_in_an_image_is_left_to_a_normal_pull():
             image.servable(name)
     assert image.servable(once.digest) == (once, False)
     assert image.servable(once.toc_digest) == (once, True)
+
+
+@pytest.mark.anyio
+async def test_resolved_images_are_a_bounded_lru_and_counts_survive_eviction(vectors_dir, tmp_path):
+    """At most ``IMAGE_CACHE_ENTRIES`` resolved images are kept (least recently used leave
+    first, to be resolved afresh if wanted again); a layer counted under a TOC-digest name is
+    still released after its image left the cache."""
+    from store.resolver import IMAGE_CACHE_ENTRIES
+
+    cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
+    reg = VectorRegistry(vectors_dir)
+    asked: list[str] = []
+    image = reg.image
+
+    async def counting(ref: str):
+        asked.append(ref)
+        return await image(ref)
+
+    reg.image = counting  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        refs = [f"127.0.0.1:5000/vec/img{i}:1" for i in range(IMAGE_CACHE_ENTRIES + 1)]
+        await manager.get_layer(refs[0], reg.meta["toc_digest"])
+        assert manager.use(refs[0], reg.meta["toc_digest"]) == 1
+        for ref in refs[1:]:
+            await manager.image(ref)
+        assert len(asked) == IMAGE_CACHE_ENTRIES + 1
+        await manager.image(refs[-1])  # recently used: kept
+        assert len(asked) == IMAGE_CACHE_ENTRIES + 1
+        assert manager.refcount(refs[0], reg.meta["toc_digest"]) == 1
+        assert manager.release(refs[0], reg.meta["toc_digest"]) == 0
+        assert manager.released == [reg.meta["digest"]]
+        await manager.image(refs[0])  # evicted: resolved again
+        assert len(asked) == IMAGE_CACHE_ENTRIES + 2
+        nursery.cancel_scope.cancel()

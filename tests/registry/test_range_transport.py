@@ -1,4 +1,4 @@
-"""FastRangeTransport against canned raw HTTP answers: framing, keep-alive, stale connections."""
+"""RangeTransport against canned raw HTTP answers: framing, keep-alive, stale connections."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from store.registry.fasttransport import FastRangeTransport
+from store.registry.rangetransport import RangeTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -63,9 +63,7 @@ class CannedServer:
 @pytest.fixture
 def client_factory() -> Iterator[Callable[[], httpx.AsyncClient]]:
     def make() -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            transport=FastRangeTransport(httpx.AsyncHTTPTransport()), timeout=2.0
-        )
+        return httpx.AsyncClient(transport=RangeTransport(httpx.AsyncHTTPTransport()), timeout=2.0)
 
     yield make
 
@@ -168,7 +166,7 @@ async def test_cancellation_returns_promptly(client_factory) -> None:
 
     with CannedServer(script) as srv:
         async with httpx.AsyncClient(
-            transport=FastRangeTransport(httpx.AsyncHTTPTransport()), timeout=10.0
+            transport=RangeTransport(httpx.AsyncHTTPTransport()), timeout=10.0
         ) as c:
             start = time.monotonic()
             with trio.move_on_after(0.3):

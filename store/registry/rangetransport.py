@@ -1,0 +1,246 @@
+"""An httpx transport that sends range GETs through urllib3 in worker threads (HTTP and TLS).
+
+Why: blob range reads are the store's hot path. Through httpcore/h11 on the event loop every
+64 KiB of body is parsed and copied several times, which caps a ranged read at about half of
+what curl gets from the same registry, and keeps the event loop (the FUSE loop, in the store)
+busy meanwhile. Here urllib3 (``http.client`` underneath: C-level buffered reads, the
+standard ``ssl`` module for ``https://``) sends the request and reads the answer in a worker
+thread: one thread hop per request for a 206 or error body up to ``EAGER_MAX`` bytes (read
+whole), one per ``PIECE`` for bigger or unframed bodies. Connections are kept alive per host
+by urllib3's pool; one the server closed while idle is noticed before reuse and replaced.
+
+Cancellation returns at once: the response's socket is shut down
+(``HTTPResponse.shutdown()``, urllib3 ≥ 2.3), which ends the worker thread's blocking read,
+and the connection is discarded. A request cancelled before its answer's head arrived leaves
+its thread to finish within the connect/read timeouts; the response is then closed unused.
+
+Only ``GET`` requests with a ``Range`` header take this path; everything else (pushes,
+manifests, auth) goes through the httpx transport given as ``fallback``, and auth, redirects,
+retries and timeouts stay in ``RegistryClient`` above it (urllib3's own retries and redirects
+are off). Errors are raised as the httpx exceptions the client already maps: ``ConnectError``
+/ ``ConnectTimeout``, ``ReadTimeout``, ``ReadError``, ``RemoteProtocolError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import ssl
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import httpx
+import urllib3
+import urllib3.exceptions as u3
+
+T = TypeVar("T")
+EAGER_MAX = 64 * 1024 * 1024  # 206/error bodies up to this size are read with the head
+PIECE = 16 * 1024 * 1024  # other bodies are yielded in pieces of at most this size
+MAX_HOSTS = 16  # connection pools kept (one per scheme/host/port)
+
+
+def _timeouts(request: httpx.Request) -> urllib3.Timeout:
+    t = request.extensions.get("timeout") or {}
+    return urllib3.Timeout(connect=t.get("connect"), read=t.get("read"))
+
+
+@contextlib.contextmanager
+def _as_httpx(request: httpx.Request) -> Iterator[None]:
+    """urllib3 / socket failures → the httpx exception of the same meaning."""
+    try:
+        yield
+    except (u3.NewConnectionError, u3.SSLError, u3.LocationParseError) as e:
+        # before ConnectTimeoutError: NewConnectionError is one of its subclasses
+        raise httpx.ConnectError(str(e), request=request) from e
+    except u3.ConnectTimeoutError as e:
+        raise httpx.ConnectTimeout(str(e), request=request) from e
+    except u3.ReadTimeoutError as e:
+        raise httpx.ReadTimeout(f"timed out reading the response: {e}", request=request) from e
+    except TimeoutError as e:
+        raise httpx.ReadTimeout("timed out reading the response", request=request) from e
+    except u3.ProtocolError as e:
+        short = next((a for a in e.args if isinstance(a, http.client.IncompleteRead)), None)
+        if short is not None:
+            got = short.partial if isinstance(short.partial, int) else len(short.partial)
+            raise httpx.RemoteProtocolError(
+                "peer closed connection without sending complete message body (received "
+                f"{got} of {got + (short.expected or 0)} bytes)",
+                request=request,
+            ) from e
+        raise httpx.RemoteProtocolError(str(e), request=request) from e
+    except (u3.HTTPError, OSError) as e:
+        raise httpx.ReadError(str(e) or type(e).__name__, request=request) from e
+
+
+class _Exchange:
+    """One request's urllib3 response, shared by the task and its worker thread."""
+
+    def __init__(self, request: httpx.Request) -> None:
+        self.request = request
+        self.resp: urllib3.BaseHTTPResponse | None = None
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.done = False  # the body was read to its end and the connection released
+
+    def adopt(self, resp: urllib3.BaseHTTPResponse) -> None:
+        """Worker thread: hold ``resp``, or drop it if the task gave up meanwhile."""
+        with self.lock:
+            if not self.abandoned:
+                self.resp = resp
+                return
+        resp.close()
+        raise httpx.ReadError("request cancelled", request=self.request)
+
+    def abandon(self) -> None:
+        """Event loop: the task gives up; a thread blocked reading the body wakes at once."""
+        with self.lock:
+            self.abandoned = True
+            resp = self.resp
+        if resp is not None and not self.done:
+            with contextlib.suppress(Exception):
+                resp.shutdown()  # type: ignore[attr-defined]  # HTTPResponse, urllib3 ≥ 2.3
+
+    def read(self, amt: int | None) -> bytes:
+        """Worker thread: up to ``amt`` bytes of the raw body (all with None); the connection
+        goes back to the pool once the body is read to its end."""
+        assert self.resp is not None
+        with _as_httpx(self.request):
+            data = self.resp.read(amt, decode_content=False)
+        if amt is None or not data or _drained(self.resp):
+            self.done = True
+            self.resp.release_conn()
+        return data
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            self.abandon()
+            raise
+
+    def close(self) -> None:
+        resp = self.resp
+        if resp is None:
+            return
+        if self.done:
+            resp.release_conn()
+        else:  # not read to its end: the connection cannot be reused
+            self.abandon()
+            resp.close()
+
+
+def _drained(resp: urllib3.BaseHTTPResponse) -> bool:
+    length = resp.length_remaining
+    return length is not None and length <= 0
+
+
+class _Body(httpx.AsyncByteStream):
+    """The body of one response: already read with the head, or read in pieces."""
+
+    def __init__(self, exchange: _Exchange, eager: bytes | None) -> None:
+        self.exchange = exchange
+        self.eager = eager
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.eager is not None:
+            data, self.eager = self.eager, None
+            if data:
+                yield data
+            return
+        ex = self.exchange
+        while not ex.done:
+            data = await ex.call(ex.read, PIECE)
+            if data:
+                yield data
+
+    async def aclose(self) -> None:
+        self.exchange.close()
+
+
+class RangeTransport(httpx.AsyncBaseTransport):
+    """urllib3 in worker threads for range GETs; delegates every other request.
+
+    ``ssl_context`` verifies ``https://`` registries (None: the system's CAs);
+    ``max_connections`` bounds the kept-alive connections per host."""
+
+    def __init__(
+        self,
+        fallback: httpx.AsyncBaseTransport,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = 16,
+    ) -> None:
+        self.fallback = fallback
+        self._pool = urllib3.PoolManager(
+            num_pools=MAX_HOSTS,
+            maxsize=max_connections,
+            block=False,
+            retries=False,
+            ssl_context=ssl_context,
+        )
+
+    @staticmethod
+    def handles(request: httpx.Request) -> bool:
+        return (
+            request.method == "GET"
+            and request.url.scheme in ("http", "https")
+            and "range" in request.headers
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not self.handles(request):
+            return await self.fallback.handle_async_request(request)
+        exchange = _Exchange(request)
+        try:
+            status, headers, version, eager = await exchange.call(self._open, exchange)
+        except BaseException:
+            exchange.close()
+            raise
+        return httpx.Response(
+            status,
+            headers=headers,
+            stream=_Body(exchange, eager),
+            request=request,
+            extensions={"http_version": version},
+        )
+
+    def _open(
+        self, exchange: _Exchange
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bytes | None]:
+        """Worker thread: send the request, read the head, and a 206/error body up to
+        EAGER_MAX bytes with it."""
+        request = exchange.request
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in request.headers.raw
+            if k.lower() not in (b"connection", b"keep-alive", b"transfer-encoding", b"host")
+        }
+        with _as_httpx(request):
+            resp = self._pool.urlopen(
+                "GET",
+                str(request.url),
+                headers=headers,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                decode_content=False,
+                timeout=_timeouts(request),
+            )
+        exchange.adopt(resp)
+        status = resp.status
+        length = resp.length_remaining
+        no_body = status in (204, 304) or 100 <= status < 200 or length == 0
+        small = length is not None and length <= EAGER_MAX and (status == 206 or status >= 300)
+        eager = exchange.read(None) if no_body or small else None
+        raw_headers = [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.iteritems()
+        ]
+        version = b"HTTP/1.0" if resp.version == 10 else b"HTTP/1.1"
+        return status, raw_headers, version, eager
+
+    async def aclose(self) -> None:
+        self._pool.clear()
+        await self.fallback.aclose()
