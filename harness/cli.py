@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "harness.images_cmd",
     "harness.net_cmd",
     "harness.run_cmd",
+    "harness.stores_cmd",
 ]
 
 
