@@ -24,6 +24,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	iofs "io/fs"
 	"os"
 	"os/signal"
 	"syscall"
@@ -101,7 +102,9 @@ func run(configPath, rootDir, logLevel string, args []string) error {
 	if err := os.MkdirAll(rootDir, 0o700); err != nil {
 		return err
 	}
-	if err := os.MkdirAll(mountpoint, 0o755); err != nil {
+	// As upstream: an existing path is left to the mount to judge (a dead FUSE mount there
+	// fails the mount, not this check).
+	if err := os.MkdirAll(mountpoint, 0o755); err != nil && !errors.Is(err, iofs.ErrExist) {
 		return err
 	}
 
