@@ -23,7 +23,8 @@ Schema (all keys but ``workloads`` optional)::
                                      # (off: a measurement shows what the workload needs)
     # Placeholders: {config} (resolver/prefetch config the harness writes), {root} (an empty
     # cache directory per measurement), {mountpoint}, {metrics} (a file the store writes its
-    # Prometheus metrics to on exit, optional). The estargz mode's access trace is always
+    # Prometheus metrics to on exit, optional), {go-stargz-store} (the reference Go store,
+    # built from Debian's Go packages on first use). The estargz mode's access trace is always
     # taken with our own stargz-store, whatever store is under test.
 
     [[workloads]]
@@ -61,7 +62,10 @@ DEFAULT_STORE_COMMAND = (
     "{root}",
     "{mountpoint}",
 )
-STORE_PLACEHOLDERS = frozenset({"config", "root", "mountpoint"})
+# Placeholders standing for a store binary the harness builds itself (resolved, and built
+# into the cache when missing, by harness.store_proc.resolve_store_command).
+BUILTIN_STORE_PLACEHOLDERS = frozenset({"go-stargz-store"})
+STORE_PLACEHOLDERS = frozenset({"config", "root", "mountpoint"}) | BUILTIN_STORE_PLACEHOLDERS
 
 
 class ScenarioError(UserError):

@@ -1,0 +1,101 @@
+"""The Go stargz-store as a built-in store: its cached build, its placeholder in store commands,
+and the CLI that builds and lists it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness import gostore, store_proc
+from harness.cli import main as cli_main
+from harness.scenario import parse_scenario
+from harness.store_proc import StoreError, StoreProcess, resolve_store_command
+
+GO_COMMAND = ("{go-stargz-store}", "--config", "{config}", "--root", "{root}", "{mountpoint}")
+
+
+@pytest.fixture
+def fake_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    """Replace the compiler run by a stub binary; returns the progress lines seen."""
+    calls: list[str] = []
+    binary = tmp_path / "go-stargz-store"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+
+    def build(cache_dir=None, *, progress=None, timeout=0.0) -> Path:
+        calls.append("build")
+        return binary
+
+    monkeypatch.setattr(gostore, "build", build)
+    monkeypatch.setattr(store_proc, "_built", {})
+    return calls
+
+
+def test_the_go_placeholder_becomes_the_built_binary(fake_build: list[str], tmp_path) -> None:
+    resolved = resolve_store_command(GO_COMMAND)
+    assert resolved == (str(tmp_path / "go-stargz-store"), *GO_COMMAND[1:])
+    assert resolve_store_command(resolved) == resolved  # idempotent
+    resolve_store_command(GO_COMMAND)
+    assert fake_build == ["build"]  # once per process
+
+
+def test_other_commands_need_no_build(fake_build: list[str]) -> None:
+    cmd = ("stargz-store", "--config", "{config}", "{mountpoint}")
+    assert resolve_store_command(cmd) == cmd
+    assert fake_build == []
+
+
+def test_store_process_argv_fills_both_kinds_of_placeholder(fake_build, tmp_path) -> None:
+    sp = StoreProcess(tmp_path / "w", command=GO_COMMAND)
+    argv = sp.argv()
+    assert argv[0] == str(tmp_path / "go-stargz-store")
+    assert argv[-1] == str(tmp_path / "w" / "mnt")
+
+
+def test_a_failed_build_is_a_store_error_naming_the_placeholder(monkeypatch) -> None:
+    def fail(*a, **k):
+        raise gostore.GoStoreBuildError("go not found on PATH; run ci/install-system-deps")
+
+    monkeypatch.setattr(gostore, "build", fail)
+    monkeypatch.setattr(store_proc, "_built", {})
+    with pytest.raises(StoreError, match=r"\{go-stargz-store\}: go not found"):
+        resolve_store_command(GO_COMMAND)
+
+
+def test_scenarios_accept_the_go_placeholder() -> None:
+    data = {
+        "name": "t",
+        "samples": 1,
+        "modes": ["estargz-noopt"],
+        "store": {"command": list(GO_COMMAND)},
+        "workloads": [{"recipe": "tiny"}],
+    }
+    assert parse_scenario(data, "t.toml").store.command == GO_COMMAND
+
+
+def test_build_key_follows_every_input(monkeypatch) -> None:
+    base = gostore.GoStoreBuild("a" * 64, "go1.19.8", "0.12.0-2")
+    assert base.key != gostore.GoStoreBuild("b" * 64, "go1.19.8", "0.12.0-2").key
+    assert base.key != gostore.GoStoreBuild("a" * 64, "go1.21", "0.12.0-2").key
+    assert base.key != gostore.GoStoreBuild("a" * 64, "go1.19.8", "0.12.0-3").key
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_cli_builds_into_the_cache_and_reuses_it(capsys) -> None:
+    """The real compiler, offline (cached under the default cache after its first build)."""
+    assert cli_main(["stores", "build", "go"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path.is_file() and os.access(path, os.X_OK)
+    assert path == gostore.binary_path()
+    assert (path.parent / "build.json").is_file()
+    mtime = path.stat().st_mtime_ns
+    assert cli_main(["stores", "build", "go"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == path and path.stat().st_mtime_ns == mtime
+    out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30)
+    assert "-config" in out.stderr and "-log-level" in out.stderr
+    assert cli_main(["stores", "ls"]) == 0
+    assert str(path) in capsys.readouterr().out
