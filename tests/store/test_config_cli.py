@@ -120,3 +120,13 @@ def test_module_entry_point_help() -> None:
 def test_shipped_example_config_loads() -> None:
     path = Path(__file__).resolve().parents[2] / "store" / "packaging" / "config.toml"
     assert load_config(path).metrics_address == "127.0.0.1:9110"
+
+
+@pytest.mark.e2e
+def test_sigterm_unmounts_and_exits_0(store_factory) -> None:
+    from tests.store.conftest import _mounted
+
+    sp = store_factory()
+    sp.proc.terminate()
+    assert sp.proc.wait(15) == 0
+    assert not _mounted(sp.mnt)

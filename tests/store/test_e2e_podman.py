@@ -59,9 +59,11 @@ def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
         out = env.run(ref, "/bin/cat", "/etc/hello", timeout=120)
         assert out.stdout == "hello from upper\n"
         lazy_listing = env.run(ref, "/bin/sh", "-c", LISTING, timeout=300).stdout
-        status = store.status()
-        assert len(status["layers"]) == 2
-        assert all(s["refcount"] >= 1 for s in status["layers"].values())
+        # Reference counts are shown by our store's status file (the Go store has none).
+        if store.impl == "ours":
+            status = store.status()
+            assert len(status["layers"]) == 2
+            assert all(s["refcount"] >= 1 for s in status["layers"].values())
 
         # podman save reproduces the layers: the saved (uncompressed) layer tars hash to the
         # config's diff IDs.
@@ -74,14 +76,15 @@ def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
                 digests.append("sha256:" + hashlib.sha256(tar.extractfile(name).read()).hexdigest())
         assert digests == [b.diff_id for b in blobs]
 
-        # rmi releases both layers.
+        # rmi releases both layers (as our store's status file shows).
         env.podman("rmi", "-f", ref, timeout=120)
-        deadline = time.monotonic() + 10
-        while store.status()["layers"] and time.monotonic() < deadline:
-            time.sleep(0.2)
-        status = store.status()
-        assert status["layers"] == {}
-        assert sorted(status["released"]) == sorted(b.digest for b in blobs)
+        if store.impl == "ours":
+            deadline = time.monotonic() + 10
+            while store.status()["layers"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            status = store.status()
+            assert status["layers"] == {}
+            assert sorted(status["released"]) == sorted(b.digest for b in blobs)
 
     with PodmanEnv(tmp_path / "full", insecure_registries=[host]) as env:
         env.pull(ref, timeout=120)
@@ -89,7 +92,25 @@ def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
     assert "/data/a|" not in full_listing and "/opq/old|" not in full_listing
     assert "/opq/new|" in full_listing and "/bin/suid|regular file 4755" in full_listing
     lazy_set, full_set = set(lazy_listing.splitlines()), set(full_listing.splitlines())
+    if store.impl == "go":
+        lazy_set, full_set = _go_deviations_removed(lazy_set), _go_deviations_removed(full_set)
     assert lazy_set == full_set, (sorted(lazy_set - full_set), sorted(full_set - lazy_set))
+
+
+def _go_deviations_removed(listing: set[str]) -> set[str]:
+    """The LISTING lines without what the Go store v0.12 shows differently from a full pull
+    (and ours does not): directories of size 0 instead of 4096, and the layer root, which has
+    no tar entry here, as mode 755 where containers/storage creates it 555."""
+    out = set()
+    for line in listing:
+        path, stat, digest = line.split("|")
+        kind, mode, uid, gid, size = stat.rsplit(" ", 4)
+        if kind == "directory":
+            size = "-"
+            if path == "/":
+                mode = "-"
+        out.add(f"{path}|{kind} {mode} {uid} {gid} {size}|{digest}")
+    return out
 
 
 def test_gzip_image_falls_back_quickly_and_toc_mismatch_is_refused(
@@ -101,12 +122,14 @@ def test_gzip_image_falls_back_quickly_and_toc_mismatch_is_refused(
     push(host, "badtoc/img", "1", bad, toc_override={0: "sha256:" + "ab" * 32})
     store = store_factory("resolve_timeout_sec = 5\n")
 
-    # Filesystem level: lookups answer promptly.
+    # Filesystem level: lookups answer promptly. A layer that is not eStargz is "not here"
+    # for ours (ENOENT); the Go store answers EIO for it as for a refused one.
     plain_ref = f"{host}/plain/img:1"
     gz = to_gzip(layers["lower"])
     start = time.monotonic()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OSError) as exc:
         os.stat(store.layer_dir(plain_ref, gz.digest) / "diff")
+    assert exc.value.errno == (errno.ENOENT if store.impl == "ours" else errno.EIO)
     assert time.monotonic() - start < 5
     with pytest.raises(OSError) as exc:
         os.stat(store.layer_dir(f"{host}/badtoc/img:1", bad[0].digest) / "diff")
@@ -145,9 +168,13 @@ def test_corrupted_chunk_gives_eio(registry, store_factory, tmp_path, layers):
         (diff / "big").read_bytes()
     assert exc.value.errno == errno.EIO
     assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"
-    assert "chunk verification failed" in store.log.read_text()
+    assert store.verification_failed_log in store.log.read_text()
 
 
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 knows layers by compressed digest only (no TOC-digest lookup), "
+    "and has no metrics endpoint or access trace"
+)
 def test_new_protocol_by_toc_digest(registry, store_factory, layers, tmp_path):
     host = registry.host
     blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
