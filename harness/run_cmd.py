@@ -10,7 +10,8 @@ from rich.console import Console
 
 from harness.cli import UserError
 
-DEFAULT_GATE = Path(__file__).resolve().parent.parent / "ci" / "gate.toml"
+# `--gate` given without a file: the gate file shipped in the package.
+PACKAGED_GATE = "packaged default gate"
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -29,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     run.add_argument("--run-id", help="name of the run directory (default: time + scenario)")
     run.add_argument(
-        "--results-dir", type=Path, help="where run directories go (default: results/runs)"
+        "--results-dir",
+        type=Path,
+        help="where run directories go (default: results/runs under the current directory)",
     )
     run.add_argument(
         "--cache-dir",
@@ -53,10 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     compare.add_argument(
         "--gate",
         nargs="?",
-        type=Path,
-        const=DEFAULT_GATE,
+        const=PACKAGED_GATE,
         metavar="GATE_TOML",
-        help=f"exit 1 when NEW regresses past these thresholds (default file: {DEFAULT_GATE})",
+        help="exit 1 when NEW regresses past these thresholds (without a file: the packaged "
+        "default, harness/data/gate.toml)",
     )
     compare.add_argument(
         "--statistic", choices=("median", "percentile"), help="override the gate's statistic"
@@ -67,8 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from harness.results import write_report
-    from harness.runner import RESULTS_DIR, Interrupted, Runner, load_run_scenario, new_run_id
+    from harness.measure import RESULTS_DIR, Interrupted, Runner, load_run_scenario, new_run_id
+    from harness.report import write_report
     from harness.scenario import load_scenario
 
     console = Console(soft_wrap=True)
@@ -119,13 +122,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _failures(run_dir: Path) -> list[str]:
-    from harness.results import read_records
+    from harness.records import read_records
 
     return [f"{r.workload}/{r.mode}" for r in read_records(run_dir) if r.status != "ok"]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.results import write_report
+    from harness.report import write_report
 
     report = write_report(args.run_dir)
     print(report.table_text)
@@ -134,9 +137,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.results import Gate, compare_runs, compare_table, gate_failures, load_gate
+    from harness.gate import Gate, compare_runs, compare_table, gate_failures, load_gate
 
-    gate = load_gate(args.gate) if args.gate is not None else Gate()
+    if args.gate is None:
+        gate = Gate()
+    else:
+        gate = load_gate(None if args.gate == PACKAGED_GATE else Path(args.gate))
     statistic = args.statistic or gate.statistic
     cmp = compare_runs(args.base, args.new, statistic)
     print(f"{args.base} → {args.new} ({statistic})\n")

@@ -36,7 +36,7 @@ Schema (all keys but ``workloads`` optional)::
     timeout = 300                    # optional seconds for each step; default: the recipe's
     modes = ["legacy", "estargz"]    # optional: measure this workload in these modes only
     reference = "python:3.7"         # optional: the published image this stands in for
-                                     # (results/reference/published.csv); default: matched by
+                                     # (harness/data/published.csv); default: matched by
                                      # the workload or recipe name against its stand_in column
 """
 

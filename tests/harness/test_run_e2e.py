@@ -21,7 +21,7 @@ import pytest
 
 from harness.images import TINY_OUTPUT
 from harness.podman import mounts_below
-from harness.results import RECORDS, read_records
+from harness.records import RECORDS, read_records
 
 pytestmark = [
     pytest.mark.e2e,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.runner import plan, resolve
+from harness.measure import plan
+from harness.prepare import resolve
 from harness.scenario import parse_scenario
 from harness.store_proc import read_trace, store_config_text
 
@@ -85,7 +86,7 @@ def test_two_runs_cannot_share_a_run_directory(tmp_path: Path) -> None:
     import fcntl
 
     from harness.cli import UserError
-    from harness.runner import Runner
+    from harness.measure import Runner
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

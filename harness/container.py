@@ -1,0 +1,138 @@
+"""Running a container under an isolated podman until it is ready (shared by the measurement
+and by the trace run that prepares ``estargz`` images)."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from harness.podman import PodmanEnv, PodmanError
+
+
+class MeasurementError(RuntimeError):
+    """One step of a measurement failed (recorded as an error, the run goes on)."""
+
+
+def create_container(
+    env: PodmanEnv, ref: str, command: tuple[str, ...], stdin: str | None, timeout: float
+) -> str:
+    """``podman create`` ``ref`` with no network, interactive when ``stdin`` is given; the
+    container id."""
+    opts = ["--network=none"]
+    if stdin is not None:
+        opts.append("--interactive")
+    return env.podman("create", *opts, ref, *command, timeout=timeout).stdout.strip()
+
+
+@dataclass
+class RunOutcome:
+    seconds: float
+    first_output_s: float | None
+    ready: bool
+    exit_code: int | None
+    stdout: str
+    stderr: str
+
+
+def start_until_ready(
+    env: PodmanEnv,
+    container: str,
+    *,
+    stdin: str | None,
+    ready: str | None,
+    timeout: float,
+    on_first_output: Callable[[], None] = lambda: None,
+) -> RunOutcome:
+    """``podman start --attach`` the container; return when ``ready`` shows on its output (then
+    stop it) or, without a ready line, when it exits. Times out after ``timeout`` seconds."""
+    argv = ["podman", "start", "--attach"]
+    if stdin is not None:
+        argv.append("--interactive")
+    argv.append(container)
+    lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        env=env.env,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+    )
+
+    def pump(name: str, stream: Any) -> None:
+        for line in stream:
+            lines.put((name, line))
+        lines.put((name, None))
+
+    def feed() -> None:
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.write(stdin or "")
+            proc.stdin.close()
+
+    threads = [
+        threading.Thread(target=pump, args=("stdout", proc.stdout), daemon=True),
+        threading.Thread(target=pump, args=("stderr", proc.stderr), daemon=True),
+    ]
+    if stdin is not None:
+        threads.append(threading.Thread(target=feed, daemon=True))
+    for t in threads:
+        t.start()
+    first: float | None = None
+    seen_ready = False
+    open_streams = 2
+    try:
+        while open_streams:
+            remaining = timeout - (time.monotonic() - start)
+            if remaining <= 0:
+                raise MeasurementError(
+                    f"run: no {'ready line ' + repr(ready) if ready else 'exit'} within "
+                    f"{timeout:g}s; output: {''.join(out['stdout'])[-300:]!r}"
+                )
+            try:
+                name, line = lines.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:
+                open_streams -= 1
+                continue
+            now = time.monotonic()
+            out[name].append(line)
+            if first is None and name == "stdout":
+                first = now - start
+                on_first_output()
+            if ready and ready in line:
+                seen_ready = True
+                elapsed = now - start
+                break
+        if seen_ready:
+            exit_code = None
+        else:
+            elapsed = time.monotonic() - start
+            try:
+                exit_code = proc.wait(timeout=max(1.0, timeout - elapsed))
+            except subprocess.TimeoutExpired:
+                raise MeasurementError(f"run: podman did not exit within {timeout:g}s") from None
+            elapsed = time.monotonic() - start
+    finally:
+        # Never raise from here: that would replace the exception being handled.
+        if proc.poll() is None:
+            with contextlib.suppress(PodmanError):
+                env.podman("stop", "--time", "0", container, timeout=30, check=False)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+    ok = seen_ready if ready else exit_code == 0
+    return RunOutcome(elapsed, first, ok, exit_code, "".join(out["stdout"]), "".join(out["stderr"]))

@@ -1,0 +1,386 @@
+"""The measurement loop: a scenario in, one fsynced JSON record per measurement out.
+
+Order of a run:
+
+1. *Preparation* (:mod:`harness.prepare`): images built and pushed, the link set up and
+   measured, the registry started behind it (inside the link's namespace); podman and the store
+   reach it at the namespace's address over plain HTTP.
+2. *Measurements*: per sample the (workload × mode) list is shuffled (seeded: a resumed run
+   keeps the order). Each measurement gets a fresh podman (graphroot, runroot, configs, empty
+   blob-info cache; the layer store only in lazy modes) and, in lazy modes, the store started
+   with an empty cache. ``pull``, ``create`` and ``run`` (until the ready line, or exit) are
+   timed separately; the registry's access log gives bytes and requests, including those done
+   before the workload's first output line.
+
+Records are appended as they complete (:mod:`harness.records`); a run is resumed by skipping the
+keys already recorded as successful. SIGINT/SIGTERM raise :class:`Interrupted` once (further
+signals are ignored while cleaning up), so every mount, process, namespace and qdisc is torn
+down by the context managers that made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from harness.cli import UserError
+from harness.container import MeasurementError, create_container, start_until_ready
+from harness.podman import PodmanEnv, PodmanError, write_atomic
+from harness.prepare import ImagePreparer, Link, ResolvedWorkload, open_link, resolve
+from harness.records import (
+    ENVIRONMENT,
+    SCENARIO_COPY,
+    Record,
+    append_record,
+    environment,
+    finished_keys,
+)
+from harness.scenario import LAZY_MODES, Scenario, parse_scenario
+from harness.store_proc import StoreProcess
+
+# Where run directories go unless ``--results-dir`` says otherwise: under the current directory,
+# wherever lazybench is installed.
+RESULTS_DIR = Path("results") / "runs"
+STDOUT_KEEP = 4000
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: stop measuring, clean up, keep the records."""
+
+
+def plan(scenario: Scenario) -> list[tuple[int, str, str]]:
+    """Every (sample, workload, mode), each sample's pairs shuffled with a seeded RNG."""
+    pairs = [(w.name, m) for w in scenario.workloads for m in scenario.modes_of(w)]
+    out = []
+    for sample in range(scenario.samples):
+        order = pairs[:]
+        random.Random(f"{scenario.seed}:{sample}").shuffle(order)
+        out += [(sample, w, m) for w, m in order]
+    return out
+
+
+def _abort_on_error(store: StoreProcess) -> Callable[..., bool]:
+    def exit_(exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is not None:
+            store.abort()
+        return False
+
+    return exit_
+
+
+def _keep_log(src: Path, dest: Path) -> None:
+    with contextlib.suppress(OSError):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+
+
+# -- the runner -------------------------------------------------------------------------
+
+
+@dataclass
+class InterruptState:
+    """Set by the signal handler; checked where an error raised during cleanup could
+    otherwise replace (and so swallow) the :class:`Interrupted` exception."""
+
+    signal: str | None = None
+
+    def check(self) -> None:
+        if self.signal is not None:
+            raise Interrupted(self.signal)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[InterruptState]:
+    """SIGINT/SIGTERM raise :class:`Interrupted` once; later ones are ignored so cleanup ends."""
+    state = InterruptState()
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        state.signal = signal.Signals(signum).name
+        raise Interrupted(state.signal)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def new_run_id(scenario: Scenario) -> str:
+    return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{scenario.name}"
+
+
+def load_run_scenario(run_dir: Path) -> Scenario:
+    """The scenario a run directory was started with (for ``--resume``)."""
+    path = run_dir / SCENARIO_COPY
+    if not path.exists():
+        raise UserError(f"{run_dir}: no {SCENARIO_COPY} here (not a run directory?)")
+    return parse_scenario(json.loads(path.read_text()), str(path))
+
+
+@dataclass
+class Runner:
+    scenario: Scenario
+    run_dir: Path
+    console: Console = field(default_factory=Console)
+    cache_dir: Path | None = None
+    show_progress: bool = True
+    workdir: Path | None = None
+    images: dict[tuple[str, str], str] = field(default_factory=dict)
+    _interrupt: InterruptState = field(default_factory=InterruptState, repr=False)
+    _skipped: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+
+    def run(self) -> list[tuple[int, str, str]]:
+        """Measure every planned key not yet recorded; return the keys measured now."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(
+                    f"{self.run_dir}: another `lazybench run` is writing to this run directory"
+                ) from None
+            return self._run_locked()
+
+    def _run_locked(self) -> list[tuple[int, str, str]]:
+        self._check_same_scenario()
+        todo = [k for k in plan(self.scenario) if k not in finished_keys(self.run_dir)]
+        if not todo:
+            self.console.print(f"{self.run_dir}: every measurement is recorded already")
+            return []
+        if self.scenario.runtime == "crio":
+            from harness.crio import require_crio
+
+            require_crio()
+        workloads = {w.name: resolve(w) for w in self.scenario.workloads}
+        env_path = self.run_dir / ENVIRONMENT
+        meta = json.loads(env_path.read_text()) if env_path.exists() else environment(self.scenario)
+        if env_path.exists():
+            meta.setdefault("resumed", []).append(
+                dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            )
+        done: list[tuple[int, str, str]] = []
+        with interruptible() as self._interrupt, contextlib.ExitStack() as stack:
+            work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))
+            stack.callback(shutil.rmtree, work, ignore_errors=True)
+            storage = work / "registry"
+            images = ImagePreparer(self.scenario, self.console, self.cache_dir)
+            meta["images"] = images.prepare(workloads, storage, work)
+            self.images, self._skipped = images.refs, images.skipped
+            link = stack.enter_context(open_link(self.scenario.network_profile, self.console))
+            meta["link"] = link.measured
+            write_atomic(env_path, json.dumps(meta, indent=1, sort_keys=True))
+            registry = stack.enter_context(self._registry(storage, link))
+            progress = stack.enter_context(self._progress())
+            task = progress.add_task("measuring", total=len(todo))
+            for sample, name, mode in todo:
+                self._interrupt.check()
+                progress.update(task, description=f"sample {sample + 1} {name}/{mode}")
+                record = self.measure(sample, workloads[name], mode, registry, work)
+                append_record(self.run_dir, record)
+                done.append(record.key)
+                progress.advance(task)
+                self._say(progress, record)
+        return done
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def _check_same_scenario(self) -> None:
+        path = self.run_dir / SCENARIO_COPY
+        mine = self.scenario.to_dict()
+        if path.exists():
+            if json.loads(path.read_text()) != json.loads(json.dumps(mine)):
+                raise UserError(
+                    f"{self.run_dir}: was started with a different scenario; "
+                    "resume it with `lazybench run --resume RUN_DIR` or pick a new --run-id"
+                )
+        else:
+            write_atomic(path, json.dumps(mine, indent=1))
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("{task.description:<36}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.show_progress,
+            transient=False,
+        )
+
+    def _say(self, progress: Progress, r: Record) -> None:
+        if r.status == "ok":
+            mb = (r.bytes_fetched or 0) / 1e6
+            progress.console.print(
+                f"  sample {r.sample + 1} {r.workload}/{r.mode}: pull {r.pull_s:.2f}s "
+                f"create {r.create_s:.2f}s run {r.run_s:.2f}s = {r.total_s:.2f}s, {mb:.1f} MB"
+            )
+        else:
+            progress.console.print(
+                f"  [red]sample {r.sample + 1} {r.workload}/{r.mode} failed:[/] {r.error}"
+            )
+
+    @contextlib.contextmanager
+    def _registry(self, storage: Path, link: Link) -> Iterator[Any]:
+        from harness.registry_server import RegistryServer
+
+        with RegistryServer(
+            storage_dir=storage, host_addr=link.address, wrapper=link.prefix
+        ) as reg:
+            yield reg
+
+    def measure(
+        self, sample: int, w: ResolvedWorkload, mode: str, registry: Any, work: Path
+    ) -> Record:
+        """One measurement from empty caches; failures become an error record."""
+        if (w.name, mode) not in self.images:  # the image could not be made in this mode
+            reason = self._skipped.get((w.name, mode), "no image was pushed in this mode")
+            return Record(
+                sample=sample,
+                workload=w.name,
+                mode=mode,
+                status="error",
+                error=f"image not available: {reason}",
+                runtime=self.scenario.runtime,
+            )
+        ref = f"{registry.host}/{self.images[(w.name, mode)]}"
+        rec = Record(
+            sample=sample,
+            workload=w.name,
+            mode=mode,
+            image=ref,
+            runtime=self.scenario.runtime,
+            started=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+        )
+        mdir = work / f"m-{sample}-{w.name}-{mode}"
+        if self.scenario.runtime == "crio":
+            return self._measure_crio(rec, w, registry)
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.callback(shutil.rmtree, mdir, ignore_errors=True)
+                store = None
+                if mode in LAZY_MODES:
+                    # Runs after the store stopped: its log stays with the run's records.
+                    stack.callback(
+                        _keep_log,
+                        mdir / "store" / "store.log",
+                        self.run_dir / "logs" / f"{sample}-{w.name}-{mode}-store.log",
+                    )
+                    store = stack.enter_context(
+                        StoreProcess(
+                            mdir / "store",
+                            command=self.scenario.store.command,
+                            insecure_hosts=[registry.host],
+                            noprefetch=mode == "estargz-noopt",
+                            background_fetch=self.scenario.store.background_fetch,
+                            mount_timeout=self.scenario.store.mount_timeout,
+                        )
+                    )
+                env = stack.enter_context(
+                    PodmanEnv(
+                        mdir / "podman",
+                        additional_layer_store=store.mountpoint if store else None,
+                        insecure_registries=[registry.host],
+                        partial_pulls=mode == "zstd-chunked",
+                    )
+                )
+                if store is not None:
+                    # On any failure (or Ctrl-C) cut the FUSE connection first, so that
+                    # podman's cleanup does not wait on reads a stuck store never answers.
+                    stack.push(_abort_on_error(store))
+                mark = registry.log_mark()
+                pull = env.pull(ref, timeout=w.timeout)
+                rec.pull_s = pull.seconds
+                t = time.monotonic()
+                cid = create_container(env, ref, w.command, w.stdin, w.timeout)
+                rec.create_s = time.monotonic() - t
+                first_mark: list[int] = []
+                outcome = start_until_ready(
+                    env,
+                    cid,
+                    stdin=w.stdin,
+                    ready=w.ready,
+                    timeout=w.timeout,
+                    on_first_output=lambda: first_mark.append(registry.log_mark()),
+                )
+                rec.run_s = outcome.seconds
+                rec.total_s = rec.pull_s + rec.create_s + rec.run_s
+                rec.first_output_s = outcome.first_output_s
+                rec.exit_code = outcome.exit_code
+                rec.stdout_head = outcome.stdout[:STDOUT_KEEP]
+                rec.ready = outcome.ready
+                if w.expected is not None and w.expected not in outcome.stdout:
+                    rec.ready = False
+                if store is not None:
+                    rec.store_metrics = store.scrape_metrics()
+                log = registry.access_log()
+                served = log[mark:]
+                rec.bytes_fetched = sum(r.bytes for r in served)
+                rec.requests = len(served)
+                before = log[mark : first_mark[0]] if first_mark else served
+                rec.bytes_before_first_output = sum(r.bytes for r in before)
+                rec.requests_before_first_output = len(before)
+                if not rec.ready:
+                    raise MeasurementError(
+                        f"run: workload output not as expected (exit {outcome.exit_code}): "
+                        f"{outcome.stdout[-200:]!r} {outcome.stderr.strip()[-300:]!r}"
+                    )
+        except (MeasurementError, PodmanError, OSError, RuntimeError, UserError) as exc:
+            # An error out of the cleanup of an interrupted measurement is not a result.
+            self._interrupt.check()
+            rec.status = "error"
+            rec.error = str(exc)[:2000]
+        self._interrupt.check()
+        rec.finished = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        return rec
+
+    def _measure_crio(self, rec: Record, w: ResolvedWorkload, registry: Any) -> Record:
+        """The same measurement through the host's CRI-O (see harness.crio for its limits)."""
+        from harness.crio import CrioDriver
+
+        try:
+            mark = registry.log_mark()
+            t = CrioDriver().measure(rec.image, w.command, w.ready, w.timeout)
+            served = registry.access_log()[mark:]
+            rec.pull_s, rec.create_s, rec.run_s = t.pull_s, t.create_s, t.run_s
+            rec.total_s = t.pull_s + t.create_s + t.run_s
+            rec.first_output_s, rec.ready = t.first_output_s, t.ready
+            rec.stdout_head = t.stdout[:STDOUT_KEEP]
+            rec.bytes_fetched = sum(r.bytes for r in served)
+            rec.requests = len(served)
+            if not t.ready:
+                raise MeasurementError(f"run: not ready: {t.stdout[-200:]!r}")
+        except (MeasurementError, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            rec.status, rec.error = "error", str(exc)[:2000]
+        rec.finished = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        return rec

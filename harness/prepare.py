@@ -1,0 +1,251 @@
+"""Everything a run sets up before it measures: workloads, images, the link.
+
+* *Workloads*: a scenario workload with its recipe's defaults filled in
+  (:func:`resolve`).
+* *Images*: each workload's recipe is built (cached by recipe hash, so a second run reuses it)
+  and pushed in every mode to a registry on loopback whose storage directory the measured
+  registry then serves (:class:`ImagePreparer`). Pushing never crosses the shaped link. For
+  ``estargz`` the workload first runs once through our store with the access trace on (from the
+  estargz-noopt image), and the image is rebuilt with the traced files prioritized (the trace
+  is cached too).
+* *Link*: the network profile's link is set up and measured (:func:`open_link`); the registry
+  is then started behind it (inside the link's namespace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from harness.cli import UserError
+from harness.container import create_container, start_until_ready
+from harness.podman import PodmanEnv, PodmanError, write_atomic
+from harness.scenario import Scenario, Workload
+from harness.store_proc import StoreError, StoreProcess
+
+# Our store, whatever store is under test: only it writes the access trace.
+TRACE_STORE_COMMAND = ("stargz-store", "--config", "{config}", "--root", "{root}", "{mountpoint}")
+
+
+# -- workloads -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedWorkload:
+    """A scenario workload with the recipe's defaults filled in."""
+
+    name: str
+    recipe: Any  # harness.images.Recipe
+    command: tuple[str, ...]
+    stdin: str | None
+    ready: str | None
+    expected: str | None
+    timeout: float
+
+    @property
+    def repo(self) -> str:
+        return f"lazybench/{self.name}"
+
+
+def recipe_for(name: str) -> Any:
+    from harness.images import RECIPES, tiny_recipe
+
+    if name == "tiny":
+        return tiny_recipe()
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise UserError(f"unknown image recipe {name!r}") from None
+
+
+def resolve(w: Workload) -> ResolvedWorkload:
+    recipe = recipe_for(w.recipe)
+    return ResolvedWorkload(
+        name=w.name,
+        recipe=recipe,
+        command=w.command if w.command is not None else tuple(recipe.run_cmd),
+        stdin=w.stdin if w.stdin is not None else recipe.stdin,
+        # A workload that runs to completion is "ready" when its expected output appears:
+        # that is within milliseconds of its exit, and it does not charge the workload with
+        # podman's own exit bookkeeping (with zstd:chunked layers podman 4.3 waits out a 20 s
+        # conmon timeout before `start --attach` returns).
+        ready=w.ready if w.ready is not None else (recipe.ready_line or recipe.expected_output),
+        expected=recipe.expected_output,
+        timeout=w.timeout if w.timeout is not None else float(recipe.timeout),
+    )
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def _retry(push: Callable[[], Any], console: Console, attempts: int = 3) -> Any:
+    """Pushes go over loopback to a registry we own: a failure other than an unsupported
+    mode is most likely transient, so try again before giving up on the run."""
+    from harness.images import ModeUnsupported, PushError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return push()
+        except ModeUnsupported:
+            raise
+        except PushError as exc:
+            if attempt == attempts:
+                raise
+            console.print(f"  [yellow]push failed ({exc}); retrying[/]")
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class ImagePreparer:
+    """Builds and pushes a scenario's images; ``refs`` maps (workload, mode) to the pushed
+    ``repo:tag``, ``skipped`` the pairs this machine's tools could not produce to why."""
+
+    scenario: Scenario
+    console: Console
+    cache_dir: Path | None = None
+    refs: dict[tuple[str, str], str] = field(default_factory=dict)
+    skipped: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def prepare(
+        self, workloads: dict[str, ResolvedWorkload], storage: Path, work: Path
+    ) -> dict[str, Any]:
+        """Build and push every (workload, mode) into ``storage`` via a loopback registry."""
+        from harness.images import ImageBuildError, PushError
+        from harness.registry_server import RegistryServerError
+
+        try:
+            return self._build_and_push(workloads, storage, work)
+        except (ImageBuildError, PushError, RegistryServerError, PodmanError, StoreError) as exc:
+            raise UserError(f"preparing images: {exc}") from None
+
+    def _build_and_push(
+        self, workloads: dict[str, ResolvedWorkload], storage: Path, work: Path
+    ) -> dict[str, Any]:
+        from harness.images import ModeUnsupported, build_layers, push_image
+        from harness.registry_server import RegistryServer
+
+        info: dict[str, Any] = {}
+        with RegistryServer(storage_dir=storage) as reg:
+            for w in workloads.values():
+                self.console.print(f"[bold]image {w.name}[/]: building (cached by recipe hash)")
+                built = build_layers(
+                    w.recipe, self.cache_dir, progress=lambda m: self.console.print(f"  {m}")
+                )
+                for mode in self.scenario.modes_of(self.scenario.workload(w.name)):
+                    files = None
+                    if mode == "estargz":
+                        files = self._traced_files(w, built, reg, work)
+                    self.console.print(f"  push {w.name}:{mode}")
+                    try:
+                        pushed = _retry(
+                            functools.partial(
+                                push_image,
+                                built,
+                                reg.host,
+                                w.repo,
+                                mode,
+                                mode,
+                                prioritized_files=files,
+                            ),
+                            self.console,
+                        )
+                    except ModeUnsupported as exc:  # a mode this machine's tools cannot produce
+                        self.console.print(f"  [yellow]skip {w.name}:{mode}[/]: {exc}")
+                        info.setdefault(w.name, {})[mode] = {"skipped": str(exc)}
+                        self.skipped[(w.name, mode)] = str(exc)
+                        continue
+                    self.refs[(w.name, mode)] = f"{w.repo}:{mode}"
+                    info.setdefault(w.name, {})[mode] = {
+                        "manifest_digest": pushed.manifest_digest,
+                        "compressed_bytes": pushed.compressed_size,
+                        "layers": len(pushed.layers),
+                        "prioritized_files": len(files) if files is not None else None,
+                    }
+        return info
+
+    def _traced_files(self, w: ResolvedWorkload, built: Any, reg: Any, work: Path) -> list[str]:
+        """The files the workload reads, from a run through our store with the trace on."""
+        key = hashlib.sha256(
+            json.dumps([built.hash, w.command, w.stdin, w.ready]).encode()
+        ).hexdigest()[:20]
+        from harness.images import default_cache_dir, push_image
+
+        cache = (self.cache_dir or default_cache_dir()) / "traces" / f"{w.name}-{key}.json"
+        if cache.exists():
+            files = json.loads(cache.read_text())
+            self.console.print(f"  trace {w.name}: {len(files)} files (cached)")
+            return files
+        self.console.print(f"  trace {w.name}: running it once through stargz-store")
+        push_image(built, reg.host, w.repo, "trace", "estargz-noopt")
+        ref = f"{reg.host}/{w.repo}:trace"
+        tdir = work / f"trace-{w.name}"
+        with (
+            StoreProcess(
+                tdir / "store",
+                command=TRACE_STORE_COMMAND,
+                insecure_hosts=[reg.host],
+                noprefetch=True,
+                trace=True,
+                metrics=False,
+                mount_timeout=self.scenario.store.mount_timeout,
+            ) as store,
+            PodmanEnv(
+                tdir / "podman",
+                additional_layer_store=store.mountpoint,
+                insecure_registries=[reg.host],
+            ) as env,
+        ):
+            env.pull(ref, timeout=w.timeout)
+            cid = create_container(env, ref, w.command, w.stdin, w.timeout)
+            outcome = start_until_ready(env, cid, stdin=w.stdin, ready=w.ready, timeout=w.timeout)
+            if not outcome.ready:
+                raise UserError(
+                    f"trace run of {w.name} did not get ready: exit {outcome.exit_code}, "
+                    f"{outcome.stderr.strip()[-300:]!r}"
+                )
+            env.podman("rm", "--force", "--time", "0", cid, timeout=60, check=False)
+            files = store.trace_files()
+        if not files:
+            self.console.print(f"  [yellow]trace {w.name}: the store traced no files[/]")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache, json.dumps(files))
+        self.console.print(f"  trace {w.name}: {len(files)} files")
+        return files
+
+
+# -- the network link -----------------------------------------------------------------------------
+
+
+@dataclass
+class Link:
+    """Where the registry runs: ``prefix`` runs a command there, ``address`` is its address."""
+
+    profile: str
+    prefix: tuple[str, ...] = ()
+    address: str = "127.0.0.1"
+    measured: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def open_link(profile: str, console: Console) -> Iterator[Link]:
+    """The shaped link of ``profile`` (harness.netshape), measured, torn down on exit
+    (``loopback`` has no namespace: the registry listens on 127.0.0.1)."""
+    from harness.netshape import NetworkLink
+
+    with NetworkLink(profile) as net:
+        link = Link(profile, prefix=tuple(net.prefix), address=net.ns_addr)
+        if net.netns is not None:
+            console.print(f"link {profile}: measuring rate and RTT…")
+            net.measure()
+        link.measured = net.info()
+        yield link

@@ -1,0 +1,166 @@
+"""The run directory's files: measurement records and the environment they were taken in.
+
+A run directory (``results/runs/<id>/``) holds ``records.jsonl`` — one JSON object per
+finished measurement, appended and fsynced as it completes, so an interrupted run keeps every
+finished sample — ``environment.json`` (versions and machine facts, the scenario, the link)
+and ``scenario.json`` (the scenario as the run started it, for ``--resume``). Everything else
+in a run directory is derived from these (:mod:`harness.report`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.cli import UserError
+from harness.scenario import Scenario
+
+RECORDS = "records.jsonl"
+ENVIRONMENT = "environment.json"
+SCENARIO_COPY = "scenario.json"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Record:
+    """One measurement: a workload started once in one mode, from an empty cache."""
+
+    sample: int
+    workload: str
+    mode: str
+    status: str = "ok"  # "ok" or "error"
+    error: str | None = None
+    pull_s: float | None = None
+    create_s: float | None = None
+    run_s: float | None = None
+    total_s: float | None = None
+    bytes_fetched: int | None = None  # bytes the registry served during the measurement
+    requests: int | None = None
+    bytes_before_first_output: int | None = None  # ...by requests done before first output
+    requests_before_first_output: int | None = None
+    first_output_s: float | None = None  # seconds from `run` start to the first stdout line
+    ready: bool | None = None  # the ready line was seen (or the workload exited 0)
+    exit_code: int | None = None
+    stdout_head: str = ""
+    image: str = ""
+    runtime: str = "podman"
+    store_metrics: dict[str, float] = field(default_factory=dict)
+    started: str = ""
+    finished: str = ""
+
+    @property
+    def key(self) -> tuple[int, str, str]:
+        return (self.sample, self.workload, self.mode)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# -- records file -----------------------------------------------------------------------------
+
+
+def append_record(run_dir: Path, record: Record) -> None:
+    """Append one record and fsync it: once this returns, the measurement survives a crash."""
+    path = run_dir / RECORDS
+    line = (record.to_json() + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(run_dir: Path) -> list[Record]:
+    """All records, oldest first. A torn last line (the process died mid-write) is skipped;
+    for a key recorded twice (a failed measurement retried on resume) the last record wins."""
+    path = run_dir / RECORDS
+    if not path.exists():
+        return []
+    by_key: dict[tuple[int, str, str], Record] = {}
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                if line.endswith("\n"):
+                    raise UserError(f"{path}:{n}: not a JSON record") from None
+                continue  # torn final line
+            rec = Record.from_dict(data)
+            by_key.pop(rec.key, None)
+            by_key[rec.key] = rec
+    return list(by_key.values())
+
+
+def finished_keys(run_dir: Path) -> set[tuple[int, str, str]]:
+    """Keys of successful measurements: what a resumed run skips."""
+    return {r.key for r in read_records(run_dir) if r.status == "ok"}
+
+
+def read_environment(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / ENVIRONMENT
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+# -- environment metadata ---------------------------------------------------------------
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (proc.stdout or proc.stderr).strip().splitlines()[0] if proc.returncode == 0 else ""
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def environment(scenario: Scenario) -> dict[str, Any]:
+    """Versions and machine facts stored with the records (the link is added once measured)."""
+    git = ""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        proc = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        git = proc.stdout.strip()
+    return {
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "kernel": f"{platform.system()} {platform.release()} {platform.version()}",
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "podman": _version(["podman", "--version"]),
+        "runc": _version(["runc", "--version"]),
+        "registry": _version(["docker-registry", "--version"]),
+        "skopeo": _version(["skopeo", "--version"]),
+        "runtime": scenario.runtime,
+        "store_command": list(scenario.store.command),
+        "git_commit": git,
+        "scenario": scenario.to_dict(),
+    }
