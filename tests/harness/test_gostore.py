@@ -4,7 +4,9 @@ and the CLI that builds and lists it."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,49 @@ def test_the_vs_go_scenario_parses() -> None:
     path = Path(__file__).parents[2] / "scenarios" / "vs-go.toml"
     scenario = load_scenario(path, check_references=False)
     assert "{go-stargz-store}" in str(scenario.to_dict())
+
+
+GO_SCENARIO = """
+name = "go-e2e"
+samples = 1
+modes = ["estargz-noopt"]
+[network]
+profile = "loopback"
+[store]
+command = ["{go-stargz-store}", "--config", "{config}", "--root", "{root}", "{mountpoint}"]
+[[workloads]]
+name = "tiny"
+recipe = "tiny"
+timeout = 60
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("podman", "docker-registry", "skopeo", "fusermount3"))
+    or os.geteuid() != 0,
+    reason="needs root, podman, docker-registry, skopeo and FUSE",
+)
+def test_a_run_measures_through_the_go_store(tmp_path: Path) -> None:
+    from harness.podman import mounts_below
+    from harness.records import read_records
+
+    (tmp_path / "go.toml").write_text(GO_SCENARIO)
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "harness", "run", str(tmp_path / "go.toml"), "--no-progress"),
+            *("--results-dir", str(tmp_path / "runs"), "--run-id", "go"),
+            *("--cache-dir", str(tmp_path / "cache")),
+        ],
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [rec] = read_records(tmp_path / "runs" / "go")
+    assert rec.status == "ok" and rec.stdout_head.startswith("hello from lazybench")
+    log = next((tmp_path / "runs" / "go" / "logs").glob("*-store.log")).read_text()
+    assert '"msg":"mounted"' in log and '"msg":"unmounted"' in log  # the Go store's own log
+    assert mounts_below(tmp_path) == []
