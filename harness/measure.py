@@ -49,7 +49,14 @@ from rich.progress import (
 from harness.cli import UserError
 from harness.container import MeasurementError, create_container, start_until_ready
 from harness.podman import PodmanEnv, PodmanError, write_atomic
-from harness.prepare import ImagePreparer, Link, ResolvedWorkload, open_link, resolve
+from harness.prepare import (
+    ImagePreparer,
+    Link,
+    ResolvedWorkload,
+    open_link,
+    prepare_store,
+    resolve,
+)
 from harness.records import (
     ENVIRONMENT,
     SCENARIO_COPY,
@@ -195,6 +202,8 @@ class Runner:
             images = ImagePreparer(self.scenario, self.console, self.cache_dir)
             meta["images"] = images.prepare(workloads, storage, work)
             self.images, self._skipped = images.refs, images.skipped
+            if any(mode in LAZY_MODES for _, _, mode in todo):
+                prepare_store(self.scenario.store.command, self.console)
             link = stack.enter_context(open_link(self.scenario.network_profile, self.console))
             meta["link"] = link.measured
             write_atomic(env_path, json.dumps(meta, indent=1, sort_keys=True))

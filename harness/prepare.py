@@ -8,6 +8,8 @@
   ``estargz`` the workload first runs once through our store with the access trace on (from the
   estargz-noopt image), and the image is rebuilt with the traced files prioritized (the trace
   is cached too).
+* *Stores*: a store command naming a built-in store (``{go-stargz-store}``) has it built into
+  the cache before anything is measured (:func:`prepare_store`).
 * *Link*: the network profile's link is set up and measured (:func:`open_link`); the registry
   is then started behind it (inside the link's namespace).
 """
@@ -30,7 +32,7 @@ from harness.cli import UserError
 from harness.container import create_container, start_until_ready
 from harness.podman import PodmanEnv, PodmanError, write_atomic
 from harness.scenario import Scenario, Workload
-from harness.store_proc import StoreError, StoreProcess
+from harness.store_proc import StoreError, StoreProcess, resolve_store_command
 
 # Our store, whatever store is under test: only it writes the access trace.
 TRACE_STORE_COMMAND = ("stargz-store", "--config", "{config}", "--root", "{root}", "{mountpoint}")
@@ -221,6 +223,19 @@ class ImagePreparer:
         write_atomic(cache, json.dumps(files))
         self.console.print(f"  trace {w.name}: {len(files)} files")
         return files
+
+
+# -- stores --------------------------------------------------------------------------------------
+
+
+def prepare_store(command: tuple[str, ...], console: Console) -> tuple[str, ...]:
+    """``command`` with its built-in store built (the Go stargz-store, cached), so that no build
+    happens inside a measurement. Raises :class:`UserError` naming what to install when the
+    build fails."""
+    try:
+        return resolve_store_command(command, progress=console.print)
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
 
 
 # -- the network link -----------------------------------------------------------------------------
