@@ -173,7 +173,7 @@ def test_corrupted_chunk_gives_eio(registry, store_factory, tmp_path, layers):
 
 @pytest.mark.store_ours_only(
     reason="the Go store v0.12 knows layers by compressed digest only (no TOC-digest lookup), "
-    "and has no metrics endpoint or access trace"
+    "and has no status file, metrics endpoint or access trace"
 )
 def test_new_protocol_by_toc_digest(registry, store_factory, layers, tmp_path):
     host = registry.host
@@ -203,19 +203,37 @@ def test_new_protocol_by_toc_digest(registry, store_factory, layers, tmp_path):
     with pytest.raises(FileNotFoundError):
         os.rmdir(d)
     assert store.status()["layers"] == {}
-    # Old generation of the same layer: info by compressed digest.
-    old = json.loads((store.layer_dir(ref, blobs[1].digest) / "info").read_text())
-    assert old["compressed-diff-digest"] == blobs[1].digest
-    assert old["diff-digest"] == blobs[1].diff_id
-    assert old["compressed-size"] == len(blobs[1].data) and old["compression"] == 2
     # Metrics and the access trace saw the reads.
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert f'stargz_store_fetched_bytes_total{{layer="{blobs[0].digest}"}}' in metrics
     assert f'stargz_store_on_demand_reads_total{{layer="{blobs[0].digest}"}}' in metrics
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
     assert {"layer": blobs[0].digest, "path": "etc/hello"}.items() <= lines[0].items()
-    # Overlay conventions on the upper layer.
+    # The layer's files by TOC digest are those by compressed digest (checked below for both
+    # stores).
     up = store.layer_dir(ref, blobs[1].toc_digest) / "diff"
+    assert (up / "etc" / "hello").read_bytes() == b"hello from upper\n"
+
+
+def test_layer_directory_by_compressed_digest(registry, store_factory, layers):
+    """The layer directory as podman 4.3 looks it up: ``info``, ``blob`` and ``diff`` with the
+    overlay conventions (whiteouts as 0/0 character devices, opaque directories by xattr)."""
+    host = registry.host
+    blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
+    push(host, "old/img", "1", blobs)
+    ref = f"{host}/old/img:1"
+    store = store_factory()
+    d = store.layer_dir(ref, blobs[1].digest)
+    info = json.loads((d / "info").read_text())
+    assert info["compressed-diff-digest"] == blobs[1].digest
+    assert info["diff-digest"] == blobs[1].diff_id
+    assert info["compressed-size"] == len(blobs[1].data) and info["compression"] == 2
+    assert os.stat(d / "blob").st_size == len(blobs[1].data)
+    with open(d / "blob", "rb") as f:
+        assert f.read() == blobs[1].data
+    lower = store.layer_dir(ref, blobs[0].digest) / "diff"
+    assert (lower / "etc" / "hello").read_bytes() == b"hello from lower\n"
+    up = d / "diff"
     st = os.lstat(up / "data" / "a")
     assert os.major(st.st_rdev) == 0 and (st.st_mode & 0o170000) == 0o020000
     assert os.getxattr(up / "opq", "trusted.overlay.opaque") == b"y"
