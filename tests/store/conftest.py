@@ -149,7 +149,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if ours_only is not None and not (ours_only.args or ours_only.kwargs.get("reason")):
             raise pytest.UsageError(f"{metafunc.definition.nodeid}: store_ours_only needs a reason")
         impls = ["ours"] if ours_only else list(STORE_IMPLS)
-        metafunc.parametrize("store_impl", impls, scope="function")
+        metafunc.parametrize("store_impl", impls, indirect=True)
 
 
 @pytest.fixture
