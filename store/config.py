@@ -17,6 +17,14 @@ Our additions (top level):
 ``resolve_timeout_sec``  bound on any lookup that needs the registry (the runtime then falls
                          back to a normal pull), default 15
 ``auth_file``            a containers auth.json / docker config.json to take credentials from
+``toc_max_bytes``        largest TOC accepted, uncompressed JSON bytes (default 256 MiB); a
+                         larger one — or a compressed TOC that could inflate past it — is
+                         refused before it is decoded, with an error naming the limit
+``toc_max_entries``      most TOC entries accepted (default 1,000,000; the index costs about
+                         0.5 KB per entry); decoding stops at the first entry past it
+
+Both caps bound the memory one hostile layer can take; a refused layer's lookup answers EIO
+and the store logs one line naming the cause (the runtime then pulls the layer normally).
 
 ``[fuse] attr_timeout / entry_timeout`` apply to the layer trees (default 60 s: their content
 is immutable); the store's own directories and files always use short timeouts.
@@ -63,6 +71,8 @@ class StoreConfig:
     access_trace_path: str = ""
     resolve_timeout_sec: float = 15.0
     auth_file: str = ""
+    toc_max_bytes: int = 256 << 20
+    toc_max_entries: int = 1_000_000
 
 
 # Keys we honour: dotted TOML path -> (StoreConfig field, accepted python types).
@@ -83,6 +93,8 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "access_trace_path": ("access_trace_path", (str,)),
     "resolve_timeout_sec": ("resolve_timeout_sec", _NUM),
     "auth_file": ("auth_file", (str,)),
+    "toc_max_bytes": ("toc_max_bytes", (int,)),
+    "toc_max_entries": ("toc_max_entries", (int,)),
 }
 
 # Keys of the Go store that have no effect here; accepted so a Go config loads unchanged.
@@ -122,6 +134,8 @@ _POSITIVE = {
     "fetching_timeout_sec",
     "resolve_timeout_sec",
     "cache_max_bytes",
+    "toc_max_bytes",
+    "toc_max_entries",
 }
 
 

@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from store.layer import ChunkVerifyError, Layer, LayerFetchError
-from store.resolver import LayerManager, NotEstargzError, ResolveError, ResolveTimeout
+from store.resolver import (
+    LayerManager,
+    LayerRefused,
+    NotEstargzError,
+    ResolveError,
+    ResolveTimeout,
+)
 from store.tree import Node
 
 log = logging.getLogger(__name__)
@@ -281,6 +287,8 @@ class StoreFS:
         except NotEstargzError as exc:
             log.info("not served (normal pull fallback): %s", exc)
             raise FSError(errno.ENOENT, str(exc)) from None
+        except LayerRefused as exc:  # logged once, with its cause, when it was refused
+            raise FSError(errno.EIO, str(exc)) from None
         except ResolveTimeout as exc:
             log.warning("resolution exceeded the bounded wait: %s", exc)
             raise FSError(errno.EIO, str(exc)) from None

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import trio
 
 from store.cache import ChunkCache
+from store.estargz import Chunk
 from store.tree import LayerTree, Node
 
 log = logging.getLogger(__name__)
@@ -43,16 +44,9 @@ class LayerFetchError(Exception):
     """The registry did not deliver a chunk's bytes."""
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkRef:
-    """Where one chunk of one regular file is, compressed and uncompressed."""
-
-    compressed_offset: int
-    compressed_end: int
-    inner_offset: int
-    file_offset: int
-    size: int
-    digest: str
+# One chunk of one regular file: the format library's validated record (compressed_offset,
+# compressed_end, inner_offset, file_offset, size, digest), shared, not copied.
+ChunkRef = Chunk
 
 
 class LayerIndexView(Protocol):
@@ -439,7 +433,7 @@ class Layer:
             try:
                 out.append(self.index.decompress(c, data))
             except Exception as exc:
-                out.append(ChunkVerifyError(f"chunk {c.digest}: {exc}"))
+                out.append(ChunkVerifyError(f"chunk {c.digest}: {type(exc).__name__}: {exc}"))
         return out
 
     def _ranges_for(self, chunks: list[ChunkRef]) -> list[tuple[int, int]]:

@@ -34,10 +34,15 @@ import trio
 
 from store.cache import ChunkCache
 from store.config import StoreConfig
-from store.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
-from store.estargz_view import EstargzLayerView, TocMismatchError, load_layer_index
+from store.estargz import (
+    TOC_DIGEST_ANNOTATION,
+    UNCOMPRESSED_SIZE_ANNOTATION,
+    EstargzError,
+    TocLimits,
+)
+from store.estargz_view import EstargzLayerView, load_layer_index
 from store.layer import AheadBlob, BlobReader, Layer
-from store.tree import LayerTree
+from store.tree import LayerTree, TreeError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,12 @@ class ResolveError(Exception):
 
 class NotEstargzError(ResolveError):
     """Not something this store serves: no such layer, or not a verifiable eStargz layer."""
+
+
+class LayerRefused(ResolveError):
+    """The layer's own bytes are not a valid eStargz layer (bad footer, TOC digest or entry).
+
+    Final: logged once, and every later lookup answers at once without fetching again."""
 
 
 class ResolveTimeout(ResolveError):
@@ -151,7 +162,11 @@ class LayerManager:
         self, table: dict[str, _Task], key: str, work: Callable[[], Awaitable[Any]], what: str
     ) -> Any:
         task = table.get(key)
-        if task is None or (task.done.is_set() and task.error is not None):
+        if task is None or (
+            task.done.is_set()
+            and task.error is not None
+            and not isinstance(task.error, LayerRefused)  # a bad layer stays bad
+        ):
             task = table[key] = _Task()
             self.nursery.start_soon(self._run, task, work)
         with trio.move_on_after(self.config.resolve_timeout_sec):
@@ -311,19 +326,21 @@ class LayerManager:
         ahead = AheadBlob(self.registry.blob(ref, desc.digest, desc.size))
         # The prefetch region starts downloading once the TOC is verified, before its parse.
         on_verified = None if self.config.noprefetch else partial(ahead.start, nursery=self.nursery)
+        limits = TocLimits(self.config.toc_max_bytes, self.config.toc_max_entries)
         try:
-            index = await load_layer_index(ahead, desc.toc_digest, on_verified)
-            tree = await trio.to_thread.run_sync(lambda: LayerTree(index.tree_entries()))
+            index = await load_layer_index(ahead, desc.toc_digest, on_verified, limits)
+            tree = LayerTree(index.index)
         except BaseException as exc:
             ahead.drop()
-            if isinstance(exc, TocMismatchError):
-                log.error("refusing layer %s of %s: %s", desc.digest, ref, exc)
-                raise ResolveError(str(exc)) from exc
+            if isinstance(exc, EstargzError | TreeError):
+                log.error(
+                    "refusing layer %s of %s: %s: %s", desc.digest, ref, type(exc).__name__, exc
+                )
+                raise LayerRefused(f"layer {desc.digest} of {ref} refused: {exc}") from exc
             if isinstance(exc, ResolveError) or not isinstance(exc, Exception):
                 raise
             raise ResolveError(f"layer {desc.digest} of {ref}: {exc}") from exc
         blob: BlobReader = ahead
-        index.drop_toc_entries()
         _return_freed_memory()
         return blob, index, tree
 
@@ -424,6 +441,7 @@ __all__ = [
     "ImageInfo",
     "LayerDesc",
     "LayerManager",
+    "LayerRefused",
     "NotEstargzError",
     "RegistryAccess",
     "ResolveError",

@@ -1,25 +1,37 @@
-"""A layer's file tree, built from its TOC with the overlayfs conventions, without FUSE.
+"""A layer's file tree as overlayfs wants it: a thin view over the validated index.
 
-Why a separate tree: the TOC lists tar entries; overlayfs wants a directory whose whiteouts are
-0:0 character devices and whose opaque directories answer the opaque xattr. This module turns
-one into the other once per layer, so the FUSE operations only look things up.
+Why a view: the TOC lists tar entries; overlayfs wants a directory whose whiteouts are 0:0
+character devices and whose opaque directories answer the opaque xattr. The format library
+(:class:`store.estargz.LayerIndex`) owns the tree and every check on it; this module only
+presents its entries with these conventions, computed when asked, so a 100,000-entry layer
+costs nothing here beyond the index (nodes are small wrappers made per request).
 
-Conventions (DESIGN.md §3): ``.wh.<name>`` is hidden and shown as a char device 0:0 named
-``<name>``; ``.wh..wh..opq`` is hidden and marks its directory opaque (answers
-``trusted.overlay.opaque`` and ``user.overlay.opaque`` with ``y``); the landmark files
-``.prefetch.landmark`` / ``.no.prefetch.landmark`` at the root are hidden. Hardlinks share one
-node (``nlink`` counts the names); a directory's ``nlink`` is 2 + its subdirectories.
+Conventions (DESIGN.md §3; OCI image spec, "Representing Changes"):
 
-Memory matters (a layer can hold 100,000 entries): nodes use ``__slots__`` and regular files
-keep a reference to the TOC entry for their chunks rather than a copy.
+* ``.wh.<name>`` is hidden and shown as a char device 0:0 named ``<name>`` — unless the same
+  layer has an entry ``<name>`` in that directory, before or after the whiteout: a whiteout
+  hides only *lower* layers' content, so the layer's own entry is shown, and a directory of
+  that name becomes opaque (the lower one is deleted, the layer's own content stays);
+* ``.wh..wh..opq`` is hidden and marks its directory opaque (answers ``trusted.overlay.opaque``
+  and ``user.overlay.opaque`` with ``y``), wherever it stands among the directory's entries;
+* the landmark files ``.prefetch.landmark`` / ``.no.prefetch.landmark`` at the root are hidden;
+* hardlinks share one node (``nlink`` counts the names); a directory's ``nlink`` is 2 + its
+  subdirectories; an implicit root (a tar that does not name ``./``) is 0555, as
+  containers/storage makes it.
+
+Inode numbering: node ``i`` is ``LayerIndex.entries[i]`` (root 0); a whiteout is its
+``.wh.`` entry's number.
 """
 
 from __future__ import annotations
 
+import os
 import stat
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+
+from store.estargz import LayerIndex
+from store.estargz.index import Entry
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -37,55 +49,117 @@ _TYPE_BITS = {
 
 
 class TreeError(ValueError):
-    """The TOC describes something that cannot be a file tree (e.g. a dangling hardlink)."""
+    """The index holds something overlayfs cannot be shown (e.g. a directory named ``.wh.x``)."""
+
+
+def _key(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
 
 
 class Node:
-    """One inode of a layer tree. ``index`` is its position, the inode is ``base + index``."""
+    """One inode of a layer tree: an index entry, seen through the overlay conventions.
 
-    __slots__ = (
-        "children",
-        "entry",
-        "gid",
-        "index",
-        "mode",
-        "mtime",
-        "nlink",
-        "opaque",
-        "rdev",
-        "size",
-        "target",
-        "uid",
-        "xattrs",
-    )
+    Made per request (two references): equal when they show the same entry the same way.
+    """
 
-    def __init__(self, index: int, mode: int) -> None:
-        self.index = index
-        self.mode = mode
-        self.uid = 0
-        self.gid = 0
-        self.size = 0
-        self.mtime = 0
-        self.rdev = 0
-        self.nlink = 1
-        self.children: dict[bytes, Node] | None = {} if stat.S_ISDIR(mode) else None
-        if self.children is not None:
-            self.size = 4096  # what ext4/xfs show; tools comparing trees expect it
-        self.entry: Any = None  # the TOC entry of a regular file (for its chunks)
-        self.target: bytes = b""  # symlink target
-        self.xattrs: dict[bytes, bytes] | None = None
-        self.opaque = False
+    __slots__ = ("entry", "tree", "whiteout")
+
+    def __init__(self, tree: LayerTree, entry: Entry, whiteout: bool = False) -> None:
+        self.tree = tree
+        self.entry = entry
+        self.whiteout = whiteout
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Node)
+            and other.entry is self.entry
+            and other.whiteout == self.whiteout
+            and other.tree is self.tree
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.entry), self.whiteout))
+
+    @property
+    def index(self) -> int:
+        return self.entry.ino
 
     @property
     def is_dir(self) -> bool:
-        return self.children is not None
+        return not self.whiteout and self.entry.type == "dir"
+
+    @property
+    def mode(self) -> int:
+        e = self.entry
+        if self.whiteout:
+            return stat.S_IFCHR
+        if e is self.tree.index.root and e.implicit:
+            return stat.S_IFDIR | 0o555
+        return _TYPE_BITS[e.type] | (e.mode & 0o7777)
+
+    @property
+    def size(self) -> int:
+        if self.whiteout:
+            return 0
+        e = self.entry
+        if e.type == "dir":
+            return 4096  # what ext4/xfs show; tools comparing trees expect it
+        if e.type == "symlink":
+            return len(_key(e.link_name))
+        return e.size
+
+    @property
+    def uid(self) -> int:
+        return self.entry.uid
+
+    @property
+    def gid(self) -> int:
+        return self.entry.gid
+
+    @property
+    def mtime(self) -> int:
+        return self.tree.mtime(self.entry.modtime)
+
+    @property
+    def nlink(self) -> int:
+        return 1 if self.whiteout else max(self.entry.nlink, 1)
+
+    @property
+    def rdev(self) -> int:
+        e = self.entry
+        if self.whiteout or e.type not in ("char", "block"):
+            return 0
+        return os.makedev(e.dev_major, e.dev_minor)
+
+    @property
+    def target(self) -> bytes:
+        """A symlink's target, as data: the store never follows it."""
+        return b"" if self.whiteout else _key(self.entry.link_name)
+
+    @property
+    def children(self) -> Children | None:
+        return Children(self.tree, self.entry) if self.is_dir else None
+
+    @property
+    def opaque(self) -> bool:
+        if not self.is_dir:
+            return False
+        e = self.entry
+        if OPAQUE_MARKER in e.children:
+            return True
+        parent = e.parent
+        return parent is not None and WHITEOUT_PREFIX + _base(e.name) in parent.children
+
+    @property
+    def xattrs(self) -> dict[bytes, bytes] | None:
+        x = self.entry.xattrs
+        return {_key(k): v for k, v in x.items()} if x and not self.whiteout else None
 
     def getxattr(self, name: bytes) -> bytes | None:
-        if self.opaque and name in OPAQUE_XATTRS:
+        if name in OPAQUE_XATTRS and self.opaque:
             return b"y"
-        if self.xattrs:
-            return self.xattrs.get(name)
-        return None
+        xattrs = self.xattrs
+        return xattrs.get(name) if xattrs else None
 
     def listxattr(self) -> list[bytes]:
         names = list(self.xattrs or ())
@@ -94,113 +168,99 @@ class Node:
         return names
 
 
-@dataclass(frozen=True)
-class EntryView:
-    """The fields of a TOC entry the tree needs, independent of the format module's names."""
+class Children:
+    """A directory's visible names (bytes) → nodes, by the conventions above."""
 
-    name: str
-    type: str
-    size: int
-    mode: int
-    uid: int
-    gid: int
-    mtime: int
-    link_name: str
-    dev_major: int
-    dev_minor: int
-    xattrs: dict[str, bytes]
+    __slots__ = ("entry", "tree")
+
+    def __init__(self, tree: LayerTree, entry: Entry) -> None:
+        self.tree = tree
+        self.entry = entry
+
+    def get(self, key: bytes) -> Node | None:
+        name = key.decode("utf-8", "surrogateescape")
+        if self._hidden(name):
+            return None
+        children = self.entry.children
+        child = children.get(name)
+        if child is not None:
+            return Node(self.tree, child)
+        wh = children.get(WHITEOUT_PREFIX + name)
+        return Node(self.tree, wh, whiteout=True) if wh is not None else None
+
+    def __contains__(self, key: bytes) -> bool:
+        return self.get(key) is not None
+
+    def items(self) -> Iterator[tuple[bytes, Node]]:
+        children = self.entry.children
+        for name, child in children.items():
+            if name.startswith(WHITEOUT_PREFIX):
+                shown = name[len(WHITEOUT_PREFIX) :]
+                if shown and name != OPAQUE_MARKER and shown not in children:
+                    yield _key(shown), Node(self.tree, child, whiteout=True)
+            elif not self._hidden(name):
+                yield _key(name), Node(self.tree, child)
+
+    def values(self) -> Iterator[Node]:
+        return (node for _, node in self.items())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.items())
+
+    def _hidden(self, name: str) -> bool:
+        return name.startswith(WHITEOUT_PREFIX) or (
+            name in LANDMARKS and self.entry is self.tree.index.root
+        )
+
+
+class _Nodes(Sequence[Node]):
+    """``nodes[i]``: the node of inode offset ``i`` (made on request)."""
+
+    def __init__(self, tree: LayerTree) -> None:
+        self._tree = tree
+
+    def __len__(self) -> int:
+        return len(self._tree.index.entries)
+
+    def __getitem__(self, i: int) -> Node:  # type: ignore[override]
+        e = self._tree.index.entries[i]
+        name = _base(e.name)
+        whiteout = name.startswith(WHITEOUT_PREFIX) and name != OPAQUE_MARKER
+        return Node(self._tree, e, whiteout=whiteout)
 
 
 class LayerTree:
-    """The nodes of one layer; ``nodes[i]`` has inode ``base + i``; ``nodes[0]`` is the root."""
+    """The overlay view of one validated layer index; ``nodes[i]`` has inode ``base + i``."""
 
-    def __init__(self, entries: Iterable[tuple[EntryView, Any]]) -> None:
-        self.nodes: list[Node] = []
-        # A tar that does not name "./" gets a 0555 layer root from containers/storage.
-        self.root = self._new(stat.S_IFDIR | 0o555)
+    def __init__(self, index: LayerIndex) -> None:
+        self.index = index
+        self.nodes = _Nodes(self)
+        self.root = Node(self, index.root)
+        self._mtimes: dict[str, int] = {}
         self._paths: dict[int, str] | None = None
-        for view, raw in entries:
-            self._add(view, raw)
-        self._count_dir_links(self.root)
+        for e in index.entries:
+            if e.type == "dir" and e.name and _hidden_name(e):
+                raise TreeError(f"{e.name!r}: a directory under a whiteout or landmark name")
 
-    def _new(self, mode: int) -> Node:
-        node = Node(len(self.nodes), mode)
-        self.nodes.append(node)
-        return node
-
-    def _dir_for(self, parts: list[str]) -> Node:
-        node = self.root
-        for part in parts:
-            key = part.encode("utf-8", "surrogateescape")
-            assert node.children is not None
-            child = node.children.get(key)
-            if child is None or not child.is_dir:
-                child = self._new(stat.S_IFDIR | 0o755)
-                node.children[key] = child
-            node = child
-        return node
+    def mtime(self, modtime: str) -> int:
+        """Seconds since the epoch of a TOC ``modtime`` (RFC 3339; 0 when absent or bad)."""
+        found = self._mtimes.get(modtime)
+        if found is None:
+            try:
+                found = int(datetime.fromisoformat(modtime.replace("Z", "+00:00")).timestamp())
+            except ValueError:
+                found = 0
+            self._mtimes[modtime] = found
+        return found
 
     def lookup_path(self, path: str) -> Node | None:
-        node = self.root
-        for part in _split(path):
-            if node.children is None:
+        node: Node | None = self.root
+        for part in (p for p in path.split("/") if p not in ("", ".")):
+            children = node.children if node is not None else None
+            if children is None:
                 return None
-            found = node.children.get(part.encode("utf-8", "surrogateescape"))
-            if found is None:
-                return None
-            node = found
+            node = children.get(_key(part))
         return node
-
-    def _add(self, e: EntryView, raw: Any) -> None:
-        parts = _split(e.name)
-        if not parts:
-            if e.type == "dir":
-                _apply(self.root, e)
-            return
-        parent = self._dir_for(parts[:-1])
-        base = parts[-1]
-        assert parent.children is not None
-        if len(parts) == 1 and base in LANDMARKS:
-            return
-        if base == OPAQUE_MARKER:
-            parent.opaque = True
-            return
-        if base.startswith(WHITEOUT_PREFIX):
-            node = self._new(stat.S_IFCHR)
-            node.uid, node.gid, node.mtime = e.uid, e.gid, e.mtime
-            parent.children[base[len(WHITEOUT_PREFIX) :].encode("utf-8", "surrogateescape")] = node
-            return
-        key = base.encode("utf-8", "surrogateescape")
-        if e.type == "hardlink":
-            target = self.lookup_path(e.link_name)
-            if target is None or target.is_dir:
-                raise TreeError(f"hardlink {e.name!r} points to missing {e.link_name!r}")
-            target.nlink += 1
-            parent.children[key] = target
-            return
-        if e.type not in _TYPE_BITS:
-            raise TreeError(f"entry {e.name!r} has unknown type {e.type!r}")
-        existing = parent.children.get(key)
-        if e.type == "dir" and existing is not None and existing.is_dir:
-            _apply(existing, e)  # a directory named after its children were seen
-            return
-        node = self._new(_TYPE_BITS[e.type])
-        _apply(node, e)
-        if e.type == "reg":
-            node.entry = raw
-        elif e.type == "symlink":
-            node.target = e.link_name.encode("utf-8", "surrogateescape")
-            node.size = len(node.target)
-        parent.children[key] = node
-
-    def _count_dir_links(self, root: Node) -> None:
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            assert node.children is not None
-            subdirs = [c for c in node.children.values() if c.is_dir]
-            node.nlink = 2 + len(subdirs)
-            stack.extend(subdirs)
 
     def path_of(self, node: Node) -> str:
         """A path of ``node`` (built on first use: only the access trace needs it)."""
@@ -211,34 +271,22 @@ class LayerTree:
         return self._paths.get(node.index, "")
 
     def walk(self) -> Iterable[tuple[str, Node]]:
-        """``(path, node)`` for every name in the tree, parents before children."""
+        """``(path, node)`` for every visible name in the tree, parents before children."""
         stack: list[tuple[str, Node]] = [("", self.root)]
         while stack:
             path, node = stack.pop()
             yield path, node
-            if node.children:
-                for name, child in sorted(node.children.items(), reverse=True):
-                    stack.append(
-                        (f"{path}/{name.decode('utf-8', 'surrogateescape')}".lstrip("/"), child)
-                    )
+            children = node.children
+            if children is not None:
+                for name, child in sorted(children.items(), key=lambda kv: kv[0], reverse=True):
+                    shown = name.decode("utf-8", "surrogateescape")
+                    stack.append((f"{path}/{shown}" if path else shown, child))
 
 
-def _split(name: str) -> list[str]:
-    return [p for p in name.split("/") if p not in ("", ".")]
+def _base(name: str) -> str:
+    return name.rpartition("/")[2]
 
 
-def _apply(node: Node, e: EntryView) -> None:
-    node.mode = stat.S_IFMT(node.mode) | (e.mode & 0o7777)
-    node.uid, node.gid, node.mtime = e.uid, e.gid, e.mtime
-    if e.type == "reg":
-        node.size = e.size
-    if e.type in ("char", "block"):
-        node.rdev = _makedev(e.dev_major, e.dev_minor)
-    if e.xattrs:
-        node.xattrs = {k.encode("utf-8", "surrogateescape"): v for k, v in e.xattrs.items()}
-
-
-def _makedev(major: int, minor: int) -> int:
-    import os
-
-    return os.makedev(major, minor)
+def _hidden_name(e: Entry) -> bool:
+    base = _base(e.name)
+    return base.startswith(WHITEOUT_PREFIX) or (base == e.name and base in LANDMARKS)

@@ -5,8 +5,11 @@ Sans-IO pieces for the async store (it fetches bytes itself):
     tail = fetch(blob_size - tail_fetch_size(blob_size), ...)      # one ranged read
     footer = parse_footer(tail, blob_size)
     toc_bytes = toc_bytes_from_tail(tail, blob_size, footer)        # None → fetch toc_range()
-    toc = parse_toc(toc_bytes, footer, expected_digest)             # TocDigestMismatch
-    index = LayerIndex.from_toc(toc, footer)                        # tree + chunk table
+    scan = scan_toc(toc_bytes, footer, limits)                      # digest, landmark hint
+    # compare scan.digest with the manifest annotation, then (bounded memory, validated):
+    index = LayerIndex.from_toc_json(toc_json_pieces(toc_bytes, footer, limits),
+                                     toc_offset=footer.toc_offset,
+                                     compression=footer.compression, limits=limits)
     for c in index.chunks_for_range(entry, off, size):
         data = fetch(c.offset, c.compressed_end - c.offset)
         payload = decompress_chunk(c, data)                         # ChunkDigestMismatch
@@ -51,7 +54,19 @@ from .footer import (
 from .index import Chunk, Entry, LayerIndex, clean_name
 from .reader import EstargzReader
 from .source import BlobSource, BytesBlobSource, FileBlobSource
-from .toc import Toc, parse_toc, toc_digest, toc_json_bytes
+from .toc import (
+    DEFAULT_LIMITS,
+    Toc,
+    TocLimits,
+    TocScan,
+    iter_toc_entries,
+    landmark_offset_hint,
+    parse_toc,
+    scan_toc,
+    toc_digest,
+    toc_json_bytes,
+    toc_json_pieces,
+)
 from .writer import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, ConvertResult, convert
 
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
@@ -60,6 +75,7 @@ UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_LEVEL",
+    "DEFAULT_LIMITS",
     "DEFAULT_TAIL_FETCH",
     "ESTARGZ_FOOTER_SIZE",
     "LANDMARK_CONTENTS",
@@ -92,17 +108,23 @@ __all__ = [
     "LayerIndex",
     "Toc",
     "TocDigestMismatch",
+    "TocLimits",
     "TocOutOfRange",
+    "TocScan",
     "TruncatedBlob",
     "clean_name",
     "convert",
     "decompress_chunk",
     "estargz_footer_bytes",
+    "iter_toc_entries",
+    "landmark_offset_hint",
     "parse_footer",
     "parse_toc",
+    "scan_toc",
     "tail_fetch_size",
     "toc_bytes_from_tail",
     "toc_digest",
     "toc_json_bytes",
+    "toc_json_pieces",
     "toc_range",
 ]

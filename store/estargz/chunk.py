@@ -8,6 +8,7 @@ headers after the payload), so a hostile member cannot make us inflate gigabytes
 from __future__ import annotations
 
 import hashlib
+import io
 import zlib
 
 from .errors import ChunkDigestMismatch, CorruptChunk
@@ -65,17 +66,20 @@ def _gunzip(data: bytes, want: int, where: str) -> bytes:
 
 
 def _unzstd(data: bytes, want: int, where: str) -> bytes:
+    """At most ``want`` bytes of the concatenated zstd frames in ``data`` (a frame that
+    inflates to more is cut there, never inflated whole)."""
     import zstandard
 
     out = bytearray()
-    rest = data
     try:
-        while len(out) < want and rest:
-            d = zstandard.ZstdDecompressor().decompressobj()
-            out += d.decompress(rest)
-            if not d.eof:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(data), read_across_frames=True
+        )
+        while len(out) < want:
+            piece = reader.read(want - len(out))
+            if not piece:
                 break
-            rest = d.unused_data
+            out += piece
     except zstandard.ZstdError as exc:
         raise CorruptChunk(f"{where}: not zstd: {exc}") from None
-    return bytes(out[:want]) if len(out) > want else bytes(out)
+    return bytes(out)

@@ -1,18 +1,34 @@
-"""The entry tree of one layer, built from its TOC the way the Go reader builds it.
+"""The validated entry tree of one layer: the one path from a TOC to a tree.
 
-Rules taken from containerd/stargz-snapshotter ``estargz.Reader.initFields``:
+Every user of a TOC (the store's mounted layers, the reader, the CLI) gets its tree here, so
+every check runs for all of them. Entries are applied in TOC order, the way ``tar -x`` (and
+containers/storage's layer extraction) applies members, with the Go reader's conventions
+(containerd/stargz-snapshotter ``estargz.Reader.initFields``) for what a TOC adds to a tar:
 
-* names are cleaned (``./a//b/`` → ``a/b``; the root is ``""``); we additionally refuse a
-  name or hardlink target whose ``..`` climbs above the root (:class:`InvalidEntryName`);
+* names are cleaned (``./a//b/`` → ``a/b``; the root is ``""``); a name or hardlink target
+  whose ``..`` climbs above the root is refused (:class:`InvalidEntryName`), as is a name
+  with a NUL, a component over 255 bytes or a path over 4095 (nothing could extract it);
 * a ``chunk`` entry belongs to the last non-chunk entry before it; ``chunkSize`` 0 means "to
   the end of the file"; a ``reg`` entry with ``chunkSize`` < ``size`` is its own first chunk;
+  a file's chunks must follow each other without gap or overlap and cover it exactly, and
+  every data offset must lie before the TOC (:class:`TocOutOfRange`);
 * ``userName``/``groupName`` missing for a non-zero uid/gid carry forward from the last entry
   that named that id (the writer omits repeats);
-* directories the TOC never names but that hold entries are created (mode 0755);
-* a hardlink resolves to its target entry, which gets the link's name as another parent
-  reference (``nlink``); a later entry with the same name replaces the earlier one;
+* directories the TOC never names but that hold entries are created (mode 0755); an entry
+  under a name that is not a directory (at that point) is refused;
+* a later entry with the same name wins, for every type: a directory re-declared keeps its
+  children and takes the new metadata; any other replacement drops what was there (a
+  directory with its subtree), as ``tar -x`` does;
+* a hardlink resolves, when it is reached, to the entry its target names then (a target that
+  is missing or comes later is refused); the target gets the link's name as another parent
+  reference (``nlink``);
 * a chunk's compressed bytes end where the next member starts (the next distinct offset of a
-  data entry with ``innerOffset`` 0), or at the TOC.
+  data entry with ``innerOffset`` 0), or at the TOC;
+* integer fields must be JSON integers in range, string fields strings (``null`` = absent):
+  ``"size": "5"`` is refused, not converted.
+
+Memory: entries are slotted objects sharing interned strings and small integers, files keep
+their chunks in tuples, and no per-name dict is kept: a 100,000-entry layer costs ~50 MB.
 """
 
 from __future__ import annotations
@@ -21,14 +37,18 @@ import base64
 import binascii
 import bisect
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from .errors import InvalidEntryName, InvalidToc, TocOutOfRange
 from .footer import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Footer
-from .toc import Toc
+from .toc import DEFAULT_LIMITS, Toc, TocLimits, iter_toc_entries
+
+_MAX_INT = (1 << 63) - 1
+_MAX_SIZE = (1 << 63) - 1
+_MAX_ID = (1 << 32) - 1
 
 
 # Shared empty containers: a layer can have 100,000 entries, and most have no xattrs, no
@@ -59,6 +79,7 @@ _NO_CHILDREN: Mapping[str, Entry] = _EmptyMapping()
 _NO_CHUNKS: tuple[Chunk, ...] = ()
 
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
+_TYPES = {t: t for t in ENTRY_TYPES}  # one string object per type name
 
 
 @dataclass(slots=True, eq=False)
@@ -78,14 +99,23 @@ class Chunk:
     def compressed_size(self) -> int:
         return self.compressed_end - self.offset
 
+    # The names the store's data path uses (store.layer).
+    @property
+    def compressed_offset(self) -> int:
+        return self.offset
+
+    @property
+    def file_offset(self) -> int:
+        return self.chunk_offset
+
 
 @dataclass(slots=True, eq=False)
 class Entry:
     """A node of the tree (hardlinks share their target's Entry).
 
     ``children`` is a dict for directories (read-only empty mapping otherwise), ``chunks`` a
-    list for regular files with content (empty tuple otherwise), ``xattrs`` read-only when
-    there are none.
+    tuple for regular files with content (empty otherwise), ``xattrs`` read-only when there
+    are none; ``parent`` is set for directories.
     """
 
     name: str
@@ -107,6 +137,7 @@ class Entry:
     children: Mapping[str, Entry] = _NO_CHILDREN  # a dict for directories
     chunks: list[Chunk] | tuple[Chunk, ...] = _NO_CHUNKS  # a list for regular files
     implicit: bool = False  # a directory the TOC never named
+    ino: int = -1  # position in LayerIndex.entries (-1: not in the final tree)
 
     def __post_init__(self) -> None:
         if self.type == "dir" and self.children is _NO_CHILDREN:
@@ -154,12 +185,18 @@ def base_name(name: str) -> str:
 
 
 class LayerIndex:
-    """Tree + chunk table of one layer. Build with :meth:`from_toc`."""
+    """Tree + chunk table of one layer, validated. Build with :meth:`from_toc_json` (the store:
+    TOC JSON in pieces, bounded memory), :meth:`from_toc` or :meth:`from_entries`.
+
+    ``entries[i]`` is the entry numbered ``i`` (``Entry.ino``): every node of the final tree
+    once (a hardlinked file once), the root first, parents before children.
+    """
 
     def __init__(self) -> None:
         self.root: Entry = Entry(name="", type="dir", mode=0o755, nlink=2, implicit=True)
-        self._by_name: dict[str, Entry] = {"": self.root}
+        self.entries: list[Entry] = [self.root]
         self._hardlinks: dict[str, str] = {}  # link name -> target name
+        self._all_chunks: list[Chunk] = []
         self.toc_offset = 0
         self.compression = "gzip"
         self.prefetch_end_offset: int | None = None
@@ -174,15 +211,25 @@ class LayerIndex:
             name = clean_name(path)
         except InvalidEntryName:
             return None
-        return self._by_name.get(name)
+        e: Entry | None = self.root
+        for part in name.split("/") if name else ():
+            assert e is not None
+            e = e.children.get(part)
+            if e is None:
+                return None
+        return e
 
     def hardlink_target(self, path: str) -> str | None:
         """For a name that is a hardlink, the cleaned path of its target; else None."""
-        return self._hardlinks.get(clean_name(path))
+        name = clean_name(path)
+        target = self._hardlinks.get(name)
+        if target is None or self.lookup(name) is not self.lookup(target):
+            return None  # replaced by a later entry since
+        return target
 
     def names(self) -> Iterator[tuple[str, Entry]]:
-        """Every path in the layer (hardlink names included) with its entry, unordered."""
-        yield from self._by_name.items()
+        """Every path in the layer (hardlink names included) with its entry."""
+        return self.walk()
 
     def walk(self) -> Iterator[tuple[str, Entry]]:
         """Depth-first ``(path, entry)`` from the root, children in name order."""
@@ -194,12 +241,12 @@ class LayerIndex:
                 stack.append(((path + "/" if path else "") + child_name, e.children[child_name]))
 
     def chunks(self) -> Iterator[Chunk]:
-        """Every chunk of every regular file (each file once), in no particular order."""
-        seen: set[int] = set()
-        for e in self._by_name.values():
-            if e.type == "reg" and id(e) not in seen:
-                seen.add(id(e))
-                yield from e.chunks
+        """Every chunk of every regular file of the tree (each file once)."""
+        return iter(self._all_chunks)
+
+    def all_chunks(self) -> list[Chunk]:
+        """Every chunk of the tree's files, sorted by compressed offset (then inner offset)."""
+        return self._all_chunks
 
     def chunks_for_range(self, entry: Entry, offset: int, size: int) -> list[Chunk]:
         """The chunks of ``entry`` that hold bytes of ``[offset, offset+size)``, in order."""
@@ -222,103 +269,155 @@ class LayerIndex:
     # -- building ------------------------------------------------------------------------
 
     @classmethod
+    def from_toc_json(
+        cls,
+        pieces: Iterable[bytes],
+        *,
+        toc_offset: int,
+        compression: str = "gzip",
+        limits: TocLimits = DEFAULT_LIMITS,
+    ) -> LayerIndex:
+        """The validated index of TOC JSON given in pieces (:func:`~store.estargz.toc.
+        toc_json_pieces`), decoded one entry at a time: memory is the index, not the JSON.
+
+        The entry point for any container of the TOC schema (eStargz's gzip+tar, a
+        zstd:chunked frame): hand its uncompressed JSON pieces here. ``toc_offset`` is where
+        the TOC starts in the blob: every data offset must lie before it. Raises
+        :class:`InvalidToc` and subclasses.
+        """
+        where = f"TOC at offset {toc_offset}"
+        entries = iter_toc_entries(pieces, where, limits)
+        return cls.from_entries(entries, toc_offset=toc_offset, compression=compression)
+
+    @classmethod
     def from_toc(cls, toc: Toc, footer: Footer | None = None) -> LayerIndex:
-        """Build the tree. Raises :class:`InvalidToc` (and subclasses) on bad entries."""
+        """Build the tree of a decoded :class:`Toc`. Raises :class:`InvalidToc` (and
+        subclasses) on bad entries."""
+        return cls.from_entries(toc.entries, toc_offset=toc.offset, compression=toc.compression)
+
+    @classmethod
+    def from_entries(
+        cls, raw_entries: Iterable[Mapping[str, Any]], *, toc_offset: int, compression: str
+    ) -> LayerIndex:
+        """Apply TOC entry objects in order, as ``tar -x`` applies members (module doc)."""
         idx = cls()
-        idx.toc_offset = toc.offset
-        idx.compression = toc.compression
-        idx._build(toc.entries)
+        idx.toc_offset = toc_offset
+        idx.compression = compression
+        _Builder(idx).run(raw_entries)
         return idx
 
-    def _build(self, raw_entries: list[dict[str, Any]]) -> None:
-        toc_offset = self.toc_offset
-        unames: dict[int, str] = {}
-        gnames: dict[int, str] = {}
-        order: list[Entry] = []
-        # (entry, raw dict) of data entries, to compute compressed ends afterwards
-        data: list[tuple[Chunk, int]] = []
-        last: Entry | None = None
-        for i, raw in enumerate(raw_entries):
-            where = f"TOC entry {i}: "
-            etype = raw.get("type")
-            if etype not in ENTRY_TYPES:
-                raise InvalidToc(f"{where}unknown type {etype!r}")
-            rawname = raw.get("name")
-            if not isinstance(rawname, str):
-                raise InvalidToc(f"{where}name is not a string")
-            name = clean_name(rawname, where=where)
-            offset = _int(raw, "offset", where)
-            inner = _int(raw, "innerOffset", where)
-            is_data = etype == "chunk" or (etype == "reg" and _int(raw, "size", where) > 0)
-            if is_data and offset >= toc_offset:
-                raise TocOutOfRange(
-                    f"{where}{name!r}: offset {offset} is at or past the TOC (offset {toc_offset})"
-                )
-            if etype == "chunk":
-                if last is None or last.type != "reg" or last.name != name:
-                    raise InvalidToc(f"{where}chunk of {name!r} does not follow its file")
-                chunk_offset = _int(raw, "chunkOffset", where)
-                chunk_size = _int(raw, "chunkSize", where) or last.size - chunk_offset
-                self._add_chunk(last, raw, chunk_offset, chunk_size, offset, inner, data, where)
-                continue
-            e = Entry(
-                name=name,
-                type=etype,
-                size=_int(raw, "size", where),
-                mode=_int(raw, "mode", where),
-                uid=_int(raw, "uid", where),
-                gid=_int(raw, "gid", where),
-                uname=_str(raw, "userName", where),
-                gname=_str(raw, "groupName", where),
-                modtime=sys.intern(_str(raw, "modtime", where)),
-                link_name=_str(raw, "linkName", where),
-                dev_major=_int(raw, "devMajor", where),
-                dev_minor=_int(raw, "devMinor", where),
-                xattrs=_xattrs(raw, where),
-                digest=_str(raw, "digest", where),
-            )
-            if e.uid != 0 and not e.uname:
-                e.uname = unames.get(e.uid, "")
-            else:
-                unames[e.uid] = e.uname
-            if e.gid != 0 and not e.gname:
-                e.gname = gnames.get(e.gid, "")
-            else:
-                gnames[e.gid] = e.gname
-            if etype == "hardlink":
-                e.link_name = clean_name(e.link_name, where=where + "hardlink target: ")
-            if etype == "reg" and e.size > 0:
-                chunk_size = _int(raw, "chunkSize", where)
-                if not chunk_size or chunk_size > e.size:
-                    chunk_size = e.size
-                self._add_chunk(e, raw, 0, chunk_size, offset, inner, data, where)
-            if name == PREFETCH_LANDMARK and etype == "reg":
-                self.prefetch_end_offset = offset
-            elif name == NO_PREFETCH_LANDMARK and etype == "reg":
-                self.has_no_prefetch_landmark = True
-            last = e
-            order.append(e)
 
-        self._set_compressed_ends(data, toc_offset)
-        for e in order:
-            self._insert(e)
-        self._check_chunk_coverage()
+class _Builder:
+    """Applies entries one by one to a :class:`LayerIndex`, validating each."""
+
+    def __init__(self, idx: LayerIndex) -> None:
+        self.idx = idx
+        self.unames: dict[int, str] = {}
+        self.gnames: dict[int, str] = {}
+        self.ints: dict[int, int] = {}
+        self.starts: list[int] = [idx.toc_offset]  # compressed offsets where members start
+        self.last: Entry | None = None  # the last non-chunk entry (chunks continue it)
+        self.last_dir: tuple[str, Entry] = ("", idx.root)
+
+    def run(self, raw_entries: Iterable[Mapping[str, Any]]) -> None:
+        for i, raw in enumerate(raw_entries):
+            self.apply(i, raw)
+        self._finish_file()
+        self._number()
+
+    def _int(self, raw: Mapping[str, Any], key: str, where: str, limit: int = _MAX_INT) -> int:
+        v = raw.get(key, 0)
+        if v is None:
+            return 0
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > limit:
+            raise InvalidToc(f"{where}{key} is {v!r}, not an integer in [0, {limit}]")
+        return self.ints.setdefault(v, v) if v < 1 << 32 else v
+
+    def apply(self, i: int, raw: Mapping[str, Any]) -> None:
+        where = f"TOC entry {i}: "
+        rawtype = raw.get("type")
+        etype = _TYPES.get(rawtype) if isinstance(rawtype, str) else None
+        if etype is None:
+            raise InvalidToc(f"{where}unknown type {rawtype!r}")
+        rawname = raw.get("name")
+        if not isinstance(rawname, str):
+            raise InvalidToc(f"{where}name is {rawname!r}, not a string")
+        name = _checked_name(rawname, where)
+        where = f"TOC entry {i} ({name!r}): "
+        offset = self._int(raw, "offset", where)
+        inner = self._int(raw, "innerOffset", where)
+        size = self._int(raw, "size", where, _MAX_SIZE)
+        toc_offset = self.idx.toc_offset
+        if (etype == "chunk" or (etype == "reg" and size > 0)) and offset >= toc_offset:
+            raise TocOutOfRange(
+                f"{where}offset {offset} is at or past the TOC (offset {toc_offset})"
+            )
+        if etype == "chunk":
+            last = self.last
+            if last is None or last.type != "reg" or last.name != name:
+                raise InvalidToc(f"{where}chunk does not follow its file")
+            chunk_offset = self._int(raw, "chunkOffset", where, _MAX_SIZE)
+            chunk_size = self._int(raw, "chunkSize", where, _MAX_SIZE) or last.size - chunk_offset
+            self._add_chunk(last, raw, chunk_offset, chunk_size, offset, inner, where)
+            return
+        self._finish_file()
+        link_name = _str(raw, "linkName", where)
+        if etype == "hardlink":
+            link_name = _checked_name(link_name, where + "hardlink target: ")
+        elif (
+            etype == "symlink" and not 0 < len(link_name.encode("utf-8", "surrogateescape")) < 4096
+        ):
+            raise InvalidToc(f"{where}symlink target is empty or longer than 4095 bytes")
+        e = Entry(
+            name=name,
+            type=etype,
+            size=size if etype == "reg" else 0,
+            mode=self._int(raw, "mode", where, 0o177777),
+            uid=self._int(raw, "uid", where, _MAX_ID),
+            gid=self._int(raw, "gid", where, _MAX_ID),
+            uname=sys.intern(_str(raw, "userName", where)),
+            gname=sys.intern(_str(raw, "groupName", where)),
+            modtime=sys.intern(_str(raw, "modtime", where)),
+            link_name=link_name,
+            dev_major=self._int(raw, "devMajor", where, _MAX_ID),
+            dev_minor=self._int(raw, "devMinor", where, _MAX_ID),
+            xattrs=_xattrs(raw, where),
+            digest=_str(raw, "digest", where),
+        )
+        if e.uid != 0 and not e.uname:
+            e.uname = self.unames.get(e.uid, "")
+        else:
+            self.unames[e.uid] = e.uname
+        if e.gid != 0 and not e.gname:
+            e.gname = self.gnames.get(e.gid, "")
+        else:
+            self.gnames[e.gid] = e.gname
+        if etype == "reg" and size > 0:
+            chunk_size = self._int(raw, "chunkSize", where, _MAX_SIZE)
+            if not chunk_size or chunk_size > size:
+                chunk_size = size
+            self._add_chunk(e, raw, 0, chunk_size, offset, inner, where)
+        if name == PREFETCH_LANDMARK and etype == "reg":
+            self.idx.prefetch_end_offset = offset
+        elif name == NO_PREFETCH_LANDMARK and etype == "reg":
+            self.idx.has_no_prefetch_landmark = True
+        self.last = e
+        self._insert(e, where)
 
     def _add_chunk(
         self,
         owner: Entry,
-        raw: dict[str, Any],
+        raw: Mapping[str, Any],
         chunk_offset: int,
         chunk_size: int,
         offset: int,
         inner: int,
-        data: list[tuple[Chunk, int]],
         where: str,
     ) -> None:
         prev_end = owner.chunks[-1].chunk_offset + owner.chunks[-1].size if owner.chunks else 0
         if chunk_offset != prev_end or chunk_size <= 0 or chunk_offset + chunk_size > owner.size:
             raise InvalidToc(
-                f"{where}{owner.name!r}: chunk [{chunk_offset}, {chunk_offset + chunk_size}) "
+                f"{where}chunk [{chunk_offset}, {chunk_offset + chunk_size}) "
                 f"does not continue the file (expected offset {prev_end}, size {owner.size})"
             )
         if owner.chunks is _NO_CHUNKS:
@@ -334,35 +433,42 @@ class LayerIndex:
             compressed_end=0,
             inner_offset=inner,
             digest=digest,
-            compression=self.compression,
+            compression=self.idx.compression,
         )
         owner.chunks.append(c)  # type: ignore[union-attr]
-        data.append((c, inner))
-        self.chunk_count += 1
+        if inner == 0:
+            self.starts.append(offset)
+        self.idx.chunk_count += 1
 
-    @staticmethod
-    def _set_compressed_ends(data: list[tuple[Chunk, int]], toc_offset: int) -> None:
-        starts = sorted({c.offset for c, inner in data if inner == 0} | {toc_offset})
-        for c, _ in data:
-            j = bisect.bisect_right(starts, c.offset)
-            c.compressed_end = starts[j] if j < len(starts) else toc_offset
+    def _finish_file(self) -> None:
+        """The last file's chunks are all there: they must cover it exactly."""
+        e = self.last
+        if e is not None and e.type == "reg" and e.size > 0:
+            covered = e.chunks[-1].chunk_offset + e.chunks[-1].size
+            if covered != e.size:
+                raise InvalidToc(f"{e.name!r}: chunks cover {covered} of its {e.size} bytes")
+            if isinstance(e.chunks, list):
+                e.chunks = tuple(e.chunks)
+        self.last = None
 
-    def _check_chunk_coverage(self) -> None:
-        for e in self._by_name.values():
-            if e.type == "reg" and e.size > 0:
-                covered = e.chunks[-1].chunk_offset + e.chunks[-1].size if e.chunks else 0
-                if covered != e.size:
-                    raise InvalidToc(f"{e.name!r}: chunks cover {covered} of its {e.size} bytes")
+    # -- the tree, sequentially ------------------------------------------------------------
 
-    def _get_or_create_dir(self, name: str) -> Entry:
-        e = self._by_name.get(name)
-        if e is None:
-            e = Entry(name=name, type="dir", mode=0o755, nlink=2, implicit=True)
-            self._by_name[name] = e
-            parent = self._get_or_create_dir(parent_dir(name))
-            self._attach(parent, base_name(name), e)
-        elif e.type != "dir":
-            raise InvalidToc(f"{name!r} is a {e.type} but holds entries")
+    def _dir(self, name: str, where: str) -> Entry:
+        """The directory ``name``, creating missing ones (implicit, 0755) on the way."""
+        if self.last_dir[0] == name:
+            return self.last_dir[1]
+        e = self.idx.root
+        path = ""
+        for part in name.split("/") if name else ():
+            path = f"{path}/{part}" if path else part
+            child = e.children.get(part)
+            if child is None:
+                child = Entry(name=path, type="dir", mode=0o755, nlink=2, implicit=True)
+                self._attach(e, part, child)
+            elif child.type != "dir":
+                raise InvalidToc(f"{where}{path!r} is a {child.type}, not a directory")
+            e = child
+        self.last_dir = (name, e)
         return e
 
     def _attach(self, parent: Entry, base: str, e: Entry) -> None:
@@ -370,48 +476,102 @@ class LayerIndex:
         if old is not None:
             if old.type == "dir":
                 parent.nlink -= 1
+                self.last_dir = ("", self.idx.root)  # it may have been cached
             old.nlink -= 1
         parent.children[base] = e  # type: ignore[index]  # parents are directories
         if e.type == "dir":
             parent.nlink += 1
             e.parent = parent
 
-    def _insert(self, e: Entry) -> None:
+    def _insert(self, e: Entry, where: str) -> None:
         name = e.name
         if name == "":
             # The tar named the root itself: take its metadata, keep the children.
-            _copy_meta(self.root, e)
+            if e.type != "dir":
+                raise InvalidToc(f"{where}the layer root is a {e.type}, not a directory")
+            _copy_meta(self.idx.root, e)
             return
-        parent = self._get_or_create_dir(parent_dir(name))
+        parent = self._dir(parent_dir(name), where)
+        base = base_name(name)
+        old = parent.children.get(base)
         if e.type == "hardlink":
-            target = self._resolve_hardlink(e)
-            self._hardlinks[name] = target.name
+            # Resolved now, as tar -x links to what exists when it reaches the link.
+            target = self.idx.lookup(e.link_name)
+            if target is None:
+                raise InvalidToc(
+                    f"{where}hardlink target not found: {e.link_name!r} (missing, or later)"
+                )
+            if target.type == "dir":
+                raise InvalidToc(f"{where}hardlink target {e.link_name!r} is a directory")
+            if target is old:
+                return  # a link to itself changes nothing
+            self.idx._hardlinks[name] = e.link_name
+            self._attach(parent, base, target)
             target.nlink += 1
-            self._attach(parent, base_name(name), target)
-            self._by_name[name] = target
             return
-        old = self._by_name.get(name)
         if old is not None and old.type == "dir" and e.type == "dir":
             # A repeated directory entry updates metadata; its children stay.
             _copy_meta(old, e)
             return
-        self._hardlinks.pop(name, None)
-        e.parent = parent
-        e.nlink += 2 if e.type == "dir" else 1
-        self._by_name[name] = e
-        self._attach(parent, base_name(name), e)
+        self.idx._hardlinks.pop(name, None)
+        e.nlink = 2 if e.type == "dir" else 1
+        self._attach(parent, base, e)
 
-    def _resolve_hardlink(self, e: Entry) -> Entry:
-        target = self._by_name.get(e.link_name)
-        if target is None:
-            raise InvalidToc(f"hardlink {e.name!r} -> {e.link_name!r}: target not found")
-        if target.type == "dir":
-            raise InvalidToc(f"hardlink {e.name!r} -> {e.link_name!r}: target is a directory")
-        return target
+    def _number(self) -> None:
+        """Number the final tree (``Entry.ino``), list its chunks, set their compressed ends."""
+        idx = self.idx
+        starts = self.starts
+        starts.sort()
+        toc_offset = idx.toc_offset
+        entries = idx.entries = [idx.root]
+        chunks: list[Chunk] = []
+        stack = [idx.root]
+        idx.root.ino = 0
+        while stack:
+            d = stack.pop()
+            for child in d.children.values():
+                if child.ino >= 0:
+                    continue  # another name of a hardlinked file
+                child.ino = len(entries)
+                entries.append(child)
+                if child.type == "dir":
+                    stack.append(child)
+                elif child.chunks:
+                    chunks.extend(child.chunks)
+        for c in chunks:
+            j = bisect.bisect_right(starts, c.offset)
+            c.compressed_end = starts[j] if j < len(starts) else toc_offset
+        self.starts = []
+        # Blob order: by offset, then inner offset (two stable sorts: no key tuples).
+        chunks.sort(key=_chunk_inner)
+        chunks.sort(key=_chunk_offset)
+        idx._all_chunks = chunks
+
+
+def _checked_name(raw: str, where: str) -> str:
+    """:func:`clean_name`, refusing what no tar extraction could create: a NUL, a component
+    over 255 bytes or a path over 4095 bytes (Linux NAME_MAX / PATH_MAX)."""
+    name = clean_name(raw, where=where)
+    if "\0" in name:
+        raise InvalidEntryName(f"{where}name {raw[:80]!r} holds a NUL byte")
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > 4095 or any(len(p) > 255 for p in encoded.split(b"/")):
+        raise InvalidEntryName(
+            f"{where}name {raw[:80]!r}… ({len(encoded)} bytes) is longer than Linux allows"
+        )
+    return name
 
 
 def _chunk_start(c: Chunk) -> int:
     return c.chunk_offset
+
+
+def _chunk_inner(c: Chunk) -> int:
+    return c.inner_offset
+
+
+def _chunk_offset(c: Chunk) -> int:
+    return c.offset
 
 
 def _copy_meta(dst: Entry, src: Entry) -> None:
@@ -420,16 +580,7 @@ def _copy_meta(dst: Entry, src: Entry) -> None:
     dst.implicit = False
 
 
-def _int(raw: dict[str, Any], key: str, where: str) -> int:
-    v = raw.get(key, 0)
-    if v is None:
-        return 0
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise InvalidToc(f"{where}{key} is {v!r}, not a non-negative integer")
-    return v
-
-
-def _str(raw: dict[str, Any], key: str, where: str) -> str:
+def _str(raw: Mapping[str, Any], key: str, where: str) -> str:
     v = raw.get(key, "")
     if v is None:
         return ""
@@ -438,7 +589,7 @@ def _str(raw: dict[str, Any], key: str, where: str) -> str:
     return v
 
 
-def _xattrs(raw: dict[str, Any], where: str) -> Mapping[str, bytes]:
+def _xattrs(raw: Mapping[str, Any], where: str) -> Mapping[str, bytes]:
     v = raw.get("xattrs")
     if not v:
         return _NO_XATTRS

@@ -4,23 +4,51 @@ The TOC digest is sha256 of the *uncompressed* TOC JSON bytes — what the manif
 ``containerd.io/snapshot/stargz/toc.digest`` carries. In gzip layers the JSON is the payload of
 a tar entry named ``stargz.index.json`` inside its own gzip member; in zstd:chunked layers it
 is a bare zstd frame (inside a skippable frame).
+
+One decoder for every user: :func:`toc_json_pieces` inflates the TOC in bounded pieces (never
+the whole JSON at once), :func:`scan_toc` hashes them, and :func:`iter_toc_entries` decodes
+the JSON one entry object at a time, so a 100,000-entry TOC never exists as 100,000 dicts (or
+as one 30 MB string) and a hostile one is refused as soon as it passes a :class:`TocLimits`
+cap. :func:`parse_toc` (a list of entry dicts) and :meth:`LayerIndex.from_toc_json
+<store.estargz.index.LayerIndex.from_toc_json>` (the validated tree) are both built on them.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
+import re
 import tarfile
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidToc, TocDigestMismatch
-from .footer import TOC_TAR_NAME, Footer
+from .footer import PREFETCH_LANDMARK, TOC_TAR_NAME, Footer
 
-# A TOC larger than this, uncompressed, is refused (a decompression bomb, not a layer).
+# Hard ceiling on a TOC, uncompressed, whatever the limits say (a decompression bomb).
 MAX_TOC_SIZE = 1 << 30
+PIECE = 1 << 20  # uncompressed bytes handed on at a time
+
+
+@dataclass(frozen=True, slots=True)
+class TocLimits:
+    """Caps on one TOC, checked while it streams in (:class:`InvalidToc` past either).
+
+    ``max_bytes``: uncompressed TOC JSON bytes (also bounds the compressed TOC fetched);
+    ``max_entries``: entry objects (each costs the index ~0.5 KB). Defaults admit a layer of a
+    million files; the store takes its own from its config (``toc_max_bytes``,
+    ``toc_max_entries``).
+    """
+
+    max_bytes: int = 256 << 20
+    max_entries: int = 1_000_000
+
+
+DEFAULT_LIMITS = TocLimits()
 
 
 @dataclass(slots=True)
@@ -35,96 +63,337 @@ class Toc:
     json_size: int
 
 
+@dataclass(frozen=True, slots=True)
+class TocScan:
+    """What one pass over the TOC's bytes tells before any JSON is decoded."""
+
+    digest: str  # "sha256:…" of the uncompressed JSON
+    json_size: int
+    landmark_offset: int | None  # the ``.prefetch.landmark`` entry's offset: a hint only
+
+
 def toc_digest(toc_json: bytes) -> str:
     return "sha256:" + hashlib.sha256(toc_json).hexdigest()
 
 
-def parse_toc(data: bytes, footer: Footer, expected_digest: str | None = None) -> Toc:
+def parse_toc(
+    data: bytes,
+    footer: Footer,
+    expected_digest: str | None = None,
+    limits: TocLimits = DEFAULT_LIMITS,
+) -> Toc:
     """Decode the compressed TOC bytes (see :func:`~store.estargz.footer.toc_range`).
 
     Checks the digest against ``expected_digest`` when given (:class:`TocDigestMismatch`);
-    raises :class:`InvalidToc` if the bytes do not decode to a TOC object.
+    raises :class:`InvalidToc` if the bytes do not decode to a TOC object. ``"entries": null``
+    is an empty TOC (as Go's ``AppendTar`` of an empty tar writes it).
     """
     where = f"TOC at offset {footer.toc_offset}"
-    raw = toc_json_bytes(data, footer)
-    digest = toc_digest(raw)
-    if expected_digest is not None and digest != expected_digest:
+    scan = scan_toc(data, footer, limits)
+    if expected_digest is not None and scan.digest != expected_digest:
         raise TocDigestMismatch(
-            f"{where}: digest {digest} does not match the expected {expected_digest}"
+            f"{where}: digest {scan.digest} does not match the expected {expected_digest}"
         )
-    try:
-        obj = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidToc(f"{where}: not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise InvalidToc(f"{where}: JSON is a {type(obj).__name__}, not an object")
-    entries = obj.get("entries")
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise InvalidToc(f"{where}: 'entries' is not a list of objects")
-    version = obj.get("version")
-    if version != 1:
-        raise InvalidToc(f"{where}: unsupported TOC version {version!r}")
-    return Toc(version, entries, digest, footer.toc_offset, footer.compression, len(raw))
+    entries = list(iter_toc_entries(toc_json_pieces(data, footer, limits), where, limits))
+    return Toc(1, entries, scan.digest, footer.toc_offset, footer.compression, scan.json_size)
 
 
-def toc_json_bytes(data: bytes, footer: Footer) -> bytes:
-    """The uncompressed TOC JSON from the compressed TOC bytes (:func:`toc_range`): a gzip
-    member holding the ``stargz.index.json`` tar entry, or a zstd frame. Its sha256 is the TOC
-    digest (:func:`toc_digest`). For callers that decode the JSON their own way (e.g. into
-    compact records for huge layers); raises :class:`InvalidToc`."""
+def toc_json_bytes(data: bytes, footer: Footer, limits: TocLimits = DEFAULT_LIMITS) -> bytes:
+    """The whole uncompressed TOC JSON (its sha256 is the TOC digest); :class:`InvalidToc`."""
+    return b"".join(toc_json_pieces(data, footer, limits))
+
+
+def scan_toc(data: bytes, footer: Footer, limits: TocLimits = DEFAULT_LIMITS) -> TocScan:
+    """Inflate the TOC once, in pieces: its digest, size and landmark hint (no JSON decoded).
+
+    Why before the decode: the store checks the digest against the manifest annotation
+    first, so no JSON it was not promised ever reaches the decoder, and it can start the
+    prefetch download on the hint while the index is built. A TOC with more ``"name"`` keys
+    than ``limits.max_entries`` is refused here already, before any memory goes to entries
+    (:class:`InvalidToc`); an entry key spelled with escapes is still counted by the decoder.
+    """
+    h = hashlib.sha256()
+    size = 0
+    hint: int | None = None
+    carry = b""
+    names = 0  # "name" keys: at least the entry count (a string can add, never hide one)
+    for piece in toc_json_pieces(data, footer, limits):
+        h.update(piece)
+        size += len(piece)
+        window = carry + piece
+        names += window.count(b'"name"') - carry.count(b'"name"')
+        if names > limits.max_entries:
+            raise InvalidToc(
+                f"TOC at offset {footer.toc_offset}: more than {limits.max_entries} entries "
+                "(the limit on TOC entries)"
+            )
+        if hint is None:
+            hint = landmark_offset_hint(window)
+        carry = window[-(64 << 10) :]
+    return TocScan("sha256:" + h.hexdigest(), size, hint)
+
+
+_LANDMARK_ENTRY = re.compile(
+    rb'\{[^{}]*"name"\s*:\s*"(?:\./)?' + re.escape(PREFETCH_LANDMARK.encode()) + rb'"[^{}]*\}',
+    re.ASCII,
+)
+_OFFSET_FIELD = re.compile(rb'"offset"\s*:\s*(\d+)')
+
+
+def landmark_offset_hint(raw: bytes) -> int | None:
+    """The ``.prefetch.landmark`` entry's offset, found in TOC JSON text without decoding it.
+
+    A hint only, to start downloading the prefetch region early: the validated index decides
+    what is prefetched, and every chunk is verified before it is served, so a wrong hint
+    costs bytes, never correctness.
+    """
+    found = _LANDMARK_ENTRY.search(raw)
+    if found is None:
+        return None
+    offset = _OFFSET_FIELD.search(found.group(0))
+    return int(offset.group(1)) if offset is not None else None
+
+
+# -- the container: gzip member + tar entry, or a zstd frame ------------------------------
+
+
+def toc_json_pieces(
+    data: bytes, footer: Footer, limits: TocLimits = DEFAULT_LIMITS
+) -> Iterator[bytes]:
+    """The uncompressed TOC JSON of the compressed TOC bytes (:func:`toc_range`), in pieces
+    of at most :data:`PIECE` bytes; at most ``limits.max_bytes`` in all, else
+    :class:`InvalidToc` (raised while iterating)."""
     where = f"TOC at offset {footer.toc_offset}"
+    cap = min(limits.max_bytes, MAX_TOC_SIZE)
     if footer.compression == "zstd":
-        return _unzstd(data, footer, where)
-    return _toc_json_from_gzip_tar(data, where)
+        return _zstd_pieces(data, footer, cap, where)
+    return _gzip_tar_pieces(data, cap, where)
 
 
-def _unzstd(data: bytes, footer: Footer, where: str) -> bytes:
-    import zstandard
+class _Members(io.RawIOBase):
+    """Concatenated gzip members as one stream, inflating at most ``limit`` bytes."""
 
-    limit = footer.toc_uncompressed_size or MAX_TOC_SIZE
+    def __init__(self, data: bytes, limit: int, where: str) -> None:
+        self._rest = data  # members not started yet
+        self._in = b""  # input of the current member not consumed yet
+        self._d: Any = None
+        self._left = limit
+        self._where = where
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while True:
+            if self._d is None:
+                if not self._rest:
+                    return 0
+                self._d = zlib.decompressobj(wbits=31)
+                self._in, self._rest = self._rest, b""
+            if self._left <= 0:
+                raise InvalidToc(f"{self._where}: TOC inflates past the limit on TOC bytes")
+            try:
+                out = self._d.decompress(self._in, min(len(b), self._left))
+            except zlib.error as exc:
+                raise InvalidToc(f"{self._where}: TOC is not gzip: {exc}") from None
+            self._in = self._d.unconsumed_tail
+            if self._d.eof:
+                self._rest, self._d = self._d.unused_data, None
+            elif not out and not self._in:
+                raise InvalidToc(f"{self._where}: TOC gzip member is truncated")
+            if out:
+                self._left -= len(out)
+                b[: len(out)] = out
+                return len(out)
+
+
+def _gzip_tar_pieces(data: bytes, cap: int, where: str) -> Iterator[bytes]:
+    raw = _Members(data, cap + (64 << 10), where)  # room for the tar headers
     try:
-        d = zstandard.ZstdDecompressor().decompressobj()
-        raw = d.decompress(data)
-    except zstandard.ZstdError as exc:
-        raise InvalidToc(f"{where}: zstd TOC does not decompress: {exc}") from None
-    if len(raw) > limit:
-        raise InvalidToc(f"{where}: TOC inflates past {limit} bytes")
-    if footer.toc_uncompressed_size is not None and len(raw) != footer.toc_uncompressed_size:
-        raise InvalidToc(
-            f"{where}: TOC inflated to {len(raw)} bytes, footer says {footer.toc_uncompressed_size}"
-        )
-    return raw
-
-
-def _toc_json_from_gzip_tar(data: bytes, where: str) -> bytes:
-    out = bytearray()
-    rest = data
-    try:
-        while rest:
-            d = zlib.decompressobj(wbits=31)
-            out += d.decompress(rest, MAX_TOC_SIZE + 4096 - len(out))
-            if d.unconsumed_tail:
-                raise InvalidToc(f"{where}: TOC inflates past {MAX_TOC_SIZE} bytes")
-            if not d.eof:
-                raise InvalidToc(f"{where}: TOC gzip member is truncated")
-            rest = d.unused_data
-    except zlib.error as exc:
-        raise InvalidToc(f"{where}: TOC is not gzip: {exc}") from None
-    try:
-        with tarfile.open(fileobj=io.BytesIO(bytes(out)), mode="r:") as tar:
+        with tarfile.open(fileobj=io.BufferedReader(raw, PIECE), mode="r|") as tar:
             info = tar.next()
             if info is None:
                 raise InvalidToc(f"{where}: TOC member holds no tar entry")
             if info.name != TOC_TAR_NAME or not info.isreg():
                 raise InvalidToc(f"{where}: first tar entry is {info.name!r}, not {TOC_TAR_NAME}")
+            if info.size > cap:
+                raise InvalidToc(
+                    f"{where}: TOC is {info.size} bytes, over the limit on TOC bytes ({cap})"
+                )
             f = tar.extractfile(info)
             assert f is not None
-            raw = f.read()
+            left = info.size
+            while left:
+                piece = f.read(min(PIECE, left))
+                if not piece:
+                    raise InvalidToc(
+                        f"{where}: TOC entry truncated ({info.size - left} of {info.size} bytes)"
+                    )
+                left -= len(piece)
+                yield piece
     except (tarfile.TarError, EOFError) as exc:
         raise InvalidToc(f"{where}: TOC member is not a tar entry: {exc}") from None
-    if len(raw) != info.size:
-        raise InvalidToc(f"{where}: TOC entry truncated ({len(raw)} of {info.size} bytes)")
-    return raw
+
+
+def _zstd_pieces(data: bytes, footer: Footer, cap: int, where: str) -> Iterator[bytes]:
+    import zstandard
+
+    expected = footer.toc_uncompressed_size
+    if expected is not None and expected > cap:
+        raise InvalidToc(f"{where}: TOC is {expected} bytes, over the limit on TOC bytes ({cap})")
+    limit = expected if expected is not None else cap
+    total = 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
+        while True:
+            piece = reader.read(PIECE)
+            if not piece:
+                break
+            total += len(piece)
+            if total > limit:
+                raise InvalidToc(f"{where}: TOC inflates past {limit} bytes")
+            yield piece
+    except zstandard.ZstdError as exc:
+        raise InvalidToc(f"{where}: zstd TOC does not decompress: {exc}") from None
+    if expected is not None and total != expected:
+        raise InvalidToc(f"{where}: TOC inflated to {total} bytes, footer says {expected}")
+
+
+# -- the JSON, one entry at a time -------------------------------------------------------
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+class _JsonStream:
+    """JSON text arriving in UTF-8 pieces; values decoded one at a time from a window.
+
+    A value cut by the window's end is decoded again after reading more; the amount read
+    doubles on each retry, so a gigantic value costs linear time, not quadratic.
+    """
+
+    def __init__(self, pieces: Iterable[bytes], where: str) -> None:
+        self._pieces = iter(pieces)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("strict")
+        self._where = where
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+
+    def _more(self, want: int) -> None:
+        if self.pos:
+            self.buf = self.buf[self.pos :]
+            self.pos = 0
+        parts = [self.buf]
+        got = 0
+        try:
+            while got < want:
+                piece = next(self._pieces, None)
+                if piece is None:
+                    parts.append(self._utf8.decode(b"", final=True))
+                    self.eof = True
+                    break
+                parts.append(self._utf8.decode(piece))
+                got += len(piece)
+        except UnicodeDecodeError as exc:
+            raise InvalidToc(f"{self._where}: TOC is not UTF-8: {exc}") from None
+        self.buf = "".join(parts)
+
+    def peek(self) -> str:
+        """The next non-blank character ("" at the end)."""
+        while True:
+            self.pos = _WS.match(self.buf, self.pos).end()  # type: ignore[union-attr]
+            if self.pos < len(self.buf) or self.eof:
+                return self.buf[self.pos : self.pos + 1]
+            self._more(PIECE)
+
+    def expect(self, chars: str, what: str) -> str:
+        c = self.peek()
+        if not c or c not in chars:
+            found = repr(c) if c else "the end"
+            raise InvalidToc(f"{self._where}: not JSON: expected {what}, found {found}")
+        self.pos += 1
+        return c
+
+    def value(self) -> Any:
+        self.peek()
+        want = PIECE
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.buf, self.pos)
+            except ValueError as exc:
+                if self.eof:
+                    raise InvalidToc(f"{self._where}: not JSON: {exc}") from None
+            else:
+                if end < len(self.buf) or self.eof:  # a number may go on in the next piece
+                    self.pos = end
+                    return value
+            self._more(want)
+            want *= 2
+
+
+def iter_toc_entries(
+    pieces: Iterable[bytes], where: str = "TOC", limits: TocLimits = DEFAULT_LIMITS
+) -> Iterator[dict[str, Any]]:
+    """The entry objects of TOC JSON given in pieces, in order, one decoded at a time.
+
+    Raises :class:`InvalidToc` (while iterating) when the text is not a JSON object, its
+    ``entries`` is neither a list of objects nor ``null`` (``null`` = no entries), there are
+    more than ``limits.max_entries`` entries, or ``version`` is not 1 (checked at the end:
+    a consumer must discard what it built when iteration raises).
+    """
+    s = _JsonStream(pieces, where)
+    s.expect("{", "a JSON object")
+    seen_entries = False
+    version: Any = None
+    count = 0
+    if s.peek() == "}":
+        s.pos += 1
+    else:
+        while True:
+            key = s.value()
+            if not isinstance(key, str):
+                raise InvalidToc(f"{where}: not JSON: object key {key!r}")
+            s.expect(":", "':'")
+            if key == "entries":
+                if seen_entries:
+                    raise InvalidToc(f"{where}: 'entries' appears twice")
+                seen_entries = True
+                if s.peek() == "[":
+                    s.pos += 1
+                    if s.peek() == "]":
+                        s.pos += 1
+                    else:
+                        while True:
+                            entry = s.value()
+                            if not isinstance(entry, dict):
+                                raise InvalidToc(
+                                    f"{where}: entry {count} is a {type(entry).__name__}, "
+                                    "not an object"
+                                )
+                            count += 1
+                            if count > limits.max_entries:
+                                raise InvalidToc(
+                                    f"{where}: more than {limits.max_entries} entries "
+                                    "(the limit on TOC entries)"
+                                )
+                            yield entry
+                            if s.expect(",]", "',' or ']'") == "]":
+                                break
+                elif (v := s.value()) is not None:
+                    raise InvalidToc(f"{where}: 'entries' is a {type(v).__name__}, not a list")
+            else:
+                v = s.value()
+                if key == "version":
+                    version = v
+            if s.expect(",}", "',' or '}'") == "}":
+                break
+    if s.peek():
+        raise InvalidToc(f"{where}: not JSON: data after the TOC object")
+    if not seen_entries:
+        raise InvalidToc(f"{where}: no 'entries' list")
+    if version != 1 or isinstance(version, bool):
+        raise InvalidToc(f"{where}: unsupported TOC version {version!r}")
 
 
 def encode_toc(entries: list[dict[str, Any]]) -> bytes:

@@ -117,3 +117,45 @@ def test_go_and_we_list_the_zstdchunked_vector_alike(
     with v.blob.open("rb") as f:
         ours = list(listing(EstargzReader(BytesBlobSource(f.read()), v.meta["toc_digest"])))
     assert _go_listing(gocheck, v.blob, v.meta["toc_digest"]) == ours
+
+
+def _duplicates_tar() -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+
+    def add(name: str, type_: bytes = tarfile.REGTYPE, data: bytes = b"", **kw) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.size, ti.mode, ti.mtime = type_, len(data), kw.pop("mode", 0o644), 1_700_000_000
+        for k, v in kw.items():
+            setattr(ti, k, v)
+        tar.addfile(ti, io.BytesIO(data) if data else None)
+
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        add("conf", data=b"old\n")
+        add("conf", data=b"new\n")
+        add("d", tarfile.DIRTYPE, mode=0o755)
+        add("d/x", data=b"x\n")
+        add("d", tarfile.DIRTYPE, mode=0o700, uid=7)
+        add("s", tarfile.SYMTYPE, linkname="conf", mode=0o777)
+        add("s", data=b"now a file\n", mode=0o600)
+        add("f", data=b"a file first\n")
+        add("f", tarfile.SYMTYPE, linkname="conf", mode=0o777)
+        add("e", data=b"")
+        add("e", tarfile.DIRTYPE, mode=0o711)
+        add("e/in", data=b"in\n")
+    return buf.getvalue()
+
+
+def test_duplicate_names_the_later_entry_wins_as_in_go(gocheck: Path, tmp_path: Path) -> None:
+    """A name given twice, for every entry type: the later one wins (tar -x, the Go reader)."""
+    out = io.BytesIO()
+    res = convert(io.BytesIO(_duplicates_tar()), out)
+    blob = tmp_path / "dups.blob"
+    blob.write_bytes(out.getvalue())
+    r = EstargzReader(BytesBlobSource(out.getvalue()), res.toc_digest)
+    ours = list(listing(r))
+    assert _go_listing(gocheck, blob, res.toc_digest) == ours
+    assert r.read_file("conf") == b"new\n" and r.read_file("s") == b"now a file\n"
+    assert r.lookup("d").mode == 0o700 and r.lookup("d/x") is not None
+    assert r.lookup("f").type == "symlink" and r.lookup("e").type == "dir"

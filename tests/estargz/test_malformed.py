@@ -1,10 +1,19 @@
-"""One test per class of malformed input, each expecting its own typed error."""
+"""One test per class of malformed input, each expecting its own typed error.
+
+Every test of a malformed *layer* runs twice (``engine``): against the format library, and
+against the mounted store — the layer pushed to a real registry and looked up through the
+real FUSE mount, where the same error must come back as an errno (EIO) with one log line
+naming it, never a tree and never wrong bytes. The writer-input tests have no layer to mount.
+"""
 
 from __future__ import annotations
 
 import copy
+import errno
 import io
+import os
 import tarfile
+from pathlib import Path
 
 import pytest
 from fmt_helpers import encode_entries, replace_toc, toc_entries
@@ -42,30 +51,89 @@ def _open(data: bytes, digest: str | None = None) -> EstargzReader:
     return EstargzReader(BytesBlobSource(data), digest)
 
 
-def test_bad_footer(blob: bytes) -> None:
+class _Library:
+    name = "library"
+
+    def open(self, data: bytes, digest: str | None = None) -> EstargzReader:
+        return _open(data, digest)
+
+    def read(self, r: EstargzReader, path: str) -> bytes:
+        return r.read_file(path)
+
+
+class _Store:
+    name = "store"
+
+    def __init__(self, mounted) -> None:
+        self.mounted = mounted
+
+    def open(self, data: bytes, digest: str | None = None) -> Path:
+        diff, blob_digest = self.mounted.serve(data, digest)
+        try:
+            os.stat(diff)
+        except OSError as exc:
+            assert exc.errno == errno.EIO, exc
+            raise self.mounted.expect_refused(diff, blob_digest) from None
+        return diff
+
+    def read(self, diff: Path, path: str) -> bytes:
+        return self.mounted.read(diff / path)
+
+
+@pytest.fixture(scope="module")
+def mounted(tmp_path_factory):
+    import shutil
+
+    from harness.registry_server import RegistryServer
+    from tests.store.mounted import MountedStore
+
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry not installed")
+    work = tmp_path_factory.mktemp("malformed-store")
+    with RegistryServer(storage_dir=work / "registry") as reg:
+        store = MountedStore(work / "store", reg, "noprefetch = true\nno_background_fetch = true\n")
+        try:
+            yield store
+        finally:
+            store.stop()
+
+
+@pytest.fixture(params=["library", pytest.param("store", marks=pytest.mark.e2e)])
+def engine(request):
+    if request.param == "library":
+        return _Library()
+    return _Store(request.getfixturevalue("mounted"))
+
+
+def test_bad_footer(blob: bytes, engine) -> None:
     with pytest.raises(BadFooter, match="no eStargz, stargz or zstd:chunked footer"):
-        _open(blob[:-51] + b"\0" * 51)
+        engine.open(blob[:-51] + b"\0" * 51)
 
 
-def test_footer_with_non_hex_offset(blob: bytes) -> None:
+def test_footer_with_non_hex_offset(blob: bytes, engine) -> None:
     bad = bytearray(blob)
     bad[-51 + 16 : -51 + 20] = b"zzzz"
     with pytest.raises(BadFooter):
-        _open(bytes(bad))
+        engine.open(bytes(bad))
 
 
-def test_footer_pointing_outside_blob(blob: bytes) -> None:
+def test_footer_pointing_outside_blob(blob: bytes, engine) -> None:
     bad = blob[:-51] + estargz_footer_bytes(len(blob) * 2)
     with pytest.raises(BadFooter, match="outside the blob"):
-        _open(bad)
+        engine.open(bad)
 
 
-def test_blob_too_short_for_a_footer() -> None:
+def test_blob_too_short_for_a_footer(engine) -> None:
     with pytest.raises(TruncatedBlob, match="too short"):
-        parse_footer(b"\x1f\x8b" * 5, 10)
+        if engine.name == "library":
+            parse_footer(b"\x1f\x8b" * 5, 10)
+        else:
+            engine.open(b"\x1f\x8b" * 5, "sha256:" + "0" * 64)
 
 
 def test_source_that_under_delivers(blob: bytes) -> None:
+    # Library only: a BlobSource that lies about its size (the store's registry client has
+    # its own tests of short and wrong answers).
     class Short(BytesBlobSource):
         def size(self) -> int:
             return len(blob) + 100  # claims more bytes than it has
@@ -74,113 +142,121 @@ def test_source_that_under_delivers(blob: bytes) -> None:
         EstargzReader(Short(blob))
 
 
-def test_blob_cut_in_the_middle(blob: bytes) -> None:
+def test_blob_cut_in_the_middle(blob: bytes, engine) -> None:
     # Lost its tail: no footer any more.
     with pytest.raises(BadFooter):
-        _open(blob[: len(blob) // 2])
+        engine.open(blob[: len(blob) // 2])
 
 
-def test_toc_not_json(blob: bytes) -> None:
+def test_toc_not_json(blob: bytes, engine) -> None:
     with pytest.raises(InvalidToc, match="not JSON"):
-        _open(replace_toc(blob, b"{this is not json"))
+        engine.open(replace_toc(blob, b"{this is not json"))
 
 
-def test_toc_not_gzip(blob: bytes) -> None:
+def test_toc_not_gzip(blob: bytes, engine) -> None:
     footer = parse_footer(blob[-51:], len(blob))
     bad = blob[: footer.toc_offset] + b"garbage!" * 10 + estargz_footer_bytes(footer.toc_offset)
     with pytest.raises(InvalidToc, match="not gzip"):
-        _open(bad)
+        engine.open(bad)
 
 
-def test_toc_without_entries(blob: bytes) -> None:
+def test_toc_without_entries(blob: bytes, engine) -> None:
     with pytest.raises(InvalidToc, match="entries"):
-        _open(replace_toc(blob, b'{"version": 1}'))
+        engine.open(replace_toc(blob, b'{"version": 1}'))
 
 
-def test_toc_offset_outside_blob(blob: bytes) -> None:
+def test_toc_offset_outside_blob(blob: bytes, engine) -> None:
     entries = toc_entries(blob)
     e = next(e for e in entries if e.get("size", 0) > 0)
     e["offset"] = len(blob) + 1000
     with pytest.raises(TocOutOfRange, match=r"offset \d+ is at or past the TOC"):
-        _open(replace_toc(blob, encode_entries(entries)))
+        engine.open(replace_toc(blob, encode_entries(entries)))
 
 
-def test_toc_unknown_type(blob: bytes) -> None:
+def test_toc_unknown_type(blob: bytes, engine) -> None:
     entries = toc_entries(blob)
     entries[1]["type"] = "socket"
     with pytest.raises(InvalidToc, match="unknown type 'socket'"):
-        _open(replace_toc(blob, encode_entries(entries)))
+        engine.open(replace_toc(blob, encode_entries(entries)))
 
 
-def test_name_escaping_root(blob: bytes) -> None:
+def test_name_escaping_root(blob: bytes, engine) -> None:
     entries = toc_entries(blob)
     entries.append({"name": "../../etc/shadow", "type": "reg", "mode": 420})
     with pytest.raises(InvalidEntryName, match="escapes the layer root"):
-        _open(replace_toc(blob, encode_entries(entries)))
+        engine.open(replace_toc(blob, encode_entries(entries)))
 
 
-def test_hardlink_escaping_root(blob: bytes) -> None:
+def test_hardlink_escaping_root(blob: bytes, engine) -> None:
     entries = toc_entries(blob)
     entries.append({"name": "x", "type": "hardlink", "linkName": "a/../../x"})
     with pytest.raises(InvalidEntryName):
-        _open(replace_toc(blob, encode_entries(entries)))
+        engine.open(replace_toc(blob, encode_entries(entries)))
 
 
-def test_hardlink_to_nothing(blob: bytes) -> None:
+def test_hardlink_to_nothing(blob: bytes, engine) -> None:
     entries = toc_entries(blob)
     entries.append({"name": "x", "type": "hardlink", "linkName": "no/such/file"})
     with pytest.raises(InvalidToc, match="target not found"):
-        _open(replace_toc(blob, encode_entries(entries)))
+        engine.open(replace_toc(blob, encode_entries(entries)))
 
 
-def test_toc_digest_mismatch(blob: bytes) -> None:
+def test_toc_digest_mismatch(blob: bytes, engine) -> None:
     with pytest.raises(TocDigestMismatch, match="does not match the expected sha256:0000"):
-        _open(blob, "sha256:" + "0" * 64)
+        engine.open(blob, "sha256:" + "0" * 64)
 
 
-def test_chunk_digest_mismatch(blob: bytes) -> None:
+def test_chunk_digest_mismatch(blob: bytes, engine) -> None:
     entries = toc_entries(blob)
     e = next(e for e in entries if e["name"] == "etc/hostname")
     e["chunkDigest"] = "sha256:" + "1" * 64
-    r = _open(replace_toc(blob, encode_entries(entries)))
+    r = engine.open(replace_toc(blob, encode_entries(entries)))
     with pytest.raises(ChunkDigestMismatch, match=r"'etc/hostname' chunk at file offset 0"):
-        r.read_file("etc/hostname")
+        engine.read(r, "etc/hostname")
 
 
-def test_chunk_without_digest_is_not_served(blob: bytes) -> None:
+def test_chunk_without_digest_is_not_served(blob: bytes, engine) -> None:
     entries = toc_entries(blob)
     e = next(e for e in entries if e["name"] == "etc/hostname")
     del e["chunkDigest"]
-    r = _open(replace_toc(blob, encode_entries(entries)))
+    r = engine.open(replace_toc(blob, encode_entries(entries)))
     with pytest.raises(ChunkDigestMismatch, match="no sha256 chunkDigest"):
-        r.read_file("etc/hostname")
+        engine.read(r, "etc/hostname")
 
 
-def test_corrupt_chunk_bytes(blob: bytes) -> None:
+def test_corrupt_chunk_bytes(blob: bytes, engine) -> None:
     r = _open(blob)
     c = r.lookup("usr/bin/tool").chunks[0]
     bad = bytearray(blob)
     bad[c.offset : c.offset + 40] = b"\xff" * 40
     with pytest.raises(CorruptChunk, match="not gzip"):
-        _open(bytes(bad)).read_file("usr/bin/tool")
+        engine.read(engine.open(bytes(bad)), "usr/bin/tool")
 
 
-def test_file_digest_mismatch(chunked_blob: bytes) -> None:
+def test_file_digest_mismatch(chunked_blob: bytes, engine) -> None:
     entries = toc_entries(chunked_blob)
     e = next(e for e in entries if e["name"] == "big/random.bin" and e["type"] == "reg")
     e["digest"] = "sha256:" + "2" * 64
+    if engine.name == "store":
+        # The store verifies every chunk it serves (as the Go store does): the bytes served
+        # are exactly the file's, whatever the whole-file digest field says.
+        diff = engine.open(replace_toc(chunked_blob, encode_entries(entries)))
+        assert engine.read(diff, "big/random.bin") == _open(chunked_blob).read_file(
+            "big/random.bin"
+        )
+        return
     r = _open(replace_toc(chunked_blob, encode_entries(entries)))
     assert r.read_file("big/random.bin", 0, 10)  # chunks themselves are fine
     with pytest.raises(FileDigestMismatch, match=r"big/random\.bin"):
         r.verify_all()
 
 
-def test_chunks_not_covering_file(blob: bytes) -> None:
+def test_chunks_not_covering_file(blob: bytes, engine) -> None:
     entries = toc_entries(blob)
     e = next(e for e in entries if e["name"] == "usr/bin/tool")
     e["chunkSize"] = 100  # claims a first chunk of 100 bytes, and no other chunk follows
     with pytest.raises(InvalidToc, match="chunks cover 100 of its 70000 bytes"):
-        _open(replace_toc(blob, encode_entries(entries)))
+        engine.open(replace_toc(blob, encode_entries(entries)))
 
 
 # -- writer input -------------------------------------------------------------------------
@@ -216,9 +292,9 @@ def test_writer_rejects_bad_zstd() -> None:
         convert(io.BytesIO(b"\x28\xb5\x2f\xfd" + b"\xff" * 100), io.BytesIO())
 
 
-def test_unmodified_copy_still_reads(blob: bytes) -> None:
+def test_unmodified_copy_still_reads(blob: bytes, engine) -> None:
     """Sanity for the helpers above: replacing the TOC with itself keeps a valid layer."""
     entries = copy.deepcopy(toc_entries(blob))
-    r = _open(replace_toc(blob, encode_entries(entries)))
-    assert r.read_file("etc/hostname") == _open(blob).read_file("etc/hostname")
-    assert len(r.read_file("etc/hostname")) == 5
+    r = engine.open(replace_toc(blob, encode_entries(entries)))
+    assert engine.read(r, "etc/hostname") == _open(blob).read_file("etc/hostname")
+    assert len(engine.read(r, "etc/hostname")) == 5

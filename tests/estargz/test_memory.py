@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import tarfile
 import tracemalloc
+import zlib
 from collections.abc import Iterator
 
 from store.estargz import convert
@@ -72,3 +73,85 @@ def test_peak_memory_is_bounded() -> None:
     assert res.uncompressed_size > big
     assert sink.size == res.size
     assert peak < 64 * MiB, f"peak traced memory {peak / MiB:.0f} MiB for a {big // MiB} MiB layer"
+
+
+_INDEX_PROBE = r"""
+import ctypes, gc, json, sys
+from store.estargz import footer as F, LayerIndex, scan_toc, toc_json_pieces
+from store.tree import LayerTree
+
+ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX = 1, as the store runs (store/cli.py)
+data = open(sys.argv[1], "rb").read()
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+
+footer = F.parse_footer(data[-F.ESTARGZ_FOOTER_SIZE:], len(data))
+toc = data[footer.toc_offset : len(data) - F.ESTARGZ_FOOTER_SIZE]
+del data
+gc.collect()
+base = rss("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+scan = scan_toc(toc, footer)
+index = LayerIndex.from_toc_json(
+    toc_json_pieces(toc, footer), toc_offset=footer.toc_offset, compression="gzip"
+)
+tree = LayerTree(index)
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+print(json.dumps({"entries": len(index.entries), "retained": rss("VmRSS") - base,
+                  "peak": rss("VmHWM") - base, "base": base}))
+"""
+
+
+def test_index_of_100k_entries_fits_the_store_memory_budget(tmp_path) -> None:
+    """The validated index + overlay view of a 100,000-entry layer, retained and at peak,
+    leave room under the store's 150 MB RSS target (the store process itself is ~55 MB)."""
+    import json
+    import subprocess
+    import sys
+
+    from store.estargz import estargz_footer_bytes
+    from store.estargz.toc import encode_toc
+
+    entries = []
+    offset = 100
+    for d in range(1000):
+        entries.append({"name": f"d{d:04d}/", "type": "dir", "mode": 493})
+        for f in range(99):
+            digest = "sha256:" + f"{d * 100 + f:064x}"
+            entries.append(
+                {
+                    "name": f"d{d:04d}/f{f:03d}",
+                    "type": "reg",
+                    "size": 6,
+                    "modtime": "2024-01-01T00:00:00Z",
+                    "mode": 420,
+                    "offset": offset,
+                    "digest": digest,
+                    "chunkDigest": digest,
+                }
+            )
+            offset += 80
+    raw = encode_toc(entries)
+    ti = tarfile.TarInfo("stargz.index.json")
+    ti.size = len(raw)
+    member = ti.tobuf(tarfile.USTAR_FORMAT) + raw + bytes(-len(raw) % 512) + bytes(1024)
+    blob = tmp_path / "toc.blob"
+    blob.write_bytes(
+        bytes(offset) + zlib.compress(member, 6, wbits=31) + estargz_footer_bytes(offset)
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _INDEX_PROBE, str(blob)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    got = json.loads(out.stdout)
+    print(f"100k-entry index: {got}")
+    assert got["entries"] == 100_001
+    assert got["retained"] < 80, got
+    assert got["peak"] < 95, got

@@ -1,0 +1,225 @@
+"""The one TOC → validated index path: ordering rules, caps, hostile shapes (no blob needed).
+
+Entries are applied in TOC order as ``tar -x`` applies members; the Go reader agrees on the
+duplicates it can represent (checked in ``test_go_reader`` style by the gocheck listing).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from store.estargz import InvalidEntryName, InvalidToc, LayerIndex, TocLimits, TocOutOfRange
+from store.estargz.toc import iter_toc_entries
+
+TOC_OFFSET = 1 << 20
+
+
+def build(entries: list[dict], limits: TocLimits | None = None) -> LayerIndex:
+    text = json.dumps({"version": 1, "entries": entries}).encode()
+    pieces = [text[i : i + 7] for i in range(0, len(text), 7)]  # values cut anywhere
+    return LayerIndex.from_toc_json(pieces, toc_offset=TOC_OFFSET, limits=limits or TocLimits())
+
+
+def reg(name: str, size: int = 0, offset: int = 0, **kw) -> dict:
+    return {"name": name, "type": "reg", "size": size, "offset": offset, **kw}
+
+
+@pytest.mark.parametrize("body", [b'{"version":1,"entries":null}', b'{"entries":[],"version":1}'])
+def test_entries_null_and_empty_list_are_an_empty_layer(body: bytes) -> None:
+    idx = LayerIndex.from_toc_json([body], toc_offset=100)
+    assert [name for name, _ in idx.names()] == [""] and idx.entries == [idx.root]
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        (b'{"version":1}', "no 'entries'"),
+        (b'{"version":2,"entries":[]}', "version 2"),
+        (b'{"version":1,"entries":{}}', "not a list"),
+        (b'{"version":1,"entries":[1]}', "entry 0 is a int"),
+        (b'{"version":1,"entries":[]} x', "data after"),
+        (b'{"version":1,"entries":[{"name":"a","type":"dir"}', "expected"),
+        (b"[]", "expected a JSON object"),
+    ],
+)
+def test_toc_shape_errors(body: bytes, match: str) -> None:
+    with pytest.raises(InvalidToc, match=match):
+        LayerIndex.from_toc_json([body], toc_offset=100)
+
+
+@pytest.mark.parametrize(
+    "entry, match",
+    [
+        (reg("a", size="5"), "size is '5'"),
+        (reg("a", mode=True), "mode is True"),
+        (reg("a", uid=-1), "uid is -1"),
+        (reg("a", uid=1 << 40), "uid is"),
+        (reg("a", size=1.5), "size is 1.5"),
+        ({"name": 5, "type": "reg"}, "name is 5"),
+        ({"name": "a", "type": ["reg"]}, "unknown type"),
+        (reg("a", xattrs={"user.x": "***"}), "not base64"),
+        (reg("a", xattrs={"user.x": 5}), "not base64"),
+        (reg("a", xattrs=[1]), "xattrs is not an object"),
+        (reg("a", digest=7), "digest is 7"),
+        ({"name": "l", "type": "symlink", "linkName": 3}, "linkName is 3"),
+    ],
+)
+def test_wrong_json_types_are_refused(entry: dict, match: str) -> None:
+    with pytest.raises(InvalidToc, match=match):
+        build([entry])
+
+
+@pytest.mark.parametrize(
+    "entries, error, match",
+    [
+        ([reg("../../etc/evil")], InvalidEntryName, "escapes the layer root"),
+        ([reg("f"), reg("f/x")], InvalidToc, "'f' is a reg, not a directory"),
+        ([{"name": "l", "type": "symlink", "linkName": "/"}, reg("l/x")], InvalidToc, "symlink"),
+        ([{"name": "h", "type": "hardlink", "linkName": "nope"}], InvalidToc, "not found"),
+        (
+            [{"name": "h", "type": "hardlink", "linkName": "later"}, reg("later")],
+            InvalidToc,
+            "not found",
+        ),
+        (
+            [{"name": "d", "type": "dir"}, {"name": "h", "type": "hardlink", "linkName": "d"}],
+            InvalidToc,
+            "is a directory",
+        ),
+        ([reg("a" * 256)], InvalidEntryName, "longer than Linux allows"),
+        ([reg("a/" * 2048 + "f")], InvalidEntryName, "longer than Linux allows"),
+        ([reg("a\0b")], InvalidEntryName, "NUL"),
+        ([{"name": "", "type": "reg"}], InvalidToc, "root is a reg"),
+        ([reg("f", 100, 10, chunkSize=10)], InvalidToc, "chunks cover 10 of its 100 bytes"),
+        (
+            [
+                reg("f", 100, 10, chunkSize=60),
+                {"name": "f", "type": "chunk", "offset": 20, "chunkOffset": 50, "chunkSize": 50},
+            ],
+            InvalidToc,
+            "does not continue the file",
+        ),
+        (
+            [
+                reg("f", 100, 10, chunkSize=60),
+                {"name": "f", "type": "chunk", "offset": 20, "chunkOffset": 70, "chunkSize": 30},
+            ],
+            InvalidToc,
+            "does not continue the file",
+        ),
+        (
+            [
+                reg("f", 100, 10, chunkSize=60),
+                {"name": "f", "type": "chunk", "offset": 20, "chunkOffset": 60, "chunkSize": 50},
+            ],
+            InvalidToc,
+            "does not continue the file",
+        ),
+        ([{"name": "f", "type": "chunk", "offset": 20}], InvalidToc, "does not follow its file"),
+        ([reg("f", 5, TOC_OFFSET)], TocOutOfRange, "at or past the TOC"),
+        ([reg("f", 5, 1 << 50)], TocOutOfRange, "at or past the TOC"),
+        ([{"name": "l", "type": "symlink", "linkName": "x" * 5000}], InvalidToc, "4095"),
+    ],
+)
+def test_hostile_entries_are_refused(entries, error, match) -> None:
+    with pytest.raises(error, match=match):
+        build(entries)
+
+
+def test_later_entry_wins_for_every_type() -> None:
+    idx = build(
+        [
+            reg("conf", 4, 10, digest="sha256:old"),
+            reg("conf", 4, 20, digest="sha256:new"),
+            {"name": "d/", "type": "dir", "mode": 0o755},
+            reg("d/kept", 0),
+            {"name": "d/", "type": "dir", "mode": 0o700, "uid": 7},
+            {"name": "s", "type": "symlink", "linkName": "target"},
+            reg("s", 0, mode=0o600),
+            reg("f2l", 0),
+            {"name": "f2l", "type": "symlink", "linkName": "x"},
+            {"name": "x/", "type": "dir"},
+            reg("x/gone", 0),
+            reg("x", 0),  # a directory replaced by a file: its subtree goes, as with tar -x
+            reg("y", 0),
+            {"name": "y/", "type": "dir", "mode": 0o711},
+            reg("y/in", 0),
+            reg("t", 0),
+            {"name": "hl", "type": "hardlink", "linkName": "t"},
+            reg("t", 0, mode=0o640),  # the link keeps the old file, as tar -x leaves it
+        ]
+    )
+    assert idx.lookup("conf").digest == "sha256:new"
+    assert idx.lookup("conf").chunks[0].offset == 20
+    d = idx.lookup("d")
+    assert d.mode == 0o700 and d.uid == 7 and "kept" in d.children
+    assert idx.lookup("s").type == "reg" and idx.lookup("f2l").type == "symlink"
+    assert idx.lookup("x").type == "reg" and idx.lookup("x/gone") is None
+    assert idx.lookup("y").mode == 0o711 and idx.lookup("y/in") is not None
+    assert idx.lookup("hl") is not idx.lookup("t") and idx.lookup("hl").nlink == 1
+    assert idx.hardlink_target("hl") is None  # "t" names another file now
+    assert idx.root.nlink == 2 + 2  # d and y
+    # Numbering: every node of the final tree once, root first; replaced entries are gone.
+    assert idx.entries[0] is idx.root and [e.ino for e in idx.entries] == list(
+        range(len(idx.entries))
+    )
+    assert len({id(e) for e in idx.entries}) == len(idx.entries) == 1 + 10
+    assert [c.name for c in idx.all_chunks()] == ["conf"]
+
+
+def test_deep_nesting_builds_without_recursion() -> None:
+    deep = "a/" * 2000 + "f"  # 4001 bytes: within PATH_MAX
+    idx = build([reg(deep)])
+    assert idx.lookup(deep) is not None and len(idx.entries) == 2002
+
+
+def test_entry_cap_stops_decoding_early() -> None:
+    entries = [{"name": f"f{i}", "type": "reg"} for i in range(1000)]
+    with pytest.raises(InvalidToc, match="more than 100 entries"):
+        build(entries, TocLimits(max_entries=100))
+    assert len(build(entries, TocLimits(max_entries=1000)).entries) == 1001
+
+
+def test_a_gigantic_name_is_decoded_in_linear_time_and_refused() -> None:
+    text = json.dumps({"version": 1, "entries": [reg("x" * (16 << 20))]}).encode()
+    start = time.monotonic()
+    pieces = [text[i : i + (1 << 16)] for i in range(0, len(text), 1 << 16)]
+    with pytest.raises(InvalidEntryName, match="longer than Linux allows"):
+        LayerIndex.from_toc_json(pieces, toc_offset=100)
+    assert time.monotonic() - start < 5
+
+
+def test_iter_toc_entries_yields_dicts_in_order() -> None:
+    text = b'{"entries":[{"name":"a","type":"dir"},{"name":"b","type":"reg"}],"version":1}'
+    assert [e["name"] for e in iter_toc_entries([text])] == ["a", "b"]
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_chunk_inflating_past_its_size_is_refused_without_inflating_it(compression) -> None:
+    import hashlib
+    import tracemalloc
+    import zlib
+
+    import zstandard
+
+    from store.estargz import Chunk, ChunkDigestMismatch, decompress_chunk
+
+    bomb_size = 128 << 20
+    if compression == "zstd":
+        bomb = zstandard.ZstdCompressor(level=1).compress(bytes(bomb_size))
+    else:
+        z = zlib.compressobj(1, wbits=31)
+        bomb = b"".join(z.compress(bytes(1 << 20)) for _ in range(bomb_size >> 20)) + z.flush()
+    digest = "sha256:" + hashlib.sha256(b"\1" * 10).hexdigest()
+    chunk = Chunk("bomb", 0, 10, 0, len(bomb), 0, digest, compression)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChunkDigestMismatch):
+            decompress_chunk(chunk, bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20  # only the 10 bytes asked for were inflated
