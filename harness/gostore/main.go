@@ -14,7 +14,7 @@
 //	request_timeout_sec = N      // 0: 30 s, < 0: no timeout
 //
 // Credentials come from the docker config file (DOCKER_CONFIG or ~/.docker/config.json), as
-// upstream's v0.12 store took them; they are sent to the origin and its mirrors alike.
+// upstream's v0.12 store took them: each host, origin or mirror, gets those stored for it.
 // All other keys are those of fs/config.Config; keys this store does not know (lazybench's
 // own, such as metrics_address) are ignored. SIGINT or SIGTERM unmounts and exits 0.
 package main
