@@ -85,6 +85,19 @@ def test_build_key_follows_every_input(monkeypatch) -> None:
     assert base.key != gostore.GoStoreBuild("a" * 64, "go1.19.8", "0.12.0-3").key
 
 
+def test_ls_says_what_to_run_when_the_go_store_is_not_built(tmp_path, capsys) -> None:
+    import json
+
+    assert cli_main(["stores", "ls", "--json", "--cache-dir", str(tmp_path)]) == 0
+    rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["ours"]["path"].endswith("stargz-store")
+    assert rows["go"]["command"] == "{go-stargz-store}" and rows["go"]["path"] == ""
+    assert (
+        "lazybench stores build go" in rows["go"]["status"]
+        or "cannot build" in (rows["go"]["status"])
+    )
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_cli_builds_into_the_cache_and_reuses_it(capsys) -> None:
