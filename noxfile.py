@@ -1,4 +1,4 @@
-"""Entry points: `nox -s tests`, `nox -s bench`, `nox -s lint`.
+"""Entry points: `nox -s tests`, `nox -s bench`, `nox -s lint`, `nox -s fuzz`.
 
 Each session makes sure the Debian packages it needs are present (through
 `ci/install-system-deps`) before installing the Python packages into its own virtualenv.
@@ -55,6 +55,18 @@ def microbench(session: nox.Session) -> None:
         *session.posargs,
         env={"LAZYBENCH_BENCH": "1", **os.environ},
     )
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Coverage-guided fuzzing of the format parsers and the writer (atheris), not in `tests`.
+
+    `nox -s fuzz -- [--seconds N] [TARGET...]`: each target (fuzz/targets/) for N seconds
+    (default 600); exits non-zero when an input raises anything but the target's typed errors,
+    and saves it to fuzz/regressions/<target>/, which `nox -s tests` replays.
+    """
+    session.install("-e", ".[fuzz]")
+    session.run("python", "-m", "fuzz.run", *session.posargs, env={"PYTHONUNBUFFERED": "1"})
 
 
 @nox.session

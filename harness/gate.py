@@ -1,6 +1,15 @@
-"""``lazybench compare BASE NEW [--gate]``: per workload × mode deltas between two runs, and
-the thresholds a new run must keep against a base run (a gate file; the default one ships in
-the package as ``harness/data/gate.toml``)."""
+"""``lazybench compare BASE NEW [--gate]``: per cell (workload × mode × store) changes between
+two runs, and the thresholds a new run must keep against a base run (a gate file; the default
+one ships in the package as ``harness/data/gate.toml``).
+
+Each change comes with a 95 % bootstrap interval and a one-sided Mann–Whitney U test that the
+new samples are larger (:func:`harness.stats.compare_samples`). The gate fails a slow-down or
+a growth in bytes only when it is both past the gate's thresholds and significant
+(p ≤ ``alpha``); it always fails on a lazy measurement of the new run that fell back to a full
+pull, and on a cell of the base run missing from the new one (``fail_on_missing``). Cells with
+too few samples or too wide a spread are named as warnings: no change there can be told
+from noise.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +17,21 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from harness.cli import UserError
-from harness.records import RECORDS, read_environment, read_records
+from harness.records import RECORDS, Record, read_environment, read_records, sort_records
 from harness.report import fmt
-from harness.stats import aggregate, records_frame
+from harness.stats import (
+    bootstrap_interval,
+    compare_samples,
+    median_of,
+    mode_rank,
+    spread_too_wide,
+)
 
 DEFAULT_GATE = resources.files("harness") / "data" / "gate.toml"
 
@@ -30,6 +47,7 @@ class Gate:
     min_fetched_increase_mb: float = 1.0
     max_ratio: dict[str, float] = field(default_factory=dict)  # mode -> lazy/legacy ceiling
     fail_on_missing: bool = True
+    alpha: float = 0.05  # a change is significant when its Mann–Whitney p-value is ≤ alpha
 
 
 def load_gate(path: Path | None = None) -> Gate:
@@ -45,7 +63,7 @@ def load_gate(path: Path | None = None) -> Gate:
         raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
-    allowed = {"statistic", "total", "fetched", "ratio", "fail_on_missing"}
+    allowed = {"statistic", "total", "fetched", "ratio", "fail_on_missing", "alpha"}
     for key in data:
         if key not in allowed:
             raise UserError(f"{path}: {key}: unknown key (allowed: {', '.join(sorted(allowed))})")
@@ -71,6 +89,9 @@ def load_gate(path: Path | None = None) -> Gate:
     fail_on_missing = data.get("fail_on_missing", True)
     if not isinstance(fail_on_missing, bool):
         raise UserError(f"{path}: fail_on_missing: must be true or false")
+    alpha = data.get("alpha", 0.05)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise UserError(f"{path}: alpha: must be a number between 0 and 1, got {alpha!r}")
     return Gate(
         statistic=statistic,
         max_total_increase_pct=num("total", "max_increase_pct", 25.0),
@@ -79,98 +100,191 @@ def load_gate(path: Path | None = None) -> Gate:
         min_fetched_increase_mb=num("fetched", "min_increase_mb", 1.0),
         max_ratio={k: float(v) for k, v in ratio.items()},
         fail_on_missing=fail_on_missing,
+        alpha=float(alpha),
     )
 
 
-def _run_aggregate(run_dir: Path) -> tuple[pd.DataFrame, float]:
+def _run_records(run_dir: Path) -> tuple[list[Record], float]:
     run_dir = Path(run_dir)
     if not (run_dir / RECORDS).exists():
         raise UserError(f"{run_dir}: no {RECORDS} here (not a run directory?)")
     env = read_environment(run_dir)
     percentile = float(env.get("scenario", {}).get("percentile", 95))
-    df = records_frame(read_records(run_dir))
-    if df.empty:
+    records = sort_records(read_records(run_dir), env)
+    if not any(r.status in ("ok", "fell-back") for r in records):
         raise UserError(f"{run_dir}: no successful measurements")
-    return aggregate(df, percentile), percentile
+    return records, percentile
+
+
+def _cells(records: list[Record]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in records:
+        cell = cells.setdefault(
+            (r.workload, r.mode, r.store), {"total": [], "mb": [], "fell_back": [], "n": 0}
+        )
+        if r.status == "ok" and r.total_s is not None:
+            cell["total"].append(r.total_s)
+            if r.bytes_fetched is not None:
+                cell["mb"].append(r.bytes_fetched / 1e6)
+        elif r.status == "fell-back":
+            cell["fell_back"].append(r)
+    return cells
 
 
 def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFrame:
-    """Per workload × mode: base and new total and MB fetched, and their deltas."""
-    a, _ = _run_aggregate(base)
-    b, _ = _run_aggregate(new)
-    stat = "median" if statistic == "median" else "p"
-    cols = {f"total_{stat}": "total", f"mb_fetched_{stat}": "mb"}
-    a = a[["workload", "mode", *cols]].rename(columns={k: f"{v}_base" for k, v in cols.items()})
-    b = b[["workload", "mode", *cols]].rename(columns={k: f"{v}_new" for k, v in cols.items()})
-    out = a.merge(b, on=["workload", "mode"], how="outer", sort=False)
-    order = {
-        k: i
-        for i, k in enumerate(
-            [
-                *zip(a["workload"], a["mode"], strict=True),
-                *zip(b["workload"], b["mode"], strict=True),
-            ]
-        )
-    }
-    out["_o"] = [order[k] for k in zip(out["workload"], out["mode"], strict=True)]
-    out = out.sort_values("_o").drop(columns="_o").reset_index(drop=True)
-    out["total_delta_s"] = out["total_new"] - out["total_base"]
+    """Per cell (workload × mode × store) of either run: the base and new statistic of the
+    total (s) and of the MB fetched, their change with its 95 % bootstrap interval
+    (``total_lo``/``total_hi``, ``mb_lo``/``mb_hi``), the change in percent, the one-sided
+    Mann–Whitney p-value that new is larger (``total_p_value``, ``mb_p_value``), sample
+    counts (``n_base``, ``n_new``), the new run's fallbacks (``fell_back_new`` and the last
+    ``fallback_reason``) and ``noisy`` (too few samples or too wide a spread to tell)."""
+    base_records, percentile = _run_records(base)
+    new_records, _ = _run_records(new)
+    a, b = _cells(base_records), _cells(new_records)
+    keys = list(dict.fromkeys([*a, *b]))
+    workloads = list(dict.fromkeys(k[0] for k in keys))
+    # Stable: stores keep the scenario's order (sort_records), the first store first.
+    keys.sort(key=lambda k: (workloads.index(k[0]), mode_rank(k[1]), k[2] != ""))
+    rows = []
+    nan = float("nan")
+    for key in keys:
+        ca = a.get(key, {"total": [], "mb": [], "fell_back": []})
+        cb = b.get(key, {"total": [], "mb": [], "fell_back": []})
+        row: dict[str, Any] = dict(zip(("workload", "mode", "store"), key, strict=True))
+        row["n_base"], row["n_new"] = len(ca["total"]), len(cb["total"])
+        for metric in ("total", "mb"):
+            if ca[metric] and cb[metric]:
+                ch = compare_samples(ca[metric], cb[metric], statistic, percentile)
+                values = (ch.base, ch.new, ch.delta, ch.lo, ch.hi, ch.p_value)
+            else:
+                one = _stat(ca[metric] or cb[metric], statistic, percentile)
+                values = (
+                    one if ca[metric] else nan,
+                    one if cb[metric] else nan,
+                    nan,
+                    nan,
+                    nan,
+                    nan,
+                )
+            delta_name = "total_delta_s" if metric == "total" else "mb_delta"
+            names = [f"{metric}_{x}" for x in ("base", "new", "lo", "hi", "p_value")]
+            names.insert(2, delta_name)
+            row.update(zip(names, values, strict=True))
+        row["fell_back_new"] = len(cb["fell_back"])
+        row["fallback_reason"] = cb["fell_back"][-1].error if cb["fell_back"] else ""
+        row["noisy"] = _noisy(ca["total"]) or _noisy(cb["total"])
+        rows.append(row)
+    out = pd.DataFrame(rows)
     out["total_delta_pct"] = 100.0 * out["total_delta_s"] / out["total_base"]
-    out["mb_delta"] = out["mb_new"] - out["mb_base"]
     out["mb_delta_pct"] = 100.0 * out["mb_delta"] / out["mb_base"]
     return out
 
 
+def _stat(values: list[float], statistic: str, percentile: float) -> float:
+    s = pd.Series(values, dtype=float)
+    return float(s.median() if statistic == "median" else s.quantile(percentile / 100.0))
+
+
+def _noisy(values: list[float]) -> bool:
+    """Too few samples to test, or a median whose bootstrap interval is wider than
+    :data:`harness.stats.WIDE_SPREAD` of it (:func:`harness.stats.spread_too_wide`)."""
+    if not values:
+        return False
+    median = float(np.median(values))
+    lo, hi = bootstrap_interval(values, median_of)
+    return spread_too_wide(median, lo, hi)
+
+
+def _where(r: Any) -> str:
+    return f"{r['workload']}/{r['mode']}" + (f" [{r['store']}]" if r["store"] else "")
+
+
 def gate_failures(cmp: pd.DataFrame, gate: Gate) -> list[str]:
-    """Why the new run fails the gate (empty: it passes)."""
+    """Why the new run fails the gate (empty: it passes): fallbacks, missing cells, changes
+    both significant and past the thresholds, lazy ÷ legacy ratios over their ceilings."""
     problems = []
     for _, r in cmp.iterrows():
-        where = f"{r['workload']}/{r['mode']}"
+        where = _where(r)
+        if r["fell_back_new"]:
+            problems.append(
+                f"{where}: {r['fell_back_new']} of {r['fell_back_new'] + r['n_new']} "
+                f"measurements fell back to a full pull: {r['fallback_reason']}"
+            )
         if pd.isna(r["total_new"]):
-            if gate.fail_on_missing:
+            if gate.fail_on_missing and not pd.isna(r["total_base"]) and not r["fell_back_new"]:
                 problems.append(f"{where}: missing from the new run")
             continue
         if pd.isna(r["total_base"]):
             continue
+        significant = not pd.isna(r["total_p_value"]) and r["total_p_value"] <= gate.alpha
         if (
-            r["total_delta_s"] > gate.min_total_increase_s
+            significant
+            and r["total_delta_s"] > gate.min_total_increase_s
             and r["total_delta_pct"] > gate.max_total_increase_pct
         ):
             problems.append(
                 f"{where}: total {r['total_base']:.2f}s → {r['total_new']:.2f}s "
-                f"(+{r['total_delta_pct']:.0f}% > {gate.max_total_increase_pct:g}%)"
+                f"(+{r['total_delta_pct']:.0f}% > {gate.max_total_increase_pct:g}%, "
+                f"Δ 95% CI [{r['total_lo']:+.2f}, {r['total_hi']:+.2f}] s, "
+                f"p = {r['total_p_value']:.3f})"
             )
+        significant = not pd.isna(r["mb_p_value"]) and r["mb_p_value"] <= gate.alpha
         if (
-            not pd.isna(r["mb_delta"])
+            significant
+            and not pd.isna(r["mb_delta"])
             and r["mb_delta"] > gate.min_fetched_increase_mb
             and r["mb_delta_pct"] > gate.max_fetched_increase_pct
         ):
             problems.append(
                 f"{where}: fetched {r['mb_base']:.1f} MB → {r['mb_new']:.1f} MB "
-                f"(+{r['mb_delta_pct']:.0f}% > {gate.max_fetched_increase_pct:g}%)"
+                f"(+{r['mb_delta_pct']:.0f}% > {gate.max_fetched_increase_pct:g}%, "
+                f"p = {r['mb_p_value']:.3f})"
             )
     for mode, ceiling in gate.max_ratio.items():
         for workload in dict.fromkeys(cmp["workload"]):
-            rows = cmp[cmp["workload"] == workload].set_index("mode")["total_new"]
-            if mode in rows and "legacy" in rows and rows["legacy"] > 0:
-                ratio = rows[mode] / rows["legacy"]
-                if ratio > ceiling:
-                    problems.append(
-                        f"{workload}/{mode}: {mode} ÷ legacy = {ratio:.2f} > {ceiling:g}"
-                    )
+            rows = cmp[cmp["workload"] == workload]
+            legacy = rows[rows["mode"] == "legacy"]["total_new"]
+            lazy = rows[rows["mode"] == mode]
+            if legacy.empty or lazy.empty or not legacy.iloc[0] > 0:
+                continue
+            first = lazy.iloc[0]  # the first store's (stores keep their scenario order)
+            ratio = first["total_new"] / legacy.iloc[0]
+            if ratio > ceiling:
+                problems.append(f"{workload}/{mode}: {mode} ÷ legacy = {ratio:.2f} > {ceiling:g}")
     return problems
 
 
+def gate_warnings(cmp: pd.DataFrame) -> list[str]:
+    """Cells where no change can be told from noise (too few samples or too wide a spread)."""
+    return [
+        f"{_where(r)}: too few samples or too wide a spread to tell a change from noise "
+        f"({r['n_base']} base, {r['n_new']} new samples)"
+        for _, r in cmp.iterrows()
+        if r["noisy"]
+    ]
+
+
 def compare_table(cmp: pd.DataFrame) -> str:
+    """One row per cell: totals, Δ with its 95 % interval, Δ %, the Mann–Whitney p-value,
+    MB fetched and its Δ %, and a note (fell back, noisy)."""
     lines = [
-        "| workload | mode | total base (s) | total new (s) | Δ s | Δ % "
-        "| MB base | MB new | Δ MB % |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | mode | store | total base (s) | total new (s) | Δ s [95% CI] | Δ % "
+        "| p (new > base) | MB base | MB new | Δ MB % | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for _, r in cmp.iterrows():
+        delta = fmt(r["total_delta_s"])
+        if not pd.isna(r["total_lo"]):
+            delta += f" [{r['total_lo']:+.2f}, {r['total_hi']:+.2f}]"
+        notes = []
+        if r["fell_back_new"]:
+            notes.append(f"**fell back {r['fell_back_new']}**")
+        if r["noisy"]:
+            notes.append("⚠ noisy")
         lines.append(
-            f"| {r['workload']} | {r['mode']} | {fmt(r['total_base'])} | {fmt(r['total_new'])} "
-            f"| {fmt(r['total_delta_s'])} | {fmt(r['total_delta_pct'], 0)} "
-            f"| {fmt(r['mb_base'], 1)} | {fmt(r['mb_new'], 1)} | {fmt(r['mb_delta_pct'], 0)} |"
+            f"| {r['workload']} | {r['mode']} | {r['store'] or ''} | {fmt(r['total_base'])} "
+            f"| {fmt(r['total_new'])} | {delta} | {fmt(r['total_delta_pct'], 0)} "
+            f"| {fmt(r['total_p_value'], 3)} | {fmt(r['mb_base'], 1)} | {fmt(r['mb_new'], 1)} "
+            f"| {fmt(r['mb_delta_pct'], 0)} | {' '.join(notes)} |"
         )
     return "\n".join(lines) + "\n"

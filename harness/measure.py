@@ -5,12 +5,15 @@ Order of a run:
 1. *Preparation* (:mod:`harness.prepare`): images built and pushed, the link set up and
    measured, the registry started behind it (inside the link's namespace); podman and the store
    reach it at the namespace's address over plain HTTP.
-2. *Measurements*: per sample the (workload × mode) list is shuffled (seeded: a resumed run
-   keeps the order). Each measurement gets a fresh podman (graphroot, runroot, configs, empty
-   blob-info cache; the layer store only in lazy modes) and, in lazy modes, the store started
-   with an empty cache. ``pull``, ``create`` and ``run`` (until the ready line, or exit) are
-   timed separately; the registry's access log gives bytes and requests, including those done
-   before the workload's first output line.
+2. *Measurements*: per sample the (workload × mode × store) list is shuffled (seeded: a resumed
+   run keeps the order; :mod:`harness.plan`, which also cuts a ``--shard K/N`` out of it).
+   Each measurement gets a fresh podman (graphroot, runroot, configs, empty blob-info cache;
+   the layer store only in lazy modes) and, in lazy modes, that store started with an empty
+   cache. ``pull``, ``create`` and ``run`` (until the ready line, or exit) are timed
+   separately; the registry's access log gives bytes and requests, including those done
+   before the workload's first output line. In lazy modes the laziness verdict
+   (:mod:`harness.laziness`: podman's storage right after the pull, the registry's log after
+   the run) turns a record whose layers did not all come from the store into "fell-back".
 
 Records are appended as they complete (:mod:`harness.records`); a run is resumed by skipping the
 keys already recorded as successful. SIGINT/SIGTERM raise :class:`Interrupted` once (further
@@ -24,7 +27,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
-import random
 import shutil
 import signal
 import subprocess
@@ -48,18 +50,22 @@ from rich.progress import (
 
 from harness.cli import UserError
 from harness.container import MeasurementError, create_container, start_until_ready
+from harness.laziness import blobs_served_whole_to_runtime, fallback_reason, storage_verdict
+from harness.plan import Shard, plan
 from harness.podman import PodmanEnv, PodmanError, write_atomic
 from harness.prepare import (
     ImagePreparer,
     Link,
     ResolvedWorkload,
     open_link,
+    preflight_link,
     prepare_store,
     resolve,
 )
 from harness.records import (
     ENVIRONMENT,
     SCENARIO_COPY,
+    Key,
     Record,
     append_record,
     environment,
@@ -78,15 +84,11 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: stop measuring, clean up, keep the records."""
 
 
-def plan(scenario: Scenario) -> list[tuple[int, str, str]]:
-    """Every (sample, workload, mode), each sample's pairs shuffled with a seeded RNG."""
-    pairs = [(w.name, m) for w in scenario.workloads for m in scenario.modes_of(w)]
-    out = []
-    for sample in range(scenario.samples):
-        order = pairs[:]
-        random.Random(f"{scenario.seed}:{sample}").shuffle(order)
-        out += [(sample, w, m) for w, m in order]
-    return out
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _abort_on_error(store: StoreProcess) -> Callable[..., bool]:
@@ -155,17 +157,23 @@ def load_run_scenario(run_dir: Path) -> Scenario:
 
 @dataclass
 class Runner:
+    """Measures ``scenario`` (its ``shard`` only, when given) into ``run_dir``: one fsynced
+    record per key of the plan not yet finished there (:meth:`run`). Raises
+    :class:`harness.cli.UserError` for a run directory of another scenario or shard, or one
+    another run holds; :class:`Interrupted` on SIGINT/SIGTERM, after cleaning up."""
+
     scenario: Scenario
     run_dir: Path
     console: Console = field(default_factory=Console)
     cache_dir: Path | None = None
     show_progress: bool = True
     workdir: Path | None = None
+    shard: Shard | None = None
     images: dict[tuple[str, str], str] = field(default_factory=dict)
     _interrupt: InterruptState = field(default_factory=InterruptState, repr=False)
     _skipped: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
 
-    def run(self) -> list[tuple[int, str, str]]:
+    def run(self) -> list[Key]:
         """Measure every planned key not yet recorded; return the keys measured now."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / ".lock", "w") as lock:
@@ -177,9 +185,10 @@ class Runner:
                 ) from None
             return self._run_locked()
 
-    def _run_locked(self) -> list[tuple[int, str, str]]:
+    def _run_locked(self) -> list[Key]:
         self._check_same_scenario()
-        todo = [k for k in plan(self.scenario) if k not in finished_keys(self.run_dir)]
+        self._check_same_shard()
+        todo = [k for k in plan(self.scenario, self.shard) if k not in finished_keys(self.run_dir)]
         if not todo:
             self.console.print(f"{self.run_dir}: every measurement is recorded already")
             return []
@@ -187,14 +196,18 @@ class Runner:
             from harness.crio import require_crio
 
             require_crio()
-        workloads = {w.name: resolve(w) for w in self.scenario.workloads}
+        preflight_link(self.scenario.network_profile)
+        needed = {k.workload for k in todo}  # a shard prepares only its own workloads' images
+        workloads = {w.name: resolve(w) for w in self.scenario.workloads if w.name in needed}
         env_path = self.run_dir / ENVIRONMENT
         meta = json.loads(env_path.read_text()) if env_path.exists() else environment(self.scenario)
         if env_path.exists():
             meta.setdefault("resumed", []).append(
                 dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             )
-        done: list[tuple[int, str, str]] = []
+        if self.shard is not None:
+            meta["shard"] = str(self.shard)
+        done: list[Key] = []
         with interruptible() as self._interrupt, contextlib.ExitStack() as stack:
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))
             stack.callback(shutil.rmtree, work, ignore_errors=True)
@@ -202,18 +215,20 @@ class Runner:
             images = ImagePreparer(self.scenario, self.console, self.cache_dir)
             meta["images"] = images.prepare(workloads, storage, work)
             self.images, self._skipped = images.refs, images.skipped
-            if any(mode in LAZY_MODES for _, _, mode in todo):
-                prepare_store(self.scenario.store.command, self.console)
+            for spec in self.scenario.stores:  # built-in stores built before anything is measured
+                if any(k.store == spec.name for k in todo):
+                    prepare_store(spec.command, self.console)
             link = stack.enter_context(open_link(self.scenario.network_profile, self.console))
             meta["link"] = link.measured
             write_atomic(env_path, json.dumps(meta, indent=1, sort_keys=True))
             registry = stack.enter_context(self._registry(storage, link))
             progress = stack.enter_context(self._progress())
             task = progress.add_task("measuring", total=len(todo))
-            for sample, name, mode in todo:
+            for sample, name, mode, store in todo:
                 self._interrupt.check()
-                progress.update(task, description=f"sample {sample + 1} {name}/{mode}")
-                record = self.measure(sample, workloads[name], mode, registry, work)
+                label = f"{name}/{mode}" + (f" [{store}]" if store else "")
+                progress.update(task, description=f"sample {sample + 1} {label}")
+                record = self.measure(sample, workloads[name], mode, registry, work, store)
                 append_record(self.run_dir, record)
                 done.append(record.key)
                 progress.advance(task)
@@ -226,13 +241,27 @@ class Runner:
         path = self.run_dir / SCENARIO_COPY
         mine = self.scenario.to_dict()
         if path.exists():
-            if json.loads(path.read_text()) != json.loads(json.dumps(mine)):
+            # Parsed, so a copy written in an older form (a [store] table) compares equal.
+            theirs = parse_scenario(json.loads(path.read_text()), str(path)).to_dict()
+            if json.loads(json.dumps(theirs)) != json.loads(json.dumps(mine)):
                 raise UserError(
                     f"{self.run_dir}: was started with a different scenario; "
                     "resume it with `lazybench run --resume RUN_DIR` or pick a new --run-id"
                 )
         else:
             write_atomic(path, json.dumps(mine, indent=1))
+
+    def _check_same_shard(self) -> None:
+        env_path = self.run_dir / ENVIRONMENT
+        if not env_path.exists():
+            return
+        recorded = json.loads(env_path.read_text()).get("shard")
+        mine = str(self.shard) if self.shard is not None else None
+        if recorded != mine:
+            raise UserError(
+                f"{self.run_dir}: holds shard {recorded or 'none (the whole plan)'}, not "
+                f"{mine or 'the whole plan'}; resume it with `lazybench run --resume RUN_DIR`"
+            )
 
     def _progress(self) -> Progress:
         return Progress(
@@ -248,16 +277,22 @@ class Runner:
         )
 
     def _say(self, progress: Progress, r: Record) -> None:
+        what = f"sample {r.sample + 1} {r.workload}/{r.mode}" + (f" [{r.store}]" if r.store else "")
         if r.status == "ok":
             mb = (r.bytes_fetched or 0) / 1e6
-            progress.console.print(
-                f"  sample {r.sample + 1} {r.workload}/{r.mode}: pull {r.pull_s:.2f}s "
-                f"create {r.create_s:.2f}s run {r.run_s:.2f}s = {r.total_s:.2f}s, {mb:.1f} MB"
+            layers = (
+                f", {r.layers_from_store}/{r.layers_total} layers from the store"
+                if r.store and r.layers_total is not None
+                else ""
             )
+            progress.console.print(
+                f"  {what}: pull {r.pull_s:.2f}s create {r.create_s:.2f}s run {r.run_s:.2f}s "
+                f"= {r.total_s:.2f}s, {mb:.1f} MB{layers}"
+            )
+        elif r.status == "fell-back":
+            progress.console.print(f"  [yellow]{what} fell back to a full pull:[/] {r.error}")
         else:
-            progress.console.print(
-                f"  [red]sample {r.sample + 1} {r.workload}/{r.mode} failed:[/] {r.error}"
-            )
+            progress.console.print(f"  [red]{what} failed:[/] {r.error}")
 
     @contextlib.contextmanager
     def _registry(self, storage: Path, link: Link) -> Iterator[Any]:
@@ -269,15 +304,25 @@ class Runner:
             yield reg
 
     def measure(
-        self, sample: int, w: ResolvedWorkload, mode: str, registry: Any, work: Path
+        self,
+        sample: int,
+        w: ResolvedWorkload,
+        mode: str,
+        registry: Any,
+        work: Path,
+        store_name: str = "",
     ) -> Record:
-        """One measurement from empty caches; failures become an error record."""
+        """One measurement from empty caches (through store ``store_name`` in lazy modes);
+        failures become an error record, a lazy pull that fell back a "fell-back" record."""
+        if mode in LAZY_MODES and not store_name:
+            store_name = self.scenario.store.name
         if (w.name, mode) not in self.images:  # the image could not be made in this mode
             reason = self._skipped.get((w.name, mode), "no image was pushed in this mode")
             return Record(
                 sample=sample,
                 workload=w.name,
                 mode=mode,
+                store=store_name,
                 status="error",
                 error=f"image not available: {reason}",
                 runtime=self.scenario.runtime,
@@ -287,11 +332,13 @@ class Runner:
             sample=sample,
             workload=w.name,
             mode=mode,
+            store=store_name,
             image=ref,
             runtime=self.scenario.runtime,
             started=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
         )
-        mdir = work / f"m-{sample}-{w.name}-{mode}"
+        tag = f"{sample}-{w.name}-{mode}" + (f"-{store_name}" if store_name else "")
+        mdir = work / f"m-{tag}"
         if self.scenario.runtime == "crio":
             return self._measure_crio(rec, w, registry)
         try:
@@ -299,20 +346,21 @@ class Runner:
                 stack.callback(shutil.rmtree, mdir, ignore_errors=True)
                 store = None
                 if mode in LAZY_MODES:
+                    spec = self.scenario.store_named(store_name)
                     # Runs after the store stopped: its log stays with the run's records.
                     stack.callback(
                         _keep_log,
                         mdir / "store" / "store.log",
-                        self.run_dir / "logs" / f"{sample}-{w.name}-{mode}-store.log",
+                        self.run_dir / "logs" / f"{tag}-store.log",
                     )
                     store = stack.enter_context(
                         StoreProcess(
                             mdir / "store",
-                            command=self.scenario.store.command,
+                            command=spec.command,
                             insecure_hosts=[registry.host],
                             noprefetch=mode == "estargz-noopt",
-                            background_fetch=self.scenario.store.background_fetch,
-                            mount_timeout=self.scenario.store.mount_timeout,
+                            background_fetch=spec.background_fetch,
+                            mount_timeout=spec.mount_timeout,
                         )
                     )
                 env = stack.enter_context(
@@ -330,6 +378,8 @@ class Runner:
                 mark = registry.log_mark()
                 pull = env.pull(ref, timeout=w.timeout)
                 rec.pull_s = pull.seconds
+                # Read from the runtime's storage right after the pull (no FUSE access).
+                layers = storage_verdict(env.graphroot, ref, store.mountpoint if store else None)
                 t = time.monotonic()
                 cid = create_container(env, ref, w.command, w.stdin, w.timeout)
                 rec.create_s = time.monotonic() - t
@@ -363,6 +413,20 @@ class Runner:
                     raise MeasurementError(
                         f"run: workload output not as expected (exit {outcome.exit_code}): "
                         f"{outcome.stdout[-200:]!r} {outcome.stderr.strip()[-300:]!r}"
+                    )
+                layers = layers.with_registry(blobs_served_whole_to_runtime(served))
+                if layers.problem is None:
+                    rec.layers_total = layers.total
+                    rec.layers_from_store = layers.from_store
+                    rec.layers_served_whole = layers.served_whole
+                if store is not None and not layers.lazy:
+                    rec.status = "fell-back"
+                    rec.error = fallback_reason(
+                        layers,
+                        [
+                            (f"store log (logs/{tag}-store.log)", _read_text(store.log_path)),
+                            ("podman pull", pull.stderr),
+                        ],
                     )
         except (MeasurementError, PodmanError, OSError, RuntimeError, UserError) as exc:
             # An error out of the cleanup of an interrupted measurement is not a result.

@@ -251,16 +251,36 @@ class Link:
     measured: dict[str, Any] = field(default_factory=dict)
 
 
+def preflight_link(profile: str) -> None:
+    """Refuse, before anything is built, a profile whose shaping cannot work here: its
+    delay needs the NFQUEUE delayer (no ``sch_netem``) and netfilterqueue is missing."""
+    from harness.netshape import get_profile
+    from harness.netshape.link import missing_delayer_dependency, needs_delayer
+
+    if needs_delayer(get_profile(profile)):
+        missing = missing_delayer_dependency()
+        if missing:
+            raise UserError(f"network profile {profile!r}: {missing}")
+
+
 @contextlib.contextmanager
 def open_link(profile: str, console: Console) -> Iterator[Link]:
     """The shaped link of ``profile`` (harness.netshape), measured, torn down on exit
-    (``loopback`` has no namespace: the registry listens on 127.0.0.1)."""
-    from harness.netshape import NetworkLink
+    (``loopback`` has no namespace: the registry listens on 127.0.0.1). A link that cannot be
+    set up is a :class:`UserError` naming the cause."""
+    from harness.netshape import NetworkError, NetworkLink
 
-    with NetworkLink(profile) as net:
+    net = NetworkLink(profile)
+    try:
+        net.start()  # cleans up after itself when it fails
+    except NetworkError as exc:
+        raise UserError(f"setting up the {profile} link: {exc}") from None
+    try:
         link = Link(profile, prefix=tuple(net.prefix), address=net.ns_addr)
         if net.netns is not None:
             console.print(f"link {profile}: measuring rate and RTT…")
             net.measure()
         link.measured = net.info()
         yield link
+    finally:
+        net.stop()

@@ -17,25 +17,49 @@ import platform
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from harness.cli import UserError
-from harness.scenario import Scenario
+from harness.scenario import DEFAULT_STORE_NAME, LAZY_MODES, Scenario
 
 RECORDS = "records.jsonl"
 ENVIRONMENT = "environment.json"
 SCENARIO_COPY = "scenario.json"
 ROOT = Path(__file__).resolve().parent.parent
 
+# Version of the record format, stored in every record as ``schema``. Readers migrate older
+# records when reading (:func:`migrate`):
+#   1 (no ``schema`` key): one store per run; no ``store``, no laziness verdict.
+#   2: ``store`` (the store's name in lazy modes, "" otherwise), ``layers_total``,
+#      ``layers_from_store``, ``layers_served_whole``, and status "fell-back".
+SCHEMA_VERSION = 2
+STATUSES = ("ok", "error", "fell-back")
 
-@dataclass
-class Record:
-    """One measurement: a workload started once in one mode, from an empty cache."""
+
+class Key(NamedTuple):
+    """What identifies a measurement in a run: a resumed run skips keys recorded as ok."""
 
     sample: int
     workload: str
     mode: str
-    status: str = "ok"  # "ok" or "error"
+    store: str = ""  # the store's name in lazy modes, "" otherwise
+
+
+@dataclass
+class Record:
+    """One measurement: a workload started once in one mode (through one store, in lazy
+    modes), from an empty cache.
+
+    ``status`` is "ok"; "error" (``error`` says why); or, in a lazy mode, "fell-back" when the
+    runtime did not take every layer from the store or the registry served a layer whole to
+    the runtime (``error`` gives the evidence and the reason found; see
+    :mod:`harness.laziness`). Timings of a fell-back record are kept but not aggregated.
+    """
+
+    sample: int
+    workload: str
+    mode: str
+    status: str = "ok"
     error: str | None = None
     pull_s: float | None = None
     create_s: float | None = None
@@ -54,18 +78,42 @@ class Record:
     store_metrics: dict[str, float] = field(default_factory=dict)
     started: str = ""
     finished: str = ""
+    store: str = ""  # the store's name (lazy modes), "" when no store was used
+    layers_total: int | None = None  # the pulled image's layers in the runtime's storage
+    layers_from_store: int | None = None  # ...of which the runtime took from the store
+    layers_served_whole: int | None = None  # ...whose whole blob the registry sent the runtime
+    schema: int = SCHEMA_VERSION
 
     @property
-    def key(self) -> tuple[int, str, str]:
-        return (self.sample, self.workload, self.mode)
+    def key(self) -> Key:
+        return Key(self.sample, self.workload, self.mode, self.store)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:
+        """A record from its JSON object, migrated to the current schema (:func:`migrate`)."""
+        data = migrate(data)
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring a decoded record of any known schema to :data:`SCHEMA_VERSION`. Raises
+    :class:`ValueError` for a record written by a newer lazybench."""
+    version = data.get("schema", 1)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ValueError(
+            f"record schema {version!r} is newer than this lazybench reads "
+            f"({SCHEMA_VERSION}): upgrade lazybench"
+        )
+    data = dict(data)
+    if version < 2:
+        # One store per run: its records name it as a one-store scenario names it now.
+        data["store"] = DEFAULT_STORE_NAME if data.get("mode") in LAZY_MODES else ""
+    data["schema"] = SCHEMA_VERSION
+    return data
 
 
 # -- records file -----------------------------------------------------------------------------
@@ -89,7 +137,7 @@ def read_records(run_dir: Path) -> list[Record]:
     path = run_dir / RECORDS
     if not path.exists():
         return []
-    by_key: dict[tuple[int, str, str], Record] = {}
+    by_key: dict[Key, Record] = {}
     with path.open() as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -100,15 +148,42 @@ def read_records(run_dir: Path) -> list[Record]:
                 if line.endswith("\n"):
                     raise UserError(f"{path}:{n}: not a JSON record") from None
                 continue  # torn final line
-            rec = Record.from_dict(data)
+            try:
+                rec = Record.from_dict(data)
+            except (ValueError, TypeError) as exc:
+                raise UserError(f"{path}:{n}: {exc}") from None
             by_key.pop(rec.key, None)
             by_key[rec.key] = rec
     return list(by_key.values())
 
 
-def finished_keys(run_dir: Path) -> set[tuple[int, str, str]]:
-    """Keys of successful measurements: what a resumed run skips."""
-    return {r.key for r in read_records(run_dir) if r.status == "ok"}
+def finished_keys(run_dir: Path) -> set[Key]:
+    """Keys of finished measurements (ok, or fell back: a verdict is a result): what a
+    resumed run skips. Errors are measured again."""
+    return {r.key for r in read_records(run_dir) if r.status in ("ok", "fell-back")}
+
+
+def sort_records(records: list[Record], env: dict[str, Any]) -> list[Record]:
+    """Records in the scenario's order (from ``environment.json``): workloads, then modes, then
+    no store before the stores in their scenario order (the first is the one reports compare
+    the others with), then samples. Unknown names go last, in their own order."""
+    scenario = env.get("scenario", {})
+    workloads = [w.get("name", w.get("recipe")) for w in scenario.get("workloads", [])]
+    modes = list(scenario.get("modes", []))
+    stores = [s.get("name") for s in scenario.get("stores", [])] or [DEFAULT_STORE_NAME]
+
+    def rank(seq: list[Any], value: Any) -> int:
+        return seq.index(value) if value in seq else len(seq)
+
+    return sorted(
+        records,
+        key=lambda r: (
+            rank(workloads, r.workload),
+            rank(modes, r.mode),
+            -1 if r.store == "" else rank(stores, r.store),
+            r.sample,
+        ),
+    )
 
 
 def read_environment(run_dir: Path) -> dict[str, Any]:
@@ -161,6 +236,7 @@ def environment(scenario: Scenario) -> dict[str, Any]:
         "skopeo": _version(["skopeo", "--version"]),
         "runtime": scenario.runtime,
         "store_command": list(scenario.store.command),
+        "stores": {s.name: list(s.command) for s in scenario.stores},
         "git_commit": git,
         "scenario": scenario.to_dict(),
     }

@@ -17,7 +17,7 @@ import csv
 import io
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -27,8 +27,17 @@ import pandas as pd
 
 from harness.cli import UserError
 from harness.podman import write_atomic
-from harness.records import RECORDS, read_environment, read_records
-from harness.stats import PHASES, aggregate, records_frame
+from harness.records import RECORDS, Key, read_environment, read_records, sort_records
+from harness.stats import (
+    CELL,
+    PHASES,
+    aggregate,
+    compare_samples,
+    mode_rank,
+    ratio_of,
+    records_frame,
+    status_counts,
+)
 
 # The upstream chart's numbers, shipped inside the package (harness/data/published.csv) so an
 # installed lazybench reports them wherever it runs.
@@ -43,26 +52,97 @@ def fmt(value: float, digits: int = 2) -> str:
     return "–" if pd.isna(value) else f"{value:.{digits}f}"
 
 
-def markdown_tables(agg: pd.DataFrame, percentile: float) -> str:
-    """``mode | pull | create | run | total | MB fetched`` per workload, in seconds at the
-    chosen percentile, with the median total, its range and the sample count beside it."""
+def cell_label(mode: str, store: str, stores: Sequence[str]) -> str:
+    """``estargz · go`` when a run has several stores, else the mode alone."""
+    return f"{mode} · {store}" if store and len(stores) > 1 else mode
+
+
+def cells_frame(agg: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:
+    """The aggregates beside each cell's status counts (``ok``, ``fell_back``, ``error``,
+    ``reason``): every cell measured, even one where nothing was ok."""
+    if agg.empty:
+        agg = pd.DataFrame(columns=[*CELL, "n"])
+    out = agg.merge(counts, on=CELL, how="outer", sort=False)
+    workloads = list(dict.fromkeys([*agg["workload"], *counts["workload"]]))
+    stores = list(dict.fromkeys([*agg["store"], *counts["store"]]))
+    out["_w"] = out["workload"].map(workloads.index)
+    out["_m"] = out["mode"].map(mode_rank)
+    out["_s"] = out["store"].map(stores.index)
+    out = out.sort_values(["_w", "_m", "_s"]).drop(columns=["_w", "_m", "_s"])
+    for col in ("n", "ok", "fell_back", "error", "checked"):
+        out[col] = pd.to_numeric(out[col]).fillna(0).astype(int)
+    out["reason"] = out["reason"].fillna("")
+    if "wide" in out:
+        out["wide"] = out["wide"].astype("boolean").fillna(True).astype(bool)
+    return out.reset_index(drop=True)
+
+
+def _with_ci(value: float, lo: float, hi: float, digits: int = 2) -> str:
+    if pd.isna(value):
+        return "–"
+    if pd.isna(lo) or pd.isna(hi):
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(lo, digits)}–{fmt(hi, digits)}]"
+
+
+def _get(r: Any, key: str) -> float:
+    return r[key] if key in r else float("nan")
+
+
+def markdown_tables(cells: pd.DataFrame, percentile: float) -> str:
+    """Per workload, one row per mode (and store, when there are several):
+    ``pull | create | run | total`` in seconds at the chosen percentile, the total with its
+    95 % bootstrap interval, MB fetched, the median total with its interval, range, MB before
+    first output, samples, and the laziness verdict (``fell back`` counts, ``not checked``
+    for records from before the verdict existed). A ⚠ marks a cell whose spread is too wide
+    to tell anything (:func:`harness.stats.spread_too_wide`). With several stores, ``÷ FIRST``
+    gives each store's total (chosen percentile) over the first store's."""
     p = _pct_label(percentile)
+    stores = [st for st in dict.fromkeys(cells["store"]) if st]
+    versus = f" ÷ {stores[0]} |" if len(stores) > 1 else ""
     out: list[str] = []
-    for workload, group in agg.groupby("workload", sort=False):
+    for workload, group in cells.groupby("workload", sort=False):
         out.append(f"### {workload}\n")
         out.append(
-            f"| mode | pull ({p}, s) | create ({p}, s) | run ({p}, s) | total ({p}, s) "
-            "| MB fetched | total median (s) | total min–max (s) "
-            "| MB before first output | samples |"
+            f"| mode | pull ({p}, s) | create ({p}, s) | run ({p}, s) | total ({p}, s) [95% CI] "
+            "| MB fetched | total median (s) [95% CI] | total min–max (s) "
+            f"| MB before first output | samples | lazy |{versus}"
         )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append(
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + "---:|" * bool(versus)
+        )
+        firsts = {
+            r["mode"]: _get(r, "total_p")
+            for _, r in group.iterrows()
+            if stores and r["store"] == stores[0]
+        }
         for _, r in group.iterrows():
+            total = _with_ci(_get(r, "total_p"), _get(r, "total_p_lo"), _get(r, "total_p_hi"))
+            median = _with_ci(
+                _get(r, "total_median"), _get(r, "total_median_lo"), _get(r, "total_median_hi")
+            )
+            warn = " ⚠" if r.get("wide", False) and r["ok"] else ""
+            if r["fell_back"]:
+                lazy = f"**fell back {r['fell_back']}/{r['ok'] + r['fell_back']}**"
+            elif r["store"] and r["ok"]:
+                lazy = {0: "not checked", r["ok"]: "yes"}.get(
+                    r["checked"], f"yes ({r['checked']} of {r['ok']} checked)"
+                )
+            elif r["store"]:
+                lazy = "–"
+            else:
+                lazy = ""
             out.append(
-                f"| {r['mode']} | {fmt(r['pull_p'])} | {fmt(r['create_p'])} "
-                f"| {fmt(r['run_p'])} | **{fmt(r['total_p'])}** "
-                f"| {fmt(r['mb_fetched_median'], 1)} "
-                f"| {fmt(r['total_median'])} | {fmt(r['total_min'])}–{fmt(r['total_max'])} "
-                f"| {fmt(r['mb_before_first_output_median'], 1)} | {int(r['n'])} |"
+                f"| {cell_label(r['mode'], r['store'], stores)} | {fmt(_get(r, 'pull_p'))} "
+                f"| {fmt(_get(r, 'create_p'))} | {fmt(_get(r, 'run_p'))} | **{total}**{warn} "
+                f"| {fmt(_get(r, 'mb_fetched_median'), 1)} | {median} "
+                f"| {fmt(_get(r, 'total_min'))}–{fmt(_get(r, 'total_max'))} "
+                f"| {fmt(_get(r, 'mb_before_first_output_median'), 1)} | {r['ok']} | {lazy} |"
+                + (
+                    f" {_ratio(_get(r, 'total_p') / firsts.get(r['mode'], float('nan')))} |"
+                    if versus and r["store"]
+                    else " |" * bool(versus)
+                )
             )
         out.append("")
     return "\n".join(out)
@@ -78,41 +158,80 @@ PHASE_COLORS = {"pull": "#4472c4", "create": "#ed7d31", "run": "#70ad47"}
 
 
 def draw_chart(
-    df: pd.DataFrame, agg: pd.DataFrame, percentile: float, stem: Path, title: str = ""
+    df: pd.DataFrame, cells: pd.DataFrame, percentile: float, stem: Path, title: str = ""
 ) -> list[Path]:
-    """Stacked pull/create/run bars (chosen percentile) per mode, one panel per workload,
-    each sample's total as a black dot; written as ``stem.png`` and ``stem.svg``."""
+    """Stacked pull/create/run bars (chosen percentile) per mode (and store), one panel per
+    workload, each sample's total as a black dot, the percentile's 95 % interval as an error
+    bar, and with several stores each store's total over the first store's (``1.23×``);
+    a cell with fallbacks has its label in red with "fell back N×" (and no bar when
+    nothing was ok). Written as ``stem.png`` and ``stem.svg``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = list(dict.fromkeys(agg["workload"]))
+    workloads = list(dict.fromkeys(cells["workload"]))
+    stores = [st for st in dict.fromkeys(cells["store"]) if st]
+    widest = max(len(cells[cells["workload"] == w]) for w in workloads)
     fig, axes = plt.subplots(
-        1, len(workloads), figsize=(max(4.0, 3.2 * len(workloads)), 4.2), squeeze=False
+        1,
+        len(workloads),
+        figsize=(max(5.5, (1.4 + 0.55 * widest) * len(workloads)), 4.8),
+        squeeze=False,
     )
+    top = float(pd.to_numeric(df["total_s"]).max()) if not df.empty else 0.0
     for ax, workload in zip(axes[0], workloads, strict=True):
-        group = agg[agg["workload"] == workload]
-        modes = list(group["mode"])
-        xs = range(len(modes))
-        bottom = [0.0] * len(modes)
+        group = cells[cells["workload"] == workload]
+        labels = [
+            cell_label(m, st, stores) for m, st in zip(group["mode"], group["store"], strict=True)
+        ]
+        xs = list(range(len(labels)))
+        bottom = [0.0] * len(labels)
         for phase in PHASES:
-            heights = [0.0 if pd.isna(v) else float(v) for v in group[f"{phase}_p"]]
+            column = group[f"{phase}_p"] if f"{phase}_p" in group else [float("nan")] * len(xs)
+            heights = [0.0 if pd.isna(v) else float(v) for v in column]
             ax.bar(xs, heights, 0.65, bottom=bottom, color=PHASE_COLORS[phase], label=phase)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-        for x, mode in zip(xs, modes, strict=True):
-            totals = df[(df["workload"] == workload) & (df["mode"] == mode)]["total_s"]
-            ax.scatter([x] * len(totals), totals, s=9, color="black", zorder=3)
-            ax.text(x, bottom[x], f"{bottom[x]:.1f}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(list(xs), modes, rotation=30, ha="right", fontsize=8)
+        firsts = {
+            m: b
+            for m, st, b in zip(group["mode"], group["store"], bottom, strict=True)
+            if stores and st == stores[0]
+        }
+        for x, (_, r) in zip(xs, group.iterrows(), strict=True):
+            mine = df[
+                (df["workload"] == workload)
+                & (df["mode"] == r["mode"])
+                & (df["store"] == r["store"])
+            ]["total_s"]
+            ax.scatter([x] * len(mine), mine, s=9, color="black", zorder=3)
+            lo, hi = _get(r, "total_p_lo"), _get(r, "total_p_hi")
+            if not pd.isna(lo) and not pd.isna(hi) and bottom[x] > 0:
+                err = [[max(0.0, bottom[x] - lo)], [max(0.0, hi - bottom[x])]]
+                ax.errorbar([x], [bottom[x]], yerr=err, color="#444", capsize=3, lw=0.8)
+            if bottom[x] > 0:
+                label = f"{bottom[x]:.1f}"
+                first = firsts.get(r["mode"], 0.0)
+                if len(stores) > 1 and r["store"] and r["store"] != stores[0] and first > 0:
+                    label += f"\n{bottom[x] / first:.2f}× {stores[0]}"
+                ax.text(x, bottom[x], label, ha="center", va="bottom", fontsize=8)
+        fell = list(group["fell_back"])
+        labels = [
+            f"{lab}\nfell back {n}×" if n else lab for lab, n in zip(labels, fell, strict=True)
+        ]
+        ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
+        for tick, n in zip(ax.get_xticklabels(), fell, strict=True):
+            if n:
+                tick.set_color("#c00000")
         ax.set_title(workload)
         ax.set_ylabel("seconds")
-        ax.set_ylim(0, max([*bottom, float(df["total_s"].max() or 0)]) * 1.15 or 1)
+        ax.set_ylim(0, max([*bottom, top]) * 1.3 or 1)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", ncol=3, fontsize=8)
-    fig.suptitle(title or f"time to first exec ({_pct_label(percentile)}; dots: samples)")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(
+        title or f"time to first exec ({_pct_label(percentile)}; dots: samples)", fontsize=10
+    )
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     paths = []
     for ext in ("png", "svg"):
         path = stem.with_suffix(f".{ext}")
@@ -172,9 +291,12 @@ def match_published(
 def ratio_rows(
     agg: pd.DataFrame, workloads: Sequence[dict[str, Any]], published: Sequence[Published]
 ) -> list[dict[str, Any]]:
-    """Per workload: lazy-mode total ÷ legacy total (chosen percentile), beside published."""
+    """Per workload: lazy-mode total ÷ legacy total (chosen percentile) through the first
+    store, beside published."""
     info = {w["name"]: w for w in workloads}
     rows = []
+    first = next((st for st in agg["store"] if st), "")
+    agg = agg[(agg["store"] == "") | (agg["store"] == first)]
     for workload, group in agg.groupby("workload", sort=False):
         totals = dict(zip(group["mode"], group["total_p"], strict=True))
         w = info.get(workload, {})
@@ -224,6 +346,10 @@ def _environment_lines(env: dict[str, Any]) -> list[str]:
         "store_command",
         "git_commit",
     ):
+        if key == "store_command" and len(env.get("stores") or {}) > 1:
+            for name, command in env["stores"].items():
+                lines.append(f"- **store {name}**: `{' '.join(command)}`")
+            continue
         if env.get(key) not in (None, ""):
             value = env[key]
             if isinstance(value, list):
@@ -265,40 +391,158 @@ class Report:
     charts: list[Path]
     report: Path
     ratios: list[dict[str, Any]]
-    missing: list[tuple[int, str, str]]
+    missing: list[Key]
     table_text: str
+    stores: list[dict[str, Any]] = field(default_factory=list)
+
+
+def store_rows(df: pd.DataFrame, percentile: float, counts: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per workload × lazy mode measured through several stores: each store's total (median
+    and chosen percentile) and its ratio to the first store's, with 95 % bootstrap intervals
+    of the ratios and the two-sided Mann–Whitney p-value of the totals; ``fell_back`` counts
+    each store's fallbacks (``counts``: :func:`harness.stats.status_counts`)."""
+    lazy = counts[(counts["store"] != "") & (counts["ok"] + counts["fell_back"] > 0)]
+    stores = list(dict.fromkeys(lazy["store"]))
+    if len(stores) < 2:
+        return []
+    if df.empty:
+        df = pd.DataFrame(columns=["workload", "mode", "store", "total_s"])
+    rows = []
+    for (workload, mode), cells in lazy.groupby(["workload", "mode"], sort=False):
+        group = df[(df["workload"] == workload) & (df["mode"] == mode)]
+        first = pd.to_numeric(group[group["store"] == stores[0]]["total_s"]).dropna()
+        fell_back = dict(zip(cells["store"], cells["fell_back"], strict=True))
+        for store in stores:
+            if store not in fell_back:
+                continue
+            mine = pd.to_numeric(group[group["store"] == store]["total_s"]).dropna()
+            row: dict[str, Any] = {"workload": workload, "mode": mode, "store": store}
+            row["n"] = len(mine)
+            row["fell_back"] = int(fell_back[store])
+            if mine.empty:
+                row |= {"median": float("nan"), "p": float("nan"), "p_value": float("nan")}
+                for key in ("median", "p"):
+                    row[f"ratio_{key}"] = row[f"ratio_{key}_lo"] = row[f"ratio_{key}_hi"] = None
+                rows.append(row)
+                continue
+            row["median"] = float(mine.median())
+            row["p"] = float(mine.quantile(percentile / 100.0))
+            for stat in ("median", "percentile"):
+                key = "median" if stat == "median" else "p"
+                if first.empty:
+                    row[f"ratio_{key}"] = row[f"ratio_{key}_lo"] = row[f"ratio_{key}_hi"] = None
+                    continue
+                ratio = (
+                    ratio_of(first, mine, stat, percentile)
+                    if store != stores[0]
+                    else (1.0, float("nan"), float("nan"))
+                )
+                row[f"ratio_{key}"], row[f"ratio_{key}_lo"], row[f"ratio_{key}_hi"] = ratio
+            row["p_value"] = (
+                compare_samples(first, mine).p_value_two_sided
+                if store != stores[0] and not first.empty
+                else float("nan")
+            )
+            rows.append(row)
+    return rows
+
+
+def store_table(rows: Sequence[dict[str, Any]], percentile: float) -> str:
+    """``workload | mode | store | total median | total pN | ÷ first (median) | ÷ first (pN)
+    | p-value`` with 95 % intervals of the ratios."""
+    p = _pct_label(percentile)
+    first = rows[0]["store"] if rows else ""
+    lines = [
+        f"| workload | mode | store | total median (s) | total {p} (s) "
+        f"| ÷ {first} (median) [95% CI] | ÷ {first} ({p}) [95% CI] | Mann–Whitney p | samples "
+        "| fell back |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+
+        def ratio(key: str, r: dict[str, Any] = r) -> str:
+            if r[f"ratio_{key}"] is None:
+                return "–"
+            return _with_ci(r[f"ratio_{key}"], r[f"ratio_{key}_lo"], r[f"ratio_{key}_hi"])
+
+        lines.append(
+            f"| {r['workload']} | {r['mode']} | {r['store']} | {fmt(r['median'])} "
+            f"| {fmt(r['p'])} | {ratio('median')} | {ratio('p')} "
+            f"| {fmt(r['p_value'], 3)} | {r['n']} "
+            f"| {'**' + str(r['fell_back']) + '**' if r['fell_back'] else 0} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def laziness_lines(records: Sequence[Any]) -> list[str]:
+    """The laziness verdict of the lazy-mode records: layers from the store, fallbacks and
+    their reasons."""
+    lazy = [r for r in records if r.store and r.status in ("ok", "fell-back")]
+    if not lazy:
+        return []
+    known = [r for r in lazy if r.layers_total is not None]
+    fell = [r for r in lazy if r.status == "fell-back"]
+    lines = [
+        "## Laziness",
+        "",
+        f"{len(lazy)} lazy measurements; {len(known)} with the runtime's storage read "
+        "(records from before the verdict existed have none). A measurement is lazy when the "
+        "runtime took every layer from the store (its overlay layer links into the store's "
+        "mount) and the registry served no layer whole to the runtime.",
+        "",
+    ]
+    if fell:
+        lines += [f"**{len(fell)} fell back to a full pull** (not in the figures above):", ""]
+        lines += [
+            f"- sample {r.sample} {r.workload}/{r.mode} [{r.store}]: "
+            f"{r.layers_from_store}/{r.layers_total} layers from the store — {r.error}"
+            for r in fell
+        ]
+    else:
+        lines.append("Every lazy measurement took all its layers from the store.")
+    return [*lines, ""]
 
 
 def write_report(run_dir: Path) -> Report:
-    """(Re)build summary.csv, table.md, chart.png/svg and report.md from the run's records."""
+    """(Re)build summary.csv, table.md, chart.png/svg and report.md from the run's records.
+
+    Raises :class:`UserError` when ``run_dir`` is not a run directory or holds no finished
+    measurement."""
     run_dir = Path(run_dir)
     if not (run_dir / RECORDS).exists():
         raise UserError(f"{run_dir}: no {RECORDS} here (not a run directory?)")
     env = read_environment(run_dir)
     scenario = env.get("scenario", {})
     percentile = float(scenario.get("percentile", 95))
-    records = read_records(run_dir)
+    records = sort_records(read_records(run_dir), env)
     df = records_frame(records)
-    if df.empty:
+    counts = status_counts(records)
+    if df.empty and not counts["fell_back"].any():
         raise UserError(f"{run_dir}: no successful measurements to report on")
-    agg = aggregate(df, percentile)
-    table_text = markdown_tables(agg, percentile)
+    agg = aggregate(df, percentile) if not df.empty else pd.DataFrame()
+    cells = cells_frame(agg, counts[counts["ok"] + counts["fell_back"] > 0])
+    table_text = markdown_tables(cells, percentile)
     write_atomic(run_dir / "table.md", table_text)
-    write_summary_csv(agg, run_dir / "summary.csv")
-    charts = draw_chart(df, agg, percentile, run_dir / "chart", title=_chart_title(env))
-    ratios = ratio_rows(agg, scenario.get("workloads", []), read_published())
+    write_summary_csv(cells.drop(columns=["reason"]), run_dir / "summary.csv")
+    charts = draw_chart(df, cells, percentile, run_dir / "chart", title=_chart_title(env))
+    ratios = ratio_rows(agg, scenario.get("workloads", []), read_published()) if len(agg) else []
+    stores = store_rows(df, percentile, counts)
     recorded = {r.key for r in records}
-    missing = [k for k in _planned_keys(scenario) if k not in recorded]
-    errors = [r for r in records if r.status != "ok"]
+    missing = [k for k in planned_keys(env) if k not in recorded]
+    errors = [r for r in records if r.status == "error"]
+    wide = cells[(cells["ok"] > 0) & cells["wide"]] if "wide" in cells.columns else cells[:0]
+    store_names = [st for st in dict.fromkeys(cells["store"]) if st]
 
     p = _pct_label(percentile)
     lines = [
         f"# lazybench run `{run_dir.name}`",
         "",
         f"Scenario **{scenario.get('name', '?')}**: {len(df)} measurements, "
-        f"{scenario.get('samples', '?')} samples per workload × mode, "
-        f"network profile `{scenario.get('network', {}).get('profile', '?')}`, "
-        f"figures are the {p} of the samples unless marked median.",
+        f"{scenario.get('samples', '?')} samples per workload × mode"
+        + (" × store" if stores else "")
+        + f", network profile `{scenario.get('network', {}).get('profile', '?')}`, "
+        f"figures are the {p} of the samples unless marked median; intervals are 95 % "
+        "bootstrap intervals.",
         "",
         *_environment_lines(env),
         "",
@@ -307,13 +551,45 @@ def write_report(run_dir: Path) -> Report:
         "![chart](chart.svg)",
         "",
         table_text,
+    ]
+    if len(wide):
+        lines += [
+            "⚠ Too few samples or too wide a spread to tell anything (the median's interval "
+            "is wider than half the median): "
+            + ", ".join(
+                f"{r['workload']}/{cell_label(r['mode'], r['store'], store_names)}"
+                for _, r in wide.iterrows()
+            )
+            + ".",
+            "",
+        ]
+    lines += laziness_lines(records)
+    if stores:
+        lines += [
+            f"## Stores side by side (total, ratio to {stores[0]['store']})",
+            "",
+            store_table(stores, percentile),
+        ]
+    lines += [
         f"## Lazy ÷ legacy total ({p}), beside the published chart",
         "",
         "Published: containerd + stargz snapshotter on GitHub Actions pulling from ghcr.io "
-        "(harness/data/published.csv); ours: the stand-in images on this machine.",
+        "(harness/data/published.csv); ours: the stand-in images on this machine"
+        + (f", through the first store ({stores[0]['store']})" if stores else "")
+        + ".",
         "",
         ratio_table(ratios),
     ]
+    if env.get("machines_differ"):
+        lines += [
+            "",
+            "**Merged from shards run on different machines**: "
+            + "; ".join(
+                f"shard {s.get('shard')}: {s.get('host')} ({s.get('cpu')})"
+                for s in env.get("shards", [])
+            )
+            + ". Compare cells measured on the same machine only.",
+        ]
     if missing:
         lines += [
             "",
@@ -322,7 +598,12 @@ def write_report(run_dir: Path) -> Report:
         ]
     if errors:
         lines += ["", "## Failed measurements", ""]
-        lines += [f"- sample {r.sample} {r.workload}/{r.mode}: {r.error}" for r in errors]
+        lines += [
+            f"- sample {r.sample} {r.workload}/{r.mode}"
+            + (f" [{r.store}]" if r.store else "")
+            + f": {r.error}"
+            for r in errors
+        ]
     write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
     return Report(
         run_dir,
@@ -333,6 +614,7 @@ def write_report(run_dir: Path) -> Report:
         ratios,
         missing,
         table_text,
+        stores,
     )
 
 
@@ -343,12 +625,15 @@ def _chart_title(env: dict[str, Any]) -> str:
     return f"time to first exec, {p} of {scenario.get('samples', '?')} samples, {profile} link"
 
 
-def _planned_keys(scenario: dict[str, Any]) -> list[tuple[int, str, str]]:
-    samples = int(scenario.get("samples", 0))
-    return [
-        (s, w["name"], m)
-        for s in range(samples)
-        for w in scenario.get("workloads", [])
-        for m in scenario.get("modes", [])
-        if "modes" not in w or m in w["modes"]
-    ]
+def planned_keys(env: dict[str, Any]) -> list[Key]:
+    """The keys a run's scenario plans (only its shard's, for a shard), from its
+    ``environment.json``; empty when the scenario cannot be read back."""
+    from harness.plan import Shard, plan
+    from harness.scenario import parse_scenario
+
+    try:
+        scenario = parse_scenario(env.get("scenario", {}), "environment.json")
+    except UserError:
+        return []
+    shard = Shard.parse(env["shard"]) if env.get("shard") else None
+    return plan(scenario, shard)

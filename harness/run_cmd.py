@@ -1,4 +1,5 @@
-"""``lazybench run SCENARIO``, ``lazybench report RUN_DIR``, ``lazybench compare BASE NEW``."""
+"""``lazybench run SCENARIO``, ``lazybench merge OUT RUN_DIR…``, ``lazybench report RUN_DIR``,
+``lazybench compare BASE NEW``."""
 
 from __future__ import annotations
 
@@ -40,8 +41,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="image/trace cache (default: $LAZYBENCH_CACHE or ~/.cache/lazybench)",
     )
     run.add_argument("--samples", type=int, help="override the scenario's sample count")
+    run.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="run only part K of N of the plan (deterministic; join the parts with "
+        "`lazybench merge`)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
+
+    merge = sub.add_parser(
+        "merge",
+        help="join the shards of one run (`run --shard K/N`) into one run directory",
+        description="Join run directories holding shards of one scenario into OUT and report "
+        "on it. Shards of different scenarios are refused; shards run on different machines "
+        "are marked in environment.json and the report.",
+    )
+    merge.add_argument("out", type=Path, help="the merged run directory (new)")
+    merge.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    merge.set_defaults(func=cmd_merge)
 
     report = sub.add_parser("report", help="(re)build table, chart and report of a run")
     report.add_argument("run_dir", type=Path)
@@ -71,13 +89,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from harness.measure import RESULTS_DIR, Interrupted, Runner, load_run_scenario, new_run_id
+    from harness.plan import Shard
+    from harness.records import read_environment
     from harness.report import write_report
     from harness.scenario import load_scenario
 
     console = Console(soft_wrap=True)
+    shard = Shard.parse(args.shard) if args.shard else None
     if args.resume is not None:
         run_dir = args.resume.resolve()
         scenario = load_run_scenario(run_dir)
+        recorded = read_environment(run_dir).get("shard")
+        if shard is None and recorded:
+            shard = Shard.parse(recorded)
     elif args.scenario is not None:
         scenario = load_scenario(args.scenario)
         if args.samples is not None:
@@ -85,7 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise UserError("--samples must be at least 1")
             scenario = replace(scenario, samples=args.samples)
         results = args.results_dir or RESULTS_DIR
-        run_dir = (results / (args.run_id or new_run_id(scenario))).resolve()
+        run_id = args.run_id or new_run_id(scenario)
+        if shard is not None and not args.run_id:
+            run_id += f"-shard{shard.index}of{shard.count}"
+        run_dir = (results / run_id).resolve()
     else:
         raise UserError("run: name a SCENARIO file or --resume RUN_DIR")
     console.print(f"run directory: {run_dir}")
@@ -95,6 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         console=console,
         cache_dir=args.cache_dir,
         show_progress=not args.no_progress,
+        shard=shard,
     )
     try:
         runner.run()
@@ -107,13 +135,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     report = write_report(run_dir)
     print(report.table_text)
-    failed = _failures(run_dir)
+    failed = _failures(run_dir, "error")
+    fell_back = _failures(run_dir, "fell-back")
     console.print(f"table:  {report.table}")
     console.print(f"chart:  {report.charts[0]} (and .svg)")
     console.print(f"report: {report.report}")
-    if report.missing or failed:
+    if report.missing or failed or fell_back:
         print(
-            f"lazybench: {len(failed)} measurements failed, {len(report.missing)} missing; "
+            f"lazybench: {len(failed)} measurements failed, {len(fell_back)} fell back to a "
+            f"full pull, {len(report.missing)} missing; "
             f"see {report.report}",
             file=sys.stderr,
         )
@@ -121,10 +151,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _failures(run_dir: Path) -> list[str]:
+def _failures(run_dir: Path, status: str) -> list[str]:
     from harness.records import read_records
 
-    return [f"{r.workload}/{r.mode}" for r in read_records(run_dir) if r.status != "ok"]
+    return [f"{r.workload}/{r.mode}" for r in read_records(run_dir) if r.status == status]
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from harness.merge import merge_runs
+    from harness.records import read_environment
+    from harness.report import write_report
+
+    out = merge_runs(args.out, args.run_dirs)
+    env = read_environment(out)
+    print(f"merged {len(args.run_dirs)} run directories into {out}")
+    if env.get("machines_differ"):
+        print(
+            "lazybench: the shards ran on different machines (see environment.json: shards)",
+            file=sys.stderr,
+        )
+    report = write_report(out)
+    print(report.table_text)
+    print(f"table:  {report.table}\nchart:  {report.charts[0]} (and .svg)\nreport: {report.report}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -137,7 +186,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.gate import Gate, compare_runs, compare_table, gate_failures, load_gate
+    from harness.gate import (
+        Gate,
+        compare_runs,
+        compare_table,
+        gate_failures,
+        gate_warnings,
+        load_gate,
+    )
 
     if args.gate is None:
         gate = Gate()
@@ -147,6 +203,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cmp = compare_runs(args.base, args.new, statistic)
     print(f"{args.base} → {args.new} ({statistic})\n")
     print(compare_table(cmp))
+    for warning in gate_warnings(cmp):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.gate is None:
         return 0
     problems = gate_failures(cmp, gate)

@@ -16,16 +16,20 @@ Schema (all keys but ``workloads`` optional)::
     [network]
     profile = "wan"                  # a profile name from harness.netshape
 
-    [store]                          # the Additional Layer Store under test (lazy modes)
+    [[stores]]                       # the Additional Layer Stores under test (lazy modes);
+    name = "ours"                    # every lazy (workload × mode) is measured once per store,
+                                     # and reports give each store's ratio to the first one
     command = ["stargz-store", "--config", "{config}", "--root", "{root}", "{mountpoint}"]
     mount_timeout = 30               # seconds to wait for the mount to appear
     background_fetch = false         # let the store fetch whole layers in the background
                                      # (off: a measurement shows what the workload needs)
     # Placeholders: {config} (resolver/prefetch config the harness writes), {root} (an empty
-    # cache directory per measurement), {mountpoint}, {metrics} (a file the store writes its
-    # Prometheus metrics to on exit, optional), {go-stargz-store} (the reference Go store,
-    # built from Debian's Go packages on first use). The estargz mode's access trace is always
-    # taken with our own stargz-store, whatever store is under test.
+    # cache directory per measurement), {mountpoint}, {go-stargz-store} (the reference Go
+    # store, built from Debian's Go packages on first use). The estargz mode's access trace is
+    # always taken with our own stargz-store, whatever store is under test.
+    # The older single-store form, a [store] table with the same keys but `name` (the store is
+    # then named "default"), still works; a scenario has one form or the other. Without
+    # either: our stargz-store, named "default".
 
     [[workloads]]
     name = "python"                  # unique; default: the recipe name
@@ -44,7 +48,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +90,15 @@ class Workload:
     modes: tuple[str, ...] | None = None  # a subset of the scenario's modes; None = all
 
 
+DEFAULT_STORE_NAME = "default"
+
+
 @dataclass(frozen=True)
 class StoreSpec:
-    """How to start the layer store under test; ``{placeholders}`` are filled per measurement."""
+    """How to start a layer store under test; ``{placeholders}`` are filled per measurement.
+    ``name`` labels its records (``Record.store``) and its columns in reports."""
 
+    name: str = DEFAULT_STORE_NAME
     command: tuple[str, ...] = DEFAULT_STORE_COMMAND
     mount_timeout: float = 30.0
     background_fetch: bool = False
@@ -105,16 +114,32 @@ class Scenario:
     network_profile: str = "loopback"
     runtime: str = "podman"
     seed: int = 0
-    store: StoreSpec = field(default_factory=StoreSpec)
+    stores: tuple[StoreSpec, ...] = (StoreSpec(),)
     source: Path | None = None
 
-    def keys(self) -> list[tuple[int, str, str]]:
-        """Every (sample, workload, mode) a complete run records, in plan order."""
+    @property
+    def store(self) -> StoreSpec:
+        """The first store (the one the others are compared with)."""
+        return self.stores[0]
+
+    def stores_of(self, mode: str) -> tuple[str, ...]:
+        """Store names a mode is measured through: every store in lazy modes, else ``""``."""
+        return tuple(s.name for s in self.stores) if mode in LAZY_MODES else ("",)
+
+    def store_named(self, name: str) -> StoreSpec:
+        for s in self.stores:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def keys(self) -> list[tuple[int, str, str, str]]:
+        """Every (sample, workload, mode, store) a complete run records, in a fixed order."""
         return [
-            (s, w.name, m)
+            (s, w.name, m, st)
             for s in range(self.samples)
             for w in self.workloads
             for m in self.modes_of(w)
+            for st in self.stores_of(m)
         ]
 
     def modes_of(self, w: Workload) -> tuple[str, ...]:
@@ -137,11 +162,15 @@ class Scenario:
             "runtime": self.runtime,
             "seed": self.seed,
             "network": {"profile": self.network_profile},
-            "store": {
-                "command": list(self.store.command),
-                "mount_timeout": self.store.mount_timeout,
-                "background_fetch": self.store.background_fetch,
-            },
+            "stores": [
+                {
+                    "name": s.name,
+                    "command": list(s.command),
+                    "mount_timeout": s.mount_timeout,
+                    "background_fetch": s.background_fetch,
+                }
+                for s in self.stores
+            ],
             "workloads": [
                 {
                     k: (list(v) if isinstance(v, tuple) else v)
@@ -260,6 +289,7 @@ def parse_scenario(
             "seed",
             "network",
             "store",
+            "stores",
             "workloads",
         },
         "",
@@ -290,31 +320,22 @@ def parse_scenario(
             "network.profile", f"unknown profile {profile!r} (known: {', '.join(sorted(profiles))})"
         )
 
-    store_data = c.table(data.get("store", {}), "store")
-    c.unknown(store_data, {"command", "mount_timeout", "background_fetch"}, "store")
-    command = c.strings(store_data, "command", "store.command") or DEFAULT_STORE_COMMAND
-    for arg in command:
-        for placeholder in _placeholders(arg):
-            if placeholder not in STORE_PLACEHOLDERS:
-                raise c.fail(
-                    "store.command",
-                    f"unknown placeholder {{{placeholder}}} "
-                    f"(known: {', '.join('{' + p + '}' for p in sorted(STORE_PLACEHOLDERS))})",
-                )
-    if not any("{mountpoint}" in arg for arg in command):
-        raise c.fail("store.command", "must contain {mountpoint}")
-    background_fetch = store_data.get("background_fetch", False)
-    if not isinstance(background_fetch, bool):
-        raise c.fail(
-            "store.background_fetch", f"must be true or false, got {_show(background_fetch)}"
+    if "store" in data and "stores" in data:
+        raise c.fail("store", "give either a [store] table or [[stores]] tables, not both")
+    if "stores" in data:
+        raw_stores = data["stores"]
+        if not isinstance(raw_stores, list) or not raw_stores:
+            raise c.fail("stores", "must be a non-empty array of tables ([[stores]])")
+        stores = tuple(
+            _parse_store(c, c.table(raw, f"stores[{i}]"), f"stores[{i}]", named=True)
+            for i, raw in enumerate(raw_stores)
         )
-    store = StoreSpec(
-        command=command,
-        background_fetch=background_fetch,
-        mount_timeout=float(
-            c.number(store_data, "mount_timeout", "store.mount_timeout", 30.0, lo=0.1, hi=3600)
-        ),
-    )
+        names = [st.name for st in stores]
+        for i, store_name in enumerate(names):
+            if store_name in names[:i]:
+                raise c.fail(f"stores[{i}].name", f"duplicate store name {store_name!r}")
+    else:
+        stores = (_parse_store(c, c.table(data.get("store", {}), "store"), "store", named=False),)
 
     raw_workloads = data.get("workloads")
     if raw_workloads is None:
@@ -373,7 +394,46 @@ def parse_scenario(
         network_profile=profile,
         runtime=runtime,
         seed=seed,
-        store=store,
+        stores=stores,
+    )
+
+
+def _parse_store(c: _Checker, data: dict[str, Any], where: str, *, named: bool) -> StoreSpec:
+    """One ``[[stores]]`` table (``named``: ``name`` required) or the old ``[store]`` table."""
+    keys = {"command", "mount_timeout", "background_fetch"} | ({"name"} if named else set())
+    c.unknown(data, keys, where)
+    name = DEFAULT_STORE_NAME
+    if named:
+        name = c.string(data, "name", f"{where}.name")
+        if name is None:
+            raise c.fail(f"{where}.name", "missing: name the store (it labels its records)")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise c.fail(
+                f"{where}.name", f"may only hold letters, digits, '.', '_', '-', got {name!r}"
+            )
+    command = c.strings(data, "command", f"{where}.command") or DEFAULT_STORE_COMMAND
+    for arg in command:
+        for placeholder in _placeholders(arg):
+            if placeholder not in STORE_PLACEHOLDERS:
+                raise c.fail(
+                    f"{where}.command",
+                    f"unknown placeholder {{{placeholder}}} "
+                    f"(known: {', '.join('{' + p + '}' for p in sorted(STORE_PLACEHOLDERS))})",
+                )
+    if not any("{mountpoint}" in arg for arg in command):
+        raise c.fail(f"{where}.command", "must contain {mountpoint}")
+    background_fetch = data.get("background_fetch", False)
+    if not isinstance(background_fetch, bool):
+        raise c.fail(
+            f"{where}.background_fetch", f"must be true or false, got {_show(background_fetch)}"
+        )
+    return StoreSpec(
+        name=name,
+        command=command,
+        background_fetch=background_fetch,
+        mount_timeout=float(
+            c.number(data, "mount_timeout", f"{where}.mount_timeout", 30.0, lo=0.1, hi=3600)
+        ),
     )
 
 

@@ -1,28 +1,49 @@
-"""Statistics over a run's records: one row per measurement in, one row per workload × mode out.
+"""Statistics over a run's records: one row per measurement in, one row per cell out.
 
-:func:`records_frame` turns successful records into a DataFrame; :func:`aggregate` gives, per
-workload × mode, the median, the chosen percentile, min, max and std of every phase, the
-total and the bytes fetched. Report (:mod:`harness.report`) and gate (:mod:`harness.gate`)
-read only these.
+A *cell* is a workload × mode × store (``store`` is "" outside lazy modes). :func:`records_frame`
+turns the records that count (status ``ok``) into a DataFrame; :func:`aggregate` gives, per
+cell, the median, the chosen percentile, min, max and std of every phase, the total and the
+bytes fetched, with bootstrap confidence intervals for the median and the percentile of the
+timed phases and the bytes, and a flag where the spread is too wide to tell anything;
+:func:`compare_samples` tests whether two cells differ (Mann–Whitney U) and bounds the
+difference of their statistics (bootstrap). Report (:mod:`harness.report`) and gate
+(:mod:`harness.gate`) read only these.
+
+Bootstrap: ``scipy.stats.bootstrap``, percentile method (BCa is unstable with the 3–10 samples
+a benchmark has), 95 %, seeded so a report is reproducible. With fewer than
+:data:`MIN_SAMPLES` samples no interval is given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import asdict
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
 from harness.records import Record
 
 PHASES = ("pull", "create", "run")
 MODE_ORDER = ("legacy", "estargz-noopt", "estargz", "zstd-chunked")
+CELL = ["workload", "mode", "store"]
 MB = 1e6
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+MIN_SAMPLES = 3
+# A cell whose total's median interval is wider than this fraction of the median cannot tell
+# a change of that size from noise: reports warn about it.
+WIDE_SPREAD = 0.5
+# Metrics given intervals (the ones tables and the gate use).
+CI_METRICS = ("pull", "create", "run", "total", "mb_fetched")
 
 
 def records_frame(records: Iterable[Record]) -> pd.DataFrame:
-    """Successful records as a DataFrame (one row per measurement)."""
+    """Records with status ``ok`` as a DataFrame (one row per measurement); fell-back and
+    failed measurements are counted by :func:`status_counts`, not aggregated."""
     rows = [asdict(r) for r in records if r.status == "ok"]
     columns = list(Record.__dataclass_fields__)
     df = pd.DataFrame(rows, columns=columns)
@@ -31,16 +52,77 @@ def records_frame(records: Iterable[Record]) -> pd.DataFrame:
     return df
 
 
-def _mode_rank(mode: str) -> int:
+def status_counts(records: Iterable[Record]) -> pd.DataFrame:
+    """Per cell: how many measurements were ``ok``, ``fell-back`` and ``error``, how many ok
+    ones carry a laziness verdict (``checked``: records from before the verdict have none),
+    and the last fallback reason (columns ``workload, mode, store, ok, fell_back, error,
+    checked, reason``)."""
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in records:
+        row = rows.setdefault(
+            (r.workload, r.mode, r.store),
+            {"workload": r.workload, "mode": r.mode, "store": r.store, "ok": 0, "fell_back": 0}
+            | {"error": 0, "checked": 0, "reason": ""},
+        )
+        column = {"ok": "ok", "fell-back": "fell_back"}.get(r.status, "error")
+        row[column] += 1
+        if r.status == "ok" and r.layers_total is not None:
+            row["checked"] += 1
+        if r.status == "fell-back" and r.error:
+            row["reason"] = r.error
+    columns = ["workload", "mode", "store", "ok", "fell_back", "error", "checked", "reason"]
+    return pd.DataFrame(list(rows.values()), columns=columns)
+
+
+def mode_rank(mode: str) -> int:
     return MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER)
 
 
+def _quantile(q: float) -> Callable[..., Any]:
+    def statistic(x: np.ndarray, axis: int = -1) -> Any:
+        return np.quantile(x, q, axis=axis)
+
+    return statistic
+
+
+def median_of(x: np.ndarray, axis: int = -1) -> Any:
+    return np.median(x, axis=axis)
+
+
+def bootstrap_interval(
+    values: Any, statistic: Callable[..., Any], *, seed: int = 0
+) -> tuple[float, float]:
+    """The 95 % percentile-bootstrap interval of ``statistic`` over ``values``; (nan, nan)
+    with fewer than :data:`MIN_SAMPLES` values."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < MIN_SAMPLES:
+        return (float("nan"), float("nan"))
+    if np.all(x == x[0]):
+        return (float(x[0]), float(x[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = sps.bootstrap(
+            (x,),
+            statistic,
+            n_resamples=RESAMPLES,
+            vectorized=True,
+            method="percentile",
+            confidence_level=CONFIDENCE,
+            rng=np.random.default_rng(seed),
+        )
+    return (float(res.confidence_interval.low), float(res.confidence_interval.high))
+
+
 def aggregate(df: pd.DataFrame, percentile: float) -> pd.DataFrame:
-    """Per workload × mode: median, the chosen percentile (``p``), min, max, std and the
-    sample count for each phase, the total and the bytes fetched.
+    """Per cell (workload × mode × store): median, the chosen percentile (``p``), min, max,
+    std and the sample count ``n`` for each phase, the total and the bytes fetched; for the
+    timed phases, the total and ``mb_fetched`` also ``_median_lo/_median_hi`` and
+    ``_p_lo/_p_hi``, the 95 % bootstrap interval; ``wide`` where the total's median interval
+    is wider than :data:`WIDE_SPREAD` of the median or there are too few samples to tell.
 
     Columns are ``<metric>_<stat>``, e.g. ``total_p``, ``pull_median``, ``mb_fetched_max``.
-    Rows keep the workloads' first-appearance order and the usual mode order.
+    Rows keep the workloads' first-appearance order, the usual mode order, then the stores'
+    first-appearance order.
     """
     metrics = [f"{p}_s" for p in PHASES] + [
         "total_s",
@@ -49,26 +131,145 @@ def aggregate(df: pd.DataFrame, percentile: float) -> pd.DataFrame:
         "requests",
         "first_output_s",
     ]
+    if "store" not in df.columns:
+        df = df.assign(store="")
     rows = []
     workloads = list(dict.fromkeys(df["workload"]))
-    for (workload, mode), group in df.groupby(["workload", "mode"], sort=False):
-        row: dict[str, Any] = {"workload": workload, "mode": mode, "n": len(group)}
+    stores = list(dict.fromkeys(df["store"]))
+    q = percentile / 100.0
+    for (workload, mode, store), group in df.groupby(CELL, sort=False):
+        row: dict[str, Any] = {"workload": workload, "mode": mode, "store": store}
+        row["n"] = len(group)
         for metric in metrics:
             values = pd.to_numeric(group[metric], errors="coerce").dropna()
             name = metric.removesuffix("_s")
+            stats = ["median", "p", "min", "max", "std"]
+            if name in CI_METRICS:
+                stats += ["median_lo", "median_hi", "p_lo", "p_hi"]
             if values.empty:
-                for stat in ("median", "p", "min", "max", "std"):
+                for stat in stats:
                     row[f"{name}_{stat}"] = float("nan")
                 continue
             row[f"{name}_median"] = float(values.median())
-            row[f"{name}_p"] = float(values.quantile(percentile / 100.0))
+            row[f"{name}_p"] = float(values.quantile(q))
             row[f"{name}_min"] = float(values.min())
             row[f"{name}_max"] = float(values.max())
             row[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            if name in CI_METRICS:
+                lo, hi = bootstrap_interval(values, median_of)
+                row[f"{name}_median_lo"], row[f"{name}_median_hi"] = lo, hi
+                lo, hi = bootstrap_interval(values, _quantile(q))
+                row[f"{name}_p_lo"], row[f"{name}_p_hi"] = lo, hi
+        row["wide"] = spread_too_wide(
+            row.get("total_median", float("nan")),
+            row.get("total_median_lo", float("nan")),
+            row.get("total_median_hi", float("nan")),
+        )
         rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
         return out
     out["_w"] = out["workload"].map(workloads.index)
-    out["_m"] = out["mode"].map(_mode_rank)
-    return out.sort_values(["_w", "_m"]).drop(columns=["_w", "_m"]).reset_index(drop=True)
+    out["_m"] = out["mode"].map(mode_rank)
+    out["_s"] = out["store"].map(stores.index)
+    return (
+        out.sort_values(["_w", "_m", "_s"]).drop(columns=["_w", "_m", "_s"]).reset_index(drop=True)
+    )
+
+
+def spread_too_wide(median: float, lo: float, hi: float) -> bool:
+    """No interval (too few samples), or one wider than :data:`WIDE_SPREAD` of the median."""
+    if any(pd.isna(v) for v in (median, lo, hi)):
+        return True
+    return median > 0 and (hi - lo) > WIDE_SPREAD * median
+
+
+@dataclass(frozen=True)
+class Change:
+    """How a cell's samples moved from a base run to a new run.
+
+    ``delta`` is new − base of the statistic (median or percentile) with its 95 % bootstrap
+    interval ``[lo, hi]`` (nan with too few samples); ``p_value`` is the one-sided
+    Mann–Whitney U test that new is larger than base (nan when it cannot be computed);
+    ``p_value_two_sided`` the same test in either direction.
+    """
+
+    base: float
+    new: float
+    delta: float
+    lo: float
+    hi: float
+    p_value: float
+    p_value_two_sided: float
+
+
+def compare_samples(
+    base: Any, new: Any, statistic: str = "median", percentile: float = 95.0, seed: int = 0
+) -> Change:
+    """Compare two cells' samples (see :class:`Change`). Raises ValueError on an empty side."""
+    a = np.asarray(base, dtype=float)
+    b = np.asarray(new, dtype=float)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("compare_samples needs samples on both sides")
+    stat = median_of if statistic == "median" else _quantile(percentile / 100.0)
+    va, vb = float(stat(a)), float(stat(b))
+    lo = hi = float("nan")
+    if min(len(a), len(b)) >= MIN_SAMPLES:
+        if np.all(a == a[0]) and np.all(b == b[0]):
+            lo = hi = vb - va
+        else:
+
+            def diff(x: np.ndarray, y: np.ndarray, axis: int = -1) -> Any:
+                return stat(y, axis=axis) - stat(x, axis=axis)
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = sps.bootstrap(
+                    (a, b),
+                    diff,
+                    n_resamples=RESAMPLES,
+                    vectorized=True,
+                    method="percentile",
+                    confidence_level=CONFIDENCE,
+                    rng=np.random.default_rng(seed),
+                )
+            lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    p_one = p_two = float("nan")
+    if len(a) >= 2 and len(b) >= 2 and not (np.all(a == a[0]) and np.all(b == a[0])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p_one = float(sps.mannwhitneyu(b, a, alternative="greater").pvalue)
+            p_two = float(sps.mannwhitneyu(b, a, alternative="two-sided").pvalue)
+    return Change(va, vb, vb - va, lo, hi, p_one, p_two)
+
+
+def ratio_of(
+    base: Any, new: Any, statistic: str = "median", percentile: float = 95.0, seed: int = 0
+) -> tuple[float, float, float]:
+    """new's statistic ÷ base's (median or percentile) and its 95 % bootstrap interval
+    ((ratio, nan, nan) with fewer than :data:`MIN_SAMPLES` samples on a side)."""
+    a = np.asarray(base, dtype=float)
+    b = np.asarray(new, dtype=float)
+    stat = median_of if statistic == "median" else _quantile(percentile / 100.0)
+    ratio = float(stat(b) / stat(a)) if stat(a) else float("nan")
+    if min(len(a), len(b)) < MIN_SAMPLES or not stat(a):
+        return (ratio, float("nan"), float("nan"))
+    if np.all(a == a[0]) and np.all(b == b[0]):
+        return (ratio, ratio, ratio)
+
+    def quotient(x: np.ndarray, y: np.ndarray, axis: int = -1) -> Any:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return stat(y, axis=axis) / stat(x, axis=axis)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = sps.bootstrap(
+            (a, b),
+            quotient,
+            n_resamples=RESAMPLES,
+            vectorized=True,
+            method="percentile",
+            confidence_level=CONFIDENCE,
+            rng=np.random.default_rng(seed),
+        )
+    return (ratio, float(res.confidence_interval.low), float(res.confidence_interval.high))

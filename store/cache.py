@@ -2,14 +2,18 @@
 
 Why content-addressed: a chunk's key is its ``chunkDigest`` (sha256 of the uncompressed
 bytes), so identical chunks of different layers or images share one file, and a cached file
-can be re-verified against its own name. Only verified bytes are ever put here, so a hit is
-served as is.
+can be re-verified against its own name. Only verified bytes are ever put here, and a file
+read back from disk is hashed against its name before it is served.
 
 Layout: ``<root>/sha256/<first two hex>/<rest of hex>``. Writes go to a temporary file in the
-same directory and are renamed into place (``os.replace``), so a crash leaves either nothing
-or a whole chunk. The cache has a byte limit; when an insertion crosses it, least recently
-used files are deleted until it fits. The LRU order lives in memory and is rebuilt from file
-access times at start, so the disk cache survives store restarts and layer releases.
+same directory and are renamed into place (``os.replace``), so a crash of the store leaves
+either nothing or a whole chunk; temporary files left behind are deleted at start. A chunk
+torn by a crash of the machine (the rename reached the disk, the data did not) or damaged on
+disk fails that hash: it is dropped and fetched again, never served. A full or failing cache
+disk does not fail reads: the verified bytes are served uncached. The cache has a byte limit;
+when an insertion crosses it, least recently used files are deleted until it fits. The LRU
+order lives in memory and is rebuilt from file access times at start, so the disk cache
+survives store restarts and layer releases.
 
 In-flight deduplication: :meth:`ChunkCache.get_or_fetch` makes concurrent requests for one
 key share a single fetch; the others wait for its result (or its failure).
@@ -18,6 +22,7 @@ key share a single fetch; the others wait for its result (or its failure).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -109,9 +114,20 @@ class ChunkCache:
             self._lru.move_to_end(key)
             self.stats.hits += 1
             return data
+        path = self._path(key)
         try:
-            data = self._path(key).read_bytes()
-        except FileNotFoundError:
+            data = path.read_bytes()
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("chunk cache read failed for %s: %s", key, exc)
+            self._forget(key)
+            return None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != key:
+            # Torn by a crash of the machine (the rename reached the disk, the data did not)
+            # or damaged since: never served; the chunk is fetched and verified again.
+            log.warning("chunk cache file %s does not hash to its name: removed", path)
+            with contextlib.suppress(OSError):
+                path.unlink()
             self._forget(key)
             return None
         self._lru.move_to_end(key)
@@ -137,9 +153,9 @@ class ChunkCache:
         if key in self._lru:
             self._lru.move_to_end(key)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from store.config import DEFAULT_ROOT, ConfigError, StoreConfig, load_config
+from store.registry.hosts import DEFAULT_REQUEST_TIMEOUT
 
 log = logging.getLogger("store")
 
@@ -144,8 +145,9 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
     client = RegistryClient(
         resolver=parse_resolver_config(cfg.resolver),
         credentials=credentials,
-        timeout=cfg.fetching_timeout_sec,
+        timeout=request_timeout(cfg),
         retries=cfg.max_retries,
+        retry_timeouts=True,
     )
 
     def on_access(layer, node) -> None:  # type: ignore[no-untyped-def]
@@ -156,7 +158,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
     async with client, trio.open_nursery() as nursery:
         manager = LayerManager(
             cfg,
-            RemoteRegistry(client),
+            RemoteRegistry(client, cfg.fetching_timeout_sec),
             cache,
             nursery,
             on_layer_fetch=metrics.on_fetch,
@@ -187,6 +189,19 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
             if trace is not None:
                 trace.close()
             log.info("unmounted %s", mountpoint)
+
+
+def request_timeout(cfg: StoreConfig) -> float:
+    """Seconds one registry request may wait for a connection or for its next bytes.
+
+    ``[blob] fetching_timeout_sec`` bounds a whole read with its retries (see
+    :class:`store.remote.RegistryBlob`); each of the ``max_retries + 1`` attempts gets an equal
+    share of it, at most 30 s (the resolver's default) and at least 1 s, so that a stalled
+    connection is given up and retried while the read can still succeed. A slow but moving
+    body is not cut by it: only the whole-read deadline ends that.
+    """
+    share = cfg.fetching_timeout_sec / (max(cfg.max_retries, 0) + 1)
+    return max(1.0, min(DEFAULT_REQUEST_TIMEOUT, share))
 
 
 def main(argv: list[str] | None = None) -> int:

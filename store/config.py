@@ -21,7 +21,7 @@ Our additions (top level):
                          larger one — or a compressed TOC that could inflate past it — is
                          refused before it is decoded, with an error naming the limit
 ``toc_max_entries``      most TOC entries accepted (default 1,000,000; the index costs about
-                         0.5 KB per entry); decoding stops at the first entry past it
+                         0.7 KB per entry); decoding stops at the first entry past it
 
 Both caps bound the memory one hostile layer can take; a refused layer's lookup answers EIO
 and the store logs one line naming the cause (the runtime then pulls the layer normally).

@@ -7,28 +7,55 @@ testable and the client swappable (mirrors, credentials live in the client's con
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import trio
 
 from store.layer import BlobReader
 from store.registry.client import RegistryClient
 from store.registry.errors import RegistryError
 from store.resolver import LayerDesc, RegistryAccess, ResolveError, decode_json, layer_descs
 
+QUIET_AFTER_DEADLINE = 2.0  # seconds a blob whose read hit the deadline is not asked again
+
 
 @dataclass
 class RegistryBlob:
-    """Range reads of one blob; ranges are ``(start, end)`` byte offsets."""
+    """Range reads of one blob; ranges are ``(start, end)`` byte offsets.
+
+    ``deadline`` bounds one read with all its retries (the Go store's
+    ``[blob] fetching_timeout_sec``): past it the read fails with :class:`ResolveError`, which
+    the filesystem answers with EIO — a stalled or vanished registry never hangs a reader.
+    After such a failure, reads of this blob fail at once for :data:`QUIET_AFTER_DEADLINE`
+    seconds: the kernel retries a failed page read synchronously, and that retry must not
+    wait a second deadline before the reader sees its EIO.
+    """
 
     client: RegistryClient
     ref: str
     digest: str
     size: int
+    deadline: float = math.inf
+    _quiet_until: float = -math.inf
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        parts = await self.client.read_ranges(
-            self.ref, self.digest, [(lo, hi - lo) for lo, hi in ranges]
-        )
+        if trio.current_time() < self._quiet_until:
+            raise ResolveError(
+                f"{self.ref}@{self.digest}: the registry did not answer within "
+                f"{self.deadline:g}s a moment ago (blob.fetching_timeout_sec); not asked again yet"
+            )
+        with trio.move_on_after(self.deadline) as scope:
+            parts = await self.client.read_ranges(
+                self.ref, self.digest, [(lo, hi - lo) for lo, hi in ranges]
+            )
+        if scope.cancelled_caught:
+            self._quiet_until = trio.current_time() + QUIET_AFTER_DEADLINE
+            raise ResolveError(
+                f"{self.ref}@{self.digest}: no answer for {len(ranges)} range(s) within "
+                f"{self.deadline:g}s (blob.fetching_timeout_sec)"
+            )
         for (lo, hi), part in zip(ranges, parts, strict=True):
             if len(part) != hi - lo:
                 raise ResolveError(f"{self.digest}: short range {lo}-{hi}: got {len(part)}")
@@ -36,8 +63,9 @@ class RegistryBlob:
 
 
 class RemoteRegistry(RegistryAccess):
-    def __init__(self, client: RegistryClient) -> None:
+    def __init__(self, client: RegistryClient, fetch_deadline: float = math.inf) -> None:
         self.client = client
+        self.fetch_deadline = fetch_deadline
 
     async def image(self, ref: str) -> tuple[bytes, bytes, list[LayerDesc]]:
         try:
@@ -49,4 +77,4 @@ class RemoteRegistry(RegistryAccess):
         return manifest.raw, config_raw, layer_descs(manifest.parsed, config)
 
     def blob(self, ref: str, digest: str, size: int) -> BlobReader:
-        return RegistryBlob(self.client, ref, digest, size)
+        return RegistryBlob(self.client, ref, digest, size, self.fetch_deadline)

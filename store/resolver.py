@@ -14,7 +14,10 @@ once the kernel forgets its inodes; its chunks stay in the disk cache.
 
 A layer is served only when it is eStargz and verifiable: its descriptor must carry the TOC
 digest annotation, and the TOC fetched from the blob must hash to it. Anything else raises
-:class:`NotEstargzError` (→ ENOENT, normal pull) or :class:`ResolveError` (→ EIO).
+:class:`NotEstargzError` (→ ENOENT, normal pull) or :class:`ResolveError` (→ EIO). A layer whose
+own bytes fail a check (footer, TOC digest, any rule of the format library's validated index,
+the ``toc_max_bytes`` / ``toc_max_entries`` caps) raises :class:`LayerRefused` (→ EIO): logged
+once with its cause and remembered, so later lookups answer at once without refetching.
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ class Children:
         for name, child in children.items():
             if name.startswith(WHITEOUT_PREFIX):
                 shown = name[len(WHITEOUT_PREFIX) :]
-                if shown and name != OPAQUE_MARKER and shown not in children:
+                if shown and shown not in children and not self._hidden(shown):
                     yield _key(shown), Node(self.tree, child, whiteout=True)
             elif not self._hidden(name):
                 yield _key(name), Node(self.tree, child)

@@ -21,6 +21,14 @@ import signal
 import sys
 import time
 
+# What a missing or unusable delayer tells the user (the link repeats it as its error).
+MISSING_DEPENDENCY = (
+    "the NFQUEUE delayer needs the Python package netfilterqueue, which is not installed: "
+    "pip install 'lazybench[shaping]' (it builds against the Debian packages "
+    "libnetfilter-queue-dev and libnfnetlink-dev: apt-get install libnetfilter-queue-dev "
+    "libnfnetlink-dev build-essential python3-dev, or run ci/install-system-deps)"
+)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, required=True)
     args = parser.parse_args(argv)
 
-    from netfilterqueue import COPY_META, NetfilterQueue
+    try:
+        from netfilterqueue import COPY_META, NetfilterQueue
+    except ImportError as exc:
+        print(f"{MISSING_DEPENDENCY} [{exc}]", file=sys.stderr, flush=True)
+        return 2
 
     delay = args.delay_ms / 1000.0
     held: collections.deque = collections.deque()
@@ -50,7 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
 
     nfq = NetfilterQueue()
-    nfq.bind(args.queue, hold, max_len=65536, mode=COPY_META, range=0, sock_len=8 << 20)
+    try:
+        nfq.bind(args.queue, hold, max_len=65536, mode=COPY_META, range=0, sock_len=8 << 20)
+    except OSError as exc:
+        print(
+            f"cannot bind NFQUEUE {args.queue}: {exc} (the delayer needs root and the kernel's "
+            "nfnetlink_queue module: modprobe nfnetlink_queue)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
     fd = nfq.get_fd()
     os.set_blocking(fd, False)
     print("ready", flush=True)

@@ -159,6 +159,9 @@ class NetworkLink(Service):
         return True
 
     def _start_delayer(self) -> None:
+        missing = missing_delayer_dependency(self.python)
+        if missing:
+            raise NetworkError(f"network profile {self.profile.name!r}: {missing}")
         cmd = [
             *self.prefix,
             self.python,
@@ -344,11 +347,56 @@ def _wait_ready(proc: subprocess.Popen, what: str, *, timeout: float) -> None:
                     return
                 if not line:
                     break
+        # Read what the child said before _stop closes its pipes (reading after was the bug
+        # that hid every cause behind "I/O operation on closed file").
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate(timeout=5)
         _stop(proc)
-        err = proc.stderr.read().strip()[-800:] if proc.stderr else ""
-        raise NetworkError(f"{what} did not start: {err or 'no ready line within the timeout'}")
+        err = (err or "").strip()[-800:]
+        code = f" (exit status {proc.returncode})" if proc.returncode else ""
+        raise NetworkError(
+            f"{what} did not start{code}: {err or 'no ready line within the timeout'}"
+        )
     finally:
         sel.close()
+
+
+def missing_delayer_dependency(python: str = sys.executable) -> str | None:
+    """Why the NFQUEUE delayer cannot run under ``python`` (its install hint), or None.
+
+    Checked in this process when ``python`` is this interpreter; another interpreter is asked.
+    """
+    from harness.netshape.delayer import MISSING_DEPENDENCY
+
+    if python == sys.executable:
+        import importlib.util
+
+        return None if importlib.util.find_spec("netfilterqueue") else MISSING_DEPENDENCY
+    probe = subprocess.run(
+        [python, "-c", "import netfilterqueue"], capture_output=True, text=True, timeout=30
+    )
+    return None if probe.returncode == 0 else MISSING_DEPENDENCY
+
+
+def needs_delayer(profile: NetworkProfile) -> bool:
+    """Whether ``profile`` will delay packets with the NFQUEUE delayer on this kernel (it has
+    an RTT and the kernel has no ``sch_netem``, built in or as a module)."""
+    if not profile.namespace or profile.rtt_ms <= 0:
+        return False
+    if os.path.exists("/sys/module/sch_netem"):
+        return False
+    try:
+        probe = subprocess.run(
+            ["modprobe", "-n", "-q", "sch_netem"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return probe.returncode != 0
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:

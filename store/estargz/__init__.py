@@ -14,8 +14,10 @@ Sans-IO pieces for the async store (it fetches bytes itself):
         data = fetch(c.offset, c.compressed_end - c.offset)
         payload = decompress_chunk(c, data)                         # ChunkDigestMismatch
 
-Synchronous convenience: :class:`EstargzReader` over a :class:`BlobSource`; writer:
-:func:`convert`.
+``LayerIndex.from_toc_json`` is the one TOC → validated tree path (module doc of
+:mod:`store.estargz.index` for its rules); any container of the TOC schema (a zstd:chunked
+frame too) feeds it uncompressed JSON pieces. Synchronous convenience: :class:`EstargzReader`
+over a :class:`BlobSource`; writer: :func:`convert`.
 """
 
 from .chunk import decompress_chunk

@@ -39,7 +39,7 @@ class TocLimits:
     """Caps on one TOC, checked while it streams in (:class:`InvalidToc` past either).
 
     ``max_bytes``: uncompressed TOC JSON bytes (also bounds the compressed TOC fetched);
-    ``max_entries``: entry objects (each costs the index ~0.5 KB). Defaults admit a layer of a
+    ``max_entries``: entry objects (each costs the index ~0.7 KB). Defaults admit a layer of a
     million files; the store takes its own from its config (``toc_max_bytes``,
     ``toc_max_entries``).
     """
@@ -137,6 +137,7 @@ _LANDMARK_ENTRY = re.compile(
     rb'\{[^{}]*"name"\s*:\s*"(?:\./)?' + re.escape(PREFETCH_LANDMARK.encode()) + rb'"[^{}]*\}',
     re.ASCII,
 )
+_LANDMARK_NAME = re.compile(rb'"(?:\./)?' + re.escape(PREFETCH_LANDMARK.encode()) + rb'"')
 _OFFSET_FIELD = re.compile(rb'"offset"\s*:\s*(\d+)')
 
 
@@ -147,11 +148,16 @@ def landmark_offset_hint(raw: bytes) -> int | None:
     what is prefetched, and every chunk is verified before it is served, so a wrong hint
     costs bytes, never correctness.
     """
-    found = _LANDMARK_ENTRY.search(raw)
-    if found is None:
-        return None
-    offset = _OFFSET_FIELD.search(found.group(0))
-    return int(offset.group(1)) if offset is not None else None
+    for name in _LANDMARK_NAME.finditer(raw):  # a literal search first: fast on big TOCs
+        lo = raw.rfind(b"{", 0, name.start())
+        hi = raw.find(b"}", name.end())
+        if lo < 0 or hi < 0:
+            continue
+        found = _LANDMARK_ENTRY.fullmatch(raw, lo, hi + 1)
+        if found is not None:
+            offset = _OFFSET_FIELD.search(found.group(0))
+            return int(offset.group(1)) if offset is not None else None
+    return None
 
 
 # -- the container: gzip member + tar entry, or a zstd frame ------------------------------

@@ -1,8 +1,11 @@
 """The async OCI distribution client: pull (manifests, configs, ranged blob reads) and push.
 
 One `httpx.AsyncClient` underneath, so it runs on trio (the store) and asyncio alike. Every
-request has a timeout; connection errors, cut bodies and 5xx are retried with backoff (a
-timeout is not retried: it is the answer the caller configured); mirrors are tried in order
+request has a timeout; connection errors, cut bodies, 5xx and range answers that do not match
+the request (wrong ``Content-Range``, short part) are retried with backoff. A timeout is not
+retried (it is the answer the caller configured) unless the client is made with
+``retry_timeouts=True``: then a GET or HEAD that stalls is sent again — the store does so, and
+bounds the whole read by its own deadline instead; mirrors are tried in order
 before the origin; redirects are followed by hand so Authorization never goes to another host.
 """
 
@@ -117,6 +120,7 @@ class RegistryClient:
         max_connections: int = 32,
         fast_ranges: bool = True,
         verify: ssl.SSLContext | str | bool = True,
+        retry_timeouts: bool = False,
     ) -> None:
         self.resolver = resolver or ResolverConfig(
             default_timeout=timeout or DEFAULT_REQUEST_TIMEOUT
@@ -128,6 +132,7 @@ class RegistryClient:
         else:
             self.credentials = CredentialStore(explicit=credentials)
         self.retries = retries
+        self.retry_timeouts = retry_timeouts
         self.backoff = backoff
         self.max_ranges_per_request = max(1, max_ranges_per_request)
         self.coalesce_gap = coalesce_gap
@@ -297,11 +302,16 @@ class RegistryClient:
                     what,
                     digest,
                 )
-            except RegistryTimeout:
-                raise
+            except RegistryTimeout as e:
+                if not (self.retry_timeouts and method in ("GET", "HEAD")):
+                    raise
+                last_exc = e
             except RegistryUnavailable as e:
                 last_exc = e
-                continue
+            except RangeError as e:
+                if e.status == 416:  # the range itself is wrong: asking again cannot help
+                    raise
+                last_exc = e  # an answer that does not match the request: ask again
         assert last_exc is not None
         raise last_exc
 
@@ -693,7 +703,7 @@ class RegistryClient:
             ctype = resp.headers.get("content-type", "")
             boundary = multipart_boundary(ctype)
             if boundary:
-                return parse_multipart_byteranges(body, boundary)
+                return covered(parse_multipart_byteranges(body, boundary))
             start, end, _ = parse_content_range(resp.headers.get("content-range"))
             if len(body) != end - start:
                 raise RangeError(
@@ -703,7 +713,21 @@ class RegistryClient:
                     repository=ref.repository,
                     digest=digest,
                 )
-            return {(start, end): body}
+            return covered({(start, end): body})
+
+        def covered(got: dict[tuple[int, int], bytes]) -> dict[tuple[int, int], bytes]:
+            # Checked inside the request so that an answer for other bytes is retried.
+            for s in group:
+                try:
+                    slice_from(got, s.start, s.size)
+                except RangeError as e:
+                    raise RangeError(
+                        f"{ep.host}/{ref.repository}@{digest}: {e}",
+                        host=ep.host,
+                        repository=ref.repository,
+                        digest=digest,
+                    ) from e
+            return got
 
         _, got = await self._blob_call(
             ep,

@@ -223,3 +223,18 @@ def test_a_chunk_inflating_past_its_size_is_refused_without_inflating_it(compres
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20  # only the 10 bytes asked for were inflated
+
+
+def test_entries_null_reads_and_lists_as_an_empty_layer(vectors_dir, lazybench, tmp_path) -> None:
+    from fmt_helpers import replace_toc
+
+    from store.estargz import BytesBlobSource, EstargzReader
+    from store.estargz.listing import listing
+
+    blob = replace_toc((vectors_dir / "basic.blob").read_bytes(), b'{"version":1,"entries":null}')
+    r = EstargzReader(BytesBlobSource(blob))
+    assert [line["name"] for line in listing(r)] == [""]
+    path = tmp_path / "empty.blob"
+    path.write_bytes(blob)
+    res = lazybench("estargz", "ls", str(path))
+    assert res.code == 0, res.err

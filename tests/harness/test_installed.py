@@ -49,7 +49,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (wheel,) = (tmp / "dist").glob("lazybench-*.whl")
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # No pip inside (Debian's python3 has no ensurepip without python3-venv): this
+    # interpreter's pip installs into it with --python.
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300
+    )
     py = venv / "bin" / "python"
     site = Path(
         subprocess.run(
@@ -62,7 +66,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "zz-lazybench-test-deps.pth").write_text("\n".join(sorted(deps)) + "\n")
     subprocess.run(
-        [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        [
+            *(sys.executable, "-m", "pip", "--python", str(py), "install"),
+            *("-q", "--no-deps", "--no-index", str(wheel)),
+        ],
         check=True,
         timeout=300,
     )

@@ -46,6 +46,7 @@ def make_run(run_dir: Path, samples: int = 3, slow: float = 1.0, seed: int = 1) 
                         sample=s,
                         workload=w["name"],
                         mode=m,
+                        store="" if m == "legacy" else "default",
                         pull_s=pull * jitter,
                         create_s=0.5,
                         run_s=run,
@@ -68,10 +69,10 @@ def test_records_survive_a_torn_last_line_and_last_record_wins(tmp_path: Path) -
         f.write('{"sample": 2, "workl')  # the process died mid-write
     records = read_records(tmp_path)
     assert [(r.key, r.status) for r in records] == [
-        ((0, "w", "legacy"), "ok"),
-        ((1, "w", "legacy"), "error"),
+        ((0, "w", "legacy", ""), "ok"),
+        ((1, "w", "legacy", ""), "error"),
     ]
-    assert finished_keys(tmp_path) == {(0, "w", "legacy")}
+    assert finished_keys(tmp_path) == {(0, "w", "legacy", "")}
 
 
 def test_aggregate_medians_percentiles_and_order(tmp_path: Path) -> None:
@@ -103,7 +104,7 @@ def test_report_writes_table_chart_and_ratios(tmp_path: Path) -> None:
     assert by_name["db"]["published_image"] == "rethinkdb:2.3.6"
     assert 0.1 < by_name["gcc"]["estargz"] < 0.2
     assert report.missing == []
-    assert (run / "summary.csv").read_text().startswith("workload,mode,n,")
+    assert (run / "summary.csv").read_text().startswith("workload,mode,store,n,")
 
 
 def test_report_names_missing_measurements(tmp_path: Path) -> None:

@@ -44,7 +44,11 @@ name = "tiny"
 recipe = "tiny"
 timeout = 60
 """
-KEYS = {(s, "tiny", m) for s in range(2) for m in ("legacy", "estargz-noopt")}
+KEYS = {
+    (s, "tiny", m, "default" if m != "legacy" else "")
+    for s in range(2)
+    for m in ("legacy", "estargz-noopt")
+}
 
 
 def lazybench(tmp: Path, *args: str) -> subprocess.Popen[str]:
@@ -118,6 +122,8 @@ def test_small_scenario_end_to_end(full_run: Path, base: Path) -> None:
         assert lazy.bytes_before_first_output < legacy.bytes_before_first_output
         assert legacy.bytes_before_first_output > 4 << 20
         assert lazy.store_metrics, "store metrics were not collected"
+        assert lazy.store == "default" and lazy.layers_total
+        assert lazy.layers_from_store == lazy.layers_total, "the lazy pull fell back"
     env = json.loads((full_run / "environment.json").read_text())
     assert env["podman"] and env["kernel"] and env["link"]["profile"]["name"] == "loopback"
     table = (full_run / "table.md").read_text()
@@ -155,3 +161,27 @@ def test_interrupted_run_resumes_to_the_same_records(full_run: Path, base: Path)
     assert len(lines) == len(KEYS), "a measurement was recorded twice"
     # The records kept from before the interruption are untouched by the resume.
     assert {r.key: r.finished for r in kept}.items() <= {r.key: r.finished for r in resumed}.items()
+
+
+def test_two_shards_merged_are_one_run(full_run: Path, base: Path) -> None:
+    shards = []
+    for k in (1, 2):
+        run_id = f"shard{k}"
+        rc, out = finish(lazybench(base, *run_args(base, run_id), "--shard", f"{k}/2"))
+        assert rc == 0, out
+        shards.append(base / "runs" / run_id)
+    parts = [{r.key for r in read_records(s)} for s in shards]
+    assert parts[0] and parts[1] and not parts[0] & parts[1]
+    merged = base / "runs" / "merged"
+    rc, out = finish(lazybench(base, "merge", str(merged), *map(str, shards)))
+    assert rc == 0, out
+    assert {r.key for r in read_records(merged)} == {r.key for r in read_records(full_run)}
+    header = (merged / "summary.csv").read_text().splitlines()[0]
+    assert header == (full_run / "summary.csv").read_text().splitlines()[0]
+    full_rows = (full_run / "summary.csv").read_text().splitlines()[1:]
+    merged_rows = (merged / "summary.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:4] for r in merged_rows] == [r.split(",")[:4] for r in full_rows]
+    env = json.loads((merged / "environment.json").read_text())
+    assert env["machines_differ"] is False and [s["shard"] for s in env["shards"]] == ["1/2", "2/2"]
+    assert "Incomplete" not in (merged / "report.md").read_text()
+    assert_nothing_left(base)

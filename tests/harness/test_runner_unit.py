@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.measure import plan
+from harness.plan import plan
 from harness.prepare import resolve
 from harness.scenario import parse_scenario
 from harness.store_proc import read_trace, store_config_text

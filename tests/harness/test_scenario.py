@@ -90,10 +90,10 @@ def test_plan_keys_and_round_trip(tmp_path: Path) -> None:
         "f.toml",
     )
     assert s.keys() == [
-        (0, "python", "legacy"),
-        (0, "python", "estargz"),
-        (1, "python", "legacy"),
-        (1, "python", "estargz"),
+        (0, "python", "legacy", ""),
+        (0, "python", "estargz", "default"),
+        (1, "python", "legacy", ""),
+        (1, "python", "estargz", "default"),
     ]
     again = parse_scenario(s.to_dict(), "f.toml")
     assert again == s
@@ -112,10 +112,61 @@ def test_a_workload_can_narrow_the_modes() -> None:
         "f.toml",
     )
     assert s.keys() == [
-        (0, "python", "legacy"),
-        (0, "python", "estargz"),
-        (0, "python", "zstd-chunked"),
-        (0, "gcc", "legacy"),
-        (0, "gcc", "zstd-chunked"),
+        (0, "python", "legacy", ""),
+        (0, "python", "estargz", "default"),
+        (0, "python", "zstd-chunked", ""),
+        (0, "gcc", "legacy", ""),
+        (0, "gcc", "zstd-chunked", ""),
     ]
     assert parse_scenario(s.to_dict(), "f.toml") == s
+
+
+def test_several_stores_each_measure_every_lazy_mode() -> None:
+    s = parse_scenario(
+        {
+            "samples": 1,
+            "modes": ["legacy", "estargz-noopt"],
+            "stores": [
+                {"name": "ours"},
+                {"name": "go", "command": ["go-store", "--root", "{root}", "{mountpoint}"]},
+            ],
+            "workloads": [{"recipe": "python"}],
+        },
+        "f.toml",
+    )
+    assert [st.name for st in s.stores] == ["ours", "go"] and s.store.name == "ours"
+    assert s.keys() == [
+        (0, "python", "legacy", ""),
+        (0, "python", "estargz-noopt", "ours"),
+        (0, "python", "estargz-noopt", "go"),
+    ]
+    assert s.store_named("go").command[0] == "go-store"
+    assert parse_scenario(s.to_dict(), "f.toml") == s
+
+
+@pytest.mark.parametrize(
+    ("stores", "problem"),
+    [
+        ([{"command": ["x", "{mountpoint}"]}], r"stores\[0\].name: missing"),
+        ([{"name": "a"}, {"name": "a"}], r"stores\[1\].name: duplicate store name 'a'"),
+        ([{"name": "a", "command": ["x"]}], r"stores\[0\].command: must contain \{mountpoint\}"),
+        ([{"name": "a", "mount_timeout": -1}], r"stores\[0\].mount_timeout: must be between"),
+        ([{"name": "a", "colour": 1}], r"stores\[0\].colour: unknown key"),
+        ([], r"stores: must be a non-empty array"),
+    ],
+)
+def test_bad_stores_are_refused(stores: list[dict[str, object]], problem: str) -> None:
+    with pytest.raises(ScenarioError, match=problem):
+        parse_scenario({"stores": stores, "workloads": [{"recipe": "python"}]}, "f.toml")
+
+
+def test_old_store_table_still_works_and_cannot_mix_with_stores() -> None:
+    s = parse_scenario(
+        {"store": {"mount_timeout": 5}, "workloads": [{"recipe": "python"}]}, "f.toml"
+    )
+    assert len(s.stores) == 1 and s.store.name == "default" and s.store.mount_timeout == 5
+    with pytest.raises(ScenarioError, match="either a \\[store\\] table or"):
+        parse_scenario(
+            {"store": {}, "stores": [{"name": "a"}], "workloads": [{"recipe": "python"}]},
+            "f.toml",
+        )

@@ -5,14 +5,20 @@
 - `SilentListener`: accepts TCP connections and never answers (a hung registry).
 - `HttpFaultProxy`: HTTP reverse proxy whose `policy(handler)` may answer instead of
   forwarding (5xx, redirects, a 200 to multi-range); it records the headers it saw.
+- `BlobFaults`: a policy for `HttpFaultProxy` that breaks blob range GETs on a schedule —
+  connection resets, 5xx bursts, truncated bodies, stalls, a slow drip, a wrong
+  Content-Range, 200 with the whole blob — or plays a registry that is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -134,7 +140,7 @@ class HttpFaultProxy:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((bind, 0), Handler)
+        self._server = _QuietServer((bind, 0), Handler)
         self.port = self._server.server_address[1]
         self.bind = bind
 
@@ -149,10 +155,10 @@ class HttpFaultProxy:
         body = h.rfile.read(length) if length else None
         conn = http.client.HTTPConnection(*self.upstream, timeout=10)
         # Keep Host: the registry builds upload Locations from it (they must name the proxy).
-        headers = dict(h.headers.items())
-        headers.update(extra_headers or {})
-        conn.request(h.command, h.path, body=body, headers=headers)
-        resp = conn.getresponse()
+        # Repeated headers (podman sends one Accept per media type) stay repeated.
+        extra = extra_headers or {}
+        headers = [(k, v) for k, v in h.headers.items() if k not in extra] + list(extra.items())
+        resp = _request(conn, h.command, h.path, headers, body)
         data = resp.read()
         h.send_response(resp.status)
         for k, v in resp.getheaders():
@@ -169,8 +175,177 @@ class HttpFaultProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        stop = getattr(self.policy, "stop", None)
+        if stop is not None:
+            stop.set()  # wake stalled handlers
         self._server.shutdown()
         self._server.server_close()
+
+    def refuse(self) -> None:
+        """Stop listening: new connections are refused (a registry that is gone); requests on
+        connections kept alive are answered with a reset when the policy is `BlobFaults`."""
+        if isinstance(self.policy, BlobFaults):
+            self.policy.gone = "refused"
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # the faults break connections on purpose
+
+
+FAULTS = ("reset", "5xx", "truncate", "stall", "drip", "wrong_range", "full200")
+
+
+class BlobFaults:
+    """Misbehave on blob range GETs (``GET /v2/<repo>/blobs/<digest>`` with ``Range``).
+
+    ``schedule`` is a cycle of fault names (see :data:`FAULTS`) or ``"ok"``: the n-th blob range
+    GET gets ``schedule[n % len(schedule)]``. ``gone = "stall"`` makes every request (blob or
+    not) hang until the proxy stops — a registry that accepts connections and never answers;
+    ``gone = "refused"`` resets every request (see `HttpFaultProxy.refuse`).
+    Counts what it did in ``done`` (fault name → number of requests).
+    """
+
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        schedule: tuple[str, ...] = ("ok",),
+        drip_bytes_per_sec: int = 1024 * 1024,
+    ) -> None:
+        self.upstream = upstream
+        self.schedule = schedule
+        self.drip_rate = drip_bytes_per_sec
+        self.gone: str | None = None
+        self.stop = threading.Event()
+        self.done: dict[str, int] = {}
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def _next(self) -> str:
+        with self._lock:
+            fault = self.schedule[self._n % len(self.schedule)]
+            self._n += 1
+            self.done[fault] = self.done.get(fault, 0) + 1
+        return fault
+
+    def __call__(self, h: BaseHTTPRequestHandler) -> bool:
+        if self.gone == "stall":
+            self.stop.wait(600)
+        if self.gone is not None:
+            _reset(h)
+            return True
+        if h.command != "GET" or "/blobs/" not in h.path or "Range" not in h.headers:
+            return False
+        fault = self._next()
+        if fault == "ok":
+            return False
+        if fault == "reset":
+            _reset(h)
+        elif fault == "5xx":
+            answer(h, 503, b'{"errors":[{"code":"UNAVAILABLE","message":"injected"}]}')
+        elif fault == "full200":
+            status, headers, body = self._upstream(h, drop_range=True)
+            _send(h, status, headers, body)
+        else:
+            status, headers, body = self._upstream(h)
+            if fault == "wrong_range":
+                headers, body = _shift_content_range(headers, body)
+                _send(h, status, headers, body)
+            elif fault == "truncate":
+                _send(h, status, headers, body[: len(body) // 2], length=len(body))
+                _reset(h)
+            elif fault == "stall":
+                _send(h, status, headers, body[: len(body) // 3], length=len(body))
+                self.stop.wait(600)
+                _reset(h)
+            elif fault == "drip":
+                _send(h, status, headers, b"", length=len(body))
+                piece = max(1, self.drip_rate // 100)
+                for i in range(0, len(body), piece):
+                    h.wfile.write(body[i : i + piece])
+                    h.wfile.flush()
+                    time.sleep(0.01)
+            else:
+                raise ValueError(f"unknown fault {fault!r}")
+        return True
+
+    def _upstream(
+        self, h: BaseHTTPRequestHandler, drop_range: bool = False
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        conn = http.client.HTTPConnection(*self.upstream, timeout=30)
+        headers = [
+            (k, v) for k, v in h.headers.items() if not (drop_range and k.lower() == "range")
+        ]
+        resp = _request(conn, "GET", h.path, headers, None)
+        body = resp.read()
+        conn.close()
+        return resp.status, resp.getheaders(), body
+
+
+def _request(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    body: bytes | None,
+) -> http.client.HTTPResponse:
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for k, v in headers:
+        if k.lower() != "content-length":
+            conn.putheader(k, v)
+    if body is not None:
+        conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body)
+    return conn.getresponse()
+
+
+def _send(
+    h: BaseHTTPRequestHandler,
+    status: int,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    length: int | None = None,
+) -> None:
+    h.send_response(status)
+    for k, v in headers:
+        if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+            h.send_header(k, v)
+    h.send_header("Content-Length", str(len(body) if length is None else length))
+    h.end_headers()
+    h.wfile.write(body)
+    h.wfile.flush()
+
+
+def _reset(h: BaseHTTPRequestHandler) -> None:
+    """Abort the connection with a TCP RST (SO_LINGER 0), whatever was sent so far."""
+    with contextlib.suppress(OSError):
+        h.wfile.flush()
+    with contextlib.suppress(OSError):
+        h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        h.connection.close()
+    h.close_connection = True
+
+
+_RANGE = re.compile(rb"(Content-Range:\s*bytes )(\d+)-(\d+)", re.I)
+
+
+def _shift_content_range(
+    headers: list[tuple[str, str]], body: bytes
+) -> tuple[list[tuple[str, str]], bytes]:
+    """Claim the answer starts one byte later than it does (first part of a multipart)."""
+    out = []
+    for k, v in headers:
+        if k.lower() == "content-range":
+            m = re.match(r"bytes (\d+)-(\d+)/(\S+)", v)
+            assert m, v
+            v = f"bytes {int(m[1]) + 1}-{int(m[2]) + 1}/{m[3]}"
+        out.append((k, v))
+    body = _RANGE.sub(lambda m: m[1] + b"%d-%d" % (int(m[2]) + 1, int(m[3]) + 1), body, count=1)
+    return out, body
 
 
 def answer(h: BaseHTTPRequestHandler, status: int, body: bytes = b"", **headers: str) -> None:

@@ -55,6 +55,8 @@ def test_go_config_loads(tmp_path: Path) -> None:
         ({"noprefetch": "yes"}, "'noprefetch' must be bool"),
         ({"blob": {"chunk_size": 0}}, "must be positive"),
         ({"max_concurrency": True}, "must be a number"),
+        ({"toc_max_bytes": 0}, "'toc_max_bytes' must be positive"),
+        ({"toc_max_entries": "many"}, "'toc_max_entries' must be int"),
     ],
 )
 def test_bad_keys_are_named(data: dict, message: str) -> None:
@@ -115,6 +117,12 @@ def test_module_entry_point_help() -> None:
         [sys.executable, "-m", "store", "--help"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "MOUNTPOINT" in out.stdout
+
+
+def test_toc_caps_are_read() -> None:
+    cfg = parse_config({"toc_max_bytes": 1 << 20, "toc_max_entries": 500})
+    assert (cfg.toc_max_bytes, cfg.toc_max_entries) == (1 << 20, 500)
+    assert StoreConfig().toc_max_entries == 1_000_000
 
 
 def test_shipped_example_config_loads() -> None:

@@ -207,15 +207,16 @@ async def test_background_fetch_completes_and_status_reaches_100(vectors_dir, tm
 
 def test_cache_lru_eviction_and_restart(tmp_path):
     cache = ChunkCache(tmp_path, max_bytes=250)
-    keys = ["sha256:" + f"{i:064x}" for i in range(4)]
-    for k in keys[:3]:
-        cache.put(k, b"x" * 100)
+    datas = [bytes([i]) * 100 for i in range(4)]
+    keys = ["sha256:" + hashlib.sha256(d).hexdigest() for d in datas]
+    for k, d in zip(keys[:3], datas, strict=False):
+        cache.put(k, d)
     assert keys[0] not in cache and keys[1] in cache and cache.total_bytes == 200
     cache.get(keys[1])
-    cache.put(keys[3], b"y" * 100)
+    cache.put(keys[3], datas[3])
     assert keys[2] not in cache and keys[1] in cache
     again = ChunkCache(tmp_path, max_bytes=250)
-    assert again.total_bytes == 200 and again.get(keys[3]) == b"y" * 100
+    assert again.total_bytes == 200 and again.get(keys[3]) == datas[3]
 
 
 @pytest.mark.anyio

@@ -1,0 +1,108 @@
+"""``lazybench merge OUT RUN_DIR…``: join the shards of one run (``lazybench run --shard K/N``)
+into one run directory, as if one machine had run the whole plan.
+
+Refused, with the reason, before anything is written: inputs that are not run directories,
+shards of different scenarios, shards of different shard counts or the same shard twice, a
+measurement recorded in two inputs, an ``OUT`` that already holds a run. The merged
+``environment.json`` is the first input's, with ``merged_from`` (the inputs), ``shards`` (each
+input's shard, host, CPU, kernel, podman, start time and commit) and ``machines_differ`` (true
+when those machines differ: the report says so, since cells measured on different machines do
+not compare). Records keep their order within each input; store logs are copied along.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from harness.cli import UserError
+from harness.records import ENVIRONMENT, RECORDS, SCENARIO_COPY, read_environment, read_records
+from harness.scenario import parse_scenario
+
+MACHINE_KEYS = ("host", "cpu", "cpus", "kernel", "podman")
+
+
+def _scenario(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / SCENARIO_COPY
+    if not (run_dir / RECORDS).exists() or not path.exists():
+        raise UserError(f"{run_dir}: no {RECORDS} and {SCENARIO_COPY} here (not a run directory?)")
+    # Parsed, so copies written in older forms compare equal.
+    return parse_scenario(json.loads(path.read_text()), str(path)).to_dict()
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def merge_runs(out: Path, run_dirs: list[Path]) -> Path:
+    """Merge ``run_dirs`` into ``out`` (see the module docstring); return ``out``.
+    Raises :class:`UserError` on any refusal; ``out`` is written whole or not at all."""
+    if not run_dirs:
+        raise UserError("merge: name at least one RUN_DIR")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not empty; merge into a new directory")
+    run_dirs = [Path(d) for d in run_dirs]
+    scenarios = [_scenario(d) for d in run_dirs]
+    for d, s in zip(run_dirs[1:], scenarios[1:], strict=True):
+        if s != scenarios[0]:
+            raise UserError(
+                f"merge: {run_dirs[0]} and {d} are runs of different scenarios "
+                f"({scenarios[0].get('name')!r} and {s.get('name')!r}; they differ in: "
+                f"{', '.join(_differences(scenarios[0], s))}); only shards of one scenario merge"
+            )
+    envs = [read_environment(d) for d in run_dirs]
+    shards = [e.get("shard") for e in envs]
+    counts = {s.split("/")[1] for s in shards if s}
+    if len(counts) > 1:
+        raise UserError(f"merge: the inputs are shards of different counts: {', '.join(shards)}")
+    seen_shards: dict[str, Path] = {}
+    for d, shard in zip(run_dirs, shards, strict=True):
+        if shard and shard in seen_shards:
+            raise UserError(f"merge: {seen_shards[shard]} and {d} are both shard {shard}")
+        if shard:
+            seen_shards[shard] = d
+    records = []
+    owner: dict[Any, Path] = {}
+    for d in run_dirs:
+        for r in read_records(d):
+            if r.key in owner:
+                raise UserError(f"merge: {tuple(r.key)} is recorded in both {owner[r.key]} and {d}")
+            owner[r.key] = d
+            records.append(r)
+
+    env = dict(envs[0])
+    env.pop("shard", None)
+    env["merged_from"] = [str(d) for d in run_dirs]
+    env["shards"] = [
+        {"run_dir": str(d), "shard": s, **{k: e.get(k) for k in (*MACHINE_KEYS, "started")}}
+        | {"git_commit": e.get("git_commit"), "link": e.get("link")}
+        for d, s, e in zip(run_dirs, shards, envs, strict=True)
+    ]
+    machines = {tuple(str(e.get(k)) for k in MACHINE_KEYS) for e in envs}
+    env["machines_differ"] = len(machines) > 1
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / SCENARIO_COPY).write_text(json.dumps(scenarios[0], indent=1))
+        (tmp / ENVIRONMENT).write_text(json.dumps(env, indent=1, sort_keys=True))
+        with (tmp / RECORDS).open("w") as f:
+            for r in records:
+                f.write(r.to_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for d in run_dirs:
+            if (d / "logs").is_dir():
+                shutil.copytree(d / "logs", tmp / "logs", dirs_exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,90 @@
+"""The laziness verdict's pure logic on a graphroot laid out as podman 4.3 lays it out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from harness.laziness import (
+    blobs_served_whole_to_runtime,
+    fallback_reason,
+    storage_verdict,
+    trouble_lines,
+)
+
+RUNTIME = "containers/5.23.1 (github.com/containers/image)"
+
+
+def graphroot(tmp: Path, from_store: list[bool], mount: Path) -> Path:
+    """Three layers (bottom first) of image ``reg/x:y``; a layer from the store links its
+    ``diff`` into ``mount`` beside an ``additionallayer`` file, as the overlay driver does."""
+    g = tmp / "graph"
+    (g / "overlay-images").mkdir(parents=True)
+    (g / "overlay-layers").mkdir()
+    layers, parent = [], None
+    for i, lazy in enumerate(from_store):
+        lid, digest = f"{i}" * 64, f"sha256:{chr(97 + i) * 64}"
+        layers.append({"id": lid, "parent": parent, "compressed-diff-digest": digest})
+        d = g / "overlay" / lid
+        d.mkdir(parents=True)
+        if lazy:
+            target = mount / "cmVm" / digest
+            (d / "diff").symlink_to(target / "diff")
+            (d / "additionallayer").write_text(str(target))
+        else:
+            (d / "diff").mkdir()
+        parent = lid
+    (g / "overlay-layers" / "layers.json").write_text(json.dumps(layers))
+    image = {"id": "f" * 64, "names": ["reg/x:y"], "layer": parent}
+    (g / "overlay-images" / "images.json").write_text(json.dumps([image]))
+    return g
+
+
+def access(digest: str, status: int, agent: str) -> SimpleNamespace:
+    return SimpleNamespace(
+        digest=digest, is_full_blob_get=status == 200, user_agent=agent, status=status
+    )
+
+
+def test_every_layer_linked_into_the_store_is_lazy(tmp_path: Path) -> None:
+    mount = tmp_path / "mnt"
+    v = storage_verdict(graphroot(tmp_path, [True, True, True], mount), "reg/x:y", mount)
+    assert (v.total, v.from_store, v.lazy) == (3, 3, True)
+    assert [x.digest[-1] for x in v.layers] == ["a", "b", "c"]  # bottom first
+
+
+def test_a_layer_pulled_by_the_runtime_is_a_fallback(tmp_path: Path) -> None:
+    mount = tmp_path / "mnt"
+    v = storage_verdict(graphroot(tmp_path, [True, False, True], mount), "reg/x:y", mount)
+    assert (v.total, v.from_store, v.lazy) == (3, 2, False)
+    served = blobs_served_whole_to_runtime(
+        [
+            access("sha256:" + "b" * 64, 200, RUNTIME),
+            access("sha256:" + "a" * 64, 206, RUNTIME),  # ranged: not whole
+            access("sha256:" + "c" * 64, 200, "lazybench-registry/0.1"),  # the store's
+        ]
+    )
+    v = v.with_registry(served)
+    assert v.served_whole == 1
+    reason = fallback_reason(v, [("store log", "mounted\nlookup x: EIO\n"), ("podman", "")])
+    assert reason.startswith("1 of 3 layers not from the store (sha256:bbbbbbbbbbbb)")
+    assert "the registry served 1 whole to the runtime" in reason
+    assert reason.endswith("store log: lookup x: EIO")
+
+
+def test_another_store_mount_does_not_count(tmp_path: Path) -> None:
+    g = graphroot(tmp_path, [True, True], tmp_path / "other")
+    v = storage_verdict(g, "reg/x:y", tmp_path / "mnt")
+    assert v.from_store == 0 and not v.lazy
+    assert storage_verdict(g, "reg/x:y", None).from_store == 0
+
+
+def test_unreadable_storage_is_a_problem_not_a_verdict(tmp_path: Path) -> None:
+    v = storage_verdict(tmp_path, "reg/x:y", tmp_path / "mnt")
+    assert v.problem and "cannot read the runtime's storage" in v.problem and not v.lazy
+
+
+def test_trouble_lines_keep_the_last_errors() -> None:
+    log = "ok\nERROR one\nfine\nwarning two\nTraceback three\nerror four\n"
+    assert trouble_lines(log) == ["warning two", "Traceback three", "error four"]

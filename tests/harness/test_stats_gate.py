@@ -1,0 +1,186 @@
+"""Statistics fit for gating, record schema migration, shards and merge — on synthetic records
+and on the records committed under results/baselines/ (schema 1)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness.cli import UserError, main
+from harness.gate import Gate, compare_runs, gate_failures, gate_warnings
+from harness.merge import merge_runs
+from harness.plan import Shard, plan
+from harness.records import (
+    ENVIRONMENT,
+    RECORDS,
+    SCENARIO_COPY,
+    SCHEMA_VERSION,
+    Record,
+    append_record,
+    migrate,
+    read_records,
+)
+from harness.report import write_report
+from harness.scenario import parse_scenario
+from harness.stats import bootstrap_interval, compare_samples
+
+BASELINE = Path(__file__).resolve().parents[2] / "results" / "baselines" / "default"
+SCENARIO = {
+    "name": "s",
+    "samples": 4,
+    "modes": ["legacy", "estargz-noopt"],
+    "stores": [{"name": "ours"}, {"name": "go", "command": ["go", "{mountpoint}"]}],
+    "workloads": [{"recipe": "python"}, {"recipe": "gcc"}],
+}
+
+
+def write_run(run_dir: Path, totals: dict[str, list[float]], *, scenario=SCENARIO, **env) -> Path:
+    """A run directory whose legacy/lazy cells have the given totals (per store name, "" for
+    legacy) for workload python."""
+    run_dir.mkdir(parents=True)
+    s = parse_scenario(scenario, "s.toml")
+    (run_dir / SCENARIO_COPY).write_text(json.dumps(s.to_dict()))
+    (run_dir / ENVIRONMENT).write_text(json.dumps({"scenario": s.to_dict(), **env}))
+    for store, values in totals.items():
+        for i, v in enumerate(values):
+            append_record(
+                run_dir,
+                Record(
+                    i,
+                    "python",
+                    "legacy" if not store else "estargz-noopt",
+                    store=store,
+                    pull_s=v - 1,
+                    create_s=0.5,
+                    run_s=0.5,
+                    total_s=v,
+                    bytes_fetched=10_000_000,
+                    layers_total=3,
+                    layers_from_store=3 if store else 0,
+                ),
+            )
+    return run_dir
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(0.1, 100), min_size=3, max_size=12))
+def test_bootstrap_interval_holds_the_median(values: list[float]) -> None:
+    lo, hi = bootstrap_interval(values, lambda x, axis=-1: np.median(x, axis=axis))
+    assert lo - 1e-9 <= float(np.median(values)) <= hi + 1e-9
+
+
+def test_bootstrap_needs_three_samples() -> None:
+    assert all(np.isnan(bootstrap_interval([1.0, 2.0], np.median)))
+
+
+def test_compare_samples_tells_a_shift_from_noise() -> None:
+    base = [10.0, 10.2, 9.9, 10.1, 10.0]
+    slow = [13.0, 13.1, 12.9, 13.2, 13.0]
+    ch = compare_samples(base, slow)
+    assert ch.delta == pytest.approx(3.0) and ch.lo > 0 and ch.p_value < 0.01
+    noisy = [5.0, 20.0, 9.0, 16.0, 11.0]
+    assert compare_samples(base, noisy).p_value > 0.05
+
+
+def test_gate_fails_only_on_significant_changes_past_the_threshold(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "a", {"": [30, 30.5, 29.8, 30.2], "ours": [5, 5.1, 4.9, 5.0]})
+    slow = write_run(tmp_path / "b", {"": [30, 30.5, 29.8, 30.2], "ours": [9, 9.2, 9.1, 8.9]})
+    # As slow in the median, but one sample is fast: not significant, so the gate passes.
+    noisy = write_run(tmp_path / "c", {"": [30, 30.5, 29.8, 30.2], "ours": [9, 4.9, 9.2, 9.1]})
+    gate = Gate()
+    problems = gate_failures(compare_runs(base, slow), gate)
+    assert len(problems) == 1 and "python/estargz-noopt [ours]: total" in problems[0]
+    assert "p = 0.01" in problems[0] and "95% CI" in problems[0]
+    cmp = compare_runs(base, noisy)
+    assert cmp.set_index("store").loc["ours", "total_delta_s"] > 3
+    assert gate_failures(cmp, gate) == []
+    wild = write_run(tmp_path / "d", {"": [30, 30.5, 29.8, 30.2], "ours": [2, 9, 15, 30]})
+    warnings = gate_warnings(compare_runs(base, wild))
+    assert warnings == [
+        "python/estargz-noopt [ours]: too few samples or too wide a spread to tell a change "
+        "from noise (4 base, 4 new samples)"
+    ]
+
+
+def test_gate_fails_on_a_fallback(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "a", {"": [30, 30, 30], "ours": [5, 5, 5]})
+    new = write_run(tmp_path / "b", {"": [30, 30, 30], "ours": [5, 5]})
+    append_record(
+        new,
+        Record(2, "python", "estargz-noopt", store="ours", status="fell-back", total_s=31,
+               error="3 of 3 layers not from the store", layers_total=3, layers_from_store=0),
+    )  # fmt: skip
+    problems = gate_failures(compare_runs(base, new), Gate())
+    assert problems == [
+        "python/estargz-noopt [ours]: 1 of 3 measurements fell back to a full pull: "
+        "3 of 3 layers not from the store"
+    ]
+
+
+def test_old_records_migrate_and_the_committed_baseline_still_reads(tmp_path: Path) -> None:
+    old = {"sample": 0, "workload": "w", "mode": "estargz", "status": "ok", "total_s": 1.0}
+    assert migrate(old)["store"] == "default" and migrate(old)["schema"] == SCHEMA_VERSION
+    assert migrate({**old, "mode": "legacy"})["store"] == ""
+    with pytest.raises(ValueError, match="newer than this lazybench reads"):
+        migrate({**old, "schema": SCHEMA_VERSION + 1})
+    run = tmp_path / "base"
+    shutil.copytree(BASELINE, run)
+    assert "schema" not in (run / RECORDS).read_text().splitlines()[0]
+    records = read_records(run)
+    assert {r.store for r in records if r.mode.startswith("estargz")} == {"default"}
+    report = write_report(run)
+    assert report.missing == []
+    assert "not checked" in report.table_text
+    assert gate_failures(compare_runs(BASELINE, run), Gate()) == []
+
+
+def test_shards_are_disjoint_and_together_the_plan() -> None:
+    s = parse_scenario(SCENARIO, "s.toml")
+    parts = [plan(s, Shard(k, 3)) for k in (1, 2, 3)]
+    assert sorted(k for part in parts for k in part) == sorted(plan(s))
+    assert len(set(parts[0]) & set(parts[1])) == 0
+    assert plan(s, Shard(2, 3)) == parts[1]  # deterministic
+    for bad in ("0/2", "3/2", "x", "1-2"):
+        with pytest.raises(UserError, match="--shard: expected K/N"):
+            Shard.parse(bad)
+
+
+def test_merge_refuses_shards_of_different_scenarios(tmp_path: Path) -> None:
+    a = write_run(tmp_path / "a", {"": [30]}, shard="1/2")
+    other = {**SCENARIO, "samples": 5}
+    b = write_run(tmp_path / "b", {"ours": [5]}, scenario=other, shard="2/2")
+    with pytest.raises(UserError, match=r"are runs of different scenarios .*differ in: samples"):
+        merge_runs(tmp_path / "out", [a, b])
+    assert not (tmp_path / "out").exists()
+    again = write_run(tmp_path / "c", {"go": [6]}, shard="1/2")
+    with pytest.raises(UserError, match="are both shard 1/2"):
+        merge_runs(tmp_path / "out", [a, again])
+
+
+def test_merge_marks_different_machines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a = write_run(tmp_path / "a", {"": [30, 31, 30]}, shard="1/2", host="m1", cpu="x")
+    b = write_run(tmp_path / "b", {"ours": [5, 5, 6]}, shard="2/2", host="m2", cpu="x")
+    assert main(["merge", str(tmp_path / "out"), str(a), str(b)]) == 0
+    env = json.loads((tmp_path / "out" / ENVIRONMENT).read_text())
+    assert env["machines_differ"] is True and [s["host"] for s in env["shards"]] == ["m1", "m2"]
+    assert "shard" not in env
+    assert "different machines" in capsys.readouterr().err
+    assert "different machines" in (tmp_path / "out" / "report.md").read_text()
+    assert len(read_records(tmp_path / "out")) == 6
+
+
+def test_stores_keep_the_scenario_order_whatever_the_record_order(tmp_path: Path) -> None:
+    # "ours" is the scenario's first store; the records list "go" first.
+    run = write_run(tmp_path / "a", {"": [30, 31, 30], "go": [6, 6, 6.2], "ours": [5, 5, 5.1]})
+    report = write_report(run)
+    assert [r["store"] for r in report.stores] == ["ours", "go"]
+    assert report.stores[1]["ratio_median"] == pytest.approx(1.2)
+    assert report.table_text.index("· ours") < report.table_text.index("· go")
+    cmp = compare_runs(run, run)
+    assert list(cmp["store"]) == ["", "ours", "go"]

@@ -1,0 +1,97 @@
+"""The store's cache on a full disk, and a torn cache file after a crash, through the mount.
+
+A full cache disk (a small tmpfs as ``--root``) must not fail reads: the verified bytes are
+served uncached and no partial chunk file is left; a chunk file torn by a crash is never
+served after a restart (it fails its hash, is dropped and fetched again).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.store.conftest import StoreProcess, _mounted
+from tests.store.images import push_two_layer_estargz
+
+pytestmark = [pytest.mark.e2e]
+CONFIG = "noprefetch = true\nno_background_fetch = true\n"
+
+
+def _cache_files(root: Path) -> list[Path]:
+    return [p for p in (root / "cache").rglob("*") if p.is_file()]
+
+
+def _all_whole(root: Path) -> bool:
+    """Every file in the cache is a whole chunk named by its own digest."""
+    for p in _cache_files(root):
+        if p.name.startswith(".") or hashlib.sha256(p.read_bytes()).hexdigest() != (
+            p.parent.name + p.name
+        ):
+            return False
+    return True
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs, unmounted afterwards."""
+    disk = tmp_path / "store" / "root"
+    disk.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_full_cache_disk_serves_reads_uncached(registry, layers, small_disk, tmp_path):
+    ref, blobs = push_two_layer_estargz(registry.host, "disk/full", layers)
+    store = StoreProcess(tmp_path / "store", CONFIG)
+    try:
+        store.start()
+        filler = small_disk / "filler"
+        with open(filler, "wb", buffering=0) as f, pytest.raises(OSError) as exc:
+            while True:
+                f.write(b"\0" * 4096)
+        assert exc.value.errno == errno.ENOSPC
+        diff = store.layer_dir(ref, blobs[0].digest) / "diff"
+        # 1.2 MB through a disk with no room left: every byte right, nothing half-written.
+        assert (diff / "big").read_bytes() == layers["big"]
+        assert (diff / "data" / "sub" / "b").read_bytes() == b"kept\n"
+        assert _all_whole(small_disk)
+        assert "chunk cache write failed" in store.log.read_text()
+        # Room again: the next reads are cached, whole.
+        filler.unlink()
+        assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"
+        assert _cache_files(small_disk) and _all_whole(small_disk)
+    finally:
+        store.stop()
+    assert not _mounted(store.mnt)
+
+
+def test_torn_cache_file_is_never_served_after_restart(registry, layers, tmp_path):
+    ref, blobs = push_two_layer_estargz(registry.host, "disk/torn", layers)
+    store = StoreProcess(tmp_path / "store", CONFIG)
+    root = tmp_path / "store" / "root"
+    try:
+        store.start()
+        diff = store.layer_dir(ref, blobs[0].digest) / "diff"
+        assert (diff / "big").read_bytes() == layers["big"]
+        store.proc.kill()  # type: ignore[union-attr]
+        store.proc.wait(10)  # type: ignore[union-attr]
+        # What a crash of the machine can leave: chunk files cut short, a stray temp file.
+        torn = sorted(_cache_files(root), key=lambda p: p.stat().st_size)[-3:]
+        for p in torn:
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        (torn[0].parent / f".{torn[0].name}.999.tmp").write_bytes(b"partial")
+        store.start()  # cleans the dead mount, rescans the cache
+        diff = store.layer_dir(ref, blobs[0].digest) / "diff"
+        assert (diff / "big").read_bytes() == layers["big"]
+        assert store.log.read_text().count("does not hash to its name") >= 1
+        assert _all_whole(root)
+    finally:
+        store.stop()

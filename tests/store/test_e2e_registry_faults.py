@@ -1,0 +1,157 @@
+"""The mounted store behind a loopback proxy that breaks blob range reads on purpose.
+
+With retries a reader (a file read through the mount, or a podman container) gets exactly the
+layer's bytes whatever the proxy does to some of the requests; with the registry gone (it
+stalls, or refuses connections) a read answers EIO within ``[blob] fetching_timeout_sec`` and
+nothing hangs. The proxy is a real HTTP server on loopback in front of the real
+``docker-registry`` (``tests/registry/regtest_proxies.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.podman import PodmanEnv, PodmanError
+from tests.registry.regtest_proxies import FAULTS, BlobFaults, HttpFaultProxy
+from tests.store.images import add_file, make_tar, push, to_estargz
+
+pytestmark = [pytest.mark.e2e]
+
+FETCH_TIMEOUT = 15  # each of the 9 attempts may stall for 15/9 s
+GONE_TIMEOUT = 6
+CONFIG = f"""
+noprefetch = true
+no_background_fetch = true
+resolve_timeout_sec = 60
+[blob]
+fetching_timeout_sec = {FETCH_TIMEOUT}
+max_retries = 8
+"""
+GONE_CONFIG = f"""
+noprefetch = true
+no_background_fetch = true
+[blob]
+fetching_timeout_sec = {GONE_TIMEOUT}
+max_retries = 2
+"""
+# Every fault, with a good answer between them (a 5xx burst is three in a row).
+MIXED = (
+    "reset", "ok", "5xx", "5xx", "5xx", "ok", "truncate", "ok", "stall", "ok",
+    "drip", "wrong_range", "ok", "full200", "ok",
+)  # fmt: skip
+
+
+# A third layer no workload reads before the registry goes away.
+COLD = random.Random(3).randbytes(200_000)
+COLD_TAR = make_tar(lambda t: add_file(t, "cold", COLD))
+
+
+def _addr(host: str) -> tuple[str, int]:
+    name, port = host.rsplit(":", 1)
+    return name, int(port)
+
+
+def _whole_layer_gets(proxy: HttpFaultProxy, blobs: list) -> list[str]:
+    """Layer blob GETs without Range that reached the proxy (a pull that did not go lazily;
+    the config blob is always fetched whole)."""
+    layers = {b.digest for b in blobs}
+    return [
+        r["path"]
+        for r in proxy.seen
+        if r["method"] == "GET"
+        and r["path"].rsplit("/", 1)[-1] in layers
+        and "Range" not in r["headers"]
+    ]
+
+
+@pytest.fixture
+def faulty(registry, layers) -> Iterator[tuple[HttpFaultProxy, BlobFaults, str, list]]:
+    """A three-layer image in the registry, and a fault proxy in front of it: (proxy,
+    faults, the image's ref through the proxy, its blobs)."""
+    blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"]), to_estargz(COLD_TAR)]
+    push(registry.host, "faulty/img", "1", blobs)
+    faults = BlobFaults(_addr(registry.host))
+    with HttpFaultProxy(_addr(registry.host), faults) as proxy:
+        yield proxy, faults, f"{proxy.host}/faulty/img:1", blobs
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_read_through_a_faulty_link_gets_exact_bytes(faulty, store_factory, layers, fault):
+    proxy, faults, ref, blobs = faulty
+    faults.schedule = (fault, "ok")
+    store = store_factory(CONFIG)
+    diff = store.layer_dir(ref, blobs[0].digest) / "diff"
+    start = time.monotonic()
+    assert (diff / "big").read_bytes() == layers["big"]
+    assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"
+    elapsed = time.monotonic() - start
+    assert faults.done.get(fault, 0) >= 1, faults.done
+    assert elapsed < FETCH_TIMEOUT
+    # No plain (whole-blob) GET reached the proxy: the store read lazily throughout.
+    assert _whole_layer_gets(proxy, blobs) == []
+
+
+@pytest.mark.parametrize("gone", ["stall", "refused"])
+def test_registry_gone_answers_eio_within_the_bound(faulty, store_factory, layers, gone):
+    proxy, faults, ref, blobs = faulty
+    store = store_factory(GONE_CONFIG)
+    diff = store.layer_dir(ref, blobs[0].digest) / "diff"
+    assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"  # resolved, cached
+    if gone == "stall":
+        faults.gone = "stall"
+    else:
+        proxy.refuse()
+    start = time.monotonic()
+    with pytest.raises(OSError) as exc:
+        (diff / "big").read_bytes()
+    elapsed = time.monotonic() - start
+    assert exc.value.errno == errno.EIO
+    assert elapsed < GONE_TIMEOUT + 3, elapsed
+    # What was read before is still served (from the cache), and the store still answers.
+    assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"
+    assert store.status()["layers"]
+
+
+WORKLOAD = "sha256sum /big /etc/hello /bin/busybox | cut -c1-64"
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")
+def test_podman_workload_through_a_faulty_link_then_registry_gone(
+    faulty, store_factory, layers, tmp_path
+):
+    proxy, faults, ref, blobs = faulty
+    faults.schedule = MIXED
+    store = store_factory(CONFIG)
+    busybox = Path("/bin/busybox").read_bytes()
+    want = [hashlib.sha256(d).hexdigest() for d in (layers["big"], b"hello from upper\n", busybox)]
+    with PodmanEnv(
+        tmp_path / "env", additional_layer_store=store.mnt, insecure_registries=[proxy.host]
+    ) as env:
+        t0 = time.monotonic()
+        env.pull(ref, timeout=180)
+        t1 = time.monotonic()
+        out = env.run(ref, "/bin/sh", "-c", WORKLOAD, timeout=300)
+        print(f"pull {t1 - t0:.1f}s, run {time.monotonic() - t1:.1f}s, requests {faults.done}")
+        assert out.stdout.split() == want
+        assert set(faults.done) == {"ok", *FAULTS}, faults.done
+        assert _whole_layer_gets(proxy, blobs) == []
+
+        # The registry stalls from now on: a container reading what was never fetched gets
+        # an I/O error within the bound, and one reading what was fetched still works.
+        faults.gone = "stall"
+        start = time.monotonic()
+        with pytest.raises(PodmanError, match=r"(?i)input/output error"):
+            env.run(ref, "/bin/cat", "/cold", timeout=120)
+        print(f"gone: EIO after {time.monotonic() - start:.1f}s")
+        assert time.monotonic() - start < FETCH_TIMEOUT + 30
+        assert env.run(ref, "/bin/cat", "/etc/hello", timeout=60).stdout == "hello from upper\n"
+    assert os.path.ismount(store.mnt)
