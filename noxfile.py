@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import nox
+from nox.command import CommandFailed
 
 ROOT = Path(__file__).parent
 nox.options.sessions = ["lint", "tests"]
@@ -59,14 +60,60 @@ def microbench(session: nox.Session) -> None:
 
 @nox.session
 def fuzz(session: nox.Session) -> None:
-    """Coverage-guided fuzzing of the format parsers and the writer (atheris), not in `tests`.
+    """Coverage-guided fuzzing of the format parsers and the writer (atheris), not in `tests`;
+    and the differential test's image generator against podman's own extraction (`shapes`).
 
-    `nox -s fuzz -- [--seconds N] [TARGET...]`: each target (fuzz/targets/) for N seconds
-    (default 600); exits non-zero when an input raises anything but the target's typed errors,
-    and saves it to fuzz/regressions/<target>/, which `nox -s tests` replays.
+    `nox -s fuzz -- [--seconds N] [TARGET...]`: each target (fuzz/targets/, and `shapes`) for N
+    seconds (default 600); exits non-zero when an input raises anything but the target's typed
+    errors, and saves it to fuzz/regressions/<target>/, which `nox -s tests` replays. `shapes`
+    runs unseeded rounds of tests/shapes' generator (images pulled lazily through the store and
+    normally, listings compared), keeps each failing image in tests/shapes/regressions/ (also
+    replayed by `nox -s tests`) and prints how many images ran, per minute, and what it found.
     """
-    session.install("-e", ".[fuzz]")
-    session.run("python", "-m", "fuzz.run", *session.posargs, env={"PYTHONUNBUFFERED": "1"})
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="nox -s fuzz --", add_help=False)
+    parser.add_argument("--seconds", default="600")
+    opts, rest = parser.parse_known_args(session.posargs)
+    targets = [a for a in rest if not a.startswith("-")]
+    session.install("-e", ".[fuzz,test,shaping]")
+    failed = []
+    if not targets or any(t != "shapes" for t in targets):
+        try:
+            session.run(
+                "python",
+                "-m",
+                "fuzz.run",
+                "--seconds",
+                opts.seconds,
+                *[a for a in rest if a != "shapes"],
+                env={"PYTHONUNBUFFERED": "1"},
+            )
+        except CommandFailed:
+            failed.append("fuzz targets")
+    if not targets or "shapes" in targets:
+        _system_deps(session)
+        try:
+            session.run(
+                "pytest",
+                "tests/shapes",
+                "-m",
+                "differential",
+                "-k",
+                "generated",
+                "-s",
+                "-p",
+                "no:cacheprovider",
+                env={
+                    "SHAPES_SECONDS": opts.seconds,
+                    "SHAPES_EXAMPLES": "20",
+                    "PYTHONUNBUFFERED": "1",
+                },
+            )
+        except CommandFailed:
+            failed.append("shapes")
+    if failed:
+        session.error(f"found something: {', '.join(failed)}")
 
 
 @nox.session

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import random
 import struct
 import sys
 import tarfile
@@ -103,6 +104,14 @@ def seeds() -> dict[str, list[bytes]]:
         "toc_json": tocs,
         "zstd_chunked_toc": [b"\x00" + j for j in tocs]
         + [b"\x01" + struct.pack("<I", len(j)) + zstd.compress(j) for j in tocs[:3]],
+        # Choice bytes for toc_entries (see its docstring): a few entry mixes.
+        "toc_entries": [
+            bytes([1, 1, 0xFF, 0x7F, *[3] * 40]),
+            bytes(range(256)),
+            bytes(50),
+            bytes([2, 1, 0xFF, 0xFF, *[1, 2, 3, 4] * 20]),
+            random.Random(0).randbytes(200),
+        ],
         "writer_tar": tars
         + [gzip.compress(t, mtime=0) for t in tars]
         + [zstd.compress(t) for t in tars],

@@ -12,10 +12,12 @@ import sys
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
+    "harness.convert_cmd",
     "harness.estargz_cmd",
     "harness.images_cmd",
     "harness.net_cmd",
     "harness.run_cmd",
+    "harness.runtimes_cmd",
     "harness.stores_cmd",
 ]
 

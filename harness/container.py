@@ -8,7 +8,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +20,19 @@ class MeasurementError(RuntimeError):
 
 
 def create_container(
-    env: PodmanEnv, ref: str, command: tuple[str, ...], stdin: str | None, timeout: float
+    env: PodmanEnv,
+    ref: str,
+    command: tuple[str, ...],
+    stdin: str | None,
+    timeout: float,
+    environment: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """``podman create`` ``ref`` with no network, interactive when ``stdin`` is given; the
-    container id."""
+    """``podman create`` ``ref`` with no network, interactive when ``stdin`` is given, with the
+    ``environment`` variables set; the container id."""
     opts = ["--network=none"]
     if stdin is not None:
         opts.append("--interactive")
+    opts += [f"--env={k}={v}" for k, v in environment]
     return env.podman("create", *opts, ref, *command, timeout=timeout).stdout.strip()
 
 
@@ -51,10 +57,10 @@ def start_until_ready(
 ) -> RunOutcome:
     """``podman start --attach`` the container; return when ``ready`` shows on its output (then
     stop it) or, without a ready line, when it exits. Times out after ``timeout`` seconds."""
-    argv = ["podman", "start", "--attach"]
+    args = ["start", "--attach"]
     if stdin is not None:
-        argv.append("--interactive")
-    argv.append(container)
+        args.append("--interactive")
+    argv = env.argv(*args, container)  # inside the env's runtime node, if any
     lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
     out: dict[str, list[str]] = {"stdout": [], "stderr": []}
     start = time.monotonic()
@@ -136,3 +142,14 @@ def start_until_ready(
                     proc.wait(timeout=10)
     ok = seen_ready if ready else exit_code == 0
     return RunOutcome(elapsed, first, ok, exit_code, "".join(out["stdout"]), "".join(out["stderr"]))
+
+
+def not_ready_reason(ready: str | None, expected: str | None, outcome: RunOutcome) -> str:
+    """Why a run that ended is not a success, in the workload's terms."""
+    if ready and ready not in outcome.stdout:
+        return (
+            f"the workload exited ({outcome.exit_code}) without printing its ready line {ready!r}"
+        )
+    if expected is not None and expected not in outcome.stdout:
+        return f"the output lacks the expected {expected!r} (exit {outcome.exit_code})"
+    return f"the workload exited {outcome.exit_code}"

@@ -1,8 +1,10 @@
 """`lazybench estargz convert|ls`: the format library for users and scripts.
 
-``convert`` prints one JSON object (what the layer descriptor and its annotations need);
-``ls`` verifies a blob (every chunk; the TOC too when ``--toc-digest`` is given) and prints one
-JSON line per path, in the shape of the reference vectors' ``NAME.entries.jsonl``. Output
+``convert`` prints one JSON object (what the layer descriptor and its annotations need) —
+eStargz, or with ``--format zstd:chunked`` the layout containers/storage writes (``--zstd-for
+podman4|podman5`` picks the generation); ``ls`` verifies a blob (every chunk; the TOC too when
+``--toc-digest`` is given, or ``--annotations`` for zstd:chunked) and prints one JSON line per
+path, in the shape of the reference vectors' ``NAME.entries.jsonl``. Output
 files are written atomically; bad input is one line on stderr and a non-zero exit.
 """
 
@@ -14,7 +16,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from harness.cli import UserError
 from store.estargz import (
@@ -24,19 +26,41 @@ from store.estargz import (
     EstargzReader,
     FileBlobSource,
     convert,
+    write_zstd_chunked,
+    zstd_chunked_layer,
 )
 from store.estargz.listing import listing
+from store.estargz.zstdchunked import DEFAULT_ZSTD_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("estargz", help="convert and inspect eStargz layers")
     esub = parser.add_subparsers(dest="estargz_command", required=True, metavar="ACTION")
 
-    conv = esub.add_parser("convert", help="layer tar (plain/gzip/zstd) → eStargz blob")
+    conv = esub.add_parser(
+        "convert", help="layer tar (plain/gzip/zstd) → eStargz or zstd:chunked blob"
+    )
     conv.add_argument("input", help="layer tar, or - for stdin")
-    conv.add_argument("output", help="eStargz blob to write (atomically)")
-    conv.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK_SIZE)
-    conv.add_argument("--level", type=_level, default=DEFAULT_LEVEL, help="gzip level 0-9")
+    conv.add_argument("output", help="blob to write (atomically)")
+    conv.add_argument("--format", choices=("estargz", "zstd:chunked"), default="estargz")
+    conv.add_argument(
+        "--zstd-for",
+        choices=("podman4", "podman5"),
+        default="podman5",
+        help="zstd:chunked layout: podman 4.3's (io.containers. keys) or podman 5's "
+        "(tar-split, io.github.containers. keys; the one podman >= 5.1 looks up by TOC digest)",
+    )
+    conv.add_argument(
+        "--chunk-size",
+        type=_positive,
+        help=f"default {DEFAULT_CHUNK_SIZE} (eStargz), {DEFAULT_ZSTD_CHUNK_SIZE} (zstd:chunked)",
+    )
+    conv.add_argument(
+        "--level",
+        type=int,
+        help=f"gzip level 0-9 (default {DEFAULT_LEVEL}) or zstd level 1-22 "
+        f"(default {DEFAULT_ZSTD_LEVEL})",
+    )
     conv.add_argument(
         "--prioritized-files",
         metavar="FILE",
@@ -47,6 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls = esub.add_parser("ls", help="verify an eStargz blob and list its entries as JSON lines")
     ls.add_argument("blob")
     ls.add_argument("--toc-digest", help="expected TOC digest (sha256:…)")
+    ls.add_argument(
+        "--annotations",
+        metavar="JSON",
+        help="the layer descriptor's annotations (a JSON object, or @FILE): a zstd:chunked "
+        "TOC is then read where they say and checked against their checksum",
+    )
     ls.set_defaults(func=_ls)
 
 
@@ -60,14 +90,16 @@ def _positive(text: str) -> int:
     return value
 
 
-def _level(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value <= 9:
-        raise argparse.ArgumentTypeError(f"gzip level must be 0-9: {value}")
-    return value
+def _level(args: argparse.Namespace) -> int:
+    if args.format == "zstd:chunked":
+        level = DEFAULT_ZSTD_LEVEL if args.level is None else args.level
+        if not 1 <= level <= 22:
+            raise UserError(f"--level: zstd level must be 1-22, got {level}")
+        return level
+    level = DEFAULT_LEVEL if args.level is None else args.level
+    if not 0 <= level <= 9:
+        raise UserError(f"--level: gzip level must be 0-9, got {level}")
+    return level
 
 
 def _read_prioritized(path: str | None) -> list[str]:
@@ -82,6 +114,7 @@ def _read_prioritized(path: str | None) -> list[str]:
 
 def _convert(args: argparse.Namespace) -> int:
     prioritized = _read_prioritized(args.prioritized_files)
+    level = _level(args)
     out_path = Path(args.output)
     try:
         src: BinaryIO = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
@@ -94,13 +127,24 @@ def _convert(args: argparse.Namespace) -> int:
         )
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "wb") as out:
-            result = convert(
-                src,
-                out,
-                chunk_size=args.chunk_size,
-                level=args.level,
-                prioritized_files=prioritized,
-            )
+            result: Any
+            if args.format == "zstd:chunked":
+                result = write_zstd_chunked(
+                    src,
+                    out,
+                    generation=args.zstd_for,
+                    chunk_size=args.chunk_size or DEFAULT_ZSTD_CHUNK_SIZE,
+                    level=level,
+                    prioritized_files=prioritized,
+                )
+            else:
+                result = convert(
+                    src,
+                    out,
+                    chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+                    level=level,
+                    prioritized_files=prioritized,
+                )
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp_name, out_path)
@@ -124,10 +168,30 @@ def _umask() -> int:
     return mask
 
 
+def _annotations(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        raw = Path(text[1:]).read_text() if text.startswith("@") else text
+        value = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--annotations: not a JSON object or readable file: {exc}") from None
+    if not isinstance(value, dict):
+        raise UserError("--annotations: not a JSON object")
+    try:
+        layer = zstd_chunked_layer(value)
+    except EstargzError as exc:
+        raise UserError(f"--annotations: {exc}") from None
+    if layer is None:
+        raise UserError("--annotations: no zstd:chunked manifest-checksum/position in them")
+    return layer
+
+
 def _ls(args: argparse.Namespace) -> int:
+    zstd = _annotations(args.annotations)
     try:
         with FileBlobSource(args.blob) as src:
-            reader = EstargzReader(src, args.toc_digest)
+            reader = EstargzReader(src, args.toc_digest, zstd_chunked=zstd)
             # Verify everything before printing anything: no partial listing of a bad blob.
             lines = list(listing(reader))
     except EstargzError as exc:

@@ -106,9 +106,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         oci = meta.parent / "oci"
         rows.append(
             {
-                "name": data["name"],
+                "name": data.get("source") or data["name"],  # an imported image: its source
                 "hash": data["hash"],
-                "current": data["hash"] in known,
+                "current": data["hash"] in known or "source" in data,
                 "layers": len(data["layers"]),
                 "size": sum(layer["size"] for layer in data["layers"]),
                 "modes": _prepared_modes(oci),

@@ -5,14 +5,15 @@ error turned into EIO) still starts the container, so timings alone cannot tell.
 here comes from the runtime's own storage and from the registry, never from the store's word,
 so it holds for any store under test.
 
-*From the store* — containers/storage's overlay driver (podman 4.3, storage 1.43; checked by
-experiment, see ``drivers/overlay/overlay.go``, ``additionalLayer.CreateAs``) records a layer it
-took from an Additional Layer Store as ``<graphroot>/overlay/<id>/diff``, a symlink to
-``<store mountpoint>/<base64 ref>/<digest>/diff``, beside an ``additionallayer`` file holding
-that layer directory's path. A layer it pulled itself has a real ``diff`` directory. The
-image's layers are its top layer in ``overlay-images/images.json`` and that layer's parents in
-``overlay-layers/layers.json`` (and ``volatile-layers.json``), each with its
-``compressed-diff-digest`` (the manifest's layer digest).
+*From the store* — containers/storage's overlay driver (podman 4.3, storage 1.43, checked by
+experiment; ``drivers/overlay/overlay.go``, ``additionalLayer.CreateAs``, unchanged in later
+storage releases) records a layer it took from an Additional Layer Store as
+``<graphroot>/overlay/<id>/diff``, a symlink to ``<store mountpoint>/<base64 ref>/<digest>/diff``,
+beside an ``additionallayer`` file holding that layer directory's path. A layer it pulled
+itself has a real ``diff`` directory. The image's layers are its top layer in
+``overlay-images/images.json`` and that layer's parents in ``overlay-layers/layers.json`` (and
+``volatile-layers.json``), each with its ``compressed-diff-digest`` (the manifest's layer
+digest).
 
 *From the registry* — a layer's whole blob (GET answered 200, not 206) served to the runtime,
 told apart from the store's requests by the User-Agent containers/image sends
@@ -137,6 +138,8 @@ def image_layer_chain(graphroot: Path, image: str) -> list[dict[str, Any]]:
         rec = layers.get(layer_id)
         if rec is None:
             raise LookupError(f"layer {layer_id} of {image!r} has no record in {graphroot}")
+        if any(r is rec for r in chain):
+            raise LookupError(f"layer {layer_id} of {image!r} is its own ancestor in {graphroot}")
         chain.append(rec)
         layer_id = rec.get("parent")
     return chain[::-1]
@@ -165,7 +168,7 @@ def storage_verdict(graphroot: Path, image: str, store_mount: Path | None) -> Ve
     (``None``: no store, so no layer is)."""
     try:
         chain = image_layer_chain(graphroot, image)
-    except (LookupError, OSError, ValueError, KeyError) as exc:
+    except (LookupError, OSError, ValueError, TypeError, AttributeError) as exc:
         return Verdict(problem=f"cannot read the runtime's storage: {exc}")
     return Verdict(
         [

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -49,10 +50,21 @@ from rich.progress import (
 )
 
 from harness.cli import UserError
-from harness.container import MeasurementError, create_container, start_until_ready
-from harness.laziness import blobs_served_whole_to_runtime, fallback_reason, storage_verdict
+from harness.container import (
+    MeasurementError,
+    create_container,
+    not_ready_reason,
+    start_until_ready,
+)
+from harness.laziness import (
+    LayerEvidence,
+    Verdict,
+    blobs_served_whole_to_runtime,
+    fallback_reason,
+    storage_verdict,
+)
 from harness.plan import Shard, plan
-from harness.podman import PodmanEnv, PodmanError, write_atomic
+from harness.podman import LOST_LAYERS_BUG, Persistence, PodmanEnv, PodmanError, write_atomic
 from harness.prepare import (
     ImagePreparer,
     Link,
@@ -71,13 +83,40 @@ from harness.records import (
     environment,
     finished_keys,
 )
-from harness.scenario import LAZY_MODES, Scenario, parse_scenario
+from harness.runtimes import HOST, Node, NodeError, build_node, runtime_versions, version_tuple
+from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, parse_scenario
 from harness.store_proc import StoreProcess
 
 # Where run directories go unless ``--results-dir`` says otherwise: under the current directory,
 # wherever lazybench is installed.
 RESULTS_DIR = Path("results") / "runs"
 STDOUT_KEEP = 4000
+
+
+def persistence_verdict(check: Persistence, storage_version: str) -> tuple[bool, str | None]:
+    """(persisted, why not) for a record; names the containers/storage bug where it applies."""
+    if check.ok:
+        return True, None
+    what = "image not listed" if not check.listed else "layers not known"
+    if version_tuple(storage_version) >= (1, 58):
+        return False, f"lost after the pull ({what}): {LOST_LAYERS_BUG}"
+    return False, f"lost after the pull ({what}): {check.detail}"
+
+
+def lost_records_verdict(
+    layer_digests: list[str], served_whole: set[str], unreadable: Verdict
+) -> Verdict:
+    """The laziness verdict of a pull whose runtime lost its layer records (containers/storage
+    >= 1.58): a layer whose blob the registry never served whole to the runtime came from the
+    store. Without the image's layer digests the storage's problem stands."""
+    if not layer_digests:
+        return unreadable
+    return Verdict(
+        [
+            LayerEvidence(layer_id="", digest=d, from_store=d not in served_whole)
+            for d in layer_digests
+        ]
+    ).with_registry(served_whole)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -172,6 +211,9 @@ class Runner:
     images: dict[tuple[str, str], str] = field(default_factory=dict)
     _interrupt: InterruptState = field(default_factory=InterruptState, repr=False)
     _skipped: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    _node: Node | None = field(default=None, repr=False)
+    _layer_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict, repr=False)
+    _versions: dict[str, str] = field(default_factory=dict, repr=False)
 
     def run(self) -> list[Key]:
         """Measure every planned key not yet recorded; return the keys measured now."""
@@ -186,6 +228,8 @@ class Runner:
             return self._run_locked()
 
     def _run_locked(self) -> list[Key]:
+        if len(self.scenario.nodes) != 1:
+            raise UserError("a run measures one runtime node: use Scenario.for_node")
         self._check_same_scenario()
         self._check_same_shard()
         todo = [k for k in plan(self.scenario, self.shard) if k not in finished_keys(self.run_dir)]
@@ -199,6 +243,8 @@ class Runner:
         preflight_link(self.scenario.network_profile)
         needed = {k.workload for k in todo}  # a shard prepares only its own workloads' images
         workloads = {w.name: resolve(w) for w in self.scenario.workloads if w.name in needed}
+        self._node = self._runtime_node()
+        self._versions = runtime_versions(self.scenario.node, self.cache_dir)
         env_path = self.run_dir / ENVIRONMENT
         meta = json.loads(env_path.read_text()) if env_path.exists() else environment(self.scenario)
         if env_path.exists():
@@ -207,14 +253,16 @@ class Runner:
             )
         if self.shard is not None:
             meta["shard"] = str(self.shard)
+        meta["runtime_versions"] = self._versions  # as built in this run's cache
         done: list[Key] = []
         with interruptible() as self._interrupt, contextlib.ExitStack() as stack:
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))
             stack.callback(shutil.rmtree, work, ignore_errors=True)
             storage = work / "registry"
-            images = ImagePreparer(self.scenario, self.console, self.cache_dir)
+            images = ImagePreparer(self.scenario, self.console, self.cache_dir, self._node)
             meta["images"] = images.prepare(workloads, storage, work)
             self.images, self._skipped = images.refs, images.skipped
+            self._layer_digests = images.layer_digests
             for spec in self.scenario.stores:  # built-in stores built before anything is measured
                 if any(k.store == spec.name for k in todo):
                     prepare_store(spec.command, self.console)
@@ -226,7 +274,7 @@ class Runner:
             task = progress.add_task("measuring", total=len(todo))
             for sample, name, mode, store in todo:
                 self._interrupt.check()
-                label = f"{name}/{mode}" + (f" [{store}]" if store else "")
+                label = f"{name}/{mode}" + (f" · {store}" if store else "")
                 progress.update(task, description=f"sample {sample + 1} {label}")
                 record = self.measure(sample, workloads[name], mode, registry, work, store)
                 append_record(self.run_dir, record)
@@ -236,6 +284,24 @@ class Runner:
         return done
 
     # -- pieces -------------------------------------------------------------------------------
+
+    def _runtime_node(self) -> Node | None:
+        """The scenario's runtime node, built now if it is not cached (None: the host)."""
+        if self.scenario.node == HOST:
+            return None
+        self.console.print(f"[bold]node {self.scenario.node}[/]: building (cached by recipe)")
+        try:
+            node = build_node(
+                self.scenario.node,
+                self.cache_dir,
+                progress=lambda m: self.console.print(f"  {m}"),
+            )
+        except NodeError as exc:
+            raise UserError(f"runtime node {self.scenario.node}: {exc}") from None
+        self.console.print(
+            f"  podman {node.podman_version}, containers/storage {node.storage_version}"
+        )
+        return node
 
     def _check_same_scenario(self) -> None:
         path = self.run_dir / SCENARIO_COPY
@@ -277,7 +343,8 @@ class Runner:
         )
 
     def _say(self, progress: Progress, r: Record) -> None:
-        what = f"sample {r.sample + 1} {r.workload}/{r.mode}" + (f" [{r.store}]" if r.store else "")
+        what = f"sample {r.sample + 1} {r.workload}/{r.mode}" + (f" · {r.store}" if r.store else "")
+        what = escape(what)
         if r.status == "ok":
             mb = (r.bytes_fetched or 0) / 1e6
             layers = (
@@ -285,14 +352,17 @@ class Runner:
                 if r.store and r.layers_total is not None
                 else ""
             )
+            lost = "  [yellow](image lost after the pull)[/]" if r.persisted is False else ""
             progress.console.print(
                 f"  {what}: pull {r.pull_s:.2f}s create {r.create_s:.2f}s run {r.run_s:.2f}s "
-                f"= {r.total_s:.2f}s, {mb:.1f} MB{layers}"
+                f"= {r.total_s:.2f}s, {mb:.1f} MB{layers}{lost}"
             )
         elif r.status == "fell-back":
-            progress.console.print(f"  [yellow]{what} fell back to a full pull:[/] {r.error}")
+            progress.console.print(
+                f"  [yellow]{what} fell back to a full pull:[/] {escape(r.error or '')}"
+            )
         else:
-            progress.console.print(f"  [red]{what} failed:[/] {r.error}")
+            progress.console.print(f"  [red]{what} failed:[/] {escape(r.error or '')}")
 
     @contextlib.contextmanager
     def _registry(self, storage: Path, link: Link) -> Iterator[Any]:
@@ -335,6 +405,9 @@ class Runner:
             store=store_name,
             image=ref,
             runtime=self.scenario.runtime,
+            node=self.scenario.node,
+            podman_version=self._versions.get("podman", ""),
+            storage_version=self._versions.get("containers_storage", ""),
             started=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
         )
         tag = f"{sample}-{w.name}-{mode}" + (f"-{store_name}" if store_name else "")
@@ -358,7 +431,7 @@ class Runner:
                             mdir / "store",
                             command=spec.command,
                             insecure_hosts=[registry.host],
-                            noprefetch=mode == "estargz-noopt",
+                            noprefetch=mode in ON_DEMAND_MODES,
                             background_fetch=spec.background_fetch,
                             mount_timeout=spec.mount_timeout,
                         )
@@ -369,8 +442,10 @@ class Runner:
                         additional_layer_store=store.mountpoint if store else None,
                         insecure_registries=[registry.host],
                         partial_pulls=mode == "zstd-chunked",
+                        node=self._node,
                     )
                 )
+                rec.storage_options = env.storage_options
                 if store is not None:
                     # On any failure (or Ctrl-C) cut the FUSE connection first, so that
                     # podman's cleanup does not wait on reads a stuck store never answers.
@@ -380,8 +455,15 @@ class Runner:
                 rec.pull_s = pull.seconds
                 # Read from the runtime's storage right after the pull (no FUSE access).
                 layers = storage_verdict(env.graphroot, ref, store.mountpoint if store else None)
+                if mode in LAZY_MODES:
+                    # Untimed: fresh podman processes ask for the image and its layers. A
+                    # runtime that lost them pulls again in `create`, which is then timed as
+                    # a user gets it.
+                    rec.persisted, rec.persistence = persistence_verdict(
+                        env.check_persistence(ref), rec.storage_version
+                    )
                 t = time.monotonic()
-                cid = create_container(env, ref, w.command, w.stdin, w.timeout)
+                cid = create_container(env, ref, w.command, w.stdin, w.timeout, w.env)
                 rec.create_s = time.monotonic() - t
                 first_mark: list[int] = []
                 outcome = start_until_ready(
@@ -411,10 +493,18 @@ class Runner:
                 rec.requests_before_first_output = len(before)
                 if not rec.ready:
                     raise MeasurementError(
-                        f"run: workload output not as expected (exit {outcome.exit_code}): "
+                        f"run: {not_ready_reason(w.ready, w.expected, outcome)}: "
                         f"{outcome.stdout[-200:]!r} {outcome.stderr.strip()[-300:]!r}"
                     )
                 layers = layers.with_registry(blobs_served_whole_to_runtime(served))
+                if store is not None and rec.persisted is False and layers.problem is not None:
+                    # The runtime lost its layer records (so its storage cannot say where the
+                    # layers came from): the registry's log is the evidence left.
+                    layers = lost_records_verdict(
+                        self._layer_digests.get((w.name, mode), []),
+                        blobs_served_whole_to_runtime(served),
+                        layers,
+                    )
                 if layers.problem is None:
                     rec.layers_total = layers.total
                     rec.layers_from_store = layers.from_store

@@ -11,6 +11,12 @@ Two host-wide things podman 4.3 keeps outside ``--root`` are handled here too:
   podman silently reuse blobs it saw in an earlier pull or push — cleared on entry;
 * the overlay driver's bind mount of ``<graphroot>/overlay`` onto itself, and the overlay
   mounts of running containers — unmounted on exit.
+
+The podman may be the host's or a runtime node's (:mod:`harness.runtimes`: podman 5.x from
+Debian trixie or sid, run through ``chroot``). With a node, the environment enters it on entry
+and binds its own directory and the layer store's mountpoint into the node at the same paths,
+so the configuration files, graphroot and store path read the same on both sides; every
+podman command (:meth:`PodmanEnv.argv`) runs inside it, and the node is left on exit.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from harness.runtimes import EnteredNode, Node
 
 BLOB_INFO_CACHE = Path("/var/lib/containers/cache/blob-info-cache-v1.boltdb")
 
@@ -40,6 +50,28 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 """
+
+
+# What a runtime that forgets lazily pulled images is reported with (DESIGN.md §7).
+LOST_LAYERS_BUG = (
+    "containers/storage >= 1.58 PutAdditionalLayer bug: the layer's storage location is never "
+    "set, so a lazily pulled image's layer records are not saved; once the pull exits the "
+    "image is unlisted, inspect/save say 'layer not known', every command pulls again through "
+    "the store and rmi never releases the store's layers"
+)
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """Whether a pulled image survived its pull: checked by fresh podman processes."""
+
+    listed: bool  # `podman images` lists the reference
+    layers_known: bool  # `podman image inspect` knows its layers
+    detail: str = ""  # podman's complaint when not
+
+    @property
+    def ok(self) -> bool:
+        return self.listed and self.layers_known
 
 
 class PodmanError(RuntimeError):
@@ -66,9 +98,25 @@ def toml_str(value: str) -> str:
 class PodmanEnv:
     """A podman with private graphroot/runroot and configuration under ``workdir``.
 
+    The runroot is a short directory of its own under ``/tmp`` instead (``lzbr-*``, removed
+    on exit): conmon's attach socket lives at ``<runroot>/overlay-containers/<64 hex id>/
+    userdata/attach``, and when that passes the 108-byte limit of a socket path podman 4.3 still
+    runs the container but ``run``/``start --attach`` return only after a 20 s timeout (seen
+    with a workdir path longer than about 45 characters).
+
     ``additional_layer_store`` names a mounted layer store to consult while pulling (written
     as ``additionallayerstores = ["PATH:ref"]``). ``insecure_registries`` are reached over
-    plain HTTP. ``partial_pulls`` turns on podman's own zstd:chunked partial pulls.
+    plain HTTP. ``partial_pulls`` turns on podman's own zstd:chunked partial pulls (written
+    explicitly: containers/storage ≥ 1.56 has them off by default, 1.43 on).
+
+    ``node`` (a built :class:`harness.runtimes.Node`) runs podman inside that runtime node
+    instead of the host's; the layer store must be mounted before the env is entered (its
+    mountpoint is bound into the node then). ``store_socket`` is the layer store's credential
+    socket: inside a node it is bound at the place ``stargz-store-helper`` looks for it with no
+    arguments, the helper is installed there and registries.conf names it as
+    ``additional-layer-store-auth-helper`` (podman ≥ 5.2 runs it for every pull).
+    ``auth_file`` (an auth.json) is copied into the env and given to podman only, as
+    ``REGISTRY_AUTH_FILE``.
     """
 
     workdir: Path | None = None
@@ -77,7 +125,13 @@ class PodmanEnv:
     partial_pulls: bool = False
     default_timeout: float = 600.0
     keep_blob_info_cache: bool = False
+    node: Node | None = None
+    store_socket: Path | None = None
+    auth_file: Path | None = None
     _own_workdir: bool = field(default=False, init=False, repr=False)
+    _runroot: Path | None = field(default=None, init=False, repr=False)
+    _entered: EnteredNode | None = field(default=None, init=False, repr=False)
+    _node_cm: Any = field(default=None, init=False, repr=False)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -86,12 +140,46 @@ class PodmanEnv:
             self.workdir = Path(tempfile.mkdtemp(prefix="lzb-podman-"))
             self._own_workdir = True
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for sub in ("graph", "run", "tmp"):
+        if self.node is not None:  # the same path on both sides of the node's bind mount
+            self.workdir = Path(os.path.realpath(self.workdir))
+        for sub in ("graph", "tmp"):
             (self.workdir / sub).mkdir(exist_ok=True)
+        self._runroot = Path(tempfile.mkdtemp(prefix="lzbr-", dir="/tmp"))
+        if self.auth_file is not None:
+            shutil.copyfile(self.auth_file, self.workdir / "auth.json")
+            os.chmod(self.workdir / "auth.json", 0o600)
+        if self.node is not None:
+            try:
+                self._enter_node()
+            except BaseException:
+                self._leave_node()
+                raise
         self._write_configs()
-        if not self.keep_blob_info_cache:
+        if not self.keep_blob_info_cache and self.node is None:
+            # A node's blob-info cache lives in its throw-away view: fresh on every entry.
             BLOB_INFO_CACHE.unlink(missing_ok=True)
         return self
+
+    def _enter_node(self) -> None:
+        from harness.runtimes import DEFAULT_STORE_SOCKET, HELPER_IN_NODE, enter_node
+
+        assert self.node is not None and self.workdir is not None
+        self._node_cm = enter_node(self.node)
+        self._entered = self._node_cm.__enter__()
+        self._entered.bind(self.workdir)
+        self._entered.bind(self.runroot)
+        if self.additional_layer_store is not None:
+            self._entered.bind(self.additional_layer_store)
+        if self.store_socket is not None:
+            from store import helper
+
+            self._entered.bind(self.store_socket, at=DEFAULT_STORE_SOCKET)
+            self._entered.install(Path(helper.__file__).read_text(), HELPER_IN_NODE)
+
+    def _leave_node(self) -> None:
+        cm, self._node_cm, self._entered = self._node_cm, None, None
+        if cm is not None:
+            cm.__exit__(None, None, None)
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -103,23 +191,34 @@ class PodmanEnv:
 
     @property
     def runroot(self) -> Path:
-        assert self.workdir is not None, "PodmanEnv used outside its context"
-        return self.workdir / "run"
+        assert self._runroot is not None, "PodmanEnv used outside its context"
+        return self._runroot
 
     def close(self) -> None:
         """Stop containers, unmount everything under the graphroot, remove the workdir."""
         if self.workdir is None or not self.workdir.exists():
+            if self._runroot is not None:
+                unmount_below(self._runroot)
+                shutil.rmtree(self._runroot, ignore_errors=True)
             return
         try:
             self.podman("rm", "--all", "--force", "--time", "0", timeout=60, check=False)
             self.podman("system", "reset", "--force", timeout=60, check=False)
         except PodmanError:
             pass
+        if self._entered is not None:
+            unmount_below(self._entered.host_path(self.workdir))
+            if self._runroot is not None:
+                unmount_below(self._entered.host_path(self._runroot))
+        self._leave_node()
         unmount_below(self.workdir)
+        if self._runroot is not None:
+            unmount_below(self._runroot)
+            shutil.rmtree(self._runroot, ignore_errors=True)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         else:
-            for sub in ("graph", "run", "tmp"):
+            for sub in ("graph", "tmp"):
                 shutil.rmtree(self.workdir / sub, ignore_errors=True)
 
     # -- configuration -----------------------------------------------------------------------
@@ -128,14 +227,36 @@ class PodmanEnv:
     def env(self) -> dict[str, str]:
         """The environment a podman process of this env runs with."""
         assert self.workdir is not None
+        ours = {
+            "CONTAINERS_CONF": str(self.workdir / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(self.workdir / "storage.conf"),
+            "CONTAINERS_REGISTRIES_CONF": str(self.workdir / "registries.conf"),
+            "TMPDIR": str(self.workdir / "tmp"),
+        }
+        if self.auth_file is not None:
+            ours["REGISTRY_AUTH_FILE"] = str(self.workdir / "auth.json")
+        if self._entered is not None:
+            return self._entered.env(ours)
         env = dict(os.environ)
-        env.update(
-            CONTAINERS_CONF=str(self.workdir / "containers.conf"),
-            CONTAINERS_STORAGE_CONF=str(self.workdir / "storage.conf"),
-            CONTAINERS_REGISTRIES_CONF=str(self.workdir / "registries.conf"),
-            TMPDIR=str(self.workdir / "tmp"),
-        )
+        env.update(ours)
         return env
+
+    def argv(self, *args: str) -> list[str]:
+        """The command line of ``podman ARGS`` in this environment (inside its node, if any)."""
+        if self._entered is not None:
+            return self._entered.argv("podman", *args)
+        return ["podman", *args]
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """The ``[storage.options]`` this env wrote (for records: what the runtime was told)."""
+        options: dict[str, Any] = {}
+        if self.additional_layer_store is not None:
+            options["additionallayerstores"] = [f"{self.additional_layer_store}:ref"]
+        if self.partial_pulls:
+            # Explicit: on by default in containers/storage 1.43, off since 1.56.
+            options["pull_options"] = {"enable_partial_images": "true"}
+        return options
 
     def _write_configs(self) -> None:
         assert self.workdir is not None
@@ -154,6 +275,10 @@ class PodmanEnv:
             "[storage.options]\n" + "\n".join(options) + "\n"
         )
         registries = 'unqualified-search-registries = []\nshort-name-mode = "disabled"\n'
+        if self.store_socket is not None and self._entered is not None:
+            from harness.runtimes import HELPER_IN_NODE
+
+            registries += f"additional-layer-store-auth-helper = {toml_str(HELPER_IN_NODE)}\n"
         for host in self.insecure_registries:
             registries += f"\n[[registry]]\nlocation = {toml_str(host)}\ninsecure = true\n"
         for name, text in (
@@ -178,7 +303,7 @@ class PodmanEnv:
         input: str | None = None,
     ) -> PodmanResult:
         """Run ``podman ARGS`` in this environment; raise :class:`PodmanError` on failure."""
-        cmd = ["podman", *args]
+        cmd = self.argv(*args)
         start = time.monotonic()
         try:
             proc = subprocess.run(
@@ -217,6 +342,25 @@ class PodmanEnv:
     def run(self, ref: str, *cmd: str, timeout: float | None = None) -> PodmanResult:
         """``podman run --rm`` with no network; the container's stdout is in the result."""
         return self.podman("run", "--rm", "--network=none", ref, *cmd, timeout=timeout)
+
+    def check_persistence(self, ref: str) -> Persistence:
+        """Is ``ref`` listed and are its layers known, to podman processes started after the
+        pull? (Not so on containers/storage ≥ 1.58 after a lazy pull: :data:`LOST_LAYERS_BUG`.)"""
+        images = self.podman("images", "--format", "json", timeout=120, check=False)
+        try:
+            listed = any(ref in (i.get("Names") or []) for i in json.loads(images.stdout or "[]"))
+        except (ValueError, AttributeError):
+            listed = False
+        inspect = self.podman(
+            "image", "inspect", "--format", "{{json .RootFS.Layers}}", ref, timeout=120, check=False
+        )
+        detail = " ".join(
+            line.strip()
+            for r in (images, inspect)
+            for line in r.stderr.splitlines()
+            if (line.strip() and not line.startswith("time=")) or "layer" in line
+        )
+        return Persistence(listed, inspect.returncode == 0, detail[-500:])
 
     def image_layers(self, ref: str) -> list[str]:
         """The image's layer diff IDs (``RootFS.Layers``)."""

@@ -2,12 +2,13 @@
 
 * *Workloads*: a scenario workload with its recipe's defaults filled in
   (:func:`resolve`).
-* *Images*: each workload's recipe is built (cached by recipe hash, so a second run reuses it)
-  and pushed in every mode to a registry on loopback whose storage directory the measured
-  registry then serves (:class:`ImagePreparer`). Pushing never crosses the shaped link. For
-  ``estargz`` the workload first runs once through our store with the access trace on (from the
-  estargz-noopt image), and the image is rebuilt with the traced files prioritized (the trace
-  is cached too).
+* *Images*: each workload's recipe is built (cached by recipe hash, so a second run reuses it),
+  or its image imported from any source or built from its Containerfile (cached by manifest
+  digest; harness.images.source), and pushed in every mode to a registry on loopback whose
+  storage directory the measured registry then serves (:class:`ImagePreparer`). Pushing never
+  crosses the shaped link. For ``estargz`` the workload first runs once through our store with
+  the access trace on (from the estargz-noopt image; harness.trace), and the image is rebuilt
+  with the traced files prioritized (the trace is cached too).
 * *Stores*: a store command naming a built-in store (``{go-stargz-store}``) has it built into
   the cache before anything is measured (:func:`prepare_store`).
 * *Link*: the network profile's link is set up and measured (:func:`open_link`); the registry
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,14 +28,10 @@ from typing import Any
 from rich.console import Console
 
 from harness.cli import UserError
-from harness.container import create_container, start_until_ready
-from harness.podman import PodmanEnv, PodmanError, write_atomic
-from harness.scenario import Scenario, Workload
-from harness.store_proc import StoreError, StoreProcess, resolve_store_command
-
-# Our store, whatever store is under test: only it writes the access trace.
-TRACE_STORE_COMMAND = ("stargz-store", "--config", "{config}", "--root", "{root}", "{mountpoint}")
-
+from harness.podman import PodmanError
+from harness.runtimes import Node
+from harness.scenario import Scenario, Workload, image_mode
+from harness.store_proc import StoreError, resolve_store_command
 
 # -- workloads -----------------------------------------------------------------------------------
 
@@ -46,12 +41,13 @@ class ResolvedWorkload:
     """A scenario workload with the recipe's defaults filled in."""
 
     name: str
-    recipe: Any  # harness.images.Recipe
+    recipe: Any  # harness.images.Recipe, ImageSource or ContainerfileSource
     command: tuple[str, ...]
     stdin: str | None
     ready: str | None
     expected: str | None
     timeout: float
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def repo(self) -> str:
@@ -69,7 +65,29 @@ def recipe_for(name: str) -> Any:
         raise UserError(f"unknown image recipe {name!r}") from None
 
 
+# A workload from an image or a Containerfile has no recipe to take a timeout from.
+DEFAULT_IMAGE_TIMEOUT = 300.0
+
+
 def resolve(w: Workload) -> ResolvedWorkload:
+    if w.recipe is None:
+        from harness.images import ContainerfileSource, ImageSource
+
+        source: Any = (
+            ImageSource(w.image, w.platform, w.name)
+            if w.image is not None
+            else ContainerfileSource(str(w.containerfile), w.context, w.platform, w.name)
+        )
+        return ResolvedWorkload(
+            name=w.name,
+            recipe=source,
+            command=w.command or (),  # empty: the image's own entrypoint and cmd
+            stdin=w.stdin,
+            ready=w.ready if w.ready is not None else w.expect,
+            expected=w.expect,
+            timeout=w.timeout if w.timeout is not None else DEFAULT_IMAGE_TIMEOUT,
+            env=w.env or (),
+        )
     recipe = recipe_for(w.recipe)
     return ResolvedWorkload(
         name=w.name,
@@ -81,8 +99,9 @@ def resolve(w: Workload) -> ResolvedWorkload:
         # podman's own exit bookkeeping (with zstd:chunked layers podman 4.3 waits out a 20 s
         # conmon timeout before `start --attach` returns).
         ready=w.ready if w.ready is not None else (recipe.ready_line or recipe.expected_output),
-        expected=recipe.expected_output,
+        expected=w.expect if w.expect is not None else recipe.expected_output,
         timeout=w.timeout if w.timeout is not None else float(recipe.timeout),
+        env=w.env or (),
     )
 
 
@@ -115,7 +134,9 @@ class ImagePreparer:
     scenario: Scenario
     console: Console
     cache_dir: Path | None = None
+    node: Node | None = None  # the runtime node measured: it writes the zstd-chunked images
     refs: dict[tuple[str, str], str] = field(default_factory=dict)
+    layer_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def prepare(
@@ -133,14 +154,14 @@ class ImagePreparer:
     def _build_and_push(
         self, workloads: dict[str, ResolvedWorkload], storage: Path, work: Path
     ) -> dict[str, Any]:
-        from harness.images import ModeUnsupported, build_layers, push_image
+        from harness.images import ModeUnsupported, build_image, push_image
         from harness.registry_server import RegistryServer
 
         info: dict[str, Any] = {}
         with RegistryServer(storage_dir=storage) as reg:
             for w in workloads.values():
-                self.console.print(f"[bold]image {w.name}[/]: building (cached by recipe hash)")
-                built = build_layers(
+                self.console.print(f"[bold]image {w.name}[/]: building or importing (cached)")
+                built = build_image(
                     w.recipe, self.cache_dir, progress=lambda m: self.console.print(f"  {m}")
                 )
                 for mode in self.scenario.modes_of(self.scenario.workload(w.name)):
@@ -156,8 +177,10 @@ class ImagePreparer:
                                 reg.host,
                                 w.repo,
                                 mode,
-                                mode,
+                                image_mode(mode),
                                 prioritized_files=files,
+                                # podman 5.x partial-pulls only what its generation writes
+                                node=self.node if image_mode(mode) == "zstd-chunked" else None,
                             ),
                             self.console,
                         )
@@ -167,6 +190,7 @@ class ImagePreparer:
                         self.skipped[(w.name, mode)] = str(exc)
                         continue
                     self.refs[(w.name, mode)] = f"{w.repo}:{mode}"
+                    self.layer_digests[(w.name, mode)] = [x.digest for x in pushed.layers]
                     info.setdefault(w.name, {})[mode] = {
                         "manifest_digest": pushed.manifest_digest,
                         "compressed_bytes": pushed.compressed_size,
@@ -177,52 +201,17 @@ class ImagePreparer:
 
     def _traced_files(self, w: ResolvedWorkload, built: Any, reg: Any, work: Path) -> list[str]:
         """The files the workload reads, from a run through our store with the trace on."""
-        key = hashlib.sha256(
-            json.dumps([built.hash, w.command, w.stdin, w.ready]).encode()
-        ).hexdigest()[:20]
-        from harness.images import default_cache_dir, push_image
+        from harness.trace import traced_files
 
-        cache = (self.cache_dir or default_cache_dir()) / "traces" / f"{w.name}-{key}.json"
-        if cache.exists():
-            files = json.loads(cache.read_text())
-            self.console.print(f"  trace {w.name}: {len(files)} files (cached)")
-            return files
-        self.console.print(f"  trace {w.name}: running it once through stargz-store")
-        push_image(built, reg.host, w.repo, "trace", "estargz-noopt")
-        ref = f"{reg.host}/{w.repo}:trace"
-        tdir = work / f"trace-{w.name}"
-        with (
-            StoreProcess(
-                tdir / "store",
-                command=TRACE_STORE_COMMAND,
-                insecure_hosts=[reg.host],
-                noprefetch=True,
-                trace=True,
-                metrics=False,
-                mount_timeout=self.scenario.store.mount_timeout,
-            ) as store,
-            PodmanEnv(
-                tdir / "podman",
-                additional_layer_store=store.mountpoint,
-                insecure_registries=[reg.host],
-            ) as env,
-        ):
-            env.pull(ref, timeout=w.timeout)
-            cid = create_container(env, ref, w.command, w.stdin, w.timeout)
-            outcome = start_until_ready(env, cid, stdin=w.stdin, ready=w.ready, timeout=w.timeout)
-            if not outcome.ready:
-                raise UserError(
-                    f"trace run of {w.name} did not get ready: exit {outcome.exit_code}, "
-                    f"{outcome.stderr.strip()[-300:]!r}"
-                )
-            env.podman("rm", "--force", "--time", "0", cid, timeout=60, check=False)
-            files = store.trace_files()
-        if not files:
-            self.console.print(f"  [yellow]trace {w.name}: the store traced no files[/]")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cache, json.dumps(files))
-        self.console.print(f"  trace {w.name}: {len(files)} files")
-        return files
+        return traced_files(
+            built,
+            w,
+            reg.host,
+            work,
+            cache_dir=self.cache_dir,
+            mount_timeout=self.scenario.store.mount_timeout,
+            say=self.console.print,
+        )
 
 
 # -- stores --------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from harness.cli import UserError
+from harness.runtimes import runtime_versions
 from harness.scenario import DEFAULT_STORE_NAME, LAZY_MODES, Scenario
 
 RECORDS = "records.jsonl"
@@ -75,6 +76,16 @@ class Record:
     stdout_head: str = ""
     image: str = ""
     runtime: str = "podman"
+    # The podman generation: "host" or a runtime node (harness.runtimes), with the versions
+    # that decide the layer-store protocol and its bugs, and the [storage.options] it was given.
+    node: str = "host"
+    podman_version: str = ""
+    storage_version: str = ""  # containers/storage
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    # Lazy modes: did the pulled image survive its pull (listed, layers known to a fresh
+    # podman)? False where the runtime forgets lazily pulled images; `persistence` says why.
+    persisted: bool | None = None
+    persistence: str | None = None
     store_metrics: dict[str, float] = field(default_factory=dict)
     started: str = ""
     finished: str = ""
@@ -232,6 +243,9 @@ def environment(scenario: Scenario) -> dict[str, Any]:
         "python": platform.python_version(),
         "podman": _version(["podman", "--version"]),
         "runc": _version(["runc", "--version"]),
+        # The podman measured: the host's, or a runtime node's (its versions.json).
+        "node": scenario.node,
+        "runtime_versions": runtime_versions(scenario.node),
         "registry": _version(["docker-registry", "--version"]),
         "skopeo": _version(["skopeo", "--version"]),
         "runtime": scenario.runtime,

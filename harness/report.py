@@ -192,9 +192,10 @@ def draw_chart(
             heights = [0.0 if pd.isna(v) else float(v) for v in column]
             ax.bar(xs, heights, 0.65, bottom=bottom, color=PHASE_COLORS[phase], label=phase)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        # The ratio to the first store, as the table gives it: of the totals' percentile.
         firsts = {
-            m: b
-            for m, st, b in zip(group["mode"], group["store"], bottom, strict=True)
+            m: t
+            for m, st, t in zip(group["mode"], group["store"], group["total_p"], strict=True)
             if stores and st == stores[0]
         }
         for x, (_, r) in zip(xs, group.iterrows(), strict=True):
@@ -210,9 +211,9 @@ def draw_chart(
                 ax.errorbar([x], [bottom[x]], yerr=err, color="#444", capsize=3, lw=0.8)
             if bottom[x] > 0:
                 label = f"{bottom[x]:.1f}"
-                first = firsts.get(r["mode"], 0.0)
+                first = firsts.get(r["mode"], float("nan"))
                 if len(stores) > 1 and r["store"] and r["store"] != stores[0] and first > 0:
-                    label += f"\n{bottom[x] / first:.2f}× {stores[0]}"
+                    label += f"\n{r['total_p'] / first:.2f}× {stores[0]}"
                 ax.text(x, bottom[x], label, ha="center", va="bottom", fontsize=8)
         fell = list(group["fell_back"])
         labels = [
@@ -355,10 +356,36 @@ def _environment_lines(env: dict[str, Any]) -> list[str]:
             if isinstance(value, list):
                 value = " ".join(value)
             lines.append(f"- **{key}**: `{value}`")
+    versions = env.get("runtime_versions") or {}
+    if versions:
+        lines.append(
+            f"- **runtime node**: `{versions.get('node', '?')}`: podman "
+            f"`{versions.get('podman', '?')}`, containers/storage "
+            f"`{versions.get('containers_storage', '?')}`"
+        )
     link = env.get("link") or {}
     if link:
         lines.append(f"- **link**: {describe_link(link)}")
     return lines
+
+
+def persistence_lines(records: Sequence[Any]) -> list[str]:
+    """A report section when the runtime forgot lazily pulled images (records'
+    ``persisted = false``): which measurements, and why."""
+    lost = [r for r in records if getattr(r, "persisted", None) is False]
+    if not lost:
+        return []
+    checked = sum(1 for r in records if getattr(r, "persisted", None) is not None)
+    first = lost[0]
+    return [
+        "",
+        "## Lazily pulled images lost by the runtime",
+        "",
+        f"{len(lost)} of {checked} lazy pulls were gone "
+        f"once the pull exited (podman {first.podman_version}, containers/storage "
+        f"{first.storage_version}): {first.persistence}. The times above are what a user of "
+        "this runtime gets: `create` pulls the image again through the store.",
+    ]
 
 
 def describe_link(link: dict[str, Any]) -> str:
@@ -580,6 +607,7 @@ def write_report(run_dir: Path) -> Report:
         "",
         ratio_table(ratios),
     ]
+    lines += persistence_lines(records)
     if env.get("machines_differ"):
         lines += [
             "",
@@ -637,3 +665,32 @@ def planned_keys(env: dict[str, Any]) -> list[Key]:
         return []
     shard = Shard.parse(env["shard"]) if env.get("shard") else None
     return plan(scenario, shard)
+
+
+def write_runtimes_summary(path: Path, run_dirs: Sequence[Path]) -> Path:
+    """One page over the run directories of a scenario run on several runtime nodes: per node
+    its podman and containers/storage versions, its table, and what it did differently
+    (lazily pulled images it lost). Each run directory keeps its own full report."""
+    lines = ["# Runtime generations", ""]
+    lines.append("| node | podman | containers/storage | measurements | lost after pull | run |")
+    lines.append("|---|---|---|---:|---:|---|")
+    sections: list[str] = []
+    for run_dir in run_dirs:
+        env = read_environment(run_dir)
+        v = env.get("runtime_versions") or {}
+        records = read_records(run_dir) if (run_dir / RECORDS).exists() else []
+        lost = sum(1 for r in records if r.persisted is False)
+        lines.append(
+            f"| {v.get('node', '?')} | {v.get('podman', '?')} | "
+            f"{v.get('containers_storage', '?')} | {len(records)} | {lost} | `{run_dir.name}` |"
+        )
+        table = run_dir / "table.md"
+        sections += [
+            "",
+            f"## {v.get('node', run_dir.name)}: podman {v.get('podman', '?')}",
+            "",
+            table.read_text() if table.exists() else "(no table: no successful measurement)",
+            *persistence_lines(records),
+        ]
+    write_atomic(path, "\n".join(lines + sections) + "\n")
+    return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -88,10 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from harness.measure import RESULTS_DIR, Interrupted, Runner, load_run_scenario, new_run_id
+    from harness.measure import RESULTS_DIR, load_run_scenario, new_run_id
     from harness.plan import Shard
     from harness.records import read_environment
-    from harness.report import write_report
     from harness.scenario import load_scenario
 
     console = Console(soft_wrap=True)
@@ -102,19 +102,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         recorded = read_environment(run_dir).get("shard")
         if shard is None and recorded:
             shard = Shard.parse(recorded)
-    elif args.scenario is not None:
-        scenario = load_scenario(args.scenario)
-        if args.samples is not None:
-            if args.samples < 1:
-                raise UserError("--samples must be at least 1")
-            scenario = replace(scenario, samples=args.samples)
-        results = args.results_dir or RESULTS_DIR
-        run_id = args.run_id or new_run_id(scenario)
-        if shard is not None and not args.run_id:
-            run_id += f"-shard{shard.index}of{shard.count}"
-        run_dir = (results / run_id).resolve()
-    else:
+        return _run_one(scenario, run_dir, args, console, shard)
+    if args.scenario is None:
         raise UserError("run: name a SCENARIO file or --resume RUN_DIR")
+    scenario = load_scenario(args.scenario)
+    if args.samples is not None:
+        if args.samples < 1:
+            raise UserError("--samples must be at least 1")
+        scenario = replace(scenario, samples=args.samples)
+    results = args.results_dir or RESULTS_DIR
+    run_id = args.run_id or new_run_id(scenario)
+    if shard is not None and not args.run_id:
+        run_id += f"-shard{shard.index}of{shard.count}"
+    if len(scenario.nodes) == 1:
+        return _run_one(scenario, (results / run_id).resolve(), args, console, shard)
+    # One run directory per runtime node: each is a complete run (records, table, report)
+    # that resumes on its own.
+    status = 0
+    run_dirs = []
+    for node in scenario.nodes:
+        console.rule(f"node {node}")
+        run_dirs.append((results / f"{run_id}-{node}").resolve())
+        one = _run_one(scenario.for_node(node), run_dirs[-1], args, console, shard)
+        if one == 130:
+            return one
+        status = status or one
+    from harness.report import write_runtimes_summary
+
+    summary = write_runtimes_summary(results / f"{run_id}-runtimes.md", run_dirs)
+    console.print(f"runtimes: {summary}")
+    return status
+
+
+def _run_one(
+    scenario: Any, run_dir: Path, args: argparse.Namespace, console: Console, shard: Any
+) -> int:
+    from harness.measure import Interrupted, Runner
+    from harness.report import write_report
+
     console.print(f"run directory: {run_dir}")
     runner = Runner(
         scenario,

@@ -9,8 +9,13 @@ Schema (all keys but ``workloads`` optional)::
     name = "default"                 # run-id prefix; default: the file's stem
     samples = 3                      # measurements per (workload, mode)
     percentile = 95                  # the statistic tables and charts show, besides the median
-    modes = ["legacy", "estargz-noopt", "estargz", "zstd-chunked"]
+    modes = ["legacy", "estargz-noopt", "estargz", "zstd-chunked", "zstd-chunked-lazy"]
     runtime = "podman"               # or "crio" (needs crictl + a running CRI-O)
+    node = "host"                    # the podman generation: "host" (this machine's), or a
+                                     # runtime node: "trixie" (podman 5.4), "sid" (podman 5.8)
+                                     # (harness.runtimes; built on first use). A list, e.g.
+                                     # ["host", "trixie", "sid"], runs the scenario once per
+                                     # node, each into its own run directory <id>-<node>.
     seed = 0                         # shuffle seed: the same seed gives the same order
 
     [network]
@@ -42,6 +47,20 @@ Schema (all keys but ``workloads`` optional)::
     reference = "python:3.7"         # optional: the published image this stands in for
                                      # (harness/data/published.csv); default: matched by
                                      # the workload or recipe name against its stand_in column
+    expect = "hello"                 # optional substring stdout must contain
+    env = { GREETING = "hi" }        # optional environment for the container
+
+    [[workloads]]                    # your own image instead of a recipe: exactly one of
+    name = "app"                     # recipe, image, containerfile (name required here)
+    image = "docker-archive:app.tar" # any containers-image reference: docker://, oci:,
+                                     # oci-archive:, docker-archive:, containers-storage:, dir:
+                                     # (relative paths: from the scenario file's directory)
+    # containerfile = "app/Containerfile"   # or built with podman; context = "app" (default:
+                                            # the Containerfile's directory)
+    platform = "linux/amd64"         # optional, for image indexes; default: the host's
+    command = ["/app/server"]        # optional; default: the image's own entrypoint/cmd
+    ready = "listening"              # optional; absent: wait for exit (or for `expect`)
+    timeout = 300                    # optional; default 300 s for images
 """
 
 from __future__ import annotations
@@ -53,11 +72,42 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli import UserError
+from harness.runtimes import NODE_NAMES
 
-MODES = ("legacy", "estargz-noopt", "estargz", "zstd-chunked")
-LAZY_MODES = frozenset({"estargz-noopt", "estargz"})
+# The measured modes, the one list (DESIGN.md §5): a full pull of gzip layers; eStargz through
+# the layer store, without and with prioritized files; podman's own zstd:chunked partial pull;
+# and the same zstd:chunked image pulled lazily through the layer store.
+MODES = ("legacy", "estargz-noopt", "estargz", "zstd-chunked", "zstd-chunked-lazy")
+# Modes pulled through the layer store, and those of them measured on demand (prefetch off).
+LAZY_MODES = frozenset({"estargz-noopt", "estargz", "zstd-chunked-lazy"})
+ON_DEMAND_MODES = frozenset({"estargz-noopt", "zstd-chunked-lazy"})
+# The image (harness.images push mode) a measured mode pulls, where the two differ.
+_IMAGE_OF_MODE = {"zstd-chunked-lazy": "zstd-chunked"}
+
+
+def image_mode(mode: str) -> str:
+    """The push mode (image format, :data:`harness.images.MODES`) the measured ``mode`` pulls."""
+    return _IMAGE_OF_MODE.get(mode, mode)
+
+
 RUNTIMES = ("podman", "crio")
-WORKLOAD_KEYS = {"name", "recipe", "command", "stdin", "ready", "timeout", "reference", "modes"}
+WORKLOAD_KEYS = {
+    "name",
+    "recipe",
+    "image",
+    "containerfile",
+    "context",
+    "platform",
+    "command",
+    "stdin",
+    "ready",
+    "expect",
+    "env",
+    "timeout",
+    "reference",
+    "modes",
+}
+IMAGE_SOURCE_KEYS = ("recipe", "image", "containerfile")
 DEFAULT_STORE_COMMAND = (
     "stargz-store",
     "--config",
@@ -78,16 +128,27 @@ class ScenarioError(UserError):
 
 @dataclass(frozen=True)
 class Workload:
-    """One image and what to run in it. ``None`` fields fall back to the recipe's values."""
+    """One image and what to run in it. ``None`` fields fall back to the recipe's values (or,
+    for ``image``/``containerfile`` workloads, to the image's own command).
+
+    Exactly one of ``recipe``, ``image`` (a containers-image reference, paths absolute) and
+    ``containerfile`` (absolute; ``context`` too) names the image.
+    """
 
     name: str
-    recipe: str
+    recipe: str | None = None
     command: tuple[str, ...] | None = None
     stdin: str | None = None
     ready: str | None = None
     timeout: float | None = None
     reference: str | None = None
     modes: tuple[str, ...] | None = None  # a subset of the scenario's modes; None = all
+    image: str | None = None
+    containerfile: str | None = None
+    context: str | None = None
+    platform: str | None = None
+    expect: str | None = None
+    env: tuple[tuple[str, str], ...] | None = None
 
 
 DEFAULT_STORE_NAME = "default"
@@ -115,7 +176,21 @@ class Scenario:
     runtime: str = "podman"
     seed: int = 0
     stores: tuple[StoreSpec, ...] = (StoreSpec(),)
+    nodes: tuple[str, ...] = ("host",)
     source: Path | None = None
+
+    @property
+    def node(self) -> str:
+        """The one runtime node of a scenario that runs on one (see :meth:`for_node`)."""
+        if len(self.nodes) != 1:
+            raise ValueError(f"scenario {self.name} runs on {len(self.nodes)} nodes")
+        return self.nodes[0]
+
+    def for_node(self, node: str) -> Scenario:
+        """This scenario on ``node`` alone (what one run directory measures)."""
+        from dataclasses import replace
+
+        return replace(self, nodes=(node,))
 
     @property
     def store(self) -> StoreSpec:
@@ -160,6 +235,7 @@ class Scenario:
             "percentile": self.percentile,
             "modes": list(self.modes),
             "runtime": self.runtime,
+            "node": self.nodes[0] if len(self.nodes) == 1 else list(self.nodes),
             "seed": self.seed,
             "network": {"profile": self.network_profile},
             "stores": [
@@ -173,7 +249,7 @@ class Scenario:
             ],
             "workloads": [
                 {
-                    k: (list(v) if isinstance(v, tuple) else v)
+                    k: (dict(v) if k == "env" else list(v) if isinstance(v, tuple) else v)
                     for k, v in vars(w).items()
                     if v is not None
                 }
@@ -286,6 +362,7 @@ def parse_scenario(
             "percentile",
             "modes",
             "runtime",
+            "node",
             "seed",
             "network",
             "store",
@@ -312,6 +389,19 @@ def parse_scenario(
     if runtime not in RUNTIMES:
         raise c.fail("runtime", f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
 
+    raw_node = data.get("node", "host")
+    node_list = [raw_node] if isinstance(raw_node, str) else raw_node
+    if not isinstance(node_list, list) or not node_list:
+        raise c.fail("node", f"must be a node name or a list of them, got {_show(raw_node)}")
+    for i, n in enumerate(node_list):
+        where = "node" if isinstance(raw_node, str) else f"node[{i}]"
+        if n not in NODE_NAMES:
+            raise c.fail(where, f"unknown node {_show(n)} (known: {', '.join(NODE_NAMES)})")
+    if len(set(node_list)) != len(node_list):
+        raise c.fail("node", "lists a node twice")
+    if runtime != "podman" and node_list != ["host"]:
+        raise c.fail("node", f"runtime nodes run podman; runtime {runtime!r} runs on the host")
+
     network = c.table(data.get("network", {}), "network")
     c.unknown(network, {"profile"}, "network")
     profile = c.string(network, "profile", "network.profile", default="loopback")
@@ -337,6 +427,15 @@ def parse_scenario(
     else:
         stores = (_parse_store(c, c.table(data.get("store", {}), "store"), "store", named=False),)
 
+    if runtime == "crio" and len(stores) > 1:
+        raise c.fail(
+            "stores",
+            "runtime 'crio' measures the host's CRI-O with the one layer store its operator "
+            "configured: name at most one store",
+        )
+
+    # Relative image paths are the scenario file's: resolve them against its directory.
+    base = Path(source).parent if Path(source).is_file() else Path.cwd()
     raw_workloads = data.get("workloads")
     if raw_workloads is None:
         raise c.fail("workloads", "missing: add at least one [[workloads]] table")
@@ -347,12 +446,22 @@ def parse_scenario(
         where = f"workloads[{i}]"
         w = c.table(raw, where)
         c.unknown(w, WORKLOAD_KEYS, where)
+        given = [k for k in IMAGE_SOURCE_KEYS if k in w]
+        if not given:
+            raise c.fail(
+                f"{where}.recipe", "missing: name an image recipe (or an image, a containerfile)"
+            )
+        if len(given) > 1:
+            raise c.fail(where, f"name the image once: recipe, image or containerfile, not {given}")
         recipe = c.string(w, "recipe", f"{where}.recipe")
-        if recipe is None:
-            raise c.fail(f"{where}.recipe", "missing: name an image recipe")
-        if recipes is not None and recipe not in recipes:
+        if recipe is not None and recipes is not None and recipe not in recipes:
             known = ", ".join(sorted(recipes))
             raise c.fail(f"{where}.recipe", f"unknown recipe {recipe!r} (known: {known})")
+        image, containerfile, context, platform = _image_source(c, w, where, base)
+        if recipe is None and "name" not in w:
+            raise c.fail(
+                f"{where}.name", "missing: a workload with image or containerfile needs one"
+            )
         wname = c.string(w, "name", f"{where}.name", default=recipe)
         if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", wname):
             raise c.fail(
@@ -383,6 +492,12 @@ def parse_scenario(
                 timeout=float(timeout) if timeout is not None else None,
                 reference=c.string(w, "reference", f"{where}.reference"),
                 modes=wmodes,
+                image=image,
+                containerfile=containerfile,
+                context=context,
+                platform=platform,
+                expect=c.string(w, "expect", f"{where}.expect"),
+                env=_env(c, w, f"{where}.env"),
             )
         )
     return Scenario(
@@ -395,6 +510,7 @@ def parse_scenario(
         runtime=runtime,
         seed=seed,
         stores=stores,
+        nodes=tuple(node_list),
     )
 
 
@@ -435,6 +551,47 @@ def _parse_store(c: _Checker, data: dict[str, Any], where: str, *, named: bool) 
             c.number(data, "mount_timeout", f"{where}.mount_timeout", 30.0, lo=0.1, hi=3600)
         ),
     )
+
+
+def _image_source(
+    c: _Checker, w: dict[str, Any], where: str, base: Path
+) -> tuple[str | None, str | None, str | None, str | None]:
+    """(image, containerfile, context, platform) of a workload, paths made absolute."""
+    from harness.images.transports import TransportError, absolute
+
+    image = c.string(w, "image", f"{where}.image")
+    if image is not None:
+        try:
+            image = absolute(image, base)
+        except TransportError as exc:
+            raise c.fail(f"{where}.image", str(exc)) from None
+    containerfile = c.string(w, "containerfile", f"{where}.containerfile")
+    if containerfile is not None:
+        containerfile = str((base / containerfile).resolve())
+    context = c.string(w, "context", f"{where}.context")
+    if context is not None:
+        if containerfile is None:
+            raise c.fail(f"{where}.context", "only goes with containerfile")
+        context = str((base / context).resolve())
+    platform = c.string(w, "platform", f"{where}.platform")
+    if platform is not None:
+        if image is None and containerfile is None:
+            raise c.fail(f"{where}.platform", "only goes with image or containerfile")
+        parts = platform.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise c.fail(f"{where}.platform", f"must be OS/ARCH[/VARIANT], got {platform!r}")
+    return image, containerfile, context, platform
+
+
+def _env(c: _Checker, w: dict[str, Any], where: str) -> tuple[tuple[str, str], ...] | None:
+    env = w.get("env")
+    if env is None:
+        return None
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
+    ):
+        raise c.fail(where, f'must be a table of NAME = "value" strings, got {_show(env)}')
+    return tuple(env.items())
 
 
 def _placeholders(arg: str) -> list[str]:

@@ -26,9 +26,10 @@ import pandas as pd
 from scipy import stats as sps
 
 from harness.records import Record
+from harness.scenario import MODES
 
 PHASES = ("pull", "create", "run")
-MODE_ORDER = ("legacy", "estargz-noopt", "estargz", "zstd-chunked")
+MODE_ORDER = MODES  # tables list modes in the scenario schema's order
 CELL = ["workload", "mode", "store"]
 MB = 1e6
 CONFIDENCE = 0.95

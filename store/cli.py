@@ -1,7 +1,10 @@
-"""`stargz-store [--config PATH] [--root DIR] [--log-level L] MOUNTPOINT` — drop-in for the Go one.
+"""`stargz-store [--config PATH] [--root DIR] [--addr SOCKET] [--log-level L] MOUNTPOINT` — drop-in
+for the Go one.
 
 Mounts the Additional Layer Store at MOUNTPOINT with pyfuse3 and serves until SIGINT/SIGTERM
-or an external unmount, then unmounts. ``--root`` holds the chunk cache (``<root>/cache``).
+or an external unmount, then unmounts. ``--root`` holds the chunk cache (``<root>/cache``)
+and the credential socket ``<root>/store.sock`` that podman's layer-store auth helper
+(``stargz-store-helper``) hands credentials to (:mod:`store.credsocket`).
 A stale FUSE mount left on MOUNTPOINT by a crashed store is unmounted first (``fusermount3
 -u``, then ``umount -l``); if that fails the store says so and exits non-zero. Logs are JSON
 lines on stderr. Errors the user can fix are printed as one line, exit status 1.
@@ -74,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="state directory: chunk cache (default /var/lib/stargz-store)",
     )
     p.add_argument(
+        "--addr",
+        type=Path,
+        default=None,
+        help="credential socket for stargz-store-helper (default <root>/store.sock)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warn", "warning", "error"],
@@ -122,11 +131,12 @@ def prepare_mountpoint(path: Path) -> None:
         raise StoreError(f"mountpoint {path} is not a directory")
 
 
-async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
+async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | None = None) -> None:
     import pyfuse3
     import trio
 
     from store.cache import ChunkCache
+    from store.credsocket import SOCKET_NAME, serve_credentials
     from store.fs import StoreFS
     from store.fuse_ops import StoreOperations
     from store.metrics import AccessTrace, StoreMetrics
@@ -141,7 +151,9 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
     if cfg.metrics_address:
         metrics.serve(cfg.metrics_address)
     trace = AccessTrace(Path(cfg.access_trace_path)) if cfg.access_trace_path else None
-    credentials = CredentialStore(auth_files=[Path(cfg.auth_file)]) if cfg.auth_file else None
+    credentials = (
+        CredentialStore(auth_files=[Path(cfg.auth_file)]) if cfg.auth_file else CredentialStore()
+    )
     client = RegistryClient(
         resolver=parse_resolver_config(cfg.resolver),
         credentials=credentials,
@@ -181,6 +193,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path) -> None:
 
         try:
             nursery.start_soon(watch_signals)
+            await nursery.start(serve_credentials, addr or root / SOCKET_NAME, credentials)
             await pyfuse3.main()
             log.info("filesystem unmounted externally")
         finally:
@@ -222,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     _one_malloc_arena()
     started = time.monotonic()
     try:
-        trio.run(serve, cfg, args.root, args.mountpoint)
+        trio.run(serve, cfg, args.root, args.mountpoint, args.addr)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:

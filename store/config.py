@@ -17,6 +17,19 @@ Our additions (top level):
 ``resolve_timeout_sec``  bound on any lookup that needs the registry (the runtime then falls
                          back to a normal pull), default 15
 ``auth_file``            a containers auth.json / docker config.json to take credentials from
+``overlay_opaque_type``  which extended attribute marks a layer directory opaque (it holds a
+                         ``.wh..wh..opq`` entry): the one the overlay mount over the store
+                         reads. ``"trusted"`` (default) answers ``trusted.overlay.opaque``:
+                         kernel overlayfs mounted by root, as rootful podman and CRI-O do.
+                         ``"user"`` answers ``user.overlay.opaque``: overlayfs mounted with
+                         ``userxattr`` (rootless podman, kernel >= 5.11). ``"all"`` answers
+                         both, as the Go store does (its ``layer.OverlayOpaqueAll``; the Go
+                         snapshotter names the same choice ``OverlayOpaqueType``, trusted/user/
+                         all, but its store has no key for it). Answer only what the mount
+                         reads: rootful overlayfs copies a ``user.`` attribute it does not
+                         read up as ordinary data, so ``all`` leaks ``user.overlay.opaque=y``
+                         into every image committed from a container whose change touches an
+                         opaque directory, which a normally pulled base never gives.
 ``toc_max_bytes``        largest TOC accepted, uncompressed JSON bytes (default 256 MiB); a
                          larger one — or a compressed TOC that could inflate past it — is
                          refused before it is decoded, with an error naming the limit
@@ -28,6 +41,11 @@ and the store logs one line naming the cause (the runtime then pulls the layer n
 
 ``[fuse] attr_timeout / entry_timeout`` apply to the layer trees (default 60 s: their content
 is immutable); the store's own directories and files always use short timeouts.
+
+``[blob] fetching_timeout_sec`` bounds one read from the registry with all its
+``max_retries`` retries (a reader gets EIO past it); each attempt may wait an equal share of
+it, 1–30 s, for a connection or for its next bytes before it is retried
+(:func:`store.cli.request_timeout`).
 """
 
 from __future__ import annotations
@@ -71,8 +89,22 @@ class StoreConfig:
     access_trace_path: str = ""
     resolve_timeout_sec: float = 15.0
     auth_file: str = ""
+    overlay_opaque_type: str = "trusted"
     toc_max_bytes: int = 256 << 20
     toc_max_entries: int = 1_000_000
+
+    @property
+    def opaque_xattrs(self) -> tuple[bytes, ...]:
+        """The xattr names an opaque directory answers (``y``), per ``overlay_opaque_type``."""
+        return OVERLAY_OPAQUE_TYPES[self.overlay_opaque_type]
+
+
+# overlay_opaque_type -> the attributes an opaque layer directory answers.
+OVERLAY_OPAQUE_TYPES: dict[str, tuple[bytes, ...]] = {
+    "trusted": (b"trusted.overlay.opaque",),
+    "user": (b"user.overlay.opaque",),
+    "all": (b"trusted.overlay.opaque", b"user.overlay.opaque"),
+}
 
 
 # Keys we honour: dotted TOML path -> (StoreConfig field, accepted python types).
@@ -93,9 +125,13 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "access_trace_path": ("access_trace_path", (str,)),
     "resolve_timeout_sec": ("resolve_timeout_sec", _NUM),
     "auth_file": ("auth_file", (str,)),
+    "overlay_opaque_type": ("overlay_opaque_type", (str,)),
     "toc_max_bytes": ("toc_max_bytes", (int,)),
     "toc_max_entries": ("toc_max_entries", (int,)),
 }
+
+# Keys whose value must be one of a few words.
+_CHOICES = {"overlay_opaque_type": tuple(OVERLAY_OPAQUE_TYPES)}
 
 # Keys of the Go store that have no effect here; accepted so a Go config loads unchanged.
 _IGNORED = {
@@ -173,6 +209,9 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
                 raise ConfigError(f"{source}: key {key!r} must be {want}, got {value!r}")
             if name in _POSITIVE and value <= 0:
                 raise ConfigError(f"{source}: key {key!r} must be positive, got {value!r}")
+            if name in _CHOICES and value not in _CHOICES[name]:
+                want = ", ".join(repr(c) for c in _CHOICES[name])
+                raise ConfigError(f"{source}: key {key!r} must be one of {want}, got {value!r}")
             values[name] = value
         elif key in _IGNORED or key.split(".")[0] in _IGNORED:
             log.info("config key %r (Go stargz-store) has no effect here; ignored", key)

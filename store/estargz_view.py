@@ -15,18 +15,27 @@ bytes arrive and which thread does the work:
    TOC costs ~0.1 s of CPU per 10,000 entries, which would otherwise stall every FUSE
    request the store is answering meanwhile).
 
+zstd:chunked layers written by containers/storage are found through their descriptor's
+annotations instead (:mod:`store.estargz.zstdchunked`): one read of exactly the compressed
+TOC where ``manifest-position`` says, its sha256 checked against ``manifest-checksum`` before
+anything is decompressed, then the same streaming decode into the validated index. Their
+tar's size, which no annotation carries and podman 4.3 needs, is measured from the frames
+between the files, when podman first asks for it (:func:`measure_tar_size`).
+
 Every error of the layer's own bytes is an :class:`store.estargz.EstargzError` (or
 :class:`TocError` for a format the store does not serve): the caller refuses the layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import trio
 
 from store import estargz
-from store.estargz import Chunk, Entry, LayerIndex, TocLimits, landmark_offset_hint
+from store.estargz import Chunk, Entry, LayerIndex, TocLimits, landmark_offset_hint, zstdchunked
 from store.layer import BlobReader
 
 # First read from the blob's end: footer plus small TOCs. Why not the format module's 1 MiB:
@@ -44,7 +53,7 @@ __all__ = ["TAIL_GUESS", "EstargzLayerView", "TocError", "landmark_offset_hint"]
 
 
 class TocError(estargz.EstargzError):
-    """The blob is not an eStargz layer the store serves (bad footer, zstd:chunked)."""
+    """The blob is not a layer the store serves (bad footer, a TOC outside the blob)."""
 
 
 TocMismatchError = estargz.TocDigestMismatch
@@ -55,19 +64,24 @@ async def load_layer_index(
     toc_digest: str,
     on_verified: Callable[[int | None], None] | None = None,
     limits: TocLimits = estargz.DEFAULT_LIMITS,
+    zstd_chunked: estargz.ZstdChunkedLayer | None = None,
 ) -> EstargzLayerView:
     """Fetch footer+TOC of ``blob``, verify the TOC digest, build the validated index.
 
     Raises :class:`TocMismatchError` (digest), :class:`TocError` (footer) or another
     :class:`store.estargz.EstargzError` naming the bad entry; the layer is then refused.
     ``on_verified`` is called (in the trio thread) with the ``.prefetch.landmark`` offset
-    hint of the verified TOC before the index is built.
+    hint of the verified TOC before the index is built. With ``zstd_chunked`` (the layer's
+    annotations) the TOC is read where they say and ``toc_digest`` is its manifest checksum
+    (sha256 of the compressed TOC); the footer is not read.
     """
+    if zstd_chunked is not None:
+        return await _load_zstd_chunked(blob, toc_digest, on_verified, limits, zstd_chunked)
     tail_len = estargz.tail_fetch_size(blob.size, TAIL_GUESS)
     (tail,) = await blob.read_ranges([(blob.size - tail_len, blob.size)])
+    # A zstd footer here is stargz-snapshotter's zstdchunked: eStargz's annotation, the TOC
+    # digest of its uncompressed JSON, read like eStargz's.
     footer = estargz.parse_footer(tail, blob.size)
-    if footer.kind is estargz.FooterKind.ZSTD_CHUNKED:
-        raise TocError("zstd:chunked layers are not served (podman pulls them itself)")
     lo, hi = estargz.toc_range(footer, blob.size)
     if hi - lo > limits.max_bytes + _COMPRESSED_SLACK:
         raise estargz.InvalidToc(
@@ -96,11 +110,87 @@ async def load_layer_index(
     return EstargzLayerView(await trio.to_thread.run_sync(build))
 
 
+async def _load_zstd_chunked(
+    blob: BlobReader,
+    toc_digest: str,
+    on_verified: Callable[[int | None], None] | None,
+    limits: TocLimits,
+    layer: estargz.ZstdChunkedLayer,
+) -> EstargzLayerView:
+    lo, hi = layer.toc_range
+    where = f"zstd:chunked TOC at offset {lo}"
+    if hi > blob.size:
+        raise TocError(f"{where}: [{lo}, {hi}) is past the blob's {blob.size} bytes")
+    if max(hi - lo, layer.position.uncompressed_length) > limits.max_bytes + _COMPRESSED_SLACK:
+        raise estargz.InvalidToc(
+            f"{where}: {hi - lo} bytes ({layer.position.uncompressed_length} uncompressed), "
+            f"over the limit on TOC bytes ({limits.max_bytes}, store config toc_max_bytes)"
+        )
+    (toc_bytes,) = await blob.read_ranges([(lo, hi)])
+    digest = await trio.to_thread.run_sync(estargz.manifest_checksum, toc_bytes)
+    if digest != toc_digest:
+        raise TocMismatchError(
+            f"{where}: compressed TOC hashes to {digest}, the annotation says {toc_digest}"
+        )
+    if on_verified is not None:
+        on_verified(None)  # zstd:chunked has no prefetch landmark
+    files = array("q")  # offset, endOffset, size of each file's frames: 24 bytes a file
+
+    def build() -> LayerIndex:
+        entries = estargz.manifest_entries(toc_bytes, layer.position, None, limits)
+        return LayerIndex.from_entries(_tap(entries, files), toc_offset=lo, compression="zstd")
+
+    view = EstargzLayerView(await trio.to_thread.run_sync(build))
+    view._zstd_files = files
+    return view
+
+
+def _tap(entries: Iterable[dict[str, Any]], files: array) -> Iterator[dict[str, Any]]:
+    """Pass ``entries`` on, noting each file's frames (validated by the index as they pass)."""
+    for e in entries:
+        for frame in zstdchunked.file_frames((e,)):
+            files.extend(frame)
+        yield e
+
+
+async def measure_tar_size(view: EstargzLayerView, blob: BlobReader) -> int | None:
+    """The size of the tar a zstd:chunked blob decompresses to (None for other layers),
+    measured once: podman < 5.1 wants it in ``info`` (``diff-size``; ``podman save`` writes a
+    tar entry that long) and no annotation carries it. The files' sizes from the TOC plus each
+    header frame's content size — read from the frame's header (18 bytes; one ranged read of
+    up to 32 frames at a time) where the writer recorded it, else by inflating that frame."""
+    if view.uncompressed_size is not None or view._zstd_files is None:
+        return view.uncompressed_size
+    flat = view._zstd_files
+    files = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+    frames = zstdchunked.header_frames(files, view.toc_offset)
+    heads = await blob.read_ranges([(lo, min(hi, lo + 18)) for lo, hi in frames])
+    total = sum(size for _, _, size in files)
+    unknown = []
+    for frame, head in zip(frames, heads, strict=True):
+        size = zstdchunked.frame_content_size(head)
+        if size is None:
+            unknown.append(frame)
+        else:
+            total += size
+    if unknown:
+        for (lo, hi), data in zip(unknown, await blob.read_ranges(unknown), strict=True):
+            where = f"zstd:chunked header frame at offset {lo}"
+            total += len(zstdchunked.inflate_bounded(data, 64 * (hi - lo) + (1 << 20), where))
+    view.uncompressed_size = total
+    view._zstd_files = None
+    return total
+
+
 class EstargzLayerView:
     """What the data path needs of a validated index (implements ``LayerIndexView``)."""
 
     def __init__(self, index: LayerIndex) -> None:
         self.index = index
+        # zstd:chunked: the decompressed blob's size, measured on first need from the file
+        # frames noted while the TOC was read (:func:`measure_tar_size`).
+        self.uncompressed_size: int | None = None
+        self._zstd_files: array | None = None
 
     def chunks_of(self, entry: Entry) -> Sequence[Chunk]:
         return entry.chunks

@@ -36,7 +36,7 @@ from store.resolver import (
     ResolveError,
     ResolveTimeout,
 )
-from store.tree import Node
+from store.tree import OPAQUE_XATTRS, Node
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,11 @@ class StoreFS:
     _names: dict[tuple[int, str], int] = field(default_factory=dict)
     _bases: list[int] = field(default_factory=list)
     _slots: dict[int, _LayerSlot] = field(default_factory=dict)
+    _opaque: tuple[bytes, ...] = ()  # from the config's overlay_opaque_type
 
     def __post_init__(self) -> None:
         self._synth[ROOT_INO] = Synth(ROOT_INO, "root", lookups=1)
+        self._opaque = self.manager.config.opaque_xattrs
 
     # -- inode bookkeeping -------------------------------------------------------------------
 
@@ -346,17 +348,30 @@ class StoreFS:
         return found[1].target
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        """An xattr of a layer node. An opaque directory answers ``y`` only for the names
+        ``overlay_opaque_type`` selects (store/config.py); the other opaque name is answered
+        from the entry's own xattrs, as a normal pull would have extracted them."""
         found = self._layer_of(ino)
         if found is None:
             raise FSError(errno.ENODATA)
-        value = found[1].getxattr(name)
+        node = found[1]
+        if node.opaque and name in OPAQUE_XATTRS:
+            value = b"y" if name in self._opaque else (node.xattrs or {}).get(name)
+        else:
+            value = node.getxattr(name)
         if value is None:
             raise FSError(errno.ENODATA)
         return value
 
     def listxattr(self, ino: int) -> list[bytes]:
         found = self._layer_of(ino)
-        return found[1].listxattr() if found is not None else []
+        if found is None:
+            return []
+        node = found[1]
+        names = list(node.xattrs or ())
+        if node.opaque:
+            names += [n for n in self._opaque if n not in names]
+        return names
 
     def open(self, ino: int, write: bool) -> None:
         if write:

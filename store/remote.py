@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -38,7 +38,7 @@ class RegistryBlob:
     digest: str
     size: int
     deadline: float = math.inf
-    _quiet_until: float = -math.inf
+    _quiet_until: float = field(default=-math.inf, init=False)
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         if trio.current_time() < self._quiet_until:

@@ -12,18 +12,29 @@ belong to: two images sharing a layer share one :class:`~store.layer.Layer` and 
 count. At count zero the layer is released: background fetching stops and its memory goes
 once the kernel forgets its inodes; its chunks stay in the disk cache.
 
-A layer is served only when it is eStargz and verifiable: its descriptor must carry the TOC
-digest annotation, and the TOC fetched from the blob must hash to it. Anything else raises
-:class:`NotEstargzError` (→ ENOENT, normal pull) or :class:`ResolveError` (→ EIO). A layer whose
-own bytes fail a check (footer, TOC digest, any rule of the format library's validated index,
-the ``toc_max_bytes`` / ``toc_max_entries`` caps) raises :class:`LayerRefused` (→ EIO): logged
-once with its cause and remembered, so later lookups answer at once without refetching.
+A layer is served only when it is eStargz or zstd:chunked and verifiable: its descriptor must
+carry the TOC digest annotation (eStargz ``containerd.io/snapshot/stargz/toc.digest``, or
+zstd:chunked's ``manifest-checksum`` with its ``manifest-position``), and the TOC fetched from
+the blob must hash to it. Anything else raises :class:`NotEstargzError` (→ ENOENT, normal
+pull) or :class:`ResolveError` (→ EIO). A layer whose own bytes fail a check (footer, TOC
+digest, any rule of the format library's validated index, the ``toc_max_bytes`` /
+``toc_max_entries`` caps) raises :class:`LayerRefused` (→ EIO): logged once with its cause and
+remembered, so later lookups answer at once without refetching. A zstd:chunked layer is looked
+up by the value containers/storage ≥ 1.54 uses as its TOC digest (``toc.GetTOCDigest``: the
+manifest checksum annotation itself), and its ``info`` says ``compression`` 4
+(``archive.Zstd``).
+
+A blob an image lists more than once (identical layers, e.g. two empty ones) is not served
+either: the runtime looks each occurrence up under the same ``<ref>/<digest>`` directory, and
+overlayfs refuses to mount one directory as two lower layers (ELOOP, "too many levels of
+symbolic links"), so such a layer is pulled normally, once per occurrence.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import logging
@@ -38,12 +49,16 @@ import trio
 from store.cache import ChunkCache
 from store.config import StoreConfig
 from store.estargz import (
+    MANIFEST_CHECKSUM_KEY,
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD_COMPRESSION,
     EstargzError,
     TocLimits,
+    ZstdChunkedLayer,
+    zstd_chunked_layer,
 )
-from store.estargz_view import EstargzLayerView, load_layer_index
+from store.estargz_view import EstargzLayerView, load_layer_index, measure_tar_size
 from store.layer import AheadBlob, BlobReader, Layer
 from store.tree import LayerTree, TreeError
 
@@ -81,7 +96,34 @@ class LayerDesc:
 
     @property
     def toc_digest(self) -> str | None:
-        return self.annotations.get(TOC_DIGEST_ANNOTATION)
+        """eStargz's TOC digest annotation, else zstd:chunked's manifest checksum; None for
+        a layer carrying both eStargz's and podman 5's key (containers/storage's
+        ``toc.GetTOCDigest`` refuses it too: "both zstd:chunked and eStargz TOC found")."""
+        estargz_digest = self.annotations.get(TOC_DIGEST_ANNOTATION)
+        if estargz_digest is not None:
+            if MANIFEST_CHECKSUM_KEY in self.annotations:
+                return None
+            return estargz_digest
+        zstd = self.zstd_chunked
+        return zstd.checksum if zstd is not None else None
+
+    @functools.cached_property
+    def zstd_chunked(self) -> ZstdChunkedLayer | None:
+        """The zstd:chunked annotations (None: none, malformed, or an eStargz layer)."""
+        if TOC_DIGEST_ANNOTATION in self.annotations:
+            return None  # eStargz (or stargz-snapshotter's zstd, read through its footer)
+        try:
+            return zstd_chunked_layer(self.annotations)
+        except EstargzError as exc:
+            log.warning("layer %s: unusable zstd:chunked annotations: %s", self.digest, exc)
+            return None
+
+    @property
+    def compression(self) -> int:
+        """containers/storage's ``archive.Compression`` of the blob (``info``)."""
+        if self.media_type.endswith("+zstd") or self.zstd_chunked is not None:
+            return ZSTD_COMPRESSION
+        return GZIP_COMPRESSION
 
 
 @dataclass
@@ -100,6 +142,22 @@ class ImageInfo:
             if desc.toc_digest == digest:
                 return desc, True
         return None
+
+    def servable(self, digest: str) -> tuple[LayerDesc, bool]:
+        """:meth:`find`, refusing (:class:`NotEstargzError`) a layer the store cannot serve:
+        not in the image, not eStargz, or listed more than once (see the module docstring)."""
+        found = self.find(digest)
+        if found is None:
+            raise NotEstargzError(f"{self.ref}: no layer {digest}")
+        desc = found[0]
+        if desc.toc_digest is None:
+            raise NotEstargzError(f"{self.ref}: layer {desc.digest} is not eStargz (no TOC digest)")
+        if (n := sum(1 for d in self.layers if d.digest == desc.digest)) > 1:
+            raise NotEstargzError(
+                f"{self.ref}: layer {desc.digest} is listed {n} times; overlayfs cannot mount"
+                " one directory as several lower layers, so it is pulled normally"
+            )
+        return found
 
 
 class RegistryAccess:
@@ -246,16 +304,11 @@ class LayerManager:
     async def layer_info(self, ref: str, digest: str) -> dict[str, Any]:
         """The ``info`` JSON for the protocol generation the lookup name implies."""
         image = await self.image(ref)
-        found = image.find(digest)
-        if found is None:
-            raise NotEstargzError(f"{ref}: no layer {digest}")
-        desc, by_toc = found
-        if desc.toc_digest is None:
-            raise NotEstargzError(f"{ref}: layer {desc.digest} is not eStargz (no TOC digest)")
+        desc, by_toc = image.servable(digest)
         if by_toc:
             return {
                 "diff-size": -1,
-                "compression": GZIP_COMPRESSION,
+                "compression": desc.compression,
                 "toc-digest": digest,
                 "flags": {"expected-layer-diffid": desc.diff_id},
             }
@@ -263,23 +316,30 @@ class LayerManager:
             "compressed-diff-digest": desc.digest,
             "compressed-size": desc.size,
             "diff-digest": desc.diff_id,
-            "compression": GZIP_COMPRESSION,
+            "compression": desc.compression,
         }
         size = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)
         if size is not None and size.isdigit():
             info["diff-size"] = int(size)
+        elif desc.zstd_chunked is not None:
+            # No annotation carries a zstd:chunked tar's size, and podman 4.3 needs it: 0
+            # makes `podman save` write a 0-byte tar entry ("write too long"), -1 fails its
+            # image size ("size for layer is unknown"). Measured here, on the old protocol
+            # only (podman ≥ 5.1 takes -1), within the resolve bound; without it the pull
+            # still works and only `podman save` of the image fails.
+            layer = await self.get_layer(ref, digest)
+            if isinstance(layer.index, EstargzLayerView):
+                with trio.move_on_after(self.config.resolve_timeout_sec):
+                    measured = await measure_tar_size(layer.index, layer.blob)
+                    if measured is not None:
+                        info["diff-size"] = measured
         return info
 
     # -- layers ------------------------------------------------------------------------------
 
     async def get_layer(self, ref: str, digest: str) -> Layer:
         image = await self.image(ref)
-        found = image.find(digest)
-        if found is None:
-            raise NotEstargzError(f"{ref}: no layer {digest}")
-        desc = found[0]
-        if desc.toc_digest is None:
-            raise NotEstargzError(f"{ref}: layer {desc.digest} is not eStargz (no TOC digest)")
+        desc = image.servable(digest)[0]
         task = self._layers.get(desc.digest)
         # A layer released earlier and wanted again is resolved afresh.
         if task is not None and task.done.is_set() and task.error is None and task.value.released:
@@ -331,7 +391,9 @@ class LayerManager:
         on_verified = None if self.config.noprefetch else partial(ahead.start, nursery=self.nursery)
         limits = TocLimits(self.config.toc_max_bytes, self.config.toc_max_entries)
         try:
-            index = await load_layer_index(ahead, desc.toc_digest, on_verified, limits)
+            index = await load_layer_index(
+                ahead, desc.toc_digest, on_verified, limits, desc.zstd_chunked
+            )
             tree = LayerTree(index.index)
         except BaseException as exc:
             ahead.drop()

@@ -71,12 +71,16 @@ class ImageBuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class BuiltLayer:
-    """One uncompressed layer tar of a built image."""
+    """One uncompressed layer tar of a built image. An imported image's gzip layer also keeps
+    the source's own blob (``gzip_blob``, digest ``gzip_digest``): mode ``legacy`` pushes
+    that, so a full pull downloads exactly what the user's image holds."""
 
     path: Path
     diff_id: str
     size: int
     comment: str
+    gzip_blob: Path | None = None
+    gzip_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class BuiltImage:
     dir: Path
     layers: tuple[BuiltLayer, ...]
     config: dict
-    recipe: Recipe
+    recipe: Recipe | None  # None for an image imported from elsewhere (harness.images.source)
 
     @property
     def size(self) -> int:

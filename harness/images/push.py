@@ -2,7 +2,8 @@
 
 Modes (DESIGN.md §5):
 
-* ``legacy`` — plain gzip layers, what a normal ``podman pull`` downloads in full;
+* ``legacy`` — plain gzip layers, what a normal ``podman pull`` downloads in full (an imported
+  image's gzip layers as the source has them, the others compressed here);
 * ``estargz-noopt`` — eStargz layers without prioritized files (``.no.prefetch.landmark``);
 * ``estargz`` — eStargz with the workload's files first, before ``.prefetch.landmark``;
 * ``zstd-chunked`` — podman's own partial-pull format, produced by containers/image itself
@@ -23,7 +24,6 @@ import gzip
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import tarfile
@@ -31,11 +31,15 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from harness.images.build import BuiltImage, BuiltLayer
 from harness.images.layertar import file_digest, normalize, tar_names
+
+if TYPE_CHECKING:
+    from harness.runtimes import Node
 
 MODES = ("legacy", "estargz-noopt", "estargz", "zstd-chunked")
 
@@ -48,6 +52,8 @@ MEDIA_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
 ZSTD_CHUNKED_MANIFEST_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
+# containers/storage >= 1.45 writes (and >= 1.5x reads only) the io.github.containers.* keys.
+ZSTD_CHUNKED_MANIFEST_CHECKSUM_NEW = "io.github.containers.zstd-chunked.manifest-checksum"
 
 
 class PushError(RuntimeError):
@@ -105,19 +111,26 @@ def push_image(
     chunk_size: int | None = None,
     timeout: float = 900.0,
     progress: Callable[[str], None] | None = None,
+    node: Node | None = None,
 ) -> PushedImage:
     """Push ``built`` to ``http://registry_host/repo:tag`` in ``mode``; return what landed.
 
     ``prioritized_files`` (image paths, in access order) is used by mode ``estargz`` only; the
     runner gets it from a traced run. Compressed layouts are cached, so pushing the same image
     and mode again (another registry, another sample) costs only the upload. ``progress``
-    receives a line per layer converted.
+    receives a line per layer converted. ``node`` (a runtime node) writes ``zstd-chunked`` with
+    that node's skopeo: podman 5.x's partial pull reads only what its own generation writes.
     """
     if mode not in MODES:
         raise PushError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
     ref = f"{registry_host}/{repo}:{tag}"
     layout = oci_layout(
-        built, mode, prioritized_files=prioritized_files, chunk_size=chunk_size, progress=progress
+        built,
+        mode,
+        prioritized_files=prioritized_files,
+        chunk_size=chunk_size,
+        progress=progress,
+        node=node,
     )
     _skopeo_copy(
         f"oci:{layout}:latest",
@@ -136,6 +149,7 @@ def oci_layout(
     prioritized_files: Sequence[str] | None = None,
     chunk_size: int | None = None,
     progress: Callable[[str], None] | None = None,
+    node: Node | None = None,
 ) -> Path:
     """An OCI image layout of ``built`` in ``mode`` (``uncompressed`` too), built once.
 
@@ -143,19 +157,25 @@ def oci_layout(
     --dest-compress-format zstd:chunked``) from the layer tars cut after their end-of-archive
     marker, so its blobs and annotations are exactly what ``podman push --compression-format
     zstd:chunked`` makes, and the config's diff IDs are those of the blobs' decompressed bytes.
+    With ``node``, by that runtime node's skopeo (the host's containers/storage 1.43 writes
+    ``io.containers.zstd-chunked.*`` annotations that podman 5.x does not recognize: its partial
+    pull would silently become a full pull).
     """
     say = progress or (lambda message: None)
     parts: list = [mode, list(prioritized_files or []) if mode == "estargz" else [], chunk_size]
     if mode == "zstd-chunked":
         parts.append(_ZSTD_CHUNKED_SOURCE)  # layouts made from the untrimmed tars are not reused
+        if node is not None:
+            parts.append(f"skopeo of node {node.directory.name}")
     key = json.dumps(parts)
     name = f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     final = built.dir / "oci" / name
     if (final / "index.json").is_file():
         return final
     if mode == "zstd-chunked":
-        say(f"{built.name}: {len(built.layers)} layers → zstd:chunked (skopeo)")
-        return _publish(final, lambda work: _zstd_chunked_layout(built, work))
+        where = f"node {node.name}'s skopeo" if node is not None else "skopeo"
+        say(f"{built.name}: {len(built.layers)} layers → zstd:chunked ({where})")
+        return _publish(final, lambda work: _zstd_chunked_layout(built, work, node))
     return _publish(
         final, lambda work: _write_layout(built, mode, work, prioritized_files, chunk_size, say)
     )
@@ -202,6 +222,12 @@ def _write_layout(
             descriptors.append({"mediaType": MEDIA_TAR, "digest": digest, "size": size})
             diff_ids.append(digest)
             continue
+        if mode == "legacy" and layer.gzip_blob is not None:  # the source's own gzip blob
+            _link_or_copy(layer.gzip_blob, blobs / layer.gzip_digest.split(":")[1])
+            size = layer.gzip_blob.stat().st_size
+            descriptors.append({"mediaType": MEDIA_GZIP, "digest": layer.gzip_digest, "size": size})
+            diff_ids.append(layer.diff_id)
+            continue
         if mode not in ("legacy", "estargz", "estargz-noopt"):
             raise PushError(f"no OCI layout for mode {mode!r}")
         wanted = _prioritized_in(layer.path, prioritized_files) if mode == "estargz" else []
@@ -231,11 +257,14 @@ def _write_layout(
 _ZSTD_CHUNKED_SOURCE = "tars cut after the end-of-archive marker"
 
 
-def _zstd_chunked_layout(built: BuiltImage, work: Path) -> None:
+def _zstd_chunked_layout(built: BuiltImage, work: Path, node: Node | None = None) -> None:
     """containers/image's zstd:chunked of ``built``, from a scratch layout of cut tars."""
     source = Path(tempfile.mkdtemp(prefix=".zstd-chunked-source-", dir=work.parent))
     try:
         _write_layout(built, "uncompressed-trimmed", source, None, None, lambda message: None)
+        if node is not None:
+            _node_skopeo_zstd_chunked(node, source, work, what=f"{built.name} as zstd:chunked")
+            return
         _skopeo_copy(
             f"oci:{source}:latest",
             f"oci:{work}:latest",
@@ -382,7 +411,11 @@ def inspect_pushed(
 
 def _toc_digest(annotations: dict[str, str]) -> str | None:
     """The layer's TOC digest: eStargz's annotation, or zstd:chunked's manifest checksum."""
-    return annotations.get(TOC_DIGEST_ANNOTATION) or annotations.get(ZSTD_CHUNKED_MANIFEST_CHECKSUM)
+    return (
+        annotations.get(TOC_DIGEST_ANNOTATION)
+        or annotations.get(ZSTD_CHUNKED_MANIFEST_CHECKSUM)
+        or annotations.get(ZSTD_CHUNKED_MANIFEST_CHECKSUM_NEW)
+    )
 
 
 def _prioritized_in(tar: Path, files: Sequence[str] | None) -> list[str]:
@@ -438,23 +471,44 @@ def _write_blob(blobs: Path, data: bytes, media_type: str) -> dict:
 
 def _skopeo_copy(src: str, dest: str, extra: list[str], *, timeout: float, what: str) -> None:
     """``skopeo copy`` with a private, empty blob-info cache (see the module docstring)."""
-    cache = "/var/lib/containers/cache"
-    os.makedirs(cache, exist_ok=True)
-    cmd = " ".join(["skopeo", "copy", "--quiet", *extra, _q(src), _q(dest)])
-    script = f"mount -t tmpfs tmpfs {cache} && exec {cmd}"
+    from harness.images.source import ImageSourceError, skopeo
+
     try:
-        proc = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            capture_output=True,
-            text=True,
+        skopeo(
+            ["copy", "--quiet", *extra, src, dest],
+            f"pushing {what}",
             timeout=timeout,
+            private_cache=True,
         )
-    except subprocess.TimeoutExpired:
-        raise PushError(f"pushing {what}: skopeo did not finish within {timeout:.0f}s") from None
+    except ImageSourceError as exc:
+        raise PushError(str(exc)) from None
+
+
+def _node_skopeo_zstd_chunked(node: Node, source: Path, dest: Path, *, what: str) -> None:
+    """``skopeo copy --dest-compress-format zstd:chunked`` inside a runtime node (its blob-info
+    cache lives in the node's throw-away view)."""
+    from harness.runtimes import enter_node
+
+    with enter_node(node) as entered:
+        entered.bind(source)
+        entered.bind(dest)
+        argv = entered.argv(
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--dest-compress-format",
+            "zstd:chunked",
+            f"oci:{os.path.realpath(source)}:latest",
+            f"oci:{os.path.realpath(dest)}:latest",
+        )
+        try:
+            proc = subprocess.run(
+                argv, env=entered.env(), capture_output=True, text=True, timeout=3600
+            )
+        except subprocess.TimeoutExpired:
+            raise PushError(f"writing {what}: skopeo did not finish within 3600s") from None
     if proc.returncode != 0:
         tail = proc.stderr.strip()[-1500:]
-        raise PushError(f"pushing {what}: skopeo exited {proc.returncode}: {tail}")
-
-
-def _q(s: str) -> str:
-    return shlex.quote(s)
+        raise PushError(
+            f"writing {what}: node {node.name}'s skopeo exited {proc.returncode}: {tail}"
+        )

@@ -17,7 +17,17 @@ Sans-IO pieces for the async store (it fetches bytes itself):
 ``LayerIndex.from_toc_json`` is the one TOC → validated tree path (module doc of
 :mod:`store.estargz.index` for its rules); any container of the TOC schema (a zstd:chunked
 frame too) feeds it uncompressed JSON pieces. Synchronous convenience: :class:`EstargzReader`
-over a :class:`BlobSource`; writer: :func:`convert`.
+over a :class:`BlobSource`; writers: :func:`convert` (eStargz) and
+:func:`write_zstd_chunked`.
+
+zstd:chunked as containers/storage writes it (:mod:`.zstdchunked`): the TOC is found and
+verified through the layer's annotations instead of the footer, then streams into the same
+index::
+
+    layer = zstd_chunked_layer(descriptor_annotations)             # None: not zstd:chunked
+    entries = manifest_entries(fetch(*layer.toc_range), layer.position, layer.checksum)
+    index = LayerIndex.from_entries(entries, toc_offset=layer.position.offset,
+                                    compression="zstd")
 """
 
 from .chunk import decompress_chunk
@@ -70,6 +80,22 @@ from .toc import (
     toc_json_pieces,
 )
 from .writer import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, ConvertResult, convert
+from .zstdchunked import (
+    LEGACY_MANIFEST_CHECKSUM_KEY,
+    LEGACY_MANIFEST_POSITION_KEY,
+    MANIFEST_CHECKSUM_KEY,
+    MANIFEST_POSITION_KEY,
+    TARSPLIT_POSITION_KEY,
+    ZSTD_COMPRESSION,
+    ManifestPosition,
+    ZstdChunkedLayer,
+    ZstdChunkedResult,
+    manifest_checksum,
+    manifest_entries,
+    parse_manifest,
+    write_zstd_chunked,
+)
+from .zstdchunked import from_annotations as zstd_chunked_layer
 
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
@@ -82,12 +108,18 @@ __all__ = [
     "ESTARGZ_FOOTER_SIZE",
     "LANDMARK_CONTENTS",
     "LEGACY_FOOTER_SIZE",
+    "LEGACY_MANIFEST_CHECKSUM_KEY",
+    "LEGACY_MANIFEST_POSITION_KEY",
+    "MANIFEST_CHECKSUM_KEY",
+    "MANIFEST_POSITION_KEY",
     "MAX_FOOTER_SIZE",
     "NO_PREFETCH_LANDMARK",
     "PREFETCH_LANDMARK",
+    "TARSPLIT_POSITION_KEY",
     "TOC_DIGEST_ANNOTATION",
     "TOC_TAR_NAME",
     "UNCOMPRESSED_SIZE_ANNOTATION",
+    "ZSTD_COMPRESSION",
     "ZSTD_FOOTER_SIZE",
     "ZSTD_FOOTER_V2_SIZE",
     "BadFooter",
@@ -108,19 +140,25 @@ __all__ = [
     "InvalidLayerTar",
     "InvalidToc",
     "LayerIndex",
+    "ManifestPosition",
     "Toc",
     "TocDigestMismatch",
     "TocLimits",
     "TocOutOfRange",
     "TocScan",
     "TruncatedBlob",
+    "ZstdChunkedLayer",
+    "ZstdChunkedResult",
     "clean_name",
     "convert",
     "decompress_chunk",
     "estargz_footer_bytes",
     "iter_toc_entries",
     "landmark_offset_hint",
+    "manifest_checksum",
+    "manifest_entries",
     "parse_footer",
+    "parse_manifest",
     "parse_toc",
     "scan_toc",
     "tail_fetch_size",
@@ -129,4 +167,6 @@ __all__ = [
     "toc_json_bytes",
     "toc_json_pieces",
     "toc_range",
+    "write_zstd_chunked",
+    "zstd_chunked_layer",
 ]

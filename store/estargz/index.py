@@ -23,7 +23,8 @@ containers/storage's layer extraction) applies members, with the Go reader's con
   is missing or comes later is refused); the target gets the link's name as another parent
   reference (``nlink``);
 * a chunk's compressed bytes end where the next member starts (the next distinct offset of a
-  data entry with ``innerOffset`` 0), or at the TOC;
+  data entry with ``innerOffset`` 0, or a file's ``endOffset`` — zstd:chunked writes it:
+  where the file's last frame ends, see :mod:`.zstdchunked`), or at the TOC;
 * integer fields must be JSON integers in range, string fields strings (``null`` = absent):
   ``"size": "5"`` is refused, not converted.
 
@@ -356,10 +357,19 @@ class _Builder:
         inner = self._int(raw, "innerOffset", where)
         size = self._int(raw, "size", where, _MAX_SIZE)
         toc_offset = self.idx.toc_offset
-        if (etype == "chunk" or (etype == "reg" and size > 0)) and offset >= toc_offset:
+        is_data = etype == "chunk" or (etype == "reg" and size > 0)
+        if is_data and offset >= toc_offset:
             raise TocOutOfRange(
                 f"{where}offset {offset} is at or past the TOC (offset {toc_offset})"
             )
+        end_offset = self._int(raw, "endOffset", where)
+        if end_offset and is_data:
+            if not offset < end_offset <= toc_offset:
+                raise TocOutOfRange(
+                    f"{where}endOffset {end_offset} is not in ({offset}, {toc_offset}] "
+                    f"(after its offset, not past the TOC)"
+                )
+            self.starts.append(end_offset)  # the next frame starts there
         if etype == "chunk":
             last = self.last
             if last is None or last.type != "reg" or last.name != name:

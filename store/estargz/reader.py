@@ -15,6 +15,7 @@ from .footer import Footer, parse_footer, tail_fetch_size, toc_bytes_from_tail, 
 from .index import Entry, LayerIndex
 from .source import BlobSource, read_exact
 from .toc import Toc, parse_toc
+from .zstdchunked import ZstdChunkedLayer, parse_manifest
 
 
 class EstargzReader:
@@ -24,18 +25,29 @@ class EstargzReader:
         expected_toc_digest: str | None = None,
         *,
         tail_guess: int | None = None,
+        zstd_chunked: ZstdChunkedLayer | None = None,
     ) -> None:
+        """Read the footer and TOC; with ``zstd_chunked`` (a layer descriptor's zstd:chunked
+        annotations, :func:`~store.estargz.zstdchunked.from_annotations`) the TOC is read where
+        they say and checked against their checksum, as containers/storage does; the footer is
+        still parsed (a zstd:chunked footer)."""
         self.source = source
         size = source.size()
         n = tail_fetch_size(size) if tail_guess is None else tail_fetch_size(size, tail_guess)
         tail = read_exact(source, size - n, n, "blob tail (footer)")
         self.footer: Footer = parse_footer(tail, size)
+        if zstd_chunked is not None:
+            start, end = zstd_chunked.toc_range
+            toc_bytes = read_exact(source, start, end - start, f"zstd:chunked TOC at {start}")
+            self.toc: Toc = parse_manifest(toc_bytes, zstd_chunked.position, zstd_chunked.checksum)
+            self.index: LayerIndex = LayerIndex.from_toc(self.toc, self.footer)
+            return
         toc_bytes = toc_bytes_from_tail(tail, size, self.footer)
         if toc_bytes is None:
             start, end = toc_range(self.footer, size)
             toc_bytes = read_exact(source, start, end - start, f"TOC at offset {start}")
-        self.toc: Toc = parse_toc(toc_bytes, self.footer, expected_toc_digest)
-        self.index: LayerIndex = LayerIndex.from_toc(self.toc, self.footer)
+        self.toc = parse_toc(toc_bytes, self.footer, expected_toc_digest)
+        self.index = LayerIndex.from_toc(self.toc, self.footer)
 
     @property
     def toc_digest(self) -> str:

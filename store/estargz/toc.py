@@ -95,6 +95,10 @@ def parse_toc(
             f"{where}: digest {scan.digest} does not match the expected {expected_digest}"
         )
     entries = list(iter_toc_entries(toc_json_pieces(data, footer, limits), where, limits))
+    if footer.compression == "zstd":
+        from .zstdchunked import normalize_entries
+
+        entries = normalize_entries(entries)
     return Toc(1, entries, scan.digest, footer.toc_offset, footer.compression, scan.json_size)
 
 

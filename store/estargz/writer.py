@@ -12,20 +12,26 @@ Layout follows the Go writer (containerd/stargz-snapshotter ``estargz.Writer``/`
   every chunk except a trailing partial one;
 * the TOC is the tar entry ``stargz.index.json`` (followed by the end-of-archive blocks) in
   its own gzip member, then the 51-byte footer. ``diff_id`` covers everything up to the
-  footer, decompressed.
+  footer, decompressed;
+* a name that appears more than once in the input is written once, as extracting the input
+  would leave it (the later entry wins; see :func:`_extracted`), so ``tar -xf`` of the output,
+  the TOC and a normal pull of either agree whatever the order of entries.
 
 Members are independent, so they are compressed in a thread pool (``compress`` releases the
 GIL) and written in order. Deflate comes from zlib-ng when installed (a dependency): its level
 9 is about 3x cheaper than classic zlib's at a slightly better ratio; stdlib zlib otherwise.
 Members are written in order; at most a few batches are in flight, so memory stays bounded
-whatever the layer size. With prioritized files the (decompressed) input is spooled to a
-temporary file so it can be read twice.
+whatever the layer size. The input is read twice (its headers, then the payloads in the
+output's order): a plain tar in a seekable file is read in place, anything else (compressed,
+a pipe) is first spooled decompressed to a temporary file, as the Go ``Build`` does.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import contextlib
+import copy
 import gzip
 import hashlib
 import io
@@ -41,7 +47,7 @@ from typing import Any, BinaryIO
 
 from zstandard import ZstdDecompressor, ZstdError
 
-from .errors import InvalidLayerTar
+from .errors import InvalidLayerTar, InvalidToc
 
 try:
     from zlib_ng import zlib_ng as _deflate
@@ -54,8 +60,8 @@ from .footer import (
     TOC_TAR_NAME,
     estargz_footer_bytes,
 )
-from .index import clean_name, parent_dir
-from .toc import encode_toc, toc_digest
+from .index import LayerIndex, clean_name, parent_dir
+from .toc import encode_toc, iter_toc_entries, toc_digest
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 9  # the Go library's default (gzip.BestCompression)
@@ -102,8 +108,10 @@ def convert(
 ) -> ConvertResult:
     """Write the eStargz form of the layer tar read from ``tar_in`` to ``out``.
 
-    Raises :class:`InvalidLayerTar` if the input is not a readable tar (or a tar entry type
-    eStargz cannot carry). ``out`` only needs ``write``.
+    Raises :class:`InvalidLayerTar` if the input is not a readable tar, has a tar entry type
+    eStargz cannot carry, or holds what no layer can (checked at the end with the reader's
+    rules, :meth:`LayerIndex.from_entries`; ``out`` then holds an unfinished blob). ``out``
+    only needs ``write``.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk size must be positive, got {chunk_size}")
@@ -115,15 +123,10 @@ def convert(
     try:
         w = _LayerWriter(members, chunk_size)
         try:
-            if prioritized:
-                with tempfile.TemporaryFile(prefix="lazybench-estargz-") as spool:
-                    _copy(plain, spool)
-                    spool.seek(0)
-                    for item in _prioritized_order(spool, prioritized):
-                        w.add(*item)
-            else:
+            if not prioritized:
                 w.add_landmark(NO_PREFETCH_LANDMARK)
-                for item in _stream_items(plain):
+            with _seekable(plain) as spool:
+                for item in _ordered(spool, prioritized):
                     w.add(*item)
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, ZstdError) as exc:
             raise InvalidLayerTar(f"input is not a readable tar: {exc}") from None
@@ -157,10 +160,17 @@ class _Prefixed(io.RawIOBase):
 
 
 def _decompressed(f: BinaryIO) -> BinaryIO:
-    """The plain tar stream from plain, gzip or zstd input (sniffed from the magic bytes)."""
+    """The plain tar stream from plain, gzip or zstd input (sniffed from the magic bytes).
+
+    A plain tar in a seekable file is returned as is (positioned where it was), so it need not
+    be spooled."""
+    start = f.tell() if _is_seekable(f) else None
     head = f.read(4)
     if not head:
         raise InvalidLayerTar("input is empty: not a tar")
+    if start is not None and head[:2] != b"\x1f\x8b" and head != b"\x28\xb5\x2f\xfd":
+        f.seek(start)
+        return f
     stream: BinaryIO = io.BufferedReader(_Prefixed(head, f), 1 << 20)  # type: ignore[arg-type]
     if head[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
@@ -168,6 +178,25 @@ def _decompressed(f: BinaryIO) -> BinaryIO:
         reader = ZstdDecompressor().stream_reader(stream, read_across_frames=True)
         return reader  # type: ignore[return-value]
     return stream
+
+
+def _is_seekable(f: BinaryIO) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _seekable(plain: BinaryIO) -> Iterator[BinaryIO]:
+    """``plain`` itself when it can seek, else a temporary file holding a copy of it."""
+    if _is_seekable(plain) and not isinstance(plain, gzip.GzipFile):
+        yield plain
+        return
+    with tempfile.TemporaryFile(prefix="lazybench-estargz-") as spool:
+        _copy(plain, spool)
+        spool.seek(0)
+        yield spool  # type: ignore[misc]
 
 
 def _copy(src: BinaryIO, dst: BinaryIO) -> None:
@@ -192,33 +221,95 @@ class _Reader:
         return data
 
 
-def _stream_items(f: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, _Reader | None]]:
-    with tarfile.open(fileobj=f, mode="r|", encoding="utf-8", errors="surrogateescape") as tar:
-        for ti in tar:
-            tar.members.clear()  # stream mode would otherwise keep every header
-            if _skip(ti):
-                continue
-            payload = tar.extractfile(ti) if ti.isreg() and ti.size else None
-            if payload is None:
-                yield ti, None
-            else:
-                yield ti, _Reader(payload, ti.size, ti.name)  # type: ignore[arg-type]
-
-
 def _skip(ti: tarfile.TarInfo) -> bool:
     return clean_name(ti.name) in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME)
 
 
-def _prioritized_order(
+def _extracted(infos: Iterable[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
+    """The entries that survive extracting the tar in order: one per name, the later wins.
+
+    What containers/storage's layer extraction (``UnpackLayer``) and ``tar -xf`` leave, applied
+    to the entry list, so the written layer, its TOC and any reordering agree with a normal
+    pull (the Go writer's ``Build`` also keeps only the last entry of a name):
+
+    * a later entry of a name replaces the earlier one, whatever the types (a file replacing a
+      symlink, a directory replacing a file ...);
+    * a non-directory replacing a directory removes what was under it (``os.RemoveAll``),
+      also a directory the tar never named but made for the entries under it;
+    * a directory re-declared over a directory keeps its children and takes the later mode and
+      owner; extended attributes accumulate (extraction sets them, never clears them), the
+      later value of a key winning;
+    * a file replaced after hardlinks to it were made lives on in those hardlinks: the first
+      becomes a regular file with the old content, the others link to it.
+    """
+    kept: dict[int, tarfile.TarInfo] = {}  # input position -> entry (possibly rewritten)
+    where: dict[str, int] = {}  # clean name -> position in `kept`
+    links_to: dict[str, list[int]] = {}  # clean target name -> positions of hardlinks to it
+    parents: set[str] = set()  # every directory some entry was put under (named or not)
+    for pos, ti in enumerate(infos):
+        name = clean_name(ti.name)
+        old_pos = where.get(name)
+        if old_pos is not None:
+            old = kept[old_pos]
+            if ti.isdir() and old.isdir():
+                ti = copy.copy(ti)
+                ti.pax_headers = {
+                    **{k: v for k, v in old.pax_headers.items() if k.startswith(XATTR_PREFIX)},
+                    **ti.pax_headers,
+                }
+            _drop(kept, where, links_to, name)
+        if not ti.isdir() and name in parents:  # a directory (even one made implicitly) goes
+            parents.discard(name)
+            for sub in [n for n in where if n.startswith(name + "/")]:
+                _drop(kept, where, links_to, sub)
+        kept[pos] = ti
+        where[name] = pos
+        parent = parent_dir(name)
+        while parent and parent not in parents:
+            parents.add(parent)
+            parent = parent_dir(parent)
+        if ti.islnk():
+            links_to.setdefault(clean_name(ti.linkname), []).append(pos)
+    return [kept[pos] for pos in sorted(kept)]
+
+
+def _drop(
+    kept: dict[int, tarfile.TarInfo],
+    where: dict[str, int],
+    links_to: dict[str, list[int]],
+    name: str,
+) -> None:
+    """Remove ``name``'s entry; hardlinks made to it keep its content (see :func:`_extracted`)."""
+    pos = where.pop(name)
+    old = kept.pop(pos)
+    live = [p for p in links_to.pop(name, []) if p in kept and kept[p].islnk()]
+    live = [p for p in live if clean_name(kept[p].linkname) == name]
+    if not live:
+        return
+    first = live[0]
+    heir = copy.copy(old)  # keeps offset_data: the payload is read from the old entry
+    heir.name = kept[first].name
+    kept[first] = heir
+    heir_name = clean_name(heir.name)
+    if old.islnk():  # the dropped entry was itself a link: the heir links where it did
+        links_to.setdefault(clean_name(old.linkname), []).append(first)
+    for p in live[1:]:
+        link = copy.copy(kept[p])
+        link.linkname = heir.name
+        kept[p] = link
+        links_to.setdefault(heir_name, []).append(p)
+
+
+def _ordered(
     spool: BinaryIO, prioritized: list[str]
 ) -> Iterator[tuple[tarfile.TarInfo | None, _Reader | None]]:
-    """Prioritized files (with parents and hardlink targets), the landmark, then the rest —
-    Go's ``sortEntries``/``moveRec``. Yields ``(None, None)`` where the landmark goes."""
+    """The entries :func:`_extracted` keeps, in the Go writer's order (``sortEntries`` /
+    ``moveRec``): prioritized files (with parents and hardlink targets), the landmark, then the
+    rest. Yields ``(None, None)`` where ``.prefetch.landmark`` goes; with no prioritized files
+    there is none (the caller writes ``.no.prefetch.landmark`` first)."""
     with tarfile.open(fileobj=spool, mode="r:", encoding="utf-8", errors="surrogateescape") as tar:
-        infos = [ti for ti in tar.getmembers() if not _skip(ti)]
-    by_name: dict[str, int] = {}
-    for i, ti in enumerate(infos):
-        by_name[clean_name(ti.name)] = i  # the last of duplicates wins, as on extraction
+        infos = _extracted(ti for ti in tar.getmembers() if not _skip(ti))
+    by_name = {clean_name(ti.name): i for i, ti in enumerate(infos)}
     moved: list[int] = []
     taken: set[int] = set()
 
@@ -236,17 +327,34 @@ def _prioritized_order(
 
     for p in prioritized:
         move(p)
-    order = moved + [-1] + [i for i in range(len(infos)) if i not in taken]
-    for i in order:
-        if i < 0:
-            yield None, None
-            continue
-        ti = infos[i]
-        if ti.isreg() and ti.size:
-            spool.seek(ti.offset_data)
-            yield ti, _Reader(spool, ti.size, ti.name)
-        else:
-            yield ti, None
+    rest = [i for i in range(len(infos)) if i not in taken]
+    for i in moved:
+        yield _with_payload(spool, infos[i])
+    if prioritized:
+        yield None, None
+    for i in rest:
+        yield _with_payload(spool, infos[i])
+
+
+@contextlib.contextmanager
+def layer_members(
+    tar_in: BinaryIO, prioritized: Iterable[str] = ()
+) -> Iterator[Iterator[tuple[tarfile.TarInfo | None, _Reader | None]]]:
+    """The members of the layer tar ``tar_in`` (plain, gzip or zstd) as extraction leaves them
+    (:func:`_extracted`: one per name, the later wins), in write order (:func:`_ordered`):
+    ``(TarInfo, payload reader or None)``, with ``(None, None)`` where ``.prefetch.landmark``
+    goes when ``prioritized`` is not empty. Shared by every writer of this package so that all
+    formats agree with a normal pull. Raises what :mod:`tarfile` raises on a bad tar."""
+    prioritized = [p for p in prioritized if clean_name(p)]
+    with _seekable(_decompressed(tar_in)) as spool:
+        yield _ordered(spool, prioritized)
+
+
+def _with_payload(spool: BinaryIO, ti: tarfile.TarInfo) -> tuple[tarfile.TarInfo, _Reader | None]:
+    if ti.isreg() and ti.size:
+        spool.seek(ti.offset_data)
+        return ti, _Reader(spool, ti.size, ti.name)
+    return ti, None
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -455,6 +563,15 @@ class _LayerWriter:
                 e.clear()
                 e.update(items)
         toc_json = encode_toc(self.entries)
+        # A tar can hold what no layer can (an entry named "" that is a file, a hardlink to
+        # nothing, a file replacing a directory that has entries): check the TOC with the
+        # reader's own rules, so that whatever converts also reads back.
+        try:
+            LayerIndex.from_entries(
+                iter_toc_entries([toc_json]), toc_offset=toc_offset, compression="gzip"
+            )
+        except InvalidToc as exc:
+            raise InvalidLayerTar(f"the tar cannot be an eStargz layer: {exc}") from None
         ti = tarfile.TarInfo(TOC_TAR_NAME)
         ti.size, ti.mode, ti.mtime = len(toc_json), 0, 0
         ti.uname = ti.gname = ""

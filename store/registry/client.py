@@ -229,7 +229,9 @@ class RegistryClient:
     # ---- auth ----------------------------------------------------------------------------
     def _creds_for(self, ep: Endpoint, registry: str, repo: str) -> Credentials | None:
         """The origin's credentials go to the origin only; a mirror gets its own, if any."""
-        return self.credentials.lookup(ep.host if ep.is_mirror else registry, repo)
+        if ep.is_mirror:
+            return self.credentials.lookup(ep.host, repo, origin=False)
+        return self.credentials.lookup(registry, repo)
 
     async def _auth_header(
         self, ep: Endpoint, ref_registry: str, scopes: tuple[str, ...], repo: str

@@ -4,6 +4,12 @@ Lookup order (as containers/image): `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/con
 auth.json`, `~/.config/containers/auth.json`, `~/.docker/config.json`. Keys may be a registry
 (`quay.io`), a namespace (`quay.io/org/repo`, most specific wins), or docker's legacy
 `https://index.docker.io/v1/`. Credential helpers are not run.
+
+Credentials handed over per image reference by podman's layer-store auth helper
+(:meth:`CredentialStore.add_for_references`, fed by ``stargz-store-helper`` through the store's
+socket, :mod:`store.credsocket`) come first, and only for the origin: they are used for that
+reference's registry host and repository, never sent to a mirror (as the Go store's
+``storeKeychain``, cmd/stargz-store/main.go).
 """
 
 from __future__ import annotations
@@ -79,6 +85,34 @@ class CredentialStore:
         self._explicit = {_normalize_key(k): v for k, v in (explicit or {}).items()}
         self._files = auth_files if auth_files is not None else default_auth_files()
         self._loaded: list[dict[str, Credentials]] | None = None
+        self._given: dict[tuple[str, str], Credentials] = {}
+
+    def add_for_references(self, data: object) -> list[str]:
+        """Take ``{"<image ref>": {"username", "password", "identityToken"}}`` (what podman
+        gives its layer-store auth helper); return the references taken. Raise ConfigError
+        naming what is malformed (nothing is taken then)."""
+        from .errors import ReferenceError
+        from .reference import Reference
+
+        if not isinstance(data, dict):
+            raise ConfigError("credentials: expected an object keyed by image reference")
+        taken: dict[tuple[str, str], Credentials] = {}
+        for ref, entry in data.items():
+            if not isinstance(entry, dict) or not all(
+                isinstance(entry.get(k, ""), str) for k in ("username", "password", "identityToken")
+            ):
+                raise ConfigError(f"credentials for {ref!r}: expected string fields")
+            try:
+                parsed = Reference.parse(ref)
+            except ReferenceError as exc:
+                raise ConfigError(f"credentials: {exc}") from None
+            taken[(parsed.registry, parsed.repository)] = Credentials(
+                entry.get("username", ""),
+                entry.get("password", ""),
+                entry.get("identityToken", ""),
+            )
+        self._given.update(taken)
+        return list(data)
 
     def _load(self) -> list[dict[str, Credentials]]:
         if self._loaded is None:
@@ -101,8 +135,15 @@ class CredentialStore:
                 self._loaded.append(table)
         return self._loaded
 
-    def lookup(self, registry: str, repository: str = "") -> Credentials | None:
-        """Most specific match of `registry/repository` prefixes, explicit before files."""
+    def lookup(
+        self, registry: str, repository: str = "", *, origin: bool = True
+    ) -> Credentials | None:
+        """Most specific match of `registry/repository` prefixes, explicit before files.
+
+        Credentials given for an image reference match only its own registry and repository,
+        and only when ``origin`` (the request goes to that registry, not to a mirror)."""
+        if origin and (given := self._given.get((registry, repository))) is not None:
+            return given
         keys = []
         path = f"{registry}/{repository}" if repository else registry
         while True:

@@ -138,3 +138,32 @@ def test_ls_corrupt_chunk_prints_nothing(tmp_path: Path, vectors, corrupt_at: st
     res = run_lazybench_process("estargz", "ls", str(p))
     _assert_one_line_error(res, "usr/bin/tool")
     assert res.out == ""
+
+
+@pytest.mark.parametrize("generation", ["podman4", "podman5"])
+def test_convert_to_zstd_chunked_then_ls_with_its_annotations(tmp_path: Path, generation) -> None:
+    src, out = tmp_path / "in.tar", tmp_path / "out.blob"
+    _small_tar(src)
+    res = run_lazybench_process(
+        "estargz", "convert", str(src), str(out), "--format", "zstd:chunked",
+        "--zstd-for", generation, "--chunk-size", "4096", "--level", "3",
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    info = json.loads(res.out)
+    assert info["digest"] == "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest()
+    annotations = tmp_path / "annotations.json"
+    annotations.write_text(json.dumps(info["annotations"]))
+    res = run_lazybench_process("estargz", "ls", str(out), "--annotations", f"@{annotations}")
+    assert res.code == 0, res.err
+    names = [json.loads(line)["name"] for line in res.out.splitlines()]
+    assert names == ["", "app", "app/a.txt", "app/big.bin"]
+    wrong = {
+        k: ("sha256:" + "0" * 64 if k.endswith("checksum") else v)
+        for k, v in info["annotations"].items()
+    }
+    res = run_lazybench_process("estargz", "ls", str(out), "--annotations", json.dumps(wrong))
+    _assert_one_line_error(res, "hashes to")
+    res = run_lazybench_process(
+        "estargz", "convert", str(src), str(out), "--format", "zstd:chunked", "--level", "30"
+    )
+    assert res.code != 0 and "zstd level must be 1-22" in res.err

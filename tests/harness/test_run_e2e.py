@@ -163,6 +163,37 @@ def test_interrupted_run_resumes_to_the_same_records(full_run: Path, base: Path)
     assert {r.key: r.finished for r in kept}.items() <= {r.key: r.finished for r in resumed}.items()
 
 
+@pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="needs mmdebstrap")
+def test_a_node_list_runs_once_per_runtime_node_and_flags_lost_images(tmp_path: Path) -> None:
+    """podman 5.4 (trixie) keeps a lazily pulled image; podman 5.8 (sid) loses it, and the
+    record and report say so while the measurement still completes."""
+    scenario = tmp_path / "nodes.toml"
+    scenario.write_text(
+        SCENARIO.replace("samples = 2", "samples = 1")
+        .replace('["legacy", "estargz-noopt"]', '["estargz-noopt"]')
+        .replace('name = "e2e"', 'name = "e2e"\nnode = ["trixie", "sid"]')
+    )
+    proc = lazybench(tmp_path, "run", str(scenario), "--results-dir", str(tmp_path / "runs"))
+    code, out = finish(proc)
+    assert code == 0, out[-3000:]
+    runs = {p.name.rsplit("-", 1)[1]: p for p in (tmp_path / "runs").iterdir() if p.is_dir()}
+    summary = next((tmp_path / "runs").glob("*-runtimes.md")).read_text()
+    assert "| sid | 5.8" in summary and "| trixie | 5.4" in summary
+    assert "lost by the runtime" in summary
+    assert set(runs) == {"trixie", "sid"}
+    records = {node: read_records(d)[0] for node, d in runs.items()}
+    assert records["trixie"].podman_version.startswith("5.4")
+    assert records["trixie"].persisted is True and records["trixie"].status == "ok"
+    sid = records["sid"]
+    assert sid.podman_version.startswith("5.8") and sid.storage_version.startswith("1.64")
+    assert sid.status == "ok" and sid.persisted is False
+    assert "PutAdditionalLayer" in (sid.persistence or "")
+    assert "lost by the runtime" in (runs["sid"] / "report.md").read_text()
+    env = json.loads((runs["sid"] / "environment.json").read_text())
+    assert env["runtime_versions"]["containers_storage"] == sid.storage_version
+    assert_nothing_left(tmp_path)
+
+
 def test_two_shards_merged_are_one_run(full_run: Path, base: Path) -> None:
     shards = []
     for k in (1, 2):

@@ -95,3 +95,33 @@ def test_two_runs_cannot_share_a_run_directory(tmp_path: Path) -> None:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(UserError, match="another `lazybench run` is writing"):
             Runner(s, run_dir, show_progress=False).run()
+
+
+def test_not_ready_reason_names_the_ready_line() -> None:
+    from harness.container import RunOutcome, not_ready_reason
+
+    ended = RunOutcome(1.0, 0.1, False, 0, "starting\n", "")
+    assert "without printing its ready line 'listening'" in not_ready_reason(
+        "listening", None, ended
+    )
+    assert "lacks the expected 'hello'" in not_ready_reason(None, "hello", ended)
+    assert "exited 3" in not_ready_reason(None, None, RunOutcome(1.0, None, False, 3, "", ""))
+
+
+def test_image_workloads_resolve_to_their_source(tmp_path) -> None:
+    from harness.images import ContainerfileSource, ImageSource
+
+    s = parse_scenario(
+        {
+            "workloads": [
+                {"name": "a", "image": "oci:/x", "expect": "hi", "env": {"K": "v"}},
+                {"name": "b", "containerfile": "/c/Containerfile", "ready": "up", "timeout": 5},
+            ]
+        },
+        "s.toml",
+    )
+    a, b = (resolve(w) for w in s.workloads)
+    assert a.recipe == ImageSource("oci:/x", None, "a") and a.command == ()
+    assert a.ready == a.expected == "hi" and a.env == (("K", "v"),) and a.timeout == 300
+    assert b.recipe == ContainerfileSource("/c/Containerfile", None, None, "b")
+    assert b.ready == "up" and b.expected is None and b.timeout == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,11 @@ def test_defaults() -> None:
         ({**MINIMAL, "modes": ["legacy", "legacy"]}, r"f.toml: modes: lists a mode twice"),
         ({**MINIMAL, "runtime": "docker"}, r"f.toml: runtime: unknown runtime 'docker'"),
         ({**MINIMAL, "sampels": 3}, r"f.toml: sampels: unknown key"),
+        ({**MINIMAL, "node": "bookworm"}, r"f.toml: node: unknown node 'bookworm' \(known: host"),
+        ({**MINIMAL, "node": ["host", "jammy"]}, r"f.toml: node\[1\]: unknown node 'jammy'"),
+        ({**MINIMAL, "node": []}, r"f.toml: node: must be a node name or a list"),
+        ({**MINIMAL, "node": ["sid", "sid"]}, r"f.toml: node: lists a node twice"),
+        ({**MINIMAL, "runtime": "crio", "node": "sid"}, r"f.toml: node: runtime nodes run podman"),
         ({**MINIMAL, "network": {"profile": "moon"}}, r"network.profile: unknown profile 'moon'"),
         ({**MINIMAL, "network": {"rate": 1}}, r"f.toml: network.rate: unknown key"),
         ({**MINIMAL, "store": {"command": ["x"]}}, r"store.command: must contain \{mountpoint\}"),
@@ -121,6 +127,60 @@ def test_a_workload_can_narrow_the_modes() -> None:
     assert parse_scenario(s.to_dict(), "f.toml") == s
 
 
+def test_workloads_from_images_and_containerfiles(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[[workloads]]\nname = "a"\nimage = "docker-archive:img.tar"\nexpect = "hi"\n'
+        'env = { X = "1" }\nplatform = "linux/arm64/v8"\n'
+        '[[workloads]]\nname = "b"\ncontainerfile = "ctx/Containerfile"\ncontext = "ctx"\n'
+    )
+    s = load_scenario(path)
+    a, b = s.workloads
+    assert a.image == f"docker-archive:{tmp_path / 'img.tar'}" and a.recipe is None
+    assert a.env == (("X", "1"),) and a.expect == "hi" and a.platform == "linux/arm64/v8"
+    assert b.containerfile == str(tmp_path / "ctx" / "Containerfile")
+    assert b.context == str(tmp_path / "ctx")
+    # The stored copy (for --resume) reads back to the same scenario.
+    again = parse_scenario(json.loads(json.dumps(s.to_dict())), "copy")
+    assert again.workloads == s.workloads
+
+
+@pytest.mark.parametrize(
+    ("workload", "match"),
+    [
+        ({"name": "a", "image": "app:latest"}, r"workloads\[0\].image: 'app:latest' is not"),
+        ({"image": "oci:/x"}, r"workloads\[0\].name: missing"),
+        ({"name": "a", "recipe": "tiny", "image": "oci:/x"}, r"workloads\[0\]: name the image"),
+        ({"name": "a", "image": "oci:/x", "platform": "amd64"}, r"platform: must be OS/ARCH"),
+        ({"name": "a", "image": "oci:/x", "env": {"A": 1}}, r"env: must be a table"),
+        ({"name": "a", "recipe": "tiny", "context": "."}, r"context: only goes with"),
+    ],
+)
+def test_image_workload_errors(workload: dict, match: str) -> None:
+    with pytest.raises(ScenarioError, match=match):
+        parse_scenario({"workloads": [workload]}, "f.toml", recipes={"tiny"})
+
+
+def test_node_defaults_to_the_host_and_a_list_splits_into_one_scenario_per_node() -> None:
+    assert parse_scenario(MINIMAL, "x.toml").node == "host"
+    s = parse_scenario({**MINIMAL, "node": ["host", "trixie", "sid"]}, "x.toml")
+    assert s.nodes == ("host", "trixie", "sid")
+    one = s.for_node("sid")
+    assert one.node == "sid" and one.to_dict()["node"] == "sid"
+    assert parse_scenario(one.to_dict(), "x.toml") == one
+    assert parse_scenario(s.to_dict(), "x.toml") == s
+
+
+def test_zstd_chunked_lazy_pulls_the_zstd_chunked_image_through_the_store() -> None:
+    from harness.images import MODES as IMAGE_MODES
+    from harness.scenario import ON_DEMAND_MODES, image_mode
+
+    assert "zstd-chunked-lazy" in MODES and "zstd-chunked-lazy" in LAZY_MODES
+    assert image_mode("zstd-chunked-lazy") == "zstd-chunked"
+    assert "zstd-chunked-lazy" in ON_DEMAND_MODES  # on demand, as estargz-noopt
+    assert all(image_mode(m) in IMAGE_MODES for m in MODES)
+
+
 def test_several_stores_each_measure_every_lazy_mode() -> None:
     s = parse_scenario(
         {
@@ -168,5 +228,17 @@ def test_old_store_table_still_works_and_cannot_mix_with_stores() -> None:
     with pytest.raises(ScenarioError, match="either a \\[store\\] table or"):
         parse_scenario(
             {"store": {}, "stores": [{"name": "a"}], "workloads": [{"recipe": "python"}]},
+            "f.toml",
+        )
+
+
+def test_crio_takes_one_store_only() -> None:
+    with pytest.raises(ScenarioError, match=r"stores: runtime 'crio' .*at most one store"):
+        parse_scenario(
+            {
+                "runtime": "crio",
+                "stores": [{"name": "a"}, {"name": "b"}],
+                "workloads": [{"recipe": "python"}],
+            },
             "f.toml",
         )

@@ -184,3 +184,12 @@ def test_stores_keep_the_scenario_order_whatever_the_record_order(tmp_path: Path
     assert report.table_text.index("· ours") < report.table_text.index("· go")
     cmp = compare_runs(run, run)
     assert list(cmp["store"]) == ["", "ours", "go"]
+
+
+def test_an_old_run_directory_resumes_with_nothing_left_to_measure(tmp_path: Path) -> None:
+    from harness.measure import Runner, load_run_scenario
+
+    run = tmp_path / "base"
+    shutil.copytree(BASELINE, run)
+    assert '"store"' in (run / SCENARIO_COPY).read_text()  # the old single-store form
+    assert Runner(load_run_scenario(run), run, show_progress=False).run() == []

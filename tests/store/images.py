@@ -1,6 +1,8 @@
 """Tiny test images for the store's end-to-end tests: layer tars built with ``tarfile``
-(busybox-static as the userland), converted by the project's eStargz writer, pushed with the
-project's registry client as OCI images with the TOC-digest annotations."""
+(busybox-static as the userland), converted by the project's eStargz writer — or to
+zstd:chunked by skopeo itself (containers/image, as ``podman push --compression-format
+zstd:chunked`` does) or by our zstd:chunked writer —, pushed with the project's registry client
+as OCI images with the TOC-digest annotations."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from store.estargz import convert
+from store.estargz import convert, write_zstd_chunked
 from store.registry.client import RegistryClient
 
 TOC_ANN = "containerd.io/snapshot/stargz/toc.digest"
@@ -23,6 +25,8 @@ USIZE_ANN = "io.containers.estargz.uncompressed-size"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
 @dataclass
@@ -31,6 +35,8 @@ class Blob:
     diff_id: str
     toc_digest: str | None = None
     uncompressed_size: int = 0
+    media_type: str = LAYER_GZIP
+    annotations: dict[str, str] | None = None  # as given (zstd:chunked); else eStargz's
 
     @property
     def digest(self) -> str:
@@ -100,8 +106,10 @@ async def push_image(
     async with RegistryClient() as client:
         for i, b in enumerate(blobs):
             await client.push_blob(ref, b.data)
-            desc: dict = {"mediaType": LAYER_GZIP, "digest": b.digest, "size": len(b.data)}
-            if b.toc_digest:
+            desc: dict = {"mediaType": b.media_type, "digest": b.digest, "size": len(b.data)}
+            if b.annotations is not None:
+                desc["annotations"] = dict(b.annotations)
+            elif b.toc_digest:
                 desc["annotations"] = {
                     TOC_ANN: (toc_override or {}).get(i, b.toc_digest),
                     USIZE_ANN: str(b.uncompressed_size),
@@ -166,3 +174,90 @@ def push_two_layer_estargz(host: str, repo: str, layers: dict) -> tuple[str, lis
     blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
     push(host, repo, "1", blobs)
     return f"{host}/{repo}:1", blobs
+
+
+# -- zstd:chunked ----------------------------------------------------------------------
+
+
+def cut_tar(tar_bytes: bytes) -> bytes:
+    """``tar_bytes`` ending just after its end-of-archive marker (tarfile pads to a record;
+    containers/storage 1.43's compressor leaves the padding out, see
+    :func:`harness.images.push.tar_archive_end`)."""
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        for _ in tar:
+            pass
+        end = tar.offset + 2 * tarfile.BLOCKSIZE
+    return tar_bytes[:end]
+
+
+def to_zstd_chunked_skopeo(tars: list[bytes], work: Path) -> list[Blob]:
+    """zstd:chunked layers written by containers/image itself: ``skopeo copy
+    --dest-compress-format zstd:chunked`` of an OCI layout of ``tars`` (skopeo 1.9.3 here:
+    containers/storage 1.43, podman 4.3's compressor). Blobs keep skopeo's annotations."""
+    from harness.images.push import _skopeo_copy
+
+    src, dst = work / "src", work / "dst"
+    blobs_dir = src / "blobs" / "sha256"
+    blobs_dir.mkdir(parents=True)
+
+    def put(data: bytes, media: str) -> dict:
+        (blobs_dir / sha(data)[7:]).write_bytes(data)
+        return {"mediaType": media, "digest": sha(data), "size": len(data)}
+
+    cut = [cut_tar(t) for t in tars]
+    layers = [put(t, LAYER_TAR) for t in cut]
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha(t) for t in cut]},
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": put(json.dumps(config).encode(), OCI_CONFIG),
+        "layers": layers,
+    }
+    desc = put(json.dumps(manifest).encode(), OCI_MANIFEST)
+    desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+    (src / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (src / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    _skopeo_copy(
+        f"oci:{src}:latest",
+        f"oci:{dst}:latest",
+        ["--dest-compress-format", "zstd:chunked"],
+        timeout=300,
+        what="test layers as zstd:chunked",
+    )
+    out_blobs = dst / "blobs" / "sha256"
+    index = json.loads((dst / "index.json").read_text())
+    out_manifest = json.loads((out_blobs / index["manifests"][0]["digest"][7:]).read_bytes())
+    result = []
+    for layer, plain in zip(out_manifest["layers"], cut, strict=True):
+        assert layer["mediaType"] == LAYER_ZSTD, layer
+        result.append(
+            Blob(
+                (out_blobs / layer["digest"][7:]).read_bytes(),
+                sha(plain),
+                toc_digest=(layer.get("annotations") or {}).get(
+                    "io.containers.zstd-chunked.manifest-checksum"
+                ),
+                media_type=LAYER_ZSTD,
+                annotations=dict(layer.get("annotations") or {}),
+            )
+        )
+    return result
+
+
+def to_zstd_chunked_ours(tar_bytes: bytes, generation: str = "podman4", **kw) -> Blob:
+    """zstd:chunked by the project's writer (``generation``: podman4 or podman5 layout)."""
+    out = io.BytesIO()
+    res = write_zstd_chunked(io.BytesIO(tar_bytes), out, generation=generation, **kw)
+    return Blob(
+        out.getvalue(),
+        res.diff_id,
+        res.toc_digest,
+        res.uncompressed_size,
+        media_type=LAYER_ZSTD,
+        annotations=res.annotations,
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from store.cli import main
+from store.cli import main, request_timeout
 from store.config import ConfigError, StoreConfig, load_config, parse_config
 
 GO_CONFIG = """
@@ -55,6 +55,7 @@ def test_go_config_loads(tmp_path: Path) -> None:
         ({"noprefetch": "yes"}, "'noprefetch' must be bool"),
         ({"blob": {"chunk_size": 0}}, "must be positive"),
         ({"max_concurrency": True}, "must be a number"),
+        ({"overlay_opaque_type": "both"}, "'overlay_opaque_type' must be one of 'trusted'"),
         ({"toc_max_bytes": 0}, "'toc_max_bytes' must be positive"),
         ({"toc_max_entries": "many"}, "'toc_max_entries' must be int"),
     ],
@@ -62,6 +63,12 @@ def test_go_config_loads(tmp_path: Path) -> None:
 def test_bad_keys_are_named(data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(data, source="c.toml")
+
+
+def test_overlay_opaque_type_defaults_to_rootful_overlayfs() -> None:
+    assert StoreConfig().opaque_xattrs == (b"trusted.overlay.opaque",)
+    assert parse_config({"overlay_opaque_type": "user"}).opaque_xattrs == (b"user.overlay.opaque",)
+    assert len(parse_config({"overlay_opaque_type": "all"}).opaque_xattrs) == 2
 
 
 def test_missing_default_is_fine_missing_explicit_is_not(tmp_path: Path, monkeypatch) -> None:
@@ -128,6 +135,13 @@ def test_toc_caps_are_read() -> None:
 def test_shipped_example_config_loads() -> None:
     path = Path(__file__).resolve().parents[2] / "store" / "packaging" / "config.toml"
     assert load_config(path).metrics_address == "127.0.0.1:9110"
+
+
+def test_request_timeout_is_a_share_of_the_fetch_bound():
+    assert request_timeout(StoreConfig()) == 30  # 300 s over 6 attempts, capped at 30
+    assert request_timeout(StoreConfig(fetching_timeout_sec=15, max_retries=8)) == 15 / 9
+    assert request_timeout(StoreConfig(fetching_timeout_sec=2, max_retries=5)) == 1  # floor
+    assert request_timeout(StoreConfig(fetching_timeout_sec=10, max_retries=-1)) == 10
 
 
 @pytest.mark.e2e

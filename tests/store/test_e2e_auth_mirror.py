@@ -10,12 +10,12 @@ config, ``DOCKER_CONFIG/config.json``), mirrors from the Go store's
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 
 import pytest
 
-from harness.podman import PodmanEnv
 from harness.processes import free_port
 from harness.registry_server import RegistryServer
 from tests.store.images import full_blob_gets, push_two_layer_estargz
@@ -38,6 +38,7 @@ def test_lazy_pull_from_a_registry_that_needs_credentials(
     store_factory,
     layers,
     monkeypatch,
+    podman_env,
 ):
     with RegistryServer(
         storage_dir=tmp_path / "reg", htpasswd_users={"alice": "s3cret"}
@@ -52,8 +53,11 @@ def test_lazy_pull_from_a_registry_that_needs_credentials(
         ref, blobs = push_two_layer_estargz(host, "auth/img", layers)
         store = store_factory()
         mark = registry.log_mark()
-        with PodmanEnv(
-            tmp_path / "podman", additional_layer_store=store.mnt, insecure_registries=[host]
+        with podman_env(
+            tmp_path / "podman",
+            additional_layer_store=store.mnt,
+            insecure_registries=[host],
+            auth_file=tmp_path / "auth.json",  # a runtime node's podman has a clean environment
         ) as env:
             env.pull(ref, timeout=120)
             assert full_blob_gets(registry, mark, blobs) == []
@@ -89,3 +93,69 @@ def test_store_reads_layers_through_a_mirror_when_the_origin_is_down(
     served = registry.access_log_since(mark)
     assert any(r.status == 206 and r.digest == blobs[1].digest for r in served)
     assert full_blob_gets(registry, mark, blobs) == []
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")
+@pytest.mark.parametrize("auth", ["htpasswd", "token"])
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 has no credentials socket for stargz-store-helper to hand "
+    "podman's credentials to"
+)
+def test_credentials_reach_the_store_only_through_podmans_auth_helper(
+    auth, tmp_path, store_factory, layers, monkeypatch, runtime_node, podman_env
+):
+    """podman ≥ 5.2 gives the pull's credentials to ``stargz-store-helper``, which hands them
+    to the store's socket: the store has no auth file of its own and still reads lazily."""
+    if runtime_node is None:
+        pytest.skip("podman 4.3 has no additional-layer-store-auth-helper (podman >= 5.2)")
+    from harness.registry_server import TokenAuthConfig
+    from tests.registry.regtest_tokens import TokenServer, make_signing_cert
+
+    # Nothing on this machine may give the store credentials but the helper.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    user, password = "alice", "wonderland"
+    with contextlib.ExitStack() as stack:
+        if auth == "htpasswd":
+            registry = stack.enter_context(
+                RegistryServer(storage_dir=tmp_path / "reg", htpasswd_users={user: password})
+            )
+        else:
+            key, cert = make_signing_cert(tmp_path)
+            tokens = stack.enter_context(
+                TokenServer(key=key, issuer="t", service="reg", users={user: password})
+            )
+            registry = stack.enter_context(
+                RegistryServer(
+                    storage_dir=tmp_path / "reg",
+                    token_auth=TokenAuthConfig(tokens.realm, "reg", "t", cert),
+                )
+            )
+        host = registry.host
+        podman_auth = _auth_file(tmp_path / "podman-auth.json", host, user, password)
+        with monkeypatch.context() as m:  # our push only
+            m.setenv("REGISTRY_AUTH_FILE", str(podman_auth))
+            ref, blobs = push_two_layer_estargz(host, "auth/img", layers)
+        store = store_factory()
+        socket = store.workdir / "root" / "store.sock"
+        assert socket.exists()
+        mark = registry.log_mark()
+        with podman_env(
+            tmp_path / "podman",
+            additional_layer_store=store.mnt,
+            insecure_registries=[host],
+            store_socket=socket,
+            auth_file=podman_auth,
+        ) as env:
+            env.pull(ref, timeout=120)
+            assert full_blob_gets(registry, mark, blobs) == []
+            assert env.run(ref, "/bin/cat", "/etc/hello", timeout=120).stdout == (
+                "hello from upper\n"
+            )
+            assert full_blob_gets(registry, mark, blobs) == []
+        served = registry.access_log_since(mark)
+        layer_digests = {b.digest for b in blobs}
+        ours = [r for r in served if r.user_agent.startswith("lazybench") and r.kind == "blobs"]
+        assert any(r.status == 206 and r.digest in layer_digests for r in ours)
+        assert f"auth helper: credentials for {ref}" in store.log.read_text()

@@ -1,9 +1,16 @@
-"""The store mounted for real, a real docker-registry, podman 4.3 pulling through it."""
+"""The store mounted for real, a real docker-registry, podman pulling through it.
+
+Every test that runs podman runs once per runtime generation (``runtime_node``: the host's
+podman 4.3, podman 5.4 in a trixie node, podman 5.8 in a sid node). On runtimes with the
+containers/storage ≥ 1.58 bug that forgets lazily pulled images, the tests assert its exact
+symptoms, so they fail — and say so — when a fixed podman arrives.
+"""
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -14,10 +21,13 @@ import time
 import httpx
 import pytest
 
-from harness.podman import PodmanEnv
+from harness.podman import PodmanEnv, PodmanError
 from harness.processes import free_port
+from tests.store.conftest import lost_lazy_layers
 from tests.store.images import (
     add_file,
+    add_node,
+    busybox,
     full_blob_gets,
     make_tar,
     push,
@@ -44,21 +54,31 @@ LISTING = (
 
 
 def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
-    registry, store_factory, tmp_path, layers
+    registry, store_factory, tmp_path, layers, podman_env, runtime_node
 ):
     host = registry.host
     ref, blobs = push_two_layer_estargz(host, "lazy/img", layers)
     store = store_factory()
 
     mark = registry.log_mark()
-    with PodmanEnv(
+    lost = lost_lazy_layers(runtime_node)
+    with podman_env(
         tmp_path / "lazy", additional_layer_store=store.mnt, insecure_registries=[host]
     ) as env:
         env.pull(ref, timeout=120)
+        persisted = env.check_persistence(ref)
+        if lost:
+            # podman ≥ 5.5: the image is forgotten once the pull exits; `run` pulls it again
+            # through the store. When this fails, a fixed podman has arrived: drop the branch.
+            assert not persisted.listed and not persisted.layers_known, persisted
+            assert "layer not known" in persisted.detail
+        else:
+            assert persisted.ok, persisted
         assert full_blob_gets(registry, mark, blobs) == []
         out = env.run(ref, "/bin/cat", "/etc/hello", timeout=120)
         assert out.stdout == "hello from upper\n"
         lazy_listing = env.run(ref, "/bin/sh", "-c", LISTING, timeout=300).stdout
+        assert full_blob_gets(registry, mark, blobs) == []
         # Reference counts are shown by our store's status file (the Go store has none).
         if store.impl == "ours":
             status = store.status()
@@ -67,26 +87,35 @@ def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
 
         # podman save reproduces the layers: the saved (uncompressed) layer tars hash to the
         # config's diff IDs.
-        saved = tmp_path / "saved.tar"
-        env.podman("save", "-o", str(saved), ref, timeout=300)
-        with tarfile.open(saved) as tar:
-            manifest = json.load(tar.extractfile("manifest.json"))
-            digests = []
-            for name in manifest[0]["Layers"]:
-                digests.append("sha256:" + hashlib.sha256(tar.extractfile(name).read()).hexdigest())
-        assert digests == [b.diff_id for b in blobs]
+        saved = env.workdir / "saved.tar"  # bound into a runtime node at the same path
+        if lost:
+            with pytest.raises(PodmanError, match="layer not known"):
+                env.podman("save", "-o", str(saved), ref, timeout=300)
+        else:
+            env.podman("save", "-o", str(saved), ref, timeout=300)
+            with tarfile.open(saved) as tar:
+                manifest = json.load(tar.extractfile("manifest.json"))
+                digests = []
+                for name in manifest[0]["Layers"]:
+                    layer = tar.extractfile(name).read()
+                    digests.append("sha256:" + hashlib.sha256(layer).hexdigest())
+            assert digests == [b.diff_id for b in blobs]
 
-        # rmi releases both layers (as our store's status file shows).
+        # rmi releases both layers (never, where the runtime lost their records), as our
+        # store's status file shows.
         env.podman("rmi", "-f", ref, timeout=120)
         if store.impl == "ours":
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + (3 if lost else 10)
             while store.status()["layers"] and time.monotonic() < deadline:
                 time.sleep(0.2)
             status = store.status()
-            assert status["layers"] == {}
-            assert sorted(status["released"]) == sorted(b.digest for b in blobs)
+            if lost:
+                assert len(status["layers"]) == 2 and status["released"] == []
+            else:
+                assert status["layers"] == {}
+                assert sorted(status["released"]) == sorted(b.digest for b in blobs)
 
-    with PodmanEnv(tmp_path / "full", insecure_registries=[host]) as env:
+    with podman_env(tmp_path / "full", insecure_registries=[host]) as env:
         env.pull(ref, timeout=120)
         full_listing = env.run(ref, "/bin/sh", "-c", LISTING, timeout=300).stdout
     assert "/data/a|" not in full_listing and "/opq/old|" not in full_listing
@@ -114,7 +143,7 @@ def _go_deviations_removed(listing: set[str]) -> set[str]:
 
 
 def test_gzip_image_falls_back_quickly_and_toc_mismatch_is_refused(
-    registry, store_factory, tmp_path, layers
+    registry, store_factory, tmp_path, layers, podman_env
 ):
     host = registry.host
     push(host, "plain/img", "1", [to_gzip(layers["lower"])])
@@ -135,7 +164,7 @@ def test_gzip_image_falls_back_quickly_and_toc_mismatch_is_refused(
         os.stat(store.layer_dir(f"{host}/badtoc/img:1", bad[0].digest) / "diff")
     assert exc.value.errno == errno.EIO
 
-    with PodmanEnv(
+    with podman_env(
         tmp_path / "env", additional_layer_store=store.mnt, insecure_registries=[host]
     ) as env:
         start = time.monotonic()
@@ -168,6 +197,30 @@ def test_corrupted_chunk_gives_eio(registry, store_factory, tmp_path, layers):
         (diff / "big").read_bytes()
     assert exc.value.errno == errno.EIO
     assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"
+    assert store.verification_failed_log in store.log.read_text()
+
+
+def test_corrupted_chunk_is_eio_inside_the_container(
+    registry, store_factory, tmp_path, layers, podman_env
+):
+    """The same corruption seen by a container: reading the file fails, never wrong bytes."""
+    host = registry.host
+    blob = to_estargz(layers["lower"])
+    push(host, "corrupt/img", "1", [blob])
+    path = registry.blob_path(blob.digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    store = store_factory("no_background_fetch = true\nnoprefetch = true\n")
+    ref = f"{host}/corrupt/img:1"
+    with podman_env(
+        tmp_path / "env", additional_layer_store=store.mnt, insecure_registries=[host]
+    ) as env:
+        env.pull(ref, timeout=120)
+        assert env.run(ref, "/bin/cat", "/etc/hello", timeout=60).stdout == "hello from lower\n"
+        bad = env.podman("run", "--rm", "--network=none", ref, "/bin/cat", "/big", check=False)
+        assert bad.returncode != 0
+        assert "Input/output error" in bad.stderr, bad.stderr[-500:]
     assert store.verification_failed_log in store.log.read_text()
 
 
@@ -237,13 +290,20 @@ def test_layer_directory_by_compressed_digest(registry, store_factory, layers):
     st = os.lstat(up / "data" / "a")
     assert os.major(st.st_rdev) == 0 and (st.st_mode & 0o170000) == 0o020000
     assert os.getxattr(up / "opq", "trusted.overlay.opaque") == b"y"
-    assert os.getxattr(up / "opq", "user.overlay.opaque") == b"y"
+    if store.impl == "ours":
+        with pytest.raises(OSError) as exc:  # the default overlay_opaque_type is "trusted"
+            os.getxattr(up / "opq", "user.overlay.opaque")
+        assert exc.value.errno == errno.ENODATA
+    else:  # the Go store v0.12 always sets both (its OverlayOpaqueAll)
+        assert os.getxattr(up / "opq", "user.overlay.opaque") == b"y"
     with pytest.raises(OSError) as exc:
         os.getxattr(up / "opq", "trusted.overlay.redirect")
     assert exc.value.errno == errno.ENODATA
 
 
-def test_two_images_sharing_a_layer_pulled_concurrently(registry, store_factory, tmp_path, layers):
+def test_two_images_sharing_a_layer_pulled_concurrently(
+    registry, store_factory, tmp_path, layers, podman_env, runtime_node
+):
     host = registry.host
     base = to_estargz(layers["lower"])
     other = to_estargz(make_tar(lambda t: add_file(t, "etc/other", b"other\n")))
@@ -251,7 +311,7 @@ def test_two_images_sharing_a_layer_pulled_concurrently(registry, store_factory,
     push(host, "share/two", "1", [base, other])
     store = store_factory()
     refs = [f"{host}/share/one:1", f"{host}/share/two:1"]
-    with PodmanEnv(
+    with podman_env(
         tmp_path / "env", additional_layer_store=store.mnt, insecure_registries=[host]
     ) as env:
         errors: list[BaseException] = []
@@ -267,8 +327,78 @@ def test_two_images_sharing_a_layer_pulled_concurrently(registry, store_factory,
             t.start()
         for t in threads:
             t.join()
-        assert errors == []
+        if lost_lazy_layers(runtime_node):
+            # The same bug: concurrent pulls sharing a layer trip over each other's unsaved
+            # layer records and fail. Pulled one at a time they work (and `run` re-pulls).
+            assert errors and all("layer not known" in str(e) for e in errors), errors
+            for ref in refs:
+                env.pull(ref, timeout=180)
+        else:
+            assert errors == []
         assert env.run(refs[0], "/bin/cat", "/etc/hello", timeout=60).stdout == (
             "hello from upper\n"
         )
         assert env.run(refs[1], "/bin/cat", "/etc/other", timeout=60).stdout == "other\n"
+
+
+def _opaque_case_layers() -> list[bytes]:
+    def lower(tar: tarfile.TarFile) -> None:
+        busybox(tar)
+        add_node(tar, "case", tarfile.DIRTYPE)
+        add_node(tar, "case/a", tarfile.DIRTYPE)
+        add_file(tar, "case/a/old", b"old\n")
+
+    def upper(tar: tarfile.TarFile) -> None:
+        add_node(tar, "case", tarfile.DIRTYPE)
+        add_node(tar, "case/a", tarfile.DIRTYPE)
+        add_file(tar, "case/a/.wh..wh..opq", b"")
+        add_file(tar, "case/a/new", b"new\n")
+
+    return [make_tar(lower), make_tar(upper)]
+
+
+@pytest.mark.parametrize(
+    ("pull", "leaks"),
+    [("lazy", False), ("normal", False), ("lazy-all", True)],
+)
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 has no overlay_opaque_type: it always sets user.overlay.opaque "
+    "too, which a commit over the directory keeps"
+)
+def test_commit_over_an_opaque_directory_does_not_depend_on_the_pull(
+    registry, store_factory, tmp_path, pull, leaks
+):
+    """Lower ``case/a/old``; upper makes ``case/a`` opaque and adds ``new``; a container
+    touches ``case/a/added`` and is committed. Rootful overlayfs copies ``case/a`` up with its
+    xattrs, reading only ``trusted.overlay.opaque``: a store answering ``user.overlay.opaque``
+    too (``overlay_opaque_type = "all"``, the Go store's choice) leaks it into the committed
+    layer, which a normal pull never does."""
+    host = registry.host
+    blobs = [to_estargz(t) for t in _opaque_case_layers()]
+    push(host, "opq/img", "1", blobs)
+    ref = f"{host}/opq/img:1"
+    store = None
+    if pull != "normal":
+        store = store_factory('overlay_opaque_type = "all"\n' if pull == "lazy-all" else "")
+    mark = registry.log_mark()
+    with PodmanEnv(
+        tmp_path / "env",
+        additional_layer_store=store.mnt if store else None,
+        insecure_registries=[host],
+    ) as env:
+        env.pull(ref, timeout=120)
+        if store is not None:
+            assert full_blob_gets(registry, mark, blobs) == []
+        env.podman("run", "--network=none", "--name", "c", ref, "/bin/sh", "-c",
+                   "touch /case/a/added && ls /case/a", timeout=120)  # fmt: skip
+        env.podman("commit", "-q", "c", "localhost/committed:1", timeout=120)
+        saved = tmp_path / "saved.tar"
+        env.podman("save", "-o", str(saved), "localhost/committed:1", timeout=120)
+    with tarfile.open(saved) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))
+        top = tar.extractfile(manifest[0]["Layers"][-1]).read()
+    with tarfile.open(fileobj=io.BytesIO(top)) as layer:
+        members = {m.name.rstrip("/"): m for m in layer.getmembers()}
+    assert "case/a/added" in members
+    xattrs = {k for k in members["case/a"].pax_headers if k.startswith("SCHILY.xattr.")}
+    assert ("SCHILY.xattr.user.overlay.opaque" in xattrs) is leaks, xattrs

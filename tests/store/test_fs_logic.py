@@ -23,9 +23,9 @@ REF = "127.0.0.1:5000/vec/basic:1"
 class VectorRegistry(RegistryAccess):
     """One image whose single layer is the Go-written ``basic`` vector."""
 
-    def __init__(self, vectors: Path, annotate: bool = True) -> None:
-        self.meta = json.loads((vectors / "basic.json").read_text())
-        self.path = vectors / "basic.blob"
+    def __init__(self, vectors: Path, annotate: bool = True, name: str = "basic") -> None:
+        self.meta = json.loads((vectors / f"{name}.json").read_text())
+        self.path = vectors / f"{name}.blob"
         self.annotate = annotate
 
     async def image(self, ref: str):
@@ -42,9 +42,11 @@ class VectorRegistry(RegistryAccess):
         return FileBlob(self.path)
 
 
-async def _fs(nursery, vectors_dir, tmp_path, annotate=True) -> tuple[StoreFS, dict]:
-    cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
-    reg = VectorRegistry(vectors_dir, annotate)
+async def _fs(
+    nursery, vectors_dir, tmp_path, annotate=True, vector="basic", **config
+) -> tuple[StoreFS, dict]:
+    cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5, **config)
+    reg = VectorRegistry(vectors_dir, annotate, vector)
     manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
     return StoreFS(manager), reg.meta
 
@@ -195,3 +197,53 @@ async def test_a_layer_loaded_with_its_image_but_never_looked_up_is_dropped(vect
         again = await manager.get_layer(REF, reg.digests[1])  # loaded afresh on demand
         assert again.digest == reg.digests[1] and not again.released
         nursery.cancel_scope.cancel()
+
+
+TRUSTED, USER = b"trusted.overlay.opaque", b"user.overlay.opaque"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("kind", "answered"),
+    [("trusted", [TRUSTED]), ("user", [USER]), ("all", [TRUSTED, USER]), (None, [TRUSTED])],
+)
+async def test_opaque_directory_answers_the_configured_xattr(vectors_dir, tmp_path, kind, answered):
+    """``overlay_opaque_type`` picks the opaque attribute (rootful overlayfs reads trusted.,
+    userxattr mounts user.); the default is what rootful podman needs."""
+    config = {} if kind is None else {"overlay_opaque_type": kind}
+    entries = (vectors_dir / "whiteout.entries.jsonl").read_text().splitlines()
+    opaque = [
+        json.loads(line)["name"].rpartition("/")[0]
+        for line in entries
+        if json.loads(line)["name"].endswith(".wh..wh..opq")
+    ]
+    assert opaque
+    async with trio.open_nursery() as nursery:
+        fs, meta = await _fs(nursery, vectors_dir, tmp_path, vector="whiteout", **config)
+        b64 = base64.b64encode(REF.encode()).decode()
+        for d in opaque:
+            ino = await _path(fs, b64, meta["digest"], "diff", *d.split("/"))
+            assert sorted(fs.listxattr(ino)) == sorted(answered)
+            for name in (TRUSTED, USER):
+                if name in answered:
+                    assert fs.getxattr(ino, name) == b"y"
+                else:
+                    with pytest.raises(FSError) as exc:
+                        fs.getxattr(ino, name)
+                    assert exc.value.errno_value == errno.ENODATA
+        nursery.cancel_scope.cancel()
+
+
+def test_a_blob_listed_twice_in_an_image_is_left_to_a_normal_pull():
+    """Both occurrences would be one directory: overlayfs refuses it twice as a lowerdir."""
+    from store.resolver import ImageInfo, NotEstargzError
+
+    toc = "containerd.io/snapshot/stargz/toc.digest"
+    twice = LayerDesc("sha256:" + "a" * 64, 10, {toc: "sha256:" + "b" * 64}, "sha256:" + "c" * 64)
+    once = LayerDesc("sha256:" + "d" * 64, 10, {toc: "sha256:" + "e" * 64}, "sha256:" + "f" * 64)
+    image = ImageInfo("r", b"{}", b"{}", [twice, once, twice])
+    for name in (twice.digest, twice.toc_digest):
+        with pytest.raises(NotEstargzError, match="listed 2 times"):
+            image.servable(name)
+    assert image.servable(once.digest) == (once, False)
+    assert image.servable(once.toc_digest) == (once, True)

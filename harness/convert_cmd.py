@@ -1,0 +1,176 @@
+"""``lazybench convert SRC DEST``: any image to eStargz (optimized if asked) or zstd:chunked.
+
+SRC and DEST are containers-image references (``docker://``, ``oci:``, ``oci-archive:``,
+``docker-archive:``, ``containers-storage:``, ``dir:``). The destination's manifest digest is
+the only thing printed on stdout; progress and messages go to stderr. See
+``harness.images.convert`` for what is done to the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+from rich.console import Console
+
+from harness.cli import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "convert",
+        help="convert an image to eStargz (optionally optimized) or zstd:chunked",
+        description="Convert SRC to eStargz or zstd:chunked and write it to DEST (both "
+        "TRANSPORT:REF, e.g. docker-archive:app.tar docker://localhost:5000/app:esgz). "
+        "Prints the destination's manifest digest.",
+    )
+    p.add_argument("src", help="source image (docker://, oci:, oci-archive:, docker-archive:, …)")
+    p.add_argument("dest", help="destination (docker:// to push, oci: / oci-archive: locally)")
+    p.add_argument("--format", choices=("estargz", "zstd-chunked"), default="estargz")
+    p.add_argument(
+        "--optimize",
+        action="store_true",
+        help="run the workload once through our store with the access trace and put the "
+        "files it read first (needs root, podman, FUSE)",
+    )
+    p.add_argument(
+        "--command",
+        help="the workload's command for --optimize, a shell-quoted string or a JSON array "
+        "(default: the image's own)",
+    )
+    p.add_argument("--stdin", help="text fed to the workload's stdin (--optimize)")
+    p.add_argument("--ready", help="a line on stdout meaning ready (--optimize; default: exit)")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds the workload may take (300)"
+    )
+    p.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="(--optimize) repeatable"
+    )
+    p.add_argument(
+        "--prioritized-files",
+        metavar="FILE",
+        help="paths to put first, one per line (# comments allowed)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=_positive,
+        help="chunk size in bytes (eStargz 4 MiB, zstd:chunked 1 MiB)",
+    )
+    p.add_argument(
+        "--zstd-generation",
+        choices=("podman4", "podman5"),
+        default="podman4",
+        help="zstd:chunked layout and annotation keys podman reads: podman4 (containers/storage "
+        "before 1.5x, this machine's) or podman5",
+    )
+    p.add_argument("--platform", help="OS/ARCH[/VARIANT] of an index to convert (host's)")
+    p.add_argument(
+        "--all-platforms",
+        action="store_true",
+        help="convert every image of an index (default: the platform's; others untouched)",
+    )
+    p.add_argument(
+        "--dest-tls-verify",
+        type=_bool,
+        metavar="true|false",
+        help="HTTPS with verified certificates to a docker:// DEST (default: plain HTTP for "
+        "localhost/127.0.0.1, else as registries.conf says)",
+    )
+    p.add_argument("--cache-dir", type=Path, help="image/trace cache for --optimize")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_convert)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _command(text: str | None) -> list[str]:
+    if not text:
+        return []
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise UserError(f"--command: not a JSON array: {exc}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError("--command: a JSON array must hold strings only")
+        return value
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise UserError(f"--command: {exc}") from None
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from harness.estargz_cmd import _read_prioritized
+    from harness.images.convert import ConvertOptions, convert_image, optimize_files
+    from harness.images.source import ImageSourceError
+
+    console = Console(stderr=True, soft_wrap=True)
+    run_opts = (args.command, args.stdin, args.ready, args.env)
+    if not args.optimize and any(run_opts):
+        raise UserError("--command, --stdin, --ready and --env go with --optimize")
+    env = []
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--env: expected NAME=VALUE, got {item!r}")
+        env.append((name, value))
+    files = _read_prioritized(args.prioritized_files)
+    try:
+        if args.optimize:
+            console.print(f"optimize: tracing the workload in {args.src}")
+            files += optimize_files(
+                args.src,
+                command=_command(args.command),
+                stdin=args.stdin,
+                ready=args.ready,
+                timeout=args.timeout,
+                env=env,
+                platform=args.platform,
+                cache_dir=args.cache_dir,
+                say=console.print,
+            )
+        options = ConvertOptions(
+            format=args.format,
+            platform=args.platform,
+            all_platforms=args.all_platforms,
+            prioritized_files=tuple(files),
+            chunk_size=args.chunk_size,
+            dest_tls_verify=args.dest_tls_verify,
+            zstd_generation=args.zstd_generation,
+        )
+        console.print(f"convert: {args.src} → {args.dest} ({args.format})")
+        report = convert_image(
+            args.src,
+            args.dest,
+            options,
+            show_progress=not args.no_progress,
+            say=lambda m: console.print(f"convert: {m}"),
+        )
+    except ImageSourceError as exc:
+        raise UserError(str(exc)) from None
+    console.print(
+        f"convert: {report.manifests} image(s), {report.converted} layers converted, "
+        f"{report.passed_through} already {args.format}"
+        + (f", {len(files)} prioritized files" if files else "")
+    )
+    print(report.digest)
+    return 0

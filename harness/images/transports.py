@@ -1,0 +1,74 @@
+"""Image references in the containers-image transport syntax (skopeo, podman, buildah).
+
+``TRANSPORT:REFERENCE``, as ``containers-transports(5)`` defines it:
+
+* ``docker://HOST/REPO[:TAG|@DIGEST]`` — a registry;
+* ``oci:PATH[:REFERENCE]``, ``oci-archive:PATH[:REFERENCE]`` — an OCI layout directory / tar;
+* ``docker-archive:PATH[:REFERENCE]`` — ``docker save`` / ``podman save`` output;
+* ``containers-storage:[STORE-SPEC]REFERENCE`` — a containers/storage store;
+* ``dir:PATH`` — skopeo's directory format.
+
+Pure functions only (no I/O but path resolution): the scenario checker uses them before anything
+starts, skopeo does the actual reading and writing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TRANSPORTS = ("docker", "oci", "oci-archive", "docker-archive", "containers-storage", "dir")
+PATH_TRANSPORTS = frozenset({"oci", "oci-archive", "docker-archive", "dir"})
+
+
+class TransportError(ValueError):
+    """A reference is not in the transport syntax; the message says what was expected."""
+
+
+def split_transport(ref: str) -> tuple[str, str]:
+    """``"docker://host/repo:tag"`` → ``("docker", "host/repo:tag")``; raise TransportError."""
+    transport, sep, rest = ref.partition(":")
+    if not sep or transport not in TRANSPORTS:
+        raise TransportError(
+            f"{ref!r} is not TRANSPORT:REFERENCE (transports: "
+            f"{', '.join(t + ':' for t in TRANSPORTS)}; e.g. docker-archive:image.tar, "
+            "docker://localhost:5000/app:latest)"
+        )
+    if transport == "docker":
+        if not rest.startswith("//") or len(rest) <= 2:
+            raise TransportError(f"{ref!r}: a registry reference is docker://HOST/REPO[:TAG]")
+        rest = rest[2:]
+    elif not rest:
+        raise TransportError(f"{ref!r}: nothing after {transport}:")
+    return transport, rest
+
+
+def registry_host(ref: str) -> str | None:
+    """The registry host (with port) of a ``docker://`` reference, else ``None``."""
+    transport, rest = split_transport(ref)
+    if transport != "docker":
+        return None
+    first = rest.split("/", 1)[0]
+    # As in the docker reference grammar: a first component with '.' or ':' or "localhost" is
+    # a host; anything else is a Docker Hub repository.
+    if "/" in rest and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def local_path(ref: str) -> Path | None:
+    """The file or directory a path transport names (``oci:/x:tag`` → ``/x``), else ``None``."""
+    transport, rest = split_transport(ref)
+    if transport not in PATH_TRANSPORTS:
+        return None
+    return Path(rest if transport == "dir" else rest.split(":", 1)[0])
+
+
+def absolute(ref: str, base: Path) -> str:
+    """``ref`` with a relative path (of a path transport) made absolute against ``base``."""
+    transport, rest = split_transport(ref)
+    if transport not in PATH_TRANSPORTS:
+        return ref
+    path, sep, tail = (rest, "", "") if transport == "dir" else rest.partition(":")
+    if Path(path).is_absolute():
+        return ref
+    return f"{transport}:{(base / path).resolve()}{sep}{tail}"

@@ -1,0 +1,103 @@
+"""The store's credential socket: where ``stargz-store-helper`` hands over podman's credentials.
+
+``<root>/store.sock`` (``/var/lib/stargz-store/store.sock`` on the default ``--root``, the Go
+store's place), a Unix stream socket of mode 0600 that also checks its peer is root (or the
+store's own user) by ``SO_PEERCRED``. One request per connection: the helper sends podman's
+``{"<image ref>": {"username", "password", "identityToken"}}`` and shuts down writing; the
+store answers one JSON line, ``{"ok": true}`` or ``{"error": "…"}`` (protocol in
+:mod:`store.helper`). The credentials go to :meth:`CredentialStore.add_for_references`, which
+uses them for that reference's registry only, never for a mirror. Secrets are never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+
+import trio
+
+from store.registry.credentials import CredentialStore
+from store.registry.errors import ConfigError
+
+log = logging.getLogger("store.credsocket")
+
+SOCKET_NAME = "store.sock"
+MAX_REQUEST = 1 << 20
+REQUEST_TIMEOUT = 10.0
+
+
+def _peer_uid(sock: trio.socket.SocketType) -> int:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)[1]
+
+
+async def _handle(stream: trio.SocketStream, credentials: CredentialStore) -> None:
+    async with stream:
+        reply: dict[str, object]
+        try:
+            uid = _peer_uid(stream.socket)
+            if uid not in (0, os.getuid()):
+                raise ConfigError(f"uid {uid} may not hand credentials to the store")
+            data = b""
+            with trio.fail_after(REQUEST_TIMEOUT):
+                while len(data) <= MAX_REQUEST:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            if len(data) > MAX_REQUEST:
+                raise ConfigError("credentials: request larger than 1 MiB")
+            try:
+                decoded = json.loads(data or b"{}")
+            except ValueError:
+                raise ConfigError("credentials: not JSON") from None
+            refs = credentials.add_for_references(decoded)
+            log.info("auth helper: credentials for %s", ", ".join(refs) or "no reference")
+            reply = {"ok": True}
+        except (ConfigError, trio.TooSlowError, OSError) as exc:
+            problem = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+            log.warning("auth helper: %s", problem)
+            reply = {"error": problem}
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all((json.dumps(reply) + "\n").encode())
+
+
+async def serve_credentials(
+    path: Path,
+    credentials: CredentialStore,
+    *,
+    task_status: trio.TaskStatus[Path | None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``path`` until cancelled, started with ``nursery.start``; reports ``path``
+    once listening, or ``None`` (and returns) when the socket cannot be made — the store
+    then serves without it, with the auth files' credentials only. Removes ``path`` on exit."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path.unlink(missing_ok=True)  # a socket left by an earlier store
+        old = os.umask(0o177)
+        try:
+            await sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        log.warning("no credential socket at %s (%s): the auth helper cannot reach us", path, exc)
+        task_status.started(None)
+        return
+    listener = trio.SocketListener(sock)
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started(path)
+            async with listener:
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(_handle, stream, credentials)
+    finally:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,171 @@
+"""`lazybench run` on a user's own image: `docker-archive:`, `oci-archive:` and `containerfile =`.
+
+One scenario, three workloads made from the same Containerfile (built here by `podman build`,
+exported with `podman save`), every mode, one sample, loopback. Checked: every record is ok and
+printed what the image prints, each lazy mode fetched fewer bytes than legacy before the first
+output; and the clear errors for a source that is not there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from harness.records import read_records
+from harness.scenario import LAZY_MODES, MODES
+from tests.harness.byo_image import OUTPUT, build_and_save, write_context
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in ("podman", "docker-registry", "skopeo", "fusermount3"))
+        or not Path("/dev/fuse").exists()
+        or not Path("/bin/busybox").exists()
+        or os.geteuid() != 0,
+        reason="needs root, podman, docker-registry, skopeo, FUSE and busybox-static",
+    ),
+]
+
+
+SCENARIO = """
+name = "byo"
+samples = 1
+modes = {modes}
+[network]
+profile = "loopback"
+
+[[workloads]]
+name = "from-docker-archive"
+image = "docker-archive:image.docker.tar"
+expect = "{output}"
+timeout = 90
+
+[[workloads]]
+name = "from-oci-archive"
+image = "oci-archive:image.oci.tar"
+expect = "{output}"
+timeout = 90
+
+[[workloads]]
+name = "from-containerfile"
+containerfile = "ctx/Containerfile"
+command = ["/bin/sh", "-c", "cat /data/hello.txt; echo $GREETING"]
+env = {{ GREETING = "hi there" }}
+ready = "hi there"
+expect = "{output}"
+timeout = 90
+"""
+
+
+def lazybench(tmp: Path, *args: str, timeout: float = 900) -> tuple[int, str]:
+    """`lazybench ARGS` run in ``tmp``, its scratch files in a directory removed after."""
+    with tempfile.TemporaryDirectory(prefix="lzb-") as scratch:
+        env = {**os.environ, "TMPDIR": scratch, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "harness", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=tmp,
+        )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("byo")
+    containerfile = write_context(tmp / "ctx")
+    build_and_save(
+        containerfile,
+        tmp / "podman",
+        {"docker-archive": tmp / "image.docker.tar", "oci-archive": tmp / "image.oci.tar"},
+    )
+    return tmp
+
+
+def test_own_image_in_every_mode(base: Path) -> None:
+    (base / "byo.toml").write_text(SCENARIO.format(modes=list(MODES), output=OUTPUT))
+    rc, out = lazybench(
+        base,
+        "run",
+        str(base / "byo.toml"),
+        "--no-progress",
+        "--results-dir",
+        str(base / "runs"),
+        "--run-id",
+        "byo",
+        "--cache-dir",
+        str(base / "cache"),
+    )
+    assert rc == 0, out
+    records = read_records(base / "runs" / "byo")
+    workloads = ("from-docker-archive", "from-oci-archive", "from-containerfile")
+    assert {(r.workload, r.mode) for r in records} == {(w, m) for w in workloads for m in MODES}
+    assert all(r.status == "ok" for r in records), [(r.key, r.error) for r in records]
+    for w in workloads:
+        by_mode = {r.mode: r for r in records if r.workload == w}
+        assert all(OUTPUT in r.stdout_head for r in by_mode.values())
+        legacy = by_mode["legacy"]
+        for mode in LAZY_MODES & set(MODES):
+            lazy = by_mode[mode]
+            assert lazy.bytes_before_first_output < legacy.bytes_before_first_output, (w, mode)
+    assert "hi there" in next(r.stdout_head for r in records if r.workload == "from-containerfile")
+
+
+def test_missing_source_is_a_clear_error(base: Path) -> None:
+    (base / "missing.toml").write_text(
+        '[[workloads]]\nname = "x"\nimage = "docker-archive:nope.tar"\n'
+        '[network]\nprofile = "loopback"\n'
+    )
+    rc, out = lazybench(
+        base, "run", str(base / "missing.toml"), "--no-progress", "--results-dir", str(base / "r2")
+    )
+    assert rc == 1
+    assert f"{base / 'nope.tar'} does not exist" in out, out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    ("modes", "expected"),
+    [
+        # The measurement records the error; the run exits 1.
+        (["legacy"], "exited (0) without printing its ready line 'never printed'"),
+        # The estargz trace run refuses to optimize for a workload that never got ready.
+        (["estargz"], "trace run of img: the workload exited (0) without printing its ready"),
+    ],
+)
+def test_workload_that_never_prints_its_ready_line(
+    base: Path, modes: list[str], expected: str
+) -> None:
+    name = f"never-{modes[0]}"
+    (base / f"{name}.toml").write_text(
+        f"modes = {modes}\nsamples = 1\n"
+        '[[workloads]]\nname = "img"\nimage = "docker-archive:image.docker.tar"\n'
+        'ready = "never printed"\ntimeout = 30\n[network]\nprofile = "loopback"\n'
+    )
+    rc, out = lazybench(
+        base,
+        "run",
+        str(base / f"{name}.toml"),
+        "--no-progress",
+        "--results-dir",
+        str(base / "runs"),
+        "--run-id",
+        name,
+        "--cache-dir",
+        str(base / "cache"),
+    )
+    assert rc == 1, out
+    if modes == ["legacy"]:
+        (record,) = read_records(base / "runs" / name)
+        assert record.status == "error" and expected in record.error, record.error
+    else:
+        assert expected in out, out
+    assert "Traceback" not in out

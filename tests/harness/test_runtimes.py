@@ -1,0 +1,180 @@
+"""Runtime nodes: recipes, the cache, versions, and the persistence verdict (no building)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+
+from harness import runtimes
+from harness.measure import persistence_verdict
+from harness.podman import LOST_LAYERS_BUG, Persistence, PodmanEnv
+from harness.records import Record
+from harness.report import persistence_lines
+
+
+def test_recipe_hash_is_stable_and_differs_per_node() -> None:
+    assert runtimes.recipe_hash("trixie") == runtimes.recipe_hash("trixie")
+    assert runtimes.recipe_hash("trixie") != runtimes.recipe_hash("sid")
+    with pytest.raises(runtimes.NodeError, match="unknown node 'bookworm'"):
+        runtimes.recipe_hash("bookworm")
+
+
+def test_mirror_from_apt_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LAZYBENCH_DEBIAN_MIRROR", raising=False)
+    deb822 = tmp_path / "debian.sources"
+    deb822.write_text(
+        "Types: deb\nURIs: http://security.example/debian-security\nSuites: x-security\n\n"
+        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm\n"
+    )
+    oneline = tmp_path / "sources.list"
+    oneline.write_text("# comment\ndeb [arch=amd64] http://other.example/debian bookworm main\n")
+    assert runtimes.debian_mirror([deb822]) == "http://mirror.example/debian"
+    assert runtimes.debian_mirror([tmp_path / "missing", oneline]) == "http://other.example/debian"
+    assert runtimes.debian_mirror([]) == runtimes.DEFAULT_MIRROR
+    monkeypatch.setenv("LAZYBENCH_DEBIAN_MIRROR", "http://env.example/debian")
+    assert runtimes.debian_mirror([deb822]) == "http://env.example/debian"
+
+
+def test_upstream_versions() -> None:
+    assert runtimes._upstream("1.43.0+ds1-8") == "1.43.0"
+    assert runtimes._upstream("5.8.6+ds1-3") == "5.8.6"
+    assert runtimes._upstream("1:2.1~rc1-2") == "2.1"
+    assert runtimes.version_tuple("1.57.2") == (1, 57, 2) < (1, 58)
+    assert runtimes.version_tuple("") == (0,)
+
+
+def _fake_node(cache: Path, name: str, directory: str | None = None) -> Path:
+    d = cache / "nodes" / (directory or f"{name}-{runtimes.recipe_hash(name)}")
+    (d / "root").mkdir(parents=True)
+    (d / "versions.json").write_text(
+        json.dumps({"node": name, "podman": "5.4.2", "containers_storage": "1.57.2"})
+    )
+    return d
+
+
+def test_cache_ls_and_prune(tmp_path: Path) -> None:
+    current = _fake_node(tmp_path, "trixie")
+    old = _fake_node(tmp_path, "sid", "sid-0000000000000000")
+    node = runtimes.cached_node("trixie", tmp_path)
+    assert node is not None and node.root == current / "root"
+    assert node.storage_version == "1.57.2"
+    assert runtimes.cached_node("sid", tmp_path) is None  # only an old recipe's build
+    listed = {e["path"]: e["current"] for e in runtimes.list_nodes(tmp_path)}
+    assert listed == {str(current / "root"): True, str(old / "root"): False}
+    assert runtimes.prune_nodes(tmp_path) == [old]
+    assert current.exists() and not old.exists()
+    assert runtimes.prune_nodes(tmp_path, everything=True) == [current]
+    assert runtimes.list_nodes(tmp_path) == []
+
+
+def test_host_versions_name_podman_and_containers_storage() -> None:
+    v = runtimes.runtime_versions("host")
+    assert v["node"] == "host"
+    if v["podman"]:  # podman installed from Debian: Built-Using names containers/storage
+        assert runtimes.version_tuple(v["containers_storage"]) >= (1, 0)
+
+
+def test_persistence_verdict_names_the_containers_storage_bug() -> None:
+    assert persistence_verdict(Persistence(True, True), "1.64.0") == (True, None)
+    lost = Persistence(False, False, "Error: layer not known")
+    ok, why = persistence_verdict(lost, "1.64.0")
+    assert not ok and LOST_LAYERS_BUG in why and "image not listed" in why
+    ok, why = persistence_verdict(Persistence(True, False, "Error: layer not known"), "1.43.0")
+    assert not ok and "layers not known" in why and "layer not known" in why
+    rec = Record(0, "w", "estargz", podman_version="5.8.6", storage_version="1.64.0")
+    rec.persisted, rec.persistence = False, why
+    text = "\n".join(persistence_lines([rec, Record(0, "w", "legacy")]))
+    assert "1 of 1 lazy pulls" in text and "5.8.6" in text
+    assert persistence_lines([Record(0, "w", "legacy")]) == []
+
+
+def test_partial_pulls_are_written_explicitly(tmp_path: Path) -> None:
+    with PodmanEnv(tmp_path / "p", partial_pulls=True, keep_blob_info_cache=True) as env:
+        conf = (env.workdir / "storage.conf").read_text()
+        assert 'pull_options = {enable_partial_images = "true"}' in conf
+        assert env.storage_options == {"pull_options": {"enable_partial_images": "true"}}
+
+
+@pytest.mark.e2e
+def test_entering_a_node_leaves_no_mount_behind_even_on_error(tmp_path: Path) -> None:
+    import shutil
+
+    from harness.podman import mounts_below
+
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("mmdebstrap not installed (ci/install-system-deps)")
+    node = runtimes.build_node("trixie")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "f").write_text("from the host\n")
+    with pytest.raises(RuntimeError, match="boom"), runtimes.enter_node(node) as entered:
+        base = entered.view.parent
+        entered.bind(shared)
+        assert entered.host_path(shared / "f").read_text() == "from the host\n"
+        assert (entered.view / "proc" / "self").exists()
+        assert len(mounts_below(base)) > 4  # overlay, proc, sys…, dev…, run, the bind
+        raise RuntimeError("boom")
+    assert mounts_below(base) == [] and not base.exists()
+    assert (shared / "f").read_text() == "from the host\n"  # never removed through a mount
+
+
+@pytest.mark.e2e
+def test_a_view_left_by_a_killed_process_is_cleaned(tmp_path: Path) -> None:
+    import shutil
+
+    from harness.podman import mounts_below
+
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("mmdebstrap not installed (ci/install-system-deps)")
+    node = runtimes.build_node("trixie")
+    cm = runtimes.enter_node(node, tmp_path)
+    entered = cm.__enter__()  # and never left, as after a SIGKILL
+    base = entered.view.parent
+    assert mounts_below(base)
+    (base / "owner").write_text("999999999")  # a pid that does not run
+    assert runtimes.clean_stale_views(tmp_path) == [base]
+    assert mounts_below(base) == [] and not base.exists()
+    with contextlib.suppress(Exception):
+        cm.__exit__(None, None, None)
+
+
+@pytest.mark.e2e
+def test_podman_5_partial_pull_of_a_zstd_chunked_image_its_node_wrote(tmp_path: Path) -> None:
+    """containers/storage 1.57 has partial pulls off by default and does not recognize the
+    host's (c/storage 1.43) zstd:chunked annotations: the node writes the image, the env
+    switches partial pulls on, and podman fetches ranges, never a whole layer."""
+    import shutil
+
+    from harness.images import build_layers, find_recipe, push_image
+    from harness.registry_server import RegistryServer
+
+    if not all(shutil.which(t) for t in ("mmdebstrap", "docker-registry", "skopeo")):
+        pytest.skip("needs mmdebstrap, docker-registry and skopeo")
+    node = runtimes.build_node("trixie")
+    with RegistryServer(storage_dir=tmp_path / "reg") as reg:
+        built = build_layers(find_recipe("tiny"), None)
+        pushed = push_image(built, reg.host, "tiny", "z", "zstd-chunked", node=node)
+        assert all(layer.toc_digest for layer in pushed.layers)
+        mark = reg.log_mark()
+        with PodmanEnv(
+            tmp_path / "p", insecure_registries=[reg.host], partial_pulls=True, node=node
+        ) as env:
+            env.pull(f"{reg.host}/tiny:z", timeout=120)
+        layers = {layer.digest for layer in pushed.layers}
+        served = [r for r in reg.access_log_since(mark) if r.digest in layers]
+        assert served and all(r.status == 206 for r in served), served
+
+
+def test_lost_layer_records_leave_the_registry_as_the_evidence() -> None:
+    from harness.laziness import Verdict
+    from harness.measure import lost_records_verdict
+
+    unreadable = Verdict(problem="cannot read the runtime's storage: layer not known")
+    lazy = lost_records_verdict(["sha256:a", "sha256:b"], {"sha256:config"}, unreadable)
+    assert lazy.lazy and lazy.total == 2 and lazy.from_store == 2
+    whole = lost_records_verdict(["sha256:a", "sha256:b"], {"sha256:b"}, unreadable)
+    assert not whole.lazy and whole.served_whole == 1 and whole.from_store == 1
+    assert lost_records_verdict([], set(), unreadable) is unreadable

@@ -1,0 +1,231 @@
+"""`convert_image` between OCI layouts (skopeo, no registry or podman): indexes, platforms,
+diff IDs and annotations, pass-through of eStargz layers, zstd:chunked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.images import oci_layout
+from harness.images.convert import ConvertError, ConvertOptions, convert_image
+from harness.images.source import decompress_layer
+from store.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
+
+pytestmark = pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")
+
+INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def _blob(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digest.split(":")[1]
+
+
+def _put(layout: Path, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    _blob(layout, digest).write_bytes(data)
+    return digest
+
+
+@pytest.fixture(scope="module")
+def two_platforms(tiny, tmp_path_factory) -> Path:
+    """An OCI layout whose index holds the tiny image for amd64 and (relabelled) arm64."""
+    layout = tmp_path_factory.mktemp("index") / "layout"
+    shutil.copytree(oci_layout(tiny, "legacy"), layout)
+    top = json.loads((layout / "index.json").read_text())["manifests"][0]
+    amd = json.loads(_blob(layout, top["digest"]).read_bytes())
+    config = json.loads(_blob(layout, amd["config"]["digest"]).read_bytes())
+    arm_config = json.dumps({**config, "architecture": "arm64"}).encode()
+    arm = {**amd, "config": {**amd["config"], "digest": _put(layout, arm_config)}}
+    arm["config"]["size"] = len(arm_config)
+    arm_raw = json.dumps(arm).encode()
+    entries = [
+        {**{k: top[k] for k in ("mediaType", "digest", "size")}, "platform": p}
+        for p in ({"os": "linux", "architecture": "amd64"},)
+    ]
+    entries.append(
+        {
+            "mediaType": top["mediaType"],
+            "digest": _put(layout, arm_raw),
+            "size": len(arm_raw),
+            "platform": {"os": "linux", "architecture": "arm64"},
+        }
+    )
+    index = json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": entries}).encode()
+    desc = {"mediaType": INDEX, "digest": _put(layout, index), "size": len(index)}
+    desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    return layout
+
+
+def _images(out: Path) -> tuple[dict, dict[str, dict]]:
+    top = json.loads((out / "index.json").read_text())["manifests"][0]
+    index = json.loads(_blob(out, top["digest"]).read_bytes())
+    by_arch = {
+        d["platform"]["architecture"]: {
+            **d,
+            "manifest": json.loads(_blob(out, d["digest"]).read_bytes()),
+        }
+        for d in index["manifests"]
+    }
+    return index, by_arch
+
+
+def _check_estargz_image(out: Path, manifest: dict) -> None:
+    config = json.loads(_blob(out, manifest["config"]["digest"]).read_bytes())
+    for d, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
+        ann = d["annotations"]
+        assert ann[TOC_DIGEST_ANNOTATION].startswith("sha256:")
+        size, digest = decompress_layer(_blob(out, d["digest"]), out / "plain.tar")
+        assert digest == diff_id and size == int(ann[UNCOMPRESSED_SIZE_ANNOTATION])
+
+
+def test_index_keeps_other_platforms_or_converts_all(two_platforms: Path, tmp_path: Path) -> None:
+    _, source = _images(two_platforms)
+    out = tmp_path / "one"
+    report = convert_image(f"oci:{two_platforms}", f"oci:{out}:x", show_progress=False)
+    index, images = _images(out)
+    assert report.manifests == 1 and report.converted == 3
+    assert index["mediaType"] == INDEX
+    assert images["arm64"]["digest"] == source["arm64"]["digest"]  # untouched, byte for byte
+    assert images["amd64"]["digest"] != source["amd64"]["digest"]
+    _check_estargz_image(out, images["amd64"]["manifest"])
+
+    out = tmp_path / "all"
+    options = ConvertOptions(all_platforms=True)
+    report = convert_image(f"oci:{two_platforms}", f"oci:{out}:x", options, show_progress=False)
+    _, images = _images(out)
+    assert report.manifests == 2
+    for arch in ("amd64", "arm64"):
+        _check_estargz_image(out, images[arch]["manifest"])
+
+    # Converting the result again passes every layer through.
+    again = convert_image(
+        f"oci:{out}:x", f"oci:{tmp_path / 'again'}:x", options, show_progress=False
+    )
+    assert again.converted == 0 and again.passed_through == 6
+    assert again.digest == report.digest
+
+    with pytest.raises(ConvertError, match="no manifest for platform linux/s390x"):
+        convert_image(
+            f"oci:{two_platforms}",
+            f"oci:{tmp_path / 'none'}:x",
+            ConvertOptions(platform="linux/s390x"),
+            show_progress=False,
+        )
+
+
+def test_zstd_chunked(tiny, tmp_path: Path) -> None:
+    out = tmp_path / "zstd"
+    report = convert_image(
+        f"oci:{oci_layout(tiny, 'legacy')}",
+        f"oci:{out}:z",
+        ConvertOptions(format="zstd-chunked"),
+        show_progress=False,
+    )
+    top = json.loads((out / "index.json").read_text())["manifests"][0]
+    assert top["digest"] == report.digest
+    manifest = json.loads(_blob(out, top["digest"]).read_bytes())
+    config = json.loads(_blob(out, manifest["config"]["digest"]).read_bytes())
+    for d, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
+        assert d["mediaType"].endswith("+zstd")
+        assert "io.github.containers.zstd-chunked.manifest-checksum" in d["annotations"] or any(
+            k.endswith("zstd-chunked.manifest-checksum") for k in d["annotations"]
+        )
+        assert decompress_layer(_blob(out, d["digest"]), tmp_path / "p.tar")[1] == diff_id
+    again = convert_image(
+        f"oci:{out}:z",
+        f"oci:{tmp_path / 'again'}:z",
+        ConvertOptions(format="zstd-chunked"),
+        show_progress=False,
+    )
+    assert again.passed_through == 3 and again.digest == report.digest
+
+
+def test_import_picks_the_platform_and_names_what_is_missing(
+    two_platforms: Path, tmp_path: Path
+) -> None:
+    from harness.images.source import ImageSourceError, import_image
+
+    ref = f"oci:{two_platforms}"
+    arm = import_image(ref, tmp_path, platform="linux/arm64")
+    amd = import_image(ref, tmp_path, platform="linux/amd64")
+    assert arm.config["architecture"] == "arm64" and amd.config["architecture"] == "amd64"
+    assert [x.diff_id for x in arm.layers] == [x.diff_id for x in amd.layers]
+    assert import_image(ref, tmp_path, platform="linux/amd64").dir == amd.dir  # cached
+    with pytest.raises(ImageSourceError, match=r"no manifest for platform linux/s390x"):
+        import_image(ref, tmp_path, platform="linux/s390x")
+
+    # A single-platform image for another architecture than the one asked for.
+    out = tmp_path / "arm-only"
+    convert_image(ref, f"oci:{out}:x", ConvertOptions(platform="linux/arm64"), show_progress=False)
+    _, images = _images(out)
+    single = tmp_path / "single"
+    shutil.copytree(out, single)
+    desc = {k: images["arm64"][k] for k in ("mediaType", "digest", "size")}
+    desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+    (single / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    with pytest.raises(ImageSourceError, match=r"has no layers for platform linux/amd64: .*arm64"):
+        import_image(f"oci:{single}", tmp_path, platform="linux/amd64")
+    with pytest.raises(ImageSourceError, match=r"does not exist"):
+        import_image(f"oci-archive:{tmp_path / 'nope.tar'}", tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("docker-registry") is None, reason="needs docker-registry")
+def test_registry_round_trip(two_platforms: Path, tmp_path: Path) -> None:
+    """An index pushed to docker:// (plain HTTP on loopback), imported and converted back."""
+    from harness.images.source import import_image
+    from harness.registry_server import RegistryServer
+
+    with RegistryServer(storage_dir=tmp_path / "registry") as reg:
+        ref = f"docker://{reg.host}/byo/index:esgz"
+        options = ConvertOptions(all_platforms=True)
+        pushed = convert_image(f"oci:{two_platforms}", ref, options, show_progress=False)
+        arm = import_image(ref, tmp_path / "cache", platform="linux/arm64")
+        assert arm.config["architecture"] == "arm64" and len(arm.layers) == 3
+        back = convert_image(ref, f"oci:{tmp_path / 'back'}:x", options, show_progress=False)
+    assert back.passed_through == 6 and back.digest == pushed.digest
+
+
+def test_zstd_chunked_source_to_estargz(tiny, tmp_path: Path) -> None:
+    """A zstd:chunked image converts to eStargz without keeping the zstd:chunked annotations."""
+    zstd = tmp_path / "zstd"
+    convert_image(
+        f"oci:{oci_layout(tiny, 'legacy')}",
+        f"oci:{zstd}:z",
+        ConvertOptions(format="zstd-chunked"),
+        show_progress=False,
+    )
+    out = tmp_path / "esgz"
+    report = convert_image(f"oci:{zstd}:z", f"oci:{out}:e", show_progress=False)
+    manifest = json.loads(_blob(out, report.digest).read_bytes())
+    for d in manifest["layers"]:
+        assert d["mediaType"].endswith("+gzip")
+        assert not [k for k in d["annotations"] if "zstd-chunked" in k], d["annotations"]
+    _check_estargz_image(out, manifest)
+
+
+def test_legacy_pushes_the_sources_own_gzip_layers(tiny, tmp_path: Path) -> None:
+    from harness.images.source import import_image
+
+    source = oci_layout(tiny, "legacy")
+    top = json.loads((source / "index.json").read_text())["manifests"][0]
+    wanted = [d["digest"] for d in json.loads(_blob(source, top["digest"]).read_bytes())["layers"]]
+    # A gzip source keeps its blobs; a source that is not gzip is compressed here.
+    for ref, kept in ((f"oci:{source}", True), (f"oci:{oci_layout(tiny, 'uncompressed')}", False)):
+        built = import_image(ref, tmp_path / "cache")
+        assert all((x.gzip_blob is not None) is kept for x in built.layers)
+        legacy = oci_layout(built, "legacy")
+        top = json.loads((legacy / "index.json").read_text())["manifests"][0]
+        got = [d["digest"] for d in json.loads(_blob(legacy, top["digest"]).read_bytes())["layers"]]
+        assert got == wanted  # our gzip of the same tars is deterministic, too
+        if kept:  # the very bytes the source held
+            assert all(
+                os.path.samefile(_blob(legacy, d), x.gzip_blob)
+                for d, x in zip(got, built.layers, strict=True)
+            )
+        assert [x.diff_id for x in built.layers] == [x.diff_id for x in tiny.layers]

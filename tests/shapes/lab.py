@@ -1,0 +1,176 @@
+"""One registry, one mounted store and two podman graphroots, shared by every generated image.
+
+:meth:`Lab.check` pushes an image in eStargz twice (our writer and the Go writer), pulls each
+lazily (through the store) and normally (a podman without the store), lists both with
+``podman image mount`` and judges them by :func:`judge`.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.podman import PodmanEnv
+from harness.registry_server import RegistryServer
+from tests.shapes.model import Image, Listing, list_tree, spec_tree, to_tar
+from tests.store.conftest import StoreProcess
+from tests.store.images import Blob, full_blob_gets, push, to_estargz
+
+CHUNK = 64  # small chunks: most files span several
+HIDDEN = {".no.prefetch.landmark", ".prefetch.landmark", "stargz.index.json"}
+
+
+@dataclass
+class Pulled:
+    """What one pull gave: the listing, or the refusal's message."""
+
+    listing: Listing | None
+    error: str = ""
+    whole_blobs: int = 0  # layer blobs fetched whole (the store did not serve them)
+
+
+def judge(normal: Pulled, lazy: Pulled, spec: Listing | None) -> list[str]:
+    """Problems with a lazy pull, given the normal pull of the same image and the spec's tree.
+
+    The rule: where a normal pull extracts the image, the lazy tree is that tree, served
+    lazily (no layer blob fetched whole). Where the normal pull refuses a layer, the lazy tree
+    is the one the OCI image spec defines (:func:`~tests.shapes.model.spec_tree`, what the Go
+    store serves), or the same refusal where the spec defines none — never a third answer.
+    """
+    if normal.listing is not None:
+        if lazy.listing is None:
+            return [f"lazy pull refused what a normal pull extracts: {lazy.error}"]
+        problems = diff(normal.listing, lazy.listing, "normal", "lazy")
+        if lazy.whole_blobs:
+            problems.append(f"{lazy.whole_blobs} layer blob(s) fetched whole: the store refused")
+        return problems
+    if spec is not None:
+        if lazy.listing is None:
+            return [f"spec defines a tree; lazy pull refused: {lazy.error}"]
+        return diff(spec, lazy.listing, "spec", "lazy")
+    if lazy.listing is not None:
+        return ["normal pull and the spec refuse; the lazy pull gave a tree (a third answer)"]
+    return []
+
+
+def diff(a: Listing, b: Listing, an: str, bn: str) -> list[str]:
+    out = []
+    for path in sorted(set(a) | set(b)):
+        if a.get(path) != b.get(path):
+            out.append(f"/{path}: {an} {a.get(path)} != {bn} {b.get(path)}")
+    return out
+
+
+@dataclass
+class Outcome:
+    writer: str
+    normal: Pulled
+    lazy: Pulled
+    spec: Listing | None
+    problems: list[str] = field(default_factory=list)
+
+
+class Lab:
+    def __init__(self, workdir: Path, registry: RegistryServer, store: StoreProcess,
+                 gowrite: Path | None) -> None:  # fmt: skip
+        self.workdir = workdir
+        self.registry = registry
+        self.store = store
+        self.gowrite = gowrite
+        host = registry.host
+        self.lazy = PodmanEnv(workdir / "lazy", store.mnt, [host], keep_blob_info_cache=True)
+        self.normal = PodmanEnv(workdir / "normal", None, [host], keep_blob_info_cache=True)
+        self.count = 0
+        self.seconds = 0.0
+        # how the normal pulls went: extracted / refused-with-spec-tree / refused-no-tree
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.refusals: collections.Counter[str] = collections.Counter()  # normal pull errors
+
+    def __enter__(self) -> Lab:
+        self.lazy.__enter__()
+        self.normal.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lazy.close()
+        self.normal.close()
+
+    # -- one image ---------------------------------------------------------------------------
+
+    def check(self, image: Image) -> list[Outcome]:
+        """Pull ``image`` (both writers) lazily and normally; outcomes with their problems."""
+        start = time.monotonic()
+        self.count += 1
+        tars = [to_tar(layer) for layer in image]
+        writers = {"ours": [to_estargz(t, chunk_size=CHUNK) for t in tars]}
+        if self.gowrite is not None:
+            writers["go"] = [self._go_estargz(t) for t in tars]
+        outcomes = []
+        for writer, blobs in writers.items():
+            repo = f"shapes/i{self.count}-{writer}"
+            push(self.registry.host, repo, "1", blobs)
+            ref = f"{self.registry.host}/{repo}:1"
+            normal = self._pull(self.normal, ref, blobs)
+            lazy = self._pull(self.lazy, ref, blobs)
+            spec = None
+            if normal.listing is None:
+                spec = spec_tree([gzip.decompress(b.data) for b in blobs])
+                if spec is not None:
+                    spec = {p: r for p, r in spec.items() if p not in HIDDEN}
+            self.stats[
+                "extracted"
+                if normal.listing is not None
+                else "refused, spec tree"
+                if spec is not None
+                else "refused, no tree"
+            ] += 1
+            if normal.error:
+                why = re.sub(r"sha256:[0-9a-f]+|/\S*", "…", normal.error.splitlines()[-1])
+                self.refusals[f"{'tree' if spec is not None else 'none'}: {why[-90:]}"] += 1
+            outcome = Outcome(writer, normal, lazy, spec)
+            outcome.problems = judge(normal, lazy, spec)
+            outcomes.append(outcome)
+        self.seconds += time.monotonic() - start
+        return outcomes
+
+    def _go_estargz(self, tar: bytes) -> Blob:
+        assert self.gowrite is not None
+        src, out = self.workdir / "go-in.tar", self.workdir / "go-out.blob"
+        src.write_bytes(tar)
+        proc = subprocess.run(
+            [str(self.gowrite), "-chunk", str(CHUNK), str(src), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"Go writer failed: {proc.stderr}")
+        res = json.loads(proc.stdout)
+        data = out.read_bytes()
+        return Blob(data, res["diff_id"], res["toc_digest"], len(gzip.decompress(data)))
+
+    def _pull(self, env: PodmanEnv, ref: str, blobs: list[Blob]) -> Pulled:
+        mark = self.registry.log_mark()
+        proc = env.podman("pull", "--quiet", ref, timeout=120, check=False)
+        # A blob the image lists twice is pulled normally by design (store/resolver.py).
+        once = [b for b in blobs if sum(c.digest == b.digest for c in blobs) == 1]
+        whole = len(full_blob_gets(self.registry, mark, once)) if env is self.lazy else 0
+        if proc.returncode != 0:
+            return Pulled(None, proc.stderr.strip()[-500:], whole)
+        try:
+            mount = env.podman("image", "mount", ref, timeout=60, check=False)
+            if mount.returncode != 0:
+                return Pulled(None, f"image mount failed: {mount.stderr.strip()[-500:]}", whole)
+            try:
+                listing = {p: r for p, r in list_tree(Path(mount.stdout.strip())).items()}
+            finally:
+                env.podman("image", "unmount", "--force", ref, timeout=60, check=False)
+        finally:
+            env.podman("rmi", "--force", ref, timeout=60, check=False)
+        return Pulled({p: r for p, r in listing.items() if p not in HIDDEN}, "", whole)

@@ -1,0 +1,101 @@
+"""The layer-store auth helper and the store's credential socket, without podman."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from store import helper
+from store.credsocket import serve_credentials
+from store.registry.credentials import Credentials, CredentialStore
+from store.registry.errors import ConfigError
+
+PODMAN_INPUT = {
+    "127.0.0.1:5000/auth/img:1": {"username": "alice", "password": "s3cret"},
+    "reg.example/org/app@sha256:" + "a" * 64: {"identityToken": "refresh-me"},
+}
+
+
+def test_given_credentials_are_for_their_registry_and_repository_only() -> None:
+    creds = CredentialStore(auth_files=[])
+    assert creds.add_for_references(PODMAN_INPUT) == list(PODMAN_INPUT)
+    assert creds.lookup("127.0.0.1:5000", "auth/img") == Credentials("alice", "s3cret")
+    assert creds.lookup("reg.example", "org/app") == Credentials("", "", "refresh-me")
+    # Not another repository, not another host, never a mirror of the same name.
+    assert creds.lookup("127.0.0.1:5000", "other/img") is None
+    assert creds.lookup("127.0.0.1:5001", "auth/img") is None
+    assert creds.lookup("127.0.0.1:5000", "auth/img", origin=False) is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[], {"x/y:1": "alice"}, {"x/y:1": {"username": 1}}, {"NOT A REF": {}}],
+)
+def test_malformed_helper_input_is_refused_whole(bad: object) -> None:
+    creds = CredentialStore(auth_files=[])
+    with pytest.raises(ConfigError):
+        creds.add_for_references(bad)
+    assert creds.lookup("x", "y") is None
+
+
+def _serve_then(tmp_path: Path, client) -> tuple[CredentialStore, object]:  # type: ignore[no-untyped-def]
+    creds = CredentialStore(auth_files=[])
+    path = tmp_path / "store.sock"
+    out: list[object] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            assert await nursery.start(serve_credentials, path, creds) == path
+            assert (os.stat(path).st_mode & 0o777) == 0o600
+            out.append(await trio.to_thread.run_sync(client, str(path)))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert not path.exists()  # removed when the store stops
+    return creds, out[0]
+
+
+def test_helper_hands_podman_input_to_the_store(tmp_path: Path) -> None:
+    def run_helper(path: str) -> subprocess.CompletedProcess[bytes]:
+        # As podman runs it: no environment, the JSON on stdin (the path only because the
+        # test's store is not on the default root).
+        return subprocess.run(
+            [sys.executable, "-I", helper.__file__, path],
+            input=json.dumps(PODMAN_INPUT).encode(),
+            env={},
+            capture_output=True,
+            timeout=30,
+        )
+
+    creds, proc = _serve_then(tmp_path, run_helper)
+    assert proc.returncode == 0, proc.stderr  # type: ignore[attr-defined]
+    assert creds.lookup("127.0.0.1:5000", "auth/img") == Credentials("alice", "s3cret")
+
+
+def test_helper_reports_a_refusal_and_a_missing_store(tmp_path: Path) -> None:
+    _, err = _serve_then(tmp_path, lambda p: _error(lambda: helper.send(b"[1]", p)))
+    assert "refused" in str(err)
+    with pytest.raises(OSError):
+        helper.send(b"{}", str(tmp_path / "nothing.sock"))
+
+
+def _error(fn) -> BaseException | None:  # type: ignore[no-untyped-def]
+    try:
+        fn()
+    except (OSError, ValueError) as exc:
+        return exc
+    return None
+
+
+def test_the_socket_path_can_be_given_as_the_go_store_takes_it() -> None:
+    from store.cli import build_parser
+
+    args = build_parser().parse_args(["--addr", "/run/x.sock", "/mnt"])
+    assert args.addr == Path("/run/x.sock")
+    assert build_parser().parse_args(["/mnt"]).addr is None  # <root>/store.sock
