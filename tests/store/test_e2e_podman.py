@@ -328,9 +328,10 @@ def test_two_images_sharing_a_layer_pulled_concurrently(
         for t in threads:
             t.join()
         if lost_lazy_layers(runtime_node):
-            # The same bug: concurrent pulls sharing a layer trip over each other's unsaved
-            # layer records and fail. Pulled one at a time they work (and `run` re-pulls).
-            assert errors and all("layer not known" in str(e) for e in errors), errors
+            # The same bug: concurrent pulls sharing a layer often (not always: it depends on
+            # timing) trip over each other's unsaved layer records and fail with "layer not
+            # known", never otherwise. One at a time they work (and `run` re-pulls anyway).
+            assert all("layer not known" in str(e) for e in errors), errors
             for ref in refs:
                 env.pull(ref, timeout=180)
         else:
