@@ -328,7 +328,7 @@ class LayerManager:
         log.debug("layer %s of %s loaded before its lookup", desc.digest, ref)
         if not self.config.noprefetch:
             assert self._limiter is not None
-            self.nursery.start_soon(layer.prefetch, self._limiter, self.config.prefetch_timeout_sec)
+            layer.start_prefetch(self._limiter, self.config.prefetch_timeout_sec)
         return layer
 
     async def layer_info(self, ref: str, digest: str) -> dict[str, Any]:
@@ -390,14 +390,20 @@ class LayerManager:
             if early.error is not None:
                 raise early.error
             layer = early.value
-        self.nursery.start_soon(self._background, layer)
+        assert self._limiter is not None
+        layer.start_background(
+            prefetch=not self.config.noprefetch,
+            background=not self.config.no_background_fetch,
+            limiter=self._limiter,
+            prefetch_timeout=self.config.prefetch_timeout_sec,
+        )
         log.info("layer %s of %s resolved: %d nodes", desc.digest, ref, len(layer.tree.nodes))
         return layer
 
     async def _new_layer(self, ref: str, desc: LayerDesc) -> Layer:
         assert desc.toc_digest is not None
         blob, index, tree = await self._load_index(ref, desc)
-        return Layer(
+        layer = Layer(
             key=f"{ref}/{desc.digest}",
             digest=desc.digest,
             toc_digest=desc.toc_digest,
@@ -410,6 +416,9 @@ class LayerManager:
             on_file_access=self.on_file_access,
             on_read=self.on_read,
         )
+        # One nursery per layer, for all its background work: release() cancels it whole.
+        await self.nursery.start(layer.run)
+        return layer
 
     async def _load_index(
         self, ref: str, desc: LayerDesc
@@ -463,15 +472,6 @@ class LayerManager:
                 await trio.to_thread.run_sync(_malloc_trim)
         finally:
             self._trim_running = False
-
-    async def _background(self, layer: Layer) -> None:
-        assert self._limiter is not None
-        await layer.run_background(
-            prefetch=not self.config.noprefetch,
-            background=not self.config.no_background_fetch,
-            limiter=self._limiter,
-            prefetch_timeout=self.config.prefetch_timeout_sec,
-        )
 
     def _blob_key(self, ref: str, digest: str) -> str:
         task = self._images.get(ref)
