@@ -81,6 +81,8 @@ def _layer_tars(directory: Path, total: int) -> list[Path]:
                     info = tar.gettarinfo(str(f), arcname=str(f.relative_to("/")))
                 except OSError:
                     continue
+                if info.isreg() and used and used + info.size > budget * 1.05:
+                    continue  # keeps each layer near its share: big files wait for a bigger one
                 if info.isreg():
                     try:
                         with open(f, "rb") as fh:
@@ -106,7 +108,7 @@ def _files(root: Path):  # type: ignore[no-untyped-def]
 
 def source_image(total_mb: int) -> tuple[str, list[Path]]:
     """(image reference, layer tars) of the cached benchmark image, made on first use."""
-    final = cache_dir() / f"convert-image-{total_mb}mb"
+    final = cache_dir() / f"convert-image-v2-{total_mb}mb"
     meta = final / "image.json"
     if not meta.is_file():
         final.parent.mkdir(parents=True, exist_ok=True)
