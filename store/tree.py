@@ -9,15 +9,21 @@ costs nothing here beyond the index (nodes are small wrappers made per request).
 Conventions (DESIGN.md §3; OCI image spec, "Representing Changes"):
 
 * ``.wh.<name>`` is hidden and shown as a char device 0:0 named ``<name>`` — unless the same
-  layer has an entry ``<name>`` in that directory, before or after the whiteout: a whiteout
-  hides only *lower* layers' content, so the layer's own entry is shown, and a directory of
-  that name becomes opaque (the lower one is deleted, the layer's own content stays);
+  layer has an entry ``<name>`` in that directory, which is then shown. In tar order, as
+  extraction applies them: a whiteout *before* a directory it names is replaced by it (not
+  opaque: lower content shows through, as podman's extraction gives); a whiteout *after* the
+  directory (podman refuses such a layer) hides only lower layers' content (OCI image spec):
+  the directory becomes opaque, the layer's own content stays; a whiteout followed only by
+  ``<name>/.wh..wh..opq`` stays a whiteout (extraction marks it, creating no directory);
 * ``.wh..wh..opq`` is hidden and marks its directory opaque (answers ``trusted.overlay.opaque``
   and ``user.overlay.opaque`` with ``y``), wherever it stands among the directory's entries;
 * the landmark files ``.prefetch.landmark`` / ``.no.prefetch.landmark`` at the root are hidden;
-* hardlinks share one node (``nlink`` counts the names); a directory's ``nlink`` is 2 + its
-  subdirectories; an implicit root (a tar that does not name ``./``) is 0555, as
-  containers/storage makes it.
+* hardlinks share one node (``nlink`` counts the names); its mode, owner and mtime are the
+  last link header's (``LayerIndex.link_headers``), as extraction applies each link header
+  to the shared inode; a directory's ``nlink`` is 2 + its
+  subdirectories; a layer root is 0555 root:root whatever a ``./`` entry says, as
+  containers/storage makes every layer's root; a directory the tar never names is 0755
+  root:root, plus set-group-ID when its nearest named ancestor has it (extraction's mkdir).
 
 Inode numbering: node ``i`` is ``LayerIndex.entries[i]`` (root 0); a whiteout is its
 ``.wh.`` entry's number.
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 
 from store.estargz import LayerIndex
@@ -93,9 +99,17 @@ class Node:
         e = self.entry
         if self.whiteout:
             return stat.S_IFCHR
-        if e is self.tree.index.root and e.implicit:
+        if e is self.tree.index.root:
             return stat.S_IFDIR | 0o555
-        return _TYPE_BITS[e.type] | (e.mode & 0o7777)
+        if e.implicit and e.type == "dir" and _under_setgid(e):
+            return stat.S_IFDIR | 0o755 | stat.S_ISGID
+        return _TYPE_BITS[e.type] | (self._meta.mode & 0o7777)
+
+    @property
+    def _meta(self) -> Entry:
+        """Where mode, owner and mtime come from: a hardlinked file's last link header."""
+        headers = self.tree.index.link_headers
+        return headers.get(self.entry.ino, self.entry) if headers else self.entry
 
     @property
     def size(self) -> int:
@@ -110,15 +124,15 @@ class Node:
 
     @property
     def uid(self) -> int:
-        return self.entry.uid
+        return 0 if self.entry is self.tree.index.root else self._meta.uid
 
     @property
     def gid(self) -> int:
-        return self.entry.gid
+        return 0 if self.entry is self.tree.index.root else self._meta.gid
 
     @property
     def mtime(self) -> int:
-        return self.tree.mtime(self.entry.modtime)
+        return self.tree.mtime(self._meta.modtime)
 
     @property
     def nlink(self) -> int:
@@ -148,7 +162,20 @@ class Node:
         if OPAQUE_MARKER in e.children:
             return True
         parent = e.parent
-        return parent is not None and WHITEOUT_PREFIX + _base(e.name) in parent.children
+        if parent is None:
+            return False
+        base = _base(e.name)
+        wh = WHITEOUT_PREFIX + base
+        if wh not in parent.children:
+            return False
+        # Tar order, as extraction applies it: a directory named after its whiteout replaces
+        # it (not opaque); a whiteout after the directory hides the lower layers' content.
+        for name in parent.children:
+            if name == base:
+                return True
+            if name == wh:
+                return e.implicit
+        return True
 
     @property
     def xattrs(self) -> dict[bytes, bytes] | None:
@@ -183,7 +210,7 @@ class Children:
             return None
         children = self.entry.children
         child = children.get(name)
-        if child is not None:
+        if child is not None and not _marker_under_whiteout(children, name, child):
             return Node(self.tree, child)
         wh = children.get(WHITEOUT_PREFIX + name)
         return Node(self.tree, wh, whiteout=True) if wh is not None else None
@@ -196,9 +223,11 @@ class Children:
         for name, child in children.items():
             if name.startswith(WHITEOUT_PREFIX):
                 shown = name[len(WHITEOUT_PREFIX) :]
-                if shown and shown not in children and not self._hidden(shown):
-                    yield _key(shown), Node(self.tree, child, whiteout=True)
-            elif not self._hidden(name):
+                if shown and not self._hidden(shown):
+                    other = children.get(shown)
+                    if other is None or _marker_under_whiteout(children, shown, other):
+                        yield _key(shown), Node(self.tree, child, whiteout=True)
+            elif not self._hidden(name) and not _marker_under_whiteout(children, name, child):
                 yield _key(name), Node(self.tree, child)
 
     def values(self) -> Iterator[Node]:
@@ -281,6 +310,30 @@ class LayerTree:
                 for name, child in sorted(children.items(), key=lambda kv: kv[0], reverse=True):
                     shown = name.decode("utf-8", "surrogateescape")
                     stack.append((f"{path}/{shown}" if path else shown, child))
+
+
+def _marker_under_whiteout(children: Mapping[str, Entry], name: str, child: Entry) -> bool:
+    """``.wh.<name>`` then ``<name>/.wh..wh..opq`` alone: extraction marks the whiteout it made
+    opaque and creates no directory, so the whiteout is what shows."""
+    if not (child.implicit and child.type == "dir" and len(child.children) == 1):
+        return False
+    if OPAQUE_MARKER not in child.children or WHITEOUT_PREFIX + name not in children:
+        return False
+    for key in children:  # tar order: which came first
+        if key == name:
+            return False
+        if key == WHITEOUT_PREFIX + name:
+            return True
+    return False
+
+
+def _under_setgid(e: Entry) -> bool:
+    """An implicit directory's nearest named ancestor is set-group-ID: ``mkdir`` under it
+    inherits the bit (extraction's MkdirAll), the owner stays root:root."""
+    parent = e.parent
+    while parent is not None and parent.implicit and parent.name:
+        parent = parent.parent
+    return parent is not None and parent.name != "" and bool(parent.mode & stat.S_ISGID)
 
 
 def _base(name: str) -> str:

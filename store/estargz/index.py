@@ -21,7 +21,9 @@ containers/storage's layer extraction) applies members, with the Go reader's con
   directory with its subtree), as ``tar -x`` does;
 * a hardlink resolves, when it is reached, to the entry its target names then (a target that
   is missing or comes later is refused); the target gets the link's name as another parent
-  reference (``nlink``);
+  reference (``nlink``, which counts only names still in the tree at the end); the target's
+  own metadata stays (the Go reader's view), the last link header of each file is kept in
+  ``LayerIndex.link_headers`` for views that follow extraction's chown/chmod after linking;
 * a chunk's compressed bytes end where the next member starts (the next distinct offset of a
   data entry with ``innerOffset`` 0, or a file's ``endOffset`` — zstd:chunked writes it:
   where the file's last frame ends, see :mod:`.zstdchunked`), or at the TOC;
@@ -206,6 +208,9 @@ class LayerIndex:
         self.prefetch_end_offset: int | None = None
         self.has_no_prefetch_landmark = False
         self.chunk_count = 0
+        # ino of a hardlinked file -> its last hardlink header (TOC order): extraction chowns,
+        # chmods and sets the times of the shared inode from each link header it applies
+        self.link_headers: dict[int, Entry] = {}
 
     # -- queries -------------------------------------------------------------------------
 
@@ -322,6 +327,7 @@ class _Builder:
         self.starts: list[int] = [idx.toc_offset]  # compressed offsets where members start
         self.last: Entry | None = None  # the last non-chunk entry (chunks continue it)
         self.last_dir: tuple[str, Entry] = ("", idx.root)
+        self.link_headers: dict[int, tuple[Entry, Entry]] = {}  # id(target) -> (target, link)
 
     def run(self, raw_entries: Iterable[Mapping[str, Any]]) -> None:
         for i, raw in enumerate(raw_entries):
@@ -495,6 +501,7 @@ class _Builder:
             if old.type == "dir":
                 parent.nlink -= 1
                 self.last_dir = ("", self.idx.root)  # it may have been cached
+                _unlink_subtree(old)
             old.nlink -= 1
         parent.children[base] = e  # type: ignore[index]  # parents are directories
         if e.type == "dir":
@@ -521,8 +528,9 @@ class _Builder:
                 )
             if target.type == "dir":
                 raise InvalidToc(f"{where}hardlink target {e.link_name!r} is a directory")
+            self.link_headers[id(target)] = (target, e)
             if target is old:
-                return  # a link to itself changes nothing
+                return  # a link to itself changes nothing else
             self.idx._hardlinks[name] = e.link_name
             self._attach(parent, base, target)
             target.nlink += 1
@@ -560,10 +568,23 @@ class _Builder:
             j = bisect.bisect_right(starts, c.offset)
             c.compressed_end = starts[j] if j < len(starts) else toc_offset
         self.starts = []
+        idx.link_headers = {t.ino: h for t, h in self.link_headers.values() if t.ino >= 0}
         # Blob order: by offset, then inner offset (two stable sorts: no key tuples).
         chunks.sort(key=_chunk_inner)
         chunks.sort(key=_chunk_offset)
         idx._all_chunks = chunks
+
+
+def _unlink_subtree(d: Entry) -> None:
+    """A replaced directory's files lose their names in it (a hardlinked file elsewhere
+    keeps the others: ``nlink`` counts only names that remain)."""
+    stack = [d]
+    while stack:
+        for child in stack.pop().children.values():
+            if child.type == "dir":
+                stack.append(child)
+            else:
+                child.nlink -= 1
 
 
 def _checked_name(raw: str, where: str) -> str:

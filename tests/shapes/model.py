@@ -167,9 +167,8 @@ def _layer_tree(
             xattrs = {k[len(XATTR) :]: v for k, v in ti.pax_headers.items() if k.startswith(XATTR)}
             if not name:
                 if kind == "dir":
-                    root = tree[""]
-                    root.mode, root.uid, root.gid = ti.mode, ti.uid, ti.gid
-                    root.xattrs.update(xattrs)
+                    # containers/storage keeps every layer root 0555 root:root
+                    tree[""].xattrs.update(xattrs)
                 continue
             parent, _, base = name.rpartition("/")
             _ensure_dir(tree, parent, notes)
@@ -185,6 +184,8 @@ def _layer_tree(
                     raise _Refused(f"hardlink {name!r} to missing {ti.linkname!r}")
                 _remove(tree, name)
                 tree[name] = target
+                # extraction chowns and chmods the shared inode from the link's header
+                target.mode, target.uid, target.gid = ti.mode, ti.uid, ti.gid
                 continue
             old = tree.get(name)
             if kind == "dir" and old is not None and old.kind == "dir":

@@ -23,105 +23,15 @@ from hypothesis import given, settings
 
 from tests.shapes.conftest import regressions_dir
 from tests.shapes.lab import Lab, Outcome
-from tests.shapes.model import Image, dumps, layer_notes, loads, to_tar
+from tests.shapes.model import Image, dumps, loads
 from tests.shapes.strategies import images
 
 pytestmark = [pytest.mark.e2e, pytest.mark.differential]
 
 
-def _notes(image: Image) -> set[str]:
-    return {n for layer in image for n in layer_notes(to_tar(layer))}
-
-
-def _implicit_setgid(image: Image) -> bool:
-    return "implicit-setgid" in _notes(image)
-
-
-def _replaced_hardlink(image: Image) -> bool:
-    """A hardlink whose name, or a directory above it, a later entry of its layer replaces."""
-    for layer in image:
-        for i, e in enumerate(layer):
-            if e.kind != "hardlink":
-                continue
-            for later in layer[i + 1 :]:
-                if later.kind in ("whiteout", "opaque"):
-                    continue
-                if later.name == e.name or (
-                    later.kind != "dir" and e.name.startswith(later.name + "/")
-                ):
-                    return True
-    return False
-
-
-def _hardlink_header_differs(image: Image) -> bool:
-    """A hardlink whose header's mode or owner is not its target's (tar writes the target's)."""
-    for layer in image:
-        for i, e in enumerate(layer):
-            if e.kind != "hardlink":
-                continue
-            target = [t for t in layer[:i] if t.name == e.link]
-            if target and (target[-1].mode, target[-1].uid, target[-1].gid) != (
-                e.mode,
-                e.uid,
-                e.gid,
-            ):
-                return True
-    return False
-
-
-def _names_its_root(image: Image) -> bool:
-    return any(e.kind == "dir" and not e.name for layer in image for e in layer)
-
-
-def _whiteout_before_its_entry(image: Image) -> bool:
-    """A whiteout followed, in its layer, by an entry at or under the path it names."""
-    for layer in image:
-        for i, e in enumerate(layer):
-            if e.kind != "whiteout":
-                continue
-            for later in layer[i + 1 :]:
-                if later.tar_name == e.name or later.tar_name.startswith(e.name + "/"):
-                    return True
-    return False
-
-
-WHITEOUT_FIRST = (
-    "a whiteout before the entry it names in the same layer: podman 4.3's extraction lets the "
-    "entry replace the whiteout (lower content under it shows through), the store follows the "
-    "OCI spec (the whiteout hides the lower layers' content); which to follow is undecided"
-)
-
 # Shapes with a known fault whose fix lives elsewhere: a mismatch on them is counted and
-# reported, not failed (their kept examples are xfail with the same reason).
-KNOWN: list[tuple[str, Callable[[Image], bool]]] = [
-    (
-        WHITEOUT_FIRST,
-        _whiteout_before_its_entry,
-    ),
-    (
-        "a directory the tar does not name, made under a set-group-ID directory: extraction's "
-        "mkdir gives it the set-group-ID bit, the store's implicit directories are 0755 "
-        "(store/tree.py)",
-        _implicit_setgid,
-    ),
-    (
-        "a layer naming its root (./): podman's extraction keeps every layer root 0555 "
-        "root:root whatever the entry says, the store applies the entry (store/tree.py); seen "
-        "through podman image mount only, a container's root being its own layer's",
-        _names_its_root,
-    ),
-    (
-        "a hardlink its layer replaces later (its name, or a directory above it): the store's "
-        "tree still counts it in the target's link count (store/tree.py); our writer drops it",
-        _replaced_hardlink,
-    ),
-    (
-        "a hardlink whose header has another mode or owner than its target: podman's "
-        "extraction applies the header to the shared inode after linking, the store keeps the "
-        "target's (store/tree.py)",
-        _hardlink_header_differs,
-    ),
-]
+# reported, not failed (their kept examples are xfail with the same reason). None at present.
+KNOWN: list[tuple[str, Callable[[Image], bool]]] = []
 
 
 def known_cause(image: Image) -> str:

@@ -1,7 +1,9 @@
 """The overlay view over a validated index: whiteouts and opaque markers in every position.
 
 A whiteout hides only *lower* layers' content (OCI image spec, "Whiteouts"): an entry of the
-same layer with the whiteout's name stays, before or after it, and a directory it names turns
+same layer with the whiteout's name stays, before or after it. Within a layer entries apply in
+tar order, as extraction does: a directory after its whiteout replaces it (not opaque, as
+podman's extraction gives); a whiteout after the directory (podman refuses that layer) makes it
 opaque (the lower directory is deleted, the layer's own content stays).
 """
 
@@ -37,8 +39,8 @@ def listing(t: LayerTree) -> dict[str, str]:
     "names",
     [
         ("case/", "case/a/", "case/a/newfile", "case/.wh.a"),  # whiteout after the directory
-        ("case/", "case/.wh.a", "case/a/", "case/a/newfile"),  # whiteout first
         ("case/", "case/a/", "case/.wh.a", "case/a/newfile"),  # between
+        ("case/", "case/.wh.a", "case/a/newfile"),  # whiteout, then an implicit directory
     ],
 )
 def test_whiteout_of_a_same_layer_directory_makes_it_opaque_and_keeps_its_content(names):
@@ -48,6 +50,66 @@ def test_whiteout_of_a_same_layer_directory_makes_it_opaque_and_keeps_its_conten
         "case/a": "dir+opaque",
         "case/a/newfile": "reg",
     }
+
+
+def test_a_directory_after_its_whiteout_replaces_it_and_is_not_opaque():
+    t = tree("case/", "case/.wh.a", "case/a/", "case/a/newfile")
+    assert listing(t) == {"": "dir", "case": "dir", "case/a": "dir", "case/a/newfile": "reg"}
+    assert t.lookup_path("case/a").getxattr(b"trusted.overlay.opaque") is None
+
+
+def test_an_opaque_marker_after_its_directorys_whiteout_leaves_the_whiteout():
+    t = tree(".wh.a", "a/.wh..wh..opq")
+    assert listing(t) == {"": "dir", "a": "whiteout"}
+
+
+def _raw_tree(entries: list[dict]) -> LayerTree:
+    return LayerTree(LayerIndex.from_entries(entries, toc_offset=100, compression="gzip"))
+
+
+def test_layer_root_is_0555_root_whatever_its_entry_says():
+    t = _raw_tree([{"name": "./", "type": "dir", "mode": 0o700, "uid": 5, "gid": 6}])
+    assert (t.root.mode, t.root.uid, t.root.gid) == (stat.S_IFDIR | 0o555, 0, 0)
+
+
+def test_implicit_directory_under_a_setgid_directory_gets_the_bit():
+    t = _raw_tree(
+        [
+            {"name": "b/", "type": "dir", "mode": 0o3750, "uid": 7, "gid": 8},
+            {"name": "b/y/z/f", "type": "reg"},
+            {"name": "c/d/f", "type": "reg"},
+        ]
+    )
+    for path in ("b/y", "b/y/z"):
+        n = t.lookup_path(path)
+        assert (n.mode, n.uid, n.gid) == (stat.S_IFDIR | 0o2755, 0, 0), path
+    assert t.lookup_path("c/d").mode == stat.S_IFDIR | 0o755
+
+
+def test_hardlink_header_metadata_applies_to_the_shared_inode():
+    t = _raw_tree(
+        [
+            {"name": "b", "type": "reg", "mode": 0o755, "modtime": "2020-01-01T00:00:00Z"},
+            {"name": "a", "type": "hardlink", "linkName": "b", "mode": 0o640, "uid": 3, "gid": 4,
+             "modtime": "2021-01-01T00:00:00Z"},
+        ]
+    )  # fmt: skip
+    a, b = t.lookup_path("a"), t.lookup_path("b")
+    assert a == b
+    assert (b.mode, b.uid, b.gid, b.nlink) == (stat.S_IFREG | 0o640, 3, 4, 2)
+    assert b.mtime == 1609459200
+
+
+@pytest.mark.parametrize("replacer", ["a", "a/x"])
+def test_a_hardlink_replaced_later_in_its_layer_no_longer_counts(replacer):
+    t = _raw_tree(
+        [
+            {"name": "b", "type": "reg"},
+            {"name": "a/x", "type": "hardlink", "linkName": "b"},
+            {"name": replacer, "type": "symlink", "linkName": "../b"},
+        ]
+    )
+    assert t.lookup_path("b").nlink == 1
 
 
 @pytest.mark.parametrize("names", [(".wh.f", "f"), ("f", ".wh.f")])
