@@ -32,7 +32,9 @@ pytestmark = [
 def test_same_layer_whiteout_hides_only_the_lower_layer(registry, store_factory, tmp_path):
     """Lower ``case/a/file``; upper ``case/``, ``case/a/``, ``case/a/newfile``, ``case/.wh.a``
     (whiteout after the directory it names). The whiteout deletes the lower ``case/a``; the
-    upper layer's own ``case/a/newfile`` stays (OCI image spec, "Whiteouts")."""
+    upper layer's own ``case/a/newfile`` stays (OCI image spec, "Whiteouts"). A whiteout
+    *before* its directory (``case/.wh.b``, ``case/b/``) is replaced by it, as podman's
+    extraction does."""
 
     def lower(tar: tarfile.TarFile) -> None:
         busybox(tar)
@@ -47,7 +49,9 @@ def test_same_layer_whiteout_hides_only_the_lower_layer(registry, store_factory,
         add_node(tar, "case/a", tarfile.DIRTYPE)
         add_file(tar, "case/a/newfile", b"upper\n")
         add_file(tar, "case/.wh.a", b"")
-        add_file(tar, "case/.wh.b", b"")  # whiteout first, then the same layer re-adds b
+        # whiteout first, then the same layer re-adds b: extraction replaces the whiteout
+        # with the directory (not opaque), the lower case/b/old shows through
+        add_file(tar, "case/.wh.b", b"")
         add_node(tar, "case/b", tarfile.DIRTYPE)
         add_file(tar, "case/b/new", b"upper\n")
 
@@ -69,6 +73,7 @@ def test_same_layer_whiteout_hides_only_the_lower_layer(registry, store_factory,
         "/case/a/newfile",
         "/case/b",
         "/case/b/new",
+        "/case/b/old",
         "upper",
         "",
     ]
