@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "harness.net_cmd",
     "harness.run_cmd",
     "harness.runtimes_cmd",
+    "harness.stores_cmd",
 ]
 
 

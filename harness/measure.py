@@ -71,6 +71,7 @@ from harness.prepare import (
     ResolvedWorkload,
     open_link,
     preflight_link,
+    prepare_store,
     resolve,
 )
 from harness.records import (
@@ -262,6 +263,9 @@ class Runner:
             meta["images"] = images.prepare(workloads, storage, work)
             self.images, self._skipped = images.refs, images.skipped
             self._layer_digests = images.layer_digests
+            for spec in self.scenario.stores:  # built-in stores built before anything is measured
+                if any(k.store == spec.name for k in todo):
+                    prepare_store(spec.command, self.console)
             link = stack.enter_context(open_link(self.scenario.network_profile, self.console))
             meta["link"] = link.measured
             write_atomic(env_path, json.dumps(meta, indent=1, sort_keys=True))

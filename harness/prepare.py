@@ -9,6 +9,8 @@
   crosses the shaped link. For ``estargz`` the workload first runs once through our store with
   the access trace on (from the estargz-noopt image; harness.trace), and the image is rebuilt
   with the traced files prioritized (the trace is cached too).
+* *Stores*: a store command naming a built-in store (``{go-stargz-store}``) has it built into
+  the cache before anything is measured (:func:`prepare_store`).
 * *Link*: the network profile's link is set up and measured (:func:`open_link`); the registry
   is then started behind it (inside the link's namespace).
 """
@@ -29,7 +31,7 @@ from harness.cli import UserError
 from harness.podman import PodmanError
 from harness.runtimes import Node
 from harness.scenario import Scenario, Workload, image_mode
-from harness.store_proc import StoreError
+from harness.store_proc import StoreError, resolve_store_command
 
 # -- workloads -----------------------------------------------------------------------------------
 
@@ -210,6 +212,19 @@ class ImagePreparer:
             mount_timeout=self.scenario.store.mount_timeout,
             say=self.console.print,
         )
+
+
+# -- stores --------------------------------------------------------------------------------------
+
+
+def prepare_store(command: tuple[str, ...], console: Console) -> tuple[str, ...]:
+    """``command`` with its built-in store built (the Go stargz-store, cached), so that no build
+    happens inside a measurement. Raises :class:`UserError` naming what to install when the
+    build fails."""
+    try:
+        return resolve_store_command(command, progress=console.print)
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
 
 
 # -- the network link -----------------------------------------------------------------------------

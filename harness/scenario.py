@@ -29,8 +29,9 @@ Schema (all keys but ``workloads`` optional)::
     background_fetch = false         # let the store fetch whole layers in the background
                                      # (off: a measurement shows what the workload needs)
     # Placeholders: {config} (resolver/prefetch config the harness writes), {root} (an empty
-    # cache directory per measurement), {mountpoint}. The estargz mode's access trace is always
-    # taken with our own stargz-store, whatever store is under test.
+    # cache directory per measurement), {mountpoint}, {go-stargz-store} (the reference Go
+    # store, built from Debian's Go packages on first use). The estargz mode's access trace is
+    # always taken with our own stargz-store, whatever store is under test.
     # The older single-store form, a [store] table with the same keys but `name` (the store is
     # then named "default"), still works; a scenario has one form or the other. Without
     # either: our stargz-store, named "default".
@@ -115,7 +116,10 @@ DEFAULT_STORE_COMMAND = (
     "{root}",
     "{mountpoint}",
 )
-STORE_PLACEHOLDERS = frozenset({"config", "root", "mountpoint"})
+# Placeholders standing for a store binary the harness builds itself (resolved, and built
+# into the cache when missing, by harness.store_proc.resolve_store_command).
+BUILTIN_STORE_PLACEHOLDERS = frozenset({"go-stargz-store"})
+STORE_PLACEHOLDERS = frozenset({"config", "root", "mountpoint"}) | BUILTIN_STORE_PLACEHOLDERS
 
 
 class ScenarioError(UserError):

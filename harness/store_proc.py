@@ -3,7 +3,8 @@
 Each lazy measurement starts the store afresh with an empty cache directory, so no chunk fetched
 for one sample makes the next one faster. The store is any ALS-compatible command (ours,
 ``stargz-store``, by default; the Go ``stargz-store`` works with the same config file), given as
-a template with ``{config}``, ``{root}`` and ``{mountpoint}`` placeholders.
+a template with ``{config}``, ``{root}`` and ``{mountpoint}`` placeholders; ``{go-stargz-store}``
+names the reference Go store, which the harness builds itself (:func:`resolve_store_command`).
 
 The harness writes the store's config (Go ``stargz-store`` TOML keys, which ours reads too):
 the registry is plain HTTP, so it gets a ``[[resolver.host."HOST".mirrors]]`` entry with
@@ -27,17 +28,63 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.processes import Service, free_port, kill_group, signal_group, wait_quietly
-from harness.scenario import DEFAULT_STORE_COMMAND
+from harness.scenario import BUILTIN_STORE_PLACEHOLDERS, DEFAULT_STORE_COMMAND
 
 
 class StoreError(RuntimeError):
     """The store did not start, did not mount in time, or could not be stopped."""
+
+
+def resolve_store_command(
+    command: Sequence[str], progress: Callable[[str], None] | None = None
+) -> tuple[str, ...]:
+    """``command`` with the built-in store placeholders replaced by their binaries' paths.
+
+    ``{go-stargz-store}`` becomes the reference Go store built by :func:`harness.gostore.build`
+    (built into the cache first when missing; ``progress`` receives a line then). The
+    per-measurement placeholders (``{config}``, ``{root}``, ``{mountpoint}``) are left as they
+    are. Idempotent; call it while preparing a run so no build happens during a measurement.
+    Raises :class:`StoreError` when the build fails, with the compiler's message.
+    """
+    import string
+
+    used = {
+        name
+        for arg in command
+        for _, name, _, _ in string.Formatter().parse(arg)
+        if name in BUILTIN_STORE_PLACEHOLDERS
+    }
+    if not used:
+        return tuple(command)
+    paths = {name: str(_builtin_store(name, progress)) for name in used}
+    out = []
+    for arg in command:
+        for name, path in paths.items():
+            arg = arg.replace("{" + name + "}", path)
+        out.append(arg)
+    return tuple(out)
+
+
+_built: dict[str, Path] = {}
+
+
+def _builtin_store(name: str, progress: Callable[[str], None] | None) -> Path:
+    """The binary of a built-in store placeholder, built once per process."""
+    if name not in _built:
+        from harness.gostore import GoStoreBuildError, build
+
+        assert name == "go-stargz-store", name
+        try:
+            _built[name] = build(progress=progress)
+        except GoStoreBuildError as exc:
+            raise StoreError(f"{{{name}}}: {exc}") from None
+    return _built[name]
 
 
 def _toml_str(value: str) -> str:
@@ -128,7 +175,7 @@ class StoreProcess(Service):
             "root": str(self.root),
             "mountpoint": str(self.mountpoint),
         }
-        argv = [arg.format(**values) for arg in self.command]
+        argv = [arg.format(**values) for arg in resolve_store_command(self.command)]
         # Our own console script sits beside this interpreter even when its venv is not on PATH.
         exe = shutil.which(argv[0]) or shutil.which(argv[0], path=str(Path(sys.executable).parent))
         if exe is None:

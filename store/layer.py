@@ -502,6 +502,41 @@ class Layer:
 
     # -- background work ---------------------------------------------------------------------
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The layer's own nursery, for its prefetch, background fetch and read-ahead; start
+        it with ``await nursery.start(layer.run)``. It lives until :meth:`release` cancels it
+        with everything in it."""
+        with trio.CancelScope() as scope:
+            self.cancel_scope = scope
+            if self.released:
+                scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def start_prefetch(self, limiter: trio.CapacityLimiter, timeout: float) -> None:
+        """Start :meth:`prefetch` in the layer's nursery (nothing once released)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self.prefetch, limiter, timeout)
+
+    def start_background(
+        self,
+        *,
+        prefetch: bool,
+        background: bool,
+        limiter: trio.CapacityLimiter,
+        prefetch_timeout: float,
+    ) -> None:
+        """Start :meth:`run_background`'s work in the layer's nursery (nothing once released)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(
+                self._background_work, prefetch, background, limiter, prefetch_timeout
+            )
+
     async def run_background(
         self,
         *,
@@ -510,18 +545,30 @@ class Layer:
         limiter: trio.CapacityLimiter,
         prefetch_timeout: float,
     ) -> None:
-        """Prefetch the landmark region, then fetch the rest; yields to on-demand reads."""
-        with trio.CancelScope() as scope:
-            self.cancel_scope = scope
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                if prefetch:
-                    await self.prefetch(limiter, prefetch_timeout)
-                self.stats.prefetch_done = True
-                if background:
-                    await self._background(limiter)
-                    self.stats.background_done = True
-                await trio.sleep_forever()  # keep the nursery for read-ahead tasks
+        """Prefetch the landmark region, then fetch the rest; yields to on-demand reads.
+        Runs the layer's nursery (:meth:`run`) until :meth:`release`."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            self.start_background(
+                prefetch=prefetch,
+                background=background,
+                limiter=limiter,
+                prefetch_timeout=prefetch_timeout,
+            )
+
+    async def _background_work(
+        self,
+        prefetch: bool,
+        background: bool,
+        limiter: trio.CapacityLimiter,
+        prefetch_timeout: float,
+    ) -> None:
+        if prefetch:
+            await self.prefetch(limiter, prefetch_timeout)
+        self.stats.prefetch_done = True
+        if background:
+            await self._background(limiter)
+            self.stats.background_done = True
 
     async def prefetch(self, limiter: trio.CapacityLimiter, timeout: float) -> None:
         """Fetch the region before the landmark once; a second caller waits for the first.

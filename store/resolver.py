@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
 import functools
 import json
 import logging
@@ -177,6 +178,31 @@ class _Task:
     error: BaseException | None = None
 
 
+class LayerPhase(enum.Enum):
+    """Where one layer (keyed by its blob digest) is in its life."""
+
+    LOADING = "loading"  # footer + TOC being fetched, verified and parsed
+    LOADED = "loaded"  # loaded with its image, not looked up yet: expires after early_ttl
+    RESOLVED = "resolved"  # looked up: listed, counted, background-fetched
+    FAILED = "failed"  # the load failed: the next lookup loads it again
+    REFUSED = "refused"  # the layer's own bytes are invalid: final, answered at once
+    RELEASED = "released"  # no references left, or expired: the next lookup loads afresh
+
+
+@dataclass
+class _LayerState:
+    """One layer's state machine. ``LOADING`` → ``LOADED`` (loaded with its image) or
+    ``RESOLVED`` (looked up meanwhile) or ``FAILED`` / ``REFUSED``; ``LOADED`` → ``RESOLVED``
+    on its first lookup, or ``RELEASED`` when it expires; ``RESOLVED`` → ``RELEASED`` when
+    its last reference goes. Every transition happens in :class:`LayerManager`."""
+
+    phase: LayerPhase = LayerPhase.LOADING
+    settled: trio.Event = field(default_factory=trio.Event)  # set when LOADING ends
+    wanted: bool = False  # looked up (while loading: resolve as soon as loaded)
+    layer: Layer | None = None
+    error: BaseException | None = None
+
+
 # Resolved images (manifest, config, layer list) kept for later lookups, least recently used
 # dropped first: the Go stargz-store's pool of resolved references keeps 30 too.
 IMAGE_CACHE_ENTRIES = 30
@@ -204,7 +230,11 @@ class _LRU(OrderedDict[str, _Task]):
 
 @dataclass
 class LayerManager:
-    """Resolves images and layers, counts references, keeps per-layer status."""
+    """Resolves images and layers, counts references, keeps per-layer status.
+
+    Images: a bounded LRU of shared resolutions. Layers: one :class:`LayerPhase` state
+    machine per blob digest (:class:`_LayerState`); each loaded layer runs its background
+    work in its own nursery, cancelled whole when the layer is released."""
 
     config: StoreConfig
     registry: RegistryAccess
@@ -214,8 +244,7 @@ class LayerManager:
     on_file_access: Callable[[Layer, Any], None] | None = None
     on_read: Callable[[Layer], None] | None = None
     _images: _LRU = field(default_factory=lambda: _LRU(IMAGE_CACHE_ENTRIES))
-    _layers: dict[str, _Task] = field(default_factory=dict)
-    _indexes: dict[str, _Task] = field(default_factory=dict)
+    _states: dict[str, _LayerState] = field(default_factory=dict)
     _refcount: dict[str, int] = field(default_factory=dict)
     # (ref, lookup name) → blob digest of each counted layer: a release still finds its layer
     # after the image left the LRU (the name may be a TOC digest).
@@ -302,34 +331,68 @@ class LayerManager:
         footer+TOC costs a ranged request (a few round trips and ~1 MiB on a slow link);
         overlapping them as soon as the manifest is known turns N waits into about one. The
         prioritized files (the region before the landmark) start downloading then too, while
-        the runtime is still walking the layers. Such an early layer is not counted, listed
-        or background-fetched until it is looked up, which picks it up from this table.
+        the runtime is still walking the layers. Such an early layer (``LOADED``) is not
+        counted, listed or background-fetched until it is looked up.
         """
         for desc in image.layers:
-            if desc.toc_digest is None or desc.digest in self._indexes:
+            if desc.toc_digest is None:
                 continue
-            if desc.digest in self._layers:
+            state = self._states.get(desc.digest)
+            if state is not None and state.phase not in (LayerPhase.FAILED, LayerPhase.RELEASED):
                 continue
-            task = self._indexes[desc.digest] = _Task()
-            self.nursery.start_soon(self._run, task, partial(self._early_layer, image.ref, desc))
-            self.nursery.start_soon(self._expire_early, desc.digest, task)
+            state = self._load(image.ref, desc, early=True)
+            self.nursery.start_soon(self._expire_early, desc.digest, state)
 
-    async def _expire_early(self, digest: str, task: _Task) -> None:
+    def _load(self, ref: str, desc: LayerDesc, *, early: bool) -> _LayerState:
+        state = self._states[desc.digest] = _LayerState(wanted=not early)
+        self.nursery.start_soon(self._run_load, ref, desc, state, early)
+        return state
+
+    async def _run_load(self, ref: str, desc: LayerDesc, state: _LayerState, early: bool) -> None:
+        try:
+            layer = await self._new_layer(ref, desc)
+        except Exception as exc:
+            state.error = exc
+            if state.phase is LayerPhase.LOADING:
+                refused = isinstance(exc, LayerRefused)
+                state.phase = LayerPhase.REFUSED if refused else LayerPhase.FAILED
+            return
+        finally:
+            state.settled.set()
+        state.layer = layer
+        if state.phase is LayerPhase.RELEASED:  # its last reference went while it loaded
+            layer.release()
+            return
+        state.phase = LayerPhase.LOADED
+        if early:
+            log.debug("layer %s of %s loaded before its lookup", desc.digest, ref)
+            if not self.config.noprefetch:
+                assert self._limiter is not None
+                layer.start_prefetch(self._limiter, self.config.prefetch_timeout_sec)
+        if state.wanted:
+            self._resolve(ref, desc, state)
+
+    def _resolve(self, ref: str, desc: LayerDesc, state: _LayerState) -> None:
+        """``LOADED`` → ``RESOLVED``: the layer is looked up; its background fetch starts."""
+        assert state.layer is not None and self._limiter is not None
+        state.phase = LayerPhase.RESOLVED
+        state.layer.start_background(
+            prefetch=not self.config.noprefetch,
+            background=not self.config.no_background_fetch,
+            limiter=self._limiter,
+            prefetch_timeout=self.config.prefetch_timeout_sec,
+        )
+        log.info("layer %s of %s resolved: %d nodes", desc.digest, ref, len(state.layer.tree.nodes))
+
+    async def _expire_early(self, digest: str, state: _LayerState) -> None:
         await trio.sleep(self.early_ttl)
-        if self._indexes.get(digest) is not task:
-            return  # looked up meanwhile: it is a counted layer now
-        del self._indexes[digest]
-        if task.done.is_set() and task.error is None:
-            task.value.release()
+        if self._states.get(digest) is not state or state.wanted:
+            return  # looked up meanwhile (or replaced)
+        del self._states[digest]
+        if state.layer is not None:
+            state.layer.release()
+        state.phase = LayerPhase.RELEASED
         log.info("layer %s was loaded with its image but never looked up: dropped", digest)
-
-    async def _early_layer(self, ref: str, desc: LayerDesc) -> Layer:
-        layer = await self._new_layer(ref, desc)
-        log.debug("layer %s of %s loaded before its lookup", desc.digest, ref)
-        if not self.config.noprefetch:
-            assert self._limiter is not None
-            self.nursery.start_soon(layer.prefetch, self._limiter, self.config.prefetch_timeout_sec)
-        return layer
 
     async def layer_info(self, ref: str, digest: str) -> dict[str, Any]:
         """The ``info`` JSON for the protocol generation the lookup name implies."""
@@ -370,29 +433,27 @@ class LayerManager:
     async def get_layer(self, ref: str, digest: str) -> Layer:
         image = await self.image(ref)
         desc = image.servable(digest)[0]
-        task = self._layers.get(desc.digest)
-        # A layer released earlier and wanted again is resolved afresh.
-        if task is not None and task.done.is_set() and task.error is None and task.value.released:
-            del self._layers[desc.digest]
-        return await self._shared(
-            self._layers,
-            desc.digest,
-            lambda: self._resolve_layer(ref, desc),
-            f"layer {ref}/{desc.digest}",
-        )
-
-    async def _resolve_layer(self, ref: str, desc: LayerDesc) -> Layer:
-        early = self._indexes.pop(desc.digest, None)
-        if early is None:
-            layer = await self._new_layer(ref, desc)
-        else:
-            await early.done.wait()
-            if early.error is not None:
-                raise early.error
-            layer = early.value
-        self.nursery.start_soon(self._background, layer)
-        log.info("layer %s of %s resolved: %d nodes", desc.digest, ref, len(layer.tree.nodes))
-        return layer
+        state = self._states.get(desc.digest)
+        if state is not None and state.phase is LayerPhase.FAILED and not state.wanted:
+            state.wanted = True  # an early load's failure answers its first lookup
+        elif state is None or state.phase in (LayerPhase.FAILED, LayerPhase.RELEASED):
+            # A layer whose load failed, or that was released, is loaded afresh.
+            state = self._load(ref, desc, early=False)
+        elif not state.wanted:
+            state.wanted = True
+            if state.phase is LayerPhase.LOADED:
+                self._resolve(ref, desc, state)
+        what = f"layer {ref}/{desc.digest}"
+        with trio.move_on_after(self.config.resolve_timeout_sec):
+            await state.settled.wait()
+        if not state.settled.is_set():
+            raise ResolveTimeout(f"{what}: no answer within {self.config.resolve_timeout_sec}s")
+        if state.error is not None:
+            if isinstance(state.error, ResolveError):
+                raise type(state.error)(str(state.error))
+            raise ResolveError(f"{what}: {state.error}")
+        assert state.layer is not None
+        return state.layer
 
     async def _new_layer(self, ref: str, desc: LayerDesc) -> Layer:
         assert desc.toc_digest is not None
@@ -481,14 +542,19 @@ class LayerManager:
                 return found[0].digest
         return digest
 
+    def _key(self, ref: str, digest: str) -> str:
+        return self._counted.get((ref, digest)) or self._blob_key(ref, digest)
+
     def use(self, ref: str, digest: str) -> int:
-        key = self._counted.get((ref, digest)) or self._blob_key(ref, digest)
+        key = self._key(ref, digest)
         self._counted[(ref, digest)] = key
         self._refcount[key] = self._refcount.get(key, 0) + 1
         return self._refcount[key]
 
     def release(self, ref: str, digest: str) -> int:
-        key = self._counted.get((ref, digest)) or self._blob_key(ref, digest)
+        """Drop a reference; at zero a looked-up layer goes (``RELEASED``): its background
+        work is cancelled and its memory freed, its chunks stay in the disk cache."""
+        key = self._key(ref, digest)
         count = self._refcount.get(key, 0) - 1
         if count > 0:
             self._refcount[key] = count
@@ -496,19 +562,27 @@ class LayerManager:
         self._refcount.pop(key, None)
         for name in [n for n, k in self._counted.items() if k == key]:
             del self._counted[name]
-        task = self._layers.pop(key, None)
-        if task is not None and task.done.is_set() and task.error is None:
-            task.value.release()
-            self.released.append(key)
-            log.info("layer %s released: no references left", key)
+        state = self._states.get(key)
+        if state is not None and state.wanted:
+            del self._states[key]
+            loaded = state.phase is LayerPhase.RESOLVED
+            state.phase = LayerPhase.RELEASED
+            if state.layer is not None:
+                state.layer.release()
+            if loaded:
+                self.released.append(key)
+                log.info("layer %s released: no references left", key)
         return 0
 
     def refcount(self, ref: str, digest: str) -> int:
-        key = self._counted.get((ref, digest)) or self._blob_key(ref, digest)
-        return self._refcount.get(key, 0)
+        return self._refcount.get(self._key(ref, digest), 0)
 
     def layers(self) -> list[Layer]:
-        return [t.value for t in self._layers.values() if t.done.is_set() and t.error is None]
+        return [
+            s.layer
+            for s in self._states.values()
+            if s.phase is LayerPhase.RESOLVED and s.layer is not None
+        ]
 
     def status(self) -> dict[str, Any]:
         out = {}

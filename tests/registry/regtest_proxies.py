@@ -164,7 +164,10 @@ class HttpFaultProxy:
         for k, v in resp.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                 h.send_header(k, v)
-        h.send_header("Content-Length", str(len(data)))
+        # A HEAD answer carries the length a GET would have (RFC 9110 §9.3.2): clients size
+        # the manifest they fetch next from it (containerd's resolver does).
+        upstream_length = resp.getheader("Content-Length") if h.command == "HEAD" else None
+        h.send_header("Content-Length", upstream_length or str(len(data)))
         h.end_headers()
         if h.command != "HEAD":
             h.wfile.write(data)

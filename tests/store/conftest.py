@@ -41,10 +41,25 @@ def _mounted(path: Path) -> bool:
         return any(line.split()[4] == real for line in f)
 
 
-class StoreProcess:
-    """``python -m store`` on a mountpoint, with its config; always unmounted on stop."""
+STORE_IMPLS = ("ours", "go")
+# What each store logs when a chunk does not match its TOC digest.
+VERIFICATION_FAILED_LOG = {"ours": "chunk verification failed", "go": "not verified"}
 
-    def __init__(self, workdir: Path, config: str = "") -> None:
+
+class StoreProcess:
+    """A layer store on a mountpoint, with its config; always unmounted on stop.
+
+    ``impl`` is ``ours`` (``python -m store``) or ``go`` (the reference Go store, whose binary
+    is given as ``go_binary``).
+    """
+
+    def __init__(
+        self, workdir: Path, config: str = "", impl: str = "ours", go_binary: Path | None = None
+    ) -> None:
+        if impl not in STORE_IMPLS or (impl == "go") != (go_binary is not None):
+            raise ValueError(f"store impl {impl!r} (go_binary={go_binary})")
+        self.impl = impl
+        self.go_binary = go_binary
         self.workdir = workdir
         self.mnt = workdir / "mnt"
         self.mnt.mkdir(parents=True, exist_ok=True)
@@ -54,11 +69,10 @@ class StoreProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> StoreProcess:
+        exe = [str(self.go_binary)] if self.impl == "go" else [sys.executable, "-m", "store"]
         self.proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "store",
+                *exe,
                 "--config",
                 str(self.config),
                 "--root",
@@ -79,6 +93,11 @@ class StoreProcess:
         return self
 
     def _serving(self) -> bool:
+        if self.impl == "go":  # no status file: a live mount (a dead one fails stat) serves
+            try:
+                return _mounted(self.mnt) and os.stat(self.mnt) is not None
+            except OSError:
+                return False
         try:
             return (self.mnt / "status").read_bytes().startswith(b"{")
         except OSError:  # a stale mount from an earlier run, not cleaned yet
@@ -97,12 +116,18 @@ class StoreProcess:
         if _mounted(self.mnt):
             subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
 
+    @property
+    def verification_failed_log(self) -> str:
+        return VERIFICATION_FAILED_LOG[self.impl]
+
     def layer_dir(self, ref: str, digest: str) -> Path:
         return self.mnt / base64.b64encode(ref.encode()).decode() / digest
 
     def status(self) -> dict:
+        """Our store's ``status`` file (the Go store has none)."""
         import json
 
+        assert self.impl == "ours", "only our store has a status file"
         return json.loads((self.mnt / "status").read_text())
 
 
@@ -116,12 +141,56 @@ def registry(tmp_path: Path) -> Iterator[object]:
         yield reg
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that uses ``store_impl`` (through ``store_factory``) runs against each store,
+    except those marked ``store_ours_only(reason)`` for a feature the Go store lacks."""
+    if "store_impl" in metafunc.fixturenames:
+        ours_only = metafunc.definition.get_closest_marker("store_ours_only")
+        if ours_only is not None and not (ours_only.args or ours_only.kwargs.get("reason")):
+            raise pytest.UsageError(f"{metafunc.definition.nodeid}: store_ours_only needs a reason")
+        impls = ["ours"] if ours_only else list(STORE_IMPLS)
+        metafunc.parametrize("store_impl", impls, indirect=True)
+
+
+GO_NEEDS_PODMAN_4 = (
+    "podman >= 5 looks layers up by TOC digest, which the Go store v0.12 does not know "
+    "('unknown digest'): every layer is pulled in full"
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The Go store runs under the host's podman 4.3 only (see GO_NEEDS_PODMAN_4): its tests
+    on the newer runtime nodes are skipped, with that reason."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("store_impl") == "go" and params.get("runtime_node", "host") != "host":
+            item.add_marker(pytest.mark.skip(reason=f"go store: {GO_NEEDS_PODMAN_4}"))
+
+
 @pytest.fixture
-def store_factory(tmp_path: Path) -> Iterator[object]:
+def store_impl(request: pytest.FixtureRequest) -> str:
+    """``ours`` or ``go``: which store the test mounts (parametrized by pytest_generate_tests)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def go_store_binary() -> Path:
+    """The reference Go store, built (or found in the cache) once per session by the same
+    function as ``lazybench stores build go``. A failed build fails the tests; nothing skips."""
+    from harness.gostore import build
+
+    return build()
+
+
+@pytest.fixture
+def store_factory(
+    tmp_path: Path, store_impl: str, request: pytest.FixtureRequest
+) -> Iterator[object]:
     started: list[StoreProcess] = []
+    go_binary = request.getfixturevalue("go_store_binary") if store_impl == "go" else None
 
     def make(config: str = "", name: str = "store") -> StoreProcess:
-        sp = StoreProcess(tmp_path / name, config)
+        sp = StoreProcess(tmp_path / name, config, impl=store_impl, go_binary=go_binary)
         started.append(sp)
         return sp.start()
 

@@ -142,3 +142,13 @@ def test_request_timeout_is_a_share_of_the_fetch_bound():
     assert request_timeout(StoreConfig(fetching_timeout_sec=15, max_retries=8)) == 15 / 9
     assert request_timeout(StoreConfig(fetching_timeout_sec=2, max_retries=5)) == 1  # floor
     assert request_timeout(StoreConfig(fetching_timeout_sec=10, max_retries=-1)) == 10
+
+
+@pytest.mark.e2e
+def test_sigterm_unmounts_and_exits_0(store_factory) -> None:
+    from tests.store.conftest import _mounted
+
+    sp = store_factory()
+    sp.proc.terminate()
+    assert sp.proc.wait(15) == 0
+    assert not _mounted(sp.mnt)

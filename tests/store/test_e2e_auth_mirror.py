@@ -2,7 +2,8 @@
 
 The registry client's own tests cover auth and mirrors request by request; these check that
 the store process picks them up the way a user configures them: credentials from the auth
-file podman uses (``REGISTRY_AUTH_FILE``), mirrors from the Go store's
+file podman uses (``REGISTRY_AUTH_FILE``; the Go store reads the same file as the docker
+config, ``DOCKER_CONFIG/config.json``), mirrors from the Go store's
 ``[[resolver.host."ORIGIN".mirrors]]`` table.
 """
 
@@ -44,9 +45,11 @@ def test_lazy_pull_from_a_registry_that_needs_credentials(
     ) as registry:
         host = registry.host
         # One auth file for all three, as a user would have it: our push, the store, podman.
-        monkeypatch.setenv(
-            "REGISTRY_AUTH_FILE", str(_auth_file(tmp_path / "auth.json", host, "alice", "s3cret"))
-        )
+        auth = _auth_file(tmp_path / "auth.json", host, "alice", "s3cret")
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        (tmp_path / "docker").mkdir()
+        (tmp_path / "docker" / "config.json").symlink_to(auth)
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
         ref, blobs = push_two_layer_estargz(host, "auth/img", layers)
         store = store_factory()
         mark = registry.log_mark()
@@ -62,10 +65,11 @@ def test_lazy_pull_from_a_registry_that_needs_credentials(
                 "hello from upper\n"
             )
         served = registry.access_log_since(mark)
-        # The store's range reads (its own user agent) were answered, so it sent credentials.
+        # The store's range reads were answered (podman reads no ranges), so it sent
+        # credentials.
         layer_digests = {b.digest for b in blobs}
-        ours = [r for r in served if r.user_agent.startswith("lazybench") and r.kind == "blobs"]
-        assert any(r.status == 206 and r.digest in layer_digests for r in ours)
+        ranges = [r for r in served if r.kind == "blobs" and r.status == 206]
+        assert any(r.digest in layer_digests for r in ranges)
 
 
 def test_store_reads_layers_through_a_mirror_when_the_origin_is_down(
@@ -93,6 +97,10 @@ def test_store_reads_layers_through_a_mirror_when_the_origin_is_down(
 
 @pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")
 @pytest.mark.parametrize("auth", ["htpasswd", "token"])
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 has no credentials socket for stargz-store-helper to hand "
+    "podman's credentials to"
+)
 def test_credentials_reach_the_store_only_through_podmans_auth_helper(
     auth, tmp_path, store_factory, layers, monkeypatch, runtime_node, podman_env
 ):

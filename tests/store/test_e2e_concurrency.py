@@ -80,6 +80,10 @@ def _in_threads(n: int, work: Callable[[int], object], timeout: float) -> list[o
     return results
 
 
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 fetches a chunk more than once under parallel readers "
+    "(seen: 1, 2, 3, 4, 0 fetches for the file's five chunks)"
+)
 def test_a_hundred_parallel_readers_of_one_file(recorded, store_factory, layers):
     big = layers["big"]
     blob = to_estargz(layers["lower"])
@@ -109,6 +113,10 @@ def test_a_hundred_parallel_readers_of_one_file(recorded, store_factory, layers)
     assert _fetches_per_chunk(recorded, blob, "big") == [1] * 5  # 1.2 MB in 256 KiB chunks
 
 
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 gives nodes of different layers the same inode numbers "
+    "(seen: 52 distinct numbers for 114 nodes)"
+)
 def test_inode_numbers_unique_across_layers(recorded, store_factory, layers):
     """One inode number, one object: a file of a layer as one image sees it (images sharing
     a layer each get their own numbers for its tree, so no directory has two parents), a
@@ -138,6 +146,10 @@ def test_inode_numbers_unique_across_layers(recorded, store_factory, layers):
 
 
 @pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")
+@pytest.mark.store_ours_only(
+    reason="checks the layer count in our store's status file (the Go store has none) and one "
+    "fetch per chunk, which the Go store v0.12 does not keep under parallel reads"
+)
 def test_eight_images_sharing_layers_pulled_and_run_in_parallel(
     recorded, store_factory, layers, tmp_path
 ):

@@ -47,6 +47,10 @@ def _wait_for(path, timeout: float) -> bool:
     return False
 
 
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 does not clean a stale mount: restarted on the dead mountpoint, "
+    "fusermount fails (transport endpoint is not connected) until it is unmounted"
+)
 def test_sigkill_under_a_running_container_then_restart(registry, store_factory, layers, tmp_path):
     host = registry.host
     cold = to_estargz(make_tar(lambda t: add_file(t, "cold", COLD)))

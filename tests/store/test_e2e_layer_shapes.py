@@ -25,6 +25,10 @@ pytestmark = [
 ]
 
 
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 does not apply a whiteout of a directory its own layer also "
+    "holds: the lower layer's case/a/file stays visible"
+)
 def test_same_layer_whiteout_hides_only_the_lower_layer(registry, store_factory, tmp_path):
     """Lower ``case/a/file``; upper ``case/``, ``case/a/``, ``case/a/newfile``, ``case/.wh.a``
     (whiteout after the directory it names). The whiteout deletes the lower ``case/a``; the

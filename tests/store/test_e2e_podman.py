@@ -79,9 +79,11 @@ def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
         assert out.stdout == "hello from upper\n"
         lazy_listing = env.run(ref, "/bin/sh", "-c", LISTING, timeout=300).stdout
         assert full_blob_gets(registry, mark, blobs) == []
-        status = store.status()
-        assert len(status["layers"]) == 2
-        assert all(s["refcount"] >= 1 for s in status["layers"].values())
+        # Reference counts are shown by our store's status file (the Go store has none).
+        if store.impl == "ours":
+            status = store.status()
+            assert len(status["layers"]) == 2
+            assert all(s["refcount"] >= 1 for s in status["layers"].values())
 
         # podman save reproduces the layers: the saved (uncompressed) layer tars hash to the
         # config's diff IDs.
@@ -99,17 +101,19 @@ def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
                     digests.append("sha256:" + hashlib.sha256(layer).hexdigest())
             assert digests == [b.diff_id for b in blobs]
 
-        # rmi releases both layers (never, where the runtime lost their records).
+        # rmi releases both layers (never, where the runtime lost their records), as our
+        # store's status file shows.
         env.podman("rmi", "-f", ref, timeout=120)
-        deadline = time.monotonic() + (3 if lost else 10)
-        while store.status()["layers"] and time.monotonic() < deadline:
-            time.sleep(0.2)
-        status = store.status()
-        if lost:
-            assert len(status["layers"]) == 2 and status["released"] == []
-        else:
-            assert status["layers"] == {}
-            assert sorted(status["released"]) == sorted(b.digest for b in blobs)
+        if store.impl == "ours":
+            deadline = time.monotonic() + (3 if lost else 10)
+            while store.status()["layers"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            status = store.status()
+            if lost:
+                assert len(status["layers"]) == 2 and status["released"] == []
+            else:
+                assert status["layers"] == {}
+                assert sorted(status["released"]) == sorted(b.digest for b in blobs)
 
     with podman_env(tmp_path / "full", insecure_registries=[host]) as env:
         env.pull(ref, timeout=120)
@@ -117,7 +121,25 @@ def test_lazy_pull_runs_without_full_blob_get_and_matches_full_pull(
     assert "/data/a|" not in full_listing and "/opq/old|" not in full_listing
     assert "/opq/new|" in full_listing and "/bin/suid|regular file 4755" in full_listing
     lazy_set, full_set = set(lazy_listing.splitlines()), set(full_listing.splitlines())
+    if store.impl == "go":
+        lazy_set, full_set = _go_deviations_removed(lazy_set), _go_deviations_removed(full_set)
     assert lazy_set == full_set, (sorted(lazy_set - full_set), sorted(full_set - lazy_set))
+
+
+def _go_deviations_removed(listing: set[str]) -> set[str]:
+    """The LISTING lines without what the Go store v0.12 shows differently from a full pull
+    (and ours does not): directories of size 0 instead of 4096, and the layer root, which has
+    no tar entry here, as mode 755 where containers/storage creates it 555."""
+    out = set()
+    for line in listing:
+        path, stat, digest = line.split("|")
+        kind, mode, uid, gid, size = stat.rsplit(" ", 4)
+        if kind == "directory":
+            size = "-"
+            if path == "/":
+                mode = "-"
+        out.add(f"{path}|{kind} {mode} {uid} {gid} {size}|{digest}")
+    return out
 
 
 def test_gzip_image_falls_back_quickly_and_toc_mismatch_is_refused(
@@ -129,12 +151,14 @@ def test_gzip_image_falls_back_quickly_and_toc_mismatch_is_refused(
     push(host, "badtoc/img", "1", bad, toc_override={0: "sha256:" + "ab" * 32})
     store = store_factory("resolve_timeout_sec = 5\n")
 
-    # Filesystem level: lookups answer promptly.
+    # Filesystem level: lookups answer promptly. A layer that is not eStargz is "not here"
+    # for ours (ENOENT); the Go store answers EIO for it as for a refused one.
     plain_ref = f"{host}/plain/img:1"
     gz = to_gzip(layers["lower"])
     start = time.monotonic()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OSError) as exc:
         os.stat(store.layer_dir(plain_ref, gz.digest) / "diff")
+    assert exc.value.errno == (errno.ENOENT if store.impl == "ours" else errno.EIO)
     assert time.monotonic() - start < 5
     with pytest.raises(OSError) as exc:
         os.stat(store.layer_dir(f"{host}/badtoc/img:1", bad[0].digest) / "diff")
@@ -173,7 +197,7 @@ def test_corrupted_chunk_gives_eio(registry, store_factory, tmp_path, layers):
         (diff / "big").read_bytes()
     assert exc.value.errno == errno.EIO
     assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"
-    assert "chunk verification failed" in store.log.read_text()
+    assert store.verification_failed_log in store.log.read_text()
 
 
 def test_corrupted_chunk_is_eio_inside_the_container(
@@ -197,9 +221,13 @@ def test_corrupted_chunk_is_eio_inside_the_container(
         bad = env.podman("run", "--rm", "--network=none", ref, "/bin/cat", "/big", check=False)
         assert bad.returncode != 0
         assert "Input/output error" in bad.stderr, bad.stderr[-500:]
-    assert "chunk verification failed" in store.log.read_text()
+    assert store.verification_failed_log in store.log.read_text()
 
 
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 knows layers by compressed digest only (no TOC-digest lookup), "
+    "and has no status file, metrics endpoint or access trace"
+)
 def test_new_protocol_by_toc_digest(registry, store_factory, layers, tmp_path):
     host = registry.host
     blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
@@ -228,25 +256,46 @@ def test_new_protocol_by_toc_digest(registry, store_factory, layers, tmp_path):
     with pytest.raises(FileNotFoundError):
         os.rmdir(d)
     assert store.status()["layers"] == {}
-    # Old generation of the same layer: info by compressed digest.
-    old = json.loads((store.layer_dir(ref, blobs[1].digest) / "info").read_text())
-    assert old["compressed-diff-digest"] == blobs[1].digest
-    assert old["diff-digest"] == blobs[1].diff_id
-    assert old["compressed-size"] == len(blobs[1].data) and old["compression"] == 2
     # Metrics and the access trace saw the reads.
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert f'stargz_store_fetched_bytes_total{{layer="{blobs[0].digest}"}}' in metrics
     assert f'stargz_store_on_demand_reads_total{{layer="{blobs[0].digest}"}}' in metrics
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
     assert {"layer": blobs[0].digest, "path": "etc/hello"}.items() <= lines[0].items()
-    # Overlay conventions on the upper layer.
+    # The layer's files by TOC digest are those by compressed digest (checked below for both
+    # stores).
     up = store.layer_dir(ref, blobs[1].toc_digest) / "diff"
+    assert (up / "etc" / "hello").read_bytes() == b"hello from upper\n"
+
+
+def test_layer_directory_by_compressed_digest(registry, store_factory, layers):
+    """The layer directory as podman 4.3 looks it up: ``info``, ``blob`` and ``diff`` with the
+    overlay conventions (whiteouts as 0/0 character devices, opaque directories by xattr)."""
+    host = registry.host
+    blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
+    push(host, "old/img", "1", blobs)
+    ref = f"{host}/old/img:1"
+    store = store_factory()
+    d = store.layer_dir(ref, blobs[1].digest)
+    info = json.loads((d / "info").read_text())
+    assert info["compressed-diff-digest"] == blobs[1].digest
+    assert info["diff-digest"] == blobs[1].diff_id
+    assert info["compressed-size"] == len(blobs[1].data) and info["compression"] == 2
+    assert os.stat(d / "blob").st_size == len(blobs[1].data)
+    with open(d / "blob", "rb") as f:
+        assert f.read() == blobs[1].data
+    lower = store.layer_dir(ref, blobs[0].digest) / "diff"
+    assert (lower / "etc" / "hello").read_bytes() == b"hello from lower\n"
+    up = d / "diff"
     st = os.lstat(up / "data" / "a")
     assert os.major(st.st_rdev) == 0 and (st.st_mode & 0o170000) == 0o020000
     assert os.getxattr(up / "opq", "trusted.overlay.opaque") == b"y"
-    with pytest.raises(OSError) as exc:  # the default overlay_opaque_type is "trusted"
-        os.getxattr(up / "opq", "user.overlay.opaque")
-    assert exc.value.errno == errno.ENODATA
+    if store.impl == "ours":
+        with pytest.raises(OSError) as exc:  # the default overlay_opaque_type is "trusted"
+            os.getxattr(up / "opq", "user.overlay.opaque")
+        assert exc.value.errno == errno.ENODATA
+    else:  # the Go store v0.12 always sets both (its OverlayOpaqueAll)
+        assert os.getxattr(up / "opq", "user.overlay.opaque") == b"y"
     with pytest.raises(OSError) as exc:
         os.getxattr(up / "opq", "trusted.overlay.redirect")
     assert exc.value.errno == errno.ENODATA
@@ -279,9 +328,10 @@ def test_two_images_sharing_a_layer_pulled_concurrently(
         for t in threads:
             t.join()
         if lost_lazy_layers(runtime_node):
-            # The same bug: concurrent pulls sharing a layer trip over each other's unsaved
-            # layer records and fail. Pulled one at a time they work (and `run` re-pulls).
-            assert errors and all("layer not known" in str(e) for e in errors), errors
+            # The same bug: concurrent pulls sharing a layer often (not always: it depends on
+            # timing) trip over each other's unsaved layer records and fail with "layer not
+            # known", never otherwise. One at a time they work (and `run` re-pulls anyway).
+            assert all("layer not known" in str(e) for e in errors), errors
             for ref in refs:
                 env.pull(ref, timeout=180)
         else:
@@ -311,6 +361,10 @@ def _opaque_case_layers() -> list[bytes]:
 @pytest.mark.parametrize(
     ("pull", "leaks"),
     [("lazy", False), ("normal", False), ("lazy-all", True)],
+)
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 has no overlay_opaque_type: it always sets user.overlay.opaque "
+    "too, which a commit over the directory keeps"
 )
 def test_commit_over_an_opaque_directory_does_not_depend_on_the_pull(
     registry, store_factory, tmp_path, pull, leaks

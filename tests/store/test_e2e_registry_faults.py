@@ -84,8 +84,25 @@ def faulty(registry, layers) -> Iterator[tuple[HttpFaultProxy, BlobFaults, str, 
         yield proxy, faults, f"{proxy.host}/faulty/img:1", blobs
 
 
-@pytest.mark.parametrize("fault", FAULTS)
+# Faults the Go store v0.12 recovers from as well (its HTTP client retries them).
+RETRIED_BY_BOTH = ("reset", "5xx", "drip", "full200")
+
+
+@pytest.mark.parametrize("fault", RETRIED_BY_BOTH)
 def test_read_through_a_faulty_link_gets_exact_bytes(faulty, store_factory, layers, fault):
+    _read_through(faulty, store_factory, layers, fault)
+
+
+@pytest.mark.parametrize("fault", [f for f in FAULTS if f not in RETRIED_BY_BOTH])
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 does not retry a truncated, stalled or wrongly ranged answer: "
+    "the read fails with EIO (always for a stall, about every other run for the others)"
+)
+def test_read_through_a_bad_answer_gets_exact_bytes(faulty, store_factory, layers, fault):
+    _read_through(faulty, store_factory, layers, fault)
+
+
+def _read_through(faulty, store_factory, layers, fault: str) -> None:
     proxy, faults, ref, blobs = faulty
     # 5xx come in bursts of three; the others alternate with good answers.
     faults.schedule = (fault, fault, fault, "ok") if fault == "5xx" else (fault, "ok")
@@ -102,8 +119,19 @@ def test_read_through_a_faulty_link_gets_exact_bytes(faulty, store_factory, laye
     assert _whole_layer_gets(proxy, blobs) == []
 
 
-@pytest.mark.parametrize("gone", ["stall", "refused"])
-def test_registry_gone_answers_eio_within_the_bound(faulty, store_factory, layers, gone):
+def test_registry_refusing_answers_eio_within_the_bound(faulty, store_factory, layers):
+    _registry_gone(faulty, store_factory, "refused")
+
+
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 bounds each attempt, not the read: a stalled registry answered "
+    "EIO after 12 s with fetching_timeout_sec = 6, max_retries = 2"
+)
+def test_registry_stalling_answers_eio_within_the_bound(faulty, store_factory, layers):
+    _registry_gone(faulty, store_factory, "stall")
+
+
+def _registry_gone(faulty, store_factory, gone: str) -> None:
     proxy, faults, ref, blobs = faulty
     store = store_factory(GONE_CONFIG)
     diff = store.layer_dir(ref, blobs[0].digest) / "diff"
@@ -121,13 +149,18 @@ def test_registry_gone_answers_eio_within_the_bound(faulty, store_factory, layer
     assert elapsed < GONE_TIMEOUT + 3, elapsed
     # What was read before is still served (from the cache), and the store still answers.
     assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"
-    assert store.status()["layers"]
+    if store.impl == "ours":  # only ours has a status file
+        assert store.status()["layers"]
 
 
 WORKLOAD = "sha256sum /big /etc/hello /bin/busybox | cut -c1-64"
 
 
 @pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")
+@pytest.mark.store_ours_only(
+    reason="under these faults (a stalled request among them) a layer blob is fetched whole "
+    "with the Go store v0.12: that layer is not pulled lazily"
+)
 def test_podman_workload_through_a_faulty_link_then_registry_gone(
     faulty, store_factory, layers, tmp_path
 ):

@@ -192,7 +192,7 @@ async def test_a_layer_loaded_with_its_image_but_never_looked_up_is_dropped(vect
         await manager.image(REF)
         looked_up = await manager.get_layer(REF, reg.digests[0])
         await trio.sleep(0.6)
-        assert manager._indexes == {}  # the two never looked up are gone
+        assert list(manager._states) == [reg.digests[0]]  # the two never looked up are gone
         assert not looked_up.released and manager.layers() == [looked_up]
         again = await manager.get_layer(REF, reg.digests[1])  # loaded afresh on demand
         assert again.digest == reg.digests[1] and not again.released
@@ -310,4 +310,38 @@ async def test_resolved_images_are_a_bounded_lru_and_counts_survive_eviction(vec
         assert manager.released == [reg.meta["digest"]]
         await manager.image(refs[0])  # evicted: resolved again
         assert len(asked) == IMAGE_CACHE_ENTRIES + 2
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_each_layer_is_one_state_machine(vectors_dir, tmp_path):
+    """loading → loaded (with its image) → resolved (looked up); a looked-up layer whose last
+    reference goes while it still loads is released, and its layer let go once loaded."""
+    from store.resolver import LayerPhase, ResolveTimeout
+
+    async with trio.open_nursery() as nursery:
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=0.3)
+        reg = GatedRegistry(vectors_dir)
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        await manager.image(REF)
+
+        def phases() -> dict[str, LayerPhase]:
+            return {d: s.phase for d, s in manager._states.items()}
+
+        assert set(phases().values()) == {LayerPhase.LOADING}
+        first, second = reg.digests[:2]
+        with pytest.raises(ResolveTimeout):
+            await manager.get_layer(REF, second)
+        state = manager._states[second]
+        assert state.wanted and state.phase is LayerPhase.LOADING
+        assert manager.use(REF, second) == 1
+        assert manager.release(REF, second) == 0
+        assert second not in manager._states and state.phase is LayerPhase.RELEASED
+        reg.gate.set()
+        with trio.fail_after(10):
+            while state.layer is None or phases().get(first) is not LayerPhase.LOADED:
+                await trio.sleep(0.01)
+        assert state.layer.released and state.phase is LayerPhase.RELEASED
+        layer = await manager.get_layer(REF, first)
+        assert phases()[first] is LayerPhase.RESOLVED and manager.layers() == [layer]
         nursery.cancel_scope.cancel()

@@ -334,3 +334,31 @@ async def test_ahead_blob_dropped_mid_download_wakes_readers_and_ends_quietly(
         gate.set()  # the registry answers the fallback read (and the cancelled pieces)
     assert got == [blob.data[100:5000]]
     assert ahead._region is None
+
+
+@pytest.mark.anyio
+async def test_release_cancels_the_layers_nursery_with_all_its_work(vectors_dir, tmp_path):
+    """A layer's prefetch, background fetch and read-ahead run in its own nursery (started
+    with ``nursery.start``); release cancels all of it at once and nothing starts after."""
+    layer = await open_layer(vectors_dir, "chunked-1m", tmp_path)
+    stalled = trio.Event()
+
+    async def stall(ranges):
+        stalled.set()
+        await trio.sleep_forever()
+
+    layer.blob.read_ranges = stall  # type: ignore[method-assign]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(layer.run)
+            layer.start_background(
+                prefetch=True,
+                background=True,
+                limiter=trio.CapacityLimiter(1),
+                prefetch_timeout=30,
+            )
+            await stalled.wait()
+            layer.release()
+    assert layer._nursery is None
+    layer.start_prefetch(trio.CapacityLimiter(1), 30)  # released: a no-op
+    assert not layer.stats.background_done
