@@ -69,6 +69,17 @@ def _hardlink_header_differs(image: Image) -> bool:
     return False
 
 
+def _replaces_a_full_directory(image: Image) -> bool:
+    """A non-directory after, in its layer, entries under its name (the Go writer keeps them)."""
+    for layer in image:
+        for i, e in enumerate(layer):
+            if e.kind in ("dir", "whiteout", "opaque") or not e.name:
+                continue
+            if any(t.tar_name.startswith(e.name + "/") for t in layer[:i]):
+                return True
+    return False
+
+
 def _names_its_root(image: Image) -> bool:
     return any(e.kind == "dir" and not e.name for layer in image for e in layer)
 
@@ -120,6 +131,12 @@ KNOWN: list[tuple[str, Callable[[Image], bool]]] = [
         "extraction applies the header to the shared inode after linking, the store keeps the "
         "target's (store/tree.py)",
         _hardlink_header_differs,
+    ),
+    (
+        "a file replacing a directory that holds entries, as the Go writer leaves it in the "
+        "TOC: the store refuses such a layer (store/estargz) and podman pulls it whole, where "
+        "podman's extraction removes the directory and goes on",
+        _replaces_a_full_directory,
     ),
 ]
 
