@@ -7,7 +7,8 @@ reference-counting signals; :mod:`store.fuse_ops` only translates pyfuse3 calls 
 Inode numbers: one monotonically increasing 64-bit counter hands out numbers and never gives
 one back, so a number is never reused (in particular not before the kernel's ``forget``, which
 matters because c/image looks layers up in parallel). A resolved layer takes a contiguous
-block of numbers, ``base + node.index``, so its 100,000 nodes cost no per-inode dict entries.
+block of numbers, ``base + node.index``, so its 100,000 nodes cost no per-inode dict entries;
+each image that reaches a shared layer gets its own block (see :meth:`StoreFS._mount_layer`).
 Synthetic nodes (ref/layer directories, ``info``, ``blob`` …) live in a dict until forgotten.
 
 Errors are :class:`FSError` carrying an errno. Resolution errors map so that the runtime falls
@@ -84,7 +85,11 @@ class Synth:
 
 @dataclass
 class _LayerSlot:
+    """One image's view of a layer: its own block of inode numbers over the shared tree."""
+
     layer: Layer
+    base: int
+    ref: str
     lookups: int = 0
 
 
@@ -98,6 +103,7 @@ class StoreFS:
     _names: dict[tuple[int, str], int] = field(default_factory=dict)
     _bases: list[int] = field(default_factory=list)
     _slots: dict[int, _LayerSlot] = field(default_factory=dict)
+    _views: dict[tuple[str, str], _LayerSlot] = field(default_factory=dict)  # (ref, digest)
     _opaque: tuple[bytes, ...] = ()  # from the config's overlay_opaque_type
 
     def __post_init__(self) -> None:
@@ -117,31 +123,43 @@ class StoreFS:
         self._names[(parent, name)] = node.ino
         return node
 
-    def _mount_layer(self, layer: Layer) -> None:
-        if layer.ino_base and layer.ino_base in self._slots:
-            return
-        layer.ino_base = self._alloc(len(layer.tree.nodes))
-        bisect.insort(self._bases, layer.ino_base)
-        self._slots[layer.ino_base] = _LayerSlot(layer)
+    def _mount_layer(self, layer: Layer, ref: str) -> _LayerSlot:
+        """The inode block of ``layer`` as image ``ref`` sees it.
+
+        Why one block per image and not per layer: images sharing a layer share its tree, but
+        if its directories had one inode number the kernel would see one directory under
+        several parents, and concurrent lookups through two images' paths then fail with
+        ESTALE (``d_splice_alias`` cannot move the alias). The Go store numbers each image's
+        layer apart too (``layerMap`` in ``store/fs.go``).
+        """
+        key = (ref, layer.digest)
+        slot = self._views.get(key)
+        if slot is not None and slot.layer is layer and slot.base in self._slots:
+            return slot
+        slot = _LayerSlot(layer, self._alloc(len(layer.tree.nodes)), ref)
+        bisect.insort(self._bases, slot.base)
+        self._slots[slot.base] = slot
+        self._views[key] = slot
+        return slot
 
     def _layer_of(self, ino: int) -> tuple[_LayerSlot, Node] | None:
         i = bisect.bisect_right(self._bases, ino) - 1
         if i < 0:
             return None
         slot = self._slots[self._bases[i]]
-        idx = ino - slot.layer.ino_base
+        idx = ino - slot.base
         if idx >= len(slot.layer.tree.nodes):
             return None
         return slot, slot.layer.tree.nodes[idx]
 
-    def _layer_dir(self, ino: int) -> tuple[Layer, Node]:
-        """The layer and directory node of ``ino``: ENOENT/ENOTDIR otherwise."""
+    def _layer_dir(self, ino: int) -> tuple[_LayerSlot, Node]:
+        """The layer view and directory node of ``ino``: ENOENT/ENOTDIR otherwise."""
         found = self._layer_of(ino)
         if found is None:
             raise FSError(errno.ENOENT)
         if found[1].children is None:
             raise FSError(errno.ENOTDIR)
-        return found[0].layer, found[1]
+        return found
 
     def _counted(self, attr: Attr) -> Attr:
         """Count one kernel lookup of the returned inode (balanced by :meth:`forget`)."""
@@ -172,8 +190,11 @@ class StoreFS:
     def _maybe_unmount(self, slot: _LayerSlot) -> None:
         """Drop a released layer's tree once the kernel holds none of its inodes."""
         if slot.layer.released and slot.lookups <= 0:
-            base = slot.layer.ino_base
+            base = slot.base
             self._slots.pop(base, None)
+            for key, view in list(self._views.items()):
+                if view is slot:
+                    del self._views[key]
             i = bisect.bisect_left(self._bases, base)
             if i < len(self._bases) and self._bases[i] == base:
                 del self._bases[i]
@@ -198,7 +219,7 @@ class StoreFS:
         found = self._layer_of(ino)
         if found is None:
             raise FSError(errno.ENOENT, f"inode {ino} unknown")
-        return self._node_attr(found[0].layer, found[1])
+        return self._node_attr(found[0], found[1])
 
     def _synth_attr(self, s: Synth) -> Attr:
         if s.kind in ("root", "ref", "layerdir"):
@@ -211,9 +232,9 @@ class StoreFS:
         return Attr(s.ino, FILE_MODE, size=len(s.data))
 
     @staticmethod
-    def _node_attr(layer: Layer, node: Node) -> Attr:
+    def _node_attr(slot: _LayerSlot, node: Node) -> Attr:
         return Attr(
-            ino=layer.ino_base + node.index,
+            ino=slot.base + node.index,
             mode=node.mode,
             size=node.size,
             uid=node.uid,
@@ -232,11 +253,11 @@ class StoreFS:
     async def _lookup(self, parent: int, name: str) -> Attr:
         synth = self._synth.get(parent)
         if synth is None:
-            layer, node = self._layer_dir(parent)
+            slot, node = self._layer_dir(parent)
             child = node.children.get(name.encode("utf-8", "surrogateescape"))
             if child is None:
                 raise FSError(errno.ENOENT)
-            return self._node_attr(layer, child)
+            return self._node_attr(slot, child)
         known = self._names.get((parent, name))
         if known is not None and known in self._synth:
             return self._synth_attr(self._synth[known])
@@ -279,8 +300,7 @@ class StoreFS:
             layer = await self._resolve(self.manager.get_layer(d.ref, d.digest))
             if name == BLOB:
                 return self._synth_attr(self._new_synth(d.ino, name, kind="blob", layer=layer))
-            self._mount_layer(layer)
-            return self._node_attr(layer, layer.tree.root)
+            return self._node_attr(self._mount_layer(layer, d.ref), layer.tree.root)
         raise FSError(errno.ENOENT)  # includes "use": it never exists
 
     async def _resolve(self, awaitable: Any) -> Any:
@@ -332,9 +352,9 @@ class StoreFS:
         """Entries of a directory (the store's skeleton lists nothing: it is lookup-only)."""
         if ino in self._synth:
             return iter(())
-        layer, node = self._layer_dir(ino)
+        slot, node = self._layer_dir(ino)
         return (
-            (name.decode("utf-8", "surrogateescape"), self._node_attr(layer, child))
+            (name.decode("utf-8", "surrogateescape"), self._node_attr(slot, child))
             for name, child in sorted(node.children.items())
         )
 

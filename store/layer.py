@@ -208,7 +208,6 @@ class Layer:
     on_file_access: Callable[[Layer, Node], None] | None = None
     on_read: Callable[[Layer], None] | None = None
     stats: LayerStats = field(default_factory=LayerStats)
-    ino_base: int = 0
     released: bool = False
     _active_reads: int = 0
     _idle: trio.Event = field(default_factory=trio.Event)

@@ -118,10 +118,10 @@ def test_a_hundred_parallel_readers_of_one_file(recorded, store_factory, layers)
     "(seen: 52 distinct numbers for 114 nodes)"
 )
 def test_inode_numbers_unique_across_layers(recorded, store_factory, layers):
-    """One inode number, one object: a layer's file (whichever image's path reaches it —
-    images sharing a layer share its tree), a hardlink's target, or one of the store's own
-    directories and files; numbers are never handed out again, so none is reused before the
-    kernel forgets it."""
+    """One inode number, one object: a file of a layer as one image sees it (images sharing
+    a layer each get their own numbers for its tree, so no directory has two parents), a
+    hardlink's target, or one of the store's own directories and files; numbers are never
+    handed out again, so none is reused before the kernel forgets it."""
     blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
     for i in range(3):
         push(recorded.host, f"conc/ino{i}", "1", blobs)
@@ -132,17 +132,17 @@ def test_inode_numbers_unique_across_layers(recorded, store_factory, layers):
             top = store.layer_dir(f"{recorded.host}/conc/ino{i}:1", b.digest)
             diff = top / "diff"
             identities = [(str(p), "store") for p in (top.parent, top, top / "info", top / "blob")]
-            identities.append((b.digest, ""))  # the layer root
+            identities.append((f"{i}/{b.digest}", ""))  # the layer root
             for p in sorted(diff.rglob("*")):
                 rel = str(p.relative_to(diff))
-                identities.append((b.digest, "data/sub/b" if rel == "data/hard" else rel))
+                ident = (f"{i}/{b.digest}", "data/sub/b" if rel == "data/hard" else rel)
+                identities.append(ident)
             paths = [top.parent, top, top / "info", top / "blob", diff, *sorted(diff.rglob("*"))]
             for p, ident in zip(paths, identities, strict=True):
                 ino = os.lstat(p).st_ino
                 assert owner.setdefault(ino, ident) == ident, (str(p), ino, owner[ino], ident)
-    # 3 refs x (ref dir) + 3 x 2 x (layer dir, info, blob) + each layer's tree once.
     assert len(set(owner.values())) == len(owner)
-    assert len(owner) > 3 + 18 + 20
+    assert len(owner) > 3 * (1 + 2 * 3 + 20)  # per image: ref dir, layer dirs, trees
 
 
 @pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")
