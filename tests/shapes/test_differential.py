@@ -2,7 +2,9 @@
 
 Each image (:mod:`tests.shapes.strategies`) is written as eStargz by our writer and by the Go
 writer; each is pulled through the mounted store and by a podman without it, and the two
-listings (``podman image mount``) must agree as :func:`tests.shapes.lab.judge` rules. Failing
+listings (``podman image mount``) must agree as :func:`tests.shapes.lab.judge` rules. Each is
+also written as zstd:chunked by our writer and pulled through the store, judged against the
+normal pull of our eStargz image of the same tars. Failing
 examples are kept in ``regressions/`` and replayed first.
 
 ``SHAPES_EXAMPLES`` (default 30) images per round; ``SHAPES_SECONDS`` runs unseeded rounds
