@@ -145,16 +145,28 @@ class PodmanEnv:
         for sub in ("graph", "tmp"):
             (self.workdir / sub).mkdir(exist_ok=True)
         self._runroot = Path(tempfile.mkdtemp(prefix="lzbr-", dir="/tmp"))
-        if self.auth_file is not None:
-            shutil.copyfile(self.auth_file, self.workdir / "auth.json")
-            os.chmod(self.workdir / "auth.json", 0o600)
-        if self.node is not None:
-            try:
-                self._enter_node()
-            except BaseException:
-                self._leave_node()
-                raise
-        self._write_configs()
+        try:
+            if self.auth_file is not None:  # created 0600: credentials are never world-readable
+                fd = os.open(
+                    self.workdir / "auth.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+                )
+                with os.fdopen(fd, "wb") as out:
+                    out.write(self.auth_file.read_bytes())
+            if self.node is not None:
+                try:
+                    self._enter_node()
+                except BaseException:
+                    self._leave_node()
+                    raise
+            self._write_configs()
+        except BaseException:
+            # No podman ran yet, and without its configs a podman call would reach the host's
+            # default storage: undo by hand what was made, nothing else.
+            self._leave_node()
+            shutil.rmtree(self._runroot, ignore_errors=True)
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
         if not self.keep_blob_info_cache and self.node is None:
             # A node's blob-info cache lives in its throw-away view: fresh on every entry.
             BLOB_INFO_CACHE.unlink(missing_ok=True)

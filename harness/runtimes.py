@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.processes import kill_group
+
 NODES: dict[str, str] = {"trixie": "trixie", "sid": "sid"}  # node name -> Debian suite
 HOST = "host"
 NODE_NAMES = (HOST, *NODES)
@@ -224,10 +226,15 @@ def _build(name: str, tmp: Path, final: Path, mirror: str, progress: Callable[[s
     start = time.monotonic()
     log: list[str] = []
     proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace"
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,  # the watchdog kills apt and dpkg too: they hold stderr open
     )
     assert proc.stderr is not None
-    watchdog = threading.Timer(BUILD_TIMEOUT, proc.kill)  # a silent hang ends too
+    watchdog = threading.Timer(BUILD_TIMEOUT, kill_group, args=(proc,))  # a silent hang ends too
     watchdog.start()
     try:
         for line in proc.stderr:  # mmdebstrap reports progress as "I: ..." lines on stderr
@@ -236,8 +243,7 @@ def _build(name: str, tmp: Path, final: Path, mirror: str, progress: Callable[[s
                 progress(line.rstrip())
         returncode = proc.wait(timeout=60)
     except BaseException:
-        proc.kill()
-        proc.wait()
+        kill_group(proc)
         raise
     finally:
         watchdog.cancel()

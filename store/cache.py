@@ -186,8 +186,12 @@ class ChunkCache:
             if data is not None:
                 self._mem_total -= len(data)
             self.stats.evictions += 1
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 self._path(key).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # a failing cache disk never fails the read that evicts
+                log.warning("chunk cache eviction of %s failed: %s", key, exc)
 
     async def get_or_fetch(self, key: str, fetch: Callable[[], Awaitable[bytes]]) -> bytes:
         """Cached bytes, or the result of ``fetch()`` — one fetch per key however many ask."""

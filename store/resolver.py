@@ -458,7 +458,7 @@ class LayerManager:
     async def _new_layer(self, ref: str, desc: LayerDesc) -> Layer:
         assert desc.toc_digest is not None
         blob, index, tree = await self._load_index(ref, desc)
-        return Layer(
+        layer = Layer(
             key=f"{ref}/{desc.digest}",
             digest=desc.digest,
             toc_digest=desc.toc_digest,
@@ -471,6 +471,10 @@ class LayerManager:
             on_file_access=self.on_file_access,
             on_read=self.on_read,
         )
+        # One nursery per layer, for its prefetch, background fetch and read-ahead:
+        # release() cancels it whole.
+        await self.nursery.start(layer.run)
+        return layer
 
     async def _load_index(
         self, ref: str, desc: LayerDesc
@@ -524,15 +528,6 @@ class LayerManager:
                 await trio.to_thread.run_sync(_malloc_trim)
         finally:
             self._trim_running = False
-
-    async def _background(self, layer: Layer) -> None:
-        assert self._limiter is not None
-        await layer.run_background(
-            prefetch=not self.config.noprefetch,
-            background=not self.config.no_background_fetch,
-            limiter=self._limiter,
-            prefetch_timeout=self.config.prefetch_timeout_sec,
-        )
 
     def _blob_key(self, ref: str, digest: str) -> str:
         task = self._images.get(ref)

@@ -15,8 +15,10 @@ Conventions (DESIGN.md §3; OCI image spec, "Representing Changes"):
   directory (podman refuses such a layer) hides only lower layers' content (OCI image spec):
   the directory becomes opaque, the layer's own content stays; a whiteout followed only by
   ``<name>/.wh..wh..opq`` stays a whiteout (extraction marks it, creating no directory);
-* ``.wh..wh..opq`` is hidden and marks its directory opaque (answers ``trusted.overlay.opaque``
-  and ``user.overlay.opaque`` with ``y``), wherever it stands among the directory's entries;
+* ``.wh..wh..opq`` is hidden and marks its directory opaque, wherever it stands among the
+  directory's entries; the store answers ``y`` for the opaque xattr the overlay mount in use
+  reads (``trusted.overlay.opaque`` rootful, ``user.overlay.opaque`` rootless, or both: the
+  ``overlay_opaque_type`` config key, :mod:`store.fs`);
 * the landmark files ``.prefetch.landmark`` / ``.no.prefetch.landmark`` at the root are hidden;
 * hardlinks share one node (``nlink`` counts the names); its mode, owner and mtime are the
   last link header's (``LayerIndex.link_headers``), as extraction applies each link header

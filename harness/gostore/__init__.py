@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.images.build import default_cache_dir
+from harness.processes import kill_group
 
 GOPATH = Path("/usr/share/gocode")
 LIBRARY_PACKAGE = "golang-github-containerd-stargz-snapshotter-dev"
@@ -125,20 +126,27 @@ def build(
         progress(f"building the Go stargz-store ({info.library_version}, {info.go_version})")
     staging = Path(tempfile.mkdtemp(prefix=f".{BINARY_NAME}-", dir=stores))
     try:
+        proc = subprocess.Popen(
+            ["go", "build", "-trimpath", "-o", str(staging / BINARY_NAME), str(SOURCE)],
+            env=_go_env(stores / "gocache"),
+            cwd=staging,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a timeout kills the compiler and linker too
+        )
         try:
-            proc = subprocess.run(
-                ["go", "build", "-trimpath", "-o", str(staging / BINARY_NAME), str(SOURCE)],
-                env=_go_env(stores / "gocache"),
-                cwd=staging,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise GoStoreBuildError(f"go build of the Go store took over {timeout:g}s") from None
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException as exc:
+            kill_group(proc)
+            proc.communicate(timeout=10)
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise GoStoreBuildError(
+                    f"go build of the Go store took over {timeout:g}s"
+                ) from None
+            raise
         if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            tail = "\n".join((stderr or stdout).strip().splitlines()[-15:])
             raise GoStoreBuildError(f"go build of {SOURCE} failed:\n{tail}")
         (staging / "build.json").write_text(
             json.dumps(

@@ -345,3 +345,23 @@ async def test_each_layer_is_one_state_machine(vectors_dir, tmp_path):
         layer = await manager.get_layer(REF, first)
         assert phases()[first] is LayerPhase.RESOLVED and manager.layers() == [layer]
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_resolved_layer_runs_its_background_fetch_in_its_own_nursery(vectors_dir, tmp_path):
+    """The manager starts each layer's nursery (``nursery.start(layer.run)``), so a lookup's
+    background fetch really fetches, and release cancels that work whole."""
+    async with trio.open_nursery() as nursery:
+        cfg = StoreConfig(noprefetch=False, no_background_fetch=False, resolve_timeout_sec=5)
+        reg = VectorRegistry(vectors_dir)
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        layer = await manager.get_layer(REF, reg.meta["digest"])
+        assert layer._nursery is not None and layer.cancel_scope is not None
+        chunks = list(layer.index.all_chunks())
+        with trio.fail_after(10):
+            while not all(c.digest in layer.cache for c in chunks):
+                await trio.sleep(0.01)
+        layer.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert layer._nursery is None
+        nursery.cancel_scope.cancel()
