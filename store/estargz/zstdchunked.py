@@ -80,7 +80,7 @@ from .footer import (
     Footer,
     FooterKind,
 )
-from .index import clean_name
+from .index import LayerIndex, clean_name
 from .toc import DEFAULT_LIMITS, MAX_TOC_SIZE, Toc, TocLimits, iter_toc_entries, toc_json_pieces
 
 # podman ≥ 5 / containers/storage ≥ ~1.45 (internal/minimal/compression.go)
@@ -402,7 +402,9 @@ def write_zstd_chunked(
     (zstd:chunked has no landmark; the order is the only hint). Files are cut into
     ``chunk_size`` chunks, each its own frame; a chunk of only zero bytes is typed ``zeros``.
     Tar headers are re-encoded (PAX), so ``diff_id`` is that of the tar written, returned with
-    the annotations the layer descriptor needs. Raises :class:`InvalidLayerTar`.
+    the annotations the layer descriptor needs. Raises :class:`InvalidLayerTar` for an
+    unreadable tar and for what no layer can hold (the reader's rules,
+    :meth:`LayerIndex.from_entries`; ``out`` then holds an unfinished blob).
     """
     from . import writer as _w
 
@@ -522,6 +524,17 @@ class _ZstdLayerWriter:
         toc_json = json.dumps(toc, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8", "surrogateescape"
         )
+        # What no layer can hold (an entry under a file, a hardlink to nothing ...) is refused
+        # here with the reader's own rules, as the eStargz writer does: whatever converts
+        # also reads back, in the store too.
+        try:
+            LayerIndex.from_entries(
+                normalize_entries(list(iter_toc_entries([toc_json]))),
+                toc_offset=self.written + 8,
+                compression="zstd",
+            )
+        except InvalidToc as exc:
+            raise InvalidLayerTar(f"the tar cannot be a zstd:chunked layer: {exc}") from None
         compressed = self.cctx.compress(toc_json)
         position = ManifestPosition(self.written + 8, len(compressed), len(toc_json))
         self._emit(skippable_frame(compressed))

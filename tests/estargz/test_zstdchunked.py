@@ -305,3 +305,20 @@ def test_position_length_must_match_the_bytes_read():
     compressed, position = _manifest([{"type": "dir", "name": "d"}])
     with pytest.raises(E.InvalidToc, match="position says"):
         E.parse_manifest(compressed + b"x", position, None)
+
+
+@pytest.mark.parametrize("generation", ["podman4", "podman5"])
+def test_writer_refuses_what_no_layer_can_hold_like_the_estargz_writer(generation):
+    """An entry under a regular file: both writers refuse the tar (the reader's rules), so
+    nothing either writes is a layer the store would refuse."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("b", "b/x"):
+            ti = tarfile.TarInfo(name)
+            ti.size = 1
+            tar.addfile(ti, io.BytesIO(b"x"))
+    data = buf.getvalue()
+    with pytest.raises(E.InvalidLayerTar, match="zstd:chunked layer"):
+        Z.write_zstd_chunked(io.BytesIO(data), io.BytesIO(), generation=generation)
+    with pytest.raises(E.InvalidLayerTar, match="eStargz layer"):
+        E.convert(io.BytesIO(data), io.BytesIO())
