@@ -26,6 +26,17 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit status 1."""
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a positive integer, else a usage error naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lazybench", description="Measure lazy pulling of container images."

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from harness.cli import UserError
+from harness.cli import UserError, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--chunk-size",
-        type=_positive,
+        type=positive_int,
         help="chunk size in bytes (eStargz 4 MiB, zstd:chunked 1 MiB)",
     )
     p.add_argument(
@@ -81,16 +81,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--cache-dir", type=Path, help="image/trace cache for --optimize")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
 
 
 def _bool(text: str) -> bool:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from harness.cli import UserError
+from harness.cli import UserError, positive_int
 from store.estargz import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     conv.add_argument(
         "--chunk-size",
-        type=_positive,
+        type=positive_int,
         help=f"default {DEFAULT_CHUNK_SIZE} (eStargz), {DEFAULT_ZSTD_CHUNK_SIZE} (zstd:chunked)",
     )
     conv.add_argument(
@@ -78,16 +78,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "TOC is then read where they say and checked against their checksum",
     )
     ls.set_defaults(func=_ls)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
 
 
 def _level(args: argparse.Namespace) -> int:
