@@ -207,17 +207,24 @@ def build_layers(
         (work / "image.json").write_text(json.dumps(meta, indent=1))
         if final.exists() and cached_image(recipe, cache_dir) is None:
             _discard(final)  # an incomplete entry (a layer file deleted by hand)
-        try:
-            os.rename(work, final)
-        except OSError:
-            if cached_image(recipe, cache_dir) is None:  # not a concurrent identical build
-                raise
+        publish_dir(work, final, lambda: cached_image(recipe, cache_dir) is not None)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     built = cached_image(recipe, cache_dir)
     assert built is not None
     return built
+
+
+def publish_dir(work: Path, final: Path, complete: Callable[[], bool]) -> None:
+    """Rename the staged directory ``work`` into place as ``final``. A rename that loses to a
+    concurrent identical build (``final`` already there) is fine when ``complete()`` says the
+    entry in place is whole; otherwise the ``OSError`` is raised. The caller removes ``work``."""
+    try:
+        os.rename(work, final)
+    except OSError:
+        if not complete():
+            raise
 
 
 def _prefix_key(recipe: Recipe, index: int) -> str:
@@ -247,11 +254,7 @@ def _shared_layer(
         for scratch in work.glob("ovl*"):
             shutil.rmtree(scratch, ignore_errors=True)
         (work / "tree.json").write_text(json.dumps({"builder": BUILDER_VERSION}))
-        try:
-            os.rename(work, final)
-        except OSError:
-            if not _shared_layer_done(final):  # not a concurrent identical build
-                raise
+        publish_dir(work, final, lambda: _shared_layer_done(final))
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
@@ -348,11 +351,7 @@ def debian_base(cache_dir: Path, *, progress: Progress | None = None) -> Path:
             str(_sources_file()),
         ]
         _run(cmd, f"mmdebstrap {DEBIAN_SUITE}", timeout=1800)
-        try:
-            os.rename(work, final)
-        except OSError:
-            if not (final / "rootfs" / "etc" / "debian_version").is_file():
-                raise
+        publish_dir(work, final, (final / "rootfs" / "etc" / "debian_version").is_file)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)

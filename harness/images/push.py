@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from harness.images.build import BuiltImage, BuiltLayer
+from harness.images.build import BuiltImage, BuiltLayer, publish_dir
 from harness.images.layertar import file_digest, normalize, tar_names
 
 if TYPE_CHECKING:
@@ -187,11 +187,7 @@ def _publish(final: Path, write: Callable[[Path], None], *, marker: str = "index
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         write(work)
-        try:
-            os.rename(work, final)
-        except OSError:
-            if not (final / marker).is_file():
-                raise
+        publish_dir(work, final, (final / marker).is_file)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)

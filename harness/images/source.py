@@ -37,7 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from harness.images.build import BuiltImage, BuiltLayer, ImageBuildError, default_cache_dir
+from harness.images.build import (
+    BuiltImage,
+    BuiltLayer,
+    ImageBuildError,
+    default_cache_dir,
+    publish_dir,
+)
 from harness.images.transports import TransportError, local_path, registry_host, split_transport
 
 Progress = Callable[[str], None]
@@ -253,11 +259,7 @@ def import_image(
         work = Path(tempfile.mkdtemp(prefix=f".import-{key}-", dir=final.parent))
         try:
             _import_into(ref, want, key, work, say)
-            try:
-                os.rename(work, final)
-            except OSError:
-                if load_imported(final, name) is None:  # not a concurrent identical import
-                    raise
+            publish_dir(work, final, lambda: load_imported(final, name) is not None)
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
