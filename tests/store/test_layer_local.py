@@ -6,17 +6,20 @@ import gzip
 import hashlib
 import io
 import json
+import random
 import stat
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 from store.cache import ChunkCache
+from store.estargz.writer import convert
 from store.estargz_view import TocMismatchError, landmark_offset_hint, load_layer_index
-from store.layer import AheadBlob, ChunkVerifyError, Layer
+from store.layer import READ_BLOCK, READAHEAD_MIN, AheadBlob, ChunkVerifyError, Layer
 from store.tree import LayerTree
 from tests.store.conftest import FileBlob
 
@@ -373,3 +376,65 @@ async def test_release_cancels_the_layers_nursery_with_all_its_work(vectors_dir,
     assert layer._nursery is None
     layer.start_prefetch(trio.CapacityLimiter(1), 30)  # released: a no-op
     assert not layer.stats.background_done
+
+
+async def _small_chunk_layer(
+    tmp_path: Path, size: int, chunk_size: int
+) -> tuple[Layer, Any, bytes]:
+    """A one-file eStargz layer cut into ``chunk_size`` chunks (like zstd:chunked's small ones)."""
+    payload = random.Random(size).randbytes(size)  # incompressible: no free riders
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        ti = tarfile.TarInfo("big")
+        ti.size = len(payload)
+        tar.addfile(ti, io.BytesIO(payload))
+    raw.seek(0)
+    out = tmp_path / "layer.blob"
+    with out.open("wb") as f:
+        result = convert(raw, f, chunk_size=chunk_size, level=1)
+    blob = FileBlob(out)
+    index = await load_layer_index(blob, result.toc_digest)
+    layer = Layer(
+        key="small",
+        digest=result.digest,
+        toc_digest=result.toc_digest,
+        tree=LayerTree(index.index),
+        index=index,
+        blob=blob,
+        cache=ChunkCache(tmp_path / "cache", 1 << 30),
+    )
+    node = next(n for p, n in layer.tree.walk() if p == "big")
+    return layer, node, payload
+
+
+@pytest.mark.anyio
+async def test_sequential_reads_of_small_chunks_read_ahead_in_few_large_requests(tmp_path):
+    """128 KiB sequential reads of a 16 MiB file in 16 KiB chunks: the read-ahead window grows
+    to READAHEAD_MAX and runs beside the reads, so requests are far fewer than chunks."""
+    layer, node, payload = await _small_chunk_layer(tmp_path, 16 << 20, 16 << 10)
+    got = bytearray()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(layer.run)
+        for off in range(0, node.size, 128 << 10):
+            got += await layer.read_file(node, off, 128 << 10)
+        layer.release()
+    assert bytes(got) == payload
+    assert len(layer.blob.requests) <= 64  # 1024 chunks; one request per read would be 128
+    assert layer.stats.fetched_bytes <= layer.blob.size + (1 << 20)
+
+
+@pytest.mark.anyio
+async def test_random_reads_fetch_their_block_and_little_more(tmp_path):
+    """Reads far apart (mmap'ed page faults) fetch their READ_BLOCK in one request each, and
+    keep the read-ahead window at READAHEAD_MIN."""
+    layer, node, payload = await _small_chunk_layer(tmp_path, 16 << 20, 16 << 10)
+    before = len(layer.blob.requests)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(layer.run)
+        for off in (9 << 20, 1 << 20, 13 << 20, 5 << 20):
+            assert await layer.read_file(node, off + 100, 4096) == payload[off + 100 : off + 4196]
+        await trio.testing.wait_all_tasks_blocked()
+        layer.release()
+    assert len(layer.blob.requests) - before == 4  # 64 chunks per block: one request each
+    fetched_plain = sum(c.size for c in layer.index.all_chunks() if c.digest in layer.cache)
+    assert fetched_plain <= 4 * (READ_BLOCK + READAHEAD_MIN)
