@@ -303,6 +303,11 @@ class StoreProcess(Service):
         """Files the workload read, in first-access order across layers (no duplicates)."""
         return read_trace(self.trace_path)
 
+    def trace_ranges(self) -> dict[str, list[list[int]]]:
+        """The byte ranges of each file the workload read (:func:`read_trace_ranges`): the
+        store writes them when it stops, so ask after :meth:`stop`."""
+        return read_trace_ranges(self.trace_path)
+
 
 def read_trace(path: Path) -> list[str]:
     """Read an access trace (JSON lines). Each line names one layer and the files it served in
@@ -332,3 +337,34 @@ def read_trace(path: Path) -> list[str]:
             if isinstance(name, str) and name:
                 seen.setdefault(name.lstrip("/"), None)
     return list(seen)
+
+
+def read_trace_ranges(path: Path) -> dict[str, list[list[int]]]:
+    """The byte ranges read per file from an access trace's range lines (``{"layer": …,
+    "path": …, "ranges": [[start, end], …]}``, written by the store when it stops; see
+    :mod:`store.metrics`): path (no leading ``/``) → merged ``[start, end)`` file offsets,
+    the union over layers. Files without a range line are absent; a missing trace or one
+    from a store that never stopped gives ``{}``. Malformed lines are skipped."""
+    from store.metrics import merge_ranges
+
+    found: dict[str, list[list[int]]] = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    for line in text.splitlines():
+        try:
+            entry: Any = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue  # a torn last line
+        if not isinstance(entry, dict) or not isinstance(entry.get("ranges"), list):
+            continue
+        name = entry.get("path")
+        ranges = [
+            r
+            for r in entry["ranges"]
+            if isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
+        ]
+        if isinstance(name, str) and name:
+            found.setdefault(name.lstrip("/"), []).extend(ranges)
+    return {name: merge_ranges(ranges) for name, ranges in found.items()}

@@ -177,7 +177,8 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
             on_file_access=on_access,
             on_read=metrics.on_read,
         )
-        ops = StoreOperations(StoreFS(manager), cfg.attr_timeout, cfg.entry_timeout)
+        fs = StoreFS(manager, on_read_range=trace.record_read if trace is not None else None)
+        ops = StoreOperations(fs, cfg.attr_timeout, cfg.entry_timeout)
         options = set(pyfuse3.default_options)
         options.discard("default_permissions")
         options |= {"fsname=stargzstore", "allow_other", "suid", "dev"}

@@ -13,7 +13,8 @@ Our additions (top level):
 
 ``cache_max_bytes``      size limit of the on-disk chunk cache (LRU eviction), default 10 GiB
 ``metrics_address``      ``HOST:PORT`` for the Prometheus endpoint; empty = off
-``access_trace_path``    JSON-lines file receiving per-layer first-access file order; empty = off
+``access_trace_path``    JSON-lines file receiving per-layer first-access file order, and the
+                         byte ranges read of each file when the store stops; empty = off
 ``resolve_timeout_sec``  bound on any lookup that needs the registry (the runtime then falls
                          back to a normal pull), default 15
 ``auth_file``            a containers auth.json / docker config.json to take credentials from

@@ -25,7 +25,7 @@ import errno
 import json
 import logging
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,9 +95,15 @@ class _LayerSlot:
 
 @dataclass
 class StoreFS:
-    """The store's filesystem logic over a :class:`~store.resolver.LayerManager`."""
+    """The store's filesystem logic over a :class:`~store.resolver.LayerManager`.
+
+    ``on_read_range(layer, node, offset, size)`` is told of every read of a layer file that
+    returned data (``size`` bytes from file offset ``offset``); the access trace records it.
+    It runs on the FUSE loop: it must be O(1).
+    """
 
     manager: LayerManager
+    on_read_range: Callable[[Layer, Node, int, int], None] | None = None
     _next_ino: int = ROOT_INO + 1
     _synth: dict[int, Synth] = field(default_factory=dict)
     _names: dict[tuple[int, str], int] = field(default_factory=dict)
@@ -418,7 +424,10 @@ class StoreFS:
             found = self._layer_of(ino)
             if found is None:
                 raise FSError(errno.ENOENT)
-            return await found[0].layer.read_file(found[1], offset, size)
+            data = await found[0].layer.read_file(found[1], offset, size)
+            if self.on_read_range is not None:
+                self.on_read_range(found[0].layer, found[1], offset, len(data))
+            return data
         except ChunkVerifyError as exc:
             log.error("refusing unverified data: %s", exc)
             raise FSError(errno.EIO, str(exc)) from None

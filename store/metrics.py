@@ -14,12 +14,25 @@ time it is read through the mount, in that order::
 ``layer`` to get, per layer, the files a workload reads in first-access order, and puts those
 files first (before ``.prefetch.landmark``) when building an optimized image. Lines are
 appended and flushed one by one, so the file is readable while the store runs.
+
+When the store stops, one more line per file read gives the byte ranges it served, merged,
+in file offsets (``[start, end)``, sorted, neither overlapping nor touching)::
+
+    {"layer": "sha256:…", "toc_digest": "sha256:…", "path": "usr/bin/python3",
+     "ranges": [[0, 4096], [65536, 1114112]]}
+
+They are written in one ``write`` after the last read (a reader that sees the trace earlier,
+or the trace of a store that was killed, has the files without their ranges); a reader that
+only wants the files can take every line's ``path`` (the range lines repeat names already
+seen). Recording a read costs O(1) (a sequential read extends the file's last range); the
+merging happens when the lines are written.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,12 +102,30 @@ class StoreMetrics:
         start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
 
 
+def merge_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
+    """``[start, end)`` byte ranges sorted and merged: overlapping or touching ranges become
+    one, empty ones (``end <= start``) are dropped. ``[[0, 5], [3, 9], [9, 10], [20, 20]]`` →
+    ``[[0, 10]]``."""
+    out: list[list[int]] = []
+    for start, end in sorted((int(r[0]), int(r[1])) for r in ranges):
+        if end <= start:
+            continue
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
+
+
 class AccessTrace:
-    """Appends one JSON line per first read of a file (see the module docstring)."""
+    """Appends one JSON line per first read of a file, and the ranges read of each file when
+    closed (see the module docstring)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - long-lived
+        # (layer digest, node index) -> ([layer digest, TOC digest, path], ranges as read)
+        self._reads: dict[tuple[str, int], tuple[list[str], list[list[int]]]] = {}
 
     def record(self, layer: Layer, node: Node) -> None:
         line: dict[str, Any] = {
@@ -106,5 +137,37 @@ class AccessTrace:
         self._f.write(json.dumps(line) + "\n")
         self._f.flush()
 
+    def record_read(self, layer: Layer, node: Node, offset: int, size: int) -> None:
+        """``size`` bytes of ``node`` served from ``offset``: O(1) (a read that starts inside
+        or right after the file's last range extends it; others are appended, merged at
+        :meth:`close`)."""
+        if size <= 0:
+            return
+        key = (layer.digest, node.index)
+        found = self._reads.get(key)
+        if found is None:
+            names = [layer.digest, layer.toc_digest, layer.tree.path_of(node)]
+            self._reads[key] = (names, [[offset, offset + size]])
+            return
+        ranges = found[1]
+        last = ranges[-1]
+        if last[0] <= offset <= last[1]:
+            last[1] = max(last[1], offset + size)
+        else:
+            ranges.append([offset, offset + size])
+
     def close(self) -> None:
-        self._f.close()
+        """Write the ranges read of every file (one write), then close the trace."""
+        lines = [
+            json.dumps(
+                {"layer": layer, "toc_digest": toc, "path": path, "ranges": merge_ranges(ranges)}
+            )
+            + "\n"
+            for (layer, toc, path), ranges in self._reads.values()
+        ]
+        self._reads = {}
+        try:
+            if lines:
+                self._f.write("".join(lines))
+        finally:
+            self._f.close()
