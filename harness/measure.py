@@ -63,6 +63,7 @@ from harness.laziness import (
     fallback_reason,
     storage_verdict,
 )
+from harness.limit import write_limits
 from harness.plan import Shard, plan
 from harness.podman import LOST_LAYERS_BUG, Persistence, PodmanEnv, PodmanError, write_atomic
 from harness.prepare import (
@@ -261,6 +262,8 @@ class Runner:
             storage = work / "registry"
             images = ImagePreparer(self.scenario, self.console, self.cache_dir, self._node)
             meta["images"] = images.prepare(workloads, storage, work)
+            if images.limits:  # the limit model's byte counts (harness.limit)
+                write_limits(self.run_dir, images.limits)
             self.images, self._skipped = images.refs, images.skipped
             self._layer_digests = images.layer_digests
             for spec in self.scenario.stores:  # built-in stores built before anything is measured

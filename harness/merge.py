@@ -7,7 +7,8 @@ measurement recorded in two inputs, an ``OUT`` that already holds a run. The mer
 ``environment.json`` is the first input's, with ``merged_from`` (the inputs), ``shards`` (each
 input's shard, host, CPU, kernel, podman, start time and commit) and ``machines_differ`` (true
 when those machines differ: the report says so, since cells measured on different machines do
-not compare). Records keep their order within each input; store logs are copied along.
+not compare). Records keep their order within each input; store logs are copied along, and
+the inputs' ``limits.json`` entries are joined.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli import UserError
+from harness.limit import read_limits, write_limits
 from harness.records import ENVIRONMENT, RECORDS, SCENARIO_COPY, read_environment, read_records
 from harness.scenario import parse_scenario
 
@@ -96,6 +98,11 @@ def merge_runs(out: Path, run_dirs: list[Path]) -> Path:
                 f.write(r.to_json() + "\n")
             f.flush()
             os.fsync(f.fileno())
+        limits: dict[str, Any] = {}
+        for d in run_dirs:  # each shard's limit-model byte counts (harness.limit)
+            limits.update(read_limits(d) or {})
+        if limits:
+            write_limits(tmp, limits)
         for d in run_dirs:
             if (d / "logs").is_dir():
                 shutil.copytree(d / "logs", tmp / "logs", dirs_exist_ok=True)

@@ -138,6 +138,8 @@ class ImagePreparer:
     refs: dict[tuple[str, str], str] = field(default_factory=dict)
     layer_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
+    # workload -> its limits.json entry (harness.limit): the bytes its traced reads cost
+    limits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def prepare(
         self, workloads: dict[str, ResolvedWorkload], storage: Path, work: Path
@@ -197,7 +199,25 @@ class ImagePreparer:
                         "layers": len(pushed.layers),
                         "prioritized_files": len(files) if files is not None else None,
                     }
+                self.limits[w.name] = self._limit_entry(w, built)
         return info
+
+    def _limit_entry(self, w: ResolvedWorkload, built: Any) -> dict[str, Any]:
+        """The limit model's byte count of ``w``: its cached trace (there when the ``estargz``
+        mode traced it, now or in an earlier run) over its ``estargz-noopt`` image's TOCs."""
+        from harness.limit import workload_entry
+        from harness.trace import trace_cache_path
+
+        entry = workload_entry(built.dir, trace_cache_path(built.hash, w, self.cache_dir))
+        if "compressed_bytes" in entry:
+            self.console.print(
+                f"  limit {w.name}: its reads cost {entry['compressed_bytes'] / 1e6:.1f} MB "
+                f"compressed ({entry['files_with_ranges']} of {entry['files']} files with "
+                "their byte ranges traced, the others whole)"
+            )
+        else:
+            self.console.print(f"  [yellow]limit {w.name}: {entry['unavailable']}[/]")
+        return entry
 
     def _traced_files(self, w: ResolvedWorkload, built: Any, reg: Any, work: Path) -> list[str]:
         """The files the workload reads, from a run through our store with the trace on."""

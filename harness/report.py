@@ -7,8 +7,11 @@ Everything here is regenerated from ``records.jsonl`` and ``environment.json`` a
 * ``table.md`` — ``mode | pull | create | run | total | MB fetched`` per workload;
 * ``chart.png`` / ``chart.svg`` — stacked pull/create/run bars per workload and mode, the shape
   of the upstream stargz-snapshotter figure, with every sample's total drawn as a dot;
-* ``report.md`` — one page: environment, link, tables, chart, and the estargz ÷ legacy ratio
-  per workload beside the published ratio.
+* ``report.md`` — one page: environment, link, tables, chart, the estargz ÷ legacy ratio
+  per workload beside the published ratio, and each mode's distance to the limit model
+  (:mod:`harness.limit`; from ``limits.json``, filled in from the image cache when missing).
+  With limits, ``table.md`` gives each workload's limit and every mode's total ÷ limit, and
+  ``summary.csv`` gains ``limit_s`` and ``total_p_over_limit``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from harness.cli import UserError
+from harness.limit import UNAVOIDABLE_ROUND_TRIPS, Limit
 from harness.podman import write_atomic
 from harness.records import RECORDS, Key, read_environment, read_records, sort_records
 from harness.stats import (
@@ -38,6 +42,10 @@ from harness.stats import (
     records_frame,
     status_counts,
 )
+
+# The lazy modes' goal: a total (chosen percentile) within this factor of the limit model
+# (harness.limit).
+LIMIT_TARGET = 1.5
 
 # The upstream chart's numbers, shipped inside the package (harness/data/published.csv) so an
 # installed lazybench reports them wherever it runs.
@@ -89,27 +97,37 @@ def _get(r: Any, key: str) -> float:
     return r[key] if key in r else float("nan")
 
 
-def markdown_tables(cells: pd.DataFrame, percentile: float) -> str:
+def markdown_tables(
+    cells: pd.DataFrame, percentile: float, limits: dict[str, Limit | str] | None = None
+) -> str:
     """Per workload, one row per mode (and store, when there are several):
     ``pull | create | run | total`` in seconds at the chosen percentile, the total with its
     95 % bootstrap interval, MB fetched, the median total with its interval, range, MB before
     first output, samples, and the laziness verdict (``fell back`` counts, ``not checked``
     for records from before the verdict existed). A ⚠ marks a cell whose spread is too wide
     to tell anything (:func:`harness.stats.spread_too_wide`). With several stores, ``÷ FIRST``
-    gives each store's total (chosen percentile) over the first store's."""
+    gives each store's total (chosen percentile) over the first store's. With ``limits``
+    (:func:`harness.limit.limits_of`), each workload's limit model is stated above its table
+    and ``÷ limit`` gives each row's total (chosen percentile) over it."""
     p = _pct_label(percentile)
     stores = [st for st in dict.fromkeys(cells["store"]) if st]
     versus = f" ÷ {stores[0]} |" if len(stores) > 1 else ""
     out: list[str] = []
     for workload, group in cells.groupby("workload", sort=False):
         out.append(f"### {workload}\n")
+        limit = (limits or {}).get(str(workload))
+        if limits is not None:
+            out.append(f"{limit_line(limit)}\n")
+        over = " ÷ limit |" if limits is not None else ""
         out.append(
             f"| mode | pull ({p}, s) | create ({p}, s) | run ({p}, s) | total ({p}, s) [95% CI] "
-            "| MB fetched | total median (s) [95% CI] | total min–max (s) "
-            f"| MB before first output | samples | lazy |{versus}"
+            f"| MB fetched | total median (s) [95% CI] | total min–max (s) "
+            f"| MB before first output | samples | lazy |{versus}{over}"
         )
         out.append(
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + "---:|" * bool(versus)
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+            + "---:|" * bool(versus)
+            + "---:|" * bool(over)
         )
         firsts = {
             r["mode"]: _get(r, "total_p")
@@ -143,9 +161,113 @@ def markdown_tables(cells: pd.DataFrame, percentile: float) -> str:
                     if versus and r["store"]
                     else " |" * bool(versus)
                 )
+                + (f" {_over_limit(_get(r, 'total_p'), limit)} |" if over else "")
             )
         out.append("")
     return "\n".join(out)
+
+
+def limit_line(limit: Limit | str | None) -> str:
+    """``limit **1.23 s** = 0.45 s transfer (…) + 0.28 s round trips (…) + 0.50 s runtime
+    floor (…)``, or why there is none."""
+    if limit is None:
+        return "limit: unavailable"
+    if isinstance(limit, str):
+        return f"limit: unavailable ({limit})"
+    return (
+        f"limit **{limit.total_s:.2f} s** = {limit.transfer_s:.2f} s transfer "
+        f"({limit.compressed_bytes / 1e6:.1f} MB compressed read ÷ {limit.rate_mbit:.1f} Mbit/s) "
+        f"+ {limit.rtt_s:.2f} s round trips ({limit.round_trips} × {limit.rtt_ms:.1f} ms) "
+        f"+ {limit.floor_s:.2f} s runtime floor (legacy create + run, median)"
+    )
+
+
+def _over_limit(total: float, limit: Limit | str | None) -> str:
+    if not isinstance(limit, Limit) or pd.isna(total) or limit.total_s <= 0:
+        return "–"
+    return f"{total / limit.total_s:.2f}×"
+
+
+def with_limits(cells: pd.DataFrame, limits: dict[str, Limit | str] | None) -> pd.DataFrame:
+    """``cells`` with ``limit_s`` (the workload's limit, NaN without one) and
+    ``total_p_over_limit`` columns, when any workload has a limit; else unchanged."""
+    if not limits or not any(isinstance(v, Limit) for v in limits.values()):
+        return cells
+    secs = {w: v.total_s for w, v in limits.items() if isinstance(v, Limit)}
+    limit_s = cells["workload"].map(lambda w: secs.get(str(w), float("nan"))).astype(float)
+    total = pd.to_numeric(cells["total_p"]) if "total_p" in cells else float("nan")
+    return cells.assign(limit_s=limit_s, total_p_over_limit=total / limit_s)
+
+
+def limit_section(
+    cells: pd.DataFrame, limits: dict[str, Limit | str], percentile: float
+) -> list[str]:
+    """The report's limit-model section: per workload the limit and its parts, every mode's
+    total (chosen percentile) over it, and whether every lazy mode is within
+    :data:`LIMIT_TARGET` of it."""
+    p = _pct_label(percentile)
+    stores = [st for st in dict.fromkeys(cells["store"]) if st]
+    labels = list(
+        dict.fromkeys(
+            cell_label(m, st, stores) for m, st in zip(cells["mode"], cells["store"], strict=True)
+        )
+    )
+    lines = [
+        f"## Distance to the limit (total {p} ÷ limit)",
+        "",
+        "The limit is the lower bound of a lazy start on the measured link: the compressed "
+        "bytes the workload reads (its access trace mapped onto its estargz-noopt image's "
+        "TOCs: the chunks covering the byte ranges read, whole files where the trace has no "
+        f"ranges) ÷ the measured bandwidth + {UNAVOIDABLE_ROUND_TRIPS} round trips no lazy "
+        "pull can avoid × the measured RTT + the runtime's own floor (legacy's create + run "
+        "with the image local, median). See harness/limit.py for each term. Target: every "
+        f"lazy mode within {LIMIT_TARGET:g}× the limit.",
+        "",
+        "| workload | MB read (compressed) | files (with ranges) | transfer (s) "
+        "| round trips (s) | runtime floor (s) | limit (s) | "
+        + " | ".join(labels)
+        + f" | lazy within {LIMIT_TARGET:g}× |",
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(labels) + "---|",
+    ]
+    reasons = []
+    for workload, group in cells.groupby("workload", sort=False):
+        limit = limits.get(str(workload))
+        if not isinstance(limit, Limit):
+            reasons.append(f"- {workload}: {limit or 'unavailable'}")
+            continue
+        ratios: dict[str, float] = {}
+        lazy: list[float] = []
+        for _, r in group.iterrows():
+            ratio = _get(r, "total_p") / limit.total_s
+            ratios[cell_label(r["mode"], r["store"], stores)] = ratio
+            if r["store"] and not pd.isna(ratio):
+                lazy.append(ratio)
+        verdict = "–" if not lazy else ("yes" if max(lazy) <= LIMIT_TARGET else "no")
+        lines.append(
+            f"| {workload} | {limit.compressed_bytes / 1e6:.1f} "
+            f"| {limit.files if limit.files is not None else '–'} "
+            f"({limit.files_with_ranges if limit.files_with_ranges is not None else '–'}) "
+            f"| {limit.transfer_s:.2f} | {limit.rtt_s:.2f} | {limit.floor_s:.2f} "
+            f"| **{limit.total_s:.2f}** | "
+            + " | ".join(_ratio(ratios.get(label)) + "×" * (label in ratios) for label in labels)
+            + f" | {verdict} |"
+        )
+    whole = [
+        w
+        for w, v in limits.items()
+        if isinstance(v, Limit) and v.files and (v.files_with_ranges or 0) < v.files
+    ]
+    if whole:
+        lines += [
+            "",
+            f"Counted whole (their trace predates byte ranges): files of {', '.join(whole)}. "
+            "A file read in part then costs more than was read and the limit is no lower "
+            "bound; the ranges come with a new trace (delete the workload's trace under "
+            "`<cache>/traces/`; the estargz image is then rebuilt from it).",
+        ]
+    if reasons:
+        lines += ["", "No limit for:", "", *reasons]
+    return [*lines, ""]
 
 
 def write_summary_csv(agg: pd.DataFrame, path: Path) -> None:
@@ -530,8 +652,41 @@ def laziness_lines(records: Sequence[Any]) -> list[str]:
     return [*lines, ""]
 
 
-def write_report(run_dir: Path) -> Report:
-    """(Re)build summary.csv, table.md, chart.png/svg and report.md from the run's records.
+def run_limits(
+    run_dir: Path,
+    env: dict[str, Any],
+    df: pd.DataFrame,
+    workloads: Sequence[str],
+    *,
+    cache_dir: Path | None = None,
+    recompute: bool = False,
+) -> dict[str, Limit | str] | None:
+    """The limit of each workload of a run (:func:`harness.limit.limits_of`) from its
+    ``limits.json``; when it has none (a run from before it existed) or ``recompute``, the
+    byte counts are computed from the image cache (:func:`harness.limit.compute_run_limits`)
+    and written when the cache had any. None: no limit information at all (the tables then
+    keep their usual shape)."""
+    from harness.limit import compute_run_limits, limits_of, read_limits, write_limits
+
+    entries = None if recompute else read_limits(run_dir)
+    if entries is None:
+        try:
+            found = compute_run_limits(run_dir, cache_dir)
+        except UserError:
+            found = {}
+        if any("compressed_bytes" in e for e in found.values()):
+            write_limits(run_dir, found)
+            entries = read_limits(run_dir)
+    if entries is None:
+        return None
+    return limits_of(entries, env, df, workloads)
+
+
+def write_report(
+    run_dir: Path, *, cache_dir: Path | None = None, recompute_limits: bool = False
+) -> Report:
+    """(Re)build summary.csv, table.md, chart.png/svg and report.md from the run's records
+    (and ``limits.json``: :func:`run_limits`, with ``cache_dir`` the image cache).
 
     Raises :class:`UserError` when ``run_dir`` is not a run directory or holds no finished
     measurement."""
@@ -548,9 +703,13 @@ def write_report(run_dir: Path) -> Report:
         raise UserError(f"{run_dir}: no successful measurements to report on")
     agg = aggregate(df, percentile) if not df.empty else pd.DataFrame()
     cells = cells_frame(agg, counts[counts["ok"] + counts["fell_back"] > 0])
-    table_text = markdown_tables(cells, percentile)
+    workload_names = [str(w) for w in dict.fromkeys(cells["workload"])]
+    limits = run_limits(
+        run_dir, env, df, workload_names, cache_dir=cache_dir, recompute=recompute_limits
+    )
+    table_text = markdown_tables(cells, percentile, limits)
     write_atomic(run_dir / "table.md", table_text)
-    write_summary_csv(cells.drop(columns=["reason"]), run_dir / "summary.csv")
+    write_summary_csv(with_limits(cells, limits).drop(columns=["reason"]), run_dir / "summary.csv")
     charts = draw_chart(df, cells, percentile, run_dir / "chart", title=_chart_title(env))
     ratios = ratio_rows(agg, scenario.get("workloads", []), read_published()) if len(agg) else []
     stores = store_rows(df, percentile, counts)
@@ -607,6 +766,8 @@ def write_report(run_dir: Path) -> Report:
         "",
         ratio_table(ratios),
     ]
+    if limits is not None:
+        lines += limit_section(cells, limits, percentile)
     lines += persistence_lines(records)
     if env.get("machines_differ"):
         lines += [

@@ -62,8 +62,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     merge.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     merge.set_defaults(func=cmd_merge)
 
-    report = sub.add_parser("report", help="(re)build table, chart and report of a run")
+    report = sub.add_parser(
+        "report",
+        help="(re)build table, chart and report of a run",
+        description="Rebuild summary.csv, table.md, chart.png/svg and report.md of RUN_DIR. "
+        "A run without limits.json (the limit model's byte counts) gets it from the image "
+        "cache when the cache holds its images and traces.",
+    )
     report.add_argument("run_dir", type=Path)
+    report.add_argument(
+        "--limits",
+        action="store_true",
+        help="recompute limits.json from the image cache even when the run has one",
+    )
+    report.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="image/trace cache (default: $LAZYBENCH_CACHE or ~/.cache/lazybench)",
+    )
     report.set_defaults(func=cmd_report)
 
     compare = sub.add_parser(
@@ -158,7 +174,7 @@ def _run_one(
             file=sys.stderr,
         )
         return 130
-    report = write_report(run_dir)
+    report = write_report(run_dir, cache_dir=args.cache_dir)
     print(report.table_text)
     failed = _failures(run_dir, "error")
     fell_back = _failures(run_dir, "fell-back")
@@ -204,7 +220,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
-    report = write_report(args.run_dir)
+    report = write_report(args.run_dir, cache_dir=args.cache_dir, recompute_limits=args.limits)
     print(report.table_text)
     print(f"table:  {report.table}\nchart:  {report.charts[0]} (and .svg)\nreport: {report.report}")
     return 0

@@ -3,15 +3,23 @@
 The ``estargz`` mode and ``lazybench convert --optimize`` prioritize these files. The image is
 pushed as eStargz without prioritized files to a registry on loopback, pulled through our
 ``stargz-store`` (prefetch off, ``access_trace_path`` on) by a private podman, and run until
-its ready line (or its exit); the store's trace lists the files in first-access order. Traces
-are cached under ``<cache>/traces/`` by image and by how the workload is run.
+its ready line (or its exit); the store's trace lists the files in first-access order and,
+once the store has stopped, the byte ranges read of each (:mod:`store.metrics`). Traces are
+cached under ``<cache>/traces/`` by image and by how the workload is run:
+
+* ``<workload>-<key>.json`` — a JSON list of image paths in first-access order (the form every
+  version of lazybench reads: the ``estargz`` mode prioritizes these files);
+* ``<workload>-<key>.ranges.json`` — beside it, written first, ``{path: [[start, end], …]}``:
+  the merged ``[start, end)`` file offsets read of each file. Traces from before the store
+  recorded ranges have none: their files count whole (:func:`read_cached_trace`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,74 @@ from harness.store_proc import StoreProcess
 
 # Our store, whatever store is under test: only it writes the access trace.
 TRACE_STORE_COMMAND = ("stargz-store", "--config", "{config}", "--root", "{root}", "{mountpoint}")
+
+
+@dataclass(frozen=True)
+class TracedFile:
+    """One file a workload read: its image path (no leading ``/``) and the ``[start, end)``
+    byte ranges read of it, merged and sorted; ``ranges`` None means unknown (a trace from
+    before ranges were recorded): the whole file."""
+
+    path: str
+    ranges: tuple[tuple[int, int], ...] | None = None
+
+
+def trace_cache_path(image_hash: str, w: Any, cache_dir: Path | None = None) -> Path:
+    """Where the trace of workload ``w`` (a ``harness.prepare.ResolvedWorkload``) on the built
+    image with hash ``image_hash`` (``BuiltImage.hash``) is cached."""
+    from harness.images import default_cache_dir
+
+    parts: list[Any] = [image_hash, w.command, w.stdin, w.ready]
+    if w.env:
+        parts.append(w.env)
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+    return (cache_dir or default_cache_dir()) / "traces" / f"{w.name}-{key}.json"
+
+
+def ranges_path(trace: Path) -> Path:
+    """The ranges file beside a cached trace (``x.json`` → ``x.ranges.json``)."""
+    return trace.with_suffix(".ranges.json")
+
+
+def read_cached_trace(path: Path) -> list[TracedFile]:
+    """A cached trace: its files in first-access order, each with its ranges when the ranges
+    file beside it names them. Raises :class:`UserError` naming the file when it is not a
+    JSON list of paths (or its ranges file not a JSON object of range lists)."""
+    try:
+        files = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"trace {path}: {exc}; delete it to trace the workload again") from None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise UserError(f"trace {path}: not a JSON list of paths; delete it to trace again")
+    ranges: Any = {}
+    side = ranges_path(path)
+    if side.exists():
+        try:
+            ranges = json.loads(side.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"trace ranges {side}: {exc}; delete it and {path.name}") from None
+        if not isinstance(ranges, dict):
+            raise UserError(f"trace ranges {side}: not a JSON object; delete it")
+    out = []
+    for name in files:
+        found = ranges.get(name)
+        try:
+            rs = tuple((int(a), int(b)) for a, b in found) if found is not None else None
+        except (TypeError, ValueError):
+            raise UserError(f"trace ranges {side}: bad ranges for {name!r}: {found!r}") from None
+        out.append(TracedFile(name, rs))
+    return out
+
+
+def write_cached_trace(
+    path: Path, files: Sequence[str], ranges: dict[str, list[list[int]]] | None
+) -> None:
+    """Cache a trace (module docstring): the ranges file first, then the list, each atomically,
+    so a trace list that exists is complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if ranges:
+        write_atomic(ranges_path(path), json.dumps({f: ranges[f] for f in files if f in ranges}))
+    write_atomic(path, json.dumps(list(files)))
 
 
 def traced_files(
@@ -38,15 +114,11 @@ def traced_files(
     registry the image may be pushed to (as ``<repo>:trace``); ``work`` a scratch directory.
     Raises :class:`UserError` when the workload does not get ready."""
     from harness.container import create_container, not_ready_reason, start_until_ready
-    from harness.images import default_cache_dir, push_image
+    from harness.images import push_image
 
-    parts: list[Any] = [built.hash, w.command, w.stdin, w.ready]
-    if w.env:
-        parts.append(w.env)
-    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
-    cache = (cache_dir or default_cache_dir()) / "traces" / f"{w.name}-{key}.json"
+    cache = trace_cache_path(built.hash, w, cache_dir)
     if cache.exists():
-        files = json.loads(cache.read_text())
+        files = [f.path for f in read_cached_trace(cache)]
         say(f"  trace {w.name}: {len(files)} files (cached)")
         return files
     say(f"  trace {w.name}: running it once through stargz-store")
@@ -78,10 +150,12 @@ def traced_files(
                 f"stdout {outcome.stdout[-200:]!r}, stderr {outcome.stderr.strip()[-300:]!r}"
             )
         env.podman("rm", "--force", "--time", "0", cid, timeout=60, check=False)
-        files = store.trace_files()
+    # The store has stopped: its trace holds the files and, written when it stopped, the
+    # byte ranges read of each.
+    files = store.trace_files()
+    ranges = store.trace_ranges()
     if not files:
         say(f"  [yellow]trace {w.name}: the store traced no files[/]")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(cache, json.dumps(files))
-    say(f"  trace {w.name}: {len(files)} files")
+    write_cached_trace(cache, files, ranges)
+    say(f"  trace {w.name}: {len(files)} files, {len(ranges)} with their byte ranges")
     return files

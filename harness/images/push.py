@@ -162,14 +162,7 @@ def oci_layout(
     pull would silently become a full pull).
     """
     say = progress or (lambda message: None)
-    parts: list = [mode, list(prioritized_files or []) if mode == "estargz" else [], chunk_size]
-    if mode == "zstd-chunked":
-        parts.append(_ZSTD_CHUNKED_SOURCE)  # layouts made from the untrimmed tars are not reused
-        if node is not None:
-            parts.append(f"skopeo of node {node.directory.name}")
-    key = json.dumps(parts)
-    name = f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    final = built.dir / "oci" / name
+    final = built.dir / "oci" / layout_name(mode, prioritized_files, chunk_size, node)
     if (final / "index.json").is_file():
         return final
     if mode == "zstd-chunked":
@@ -179,6 +172,23 @@ def oci_layout(
     return _publish(
         final, lambda work: _write_layout(built, mode, work, prioritized_files, chunk_size, say)
     )
+
+
+def layout_name(
+    mode: str,
+    prioritized_files: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+    node: Node | None = None,
+) -> str:
+    """The directory name, under a built image's ``oci/``, of its layout in ``mode`` with these
+    options (:func:`oci_layout`)."""
+    parts: list = [mode, list(prioritized_files or []) if mode == "estargz" else [], chunk_size]
+    if mode == "zstd-chunked":
+        parts.append(_ZSTD_CHUNKED_SOURCE)  # layouts made from the untrimmed tars are not reused
+        if node is not None:
+            parts.append(f"skopeo of node {node.directory.name}")
+    key = json.dumps(parts)
+    return f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def _publish(final: Path, write: Callable[[Path], None], *, marker: str = "index.json") -> Path:

@@ -1,0 +1,222 @@
+"""The limit model: a trace's bytes mapped onto eStargz TOCs, the arithmetic, the report."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from harness.cli import UserError
+from harness.images.push import layout_name
+from harness.limit import (
+    LIMITS,
+    UNAVOIDABLE_ROUND_TRIPS,
+    Limit,
+    bytes_read,
+    layout_indexes,
+    limits_of,
+    link_of,
+    read_limits,
+    workload_entry,
+    write_limits,
+)
+from harness.report import write_report
+from harness.stats import records_frame
+from harness.trace import TracedFile, read_cached_trace, write_cached_trace
+from store.estargz import TOC_DIGEST_ANNOTATION, BytesBlobSource, EstargzReader, convert
+from tests.harness.test_results import make_run
+
+CHUNK = 4096
+WAN = {
+    "profile": {"name": "wan", "rate_mbit": 100.0, "rtt_ms": 40.0},
+    "measured": {"rate_mbit": 100.0, "rtt_ms": 40.0},
+}
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _estargz(files: dict[str, bytes]) -> tuple[bytes, str]:
+    out = io.BytesIO()
+    result = convert(io.BytesIO(_tar(files)), out, chunk_size=CHUNK)
+    return out.getvalue(), result.toc_digest
+
+
+def _noise(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)  # incompressible: chunk sizes differ visibly
+
+
+LOWER = {"usr/lib/libc.so": _noise(5 * CHUNK, 1), "etc/shadowed": b"lower" * 2000}
+UPPER = {"usr/bin/app": _noise(3 * CHUNK + 10, 2), "etc/shadowed": b"upper"}
+
+
+def _indexes() -> list:
+    return [EstargzReader(BytesBlobSource(_estargz(f)[0])).index for f in (LOWER, UPPER)]
+
+
+def _members(index, path: str) -> list[int]:
+    return [c.compressed_size for c in index.lookup(path).chunks]
+
+
+def test_ranges_cost_the_chunks_covering_them_each_once() -> None:
+    lower, upper = _indexes()
+    libc = _members(lower, "usr/lib/libc.so")
+    assert len(libc) == 5
+    got = bytes_read(
+        [lower, upper],
+        [TracedFile("usr/lib/libc.so", ((0, 10), (5, 100), (2 * CHUNK + 1, 2 * CHUNK + 2)))],
+    )
+    assert got.compressed_bytes == libc[0] + libc[2]
+    assert got.read_bytes == 100 + 1
+    assert (got.files, got.files_found, got.files_with_ranges) == (1, 1, 1)
+    # A range spanning a chunk boundary takes both; past the end of the file is clipped.
+    got = bytes_read([lower], [TracedFile("usr/lib/libc.so", ((CHUNK - 1, CHUNK + 1),))])
+    assert got.compressed_bytes == libc[0] + libc[1]
+    got = bytes_read([lower], [TracedFile("usr/lib/libc.so", ((5 * CHUNK - 1, 10**9),))])
+    assert got.compressed_bytes == libc[4] and got.read_bytes == 1
+
+
+def test_files_without_ranges_count_whole_and_the_top_layer_wins() -> None:
+    lower, upper = _indexes()
+    traced = [
+        TracedFile("usr/lib/libc.so"),  # only in the lower layer
+        TracedFile("etc/shadowed"),  # both: the upper one's bytes
+        TracedFile("/usr/bin/app", ((0, 1),)),
+        TracedFile("usr/lib/libc.so"),  # read again: its chunks are counted once
+        TracedFile("not/there"),
+        TracedFile("usr"),  # a directory costs nothing
+    ]
+    got = bytes_read([lower, upper], traced)
+    want = (
+        sum(_members(lower, "usr/lib/libc.so"))
+        + sum(_members(upper, "etc/shadowed"))
+        + _members(upper, "usr/bin/app")[0]
+    )
+    assert got.compressed_bytes == want
+    assert got.read_bytes == 2 * 5 * CHUNK + 5 + 1
+    assert (got.files, got.files_found, got.files_with_ranges) == (6, 4, 1)
+
+
+def _layout(image_dir: Path, layers: list[dict[str, bytes]]) -> Path:
+    layout = image_dir / "oci" / layout_name("estargz-noopt")
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return f"sha256:{digest}"
+
+    descriptors = []
+    for files in layers:
+        blob, toc = _estargz(files)
+        descriptors.append(
+            {"digest": put(blob), "size": len(blob), "annotations": {TOC_DIGEST_ANNOTATION: toc}}
+        )
+    manifest = put(json.dumps({"layers": descriptors}).encode())
+    (layout / "index.json").write_text(json.dumps({"manifests": [{"digest": manifest}]}))
+    return layout
+
+
+def test_workload_entry_maps_a_cached_trace_onto_the_noopt_layout(tmp_path: Path) -> None:
+    image_dir = tmp_path / "images" / "abc"
+    layout = _layout(image_dir, [LOWER, UPPER])
+    indexes, toc_bytes = layout_indexes(layout)
+    assert len(indexes) == 2 and toc_bytes > 0
+    trace = tmp_path / "traces" / "w-1.json"
+    assert "unavailable" in workload_entry(image_dir, trace)
+    # A trace from before byte ranges: a plain list, the files count whole.
+    write_cached_trace(trace, ["usr/bin/app", "etc/shadowed"], None)
+    assert read_cached_trace(trace) == [TracedFile("usr/bin/app"), TracedFile("etc/shadowed")]
+    whole = workload_entry(image_dir, trace)
+    assert (
+        whole["compressed_bytes"] == bytes_read(indexes, read_cached_trace(trace)).compressed_bytes
+    )
+    assert whole["files_with_ranges"] == 0 and whole["toc_bytes"] == toc_bytes
+    assert json.loads(trace.read_text()) == ["usr/bin/app", "etc/shadowed"]
+    # With its ranges file: only the chunks read.
+    write_cached_trace(trace, ["usr/bin/app", "etc/shadowed"], {"usr/bin/app": [[0, 1]]})
+    assert json.loads(trace.read_text()) == ["usr/bin/app", "etc/shadowed"]  # still a plain list
+    part = workload_entry(image_dir, trace)
+    assert part["files_with_ranges"] == 1 and part["compressed_bytes"] < whole["compressed_bytes"]
+    assert workload_entry(tmp_path / "images" / "other", trace)["unavailable"]
+    trace.write_text('{"not": "a list"}')
+    with pytest.raises(UserError, match=r"w-1\.json"):
+        read_cached_trace(trace)
+
+
+def test_limit_arithmetic_and_when_there_is_none() -> None:
+    limit = Limit(compressed_bytes=12_500_000, rate_mbit=100.0, rtt_ms=40.0, floor_s=0.5)
+    assert limit.transfer_s == pytest.approx(1.0)
+    assert limit.rtt_s == pytest.approx(UNAVOIDABLE_ROUND_TRIPS * 0.04)
+    assert limit.total_s == pytest.approx(1.5 + UNAVOIDABLE_ROUND_TRIPS * 0.04)
+    assert link_of({"link": WAN}) == (100.0, 40.0)
+    assert "loopback" in str(link_of({"link": {"profile": {"name": "loopback"}}}))
+    assert isinstance(link_of({}), str)
+
+
+def _with_link(run: Path) -> None:
+    env_path = run / "environment.json"
+    env = json.loads(env_path.read_text())
+    env["link"] = WAN
+    env_path.write_text(json.dumps(env))
+
+
+def test_report_gives_every_mode_its_distance_to_the_limit(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    _with_link(run)
+    entry = {"compressed_bytes": 12_500_000, "files": 3, "files_with_ranges": 3}
+    write_limits(run, {"python": entry, "gcc": {"unavailable": "no trace"}})
+    write_limits(run, {"db": entry})  # a later shard or resume adds to it
+    assert set(read_limits(run) or {}) == {"python", "gcc", "db"}
+    write_report(run, cache_dir=tmp_path / "cache")
+    table = (run / "table.md").read_text()
+    floor = 0.5 + 0.2  # legacy create + run in make_run
+    total = 1.0 + UNAVOIDABLE_ROUND_TRIPS * 0.04 + floor
+    assert f"limit **{total:.2f} s** = 1.00 s transfer" in table
+    assert "limit: unavailable (no trace)" in table
+    assert "| ÷ limit |" in table
+    text = (run / "report.md").read_text()
+    assert "## Distance to the limit" in text and "- gcc: no trace" in text
+    section = text.split("## Distance to the limit")[1]
+    python = next(line for line in section.splitlines() if line.startswith("| python |"))
+    assert f"**{total:.2f}**" in python and python.endswith("| no |")
+    header = (run / "summary.csv").read_text().splitlines()[0]
+    assert header.endswith(",limit_s,total_p_over_limit")
+
+
+def test_report_without_limits_keeps_its_shape(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    _with_link(run)
+    write_report(run, cache_dir=tmp_path / "cache")
+    assert not (run / LIMITS).exists()
+    assert "limit" not in (run / "table.md").read_text()
+    assert "Distance to the limit" not in (run / "report.md").read_text()
+    assert "limit_s" not in (run / "summary.csv").read_text()
+
+
+def test_limits_need_a_legacy_floor_and_a_measured_link(tmp_path: Path) -> None:
+    from harness.records import read_records
+
+    run = make_run(tmp_path / "run", samples=1)
+    df = records_frame(read_records(run))
+    entries = {"python": {"compressed_bytes": 1}}
+    env = {"link": WAN}
+    assert isinstance(limits_of(entries, env, df, ["python"])["python"], Limit)
+    no_legacy = df[df["mode"] != "legacy"]
+    assert "legacy" in str(limits_of(entries, env, no_legacy, ["python"])["python"])
+    loop = {"link": {"profile": {"name": "loopback", "namespace": False}}}
+    assert "loopback" in str(limits_of(entries, loop, df, ["python"])["python"])
+    assert "limits.json" in str(limits_of(None, env, df, ["python"])["python"])
