@@ -96,6 +96,8 @@ def write_cached_trace(
     path.parent.mkdir(parents=True, exist_ok=True)
     if ranges:
         write_atomic(ranges_path(path), json.dumps({f: ranges[f] for f in files if f in ranges}))
+    else:  # none traced (a store that did not stop cleanly): no stale ranges beside the list
+        ranges_path(path).unlink(missing_ok=True)
     write_atomic(path, json.dumps(list(files)))
 
 

@@ -152,6 +152,9 @@ def test_workload_entry_maps_a_cached_trace_onto_the_noopt_layout(tmp_path: Path
     part = workload_entry(image_dir, trace)
     assert part["files_with_ranges"] == 1 and part["compressed_bytes"] < whole["compressed_bytes"]
     assert workload_entry(tmp_path / "images" / "other", trace)["unavailable"]
+    # Traced again without ranges: the old ranges do not stay beside the new list.
+    write_cached_trace(trace, ["usr/bin/app"], {})
+    assert read_cached_trace(trace) == [TracedFile("usr/bin/app")]
     trace.write_text('{"not": "a list"}')
     with pytest.raises(UserError, match=r"w-1\.json"):
         read_cached_trace(trace)
