@@ -76,6 +76,7 @@ class TocScan:
     digest: str  # "sha256:…" of the uncompressed JSON
     json_size: int
     landmark_offset: int | None  # the ``.prefetch.landmark`` entry's offset: a hint only
+    json: bytes | None = None  # the whole JSON, when asked for and not over ``keep`` bytes
 
 
 def toc_digest(toc_json: bytes) -> str:
@@ -113,8 +114,12 @@ def toc_json_bytes(data: bytes, footer: Footer, limits: TocLimits = DEFAULT_LIMI
     return b"".join(toc_json_pieces(data, footer, limits))
 
 
-def scan_toc(data: bytes, footer: Footer, limits: TocLimits = DEFAULT_LIMITS) -> TocScan:
-    """Inflate the TOC once, in pieces: its digest, size and landmark hint (no JSON decoded).
+def scan_toc(
+    data: bytes, footer: Footer, limits: TocLimits = DEFAULT_LIMITS, keep: int = 0
+) -> TocScan:
+    """Inflate the TOC once, in pieces: its digest, size and landmark hint (no JSON decoded);
+    with ``keep``, also the JSON itself when it is at most ``keep`` bytes (so a decoder need
+    not inflate it again).
 
     Why before the decode: the store checks the digest against the manifest annotation
     first, so no JSON it was not promised ever reaches the decoder, and it can start the
@@ -127,9 +132,14 @@ def scan_toc(data: bytes, footer: Footer, limits: TocLimits = DEFAULT_LIMITS) ->
     hint: int | None = None
     carry = b""
     names = 0  # "name" keys: at least the entry count (a string can add, never hide one)
+    kept: list[bytes] | None = [] if keep else None
     for piece in toc_json_pieces(data, footer, limits):
         h.update(piece)
         size += len(piece)
+        if kept is not None and size <= keep:
+            kept.append(piece)
+        else:
+            kept = None
         window = carry + piece
         names += window.count(b'"name"') - carry.count(b'"name"')
         if names > limits.max_entries:
@@ -140,7 +150,8 @@ def scan_toc(data: bytes, footer: Footer, limits: TocLimits = DEFAULT_LIMITS) ->
         if hint is None:
             hint = landmark_offset_hint(window)
         carry = window[-(64 << 10) :]
-    return TocScan("sha256:" + h.hexdigest(), size, hint)
+    json = b"".join(kept) if kept is not None else None
+    return TocScan("sha256:" + h.hexdigest(), size, hint, json)
 
 
 _LANDMARK_ENTRY = re.compile(
