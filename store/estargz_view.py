@@ -36,6 +36,7 @@ import trio
 
 from store import estargz
 from store.estargz import Chunk, Entry, LayerIndex, TocLimits, landmark_offset_hint, zstdchunked
+from store.estargz.toc import WHOLE_DECODE_MAX
 from store.layer import BlobReader
 
 # First read from the blob's end: footer plus small TOCs. Why not the format module's 1 MiB:
@@ -93,7 +94,9 @@ async def load_layer_index(
     if toc_bytes is None:
         (toc_bytes,) = await blob.read_ranges([(lo, hi)])
     where = f"TOC at offset {footer.toc_offset}"
-    scan = await trio.to_thread.run_sync(estargz.scan_toc, toc_bytes, footer, limits)
+    scan = await trio.to_thread.run_sync(
+        estargz.scan_toc, toc_bytes, footer, limits, WHOLE_DECODE_MAX
+    )
     if scan.digest != toc_digest:
         raise TocMismatchError(
             f"{where}: digest {scan.digest} does not match the expected {toc_digest}"
@@ -102,7 +105,10 @@ async def load_layer_index(
         on_verified(scan.landmark_offset)
 
     def build() -> LayerIndex:
-        pieces = estargz.toc_json_pieces(toc_bytes, footer, limits)
+        # Inflated once: the scan kept a TOC small enough to be decoded whole.
+        pieces = [scan.json] if scan.json is not None else None
+        if pieces is None:
+            pieces = estargz.toc_json_pieces(toc_bytes, footer, limits)
         return LayerIndex.from_toc_json(
             pieces, toc_offset=footer.toc_offset, compression=footer.compression, limits=limits
         )
