@@ -281,7 +281,11 @@ def compute_run_limits(
             continue
         say(f"limit {w.name}: mapping the trace onto the {NOOPT} image's TOCs")
         trace = trace_cache_path(image_dir.name, resolve(w), cache_dir)
-        out[w.name] = workload_entry(image_dir, trace)
+        entry = workload_entry(image_dir, trace)
+        measured = (modes.get(NOOPT) or {}).get("manifest_digest")
+        if measured and entry.get("image") not in (None, measured):
+            entry["note"] = f"the run measured {NOOPT} image {measured}, the cache holds another"
+        out[w.name] = entry
     return out
 
 
