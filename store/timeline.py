@@ -23,8 +23,8 @@ Events (where they are taken):
 ``first_read``  the first read of one of the layer's files (instant)
 ``manifest``    manifest + config fetched and decoded (span, per image) — :mod:`store.resolver`
 ``footer``      the blob's tail read (span; ``bytes``, ``requests``) — :mod:`store.estargz_view`
-``toc_fetch``   the TOC read (span; ``bytes``, ``requests``; ``in_tail`` when the footer read
-                carried it, then it repeats the footer's span)
+``toc_fetch``   the TOC read (span; ``bytes``, ``requests``); with ``in_tail`` the footer's
+                read carried it: an instant at the footer's end, ``requests`` 0
 ``verify``      the TOC inflated and hashed against the annotation (span)
 ``parse``       the TOC decoded into the validated index (span; ``entries``)
 ``tree``        the directory tree built from the index (span) — :mod:`store.resolver`
