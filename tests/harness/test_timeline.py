@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 
+from harness.container import RunOutcome
+from harness.laziness import LayerEvidence, Verdict
+from harness.podman import Persistence, PodmanResult
+from harness.prepare import resolve
 from harness.report import timeline_lines, write_report
+from harness.scenario import parse_scenario
 from harness.store_proc import is_our_store, store_config_text
 from harness.timeline import layer_table, pull_timeline, read_timelines, write_timeline
 from tests.harness.test_results import make_run
@@ -138,3 +147,95 @@ def test_only_our_store_is_given_the_timeline_key(tmp_path):
     text = store_config_text(["h:5000"], timeline_path="/x/timeline.jsonl")
     assert 'timeline_path = "/x/timeline.jsonl"' in text
     assert "timeline_path" not in store_config_text(["h:5000"])
+
+
+class _FakeStore:
+    """Stands in for harness.store_proc.StoreProcess: writes its timeline as the store would."""
+
+    made: ClassVar[list[_FakeStore]] = []
+
+    def __init__(self, workdir: Path, *, timeline: bool = False, **kw) -> None:
+        self.workdir, self.timeline = workdir, timeline
+        self.mountpoint = workdir / "mnt"
+        self.log_path = workdir / "store.log"
+        _FakeStore.made.append(self)
+
+    def __enter__(self) -> _FakeStore:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc) -> None:  # the store writes its last events when it stops
+        if self.timeline:
+            # As if the store had recorded the example pull on the shared monotonic clock.
+            shift = _FakeEnv.pulled_at - START
+            events = [e | {"t": e["t"] + shift} for e in example_events()]
+            (self.workdir / "timeline.jsonl").write_text(
+                "".join(json.dumps(e) + "\n" for e in events)
+            )
+
+    def abort(self) -> None:
+        pass
+
+    def scrape_metrics(self) -> dict:
+        return {}
+
+
+class _FakeEnv:
+    pulled_at = 0.0
+
+    def __init__(self, workdir: Path, **kw) -> None:
+        self.graphroot, self.storage_options = workdir / "g", {}
+
+    def __enter__(self) -> _FakeEnv:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def pull(self, ref: str, timeout: float | None = None):
+        _FakeEnv.pulled_at = time.monotonic()
+        return PodmanResult([], 0, "", "", PULL_S)
+
+    def check_persistence(self, ref: str) -> Persistence:
+        return Persistence(True, True)
+
+
+def test_a_measurement_keeps_the_timeline_of_sample_0_through_our_store(tmp_path, monkeypatch):
+    import harness.measure as measure
+
+    verdict = Verdict([LayerEvidence("id", L1, True)])
+    monkeypatch.setattr(measure, "StoreProcess", _FakeStore)
+    monkeypatch.setattr(measure, "PodmanEnv", _FakeEnv)
+    monkeypatch.setattr(measure, "storage_verdict", lambda *a: verdict)
+    monkeypatch.setattr(measure, "create_container", lambda *a: "cid")
+    outcome = RunOutcome(0.5, 0.4, True, 0, "hello from lazybench\n", "")
+    monkeypatch.setattr(measure, "start_until_ready", lambda *a, **kw: outcome)
+    scenario = parse_scenario(
+        {
+            "samples": 2,
+            "workloads": [{"recipe": "tiny", "command": ["true"]}],
+            "stores": [
+                {"name": "ours", "command": ["stargz-store", "{config}", "{mountpoint}"]},
+                {"name": "go", "command": ["{go-stargz-store}", "{config}", "{mountpoint}"]},
+            ],
+        },
+        "s.toml",
+    )
+    run = tmp_path / "run"
+    runner = measure.Runner(scenario, run, show_progress=False)
+    runner.images = {("tiny", "estargz"): "lazybench/tiny:estargz"}
+    registry = SimpleNamespace(host="h:5000", log_mark=lambda: 0, access_log=lambda: [])
+    w = resolve(scenario.workloads[0])
+    for sample, store in ((0, "ours"), (1, "ours"), (0, "go")):
+        rec = runner.measure(sample, w, "estargz", registry, tmp_path / "work", store)
+        assert rec.status == "ok", rec.error
+    assert [s.timeline for s in _FakeStore.made] == [True, False, False]
+    assert sorted(p.name for p in (run / "timeline").iterdir()) == [
+        "tiny-estargz-ours.json",
+        "tiny-estargz-ours.md",
+    ]
+    doc = json.loads((run / "timeline" / "tiny-estargz-ours.json").read_text())
+    assert doc["sample"] == 0 and doc["summary"]["layers"] == 2
+    # The offsets are from the harness's pull start, on the store's clock.
+    assert doc["summary"]["pull_s"] == PULL_S
+    assert doc["summary"]["first_request_at"] == pytest.approx(0.37, abs=0.01)
