@@ -274,6 +274,8 @@ class StoreFS:
         except FSError as exc:
             tl.event("request", start=start, error=errno.errorcode.get(exc.errno_value), **fields)
             raise
+        if synth.kind == "root" and (image := self._synth.get(attr.ino)) is not None:
+            fields["ref"] = image.ref
         tl.event("request", start=start, **fields)
         if fields["what"] == DIFF and (found := self._layer_of(attr.ino)) is not None:
             layer = found[0].layer

@@ -109,5 +109,6 @@ async def test_a_lookup_through_the_resolver_records_every_layer_step(vectors_di
     order = [by[n]["t"] for n in ("lookup", "manifest", "footer", "verify", "parse", "tree")]
     assert order == sorted(order)
     whats = [e["what"] for e in events if e["event"] == "request"]
+    assert all(e["ref"] == REF for e in events if e["event"] == "request")
     assert whats == ["ref", "layerdir", "info"] + ["ref", "layerdir", "diff"] * 2
     assert all(e["dur"] >= 0 for e in events if e["event"] == "request")
