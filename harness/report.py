@@ -333,6 +333,57 @@ def ratio_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# zstd:chunked through the store reads as eStargz without prioritized files does (both fetch
+# on demand): its total and the bytes it fetches before the first output should match.
+ZSTD_LAZY_TARGETS = {"total": 1.1, "mb_before_first_output": 1.2}
+
+
+def zstd_lazy_lines(agg: pd.DataFrame, percentile: float) -> list[str]:
+    """A report section: per workload, ``zstd-chunked-lazy`` ÷ ``estargz-noopt`` through the
+    first store — total (median and the chosen percentile) and MB fetched before the first
+    output (median) — against :data:`ZSTD_LAZY_TARGETS`. Empty when the run lacks either
+    mode."""
+    if agg.empty or not {"zstd-chunked-lazy", "estargz-noopt"} <= set(agg["mode"]):
+        return []
+    first = next((st for st in agg["store"] if st), "")
+    agg = agg[(agg["store"] == "") | (agg["store"] == first)]
+    lines = [
+        "## zstd:chunked through the store ÷ eStargz without prioritized files",
+        "",
+        "Both read on demand; targets: total within "
+        f"{ZSTD_LAZY_TARGETS['total']}×, bytes before the first output within "
+        f"{ZSTD_LAZY_TARGETS['mb_before_first_output']}×.",
+        "",
+        f"| workload | total median ÷ | total {_pct_label(percentile)} ÷ "
+        "| MB before first output (median) ÷ | within targets |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for workload, group in agg.groupby("workload", sort=False):
+        by_mode = {r["mode"]: r for _, r in group.iterrows()}
+        z, e = by_mode.get("zstd-chunked-lazy"), by_mode.get("estargz-noopt")
+        if z is None or e is None:
+            continue
+
+        def ratio(key: str, z: Any = z, e: Any = e) -> float | None:
+            num, den = _get(z, key), _get(e, key)
+            return num / den if den and den > 0 and not pd.isna(num) else None
+
+        median, p95 = ratio("total_median"), ratio("total_p")
+        mb = ratio("mb_before_first_output_median")
+        within = (
+            "–"
+            if median is None or mb is None
+            else (
+                "yes"
+                if median <= ZSTD_LAZY_TARGETS["total"]
+                and mb <= ZSTD_LAZY_TARGETS["mb_before_first_output"]
+                else "no"
+            )
+        )
+        lines.append(f"| {workload} | {_ratio(median)} | {_ratio(p95)} | {_ratio(mb)} | {within} |")
+    return [*lines, ""]
+
+
 def _environment_lines(env: dict[str, Any]) -> list[str]:
     lines = []
     for key in (
@@ -647,6 +698,7 @@ def write_report(run_dir: Path) -> Report:
         "",
         ratio_table(ratios),
     ]
+    lines += zstd_lazy_lines(agg, percentile)
     lines += timeline_lines(run_dir)
     lines += persistence_lines(records)
     if env.get("machines_differ"):

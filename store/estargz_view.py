@@ -36,6 +36,7 @@ import trio
 
 from store import estargz
 from store.estargz import Chunk, Entry, LayerIndex, TocLimits, landmark_offset_hint, zstdchunked
+from store.estargz.toc import WHOLE_DECODE_MAX
 from store.layer import BlobReader
 from store.timeline import BoundTimeline, span
 
@@ -103,7 +104,9 @@ async def load_layer_index(
         timeline.event("toc_fetch", bytes=len(toc_bytes), requests=0, in_tail=True)
     where = f"TOC at offset {footer.toc_offset}"
     with span(timeline, "verify"):
-        scan = await trio.to_thread.run_sync(estargz.scan_toc, toc_bytes, footer, limits)
+        scan = await trio.to_thread.run_sync(
+            estargz.scan_toc, toc_bytes, footer, limits, WHOLE_DECODE_MAX
+        )
     if scan.digest != toc_digest:
         raise TocMismatchError(
             f"{where}: digest {scan.digest} does not match the expected {toc_digest}"
@@ -112,7 +115,10 @@ async def load_layer_index(
         on_verified(scan.landmark_offset)
 
     def build() -> LayerIndex:
-        pieces = estargz.toc_json_pieces(toc_bytes, footer, limits)
+        # Inflated once: the scan kept a TOC small enough to be decoded whole.
+        pieces = [scan.json] if scan.json is not None else None
+        if pieces is None:
+            pieces = estargz.toc_json_pieces(toc_bytes, footer, limits)
         return LayerIndex.from_toc_json(
             pieces, toc_offset=footer.toc_offset, compression=footer.compression, limits=limits
         )

@@ -17,6 +17,15 @@ from store.estargz.toc import iter_toc_entries
 TOC_OFFSET = 1 << 20
 
 
+@pytest.fixture(autouse=True, params=["whole", "streamed"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every rule holds through both decoders: small TOCs decoded whole (msgspec) and large
+    ones streamed entry by entry (forced here by a size limit of 0)."""
+    if request.param == "streamed":
+        monkeypatch.setattr("store.estargz.toc.WHOLE_DECODE_MAX", 0)
+    return request.param
+
+
 def build(entries: list[dict], limits: TocLimits | None = None) -> LayerIndex:
     text = json.dumps({"version": 1, "entries": entries}).encode()
     pieces = [text[i : i + 7] for i in range(0, len(text), 7)]  # values cut anywhere
@@ -195,6 +204,31 @@ def test_a_gigantic_name_is_decoded_in_linear_time_and_refused() -> None:
 def test_iter_toc_entries_yields_dicts_in_order() -> None:
     text = b'{"entries":[{"name":"a","type":"dir"},{"name":"b","type":"reg"}],"version":1}'
     assert [e["name"] for e in iter_toc_entries([text])] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b'{"version":1,"entries":[],"entries":[{"name":"a","type":"dir"}]}', "twice"),
+        (b'{"version":1,"entries":[{"name":"entries","type":"dir"}]}', None),
+        (b'{"version":1,"entries":[{"name":"a","type":"dir"}]} x', "after the TOC"),
+        (b'{"version":true,"entries":[]}', "version"),
+        (b'{"version":1,"entries":[1]}', "not an object"),
+        (b'{"version":1,"entries":[{"name":"\\ud800","type":"dir"}]}', None),
+        (b'{"version":1,"entries":[{"name":"a","size":NaN,"type":"reg"}]}', None),
+        (b'\xef\xbb\xbf{"version":1,"entries":[]}', "expected a JSON object"),
+    ],
+)
+def test_both_decoders_agree_on_unusual_tocs(text: bytes, message: str | None) -> None:
+    """What the whole decoder cannot vouch for goes the streaming way: same entries, same
+    errors (a duplicate ``entries`` key is refused, not decoded last-wins)."""
+    if message is None:
+        expected = json.loads(text)["entries"]
+        got = list(iter_toc_entries([text]))
+        assert json.dumps(got) == json.dumps(expected)
+    else:
+        with pytest.raises(InvalidToc, match=message):
+            list(iter_toc_entries([text]))
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd"])

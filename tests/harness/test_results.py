@@ -107,6 +107,36 @@ def test_report_writes_table_chart_and_ratios(tmp_path: Path) -> None:
     assert (run / "summary.csv").read_text().startswith("workload,mode,store,n,")
 
 
+def test_report_sets_zstd_chunked_lazy_against_estargz_noopt(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    assert "zstd:chunked through the store" not in write_report(run).report.read_text()
+    for s in range(3):
+        for w, slow in (("python", 1.0), ("gcc", 2.0)):
+            append_record(
+                run,
+                Record(
+                    sample=s,
+                    workload=w,
+                    mode="zstd-chunked-lazy",
+                    store="default",
+                    pull_s=1.0,
+                    create_s=0.5,
+                    run_s=2.0 * slow,
+                    total_s=1.0 + 0.5 + 2.0 * slow,
+                    bytes_fetched=int(20e6),
+                    bytes_before_first_output=int(5.5e6),
+                    requests=3,
+                ),
+            )
+    text = write_report(run).report.read_text()
+    section = text.split("## zstd:chunked through the store")[1]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines()}
+    # estargz-noopt's totals are 3.4-3.6 s (jitter on the pull), python's zstd ones 3.5 s.
+    assert rows["python"].endswith("| 1.10 | yes |")
+    assert rows["gcc"].endswith("| 1.10 | no |")  # 5.5 s against ~3.5 s
+    assert "| db |" not in section  # no zstd-chunked-lazy measured there
+
+
 def test_report_names_missing_measurements(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
     lines = (run / RECORDS).read_text().splitlines()
