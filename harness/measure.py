@@ -86,7 +86,8 @@ from harness.records import (
 )
 from harness.runtimes import HOST, Node, NodeError, build_node, runtime_versions, version_tuple
 from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, parse_scenario
-from harness.store_proc import StoreProcess
+from harness.store_proc import StoreProcess, is_our_store
+from harness.timeline import write_timeline
 
 # Where run directories go unless ``--results-dir`` says otherwise: under the current directory,
 # wherever lazybench is installed.
@@ -421,6 +422,8 @@ class Runner:
             with contextlib.ExitStack() as stack:
                 stack.callback(shutil.rmtree, mdir, ignore_errors=True)
                 store = None
+                pull_clock: dict[str, float] = {}
+                with_timeline = False
                 if mode in LAZY_MODES:
                     spec = self.scenario.store_named(store_name)
                     # Runs after the store stopped: its log stays with the run's records.
@@ -429,6 +432,12 @@ class Runner:
                         mdir / "store" / "store.log",
                         self.run_dir / "logs" / f"{tag}-store.log",
                     )
+                    # One pull timeline per (workload × mode × store), from our store only.
+                    with_timeline = sample == 0 and is_our_store(spec.command)
+                    if with_timeline:
+                        stack.callback(
+                            self._keep_timeline, mdir / "store" / "timeline.jsonl", rec, pull_clock
+                        )
                     store = stack.enter_context(
                         StoreProcess(
                             mdir / "store",
@@ -437,6 +446,7 @@ class Runner:
                             noprefetch=mode in ON_DEMAND_MODES,
                             background_fetch=spec.background_fetch,
                             mount_timeout=spec.mount_timeout,
+                            timeline=with_timeline,
                         )
                     )
                 env = stack.enter_context(
@@ -454,8 +464,9 @@ class Runner:
                     # podman's cleanup does not wait on reads a stuck store never answers.
                     stack.push(_abort_on_error(store))
                 mark = registry.log_mark()
+                pull_clock["start"] = time.monotonic()  # the store's timeline clock too
                 pull = env.pull(ref, timeout=w.timeout)
-                rec.pull_s = pull.seconds
+                rec.pull_s = pull_clock["seconds"] = pull.seconds
                 # Read from the runtime's storage right after the pull (no FUSE access).
                 layers = storage_verdict(env.graphroot, ref, store.mountpoint if store else None)
                 if mode in LAZY_MODES:
@@ -529,6 +540,25 @@ class Runner:
         self._interrupt.check()
         rec.finished = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         return rec
+
+    def _keep_timeline(self, events: Path, rec: Record, pull_clock: dict[str, float]) -> None:
+        """Turn the stopped store's timeline into ``<run>/timeline/`` (harness.timeline); a
+        measurement whose pull did not finish has none. Never fails the measurement."""
+        if "seconds" not in pull_clock:
+            return
+        try:
+            write_timeline(
+                events,
+                self.run_dir,
+                workload=rec.workload,
+                mode=rec.mode,
+                store=rec.store,
+                sample=rec.sample,
+                pull_start=pull_clock["start"],
+                pull_s=pull_clock["seconds"],
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.console.print(f"  [yellow]pull timeline of {rec.workload}/{rec.mode}: {exc}[/]")
 
     def _measure_crio(self, rec: Record, w: ResolvedWorkload, registry: Any) -> Record:
         """The same measurement through the host's CRI-O (see harness.crio for its limits)."""

@@ -7,8 +7,8 @@ measurement recorded in two inputs, an ``OUT`` that already holds a run. The mer
 ``environment.json`` is the first input's, with ``merged_from`` (the inputs), ``shards`` (each
 input's shard, host, CPU, kernel, podman, start time and commit) and ``machines_differ`` (true
 when those machines differ: the report says so, since cells measured on different machines do
-not compare). Records keep their order within each input; store logs are copied along, and
-the inputs' ``limits.json`` entries are joined.
+not compare). Records keep their order within each input; store logs and pull timelines are
+copied along, and the inputs' ``limits.json`` entries are joined.
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ def merge_runs(out: Path, run_dirs: list[Path]) -> Path:
         if limits:
             write_limits(tmp, limits)
         for d in run_dirs:
-            if (d / "logs").is_dir():
-                shutil.copytree(d / "logs", tmp / "logs", dirs_exist_ok=True)
+            for sub in ("logs", "timeline"):
+                if (d / sub).is_dir():
+                    shutil.copytree(d / sub, tmp / sub, dirs_exist_ok=True)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

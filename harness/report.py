@@ -733,6 +733,46 @@ def run_limits(
     return limits_of(entries, env, df, workloads)
 
 
+def timeline_lines(run_dir: Path) -> list[str]:
+    """The pull phase split per workload × lazy mode × store, from the run's pull timelines
+    (harness.timeline: sample 0, our store only), each linked; nothing for a run without
+    them (older runs, foreign stores)."""
+    from harness.timeline import read_timelines
+
+    docs = read_timelines(run_dir)
+    if not docs:
+        return []
+    docs.sort(key=lambda d: (str(d.get("workload")), mode_rank(str(d.get("mode"))), d["file"]))
+    lines = [
+        "",
+        "## Pull phase (timeline of sample 0)",
+        "",
+        "What our store did per layer during `podman pull` (one measurement per workload × "
+        "lazy mode; foreign stores record none). *Store*: time in which a request of the "
+        "runtime to the store was unanswered (the store on the critical path); *runtime*: the "
+        "rest of the pull, the runtime's own work; *store spans*: the store's manifest, "
+        "footer, TOC fetch, verify, parse and tree spans added up (they overlap).",
+        "",
+        "| workload | mode | store | pull s | store s | runtime s | store spans s "
+        "| first request s | layers | timeline |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def num(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, int | float) else "–"
+
+    for d in docs:
+        s = d["summary"]
+        md = d["file"].removesuffix(".json") + ".md"
+        lines.append(
+            f"| {d.get('workload', '?')} | {d.get('mode', '?')} | {d.get('store') or '–'} "
+            f"| {num(s.get('pull_s'))} | {num(s.get('store_s'))} | {num(s.get('runtime_s'))} "
+            f"| {num(s.get('store_work_s'))} | {num(s.get('first_request_at'))} "
+            f"| {s.get('layers', '–')} | [table]({md}) · [events]({d['file']}) |"
+        )
+    return lines
+
+
 def write_report(
     run_dir: Path, *, cache_dir: Path | None = None, recompute_limits: bool = False
 ) -> Report:
@@ -820,6 +860,7 @@ def write_report(
     if limits is not None:
         lines += limit_section(cells, limits, percentile)
     lines += zstd_lazy_lines(agg, percentile)
+    lines += timeline_lines(run_dir)
     lines += persistence_lines(records)
     if env.get("machines_differ"):
         lines += [

@@ -11,7 +11,9 @@ the registry is plain HTTP, so it gets a ``[[resolver.host."HOST".mirrors]]`` en
 ``insecure = true``; ``noprefetch`` for the estargz-noopt mode; and our own keys
 ``metrics_address`` (Prometheus endpoint, scraped after the workload ran) and
 ``access_trace_path`` (the files each layer served, in first-access order — what the estargz
-mode prioritizes).
+mode prioritizes) and ``timeline_path`` (what the store did per layer during the pull:
+:mod:`store.timeline`, turned into offsets from the pull by :mod:`harness.timeline`), both for
+our own store only (:func:`is_our_store`).
 
 The process runs in its own session so a Ctrl-C aimed at the harness does not kill it before
 the harness has unmounted it: a dead FUSE mount under an ALS path makes every podman command
@@ -87,6 +89,23 @@ def _builtin_store(name: str, progress: Callable[[str], None] | None) -> Path:
     return _built[name]
 
 
+def _which(name: str) -> str | None:
+    """``name`` on PATH, else beside this interpreter (our console scripts live there even
+    when their venv is not on PATH): what :meth:`StoreProcess.argv` runs."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
+def is_our_store(command: Sequence[str]) -> bool:
+    """Whether ``command`` runs this project's ``stargz-store`` — the one that writes the
+    access trace and the pull timeline. A built-in placeholder (``{go-stargz-store}``) or any
+    other binary (even one named ``stargz-store`` earlier on PATH) is a foreign store."""
+    if not command or "{" in command[0]:
+        return False
+    ours = shutil.which("stargz-store", path=str(Path(sys.executable).parent))
+    exe = _which(command[0])
+    return ours is not None and exe is not None and os.path.samefile(ours, exe)
+
+
 def _toml_str(value: str) -> str:
     return json.dumps(value)
 
@@ -109,6 +128,7 @@ def store_config_text(
     background_fetch: bool = False,
     metrics_address: str = "",
     access_trace_path: str = "",
+    timeline_path: str = "",
 ) -> str:
     """The store's TOML config (Go ``stargz-store`` keys plus ours)."""
     lines = [
@@ -119,6 +139,8 @@ def store_config_text(
         lines.append(f"metrics_address = {_toml_str(metrics_address)}")
     if access_trace_path:
         lines.append(f"access_trace_path = {_toml_str(access_trace_path)}")
+    if timeline_path:
+        lines.append(f"timeline_path = {_toml_str(timeline_path)}")
     for host in insecure_hosts:
         lines += [
             "",
@@ -139,6 +161,7 @@ class StoreProcess(Service):
     noprefetch: bool = False
     background_fetch: bool = False
     trace: bool = False
+    timeline: bool = False  # our store only: the pull timeline (timeline_path)
     metrics: bool = True
     mount_timeout: float = 30.0
     stop_timeout: float = 15.0
@@ -166,6 +189,10 @@ class StoreProcess(Service):
         return self.workdir / "trace.jsonl"
 
     @property
+    def timeline_path(self) -> Path:
+        return self.workdir / "timeline.jsonl"
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
@@ -177,7 +204,7 @@ class StoreProcess(Service):
         }
         argv = [arg.format(**values) for arg in resolve_store_command(self.command)]
         # Our own console script sits beside this interpreter even when its venv is not on PATH.
-        exe = shutil.which(argv[0]) or shutil.which(argv[0], path=str(Path(sys.executable).parent))
+        exe = _which(argv[0])
         if exe is None:
             raise StoreError(f"store command {argv[0]!r} not found on PATH")
         return [exe, *argv[1:]]
@@ -192,6 +219,7 @@ class StoreProcess(Service):
         self.root.mkdir()
         self.mountpoint.mkdir(exist_ok=True)
         self.trace_path.unlink(missing_ok=True)
+        self.timeline_path.unlink(missing_ok=True)
         self._metrics_address = f"127.0.0.1:{free_port()}" if self.metrics else ""
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(
@@ -201,6 +229,7 @@ class StoreProcess(Service):
                 background_fetch=self.background_fetch,
                 metrics_address=self._metrics_address,
                 access_trace_path=str(self.trace_path) if self.trace else "",
+                timeline_path=str(self.timeline_path) if self.timeline else "",
             )
         )
         os.replace(tmp, self.config_path)

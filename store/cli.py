@@ -145,12 +145,14 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
     from store.registry.hosts import parse_resolver_config
     from store.remote import RemoteRegistry
     from store.resolver import LayerManager
+    from store.timeline import open_timeline
 
     cache = ChunkCache(root / "cache", cfg.cache_max_bytes)
     metrics = StoreMetrics()
     if cfg.metrics_address:
         metrics.serve(cfg.metrics_address)
     trace = AccessTrace(Path(cfg.access_trace_path)) if cfg.access_trace_path else None
+    timeline = open_timeline(cfg.timeline_path)
     credentials = (
         CredentialStore(auth_files=[Path(cfg.auth_file)]) if cfg.auth_file else CredentialStore()
     )
@@ -176,6 +178,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
             on_layer_fetch=metrics.on_fetch,
             on_file_access=on_access,
             on_read=metrics.on_read,
+            timeline=timeline,
         )
         fs = StoreFS(manager, on_read_range=trace.record_read if trace is not None else None)
         ops = StoreOperations(fs, cfg.attr_timeout, cfg.entry_timeout)
@@ -202,6 +205,8 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
             pyfuse3.close(unmount=True)
             if trace is not None:
                 trace.close()
+            if timeline is not None:
+                timeline.close()
             log.info("unmounted %s", mountpoint)
 
 

@@ -15,6 +15,10 @@ Our additions (top level):
 ``metrics_address``      ``HOST:PORT`` for the Prometheus endpoint; empty = off
 ``access_trace_path``    JSON-lines file receiving per-layer first-access file order, and the
                          byte ranges read of each file when the store stops; empty = off
+``timeline_path``        JSON-lines file receiving the pull timeline: per layer, when the
+                         runtime looked it up and what the store did (footer and TOC fetch,
+                         verification, parse, tree) with monotonic and wall times
+                         (:mod:`store.timeline`); empty = off, nothing recorded
 ``resolve_timeout_sec``  bound on any lookup that needs the registry (the runtime then falls
                          back to a normal pull), default 15
 ``auth_file``            a containers auth.json / docker config.json to take credentials from
@@ -97,6 +101,7 @@ class StoreConfig:
     cache_max_bytes: int = 10 << 30
     metrics_address: str = ""
     access_trace_path: str = ""
+    timeline_path: str = ""
     resolve_timeout_sec: float = 15.0
     auth_file: str = ""
     overlay_opaque_type: str = "trusted"
@@ -134,6 +139,7 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "cache_max_bytes": ("cache_max_bytes", (int,)),
     "metrics_address": ("metrics_address", (str,)),
     "access_trace_path": ("access_trace_path", (str,)),
+    "timeline_path": ("timeline_path", (str,)),
     "resolve_timeout_sec": ("resolve_timeout_sec", _NUM),
     "auth_file": ("auth_file", (str,)),
     "overlay_opaque_type": ("overlay_opaque_type", (str,)),

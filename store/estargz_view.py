@@ -38,6 +38,7 @@ from store import estargz
 from store.estargz import Chunk, Entry, LayerIndex, TocLimits, landmark_offset_hint, zstdchunked
 from store.estargz.toc import WHOLE_DECODE_MAX
 from store.layer import BlobReader
+from store.timeline import BoundTimeline, span
 
 # First read from the blob's end: footer plus small TOCs. Why not the format module's 1 MiB:
 # the layers of an image are loaded at once over one link, and real TOCs are 4-470 KB, so a
@@ -66,6 +67,7 @@ async def load_layer_index(
     on_verified: Callable[[int | None], None] | None = None,
     limits: TocLimits = estargz.DEFAULT_LIMITS,
     zstd_chunked: estargz.ZstdChunkedLayer | None = None,
+    timeline: BoundTimeline | None = None,
 ) -> EstargzLayerView:
     """Fetch footer+TOC of ``blob``, verify the TOC digest, build the validated index.
 
@@ -74,12 +76,16 @@ async def load_layer_index(
     ``on_verified`` is called (in the trio thread) with the ``.prefetch.landmark`` offset
     hint of the verified TOC before the index is built. With ``zstd_chunked`` (the layer's
     annotations) the TOC is read where they say and ``toc_digest`` is its manifest checksum
-    (sha256 of the compressed TOC); the footer is not read.
+    (sha256 of the compressed TOC); the footer is not read. ``timeline`` (the layer's view of
+    :class:`store.timeline.Timeline`) receives the footer, toc_fetch, verify and parse spans.
     """
     if zstd_chunked is not None:
-        return await _load_zstd_chunked(blob, toc_digest, on_verified, limits, zstd_chunked)
+        return await _load_zstd_chunked(
+            blob, toc_digest, on_verified, limits, zstd_chunked, timeline
+        )
     tail_len = estargz.tail_fetch_size(blob.size, TAIL_GUESS)
-    (tail,) = await blob.read_ranges([(blob.size - tail_len, blob.size)])
+    with span(timeline, "footer", bytes=tail_len, requests=1):
+        (tail,) = await blob.read_ranges([(blob.size - tail_len, blob.size)])
     # A zstd footer here is stargz-snapshotter's zstdchunked: eStargz's annotation, the TOC
     # digest of its uncompressed JSON, read like eStargz's.
     footer = estargz.parse_footer(tail, blob.size)
@@ -92,11 +98,15 @@ async def load_layer_index(
     toc_bytes = estargz.toc_bytes_from_tail(tail, blob.size, footer)
     del tail
     if toc_bytes is None:
-        (toc_bytes,) = await blob.read_ranges([(lo, hi)])
+        with span(timeline, "toc_fetch", bytes=hi - lo, requests=1):
+            (toc_bytes,) = await blob.read_ranges([(lo, hi)])
+    elif timeline is not None:  # it came with the footer: the same span, no request of its own
+        timeline.event("toc_fetch", bytes=len(toc_bytes), requests=0, in_tail=True)
     where = f"TOC at offset {footer.toc_offset}"
-    scan = await trio.to_thread.run_sync(
-        estargz.scan_toc, toc_bytes, footer, limits, WHOLE_DECODE_MAX
-    )
+    with span(timeline, "verify"):
+        scan = await trio.to_thread.run_sync(
+            estargz.scan_toc, toc_bytes, footer, limits, WHOLE_DECODE_MAX
+        )
     if scan.digest != toc_digest:
         raise TocMismatchError(
             f"{where}: digest {scan.digest} does not match the expected {toc_digest}"
@@ -113,7 +123,10 @@ async def load_layer_index(
             pieces, toc_offset=footer.toc_offset, compression=footer.compression, limits=limits
         )
 
-    return EstargzLayerView(await trio.to_thread.run_sync(build))
+    with span(timeline, "parse") as out:
+        view = EstargzLayerView(await trio.to_thread.run_sync(build))
+        out["entries"] = len(view.index.entries)
+    return view
 
 
 async def _load_zstd_chunked(
@@ -122,6 +135,7 @@ async def _load_zstd_chunked(
     on_verified: Callable[[int | None], None] | None,
     limits: TocLimits,
     layer: estargz.ZstdChunkedLayer,
+    timeline: BoundTimeline | None = None,
 ) -> EstargzLayerView:
     lo, hi = layer.toc_range
     where = f"zstd:chunked TOC at offset {lo}"
@@ -132,8 +146,10 @@ async def _load_zstd_chunked(
             f"{where}: {hi - lo} bytes ({layer.position.uncompressed_length} uncompressed), "
             f"over the limit on TOC bytes ({limits.max_bytes}, store config toc_max_bytes)"
         )
-    (toc_bytes,) = await blob.read_ranges([(lo, hi)])
-    digest = await trio.to_thread.run_sync(estargz.manifest_checksum, toc_bytes)
+    with span(timeline, "toc_fetch", bytes=hi - lo, requests=1):
+        (toc_bytes,) = await blob.read_ranges([(lo, hi)])
+    with span(timeline, "verify"):
+        digest = await trio.to_thread.run_sync(estargz.manifest_checksum, toc_bytes)
     if digest != toc_digest:
         raise TocMismatchError(
             f"{where}: compressed TOC hashes to {digest}, the annotation says {toc_digest}"
@@ -146,7 +162,9 @@ async def _load_zstd_chunked(
         entries = estargz.manifest_entries(toc_bytes, layer.position, None, limits)
         return LayerIndex.from_entries(_tap(entries, files), toc_offset=lo, compression="zstd")
 
-    view = EstargzLayerView(await trio.to_thread.run_sync(build))
+    with span(timeline, "parse") as out:
+        view = EstargzLayerView(await trio.to_thread.run_sync(build))
+        out["entries"] = len(view.index.entries)
     view._zstd_files = files
     return view
 

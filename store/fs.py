@@ -25,6 +25,7 @@ import errno
 import json
 import logging
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -254,7 +255,40 @@ class StoreFS:
 
     async def lookup(self, parent: int, name: str) -> Attr:
         """Resolve ``name`` in ``parent``; the returned inode's lookup count goes up by one."""
+        if self.manager.timeline is not None and parent in self._synth:
+            return self._counted(await self._timed_lookup(parent, name))
         return self._counted(await self._lookup(parent, name))
+
+    async def _timed_lookup(self, parent: int, name: str) -> Attr:
+        """:meth:`_lookup` of a runtime request on the store's own tree, on the timeline
+        (:mod:`store.timeline`: ``request``, and a layer's first ``lookup`` and ``ready``)."""
+        tl = self.manager.timeline
+        assert tl is not None
+        synth = self._synth[parent]
+        fields: dict[str, Any] = {"what": "ref" if name != "status" else "status"}
+        if synth.kind == "ref":
+            fields = {"what": name if name in ("manifest", "config") else "layerdir"}
+            fields["ref"] = synth.ref
+            if fields["what"] == "layerdir":
+                fields["name"] = name
+                tl.once(("lookup", synth.ref, name), "lookup", ref=synth.ref, name=name)
+        elif synth.kind == "layerdir":
+            fields = {"what": name, "ref": synth.ref, "name": synth.digest}
+        start = time.monotonic()
+        try:
+            attr = await self._lookup(parent, name)
+        except FSError as exc:
+            tl.event("request", start=start, error=errno.errorcode.get(exc.errno_value), **fields)
+            raise
+        if synth.kind == "root" and (image := self._synth.get(attr.ino)) is not None:
+            fields["ref"] = image.ref
+        tl.event("request", start=start, **fields)
+        if fields["what"] == DIFF and (found := self._layer_of(attr.ino)) is not None:
+            layer = found[0].layer
+            key = ("ready", synth.ref, layer.digest)
+            tl.once(key, "ready", layer=layer.digest, ref=synth.ref, nodes=len(layer.tree.nodes))
+            tl.flush()
+        return attr
 
     async def _lookup(self, parent: int, name: str) -> Attr:
         synth = self._synth.get(parent)
@@ -424,9 +458,13 @@ class StoreFS:
             found = self._layer_of(ino)
             if found is None:
                 raise FSError(errno.ENOENT)
-            data = await found[0].layer.read_file(found[1], offset, size)
+            layer = found[0].layer
+            if self.manager.timeline is not None:
+                key = ("read", layer.digest)
+                self.manager.timeline.once(key, "first_read", layer=layer.digest)
+            data = await layer.read_file(found[1], offset, size)
             if self.on_read_range is not None:
-                self.on_read_range(found[0].layer, found[1], offset, len(data))
+                self.on_read_range(layer, found[1], offset, len(data))
             return data
         except ChunkVerifyError as exc:
             log.error("refusing unverified data: %s", exc)

@@ -61,6 +61,7 @@ from store.estargz import (
 )
 from store.estargz_view import EstargzLayerView, load_layer_index, measure_tar_size
 from store.layer import AheadBlob, BlobReader, Layer
+from store.timeline import Timeline, span
 from store.tree import LayerTree, TreeError
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,8 @@ class LayerManager:
     on_layer_fetch: Callable[[Layer, int, float], None] | None = None
     on_file_access: Callable[[Layer, Any], None] | None = None
     on_read: Callable[[Layer], None] | None = None
+    # The pull timeline (store.timeline; None: off, as without `timeline_path`).
+    timeline: Timeline | None = None
     _images: _LRU = field(default_factory=lambda: _LRU(IMAGE_CACHE_ENTRIES))
     _states: dict[str, _LayerState] = field(default_factory=dict)
     _refcount: dict[str, int] = field(default_factory=dict)
@@ -313,7 +316,8 @@ class LayerManager:
     async def image(self, ref: str) -> ImageInfo:
         async def work() -> ImageInfo:
             try:
-                manifest, config, layers = await self.registry.image(ref)
+                with span(self.timeline, "manifest", ref=ref):
+                    manifest, config, layers = await self.registry.image(ref)
             except ResolveError:
                 raise
             except Exception as exc:
@@ -474,6 +478,14 @@ class LayerManager:
         # One nursery per layer, for its prefetch, background fetch and read-ahead:
         # release() cancels it whole.
         await self.nursery.start(layer.run)
+        if self.timeline is not None:
+            self.timeline.event(
+                "loaded",
+                layer=desc.digest,
+                toc_digest=desc.toc_digest,
+                ref=ref,
+                nodes=len(tree.nodes),
+            )
         return layer
 
     async def _load_index(
@@ -485,11 +497,17 @@ class LayerManager:
         # The prefetch region starts downloading once the TOC is verified, before its parse.
         on_verified = None if self.config.noprefetch else partial(ahead.start, nursery=self.nursery)
         limits = TocLimits(self.config.toc_max_bytes, self.config.toc_max_entries)
+        marks = (
+            None
+            if self.timeline is None
+            else self.timeline.bind(layer=desc.digest, toc_digest=desc.toc_digest, ref=ref)
+        )
         try:
             index = await load_layer_index(
-                ahead, desc.toc_digest, on_verified, limits, desc.zstd_chunked
+                ahead, desc.toc_digest, on_verified, limits, desc.zstd_chunked, marks
             )
-            tree = LayerTree(index.index)
+            with span(marks, "tree"):
+                tree = LayerTree(index.index)
         except BaseException as exc:
             ahead.drop()
             if isinstance(exc, EstargzError | TreeError):
@@ -567,6 +585,9 @@ class LayerManager:
             if loaded:
                 self.released.append(key)
                 log.info("layer %s released: no references left", key)
+                if self.timeline is not None:
+                    self.timeline.event("released", layer=key, ref=ref)
+                    self.timeline.flush()
         return 0
 
     def refcount(self, ref: str, digest: str) -> int:

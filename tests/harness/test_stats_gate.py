@@ -166,7 +166,16 @@ def test_merge_refuses_shards_of_different_scenarios(tmp_path: Path) -> None:
 def test_merge_marks_different_machines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     a = write_run(tmp_path / "a", {"": [30, 31, 30]}, shard="1/2", host="m1", cpu="x")
     b = write_run(tmp_path / "b", {"ours": [5, 5, 6]}, shard="2/2", host="m2", cpu="x")
+    (b / "timeline").mkdir()
+    summary = {"pull_s": 1.0, "store_s": 0.4, "runtime_s": 0.6, "layers": 1}
+    doc = {"workload": "w", "mode": "estargz", "store": "ours", "summary": summary}
+    (b / "timeline" / "w-estargz-ours.json").write_text(json.dumps(doc))
     assert main(["merge", str(tmp_path / "out"), str(a), str(b)]) == 0
+    assert (tmp_path / "out" / "timeline" / "w-estargz-ours.json").exists()
+    assert (
+        "| w | estargz | ours | 1.000 | 0.400 | 0.600 | – |"
+        in (tmp_path / "out" / "report.md").read_text()
+    )
     env = json.loads((tmp_path / "out" / ENVIRONMENT).read_text())
     assert env["machines_differ"] is True and [s["host"] for s in env["shards"]] == ["m1", "m2"]
     assert "shard" not in env

@@ -1,0 +1,241 @@
+"""The pull timeline, harness side: store events → per-layer offsets, table and report section."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
+
+import pytest
+
+from harness.container import RunOutcome
+from harness.laziness import LayerEvidence, Verdict
+from harness.podman import Persistence, PodmanResult
+from harness.prepare import resolve
+from harness.report import timeline_lines, write_report
+from harness.scenario import parse_scenario
+from harness.store_proc import is_our_store, store_config_text
+from harness.timeline import layer_table, pull_timeline, read_timelines, write_timeline
+from tests.harness.test_results import make_run
+
+L1, T1 = "sha256:" + "1" * 64, "sha256:" + "a" * 64
+L2, T2 = "sha256:" + "2" * 64, "sha256:" + "b" * 64
+REF = "10.0.0.1:5000/lazybench/gcc:estargz"
+START = 100.0  # time.monotonic() when `podman pull` started; it took PULL_S
+PULL_S = 1.2
+
+
+def _ev(event: str, t: float, dur: float | None = None, **fields) -> dict:
+    e = {"t": START + t, "wall": 1.7e9 + t, "event": event, **fields}
+    if dur is not None:
+        e["dur"] = dur
+    return e
+
+
+def example_events() -> list[dict]:
+    """A two-layer pull: layer 1 looked up by compressed digest with its TOC in the footer's
+    read, layer 2 by TOC digest with a TOC of its own request; a lookup after the pull."""
+    one = {"layer": L1, "toc_digest": T1, "ref": REF}
+    two = {"layer": L2, "toc_digest": T2, "ref": REF}
+    return [
+        _ev("request", 0.370, 0.0001, what="ref"),
+        _ev("request", 0.371, 0.100, what="manifest", ref=REF),
+        _ev("manifest", 0.372, 0.090, ref=REF),
+        _ev("footer", 0.462, 0.040, bytes=65536, requests=1, **one),
+        _ev("footer", 0.462, 0.041, bytes=65536, requests=1, **two),
+        _ev("toc_fetch", 0.502, bytes=30000, requests=0, in_tail=True, **one),
+        _ev("verify", 0.503, 0.010, **one),
+        _ev("toc_fetch", 0.503, 0.080, bytes=400000, requests=1, **two),
+        _ev("parse", 0.514, 0.050, entries=900, **one),
+        _ev("lookup", 0.480, ref=REF, name=L1),
+        _ev("request", 0.480, 0.0001, what="layerdir", ref=REF, name=L1),
+        _ev("request", 0.500, 0.0002, what="info", ref=REF, name=L1),
+        _ev("request", 0.520, 0.077, what="diff", ref=REF, name=L1),
+        _ev("tree", 0.565, 0.030, **one),
+        _ev("verify", 0.584, 0.030, **two),
+        _ev("loaded", 0.596, nodes=900, **one),
+        _ev("ready", 0.597, layer=L1, ref=REF, nodes=900),
+        _ev("parse", 0.615, 0.200, entries=25000, **two),
+        _ev("lookup", 0.700, ref=REF, name=T2),
+        _ev("request", 0.700, 0.0001, what="layerdir", ref=REF, name=T2),
+        _ev("request", 0.710, 0.0001, what="info", ref=REF, name=T2),
+        _ev("request", 0.720, 0.198, what="diff", ref=REF, name=T2),
+        _ev("tree", 0.816, 0.100, **two),
+        _ev("loaded", 0.917, nodes=25000, **two),
+        _ev("ready", 0.918, layer=L2, ref=REF, nodes=25000),
+        _ev("request", 1.500, 0.001, what="layerdir", ref=REF, name=L1),  # in `create`
+        _ev("first_read", 1.900, layer=L1),
+    ]
+
+
+def test_events_become_per_layer_offsets_from_the_pull_start():
+    doc = pull_timeline(sorted(example_events(), key=lambda e: e["t"]), START, PULL_S)
+    one, two = doc["layers"]
+    assert (one["layer"], one["by"], two["layer"], two["by"]) == (L1, "digest", L2, "toc")
+    assert one["lookup"] == pytest.approx(0.48) and two["lookup"] == pytest.approx(0.70)
+    assert one["manifest"] == pytest.approx([0.372, 0.462])
+    assert one["toc_in_tail"] and one["toc_bytes"] == 30000 and one["fetch_requests"] == 1
+    assert two["toc_fetch"] == pytest.approx([0.503, 0.583]) and two["fetch_requests"] == 2
+    assert two["parse"] == pytest.approx([0.615, 0.815]) and two["ready"] == pytest.approx(0.918)
+    assert one["first_read"] == pytest.approx(1.9) and two["first_read"] is None
+    # Runtime's own work: layer 2's first request comes 0.103 s after layer 1's diff answer;
+    # between its own requests it waits 0.0099 + 0.0099 s; the request in `create` is not
+    # part of the pull.
+    assert two["runtime_before_s"] == pytest.approx(0.103)
+    assert two["runtime_gaps_s"] == pytest.approx(0.0198)
+    assert one["runtime_gaps_s"] == pytest.approx(0.0199 + 0.0198)
+    s = doc["summary"]
+    assert s["store_s"] == pytest.approx(0.0001 + 0.1 + 0.0001 + 0.0002 + 0.077 + 0.0002 + 0.198)
+    assert s["runtime_s"] == pytest.approx(PULL_S - s["store_s"])
+    assert s["store_work_s"] == pytest.approx(0.09 + 0.081 + 0.08 + 0.04 + 0.25 + 0.13)
+    assert s["first_request_at"] == pytest.approx(0.37) and s["layers"] == 2
+    assert doc["events"][0]["at"] == pytest.approx(0.37)
+
+
+def test_table_and_files_in_the_run_directory(tmp_path):
+    events = tmp_path / "timeline.jsonl"
+    lines = [json.dumps(e) for e in example_events()]
+    events.write_text("\n".join(lines) + '\n{"t": 1, "torn')
+    out = write_timeline(
+        events, tmp_path / "run", workload="gcc", mode="estargz", store="ours", sample=0,
+        pull_start=START, pull_s=PULL_S,
+    )  # fmt: skip
+    assert out == tmp_path / "run" / "timeline" / "gcc-estargz-ours.json"
+    doc = json.loads(out.read_text())
+    assert doc["workload"] == "gcc" and len(doc["events"]) == len(lines)
+    table = out.with_suffix(".md").read_text()
+    assert table == layer_table(doc)
+    assert "| `111111111111` | digest | 0.480 | 0.372–0.462 | 0.462–0.502 |" in table
+    assert "0.502–0.502 (tail)" in table and "| 0.103 | 0.020 |" in table
+    assert write_timeline(
+        tmp_path / "none.jsonl", tmp_path / "run2", workload="gcc", mode="estargz",
+        store="go", sample=0, pull_start=START, pull_s=PULL_S,
+    ) is None  # fmt: skip
+    assert not (tmp_path / "run2").exists()
+
+
+def test_report_section_with_and_without_timelines(tmp_path):
+    run = make_run(tmp_path / "run", samples=1)
+    assert timeline_lines(run) == []  # an older run, or foreign stores only
+    (run / "timeline").mkdir()
+    (run / "timeline" / "broken.json").write_text("{not json")
+    assert timeline_lines(run) == []
+    events = tmp_path / "t.jsonl"
+    events.write_text("\n".join(json.dumps(e) for e in example_events()) + "\n")
+    write_timeline(
+        events, run, workload="gcc", mode="estargz", store="default", sample=0,
+        pull_start=START, pull_s=PULL_S,
+    )  # fmt: skip
+    assert [d["file"] for d in read_timelines(run)] == ["timeline/gcc-estargz-default.json"]
+    text = write_report(run).report.read_text()
+    assert "## Pull phase (timeline of sample 0)" in text
+    assert (
+        "| gcc | estargz | default | 1.200 | 0.376 | 0.824 | 0.671 | 0.370 | 2 "
+        "| [table](timeline/gcc-estargz-default.md) · [events](timeline/gcc-estargz-default.json) |"
+    ) in text
+
+
+def test_only_our_store_is_given_the_timeline_key(tmp_path):
+    assert is_our_store(["stargz-store", "--config", "{config}"])
+    assert not is_our_store(["{go-stargz-store}", "--config", "{config}"])
+    other = tmp_path / "stargz-store"
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    assert not is_our_store([str(other)])
+    text = store_config_text(["h:5000"], timeline_path="/x/timeline.jsonl")
+    assert 'timeline_path = "/x/timeline.jsonl"' in text
+    assert "timeline_path" not in store_config_text(["h:5000"])
+
+
+class _FakeStore:
+    """Stands in for harness.store_proc.StoreProcess: writes its timeline as the store would."""
+
+    made: ClassVar[list[_FakeStore]] = []
+
+    def __init__(self, workdir: Path, *, timeline: bool = False, **kw) -> None:
+        self.workdir, self.timeline = workdir, timeline
+        self.mountpoint = workdir / "mnt"
+        self.log_path = workdir / "store.log"
+        _FakeStore.made.append(self)
+
+    def __enter__(self) -> _FakeStore:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc) -> None:  # the store writes its last events when it stops
+        if self.timeline:
+            # As if the store had recorded the example pull on the shared monotonic clock.
+            shift = _FakeEnv.pulled_at - START
+            events = [e | {"t": e["t"] + shift} for e in example_events()]
+            (self.workdir / "timeline.jsonl").write_text(
+                "".join(json.dumps(e) + "\n" for e in events)
+            )
+
+    def abort(self) -> None:
+        pass
+
+    def scrape_metrics(self) -> dict:
+        return {}
+
+
+class _FakeEnv:
+    pulled_at = 0.0
+
+    def __init__(self, workdir: Path, **kw) -> None:
+        self.graphroot, self.storage_options = workdir / "g", {}
+
+    def __enter__(self) -> _FakeEnv:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def pull(self, ref: str, timeout: float | None = None):
+        _FakeEnv.pulled_at = time.monotonic()
+        return PodmanResult([], 0, "", "", PULL_S)
+
+    def check_persistence(self, ref: str) -> Persistence:
+        return Persistence(True, True)
+
+
+def test_a_measurement_keeps_the_timeline_of_sample_0_through_our_store(tmp_path, monkeypatch):
+    import harness.measure as measure
+
+    verdict = Verdict([LayerEvidence("id", L1, True)])
+    monkeypatch.setattr(measure, "StoreProcess", _FakeStore)
+    monkeypatch.setattr(measure, "PodmanEnv", _FakeEnv)
+    monkeypatch.setattr(measure, "storage_verdict", lambda *a: verdict)
+    monkeypatch.setattr(measure, "create_container", lambda *a: "cid")
+    outcome = RunOutcome(0.5, 0.4, True, 0, "hello from lazybench\n", "")
+    monkeypatch.setattr(measure, "start_until_ready", lambda *a, **kw: outcome)
+    scenario = parse_scenario(
+        {
+            "samples": 2,
+            "workloads": [{"recipe": "tiny", "command": ["true"]}],
+            "stores": [
+                {"name": "ours", "command": ["stargz-store", "{config}", "{mountpoint}"]},
+                {"name": "go", "command": ["{go-stargz-store}", "{config}", "{mountpoint}"]},
+            ],
+        },
+        "s.toml",
+    )
+    run = tmp_path / "run"
+    runner = measure.Runner(scenario, run, show_progress=False)
+    runner.images = {("tiny", "estargz"): "lazybench/tiny:estargz"}
+    registry = SimpleNamespace(host="h:5000", log_mark=lambda: 0, access_log=lambda: [])
+    w = resolve(scenario.workloads[0])
+    for sample, store in ((0, "ours"), (1, "ours"), (0, "go")):
+        rec = runner.measure(sample, w, "estargz", registry, tmp_path / "work", store)
+        assert rec.status == "ok", rec.error
+    assert [s.timeline for s in _FakeStore.made] == [True, False, False]
+    assert sorted(p.name for p in (run / "timeline").iterdir()) == [
+        "tiny-estargz-ours.json",
+        "tiny-estargz-ours.md",
+    ]
+    doc = json.loads((run / "timeline" / "tiny-estargz-ours.json").read_text())
+    assert doc["sample"] == 0 and doc["summary"]["layers"] == 2
+    # The offsets are from the harness's pull start, on the store's clock.
+    assert doc["summary"]["pull_s"] == PULL_S
+    assert doc["summary"]["first_request_at"] == pytest.approx(0.37, abs=0.01)
