@@ -28,10 +28,8 @@ Every error of the layer's own bytes is an :class:`store.estargz.EstargzError` (
 
 from __future__ import annotations
 
-import contextlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
@@ -70,7 +68,6 @@ async def load_layer_index(
     limits: TocLimits = estargz.DEFAULT_LIMITS,
     zstd_chunked: estargz.ZstdChunkedLayer | None = None,
     timeline: BoundTimeline | None = None,
-    cpu: Callable[[], AbstractAsyncContextManager[Any]] = contextlib.nullcontext,
 ) -> EstargzLayerView:
     """Fetch footer+TOC of ``blob``, verify the TOC digest, build the validated index.
 
@@ -81,12 +78,10 @@ async def load_layer_index(
     annotations) the TOC is read where they say and ``toc_digest`` is its manifest checksum
     (sha256 of the compressed TOC); the footer is not read. ``timeline`` (the layer's view of
     :class:`store.timeline.Timeline`) receives the footer, toc_fetch, verify and parse spans.
-    The CPU-bound steps (digest scan, index build) each run inside ``cpu()`` (the resolver's
-    turns, so the layers of an image are built in their order).
     """
     if zstd_chunked is not None:
         return await _load_zstd_chunked(
-            blob, toc_digest, on_verified, limits, zstd_chunked, timeline, cpu
+            blob, toc_digest, on_verified, limits, zstd_chunked, timeline
         )
     tail_len = estargz.tail_fetch_size(blob.size, TAIL_GUESS)
     with span(timeline, "footer", bytes=tail_len, requests=1):
@@ -108,11 +103,10 @@ async def load_layer_index(
     elif timeline is not None:  # it came with the footer: the same span, no request of its own
         timeline.event("toc_fetch", bytes=len(toc_bytes), requests=0, in_tail=True)
     where = f"TOC at offset {footer.toc_offset}"
-    async with cpu():
-        with span(timeline, "verify"):
-            scan = await trio.to_thread.run_sync(
-                estargz.scan_toc, toc_bytes, footer, limits, WHOLE_DECODE_MAX
-            )
+    with span(timeline, "verify"):
+        scan = await trio.to_thread.run_sync(
+            estargz.scan_toc, toc_bytes, footer, limits, WHOLE_DECODE_MAX
+        )
     if scan.digest != toc_digest:
         raise TocMismatchError(
             f"{where}: digest {scan.digest} does not match the expected {toc_digest}"
@@ -129,10 +123,9 @@ async def load_layer_index(
             pieces, toc_offset=footer.toc_offset, compression=footer.compression, limits=limits
         )
 
-    async with cpu():
-        with span(timeline, "parse") as out:
-            view = EstargzLayerView(await trio.to_thread.run_sync(build))
-            out["entries"] = len(view.index.entries)
+    with span(timeline, "parse") as out:
+        view = EstargzLayerView(await trio.to_thread.run_sync(build))
+        out["entries"] = len(view.index.entries)
     return view
 
 
@@ -143,7 +136,6 @@ async def _load_zstd_chunked(
     limits: TocLimits,
     layer: estargz.ZstdChunkedLayer,
     timeline: BoundTimeline | None = None,
-    cpu: Callable[[], AbstractAsyncContextManager[Any]] = contextlib.nullcontext,
 ) -> EstargzLayerView:
     lo, hi = layer.toc_range
     where = f"zstd:chunked TOC at offset {lo}"
@@ -156,9 +148,8 @@ async def _load_zstd_chunked(
         )
     with span(timeline, "toc_fetch", bytes=hi - lo, requests=1):
         (toc_bytes,) = await blob.read_ranges([(lo, hi)])
-    async with cpu():
-        with span(timeline, "verify"):
-            digest = await trio.to_thread.run_sync(estargz.manifest_checksum, toc_bytes)
+    with span(timeline, "verify"):
+        digest = await trio.to_thread.run_sync(estargz.manifest_checksum, toc_bytes)
     if digest != toc_digest:
         raise TocMismatchError(
             f"{where}: compressed TOC hashes to {digest}, the annotation says {toc_digest}"
@@ -171,10 +162,9 @@ async def _load_zstd_chunked(
         entries = estargz.manifest_entries(toc_bytes, layer.position, None, limits)
         return LayerIndex.from_entries(_tap(entries, files), toc_offset=lo, compression="zstd")
 
-    async with cpu():
-        with span(timeline, "parse") as out:
-            view = EstargzLayerView(await trio.to_thread.run_sync(build))
-            out["entries"] = len(view.index.entries)
+    with span(timeline, "parse") as out:
+        view = EstargzLayerView(await trio.to_thread.run_sync(build))
+        out["entries"] = len(view.index.entries)
     view._zstd_files = files
     return view
 

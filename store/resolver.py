@@ -36,13 +36,11 @@ import contextlib
 import ctypes
 import enum
 import functools
-import heapq
-import itertools
 import json
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -211,50 +209,6 @@ class _LayerState:
 IMAGE_CACHE_ENTRIES = 30
 
 
-class CpuTurns:
-    """One CPU-bound TOC step (digest scan, index build) at a time, the lowest position first.
-
-    Why: the layers of an image are fetched together, but their TOC work shares one GIL, so
-    run side by side they all finish near the end, while podman (4.3 by compressed digest,
-    5.x by TOC digest) looks them up one after another, base layer first. Taking turns in the
-    image's order makes the base layer ready first and lets the runtime's own per-layer work
-    overlap the next layer's build. Fetches are not ordered: they still all run at once.
-    """
-
-    def __init__(self) -> None:
-        self._busy = False
-        self._queue: list[tuple[int, int, trio.Event]] = []
-        self._seq = itertools.count()
-
-    @contextlib.asynccontextmanager
-    async def turn(self, position: int) -> AsyncIterator[None]:
-        """Hold the turn; ``position`` -1 (a layer the runtime waits for) goes first."""
-        if self._busy:
-            entry = (position, next(self._seq), trio.Event())
-            heapq.heappush(self._queue, entry)
-            try:
-                await entry[2].wait()
-            except BaseException:
-                if entry[2].is_set():  # handed the turn as we were cancelled: pass it on
-                    self._next()
-                else:
-                    self._queue.remove(entry)
-                    heapq.heapify(self._queue)
-                raise
-        else:
-            self._busy = True
-        try:
-            yield
-        finally:
-            self._next()
-
-    def _next(self) -> None:
-        if self._queue:
-            heapq.heappop(self._queue)[2].set()  # still busy: handed over
-        else:
-            self._busy = False
-
-
 class _LRU(OrderedDict[str, _Task]):
     """A task table that keeps its ``capacity`` most recently used entries."""
 
@@ -293,7 +247,6 @@ class LayerManager:
     # The pull timeline (store.timeline; None: off, as without `timeline_path`).
     timeline: Timeline | None = None
     _images: _LRU = field(default_factory=lambda: _LRU(IMAGE_CACHE_ENTRIES))
-    _cpu_turns: CpuTurns = field(default_factory=lambda: CpuTurns())
     _states: dict[str, _LayerState] = field(default_factory=dict)
     _refcount: dict[str, int] = field(default_factory=dict)
     # (ref, lookup name) → blob digest of each counted layer: a release still finds its layer
@@ -385,27 +338,23 @@ class LayerManager:
         the runtime is still walking the layers. Such an early layer (``LOADED``) is not
         counted, listed or background-fetched until it is looked up.
         """
-        for position, desc in enumerate(image.layers):
+        for desc in image.layers:
             if desc.toc_digest is None:
                 continue
             state = self._states.get(desc.digest)
             if state is not None and state.phase not in (LayerPhase.FAILED, LayerPhase.RELEASED):
                 continue
-            state = self._load(image.ref, desc, early=True, position=position)
+            state = self._load(image.ref, desc, early=True)
             self.nursery.start_soon(self._expire_early, desc.digest, state)
 
-    def _load(self, ref: str, desc: LayerDesc, *, early: bool, position: int = -1) -> _LayerState:
-        """Start loading ``desc``; ``position`` (its place in the image, base first; -1 for a
-        layer the runtime is waiting for) orders the CPU-bound TOC work (:class:`CpuTurns`)."""
+    def _load(self, ref: str, desc: LayerDesc, *, early: bool) -> _LayerState:
         state = self._states[desc.digest] = _LayerState(wanted=not early)
-        self.nursery.start_soon(self._run_load, ref, desc, state, early, position)
+        self.nursery.start_soon(self._run_load, ref, desc, state, early)
         return state
 
-    async def _run_load(
-        self, ref: str, desc: LayerDesc, state: _LayerState, early: bool, position: int
-    ) -> None:
+    async def _run_load(self, ref: str, desc: LayerDesc, state: _LayerState, early: bool) -> None:
         try:
-            layer = await self._new_layer(ref, desc, position)
+            layer = await self._new_layer(ref, desc)
         except Exception as exc:
             state.error = exc
             if state.phase is LayerPhase.LOADING:
@@ -510,9 +459,9 @@ class LayerManager:
         assert state.layer is not None
         return state.layer
 
-    async def _new_layer(self, ref: str, desc: LayerDesc, position: int = -1) -> Layer:
+    async def _new_layer(self, ref: str, desc: LayerDesc) -> Layer:
         assert desc.toc_digest is not None
-        blob, index, tree = await self._load_index(ref, desc, position)
+        blob, index, tree = await self._load_index(ref, desc)
         layer = Layer(
             key=f"{ref}/{desc.digest}",
             digest=desc.digest,
@@ -540,7 +489,7 @@ class LayerManager:
         return layer
 
     async def _load_index(
-        self, ref: str, desc: LayerDesc, position: int = -1
+        self, ref: str, desc: LayerDesc
     ) -> tuple[BlobReader, EstargzLayerView, LayerTree]:
         """Footer+TOC → verified index and tree (the decoded TOC entries are freed)."""
         assert desc.toc_digest is not None
@@ -555,13 +504,7 @@ class LayerManager:
         )
         try:
             index = await load_layer_index(
-                ahead,
-                desc.toc_digest,
-                on_verified,
-                limits,
-                desc.zstd_chunked,
-                marks,
-                cpu=partial(self._cpu_turns.turn, position),
+                ahead, desc.toc_digest, on_verified, limits, desc.zstd_chunked, marks
             )
             with span(marks, "tree"):
                 tree = LayerTree(index.index)
