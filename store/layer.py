@@ -38,10 +38,13 @@ log = logging.getLogger(__name__)
 # large requests, not one round trip per chunk, and random reads fetch little beyond their own.
 READAHEAD_MIN = 256 << 10  # uncompressed bytes
 READAHEAD_MAX = 4 << 20
-# A read fetches at least the chunks of the READ_BLOCK-aligned file block(s) it touches: with
-# eStargz's 4 MiB chunks that is the read's own chunk already; with small chunks it saves a
-# round trip per chunk on scattered reads (mmap'ed code, page faults all over a library).
-READ_BLOCK = 1 << 20
+# A read fetches at least the chunks of the READ_BLOCK-aligned file block(s) it touches: the
+# granularity of eStargz's default 4 MiB chunks, whatever the layer's own chunks. With those it
+# is the read's own chunk already; with small ones (zstd:chunked) it saves a round trip per
+# chunk on scattered reads (mmap'ed code, page faults all over a library). 1 MiB blocks still
+# cost gcc 74 requests where eStargz takes 43 (5.9 s against 4.4 s of run).
+READ_BLOCK = 4 << 20
+DECOMPRESS_GROUPS = 4  # worker threads inflating one download's chunks (2 cores here)
 PREFETCH_PIECE = 1 << 20  # compressed bytes per prefetch request
 PREFETCH_STREAMS = 3  # prefetch requests in flight per layer
 BLOB_WINDOW = 4 << 20
@@ -479,20 +482,36 @@ class Layer:
     async def _decompress_parallel(
         self, chunks: list[ChunkRef], compressed: list[bytes]
     ) -> list[Any]:
-        """Inflate+verify in worker threads, several chunks at once (zlib and hashlib release
-        the GIL), so a multi-chunk fetch keeps both cores busy."""
+        """Inflate+verify in worker threads, several chunks at once (zlib, zstd and hashlib
+        release the GIL), so a multi-chunk fetch keeps the cores busy.
+
+        Chunks go in :data:`DECOMPRESS_GROUPS` groups of about equal compressed bytes, one
+        worker thread each: a 4 MiB read block of zstd:chunked holds a few hundred small
+        chunks, and a thread dispatch per chunk cost more than inflating it."""
         if len(chunks) == 1:
             return await trio.to_thread.run_sync(self._decompress_all, chunks, compressed)
+        total = sum(len(d) for d in compressed)
+        share = -(-total // DECOMPRESS_GROUPS) or 1
+        groups: list[list[int]] = [[]]
+        size = 0
+        for i, data in enumerate(compressed):
+            if size >= share:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += len(data)
         out: list[Any] = [None] * len(chunks)
 
-        async def one(i: int) -> None:
-            out[i] = (
-                await trio.to_thread.run_sync(self._decompress_all, [chunks[i]], [compressed[i]])
-            )[0]
+        async def run(group: list[int]) -> None:
+            got = await trio.to_thread.run_sync(
+                self._decompress_all, [chunks[i] for i in group], [compressed[i] for i in group]
+            )
+            for i, result in zip(group, got, strict=True):
+                out[i] = result
 
         async with trio.open_nursery() as nursery:
-            for i in range(len(chunks)):
-                nursery.start_soon(one, i)
+            for group in groups:
+                nursery.start_soon(run, group)
         return out
 
     def _decompress_all(self, chunks: list[ChunkRef], compressed: list[bytes]) -> list[Any]:

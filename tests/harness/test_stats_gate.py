@@ -31,6 +31,8 @@ from harness.scenario import parse_scenario
 from harness.stats import bootstrap_interval, compare_samples
 
 BASELINE = Path(__file__).resolve().parents[2] / "results" / "baselines" / "default"
+# A run recorded before records had a schema (the default baseline of an earlier release).
+SCHEMA1_RUN = Path(__file__).resolve().parent / "data" / "schema1-run"
 SCENARIO = {
     "name": "s",
     "samples": 4,
@@ -129,15 +131,17 @@ def test_old_records_migrate_and_the_committed_baseline_still_reads(tmp_path: Pa
     assert migrate({**old, "mode": "legacy"})["store"] == ""
     with pytest.raises(ValueError, match="newer than this lazybench reads"):
         migrate({**old, "schema": SCHEMA_VERSION + 1})
-    run = tmp_path / "base"
-    shutil.copytree(BASELINE, run)
-    assert "schema" not in (run / RECORDS).read_text().splitlines()[0]
-    records = read_records(run)
-    assert {r.store for r in records if r.mode.startswith("estargz")} == {"default"}
-    report = write_report(run)
-    assert report.missing == []
-    assert "not checked" in report.table_text
-    assert gate_failures(compare_runs(BASELINE, run), Gate()) == []
+    for source in (SCHEMA1_RUN, BASELINE):
+        run = tmp_path / source.name
+        shutil.copytree(source, run)
+        if source is SCHEMA1_RUN:
+            assert "schema" not in (run / RECORDS).read_text().splitlines()[0]
+        records = read_records(run)
+        assert {r.store for r in records if r.mode.startswith("estargz")} == {"default"}
+        report = write_report(run)
+        assert report.missing == []
+        assert gate_failures(compare_runs(source, run), Gate()) == []
+    assert "not checked" in (tmp_path / SCHEMA1_RUN.name / "table.md").read_text()
 
 
 def test_shards_are_disjoint_and_together_the_plan() -> None:
@@ -199,6 +203,6 @@ def test_an_old_run_directory_resumes_with_nothing_left_to_measure(tmp_path: Pat
     from harness.measure import Runner, load_run_scenario
 
     run = tmp_path / "base"
-    shutil.copytree(BASELINE, run)
+    shutil.copytree(SCHEMA1_RUN, run)
     assert '"store"' in (run / SCENARIO_COPY).read_text()  # the old single-store form
     assert Runner(load_run_scenario(run), run, show_progress=False).run() == []
