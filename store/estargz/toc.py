@@ -348,6 +348,8 @@ class _JsonStream:
         while True:
             try:
                 value, end = _DECODER.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise InvalidToc(f"{self._where}: JSON nested too deeply") from None
             except ValueError as exc:
                 if self.eof:
                     raise InvalidToc(f"{self._where}: not JSON: {exc}") from None
@@ -398,13 +400,13 @@ def _whole_entries(data: bytes, limits: TocLimits) -> list[dict[str, Any]] | Non
     """The entries of a whole TOC when it is plainly well formed, else ``None``.
 
     Mirrors every check of :func:`_stream_entries` (which refuses ``entries`` given twice,
-    where a decoder keeps the last: so a TOC that spells ``"entries"`` anywhere else goes
-    the streaming way too)."""
-    if data.count(b'"entries"') != 1:
-        return None
+    where a decoder keeps the last: so a TOC that spells ``"entries"`` anywhere else, or
+    holds any ``\\u`` escape that could spell it, goes the streaming way too)."""
+    if data.count(b'"entries"') != 1 or b"\\u" in data:
+        return None  # a key spelled with escapes could be a second "entries"
     try:
         toc = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     if not isinstance(toc, dict) or "entries" not in toc:
         return None

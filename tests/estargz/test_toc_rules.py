@@ -217,6 +217,14 @@ def test_iter_toc_entries_yields_dicts_in_order() -> None:
         (b'{"version":1,"entries":[{"name":"\\ud800","type":"dir"}]}', None),
         (b'{"version":1,"entries":[{"name":"a","size":NaN,"type":"reg"}]}', None),
         (b'\xef\xbb\xbf{"version":1,"entries":[]}', "expected a JSON object"),
+        (b'{"version":1,"entries":[{"name":"a","type":"dir"}],"entri\\u0065s":null}', "twice"),
+        (
+            b'{"version":1,"entries":[{"name":"a","type":"dir","x":'
+            + b"[" * 5000
+            + b"]" * 5000
+            + b"}]}",
+            "nested too deeply",
+        ),
     ],
 )
 def test_both_decoders_agree_on_unusual_tocs(text: bytes, message: str | None) -> None:
