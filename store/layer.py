@@ -31,11 +31,13 @@ from store.tree import LayerTree, Node
 log = logging.getLogger(__name__)
 
 # Read-ahead per file, sized by how the reader reads (as the kernel's own read-ahead is): a
-# reader that goes on where its last read ended doubles its window up to the maximum (eStargz's
-# default chunk size); any other read starts over at the minimum. Chunks in the window are
-# fetched beside the read, not after it, once at least half the window is missing — so a layer
-# cut into small chunks (zstd:chunked's content-defined ones average 10–50 kB) is read in a few
-# large requests, not one round trip per chunk, and random reads fetch little beyond their own.
+# read that starts near where the file's last read ended (within READAHEAD_MIN either way: the
+# kernel's reads in flight arrive a little out of order) doubles the window up to the maximum
+# (eStargz's default chunk size); any other read starts over at the minimum. Chunks in the
+# window are fetched beside the read, not after it, once at least half the window is missing:
+# a layer cut into small chunks (zstd:chunked's content-defined ones average 10–50 kB) is read
+# in a few large requests, not one round trip per chunk, and random reads fetch little beyond
+# their own.
 READAHEAD_MIN = 256 << 10  # uncompressed bytes
 READAHEAD_MAX = 4 << 20
 # A read fetches at least the chunks of the READ_BLOCK-aligned file block(s) it touches: the
@@ -293,7 +295,7 @@ class Layer:
         hi = min(-(-end // READ_BLOCK) * READ_BLOCK, node.size)
         first = max(bisect.bisect_right(chunks, lo, key=_file_offset) - 1, 0)
         wanted: list[ChunkRef] = []
-        fetch: list[ChunkRef] = []
+        riders: list[ChunkRef] = []
         after = first
         for c in chunks[first:]:
             if c.file_offset >= hi:
@@ -303,9 +305,8 @@ class Layer:
                 continue
             if c.file_offset < end and c.file_offset + c.size > offset:
                 wanted.append(c)
-                fetch.append(c)
             elif c.digest not in self.cache and not self.cache.is_inflight(c.digest):
-                fetch.append(c)
+                riders.append(c)
         self.stats.on_demand_reads += 1
         if self.on_read is not None:
             self.on_read(self)
@@ -314,16 +315,14 @@ class Layer:
         self._active_reads += 1
         self._idle = trio.Event() if self._active_reads == 1 else self._idle
         try:
-            datas = dict(zip((c.digest for c in fetch), await self.get_chunks(fetch), strict=True))
+            datas = await self.get_chunks(wanted, riders=riders)
         finally:
             self._active_reads -= 1
             if self._active_reads == 0:
                 self._idle.set()
         out = bytearray()
-        for c in wanted:
-            out += datas[c.digest][
-                max(offset - c.file_offset, 0) : min(end - c.file_offset, c.size)
-            ]
+        for c, data in zip(wanted, datas, strict=True):
+            out += data[max(offset - c.file_offset, 0) : min(end - c.file_offset, c.size)]
         return bytes(out)
 
     def _read_ahead(
@@ -376,8 +375,14 @@ class Layer:
         except Exception as exc:  # a later on-demand read will report it
             log.debug("read-ahead failed in %s: %s", self.key, exc)
 
-    async def get_chunks(self, chunks: Sequence[ChunkRef]) -> list[bytes]:
-        """The verified bytes of ``chunks``: cached ones directly, missing ones in one request."""
+    async def get_chunks(
+        self, chunks: Sequence[ChunkRef], *, riders: Sequence[ChunkRef] = ()
+    ) -> list[bytes]:
+        """The verified bytes of ``chunks``: cached ones directly, missing ones in one request.
+
+        ``riders`` (the rest of a read's block) ride along in that request, or are fetched in
+        the background when ``chunks`` need none; they are never waited for, and one that
+        fails verification fails no read but its own."""
         result: dict[str, bytes] = {}
         claimed: list[ChunkRef] = []
         waiting: list[ChunkRef] = []
@@ -392,7 +397,14 @@ class Layer:
             else:
                 waiting.append(c)
         if claimed:
-            result.update(await self._fetch(claimed))
+            along = [
+                c
+                for c in riders
+                if c.digest not in self.cache and self.cache.begin(c.digest) is not None
+            ]
+            result.update(await self._fetch(claimed, riders=along))
+        elif riders and self._nursery is not None:
+            self._nursery.start_soon(self._readahead, list(riders))
         for c in waiting:
             try:
                 data = await self.cache.wait_inflight(c.digest)
@@ -405,12 +417,17 @@ class Layer:
             result[c.digest] = data
         return [result[c.digest] for c in chunks]
 
-    async def _fetch(self, claimed: list[ChunkRef], *, align: bool = True) -> dict[str, bytes]:
+    async def _fetch(
+        self, claimed: list[ChunkRef], *, align: bool = True, riders: Sequence[ChunkRef] = ()
+    ) -> dict[str, bytes]:
         """Fetch and verify claimed chunks (plus free riders in the aligned ranges)."""
-        return await self._deliver(await self._download(claimed, align=align))
+        return await self._deliver(await self._download(claimed, align=align, riders=riders))
 
-    async def _download(self, claimed: list[ChunkRef], *, align: bool = True) -> _Download:
-        """The compressed bytes of claimed chunks (plus free riders in the aligned ranges).
+    async def _download(
+        self, claimed: list[ChunkRef], *, align: bool = True, riders: Sequence[ChunkRef] = ()
+    ) -> _Download:
+        """The compressed bytes of claimed chunks (plus free riders in the aligned ranges,
+        and ``riders``: chunks the caller claimed too, whose failure is not the caller's).
 
         ``align=False`` fetches one range from the first chunk to the end of the last (a
         prefetch piece or a read-ahead run, chunks in blob order): aligning would fetch the
@@ -419,8 +436,9 @@ class Layer:
         completed with the error.
         """
         if align:
-            ranges = self._ranges_for(claimed)
-            extra = self._free_riders(ranges, {c.digest for c in claimed})
+            ranges = self._ranges_for([*claimed, *riders])
+            have = {c.digest for c in claimed} | {c.digest for c in riders}
+            extra = [*riders, *self._free_riders(ranges, have)]
         else:
             ranges = [(claimed[0].compressed_offset, claimed[-1].compressed_end)]
             extra = []

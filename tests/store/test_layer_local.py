@@ -438,3 +438,22 @@ async def test_random_reads_fetch_their_block_and_little_more(tmp_path):
     assert len(layer.blob.requests) - before == 4  # 64 chunks per block: one request each
     fetched_plain = sum(c.size for c in layer.index.all_chunks() if c.digest in layer.cache)
     assert fetched_plain <= 4 * (READ_BLOCK + READAHEAD_MIN)
+
+
+@pytest.mark.anyio
+async def test_a_corrupt_chunk_in_the_block_fails_only_its_own_reads(tmp_path):
+    """The rest of a read's block rides along with it; a rider that fails verification is
+    never served and never cached, and fails no read of other chunks."""
+    layer, node, payload = await _small_chunk_layer(tmp_path, 1 << 20, 16 << 10)
+    chunks = layer.index.chunks_of(node.entry)
+    bad = chunks[len(chunks) // 2]
+    data = bytearray(layer.blob.data)
+    data[bad.compressed_offset + 20] ^= 0xFF
+    layer.blob.data = bytes(data)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(layer.run)
+        assert await layer.read_file(node, 0, 4096) == payload[:4096]
+        assert bad.digest not in layer.cache
+        with pytest.raises(ChunkVerifyError):
+            await layer.read_file(node, bad.file_offset, 16)
+        layer.release()
