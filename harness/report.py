@@ -725,9 +725,12 @@ def run_limits(
             found = compute_run_limits(run_dir, cache_dir)
         except UserError:
             found = {}
-        if any("compressed_bytes" in e for e in found.values()):
-            write_limits(run_dir, found)
-            entries = read_limits(run_dir)
+        # Only counts the cache could make replace what the run has: a cache that lacks an
+        # image never overwrites a workload's recorded count with "unavailable".
+        counted = {w: e for w, e in found.items() if "compressed_bytes" in e}
+        if counted:
+            write_limits(run_dir, counted)
+        entries = read_limits(run_dir)
     if entries is None:
         return None
     return limits_of(entries, env, df, workloads)

@@ -203,10 +203,12 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
         finally:
             nursery.cancel_scope.cancel()
             pyfuse3.close(unmount=True)
-            if trace is not None:
-                trace.close()
-            if timeline is not None:
-                timeline.close()
+            try:
+                if trace is not None:
+                    trace.close()
+            finally:
+                if timeline is not None:
+                    timeline.close()
             log.info("unmounted %s", mountpoint)
 
 

@@ -126,6 +126,7 @@ class AccessTrace:
         self._f: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - long-lived
         # (layer digest, node index) -> ([layer digest, TOC digest, path], ranges as read)
         self._reads: dict[tuple[str, int], tuple[list[str], list[list[int]]]] = {}
+        self._merge_at: dict[tuple[str, int], int] = {}  # list length that triggers a merge
 
     def record(self, layer: Layer, node: Node) -> None:
         line: dict[str, Any] = {
@@ -138,8 +139,9 @@ class AccessTrace:
         self._f.flush()
 
     def record_read(self, layer: Layer, node: Node, offset: int, size: int) -> None:
-        """``size`` bytes of ``node`` served from ``offset``: O(1) (a read that starts inside
-        or right after the file's last range extends it; others are appended, merged at
+        """``size`` bytes of ``node`` served from ``offset``: O(1) amortized (a read that
+        starts inside or right after the file's last range extends it; others are appended,
+        and a file's list is merged whenever it has doubled since its last merge, and at
         :meth:`close`)."""
         if size <= 0:
             return
@@ -153,8 +155,13 @@ class AccessTrace:
         last = ranges[-1]
         if last[0] <= offset <= last[1]:
             last[1] = max(last[1], offset + size)
-        else:
-            ranges.append([offset, offset + size])
+            return
+        ranges.append([offset, offset + size])
+        if len(ranges) >= self._merge_at.get(key, 64):
+            # Merged when the list has doubled since the last merge: memory stays about that
+            # of the distinct ranges, and a read still costs O(1) amortized.
+            ranges[:] = merge_ranges(ranges)
+            self._merge_at[key] = max(64, 2 * len(ranges))
 
     def close(self) -> None:
         """Write the ranges read of every file (one write), then close the trace."""

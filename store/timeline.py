@@ -65,6 +65,7 @@ class Timeline:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._dead = False
         self._seen: set[Hashable] = set()
         self._wake = threading.Event()
         self._closed = False
@@ -77,6 +78,8 @@ class Timeline:
     def event(self, name: str, /, *, start: float | None = None, **fields: Any) -> None:
         """Record ``name`` now (instant), or as a span from ``start`` (a ``time.monotonic()``
         value) to now. ``fields`` must be JSON-serializable."""
+        if self._dead:  # the writer stopped (a full disk): the timeline has ended
+            return
         now = time.monotonic()
         wall = time.time()
         if start is None:
@@ -127,7 +130,9 @@ class Timeline:
         self._closed = True
         self._wake.set()
         self._thread.join(timeout)
-        with contextlib.suppress(OSError):
+        if self._thread.is_alive():  # still writing: leave it the file, never a reused fd
+            return
+        with contextlib.suppress(OSError, TypeError, ValueError):
             self._write_pending()
         with contextlib.suppress(OSError):
             os.close(self._fd)
@@ -138,8 +143,10 @@ class Timeline:
             self._wake.clear()
             try:
                 self._write_pending()
-            except OSError:
-                return  # a full or vanished disk ends the timeline, never the store
+            except (OSError, TypeError, ValueError):
+                self._dead = True  # a full disk (or a bad field) ends the timeline, not the store
+                self._pending.clear()
+                return
 
     def _write_pending(self) -> None:
         lines = []

@@ -84,3 +84,22 @@ def test_trace_ranges_skip_torn_and_foreign_lines(tmp_path) -> None:
     )
     assert read_trace_ranges(path) == {"a": [[0, 20]]}
     assert read_trace_ranges(tmp_path / "missing.jsonl") == {}
+
+
+def test_many_scattered_reads_keep_the_ranges_merged(tmp_path) -> None:
+    """A long-lived store with the trace on: scattered re-reads of the same places do not
+    grow the ranges kept in memory."""
+    from types import SimpleNamespace
+
+    from store.metrics import AccessTrace
+
+    trace = AccessTrace(tmp_path / "trace.jsonl")
+    tree = SimpleNamespace(path_of=lambda node: "f")
+    layer = SimpleNamespace(digest="sha256:" + "a" * 64, toc_digest="sha256:" + "b" * 64, tree=tree)
+    node = SimpleNamespace(index=1)
+    for i in range(10_000):
+        offset = (i * 7919 % 50) * 8192
+        trace.record_read(layer, node, offset, 4096)  # type: ignore[arg-type]
+    (_, ranges) = trace._reads[(layer.digest, 1)]
+    assert len(ranges) <= 128
+    trace.close()
