@@ -35,9 +35,9 @@ from typing import Any
 import trio
 
 from store import estargz
+from store.chunks import BlobReader
 from store.estargz import Chunk, Entry, LayerIndex, TocLimits, landmark_offset_hint, zstdchunked
 from store.estargz.toc import WHOLE_DECODE_MAX
-from store.layer import BlobReader
 from store.timeline import BoundTimeline, span
 
 # First read from the blob's end: footer plus small TOCs. Why not the format module's 1 MiB:

@@ -1,32 +1,57 @@
-"""One mounted eStargz layer: its tree, and the data path from FUSE reads to verified bytes.
+"""One mounted eStargz layer: its tree, and file reads through to verified bytes.
 
 Why here and not in the format module: the format says where a chunk lives and how to check
-it; this module decides *when* to fetch what — batching a read's missing chunks into one
-multi-range request aligned to ``chunk_size``, deduplicating concurrent fetches through the
-:class:`~store.cache.ChunkCache`, prefetching the region before ``.prefetch.landmark`` in
-pieces as soon as the image is known, reading ahead in a file by a window that grows while
-the reader reads on sequentially (beside the read, in one exact range), and fetching the rest of
-the layer in the background while yielding to on-demand reads.
+it; the layer decides *when* to fetch what, through its chunk source:
 
-Every chunk is verified against its ``chunkDigest`` (in :meth:`LayerIndexView.decompress`)
-before it enters the cache or reaches a reader; a mismatch raises :class:`ChunkVerifyError`,
-which the FUSE layer turns into EIO.
+- :class:`~store.chunks.ChunkSource` (``layer.source``): chunk bytes fetched through the blob
+  reader, each verified against its ``chunkDigest`` before it enters the cache or reaches a
+  reader (a mismatch raises :class:`ChunkVerifyError`, which the FUSE layer turns into EIO),
+  concurrent fetches of one chunk shared, a read's whole :data:`READ_BLOCK` riding along;
+- :class:`Layer` itself: file reads with a per-file read-ahead window that grows while the
+  reader reads on sequentially (fetched beside the read, in one exact range), the region
+  before ``.prefetch.landmark`` prefetched in pieces as soon as the image is known, the rest
+  of the layer fetched in the background while yielding to on-demand reads, raw blob reads,
+  status, and one nursery for all of the layer's background work, cancelled whole on release.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
 from store.cache import ChunkCache
-from store.estargz import Chunk
+from store.chunks import (
+    DECOMPRESS_GROUPS,
+    READ_BLOCK,
+    BlobReader,
+    ChunkRef,
+    ChunkSource,
+    ChunkVerifyError,
+    Download,
+    LayerFetchError,
+    LayerIndexView,
+    LayerStats,
+)
 from store.tree import LayerTree, Node
+
+__all__ = [
+    "DECOMPRESS_GROUPS",
+    "READAHEAD_MAX",
+    "READAHEAD_MIN",
+    "READ_BLOCK",
+    "AheadBlob",
+    "BlobReader",
+    "ChunkRef",
+    "ChunkVerifyError",
+    "Layer",
+    "LayerFetchError",
+    "LayerIndexView",
+    "LayerStats",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,51 +65,10 @@ log = logging.getLogger(__name__)
 # their own.
 READAHEAD_MIN = 256 << 10  # uncompressed bytes
 READAHEAD_MAX = 4 << 20
-# A read fetches at least the chunks of the READ_BLOCK-aligned file block(s) it touches: the
-# granularity of eStargz's default 4 MiB chunks, whatever the layer's own chunks. With those it
-# is the read's own chunk already; with small ones (zstd:chunked) it saves a round trip per
-# chunk on scattered reads (mmap'ed code, page faults all over a library). 1 MiB blocks still
-# cost gcc 74 requests where eStargz takes 43 (5.9 s against 4.4 s of run).
-READ_BLOCK = 4 << 20
-DECOMPRESS_GROUPS = 4  # worker threads inflating one download's chunks (2 cores here)
 PREFETCH_PIECE = 1 << 20  # compressed bytes per prefetch request
 PREFETCH_STREAMS = 3  # prefetch requests in flight per layer
-BLOB_WINDOW = 4 << 20
+BLOB_WINDOW = 4 << 20  # compressed bytes per raw blob read (read_blob)
 BACKGROUND_BATCH = 4 << 20
-
-
-class ChunkVerifyError(Exception):
-    """A chunk's bytes do not match its ``chunkDigest`` (or it has none): never served."""
-
-
-class LayerFetchError(Exception):
-    """The registry did not deliver a chunk's bytes."""
-
-
-# One chunk of one regular file: the format library's validated record (compressed_offset,
-# compressed_end, inner_offset, file_offset, size, digest), shared, not copied.
-ChunkRef = Chunk
-
-
-class LayerIndexView(Protocol):
-    """What the data path needs from a parsed layer (an adapter over ``store.estargz``)."""
-
-    def chunks_of(self, entry: Any) -> Sequence[ChunkRef]: ...
-
-    def all_chunks(self) -> Sequence[ChunkRef]: ...
-
-    def decompress(self, chunk: ChunkRef, data: bytes) -> bytes: ...
-
-    @property
-    def prefetch_end(self) -> int | None: ...
-
-
-class BlobReader(Protocol):
-    """Async range reads of one compressed blob (the registry, or a local file in tests)."""
-
-    size: int
-
-    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
 
 
 @dataclass
@@ -189,15 +173,6 @@ class AheadBlob:
         return [p for p in out if p is not None]
 
 
-@dataclass(frozen=True, slots=True)
-class _Download:
-    """Claimed chunks' compressed bytes, not yet inflated or verified (never served as is)."""
-
-    chunks: list[ChunkRef]  # the claimed ones first, then free riders
-    compressed: list[bytes]
-    claimed: int
-
-
 @dataclass(slots=True)
 class _ReadStream:
     """Where a file's last read ended, and its read-ahead window in uncompressed bytes."""
@@ -207,19 +182,16 @@ class _ReadStream:
 
 
 @dataclass
-class LayerStats:
-    fetched_bytes: int = 0
-    fetch_requests: int = 0
-    on_demand_reads: int = 0
-    cached_chunk_bytes: int = 0
-    verify_failures: int = 0
-    prefetch_done: bool = False
-    background_done: bool = False
-
-
-@dataclass
 class Layer:
-    """A resolved layer: tree, index, blob reader, shared cache; counts its references."""
+    """A resolved layer: tree, index, blob reader, shared cache; counts its references.
+
+    Its background work (prefetch, background fetch, read-ahead) runs in its own nursery:
+    ``await nursery.start(layer.run)``, then :meth:`start_prefetch`, :meth:`start_background`;
+    :meth:`release` cancels all of it at once. ``chunk_size`` aligns on-demand requests, in
+    compressed bytes. Callbacks: ``on_fetch(layer, nbytes, seconds)`` after every request the
+    blob answered, ``on_file_access(layer, node)`` at a file's first read, ``on_read(layer)``
+    at every read.
+    """
 
     key: str  # "<ref>/<digest>"
     digest: str
@@ -234,30 +206,46 @@ class Layer:
     on_read: Callable[[Layer], None] | None = None
     stats: LayerStats = field(default_factory=LayerStats)
     released: bool = False
+    cancel_scope: trio.CancelScope | None = None  # of run(), while it runs
+    source: ChunkSource = field(init=False)
+    _nursery: trio.Nursery | None = None  # run()'s, while it runs
     _active_reads: int = 0
     _idle: trio.Event = field(default_factory=trio.Event)
     _blob_windows: dict[int, bytes] = field(default_factory=dict)
-    _chunk_offsets: list[int] | None = None
     _total_chunk_bytes: int | None = None
     _accessed: set[int] = field(default_factory=set)
     _streams: dict[int, _ReadStream] = field(default_factory=dict)
-    cancel_scope: trio.CancelScope | None = None
     _prefetch_started: bool = False
     _prefetched: trio.Event = field(default_factory=trio.Event)
     _prefetch_scope: trio.CancelScope | None = None
 
     def __post_init__(self) -> None:
         self._idle.set()
+        self.source = ChunkSource(
+            key=self.key,
+            index=self.index,
+            blob=self.blob,
+            cache=self.cache,
+            stats=self.stats,
+            chunk_size=self.chunk_size,
+            on_fetch=self._fetched,
+        )
+
+    def _fetched(self, nbytes: int, seconds: float) -> None:
+        if self.on_fetch is not None:
+            self.on_fetch(self, nbytes, seconds)
 
     # -- status ------------------------------------------------------------------------------
 
     @property
     def total_chunk_bytes(self) -> int:
+        """Uncompressed bytes of all the layer's chunks."""
         if self._total_chunk_bytes is None:
             self._total_chunk_bytes = sum(c.size for c in self.index.all_chunks())
         return self._total_chunk_bytes
 
     def status(self) -> dict[str, Any]:
+        """The layer's line of the store's status JSON (bytes; ``percent`` cached, 0-100)."""
         chunks = self.index.all_chunks()
         cached = sum(c.size for c in chunks if c.digest in self.cache)
         total = self.total_chunk_bytes
@@ -279,7 +267,10 @@ class Layer:
     # -- reads -------------------------------------------------------------------------------
 
     async def read_file(self, node: Node, offset: int, size: int) -> bytes:
-        """``size`` bytes of a regular file from ``offset`` — verified, from cache or registry."""
+        """``size`` bytes of a regular file from ``offset`` — verified, from cache or registry.
+
+        Raises :class:`ChunkVerifyError` (a chunk does not match its digest) or
+        :class:`LayerFetchError` (the registry did not deliver)."""
         if offset >= node.size or size <= 0:
             return b""
         size = min(size, node.size - offset)
@@ -289,41 +280,20 @@ class Layer:
                 self.on_file_access(self, node)
         chunks = self.index.chunks_of(node.entry)
         end = offset + size
-        # The chunks of the read's block(s) of READ_BLOCK file bytes; those overlapping the
-        # read are wanted, the others ride along unless cached or already on their way.
-        lo = (offset // READ_BLOCK) * READ_BLOCK
-        hi = min(-(-end // READ_BLOCK) * READ_BLOCK, node.size)
-        first = max(bisect.bisect_right(chunks, lo, key=_file_offset) - 1, 0)
-        wanted: list[ChunkRef] = []
-        riders: list[ChunkRef] = []
-        after = first
-        for c in chunks[first:]:
-            if c.file_offset >= hi:
-                break
-            after += 1
-            if c.file_offset + c.size <= lo:
-                continue
-            if c.file_offset < end and c.file_offset + c.size > offset:
-                wanted.append(c)
-            elif c.digest not in self.cache and not self.cache.is_inflight(c.digest):
-                riders.append(c)
+        plan = self.source.plan_read(chunks, offset, end, node.size)
         self.stats.on_demand_reads += 1
         if self.on_read is not None:
             self.on_read(self)
-        if wanted:
-            self._read_ahead(node, chunks, after, offset, size)
+        if plan.wanted:
+            self._read_ahead(node, chunks, plan.after, offset, size)
         self._active_reads += 1
         self._idle = trio.Event() if self._active_reads == 1 else self._idle
         try:
-            datas = await self.get_chunks(wanted, riders=riders)
+            return await self.source.read(plan, offset, end, nursery=self._nursery)
         finally:
             self._active_reads -= 1
             if self._active_reads == 0:
                 self._idle.set()
-        out = bytearray()
-        for c, data in zip(wanted, datas, strict=True):
-            out += data[max(offset - c.file_offset, 0) : min(end - c.file_offset, c.size)]
-        return bytes(out)
 
     def _read_ahead(
         self, node: Node, chunks: Sequence[ChunkRef], after: int, offset: int, size: int
@@ -348,237 +318,21 @@ class Layer:
         for c in chunks[after:]:
             if c.file_offset >= horizon:
                 break
-            if c.digest in self.cache or self.cache.is_inflight(c.digest):
+            if not self.source.is_missing(c):
                 if ahead:  # one contiguous run: one exact range
                     break
                 continue
             ahead.append(c)
             missing += c.size
         reaches_end = after < len(chunks) and horizon >= node.size
-        if ahead and self._nursery is not None and (2 * missing >= stream.window or reaches_end):
-            self._nursery.start_soon(self._readahead, ahead)
-
-    _nursery: trio.Nursery | None = None
-
-    async def _readahead(self, chunks: list[ChunkRef]) -> None:
-        """Fetch ``chunks`` (one run in blob order) in one exact range: no alignment, so the
-        next run's request does not fetch this one's last bytes again."""
-        claimed = [
-            c
-            for c in chunks
-            if c.digest not in self.cache and self.cache.begin(c.digest) is not None
-        ]
-        if not claimed:
-            return
-        try:
-            await self._fetch(claimed, align=False)
-        except Exception as exc:  # a later on-demand read will report it
-            log.debug("read-ahead failed in %s: %s", self.key, exc)
-
-    async def get_chunks(
-        self, chunks: Sequence[ChunkRef], *, riders: Sequence[ChunkRef] = ()
-    ) -> list[bytes]:
-        """The verified bytes of ``chunks``: cached ones directly, missing ones in one request.
-
-        ``riders`` (the rest of a read's block) ride along in that request, or are fetched in
-        the background when ``chunks`` need none; they are never waited for, and one that
-        fails verification fails no read but its own."""
-        result: dict[str, bytes] = {}
-        claimed: list[ChunkRef] = []
-        waiting: list[ChunkRef] = []
-        for c in chunks:
-            if c.digest in result:
-                continue
-            data = self.cache.get(c.digest)
-            if data is not None:
-                result[c.digest] = data
-            elif self.cache.begin(c.digest) is not None:
-                claimed.append(c)
-            else:
-                waiting.append(c)
-        if claimed:
-            along = [
-                c
-                for c in riders
-                if c.digest not in self.cache and self.cache.begin(c.digest) is not None
-            ]
-            result.update(await self._fetch(claimed, riders=along))
-        elif riders and self._nursery is not None:
-            self._nursery.start_soon(self._readahead, list(riders))
-        for c in waiting:
-            try:
-                data = await self.cache.wait_inflight(c.digest)
-            except LayerFetchError:  # someone else's fetch failed (a prefetch piece): retry
-                data = None
-            if data is None:  # finished between our check and the wait
-                data = self.cache.get(c.digest)
-            if data is None:
-                data = (await self.get_chunks([c]))[0]
-            result[c.digest] = data
-        return [result[c.digest] for c in chunks]
-
-    async def _fetch(
-        self, claimed: list[ChunkRef], *, align: bool = True, riders: Sequence[ChunkRef] = ()
-    ) -> dict[str, bytes]:
-        """Fetch and verify claimed chunks (plus free riders in the aligned ranges)."""
-        return await self._deliver(await self._download(claimed, align=align, riders=riders))
-
-    async def _download(
-        self, claimed: list[ChunkRef], *, align: bool = True, riders: Sequence[ChunkRef] = ()
-    ) -> _Download:
-        """The compressed bytes of claimed chunks (plus free riders in the aligned ranges,
-        and ``riders``: chunks the caller claimed too, whose failure is not the caller's).
-
-        ``align=False`` fetches one range from the first chunk to the end of the last (a
-        prefetch piece or a read-ahead run, chunks in blob order): aligning would fetch the
-        neighbouring piece's bytes twice, and the small gaps between chunks (directory and
-        link entries) are not worth a multi-range request. On failure every claim is
-        completed with the error.
-        """
-        if align:
-            ranges = self._ranges_for([*claimed, *riders])
-            have = {c.digest for c in claimed} | {c.digest for c in riders}
-            extra = [*riders, *self._free_riders(ranges, have)]
-        else:
-            ranges = [(claimed[0].compressed_offset, claimed[-1].compressed_end)]
-            extra = []
-        chunks = claimed + extra
-        start = time.monotonic()
-        try:
-            try:
-                parts = await self.blob.read_ranges(ranges)
-            except Exception as exc:
-                raise LayerFetchError(
-                    f"{self.key}: fetching {len(ranges)} range(s): {exc}"
-                ) from exc
-        except BaseException as exc:
-            for c in chunks:
-                self.cache.finish(c.digest, None, _as_error(exc))
-            raise
-        nbytes = sum(len(p) for p in parts)
-        self.stats.fetched_bytes += nbytes
-        self.stats.fetch_requests += 1
-        if self.on_fetch is not None:
-            self.on_fetch(self, nbytes, time.monotonic() - start)
-        log.debug("%s: fetched %d bytes in %.3fs", self.key, nbytes, time.monotonic() - start)
-        range_starts = [r[0] for r in ranges]
-        compressed = []
-        for c in chunks:
-            i = bisect.bisect_right(range_starts, c.compressed_offset) - 1
-            lo = ranges[i][0]
-            compressed.append(parts[i][c.compressed_offset - lo : c.compressed_end - lo])
-        return _Download(chunks, compressed, len(claimed))
-
-    async def _deliver(self, got: _Download) -> dict[str, bytes]:
-        """Inflate and verify downloaded chunks, complete their claims, cache the good ones.
-
-        Raises the first verification error when a chunk the caller claimed (not a free
-        rider) failed; failed chunks are never cached or served.
-        """
-        try:
-            datas = await self._decompress_parallel(got.chunks, got.compressed)
-        except BaseException as exc:
-            for c in got.chunks:
-                self.cache.finish(c.digest, None, _as_error(exc))
-            raise
-        out: dict[str, bytes] = {}
-        for c, data in zip(got.chunks, datas, strict=True):
-            if isinstance(data, Exception):
-                self.stats.verify_failures += 1
-                log.error(
-                    "chunk verification failed in %s at %d: %s", self.key, c.compressed_offset, data
-                )
-                self.cache.finish(c.digest, None, data)
-            else:
-                self.cache.finish(c.digest, data)
-                out[c.digest] = data
-        failed = [d for d in datas if isinstance(d, Exception)]
-        if failed and any(c.digest not in out for c in got.chunks[: got.claimed]):
-            raise failed[0]
-        return out
-
-    async def _decompress_parallel(
-        self, chunks: list[ChunkRef], compressed: list[bytes]
-    ) -> list[Any]:
-        """Inflate+verify in worker threads, several chunks at once (zlib, zstd and hashlib
-        release the GIL), so a multi-chunk fetch keeps the cores busy.
-
-        Chunks go in :data:`DECOMPRESS_GROUPS` groups of about equal compressed bytes, one
-        worker thread each: a 4 MiB read block of zstd:chunked holds a few hundred small
-        chunks, and a thread dispatch per chunk cost more than inflating it."""
-        if len(chunks) == 1:
-            return await trio.to_thread.run_sync(self._decompress_all, chunks, compressed)
-        total = sum(len(d) for d in compressed)
-        share = -(-total // DECOMPRESS_GROUPS) or 1
-        groups: list[list[int]] = [[]]
-        size = 0
-        for i, data in enumerate(compressed):
-            if size >= share:
-                groups.append([])
-                size = 0
-            groups[-1].append(i)
-            size += len(data)
-        out: list[Any] = [None] * len(chunks)
-
-        async def run(group: list[int]) -> None:
-            got = await trio.to_thread.run_sync(
-                self._decompress_all, [chunks[i] for i in group], [compressed[i] for i in group]
-            )
-            for i, result in zip(group, got, strict=True):
-                out[i] = result
-
-        async with trio.open_nursery() as nursery:
-            for group in groups:
-                nursery.start_soon(run, group)
-        return out
-
-    def _decompress_all(self, chunks: list[ChunkRef], compressed: list[bytes]) -> list[Any]:
-        out: list[Any] = []
-        for c, data in zip(chunks, compressed, strict=True):
-            try:
-                out.append(self.index.decompress(c, data))
-            except Exception as exc:
-                out.append(ChunkVerifyError(f"chunk {c.digest}: {type(exc).__name__}: {exc}"))
-        return out
-
-    def _ranges_for(self, chunks: list[ChunkRef]) -> list[tuple[int, int]]:
-        """Compressed ranges covering ``chunks``, aligned to ``chunk_size`` and coalesced."""
-        cs = self.chunk_size
-        spans = sorted(
-            ((c.compressed_offset // cs) * cs, min(-(-c.compressed_end // cs) * cs, self.blob.size))
-            for c in chunks
-        )
-        merged: list[tuple[int, int]] = []
-        for lo, hi in spans:
-            # The exact chunk bounds must be covered even when alignment is clipped.
-            if merged and lo <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            else:
-                merged.append((lo, hi))
-        return merged
-
-    def _free_riders(self, ranges: list[tuple[int, int]], have: set[str]) -> list[ChunkRef]:
-        """Other uncached chunks lying wholly inside ``ranges``: decompress them for free."""
-        all_chunks = self.index.all_chunks()
-        if self._chunk_offsets is None:
-            self._chunk_offsets = [c.compressed_offset for c in all_chunks]
-        extra = []
-        for lo, hi in ranges:
-            i = bisect.bisect_left(self._chunk_offsets, lo)
-            while i < len(all_chunks) and all_chunks[i].compressed_offset < hi:
-                c = all_chunks[i]
-                i += 1
-                if c.compressed_end > hi or c.digest in have or c.digest in self.cache:
-                    continue
-                if self.cache.begin(c.digest) is not None:
-                    have.add(c.digest)
-                    extra.append(c)
-        return extra
+        if ahead and (2 * missing >= stream.window or reaches_end):
+            self._spawn(self.source.fetch_run, ahead)
 
     # -- blob --------------------------------------------------------------------------------
 
     async def read_blob(self, offset: int, size: int) -> bytes:
-        """Raw compressed blob bytes (for ``podman save``), through a small window cache."""
+        """Raw compressed blob bytes ``[offset, offset + size)`` (for ``podman save``), through
+        a few :data:`BLOB_WINDOW` windows kept in memory. Raises :class:`LayerFetchError`."""
         if offset >= self.blob.size:
             return b""
         size = min(size, self.blob.size - offset)
@@ -624,10 +378,14 @@ class Layer:
             finally:
                 self._nursery = None
 
+    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start ``fn(*args)`` in the layer's nursery (nothing when it does not run)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
     def start_prefetch(self, limiter: trio.CapacityLimiter, timeout: float) -> None:
         """Start :meth:`prefetch` in the layer's nursery (nothing once released)."""
-        if self._nursery is not None:
-            self._nursery.start_soon(self.prefetch, limiter, timeout)
+        self._spawn(self.prefetch, limiter, timeout)
 
     def start_background(
         self,
@@ -708,13 +466,7 @@ class Layer:
         end = self.index.prefetch_end
         if not end:
             return
-        claimed = [
-            c
-            for c in self.index.all_chunks()
-            if c.compressed_end <= end
-            and c.digest not in self.cache
-            and self.cache.begin(c.digest) is not None
-        ]
+        claimed = self.source.claim(c for c in self.index.all_chunks() if c.compressed_end <= end)
         pieces: list[list[ChunkRef]] = []
         piece_bytes = PREFETCH_PIECE
         for c in claimed:
@@ -735,9 +487,9 @@ class Layer:
             send.send_nowait(piece)
         send.close()
 
-        async def deliver(got: _Download) -> None:
+        async def deliver(got: Download) -> None:
             try:
-                await self._deliver(got)
+                await self.source.deliver(got)
             except Exception as exc:  # never cached; a reader's own fetch reports it
                 log.warning("prefetch of %s: %s", self.key, exc)
 
@@ -745,7 +497,7 @@ class Layer:
             # Inflating a piece runs beside the next piece's download, not before it.
             async for piece in receive:
                 try:
-                    got = await self._download(piece, align=False)
+                    got = await self.source.download(piece, align=False)
                 except Exception as exc:  # readers of these chunks fetch them on demand
                     log.warning("prefetch of %s failed: %s", self.key, exc)
                     continue
@@ -766,14 +518,9 @@ class Layer:
                     self.cache.finish(c.digest, None, LayerFetchError("prefetch stopped"))
 
     async def _fetch_region(self, chunks: list[ChunkRef], ranges: list[tuple[int, int]]) -> None:
-        claimed = [
-            c
-            for c in chunks
-            if c.digest not in self.cache and self.cache.begin(c.digest) is not None
-        ]
-        if not claimed:
-            return
-        await self._fetch(claimed)
+        claimed = self.source.claim(chunks)
+        if claimed:
+            await self.source.fetch(claimed)
 
     async def _background(self, limiter: trio.CapacityLimiter) -> None:
         batch: list[ChunkRef] = []
@@ -808,16 +555,3 @@ class Layer:
             self._prefetch_scope.cancel()
         if isinstance(self.blob, AheadBlob):
             self.blob.drop()
-
-
-def _file_offset(chunk: ChunkRef) -> int:
-    return chunk.file_offset
-
-
-def _as_error(exc: BaseException) -> BaseException:
-    if isinstance(exc, trio.Cancelled):
-        return LayerFetchError("fetch cancelled")
-    return exc
-
-
-FetchHook = Callable[["Layer", int, float], Awaitable[None]]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from store.layer import BlobReader
+from store.chunks import BlobReader
 from store.registry.client import RegistryClient
 from store.registry.errors import RegistryError
 from store.resolver import LayerDesc, RegistryAccess, ResolveError, decode_json, layer_descs
