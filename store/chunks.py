@@ -1,13 +1,13 @@
 """A layer's chunk source: verified chunk bytes, from the cache or fetched from the blob.
 
-What it does for the layer above it (:class:`store.layer.Layer`, its reads and prefetch): turn a
-set of chunks into compressed byte ranges of the blob (aligned to the configured ``chunk_size``
-and coalesced, or one exact range for a run in blob order), fetch them through the
-:class:`BlobReader`, inflate and verify every chunk in :data:`DECOMPRESS_GROUPS` worker threads,
-and put the good ones in the shared :class:`~store.cache.ChunkCache`. Concurrent fetches of one
-chunk are deduplicated through the cache's in-flight table (:meth:`ChunkCache.begin` claims a
-chunk, :meth:`ChunkCache.finish` completes the claim, everyone else waits on it), whichever
-layer, read or prefetch asked.
+What it does for the layer above it (:class:`store.layer.Layer`) and its prefetcher
+(:class:`store.prefetch.Prefetcher`): turn a set of chunks into compressed byte ranges of the
+blob (aligned to the configured ``chunk_size`` and coalesced, or one exact range for a run in
+blob order), fetch them through the :class:`BlobReader`, inflate and verify every chunk in
+:data:`DECOMPRESS_GROUPS` worker threads, and put the good ones in the shared
+:class:`~store.cache.ChunkCache`. Concurrent fetches of one chunk are deduplicated through the
+cache's in-flight table (:meth:`ChunkCache.begin` claims a chunk, :meth:`ChunkCache.finish`
+completes the claim, everyone else waits on it), whichever layer, read or prefetch asked.
 
 Every chunk is verified against its ``chunkDigest`` (in :meth:`LayerIndexView.decompress`)
 before it enters the cache or reaches a caller; a mismatch raises :class:`ChunkVerifyError`,

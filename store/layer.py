@@ -1,16 +1,17 @@
 """One mounted eStargz layer: its tree, and file reads through to verified bytes.
 
 Why here and not in the format module: the format says where a chunk lives and how to check
-it; the layer decides *when* to fetch what, through its chunk source:
+it; the layer decides *when* to fetch what, in three parts with small interfaces:
 
 - :class:`~store.chunks.ChunkSource` (``layer.source``): chunk bytes fetched through the blob
   reader, each verified against its ``chunkDigest`` before it enters the cache or reaches a
   reader (a mismatch raises :class:`ChunkVerifyError`, which the FUSE layer turns into EIO),
   concurrent fetches of one chunk shared, a read's whole :data:`READ_BLOCK` riding along;
+- :class:`~store.prefetch.Prefetcher` (``layer.prefetcher``): the region before
+  ``.prefetch.landmark`` in pieces as soon as the image is known, then the rest of the layer
+  in the background, yielding to on-demand reads;
 - :class:`Layer` itself: file reads with a per-file read-ahead window that grows while the
-  reader reads on sequentially (fetched beside the read, in one exact range), the region
-  before ``.prefetch.landmark`` prefetched in pieces as soon as the image is known, the rest
-  of the layer fetched in the background while yielding to on-demand reads, raw blob reads,
+  reader reads on sequentially (fetched beside the read, in one exact range), raw blob reads,
   status, and one nursery for all of the layer's background work, cancelled whole on release.
 """
 
@@ -31,11 +32,11 @@ from store.chunks import (
     ChunkRef,
     ChunkSource,
     ChunkVerifyError,
-    Download,
     LayerFetchError,
     LayerIndexView,
     LayerStats,
 )
+from store.prefetch import AheadBlob, Prefetcher
 from store.tree import LayerTree, Node
 
 __all__ = [
@@ -65,112 +66,7 @@ log = logging.getLogger(__name__)
 # their own.
 READAHEAD_MIN = 256 << 10  # uncompressed bytes
 READAHEAD_MAX = 4 << 20
-PREFETCH_PIECE = 1 << 20  # compressed bytes per prefetch request
-PREFETCH_STREAMS = 3  # prefetch requests in flight per layer
 BLOB_WINDOW = 4 << 20  # compressed bytes per raw blob read (read_blob)
-BACKGROUND_BATCH = 4 << 20
-
-
-@dataclass
-class _Region:
-    """One early download of ``[0, end)``: piece ``i``'s bytes once ``done[i]`` is set
-    (``None`` if it failed, or after the region was dropped)."""
-
-    end: int
-    data: list[bytes | None]
-    done: list[trio.Event]
-
-
-@dataclass
-class AheadBlob:
-    """A blob reader that can download the blob's first bytes ahead of need, in pieces.
-
-    Why: the landmark offset is in the TOC's JSON as soon as its digest is verified, but
-    parsing the TOC into an index costs ~0.1 s of CPU per 10,000 entries, and an image's
-    layers are parsed together. Starting the prefetch region's download at verification
-    instead of after the parse puts it on the wire about half a second sooner in a pull.
-    The bytes are handed to the layer raw: every chunk is still inflated and verified
-    before anything is served. Reads outside the region (or of a failed or dropped piece)
-    go to the registry as usual.
-    """
-
-    blob: BlobReader
-    _region: _Region | None = None
-    _started: bool = False
-    _scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-
-    @property
-    def size(self) -> int:
-        return self.blob.size
-
-    def start(self, end: int | None, nursery: trio.Nursery) -> None:
-        """Begin downloading ``[0, end)`` (once; ``None`` or 0: nothing to do)."""
-        if self._started or not end or end <= 0:
-            return
-        self._started = True
-        end = min(end, self.blob.size)
-        pieces = [(lo, min(lo + PREFETCH_PIECE, end)) for lo in range(0, end, PREFETCH_PIECE)]
-        region = _Region(end, [None] * len(pieces), [trio.Event() for _ in pieces])
-        self._region = region
-        nursery.start_soon(self._run, region, pieces)
-
-    async def _run(self, region: _Region, pieces: list[tuple[int, int]]) -> None:
-        send, receive = trio.open_memory_channel[int](len(pieces))
-        for i in range(len(pieces)):
-            send.send_nowait(i)
-        send.close()
-
-        async def worker() -> None:
-            async for i in receive:
-                try:
-                    (part,) = await self.blob.read_ranges([pieces[i]])
-                    if self._region is region:  # not dropped meanwhile
-                        region.data[i] = part
-                except Exception as exc:  # the layer then reads these bytes itself
-                    log.warning("early prefetch of bytes %d-%d failed: %s", *pieces[i], exc)
-                finally:
-                    region.done[i].set()
-
-        try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    for _ in range(min(PREFETCH_STREAMS, len(pieces))):
-                        nursery.start_soon(worker)
-        finally:
-            for done in region.done:
-                done.set()
-
-    def drop(self) -> None:
-        """Stop downloading and forget the region's bytes (the layer has what it needs).
-
-        A reader still waiting on a piece wakes up and reads from the registry instead."""
-        region, self._region = self._region, None
-        self._scope.cancel()
-        if region is not None:
-            for i, done in enumerate(region.done):
-                region.data[i] = None
-                done.set()
-
-    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        out: list[bytes | None] = [None] * len(ranges)
-        for n, (lo, hi) in enumerate(ranges):
-            region = self._region
-            if region is None or hi > region.end:
-                continue
-            first, last = lo // PREFETCH_PIECE, (hi - 1) // PREFETCH_PIECE
-            for i in range(first, last + 1):
-                await region.done[i].wait()
-            parts = region.data[first : last + 1]
-            if all(p is not None for p in parts):
-                joined = b"".join(p for p in parts if p is not None)
-                base = first * PREFETCH_PIECE
-                out[n] = joined[lo - base : hi - base]
-        missing = [n for n, part in enumerate(out) if part is None]
-        if missing:
-            fetched = await self.blob.read_ranges([ranges[n] for n in missing])
-            for n, part in zip(missing, fetched, strict=True):
-                out[n] = part
-        return [p for p in out if p is not None]
 
 
 @dataclass(slots=True)
@@ -206,8 +102,9 @@ class Layer:
     on_read: Callable[[Layer], None] | None = None
     stats: LayerStats = field(default_factory=LayerStats)
     released: bool = False
-    cancel_scope: trio.CancelScope | None = None  # of run(), while it runs
+    cancel_scope: trio.CancelScope | None = None  # run()'s, once it started
     source: ChunkSource = field(init=False)
+    prefetcher: Prefetcher = field(init=False)
     _nursery: trio.Nursery | None = None  # run()'s, while it runs
     _active_reads: int = 0
     _idle: trio.Event = field(default_factory=trio.Event)
@@ -215,9 +112,6 @@ class Layer:
     _total_chunk_bytes: int | None = None
     _accessed: set[int] = field(default_factory=set)
     _streams: dict[int, _ReadStream] = field(default_factory=dict)
-    _prefetch_started: bool = False
-    _prefetched: trio.Event = field(default_factory=trio.Event)
-    _prefetch_scope: trio.CancelScope | None = None
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -230,10 +124,14 @@ class Layer:
             chunk_size=self.chunk_size,
             on_fetch=self._fetched,
         )
+        self.prefetcher = Prefetcher(self.source, self._wait_idle)
 
     def _fetched(self, nbytes: int, seconds: float) -> None:
         if self.on_fetch is not None:
             self.on_fetch(self, nbytes, seconds)
+
+    async def _wait_idle(self) -> None:
+        await self._idle.wait()
 
     # -- status ------------------------------------------------------------------------------
 
@@ -395,155 +293,29 @@ class Layer:
         limiter: trio.CapacityLimiter,
         prefetch_timeout: float,
     ) -> None:
-        """Start :meth:`run_background`'s work in the layer's nursery (nothing once released)."""
-        if self._nursery is not None:
-            self._nursery.start_soon(
-                self._background_work, prefetch, background, limiter, prefetch_timeout
-            )
-
-    async def run_background(
-        self,
-        *,
-        prefetch: bool,
-        background: bool,
-        limiter: trio.CapacityLimiter,
-        prefetch_timeout: float,
-    ) -> None:
-        """Prefetch the landmark region, then fetch the rest; yields to on-demand reads.
-        Runs the layer's nursery (:meth:`run`) until :meth:`release`."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.run)
-            self.start_background(
-                prefetch=prefetch,
-                background=background,
-                limiter=limiter,
-                prefetch_timeout=prefetch_timeout,
-            )
-
-    async def _background_work(
-        self,
-        prefetch: bool,
-        background: bool,
-        limiter: trio.CapacityLimiter,
-        prefetch_timeout: float,
-    ) -> None:
-        if prefetch:
-            await self.prefetch(limiter, prefetch_timeout)
-        self.stats.prefetch_done = True
-        if background:
-            await self._background(limiter)
-            self.stats.background_done = True
+        """Start, in the layer's nursery (nothing once released), the landmark region's
+        prefetch (if ``prefetch``; it gives up after ``prefetch_timeout`` seconds), then the
+        background fetch of the rest (if ``background``), which yields to on-demand reads."""
+        timeout = prefetch_timeout if prefetch else None
+        self._spawn(self.prefetcher.run, limiter, timeout, background)
 
     async def prefetch(self, limiter: trio.CapacityLimiter, timeout: float) -> None:
-        """Fetch the region before the landmark once; a second caller waits for the first.
+        """Fetch the region before the landmark once; a second caller waits for the first
+        (:meth:`Prefetcher.prefetch <store.prefetch.Prefetcher.prefetch>`).
 
         Why callable on its own: the resolver starts it as soon as the image's manifest is
         known, before the runtime has looked the layer up, so the prioritized files are on
         their way while the runtime is still walking the other layers.
         """
-        if self._prefetch_started:
-            await self._prefetched.wait()
-            return
-        self._prefetch_started = True
-        try:
-            with trio.CancelScope() as self._prefetch_scope, trio.move_on_after(timeout):
-                await self._prefetch(limiter)
-        finally:
-            self.stats.prefetch_done = True
-            self._prefetched.set()
-            if isinstance(self.blob, AheadBlob):
-                self.blob.drop()
+        await self.prefetcher.prefetch(limiter, timeout)
 
-    async def _prefetch(self, limiter: trio.CapacityLimiter) -> None:
-        """Fetch the landmark region in pieces, in blob order, a few requests at a time.
-
-        Why pieces and not one request: a piece's chunks are decompressed, verified and
-        handed to waiting readers as soon as that piece arrives. An optimized image lays its
-        files out in the order the workload first reads them, so the workload starts on the
-        first files while the later ones are still on the wire, and inflating overlaps with
-        the download instead of following it.
-        """
-        end = self.index.prefetch_end
-        if not end:
-            return
-        claimed = self.source.claim(c for c in self.index.all_chunks() if c.compressed_end <= end)
-        pieces: list[list[ChunkRef]] = []
-        piece_bytes = PREFETCH_PIECE
-        for c in claimed:
-            if piece_bytes >= PREFETCH_PIECE:
-                pieces.append([])
-                piece_bytes = 0
-            pieces[-1].append(c)
-            piece_bytes += c.compressed_end - c.compressed_offset
-        log.debug(
-            "prefetch of %s: %d chunks, %d bytes, %d pieces",
-            self.key,
-            len(claimed),
-            sum(c.compressed_end - c.compressed_offset for c in claimed),
-            len(pieces),
-        )
-        send, receive = trio.open_memory_channel[list[ChunkRef]](len(pieces))
-        for piece in pieces:
-            send.send_nowait(piece)
-        send.close()
-
-        async def deliver(got: Download) -> None:
-            try:
-                await self.source.deliver(got)
-            except Exception as exc:  # never cached; a reader's own fetch reports it
-                log.warning("prefetch of %s: %s", self.key, exc)
-
-        async def worker(nursery: trio.Nursery) -> None:
-            # Inflating a piece runs beside the next piece's download, not before it.
-            async for piece in receive:
-                try:
-                    got = await self.source.download(piece, align=False)
-                except Exception as exc:  # readers of these chunks fetch them on demand
-                    log.warning("prefetch of %s failed: %s", self.key, exc)
-                    continue
-                nursery.start_soon(deliver, got)
-
-        try:
-            async with limiter, trio.open_nursery() as nursery:
-                for _ in range(min(PREFETCH_STREAMS, len(pieces))):
-                    nursery.start_soon(worker, nursery)
-        finally:
-            # Cancelled (timeout, release): give the unfetched claims back to on-demand reads.
-            while True:
-                try:
-                    piece = receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                for c in piece:
-                    self.cache.finish(c.digest, None, LayerFetchError("prefetch stopped"))
-
-    async def _fetch_region(self, chunks: list[ChunkRef], ranges: list[tuple[int, int]]) -> None:
-        claimed = self.source.claim(chunks)
-        if claimed:
-            await self.source.fetch(claimed)
+    # The prefetcher's state and background fetch, as the layer's own tests reach them.
+    @property
+    def _prefetch_started(self) -> bool:
+        return self.prefetcher.started
 
     async def _background(self, limiter: trio.CapacityLimiter) -> None:
-        batch: list[ChunkRef] = []
-        batch_bytes = 0
-        for c in self.index.all_chunks():
-            if c.digest in self.cache:
-                continue
-            batch.append(c)
-            batch_bytes += c.compressed_end - c.compressed_offset
-            if batch_bytes >= BACKGROUND_BATCH:
-                await self._background_batch(batch, limiter)
-                batch, batch_bytes = [], 0
-        if batch:
-            await self._background_batch(batch, limiter)
-
-    async def _background_batch(self, batch: list[ChunkRef], limiter: trio.CapacityLimiter) -> None:
-        await self._idle.wait()  # on-demand reads first
-        async with limiter:
-            try:
-                await self._fetch_region(batch, [])
-            except Exception as exc:
-                log.warning("background fetch of %s failed: %s", self.key, exc)
-                await trio.sleep(1.0)
+        await self.prefetcher.background(limiter)
 
     def release(self) -> None:
         """Stop background work and drop what memory can be dropped; the disk cache stays."""
@@ -551,7 +323,4 @@ class Layer:
         self._blob_windows.clear()
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
-        if self._prefetch_scope is not None:
-            self._prefetch_scope.cancel()
-        if isinstance(self.blob, AheadBlob):
-            self.blob.drop()
+        self.prefetcher.stop()

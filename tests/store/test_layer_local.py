@@ -184,7 +184,7 @@ async def test_prefetch_fetches_landmark_region_in_single_range_pieces(vectors_d
 async def test_prefetch_pieces_cover_the_region_and_feed_waiting_readers(
     vectors_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("store.layer.PREFETCH_PIECE", 1)  # one chunk per request
+    monkeypatch.setattr("store.prefetch.PREFETCH_PIECE", 1)  # one chunk per request
     layer = await open_layer(vectors_dir, "prioritized", tmp_path)
     end = layer.index.prefetch_end
     prefetched = [c for c in layer.index.all_chunks() if c.compressed_end <= end]
@@ -277,7 +277,7 @@ def test_landmark_hint_needs_the_landmark_entry():
 async def test_ahead_blob_serves_its_region_from_one_early_download(
     vectors_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("store.layer.PREFETCH_PIECE", 4096)
+    monkeypatch.setattr("store.prefetch.PREFETCH_PIECE", 4096)
     blob = FileBlob(vectors_dir / "chunked-1m.blob")
     ahead = AheadBlob(blob)
     end = min(blob.size - 1, 3 * 4096 + 100)
@@ -298,7 +298,7 @@ async def test_ahead_blob_serves_its_region_from_one_early_download(
 
 @pytest.mark.anyio
 async def test_ahead_blob_failed_piece_falls_back_to_the_registry(vectors_dir, monkeypatch):
-    monkeypatch.setattr("store.layer.PREFETCH_PIECE", 4096)
+    monkeypatch.setattr("store.prefetch.PREFETCH_PIECE", 4096)
     blob = FileBlob(vectors_dir / "chunked-1m.blob")
     real = blob.read_ranges
     calls = 0
@@ -323,7 +323,7 @@ async def test_ahead_blob_dropped_mid_download_wakes_readers_and_ends_quietly(
 ):
     """A layer released (or its prefetch timed out) while pieces are on the wire: nothing
     raises, a waiting reader gets its bytes from the registry, no task is left behind."""
-    monkeypatch.setattr("store.layer.PREFETCH_PIECE", 4096)
+    monkeypatch.setattr("store.prefetch.PREFETCH_PIECE", 4096)
     blob = FileBlob(vectors_dir / "chunked-1m.blob")
     gate = trio.Event()
     real = blob.read_ranges
