@@ -503,8 +503,11 @@ class LayerManager:
         """Footer+TOC → verified index and tree (the decoded TOC entries are freed)."""
         assert desc.toc_digest is not None
         ahead = AheadBlob(self.registry.blob(ref, desc.digest, desc.size))
-        # The prefetch region starts downloading once the TOC is verified, before its parse.
+        # The prefetch region starts downloading once the TOC is verified, before its parse;
+        # a gzip layer whose head says it starts with prioritized files, sooner still.
         on_verified = None if self.config.noprefetch else partial(ahead.start, nursery=self.nursery)
+        if not self.config.noprefetch and desc.zstd_chunked is None:
+            ahead.speculate(self.nursery)
         limits = TocLimits(self.config.toc_max_bytes, self.config.toc_max_entries)
         marks = (
             None
