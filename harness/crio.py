@@ -93,11 +93,13 @@ class CrioDriver:
             if command:
                 ctr["command"] = list(command)
             ctr_cfg.write_text(json.dumps(ctr))
-            t = time.monotonic()
-            self.crictl("pull", ref, timeout=timeout)
-            pull = time.monotonic() - t
+            # The pod sandbox first, as the kubelet does (RunPodSandbox, then PullImage): no
+            # untimed work between pull and create, where a lazy store fetches on.
             pod = self.crictl("runp", str(pod_cfg), timeout=timeout)
             try:
+                t = time.monotonic()
+                self.crictl("pull", ref, timeout=timeout)
+                pull = time.monotonic() - t
                 t = time.monotonic()
                 cid = self.crictl("create", pod, str(ctr_cfg), str(pod_cfg), timeout=timeout)
                 create = time.monotonic() - t

@@ -26,6 +26,7 @@ import trio
 
 from store.cache import ChunkCache
 from store.estargz import Chunk
+from store.estargz.head import HeadHint, head_hint
 from store.tree import LayerTree, Node
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,12 @@ READ_BLOCK = 4 << 20
 DECOMPRESS_GROUPS = 4  # worker threads inflating one download's chunks (2 cores here)
 PREFETCH_PIECE = 1 << 20  # compressed bytes per prefetch request
 PREFETCH_STREAMS = 3  # prefetch requests in flight per layer
+# Before the TOC: the head probe (the first tar headers), then a region guessed from it,
+# fetched one growing piece at a time: 256 KiB, 512 KiB, 1 MiB, 2 MiB (at most the last one
+# is wasted when the TOC says the region ends sooner).
+HEAD_PROBE = 12 << 10  # one TCP initial window (10 segments)
+SPECULATE_FIRST = 256 << 10
+SPECULATE_BYTES = 4 << 20
 BLOB_WINDOW = 4 << 20
 BACKGROUND_BATCH = 4 << 20
 
@@ -89,97 +96,197 @@ class BlobReader(Protocol):
 
 @dataclass
 class _Region:
-    """One early download of ``[0, end)``: piece ``i``'s bytes once ``done[i]`` is set
-    (``None`` if it failed, or after the region was dropped)."""
+    """The early download of ``[0, end)`` in pieces: piece ``i`` is ``pieces[i]``, its bytes
+    ``data[i]`` once ``done[i]`` is set (``None`` if it failed, was not needed after all, or
+    the region was dropped). ``claimed[i]``: a worker or a reader is fetching it."""
 
     end: int
-    data: list[bytes | None]
-    done: list[trio.Event]
+    pieces: list[tuple[int, int]] = field(default_factory=list)
+    data: list[bytes | None] = field(default_factory=list)
+    done: list[trio.Event] = field(default_factory=list)
+    claimed: list[bool] = field(default_factory=list)
+    final: bool = False  # the end is the TOC's, not a guess
+    more: trio.Event = field(default_factory=trio.Event)  # set when pieces are added
+
+    def add(self, lo: int, hi: int, step: int) -> None:
+        """Pieces of ``step`` bytes covering ``[lo, hi)``."""
+        for p in range(lo, hi, step):
+            self.pieces.append((p, min(p + step, hi)))
+            self.data.append(None)
+            self.done.append(trio.Event())
+            self.claimed.append(False)
+        self.more.set()
+        self.more = trio.Event()
+
+    def claim_next(self) -> int | None:
+        for i, taken in enumerate(self.claimed):
+            if not taken:
+                self.claimed[i] = True
+                return i
+        return None
 
 
 @dataclass
 class AheadBlob:
-    """A blob reader that can download the blob's first bytes ahead of need, in pieces.
+    """A blob reader that downloads the blob's first bytes ahead of need, in pieces.
 
     Why: the landmark offset is in the TOC's JSON as soon as its digest is verified, but
     parsing the TOC into an index costs ~0.1 s of CPU per 10,000 entries, and an image's
     layers are parsed together. Starting the prefetch region's download at verification
-    instead of after the parse puts it on the wire about half a second sooner in a pull.
-    The bytes are handed to the layer raw: every chunk is still inflated and verified
-    before anything is served. Reads outside the region (or of a failed or dropped piece)
-    go to the registry as usual.
+    instead of after the parse puts it on the wire about half a second sooner in a pull;
+    :meth:`speculate` starts it sooner still, from what the blob's first bytes say
+    (:func:`store.estargz.head.head_hint`), while the TOC is on its way.
+
+    :data:`PREFETCH_STREAMS` workers fetch the pieces in blob order (the region's files are
+    in first-access order); a read that needs a piece no worker has started fetches that
+    piece itself at once rather than wait for the workers to reach it. The bytes are handed
+    to the layer raw: every chunk is still inflated and verified before anything is served.
+    Reads outside the region (or of a failed or dropped piece) go to the registry as usual.
     """
 
     blob: BlobReader
     _region: _Region | None = None
-    _started: bool = False
-    _scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    _started: bool = False  # start() was called: the region's end is the TOC's
+    _speculating: bool = False
+    _scopes: list[trio.CancelScope] = field(default_factory=list)  # its tasks', for drop()
+    _dropped: bool = False
 
     @property
     def size(self) -> int:
         return self.blob.size
 
+    def speculate(self, nursery: trio.Nursery) -> None:
+        """Before the TOC is known: read the blob's first :data:`HEAD_PROBE` bytes and, if
+        they say prioritized files come first (:attr:`HeadHint.REGION`), start downloading
+        up to :data:`SPECULATE_BYTES` of the region, growing piece by piece from
+        :data:`SPECULATE_FIRST` bytes, one request at a time; :meth:`start` then sets the
+        real end (at most the last piece is past it: the bytes a wrong guess costs)."""
+        if self._started or self._speculating:
+            return
+        self._speculating = True
+        nursery.start_soon(self._speculate)
+
+    async def _speculate(self) -> None:
+        with self._cancellable():
+            try:
+                (head,) = await self.blob.read_ranges([(0, min(HEAD_PROBE, self.blob.size))])
+            except Exception as exc:  # a hint only: the TOC-time start stays
+                log.debug("head probe failed: %s", exc)
+                return
+            if self._started or head_hint(head) is not HeadHint.REGION:
+                return
+            region = self._region = _Region(end=0)
+            lo, step = 0, SPECULATE_FIRST
+            while lo < min(SPECULATE_BYTES, self.blob.size) and not region.final:
+                hi = min(lo + step, self.blob.size)
+                region.add(lo, hi, hi - lo)
+                region.end = hi
+                i = len(region.pieces) - 1
+                region.claimed[i] = True
+                await self._fetch(region, i)
+                lo, step = hi, step * 2
+
     def start(self, end: int | None, nursery: trio.Nursery) -> None:
-        """Begin downloading ``[0, end)`` (once; ``None`` or 0: nothing to do)."""
-        if self._started or not end or end <= 0:
+        """Download ``[0, end)``, ``end`` the TOC's landmark offset (once; ``None`` or 0:
+        nothing to do, and a speculative download stops)."""
+        if self._started:
             return
         self._started = True
+        region = self._region
+        if not end or end <= 0:
+            if region is not None:
+                self.drop()
+            return
         end = min(end, self.blob.size)
-        pieces = [(lo, min(lo + PREFETCH_PIECE, end)) for lo in range(0, end, PREFETCH_PIECE)]
-        region = _Region(end, [None] * len(pieces), [trio.Event() for _ in pieces])
-        self._region = region
-        nursery.start_soon(self._run, region, pieces)
-
-    async def _run(self, region: _Region, pieces: list[tuple[int, int]]) -> None:
-        send, receive = trio.open_memory_channel[int](len(pieces))
-        for i in range(len(pieces)):
-            send.send_nowait(i)
-        send.close()
-
-        async def worker() -> None:
-            async for i in receive:
-                try:
-                    (part,) = await self.blob.read_ranges([pieces[i]])
-                    if self._region is region:  # not dropped meanwhile
-                        region.data[i] = part
-                except Exception as exc:  # the layer then reads these bytes itself
-                    log.warning("early prefetch of bytes %d-%d failed: %s", *pieces[i], exc)
-                finally:
+        if region is None:
+            region = self._region = _Region(end=0)
+        else:  # a speculative start: pieces past the end are not needed
+            for i, (lo, _hi) in enumerate(region.pieces):
+                if lo >= end and not region.claimed[i]:
+                    region.claimed[i] = True
                     region.done[i].set()
+        covered = region.pieces[-1][1] if region.pieces else 0
+        region.final = True
+        if covered < end:
+            region.add(covered, end, PREFETCH_PIECE)
+        region.end = end if covered <= end else covered
+        nursery.start_soon(self._run, region)
 
+    async def _run(self, region: _Region) -> None:
+        async def worker() -> None:
+            while (i := region.claim_next()) is not None:
+                await self._fetch(region, i)
+
+        with self._cancellable():
+            async with trio.open_nursery() as nursery:
+                for _ in range(PREFETCH_STREAMS):
+                    nursery.start_soon(worker)
+
+    def _cancellable(self) -> trio.CancelScope:
+        """A cancel scope for one of this blob's tasks, cancelled by :meth:`drop`."""
+        scope = trio.CancelScope()
+        if self._dropped:
+            scope.cancel()
+        self._scopes.append(scope)
+        return scope
+
+    async def _fetch(self, region: _Region, i: int) -> None:
+        """Fetch piece ``i`` (claimed by the caller) into ``region``; ``done[i]`` is set
+        whatever happens (on failure its bytes stay ``None``: the reader asks the registry)."""
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    for _ in range(min(PREFETCH_STREAMS, len(pieces))):
-                        nursery.start_soon(worker)
+            (part,) = await self.blob.read_ranges([region.pieces[i]])
+            if self._region is region:  # not dropped meanwhile
+                region.data[i] = part
+        except Exception as exc:  # the layer then reads these bytes itself
+            log.warning("early prefetch of bytes %d-%d failed: %s", *region.pieces[i], exc)
         finally:
-            for done in region.done:
-                done.set()
+            region.done[i].set()
 
     def drop(self) -> None:
         """Stop downloading and forget the region's bytes (the layer has what it needs).
 
         A reader still waiting on a piece wakes up and reads from the registry instead."""
         region, self._region = self._region, None
-        self._scope.cancel()
+        self._dropped = True
+        for scope in self._scopes:
+            scope.cancel()
         if region is not None:
             for i, done in enumerate(region.done):
                 region.data[i] = None
                 done.set()
 
+    def _covering(self, region: _Region, lo: int, hi: int) -> list[int] | None:
+        """The pieces that hold ``[lo, hi)`` whole, or None if the region does not."""
+        if hi > region.end or not region.final:
+            return None
+        starts = [p[0] for p in region.pieces]
+        first = bisect.bisect_right(starts, lo) - 1
+        last = bisect.bisect_left(starts, hi) - 1
+        if first < 0 or region.pieces[last][1] < hi:
+            return None
+        return list(range(first, last + 1))
+
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         out: list[bytes | None] = [None] * len(ranges)
         for n, (lo, hi) in enumerate(ranges):
             region = self._region
-            if region is None or hi > region.end:
+            covering = None if region is None else self._covering(region, lo, hi)
+            if region is None or covering is None:
                 continue
-            first, last = lo // PREFETCH_PIECE, (hi - 1) // PREFETCH_PIECE
-            for i in range(first, last + 1):
+            # Pieces no worker has started yet are fetched here, now, in parallel.
+            mine = [i for i in covering if not region.claimed[i]]
+            for i in mine:
+                region.claimed[i] = True
+            if mine:
+                async with trio.open_nursery() as nursery:
+                    for i in mine:
+                        nursery.start_soon(self._fetch, region, i)
+            for i in covering:
                 await region.done[i].wait()
-            parts = region.data[first : last + 1]
+            parts = [region.data[i] for i in covering]
             if all(p is not None for p in parts):
                 joined = b"".join(p for p in parts if p is not None)
-                base = first * PREFETCH_PIECE
+                base = region.pieces[covering[0]][0]
                 out[n] = joined[lo - base : hi - base]
         missing = [n for n, part in enumerate(out) if part is None]
         if missing:

@@ -8,7 +8,7 @@ testable and the client swappable (mirrors, credentials live in the client's con
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -16,7 +16,14 @@ import trio
 from store.layer import BlobReader
 from store.registry.client import RegistryClient
 from store.registry.errors import RegistryError
-from store.resolver import LayerDesc, RegistryAccess, ResolveError, decode_json, layer_descs
+from store.resolver import (
+    LayerDesc,
+    RegistryAccess,
+    ResolveError,
+    decode_json,
+    layer_descs,
+    manifest_layers,
+)
 
 QUIET_AFTER_DEADLINE = 2.0  # seconds a blob whose read hit the deadline is not asked again
 
@@ -67,9 +74,17 @@ class RemoteRegistry(RegistryAccess):
         self.client = client
         self.fetch_deadline = fetch_deadline
 
-    async def image(self, ref: str) -> tuple[bytes, bytes, list[LayerDesc]]:
+    async def image(
+        self, ref: str, on_layers: Callable[[list[LayerDesc]], None] | None = None
+    ) -> tuple[bytes, bytes, list[LayerDesc]]:
         try:
             manifest = await self.client.get_manifest(ref)
+            if on_layers is not None:
+                try:
+                    early = manifest_layers(manifest.parsed)
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    early = []  # malformed: the full check below names what is wrong
+                on_layers(early)
             config_raw = await self.client.get_blob(ref, manifest.config.digest)
         except RegistryError as exc:
             raise ResolveError(f"{ref}: {exc}") from exc

@@ -165,7 +165,14 @@ class ImageInfo:
 class RegistryAccess:
     """What the manager needs from the registry; implemented over ``store.registry``."""
 
-    async def image(self, ref: str) -> tuple[bytes, bytes, list[LayerDesc]]:
+    async def image(
+        self, ref: str, on_layers: Callable[[list[LayerDesc]], None] | None = None
+    ) -> tuple[bytes, bytes, list[LayerDesc]]:
+        """Manifest bytes, config bytes and the layers (diff IDs from the config) of ``ref``.
+
+        ``on_layers``, if given, receives the manifest's layers as soon as the manifest is
+        known, before the config is fetched (their ``diff_id`` is still ``""``): their loads
+        need only digest, size and annotations, so they start one round trip earlier."""
         raise NotImplementedError
 
     def blob(self, ref: str, digest: str, size: int) -> BlobReader:
@@ -317,34 +324,36 @@ class LayerManager:
         async def work() -> ImageInfo:
             try:
                 with span(self.timeline, "manifest", ref=ref):
-                    manifest, config, layers = await self.registry.image(ref)
+                    manifest, config, layers = await self.registry.image(
+                        ref, on_layers=partial(self._start_indexes, ref)
+                    )
             except ResolveError:
                 raise
             except Exception as exc:
                 raise ResolveError(f"{ref}: {exc}") from exc
-            info = ImageInfo(ref, manifest, config, layers)
-            self._start_indexes(info)
-            return info
+            self._start_indexes(ref, layers)  # a no-op for the layers already loading
+            return ImageInfo(ref, manifest, config, layers)
 
         return await self._shared(self._images, ref, work, f"image {ref}")
 
-    def _start_indexes(self, image: ImageInfo) -> None:
-        """Load every eStargz layer of ``image`` at once, in the background, and prefetch it.
+    def _start_indexes(self, ref: str, layers: list[LayerDesc]) -> None:
+        """Load every eStargz layer of ``ref`` at once, in the background, and prefetch it.
 
         Why: podman 4.3 looks the layers of an image up one after another, and each layer's
         footer+TOC costs a ranged request (a few round trips and ~1 MiB on a slow link);
-        overlapping them as soon as the manifest is known turns N waits into about one. The
+        overlapping them as soon as the manifest is known (before its config: a load needs
+        no diff ID) turns N waits into about one. The
         prioritized files (the region before the landmark) start downloading then too, while
         the runtime is still walking the layers. Such an early layer (``LOADED``) is not
         counted, listed or background-fetched until it is looked up.
         """
-        for desc in image.layers:
+        for desc in layers:
             if desc.toc_digest is None:
                 continue
             state = self._states.get(desc.digest)
             if state is not None and state.phase not in (LayerPhase.FAILED, LayerPhase.RELEASED):
                 continue
-            state = self._load(image.ref, desc, early=True)
+            state = self._load(ref, desc, early=True)
             self.nursery.start_soon(self._expire_early, desc.digest, state)
 
     def _load(self, ref: str, desc: LayerDesc, *, early: bool) -> _LayerState:
@@ -494,8 +503,11 @@ class LayerManager:
         """Footer+TOC → verified index and tree (the decoded TOC entries are freed)."""
         assert desc.toc_digest is not None
         ahead = AheadBlob(self.registry.blob(ref, desc.digest, desc.size))
-        # The prefetch region starts downloading once the TOC is verified, before its parse.
+        # The prefetch region starts downloading once the TOC is verified, before its parse;
+        # a gzip layer whose head says it starts with prioritized files, sooner still.
         on_verified = None if self.config.noprefetch else partial(ahead.start, nursery=self.nursery)
+        if not self.config.noprefetch and desc.zstd_chunked is None:
+            ahead.speculate(self.nursery)
         limits = TocLimits(self.config.toc_max_bytes, self.config.toc_max_entries)
         marks = (
             None
@@ -620,24 +632,32 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def layer_descs(manifest: dict[str, Any], config: dict[str, Any]) -> list[LayerDesc]:
-    """Pair manifest layer descriptors with the config's diff IDs."""
-    layers = manifest.get("layers") or []
-    diff_ids = ((config.get("rootfs") or {}).get("diff_ids")) or []
-    if len(layers) != len(diff_ids):
-        raise ResolveError(
-            f"manifest has {len(layers)} layers but config has {len(diff_ids)} diff_ids"
-        )
+def manifest_layers(manifest: dict[str, Any]) -> list[LayerDesc]:
+    """The manifest's layer descriptors, in order, before their diff IDs are known
+    (``diff_id`` ``""``)."""
     return [
         LayerDesc(
             digest=str(d["digest"]),
             size=int(d["size"]),
             annotations=dict(d.get("annotations") or {}),
-            diff_id=str(diff_id),
+            diff_id="",
             media_type=str(d.get("mediaType", "")),
         )
-        for d, diff_id in zip(layers, diff_ids, strict=True)
+        for d in manifest.get("layers") or []
     ]
+
+
+def layer_descs(manifest: dict[str, Any], config: dict[str, Any]) -> list[LayerDesc]:
+    """Pair manifest layer descriptors with the config's diff IDs."""
+    layers = manifest_layers(manifest)
+    diff_ids = ((config.get("rootfs") or {}).get("diff_ids")) or []
+    if len(layers) != len(diff_ids):
+        raise ResolveError(
+            f"manifest has {len(layers)} layers but config has {len(diff_ids)} diff_ids"
+        )
+    for desc, diff_id in zip(layers, diff_ids, strict=True):
+        desc.diff_id = str(diff_id)
+    return layers
 
 
 def decode_json(data: bytes, what: str) -> dict[str, Any]:

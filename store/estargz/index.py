@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import itertools
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -48,7 +49,15 @@ from typing import Any
 
 from .errors import InvalidEntryName, InvalidToc, TocOutOfRange
 from .footer import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Footer
-from .toc import DEFAULT_LIMITS, Toc, TocLimits, iter_toc_entries
+from .toc import (
+    DEFAULT_LIMITS,
+    WHOLE_DECODE_MAX,
+    RawEntry,
+    Toc,
+    TocLimits,
+    iter_toc_entries,
+    typed_toc_entries,
+)
 
 _MAX_INT = (1 << 63) - 1
 _MAX_SIZE = (1 << 63) - 1
@@ -294,8 +303,22 @@ class LayerIndex:
         the TOC starts in the blob: every data offset must lie before it. Raises
         :class:`InvalidToc` and subclasses.
         """
+        it = iter(pieces)
+        head: list[bytes] = []
+        size = 0
+        for piece in it:
+            head.append(piece)
+            size += len(piece)
+            if size > WHOLE_DECODE_MAX:
+                break
+        else:  # small enough to decode whole: typed records when every field checks out
+            head = [b"".join(head)]
+            typed = typed_toc_entries(head[0], limits)
+            if typed is not None:
+                del head
+                return cls.from_entries(typed, toc_offset=toc_offset, compression=compression)
         where = f"TOC at offset {toc_offset}"
-        entries = iter_toc_entries(pieces, where, limits)
+        entries = iter_toc_entries(itertools.chain(head, it), where, limits)
         return cls.from_entries(entries, toc_offset=toc_offset, compression=compression)
 
     @classmethod
@@ -306,9 +329,15 @@ class LayerIndex:
 
     @classmethod
     def from_entries(
-        cls, raw_entries: Iterable[Mapping[str, Any]], *, toc_offset: int, compression: str
+        cls,
+        raw_entries: Iterable[RawEntry | Mapping[str, Any]],
+        *,
+        toc_offset: int,
+        compression: str,
     ) -> LayerIndex:
-        """Apply TOC entry objects in order, as ``tar -x`` applies members (module doc)."""
+        """Apply TOC entries in order, as ``tar -x`` applies members (module doc): decoded
+        JSON objects, checked field by field, or :class:`~store.estargz.toc.RawEntry`
+        records msgspec already typed."""
         idx = cls()
         idx.toc_offset = toc_offset
         idx.compression = compression
@@ -351,46 +380,33 @@ class _Builder:
         self.last_dir: tuple[str, Entry] = ("", idx.root)
         self.link_headers: dict[int, tuple[Entry, Entry]] = {}  # id(target) -> (target, link)
 
-    def run(self, raw_entries: Iterable[Mapping[str, Any]]) -> None:
+    def run(self, raw_entries: Iterable[RawEntry | Mapping[str, Any]]) -> None:
         for i, raw in enumerate(raw_entries):
             self.apply(i, raw)
         self._finish_file()
         self._number()
 
-    def _int(self, raw: Mapping[str, Any], key: str, where: Where, limit: int = _MAX_INT) -> int:
-        v = raw.get(key)
-        if v is None:
-            return 0
-        if type(v) is not int or v < 0 or v > limit:  # bool is not an int here
-            raise InvalidToc(f"{where}{key} is {v!r}, not an integer in [0, {limit}]")
-        return v
-
-    def _small(self, raw: Mapping[str, Any], key: str, where: Where, limit: int) -> int:
+    def _small(self, v: int) -> int:
         """An integer most entries share (mode, ids): one object per value."""
-        v = self._int(raw, key, where, limit)
         return self.ints.setdefault(v, v)
 
-    def apply(self, i: int, raw: Mapping[str, Any]) -> None:
+    def apply(self, i: int, raw: RawEntry | Mapping[str, Any]) -> None:
         where = _Where(i)
-        rawtype = raw.get("type")
-        etype = _TYPES.get(rawtype) if isinstance(rawtype, str) else None
-        if etype is None:
-            raise InvalidToc(f"{where}unknown type {rawtype!r}")
-        rawname = raw.get("name")
-        if not isinstance(rawname, str):
-            raise InvalidToc(f"{where}name is {rawname!r}, not a string")
-        name = _checked_name(rawname, where)
-        where.name = name
-        offset = self._int(raw, "offset", where)
-        inner = self._int(raw, "innerOffset", where)
-        size = self._int(raw, "size", where, _MAX_SIZE)
+        if type(raw) is RawEntry:
+            etype, name = _type_and_name(raw.type, raw.name, where)
+        else:
+            raw, etype, name = _typed(raw, where)  # type: ignore[arg-type]
+        assert type(raw) is RawEntry
+        offset = raw.offset
+        inner = raw.innerOffset
+        size = raw.size
         toc_offset = self.idx.toc_offset
         is_data = etype == "chunk" or (etype == "reg" and size > 0)
         if is_data and offset >= toc_offset:
             raise TocOutOfRange(
                 f"{where}offset {offset} is at or past the TOC (offset {toc_offset})"
             )
-        end_offset = self._int(raw, "endOffset", where)
+        end_offset = raw.endOffset
         if end_offset and is_data:
             if not offset < end_offset <= toc_offset:
                 raise TocOutOfRange(
@@ -402,33 +418,34 @@ class _Builder:
             last = self.last
             if last is None or last.type != "reg" or last.name != name:
                 raise InvalidToc(f"{where}chunk does not follow its file")
-            chunk_offset = self._int(raw, "chunkOffset", where, _MAX_SIZE)
-            chunk_size = self._int(raw, "chunkSize", where, _MAX_SIZE) or last.size - chunk_offset
-            self._add_chunk(last, raw, chunk_offset, chunk_size, offset, inner, where)
+            chunk_offset = raw.chunkOffset
+            chunk_size = raw.chunkSize or last.size - chunk_offset
+            self._add_chunk(last, raw.chunkDigest, chunk_offset, chunk_size, offset, inner, where)
             return
         self._finish_file()
-        link_name = _str(raw, "linkName", where)
+        link_name = raw.linkName
         if etype == "hardlink":
             link_name = _checked_name(link_name, f"{where}hardlink target: ")
         elif (
             etype == "symlink" and not 0 < len(link_name.encode("utf-8", "surrogateescape")) < 4096
         ):
             raise InvalidToc(f"{where}symlink target is empty or longer than 4095 bytes")
+        small = self._small
         e = Entry(
             name=name,
             type=etype,
             size=size if etype == "reg" else 0,
-            mode=self._small(raw, "mode", where, 0o177777),
-            uid=self._small(raw, "uid", where, _MAX_ID),
-            gid=self._small(raw, "gid", where, _MAX_ID),
-            uname=sys.intern(_str(raw, "userName", where)),
-            gname=sys.intern(_str(raw, "groupName", where)),
-            modtime=sys.intern(_str(raw, "modtime", where)),
+            mode=small(raw.mode),
+            uid=small(raw.uid),
+            gid=small(raw.gid),
+            uname=sys.intern(raw.userName),
+            gname=sys.intern(raw.groupName),
+            modtime=sys.intern(raw.modtime),
             link_name=link_name,
-            dev_major=self._small(raw, "devMajor", where, _MAX_ID),
-            dev_minor=self._small(raw, "devMinor", where, _MAX_ID),
-            xattrs=_xattrs(raw, where),
-            digest=_str(raw, "digest", where),
+            dev_major=small(raw.devMajor),
+            dev_minor=small(raw.devMinor),
+            xattrs=_xattrs(raw.xattrs, where),
+            digest=raw.digest,
         )
         if e.uid != 0 and not e.uname:
             e.uname = self.unames.get(e.uid, "")
@@ -439,10 +456,10 @@ class _Builder:
         else:
             self.gnames[e.gid] = e.gname
         if etype == "reg" and size > 0:
-            chunk_size = self._int(raw, "chunkSize", where, _MAX_SIZE)
+            chunk_size = raw.chunkSize
             if not chunk_size or chunk_size > size:
                 chunk_size = size
-            self._add_chunk(e, raw, 0, chunk_size, offset, inner, where)
+            self._add_chunk(e, raw.chunkDigest, 0, chunk_size, offset, inner, where)
         if name == PREFETCH_LANDMARK and etype == "reg":
             self.idx.prefetch_end_offset = offset
         elif name == NO_PREFETCH_LANDMARK and etype == "reg":
@@ -453,7 +470,7 @@ class _Builder:
     def _add_chunk(
         self,
         owner: Entry,
-        raw: Mapping[str, Any],
+        digest: str,
         chunk_offset: int,
         chunk_size: int,
         offset: int,
@@ -468,7 +485,6 @@ class _Builder:
             )
         if owner.chunks is _NO_CHUNKS:
             owner.chunks = []
-        digest = _str(raw, "chunkDigest", where)
         if digest == owner.digest:
             digest = owner.digest  # one string object for the usual single-chunk file
         c = Chunk(
@@ -643,6 +659,60 @@ def _copy_meta(dst: Entry, src: Entry) -> None:
     dst.implicit = False
 
 
+def _type_and_name(rawtype: Any, rawname: Any, where: _Where) -> tuple[str, str]:
+    """An entry's type (one of :data:`ENTRY_TYPES`) and its cleaned name (:func:`_checked_name`,
+    which ``where`` names from then on); :class:`InvalidToc` for anything else."""
+    etype = _TYPES.get(rawtype) if isinstance(rawtype, str) else None
+    if etype is None:
+        raise InvalidToc(f"{where}unknown type {rawtype!r}")
+    if not isinstance(rawname, str):
+        raise InvalidToc(f"{where}name is {rawname!r}, not a string")
+    name = _checked_name(rawname, where)
+    where.name = name
+    return etype, name
+
+
+def _typed(raw: Mapping[str, Any], where: _Where) -> tuple[RawEntry, str, str]:
+    """A decoded entry object checked field by field as :class:`RawEntry` is typed (``null``
+    is the field's zero value), each error worded: ``(record, type, cleaned name)``."""
+    etype, name = _type_and_name(raw.get("type"), raw.get("name"), where)
+    return (
+        RawEntry(
+            name=name,
+            type=etype,
+            offset=_int(raw, "offset", where),
+            innerOffset=_int(raw, "innerOffset", where),
+            size=_int(raw, "size", where, _MAX_SIZE),
+            endOffset=_int(raw, "endOffset", where),
+            chunkOffset=_int(raw, "chunkOffset", where, _MAX_SIZE),
+            chunkSize=_int(raw, "chunkSize", where, _MAX_SIZE),
+            linkName=_str(raw, "linkName", where),
+            mode=_int(raw, "mode", where, 0o177777),
+            uid=_int(raw, "uid", where, _MAX_ID),
+            gid=_int(raw, "gid", where, _MAX_ID),
+            userName=_str(raw, "userName", where),
+            groupName=_str(raw, "groupName", where),
+            modtime=_str(raw, "modtime", where),
+            devMajor=_int(raw, "devMajor", where, _MAX_ID),
+            devMinor=_int(raw, "devMinor", where, _MAX_ID),
+            xattrs=raw.get("xattrs"),
+            digest=_str(raw, "digest", where),
+            chunkDigest=_str(raw, "chunkDigest", where),
+        ),
+        etype,
+        name,
+    )
+
+
+def _int(raw: Mapping[str, Any], key: str, where: Where, limit: int = _MAX_INT) -> int:
+    v = raw.get(key)
+    if v is None:
+        return 0
+    if type(v) is not int or v < 0 or v > limit:  # bool is not an int here
+        raise InvalidToc(f"{where}{key} is {v!r}, not an integer in [0, {limit}]")
+    return v
+
+
 def _str(raw: Mapping[str, Any], key: str, where: Where) -> str:
     v = raw.get(key)
     if type(v) is str:
@@ -652,8 +722,8 @@ def _str(raw: Mapping[str, Any], key: str, where: Where) -> str:
     raise InvalidToc(f"{where}{key} is {v!r}, not a string")
 
 
-def _xattrs(raw: Mapping[str, Any], where: Where) -> Mapping[str, bytes]:
-    v = raw.get("xattrs")
+def _xattrs(v: Any, where: Where) -> Mapping[str, bytes]:
+    """An entry's ``xattrs`` value (base64 strings by name) decoded; falsy: none."""
     if not v:
         return _NO_XATTRS
     if not isinstance(v, dict):

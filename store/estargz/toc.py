@@ -10,7 +10,10 @@ the whole JSON at once), :func:`scan_toc` hashes them, and :func:`iter_toc_entri
 the JSON one entry object at a time, so a 100,000-entry TOC never exists as 100,000 dicts (or
 as one 30 MB string) and a hostile one is refused as soon as it passes a :class:`TocLimits`
 cap. :func:`parse_toc` (a list of entry dicts) and :meth:`LayerIndex.from_toc_json
-<store.estargz.index.LayerIndex.from_toc_json>` (the validated tree) are both built on them.
+<store.estargz.index.LayerIndex.from_toc_json>` (the validated tree) are both built on them;
+the latter first tries :func:`typed_toc_entries` (a TOC up to :data:`WHOLE_DECODE_MAX` bytes
+decoded whole into :class:`RawEntry` records, every field's type checked by msgspec) and
+falls back to the entry-by-entry decoder for anything it does not vouch for.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -55,6 +58,51 @@ class TocLimits:
 
 
 DEFAULT_LIMITS = TocLimits()
+
+
+_Offset = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+_Id = Annotated[int, msgspec.Meta(ge=0, le=(1 << 32) - 1)]
+_Mode = Annotated[int, msgspec.Meta(ge=0, le=0o177777)]
+
+
+class RawEntry(msgspec.Struct, gc=False):
+    """One TOC entry with every field of the right JSON type and in range: the attribute names
+    are the JSON keys (stargz-snapshotter ``estargz.TOCEntry``), absent keys their zero value.
+
+    msgspec checks what :class:`~store.estargz.index.LayerIndex` would check of each field
+    alone (integers are JSON integers in range — ``true`` and ``1.0`` are not —, strings are
+    strings), in C, while it decodes; the index checks the rest (types, names, offsets, chunk
+    order). ``xattrs`` stays as given: values are base64, decoded by the index.
+    """
+
+    name: str
+    type: str
+    size: _Offset = 0
+    modtime: str = ""
+    linkName: str = ""
+    mode: _Mode = 0
+    uid: _Id = 0
+    gid: _Id = 0
+    userName: str = ""
+    groupName: str = ""
+    devMajor: _Id = 0
+    devMinor: _Id = 0
+    xattrs: dict[str, str] | None = None
+    digest: str = ""
+    offset: _Offset = 0
+    endOffset: _Offset = 0
+    chunkOffset: _Offset = 0
+    chunkSize: _Offset = 0
+    chunkDigest: str = ""
+    innerOffset: _Offset = 0
+
+
+class _TypedToc(msgspec.Struct, gc=False):
+    version: int
+    entries: list[RawEntry] | None
+
+
+_TYPED_DECODER = msgspec.json.Decoder(_TypedToc)
 
 
 @dataclass(slots=True)
@@ -396,13 +444,38 @@ def iter_toc_entries(
     yield from entries
 
 
+def typed_toc_entries(data: bytes, limits: TocLimits) -> list[RawEntry] | None:
+    """The entries of the TOC JSON ``data`` as :class:`RawEntry` records, decoded whole by
+    msgspec, when it is at most :data:`WHOLE_DECODE_MAX` bytes, plainly well formed and every
+    field of every entry has its JSON type and range; else ``None``: the caller then takes
+    :func:`iter_toc_entries`, which accepts what this refuses (``null`` for an absent field,
+    say) and words every error. Why: the checks run in C while decoding (gcc's 2.7 MB TOC:
+    7 ms, where checking decoded dicts in Python cost ~25 ms).
+    """
+    if len(data) > WHOLE_DECODE_MAX or not _plain(data):
+        return None
+    try:
+        toc = _TYPED_DECODER.decode(data)
+    except (msgspec.DecodeError, RecursionError):  # msgspec.ValidationError included
+        return None
+    if toc.version != 1 or toc.entries is None or len(toc.entries) > limits.max_entries:
+        return None
+    return toc.entries
+
+
+def _plain(data: bytes) -> bool:
+    """No key spelled with escapes, and ``"entries"`` spelled once: a decoder keeps the last
+    of two ``entries`` keys, where :func:`_stream_entries` refuses them."""
+    return data.count(b'"entries"') == 1 and b"\\u" not in data
+
+
 def _whole_entries(data: bytes, limits: TocLimits) -> list[dict[str, Any]] | None:
     """The entries of a whole TOC when it is plainly well formed, else ``None``.
 
     Mirrors every check of :func:`_stream_entries` (which refuses ``entries`` given twice,
     where a decoder keeps the last: so a TOC that spells ``"entries"`` anywhere else, or
     holds any ``\\u`` escape that could spell it, goes the streaming way too)."""
-    if data.count(b'"entries"') != 1 or b"\\u" in data:
+    if not _plain(data):
         return None  # a key spelled with escapes could be a second "entries"
     try:
         toc = msgspec.json.decode(data)

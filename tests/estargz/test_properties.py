@@ -4,6 +4,7 @@ bytes; random range reads equal the source bytes."""
 from __future__ import annotations
 
 import io
+import json
 import random
 import tarfile
 from dataclasses import dataclass, field
@@ -11,7 +12,14 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from store.estargz import BytesBlobSource, EstargzReader, clean_name, convert
+from store.estargz import (
+    BytesBlobSource,
+    EstargzReader,
+    InvalidToc,
+    LayerIndex,
+    clean_name,
+    convert,
+)
 
 RESERVED = {".prefetch.landmark", ".no.prefetch.landmark", "stargz.index.json"}
 KINDS = ["dir", "reg", "reg", "reg", "symlink", "hardlink", "char", "block", "fifo"]
@@ -215,3 +223,57 @@ def test_prioritized_files_come_before_the_landmark(tree, data) -> None:
         assert all(c.offset < landmark for c in r.lookup(it.name).chunks)
     for it in regs:
         assert r.read_file(it.name) == it.data
+
+
+# Field values a TOC entry may carry: right and wrong JSON types, in and out of range.
+_FIELD_VALUES = {
+    "size": st.one_of(st.integers(-2, 40), st.sampled_from([None, True, 1.0, "3", 1 << 64])),
+    "offset": st.one_of(st.integers(0, 200), st.sampled_from([None, -1, False, 2.5])),
+    "chunkSize": st.one_of(st.integers(0, 40), st.sampled_from([None, -3, "1"])),
+    "mode": st.one_of(st.integers(0, 0o777), st.sampled_from([None, 0o177777 + 1, True])),
+    "uid": st.one_of(st.integers(0, 3), st.sampled_from([None, 1 << 32, -1, 0.0])),
+    "userName": st.sampled_from(["", "root", None, 5, ["x"]]),
+    "linkName": st.sampled_from(["", "a", None, 7]),
+    "modtime": st.sampled_from(["", "2020-01-01T00:00:00Z", None, 0]),
+    "digest": st.sampled_from(["", "sha256:00", None, 1]),
+    "chunkDigest": st.sampled_from(["", "sha256:00", None, {}]),
+    "xattrs": st.sampled_from([None, {}, {"user.a": "eA=="}, {"user.a": 1}, [], "x", 0]),
+    "devMajor": st.one_of(st.integers(0, 3), st.sampled_from([None, -1, "1"])),
+}
+
+
+@st.composite
+def raw_entries(draw) -> list[dict]:
+    out = []
+    for i in range(draw(st.integers(1, 6))):
+        e: dict = {
+            "name": draw(st.sampled_from([f"f{i}", f"d/f{i}", "d", "./x", 5, None])),
+            "type": draw(st.sampled_from(["reg", "dir", "symlink", "chunk", "fifo", "bogus"])),
+        }
+        for key in draw(st.lists(st.sampled_from(sorted(_FIELD_VALUES)), unique=True)):
+            e[key] = draw(_FIELD_VALUES[key])
+        out.append(e)
+    return out
+
+
+def _outcome(build) -> object:
+    try:
+        idx = build()
+    except InvalidToc as exc:
+        return type(exc)
+    return [
+        (name, e.type, e.size, e.mode, e.uid, e.uname, e.link_name, e.modtime, e.digest,
+         dict(e.xattrs), [(c.chunk_offset, c.size, c.offset, c.digest) for c in e.chunks])
+        for name, e in idx.names()
+    ]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=raw_entries())
+def test_typed_decoding_agrees_with_checking_decoded_objects(entries: list[dict]) -> None:
+    """The msgspec-typed whole-TOC path (``RawEntry``) accepts and refuses exactly what the
+    field-by-field checks of decoded objects do, and builds the same tree."""
+    text = json.dumps({"version": 1, "entries": entries}).encode()
+    typed = _outcome(lambda: LayerIndex.from_toc_json([text], toc_offset=100))
+    checked = _outcome(lambda: LayerIndex.from_entries(entries, toc_offset=100, compression="gzip"))
+    assert typed == checked

@@ -239,3 +239,42 @@ def test_a_measurement_keeps_the_timeline_of_sample_0_through_our_store(tmp_path
     # The offsets are from the harness's pull start, on the store's clock.
     assert doc["summary"]["pull_s"] == PULL_S
     assert doc["summary"]["first_request_at"] == pytest.approx(0.37, abs=0.01)
+
+
+def test_no_podman_process_runs_between_pull_and_create(tmp_path, monkeypatch):
+    """The store fetches on in the background after the pull: the checks that start podman
+    processes (persistence) come after the run, never in the untimed gap before create."""
+    import harness.measure as measure
+
+    calls: list[str] = []
+
+    class Env(_FakeEnv):
+        def pull(self, ref: str, timeout: float | None = None):
+            calls.append("pull")
+            return super().pull(ref, timeout)
+
+        def check_persistence(self, ref: str) -> Persistence:
+            calls.append("check_persistence")
+            return super().check_persistence(ref)
+
+    def run(*a, **kw) -> RunOutcome:
+        calls.append("run")
+        return RunOutcome(0.5, 0.4, True, 0, "hello from lazybench\n", "")
+
+    monkeypatch.setattr(measure, "StoreProcess", _FakeStore)
+    monkeypatch.setattr(measure, "PodmanEnv", Env)
+    monkeypatch.setattr(
+        measure, "storage_verdict", lambda *a: Verdict([LayerEvidence("id", L1, True)])
+    )
+    monkeypatch.setattr(measure, "create_container", lambda *a: calls.append("create") or "c")
+    monkeypatch.setattr(measure, "start_until_ready", run)
+    scenario = parse_scenario(
+        {"samples": 1, "workloads": [{"recipe": "tiny", "command": ["true"]}]}, "s.toml"
+    )
+    runner = measure.Runner(scenario, tmp_path / "run", show_progress=False)
+    runner.images = {("tiny", "estargz"): "lazybench/tiny:estargz"}
+    registry = SimpleNamespace(host="h:5000", log_mark=lambda: 0, access_log=lambda: [])
+    rec = runner.measure(0, resolve(scenario.workloads[0]), "estargz", registry, tmp_path / "w")
+    assert rec.status == "ok", rec.error
+    assert calls == ["pull", "create", "run", "check_persistence"]
+    assert rec.persisted is True

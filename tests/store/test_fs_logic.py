@@ -28,7 +28,7 @@ class VectorRegistry(RegistryAccess):
         self.path = vectors / f"{name}.blob"
         self.annotate = annotate
 
-    async def image(self, ref: str):
+    async def image(self, ref: str, on_layers=None):
         ann = {"containerd.io/snapshot/stargz/toc.digest": self.meta["toc_digest"]}
         desc = LayerDesc(
             self.meta["digest"],
@@ -144,7 +144,7 @@ class GatedRegistry(VectorRegistry):
         self.started: list[str] = []
         self.digests = [f"sha256:{i:064x}" for i in range(1, 4)]
 
-    async def image(self, ref: str):
+    async def image(self, ref: str, on_layers=None):
         ann = {"containerd.io/snapshot/stargz/toc.digest": self.meta["toc_digest"]}
         descs = [LayerDesc(d, self.meta["size"], ann, self.meta["diff_id"]) for d in self.digests]
         return b"{}", b"{}", descs
@@ -177,6 +177,41 @@ async def test_all_layer_tocs_are_fetched_at_once_when_the_manifest_is_known(vec
         layers = [await manager.get_layer(REF, d) for d in reg.digests]
         assert [layer.digest for layer in layers] == reg.digests
         assert sorted(reg.started) == reg.digests  # the lookups reused them: no second read
+        assert manager.layers() == layers
+        nursery.cancel_scope.cancel()
+
+
+class SlowConfigRegistry(GatedRegistry):
+    """Hands its layers on when the manifest is known; the config waits for ``config_gate``."""
+
+    def __init__(self, vectors: Path) -> None:
+        super().__init__(vectors)
+        self.gate.set()
+        self.config_gate = trio.Event()
+
+    async def image(self, ref: str, on_layers=None):
+        ann = {"containerd.io/snapshot/stargz/toc.digest": self.meta["toc_digest"]}
+        if on_layers is not None:
+            on_layers([LayerDesc(d, self.meta["size"], ann, "") for d in self.digests])
+        await self.config_gate.wait()
+        descs = [LayerDesc(d, self.meta["size"], ann, self.meta["diff_id"]) for d in self.digests]
+        return b"{}", b"{}", descs
+
+
+@pytest.mark.anyio
+async def test_layer_loads_start_with_the_manifest_before_the_config_arrives(vectors_dir, tmp_path):
+    async with trio.open_nursery() as nursery:
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
+        reg = SlowConfigRegistry(vectors_dir)
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        nursery.start_soon(manager.image, REF)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(reg.started) == reg.digests  # footers asked for, config still pending
+        reg.config_gate.set()
+        layers = [await manager.get_layer(REF, d) for d in reg.digests]
+        assert sorted(reg.started) == reg.digests  # not loaded a second time
+        info = await manager.layer_info(REF, reg.digests[0])
+        assert info["diff-digest"] == reg.meta["diff_id"]  # the config's, not the early ""
         assert manager.layers() == layers
         nursery.cancel_scope.cancel()
 
@@ -290,9 +325,9 @@ async def test_resolved_images_are_a_bounded_lru_and_counts_survive_eviction(vec
     asked: list[str] = []
     image = reg.image
 
-    async def counting(ref: str):
+    async def counting(ref: str, on_layers=None):
         asked.append(ref)
-        return await image(ref)
+        return await image(ref, on_layers)
 
     reg.image = counting  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import random
 import stat
@@ -457,3 +458,119 @@ async def test_a_corrupt_chunk_in_the_block_fails_only_its_own_reads(tmp_path):
         with pytest.raises(ChunkVerifyError):
             await layer.read_file(node, bad.file_offset, 16)
         layer.release()
+
+
+@pytest.mark.anyio
+async def test_ahead_blob_read_fetches_a_piece_no_worker_has_started(vectors_dir, monkeypatch):
+    """The workers fetch the region in blob order; a read further on does not wait for them
+    to get there: it fetches its piece itself, at once."""
+    monkeypatch.setattr("store.layer.PREFETCH_PIECE", 4096)
+    monkeypatch.setattr("store.layer.PREFETCH_STREAMS", 1)
+    blob = FileBlob(vectors_dir / "chunked-1m.blob")
+    gate = trio.Event()
+    real = blob.read_ranges
+
+    async def slow_front(ranges):
+        if ranges[0][0] < 4096:  # the first piece hangs
+            await gate.wait()
+        return await real(ranges)
+
+    blob.read_ranges = slow_front
+    ahead = AheadBlob(blob)
+    async with trio.open_nursery() as nursery:
+        ahead.start(8 * 4096, nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            got = await ahead.read_ranges([(6 * 4096 + 10, 6 * 4096 + 20)])
+        assert got == [blob.data[6 * 4096 + 10 : 6 * 4096 + 20]]
+        assert blob.requests[-1] == [(6 * 4096, 7 * 4096)]  # its piece, not the registry's
+        gate.set()
+    # Each piece was asked for once.
+    asked = sorted(r[0] for r in blob.requests)
+    assert asked == [(i * 4096, (i + 1) * 4096) for i in range(8)]
+
+
+def _optimized_blob(tmp_path, prioritized: list[str], big: int) -> tuple[FileBlob, int]:
+    import io
+    import os
+    import tarfile
+
+    from store.estargz import BytesBlobSource, EstargzReader, convert
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in (("big", os.urandom(big)), ("small", b"s" * 100)):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    out = tmp_path / "blob"
+    with out.open("wb") as f:
+        res = convert(io.BytesIO(buf.getvalue()), f, prioritized_files=prioritized)
+    blob = FileBlob(out)
+    end = EstargzReader(BytesBlobSource(blob.data), res.toc_digest).index.prefetch_end_offset
+    return blob, end
+
+
+@pytest.mark.anyio
+async def test_ahead_blob_speculates_on_a_region_before_the_toc(tmp_path, monkeypatch):
+    """The head says prioritized files come first: the region downloads before the TOC is
+    known, in growing pieces one at a time; the TOC's end then completes it."""
+    monkeypatch.setattr("store.layer.SPECULATE_FIRST", 64 << 10)
+    monkeypatch.setattr("store.layer.SPECULATE_BYTES", 256 << 10)
+    monkeypatch.setattr("store.layer.PREFETCH_PIECE", 128 << 10)
+    blob, end = _optimized_blob(tmp_path, ["big"], 1 << 20)
+    assert end > 1 << 20
+    ahead = AheadBlob(blob)
+    async with trio.open_nursery() as nursery:
+        ahead.speculate(nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        k = 1 << 10
+        assert blob.requests == [
+            [(0, 12 * k)],
+            [(0, 64 * k)],
+            [(64 * k, 192 * k)],
+            [(192 * k, 448 * k)],
+        ]
+        ahead.start(end, nursery)
+    fetched = sorted(r[0] for r in blob.requests[1:])
+    assert fetched[0] == (0, 64 << 10) and fetched[-1][1] == end
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(fetched))  # no gap
+    before = len(blob.requests)
+    assert await ahead.read_ranges([(100, end)]) == [blob.data[100:end]]
+    assert len(blob.requests) == before  # all from the early download
+
+
+@pytest.mark.anyio
+async def test_ahead_blob_does_not_speculate_without_prioritized_files(tmp_path):
+    blob, end = _optimized_blob(tmp_path, [], 256 << 10)
+    assert not end
+    ahead = AheadBlob(blob)
+    async with trio.open_nursery() as nursery:
+        ahead.speculate(nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        ahead.start(end, nursery)
+    assert blob.requests == [[(0, 12 << 10)]]  # the head probe only
+
+
+@pytest.mark.anyio
+async def test_ahead_blob_speculation_stops_where_the_toc_says(tmp_path, monkeypatch):
+    """A region shorter than the guess: at most the piece in flight is past its end."""
+    monkeypatch.setattr("store.layer.SPECULATE_FIRST", 64 << 10)
+    monkeypatch.setattr("store.layer.SPECULATE_BYTES", 4 << 20)
+    blob, _ = _optimized_blob(tmp_path, ["big"], 1 << 20)
+    gate = trio.Event()
+    real = blob.read_ranges
+
+    async def gated(ranges):
+        if ranges[0][0] >= 64 << 10:
+            await gate.wait()
+        return await real(ranges)
+
+    blob.read_ranges = gated
+    ahead = AheadBlob(blob)
+    async with trio.open_nursery() as nursery:
+        ahead.speculate(nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        ahead.start(100 << 10, nursery)  # as if the TOC said the region is 100 KiB
+        gate.set()
+    assert blob.requests == [[(0, 12 << 10)], [(0, 64 << 10)], [(64 << 10, 192 << 10)]]
