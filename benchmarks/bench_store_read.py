@@ -7,7 +7,8 @@
   throwaway CA that curl trusts through ``--cacert`` and the store through ``SSL_CERT_FILE``
   (the registry named ``https://`` in a ``[resolver]`` mirror entry, as an operator would).
   ``LAZYBENCH_BENCH_SAMPLES`` samples of each (default 5), interleaved; the ratio is the
-  baseline's median time ÷ the store's — target ≥ 0.9 on each transport;
+  baseline's median time ÷ the store's — target ≥ 0.9 on each transport (each sample's CPU
+  seconds are printed too: curl and gzip together, the store process);
 * warm re-read through the mount vs reading a local copy (both from the page cache) —
   target ≥ 0.8×;
 * store RSS after mounting a layer with 100,000 entries (its TOC, ~28 MB of JSON, takes the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -69,6 +71,18 @@ def timed(cmd: str) -> float:
     start = time.monotonic()
     subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, timeout=900)
     return time.monotonic() - start
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's waited-for children so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a running process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -120,6 +134,10 @@ class Transport:
     store_env: dict[str, str] = field(default_factory=dict)
     curl: list[float] = field(default_factory=list)
     store: list[float] = field(default_factory=list)
+    # CPU seconds: curl and gzip together; the store process (the machine is shared, so
+    # these say more than wall time about which side does more work)
+    curl_cpu: list[float] = field(default_factory=list)
+    store_cpu: list[float] = field(default_factory=list)
 
     def ratio(self) -> float:
         return statistics.median(self.curl) / statistics.median(self.store)
@@ -169,14 +187,19 @@ def test_store_read(tmp_path: Path) -> None:
         for i in range(SAMPLES):
             for t in transports:
                 url = f"{t.reg.url}/v2/bench/big/blobs/{blob.digest}"  # type: ignore[attr-defined]
+                cpu = children_cpu()
                 t.curl.append(timed(f"curl -sf {t.curl_opts} {url} | gzip -d > /dev/null"))
+                t.curl_cpu.append(children_cpu() - cpu)
                 mark = t.reg.log_mark()  # type: ignore[attr-defined]
                 work = tmp_path / f"store-{t.name}-{i}"
                 store = StoreProcess(work, t.store_config, env=t.store_env).start()
                 try:
                     ref = f"{t.reg.host}/bench/big:1"  # type: ignore[attr-defined]
                     diff = store.layer_dir(ref, blob.digest) / "diff"
+                    assert store.proc is not None
+                    cpu = process_cpu(store.proc.pid)
                     t.store.append(timed(f"cat {diff}/big > /dev/null"))
+                    t.store_cpu.append(process_cpu(store.proc.pid) - cpu)
                     if i == 0 and t.name == "http":
                         warm, base_warm = warm_reads(store, diff, local)
                 finally:
@@ -186,15 +209,18 @@ def test_store_read(tmp_path: Path) -> None:
                 served = t.reg.access_log_since(mark)  # type: ignore[attr-defined]
                 assert any(r.is_blob_get and r.status == 206 for r in served), t.name
                 print(
-                    f"BENCH sample {i} {t.name}: curl|gzip -d {t.curl[-1]:.3f} s, "
-                    f"store {t.store[-1]:.3f} s",
+                    f"BENCH sample {i} {t.name}: curl|gzip -d {t.curl[-1]:.3f} s "
+                    f"(CPU {t.curl_cpu[-1]:.2f} s), store {t.store[-1]:.3f} s "
+                    f"(CPU {t.store_cpu[-1]:.2f} s)",
                     flush=True,
                 )
         mb = BIG / (1 << 20)
         for t in transports:
             print(
                 f"BENCH cold read {t.name} samples (s): curl|gzip -d "
-                f"{[round(x, 3) for x in t.curl]}, store {[round(x, 3) for x in t.store]}"
+                f"{[round(x, 3) for x in t.curl]}, store {[round(x, 3) for x in t.store]}; "
+                f"median CPU s: curl+gzip {statistics.median(t.curl_cpu):.2f}, "
+                f"store {statistics.median(t.store_cpu):.2f}"
             )
             report(
                 f"cold read {t.name} MB/s (median of {SAMPLES})",
