@@ -150,11 +150,14 @@ class RegistryClient:
 
     # ---- lifetime ------------------------------------------------------------------------
     async def __aenter__(self) -> RegistryClient:
-        verify = (
-            ssl.create_default_context(cafile=self._verify)
-            if isinstance(self._verify, str)
-            else self._verify
-        )
+        verify = self._verify
+        if verify is True:
+            # The system's CAs as OpenSSL finds them, SSL_CERT_FILE / SSL_CERT_DIR honoured (as
+            # the Go store's crypto/x509 does), for both transports: httpx's own default would
+            # be certifi's bundle, which no private registry's CA is in.
+            verify = ssl.create_default_context()
+        elif isinstance(verify, str):
+            verify = ssl.create_default_context(cafile=verify)
         transport: httpx.AsyncBaseTransport = httpx.AsyncHTTPTransport(
             limits=httpx.Limits(
                 max_connections=self._max_connections,

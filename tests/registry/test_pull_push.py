@@ -164,54 +164,25 @@ async def test_not_found_and_corruption(fresh_registry: RegistryServer) -> None:
         assert not dest.exists()
 
 
-async def test_https_registry_through_configured_scheme(tmp_path) -> None:
-    """TLS path (httpx's own transport): a registry serving HTTPS with our CA, reached through
-    a mirror entry that names the scheme, pushes and ranged reads included."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
+async def test_https_registry_through_configured_scheme(tmp_path, monkeypatch) -> None:
+    """TLS path: a registry serving HTTPS with a certificate our throwaway CA signed, reached
+    through a mirror entry that names the scheme, pushes and ranged reads included; the CA is
+    trusted when given as a bundle path or, by default, through ``SSL_CERT_FILE`` (the system's
+    CAs as OpenSSL finds them), and not otherwise."""
     from store.registry import parse_resolver_config
+    from tests.tls import make_tls_files
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    with RegistryServer(tls_cert=cert_path, tls_key=key_path) as reg:
+    tls = make_tls_files(tmp_path / "tls")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with RegistryServer(tls_cert=tls.cert, tls_key=tls.key) as reg:
         assert reg.url.startswith("https://")
         cfg = parse_resolver_config(
             {"resolver": {"host": {reg.host: {"mirrors": [{"host": f"https://{reg.host}"}]}}}}
         )
         ref = f"{reg.host}/tls/app:v1"
         data = random.Random(11).randbytes(200_000)
-        async with RegistryClient(resolver=cfg, timeout=10, verify=str(cert_path)) as c:
+        async with RegistryClient(resolver=cfg, timeout=10, verify=str(tls.ca)) as c:
             assert [e.base_url for e in c.endpoints(reg.host)] == [reg.url]
             m = await c.push_image(ref, _config("amd64"), [(data, LAYER)])
             assert (await c.get_manifest(ref)).digest == m.digest
@@ -222,3 +193,7 @@ async def test_https_registry_through_configured_scheme(tmp_path) -> None:
         async with RegistryClient(resolver=cfg, timeout=10) as untrusting:
             with pytest.raises(RegistryUnavailable, match=r"CERTIFICATE_VERIFY_FAILED"):
                 await untrusting.get_manifest(ref)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))
+        async with RegistryClient(resolver=cfg, timeout=10) as by_env:
+            assert (await by_env.get_manifest(ref)).digest == m.digest
+            assert await by_env.read_ranges(ref, m.layers[0].digest, [(7, 9)]) == [data[7:16]]

@@ -50,11 +50,17 @@ class StoreProcess:
     """A layer store on a mountpoint, with its config; always unmounted on stop.
 
     ``impl`` is ``ours`` (``python -m store``) or ``go`` (the reference Go store, whose binary
-    is given as ``go_binary``).
+    is given as ``go_binary``); ``env`` adds to the environment the process inherits (e.g.
+    ``SSL_CERT_FILE``).
     """
 
     def __init__(
-        self, workdir: Path, config: str = "", impl: str = "ours", go_binary: Path | None = None
+        self,
+        workdir: Path,
+        config: str = "",
+        impl: str = "ours",
+        go_binary: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         if impl not in STORE_IMPLS or (impl == "go") != (go_binary is not None):
             raise ValueError(f"store impl {impl!r} (go_binary={go_binary})")
@@ -66,6 +72,7 @@ class StoreProcess:
         self.config = workdir / "config.toml"
         self.config.write_text(config)
         self.log = workdir / "store.log"
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> StoreProcess:
@@ -83,6 +90,7 @@ class StoreProcess:
             ],
             stdout=subprocess.DEVNULL,
             stderr=open(self.log, "wb"),  # noqa: SIM115 - closed with the process
+            env={**os.environ, **self.env} if self.env else None,
         )
         deadline = time.monotonic() + 20
         while not self._serving():
