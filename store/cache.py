@@ -17,6 +17,12 @@ survives store restarts and layer releases.
 
 In-flight deduplication: :meth:`ChunkCache.get_or_fetch` makes concurrent requests for one
 key share a single fetch; the others wait for its result (or its failure).
+
+Writes off the FUSE thread: a batch fetch completes its claims with :meth:`ChunkCache.finish`,
+which admits the verified bytes at once (served from memory, waiters woken) and leaves the file
+write to :meth:`ChunkCache.write_pending`, awaited by the fetcher, which writes in a worker
+thread. A 4 MiB file write on the trio thread stalled every FUSE request behind it (a quarter
+of a cold read's wall time, ``benchmarks/bench_store_read.py``).
 """
 
 from __future__ import annotations
@@ -65,6 +71,9 @@ class ChunkCache:
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._total = 0
         self._inflight: dict[str, _InFlight] = {}
+        # Admitted by finish(), not yet on disk: served from here until written.
+        self._pending: dict[str, bytes] = {}
+        self._writing: set[str] = set()
         self.root.mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -108,9 +117,12 @@ class ChunkCache:
         """The cached bytes of ``key``, or None (also when the file vanished under us)."""
         if key not in self._lru:
             return None
-        data = self._mem.get(key)
+        data = self._pending.get(key)
+        if data is None:
+            data = self._mem.get(key)
         if data is not None:
-            self._mem.move_to_end(key)
+            if key in self._mem:
+                self._mem.move_to_end(key)
             self._lru.move_to_end(key)
             self.stats.hits += 1
             return data
@@ -153,7 +165,18 @@ class ChunkCache:
         if key in self._lru:
             self._lru.move_to_end(key)
             return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if not self._write_file(key, path, data):
+            return
+        self._lru[key] = len(data)
+        self._total += len(data)
+        self._remember(key, data)
+        self._evict()
+
+    @staticmethod
+    def _write_file(key: str, path: Path, data: bytes) -> bool:
+        """Write one chunk file atomically (temp file + rename); False when the disk refused.
+        Thread-safe: touches no cache state."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
@@ -164,13 +187,52 @@ class ChunkCache:
             log.warning("chunk cache write failed for %s: %s", key, exc)
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            return False
+        return True
+
+    def _admit(self, key: str, data: bytes) -> None:
+        """Take ``data`` (already verified against ``key``) into the cache now, its file to be
+        written by :meth:`write_pending`."""
+        if key in self._lru:
+            self._lru.move_to_end(key)
             return
+        self._path(key)  # a bad key fails here, not in the writer
+        self._pending[key] = data
         self._lru[key] = len(data)
         self._total += len(data)
-        self._remember(key, data)
         self._evict()
 
+    async def write_pending(self) -> None:
+        """Write the chunks admitted by :meth:`finish` to disk in a worker thread (one at a
+        time per chunk; another writer's chunks are left to it). Shielded from cancellation:
+        a write is bounded by the disk, and a chunk left pending would live in memory only.
+        A chunk that failed to write or was evicted meanwhile leaves no file and no entry."""
+        keys = [k for k in self._pending if k not in self._writing]
+        if not keys:
+            return
+        self._writing.update(keys)
+        batch = [(k, self._path(k), self._pending[k]) for k in keys]
+
+        def write_all() -> list[bool]:
+            return [self._write_file(k, p, d) for k, p, d in batch]
+
+        try:
+            with trio.CancelScope(shield=True):
+                written = await trio.to_thread.run_sync(write_all)
+        finally:
+            self._writing.difference_update(keys)
+        for (key, path, data), ok in zip(batch, written, strict=True):
+            self._pending.pop(key, None)
+            if key not in self._lru:  # evicted while it was written
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            elif not ok:
+                self._forget(key)
+            else:
+                self._remember(key, data)
+
     def _forget(self, key: str) -> None:
+        self._pending.pop(key, None)
         data = self._mem.pop(key, None)
         if data is not None:
             self._mem_total -= len(data)
@@ -186,6 +248,8 @@ class ChunkCache:
             if data is not None:
                 self._mem_total -= len(data)
             self.stats.evictions += 1
+            if self._pending.pop(key, None) is not None and key not in self._writing:
+                continue  # never written: no file
             try:
                 self._path(key).unlink()
             except FileNotFoundError:
@@ -228,10 +292,11 @@ class ChunkCache:
         return flight
 
     def finish(self, key: str, data: bytes | None, error: BaseException | None = None) -> None:
-        """Complete a :meth:`begin` claim with the verified bytes or the error."""
+        """Complete a :meth:`begin` claim with the verified bytes or the error; the bytes are
+        served at once and reach the disk when the fetcher awaits :meth:`write_pending`."""
         flight = self._inflight.pop(key, None)
         if data is not None:
-            self.put(key, data)
+            self._admit(key, data)
         if flight is not None:
             flight.data, flight.error = data, error
             flight.done.set()

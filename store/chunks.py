@@ -309,6 +309,7 @@ class ChunkSource:
             else:
                 self.cache.finish(c.digest, data)
                 out[c.digest] = data
+        await self.cache.write_pending()  # waiters are served already; the disk comes after
         failed = [d for d in datas if isinstance(d, Exception)]
         if failed and any(c.digest not in out for c in got.chunks[: got.claimed]):
             raise failed[0]

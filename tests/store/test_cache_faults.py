@@ -7,6 +7,10 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
+import trio
+import trio.testing
+
 from store.cache import ChunkCache
 
 
@@ -57,3 +61,63 @@ def test_full_disk_serves_uncached_and_leaves_no_entry(tmp_path, monkeypatch):
     assert key not in cache and cache.get(key) is None
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert leftovers == []
+
+
+@pytest.mark.anyio
+async def test_finish_serves_at_once_and_the_file_follows_off_the_trio_thread(
+    tmp_path, monkeypatch
+):
+    """A batch fetch's chunks are served (and waiters woken) before their files are written;
+    the write runs in a worker thread, not on the thread that answers FUSE requests."""
+    import threading
+
+    cache = ChunkCache(tmp_path, 1 << 20)
+    data = os.urandom(4000)
+    key = _key(data)
+    writers: list[str] = []
+    real_write = ChunkCache._write_file
+
+    def spy(k: str, p: Path, d: bytes) -> bool:
+        writers.append(threading.current_thread().name)
+        return real_write(k, p, d)
+
+    monkeypatch.setattr(ChunkCache, "_write_file", staticmethod(spy))
+    got: list[bytes | None] = []
+    assert cache.begin(key) is not None
+    async with trio.open_nursery() as nursery:
+
+        async def waiter() -> None:
+            got.append(await cache.wait_inflight(key))
+
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        cache.finish(key, data)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [data]  # woken before any disk write
+        assert not _file(tmp_path, key).exists() and cache.get(key) == data
+        await cache.write_pending()
+    assert _file(tmp_path, key).read_bytes() == data
+    assert writers and writers[0] != threading.main_thread().name
+    assert ChunkCache(tmp_path, 1 << 20).get(key) == data
+
+
+@pytest.mark.anyio
+async def test_a_pending_chunk_that_fails_to_write_or_is_evicted_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    cache = ChunkCache(tmp_path, max_bytes=2500, memory_bytes=0)
+    a, b, c = (os.urandom(1000) for _ in range(3))
+    for d in (a, b):
+        cache.begin(_key(d))
+        cache.finish(_key(d), d)
+    monkeypatch.setattr(ChunkCache, "_write_file", staticmethod(lambda k, p, d: False))
+    await cache.write_pending()  # the disk refused both
+    monkeypatch.undo()
+    assert _key(a) not in cache and _key(b) not in cache and cache.total_bytes == 0
+    for d in (a, b, c):  # 3000 bytes over a 2500 limit: a is evicted before it is written
+        cache.begin(_key(d))
+        cache.finish(_key(d), d)
+    assert _key(a) not in cache and cache.get(_key(c)) == c
+    await cache.write_pending()
+    files = sorted(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert files == sorted([b, c]) and cache.total_bytes == 2000
