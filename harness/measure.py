@@ -14,6 +14,9 @@ Order of a run:
    before the workload's first output line. In lazy modes the laziness verdict
    (:mod:`harness.laziness`: podman's storage right after the pull, the registry's log after
    the run) turns a record whose layers did not all come from the store into "fell-back".
+   In ``legacy`` mode (podman), once the run is done and counted, the same image is pulled
+   again, now local, and that pull's seconds and requests recorded apart (``repull_s``,
+   ``repull_requests``): podman's own pull work, the limit model's runtime floor.
 
 Records are appended as they complete (:mod:`harness.records`); a run is resumed by skipping the
 keys already recorded as successful. SIGINT/SIGTERM raise :class:`Interrupted` once (further
@@ -514,6 +517,9 @@ class Runner:
                         f"run: {not_ready_reason(w.ready, w.expected, outcome)}: "
                         f"{outcome.stdout[-200:]!r} {outcome.stderr.strip()[-300:]!r}"
                     )
+                if mode == "legacy":
+                    # Untimed, after the run and its registry log: podman's own pull work.
+                    self._repull(env, ref, w.timeout, registry, rec)
                 layers = layers.with_registry(blobs_served_whole_to_runtime(served))
                 if store is not None and rec.persisted is False and layers.problem is not None:
                     # The runtime lost its layer records (so its storage cannot say where the
@@ -544,6 +550,25 @@ class Runner:
         self._interrupt.check()
         rec.finished = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         return rec
+
+    def _repull(self, env: PodmanEnv, ref: str, timeout: float, registry: Any, rec: Record) -> None:
+        """``podman pull`` of the image just pulled and run, every layer now local: podman's
+        own pull work with no layer to transfer (ping, manifest, config at most), the runtime
+        floor of the limit model (:mod:`harness.limit`). Sets ``repull_s`` and
+        ``repull_requests``; the sample's phases, bytes and requests were taken before. A
+        failure leaves them None and says why: the record stands without them."""
+        try:
+            mark = registry.log_mark()
+            result = env.pull(ref, timeout=timeout)
+            rec.repull_requests = registry.log_mark() - mark
+        except (PodmanError, OSError) as exc:
+            self._interrupt.check()
+            self.console.print(
+                f"  [yellow]re-pull of {escape(rec.workload)}/{rec.mode} (runtime floor, not "
+                f"timed in the sample): {escape(str(exc)[:500])}[/]"
+            )
+            return
+        rec.repull_s = result.seconds
 
     def _keep_timeline(self, events: Path, rec: Record, pull_clock: dict[str, float]) -> None:
         """Turn the stopped store's timeline into ``<run>/timeline/`` (harness.timeline); a

@@ -71,6 +71,11 @@ class Record:
     bytes_before_first_output: int | None = None  # ...by requests done before first output
     requests_before_first_output: int | None = None
     first_output_s: float | None = None  # seconds from `run` start to the first stdout line
+    # legacy (podman) only: `podman pull` of the same image again after the run, every layer
+    # now local — podman's own pull work, the limit model's runtime floor (harness.limit).
+    # Not part of pull/create/run/total or of the bytes and requests above.
+    repull_s: float | None = None
+    repull_requests: int | None = None  # ...the requests the registry served it
     ready: bool | None = None  # the ready line was seen (or the workload exited 0)
     exit_code: int | None = None
     stdout_head: str = ""

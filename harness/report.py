@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 
 from harness.cli import UserError
-from harness.limit import UNAVOIDABLE_ROUND_TRIPS, Limit
+from harness.limit import STORE_ROUND_TRIPS, UNAVOIDABLE_ROUND_TRIPS, Limit
 from harness.podman import write_atomic
 from harness.records import RECORDS, Key, read_environment, read_records, sort_records
 from harness.stats import (
@@ -178,7 +178,31 @@ def limit_line(limit: Limit | str | None) -> str:
         f"limit **{limit.total_s:.2f} s** = {limit.transfer_s:.2f} s transfer "
         f"({limit.compressed_bytes / 1e6:.1f} MB compressed read ÷ {limit.rate_mbit:.1f} Mbit/s) "
         f"+ {limit.rtt_s:.2f} s round trips ({limit.round_trips} × {limit.rtt_ms:.1f} ms) "
-        f"+ {limit.floor_s:.2f} s runtime floor (legacy create + run, median)"
+        f"+ {limit.floor_s:.2f} s runtime floor (legacy {limit.floor_parts}, median)"
+    )
+
+
+def _rtt_and_floor_prose(limits: dict[str, Limit | str]) -> str:
+    """The round-trip and runtime-floor terms of the limit in words, as this run's limits
+    count them (a run recorded before the re-pull keeps its old wording)."""
+    repull = {v.floor_repull for v in limits.values() if isinstance(v, Limit)}
+    if repull == {True}:
+        return (
+            f"{STORE_ROUND_TRIPS} round trips of the store's no lazy pull can avoid × the "
+            "measured RTT + the runtime's own floor (legacy's re-pull of the image already "
+            "local + create + run, median: podman's own pull work and round trips are in "
+            "its re-pull)"
+        )
+    if repull == {True, False}:
+        return (
+            "the round trips no lazy pull can avoid × the measured RTT (the store's "
+            f"{STORE_ROUND_TRIPS} where the floor is legacy's re-pull + create + run, which "
+            f"holds podman's; all {UNAVOIDABLE_ROUND_TRIPS} where it is create + run) + the "
+            "runtime's own floor (with the image local, median)"
+        )
+    return (
+        f"{UNAVOIDABLE_ROUND_TRIPS} round trips no lazy pull can avoid × the measured RTT + "
+        "the runtime's own floor (legacy's create + run with the image local, median)"
     )
 
 
@@ -218,10 +242,9 @@ def limit_section(
         "The limit is the lower bound of a lazy start on the measured link: the compressed "
         "bytes the workload reads (its access trace mapped onto its estargz-noopt image's "
         "TOCs: the chunks covering the byte ranges read, whole files where the trace has no "
-        f"ranges) ÷ the measured bandwidth + {UNAVOIDABLE_ROUND_TRIPS} round trips no lazy "
-        "pull can avoid × the measured RTT + the runtime's own floor (legacy's create + run "
-        "with the image local, median). See harness/limit.py for each term. Target: every "
-        f"lazy mode within {LIMIT_TARGET:g}× the limit.",
+        f"ranges) ÷ the measured bandwidth + {_rtt_and_floor_prose(limits)}. See "
+        "harness/limit.py for each term. Target: every lazy mode within "
+        f"{LIMIT_TARGET:g}× the limit.",
         "",
         "| workload | MB read (compressed) | files (with ranges) | transfer (s) "
         "| round trips (s) | runtime floor (s) | limit (s) | "

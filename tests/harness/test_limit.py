@@ -15,16 +15,20 @@ from harness.cli import UserError
 from harness.images.push import layout_name
 from harness.limit import (
     LIMITS,
+    STORE_ROUND_TRIPS,
     UNAVOIDABLE_ROUND_TRIPS,
+    Floor,
     Limit,
     bytes_read,
     layout_indexes,
     limits_of,
     link_of,
     read_limits,
+    runtime_floor,
     workload_entry,
     write_limits,
 )
+from harness.records import RECORDS, read_records
 from harness.report import write_report
 from harness.stats import records_frame
 from harness.trace import TracedFile, read_cached_trace, write_cached_trace
@@ -165,6 +169,12 @@ def test_limit_arithmetic_and_when_there_is_none() -> None:
     assert limit.transfer_s == pytest.approx(1.0)
     assert limit.rtt_s == pytest.approx(UNAVOIDABLE_ROUND_TRIPS * 0.04)
     assert limit.total_s == pytest.approx(1.5 + UNAVOIDABLE_ROUND_TRIPS * 0.04)
+    assert (limit.round_trips, limit.floor_parts) == (UNAVOIDABLE_ROUND_TRIPS, "create + run")
+    # With podman's re-pull in the floor, only the store's round trips are added.
+    repull = Limit(12_500_000, 100.0, 40.0, 0.9, floor_repull=True)
+    assert (repull.round_trips, STORE_ROUND_TRIPS) == (3, 3)
+    assert repull.total_s == pytest.approx(1.0 + 3 * 0.04 + 0.9)
+    assert repull.floor_parts == "re-pull + create + run"
     assert link_of({"link": WAN}) == (100.0, 40.0)
     assert "loopback" in str(link_of({"link": {"profile": {"name": "loopback"}}}))
     assert isinstance(link_of({}), str)
@@ -189,10 +199,13 @@ def test_report_gives_every_mode_its_distance_to_the_limit(tmp_path: Path) -> No
     floor = 0.5 + 0.2  # legacy create + run in make_run
     total = 1.0 + UNAVOIDABLE_ROUND_TRIPS * 0.04 + floor
     assert f"limit **{total:.2f} s** = 1.00 s transfer" in table
+    # Records from before the re-pull: the model as it was.
+    assert "(7 × 40.0 ms) + 0.70 s runtime floor (legacy create + run, median)" in table
     assert "limit: unavailable (no trace)" in table
     assert "| ÷ limit |" in table
     text = (run / "report.md").read_text()
     assert "## Distance to the limit" in text and "- gcc: no trace" in text
+    assert "+ 7 round trips no lazy pull can avoid × the measured RTT + the runtime's own " in text
     section = text.split("## Distance to the limit")[1]
     python = next(line for line in section.splitlines() if line.startswith("| python |"))
     assert f"**{total:.2f}**" in python and python.endswith("| no |")
@@ -220,6 +233,48 @@ def test_limits_need_a_legacy_floor_and_a_measured_link(tmp_path: Path) -> None:
     assert isinstance(limits_of(entries, env, df, ["python"])["python"], Limit)
     no_legacy = df[df["mode"] != "legacy"]
     assert "legacy" in str(limits_of(entries, env, no_legacy, ["python"])["python"])
+    assert runtime_floor(df.iloc[0:0]) == {}
     loop = {"link": {"profile": {"name": "loopback", "namespace": False}}}
     assert "loopback" in str(limits_of(entries, loop, df, ["python"])["python"])
     assert "limits.json" in str(limits_of(None, env, df, ["python"])["python"])
+
+
+def _with_repulls(run: Path, repulls: dict[str, list[float | None]]) -> None:
+    """Give the legacy records of each workload in ``repulls`` these ``repull_s``, by sample."""
+    lines = []
+    for line in (run / RECORDS).read_text().splitlines():
+        rec = json.loads(line)
+        if rec["mode"] == "legacy" and rec["workload"] in repulls:
+            rec["repull_s"] = repulls[rec["workload"]][rec["sample"]]
+        lines.append(json.dumps(rec))
+    (run / RECORDS).write_text("\n".join(lines) + "\n")
+
+
+def test_a_floor_with_the_repull_counts_only_the_stores_round_trips(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")  # legacy create 0.5 + run 0.2
+    _with_repulls(run, {"python": [0.3, 0.5, 0.4], "gcc": [None, 0.6, None]})
+    floors = runtime_floor(records_frame(read_records(run)))
+    assert floors["python"] == Floor(pytest.approx(0.4 + 0.7), True)
+    assert floors["gcc"] == Floor(pytest.approx(0.6 + 0.7), True)  # samples with one only
+    assert floors["db"] == Floor(pytest.approx(0.7), False)  # none: create + run
+    _with_link(run)
+    entry = {"compressed_bytes": 12_500_000, "files": 3, "files_with_ranges": 3}
+    write_limits(run, {"python": entry, "db": entry})
+    write_report(run, cache_dir=tmp_path / "cache")
+    table = (run / "table.md").read_text()
+    total = 1.0 + STORE_ROUND_TRIPS * 0.04 + 1.1
+    assert (
+        f"limit **{total:.2f} s** = 1.00 s transfer (12.5 MB compressed read ÷ 100.0 Mbit/s) "
+        "+ 0.12 s round trips (3 × 40.0 ms) "
+        "+ 1.10 s runtime floor (legacy re-pull + create + run, median)"
+    ) in table
+    assert "(7 × 40.0 ms) + 0.70 s runtime floor (legacy create + run, median)" in table
+    text = (run / "report.md").read_text()
+    assert "the store's 3 where the floor is legacy's re-pull + create + run" in text
+    header = (run / "summary.csv").read_text().splitlines()[0]
+    assert "repull" not in header  # summary.csv keeps its columns
+
+    write_limits(run, {"db": {"unavailable": "no trace"}})
+    write_report(run, cache_dir=tmp_path / "cache")
+    text = (run / "report.md").read_text()
+    assert "+ 3 round trips of the store's no lazy pull can avoid" in text

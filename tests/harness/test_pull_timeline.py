@@ -241,11 +241,31 @@ def test_a_measurement_keeps_the_timeline_of_sample_0_through_our_store(tmp_path
     assert doc["summary"]["first_request_at"] == pytest.approx(0.37, abs=0.01)
 
 
+def _measure_once(tmp_path, monkeypatch, env, mode, registry, calls, verdict):
+    """One measurement of a one-command workload in ``mode`` through the fake ``env`` class
+    (and the fake store), ``create`` and ``run`` appended to ``calls`` as they happen."""
+    import harness.measure as measure
+
+    def run(*a, **kw) -> RunOutcome:
+        calls.append("run")
+        return RunOutcome(0.5, 0.4, True, 0, "hello from lazybench\n", "")
+
+    monkeypatch.setattr(measure, "StoreProcess", _FakeStore)
+    monkeypatch.setattr(measure, "PodmanEnv", env)
+    monkeypatch.setattr(measure, "storage_verdict", lambda *a: verdict)
+    monkeypatch.setattr(measure, "create_container", lambda *a: calls.append("create") or "c")
+    monkeypatch.setattr(measure, "start_until_ready", run)
+    scenario = parse_scenario(
+        {"samples": 1, "workloads": [{"recipe": "tiny", "command": ["true"]}]}, "s.toml"
+    )
+    runner = measure.Runner(scenario, tmp_path / "run", show_progress=False)
+    runner.images = {("tiny", mode): f"lazybench/tiny:{mode}"}
+    return runner.measure(0, resolve(scenario.workloads[0]), mode, registry, tmp_path / "w")
+
+
 def test_no_podman_process_runs_between_pull_and_create(tmp_path, monkeypatch):
     """The store fetches on in the background after the pull: the checks that start podman
     processes (persistence) come after the run, never in the untimed gap before create."""
-    import harness.measure as measure
-
     calls: list[str] = []
 
     class Env(_FakeEnv):
@@ -257,24 +277,71 @@ def test_no_podman_process_runs_between_pull_and_create(tmp_path, monkeypatch):
             calls.append("check_persistence")
             return super().check_persistence(ref)
 
-    def run(*a, **kw) -> RunOutcome:
-        calls.append("run")
-        return RunOutcome(0.5, 0.4, True, 0, "hello from lazybench\n", "")
-
-    monkeypatch.setattr(measure, "StoreProcess", _FakeStore)
-    monkeypatch.setattr(measure, "PodmanEnv", Env)
-    monkeypatch.setattr(
-        measure, "storage_verdict", lambda *a: Verdict([LayerEvidence("id", L1, True)])
-    )
-    monkeypatch.setattr(measure, "create_container", lambda *a: calls.append("create") or "c")
-    monkeypatch.setattr(measure, "start_until_ready", run)
-    scenario = parse_scenario(
-        {"samples": 1, "workloads": [{"recipe": "tiny", "command": ["true"]}]}, "s.toml"
-    )
-    runner = measure.Runner(scenario, tmp_path / "run", show_progress=False)
-    runner.images = {("tiny", "estargz"): "lazybench/tiny:estargz"}
     registry = SimpleNamespace(host="h:5000", log_mark=lambda: 0, access_log=lambda: [])
-    rec = runner.measure(0, resolve(scenario.workloads[0]), "estargz", registry, tmp_path / "w")
+    verdict = Verdict([LayerEvidence("id", L1, True)])
+    rec = _measure_once(tmp_path, monkeypatch, Env, "estargz", registry, calls, verdict)
     assert rec.status == "ok", rec.error
-    assert calls == ["pull", "create", "run", "check_persistence"]
+    assert calls == ["pull", "create", "run", "check_persistence"]  # no re-pull: legacy only
     assert rec.persisted is True
+
+
+def _legacy_measurement(tmp_path, monkeypatch, repull):
+    """A legacy measurement whose first pull the registry serves two blobs (1 MB) and whose
+    second, re-pull, is ``repull()``; returns (record, podman calls)."""
+    from harness.registry_server import AccessRecord
+
+    calls: list[str] = []
+    log: list[AccessRecord] = []
+
+    def served(n: int, size: int) -> list[AccessRecord]:
+        return [AccessRecord("r", None, "t", "GET", "/v2/", 200, size, "podman")] * n
+
+    class Env(_FakeEnv):
+        def pull(self, ref: str, timeout: float | None = None):
+            calls.append("pull")
+            if calls.count("pull") == 1:
+                log.extend(served(2, 500_000))
+                return super().pull(ref, timeout)
+            return repull(log, served)
+
+    registry = SimpleNamespace(
+        host="h:5000", log_mark=lambda: len(log), access_log=lambda: list(log)
+    )
+    rec = _measure_once(tmp_path, monkeypatch, Env, "legacy", registry, calls, Verdict([]))
+    return rec, calls
+
+
+def test_legacy_pulls_again_after_the_run_untimed_in_the_sample(tmp_path, monkeypatch):
+    def repull(log, served):
+        log.extend(served(3, 1000))  # ping, manifest, config: no layer
+        return PodmanResult([], 0, "", "", 0.37)
+
+    rec, calls = _legacy_measurement(tmp_path, monkeypatch, repull)
+    assert rec.status == "ok", rec.error
+    assert calls == ["pull", "create", "run", "pull"]
+    assert (rec.repull_s, rec.repull_requests) == (0.37, 3)
+    # The sample's own numbers are the first pull's, create and run only.
+    assert (rec.pull_s, rec.run_s) == (PULL_S, 0.5)
+    assert rec.total_s == pytest.approx(rec.pull_s + rec.create_s + rec.run_s)
+    assert (rec.bytes_fetched, rec.requests) == (1_000_000, 2)
+    assert rec.requests_before_first_output == 2
+
+
+def test_a_failed_repull_leaves_the_legacy_record_standing(tmp_path, monkeypatch):
+    from harness.measure import Interrupted
+    from harness.podman import PodmanError
+
+    def fails(log, served):
+        raise PodmanError("`podman pull` exited 125: no such host")
+
+    rec, calls = _legacy_measurement(tmp_path, monkeypatch, fails)
+    assert rec.status == "ok" and rec.error is None
+    assert calls == ["pull", "create", "run", "pull"]
+    assert (rec.repull_s, rec.repull_requests) == (None, None)
+    assert (rec.pull_s, rec.bytes_fetched) == (PULL_S, 1_000_000)
+
+    def interrupted(log, served):
+        raise Interrupted("SIGINT")
+
+    with pytest.raises(Interrupted):
+        _legacy_measurement(tmp_path, monkeypatch, interrupted)

@@ -169,3 +169,16 @@ def test_gate_file_is_checked(tmp_path: Path) -> None:
 def test_report_on_a_non_run_dir_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a run directory"):
         write_report(tmp_path)
+
+
+def test_repull_fields_round_trip_and_records_without_them_still_read(tmp_path: Path) -> None:
+    append_record(tmp_path, Record(0, "w", "legacy", total_s=1.0, repull_s=0.37, repull_requests=3))
+    old = json.loads(Record(1, "w", "legacy", total_s=1.0).to_json())
+    for key in ("repull_s", "repull_requests"):
+        del old[key]  # a record written before the re-pull
+    with (tmp_path / RECORDS).open("a") as f:
+        f.write(json.dumps(old) + "\n")
+    new, before = read_records(tmp_path)
+    assert (new.repull_s, new.repull_requests) == (0.37, 3)
+    assert (before.repull_s, before.repull_requests) == (None, None)
+    assert records_frame([new, before])["repull_s"].isna().tolist() == [False, True]
