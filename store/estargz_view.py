@@ -157,25 +157,44 @@ async def _load_zstd_chunked(
         )
     if on_verified is not None:
         on_verified(None)  # zstd:chunked has no prefetch landmark
-    files = array("q")  # offset, endOffset, size of each file's frames: 24 bytes a file
-
-    def build() -> LayerIndex:
-        entries = estargz.manifest_entries(toc_bytes, layer.position, None, limits)
-        return LayerIndex.from_entries(_tap(entries, files), toc_offset=lo, compression="zstd")
-
     with span(timeline, "parse") as out:
-        view = EstargzLayerView(await trio.to_thread.run_sync(build))
+        index, files = await trio.to_thread.run_sync(
+            zstd_chunked_index, toc_bytes, layer.position, limits
+        )
+        view = EstargzLayerView(index)
         out["entries"] = len(view.index.entries)
     view._zstd_files = files
     return view
 
 
+def zstd_chunked_index(
+    toc_bytes: bytes, position: estargz.ManifestPosition, limits: TocLimits
+) -> tuple[LayerIndex, array]:
+    """The validated index of a verified zstd:chunked TOC, and each regular file's frames
+    (``offset, endOffset, size`` triples, 24 bytes a file). Typed msgspec records when
+    :func:`~store.estargz.zstdchunked.typed_manifest_entries` vouches for the TOC, else the
+    entries one at a time (every error worded). Raises :class:`~store.estargz.InvalidToc`."""
+    files = array("q")
+    records = zstdchunked.typed_manifest_entries(toc_bytes, position, limits)
+    if records is not None:
+        index = LayerIndex.from_entries(records, toc_offset=position.offset, compression="zstd")
+        files.extend(v for frame in zstdchunked.file_frames(records) for v in frame)
+        return index, files
+    entries = estargz.manifest_entries(toc_bytes, position, None, limits)
+    index = LayerIndex.from_entries(
+        _tap(entries, files), toc_offset=position.offset, compression="zstd"
+    )
+    return index, files
+
+
 def _tap(entries: Iterable[dict[str, Any]], files: array) -> Iterator[dict[str, Any]]:
-    """Pass ``entries`` on, noting each file's frames (validated by the index as they pass)."""
+    """Pass ``entries`` on, noting each file's frames once the index took the entry (asking
+    for the next one means it was checked: a hostile ``offset`` of 2.5 is the index's
+    worded :class:`~store.estargz.InvalidToc`, not a ``TypeError`` here)."""
     for e in entries:
+        yield e
         for frame in zstdchunked.file_frames((e,)):
             files.extend(frame)
-        yield e
 
 
 async def measure_tar_size(view: EstargzLayerView, blob: BlobReader) -> int | None:

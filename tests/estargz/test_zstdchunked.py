@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from store import estargz as E
 from store.estargz import zstdchunked as Z
+from tests.estargz.test_properties import _outcome, raw_entries
 
 DATA = Path(__file__).parent / "data"
 SKOPEO = json.loads((DATA / "zstd-chunked-skopeo19.json").read_text())
@@ -322,3 +323,75 @@ def test_writer_refuses_what_no_layer_can_hold_like_the_estargz_writer(generatio
         Z.write_zstd_chunked(io.BytesIO(data), io.BytesIO(), generation=generation)
     with pytest.raises(E.InvalidLayerTar, match="eStargz layer"):
         E.convert(io.BytesIO(data), io.BytesIO())
+
+
+_CHUNK_TYPES = st.sampled_from([None, "", "zeros", "sparse", 3, "ZEROS"])
+
+
+@st.composite
+def _zstd_entries(draw) -> list[dict]:
+    entries = draw(raw_entries())
+    for e in entries:
+        if draw(st.booleans()):
+            e["chunkType"] = draw(_CHUNK_TYPES)
+        if draw(st.booleans()):
+            e["endOffset"] = draw(st.sampled_from([0, 60, 250, 999, 1001, None, -1]))
+    return entries
+
+
+def _zstd_outcome(build) -> object:
+    files: list = []
+
+    def run():
+        index, frames = build()
+        files.extend(frames)
+        return index
+
+    return _outcome(run), files
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=_zstd_entries(), spaced=st.booleans())
+def test_typed_zstd_path_agrees_with_the_entry_at_a_time_path(entries, spaced):
+    """The store's zstd:chunked index (typed msgspec records when it can vouch for the TOC)
+    accepts and refuses what the entry-at-a-time path does, normalizes one-frame files the
+    same way, and notes the same file frames."""
+    from store.estargz.toc import DEFAULT_LIMITS
+    from store.estargz_view import _tap, zstd_chunked_index
+
+    raw = json.dumps(
+        {"version": 1, "entries": entries}, separators=(", ", " : ") if spaced else (",", ":")
+    ).encode()
+    compressed = zstandard.ZstdCompressor().compress(raw)
+    pos = E.ManifestPosition(1000, len(compressed), len(raw))
+    limits = DEFAULT_LIMITS
+
+    def entry_at_a_time():
+        from array import array
+
+        files = array("q")
+        it = Z.manifest_entries(compressed, pos, None, limits)
+        return E.LayerIndex.from_entries(
+            _tap(it, files), toc_offset=1000, compression="zstd"
+        ), files
+
+    store = _zstd_outcome(lambda: zstd_chunked_index(compressed, pos, limits))
+    assert store == _zstd_outcome(entry_at_a_time)
+
+
+def test_typed_zstd_path_is_taken_for_writer_output_and_refused_for_a_bad_chunk_type():
+    entries = [
+        {"type": "reg", "name": "f", "size": 3, "offset": 5, "endOffset": 40,
+         "digest": "sha256:" + "a" * 64},
+        {"type": "reg", "name": "z", "size": 3, "offset": 40, "endOffset": 60, "chunkType": "zeros",
+         "chunkSize": 3, "chunkDigest": "sha256:" + "b" * 64},
+    ]  # fmt: skip
+    compressed, pos = _manifest(entries)
+    records = Z.typed_manifest_entries(compressed, pos)
+    assert records is not None and records[0].chunkDigest == "sha256:" + "a" * 64
+    bad, pos = _manifest([*entries, {"type": "dir", "name": "d", "chunkType": "sparse"}])
+    assert Z.typed_manifest_entries(bad, pos) is None
+    escaped = json.dumps({"version": 1, "entries": entries}).replace("chunkType", "chunk\\u0054ype")
+    raw = escaped.encode()
+    c = zstandard.ZstdCompressor().compress(raw)
+    assert Z.typed_manifest_entries(c, E.ManifestPosition(1000, len(c), len(raw))) is None
