@@ -188,7 +188,7 @@ def _rtt_and_floor_prose(limits: dict[str, Limit | str]) -> str:
     repull = {v.floor_repull for v in limits.values() if isinstance(v, Limit)}
     if repull == {True}:
         return (
-            f"{STORE_ROUND_TRIPS} round trips of the store's no lazy pull can avoid × the "
+            f"the store's {STORE_ROUND_TRIPS} round trips no lazy pull can avoid × the "
             "measured RTT + the runtime's own floor (legacy's re-pull of the image already "
             "local + create + run, median: podman's own pull work and round trips are in "
             "its re-pull)"

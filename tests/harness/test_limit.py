@@ -277,4 +277,4 @@ def test_a_floor_with_the_repull_counts_only_the_stores_round_trips(tmp_path: Pa
     write_limits(run, {"db": {"unavailable": "no trace"}})
     write_report(run, cache_dir=tmp_path / "cache")
     text = (run / "report.md").read_text()
-    assert "+ 3 round trips of the store's no lazy pull can avoid" in text
+    assert "+ the store's 3 round trips no lazy pull can avoid" in text
