@@ -229,15 +229,16 @@ def manifest_entries(
         raise TocDigestMismatch(
             f"{where}: compressed TOC hashes to {digest}, the annotation says {expected_checksum}"
         )
-    footer = Footer(
-        FooterKind.ZSTD_CHUNKED,
-        position.offset,
-        position.length,
-        position.uncompressed_length,
-        0,  # not read from a footer: the annotation's position
-    )
-    pieces = toc_json_pieces(compressed, footer, limits)
+    pieces = toc_json_pieces(compressed, _annotated_footer(position), limits)
     return _normalized(iter_toc_entries(pieces, where, limits))
+
+
+def _annotated_footer(position: ManifestPosition) -> Footer:
+    """The TOC's place as the annotation gives it, in the shape the TOC decoders take (not
+    read from a footer)."""
+    return Footer(
+        FooterKind.ZSTD_CHUNKED, position.offset, position.length, position.uncompressed_length, 0
+    )
 
 
 # A "chunkType" key with a value _normalize accepts. The key spelled plainly (no escapes:
@@ -265,11 +266,8 @@ def typed_manifest_entries(
     """
     if len(compressed) != position.length or position.uncompressed_length > WHOLE_DECODE_MAX:
         return None
-    footer = Footer(
-        FooterKind.ZSTD_CHUNKED, position.offset, position.length, position.uncompressed_length, 0
-    )
     try:
-        data = b"".join(toc_json_pieces(compressed, footer, limits))
+        data = b"".join(toc_json_pieces(compressed, _annotated_footer(position), limits))
     except InvalidToc:
         return None
     if data.count(_CHUNK_TYPE_KEY) != len(_CHUNK_TYPE_OK.findall(data)):
