@@ -15,8 +15,9 @@ when an insertion crosses it, least recently used files are deleted until it fit
 order lives in memory and is rebuilt from file access times at start, so the disk cache
 survives store restarts and layer releases.
 
-In-flight deduplication: :meth:`ChunkCache.get_or_fetch` makes concurrent requests for one
-key share a single fetch; the others wait for its result (or its failure).
+In-flight deduplication: a fetcher claims the chunks it will fetch with :meth:`ChunkCache.begin`
+(a miss) and completes each with :meth:`ChunkCache.finish`; others asking for a claimed chunk
+wait for its result or its failure (:meth:`ChunkCache.wait_inflight`).
 
 Writes off the FUSE thread: a batch fetch completes its claims with :meth:`ChunkCache.finish`,
 which admits the verified bytes at once (served from memory, waiters woken) and leaves the file
@@ -32,7 +33,6 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,37 +257,11 @@ class ChunkCache:
             except OSError as exc:  # a failing cache disk never fails the read that evicts
                 log.warning("chunk cache eviction of %s failed: %s", key, exc)
 
-    async def get_or_fetch(self, key: str, fetch: Callable[[], Awaitable[bytes]]) -> bytes:
-        """Cached bytes, or the result of ``fetch()`` — one fetch per key however many ask."""
-        data = self.get(key)
-        if data is not None:
-            return data
-        flight = self._inflight.get(key)
-        if flight is not None:
-            self.stats.deduplicated += 1
-            await flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            assert flight.data is not None
-            return flight.data
-        self.stats.misses += 1
-        flight = self._inflight[key] = _InFlight()
-        try:
-            data = await fetch()
-            flight.data = data
-            self.put(key, data)
-            return data
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        finally:
-            del self._inflight[key]
-            flight.done.set()
-
     def begin(self, key: str) -> _InFlight | None:
         """Claim ``key`` for a batch fetch; None when someone else is already fetching it."""
         if key in self._inflight:
             return None
+        self.stats.misses += 1
         flight = self._inflight[key] = _InFlight()
         return flight
 

@@ -121,3 +121,14 @@ async def test_a_pending_chunk_that_fails_to_write_or_is_evicted_leaves_nothing(
     await cache.write_pending()
     files = sorted(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert files == sorted([b, c]) and cache.total_bytes == 2000
+
+
+def test_a_claimed_fetch_counts_as_one_miss(tmp_path):
+    """``stargz_store_cache_misses``: one per chunk the store set out to fetch."""
+    cache = ChunkCache(tmp_path, 1 << 20)
+    data = os.urandom(100)
+    assert cache.begin(_key(data)) is not None
+    assert cache.begin(_key(data)) is None  # already on its way: no second fetch, no miss
+    cache.finish(_key(data), data)
+    assert cache.get(_key(data)) == data
+    assert (cache.stats.misses, cache.stats.hits) == (1, 1)
