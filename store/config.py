@@ -49,6 +49,12 @@ Our additions (top level):
                          unaffected, but ``podman save --format oci-archive`` of the image
                          fails ("write too long"; podman 4.3 cannot write any zstd image as
                          a docker-archive anyway). podman ≥ 5.1 never needs it.
+``prefetch_libraries``   when a program's first bytes are read, fetch the shared libraries
+                         ``ld.so`` will load for it (its ``PT_INTERP`` and ``DT_NEEDED``,
+                         transitively, found through the image's layers) side by side, instead
+                         of one round trip after another as the loader opens them (default
+                         true; :mod:`store.libprefetch`). It fetches what a first read of each
+                         library would, no more; nothing counts as read.
 
 Both caps bound the memory one hostile layer can take; a refused layer's lookup answers EIO
 and the store logs one line naming the cause (the runtime then pulls the layer normally).
@@ -108,6 +114,7 @@ class StoreConfig:
     toc_max_bytes: int = 256 << 20
     toc_max_entries: int = 1_000_000
     zstd_measure_diff_size: bool = False
+    prefetch_libraries: bool = True
 
     @property
     def opaque_xattrs(self) -> tuple[bytes, ...]:
@@ -146,6 +153,7 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "toc_max_bytes": ("toc_max_bytes", (int,)),
     "toc_max_entries": ("toc_max_entries", (int,)),
     "zstd_measure_diff_size": ("zstd_measure_diff_size", (bool,)),
+    "prefetch_libraries": ("prefetch_libraries", (bool,)),
 }
 
 # Keys whose value must be one of a few words.

@@ -465,6 +465,8 @@ class StoreFS:
             data = await layer.read_file(found[1], offset, size)
             if self.on_read_range is not None:
                 self.on_read_range(layer, found[1], offset, len(data))
+            if offset == 0 and self.manager.libraries is not None:
+                self.manager.libraries.on_read(found[0].ref, layer, found[1], offset, data)
             return data
         except ChunkVerifyError as exc:
             log.error("refusing unverified data: %s", exc)

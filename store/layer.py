@@ -193,6 +193,25 @@ class Layer:
             if self._active_reads == 0:
                 self._idle.set()
 
+    async def fetch_file(self, node: Node, offset: int, size: int) -> bytes:
+        """The bytes :meth:`read_file` would return, fetched the same way (the read's whole
+        block), but not counted as a read: no access trace, no read statistics, no
+        read-ahead. For the store's own look-ahead (:mod:`store.libprefetch`). Raises as
+        :meth:`read_file` does."""
+        if offset >= node.size or size <= 0:
+            return b""
+        end = min(offset + size, node.size)
+        chunks = self.index.chunks_of(node.entry)
+        plan = self.source.plan_read(chunks, offset, end, node.size)
+        return await self.source.read(plan, offset, end, nursery=self._nursery)
+
+    def in_prefetch_region(self, node: Node) -> bool:
+        """Whether the file starts in the prioritized region before the landmark, which the
+        prefetch brings in (when it runs) in the order a recorded run first read it."""
+        end = self.index.prefetch_end
+        chunks = self.index.chunks_of(node.entry)
+        return bool(end) and bool(chunks) and chunks[0].compressed_offset < end
+
     def _read_ahead(
         self, node: Node, chunks: Sequence[ChunkRef], after: int, offset: int, size: int
     ) -> None:

@@ -61,6 +61,7 @@ from store.estargz import (
 )
 from store.estargz_view import EstargzLayerView, load_layer_index, measure_tar_size
 from store.layer import AheadBlob, BlobReader, Layer
+from store.libprefetch import LibraryPrefetcher
 from store.timeline import Timeline, span
 from store.tree import LayerTree, TreeError
 
@@ -263,12 +264,30 @@ class LayerManager:
     released: list[str] = field(default_factory=list)
     _trim_running: bool = False
     _trim_pending: bool = False
+    # Fetches a starting program's libraries ahead of ld.so (None: prefetch_libraries off).
+    libraries: LibraryPrefetcher | None = None
     # A layer loaded with its image but not looked up within this many seconds is dropped
     # (the runtime had it already, or gave up): its tree and prefetched bytes are not kept.
     early_ttl: float = 120.0
 
     def __post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(max(1, self.config.max_concurrency))
+        if self.config.prefetch_libraries:
+            self.libraries = LibraryPrefetcher(
+                self.image_layers, self.nursery, prefetching=not self.config.noprefetch
+            )
+
+    def image_layers(self, ref: str) -> list[Layer]:
+        """The loaded layers of image ``ref``, topmost first ([] if it is not resolved)."""
+        task = self._images.get(ref)
+        if task is None or not task.done.is_set() or task.value is None:
+            return []
+        out = []
+        for desc in reversed(task.value.layers):
+            state = self._states.get(desc.digest)
+            if state is not None and state.layer is not None and not state.layer.released:
+                out.append(state.layer)
+        return out
 
     # -- validation --------------------------------------------------------------------------
 
