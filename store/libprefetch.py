@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 MAX_FILES = 64  # libraries fetched ahead for one program, its dependencies' included
 DEADLINE = 30.0  # seconds one program's look-ahead may take
 HEAD = 64 << 10  # first bytes of each library fetched (the rest of its block rides along)
-SEEN_MAX = 4096  # programs remembered (per image), so each is looked at once
+SEEN_MAX = 4096  # programs remembered (image, layer, file), so each is looked at once
 LD_SO_CACHE = "etc/ld.so.cache"  # read by ld.so before it searches the directories
 
 
@@ -50,15 +50,15 @@ class LibraryPrefetcher:
     """Watches first reads; starts each ELF program's look-ahead in ``nursery``.
 
     ``layers_of(ref)`` gives the loaded layers of image ``ref``, topmost first (empty if
-    unknown). ``prefetching``: the store prefetches prioritized regions; a library lying in
-    one is left to that prefetch (an optimized image has it in the order the workload reads
-    it). ``on_fetched(count)`` is told how many files a look-ahead fetched (metrics).
+    unknown). ``prefetching``: the store prefetches prioritized regions; a program or
+    library lying in one is left to that prefetch (an optimized image has it in the order
+    the workload reads it). What a look-ahead fetched counts in the layer's fetch
+    statistics like any fetch.
     """
 
     layers_of: Callable[[str], Sequence[Layer]]
     nursery: trio.Nursery
     prefetching: bool = True
-    on_fetched: Callable[[int], None] | None = None
     _seen: OrderedDict[tuple[str, str, int], None] = field(default_factory=OrderedDict)
 
     def on_read(self, ref: str, layer: Layer, node: Node, offset: int, data: bytes) -> None:
@@ -86,28 +86,27 @@ class LibraryPrefetcher:
                     nursery.start_soon(run.program, layer, node, head)
             except Exception as exc:  # a hint only: the reads themselves report errors
                 log.debug("library look-ahead for %s stopped: %s", node.entry.name, exc)
-        if run.fetched:
-            log.debug("library look-ahead for %s: %d files", node.entry.name, len(run.fetched) - 1)
-            if self.on_fetched is not None:
-                self.on_fetched(len(run.fetched) - 1)
+        if len(run.taken) > 1:
+            log.debug("library look-ahead for %s: %d files", node.entry.name, len(run.taken) - 1)
 
 
 @dataclass
 class _Run:
-    """One program's look-ahead: every file it fetched, by (layer position, inode)."""
+    """One program's look-ahead: every file it took up (the program, the libraries it
+    fetched or left to the prefetch), by (layer position, inode)."""
 
     view: MergedView
     layers: list[Layer]
     prefetching: bool = True
     nursery: trio.Nursery | None = None
-    fetched: set[tuple[int, int]] = field(default_factory=set)
+    taken: set[tuple[int, int]] = field(default_factory=set)
     _cache_done: bool = False
 
     async def program(self, layer: Layer, node: Node, head: bytes) -> None:
         if self.prefetching and layer.in_prefetch_region(node):
             return  # an optimized layout: what it loads follows it in the recorded order
         position = next(i for i, x in enumerate(self.layers) if x is layer)
-        self.fetched.add((position, node.index))
+        self.taken.add((position, node.index))
         await self._needs(layer, node, head)
 
     async def _needs(self, layer: Layer, node: Node, head: bytes) -> None:
@@ -131,9 +130,9 @@ class _Run:
             if found is None or not stat.S_ISREG(found.node.mode):
                 continue
             key = (found.layer, found.node.index)
-            if key in self.fetched or len(self.fetched) > MAX_FILES:
+            if key in self.taken or len(self.taken) > MAX_FILES:
                 return
-            self.fetched.add(key)
+            self.taken.add(key)
             assert self.nursery is not None
             self.nursery.start_soon(self._fetch, self.layers[found.layer], found.node, parse)
             return
