@@ -487,6 +487,18 @@ class RegistryClient:
 
         await self._on_endpoints(Reference(registry, "x", "latest"), op)
 
+    async def warm(self, ref: Reference | str, connections: int) -> int:
+        """Open up to ``connections`` connections for ``ref``'s blob range reads ahead of
+        them (:meth:`RangeTransport.warm`), on the first endpoint; how many are open. A
+        no-op (0) without the fast range path."""
+        ref = _ref(ref)
+        eps = self.endpoints(ref.registry)
+        if self._fast is None or not eps or connections <= 0:
+            return 0
+        ep = eps[0]
+        count = min(connections, self._max_connections)
+        return await self._fast.warm(ep.base_url, count, ep.request_timeout)
+
     async def _fetch_manifest(
         self, ref: Reference, reference: str, *, origin_only: bool = False
     ) -> ManifestResult:

@@ -241,6 +241,64 @@ class RangeTransport(httpx.AsyncBaseTransport):
         version = b"HTTP/1.0" if resp.version == 10 else b"HTTP/1.1"
         return status, raw_headers, version, eager
 
+    async def warm(self, url: str, connections: int, timeout: float | None) -> int:
+        """Open up to ``connections`` kept-alive connections to ``url``'s host (TCP, and TLS
+        for ``https://``) without sending a request; returns how many are open afterwards.
+
+        Why no request: a connection is ready after one round trip (two or three with TLS),
+        before the manifest fetched beside it has arrived, so the layer loads that follow
+        the manifest skip their handshakes. A request would keep the connection busy one
+        round trip longer, and the first ranged reads would open new ones meanwhile.
+        Connections already open count; failures are not errors (the real requests report
+        them). urllib3 has no public call to open a pool's connection ahead of a request,
+        so this takes and returns them through the pool's ``_get_conn``/``_put_conn``.
+        """
+        pool = self._pool.connection_from_url(url)
+        # Take them all first (never blocks: the pool does not), so that one connected here
+        # and put back is not taken again as another. Each goes back to the pool once, by
+        # whoever claims it first: its worker thread (after connecting, even when the task
+        # was cancelled and abandoned it) or the cleanup below (a thread that never ran).
+        conns = [pool._get_conn() for _ in range(connections)]
+        claimed = [False] * len(conns)
+        lock = threading.Lock()
+
+        def claim(i: int) -> bool:
+            with lock:
+                first, claimed[i] = not claimed[i], True
+            return first
+
+        def connect(i: int) -> bool:
+            if not claim(i):
+                return False
+            conn = conns[i]
+            try:
+                if not conn.is_connected:
+                    conn.timeout = timeout
+                    conn.connect()
+                return True
+            except (OSError, u3.HTTPError):
+                conn.close()
+                return False
+            finally:
+                pool._put_conn(conn)
+
+        opened = 0
+
+        async def run(i: int) -> None:
+            nonlocal opened
+            ok = await anyio.to_thread.run_sync(connect, i, abandon_on_cancel=True)
+            opened += ok  # not `opened += await ...`: that reads `opened` before the await
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(len(conns)):
+                    tg.start_soon(run, i)
+        finally:
+            for i, conn in enumerate(conns):
+                if claim(i):
+                    pool._put_conn(conn)
+        return opened
+
     async def aclose(self) -> None:
         self._pool.clear()
         await self.fallback.aclose()

@@ -172,3 +172,44 @@ async def test_cancellation_returns_promptly(client_factory) -> None:
             with trio.move_on_after(0.3):
                 await c.get(_url(srv), headers={"Range": "bytes=0-99"})
             assert time.monotonic() - start < 1.0
+
+
+async def test_warm_opens_connections_that_requests_then_reuse() -> None:
+    """``warm`` opens connections without sending anything; the range reads that follow
+    take them (the server sees no new connection), and a refused host is a count of 0."""
+    import anyio
+
+    def script(conn: socket.socket, n: int) -> None:
+        while srv.read_request(conn):
+            conn.sendall(
+                b"HTTP/1.1 206 OK\r\nContent-Range: bytes 0-1/2\r\nContent-Length: 2\r\n\r\nok"
+            )
+
+    transport = RangeTransport(httpx.AsyncHTTPTransport())
+    with CannedServer(script) as srv:
+        async with httpx.AsyncClient(transport=transport, timeout=2.0) as c:
+            assert await transport.warm(f"http://127.0.0.1:{srv.port}", 3, 2.0) == 3
+            for _ in range(50):  # the server thread counts accepted connections
+                if srv.connections == 3:
+                    break
+                time.sleep(0.01)
+            assert (srv.connections, srv.requests) == (3, [])
+            got: list[bytes] = []
+
+            async def read() -> None:
+                got.append((await c.get(_url(srv), headers={"Range": "bytes=0-1"})).content)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(read)
+            assert got == [b"ok"] * 3
+            assert srv.connections == 3 and len(srv.requests) == 3
+            # already open: counted, none opened anew
+            assert await transport.warm(f"http://127.0.0.1:{srv.port}", 2, 2.0) == 2
+            assert srv.connections == 3
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    assert (
+        await RangeTransport(httpx.AsyncHTTPTransport()).warm(f"http://127.0.0.1:{port}", 2, 1.0)
+        == 0
+    )
