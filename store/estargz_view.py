@@ -5,8 +5,9 @@ from_toc_json`, the one TOC → validated index path); this module only decides 
 bytes arrive and which thread does the work:
 
 1. one ranged read of the blob's tail (footer, and the TOC when it fits :data:`TAIL_GUESS`),
-   else one more read of exactly the TOC — refused before fetching when the TOC is larger
-   than the configured ``toc_max_bytes`` allows;
+   else one more read of the rest of the TOC, in pieces on several connections at once
+   (:func:`store.chunks.read_split`) — refused before fetching when the TOC is larger than
+   the configured ``toc_max_bytes`` allows;
 2. in a worker thread, :func:`store.estargz.scan_toc` inflates the TOC in pieces and hashes
    it; a digest other than the manifest annotation's is :class:`TocMismatchError`, so no
    JSON it was not promised is ever decoded. ``on_verified`` then receives the landmark
@@ -17,11 +18,12 @@ bytes arrive and which thread does the work:
    store is answering meanwhile.
 
 zstd:chunked layers written by containers/storage are found through their descriptor's
-annotations instead (:mod:`store.estargz.zstdchunked`): one read of exactly the compressed
-TOC where ``manifest-position`` says, its sha256 checked against ``manifest-checksum`` before
-anything is decompressed, then the same streaming decode into the validated index. Their
-tar's size, which no annotation carries and podman 4.3 needs, is measured from the frames
-between the files, when podman first asks for it (:func:`measure_tar_size`).
+annotations instead (:mod:`store.estargz.zstdchunked`): one read (in pieces, as above) of
+exactly the compressed TOC where ``manifest-position`` says, its sha256 checked against
+``manifest-checksum`` before anything is decompressed, then the same streaming decode into
+the validated index. Their tar's size, which no annotation carries and podman 4.3 needs, is
+measured from the frames between the files, when podman first asks for it
+(:func:`measure_tar_size`).
 
 Every error of the layer's own bytes is an :class:`store.estargz.EstargzError` (or
 :class:`TocError` for a format the store does not serve): the caller refuses the layer.
@@ -36,16 +38,18 @@ from typing import Any
 import trio
 
 from store import estargz
-from store.chunks import BlobReader
+from store.chunks import ONE_WINDOW, BlobReader, read_split, split_spans
 from store.estargz import Chunk, Entry, LayerIndex, TocLimits, landmark_offset_hint, zstdchunked
 from store.estargz.toc import WHOLE_DECODE_MAX
 from store.timeline import BoundTimeline, span
 
-# First read from the blob's end: footer plus small TOCs. Why not the format module's 1 MiB:
-# the layers of an image are loaded at once over one link, and real TOCs are 4-470 KB, so a
-# 1 MiB guess spent ~4-5 MB of a 100 Mbit/s link per image (gcc: 5.2 MB read for 1.2 MB of
-# TOC) — more than the one extra round trip a large TOC now costs.
-TAIL_GUESS = 64 << 10
+# First read from the blob's end: the footer, and TOCs that small. One TCP window: on a new
+# connection anything longer costs another round trip before the footer is known (64 KiB took
+# three), and only then can the rest of a larger TOC be asked for. Why not the format
+# module's 1 MiB: the layers of an image are loaded at once over one link, and real TOCs are
+# 4-470 KB, so a 1 MiB guess spent ~4-5 MB of a 100 Mbit/s link per image (gcc: 5.2 MB read
+# for 1.2 MB of TOC).
+TAIL_GUESS = ONE_WINDOW
 
 # A gzip TOC member is its JSON plus tar headers and a few bytes of framing; incompressible
 # JSON grows a little under deflate. A compressed TOC longer than the JSON cap plus this is
@@ -97,12 +101,15 @@ async def load_layer_index(
             f"TOC bytes ({limits.max_bytes}, store config toc_max_bytes)"
         )
     toc_bytes = estargz.toc_bytes_from_tail(tail, blob.size, footer)
-    del tail
-    if toc_bytes is None:
-        with span(timeline, "toc_fetch", bytes=hi - lo, requests=1):
-            (toc_bytes,) = await blob.read_ranges([(lo, hi)])
+    if toc_bytes is None:  # the TOC starts before the tail: read the rest, keep the tail's part
+        tail_start = blob.size - len(tail)
+        with span(
+            timeline, "toc_fetch", bytes=tail_start - lo, requests=len(split_spans(lo, tail_start))
+        ):
+            toc_bytes = await read_split(blob, lo, tail_start) + tail[: max(0, hi - tail_start)]
     elif timeline is not None:  # it came with the footer: the same span, no request of its own
         timeline.event("toc_fetch", bytes=len(toc_bytes), requests=0, in_tail=True)
+    del tail
     where = f"TOC at offset {footer.toc_offset}"
     with span(timeline, "verify"):
         scan = await trio.to_thread.run_sync(
@@ -147,8 +154,8 @@ async def _load_zstd_chunked(
             f"{where}: {hi - lo} bytes ({layer.position.uncompressed_length} uncompressed), "
             f"over the limit on TOC bytes ({limits.max_bytes}, store config toc_max_bytes)"
         )
-    with span(timeline, "toc_fetch", bytes=hi - lo, requests=1):
-        (toc_bytes,) = await blob.read_ranges([(lo, hi)])
+    with span(timeline, "toc_fetch", bytes=hi - lo, requests=len(split_spans(lo, hi))):
+        toc_bytes = await read_split(blob, lo, hi)
     with span(timeline, "verify"):
         digest = await trio.to_thread.run_sync(estargz.manifest_checksum, toc_bytes)
     if digest != toc_digest:

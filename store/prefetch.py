@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from store.chunks import BlobReader, ChunkRef, ChunkSource, Download, LayerFetchError
+from store.chunks import ONE_WINDOW, BlobReader, ChunkRef, ChunkSource, Download, LayerFetchError
 from store.estargz.head import HeadHint, head_hint
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ PREFETCH_STREAMS = 3  # prefetch requests in flight per layer
 # Before the TOC: the head probe (the first tar headers), then a region guessed from it,
 # fetched one growing piece at a time: 256 KiB, 512 KiB, 1 MiB, 2 MiB (at most the last one
 # is wasted when the TOC says the region ends sooner).
-HEAD_PROBE = 12 << 10  # one TCP initial window (10 segments)
+HEAD_PROBE = ONE_WINDOW  # one round trip on a new connection
 SPECULATE_FIRST = 256 << 10
 SPECULATE_BYTES = 4 << 20
 BACKGROUND_BATCH = 4 << 20  # compressed bytes per background request
