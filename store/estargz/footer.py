@@ -36,6 +36,15 @@ TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENTS = b"\x0f"
+# The ``.prefetch.landmark`` TOC entry's key for the byte ranges of the prioritized region
+# worth prefetching: a flat JSON list ``[start, end, start, end, …]`` of compressed blob
+# offsets, ascending and not overlapping. This project's extension (the Go reader ignores
+# unknown keys, as every ``encoding/json`` decoder does): written when the access trace shows
+# files read in part, whose unread chunks a whole-region prefetch would fetch for nothing.
+PREFETCH_RANGES_KEY = "lazybench.prefetchRanges"
+# At most this many ranges (a longer list is ignored: the whole region is prefetched). The
+# writer joins the nearest to stay within it; the landmark entry stays a few KiB of TOC text.
+MAX_PREFETCH_RANGES = 1024
 # Tail bytes fetched in one go: enough for the TOC of most layers (a compressed TOC is
 # ~25 bytes per entry), so footer and TOC usually come in a single read.
 DEFAULT_TAIL_FETCH = 1 << 20

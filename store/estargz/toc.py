@@ -18,6 +18,7 @@ falls back to the entry-by-entry decoder for anything it does not vouch for.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import hashlib
 import io
@@ -26,14 +27,20 @@ import json
 import re
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
 
 from .errors import InvalidToc, TocDigestMismatch
-from .footer import PREFETCH_LANDMARK, TOC_TAR_NAME, Footer
+from .footer import (
+    MAX_PREFETCH_RANGES,
+    PREFETCH_LANDMARK,
+    PREFETCH_RANGES_KEY,
+    TOC_TAR_NAME,
+    Footer,
+)
 
 # Hard ceiling on a TOC, uncompressed, whatever the limits say (a decompression bomb).
 MAX_TOC_SIZE = 1 << 30
@@ -125,6 +132,9 @@ class TocScan:
     json_size: int
     landmark_offset: int | None  # the ``.prefetch.landmark`` entry's offset: a hint only
     json: bytes | None = None  # the whole JSON, when asked for and not over ``keep`` bytes
+    # The landmark entry's ``PREFETCH_RANGES_KEY``: ``[start, end)`` blob ranges before the
+    # landmark worth prefetching (None: the whole region). A hint only, as the offset is.
+    prefetch_ranges: tuple[tuple[int, int], ...] | None = None
 
 
 def toc_digest(toc_json: bytes) -> str:
@@ -180,6 +190,7 @@ def scan_toc(
     hint: int | None = None
     carry = b""
     names = 0  # "name" keys: at least the entry count (a string can add, never hide one)
+    ranges: tuple[tuple[int, int], ...] | None = None
     kept: list[bytes] | None = [] if keep else None
     for piece in toc_json_pieces(data, footer, limits):
         h.update(piece)
@@ -196,10 +207,10 @@ def scan_toc(
                 "(the limit on TOC entries)"
             )
         if hint is None:
-            hint = landmark_offset_hint(window)
+            hint, ranges = landmark_hint(window)
         carry = window[-(64 << 10) :]
     json = b"".join(kept) if kept is not None else None
-    return TocScan("sha256:" + h.hexdigest(), size, hint, json)
+    return TocScan("sha256:" + h.hexdigest(), size, hint, json, ranges if hint else None)
 
 
 _LANDMARK_ENTRY = re.compile(
@@ -210,6 +221,11 @@ _LANDMARK_NAME = re.compile(rb'"(?:\./)?' + re.escape(PREFETCH_LANDMARK.encode()
 _OFFSET_FIELD = re.compile(rb'"offset"\s*:\s*(\d+)')
 
 
+_RANGES_FIELD = re.compile(
+    rb'"' + re.escape(PREFETCH_RANGES_KEY.encode()) + rb'"\s*:\s*\[([0-9,\s]*)\]', re.ASCII
+)
+
+
 def landmark_offset_hint(raw: bytes) -> int | None:
     """The ``.prefetch.landmark`` entry's offset, found in TOC JSON text without decoding it.
 
@@ -217,6 +233,13 @@ def landmark_offset_hint(raw: bytes) -> int | None:
     what is prefetched, and every chunk is verified before it is served, so a wrong hint
     costs bytes, never correctness.
     """
+    return landmark_hint(raw)[0]
+
+
+def landmark_hint(raw: bytes) -> tuple[int | None, tuple[tuple[int, int], ...] | None]:
+    """The ``.prefetch.landmark`` entry's offset and its :data:`~.footer.PREFETCH_RANGES_KEY`
+    ranges (:func:`prefetch_ranges`), found in TOC JSON text without decoding it; ``(None,
+    None)`` when no landmark entry is in ``raw``. Hints only (:func:`landmark_offset_hint`)."""
     for name in _LANDMARK_NAME.finditer(raw):  # a literal search first: fast on big TOCs
         lo = raw.rfind(b"{", 0, name.start())
         hi = raw.find(b"}", name.end())
@@ -224,9 +247,52 @@ def landmark_offset_hint(raw: bytes) -> int | None:
             continue
         found = _LANDMARK_ENTRY.fullmatch(raw, lo, hi + 1)
         if found is not None:
-            offset = _OFFSET_FIELD.search(found.group(0))
-            return int(offset.group(1)) if offset is not None else None
-    return None
+            offset_field = _OFFSET_FIELD.search(found.group(0))
+            if offset_field is None:
+                return None, None
+            offset = int(offset_field.group(1))
+            listed = _RANGES_FIELD.search(found.group(0))
+            if listed is None:
+                return offset, None
+            try:
+                flat = [int(v) for v in listed.group(1).split(b",") if v.strip()]
+            except ValueError:
+                return offset, None
+            return offset, prefetch_ranges(flat, offset)
+    return None, None
+
+
+def touches(ranges: Sequence[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether ascending, non-overlapping ``[start, end)`` ``ranges`` hold a byte of
+    ``[lo, hi)`` (a bisection: ``O(log n)``)."""
+    i = bisect.bisect_right(ranges, (lo, float("inf"))) - 1
+    if i >= 0 and ranges[i][1] > lo:
+        return True
+    return i + 1 < len(ranges) and ranges[i + 1][0] < hi
+
+
+def prefetch_ranges(flat: list[int], end: int) -> tuple[tuple[int, int], ...] | None:
+    """``[start, end, start, end, …]`` as ``(start, end)`` pairs, touching ones joined, each
+    cut at ``end`` (the landmark's offset); None (prefetch the whole region) unless the list
+    is pairs of ascending, non-empty, non-overlapping ranges, at most
+    :data:`~.footer.MAX_PREFETCH_RANGES` of them — a malformed hint costs bytes (and a
+    bounded number of requests), nothing else.
+    """
+    if len(flat) % 2 or len(flat) > 2 * MAX_PREFETCH_RANGES:
+        return None
+    out: list[tuple[int, int]] = []
+    prev = 0
+    for lo, hi in zip(flat[::2], flat[1::2], strict=True):
+        if not prev <= lo < hi:
+            return None
+        prev = hi
+        if lo >= end:
+            continue
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], min(hi, end))
+        else:
+            out.append((lo, min(hi, end)))
+    return tuple(out)
 
 
 # -- the container: gzip member + tar entry, or a zstd frame ------------------------------

@@ -7,6 +7,11 @@ Layout follows the Go writer (containerd/stargz-snapshotter ``estargz.Writer``/`
 * prioritized files (and their parent directories, and hardlink targets) come first, then
   ``.prefetch.landmark``; with no prioritized files ``.no.prefetch.landmark`` comes first.
   Landmarks hold one byte ``0x0f``; landmarks or a TOC already in the input are dropped;
+* chunk-level prioritization (``read_ranges``, from an access trace): a prioritized file the
+  workload read only in part is cut into :data:`RANGE_CHUNK_SIZE` chunks, and the
+  ``.prefetch.landmark`` TOC entry lists the blob ranges of the chunks that were read
+  (:data:`~.footer.PREFETCH_RANGES_KEY`), so a prefetch can skip the rest of the region.
+  Readers that do not know the key prefetch the whole region, as before;
 * TOC entries carry ``digest`` (sha256 of the whole file) and ``chunkDigest`` (sha256 of the
   chunk's bytes); the reg entry doubles as its first chunk; ``chunkSize`` is written for
   every chunk except a trailing partial one;
@@ -39,7 +44,7 @@ import os
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,15 +60,21 @@ except ImportError:  # pragma: no cover - zlib-ng is a dependency; stdlib zlib s
     _deflate = zlib  # type: ignore[no-redef]
 from .footer import (
     LANDMARK_CONTENTS,
+    MAX_PREFETCH_RANGES,
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
+    PREFETCH_RANGES_KEY,
     TOC_TAR_NAME,
     estargz_footer_bytes,
 )
 from .index import LayerIndex, clean_name, parent_dir
-from .toc import encode_toc, iter_toc_entries, toc_digest
+from .toc import encode_toc, iter_toc_entries, toc_digest, touches
 
 DEFAULT_CHUNK_SIZE = 4 << 20
+# Chunks of a prioritized file read only in part: what a prefetch of the chunks read fetches
+# beyond the bytes read is at most one chunk per range end. 64 KiB: readers take 4-128 KiB at
+# a time (pages, the kernel's read-ahead), and each chunk costs a TOC entry (~150 bytes).
+RANGE_CHUNK_SIZE = 64 << 10
 DEFAULT_LEVEL = 9  # the Go library's default (gzip.BestCompression)
 BATCH_BYTES = 1 << 20  # small members are compressed in batches of about this size
 XATTR_PREFIX = "SCHILY.xattr."
@@ -104,17 +115,24 @@ def convert(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     level: int = DEFAULT_LEVEL,
     prioritized_files: Iterable[str] = (),
+    read_ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    range_chunk_size: int = RANGE_CHUNK_SIZE,
     workers: int | None = None,
 ) -> ConvertResult:
     """Write the eStargz form of the layer tar read from ``tar_in`` to ``out``.
+
+    ``read_ranges`` maps a prioritized file's path to the ``[start, end)`` byte ranges of it
+    a workload read (an access trace; a file not in it counts as read whole): a file read in
+    part is chunked at ``range_chunk_size`` bytes, and the landmark's TOC entry names the
+    chunks read (module doc).
 
     Raises :class:`InvalidLayerTar` if the input is not a readable tar, has a tar entry type
     eStargz cannot carry, or holds what no layer can (checked at the end with the reader's
     rules, :meth:`LayerIndex.from_entries`; ``out`` then holds an unfinished blob). ``out``
     only needs ``write``.
     """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk size must be positive, got {chunk_size}")
+    if chunk_size <= 0 or range_chunk_size <= 0:
+        raise ValueError(f"chunk sizes must be positive, got {chunk_size}, {range_chunk_size}")
     if not 0 <= level <= 9:
         raise ValueError(f"gzip level must be 0..9, got {level}")
     prioritized = [p for p in prioritized_files if clean_name(p)]
@@ -125,6 +143,8 @@ def convert(
         try:
             if not prioritized:
                 w.add_landmark(NO_PREFETCH_LANDMARK)
+            else:
+                w.start_region(read_ranges or {}, range_chunk_size)
             with _seekable(plain) as spool:
                 for item in _ordered(spool, prioritized):
                     w.add(*item)
@@ -458,12 +478,30 @@ class _LayerWriter:
         self.fixups: list[tuple[dict[str, Any], int]] = []
         self.unames: dict[int, str] = {}
         self.gnames: dict[int, str] = {}
+        # The prioritized region, while it is written: each payload member's index and
+        # whether a chunk the trace read starts it; then the landmark's TOC entry.
+        self.region: list[tuple[int, bool]] | None = None
+        self.read_ranges: dict[str, list[tuple[int, int]]] = {}
+        self.range_chunk_size = chunk_size
+        self.landmark_entry: dict[str, Any] | None = None
+
+    def start_region(
+        self, read_ranges: Mapping[str, Sequence[tuple[int, int]]], range_chunk_size: int
+    ) -> None:
+        """The prioritized files come next, until the prefetch landmark: note their chunks."""
+        self.region = []
+        self.read_ranges = {clean_name(k): _merged(v) for k, v in read_ranges.items()}
+        self.range_chunk_size = range_chunk_size
 
     def add_landmark(self, name: str) -> None:
         ti = tarfile.TarInfo(name)
         ti.size, ti.mode, ti.mtime = len(LANDMARK_CONTENTS), 0, 0
         ti.uname = ti.gname = ""
+        region, self.region = self.region, None
         self.add(ti, _BytesReader(LANDMARK_CONTENTS))
+        self.region = region
+        if name == PREFETCH_LANDMARK:
+            self.landmark_entry = self.entries[-1]
 
     def add(self, ti: tarfile.TarInfo | None, payload: _Reader | _BytesReader | None) -> None:
         if ti is None:
@@ -483,11 +521,19 @@ class _LayerWriter:
             entry["digest"] = "sha256:" + hashlib.sha256(b"").hexdigest()
             return
         assert payload is not None
-        whole = hashlib.sha256() if ti.size > self.chunk_size else None
+        chunk_size = self.chunk_size
+        read: list[tuple[int, int]] | None = None  # None: read whole (or not prioritized)
+        if self.region is not None and self.landmark_entry is None:
+            read = self.read_ranges.get(clean_name(ti.name))
+            if read is not None and _covers(read, ti.size):
+                read = None
+            if read is not None:
+                chunk_size = self.range_chunk_size
+        whole = hashlib.sha256() if ti.size > chunk_size else None
         done = 0
         chunk_entry = entry
         while done < ti.size:
-            n = min(self.chunk_size, ti.size - done)
+            n = min(chunk_size, ti.size - done)
             data = payload.read(n)
             if whole is not None:
                 whole.update(data)
@@ -495,10 +541,12 @@ class _LayerWriter:
                 entry["digest"] = None  # the chunk digest, filled in at the end
             if chunk_entry is not entry:
                 chunk_entry["chunkOffset"] = done
-            if n == self.chunk_size:
+            if n == chunk_size:
                 chunk_entry["chunkSize"] = n
             idx = self.m.start_payload_member(data)
             self.fixups.append((chunk_entry, idx))
+            if self.region is not None and self.landmark_entry is None:
+                self.region.append((idx, read is None or touches(read, done, done + n)))
             done += n
             if done < ti.size:
                 chunk_entry = {"name": ti.name, "type": "chunk"}
@@ -555,6 +603,16 @@ class _LayerWriter:
             if entry.get("digest", "") is None:
                 entry["digest"] = self.m.chunk_digests[idx]
         toc_offset = self.m.written
+        region = self.region
+        if self.landmark_entry is not None and region and not all(w for _, w in region):
+            offsets = self.m.offsets
+            spans = [
+                (offsets[i], offsets[i + 1] if i + 1 < len(offsets) else toc_offset)
+                for i, wanted in region
+                if wanted
+            ]
+            flat = [v for span in _joined(spans, MAX_PREFETCH_RANGES) for v in span]
+            self.landmark_entry[PREFETCH_RANGES_KEY] = flat
         for e in self.entries:
             if e.get("type") == "chunk":
                 # Go's field order: name, type, offset, chunkOffset, chunkSize, chunkDigest
@@ -618,3 +676,43 @@ def _name_if_changed(seen: dict[int, str], ident: int, name: str) -> str:
 
 def _rfc3339(mtime: float) -> str:
     return datetime.fromtimestamp(round(mtime), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges sorted, empty ones dropped, overlapping or touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted((max(0, int(a)), int(b)) for a, b in ranges):
+        if hi <= lo:
+            continue
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _covers(ranges: list[tuple[int, int]], size: int) -> bool:
+    """Whether merged ``ranges`` hold all of ``[0, size)``."""
+    return bool(ranges) and ranges[0][0] <= 0 and ranges[0][1] >= size
+
+
+def _joined(spans: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
+    """Ascending ``[start, end)`` spans with touching ones joined, then the nearest joined
+    across their gaps until at most ``most`` remain."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in spans:
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    if len(out) > most:
+        gaps = sorted(out[i + 1][0] - out[i][1] for i in range(len(out) - 1))
+        cut = gaps[len(out) - most - 1]  # joining every gap up to this leaves at most `most`
+        joined: list[tuple[int, int]] = [out[0]]
+        for lo, hi in out[1:]:
+            if lo - joined[-1][1] <= cut:
+                joined[-1] = (joined[-1][0], hi)
+            else:
+                joined.append((lo, hi))
+        out = joined
+    return out
