@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import trio
 
 from store.cache import ChunkCache
-from store.estargz import Chunk
+from store.estargz import Chunk, touches
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ class LayerIndexView(Protocol):
 
     @property
     def prefetch_end(self) -> int | None: ...
+
+    # ``[start, end)`` blob ranges before ``prefetch_end`` worth prefetching (None: all).
+    prefetch_ranges: tuple[tuple[int, int], ...] | None
 
 
 class BlobReader(Protocol):
@@ -194,6 +197,20 @@ class ChunkSource:
         """Neither cached nor being fetched by anyone."""
         return chunk.digest not in self.cache and not self.cache.is_inflight(chunk.digest)
 
+    def off_trace(self, chunk: ChunkRef) -> bool:
+        """Whether ``chunk`` is in the prioritized region but in none of its prefetch ranges
+        (:attr:`LayerIndexView.prefetch_ranges`): the recorded run did not read it, so no
+        rider or read-ahead takes it along (a read of its own bytes still fetches it)."""
+        ranges = self.index.prefetch_ranges
+        if ranges is None:
+            return False
+        end = self.index.prefetch_end
+        return (
+            bool(end)
+            and chunk.compressed_end <= end  # type: ignore[operator]
+            and not touches(ranges, chunk.compressed_offset, chunk.compressed_end)
+        )
+
     def claim(self, chunks: Iterable[ChunkRef]) -> list[ChunkRef]:
         """Those of ``chunks`` that are neither cached nor claimed, now claimed by the caller,
         who must fetch them (:meth:`fetch`, or :meth:`download` then :meth:`deliver`) or
@@ -224,7 +241,7 @@ class ChunkSource:
                 continue
             if c.file_offset < end and c.file_offset + c.size > offset:
                 wanted.append(c)
-            elif self.is_missing(c):
+            elif self.is_missing(c) and not self.off_trace(c):
                 riders.append(c)
         return ReadPlan(wanted, riders, after)
 

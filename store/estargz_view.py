@@ -11,7 +11,8 @@ bytes arrive and which thread does the work:
 2. in a worker thread, :func:`store.estargz.scan_toc` inflates the TOC in pieces and hashes
    it; a digest other than the manifest annotation's is :class:`TocMismatchError`, so no
    JSON it was not promised is ever decoded. ``on_verified`` then receives the landmark
-   hint, to start the prefetch download while
+   hint (its offset, and the ranges before it worth prefetching), to start the prefetch
+   download while
 3. a worker thread builds the validated index from the TOC (decoded whole into typed
    records by msgspec when it is small enough, else one entry at a time); a big TOC costs
    ~70 ms of CPU per 10,000 entries, which would otherwise stall every FUSE request the
@@ -65,11 +66,14 @@ class TocError(estargz.EstargzError):
 
 TocMismatchError = estargz.TocDigestMismatch
 
+# ``[start, end)`` compressed blob ranges before the landmark to prefetch; None: all of them.
+PrefetchRanges = tuple[tuple[int, int], ...] | None
+
 
 async def load_layer_index(
     blob: BlobReader,
     toc_digest: str,
-    on_verified: Callable[[int | None], None] | None = None,
+    on_verified: Callable[[int | None, PrefetchRanges], None] | None = None,
     limits: TocLimits = estargz.DEFAULT_LIMITS,
     zstd_chunked: estargz.ZstdChunkedLayer | None = None,
     timeline: BoundTimeline | None = None,
@@ -79,10 +83,13 @@ async def load_layer_index(
     Raises :class:`TocMismatchError` (digest), :class:`TocError` (footer) or another
     :class:`store.estargz.EstargzError` naming the bad entry; the layer is then refused.
     ``on_verified`` is called (in the trio thread) with the ``.prefetch.landmark`` offset
-    hint of the verified TOC before the index is built. With ``zstd_chunked`` (the layer's
-    annotations) the TOC is read where they say and ``toc_digest`` is its manifest checksum
-    (sha256 of the compressed TOC); the footer is not read. ``timeline`` (the layer's view of
-    :class:`store.timeline.Timeline`) receives the footer, toc_fetch, verify and parse spans.
+    hint of the verified TOC and its prefetch ranges (:attr:`TocScan.prefetch_ranges
+    <store.estargz.TocScan.prefetch_ranges>`; None: the whole region) before the index is
+    built; the view keeps the ranges (:attr:`EstargzLayerView.prefetch_ranges`). With
+    ``zstd_chunked`` (the layer's annotations) the TOC is read where they say and
+    ``toc_digest`` is its manifest checksum (sha256 of the compressed TOC); the footer is not
+    read. ``timeline`` (the layer's view of :class:`store.timeline.Timeline`) receives the
+    footer, toc_fetch, verify and parse spans.
     """
     if zstd_chunked is not None:
         return await _load_zstd_chunked(
@@ -120,7 +127,7 @@ async def load_layer_index(
             f"{where}: digest {scan.digest} does not match the expected {toc_digest}"
         )
     if on_verified is not None:
-        on_verified(scan.landmark_offset)
+        on_verified(scan.landmark_offset, scan.prefetch_ranges)
 
     def build() -> LayerIndex:
         # Inflated once: the scan kept a TOC small enough to be decoded whole.
@@ -134,13 +141,14 @@ async def load_layer_index(
     with span(timeline, "parse") as out:
         view = EstargzLayerView(await trio.to_thread.run_sync(build))
         out["entries"] = len(view.index.entries)
+    view.prefetch_ranges = scan.prefetch_ranges
     return view
 
 
 async def _load_zstd_chunked(
     blob: BlobReader,
     toc_digest: str,
-    on_verified: Callable[[int | None], None] | None,
+    on_verified: Callable[[int | None, PrefetchRanges], None] | None,
     limits: TocLimits,
     layer: estargz.ZstdChunkedLayer,
     timeline: BoundTimeline | None = None,
@@ -163,7 +171,7 @@ async def _load_zstd_chunked(
             f"{where}: compressed TOC hashes to {digest}, the annotation says {toc_digest}"
         )
     if on_verified is not None:
-        on_verified(None)  # zstd:chunked has no prefetch landmark
+        on_verified(None, None)  # zstd:chunked has no prefetch landmark
     with span(timeline, "parse") as out:
         index, files = await trio.to_thread.run_sync(
             zstd_chunked_index, toc_bytes, layer.position, limits
@@ -242,6 +250,9 @@ class EstargzLayerView:
         # frames noted while the TOC was read (:func:`measure_tar_size`).
         self.uncompressed_size: int | None = None
         self._zstd_files: array | None = None
+        # The landmark's prefetch ranges (the TOC scan's hint): the prefetch takes only the
+        # region's chunks that touch them; None: the whole region.
+        self.prefetch_ranges: PrefetchRanges = None
 
     def chunks_of(self, entry: Entry) -> Sequence[Chunk]:
         return entry.chunks

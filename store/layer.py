@@ -6,9 +6,11 @@ it; the layer decides *when* to fetch what, in three parts with small interfaces
 - :class:`~store.chunks.ChunkSource` (``layer.source``): chunk bytes fetched through the blob
   reader, each verified against its ``chunkDigest`` before it enters the cache or reaches a
   reader (a mismatch raises :class:`ChunkVerifyError`, which the FUSE layer turns into EIO),
-  concurrent fetches of one chunk shared, a read's whole :data:`READ_BLOCK` riding along;
+  concurrent fetches of one chunk shared, a read's whole :data:`READ_BLOCK` riding along
+  (not the region's chunks the TOC's prefetch ranges leave out: the recorded run skipped them);
 - :class:`~store.prefetch.Prefetcher` (``layer.prefetcher``): the region before
-  ``.prefetch.landmark`` in pieces as soon as the image is known, then the rest of the layer
+  ``.prefetch.landmark`` (or its prefetch ranges) in pieces as soon as the image is known,
+  then the rest of the layer
   in the background, yielding to on-demand reads;
 - :class:`Layer` itself: file reads with a per-file read-ahead window that grows while the
   reader reads on sequentially (fetched beside the read, in one exact range), raw blob reads,
@@ -207,10 +209,13 @@ class Layer:
 
     def in_prefetch_region(self, node: Node) -> bool:
         """Whether the file starts in the prioritized region before the landmark, which the
-        prefetch brings in (when it runs) in the order a recorded run first read it."""
+        prefetch brings in (when it runs) in the order a recorded run first read it — with
+        prefetch ranges, whether its first chunk is in one (the run read its head)."""
         end = self.index.prefetch_end
         chunks = self.index.chunks_of(node.entry)
-        return bool(end) and bool(chunks) and chunks[0].compressed_offset < end
+        if not end or not chunks or chunks[0].compressed_offset >= end:
+            return False
+        return not self.source.off_trace(chunks[0])
 
     def _read_ahead(
         self, node: Node, chunks: Sequence[ChunkRef], after: int, offset: int, size: int
@@ -235,7 +240,7 @@ class Layer:
         for c in chunks[after:]:
             if c.file_offset >= horizon:
                 break
-            if not self.source.is_missing(c):
+            if not self.source.is_missing(c) or self.source.off_trace(c):
                 if ahead:  # one contiguous run: one exact range
                     break
                 continue

@@ -12,6 +12,11 @@ pieces bring that region in ahead of the reads:
   :class:`~store.chunks.ChunkSource` in pieces of :data:`PREFETCH_PIECE` compressed bytes,
   :data:`PREFETCH_STREAMS` requests at a time, then (if asked) fetches the rest of the layer
   in :data:`BACKGROUND_BATCH` batches, each only while no on-demand read is waiting.
+
+When the landmark's TOC entry lists the region's ranges worth prefetching
+(:data:`store.estargz.PREFETCH_RANGES_KEY`: the chunks an access trace saw read, of files
+read in part), both take only those: the chunks that touch a range. The rest of the region
+is read on demand, as the rest of the layer is.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ from dataclasses import dataclass, field
 
 import trio
 
-from store.chunks import ONE_WINDOW, BlobReader, ChunkRef, ChunkSource, Download, LayerFetchError
+from store.chunks import (
+    ONE_WINDOW,
+    BlobReader,
+    ChunkRef,
+    ChunkSource,
+    Download,
+    LayerFetchError,
+)
+from store.estargz import touches
 from store.estargz.head import HeadHint, head_hint
 
 log = logging.getLogger(__name__)
@@ -131,8 +144,14 @@ class AheadBlob:
                 await self._fetch(region, i)
                 lo, step = hi, step * 2
 
-    def start(self, end: int | None, nursery: trio.Nursery) -> None:
-        """Download ``[0, end)``, ``end`` the TOC's landmark offset (once; ``None`` or 0:
+    def start(
+        self,
+        end: int | None,
+        nursery: trio.Nursery,
+        ranges: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        """Download ``[0, end)``, ``end`` the TOC's landmark offset — only the parts in
+        ``ranges`` (ascending ``[start, end)`` blob ranges) when given (once; ``None`` or 0:
         nothing to do, and a speculative download stops)."""
         if self._started:
             return
@@ -143,6 +162,9 @@ class AheadBlob:
                 self.drop()
             return
         end = min(end, self.blob.size)
+        wanted = [(0, end)]
+        if ranges is not None:
+            wanted = [(lo, min(hi, end)) for lo, hi in ranges if lo < end]
         if region is None:
             region = self._region = _Region(end=0)
         else:  # a speculative start: pieces past the end are not needed
@@ -152,8 +174,9 @@ class AheadBlob:
                     region.done[i].set()
         covered = region.pieces[-1][1] if region.pieces else 0
         region.final = True
-        if covered < end:
-            region.add(covered, end, PREFETCH_PIECE)
+        for lo, hi in wanted:
+            if max(lo, covered) < hi:
+                region.add(max(lo, covered), hi, PREFETCH_PIECE)
         region.end = end if covered <= end else covered
         nursery.start_soon(self._run, region)
 
@@ -204,11 +227,14 @@ class AheadBlob:
         """The pieces that hold ``[lo, hi)`` whole, or None if the region does not."""
         if hi > region.end or not region.final:
             return None
-        starts = [p[0] for p in region.pieces]
+        pieces = region.pieces
+        starts = [p[0] for p in pieces]
         first = bisect.bisect_right(starts, lo) - 1
         last = bisect.bisect_left(starts, hi) - 1
-        if first < 0 or region.pieces[last][1] < hi:
+        if first < 0 or pieces[last][1] < hi or pieces[first][1] <= lo:
             return None
+        if any(pieces[i][1] != pieces[i + 1][0] for i in range(first, last)):
+            return None  # a gap: the region holds only the ranges worth prefetching
         return list(range(first, last + 1))
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
@@ -269,8 +295,9 @@ class Prefetcher:
             self.source.stats.background_done = True
 
     async def prefetch(self, limiter: trio.CapacityLimiter, timeout: float) -> None:
-        """Fetch the region before the landmark once, giving up after ``timeout`` seconds
-        (its unfetched chunks are then read on demand); a second caller waits for the first.
+        """Fetch the region before the landmark (only its chunks touching the prefetch ranges,
+        when the TOC lists them) once, giving up after ``timeout`` seconds (its unfetched
+        chunks are then read on demand); a second caller waits for the first.
         Holds one of ``limiter``'s tokens while it fetches. Raises nothing: a failed piece is
         logged, and a reader of its chunks fetches them itself."""
         if self.started:
@@ -298,15 +325,25 @@ class Prefetcher:
         end = source.index.prefetch_end
         if not end:
             return
-        claimed = source.claim(c for c in source.index.all_chunks() if c.compressed_end <= end)
+        ranges = source.index.prefetch_ranges
+        claimed = source.claim(
+            c
+            for c in source.index.all_chunks()
+            if c.compressed_end <= end
+            and (ranges is None or touches(ranges, c.compressed_offset, c.compressed_end))
+        )
+        # A piece is one request for the bytes from its first chunk to its last: a gap (bytes
+        # outside the ranges, or chunks a reader claimed first) starts another piece.
         pieces: list[list[ChunkRef]] = []
         piece_bytes = PREFETCH_PIECE
+        piece_end = -1
         for c in claimed:
-            if piece_bytes >= PREFETCH_PIECE:
+            if piece_bytes >= PREFETCH_PIECE or c.compressed_offset > piece_end:
                 pieces.append([])
                 piece_bytes = 0
             pieces[-1].append(c)
             piece_bytes += c.compressed_end - c.compressed_offset
+            piece_end = max(piece_end, c.compressed_end)
         log.debug(
             "prefetch of %s: %d chunks, %d bytes, %d pieces",
             source.key,

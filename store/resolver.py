@@ -59,7 +59,12 @@ from store.estargz import (
     ZstdChunkedLayer,
     zstd_chunked_layer,
 )
-from store.estargz_view import EstargzLayerView, load_layer_index, measure_tar_size
+from store.estargz_view import (
+    EstargzLayerView,
+    PrefetchRanges,
+    load_layer_index,
+    measure_tar_size,
+)
 from store.layer import AheadBlob, BlobReader, Layer
 from store.libprefetch import LibraryPrefetcher
 from store.timeline import Timeline, span
@@ -524,7 +529,13 @@ class LayerManager:
         ahead = AheadBlob(self.registry.blob(ref, desc.digest, desc.size))
         # The prefetch region starts downloading once the TOC is verified, before its parse;
         # a gzip layer whose head says it starts with prioritized files, sooner still.
-        on_verified = None if self.config.noprefetch else partial(ahead.start, nursery=self.nursery)
+        on_verified: Callable[[int | None, PrefetchRanges], None] | None = None
+        if not self.config.noprefetch:
+
+            def start_region(end: int | None, ranges: PrefetchRanges) -> None:
+                ahead.start(end, self.nursery, ranges)
+
+            on_verified = start_region
         if not self.config.noprefetch and desc.zstd_chunked is None:
             ahead.speculate(self.nursery)
         limits = TocLimits(self.config.toc_max_bytes, self.config.toc_max_entries)

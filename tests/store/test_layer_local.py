@@ -261,7 +261,9 @@ async def test_landmark_hint_from_raw_toc_equals_parsed_prefetch_end(vectors_dir
     meta = json.loads((vectors_dir / f"{name}.json").read_text())
     hints: list[int | None] = []
     index = await load_layer_index(
-        FileBlob(vectors_dir / f"{name}.blob"), meta["toc_digest"], hints.append
+        FileBlob(vectors_dir / f"{name}.blob"),
+        meta["toc_digest"],
+        lambda end, ranges: hints.append(end),
     )
     assert hints == [index.prefetch_end]
     assert (index.prefetch_end is not None) == (name == "prioritized")
