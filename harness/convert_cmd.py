@@ -124,10 +124,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise UserError(f"--env: expected NAME=VALUE, got {item!r}")
         env.append((name, value))
     files = _read_prioritized(args.prioritized_files)
+    read_ranges: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
     try:
         if args.optimize:
             console.print(f"optimize: tracing the workload in {args.src}")
-            files += optimize_files(
+            traced = optimize_files(
                 args.src,
                 command=_command(args.command),
                 stdin=args.stdin,
@@ -138,11 +139,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 cache_dir=args.cache_dir,
                 say=console.print,
             )
+            files += [f.path for f in traced]
+            read_ranges = tuple((f.path, f.ranges) for f in traced if f.ranges is not None)
         options = ConvertOptions(
             format=args.format,
             platform=args.platform,
             all_platforms=args.all_platforms,
             prioritized_files=tuple(files),
+            read_ranges=read_ranges,
             chunk_size=args.chunk_size,
             dest_tls_verify=args.dest_tls_verify,
             zstd_generation=args.zstd_generation,

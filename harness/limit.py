@@ -12,14 +12,16 @@ store's :data:`STORE_ROUND_TRIPS`; otherwise (older runs, CRI-O) it is ``create 
 all :data:`UNAVOIDABLE_ROUND_TRIPS`.
 
 * **compressed bytes read** — what the workload's reads cost on the wire: the access trace
-  (:mod:`harness.trace`) mapped onto the TOCs of the workload's ``estargz-noopt`` image in the
-  image cache. For each traced file, the compressed bytes of the chunks that cover the byte
-  ranges it read (the whole file when the trace has no ranges: traces from before the store
-  recorded them); a chunk member counted once however many reads touch it. Layers stack: a
-  path's bytes come from the topmost layer holding it. TOCs are read with the project's one
-  TOC parser (:class:`store.estargz.EstargzReader` → :class:`~store.estargz.LayerIndex`).
-  The TOC bytes themselves are not counted (a format's cost, not the workload's); they are
-  recorded beside (``toc_bytes``).
+  (:mod:`harness.trace`) mapped onto the TOCs of the workload's most finely chunked image in the
+  image cache: its chunk-level ``estargz`` image (files read in part cut into 64 KiB chunks,
+  :func:`chunk_level_layout`) when built, else its ``estargz-noopt`` image (4 MiB chunks, a looser
+  bound). For each traced file, the compressed bytes of the chunks that cover the byte ranges it
+  read (the whole file when the trace has no ranges: traces from before the store recorded them); a
+  chunk member counted once however many reads touch it. Layers stack: a path's bytes come from the
+  topmost layer holding it. TOCs are read with the project's one TOC parser
+  (:class:`store.estargz.EstargzReader` → :class:`~store.estargz.LayerIndex`). The TOC bytes
+  themselves are not counted (a format's cost, not the workload's); they are recorded beside
+  (``toc_bytes``).
 * **round trips** — :data:`STORE_ROUND_TRIPS` (the store's) with a re-pull in the floor, else
   :data:`UNAVOIDABLE_ROUND_TRIPS` (podman's and the store's), × the measured RTT.
 * **runtime floor** — the runtime's own floor, measured with the image already local: the
@@ -45,7 +47,8 @@ from the cache for runs that predate it (:func:`compute_run_limits`), and ``lazy
 
     {"schema": 1, "workloads": {"gcc": {"compressed_bytes": 5300000, "read_bytes": 9100000,
      "files": 58, "files_found": 58, "files_with_ranges": 58, "toc_bytes": 1040000,
-     "image": "sha256:<manifest digest of the estargz-noopt image>", "trace": "gcc-….json"},
+     "image": "sha256:<manifest digest of the layout mapped onto>", "layout": "estargz",
+     "trace": "gcc-….json"},
      "tomcat": {"unavailable": "no access trace cached for this workload"}}}
 """
 
@@ -213,24 +216,49 @@ def noopt_layout(image_dir: Path) -> Path | None:
     return path if (path / "index.json").is_file() else None
 
 
+def chunk_level_layout(image_dir: Path, traced: Sequence[Any]) -> Path | None:
+    """The cached ``estargz`` OCI layout of the image in ``image_dir`` optimized for the
+    trace ``traced`` (``harness.trace.TracedFile`` list) at chunk level — its files read in part
+    cut into :data:`store.estargz.RANGE_CHUNK_SIZE` chunks —, if the trace has ranges and the
+    layout is built."""
+    from harness.images.push import layout_name
+
+    ranges = {f.path: f.ranges for f in traced if f.ranges is not None}
+    if not ranges:
+        return None
+    name = layout_name("estargz", [f.path for f in traced], read_ranges=ranges)
+    path = image_dir / "oci" / name
+    return path if (path / "index.json").is_file() else None
+
+
 def workload_entry(image_dir: Path, trace: Path) -> dict[str, Any]:
     """``limits.json``'s entry for one workload: the cached trace ``trace`` mapped onto the
-    ``estargz-noopt`` layout of the image in ``image_dir``; ``{"unavailable": why}`` when the
-    cache lacks either or they cannot be read."""
+    finest-chunked layout of the image in ``image_dir`` the cache holds — its chunk-level
+    ``estargz`` layout (:func:`chunk_level_layout`), else its ``estargz-noopt`` layout;
+    ``{"unavailable": why}`` when the cache lacks a trace or a layout, or they cannot be read."""
     from harness.trace import read_cached_trace
 
     if not trace.is_file():
         return {"unavailable": f"no access trace cached ({trace.name}; the estargz mode traces)"}
-    layout = noopt_layout(image_dir)
+    try:
+        traced = read_cached_trace(trace)
+    except UserError as exc:
+        return {"unavailable": str(exc)}
+    chunked = chunk_level_layout(image_dir, traced)
+    layout = chunked or noopt_layout(image_dir)
     if layout is None:
         return {"unavailable": f"no {NOOPT} image of {image_dir.name} in the cache"}
     try:
-        traced = read_cached_trace(trace)
         indexes, tocs = layout_indexes(layout)
     except UserError as exc:
         return {"unavailable": str(exc)}
     found = bytes_read(indexes, traced, toc_bytes=tocs)
-    return asdict(found) | {"image": manifest_digest_of(layout), "trace": trace.name}
+    mode = "estargz" if chunked is not None else NOOPT
+    return asdict(found) | {
+        "image": manifest_digest_of(layout),
+        "layout": mode,
+        "trace": trace.name,
+    }
 
 
 # -- limits.json ---------------------------------------------------------------------------------
@@ -306,12 +334,13 @@ def compute_run_limits(
         if image_dir is None:
             out[w.name] = {"unavailable": "its images are not in the cache"}
             continue
-        say(f"limit {w.name}: mapping the trace onto the {NOOPT} image's TOCs")
         trace = trace_cache_path(image_dir.name, resolve(w), cache_dir)
         entry = workload_entry(image_dir, trace)
-        measured = (modes.get(NOOPT) or {}).get("manifest_digest")
+        layout = entry.get("layout", NOOPT)
+        say(f"limit {w.name}: mapped the trace onto the {layout} image's TOCs")
+        measured = (modes.get(layout) or {}).get("manifest_digest")
         if measured and entry.get("image") not in (None, measured):
-            entry["note"] = f"the run measured {NOOPT} image {measured}, the cache holds another"
+            entry["note"] = f"the run measured {layout} image {measured}, the cache holds another"
         out[w.name] = entry
     return out
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -32,6 +32,9 @@ from harness.podman import PodmanError
 from harness.runtimes import Node
 from harness.scenario import Scenario, Workload, image_mode
 from harness.store_proc import StoreError, resolve_store_command
+
+if TYPE_CHECKING:
+    from harness.trace import TracedFile
 
 # -- workloads -----------------------------------------------------------------------------------
 
@@ -167,9 +170,11 @@ class ImagePreparer:
                     w.recipe, self.cache_dir, progress=lambda m: self.console.print(f"  {m}")
                 )
                 for mode in self.scenario.modes_of(self.scenario.workload(w.name)):
-                    files = None
+                    files = ranges = None
                     if mode == "estargz":
-                        files = self._traced_files(w, built, reg, work)
+                        traced = self._traced_reads(w, built, reg, work)
+                        files = [f.path for f in traced]
+                        ranges = {f.path: f.ranges for f in traced if f.ranges is not None}
                     self.console.print(f"  push {w.name}:{mode}")
                     try:
                         pushed = _retry(
@@ -181,6 +186,7 @@ class ImagePreparer:
                                 mode,
                                 image_mode(mode),
                                 prioritized_files=files,
+                                read_ranges=ranges,
                                 # podman 5.x partial-pulls only what its generation writes
                                 node=self.node if image_mode(mode) == "zstd-chunked" else None,
                             ),
@@ -204,7 +210,8 @@ class ImagePreparer:
 
     def _limit_entry(self, w: ResolvedWorkload, built: Any) -> dict[str, Any]:
         """The limit model's byte count of ``w``: its cached trace (there when the ``estargz``
-        mode traced it, now or in an earlier run) over its ``estargz-noopt`` image's TOCs."""
+        mode traced it, now or in an earlier run) over the TOCs of its most finely chunked
+        image (:func:`harness.limit.workload_entry`)."""
         from harness.limit import workload_entry
         from harness.trace import trace_cache_path
 
@@ -219,11 +226,14 @@ class ImagePreparer:
             self.console.print(f"  [yellow]limit {w.name}: {entry['unavailable']}[/]")
         return entry
 
-    def _traced_files(self, w: ResolvedWorkload, built: Any, reg: Any, work: Path) -> list[str]:
-        """The files the workload reads, from a run through our store with the trace on."""
-        from harness.trace import traced_files
+    def _traced_reads(
+        self, w: ResolvedWorkload, built: Any, reg: Any, work: Path
+    ) -> list[TracedFile]:
+        """The files the workload reads and the byte ranges of each, from a run through our
+        store with the trace on."""
+        from harness.trace import traced_reads
 
-        return traced_files(
+        return traced_reads(
             built,
             w,
             reg.host,

@@ -240,9 +240,10 @@ def limit_section(
         f"## Distance to the limit (total {p} ÷ limit)",
         "",
         "The limit is the lower bound of a lazy start on the measured link: the compressed "
-        "bytes the workload reads (its access trace mapped onto its estargz-noopt image's "
-        "TOCs: the chunks covering the byte ranges read, whole files where the trace has no "
-        f"ranges) ÷ the measured bandwidth + {_rtt_and_floor_prose(limits)}. See "
+        "bytes the workload reads (its access trace mapped onto the TOCs of its most finely "
+        "chunked image — the chunk-level estargz image, files read in part in 64 KiB chunks, "
+        "else estargz-noopt —: the chunks covering the byte ranges read, whole files where the "
+        f"trace has no ranges) ÷ the measured bandwidth + {_rtt_and_floor_prose(limits)}. See "
         "harness/limit.py for each term. Target: every lazy mode within "
         f"{LIMIT_TARGET:g}× the limit.",
         "",

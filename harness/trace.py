@@ -101,7 +101,7 @@ def write_cached_trace(
     write_atomic(path, json.dumps(list(files)))
 
 
-def traced_files(
+def traced_reads(
     built: Any,
     w: Any,
     registry_host: str,
@@ -110,19 +110,20 @@ def traced_files(
     cache_dir: Path | None = None,
     mount_timeout: float = 30.0,
     say: Callable[[str], None] = lambda message: None,
-) -> list[str]:
-    """The image paths workload ``w`` (a ``harness.prepare.ResolvedWorkload``) reads from
-    ``built`` (a ``BuiltImage``), in first-access order. ``registry_host`` is a plain-HTTP
-    registry the image may be pushed to (as ``<repo>:trace``); ``work`` a scratch directory.
-    Raises :class:`UserError` when the workload does not get ready."""
+) -> list[TracedFile]:
+    """The files workload ``w`` (a ``harness.prepare.ResolvedWorkload``) reads from
+    ``built`` (a ``BuiltImage``), in first-access order, with the byte ranges read of each
+    (cached: :func:`trace_cache_path`). ``registry_host`` is a plain-HTTP registry the image
+    may be pushed to (as ``<repo>:trace``); ``work`` a scratch directory. Raises
+    :class:`UserError` when the workload does not get ready."""
     from harness.container import create_container, not_ready_reason, start_until_ready
     from harness.images import push_image
 
     cache = trace_cache_path(built.hash, w, cache_dir)
     if cache.exists():
-        files = [f.path for f in read_cached_trace(cache)]
-        say(f"  trace {w.name}: {len(files)} files (cached)")
-        return files
+        traced = read_cached_trace(cache)
+        say(f"  trace {w.name}: {len(traced)} files (cached)")
+        return traced
     say(f"  trace {w.name}: running it once through stargz-store")
     push_image(built, registry_host, w.repo, "trace", "estargz-noopt")
     ref = f"{registry_host}/{w.repo}:trace"
@@ -160,4 +161,4 @@ def traced_files(
         say(f"  [yellow]trace {w.name}: the store traced no files[/]")
     write_cached_trace(cache, files, ranges)
     say(f"  trace {w.name}: {len(files)} files, {len(ranges)} with their byte ranges")
-    return files
+    return read_cached_trace(cache)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from harness.images.source import (
     ImageSourceError,
@@ -50,6 +50,9 @@ from harness.images.source import (
     wanted_platform,
 )
 from harness.images.transports import TransportError, split_transport
+
+if TYPE_CHECKING:
+    from harness.trace import TracedFile
 
 FORMATS = ("estargz", "zstd-chunked")
 MEDIA_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -80,6 +83,9 @@ class ConvertOptions:
     platform: str | None = None
     all_platforms: bool = False
     prioritized_files: tuple[str, ...] = ()
+    # (path, ((start, end), …)): byte ranges a traced run read of prioritized files (eStargz:
+    # files read in part get the chunk-level layout of store.estargz.convert)
+    read_ranges: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
     chunk_size: int | None = None
     level: int | None = None
     dest_tls_verify: bool | None = None  # None: off for a loopback registry, else as configured
@@ -396,6 +402,7 @@ def convert_layers(
                 options.format,
                 options.zstd_generation,
                 tuple(options.prioritized_files),
+                options.read_ranges,
                 options.chunk_size,
                 options.level,
                 cores,
@@ -471,13 +478,14 @@ def _convert_one(
     fmt: str,
     generation: str,
     prioritized: tuple[str, ...],
+    read_ranges: tuple[tuple[str, tuple[tuple[int, int], ...]], ...],
     chunk_size: int | None,
     level: int | None,
     workers: int,
 ) -> dict[str, Any]:
     """Worker: one layer blob → an eStargz (or zstd:chunked) blob in ``out_dir``, named by its
     digest; returns digest, size, diff_id, annotations, passed_through."""
-    from store.estargz import EstargzError, convert, write_zstd_chunked
+    from store.estargz import EstargzError, clean_name, convert, write_zstd_chunked
 
     path = Path(blob)
     wanted = _present(path, prioritized) if prioritized else []
@@ -505,7 +513,8 @@ def _convert_one(
                 z = write_zstd_chunked(src, out, generation=generation, **kwargs)  # type: ignore[arg-type]
                 digest, size, diff_id, annotations = z.digest, z.size, z.diff_id, z.annotations
             else:
-                e = convert(src, out, workers=workers, **kwargs)  # type: ignore[arg-type]
+                ranges = {clean_name(n): r for n, r in read_ranges if clean_name(n) in wanted}
+                e = convert(src, out, workers=workers, read_ranges=ranges, **kwargs)  # type: ignore[arg-type]
                 digest, size, diff_id = e.digest, e.size, e.diff_id
                 annotations = {
                     _toc_annotation(): e.toc_digest,
@@ -559,14 +568,15 @@ def optimize_files(
     cache_dir: Path | None = None,
     workdir: Path | None = None,
     say: Any = lambda message: None,
-) -> list[str]:
-    """The files the workload reads from ``src``, in first-access order: the image imported
-    (cached), pushed unoptimized to a registry on loopback, run once through our store with
-    the access trace (``harness.trace``). ``command`` empty: the image's own."""
+) -> list[TracedFile]:
+    """The files the workload reads from ``src``, in first-access order, with the byte ranges
+    read of each: the image imported (cached), pushed unoptimized to a registry on loopback,
+    run once through our store with the access trace (``harness.trace``). ``command`` empty:
+    the image's own."""
     from harness.images.source import import_image
     from harness.prepare import ResolvedWorkload
     from harness.registry_server import RegistryServer
-    from harness.trace import traced_files
+    from harness.trace import traced_reads
 
     built = import_image(src, cache_dir, platform=platform, name="convert", progress=say)
     w = ResolvedWorkload(
@@ -583,4 +593,4 @@ def optimize_files(
         tempfile.TemporaryDirectory(prefix="lazybench-optimize-", dir=workdir) as tmp,
         RegistryServer(storage_dir=Path(tmp) / "registry") as reg,
     ):
-        return traced_files(built, w, reg.host, Path(tmp), cache_dir=cache_dir, say=say)
+        return traced_reads(built, w, reg.host, Path(tmp), cache_dir=cache_dir, say=say)

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,6 +108,7 @@ def push_image(
     mode: str,
     *,
     prioritized_files: Sequence[str] | None = None,
+    read_ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     chunk_size: int | None = None,
     timeout: float = 900.0,
     progress: Callable[[str], None] | None = None,
@@ -116,7 +117,9 @@ def push_image(
     """Push ``built`` to ``http://registry_host/repo:tag`` in ``mode``; return what landed.
 
     ``prioritized_files`` (image paths, in access order) is used by mode ``estargz`` only; the
-    runner gets it from a traced run. Compressed layouts are cached, so pushing the same image
+    runner gets it from a traced run, with ``read_ranges`` (image path → ``[start, end)`` byte
+    ranges read; a file absent counts whole): the chunk-level layout of
+    :func:`store.estargz.convert`. Compressed layouts are cached, so pushing the same image
     and mode again (another registry, another sample) costs only the upload. ``progress``
     receives a line per layer converted. ``node`` (a runtime node) writes ``zstd-chunked`` with
     that node's skopeo: podman 5.x's partial pull reads only what its own generation writes.
@@ -128,6 +131,7 @@ def push_image(
         built,
         mode,
         prioritized_files=prioritized_files,
+        read_ranges=read_ranges,
         chunk_size=chunk_size,
         progress=progress,
         node=node,
@@ -147,6 +151,7 @@ def oci_layout(
     mode: str,
     *,
     prioritized_files: Sequence[str] | None = None,
+    read_ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     chunk_size: int | None = None,
     progress: Callable[[str], None] | None = None,
     node: Node | None = None,
@@ -162,7 +167,8 @@ def oci_layout(
     pull would silently become a full pull).
     """
     say = progress or (lambda message: None)
-    final = built.dir / "oci" / layout_name(mode, prioritized_files, chunk_size, node)
+    ranges = _ranges_of(read_ranges) if mode == "estargz" else {}
+    final = built.dir / "oci" / layout_name(mode, prioritized_files, chunk_size, node, ranges)
     if (final / "index.json").is_file():
         return final
     if mode == "zstd-chunked":
@@ -170,7 +176,8 @@ def oci_layout(
         say(f"{built.name}: {len(built.layers)} layers → zstd:chunked ({where})")
         return _publish(final, lambda work: _zstd_chunked_layout(built, work, node))
     return _publish(
-        final, lambda work: _write_layout(built, mode, work, prioritized_files, chunk_size, say)
+        final,
+        lambda work: _write_layout(built, mode, work, prioritized_files, ranges, chunk_size, say),
     )
 
 
@@ -179,10 +186,14 @@ def layout_name(
     prioritized_files: Sequence[str] | None = None,
     chunk_size: int | None = None,
     node: Node | None = None,
+    read_ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
 ) -> str:
     """The directory name, under a built image's ``oci/``, of its layout in ``mode`` with these
     options (:func:`oci_layout`)."""
     parts: list = [mode, list(prioritized_files or []) if mode == "estargz" else [], chunk_size]
+    ranges = _ranges_of(read_ranges) if mode == "estargz" else {}
+    if ranges:  # chunk-level layouts: a key of their own (older layouts keep theirs)
+        parts.append(_chunk_level_key(ranges))
     if mode == "zstd-chunked":
         parts.append(_ZSTD_CHUNKED_SOURCE)  # layouts made from the untrimmed tars are not reused
         if node is not None:
@@ -209,6 +220,7 @@ def _write_layout(
     mode: str,
     work: Path,
     prioritized_files: Sequence[str] | None,
+    read_ranges: Mapping[str, list[tuple[int, int]]],
     chunk_size: int | None,
     say: Callable[[str], None],
 ) -> None:
@@ -240,7 +252,8 @@ def _write_layout(
         kind = "gzip" if mode == "legacy" else "estargz"
         n, mb = len(built.layers), layer.size / 1e6
         message = f"{built.name}: layer {i}/{n} ({mb:.0f} MB) → {mode}"
-        blob = _converted_layer(built, layer, kind, wanted, chunk_size, say, message)
+        ranges = {n: read_ranges[n] for n in wanted if n in read_ranges}
+        blob = _converted_layer(built, layer, kind, wanted, ranges, chunk_size, say, message)
         meta = json.loads((blob / "blob.json").read_text())
         _link_or_copy(blob / "blob", blobs / meta["digest"].split(":")[1])
         descriptors.append(meta["descriptor"])
@@ -267,7 +280,7 @@ def _zstd_chunked_layout(built: BuiltImage, work: Path, node: Node | None = None
     """containers/image's zstd:chunked of ``built``, from a scratch layout of cut tars."""
     source = Path(tempfile.mkdtemp(prefix=".zstd-chunked-source-", dir=work.parent))
     try:
-        _write_layout(built, "uncompressed-trimmed", source, None, None, lambda message: None)
+        _write_layout(built, "uncompressed-trimmed", source, None, {}, None, lambda message: None)
         if node is not None:
             _node_skopeo_zstd_chunked(node, source, work, what=f"{built.name} as zstd:chunked")
             return
@@ -337,6 +350,7 @@ def _converted_layer(
     layer: BuiltLayer,
     kind: str,
     wanted: list[str],
+    ranges: dict[str, list[tuple[int, int]]],
     chunk_size: int | None,
     say: Callable[[str], None],
     message: str,
@@ -348,9 +362,10 @@ def _converted_layer(
     the same as the unoptimized ones (``.no.prefetch.landmark``), so only the layers that
     hold the workload's files are converted again.
     """
-    key = hashlib.sha256(
-        json.dumps([kind, layer.diff_id, wanted, chunk_size]).encode()
-    ).hexdigest()[:24]
+    parts: list = [kind, layer.diff_id, wanted, chunk_size]
+    if ranges:  # the chunk-level layout (read ranges known): other bytes, another key
+        parts.append(_chunk_level_key(ranges))
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
     final = built.dir.parent.parent / "blobs" / key
     if (final / "blob.json").is_file():
         return final
@@ -363,7 +378,7 @@ def _converted_layer(
             desc: dict = {"mediaType": MEDIA_GZIP}
             diff_id = layer.diff_id
         else:
-            desc, diff_id = _estargz(layer.path, out, wanted, chunk_size)
+            desc, diff_id = _estargz(layer.path, out, wanted, ranges, chunk_size)
         digest = file_digest(out)
         desc.update(digest=digest, size=out.stat().st_size)
         meta = {"digest": digest, "diff_id": diff_id, "descriptor": desc}
@@ -428,6 +443,24 @@ def _toc_digest(annotations: dict[str, str]) -> str | None:
     )
 
 
+def _chunk_level_key(ranges: dict[str, list[tuple[int, int]]]) -> list:
+    """What else decides a chunk-level layout's bytes: the ranges and the writer's constants."""
+    from store.estargz import MAX_PREFETCH_RANGES, RANGE_CHUNK_SIZE
+
+    return [RANGE_CHUNK_SIZE, MAX_PREFETCH_RANGES, sorted(ranges.items())]
+
+
+def _ranges_of(
+    read_ranges: Mapping[str, Sequence[tuple[int, int]]] | None,
+) -> dict[str, list[tuple[int, int]]]:
+    """``read_ranges`` keyed by normalized path (as :func:`_prioritized_in` names files),
+    each a sorted list of int pairs."""
+    return {
+        normalize(name): sorted((int(lo), int(hi)) for lo, hi in ranges)
+        for name, ranges in (read_ranges or {}).items()
+    }
+
+
 def _prioritized_in(tar: Path, files: Sequence[str] | None) -> list[str]:
     """The prioritized files present in this layer, in the given (access) order."""
     if not files:
@@ -444,12 +477,16 @@ def _prioritized_in(tar: Path, files: Sequence[str] | None) -> list[str]:
 
 
 def _estargz(
-    tar: Path, out: Path, prioritized: list[str], chunk_size: int | None
+    tar: Path,
+    out: Path,
+    prioritized: list[str],
+    ranges: dict[str, list[tuple[int, int]]],
+    chunk_size: int | None,
 ) -> tuple[dict, str]:
     """Convert one layer with the project's eStargz writer; (descriptor fields, diff ID)."""
     from store.estargz import convert  # the format library (store/estargz)
 
-    kwargs: dict = {"prioritized_files": prioritized}
+    kwargs: dict = {"prioritized_files": prioritized, "read_ranges": ranges}
     if chunk_size:
         kwargs["chunk_size"] = chunk_size
     with open(tar, "rb") as fin, open(out, "wb") as fout:
