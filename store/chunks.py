@@ -202,14 +202,10 @@ class ChunkSource:
         (:attr:`LayerIndexView.prefetch_ranges`): the recorded run did not read it, so no
         rider or read-ahead takes it along (a read of its own bytes still fetches it)."""
         ranges = self.index.prefetch_ranges
-        if ranges is None:
-            return False
         end = self.index.prefetch_end
-        return (
-            bool(end)
-            and chunk.compressed_end <= end  # type: ignore[operator]
-            and not touches(ranges, chunk.compressed_offset, chunk.compressed_end)
-        )
+        if ranges is None or not end or chunk.compressed_end > end:
+            return False
+        return not touches(ranges, chunk.compressed_offset, chunk.compressed_end)
 
     def claim(self, chunks: Iterable[ChunkRef]) -> list[ChunkRef]:
         """Those of ``chunks`` that are neither cached nor claimed, now claimed by the caller,

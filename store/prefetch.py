@@ -28,15 +28,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from store.chunks import (
-    ONE_WINDOW,
-    BlobReader,
-    ChunkRef,
-    ChunkSource,
-    Download,
-    LayerFetchError,
-)
-from store.estargz import touches
+from store.chunks import ONE_WINDOW, BlobReader, ChunkRef, ChunkSource, Download, LayerFetchError
 from store.estargz.head import HeadHint, head_hint
 
 log = logging.getLogger(__name__)
@@ -325,12 +317,10 @@ class Prefetcher:
         end = source.index.prefetch_end
         if not end:
             return
-        ranges = source.index.prefetch_ranges
         claimed = source.claim(
             c
             for c in source.index.all_chunks()
-            if c.compressed_end <= end
-            and (ranges is None or touches(ranges, c.compressed_offset, c.compressed_end))
+            if c.compressed_end <= end and not source.off_trace(c)
         )
         # A piece is one request for the bytes from its first chunk to its last: a gap (bytes
         # outside the ranges, or chunks a reader claimed first) starts another piece.
