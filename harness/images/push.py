@@ -168,7 +168,7 @@ def oci_layout(
     """
     say = progress or (lambda message: None)
     ranges = _ranges_of(read_ranges) if mode == "estargz" else {}
-    final = built.dir / "oci" / layout_name(mode, prioritized_files, chunk_size, node, ranges)
+    final = built.dir / "oci" / layout_name(mode, prioritized_files, chunk_size, node, read_ranges)
     if (final / "index.json").is_file():
         return final
     if mode == "zstd-chunked":

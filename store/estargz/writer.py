@@ -697,14 +697,9 @@ def _covers(ranges: list[tuple[int, int]], size: int) -> bool:
 
 
 def _joined(spans: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
-    """Ascending ``[start, end)`` spans with touching ones joined, then the nearest joined
-    across their gaps until at most ``most`` remain."""
-    out: list[tuple[int, int]] = []
-    for lo, hi in spans:
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
+    """``[start, end)`` spans merged (:func:`_merged`), then the nearest joined across their
+    gaps until at most ``most`` remain."""
+    out = _merged(spans)
     if len(out) > most:
         gaps = sorted(out[i + 1][0] - out[i][1] for i in range(len(out) - 1))
         cut = gaps[len(out) - most - 1]  # joining every gap up to this leaves at most `most`
