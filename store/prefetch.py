@@ -41,6 +41,7 @@ PREFETCH_STREAMS = 3  # prefetch requests in flight per layer
 HEAD_PROBE = ONE_WINDOW  # one round trip on a new connection
 SPECULATE_FIRST = 256 << 10
 SPECULATE_BYTES = 4 << 20
+FIRST_BATCH = 64 << 10  # bytes of the first early-download request; then doubling
 BACKGROUND_BATCH = 4 << 20  # compressed bytes per background request
 
 
@@ -68,12 +69,21 @@ class _Region:
         self.more.set()
         self.more = trio.Event()
 
-    def claim_next(self) -> int | None:
+    def claim_batch(self, limit: int) -> list[int]:
+        """Claim the first unclaimed piece and the unclaimed ones after it, in blob order,
+        up to ``limit`` bytes in all (at least one piece; [] when none is left)."""
+        batch: list[int] = []
+        total = 0
         for i, taken in enumerate(self.claimed):
-            if not taken:
-                self.claimed[i] = True
-                return i
-        return None
+            if taken:
+                continue
+            lo, hi = self.pieces[i]
+            if batch and total + (hi - lo) > limit:
+                break
+            self.claimed[i] = True
+            batch.append(i)
+            total += hi - lo
+        return batch
 
 
 @dataclass
@@ -88,10 +98,15 @@ class AheadBlob:
     (:func:`store.estargz.head.head_hint`), while the TOC is on its way.
 
     :data:`PREFETCH_STREAMS` workers fetch the pieces in blob order (the region's files are
-    in first-access order); a read that needs a piece no worker has started fetches that
-    piece itself at once rather than wait for the workers to reach it. The bytes are handed
-    to the layer raw: every chunk is still inflated and verified before anything is served.
-    Reads outside the region (or of a failed or dropped piece) go to the registry as usual.
+    in first-access order), each request a batch of pieces (one multi-range request when the
+    prefetch ranges leave gaps: tomcat's largest layer lists 84 ranges of 220 KB on average,
+    and three streams of requests that small kept the link at half its rate). Batches grow
+    from :data:`FIRST_BATCH` to :data:`PREFETCH_PIECE` bytes, doubling: the first files are
+    needed first, and a batch's bytes are handed on only once all of it arrived. A read that
+    needs a piece no worker has started fetches that piece itself at once rather than wait
+    for the workers to reach it. The bytes are handed to the layer raw: every chunk is still
+    inflated and verified before anything is served. Reads outside the region (or of a failed
+    or dropped piece) go to the registry as usual.
     """
 
     blob: BlobReader
@@ -173,9 +188,13 @@ class AheadBlob:
         nursery.start_soon(self._run, region)
 
     async def _run(self, region: _Region) -> None:
+        limit = min(FIRST_BATCH, PREFETCH_PIECE)
+
         async def worker() -> None:
-            while (i := region.claim_next()) is not None:
-                await self._fetch(region, i)
+            nonlocal limit
+            while batch := region.claim_batch(limit):
+                limit = min(2 * limit, PREFETCH_PIECE)
+                await self._fetch(region, *batch)
 
         with self._cancellable():
             async with trio.open_nursery() as nursery:
@@ -190,17 +209,21 @@ class AheadBlob:
         self._scopes.append(scope)
         return scope
 
-    async def _fetch(self, region: _Region, i: int) -> None:
-        """Fetch piece ``i`` (claimed by the caller) into ``region``; ``done[i]`` is set
-        whatever happens (on failure its bytes stay ``None``: the reader asks the registry)."""
+    async def _fetch(self, region: _Region, *pieces: int) -> None:
+        """Fetch ``pieces`` (claimed by the caller) into ``region``, in one request; their
+        ``done`` is set whatever happens (on failure their bytes stay ``None``: the reader asks
+        the registry)."""
         try:
-            (part,) = await self.blob.read_ranges([region.pieces[i]])
+            parts = await self.blob.read_ranges([region.pieces[i] for i in pieces])
             if self._region is region:  # not dropped meanwhile
-                region.data[i] = part
+                for i, part in zip(pieces, parts, strict=True):
+                    region.data[i] = part
         except Exception as exc:  # the layer then reads these bytes itself
-            log.warning("early prefetch of bytes %d-%d failed: %s", *region.pieces[i], exc)
+            first, last = region.pieces[pieces[0]], region.pieces[pieces[-1]]
+            log.warning("early prefetch of bytes %d-%d failed: %s", first[0], last[1], exc)
         finally:
-            region.done[i].set()
+            for i in pieces:
+                region.done[i].set()
 
     def drop(self) -> None:
         """Stop downloading and forget the region's bytes (the layer has what it needs).

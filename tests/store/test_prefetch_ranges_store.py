@@ -6,6 +6,7 @@ demand, correctly."""
 from __future__ import annotations
 
 import io
+import itertools
 import random
 import stat
 import tarfile
@@ -140,7 +141,9 @@ async def test_ahead_blob_downloads_only_the_ranges_and_serves_reads_inside_them
         ahead.start(end, nursery, ranges)
         ahead.start(end, nursery)  # once only: a second start changes nothing
     early = sorted(r for req in blob.requests for r in req)
-    assert all(len(req) == 1 for req in blob.requests)
+    # Each request a batch of pieces in blob order, at most PREFETCH_PIECE bytes in all.
+    assert all(sum(hi - lo for lo, hi in req) <= piece for req in blob.requests)
+    assert all(req == sorted(req) for req in blob.requests)
     # Exactly the ranges, in pieces of at most PREFETCH_PIECE: no byte of a gap.
     assert all(_inside(ranges, lo, hi) and hi - lo <= piece for lo, hi in early)
     assert sum(hi - lo for lo, hi in early) == sum(hi - lo for lo, hi in ranges)
@@ -163,6 +166,27 @@ async def test_ahead_blob_downloads_only_the_ranges_and_serves_reads_inside_them
     mixed = [(lo + 1, lo + 2), gap]
     assert await ahead.read_ranges(mixed) == [blob.data[a:b] for a, b in mixed]
     assert blob.requests[-1] == [gap]
+
+
+@pytest.mark.anyio
+async def test_ahead_blob_asks_for_small_ranges_together_up_to_a_piece(tmp_path, monkeypatch):
+    """Forty 3,000-byte ranges with gaps between them: batches of ten ranges (30,000 bytes of
+    a 32 KiB piece) per request, not forty requests, after a first batch of two (8 KiB) and
+    one of five (16 KiB)."""
+    monkeypatch.setattr("store.prefetch.PREFETCH_STREAMS", 1)
+    monkeypatch.setattr("store.prefetch.PREFETCH_PIECE", 32 << 10)
+    monkeypatch.setattr("store.prefetch.FIRST_BATCH", 8 << 10)
+    blob, _ = _blob(tmp_path)
+    ranges = [(lo, lo + 3000) for lo in range(0, 200_000, 5000)]
+    ahead = AheadBlob(blob)
+    async with trio.open_nursery() as nursery:
+        ahead.start(200_000, nursery, ranges)
+    cuts = [0, 2, 7, 17, 27, 37, 40]
+    assert blob.requests == [ranges[a:b] for a, b in itertools.pairwise(cuts)]
+    count = len(blob.requests)
+    got = await ahead.read_ranges([(lo + 7, hi - 7) for lo, hi in ranges])
+    assert got == [blob.data[lo + 7 : hi - 7] for lo, hi in ranges]
+    assert len(blob.requests) == count
 
 
 @pytest.mark.anyio
