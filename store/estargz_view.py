@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 
 import trio
@@ -77,6 +78,8 @@ async def load_layer_index(
     limits: TocLimits = estargz.DEFAULT_LIMITS,
     zstd_chunked: estargz.ZstdChunkedLayer | None = None,
     timeline: BoundTimeline | None = None,
+    *,
+    parse_turn: Callable[[], AbstractAsyncContextManager[None]] | None = None,
 ) -> EstargzLayerView:
     """Fetch footer+TOC of ``blob``, verify the TOC digest, build the validated index.
 
@@ -89,11 +92,12 @@ async def load_layer_index(
     ``zstd_chunked`` (the layer's annotations) the TOC is read where they say and
     ``toc_digest`` is its manifest checksum (sha256 of the compressed TOC); the footer is not
     read. ``timeline`` (the layer's view of :class:`store.timeline.Timeline`) receives the
-    footer, toc_fetch, verify and parse spans.
+    footer, toc_fetch, verify and parse spans. The TOC's decode and index build wait for
+    ``parse_turn()`` (:meth:`store.pullorder.Turns.turn`), if given.
     """
     if zstd_chunked is not None:
         return await _load_zstd_chunked(
-            blob, toc_digest, on_verified, limits, zstd_chunked, timeline
+            blob, toc_digest, on_verified, limits, zstd_chunked, timeline, parse_turn
         )
     tail_len = estargz.tail_fetch_size(blob.size, TAIL_GUESS)
     with span(timeline, "footer", bytes=tail_len, requests=1):
@@ -138,9 +142,10 @@ async def load_layer_index(
             pieces, toc_offset=footer.toc_offset, compression=footer.compression, limits=limits
         )
 
-    with span(timeline, "parse") as out:
-        view = EstargzLayerView(await trio.to_thread.run_sync(build))
-        out["entries"] = len(view.index.entries)
+    async with _turn(parse_turn):
+        with span(timeline, "parse") as out:
+            view = EstargzLayerView(await trio.to_thread.run_sync(build))
+            out["entries"] = len(view.index.entries)
     view.prefetch_ranges = scan.prefetch_ranges
     return view
 
@@ -152,6 +157,7 @@ async def _load_zstd_chunked(
     limits: TocLimits,
     layer: estargz.ZstdChunkedLayer,
     timeline: BoundTimeline | None = None,
+    parse_turn: Callable[[], AbstractAsyncContextManager[None]] | None = None,
 ) -> EstargzLayerView:
     lo, hi = layer.toc_range
     where = f"zstd:chunked TOC at offset {lo}"
@@ -172,14 +178,21 @@ async def _load_zstd_chunked(
         )
     if on_verified is not None:
         on_verified(None, None)  # zstd:chunked has no prefetch landmark
-    with span(timeline, "parse") as out:
-        index, files = await trio.to_thread.run_sync(
-            zstd_chunked_index, toc_bytes, layer.position, limits
-        )
-        view = EstargzLayerView(index)
-        out["entries"] = len(view.index.entries)
+    async with _turn(parse_turn):
+        with span(timeline, "parse") as out:
+            index, files = await trio.to_thread.run_sync(
+                zstd_chunked_index, toc_bytes, layer.position, limits
+            )
+            view = EstargzLayerView(index)
+            out["entries"] = len(view.index.entries)
     view._zstd_files = files
     return view
+
+
+def _turn(
+    parse_turn: Callable[[], AbstractAsyncContextManager[None]] | None,
+) -> AbstractAsyncContextManager[None]:
+    return nullcontext() if parse_turn is None else parse_turn()
 
 
 def zstd_chunked_index(

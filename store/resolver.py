@@ -67,6 +67,7 @@ from store.estargz_view import (
 )
 from store.layer import AheadBlob, BlobReader, Layer
 from store.libprefetch import LibraryPrefetcher
+from store.pullorder import TurnKey, Turns
 from store.timeline import Timeline, span
 from store.tree import LayerTree, TreeError
 
@@ -274,6 +275,9 @@ class LayerManager:
     # A layer loaded with its image but not looked up within this many seconds is dropped
     # (the runtime had it already, or gave up): its tree and prefetched bytes are not kept.
     early_ttl: float = 120.0
+    # TOC decodes and index builds, one at a time, the layer podman waits on first going
+    # first (store.pullorder).
+    _parse_turns: Turns = field(default_factory=Turns)
 
     def __post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(max(1, self.config.max_concurrency))
@@ -369,25 +373,42 @@ class LayerManager:
         no diff ID) turns N waits into about one. The
         prioritized files (the region before the landmark) start downloading then too, while
         the runtime is still walking the layers. Such an early layer (``LOADED``) is not
-        counted, listed or background-fetched until it is looked up.
+        counted, listed or background-fetched until it is looked up. Their TOCs are parsed
+        bottom layer first (:mod:`store.pullorder`).
         """
-        for desc in layers:
+        batch = trio.current_time()
+        for position, desc in enumerate(layers):
             if desc.toc_digest is None:
                 continue
             state = self._states.get(desc.digest)
             if state is not None and state.phase not in (LayerPhase.FAILED, LayerPhase.RELEASED):
                 continue
-            state = self._load(ref, desc, early=True)
+            state = self._load(ref, desc, early=True, key=(batch, position))
             self.nursery.start_soon(self._expire_early, desc.digest, state)
 
-    def _load(self, ref: str, desc: LayerDesc, *, early: bool) -> _LayerState:
+    def _load(
+        self,
+        ref: str,
+        desc: LayerDesc,
+        *,
+        early: bool,
+        key: TurnKey,
+    ) -> _LayerState:
+        """Start loading ``desc``; ``key`` orders its TOC's parse (:class:`Turns`)."""
         state = self._states[desc.digest] = _LayerState(wanted=not early)
-        self.nursery.start_soon(self._run_load, ref, desc, state, early)
+        self.nursery.start_soon(self._run_load, ref, desc, state, early, key)
         return state
 
-    async def _run_load(self, ref: str, desc: LayerDesc, state: _LayerState, early: bool) -> None:
+    async def _run_load(
+        self,
+        ref: str,
+        desc: LayerDesc,
+        state: _LayerState,
+        early: bool,
+        key: TurnKey,
+    ) -> None:
         try:
-            layer = await self._new_layer(ref, desc)
+            layer = await self._new_layer(ref, desc, key)
         except Exception as exc:
             state.error = exc
             if state.phase is LayerPhase.LOADING:
@@ -475,7 +496,8 @@ class LayerManager:
             state.wanted = True  # an early load's failure answers its first lookup
         elif state is None or state.phase in (LayerPhase.FAILED, LayerPhase.RELEASED):
             # A layer whose load failed, or that was released, is loaded afresh.
-            state = self._load(ref, desc, early=False)
+            position = next(i for i, d in enumerate(image.layers) if d.digest == desc.digest)
+            state = self._load(ref, desc, early=False, key=(trio.current_time(), position))
         elif not state.wanted:
             state.wanted = True
             if state.phase is LayerPhase.LOADED:
@@ -492,9 +514,9 @@ class LayerManager:
         assert state.layer is not None
         return state.layer
 
-    async def _new_layer(self, ref: str, desc: LayerDesc) -> Layer:
+    async def _new_layer(self, ref: str, desc: LayerDesc, key: TurnKey) -> Layer:
         assert desc.toc_digest is not None
-        blob, index, tree = await self._load_index(ref, desc)
+        blob, index, tree = await self._load_index(ref, desc, key)
         layer = Layer(
             key=f"{ref}/{desc.digest}",
             digest=desc.digest,
@@ -522,9 +544,10 @@ class LayerManager:
         return layer
 
     async def _load_index(
-        self, ref: str, desc: LayerDesc
+        self, ref: str, desc: LayerDesc, key: TurnKey
     ) -> tuple[BlobReader, EstargzLayerView, LayerTree]:
-        """Footer+TOC → verified index and tree (the decoded TOC entries are freed)."""
+        """Footer+TOC → verified index and tree (the decoded TOC entries are freed); the
+        parse waits for its turn (``key``, :class:`~store.pullorder.Turns`)."""
         assert desc.toc_digest is not None
         ahead = AheadBlob(self.registry.blob(ref, desc.digest, desc.size))
         # The prefetch region starts downloading once the TOC is verified, before its parse;
@@ -546,7 +569,13 @@ class LayerManager:
         )
         try:
             index = await load_layer_index(
-                ahead, desc.toc_digest, on_verified, limits, desc.zstd_chunked, marks
+                ahead,
+                desc.toc_digest,
+                on_verified,
+                limits,
+                desc.zstd_chunked,
+                marks,
+                parse_turn=partial(self._parse_turns.turn, key),
             )
             with span(marks, "tree"):
                 tree = LayerTree(index.index)

@@ -1,0 +1,70 @@
+"""The order in which an image's TOCs are parsed while the runtime pulls it.
+
+podman looks an image's layers up one after another, bottom layer first (the manifest's
+order), and waits for each; the store loads them all at once as soon as the manifest is
+known (:meth:`store.resolver.LayerManager._start_indexes`). Decoding a TOC and building its
+index is Python under the GIL (about 10 µs an entry: 0.08 s for gcc's 8,800-entry layers):
+two big TOCs built side by side both finish as late as the two built one after the other
+would — gcc's pull timeline showed each taking 0.19 s instead of 0.09 s. :class:`Turns`
+builds them one at a time, lowest key first, the key being (when the image's layers started
+loading, the layer's place in the manifest), so the layer podman waits on first is ready
+first. Verifying a TOC (inflate and sha256, which release the GIL) is not ordered.
+
+The link is not ordered: holding an image's prefetch downloads back until all its TOCs were
+in (tried with this order, A/B of 5 samples) shortened gcc's pull p95 from 1.07 to 0.95 s
+but lengthened its run from 1.27 to 1.59 s, as the prefetched bytes arrived later.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+TurnKey = tuple[float, int]
+
+
+@dataclass
+class Turns:
+    """One holder at a time; when it leaves, the waiter with the lowest key goes next (ties:
+    first come). A waiter cancelled before its turn leaves the queue; one cancelled after its
+    turn was granted hands it on."""
+
+    _busy: bool = False
+    _waiting: list[tuple[TurnKey, int, trio.Event]] = field(default_factory=list)
+    _arrivals: itertools.count[int] = field(default_factory=itertools.count)
+
+    @asynccontextmanager
+    async def turn(self, key: TurnKey) -> AsyncIterator[None]:
+        if self._busy:
+            entry = (key, next(self._arrivals), trio.Event())
+            heapq.heappush(self._waiting, entry)
+            try:
+                await entry[2].wait()
+            except BaseException:
+                if entry[2].is_set():  # granted meanwhile: the turn is ours to hand on
+                    self._hand_on()
+                else:
+                    self._waiting.remove(entry)
+                    heapq.heapify(self._waiting)
+                raise
+        else:
+            self._busy = True
+        try:
+            yield
+        finally:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        if self._waiting:
+            heapq.heappop(self._waiting)[2].set()  # still busy: the turn passes directly
+        else:
+            self._busy = False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)

@@ -1,0 +1,201 @@
+"""store.pullorder: an image's TOCs are parsed one at a time, bottom layer first — the turns
+alone, and along the resolver."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from store.cache import ChunkCache
+from store.config import StoreConfig
+from store.estargz import TOC_DIGEST_ANNOTATION, convert
+from store.pullorder import Turns
+from store.resolver import LayerDesc, LayerManager, RegistryAccess
+from store.timeline import Timeline
+from tests.store.conftest import FileBlob
+
+REF = "127.0.0.1:5000/order/image:1"
+
+# -- Turns -------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_turns_go_one_at_a_time_lowest_key_first_ties_by_arrival():
+    turns = Turns()
+    order: list[str] = []
+    inside = 0
+    release = trio.Event()
+
+    async def holder(name: str, key, wait: trio.Event | None = None) -> None:
+        nonlocal inside
+        async with turns.turn(key):
+            inside += 1
+            assert inside == 1
+            order.append(name)
+            if wait is not None:
+                await wait.wait()
+            await trio.sleep(0)
+            inside -= 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder, "first", (5.0, 9), release)
+        await trio.testing.wait_all_tasks_blocked()
+        for name, key in [
+            ("c", (1.0, 3)),
+            ("a", (1.0, 1)),
+            ("later-image", (2.0, 0)),
+            ("b", (1.0, 2)),
+            ("b2", (1.0, 2)),
+        ]:
+            nursery.start_soon(holder, name, key)
+            await trio.testing.wait_all_tasks_blocked()
+        assert turns.waiting == 5
+        release.set()
+    assert order == ["first", "a", "b", "b2", "c", "later-image"]
+    assert turns.waiting == 0
+    async with turns.turn((0.0, 0)):  # free again: no wait
+        pass
+
+
+@pytest.mark.anyio
+async def test_a_waiter_cancelled_before_or_after_its_turn_never_blocks_the_queue():
+    turns = Turns()
+    order: list[str] = []
+    release = trio.Event()
+
+    async def holder(name: str, key, wait: trio.Event | None = None) -> None:
+        async with turns.turn(key):
+            order.append(name)
+            if wait is not None:
+                await wait.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder, "first", (0.0, 0), release)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as gone:
+            gone.cancel()
+            await holder("gone", (0.0, 1))  # cancelled while it waits: leaves the queue
+        assert turns.waiting == 0
+        granted_then_cancelled = trio.CancelScope()
+
+        async def cancelled_when_granted() -> None:
+            with granted_then_cancelled:
+                await holder("granted", (0.0, 1), trio.Event())  # waits inside forever
+
+        nursery.start_soon(cancelled_when_granted)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(holder, "last", (0.0, 2))
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        granted_then_cancelled.cancel()
+    assert order == ["first", "granted", "last"]
+    assert turns.waiting == 0
+
+
+# -- along the resolver ------------------------------------------------------------------------
+
+
+def _layer_tar(seed: int, files: int = 40) -> bytes:
+    rng = random.Random(seed)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(files):
+            data = rng.randbytes(rng.randrange(2000, 40_000))
+            ti = tarfile.TarInfo(f"l{seed}/f{i:03d}")
+            ti.size, ti.mtime = len(data), 1_700_000_000
+            tar.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _layer(tmp_path: Path, seed: int) -> tuple[Path, str]:
+    """An eStargz layer as a file: its path and TOC digest."""
+    out = io.BytesIO()
+    res = convert(io.BytesIO(_layer_tar(seed)), out, level=1)
+    path = tmp_path / f"layer{seed}.blob"
+    path.write_bytes(out.getvalue())
+    return path, res.toc_digest
+
+
+class _Gated(FileBlob):
+    """A layer blob whose footer (its last bytes) is answered only once ``gate`` is set."""
+
+    def __init__(self, path: Path, gate: trio.Event) -> None:
+        super().__init__(path)
+        self.gate = gate
+
+    async def read_ranges(self, ranges):
+        if any(hi == self.size for _, hi in ranges):
+            await self.gate.wait()
+        out = await super().read_ranges(ranges)
+        await trio.sleep(0)
+        return out
+
+
+class _Registry(RegistryAccess):
+    """One image of ``layers`` (path, TOC digest), bottom first, every footer behind ``gate``."""
+
+    def __init__(self, layers: list[tuple[Path, str]], gate: trio.Event):
+        self.blobs: dict[str, _Gated] = {}
+        self.descs = []
+        for path, toc_digest in layers:
+            data = path.read_bytes()
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            self.blobs[digest] = _Gated(path, gate)
+            self.descs.append(
+                LayerDesc(digest, len(data), {TOC_DIGEST_ANNOTATION: toc_digest}, digest)
+            )
+
+    async def image(self, ref, on_layers=None):
+        if on_layers is not None:
+            on_layers(self.descs)
+        return b"{}", b"{}", self.descs
+
+    def blob(self, ref, digest, size):
+        return self.blobs[digest]
+
+
+@pytest.mark.anyio
+async def test_tocs_waiting_together_are_parsed_bottom_layer_first(tmp_path):
+    n = 5
+    layers = [_layer(tmp_path, 10 + seed) for seed in range(n)]
+    gate = trio.Event()
+    reg = _Registry(layers, gate)
+    path = tmp_path / "timeline.jsonl"
+    timeline = Timeline(path)
+    cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=10)
+    async with trio.open_nursery() as nursery:
+        manager = LayerManager(
+            cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery, timeline=timeline
+        )
+        await manager.image(REF)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()  # every TOC arrives at once, in no particular order
+        for desc in reg.descs:
+            await manager.get_layer(REF, desc.digest)
+        nursery.cancel_scope.cancel()
+    timeline.close()
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    position = {d.digest: i for i, d in enumerate(reg.descs)}
+    verified = {e["layer"]: e["t"] + e["dur"] for e in events if e["event"] == "verify"}
+    parses = sorted(
+        (e["t"], e["t"] + e["dur"], e["layer"]) for e in events if e["event"] == "parse"
+    )
+    assert len(parses) == n
+    for (_, a_end, _), (b_start, _, _) in itertools.pairwise(parses):
+        assert a_end <= b_start, parses  # one at a time
+    # When a parse ends, the turn goes to the lowest layer then waiting (verified, not parsed).
+    for k in range(1, n):
+        handed_at, chosen = parses[k - 1][1], parses[k][2]
+        waiting = [layer for _, _, layer in parses[k:] if verified[layer] <= handed_at]
+        if waiting:  # else the turn was free, and the next TOC verified took it
+            assert position[chosen] == min(position[w] for w in waiting), (k, parses, verified)
