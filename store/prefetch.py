@@ -42,6 +42,9 @@ HEAD_PROBE = ONE_WINDOW  # one round trip on a new connection
 SPECULATE_FIRST = 256 << 10
 SPECULATE_BYTES = 4 << 20
 FIRST_BATCH = 64 << 10  # bytes of the first early-download request; then doubling
+# Pieces per early-download request at most: a registry without multi-range requests gets
+# each piece as a request of its own, all at once (store.registry.client.read_ranges).
+BATCH_PIECES = 16
 BACKGROUND_BATCH = 4 << 20  # compressed bytes per background request
 
 
@@ -71,14 +74,15 @@ class _Region:
 
     def claim_batch(self, limit: int) -> list[int]:
         """Claim the first unclaimed piece and the unclaimed ones after it, in blob order,
-        up to ``limit`` bytes in all (at least one piece; [] when none is left)."""
+        up to ``limit`` bytes and :data:`BATCH_PIECES` pieces in all (at least one piece; []
+        when none is left)."""
         batch: list[int] = []
         total = 0
         for i, taken in enumerate(self.claimed):
             if taken:
                 continue
             lo, hi = self.pieces[i]
-            if batch and total + (hi - lo) > limit:
+            if batch and (total + (hi - lo) > limit or len(batch) >= BATCH_PIECES):
                 break
             self.claimed[i] = True
             batch.append(i)
@@ -98,10 +102,11 @@ class AheadBlob:
     (:func:`store.estargz.head.head_hint`), while the TOC is on its way.
 
     :data:`PREFETCH_STREAMS` workers fetch the pieces in blob order (the region's files are
-    in first-access order), each request a batch of pieces (one multi-range request when the
-    prefetch ranges leave gaps: tomcat's largest layer lists 84 ranges of 220 KB on average,
-    and three streams of requests that small kept the link at half its rate). Batches grow
-    from :data:`FIRST_BATCH` to :data:`PREFETCH_PIECE` bytes, doubling: the first files are
+    in first-access order), each request a batch of the next pieces (one multi-range request
+    when the prefetch ranges leave gaps: tomcat's largest layer lists 84 ranges of 220 KB on
+    average, and three streams of requests that small kept the link at half its rate). The
+    byte limit of a batch grows from :data:`FIRST_BATCH` to :data:`PREFETCH_PIECE`, doubling
+    with every batch claimed (a piece bigger than the limit goes alone): the first files are
     needed first, and a batch's bytes are handed on only once all of it arrived. A read that
     needs a piece no worker has started fetches that piece itself at once rather than wait
     for the workers to reach it. The bytes are handed to the layer raw: every chunk is still

@@ -143,11 +143,11 @@ async def test_ahead_blob_downloads_only_the_ranges_and_serves_reads_inside_them
     early = sorted(r for req in blob.requests for r in req)
     # Each request a batch of pieces in blob order, at most PREFETCH_PIECE bytes in all.
     assert all(sum(hi - lo for lo, hi in req) <= piece for req in blob.requests)
-    assert all(req == sorted(req) for req in blob.requests)
     # Exactly the ranges, in pieces of at most PREFETCH_PIECE: no byte of a gap.
     assert all(_inside(ranges, lo, hi) and hi - lo <= piece for lo, hi in early)
     assert sum(hi - lo for lo, hi in early) == sum(hi - lo for lo, hi in ranges)
     assert len(early) == sum(-(-(hi - lo) // piece) for lo, hi in ranges)
+    assert len(blob.requests) < len(early)  # small pieces went together
     count = len(blob.requests)
 
     # Inside a range (across its pieces): served from the early download.
@@ -187,6 +187,12 @@ async def test_ahead_blob_asks_for_small_ranges_together_up_to_a_piece(tmp_path,
     got = await ahead.read_ranges([(lo + 7, hi - 7) for lo, hi in ranges])
     assert got == [blob.data[lo + 7 : hi - 7] for lo, hi in ranges]
     assert len(blob.requests) == count
+
+    monkeypatch.setattr("store.prefetch.BATCH_PIECES", 4)  # and never more than this many
+    blob.requests.clear()
+    async with trio.open_nursery() as nursery:
+        AheadBlob(blob).start(200_000, nursery, ranges)
+    assert [len(req) for req in blob.requests] == [2, 4, 4, 4, 4, 4, 4, 4, 4, 4, 2]
 
 
 @pytest.mark.anyio
