@@ -6,9 +6,12 @@ known (:meth:`store.resolver.LayerManager._start_indexes`). Decoding a TOC and b
 index is Python under the GIL (about 10 µs an entry: 0.08 s for gcc's 8,800-entry layers):
 two big TOCs built side by side both finish as late as the two built one after the other
 would — gcc's pull timeline showed each taking 0.19 s instead of 0.09 s. :class:`Turns`
-builds them one at a time, lowest key first, the key being (when the image's layers started
-loading, the layer's place in the manifest), so the layer podman waits on first is ready
-first. Verifying a TOC (inflate and sha256, which release the GIL) is not ordered.
+builds them one at a time, lowest priority key first. The resolver's key is (not yet looked
+up, when the image's layers started loading, the layer's place in the manifest), read when
+the turn is handed on: a layer podman asked for goes before one it has not (a base layer it
+already has may never be asked for), and among those the layer podman waits on first is
+ready first. The inflate and hash that verify a TOC (they release the GIL) are not ordered;
+a TOC too big to be kept whole after them is inflated again inside its turn.
 
 The link is not ordered: holding an image's prefetch downloads back until all its TOCs were
 in (tried with this order, A/B of 5 samples) shortened gcc's pull p95 from 1.07 to 0.95 s
@@ -17,32 +20,33 @@ but lengthened its run from 1.27 to 1.59 s, as the prefetched bytes arrived late
 
 from __future__ import annotations
 
-import heapq
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
 
-TurnKey = tuple[float, int]
+# Compared as tuples, lowest first; read each time the turn is handed on (it may change).
+TurnKey = tuple[bool | float | int, ...]
 
 
 @dataclass
 class Turns:
-    """One holder at a time; when it leaves, the waiter with the lowest key goes next (ties:
-    first come). A waiter cancelled before its turn leaves the queue; one cancelled after its
-    turn was granted hands it on."""
+    """One holder at a time; when it leaves, the waiter whose ``priority()`` is lowest at that
+    moment goes next (ties: first come). A waiter cancelled before its turn leaves the queue;
+    one cancelled after its turn was granted hands it on. Never blocks beyond the holders:
+    the turn is handed on however a holder leaves."""
 
     _busy: bool = False
-    _waiting: list[tuple[TurnKey, int, trio.Event]] = field(default_factory=list)
+    _waiting: list[tuple[Callable[[], TurnKey], int, trio.Event]] = field(default_factory=list)
     _arrivals: itertools.count[int] = field(default_factory=itertools.count)
 
     @asynccontextmanager
-    async def turn(self, key: TurnKey) -> AsyncIterator[None]:
+    async def turn(self, priority: Callable[[], TurnKey]) -> AsyncIterator[None]:
         if self._busy:
-            entry = (key, next(self._arrivals), trio.Event())
-            heapq.heappush(self._waiting, entry)
+            entry = (priority, next(self._arrivals), trio.Event())
+            self._waiting.append(entry)
             try:
                 await entry[2].wait()
             except BaseException:
@@ -50,7 +54,6 @@ class Turns:
                     self._hand_on()
                 else:
                     self._waiting.remove(entry)
-                    heapq.heapify(self._waiting)
                 raise
         else:
             self._busy = True
@@ -60,8 +63,10 @@ class Turns:
             self._hand_on()
 
     def _hand_on(self) -> None:
-        if self._waiting:
-            heapq.heappop(self._waiting)[2].set()  # still busy: the turn passes directly
+        if self._waiting:  # still busy: the turn passes directly
+            best = min(self._waiting, key=lambda e: (e[0](), e[1]))
+            self._waiting.remove(best)
+            best[2].set()
         else:
             self._busy = False
 

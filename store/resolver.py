@@ -275,8 +275,8 @@ class LayerManager:
     # A layer loaded with its image but not looked up within this many seconds is dropped
     # (the runtime had it already, or gave up): its tree and prefetched bytes are not kept.
     early_ttl: float = 120.0
-    # TOC decodes and index builds, one at a time, the layer podman waits on first going
-    # first (store.pullorder).
+    # TOC decodes and index builds, one at a time: the layers podman looked up first, bottom
+    # layer first (store.pullorder).
     _parse_turns: Turns = field(default_factory=Turns)
 
     def __post_init__(self) -> None:
@@ -383,7 +383,7 @@ class LayerManager:
             state = self._states.get(desc.digest)
             if state is not None and state.phase not in (LayerPhase.FAILED, LayerPhase.RELEASED):
                 continue
-            state = self._load(ref, desc, early=True, key=(batch, position))
+            state = self._load(ref, desc, early=True, order=(batch, position))
             self.nursery.start_soon(self._expire_early, desc.digest, state)
 
     def _load(
@@ -392,11 +392,17 @@ class LayerManager:
         desc: LayerDesc,
         *,
         early: bool,
-        key: TurnKey,
+        order: tuple[float, int],
     ) -> _LayerState:
-        """Start loading ``desc``; ``key`` orders its TOC's parse (:class:`Turns`)."""
+        """Start loading ``desc``. Its TOC's parse takes its turn (:class:`Turns`) by
+        (not looked up yet, *order*): ``order`` is (when its image's layers started loading,
+        its place in the manifest)."""
         state = self._states[desc.digest] = _LayerState(wanted=not early)
-        self.nursery.start_soon(self._run_load, ref, desc, state, early, key)
+
+        def priority() -> TurnKey:
+            return (not state.wanted, *order)
+
+        self.nursery.start_soon(self._run_load, ref, desc, state, early, priority)
         return state
 
     async def _run_load(
@@ -405,10 +411,10 @@ class LayerManager:
         desc: LayerDesc,
         state: _LayerState,
         early: bool,
-        key: TurnKey,
+        priority: Callable[[], TurnKey],
     ) -> None:
         try:
-            layer = await self._new_layer(ref, desc, key)
+            layer = await self._new_layer(ref, desc, priority)
         except Exception as exc:
             state.error = exc
             if state.phase is LayerPhase.LOADING:
@@ -497,7 +503,7 @@ class LayerManager:
         elif state is None or state.phase in (LayerPhase.FAILED, LayerPhase.RELEASED):
             # A layer whose load failed, or that was released, is loaded afresh.
             position = next(i for i, d in enumerate(image.layers) if d.digest == desc.digest)
-            state = self._load(ref, desc, early=False, key=(trio.current_time(), position))
+            state = self._load(ref, desc, early=False, order=(trio.current_time(), position))
         elif not state.wanted:
             state.wanted = True
             if state.phase is LayerPhase.LOADED:
@@ -514,9 +520,9 @@ class LayerManager:
         assert state.layer is not None
         return state.layer
 
-    async def _new_layer(self, ref: str, desc: LayerDesc, key: TurnKey) -> Layer:
+    async def _new_layer(self, ref: str, desc: LayerDesc, priority: Callable[[], TurnKey]) -> Layer:
         assert desc.toc_digest is not None
-        blob, index, tree = await self._load_index(ref, desc, key)
+        blob, index, tree = await self._load_index(ref, desc, priority)
         layer = Layer(
             key=f"{ref}/{desc.digest}",
             digest=desc.digest,
@@ -544,10 +550,10 @@ class LayerManager:
         return layer
 
     async def _load_index(
-        self, ref: str, desc: LayerDesc, key: TurnKey
+        self, ref: str, desc: LayerDesc, priority: Callable[[], TurnKey]
     ) -> tuple[BlobReader, EstargzLayerView, LayerTree]:
         """Footer+TOC → verified index and tree (the decoded TOC entries are freed); the
-        parse waits for its turn (``key``, :class:`~store.pullorder.Turns`)."""
+        parse waits for its turn (by ``priority()``, :class:`~store.pullorder.Turns`)."""
         assert desc.toc_digest is not None
         ahead = AheadBlob(self.registry.blob(ref, desc.digest, desc.size))
         # The prefetch region starts downloading once the TOC is verified, before its parse;
@@ -575,7 +581,7 @@ class LayerManager:
                 limits,
                 desc.zstd_chunked,
                 marks,
-                parse_turn=partial(self._parse_turns.turn, key),
+                parse_turn=partial(self._parse_turns.turn, priority),
             )
             with span(marks, "tree"):
                 tree = LayerTree(index.index)

@@ -28,16 +28,21 @@ REF = "127.0.0.1:5000/order/image:1"
 # -- Turns -------------------------------------------------------------------------------------
 
 
+def _key(*key):
+    return lambda: key
+
+
 @pytest.mark.anyio
-async def test_turns_go_one_at_a_time_lowest_key_first_ties_by_arrival():
+async def test_turns_go_one_at_a_time_lowest_priority_first_ties_by_arrival():
     turns = Turns()
     order: list[str] = []
     inside = 0
     release = trio.Event()
+    changing = {"late-riser": (9.0, 9)}
 
-    async def holder(name: str, key, wait: trio.Event | None = None) -> None:
+    async def holder(name: str, priority, wait: trio.Event | None = None) -> None:
         nonlocal inside
-        async with turns.turn(key):
+        async with turns.turn(priority):
             inside += 1
             assert inside == 1
             order.append(name)
@@ -47,22 +52,24 @@ async def test_turns_go_one_at_a_time_lowest_key_first_ties_by_arrival():
             inside -= 1
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(holder, "first", (5.0, 9), release)
+        nursery.start_soon(holder, "first", _key(5.0, 9), release)
         await trio.testing.wait_all_tasks_blocked()
-        for name, key in [
-            ("c", (1.0, 3)),
-            ("a", (1.0, 1)),
-            ("later-image", (2.0, 0)),
-            ("b", (1.0, 2)),
-            ("b2", (1.0, 2)),
+        for name, priority in [
+            ("c", _key(1.0, 3)),
+            ("a", _key(1.0, 1)),
+            ("later-image", _key(2.0, 0)),
+            ("b", _key(1.0, 2)),
+            ("b2", _key(1.0, 2)),
+            ("late-riser", lambda: changing["late-riser"]),
         ]:
-            nursery.start_soon(holder, name, key)
+            nursery.start_soon(holder, name, priority)
             await trio.testing.wait_all_tasks_blocked()
-        assert turns.waiting == 5
+        assert turns.waiting == 6
+        changing["late-riser"] = (0.5, 0)  # read when the turn is handed on, not when queued
         release.set()
-    assert order == ["first", "a", "b", "b2", "c", "later-image"]
+    assert order == ["first", "late-riser", "a", "b", "b2", "c", "later-image"]
     assert turns.waiting == 0
-    async with turns.turn((0.0, 0)):  # free again: no wait
+    async with turns.turn(_key(0.0, 0)):  # free again: no wait
         pass
 
 
@@ -72,34 +79,62 @@ async def test_a_waiter_cancelled_before_or_after_its_turn_never_blocks_the_queu
     order: list[str] = []
     release = trio.Event()
 
-    async def holder(name: str, key, wait: trio.Event | None = None) -> None:
-        async with turns.turn(key):
+    async def holder(name: str, priority, wait: trio.Event | None = None) -> None:
+        async with turns.turn(priority):
             order.append(name)
             if wait is not None:
                 await wait.wait()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(holder, "first", (0.0, 0), release)
+        nursery.start_soon(holder, "first", _key(0.0, 0), release)
         await trio.testing.wait_all_tasks_blocked()
         with trio.CancelScope() as gone:
             gone.cancel()
-            await holder("gone", (0.0, 1))  # cancelled while it waits: leaves the queue
+            await holder("gone", _key(0.0, 1))  # cancelled while it waits: leaves the queue
         assert turns.waiting == 0
         granted_then_cancelled = trio.CancelScope()
 
         async def cancelled_when_granted() -> None:
             with granted_then_cancelled:
-                await holder("granted", (0.0, 1), trio.Event())  # waits inside forever
+                await holder("granted", _key(0.0, 1), trio.Event())  # waits inside forever
 
         nursery.start_soon(cancelled_when_granted)
         await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(holder, "last", (0.0, 2))
+        nursery.start_soon(holder, "last", _key(0.0, 2))
         await trio.testing.wait_all_tasks_blocked()
         release.set()
         await trio.testing.wait_all_tasks_blocked()
         granted_then_cancelled.cancel()
     assert order == ["first", "granted", "last"]
     assert turns.waiting == 0
+
+
+@pytest.mark.anyio
+async def test_a_waiter_cancelled_just_as_it_is_granted_hands_the_turn_on():
+    """The holder cancels the first waiter and leaves: the turn is granted to that waiter
+    before it wakes up cancelled, and it passes the turn to the next one."""
+    turns = Turns()
+    order: list[str] = []
+    doomed = trio.CancelScope()
+
+    async def holder(name: str, priority) -> None:
+        async with turns.turn(priority):
+            order.append(name)
+            if name == "first":
+                await trio.testing.wait_all_tasks_blocked()
+                doomed.cancel()  # its wait is aborted, but it is still in the queue
+
+    async def doomed_waiter() -> None:
+        with doomed:
+            await holder("doomed", _key(0.0, 1))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder, "first", _key(0.0, 0))
+        await trio.sleep(0)
+        nursery.start_soon(doomed_waiter)
+        nursery.start_soon(holder, "next", _key(0.0, 2))
+    assert order == ["first", "next"]
+    assert turns.waiting == 0 and not turns._busy
 
 
 # -- along the resolver ------------------------------------------------------------------------
@@ -165,7 +200,9 @@ class _Registry(RegistryAccess):
 
 
 @pytest.mark.anyio
-async def test_tocs_waiting_together_are_parsed_bottom_layer_first(tmp_path):
+async def test_tocs_waiting_together_are_parsed_looked_up_first_then_bottom_layer_first(tmp_path):
+    """Five TOCs verified while the turn is taken: when it is handed on, the layer podman
+    has asked for goes first (here the top one), then the others from the bottom up."""
     n = 5
     layers = [_layer(tmp_path, 10 + seed) for seed in range(n)]
     gate = trio.Event()
@@ -178,24 +215,22 @@ async def test_tocs_waiting_together_are_parsed_bottom_layer_first(tmp_path):
             cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery, timeline=timeline
         )
         await manager.image(REF)
-        await trio.testing.wait_all_tasks_blocked()
-        gate.set()  # every TOC arrives at once, in no particular order
+        async with manager._parse_turns.turn(lambda: (False, -1.0, -1)):  # the test's turn
+            gate.set()  # every TOC arrives at once, in no particular order
+            with trio.fail_after(10):
+                while manager._parse_turns.waiting < n:
+                    await trio.sleep(0.01)
+            nursery.start_soon(manager.get_layer, REF, reg.descs[-1].digest)
+            await trio.testing.wait_all_tasks_blocked()
         for desc in reg.descs:
             await manager.get_layer(REF, desc.digest)
         nursery.cancel_scope.cancel()
     timeline.close()
     events = [json.loads(line) for line in path.read_text().splitlines()]
     position = {d.digest: i for i, d in enumerate(reg.descs)}
-    verified = {e["layer"]: e["t"] + e["dur"] for e in events if e["event"] == "verify"}
     parses = sorted(
         (e["t"], e["t"] + e["dur"], e["layer"]) for e in events if e["event"] == "parse"
     )
-    assert len(parses) == n
+    assert [position[layer] for _, _, layer in parses] == [4, 0, 1, 2, 3]
     for (_, a_end, _), (b_start, _, _) in itertools.pairwise(parses):
         assert a_end <= b_start, parses  # one at a time
-    # When a parse ends, the turn goes to the lowest layer then waiting (verified, not parsed).
-    for k in range(1, n):
-        handed_at, chosen = parses[k - 1][1], parses[k][2]
-        waiting = [layer for _, _, layer in parses[k:] if verified[layer] <= handed_at]
-        if waiting:  # else the turn was free, and the next TOC verified took it
-            assert position[chosen] == min(position[w] for w in waiting), (k, parses, verified)
