@@ -374,7 +374,7 @@ class LayerManager:
         prioritized files (the region before the landmark) start downloading then too, while
         the runtime is still walking the layers. Such an early layer (``LOADED``) is not
         counted, listed or background-fetched until it is looked up. Their TOCs are parsed
-        bottom layer first (:mod:`store.pullorder`).
+        one at a time, those looked up first, then bottom layer first (:mod:`store.pullorder`).
         """
         batch = trio.current_time()
         for position, desc in enumerate(layers):
@@ -387,12 +387,7 @@ class LayerManager:
             self.nursery.start_soon(self._expire_early, desc.digest, state)
 
     def _load(
-        self,
-        ref: str,
-        desc: LayerDesc,
-        *,
-        early: bool,
-        order: tuple[float, int],
+        self, ref: str, desc: LayerDesc, *, early: bool, order: tuple[float, int]
     ) -> _LayerState:
         """Start loading ``desc``. Its TOC's parse takes its turn (:class:`Turns`) by
         (not looked up yet, *order*): ``order`` is (when its image's layers started loading,
