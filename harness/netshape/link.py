@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+from harness.netshape.delayer import DelayerReport
 from harness.netshape.measure import LinkMeasurement, measure
 from harness.netshape.profiles import NetworkProfile, get_profile
 from harness.processes import Service, die_with_parent, free_port
@@ -57,7 +58,8 @@ class NetworkLink(Service):
     Inside: ``netns`` (``None`` for ``loopback``), ``host_addr`` (our end), ``ns_addr`` (where
     a server in the namespace listens), ``prefix`` (argv prefix that runs a command in the
     namespace, ``[]`` for loopback), ``measurement`` after :meth:`measure`, :meth:`info` for
-    the results.
+    the results, ``delayer_reports`` (one :class:`DelayerReport` per NFQUEUE delayer stopped,
+    oldest first: whether stopping it lost a packet).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class NetworkLink(Service):
         self._probe: subprocess.Popen | None = None
         self._shaped = False
         self.removed_stale: list[str] = []
+        self.delayer_reports: list[DelayerReport] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -299,12 +302,17 @@ class NetworkLink(Service):
             _run("tc", *ns, *f"qdisc change dev {dev} {parent} handle 10: tbf".split(), *args)
 
     def _stop_delayer(self) -> None:
-        """Remove the NFQUEUE rule, then let the delayer release what it holds and exit."""
+        """Remove the NFQUEUE rule, then let the delayer release what it holds and exit.
+
+        Its packet accounting is appended to ``delayer_reports``.
+        """
         if self._delayer is None:
             return
+        proc, self._delayer = self._delayer, None
         _run(*self.prefix, "iptables", "-w", "5", "-D", "INPUT", *self._rule(), check=False)
-        _stop(self._delayer)
-        self._delayer = None
+        report = DelayerReport.parse(_stop_reading_stderr(proc))
+        if report is not None:
+            self.delayer_reports.append(report)
 
 
 def _tbf_args(rate_mbit: float, rtt_ms: float) -> list[str]:
@@ -349,15 +357,9 @@ def _wait_ready(proc: subprocess.Popen, what: str, *, timeout: float) -> None:
                     break
         # Read what the child said before _stop closes its pipes (reading after was the bug
         # that hid every cause behind "I/O operation on closed file").
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            _, err = proc.communicate(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate(timeout=5)
+        err = _stop_reading_stderr(proc)
         _stop(proc)
-        err = (err or "").strip()[-800:]
+        err = err.strip()[-800:]
         code = f" (exit status {proc.returncode})" if proc.returncode else ""
         raise NetworkError(
             f"{what} did not start{code}: {err or 'no ready line within the timeout'}"
@@ -397,6 +399,18 @@ def needs_delayer(profile: NetworkProfile) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return True
     return probe.returncode != 0
+
+
+def _stop_reading_stderr(proc: subprocess.Popen, timeout: float = 5.0) -> str:
+    """SIGTERM (SIGKILL after ``timeout`` s) and wait; what the child wrote to stderr."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate(timeout=timeout)
+    return err or ""
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
