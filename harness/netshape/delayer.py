@@ -9,8 +9,9 @@ Run inside the namespace: ``python -m harness.netshape.delayer --queue 0 --delay
 prints ``ready`` once bound. On SIGTERM/SIGINT it accepts everything it still holds and exits:
 no packet is ever dropped by stopping it (the link removes the iptables rule first, and the
 rule carries ``--queue-bypass`` so a missing delayer means no delay, not a dead link).
-Its last stderr line accounts for every packet (``DelayerReport``): how many the kernel queued
-to it, dropped before it could read them, and how many it took and let go.
+Its last stderr line accounts for every packet (:class:`~harness.netshape.accounting.
+DelayerReport`): what the kernel queued to it, dropped, and still held when it let go of the
+queue, and how many packets it read and accepted.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
 import select
 import signal
 import sys
 import time
-from dataclasses import dataclass
+
+from harness.netshape.accounting import DelayerReport, kernel_counters
 
 # What a missing or unusable delayer tells the user (the link repeats it as its error).
 MISSING_DEPENDENCY = (
@@ -32,75 +33,6 @@ MISSING_DEPENDENCY = (
     "libnetfilter-queue-dev and libnfnetlink-dev: apt-get install libnetfilter-queue-dev "
     "libnfnetlink-dev build-essential python3-dev, or run ci/install-system-deps)"
 )
-
-
-# The kernel's per-queue counters, one line per bound queue of this network namespace:
-# queue_number peer_portid queue_total copy_mode copy_range queue_dropped user_dropped
-# id_sequence 1 (net/netfilter/nfnetlink_queue.c, seq_show).
-QUEUE_STATS = "/proc/net/netfilter/nfnetlink_queue"
-
-_REPORT = re.compile(
-    r"released (?P<released>\d+) of (?P<received>\d+); kernel queued (?P<queued>-?\d+), "
-    r"dropped (?P<queue_dropped>-?\d+) on a full queue and (?P<user_dropped>-?\d+) on a full "
-    r"socket"
-)
-
-
-@dataclass(frozen=True)
-class DelayerReport:
-    """One delayer's packet accounting, from its last stderr line.
-
-    ``queued``: packets the kernel numbered for the queue (its id sequence, which includes the
-    ``user_dropped`` ones it then could not deliver to the delayer's socket);
-    ``queue_dropped``: packets refused because the queue was full; ``received``: packets the
-    delayer read; ``released``: packets it accepted. Kernel counters are -1 when they could not
-    be read (``QUEUE_STATS`` missing).
-    """
-
-    queued: int
-    queue_dropped: int
-    user_dropped: int
-    received: int
-    released: int
-
-    @property
-    def lost(self) -> int:
-        """Packets the delay step did not pass on: 0 when every packet queued was accepted.
-
-        Counts refused packets, packets queued but never read (dropped on a full socket or
-        flushed by the kernel at unbind), and packets read but not accepted.
-        """
-        refused = max(0, self.queue_dropped)
-        unread = max(0, self.queued - self.received) if self.queued >= 0 else 0
-        return refused + unread + max(0, self.received - self.released)
-
-    def line(self) -> str:
-        return (
-            f"released {self.released} of {self.received}; kernel queued {self.queued}, "
-            f"dropped {self.queue_dropped} on a full queue and {self.user_dropped} on a full "
-            "socket"
-        )
-
-    @classmethod
-    def parse(cls, stderr: str) -> DelayerReport | None:
-        """The last report in a delayer's stderr, or None if it printed none (killed, failed)."""
-        found = list(_REPORT.finditer(stderr))
-        if not found:
-            return None
-        return cls(**{k: int(v) for k, v in found[-1].groupdict().items()})
-
-
-def kernel_counters(queue: int) -> tuple[int, int, int]:
-    """(queued, queue_dropped, user_dropped) for NFQUEUE ``queue``; -1s if unreadable."""
-    try:
-        with open(QUEUE_STATS) as f:
-            for line in f:
-                fields = line.split()
-                if fields and int(fields[0]) == queue:
-                    return int(fields[7]), int(fields[5]), int(fields[6])
-    except (OSError, ValueError, IndexError):
-        pass
-    return -1, -1, -1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         while held:
             held.popleft()[1].accept()
             released += 1
-        queued, queue_dropped, user_dropped = kernel_counters(args.queue)
+        queued, queue_dropped, user_dropped, pending = kernel_counters(args.queue)
         nfq.unbind()
-    report = DelayerReport(queued, queue_dropped, user_dropped, received, released)
+    report = DelayerReport(queued, queue_dropped, user_dropped, pending, received, released)
     print(report.line(), file=sys.stderr, flush=True)
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import random
 import signal
@@ -25,10 +26,12 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
-from harness.netshape.delayer import DelayerReport
+from harness.netshape.accounting import DelayerReport
 from harness.netshape.measure import LinkMeasurement, measure
 from harness.netshape.profiles import NetworkProfile, get_profile
 from harness.processes import Service, die_with_parent, free_port
+
+log = logging.getLogger(__name__)
 
 PREFIX = "lzb-"
 SUBNET = ipaddress.ip_network("10.213.0.0/16")
@@ -59,7 +62,8 @@ class NetworkLink(Service):
     a server in the namespace listens), ``prefix`` (argv prefix that runs a command in the
     namespace, ``[]`` for loopback), ``measurement`` after :meth:`measure`, :meth:`info` for
     the results, ``delayer_reports`` (one :class:`DelayerReport` per NFQUEUE delayer stopped,
-    oldest first: whether stopping it lost a packet).
+    oldest first: whether stopping it lost a packet; a delayer killed before it could report
+    leaves none, and a warning).
     """
 
     def __init__(
@@ -306,12 +310,18 @@ class NetworkLink(Service):
 
         Its packet accounting is appended to ``delayer_reports``.
         """
-        if self._delayer is None:
+        proc = self._delayer
+        if proc is None:
             return
-        proc, self._delayer = self._delayer, None
-        _run(*self.prefix, "iptables", "-w", "5", "-D", "INPUT", *self._rule(), check=False)
-        report = DelayerReport.parse(_stop_reading_stderr(proc))
-        if report is not None:
+        try:
+            _run(*self.prefix, "iptables", "-w", "5", "-D", "INPUT", *self._rule(), check=False)
+        finally:  # stopped even if iptables failed: the rule's --queue-bypass then passes all
+            err = _stop_reading_stderr(proc)
+            self._delayer = None
+        report = DelayerReport.parse(err)
+        if report is None:
+            log.warning("the NFQUEUE delayer left no packet accounting: %s", err.strip()[-800:])
+        else:
             self.delayer_reports.append(report)
 
 
@@ -357,9 +367,7 @@ def _wait_ready(proc: subprocess.Popen, what: str, *, timeout: float) -> None:
                     break
         # Read what the child said before _stop closes its pipes (reading after was the bug
         # that hid every cause behind "I/O operation on closed file").
-        err = _stop_reading_stderr(proc)
-        _stop(proc)
-        err = err.strip()[-800:]
+        err = _stop_reading_stderr(proc).strip()[-800:]
         code = f" (exit status {proc.returncode})" if proc.returncode else ""
         raise NetworkError(
             f"{what} did not start{code}: {err or 'no ready line within the timeout'}"

@@ -22,7 +22,7 @@ from harness.netshape import (
     cleanup_stale,
     leftovers,
 )
-from harness.netshape.delayer import DelayerReport
+from harness.netshape.accounting import DelayerReport
 from harness.netshape.link import NS_IFACE
 from harness.netshape.measure import measure
 
@@ -145,7 +145,10 @@ def _tbf_drops(link: NetworkLink) -> int:
     total = 0
     for ns, dev in link._ends():
         out = subprocess.run(
-            ["tc", *ns, "-s", "qdisc", "show", "dev", dev], capture_output=True, text=True
+            ["tc", *ns, "-s", "qdisc", "show", "dev", dev],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         total += sum(int(n) for n in re.findall(r"dropped (\d+)", out))
     return total
@@ -153,7 +156,7 @@ def _tbf_drops(link: NetworkLink) -> int:
 
 def test_lifting_the_delay_mid_transfer_loses_no_packet(no_leftovers):
     """Stopping the delayer while it holds packets: removed rule first, then all released."""
-    with NetworkLink("wan") as link:
+    with NetworkLink("wan", delay_method="nfqueue") as link:
         server = _serve_in_ns(link, 6001)
         try:
             result = {}
@@ -196,16 +199,18 @@ def test_lifting_the_delay_mid_transfer_loses_no_packet(no_leftovers):
 
 
 def test_delayer_report_counts_every_way_a_packet_is_lost():
-    clean = DelayerReport(queued=10, queue_dropped=0, user_dropped=0, received=10, released=10)
+    clean = DelayerReport(
+        queued=10, queue_dropped=0, user_dropped=0, pending=0, received=10, released=10
+    )
     assert DelayerReport.parse("noise\n" + clean.line() + "\n") == clean
     assert clean.lost == 0
     assert DelayerReport.parse("Traceback (most recent call last):\n") is None
-    # refused on a full queue, numbered but never read, read but never accepted
-    assert DelayerReport(10, 2, 0, 10, 10).lost == 2
-    assert DelayerReport(10, 0, 1, 8, 8).lost == 2
-    assert DelayerReport(10, 0, 0, 10, 7).lost == 3
+    # refused on a full queue, not delivered to a full socket, still queued at unbind
+    assert DelayerReport(10, 2, 0, 0, 10, 10).lost == 2
+    assert DelayerReport(10, 0, 3, 0, 7, 7).lost == 3
+    assert DelayerReport(10, 0, 0, 4, 6, 6).lost == 4
     # kernel counters unreadable: what the delayer itself saw still counts
-    assert DelayerReport(-1, -1, -1, 10, 9).lost == 1
+    assert DelayerReport(-1, -1, -1, -1, 10, 9).lost == 1
 
 
 def test_a_dead_delayer_does_not_cut_the_link(no_leftovers):
