@@ -55,6 +55,14 @@ Our additions (top level):
                          of one round trip after another as the loader opens them (default
                          true; :mod:`store.libprefetch`). It fetches what a first read of each
                          library would, no more; nothing counts as read.
+``prefetch_entrypoint``  when a container of an image starts (the runtime's first read of its
+                         ``/etc/passwd`` or ``/etc/group``), fetch side by side what the start
+                         reads next: the other of the two, the config's ``Entrypoint``/``Cmd``
+                         program through its ``PATH`` (a script's ``#!`` interpreters in
+                         turn), each up to 16 MiB, and, with ``prefetch_libraries``, their
+                         libraries (default true; :mod:`store.libprefetch`). Started by a
+                         read, as the library look-ahead is: ``noprefetch`` leaves it on.
+                         Nothing counts as read.
 
 Both caps bound the memory one hostile layer can take; a refused layer's lookup answers EIO
 and the store logs one line naming the cause (the runtime then pulls the layer normally).
@@ -115,6 +123,7 @@ class StoreConfig:
     toc_max_entries: int = 1_000_000
     zstd_measure_diff_size: bool = False
     prefetch_libraries: bool = True
+    prefetch_entrypoint: bool = True
 
     @property
     def opaque_xattrs(self) -> tuple[bytes, ...]:
@@ -154,6 +163,7 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "toc_max_entries": ("toc_max_entries", (int,)),
     "zstd_measure_diff_size": ("zstd_measure_diff_size", (bool,)),
     "prefetch_libraries": ("prefetch_libraries", (bool,)),
+    "prefetch_entrypoint": ("prefetch_entrypoint", (bool,)),
 }
 
 # Keys whose value must be one of a few words.

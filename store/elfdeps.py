@@ -33,6 +33,7 @@ ELF_MAGIC = b"\x7fELF"
 FETCH_MIN = 64 << 10  # bytes fetched at least per missing piece the parse asks for
 FETCH_MAX = 256 << 10  # and at most (a hostile header may name a huge segment)
 MAX_ROUNDS = 8  # fetch-and-reparse rounds per file before giving up
+MAX_SEARCH = 64  # directories kept of a file's search path (a hostile runpath may list more)
 
 # Where ld.so looks when the runpath does not name the library, by ELF machine (Debian's
 # ld.so.conf.d multiarch directories first, then the built-in /lib and /usr/lib; musl's
@@ -200,7 +201,9 @@ def parse_elf_deps(f: SparseFile, directory: str) -> ElfDeps | None:
         machine=machine,
         interpreter=interpreter if interpreter and interpreter.startswith("/") else None,
         needed=tuple(n for n in needed if n),
-        search=tuple(d for d in [*expanded, *system_dirs(machine)] if d.startswith("/")),
+        search=tuple(
+            dict.fromkeys(d for d in [*expanded, *system_dirs(machine)] if d.startswith("/"))
+        )[:MAX_SEARCH],
     )
 
 

@@ -462,6 +462,8 @@ class StoreFS:
             if self.manager.timeline is not None:
                 key = ("read", layer.digest)
                 self.manager.timeline.once(key, "first_read", layer=layer.digest)
+            if self.manager.libraries is not None:
+                self.manager.libraries.before_read(found[0].ref, found[1], offset)
             data = await layer.read_file(found[1], offset, size)
             if self.on_read_range is not None:
                 self.on_read_range(layer, found[1], offset, len(data))

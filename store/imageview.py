@@ -11,6 +11,7 @@ directories"); symbolic links are followed as the kernel follows them, at most
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from dataclasses import dataclass
 from store.tree import LayerTree, Node
 
 MAX_SYMLINKS = 40  # Linux's limit per path resolution (ELOOP past it)
+# The PATH a container gets when its image sets none (podman's and the OCI runtimes' default).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PATH_MAX = 4096  # bytes of a path the kernel resolves (ENAMETOOLONG past it)
+MAX_PATH_DIRS = 64  # PATH directories kept (a hint: a config's PATH may be of any length)
+SHEBANG_MAX = 256  # bytes of a script's first line read for its interpreter (Linux reads 256)
 
 
 @dataclass(frozen=True)
@@ -70,13 +76,16 @@ class MergedView:
 
     def resolve(self, path: str) -> Found | None:
         """The file ``path`` (absolute or relative to the root) names, following symbolic
-        links in every component; None if it does not exist, loops, or leads nowhere."""
-        todo = [p for p in path.split("/") if p]
+        links in every component; None if it does not exist, loops, leads nowhere, or is
+        longer than :data:`PATH_MAX` bytes."""
+        if len(path) >= PATH_MAX:
+            return None
+        todo = [p for p in reversed(path.split("/")) if p]  # next component last
         done: list[str] = []
         hops = 0
         found: tuple[int, Node] | None = None
         while todo:
-            part = todo.pop(0)
+            part = todo.pop()
             if part == ".":
                 continue
             if part == "..":
@@ -97,7 +106,7 @@ class MergedView:
                 done.pop()
                 if target.startswith("/"):
                     done = []
-                todo = [p for p in target.split("/") if p] + todo
+                todo += [p for p in reversed(target.split("/")) if p]
                 found = None
             elif todo and not node.is_dir:
                 return None
@@ -109,3 +118,106 @@ class MergedView:
             if found is None:
                 return None
         return Found(found[0], found[1], posixpath.join(*done) if done else "")
+
+
+@dataclass(frozen=True)
+class DefaultProcess:
+    """The process a container of the image runs unless told otherwise: ``program`` is
+    argv[0] of ``Entrypoint`` + ``Cmd`` (OCI image-spec, config.md), ``path`` the
+    directories of its ``PATH`` (from ``Env``, else :data:`DEFAULT_PATH`), ``workdir`` its
+    ``WorkingDir`` (``/`` when unset)."""
+
+    program: str
+    path: tuple[str, ...]
+    workdir: str = "/"
+
+    @classmethod
+    def from_config(cls, config: bytes) -> DefaultProcess | None:
+        """Read from an image config's JSON bytes; None when it names no program (no
+        ``Entrypoint`` or ``Cmd``, or fields of the wrong type: a hint is never an error)."""
+        try:
+            doc = json.loads(config)
+        except ValueError:
+            return None
+        cfg = doc.get("config") if isinstance(doc, dict) else None
+        if not isinstance(cfg, dict):
+            return None
+        argv: list[object] = []
+        for key in ("Entrypoint", "Cmd"):
+            value = cfg.get(key)
+            if isinstance(value, list):
+                argv += value
+        if not argv or not isinstance(argv[0], str) or not argv[0]:
+            return None
+        path = DEFAULT_PATH
+        env = cfg.get("Env")
+        for item in env if isinstance(env, list) else []:
+            if isinstance(item, str) and item.startswith("PATH="):
+                path = item[5:]
+        workdir = cfg.get("WorkingDir")
+        dirs = dict.fromkeys(
+            posixpath.normpath(d)
+            for d in path.split(":")
+            if d.startswith("/") and len(d) < PATH_MAX
+        )
+        return cls(
+            argv[0],
+            tuple(dirs)[:MAX_PATH_DIRS],
+            workdir if isinstance(workdir, str) and workdir.startswith("/") else "/",
+        )
+
+    def candidates(self, name: str) -> list[str]:
+        """Absolute paths ``name`` may run from, in ``execvp(3)``'s order: itself when it
+        holds a ``/`` (relative to :attr:`workdir`), else each ``PATH`` directory."""
+        if "/" in name:
+            return [posixpath.normpath(posixpath.join(self.workdir, name))]
+        return [posixpath.join(d, name) for d in self.path]
+
+    def interpreter(self, head: bytes) -> list[list[str]]:
+        """What ``execve(2)`` runs for a file starting with ``head``, as fs/binfmt_script.c
+        reads a ``#!`` line: the programs in the order they start, each as the paths it may
+        be — ``[["/bin/sh"]]``, or for ``#!/usr/bin/env NAME`` ``env`` and then ``NAME``
+        through ``PATH``. [] when ``head`` is no script or names no interpreter the kernel
+        would run (a relative path, or one cut off at :data:`SHEBANG_MAX` bytes)."""
+        if not head.startswith(b"#!"):
+            return []
+        buf = head[:SHEBANG_MAX]
+        if b"\n" in buf:
+            raw = buf[2:].split(b"\n", 1)[0]
+        else:
+            # No newline in the kernel's buffer: unless the interpreter's path ends within
+            # it (a blank or NUL after it, or the file's end), it was cut off: ENOEXEC.
+            raw = buf[2:]
+            body = raw.lstrip(b" \t")
+            if len(head) >= SHEBANG_MAX and not any(c in body for c in b" \t\0"):
+                return []
+        raw = raw.split(b"\0", 1)[0].strip(b" \t")
+        interp, _, arg = (raw.replace(b"\t", b" ")).partition(b" ")
+        path = interp.decode("utf-8", "surrogateescape")
+        if not path.startswith("/"):
+            return []
+        out = [[path]]
+        # The rest of the line is one argument: env splits it only when told to (-S).
+        rest = arg.strip(b" \t").decode("utf-8", "surrogateescape")
+        if posixpath.basename(path) == "env" and rest:
+            name = _env_program(rest)
+            if name:
+                out.append(self.candidates(name))
+        return out
+
+
+def _env_program(arg: str) -> str | None:
+    """The program ``env`` runs given its one argument from a ``#!`` line (coreutils env:
+    ``-S`` splits the rest; options and ``NAME=VALUE`` come before the program)."""
+    if not arg.startswith("-S"):
+        return None if arg.startswith("-") or " " in arg else arg
+    words = arg[2:].split()
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in ("-u", "-C", "--unset", "--chdir"):
+            skip = True  # an option with a separate value
+        elif not word.startswith("-") and "=" not in word:
+            return word
+    return None

@@ -198,7 +198,9 @@ class Layer:
         """The bytes :meth:`read_file` would return, fetched the same way (the read's whole
         block), but not counted as a read: no access trace, no read statistics, no
         read-ahead. For the store's own look-ahead (:mod:`store.libprefetch`). Raises as
-        :meth:`read_file` does."""
+        :meth:`read_file` does, and :class:`LayerFetchError` once the layer is released."""
+        if self.released:
+            raise LayerFetchError(f"{self.key}: released")
         if offset >= node.size or size <= 0:
             return b""
         end = min(offset + size, node.size)

@@ -270,7 +270,8 @@ class LayerManager:
     released: list[str] = field(default_factory=list)
     _trim_running: bool = False
     _trim_pending: bool = False
-    # Fetches a starting program's libraries ahead of ld.so (None: prefetch_libraries off).
+    # Fetches a starting program's libraries ahead of ld.so, and what a container's start
+    # reads first (None: prefetch_libraries and prefetch_entrypoint both off).
     libraries: LibraryPrefetcher | None = None
     # A layer loaded with its image but not looked up within this many seconds is dropped
     # (the runtime had it already, or gave up): its tree and prefetched bytes are not kept.
@@ -281,10 +282,26 @@ class LayerManager:
 
     def __post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(max(1, self.config.max_concurrency))
-        if self.config.prefetch_libraries:
+        if self.config.prefetch_libraries or self.config.prefetch_entrypoint:
             self.libraries = LibraryPrefetcher(
-                self.image_layers, self.nursery, prefetching=not self.config.noprefetch
+                self.image_layers,
+                self.image_whole,
+                self.nursery,
+                prefetching=not self.config.noprefetch,
+                libraries=self.config.prefetch_libraries,
+                entrypoint=self.config.prefetch_entrypoint,
             )
+
+    def image_whole(self, ref: str) -> tuple[bytes, list[Layer]] | None:
+        """Image ``ref``'s config JSON bytes and layers, topmost first — None unless it is
+        resolved and every one of its layers is loaded (all of them lazily served)."""
+        task = self._images.get(ref)
+        if task is None or not task.done.is_set() or task.value is None:
+            return None
+        layers = self.image_layers(ref)
+        if len(layers) != len(task.value.layers):
+            return None
+        return task.value.config_bytes, layers
 
     def image_layers(self, ref: str) -> list[Layer]:
         """The loaded layers of image ``ref``, topmost first ([] if it is not resolved)."""

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from store.estargz import LayerIndex
-from store.imageview import MAX_SYMLINKS, MergedView
+from store.imageview import (
+    DEFAULT_PATH,
+    MAX_PATH_DIRS,
+    MAX_SYMLINKS,
+    DefaultProcess,
+    MergedView,
+)
 from store.tree import LayerTree
 
 
@@ -91,3 +101,83 @@ def test_dot_dot_loops_and_links_out_of_the_root():
     assert where(MergedView([layer(*chain)]), "l0") is None  # ELOOP
     assert where(MergedView([layer(*chain[1:])]), "l1") is not None
     assert where(view, "/a/f/x") is None  # through a file
+
+
+def config(**fields: object) -> bytes:
+    return json.dumps({"architecture": "amd64", "config": fields}).encode()
+
+
+def test_the_default_process_is_entrypoint_then_cmd_through_the_image_path():
+    p = DefaultProcess.from_config(
+        config(Entrypoint=["redis-server"], Cmd=["--save", ""], Env=["A=1", "PATH=/opt/x:/bin"])
+    )
+    assert p == DefaultProcess("redis-server", ("/opt/x", "/bin"), "/")
+    assert p.candidates(p.program) == ["/opt/x/redis-server", "/bin/redis-server"]
+    p = DefaultProcess.from_config(config(Cmd=["python3", "-c", "1"]))
+    assert p is not None and p.path == tuple(DEFAULT_PATH.split(":"))
+    assert p.candidates("/usr/bin/python3") == ["/usr/bin/python3"]
+    # A relative path with a slash runs from the working directory, as execvp(3) does.
+    p = DefaultProcess.from_config(config(Cmd=["./bin/start", "x"], WorkingDir="/srv/app"))
+    assert p is not None and p.candidates(p.program) == ["/srv/app/bin/start"]
+    assert p.candidates("../../etc/../bin/sh") == ["/bin/sh"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        json.dumps({"config": None}).encode(),
+        config(),
+        config(Cmd=[]),
+        config(Cmd="python3"),  # a string, not the spec's array
+        config(Entrypoint=[3], Cmd=["sh"]),
+        config(Cmd=[""]),
+    ],
+    ids=["empty", "garbage", "array", "null", "none", "cmd-empty", "cmd-str", "non-str", "blank"],
+)
+def test_a_config_naming_no_program_gives_no_default_process(raw):
+    assert DefaultProcess.from_config(raw) is None
+
+
+def test_odd_env_and_working_dir_fall_back_to_the_defaults():
+    p = DefaultProcess.from_config(config(Cmd=["sh"], Env="PATH=/x", WorkingDir="rel"))
+    assert p == DefaultProcess("sh", tuple(DEFAULT_PATH.split(":")), "/")
+    p = DefaultProcess.from_config(config(Cmd=["sh"], Env=[7, "PATH=bin::/usr/bin"]))
+    assert p is not None and p.path == ("/usr/bin",)  # relative PATH entries are skipped
+    # A hostile PATH costs at most MAX_PATH_DIRS lookups per name.
+    path = ":".join(["/usr/bin"] * 1000 + [f"/d{i}" for i in range(1000)])
+    p = DefaultProcess.from_config(config(Cmd=["sh"], Env=[f"PATH={path}"]))
+    assert p is not None and p.path == ("/usr/bin", *(f"/d{i}" for i in range(MAX_PATH_DIRS - 1)))
+
+
+ENV = ["/usr/bin/env"]
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"#!/bin/sh\nexec foo\n", [["/bin/sh"]]),
+        (b"#! /bin/bash -e\n", [["/bin/bash"]]),
+        (b"#!/bin/sh\t-e \n", [["/bin/sh"]]),
+        (b"#!/usr/bin/env python3\n", [ENV, ["/usr/bin/python3", "/bin/python3"]]),
+        (b"#!/usr/bin/env -S VAR=1 -u X node --x\n", [ENV, ["/usr/bin/node", "/bin/node"]]),
+        # Without -S the rest of the line is one argument: env looks for "python3 -u".
+        (b"#!/usr/bin/env python3 -u\n", [ENV]),
+        (b"#!/usr/bin/env -i sh\n", [ENV]),
+        (b"#!/usr/bin/env\n", [ENV]),
+        (b"#!/bin/sh\r\n", [["/bin/sh\r"]]),  # a CRLF script: the kernel looks for "sh\r"
+        (b"#!bin/sh\n", []),  # not absolute: execve(2) would resolve it from the caller's cwd
+        (b"#!\n", []),
+        (b"\x7fELF\x02\x01", []),
+        # The kernel reads 256 bytes: a path cut off there is not run, its arguments may be.
+        (b"#!/" + b"a" * 400, []),
+        (b"#!/bin/sh " + b"a" * 400, [["/bin/sh"]]),
+        (b"#!/bin/sh", [["/bin/sh"]]),  # the whole file
+        (b"#!/bin/sh\0junk\n", [["/bin/sh"]]),
+    ],
+)
+def test_a_script_names_its_interpreter(head, expected):
+    p = DefaultProcess("entry.sh", ("/usr/bin", "/bin"))
+    assert p.interpreter(head) == expected
