@@ -60,9 +60,10 @@ Our additions (top level):
                          reads next: the other of the two, the config's ``Entrypoint``/``Cmd``
                          program through its ``PATH`` (a script's ``#!`` interpreters in
                          turn), each up to 16 MiB, and, with ``prefetch_libraries``, their
-                         libraries (default true; :mod:`store.libprefetch`). Started by a
-                         read, as the library look-ahead is: ``noprefetch`` leaves it on.
-                         Nothing counts as read.
+                         libraries (default true; :mod:`store.libprefetch`); only when the
+                         store serves every layer of the image. Started by a read, as the
+                         library look-ahead is: ``noprefetch`` leaves it on. Nothing counts
+                         as read.
 
 Both caps bound the memory one hostile layer can take; a refused layer's lookup answers EIO
 and the store logs one line naming the cause (the runtime then pulls the layer normally).

@@ -33,7 +33,7 @@ ELF_MAGIC = b"\x7fELF"
 FETCH_MIN = 64 << 10  # bytes fetched at least per missing piece the parse asks for
 FETCH_MAX = 256 << 10  # and at most (a hostile header may name a huge segment)
 MAX_ROUNDS = 8  # fetch-and-reparse rounds per file before giving up
-MAX_SEARCH = 64  # directories kept of a file's search path (a hostile runpath may list more)
+MAX_SEARCH = 64  # runpath directories kept of a file's (a hostile one may list more)
 
 # Where ld.so looks when the runpath does not name the library, by ELF machine (Debian's
 # ld.so.conf.d multiarch directories first, then the built-in /lib and /usr/lib; musl's
@@ -201,9 +201,15 @@ def parse_elf_deps(f: SparseFile, directory: str) -> ElfDeps | None:
         machine=machine,
         interpreter=interpreter if interpreter and interpreter.startswith("/") else None,
         needed=tuple(n for n in needed if n),
+        # A hostile runpath is cut, never the system directories ld.so falls back on.
         search=tuple(
-            dict.fromkeys(d for d in [*expanded, *system_dirs(machine)] if d.startswith("/"))
-        )[:MAX_SEARCH],
+            dict.fromkeys(
+                [
+                    *[d for d in expanded if d.startswith("/")][:MAX_SEARCH],
+                    *system_dirs(machine),
+                ]
+            )
+        ),
     )
 
 

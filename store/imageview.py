@@ -22,6 +22,8 @@ MAX_SYMLINKS = 40  # Linux's limit per path resolution (ELOOP past it)
 # The PATH a container gets when its image sets none (podman's and the OCI runtimes' default).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PATH_MAX = 4096  # bytes of a path the kernel resolves (ENAMETOOLONG past it)
+MAX_STEPS = 1024  # path components one resolution walks, links' included
+MAX_DEPTH = 128  # directories deep a resolution goes
 MAX_PATH_DIRS = 64  # PATH directories kept (a hint: a config's PATH may be of any length)
 SHEBANG_MAX = 256  # bytes of a script's first line read for its interpreter (Linux reads 256)
 
@@ -76,16 +78,21 @@ class MergedView:
 
     def resolve(self, path: str) -> Found | None:
         """The file ``path`` (absolute or relative to the root) names, following symbolic
-        links in every component; None if it does not exist, loops, leads nowhere, or is
-        longer than :data:`PATH_MAX` bytes."""
-        if len(path) >= PATH_MAX:
+        links in every component; None if it does not exist, loops, leads nowhere, is
+        longer than :data:`PATH_MAX` bytes, or takes more than :data:`MAX_STEPS` components
+        or a depth of :data:`MAX_DEPTH` (each step looks the whole path up again: a hostile
+        tree must not make one resolution cost seconds)."""
+        if not path_ok(path):
             return None
         todo = [p for p in reversed(path.split("/")) if p]  # next component last
         done: list[str] = []
-        hops = 0
+        hops = steps = 0
         found: tuple[int, Node] | None = None
         while todo:
             part = todo.pop()
+            steps += 1
+            if steps > MAX_STEPS or len(done) >= MAX_DEPTH:
+                return None
             if part == ".":
                 continue
             if part == "..":
@@ -147,7 +154,7 @@ class DefaultProcess:
             value = cfg.get(key)
             if isinstance(value, list):
                 argv += value
-        if not argv or not isinstance(argv[0], str) or not argv[0]:
+        if not argv or not isinstance(argv[0], str) or not path_ok(argv[0]):
             return None
         path = DEFAULT_PATH
         env = cfg.get("Env")
@@ -156,19 +163,21 @@ class DefaultProcess:
                 path = item[5:]
         workdir = cfg.get("WorkingDir")
         dirs = dict.fromkeys(
-            posixpath.normpath(d)
-            for d in path.split(":")
-            if d.startswith("/") and len(d) < PATH_MAX
+            posixpath.normpath(d) for d in path.split(":") if d.startswith("/") and path_ok(d)
         )
         return cls(
             argv[0],
             tuple(dirs)[:MAX_PATH_DIRS],
-            workdir if isinstance(workdir, str) and workdir.startswith("/") else "/",
+            workdir
+            if isinstance(workdir, str) and workdir.startswith("/") and path_ok(workdir)
+            else "/",
         )
 
     def candidates(self, name: str) -> list[str]:
         """Absolute paths ``name`` may run from, in ``execvp(3)``'s order: itself when it
         holds a ``/`` (relative to :attr:`workdir`), else each ``PATH`` directory."""
+        if not path_ok(name):
+            return []
         if "/" in name:
             return [posixpath.normpath(posixpath.join(self.workdir, name))]
         return [posixpath.join(d, name) for d in self.path]
@@ -187,7 +196,7 @@ class DefaultProcess:
         else:
             # No newline in the kernel's buffer: unless the interpreter's path ends within
             # it (a blank or NUL after it, or the file's end), it was cut off: ENOEXEC.
-            raw = buf[2:]
+            raw = buf[2 : SHEBANG_MAX - 1]  # the kernel's buf_end: the last byte is not read
             body = raw.lstrip(b" \t")
             if len(head) >= SHEBANG_MAX and not any(c in body for c in b" \t\0"):
                 return []
@@ -221,3 +230,12 @@ def _env_program(arg: str) -> str | None:
         elif not word.startswith("-") and "=" not in word:
             return word
     return None
+
+
+def path_ok(path: str) -> bool:
+    """Whether ``path`` is a name the kernel could look up: non-empty, encodable as the TOC's
+    names are (UTF-8, undecodable bytes as surrogate escapes), under :data:`PATH_MAX` bytes."""
+    try:
+        return 0 < len(path.encode("utf-8", "surrogateescape")) < PATH_MAX
+    except UnicodeError:
+        return False

@@ -208,6 +208,17 @@ class Layer:
         plan = self.source.plan_read(chunks, offset, end, node.size)
         return await self.source.read(plan, offset, end, nursery=self._nursery)
 
+    def fetch_file_soon(self, node: Node, offset: int, size: int) -> None:
+        """:meth:`fetch_file` in the layer's own nursery (cancelled by :meth:`release`),
+        nobody waiting; a failure is logged (a read of those bytes reports it)."""
+        self._spawn(self._fetch_quietly, node, offset, size)
+
+    async def _fetch_quietly(self, node: Node, offset: int, size: int) -> None:
+        try:
+            await self.fetch_file(node, offset, size)
+        except Exception as exc:
+            log.debug("look-ahead of %s at %d failed: %s", node.entry.name, offset, exc)
+
     def in_prefetch_region(self, node: Node) -> bool:
         """Whether the file starts in the prioritized region before the landmark, which the
         prefetch brings in (when it runs) in the order a recorded run first read it — with

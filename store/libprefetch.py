@@ -32,17 +32,18 @@ libraries as above. Like the library look-ahead it is started by a read, never b
 (``noprefetch`` leaves it on). On a 40 ms link the python workload's start had waited for
 passwd, group, the program's two blocks and its libraries one round trip after another.
 
-What it costs, per container start of an image (once per reference and config): the start
-files, the program and the interpreters a script names (at most :data:`MAX_SCRIPTS` + 1
-files, each up to :data:`PROGRAM_MAX` bytes), and their libraries, whatever command the
-container runs (a wrong guess costs bytes, never a read). Path lookups are bounded per
-look-ahead (:data:`MAX_RESOLVES`), each yielding to the FUSE loop. An image with layers the
-store does not serve is seen without them (:class:`store.imageview.MergedView`).
+What it costs, per container start of an image (once per resolution of its reference): the
+start files, the program and the interpreters a script names (at most :data:`MAX_SCRIPTS` + 1
+programs, each up to :data:`PROGRAM_MAX` bytes), and their libraries, whatever command the
+container runs (a wrong guess costs bytes, never a read). Any first read of a start file
+counts as a start (a build step, ``podman exec``, a scanner); an image without them, or with
+a layer the store does not serve (pulled whole, or dropped after ``early_ttl``), gets no start
+look-ahead. Path lookups are bounded per look-ahead (:data:`MAX_RESOLVES`) and per lookup
+(:data:`store.imageview.MAX_STEPS`), and run in a worker thread, off the FUSE loop.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import stat
 from collections import OrderedDict
@@ -61,7 +62,7 @@ from store.tree import Node
 log = logging.getLogger(__name__)
 
 MAX_FILES = 64  # libraries fetched ahead for one program, its dependencies' included
-DEADLINE = 30.0  # seconds one program's look-ahead may take
+DEADLINE = 30.0  # seconds one look-ahead may take
 HEAD = 64 << 10  # first bytes of each library fetched (the rest of its block rides along)
 SEEN_MAX = 4096  # files (image, layer, inode) and images remembered, so each is looked at once
 LD_SO_CACHE = "etc/ld.so.cache"  # read by ld.so before it searches the directories
@@ -70,7 +71,7 @@ LD_SO_CACHE = "etc/ld.so.cache"  # read by ld.so before it searches the director
 START_FILES = ("/etc/passwd", "/etc/group")
 START_NAMES = frozenset(p.lstrip("/") for p in START_FILES)  # as a layer's TOC names them
 PROGRAM_MAX = 16 << 20  # bytes of each program of the image's start fetched ahead
-MAX_SCRIPTS = 4  # #! interpreters followed from the image's program (execve(2) allows 4)
+MAX_SCRIPTS = 4  # #! interpreters followed from the image's program (binfmt allows 4)
 MAX_RESOLVES = 256  # path resolutions one look-ahead may make (each yields to the FUSE loop)
 
 
@@ -81,23 +82,23 @@ class LibraryPrefetcher:
     of its image's start files (:meth:`before_read`, when ``entrypoint``).
 
     ``layers_of(ref)`` gives the loaded layers of image ``ref``, topmost first (empty if
-    unknown); ``whole_of(ref)`` its config JSON bytes and layers once all are loaded (None
-    before). ``prefetching``: the store
+    unknown); ``whole_of(ref)`` its resolution's serial number, config JSON bytes and
+    layers once all are loaded (None before). ``prefetching``: the store
     prefetches prioritized regions; a program or library lying in one is left to that
     prefetch (an optimized image has it in the order the workload reads it). What a
     look-ahead fetched counts in the layer's fetch statistics like any fetch.
     """
 
     layers_of: Callable[[str], Sequence[Layer]]
-    whole_of: Callable[[str], tuple[bytes, list[Layer]] | None]
+    whole_of: Callable[[str], tuple[int, bytes, list[Layer]] | None]
     nursery: trio.Nursery
     prefetching: bool = True
     libraries: bool = True  # prefetch_libraries
     entrypoint: bool = True  # prefetch_entrypoint
     # Files whose look-ahead ran or runs, by (image, layer, inode): each is looked at once.
     _seen: OrderedDict[tuple[str, str, int], None] = field(default_factory=OrderedDict)
-    # Images whose start was looked ahead, by (reference, config digest).
-    _images: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
+    # Images whose start was looked ahead, by (reference, serial of its resolution).
+    _images: OrderedDict[tuple[str, int], None] = field(default_factory=OrderedDict)
 
     def claim(self, ref: str, layer: Layer, node: Node) -> bool:
         """Whether ``node`` of ``layer`` in image ``ref`` was not looked at yet; it is now."""
@@ -125,14 +126,14 @@ class LibraryPrefetcher:
         """A read of ``node`` of image ``ref`` from ``offset`` is about to wait for its bytes.
         O(1) unless it is the first read of one of the image's :data:`START_FILES`: a
         container of the image is starting, and its start's look-ahead begins (once per
-        reference and config, when ``entrypoint``)."""
+        resolution of the reference, when ``entrypoint``)."""
         if not self.entrypoint or offset != 0 or node.entry.name not in START_NAMES:
             return
         whole = self.whole_of(ref)
         if whole is None:
             return  # not every layer is the store's (yet): no view of the image to go by
-        config, layers = whole
-        key = (ref, hashlib.sha256(config).hexdigest())
+        serial, config, layers = whole
+        key = (ref, serial)
         if key in self._images:
             return
         self._images[key] = None
@@ -205,7 +206,7 @@ class _Run:
         if process is None:
             return
         todo = [process.candidates(process.program)]
-        for _ in range(MAX_SCRIPTS + 2):
+        for _ in range(MAX_SCRIPTS + 1):
             if not todo:
                 return
             found = await self._first_file(todo.pop(0), executable=True)
@@ -213,9 +214,8 @@ class _Run:
                 return
             layer, node = self.layers[found.layer], found.node
             head = await self._program(layer, node)
-            if head is None:
-                return
-            todo = process.interpreter(head) + todo
+            if head is not None:  # else left to others: go on with what runs after it
+                todo = process.interpreter(head) + todo
 
     async def _program(self, layer: Layer, node: Node) -> bytes | None:
         """Fetch a program the image's start runs: its first block, waited for, and its
@@ -229,7 +229,9 @@ class _Run:
             return None  # its first read came first and looks ahead itself
         assert self.nursery is not None
         for lo in range(READ_BLOCK, min(node.size, PROGRAM_MAX), READ_BLOCK):
-            self.nursery.start_soon(self._fetch_range, layer, node, lo, READ_BLOCK)
+            # In the layer's own nursery: the look-ahead's deadline never cancels a fetch
+            # a read may be waiting for, and releasing the layer does.
+            layer.fetch_file_soon(node, lo, READ_BLOCK)
         done = False
         try:
             head = await layer.fetch_file(node, 0, HEAD)
@@ -244,18 +246,17 @@ class _Run:
             self.nursery.start_soon(self._guarded_needs, layer, node, head)
         return head
 
-    async def _fetch_range(self, layer: Layer, node: Node, offset: int, size: int) -> None:
-        try:
-            await layer.fetch_file(node, offset, size)
-        except Exception as exc:  # the loader's own read will report it
-            log.debug("look-ahead of %s at %d failed: %s", node.entry.name, offset, exc)
-
     async def _guarded_needs(self, layer: Layer, node: Node, head: bytes) -> None:
-        """:meth:`_needs`, a failure ending only this file's part of the look-ahead."""
+        """:meth:`_needs`, a failure ending only this file's part of the look-ahead; unless
+        it ran to its end the file is given back (its own first read looks ahead then)."""
+        done = False
         try:
-            await self._needs(layer, node, head)
+            done = await self._needs(layer, node, head)
         except Exception as exc:
             log.debug("look-ahead of %s's libraries failed: %s", node.entry.name, exc)
+        finally:
+            if not done and self.unclaim is not None:
+                self.unclaim(layer, node)
 
     async def program(self, layer: Layer, node: Node, head: bytes) -> None:
         if self.prefetching and layer.in_prefetch_region(node):
@@ -264,12 +265,14 @@ class _Run:
         self.taken.add((position, node.index))
         await self._needs(layer, node, head)
 
-    async def _needs(self, layer: Layer, node: Node, head: bytes) -> None:
+    async def _needs(self, layer: Layer, node: Node, head: bytes) -> bool:
+        """Start fetching what ``ld.so`` loads for ``node``: False when the run's budget
+        (:data:`MAX_RESOLVES`, :data:`MAX_FILES`) cut the list short."""
         deps = await read_elf_deps(
             partial(layer.fetch_file, node), node.size, node.entry.name, head
         )
         if deps is None:
-            return
+            return True
         if deps.interpreter is not None:
             await self._fetch_first([deps.interpreter], parse=False)
             if not self._cache_done:
@@ -277,8 +280,9 @@ class _Run:
                 await self._fetch_first(["/" + LD_SO_CACHE], parse=False)
         for name in deps.needed:
             if self.resolves >= MAX_RESOLVES or len(self.taken) > MAX_FILES:
-                return  # the budget is spent: a hostile list costs no more
+                return False  # the budget is spent: a hostile list costs no more
             await self._fetch_first(deps.candidates(name), parse=True)
+        return True
 
     async def _first_file(self, candidates: list[str], *, executable: bool = False) -> Found | None:
         """The first of ``candidates`` that names a regular file in the image (with an
@@ -289,8 +293,8 @@ class _Run:
             if self.resolves >= MAX_RESOLVES:
                 return None
             self.resolves += 1
-            await trio.lowlevel.checkpoint()  # many candidates never hold the FUSE loop
-            found = self.view.resolve(path)
+            # In a worker thread: a hostile tree's deep paths never hold the FUSE loop.
+            found = await trio.to_thread.run_sync(self.view.resolve, path)
             if found is None or not stat.S_ISREG(found.node.mode):
                 continue
             if executable and not found.node.mode & 0o111:
@@ -317,9 +321,7 @@ class _Run:
         done = False
         try:
             head = await layer.fetch_file(node, 0, HEAD)
-            if parse:
-                await self._needs(layer, node, head)
-            done = True
+            done = await self._needs(layer, node, head) if parse else True
         except Exception as exc:  # the loader's own read will report it
             log.debug("look-ahead of %s failed: %s", node.entry.name, exc)
         finally:

@@ -36,6 +36,7 @@ import contextlib
 import ctypes
 import enum
 import functools
+import itertools
 import json
 import logging
 import re
@@ -135,12 +136,16 @@ class LayerDesc:
         return GZIP_COMPRESSION
 
 
+_RESOLUTIONS = itertools.count()
+
+
 @dataclass
 class ImageInfo:
     ref: str
     manifest_bytes: bytes
     config_bytes: bytes
     layers: list[LayerDesc]
+    serial: int = field(default_factory=lambda: next(_RESOLUTIONS))  # one per resolution
 
     def find(self, digest: str) -> tuple[LayerDesc, bool] | None:
         """The layer named ``digest``; the flag says it was named by TOC digest (new protocol)."""
@@ -292,16 +297,17 @@ class LayerManager:
                 entrypoint=self.config.prefetch_entrypoint,
             )
 
-    def image_whole(self, ref: str) -> tuple[bytes, list[Layer]] | None:
-        """Image ``ref``'s config JSON bytes and layers, topmost first — None unless it is
-        resolved and every one of its layers is loaded (all of them lazily served)."""
+    def image_whole(self, ref: str) -> tuple[int, bytes, list[Layer]] | None:
+        """Image ``ref``'s resolution (its serial number), config JSON bytes and layers,
+        topmost first — None unless it is resolved and every one of its layers is loaded
+        (all of them lazily served)."""
         task = self._images.get(ref)
         if task is None or not task.done.is_set() or task.value is None:
             return None
         layers = self.image_layers(ref)
         if len(layers) != len(task.value.layers):
             return None
-        return task.value.config_bytes, layers
+        return task.value.serial, task.value.config_bytes, layers
 
     def image_layers(self, ref: str) -> list[Layer]:
         """The loaded layers of image ``ref``, topmost first ([] if it is not resolved)."""

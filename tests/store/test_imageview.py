@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -11,8 +12,10 @@ from store.imageview import (
     DEFAULT_PATH,
     MAX_PATH_DIRS,
     MAX_SYMLINKS,
+    PATH_MAX,
     DefaultProcess,
     MergedView,
+    path_ok,
 )
 from store.tree import LayerTree
 
@@ -181,3 +184,24 @@ ENV = ["/usr/bin/env"]
 def test_a_script_names_its_interpreter(head, expected):
     p = DefaultProcess("entry.sh", ("/usr/bin", "/bin"))
     assert p.interpreter(head) == expected
+
+
+def test_a_hostile_tree_costs_a_resolution_little():
+    """A 2,000-deep directory whose bottom links back to its own absolute path: each step
+    looks the whole path up again, so the walk stops at MAX_DEPTH / MAX_STEPS."""
+    deep = "/".join(["a"] * 2000)
+    specs = [f"{'/'.join(['a'] * i)}/" for i in range(1, 2001)]
+    view = MergedView([layer(*specs, f"{deep}/loop -> /{deep}/loop")])
+    start = time.monotonic()
+    assert view.resolve(f"/{deep}/loop/x") is None
+    assert time.monotonic() - start < 1.0
+    assert view.resolve("/" + "a/" * 10) is not None  # a sane depth still resolves
+
+
+def test_names_the_kernel_could_not_look_up_are_refused():
+    view = MergedView([BASE])
+    assert view.resolve("/" + "x" * PATH_MAX) is None
+    assert not path_ok("/\ud800") and not path_ok("") and path_ok("/usr/\udcff")
+    p = DefaultProcess.from_config(config(Cmd=["sh"], Env=["PATH=/\ud800:/bin"]))
+    assert p is not None and p.path == ("/bin",)
+    assert DefaultProcess.from_config(config(Cmd=["x" * PATH_MAX])) is None

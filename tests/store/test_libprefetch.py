@@ -388,3 +388,45 @@ async def _ls_then_libc(tmp: Path, started: list[str], *, fail: bool) -> None:
         await trio.sleep(0.1)
         assert started == (["usr/bin/ls"] if fail else [])
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("whole", [True, False], ids=["once", "not-all-layers"])
+async def test_a_start_is_looked_ahead_once_and_only_with_every_layer_served(
+    tmp_path, monkeypatch, whole
+):
+    """A second start file read starts no second look-ahead; an image with a layer the store
+    does not serve (here one that is not eStargz) gets none: no view of it to go by."""
+    started: list[str] = []
+    image_look_ahead = LibraryPrefetcher._image_look_ahead
+
+    async def counted(self, ref, config, layers):
+        started.append(ref)
+        await image_look_ahead(self, ref, config, layers)
+
+    monkeypatch.setattr(LibraryPrefetcher, "_image_look_ahead", counted)
+    image = _Image(tmp_path, {"Cmd": ["ls"]})
+    (base, _), (top, _) = image.layers
+    if not whole:  # a third layer, pulled whole by the runtime (no TOC)
+        plain = LayerDesc("sha256:" + "0" * 64, 100, {}, "sha256:" + "1" * 64)
+        descs = [base, top, plain]
+        monkeypatch.setattr(image, "image", _returning(b"{}", image.config, descs))
+    cfg = StoreConfig(no_background_fetch=True, resolve_timeout_sec=10)
+    async with trio.open_nursery() as nursery:
+        manager, fs, _cache = _store(cfg, image, tmp_path, nursery, [])
+        b64 = base64.b64encode(REF.encode()).decode()
+        await _path(fs, b64, top.digest, "diff")
+        await manager.get_layer(REF, base.digest)
+        for name in ("passwd", "group", "passwd"):
+            ino = await _path(fs, b64, base.digest, "diff", "etc", name)
+            assert (await fs.read(ino, 0, 4096)).startswith(b"root:")
+        await trio.sleep(0.2)
+        assert started == ([REF] if whole else [])
+        nursery.cancel_scope.cancel()
+
+
+def _returning(*value):
+    async def image(ref: str, on_layers=None):
+        return value
+
+    return image
