@@ -196,8 +196,8 @@ class DefaultProcess:
         else:
             # No newline in the kernel's buffer: unless the interpreter's path ends within
             # it (a blank or NUL after it, or the file's end), it was cut off: ENOEXEC.
-            raw = buf[2 : SHEBANG_MAX - 1]  # the kernel's buf_end: the last byte is not read
-            body = raw.lstrip(b" \t")
+            raw = buf[2 : SHEBANG_MAX - 1]  # the line ends at the kernel's buf_end
+            body = buf[2:].lstrip(b" \t")  # a terminator may be the last byte itself
             if len(head) >= SHEBANG_MAX and not any(c in body for c in b" \t\0"):
                 return []
         raw = raw.split(b"\0", 1)[0].strip(b" \t")

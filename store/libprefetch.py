@@ -99,6 +99,8 @@ class LibraryPrefetcher:
     _seen: OrderedDict[tuple[str, str, int], None] = field(default_factory=OrderedDict)
     # Images whose start was looked ahead, by (reference, serial of its resolution).
     _images: OrderedDict[tuple[str, int], None] = field(default_factory=OrderedDict)
+    # One worker thread for the look-aheads' path resolutions, store-wide.
+    _resolver: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
 
     def claim(self, ref: str, layer: Layer, node: Node) -> bool:
         """Whether ``node`` of ``layer`` in image ``ref`` was not looked at yet; it is now."""
@@ -123,8 +125,8 @@ class LibraryPrefetcher:
             self.nursery.start_soon(self._look_ahead, ref, layer, node, data)
 
     def before_read(self, ref: str, node: Node, offset: int) -> None:
-        """A read of ``node`` of image ``ref`` from ``offset`` is about to wait for its bytes.
-        O(1) unless it is the first read of one of the image's :data:`START_FILES`: a
+        """A read of ``node`` of image ``ref`` from ``offset`` is about to be served. O(1)
+        unless it is the first read of one of the image's :data:`START_FILES`: a
         container of the image is starting, and its start's look-ahead begins (once per
         resolution of the reference, when ``entrypoint``)."""
         if not self.entrypoint or offset != 0 or node.entry.name not in START_NAMES:
@@ -149,6 +151,7 @@ class LibraryPrefetcher:
             self.libraries,
             partial(self.claim, ref),
             partial(self.unclaim, ref),
+            self._resolver,
         )
 
     async def _look_ahead(self, ref: str, layer: Layer, node: Node, head: bytes) -> None:
@@ -176,6 +179,7 @@ class _Run:
     libraries: bool = True  # look ahead at the libraries of the programs taken up
     claim: Callable[[Layer, Node], bool] | None = None
     unclaim: Callable[[Layer, Node], None] | None = None
+    resolver: trio.CapacityLimiter | None = None  # the thread(s) path resolutions run in
     nursery: trio.Nursery | None = None
     taken: set[tuple[int, int]] = field(default_factory=set)
     resolves: int = 0  # path resolutions made, at most MAX_RESOLVES
@@ -279,10 +283,13 @@ class _Run:
                 self._cache_done = True
                 await self._fetch_first(["/" + LD_SO_CACHE], parse=False)
         for name in deps.needed:
-            if self.resolves >= MAX_RESOLVES or len(self.taken) > MAX_FILES:
+            if self._spent():
                 return False  # the budget is spent: a hostile list costs no more
             await self._fetch_first(deps.candidates(name), parse=True)
-        return True
+        return not self._spent()  # the last name may have spent it too
+
+    def _spent(self) -> bool:
+        return self.resolves >= MAX_RESOLVES or len(self.taken) > MAX_FILES
 
     async def _first_file(self, candidates: list[str], *, executable: bool = False) -> Found | None:
         """The first of ``candidates`` that names a regular file in the image (with an
@@ -293,8 +300,9 @@ class _Run:
             if self.resolves >= MAX_RESOLVES:
                 return None
             self.resolves += 1
-            # In a worker thread: a hostile tree's deep paths never hold the FUSE loop.
-            found = await trio.to_thread.run_sync(self.view.resolve, path)
+            # In a worker thread, one at a time for the whole store: a hostile tree's deep
+            # paths never hold the FUSE loop, nor take the threads reads inflate chunks in.
+            found = await trio.to_thread.run_sync(self.view.resolve, path, limiter=self.resolver)
             if found is None or not stat.S_ISREG(found.node.mode):
                 continue
             if executable and not found.node.mode & 0o111:

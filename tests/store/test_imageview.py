@@ -177,6 +177,7 @@ ENV = ["/usr/bin/env"]
         # The kernel reads 256 bytes: a path cut off there is not run, its arguments may be.
         (b"#!/" + b"a" * 400, []),
         (b"#!/bin/sh " + b"a" * 400, [["/bin/sh"]]),
+        (b"#!/" + b"a" * 252 + b" " + b"b" * 100, [["/" + "a" * 252]]),  # ended by byte 255
         (b"#!/bin/sh", [["/bin/sh"]]),  # the whole file
         (b"#!/bin/sh\0junk\n", [["/bin/sh"]]),
     ],
