@@ -97,20 +97,14 @@ class LibraryPrefetcher:
     entrypoint: bool = True  # prefetch_entrypoint
     # Files whose look-ahead ran or runs, by (image, layer, inode): each is looked at once.
     _seen: OrderedDict[tuple[str, str, int], None] = field(default_factory=OrderedDict)
-    # Images whose start was looked ahead, by (reference, serial of its resolution).
-    _images: OrderedDict[tuple[str, int], None] = field(default_factory=OrderedDict)
+    # Images whose start was looked ahead, by the serial number of their resolution.
+    _images: OrderedDict[int, None] = field(default_factory=OrderedDict)
     # One worker thread for the look-aheads' path resolutions, store-wide.
     _resolver: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
 
     def claim(self, ref: str, layer: Layer, node: Node) -> bool:
         """Whether ``node`` of ``layer`` in image ``ref`` was not looked at yet; it is now."""
-        key = (ref, layer.digest, node.index)
-        if key in self._seen:
-            return False
-        self._seen[key] = None
-        if len(self._seen) > SEEN_MAX:
-            self._seen.popitem(last=False)
-        return True
+        return _remember(self._seen, (ref, layer.digest, node.index))
 
     def unclaim(self, ref: str, layer: Layer, node: Node) -> None:
         """Forget a :meth:`claim` whose look-ahead failed: a first read looks again."""
@@ -135,13 +129,8 @@ class LibraryPrefetcher:
         if whole is None:
             return  # not every layer is the store's (yet): no view of the image to go by
         serial, config, layers = whole
-        key = (ref, serial)
-        if key in self._images:
-            return
-        self._images[key] = None
-        if len(self._images) > SEEN_MAX:
-            self._images.popitem(last=False)
-        self.nursery.start_soon(self._image_look_ahead, ref, config, layers)
+        if _remember(self._images, serial):
+            self.nursery.start_soon(self._image_look_ahead, ref, config, layers)
 
     def _new_run(self, ref: str, layers: list[Layer]) -> _Run:
         return _Run(
@@ -164,6 +153,17 @@ class LibraryPrefetcher:
     async def _image_look_ahead(self, ref: str, config: bytes, layers: list[Layer]) -> None:
         run = self._new_run(ref, layers)
         await run.within_deadline(ref, run.image_start, config)
+
+
+def _remember(table: OrderedDict[Any, None], key: Any) -> bool:
+    """Whether ``key`` is new to ``table``, which now holds it (and at most the
+    :data:`SEEN_MAX` newest keys)."""
+    if key in table:
+        return False
+    table[key] = None
+    if len(table) > SEEN_MAX:
+        table.popitem(last=False)
+    return True
 
 
 @dataclass
