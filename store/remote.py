@@ -25,6 +25,10 @@ from store.resolver import (
     manifest_layers,
 )
 
+# The largest image config the store fetches, as containers/image reads one
+# (internal/iolimits: maxConfigBodySize, 4 MiB): a manifest naming a bigger blob as its
+# config is refused before a byte of it is read.
+MAX_CONFIG_BYTES = 4 << 20
 QUIET_AFTER_DEADLINE = 2.0  # seconds a blob whose read hit the deadline is not asked again
 
 
@@ -103,13 +107,20 @@ class RemoteRegistry(RegistryAccess):
                 nursery.start_soon(self.client.warm, ref, self.warm_connections)
             try:
                 manifest = await self.client.get_manifest(ref)
+                if manifest.config.size > MAX_CONFIG_BYTES:
+                    raise ResolveError(
+                        f"{ref}: config {manifest.config.digest} is {manifest.config.size} "
+                        f"bytes, over the {MAX_CONFIG_BYTES}-byte limit on image configs"
+                    )
                 if on_layers is not None:
                     try:
                         early = manifest_layers(manifest.parsed)
                     except (KeyError, TypeError, ValueError, AttributeError):
                         early = []  # malformed: the full check below names what is wrong
                     on_layers(early)
-                config_raw = await self.client.get_blob(ref, manifest.config.digest)
+                config_raw = await self.client.get_blob(
+                    ref, manifest.config.digest, max_bytes=MAX_CONFIG_BYTES
+                )
             except Exception as exc:
                 error = exc
             nursery.cancel_scope.cancel()  # warming still under way is of no use now
@@ -117,7 +128,8 @@ class RemoteRegistry(RegistryAccess):
             raise ResolveError(f"{ref}: {error}") from error
         if error is not None:
             raise error
-        config = decode_json(config_raw, f"{ref} config")
+        # Up to 4 MiB of JSON: decoded off the thread that answers FUSE requests.
+        config = await trio.to_thread.run_sync(decode_json, config_raw, f"{ref} config")
         return manifest.raw, config_raw, layer_descs(manifest.parsed, config)
 
     def blob(self, ref: str, digest: str, size: int) -> BlobReader:

@@ -75,6 +75,10 @@ from store.tree import LayerTree, TreeError
 log = logging.getLogger(__name__)
 
 GZIP_COMPRESSION = 2  # containers/storage archive.Gzip
+# The layers of one image loaded with it, before their lookup (LayerManager._start_indexes);
+# the rest load when looked up. Docker builds stop at 127 layers; a manifest listing
+# thousands (a hostile one can, within its 4 MiB) must not start thousands of TOC fetches.
+EARLY_LOADS_MAX = 128
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -398,9 +402,10 @@ class LayerManager:
         the runtime is still walking the layers. Such an early layer (``LOADED``) is not
         counted, listed or background-fetched until it is looked up. Their TOCs are parsed
         one at a time, those looked up first, then bottom layer first (:mod:`store.pullorder`).
+        Only the first :data:`EARLY_LOADS_MAX` layers load early; the others at their lookup.
         """
         batch = trio.current_time()
-        for position, desc in enumerate(layers):
+        for position, desc in enumerate(layers[:EARLY_LOADS_MAX]):
             if desc.toc_digest is None:
                 continue
             state = self._states.get(desc.digest)

@@ -27,6 +27,7 @@ from .errors import (
     RegistryError,
     RegistryTimeout,
     RegistryUnavailable,
+    TooLargeError,
 )
 from .hosts import (
     Endpoint,
@@ -87,6 +88,7 @@ __all__ = [
     "RegistryUnavailable",
     "ResolverConfig",
     "TokenCache",
+    "TooLargeError",
     "build_index",
     "build_manifest",
     "default_auth_files",

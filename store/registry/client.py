@@ -38,6 +38,7 @@ from .errors import (
     RegistryError,
     RegistryTimeout,
     RegistryUnavailable,
+    TooLargeError,
 )
 from .hosts import DEFAULT_REQUEST_TIMEOUT, Endpoint, ResolverConfig
 from .manifest import (
@@ -593,18 +594,20 @@ class RegistryClient:
         except NotFoundError:
             return False
 
-    async def get_blob(self, ref: Reference | str, digest: str) -> bytes:
-        """The whole blob, verified against its digest (never returns unverified bytes)."""
+    async def get_blob(
+        self, ref: Reference | str, digest: str, *, max_bytes: int | None = None
+    ) -> bytes:
+        """The whole blob, verified against its digest (never returns unverified bytes).
+
+        With ``max_bytes``, a body longer than that raises :class:`TooLargeError` as soon as
+        it is read past the limit (nothing more is kept): for small metadata blobs (an image
+        config) whose size the caller bounds."""
         ref = _ref(ref)
         validate_digest(digest)
+        reader = _read_all if max_bytes is None else _limited_reader(max_bytes, "blob")
 
         async def op(ep: Endpoint) -> bytes:
-            _, data = await self._blob_call(
-                ep,
-                ref,
-                digest,
-                "GET",
-            )
+            _, data = await self._blob_call(ep, ref, digest, "GET", reader=reader)
             self.stats.body_bytes += len(data)
             _verify(data, digest, ep.host, ref.repository)
             return data
@@ -1033,13 +1036,17 @@ def _verify(data: bytes, digest: str, host: str, repo: str) -> None:
         )
 
 
-def _limited_reader(limit: int) -> Reader[bytes]:
+def _limited_reader(limit: int, what: str = "manifest") -> Reader[bytes]:
+    """Reads a body of at most ``limit`` bytes; past it, :class:`ManifestError` (``what``
+    ``"manifest"``) or :class:`TooLargeError`, naming the URL and the limit."""
+    error = ManifestError if what == "manifest" else TooLargeError
+
     async def reader(resp: httpx.Response) -> bytes:
         buf = bytearray()
         async for chunk in resp.aiter_bytes():
             buf += chunk
             if len(buf) > limit:
-                raise ManifestError(f"{resp.request.url}: manifest larger than {limit} bytes")
+                raise error(f"{resp.request.url}: {what} larger than {limit} bytes")
         return bytes(buf)
 
     return reader

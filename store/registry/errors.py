@@ -54,6 +54,10 @@ class ManifestError(RegistryError):
     """A manifest or index is malformed, of an unknown type, or has no matching platform."""
 
 
+class TooLargeError(RegistryError):
+    """A body (a manifest, a config) larger than the limit the caller set for it."""
+
+
 class RangeError(RegistryError):
     """A range response that does not match what was asked (bad Content-Range, short body)."""
 

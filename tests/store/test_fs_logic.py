@@ -181,6 +181,26 @@ async def test_all_layer_tocs_are_fetched_at_once_when_the_manifest_is_known(vec
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.anyio
+async def test_only_the_first_layers_of_a_long_manifest_load_with_it(vectors_dir, tmp_path):
+    """A manifest may list thousands of layers (a hostile one can, within its 4 MiB): only
+    the first EARLY_LOADS_MAX start loading with the image; the others at their lookup."""
+    from store.resolver import EARLY_LOADS_MAX
+
+    async with trio.open_nursery() as nursery:
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
+        reg = GatedRegistry(vectors_dir)
+        reg.digests = [f"sha256:{i:064x}" for i in range(1, EARLY_LOADS_MAX + 3)]
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        await manager.image(REF)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(set(reg.started)) == reg.digests[:EARLY_LOADS_MAX]
+        reg.gate.set()
+        last = await manager.get_layer(REF, reg.digests[-1])  # loaded at its lookup
+        assert last.digest == reg.digests[-1] and reg.digests[-1] in reg.started
+        nursery.cancel_scope.cancel()
+
+
 class SlowConfigRegistry(GatedRegistry):
     """Hands its layers on when the manifest is known; the config waits for ``config_gate``."""
 
