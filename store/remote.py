@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import trio
 
 from store.chunks import BlobReader
-from store.registry.client import RegistryClient
+from store.registry.client import MAX_CONFIG_BYTES, RegistryClient
 from store.registry.errors import RegistryError
 from store.resolver import (
     LayerDesc,
@@ -25,10 +25,6 @@ from store.resolver import (
     manifest_layers,
 )
 
-# The largest image config the store fetches, as containers/image reads one
-# (internal/iolimits: maxConfigBodySize, 4 MiB): a manifest naming a bigger blob as its
-# config is refused before a byte of it is read.
-MAX_CONFIG_BYTES = 4 << 20
 QUIET_AFTER_DEADLINE = 2.0  # seconds a blob whose read hit the deadline is not asked again
 
 
@@ -107,6 +103,8 @@ class RemoteRegistry(RegistryAccess):
                 nursery.start_soon(self.client.warm, ref, self.warm_connections)
             try:
                 manifest = await self.client.get_manifest(ref)
+                # A bigger config (client.MAX_CONFIG_BYTES) is refused before a byte of it is
+                # read; one whose descriptor understates it, once the bytes pass the limit.
                 if manifest.config.size > MAX_CONFIG_BYTES:
                     raise ResolveError(
                         f"{ref}: config {manifest.config.digest} is {manifest.config.size} "

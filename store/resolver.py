@@ -75,8 +75,9 @@ from store.tree import LayerTree, TreeError
 log = logging.getLogger(__name__)
 
 GZIP_COMPRESSION = 2  # containers/storage archive.Gzip
-# The layers of one image loaded with it, before their lookup (LayerManager._start_indexes);
-# the rest load when looked up. Docker builds stop at 127 layers; a manifest listing
+# The eStargz layers of one image loaded with it, before their lookup
+# (LayerManager._start_indexes); the rest load when looked up, losing only the early start.
+# Real images have well under 128 layers (Docker's builder stops at 125); a manifest listing
 # thousands (a hostile one can, within its 4 MiB) must not start thousands of TOC fetches.
 EARLY_LOADS_MAX = 128
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -392,7 +393,8 @@ class LayerManager:
         return await self._shared(self._images, ref, work, f"image {ref}")
 
     def _start_indexes(self, ref: str, layers: list[LayerDesc]) -> None:
-        """Load every eStargz layer of ``ref`` at once, in the background, and prefetch it.
+        """Load the eStargz layers of ``ref`` at once (the first :data:`EARLY_LOADS_MAX`),
+        in the background, and prefetch them.
 
         Why: podman 4.3 looks the layers of an image up one after another, and each layer's
         footer+TOC costs a ranged request (a few round trips and ~1 MiB on a slow link);
@@ -402,12 +404,16 @@ class LayerManager:
         the runtime is still walking the layers. Such an early layer (``LOADED``) is not
         counted, listed or background-fetched until it is looked up. Their TOCs are parsed
         one at a time, those looked up first, then bottom layer first (:mod:`store.pullorder`).
-        Only the first :data:`EARLY_LOADS_MAX` layers load early; the others at their lookup.
+        The eStargz layers past the first :data:`EARLY_LOADS_MAX` load at their lookup.
         """
         batch = trio.current_time()
-        for position, desc in enumerate(layers[:EARLY_LOADS_MAX]):
+        estargz = 0
+        for position, desc in enumerate(layers):
             if desc.toc_digest is None:
                 continue
+            estargz += 1
+            if estargz > EARLY_LOADS_MAX:
+                break
             state = self._states.get(desc.digest)
             if state is not None and state.phase not in (LayerPhase.FAILED, LayerPhase.RELEASED):
                 continue

@@ -65,6 +65,9 @@ from .reference import Reference, validate_digest
 
 T = TypeVar("T")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# The largest image config read, as containers/image reads one (internal/iolimits:
+# MaxConfigBodySize, 4 MiB; a body of exactly the limit is accepted there too).
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
 MAX_REDIRECTS = 5
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 DOWN_FOR = 10.0  # seconds an endpoint that failed to connect is skipped (if others remain)
@@ -514,15 +517,11 @@ class RegistryClient:
                 reader=_limited_reader(MAX_MANIFEST_BYTES),
                 digest=reference if ":" in reference else None,
             )
-            digest = sha256_digest(raw)
-            if ":" in reference and reference != digest:
-                raise DigestMismatch(
-                    f"{ep.host}/{ref.repository}: manifest asked as {reference} hashes to {digest}",
-                    host=ep.host,
-                    repository=ref.repository,
-                    digest=reference,
-                )
-            return parse_manifest(raw, resp.headers.get("content-type"), digest)
+            # Up to 4 MiB hashed and decoded: in a worker thread, off the caller's event loop
+            # (the store answers FUSE requests there).
+            return await anyio.to_thread.run_sync(
+                _checked_manifest, raw, resp.headers.get("content-type"), reference, ep.host, ref
+            )
 
         return await self._on_endpoints(ref, op, origin_only=origin_only)
 
@@ -549,7 +548,7 @@ class RegistryClient:
         self, ref: Reference | str, platform: Platform | str | None = None
     ) -> dict[str, Any]:
         manifest = await self.get_manifest(ref, platform)
-        raw = await self.get_blob(ref, manifest.config.digest)
+        raw = await self.get_blob(ref, manifest.config.digest, max_bytes=MAX_CONFIG_BYTES)
         try:
             parsed = json.loads(raw)
         except ValueError as e:
@@ -1034,6 +1033,21 @@ def _verify(data: bytes, digest: str, host: str, repo: str) -> None:
             repository=repo,
             digest=digest,
         )
+
+
+def _checked_manifest(
+    raw: bytes, content_type: str | None, reference: str, host: str, ref: Reference
+) -> ManifestResult:
+    """``raw`` parsed, after checking it hashes to ``reference`` when that is a digest."""
+    digest = sha256_digest(raw)
+    if ":" in reference and reference != digest:
+        raise DigestMismatch(
+            f"{host}/{ref.repository}: manifest asked as {reference} hashes to {digest}",
+            host=host,
+            repository=ref.repository,
+            digest=reference,
+        )
+    return parse_manifest(raw, content_type, digest)
 
 
 def _limited_reader(limit: int, what: str = "manifest") -> Reader[bytes]:

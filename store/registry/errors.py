@@ -55,7 +55,8 @@ class ManifestError(RegistryError):
 
 
 class TooLargeError(RegistryError):
-    """A body (a manifest, a config) larger than the limit the caller set for it."""
+    """A blob body (an image config) larger than the limit the caller set for it (an
+    oversized manifest raises :class:`ManifestError`)."""
 
 
 class RangeError(RegistryError):

@@ -181,20 +181,43 @@ async def test_all_layer_tocs_are_fetched_at_once_when_the_manifest_is_known(vec
         nursery.cancel_scope.cancel()
 
 
+class LongManifestRegistry(GatedRegistry):
+    """Two plain layers, then EARLY_LOADS_MAX + 2 eStargz ones; hands them on early too."""
+
+    def __init__(self, vectors: Path) -> None:
+        from store.resolver import EARLY_LOADS_MAX
+
+        super().__init__(vectors)
+        self.plain = [f"sha256:{i:064x}" for i in range(1, 3)]
+        self.digests = [f"sha256:{i:064x}" for i in range(3, EARLY_LOADS_MAX + 5)]
+
+    def _descs(self, diff_id: str) -> list[LayerDesc]:
+        ann = {"containerd.io/snapshot/stargz/toc.digest": self.meta["toc_digest"]}
+        return [LayerDesc(d, self.meta["size"], {}, diff_id) for d in self.plain] + [
+            LayerDesc(d, self.meta["size"], ann, diff_id) for d in self.digests
+        ]
+
+    async def image(self, ref: str, on_layers=None):
+        if on_layers is not None:
+            on_layers(self._descs(""))
+        return b"{}", b"{}", self._descs(self.meta["diff_id"])
+
+
 @pytest.mark.anyio
 async def test_only_the_first_layers_of_a_long_manifest_load_with_it(vectors_dir, tmp_path):
     """A manifest may list thousands of layers (a hostile one can, within its 4 MiB): only
-    the first EARLY_LOADS_MAX start loading with the image; the others at their lookup."""
+    its first EARLY_LOADS_MAX eStargz layers start loading with the image (plain layers do
+    not count); the others load at their lookup."""
     from store.resolver import EARLY_LOADS_MAX
 
     async with trio.open_nursery() as nursery:
         cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
-        reg = GatedRegistry(vectors_dir)
-        reg.digests = [f"sha256:{i:064x}" for i in range(1, EARLY_LOADS_MAX + 3)]
+        reg = LongManifestRegistry(vectors_dir)
         manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
         await manager.image(REF)
         await trio.testing.wait_all_tasks_blocked()
         assert sorted(set(reg.started)) == reg.digests[:EARLY_LOADS_MAX]
+        assert len(reg.started) == EARLY_LOADS_MAX  # each once: early, then after the config
         reg.gate.set()
         last = await manager.get_layer(REF, reg.digests[-1])  # loaded at its lookup
         assert last.digest == reg.digests[-1] and reg.digests[-1] in reg.started

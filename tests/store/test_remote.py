@@ -9,7 +9,9 @@ import pytest
 import trio
 
 from store.registry import RegistryClient, TooLargeError
-from store.remote import MAX_CONFIG_BYTES, RemoteRegistry
+from store.registry.client import MAX_CONFIG_BYTES
+from store.registry.manifest import OCI_CONFIG, OCI_MANIFEST, dumps_canonical
+from store.remote import RemoteRegistry
 from store.resolver import ResolveError
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
@@ -35,6 +37,26 @@ async def test_a_config_over_the_limit_is_refused_before_it_is_read(registry) ->
         assert manifest.config.digest in str(exc.value)
         asked = [r for r in registry.access_log_since(seen) if r.is_blob_get]
         assert asked == []  # the config was never asked for
+
+
+async def test_a_config_its_descriptor_understates_is_cut_off_at_the_limit(registry) -> None:
+    """The manifest says 2 bytes; the registry serves the blob as it is, 4 MiB and more."""
+    ref = f"{registry.host}/remote/liar:1"
+    big = _config(MAX_CONFIG_BYTES)
+    async with RegistryClient(timeout=10) as client:
+        digest = (await client.push_blob(ref, big)).digest
+        raw = dumps_canonical(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": digest, "size": 2},
+                "layers": [],
+            }
+        )
+        await client.push_manifest(ref, raw, OCI_MANIFEST)
+        with trio.fail_after(10), pytest.raises(ResolveError) as exc:
+            await RemoteRegistry(client, warm_connections=0).image(ref)
+        assert f"blob larger than {MAX_CONFIG_BYTES} bytes" in str(exc.value)
 
 
 async def test_a_config_within_the_limit_resolves(registry) -> None:
