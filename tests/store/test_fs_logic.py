@@ -42,13 +42,17 @@ class VectorRegistry(RegistryAccess):
         return FileBlob(self.path)
 
 
+def _manager(nursery, reg: RegistryAccess, tmp_path: Path, **config) -> LayerManager:
+    """A manager over ``reg`` with no prefetch or background fetch, resolving within 5 s."""
+    cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5, **config)
+    return LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+
+
 async def _fs(
     nursery, vectors_dir, tmp_path, annotate=True, vector="basic", **config
 ) -> tuple[StoreFS, dict]:
-    cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5, **config)
     reg = VectorRegistry(vectors_dir, annotate, vector)
-    manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
-    return StoreFS(manager), reg.meta
+    return StoreFS(_manager(nursery, reg, tmp_path, **config)), reg.meta
 
 
 async def _path(fs: StoreFS, *names: str) -> int:
@@ -167,9 +171,8 @@ class GatedRegistry(VectorRegistry):
 async def test_all_layer_tocs_are_fetched_at_once_when_the_manifest_is_known(vectors_dir, tmp_path):
     """podman 4.3 looks layers up one by one; their footer+TOC reads must overlap anyway."""
     async with trio.open_nursery() as nursery:
-        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
         reg = GatedRegistry(vectors_dir)
-        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        manager = _manager(nursery, reg, tmp_path)
         await manager.image(REF)
         await trio.testing.wait_all_tasks_blocked()
         assert sorted(reg.started) == reg.digests  # all three in flight before any lookup
@@ -211,9 +214,8 @@ async def test_only_the_first_layers_of_a_long_manifest_load_with_it(vectors_dir
     from store.resolver import EARLY_LOADS_MAX
 
     async with trio.open_nursery() as nursery:
-        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
         reg = LongManifestRegistry(vectors_dir)
-        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        manager = _manager(nursery, reg, tmp_path)
         await manager.image(REF)
         await trio.testing.wait_all_tasks_blocked()
         assert sorted(set(reg.started)) == reg.digests[:EARLY_LOADS_MAX]
@@ -244,9 +246,8 @@ class SlowConfigRegistry(GatedRegistry):
 @pytest.mark.anyio
 async def test_layer_loads_start_with_the_manifest_before_the_config_arrives(vectors_dir, tmp_path):
     async with trio.open_nursery() as nursery:
-        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
         reg = SlowConfigRegistry(vectors_dir)
-        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        manager = _manager(nursery, reg, tmp_path)
         nursery.start_soon(manager.image, REF)
         await trio.testing.wait_all_tasks_blocked()
         assert sorted(reg.started) == reg.digests  # footers asked for, config still pending
@@ -262,10 +263,9 @@ async def test_layer_loads_start_with_the_manifest_before_the_config_arrives(vec
 @pytest.mark.anyio
 async def test_a_layer_loaded_with_its_image_but_never_looked_up_is_dropped(vectors_dir, tmp_path):
     async with trio.open_nursery() as nursery:
-        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
         reg = GatedRegistry(vectors_dir)
         reg.gate.set()
-        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        manager = _manager(nursery, reg, tmp_path)
         manager.early_ttl = 0.3
         await manager.image(REF)
         looked_up = await manager.get_layer(REF, reg.digests[0])
@@ -363,7 +363,6 @@ async def test_resolved_images_are_a_bounded_lru_and_counts_survive_eviction(vec
     still released after its image left the cache."""
     from store.resolver import IMAGE_CACHE_ENTRIES
 
-    cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
     reg = VectorRegistry(vectors_dir)
     asked: list[str] = []
     image = reg.image
@@ -374,7 +373,7 @@ async def test_resolved_images_are_a_bounded_lru_and_counts_survive_eviction(vec
 
     reg.image = counting  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
-        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        manager = _manager(nursery, reg, tmp_path)
         refs = [f"127.0.0.1:5000/vec/img{i}:1" for i in range(IMAGE_CACHE_ENTRIES + 1)]
         await manager.get_layer(refs[0], reg.meta["toc_digest"])
         assert manager.use(refs[0], reg.meta["toc_digest"]) == 1
