@@ -41,6 +41,7 @@ import base64
 import binascii
 import bisect
 import itertools
+import operator
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -379,6 +380,7 @@ class _Builder:
         self.last: Entry | None = None  # the last non-chunk entry (chunks continue it)
         self.last_dir: tuple[str, Entry] = ("", idx.root)
         self.link_headers: dict[int, tuple[Entry, Entry]] = {}  # id(target) -> (target, link)
+        self.compression = idx.compression
 
     def run(self, raw_entries: Iterable[RawEntry | Mapping[str, Any]]) -> None:
         for i, raw in enumerate(raw_entries):
@@ -386,14 +388,27 @@ class _Builder:
         self._finish_file()
         self._number()
 
-    def _small(self, v: int) -> int:
-        """An integer most entries share (mode, ids): one object per value."""
-        return self.ints.setdefault(v, v)
-
     def apply(self, i: int, raw: RawEntry | Mapping[str, Any]) -> None:
+        # The hot loop of every layer load (~8,000 entries for a big layer, while podman
+        # waits): the usual case is spelled out inline, the rest goes to the helpers.
         where = _Where(i)
         if type(raw) is RawEntry:
-            etype, name = _type_and_name(raw.type, raw.name, where)
+            etype = _TYPES.get(raw.type)
+            if etype is None:
+                raise InvalidToc(f"{where}unknown type {raw.type!r}")
+            name = raw.name
+            if (
+                0 < len(name) <= 63  # within Linux's limits (see _checked_name)
+                and name[0] not in "./"
+                and "/." not in name
+                and "//" not in name
+                and ".." not in name
+                and "\0" not in name
+            ):
+                name = name.rstrip("/")  # already clean (clean_name's fast path)
+            else:
+                name = _checked_name(name, where)
+            where.name = name
         else:
             raw, etype, name = _typed(raw, where)  # type: ignore[arg-type]
         assert type(raw) is RawEntry
@@ -414,15 +429,16 @@ class _Builder:
                     f"(after its offset, not past the TOC)"
                 )
             self.starts.append(end_offset)  # the next frame starts there
+        last = self.last
         if etype == "chunk":
-            last = self.last
             if last is None or last.type != "reg" or last.name != name:
                 raise InvalidToc(f"{where}chunk does not follow its file")
             chunk_offset = raw.chunkOffset
             chunk_size = raw.chunkSize or last.size - chunk_offset
             self._add_chunk(last, raw.chunkDigest, chunk_offset, chunk_size, offset, inner, where)
             return
-        self._finish_file()
+        if last is not None and type(last.chunks) is list:
+            self._finish_file()  # the last file has content: check its chunks cover it
         link_name = raw.linkName
         if etype == "hardlink":
             link_name = _checked_name(link_name, f"{where}hardlink target: ")
@@ -430,40 +446,57 @@ class _Builder:
             etype == "symlink" and not 0 < len(link_name.encode("utf-8", "surrogateescape")) < 4096
         ):
             raise InvalidToc(f"{where}symlink target is empty or longer than 4095 bytes")
-        small = self._small
+        small = self.ints.setdefault  # an integer most entries share: one object per value
+        intern = sys.intern
+        uid = small(raw.uid, raw.uid)
+        gid = small(raw.gid, raw.gid)
+        uname = intern(raw.userName)
+        gname = intern(raw.groupName)
+        if uid != 0 and not uname:
+            uname = self.unames.get(uid, "")
+        else:
+            self.unames[uid] = uname
+        if gid != 0 and not gname:
+            gname = self.gnames.get(gid, "")
+        else:
+            self.gnames[gid] = gname
+        xattrs = raw.xattrs
+        digest = raw.digest
         e = Entry(
-            name=name,
-            type=etype,
-            size=size if etype == "reg" else 0,
-            mode=small(raw.mode),
-            uid=small(raw.uid),
-            gid=small(raw.gid),
-            uname=sys.intern(raw.userName),
-            gname=sys.intern(raw.groupName),
-            modtime=sys.intern(raw.modtime),
-            link_name=link_name,
-            dev_major=small(raw.devMajor),
-            dev_minor=small(raw.devMinor),
-            xattrs=_xattrs(raw.xattrs, where),
-            digest=raw.digest,
+            name,
+            etype,
+            size if etype == "reg" else 0,
+            small(raw.mode, raw.mode),
+            uid,
+            gid,
+            uname,
+            gname,
+            intern(raw.modtime),
+            link_name,
+            small(raw.devMajor, raw.devMajor),
+            small(raw.devMinor, raw.devMinor),
+            _xattrs(xattrs, where) if xattrs else _NO_XATTRS,
+            digest,
         )
-        if e.uid != 0 and not e.uname:
-            e.uname = self.unames.get(e.uid, "")
-        else:
-            self.unames[e.uid] = e.uname
-        if e.gid != 0 and not e.gname:
-            e.gname = self.gnames.get(e.gid, "")
-        else:
-            self.gnames[e.gid] = e.gname
-        if etype == "reg" and size > 0:
-            chunk_size = raw.chunkSize
-            if not chunk_size or chunk_size > size:
-                chunk_size = size
-            self._add_chunk(e, raw.chunkDigest, 0, chunk_size, offset, inner, where)
-        if name == PREFETCH_LANDMARK and etype == "reg":
-            self.idx.prefetch_end_offset = offset
-        elif name == NO_PREFETCH_LANDMARK and etype == "reg":
-            self.idx.has_no_prefetch_landmark = True
+        if etype == "reg":
+            if size > 0:
+                # The file's first chunk: it starts the file, so it continues nothing.
+                chunk_size = raw.chunkSize
+                if not chunk_size or chunk_size > size:
+                    chunk_size = size
+                chunk_digest = raw.chunkDigest
+                if chunk_digest == digest:
+                    chunk_digest = digest  # one string object for the usual single-chunk file
+                e.chunks = [
+                    Chunk(name, 0, chunk_size, offset, 0, inner, chunk_digest, self.compression)
+                ]
+                if inner == 0:
+                    self.starts.append(offset)
+                self.idx.chunk_count += 1
+            if name == PREFETCH_LANDMARK:
+                self.idx.prefetch_end_offset = offset
+            elif name == NO_PREFETCH_LANDMARK:
+                self.idx.has_no_prefetch_landmark = True
         self.last = e
         self._insert(e, where)
 
@@ -495,7 +528,7 @@ class _Builder:
             compressed_end=0,
             inner_offset=inner,
             digest=digest,
-            compression=self.idx.compression,
+            compression=self.compression,
         )
         owner.chunks.append(c)  # type: ignore[union-attr]
         if inner == 0:
@@ -554,10 +587,24 @@ class _Builder:
                 raise InvalidToc(f"{where}the layer root is a {e.type}, not a directory")
             _copy_meta(self.idx.root, e)
             return
-        parent = self._dir(parent_dir(name), where)
-        base = base_name(name)
-        old = parent.children.get(base)
-        if e.type == "hardlink":
+        parent_name, _, base = name.rpartition("/")
+        last_dir = self.last_dir
+        parent = last_dir[1] if last_dir[0] == parent_name else self._dir(parent_name, where)
+        children = parent.children
+        old = children.get(base)
+        etype = e.type
+        if old is None and etype != "hardlink":  # the usual case: a new name
+            if self.idx._hardlinks:
+                self.idx._hardlinks.pop(name, None)
+            children[base] = e  # type: ignore[index]  # parents are directories
+            if etype == "dir":
+                e.nlink = 2
+                parent.nlink += 1
+                e.parent = parent
+            else:
+                e.nlink = 1
+            return
+        if etype == "hardlink":
             # Resolved now, as tar -x links to what exists when it reaches the link.
             target = self.idx.lookup(e.link_name)
             if target is None:
@@ -573,12 +620,12 @@ class _Builder:
             self._attach(parent, base, target)
             target.nlink += 1
             return
-        if old is not None and old.type == "dir" and e.type == "dir":
+        if old is not None and old.type == "dir" and etype == "dir":
             # A repeated directory entry updates metadata; its children stay.
             _copy_meta(old, e)
             return
         self.idx._hardlinks.pop(name, None)
-        e.nlink = 2 if e.type == "dir" else 1
+        e.nlink = 2 if etype == "dir" else 1
         self._attach(parent, base, e)
 
     def _number(self) -> None:
@@ -608,8 +655,8 @@ class _Builder:
         self.starts = []
         idx.link_headers = {t.ino: h for t, h in self.link_headers.values() if t.ino >= 0}
         # Blob order: by offset, then inner offset (two stable sorts: no key tuples).
-        chunks.sort(key=_chunk_inner)
-        chunks.sort(key=_chunk_offset)
+        chunks.sort(key=_CHUNK_INNER)
+        chunks.sort(key=_CHUNK_OFFSET)
         idx._all_chunks = chunks
 
 
@@ -633,6 +680,8 @@ def _checked_name(raw: str, where: Where) -> str:
         raise InvalidEntryName(f"{where}name {raw[:80]!r} holds a NUL byte")
     if len(name) <= 63:  # at most 4 bytes a character: within both limits
         return name
+    if len(name) <= 1023 and max(map(len, name.split("/"))) <= 63:  # the same, by component
+        return name
     encoded = name.encode("utf-8", "surrogateescape")
     if len(encoded) > 4095 or any(len(p) > 255 for p in encoded.split(b"/")):
         raise InvalidEntryName(
@@ -645,12 +694,8 @@ def _chunk_start(c: Chunk) -> int:
     return c.chunk_offset
 
 
-def _chunk_inner(c: Chunk) -> int:
-    return c.inner_offset
-
-
-def _chunk_offset(c: Chunk) -> int:
-    return c.offset
+_CHUNK_INNER = operator.attrgetter("inner_offset")
+_CHUNK_OFFSET = operator.attrgetter("offset")
 
 
 def _copy_meta(dst: Entry, src: Entry) -> None:
