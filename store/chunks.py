@@ -19,8 +19,8 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # cost gcc 74 requests where eStargz takes 43 (5.9 s against 4.4 s of run).
 READ_BLOCK = 4 << 20  # uncompressed file bytes
 DECOMPRESS_GROUPS = 4  # worker threads inflating one download's chunks (2 cores here)
+# Edge blocks kept per layer (EdgeBlocks): 64 × the default 50,000-byte chunk_size is 3.2 MB.
+EDGE_BLOCKS_MAX = 64
 
 
 class ChunkVerifyError(Exception):
@@ -164,6 +166,158 @@ class Download:
     claimed: int
 
 
+class EdgeBlocks:
+    """The whole ``block``-aligned blob blocks at the two ends of each request, kept so that
+    a neighbouring chunk's own request does not fetch them again.
+
+    An aligned request is rounded out to ``block`` bytes (``[blob] chunk_size``, as the Go
+    store's requests are): its first and last blocks then also hold the end or the start of
+    a neighbouring chunk it did not need. The chunk cache keeps whole verified chunks only, so
+    without these the neighbour's request would fetch the block again (400 kB of redis's and
+    gcc's on-demand starts). The Go store keeps every fetched block by offset
+    (``fs/remote/blob.go``) and fetches none twice. These are compressed bytes: whatever is
+    built from them is verified by chunk digest, as any fetched bytes are, before it is cached
+    or served.
+
+    :meth:`fetch` takes the known blocks off a request's ends and marks the request's own
+    end blocks as due until it is answered. A request waits only for blocks that requests
+    started before it bring, so no two wait for each other; a block whose request failed or
+    was cancelled is fetched by who waited for it. At most ``limit`` blocks are kept (oldest
+    dropped first: a dropped block is fetched again).
+    """
+
+    def __init__(self, block: int, blob_size: int, limit: int = EDGE_BLOCKS_MAX) -> None:
+        self.block = block
+        self.blob_size = blob_size
+        self.limit = limit
+        self._kept: dict[int, bytes] = {}  # block start -> its bytes, oldest first
+        self._due: dict[int, trio.Event] = {}  # blocks a request in flight brings
+
+    def _end(self, b: int) -> int:
+        return min(b + self.block, self.blob_size)
+
+    def _known(self, b: int) -> bool:
+        return b in self._kept or b in self._due
+
+    async def fetch(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        request: Callable[[list[tuple[int, int]]], Awaitable[list[bytes]]],
+    ) -> list[bytes]:
+        """The bytes of ``ranges`` (``[start, end)`` blob offsets, sorted, disjoint), asking
+        ``request`` (ranges -> their bytes; one call, plus one per block a failed request was
+        to bring) for what no earlier request brought along. Raises what ``request`` raises."""
+        plan = self._plan(ranges)
+        try:
+            got = await request(plan.request) if plan.request else []
+            self._keep(plan, got)
+        finally:
+            self._forget(plan)
+        return await self._assemble(plan, got, request)
+
+    def _plan(self, ranges: Sequence[tuple[int, int]]) -> EdgePlan:
+        """What to request for ``ranges`` (``[start, end)`` blob offsets, sorted, disjoint):
+        each range less the known blocks at its ends; ranges wholly known are not requested."""
+        if self.block <= 0:
+            return EdgePlan(list(ranges), list(ranges), {}, [], [])
+        bs = self.block
+        request: list[tuple[int, int]] = []
+        reused: dict[int, bytes] = {}
+        waits: list[int] = []
+
+        def take(b: int) -> None:
+            data = self._kept.get(b)
+            if data is not None:
+                reused[b] = data  # held now: a later eviction cannot take it away
+            else:
+                waits.append(b)
+
+        for lo, hi in ranges:
+            while lo < hi and self._known(b := lo // bs * bs):
+                take(b)
+                lo = self._end(b)
+            while lo < hi and (b := (hi - 1) // bs * bs) >= lo and self._known(b):
+                take(b)
+                hi = b
+            if lo < hi:
+                request.append((lo, hi))
+        mine = []
+        for lo, hi in request:
+            for b in {lo // bs * bs, (hi - 1) // bs * bs}:
+                if b >= lo and self._end(b) <= hi and not self._known(b):
+                    self._due[b] = trio.Event()
+                    mine.append(b)
+        return EdgePlan(list(ranges), request, reused, waits, mine)
+
+    def _keep(self, plan: EdgePlan, parts: Sequence[bytes]) -> None:
+        """The request of ``plan`` answered ``parts``: keep its end blocks."""
+        for b in plan.mine:
+            for (lo, hi), data in zip(plan.request, parts, strict=True):
+                if lo <= b < hi:
+                    self._put(b, bytes(data[b - lo : self._end(b) - lo]))
+                    break
+
+    def _put(self, b: int, data: bytes) -> None:
+        self._kept[b] = data
+        while len(self._kept) > self.limit:
+            del self._kept[next(iter(self._kept))]
+
+    def _forget(self, plan: EdgePlan) -> None:
+        """The request of ``plan`` is over (answered or not): wake whoever waits on its blocks
+        (a block it did not bring, they fetch themselves)."""
+        for b in plan.mine:
+            event = self._due.pop(b, None)
+            if event is not None:
+                event.set()
+
+    async def _assemble(
+        self,
+        plan: EdgePlan,
+        parts: Sequence[bytes],
+        fetch: Callable[[list[tuple[int, int]]], Awaitable[list[bytes]]],
+    ) -> list[bytes]:
+        """The bytes of the ranges first asked for, from the request's ``parts`` and the
+        reused blocks; a block whose request failed is fetched with ``fetch`` (ranges ->
+        bytes). Raises what ``fetch`` raises."""
+        reused = dict(plan.reused)
+        for b in plan.waits:
+            event = self._due.get(b)
+            if event is not None:
+                await event.wait()
+            data = self._kept.get(b)
+            if data is not None:
+                reused[b] = data
+        missing = [(b, self._end(b)) for b in plan.waits if b not in reused]
+        if missing:
+            for (b, _), data in zip(missing, await fetch(missing), strict=True):
+                reused[b] = data
+                self._put(b, data)
+        if not reused:
+            return list(parts)
+        starts = [lo for lo, _ in plan.request]
+        segments = sorted([*zip(starts, parts, strict=True), *reused.items()])
+        out = []
+        for lo, hi in plan.ranges:
+            buf = bytearray()
+            for start, data in segments:
+                a, z = max(lo + len(buf), start), min(hi, start + len(data))
+                if a == lo + len(buf) and a < z:
+                    buf += data[a - start : z - start]
+            out.append(bytes(buf))
+        return out
+
+
+@dataclass(slots=True)
+class EdgePlan:
+    """One request's share of :class:`EdgeBlocks` (:meth:`EdgeBlocks.fetch`)."""
+
+    ranges: list[tuple[int, int]]  # asked for
+    request: list[tuple[int, int]]  # to request: ``ranges`` less the known end blocks
+    reused: dict[int, bytes]  # kept blocks taken, by start
+    waits: list[int]  # blocks a request in flight brings
+    mine: list[int]  # this request's own end blocks, due until it is over
+
+
 @dataclass(frozen=True, slots=True)
 class ReadPlan:
     """The chunks a read of file bytes ``[offset, end)`` fetches (:meth:`ChunkSource.plan_read`)."""
@@ -190,6 +344,10 @@ class ChunkSource:
     chunk_size: int = 50000
     on_fetch: Callable[[int, float], None] | None = None
     _chunk_offsets: list[int] | None = None
+    _edges: EdgeBlocks = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._edges = EdgeBlocks(self.chunk_size, self.blob.size)
 
     # -- what to fetch -------------------------------------------------------------------------
 
@@ -326,8 +484,9 @@ class ChunkSource:
         ``align=False`` fetches one range from the first chunk to the end of the last (a
         prefetch piece or a read-ahead run, chunks in blob order): aligning would fetch the
         neighbouring piece's bytes twice, and the small gaps between chunks (directory and
-        link entries) are not worth a multi-range request. On failure every claim is
-        completed with the error, and :class:`LayerFetchError` is raised.
+        link entries) are not worth a multi-range request. Blocks an earlier request brought
+        along at its ends are not fetched again (:class:`EdgeBlocks`). On failure every
+        claim is completed with the error, and :class:`LayerFetchError` is raised.
         """
         if align:
             ranges = self._ranges_for([*claimed, *riders])
@@ -337,10 +496,9 @@ class ChunkSource:
             ranges = [(claimed[0].compressed_offset, claimed[-1].compressed_end)]
             extra = []
         chunks = claimed + extra
-        start = time.monotonic()
         try:
             try:
-                parts = await self.blob.read_ranges(ranges)
+                parts = await self._edges.fetch(ranges, self._request)
             except Exception as exc:
                 raise LayerFetchError(
                     f"{self.key}: fetching {len(ranges)} range(s): {exc}"
@@ -349,12 +507,6 @@ class ChunkSource:
             for c in chunks:
                 self.cache.finish(c.digest, None, _as_error(exc))
             raise
-        nbytes = sum(len(p) for p in parts)
-        self.stats.fetched_bytes += nbytes
-        self.stats.fetch_requests += 1
-        if self.on_fetch is not None:
-            self.on_fetch(nbytes, time.monotonic() - start)
-        log.debug("%s: fetched %d bytes in %.3fs", self.key, nbytes, time.monotonic() - start)
         range_starts = [r[0] for r in ranges]
         compressed = []
         for c in chunks:
@@ -362,6 +514,19 @@ class ChunkSource:
             lo = ranges[i][0]
             compressed.append(parts[i][c.compressed_offset - lo : c.compressed_end - lo])
         return Download(chunks, compressed, len(claimed))
+
+    async def _request(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """One request for ``ranges``, counted (stats, ``on_fetch``)."""
+        start = time.monotonic()
+        parts = await self.blob.read_ranges(ranges)
+        seconds = time.monotonic() - start
+        nbytes = sum(len(p) for p in parts)
+        self.stats.fetched_bytes += nbytes
+        self.stats.fetch_requests += 1
+        if self.on_fetch is not None:
+            self.on_fetch(nbytes, seconds)
+        log.debug("%s: fetched %d bytes in %.3fs", self.key, nbytes, seconds)
+        return parts
 
     async def deliver(self, got: Download) -> dict[str, bytes]:
         """Inflate and verify downloaded chunks, complete their claims, cache the good ones:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 class FileBlob:
@@ -17,6 +18,30 @@ class FileBlob:
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         self.requests.append(list(ranges))
         return [self.data[lo:hi] for lo, hi in ranges]
+
+
+async def local_layer(
+    path: Path, digest: str, toc_digest: str, cache_dir: Path, key: str = "local", **kw: Any
+) -> Any:
+    """A :class:`store.layer.Layer` over the eStargz blob at ``path`` (a :class:`FileBlob`; its
+    TOC checked against ``toc_digest``), its chunk cache in ``cache_dir``; ``kw`` to Layer."""
+    from store.cache import ChunkCache
+    from store.estargz_view import load_layer_index
+    from store.layer import Layer
+    from store.tree import LayerTree
+
+    blob = FileBlob(path)
+    view = await load_layer_index(blob, toc_digest)
+    return Layer(
+        key=key,
+        digest=digest,
+        toc_digest=toc_digest,
+        tree=LayerTree(view.index),
+        index=view,
+        blob=blob,
+        cache=ChunkCache(cache_dir, 1 << 30),
+        **kw,
+    )
 
 
 # -- end-to-end fixtures: a real registry, the store mounted as a process ----------------------

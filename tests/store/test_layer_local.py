@@ -21,8 +21,7 @@ from store.cache import ChunkCache
 from store.estargz.writer import convert
 from store.estargz_view import TocMismatchError, landmark_offset_hint, load_layer_index
 from store.layer import READ_BLOCK, READAHEAD_MIN, AheadBlob, ChunkVerifyError, Layer
-from store.tree import LayerTree
-from tests.store.conftest import FileBlob
+from tests.store.conftest import FileBlob, local_layer
 
 VECTORS = [
     "basic",
@@ -46,18 +45,8 @@ TYPES = {
 
 async def open_layer(vectors_dir: Path, name: str, tmp_path: Path) -> Layer:
     meta = json.loads((vectors_dir / f"{name}.json").read_text())
-    blob = FileBlob(vectors_dir / f"{name}.blob")
-    index = await load_layer_index(blob, meta["toc_digest"])
-    tree = LayerTree(index.index)
-    return Layer(
-        key=name,
-        digest=meta["digest"],
-        toc_digest=meta["toc_digest"],
-        tree=tree,
-        index=index,
-        blob=blob,
-        cache=ChunkCache(tmp_path / "cache", 1 << 30),
-    )
+    path = vectors_dir / f"{name}.blob"
+    return await local_layer(path, meta["digest"], meta["toc_digest"], tmp_path / "cache", name)
 
 
 @pytest.mark.anyio
@@ -395,17 +384,7 @@ async def _small_chunk_layer(
     out = tmp_path / "layer.blob"
     with out.open("wb") as f:
         result = convert(raw, f, chunk_size=chunk_size, level=1)
-    blob = FileBlob(out)
-    index = await load_layer_index(blob, result.toc_digest)
-    layer = Layer(
-        key="small",
-        digest=result.digest,
-        toc_digest=result.toc_digest,
-        tree=LayerTree(index.index),
-        index=index,
-        blob=blob,
-        cache=ChunkCache(tmp_path / "cache", 1 << 30),
-    )
+    layer = await local_layer(out, result.digest, result.toc_digest, tmp_path / "cache", "small")
     node = next(n for p, n in layer.tree.walk() if p == "big")
     return layer, node, payload
 
