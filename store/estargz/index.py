@@ -712,9 +712,22 @@ def _type_and_name(rawtype: Any, rawname: Any, where: _Where) -> tuple[str, str]
         raise InvalidToc(f"{where}unknown type {rawtype!r}")
     if not isinstance(rawname, str):
         raise InvalidToc(f"{where}name is {rawname!r}, not a string")
-    name = _checked_name(rawname, where)
+    name = _checked_name(_encodable(rawname, "name", where), where)
     where.name = name
     return etype, name
+
+
+def _encodable(value: str, what: str, where: Where) -> str:
+    """``value`` if it has a byte form: a ``\\ud800`` escape decodes to a lone surrogate that
+    no file name can hold (:class:`InvalidEntryName`). Only decoded objects need this: the
+    typed path decodes UTF-8 bytes and refuses escapes (:func:`~.toc.typed_toc_entries`)."""
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise InvalidEntryName(
+            f"{where}{what} {value[:80]!r} holds a lone surrogate (no byte form)"
+        ) from None
+    return value
 
 
 def _typed(raw: Mapping[str, Any], where: _Where) -> tuple[RawEntry, str, str]:
@@ -731,7 +744,7 @@ def _typed(raw: Mapping[str, Any], where: _Where) -> tuple[RawEntry, str, str]:
             endOffset=_int(raw, "endOffset", where),
             chunkOffset=_int(raw, "chunkOffset", where, _MAX_SIZE),
             chunkSize=_int(raw, "chunkSize", where, _MAX_SIZE),
-            linkName=_str(raw, "linkName", where),
+            linkName=_encodable(_str(raw, "linkName", where), "linkName", where),
             mode=_int(raw, "mode", where, 0o177777),
             uid=_int(raw, "uid", where, _MAX_ID),
             gid=_int(raw, "gid", where, _MAX_ID),

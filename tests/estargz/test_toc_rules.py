@@ -131,6 +131,15 @@ def test_wrong_json_types_are_refused(entry: dict, match: str) -> None:
         ([reg("f", 5, TOC_OFFSET)], TocOutOfRange, "at or past the TOC"),
         ([reg("f", 5, 1 << 50)], TocOutOfRange, "at or past the TOC"),
         ([{"name": "l", "type": "symlink", "linkName": "x" * 5000}], InvalidToc, "4095"),
+        # A "\ud800" escape decodes to a lone surrogate: no file name has it as bytes.
+        ([reg("\ud800")], InvalidEntryName, "lone surrogate"),
+        ([reg("\ud800" * 40 + "/" + "\ud800" * 40)], InvalidEntryName, "lone surrogate"),
+        ([{"name": "l", "type": "symlink", "linkName": "\udfff"}], InvalidEntryName, "surrogate"),
+        (
+            [reg("f"), {"name": "h", "type": "hardlink", "linkName": "\ud800" * 70}],
+            InvalidEntryName,
+            "lone surrogate",
+        ),
     ],
 )
 def test_hostile_entries_are_refused(entries, error, match) -> None:
