@@ -37,8 +37,11 @@ log = logging.getLogger(__name__)
 # cost gcc 74 requests where eStargz takes 43 (5.9 s against 4.4 s of run).
 READ_BLOCK = 4 << 20  # uncompressed file bytes
 DECOMPRESS_GROUPS = 4  # worker threads inflating one download's chunks (2 cores here)
-# Edge blocks kept per layer (EdgeBlocks): 64 × the default 50,000-byte chunk_size is 3.2 MB.
-EDGE_BLOCKS_MAX = 64
+# Edge blocks kept per layer (EdgeBlocks), in bytes: 83 of the default 50,000-byte chunk_size.
+EDGE_BYTES_MAX = 4 << 20
+# Only a request of at most this many bytes has others wait for its edge blocks: a bigger one
+# (a prefetch or background batch, a 4 MiB read) takes longer than a request of their own.
+EDGE_WAIT_MAX = 1 << 20
 
 
 class ChunkVerifyError(Exception):
@@ -179,17 +182,19 @@ class EdgeBlocks:
     built from them is verified by chunk digest, as any fetched bytes are, before it is cached
     or served.
 
-    :meth:`fetch` takes the known blocks off a request's ends and marks the request's own
-    end blocks as due until it is answered. A request waits only for blocks that requests
-    started before it bring, so no two wait for each other; a block whose request failed or
-    was cancelled is fetched by who waited for it. At most ``limit`` blocks are kept (oldest
-    dropped first: a dropped block is fetched again).
+    :meth:`fetch` takes the known blocks off a request's ends and, for a request of at most
+    :data:`EDGE_WAIT_MAX` bytes, marks its own end blocks as due until it is over. A request
+    waits only for blocks that requests started before it bring, so no two wait for each
+    other; a block whose request failed or was cancelled is fetched by who waited for it. At
+    most ``max_bytes`` of blocks are kept (two at least; oldest dropped first: a dropped block
+    is fetched again); :meth:`drop` forgets those a chunk that failed verification was built
+    from, so that a retry asks the registry again.
     """
 
-    def __init__(self, block: int, blob_size: int, limit: int = EDGE_BLOCKS_MAX) -> None:
+    def __init__(self, block: int, blob_size: int, max_bytes: int = EDGE_BYTES_MAX) -> None:
         self.block = block
         self.blob_size = blob_size
-        self.limit = limit
+        self.limit = max(2, max_bytes // block) if block > 0 else 0
         self._kept: dict[int, bytes] = {}  # block start -> its bytes, oldest first
         self._due: dict[int, trio.Event] = {}  # blocks a request in flight brings
 
@@ -205,8 +210,9 @@ class EdgeBlocks:
         request: Callable[[list[tuple[int, int]]], Awaitable[list[bytes]]],
     ) -> list[bytes]:
         """The bytes of ``ranges`` (``[start, end)`` blob offsets, sorted, disjoint), asking
-        ``request`` (ranges -> their bytes; one call, plus one per block a failed request was
-        to bring) for what no earlier request brought along. Raises what ``request`` raises."""
+        ``request`` (ranges -> their bytes; one call, none if every byte is known, and one more
+        for the blocks that failed requests were to bring) for what no earlier request
+        brought along. Raises what ``request`` raises."""
         plan = self._plan(ranges)
         try:
             got = await request(plan.request) if plan.request else []
@@ -223,14 +229,14 @@ class EdgeBlocks:
         bs = self.block
         request: list[tuple[int, int]] = []
         reused: dict[int, bytes] = {}
-        waits: list[int] = []
+        waits: list[tuple[int, trio.Event]] = []
 
         def take(b: int) -> None:
             data = self._kept.get(b)
             if data is not None:
                 reused[b] = data  # held now: a later eviction cannot take it away
             else:
-                waits.append(b)
+                waits.append((b, self._due[b]))
 
         for lo, hi in ranges:
             while lo < hi and self._known(b := lo // bs * bs):
@@ -242,10 +248,12 @@ class EdgeBlocks:
             if lo < hi:
                 request.append((lo, hi))
         mine = []
+        shared = sum(hi - lo for lo, hi in request) <= EDGE_WAIT_MAX
         for lo, hi in request:
             for b in {lo // bs * bs, (hi - 1) // bs * bs}:
                 if b >= lo and self._end(b) <= hi and not self._known(b):
-                    self._due[b] = trio.Event()
+                    if shared:
+                        self._due[b] = trio.Event()
                     mine.append(b)
         return EdgePlan(list(ranges), request, reused, waits, mine)
 
@@ -261,6 +269,18 @@ class EdgeBlocks:
         self._kept[b] = data
         while len(self._kept) > self.limit:
             del self._kept[next(iter(self._kept))]
+
+    def drop(self, lo: int, hi: int) -> None:
+        """Forget the kept blocks holding bytes of ``[lo, hi)`` (a chunk that failed its
+        digest: the next try asks the registry, not these bytes again)."""
+        if self.block <= 0 or lo >= hi:
+            return
+        for b in range(lo // self.block * self.block, hi, self.block):
+            self._kept.pop(b, None)
+
+    def clear(self) -> None:
+        """Forget every kept block (the layer is released)."""
+        self._kept.clear()
 
     def _forget(self, plan: EdgePlan) -> None:
         """The request of ``plan`` is over (answered or not): wake whoever waits on its blocks
@@ -280,14 +300,12 @@ class EdgeBlocks:
         reused blocks; a block whose request failed is fetched with ``fetch`` (ranges ->
         bytes). Raises what ``fetch`` raises."""
         reused = dict(plan.reused)
-        for b in plan.waits:
-            event = self._due.get(b)
-            if event is not None:
-                await event.wait()
+        for b, event in plan.waits:
+            await event.wait()
             data = self._kept.get(b)
             if data is not None:
                 reused[b] = data
-        missing = [(b, self._end(b)) for b in plan.waits if b not in reused]
+        missing = [(b, self._end(b)) for b, _ in plan.waits if b not in reused]
         if missing:
             for (b, _), data in zip(missing, await fetch(missing), strict=True):
                 reused[b] = data
@@ -314,7 +332,7 @@ class EdgePlan:
     ranges: list[tuple[int, int]]  # asked for
     request: list[tuple[int, int]]  # to request: ``ranges`` less the known end blocks
     reused: dict[int, bytes]  # kept blocks taken, by start
-    waits: list[int]  # blocks a request in flight brings
+    waits: list[tuple[int, trio.Event]]  # blocks requests in flight bring, their "over" event
     mine: list[int]  # this request's own end blocks, due until it is over
 
 
@@ -515,6 +533,10 @@ class ChunkSource:
             compressed.append(parts[i][c.compressed_offset - lo : c.compressed_end - lo])
         return Download(chunks, compressed, len(claimed))
 
+    def release(self) -> None:
+        """Drop the blocks kept for later requests (:class:`EdgeBlocks`): the layer is gone."""
+        self._edges.clear()
+
     async def _request(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         """One request for ``ranges``, counted (stats, ``on_fetch``)."""
         start = time.monotonic()
@@ -545,6 +567,7 @@ class ChunkSource:
         for c, data in zip(got.chunks, datas, strict=True):
             if isinstance(data, Exception):
                 self.stats.verify_failures += 1
+                self._edges.drop(c.compressed_offset, c.compressed_end)
                 log.error(
                     "chunk verification failed in %s at %d: %s", self.key, c.compressed_offset, data
                 )

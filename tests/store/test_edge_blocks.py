@@ -83,6 +83,30 @@ async def test_a_request_waits_for_the_block_one_in_flight_brings():
 
 
 @pytest.mark.anyio
+async def test_nobody_waits_for_the_blocks_of_a_big_request(monkeypatch):
+    """A request over EDGE_WAIT_MAX (a prefetch batch) would keep a reader waiting longer than
+    its own request takes: its blocks are kept when it is answered, not waited for."""
+    monkeypatch.setattr("store.chunks.EDGE_WAIT_MAX", 150)
+    edges, big, small = EdgeBlocks(100, len(DATA)), Blob(), Blob()
+    big.go = trio.Event()
+    out: list[list[bytes]] = []
+
+    async def first() -> None:
+        out.append(await _get(edges, big, [(0, 200)]))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await trio.testing.wait_all_tasks_blocked()
+            assert await _get(edges, small, [(100, 300)]) == [DATA[100:300]]
+            assert small.requests == [[(100, 300)]] and not out
+            big.go.set()
+    assert out == [[DATA[0:200]]]
+    assert await _get(edges, small, [(0, 100)]) == [DATA[0:100]]
+    assert len(small.requests) == 1  # block 0 was kept when the big one was answered
+
+
+@pytest.mark.anyio
 async def test_a_block_whose_request_failed_is_fetched_by_who_waited_for_it():
     edges, failing, other = EdgeBlocks(100, len(DATA)), Blob(), Blob()
     failing.go, failing.fail = trio.Event(), True
@@ -138,7 +162,7 @@ async def test_a_cancelled_request_wakes_its_waiters():
 
 @pytest.mark.anyio
 async def test_at_most_limit_blocks_are_kept():
-    edges, blob = EdgeBlocks(10, len(DATA), limit=4), Blob()
+    edges, blob = EdgeBlocks(10, len(DATA), max_bytes=40), Blob()
     for lo in range(0, 200, 20):
         assert await _get(edges, blob, [(lo, lo + 20)]) == [DATA[lo : lo + 20]]
     assert len(edges._kept) == 4
@@ -198,15 +222,15 @@ async def test_files_read_one_by_one_fetch_no_byte_twice(tmp_path):
 
 
 @pytest.mark.anyio
-async def test_bytes_from_a_kept_block_are_verified(tmp_path):
+async def test_bytes_from_a_kept_block_are_verified_and_a_bad_one_is_dropped(tmp_path):
     """A kept block is compressed bytes like any other: a chunk built from a corrupt one fails
-    its digest and is not served."""
+    its digest and is not served; the block is dropped, so the next read asks the registry."""
     layer, nodes = await _layer(tmp_path, [40_000, 40_000, 40_000], 50_000)
     second = layer.index.chunks_of(nodes[1].entry)[0]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(layer.run)
-            await layer.read_file(nodes[0], 0, 100)  # its request ends in the second's first block
+            await layer.read_file(nodes[0], 0, 100)  # its request ends in the second's block
             edges = layer.source._edges
             block = second.compressed_offset // 50_000 * 50_000
             assert block in edges._kept
@@ -216,4 +240,8 @@ async def test_bytes_from_a_kept_block_are_verified(tmp_path):
             with pytest.raises(ChunkVerifyError):
                 await layer.read_file(nodes[1], 0, 100)
             assert second.digest not in layer.cache
+            before = len(layer.blob.requests)
+            assert len(await layer.read_file(nodes[1], 0, 100)) == 100
+            assert len(layer.blob.requests) == before + 1
             layer.release()
+    assert not layer.source._edges._kept  # released with the layer
