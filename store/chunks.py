@@ -39,9 +39,10 @@ READ_BLOCK = 4 << 20  # uncompressed file bytes
 DECOMPRESS_GROUPS = 4  # worker threads inflating one download's chunks (2 cores here)
 # Edge blocks kept per layer (EdgeBlocks), in bytes: 83 of the default 50,000-byte chunk_size.
 EDGE_BYTES_MAX = 4 << 20
-# Only a request of at most this many bytes has others wait for its edge blocks: a bigger one
-# (a prefetch or background batch, a 4 MiB read) takes longer than a request of their own.
-EDGE_WAIT_MAX = 1 << 20
+# A request waits for an edge block that a request in flight brings only when that request
+# asks for at most this many bytes more than its own: a bigger one (a prefetch or background
+# batch, a 4 MiB read) would take longer than fetching the block itself.
+EDGE_WAIT_SLACK = 256 << 10
 
 
 class ChunkVerifyError(Exception):
@@ -182,12 +183,13 @@ class EdgeBlocks:
     built from them is verified by chunk digest, as any fetched bytes are, before it is cached
     or served.
 
-    :meth:`fetch` takes the known blocks off a request's ends and, for a request of at most
-    :data:`EDGE_WAIT_MAX` bytes, marks its own end blocks as due until it is over. A request
-    waits only for blocks that requests started before it bring, so no two wait for each
-    other; a block whose request failed or was cancelled is fetched by who waited for it. At
-    most ``max_bytes`` of blocks are kept (two at least; oldest dropped first: a dropped block
-    is fetched again); :meth:`drop` forgets those a chunk that failed verification was built
+    :meth:`fetch` takes the known blocks off a request's ends and marks its own end blocks
+    as due until it is over. A request waits for a due block only when the request bringing
+    it asks for at most :data:`EDGE_WAIT_SLACK` bytes more than it does (else it fetches the
+    block itself), and only for requests started before it, so no two wait for each other;
+    a block whose request failed or was cancelled is fetched by who waited for it. At most
+    ``max_bytes`` of blocks are kept (two at least; oldest dropped first: a dropped block is
+    fetched again); :meth:`drop` forgets those a chunk that failed verification was built
     from, so that a retry asks the registry again.
     """
 
@@ -196,13 +198,18 @@ class EdgeBlocks:
         self.blob_size = blob_size
         self.limit = max(2, max_bytes // block) if block > 0 else 0
         self._kept: dict[int, bytes] = {}  # block start -> its bytes, oldest first
-        self._due: dict[int, trio.Event] = {}  # blocks a request in flight brings
+        # blocks a request in flight brings: its "over" event and how many bytes it asks for
+        self._due: dict[int, tuple[trio.Event, int]] = {}
 
     def _end(self, b: int) -> int:
         return min(b + self.block, self.blob_size)
 
-    def _known(self, b: int) -> bool:
-        return b in self._kept or b in self._due
+    def _known(self, b: int, patience: int = -1) -> bool:
+        """Kept, or due from a request asking for at most ``patience`` bytes."""
+        if b in self._kept:
+            return True
+        due = self._due.get(b)
+        return due is not None and due[1] <= patience
 
     async def fetch(
         self,
@@ -228,6 +235,7 @@ class EdgeBlocks:
             return EdgePlan(list(ranges), list(ranges), {}, [], [])
         bs = self.block
         request: list[tuple[int, int]] = []
+        patience = sum(hi - lo for lo, hi in ranges) + EDGE_WAIT_SLACK
         reused: dict[int, bytes] = {}
         waits: list[tuple[int, trio.Event]] = []
 
@@ -236,24 +244,23 @@ class EdgeBlocks:
             if data is not None:
                 reused[b] = data  # held now: a later eviction cannot take it away
             else:
-                waits.append((b, self._due[b]))
+                waits.append((b, self._due[b][0]))
 
         for lo, hi in ranges:
-            while lo < hi and self._known(b := lo // bs * bs):
+            while lo < hi and self._known(b := lo // bs * bs, patience):
                 take(b)
                 lo = self._end(b)
-            while lo < hi and (b := (hi - 1) // bs * bs) >= lo and self._known(b):
+            while lo < hi and (b := (hi - 1) // bs * bs) >= lo and self._known(b, patience):
                 take(b)
                 hi = b
             if lo < hi:
                 request.append((lo, hi))
         mine = []
-        shared = sum(hi - lo for lo, hi in request) <= EDGE_WAIT_MAX
+        size = sum(hi - lo for lo, hi in request)
         for lo, hi in request:
             for b in {lo // bs * bs, (hi - 1) // bs * bs}:
-                if b >= lo and self._end(b) <= hi and not self._known(b):
-                    if shared:
-                        self._due[b] = trio.Event()
+                if b >= lo and self._end(b) <= hi and b not in self._kept and b not in self._due:
+                    self._due[b] = (trio.Event(), size)
                     mine.append(b)
         return EdgePlan(list(ranges), request, reused, waits, mine)
 
@@ -286,9 +293,9 @@ class EdgeBlocks:
         """The request of ``plan`` is over (answered or not): wake whoever waits on its blocks
         (a block it did not bring, they fetch themselves)."""
         for b in plan.mine:
-            event = self._due.pop(b, None)
-            if event is not None:
-                event.set()
+            due = self._due.pop(b, None)
+            if due is not None:
+                due[0].set()
 
     async def _assemble(
         self,

@@ -83,25 +83,27 @@ async def test_a_request_waits_for_the_block_one_in_flight_brings():
 
 
 @pytest.mark.anyio
-async def test_nobody_waits_for_the_blocks_of_a_big_request(monkeypatch):
-    """A request over EDGE_WAIT_MAX (a prefetch batch) would keep a reader waiting longer than
-    its own request takes: its blocks are kept when it is answered, not waited for."""
-    monkeypatch.setattr("store.chunks.EDGE_WAIT_MAX", 150)
+async def test_nobody_waits_for_the_blocks_of_a_much_bigger_request(monkeypatch):
+    """A request asking for over EDGE_WAIT_SLACK more than a reader's (a prefetch batch) would
+    keep it waiting longer than its own request: its blocks are kept when it is answered, not
+    waited for."""
+    monkeypatch.setattr("store.chunks.EDGE_WAIT_SLACK", 50)
     edges, big, small = EdgeBlocks(100, len(DATA)), Blob(), Blob()
     big.go = trio.Event()
     out: list[list[bytes]] = []
 
     async def first() -> None:
-        out.append(await _get(edges, big, [(0, 200)]))
+        out.append(await _get(edges, big, [(0, 400)]))
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(first)
             await trio.testing.wait_all_tasks_blocked()
-            assert await _get(edges, small, [(100, 300)]) == [DATA[100:300]]
-            assert small.requests == [[(100, 300)]] and not out
+            # 400 bytes asked for by the first, 200 by this one: more than 50 over
+            assert await _get(edges, small, [(300, 500)]) == [DATA[300:500]]
+            assert small.requests == [[(300, 500)]] and not out
             big.go.set()
-    assert out == [[DATA[0:200]]]
+    assert out == [[DATA[0:400]]]
     assert await _get(edges, small, [(0, 100)]) == [DATA[0:100]]
     assert len(small.requests) == 1  # block 0 was kept when the big one was answered
 
