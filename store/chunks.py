@@ -19,8 +19,8 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
@@ -37,12 +37,6 @@ log = logging.getLogger(__name__)
 # cost gcc 74 requests where eStargz takes 43 (5.9 s against 4.4 s of run).
 READ_BLOCK = 4 << 20  # uncompressed file bytes
 DECOMPRESS_GROUPS = 4  # worker threads inflating one download's chunks (2 cores here)
-# Edge blocks kept per layer (EdgeBlocks), in bytes: 83 of the default 50,000-byte chunk_size.
-EDGE_BYTES_MAX = 4 << 20
-# A request waits for an edge block that a request in flight brings only when that request
-# asks for at most this many bytes more than its own: a bigger one (a prefetch or background
-# batch, a 4 MiB read) would take longer than fetching the block itself.
-EDGE_WAIT_SLACK = 256 << 10
 
 
 class ChunkVerifyError(Exception):
@@ -170,179 +164,6 @@ class Download:
     claimed: int
 
 
-class EdgeBlocks:
-    """The whole ``block``-aligned blob blocks at the two ends of each request, kept so that
-    a neighbouring chunk's own request does not fetch them again.
-
-    An aligned request is rounded out to ``block`` bytes (``[blob] chunk_size``, as the Go
-    store's requests are): its first and last blocks then also hold the end or the start of
-    a neighbouring chunk it did not need. The chunk cache keeps whole verified chunks only, so
-    without these the neighbour's request would fetch the block again (400 kB of redis's and
-    gcc's on-demand starts). The Go store keeps every fetched block by offset
-    (``fs/remote/blob.go``) and fetches none twice. These are compressed bytes: whatever is
-    built from them is verified by chunk digest, as any fetched bytes are, before it is cached
-    or served.
-
-    :meth:`fetch` takes the known blocks off a request's ends and marks its own end blocks
-    as due until it is over. A request waits for a due block only when the request bringing
-    it asks for at most :data:`EDGE_WAIT_SLACK` bytes more than it does (else it fetches the
-    block itself), and only for requests started before it, so no two wait for each other;
-    a block whose request failed or was cancelled is fetched by who waited for it. At most
-    ``max_bytes`` of blocks are kept (two at least; oldest dropped first: a dropped block is
-    fetched again); :meth:`drop` forgets those a chunk that failed verification was built
-    from, so that a retry asks the registry again.
-    """
-
-    def __init__(self, block: int, blob_size: int, max_bytes: int = EDGE_BYTES_MAX) -> None:
-        self.block = block
-        self.blob_size = blob_size
-        self.limit = max(2, max_bytes // block) if block > 0 else 0
-        self._kept: dict[int, bytes] = {}  # block start -> its bytes, oldest first
-        # blocks a request in flight brings: its "over" event and how many bytes it asks for
-        self._due: dict[int, tuple[trio.Event, int]] = {}
-
-    def _end(self, b: int) -> int:
-        return min(b + self.block, self.blob_size)
-
-    def _known(self, b: int, patience: int = -1) -> bool:
-        """Kept, or due from a request asking for at most ``patience`` bytes."""
-        if b in self._kept:
-            return True
-        due = self._due.get(b)
-        return due is not None and due[1] <= patience
-
-    async def fetch(
-        self,
-        ranges: Sequence[tuple[int, int]],
-        request: Callable[[list[tuple[int, int]]], Awaitable[list[bytes]]],
-    ) -> list[bytes]:
-        """The bytes of ``ranges`` (``[start, end)`` blob offsets, sorted, disjoint), asking
-        ``request`` (ranges -> their bytes; one call, none if every byte is known, and one more
-        for the blocks that failed requests were to bring) for what no earlier request
-        brought along. Raises what ``request`` raises."""
-        plan = self._plan(ranges)
-        try:
-            got = await request(plan.request) if plan.request else []
-            self._keep(plan, got)
-        finally:
-            self._forget(plan)
-        return await self._assemble(plan, got, request)
-
-    def _plan(self, ranges: Sequence[tuple[int, int]]) -> EdgePlan:
-        """What to request for ``ranges`` (``[start, end)`` blob offsets, sorted, disjoint):
-        each range less the known blocks at its ends; ranges wholly known are not requested."""
-        if self.block <= 0:
-            return EdgePlan(list(ranges), list(ranges), {}, [], [])
-        bs = self.block
-        request: list[tuple[int, int]] = []
-        patience = sum(hi - lo for lo, hi in ranges) + EDGE_WAIT_SLACK
-        reused: dict[int, bytes] = {}
-        waits: list[tuple[int, trio.Event]] = []
-
-        def take(b: int) -> None:
-            data = self._kept.get(b)
-            if data is not None:
-                reused[b] = data  # held now: a later eviction cannot take it away
-            else:
-                waits.append((b, self._due[b][0]))
-
-        for lo, hi in ranges:
-            while lo < hi and self._known(b := lo // bs * bs, patience):
-                take(b)
-                lo = self._end(b)
-            while lo < hi and (b := (hi - 1) // bs * bs) >= lo and self._known(b, patience):
-                take(b)
-                hi = b
-            if lo < hi:
-                request.append((lo, hi))
-        mine = []
-        size = sum(hi - lo for lo, hi in request)
-        for lo, hi in request:
-            for b in {lo // bs * bs, (hi - 1) // bs * bs}:
-                if b >= lo and self._end(b) <= hi and b not in self._kept and b not in self._due:
-                    self._due[b] = (trio.Event(), size)
-                    mine.append(b)
-        return EdgePlan(list(ranges), request, reused, waits, mine)
-
-    def _keep(self, plan: EdgePlan, parts: Sequence[bytes]) -> None:
-        """The request of ``plan`` answered ``parts``: keep its end blocks."""
-        for b in plan.mine:
-            for (lo, hi), data in zip(plan.request, parts, strict=True):
-                if lo <= b < hi:
-                    self._put(b, bytes(data[b - lo : self._end(b) - lo]))
-                    break
-
-    def _put(self, b: int, data: bytes) -> None:
-        self._kept[b] = data
-        while len(self._kept) > self.limit:
-            del self._kept[next(iter(self._kept))]
-
-    def drop(self, lo: int, hi: int) -> None:
-        """Forget the kept blocks holding bytes of ``[lo, hi)`` (a chunk that failed its
-        digest: the next try asks the registry, not these bytes again)."""
-        if self.block <= 0 or lo >= hi:
-            return
-        for b in range(lo // self.block * self.block, hi, self.block):
-            self._kept.pop(b, None)
-
-    def clear(self) -> None:
-        """Forget every kept block (the layer is released)."""
-        self._kept.clear()
-
-    def _forget(self, plan: EdgePlan) -> None:
-        """The request of ``plan`` is over (answered or not): wake whoever waits on its blocks
-        (a block it did not bring, they fetch themselves)."""
-        for b in plan.mine:
-            due = self._due.pop(b, None)
-            if due is not None:
-                due[0].set()
-
-    async def _assemble(
-        self,
-        plan: EdgePlan,
-        parts: Sequence[bytes],
-        fetch: Callable[[list[tuple[int, int]]], Awaitable[list[bytes]]],
-    ) -> list[bytes]:
-        """The bytes of the ranges first asked for, from the request's ``parts`` and the
-        reused blocks; a block whose request failed is fetched with ``fetch`` (ranges ->
-        bytes). Raises what ``fetch`` raises."""
-        reused = dict(plan.reused)
-        for b, event in plan.waits:
-            await event.wait()
-            data = self._kept.get(b)
-            if data is not None:
-                reused[b] = data
-        missing = [(b, self._end(b)) for b, _ in plan.waits if b not in reused]
-        if missing:
-            for (b, _), data in zip(missing, await fetch(missing), strict=True):
-                reused[b] = data
-                self._put(b, data)
-        if not reused:
-            return list(parts)
-        starts = [lo for lo, _ in plan.request]
-        segments = sorted([*zip(starts, parts, strict=True), *reused.items()])
-        out = []
-        for lo, hi in plan.ranges:
-            buf = bytearray()
-            for start, data in segments:
-                a, z = max(lo + len(buf), start), min(hi, start + len(data))
-                if a == lo + len(buf) and a < z:
-                    buf += data[a - start : z - start]
-            out.append(bytes(buf))
-        return out
-
-
-@dataclass(slots=True)
-class EdgePlan:
-    """One request's share of :class:`EdgeBlocks` (:meth:`EdgeBlocks.fetch`)."""
-
-    ranges: list[tuple[int, int]]  # asked for
-    request: list[tuple[int, int]]  # to request: ``ranges`` less the known end blocks
-    reused: dict[int, bytes]  # kept blocks taken, by start
-    waits: list[tuple[int, trio.Event]]  # blocks requests in flight bring, their "over" event
-    mine: list[int]  # this request's own end blocks, due until it is over
-
-
 @dataclass(frozen=True, slots=True)
 class ReadPlan:
     """The chunks a read of file bytes ``[offset, end)`` fetches (:meth:`ChunkSource.plan_read`)."""
@@ -369,10 +190,6 @@ class ChunkSource:
     chunk_size: int = 50000
     on_fetch: Callable[[int, float], None] | None = None
     _chunk_offsets: list[int] | None = None
-    _edges: EdgeBlocks = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._edges = EdgeBlocks(self.chunk_size, self.blob.size)
 
     # -- what to fetch -------------------------------------------------------------------------
 
@@ -506,24 +323,31 @@ class ChunkSource:
         """The compressed bytes of claimed chunks (plus free riders in the aligned ranges,
         and ``riders``: chunks the caller claimed too, whose failure is not the caller's).
 
+        Aligned ranges are then cut to the first and last byte of the chunks they deliver: the
+        block's part of a neighbouring chunk, which the chunk cache cannot keep, would
+        otherwise be fetched again by that chunk's own request (the Go store keeps every
+        fetched block by offset instead, ``fs/remote/blob.go``); so each chunk comes whole in
+        one request, and requests for neighbouring chunks do not overlap.
+
         ``align=False`` fetches one range from the first chunk to the end of the last (a
         prefetch piece or a read-ahead run, chunks in blob order): aligning would fetch the
         neighbouring piece's bytes twice, and the small gaps between chunks (directory and
-        link entries) are not worth a multi-range request. Blocks an earlier request brought
-        along at its ends are not fetched again (:class:`EdgeBlocks`). On failure every
-        claim is completed with the error, and :class:`LayerFetchError` is raised.
+        link entries) are not worth a multi-range request. On failure every claim is
+        completed with the error, and :class:`LayerFetchError` is raised.
         """
         if align:
             ranges = self._ranges_for([*claimed, *riders])
             have = {c.digest for c in claimed} | {c.digest for c in riders}
             extra = [*riders, *self._free_riders(ranges, have)]
+            ranges = _trimmed(ranges, [*claimed, *extra])
         else:
             ranges = [(claimed[0].compressed_offset, claimed[-1].compressed_end)]
             extra = []
         chunks = claimed + extra
+        start = time.monotonic()
         try:
             try:
-                parts = await self._edges.fetch(ranges, self._request)
+                parts = await self.blob.read_ranges(ranges)
             except Exception as exc:
                 raise LayerFetchError(
                     f"{self.key}: fetching {len(ranges)} range(s): {exc}"
@@ -532,6 +356,12 @@ class ChunkSource:
             for c in chunks:
                 self.cache.finish(c.digest, None, _as_error(exc))
             raise
+        nbytes = sum(len(p) for p in parts)
+        self.stats.fetched_bytes += nbytes
+        self.stats.fetch_requests += 1
+        if self.on_fetch is not None:
+            self.on_fetch(nbytes, time.monotonic() - start)
+        log.debug("%s: fetched %d bytes in %.3fs", self.key, nbytes, time.monotonic() - start)
         range_starts = [r[0] for r in ranges]
         compressed = []
         for c in chunks:
@@ -539,23 +369,6 @@ class ChunkSource:
             lo = ranges[i][0]
             compressed.append(parts[i][c.compressed_offset - lo : c.compressed_end - lo])
         return Download(chunks, compressed, len(claimed))
-
-    def release(self) -> None:
-        """Drop the blocks kept for later requests (:class:`EdgeBlocks`): the layer is gone."""
-        self._edges.clear()
-
-    async def _request(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """One request for ``ranges``, counted (stats, ``on_fetch``)."""
-        start = time.monotonic()
-        parts = await self.blob.read_ranges(ranges)
-        seconds = time.monotonic() - start
-        nbytes = sum(len(p) for p in parts)
-        self.stats.fetched_bytes += nbytes
-        self.stats.fetch_requests += 1
-        if self.on_fetch is not None:
-            self.on_fetch(nbytes, seconds)
-        log.debug("%s: fetched %d bytes in %.3fs", self.key, nbytes, seconds)
-        return parts
 
     async def deliver(self, got: Download) -> dict[str, bytes]:
         """Inflate and verify downloaded chunks, complete their claims, cache the good ones:
@@ -574,7 +387,6 @@ class ChunkSource:
         for c, data in zip(got.chunks, datas, strict=True):
             if isinstance(data, Exception):
                 self.stats.verify_failures += 1
-                self._edges.drop(c.compressed_offset, c.compressed_end)
                 log.error(
                     "chunk verification failed in %s at %d: %s", self.key, c.compressed_offset, data
                 )
@@ -669,6 +481,24 @@ class ChunkSource:
 
 def _file_offset(chunk: ChunkRef) -> int:
     return chunk.file_offset
+
+
+def _trimmed(ranges: list[tuple[int, int]], chunks: Sequence[ChunkRef]) -> list[tuple[int, int]]:
+    """Each of ``ranges`` (sorted, disjoint) cut to ``[first chunk's offset, last chunk's end)``
+    of the ``chunks`` it holds whole; ranges holding none are dropped."""
+    starts = [lo for lo, _ in ranges]
+    cut: list[list[int] | None] = [None] * len(ranges)
+    for c in chunks:
+        i = bisect.bisect_right(starts, c.compressed_offset) - 1
+        if i < 0 or c.compressed_end > ranges[i][1]:
+            continue
+        span = cut[i]
+        if span is None:
+            cut[i] = [c.compressed_offset, c.compressed_end]
+        else:
+            span[0] = min(span[0], c.compressed_offset)
+            span[1] = max(span[1], c.compressed_end)
+    return [(span[0], span[1]) for span in cut if span is not None]
 
 
 def _as_error(exc: BaseException) -> BaseException:

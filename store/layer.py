@@ -357,7 +357,6 @@ class Layer:
         """Stop background work and drop what memory can be dropped; the disk cache stays."""
         self.released = True
         self._blob_windows.clear()
-        self.source.release()
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
         self.prefetcher.stop()
