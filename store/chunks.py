@@ -2,9 +2,10 @@
 
 What it does for the layer above it (:class:`store.layer.Layer`) and its prefetcher
 (:class:`store.prefetch.Prefetcher`): turn a set of chunks into compressed byte ranges of the
-blob (aligned to the configured ``chunk_size`` and coalesced, or one exact range for a run in
-blob order), fetch them through the :class:`BlobReader`, inflate and verify every chunk in
-:data:`DECOMPRESS_GROUPS` worker threads, and put the good ones in the shared
+blob (aligned to the configured ``chunk_size``, coalesced, then cut to the chunks they
+deliver; or one exact range for a run in blob order), fetch them through the
+:class:`BlobReader`, inflate and verify every chunk in :data:`DECOMPRESS_GROUPS` worker
+threads, and put the good ones in the shared
 :class:`~store.cache.ChunkCache`. Concurrent fetches of one chunk are deduplicated through the
 cache's in-flight table (:meth:`ChunkCache.begin` claims a chunk, :meth:`ChunkCache.finish`
 completes the claim, everyone else waits on it), whichever layer, read or prefetch asked.
@@ -326,8 +327,9 @@ class ChunkSource:
         Aligned ranges are then cut to the first and last byte of the chunks they deliver: the
         block's part of a neighbouring chunk, which the chunk cache cannot keep, would
         otherwise be fetched again by that chunk's own request (the Go store keeps every
-        fetched block by offset instead, ``fs/remote/blob.go``); so each chunk comes whole in
-        one request, and requests for neighbouring chunks do not overlap.
+        fetched block by offset instead, ``fs/remote/blob.go``). So a request never carries
+        a part of a chunk it does not deliver; it may still carry, between two chunks it
+        delivers, one that is cached or on its way already.
 
         ``align=False`` fetches one range from the first chunk to the end of the last (a
         prefetch piece or a read-ahead run, chunks in blob order): aligning would fetch the

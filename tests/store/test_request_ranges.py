@@ -41,6 +41,10 @@ async def test_files_read_one_by_one_come_whole_and_no_byte_twice(tmp_path):
     whole in exactly one request."""
     sizes = [random.Random(i).randrange(30_000, 70_000) for i in range(12)]
     layer, nodes = await _layer(tmp_path, sizes)
+    chunks = [c for n in nodes for c in layer.index.chunks_of(n.entry)]
+    assert len(chunks) == len(nodes)
+    straddling = [c for c in chunks if c.compressed_offset // 50_000 < c.compressed_end // 50_000]
+    assert len(straddling) >= len(chunks) // 2  # the old rounding would fetch their parts twice
     before = len(layer.blob.requests)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -59,6 +63,7 @@ async def test_files_read_one_by_one_come_whole_and_no_byte_twice(tmp_path):
         touching = [r for r in requests if r[0] < c.compressed_end and c.compressed_offset < r[1]]
         assert len(whole) == 1 and touching == whole, node.entry.name
     assert layer.stats.fetched_bytes == sum(hi - lo for lo, hi in requests)
+    assert layer.stats.verify_failures == 0
 
 
 @pytest.mark.anyio
@@ -74,3 +79,4 @@ async def test_small_neighbours_still_ride_along(tmp_path):
                 assert len(await layer.read_file(node, 0, node.size)) == node.size
             layer.release()
     assert len(layer.blob.requests) - before == 1
+    assert layer.stats.verify_failures == 0
