@@ -196,10 +196,6 @@ def parent_dir(name: str) -> str:
     return name.rpartition("/")[0]
 
 
-def base_name(name: str) -> str:
-    return name.rpartition("/")[2]
-
-
 class LayerIndex:
     """Tree + chunk table of one layer, validated. Build with :meth:`from_toc_json` (the store:
     TOC JSON in pieces, bounded memory), :meth:`from_toc` or :meth:`from_entries`.
