@@ -91,6 +91,7 @@ from harness.runtimes import HOST, Node, NodeError, build_node, runtime_versions
 from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, parse_scenario
 from harness.store_proc import StoreProcess, is_our_store
 from harness.timeline import write_timeline
+from harness.usage import UsageSampler, usage_doc
 
 # Where run directories go unless ``--results-dir`` says otherwise: under the current directory,
 # wherever lazybench is installed.
@@ -219,6 +220,8 @@ class Runner:
     _node: Node | None = field(default=None, repr=False)
     _layer_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict, repr=False)
     _versions: dict[str, str] = field(default_factory=dict, repr=False)
+    # The host's interface of the run's link (harness.usage reads its received bytes).
+    _link_iface: str | None = field(default=None, repr=False)
 
     def run(self) -> list[Key]:
         """Measure every planned key not yet recorded; return the keys measured now."""
@@ -275,6 +278,7 @@ class Runner:
                     prepare_store(spec.command, self.console)
             link = stack.enter_context(open_link(self.scenario.network_profile, self.console))
             meta["link"] = link.measured
+            self._link_iface = link.iface
             write_atomic(env_path, json.dumps(meta, indent=1, sort_keys=True))
             registry = stack.enter_context(self._registry(storage, link))
             progress = stack.enter_context(self._progress())
@@ -425,7 +429,7 @@ class Runner:
             with contextlib.ExitStack() as stack:
                 stack.callback(shutil.rmtree, mdir, ignore_errors=True)
                 store = None
-                pull_clock: dict[str, float] = {}
+                pull_clock: dict[str, Any] = {}
                 with_timeline = False
                 if mode in LAZY_MODES:
                     spec = self.scenario.store_named(store_name)
@@ -466,6 +470,11 @@ class Runner:
                     # On any failure (or Ctrl-C) cut the FUSE connection first, so that
                     # podman's cleanup does not wait on reads a stuck store never answers.
                     stack.push(_abort_on_error(store))
+                if with_timeline and store is not None:
+                    # The link's and the CPUs' load beside the timeline, until the run ends.
+                    pull_clock["usage"] = stack.enter_context(
+                        UsageSampler(self._link_iface, store.pid)
+                    )
                 mark = registry.log_mark()
                 pull_clock["start"] = time.monotonic()  # the store's timeline clock too
                 pull = env.pull(ref, timeout=w.timeout)
@@ -489,6 +498,7 @@ class Runner:
                     on_first_output=lambda: first_mark.append(registry.log_mark()),
                 )
                 rec.run_s = outcome.seconds
+                pull_clock["end"] = time.monotonic()
                 rec.total_s = rec.pull_s + rec.create_s + rec.run_s
                 rec.first_output_s = outcome.first_output_s
                 rec.exit_code = outcome.exit_code
@@ -570,12 +580,20 @@ class Runner:
             return
         rec.repull_s = result.seconds
 
-    def _keep_timeline(self, events: Path, rec: Record, pull_clock: dict[str, float]) -> None:
-        """Turn the stopped store's timeline into ``<run>/timeline/`` (harness.timeline); a
-        measurement whose pull did not finish has none. Never fails the measurement."""
+    def _keep_timeline(self, events: Path, rec: Record, pull_clock: dict[str, Any]) -> None:
+        """Turn the stopped store's timeline into ``<run>/timeline/`` (harness.timeline), with
+        the link's and CPUs' load from the pull's start to the run's end (harness.usage) when
+        the run finished; a measurement whose pull did not finish has none. Never fails the
+        measurement."""
         if "seconds" not in pull_clock:
             return
+        sampler = pull_clock.get("usage")
         try:
+            usage = (
+                usage_doc(sampler, pull_clock["start"], pull_clock["end"])
+                if isinstance(sampler, UsageSampler) and "end" in pull_clock
+                else None
+            )
             write_timeline(
                 events,
                 self.run_dir,
@@ -585,6 +603,7 @@ class Runner:
                 sample=rec.sample,
                 pull_start=pull_clock["start"],
                 pull_s=pull_clock["seconds"],
+                usage=usage,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.console.print(f"  [yellow]pull timeline of {rec.workload}/{rec.mode}: {exc}[/]")

@@ -268,6 +268,7 @@ class Link:
     prefix: tuple[str, ...] = ()
     address: str = "127.0.0.1"
     measured: dict[str, Any] = field(default_factory=dict)
+    iface: str | None = None  # the host's interface the registry's bytes arrive on
 
 
 def preflight_link(profile: str) -> None:
@@ -295,7 +296,12 @@ def open_link(profile: str, console: Console) -> Iterator[Link]:
     except NetworkError as exc:
         raise UserError(f"setting up the {profile} link: {exc}") from None
     try:
-        link = Link(profile, prefix=tuple(net.prefix), address=net.ns_addr)
+        link = Link(
+            profile,
+            prefix=tuple(net.prefix),
+            address=net.ns_addr,
+            iface=net.host_iface if net.netns is not None else "lo",
+        )
         if net.netns is not None:
             console.print(f"link {profile}: measuring rate and RTT…")
             net.measure()

@@ -10,6 +10,9 @@ records :mod:`store.timeline` events; after the measurement :func:`write_timelin
   fields and gains ``at``: seconds from the start of ``podman pull``;
 * ``<workload>-<mode>-<store>.md`` — the same per layer as a table (:func:`layer_table`).
 
+Beside them, for the same measurement until its run ends, the document's ``usage`` holds the
+link's and the CPUs' load every 100 ms (:mod:`harness.usage`), tabled after the layers.
+
 Both processes read ``time.monotonic()`` (CLOCK_MONOTONIC, one clock per host), so the
 store's event times and the harness's pull start compare directly.
 
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.podman import write_atomic
+from harness.usage import usage_table
 
 TIMELINE_DIR = "timeline"
 # The store's own work on a layer, in the order it happens (store.timeline).
@@ -237,10 +241,14 @@ def write_timeline(
     sample: int,
     pull_start: float,
     pull_s: float,
+    usage: dict[str, Any] | None = None,
 ) -> Path | None:
     """Convert the store's timeline ``events_path`` into ``<run_dir>/timeline/<name>.json``
     and ``.md`` (written atomically); return the JSON's path, or None when the store
-    recorded nothing (no file: a foreign store, or the store died before writing)."""
+    recorded nothing (no file: a foreign store, or the store died before writing).
+    ``usage`` (:func:`harness.usage.usage_doc`: the link's and CPUs' load from the pull's
+    start to the run's end) is kept as the document's ``usage`` and tabled after the
+    layers."""
     events = read_events(events_path)
     if not events:
         return None
@@ -251,10 +259,15 @@ def write_timeline(
         "sample": sample,
         **pull_timeline(events, pull_start, pull_s),
     }
+    if usage is not None:
+        doc["usage"] = usage
     out = run_dir / TIMELINE_DIR
     out.mkdir(parents=True, exist_ok=True)
     stem = timeline_name(workload, mode, store)
-    write_atomic(out / f"{stem}.md", layer_table(doc))
+    page = layer_table(doc)
+    if usage is not None:
+        page += "\n## Link and CPU\n\n" + "\n".join(usage_table(usage)) + "\n"
+    write_atomic(out / f"{stem}.md", page)
     write_atomic(out / f"{stem}.json", json.dumps(doc, indent=1))
     return out / f"{stem}.json"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -158,6 +159,7 @@ class _FakeStore:
         self.workdir, self.timeline = workdir, timeline
         self.mountpoint = workdir / "mnt"
         self.log_path = workdir / "store.log"
+        self.pid = os.getpid()  # its CPU time is read beside the timeline (harness.usage)
         _FakeStore.made.append(self)
 
     def __enter__(self) -> _FakeStore:
@@ -239,6 +241,14 @@ def test_a_measurement_keeps_the_timeline_of_sample_0_through_our_store(tmp_path
     # The offsets are from the harness's pull start, on the store's clock.
     assert doc["summary"]["pull_s"] == PULL_S
     assert doc["summary"]["first_request_at"] == pytest.approx(0.37, abs=0.01)
+    # Beside it, the link's and CPUs' load from the pull's start to the run's end (a few
+    # milliseconds here: a bin or two), tabled after the layers.
+    usage = doc["usage"]
+    assert usage["width_s"] == 0.1 and usage["iface"] is None  # no link: run() set none
+    assert usage["bins"] and usage["bins"][0]["at"] == 0.0
+    assert all(b["mbit"] is None for b in usage["bins"])
+    page = (run / "timeline" / "tiny-estargz-ours.md").read_text()
+    assert "## Link and CPU" in page and "| at s | link Mbit/s |" in page
 
 
 def _measure_once(tmp_path, monkeypatch, env, mode, registry, calls, verdict):

@@ -1,0 +1,113 @@
+"""The link's and CPUs' load over a measurement (harness.usage): counters, bins, sampler."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from harness.usage import (
+    INTERVAL,
+    Counters,
+    UsageSampler,
+    read_counters,
+    usage_doc,
+    usage_series,
+    usage_table,
+)
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _readings(n: int, step: float, rx_per_step: int, busy_per_step: int, own_per_step: int):
+    """``n`` readings ``step`` seconds apart, each counter growing at a steady rate; the
+    machine's total CPU grows by 2 cores' worth of jiffies per step."""
+    total_per_step = round(2 * TICKS * step)
+    return [
+        Counters(
+            t=10.0 + i * step,
+            rx_bytes=1000 + i * rx_per_step,
+            cpu_busy=i * busy_per_step,
+            cpu_total=i * total_per_step,
+            proc_cpu=i * own_per_step,
+        )
+        for i in range(n)
+    ]
+
+
+def test_steady_counters_give_steady_bins_in_their_units():
+    # 0.04 s apart: 50,000 bytes (10 Mbit/s), half the machine busy, the store a quarter core.
+    step = 0.04
+    total = round(2 * TICKS * step)
+    readings = _readings(51, step, 50_000, total // 2, round(TICKS * step / 4))
+    bins = usage_series(readings, 10.0, 12.0, cores=2)
+    assert [b["at"] for b in bins] == pytest.approx([i * 0.1 for i in range(20)])
+    for b in bins:
+        assert b["mbit"] == pytest.approx(10.0, rel=0.01)
+        assert b["cpu_pct"] == pytest.approx(100.0, rel=0.05)  # 2 cores, half busy
+        assert b["store_cpu_pct"] == pytest.approx(25.0, rel=0.01)
+
+
+def test_a_burst_lands_in_its_own_bin():
+    readings = [Counters(10.0 + i * 0.02, 0, 0, 100 * i, 0) for i in range(51)]
+    # 1 MB arrives between 10.40 and 10.42 s: all of it in the bin [0.4, 0.5).
+    readings = [
+        Counters(c.t, 1_000_000 if c.t > 10.41 else 0, c.cpu_busy, c.cpu_total, c.proc_cpu)
+        for c in readings
+    ]
+    mbit = [b["mbit"] for b in usage_series(readings, 10.0, 11.0, cores=1)]
+    assert mbit[4] == pytest.approx(80.0, rel=0.01) and sum(mbit) == pytest.approx(80.0)
+
+
+def test_missing_counters_and_gaps_give_none_never_an_error():
+    readings = [Counters(10.0 + i * 0.02, None, None, None, None) for i in range(11)]
+    bins = usage_series(readings, 10.0, 10.2)
+    assert bins == [
+        {"at": 0.0, "mbit": None, "cpu_pct": None, "store_cpu_pct": None},
+        {"at": 0.1, "mbit": None, "cpu_pct": None, "store_cpu_pct": None},
+    ]
+    # No readings inside the later bins (the sampler stopped early): no values there.
+    later = usage_series(_readings(6, 0.02, 1, 1, 1), 10.0, 10.4)
+    assert later[0]["mbit"] is not None and later[-1]["mbit"] is None
+    assert usage_series([], 10.0, 10.3)[0]["mbit"] is None
+    assert usage_series(readings, 10.0, 10.0) == []
+    # A counter that went backwards (the interface was recreated) is no rate.
+    back = [Counters(10.0, 5000, 0, 10, 0), Counters(10.1, 10, 0, 20, 0)]
+    assert usage_series(back, 10.0, 10.1)[0]["mbit"] is None
+
+
+def test_counters_of_this_machine_and_process():
+    now = read_counters("lo", os.getpid())
+    assert now.rx_bytes is not None and now.rx_bytes >= 0
+    assert now.cpu_total is not None and now.cpu_busy is not None
+    assert 0 <= now.cpu_busy <= now.cpu_total
+    assert now.proc_cpu is not None and now.proc_cpu >= 0
+    gone = read_counters("lzb-no-such-iface", 2**22 + 12345)
+    assert gone.rx_bytes is None and gone.proc_cpu is None and gone.cpu_total is not None
+    assert read_counters(None, None).rx_bytes is None
+
+
+def test_the_sampler_reads_while_entered_and_its_thread_ends_with_it():
+    def spin(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+
+    threads = threading.active_count()
+    start = time.monotonic()
+    with UsageSampler("lo", os.getpid()) as sampler:
+        spin(0.4)  # this process busy: the store's column reads one core
+    end = time.monotonic()
+    assert threading.active_count() == threads
+    n = len(sampler.samples)
+    assert 0.4 / INTERVAL / 3 <= n <= 0.4 / INTERVAL + 3
+    assert [c.t for c in sampler.samples] == sorted(c.t for c in sampler.samples)
+    doc = usage_doc(sampler, start, end, cores=2)
+    assert doc["iface"] == "lo" and doc["width_s"] == 0.1 and doc["cores"] == 2
+    own = [b["store_cpu_pct"] for b in doc["bins"] if b["store_cpu_pct"] is not None]
+    assert own and max(own) >= 50  # jiffies (10 ms) are coarse over a 0.1 s bin
+    lines = list(usage_table(doc))
+    assert lines[2] == "| at s | link Mbit/s | CPU % machine | CPU % store |"
+    assert len(lines) == 4 + len(doc["bins"]) and lines[4].startswith("| 0.0 | ")
