@@ -499,6 +499,8 @@ class Runner:
                 )
                 rec.run_s = outcome.seconds
                 pull_clock["end"] = time.monotonic()
+                if "usage" in pull_clock:
+                    pull_clock["usage"].stop()  # nothing after the run is sampled
                 rec.total_s = rec.pull_s + rec.create_s + rec.run_s
                 rec.first_output_s = outcome.first_output_s
                 rec.exit_code = outcome.exit_code

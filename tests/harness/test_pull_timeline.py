@@ -242,10 +242,10 @@ def test_a_measurement_keeps_the_timeline_of_sample_0_through_our_store(tmp_path
     assert doc["summary"]["pull_s"] == PULL_S
     assert doc["summary"]["first_request_at"] == pytest.approx(0.37, abs=0.01)
     # Beside it, the link's and CPUs' load from the pull's start to the run's end (a few
-    # milliseconds here: a bin or two), tabled after the layers.
+    # milliseconds here: a bin at most), tabled after the layers.
     usage = doc["usage"]
     assert usage["width_s"] == 0.1 and usage["iface"] is None  # no link: run() set none
-    assert usage["bins"] and usage["bins"][0]["at"] == 0.0
+    assert [b["at"] for b in usage["bins"]] in ([], [0.0])
     assert all(b["mbit"] is None for b in usage["bins"])
     page = (run / "timeline" / "tiny-estargz-ours.md").read_text()
     assert "## Link and CPU" in page and "| at s | link Mbit/s |" in page
