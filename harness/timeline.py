@@ -266,7 +266,7 @@ def write_timeline(
     stem = timeline_name(workload, mode, store)
     page = layer_table(doc)
     if usage is not None:
-        page += "\n## Link and CPU\n\n" + "\n".join(usage_table(usage)) + "\n"
+        page += "\n## Link, CPU and I/O\n\n" + "\n".join(usage_table(usage)) + "\n"
     write_atomic(out / f"{stem}.md", page)
     write_atomic(out / f"{stem}.json", json.dumps(doc, indent=1))
     return out / f"{stem}.json"

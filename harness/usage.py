@@ -1,17 +1,22 @@
-"""Link throughput and CPU over one measurement, every 100 ms: what a lazy start waits on.
+"""Link throughput, CPU and disk stalls over one measurement, every 100 ms: what a lazy start
+waits on.
 
 A lazy start waits on the link (bytes still on their way), on CPU (chunks inflated and
-verified, the runtime's and the workload's own work) or on round trips (the link idle while a
-read waits for its answer). The pull timeline (:mod:`harness.timeline`) says what the store
+verified, the runtime's and the workload's own work), on round trips (the link idle while a
+read waits for its answer) or on the machine's disk (the registry reads its blobs from it, the
+runtime writes its storage to it). The pull timeline (:mod:`harness.timeline`) says what the store
 did per layer; this says, for the same measurement from the start of ``podman pull`` to the
-end of the run, how busy the link and the CPUs were meanwhile.
+end of the run, how busy the link and the CPUs were meanwhile, and how long tasks waited on I/O.
 
-:class:`UsageSampler` reads, every :data:`INTERVAL` seconds in a thread of its own, three
+:class:`UsageSampler` reads, every :data:`INTERVAL` seconds in a thread of its own, four
 kernel counters: the bytes the host received on the link's interface (``/sys/class/net/<iface>
 /statistics/rx_bytes``: the host end of the shaped link's veth, everything the registry
 sent; ``lo`` on the loopback profile, which also counts the requests), the CPU time of the
 whole machine (``/proc/stat``, proc(5)) and of one process (the store: ``utime + stime`` of
-``/proc/<pid>/stat``, all its threads). :func:`usage_series` turns them into bins.
+``/proc/<pid>/stat``, all its threads), and the time at least one task of the machine was
+stalled on I/O (the ``some`` line's ``total`` of ``/proc/pressure/io``, microseconds: Linux's
+pressure stall information, ``Documentation/accounting/psi.rst``; absent on kernels without
+PSI). :func:`usage_series` turns them into bins.
 
 What it costs: one thread of the harness waking 50 times a second to read three small
 files (well under 1% of a core), only during the measurement that records the timeline
@@ -19,7 +24,8 @@ files (well under 1% of a core), only during the measurement that records the ti
 
 Units: ``mbit`` is megabits per second received (10⁶ bits); ``cpu_pct`` and
 ``store_cpu_pct`` are percent of one core, as ``top`` shows them (200 is two cores busy),
-``cpu_pct`` at most 100 × ``cores``. A counter that cannot be read (an interface gone, a
+``cpu_pct`` at most 100 × ``cores``; ``io_pct`` is percent of the bin's wall time in which
+some task waited on I/O (100: always). A counter that cannot be read (an interface gone, a
 process exited) gives None for its bins, never an error.
 """
 
@@ -44,13 +50,15 @@ _TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc's CPU times (jiffies per 
 class Counters:
     """One reading: ``t`` (``time.monotonic()`` seconds), then the cumulative counters —
     bytes received on the interface, the machine's busy and total CPU jiffies, the process's
-    CPU jiffies — None for those that could not be read."""
+    CPU jiffies, microseconds some task was stalled on I/O — None for those that could not be
+    read."""
 
     t: float
     rx_bytes: int | None
     cpu_busy: int | None
     cpu_total: int | None
     proc_cpu: int | None
+    io_some_us: int | None = None
 
 
 def read_counters(iface: str | None, pid: int | None, proc: Path = Path("/proc")) -> Counters:
@@ -73,7 +81,13 @@ def read_counters(iface: str | None, pid: int | None, proc: Path = Path("/proc")
             # stime are fields 14 and 15 of the line, 12 and 13 after the ')'.
             rest = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
             own = int(rest[11]) + int(rest[12])
-    return Counters(t, rx, busy, total, own)
+    io = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        # "some avg10=0.31 avg60=3.80 avg300=3.44 total=32663953" (psi.rst): the first line.
+        first = (proc / "pressure" / "io").read_text().split("\n", 1)[0].split()
+        if first[0] == "some" and first[-1].startswith("total="):
+            io = int(first[-1].removeprefix("total="))
+    return Counters(t, rx, busy, total, own, io)
 
 
 @dataclass
@@ -130,10 +144,10 @@ def usage_series(
     cores: int | None = None,
 ) -> list[dict[str, Any]]:
     """Bins of ``width`` seconds from ``start`` to ``end`` (``time.monotonic()`` seconds), one
-    dict each: ``at`` (the bin's start, seconds from ``start``), ``mbit``, ``cpu_pct`` and
-    ``store_cpu_pct`` (units in the module docstring). A bin's values are the counters'
-    changes between the readings nearest its two edges, so each reading interval counts in
-    the bin it mostly falls in; they are None when those two readings are less than a
+    dict each: ``at`` (the bin's start, seconds from ``start``), ``mbit``, ``cpu_pct``,
+    ``store_cpu_pct`` and ``io_pct`` (units in the module docstring). A bin's values are the
+    counters' changes between the readings nearest its two edges, so each reading interval
+    counts in the bin it mostly falls in; they are None when those two readings are less than a
     quarter of ``width`` apart (no readings there: before the first, after the last, or a
     stalled sampler) or a counter is missing or went backwards. A last bin narrower than a
     quarter of ``width`` is left out."""
@@ -149,7 +163,7 @@ def usage_series(
         a, b = _nearest(ordered, lo), _nearest(ordered, hi)
         entry: dict[str, Any] = {"at": round(i * width, 3)}
         if a is None or b is None or b.t - a.t < width / 4:
-            entry.update(mbit=None, cpu_pct=None, store_cpu_pct=None)
+            entry.update(mbit=None, cpu_pct=None, store_cpu_pct=None, io_pct=None)
             bins.append(entry)
             continue
         dt = b.t - a.t
@@ -165,6 +179,8 @@ def usage_series(
         entry["store_cpu_pct"] = (
             None if own is None or own < 0 else round(100.0 * own / _TICKS / dt, 1)
         )
+        io = _rate(a.io_some_us, b.io_some_us)
+        entry["io_pct"] = None if io is None or io < 0 else round(min(100.0, io / 1e4 / dt), 1)
         bins.append(entry)
     return bins
 
@@ -210,11 +226,12 @@ def usage_table(usage: dict[str, Any]) -> Iterator[str]:
         f"Every {usage['width_s']:g} s from the start of `podman pull` to the end of the run: "
         f"*link*, megabits per second the host received on `{iface or '–'}` ({source}); "
         f"*CPU*, percent of one core, the machine's ({usage['cores']} cores) and the store's "
-        "(all its threads)."
+        "(all its threads); *I/O stall*, percent of the time some task of the machine waited "
+        "on I/O (`/proc/pressure/io`: the disk the registry reads its blobs from)."
     )
     yield ""
-    yield "| at s | link Mbit/s | CPU % machine | CPU % store |"
-    yield "|---:|---:|---:|---:|"
+    yield "| at s | link Mbit/s | CPU % machine | CPU % store | I/O stall % |"
+    yield "|---:|---:|---:|---:|---:|"
 
     def num(value: Any) -> str:
         return "–" if value is None else f"{value:.0f}"
@@ -222,7 +239,7 @@ def usage_table(usage: dict[str, Any]) -> Iterator[str]:
     for b in usage["bins"]:
         yield (
             f"| {b['at']:.1f} | {num(b['mbit'])} | {num(b['cpu_pct'])} | "
-            f"{num(b['store_cpu_pct'])} |"
+            f"{num(b['store_cpu_pct'])} | {num(b.get('io_pct'))} |"
         )
 
 

@@ -248,7 +248,7 @@ def test_a_measurement_keeps_the_timeline_of_sample_0_through_our_store(tmp_path
     assert [b["at"] for b in usage["bins"]] in ([], [0.0])
     assert all(b["mbit"] is None for b in usage["bins"])
     page = (run / "timeline" / "tiny-estargz-ours.md").read_text()
-    assert "## Link and CPU" in page and "| at s | link Mbit/s |" in page
+    assert "## Link, CPU and I/O" in page and "| at s | link Mbit/s |" in page
 
 
 def _measure_once(tmp_path, monkeypatch, env, mode, registry, calls, verdict):
