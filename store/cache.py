@@ -21,9 +21,23 @@ wait for its result or its failure (:meth:`ChunkCache.wait_inflight`).
 
 Writes off the FUSE thread: a batch fetch completes its claims with :meth:`ChunkCache.finish`,
 which admits the verified bytes at once (served from memory, waiters woken) and leaves the file
-write to :meth:`ChunkCache.write_pending`, awaited by the fetcher, which writes in a worker
-thread. A 4 MiB file write on the trio thread stalled every FUSE request behind it (a quarter
-of a cold read's wall time, ``benchmarks/bench_store_read.py``).
+write to :meth:`ChunkCache.write_pending`, which writes in a worker thread. A 4 MiB file
+write on the trio thread stalled every FUSE request behind it (a quarter of a cold read's wall
+time, ``benchmarks/bench_store_read.py``). A read's own fetch awaits the write of what it
+fetched: the chunks a read brought in are on disk when it returns.
+
+Write-behind for work ahead of reads: the prefetch and the background fetch hand their chunks
+to :meth:`ChunkCache.write_behind`. In the store a writer task (:meth:`ChunkCache.run_writer`)
+takes them: it writes once none were handed to it for :data:`WRITE_QUIET` seconds, at the
+latest :data:`WRITE_MOST_DELAY` seconds after the first, at once when half the memory cache's
+size is pending, and what is left when it is cancelled; past the memory cache's size the
+fetcher writes its own. Why: a prefetch lands in the middle of the pull, when the store parses
+TOCs and the runtime writes its storage; one file per chunk (create, write, rename) beside that
+cost the lazy pull phase about 0.1 s here (python, redis ``estargz``, ``wan`` link). Pending
+chunks are served from memory (``_pending``; those small enough are in the memory cache too),
+so chunks waiting for their files cost about the memory cache's size at most, beside the
+batches being written. Without a writer (tests, tools) :meth:`~ChunkCache.write_behind`
+writes at once. What a read's own fetch brought in is never left behind (above).
 """
 
 from __future__ import annotations
@@ -33,12 +47,17 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
 log = logging.getLogger(__name__)
+
+WRITE_QUIET = 1.0  # seconds without new chunks left to it before the writer writes
+WRITE_MOST_DELAY = 10.0  # seconds the writer lets the first of them wait at most
 
 
 @dataclass
@@ -73,7 +92,10 @@ class ChunkCache:
         self._inflight: dict[str, _InFlight] = {}
         # Admitted by finish(), not yet on disk: served from here until written.
         self._pending: dict[str, bytes] = {}
+        self._pending_bytes = 0
         self._writing: set[str] = set()
+        self._evicted_writing: set[str] = set()  # evicted while in _writing
+        self._wake: trio.Event | None = None  # run_writer()'s, while it runs
         self.root.mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -148,7 +170,7 @@ class ChunkCache:
         return data
 
     def _remember(self, key: str, data: bytes) -> None:
-        if len(data) > self.memory_bytes // 4:
+        if len(data) > self.memory_bytes // 4 or key in self._mem:
             return
         self._mem[key] = data
         self._mem_total += len(data)
@@ -178,7 +200,8 @@ class ChunkCache:
         Thread-safe: touches no cache state."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.parent.is_dir():  # one stat: mkdir's FileExistsError cost more
+                path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
@@ -192,26 +215,41 @@ class ChunkCache:
 
     def _admit(self, key: str, data: bytes) -> None:
         """Take ``data`` (already verified against ``key``) into the cache now, its file to be
-        written by :meth:`write_pending`."""
+        written by :meth:`write_pending` (or left to the writer, :meth:`write_behind`)."""
         if key in self._lru:
             self._lru.move_to_end(key)
             return
         self._path(key)  # a bad key fails here, not in the writer
         self._pending[key] = data
+        self._pending_bytes += len(data)
         self._lru[key] = len(data)
         self._total += len(data)
+        self._remember(key, data)  # served from memory while pending, kept there after
         self._evict()
 
-    async def write_pending(self) -> None:
-        """Write the chunks admitted by :meth:`finish` to disk in a worker thread (one at a
-        time per chunk; another writer's chunks are left to it). Shielded from cancellation:
-        a write is bounded by the disk, and a chunk left pending would live in memory only.
-        A chunk that failed to write or was evicted meanwhile leaves no file and no entry."""
-        keys = [k for k in self._pending if k not in self._writing]
-        if not keys:
+    def _unpend(self, key: str) -> bytes | None:
+        data = self._pending.pop(key, None)
+        if data is not None:
+            self._pending_bytes -= len(data)
+        return data
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of chunks served from memory whose files are not written yet."""
+        return self._pending_bytes
+
+    async def write_pending(self, keys: Iterable[str] | None = None) -> None:
+        """Write the files of admitted chunks now, in a worker thread: ``keys`` (those still
+        pending and not being written by someone else), or all pending ones. Shielded from
+        cancellation: a write is bounded by the disk, and a chunk left pending would live in
+        memory only. A chunk that failed to write or was evicted meanwhile leaves no file and
+        no entry."""
+        wanted = self._pending if keys is None else keys
+        todo = [k for k in dict.fromkeys(wanted) if k in self._pending and k not in self._writing]
+        if not todo:
             return
-        self._writing.update(keys)
-        batch = [(k, self._path(k), self._pending[k]) for k in keys]
+        self._writing.update(todo)
+        batch = [(k, self._path(k), self._pending[k]) for k in todo]
 
         def write_all() -> list[bool]:
             return [self._write_file(k, p, d) for k, p, d in batch]
@@ -220,19 +258,68 @@ class ChunkCache:
             with trio.CancelScope(shield=True):
                 written = await trio.to_thread.run_sync(write_all)
         finally:
-            self._writing.difference_update(keys)
-        for (key, path, data), ok in zip(batch, written, strict=True):
-            self._pending.pop(key, None)
-            if key not in self._lru:  # evicted while it was written
+            self._writing.difference_update(todo)
+            evicted = self._evicted_writing.intersection(todo)
+            self._evicted_writing.difference_update(todo)
+        again = []
+        for (key, path, _), ok in zip(batch, written, strict=True):
+            if key not in evicted:  # still the copy written: nothing else replaces a pending one
+                self._unpend(key)
+                if not ok:
+                    self._forget(key)
+            elif key not in self._lru:  # evicted while it was written: no file, no entry
                 with contextlib.suppress(OSError):
                     path.unlink()
-            elif not ok:
-                self._forget(key)
-            else:
-                self._remember(key, data)
+            elif key in self._pending:  # evicted (its file maybe unlinked) and admitted again
+                again.append(key)
+        if again:
+            await self.write_pending(again)
+
+    async def write_behind(self, keys: Iterable[str]) -> None:
+        """Leave the files of ``keys`` (chunks fetched ahead of reads) to the writer task
+        (:meth:`run_writer`, module doc); without one, or with more than ``memory_bytes``
+        pending, write them now (:meth:`write_pending`)."""
+        if self._wake is None:
+            await self.write_pending(keys)
+            return
+        self._wake.set()
+        if self._pending_bytes > self.memory_bytes:
+            await self.write_pending(keys)
+
+    async def run_writer(
+        self,
+        *,
+        quiet: float = WRITE_QUIET,
+        most: float = WRITE_MOST_DELAY,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The write-behind writer (module doc) until cancelled, then it writes what is left;
+        start it with ``await nursery.start(cache.run_writer)``. One at a time per cache
+        (RuntimeError). ``quiet``, ``most``: seconds (:data:`WRITE_QUIET`,
+        :data:`WRITE_MOST_DELAY`)."""
+        if self._wake is not None:
+            raise RuntimeError("the chunk cache's writer already runs")
+        self._wake = trio.Event()
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                latest = trio.current_time() + most
+                while self._pending_bytes < self.memory_bytes // 2:
+                    with trio.move_on_at(min(latest, trio.current_time() + quiet)) as waited:
+                        await self._wake.wait()
+                        self._wake = trio.Event()
+                    if waited.cancelled_caught:
+                        break  # quiet for `quiet` seconds, or the first chunk waited `most`
+                await self.write_pending()
+        finally:
+            self._wake = None
+            with trio.CancelScope(shield=True):
+                await self.write_pending()
 
     def _forget(self, key: str) -> None:
-        self._pending.pop(key, None)
+        self._unpend(key)
         data = self._mem.pop(key, None)
         if data is not None:
             self._mem_total -= len(data)
@@ -248,7 +335,9 @@ class ChunkCache:
             if data is not None:
                 self._mem_total -= len(data)
             self.stats.evictions += 1
-            if self._pending.pop(key, None) is not None and key not in self._writing:
+            if key in self._writing:
+                self._evicted_writing.add(key)
+            if self._unpend(key) is not None and key not in self._writing:
                 continue  # never written: no file
             try:
                 self._path(key).unlink()
@@ -267,7 +356,8 @@ class ChunkCache:
 
     def finish(self, key: str, data: bytes | None, error: BaseException | None = None) -> None:
         """Complete a :meth:`begin` claim with the verified bytes or the error; the bytes are
-        served at once and reach the disk when the fetcher awaits :meth:`write_pending`."""
+        served at once and reach the disk when the fetcher has them written
+        (:meth:`write_pending` or :meth:`write_behind`)."""
         flight = self._inflight.pop(key, None)
         if data is not None:
             self._admit(key, data)

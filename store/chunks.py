@@ -312,11 +312,17 @@ class ChunkSource:
     # -- fetches -------------------------------------------------------------------------------
 
     async def fetch(
-        self, claimed: list[ChunkRef], *, align: bool = True, riders: Sequence[ChunkRef] = ()
+        self,
+        claimed: list[ChunkRef],
+        *,
+        align: bool = True,
+        riders: Sequence[ChunkRef] = (),
+        behind: bool = False,
     ) -> dict[str, bytes]:
         """Fetch and verify claimed chunks (plus free riders in the aligned ranges): their
         bytes by digest. Raises as :meth:`download` and :meth:`deliver` do."""
-        return await self.deliver(await self.download(claimed, align=align, riders=riders))
+        got = await self.download(claimed, align=align, riders=riders)
+        return await self.deliver(got, behind=behind)
 
     async def download(
         self, claimed: list[ChunkRef], *, align: bool = True, riders: Sequence[ChunkRef] = ()
@@ -372,9 +378,12 @@ class ChunkSource:
             compressed.append(parts[i][c.compressed_offset - lo : c.compressed_end - lo])
         return Download(chunks, compressed, len(claimed))
 
-    async def deliver(self, got: Download) -> dict[str, bytes]:
+    async def deliver(self, got: Download, *, behind: bool = False) -> dict[str, bytes]:
         """Inflate and verify downloaded chunks, complete their claims, cache the good ones:
-        the verified bytes by digest.
+        the verified bytes by digest. Their cache files are written before it returns (but
+        one another fetch is writing already, or the disk refused: then it is not cached),
+        or with ``behind`` (work ahead of reads: prefetch, background fetch) left to the
+        cache's writer (:meth:`ChunkCache.write_behind`).
 
         Raises the first verification error (:class:`ChunkVerifyError`) when a chunk the
         caller claimed (not a free rider) failed; failed chunks are never cached or served.
@@ -396,7 +405,11 @@ class ChunkSource:
             else:
                 self.cache.finish(c.digest, data)
                 out[c.digest] = data
-        await self.cache.write_pending()  # waiters are served already; the disk comes after
+        # Waiters are served already; the disk comes after.
+        if behind:
+            await self.cache.write_behind(out)
+        else:
+            await self.cache.write_pending(out)
         failed = [d for d in datas if isinstance(d, Exception)]
         if failed and any(c.digest not in out for c in got.chunks[: got.claimed]):
             raise failed[0]

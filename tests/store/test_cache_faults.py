@@ -5,17 +5,23 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from store.cache import ChunkCache
+from store.cache import WRITE_QUIET, ChunkCache
 
 
 def _key(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _cache_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
 
 
 def _file(root: Path, key: str) -> Path:
@@ -132,3 +138,181 @@ def test_a_claimed_fetch_counts_as_one_miss(tmp_path):
     cache.finish(_key(data), data)
     assert cache.get(_key(data)) == data
     assert (cache.stats.misses, cache.stats.hits) == (1, 1)
+
+
+def _admit(cache: ChunkCache, data: bytes) -> str:
+    key = _key(data)
+    assert cache.begin(key) is not None
+    cache.finish(key, data)
+    return key
+
+
+def _run_with_writer(cache: ChunkCache, body, **writer) -> None:  # type: ignore[no-untyped-def]
+    """``body(cache, clock)`` beside the cache's writer task, on a clock that moves only when
+    ``body`` moves it (:func:`_advance`: threads' writes take no time on it); the writer is
+    cancelled when it returns."""
+    clock = trio.testing.MockClock()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(cache.run_writer, **writer))
+            await body(cache, clock)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
+
+
+async def _settle(cache: ChunkCache) -> None:
+    """Every task blocked and no file being written (threads run in real time)."""
+    deadline = time.monotonic() + 10
+    while True:
+        await trio.testing.wait_all_tasks_blocked()
+        if not cache._writing:
+            return
+        assert time.monotonic() < deadline, "a cache write did not finish"
+        await trio.lowlevel.checkpoint()
+
+
+async def _advance(cache: ChunkCache, clock: trio.testing.MockClock, seconds: float) -> None:
+    """Move the clock ``seconds`` in steps of 1/16 s (exact in binary: the sums land on the
+    deadlines, not a rounding error before them), letting the writer act at each."""
+    for _ in range(round(seconds * 16)):
+        await _settle(cache)
+        clock.jump(1 / 16)
+    await _settle(cache)
+
+
+def _spy_writes(cache: ChunkCache) -> list[tuple[float, int]]:
+    """(clock, pending bytes) at each write_pending call that has something to write."""
+    calls: list[tuple[float, int]] = []
+    real = cache.write_pending
+
+    async def spy(keys=None) -> None:  # type: ignore[no-untyped-def]
+        if cache.pending_bytes:
+            calls.append((trio.current_time(), cache.pending_bytes))
+        await real(keys)
+
+    cache.write_pending = spy  # type: ignore[method-assign]
+    return calls
+
+
+def test_chunks_left_behind_are_written_once_none_came_for_a_while(tmp_path):
+    cache = ChunkCache(tmp_path, 1 << 20)
+    a, b = os.urandom(3000), os.urandom(3000)
+    writes = _spy_writes(cache)
+
+    async def body(cache: ChunkCache, clock: trio.testing.MockClock) -> None:
+        start = trio.current_time()
+        ka = _admit(cache, a)
+        await cache.write_behind([ka])  # wakes the writer, writes nothing itself
+        assert not _file(tmp_path, ka).exists() and cache.get(ka) == a
+        await _advance(cache, clock, 0.625)
+        kb = _admit(cache, b)  # within the quiet period: it starts again
+        await cache.write_behind([kb])
+        await _advance(cache, clock, 0.625)
+        assert not _file(tmp_path, ka).exists() and cache.pending_bytes == 6000
+        await _advance(cache, clock, 0.625)
+        assert cache.pending_bytes == 0
+        # Written together, a quiet period after the last chunk.
+        assert [(t - start, n) for t, n in writes] == [(0.625 + WRITE_QUIET, 6000)]
+        assert _file(tmp_path, ka).read_bytes() == a and _file(tmp_path, kb).read_bytes() == b
+
+    _run_with_writer(cache, body)
+    assert ChunkCache(tmp_path, 1 << 20).get(_key(b)) == b
+
+
+def test_a_steady_trickle_is_written_by_the_most_delay(tmp_path):
+    cache = ChunkCache(tmp_path, 1 << 20)
+    writes = _spy_writes(cache)
+
+    async def body(cache: ChunkCache, clock: trio.testing.MockClock) -> None:
+        start = trio.current_time()
+        for _ in range(30):  # a chunk every 0.5 s: never quiet for 1 s
+            await cache.write_behind([_admit(cache, os.urandom(100))])
+            await _advance(cache, clock, 0.5)
+        # At most 4.75 s after the first chunk left to it, then after the next one's.
+        assert [(t - start, n) for t, n in writes] == [(4.75, 1000), (9.75, 1000), (14.75, 1000)]
+
+    _run_with_writer(cache, body, most=4.75)
+    assert cache.pending_bytes == 0 and len(_cache_files(tmp_path)) == 30
+
+
+def test_the_writer_writes_at_half_the_memory_cache_and_what_is_left_when_cancelled(
+    tmp_path,
+):
+    cache = ChunkCache(tmp_path, 1 << 20, memory_bytes=10_000)
+    big, late = os.urandom(6000), os.urandom(100)
+
+    async def body(cache: ChunkCache, clock: trio.testing.MockClock) -> None:
+        kbig = _admit(cache, big)
+        await cache.write_behind([kbig])
+        await _settle(cache)  # no quiet period waited for: the clock did not move
+        assert cache.pending_bytes == 0 and _file(tmp_path, kbig).read_bytes() == big
+        await cache.write_behind([_admit(cache, late)])  # then the store stops, not quiet yet
+
+    _run_with_writer(cache, body)
+    assert cache.pending_bytes == 0 and _file(tmp_path, _key(late)).read_bytes() == late
+
+
+def test_reads_own_chunks_are_written_now_and_past_the_memory_cache_behind_ones_too(tmp_path):
+    # Under half the memory cache pending (3000) until `more`: the writer waits for quiet.
+    cache = ChunkCache(tmp_path, 1 << 20, memory_bytes=6000)
+    ahead, own, more = os.urandom(1500), os.urandom(1000), os.urandom(5000)
+
+    async def body(cache: ChunkCache, clock: trio.testing.MockClock) -> None:
+        kahead = _admit(cache, ahead)
+        await cache.write_behind([kahead])
+        kown = _admit(cache, own)
+        await cache.write_pending([kown])  # a read's fetch: its own chunk, not the other
+        assert _file(tmp_path, kown).read_bytes() == own and not _file(tmp_path, kahead).exists()
+        kmore = _admit(cache, more)  # 6500 pending > 6000: this fetcher writes its own
+        await cache.write_behind([kmore])
+        assert _file(tmp_path, kmore).read_bytes() == more
+
+    _run_with_writer(cache, body)
+    alone = ChunkCache(tmp_path / "alone", 1 << 20)
+    key = _admit(alone, ahead)
+    trio.run(alone.write_behind, [key])  # no writer: at once
+    assert _file(tmp_path / "alone", key).read_bytes() == ahead and alone.pending_bytes == 0
+
+    async def twice() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(alone.run_writer)
+            with pytest.raises(RuntimeError, match="already runs"):
+                await alone.run_writer()
+            nursery.cancel_scope.cancel()
+
+    trio.run(twice)
+
+
+@pytest.mark.anyio
+async def test_a_chunk_evicted_or_admitted_again_while_written_keeps_the_books_right(
+    tmp_path, monkeypatch
+):
+    cache = ChunkCache(tmp_path, max_bytes=1500, memory_bytes=0)
+    a, b = os.urandom(1000), os.urandom(1000)
+    ka, kb = _key(a), _key(b)
+    real = ChunkCache._write_file
+    meanwhile: list = []
+
+    def slow(k: str, p: Path, d: bytes) -> bool:
+        ok = real(k, p, d)
+        while meanwhile:  # once, after the first write
+            trio.from_thread.run_sync(meanwhile.pop(0))
+        return ok
+
+    monkeypatch.setattr(ChunkCache, "_write_file", staticmethod(slow))
+    # Evicted while written (b pushes a out): no file, no entry.
+    _admit(cache, a)
+    meanwhile[:] = [lambda: _admit(cache, b)]
+    await cache.write_pending([ka])
+    assert ka not in cache and not _file(tmp_path, ka).exists()
+    assert cache.total_bytes == 1000 and cache.pending_bytes == 1000
+    # Evicted (its file unlinked) and fetched again while written: written again.
+    meanwhile[:] = [lambda: _admit(cache, a), lambda: _admit(cache, b)]
+    await cache.write_pending([kb])
+    monkeypatch.undo()
+    assert kb in cache and cache.pending_bytes == 0 and cache.total_bytes == 1000
+    assert _cache_files(tmp_path) == [_file(tmp_path, kb)]
+    assert _file(tmp_path, kb).read_bytes() == b
+    assert ChunkCache(tmp_path, 1500).get(kb) == b
