@@ -380,10 +380,10 @@ class ChunkSource:
 
     async def deliver(self, got: Download, *, behind: bool = False) -> dict[str, bytes]:
         """Inflate and verify downloaded chunks, complete their claims, cache the good ones:
-        the verified bytes by digest. Their cache files are written before it returns (but
-        one another fetch is writing already, or the disk refused: then it is not cached),
-        or with ``behind`` (work ahead of reads: prefetch, background fetch) left to the
-        cache's writer (:meth:`ChunkCache.write_behind`).
+        the verified bytes by digest. Their cache files are written before it returns
+        (except those another fetch is writing already, and those the disk refused, which
+        are then not cached), or with ``behind`` (work ahead of reads: prefetch, background
+        fetch) left to the cache's writer (:meth:`ChunkCache.write_behind`).
 
         Raises the first verification error (:class:`ChunkVerifyError`) when a chunk the
         caller claimed (not a free rider) failed; failed chunks are never cached or served.
