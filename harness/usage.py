@@ -4,9 +4,10 @@ waits on.
 A lazy start waits on the link (bytes still on their way), on CPU (chunks inflated and
 verified, the runtime's and the workload's own work), on round trips (the link idle while a
 read waits for its answer) or on the machine's disk (the registry reads its blobs from it, the
-runtime writes its storage to it). The pull timeline (:mod:`harness.timeline`) says what the store
-did per layer; this says, for the same measurement from the start of ``podman pull`` to the
-end of the run, how busy the link and the CPUs were meanwhile, and how long tasks waited on I/O.
+runtime writes its storage and the store its cache files to it). The pull timeline
+(:mod:`harness.timeline`) says what the store did per layer; this says, for the same
+measurement from the start of ``podman pull`` to the end of the run, how busy the link and
+the CPUs were meanwhile, and how long tasks waited on I/O.
 
 :class:`UsageSampler` reads, every :data:`INTERVAL` seconds in a thread of its own, four
 kernel counters: the bytes the host received on the link's interface (``/sys/class/net/<iface>
@@ -18,7 +19,7 @@ stalled on I/O (the ``some`` line's ``total`` of ``/proc/pressure/io``, microsec
 pressure stall information, ``Documentation/accounting/psi.rst``; absent on kernels without
 PSI). :func:`usage_series` turns them into bins.
 
-What it costs: one thread of the harness waking 50 times a second to read three small
+What it costs: one thread of the harness waking 50 times a second to read four small
 files (well under 1% of a core), only during the measurement that records the timeline
 (sample 0 through our own store), and stopped as soon as the run ends.
 
@@ -227,7 +228,8 @@ def usage_table(usage: dict[str, Any]) -> Iterator[str]:
         f"*link*, megabits per second the host received on `{iface or '–'}` ({source}); "
         f"*CPU*, percent of one core, the machine's ({usage['cores']} cores) and the store's "
         "(all its threads); *I/O stall*, percent of the time some task of the machine waited "
-        "on I/O (`/proc/pressure/io`: the disk the registry reads its blobs from)."
+        "on I/O (`/proc/pressure/io`, machine-wide: the registry's blob reads, the runtime's "
+        "storage, the store's cache files)."
     )
     yield ""
     yield "| at s | link Mbit/s | CPU % machine | CPU % store | I/O stall % |"
