@@ -279,12 +279,11 @@ class ChunkCache:
         """Leave the files of ``keys`` (chunks fetched ahead of reads) to the writer task
         (:meth:`run_writer`, module doc); without one, or with more than ``memory_bytes``
         pending, write them now (:meth:`write_pending`)."""
-        if self._wake is None:
-            await self.write_pending(keys)
-            return
-        self._wake.set()
-        if self._pending_bytes > self.memory_bytes:
-            await self.write_pending(keys)
+        if self._wake is not None:
+            self._wake.set()
+            if self._pending_bytes <= self.memory_bytes:
+                return
+        await self.write_pending(keys)
 
     async def run_writer(
         self,
