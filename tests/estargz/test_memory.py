@@ -155,3 +155,78 @@ def test_index_of_100k_entries_fits_the_store_memory_budget(tmp_path) -> None:
     assert got["entries"] == 100_001
     assert got["retained"] < 80, got
     assert got["peak"] < 95, got
+
+
+# -- the collector paused while an index is built ----------------------------------------------
+
+
+def test_the_collector_is_paused_while_an_index_is_built_and_restored_after():
+    import gc
+
+    import pytest
+
+    from store.estargz import InvalidEntryName, LayerIndex
+    from store.estargz.index import gc_paused
+
+    seen: list[bool] = []
+
+    def entries() -> Iterator[dict]:
+        seen.append(gc.isenabled())
+        yield {"name": "etc", "type": "dir", "mode": 0o755}
+        seen.append(gc.isenabled())
+
+    assert gc.isenabled()
+    LayerIndex.from_entries(entries(), toc_offset=1000, compression="gzip")
+    assert seen == [False, False] and gc.isenabled()
+
+    def pieces() -> Iterator[bytes]:
+        seen.append(gc.isenabled())
+        yield b'{"version": 1, "entries": [{"name": "etc", "type": "dir", "mode": 493}]}'
+
+    seen.clear()
+    LayerIndex.from_toc_json(pieces(), toc_offset=1000)  # its decode too
+    assert seen == [False] and gc.isenabled()
+
+    with gc_paused():  # nested, as from_toc_json around from_entries
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+    def bad() -> Iterator[dict]:
+        yield {"name": "../escape", "type": "reg", "size": 0}
+
+    with pytest.raises(InvalidEntryName):
+        LayerIndex.from_entries(bad(), toc_offset=1000, compression="gzip")
+    assert gc.isenabled()  # restored on an error too
+
+    gc.disable()  # disabled by someone else before: it stays so
+    try:
+        LayerIndex.from_entries(entries(), toc_offset=1000, compression="gzip")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_collector_pause_holds_while_any_thread_builds():
+    import gc
+    import threading
+
+    from store.estargz.index import gc_paused
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with gc_paused():
+            inside.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(10)
+    with gc_paused():
+        pass
+    assert not gc.isenabled()  # the other thread is still inside
+    leave.set()
+    t.join(10)
+    assert gc.isenabled()
