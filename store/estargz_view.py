@@ -42,6 +42,7 @@ import trio
 from store import estargz
 from store.chunks import ONE_WINDOW, BlobReader, read_split, split_spans
 from store.estargz import Chunk, Entry, LayerIndex, TocLimits, landmark_offset_hint, zstdchunked
+from store.estargz.index import gc_paused
 from store.estargz.toc import WHOLE_DECODE_MAX
 from store.timeline import BoundTimeline, span
 
@@ -201,7 +202,16 @@ def zstd_chunked_index(
     """The validated index of a verified zstd:chunked TOC, and each regular file's frames
     (``offset, endOffset, size`` triples, 24 bytes a file). Typed msgspec records when
     :func:`~store.estargz.zstdchunked.typed_manifest_entries` vouches for the TOC, else the
-    entries one at a time (every error worded). Raises :class:`~store.estargz.InvalidToc`."""
+    entries one at a time (every error worded). Raises :class:`~store.estargz.InvalidToc`.
+    The collector is paused throughout, the decode included
+    (:data:`~store.estargz.index.gc_paused`)."""
+    with gc_paused():
+        return _zstd_chunked_index(toc_bytes, position, limits)
+
+
+def _zstd_chunked_index(
+    toc_bytes: bytes, position: estargz.ManifestPosition, limits: TocLimits
+) -> tuple[LayerIndex, array]:
     files = array("q")
     records = zstdchunked.typed_manifest_entries(toc_bytes, position, limits)
     if records is not None:

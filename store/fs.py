@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from store.estargz.index import gc_paused
 from store.layer import ChunkVerifyError, Layer, LayerFetchError
 from store.resolver import (
     LayerManager,
@@ -207,7 +206,6 @@ class StoreFS:
             if i < len(self._bases) and self._bases[i] == base:
                 del self._bases[i]
             log.info("layer %s unmounted (memory freed)", slot.layer.key)
-            gc_paused.thaw()  # its tree's cycles were frozen with it (store.estargz.index)
 
     def is_layer_inode(self, ino: int) -> bool:
         return ino not in self._synth and self._layer_of(ino) is not None

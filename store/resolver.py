@@ -60,7 +60,6 @@ from store.estargz import (
     ZstdChunkedLayer,
     zstd_chunked_layer,
 )
-from store.estargz.index import gc_paused
 from store.estargz_view import (
     EstargzLayerView,
     PrefetchRanges,
@@ -455,7 +454,7 @@ class LayerManager:
             state.settled.set()
         state.layer = layer
         if state.phase is LayerPhase.RELEASED:  # its last reference went while it loaded
-            _drop(layer)
+            layer.release()
             return
         state.phase = LayerPhase.LOADED
         if early:
@@ -484,7 +483,7 @@ class LayerManager:
             return  # looked up meanwhile (or replaced)
         del self._states[digest]
         if state.layer is not None:
-            _drop(state.layer)
+            state.layer.release()
         state.phase = LayerPhase.RELEASED
         log.info("layer %s was loaded with its image but never looked up: dropped", digest)
 
@@ -688,8 +687,6 @@ class LayerManager:
             loaded = state.phase is LayerPhase.RESOLVED
             state.phase = LayerPhase.RELEASED
             if state.layer is not None:
-                # Not _drop: its tree stays mounted until the kernel forgets its inodes, and
-                # StoreFS thaws the collector then (store.fs, _maybe_unmount).
                 state.layer.release()
             if loaded:
                 self.released.append(key)
@@ -720,15 +717,6 @@ class LayerManager:
             "released": list(self.released),
             "cache_bytes": self.cache.total_bytes,
         }
-
-
-def _drop(layer: Layer) -> None:
-    """Release a layer nothing else holds (it was never mounted): its background work is
-    cancelled, and the objects frozen after the index builds go back to the collector
-    (:meth:`gc_paused.thaw <store.estargz.index._CollectorPause.thaw>`), its tree's cycles
-    with them."""
-    layer.release()
-    gc_paused.thaw()
 
 
 def _malloc_trim() -> None:

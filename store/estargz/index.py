@@ -34,15 +34,12 @@ Memory: entries are slotted objects sharing interned strings and small integers,
 their chunks in tuples, and no per-name dict is kept: a 100,000-entry layer costs ~65 MB
 (``tests/estargz/test_memory.py``).
 
-The garbage collector is paused while an index is built (:data:`gc_paused`). Why: a build
+The garbage collector is paused while an index is built (:func:`gc_paused`). Why: a build
 allocates a few objects per entry and nearly all of them survive, so CPython's generational
 collector scans them again and again as they age (and, in each full collection, every layer
 already held). It cost 40% of the build here (16.3 against 9.7 µs an entry over the 34 TOCs
 of the built-in images), and 2.5 times the build with 40 layers held. Paused, the collector
-resumes when the build ends and sees its objects then — unless the process asked for them to
-be frozen (:attr:`_CollectorPause.freeze`, the store does): then they go to the collector's
-permanent generation (``gc.freeze``) before it resumes, and no collection scans them at all
-until :meth:`_CollectorPause.thaw`.
+resumes when the build ends and sees its objects then.
 """
 
 from __future__ import annotations
@@ -212,34 +209,12 @@ def parent_dir(name: str) -> str:
 class _CollectorPause:
     """Pauses (``gc.disable``) the process's garbage collector while at least one caller is
     inside; thread-safe, nestable. The collector is enabled again when the last caller leaves,
-    unless it was disabled before the first came.
-
-    With :attr:`freeze` (process-wide policy: off unless the process sets it; the store does,
-    ``store.cli``), the last caller leaving first moves every tracked object to the
-    collector's permanent generation (``gc.freeze``): what the builds made is never scanned.
-    Frozen objects are still freed when their last reference goes; what only a collection can
-    free (reference cycles: a directory entry and its parent) waits for :meth:`thaw`, which
-    the store calls when it drops a layer's tree (unmounted, or released before it was
-    mounted). Why: after a paused build the next collections scanned its objects anyway, up
-    to 30 ms each on the thread that answers FUSE requests. Measured in the store (python,
-    gcc and tomcat, both lazy modes, one pull and run each): the collector's time per
-    measurement went from 233-290 ms (young generations 100-230 ms, and one full collection
-    of 56-90 ms while the TOCs came in) to 53-95 ms, none over 10 ms, with ``store.cli``
-    also freezing what the process holds when it starts (the full collection's share).
-    """
-
-    freeze: bool = False
+    unless it was disabled before the first came."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._inside = 0
         self._was_enabled = False
-
-    def thaw(self) -> None:
-        """With :attr:`freeze`, give the frozen objects back to the collector
-        (``gc.unfreeze``): a released layer's cycles are collectable again."""
-        if self.freeze:
-            gc.unfreeze()
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -253,11 +228,8 @@ class _CollectorPause:
         finally:
             with self._lock:
                 self._inside -= 1
-                if self._inside == 0:
-                    if self.freeze:
-                        gc.freeze()
-                    if self._was_enabled:
-                        gc.enable()
+                if self._inside == 0 and self._was_enabled:
+                    gc.enable()
 
 
 # The collector paused while an index is built (module doc); for the build's duration only.

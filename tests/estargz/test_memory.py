@@ -232,27 +232,20 @@ def test_the_collector_pause_holds_while_any_thread_builds():
     assert gc.isenabled()
 
 
-def test_with_freeze_what_a_build_made_is_frozen_until_thawed(monkeypatch):
-    """The store's policy (``gc_paused.freeze``): the last build leaving moves what the
-    collector tracks to its permanent generation; ``thaw`` gives it back."""
+def test_the_collector_is_paused_through_a_zstd_chunked_decode_too(monkeypatch):
     import gc
 
-    from store.estargz import LayerIndex
-    from store.estargz.index import gc_paused
+    import pytest
 
-    def entries() -> Iterator[dict]:
-        yield {"name": "etc", "type": "dir", "mode": 0o755}
-        yield {"name": "etc/hostname", "type": "reg", "size": 0, "mode": 0o644}
+    from store import estargz_view
 
-    gc.unfreeze()
-    gc_paused.thaw()  # off: nothing to give back, nothing frozen
-    assert gc.get_freeze_count() == 0
-    monkeypatch.setattr(gc_paused, "freeze", True)
-    try:
-        index = LayerIndex.from_entries(entries(), toc_offset=1000, compression="gzip")
-        assert gc.get_freeze_count() > 0 and gc.isenabled()
-        assert not gc.is_tracked(index) or gc.get_freeze_count() >= len(index.entries)
-        gc_paused.thaw()
-        assert gc.get_freeze_count() == 0
-    finally:
-        gc.unfreeze()
+    seen: list[bool] = []
+
+    def typed(*_args: object) -> None:
+        seen.append(gc.isenabled())
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(estargz_view.zstdchunked, "typed_manifest_entries", typed)
+    with pytest.raises(RuntimeError, match="stop here"):
+        estargz_view.zstd_chunked_index(b"", None, None)  # type: ignore[arg-type]
+    assert seen == [False] and gc.isenabled()

@@ -445,32 +445,3 @@ async def test_a_resolved_layer_runs_its_background_fetch_in_its_own_nursery(vec
             while layer._nursery is not None:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
-
-
-@pytest.mark.anyio
-async def test_an_unmounted_layer_gives_the_frozen_objects_back_to_the_collector(
-    vectors_dir, tmp_path, monkeypatch
-):
-    """With the store's collector policy (``gc_paused.freeze``) a layer's index is frozen once
-    built; when its tree is dropped (released, and the kernel forgot its inodes) the frozen
-    objects go back to the collector, so its reference cycles can be freed."""
-    import gc
-
-    from store.estargz.index import gc_paused
-
-    monkeypatch.setattr(gc_paused, "freeze", True)
-    gc.unfreeze()
-    try:
-        async with trio.open_nursery() as nursery:
-            fs, meta = await _fs(nursery, vectors_dir, tmp_path)
-            b64 = base64.b64encode(REF.encode()).decode()
-            diff = await _path(fs, b64, meta["digest"], "diff")
-            assert gc.get_freeze_count() > 0  # frozen when its index was built
-            with pytest.raises(FSError):  # rmdir drops the reference, answers ENOENT
-                fs.rmdir(await _path(fs, b64), meta["digest"])
-            assert fs.manager.layers() == [] and gc.get_freeze_count() > 0  # still mounted
-            fs.forget(diff, 1)
-            assert fs.mounted_layers() == 0 and gc.get_freeze_count() == 0
-            nursery.cancel_scope.cancel()
-    finally:
-        gc.unfreeze()
