@@ -40,7 +40,7 @@ collector scans them again and again as they age (and, in each full collection, 
 already held). It cost 40% of the build here (16.3 against 9.7 µs an entry over the 34 TOCs
 of the built-in images), and 2.5 times the build with 40 layers held. Paused, the collector
 resumes when the build ends and sees its objects then; those later collections give part of
-the gain back: 1.26 times less CPU in all for builds with six layers held
+the gain back: 1.19 times less CPU in all for builds with six layers held
 (``benchmarks/bench_index_build.py``).
 """
 
