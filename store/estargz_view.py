@@ -196,6 +196,7 @@ def _turn(
     return nullcontext() if parse_turn is None else parse_turn()
 
 
+@gc_paused()  # per call, the decode included (store.estargz.index)
 def zstd_chunked_index(
     toc_bytes: bytes, position: estargz.ManifestPosition, limits: TocLimits
 ) -> tuple[LayerIndex, array]:
@@ -203,15 +204,7 @@ def zstd_chunked_index(
     (``offset, endOffset, size`` triples, 24 bytes a file). Typed msgspec records when
     :func:`~store.estargz.zstdchunked.typed_manifest_entries` vouches for the TOC, else the
     entries one at a time (every error worded). Raises :class:`~store.estargz.InvalidToc`.
-    The collector is paused throughout, the decode included
-    (:data:`~store.estargz.index.gc_paused`)."""
-    with gc_paused():
-        return _zstd_chunked_index(toc_bytes, position, limits)
-
-
-def _zstd_chunked_index(
-    toc_bytes: bytes, position: estargz.ManifestPosition, limits: TocLimits
-) -> tuple[LayerIndex, array]:
+    The collector is paused throughout (:data:`~store.estargz.index.gc_paused`)."""
     files = array("q")
     records = zstdchunked.typed_manifest_entries(toc_bytes, position, limits)
     if records is not None:
