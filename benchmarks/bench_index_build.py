@@ -1,4 +1,5 @@
-"""TOC → index build with the garbage collector paused, beside the same builds without.
+"""TOC → index build with the garbage collector paused, beside the same builds without; and
+with chunks the collector does not track, beside the same builds with tracked ones.
 
 What it measures: the CPU seconds of :meth:`LayerIndex.from_toc_json
 <store.estargz.index.LayerIndex.from_toc_json>` (decode and build) over a synthetic layer's
@@ -11,25 +12,37 @@ collector's own CPU time (``gc.callbacks``) is printed beside each figure, the d
 collections after each paused build included. Target: the paused builds cost no more CPU
 than the baseline (ratio baseline ÷ paused ≥ 1.0).
 
+The second keeps the pause and compares the index's entries and chunks as they are
+(:class:`~store.estargz.index.Entry` and :class:`~store.estargz.index.Chunk`: ``msgspec``
+structs the collector never tracks) with slotted dataclasses of the same fields (tracked, as
+both were before; the entry with its link up), swapped into the builder for the baseline, over
+the same builds with more allocation between them (a pull's reads and requests): the whole
+loop's CPU time and the collector's, baseline ÷ untracked, ABBA. Target ≥ 1.0.
+
 Run: ``LAZYBENCH_BENCH=1 pytest benchmarks/bench_index_build.py -s`` (``nox -s microbench``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import io
 import os
 import random
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
+from unittest import mock
 
+import msgspec
 import pytest
 
 from store import estargz
 from store.estargz import LayerIndex, convert
+from store.estargz import index as index_module
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("LAZYBENCH_BENCH") != "1", reason="benchmarks run only with LAZYBENCH_BENCH=1"
@@ -83,34 +96,28 @@ def _pause_off() -> Iterator[None]:
 
 
 def _run(pieces: list[bytes], toc_offset: int, compression: str, *, paused: bool) -> Run:
-    spent = [0.0, 0.0]  # GC CPU seconds, the current collection's start
-
-    def on_gc(phase: str, info: dict) -> None:
-        if phase == "start":
-            spent[1] = time.process_time()
-        else:
-            spent[0] += time.process_time() - spent[1]
-
     held: list[LayerIndex] = []
-    gc.collect()
-    gc.callbacks.append(on_gc)
-    try:
+
+    def work() -> float:
         with contextlib.nullcontext() if paused else _pause_off():
-            cpu = _builds(pieces, toc_offset, compression, held)
-    finally:
-        gc.callbacks.remove(on_gc)
-    return Run(cpu, spent[0])
+            return _builds(pieces, toc_offset, compression, held)
+
+    return _timed(work)
 
 
-def _builds(pieces: list[bytes], toc_offset: int, compression: str, held: list) -> float:
-    """CPU seconds of :data:`BUILDS` builds, the last :data:`HELD` indexes kept in ``held``."""
+def _builds(
+    pieces: list[bytes], toc_offset: int, compression: str, held: list, churn: int = 20_000
+) -> float:
+    """CPU seconds of :data:`BUILDS` builds, the last :data:`HELD` indexes kept in ``held``,
+    ``churn`` short-lived tracked objects made after each."""
     start = time.process_time()
     for _ in range(BUILDS):
         held.append(
             LayerIndex.from_toc_json(pieces, toc_offset=toc_offset, compression=compression)
         )
         del held[:-HELD]
-        _ = [bytearray(16) for _ in range(20_000)]  # what reads allocate between builds
+        _ = [bytearray(16) for _ in range(churn)]  # what reads allocate between builds
+        _ = [{} for _ in range(churn)]  # and the requests' headers, timeline events, …
     return time.process_time() - start
 
 
@@ -133,3 +140,82 @@ def test_index_build_with_the_collector_paused() -> None:
     ratio = base / ours
     print(f"baseline ÷ paused: {ratio:.2f} (target ≥ {TARGET_RATIO})")
     assert ratio >= TARGET_RATIO
+
+
+def _tracked(struct: type, extra: tuple[tuple[str, Any, Any], ...] = (), **namespace: Any) -> type:
+    """A slotted dataclass with ``struct``'s fields and defaults (and ``extra`` ones): tracked
+    by the collector, as every instance of a class with slots is."""
+    fields: list[Any] = []
+    for f in msgspec.structs.fields(struct):
+        if f.default is msgspec.NODEFAULT:
+            fields.append((f.name, Any))
+        else:
+            fields.append((f.name, Any, dataclasses.field(default=f.default)))
+    fields += [(name, kind, dataclasses.field(default=default)) for name, kind, default in extra]
+    return dataclasses.make_dataclass(
+        f"Tracked{struct.__name__}", fields, slots=True, eq=False, namespace=namespace
+    )
+
+
+def _dir_children(self: Any) -> None:
+    if self.type == "dir" and self.children is index_module._NO_CHILDREN:
+        self.children = {}
+
+
+# Entry and Chunk as they were: slotted dataclasses, the entry with its link up (``parent``).
+_TrackedChunk = _tracked(index_module.Chunk)
+_TrackedEntry = _tracked(index_module.Entry, (("parent", Any, None),), __post_init__=_dir_children)
+
+
+def _timed(work: Callable[[], float]) -> Run:
+    """``work()``'s CPU seconds (it returns them) and the collector's meanwhile."""
+    spent = [0.0, 0.0]  # GC CPU seconds, the current collection's start
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            spent[1] = time.process_time()
+        else:
+            spent[0] += time.process_time() - spent[1]
+
+    gc.collect()
+    gc.callbacks.append(on_gc)
+    try:
+        cpu = work()
+    finally:
+        gc.callbacks.remove(on_gc)
+    return Run(cpu, spent[0])
+
+
+def _collected(pieces: list[bytes], toc_offset: int, compression: str, *, tracked: bool) -> Run:
+    held: list[LayerIndex] = []
+
+    def work() -> float:
+        with contextlib.ExitStack() as stack:
+            if tracked:
+                stack.enter_context(mock.patch.object(index_module, "Chunk", _TrackedChunk))
+                stack.enter_context(mock.patch.object(index_module, "Entry", _TrackedEntry))
+            return _builds(pieces, toc_offset, compression, held, churn=60_000)
+
+    return _timed(work)
+
+
+def test_untracked_entries_and_chunks_cost_the_collector_less() -> None:
+    pieces, toc_offset, compression = _toc_pieces(ENTRIES)
+    probe = LayerIndex.from_toc_json(pieces, toc_offset=toc_offset, compression=compression)
+    assert not any(gc.is_tracked(o) for o in (next(probe.chunks()), *probe.entries[:100]))
+    runs: dict[bool, list[Run]] = {True: [], False: []}
+    for tracked in (True, False, False, True):  # ABBA
+        runs[tracked].append(_collected(pieces, toc_offset, compression, tracked=tracked))
+    for tracked, label in ((True, "tracked"), (False, "untracked")):
+        rs = runs[tracked]
+        cpu = sum(r.cpu_s for r in rs) / 2
+        gc_s = sum(r.gc_s for r in rs) / 2
+        print(
+            f"\n{label}: {cpu:.2f} CPU s for {BUILDS} builds, of which the collector {gc_s:.2f} s"
+        )
+    base = sum(r.cpu_s for r in runs[True]) / 2
+    ours = sum(r.cpu_s for r in runs[False]) / 2
+    gc_ratio = sum(r.gc_s for r in runs[True]) / max(1e-9, sum(r.gc_s for r in runs[False]))
+    print(f"tracked ÷ untracked: CPU {base / ours:.2f}, collector {gc_ratio:.2f}", end="")
+    print(f" (target ≥ {TARGET_RATIO})")
+    assert base / ours >= TARGET_RATIO

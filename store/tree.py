@@ -103,7 +103,7 @@ class Node:
             return stat.S_IFCHR
         if e is self.tree.index.root:
             return stat.S_IFDIR | 0o555
-        if e.implicit and e.type == "dir" and _under_setgid(e):
+        if e.implicit and e.type == "dir" and _under_setgid(self.tree.index, e):
             return stat.S_IFDIR | 0o755 | stat.S_ISGID
         return _TYPE_BITS[e.type] | (self._meta.mode & 0o7777)
 
@@ -163,7 +163,7 @@ class Node:
         e = self.entry
         if OPAQUE_MARKER in e.children:
             return True
-        parent = e.parent
+        parent = self.tree.index.parent(e)
         if parent is None:
             return False
         base = _base(e.name)
@@ -329,12 +329,12 @@ def _marker_under_whiteout(children: Mapping[str, Entry], name: str, child: Entr
     return False
 
 
-def _under_setgid(e: Entry) -> bool:
+def _under_setgid(index: LayerIndex, e: Entry) -> bool:
     """An implicit directory's nearest named ancestor is set-group-ID: ``mkdir`` under it
     inherits the bit (extraction's MkdirAll), the owner stays root:root."""
-    parent = e.parent
+    parent = index.parent(e)
     while parent is not None and parent.implicit and parent.name:
-        parent = parent.parent
+        parent = index.parent(parent)
     return parent is not None and parent.name != "" and bool(parent.mode & stat.S_ISGID)
 
 

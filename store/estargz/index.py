@@ -30,18 +30,20 @@ containers/storage's layer extraction) applies members, with the Go reader's con
 * integer fields must be JSON integers in range, string fields strings (``null`` = absent):
   ``"size": "5"`` is refused, not converted.
 
-Memory: entries are slotted objects sharing interned strings and small integers, files keep
-their chunks in tuples, and no per-name dict is kept: a 100,000-entry layer costs ~65 MB
-(``tests/estargz/test_memory.py``).
+Memory: entries are structs without a per-instance dict, sharing interned strings and small
+integers, files keep their chunks in tuples, and no per-name dict is kept: a 100,000-entry
+layer costs ~65 MB (``tests/estargz/test_memory.py``).
 
-The garbage collector is paused while an index is built (:data:`gc_paused`). Why: a build
-allocates a few objects per entry and nearly all of them survive, so CPython's generational
-collector scans them again and again as they age (and, in each full collection, every layer
-already held). It cost 40% of the build here (16.3 against 9.7 µs an entry over the 34 TOCs
-of the built-in images), and 2.5 times the build with 40 layers held. Paused, the collector
-resumes when the build ends and sees its objects then; those later collections give part of
-the gain back: 1.19 times less CPU in all for builds with six layers held
-(``benchmarks/bench_index_build.py``).
+The garbage collector never sees a tree: entries and chunks are ``msgspec`` structs it does
+not track (``gc=False``), safe because they can be in no reference cycle (an entry has no link
+up to its directory, :meth:`LayerIndex.parent` finds it by name), and a directory's children
+dict, holding only untracked values, is untracked too. Why: a layer has tens of thousands of
+entries and an image's layers are all held while a container runs; every full collection
+scanned all of them, and each young one scanned what the last build made. Against the same
+builds with tracked slotted dataclasses (as they were), over two runs: 1.34 and 1.42 times
+less CPU, the collector's own time 25 and 27 times less (``benchmarks/bench_index_build.py``).
+The collector is also paused while an index is built (:data:`gc_paused`): the build's chunk
+tuples are tracked when made; that pause gains little since (1.04 and 1.05 there).
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ import operator
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+import msgspec
 
 from .errors import InvalidEntryName, InvalidToc, TocOutOfRange
 from .footer import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, Footer
@@ -108,9 +111,12 @@ ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "
 _TYPES = {t: t for t in ENTRY_TYPES}  # one string object per type name
 
 
-@dataclass(slots=True, eq=False)
-class Chunk:
-    """One independently decompressible piece of a regular file."""
+class Chunk(msgspec.Struct, gc=False, eq=False):
+    """One independently decompressible piece of a regular file.
+
+    Never tracked by the garbage collector (``gc=False``): it holds only strings and integers,
+    so it can be in no reference cycle, and a layer has one per file (the collector scanned
+    each again after every build; a file's chunk tuple is untracked with it)."""
 
     name: str  # the file's cleaned path (for messages)
     chunk_offset: int  # offset of this chunk in the file
@@ -135,13 +141,16 @@ class Chunk:
         return self.chunk_offset
 
 
-@dataclass(slots=True, eq=False)
-class Entry:
+class Entry(msgspec.Struct, gc=False, eq=False):
     """A node of the tree (hardlinks share their target's Entry).
 
     ``children`` is a dict for directories (read-only empty mapping otherwise), ``chunks`` a
     tuple for regular files with content (empty otherwise), ``xattrs`` read-only when there
-    are none; ``parent`` is set for directories.
+    are none. An entry holds no link up (:meth:`LayerIndex.parent` finds a parent by name):
+    the tree has no reference cycles, so entries need not be, and are not, tracked by the
+    garbage collector (``gc=False``) — a layer's tens of thousands of entries are never
+    scanned, and a dropped tree is freed by reference counting alone. Nothing may give an
+    entry a reference back to itself or an ancestor (it would never be freed).
     """
 
     name: str
@@ -159,7 +168,6 @@ class Entry:
     xattrs: Mapping[str, bytes] = _NO_XATTRS
     digest: str = ""  # sha256 of the whole file (reg), "" if absent
     nlink: int = 0
-    parent: Entry | None = None
     children: Mapping[str, Entry] = _NO_CHILDREN  # a dict for directories
     chunks: list[Chunk] | tuple[Chunk, ...] = _NO_CHUNKS  # a tuple once the file is complete
     implicit: bool = False  # a directory the TOC never named
@@ -275,6 +283,13 @@ class LayerIndex:
             if e is None:
                 return None
         return e
+
+    def parent(self, entry: Entry) -> Entry | None:
+        """The directory holding ``entry``'s name (for a hardlinked file, the name its target
+        has in the TOC), looked up by that name; None for the root."""
+        if entry is self.root or not entry.name:
+            return None
+        return self.lookup(parent_dir(entry.name))
 
     def hardlink_target(self, path: str) -> str | None:
         """For a name that is a hardlink, the cleaned path of its target; else None."""
@@ -618,7 +633,6 @@ class _Builder:
         parent.children[base] = e  # type: ignore[index]  # parents are directories
         if e.type == "dir":
             parent.nlink += 1
-            e.parent = parent
 
     def _insert(self, e: Entry, where: Where) -> None:
         name = e.name
@@ -641,7 +655,6 @@ class _Builder:
             if etype == "dir":
                 e.nlink = 2
                 parent.nlink += 1
-                e.parent = parent
             else:
                 e.nlink = 1
             return

@@ -249,3 +249,76 @@ def test_the_collector_is_paused_through_a_zstd_chunked_decode_too(monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         estargz_view.zstd_chunked_index(b"", None, None)  # type: ignore[arg-type]
     assert seen == [False] and gc.isenabled()
+
+
+# -- the tree is invisible to the collector, and freed without it ------------------------------
+
+
+def _tree_entries() -> list[dict]:
+    """Directories (named and implicit, one replaced by a file, one re-declared), files in
+    one and in two chunks, a symlink, a hardlink, xattrs: every way the builder links
+    entries."""
+    return [
+        {"name": "d/", "type": "dir", "mode": 0o755},
+        {"name": "d/sub/deep/f", "type": "reg", "size": 4, "offset": 10, "chunkSize": 2},
+        {"name": "d/sub/deep/f", "type": "chunk", "offset": 20, "chunkOffset": 2},
+        {"name": "d/g", "type": "reg", "size": 3, "offset": 30, "xattrs": {"user.a": "Yg=="}},
+        {"name": "d/h", "type": "hardlink", "linkName": "d/g"},
+        {"name": "d/s", "type": "symlink", "linkName": "g"},
+        {"name": "gone/x", "type": "reg", "size": 1, "offset": 40},
+        {"name": "gone", "type": "reg", "size": 1, "offset": 50},
+        {"name": "d/", "type": "dir", "mode": 0o700},
+    ]
+
+
+def test_entries_chunks_and_children_are_untracked_by_the_collector():
+    import gc
+
+    from store.estargz import LayerIndex
+
+    idx = LayerIndex.from_entries(_tree_entries(), toc_offset=100, compression="gzip")
+    d = idx.lookup("d")
+    assert d is not None and d.mode == 0o700 and idx.lookup("gone").type == "reg"
+    assert idx.parent(idx.lookup("d/sub/deep")) is idx.lookup("d/sub")
+    for _, e in idx.walk():
+        assert not gc.is_tracked(e), e.name
+        if type(e.children) is dict:
+            assert not gc.is_tracked(e.children), e.name
+        for c in e.chunks:
+            assert not gc.is_tracked(c), e.name
+
+
+def test_a_dropped_index_is_freed_with_the_collector_off():
+    """No reference cycle holds a tree: with the collector disabled, every byte an index took
+    comes back when it is dropped, by reference counting (a cycle through untracked entries
+    would never be freed)."""
+    import gc
+
+    from store.estargz import LayerIndex
+
+    entries = _tree_entries() + [
+        {"name": f"many/{i // 50}/f{i}", "type": "reg", "size": 1, "offset": 60 + i}
+        for i in range(5000)
+    ]
+    LayerIndex.from_entries(entries, toc_offset=10_000, compression="gzip")  # warm caches
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        idx = LayerIndex.from_entries(entries, toc_offset=10_000, compression="gzip")
+        held = tracemalloc.get_traced_memory()[0] - before
+        del idx
+        # Nothing unreachable for the collector to find (its pass also empties the
+        # interpreter's free lists, which keep some of the freed memory otherwise); a cycle
+        # through untracked entries would stay allocated through it.
+        unreachable = gc.collect()
+        left = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        if was:
+            gc.enable()
+    assert held > 1_000_000  # the index really was measured
+    assert unreachable == 0
+    assert left < held / 50, (held, left)

@@ -91,7 +91,8 @@ def test_uname_carry_forward_and_nlink() -> None:
     assert r.lookup("d/sub").implicit and r.lookup("d/sub").mode == 0o755
     assert r.index.root.nlink == 3
     assert sorted(d.children) == ["f", "g", "h", "sub"]
-    assert r.lookup("d/sub/deeper").parent is r.lookup("d/sub")
+    assert r.index.parent(r.lookup("d/sub/deeper")) is r.lookup("d/sub")
+    assert r.index.parent(d) is r.index.root and r.index.parent(r.index.root) is None
 
 
 @pytest.mark.parametrize(
