@@ -186,6 +186,22 @@ def _timed(work: Callable[[], float]) -> Run:
     return Run(cpu, spent[0])
 
 
+_number = index_module._Builder._number
+
+
+def _number_with_parents(builder: Any) -> None:
+    """The builder's last step, after linking each directory to its parent first, as the
+    builder did while it applied entries (a pass over the directories: ~1 ms a build here)."""
+    stack = [builder.idx.root]
+    while stack:
+        d = stack.pop()
+        for child in d.children.values():
+            if child.type == "dir":
+                child.parent = d
+                stack.append(child)
+    _number(builder)
+
+
 def _collected(pieces: list[bytes], toc_offset: int, compression: str, *, tracked: bool) -> Run:
     held: list[LayerIndex] = []
 
@@ -194,6 +210,9 @@ def _collected(pieces: list[bytes], toc_offset: int, compression: str, *, tracke
             if tracked:
                 stack.enter_context(mock.patch.object(index_module, "Chunk", _TrackedChunk))
                 stack.enter_context(mock.patch.object(index_module, "Entry", _TrackedEntry))
+                stack.enter_context(
+                    mock.patch.object(index_module._Builder, "_number", _number_with_parents)
+                )
             return _builds(pieces, toc_offset, compression, held, churn=60_000)
 
     return _timed(work)

@@ -415,7 +415,7 @@ class StoreFS:
         if found is None:
             raise FSError(errno.ENODATA)
         node = found[1]
-        if node.opaque and name in OPAQUE_XATTRS:
+        if name in OPAQUE_XATTRS and node.opaque:
             value = b"y" if name in self._opaque else (node.xattrs or {}).get(name)
         else:
             value = node.getxattr(name)

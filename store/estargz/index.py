@@ -35,19 +35,21 @@ integers, files keep their chunks in tuples, and no per-name dict is kept: a 100
 layer costs ~65 MB (``tests/estargz/test_memory.py``).
 
 The garbage collector never sees a tree: entries and chunks are ``msgspec`` structs it does
-not track (``gc=False``), safe because they can be in no reference cycle (an entry has no link
-up to its directory, :meth:`LayerIndex.parent` finds it by name), and a directory's children
-dict, holding only untracked values, is untracked too. Why: a layer has tens of thousands of
-entries and an image's layers are all held while a container runs; every full collection
-scanned all of them, and each young one scanned what the last build made. Against the same
-builds with tracked slotted dataclasses (as they were), over two runs: 1.34 and 1.42 times
-less CPU, the collector's own time 25 and 27 times less (``benchmarks/bench_index_build.py``).
-The collector is also paused while an index is built (:data:`gc_paused`): the build's chunk
-tuples are tracked when made; that pause gains little since (1.04 and 1.05 there).
+not track (``gc=False``), safe because they can be in no reference cycle (an entry has no
+link up to its directory: :meth:`LayerIndex.parent` keeps those as inode numbers), and a
+directory's children dict, holding only untracked values, is untracked too. Why: a layer has
+tens of thousands of entries and an image's layers are all held while a container runs; every
+full collection scanned all of them, and each young one scanned what the last build made.
+Against the same builds with tracked slotted dataclasses (as they were, parent links
+included): 1.43 times less CPU, the collector's own time 31 times less
+(``benchmarks/bench_index_build.py``). The collector is also paused while an index is built
+(:data:`gc_paused`): the build's chunk tuples are tracked when made; that pause gains little
+since (1.04 there).
 """
 
 from __future__ import annotations
 
+import array
 import base64
 import binascii
 import bisect
@@ -83,7 +85,7 @@ _MAX_ID = (1 << 32) - 1
 # Shared empty containers: a layer can have 100,000 entries, and most have no xattrs, no
 # children and (unless regular files) no chunks; one object each instead of three per entry.
 class _EmptyMapping(Mapping[str, Any]):
-    """An immutable, hashable empty mapping (a valid dataclass default)."""
+    """An immutable, hashable empty mapping (one shared default for every entry)."""
 
     __slots__ = ()
 
@@ -116,7 +118,8 @@ class Chunk(msgspec.Struct, gc=False, eq=False):
 
     Never tracked by the garbage collector (``gc=False``): it holds only strings and integers,
     so it can be in no reference cycle, and a layer has one per file (the collector scanned
-    each again after every build; a file's chunk tuple is untracked with it)."""
+    each again after every build; a file's chunk tuple, tracked when made, is untracked by
+    the first collection that sees it)."""
 
     name: str  # the file's cleaned path (for messages)
     chunk_offset: int  # offset of this chunk in the file
@@ -146,7 +149,7 @@ class Entry(msgspec.Struct, gc=False, eq=False):
 
     ``children`` is a dict for directories (read-only empty mapping otherwise), ``chunks`` a
     tuple for regular files with content (empty otherwise), ``xattrs`` read-only when there
-    are none. An entry holds no link up (:meth:`LayerIndex.parent` finds a parent by name):
+    are none. An entry holds no link up (:meth:`LayerIndex.parent` finds a parent by inode):
     the tree has no reference cycles, so entries need not be, and are not, tracked by the
     garbage collector (``gc=False``) — a layer's tens of thousands of entries are never
     scanned, and a dropped tree is freed by reference counting alone. Nothing may give an
@@ -257,6 +260,7 @@ class LayerIndex:
     def __init__(self) -> None:
         self.root: Entry = Entry(name="", type="dir", mode=0o755, nlink=2, implicit=True)
         self.entries: list[Entry] = [self.root]
+        self._parents = array.array("i", (0,))  # _parents[i]: the inode of entries[i]'s parent
         self._hardlinks: dict[str, str] = {}  # link name -> target name
         self._all_chunks: list[Chunk] = []
         self.toc_offset = 0
@@ -285,11 +289,14 @@ class LayerIndex:
         return e
 
     def parent(self, entry: Entry) -> Entry | None:
-        """The directory holding ``entry``'s name (for a hardlinked file, the name its target
-        has in the TOC), looked up by that name; None for the root."""
-        if entry is self.root or not entry.name:
+        """The directory holding ``entry`` in the final tree (for a hardlinked file, the
+        directory of one of its names); None for the root and for an entry not in the tree.
+        Constant time: the parents' inode numbers are kept beside the entries (4 bytes an
+        entry), as entries hold no link up (module doc)."""
+        ino = entry.ino
+        if ino <= 0 or ino >= len(self._parents) or self.entries[ino] is not entry:
             return None
-        return self.lookup(parent_dir(entry.name))
+        return self.entries[self._parents[ino]]
 
     def hardlink_target(self, path: str) -> str | None:
         """For a name that is a hardlink, the cleaned path of its target; else None."""
@@ -689,6 +696,7 @@ class _Builder:
         starts.sort()
         toc_offset = idx.toc_offset
         entries = idx.entries = [idx.root]
+        parents = idx._parents = array.array("i", (0,))
         chunks: list[Chunk] = []
         stack = [idx.root]
         idx.root.ino = 0
@@ -699,6 +707,7 @@ class _Builder:
                     continue  # another name of a hardlinked file
                 child.ino = len(entries)
                 entries.append(child)
+                parents.append(d.ino)
                 if child.type == "dir":
                     stack.append(child)
                 elif child.chunks:

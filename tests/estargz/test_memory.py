@@ -311,8 +311,8 @@ def test_a_dropped_index_is_freed_with_the_collector_off():
         held = tracemalloc.get_traced_memory()[0] - before
         del idx
         # Nothing unreachable for the collector to find (its pass also empties the
-        # interpreter's free lists, which keep some of the freed memory otherwise); a cycle
-        # through untracked entries would stay allocated through it.
+        # interpreter's free lists, which keep some of the freed memory otherwise). It cannot
+        # see a cycle through untracked entries: only the memory left shows one.
         unreachable = gc.collect()
         left = tracemalloc.get_traced_memory()[0] - before
     finally:
@@ -321,4 +321,5 @@ def test_a_dropped_index_is_freed_with_the_collector_off():
             gc.enable()
     assert held > 1_000_000  # the index really was measured
     assert unreachable == 0
-    assert left < held / 50, (held, left)
+    # Tens of bytes stay (measured: 32); one cycle through one small directory keeps ~2,500.
+    assert left < 1024, (held, left)
