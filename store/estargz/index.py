@@ -34,14 +34,14 @@ Memory: entries are structs without a per-instance dict, sharing interned string
 integers, files keep their chunks in tuples, and no per-name dict is kept: a 100,000-entry
 layer costs ~65 MB (``tests/estargz/test_memory.py``).
 
-The garbage collector never sees a tree: entries and chunks are ``msgspec`` structs it does
-not track (``gc=False``), safe because they can be in no reference cycle (an entry has no
-link up to its directory: :meth:`LayerIndex.parent` keeps those as inode numbers), and a
-directory's children dict, holding only untracked values, is untracked too. Why: a layer has
-tens of thousands of entries and an image's layers are all held while a container runs; every
-full collection scanned all of them, and each young one scanned what the last build made.
-Against the same builds with tracked slotted dataclasses (as they were, parent links
-included): 1.43 times less CPU, the collector's own time 31 times less
+The garbage collector never sees a tree: entries and chunks are ``msgspec`` structs it does not
+track (``gc=False``), safe because they can be in no reference cycle (an entry has no link up
+to its directory: the index keeps each entry's parent inode, read by
+:meth:`LayerIndex.parent`), and a directory's children dict, holding only untracked values, is
+untracked too. Why: a layer has tens of thousands of entries and an image's layers are all held
+while a container runs; every full collection scanned all of them, and each young one scanned
+what the last build made. Against the same builds with tracked slotted dataclasses (as they
+were, parent links included): 1.43 times less CPU, the collector's own time 31 times less
 (``benchmarks/bench_index_build.py``). The collector is also paused while an index is built
 (:data:`gc_paused`): the build's chunk tuples are tracked when made; that pause gains little
 since (1.04 there).
@@ -254,7 +254,8 @@ class LayerIndex:
     TOC JSON in pieces, bounded memory), :meth:`from_toc` or :meth:`from_entries`.
 
     ``entries[i]`` is the entry numbered ``i`` (``Entry.ino``): every node of the final tree
-    once (a hardlinked file once), the root first, parents before children.
+    once (a hardlinked file once), the root first, parents before children; ``_parents[i]`` is
+    the inode of its parent. Both are set by the build's numbering pass only.
     """
 
     def __init__(self) -> None:

@@ -288,6 +288,24 @@ def test_entries_chunks_and_children_are_untracked_by_the_collector():
             assert not gc.is_tracked(c), e.name
 
 
+def test_parent_is_the_directory_holding_an_entry_in_the_final_tree():
+    from store.estargz import LayerIndex
+
+    entries = [
+        {"name": "a/t", "type": "reg", "size": 1, "offset": 1},
+        {"name": "b/l", "type": "hardlink", "linkName": "a/t"},
+        {"name": "a/t", "type": "reg", "size": 1, "offset": 2},  # replaces the first name
+    ]
+    idx = LayerIndex.from_entries(entries, toc_offset=10, compression="gzip")
+    linked, a, b = idx.lookup("b/l"), idx.lookup("a"), idx.lookup("b")
+    assert linked is not idx.lookup("a/t")
+    assert idx.parent(linked) is b  # its only name left
+    assert idx.parent(idx.lookup("a/t")) is a and idx.parent(a) is idx.root
+    assert idx.parent(idx.root) is None
+    again = LayerIndex.from_entries(entries, toc_offset=10, compression="gzip")
+    assert idx.parent(again.lookup("a/t")) is None  # another index's entry
+
+
 def test_a_dropped_index_is_freed_with_the_collector_off():
     """No reference cycle holds a tree: with the collector disabled, every byte an index took
     comes back when it is dropped, by reference counting (a cycle through untracked entries
