@@ -1,5 +1,5 @@
 """TOC → index build with the garbage collector paused, beside the same builds without; and
-with chunks the collector does not track, beside the same builds with tracked ones.
+with entries and chunks the collector does not track, beside the same builds with tracked ones.
 
 What it measures: the CPU seconds of :meth:`LayerIndex.from_toc_json
 <store.estargz.index.LayerIndex.from_toc_json>` (decode and build) over a synthetic layer's
