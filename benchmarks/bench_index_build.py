@@ -121,23 +121,28 @@ def _builds(
     return time.process_time() - start
 
 
+def _mean(runs: list[Run]) -> Run:
+    """The mean of an ABBA pair's runs."""
+    return Run(sum(r.cpu_s for r in runs) / len(runs), sum(r.gc_s for r in runs) / len(runs))
+
+
+def _show(label: str, run: Run) -> None:
+    print(
+        f"\n{label}: {run.cpu_s:.2f} CPU s for {BUILDS} builds of {ENTRIES} entries "
+        f"({run.cpu_s / (BUILDS * ENTRIES) * 1e6:.1f} µs an entry), "
+        f"of which the collector {run.gc_s:.2f} s"
+    )
+
+
 def test_index_build_with_the_collector_paused() -> None:
     pieces, toc_offset, compression = _toc_pieces(ENTRIES)
     runs: dict[bool, list[Run]] = {True: [], False: []}
     for paused in (False, True, True, False):  # ABBA
         runs[paused].append(_run(pieces, toc_offset, compression, paused=paused))
-    base = sum(r.cpu_s for r in runs[False]) / 2
-    ours = sum(r.cpu_s for r in runs[True]) / 2
-    per = BUILDS * ENTRIES
-    for paused, label in ((False, "collector running"), (True, "collector paused")):
-        rs = runs[paused]
-        cpu = sum(r.cpu_s for r in rs) / 2
-        gc_s = sum(r.gc_s for r in rs) / 2
-        print(
-            f"\n{label}: {cpu:.2f} CPU s for {BUILDS} builds of {ENTRIES} entries "
-            f"({cpu / per * 1e6:.1f} µs an entry), of which the collector {gc_s:.2f} s"
-        )
-    ratio = base / ours
+    base, ours = _mean(runs[False]), _mean(runs[True])
+    _show("collector running", base)
+    _show("collector paused", ours)
+    ratio = base.cpu_s / ours.cpu_s
     print(f"baseline ÷ paused: {ratio:.2f} (target ≥ {TARGET_RATIO})")
     assert ratio >= TARGET_RATIO
 
@@ -225,16 +230,12 @@ def test_untracked_entries_and_chunks_cost_the_collector_less() -> None:
     runs: dict[bool, list[Run]] = {True: [], False: []}
     for tracked in (True, False, False, True):  # ABBA
         runs[tracked].append(_collected(pieces, toc_offset, compression, tracked=tracked))
-    for tracked, label in ((True, "tracked"), (False, "untracked")):
-        rs = runs[tracked]
-        cpu = sum(r.cpu_s for r in rs) / 2
-        gc_s = sum(r.gc_s for r in rs) / 2
-        print(
-            f"\n{label}: {cpu:.2f} CPU s for {BUILDS} builds, of which the collector {gc_s:.2f} s"
-        )
-    base = sum(r.cpu_s for r in runs[True]) / 2
-    ours = sum(r.cpu_s for r in runs[False]) / 2
-    gc_ratio = sum(r.gc_s for r in runs[True]) / max(1e-9, sum(r.gc_s for r in runs[False]))
-    print(f"tracked ÷ untracked: CPU {base / ours:.2f}, collector {gc_ratio:.2f}", end="")
+    base, ours = _mean(runs[True]), _mean(runs[False])
+    _show("tracked", base)
+    _show("untracked", ours)
+    gc_ratio = base.gc_s / max(1e-9, ours.gc_s)
+    print(
+        f"tracked ÷ untracked: CPU {base.cpu_s / ours.cpu_s:.2f}, collector {gc_ratio:.2f}", end=""
+    )
     print(f" (target ≥ {TARGET_RATIO})")
-    assert base / ours >= TARGET_RATIO
+    assert base.cpu_s / ours.cpu_s >= TARGET_RATIO
