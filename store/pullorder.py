@@ -1,17 +1,20 @@
 """The order in which an image's TOCs are parsed while the runtime pulls it.
 
-podman looks an image's layers up one after another, bottom layer first (the manifest's
-order), and waits for each; the store loads them all at once as soon as the manifest is
-known (:meth:`store.resolver.LayerManager._start_indexes`). Decoding a TOC and building its
-index is Python under the GIL (about 10 µs an entry: 0.08 s for gcc's 8,800-entry layers):
-two big TOCs built side by side both finish as late as the two built one after the other
-would — gcc's pull timeline showed each taking 0.19 s instead of 0.09 s. :class:`Turns`
-builds them one at a time, lowest priority key first. The resolver's key is (not yet looked
-up, when the image's layers started loading, the layer's place in the manifest), read when
-the turn is handed on: a layer podman asked for goes before one it has not (a base layer it
-already has may never be asked for), and among those the layer podman waits on first is
-ready first. The inflate and hash that verify a TOC (they release the GIL) are not ordered;
-a TOC too big to be kept whole after them is inflated again inside its turn.
+podman looks an image's layers up one after another and waits for each, but not in the
+manifest's order: it changes from pull to pull (seen with podman 4.3, which copies an
+image's layers concurrently: python's six layers came in five different orders in nine
+pulls, never bottom layer first). The store loads them all at once as soon as the manifest
+is known (:meth:`store.resolver.LayerManager._start_indexes`). Decoding a TOC and building
+its index is Python under the GIL (about 10 µs an entry: 0.08 s for gcc's 8,800-entry
+layers): two big TOCs built side by side both finish as late as the two built one after the
+other would — gcc's pull timeline showed each taking 0.19 s instead of 0.09 s.
+:class:`Turns` builds them one at a time, lowest priority key first. The resolver's key is
+(not yet looked up, when the image's layers started loading, the layer's place in the
+manifest), read when the turn is handed on: a layer podman asked for goes before one it has
+not (a base layer it already has may never be asked for), so the layer podman waits on is
+ready first; among the layers not asked for yet, the manifest's order only breaks the tie.
+The inflate and hash that verify a TOC (they release the GIL) are not ordered; a TOC too big
+to be kept whole after them is inflated again inside its turn.
 
 The link is not ordered. Tried with this order, each an A/B in one invocation:
 - holding an image's prefetch downloads back until all its TOCs were in (5 samples):

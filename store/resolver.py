@@ -403,7 +403,7 @@ class LayerManager:
         prioritized files (the region before the landmark) start downloading then too, while
         the runtime is still walking the layers. Such an early layer (``LOADED``) is not
         counted, listed or background-fetched until it is looked up. Their TOCs are parsed
-        one at a time, those looked up first, then bottom layer first (:mod:`store.pullorder`).
+        one at a time, those looked up first, then in the manifest's order (:mod:`store.pullorder`).
         The eStargz layers past the first :data:`EARLY_LOADS_MAX` load at their lookup.
         """
         batch = trio.current_time()
