@@ -109,9 +109,14 @@ class AheadBlob:
     with every batch claimed (a piece bigger than the limit goes alone): the first files are
     needed first, and a batch's bytes are handed on only once all of it arrived. A read that
     needs a piece no worker has started fetches that piece itself at once rather than wait
-    for the workers to reach it. The bytes are handed to the layer raw: every chunk is still
-    inflated and verified before anything is served. Reads outside the region (or of a failed
-    or dropped piece) go to the registry as usual.
+    for the workers to reach it; a read whose bytes are in a piece already on the wire waits
+    for that piece. Asking the registry again instead (reads of up to 256 KiB, and reads of
+    chunks a prefetch piece had claimed) fetched 10-22% more bytes and made ``estargz``
+    totals up to 10% longer here (five workloads, ``wan``): during a prefetch the link is
+    full, and a read's own request only takes a share of it.
+    The bytes are handed to the layer raw: every chunk is still inflated and verified before
+    anything is served. Reads outside the region (or of a failed or dropped piece) go to the
+    registry as usual.
     """
 
     blob: BlobReader
@@ -340,6 +345,12 @@ class Prefetcher:
         files out in the order the workload first reads them, so the workload starts on the
         first files while the later ones are still on the wire, and inflating overlaps with
         the download instead of following it.
+
+        The region's chunks are claimed up front, before the turn under ``limiter``: a read
+        of one waits for its piece, even while another layer's region holds the turn.
+        Claiming each piece only when a worker takes it, so that such a read fetched the
+        chunk itself, measured no different end to end here (five workloads, ``estargz``,
+        ``wan``).
         """
         source = self.source
         end = source.index.prefetch_end
