@@ -317,11 +317,12 @@ class ChunkSource:
         *,
         align: bool = True,
         riders: Sequence[ChunkRef] = (),
+        behind: bool = False,
     ) -> dict[str, bytes]:
         """Fetch and verify claimed chunks (plus free riders in the aligned ranges): their
         bytes by digest. Raises as :meth:`download` and :meth:`deliver` do."""
         got = await self.download(claimed, align=align, riders=riders)
-        return await self.deliver(got)
+        return await self.deliver(got, behind=behind)
 
     async def download(
         self, claimed: list[ChunkRef], *, align: bool = True, riders: Sequence[ChunkRef] = ()
@@ -377,11 +378,12 @@ class ChunkSource:
             compressed.append(parts[i][c.compressed_offset - lo : c.compressed_end - lo])
         return Download(chunks, compressed, len(claimed))
 
-    async def deliver(self, got: Download) -> dict[str, bytes]:
+    async def deliver(self, got: Download, *, behind: bool = False) -> dict[str, bytes]:
         """Inflate and verify downloaded chunks, complete their claims, cache the good ones:
-        the verified bytes by digest. Their cache files are left to the cache's writer
-        (:meth:`ChunkCache.write_behind`), whoever fetched them: a read returns once its
-        bytes are verified, not once they are on disk (see :mod:`store.cache`).
+        the verified bytes by digest. Their cache files are written before it returns
+        (except those another fetch is writing already, and those the disk refused, which
+        are then not cached), or with ``behind`` (work ahead of reads: prefetch, background
+        fetch) left to the cache's writer (:meth:`ChunkCache.write_behind`).
 
         Raises the first verification error (:class:`ChunkVerifyError`) when a chunk the
         caller claimed (not a free rider) failed; failed chunks are never cached or served.
@@ -404,7 +406,10 @@ class ChunkSource:
                 self.cache.finish(c.digest, data)
                 out[c.digest] = data
         # Waiters are served already; the disk comes after.
-        await self.cache.write_behind(out)
+        if behind:
+            await self.cache.write_behind(out)
+        else:
+            await self.cache.write_pending(out)
         failed = [d for d in datas if isinstance(d, Exception)]
         if failed and any(c.digest not in out for c in got.chunks[: got.claimed]):
             raise failed[0]

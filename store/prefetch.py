@@ -387,7 +387,7 @@ class Prefetcher:
 
         async def deliver(got: Download) -> None:
             try:
-                await source.deliver(got)
+                await source.deliver(got, behind=True)
             except Exception as exc:  # never cached; a reader's own fetch reports it
                 log.warning("prefetch of %s: %s", source.key, exc)
 
@@ -445,7 +445,7 @@ class Prefetcher:
     async def _fetch_region(self, chunks: list[ChunkRef]) -> None:
         claimed = self.source.claim(chunks)
         if claimed:
-            await self.source.fetch(claimed)
+            await self.source.fetch(claimed, behind=True)
 
     def stop(self) -> None:
         """Cancel the prefetch and drop an early download's bytes (the layer is released)."""
