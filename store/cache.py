@@ -23,21 +23,27 @@ Writes off the FUSE thread: a batch fetch completes its claims with :meth:`Chunk
 which admits the verified bytes at once (served from memory, waiters woken) and leaves the file
 write to :meth:`ChunkCache.write_pending`, which writes in a worker thread. A 4 MiB file
 write on the trio thread stalled every FUSE request behind it (a quarter of a cold read's wall
-time, ``benchmarks/bench_store_read.py``). A read's own fetch awaits the write of what it
-fetched: the chunks a read brought in are on disk when it returns.
+time, ``benchmarks/bench_store_read.py``).
 
-Write-behind for work ahead of reads: the prefetch and the background fetch hand their chunks
-to :meth:`ChunkCache.write_behind`. In the store a writer task (:meth:`ChunkCache.run_writer`)
-takes them: it writes once none were handed to it for :data:`WRITE_QUIET` seconds, at the
-latest :data:`WRITE_MOST_DELAY` seconds after the first, at once when half the memory cache's
-size is pending, and what is left when it is cancelled; past the memory cache's size the
-fetcher writes its own. Why: a prefetch lands in the middle of the pull, when the store parses
-TOCs and the runtime writes its storage; one file per chunk (create, write, rename) beside that
-cost the lazy pull phase about 0.1 s here (python, redis ``estargz``, ``wan`` link). Pending
-chunks are served from memory (``_pending``; those small enough are in the memory cache too),
-so chunks waiting for their files cost about the memory cache's size at most, beside the
-batches being written. Without a writer (tests, tools) :meth:`~ChunkCache.write_behind`
-writes at once. What a read's own fetch brought in is never left behind (above).
+Write-behind for what no read asked for: the prefetch, the background fetch, and the free
+riders of a read's 50 kB-aligned range hand their chunks to :meth:`ChunkCache.write_behind`.
+In the store a writer task (:meth:`ChunkCache.run_writer`) takes them: it writes once none
+were handed to it for :data:`WRITE_QUIET` seconds, at the latest :data:`WRITE_MOST_DELAY`
+seconds after the first, at once when half the memory cache's size is pending, and what is
+left when it is cancelled; past the memory cache's size the fetcher writes its own. Why: a
+prefetch lands in the middle of the pull, when the store parses TOCs and the runtime writes its
+storage; one file per chunk (create, write, rename) beside that cost the lazy pull phase about
+0.1 s here (python, redis ``estargz``, ``wan`` link). A read that also waited for its riders'
+files waited 10-50 ms more per cold read (a directory of small files is one chunk per file):
+the ``estargz-noopt`` totals were 8-16% longer (gcc, postgres, python, redis; ``wan`` link).
+
+What a read returns is on disk when it returns: the chunks it claimed and fetched, and any
+still-pending chunk it was served (:meth:`ChunkCache.write_pending`), except those another
+task is writing at that moment and those the disk refused (then not cached). A store killed
+right after a read finds that read's chunks on restart. Pending chunks are served from memory
+(``_pending``; those small enough are in the memory cache too), so chunks waiting for their
+files cost about the memory cache's size at most, beside the batches being written. Without a
+writer (tests, tools) :meth:`~ChunkCache.write_behind` writes at once.
 """
 
 from __future__ import annotations

@@ -271,12 +271,14 @@ class ChunkSource:
         result: dict[str, bytes] = {}
         claimed: list[ChunkRef] = []
         waiting: list[ChunkRef] = []
+        served: list[str] = []  # served from the cache or someone else's fetch: maybe pending
         for c in chunks:
             if c.digest in result:
                 continue
             data = self.cache.get(c.digest)
             if data is not None:
                 result[c.digest] = data
+                served.append(c.digest)
             elif self.cache.begin(c.digest) is not None:
                 claimed.append(c)
             else:
@@ -295,6 +297,10 @@ class ChunkSource:
             if data is None:
                 data = (await self.get([c]))[0]
             result[c.digest] = data
+            served.append(c.digest)
+        # What a read returns is on disk when it returns (module doc of store.cache): a chunk
+        # a prefetch or an earlier read's free ride left to the writer is written now.
+        await self.cache.write_pending(served)
         return [result[c.digest] for c in chunks]
 
     async def fetch_run(self, chunks: list[ChunkRef]) -> None:
@@ -380,10 +386,11 @@ class ChunkSource:
 
     async def deliver(self, got: Download, *, behind: bool = False) -> dict[str, bytes]:
         """Inflate and verify downloaded chunks, complete their claims, cache the good ones:
-        the verified bytes by digest. Their cache files are written before it returns
-        (except those another fetch is writing already, and those the disk refused, which
-        are then not cached), or with ``behind`` (work ahead of reads: prefetch, background
-        fetch) left to the cache's writer (:meth:`ChunkCache.write_behind`).
+        the verified bytes by digest. The cache files of the chunks the caller claimed are
+        written before it returns (except those the disk refused, which are then not cached);
+        the free riders', and all of them with ``behind`` (work ahead of reads: prefetch,
+        background fetch), are left to the cache's writer (:meth:`ChunkCache.write_behind`,
+        module doc of :mod:`store.cache`).
 
         Raises the first verification error (:class:`ChunkVerifyError`) when a chunk the
         caller claimed (not a free rider) failed; failed chunks are never cached or served.
@@ -405,11 +412,12 @@ class ChunkSource:
             else:
                 self.cache.finish(c.digest, data)
                 out[c.digest] = data
-        # Waiters are served already; the disk comes after.
-        if behind:
-            await self.cache.write_behind(out)
-        else:
-            await self.cache.write_pending(out)
+        # Waiters are served already; the disk comes after. A read's own chunks are on disk
+        # when it returns; the free riders of its aligned range are left to the writer.
+        own = set() if behind else {c.digest for c in got.chunks[: got.claimed]} & out.keys()
+        await self.cache.write_pending(own)
+        if rest := [d for d in out if d not in own]:
+            await self.cache.write_behind(rest)
         failed = [d for d in datas if isinstance(d, Exception)]
         if failed and any(c.digest not in out for c in got.chunks[: got.claimed]):
             raise failed[0]

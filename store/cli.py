@@ -178,7 +178,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
             trace.record(layer, node)
 
     async with client, trio.open_nursery() as nursery:
-        await nursery.start(cache.run_writer)  # the prefetch's chunk files, written behind
+        await nursery.start(cache.run_writer)  # chunk files no read waits for, written behind
         manager = LayerManager(
             cfg,
             RemoteRegistry(client, cfg.fetching_timeout_sec),

@@ -10,6 +10,7 @@ import json
 import random
 import stat
 import tarfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -420,6 +421,36 @@ async def test_random_reads_fetch_their_block_and_little_more(tmp_path):
     assert len(layer.blob.requests) - before == 4  # 64 chunks per block: one request each
     fetched_plain = sum(c.size for c in layer.index.all_chunks() if c.digest in layer.cache)
     assert fetched_plain <= 4 * (READ_BLOCK + READAHEAD_MIN)
+
+
+@pytest.mark.anyio
+async def test_a_read_returns_with_its_chunks_on_disk_and_leaves_its_riders_behind(tmp_path):
+    """With the cache's writer running (as in the store), a read's own chunks are on disk when
+    it returns, the free riders of its block wait for the writer, and a later read served a
+    still-pending rider writes that rider's file before it returns (store.cache module doc)."""
+    layer, node, payload = await _small_chunk_layer(tmp_path, 1 << 20, 16 << 10)
+    chunks = layer.index.chunks_of(node.entry)
+    cache = layer.cache
+
+    def on_disk(c):
+        return cache._path(c.digest).exists()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(cache.run_writer, quiet=3600, most=3600))
+        await nursery.start(layer.run)
+        assert await layer.read_file(node, 0, 100) == payload[:100]
+        assert on_disk(chunks[0])
+        riders = [c for c in chunks[1:] if c.digest in cache]
+        assert riders and not any(on_disk(c) for c in riders)  # left to the writer
+        rider = riders[len(riders) // 2]
+        assert (
+            await layer.read_file(node, rider.file_offset, 10)
+            == payload[rider.file_offset : rider.file_offset + 10]
+        )
+        assert on_disk(rider)
+        layer.release()
+        nursery.cancel_scope.cancel()  # the writer writes what is left
+    assert all(on_disk(c) for c in riders)
 
 
 @pytest.mark.anyio
