@@ -125,3 +125,22 @@ def test_image_workloads_resolve_to_their_source(tmp_path) -> None:
     assert a.ready == a.expected == "hi" and a.env == (("K", "v"),) and a.timeout == 300
     assert b.recipe == ContainerfileSource("/c/Containerfile", None, None, "b")
     assert b.ready == "up" and b.expected is None and b.timeout == 5
+
+
+def test_settle_flushes_the_disk_and_gives_up_after_its_timeout(monkeypatch) -> None:
+    """settle() runs sync(1) and waits for it; a disk slower than the timeout is reported
+    (False) rather than waited for without end."""
+    import subprocess
+
+    from harness import measure
+
+    assert measure.settle() is True
+    calls = []
+
+    def slow(cmd, **kw):  # type: ignore[no-untyped-def]
+        calls.append((cmd, kw["timeout"]))
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+
+    monkeypatch.setattr(measure.subprocess, "run", slow)
+    assert measure.settle(timeout=0.5) is False
+    assert calls == [(["sync"], 0.5)]
