@@ -110,9 +110,10 @@ def settle(timeout: float = SETTLE_TIMEOUT) -> bool:
 
     Why: a ``legacy`` or ``zstd-chunked`` pull leaves about 1 GB of layer files dirty
     (``vm.dirty_expire_centisecs`` 30 s, ``dirty_background_ratio`` 10% of 24 GiB here), which
-    the kernel writes back during whatever runs next. In ``results/baselines/default`` (recorded
-    without this), 7 of 34 lazy measurements that came right after a full pull took over 1.15×
-    their cell's median total, against 3 of 41 after a lazy one."""
+    the kernel writes back during whatever runs next. In the default benchmark recorded at
+    3d7e230 (without this), 7 of 34 lazy measurements that came right after a full pull took
+    over 1.15× their cell's median total, against 3 of 41 after a lazy one; in the one
+    recorded with it (``results/baselines/default``), 2 of 34 and 2 of 41."""
     try:
         subprocess.run(["sync"], check=False, timeout=timeout)
     except subprocess.TimeoutExpired:
