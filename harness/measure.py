@@ -7,8 +7,10 @@ Order of a run:
    reach it at the namespace's address over plain HTTP.
 2. *Measurements*: per sample the (workload × mode × store) list is shuffled (seeded: a resumed
    run keeps the order; :mod:`harness.plan`, which also cuts a ``--shard K/N`` out of it).
-   Each measurement starts once the disk has taken the previous one's writes (:func:`settle`),
-   and gets a fresh podman (graphroot, runroot, configs, empty blob-info cache;
+   Each measurement starts once the disk has taken the previous one's writes (:func:`settle`)
+   and the registry's files of its image are in the page cache
+   (:meth:`~harness.registry_server.RegistryServer.warm`: the registry's disk is not the link
+   under test), and gets a fresh podman (graphroot, runroot, configs, empty blob-info cache;
    the layer store only in lazy modes) and, in lazy modes, that store started with an empty
    cache. ``pull``, ``create`` and ``run`` (until the ready line, or exit) are timed
    separately; the registry's access log gives bytes and requests, including those done
@@ -241,6 +243,7 @@ class Runner:
     _skipped: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
     _node: Node | None = field(default=None, repr=False)
     _layer_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict, repr=False)
+    _blob_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict, repr=False)
     _versions: dict[str, str] = field(default_factory=dict, repr=False)
     # The host's interface of the run's link (harness.usage reads its received bytes).
     _link_iface: str | None = field(default=None, repr=False)
@@ -295,6 +298,7 @@ class Runner:
                 write_limits(self.run_dir, images.limits)
             self.images, self._skipped = images.refs, images.skipped
             self._layer_digests = images.layer_digests
+            self._blob_digests = images.blob_digests
             for spec in self.scenario.stores:  # built-in stores built before anything is measured
                 if any(k.store == spec.name for k in todo):
                     prepare_store(spec.command, self.console)
@@ -314,6 +318,9 @@ class Runner:
                         f"  [yellow]the disk took over {SETTLE_TIMEOUT:.0f} s to flush before "
                         f"{label}: it runs while the last writes are still going out[/]"
                     )
+                if (name, mode) in self.images:  # the registry's files of it in the page cache
+                    repository = self.images[(name, mode)].rsplit(":", 1)[0]
+                    registry.warm(repository, self._blob_digests.get((name, mode), []))
                 record = self.measure(sample, workloads[name], mode, registry, work, store)
                 append_record(self.run_dir, record)
                 done.append(record.key)

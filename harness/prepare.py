@@ -140,6 +140,8 @@ class ImagePreparer:
     node: Node | None = None  # the runtime node measured: it writes the zstd-chunked images
     refs: dict[tuple[str, str], str] = field(default_factory=dict)
     layer_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    # (workload, mode) -> every blob of the pushed image: manifest, config, layers
+    blob_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
     # workload -> its limits.json entry (harness.limit): the bytes its traced reads cost
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -199,6 +201,11 @@ class ImagePreparer:
                         continue
                     self.refs[(w.name, mode)] = f"{w.repo}:{mode}"
                     self.layer_digests[(w.name, mode)] = [x.digest for x in pushed.layers]
+                    self.blob_digests[(w.name, mode)] = [
+                        pushed.manifest_digest,
+                        pushed.config_digest,
+                        *self.layer_digests[(w.name, mode)],
+                    ]
                     info.setdefault(w.name, {})[mode] = {
                         "manifest_digest": pushed.manifest_digest,
                         "compressed_bytes": pushed.compressed_size,

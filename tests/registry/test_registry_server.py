@@ -51,6 +51,23 @@ def test_parse_access_lines() -> None:
     assert parse_access_line('time="..." level=info msg="listening"') is None
 
 
+def test_warm_reads_the_repository_and_the_blobs_it_is_given(
+    fresh_registry: RegistryServer,
+) -> None:
+    """warm() reads an image's repository files and blobs once (bytes read), skips a blob the
+    storage does not hold, and stops at its timeout."""
+    reg = fresh_registry
+    link = reg.storage_dir / "docker/registry/v2/repositories/lazy/img/_layers/sha256/ab/link"
+    link.parent.mkdir(parents=True)
+    link.write_text(DIGEST)
+    blob = reg.blob_path(DIGEST)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(os.urandom(3 << 20))
+    missing = "sha256:" + "cd" * 32
+    assert reg.warm("lazy/img", [DIGEST, missing]) == len(DIGEST) + (3 << 20)
+    assert reg.warm("lazy/img", [DIGEST], timeout=0) < len(DIGEST) + (3 << 20)
+
+
 @pytest.mark.e2e
 def test_access_log_counts_full_blob_gets(fresh_registry: RegistryServer) -> None:
     reg = fresh_registry
