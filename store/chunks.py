@@ -299,8 +299,8 @@ class ChunkSource:
             result[c.digest] = data
             served.append(c.digest)
         # What a read returns is on disk when it returns (module doc of store.cache): a chunk
-        # a prefetch or an earlier read's free ride left to the writer is written now.
-        await self.cache.write_pending(served)
+        # an earlier read's free ride left to the writer is written now; a prefetched one not.
+        await self.cache.write_served(served)
         return [result[c.digest] for c in chunks]
 
     async def fetch_run(self, chunks: list[ChunkRef]) -> None:
@@ -417,7 +417,7 @@ class ChunkSource:
         own = set() if behind else {c.digest for c in got.chunks[: got.claimed]} & out.keys()
         await self.cache.write_pending(own)
         if rest := [d for d in out if d not in own]:
-            await self.cache.write_behind(rest)
+            await self.cache.write_behind(rest, ahead=behind)
         failed = [d for d in datas if isinstance(d, Exception)]
         if failed and any(c.digest not in out for c in got.chunks[: got.claimed]):
             raise failed[0]

@@ -221,6 +221,27 @@ def test_chunks_left_behind_are_written_once_none_came_for_a_while(tmp_path):
     assert ChunkCache(tmp_path, 1 << 20).get(_key(b)) == b
 
 
+def test_a_read_served_a_prefetched_chunk_leaves_its_file_to_the_writer(tmp_path):
+    """A read served a pending chunk of another read's fetch writes its file before it
+    returns; one fetched ahead of reads (prefetch, background fetch) stays the writer's, which
+    writes it after the quiet period (store.cache module doc)."""
+    cache = ChunkCache(tmp_path, 1 << 20)
+    ahead, rider = os.urandom(3000), os.urandom(3000)
+
+    async def body(cache: ChunkCache, clock: trio.testing.MockClock) -> None:
+        kahead, krider = _admit(cache, ahead), _admit(cache, rider)
+        await cache.write_behind([kahead], ahead=True)
+        await cache.write_behind([krider])
+        await cache.write_served([kahead, krider])
+        assert _file(tmp_path, krider).read_bytes() == rider
+        assert not _file(tmp_path, kahead).exists() and cache.get(kahead) == ahead
+        assert cache.pending_bytes == 3000
+        await _advance(cache, clock, WRITE_QUIET)
+        assert _file(tmp_path, kahead).read_bytes() == ahead and cache.pending_bytes == 0
+
+    _run_with_writer(cache, body)
+
+
 def test_a_steady_trickle_is_written_by_the_most_delay(tmp_path):
     cache = ChunkCache(tmp_path, 1 << 20)
     writes = _spy_writes(cache)
