@@ -37,13 +37,13 @@ storage; one file per chunk (create, write, rename) beside that cost the lazy pu
 files waited 10-50 ms more per cold read (a directory of small files is one chunk per file):
 the ``estargz-noopt`` totals were 8-16% longer (gcc, postgres, python, redis; ``wan`` link).
 
-What a read returns is on disk when it returns: the chunks it claimed and fetched, and any
+What reads fetched is on disk when a read returns: the chunks it claimed and fetched, and any
 still-pending chunk of another read's fetch it was served (:meth:`ChunkCache.write_served`),
 except those another task is writing at that moment and those the disk refused (then not
-cached). A store killed right after a read finds that read's chunks on restart. Chunks the
-prefetch or the background fetch brought in ahead of reads stay the writer's even when a read
-is served one: reads that wrote those files first spent 0.56 s of gcc's ``estargz`` run (290
-of its 475 reads) creating cache files of chunks already in memory. Pending chunks are served
+cached). A store killed right after a read finds those chunks on restart. Chunks the prefetch
+or the background fetch brought in ahead of reads are the writer's, even when a read is served
+one: reads that wrote those files first spent 0.56 s of gcc's ``estargz`` run (290 of its 475
+reads) creating cache files of chunks already in memory. Pending chunks are served
 from memory (``_pending``; those small enough are in the memory cache too), so chunks waiting
 for their files cost about the memory cache's size at most, beside the batches being written.
 Without a writer (tests, tools) :meth:`~ChunkCache.write_behind` writes at once.
