@@ -43,10 +43,10 @@ except those another task is writing at that moment and those the disk refused (
 cached). A store killed right after a read finds those chunks on restart. Chunks the prefetch
 or the background fetch brought in ahead of reads are the writer's, even when a read is served
 one: reads that wrote those files first spent 0.56 s of gcc's ``estargz`` run (290 of its 475
-reads) creating cache files of chunks already in memory. Pending chunks are served
-from memory (``_pending``; those small enough are in the memory cache too), so chunks waiting
-for their files cost about the memory cache's size at most, beside the batches being written.
-Without a writer (tests, tools) :meth:`~ChunkCache.write_behind` writes at once.
+reads) creating cache files of chunks already in memory. Pending chunks are served from memory
+(``_pending``; those small enough are in the memory cache too), so chunks waiting for their
+files cost about the memory cache's size at most, beside the batches being written. Without a
+writer (tests, tools) :meth:`~ChunkCache.write_behind` writes at once.
 """
 
 from __future__ import annotations

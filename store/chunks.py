@@ -298,8 +298,9 @@ class ChunkSource:
                 data = (await self.get([c]))[0]
             result[c.digest] = data
             served.append(c.digest)
-        # What a read returns is on disk when it returns (module doc of store.cache): a chunk
-        # an earlier read's free ride left to the writer is written now; a prefetched one not.
+        # What reads fetched is on disk when a read returns (module doc of store.cache): a
+        # chunk an earlier read's free ride left to the writer is written now; a prefetched
+        # one stays the writer's.
         await self.cache.write_served(served)
         return [result[c.digest] for c in chunks]
 
