@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -75,6 +75,14 @@ class BlobReader(Protocol):
     size: int
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
+
+
+@runtime_checkable
+class HurriedBlob(Protocol):
+    """A blob reader that downloads ahead of reads (:class:`store.prefetch.AheadBlob`): a
+    read waiting for chunks another task claimed can have their bytes put on the wire now."""
+
+    async def hurry(self, ranges: Sequence[tuple[int, int]]) -> None: ...
 
 
 # What one ranged GET brings back within its first round trip on a new TCP connection: ten
@@ -287,6 +295,10 @@ class ChunkSource:
             result.update(await self.fetch(claimed, riders=self.claim(riders)))
         elif riders and nursery is not None:
             nursery.start_soon(self.fetch_run, list(riders))
+        if waiting and isinstance(self.blob, HurriedBlob):
+            # Chunks the prefetch claimed whose bytes are not on the wire yet: its region
+            # comes in blob order, and a read may need a later part first.
+            await self.blob.hurry([(c.compressed_offset, c.compressed_end) for c in waiting])
         for c in waiting:
             try:
                 data = await self.cache.wait_inflight(c.digest)

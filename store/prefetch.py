@@ -9,9 +9,11 @@ pieces bring that region in ahead of the reads:
   for sure once the TOC's digest is verified; its bytes are only ever handed to the chunk
   source, which inflates and verifies every chunk before anything is served;
 - :class:`Prefetcher` claims the region's chunks and fetches them through the layer's
-  :class:`~store.chunks.ChunkSource` in pieces of :data:`PREFETCH_PIECE` compressed bytes,
-  :data:`PREFETCH_STREAMS` requests at a time, then (if asked) fetches the rest of the layer
-  in :data:`BACKGROUND_BATCH` batches, each only while no on-demand read is waiting.
+  :class:`~store.chunks.ChunkSource` in pieces of :data:`PREFETCH_PIECE` compressed bytes at
+  most, :data:`PREFETCH_STREAMS` requests at a time — over an :class:`AheadBlob` that carries
+  the region, each piece as soon as the early download has its bytes, without a turn under
+  the store's limiter — then (if asked) fetches the rest of the layer in
+  :data:`BACKGROUND_BATCH` batches, each only while no on-demand read is waiting.
 
 When the landmark's TOC entry lists the region's ranges worth prefetching
 (:data:`store.estargz.PREFETCH_RANGES_KEY`: the chunks an access trace saw read, of files
@@ -24,6 +26,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import trio
@@ -34,6 +37,10 @@ from store.estargz.head import HeadHint, head_hint
 log = logging.getLogger(__name__)
 
 PREFETCH_PIECE = 1 << 20  # compressed bytes per prefetch request
+# The early download's unit: a request carries up to PREFETCH_PIECE of them, a read waiting
+# for one that is not on the wire yet fetches just it (AheadBlob.hurry), and the prefetch
+# hands a piece's chunks on as soon as it is in.
+AHEAD_PIECE = 256 << 10
 PREFETCH_STREAMS = 3  # prefetch requests in flight per layer
 # Before the TOC: the head probe (the first tar headers), then a region guessed from it,
 # fetched one growing piece at a time: 256 KiB, 512 KiB, 1 MiB, 2 MiB (at most the last one
@@ -56,19 +63,26 @@ class _Region:
 
     end: int
     pieces: list[tuple[int, int]] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # the pieces' first bytes, for bisect
     data: list[bytes | None] = field(default_factory=list)
     done: list[trio.Event] = field(default_factory=list)
     claimed: list[bool] = field(default_factory=list)
     final: bool = False  # the end is the TOC's, not a guess
     more: trio.Event = field(default_factory=trio.Event)  # set when pieces are added
 
-    def add(self, lo: int, hi: int, step: int) -> None:
-        """Pieces of ``step`` bytes covering ``[lo, hi)``."""
-        for p in range(lo, hi, step):
-            self.pieces.append((p, min(p + step, hi)))
+    def add(self, lo: int, hi: int, step: int, first: int | None = None) -> None:
+        """Pieces covering ``[lo, hi)``: of ``step`` bytes, or growing from ``first`` bytes,
+        doubling, up to ``step``."""
+        size = step if first is None else min(first, step)
+        p = lo
+        while p < hi:
+            self.pieces.append((p, min(p + size, hi)))
+            self.starts.append(p)
             self.data.append(None)
             self.done.append(trio.Event())
             self.claimed.append(False)
+            p += size
+            size = min(2 * size, step)
         self.more.set()
         self.more = trio.Event()
 
@@ -101,6 +115,8 @@ class AheadBlob:
     :meth:`speculate` starts it sooner still, from what the blob's first bytes say
     (:func:`store.estargz.head.head_hint`), while the TOC is on its way.
 
+    The region is cut into pieces of :data:`AHEAD_PIECE` bytes (growing to it from
+    :data:`FIRST_BATCH` when nothing was speculated).
     :data:`PREFETCH_STREAMS` workers fetch the pieces in blob order (the region's files are
     in first-access order), each request a batch of the next pieces (one multi-range request
     when the prefetch ranges leave gaps: tomcat's largest layer lists 84 ranges of 220 KB on
@@ -110,10 +126,14 @@ class AheadBlob:
     needed first, and a batch's bytes are handed on only once all of it arrived. A read that
     needs a piece no worker has started fetches that piece itself at once rather than wait
     for the workers to reach it; a read whose bytes are in a piece already on the wire waits
-    for that piece. Asking the registry again instead (reads of up to 256 KiB, and reads of
-    chunks a prefetch piece had claimed) fetched 10-22% more bytes and made ``estargz``
-    totals up to 10% longer here (five workloads, ``wan``): during a prefetch the link is
-    full, and a read's own request only takes a share of it.
+    for that piece. A read waiting for chunks the prefetch claimed puts their pieces on the
+    wire at once too (:meth:`hurry`) when no worker has started them: a JVM reads
+    ``libjava.so`` early, but it lies after the ``modules`` ranges read later, and waited
+    0.7-1.1 s for the workers to get there (tomcat, ``wan``). Asking the registry again
+    instead (reads of up to 256 KiB, and reads of chunks a prefetch piece had claimed)
+    fetched 10-22% more bytes and made ``estargz`` totals up to 10% longer here (five
+    workloads, ``wan``): during a prefetch the link is full, and a read's own request only
+    takes a share of it.
     The bytes are handed to the layer raw: every chunk is still inflated and verified before
     anything is served. Reads outside the region (or of a failed or dropped piece) go to the
     registry as usual.
@@ -191,9 +211,13 @@ class AheadBlob:
                     region.done[i].set()
         covered = region.pieces[-1][1] if region.pieces else 0
         region.final = True
+        # The first bytes are needed first: without a speculative start, pieces grow from
+        # FIRST_BATCH, so the first files are handed on after a small request.
+        first = None if region.pieces else FIRST_BATCH
         for lo, hi in wanted:
             if max(lo, covered) < hi:
-                region.add(max(lo, covered), hi, PREFETCH_PIECE)
+                region.add(max(lo, covered), hi, min(AHEAD_PIECE, PREFETCH_PIECE), first)
+                first = None
         region.end = end if covered <= end else covered
         nursery.start_soon(self._run, region)
 
@@ -248,12 +272,56 @@ class AheadBlob:
                 region.data[i] = None
                 done.set()
 
+    def carries(self, lo: int, hi: int) -> bool:
+        """Whether the early download holds (or is bringing in) all of ``[lo, hi)``."""
+        region = self._region
+        return region is not None and self._covering(region, lo, hi) is not None
+
+    def piece_end(self, offset: int) -> int | None:
+        """The end of the early download's piece holding ``offset`` (None: none holds it)."""
+        region = self._region
+        if region is None or not region.final:
+            return None
+        i = bisect.bisect_right(region.starts, offset) - 1
+        if i < 0 or region.pieces[i][1] <= offset:
+            return None
+        return region.pieces[i][1]
+
+    async def hurry(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Fetch now, in parallel, the pieces holding ``ranges`` (``[start, end)`` blob
+        ranges) that no worker has started, and return once they are in: a read is waiting
+        for their chunks, which the prefetch claimed and hands on as their pieces arrive.
+        Pieces on the wire already are not asked for again; ranges the early download does
+        not hold are left alone. Raises nothing (a failed piece is read from the registry)."""
+        region = self._region
+        if region is None:
+            return
+        mine: list[int] = []
+        for lo, hi in ranges:
+            for i in self._covering(region, lo, hi) or ():
+                if not region.claimed[i]:
+                    region.claimed[i] = True
+                    mine.append(i)
+        if mine:
+            async with trio.open_nursery() as nursery:
+                for i in mine:
+                    nursery.start_soon(self._fetch, region, i)
+
+    async def arrived(self, lo: int, hi: int) -> None:
+        """Wait until the pieces holding ``[lo, hi)`` are in (or failed, or the region was
+        dropped), fetching none of them itself: the workers bring them in, in blob order.
+        Returns at once when the early download does not hold the range."""
+        region = self._region
+        covering = None if region is None else self._covering(region, lo, hi)
+        for i in covering or ():
+            await region.done[i].wait()  # type: ignore[union-attr]
+
     def _covering(self, region: _Region, lo: int, hi: int) -> list[int] | None:
         """The pieces that hold ``[lo, hi)`` whole, or None if the region does not."""
         if hi > region.end or not region.final:
             return None
         pieces = region.pieces
-        starts = [p[0] for p in pieces]
+        starts = region.starts
         first = bisect.bisect_right(starts, lo) - 1
         last = bisect.bisect_left(starts, hi) - 1
         if first < 0 or pieces[last][1] < hi or pieces[first][1] <= lo:
@@ -323,7 +391,8 @@ class Prefetcher:
         """Fetch the region before the landmark (only its chunks touching the prefetch ranges,
         when the TOC lists them) once, giving up after ``timeout`` seconds (its unfetched
         chunks are then read on demand); a second caller waits for the first.
-        Holds one of ``limiter``'s tokens while it fetches. Raises nothing: a failed piece is
+        Holds one of ``limiter``'s tokens while it fetches, unless the early download
+        carries the region (:meth:`_prefetch`). Raises nothing: a failed piece is
         logged, and a reader of its chunks fetches them itself."""
         if self.started:
             await self._finished.wait()
@@ -346,11 +415,18 @@ class Prefetcher:
         first files while the later ones are still on the wire, and inflating overlaps with
         the download instead of following it.
 
-        The region's chunks are claimed up front, before the turn under ``limiter``: a read
-        of one waits for its piece, even while another layer's region holds the turn.
+        The region's chunks are claimed up front: a read of one waits for its piece.
         Claiming each piece only when a worker takes it, so that such a read fetched the
         chunk itself, measured no different end to end here (five workloads, ``estargz``,
         ``wan``).
+
+        Over an :class:`AheadBlob` that carries the whole region (the store's case) the
+        pieces end where the early download's do, each has a worker waiting for its bytes
+        (:meth:`AheadBlob.arrived`), and none takes a turn under ``limiter``: the bytes are
+        on the wire already. With the turn, a layer's region sat downloaded for 0.6 s while
+        another layer's prefetch held it, and a read of it (``/usr/bin/dash``) with it
+        (tomcat, ``wan``). Otherwise the pieces are fetched :data:`PREFETCH_STREAMS` at a
+        time under one of ``limiter``'s tokens.
         """
         source = self.source
         end = source.index.prefetch_end
@@ -362,14 +438,23 @@ class Prefetcher:
             if c.compressed_end <= end and not source.off_trace(c)
         )
         # A piece is one request for the bytes from its first chunk to its last: a gap (bytes
-        # outside the ranges, or chunks a reader claimed first) starts another piece.
+        # outside the ranges, or chunks a reader claimed first) starts another piece, and so
+        # does a chunk past the end of the early download's piece the first chunk is in, so
+        # that each piece is handed on as soon as its bytes are in.
+        ahead = source.blob if isinstance(source.blob, AheadBlob) else None
         pieces: list[list[ChunkRef]] = []
         piece_bytes = PREFETCH_PIECE
         piece_end = -1
+        cut: int | None = None
         for c in claimed:
-            if piece_bytes >= PREFETCH_PIECE or c.compressed_offset > piece_end:
+            if (
+                piece_bytes >= PREFETCH_PIECE
+                or c.compressed_offset > piece_end
+                or (cut is not None and c.compressed_end > cut)
+            ):
                 pieces.append([])
                 piece_bytes = 0
+                cut = None if ahead is None else ahead.piece_end(c.compressed_offset)
             pieces[-1].append(c)
             piece_bytes += c.compressed_end - c.compressed_offset
             piece_end = max(piece_end, c.compressed_end)
@@ -391,19 +476,38 @@ class Prefetcher:
             except Exception as exc:  # never cached; a reader's own fetch reports it
                 log.warning("prefetch of %s: %s", source.key, exc)
 
+        async def arrived(piece: list[ChunkRef]) -> None:
+            assert ahead is not None
+            try:
+                await ahead.arrived(piece[0].compressed_offset, piece[-1].compressed_end)
+            except BaseException:  # cancelled: the claims go back to on-demand reads
+                for c in piece:
+                    source.cache.finish(c.digest, None, LayerFetchError("prefetch stopped"))
+                raise
+
         async def worker(nursery: trio.Nursery) -> None:
             # Inflating a piece runs beside the next piece's download, not before it.
             async for piece in receive:
                 try:
+                    if ahead is not None:  # its workers bring the bytes in
+                        await arrived(piece)
                     got = await source.download(piece, align=False)
                 except Exception as exc:  # readers of these chunks fetch them on demand
                     log.warning("prefetch of %s failed: %s", source.key, exc)
                     continue
                 nursery.start_soon(deliver, got)
 
+        # The limiter bounds the layers whose prefetch is on the wire at once; a region the
+        # early download carries is on the wire already, without a turn, and each of its
+        # pieces is handed on as soon as its bytes are in (a read may have hurried a later
+        # one onto the wire: AheadBlob.hurry), so every piece has a worker waiting for it.
+        carried = ahead is not None and all(
+            ahead.carries(p[0].compressed_offset, p[-1].compressed_end) for p in pieces
+        )
+        streams = len(pieces) if carried else min(PREFETCH_STREAMS, len(pieces))
         try:
-            async with limiter, trio.open_nursery() as nursery:
-                for _ in range(min(PREFETCH_STREAMS, len(pieces))):
+            async with nullcontext() if carried else limiter, trio.open_nursery() as nursery:
+                for _ in range(streams):
                     nursery.start_soon(worker, nursery)
         finally:
             # Cancelled (timeout, release): give the unfetched claims back to on-demand reads.

@@ -20,6 +20,38 @@ class FileBlob:
         return [self.data[lo:hi] for lo, hi in ranges]
 
 
+def tar_of(files: dict[str, bytes], mtime: int = 1_700_000_000) -> bytes:
+    """A PAX tar of regular files, in ``files``' order."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime = len(data), mtime
+            tar.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def view_layer(view: Any, blob: Any, toc_digest: str, cache_dir: Path, key: str = "view") -> Any:
+    """A :class:`store.layer.Layer` over ``blob`` with its loaded index ``view``
+    (:func:`store.estargz_view.load_layer_index`), its chunk cache in ``cache_dir``."""
+    from store.cache import ChunkCache
+    from store.layer import Layer
+    from store.tree import LayerTree
+
+    return Layer(
+        key=key,
+        digest="sha256:" + "0" * 64,
+        toc_digest=toc_digest,
+        tree=LayerTree(view.index),
+        index=view,
+        blob=blob,
+        cache=ChunkCache(cache_dir, 1 << 30),
+    )
+
+
 async def local_layer(
     path: Path, digest: str, toc_digest: str, cache_dir: Path, key: str = "local", **kw: Any
 ) -> Any:

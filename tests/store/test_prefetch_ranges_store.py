@@ -9,19 +9,16 @@ import io
 import itertools
 import random
 import stat
-import tarfile
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from store.cache import ChunkCache
 from store.estargz import PREFETCH_RANGES_KEY, BytesBlobSource, EstargzReader, convert
 from store.estargz_view import load_layer_index
 from store.layer import AheadBlob, Layer
-from store.tree import LayerTree
-from tests.store.conftest import FileBlob
+from tests.store.conftest import FileBlob, tar_of, view_layer
 
 BIG = random.Random(17).randbytes(1 << 20)  # incompressible: every chunk is a real member
 SMALL = b"read whole\n" * 30
@@ -33,17 +30,7 @@ BIG_READS = [(0, 4096), (600_000, 610_000)]
 READS = {"d/big": BIG_READS, "d/small": [(0, len(SMALL))]}
 
 
-def _tar() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in FILES.items():
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mtime = len(data), 1_700_000_000
-            tar.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
-
-
-TAR = _tar()
+TAR = tar_of(FILES)
 _BLOBS: dict[str, tuple[bytes, str]] = {}
 
 
@@ -80,15 +67,7 @@ def _touching(ranges, lo: int, hi: int) -> bool:
 
 
 def _layer(tmp_path: Path, view, blob, toc_digest: str) -> Layer:
-    return Layer(
-        key="ranges",
-        digest="sha256:" + "0" * 64,
-        toc_digest=toc_digest,
-        tree=LayerTree(view.index),
-        index=view,
-        blob=blob,
-        cache=ChunkCache(tmp_path / "cache", 1 << 30),
-    )
+    return view_layer(view, blob, toc_digest, tmp_path / "cache", "ranges")
 
 
 async def _read_everything(layer: Layer) -> None:
