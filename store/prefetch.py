@@ -424,9 +424,9 @@ class Prefetcher:
         pieces end where the early download's do, each has a worker waiting for its bytes
         (:meth:`AheadBlob.arrived`), and none takes a turn under ``limiter``: the bytes are
         on the wire already. With the turn, a layer's region sat downloaded for 0.6 s while
-        another layer's prefetch held it, and a read of it (``/usr/bin/dash``) with it
-        (tomcat, ``wan``). Otherwise the pieces are fetched :data:`PREFETCH_STREAMS` at a
-        time under one of ``limiter``'s tokens.
+        another layer's prefetch held the turn, and a read in that region
+        (``/usr/bin/dash``) waited as long (tomcat, ``wan``). Otherwise the pieces are
+        fetched :data:`PREFETCH_STREAMS` at a time under one of ``limiter``'s tokens.
         """
         source = self.source
         end = source.index.prefetch_end
