@@ -294,14 +294,16 @@ class AheadBlob:
         Pieces on the wire already are not asked for again; ranges the early download does
         not hold are left alone. Raises nothing (a failed piece is read from the registry)."""
         region = self._region
-        if region is None:
-            return
-        mine: list[int] = []
-        for lo, hi in ranges:
-            for i in self._covering(region, lo, hi) or ():
-                if not region.claimed[i]:
-                    region.claimed[i] = True
-                    mine.append(i)
+        if region is not None:
+            held = [i for lo, hi in ranges for i in self._covering(region, lo, hi) or ()]
+            await self._fetch_unstarted(region, held)
+
+    async def _fetch_unstarted(self, region: _Region, pieces: Sequence[int]) -> None:
+        """Claim those of ``pieces`` no worker has started and fetch them, in parallel;
+        return once they are in."""
+        mine = [i for i in dict.fromkeys(pieces) if not region.claimed[i]]
+        for i in mine:
+            region.claimed[i] = True
         if mine:
             async with trio.open_nursery() as nursery:
                 for i in mine:
@@ -338,13 +340,7 @@ class AheadBlob:
             if region is None or covering is None:
                 continue
             # Pieces no worker has started yet are fetched here, now, in parallel.
-            mine = [i for i in covering if not region.claimed[i]]
-            for i in mine:
-                region.claimed[i] = True
-            if mine:
-                async with trio.open_nursery() as nursery:
-                    for i in mine:
-                        nursery.start_soon(self._fetch, region, i)
+            await self._fetch_unstarted(region, covering)
             for i in covering:
                 await region.done[i].wait()
             parts = [region.data[i] for i in covering]
