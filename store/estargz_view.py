@@ -208,12 +208,14 @@ def zstd_chunked_index(
     files = array("q")
     records = zstdchunked.typed_manifest_entries(toc_bytes, position, limits)
     if records is not None:
-        index = LayerIndex.from_entries(records, toc_offset=position.offset, compression="zstd")
+        index = LayerIndex.from_entries(
+            records, toc_offset=position.offset, compression="zstd", limits=limits
+        )
         files.extend(v for frame in zstdchunked.file_frames(records) for v in frame)
         return index, files
     entries = estargz.manifest_entries(toc_bytes, position, None, limits)
     index = LayerIndex.from_entries(
-        _tap(entries, files), toc_offset=position.offset, compression="zstd"
+        _tap(entries, files), toc_offset=position.offset, compression="zstd", limits=limits
     )
     return index, files
 

@@ -379,10 +379,14 @@ class LayerIndex:
             typed = typed_toc_entries(head[0], limits)
             if typed is not None:
                 del head
-                return cls.from_entries(typed, toc_offset=toc_offset, compression=compression)
+                return cls.from_entries(
+                    typed, toc_offset=toc_offset, compression=compression, limits=limits
+                )
         where = f"TOC at offset {toc_offset}"
         entries = iter_toc_entries(itertools.chain(head, it), where, limits)
-        return cls.from_entries(entries, toc_offset=toc_offset, compression=compression)
+        return cls.from_entries(
+            entries, toc_offset=toc_offset, compression=compression, limits=limits
+        )
 
     @classmethod
     def from_toc(cls, toc: Toc, footer: Footer | None = None) -> LayerIndex:
@@ -397,16 +401,17 @@ class LayerIndex:
         *,
         toc_offset: int,
         compression: str,
+        limits: TocLimits = DEFAULT_LIMITS,
     ) -> LayerIndex:
         """Apply TOC entries in order, as ``tar -x`` applies members (module doc): decoded
         JSON objects, checked field by field, or :class:`~store.estargz.toc.RawEntry`
-        records msgspec already typed. The garbage collector is paused meanwhile
-        (:data:`gc_paused`, module doc)."""
+        records msgspec already typed. A chunk larger than ``limits.max_chunk_bytes`` is
+        refused. The garbage collector is paused meanwhile (:data:`gc_paused`, module doc)."""
         idx = cls()
         idx.toc_offset = toc_offset
         idx.compression = compression
         with gc_paused():
-            _Builder(idx).run(raw_entries)
+            _Builder(idx, limits.max_chunk_bytes).run(raw_entries)
         return idx
 
 
@@ -435,8 +440,9 @@ Where = str | _Where
 class _Builder:
     """Applies entries one by one to a :class:`LayerIndex`, validating each."""
 
-    def __init__(self, idx: LayerIndex) -> None:
+    def __init__(self, idx: LayerIndex, max_chunk: int = DEFAULT_LIMITS.max_chunk_bytes) -> None:
         self.idx = idx
+        self.max_chunk = max_chunk
         self.unames: dict[int, str] = {}
         self.gnames: dict[int, str] = {}
         self.ints: dict[int, int] = {}
@@ -548,6 +554,8 @@ class _Builder:
                 chunk_size = raw.chunkSize
                 if not chunk_size or chunk_size > size:
                     chunk_size = size
+                if chunk_size > self.max_chunk:
+                    self._too_big(chunk_size, where)
                 chunk_digest = raw.chunkDigest
                 if chunk_digest == digest:
                     chunk_digest = digest  # one string object for the usual single-chunk file
@@ -575,6 +583,8 @@ class _Builder:
         where: Where,
     ) -> None:
         prev_end = owner.chunks[-1].chunk_offset + owner.chunks[-1].size if owner.chunks else 0
+        if chunk_size > self.max_chunk:
+            self._too_big(chunk_size, where)
         if chunk_offset != prev_end or chunk_size <= 0 or chunk_offset + chunk_size > owner.size:
             raise InvalidToc(
                 f"{where}chunk [{chunk_offset}, {chunk_offset + chunk_size}) "
@@ -598,6 +608,12 @@ class _Builder:
         if inner == 0:
             self.starts.append(offset)
         self.idx.chunk_count += 1
+
+    def _too_big(self, chunk_size: int, where: Where) -> None:
+        raise InvalidToc(
+            f"{where}a chunk of {chunk_size} bytes is over the limit on chunk size "
+            f"({self.max_chunk}): it would be inflated whole in memory"
+        )
 
     def _finish_file(self) -> None:
         """The last file's chunks are all there: they must cover it exactly."""

@@ -57,11 +57,16 @@ class TocLimits:
     ``max_bytes``: uncompressed TOC JSON bytes (also bounds the compressed TOC fetched);
     ``max_entries``: entry objects (each costs the index ~0.7 KB). Defaults admit a layer of a
     million files; the store takes its own from its config (``toc_max_bytes``,
-    ``toc_max_entries``).
+    ``toc_max_entries``). ``max_chunk_bytes``: the uncompressed size of one chunk, checked by
+    the index (:class:`InvalidToc` past it): a chunk is inflated whole in memory to verify
+    it, so a TOC claiming a 16 GiB chunk (a few MB of gzip'ed zeros) would otherwise make
+    one 4 KiB read allocate 32 GiB. Writers cut files into chunks of 4 MiB (eStargz's
+    default) or less (zstd:chunked's content-defined ones average tens of kB).
     """
 
     max_bytes: int = 256 << 20
     max_entries: int = 1_000_000
+    max_chunk_bytes: int = 64 << 20
 
 
 DEFAULT_LIMITS = TocLimits()

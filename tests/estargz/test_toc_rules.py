@@ -147,6 +147,41 @@ def test_hostile_entries_are_refused(entries, error, match) -> None:
         build(entries)
 
 
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [reg("f", 1 << 40, 10)],  # one chunk of 1 TiB
+        [reg("f", 1 << 40, 10, chunkSize=1 << 39), reg("g")],  # refused at the first chunk
+        [
+            reg("f", 100 + (1 << 30), 10, chunkSize=100),
+            {"name": "f", "type": "chunk", "offset": 20, "chunkOffset": 100},  # to the end
+        ],
+    ],
+)
+def test_a_chunk_over_the_chunk_size_limit_is_refused(entries) -> None:
+    # Verifying a chunk inflates it whole: a TOC claiming a huge one (a few MB of gzip'ed
+    # zeros) would make one small read allocate that much.
+    with pytest.raises(InvalidToc, match="over the limit on chunk size"):
+        build(entries)
+
+
+def test_the_chunk_size_limit_is_configurable() -> None:
+    assert build([reg("f", 1 << 40, 10)], TocLimits(max_chunk_bytes=1 << 40)).lookup("f")
+    with pytest.raises(InvalidToc, match=r"over the limit on chunk size \(1000\)"):
+        build([reg("f", 1001, 10)], TocLimits(max_chunk_bytes=1000))
+
+
+def test_chunks_at_the_chunk_size_limit_are_served() -> None:
+    cap = TocLimits().max_chunk_bytes
+    idx = build(
+        [
+            reg("f", 2 * cap, 10, chunkSize=cap),
+            {"name": "f", "type": "chunk", "offset": 20, "chunkOffset": cap, "chunkSize": cap},
+        ]
+    )
+    assert [c.size for c in idx.lookup("f").chunks] == [cap, cap]
+
+
 def test_later_entry_wins_for_every_type() -> None:
     idx = build(
         [

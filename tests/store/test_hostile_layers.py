@@ -324,3 +324,29 @@ def test_a_chunk_inflating_past_its_size_is_eio_without_inflating_it(
     assert time.monotonic() - start < 5
     assert vm_hwm_mb(mounted) - before < 64  # the 256 MiB were never inflated
     assert any("ChunkDigestMismatch" in m for m in mounted.log_lines("refusing unverified"))
+
+
+def test_a_chunk_claiming_a_gigabyte_is_refused_before_any_read(mounted: MountedStore) -> None:
+    # 1 GiB of zeros gzip'ed is ~1 MB: without a cap on a chunk's size, one 4 KiB read of
+    # "big" inflated all of it (twice over: ~2 GiB of store memory), whatever its digest.
+    blob, _ = _basic()
+    head = blob[: parse_footer(blob[-51:], len(blob)).toc_offset]
+    z = zlib.compressobj(9, wbits=31)
+    zeros = bytes(1 << 20)
+    bomb = b"".join(z.compress(zeros) for _ in range(1024)) + z.flush()
+    digest = hashlib.sha256()
+    for _ in range(1024):
+        digest.update(zeros)
+    entry = {
+        "name": "big",
+        "type": "reg",
+        "size": 1 << 30,
+        "offset": len(head),
+        "chunkDigest": "sha256:" + digest.hexdigest(),
+    }
+    data = with_toc(head + bomb, json.dumps({"version": 1, "entries": [entry]}).encode())
+    before = vm_hwm_mb(mounted)
+    got = refused(mounted, data)
+    assert isinstance(got, InvalidToc) and "over the limit on chunk size" in str(got), got
+    assert vm_hwm_mb(mounted) - before < 64
+
