@@ -44,6 +44,7 @@ from store.estargz.index import Entry
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 LANDMARKS = {".prefetch.landmark", ".no.prefetch.landmark"}
+_DOT_WHITEOUTS = frozenset({".wh.", ".wh..", ".wh..."})  # whiteouts of "", "." and ".."
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 
 _TYPE_BITS = {
@@ -272,6 +273,20 @@ class LayerTree:
         for e in index.entries:
             if e.type == "dir" and e.name and _hidden_name(e):
                 raise TreeError(f"{e.name!r}: a directory under a whiteout or landmark name")
+            base = _base(e.name)
+            if base in _DOT_WHITEOUTS:
+                # It would be listed as a device named "." or ".." (or not at all): extraction
+                # fails on it (the name it removes is the directory itself, or its parent).
+                raise TreeError(f"{e.name!r}: a whiteout of {base[len(WHITEOUT_PREFIX) :]!r}")
+        for name, e in index.hardlinks():
+            # A whiteout is shown by its name, a file by its entry's inode: a hardlink between
+            # the two gives one inode number both a device and a file (and the file an nlink
+            # counting the whiteout); extraction makes no such tree (a whiteout is no file to
+            # link to, and a link named like a whiteout is a whiteout).
+            if _base(name).startswith(WHITEOUT_PREFIX) != _base(e.name).startswith(
+                WHITEOUT_PREFIX
+            ):
+                raise TreeError(f"{name!r}: a hardlink to {e.name!r} (a whiteout on one side)")
 
     def mtime(self, modtime: str) -> int:
         """Seconds since the epoch of a TOC ``modtime`` (RFC 3339; 0 when absent or bad)."""

@@ -307,6 +307,15 @@ class LayerIndex:
             return None  # replaced by a later entry since
         return target
 
+    def hardlinks(self) -> Iterator[tuple[str, Entry]]:
+        """``(link name, entry)`` for every name a hardlink entry gave that is still in the
+        final tree (cleaned paths): the entry is the file the name shows, whose own ``name``
+        is the one it was first given — maybe replaced since."""
+        for name in self._hardlinks:
+            e = self.lookup(name)
+            if e is not None:
+                yield name, e
+
     def names(self) -> Iterator[tuple[str, Entry]]:
         """Every path in the layer (hardlink names included) with its entry."""
         return self.walk()

@@ -350,3 +350,42 @@ def test_a_chunk_claiming_a_gigabyte_is_refused_before_any_read(mounted: Mounted
     assert isinstance(got, InvalidToc) and "over the limit on chunk size" in str(got), got
     assert vm_hwm_mb(mounted) - before < 64
 
+
+def _tree_refused(mounted: MountedStore, entries: list[dict], match: str) -> None:
+    """The layer is refused at lookup (EIO, quickly), its log line naming the tree's rule."""
+    diff, digest = mounted.serve(crafted(entries))
+    start = time.monotonic()
+    with pytest.raises(OSError) as exc:
+        os.stat(diff)
+    assert exc.value.errno == errno.EIO and time.monotonic() - start < 10
+    lines = mounted.log_lines(f"refusing layer {digest}")
+    assert len(lines) == 1 and "TreeError" in lines[0] and match in lines[0], lines
+
+
+@pytest.mark.parametrize("name", [".wh..", ".wh..."])
+def test_a_whiteout_of_dot_or_dotdot_is_refused(mounted: MountedStore, name: str) -> None:
+    # Served, readdir of d listed a character device named "." (or "..").
+    entries = [{"name": "d/", "type": "dir", "mode": 0o755}, {"name": f"d/{name}", "type": "reg"}]
+    _tree_refused(mounted, entries, "a whiteout of")
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [
+            {"name": "f", "type": "reg", "mode": 0o644},
+            {"name": ".wh.z", "type": "hardlink", "linkName": "f"},
+        ],
+        [
+            {"name": ".wh.x", "type": "reg", "mode": 0o644},
+            {"name": "y", "type": "hardlink", "linkName": ".wh.x"},
+        ],
+    ],
+    ids=["link-named-like-a-whiteout", "link-to-a-whiteout"],
+)
+def test_a_hardlink_between_a_whiteout_and_a_file_is_refused(
+    mounted: MountedStore, entries: list[dict]
+) -> None:
+    # Served, the whiteout and the file had one inode number (st_ino) with two types, and
+    # the file an nlink counting the whiteout: no extraction makes that tree.
+    _tree_refused(mounted, entries, "a whiteout on one side")

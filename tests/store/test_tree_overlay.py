@@ -150,6 +150,51 @@ def test_a_whiteout_named_directory_is_refused():
         tree("d/.wh.x/", "d/.wh.x/y")
 
 
+@pytest.mark.parametrize("name", ["d/.wh..", "d/.wh...", "d/.wh."])
+def test_a_whiteout_of_dot_or_dotdot_is_refused(name):
+    # Shown, it would list a device named "." or ".." in d; extraction fails on it.
+    with pytest.raises(TreeError, match="a whiteout of"):
+        tree("d/", name)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        # a hardlink named like a whiteout: a device and a file with one inode number
+        [{"name": "f", "type": "reg"}, {"name": ".wh.z", "type": "hardlink", "linkName": "f"}],
+        # a hardlink to a whiteout (extraction makes no file to link to)
+        [{"name": ".wh.x", "type": "reg"}, {"name": "y", "type": "hardlink", "linkName": ".wh.x"}],
+        # ... whose whiteout entry is replaced afterwards: y still shows the old one
+        [
+            {"name": ".wh.x", "type": "reg"},
+            {"name": "y", "type": "hardlink", "linkName": ".wh.x"},
+            {"name": ".wh.x", "type": "reg"},
+        ],
+        # a hardlink to an opaque marker
+        [
+            {"name": "d/.wh..wh..opq", "type": "reg"},
+            {"name": "y", "type": "hardlink", "linkName": "d/.wh..wh..opq"},
+        ],
+    ],
+)
+def test_a_hardlink_between_a_whiteout_and_a_file_is_refused(entries):
+    index = LayerIndex.from_entries(entries, toc_offset=100, compression="gzip")
+    with pytest.raises(TreeError, match="a whiteout on one side"):
+        LayerTree(index)
+
+
+def test_every_name_of_an_inode_shows_one_type():
+    entries = [
+        {"name": "f", "type": "reg"},
+        {"name": "g", "type": "hardlink", "linkName": "f"},
+        {"name": ".wh.x", "type": "reg"},
+        {"name": ".wh.y", "type": "hardlink", "linkName": ".wh.x"},
+    ]
+    t = LayerTree(LayerIndex.from_entries(entries, toc_offset=100, compression="gzip"))
+    for _, node in t.walk():
+        assert node.mode == t.nodes[node.index].mode
+
+
 def test_nodes_are_numbered_once_and_dir_nlink_counts_subdirectories():
     entries = [
         {"name": "d/", "type": "dir"},
