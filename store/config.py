@@ -40,6 +40,13 @@ Our additions (top level):
                          refused before it is decoded, with an error naming the limit
 ``toc_max_entries``      most TOC entries accepted (default 1,000,000; the index costs about
                          0.7 KB per entry); decoding stops at the first entry past it
+``chunk_max_bytes``      largest chunk accepted, uncompressed bytes (default 64 MiB): a chunk
+                         is inflated whole in memory to check its digest, so a TOC naming a
+                         bigger one is refused before anything is read. eStargz writers cut
+                         files into 4 MiB chunks; containers/storage's zstd:chunked writer
+                         cuts data into chunks of ~64 KiB but makes a run of zeros one chunk,
+                         so a layer with a sparse file holding more zeros in a row than this
+                         is refused (the runtime pulls it normally) unless it is raised
 ``zstd_measure_diff_size`` give podman < 5.1 a zstd:chunked layer's exact tar size in
                          ``info`` (default false). No annotation carries it; measuring reads
                          each header frame's size, one 18-byte range per file (~0.3 KB and
@@ -65,7 +72,7 @@ Our additions (top level):
                          library look-ahead is: ``noprefetch`` leaves it on. Nothing counts
                          as read.
 
-Both caps bound the memory one hostile layer can take; a refused layer's lookup answers EIO
+The three caps bound the memory one hostile layer can take; a refused layer's lookup answers EIO
 and the store logs one line naming the cause (the runtime then pulls the layer normally).
 
 ``[fuse] attr_timeout / entry_timeout`` apply to the layer trees (default 60 s: their content
@@ -122,6 +129,7 @@ class StoreConfig:
     overlay_opaque_type: str = "trusted"
     toc_max_bytes: int = 256 << 20
     toc_max_entries: int = 1_000_000
+    chunk_max_bytes: int = 64 << 20
     zstd_measure_diff_size: bool = False
     prefetch_libraries: bool = True
     prefetch_entrypoint: bool = True
@@ -162,6 +170,7 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "overlay_opaque_type": ("overlay_opaque_type", (str,)),
     "toc_max_bytes": ("toc_max_bytes", (int,)),
     "toc_max_entries": ("toc_max_entries", (int,)),
+    "chunk_max_bytes": ("chunk_max_bytes", (int,)),
     "zstd_measure_diff_size": ("zstd_measure_diff_size", (bool,)),
     "prefetch_libraries": ("prefetch_libraries", (bool,)),
     "prefetch_entrypoint": ("prefetch_entrypoint", (bool,)),
@@ -209,6 +218,7 @@ _POSITIVE = {
     "cache_max_bytes",
     "toc_max_bytes",
     "toc_max_entries",
+    "chunk_max_bytes",
 }
 
 

@@ -18,11 +18,11 @@ zstd:chunked's ``manifest-checksum`` with its ``manifest-position``), and the TO
 the blob must hash to it. Anything else raises :class:`NotEstargzError` (→ ENOENT, normal
 pull) or :class:`ResolveError` (→ EIO). A layer whose own bytes fail a check (footer, TOC
 digest, any rule of the format library's validated index, the ``toc_max_bytes`` /
-``toc_max_entries`` caps) raises :class:`LayerRefused` (→ EIO): logged once with its cause and
-remembered, so later lookups answer at once without refetching. A zstd:chunked layer is looked
-up by the value containers/storage ≥ 1.54 uses as its TOC digest (``toc.GetTOCDigest``: the
-manifest checksum annotation itself), and its ``info`` says ``compression`` 4
-(``archive.Zstd``).
+``toc_max_entries`` / ``chunk_max_bytes`` caps) raises :class:`LayerRefused` (→ EIO): logged
+once with its cause and remembered, so later lookups answer at once without refetching. A
+zstd:chunked layer is looked up by the value containers/storage ≥ 1.54 uses as its TOC digest
+(``toc.GetTOCDigest``: the manifest checksum annotation itself), and its ``info`` says
+``compression`` 4 (``archive.Zstd``).
 
 A blob an image lists more than once (identical layers, e.g. two empty ones) is not served
 either: the runtime looks each occurrence up under the same ``<ref>/<digest>`` directory, and
@@ -596,7 +596,9 @@ class LayerManager:
             on_verified = start_region
         if not self.config.noprefetch and desc.zstd_chunked is None:
             ahead.speculate(self.nursery)
-        limits = TocLimits(self.config.toc_max_bytes, self.config.toc_max_entries)
+        limits = TocLimits(
+            self.config.toc_max_bytes, self.config.toc_max_entries, self.config.chunk_max_bytes
+        )
         marks = (
             None
             if self.timeline is None

@@ -283,9 +283,7 @@ class LayerTree:
             # the two gives one inode number both a device and a file (and the file an nlink
             # counting the whiteout); extraction makes no such tree (a whiteout is no file to
             # link to, and a link named like a whiteout is a whiteout).
-            if _base(name).startswith(WHITEOUT_PREFIX) != _base(e.name).startswith(
-                WHITEOUT_PREFIX
-            ):
+            if _base(name).startswith(WHITEOUT_PREFIX) != _base(e.name).startswith(WHITEOUT_PREFIX):
                 raise TreeError(f"{name!r}: a hardlink to {e.name!r} (a whiteout on one side)")
 
     def mtime(self, modtime: str) -> int:

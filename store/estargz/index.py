@@ -621,7 +621,8 @@ class _Builder:
     def _too_big(self, chunk_size: int, where: Where) -> None:
         raise InvalidToc(
             f"{where}a chunk of {chunk_size} bytes is over the limit on chunk size "
-            f"({self.max_chunk}): it would be inflated whole in memory"
+            f"({self.max_chunk}, store config chunk_max_bytes): it would be inflated whole "
+            "in memory"
         )
 
     def _finish_file(self) -> None:

@@ -167,7 +167,8 @@ def test_a_chunk_over_the_chunk_size_limit_is_refused(entries) -> None:
 
 def test_the_chunk_size_limit_is_configurable() -> None:
     assert build([reg("f", 1 << 40, 10)], TocLimits(max_chunk_bytes=1 << 40)).lookup("f")
-    with pytest.raises(InvalidToc, match=r"over the limit on chunk size \(1000\)"):
+    message = r"over the limit on chunk size \(1000, store config chunk_max_bytes\)"
+    with pytest.raises(InvalidToc, match=message):
         build([reg("f", 1001, 10)], TocLimits(max_chunk_bytes=1000))
 
 

@@ -132,6 +132,13 @@ def test_toc_caps_are_read() -> None:
     assert StoreConfig().toc_max_entries == 1_000_000
 
 
+def test_chunk_cap_is_read() -> None:
+    assert parse_config({"chunk_max_bytes": 1 << 30}).chunk_max_bytes == 1 << 30
+    assert StoreConfig().chunk_max_bytes == 64 << 20
+    with pytest.raises(ConfigError, match="'chunk_max_bytes' must be positive"):
+        parse_config({"chunk_max_bytes": 0})
+
+
 def test_shipped_example_config_loads() -> None:
     path = Path(__file__).resolve().parents[2] / "store" / "packaging" / "config.toml"
     assert load_config(path).metrics_address == "127.0.0.1:9110"
