@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from store.layer import ChunkVerifyError, Layer, LayerFetchError
+from store.layer import BlobVerifyError, ChunkVerifyError, Layer, LayerFetchError
 from store.resolver import (
     LayerManager,
     LayerRefused,
@@ -470,7 +470,7 @@ class StoreFS:
             if offset == 0 and self.manager.libraries is not None:
                 self.manager.libraries.on_read(found[0].ref, layer, found[1], offset, data)
             return data
-        except ChunkVerifyError as exc:
+        except (ChunkVerifyError, BlobVerifyError) as exc:
             log.error("refusing unverified data: %s", exc)
             raise FSError(errno.EIO, str(exc)) from None
         except LayerFetchError as exc:

@@ -12,7 +12,8 @@ it; the layer decides *when* to fetch what, in three parts with small interfaces
   ``.prefetch.landmark`` (or its prefetch ranges) in pieces as soon as the image is known,
   then the rest of the layer in the background, yielding to on-demand reads;
 - :class:`Layer` itself: file reads with a per-file read-ahead window that grows while the
-  reader reads on sequentially (fetched beside the read, in one exact range), raw blob reads,
+  reader reads on sequentially (fetched beside the read, in one exact range), raw blob reads
+  (the whole blob checked against the layer digest first: :mod:`store.blobfile`),
   status, and one nursery for all of the layer's background work, cancelled whole on release.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 
 import trio
 
+from store.blobfile import BlobVerifyError, VerifiedBlob
 from store.cache import ChunkCache
 from store.chunks import (
     DECOMPRESS_GROUPS,
@@ -47,6 +49,7 @@ __all__ = [
     "READ_BLOCK",
     "AheadBlob",
     "BlobReader",
+    "BlobVerifyError",
     "ChunkRef",
     "ChunkVerifyError",
     "Layer",
@@ -67,7 +70,6 @@ log = logging.getLogger(__name__)
 # their own.
 READAHEAD_MIN = 256 << 10  # uncompressed bytes
 READAHEAD_MAX = 4 << 20
-BLOB_WINDOW = 4 << 20  # compressed bytes per raw blob read (read_blob)
 
 
 @dataclass(slots=True)
@@ -109,7 +111,7 @@ class Layer:
     _nursery: trio.Nursery | None = None  # run()'s, while it runs
     _active_reads: int = 0
     _idle: trio.Event = field(default_factory=trio.Event)
-    _blob_windows: dict[int, bytes] = field(default_factory=dict)
+    _whole: VerifiedBlob = field(init=False)
     _total_chunk_bytes: int | None = None
     _accessed: set[int] = field(default_factory=set)
     _streams: dict[int, _ReadStream] = field(default_factory=dict)
@@ -126,6 +128,7 @@ class Layer:
             on_fetch=self._fetched,
         )
         self.prefetcher = Prefetcher(self.source, self._wait_idle)
+        self._whole = VerifiedBlob(self.blob, self.digest, self.cache.root, self._count_blob_fetch)
 
     def _fetched(self, nbytes: int, seconds: float) -> None:
         if self.on_fetch is not None:
@@ -265,34 +268,15 @@ class Layer:
     # -- blob --------------------------------------------------------------------------------
 
     async def read_blob(self, offset: int, size: int) -> bytes:
-        """Raw compressed blob bytes ``[offset, offset + size)`` (for ``podman save``), through
-        a few :data:`BLOB_WINDOW` windows kept in memory. Raises :class:`LayerFetchError`."""
-        if offset >= self.blob.size:
-            return b""
-        size = min(size, self.blob.size - offset)
-        out = bytearray()
-        pos = offset
-        while pos < offset + size:
-            w = pos // BLOB_WINDOW
-            window = self._blob_windows.get(w)
-            if window is None:
-                lo = w * BLOB_WINDOW
-                hi = min(lo + BLOB_WINDOW, self.blob.size)
-                try:
-                    (window,) = await self.blob.read_ranges([(lo, hi)])
-                except Exception as exc:
-                    raise LayerFetchError(f"{self.key}: blob range {lo}-{hi}: {exc}") from exc
-                self.stats.fetched_bytes += len(window)
-                self.stats.fetch_requests += 1
-                if len(self._blob_windows) >= 4:
-                    self._blob_windows.pop(next(iter(self._blob_windows)))
-                self._blob_windows[w] = window
-            take = window[pos - w * BLOB_WINDOW : offset + size - w * BLOB_WINDOW]
-            if not take:
-                break
-            out += take
-            pos += len(take)
-        return bytes(out)
+        """Raw compressed blob bytes ``[offset, offset + size)`` (for ``podman save``), once the
+        whole blob hashed to the layer's digest (:class:`~store.blobfile.VerifiedBlob`: the
+        first read downloads all of it). Raises :class:`LayerFetchError`,
+        :class:`BlobVerifyError`."""
+        return await self._whole.read(offset, size)
+
+    def _count_blob_fetch(self, nbytes: int) -> None:
+        self.stats.fetched_bytes += nbytes
+        self.stats.fetch_requests += 1
 
     # -- background work ---------------------------------------------------------------------
 
@@ -356,7 +340,7 @@ class Layer:
     def release(self) -> None:
         """Stop background work and drop what memory can be dropped; the disk cache stays."""
         self.released = True
-        self._blob_windows.clear()
+        self._whole.close()
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
         self.prefetcher.stop()

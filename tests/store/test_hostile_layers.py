@@ -389,3 +389,24 @@ def test_a_hardlink_between_a_whiteout_and_a_file_is_refused(
     # Served, the whiteout and the file had one inode number (st_ino) with two types, and
     # the file an nlink counting the whiteout: no extraction makes that tree.
     _tree_refused(mounted, entries, "a whiteout on one side")
+
+
+def test_a_blob_whose_bytes_were_changed_is_not_served(mounted: MountedStore) -> None:
+    # The first gzip member's header MTIME changed in the registry's copy: every chunk still
+    # inflates to bytes that match its chunkDigest, so files read right; only the layer
+    # digest covers the compressed bytes, so the raw blob (podman save/push) is refused.
+    blob, _ = _basic()
+    diff, digest = mounted.serve(blob)
+    assert mounted.read(diff / "etc" / "hostname")
+    storage = mounted.registry.storage_dir
+    data = storage / "docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:] / "data"
+    tampered = bytearray(data.read_bytes())
+    assert tampered[:4] == b"\x1f\x8b\x08\x00"  # gzip, no flags: MTIME is bytes 4-7
+    tampered[4] ^= 1
+    data.write_bytes(bytes(tampered))
+    with pytest.raises(OSError) as exc, open(diff.parent / "blob", "rb") as f:
+        f.read(100)
+    assert exc.value.errno == errno.EIO
+    lines = mounted.log_lines("refusing unverified data: ")
+    assert any(f"{digest}: the blob's {len(blob)} bytes hash to sha256:" in m for m in lines)
+    assert mounted.read(diff / "usr" / "bin" / "tool")  # the files are still served

@@ -1,0 +1,122 @@
+"""A layer's whole compressed blob, checked against the layer's digest before a byte is served.
+
+The layer directory's ``blob`` file must hold the exact compressed bytes (containers/storage
+reads it for ``podman save`` and ``push``). A file in
+``diff`` is served chunk by chunk, each checked against its ``chunkDigest``; the compressed
+bytes themselves are covered by nothing smaller than the layer digest, so no part of the blob
+can be checked before all of it is in. The first read therefore downloads the whole blob in
+:data:`WINDOW` pieces, hashing as it goes, into an anonymous temporary file beside the chunk
+cache (``O_TMPFILE``: nothing is left behind if the store dies; not counted in
+``cache_max_bytes``), and every read waits until the digest matched; reads are then served from
+that file. A mismatch is final (every read raises :class:`BlobVerifyError`); a download that
+failed or was cancelled resumes where it stopped at the next read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+
+from store.chunks import BlobReader, LayerFetchError
+
+WINDOW = 4 << 20  # compressed bytes per registry request while the blob downloads
+
+
+class BlobVerifyError(Exception):
+    """The blob's bytes do not hash to the layer's digest, or its digest cannot be checked
+    (an algorithm this Python lacks): never served."""
+
+
+@dataclass
+class VerifiedBlob:
+    """Range reads of ``blob`` (``size`` bytes) once all of it hashed to ``digest``
+    (``algorithm:hex``, as in a manifest's layer descriptor).
+
+    ``directory`` holds the temporary file; ``on_fetch(nbytes)`` runs after each registry
+    request. :meth:`read` raises :class:`LayerFetchError` (the registry failed: the next read
+    tries again) or :class:`BlobVerifyError`; :meth:`close` drops the file (reads then raise
+    :class:`LayerFetchError`).
+    """
+
+    blob: BlobReader
+    digest: str
+    directory: Path
+    on_fetch: Callable[[int], None] | None = None
+    _lock: trio.Lock = field(default_factory=trio.Lock)
+    _file: IO[bytes] | None = None
+    _hasher: Any = None
+    _done: int = 0  # bytes downloaded and hashed so far, from the start
+    _verified: bool = False
+    _failed: str = ""
+    _closed: bool = False
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset + size)`` of the blob (fewer at its end), verified."""
+        if offset >= self.blob.size or size <= 0:
+            return b""
+        if not self._verified:
+            async with self._lock:
+                if not self._verified:
+                    await self._download()
+        file = self._file
+        if file is None:
+            raise LayerFetchError(f"{self.digest}: the layer was released")
+        size = min(size, self.blob.size - offset)
+        return await trio.to_thread.run_sync(os.pread, file.fileno(), size, offset)
+
+    def close(self) -> None:
+        self._closed = True
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+
+    async def _download(self) -> None:
+        if self._failed:
+            raise BlobVerifyError(self._failed)
+        if self._closed:
+            raise LayerFetchError(f"{self.digest}: the layer was released")
+        algorithm, _, want = self.digest.partition(":")
+        if self._file is None:
+            if algorithm not in hashlib.algorithms_available:
+                self._failed = f"{self.digest}: cannot check a digest of algorithm {algorithm!r}"
+                raise BlobVerifyError(self._failed)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # Kept open across reads until close() (the layer's release).
+            self._file = tempfile.TemporaryFile(dir=self.directory)  # noqa: SIM115
+            self._hasher = hashlib.new(algorithm)
+        while self._done < self.blob.size:
+            lo, hi = self._done, min(self._done + WINDOW, self.blob.size)
+            try:
+                (data,) = await self.blob.read_ranges([(lo, hi)])
+            except Exception as exc:  # the registry client's errors (ResolveError, OSError …)
+                raise LayerFetchError(f"{self.digest}: blob range {lo}-{hi}: {exc}") from exc
+            if self.on_fetch is not None:
+                self.on_fetch(len(data))
+            if len(data) != hi - lo:
+                raise LayerFetchError(f"{self.digest}: blob range {lo}-{hi}: got {len(data)} bytes")
+            # Not cancellable once started (trio waits for the thread): _done stays true.
+            await trio.to_thread.run_sync(self._append, data)
+            self._done = hi
+            if self._closed:  # released meanwhile
+                raise LayerFetchError(f"{self.digest}: the layer was released")
+        got = self._hasher.hexdigest()
+        if got != want:
+            self._failed = (
+                f"{self.digest}: the blob's {self.blob.size} bytes hash to {algorithm}:{got}"
+            )
+            self.close()
+            raise BlobVerifyError(self._failed)
+        self._verified = True
+
+    def _append(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._file.flush()
+        self._hasher.update(data)

@@ -1,0 +1,102 @@
+"""The layer's ``blob`` file: served only once the whole blob hashed to the layer's digest."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+
+import pytest
+import trio
+
+from store.blobfile import BlobVerifyError, VerifiedBlob
+from store.chunks import LayerFetchError
+
+DATA = os.urandom(10_000)
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+
+
+class Blob:
+    """A blob reader over ``data`` that records requests and fails the ones listed."""
+
+    def __init__(self, data: bytes, fail_at: set[int] | None = None) -> None:
+        self.data = data
+        self.size = len(data)
+        self.requests: list[tuple[int, int]] = []
+        self.fail_at = fail_at or set()
+
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        await trio.sleep(0)
+        (lo, hi) = ranges[0]
+        self.requests.append((lo, hi))
+        if lo in self.fail_at:
+            self.fail_at.discard(lo)
+            raise OSError("connection reset")
+        return [self.data[lo:hi]]
+
+
+@pytest.fixture(autouse=True)
+def small_window(monkeypatch):
+    monkeypatch.setattr("store.blobfile.WINDOW", 4096)
+
+
+@pytest.mark.anyio
+async def test_the_first_read_downloads_and_checks_the_whole_blob(tmp_path):
+    blob = Blob(DATA)
+    fetched: list[int] = []
+    whole = VerifiedBlob(blob, DIGEST, tmp_path, fetched.append)
+    assert await whole.read(5, 10) == DATA[5:15]
+    assert blob.requests == [(0, 4096), (4096, 8192), (8192, 10_000)]
+    assert fetched == [4096, 4096, 1808]
+    assert await whole.read(9_990, 100) == DATA[9_990:]  # cut at the end
+    assert await whole.read(10_000, 10) == b""
+    assert len(blob.requests) == 3  # served from the file since
+    assert list(tmp_path.iterdir()) == []  # an anonymous file: nothing to leave behind
+    whole.close()
+    with pytest.raises(LayerFetchError, match="released"):
+        await whole.read(0, 10)
+
+
+@pytest.mark.anyio
+async def test_a_blob_that_does_not_hash_to_its_digest_is_never_served(tmp_path):
+    tampered = DATA[:9_000] + bytes([DATA[9_000] ^ 1]) + DATA[9_001:]
+    blob = Blob(tampered)
+    whole = VerifiedBlob(blob, DIGEST, tmp_path)
+    with pytest.raises(BlobVerifyError, match=r"10000 bytes hash to sha256:"):
+        await whole.read(0, 100)  # the first 100 bytes are right, and still not served
+    with pytest.raises(BlobVerifyError):
+        await whole.read(0, 100)
+    assert len(blob.requests) == 3  # final: not downloaded again
+
+
+@pytest.mark.anyio
+async def test_a_failed_download_resumes_where_it_stopped(tmp_path):
+    blob = Blob(DATA, fail_at={4096})
+    whole = VerifiedBlob(blob, DIGEST, tmp_path)
+    with pytest.raises(LayerFetchError, match="blob range 4096-8192: connection reset"):
+        await whole.read(0, 10)
+    assert await whole.read(0, 10) == DATA[:10]
+    assert blob.requests == [(0, 4096), (4096, 8192), (4096, 8192), (8192, 10_000)]
+
+
+@pytest.mark.anyio
+async def test_concurrent_reads_share_one_download(tmp_path):
+    blob = Blob(DATA)
+    whole = VerifiedBlob(blob, DIGEST, tmp_path)
+    got: dict[int, bytes] = {}
+
+    async def read(offset: int) -> None:
+        got[offset] = await whole.read(offset, 1000)
+
+    async with trio.open_nursery() as nursery:
+        for offset in (0, 3000, 9500):
+            nursery.start_soon(read, offset)
+    assert got == {0: DATA[:1000], 3000: DATA[3000:4000], 9500: DATA[9500:]}
+    assert len(blob.requests) == 3
+
+
+@pytest.mark.anyio
+async def test_a_digest_that_cannot_be_checked_is_refused(tmp_path):
+    whole = VerifiedBlob(Blob(DATA), "nosuchhash:00", tmp_path)
+    with pytest.raises(BlobVerifyError, match="cannot check a digest of algorithm 'nosuchhash'"):
+        await whole.read(0, 10)
