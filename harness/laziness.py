@@ -37,7 +37,9 @@ from typing import Any
 # containers/image's default User-Agent (docker/docker_client.go: "containers/" + version).
 RUNTIME_AGENTS = re.compile(r"^(containers/|libpod/|cri-o/|CRI-O/)")
 _LOG_TROUBLE = re.compile(
-    r"error|fail|refus|denied|EIO|ENOENT|not found|invalid|traceback|exception|panic|warn",
+    r"error|fail|refus|denied|EIO|ENOENT|not found|invalid|traceback|exception|panic|warn"
+    # a store declining a layer on purpose (our store: "not served (normal pull fallback)")
+    r"|not served",
     re.IGNORECASE,
 )
 
@@ -99,7 +101,12 @@ class Verdict:
         parts = []
         missing = [x.digest or x.layer_id for x in self.layers if not x.from_store]
         if missing:
-            shown = ", ".join(_short(d) for d in missing[:4]) + (", …" if len(missing) > 4 else "")
+            # one digest listed several times (identical layers, e.g. empty ones) shown once
+            distinct = list(dict.fromkeys(missing))
+            shown = ", ".join(
+                _short(d) + (f" ×{missing.count(d)}" if missing.count(d) > 1 else "")
+                for d in distinct[:4]
+            ) + (", …" if len(distinct) > 4 else "")
             parts.append(f"{len(missing)} of {self.total} layers not from the store ({shown})")
         if self.served_whole:
             parts.append(f"the registry served {self.served_whole} whole to the runtime")
@@ -199,9 +206,24 @@ def blobs_served_whole_to_runtime(records: Iterable[Any]) -> set[str]:
 
 
 def trouble_lines(text: str, limit: int = 3) -> list[str]:
-    """The last ``limit`` lines of a log that look like errors or warnings."""
-    lines = [line.strip() for line in text.splitlines() if _LOG_TROUBLE.search(line)]
-    return [line[-300:] for line in lines[-limit:]]
+    """The last ``limit`` distinct lines of a log that look like errors or warnings (of a JSON
+    log line, such as the stores write, its level and message: the same message logged at
+    another time counts once)."""
+    lines = [_message(line)[-300:] for line in text.splitlines() if _LOG_TROUBLE.search(line)]
+    distinct = list(dict.fromkeys(reversed(lines)))[:limit]  # the last of each, newest first
+    return distinct[::-1]
+
+
+def _message(line: str) -> str:
+    line = line.strip()
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(entry, dict) or not isinstance(entry.get("msg"), str):
+        return line
+    level = entry.get("level")
+    return f"{level}: {entry['msg']}" if isinstance(level, str) else entry["msg"]
 
 
 def fallback_reason(verdict: Verdict, logs: Sequence[tuple[str, str]]) -> str:

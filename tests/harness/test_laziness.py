@@ -7,6 +7,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from harness.laziness import (
+    LayerEvidence,
+    Verdict,
     blobs_served_whole_to_runtime,
     fallback_reason,
     storage_verdict,
@@ -88,3 +90,24 @@ def test_unreadable_storage_is_a_problem_not_a_verdict(tmp_path: Path) -> None:
 def test_trouble_lines_keep_the_last_errors() -> None:
     log = "ok\nERROR one\nfine\nwarning two\nTraceback three\nerror four\n"
     assert trouble_lines(log) == ["warning two", "Traceback three", "error four"]
+
+
+def test_a_layer_the_store_declines_is_named_once_with_the_stores_reason() -> None:
+    """An image listing one layer several times (identical empty layers are common in
+    images built by `docker build`): the store declines it on purpose, logging at info level
+    with `time` in each JSON line. The reason shows the digest once and the store's words."""
+    d = "sha256:" + "c" * 64
+    v = Verdict(
+        [LayerEvidence("l0", "sha256:" + "a" * 64, True)]
+        + [LayerEvidence(f"l{i}", d, False, True) for i in range(1, 5)]
+    )
+    line = (
+        '{{"time": {t}, "level": "info", "logger": "store.fs", "msg": "not served (normal pull'
+        " fallback): r: layer " + d + " is listed 4 times; overlayfs cannot mount one "
+        'directory as several lower layers, so it is pulled normally"}}'
+    )
+    log = "\n".join(line.format(t=1000 + i) for i in range(4))
+    reason = fallback_reason(v, [("store log", log)])
+    assert reason.startswith("4 of 5 layers not from the store (sha256:cccccccccccc ×4)"), reason
+    assert reason.count("is listed 4 times") == 1, reason
+    assert "store log: info: not served (normal pull fallback)" in reason, reason
