@@ -54,9 +54,11 @@ def start_until_ready(
     ready: str | None,
     timeout: float,
     on_first_output: Callable[[], None] = lambda: None,
+    expected: str | None = None,
 ) -> RunOutcome:
     """``podman start --attach`` the container; return when ``ready`` shows on its output (then
-    stop it) or, without a ready line, when it exits. Times out after ``timeout`` seconds."""
+    stop it) or, without a ready line, when it exits. Times out after ``timeout`` seconds.
+    ``expected``: the workload's expected output (named so when it is also ``ready``)."""
     args = ["start", "--attach"]
     if stdin is not None:
         args.append("--interactive")
@@ -100,8 +102,15 @@ def start_until_ready(
         while open_streams:
             remaining = timeout - (time.monotonic() - start)
             if remaining <= 0:
+                awaited = (
+                    "exit"
+                    if not ready
+                    else f"expected output {ready!r}"
+                    if ready == expected
+                    else f"ready line {ready!r}"
+                )
                 raise MeasurementError(
-                    f"run: no {'ready line ' + repr(ready) if ready else 'exit'} within "
+                    f"run: no {awaited} within "
                     f"{timeout:g}s; output: {''.join(out['stdout'])[-300:]!r}"
                 )
             try:
@@ -146,6 +155,9 @@ def start_until_ready(
 
 def not_ready_reason(ready: str | None, expected: str | None, outcome: RunOutcome) -> str:
     """Why a run that ended is not a success, in the workload's terms."""
+    if ready and ready == expected and ready not in outcome.stdout:
+        # no ready line of its own: it runs to completion and is ready at its expected output
+        return f"the workload exited ({outcome.exit_code}) without printing the expected {ready!r}"
     if ready and ready not in outcome.stdout:
         return (
             f"the workload exited ({outcome.exit_code}) without printing its ready line {ready!r}"

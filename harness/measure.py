@@ -531,6 +531,7 @@ class Runner:
                     ready=w.ready,
                     timeout=w.timeout,
                     on_first_output=lambda: first_mark.append(registry.log_mark()),
+                    expected=w.expected,
                 )
                 rec.run_s = outcome.seconds
                 pull_clock["end"] = time.monotonic()

@@ -108,6 +108,20 @@ def test_not_ready_reason_names_the_ready_line() -> None:
     assert "exited 3" in not_ready_reason(None, None, RunOutcome(1.0, None, False, 3, "", ""))
 
 
+def test_a_workload_with_only_expect_is_told_its_expected_output_is_missing() -> None:
+    """`expect` without `ready`: the run is ready at the expected output (resolve() makes it
+    the ready line), and the error names it as what the user wrote, not as a ready line."""
+    from harness.container import RunOutcome, not_ready_reason
+    from harness.prepare import resolve
+    from harness.scenario import Workload
+
+    w = resolve(Workload(name="x", image="oci:/x", expect="hello"))
+    ended = RunOutcome(1.0, 0.1, False, 0, "starting\n", "")
+    reason = not_ready_reason(w.ready, w.expected, ended)
+    assert "without printing the expected 'hello'" in reason, reason
+    assert "ready line" not in reason
+
+
 def test_image_workloads_resolve_to_their_source(tmp_path) -> None:
     from harness.images import ContainerfileSource, ImageSource
 
