@@ -115,9 +115,11 @@ def traced_reads(
     ``built`` (a ``BuiltImage``), in first-access order, with the byte ranges read of each
     (cached: :func:`trace_cache_path`). ``registry_host`` is a plain-HTTP registry the image
     may be pushed to (as ``<repo>:trace``); ``work`` a scratch directory. Raises
-    :class:`UserError` when the workload does not get ready."""
-    from harness.container import create_container, not_ready_reason, start_until_ready
-    from harness.images import push_image
+    :class:`UserError` when the workload does not get ready or its run fails."""
+    from harness.container import MeasurementError
+    from harness.images import PushError
+    from harness.podman import PodmanError
+    from harness.store_proc import StoreError
 
     cache = trace_cache_path(built.hash, w, cache_dir)
     if cache.exists():
@@ -125,9 +127,31 @@ def traced_reads(
         say(f"  trace {w.name}: {len(traced)} files (cached)")
         return traced
     say(f"  trace {w.name}: running it once through stargz-store")
+    try:
+        store = _trace_run(built, w, registry_host, work / f"trace-{w.name}", mount_timeout)
+    except (MeasurementError, PodmanError, StoreError, PushError) as exc:
+        # e.g. no ready line within the timeout: the workload's failure, named as such
+        raise UserError(f"trace run of {w.name}: {exc}") from None
+    # The store has stopped: its trace holds the files and, written when it stopped, the
+    # byte ranges read of each.
+    files = store.trace_files()
+    ranges = store.trace_ranges()
+    if not files:
+        say(f"  [yellow]trace {w.name}: the store traced no files[/]")
+    write_cached_trace(cache, files, ranges)
+    say(f"  trace {w.name}: {len(files)} files, {len(ranges)} with their byte ranges")
+    return read_cached_trace(cache)
+
+
+def _trace_run(
+    built: Any, w: Any, registry_host: str, tdir: Path, mount_timeout: float
+) -> StoreProcess:
+    """Push, pull through our store with the trace on, run until ready; the stopped store."""
+    from harness.container import create_container, not_ready_reason, start_until_ready
+    from harness.images import push_image
+
     push_image(built, registry_host, w.repo, "trace", "estargz-noopt")
     ref = f"{registry_host}/{w.repo}:trace"
-    tdir = work / f"trace-{w.name}"
     with (
         StoreProcess(
             tdir / "store",
@@ -146,19 +170,13 @@ def traced_reads(
     ):
         env.pull(ref, timeout=w.timeout)
         cid = create_container(env, ref, w.command, w.stdin, w.timeout, w.env)
-        outcome = start_until_ready(env, cid, stdin=w.stdin, ready=w.ready, timeout=w.timeout)
+        outcome = start_until_ready(
+            env, cid, stdin=w.stdin, ready=w.ready, timeout=w.timeout, expected=w.expected
+        )
         if not outcome.ready:
             raise UserError(
                 f"trace run of {w.name}: {not_ready_reason(w.ready, w.expected, outcome)}; "
                 f"stdout {outcome.stdout[-200:]!r}, stderr {outcome.stderr.strip()[-300:]!r}"
             )
         env.podman("rm", "--force", "--time", "0", cid, timeout=60, check=False)
-    # The store has stopped: its trace holds the files and, written when it stopped, the
-    # byte ranges read of each.
-    files = store.trace_files()
-    ranges = store.trace_ranges()
-    if not files:
-        say(f"  [yellow]trace {w.name}: the store traced no files[/]")
-    write_cached_trace(cache, files, ranges)
-    say(f"  trace {w.name}: {len(files)} files, {len(ranges)} with their byte ranges")
-    return read_cached_trace(cache)
+    return store

@@ -169,3 +169,38 @@ def test_workload_that_never_prints_its_ready_line(
     else:
         assert expected in out, out
     assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("modes", [["legacy"], ["estargz"]])
+def test_workload_that_hangs_without_its_expected_output(base: Path, modes: list[str]) -> None:
+    """A workload that never exits and never prints its `expect` text: the timeout is reported
+    in the workload's terms, by the measurement (legacy) and by the estargz trace run alike —
+    one line, no traceback, nothing left mounted."""
+    name = f"hang-{modes[0]}"
+    (base / f"{name}.toml").write_text(
+        f"modes = {modes}\nsamples = 1\n"
+        '[[workloads]]\nname = "img"\nimage = "docker-archive:image.docker.tar"\n'
+        'command = ["/bin/busybox", "sh", "-c", "echo started; exec /bin/busybox sleep 600"]\n'
+        'expect = "never printed"\ntimeout = 10\n[network]\nprofile = "loopback"\n'
+    )
+    rc, out = lazybench(
+        base,
+        "run",
+        str(base / f"{name}.toml"),
+        "--no-progress",
+        "--results-dir",
+        str(base / "runs"),
+        "--run-id",
+        name,
+        "--cache-dir",
+        str(base / "cache"),
+    )
+    assert rc == 1, out
+    expected = "no expected output 'never printed' within 10s"
+    if modes == ["legacy"]:
+        (record,) = read_records(base / "runs" / name)
+        assert record.status == "error" and expected in record.error, record.error
+    else:
+        assert f"lazybench: trace run of img: run: {expected}" in out, out
+    assert "Traceback" not in out
+    assert str(base) not in Path("/proc/mounts").read_text()
