@@ -111,6 +111,19 @@ def resolve(w: Workload) -> ResolvedWorkload:
 # -- images ------------------------------------------------------------------------------------
 
 
+def _check_has_command(w: ResolvedWorkload, config: dict[str, Any] | None) -> None:
+    """Refuse, before anything is measured, a workload that runs its image's own command
+    (no ``command``) when the image has none: podman would refuse every measurement."""
+    if w.command:
+        return
+    own = (config or {}).get("config") or {}
+    if not own.get("Entrypoint") and not own.get("Cmd"):
+        raise UserError(
+            f"workload {w.name}: its image has no Entrypoint or Cmd to run: give the "
+            "workload a command = [...] in its [[workloads]] table"
+        )
+
+
 def _retry(push: Callable[[], Any], console: Console, attempts: int = 3) -> Any:
     """Pushes go over loopback to a registry we own: a failure other than an unsupported
     mode is most likely transient, so try again before giving up on the run."""
@@ -171,6 +184,7 @@ class ImagePreparer:
                 built = build_image(
                     w.recipe, self.cache_dir, progress=lambda m: self.console.print(f"  {m}")
                 )
+                _check_has_command(w, built.config)
                 for mode in self.scenario.modes_of(self.scenario.workload(w.name)):
                     files = ranges = None
                     if mode == "estargz":

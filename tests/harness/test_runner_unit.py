@@ -158,3 +158,18 @@ def test_settle_flushes_the_disk_and_gives_up_after_its_timeout(monkeypatch) -> 
     monkeypatch.setattr(measure.subprocess, "run", slow)
     assert measure.settle(timeout=0.5) is False
     assert calls == [(["sync"], 0.5)]
+
+
+def test_an_image_without_a_command_needs_the_workload_to_give_one() -> None:
+    """An image with no Entrypoint/Cmd and a workload without `command`: refused when the
+    image is imported, not once per measurement by `podman create`."""
+    from harness.cli import UserError
+    from harness.prepare import _check_has_command, resolve
+    from harness.scenario import Workload
+
+    bare = {"architecture": "amd64", "os": "linux", "config": {"Env": ["PATH=/bin"]}}
+    with pytest.raises(UserError, match=r"workload app: its image has no Entrypoint or Cmd"):
+        _check_has_command(resolve(Workload(name="app", image="oci:/x")), bare)
+    _check_has_command(resolve(Workload(name="app", image="oci:/x", command=("/bin/sh",))), bare)
+    with_cmd = {"config": {"Cmd": ["/app/run.sh"]}}
+    _check_has_command(resolve(Workload(name="app", image="oci:/x")), with_cmd)
