@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from rich.console import Console
 from harness.cli import UserError
 from harness.podman import PodmanError
 from harness.runtimes import Node
-from harness.scenario import Scenario, Workload, image_mode
+from harness.scenario import LAZY_MODES, Scenario, Workload, image_mode
 from harness.store_proc import StoreError, resolve_store_command
 
 if TYPE_CHECKING:
@@ -215,6 +216,7 @@ class ImagePreparer:
                         continue
                     self.refs[(w.name, mode)] = f"{w.repo}:{mode}"
                     self.layer_digests[(w.name, mode)] = [x.digest for x in pushed.layers]
+                    self._warn_repeated_layers(w.name, mode)
                     self.blob_digests[(w.name, mode)] = [
                         pushed.manifest_digest,
                         pushed.config_digest,
@@ -228,6 +230,23 @@ class ImagePreparer:
                     }
                 self.limits[w.name] = self._limit_entry(w, built)
         return info
+
+    def _warn_repeated_layers(self, name: str, mode: str) -> None:
+        """Say up front when a lazy mode's image lists one layer more than once (identical
+        layers, e.g. empty ones): our store declines such a layer (overlayfs cannot stack one
+        directory twice; ``store/resolver.py``), the runtime pulls it normally and the mode's
+        records count as fallbacks, not as lazy figures."""
+        if mode not in LAZY_MODES:
+            return
+        digests = self.layer_digests[(name, mode)]
+        repeated = {d: n for d, n in Counter(digests).items() if n > 1}
+        for digest, n in repeated.items():
+            self.console.print(
+                f"  [yellow]{name}:{mode}[/]: layer {digest} is listed {n} times: no layer "
+                "store can serve one layer at two places (overlayfs cannot stack one directory "
+                "twice; ours declines it and podman pulls it normally), so this mode's records "
+                "will count as fallbacks"
+            )
 
     def _limit_entry(self, w: ResolvedWorkload, built: Any) -> dict[str, Any]:
         """The limit model's byte count of ``w``: its cached trace (there when the ``estargz``

@@ -173,3 +173,22 @@ def test_an_image_without_a_command_needs_the_workload_to_give_one() -> None:
     _check_has_command(resolve(Workload(name="app", image="oci:/x", command=("/bin/sh",))), bare)
     with_cmd = {"config": {"Cmd": ["/app/run.sh"]}}
     _check_has_command(resolve(Workload(name="app", image="oci:/x")), with_cmd)
+
+
+def test_a_lazy_image_listing_one_layer_twice_is_named_before_measuring() -> None:
+    """Identical layers (e.g. empty ones) in a lazy mode's image: said when it is pushed,
+    since the store cannot serve them and the records will count as fallbacks."""
+    from rich.console import Console
+
+    from harness.prepare import ImagePreparer
+
+    s = parse_scenario(SCENARIO, "s.toml")
+    console = Console(record=True, width=200)
+    prep = ImagePreparer(s, console)
+    twice, once = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    for mode in ("legacy", "estargz"):
+        prep.layer_digests[("app", mode)] = [twice, once, twice]
+        prep._warn_repeated_layers("app", mode)
+    text = console.export_text()
+    assert f"app:estargz: layer {twice} is listed 2 times" in text
+    assert "app:legacy" not in text and once not in text
