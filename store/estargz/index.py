@@ -870,16 +870,34 @@ def _str(raw: Mapping[str, Any], key: str, where: Where) -> str:
     raise InvalidToc(f"{where}{key} is {v!r}, not a string")
 
 
+# Linux's limits on one extended attribute (include/uapi/linux/limits.h): what no file could
+# hold, no extraction could set, and no listxattr/getxattr answer could carry.
+XATTR_NAME_MAX = 255  # bytes
+XATTR_SIZE_MAX = 65536  # bytes
+
+
 def _xattrs(v: Any, where: Where) -> Mapping[str, bytes]:
-    """An entry's ``xattrs`` value (base64 strings by name) decoded; falsy: none."""
+    """An entry's ``xattrs`` value (base64 strings by name) decoded; falsy: none. A name must
+    be 1–:data:`XATTR_NAME_MAX` bytes without NUL, a value at most :data:`XATTR_SIZE_MAX`
+    (:class:`InvalidToc`): a NUL would split the name in a listxattr answer."""
     if not v:
         return _NO_XATTRS
     if not isinstance(v, dict):
         raise InvalidToc(f"{where}xattrs is not an object")
     out = {}
     for k, b64 in v.items():
+        size = len(_encodable(k, "xattr name", where).encode("utf-8", "surrogateescape"))
+        if not 0 < size <= XATTR_NAME_MAX or "\0" in k:
+            raise InvalidToc(
+                f"{where}xattr name {k[:80]!r} is not 1-{XATTR_NAME_MAX} bytes without NUL"
+            )
         try:
-            out[k] = base64.b64decode(b64, validate=True)
+            value = base64.b64decode(b64, validate=True)
         except (binascii.Error, TypeError, ValueError):
             raise InvalidToc(f"{where}xattr {k!r} is not base64") from None
+        if len(value) > XATTR_SIZE_MAX:
+            raise InvalidToc(
+                f"{where}xattr {k!r} is {len(value)} bytes, over Linux's {XATTR_SIZE_MAX}"
+            )
+        out[k] = value
     return out

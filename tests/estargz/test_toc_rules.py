@@ -6,6 +6,7 @@ duplicates it can represent (checked in ``test_go_reader`` style by the gocheck 
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
@@ -325,3 +326,24 @@ def test_entries_null_reads_and_lists_as_an_empty_layer(vectors_dir, lazybench, 
     path.write_bytes(blob)
     res = lazybench("estargz", "ls", str(path))
     assert res.code == 0, res.err
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("", b"v", r"xattr name '' is not 1-255 bytes without NUL"),
+        ("user.a\0b", b"v", r"xattr name 'user.a\\x00b' is not 1-255 bytes without NUL"),
+        ("user." + "n" * 251, b"v", r"is not 1-255 bytes"),
+        ("user.big", bytes(65537), r"xattr 'user.big' is 65537 bytes, over Linux's 65536"),
+    ],
+)
+def test_xattrs_no_file_could_hold_are_refused(name, value, message) -> None:
+    # A NUL would split the name in a listxattr answer; Linux sets none of these.
+    with pytest.raises(InvalidToc, match=message):
+        build([reg("f", 0, xattrs={name: base64.b64encode(value).decode()})])
+
+
+def test_xattrs_at_linux_limits_are_kept() -> None:
+    name = "user." + "n" * 250
+    idx = build([reg("f", 0, xattrs={name: base64.b64encode(bytes(65536)).decode()})])
+    assert idx.lookup("f").xattrs == {name: bytes(65536)}
