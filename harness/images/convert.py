@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from harness.images.layertar import repeat_numbers
 from harness.images.source import (
     ImageSourceError,
     Layout,
@@ -369,6 +370,11 @@ def convert_layers(
         (i, str(layout.blob(d["digest"])), d, str(layout.path / "blobs" / "sha256"))
         for i, d in enumerate(layers)
     ]
+    # eStargz gives each repeat of a layer a blob of its own (store.estargz.convert's
+    # landmark_mtime); zstd:chunked has no such field, so its repeats stay one blob.
+    repeats = repeat_numbers(d["digest"] for d in layers)
+    if options.format == "zstd-chunked":
+        repeats = [0] * len(layers)
     ctx = multiprocessing.get_context(_start_method())
     counters = ctx.Array("q", max(1, len(jobs)), lock=False)
     nproc = max(1, min(len(jobs), options.workers or os.cpu_count() or 1))
@@ -406,6 +412,7 @@ def convert_layers(
                 options.chunk_size,
                 options.level,
                 cores,
+                repeats[i],
             )
             for i, blob, desc, out_dir in jobs
         ]
@@ -482,15 +489,18 @@ def _convert_one(
     chunk_size: int | None,
     level: int | None,
     workers: int,
+    repeat: int = 0,
 ) -> dict[str, Any]:
     """Worker: one layer blob → an eStargz (or zstd:chunked) blob in ``out_dir``, named by its
-    digest; returns digest, size, diff_id, annotations, passed_through."""
+    digest; returns digest, size, diff_id, annotations, passed_through. ``repeat`` (eStargz):
+    how many times the image listed this layer before; a repeat is always converted, with that
+    landmark time (:func:`~harness.images.layertar.repeat_numbers`)."""
     from store.estargz import EstargzError, clean_name, convert, write_zstd_chunked
 
     path = Path(blob)
     wanted = _present(path, prioritized) if prioritized else []
     already = is_zstd_chunked if fmt == "zstd-chunked" else is_estargz
-    if not wanted and already(path, desc):
+    if not wanted and not repeat and already(path, desc):
         if _counters is not None:
             _counters[index] = desc["size"]
         return {
@@ -514,7 +524,9 @@ def _convert_one(
                 digest, size, diff_id, annotations = z.digest, z.size, z.diff_id, z.annotations
             else:
                 ranges = {clean_name(n): r for n, r in read_ranges if clean_name(n) in wanted}
-                e = convert(src, out, workers=workers, read_ranges=ranges, **kwargs)  # type: ignore[arg-type]
+                e = convert(  # type: ignore[arg-type]
+                    src, out, workers=workers, read_ranges=ranges, landmark_mtime=repeat, **kwargs
+                )
                 digest, size, diff_id = e.digest, e.size, e.diff_id
                 annotations = {
                     _toc_annotation(): e.toc_digest,

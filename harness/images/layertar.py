@@ -238,3 +238,16 @@ def _tarinfo(
     if xattrs:
         info.pax_headers = xattrs
     return info
+
+
+def repeat_numbers(keys: Iterable[str]) -> list[int]:
+    """For each layer of an image (by digest or diff ID, in manifest order), how many times
+    the same layer came before it: ``[a, b, a, a]`` → ``[0, 0, 1, 2]``. A converter writes
+    each repeat with its own landmark time (:func:`store.estargz.convert`'s
+    ``landmark_mtime``), so no two layers of a lazy image are one blob."""
+    seen: dict[str, int] = {}
+    out = []
+    for key in keys:
+        out.append(seen.get(key, 0))
+        seen[key] = out[-1] + 1
+    return out

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from harness.images.build import BuiltImage, BuiltLayer, publish_dir
-from harness.images.layertar import file_digest, normalize, tar_names
+from harness.images.layertar import file_digest, normalize, repeat_numbers, tar_names
 
 if TYPE_CHECKING:
     from harness.runtimes import Node
@@ -170,7 +170,9 @@ def oci_layout(
     ranges = _ranges_of(read_ranges) if mode == "estargz" else {}
     final = built.dir / "oci" / layout_name(mode, prioritized_files, chunk_size, node, read_ranges)
     if (final / "index.json").is_file():
-        return final
+        if mode not in ("estargz", "estargz-noopt") or not _lists_a_blob_twice(final):
+            return final
+        shutil.rmtree(final)  # written before each repeat of a layer got a blob of its own
     if mode == "zstd-chunked":
         where = f"node {node.name}'s skopeo" if node is not None else "skopeo"
         say(f"{built.name}: {len(built.layers)} layers → zstd:chunked ({where})")
@@ -202,6 +204,15 @@ def layout_name(
     return f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+def _lists_a_blob_twice(layout: Path) -> bool:
+    """Whether the image of the OCI layout ``layout`` lists one layer blob more than once."""
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"].split(":", 1)[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / digest).read_text())
+    layers = [d["digest"] for d in manifest["layers"]]
+    return len(set(layers)) < len(layers)
+
+
 def _publish(final: Path, write: Callable[[Path], None], *, marker: str = "index.json") -> Path:
     """Run ``write(tmpdir)`` and rename the result to ``final`` (or keep a concurrent one)."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -227,6 +238,7 @@ def _write_layout(
     blobs = work / "blobs" / "sha256"
     blobs.mkdir(parents=True)
     descriptors, diff_ids = [], []
+    repeats = repeat_numbers(layer.diff_id for layer in built.layers)
     for i, layer in enumerate(built.layers, 1):
         if mode == "uncompressed":
             _link_or_copy(layer.path, blobs / layer.diff_id.split(":")[1])
@@ -253,7 +265,10 @@ def _write_layout(
         n, mb = len(built.layers), layer.size / 1e6
         message = f"{built.name}: layer {i}/{n} ({mb:.0f} MB) → {mode}"
         ranges = {n: read_ranges[n] for n in wanted if n in read_ranges}
-        blob = _converted_layer(built, layer, kind, wanted, ranges, chunk_size, say, message)
+        repeat = repeats[i - 1] if kind == "estargz" else 0
+        blob = _converted_layer(
+            built, layer, kind, wanted, ranges, chunk_size, say, message, repeat
+        )
         meta = json.loads((blob / "blob.json").read_text())
         _link_or_copy(blob / "blob", blobs / meta["digest"].split(":")[1])
         descriptors.append(meta["descriptor"])
@@ -354,8 +369,11 @@ def _converted_layer(
     chunk_size: int | None,
     say: Callable[[str], None],
     message: str,
+    repeat: int = 0,
 ) -> Path:
     """One layer compressed as ``kind`` (gzip | estargz), cached by what determines its bytes.
+    ``repeat``: how many times the image listed this layer before (an eStargz repeat gets a
+    blob of its own: :func:`~harness.images.layertar.repeat_numbers`).
 
     Shared by every image and mode that needs the same bytes: python and gcc share their
     lower layers, and an optimized image's layers holding none of the prioritized files are
@@ -365,6 +383,8 @@ def _converted_layer(
     parts: list = [kind, layer.diff_id, wanted, chunk_size]
     if ranges:  # the chunk-level layout (read ranges known): other bytes, another key
         parts.append(_chunk_level_key(ranges))
+    if repeat:
+        parts.append(f"repeat {repeat}")
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
     final = built.dir.parent.parent / "blobs" / key
     if (final / "blob.json").is_file():
@@ -378,7 +398,7 @@ def _converted_layer(
             desc: dict = {"mediaType": MEDIA_GZIP}
             diff_id = layer.diff_id
         else:
-            desc, diff_id = _estargz(layer.path, out, wanted, ranges, chunk_size)
+            desc, diff_id = _estargz(layer.path, out, wanted, ranges, chunk_size, repeat)
         digest = file_digest(out)
         desc.update(digest=digest, size=out.stat().st_size)
         meta = {"digest": digest, "diff_id": diff_id, "descriptor": desc}
@@ -482,11 +502,16 @@ def _estargz(
     prioritized: list[str],
     ranges: dict[str, list[tuple[int, int]]],
     chunk_size: int | None,
+    landmark_mtime: int = 0,
 ) -> tuple[dict, str]:
     """Convert one layer with the project's eStargz writer; (descriptor fields, diff ID)."""
     from store.estargz import convert  # the format library (store/estargz)
 
-    kwargs: dict = {"prioritized_files": prioritized, "read_ranges": ranges}
+    kwargs: dict = {
+        "prioritized_files": prioritized,
+        "read_ranges": ranges,
+        "landmark_mtime": landmark_mtime,
+    }
     if chunk_size:
         kwargs["chunk_size"] = chunk_size
     with open(tar, "rb") as fin, open(out, "wb") as fout:

@@ -118,6 +118,7 @@ def convert(
     read_ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     range_chunk_size: int = RANGE_CHUNK_SIZE,
     workers: int | None = None,
+    landmark_mtime: int = 0,
 ) -> ConvertResult:
     """Write the eStargz form of the layer tar read from ``tar_in`` to ``out``.
 
@@ -125,6 +126,13 @@ def convert(
     a workload read (an access trace; a file not in it counts as read whole): a file read in
     part is chunked at ``range_chunk_size`` bytes, and the landmark's TOC entry names the
     chunks read (module doc).
+
+    ``landmark_mtime`` is the landmark's modification time (whole seconds since the epoch;
+    default 0). One layer tar always converts to the same blob and TOC, and an image that
+    lists a layer twice lists one blob twice, which no layer store can serve at both places
+    (overlayfs cannot stack one directory twice): a converter gives each repeat of a layer
+    within an image its own value (1, 2, …), so each gets a blob, TOC digest and diff ID of
+    its own while its files stay the same.
 
     Raises :class:`InvalidLayerTar` if the input is not a readable tar, has a tar entry type
     eStargz cannot carry, or holds what no layer can (checked at the end with the reader's
@@ -139,7 +147,7 @@ def convert(
     plain = _decompressed(tar_in)
     members = _MemberWriter(out, level, workers or os.cpu_count() or 2)
     try:
-        w = _LayerWriter(members, chunk_size)
+        w = _LayerWriter(members, chunk_size, landmark_mtime)
         try:
             if not prioritized:
                 w.add_landmark(NO_PREFETCH_LANDMARK)
@@ -470,9 +478,10 @@ class _MemberWriter:
 class _LayerWriter:
     """Turns tar entries into members and TOC entries."""
 
-    def __init__(self, members: _MemberWriter, chunk_size: int) -> None:
+    def __init__(self, members: _MemberWriter, chunk_size: int, landmark_mtime: int = 0) -> None:
         self.m = members
         self.chunk_size = chunk_size
+        self.landmark_mtime = landmark_mtime
         self.entries: list[dict[str, Any]] = []
         # (entry dict, member index) whose offset/chunkDigest are filled in at the end
         self.fixups: list[tuple[dict[str, Any], int]] = []
@@ -495,7 +504,7 @@ class _LayerWriter:
 
     def add_landmark(self, name: str) -> None:
         ti = tarfile.TarInfo(name)
-        ti.size, ti.mode, ti.mtime = len(LANDMARK_CONTENTS), 0, 0
+        ti.size, ti.mode, ti.mtime = len(LANDMARK_CONTENTS), 0, self.landmark_mtime
         ti.uname = ti.gname = ""
         region, self.region = self.region, None
         self.add(ti, _BytesReader(LANDMARK_CONTENTS))

@@ -39,6 +39,28 @@ def test_plain_gzip_and_zstd_inputs_give_the_same_blob() -> None:
     assert _convert(zstandard.ZstdCompressor().compress(plain), chunk_size=10_000)[0] == blob
 
 
+def test_a_landmark_time_gives_a_repeated_layer_a_blob_and_toc_of_its_own() -> None:
+    # An image listing one layer twice needs two blobs: no layer store can serve one at two
+    # places. Only the landmark's time differs; the files are the same.
+    plain = _tar(FILES)
+    first = io.BytesIO()
+    one = convert(io.BytesIO(plain), first, chunk_size=10_000)
+    again = io.BytesIO()
+    two = convert(io.BytesIO(plain), again, chunk_size=10_000, landmark_mtime=1)
+    assert len({one.digest, two.digest}) == 2 and len({one.toc_digest, two.toc_digest}) == 2
+    assert one.diff_id != two.diff_id
+    readers = [
+        EstargzReader(BytesBlobSource(b.getvalue()), r.toc_digest)
+        for b, r in ((first, one), (again, two))
+    ]
+    files = [{n: rd.read_file(n) for n in ("a/x.bin", "a/y.txt", "b/empty")} for rd in readers]
+    assert files[0] == files[1] == dict(FILES)
+    landmark = [
+        next(e for e in rd.toc.entries if e["name"] == ".no.prefetch.landmark") for rd in readers
+    ]
+    assert "modtime" not in landmark[0] and landmark[1]["modtime"] == "1970-01-01T00:00:01Z"
+
+
 def test_output_does_not_depend_on_worker_count() -> None:
     plain = _tar(FILES * 1 + [(f"many/{i}", bytes([i]) * i * 50) for i in range(200)])
     one = io.BytesIO()

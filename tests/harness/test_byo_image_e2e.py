@@ -204,3 +204,61 @@ def test_workload_that_hangs_without_its_expected_output(base: Path, modes: list
         assert f"lazybench: trace run of img: run: {expected}" in out, out
     assert "Traceback" not in out
     assert str(base) not in Path("/proc/mounts").read_text()
+
+
+def _with_a_layer_twice(archive: Path, layout: Path) -> int:
+    """The OCI archive's image as an OCI layout at ``layout`` with its last layer listed once
+    more (as identical layers, e.g. empty ones, are in users' images); its layer count."""
+    import hashlib
+    import json
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        tar.extractall(layout, filter="data")
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())
+    config = json.loads((blobs / manifest["config"]["digest"][7:]).read_text())
+    manifest["layers"].append(manifest["layers"][-1])
+    config["rootfs"]["diff_ids"].append(config["rootfs"]["diff_ids"][-1])
+    config.setdefault("history", []).append({"created_by": "the last layer again"})
+
+    def put(obj: dict, media_type: str) -> dict:
+        data = json.dumps(obj).encode()
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    manifest["config"] = put(config, manifest["config"]["mediaType"])
+    index["manifests"] = [{**index["manifests"][0], **put(manifest, manifest["mediaType"])}]
+    (layout / "index.json").write_text(json.dumps(index))
+    return len(manifest["layers"])
+
+
+def test_an_image_listing_a_layer_twice_is_measured_lazily(base: Path) -> None:
+    """The eStargz images the harness writes give each repeat of a layer a blob of its own,
+    so every layer comes from the store and the measurement counts as lazy."""
+    layers = _with_a_layer_twice(base / "image.oci.tar", base / "twice")
+    (base / "twice.toml").write_text(
+        'modes = ["estargz-noopt"]\nsamples = 1\n'
+        f'[[workloads]]\nname = "twice"\nimage = "oci:twice"\nexpect = "{OUTPUT}"\n'
+        'timeout = 90\n[network]\nprofile = "loopback"\n'
+    )
+    rc, out = lazybench(
+        base,
+        "run",
+        str(base / "twice.toml"),
+        "--no-progress",
+        "--results-dir",
+        str(base / "runs"),
+        "--run-id",
+        "twice",
+        "--cache-dir",
+        str(base / "cache"),
+    )
+    assert rc == 0, out
+    assert "listed 2 times" not in out, out
+    (record,) = read_records(base / "runs" / "twice")
+    assert record.status == "ok", record.error
+    assert record.layers_total == record.layers_from_store == layers, record
+    assert OUTPUT in record.stdout_head

@@ -171,3 +171,29 @@ def test_optimized_image_reconverts_only_layers_with_prioritized_files(tmp_path)
 
     a, b = layer_digests(noopt), layer_digests(opt)
     assert a[0] == b[0] and a[2] == b[2] and a[1] != b[1]
+
+
+def test_a_layer_listed_twice_gets_a_blob_of_its_own_in_estargz_modes(registry, tiny, tmp_path):
+    """One layer tar listed twice converts to two eStargz blobs with their own TOC digests
+    (a layer store cannot serve one blob at two places of an image); legacy keeps the
+    source's one blob, as the image has it."""
+    import dataclasses
+
+    config = json.loads(json.dumps(tiny.config))
+    config["rootfs"]["diff_ids"].append(tiny.layers[-1].diff_id)
+    twice = dataclasses.replace(
+        tiny,
+        name="tiny-twice",
+        dir=tmp_path / "images" / "tiny-twice",
+        layers=(*tiny.layers, tiny.layers[-1]),
+        config=config,
+    )
+    for mode in ("estargz-noopt", "estargz"):
+        pushed = push_image(twice, registry.host, "t/twice", mode, mode)
+        assert len({x.digest for x in pushed.layers}) == len(twice.layers), mode
+        assert len({x.toc_digest for x in pushed.layers}) == len(twice.layers), mode
+    legacy = push_image(twice, registry.host, "t/twice", "legacy", "legacy")
+    assert legacy.layers[-1].digest == legacy.layers[-2].digest
+    with PodmanEnv(insecure_registries=[registry.host]) as env:
+        env.pull(f"{registry.host}/t/twice:estargz-noopt")
+        assert _run(env, f"{registry.host}/t/twice:estargz-noopt").strip() == TINY_OUTPUT
