@@ -102,7 +102,12 @@ class VerifiedBlob:
             if len(data) != hi - lo:
                 raise LayerFetchError(f"{self.digest}: blob range {lo}-{hi}: got {len(data)} bytes")
             # Not cancellable once started (trio waits for the thread): _done stays true.
-            await trio.to_thread.run_sync(self._append, data)
+            try:
+                await trio.to_thread.run_sync(self._append, lo, data)
+            except OSError as exc:  # ENOSPC and the like: the next read writes it again
+                raise LayerFetchError(
+                    f"{self.digest}: writing the blob's temporary file in {self.directory}: {exc}"
+                ) from exc
             self._done = hi
             if self._closed:  # released meanwhile
                 raise LayerFetchError(f"{self.digest}: the layer was released")
@@ -115,8 +120,14 @@ class VerifiedBlob:
             raise BlobVerifyError(self._failed)
         self._verified = True
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset``, then hash it. At its offset, not at the file's
+        position: a write cut short (ENOSPC) leaves part of it behind, and the retry must
+        overwrite that part, not follow it."""
         assert self._file is not None
-        self._file.write(data)
-        self._file.flush()
+        fd = self._file.fileno()
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
         self._hasher.update(data)
