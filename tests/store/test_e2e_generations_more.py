@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from tests.store.conftest import lost_lazy_layers
 from tests.store.images import add_file, busybox, make_tar, push, to_estargz
 
 pytestmark = [pytest.mark.e2e]
@@ -47,3 +48,40 @@ def test_blob_read_after_a_full_disk_is_the_exact_blob(registry, store_factory, 
     filler.unlink()
     with open(layer / "blob", "rb") as f:
         assert f.read() == blob.data
+
+
+@pytest.mark.store_ours_only(reason="probes podman's commit over our store's layers")
+def test_commit_of_a_container_of_a_lazily_pulled_estargz_image(
+    registry, store_factory, tmp_path, podman_env, runtime_node, request
+):
+    """``podman commit`` (and so ``podman build`` FROM the image) of a container of a lazily
+    pulled eStargz image. podman 5.4 (containers/storage 1.57) records the layer without an
+    uncompressed digest (the store's by-TOC ``info`` carries none), so buildah reads the layer
+    back through ``Diff`` — the decompressed blob — and refuses it: "inconsistent layer size
+    (copied N, wrote N-1024)", the 1024 being the tar's end-of-archive marker, which every
+    eStargz writer (the Go reference included) puts in the stream. podman's own zstd:chunked
+    layers, whose stream has no marker, commit fine."""
+    if lost_lazy_layers(runtime_node):
+        pytest.skip("podman >= 5.5 forgets lazily pulled images (documented)")
+    if runtime_node is not None:
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="podman 5.4: commit of a lazily pulled eStargz layer fails with "
+                "'inconsistent layer size' (no diff-digest in the by-TOC info)",
+            )
+        )
+    tar = make_tar(lambda t: (busybox(t), add_file(t, "hello", b"hi\n")))
+    blob = to_estargz(tar)
+    push(registry.host, "commit/img", "1", [blob])
+    ref = f"{registry.host}/commit/img:1"
+    store = store_factory()
+    with podman_env(
+        tmp_path / "lazy", additional_layer_store=store.mnt, insecure_registries=[registry.host]
+    ) as env:
+        env.pull(ref, timeout=120)
+        cid = env.create(ref, "/bin/sh", "-c", "echo c > /c")
+        env.podman("start", "--attach", cid, timeout=120)
+        env.podman("commit", cid, "localhost/committed:1", timeout=300)
+        out = env.run("localhost/committed:1", "/bin/cat", "/hello", "/c", timeout=120)
+        assert out.stdout == "hi\nc\n"
