@@ -69,7 +69,13 @@ class VerifiedBlob:
         if file is None:
             raise LayerFetchError(f"{self.digest}: the layer was released")
         size = min(size, self.blob.size - offset)
-        return await trio.to_thread.run_sync(os.pread, file.fileno(), size, offset)
+        # A descriptor of this read's own: close() (the layer's release) may run while the
+        # worker thread reads, and the file's number could then name another file.
+        fd = os.dup(file.fileno())
+        try:
+            return await trio.to_thread.run_sync(os.pread, fd, size, offset)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self._closed = True

@@ -100,3 +100,23 @@ async def test_a_digest_that_cannot_be_checked_is_refused(tmp_path):
     whole = VerifiedBlob(Blob(DATA), "nosuchhash:00", tmp_path)
     with pytest.raises(BlobVerifyError, match="cannot check a digest of algorithm 'nosuchhash'"):
         await whole.read(0, 10)
+
+
+@pytest.mark.anyio
+async def test_a_release_during_a_read_does_not_change_its_bytes(tmp_path, monkeypatch):
+    blob = Blob(DATA)
+    whole = VerifiedBlob(blob, DIGEST, tmp_path)
+    assert await whole.read(0, 10) == DATA[:10]
+    real_pread = os.pread
+
+    def pread_after_release(fd: int, size: int, offset: int) -> bytes:
+        whole.close()  # the layer released meanwhile; its file's number reused
+        with open(tmp_path / "other", "wb") as other:
+            other.write(b"x" * 20_000)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr("store.blobfile.os.pread", pread_after_release)
+    assert await whole.read(100, 50) == DATA[100:150]
+    monkeypatch.setattr("store.blobfile.os.pread", real_pread)
+    with pytest.raises(LayerFetchError, match="released"):
+        await whole.read(0, 10)
