@@ -108,12 +108,17 @@ class VerifiedBlob:
             if len(data) != hi - lo:
                 raise LayerFetchError(f"{self.digest}: blob range {lo}-{hi}: got {len(data)} bytes")
             # Not cancellable once started (trio waits for the thread): _done stays true.
+            # Through a descriptor of its own, as reads are: close() may run meanwhile.
+            assert self._file is not None
+            fd = os.dup(self._file.fileno())
             try:
-                await trio.to_thread.run_sync(self._append, lo, data)
+                await trio.to_thread.run_sync(self._append, fd, lo, data)
             except OSError as exc:  # ENOSPC and the like: the next read writes it again
                 raise LayerFetchError(
                     f"{self.digest}: writing the blob's temporary file in {self.directory}: {exc}"
                 ) from exc
+            finally:
+                os.close(fd)
             self._done = hi
             if self._closed:  # released meanwhile
                 raise LayerFetchError(f"{self.digest}: the layer was released")
@@ -126,12 +131,10 @@ class VerifiedBlob:
             raise BlobVerifyError(self._failed)
         self._verified = True
 
-    def _append(self, offset: int, data: bytes) -> None:
-        """Write ``data`` at ``offset``, then hash it. At its offset, not at the file's
-        position: a write cut short (ENOSPC) leaves part of it behind, and the retry must
-        overwrite that part, not follow it."""
-        assert self._file is not None
-        fd = self._file.fileno()
+    def _append(self, fd: int, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` through ``fd``, then hash it. At its offset, not at the
+        file's position: a write cut short (ENOSPC) leaves part of it behind, and the retry
+        must overwrite that part, not follow it."""
         view = memoryview(data)
         while view:
             n = os.pwrite(fd, view, offset)
