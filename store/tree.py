@@ -273,6 +273,8 @@ class LayerTree:
         for e in index.entries:
             if e.type == "dir" and e.name and _hidden_name(e):
                 raise TreeError(f"{e.name!r}: a directory under a whiteout or landmark name")
+            if WHITEOUT_PREFIX not in e.name:  # most entries: no name part to look at
+                continue
             base = _base(e.name)
             if base in _DOT_WHITEOUTS:
                 # It would be listed as a device named "." or ".." (or not at all): extraction
