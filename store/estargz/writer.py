@@ -317,6 +317,9 @@ def _drop(
     first = live[0]
     heir = copy.copy(old)  # keeps offset_data: the payload is read from the old entry
     heir.name = kept[first].name
+    # A PAX "path" (or "linkpath") record outranks the field when the header is written
+    # (tarfile, as the format says): the old one would put the heir back under the old name.
+    heir.pax_headers = {k: v for k, v in old.pax_headers.items() if k != "path"}
     kept[first] = heir
     heir_name = clean_name(heir.name)
     if old.islnk():  # the dropped entry was itself a link: the heir links where it did
@@ -324,6 +327,7 @@ def _drop(
     for p in live[1:]:
         link = copy.copy(kept[p])
         link.linkname = heir.name
+        link.pax_headers = {k: v for k, v in link.pax_headers.items() if k != "linkpath"}
         kept[p] = link
         links_to.setdefault(heir_name, []).append(p)
 

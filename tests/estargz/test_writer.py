@@ -128,3 +128,36 @@ def test_gnu_format_long_names() -> None:
 def test_duplicate_entries_later_wins() -> None:
     _, r = _convert(_tar([("f", b"old"), ("f", b"new!")]))
     assert r.read_file("f") == b"new!"
+
+
+def test_a_replaced_file_lives_on_in_its_hardlinks_under_their_own_names() -> None:
+    # Names outside ASCII travel in PAX path/linkpath records, which outrank the header's
+    # fields: renaming the surviving entry must not leave the old name's record behind.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        data = b"the first file\n"
+        ti = tarfile.TarInfo("c d/ü")
+        ti.size = len(data)
+        tar.addfile(ti, io.BytesIO(data))
+        for name in ("é", "ß"):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.LNKTYPE, "c d/ü"
+            tar.addfile(link)
+        sym = tarfile.TarInfo("c d/ü")
+        sym.type, sym.linkname = tarfile.SYMTYPE, "日本"
+        tar.addfile(sym)
+    blob, reader = _convert(buf.getvalue())
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as out:
+        written = [
+            (ti.name, ti.type, ti.linkname)
+            for ti in out
+            if ti.name not in (".no.prefetch.landmark", "stargz.index.json")
+        ]
+    assert written == [
+        ("é", tarfile.REGTYPE, ""),
+        ("ß", tarfile.LNKTYPE, "é"),
+        ("c d/ü", tarfile.SYMTYPE, "日本"),
+    ]
+    toc = [(e["name"], e["type"]) for e in reader.toc.entries if e["type"] != "dir"]
+    assert toc[1:] == [("é", "reg"), ("ß", "hardlink"), ("c d/ü", "symlink")]
+    assert reader.read_file("é") == data
