@@ -5,15 +5,21 @@ reads it for ``podman save`` and ``push``). A file in
 ``diff`` is served chunk by chunk, each checked against its ``chunkDigest``; the compressed
 bytes themselves are covered by nothing smaller than the layer digest, so no part of the blob
 can be checked before all of it is in. The first read therefore downloads the whole blob in
-:data:`WINDOW` pieces, hashing as it goes, into an anonymous temporary file beside the chunk
-cache (``O_TMPFILE``: nothing is left behind if the store dies; not counted in
-``cache_max_bytes``), and every read waits until the digest matched; reads are then served from
-that file. A mismatch is final (every read raises :class:`BlobVerifyError`); a download that
-failed or was cancelled resumes where it stopped at the next read.
+:data:`WINDOW` pieces, hashing as it goes, into an anonymous temporary file in the chunk cache's
+directory (``O_TMPFILE``: nothing is left behind if the store dies), and every read waits until
+the digest matched; reads are then served from that file. A mismatch is final (every read
+raises :class:`BlobVerifyError`); a download that failed or was cancelled resumes where it
+stopped at the next read.
+
+Disk: the file holds the whole compressed blob, is not counted in ``cache_max_bytes`` and lives
+until the layer is released (the runtime removes the image, or the store stops); a download
+does not start without that much free space in the directory. Only ``podman save`` and
+``push`` read ``blob``, so a layer that is only run never has one.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -27,6 +33,11 @@ import trio
 from store.chunks import BlobReader, LayerFetchError
 
 WINDOW = 4 << 20  # compressed bytes per registry request while the blob downloads
+
+
+def _free_bytes(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
 
 
 class BlobVerifyError(Exception):
@@ -93,9 +104,17 @@ class VerifiedBlob:
             if algorithm not in hashlib.algorithms_available:
                 self._failed = f"{self.digest}: cannot check a digest of algorithm {algorithm!r}"
                 raise BlobVerifyError(self._failed)
-            self.directory.mkdir(parents=True, exist_ok=True)
-            # Kept open across reads until close() (the layer's release).
-            self._file = tempfile.TemporaryFile(dir=self.directory)  # noqa: SIM115
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                free = _free_bytes(self.directory)
+                if free < self.blob.size:
+                    raise OSError(errno.ENOSPC, f"{self.blob.size} bytes needed, {free} bytes free")
+                # Kept open across reads until close() (the layer's release).
+                self._file = tempfile.TemporaryFile(dir=self.directory)  # noqa: SIM115
+            except OSError as exc:
+                raise LayerFetchError(
+                    f"{self.digest}: the blob's temporary file in {self.directory}: {exc}"
+                ) from exc
             self._hasher = hashlib.new(algorithm)
         while self._done < self.blob.size:
             lo, hi = self._done, min(self._done + WINDOW, self.blob.size)
@@ -103,13 +122,14 @@ class VerifiedBlob:
                 (data,) = await self.blob.read_ranges([(lo, hi)])
             except Exception as exc:  # the registry client's errors (ResolveError, OSError …)
                 raise LayerFetchError(f"{self.digest}: blob range {lo}-{hi}: {exc}") from exc
+            if self._file is None:  # released while the request was out
+                raise LayerFetchError(f"{self.digest}: the layer was released")
             if self.on_fetch is not None:
                 self.on_fetch(len(data))
             if len(data) != hi - lo:
                 raise LayerFetchError(f"{self.digest}: blob range {lo}-{hi}: got {len(data)} bytes")
             # Not cancellable once started (trio waits for the thread): _done stays true.
             # Through a descriptor of its own, as reads are: close() may run meanwhile.
-            assert self._file is not None
             fd = os.dup(self._file.fileno())
             try:
                 await trio.to_thread.run_sync(self._append, fd, lo, data)

@@ -120,3 +120,31 @@ async def test_a_release_during_a_read_does_not_change_its_bytes(tmp_path, monke
     monkeypatch.setattr("store.blobfile.os.pread", real_pread)
     with pytest.raises(LayerFetchError, match="released"):
         await whole.read(0, 10)
+
+
+@pytest.mark.anyio
+async def test_a_release_while_a_request_is_out_ends_the_read_cleanly(tmp_path):
+    whole: VerifiedBlob
+
+    class Releasing(Blob):
+        async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+            got = await super().read_ranges(ranges)
+            if ranges[0][0] == 4096:
+                whole.close()  # the layer released during its second request
+            return got
+
+    whole = VerifiedBlob(Releasing(DATA), DIGEST, tmp_path)
+    with pytest.raises(LayerFetchError, match="released"):
+        await whole.read(0, 10)
+
+
+@pytest.mark.anyio
+async def test_no_download_starts_without_room_for_the_blob(tmp_path, monkeypatch):
+    monkeypatch.setattr("store.blobfile._free_bytes", lambda directory: 9_999)
+    blob = Blob(DATA)
+    whole = VerifiedBlob(blob, DIGEST, tmp_path / "cache")
+    with pytest.raises(LayerFetchError, match=r"10000 bytes needed, 9999 bytes free"):
+        await whole.read(0, 10)
+    assert blob.requests == []
+    monkeypatch.setattr("store.blobfile._free_bytes", lambda directory: 1 << 40)
+    assert await whole.read(0, 10) == DATA[:10]  # once there is room, it goes ahead
