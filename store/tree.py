@@ -281,6 +281,8 @@ class LayerTree:
                 # fails on it (the name it removes is the directory itself, or its parent).
                 raise TreeError(f"{e.name!r}: a whiteout of {base[len(WHITEOUT_PREFIX) :]!r}")
         for name, e in index.hardlinks():
+            if _base(name) in _DOT_WHITEOUTS:  # a link's own name, which entries do not list
+                raise TreeError(f"{name!r}: a whiteout of {_base(name)[len(WHITEOUT_PREFIX) :]!r}")
             # A whiteout is shown by its name, a file by its entry's inode: a hardlink between
             # the two gives one inode number both a device and a file (and the file an nlink
             # counting the whiteout); extraction makes no such tree (a whiteout is no file to

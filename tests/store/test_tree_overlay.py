@@ -208,3 +208,15 @@ def test_nodes_are_numbered_once_and_dir_nlink_counts_subdirectories():
     assert t.lookup_path("f") == t.lookup_path("h") and t.lookup_path("h").nlink == 2
     assert t.root.nlink == 3 and t.lookup_path("d").nlink == 3
     assert stat.S_IMODE(t.root.mode) == 0o555  # implicit root, as containers/storage makes it
+
+
+@pytest.mark.parametrize("name", ["d/.wh..", "d/.wh..."])
+def test_a_hardlink_named_as_a_whiteout_of_dot_or_dotdot_is_refused(name):
+    # Its name is the link's own, not an entry's: checked all the same.
+    entries = [
+        {"name": "d/", "type": "dir"},
+        {"name": "d/.wh.x", "type": "reg"},
+        {"name": name, "type": "hardlink", "linkName": "d/.wh.x"},
+    ]
+    with pytest.raises(TreeError, match="a whiteout of"):
+        LayerTree(LayerIndex.from_entries(entries, toc_offset=1 << 20, compression="gzip"))
