@@ -250,7 +250,9 @@ def _convert_manifest(
         )
     report.manifests += 1
     say(f"converting {len(layers)} layers to {options.format}")
-    results = convert_layers(layout, layers, options, show_progress=show_progress)
+    results = convert_layers(
+        layout, layers, options, show_progress=show_progress, diff_ids=diff_ids
+    )
     new_layers = []
     for i, (old, r) in enumerate(zip(layers, results, strict=True)):
         if r["passed_through"]:
@@ -351,12 +353,14 @@ def convert_layers(
     options: ConvertOptions,
     *,
     show_progress: bool = True,
+    diff_ids: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Convert layer descriptors of ``layout`` to eStargz (or zstd:chunked) blobs written into
     its blob store,
     ``workers`` at a time (default: one per core); a rich progress bar per layer (compressed
-    bytes read). Returns per layer ``digest, size, diff_id, annotations`` (what the
-    descriptor needs), ``passed_through``."""
+    bytes read). ``diff_ids`` (the config's, one per layer) tell repeats of a layer apart
+    from other layers (by digest without them). Returns per layer ``digest, size, diff_id,
+    annotations`` (what the descriptor needs), ``passed_through``."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -372,7 +376,8 @@ def convert_layers(
     ]
     # eStargz gives each repeat of a layer a blob of its own (store.estargz.convert's
     # landmark_mtime); zstd:chunked has no such field, so its repeats stay one blob.
-    repeats = repeat_numbers(d["digest"] for d in layers)
+    # By content: one layer compressed twice over is still one layer.
+    repeats = repeat_numbers(diff_ids if diff_ids is not None else (d["digest"] for d in layers))
     if options.format == "zstd-chunked":
         repeats = [0] * len(layers)
     ctx = multiprocessing.get_context(_start_method())

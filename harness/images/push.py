@@ -170,9 +170,7 @@ def oci_layout(
     ranges = _ranges_of(read_ranges) if mode == "estargz" else {}
     final = built.dir / "oci" / layout_name(mode, prioritized_files, chunk_size, node, read_ranges)
     if (final / "index.json").is_file():
-        if mode not in ("estargz", "estargz-noopt") or not _lists_a_blob_twice(final):
-            return final
-        shutil.rmtree(final)  # written before each repeat of a layer got a blob of its own
+        return final
     if mode == "zstd-chunked":
         where = f"node {node.name}'s skopeo" if node is not None else "skopeo"
         say(f"{built.name}: {len(built.layers)} layers → zstd:chunked ({where})")
@@ -193,6 +191,8 @@ def layout_name(
     """The directory name, under a built image's ``oci/``, of its layout in ``mode`` with these
     options (:func:`oci_layout`)."""
     parts: list = [mode, list(prioritized_files or []) if mode == "estargz" else [], chunk_size]
+    if mode in ("estargz", "estargz-noopt"):  # layouts from before repeats got blobs of their own
+        parts.append("a blob per repeat")
     ranges = _ranges_of(read_ranges) if mode == "estargz" else {}
     if ranges:  # chunk-level layouts: a key of their own (older layouts keep theirs)
         parts.append(_chunk_level_key(ranges))
@@ -202,15 +202,6 @@ def layout_name(
             parts.append(f"skopeo of node {node.directory.name}")
     key = json.dumps(parts)
     return f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
-def _lists_a_blob_twice(layout: Path) -> bool:
-    """Whether the image of the OCI layout ``layout`` lists one layer blob more than once."""
-    index = json.loads((layout / "index.json").read_text())
-    digest = index["manifests"][0]["digest"].split(":", 1)[1]
-    manifest = json.loads((layout / "blobs" / "sha256" / digest).read_text())
-    layers = [d["digest"] for d in manifest["layers"]]
-    return len(set(layers)) < len(layers)
 
 
 def _publish(final: Path, write: Callable[[Path], None], *, marker: str = "index.json") -> Path:

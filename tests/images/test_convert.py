@@ -233,7 +233,11 @@ def test_legacy_pushes_the_sources_own_gzip_layers(tiny, tmp_path: Path) -> None
 
 def test_an_image_that_lists_a_layer_twice(tiny, tmp_path: Path) -> None:
     """Images may repeat a layer (old Docker images repeat their empty layer): imported,
-    made in the harness's modes and converted all the same."""
+    made in the harness's modes and converted all the same. In eStargz each repeat gets a
+    blob of its own (no layer store can serve one blob at two places of an image), also a
+    repeat whose source blob was compressed differently."""
+    import gzip
+
     from harness.images.source import import_image
 
     layout = tmp_path / "dup"
@@ -243,6 +247,14 @@ def test_an_image_that_lists_a_layer_twice(tiny, tmp_path: Path) -> None:
     config = json.loads(_blob(layout, manifest["config"]["digest"]).read_bytes())
     manifest["layers"].append(manifest["layers"][0])
     config["rootfs"]["diff_ids"].append(config["rootfs"]["diff_ids"][0])
+    # the same layer once more, gzip'ed anew: another digest, the same diff ID
+    again = gzip.compress(
+        gzip.decompress(_blob(layout, manifest["layers"][0]["digest"]).read_bytes()), 1
+    )
+    manifest["layers"].append(
+        {**manifest["layers"][0], "digest": _put(layout, again), "size": len(again)}
+    )
+    config["rootfs"]["diff_ids"].append(config["rootfs"]["diff_ids"][0])
     raw_config = json.dumps(config).encode()
     manifest["config"].update(digest=_put(layout, raw_config), size=len(raw_config))
     raw = json.dumps(manifest).encode()
@@ -251,10 +263,19 @@ def test_an_image_that_lists_a_layer_twice(tiny, tmp_path: Path) -> None:
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
 
     built = import_image(f"oci:{layout}", tmp_path / "cache")
-    assert len(built.layers) == 4 and built.layers[0].diff_id == built.layers[3].diff_id
+    assert len(built.layers) == 5 and built.layers[0].diff_id == built.layers[4].diff_id
     for mode in ("legacy", "estargz-noopt"):
         made = oci_layout(built, mode)
         top = json.loads((made / "index.json").read_text())["manifests"][0]
-        assert len(json.loads(_blob(made, top["digest"]).read_bytes())["layers"]) == 4
-    report = convert_image(f"oci:{layout}", f"oci:{tmp_path / 'out'}:x", show_progress=False)
-    assert report.converted == 4
+        layers = json.loads(_blob(made, top["digest"]).read_bytes())["layers"]
+        assert len(layers) == 5
+        if mode == "estargz-noopt":
+            assert len({d["digest"] for d in layers}) == 5
+    out = tmp_path / "out"
+    report = convert_image(f"oci:{layout}", f"oci:{out}:x", show_progress=False)
+    assert report.converted == 5
+    top = json.loads((out / "index.json").read_text())["manifests"][0]
+    converted = json.loads(_blob(out, top["digest"]).read_bytes())
+    assert len({d["digest"] for d in converted["layers"]}) == 5
+    assert len({d["annotations"][TOC_DIGEST_ANNOTATION] for d in converted["layers"]}) == 5
+    _check_estargz_image(out, converted)
