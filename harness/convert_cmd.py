@@ -123,6 +123,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not sep or not name:
             raise UserError(f"--env: expected NAME=VALUE, got {item!r}")
         env.append((name, value))
+    if args.chunk_size is not None:
+        from store.estargz.writer import check_chunk_size
+
+        try:
+            check_chunk_size(args.chunk_size)
+        except ValueError as exc:
+            raise UserError(f"--chunk-size: {exc}") from None
     files = _read_prioritized(args.prioritized_files)
     read_ranges: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
     try:

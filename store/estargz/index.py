@@ -870,8 +870,9 @@ def _str(raw: Mapping[str, Any], key: str, where: Where) -> str:
     raise InvalidToc(f"{where}{key} is {v!r}, not a string")
 
 
-# Linux's limits on one extended attribute (include/uapi/linux/limits.h): what no file could
-# hold, no extraction could set, and no listxattr/getxattr answer could carry.
+# Linux's limits on one extended attribute (include/uapi/linux/limits.h): a name or value past
+# them no file could hold and no extraction could set. (The total of a file's names,
+# XATTR_LIST_MAX, is not checked.)
 XATTR_NAME_MAX = 255  # bytes
 XATTR_SIZE_MAX = 65536  # bytes
 

@@ -68,7 +68,7 @@ from .footer import (
     estargz_footer_bytes,
 )
 from .index import LayerIndex, clean_name, parent_dir
-from .toc import encode_toc, iter_toc_entries, toc_digest, touches
+from .toc import DEFAULT_LIMITS, encode_toc, iter_toc_entries, toc_digest, touches
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 # Chunks of a prioritized file read only in part: what a prefetch of the chunks read fetches
@@ -136,11 +136,14 @@ def convert(
 
     Raises :class:`InvalidLayerTar` if the input is not a readable tar, has a tar entry type
     eStargz cannot carry, or holds what no layer can (checked at the end with the reader's
-    rules, :meth:`LayerIndex.from_entries`; ``out`` then holds an unfinished blob). ``out``
-    only needs ``write``.
+    rules, :meth:`LayerIndex.from_entries`; ``out`` then holds an unfinished blob), and
+    :class:`ValueError` before writing anything for a chunk size that is not positive or over
+    what readers accept (:func:`check_chunk_size`), or a level outside 0..9. ``out`` only
+    needs ``write``.
     """
     if chunk_size <= 0 or range_chunk_size <= 0:
         raise ValueError(f"chunk sizes must be positive, got {chunk_size}, {range_chunk_size}")
+    check_chunk_size(max(chunk_size, range_chunk_size))
     if not 0 <= level <= 9:
         raise ValueError(f"gzip level must be 0..9, got {level}")
     prioritized = [p for p in prioritized_files if clean_name(p)]
@@ -161,6 +164,17 @@ def convert(
         return w.finish()
     finally:
         members.close()
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    """Raise :class:`ValueError` for a chunk size readers refuse (a chunk is inflated whole to
+    be checked: :attr:`TocLimits.max_chunk_bytes <.toc.TocLimits>`), before anything is
+    written."""
+    if chunk_size > DEFAULT_LIMITS.max_chunk_bytes:
+        raise ValueError(
+            f"chunk size {chunk_size} is over {DEFAULT_LIMITS.max_chunk_bytes} bytes, the most "
+            "a reader accepts in one chunk"
+        )
 
 
 # -- input ----------------------------------------------------------------------------------

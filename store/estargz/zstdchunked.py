@@ -466,6 +466,7 @@ def write_zstd_chunked(
 
     if chunk_size <= 0:
         raise ValueError(f"chunk size must be positive, got {chunk_size}")
+    _w.check_chunk_size(chunk_size)
     prioritized = [p for p in prioritized_files if clean_name(p)]
     lw = _ZstdLayerWriter(out, level, chunk_size, generation)
     try:

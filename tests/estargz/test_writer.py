@@ -161,3 +161,12 @@ def test_a_replaced_file_lives_on_in_its_hardlinks_under_their_own_names() -> No
     toc = [(e["name"], e["type"]) for e in reader.toc.entries if e["type"] != "dir"]
     assert toc[1:] == [("é", "reg"), ("ß", "hardlink"), ("c d/ü", "symlink")]
     assert reader.read_file("é") == data
+
+
+def test_a_chunk_size_readers_refuse_is_refused_before_writing() -> None:
+    import pytest
+
+    out = io.BytesIO()
+    with pytest.raises(ValueError, match=r"chunk size 67108865 is over 67108864 bytes"):
+        convert(io.BytesIO(_tar(FILES)), out, chunk_size=(64 << 20) + 1)
+    assert out.getvalue() == b""
