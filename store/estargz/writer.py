@@ -282,7 +282,8 @@ def _extracted(infos: Iterable[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
       owner; extended attributes accumulate (extraction sets them, never clears them), the
       later value of a key winning;
     * a file replaced after hardlinks to it were made lives on in those hardlinks: the first
-      becomes a regular file with the old content, the others link to it.
+      becomes a regular file with the old content, the others link to it;
+    * a hardlink to its own name keeps the file, with the link header's owner and mode.
     """
     kept: dict[int, tarfile.TarInfo] = {}  # input position -> entry (possibly rewritten)
     where: dict[str, int] = {}  # clean name -> position in `kept`
@@ -291,6 +292,19 @@ def _extracted(infos: Iterable[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
     for pos, ti in enumerate(infos):
         name = clean_name(ti.name)
         old_pos = where.get(name)
+        if (
+            ti.islnk()
+            and clean_name(ti.linkname) == name
+            and old_pos is not None
+            and not kept[old_pos].isdir()
+        ):
+            # A hardlink to its own name: the spec's tree keeps the file, its owner and mode
+            # from the link's header (as every link header applies to the shared inode).
+            heir = copy.copy(kept[old_pos])
+            heir.mode, heir.uid, heir.gid = ti.mode, ti.uid, ti.gid
+            heir.uname, heir.gname = ti.uname, ti.gname
+            kept[old_pos] = heir
+            continue
         if old_pos is not None:
             old = kept[old_pos]
             if ti.isdir() and old.isdir():

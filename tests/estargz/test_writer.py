@@ -170,3 +170,18 @@ def test_a_chunk_size_readers_refuse_is_refused_before_writing() -> None:
     with pytest.raises(ValueError, match=r"chunk size 67108865 is over 67108864 bytes"):
         convert(io.BytesIO(_tar(FILES)), out, chunk_size=(64 << 20) + 1)
     assert out.getvalue() == b""
+
+
+def test_a_hardlink_to_its_own_name_keeps_the_file_with_the_links_owner_and_mode() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        ti = tarfile.TarInfo("f")
+        ti.size, ti.mode = 5, 0o644
+        tar.addfile(ti, io.BytesIO(b"data\n"))
+        link = tarfile.TarInfo("f")
+        link.type, link.linkname, link.mode, link.uid = tarfile.LNKTYPE, "f", 0o600, 7
+        tar.addfile(link)
+    _, reader = _convert(buf.getvalue())
+    (entry,) = [e for e in reader.toc.entries if e["name"] == "f"]
+    assert (entry["type"], entry["mode"], entry["uid"]) == ("reg", 0o600, 7)
+    assert reader.read_file("f") == b"data\n"
