@@ -148,3 +148,23 @@ async def test_no_download_starts_without_room_for_the_blob(tmp_path, monkeypatc
     assert blob.requests == []
     monkeypatch.setattr("store.blobfile._free_bytes", lambda directory: 1 << 40)
     assert await whole.read(0, 10) == DATA[:10]  # once there is room, it goes ahead
+
+
+@pytest.mark.anyio
+async def test_a_write_cut_short_is_written_again_in_place(tmp_path, monkeypatch):
+    # ENOSPC part way through a window: what the write left must be overwritten, not followed.
+    real_pwrite = os.pwrite
+    cut = {"done": False}
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        if offset >= 4096 and not cut["done"]:
+            cut["done"] = True
+            real_pwrite(fd, bytes(data[:1000]), offset)
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr("store.blobfile.os.pwrite", pwrite)
+    whole = VerifiedBlob(Blob(DATA), DIGEST, tmp_path)
+    with pytest.raises(LayerFetchError, match="writing the blob's temporary file"):
+        await whole.read(0, 10)
+    assert await whole.read(0, 10_000) == DATA
