@@ -102,13 +102,7 @@ def start_until_ready(
         while open_streams:
             remaining = timeout - (time.monotonic() - start)
             if remaining <= 0:
-                awaited = (
-                    "exit"
-                    if not ready
-                    else f"expected output {ready!r}"
-                    if ready == expected
-                    else f"ready line {ready!r}"
-                )
+                awaited = _awaited(ready, expected) if ready else "exit"
                 raise MeasurementError(
                     f"run: no {awaited} within "
                     f"{timeout:g}s; output: {''.join(out['stdout'])[-300:]!r}"
@@ -153,15 +147,17 @@ def start_until_ready(
     return RunOutcome(elapsed, first, ok, exit_code, "".join(out["stdout"]), "".join(out["stderr"]))
 
 
+def _awaited(ready: str, expected: str | None) -> str:
+    """What the run waits for, in the workload's terms: a workload without a ready line of its
+    own is ready at its expected output."""
+    return f"expected output {ready!r}" if ready == expected else f"ready line {ready!r}"
+
+
 def not_ready_reason(ready: str | None, expected: str | None, outcome: RunOutcome) -> str:
     """Why a run that ended is not a success, in the workload's terms."""
-    if ready and ready == expected and ready not in outcome.stdout:
-        # no ready line of its own: it runs to completion and is ready at its expected output
-        return f"the workload exited ({outcome.exit_code}) without printing the expected {ready!r}"
     if ready and ready not in outcome.stdout:
-        return (
-            f"the workload exited ({outcome.exit_code}) without printing its ready line {ready!r}"
-        )
+        what = f"the expected {ready!r}" if ready == expected else f"its ready line {ready!r}"
+        return f"the workload exited ({outcome.exit_code}) without printing {what}"
     if expected is not None and expected not in outcome.stdout:
         return f"the output lacks the expected {expected!r} (exit {outcome.exit_code})"
     return f"the workload exited {outcome.exit_code}"

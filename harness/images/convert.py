@@ -353,13 +353,13 @@ def convert_layers(
     options: ConvertOptions,
     *,
     show_progress: bool = True,
-    diff_ids: Sequence[str] | None = None,
+    diff_ids: Sequence[str],
 ) -> list[dict[str, Any]]:
     """Convert layer descriptors of ``layout`` to eStargz (or zstd:chunked) blobs written into
     its blob store,
     ``workers`` at a time (default: one per core); a rich progress bar per layer (compressed
     bytes read). ``diff_ids`` (the config's, one per layer) tell repeats of a layer apart
-    from other layers (by digest without them). Returns per layer ``digest, size, diff_id,
+    from other layers. Returns per layer ``digest, size, diff_id,
     annotations`` (what the descriptor needs), ``passed_through``."""
     from rich.progress import (
         BarColumn,
@@ -377,9 +377,8 @@ def convert_layers(
     # eStargz gives each repeat of a layer a blob of its own (store.estargz.convert's
     # landmark_mtime); zstd:chunked has no such field, so its repeats stay one blob.
     # By content: one layer compressed twice over is still one layer.
-    repeats = repeat_numbers(diff_ids if diff_ids is not None else (d["digest"] for d in layers))
-    if options.format == "zstd-chunked":
-        repeats = [0] * len(layers)
+    estargz = options.format != "zstd-chunked"
+    repeats = repeat_numbers(diff_ids) if estargz else [0] * len(layers)
     ctx = multiprocessing.get_context(_start_method())
     counters = ctx.Array("q", max(1, len(jobs)), lock=False)
     nproc = max(1, min(len(jobs), options.workers or os.cpu_count() or 1))

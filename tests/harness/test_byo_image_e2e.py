@@ -63,6 +63,23 @@ timeout = 90
 """
 
 
+def run_scenario(base: Path, scenario: str, run_id: str) -> tuple[int, str]:
+    """`lazybench run` of ``base/scenario`` into ``base/runs/<run_id>``, its image cache
+    ``base/cache`` (shared by the module's runs)."""
+    return lazybench(
+        base,
+        "run",
+        str(base / scenario),
+        "--no-progress",
+        "--results-dir",
+        str(base / "runs"),
+        "--run-id",
+        run_id,
+        "--cache-dir",
+        str(base / "cache"),
+    )
+
+
 def lazybench(tmp: Path, *args: str, timeout: float = 900) -> tuple[int, str]:
     """`lazybench ARGS` run in ``tmp``, its scratch files in a directory removed after."""
     with tempfile.TemporaryDirectory(prefix="lzb-") as scratch:
@@ -92,18 +109,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_own_image_in_every_mode(base: Path) -> None:
     (base / "byo.toml").write_text(SCENARIO.format(modes=list(MODES), output=OUTPUT))
-    rc, out = lazybench(
-        base,
-        "run",
-        str(base / "byo.toml"),
-        "--no-progress",
-        "--results-dir",
-        str(base / "runs"),
-        "--run-id",
-        "byo",
-        "--cache-dir",
-        str(base / "cache"),
-    )
+    rc, out = run_scenario(base, "byo.toml", "byo")
     assert rc == 0, out
     records = read_records(base / "runs" / "byo")
     workloads = ("from-docker-archive", "from-oci-archive", "from-containerfile")
@@ -150,18 +156,7 @@ def test_workload_that_never_prints_its_ready_line(
         '[[workloads]]\nname = "img"\nimage = "docker-archive:image.docker.tar"\n'
         'ready = "never printed"\ntimeout = 30\n[network]\nprofile = "loopback"\n'
     )
-    rc, out = lazybench(
-        base,
-        "run",
-        str(base / f"{name}.toml"),
-        "--no-progress",
-        "--results-dir",
-        str(base / "runs"),
-        "--run-id",
-        name,
-        "--cache-dir",
-        str(base / "cache"),
-    )
+    rc, out = run_scenario(base, f"{name}.toml", name)
     assert rc == 1, out
     if modes == ["legacy"]:
         (record,) = read_records(base / "runs" / name)
@@ -183,18 +178,7 @@ def test_workload_that_hangs_without_its_expected_output(base: Path, modes: list
         'command = ["/bin/busybox", "sh", "-c", "echo started; exec /bin/busybox sleep 600"]\n'
         'expect = "never printed"\ntimeout = 10\n[network]\nprofile = "loopback"\n'
     )
-    rc, out = lazybench(
-        base,
-        "run",
-        str(base / f"{name}.toml"),
-        "--no-progress",
-        "--results-dir",
-        str(base / "runs"),
-        "--run-id",
-        name,
-        "--cache-dir",
-        str(base / "cache"),
-    )
+    rc, out = run_scenario(base, f"{name}.toml", name)
     assert rc == 1, out
     expected = "no expected output 'never printed' within 10s"
     if modes == ["legacy"]:
@@ -244,18 +228,7 @@ def test_an_image_listing_a_layer_twice_is_measured_lazily(base: Path) -> None:
         f'[[workloads]]\nname = "twice"\nimage = "oci:twice"\nexpect = "{OUTPUT}"\n'
         'timeout = 90\n[network]\nprofile = "loopback"\n'
     )
-    rc, out = lazybench(
-        base,
-        "run",
-        str(base / "twice.toml"),
-        "--no-progress",
-        "--results-dir",
-        str(base / "runs"),
-        "--run-id",
-        "twice",
-        "--cache-dir",
-        str(base / "cache"),
-    )
+    rc, out = run_scenario(base, "twice.toml", "twice")
     assert rc == 0, out
     assert "listed 2 times" not in out, out
     (record,) = read_records(base / "runs" / "twice")
