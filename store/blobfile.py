@@ -11,10 +11,12 @@ the digest matched; reads are then served from that file. A mismatch is final (e
 raises :class:`BlobVerifyError`); a download that failed or was cancelled resumes where it
 stopped at the next read.
 
-Disk: the file holds the whole compressed blob, is not counted in ``cache_max_bytes`` and lives
-until the layer is released (the runtime removes the image, or the store stops); a download
-does not start without that much free space in the directory. Only ``podman save`` and
-``push`` read ``blob``, so a layer that is only run never has one.
+Disk: the file holds the whole compressed blob and is not counted in ``cache_max_bytes``. It is
+dropped once no read came for :data:`IDLE_SECONDS` (:meth:`VerifiedBlob.drop_when_idle`; a
+later read downloads it again) or when the layer is released (the runtime removes the image,
+or the store stops; podman ≥ 5.5 never releases a layer while the store runs). A download does
+not start without that much free space in the directory. Only ``podman save`` and ``push``
+read ``blob``, so a layer that is only run never has one.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import trio
 from store.chunks import BlobReader, LayerFetchError
 
 WINDOW = 4 << 20  # compressed bytes per registry request while the blob downloads
+IDLE_SECONDS = 60.0  # a verified blob's file is dropped after this long without a read
 
 
 def _free_bytes(directory: Path) -> int:
@@ -67,11 +70,21 @@ class VerifiedBlob:
     _verified: bool = False
     _failed: str = ""
     _closed: bool = False
+    _reads: int = 0  # reads in progress, those waiting for the download included
+    _last_read: float = 0.0  # trio clock, when the last read ended
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes ``[offset, offset + size)`` of the blob (fewer at its end), verified."""
         if offset >= self.blob.size or size <= 0:
             return b""
+        self._reads += 1
+        try:
+            return await self._read(offset, size)
+        finally:
+            self._reads -= 1
+            self._last_read = trio.current_time()
+
+    async def _read(self, offset: int, size: int) -> bytes:
         if not self._verified:
             async with self._lock:
                 if not self._verified:
@@ -90,9 +103,29 @@ class VerifiedBlob:
 
     def close(self) -> None:
         self._closed = True
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the file and forget what was downloaded; a read in progress keeps its own
+        descriptor, and the next download starts from the blob's first byte."""
         file, self._file = self._file, None
+        self._done, self._hasher, self._verified = 0, None, False
         if file is not None:
             file.close()
+
+    async def drop_when_idle(self, idle: float = IDLE_SECONDS) -> None:
+        """Return once the file is gone: dropped here after ``idle`` seconds without a read
+        in progress or ended (the next read downloads the blob again), or by :meth:`close`.
+        Start it in the layer's nursery after a read; a mismatch's verdict is kept."""
+        while self._file is not None:
+            due = self._last_read + idle
+            if self._reads == 0 and trio.current_time() >= due:
+                async with self._lock:  # never in the middle of a download
+                    if self._reads == 0 and trio.current_time() >= self._last_read + idle:
+                        self._drop()
+                        return
+                continue
+            await trio.sleep_until(max(due, trio.current_time() + idle / 8))
 
     async def _download(self) -> None:
         if self._failed:

@@ -112,6 +112,7 @@ class Layer:
     _active_reads: int = 0
     _idle: trio.Event = field(default_factory=trio.Event)
     _whole: VerifiedBlob = field(init=False)
+    _whole_watched: bool = False  # drop_when_idle runs for _whole
     _total_chunk_bytes: int | None = None
     _accessed: set[int] = field(default_factory=set)
     _streams: dict[int, _ReadStream] = field(default_factory=dict)
@@ -271,8 +272,20 @@ class Layer:
         """Raw compressed blob bytes ``[offset, offset + size)`` (for ``podman save``), once the
         whole blob hashed to the layer's digest (:class:`~store.blobfile.VerifiedBlob`: the
         first read downloads all of it). Raises :class:`LayerFetchError`,
-        :class:`BlobVerifyError`."""
-        return await self._whole.read(offset, size)
+        :class:`BlobVerifyError`. The downloaded blob is dropped after a minute without a
+        read (:meth:`VerifiedBlob.drop_when_idle <store.blobfile.VerifiedBlob.drop_when_idle>`)."""
+        try:
+            return await self._whole.read(offset, size)
+        finally:
+            if not self._whole_watched and self._nursery is not None:
+                self._whole_watched = True
+                self._spawn(self._watch_whole)
+
+    async def _watch_whole(self) -> None:
+        try:
+            await self._whole.drop_when_idle()
+        finally:
+            self._whole_watched = False
 
     def _count_blob_fetch(self, nbytes: int) -> None:
         self.stats.fetched_bytes += nbytes

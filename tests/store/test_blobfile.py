@@ -168,3 +168,46 @@ async def test_a_write_cut_short_is_written_again_in_place(tmp_path, monkeypatch
     with pytest.raises(LayerFetchError, match="writing the blob's temporary file"):
         await whole.read(0, 10)
     assert await whole.read(0, 10_000) == DATA
+
+
+@pytest.mark.anyio
+async def test_the_file_is_dropped_after_a_while_without_reads(tmp_path):
+    blob = Blob(DATA)
+    whole = VerifiedBlob(blob, DIGEST, tmp_path)
+    assert await whole.read(0, 10) == DATA[:10]
+    start = trio.current_time()
+    with trio.fail_after(5):
+        await whole.drop_when_idle(idle=0.05)
+    assert trio.current_time() - start >= 0.05
+    assert whole._file is None
+    assert await whole.read(100, 10) == DATA[100:110]  # downloaded and checked again
+    assert len(blob.requests) == 6
+    whole.close()
+
+
+@pytest.mark.anyio
+async def test_a_read_in_progress_holds_the_file(tmp_path, monkeypatch):
+    whole = VerifiedBlob(Blob(DATA), DIGEST, tmp_path)
+    assert await whole.read(0, 10) == DATA[:10]
+    pread = os.pread
+
+    def slow_pread(fd: int, size: int, offset: int) -> bytes:
+        import time
+
+        time.sleep(0.3)
+        return pread(fd, size, offset)
+
+    monkeypatch.setattr("store.blobfile.os.pread", slow_pread)
+    ended: list[float] = []
+
+    async def slow_read() -> None:
+        assert await whole.read(20, 10) == DATA[20:30]
+        ended.append(trio.current_time())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_read)
+            await trio.sleep(0.01)
+            await whole.drop_when_idle(idle=0.05)
+    assert ended and trio.current_time() - ended[0] >= 0.05
+    assert whole._file is None
