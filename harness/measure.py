@@ -83,6 +83,7 @@ from harness.prepare import (
 )
 from harness.records import (
     ENVIRONMENT,
+    RECORDS,
     SCENARIO_COPY,
     Key,
     Record,
@@ -250,16 +251,26 @@ class Runner:
     _link_iface: str | None = field(default=None, repr=False)
 
     def run(self) -> list[Key]:
-        """Measure every planned key not yet recorded; return the keys measured now."""
+        """Measure every planned key not yet recorded; return the keys measured now.
+
+        A run directory this call created is removed again when it fails before its first
+        record (a wrong image, a missing runtime): nothing in it could be resumed or reported.
+        Interrupted (:class:`Interrupted`) runs keep theirs, as the message to resume says."""
+        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / ".lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(
-                    f"{self.run_dir}: another `lazybench run` is writing to this run directory"
-                ) from None
-            return self._run_locked()
+        try:
+            with open(self.run_dir / ".lock", "w") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise UserError(
+                        f"{self.run_dir}: another `lazybench run` is writing to this run directory"
+                    ) from None
+                return self._run_locked()
+        except Exception:
+            if created and not (self.run_dir / RECORDS).exists():
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
     def _run_locked(self) -> list[Key]:
         if len(self.scenario.nodes) != 1:

@@ -80,6 +80,7 @@ def test_crio_runtime_is_skipped_with_a_clear_message(
     scenario.write_text('runtime = "crio"\n[[workloads]]\nrecipe = "tiny"\n')
     assert main(["run", str(scenario), "--results-dir", str(tmp_path / "runs")]) == 1
     assert "runtime 'crio': crictl is not installed" in capsys.readouterr().err
+    assert list((tmp_path / "runs").iterdir()) == []  # no run directory of a run that never ran
 
 
 def test_two_runs_cannot_share_a_run_directory(tmp_path: Path) -> None:
@@ -95,6 +96,7 @@ def test_two_runs_cannot_share_a_run_directory(tmp_path: Path) -> None:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(UserError, match="another `lazybench run` is writing"):
             Runner(s, run_dir, show_progress=False).run()
+    assert run_dir.is_dir()  # not this run's to remove
 
 
 def test_not_ready_reason_names_the_ready_line() -> None:
