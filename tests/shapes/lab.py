@@ -60,7 +60,13 @@ class Pulled:
     whole_blobs: int = 0  # layer blobs fetched whole (the store did not serve them)
 
 
-def judge(normal: Pulled, lazy: Pulled, spec: Listing | None, refusable: int = 0) -> list[str]:
+def judge(
+    normal: Pulled,
+    lazy: Pulled,
+    spec: Listing | None,
+    refusable: int = 0,
+    unserved: frozenset[str] = frozenset(),
+) -> list[str]:
     """Problems with a lazy pull, given the normal pull of the same image and the spec's tree.
 
     The rule: where a normal pull extracts the image, the lazy tree is that tree, served
@@ -69,7 +75,9 @@ def judge(normal: Pulled, lazy: Pulled, spec: Listing | None, refusable: int = 0
     store serves), or the same refusal where the spec defines none — never a third answer.
     ``refusable`` layers have a TOC the store's rules refuse (e.g. the Go writer keeps entries
     under a file that replaces their directory): podman pulling those whole is the same
-    refusal, accepted when the tree is the normal pull's.
+    refusal, accepted when the tree is the normal pull's. ``unserved`` are blob digests the
+    store never serves by design (a blob the image lists twice): where podman's own extraction
+    of one of them refused the image, that refusal is the lazy pull's answer too.
     """
     if normal.listing is not None:
         if lazy.listing is None:
@@ -80,11 +88,19 @@ def judge(normal: Pulled, lazy: Pulled, spec: Listing | None, refusable: int = 0
         return problems
     if spec is not None:
         if lazy.listing is None:
+            if _refused_blob(lazy.error) in unserved:
+                return []
             return [f"spec defines a tree; lazy pull refused: {lazy.error}"]
         return diff(spec, lazy.listing, "spec", "lazy")
     if lazy.listing is not None:
         return ["normal pull and the spec refuse; the lazy pull gave a tree (a third answer)"]
     return []
+
+
+def _refused_blob(error: str) -> str:
+    """The blob digest in podman's refusal (``adding layer with blob "sha256:…"``), or ""."""
+    found = re.search(r'with blob "(sha256:[0-9a-f]{64})"', error)
+    return found.group(1) if found else ""
 
 
 def diff(a: Listing, b: Listing, an: str, bn: str) -> list[str]:
@@ -206,7 +222,8 @@ class Lab:
             outcome = Outcome(writer, normal, lazy, spec)
             once = [b for b in blobs if sum(c.digest == b.digest for c in blobs) == 1]
             refusable = sum(1 for b in once if _toc_refused(b))
-            outcome.problems = judge(normal, lazy, spec, refusable)
+            repeated = frozenset(b.digest for b in blobs) - {b.digest for b in once}
+            outcome.problems = judge(normal, lazy, spec, refusable, repeated)
             outcomes.append(outcome)
         self.seconds += time.monotonic() - start
         return outcomes
