@@ -5,8 +5,9 @@ Mounts the Additional Layer Store at MOUNTPOINT with pyfuse3 and serves until SI
 or an external unmount, then unmounts. ``--root`` holds the chunk cache (``<root>/cache``)
 and the credential socket ``<root>/store.sock`` that podman's layer-store auth helper
 (``stargz-store-helper``) hands credentials to (:mod:`store.credsocket`).
-A stale FUSE mount left on MOUNTPOINT by a crashed store is unmounted first (``fusermount3
--u``, then ``umount -l``); if that fails the store says so and exits non-zero. Logs are JSON
+MOUNTPOINT is created when missing, as the Go store does. A stale FUSE mount left on it by a
+crashed store is unmounted first (``fusermount3 -u``, then ``umount -l``); if that fails, or
+MOUNTPOINT carries a live mount, the store says so and exits non-zero. Logs are JSON
 lines on stderr. Errors the user can fix are printed as one line, exit status 1.
 """
 
@@ -22,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from store.registry.hosts import DEFAULT_REQUEST_TIMEOUT
 log = logging.getLogger("store")
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
+CACHE_DIR = "cache"  # the chunk cache, under --root
 
 
 class StoreError(Exception):
@@ -60,32 +63,62 @@ def setup_logging(level: str) -> None:
     logging.getLogger("httpcore").setLevel(max(logging.WARNING, root.level))
 
 
+# The Go store's --log-level takes logrus's level names, in any case (cmd/stargz-store/main.go
+# upstream: log.SetLevel -> logrus.ParseLevel); Python's logging names the two below otherwise.
+LOG_LEVELS = {
+    "trace": "debug",
+    "debug": "debug",
+    "info": "info",
+    "warn": "warning",
+    "warning": "warning",
+    "error": "error",
+    "fatal": "critical",
+    "panic": "critical",
+}
+
+
+def python_log_level(level: str) -> str:
+    """The :mod:`logging` level name for a ``--log-level`` value (a key of ``LOG_LEVELS``)."""
+    return LOG_LEVELS[level]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The Go store's flags, in every spelling Go's ``flag`` package accepts.
+
+    Go's ``flag`` takes ``-name`` as well as ``--name`` (and ``=value`` after either), so each
+    long option has its single-dash form too: a unit file or script written for the Go store
+    (``-config /etc/…``) starts this one unchanged. ``--config`` stays a string: an empty one
+    means no file at all, as in Go (:func:`store.config.load_config`).
+    """
     p = argparse.ArgumentParser(
         prog="stargz-store", description="Lazily pulled eStargz layers for podman, over FUSE."
     )
     p.add_argument(
         "--config",
-        type=Path,
+        "-config",
         default=None,
-        help="TOML config (default /etc/stargz-store/config.toml, may be absent)",
+        help="TOML config (default /etc/stargz-store/config.toml, may be absent; '' = none)",
     )
     p.add_argument(
         "--root",
+        "-root",
         type=Path,
         default=DEFAULT_ROOT,
         help="state directory: chunk cache (default /var/lib/stargz-store)",
     )
     p.add_argument(
         "--addr",
+        "-addr",
         type=Path,
         default=None,
         help="credential socket for stargz-store-helper (default <root>/store.sock)",
     )
     p.add_argument(
         "--log-level",
+        "-log-level",
         default="info",
-        choices=["debug", "info", "warn", "warning", "error"],
+        type=str.lower,
+        choices=list(LOG_LEVELS),
         help="log level",
     )
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
@@ -102,7 +135,13 @@ def is_mounted(path: Path) -> bool:
 
 
 def prepare_mountpoint(path: Path) -> None:
-    """Make sure ``path`` is a usable, unmounted directory; clean a stale mount from a crash."""
+    """Make sure ``path`` is a usable, unmounted directory; clean a stale mount from a crash.
+
+    A missing mountpoint is created (mode 0755), as the Go store does
+    (``os.MkdirAll(mountPoint, 0755)`` in cmd/stargz-store/main.go upstream). Only a dead
+    mount (its server gone: ENOTCONN) is unmounted; a live one — a store still serving there,
+    or any other filesystem — is refused, never taken down under its users.
+    """
     stale = False
     try:
         path.stat()
@@ -110,10 +149,18 @@ def prepare_mountpoint(path: Path) -> None:
         if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
             stale = True
         elif exc.errno == errno.ENOENT:
-            raise StoreError(f"mountpoint {path} does not exist") from None
+            try:
+                path.mkdir(mode=0o755, parents=True, exist_ok=True)
+            except OSError as mk:
+                raise StoreError(f"cannot create mountpoint {path}: {mk.strerror}") from None
         else:
             raise StoreError(f"mountpoint {path}: {exc.strerror}") from None
-    if stale or is_mounted(path):
+    if not stale and is_mounted(path):
+        raise StoreError(
+            f"{path} is already mounted (a store running there?): stop it, or unmount it "
+            f"with `fusermount3 -u {path}`"
+        )
+    if stale:
         log.warning("cleaning up a stale mount on %s", path)
         for cmd in (["fusermount3", "-u", str(path)], ["umount", "-l", str(path)]):
             try:
@@ -124,11 +171,24 @@ def prepare_mountpoint(path: Path) -> None:
                 break
         if is_mounted(path):
             raise StoreError(
-                f"{path} is still mounted (a store already running there, or a stale mount "
-                f"that could not be removed): unmount it with `fusermount3 -u {path}`"
+                f"{path} is still mounted (a stale mount that could not be removed): "
+                f"unmount it with `fusermount3 -u {path}`"
             )
     if not path.is_dir():
         raise StoreError(f"mountpoint {path} is not a directory")
+
+
+def prepare_root(root: Path) -> None:
+    """Create ``root`` and its chunk cache directory and check a file can be written there,
+    so that a root the store cannot use is one line at startup, not a traceback once mounted."""
+    try:
+        (root / CACHE_DIR).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root / CACHE_DIR):
+            pass
+    except OSError as exc:
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"root {root} is not a directory") from None
+        raise StoreError(f"root {root} is not writable: {exc.strerror}") from None
 
 
 async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | None = None) -> None:
@@ -155,7 +215,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
     # in (43-59 ms of CPU); with it frozen, the pulls measured ran none.
     gc.collect()
     gc.freeze()
-    cache = ChunkCache(root / "cache", cfg.cache_max_bytes)
+    cache = ChunkCache(root / CACHE_DIR, cfg.cache_max_bytes)
     metrics = StoreMetrics()
     if cfg.metrics_address:
         metrics.serve(cfg.metrics_address)
@@ -195,7 +255,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
         options.discard("default_permissions")
         options |= {"fsname=stargzstore", "allow_other", "suid", "dev"}
         pyfuse3.init(ops, str(mountpoint), options)
-        log.info("mounted on %s (cache %s)", mountpoint, root / "cache")
+        log.info("mounted on %s (cache %s)", mountpoint, root / CACHE_DIR)
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -236,10 +296,10 @@ def request_timeout(cfg: StoreConfig) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging("warning" if args.log_level == "warn" else args.log_level)
+    setup_logging(python_log_level(args.log_level))
     try:
         cfg = load_config(args.config)
-        args.root.mkdir(parents=True, exist_ok=True)
+        prepare_root(args.root)
         prepare_mountpoint(args.mountpoint)
     except (ConfigError, StoreError) as exc:
         print(f"stargz-store: {exc}", file=sys.stderr)

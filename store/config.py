@@ -222,10 +222,17 @@ _POSITIVE = {
 }
 
 
-def load_config(path: Path | None) -> StoreConfig:
-    """Load ``path``; ``None`` means the default path, which may be absent (defaults apply)."""
-    explicit = path is not None
-    path = DEFAULT_CONFIG_PATH if path is None else path
+def load_config(path: Path | str | None) -> StoreConfig:
+    """Load ``path``; ``None`` means the default path, which may be absent (defaults apply).
+
+    As the Go store's ``--config`` (cmd/stargz-store/main.go upstream): an empty path reads
+    no file, and the default path may be absent even when named explicitly (upstream's unit
+    files pass ``--config=/etc/stargz-store/config.toml``); any other path must exist.
+    """
+    if path == "":
+        return StoreConfig()
+    path = DEFAULT_CONFIG_PATH if path is None else Path(path)
+    explicit = path != DEFAULT_CONFIG_PATH
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

@@ -77,7 +77,7 @@ def test_missing_default_is_fine_missing_explicit_is_not(tmp_path: Path, monkeyp
     monkeypatch.setattr(store.config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     assert load_config(None) == StoreConfig()
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(tmp_path / "absent.toml")
+        load_config(tmp_path / "other.toml")
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
@@ -90,11 +90,12 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert "unknown key 'typo_key'" in capsys.readouterr().err
     empty = tmp_path / "empty.toml"
     empty.write_text("")
+    (tmp_path / "file").write_text("")
     assert (
-        main(["--config", str(empty), "--root", str(tmp_path / "r"), str(tmp_path / "missing")])
+        main(["--config", str(empty), "--root", str(tmp_path / "r"), str(tmp_path / "file" / "m")])
         == 1
     )
-    assert "does not exist" in capsys.readouterr().err
+    assert "file/m: Not a directory" in capsys.readouterr().err
 
 
 @pytest.mark.e2e
@@ -159,3 +160,96 @@ def test_sigterm_unmounts_and_exits_0(store_factory) -> None:
     sp.proc.terminate()
     assert sp.proc.wait(15) == 0
     assert not _mounted(sp.mnt)
+
+
+# Conformance with the Go store's interface (cmd/stargz-store/main.go, fs/config/config.go,
+# service/resolver/registry.go upstream).
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-config", "c.toml", "-root", "r", "-addr", "a.sock", "-log-level", "debug", "m"],
+        ["-config=c.toml", "-root=r", "-addr=a.sock", "-log-level=debug", "m"],
+        ["--config=c.toml", "--root=r", "--addr=a.sock", "--log-level=DEBUG", "m"],
+    ],
+)
+def test_go_flag_spellings_are_accepted(argv: list[str]) -> None:
+    """Go's flag package takes ``-name``, ``--name``, ``-name=v`` and ``--name=v`` alike."""
+    from store.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.config, args.root, args.addr) == ("c.toml", Path("r"), Path("a.sock"))
+    assert (args.log_level, args.mountpoint) == ("debug", Path("m"))
+
+
+@pytest.mark.parametrize(
+    ("given", "level"),
+    [("trace", "debug"), ("fatal", "critical"), ("panic", "critical"), ("WARN", "warning")],
+)
+def test_logrus_levels_are_accepted(given: str, level: str) -> None:
+    """The Go store's ``--log-level`` is logrus's: trace … panic, any case."""
+    from store.cli import build_parser, python_log_level
+
+    args = build_parser().parse_args(["--log-level", given, "m"])
+    assert python_log_level(args.log_level) == level
+
+
+def test_unknown_flag_is_refused(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--no-such-flag", "m"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_config_path_rules_follow_go(tmp_path: Path, monkeypatch) -> None:
+    """An empty ``--config`` reads no file; the default path named explicitly may be absent."""
+    import store.config
+
+    monkeypatch.setattr(store.config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    assert load_config("") == StoreConfig()
+    assert load_config(tmp_path / "absent.toml") == StoreConfig()
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "other.toml")
+
+
+def test_missing_mountpoint_is_created(tmp_path: Path) -> None:
+    """As the Go store does (``os.MkdirAll(mountPoint, 0755)``)."""
+    from store.cli import prepare_mountpoint
+
+    prepare_mountpoint(tmp_path / "a" / "mnt")
+    assert (tmp_path / "a" / "mnt").is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_live_mount_is_refused_not_unmounted(tmp_path: Path) -> None:
+    """Only a dead FUSE mount is cleaned up; a live one (a running store) is left alone."""
+    from store.cli import StoreError, is_mounted, prepare_mountpoint
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        with pytest.raises(StoreError, match="already mounted"):
+            prepare_mountpoint(mnt)
+        assert is_mounted(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_unwritable_root_is_one_line(tmp_path: Path, capsys) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ro)], check=True)
+    try:
+        (ro / "root").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        empty = tmp_path / "empty.toml"
+        empty.write_text("")
+        argv = ["--config", str(empty), "--root", str(ro / "root"), str(tmp_path / "mnt")]
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Read-only file system" in err[0] and str(ro / "root") in err[0]
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
