@@ -286,12 +286,15 @@ def request_timeout(cfg: StoreConfig) -> float:
 
     ``[blob] fetching_timeout_sec`` bounds a whole read with its retries (see
     :class:`store.remote.RegistryBlob`); each of the ``max_retries + 1`` attempts gets an equal
-    share of it, at most 30 s (the resolver's default) and at least 1 s, so that a stalled
-    connection is given up and retried while the read can still succeed. A slow but moving
-    body is not cut by it: only the whole-read deadline ends that.
+    share of it, at most the resolver's request timeout (``[resolver] request_timeout_sec``,
+    30 s when unset or not positive, as upstream's service/resolver/registry.go) and at least
+    1 s, so that a stalled connection is given up and retried while the read can still
+    succeed. A slow but moving body is not cut by it: only the whole-read deadline ends that.
     """
+    configured = cfg.resolver.get("request_timeout_sec", 0)
+    cap = float(configured) if configured > 0 else DEFAULT_REQUEST_TIMEOUT
     share = cfg.fetching_timeout_sec / (max(cfg.max_retries, 0) + 1)
-    return max(1.0, min(DEFAULT_REQUEST_TIMEOUT, share))
+    return max(1.0, min(cap, share))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@ Why this shape: operators move between the Go store and this one with the same
 ``max_concurrency``, ``[blob] chunk_size / fetching_timeout_sec / max_retries``,
 ``[fuse] attr_timeout / entry_timeout``, ``[resolver]``). Keys the Go store knows but that have
 no meaning here (its HTTP/directory cache tuning, kubeconfig keychains …) are accepted and
-ignored with a log line, so a Go config loads unchanged. Anything else is a typo and is
+ignored with a log line, so a Go config loads unchanged; what the Go store refuses is refused
+here too (``disable_verification = true``, a ``metadata_store`` other than memory or db, a
+honoured key of the wrong type, a malformed ``[resolver]`` table). Anything else is a typo and is
 rejected with the key's dotted path and the file name.
 
 Our additions (top level):
@@ -92,6 +94,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from store.registry.errors import ConfigError as ResolverConfigError
+from store.registry.hosts import parse_resolver_config
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH = Path("/etc/stargz-store/config.toml")
@@ -176,8 +181,12 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "prefetch_entrypoint": ("prefetch_entrypoint", (bool,)),
 }
 
-# Keys whose value must be one of a few words.
-_CHOICES = {"overlay_opaque_type": tuple(OVERLAY_OPAQUE_TYPES)}
+# Keys whose value must be one of a few words (``metadata_store``: upstream
+# cmd/stargz-store/main.go refuses any other; "" is its default, memory).
+_CHOICES = {
+    "overlay_opaque_type": tuple(OVERLAY_OPAQUE_TYPES),
+    "metadata_store": ("memory", "db", ""),
+}
 
 # Keys of the Go store that have no effect here; accepted so a Go config loads unchanged.
 _IGNORED = {
@@ -206,6 +215,7 @@ _IGNORED = {
     "cri_keychain",
     "listen_path",
     "config_path",
+    "metadata_store",
 }
 _SECTIONS = {"blob", "fuse"}
 
@@ -251,7 +261,7 @@ def load_config(path: Path | str | None) -> StoreConfig:
 def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
     """Turn decoded TOML into a :class:`StoreConfig`, rejecting unknown keys and bad types."""
     values: dict[str, Any] = {}
-    for key, value in _flatten(data):
+    for key, value in _flatten(data, source):
         if key == "resolver" or key.startswith("resolver."):
             continue
         if key in _KNOWN:
@@ -268,22 +278,49 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
                 raise ConfigError(f"{source}: key {key!r} must be one of {want}, got {value!r}")
             values[name] = value
         elif key in _IGNORED or key.split(".")[0] in _IGNORED:
+            if key in _CHOICES and value not in _CHOICES[key]:
+                want = ", ".join(repr(c) for c in _CHOICES[key] if c)
+                raise ConfigError(f"{source}: key {key!r} must be one of {want}, got {value!r}")
+            if key == "disable_verification" and value is True:
+                # The Go store refuses to start with it (cmd/stargz-store/main.go upstream);
+                # ignoring it would let a user believe reads go unchecked.
+                raise ConfigError(f"{source}: content verification cannot be disabled")
             log.info("config key %r (Go stargz-store) has no effect here; ignored", key)
         else:
             raise ConfigError(f"{source}: unknown key {key!r}")
     resolver = data.get("resolver", {})
     if not isinstance(resolver, dict):
         raise ConfigError(f"{source}: [resolver] must be a table")
+    _check_resolver(resolver, source)
     return StoreConfig(resolver=resolver, **values)
 
 
-def _flatten(data: dict[str, Any]) -> list[tuple[str, Any]]:
+def _check_resolver(resolver: dict[str, Any], source: str) -> None:
+    """Refuse a bad ``[resolver]`` table now, naming the file, rather than when the store
+    starts serving; note the mirror timeouts that cannot mean here what they mean in Go."""
+    try:
+        parsed = parse_resolver_config(resolver)
+    except ResolverConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    for name, host in parsed.hosts.items():
+        for i, mirror in enumerate(host.mirrors):
+            if mirror.request_timeout_sec < 0:
+                log.info(
+                    'config key resolver.host."%s".mirrors[%d].request_timeout_sec < 0 (Go: '
+                    "no timeout): the default applies here, each read stays bounded by "
+                    "[blob] fetching_timeout_sec",
+                    name,
+                    i,
+                )
+
+
+def _flatten(data: dict[str, Any], source: str) -> list[tuple[str, Any]]:
     """Dotted keys for the known sections; other tables stay whole (they are ignored/passed)."""
     out: list[tuple[str, Any]] = []
     for key, value in data.items():
         if key in _SECTIONS:
             if not isinstance(value, dict):
-                raise ConfigError(f"[{key}] must be a table")
+                raise ConfigError(f"{source}: [{key}] must be a table")
             out.extend((f"{key}.{sub}", v) for sub, v in value.items())
         else:
             out.append((key, value))

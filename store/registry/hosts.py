@@ -88,7 +88,8 @@ class ResolverConfig:
                 scheme = "http" if (m.insecure or is_local_host(host)) else "https"
             if host == registry and m.insecure:
                 origin_insecure = True
-            timeout = m.request_timeout_sec or self.default_timeout
+            # 0: the default; < 0 (Go: no timeout of its own) too, see parse_resolver_config.
+            timeout = m.request_timeout_sec if m.request_timeout_sec > 0 else self.default_timeout
             headers = tuple((k, v) for k, vs in m.header.items() for v in vs)
             out.append(Endpoint(host, scheme, timeout, headers, is_mirror=host != registry))
             seen.add(host)
@@ -114,11 +115,22 @@ def parse_resolver_config(
 ) -> ResolverConfig:
     """Read the `resolver` table (or the whole config with a `resolver` key).
 
+    As upstream's service/resolver/registry.go: the table's ``request_timeout_sec`` (> 0)
+    replaces ``default_timeout`` for every host without its own; a mirror's
+    ``request_timeout_sec`` of 0 means that default, and < 0 — Go's "no timeout" — means it
+    too here, kept as given so the caller can say so: the store never waits without a bound
+    (``[blob] fetching_timeout_sec`` bounds every read).
+
     Raises ConfigError naming the offending key for wrong types.
     """
     table = dict(table or {})
     if "resolver" in table:
         table = dict(table["resolver"] or {})
+    global_timeout = table.get("request_timeout_sec", 0)
+    if isinstance(global_timeout, bool) or not isinstance(global_timeout, int | float):
+        raise ConfigError("resolver.request_timeout_sec must be a number")
+    if global_timeout > 0:
+        default_timeout = float(global_timeout)
     hosts_raw = table.get("host", {}) or {}
     if not isinstance(hosts_raw, Mapping):
         raise ConfigError("resolver.host must be a table of registry names")
@@ -139,8 +151,8 @@ def parse_resolver_config(
             if not isinstance(insecure, bool):
                 raise ConfigError(f"{mwhere}.insecure must be true or false")
             timeout = m.get("request_timeout_sec", 0)
-            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-                raise ConfigError(f"{mwhere}.request_timeout_sec must be a number >= 0")
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                raise ConfigError(f"{mwhere}.request_timeout_sec must be a number")
             header_raw = m.get("header", {}) or {}
             if not isinstance(header_raw, Mapping):
                 raise ConfigError(f"{mwhere}.header must be a table")

@@ -59,7 +59,11 @@ def test_mirrors_in_order_then_origin() -> None:
             "insecure",
         ),
         (
-            {"resolver": {"host": {"d": {"mirrors": [{"host": "m", "request_timeout_sec": -1}]}}}},
+            {
+                "resolver": {
+                    "host": {"d": {"mirrors": [{"host": "m", "request_timeout_sec": "10"}]}}
+                }
+            },
             "request_timeout_sec",
         ),
         ({"resolver": {"host": {"d": {"mirrors": {"host": "m"}}}}}, "mirrors"),

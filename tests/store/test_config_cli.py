@@ -253,3 +253,59 @@ def test_unwritable_root_is_one_line(tmp_path: Path, capsys) -> None:
         assert len(err) == 1 and "Read-only file system" in err[0] and str(ro / "root") in err[0]
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+@pytest.mark.parametrize("value", ["memory", "db"])
+def test_metadata_store_is_accepted(value: str) -> None:
+    """``metadata_store`` (upstream cmd/stargz-store/main.go): no effect here."""
+    assert parse_config({"metadata_store": value}) == StoreConfig()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"metadata_store": "sqlite"}, "'metadata_store' must be one of 'memory', 'db'"),
+        ({"disable_verification": True}, "content verification cannot be disabled"),
+        ({"blob": 1}, r"c.toml: \[blob\] must be a table"),
+        (
+            {"resolver": {"host": {"x": {"mirrors": [{"insecure": True}]}}}},
+            r"c.toml: resolver.host.\"x\".mirrors\[0\] needs a non-empty string 'host'",
+        ),
+        ({"resolver": {"request_timeout_sec": "5"}}, "c.toml: resolver.request_timeout_sec"),
+    ],
+)
+def test_go_rejects_these_too(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, source="c.toml")
+
+
+def test_disable_verification_false_is_fine() -> None:
+    assert parse_config({"disable_verification": False}) == StoreConfig()
+
+
+def test_bad_resolver_is_one_line(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[resolver.host."x".mirrors]]\nhost = 1\n')
+    assert main(["--config", str(bad), "--root", str(tmp_path / "r"), str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"stargz-store: {bad}: resolver.host.\"x\".mirrors[0] needs a non-empty string 'host'"
+    ]
+
+
+def test_resolver_request_timeout_is_applied() -> None:
+    """``[resolver] request_timeout_sec``: every host's default request timeout (upstream
+    service/resolver/registry.go); here the cap on each attempt's share of the read bound."""
+    assert request_timeout(parse_config({"resolver": {"request_timeout_sec": 5}})) == 5
+    assert request_timeout(parse_config({"resolver": {"request_timeout_sec": 0}})) == 30
+
+
+def test_negative_mirror_timeout_is_accepted() -> None:
+    """Go: ``request_timeout_sec < 0`` is no timeout. Reads here stay bounded by
+    ``[blob] fetching_timeout_sec``; the mirror gets the default per-request bound."""
+    from store.registry.hosts import parse_resolver_config
+
+    table = {"host": {"x": {"mirrors": [{"host": "m", "request_timeout_sec": -1}]}}}
+    cfg = parse_config({"resolver": table})
+    [mirror, _origin] = parse_resolver_config(cfg.resolver).endpoints("x")
+    assert mirror.host == "m" and mirror.request_timeout == 30
