@@ -91,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     means no file at all, as in Go (:func:`store.config.load_config`).
     """
     p = argparse.ArgumentParser(
-        prog="stargz-store", description="Lazily pulled eStargz layers for podman, over FUSE."
+        prog="stargz-store",
+        description="Lazily pulled eStargz layers for podman, over FUSE.",
+        add_help=False,
     )
+    p.add_argument("-h", "--help", "-help", action="help", help="show this help and exit")
     p.add_argument(
         "--config",
         "-config",

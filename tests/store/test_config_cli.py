@@ -195,6 +195,13 @@ def test_logrus_levels_are_accepted(given: str, level: str) -> None:
     assert python_log_level(args.log_level) == level
 
 
+@pytest.mark.parametrize("flag", ["-h", "--help", "-help"])
+def test_help_spellings(flag: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([flag])
+    assert exc.value.code == 0 and "MOUNTPOINT" in capsys.readouterr().out
+
+
 def test_unknown_flag_is_refused(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--no-such-flag", "m"])
