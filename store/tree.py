@@ -25,7 +25,8 @@ Conventions (DESIGN.md §3; OCI image spec, "Representing Changes"):
   to the shared inode; a directory's ``nlink`` is 2 + its
   subdirectories; a layer root is 0555 root:root whatever a ``./`` entry says, as
   containers/storage makes every layer's root; a directory the tar never names is 0755
-  root:root, plus set-group-ID when its nearest named ancestor has it (extraction's mkdir).
+  root:root, plus set-group-ID when its parent had it at that point of the tar (extraction's
+  mkdir; :class:`store.estargz.LayerIndex` sets the mode).
 
 Inode numbering: node ``i`` is ``LayerIndex.entries[i]`` (root 0); a whiteout is its
 ``.wh.`` entry's number.
@@ -104,8 +105,6 @@ class Node:
             return stat.S_IFCHR
         if e is self.tree.index.root:
             return stat.S_IFDIR | 0o555
-        if e.implicit and e.type == "dir" and _under_setgid(self.tree.index, e):
-            return stat.S_IFDIR | 0o755 | stat.S_ISGID
         return _TYPE_BITS[e.type] | (self._meta.mode & 0o7777)
 
     @property
@@ -344,15 +343,6 @@ def _marker_under_whiteout(children: Mapping[str, Entry], name: str, child: Entr
         if key == WHITEOUT_PREFIX + name:
             return True
     return False
-
-
-def _under_setgid(index: LayerIndex, e: Entry) -> bool:
-    """An implicit directory's nearest named ancestor is set-group-ID: ``mkdir`` under it
-    inherits the bit (extraction's MkdirAll), the owner stays root:root."""
-    parent = index.parent(e)
-    while parent is not None and parent.implicit and parent.name:
-        parent = index.parent(parent)
-    return parent is not None and parent.name != "" and bool(parent.mode & stat.S_ISGID)
 
 
 def _base(name: str) -> str:

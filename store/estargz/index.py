@@ -639,7 +639,14 @@ class _Builder:
     # -- the tree, sequentially ------------------------------------------------------------
 
     def _dir(self, name: str, where: Where) -> Entry:
-        """The directory ``name``, creating missing ones (implicit, 0755) on the way."""
+        """The directory ``name``, creating missing ones (implicit) on the way.
+
+        An implicit directory is 0755 root:root, as extraction's ``MkdirAll`` makes it, plus
+        set-group-ID when its parent has that bit at this point of the tar: the kernel gives a
+        new directory the bit of the one it is made in, at ``mkdir`` time (a parent named
+        later with the bit does not change it). Never from the layer root, which
+        containers/storage keeps 0555.
+        """
         if self.last_dir[0] == name:
             return self.last_dir[1]
         e = self.idx.root
@@ -648,7 +655,8 @@ class _Builder:
             path = f"{path}/{part}" if path else part
             child = e.children.get(part)
             if child is None:
-                child = Entry(name=path, type="dir", mode=0o755, nlink=2, implicit=True)
+                setgid = e.mode & _S_ISGID if e is not self.idx.root else 0
+                child = Entry(name=path, type="dir", mode=0o755 | setgid, nlink=2, implicit=True)
                 self._attach(e, part, child)
             elif child.type != "dir":
                 raise InvalidToc(f"{where}{path!r} is a {child.type}, not a directory")
@@ -778,6 +786,9 @@ def _checked_name(raw: str, where: Where) -> str:
             f"{where}name {raw[:80]!r}… ({len(encoded)} bytes) is longer than Linux allows"
         )
     return name
+
+
+_S_ISGID = 0o2000  # stat.S_ISGID
 
 
 def _chunk_start(c: Chunk) -> int:

@@ -86,6 +86,24 @@ def test_implicit_directory_under_a_setgid_directory_gets_the_bit():
     assert t.lookup_path("c/d").mode == stat.S_IFDIR | 0o755
 
 
+def test_the_bit_is_the_parents_at_mkdir_time_not_its_final_one():
+    """Extraction makes ``a`` and ``a/x`` for ``a/x/f`` before the tar names ``a`` with the
+    bit: the kernel gave ``a/x`` none (a shape fuzzer find; podman's normal pull agrees)."""
+    t = _raw_tree(
+        [
+            {"name": "a/x/f", "type": "reg"},
+            {"name": "a/", "type": "dir", "mode": 0o2755},
+            {"name": "b/", "type": "dir", "mode": 0o2755},
+            {"name": "b/y/f", "type": "reg"},
+            {"name": "b/", "type": "dir", "mode": 0o755},
+        ]
+    )
+    assert t.lookup_path("a").mode == stat.S_IFDIR | 0o2755
+    assert t.lookup_path("a/x").mode == stat.S_IFDIR | 0o755
+    assert t.lookup_path("b").mode == stat.S_IFDIR | 0o755
+    assert t.lookup_path("b/y").mode == stat.S_IFDIR | 0o2755  # made while b had it
+
+
 def test_hardlink_header_metadata_applies_to_the_shared_inode():
     t = _raw_tree(
         [
