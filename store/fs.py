@@ -248,7 +248,7 @@ class StoreFS:
             gid=node.gid,
             nlink=node.nlink,
             rdev=node.rdev,
-            mtime_ns=node.mtime * 1_000_000_000,
+            mtime_ns=node.mtime_ns,
         )
 
     # -- lookup ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ Inode numbering: node ``i`` is ``LayerIndex.entries[i]`` (root 0); a whiteout is
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -47,6 +48,9 @@ OPAQUE_MARKER = ".wh..wh..opq"
 LANDMARKS = {".prefetch.landmark", ".no.prefetch.landmark"}
 _DOT_WHITEOUTS = frozenset({".wh.", ".wh..", ".wh..."})  # whiteouts of "", "." and ".."
 OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+# The fraction of a second in an RFC 3339 modtime: up to 9 digits (Go's RFC3339Nano, as
+# containers/storage writes zstd:chunked TOCs); eStargz writers round to whole seconds.
+_FRACTION = re.compile(r"\.([0-9]+)")
 
 _TYPE_BITS = {
     "dir": stat.S_IFDIR,
@@ -133,8 +137,8 @@ class Node:
         return 0 if self.entry is self.tree.index.root else self._meta.gid
 
     @property
-    def mtime(self) -> int:
-        return self.tree.mtime(self._meta.modtime)
+    def mtime_ns(self) -> int:
+        return self.tree.mtime_ns(self._meta.modtime)
 
     @property
     def nlink(self) -> int:
@@ -289,14 +293,27 @@ class LayerTree:
             if _base(name).startswith(WHITEOUT_PREFIX) != _base(e.name).startswith(WHITEOUT_PREFIX):
                 raise TreeError(f"{name!r}: a hardlink to {e.name!r} (a whiteout on one side)")
 
-    def mtime(self, modtime: str) -> int:
-        """Seconds since the epoch of a TOC ``modtime`` (RFC 3339; 0 when absent or bad)."""
+    def mtime_ns(self, modtime: str) -> int:
+        """Nanoseconds since the epoch of a TOC ``modtime`` (RFC 3339; 0 when absent or bad).
+
+        The fraction is kept to the nanosecond, as extracting the tar does: containers/storage
+        writes a zstd:chunked TOC's ``modtime`` with Go's ``RFC3339Nano`` (``pkg/chunked/
+        compressor``), and its own pulls set the file's time from it (or from the tar header)
+        to the nanosecond. ``datetime`` keeps only microseconds, so the fraction is read apart
+        from the whole seconds, and added to them: 1959-12-31T23:59:59.5Z is -315619200.5 s
+        (truncating the float gave -315619200, half a second late).
+        """
         found = self._mtimes.get(modtime)
         if found is None:
+            fraction = _FRACTION.search(modtime)
+            whole = modtime if fraction is None else _FRACTION.sub("", modtime, count=1)
             try:
-                found = int(datetime.fromisoformat(modtime.replace("Z", "+00:00")).timestamp())
+                seconds = int(datetime.fromisoformat(whole.replace("Z", "+00:00")).timestamp())
             except ValueError:
                 found = 0
+            else:
+                digits = fraction.group(1)[:9].ljust(9, "0") if fraction is not None else "0"
+                found = seconds * 1_000_000_000 + int(digits)
             self._mtimes[modtime] = found
         return found
 

@@ -115,7 +115,27 @@ def test_hardlink_header_metadata_applies_to_the_shared_inode():
     a, b = t.lookup_path("a"), t.lookup_path("b")
     assert a == b
     assert (b.mode, b.uid, b.gid, b.nlink) == (stat.S_IFREG | 0o640, 3, 4, 2)
-    assert b.mtime == 1609459200
+    assert b.mtime_ns == 1609459200 * 10**9
+
+
+@pytest.mark.parametrize(
+    ("modtime", "ns"),
+    [
+        # containers/storage writes RFC3339Nano: the fraction to the nanosecond (trailing
+        # zeros dropped), as skopeo/podman 4.3–5.8 wrote it for a tar mtime of
+        # 1700000000.1234567 s — extraction gives the file that st_mtime_ns.
+        ("2023-11-14T22:13:20.1234567Z", 1_700_000_000_123_456_700),
+        ("2023-11-14T23:13:20.123456789+01:00", 1_700_000_000_123_456_789),
+        # Before the epoch the whole seconds count down: -315619200.5 s.
+        ("1959-12-31T23:59:59.5Z", -315_619_200_500_000_000),
+        ("2023-11-14T22:13:20Z", 1_700_000_000 * 10**9),  # eStargz: whole seconds
+        ("", 0),
+        ("yesterday", 0),
+    ],
+)
+def test_mtime_keeps_the_fraction_of_a_second(modtime, ns):
+    t = _raw_tree([{"name": "f", "type": "reg", "modtime": modtime}])
+    assert t.lookup_path("f").mtime_ns == ns
 
 
 @pytest.mark.parametrize("replacer", ["a", "a/x"])
