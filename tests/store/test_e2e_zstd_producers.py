@@ -23,6 +23,7 @@ before 1970 (extraction sets a file's or directory's to the epoch, containers/st
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
@@ -226,3 +227,34 @@ def test_lazy_pull_of_a_real_producers_layers_matches_a_normal_pull(
             p for p in lazy_tree.keys() | full_tree.keys() if lazy_tree.get(p) != full_tree.get(p)
         }
         assert not diff, {p: (lazy_tree.get(p), full_tree.get(p)) for p in sorted(diff)}
+
+
+def test_a_name_that_is_not_utf8_is_not_served_renamed(registry, store_factory, tmp_path):
+    """A tar name that is not UTF-8 (``latin\\xe9.txt``, a Latin-1 name) cannot be written in
+    the JSON TOC: containers/storage's writer (Go ``encoding/json``) writes ``\\ufffd`` in its
+    place, so the TOC names a file that is not in the layer. The store refuses the layer (as
+    containers/storage ≥ 1.55 refuses it for its own partial pull, "tar-split and TOC data is
+    inconsistent") and podman 4.3 pulls it normally: the container sees the tar's name."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        busybox(tar)
+        add_file(tar, "latin\udce9.txt", b"abc")  # the byte 0xe9, surrogate-escaped
+        add_node(tar, "link", tarfile.SYMTYPE, 0o777, linkname="target\udcff")
+    blobs = to_zstd_chunked_skopeo([buf.getvalue()], tmp_path / "skopeo")
+    host = registry.host
+    push(host, "latin/img", "1", blobs)
+    ref = f"{host}/latin/img:1"
+    store = store_factory("noprefetch = true\nno_background_fetch = true\n")
+    listing = (
+        "/bin/find / -maxdepth 1 -name 'lat*' | /bin/busybox od -An -c; "
+        "/bin/busybox readlink /link | /bin/busybox od -An -c"
+    )
+    with PodmanEnv(
+        tmp_path / "lazy", additional_layer_store=store.mnt, insecure_registries=[host]
+    ) as env:
+        env.pull(ref, timeout=120)
+        out = env.run(ref, "/bin/sh", "-c", listing, timeout=60).stdout
+        assert store.status()["layers"] == {}  # pulled normally
+    assert "refusing layer" in store.log.read_text()
+    assert "/   l   a   t   i   n 351   .   t   x   t" in out, out  # \351 = 0xe9
+    assert "t   a   r   g   e   t 377" in out, out
