@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
+import math
 import os
 import platform
 import subprocess
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -109,10 +113,65 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:
-        """A record from its JSON object, migrated to the current schema (:func:`migrate`)."""
+        """A record from its JSON object, migrated to the current schema (:func:`migrate`).
+        Raises :class:`ValueError` naming the field that is of the wrong type, not a finite
+        number, a negative count or time, or an unknown status (:func:`check_fields`)."""
         data = migrate(data)
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        data = {k: v for k, v in data.items() if k in known}
+        check_fields(data)
+        return cls(**data)
+
+
+# The one number of a record that may be negative: the exit code (minus the signal).
+_MAY_BE_NEGATIVE = {"exit_code"}
+
+
+@functools.cache
+def _record_types() -> dict[str, Any]:
+    return typing.get_type_hints(Record)
+
+
+def check_fields(data: dict[str, Any]) -> None:
+    """Check a record's fields against :class:`Record`'s types: strings, integers, numbers
+    (finite), booleans and objects where the dataclass says so, no negative time, count or
+    sample, a status of :data:`STATUSES`, the key's fields, and a total where the status is
+    ok (every measurement that finished has one). Raises :class:`ValueError` naming the
+    field."""
+    hints = _record_types()
+    for name, value in data.items():
+        hint = hints[name]
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if value is None:
+            if types.NoneType in options:
+                continue
+            raise ValueError(f"{name}: must be given, got null")
+        kinds = {typing.get_origin(t) or t for t in options}
+        if bool in kinds:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: must be true or false, got {value!r}")
+        elif int in kinds or float in kinds:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                what = "an integer" if int in kinds else "a number"
+                raise ValueError(f"{name}: must be {what}, got {value!r}")
+            if int in kinds and not isinstance(value, int):
+                raise ValueError(f"{name}: must be an integer, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: must be finite, got {value!r}")
+            if value < 0 and name not in _MAY_BE_NEGATIVE:
+                raise ValueError(f"{name}: must not be negative, got {value!r}")
+        elif str in kinds:
+            if not isinstance(value, str):
+                raise ValueError(f"{name}: must be a string, got {value!r}")
+        elif dict in kinds and not isinstance(value, dict):
+            raise ValueError(f"{name}: must be an object, got {value!r}")
+    if data.get("status", "ok") not in STATUSES:
+        raise ValueError(f"status: must be one of {', '.join(STATUSES)}, got {data['status']!r}")
+    for name in ("sample", "workload", "mode"):
+        if name not in data:
+            raise ValueError(f"{name}: missing")
+    if data.get("status", "ok") == "ok" and data.get("total_s") is None:
+        raise ValueError("total_s: missing from a record with status ok")
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
@@ -149,28 +208,56 @@ def append_record(run_dir: Path, record: Record) -> None:
 
 def read_records(run_dir: Path) -> list[Record]:
     """All records, oldest first. A torn last line (the process died mid-write) is skipped;
-    for a key recorded twice (a failed measurement retried on resume) the last record wins."""
+    for a key recorded twice (a failed measurement retried on resume) the last record wins.
+    Raises :class:`UserError` naming the file and line of a record that cannot be read (not
+    UTF-8, not a JSON object, a key given twice, a field as :meth:`Record.from_dict` refuses)."""
     path = run_dir / RECORDS
     if not path.exists():
         return []
     by_key: dict[Key, Record] = {}
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    try:
+        with path.open("rb") as f:
+            lines = list(f)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    for n, raw in enumerate(lines, 1):
+        torn = not raw.endswith(b"\n")  # only the last line can be: the process died mid-write
+        try:
+            line = raw.decode()
+        except UnicodeDecodeError:
+            if torn:
                 continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError:
-                if line.endswith("\n"):
-                    raise UserError(f"{path}:{n}: not a JSON record") from None
-                continue  # torn final line
-            try:
-                rec = Record.from_dict(data)
-            except (ValueError, TypeError) as exc:
-                raise UserError(f"{path}:{n}: {exc}") from None
-            by_key.pop(rec.key, None)
-            by_key[rec.key] = rec
+            raise UserError(f"{path}:{n}: not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line, object_pairs_hook=_no_repeated_keys)
+        except json.JSONDecodeError:
+            if not torn:
+                raise UserError(f"{path}:{n}: not a JSON record") from None
+            continue
+        except ValueError as exc:  # a key given twice
+            raise UserError(f"{path}:{n}: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}:{n}: not a JSON object")
+        try:
+            rec = Record.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"{path}:{n}: {exc}") from None
+        by_key.pop(rec.key, None)
+        by_key[rec.key] = rec
     return list(by_key.values())
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; :class:`ValueError` for a key given twice (a hand
+    edit: which of the two values was meant cannot be told)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"{key}: given twice")
+        out[key] = value
+    return out
 
 
 def finished_keys(run_dir: Path) -> set[Key]:

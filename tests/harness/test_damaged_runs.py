@@ -1,0 +1,86 @@
+"""Damaged and unusual run directories (a hand edit, a disk error, an older or other lazybench):
+each is refused with one line naming the file, line and field, or read honestly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.cli import UserError
+from harness.records import (
+    RECORDS,
+    Record,
+    read_records,
+)
+
+
+def _write_records(run_dir: Path, *records: dict[str, object] | str) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    (run_dir / RECORDS).write_text("".join(line + "\n" for line in lines))
+    return run_dir
+
+
+def _record(**fields: object) -> dict[str, object]:
+    return json.loads(Record(0, "w", "legacy", total_s=1.0).to_json()) | fields
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"total_s": "fast"}, r"records.jsonl:2: total_s: must be a number, got 'fast'"),
+        ({"sample": "0"}, r"records.jsonl:2: sample: must be an integer, got '0'"),
+        ({"bytes_fetched": 1.5}, r"records.jsonl:2: bytes_fetched: must be an integer"),
+        ({"ready": "yes"}, r"records.jsonl:2: ready: must be true or false"),
+        ({"workload": 3}, r"records.jsonl:2: workload: must be a string"),
+        ({"total_s": float("nan")}, r"records.jsonl:2: total_s: must be finite"),
+        ({"pull_s": float("inf")}, r"records.jsonl:2: pull_s: must be finite"),
+        ({"total_s": -5.0}, r"records.jsonl:2: total_s: must not be negative"),
+        ({"bytes_fetched": -1}, r"records.jsonl:2: bytes_fetched: must not be negative"),
+        ({"status": "great"}, r"records.jsonl:2: status: must be one of ok, error, fell-back"),
+        ({"store_metrics": []}, r"records.jsonl:2: store_metrics: must be an object"),
+        ({"total_s": None}, r"records.jsonl:2: total_s: missing from a record with status ok"),
+        ({"workload": None}, r"records.jsonl:2: workload: must be given, got null"),
+    ],
+)
+def test_a_record_with_a_wrong_field_is_refused_by_file_line_and_field(
+    tmp_path: Path, fields: dict[str, object], message: str
+) -> None:
+    _write_records(tmp_path, _record(sample=1), _record(**fields))
+    with pytest.raises(UserError, match=message):
+        read_records(tmp_path)
+
+
+def test_a_record_without_a_key_field_is_refused_by_name(tmp_path: Path) -> None:
+    record = _record()
+    del record["sample"]
+    _write_records(tmp_path, record)
+    with pytest.raises(UserError, match=r"records.jsonl:1: sample: missing"):
+        read_records(tmp_path)
+
+
+def test_a_record_that_is_not_an_object_or_repeats_a_key_is_refused(tmp_path: Path) -> None:
+    _write_records(tmp_path, _record(), "[1, 2]")
+    with pytest.raises(UserError, match=r"records.jsonl:2: not a JSON object"):
+        read_records(tmp_path)
+    line = json.dumps(_record(sample=1))[:-1] + ', "total_s": 0.001}'
+    _write_records(tmp_path, _record(), line)
+    with pytest.raises(UserError, match=r"records.jsonl:2: total_s: given twice"):
+        read_records(tmp_path)
+
+
+def test_records_that_are_not_utf8_or_not_readable_are_refused(tmp_path: Path) -> None:
+    _write_records(tmp_path, _record(), _record(sample=1))
+    data = (tmp_path / RECORDS).read_bytes()
+    (tmp_path / RECORDS).write_bytes(data + b'{"sample": 2, "\xff": 1}\n' + data)
+    with pytest.raises(UserError, match=r"records.jsonl:3: not UTF-8 text"):
+        read_records(tmp_path)
+    # A torn last line may end inside a multi-byte character: it is skipped as torn.
+    (tmp_path / RECORDS).write_bytes(data + '{"workload": "é'.encode()[:-1])
+    assert len(read_records(tmp_path)) == 2
+    (tmp_path / RECORDS).unlink()
+    (tmp_path / RECORDS).mkdir()
+    with pytest.raises(UserError, match=r"records.jsonl: cannot read"):
+        read_records(tmp_path)
