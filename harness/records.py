@@ -19,7 +19,7 @@ import platform
 import subprocess
 import types
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -122,6 +122,22 @@ class Record:
         check_fields(data)
         return cls(**data)
 
+    def with_honest_status(self) -> Record:
+        """This record, or — a lazy record marked ok whose laziness verdict says a layer did
+        not come from the store or was served whole (a hand edit, another tool) — the same
+        record as "fell-back": a lazy figure counts only when every layer came from the store
+        (:meth:`harness.laziness.Verdict.lazy`)."""
+        if self.status != "ok" or not self.store or self.layers_total is None:
+            return self
+        from_store, whole = self.layers_from_store or 0, self.layers_served_whole or 0
+        if self.layers_total > 0 and from_store == self.layers_total and whole == 0:
+            return self
+        reason = (
+            f"recorded as ok, but {from_store} of {self.layers_total} layers came from the "
+            f"store, {whole} served whole"
+        )
+        return replace(self, status="fell-back", error=reason)
+
 
 # The one number of a record that may be negative: the exit code (minus the signal).
 _MAY_BE_NEGATIVE = {"exit_code"}
@@ -210,7 +226,9 @@ def read_records(run_dir: Path) -> list[Record]:
     """All records, oldest first. A torn last line (the process died mid-write) is skipped;
     for a key recorded twice (a failed measurement retried on resume) the last record wins.
     Raises :class:`UserError` naming the file and line of a record that cannot be read (not
-    UTF-8, not a JSON object, a key given twice, a field as :meth:`Record.from_dict` refuses)."""
+    UTF-8, not a JSON object, a key given twice, a field as :meth:`Record.from_dict` refuses).
+    A lazy record marked ok against its own laziness verdict is read as fell back
+    (:meth:`Record.with_honest_status`)."""
     path = run_dir / RECORDS
     if not path.exists():
         return []
@@ -241,7 +259,7 @@ def read_records(run_dir: Path) -> list[Record]:
         if not isinstance(data, dict):
             raise UserError(f"{path}:{n}: not a JSON object")
         try:
-            rec = Record.from_dict(data)
+            rec = Record.from_dict(data).with_honest_status()
         except (ValueError, TypeError) as exc:
             raise UserError(f"{path}:{n}: {exc}") from None
         by_key.pop(rec.key, None)

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from harness.cli import UserError
+from harness.gate import compare_runs, gate_failures, load_gate
 from harness.records import (
     RECORDS,
     Record,
     read_records,
 )
+from tests.harness.test_results import make_run
 
 
 def _write_records(run_dir: Path, *records: dict[str, object] | str) -> Path:
@@ -84,3 +86,35 @@ def test_records_that_are_not_utf8_or_not_readable_are_refused(tmp_path: Path) -
     (tmp_path / RECORDS).mkdir()
     with pytest.raises(UserError, match=r"records.jsonl: cannot read"):
         read_records(tmp_path)
+
+
+def test_a_lazy_record_marked_ok_whose_layers_did_not_all_come_from_the_store_fell_back(
+    tmp_path: Path,
+) -> None:
+    lazy = {"mode": "estargz", "store": "default", "layers_total": 3}
+    _write_records(
+        tmp_path,
+        _record(**lazy, layers_from_store=3, layers_served_whole=0),
+        _record(**lazy, sample=1, layers_from_store=2, layers_served_whole=0),
+        _record(**lazy, sample=2, layers_from_store=3, layers_served_whole=1),
+    )
+    ok, partial, whole = read_records(tmp_path)
+    assert ok.status == "ok"
+    assert (partial.status, whole.status) == ("fell-back", "fell-back")
+    assert "2 of 3 layers came from the store" in (partial.error or "")
+    assert "1 served whole" in (whole.error or "")
+
+
+def test_gate_still_fails_where_a_lazy_record_was_marked_ok_by_hand(tmp_path: Path) -> None:
+    base = make_run(tmp_path / "a")
+    new = make_run(tmp_path / "b", seed=2)
+    lines = (new / RECORDS).read_text().splitlines()
+    edited = []
+    for line in lines:
+        r = json.loads(line)
+        if r["mode"] == "estargz":
+            r |= {"layers_total": 2, "layers_from_store": 1, "layers_served_whole": 0}
+        edited.append(json.dumps(r))
+    (new / RECORDS).write_text("\n".join(edited) + "\n")
+    problems = gate_failures(compare_runs(base, new), load_gate())
+    assert any("estargz" in p and "fell back" in p for p in problems)
