@@ -90,6 +90,8 @@ from harness.records import (
     append_record,
     environment,
     finished_keys,
+    read_environment,
+    read_json,
 )
 from harness.runtimes import HOST, Node, NodeError, build_node, runtime_versions, version_tuple
 from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, parse_scenario
@@ -223,7 +225,7 @@ def load_run_scenario(run_dir: Path) -> Scenario:
     path = run_dir / SCENARIO_COPY
     if not path.exists():
         raise UserError(f"{run_dir}: no {SCENARIO_COPY} here (not a run directory?)")
-    return parse_scenario(json.loads(path.read_text()), str(path))
+    return parse_scenario(read_json(path), str(path))
 
 
 @dataclass
@@ -291,7 +293,7 @@ class Runner:
         self._node = self._runtime_node()
         self._versions = runtime_versions(self.scenario.node, self.cache_dir)
         env_path = self.run_dir / ENVIRONMENT
-        meta = json.loads(env_path.read_text()) if env_path.exists() else environment(self.scenario)
+        meta = read_environment(self.run_dir) if env_path.exists() else environment(self.scenario)
         if env_path.exists():
             meta.setdefault("resumed", []).append(
                 dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -365,7 +367,7 @@ class Runner:
         mine = self.scenario.to_dict()
         if path.exists():
             # Parsed, so a copy written in an older form (a [store] table) compares equal.
-            theirs = parse_scenario(json.loads(path.read_text()), str(path)).to_dict()
+            theirs = parse_scenario(read_json(path), str(path)).to_dict()
             if json.loads(json.dumps(theirs)) != json.loads(json.dumps(mine)):
                 raise UserError(
                     f"{self.run_dir}: was started with a different scenario; "
@@ -378,7 +380,7 @@ class Runner:
         env_path = self.run_dir / ENVIRONMENT
         if not env_path.exists():
             return
-        recorded = json.loads(env_path.read_text()).get("shard")
+        recorded = read_environment(self.run_dir).get("shard")
         mine = str(self.shard) if self.shard is not None else None
         if recorded != mine:
             raise UserError(

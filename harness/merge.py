@@ -22,7 +22,14 @@ from typing import Any
 
 from harness.cli import UserError
 from harness.limit import read_limits, write_limits
-from harness.records import ENVIRONMENT, RECORDS, SCENARIO_COPY, read_environment, read_records
+from harness.records import (
+    ENVIRONMENT,
+    RECORDS,
+    SCENARIO_COPY,
+    read_environment,
+    read_json,
+    read_records,
+)
 from harness.scenario import parse_scenario
 
 MACHINE_KEYS = ("host", "cpu", "cpus", "kernel", "podman")
@@ -33,7 +40,7 @@ def _scenario(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / RECORDS).exists() or not path.exists():
         raise UserError(f"{run_dir}: no {RECORDS} and {SCENARIO_COPY} here (not a run directory?)")
     # Parsed, so copies written in older forms compare equal.
-    return parse_scenario(json.loads(path.read_text()), str(path)).to_dict()
+    return parse_scenario(read_json(path), str(path)).to_dict()
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

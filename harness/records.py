@@ -307,11 +307,42 @@ def sort_records(records: list[Record], env: dict[str, Any]) -> list[Record]:
     )
 
 
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``. Raises :class:`UserError` naming the file (and line) when it
+    cannot be read, is not UTF-8 or is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+
+
 def read_environment(run_dir: Path) -> dict[str, Any]:
+    """``environment.json`` ({} when there is none). Raises :class:`UserError` naming the file
+    when it is not a JSON object, or its scenario not an object with a percentile in (0, 100]
+    (which every statistic of the run is taken at)."""
     path = run_dir / ENVIRONMENT
     if not path.exists():
         return {}
-    return json.loads(path.read_text())
+    env = read_json(path)
+    if not isinstance(env, dict):
+        raise UserError(f"{path}: not a JSON object")
+    scenario = env.get("scenario", {})
+    if not isinstance(scenario, dict):
+        raise UserError(f"{path}: scenario: must be an object")
+    percentile = scenario.get("percentile", 95)
+    if (
+        isinstance(percentile, bool)
+        or not isinstance(percentile, int | float)
+        or not 0 < percentile <= 100
+    ):
+        raise UserError(
+            f"{path}: scenario.percentile: must be a number in (0, 100], got {percentile!r}"
+        )
+    return env
 
 
 # -- environment metadata ---------------------------------------------------------------

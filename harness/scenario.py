@@ -354,6 +354,8 @@ def parse_scenario(
     take; ``None`` skips that check.
     """
     c = _Checker(source)
+    if not isinstance(data, dict):  # a JSON copy (scenario.json) can hold any value
+        raise ScenarioError(f"{source}: must be a table of the scenario's keys, got {_show(data)}")
     c.unknown(
         data,
         {

@@ -10,11 +10,17 @@ import pytest
 
 from harness.cli import UserError
 from harness.gate import compare_runs, gate_failures, load_gate
+from harness.measure import load_run_scenario
+from harness.merge import merge_runs
 from harness.records import (
+    ENVIRONMENT,
     RECORDS,
+    SCENARIO_COPY,
     Record,
+    read_environment,
     read_records,
 )
+from harness.report import write_report
 from tests.harness.test_results import make_run
 
 
@@ -105,6 +111,47 @@ def test_a_lazy_record_marked_ok_whose_layers_did_not_all_come_from_the_store_fe
     assert "1 served whole" in (whole.error or "")
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", r"environment.json:1: not valid JSON"),
+        ("[]", r"environment.json: not a JSON object"),
+        ('{"scenario": []}', r"environment.json: scenario: must be an object"),
+        (
+            '{"scenario": {"percentile": "ninety"}}',
+            r"environment.json: scenario.percentile: must be a number",
+        ),
+    ],
+)
+def test_a_damaged_environment_is_refused_by_name(tmp_path: Path, text: str, message: str) -> None:
+    run = make_run(tmp_path / "run")
+    (run / ENVIRONMENT).write_text(text)
+    with pytest.raises(UserError, match=message):
+        read_environment(run)
+    with pytest.raises(UserError, match=message):
+        write_report(run)
+
+
+def test_environment_in_other_bytes_is_refused(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    (run / ENVIRONMENT).write_bytes(b'{"kernel": "\xff"}')
+    with pytest.raises(UserError, match=r"environment.json: not UTF-8 text"):
+        read_environment(run)
+
+
+def test_a_damaged_scenario_copy_is_refused_on_resume_and_merge(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    (run / SCENARIO_COPY).write_text("{oops")
+    with pytest.raises(UserError, match=r"scenario.json:1: not valid JSON"):
+        load_run_scenario(run)
+    with pytest.raises(UserError, match=r"scenario.json:1: not valid JSON"):
+        merge_runs(tmp_path / "out", [run])
+    (run / SCENARIO_COPY).write_bytes(b"\xff\xfe{}")
+    with pytest.raises(UserError, match=r"scenario.json: not UTF-8 text"):
+        load_run_scenario(run)
+    assert not (tmp_path / "out").exists()
+
+
 def test_gate_still_fails_where_a_lazy_record_was_marked_ok_by_hand(tmp_path: Path) -> None:
     base = make_run(tmp_path / "a")
     new = make_run(tmp_path / "b", seed=2)
@@ -118,3 +165,11 @@ def test_gate_still_fails_where_a_lazy_record_was_marked_ok_by_hand(tmp_path: Pa
     (new / RECORDS).write_text("\n".join(edited) + "\n")
     problems = gate_failures(compare_runs(base, new), load_gate())
     assert any("estargz" in p and "fell back" in p for p in problems)
+
+
+@pytest.mark.parametrize("text", ["[]", '"x"', "3"])
+def test_a_scenario_copy_that_is_not_an_object_is_refused(tmp_path: Path, text: str) -> None:
+    run = make_run(tmp_path / "run")
+    (run / SCENARIO_COPY).write_text(text)
+    with pytest.raises(UserError, match=r"scenario.json: must be a table"):
+        load_run_scenario(run)
