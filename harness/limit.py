@@ -275,6 +275,9 @@ def read_limits(run_dir: Path) -> dict[str, dict[str, Any]] | None:
         workloads = data["workloads"]
         if not isinstance(workloads, dict):
             raise TypeError("workloads is not an object")
+        for name, entry in workloads.items():
+            if not isinstance(entry, dict):
+                raise TypeError(f"workloads.{name} is not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: {exc}; delete it and run `lazybench report --limits`") from None
     return workloads

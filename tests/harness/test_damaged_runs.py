@@ -69,6 +69,13 @@ def test_a_record_without_a_key_field_is_refused_by_name(tmp_path: Path) -> None
         read_records(tmp_path)
 
 
+def test_a_limits_entry_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    (run / "limits.json").write_text('{"workloads": {"python": 5}}')
+    with pytest.raises(UserError, match=r"limits.json: workloads.python is not an object"):
+        write_report(run)
+
+
 def test_a_record_that_is_not_an_object_or_repeats_a_key_is_refused(tmp_path: Path) -> None:
     _write_records(tmp_path, _record(), "[1, 2]")
     with pytest.raises(UserError, match=r"records.jsonl:2: not a JSON object"):
