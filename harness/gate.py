@@ -76,7 +76,8 @@ def load_gate(path: Path | None = None) -> Gate:
         if not isinstance(section, dict):
             raise UserError(f"{path}: {table}: must be a table")
         value = section.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        # `not value >= 0` also refuses nan (TOML's `nan`), which no change would ever exceed.
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             raise UserError(f"{path}: {table}.{key}: must be a number ≥ 0, got {value!r}")
         return float(value)
 
@@ -84,7 +85,7 @@ def load_gate(path: Path | None = None) -> Gate:
     if not isinstance(ratio, dict):
         raise UserError(f"{path}: ratio: must be a table of mode = ceiling")
     for mode, value in ratio.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise UserError(f"{path}: ratio.{mode}: must be a number > 0, got {value!r}")
     fail_on_missing = data.get("fail_on_missing", True)
     if not isinstance(fail_on_missing, bool):

@@ -159,6 +159,16 @@ def test_a_damaged_scenario_copy_is_refused_on_resume_and_merge(tmp_path: Path) 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_nan_threshold_in_a_gate_file_is_refused(tmp_path: Path) -> None:
+    gate = tmp_path / "gate.toml"
+    gate.write_text("[total]\nmax_increase_pct = nan\n")
+    with pytest.raises(UserError, match=r"gate.toml: total.max_increase_pct: must be a number"):
+        load_gate(gate)
+    gate.write_text("[ratio]\nestargz = nan\n")
+    with pytest.raises(UserError, match=r"gate.toml: ratio.estargz: must be a number > 0"):
+        load_gate(gate)
+
+
 def test_gate_still_fails_where_a_lazy_record_was_marked_ok_by_hand(tmp_path: Path) -> None:
     base = make_run(tmp_path / "a")
     new = make_run(tmp_path / "b", seed=2)
