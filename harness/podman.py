@@ -381,10 +381,19 @@ class PodmanEnv:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old or the new file, never half."""
+    """Write ``text`` to ``path`` so that a reader sees the old or the new file, never half.
+    On failure the temporary file is removed, the old file is left as it was, and the
+    :class:`OSError` raised names ``path`` (not the temporary file)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def mounts_below(path: Path) -> list[Path]:

@@ -383,8 +383,13 @@ def draw_chart(
     for ext in ("png", "svg"):
         path = stem.with_suffix(f".{ext}")
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{ext}")
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        try:
+            fig.savefig(tmp, dpi=120)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            plt.close(fig)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         paths.append(path)
     plt.close(fig)
     return paths
@@ -804,11 +809,18 @@ def write_report(
     run_dir: Path, *, cache_dir: Path | None = None, recompute_limits: bool = False
 ) -> Report:
     """(Re)build summary.csv, table.md, chart.png/svg and report.md from the run's records
-    (and ``limits.json``: :func:`run_limits`, with ``cache_dir`` the image cache).
+    (and ``limits.json``: :func:`run_limits`, with ``cache_dir`` the image cache). Each file
+    is replaced whole or left as it was.
 
-    Raises :class:`UserError` when ``run_dir`` is not a run directory or holds no finished
-    measurement."""
-    run_dir = Path(run_dir)
+    Raises :class:`UserError` when ``run_dir`` is not a run directory, holds no finished
+    measurement, or a file there cannot be read or written (naming the file)."""
+    try:
+        return _write_report(Path(run_dir), cache_dir, recompute_limits)
+    except OSError as exc:
+        raise UserError(f"{exc.filename or run_dir}: {exc.strerror or exc}") from None
+
+
+def _write_report(run_dir: Path, cache_dir: Path | None, recompute_limits: bool) -> Report:
     if not (run_dir / RECORDS).exists():
         raise UserError(f"{run_dir}: no {RECORDS} here (not a run directory?)")
     env = read_environment(run_dir)

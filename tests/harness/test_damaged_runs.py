@@ -4,6 +4,8 @@ each is refused with one line naming the file, line and field, or read honestly.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from harness.cli import UserError
 from harness.gate import compare_runs, gate_failures, load_gate
 from harness.measure import load_run_scenario
 from harness.merge import merge_runs
+from harness.podman import write_atomic
 from harness.records import (
     ENVIRONMENT,
     RECORDS,
@@ -182,6 +185,32 @@ def test_gate_still_fails_where_a_lazy_record_was_marked_ok_by_hand(tmp_path: Pa
     (new / RECORDS).write_text("\n".join(edited) + "\n")
     problems = gate_failures(compare_runs(base, new), load_gate())
     assert any("estargz" in p and "fell back" in p for p in problems)
+
+
+def test_write_atomic_leaves_no_temporary_file_when_it_cannot_replace(tmp_path: Path) -> None:
+    (tmp_path / "report.md").mkdir()  # os.replace of a file onto a directory fails
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "report.md", "text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_report_into_a_read_only_run_dir_is_a_user_error(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    run.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        with pytest.raises(UserError, match=r"Permission denied"):
+            write_report(run)
+    finally:
+        run.chmod(stat.S_IRWXU)
+
+
+def test_report_where_an_output_cannot_be_written_is_a_user_error(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    (run / "table.md").mkdir()  # in the way of the table, as a read-only file would be
+    with pytest.raises(UserError, match=r"table.md: Is a directory"):
+        write_report(run)
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("text", ["[]", '"x"', "3"])
