@@ -49,7 +49,8 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def merge_runs(out: Path, run_dirs: list[Path]) -> Path:
     """Merge ``run_dirs`` into ``out`` (see the module docstring); return ``out``.
-    Raises :class:`UserError` on any refusal; ``out`` is written whole or not at all."""
+    Raises :class:`UserError` on any refusal or a file that cannot be written (naming it);
+    ``out`` is written whole or not at all."""
     if not run_dirs:
         raise UserError("merge: name at least one RUN_DIR")
     out = Path(out)
@@ -95,8 +96,11 @@ def merge_runs(out: Path, run_dirs: list[Path]) -> Path:
     machines = {tuple(str(e.get(k)) for k in MACHINE_KEYS) for e in envs}
     env["machines_differ"] = len(machines) > 1
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"merge: cannot create {out}: {exc.strerror or exc}") from None
     try:
         (tmp / SCENARIO_COPY).write_text(json.dumps(scenarios[0], indent=1))
         (tmp / ENVIRONMENT).write_text(json.dumps(env, indent=1, sort_keys=True))
@@ -117,7 +121,9 @@ def merge_runs(out: Path, run_dirs: list[Path]) -> Path:
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"merge: {exc.filename or out}: {exc.strerror or exc}") from None
         raise
     return out

@@ -219,3 +219,12 @@ def test_a_scenario_copy_that_is_not_an_object_is_refused(tmp_path: Path, text: 
     (run / SCENARIO_COPY).write_text(text)
     with pytest.raises(UserError, match=r"scenario.json: must be a table"):
         load_run_scenario(run)
+
+
+def test_merge_into_a_place_it_cannot_write_is_a_user_error(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    (run / SCENARIO_COPY).write_text(json.dumps(read_environment(run)["scenario"]))
+    (tmp_path / "file").write_text("")  # a file where the output's parent should be
+    with pytest.raises(UserError, match=r"merge: .*file"):
+        merge_runs(tmp_path / "file" / "out", [run])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]
