@@ -181,6 +181,36 @@ def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFra
     return out
 
 
+# What a run was measured under, from its environment.json: (name, where in it, default).
+CONDITIONS = (
+    ("network profile", ("scenario", "network", "profile"), None),
+    ("runtime", ("scenario", "runtime"), "podman"),
+    ("node", ("node",), "host"),
+    ("percentile", ("scenario", "percentile"), 95),
+)
+
+
+def condition_differences(base: Path, new: Path) -> list[str]:
+    """What the two runs were measured under differently (network profile, runtime, podman
+    node, the percentile reported): a change between them is not the code's alone, so
+    ``compare`` warns. Runs without ``environment.json`` are not compared here."""
+    envs = [read_environment(Path(d)) for d in (base, new)]
+    if not all(envs):
+        return []
+
+    def get(env: dict[str, Any], keys: tuple[str, ...], default: Any) -> Any:
+        for key in keys:
+            env = env.get(key, {}) if isinstance(env, dict) else {}
+        return env if env != {} else default
+
+    out = []
+    for name, keys, default in CONDITIONS:
+        a, b = (get(e, keys, default) for e in envs)
+        if a != b:
+            out.append(f"{name}: {a!r} in the base run, {b!r} in the new one")
+    return out
+
+
 def _stat(values: list[float], statistic: str, percentile: float) -> float:
     s = pd.Series(values, dtype=float)
     return float(s.median() if statistic == "median" else s.quantile(percentile / 100.0))

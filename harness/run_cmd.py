@@ -231,6 +231,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         Gate,
         compare_runs,
         compare_table,
+        condition_differences,
         gate_failures,
         gate_warnings,
         load_gate,
@@ -244,6 +245,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cmp = compare_runs(args.base, args.new, statistic)
     print(f"{args.base} → {args.new} ({statistic})\n")
     print(compare_table(cmp))
+    for difference in condition_differences(args.base, args.new):
+        print(f"warning: the runs were measured differently: {difference}", file=sys.stderr)
     for warning in gate_warnings(cmp):
         print(f"warning: {warning}", file=sys.stderr)
     if args.gate is None:

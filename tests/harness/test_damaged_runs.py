@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import UserError
-from harness.gate import compare_runs, gate_failures, load_gate
+from harness.gate import compare_runs, condition_differences, gate_failures, load_gate
 from harness.measure import load_run_scenario
 from harness.merge import merge_runs
 from harness.podman import write_atomic
@@ -228,3 +228,18 @@ def test_merge_into_a_place_it_cannot_write_is_a_user_error(tmp_path: Path) -> N
     with pytest.raises(UserError, match=r"merge: .*file"):
         merge_runs(tmp_path / "file" / "out", [run])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]
+
+
+def test_compare_names_what_two_runs_were_measured_under_differently(tmp_path: Path) -> None:
+    base = make_run(tmp_path / "a")
+    new = make_run(tmp_path / "b", seed=2)
+    assert condition_differences(base, new) == []
+    env = read_environment(new)
+    env["scenario"] |= {"network": {"profile": "loopback"}, "percentile": 50}
+    env["node"] = "sid"
+    (new / ENVIRONMENT).write_text(json.dumps(env))
+    assert condition_differences(base, new) == [
+        "network profile: 'wan' in the base run, 'loopback' in the new one",
+        "node: 'host' in the base run, 'sid' in the new one",
+        "percentile: 95 in the base run, 50 in the new one",
+    ]
