@@ -221,11 +221,30 @@ def new_run_id(scenario: Scenario) -> str:
 
 
 def load_run_scenario(run_dir: Path) -> Scenario:
-    """The scenario a run directory was started with (for ``--resume``)."""
+    """The scenario a run directory was started with (for ``--resume``). Raises
+    :class:`UserError` when ``scenario.json`` is not the scenario ``environment.json``
+    records (a copy replaced by another scenario's): resuming would mix two scenarios'
+    records in one run."""
     path = run_dir / SCENARIO_COPY
     if not path.exists():
         raise UserError(f"{run_dir}: no {SCENARIO_COPY} here (not a run directory?)")
-    return parse_scenario(read_json(path), str(path))
+    scenario = parse_scenario(read_json(path), str(path))
+    recorded = read_environment(run_dir).get("scenario")
+    if not recorded:
+        return scenario
+    try:
+        theirs = parse_scenario(recorded, str(run_dir / ENVIRONMENT)).to_dict()
+    except UserError:
+        return scenario  # recorded in a form this lazybench cannot read back: nothing to check
+    mine = json.loads(json.dumps(scenario.to_dict()))
+    theirs = json.loads(json.dumps(theirs))
+    if mine != theirs:
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise UserError(
+            f"{path}: is not the scenario {ENVIRONMENT} records for this run (they differ in: "
+            f"{', '.join(differ)}); restore the run's own copy"
+        )
+    return scenario
 
 
 @dataclass

@@ -243,3 +243,13 @@ def test_compare_names_what_two_runs_were_measured_under_differently(tmp_path: P
         "node: 'host' in the base run, 'sid' in the new one",
         "percentile: 95 in the base run, 50 in the new one",
     ]
+
+
+def test_resume_refuses_a_scenario_copy_of_another_scenario(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    scenario = read_environment(run)["scenario"]
+    (run / SCENARIO_COPY).write_text(json.dumps(scenario))
+    assert load_run_scenario(run).name == "synthetic"
+    (run / SCENARIO_COPY).write_text(json.dumps(scenario | {"name": "other", "samples": 9}))
+    with pytest.raises(UserError, match=r"scenario.json: .*environment.json.*name, samples"):
+        load_run_scenario(run)
