@@ -159,10 +159,12 @@ def prepare_mountpoint(path: Path) -> None:
         else:
             raise StoreError(f"mountpoint {path}: {exc.strerror}") from None
     if not stale and is_mounted(path):
-        raise StoreError(
-            f"{path} is already mounted (a store running there?): stop it, or unmount it "
-            f"with `fusermount3 -u {path}`"
-        )
+        stale = _dead_mount(path)
+        if not stale:
+            raise StoreError(
+                f"{path} is already mounted (a store running there?): stop it, or unmount it "
+                f"with `fusermount3 -u {path}`"
+            )
     if stale:
         log.warning("cleaning up a stale mount on %s", path)
         for cmd in (["fusermount3", "-u", str(path)], ["umount", "-l", str(path)]):
@@ -179,6 +181,32 @@ def prepare_mountpoint(path: Path) -> None:
             )
     if not path.is_dir():
         raise StoreError(f"mountpoint {path} is not a directory")
+
+
+def _dead_mount(path: Path) -> bool:
+    """Whether the filesystem mounted on ``path`` has lost its server (ENOTCONN).
+
+    ``stat`` alone cannot tell: the kernel answers it from the attributes it cached while the
+    server lived. ``statfs`` always asks the server, so a dead FUSE connection answers it with
+    ENOTCONN at once. Asked in a child process with a timeout: a live server that does not
+    answer (hung) counts as live, and the store never waits on it.
+    """
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _STATFS_CHILD, str(path)],
+            capture_output=True,
+            timeout=5,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+
+
+# Exits with statfs's errno (0: it answered).
+_STATFS_CHILD = (
+    "import os, sys\ntry:\n os.statvfs(sys.argv[1])\nexcept OSError as e:\n sys.exit(e.errno or 1)"
+)
 
 
 def prepare_root(root: Path) -> None:
