@@ -26,7 +26,7 @@ Conventions (DESIGN.md §3; OCI image spec, "Representing Changes"):
   subdirectories; a layer root is 0555 root:root whatever a ``./`` entry says, as
   containers/storage makes every layer's root; a directory the tar never names is 0755
   root:root, plus set-group-ID when its parent had it at that point of the tar (extraction's
-  mkdir; :class:`store.estargz.LayerIndex` sets the mode).
+  mkdir; ``LayerIndex.setgid_implicit`` lists them).
 
 Inode numbering: node ``i`` is ``LayerIndex.entries[i]`` (root 0); a whiteout is its
 ``.wh.`` entry's number.
@@ -109,6 +109,8 @@ class Node:
             return stat.S_IFCHR
         if e is self.tree.index.root:
             return stat.S_IFDIR | 0o555
+        if e.implicit and e.ino in self.tree.index.setgid_implicit:
+            return stat.S_IFDIR | 0o755 | stat.S_ISGID
         return _TYPE_BITS[e.type] | (self._meta.mode & 0o7777)
 
     @property

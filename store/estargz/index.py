@@ -272,6 +272,8 @@ class LayerIndex:
         # ino of a hardlinked file -> its last hardlink header (TOC order): extraction chowns,
         # chmods and sets the times of the shared inode from each link header it applies
         self.link_headers: dict[int, Entry] = {}
+        # inos of implicit directories extraction makes set-group-ID (_Builder._dir)
+        self.setgid_implicit: set[int] = set()
 
     # -- queries -------------------------------------------------------------------------
 
@@ -459,6 +461,7 @@ class _Builder:
         self.last: Entry | None = None  # the last non-chunk entry (chunks continue it)
         self.last_dir: tuple[str, Entry] = ("", idx.root)
         self.link_headers: dict[int, tuple[Entry, Entry]] = {}  # id(target) -> (target, link)
+        self.setgid_implicit: dict[int, Entry] = {}  # id(dir) -> dir (see _dir)
         self.compression = idx.compression
 
     def run(self, raw_entries: Iterable[RawEntry | Mapping[str, Any]]) -> None:
@@ -641,11 +644,12 @@ class _Builder:
     def _dir(self, name: str, where: Where) -> Entry:
         """The directory ``name``, creating missing ones (implicit) on the way.
 
-        An implicit directory is 0755 root:root, as extraction's ``MkdirAll`` makes it, plus
-        set-group-ID when its parent has that bit at this point of the tar: the kernel gives a
-        new directory the bit of the one it is made in, at ``mkdir`` time (a parent named
-        later with the bit does not change it). Never from the layer root, which
-        containers/storage keeps 0555.
+        An implicit directory is 0755 root:root, as extraction's ``MkdirAll`` makes it and as
+        the Go reader lists it. One made while its parent has set-group-ID (named with the bit
+        at this point of the tar, or itself made so; never the layer root, which
+        containers/storage keeps 0555) is noted in ``LayerIndex.setgid_implicit``: the kernel
+        gives a new directory that bit at ``mkdir`` time, and a view that follows extraction
+        shows it (:mod:`store.tree`); a parent named later with the bit does not change it.
         """
         if self.last_dir[0] == name:
             return self.last_dir[1]
@@ -655,8 +659,11 @@ class _Builder:
             path = f"{path}/{part}" if path else part
             child = e.children.get(part)
             if child is None:
-                setgid = e.mode & _S_ISGID if e is not self.idx.root else 0
-                child = Entry(name=path, type="dir", mode=0o755 | setgid, nlink=2, implicit=True)
+                child = Entry(name=path, type="dir", mode=0o755, nlink=2, implicit=True)
+                if e is not self.idx.root and (
+                    id(e) in self.setgid_implicit if e.implicit else e.mode & _S_ISGID
+                ):
+                    self.setgid_implicit[id(child)] = child
                 self._attach(e, part, child)
             elif child.type != "dir":
                 raise InvalidToc(f"{where}{path!r} is a {child.type}, not a directory")
@@ -752,6 +759,9 @@ class _Builder:
             c.compressed_end = starts[j] if j < len(starts) else toc_offset
         self.starts = []
         idx.link_headers = {t.ino: h for t, h in self.link_headers.values() if t.ino >= 0}
+        idx.setgid_implicit = {
+            d.ino for d in self.setgid_implicit.values() if d.ino >= 0 and d.implicit
+        }
         # Blob order: by offset, then inner offset (two stable sorts: no key tuples).
         chunks.sort(key=_CHUNK_INNER)
         chunks.sort(key=_CHUNK_OFFSET)
