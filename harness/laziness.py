@@ -54,6 +54,12 @@ class LayerEvidence:
     served_whole: bool = False  # the registry served its whole blob to the runtime
 
 
+def counts_lazy(total: int, from_store: int, served_whole: int) -> bool:
+    """The rule of a lazy pull, on its layer counts: at least one layer, every layer from the
+    store, none served whole to the runtime."""
+    return total > 0 and from_store == total and served_whole == 0
+
+
 @dataclass
 class Verdict:
     """Per-layer evidence of one lazy pull; ``problem`` when the storage could not be read."""
@@ -76,12 +82,7 @@ class Verdict:
     @property
     def lazy(self) -> bool:
         """Every layer from the store and none served whole to the runtime."""
-        return (
-            self.problem is None
-            and self.total > 0
-            and self.from_store == self.total
-            and self.served_whole == 0
-        )
+        return self.problem is None and counts_lazy(self.total, self.from_store, self.served_whole)
 
     def with_registry(self, served_whole: set[str]) -> Verdict:
         """The same verdict, each layer marked when its digest is in ``served_whole``."""

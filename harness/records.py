@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from harness.cli import UserError
+from harness.laziness import counts_lazy
 from harness.runtimes import runtime_versions
 from harness.scenario import DEFAULT_STORE_NAME, LAZY_MODES, Scenario
 
@@ -126,11 +127,11 @@ class Record:
         """This record, or — a lazy record marked ok whose laziness verdict says a layer did
         not come from the store or was served whole (a hand edit, another tool) — the same
         record as "fell-back": a lazy figure counts only when every layer came from the store
-        (:meth:`harness.laziness.Verdict.lazy`)."""
+        (:func:`harness.laziness.counts_lazy`, as :meth:`~harness.laziness.Verdict.lazy`)."""
         if self.status != "ok" or not self.store or self.layers_total is None:
             return self
         from_store, whole = self.layers_from_store or 0, self.layers_served_whole or 0
-        if self.layers_total > 0 and from_store == self.layers_total and whole == 0:
+        if counts_lazy(self.layers_total, from_store, whole):
             return self
         reason = (
             f"recorded as ok, but {from_store} of {self.layers_total} layers came from the "
