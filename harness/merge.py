@@ -57,6 +57,11 @@ def merge_runs(out: Path, run_dirs: list[Path]) -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty; merge into a new directory")
     run_dirs = [Path(d) for d in run_dirs]
+    named: dict[Path, Path] = {}
+    for d in run_dirs:
+        same = named.setdefault(d.resolve(), d)
+        if same is not d:
+            raise UserError(f"merge: {same} and {d} are the same run directory; name each run once")
     scenarios = [_scenario(d) for d in run_dirs]
     for d, s in zip(run_dirs[1:], scenarios[1:], strict=True):
         if s != scenarios[0]:

@@ -152,9 +152,9 @@ def _record_types() -> dict[str, Any]:
 def check_fields(data: dict[str, Any]) -> None:
     """Check a record's fields against :class:`Record`'s types: strings, integers, numbers
     (finite), booleans and objects where the dataclass says so, no negative time, count or
-    sample, a status of :data:`STATUSES`, the key's fields, and a total where the status is
-    ok (every measurement that finished has one). Raises :class:`ValueError` naming the
-    field."""
+    sample, store metrics that are finite numbers, a status of :data:`STATUSES`, the key's
+    fields, and a total where the status is ok (every measurement that finished has one).
+    Raises :class:`ValueError` naming the field."""
     hints = _record_types()
     for name, value in data.items():
         hint = hints[name]
@@ -182,6 +182,11 @@ def check_fields(data: dict[str, Any]) -> None:
                 raise ValueError(f"{name}: must be a string, got {value!r}")
         elif dict in kinds and not isinstance(value, dict):
             raise ValueError(f"{name}: must be an object, got {value!r}")
+    for key, value in (data.get("store_metrics") or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"store_metrics.{key}: must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"store_metrics.{key}: must be finite, got {value!r}")
     if data.get("status", "ok") not in STATUSES:
         raise ValueError(f"status: must be one of {', '.join(STATUSES)}, got {data['status']!r}")
     for name in ("sample", "workload", "mode"):

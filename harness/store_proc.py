@@ -23,6 +23,7 @@ fail. :meth:`StoreProcess.stop` always leaves the mount point unmounted and the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -305,7 +306,8 @@ class StoreProcess(Service):
         measurement's totals; histograms keep ``_sum``/``_count``). Empty when it has none.
 
         Process/Python runtime samples are left out: they describe the interpreter, not lazy
-        pulling.
+        pulling; so are samples that are not finite (a summary's quantile with no observations
+        is NaN), which a record cannot hold.
         """
         if not self._metrics_address:
             return {}
@@ -323,8 +325,8 @@ class StoreProcess(Service):
             if family.name.startswith(("python_", "process_")):
                 continue
             for sample in family.samples:
-                if sample.name.endswith(("_created", "_bucket")):
-                    continue
+                if sample.name.endswith(("_created", "_bucket")) or not math.isfinite(sample.value):
+                    continue  # a summary's quantile with no observations is NaN
                 out[sample.name] = out.get(sample.name, 0.0) + sample.value
         return out
 

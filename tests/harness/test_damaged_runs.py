@@ -3,9 +3,11 @@ each is refused with one line naming the file, line and field, or read honestly.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,12 @@ from harness.records import (
     RECORDS,
     SCENARIO_COPY,
     Record,
+    check_fields,
     read_environment,
     read_records,
 )
 from harness.report import write_report
+from harness.store_proc import StoreProcess
 from tests.harness.test_results import make_run
 
 
@@ -52,6 +56,14 @@ def _record(**fields: object) -> dict[str, object]:
         ({"bytes_fetched": -1}, r"records.jsonl:2: bytes_fetched: must not be negative"),
         ({"status": "great"}, r"records.jsonl:2: status: must be one of ok, error, fell-back"),
         ({"store_metrics": []}, r"records.jsonl:2: store_metrics: must be an object"),
+        (
+            {"store_metrics": {"hits": "3"}},
+            r"records.jsonl:2: store_metrics.hits: must be a number",
+        ),
+        (
+            {"store_metrics": {"q": float("nan")}},
+            r"records.jsonl:2: store_metrics.q: must be finite",
+        ),
         ({"total_s": None}, r"records.jsonl:2: total_s: missing from a record with status ok"),
         ({"workload": None}, r"records.jsonl:2: workload: must be given, got null"),
     ],
@@ -253,3 +265,47 @@ def test_resume_refuses_a_scenario_copy_of_another_scenario(tmp_path: Path) -> N
     (run / SCENARIO_COPY).write_text(json.dumps(scenario | {"name": "other", "samples": 9}))
     with pytest.raises(UserError, match=r"scenario.json: .*environment.json.*name, samples"):
         load_run_scenario(run)
+
+
+def test_merge_of_one_run_named_twice_is_refused_as_such(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    with pytest.raises(UserError, match=r"are the same run directory"):
+        merge_runs(tmp_path / "out", [run, tmp_path / "." / "run"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stores_metric_that_is_not_finite_is_left_out_of_its_record(tmp_path: Path) -> None:
+    """A Prometheus summary with no observations reports NaN quantiles; a record keeps numbers
+    it can be read back with."""
+    text = (
+        b"# TYPE lookup_seconds summary\n"
+        b'lookup_seconds{quantile="0.5"} NaN\n'
+        b"lookup_seconds_sum 0.0\n"
+        b"lookup_seconds_count 0.0\n"
+        b"# TYPE hits counter\n"
+        b'hits_total{layer="a"} 2.0\n'
+        b'hits_total{layer="b"} 3.0\n'
+    )
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            store = StoreProcess(workdir=tmp_path)
+            store._metrics_address = f"127.0.0.1:{server.server_address[1]}"
+            metrics = store.scrape_metrics()
+        finally:
+            server.shutdown()
+    assert metrics == {"lookup_seconds_sum": 0.0, "lookup_seconds_count": 0.0, "hits_total": 5.0}
+    check_fields(
+        {"sample": 0, "workload": "w", "mode": "legacy", "total_s": 1.0, "store_metrics": metrics}
+    )
