@@ -188,6 +188,16 @@ class PodmanEnv:
             self._entered.bind(self.store_socket, at=DEFAULT_STORE_SOCKET)
             self._entered.install(Path(helper.__file__).read_text(), HELPER_IN_NODE)
 
+    def host_path(self, path: Path | str) -> Path:
+        """Where a path the runtime printed (``podman image mount``'s, say) is on the host: the
+        same path on the host, the node's view of it inside a node. Raises
+        :class:`RuntimeError` for a node not entered (outside ``with``)."""
+        if self.node is None:
+            return Path(path)
+        if self._entered is None:
+            raise RuntimeError("host_path: the runtime node is entered only inside `with`")
+        return self._entered.host_path(path)
+
     def _leave_node(self) -> None:
         cm, self._node_cm, self._entered = self._node_cm, None, None
         if cm is not None:

@@ -37,6 +37,7 @@ def test_isolated_env_runs_a_container_and_cleans_up(tmp_path: Path) -> None:
         storage = (env.workdir / "storage.conf").read_text()
         assert str(env.graphroot) in storage and "additionallayerstores" not in storage
         assert env.podman("images", "--quiet").stdout.strip()
+        assert env.host_path("/var/lib/x") == Path("/var/lib/x")  # no node: the host's own
     assert mounts_below(tmp_path) == []
     assert not (tmp_path / "env" / "graph").exists()
 

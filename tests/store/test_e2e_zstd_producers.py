@@ -151,9 +151,7 @@ def shape_tars() -> list[bytes]:
 
 def _mounted_tree(env: PodmanEnv, ref: str) -> dict:
     """``podman image mount`` listing (xattrs, nlink, rdev) plus every path's mtime in ns."""
-    root = Path(env.podman("image", "mount", ref, timeout=60).stdout.strip())
-    if env.node is not None:  # mounted inside the node's view
-        root = env._entered.host_path(root)  # type: ignore[union-attr]
+    root = env.host_path(env.podman("image", "mount", ref, timeout=60).stdout.strip())
     try:
         assert (root / "bin").is_dir(), root
         tree = list_tree(root)
