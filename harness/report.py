@@ -17,8 +17,11 @@ Everything here is regenerated from ``records.jsonl`` and ``environment.json`` a
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -810,19 +813,38 @@ def write_report(
 ) -> Report:
     """(Re)build summary.csv, table.md, chart.png/svg and report.md from the run's records
     (and ``limits.json``: :func:`run_limits`, with ``cache_dir`` the image cache). Each file
-    is replaced whole or left as it was.
+    and the set are replaced together once all of them are written (in a staging directory
+    beside them), or none is: a failure part-way leaves the earlier report as it was.
 
     Raises :class:`UserError` when ``run_dir`` is not a run directory, holds no finished
     measurement, or a file there cannot be read or written (naming the file)."""
+    run_dir = Path(run_dir)
+    staging: Path | None = None
     try:
-        return _write_report(Path(run_dir), cache_dir, recompute_limits)
+        if not (run_dir / RECORDS).exists():
+            raise UserError(f"{run_dir}: no {RECORDS} here (not a run directory?)")
+        staging = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
+        report = _write_report(run_dir, staging, cache_dir, recompute_limits)
+        staged = sorted(staging.iterdir())
+        for path in staged:  # what would stop a replace part-way, before the first one
+            if (run_dir / path.name).is_dir():
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", str(run_dir / path.name))
+        for path in staged:
+            os.replace(path, run_dir / path.name)
+        return report
     except OSError as exc:
-        raise UserError(f"{exc.filename or run_dir}: {exc.strerror or exc}") from None
+        where = exc.filename2 or exc.filename or run_dir
+        raise UserError(f"{where}: {exc.strerror or exc}") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_report(run_dir: Path, cache_dir: Path | None, recompute_limits: bool) -> Report:
-    if not (run_dir / RECORDS).exists():
-        raise UserError(f"{run_dir}: no {RECORDS} here (not a run directory?)")
+def _write_report(
+    run_dir: Path, out: Path, cache_dir: Path | None, recompute_limits: bool
+) -> Report:
+    """The report of ``run_dir``'s records, its files written into ``out``; the
+    :class:`Report` names them where :func:`write_report` moves them (``run_dir``)."""
     env = read_environment(run_dir)
     scenario = env.get("scenario", {})
     percentile = float(scenario.get("percentile", 95))
@@ -838,9 +860,9 @@ def _write_report(run_dir: Path, cache_dir: Path | None, recompute_limits: bool)
         run_dir, env, df, workload_names, cache_dir=cache_dir, recompute=recompute_limits
     )
     table_text = markdown_tables(cells, percentile, limits)
-    write_atomic(run_dir / "table.md", table_text)
-    write_summary_csv(with_limits(cells, limits).drop(columns=["reason"]), run_dir / "summary.csv")
-    charts = draw_chart(df, cells, percentile, run_dir / "chart", title=_chart_title(env))
+    write_atomic(out / "table.md", table_text)
+    write_summary_csv(with_limits(cells, limits).drop(columns=["reason"]), out / "summary.csv")
+    charts = draw_chart(df, cells, percentile, out / "chart", title=_chart_title(env))
     ratios = ratio_rows(agg, scenario.get("workloads", []), read_published()) if len(agg) else []
     stores = store_rows(df, percentile, counts)
     recorded = {r.key for r in records}
@@ -925,12 +947,12 @@ def _write_report(run_dir: Path, cache_dir: Path | None, recompute_limits: bool)
             + f": {r.error}"
             for r in errors
         ]
-    write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
     return Report(
         run_dir,
         run_dir / "table.md",
         run_dir / "summary.csv",
-        charts,
+        [run_dir / c.name for c in charts],
         run_dir / "report.md",
         ratios,
         missing,

@@ -3,6 +3,7 @@ each is refused with one line naming the file, line and field, or read honestly.
 
 from __future__ import annotations
 
+import errno
 import http.server
 import json
 import os
@@ -220,9 +221,32 @@ def test_report_into_a_read_only_run_dir_is_a_user_error(tmp_path: Path) -> None
 def test_report_where_an_output_cannot_be_written_is_a_user_error(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
     (run / "table.md").mkdir()  # in the way of the table, as a read-only file would be
-    with pytest.raises(UserError, match=r"table.md: Is a directory"):
+    with pytest.raises(UserError, match=rf"^{run}/table.md: Is a directory"):
         write_report(run)
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert not (run / "report.md").exists()  # nothing of the set was replaced
+
+
+def test_a_report_that_fails_part_way_leaves_the_last_one_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = make_run(tmp_path / "run")
+    write_report(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    (run / RECORDS).write_text((run / RECORDS).read_text().splitlines()[0] + "\n")
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "chart.png")
+
+    monkeypatch.setattr("harness.report.draw_chart", no_space)
+    with pytest.raises(UserError, match=r"No space left on device"):
+        write_report(run)
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert after.keys() == before.keys()
+    assert {k: v for k, v in after.items() if k != RECORDS} == {
+        k: v for k, v in before.items() if k != RECORDS
+    }
+    assert not [p for p in run.iterdir() if p.name.startswith(".report-")]
 
 
 @pytest.mark.parametrize("text", ["[]", '"x"', "3"])
