@@ -58,12 +58,16 @@ def start_until_ready(
 ) -> RunOutcome:
     """``podman start --attach`` the container; return when ``ready`` shows on its output (then
     stop it) or, without a ready line, when it exits. Times out after ``timeout`` seconds.
-    ``expected``: the workload's expected output (named so when it is also ``ready``)."""
+    ``expected``: the workload's expected output (named so when it is also ``ready``).
+    ``on_first_output`` is called at the first stdout line; each line is timed when it is
+    read, so the call's own time is never counted in the run."""
     args = ["start", "--attach"]
     if stdin is not None:
         args.append("--interactive")
     argv = env.argv(*args, container)  # inside the env's runtime node, if any
-    lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    # Each line with the time it was read: a slow consumer (``on_first_output``) never moves
+    # a line's time, the ready line's included.
+    lines: queue.Queue[tuple[str, str | None, float]] = queue.Queue()
     out: dict[str, list[str]] = {"stdout": [], "stderr": []}
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -78,8 +82,8 @@ def start_until_ready(
 
     def pump(name: str, stream: Any) -> None:
         for line in stream:
-            lines.put((name, line))
-        lines.put((name, None))
+            lines.put((name, line, time.monotonic()))
+        lines.put((name, None, time.monotonic()))
 
     def feed() -> None:
         with contextlib.suppress(OSError):
@@ -108,13 +112,12 @@ def start_until_ready(
                     f"{timeout:g}s; output: {''.join(out['stdout'])[-300:]!r}"
                 )
             try:
-                name, line = lines.get(timeout=min(remaining, 0.5))
+                name, line, now = lines.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 continue
             if line is None:
                 open_streams -= 1
                 continue
-            now = time.monotonic()
             out[name].append(line)
             if first is None and name == "stdout":
                 first = now - start

@@ -555,14 +555,16 @@ class Runner:
                 t = time.monotonic()
                 cid = create_container(env, ref, w.command, w.stdin, w.timeout, w.env)
                 rec.create_s = time.monotonic() - t
-                first_mark: list[int] = []
+                # The log's size at the first output line, not a settled mark: the run is
+                # timed until the ready line, and nothing in its reading loop may wait.
+                first_offset: list[int] = []
                 outcome = start_until_ready(
                     env,
                     cid,
                     stdin=w.stdin,
                     ready=w.ready,
                     timeout=w.timeout,
-                    on_first_output=lambda: first_mark.append(registry.log_mark()),
+                    on_first_output=lambda: first_offset.append(registry.log_offset()),
                     expected=w.expected,
                 )
                 rec.run_s = outcome.seconds
@@ -589,7 +591,11 @@ class Runner:
                 served = log[mark:]
                 rec.bytes_fetched = sum(r.bytes for r in served)
                 rec.requests = len(served)
-                before = log[mark : first_mark[0]] if first_mark else served
+                before = (
+                    log[mark : len(registry.access_log(upto=first_offset[0]))]
+                    if first_offset
+                    else served
+                )
                 rec.bytes_before_first_output = sum(r.bytes for r in before)
                 rec.requests_before_first_output = len(before)
                 if not rec.ready:

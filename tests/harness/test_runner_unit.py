@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from harness.cli import main
+from harness.container import start_until_ready
 from harness.plan import plan
 from harness.prepare import resolve
 from harness.scenario import parse_scenario
@@ -194,3 +197,33 @@ def test_a_lazy_image_listing_one_layer_twice_is_named_before_measuring() -> Non
     text = console.export_text()
     assert f"app:estargz: layer {twice} is listed 2 times" in text
     assert "app:legacy" not in text and once not in text
+
+
+class _ShellEnv:
+    """What :func:`~harness.container.start_until_ready` needs of a PodmanEnv: a command line
+    (here a shell script standing in for the container's output) and an environment."""
+
+    def __init__(self, script: str) -> None:
+        self.script = script
+        self.env = dict(os.environ)
+
+    def argv(self, *args: str) -> list[str]:
+        return ["sh", "-c", self.script]
+
+    def podman(self, *args: str, **kwargs: object) -> None:  # `podman stop` on the way out
+        return None
+
+
+def test_the_run_ends_at_the_ready_line_whatever_the_first_output_call_takes() -> None:
+    """The first-output call (the registry log's mark) once ran in the reading loop: a ready
+    line right after the first line was timed when the call returned (0.15 s and more)."""
+    outcome = start_until_ready(
+        _ShellEnv("echo first; echo ready; sleep 5"),  # type: ignore[arg-type]
+        "cid",
+        stdin=None,
+        ready="ready",
+        timeout=10,
+        on_first_output=lambda: time.sleep(1.0),
+    )
+    assert outcome.ready and outcome.first_output_s is not None
+    assert outcome.seconds - outcome.first_output_s < 0.3

@@ -111,3 +111,19 @@ def test_registry_dies_with_its_starter() -> None:
             pytest.fail(f"registry {pid} outlived the process that started it")
     finally:
         subprocess.run(["rm", "-rf", workdir], check=False)
+
+
+def test_access_log_upto_an_offset_holds_the_lines_whole_there(tmp_path) -> None:
+    """The run's first-output mark is the log's size (one stat, taken inside the timed run);
+    the records it stands for are counted afterwards: the lines whole at that offset."""
+    reg = RegistryServer()
+    reg._workdir = tmp_path
+    assert reg.log_offset() == 0 and reg.access_log(upto=0) == []
+    line = '127.0.0.1 - - [27/Nov/2026:22:04:56 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"\n'
+    reg.access_log_path.write_text(line * 2)
+    offset = reg.log_offset()
+    with reg.access_log_path.open("a") as f:
+        f.write(line + line[:20])  # one more, and one being written
+    assert len(reg.access_log(upto=offset)) == 2
+    assert len(reg.access_log(upto=offset + 30)) == 2  # a line cut short is not counted
+    assert len(reg.access_log()) == 3
