@@ -538,6 +538,12 @@ def _trimmed(ranges: list[tuple[int, int]], chunks: Sequence[ChunkRef]) -> list[
 
 
 def _as_error(exc: BaseException) -> BaseException:
+    """What a claim's waiters get for a fetch that ended with ``exc``: a cancellation — trio's
+    ``Cancelled``, or a group of them from a nursery in the fetch — belongs to the fetching
+    task's scope, so other tasks get :class:`LayerFetchError` (re-raised in a FUSE handler, a
+    foreign ``Cancelled`` would end the FUSE loop); a group holding a real error, its first."""
+    if isinstance(exc, BaseExceptionGroup):
+        exc = _first(exc)
     if isinstance(exc, trio.Cancelled):
         return LayerFetchError("fetch cancelled")
     return exc
