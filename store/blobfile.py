@@ -165,16 +165,17 @@ class VerifiedBlob:
             # Through a descriptor of its own, as reads are: close() may run meanwhile.
             fd = os.dup(self._file.fileno())
             try:
-                await trio.to_thread.run_sync(self._append, fd, lo, data)
+                # The hasher by reference: close() on this thread forgets self._hasher.
+                await trio.to_thread.run_sync(_append, fd, lo, data, self._hasher)
             except OSError as exc:  # ENOSPC and the like: the next read writes it again
                 raise LayerFetchError(
                     f"{self.digest}: writing the blob's temporary file in {self.directory}: {exc}"
                 ) from exc
             finally:
                 os.close(fd)
-            self._done = hi
             if self._closed:  # released meanwhile
                 raise LayerFetchError(f"{self.digest}: the layer was released")
+            self._done = hi
         got = self._hasher.hexdigest()
         if got != want:
             self._failed = (
@@ -184,12 +185,13 @@ class VerifiedBlob:
             raise BlobVerifyError(self._failed)
         self._verified = True
 
-    def _append(self, fd: int, offset: int, data: bytes) -> None:
-        """Write ``data`` at ``offset`` through ``fd``, then hash it. At its offset, not at the
-        file's position: a write cut short (ENOSPC) leaves part of it behind, and the retry
-        must overwrite that part, not follow it."""
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
-        self._hasher.update(data)
+
+def _append(fd: int, offset: int, data: bytes, hasher: Any) -> None:
+    """Write ``data`` at ``offset`` through ``fd``, then hash it into ``hasher``. At its
+    offset, not at the file's position: a write cut short (ENOSPC) leaves part of it behind,
+    and the retry must overwrite that part, not follow it."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+    hasher.update(data)
