@@ -298,9 +298,11 @@ class StoreFS:
             if child is None:
                 raise FSError(errno.ENOENT)
             return self._node_attr(slot, child)
-        known = self._names.get((parent, name))
-        if known is not None and known in self._synth:
-            return self._synth_attr(self._synth[known])
+        known = self._synth.get(self._names.get((parent, name), 0))
+        if known is not None and not (known.layer is not None and known.layer.released):
+            # A released layer's ``blob`` is looked up afresh: the layer is loaded again (a
+            # pull after `podman rmi`), and the old node would answer EIO until forgotten.
+            return self._synth_attr(known)
         if synth.kind == "root":
             return self._lookup_root(name)
         if synth.kind == "ref":
@@ -314,7 +316,7 @@ class StoreFS:
             return self._synth_attr(self._new_synth(ROOT_INO, name, kind="status"))
         try:
             ref = base64.b64decode(name.encode(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, UnicodeError):  # UnicodeEncodeError: a name not UTF-8
             raise FSError(errno.EINVAL, f"{name!r} is not base64") from None
         if not self.manager.valid_ref(ref):
             raise FSError(errno.EINVAL, f"{ref!r} is not an image reference")
@@ -433,18 +435,23 @@ class StoreFS:
             names += [n for n in self._opaque if n not in names]
         return names
 
-    def open(self, ino: int, write: bool) -> None:
+    def open(self, ino: int, write: bool) -> bool:
+        """Check that ``ino`` opens read-only; whether its content may stay in the kernel's
+        page cache (False for ``status``: made afresh at each read, and its size and mtime
+        need not change when its content does). Raises :class:`FSError`."""
         if write:
             raise FSError(errno.EROFS)
         if ino in self._synth:
-            if self._synth[ino].kind in ("root", "ref", "layerdir"):
+            kind = self._synth[ino].kind
+            if kind in ("root", "ref", "layerdir"):
                 raise FSError(errno.EISDIR)
-            return
+            return kind != "status"
         found = self._layer_of(ino)
         if found is None:
             raise FSError(errno.ENOENT)
         if not stat.S_ISREG(found[1].mode):
             raise FSError(errno.EINVAL)
+        return True
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         synth = self._synth.get(ino)

@@ -102,8 +102,9 @@ class StoreOperations(pyfuse3.Operations):
         return None
 
     async def open(self, inode: int, flags: int, ctx: Any):
-        _call(self.fs.open, inode, bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)))
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        cacheable = _call(self.fs.open, inode, bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)))
+        # ``status`` bypasses the page cache: each read asks for it afresh.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=cacheable, direct_io=not cacheable)
 
     async def read(self, fh: int, off: int, size: int):
         return await _acall(self.fs.read(fh, off, size), "read")

@@ -122,6 +122,42 @@ async def test_not_estargz_is_enoent_and_bad_names_einval(vectors_dir, tmp_path)
         with pytest.raises(FSError) as exc:
             await _path(fs, b64, "sha256:xyz")
         assert exc.value.errno_value == errno.EINVAL
+        with pytest.raises(FSError) as exc:  # a name that is not UTF-8 (os.fsdecode's escapes)
+            await fs.lookup(ROOT_INO, "ab\udce9cd")
+        assert exc.value.errno_value == errno.EINVAL
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_blob_after_the_layer_was_released_and_pulled_again(vectors_dir, tmp_path):
+    """`podman rmi` then `pull` again: the kernel may still hold the released layer's `blob`
+    node, and `podman save` must read the layer loaded anew, not get EIO from the old one."""
+    async with trio.open_nursery() as nursery:
+        fs, meta = await _fs(nursery, vectors_dir, tmp_path)
+        b64 = base64.b64encode(REF.encode()).decode()
+        d = meta["digest"]
+        await _path(fs, b64, d, "diff")
+        old_blob = await _path(fs, b64, d, "blob")
+        blob = (vectors_dir / "basic.blob").read_bytes()
+        assert await fs.read(old_blob, 0, 10) == blob[:10]
+        with pytest.raises(FSError):
+            fs.rmdir(await _path(fs, b64), d)  # refcount 0: released
+        assert fs.manager.released == [d]
+        await _path(fs, b64, d, "diff")  # pulled again
+        new_blob = await _path(fs, b64, d, "blob")
+        assert new_blob != old_blob
+        assert await fs.read(new_blob, 0, 10) == blob[:10]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_status_is_never_kept_in_the_page_cache(vectors_dir, tmp_path):
+    """Its size and mtime may stay the same while its content changes."""
+    async with trio.open_nursery() as nursery:
+        fs, meta = await _fs(nursery, vectors_dir, tmp_path)
+        b64 = base64.b64encode(REF.encode()).decode()
+        assert fs.open(await _path(fs, "status"), write=False) is False
+        assert fs.open(await _path(fs, b64, meta["digest"], "blob"), write=False) is True
         nursery.cancel_scope.cancel()
 
 
