@@ -6,7 +6,9 @@ Each change comes with a 95 % bootstrap interval and a one-sided Mann–Whitney 
 new samples are larger (:func:`harness.stats.compare_samples`). The gate fails a slow-down or
 a growth in bytes only when it is both past the gate's thresholds and significant
 (p ≤ ``alpha``); it always fails on a lazy measurement of the new run that fell back to a full
-pull, and on a cell of the base run missing from the new one (``fail_on_missing``). Cells with
+pull, on a failed measurement of the new run, on a lazy one that carries no laziness verdict
+(nothing shows its layers came from the store), and on a cell of the base run missing from
+the new one (``fail_on_missing``). Cells with
 too few samples or too wide a spread are named as warnings: no change there can be told
 from noise.
 """
@@ -120,16 +122,22 @@ def _run_records(run_dir: Path) -> tuple[list[Record], float]:
 def _cells(records: list[Record]) -> dict[tuple[str, str, str], dict[str, Any]]:
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in records:
-        cell = cells.setdefault(
-            (r.workload, r.mode, r.store), {"total": [], "mb": [], "fell_back": [], "n": 0}
-        )
+        cell = cells.setdefault((r.workload, r.mode, r.store), _empty_cell())
         if r.status == "ok" and r.total_s is not None:
             cell["total"].append(r.total_s)
             if r.bytes_fetched is not None:
                 cell["mb"].append(r.bytes_fetched / 1e6)
+            if r.store and r.layers_total is None:
+                cell["unchecked"] += 1
         elif r.status == "fell-back":
             cell["fell_back"].append(r)
+        elif r.status == "error":
+            cell["failed"].append(r)
     return cells
+
+
+def _empty_cell() -> dict[str, Any]:
+    return {"total": [], "mb": [], "fell_back": [], "failed": [], "unchecked": 0}
 
 
 def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFrame:
@@ -138,7 +146,9 @@ def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFra
     (``total_lo``/``total_hi``, ``mb_lo``/``mb_hi``), the change in percent, the one-sided
     Mann–Whitney p-value that new is larger (``total_p_value``, ``mb_p_value``), sample
     counts (``n_base``, ``n_new``), the new run's fallbacks (``fell_back_new`` and the last
-    ``fallback_reason``) and ``noisy`` (too few samples or too wide a spread to tell)."""
+    ``fallback_reason``), failed measurements (``failed_new``, the last ``failure``), ok lazy
+    measurements without a laziness verdict (``unchecked_new``) and ``noisy`` (too few
+    samples or too wide a spread to tell)."""
     base_records, percentile = _run_records(base)
     new_records, _ = _run_records(new)
     a, b = _cells(base_records), _cells(new_records)
@@ -149,8 +159,8 @@ def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFra
     rows = []
     nan = float("nan")
     for key in keys:
-        ca = a.get(key, {"total": [], "mb": [], "fell_back": []})
-        cb = b.get(key, {"total": [], "mb": [], "fell_back": []})
+        ca = a.get(key, _empty_cell())
+        cb = b.get(key, _empty_cell())
         row: dict[str, Any] = dict(zip(("workload", "mode", "store"), key, strict=True))
         row["n_base"], row["n_new"] = len(ca["total"]), len(cb["total"])
         for metric in ("total", "mb"):
@@ -173,6 +183,9 @@ def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFra
             row.update(zip(names, values, strict=True))
         row["fell_back_new"] = len(cb["fell_back"])
         row["fallback_reason"] = cb["fell_back"][-1].error if cb["fell_back"] else ""
+        row["failed_new"] = len(cb["failed"])
+        row["failure"] = cb["failed"][-1].error or "" if cb["failed"] else ""
+        row["unchecked_new"] = cb["unchecked"]
         row["noisy"] = _noisy(ca["total"]) or _noisy(cb["total"])
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -231,8 +244,9 @@ def _where(r: Any) -> str:
 
 
 def gate_failures(cmp: pd.DataFrame, gate: Gate) -> list[str]:
-    """Why the new run fails the gate (empty: it passes): fallbacks, missing cells, changes
-    both significant and past the thresholds, lazy ÷ legacy ratios over their ceilings."""
+    """Why the new run fails the gate (empty: it passes): fallbacks, failed measurements,
+    lazy measurements without a laziness verdict, missing cells, changes both significant
+    and past the thresholds, lazy ÷ legacy ratios over their ceilings."""
     problems = []
     for _, r in cmp.iterrows():
         where = _where(r)
@@ -241,8 +255,20 @@ def gate_failures(cmp: pd.DataFrame, gate: Gate) -> list[str]:
                 f"{where}: {r['fell_back_new']} of {r['fell_back_new'] + r['n_new']} "
                 f"measurements fell back to a full pull: {r['fallback_reason']}"
             )
+        if r["failed_new"]:
+            problems.append(
+                f"{where}: {r['failed_new']} of {r['failed_new'] + r['fell_back_new'] + r['n_new']}"
+                f" measurements failed: {r['failure']}"
+            )
+        if r["unchecked_new"]:
+            problems.append(
+                f"{where}: {r['unchecked_new']} lazy measurements carry no laziness verdict "
+                "(nothing shows their layers came from the store), so they count as no lazy "
+                "figure"
+            )
         if pd.isna(r["total_new"]):
-            if gate.fail_on_missing and not pd.isna(r["total_base"]) and not r["fell_back_new"]:
+            missing = not (r["fell_back_new"] or r["failed_new"])
+            if gate.fail_on_missing and not pd.isna(r["total_base"]) and missing:
                 problems.append(f"{where}: missing from the new run")
             continue
         if pd.isna(r["total_base"]):
@@ -310,6 +336,10 @@ def compare_table(cmp: pd.DataFrame) -> str:
         notes = []
         if r["fell_back_new"]:
             notes.append(f"**fell back {r['fell_back_new']}**")
+        if r["failed_new"]:
+            notes.append(f"**failed {r['failed_new']}**")
+        if r["unchecked_new"]:
+            notes.append(f"**laziness not checked {r['unchecked_new']}**")
         if r["noisy"]:
             notes.append("⚠ noisy")
         lines.append(

@@ -56,6 +56,8 @@ def make_run(run_dir: Path, samples: int = 3, slow: float = 1.0, seed: int = 1) 
                         ),
                         bytes_before_first_output=int(5e6),
                         requests=3,
+                        # the laziness verdict: every layer from the store
+                        **({} if m == "legacy" else {"layers_total": 2, "layers_from_store": 2}),
                     ),
                 )
     return run_dir

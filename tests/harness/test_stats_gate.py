@@ -140,8 +140,31 @@ def test_old_records_migrate_and_the_committed_baseline_still_reads(tmp_path: Pa
         assert {r.store for r in records if r.mode.startswith("estargz")} == {"default"}
         report = write_report(run)
         assert report.missing == []
-        assert gate_failures(compare_runs(source, run), Gate()) == []
+        problems = gate_failures(compare_runs(source, run), Gate())
+        if source is SCHEMA1_RUN:  # recorded before the laziness verdict: no lazy figure
+            assert problems and all("carry no laziness verdict" in p for p in problems)
+        else:
+            assert problems == []
     assert "not checked" in (tmp_path / SCHEMA1_RUN.name / "table.md").read_text()
+
+
+def test_gate_fails_on_failed_and_on_unchecked_lazy_measurements(tmp_path: Path) -> None:
+    """Four of five samples that failed left one ok sample, and no test can call one sample
+    a slow-down: the gate passed. A lazy record without a verdict passed as a lazy figure."""
+    base = write_run(tmp_path / "a", {"": [30] * 5, "ours": [5] * 5})
+    new = write_run(tmp_path / "b", {"": [30] * 5, "ours": [5]})
+    for sample in range(1, 5):
+        append_record(
+            new,
+            Record(sample, "python", "estargz-noopt", store="ours", status="error",
+                   error="run: no ready line within 60s"),
+        )  # fmt: skip
+    append_record(new, Record(5, "python", "estargz-noopt", store="ours", total_s=5.0))
+    assert gate_failures(compare_runs(base, new), Gate()) == [
+        "python/estargz-noopt [ours]: 4 of 6 measurements failed: run: no ready line within 60s",
+        "python/estargz-noopt [ours]: 1 lazy measurements carry no laziness verdict (nothing "
+        "shows their layers came from the store), so they count as no lazy figure",
+    ]
 
 
 def test_shards_are_disjoint_and_together_the_plan() -> None:
