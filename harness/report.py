@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -74,8 +75,10 @@ def cells_frame(agg: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:
     if agg.empty:
         agg = pd.DataFrame(columns=[*CELL, "n"])
     out = agg.merge(counts, on=CELL, how="outer", sort=False)
-    workloads = list(dict.fromkeys([*agg["workload"], *counts["workload"]]))
-    stores = list(dict.fromkeys([*agg["store"], *counts["store"]]))
+    # In the records' order (the scenario's): a store whose measurements all fell back has
+    # no aggregate, and is still the first store if the scenario names it first.
+    workloads = list(dict.fromkeys([*counts["workload"], *agg["workload"]]))
+    stores = list(dict.fromkeys([*counts["store"], *agg["store"]]))
     out["_w"] = out["workload"].map(workloads.index)
     out["_m"] = out["mode"].map(mode_rank)
     out["_s"] = out["store"].map(stores.index)
@@ -267,8 +270,8 @@ def limit_section(
         for _, r in group.iterrows():
             ratio = _get(r, "total_p") / limit.total_s
             ratios[cell_label(r["mode"], r["store"], stores)] = ratio
-            if r["store"] and not pd.isna(ratio):
-                lazy.append(ratio)
+            if r["store"]:  # a lazy cell with no ok figure (all fell back) is not within
+                lazy.append(math.inf if pd.isna(ratio) else ratio)
         verdict = "–" if not lazy else ("yes" if max(lazy) <= LIMIT_TARGET else "no")
         lines.append(
             f"| {workload} | {limit.compressed_bytes / 1e6:.1f} "
@@ -443,15 +446,26 @@ def match_published(
     return None
 
 
+def _through(agg: pd.DataFrame, first_store: str | None) -> pd.DataFrame:
+    """The legacy cells and those of ``first_store`` (None: the first store ``agg`` has).
+    Named by the caller from every cell, fallbacks included: a first store whose
+    measurements all fell back has no ok cell, and its ratios are none, not another's."""
+    if first_store is None:
+        first_store = next((st for st in agg["store"] if st), "")
+    return agg[(agg["store"] == "") | (agg["store"] == first_store)]
+
+
 def ratio_rows(
-    agg: pd.DataFrame, workloads: Sequence[dict[str, Any]], published: Sequence[Published]
+    agg: pd.DataFrame,
+    workloads: Sequence[dict[str, Any]],
+    published: Sequence[Published],
+    first_store: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Per workload: lazy-mode total ÷ legacy total (chosen percentile) through the first
-    store, beside published."""
+    """Per workload: lazy-mode total ÷ legacy total (chosen percentile) through
+    ``first_store`` (see :func:`_through`), beside published."""
     info = {w["name"]: w for w in workloads}
     rows = []
-    first = next((st for st in agg["store"] if st), "")
-    agg = agg[(agg["store"] == "") | (agg["store"] == first)]
+    agg = _through(agg, first_store)
     for workload, group in agg.groupby("workload", sort=False):
         totals = dict(zip(group["mode"], group["total_p"], strict=True))
         w = info.get(workload, {})
@@ -492,15 +506,16 @@ def ratio_table(rows: Sequence[dict[str, Any]]) -> str:
 ZSTD_LAZY_TARGETS = {"total": 1.1, "mb_before_first_output": 1.2}
 
 
-def zstd_lazy_lines(agg: pd.DataFrame, percentile: float) -> list[str]:
-    """A report section: per workload, ``zstd-chunked-lazy`` ÷ ``estargz-noopt`` through the
-    first store — total (median and the chosen percentile) and MB fetched before the first
-    output (median) — against :data:`ZSTD_LAZY_TARGETS`. Empty when the run lacks either
-    mode."""
+def zstd_lazy_lines(
+    agg: pd.DataFrame, percentile: float, first_store: str | None = None
+) -> list[str]:
+    """A report section: per workload, ``zstd-chunked-lazy`` ÷ ``estargz-noopt`` through
+    ``first_store`` (see :func:`_through`) — total (median and the chosen percentile) and MB
+    fetched before the first output (median) — against :data:`ZSTD_LAZY_TARGETS`. Empty
+    when the run lacks either mode."""
     if agg.empty or not {"zstd-chunked-lazy", "estargz-noopt"} <= set(agg["mode"]):
         return []
-    first = next((st for st in agg["store"] if st), "")
-    agg = agg[(agg["store"] == "") | (agg["store"] == first)]
+    agg = _through(agg, first_store)
     lines = [
         "## zstd:chunked through the store ÷ eStargz without prioritized files",
         "",
@@ -863,13 +878,18 @@ def _write_report(
     write_atomic(out / "table.md", table_text)
     write_summary_csv(with_limits(cells, limits).drop(columns=["reason"]), out / "summary.csv")
     charts = draw_chart(df, cells, percentile, out / "chart", title=_chart_title(env))
-    ratios = ratio_rows(agg, scenario.get("workloads", []), read_published()) if len(agg) else []
+    store_names = [st for st in dict.fromkeys(cells["store"]) if st]
+    first_store = store_names[0] if store_names else ""
+    ratios = (
+        ratio_rows(agg, scenario.get("workloads", []), read_published(), first_store)
+        if len(agg)
+        else []
+    )
     stores = store_rows(df, percentile, counts)
     recorded = {r.key for r in records}
     missing = [k for k in planned_keys(env) if k not in recorded]
     errors = [r for r in records if r.status == "error"]
     wide = cells[(cells["ok"] > 0) & cells["wide"]] if "wide" in cells.columns else cells[:0]
-    store_names = [st for st in dict.fromkeys(cells["store"]) if st]
 
     p = _pct_label(percentile)
     lines = [
@@ -920,7 +940,7 @@ def _write_report(
     ]
     if limits is not None:
         lines += limit_section(cells, limits, percentile)
-    lines += zstd_lazy_lines(agg, percentile)
+    lines += zstd_lazy_lines(agg, percentile, first_store)
     lines += timeline_lines(run_dir)
     lines += persistence_lines(records)
     if env.get("machines_differ"):

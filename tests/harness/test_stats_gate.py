@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from harness.cli import UserError, main
 from harness.gate import Gate, compare_runs, gate_failures, gate_warnings
+from harness.limit import Limit
 from harness.merge import merge_runs
 from harness.plan import Shard, plan
 from harness.records import (
@@ -26,9 +27,15 @@ from harness.records import (
     migrate,
     read_records,
 )
-from harness.report import write_report
+from harness.report import cells_frame, limit_section, write_report
 from harness.scenario import parse_scenario
-from harness.stats import bootstrap_interval, compare_samples
+from harness.stats import (
+    aggregate,
+    bootstrap_interval,
+    compare_samples,
+    records_frame,
+    status_counts,
+)
 
 BASELINE = Path(__file__).resolve().parents[2] / "results" / "baselines" / "default"
 # A run recorded before records had a schema (the default baseline of an earlier release).
@@ -229,3 +236,35 @@ def test_an_old_run_directory_resumes_with_nothing_left_to_measure(tmp_path: Pat
     shutil.copytree(SCHEMA1_RUN, run)
     assert '"store"' in (run / SCENARIO_COPY).read_text()  # the old single-store form
     assert Runner(load_run_scenario(run), run, show_progress=False).run() == []
+
+
+def _first_store_fell_back(tmp_path: Path) -> Path:
+    """python: legacy 30 s, every `ours` measurement fell back, `go` 6 s lazily."""
+    run = write_run(tmp_path / "run", {"": [30] * 4, "go": [6] * 4})
+    for sample in range(4):
+        append_record(
+            run,
+            Record(sample, "python", "estargz-noopt", store="ours", status="fell-back",
+                   total_s=31, error="3 of 3 layers not from the store", layers_total=3,
+                   layers_from_store=0),
+        )  # fmt: skip
+    return run
+
+
+def test_the_ratio_is_the_named_first_stores_even_when_it_only_fell_back(tmp_path: Path) -> None:
+    """The ratio table says "through the first store (ours)"; it took the first store with an
+    ok figure, go's 0.20, when every one of ours fell back."""
+    report = write_report(_first_store_fell_back(tmp_path))
+    assert report.stores[0]["store"] == "ours"
+    assert [r["estargz-noopt"] for r in report.ratios] == [None]
+
+
+def test_the_limit_verdict_counts_a_lazy_cell_that_only_fell_back(tmp_path: Path) -> None:
+    run = _first_store_fell_back(tmp_path)
+    records = read_records(run)
+    df = records_frame(records)
+    counts = status_counts(records)
+    cells = cells_frame(aggregate(df, 95), counts[counts["ok"] + counts["fell_back"] > 0])
+    limit = Limit(3_000_000, 100.0, 40.0, 6.0, floor_repull=True)  # go is within 1.5×
+    row = next(line for line in limit_section(cells, {"python": limit}, 95) if "| python" in line)
+    assert row.rstrip().endswith("| no |"), row
