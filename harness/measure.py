@@ -157,13 +157,6 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: stop measuring, clean up, keep the records."""
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
-
-
 def _abort_on_error(store: StoreProcess) -> Callable[..., bool]:
     def exit_(exc_type: Any, exc: Any, tb: Any) -> bool:
         if exc_type is not None:
@@ -624,7 +617,7 @@ class Runner:
                     rec.error = fallback_reason(
                         layers,
                         [
-                            (f"store log (logs/{tag}-store.log)", _read_text(store.log_path)),
+                            (f"store log (logs/{tag}-store.log)", store.log_text()),
                             ("podman pull", pull.stderr),
                         ],
                     )

@@ -185,6 +185,13 @@ class StoreProcess(Service):
     def log_path(self) -> Path:
         return self.workdir / "store.log"
 
+    def log_text(self) -> str:
+        """What the store logged so far ("" when there is no log to read)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
     @property
     def trace_path(self) -> Path:
         return self.workdir / "trace.jsonl"

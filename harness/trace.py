@@ -149,6 +149,7 @@ def _trace_run(
     """Push, pull through our store with the trace on, run until ready; the stopped store."""
     from harness.container import create_container, not_ready_reason, start_until_ready
     from harness.images import push_image
+    from harness.laziness import fallback_reason, storage_verdict
 
     push_image(built, registry_host, w.repo, "trace", "estargz-noopt")
     ref = f"{registry_host}/{w.repo}:trace"
@@ -168,7 +169,22 @@ def _trace_run(
             insecure_registries=[registry_host],
         ) as env,
     ):
-        env.pull(ref, timeout=w.timeout)
+        pull = env.pull(ref, timeout=w.timeout)
+        # A layer podman pulled itself is read past the store: its files would be missing
+        # from the trace, and the optimized image would prioritize too little, for good.
+        layers = storage_verdict(env.graphroot, ref, store.mountpoint)
+        if not layers.lazy:
+            raise UserError(
+                f"trace run of {w.name}: the pull did not come lazily from the store, so the "
+                "trace would miss files: "
+                + fallback_reason(
+                    layers,
+                    [
+                        (f"store log ({store.log_path})", store.log_text()),
+                        ("podman pull", pull.stderr),
+                    ],
+                )
+            )
         cid = create_container(env, ref, w.command, w.stdin, w.timeout, w.env)
         outcome = start_until_ready(
             env, cid, stdin=w.stdin, ready=w.ready, timeout=w.timeout, expected=w.expected
