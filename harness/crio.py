@@ -19,12 +19,49 @@ import shutil
 import subprocess
 import tempfile
 import time
+import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.cli import UserError
 
 CRIO_SOCKET = Path("/var/run/crio/crio.sock")
+STORAGE_CONF = Path("/etc/containers/storage.conf")
+CRIO_CONF = Path("/etc/crio/crio.conf")
+DEFAULT_GRAPHROOT = Path("/var/lib/containers/storage")  # containers/storage's, as root
+
+
+@dataclass(frozen=True)
+class CrioStorage:
+    """Where CRI-O keeps images (``graphroot``) and the layer store its operator configured
+    (``layer_store``, the first of ``additionallayerstores``; None without one)."""
+
+    graphroot: Path
+    layer_store: Path | None
+
+
+def crio_storage(storage_conf: Path = STORAGE_CONF, crio_conf: Path = CRIO_CONF) -> CrioStorage:
+    """CRI-O's storage as its configuration files say: ``[crio] root`` of ``crio_conf``, else
+    ``[storage] graphroot`` of ``storage_conf``, else containers/storage's default; the layer
+    store from ``[storage.options] additionallayerstores`` (``"PATH:ref"`` entries, the
+    containers-storage.conf(5) syntax). A file that is missing is taken as empty. Raises
+    :class:`UserError` naming a file that cannot be read or is not TOML."""
+
+    def read(path: Path) -> dict:
+        try:
+            return tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise UserError(f"{path}: cannot read CRI-O's storage configuration: {exc}") from None
+
+    storage = read(storage_conf).get("storage", {})
+    root = read(crio_conf).get("crio", {}).get("root") or storage.get("graphroot")
+    stores = storage.get("options", {}).get("additionallayerstores", [])
+    first = stores[0] if isinstance(stores, list) and stores else None
+    layer_store = Path(str(first).split(":", 1)[0]) if first else None
+    return CrioStorage(Path(root) if root else DEFAULT_GRAPHROOT, layer_store)
 
 
 class CrioUnavailable(UserError):
@@ -74,9 +111,31 @@ class CrioDriver:
             raise RuntimeError(f"crictl {' '.join(args)}: {proc.stderr.strip()[-500:]}")
         return proc.stdout.strip()
 
+    def _quietly(self, *args: str) -> bool:
+        """``crictl`` with this driver's endpoint; whether it succeeded (cleanup: never raises
+        for the command's own failure)."""
+        try:
+            self.crictl(*args, timeout=60)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return False
+        return True
+
     def measure(
-        self, ref: str, command: tuple[str, ...], ready: str | None, timeout: float
+        self,
+        ref: str,
+        command: tuple[str, ...],
+        ready: str | None,
+        timeout: float,
+        after_pull: Callable[[], None] = lambda: None,
     ) -> CrioTimes:
+        """Pull ``ref``, create and start the container until ``ready``; ``after_pull`` is
+        called between pull and create (untimed: the laziness verdict reads the storage).
+        Raises RuntimeError when ``ref`` is in CRI-O's storage before the pull and cannot be
+        removed: its pull would time nothing."""
+        if self._quietly("inspecti", ref) and not (
+            self._quietly("rmi", ref) and not self._quietly("inspecti", ref)
+        ):
+            raise RuntimeError(f"{ref} is in CRI-O's storage and `crictl rmi` cannot remove it")
         with tempfile.TemporaryDirectory(prefix="lzb-crio-") as tmp:
             pod_cfg = Path(tmp) / "pod.json"
             ctr_cfg = Path(tmp) / "ctr.json"
@@ -100,6 +159,7 @@ class CrioDriver:
                 t = time.monotonic()
                 self.crictl("pull", ref, timeout=timeout)
                 pull = time.monotonic() - t
+                after_pull()
                 t = time.monotonic()
                 cid = self.crictl("create", pod, str(ctr_cfg), str(pod_cfg), timeout=timeout)
                 create = time.monotonic() - t
@@ -108,9 +168,9 @@ class CrioDriver:
                 first, ok, out = self._follow(cid, ready, timeout)
                 run = time.monotonic() - t
             finally:
-                subprocess.run(["crictl", "stopp", pod], capture_output=True, timeout=60)
-                subprocess.run(["crictl", "rmp", "--force", pod], capture_output=True, timeout=60)
-                subprocess.run(["crictl", "rmi", ref], capture_output=True, timeout=60)
+                self._quietly("stopp", pod)
+                self._quietly("rmp", "--force", pod)
+                self._quietly("rmi", ref)
         return CrioTimes(pull, create, run, first and first - t, ok, out)
 
     def _follow(

@@ -678,12 +678,26 @@ class Runner:
             self.console.print(f"  [yellow]pull timeline of {rec.workload}/{rec.mode}: {exc}[/]")
 
     def _measure_crio(self, rec: Record, w: ResolvedWorkload, registry: Any) -> Record:
-        """The same measurement through the host's CRI-O (see harness.crio for its limits)."""
-        from harness.crio import CrioDriver
+        """The same measurement through the host's CRI-O (see harness.crio for its limits),
+        with the laziness verdict read from CRI-O's storage for a lazy mode."""
+        from harness.crio import CrioDriver, crio_storage
 
         try:
             mark = registry.log_mark()
-            t = CrioDriver().measure(rec.image, w.command, w.ready, w.timeout)
+            layers: list[Verdict] = []
+            lazy = rec.mode in LAZY_MODES
+
+            def verdict() -> None:  # after the pull, before create: what the storage holds
+                storage = crio_storage()
+                layers.append(storage_verdict(storage.graphroot, rec.image, storage.layer_store))
+
+            t = CrioDriver().measure(
+                rec.image,
+                w.command,
+                w.ready,
+                w.timeout,
+                after_pull=verdict if lazy else lambda: None,
+            )
             served = registry.access_log()[mark:]
             rec.pull_s, rec.create_s, rec.run_s = t.pull_s, t.create_s, t.run_s
             rec.total_s = t.pull_s + t.create_s + t.run_s
@@ -693,6 +707,14 @@ class Runner:
             rec.requests = len(served)
             if not t.ready:
                 raise MeasurementError(f"run: not ready: {t.stdout[-200:]!r}")
+            if layers:  # as for podman: every layer from the store, none served whole
+                found = layers[0].with_registry(blobs_served_whole_to_runtime(served))
+                if found.problem is None:
+                    rec.layers_total = found.total
+                    rec.layers_from_store = found.from_store
+                    rec.layers_served_whole = found.served_whole
+                if not found.lazy:
+                    rec.status, rec.error = "fell-back", fallback_reason(found, [])
         except (MeasurementError, OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
             rec.status, rec.error = "error", str(exc)[:2000]
         rec.finished = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
