@@ -90,6 +90,7 @@ from harness.records import (
     append_record,
     environment,
     finished_keys,
+    git_commit,
     read_environment,
     read_json,
 )
@@ -155,6 +156,24 @@ def lost_records_verdict(
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: stop measuring, clean up, keep the records."""
+
+
+def _check_resumed_images(
+    recorded: dict[str, Any], prepared: dict[str, Any], run_dir: Path
+) -> None:
+    """A resumed run measures the images its records were measured on: the manifest digest
+    of each workload × mode prepared again must be the one recorded. Raises
+    :class:`UserError` naming the first that changed."""
+    for workload, modes in prepared.items():
+        for mode, image in modes.items():
+            before = (recorded.get(workload) or {}).get(mode) or {}
+            was, now = before.get("manifest_digest"), image.get("manifest_digest")
+            if was and now and was != now:
+                raise UserError(
+                    f"{run_dir}: the image of {workload}/{mode} is not the one this run "
+                    f"measured ({was} then, {now} now: its recipe, source or the writer "
+                    "changed); start a new run"
+                )
 
 
 def _abort_on_error(store: StoreProcess) -> Callable[..., bool]:
@@ -305,11 +324,13 @@ class Runner:
         self._node = self._runtime_node()
         self._versions = runtime_versions(self.scenario.node, self.cache_dir)
         env_path = self.run_dir / ENVIRONMENT
-        meta = read_environment(self.run_dir) if env_path.exists() else environment(self.scenario)
-        if env_path.exists():
+        resuming = env_path.exists()
+        meta = read_environment(self.run_dir) if resuming else environment(self.scenario)
+        if resuming:
             meta.setdefault("resumed", []).append(
                 dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             )
+            self._check_resumed_code(meta)
         if self.shard is not None:
             meta["shard"] = str(self.shard)
         meta["runtime_versions"] = self._versions  # as built in this run's cache
@@ -319,7 +340,10 @@ class Runner:
             stack.callback(shutil.rmtree, work, ignore_errors=True)
             storage = work / "registry"
             images = ImagePreparer(self.scenario, self.console, self.cache_dir, self._node)
-            meta["images"] = images.prepare(workloads, storage, work)
+            prepared = images.prepare(workloads, storage, work)
+            if resuming:
+                _check_resumed_images(meta.get("images") or {}, prepared, self.run_dir)
+            meta["images"] = {**(meta.get("images") or {}), **prepared}
             if images.limits:  # the limit model's byte counts (harness.limit)
                 write_limits(self.run_dir, images.limits)
             self.images, self._skipped = images.refs, images.skipped
@@ -329,7 +353,10 @@ class Runner:
                 if any(k.store == spec.name for k in todo):
                     prepare_store(spec.command, self.console)
             link = stack.enter_context(open_link(self.scenario.network_profile, self.console))
-            meta["link"] = link.measured
+            if resuming and meta.get("link"):  # the first session's stays the run's link
+                meta.setdefault("resumed_links", []).append(link.measured)
+            else:
+                meta["link"] = link.measured
             self._link_iface = link.iface
             write_atomic(env_path, json.dumps(meta, indent=1, sort_keys=True))
             registry = stack.enter_context(self._registry(storage, link))
@@ -676,6 +703,18 @@ class Runner:
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.console.print(f"  [yellow]pull timeline of {rec.workload}/{rec.mode}: {exc}[/]")
+
+    def _check_resumed_code(self, meta: dict[str, Any]) -> None:
+        """A run's samples measure one lazybench: a resume from another commit is refused
+        (a checkout without git, "", is not compared). Raises :class:`UserError`."""
+        started = meta.get("git_commit") or ""
+        now = git_commit()
+        if started and now and started != now:
+            raise UserError(
+                f"{self.run_dir}: started at commit {started}, the checkout is at {now}: the "
+                "samples of one run must measure one lazybench and store; check out "
+                f"{started} to resume it, or start a new run"
+            )
 
     def _measure_crio(self, rec: Record, w: ResolvedWorkload, registry: Any) -> Record:
         """The same measurement through the host's CRI-O (see harness.crio for its limits),

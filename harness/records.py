@@ -370,9 +370,8 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def environment(scenario: Scenario) -> dict[str, Any]:
-    """Versions and machine facts stored with the records (the link is added once measured)."""
-    git = ""
+def git_commit() -> str:
+    """The checkout's short commit, "" when lazybench does not run from a git checkout."""
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
         proc = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -380,7 +379,13 @@ def environment(scenario: Scenario) -> dict[str, Any]:
             text=True,
             timeout=10,
         )
-        git = proc.stdout.strip()
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+    return ""
+
+
+def environment(scenario: Scenario) -> dict[str, Any]:
+    """Versions and machine facts stored with the records (the link is added once measured)."""
+    git = git_commit()
     return {
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),

@@ -333,3 +333,27 @@ def test_a_stores_metric_that_is_not_finite_is_left_out_of_its_record(tmp_path: 
     check_fields(
         {"sample": 0, "workload": "w", "mode": "legacy", "total_s": 1.0, "store_metrics": metrics}
     )
+
+
+def test_a_resume_measures_the_images_and_the_code_the_run_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C, `git pull`, `--resume`: one cell then held samples of two store versions (or,
+    with a recipe changed, two images) under one label."""
+    from harness import measure
+    from harness.scenario import parse_scenario
+
+    image = {"manifest_digest": "sha256:" + "a" * 64, "layers": 3}
+    recorded = {"python": {"estargz": image}}
+    measure._check_resumed_images(recorded, {"python": {"estargz": dict(image)}}, tmp_path)
+    measure._check_resumed_images(recorded, {"gcc": {"estargz": image}}, tmp_path)  # new ones
+    changed = {"python": {"estargz": {**image, "manifest_digest": "sha256:" + "b" * 64}}}
+    with pytest.raises(UserError, match=r"the image of python/estargz is not the one this run"):
+        measure._check_resumed_images(recorded, changed, tmp_path)
+
+    runner = measure.Runner(parse_scenario({"workloads": [{"recipe": "tiny"}]}, "s"), tmp_path)
+    monkeypatch.setattr(measure, "git_commit", lambda: "b8df9b0")
+    runner._check_resumed_code({"git_commit": "b8df9b0"})
+    runner._check_resumed_code({"git_commit": ""})  # started outside a checkout: not compared
+    with pytest.raises(UserError, match=r"started at commit ef5a781, the checkout is at b8df9b0"):
+        runner._check_resumed_code({"git_commit": "ef5a781"})
