@@ -618,12 +618,15 @@ class Runner:
                 )
                 rec.bytes_before_first_output = sum(r.bytes for r in before)
                 rec.requests_before_first_output = len(before)
-                if not rec.ready:
-                    raise MeasurementError(
-                        f"run: {not_ready_reason(w.ready, w.expected, outcome)}: "
-                        f"{outcome.stdout[-200:]!r} {outcome.stderr.strip()[-300:]!r}"
-                    )
-                if mode == "legacy":
+                # A run that failed is an error, unless its pull fell back: then the fallback
+                # is the finding (it may be the failure's cause), with the failure beside it.
+                failure = (
+                    None
+                    if rec.ready
+                    else f"run: {not_ready_reason(w.ready, w.expected, outcome)}: "
+                    f"{outcome.stdout[-200:]!r} {outcome.stderr.strip()[-300:]!r}"
+                )
+                if mode == "legacy" and failure is None:
                     # Untimed, after the run and its registry log: podman's own pull work.
                     self._repull(env, ref, w.timeout, registry, rec)
                 layers = layers.with_registry(blobs_served_whole_to_runtime(served))
@@ -648,6 +651,10 @@ class Runner:
                             ("podman pull", pull.stderr),
                         ],
                     )
+                    if failure is not None:
+                        rec.error = f"{rec.error}; and {failure}"[:2000]
+                elif failure is not None:
+                    raise MeasurementError(failure)
         except (MeasurementError, PodmanError, OSError, RuntimeError, UserError) as exc:
             # An error out of the cleanup of an interrupted measurement is not a result.
             self._interrupt.check()

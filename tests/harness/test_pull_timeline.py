@@ -181,6 +181,9 @@ class _FakeStore:
     def scrape_metrics(self) -> dict:
         return {}
 
+    def log_text(self) -> str:
+        return '{"level": "warning", "msg": "layer sha256:ab not served: TOC refused"}\n'
+
 
 class _FakeEnv:
     pulled_at = 0.0
@@ -355,3 +358,31 @@ def test_a_failed_repull_leaves_the_legacy_record_standing(tmp_path, monkeypatch
 
     with pytest.raises(Interrupted):
         _legacy_measurement(tmp_path, monkeypatch, interrupted)
+
+
+@pytest.mark.parametrize("from_store", [False, True])
+def test_a_run_that_failed_after_a_pull_that_fell_back_is_the_fallback(
+    tmp_path, monkeypatch, from_store
+):
+    """It was recorded as an error: the report and the gate saw a failure, not that the
+    pull had fallen back (which may be why the run failed). A lazy pull's failed run stays
+    an error."""
+    import harness.measure as measure
+
+    registry = SimpleNamespace(host="h:5000", log_mark=lambda: 0, access_log=lambda: [])
+    monkeypatch.setattr(measure, "StoreProcess", _FakeStore)
+    monkeypatch.setattr(measure, "PodmanEnv", _FakeEnv)
+    verdict = Verdict([LayerEvidence("id", L1, from_store)])
+    monkeypatch.setattr(measure, "storage_verdict", lambda *a: verdict)
+    monkeypatch.setattr(measure, "create_container", lambda *a: "cid")
+    failed = RunOutcome(60.0, None, False, None, "", "Error: timed out")
+    monkeypatch.setattr(measure, "start_until_ready", lambda *a, **kw: failed)
+    scenario = parse_scenario({"samples": 1, "workloads": [{"recipe": "tiny"}]}, "s.toml")
+    runner = measure.Runner(scenario, tmp_path / "run", show_progress=False)
+    runner.images = {("tiny", "estargz"): "lazybench/tiny:estargz"}
+    rec = runner.measure(0, resolve(scenario.workloads[0]), "estargz", registry, tmp_path / "w")
+    if from_store:
+        assert rec.status == "error" and rec.error.startswith("run: "), rec.error
+    else:
+        assert rec.status == "fell-back", rec.error
+        assert "1 of 1 layers not from the store" in rec.error and "; and run: " in rec.error
