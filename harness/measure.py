@@ -315,9 +315,10 @@ class Runner:
             self.console.print(f"{self.run_dir}: every measurement is recorded already")
             return []
         if self.scenario.runtime == "crio":
-            from harness.crio import require_crio
+            from harness.crio import crio_storage, require_crio
 
             require_crio()
+            crio_storage()  # its configuration read before anything starts (UserError)
         preflight_link(self.scenario.network_profile)
         needed = {k.workload for k in todo}  # a shard prepares only its own workloads' images
         workloads = {w.name: resolve(w) for w in self.scenario.workloads if w.name in needed}
