@@ -112,6 +112,10 @@ class StoreFS:
     _slots: dict[int, _LayerSlot] = field(default_factory=dict)
     _views: dict[tuple[str, str], _LayerSlot] = field(default_factory=dict)  # (ref, digest)
     _opaque: tuple[bytes, ...] = ()  # from the config's overlay_opaque_type
+    # Open handles of ``status`` with their JSON (:meth:`open`): numbered above every inode
+    # number the store hands out (inodes count up from 2).
+    _snapshots: dict[int, bytes] = field(default_factory=dict)
+    _next_handle: int = 1 << 62
 
     def __post_init__(self) -> None:
         self._synth[ROOT_INO] = Synth(ROOT_INO, "root", lookups=1)
@@ -435,25 +439,41 @@ class StoreFS:
             names += [n for n in self._opaque if n not in names]
         return names
 
-    def open(self, ino: int, write: bool) -> bool:
-        """Check that ``ino`` opens read-only; whether its content may stay in the kernel's
-        page cache (False for ``status``: made afresh at each read, and its size and mtime
-        need not change when its content does). Raises :class:`FSError`."""
+    def open(self, ino: int, write: bool) -> int | None:
+        """Check that ``ino`` opens read-only. For ``status``, a file handle to read with (its
+        JSON as of this open, whole, until :meth:`release`): its size and mtime need not
+        change when its content does, so it is read past the kernel's page cache, and one
+        open must not read the start of one state and the end of another. None for every
+        other file: its handle is its inode number, its content fixed. Raises
+        :class:`FSError`."""
         if write:
             raise FSError(errno.EROFS)
         if ino in self._synth:
             kind = self._synth[ino].kind
             if kind in ("root", "ref", "layerdir"):
                 raise FSError(errno.EISDIR)
-            return kind != "status"
+            if kind == "status":
+                self._next_handle += 1
+                self._snapshots[self._next_handle] = self.status_bytes()
+                return self._next_handle
+            return None
         found = self._layer_of(ino)
         if found is None:
             raise FSError(errno.ENOENT)
         if not stat.S_ISREG(found[1].mode):
             raise FSError(errno.EINVAL)
-        return True
+        return None
+
+    def release(self, fh: int) -> None:
+        """Forget what :meth:`open` kept for handle ``fh`` (nothing for most files)."""
+        self._snapshots.pop(fh, None)
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of the file ``ino`` names, an inode number or a
+        handle :meth:`open` gave."""
+        snapshot = self._snapshots.get(ino)
+        if snapshot is not None:
+            return snapshot[offset : offset + size]
         synth = self._synth.get(ino)
         try:
             if synth is not None:

@@ -102,15 +102,16 @@ class StoreOperations(pyfuse3.Operations):
         return None
 
     async def open(self, inode: int, flags: int, ctx: Any):
-        cacheable = _call(self.fs.open, inode, bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)))
-        # ``status`` bypasses the page cache: each read asks for it afresh.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=cacheable, direct_io=not cacheable)
+        handle = _call(self.fs.open, inode, bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)))
+        if handle is not None:  # `status`: its own handle, read past the page cache
+            return pyfuse3.FileInfo(fh=handle, direct_io=True)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int):
         return await _acall(self.fs.read(fh, off, size), "read")
 
     async def release(self, fh: int):
-        return None
+        self.fs.release(fh)
 
     async def readlink(self, inode: int, ctx: Any):
         return _call(self.fs.readlink, inode)

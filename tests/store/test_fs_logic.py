@@ -151,13 +151,25 @@ async def test_blob_after_the_layer_was_released_and_pulled_again(vectors_dir, t
 
 
 @pytest.mark.anyio
-async def test_status_is_never_kept_in_the_page_cache(vectors_dir, tmp_path):
-    """Its size and mtime may stay the same while its content changes."""
+async def test_each_open_of_status_reads_one_whole_state(vectors_dir, tmp_path):
+    """It was kept in the page cache with mtime 0: a later open could read the old JSON when
+    the new one had the same length; and one open could read the start of one state and
+    the end of another. Each open now reads its own snapshot (past the page cache)."""
     async with trio.open_nursery() as nursery:
         fs, meta = await _fs(nursery, vectors_dir, tmp_path)
         b64 = base64.b64encode(REF.encode()).decode()
-        assert fs.open(await _path(fs, "status"), write=False) is False
-        assert fs.open(await _path(fs, b64, meta["digest"], "blob"), write=False) is True
+        status = await _path(fs, "status")
+        before = fs.open(status, write=False)
+        assert before is not None and before != status
+        await _path(fs, b64, meta["digest"], "diff")  # a layer loads: the state changes
+        old = json.loads(await fs.read(before, 0, 1 << 20))
+        assert old["layers"] == {}  # the state as of that open, whole
+        after = fs.open(status, write=False)
+        assert after is not None
+        assert len(json.loads(await fs.read(after, 0, 1 << 20))["layers"]) == 1
+        fs.release(before)
+        fs.release(after)
+        assert fs.open(await _path(fs, b64, meta["digest"], "blob"), write=False) is None
         nursery.cancel_scope.cancel()
 
 
