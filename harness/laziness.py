@@ -84,12 +84,23 @@ class Verdict:
         """Every layer from the store and none served whole to the runtime."""
         return self.problem is None and counts_lazy(self.total, self.from_store, self.served_whole)
 
-    def with_registry(self, served_whole: set[str]) -> Verdict:
-        """The same verdict, each layer marked when its digest is in ``served_whole``."""
+    def with_registry(self, served_whole: set[str], image_layers: Sequence[str] = ()) -> Verdict:
+        """The same verdict, each layer marked when its digest is in ``served_whole``.
+
+        ``image_layers``: the image's layer digests as pushed (manifest order, bottom first).
+        A layer the storage recorded without its compressed digest — podman >= 5.1 takes a
+        store's layer by TOC digest, and its record may carry none — is matched by its place
+        in the image, when the storage holds as many layers as the manifest lists."""
+        by_place = len(image_layers) == len(self.layers)
         return Verdict(
             [
-                LayerEvidence(x.layer_id, x.digest, x.from_store, x.digest in served_whole)
-                for x in self.layers
+                LayerEvidence(
+                    x.layer_id,
+                    x.digest,
+                    x.from_store,
+                    (x.digest or (image_layers[i] if by_place else "")) in served_whole,
+                )
+                for i, x in enumerate(self.layers)
             ],
             self.problem,
         )

@@ -630,7 +630,10 @@ class Runner:
                 if mode == "legacy" and failure is None:
                     # Untimed, after the run and its registry log: podman's own pull work.
                     self._repull(env, ref, w.timeout, registry, rec)
-                layers = layers.with_registry(blobs_served_whole_to_runtime(served))
+                layers = layers.with_registry(
+                    blobs_served_whole_to_runtime(served),
+                    self._layer_digests.get((w.name, mode), []),
+                )
                 if store is not None and rec.persisted is False and layers.problem is not None:
                     # The runtime lost its layer records (so its storage cannot say where the
                     # layers came from): the registry's log is the evidence left.

@@ -111,3 +111,17 @@ def test_a_layer_the_store_declines_is_named_once_with_the_stores_reason() -> No
     assert reason.startswith("4 of 5 layers not from the store (sha256:cccccccccccc ×4)"), reason
     assert reason.count("is listed 4 times") == 1, reason
     assert "store log: info: not served (normal pull fallback)" in reason, reason
+
+
+def test_a_layer_recorded_without_its_digest_is_matched_by_its_place_in_the_image() -> None:
+    """podman >= 5.1 takes a store's layer by TOC digest and may record no compressed digest
+    for it: a whole GET of its blob by the runtime was matched against nothing, so the
+    verdict stayed lazy. The image's own layer list says which blob it is."""
+    pushed = [f"sha256:{c * 64}" for c in "abc"]
+    storage = Verdict([LayerEvidence(f"{i}" * 64, "", True) for i in range(3)])
+    assert storage.with_registry({pushed[1]}).lazy  # by digest alone: nothing matched
+    v = storage.with_registry({pushed[1]}, pushed)
+    assert (v.lazy, v.served_whole) == (False, 1)
+    assert [x.served_whole for x in v.layers] == [False, True, False]
+    # A storage that lists another number of layers than the manifest: places mean nothing.
+    assert storage.with_registry({pushed[1]}, pushed[:2]).served_whole == 0
