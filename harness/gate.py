@@ -8,9 +8,8 @@ a growth in bytes only when it is both past the gate's thresholds and significan
 (p ≤ ``alpha``); it always fails on a lazy measurement of the new run that fell back to a full
 pull, on a failed measurement of the new run, on a lazy one that carries no laziness verdict
 (nothing shows its layers came from the store), and on a cell of the base run missing from
-the new one (``fail_on_missing``). Cells with
-too few samples or too wide a spread are named as warnings: no change there can be told
-from noise.
+the new one (``fail_on_missing``). Cells with too few samples or too wide a spread are named
+as warnings: no change there can be told from noise.
 """
 
 from __future__ import annotations
