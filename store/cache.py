@@ -17,7 +17,11 @@ survives store restarts and layer releases.
 
 In-flight deduplication: a fetcher claims the chunks it will fetch with :meth:`ChunkCache.begin`
 (a miss) and completes each with :meth:`ChunkCache.finish`; others asking for a claimed chunk
-wait for its result or its failure (:meth:`ChunkCache.wait_inflight`).
+wait for its result or its failure (:meth:`ChunkCache.wait_inflight`). A claim whose bytes may
+not be on the wire yet (a prefetch's, downloaded in blob order) carries how to put them there
+(:attr:`_InFlight.hurry`), so that a waiter in *any* layer sharing the chunk can, not only the
+claimant's own reads: a read of a file added again in a later layer otherwise waited for the
+earlier layer's prefetch to reach that chunk, up to ``prefetch_timeout_sec``.
 
 Writes off the FUSE thread: a batch fetch completes its claims with :meth:`ChunkCache.finish`,
 which admits the verified bytes at once (served from memory, waiters woken) and leaves the file
@@ -56,7 +60,7 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,11 +81,19 @@ class CacheStats:
     deduplicated: int = 0
 
 
+# Puts a claimed chunk's bytes on the wire now: ``hurry([(start, end)])`` with the claimant's
+# compressed blob range (:meth:`store.prefetch.AheadBlob.hurry`); returns once they are in.
+Hurry = Callable[[Sequence[tuple[int, int]]], Awaitable[None]]
+
+
 @dataclass
 class _InFlight:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
+    # The claimant's way to hurry this chunk and its blob range, when its bytes may not be on
+    # the wire yet; None when they are (a read's own fetch, a rider, the background fetch).
+    hurry: tuple[Hurry, tuple[int, int]] | None = None
 
 
 class ChunkCache:
@@ -365,13 +377,28 @@ class ChunkCache:
             except OSError as exc:  # a failing cache disk never fails the read that evicts
                 log.warning("chunk cache eviction of %s failed: %s", key, exc)
 
-    def begin(self, key: str) -> _InFlight | None:
-        """Claim ``key`` for a batch fetch; None when someone else is already fetching it."""
+    def begin(
+        self, key: str, hurry: tuple[Hurry, tuple[int, int]] | None = None
+    ) -> _InFlight | None:
+        """Claim ``key`` for a batch fetch; None when someone else is already fetching it.
+        ``hurry``: how a waiter puts the claimed bytes on the wire now, if they may not be
+        (:attr:`_InFlight.hurry`)."""
         if key in self._inflight:
             return None
         self.stats.misses += 1
-        flight = self._inflight[key] = _InFlight()
+        flight = self._inflight[key] = _InFlight(hurry=hurry)
         return flight
+
+    def hurries(self, keys: Iterable[str]) -> dict[Hurry, list[tuple[int, int]]]:
+        """Of the claims on ``keys``, those whose bytes may not be on the wire yet: their
+        claimants' hurry functions, each with the blob ranges to pass it."""
+        out: dict[Hurry, list[tuple[int, int]]] = {}
+        for key in keys:
+            flight = self._inflight.get(key)
+            if flight is not None and flight.hurry is not None:
+                fn, span = flight.hurry
+                out.setdefault(fn, []).append(span)
+        return out
 
     def finish(self, key: str, data: bytes | None, error: BaseException | None = None) -> None:
         """Complete a :meth:`begin` claim with the verified bytes or the error; the bytes are

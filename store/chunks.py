@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import trio
 
-from store.cache import ChunkCache
+from store.cache import ChunkCache, Hurry
 from store.estargz import Chunk, touches
 
 log = logging.getLogger(__name__)
@@ -216,14 +216,24 @@ class ChunkSource:
             return False
         return not touches(ranges, chunk.compressed_offset, chunk.compressed_end)
 
-    def claim(self, chunks: Iterable[ChunkRef]) -> list[ChunkRef]:
+    def claim(self, chunks: Iterable[ChunkRef], *, ahead: bool = False) -> list[ChunkRef]:
         """Those of ``chunks`` that are neither cached nor claimed, now claimed by the caller,
         who must fetch them (:meth:`fetch`, or :meth:`download` then :meth:`deliver`) or
-        release each claim with ``cache.finish(digest, None, error)``."""
+        release each claim with ``cache.finish(digest, None, error)``. ``ahead``: the caller
+        takes their bytes from this source's :class:`HurriedBlob` as it brings them in, so a
+        read waiting on one of them, in this layer or another, hurries them onto the wire
+        (:meth:`store.cache.ChunkCache.hurries`)."""
+        cache = self.cache
+        hurry = self.blob.hurry if ahead and isinstance(self.blob, HurriedBlob) else None
+        if hurry is None:
+            return [
+                c for c in chunks if c.digest not in cache and cache.begin(c.digest) is not None
+            ]
         return [
             c
             for c in chunks
-            if c.digest not in self.cache and self.cache.begin(c.digest) is not None
+            if c.digest not in cache
+            and cache.begin(c.digest, (hurry, (c.compressed_offset, c.compressed_end))) is not None
         ]
 
     def plan_read(
@@ -295,10 +305,11 @@ class ChunkSource:
             result.update(await self.fetch(claimed, riders=self.claim(riders)))
         elif riders and nursery is not None:
             nursery.start_soon(self.fetch_run, list(riders))
-        if waiting and isinstance(self.blob, HurriedBlob):
-            # Chunks the prefetch claimed whose bytes are not on the wire yet: its region
-            # comes in blob order, and a read may need a later part first.
-            await self.blob.hurry([(c.compressed_offset, c.compressed_end) for c in waiting])
+        if waiting:
+            # Chunks a prefetch (of this layer or another with the same chunks) claimed whose
+            # bytes are not on the wire yet: its region comes in blob order, and a read may
+            # need a later part first.
+            await _hurry(self.cache.hurries(c.digest for c in waiting))
         for c in waiting:
             try:
                 data = await self.cache.wait_inflight(c.digest)
@@ -513,6 +524,17 @@ class ChunkSource:
                     have.add(c.digest)
                     extra.append(c)
         return extra
+
+
+async def _hurry(hurries: dict[Hurry, list[tuple[int, int]]]) -> None:
+    """Call each claimant's hurry with its ranges, side by side; return once all are in."""
+    if len(hurries) == 1:
+        ((fn, ranges),) = hurries.items()
+        await fn(ranges)
+    elif hurries:
+        async with trio.open_nursery() as nursery:
+            for fn, ranges in hurries.items():
+                nursery.start_soon(fn, ranges)
 
 
 def _file_offset(chunk: ChunkRef) -> int:

@@ -429,9 +429,12 @@ class Prefetcher:
         if not end:
             return
         claimed = source.claim(
-            c
-            for c in source.index.all_chunks()
-            if c.compressed_end <= end and not source.off_trace(c)
+            (
+                c
+                for c in source.index.all_chunks()
+                if c.compressed_end <= end and not source.off_trace(c)
+            ),
+            ahead=True,
         )
         # A piece is one request for the bytes from its first chunk to its last: a gap (bytes
         # outside the ranges, or chunks a reader claimed first) starts another piece, and so

@@ -17,6 +17,7 @@ import trio.testing
 from store.estargz import convert
 from store.estargz_view import load_layer_index
 from store.layer import AheadBlob, Layer
+from store.tree import LayerTree
 from tests.store.conftest import FileBlob, tar_of, view_layer
 
 K = 1 << 10
@@ -146,3 +147,42 @@ async def test_a_read_puts_the_piece_of_its_prefetched_chunk_on_the_wire(tmp_pat
         (a, b) for a, b in itertools.pairwise(asked) if a[1] > b[0]
     ]
     assert all(c.digest in layer.cache for c in _region(layer))
+
+
+@pytest.mark.anyio
+async def test_a_read_in_another_layer_puts_the_prefetched_chunk_on_the_wire(tmp_path, monkeypatch):
+    """A file added again in a second layer shares its chunks (content-addressed) with the
+    first layer's, which that layer's prefetch claimed while its one worker is stuck on the
+    first piece: a read of it in the second layer hurries the first layer's download (the
+    claimant's blob, its offsets) and is served at once — it neither waits for the stuck
+    worker nor fetches the chunk a second time from its own blob."""
+    monkeypatch.setattr("store.prefetch.PREFETCH_STREAMS", 1)
+    monkeypatch.setattr("store.prefetch.PREFETCH_PIECE", 64 * K)
+    monkeypatch.setattr("store.prefetch.FIRST_BATCH", 64 * K)
+    _plain, toc_digest = _blob(tmp_path)
+    blob = Gated(tmp_path / "layer.blob", held=(0, 64 * K))  # the first piece only
+    again = io.BytesIO()
+    res = convert(io.BytesIO(tar_of({"again": FILES["last"]})), again, level=1, chunk_size=64 * K)
+    (tmp_path / "again.blob").write_bytes(again.getvalue())
+    other_blob = FileBlob(tmp_path / "again.blob")
+    async with trio.open_nursery() as nursery:
+        layer = await _prefetching(tmp_path, blob, toc_digest, nursery)
+        view = await load_layer_index(other_blob, res.toc_digest)
+        asked_for_toc = len(other_blob.requests)
+        other = Layer(
+            key="again",
+            digest="sha256:" + "1" * 64,
+            toc_digest=res.toc_digest,
+            tree=LayerTree(view.index),
+            index=view,
+            blob=other_blob,
+            cache=layer.cache,  # one store, one chunk cache
+        )
+        node = _node(other, "again")
+        tail = node.entry.chunks[-1]
+        assert layer.cache.is_inflight(tail.digest)  # claimed by the first layer's prefetch
+        with trio.fail_after(5):
+            got = await other.read_file(node, len(FILES["last"]) - 100, 100)
+        assert got == FILES["last"][-100:]
+        blob.gate.set()
+    assert other_blob.requests[asked_for_toc:] == []
