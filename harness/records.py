@@ -71,7 +71,7 @@ class Record:
     create_s: float | None = None
     run_s: float | None = None
     total_s: float | None = None
-    bytes_fetched: int | None = None  # bytes the registry served during the measurement
+    bytes_fetched: int | None = None  # bytes the registry served from pull start to ready line
     requests: int | None = None
     bytes_before_first_output: int | None = None  # ...by requests done before first output
     requests_before_first_output: int | None = None

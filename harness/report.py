@@ -108,11 +108,12 @@ def markdown_tables(
 ) -> str:
     """Per workload, one row per mode (and store, when there are several):
     ``pull | create | run | total`` in seconds at the chosen percentile, the total with its
-    95 % bootstrap interval, MB fetched, the median total with its interval, range, MB before
-    first output, samples, and the laziness verdict (``fell back`` counts, ``not checked``
-    for records from before the verdict existed). A ⚠ marks a cell whose spread is too wide
-    to tell anything (:func:`harness.stats.spread_too_wide`). With several stores, ``÷ FIRST``
-    gives each store's total (chosen percentile) over the first store's. With ``limits``
+    95 % bootstrap interval, MB fetched (from the pull's start to the ready line), the median
+    total with its interval, range, MB before first output, samples, and the laziness verdict
+    (``fell back`` counts, ``not checked`` for records from before the verdict existed). A ⚠
+    marks a cell whose spread is too wide to tell anything
+    (:func:`harness.stats.spread_too_wide`). With several stores, ``÷ FIRST`` gives each
+    store's total (chosen percentile) over the first store's. With ``limits``
     (:func:`harness.limit.limits_of`), each workload's limit model is stated above its table
     and ``÷ limit`` gives each row's total (chosen percentile) over it."""
     p = _pct_label(percentile)

@@ -6,7 +6,6 @@ import json
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
@@ -229,7 +228,7 @@ def test_a_measurement_keeps_the_timeline_of_sample_0_through_our_store(tmp_path
     run = tmp_path / "run"
     runner = measure.Runner(scenario, run, show_progress=False)
     runner.images = {("tiny", "estargz"): "lazybench/tiny:estargz"}
-    registry = SimpleNamespace(host="h:5000", log_mark=lambda: 0, access_log=lambda: [])
+    registry = _Registry([])
     w = resolve(scenario.workloads[0])
     for sample, store in ((0, "ours"), (1, "ours"), (0, "go")):
         rec = runner.measure(sample, w, "estargz", registry, tmp_path / "work", store)
@@ -252,6 +251,25 @@ def test_a_measurement_keeps_the_timeline_of_sample_0_through_our_store(tmp_path
     assert all(b["mbit"] is None for b in usage["bins"])
     page = (run / "timeline" / "tiny-estargz-ours.md").read_text()
     assert "## Link, CPU and I/O" in page and "| at s | link Mbit/s |" in page
+
+
+class _Registry:
+    """The registry's access log as the measurement reads it: records appended to ``log``;
+    an offset is a record count."""
+
+    host = "h:5000"
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def log_mark(self) -> int:
+        return len(self.log)
+
+    def log_offset(self) -> int:
+        return len(self.log)
+
+    def access_log(self, upto: int | None = None) -> list:
+        return list(self.log[:upto])
 
 
 def _measure_once(tmp_path, monkeypatch, env, mode, registry, calls, verdict):
@@ -290,7 +308,7 @@ def test_no_podman_process_runs_between_pull_and_create(tmp_path, monkeypatch):
             calls.append("check_persistence")
             return super().check_persistence(ref)
 
-    registry = SimpleNamespace(host="h:5000", log_mark=lambda: 0, access_log=lambda: [])
+    registry = _Registry([])
     verdict = Verdict([LayerEvidence("id", L1, True)])
     rec = _measure_once(tmp_path, monkeypatch, Env, "estargz", registry, calls, verdict)
     assert rec.status == "ok", rec.error
@@ -317,9 +335,7 @@ def _legacy_measurement(tmp_path, monkeypatch, repull):
                 return super().pull(ref, timeout)
             return repull(log, served)
 
-    registry = SimpleNamespace(
-        host="h:5000", log_mark=lambda: len(log), access_log=lambda: list(log)
-    )
+    registry = _Registry(log)
     rec = _measure_once(tmp_path, monkeypatch, Env, "legacy", registry, calls, Verdict([]))
     return rec, calls
 
@@ -369,7 +385,7 @@ def test_a_run_that_failed_after_a_pull_that_fell_back_is_the_fallback(
     an error."""
     import harness.measure as measure
 
-    registry = SimpleNamespace(host="h:5000", log_mark=lambda: 0, access_log=lambda: [])
+    registry = _Registry([])
     monkeypatch.setattr(measure, "StoreProcess", _FakeStore)
     monkeypatch.setattr(measure, "PodmanEnv", _FakeEnv)
     verdict = Verdict([LayerEvidence("id", L1, from_store)])
@@ -386,3 +402,30 @@ def test_a_run_that_failed_after_a_pull_that_fell_back_is_the_fallback(
     else:
         assert rec.status == "fell-back", rec.error
         assert "1 of 1 layers not from the store" in rec.error and "; and run: " in rec.error
+
+
+def test_mb_fetched_is_the_timed_window_the_store_fetching_on_after_the_ready_line_is_not(
+    tmp_path, monkeypatch
+):
+    """The pull's 1 MB counts; the 3 MB the store fetches on after the ready line (served
+    while the untimed persistence check runs) do not: legacy has no such tail, and the
+    check's length is the runtime's, not the mode's."""
+    from harness.registry_server import AccessRecord
+
+    log: list[AccessRecord] = []
+    get = AccessRecord("r", None, "t", "GET", "/v2/x/blobs/sha256:1", 206, 500_000, "store")
+
+    class Env(_FakeEnv):
+        def pull(self, ref: str, timeout: float | None = None):
+            log.extend([get, get])
+            return super().pull(ref, timeout)
+
+        def check_persistence(self, ref: str) -> Persistence:
+            log.extend([get] * 6)  # the prefetch goes on meanwhile
+            return super().check_persistence(ref)
+
+    verdict = Verdict([LayerEvidence("id", L1, True)])
+    rec = _measure_once(tmp_path, monkeypatch, Env, "estargz", _Registry(log), [], verdict)
+    assert rec.status == "ok", rec.error
+    assert (rec.bytes_fetched, rec.requests) == (1_000_000, 2)
+    assert rec.bytes_before_first_output == 1_000_000
