@@ -14,6 +14,7 @@ as warnings: no change there can be told from noise.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +27,7 @@ import pandas as pd
 from harness.cli import UserError
 from harness.records import RECORDS, Record, read_environment, read_records, sort_records
 from harness.report import fmt
+from harness.scenario import MODES
 from harness.stats import (
     bootstrap_interval,
     compare_samples,
@@ -72,6 +74,18 @@ def load_gate(path: Path | None = None) -> Gate:
     if statistic not in ("median", "percentile"):
         raise UserError(f"{path}: statistic: must be 'median' or 'percentile', got {statistic!r}")
 
+    tables = {
+        "total": ("max_increase_pct", "min_increase_s"),
+        "fetched": ("max_increase_pct", "min_increase_mb"),
+    }
+    for table, keys in tables.items():
+        section = data.get(table, {})
+        for key in section if isinstance(section, dict) else ():
+            if key not in keys:
+                raise UserError(
+                    f"{path}: {table}.{key}: unknown key (allowed: {', '.join(sorted(keys))})"
+                )
+
     def num(table: str, key: str, default: float) -> float:
         section = data.get(table, {})
         if not isinstance(section, dict):
@@ -86,6 +100,9 @@ def load_gate(path: Path | None = None) -> Gate:
     if not isinstance(ratio, dict):
         raise UserError(f"{path}: ratio: must be a table of mode = ceiling")
     for mode, value in ratio.items():
+        if mode not in MODES or mode == "legacy":
+            known = ", ".join(m for m in MODES if m != "legacy")
+            raise UserError(f"{path}: ratio.{mode}: unknown key (allowed: {known})")
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise UserError(f"{path}: ratio.{mode}: must be a number > 0, got {value!r}")
     fail_on_missing = data.get("fail_on_missing", True)
@@ -273,11 +290,18 @@ def gate_failures(cmp: pd.DataFrame, gate: Gate) -> list[str]:
         if pd.isna(r["total_base"]):
             continue
         significant = not pd.isna(r["total_p_value"]) and r["total_p_value"] <= gate.alpha
-        if (
-            significant
-            and r["total_delta_s"] > gate.min_total_increase_s
+        past = (
+            r["total_delta_s"] > gate.min_total_increase_s
             and r["total_delta_pct"] > gate.max_total_increase_pct
-        ):
+        )
+        if past and _untestable(r, gate.alpha):
+            problems.append(
+                f"{where}: total {r['total_base']:.2f}s → {r['total_new']:.2f}s "
+                f"(+{r['total_delta_pct']:.0f}% > {gate.max_total_increase_pct:g}%) with too few "
+                f"samples to test ({r['n_base']} base, {r['n_new']} new: no Mann–Whitney "
+                f"p-value can reach alpha = {gate.alpha:g}); measure more samples"
+            )
+        elif significant and past:
             problems.append(
                 f"{where}: total {r['total_base']:.2f}s → {r['total_new']:.2f}s "
                 f"(+{r['total_delta_pct']:.0f}% > {gate.max_total_increase_pct:g}%, "
@@ -285,12 +309,19 @@ def gate_failures(cmp: pd.DataFrame, gate: Gate) -> list[str]:
                 f"p = {r['total_p_value']:.3f})"
             )
         significant = not pd.isna(r["mb_p_value"]) and r["mb_p_value"] <= gate.alpha
-        if (
-            significant
-            and not pd.isna(r["mb_delta"])
+        past = (
+            not pd.isna(r["mb_delta"])
             and r["mb_delta"] > gate.min_fetched_increase_mb
             and r["mb_delta_pct"] > gate.max_fetched_increase_pct
-        ):
+        )
+        if past and _untestable(r, gate.alpha):
+            problems.append(
+                f"{where}: fetched {r['mb_base']:.1f} MB → {r['mb_new']:.1f} MB "
+                f"(+{r['mb_delta_pct']:.0f}% > {gate.max_fetched_increase_pct:g}%) with too "
+                f"few samples to test ({r['n_base']} base, {r['n_new']} new); measure more "
+                "samples"
+            )
+        elif significant and past:
             problems.append(
                 f"{where}: fetched {r['mb_base']:.1f} MB → {r['mb_new']:.1f} MB "
                 f"(+{r['mb_delta_pct']:.0f}% > {gate.max_fetched_increase_pct:g}%, "
@@ -308,6 +339,15 @@ def gate_failures(cmp: pd.DataFrame, gate: Gate) -> list[str]:
             if ratio > ceiling:
                 problems.append(f"{workload}/{mode}: {mode} ÷ legacy = {ratio:.2f} > {ceiling:g}")
     return problems
+
+
+def _untestable(r: Any, alpha: float) -> bool:
+    """No one-sided Mann–Whitney p-value of these sample counts can reach ``alpha``: the
+    smallest, all new samples above all base ones, is 1 / C(n_base + n_new, n_base) (and
+    :func:`harness.stats.compare_samples` gives none below 2 samples a side). A change past
+    the thresholds there fails the gate: passing it would pass any regression."""
+    n, m = int(r["n_base"]), int(r["n_new"])
+    return min(n, m) < 2 or 1 / math.comb(n + m, n) > alpha
 
 
 def gate_warnings(cmp: pd.DataFrame) -> list[str]:

@@ -214,7 +214,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
     report = write_report(out)
     print(report.table_text)
     print(f"table:  {report.table}\nchart:  {report.charts[0]} (and .svg)\nreport: {report.report}")
+    absent = _absent_shards(env)
+    if absent:
+        print(
+            f"lazybench: shard {', '.join(absent)} is not among the inputs: "
+            f"{len(report.missing)} planned measurements have no record; merge again with "
+            "every shard's run directory",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _absent_shards(env: dict[str, Any]) -> list[str]:
+    """The shards K/N of the merged inputs' count N that no input holds."""
+    shards = [s.get("shard") for s in env.get("shards", []) if s.get("shard")]
+    if not shards:
+        return []
+    count = int(shards[0].split("/")[1])
+    return [f"{k}/{count}" for k in range(1, count + 1) if f"{k}/{count}" not in shards]
 
 
 def cmd_report(args: argparse.Namespace) -> int:

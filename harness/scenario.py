@@ -531,7 +531,15 @@ def _parse_store(c: _Checker, data: dict[str, Any], where: str, *, named: bool) 
             )
     command = c.strings(data, "command", f"{where}.command") or DEFAULT_STORE_COMMAND
     for arg in command:
-        for placeholder in _placeholders(arg):
+        try:
+            placeholders = _placeholders(arg)
+        except ValueError as exc:  # str.format's own complaint: unbalanced braces, "{x!z}"
+            raise c.fail(
+                f"{where}.command",
+                f"{arg!r}: unbalanced or malformed braces ({exc}); write a literal brace as "
+                "{{ or }}",
+            ) from None
+        for placeholder in placeholders:
             if placeholder not in STORE_PLACEHOLDERS:
                 raise c.fail(
                     f"{where}.command",
@@ -597,9 +605,26 @@ def _env(c: _Checker, w: dict[str, Any], where: str) -> tuple[tuple[str, str], .
 
 
 def _placeholders(arg: str) -> list[str]:
+    """The ``{names}`` in ``arg``; ValueError for what ``arg.format(...)`` would refuse when
+    the store starts (unbalanced braces), or fill otherwise than by plain substitution (a
+    conversion or format spec: ``{root!z}``, ``{root:x}``)."""
     import string
 
-    return [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
+    names = []
+    for _, field, spec, conversion in string.Formatter().parse(arg):
+        if field is None:
+            continue
+        if spec or conversion:
+            text = (
+                "{"
+                + field
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
+            raise ValueError(f"{text}: a placeholder takes no conversion or format spec")
+        names.append(field)
+    return names
 
 
 def load_scenario(path: Path | str, *, check_references: bool = True) -> Scenario:
@@ -620,4 +645,23 @@ def load_scenario(path: Path | str, *, check_references: bool = True) -> Scenari
         recipes=_known_recipes() if check_references else None,
         profiles=_known_profiles() if check_references else None,
     )
+    _check_local_sources(scenario, str(path))
     return Scenario(**{**vars(scenario), "source": path.resolve()})
+
+
+def _check_local_sources(scenario: Scenario, source: str) -> None:
+    """A workload's image file, layout or Containerfile must exist now: found when the image is
+    imported, a typo would cost the build and push of every workload before it. (Only for a
+    scenario file: a run's stored copy is re-read when its sources may have moved on.)"""
+    from harness.images.transports import local_path
+
+    c = _Checker(source)
+    for i, w in enumerate(scenario.workloads):
+        where = f"workloads[{i}]"
+        path = local_path(w.image) if w.image is not None else None
+        if path is not None and not path.exists():
+            raise c.fail(f"{where}.image", f"{path} does not exist (paths are the scenario file's)")
+        if w.containerfile is not None and not Path(w.containerfile).is_file():
+            raise c.fail(f"{where}.containerfile", f"{w.containerfile} is not a file")
+        if w.context is not None and not Path(w.context).is_dir():
+            raise c.fail(f"{where}.context", f"{w.context} is not a directory")

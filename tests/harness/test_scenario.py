@@ -128,6 +128,9 @@ def test_a_workload_can_narrow_the_modes() -> None:
 
 
 def test_workloads_from_images_and_containerfiles(tmp_path: Path) -> None:
+    (tmp_path / "img.tar").write_bytes(b"")  # the sources must exist when the file loads
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Containerfile").write_text("FROM scratch\n")
     path = tmp_path / "s.toml"
     path.write_text(
         '[[workloads]]\nname = "a"\nimage = "docker-archive:img.tar"\nexpect = "hi"\n'

@@ -1,0 +1,132 @@
+"""Bad input from a user's side: a one-line error naming the file and key, never a traceback,
+a silently ignored key, nor a gate that passes what it cannot judge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.gate import Gate, compare_runs, gate_failures, load_gate
+from harness.scenario import ScenarioError, load_scenario, parse_scenario
+from tests.harness.test_stats_gate import write_run
+
+# -- scenario: store command placeholders ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arg", "problem"),
+    [
+        ("{mountpoint", "unbalanced"),  # str.format: expected '}' before end of string
+        ("{mountpoint}}x}", "unbalanced"),  # Single '}' encountered
+        ("{mountpoint}/{root:x}", "{root:x}"),  # a format spec: ValueError at store start
+        ("{mountpoint}/{root!z}", "{root!z}"),  # a conversion: the same
+    ],
+)
+def test_a_malformed_store_placeholder_is_a_scenario_error(arg: str, problem: str) -> None:
+    data = {"store": {"command": ["x", arg]}, "workloads": [{"recipe": "python"}]}
+    with pytest.raises(ScenarioError, match=r"s\.toml: store\.command: .*") as exc:
+        parse_scenario(data, "s.toml")
+    assert problem in str(exc.value)
+
+
+def test_a_malformed_store_placeholder_exits_1_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('[store]\ncommand = ["x", "{mountpoint"]\n[[workloads]]\nrecipe = "tiny"\n')
+    assert main(["run", str(path), "--results-dir", str(tmp_path / "r")]) == 1
+    assert "store.command" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_escaped_braces_stay_allowed() -> None:
+    data = {
+        "store": {"command": ["x", "--opt={{a}}", "{mountpoint}"]},
+        "workloads": [{"recipe": "python"}],
+    }
+    assert parse_scenario(data, "s.toml").store.command[1] == "--opt={{a}}"
+
+
+# -- scenario: a local image source that does not exist ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'image = "oci-archive:typo-app.tar"',
+        'image = "docker-archive:/no/such/app.tar"',
+        'image = "oci:missing-layout:latest"',
+        'containerfile = "no/Containerfile"',
+    ],
+)
+def test_a_missing_image_file_is_named_when_the_scenario_loads(tmp_path: Path, line: str) -> None:
+    """Found at load time, not after the earlier workloads' images were built and pushed."""
+    path = tmp_path / "s.toml"
+    path.write_text(f'[[workloads]]\nrecipe = "tiny"\n[[workloads]]\nname = "app"\n{line}\n')
+    with pytest.raises(ScenarioError, match=r"s\.toml: workloads\[1\]\.(image|containerfile): "):
+        load_scenario(path)
+
+
+def test_an_existing_image_file_loads(tmp_path: Path) -> None:
+    (tmp_path / "app.tar").write_bytes(b"")
+    path = tmp_path / "s.toml"
+    path.write_text('[[workloads]]\nname = "app"\nimage = "oci-archive:app.tar"\n')
+    assert load_scenario(path).workloads[0].image == f"oci-archive:{tmp_path / 'app.tar'}"
+
+
+# -- gate files: typos inside tables ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("[total]\nmax_increase_pc = 5\n", "total.max_increase_pc"),
+        ("[fetched]\nmin_increase = 5\n", "fetched.min_increase"),
+        ("[ratio]\nestargz_noopt = 0.5\n", "ratio.estargz_noopt"),
+    ],
+)
+def test_a_typo_in_a_gate_file_is_an_error(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "gate.toml"
+    path.write_text(text)
+    with pytest.raises(Exception, match=rf"gate\.toml: {where}: unknown"):
+        load_gate(path)
+
+
+def test_the_packaged_gate_still_loads() -> None:
+    assert load_gate().max_ratio
+
+
+# -- gate: a regression it has too few samples to test -----------------------------------------
+
+
+def test_the_gate_does_not_pass_a_regression_it_cannot_test(tmp_path: Path) -> None:
+    """One sample on a side: Mann–Whitney cannot reach alpha, so a 3× slow-down used to
+    pass ("gate … passed", exit 0)."""
+    base = write_run(tmp_path / "a", {"": [30.0], "ours": [5.0]})
+    slow = write_run(tmp_path / "b", {"": [30.0], "ours": [15.0]})
+    problems = gate_failures(compare_runs(base, slow), Gate())
+    assert len(problems) == 1
+    assert "python/estargz-noopt [ours]" in problems[0] and "too few samples" in problems[0]
+    # No change past the thresholds: nothing to report, however few the samples.
+    same = write_run(tmp_path / "c", {"": [30.2], "ours": [5.1]})
+    assert gate_failures(compare_runs(base, same), Gate()) == []
+    # Enough samples for the test: an insignificant change still passes (as before).
+    base3 = write_run(tmp_path / "d", {"": [30, 30, 30], "ours": [5, 9, 5.1]})
+    new3 = write_run(tmp_path / "e", {"": [30, 30, 30], "ours": [9, 4.9, 9.2]})
+    assert gate_failures(compare_runs(base3, new3), Gate()) == []
+
+
+# -- merge: a shard missing from the inputs ----------------------------------------------------
+
+
+def test_merging_without_every_shard_says_so_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    a = write_run(tmp_path / "a", {"": [30, 31, 30]}, shard="1/3")
+    b = write_run(tmp_path / "b", {"ours": [5, 5, 6]}, shard="2/3")
+    assert main(["merge", str(tmp_path / "out"), str(a), str(b)]) == 1
+    err = capsys.readouterr().err
+    assert "shard 3/3" in err
+    assert (tmp_path / "out" / "report.md").exists()  # written all the same, for a look
