@@ -436,11 +436,12 @@ def read_published(source: Path | Traversable | None = None) -> list[Published]:
 def match_published(
     workload: str, recipe: str | None, reference: str | None, published: Sequence[Published]
 ) -> Published | None:
-    """The published image a workload stands in for: named by ``reference``, else the one
-    whose stand_in equals the workload or recipe name."""
-    for pub in published:
-        if reference and reference in (pub.image, pub.image.split(":")[0]):
-            return pub
+    """The published image a workload stands in for: named by ``reference`` (None when it
+    names none), else the one whose stand_in equals the workload or recipe name."""
+    if reference:
+        return next(
+            (pub for pub in published if reference in (pub.image, pub.image.split(":")[0])), None
+        )
     for pub in published:
         if pub.stand_in in (workload, recipe):
             return pub

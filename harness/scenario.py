@@ -333,6 +333,17 @@ def _known_recipes() -> set[str] | None:
     return set(RECIPES) | {"tiny"}
 
 
+def _known_published() -> set[str] | None:
+    """What a workload's ``reference`` may name: each published image
+    (``harness/data/published.csv``) and its repository without the tag."""
+    try:
+        from harness.report import read_published
+    except ImportError:
+        return None
+    images = [pub.image for pub in read_published()]
+    return set(images) | {image.split(":")[0] for image in images}
+
+
 def _known_profiles() -> set[str] | None:
     try:
         from harness.netshape.profiles import PROFILES
@@ -347,11 +358,12 @@ def parse_scenario(
     *,
     recipes: set[str] | None = None,
     profiles: set[str] | None = None,
+    published: set[str] | None = None,
 ) -> Scenario:
     """Check a decoded scenario and build a :class:`Scenario`; raise :class:`ScenarioError`.
 
-    ``recipes``/``profiles`` are the names a workload's recipe and the network profile may
-    take; ``None`` skips that check.
+    ``recipes``/``profiles``/``published`` are the names a workload's recipe, the network
+    profile and a workload's ``reference`` may take; ``None`` skips that check.
     """
     c = _Checker(source)
     if not isinstance(data, dict):  # a JSON copy (scenario.json) can hold any value
@@ -492,7 +504,7 @@ def parse_scenario(
                 stdin=stdin,
                 ready=c.string(w, "ready", f"{where}.ready"),
                 timeout=float(timeout) if timeout is not None else None,
-                reference=c.string(w, "reference", f"{where}.reference"),
+                reference=_reference(c, w, where, published),
                 modes=wmodes,
                 image=image,
                 containerfile=containerfile,
@@ -604,6 +616,21 @@ def _env(c: _Checker, w: dict[str, Any], where: str) -> tuple[tuple[str, str], .
     return tuple(env.items())
 
 
+def _reference(
+    c: _Checker, w: dict[str, Any], where: str, published: set[str] | None
+) -> str | None:
+    """A workload's ``reference``: a published image (or its repository), when the list of
+    them is known — a typo would otherwise compare the workload with nothing, silently."""
+    reference = c.string(w, "reference", f"{where}.reference")
+    if reference is not None and published is not None and reference not in published:
+        raise c.fail(
+            f"{where}.reference",
+            f"{reference!r} is not a published image (known: {', '.join(sorted(published))}; "
+            "harness/data/published.csv); leave it out for a workload that stands in for none",
+        )
+    return reference
+
+
 def _placeholders(arg: str) -> list[str]:
     """The ``{names}`` in ``arg``; ValueError for what ``arg.format(...)`` would refuse when
     the store starts (unbalanced braces), or fill otherwise than by plain substitution (a
@@ -644,6 +671,7 @@ def load_scenario(path: Path | str, *, check_references: bool = True) -> Scenari
         str(path),
         recipes=_known_recipes() if check_references else None,
         profiles=_known_profiles() if check_references else None,
+        published=_known_published() if check_references else None,
     )
     _check_local_sources(scenario, str(path))
     return Scenario(**{**vars(scenario), "source": path.resolve()})

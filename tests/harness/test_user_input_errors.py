@@ -130,3 +130,28 @@ def test_merging_without_every_shard_says_so_and_exits_1(
     err = capsys.readouterr().err
     assert "shard 3/3" in err
     assert (tmp_path / "out" / "report.md").exists()  # written all the same, for a look
+
+
+# -- scenario: a workload's published reference ------------------------------------------------
+
+
+def test_a_reference_to_no_published_image_is_a_scenario_error(tmp_path: Path) -> None:
+    """A typo in ``reference`` named nothing, and the report compared the workload with no
+    published image, silently."""
+    path = tmp_path / "s.toml"
+    path.write_text('[[workloads]]\nrecipe = "tomcat"\nreference = "glasfish:4.1-jdk8"\n')
+    with pytest.raises(ScenarioError, match=r"workloads\[0\]\.reference: 'glasfish:4.1-jdk8'"):
+        load_scenario(path)
+    path.write_text('[[workloads]]\nrecipe = "tomcat"\nreference = "glassfish"\n')
+    assert load_scenario(path).workloads[0].reference == "glassfish"  # the repository alone
+
+
+def test_a_reference_is_never_replaced_by_the_stand_in_match() -> None:
+    """``python:3.8`` names no published image: no comparison, not python:3.7's by the
+    workload's name."""
+    from harness.report import match_published, read_published
+
+    published = read_published()
+    assert match_published("python", "python", "python:3.8", published) is None
+    assert match_published("python", "python", None, published).image == "python:3.7"
+    assert match_published("x", None, "python", published).image == "python:3.7"
