@@ -63,6 +63,11 @@ async def _handle(stream: trio.SocketStream, credentials: CredentialStore) -> No
             problem = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
             log.warning("auth helper: %s", problem)
             reply = {"error": problem}
+        except Exception as exc:  # e.g. RecursionError from json: never out of the handler,
+            # whose nursery is the store's (one bad request must not stop the store)
+            problem = f"malformed request ({type(exc).__name__})"  # no text: it may quote secrets
+            log.warning("auth helper: %s", problem)
+            reply = {"error": problem}
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all((json.dumps(reply) + "\n").encode())
 

@@ -40,6 +40,7 @@ import itertools
 import json
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -80,7 +81,13 @@ GZIP_COMPRESSION = 2  # containers/storage archive.Gzip
 # Real images have well under 128 layers (Docker's builder stops at 125); a manifest listing
 # thousands (a hostile one can, within its 4 MiB) must not start thousands of TOC fetches.
 EARLY_LOADS_MAX = 128
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # fullmatch: "$" would let a final "\n" pass
+# A lookup naming a layer the cached resolution of its image lacks re-resolves the image
+# (its tag was pushed again: the runtime looks up the layers of the manifest it fetched), at
+# most once per this many seconds per image.
+IMAGE_REFRESH_AFTER = 1.0
+# Releases listed in ``status`` (the most recent): the list must not grow with the store's age.
+RELEASED_KEPT = 256
 
 
 class ResolveError(Exception):
@@ -151,6 +158,7 @@ class ImageInfo:
     config_bytes: bytes
     layers: list[LayerDesc]
     serial: int = field(default_factory=lambda: next(_RESOLUTIONS))  # one per resolution
+    resolved_at: float = field(default_factory=time.monotonic)
 
     def find(self, digest: str) -> tuple[LayerDesc, bool] | None:
         """The layer named ``digest``; the flag says it was named by TOC digest (new protocol)."""
@@ -340,12 +348,17 @@ class LayerManager:
 
     @staticmethod
     def valid_digest(digest: str) -> bool:
-        return bool(_DIGEST.match(digest))
+        return bool(_DIGEST.fullmatch(digest))
 
     # -- shared, bounded tasks ---------------------------------------------------------------
 
     async def _shared(
-        self, table: dict[str, _Task], key: str, work: Callable[[], Awaitable[Any]], what: str
+        self,
+        table: dict[str, _Task],
+        key: str,
+        work: Callable[[], Awaitable[Any]],
+        what: str,
+        deadline: float | None = None,
     ) -> Any:
         task = table.get(key)
         if task is None or (
@@ -355,7 +368,9 @@ class LayerManager:
         ):
             task = table[key] = _Task()
             self.nursery.start_soon(self._run, task, work)
-        with trio.move_on_after(self.config.resolve_timeout_sec):
+        if deadline is None:
+            deadline = trio.current_time() + self.config.resolve_timeout_sec
+        with trio.move_on_at(deadline):
             await task.done.wait()
         if not task.done.is_set():
             raise ResolveTimeout(f"{what}: no answer within {self.config.resolve_timeout_sec}s")
@@ -376,7 +391,10 @@ class LayerManager:
 
     # -- images ------------------------------------------------------------------------------
 
-    async def image(self, ref: str) -> ImageInfo:
+    async def image(self, ref: str, deadline: float | None = None) -> ImageInfo:
+        """Image ``ref``'s resolution, shared; waits until ``deadline`` (default: the
+        resolve bound from now)."""
+
         async def work() -> ImageInfo:
             try:
                 with span(self.timeline, "manifest", ref=ref):
@@ -390,7 +408,20 @@ class LayerManager:
             self._start_indexes(ref, layers)  # a no-op for the layers already loading
             return ImageInfo(ref, manifest, config, layers)
 
-        return await self._shared(self._images, ref, work, f"image {ref}")
+        return await self._shared(self._images, ref, work, f"image {ref}", deadline)
+
+    async def _image_naming(self, ref: str, digest: str, deadline: float) -> ImageInfo:
+        """:meth:`image`, resolved afresh once when its cached resolution does not name
+        ``digest`` and is older than :data:`IMAGE_REFRESH_AFTER` (the tag moved)."""
+        image = await self.image(ref, deadline)
+        if image.find(digest) is None and (
+            time.monotonic() - image.resolved_at >= IMAGE_REFRESH_AFTER
+        ):
+            task = self._images.get(ref)
+            if task is not None and task.done.is_set() and task.value is image:
+                del self._images[ref]
+            image = await self.image(ref, deadline)
+        return image
 
     def _start_indexes(self, ref: str, layers: list[LayerDesc]) -> None:
         """Load the eStargz layers of ``ref`` at once (the first :data:`EARLY_LOADS_MAX`),
@@ -489,7 +520,8 @@ class LayerManager:
 
     async def layer_info(self, ref: str, digest: str) -> dict[str, Any]:
         """The ``info`` JSON for the protocol generation the lookup name implies."""
-        image = await self.image(ref)
+        deadline = trio.current_time() + self.config.resolve_timeout_sec
+        image = await self._image_naming(ref, digest, deadline)
         desc, by_toc = image.servable(digest)
         if by_toc:
             return {
@@ -513,7 +545,7 @@ class LayerManager:
             # fails its image size ("size for layer is unknown"). Measuring costs a ranged
             # read per file (store/config.py), so only when configured, on the old protocol
             # only (podman ≥ 5.1 takes -1), within the resolve bound.
-            layer = await self.get_layer(ref, digest)
+            layer = await self.get_layer(ref, digest, deadline)
             if isinstance(layer.index, EstargzLayerView):
                 with trio.move_on_after(self.config.resolve_timeout_sec):
                     measured = await measure_tar_size(layer.index, layer.blob)
@@ -523,8 +555,12 @@ class LayerManager:
 
     # -- layers ------------------------------------------------------------------------------
 
-    async def get_layer(self, ref: str, digest: str) -> Layer:
-        image = await self.image(ref)
+    async def get_layer(self, ref: str, digest: str, deadline: float | None = None) -> Layer:
+        """The loaded layer ``digest`` of ``ref``; image and layer together wait at most the
+        resolve bound (until ``deadline`` when given)."""
+        if deadline is None:
+            deadline = trio.current_time() + self.config.resolve_timeout_sec
+        image = await self._image_naming(ref, digest, deadline)
         desc = image.servable(digest)[0]
         state = self._states.get(desc.digest)
         if state is not None and state.phase is LayerPhase.FAILED and not state.wanted:
@@ -538,7 +574,7 @@ class LayerManager:
             if state.phase is LayerPhase.LOADED:
                 self._resolve(ref, desc, state)
         what = f"layer {ref}/{desc.digest}"
-        with trio.move_on_after(self.config.resolve_timeout_sec):
+        with trio.move_on_at(deadline):
             await state.settled.wait()
         if not state.settled.is_set():
             raise ResolveTimeout(f"{what}: no answer within {self.config.resolve_timeout_sec}s")
@@ -692,6 +728,7 @@ class LayerManager:
                 state.layer.release()
             if loaded:
                 self.released.append(key)
+                del self.released[:-RELEASED_KEPT]
                 log.info("layer %s released: no references left", key)
                 if self.timeline is not None:
                     self.timeline.event("released", layer=key, ref=ref)

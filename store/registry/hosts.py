@@ -156,10 +156,17 @@ def parse_resolver_config(
             header_raw = m.get("header", {}) or {}
             if not isinstance(header_raw, Mapping):
                 raise ConfigError(f"{mwhere}.header must be a table")
-            header = {
-                str(k): tuple(v) if isinstance(v, list) else (str(v),)
-                for k, v in header_raw.items()
-            }
+            header: dict[str, tuple[str, ...]] = {}
+            for k, v in header_raw.items():
+                # As upstream: a string or an array of strings, anything else is an error.
+                if isinstance(v, str):
+                    header[str(k)] = (v,)
+                elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+                    header[str(k)] = tuple(v)
+                else:
+                    raise ConfigError(
+                        f"{mwhere}.header.{k} must be a string or an array of strings"
+                    )
             mirrors.append(MirrorConfig(m["host"], insecure, float(timeout), header))
         hosts[str(name)] = HostConfig(tuple(mirrors))
     return ResolverConfig(hosts, frozenset(insecure_hosts), default_timeout)

@@ -1,0 +1,184 @@
+"""The store over its lifetime: one bad helper request, a moved tag, a slow image and many
+releases never stop it, leave it answering stale, nor make a wait or a list grow unbounded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from store import helper
+from store.cache import ChunkCache
+from store.config import ConfigError, StoreConfig, parse_config
+from store.credsocket import serve_credentials
+from store.registry.credentials import CredentialStore
+from store.resolver import LayerDesc, LayerManager, ResolveTimeout
+from tests.store.conftest import FileBlob
+from tests.store.test_fs_logic import REF, VectorRegistry
+
+# -- credential socket ---------------------------------------------------------------------
+
+
+def test_a_deeply_nested_helper_request_does_not_end_the_store(tmp_path: Path) -> None:
+    """json.loads raises RecursionError (not ValueError) on deep nesting: it escaped
+    credsocket._handle, ended serve_credentials' nursery and with it the store's nursery
+    (cli.serve): one bad request unmounts the store."""
+    creds = CredentialStore(auth_files=[])
+    path = tmp_path / "store.sock"
+    replies: list[object] = []
+
+    def client(p: str) -> object:
+        try:
+            helper.send(b"[" * 200_000, p)
+        except (OSError, ValueError) as exc:
+            return exc
+        return None
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_credentials, path, creds)
+                replies.append(await trio.to_thread.run_sync(client, str(path)))
+                # The socket still serves afterwards.
+                good = json.dumps({"127.0.0.1:5000/a/b:1": {"username": "u", "password": "p"}})
+                replies.append(
+                    await trio.to_thread.run_sync(lambda: helper.send(good.encode(), str(path)))
+                )
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert isinstance(replies[0], ValueError) and "refused" in str(replies[0])
+    assert replies[1] is None
+
+
+# -- resolve bound ---------------------------------------------------------------------------
+
+
+class SlowRegistry(VectorRegistry):
+    """The manifest+config take ``image_delay`` s; blob reads never answer."""
+
+    def __init__(self, vectors: Path, image_delay: float) -> None:
+        super().__init__(vectors)
+        self.image_delay = image_delay
+
+    async def image(self, ref: str, on_layers=None):
+        await trio.sleep(self.image_delay)
+        return await super().image(ref, on_layers)
+
+    def blob(self, ref: str, digest: str, size: int):
+        inner = FileBlob(self.path)
+
+        class Never:
+            size = inner.size
+
+            async def read_ranges(self, ranges):
+                await trio.sleep_forever()
+
+        return Never()
+
+
+@pytest.mark.anyio
+async def test_a_layer_lookup_answers_within_resolve_timeout_sec(vectors_dir, tmp_path):
+    """``resolve_timeout_sec`` is "the bound on any lookup that needs the registry"; get_layer
+    waited up to that long for the image, then up to that long again for the layer."""
+    bound = 1.0
+    async with trio.open_nursery() as nursery:
+        reg = SlowRegistry(vectors_dir, image_delay=0.8 * bound)
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=bound)
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        start = trio.current_time()
+        with pytest.raises(ResolveTimeout):
+            await manager.get_layer(REF, reg.meta["digest"])
+        elapsed = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert elapsed <= bound * 1.2, f"lookup took {elapsed:.2f}s, bound {bound}s"
+
+
+# -- unbounded growth --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_released_list_does_not_grow_without_bound(vectors_dir, tmp_path):
+    """Every release appended to ``LayerManager.released`` for the life of the store, and
+    ``status`` (read on every open of <mnt>/status) serialises all of it."""
+    async with trio.open_nursery() as nursery:
+        reg = VectorRegistry(vectors_dir)
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        for _ in range(300):
+            await manager.get_layer(REF, reg.meta["digest"])
+            manager.use(REF, reg.meta["digest"])
+            assert manager.release(REF, reg.meta["digest"]) == 0
+        nursery.cancel_scope.cancel()
+    assert len(manager.released) < 300
+    assert len(manager.status()["released"]) < 300
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [[1], {"a": "b"}, 7, True])
+def test_a_mirror_header_that_is_not_strings_is_refused(value: object) -> None:
+    """The Go store accepts a header value that is a string or an array of strings and
+    fails on anything else ("invalid type … for header"); ours sent ``str(value)`` or
+    kept non-string items, which httpx then refuses on every request."""
+    mirror = {"host": "m", "header": {"X": value}}
+    table = {"resolver": {"host": {"r.example": {"mirrors": [mirror]}}}}
+    with pytest.raises(ConfigError):
+        parse_config(table)
+
+
+# -- names ----------------------------------------------------------------------------------
+
+
+def test_a_layer_name_with_a_trailing_newline_is_not_a_digest() -> None:
+    """``$`` matches before a final newline: "sha256:<hex>\\n" passed valid_digest."""
+    good = "sha256:" + "a" * 64
+    assert LayerManager.valid_digest(good)
+    assert not LayerManager.valid_digest(good + "\n")
+
+
+# -- stale image resolutions -------------------------------------------------------------------
+
+
+class RetaggedRegistry(VectorRegistry):
+    """The tag first names an image whose one layer is the vector under ``old``; after
+    ``retag()`` (a new image pushed under the same tag) the layer is the vector under ``new``."""
+
+    def __init__(self, vectors: Path) -> None:
+        super().__init__(vectors)
+        self.old, self.new = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+        self.current = self.old
+        self.asked = 0
+
+    def retag(self) -> None:
+        self.current = self.new
+
+    async def image(self, ref: str, on_layers=None):
+        self.asked += 1
+        ann = {"containerd.io/snapshot/stargz/toc.digest": self.meta["toc_digest"]}
+        desc = LayerDesc(self.current, self.meta["size"], ann, self.meta["diff_id"])
+        return b"{}", b"{}", [desc]
+
+
+@pytest.mark.anyio
+async def test_a_tag_pushed_again_is_served_with_its_new_layers(vectors_dir, tmp_path):
+    """The runtime fetches the manifest itself and looks up the layers it names. After the
+    tag moved, the store answered every new layer from the manifest it resolved before —
+    ENOENT ("no layer"), a silent normal pull — for as long as the ref stayed in the LRU,
+    which each of those lookups refreshed."""
+    async with trio.open_nursery() as nursery:
+        reg = RetaggedRegistry(vectors_dir)
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        assert (await manager.get_layer(REF, reg.old)).digest == reg.old
+        reg.retag()
+        await trio.sleep(1.5)
+        layer = await manager.get_layer(REF, reg.new)
+        assert layer.digest == reg.new
+        info = await manager.layer_info(REF, reg.new)
+        assert info["compressed-diff-digest"] == reg.new
+        nursery.cancel_scope.cancel()
