@@ -562,22 +562,27 @@ class LayerManager:
             deadline = trio.current_time() + self.config.resolve_timeout_sec
         image = await self._image_naming(ref, digest, deadline)
         desc = image.servable(digest)[0]
-        state = self._states.get(desc.digest)
-        if state is not None and state.phase is LayerPhase.FAILED and not state.wanted:
-            state.wanted = True  # an early load's failure answers its first lookup
-        elif state is None or state.phase in (LayerPhase.FAILED, LayerPhase.RELEASED):
-            # A layer whose load failed, or that was released, is loaded afresh.
-            position = next(i for i, d in enumerate(image.layers) if d.digest == desc.digest)
-            state = self._load(ref, desc, early=False, order=(trio.current_time(), position))
-        elif not state.wanted:
-            state.wanted = True
-            if state.phase is LayerPhase.LOADED:
-                self._resolve(ref, desc, state)
         what = f"layer {ref}/{desc.digest}"
-        with trio.move_on_at(deadline):
-            await state.settled.wait()
-        if not state.settled.is_set():
-            raise ResolveTimeout(f"{what}: no answer within {self.config.resolve_timeout_sec}s")
+        while True:
+            state = self._states.get(desc.digest)
+            if state is not None and state.phase is LayerPhase.FAILED and not state.wanted:
+                state.wanted = True  # an early load's failure answers its first lookup
+            elif state is None or state.phase in (LayerPhase.FAILED, LayerPhase.RELEASED):
+                # A layer whose load failed, or that was released, is loaded afresh.
+                position = next(i for i, d in enumerate(image.layers) if d.digest == desc.digest)
+                state = self._load(ref, desc, early=False, order=(trio.current_time(), position))
+            elif not state.wanted:
+                state.wanted = True
+                if state.phase is LayerPhase.LOADED:
+                    self._resolve(ref, desc, state)
+            with trio.move_on_at(deadline):
+                await state.settled.wait()
+            if not state.settled.is_set():
+                raise ResolveTimeout(f"{what}: no answer within {self.config.resolve_timeout_sec}s")
+            if state.phase is not LayerPhase.RELEASED or state.error is not None:
+                break
+            # Its last reference went while it loaded (another runtime process released it):
+            # that layer is released; this lookup loads it afresh, within the same bound.
         if state.error is not None:
             if isinstance(state.error, ResolveError):
                 raise type(state.error)(str(state.error))

@@ -182,3 +182,54 @@ async def test_a_tag_pushed_again_is_served_with_its_new_layers(vectors_dir, tmp
         info = await manager.layer_info(REF, reg.new)
         assert info["compressed-diff-digest"] == reg.new
         nursery.cancel_scope.cancel()
+
+
+# -- a release while a lookup waits ------------------------------------------------------------
+
+
+class GatedRegistry(VectorRegistry):
+    """Blob reads wait for ``gate`` (the layer's TOC fetch, so its load, is held)."""
+
+    def __init__(self, vectors: Path) -> None:
+        super().__init__(vectors)
+        self.gate = trio.Event()
+
+    def blob(self, ref: str, digest: str, size: int):
+        inner = FileBlob(self.path)
+        gate = self.gate
+
+        class Gated:
+            size = inner.size
+
+            async def read_ranges(self, ranges):
+                await gate.wait()
+                return await inner.read_ranges(ranges)
+
+        return Gated()
+
+
+@pytest.mark.anyio
+async def test_a_lookup_waiting_through_a_release_gets_a_live_layer(vectors_dir, tmp_path):
+    """Two lookups of one loading layer; the first one's reference comes and goes (``use``,
+    then ``release`` to zero) before the load ends. The second lookup was handed the layer
+    released on arrival: no background work, ``blob`` EIO until looked up again."""
+    async with trio.open_nursery() as nursery:
+        reg = GatedRegistry(vectors_dir)
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        digest = reg.meta["digest"]
+        got: list = []
+
+        async def lookup() -> None:
+            got.append(await manager.get_layer(REF, digest))
+
+        nursery.start_soon(lookup)
+        await trio.testing.wait_all_tasks_blocked()
+        manager.use(REF, digest)
+        assert manager.release(REF, digest) == 0  # while the load is held
+        reg.gate.set()
+        with trio.fail_after(5):
+            while not got:
+                await trio.sleep(0.01)
+        assert not got[0].released
+        nursery.cancel_scope.cancel()
