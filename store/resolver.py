@@ -86,6 +86,11 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # fullmatch: "$" would let a final
 # (its tag was pushed again: the runtime looks up the layers of the manifest it fetched), at
 # most once per this many seconds per image.
 IMAGE_REFRESH_AFTER = 1.0
+# An image's manifest and config fetch, shared by the lookups that come meanwhile, fails after
+# this many resolve bounds: a registry that sends them a byte at a time (each read within its
+# timeout) otherwise kept the shared fetch, and every later lookup of the image, waiting for
+# good. Two: a lookup joining the fetch half-way still gets its answer within its own bound.
+IMAGE_FETCH_BOUNDS = 2
 # Releases listed in ``status`` (the most recent): the list must not grow with the store's age.
 RELEASED_KEPT = 256
 
@@ -396,11 +401,17 @@ class LayerManager:
         resolve bound from now)."""
 
         async def work() -> ImageInfo:
+            bound = IMAGE_FETCH_BOUNDS * self.config.resolve_timeout_sec
             try:
-                with span(self.timeline, "manifest", ref=ref):
+                with span(self.timeline, "manifest", ref=ref), trio.fail_after(bound):
                     manifest, config, layers = await self.registry.image(
                         ref, on_layers=partial(self._start_indexes, ref)
                     )
+            except trio.TooSlowError:
+                raise ResolveError(
+                    f"{ref}: manifest and config not in within {bound:g}s "
+                    f"({IMAGE_FETCH_BOUNDS} x resolve_timeout_sec)"
+                ) from None
             except ResolveError:
                 raise
             except Exception as exc:

@@ -233,3 +233,39 @@ async def test_a_lookup_waiting_through_a_release_gets_a_live_layer(vectors_dir,
                 await trio.sleep(0.01)
         assert not got[0].released
         nursery.cancel_scope.cancel()
+
+
+class StuckOnceRegistry(VectorRegistry):
+    """The first image fetch never ends (a registry sending the manifest a byte at a time,
+    each within the read timeout); later ones answer."""
+
+    def __init__(self, vectors: Path) -> None:
+        super().__init__(vectors)
+        self.fetches = 0
+
+    async def image(self, ref: str, on_layers=None):
+        self.fetches += 1
+        if self.fetches == 1:
+            await trio.sleep_forever()
+        return await super().image(ref, on_layers)
+
+
+@pytest.mark.anyio
+async def test_a_stuck_image_fetch_is_given_up_and_a_later_lookup_fetches_again(
+    vectors_dir, tmp_path
+):
+    """Every lookup of the image joined the one shared fetch, which never ended: each one
+    answered after the resolve bound, for as long as the store ran."""
+    bound = 0.3
+    async with trio.open_nursery() as nursery:
+        reg = StuckOnceRegistry(vectors_dir)
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=bound)
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        digest = reg.meta["digest"]
+        with pytest.raises(ResolveTimeout):
+            await manager.get_layer(REF, digest)
+        await trio.sleep(2 * bound)  # the shared fetch is given up meanwhile
+        with trio.fail_after(5):
+            assert (await manager.get_layer(REF, digest)).digest == digest
+        assert reg.fetches == 2
+        nursery.cancel_scope.cancel()
