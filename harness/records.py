@@ -230,15 +230,34 @@ def append_record(run_dir: Path, record: Record) -> None:
 
 def read_records(run_dir: Path) -> list[Record]:
     """All records, oldest first. A torn last line (the process died mid-write) is skipped;
-    for a key recorded twice (a failed measurement retried on resume) the last record wins.
+    for a key recorded twice (a failed measurement retried on resume) the last record wins
+    (the earlier ones: :func:`read_superseded`).
     Raises :class:`UserError` naming the file and line of a record that cannot be read (not
     UTF-8, not a JSON object, a key given twice, a field as :meth:`Record.from_dict` refuses).
     A lazy record marked ok against its own laziness verdict is read as fell back
     (:meth:`Record.with_honest_status`)."""
+    by_key: dict[Key, Record] = {}
+    for rec in _read_all(run_dir):
+        by_key.pop(rec.key, None)
+        by_key[rec.key] = rec
+    return list(by_key.values())
+
+
+def read_superseded(run_dir: Path) -> list[tuple[Record, Record]]:
+    """The records a later record of the same key replaced (a failed measurement measured
+    again by ``run --resume``), oldest first, each with the record that replaced it: the
+    report keeps the failures a resume measured over. Raises as :func:`read_records`."""
+    records = _read_all(run_dir)
+    last = {rec.key: rec for rec in records}
+    return [(rec, last[rec.key]) for rec in records if last[rec.key] is not rec]
+
+
+def _read_all(run_dir: Path) -> list[Record]:
+    """Every record of ``records.jsonl`` in file order, repeated keys included."""
     path = run_dir / RECORDS
     if not path.exists():
         return []
-    by_key: dict[Key, Record] = {}
+    out: list[Record] = []
     try:
         with path.open("rb") as f:
             lines = list(f)
@@ -268,9 +287,8 @@ def read_records(run_dir: Path) -> list[Record]:
             rec = Record.from_dict(data).with_honest_status()
         except (ValueError, TypeError) as exc:
             raise UserError(f"{path}:{n}: {exc}") from None
-        by_key.pop(rec.key, None)
-        by_key[rec.key] = rec
-    return list(by_key.values())
+        out.append(rec)
+    return out
 
 
 def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -35,7 +35,14 @@ import pandas as pd
 from harness.cli import UserError
 from harness.limit import STORE_ROUND_TRIPS, UNAVOIDABLE_ROUND_TRIPS, Limit
 from harness.podman import write_atomic
-from harness.records import RECORDS, Key, read_environment, read_records, sort_records
+from harness.records import (
+    RECORDS,
+    Key,
+    read_environment,
+    read_records,
+    read_superseded,
+    sort_records,
+)
 from harness.stats import (
     CELL,
     PHASES,
@@ -891,6 +898,7 @@ def _write_report(
     recorded = {r.key for r in records}
     missing = [k for k in planned_keys(env) if k not in recorded]
     errors = [r for r in records if r.status == "error"]
+    superseded = read_superseded(run_dir)
     wide = cells[(cells["ok"] > 0) & cells["wide"]] if "wide" in cells.columns else cells[:0]
 
     p = _pct_label(percentile)
@@ -968,6 +976,21 @@ def _write_report(
             + (f" [{r.store}]" if r.store else "")
             + f": {r.error}"
             for r in errors
+        ]
+    if superseded:
+        lines += [
+            "",
+            "## Measured again on resume",
+            "",
+            "Earlier records of these measurements, replaced by the later one the figures "
+            "above use:",
+            "",
+        ]
+        lines += [
+            f"- sample {r.sample} {r.workload}/{r.mode}"
+            + (f" [{r.store}]" if r.store else "")
+            + f": {r.status}: {r.error} — then {then.status}"
+            for r, then in superseded
         ]
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
     return Report(

@@ -155,3 +155,28 @@ def test_a_reference_is_never_replaced_by_the_stand_in_match() -> None:
     assert match_published("python", "python", "python:3.8", published) is None
     assert match_published("python", "python", None, published).image == "python:3.7"
     assert match_published("x", None, "python", published).image == "python:3.7"
+
+
+# -- a resumed run keeps the failures it measured over ----------------------------------------
+
+
+def test_a_failure_measured_again_on_resume_stays_in_the_report(tmp_path: Path) -> None:
+    """``run --resume`` measures failed keys again and the last record wins; the failure the
+    resume measured over vanished from every output, and a flaky cell read as a clean one."""
+    from harness.records import Record, append_record, read_records, read_superseded
+    from harness.report import write_report
+
+    run = write_run(tmp_path / "r", {"": [10.0, 10.5, 9.5], "ours": [2.0, 2.1, 1.9]})
+    failed = Record(1, "python", "estargz-noopt", store="ours", status="error", error="run: boom")
+    lines = (run / "records.jsonl").read_text().splitlines(keepends=True)
+    (run / "records.jsonl").write_text("".join(lines[:4]))  # sample 1 of "ours" not yet measured
+    append_record(run, failed)
+    for line in lines[4:]:  # the resume measures it (and the rest) again
+        with (run / "records.jsonl").open("a") as f:
+            f.write(line)
+    assert [r.status for r in read_records(run)] == ["ok"] * 6
+    ((old, new),) = read_superseded(run)
+    assert (old.status, old.error, new.status) == ("error", "run: boom", "ok")
+    report = write_report(run).report.read_text()
+    assert "## Measured again on resume" in report
+    assert "sample 1 python/estargz-noopt [ours]: error: run: boom — then ok" in report
