@@ -91,6 +91,9 @@ IMAGE_REFRESH_AFTER = 1.0
 # timeout) otherwise kept the shared fetch, and every later lookup of the image, waiting for
 # good. Two: a lookup joining the fetch half-way still gets its answer within its own bound.
 IMAGE_FETCH_BOUNDS = 2
+# Resolutions of a ref kept after its tag moved, so that the layers of the images it named
+# before are still found (containers made from them look their layers up again).
+SUPERSEDED_KEPT = 4
 # Releases listed in ``status`` (the most recent): the list must not grow with the store's age.
 RELEASED_KEPT = 256
 
@@ -284,6 +287,8 @@ class LayerManager:
     # The pull timeline (store.timeline; None: off, as without `timeline_path`).
     timeline: Timeline | None = None
     _images: _LRU = field(default_factory=lambda: _LRU(IMAGE_CACHE_ENTRIES))
+    # Per ref, the resolutions a moved tag's fresh one replaced (the most recent last).
+    _superseded: OrderedDict[str, list[ImageInfo]] = field(default_factory=OrderedDict)
     _states: dict[str, _LayerState] = field(default_factory=dict)
     _refcount: dict[str, int] = field(default_factory=dict)
     # (ref, lookup name) → blob digest of each counted layer: a release still finds its layer
@@ -422,17 +427,29 @@ class LayerManager:
         return await self._shared(self._images, ref, work, f"image {ref}", deadline)
 
     async def _image_naming(self, ref: str, digest: str, deadline: float) -> ImageInfo:
-        """:meth:`image`, resolved afresh once when its cached resolution does not name
-        ``digest`` and is older than :data:`IMAGE_REFRESH_AFTER` (the tag moved)."""
+        """The resolution of ``ref`` that names ``digest``: :meth:`image`, else one it
+        superseded (the layers of containers made before the tag moved are still looked
+        up), else :meth:`image` resolved afresh once, when the cached resolution is older
+        than :data:`IMAGE_REFRESH_AFTER` (the tag moved); the one it replaces is kept."""
         image = await self.image(ref, deadline)
-        if image.find(digest) is None and (
-            time.monotonic() - image.resolved_at >= IMAGE_REFRESH_AFTER
-        ):
-            task = self._images.get(ref)
-            if task is not None and task.done.is_set() and task.value is image:
-                del self._images[ref]
-            image = await self.image(ref, deadline)
-        return image
+        if image.find(digest) is not None:
+            return image
+        for old in reversed(self._superseded.get(ref, ())):
+            if old.find(digest) is not None:
+                return old
+        if time.monotonic() - image.resolved_at < IMAGE_REFRESH_AFTER:
+            return image
+        task = self._images.get(ref)
+        if task is not None and task.done.is_set() and task.value is image:
+            del self._images[ref]
+        fresh = await self.image(ref, deadline)
+        if fresh is not image:
+            kept = self._superseded.pop(ref, [])
+            kept.append(image)
+            self._superseded[ref] = kept[-SUPERSEDED_KEPT:]  # the most recent ref last
+            while len(self._superseded) > IMAGE_CACHE_ENTRIES:
+                self._superseded.popitem(last=False)
+        return fresh
 
     def _start_indexes(self, ref: str, layers: list[LayerDesc]) -> None:
         """Load the eStargz layers of ``ref`` at once (the first :data:`EARLY_LOADS_MAX`),
@@ -709,8 +726,11 @@ class LayerManager:
 
     def _blob_key(self, ref: str, digest: str) -> str:
         task = self._images.get(ref)
+        images = list(self._superseded.get(ref, ()))
         if task is not None and task.done.is_set() and task.error is None:
-            found = task.value.find(digest)
+            images.append(task.value)
+        for image in reversed(images):
+            found = image.find(digest)
             if found is not None:
                 return found[0].digest
         return digest

@@ -181,6 +181,10 @@ async def test_a_tag_pushed_again_is_served_with_its_new_layers(vectors_dir, tmp
         assert layer.digest == reg.new
         info = await manager.layer_info(REF, reg.new)
         assert info["compressed-diff-digest"] == reg.new
+        # The layer of the image the tag named before is still found: a container made from
+        # it looks it up again. No third resolution for it.
+        assert (await manager.get_layer(REF, reg.old)).digest == reg.old
+        assert reg.asked == 2
         nursery.cancel_scope.cancel()
 
 
