@@ -8,6 +8,7 @@ anonymous otherwise; a refresh token goes by POST) and send `Authorization: Bear
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from .errors import AuthenticationError, RegistryTimeout, RegistryUnavailable
 _PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 TOKEN_DEFAULT_EXPIRY = 60.0
 TOKEN_EXPIRY_MARGIN = 5.0
+# A token answer is a small JSON object (real ones: a few KB); a bigger one is refused unread.
+TOKEN_MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,17 @@ class TokenCache:
         if token := self.get(key):
             return token
         # One fetch per key at a time: a burst of first reads must not ask the server N times.
-        async with self._locks.setdefault(key, anyio.Lock()):
-            if token := self.get(key):
-                return token
-            return await self._fetch_new(
-                http, challenge, key, scopes, creds, timeout, registry_host
-            )
+        lock = self._locks.setdefault(key, anyio.Lock())
+        try:
+            async with lock:
+                if token := self.get(key):
+                    return token
+                return await self._fetch_new(
+                    http, challenge, key, scopes, creds, timeout, registry_host
+                )
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(key, None)  # one lock per key in use, not per key ever seen
 
     async def _fetch_new(
         self,
@@ -128,7 +136,7 @@ class TokenCache:
                     "scope": " ".join(scopes),
                     "client_id": "lazybench",
                 }
-                resp = await http.post(realm, data=form, timeout=timeout)
+                request = http.build_request("POST", realm, data=form, timeout=timeout)
             else:
                 params: list[tuple[str, str]] = []
                 if service:
@@ -137,7 +145,14 @@ class TokenCache:
                 if creds and creds.username:
                     params.append(("account", creds.username))
                 headers = {"Authorization": basic_header(creds)} if creds else {}
-                resp = await http.get(realm, params=params, headers=headers, timeout=timeout)
+                request = http.build_request(
+                    "GET", realm, params=params, headers=headers, timeout=timeout
+                )
+            resp = await http.send(request, stream=True)
+            try:
+                raw = await _read_capped(resp, TOKEN_MAX_BYTES)
+            finally:
+                await resp.aclose()
         except httpx.TimeoutException as e:
             raise RegistryTimeout(
                 f"token server {realm} for {registry_host} timed out after {timeout:g}s",
@@ -161,11 +176,16 @@ class TokenCache:
                 host=registry_host,
                 status=resp.status_code,
             )
+        if raw is None:
+            raise AuthenticationError(
+                f"{registry_host}: token server {realm} sent more than {TOKEN_MAX_BYTES} bytes",
+                host=registry_host,
+            )
         try:
-            body = resp.json()
+            body = json.loads(raw)
             token = body.get("token") or body.get("access_token")
             expires_in = float(body.get("expires_in") or TOKEN_DEFAULT_EXPIRY)
-        except (ValueError, AttributeError, TypeError) as e:
+        except (ValueError, AttributeError, TypeError, RecursionError) as e:
             raise AuthenticationError(
                 f"{registry_host}: token server {realm} sent an unreadable answer",
                 host=registry_host,
@@ -178,3 +198,13 @@ class TokenCache:
         margin = min(TOKEN_EXPIRY_MARGIN, expires_in / 2)
         self._tokens[key] = _CachedToken(token, time.monotonic() + expires_in - margin)
         return token
+
+
+async def _read_capped(resp: httpx.Response, limit: int) -> bytes | None:
+    """The body of ``resp``, or None once it passes ``limit`` bytes (the rest is not read)."""
+    out = bytearray()
+    async for piece in resp.aiter_bytes():
+        out += piece
+        if len(out) > limit:
+            return None
+    return bytes(out)

@@ -1,0 +1,47 @@
+"""What a token server answers is bounded: a body too big is refused unread, one json cannot
+decode is an authentication error (not a RecursionError out of the resolve), and the cache
+keeps a lock only for the keys being fetched."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from store.registry.auth import TOKEN_MAX_BYTES, Challenge, TokenCache
+from store.registry.errors import AuthenticationError
+
+CHALLENGE = Challenge("bearer", {"realm": "http://auth.test/token", "service": "reg"})
+
+
+def _client(body: bytes) -> httpx.AsyncClient:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body)
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(answer))
+
+
+async def _fetch(cache: TokenCache, body: bytes, scope: str = "repository:a:pull") -> str:
+    async with _client(body) as http:
+        return await cache.fetch(http, CHALLENGE, (scope,), None, 5.0, "reg.test")
+
+
+@pytest.mark.anyio
+async def test_a_token_answer_over_the_limit_is_refused():
+    body = b'{"token": "' + b"x" * (TOKEN_MAX_BYTES + 1) + b'"}'
+    with pytest.raises(AuthenticationError, match="more than"):
+        await _fetch(TokenCache(), body)
+
+
+@pytest.mark.anyio
+async def test_a_deeply_nested_token_answer_is_an_authentication_error():
+    with pytest.raises(AuthenticationError, match="unreadable"):
+        await _fetch(TokenCache(), b"[" * 200_000)
+
+
+@pytest.mark.anyio
+async def test_the_cache_keeps_no_lock_per_key_it_fetched():
+    cache = TokenCache()
+    for i in range(50):
+        assert await _fetch(cache, b'{"token": "t"}', f"repository:r{i}:pull") == "t"
+    assert cache._locks == {}
+    assert cache.fetches == 50
