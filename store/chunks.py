@@ -325,7 +325,17 @@ class ChunkSource:
         # chunk an earlier read's free ride left to the writer is written now; a prefetched
         # one stays the writer's.
         await self.cache.write_served(served)
-        return [result[c.digest] for c in chunks]
+        out = [result[c.digest] for c in chunks]
+        for c, data in zip(chunks, out, strict=True):
+            # Bytes are kept by digest alone: verified bytes of that digest are another
+            # chunk's size only when this chunk's TOC entry lies (it could never verify).
+            if len(data) != c.size:
+                self.stats.verify_failures += 1
+                raise ChunkVerifyError(
+                    f"chunk {c.digest} of {c.name!r}: {len(data)} verified bytes, "
+                    f"its entry says {c.size}"
+                )
+        return out
 
     async def fetch_run(self, chunks: list[ChunkRef]) -> None:
         """Fetch the missing ones of ``chunks`` (one run in blob order) in one exact range:

@@ -92,7 +92,9 @@ class StoreOperations(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token):
-        entries = list(_call(self.fs.readdir, fh))
+        # listed inside the guard: the listing's attributes are made lazily, and an error
+        # raised while iterating would otherwise leave the handler
+        entries = _call(lambda: list(self.fs.readdir(fh)))
         for i, (name, attr) in enumerate(entries[start_id:], start=start_id):
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), i + 1):
                 break

@@ -34,7 +34,6 @@ Inode numbering: node ``i`` is ``LayerIndex.entries[i]`` (root 0); a whiteout is
 
 from __future__ import annotations
 
-import os
 import re
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -151,7 +150,7 @@ class Node:
         e = self.entry
         if self.whiteout or e.type not in ("char", "block"):
             return 0
-        return os.makedev(e.dev_major, e.dev_minor)
+        return _makedev(e.dev_major, e.dev_minor)
 
     @property
     def target(self) -> bytes:
@@ -362,6 +361,17 @@ def _marker_under_whiteout(children: Mapping[str, Entry], name: str, child: Entr
         if key == WHITEOUT_PREFIX + name:
             return True
     return False
+
+
+def _makedev(major: int, minor: int) -> int:
+    """glibc's ``makedev`` for 32-bit major and minor numbers (the index admits up to
+    2**32-1); ``os.makedev`` takes C ints and raised OverflowError past 2**31-1."""
+    return (
+        ((major & 0xFFFFF000) << 32)
+        | ((major & 0xFFF) << 8)
+        | ((minor & 0xFFFFFF00) << 12)
+        | (minor & 0xFF)
+    )
 
 
 def _base(name: str) -> str:

@@ -114,6 +114,9 @@ _NOT_UTF8 = "\ufffd"
 ZSTD_COMPRESSION = 4
 
 Generation = Literal["podman4", "podman5"]
+# A position field: ASCII digits that fit a u64, as Go's strconv.ParseUint reads them
+# (str.isdigit also takes "²", which int() refuses, and int() refuses 4301 digits).
+_DECIMAL = re.compile(r"[0-9]{1,20}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +132,7 @@ class ManifestPosition:
     def parse(cls, value: str, key: str = MANIFEST_POSITION_KEY) -> ManifestPosition:
         """Parse ``offset:length:uncompressed:type``; :class:`InvalidToc` names the key."""
         parts = value.split(":")
-        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        if len(parts) != 4 or not all(_DECIMAL.fullmatch(p) for p in parts):
             raise InvalidToc(f"annotation {key}={value!r} is not offset:length:size:type")
         offset, length, usize, mtype = (int(p) for p in parts)
         if mtype != ZSTD_MANIFEST_TYPE_CRFS:
@@ -179,7 +182,7 @@ def from_annotations(annotations: Mapping[str, str]) -> ZstdChunkedLayer | None:
         ts = annotations.get(TARSPLIT_POSITION_KEY) if gen == "podman5" else None
         if ts is not None:
             parts = ts.split(":")
-            if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            if len(parts) != 3 or not all(_DECIMAL.fullmatch(p) for p in parts):
                 raise InvalidToc(f"annotation {TARSPLIT_POSITION_KEY}={ts!r} is malformed")
             tar_split = (int(parts[0]), int(parts[1]), int(parts[2]))
         return ZstdChunkedLayer(checksum, ManifestPosition.parse(position, pk), gen, tar_split)  # type: ignore[arg-type]

@@ -1,0 +1,273 @@
+"""Hostile layers within bounds: inflation, compressed spans, position annotations, device
+numbers and chunk sizes a TOC can lie about, each without podman or a registry."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from store import estargz as E
+from store.estargz import zstdchunked as Z
+from store.estargz_view import load_layer_index
+from tests.store.conftest import FileBlob, view_layer
+
+
+def _zstd_layer(
+    payloads: list[bytes], entries: list[dict], toc_compressed: bytes | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """A podman 5 style zstd:chunked blob: ``payloads`` as one zstd frame each (entries may
+    name their offsets via ``{"frame": i}``), then the TOC in a skippable frame."""
+    cctx = zstandard.ZstdCompressor()
+    blob = b""
+    starts = []
+    for p in payloads:
+        starts.append(len(blob))
+        blob += cctx.compress(p)
+    for e in entries:
+        if "frame" in e:
+            i = e.pop("frame")
+            e["offset"] = starts[i]
+            e["endOffset"] = starts[i + 1] if i + 1 < len(starts) else len(blob)
+    toc = json.dumps({"version": 1, "entries": entries}).encode()
+    compressed = toc_compressed if toc_compressed is not None else cctx.compress(toc)
+    position = Z.ManifestPosition(len(blob) + 8, len(compressed), len(toc))
+    blob += Z.skippable_frame(compressed) + Z.footer_bytes(position, (0, 0, 0))
+    return blob, {
+        Z.MANIFEST_CHECKSUM_KEY: Z.manifest_checksum(compressed),
+        Z.MANIFEST_POSITION_KEY: str(position),
+    }
+
+
+async def _load(tmp_path: Path, blob: bytes, annotations: dict[str, str]):
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    fb = FileBlob(path)
+    layer = E.zstd_chunked_layer(annotations)
+    view = await load_layer_index(fb, layer.checksum, zstd_chunked=layer)
+    return view, fb
+
+
+# -- innerOffset is not bounded: one small read inflates gigabytes -------------------------
+
+
+def _sha(b: bytes) -> str:
+    return "sha256:" + hashlib.sha256(b).hexdigest()
+
+
+def test_inner_offset_past_the_chunk_limit_is_refused():
+    """A chunk is inflated up to ``innerOffset + size`` bytes (store/estargz/chunk.py): a
+    10-byte file at innerOffset 1 TiB passes the index, whose only cap is on ``size``."""
+    entry = {
+        "name": "f",
+        "type": "reg",
+        "size": 10,
+        "offset": 0,
+        "innerOffset": 1 << 40,
+        "chunkDigest": _sha(b"x" * 10),
+    }
+    with pytest.raises(E.InvalidToc, match="chunk"):
+        E.LayerIndex.from_entries([entry], toc_offset=1000, compression="gzip")
+
+
+def test_inner_offset_makes_decompress_inflate_past_the_chunk_limit():
+    """The memory it costs: a 10-byte chunk at innerOffset 48 MiB allocates 48 MiB when read
+    (past a 1 MiB ``chunk_max_bytes``), from a frame of a few KB."""
+    limits = E.TocLimits(max_chunk_bytes=1 << 20)
+    bomb = zstandard.ZstdCompressor().compress(bytes(48 << 20))
+    entry = {
+        "name": "f",
+        "type": "reg",
+        "size": 10,
+        "offset": 0,
+        "innerOffset": 48 << 20,
+        "chunkDigest": _sha(b"\0" * 10),
+    }
+    try:
+        idx = E.LayerIndex.from_entries(
+            [entry], toc_offset=len(bomb), compression="zstd", limits=limits
+        )
+    except E.InvalidToc:
+        return  # refused at load: what the limit promises
+    (chunk,) = idx.all_chunks()
+    tracemalloc.start()
+    try:
+        with pytest.raises(E.CorruptChunk):  # inflated 48 MiB, then found 0 bytes of payload
+            E.decompress_chunk(chunk, bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * limits.max_chunk_bytes, f"inflated {peak >> 20} MiB for a 10-byte chunk"
+
+
+# -- malformed position annotations raise ValueError, not InvalidToc ------------------------
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        (Z.MANIFEST_POSITION_KEY, "8:10:10:\u00b2"),  # isdigit() but not int()
+        (Z.MANIFEST_POSITION_KEY, "1" * 5000 + ":10:10:1"),  # past int()'s digit limit
+        (Z.TARSPLIT_POSITION_KEY, "1:2:\u00b3"),
+    ],
+)
+def test_malformed_position_annotation_is_invalid_toc(key, value):
+    """``from_annotations`` promises :class:`InvalidToc`; LayerDesc.zstd_chunked catches only
+    EstargzError, so a ValueError escapes ``LayerDesc.toc_digest`` and fails the whole
+    image's resolution (every layer, the valid ones included)."""
+    from store.resolver import LayerDesc
+
+    ann = {Z.MANIFEST_CHECKSUM_KEY: "sha256:" + "a" * 64, Z.MANIFEST_POSITION_KEY: "8:10:10:1"}
+    ann[key] = value
+    with pytest.raises(E.InvalidToc):
+        Z.from_annotations(ann)
+    assert LayerDesc("sha256:x", 10, ann, "sha256:y").toc_digest is None
+
+
+# -- a device number past a C int escapes a FUSE handler ---------------------------------
+
+
+@pytest.mark.anyio
+async def test_big_device_numbers_do_not_escape_readdir(tmp_path):
+    """devMajor/devMinor are accepted up to 2**32-1, but ``os.makedev`` takes C ints: the
+    node's ``rdev`` raises OverflowError, and ``StoreOperations.readdir`` lists the
+    directory outside its error guard (``store/fuse_ops.py``), so the exception leaves the
+    handler (which ends pyfuse3's main loop: a dead mount)."""
+    import pyfuse3
+
+    from store.fuse_ops import StoreOperations
+    from store.tree import LayerTree
+
+    idx = E.LayerIndex.from_entries(
+        [{"name": "dev/big", "type": "char", "devMajor": 1 << 31, "devMinor": 1}],
+        toc_offset=100,
+        compression="zstd",
+    )
+
+    class _FS:  # the listing StoreFS.readdir gives: (name, attr) made lazily per child
+        status_ino = -1
+
+        def readdir(self, ino):
+            from store.fs import StoreFS
+
+            class _Slot:
+                base = 1000
+
+            tree = LayerTree(idx)
+            d = tree.lookup_path("dev")
+            return (
+                (n.decode(), StoreFS._node_attr(_Slot, c)) for n, c in sorted(d.children.items())
+            )
+
+        def is_layer_inode(self, ino):
+            return True
+
+        def readdir_counted(self, attr):
+            return attr
+
+    ops = StoreOperations(_FS())  # type: ignore[arg-type]
+    replies = []
+    orig = pyfuse3.readdir_reply
+    pyfuse3.readdir_reply = lambda token, name, attr, nxt: replies.append(name) or True
+    try:
+        try:
+            await ops.readdir(1, 0, None)
+        except pyfuse3.FUSEError as exc:
+            assert exc.errno == errno.EIO
+    finally:
+        pyfuse3.readdir_reply = orig
+
+
+# -- a chunk's compressed span is not bounded: one 10-byte read fetches gigabytes -----------
+
+
+class _HugeBlob:
+    """A blob of ``size`` bytes: ``head`` at 0, ``tail`` at the end, zeros between (never
+    materialized: a range over ``cap`` bytes is answered with its first ``cap`` only and
+    noted)."""
+
+    def __init__(self, head: bytes, tail: bytes, size: int, cap: int = 64 << 20) -> None:
+        self.head, self.tail, self.size, self.cap = head, tail, size, cap
+        self.asked: list[tuple[int, int]] = []
+
+    async def read_ranges(self, ranges):
+        out = []
+        for lo, hi in ranges:
+            self.asked.append((lo, hi))
+            hi = min(hi, lo + self.cap)
+            whole = bytearray(hi - lo)
+            if lo < len(self.head):
+                part = self.head[lo:hi]
+                whole[: len(part)] = part
+            t0 = self.size - len(self.tail)
+            if hi > t0:
+                a = max(lo, t0)
+                whole[a - lo :] = self.tail[a - t0 : hi - t0]
+            out.append(bytes(whole))
+        return out
+
+
+@pytest.mark.anyio
+async def test_a_small_file_never_fetches_gigabytes(tmp_path):
+    """The index caps a chunk's *uncompressed* size (chunk_max_bytes) but not its compressed
+    span ``[offset, compressed_end)``: a 10-byte file whose frame the TOC says ends 4 GiB
+    later (``endOffset``, or simply the next start / the TOC) makes one read request, and
+    buffer in memory, all 4 GiB. Frames of a valid layer are at most about a chunk long."""
+    data = b"0123456789"
+    frame = zstandard.ZstdCompressor().compress(data)
+    size = 4 << 30
+    toc_json = json.dumps(
+        {
+            "version": 1,
+            "entries": [
+                {"name": "f", "type": "reg", "size": 10, "offset": 0, "digest": _sha(data)}
+            ],
+        }
+    ).encode()
+    compressed = zstandard.ZstdCompressor().compress(toc_json)
+    tail = Z.skippable_frame(compressed)
+    position = Z.ManifestPosition(size - len(compressed), len(compressed), len(toc_json))
+    layer = Z.ZstdChunkedLayer(Z.manifest_checksum(compressed), position, "podman5")
+    blob = _HugeBlob(frame, tail, size)
+    try:
+        view = await load_layer_index(blob, layer.checksum, zstd_chunked=layer)
+    except E.InvalidToc:
+        return  # refused at load: fine
+    lay = view_layer(view, blob, layer.checksum, tmp_path / "c")
+    blob.asked.clear()
+    got = await lay.read_file(lay.tree.lookup_path("f"), 0, 10)
+    assert got == data
+    biggest = max(hi - lo for lo, hi in blob.asked)
+    assert biggest <= 2 * E.DEFAULT_LIMITS.max_chunk_bytes, f"one range of {biggest >> 20} MiB"
+
+
+# -- a cached chunk is served for another chunk of the same digest but another size ---------
+
+
+@pytest.mark.anyio
+async def test_cached_chunk_of_another_size_is_not_served(tmp_path):
+    """The chunk cache is keyed by digest alone; a cached chunk is handed to any chunk
+    naming that digest without checking its size. A TOC giving file ``b`` (20 bytes) the
+    digest of file ``a`` (10 bytes): once ``a`` was read, ``b`` reads as ``a``'s 10 bytes
+    (short, the rest of ``b`` missing) where reading ``b`` first is EIO (ChunkVerifyError)."""
+    from store.layer import ChunkVerifyError
+
+    a, b = b"0123456789", b"x" * 20
+    entries = [
+        {"name": "a", "type": "reg", "size": 10, "frame": 0, "digest": _sha(a)},
+        {"name": "b", "type": "reg", "size": 20, "frame": 1, "digest": _sha(a)},
+    ]
+    blob, ann = _zstd_layer([a, b], entries)
+    view, fb = await _load(tmp_path, blob, ann)
+    layer = view_layer(view, fb, ann[Z.MANIFEST_CHECKSUM_KEY], tmp_path / "c")
+    with pytest.raises(ChunkVerifyError):
+        await layer.read_file(layer.tree.lookup_path("b"), 0, 20)
+    assert await layer.read_file(layer.tree.lookup_path("a"), 0, 10) == a
+    with pytest.raises(ChunkVerifyError):
+        got = await layer.read_file(layer.tree.lookup_path("b"), 0, 20)
+        pytest.fail(f"b (20 bytes in its TOC) read as {got!r}")
