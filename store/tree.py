@@ -40,9 +40,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 
 from store.estargz import LayerIndex
-from store.estargz.index import Entry
+from store.estargz.index import WHITEOUT_PREFIX, Entry
 
-WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 LANDMARKS = {".prefetch.landmark", ".no.prefetch.landmark"}
 _DOT_WHITEOUTS = frozenset({".wh.", ".wh..", ".wh..."})  # whiteouts of "", "." and ".."

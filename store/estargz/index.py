@@ -435,6 +435,10 @@ class LayerIndex:
 COMPRESSED_SLACK = 64 << 10
 
 
+# The OCI layer's whiteout name prefix (image-spec layer.md); the overlay view is store.tree's.
+WHITEOUT_PREFIX = ".wh."
+
+
 class _Where:
     """``"TOC entry <i> (<name>): "``, the prefix of an entry's error messages, formatted only
     when a message is (building it for every entry cost a tenth of the index build)."""
@@ -702,6 +706,8 @@ class _Builder:
             _copy_meta(self.idx.root, e)
             return
         parent_name, _, base = name.rpartition("/")
+        if base.startswith(WHITEOUT_PREFIX) and self._whited_out(parent_name):
+            return  # as containers/storage ignores it: see _whited_out
         last_dir = self.last_dir
         parent = last_dir[1] if last_dir[0] == parent_name else self._dir(parent_name, where)
         children = parent.children
@@ -740,6 +746,21 @@ class _Builder:
         self.idx._hardlinks.pop(name, None)
         e.nlink = 2 if etype == "dir" else 1
         self._attach(parent, base, e)
+
+    def _whited_out(self, path: str) -> bool:
+        """Whether ``path`` is, at this point of the tar, this layer's whiteout of it: no
+        entry at ``path``, and its directory holds ``.wh.<name>``. A whiteout (or opaque
+        marker) under it is then ignored, not made a directory: containers/storage's overlay
+        extraction has the whiteout's character device there already, and ignores the
+        ``ENOTDIR`` of the ``mknod`` under it (pkg/archive, ``overlayWhiteoutConverter``;
+        "rm -rf /foo/bar" makes some tools write ``.wh.foo`` and ``foo/.wh.bar``)."""
+        if not path:
+            return False
+        parent_name, _, base = path.rpartition("/")
+        parent = self.idx.lookup(parent_name) if parent_name else self.idx.root
+        if parent is None or parent.type != "dir":
+            return False
+        return base not in parent.children and WHITEOUT_PREFIX + base in parent.children
 
     def _number(self) -> None:
         """Number the final tree (``Entry.ino``), list its chunks, set their compressed ends."""

@@ -347,3 +347,14 @@ def test_xattrs_at_linux_limits_are_kept() -> None:
     name = "user." + "n" * 250
     idx = build([reg("f", 0, xattrs={name: base64.b64encode(bytes(65536)).decode()})])
     assert idx.lookup("f").xattrs == {name: bytes(65536)}
+
+
+def test_a_whiteout_under_a_whiteout_of_the_same_layer_is_ignored() -> None:
+    """``rm -rf /c/y`` makes some tools write ``.wh.c`` and ``c/.wh.y``: containers/storage
+    has the character device ``c`` when it reaches ``c/.wh.y``, ignores the ENOTDIR of its
+    mknod, and ``c`` stays whited out — it is not made a directory (nor is an opaque marker
+    under it). A whiteout under a real directory ``c`` later in the tar is applied."""
+    idx = build([reg(".wh.c"), reg("c/.wh.y"), reg("c/.wh..wh..opq")])
+    assert sorted(idx.root.children) == [".wh.c"]
+    idx = build([reg(".wh.c"), {"name": "c/", "type": "dir"}, reg("c/.wh.y")])
+    assert sorted(idx.lookup("c").children) == [".wh.y"]
