@@ -191,6 +191,14 @@ class ChunkCache:
         self._remember(key, data)
         return data
 
+    def peek(self, key: str) -> bytes | None:
+        """The bytes of ``key`` if they are in memory (pending or recently used), else None:
+        no disk read, no change to the LRU order or the statistics."""
+        if key not in self._lru:
+            return None
+        data = self._pending.get(key)
+        return self._mem.get(key) if data is None else data
+
     def _remember(self, key: str, data: bytes) -> None:
         if len(data) > self.memory_bytes // 4 or key in self._mem:
             return

@@ -286,6 +286,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
         options.discard("default_permissions")
         options |= {"fsname=stargzstore", "allow_other", "suid", "dev"}
         pyfuse3.init(ops, str(mountpoint), options)
+        fs.page_cache = pyfuse3.notify_store
         log.info("mounted on %s (cache %s)", mountpoint, root / CACHE_DIR)
 
         async def watch_signals() -> None:

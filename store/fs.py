@@ -105,6 +105,9 @@ class StoreFS:
 
     manager: LayerManager
     on_read_range: Callable[[Layer, Node, int, int], None] | None = None
+    # ``page_cache(ino, offset, data)`` puts verified bytes into the kernel's page cache for
+    # ``ino`` (``pyfuse3.notify_store`` once mounted; :meth:`Layer.page_in`)
+    page_cache: Callable[[int, int, bytes], None] | None = None
     _next_ino: int = ROOT_INO + 1
     _synth: dict[int, Synth] = field(default_factory=dict)
     _names: dict[tuple[int, str], int] = field(default_factory=dict)
@@ -462,7 +465,15 @@ class StoreFS:
             raise FSError(errno.ENOENT)
         if not stat.S_ISREG(found[1].mode):
             raise FSError(errno.EINVAL)
+        self._page_in(ino, found[0].layer, found[1])
         return None
+
+    def _page_in(self, ino: int, layer: Layer, node: Node) -> None:
+        """The file's bytes the store holds go into the kernel's page cache
+        (:meth:`Layer.page_in`), when the store is mounted."""
+        push = self.page_cache
+        if push is not None:
+            layer.page_in(ino, node, lambda offset, data: push(ino, offset, data))
 
     def release(self, fh: int) -> None:
         """Forget what :meth:`open` kept for handle ``fh`` (nothing for most files)."""
@@ -496,6 +507,7 @@ class StoreFS:
                 self.on_read_range(layer, found[1], offset, len(data))
             if offset == 0 and self.manager.libraries is not None:
                 self.manager.libraries.on_read(found[0].ref, layer, found[1], offset, data)
+            self._page_in(ino, layer, found[1])  # what arrived since the open, too
             return data
         except (ChunkVerifyError, BlobVerifyError) as exc:
             log.error("refusing unverified data: %s", exc)
