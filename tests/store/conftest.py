@@ -76,6 +76,31 @@ async def local_layer(
     )
 
 
+async def one_file_layer(tmp_path: Path, size: int, chunk_size: int, key: str = "small") -> Any:
+    """``(layer, node, payload)``: a local layer (:func:`local_layer`) of one file ``big`` of
+    ``size`` incompressible bytes (no free riders) in ``chunk_size`` chunks, like
+    zstd:chunked's small ones; its blob and cache under ``tmp_path``."""
+    import io
+    import random
+    import tarfile
+
+    from store.estargz import convert
+
+    payload = random.Random(size).randbytes(size)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        ti = tarfile.TarInfo("big")
+        ti.size = len(payload)
+        tar.addfile(ti, io.BytesIO(payload))
+    raw.seek(0)
+    out = tmp_path / "layer.blob"
+    with out.open("wb") as f:
+        result = convert(raw, f, chunk_size=chunk_size, level=1)
+    layer = await local_layer(out, result.digest, result.toc_digest, tmp_path / "cache", key)
+    node = next(n for p, n in layer.tree.walk() if p == "big")
+    return layer, node, payload
+
+
 # -- end-to-end fixtures: a real registry, the store mounted as a process ----------------------
 
 import base64  # noqa: E402

@@ -7,7 +7,6 @@ import hashlib
 import io
 import itertools
 import json
-import random
 import stat
 import tarfile
 from functools import partial
@@ -19,10 +18,9 @@ import trio
 import trio.testing
 
 from store.cache import ChunkCache
-from store.estargz.writer import convert
 from store.estargz_view import TocMismatchError, landmark_offset_hint, load_layer_index
 from store.layer import READ_BLOCK, READAHEAD_MIN, AheadBlob, ChunkVerifyError, Layer
-from tests.store.conftest import FileBlob, local_layer
+from tests.store.conftest import FileBlob, local_layer, one_file_layer
 
 VECTORS = [
     "basic",
@@ -375,19 +373,7 @@ async def _small_chunk_layer(
     tmp_path: Path, size: int, chunk_size: int
 ) -> tuple[Layer, Any, bytes]:
     """A one-file eStargz layer cut into ``chunk_size`` chunks (like zstd:chunked's small ones)."""
-    payload = random.Random(size).randbytes(size)  # incompressible: no free riders
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        ti = tarfile.TarInfo("big")
-        ti.size = len(payload)
-        tar.addfile(ti, io.BytesIO(payload))
-    raw.seek(0)
-    out = tmp_path / "layer.blob"
-    with out.open("wb") as f:
-        result = convert(raw, f, chunk_size=chunk_size, level=1)
-    layer = await local_layer(out, result.digest, result.toc_digest, tmp_path / "cache", "small")
-    node = next(n for p, n in layer.tree.walk() if p == "big")
-    return layer, node, payload
+    return await one_file_layer(tmp_path, size, chunk_size)
 
 
 @pytest.mark.anyio

@@ -6,36 +6,20 @@ store."""
 
 from __future__ import annotations
 
-import io
-import random
-import tarfile
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from store.estargz import convert
 from store.layer import PAGE_IN_EVERY, PAGE_IN_PUSH
-from tests.store.conftest import local_layer
+from tests.store.conftest import one_file_layer
 
 K = 1 << 10
 
 
 async def _layer(tmp_path: Path, size: int, chunk_size: int):
-    payload = random.Random(size).randbytes(size)
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        ti = tarfile.TarInfo("big")
-        ti.size = len(payload)
-        tar.addfile(ti, io.BytesIO(payload))
-    raw.seek(0)
-    out = tmp_path / "layer.blob"
-    with out.open("wb") as f:
-        result = convert(raw, f, chunk_size=chunk_size, level=1)
-    layer = await local_layer(out, result.digest, result.toc_digest, tmp_path / "cache", "pc")
-    node = next(n for p, n in layer.tree.walk() if p == "big")
-    return layer, node, payload
+    return await one_file_layer(tmp_path, size, chunk_size, "pc")
 
 
 async def _settled(layer) -> None:
