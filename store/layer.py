@@ -237,7 +237,8 @@ class Layer:
         verified, in memory (:meth:`ChunkCache.peek <store.cache.ChunkCache.peek>`), in the
         layer's nursery (nothing once released, or when a look-over of this file ran less
         than :data:`PAGE_IN_EVERY` seconds ago or still runs). ``push(file_offset, data)``
-        is called in a worker thread with runs of contiguous chunks, each chunk once; it is
+        is called in a worker thread with runs of contiguous chunks, each chunk once the
+        kernel took it; it is
         ``pyfuse3.notify_store`` for the file's inode in the store, and may raise
         :class:`OSError` (logged at debug level; the kernel then asks with reads as usual).
         ``key`` names that page cache (the inode: one layer can be mounted under two refs).
@@ -261,28 +262,30 @@ class Layer:
             done = self._paged.setdefault(key, set())
             runs: list[tuple[int, list[bytes], list[int]]] = []  # (offset, datas, indices)
             end = -1
+            run_bytes = 0
             for i, c in enumerate(self.index.chunks_of(node.entry)):
                 if i in done:
                     continue
                 data = self.cache.peek(c.digest)
                 if data is None or len(data) != c.size:
                     continue
-                if runs and c.file_offset == end and sum(map(len, runs[-1][1])) < PAGE_IN_PUSH:
+                if runs and c.file_offset == end and run_bytes < PAGE_IN_PUSH:
                     runs[-1][1].append(data)
                     runs[-1][2].append(i)
+                    run_bytes += c.size
                 else:
                     runs.append((c.file_offset, [data], [i]))
+                    run_bytes = c.size
                 end = c.file_offset + c.size
-            if not runs:
-                return
 
             def push_all() -> None:
-                for offset, datas, _ in runs:
+                # a run counts as done once the kernel took it: a refused one is tried again
+                for offset, datas, indices in runs:
                     push(offset, datas[0] if len(datas) == 1 else b"".join(datas))
+                    done.update(indices)
 
-            await trio.to_thread.run_sync(push_all)
-            for _, _, indices in runs:
-                done.update(indices)
+            if runs:
+                await trio.to_thread.run_sync(push_all)
         except OSError as exc:
             log.debug("page cache fill of %s failed: %s", node.entry.name, exc)
         finally:
