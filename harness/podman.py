@@ -89,6 +89,17 @@ class PodmanResult:
     seconds: float
 
 
+def _stderr_tail(stderr: bytes | str | None, limit: int = 2000) -> str:
+    """``"; its stderr so far: <its last limit characters>"`` for an error message, or ``""``.
+
+    A timed-out ``subprocess.run`` hands back what was read so far as bytes even in text mode.
+    """
+    if not stderr:
+        return ""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+    return f"; its stderr so far: {text.strip()[-limit:]}" if text.strip() else ""
+
+
 def toml_str(value: str) -> str:
     """A TOML basic string (JSON string escaping is a subset TOML accepts)."""
     return json.dumps(value)
@@ -339,6 +350,7 @@ class PodmanEnv:
         except subprocess.TimeoutExpired as exc:
             raise PodmanError(
                 f"`{' '.join(cmd)}` did not finish within {exc.timeout:.0f}s"
+                + _stderr_tail(exc.stderr)
             ) from None
         result = PodmanResult(
             cmd, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start

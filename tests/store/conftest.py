@@ -104,6 +104,7 @@ async def one_file_layer(tmp_path: Path, size: int, chunk_size: int, key: str = 
 # -- end-to-end fixtures: a real registry, the store mounted as a process ----------------------
 
 import base64  # noqa: E402
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -205,6 +206,18 @@ class StoreProcess:
             subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
         if _mounted(self.mnt):
             subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+
+    def hang_report(self, lines: int = 60) -> str:
+        """What the store was doing, for a test that found a client stuck on it: the last
+        ``lines`` of its log, after (Go store) the goroutine dump SIGQUIT makes it print on
+        its way out. The store is stopped afterwards either way."""
+        if self.impl == "go" and self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            lines = max(lines, 3000)  # every goroutine's stack
+        tail = self.log.read_text(errors="replace").splitlines()[-lines:]
+        return f"{self.impl} store log ({self.log}), last {len(tail)} lines:\n" + "\n".join(tail)
 
     @property
     def verification_failed_log(self) -> str:
