@@ -16,7 +16,8 @@ Our additions (top level):
 ``cache_max_bytes``      size limit of the on-disk chunk cache (LRU eviction), default 10 GiB
 ``metrics_address``      ``HOST:PORT`` for the Prometheus endpoint; empty = off
 ``access_trace_path``    JSON-lines file receiving per-layer first-access file order, and the
-                         byte ranges read of each file when the store stops; empty = off
+                         byte ranges read of each file when the store stops; empty = off.
+                         With it on, the page-cache fill is off (every read reaches the store)
 ``timeline_path``        JSON-lines file receiving the pull timeline: per layer, when the
                          runtime looked it up and what the store did (footer and TOC fetch,
                          verification, parse, tree) with monotonic and wall times

@@ -106,7 +106,8 @@ class StoreFS:
     manager: LayerManager
     on_read_range: Callable[[Layer, Node, int, int], None] | None = None
     # ``page_cache(ino, offset, data)`` puts verified bytes into the kernel's page cache for
-    # ``ino`` (``pyfuse3.notify_store`` once mounted; :meth:`Layer.page_in`)
+    # ``ino`` (``pyfuse3.notify_store`` once mounted, None while an access trace is recorded:
+    # the kernel would answer reads the trace must see; :meth:`Layer.page_in`)
     page_cache: Callable[[int, int, bytes], None] | None = None
     _next_ino: int = ROOT_INO + 1
     _synth: dict[int, Synth] = field(default_factory=dict)

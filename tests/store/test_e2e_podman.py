@@ -268,6 +268,34 @@ def test_new_protocol_by_toc_digest(registry, store_factory, layers, tmp_path):
     assert (up / "etc" / "hello").read_bytes() == b"hello from upper\n"
 
 
+@pytest.mark.store_ours_only(reason="the Go store v0.12 has no access trace")
+def test_access_trace_has_every_byte_read(registry, store_factory, layers, tmp_path):
+    """A store recording an access trace fills no page cache: every byte a reader takes
+    reaches the store, so the trace (the ranges ``lazybench`` prioritizes) has it. With the
+    fill on, the bytes the store read ahead of the reader were answered by the kernel and
+    missing from the trace."""
+    from harness.store_proc import read_trace_ranges
+
+    host = registry.host
+    blob = to_estargz(layers["lower"], chunk_size=1 << 20)  # one chunk holds big's first MiB
+    push(host, "trace/img", "1", [blob])
+    trace = tmp_path / "trace.jsonl"
+    store = store_factory(
+        f'noprefetch = true\nno_background_fetch = true\naccess_trace_path = "{trace}"\n'
+    )
+    big = store.layer_dir(f"{host}/trace/img:1", blob.digest) / "diff" / "big"
+    far = 600_000  # in the first chunk, past the kernel's read-ahead of a read at 0
+    with open(big, "rb", buffering=0) as f:
+        assert os.pread(f.fileno(), 4096, 0) == layers["big"][:4096]  # the store has the chunk
+    time.sleep(0.3)
+    with open(big, "rb", buffering=0) as f:  # an open is when a fill would hand it over
+        time.sleep(0.3)
+        assert os.pread(f.fileno(), 4096, far) == layers["big"][far : far + 4096]
+    store.stop()  # the ranges are written when the store stops
+    ranges = read_trace_ranges(trace)["big"]
+    assert any(a <= far and far + 4096 <= b for a, b in ranges), ranges
+
+
 def test_layer_directory_by_compressed_digest(registry, store_factory, layers):
     """The layer directory as podman 4.3 looks it up: ``info``, ``blob`` and ``diff`` with the
     overlay conventions (whiteouts as 0/0 character devices, opaque directories by xattr)."""
