@@ -2,10 +2,11 @@
 
 The ``estargz`` mode and ``lazybench convert --optimize`` prioritize these files. The image is
 pushed as eStargz without prioritized files to a registry on loopback, pulled through our
-``stargz-store`` (prefetch off, ``access_trace_path`` on) by a private podman, and run until
-its ready line (or its exit); the store's trace lists the files in first-access order and,
-once the store has stopped, the byte ranges read of each (:mod:`store.metrics`). Traces are
-cached under ``<cache>/traces/`` by image and by how the workload is run:
+``stargz-store`` (prefetch off, ``access_trace_path`` on, which turns its page-cache fill off:
+every read reaches the store) by a private podman, and run until its ready line (or its
+exit); the store's trace lists the files in first-access order and, once the store has
+stopped, the byte ranges read of each (:mod:`store.metrics`). Traces are cached under
+``<cache>/traces/`` by image, by how the workload is run and by :data:`TRACE_VERSION`:
 
 * ``<workload>-<key>.json`` — a JSON list of image paths in first-access order (the form every
   version of lazybench reads: the ``estargz`` mode prioritizes these files);
@@ -28,11 +29,11 @@ from harness.podman import PodmanEnv, write_atomic
 from harness.store_proc import StoreProcess
 
 # Our store, whatever store is under test: only it writes the access trace.
-# In the cache key: traces recorded by an older store are not reused. 2: the stores of
-# d57e1e9..this change filled the kernel's page cache while tracing, so the reads it then
-# answered (gcc: 6 of the 14 MB compressed) were missing from their traces.
-TRACE_VERSION = 2
 TRACE_STORE_COMMAND = ("stargz-store", "--config", "{config}", "--root", "{root}", "{mountpoint}")
+# In the cache key: traces recorded by an older store are not reused. 2: the stores from
+# d57e1e9 until 23685cc filled the kernel's page cache while tracing, so the reads the kernel
+# then answered (gcc: 6 of the 14 MB compressed) were missing from their traces.
+TRACE_VERSION = 2
 
 
 @dataclass(frozen=True)
