@@ -286,9 +286,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
         options.discard("default_permissions")
         options |= {"fsname=stargzstore", "allow_other", "suid", "dev"}
         pyfuse3.init(ops, str(mountpoint), options)
-        # With an access trace on, no page-cache fill: the kernel would answer later reads of
-        # the pushed bytes itself, and the trace (what `lazybench` prioritizes) miss them.
-        fs.page_cache = pyfuse3.notify_store if trace is None else None
+        fs.page_cache = pyfuse3.notify_store  # unused while an access trace is on (StoreFS)
         log.info("mounted on %s (cache %s)", mountpoint, root / CACHE_DIR)
 
         async def watch_signals() -> None:

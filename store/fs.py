@@ -100,14 +100,14 @@ class StoreFS:
 
     ``on_read_range(layer, node, offset, size)`` is told of every read of a layer file that
     returned data (``size`` bytes from file offset ``offset``); the access trace records it.
-    It runs on the FUSE loop: it must be O(1).
+    It runs on the FUSE loop: it must be O(1). With it set, ``page_cache`` is not used: the
+    kernel would answer reads of the bytes handed to it, and the observer never see them.
     """
 
     manager: LayerManager
     on_read_range: Callable[[Layer, Node, int, int], None] | None = None
     # ``page_cache(ino, offset, data)`` puts verified bytes into the kernel's page cache for
-    # ``ino`` (``pyfuse3.notify_store`` once mounted, None while an access trace is recorded:
-    # the kernel would answer reads the trace must see; :meth:`Layer.page_in`)
+    # ``ino`` (``pyfuse3.notify_store`` once mounted; :meth:`Layer.page_in`)
     page_cache: Callable[[int, int, bytes], None] | None = None
     _next_ino: int = ROOT_INO + 1
     _synth: dict[int, Synth] = field(default_factory=dict)
@@ -471,9 +471,10 @@ class StoreFS:
 
     def _page_in(self, ino: int, layer: Layer, node: Node) -> None:
         """The file's bytes the store holds go into the kernel's page cache
-        (:meth:`Layer.page_in`), when the store is mounted."""
+        (:meth:`Layer.page_in`), when the store is mounted and no read observer
+        (``on_read_range``) must see every read."""
         push = self.page_cache
-        if push is not None:
+        if push is not None and self.on_read_range is None:
             layer.page_in(ino, node, lambda offset, data: push(ino, offset, data))
 
     def release(self, fh: int) -> None:

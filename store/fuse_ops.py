@@ -4,8 +4,8 @@ Why thin: everything with a decision in it lives in ``store.fs`` (testable witho
 this class converts names/attributes and turns :class:`~store.fs.FSError` into
 ``pyfuse3.FUSEError``. Files open with ``keep_cache``: layer content never changes, so the
 kernel page cache may serve re-reads across opens; the store also fills it with what it
-already holds (``StoreFS.page_cache``, set to ``pyfuse3.notify_store`` once mounted, unless
-the store records an access trace).
+already holds (``StoreFS.page_cache``, set to ``pyfuse3.notify_store`` once mounted; not used
+while the store records an access trace).
 """
 
 from __future__ import annotations

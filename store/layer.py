@@ -238,9 +238,9 @@ class Layer:
         layer's nursery (nothing once released, or when a look-over of this file ran less
         than :data:`PAGE_IN_EVERY` seconds ago or still runs). ``push(file_offset, data)``
         is called in a worker thread with runs of contiguous chunks, each chunk once the
-        kernel took it; it is
-        ``pyfuse3.notify_store`` for the file's inode in the store, and may raise
-        :class:`OSError` (logged at debug level; the kernel then asks with reads as usual).
+        kernel took it; it is ``pyfuse3.notify_store`` for the file's inode in the store,
+        and may raise :class:`OSError` (logged at debug level; the kernel then asks with
+        reads as usual).
         ``key`` names that page cache (the inode: one layer can be mounted under two refs).
 
         Why: a prefetched file's bytes are in the store before the workload reads them, but
