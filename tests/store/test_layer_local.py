@@ -11,7 +11,6 @@ import stat
 import tarfile
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -369,18 +368,11 @@ async def test_release_cancels_the_layers_nursery_with_all_its_work(vectors_dir,
     assert not layer.stats.background_done
 
 
-async def _small_chunk_layer(
-    tmp_path: Path, size: int, chunk_size: int
-) -> tuple[Layer, Any, bytes]:
-    """A one-file eStargz layer cut into ``chunk_size`` chunks (like zstd:chunked's small ones)."""
-    return await one_file_layer(tmp_path, size, chunk_size)
-
-
 @pytest.mark.anyio
 async def test_sequential_reads_of_small_chunks_read_ahead_in_few_large_requests(tmp_path):
     """128 KiB sequential reads of a 16 MiB file in 16 KiB chunks: the read-ahead window grows
     to READAHEAD_MAX and runs beside the reads, so requests are far fewer than chunks."""
-    layer, node, payload = await _small_chunk_layer(tmp_path, 16 << 20, 16 << 10)
+    layer, node, payload = await one_file_layer(tmp_path, 16 << 20, 16 << 10)
     got = bytearray()
     async with trio.open_nursery() as nursery:
         await nursery.start(layer.run)
@@ -396,7 +388,7 @@ async def test_sequential_reads_of_small_chunks_read_ahead_in_few_large_requests
 async def test_random_reads_fetch_their_block_and_little_more(tmp_path):
     """Reads far apart (mmap'ed page faults) fetch their READ_BLOCK in one request each, and
     keep the read-ahead window at READAHEAD_MIN."""
-    layer, node, payload = await _small_chunk_layer(tmp_path, 16 << 20, 16 << 10)
+    layer, node, payload = await one_file_layer(tmp_path, 16 << 20, 16 << 10)
     before = len(layer.blob.requests)
     async with trio.open_nursery() as nursery:
         await nursery.start(layer.run)
@@ -414,7 +406,7 @@ async def test_a_read_returns_with_its_chunks_on_disk_and_leaves_its_riders_behi
     """With the cache's writer running (as in the store), a read's own chunks are on disk when
     it returns, the free riders of its block wait for the writer, and a later read served a
     still-pending rider writes that rider's file before it returns (store.cache module doc)."""
-    layer, node, payload = await _small_chunk_layer(tmp_path, 1 << 20, 16 << 10)
+    layer, node, payload = await one_file_layer(tmp_path, 1 << 20, 16 << 10)
     chunks = layer.index.chunks_of(node.entry)
     cache = layer.cache
 
@@ -443,7 +435,7 @@ async def test_a_read_returns_with_its_chunks_on_disk_and_leaves_its_riders_behi
 async def test_a_corrupt_chunk_in_the_block_fails_only_its_own_reads(tmp_path):
     """The rest of a read's block rides along with it; a rider that fails verification is
     never served and never cached, and fails no read of other chunks."""
-    layer, node, payload = await _small_chunk_layer(tmp_path, 1 << 20, 16 << 10)
+    layer, node, payload = await one_file_layer(tmp_path, 1 << 20, 16 << 10)
     chunks = layer.index.chunks_of(node.entry)
     bad = chunks[len(chunks) // 2]
     data = bytearray(layer.blob.data)
