@@ -10,11 +10,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from store.cache import WRITE_MOST_DELAY
 from tests.store.conftest import StoreProcess, _mounted
 from tests.store.images import push_two_layer_estargz
 
@@ -34,6 +36,15 @@ def _all_whole(root: Path) -> bool:
         ):
             return False
     return True
+
+
+def _written_cache_files(root: Path) -> list[Path]:
+    """The cache's files once the write-behind writer wrote some (store/cache.py: it writes
+    after WRITE_QUIET seconds without new chunks, WRITE_MOST_DELAY at most), or [] after that."""
+    deadline = time.monotonic() + WRITE_MOST_DELAY + 10
+    while not (files := _cache_files(root)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return files
 
 
 @pytest.fixture
@@ -67,7 +78,7 @@ def test_full_cache_disk_serves_reads_uncached(registry, layers, small_disk, tmp
         # Room again: the next reads are cached, whole.
         filler.unlink()
         assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"
-        assert _cache_files(small_disk) and _all_whole(small_disk)
+        assert _written_cache_files(small_disk) and _all_whole(small_disk)
     finally:
         store.stop()
     assert not _mounted(store.mnt)
@@ -81,6 +92,7 @@ def test_torn_cache_file_is_never_served_after_restart(registry, layers, tmp_pat
         store.start()
         diff = store.layer_dir(ref, blobs[0].digest) / "diff"
         assert (diff / "big").read_bytes() == layers["big"]
+        assert _written_cache_files(root)
         store.proc.kill()  # type: ignore[union-attr]
         store.proc.wait(10)  # type: ignore[union-attr]
         # What a crash of the machine can leave: chunk files cut short, a stray temp file.
