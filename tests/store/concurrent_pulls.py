@@ -25,7 +25,10 @@ from pathlib import Path
 
 # The lock files containers/storage takes in opposite orders, under the graphroot.
 LOCK_FILES = ("storage.lock", "overlay-layers/layers.lock")
-# Seconds the inversion must last: a wait in the right order ends within milliseconds.
+# Seconds the inversion must last. Which of the two pulls waits in the kernel and which gets
+# EDEADLK depends on timing, so a waiter holding storage.lock and asking for layers.lock looks
+# like a wait in the right order: that one ends once the holder's work is done, milliseconds
+# for the small layers of the tests that use this.
 INVERSION_FOR = 5.0
 
 
