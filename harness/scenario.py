@@ -496,6 +496,8 @@ def parse_scenario(
                     f"{where}.modes[{j}]",
                     f"{mode!r} is not one of the scenario's modes ({', '.join(modes)})",
                 )
+        if wmodes is not None and len(set(wmodes)) != len(wmodes):
+            raise c.fail(f"{where}.modes", "lists a mode twice")
         workloads.append(
             Workload(
                 name=wname,

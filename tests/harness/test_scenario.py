@@ -70,6 +70,10 @@ def test_defaults() -> None:
             {"modes": ["legacy"], "workloads": [{"recipe": "python", "modes": ["estargz"]}]},
             r"workloads\[0\].modes\[0\]: 'estargz' is not one of the scenario's modes",
         ),
+        (
+            {"workloads": [{"recipe": "python", "modes": ["legacy", "legacy"]}]},
+            r"f.toml: workloads\[0\].modes: lists a mode twice",
+        ),
     ],
 )
 def test_errors_name_file_key_and_problem(data: dict, message: str) -> None:
