@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from store.registry.errors import ReferenceError
+from store.registry.reference import Reference
+
 TRANSPORTS = ("docker", "oci", "oci-archive", "docker-archive", "containers-storage", "dir")
 PATH_TRANSPORTS = frozenset({"oci", "oci-archive", "docker-archive", "dir"})
 
@@ -37,6 +40,10 @@ def split_transport(ref: str) -> tuple[str, str]:
         if not rest.startswith("//") or len(rest) <= 2:
             raise TransportError(f"{ref!r}: a registry reference is docker://HOST/REPO[:TAG]")
         rest = rest[2:]
+        try:  # the docker reference grammar (distribution's reference/regexp.go)
+            Reference.parse(rest)
+        except ReferenceError as exc:
+            raise TransportError(f"{ref!r}: {exc}") from None
     elif not rest:
         raise TransportError(f"{ref!r}: nothing after {transport}:")
     return transport, rest

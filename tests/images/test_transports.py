@@ -36,6 +36,21 @@ def test_bad_references_name_the_syntax(ref: str) -> None:
         split_transport(ref)
 
 
+@pytest.mark.parametrize(
+    ("ref", "why"),
+    [
+        ("docker://localhost:5000/App:1", "repository name must be lowercase"),
+        ("docker://UPPER", "repository name must be lowercase"),
+        ("docker://localhost:5000/app:bad tag", "whitespace"),
+        ("docker://localhost:5000/app@sha256:abc", "invalid digest"),
+        ("docker://localhost:5000/a..b", "invalid path component"),
+    ],
+)
+def test_a_registry_reference_outside_the_grammar_says_what_is_wrong(ref: str, why: str) -> None:
+    with pytest.raises(TransportError, match=why):
+        split_transport(ref)
+
+
 def test_registry_host() -> None:
     assert registry_host("docker://127.0.0.1:5000/a/b:c") == "127.0.0.1:5000"
     assert registry_host("docker://localhost/app") == "localhost"
