@@ -10,13 +10,13 @@ from pathlib import Path
 
 from tests.store.concurrent_pulls import LOCK_FILES, lock_inversion
 
-# Holds FIRST, then asks for SECOND (F_SETLKW) and, answered EDEADLK, asks again every 10 ms
-# as containers/storage's lock file does.
+# Holds FIRST and says so; told to go on, asks for SECOND (F_SETLKW) and, answered EDEADLK,
+# asks again every 10 ms as containers/storage's lock file does.
 _LOCKER = """
 import fcntl, sys, time
 first, second = sys.argv[1:]
 a = open(first, "w"); fcntl.lockf(a, fcntl.LOCK_EX)
-print("held", flush=True); time.sleep(0.5)
+print("held", flush=True); sys.stdin.readline()
 b = open(second, "w")
 while True:
     try:
@@ -27,21 +27,39 @@ while True:
 """
 
 
-def test_two_processes_locking_in_opposite_orders_are_found(tmp_path: Path) -> None:
-    storage, layers = (tmp_path / f for f in LOCK_FILES)
+def _lock_files(graphroot: Path) -> tuple[Path, Path]:
+    storage, layers = (graphroot / f for f in LOCK_FILES)
     layers.parent.mkdir(parents=True)
     storage.touch()
     layers.touch()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _LOCKER, str(a), str(b)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for a, b in ((storage, layers), (layers, storage))
-    ]
+    return storage, layers
+
+
+def _locker(first: Path, second: Path) -> subprocess.Popen[str]:
+    """A process holding ``first`` (it said so), to ask for ``second`` once :func:`_go`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOCKER, str(first), str(second)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+def _go(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def test_two_processes_locking_in_opposite_orders_are_found(tmp_path: Path) -> None:
+    storage, layers = _lock_files(tmp_path)
+    procs = []
     try:
-        assert all(p.stdout is not None and p.stdout.readline() == "held\n" for p in procs)
+        procs = [_locker(storage, layers), _locker(layers, storage)]
+        for p in procs:
+            _go(p)
         deadline = time.monotonic() + 10
         while not (found := lock_inversion(tmp_path)) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -54,17 +72,10 @@ def test_two_processes_locking_in_opposite_orders_are_found(tmp_path: Path) -> N
 
 
 def test_one_process_holding_both_locks_is_no_inversion(tmp_path: Path) -> None:
-    storage, layers = (tmp_path / f for f in LOCK_FILES)
-    layers.parent.mkdir(parents=True)
-    storage.touch()
-    layers.touch()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _LOCKER, str(storage), str(layers)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    storage, layers = _lock_files(tmp_path)
+    proc = _locker(storage, layers)
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        _go(proc)
         time.sleep(1.0)
         assert lock_inversion(tmp_path) == set()
     finally:
