@@ -3,7 +3,8 @@
 What it does for the layer above it (:class:`store.layer.Layer`) and its prefetcher
 (:class:`store.prefetch.Prefetcher`): turn a set of chunks into compressed byte ranges of the
 blob (aligned to the configured ``chunk_size``, coalesced, then cut to the chunks they
-deliver; or one exact range for a run in blob order), fetch them through the
+deliver; or their exact spans, one range per run of chunks adjacent in the blob), fetch
+them through the
 :class:`BlobReader`, inflate and verify every chunk in :data:`DECOMPRESS_GROUPS` worker
 threads, and put the good ones in the shared
 :class:`~store.cache.ChunkCache`. Concurrent fetches of one chunk are deduplicated through the
@@ -338,8 +339,8 @@ class ChunkSource:
         return out
 
     async def fetch_run(self, chunks: list[ChunkRef]) -> None:
-        """Fetch the missing ones of ``chunks`` (one run in blob order) in one exact range:
-        no alignment, so the next run's request does not fetch this one's last bytes again.
+        """Fetch the missing ones of ``chunks`` (a run of a file's chunks) in exact ranges: no
+        alignment, so the next run's request does not fetch this one's last bytes again.
         Nobody waits for it: a failure is logged, and a later read of a chunk reports it."""
         claimed = self.claim(chunks)
         if not claimed:
@@ -377,11 +378,13 @@ class ChunkSource:
         a part of a chunk it does not deliver; it may still carry, between two chunks it
         delivers, one that is cached or on its way already.
 
-        ``align=False`` fetches one range from the first chunk to the end of the last (a
-        prefetch piece or a read-ahead run, chunks in blob order): aligning would fetch the
-        neighbouring piece's bytes twice, and the small gaps between chunks (directory and
-        link entries) are not worth a multi-range request. On failure every claim is
-        completed with the error, and :class:`LayerFetchError` is raised.
+        ``align=False`` fetches the chunks' own spans, one range per run of chunks that follow
+        each other in the blob (a prefetch piece or a read-ahead run is one): aligning would
+        fetch the neighbouring piece's bytes twice. Chunks apart in the blob get a range each,
+        never the bytes between: a read-ahead run is consecutive in the file, and a TOC may
+        place a file's chunks anywhere (one 4 GiB away made a 4 KiB read's read-ahead ask for
+        a 4 GiB range). On failure every claim is completed with the error, and
+        :class:`LayerFetchError` is raised.
         """
         if align:
             ranges = self._ranges_for([*claimed, *riders])
@@ -389,7 +392,7 @@ class ChunkSource:
             extra = [*riders, *self._free_riders(ranges, have)]
             ranges = _trimmed(ranges, [*claimed, *extra])
         else:
-            ranges = [(claimed[0].compressed_offset, claimed[-1].compressed_end)]
+            ranges = _runs(claimed)
             extra = []
         chunks = claimed + extra
         start = time.monotonic()
@@ -549,6 +552,17 @@ async def _hurry(hurries: dict[Hurry, list[tuple[int, int]]]) -> None:
 
 def _file_offset(chunk: ChunkRef) -> int:
     return chunk.file_offset
+
+
+def _runs(chunks: Sequence[ChunkRef]) -> list[tuple[int, int]]:
+    """The compressed spans of ``chunks``, sorted, those that touch or overlap merged."""
+    runs: list[tuple[int, int]] = []
+    for lo, hi in sorted((c.compressed_offset, c.compressed_end) for c in chunks):
+        if runs and lo <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], hi))
+        else:
+            runs.append((lo, hi))
+    return runs
 
 
 def _trimmed(ranges: list[tuple[int, int]], chunks: Sequence[ChunkRef]) -> list[tuple[int, int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import random
 import tracemalloc
 from pathlib import Path
 
@@ -191,8 +192,16 @@ class _HugeBlob:
     materialized: a range over ``cap`` bytes is answered with its first ``cap`` only and
     noted)."""
 
-    def __init__(self, head: bytes, tail: bytes, size: int, cap: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        head: bytes,
+        tail: bytes,
+        size: int,
+        cap: int = 64 << 20,
+        far: dict[int, bytes] | None = None,
+    ) -> None:
         self.head, self.tail, self.size, self.cap = head, tail, size, cap
+        self.far = far or {}  # more bytes, by offset
         self.asked: list[tuple[int, int]] = []
 
     async def read_ranges(self, ranges):
@@ -208,6 +217,10 @@ class _HugeBlob:
             if hi > t0:
                 a = max(lo, t0)
                 whole[a - lo :] = self.tail[a - t0 : hi - t0]
+            for base, data in self.far.items():
+                a, b = max(lo, base), min(hi, base + len(data))
+                if a < b:
+                    whole[a - lo : b - lo] = data[a - base : b - base]
             out.append(bytes(whole))
         return out
 
@@ -244,6 +257,55 @@ async def test_a_small_file_never_fetches_gigabytes(tmp_path):
     assert got == data
     biggest = max(hi - lo for lo, hi in blob.asked)
     assert biggest <= 2 * E.DEFAULT_LIMITS.max_chunk_bytes, f"one range of {biggest >> 20} MiB"
+
+
+@pytest.mark.anyio
+async def test_a_read_ahead_never_fetches_the_gap_to_a_far_chunk(tmp_path):
+    """A file's chunks are consecutive in the file, not necessarily in the blob: a TOC that
+    puts one of a 4 MiB file's 64 KiB chunks 4 GiB away made the read-ahead of a 4 KiB read
+    ask for (and buffer) one 4 GiB range. Each run of adjacent chunks is its own range."""
+    import trio
+
+    chunk, count, stray, far_at = 64 << 10, 70, 67, 4 << 30
+    cctx = zstandard.ZstdCompressor()
+    payload = random.Random(1).randbytes(count * chunk)  # no two chunks alike
+    head, far = b"", {}
+    entries = []
+    for i in range(count):
+        piece = payload[i * chunk : (i + 1) * chunk]
+        frame = cctx.compress(piece)
+        if i == stray:
+            offset, far[far_at] = far_at, frame
+        else:
+            offset, head = len(head), head + frame
+        entry = {"name": "f", "type": "chunk", "offset": offset, "endOffset": offset + len(frame)}
+        if i == 0:
+            entry.update(type="reg", size=len(payload), digest=_sha(payload))
+        entries.append({**entry, "chunkOffset": i * chunk, "chunkSize": chunk})
+        entries[-1]["chunkDigest"] = _sha(piece)
+    del entries[0]["chunkOffset"]
+    toc = json.dumps({"version": 1, "entries": entries}).encode()
+    compressed = cctx.compress(toc)
+    tail = Z.skippable_frame(compressed)
+    size = far_at + len(far[far_at]) + len(tail)
+    position = Z.ManifestPosition(size - len(compressed), len(compressed), len(toc))
+    layer = Z.ZstdChunkedLayer(Z.manifest_checksum(compressed), position, "podman5")
+    blob = _HugeBlob(head, tail, size, far=far)
+    view = await load_layer_index(blob, layer.checksum, zstd_chunked=layer)
+    lay = view_layer(view, blob, layer.checksum, tmp_path / "c")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lay.run)
+        node = lay.tree.lookup_path("f")
+        blob.asked.clear()
+        end = 64 * chunk  # the last page of the file's first 4 MiB block: read-ahead follows
+        assert await lay.read_file(node, end - 4096, 4096) == payload[end - 4096 : end]
+        with trio.fail_after(10):
+            while not any(lo >= far_at for lo, _ in blob.asked):
+                await trio.sleep(0.01)
+        lay.release()
+    spans = sorted(blob.asked)
+    assert max(hi - lo for lo, hi in spans) <= 5 << 20, spans  # the block, not the gap
+    assert (far_at, far_at + len(far[far_at])) in spans  # the far chunk: its own range
 
 
 # -- a cached chunk is served for another chunk of the same digest but another size ---------
