@@ -314,7 +314,10 @@ class ChunkSource:
         for c in waiting:
             try:
                 data = await self.cache.wait_inflight(c.digest)
-            except LayerFetchError:  # someone else's fetch failed (a prefetch piece): retry
+            except (LayerFetchError, ChunkVerifyError):
+                # Someone else's fetch failed: a prefetch piece, or another layer's chunk of
+                # this digest that its bytes do not match (a hostile layer naming the digest
+                # of a chunk it does not hold). Not ours to report: fetch our own.
                 data = None
             if data is None:  # finished between our check and the wait
                 data = self.cache.get(c.digest)

@@ -333,3 +333,79 @@ async def test_cached_chunk_of_another_size_is_not_served(tmp_path):
     with pytest.raises(ChunkVerifyError):
         got = await layer.read_file(layer.tree.lookup_path("b"), 0, 20)
         pytest.fail(f"b (20 bytes in its TOC) read as {got!r}")
+
+
+# -- another layer's chunk that fails its verification fails no read of this layer -----------
+
+
+class _GatedBlob(FileBlob):
+    """A :class:`FileBlob` whose reads wait for ``gate`` once ``armed`` (after its TOC)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        import trio
+
+        self.gate = trio.Event()
+        self.armed = False
+
+    async def read_ranges(self, ranges):
+        if self.armed:
+            await self.gate.wait()
+        return await super().read_ranges(ranges)
+
+
+@pytest.mark.anyio
+async def test_a_hostile_layers_failed_chunk_fails_no_read_of_another_layer(tmp_path):
+    """Layers share the chunk cache and its fetches in flight, by digest. A hostile layer's
+    file naming the digest of a valid layer's file but holding other bytes: while its fetch
+    was in flight, the valid layer's read of that digest waited on it and got its
+    ChunkVerifyError (EIO). The valid read now fetches and verifies its own bytes."""
+    import trio
+
+    from store.cache import ChunkCache
+    from store.layer import ChunkVerifyError, Layer
+    from store.tree import LayerTree
+
+    good, evil = b"shared library bytes " * 100, b"X" * 2100
+    views = {}
+    for name, data in (("valid", good), ("hostile", evil)):
+        entries = [
+            {"name": "f", "type": "reg", "size": len(data), "frame": 0, "digest": _sha(good)}
+        ]
+        blob, ann = _zstd_layer([data], entries)
+        path = tmp_path / f"{name}.blob"
+        path.write_bytes(blob)
+        layer = E.zstd_chunked_layer(ann)
+        fb = _GatedBlob(path)
+        views[name] = (await load_layer_index(fb, layer.checksum, zstd_chunked=layer), fb, layer)
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+    layers = {
+        name: Layer(
+            key=name,
+            digest="sha256:" + "0" * 64,
+            toc_digest=layer.checksum,
+            tree=LayerTree(view.index),
+            index=view,
+            blob=fb,
+            cache=cache,
+        )
+        for name, (view, fb, layer) in views.items()
+    }
+    views["hostile"][1].armed = True  # its file's bytes come when the test says
+    got: dict[str, object] = {}
+
+    async def read(name: str) -> None:
+        layer = layers[name]
+        try:
+            got[name] = await layer.read_file(layer.tree.lookup_path("f"), 0, len(good))
+        except ChunkVerifyError as exc:
+            got[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, "hostile")
+        await trio.sleep(0.05)  # its fetch of the shared digest is claimed, not answered
+        nursery.start_soon(read, "valid")
+        await trio.sleep(0.05)  # the valid read waits on that claim
+        views["hostile"][1].gate.set()
+    assert isinstance(got["hostile"], ChunkVerifyError)
+    assert got["valid"] == good
