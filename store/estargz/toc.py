@@ -218,12 +218,15 @@ def scan_toc(
     return TocScan("sha256:" + h.hexdigest(), size, hint, json, ranges if hint else None)
 
 
-_LANDMARK_ENTRY = re.compile(
-    rb'\{[^{}]*"name"\s*:\s*"(?:\./)?' + re.escape(PREFETCH_LANDMARK.encode()) + rb'"[^{}]*\}',
-    re.ASCII,
+# The landmark entry: a flat JSON object (no ``{`` or ``}`` inside, as the writer lays it out)
+# holding this name pair.
+_LANDMARK_PAIR = re.compile(
+    rb'"name"\s*:\s*"(?:\./)?' + re.escape(PREFETCH_LANDMARK.encode()) + rb'"', re.ASCII
 )
 _LANDMARK_NAME = re.compile(rb'"(?:\./)?' + re.escape(PREFETCH_LANDMARK.encode()) + rb'"')
+_BRACE = re.compile(rb"[{}]")
 _OFFSET_FIELD = re.compile(rb'"offset"\s*:\s*(\d+)')
+_OFFSET_DIGITS = len(str((1 << 63) - 1))  # a longer number is no offset (nor an int() input)
 
 
 _RANGES_FIELD = re.compile(
@@ -244,26 +247,39 @@ def landmark_offset_hint(raw: bytes) -> int | None:
 def landmark_hint(raw: bytes) -> tuple[int | None, tuple[tuple[int, int], ...] | None]:
     """The ``.prefetch.landmark`` entry's offset and its :data:`~.footer.PREFETCH_RANGES_KEY`
     ranges (:func:`prefetch_ranges`), found in TOC JSON text without decoding it; ``(None,
-    None)`` when no landmark entry is in ``raw``. Hints only (:func:`landmark_offset_hint`)."""
-    for name in _LANDMARK_NAME.finditer(raw):  # a literal search first: fast on big TOCs
-        lo = raw.rfind(b"{", 0, name.start())
-        hi = raw.find(b"}", name.end())
-        if lo < 0 or hi < 0:
-            continue
-        found = _LANDMARK_ENTRY.fullmatch(raw, lo, hi + 1)
-        if found is not None:
-            offset_field = _OFFSET_FIELD.search(found.group(0))
-            if offset_field is None:
-                return None, None
-            offset = int(offset_field.group(1))
-            listed = _RANGES_FIELD.search(found.group(0))
-            if listed is None:
-                return offset, None
-            try:
-                flat = [int(v) for v in listed.group(1).split(b",") if v.strip()]
-            except ValueError:
-                return offset, None
-            return offset, prefetch_ranges(flat, offset)
+    None)`` when no landmark entry is in ``raw``. Hints only (:func:`landmark_offset_hint`).
+
+    The entry is the first ``{…}`` with no brace inside that holds ``"name":
+    ".prefetch.landmark"`` (or ``"./.prefetch.landmark"``); its first ``"offset"`` is the
+    offset (none, or more digits than an offset can have: no hint). Linear in ``len(raw)``:
+    the name is searched for literally, and each brace-free stretch of text around a find is
+    looked at once, however many finds it holds (a hostile TOC may repeat the name as a key
+    thousands of times in one object).
+    """
+    pos = 0  # no byte before it is looked at again; past the start, raw[pos] is a brace
+    while (name := _LANDMARK_NAME.search(raw, pos)) is not None:
+        right = _BRACE.search(raw, name.end())
+        if right is None:
+            break  # no brace after it: no entry closes in raw
+        hi = right.start()
+        lo = max(raw.rfind(b"{", pos, name.start()), raw.rfind(b"}", pos, name.start()))
+        pos = hi  # every find before hi lies in this same stretch: done with them
+        if lo < 0 or raw[lo] != ord("{") or raw[hi] != ord("}"):
+            continue  # not a brace-free object (or it starts before raw)
+        if _LANDMARK_PAIR.search(raw, lo, hi) is None:
+            continue  # the name is there as a key or another value, not as the name
+        offset_field = _OFFSET_FIELD.search(raw, lo, hi)
+        if offset_field is None or len(offset_field.group(1)) > _OFFSET_DIGITS:
+            return None, None
+        offset = int(offset_field.group(1))
+        listed = _RANGES_FIELD.search(raw, lo, hi)
+        if listed is None:
+            return offset, None
+        try:
+            flat = [int(v) for v in listed.group(1).split(b",") if v.strip()]
+        except ValueError:
+            return offset, None
+        return offset, prefetch_ranges(flat, offset)
     return None, None
 
 
