@@ -14,7 +14,9 @@ Conventions (DESIGN.md §3; OCI image spec, "Representing Changes"):
   opaque: lower content shows through, as podman's extraction gives); a whiteout *after* the
   directory (podman refuses such a layer) hides only lower layers' content (OCI image spec):
   the directory becomes opaque, the layer's own content stays; a whiteout followed only by
-  ``<name>/.wh..wh..opq`` stays a whiteout (extraction marks it, creating no directory);
+  ``<name>/.wh..wh..opq`` stays a whiteout (extraction marks it, creating no directory).
+  Which of a name and its whiteout came first is noted by the index as it is built
+  (``LayerIndex.after_whiteout``): a lookup asks it in constant time, a listing once a name;
 * ``.wh..wh..opq`` is hidden and marks its directory opaque, wherever it stands among the
   directory's entries; the store answers ``y`` for the opaque xattr the overlay mount in use
   reads (``trusted.overlay.opaque`` rootful, ``user.overlay.opaque`` rootless, or both: the
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import re
 import stat
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 
 from store.estargz import LayerIndex
@@ -170,18 +172,11 @@ class Node:
         parent = self.tree.index.parent(e)
         if parent is None:
             return False
-        base = _base(e.name)
-        wh = WHITEOUT_PREFIX + base
-        if wh not in parent.children:
+        if WHITEOUT_PREFIX + _base(e.name) not in parent.children:
             return False
         # Tar order, as extraction applies it: a directory named after its whiteout replaces
         # it (not opaque); a whiteout after the directory hides the lower layers' content.
-        for name in parent.children:
-            if name == base:
-                return True
-            if name == wh:
-                return e.implicit
-        return True
+        return e.implicit if e.ino in self.tree.index.after_whiteout else True
 
     @property
     def xattrs(self) -> dict[bytes, bytes] | None:
@@ -216,7 +211,7 @@ class Children:
             return None
         children = self.entry.children
         child = children.get(name)
-        if child is not None and not _marker_under_whiteout(children, name, child):
+        if child is not None and not self._marker_under_whiteout(child):
             return Node(self.tree, child)
         wh = children.get(WHITEOUT_PREFIX + name)
         return Node(self.tree, wh, whiteout=True) if wh is not None else None
@@ -231,9 +226,9 @@ class Children:
                 shown = name[len(WHITEOUT_PREFIX) :]
                 if shown and not self._hidden(shown):
                     other = children.get(shown)
-                    if other is None or _marker_under_whiteout(children, shown, other):
+                    if other is None or self._marker_under_whiteout(other):
                         yield _key(shown), Node(self.tree, child, whiteout=True)
-            elif not self._hidden(name) and not _marker_under_whiteout(children, name, child):
+            elif not self._hidden(name) and not self._marker_under_whiteout(child):
                 yield _key(name), Node(self.tree, child)
 
     def values(self) -> Iterator[Node]:
@@ -246,6 +241,14 @@ class Children:
         return name.startswith(WHITEOUT_PREFIX) or (
             name in LANDMARKS and self.entry is self.tree.index.root
         )
+
+    def _marker_under_whiteout(self, child: Entry) -> bool:
+        """``.wh.<name>`` then ``<name>/.wh..wh..opq`` alone: extraction marks the whiteout it
+        made opaque and creates no directory, so the whiteout is what shows."""
+        if not (child.implicit and child.type == "dir" and len(child.children) == 1):
+            return False
+        # .wh.<name> came first in tar order (LayerIndex.after_whiteout: so it is there still)
+        return OPAQUE_MARKER in child.children and child.ino in self.tree.index.after_whiteout
 
 
 class _Nodes(Sequence[Node]):
@@ -345,21 +348,6 @@ class LayerTree:
                 for name, child in sorted(children.items(), key=lambda kv: kv[0], reverse=True):
                     shown = name.decode("utf-8", "surrogateescape")
                     stack.append((f"{path}/{shown}" if path else shown, child))
-
-
-def _marker_under_whiteout(children: Mapping[str, Entry], name: str, child: Entry) -> bool:
-    """``.wh.<name>`` then ``<name>/.wh..wh..opq`` alone: extraction marks the whiteout it made
-    opaque and creates no directory, so the whiteout is what shows."""
-    if not (child.implicit and child.type == "dir" and len(child.children) == 1):
-        return False
-    if OPAQUE_MARKER not in child.children or WHITEOUT_PREFIX + name not in children:
-        return False
-    for key in children:  # tar order: which came first
-        if key == name:
-            return False
-        if key == WHITEOUT_PREFIX + name:
-            return True
-    return False
 
 
 def _makedev(major: int, minor: int) -> int:

@@ -256,6 +256,12 @@ class LayerIndex:
     ``entries[i]`` is the entry numbered ``i`` (``Entry.ino``): every node of the final tree
     once (a hardlinked file once), the root first, parents before children; ``_parents[i]`` is
     the inode of its parent. Both are set by the build's numbering pass only.
+
+    ``after_whiteout`` holds the inodes of the directories whose name first came, in TOC
+    order, after a ``.wh.<name>`` in the same directory (the order of the names' first
+    entries, which each ``children`` dict keeps): which of the two came first is what an
+    overlay view of the layer needs (:mod:`store.tree`), in constant time; the set is empty
+    but for such layers.
     """
 
     def __init__(self) -> None:
@@ -274,6 +280,8 @@ class LayerIndex:
         self.link_headers: dict[int, Entry] = {}
         # inos of implicit directories extraction makes set-group-ID (_Builder._dir)
         self.setgid_implicit: set[int] = set()
+        # inos of directories whose name came after ``.wh.<name>`` in their parent (_Builder)
+        self.after_whiteout: set[int] = set()
 
     # -- queries -------------------------------------------------------------------------
 
@@ -475,6 +483,8 @@ class _Builder:
         self.last_dir: tuple[str, Entry] = ("", idx.root)
         self.link_headers: dict[int, tuple[Entry, Entry]] = {}  # id(target) -> (target, link)
         self.setgid_implicit: dict[int, Entry] = {}  # id(dir) -> dir (see _dir)
+        # (directory, name): a name first added to a directory holding .wh.<name> already
+        self.after_whiteout: list[tuple[Entry, str]] = []
         self.compression = idx.compression
 
     def run(self, raw_entries: Iterable[RawEntry | Mapping[str, Any]]) -> None:
@@ -693,6 +703,8 @@ class _Builder:
                 self.last_dir = ("", self.idx.root)  # it may have been cached
                 _unlink_subtree(old)
             old.nlink -= 1
+        elif WHITEOUT_PREFIX + base in parent.children:
+            self.after_whiteout.append((parent, base))
         parent.children[base] = e  # type: ignore[index]  # parents are directories
         if e.type == "dir":
             parent.nlink += 1
@@ -716,6 +728,8 @@ class _Builder:
         if old is None and etype != "hardlink":  # the usual case: a new name
             if self.idx._hardlinks:
                 self.idx._hardlinks.pop(name, None)
+            if WHITEOUT_PREFIX + base in children:
+                self.after_whiteout.append((parent, base))
             children[base] = e  # type: ignore[index]  # parents are directories
             if etype == "dir":
                 e.nlink = 2
@@ -796,6 +810,14 @@ class _Builder:
         idx.setgid_implicit = {
             d.ino for d in self.setgid_implicit.values() if d.ino >= 0 and d.implicit
         }
+        # A name keeps its place in its directory's dict when its entry is replaced (and no
+        # name is ever removed): what the name finally holds, if a directory still in the tree.
+        idx.after_whiteout = {
+            d.ino
+            for parent, base in self.after_whiteout
+            if parent.ino >= 0 and (d := parent.children.get(base)) is not None and d.type == "dir"
+        }
+        self.after_whiteout = []
         # Blob order: by offset, then inner offset (two stable sorts: no key tuples).
         chunks.sort(key=_CHUNK_INNER)
         chunks.sort(key=_CHUNK_OFFSET)
