@@ -426,7 +426,7 @@ class StoreFS:
             raise FSError(errno.ENODATA)
         node = found[1]
         if name in OPAQUE_XATTRS and node.opaque:
-            value = b"y" if name in self._opaque else (node.xattrs or {}).get(name)
+            value = b"y" if name in self._opaque else node.xattr(name)
         else:
             value = node.getxattr(name)
         if value is None:

@@ -183,11 +183,21 @@ class Node:
         x = self.entry.xattrs
         return {_key(k): v for k, v in x.items()} if x and not self.whiteout else None
 
+    def xattr(self, name: bytes) -> bytes | None:
+        """``xattrs.get(name)``, in one lookup of the entry's own (str-keyed) xattrs: the
+        name's decoding is the only key that encodes to it, unless the entry has a name whose
+        bytes decode to another string (``LayerTree`` notes those, for the whole dict)."""
+        x = self.entry.xattrs
+        if not x or self.whiteout:
+            return None
+        if self.entry.ino in self.tree.odd_xattrs:
+            return self.xattrs.get(name)  # type: ignore[union-attr]
+        return x.get(name.decode("utf-8", "surrogateescape"))
+
     def getxattr(self, name: bytes) -> bytes | None:
         if name in OPAQUE_XATTRS and self.opaque:
             return b"y"
-        xattrs = self.xattrs
-        return xattrs.get(name) if xattrs else None
+        return self.xattr(name)
 
     def listxattr(self) -> list[bytes]:
         names = list(self.xattrs or ())
@@ -276,6 +286,7 @@ class LayerTree:
         self.root = Node(self, index.root)
         self._mtimes: dict[str, int] = {}
         self._paths: dict[int, str] | None = None
+        self._odd_xattrs: set[int] | None = None
         for e in index.entries:
             if e.type == "dir" and e.name and _hidden_name(e):
                 raise TreeError(f"{e.name!r}: a directory under a whiteout or landmark name")
@@ -320,6 +331,17 @@ class LayerTree:
             self._mtimes[modtime] = found
         return found
 
+    @property
+    def odd_xattrs(self) -> set[int]:
+        """The inodes with an xattr name whose bytes decode to another string (a JSON
+        ``\\udcXX`` escape that spells UTF-8): :meth:`Node.xattr` finds theirs by bytes. Made
+        when first asked (a pass over the entries: most layers never ask)."""
+        if self._odd_xattrs is None:
+            self._odd_xattrs = {
+                e.ino for e in self.index.entries if e.xattrs and not all(map(_canonical, e.xattrs))
+            }
+        return self._odd_xattrs
+
     def lookup_path(self, path: str) -> Node | None:
         node: Node | None = self.root
         for part in (p for p in path.split("/") if p not in ("", ".")):
@@ -359,6 +381,11 @@ def _makedev(major: int, minor: int) -> int:
         | ((minor & 0xFFFFFF00) << 12)
         | (minor & 0xFF)
     )
+
+
+def _canonical(name: str) -> bool:
+    """Whether ``name`` is what its bytes (:func:`_key`) decode to."""
+    return name.isascii() or _key(name).decode("utf-8", "surrogateescape") == name
 
 
 def _base(name: str) -> str:
