@@ -48,6 +48,15 @@ DIR_MODE = stat.S_IFDIR | 0o500
 FILE_MODE = stat.S_IFREG | 0o400
 
 
+@dataclass
+class _DirHandle:
+    """An open directory: its inode, and (after the first listing) its children by name."""
+
+    ino: int
+    listing: list[tuple[bytes, Node]] | None = None
+    slot: _LayerSlot | None = None  # the directory's layer view, with the listing
+
+
 class FSError(OSError):
     """An errno to answer the kernel with."""
 
@@ -120,6 +129,9 @@ class StoreFS:
     # number the store hands out (inodes count up from 2).
     _snapshots: dict[int, bytes] = field(default_factory=dict)
     _next_handle: int = 1 << 62
+    # Open directory handles (:meth:`opendir`): the directory's inode, and its sorted listing
+    # once the first :meth:`readdir` made it, until :meth:`releasedir`.
+    _dirs: dict[int, _DirHandle] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._synth[ROOT_INO] = Synth(ROOT_INO, "root", lookups=1)
@@ -398,15 +410,39 @@ class StoreFS:
 
     # -- contents ----------------------------------------------------------------------------
 
-    def readdir(self, ino: int) -> Iterator[tuple[str, Attr]]:
-        """Entries of a directory (the store's skeleton lists nothing: it is lookup-only)."""
-        if ino in self._synth:
-            return iter(())
-        slot, node = self._layer_dir(ino)
+    def opendir(self, ino: int) -> int:
+        """A handle to list directory ``ino`` with (:meth:`readdir`) until :meth:`releasedir`.
+        Raises :class:`FSError` (ENOENT) for an inode the store does not know."""
+        self.getattr(ino)
+        self._next_handle += 1
+        self._dirs[self._next_handle] = _DirHandle(ino)
+        return self._next_handle
+
+    def readdir(self, fh: int, start: int = 0) -> Iterator[tuple[str, Attr]]:
+        """Entries of the directory open as ``fh`` (:meth:`opendir`), by name, from the
+        ``start``-th on; each entry's attributes are made as it is taken. The listing is
+        sorted once per handle: the kernel lists a directory in calls of a page of entries
+        each, and sorting (and making the attributes of) every entry on every call made
+        listing a 16,000-entry directory take 30 s. The store's skeleton lists nothing: it is
+        lookup-only. Raises :class:`FSError` (EBADF for an unknown handle, ENOTDIR)."""
+        handle = self._dirs.get(fh)
+        if handle is None:
+            raise FSError(errno.EBADF)
+        if handle.listing is None:
+            if handle.ino in self._synth:
+                handle.listing = []
+            else:
+                handle.slot, node = self._layer_dir(handle.ino)
+                handle.listing = sorted(node.children.items())
+        listing, slot = handle.listing, handle.slot
         return (
-            (name.decode("utf-8", "surrogateescape"), self._node_attr(slot, child))
-            for name, child in sorted(node.children.items())
+            (listing[i][0].decode("utf-8", "surrogateescape"), self._node_attr(slot, listing[i][1]))
+            for i in range(start, len(listing))
         )
+
+    def releasedir(self, fh: int) -> None:
+        """Forget directory handle ``fh`` and its listing."""
+        self._dirs.pop(fh, None)
 
     def readdir_counted(self, attr: Attr) -> Attr:
         return self._counted(attr)

@@ -11,6 +11,7 @@ while the store records an access trace).
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -90,20 +91,23 @@ class StoreOperations(pyfuse3.Operations):
             self.fs.forget(ino, nlookup)
 
     async def opendir(self, inode: int, ctx: Any):
-        _call(self.fs.getattr, inode)
-        return inode
+        return _call(self.fs.opendir, inode)
 
     async def readdir(self, fh: int, start_id: int, token):
-        # listed inside the guard: the listing's attributes are made lazily, and an error
-        # raised while iterating would otherwise leave the handler
-        entries = _call(lambda: list(self.fs.readdir(fh)))
-        for i, (name, attr) in enumerate(entries[start_id:], start=start_id):
+        entries = _call(self.fs.readdir, fh, start_id)
+        for i in itertools.count(start_id):
+            # taken inside the guard: the listing's attributes are made lazily, and an error
+            # raised while making one would otherwise leave the handler
+            entry = _call(next, entries, None)
+            if entry is None:
+                break
+            name, attr = entry
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), i + 1):
                 break
             self.fs.readdir_counted(attr)
 
     async def releasedir(self, fh: int):
-        return None
+        self.fs.releasedir(fh)
 
     async def open(self, inode: int, flags: int, ctx: Any):
         handle = _call(self.fs.open, inode, bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)))

@@ -153,7 +153,7 @@ async def test_big_device_numbers_do_not_escape_readdir(tmp_path):
     class _FS:  # the listing StoreFS.readdir gives: (name, attr) made lazily per child
         status_ino = -1
 
-        def readdir(self, ino):
+        def readdir(self, fh, start=0):
             from store.fs import StoreFS
 
             class _Slot:
