@@ -56,8 +56,9 @@ def start_until_ready(
     on_first_output: Callable[[], None] = lambda: None,
     expected: str | None = None,
 ) -> RunOutcome:
-    """``podman start --attach`` the container; return when ``ready`` shows on its output (then
-    stop it) or, without a ready line, when it exits. Times out after ``timeout`` seconds.
+    """``podman start --attach`` the container; return when ``ready`` shows on its stdout (then
+    stop it; the same text on stderr, e.g. in an error message, is not ready) or, without a
+    ready line, when it exits. Times out after ``timeout`` seconds.
     ``expected``: the workload's expected output (named so when it is also ``ready``).
     ``on_first_output`` is called at the first stdout line; each line is timed when it is
     read, so the call's own time is never counted in the run."""
@@ -122,7 +123,7 @@ def start_until_ready(
             if first is None and name == "stdout":
                 first = now - start
                 on_first_output()
-            if ready and ready in line:
+            if ready and name == "stdout" and ready in line:  # a line on stdout, as documented
                 seen_ready = True
                 elapsed = now - start
                 break

@@ -227,3 +227,17 @@ def test_the_run_ends_at_the_ready_line_whatever_the_first_output_call_takes() -
     )
     assert outcome.ready and outcome.first_output_s is not None
     assert outcome.seconds - outcome.first_output_s < 0.3
+
+
+def test_the_ready_text_on_stderr_is_not_ready() -> None:
+    """``ready`` is a line on stdout: an error message on stderr that happens to contain it
+    (then a failed exit) once recorded the run as ready."""
+    outcome = start_until_ready(
+        _ShellEnv("echo 'fatal: server is not ready-now, giving up' >&2; exit 1"),  # type: ignore[arg-type]
+        "cid",
+        stdin=None,
+        ready="ready-now",
+        timeout=10,
+    )
+    assert not outcome.ready and outcome.exit_code == 1
+    assert "ready-now" in outcome.stderr and outcome.stdout == ""
