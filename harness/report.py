@@ -352,10 +352,12 @@ def draw_chart(
             heights = [0.0 if pd.isna(v) else float(v) for v in column]
             ax.bar(xs, heights, 0.65, bottom=bottom, color=PHASE_COLORS[phase], label=phase)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-        # The ratio to the first store, as the table gives it: of the totals' percentile.
+        # The ratio to the first store, as the table gives it: of the totals' percentile
+        # (none at all when every measurement fell back: no ok figure, no column).
+        totals = group["total_p"] if "total_p" in group else [float("nan")] * len(xs)
         firsts = {
             m: t
-            for m, st, t in zip(group["mode"], group["store"], group["total_p"], strict=True)
+            for m, st, t in zip(group["mode"], group["store"], totals, strict=True)
             if stores and st == stores[0]
         }
         for x, (_, r) in zip(xs, group.iterrows(), strict=True):
@@ -373,7 +375,7 @@ def draw_chart(
                 label = f"{bottom[x]:.1f}"
                 first = firsts.get(r["mode"], float("nan"))
                 if len(stores) > 1 and r["store"] and r["store"] != stores[0] and first > 0:
-                    label += f"\n{r['total_p'] / first:.2f}× {stores[0]}"
+                    label += f"\n{_get(r, 'total_p') / first:.2f}× {stores[0]}"
                 ax.text(x, bottom[x], label, ha="center", va="bottom", fontsize=8)
         fell = list(group["fell_back"])
         labels = [

@@ -268,3 +268,18 @@ def test_the_limit_verdict_counts_a_lazy_cell_that_only_fell_back(tmp_path: Path
     limit = Limit(3_000_000, 100.0, 40.0, 6.0, floor_repull=True)  # go is within 1.5×
     row = next(line for line in limit_section(cells, {"python": limit}, 95) if "| python" in line)
     assert row.rstrip().endswith("| no |"), row
+
+
+def test_a_run_whose_every_measurement_fell_back_is_reported(tmp_path: Path) -> None:
+    """No ok measurement, so no aggregate columns: the chart once failed on ``total_p``."""
+    run = write_run(tmp_path / "run", {})
+    for sample in range(2):
+        append_record(
+            run,
+            Record(sample, "python", "estargz-noopt", store="ours", status="fell-back",
+                   total_s=31, error="3 of 3 layers not from the store", layers_total=3,
+                   layers_from_store=0),
+        )  # fmt: skip
+    write_report(run)
+    assert (run / "chart.svg").exists()
+    assert "fell back" in (run / "report.md").read_text()
