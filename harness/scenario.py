@@ -483,6 +483,8 @@ def parse_scenario(
                 f"must be lower-case letters, digits, '.', '_', '-' (it names the image "
                 f"repository), got {wname!r}",
             )
+        if (problem := repository_name_problem(wname)) is not None:
+            raise c.fail(f"{where}.name", problem)
         if any(x.name == wname for x in workloads):
             raise c.fail(f"{where}.name", f"duplicate workload name {wname!r}")
         stdin = w.get("stdin")
@@ -528,6 +530,30 @@ def parse_scenario(
         stores=stores,
         nodes=tuple(node_list),
     )
+
+
+# The registry the harness pushes to (``127.0.0.1:PORT``), at its longest: a name counts
+# against the 255 characters of ``registry/repository``.
+_PUSH_REGISTRY = "127.0.0.1:65535"
+
+
+def repository_name_problem(workload: str) -> str | None:
+    """Why ``lazybench/<workload>``, the repository a workload's images are pushed to, is no
+    valid repository name (the distribution grammar of :mod:`store.registry.reference`:
+    components are lower-case alphanumerics joined by single '.', '_', '__' or runs of '-';
+    so no leading/trailing or doubled separator), or None. Caught here, not at push time."""
+    from store.registry.errors import ReferenceError
+    from store.registry.reference import Reference
+
+    try:
+        Reference.parse(f"{_PUSH_REGISTRY}/lazybench/{workload}:legacy")
+    except ReferenceError as exc:
+        detail = str(exc).rpartition(": ")[2]
+        return (
+            f"{workload!r} cannot name the image repository lazybench/{workload} ({detail}): "
+            "use lower-case letters and digits joined by one '.', one or two '_', or dashes"
+        )
+    return None
 
 
 def _parse_store(c: _Checker, data: dict[str, Any], where: str, *, named: bool) -> StoreSpec:

@@ -211,6 +211,19 @@ def test_several_stores_each_measure_every_lazy_mode() -> None:
     assert parse_scenario(s.to_dict(), "f.toml") == s
 
 
+@pytest.mark.parametrize("name", ["bb-", "b..b", "b___b", "b-.b", "x" * 250])
+def test_a_workload_name_that_cannot_name_a_repository_is_refused_up_front(name: str) -> None:
+    """These passed the character check and failed only when pushed (retried as transient)."""
+    with pytest.raises(ScenarioError, match=r"f.toml: workloads\[0\].name: .* cannot name the"):
+        parse_scenario({"workloads": [{"name": name, "image": "oci:/x"}]}, "f.toml")
+
+
+@pytest.mark.parametrize("name", ["bb", "b.b", "b_b", "b__b", "b--b", "0x"])
+def test_workload_names_the_registry_takes_pass(name: str) -> None:
+    s = parse_scenario({"workloads": [{"name": name, "image": "oci:/x"}]}, "f.toml")
+    assert s.workloads[0].name == name
+
+
 @pytest.mark.parametrize(
     ("stores", "problem"),
     [
