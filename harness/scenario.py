@@ -702,7 +702,24 @@ def load_scenario(path: Path | str, *, check_references: bool = True) -> Scenari
         published=_known_published() if check_references else None,
     )
     _check_local_sources(scenario, str(path))
+    _check_store_commands(scenario, str(path), table="stores" if "stores" in data else "store")
     return Scenario(**{**vars(scenario), "source": path.resolve()})
+
+
+def _check_store_commands(scenario: Scenario, source: str, table: str) -> None:
+    """A store's program must exist now, when a measurement goes through the store: found
+    when the store starts, a typo would cost the import and push of every image first.
+    ``table``: ``stores`` (``[[stores]]``) or ``store`` (the old ``[store]`` form, or none).
+    (Only for a scenario file, like :func:`_check_local_sources`.)"""
+    from harness.store_proc import store_command_problem
+
+    used = {
+        st for w in scenario.workloads for m in scenario.modes_of(w) for st in scenario.stores_of(m)
+    }
+    c = _Checker(source)
+    for i, spec in enumerate(scenario.stores):
+        if spec.name in used and (problem := store_command_problem(spec.command)) is not None:
+            raise c.fail(f"stores[{i}].command" if table == "stores" else "store.command", problem)
 
 
 def _check_local_sources(scenario: Scenario, source: str) -> None:

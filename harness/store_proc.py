@@ -96,6 +96,37 @@ def _which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
 
 
+def store_executable(name: str) -> str:
+    """The program a store command's first word (placeholders filled in) runs: on PATH, or
+    beside this interpreter, where our own console script sits even when its venv is not on
+    PATH. Raises :class:`StoreError` when there is none."""
+    exe = _which(name)
+    if exe is None:
+        if os.sep in name:
+            raise StoreError(f"store command {name!r} is not an executable file")
+        raise StoreError(f"store command {name!r} not found on PATH")
+    return exe
+
+
+def store_command_problem(command: Sequence[str]) -> str | None:
+    """Why ``command`` cannot start, as far as is known before any measurement (its program
+    is missing), or None. A first word with a placeholder is left alone: a built-in store's
+    binary (``{go-stargz-store}``) is built or found by
+    :func:`harness.prepare.prepare_store`, a per-measurement one exists only then."""
+    import string
+
+    if not command:
+        return "is empty"
+    first = command[0]
+    try:
+        if any(name is not None for _, name, _, _ in string.Formatter().parse(first)):
+            return None
+        store_executable(first.format())  # "{{" is a literal brace, as in StoreProcess.argv
+    except (StoreError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
 def is_our_store(command: Sequence[str]) -> bool:
     """Whether ``command`` runs this project's ``stargz-store`` — the one that writes the
     access trace and the pull timeline. A built-in placeholder (``{go-stargz-store}``) or any
@@ -211,11 +242,7 @@ class StoreProcess(Service):
             "mountpoint": str(self.mountpoint),
         }
         argv = [arg.format(**values) for arg in resolve_store_command(self.command)]
-        # Our own console script sits beside this interpreter even when its venv is not on PATH.
-        exe = _which(argv[0])
-        if exe is None:
-            raise StoreError(f"store command {argv[0]!r} not found on PATH")
-        return [exe, *argv[1:]]
+        return [store_executable(argv[0]), *argv[1:]]
 
     def start(self) -> None:
         if self._proc is not None:

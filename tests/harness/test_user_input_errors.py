@@ -76,6 +76,51 @@ def test_an_existing_image_file_loads(tmp_path: Path) -> None:
     assert load_scenario(path).workloads[0].image == f"oci-archive:{tmp_path / 'app.tar'}"
 
 
+_STORES = """modes = ["legacy", "estargz-noopt"]
+[[workloads]]
+recipe = "tiny"
+[[stores]]
+name = "ours"
+[[stores]]
+name = "theirs"
+command = [{command}, "{{mountpoint}}"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "problem"),
+    [
+        ('"/nonexistent/store"', r"'/nonexistent/store' is not an executable file"),
+        ('"no-such-store-xyz"', r"'no-such-store-xyz' not found on PATH"),
+    ],
+)
+def test_a_missing_store_program_is_named_when_the_scenario_loads(
+    tmp_path: Path, command: str, problem: str
+) -> None:
+    """Found at load time, not at the first lazy measurement after every image was pushed."""
+    path = tmp_path / "s.toml"
+    path.write_text(_STORES.format(command=command))
+    with pytest.raises(
+        ScenarioError, match=r"s\.toml: stores\[1\]\.command: store command " + problem
+    ):
+        load_scenario(path)
+
+
+def test_store_programs_found_or_built_later_load(tmp_path: Path) -> None:
+    """An executable file, the Go store (built by prepare_store, not at load) and a store no
+    mode measures through (legacy only) all load."""
+    program = tmp_path / "store.sh"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    path = tmp_path / "s.toml"
+    for command in (f'"{program}"', '"{go-stargz-store}"'):
+        path.write_text(_STORES.format(command=command))
+        assert load_scenario(path).stores[1].command[0] in (str(program), "{go-stargz-store}")
+    legacy_only = _STORES.replace(', "estargz-noopt"', "")
+    path.write_text(legacy_only.format(command='"/nonexistent/store"'))
+    assert load_scenario(path).modes == ("legacy",)
+
+
 # -- gate files: typos inside tables ----------------------------------------------------------
 
 
