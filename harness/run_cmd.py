@@ -110,6 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.records import read_environment
     from harness.scenario import load_scenario
 
+    check_run_args(args)
     console = Console(soft_wrap=True)
     shard = Shard.parse(args.shard) if args.shard else None
     if args.resume is not None:
@@ -148,6 +149,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = write_runtimes_summary(results / f"{run_id}-runtimes.md", run_dirs)
     console.print(f"runtimes: {summary}")
     return status
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Refuse, with :class:`UserError`, what ``run`` would otherwise ignore or misplace: a
+    ``--run-id`` that is not one path component (``..``, ``a/b`` put the run directory
+    outside ``--results-dir``), and ``--resume`` with what only a new run takes (the resumed
+    run keeps its own scenario copy, sample count and directory)."""
+    run_id = args.run_id
+    if run_id is not None and (run_id in ("", ".", "..") or "/" in run_id or "\0" in run_id):
+        raise UserError(
+            f"--run-id {run_id!r}: must be one path component (a directory name, no '/', "
+            "not '.' or '..')"
+        )
+    if args.resume is None:
+        return
+    given = [
+        what
+        for what, value in (
+            (f"SCENARIO ({args.scenario})", args.scenario),
+            ("--samples", args.samples),
+            ("--run-id", args.run_id),
+            ("--results-dir", args.results_dir),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UserError(
+            f"--resume {args.resume}: not with {', '.join(given)}: a resumed run keeps the "
+            "scenario, samples and directory it was started with"
+        )
 
 
 def _run_one(

@@ -241,3 +241,31 @@ def test_the_ready_text_on_stderr_is_not_ready() -> None:
     )
     assert not outcome.ready and outcome.exit_code == 1
     assert "ready-now" in outcome.stderr and outcome.stdout == ""
+
+
+@pytest.mark.parametrize("run_id", [".", "..", "a/b", "../x", "/tmp/x", ""])
+def test_a_run_id_must_be_one_path_component(
+    run_id: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('[[workloads]]\nrecipe = "tiny"\n')
+    runs = tmp_path / "runs"
+    assert main(["run", str(scenario), "--results-dir", str(runs), "--run-id", run_id]) == 1
+    assert "must be one path component" in capsys.readouterr().err
+    assert not runs.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["s.toml"], "SCENARIO (s.toml)"),
+        (["--samples", "5"], "--samples"),
+        (["--run-id", "x"], "--run-id"),
+        (["--results-dir", "elsewhere"], "--results-dir"),
+    ],
+)
+def test_resume_refuses_what_it_would_ignore(
+    extra: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--resume", str(tmp_path), *extra]) == 1
+    assert f"not with {named}:" in capsys.readouterr().err
