@@ -37,11 +37,22 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+_GROUP_GONE = "_lazybench_group_gone"
+
+
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
-    """Send ``sig`` to the process group ``proc`` leads (started with a new session)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+    """Send ``sig`` to the process group ``proc`` leads (started with a new session), also
+    once the leader exited: the rest of its group (a store's helper, a daemonized child) is
+    left otherwise. The group's id is the leader's pid, which the kernel gives to no other
+    process while the leader is unreaped or any member of the group is left; once the group
+    is found empty it is never signalled again (its id may then go to another process)."""
+    if getattr(proc, _GROUP_GONE, False):
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        if proc.poll() is not None:  # the leader is gone and reaped, and so is its group
+            setattr(proc, _GROUP_GONE, True)
 
 
 def wait_quietly(proc: subprocess.Popen, timeout: float) -> bool:
@@ -54,10 +65,11 @@ def wait_quietly(proc: subprocess.Popen, timeout: float) -> bool:
 
 
 def stop_group(proc: subprocess.Popen, *, timeout: float, kill_timeout: float = 10.0) -> None:
-    """SIGTERM the group, wait up to ``timeout``; then SIGKILL it and reap the leader."""
+    """SIGTERM the group, wait up to ``timeout`` for the leader; then SIGKILL what is left of
+    the group (all of it, or the members that outlived the leader) and reap the leader."""
     signal_group(proc, signal.SIGTERM)
-    if not wait_quietly(proc, timeout):
-        kill_group(proc, timeout=kill_timeout)
+    wait_quietly(proc, timeout)
+    kill_group(proc, timeout=kill_timeout)
 
 
 def kill_group(proc: subprocess.Popen, *, timeout: float = 10.0) -> None:

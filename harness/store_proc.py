@@ -233,7 +233,9 @@ class StoreProcess(Service):
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        """The store's process while it runs (not once it exited, as a daemonizing store's
+        does: its pid may then name another process)."""
+        return self._proc.pid if self._proc and self._proc.poll() is None else None
 
     def argv(self) -> list[str]:
         values = {
@@ -284,20 +286,30 @@ class StoreProcess(Service):
             raise
 
     def _wait_mounted(self) -> None:
+        """Until the mount shows up. The store's own process may exit 0 on the way, before
+        or after mounting (a store that daemonizes leaves its server running in the group):
+        only a failed exit ends the wait early."""
         assert self._proc is not None
         deadline = time.monotonic() + self.mount_timeout
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
+            exited = self._proc.poll()  # before the mount check: an exit then a mount is seen
+            if is_mounted(self.mountpoint):
+                if exited:
+                    raise StoreError(
+                        f"store exited with status {exited} after mounting "
+                        f"{self.mountpoint}: {self.log_tail()}"
+                    )
+                return
+            if exited:
                 raise StoreError(
-                    f"store exited with status {self._proc.returncode} before mounting "
+                    f"store exited with status {exited} before mounting "
                     f"{self.mountpoint}: {self.log_tail()}"
                 )
-            if is_mounted(self.mountpoint):
-                return
             time.sleep(0.05)
+        left = " (its process exited 0, and nothing it left running mounted)"
         raise StoreError(
-            f"store did not mount {self.mountpoint} within {self.mount_timeout:g}s: "
-            f"{self.log_tail()}"
+            f"store did not mount {self.mountpoint} within {self.mount_timeout:g}s"
+            f"{left if self._proc.poll() == 0 else ''}: {self.log_tail()}"
         )
 
     def log_tail(self, lines: int = 3) -> str:
