@@ -3,7 +3,10 @@ and by the trace run that prepares ``estargz`` images)."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import io
+import locale
 import queue
 import subprocess
 import threading
@@ -70,6 +73,10 @@ def start_until_ready(
     # a line's time, the ready line's included.
     lines: queue.Queue[tuple[str, str | None, float]] = queue.Queue()
     out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    # What a stream printed after its last newline, so far (shown when the run times out:
+    # a ready text printed without a newline is no line yet).
+    partial = {"stdout": "", "stderr": ""}
+    encoding = locale.getpreferredencoding(False)  # what text=True would decode with
     start = time.monotonic()
     proc = subprocess.Popen(
         argv,
@@ -77,19 +84,31 @@ def start_until_ready(
         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
     )
 
     def pump(name: str, stream: Any) -> None:
-        for line in stream:
-            lines.put((name, line, time.monotonic()))
+        # Lines as text=True would give them (universal newlines, undecodable bytes
+        # replaced), the last one even without a newline at the end of the stream.
+        decode = io.IncrementalNewlineDecoder(
+            codecs.getincrementaldecoder(encoding)(errors="replace"), translate=True
+        ).decode
+        while True:
+            chunk = stream.read1(65536)
+            now = time.monotonic()
+            *whole, rest = (partial[name] + decode(chunk, final=not chunk)).split("\n")
+            for line in whole:
+                lines.put((name, line + "\n", now))
+            partial[name] = rest
+            if not chunk:
+                break
+        if partial[name]:
+            lines.put((name, partial[name], now))
         lines.put((name, None, time.monotonic()))
 
     def feed() -> None:
         with contextlib.suppress(OSError):
             assert proc.stdin is not None
-            proc.stdin.write(stdin or "")
+            proc.stdin.write((stdin or "").encode(encoding))
             proc.stdin.close()
 
     threads = [
@@ -108,9 +127,10 @@ def start_until_ready(
             remaining = timeout - (time.monotonic() - start)
             if remaining <= 0:
                 awaited = _awaited(ready, expected) if ready else "exit"
+                shown = "".join(out["stdout"]) + partial["stdout"]
                 raise MeasurementError(
-                    f"run: no {awaited} within "
-                    f"{timeout:g}s; output: {''.join(out['stdout'])[-300:]!r}"
+                    f"run: no {awaited} within {timeout:g}s; output: {shown[-300:]!r}"
+                    + (" (its last line has no newline yet)" if partial["stdout"] else "")
                 )
             try:
                 name, line, now = lines.get(timeout=min(remaining, 0.5))

@@ -269,3 +269,32 @@ def test_resume_refuses_what_it_would_ignore(
 ) -> None:
     assert main(["run", "--resume", str(tmp_path), *extra]) == 1
     assert f"not with {named}:" in capsys.readouterr().err
+
+
+def test_a_timeout_shows_what_was_printed_without_a_newline() -> None:
+    """A ready text printed with no newline after it is no line yet; the timeout once said
+    "output: ''", hiding it."""
+    from harness.container import MeasurementError
+
+    with pytest.raises(MeasurementError, match=r"output: 'first\\nserver ready-now' \(its last"):
+        start_until_ready(
+            _ShellEnv("echo first; printf 'server ready-now'; sleep 5"),  # type: ignore[arg-type]
+            "cid",
+            stdin=None,
+            ready="ready-now",
+            timeout=1,
+        )
+
+
+def test_lines_read_as_text_mode_gave_them() -> None:
+    """Universal newlines, undecodable bytes replaced, the stdin fed, and a last line
+    without a newline still a line once the stream ends."""
+    outcome = start_until_ready(
+        _ShellEnv(r"cat; printf 'a\r\nb\rc\n\377\n'; printf 'done'"),  # type: ignore[arg-type]
+        "cid",
+        stdin="from stdin\n",
+        ready="done",
+        timeout=10,
+    )
+    assert outcome.ready
+    assert outcome.stdout == "from stdin\na\nb\nc\n\ufffd\ndone"
