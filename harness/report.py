@@ -850,13 +850,12 @@ def write_report(
         if not (run_dir / RECORDS).exists():
             raise UserError(f"{run_dir}: no {RECORDS} here (not a run directory?)")
         staging = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
-        report = _write_report(run_dir, staging, cache_dir, recompute_limits)
-        staged = sorted(staging.iterdir())
-        for path in staged:  # what would stop a replace part-way, before the first one
-            if (run_dir / path.name).is_dir():
-                raise IsADirectoryError(errno.EISDIR, "Is a directory", str(run_dir / path.name))
-        for path in staged:
-            os.replace(path, run_dir / path.name)
+        try:
+            report = _write_report(run_dir, staging, cache_dir, recompute_limits)
+        except _OnlyFailures:
+            _replace_from(staging, run_dir)  # report.md, listing them
+            raise
+        _replace_from(staging, run_dir)
         return report
     except OSError as exc:
         where = exc.filename2 or exc.filename or run_dir
@@ -864,6 +863,30 @@ def write_report(
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_from(staging: Path, run_dir: Path) -> None:
+    """Move the files written into ``staging`` over those of ``run_dir``."""
+    staged = sorted(staging.iterdir())
+    for path in staged:  # what would stop a replace part-way, before the first one
+        if (run_dir / path.name).is_dir():
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(run_dir / path.name))
+    for path in staged:
+        os.replace(path, run_dir / path.name)
+
+
+class _OnlyFailures(UserError):
+    """Every measurement of the run failed: report.md, listing why, is all there is."""
+
+
+def _failure_lines(errors: Sequence[Any]) -> list[str]:
+    lines = ["", "## Failed measurements", ""]
+    return lines + [
+        f"- sample {r.sample} {r.workload}/{r.mode}"
+        + (f" [{r.store}]" if r.store else "")
+        + f": {r.error}"
+        for r in errors
+    ]
 
 
 def _write_report(
@@ -878,7 +901,30 @@ def _write_report(
     df = records_frame(records)
     counts = status_counts(records)
     if df.empty and not counts["fell_back"].any():
-        raise UserError(f"{run_dir}: no successful measurements to report on")
+        errors = [r for r in records if r.status == "error"]
+        if not errors:
+            raise UserError(f"{run_dir}: no successful measurements to report on")
+        lines = [
+            f"# lazybench run `{run_dir.name}`",
+            "",
+            f"Scenario **{scenario.get('name', '?')}**: no measurement succeeded; "
+            f"{len(errors)} failed (no table, no chart).",
+            "",
+            *_environment_lines(env),
+            *_failure_lines(errors),
+        ]
+        recorded = {r.key for r in records}
+        if missing := [k for k in planned_keys(env) if k not in recorded]:
+            lines += [
+                "",
+                f"**Incomplete**: {len(missing)} planned measurements have no record "
+                "(resume with `lazybench run --resume RUN_DIR`).",
+            ]
+        write_atomic(out / "report.md", "\n".join(lines) + "\n")
+        raise _OnlyFailures(
+            f"{run_dir}: no successful measurements to report on; "
+            f"{run_dir / 'report.md'} lists the {len(errors)} failures"
+        )
     agg = aggregate(df, percentile) if not df.empty else pd.DataFrame()
     cells = cells_frame(agg, counts[counts["ok"] + counts["fell_back"] > 0])
     workload_names = [str(w) for w in dict.fromkeys(cells["workload"])]
@@ -972,13 +1018,7 @@ def _write_report(
             "(resume with `lazybench run --resume RUN_DIR`).",
         ]
     if errors:
-        lines += ["", "## Failed measurements", ""]
-        lines += [
-            f"- sample {r.sample} {r.workload}/{r.mode}"
-            + (f" [{r.store}]" if r.store else "")
-            + f": {r.error}"
-            for r in errors
-        ]
+        lines += _failure_lines(errors)
     if superseded:
         lines += [
             "",

@@ -283,3 +283,19 @@ def test_a_run_whose_every_measurement_fell_back_is_reported(tmp_path: Path) -> 
     write_report(run)
     assert (run / "chart.svg").exists()
     assert "fell back" in (run / "report.md").read_text()
+
+
+def test_a_run_whose_every_measurement_failed_still_gets_a_report_listing_them(
+    tmp_path: Path,
+) -> None:
+    """The README promises report.md lists failures; with nothing ok there was none."""
+    run = write_run(tmp_path / "run", {})
+    append_record(
+        run, Record(0, "python", "legacy", status="error", error="run: no ready line 'x'")
+    )
+    with pytest.raises(UserError, match=r"no successful measurements.*lists the 1 failures"):
+        write_report(run)
+    report = (run / "report.md").read_text()
+    assert "## Failed measurements" in report
+    assert "- sample 0 python/legacy: run: no ready line 'x'" in report
+    assert not list(run.glob(".report-*"))  # the staging directory is gone
