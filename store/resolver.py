@@ -803,17 +803,26 @@ def _malloc_trim() -> None:
 
 def manifest_layers(manifest: dict[str, Any]) -> list[LayerDesc]:
     """The manifest's layer descriptors, in order, before their diff IDs are known
-    (``diff_id`` ``""``)."""
+    (``diff_id`` ``""``). Annotations are a string-to-string map (OCI image-spec,
+    annotations.md): an entry with another type of key or value is left out (a TOC digest
+    given as a number names no TOC: the layer is then not the store's), so one bad
+    descriptor never fails the lookups of the image's other layers."""
     return [
         LayerDesc(
             digest=str(d["digest"]),
             size=int(d["size"]),
-            annotations=dict(d.get("annotations") or {}),
+            annotations=_string_map(d.get("annotations")),
             diff_id="",
             media_type=str(d.get("mediaType", "")),
         )
         for d in manifest.get("layers") or []
     ]
+
+
+def _string_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def layer_descs(manifest: dict[str, Any], config: dict[str, Any]) -> list[LayerDesc]:

@@ -162,9 +162,9 @@ class ZstdChunkedLayer:
 def from_annotations(annotations: Mapping[str, str]) -> ZstdChunkedLayer | None:
     """The zstd:chunked facts of a layer descriptor, None if it carries none.
 
-    Raises :class:`InvalidToc` when the annotations are there but malformed (a checksum that
-    is not ``sha256:<64 hex>``, a position that is not four integers, one key without the
-    other).
+    Raises :class:`InvalidToc` when the annotations are there but malformed (a value that is
+    not a string, a checksum that is not ``sha256:<64 hex>``, a position that is not four
+    integers, one key without the other).
     """
     for gen, ck, pk in (
         ("podman5", MANIFEST_CHECKSUM_KEY, MANIFEST_POSITION_KEY),
@@ -176,6 +176,9 @@ def from_annotations(annotations: Mapping[str, str]) -> ZstdChunkedLayer | None:
         if checksum is None or position is None:
             missing = ck if checksum is None else pk
             raise InvalidToc(f"zstd:chunked layer without its {missing} annotation")
+        for key in (ck, pk, TARSPLIT_POSITION_KEY):
+            if key in annotations and not isinstance(annotations[key], str):
+                raise InvalidToc(f"annotation {key}={annotations[key]!r} is not a string")
         if not _is_sha256(checksum):
             raise InvalidToc(f"annotation {ck}={checksum!r} is not a sha256 digest")
         tar_split = None

@@ -130,6 +130,46 @@ def test_malformed_position_annotation_is_invalid_toc(key, value):
     assert LayerDesc("sha256:x", 10, ann, "sha256:y").toc_digest is None
 
 
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        (Z.MANIFEST_CHECKSUM_KEY, 5),
+        (Z.MANIFEST_POSITION_KEY, 8),
+        (Z.TARSPLIT_POSITION_KEY, ["1:2:3"]),
+    ],
+)
+def test_an_annotation_that_is_not_a_string_is_invalid_toc(key, value):
+    """Annotations are strings (OCI image-spec); a number or a list raised AttributeError
+    from ``from_annotations``, which escaped ``LayerDesc.toc_digest`` as above."""
+    from store.resolver import LayerDesc
+
+    ann = {Z.MANIFEST_CHECKSUM_KEY: "sha256:" + "a" * 64, Z.MANIFEST_POSITION_KEY: "8:10:10:1"}
+    ann[key] = value
+    with pytest.raises(E.InvalidToc, match="not a string"):
+        Z.from_annotations(ann)
+    assert LayerDesc("sha256:x", 10, ann, "sha256:y").toc_digest is None
+
+
+def test_a_manifests_annotations_keep_only_strings():
+    """The resolver reads a manifest's annotations as the string map the spec makes them: a
+    descriptor whose TOC digest is a number names no TOC (the layer is pulled normally) and
+    fails no other layer's lookup."""
+    from store.resolver import manifest_layers
+
+    good = {"containerd.io/snapshot/stargz/toc.digest": "sha256:" + "2" * 64}
+    bad = {"containerd.io/snapshot/stargz/toc.digest": 5, "x": "y", "n": None}
+    manifest = {
+        "layers": [
+            {"digest": "sha256:" + "1" * 64, "size": 10, "annotations": good},
+            {"digest": "sha256:" + "3" * 64, "size": 10, "annotations": bad},
+            {"digest": "sha256:" + "4" * 64, "size": 10, "annotations": ["not", "a", "map"]},
+        ]
+    }
+    layers = manifest_layers(manifest)
+    assert [d.toc_digest for d in layers] == ["sha256:" + "2" * 64, None, None]
+    assert layers[1].annotations == {"x": "y"} and layers[2].annotations == {}
+
+
 # -- a device number past a C int escapes a FUSE handler ---------------------------------
 
 
