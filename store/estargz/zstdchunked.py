@@ -299,20 +299,31 @@ def _normalized(entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield _normalize(i, e)
 
 
+# The most a zstd input byte can inflate to: an RLE block is 4 bytes (a 3-byte header and the
+# byte) for up to 128 KiB of output (RFC 8878, 3.1.1.2).
+_MAX_RATIO = 1 << 15
+
+
 def inflate_bounded(data: bytes, limit: int, where: str) -> bytes:
-    """Decompress zstd ``data`` (one or more frames), refusing more than ``limit`` bytes."""
+    """Decompress zstd ``data`` (one or more frames), refusing more than ``limit`` bytes
+    (:class:`InvalidToc`, as for a truncated frame or bytes that are not zstd). Memory stays
+    within about ``limit`` plus 2 MiB: the decompressor has no output bound, so it is fed
+    slices small enough that even RLE blocks (:data:`_MAX_RATIO`) cannot inflate one past
+    what is left of ``limit`` (a 64 KiB slice of them made 4 GiB before the check ran)."""
     out = bytearray()
     rest = data
     try:
         while rest:
             d = zstandard.ZstdDecompressor().decompressobj()
-            # Feed in small slices so a bomb is noticed before it is inflated whole.
-            for i in range(0, len(rest), 1 << 16):
-                out += d.decompress(rest[i : i + (1 << 16)])
+            i = 0
+            while i < len(rest):
+                step = min(1 << 16, max(64, (limit - len(out)) // _MAX_RATIO + 1))
+                out += d.decompress(rest[i : i + step])
+                i += step
                 if len(out) > limit:
                     raise InvalidToc(f"{where}: inflates past {limit} bytes")
                 if d.eof:
-                    rest = d.unused_data + rest[i + (1 << 16) :]
+                    rest = d.unused_data + rest[i:]
                     break
             else:
                 if not d.eof:

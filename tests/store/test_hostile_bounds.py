@@ -170,6 +170,37 @@ def test_a_manifests_annotations_keep_only_strings():
     assert layers[1].annotations == {"x": "y"} and layers[2].annotations == {}
 
 
+def _rle_frame(blocks: int) -> bytes:
+    """A zstd frame of ``blocks`` RLE blocks of 128 KiB each: 4 bytes apiece (RFC 8878)."""
+    import struct
+
+    out = b"\x28\xb5\x2f\xfd" + bytes([0x00, 0x38])  # magic; no content size; 128 KiB window
+    for i in range(blocks):
+        header = (1 if i == blocks - 1 else 0) | (1 << 1) | ((128 << 10) << 3)
+        out += struct.pack("<I", header)[:3] + b"\0"
+    return out
+
+
+def test_inflate_bounded_refuses_a_bomb_without_inflating_it():
+    """``inflate_bounded`` checked its limit after each 64 KiB slice was inflated: a slice of
+    RLE blocks inflated to 2 GiB first (4 GiB of peak memory from a 64 KiB frame)."""
+    frame = _rle_frame(16384)  # 2 GiB from 64 KiB
+    limit = 5 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(E.InvalidToc, match="inflates past"):
+            Z.inflate_bounded(frame, limit, "header frame")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * limit, f"{peak >> 20} MiB"
+    # What it must still do: frames one after another, within the limit; a cut frame refused.
+    good = zstandard.ZstdCompressor().compress(b"a" * 100_000) + _rle_frame(2)
+    assert Z.inflate_bounded(good, limit, "x") == b"a" * 100_000 + bytes(256 << 10)
+    with pytest.raises(E.InvalidToc, match="truncated"):
+        Z.inflate_bounded(good[:-3], limit, "x")
+
+
 # -- a device number past a C int escapes a FUSE handler ---------------------------------
 
 
