@@ -22,6 +22,7 @@ import zlib
 from .errors import EstargzError
 from .footer import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 from .index import clean_name
+from .toc import open_tar_stream
 
 # Tar bytes inflated from a head at most (a bomb in an unverified head stops here).
 _MAX_TAR = 1 << 20
@@ -67,7 +68,7 @@ def _first_names(tar_bytes: bytes) -> list[str]:
     """The cleaned names of the tar entries whose headers ``tar_bytes`` holds whole."""
     names: list[str] = []
     try:
-        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r|") as tf:
+        with open_tar_stream(io.BytesIO(tar_bytes)) as tf:
             for ti in tf:
                 names.append(clean_name(ti.name))
     except (tarfile.TarError, EstargzError, EOFError, OSError, ValueError):

@@ -90,8 +90,18 @@ def run_lazybench_process(*argv: str, cwd: Path | None = None) -> CliResult:
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
-def replace_toc(blob: bytes, toc_json: bytes) -> bytes:
-    """``blob`` (gzip eStargz) with its TOC member replaced by one holding ``toc_json``."""
+def pax_header(payload: bytes) -> bytes:
+    """A raw PAX extended header (type ``x``) carrying ``payload`` as its records."""
+    import tarfile
+
+    ti = tarfile.TarInfo("././@PaxHeader")
+    ti.type, ti.size = tarfile.XHDTYPE, len(payload)
+    return ti.tobuf(tarfile.USTAR_FORMAT) + payload + b"\0" * (-len(payload) % 512)
+
+
+def replace_toc(blob: bytes, toc_json: bytes, pax: bytes | None = None) -> bytes:
+    """``blob`` (gzip eStargz) with its TOC member replaced by one holding ``toc_json``
+    (after a PAX extended header of records ``pax``, if given)."""
     import tarfile
 
     from store.estargz import estargz_footer_bytes, parse_footer
@@ -99,7 +109,8 @@ def replace_toc(blob: bytes, toc_json: bytes) -> bytes:
     footer = parse_footer(blob[-51:], len(blob))
     ti = tarfile.TarInfo("stargz.index.json")
     ti.size = len(toc_json)
-    member = ti.tobuf(tarfile.USTAR_FORMAT) + toc_json + b"\0" * (-len(toc_json) % 512)
+    member = b"" if pax is None else pax_header(pax)
+    member += ti.tobuf(tarfile.USTAR_FORMAT) + toc_json + b"\0" * (-len(toc_json) % 512)
     member += b"\0" * 1024
     head = blob[: footer.toc_offset]
     return head + zlib.compress(member, 6, wbits=31) + estargz_footer_bytes(footer.toc_offset)
