@@ -238,16 +238,21 @@ def test_an_old_run_directory_resumes_with_nothing_left_to_measure(tmp_path: Pat
     assert Runner(load_run_scenario(run), run, show_progress=False).run() == []
 
 
-def _first_store_fell_back(tmp_path: Path) -> Path:
-    """python: legacy 30 s, every `ours` measurement fell back, `go` 6 s lazily."""
-    run = write_run(tmp_path / "run", {"": [30] * 4, "go": [6] * 4})
-    for sample in range(4):
+def _append_fell_back(run: Path, samples: int) -> None:
+    """``samples`` python/estargz-noopt measurements through `ours` that fell back."""
+    for sample in range(samples):
         append_record(
             run,
             Record(sample, "python", "estargz-noopt", store="ours", status="fell-back",
                    total_s=31, error="3 of 3 layers not from the store", layers_total=3,
                    layers_from_store=0),
         )  # fmt: skip
+
+
+def _first_store_fell_back(tmp_path: Path) -> Path:
+    """python: legacy 30 s, every `ours` measurement fell back, `go` 6 s lazily."""
+    run = write_run(tmp_path / "run", {"": [30] * 4, "go": [6] * 4})
+    _append_fell_back(run, 4)
     return run
 
 
@@ -273,13 +278,7 @@ def test_the_limit_verdict_counts_a_lazy_cell_that_only_fell_back(tmp_path: Path
 def test_a_run_whose_every_measurement_fell_back_is_reported(tmp_path: Path) -> None:
     """No ok measurement, so no aggregate columns: the chart once failed on ``total_p``."""
     run = write_run(tmp_path / "run", {})
-    for sample in range(2):
-        append_record(
-            run,
-            Record(sample, "python", "estargz-noopt", store="ours", status="fell-back",
-                   total_s=31, error="3 of 3 layers not from the store", layers_total=3,
-                   layers_from_store=0),
-        )  # fmt: skip
+    _append_fell_back(run, 2)
     write_report(run)
     assert (run / "chart.svg").exists()
     assert "fell back" in (run / "report.md").read_text()
