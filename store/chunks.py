@@ -29,6 +29,7 @@ import trio
 
 from store.cache import ChunkCache, Hurry
 from store.estargz import Chunk, touches
+from store.spans import merge_spans
 
 log = logging.getLogger(__name__)
 
@@ -510,18 +511,11 @@ class ChunkSource:
     def _ranges_for(self, chunks: list[ChunkRef]) -> list[tuple[int, int]]:
         """Compressed ranges covering ``chunks``, aligned to ``chunk_size`` and coalesced."""
         cs = self.chunk_size
-        spans = sorted(
+        # The exact chunk bounds are covered even where the blob's end clips the alignment.
+        return merge_spans(
             ((c.compressed_offset // cs) * cs, min(-(-c.compressed_end // cs) * cs, self.blob.size))
             for c in chunks
         )
-        merged: list[tuple[int, int]] = []
-        for lo, hi in spans:
-            # The exact chunk bounds must be covered even when alignment is clipped.
-            if merged and lo <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            else:
-                merged.append((lo, hi))
-        return merged
 
     def _free_riders(self, ranges: list[tuple[int, int]], have: set[str]) -> list[ChunkRef]:
         """Other uncached chunks lying wholly inside ``ranges``: decompress them for free."""
@@ -559,13 +553,7 @@ def _file_offset(chunk: ChunkRef) -> int:
 
 def _runs(chunks: Sequence[ChunkRef]) -> list[tuple[int, int]]:
     """The compressed spans of ``chunks``, sorted, those that touch or overlap merged."""
-    runs: list[tuple[int, int]] = []
-    for lo, hi in sorted((c.compressed_offset, c.compressed_end) for c in chunks):
-        if runs and lo <= runs[-1][1]:
-            runs[-1] = (runs[-1][0], max(runs[-1][1], hi))
-        else:
-            runs.append((lo, hi))
-    return runs
+    return merge_spans((c.compressed_offset, c.compressed_end) for c in chunks)
 
 
 def _trimmed(ranges: list[tuple[int, int]], chunks: Sequence[ChunkRef]) -> list[tuple[int, int]]:

@@ -39,6 +39,7 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from store.layer import Layer
+from store.spans import merge_spans
 from store.tree import Node
 
 
@@ -103,18 +104,10 @@ class StoreMetrics:
 
 
 def merge_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
-    """``[start, end)`` byte ranges sorted and merged: overlapping or touching ranges become
-    one, empty ones (``end <= start``) are dropped. ``[[0, 5], [3, 9], [9, 10], [20, 20]]`` →
-    ``[[0, 10]]``."""
-    out: list[list[int]] = []
-    for start, end in sorted((int(r[0]), int(r[1])) for r in ranges):
-        if end <= start:
-            continue
-        if out and start <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], end)
-        else:
-            out.append([start, end])
-    return out
+    """``[start, end)`` byte ranges sorted and merged (:func:`store.spans.merge_spans`):
+    overlapping or touching ranges become one, empty ones (``end <= start``) are dropped.
+    ``[[0, 5], [3, 9], [9, 10], [20, 20]]`` → ``[[0, 10]]``; JSON-ready lists."""
+    return [[start, end] for start, end in merge_spans((int(r[0]), int(r[1])) for r in ranges)]
 
 
 class AccessTrace:

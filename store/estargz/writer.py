@@ -58,6 +58,7 @@ try:
     from zlib_ng import zlib_ng as _deflate
 except ImportError:  # pragma: no cover - zlib-ng is a dependency; stdlib zlib still works
     _deflate = zlib  # type: ignore[no-redef]
+from ..spans import merge_spans
 from .footer import (
     LANDMARK_CONTENTS,
     MAX_PREFETCH_RANGES,
@@ -720,16 +721,9 @@ def _rfc3339(mtime: float) -> str:
 
 
 def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``[start, end)`` ranges sorted, empty ones dropped, overlapping or touching ones joined."""
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted((max(0, int(a)), int(b)) for a, b in ranges):
-        if hi <= lo:
-            continue
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
+    """``[start, end)`` ranges sorted, empty ones dropped, overlapping or touching ones joined
+    (:func:`store.spans.merge_spans`; a start before the file is read as 0)."""
+    return merge_spans((max(0, int(a)), int(b)) for a, b in ranges)
 
 
 def _covers(ranges: list[tuple[int, int]], size: int) -> bool:

@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..spans import merge_spans
 from .errors import RangeError
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.I)
@@ -30,15 +31,7 @@ def coalesce(ranges: Sequence[tuple[int, int]], gap: int = 0) -> list[Span]:
     Overlapping ranges must be merged for correctness too: Go's ServeContent (which
     distribution uses) answers the whole blob when the requested ranges sum past its size.
     """
-    spans = sorted(Span(o, o + s) for o, s in ranges if s > 0)
-    out: list[Span] = []
-    for sp in spans:
-        if out and sp.start <= out[-1].end + gap:
-            if sp.end > out[-1].end:
-                out[-1] = Span(out[-1].start, sp.end)
-        else:
-            out.append(sp)
-    return out
+    return [Span(lo, hi) for lo, hi in merge_spans(((o, o + s) for o, s in ranges), gap)]
 
 
 def range_header(spans: Sequence[Span]) -> str:
