@@ -136,6 +136,13 @@ class StoreFS:
     def __post_init__(self) -> None:
         self._synth[ROOT_INO] = Synth(ROOT_INO, "root", lookups=1)
         self._opaque = self.manager.config.opaque_xattrs
+        self.manager.on_released = self._released
+
+    def _released(self, layer: Layer) -> None:
+        """The manager released ``layer``: drop its trees the kernel holds no inode of (the
+        rest go at their last :meth:`forget`)."""
+        for slot in [s for s in self._slots.values() if s.layer is layer]:
+            self._maybe_unmount(slot)
 
     # -- inode bookkeeping -------------------------------------------------------------------
 
@@ -399,10 +406,6 @@ class StoreFS:
         if synth is not None and synth.kind == "ref" and self.manager.valid_digest(name):
             count = self.manager.release(synth.ref, name)
             log.info("layer %s/%s released (refcount %d)", synth.ref, name, count)
-            if count == 0:
-                for slot in list(self._slots.values()):
-                    if slot.layer.released:
-                        self._maybe_unmount(slot)
             raise FSError(errno.ENOENT)
         if synth is None and self._layer_of(parent) is not None:
             raise FSError(errno.EROFS)

@@ -224,7 +224,8 @@ class LayerPhase(enum.Enum):
 
     LOADING = "loading"  # footer + TOC being fetched, verified and parsed
     LOADED = "loaded"  # loaded with its image, not looked up yet: expires after early_ttl
-    RESOLVED = "resolved"  # looked up: listed, counted, background-fetched
+    RESOLVED = "resolved"  # looked up: listed, counted, background-fetched; expires after
+    # early_ttl if never used
     FAILED = "failed"  # the load failed: the next lookup loads it again
     REFUSED = "refused"  # the layer's own bytes are invalid: final, answered at once
     RELEASED = "released"  # no references left, or expired: the next lookup loads afresh
@@ -235,11 +236,13 @@ class _LayerState:
     """One layer's state machine. ``LOADING`` → ``LOADED`` (loaded with its image) or
     ``RESOLVED`` (looked up meanwhile) or ``FAILED`` / ``REFUSED``; ``LOADED`` → ``RESOLVED``
     on its first lookup, or ``RELEASED`` when it expires; ``RESOLVED`` → ``RELEASED`` when
-    its last reference goes. Every transition happens in :class:`LayerManager`."""
+    its last reference goes, or when no ``use`` counted one within ``early_ttl``. Every
+    transition happens in :class:`LayerManager`."""
 
     phase: LayerPhase = LayerPhase.LOADING
     settled: trio.Event = field(default_factory=trio.Event)  # set when LOADING ends
     wanted: bool = False  # looked up (while loading: resolve as soon as loaded)
+    used: bool = False  # its ``use`` counted a reference since it was resolved
     layer: Layer | None = None
     error: BaseException | None = None
 
@@ -303,7 +306,13 @@ class LayerManager:
     libraries: LibraryPrefetcher | None = None
     # A layer loaded with its image but not looked up within this many seconds is dropped
     # (the runtime had it already, or gave up): its tree and prefetched bytes are not kept.
+    # So is one looked up but not used (containers/storage counts a reference, ``use``, right
+    # after its lookup): its background fetch stops. The Go store's resolved layers expire
+    # after 120 s too (``resolve_result_entry_ttl_sec``).
     early_ttl: float = 120.0
+    # Told of each layer this manager releases (the filesystem drops the trees the kernel no
+    # longer holds).
+    on_released: Callable[[Layer], None] | None = None
     # TOC decodes and index builds, one at a time: the layers podman looked up first, bottom
     # layer first (store.pullorder).
     _parse_turns: Turns = field(default_factory=Turns)
@@ -535,6 +544,7 @@ class LayerManager:
             prefetch_timeout=self.config.prefetch_timeout_sec,
         )
         log.info("layer %s of %s resolved: %d nodes", desc.digest, ref, len(state.layer.tree.nodes))
+        self.nursery.start_soon(self._expire_unused, desc.digest, state)
 
     async def _expire_early(self, digest: str, state: _LayerState) -> None:
         await trio.sleep(self.early_ttl)
@@ -545,6 +555,28 @@ class LayerManager:
             state.layer.release()
         state.phase = LayerPhase.RELEASED
         log.info("layer %s was loaded with its image but never looked up: dropped", digest)
+
+    async def _expire_unused(self, digest: str, state: _LayerState) -> None:
+        await trio.sleep(self.early_ttl)
+        if self._states.get(digest) is not state or state.used or self._refcount.get(digest):
+            return  # used meanwhile (or replaced)
+        log.info("layer %s was looked up but never used: released", digest)
+        self._drop(digest, state)
+
+    def _drop(self, key: str, state: _LayerState, ref: str | None = None) -> None:
+        """``RESOLVED`` → ``RELEASED``: background work cancelled, memory freed once the
+        filesystem lets go of the tree (:attr:`on_released`); chunks stay in the disk cache."""
+        del self._states[key]
+        state.phase = LayerPhase.RELEASED
+        assert state.layer is not None
+        state.layer.release()
+        self.released.append(key)
+        del self.released[:-RELEASED_KEPT]
+        if self.timeline is not None:
+            self.timeline.event("released", layer=key, **({"ref": ref} if ref else {}))
+            self.timeline.flush()
+        if self.on_released is not None:
+            self.on_released(state.layer)
 
     async def layer_info(self, ref: str, digest: str) -> dict[str, Any]:
         """The ``info`` JSON for the protocol generation the lookup name implies."""
@@ -742,6 +774,9 @@ class LayerManager:
         key = self._key(ref, digest)
         self._counted[(ref, digest)] = key
         self._refcount[key] = self._refcount.get(key, 0) + 1
+        state = self._states.get(key)
+        if state is not None:
+            state.used = True
         return self._refcount[key]
 
     def release(self, ref: str, digest: str) -> int:
@@ -757,18 +792,14 @@ class LayerManager:
             del self._counted[name]
         state = self._states.get(key)
         if state is not None and state.wanted:
-            del self._states[key]
-            loaded = state.phase is LayerPhase.RESOLVED
-            state.phase = LayerPhase.RELEASED
-            if state.layer is not None:
-                state.layer.release()
-            if loaded:
-                self.released.append(key)
-                del self.released[:-RELEASED_KEPT]
+            if state.phase is LayerPhase.RESOLVED:
                 log.info("layer %s released: no references left", key)
-                if self.timeline is not None:
-                    self.timeline.event("released", layer=key, ref=ref)
-                    self.timeline.flush()
+                self._drop(key, state, ref)
+            else:  # still loading: it goes when its load ends (_run_load)
+                del self._states[key]
+                state.phase = LayerPhase.RELEASED
+                if state.layer is not None:
+                    state.layer.release()
         return 0
 
     def refcount(self, ref: str, digest: str) -> int:

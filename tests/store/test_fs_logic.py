@@ -317,11 +317,41 @@ async def test_a_layer_loaded_with_its_image_but_never_looked_up_is_dropped(vect
         manager.early_ttl = 0.3
         await manager.image(REF)
         looked_up = await manager.get_layer(REF, reg.digests[0])
+        manager.use(REF, reg.digests[0])  # as containers/storage does after its lookup
         await trio.sleep(0.6)
         assert list(manager._states) == [reg.digests[0]]  # the two never looked up are gone
         assert not looked_up.released and manager.layers() == [looked_up]
         again = await manager.get_layer(REF, reg.digests[1])  # loaded afresh on demand
         assert again.digest == reg.digests[1] and not again.released
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_layer_looked_up_but_never_used_is_released(vectors_dir, tmp_path):
+    """containers/storage counts a reference (``use``) right after its lookup; a layer never
+    counted (the runtime gave up, or someone only listed it) stops its background work and
+    its tree goes once the kernel forgets it, as a released one's does. A used one stays."""
+    async with trio.open_nursery() as nursery:
+        fs, meta = await _fs(nursery, vectors_dir, tmp_path)
+        fs.manager.early_ttl = 0.3
+        b64 = base64.b64encode(REF.encode()).decode()
+        diff = await _path(fs, b64, meta["digest"], "diff")
+        layer = fs.manager.layers()[0]
+        fs.forget(diff, 1)
+        assert fs.mounted_layers() == 1 and not layer.released  # kept until the TTL
+        await trio.sleep(0.6)
+        assert layer.released and fs.manager.layers() == []
+        assert fs.manager.released == [meta["digest"]]
+        assert fs.mounted_layers() == 0  # the kernel held none of its inodes: dropped now
+        # Looked up again and used this time: it stays past the TTL.
+        layer_dir = await _path(fs, b64, meta["digest"])
+        await _path(fs, b64, meta["digest"], "diff")
+        with pytest.raises(FSError):
+            fs.create(layer_dir, "use")
+        again = fs.manager.layers()[0]
+        assert again is not layer
+        await trio.sleep(0.6)
+        assert fs.manager.layers() == [again] and not again.released
         nursery.cancel_scope.cancel()
 
 
