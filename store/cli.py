@@ -279,6 +279,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
             on_file_access=on_access,
             on_read=metrics.on_read,
             timeline=timeline,
+            early_ttl=cfg.resolve_result_entry_ttl_sec,
         )
         fs = StoreFS(manager, on_read_range=trace.record_read if trace is not None else None)
         ops = StoreOperations(fs, cfg.attr_timeout, cfg.entry_timeout)

@@ -3,7 +3,8 @@
 Why this shape: operators move between the Go store and this one with the same
 ``/etc/stargz-store/config.toml``. Keys that mean the same thing here are honoured
 (``noprefetch``, ``prefetch_size``, ``prefetch_timeout_sec``, ``no_background_fetch``,
-``max_concurrency``, ``[blob] chunk_size / fetching_timeout_sec / max_retries``,
+``max_concurrency``, ``resolve_result_entry_ttl_sec``, ``[blob] chunk_size /
+fetching_timeout_sec / max_retries``,
 ``[fuse] attr_timeout / entry_timeout``, ``[resolver]``). Keys the Go store knows but that have
 no meaning here (its HTTP/directory cache tuning, kubeconfig keychains …) are accepted and
 ignored with a log line, so a Go config loads unchanged; what the Go store refuses is refused
@@ -78,6 +79,11 @@ Our additions (top level):
 The three caps bound the memory one hostile layer can take; a refused layer's lookup answers EIO
 and the store logs one line naming the cause (the runtime then pulls the layer normally).
 
+``resolve_result_entry_ttl_sec`` (Go's key, default 120; 0 means the default, as in the Go
+store's ``fs/layer/layer.go``): a layer loaded with its image but never looked up, or looked
+up but never counted as used, is dropped after this many seconds (its tree and background
+fetch; its cached chunks stay). A layer in use is kept however long.
+
 ``[fuse] attr_timeout / entry_timeout`` apply to the layer trees (default 60 s: their content
 is immutable); the store's own directories and files always use short timeouts.
 
@@ -124,6 +130,7 @@ class StoreConfig:
     # (the Go store uses 1 s; page-cache re-reads through FUSE are much faster with more).
     attr_timeout: float = 60.0
     entry_timeout: float = 60.0
+    resolve_result_entry_ttl_sec: float = 120.0
     resolver: dict[str, Any] = field(default_factory=dict)
     # ours
     cache_max_bytes: int = 10 << 30
@@ -165,6 +172,7 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "blob.chunk_size": ("chunk_size", (int,)),
     "blob.fetching_timeout_sec": ("fetching_timeout_sec", _NUM),
     "blob.max_retries": ("max_retries", (int,)),
+    "resolve_result_entry_ttl_sec": ("resolve_result_entry_ttl_sec", _NUM),
     "fuse.attr_timeout": ("attr_timeout", _NUM),
     "fuse.entry_timeout": ("entry_timeout", _NUM),
     "cache_max_bytes": ("cache_max_bytes", (int,)),
@@ -194,7 +202,6 @@ _IGNORED = {
     "http_cache_type",
     "http_cache_chunk_ttl_sec",
     "filesystem_cache_type",
-    "resolve_result_entry_ttl_sec",
     "resolve_result_entry",
     "prefetch_async_size",
     "debug",
@@ -274,6 +281,10 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
                 raise ConfigError(f"{source}: key {key!r} must be {want}, got {value!r}")
             if name in _POSITIVE and value <= 0:
                 raise ConfigError(f"{source}: key {key!r} must be positive, got {value!r}")
+            if name == "resolve_result_entry_ttl_sec":
+                if value < 0:
+                    raise ConfigError(f"{source}: key {key!r} must not be negative, got {value!r}")
+                value = value or StoreConfig.resolve_result_entry_ttl_sec  # Go: 0 = default
             if name in _CHOICES and value not in _CHOICES[name]:
                 want = ", ".join(repr(c) for c in _CHOICES[name])
                 raise ConfigError(f"{source}: key {key!r} must be one of {want}, got {value!r}")

@@ -307,8 +307,8 @@ class LayerManager:
     # A layer loaded with its image but not looked up within this many seconds is dropped
     # (the runtime had it already, or gave up): its tree and prefetched bytes are not kept.
     # So is one looked up but not used (containers/storage counts a reference, ``use``, right
-    # after its lookup): its background fetch stops. The Go store's resolved layers expire
-    # after 120 s too (``resolve_result_entry_ttl_sec``).
+    # after its lookup): its background fetch stops. The store passes its config's
+    # ``resolve_result_entry_ttl_sec`` (the Go store's TTL of resolved layers, 120 s).
     early_ttl: float = 120.0
     # Told of each layer this manager releases (the filesystem drops the trees the kernel no
     # longer holds).

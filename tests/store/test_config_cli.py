@@ -133,6 +133,16 @@ def test_toc_caps_are_read() -> None:
     assert StoreConfig().toc_max_entries == 1_000_000
 
 
+def test_resolved_layer_ttl_is_gos_key() -> None:
+    """``resolve_result_entry_ttl_sec``: honoured, 0 means Go's default of 120 s
+    (fs/layer/layer.go), a negative TTL is refused."""
+    assert parse_config({"resolve_result_entry_ttl_sec": 30}).resolve_result_entry_ttl_sec == 30
+    assert parse_config({"resolve_result_entry_ttl_sec": 0}).resolve_result_entry_ttl_sec == 120
+    assert StoreConfig().resolve_result_entry_ttl_sec == 120
+    with pytest.raises(ConfigError, match="'resolve_result_entry_ttl_sec' must not be negative"):
+        parse_config({"resolve_result_entry_ttl_sec": -1})
+
+
 def test_chunk_cap_is_read() -> None:
     assert parse_config({"chunk_max_bytes": 1 << 30}).chunk_max_bytes == 1 << 30
     assert StoreConfig().chunk_max_bytes == 64 << 20
