@@ -5,12 +5,16 @@ layer or cached blob of one run leaks into the next. The environment never touch
 ``/etc/containers``: it writes its own ``containers.conf``, ``storage.conf`` and
 ``registries.conf`` and points podman at them through ``CONTAINERS_*`` variables.
 
-Two host-wide things podman 4.3 keeps outside ``--root`` are handled here too:
+Three host-wide things podman 4.3 keeps outside ``--root`` are handled here too:
 
 * the blob-info cache (``/var/lib/containers/cache/blob-info-cache-v1.boltdb``), which makes
   podman silently reuse blobs it saw in an earlier pull or push — cleared on entry;
 * the overlay driver's bind mount of ``<graphroot>/overlay`` onto itself, and the overlay
-  mounts of running containers — unmounted on exit.
+  mounts of running containers — unmounted on exit;
+* the runc containers of a ``podman build``'s RUN steps (their processes, cgroups and state
+  in ``/run/runc``), which podman does not track and leaves running when it is stopped
+  itself — run with their state in the env's runroot instead, and deleted when the build ends
+  (:meth:`PodmanEnv.build`) and on exit.
 
 The podman may be the host's or a runtime node's (:mod:`harness.runtimes`: podman 5.x from
 Debian trixie or sid, run through ``chroot``). With a node, the environment enters it on entry
@@ -21,6 +25,7 @@ podman command (:meth:`PodmanEnv.argv`) runs inside it, and the node is left on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from harness.processes import stop_group
 
 if TYPE_CHECKING:
     from harness.runtimes import EnteredNode, Node
@@ -50,6 +57,16 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 """
+
+
+# The OCI runtime CONTAINERS_CONF names, and where it is looked for besides PATH (podman looks
+# in these too; root's PATH may lack the sbin directories).
+RUNTIME = "runc"
+RUNTIME_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+# How long a stopped build's process group gets to exit on SIGTERM before SIGKILL, and each
+# `runc delete --force` of a RUN step's container to finish.
+BUILD_STOP_GRACE = 5.0
+RUNTIME_DELETE_TIMEOUT = 30.0
 
 
 # What a runtime that forgets lazily pulled images is reported with (DESIGN.md §7).
@@ -227,8 +244,17 @@ class PodmanEnv:
         assert self._runroot is not None, "PodmanEnv used outside its context"
         return self._runroot
 
+    @property
+    def build_runtime_root(self) -> Path:
+        """The OCI runtime's state directory (its ``--root``) for :meth:`build`'s RUN steps:
+        every container in it is this env's, and is deleted when the build ends."""
+        return self.runroot / "runc"
+
     def close(self) -> None:
-        """Stop containers, unmount everything under the graphroot, remove the workdir."""
+        """Stop containers (a build's RUN steps too), unmount everything under the graphroot,
+        remove the workdir."""
+        if self._runroot is not None:
+            self.remove_build_containers()
         if self.workdir is None or not self.workdir.exists():
             if self._runroot is not None:
                 unmount_below(self._runroot)
@@ -361,6 +387,76 @@ class PodmanEnv:
             )
         return result
 
+    def build(self, *args: str, timeout: float | None = None) -> PodmanResult:
+        """Run ``podman build ARGS``, leaving nothing of it running however it ends; raise
+        :class:`PodmanError` on failure or timeout.
+
+        podman 4.3 runs each RUN step as an OCI runtime container of its own (its own session
+        and cgroup, reparented to init once podman is gone) through a ``buildah-oci-runtime``
+        helper, which deletes it when the step ends. Stopped early, podman leaves the step
+        running: SIGTERM or SIGINT to podman alone, or SIGKILL (what ``subprocess.run`` sends
+        when interrupted or timed out), leave it running; the same signal to podman's whole
+        process group only sometimes stops it, and still leaves its runtime state and cgroup.
+        So the build runs in a process group of its own, with the runtime's state in
+        :attr:`build_runtime_root` (``--runtime-flag=root=``; the image is the same), and when
+        the command ends (done, failed, timed out, or interrupted by an exception such as
+        :class:`harness.measure.Interrupted`) the group is stopped
+        (:func:`harness.processes.stop_group`) and every container in that directory deleted
+        (:meth:`remove_build_containers`)."""
+        cmd = self.argv("build", f"--runtime-flag=root={self.build_runtime_root}", *args)
+        limit = timeout or self.default_timeout
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            try:
+                stdout, stderr = proc.communicate(timeout=limit)
+            except subprocess.TimeoutExpired:
+                stop_group(proc, timeout=BUILD_STOP_GRACE)
+                raise PodmanError(
+                    f"`{' '.join(cmd)}` did not finish within {limit:.0f}s"
+                    + _stderr_tail(_rest_of_stderr(proc))
+                ) from None
+        finally:
+            stop_group(proc, timeout=BUILD_STOP_GRACE)
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+            left = self.remove_build_containers()
+        if left:
+            raise PodmanError(
+                f"`{' '.join(cmd)}`: its RUN step containers {', '.join(left)} could not be "
+                f"deleted (`{RUNTIME} --root {self.build_runtime_root} delete --force`)"
+            )
+        result = PodmanResult(cmd, proc.returncode, stdout, stderr, time.monotonic() - start)
+        if proc.returncode != 0:
+            raise PodmanError(
+                f"`{' '.join(cmd)}` exited {proc.returncode}: {stderr.strip()[-2000:]}"
+            )
+        return result
+
+    def remove_build_containers(self) -> list[str]:
+        """Delete every container in :attr:`build_runtime_root` (``runc delete --force``:
+        killed if it runs, its state and cgroup removed; each within
+        :data:`RUNTIME_DELETE_TIMEOUT`); return the IDs of those still there after."""
+        root = self.build_runtime_root
+        for cid in runtime_containers(root):
+            argv = [runtime_path(), "--root", str(root), "delete", "--force", cid]
+            if self._entered is not None:  # the runroot is bound into the node at its path
+                argv = self._entered.argv(RUNTIME, *argv[1:])
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(
+                    argv, env=self.env, capture_output=True, timeout=RUNTIME_DELETE_TIMEOUT
+                )
+        return runtime_containers(root)
+
     def pull(self, ref: str, *, timeout: float | None = None) -> PodmanResult:
         return self.podman("pull", "--quiet", ref, timeout=timeout)
 
@@ -400,6 +496,30 @@ class PodmanEnv:
         """The image's layer diff IDs (``RootFS.Layers``)."""
         out = self.podman("image", "inspect", "--format", "{{json .RootFS.Layers}}", ref)
         return json.loads(out.stdout)
+
+
+def _rest_of_stderr(proc: subprocess.Popen) -> str | None:
+    """What a stopped process wrote to its stderr pipe and was not read yet (bounded: a
+    descendant still holding the pipe would keep it open)."""
+    try:
+        return proc.communicate(timeout=BUILD_STOP_GRACE)[1]
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        return None
+
+
+def runtime_path() -> str:
+    """The OCI runtime's executable (:data:`RUNTIME` on PATH or in :data:`RUNTIME_DIRS`)."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), *RUNTIME_DIRS])
+    return shutil.which(RUNTIME, path=search) or RUNTIME
+
+
+def runtime_containers(root: Path) -> list[str]:
+    """The IDs of the containers whose state an OCI runtime (runc) keeps in ``root`` (one
+    directory each, named by the ID); ``[]`` when ``root`` does not exist."""
+    try:
+        return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    except FileNotFoundError:
+        return []
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -419,6 +419,8 @@ def build_containerfile(
     timeout: float = 3600.0,
 ) -> BuiltImage:
     """Build ``containerfile`` with podman (private graphroot, torn down after) and import it.
+    However the build ends (an error, ``timeout`` seconds passed, an exception such as
+    SIGTERM's), nothing of it is left running: :meth:`harness.podman.PodmanEnv.build`.
 
     Cached by the Containerfile's bytes, the context's files (names, modes, contents) and the
     platform, so an unchanged build is not run again.
@@ -457,10 +459,10 @@ def build_containerfile(
         archive = Path(tmp) / "image.oci.tar"
         try:
             with PodmanEnv(Path(tmp) / "podman") as env:
-                args = ["build", "--file", str(containerfile), "--tag", tag]
+                args = ["--file", str(containerfile), "--tag", tag]
                 if platform:
                     args.append(f"--platform={platform}")
-                env.podman(*args, str(context), timeout=timeout)
+                env.build(*args, str(context), timeout=timeout)
                 env.podman("save", "--format", "oci-archive", "--output", str(archive), tag)
         except PodmanError as exc:
             raise ImageSourceError(f"building {containerfile}: {exc}") from None

@@ -58,6 +58,6 @@ def build_and_save(containerfile: Path, work: Path, formats: dict[str, Path]) ->
     """``podman build`` then ``podman save --format F -o PATH`` for each F → PATH."""
     tag = "localhost/byo-test:latest"
     with PodmanEnv(work) as env:
-        env.podman("build", "--file", str(containerfile), "--tag", tag, str(containerfile.parent))
+        env.build("--file", str(containerfile), "--tag", tag, str(containerfile.parent))
         for fmt, path in formats.items():
             env.podman("save", "--format", fmt, "--output", str(path), tag)
