@@ -16,6 +16,12 @@ containers/storage's layer extraction) applies members, with the Go reader's con
   that named that id (the writer omits repeats);
 * directories the TOC never names but that hold entries are created (mode 0755); an entry
   under a name that is not a directory (at that point) is refused;
+* a whiteout under a name this layer whited out (the first missing directory of its path has
+  ``.wh.<dir>`` beside it, at any depth) is ignored, and so is an opaque marker right in such
+  a directory, as containers/storage's overlay extraction ignores them (pkg/archive
+  ``Unpack``, ``overlayWhiteoutConverter.ConvertRead``: the whiteout is a 0:0 character
+  device there, its ``mknod`` under it fails with ``ENOTDIR``, which is ignored; the marker's
+  ``setxattr`` marks the device); see ``_Builder._whiteout_parent``;
 * a later entry with the same name wins, for every type: a directory re-declared keeps its
   children and takes the new metadata; any other replacement drops what was there (a
   directory with its subtree), as ``tar -x`` does;
@@ -443,8 +449,10 @@ class LayerIndex:
 COMPRESSED_SLACK = 64 << 10
 
 
-# The OCI layer's whiteout name prefix (image-spec layer.md); the overlay view is store.tree's.
+# The OCI layer's whiteout name prefix and opaque marker (image-spec layer.md); the overlay
+# view is store.tree's.
 WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
 
 
 class _Where:
@@ -485,6 +493,9 @@ class _Builder:
         self.setgid_implicit: dict[int, Entry] = {}  # id(dir) -> dir (see _dir)
         # (directory, name): a name first added to a directory holding .wh.<name> already
         self.after_whiteout: list[tuple[Entry, str]] = []
+        # (id(dir), name) -> (dir, [(whiteout, where)]): whiteouts ignored deeper under a name
+        # the layer whited out in that directory, made after all if the name is (_replay)
+        self.ignored: dict[tuple[int, str], tuple[Entry, list[tuple[Entry, Where]]]] = {}
         self.compression = idx.compression
 
     def run(self, raw_entries: Iterable[RawEntry | Mapping[str, Any]]) -> None:
@@ -689,6 +700,8 @@ class _Builder:
                 ):
                     self.setgid_implicit[id(child)] = child
                 self._attach(e, part, child)
+                if self.ignored:
+                    self._replay(e, part)
             elif child.type != "dir":
                 raise InvalidToc(f"{where}{path!r} is a {child.type}, not a directory")
             e = child
@@ -718,10 +731,13 @@ class _Builder:
             _copy_meta(self.idx.root, e)
             return
         parent_name, _, base = name.rpartition("/")
-        if base.startswith(WHITEOUT_PREFIX) and self._whited_out(parent_name):
-            return  # as containers/storage ignores it: see _whited_out
-        last_dir = self.last_dir
-        parent = last_dir[1] if last_dir[0] == parent_name else self._dir(parent_name, where)
+        if base.startswith(WHITEOUT_PREFIX):
+            parent = self._whiteout_parent(e, parent_name, base, where)
+            if parent is None:
+                return  # as containers/storage ignores it: see _whiteout_parent
+        else:
+            last_dir = self.last_dir
+            parent = last_dir[1] if last_dir[0] == parent_name else self._dir(parent_name, where)
         children = parent.children
         old = children.get(base)
         etype = e.type
@@ -761,20 +777,62 @@ class _Builder:
         e.nlink = 2 if etype == "dir" else 1
         self._attach(parent, base, e)
 
-    def _whited_out(self, path: str) -> bool:
-        """Whether ``path`` is, at this point of the tar, this layer's whiteout of it: no
-        entry at ``path``, and its directory holds ``.wh.<name>``. A whiteout (or opaque
-        marker) under it is then ignored, not made a directory: containers/storage's overlay
-        extraction has the whiteout's character device there already, and ignores the
-        ``ENOTDIR`` of the ``mknod`` under it (pkg/archive, ``overlayWhiteoutConverter``;
-        "rm -rf /foo/bar" makes some tools write ``.wh.foo`` and ``foo/.wh.bar``)."""
-        if not path:
-            return False
-        parent_name, _, base = path.rpartition("/")
-        parent = self.idx.lookup(parent_name) if parent_name else self.idx.root
-        if parent is None or parent.type != "dir":
-            return False
-        return base not in parent.children and WHITEOUT_PREFIX + base in parent.children
+    def _whiteout_parent(self, e: Entry, parent_name: str, base: str, where: Where) -> Entry | None:
+        """The directory that gets the whiteout or opaque marker ``base``, made if missing
+        (:meth:`_dir`); None where containers/storage's overlay extraction ignores it: under a
+        name this layer whited out (the first missing directory of ``parent_name`` has
+        ``.wh.<dir>`` beside it, at any depth; "rm -rf /foo/bar" makes some tools write
+        ``.wh.foo`` and ``foo/.wh.bar``). Extraction (pkg/archive ``Unpack``) makes an entry's
+        missing parents only when their ``Lstat`` gives ``ENOENT``; under the whiteout's
+        character device it gives ``ENOTDIR``, so nothing is made, the whiteout's ``mknod``
+        fails with ``ENOTDIR`` and ``overlayWhiteoutConverter.ConvertRead`` ignores that. An
+        opaque marker right under the device is ignored too (its ``setxattr`` marks the
+        device); one deeper is not (its ``setxattr`` fails, which extraction does not ignore):
+        :meth:`_dir` handles it as any entry.
+
+        A whiteout ignored below the directory right under the device is kept aside: should
+        a later entry make that directory (extraction fails there: ``ENOTDIR``, and the tree
+        served is then the OCI spec's, whose layer holds the whiteouts' directories) it is
+        applied then (:meth:`_replay`).
+        """
+        last_dir = self.last_dir
+        if last_dir[0] == parent_name:
+            parent = last_dir[1]
+        else:
+            parent = self.idx.root
+            parts = parent_name.split("/") if parent_name else ()
+            for i, part in enumerate(parts):
+                child = parent.children.get(part)
+                if child is None or child.type != "dir":
+                    whiteout = WHITEOUT_PREFIX + part
+                    if (
+                        child is None
+                        and _is_whiteout(parent.children.get(whiteout))
+                        and whiteout != OPAQUE_MARKER
+                        and (base != OPAQUE_MARKER or i == len(parts) - 1)
+                    ):
+                        if i < len(parts) - 1:
+                            held = self.ignored.setdefault((id(parent), part), (parent, []))
+                            held[1].append((e, where))
+                        return None
+                    # _dir makes the missing directories (or refuses a non-directory)
+                    parent = self._dir(parent_name, where)
+                    break
+                parent = child
+            else:
+                self.last_dir = (parent_name, parent)
+        return parent
+
+    def _replay(self, parent: Entry, base: str) -> None:
+        """``base`` was just made an implicit directory in ``parent``: apply the whiteouts
+        :meth:`_whiteout_parent` kept aside under it, in their order (with their directories).
+        Only where the layer whited ``base`` out, so containers/storage's extraction refuses
+        the layer (the entry that made ``base`` gives ``ENOTDIR``), and the store serves the OCI
+        spec's tree, as it did before whiteouts under a whited-out name were ignored."""
+        held = self.ignored.pop((id(parent), base), None)  # (its entry keeps the id its own)
+        if held is not None:
+            for e, where in held[1]:
+                self._insert(e, where)
 
     def _number(self) -> None:
         """Number the final tree (``Entry.ino``), list its chunks, set their compressed ends."""
@@ -834,6 +892,13 @@ def _unlink_subtree(d: Entry) -> None:
                 stack.append(child)
             else:
                 child.nlink -= 1
+
+
+def _is_whiteout(e: Entry | None) -> bool:
+    """Whether ``e``, the entry at a ``.wh.<name>`` name, made extraction's whiteout device
+    ``<name>``: any entry there did (``ConvertRead`` goes by the name, whatever the type), not
+    a directory made for entries under that name (extraction makes it as it is)."""
+    return e is not None and not e.implicit
 
 
 def _checked_name(raw: str, where: Where) -> str:

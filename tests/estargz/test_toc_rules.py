@@ -358,3 +358,32 @@ def test_a_whiteout_under_a_whiteout_of_the_same_layer_is_ignored() -> None:
     assert sorted(idx.root.children) == [".wh.c"]
     idx = build([reg(".wh.c"), {"name": "c/", "type": "dir"}, reg("c/.wh.y")])
     assert sorted(idx.lookup("c").children) == [".wh.y"]
+
+
+def test_a_whiteout_deeper_under_a_whiteout_of_the_same_layer_is_ignored() -> None:
+    """containers/storage makes no directory under the whiteout's character device (the
+    ``Lstat`` of an entry's parent gives ``ENOTDIR``, not ``ENOENT``: no ``MkdirAll``), so the
+    mknod of a whiteout at any depth under it fails with ``ENOTDIR``, which it ignores: the
+    name stays whited out, no directory is made for it (podman 4.3.1 shows ``c`` a device)."""
+    idx = build([reg(".wh.c"), reg("c/d/.wh.y"), reg("c/d/e/.wh.z")])
+    assert sorted(idx.root.children) == [".wh.c"]
+    idx = build([{"name": "a/", "type": "dir"}, reg("a/.wh.b"), reg("a/b/c/.wh.d")])
+    assert sorted(idx.lookup("a").children) == [".wh.b"]
+    # The directory the layer names afterwards replaces the device: it holds none of them.
+    idx = build([reg(".wh.c"), reg("c/d/.wh.y"), {"name": "c/", "type": "dir"}])
+    assert idx.lookup("c").children == {}
+
+
+def test_an_opaque_marker_deeper_under_a_whiteout_of_the_same_layer_is_applied() -> None:
+    # Extraction fails on it (its setxattr gives ENOTDIR: not ignored): the layer keeps the
+    # tree it had, with the marker's directories.
+    idx = build([reg(".wh.c"), reg("c/d/.wh..wh..opq")])
+    assert list(idx.lookup("c/d").children) == [".wh..wh..opq"]
+
+
+def test_whiteouts_ignored_under_a_whited_out_name_apply_when_a_later_entry_makes_it() -> None:
+    # Extraction fails at c/x (ENOTDIR under the device): the tree is the one the layer had,
+    # the OCI spec's, which holds the whiteout's directory c/d.
+    idx = build([reg(".wh.c"), reg("c/d/.wh.y"), reg("c/x")])
+    assert list(idx.lookup("c").children) == ["d", "x"]
+    assert list(idx.lookup("c/d").children) == [".wh.y"]
