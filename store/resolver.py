@@ -224,8 +224,7 @@ class LayerPhase(enum.Enum):
 
     LOADING = "loading"  # footer + TOC being fetched, verified and parsed
     LOADED = "loaded"  # loaded with its image, not looked up yet: expires after early_ttl
-    RESOLVED = "resolved"  # looked up: listed, counted, background-fetched; expires after
-    # early_ttl if never used
+    RESOLVED = "resolved"  # looked up: counted, background-fetched; unused, it expires too
     FAILED = "failed"  # the load failed: the next lookup loads it again
     REFUSED = "refused"  # the layer's own bytes are invalid: final, answered at once
     RELEASED = "released"  # no references left, or expired: the next lookup loads afresh
@@ -242,7 +241,6 @@ class _LayerState:
     phase: LayerPhase = LayerPhase.LOADING
     settled: trio.Event = field(default_factory=trio.Event)  # set when LOADING ends
     wanted: bool = False  # looked up (while loading: resolve as soon as loaded)
-    used: bool = False  # its ``use`` counted a reference since it was resolved
     layer: Layer | None = None
     error: BaseException | None = None
 
@@ -558,8 +556,8 @@ class LayerManager:
 
     async def _expire_unused(self, digest: str, state: _LayerState) -> None:
         await trio.sleep(self.early_ttl)
-        if self._states.get(digest) is not state or state.used or self._refcount.get(digest):
-            return  # used meanwhile (or replaced)
+        if self._states.get(digest) is not state or self._refcount.get(digest):
+            return  # in use (a use that was released since took the state with it)
         log.info("layer %s was looked up but never used: released", digest)
         self._drop(digest, state)
 
@@ -774,9 +772,6 @@ class LayerManager:
         key = self._key(ref, digest)
         self._counted[(ref, digest)] = key
         self._refcount[key] = self._refcount.get(key, 0) + 1
-        state = self._states.get(key)
-        if state is not None:
-            state.used = True
         return self._refcount[key]
 
     def release(self, ref: str, digest: str) -> int:
