@@ -37,16 +37,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harness.store_proc import is_mounted
+
 FSNAME = "lazybench-minifuse"
 TIMEOUT = 60.0  # attr/entry timeouts, as the store's [fuse] defaults (store/config.py)
 FILE_INO = 2
 PR_SET_PDEATHSIG = 1
-
-
-def _mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
 
 
 @contextlib.contextmanager
@@ -69,7 +65,7 @@ def mounted(
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
         try:
             deadline = time.monotonic() + timeout
-            while not _mounted(mountpoint):
+            while not is_mounted(mountpoint):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     stderr.seek(0)
                     why = stderr.read().decode(errors="replace")[-2000:]
@@ -88,11 +84,11 @@ def _stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
     """Unmount (the server's main loop then returns and it exits) and reap the server. A mount
     still busy is left to the server, told to stop by SIGTERM (it detaches it lazily); the
     server is killed if it does not exit in time, and a mount still there detached lazily."""
-    if _mounted(mountpoint):
+    if is_mounted(mountpoint):
         r = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, timeout=30)
-        if r.returncode != 0 and _mounted(mountpoint):
+        if r.returncode != 0 and is_mounted(mountpoint):
             subprocess.run(["umount", str(mountpoint)], capture_output=True, timeout=30)
-    if _mounted(mountpoint) and proc.poll() is None:
+    if is_mounted(mountpoint) and proc.poll() is None:
         proc.terminate()
     try:
         proc.wait(10)
@@ -100,7 +96,7 @@ def _stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
         proc.kill()
         proc.wait(10)
     for umount in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
-        if not _mounted(mountpoint):
+        if not is_mounted(mountpoint):
             break
         subprocess.run([*umount, str(mountpoint)], capture_output=True, timeout=30)
 
