@@ -40,6 +40,11 @@ all :data:`UNAVOIDABLE_ROUND_TRIPS`.
   ``link.measured.rate_mbit`` and ``rtt_ms``). On the ``loopback`` profile (or any link
   without a measurement) the model is not meaningful and the report says so.
 
+Beside it, the floor of one lazy ``podman pull`` (:class:`PullFloor`, in the report's pull
+phase table): the runtime's own share of that pull, as its timeline measured it, plus
+:data:`PULL_ROUND_TRIPS` round trips and the TOC bytes the store fetched at the measured
+bandwidth: how far the store's part of the pull is from what the link allows.
+
 The byte counts are computed when a run prepares its images (it knows the images and traces)
 and written to ``limits.json`` in the run directory; ``lazybench report RUN_DIR`` fills it in
 from the cache for runs that predate it (:func:`compute_run_limits`), and ``lazybench report
@@ -104,6 +109,16 @@ measured floor, and only :data:`STORE_ROUND_TRIPS` are added.
 STORE_ROUND_TRIPS = 3
 """The store's round trips, 5–7 of :data:`UNAVOIDABLE_ROUND_TRIPS`: what the model adds to a
 runtime floor that includes podman's re-pull (podman's own 1–4 are measured inside it)."""
+
+PULL_ROUND_TRIPS = 3
+"""The store's round trips before the last TOC byte of a lazy pull can arrive, each waiting for
+the one before it: the TCP handshake of its connection, ``GET`` the manifest (the other
+layers' digests and TOC digests), then one ranged ``GET`` per layer, all at once, each answered
+with the layer's TOC (zstd:chunked: its position is in the manifest; eStargz: footer and TOC
+in one suffix range, the TOC's size guessed right). Not counted, so it stays a floor: an
+eStargz footer read on its own first (this store and the Go store do; one more), TCP slow start
+on the new connections, the first looked-up layer's tail sent beside the manifest (which
+saves that layer a round trip but not the others)."""
 
 FLOOR_PARTS = {True: "re-pull + create + run", False: "create + run"}
 """What the runtime floor sums, with and without the re-pull (``Limit.floor_repull``)."""
@@ -384,6 +399,39 @@ class Limit:
     @property
     def total_s(self) -> float:
         return self.transfer_s + self.rtt_s + self.floor_s
+
+
+@dataclass(frozen=True)
+class PullFloor:
+    """The floor of one lazy ``podman pull`` through a layer store (seconds): the runtime's own
+    share of that pull as measured (``runtime_s``: :mod:`harness.timeline`'s summary, its own
+    round trips and work between the store's answers) plus the least the store's part could
+    take on the measured link: :data:`PULL_ROUND_TRIPS` × RTT + the TOC bytes it fetched ÷
+    bandwidth. ``pull_s - total_s`` is what the store spent beyond the network's floor."""
+
+    runtime_s: float
+    toc_bytes: int
+    rate_mbit: float
+    rtt_ms: float
+
+    @property
+    def network_s(self) -> float:
+        return self.toc_bytes / (self.rate_mbit * MBIT) + PULL_ROUND_TRIPS * self.rtt_ms / 1000.0
+
+    @property
+    def total_s(self) -> float:
+        return self.runtime_s + self.network_s
+
+
+def pull_floor(summary: dict[str, Any], env: dict[str, Any]) -> PullFloor | None:
+    """The :class:`PullFloor` of a pull timeline's ``summary`` on the run's link (``env``:
+    its ``environment.json``); None without a measured link or without the summary's
+    ``runtime_s`` and ``toc_bytes``."""
+    link = link_of(env)
+    runtime, toc = summary.get("runtime_s"), summary.get("toc_bytes")
+    if isinstance(link, str) or not isinstance(runtime, int | float) or not isinstance(toc, int):
+        return None
+    return PullFloor(float(runtime), toc, link[0], link[1])
 
 
 def link_of(env: dict[str, Any]) -> tuple[float, float] | str:

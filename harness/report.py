@@ -794,10 +794,13 @@ def run_limits(
     return limits_of(entries, env, df, workloads)
 
 
-def timeline_lines(run_dir: Path) -> list[str]:
+def timeline_lines(run_dir: Path, env: dict[str, Any] | None = None) -> list[str]:
     """The pull phase split per workload × lazy mode × store, from the run's pull timelines
-    (harness.timeline: sample 0, our store only), each linked; nothing for a run without
-    them (older runs, foreign stores)."""
+    (harness.timeline: sample 0, our store only), each linked, with each pull's floor on the
+    run's link (``env``: its ``environment.json``; :class:`harness.limit.PullFloor`, "–"
+    without a measured link); nothing for a run without timelines (older runs, foreign
+    stores)."""
+    from harness.limit import PULL_ROUND_TRIPS, pull_floor
     from harness.timeline import read_timelines
 
     docs = read_timelines(run_dir)
@@ -812,11 +815,16 @@ def timeline_lines(run_dir: Path) -> list[str]:
         "lazy mode; foreign stores record none). *Store*: time in which a request of the "
         "runtime to the store was unanswered (the store on the critical path); *runtime*: the "
         "rest of the pull, the runtime's own work; *store spans*: the store's manifest, "
-        "footer, TOC fetch, verify, parse and tree spans added up (they overlap).",
+        "footer, TOC fetch, verify, parse and tree spans added up (they overlap). *Floor*: "
+        "the runtime's own share of this pull plus the least the store's part could take on "
+        f"the measured link — {PULL_ROUND_TRIPS} round trips (connection, manifest, every "
+        "layer's TOC at once) and the TOC bytes fetched at the measured bandwidth "
+        "(harness/limit.py, `PullFloor`); *over floor*: pull − floor, the store's time "
+        "beyond the network's.",
         "",
         "| workload | mode | store | pull s | store s | runtime s | store spans s "
-        "| first request s | layers | timeline |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| first request s | layers | TOC MB | floor s | over floor s | timeline |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def num(value: Any) -> str:
@@ -825,11 +833,18 @@ def timeline_lines(run_dir: Path) -> list[str]:
     for d in docs:
         s = d["summary"]
         md = d["file"].removesuffix(".json") + ".md"
+        floor = pull_floor(s, env or {})
+        pull = s.get("pull_s")
+        over = pull - floor.total_s if floor and isinstance(pull, int | float) else None
+        toc = s.get("toc_bytes")
         lines.append(
             f"| {d.get('workload', '?')} | {d.get('mode', '?')} | {d.get('store') or '–'} "
-            f"| {num(s.get('pull_s'))} | {num(s.get('store_s'))} | {num(s.get('runtime_s'))} "
+            f"| {num(pull)} | {num(s.get('store_s'))} | {num(s.get('runtime_s'))} "
             f"| {num(s.get('store_work_s'))} | {num(s.get('first_request_at'))} "
-            f"| {s.get('layers', '–')} | [table]({md}) · [events]({d['file']}) |"
+            f"| {s.get('layers', '–')} "
+            f"| {f'{toc / 1e6:.2f}' if isinstance(toc, int) else '–'} "
+            f"| {num(floor.total_s if floor else None)} | {num(over)} "
+            f"| [table]({md}) · [events]({d['file']}) |"
         )
     return lines
 
@@ -999,7 +1014,7 @@ def _write_report(
     if limits is not None:
         lines += limit_section(cells, limits, percentile)
     lines += zstd_lazy_lines(agg, percentile, first_store)
-    lines += timeline_lines(run_dir)
+    lines += timeline_lines(run_dir, env)
     lines += persistence_lines(records)
     if env.get("machines_differ"):
         lines += [

@@ -15,6 +15,7 @@ from harness.cli import UserError
 from harness.images.push import layout_name
 from harness.limit import (
     LIMITS,
+    PULL_ROUND_TRIPS,
     STORE_ROUND_TRIPS,
     UNAVOIDABLE_ROUND_TRIPS,
     Floor,
@@ -23,6 +24,7 @@ from harness.limit import (
     layout_indexes,
     limits_of,
     link_of,
+    pull_floor,
     read_limits,
     runtime_floor,
     workload_entry,
@@ -178,6 +180,21 @@ def test_limit_arithmetic_and_when_there_is_none() -> None:
     assert link_of({"link": WAN}) == (100.0, 40.0)
     assert "loopback" in str(link_of({"link": {"profile": {"name": "loopback"}}}))
     assert isinstance(link_of({}), str)
+
+
+def test_pull_floor_is_the_runtimes_share_plus_the_tocs_on_the_link() -> None:
+    summary = {"pull_s": 1.0, "runtime_s": 0.45, "toc_bytes": 1_250_000}
+    floor = pull_floor(summary, {"link": WAN})
+    assert floor is not None and PULL_ROUND_TRIPS == 3
+    # 1.25 MB at 12.5 MB/s is 0.1 s; 3 round trips of 40 ms.
+    assert floor.network_s == pytest.approx(0.1 + 3 * 0.04)
+    assert floor.total_s == pytest.approx(0.45 + 0.22)
+    # No floor without a measured link, or from a summary without the runtime's share or
+    # the TOC bytes (timelines written before they were recorded).
+    assert pull_floor(summary, {"link": {"profile": {"name": "loopback"}}}) is None
+    assert pull_floor(summary, {}) is None
+    assert pull_floor({"pull_s": 1.0, "runtime_s": 0.45}, {"link": WAN}) is None
+    assert pull_floor({"pull_s": 1.0, "toc_bytes": 10}, {"link": WAN}) is None
 
 
 def _with_link(run: Path) -> None:

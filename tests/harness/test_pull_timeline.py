@@ -131,10 +131,20 @@ def test_report_section_with_and_without_timelines(tmp_path):
     assert [d["file"] for d in read_timelines(run)] == ["timeline/gcc-estargz-default.json"]
     text = write_report(run).report.read_text()
     assert "## Pull phase (timeline of sample 0)" in text
-    assert (
-        "| gcc | estargz | default | 1.200 | 0.376 | 0.824 | 0.671 | 0.370 | 2 "
+    links = (
         "| [table](timeline/gcc-estargz-default.md) · [events](timeline/gcc-estargz-default.json) |"
-    ) in text
+    )
+    # No measured link in this run: the TOC bytes, no floor.
+    row = "| gcc | estargz | default | 1.200 | 0.376 | 0.824 | 0.671 | 0.370 | 2 | 0.43"
+    assert f"{row} | – | – {links}" in text
+    # On a measured link, 100 Mbit/s and 40 ms: the floor is the runtime's 0.8244 s + 3 round
+    # trips (0.12 s) + 430,000 TOC bytes at 12.5 MB/s (0.0344 s) = 0.9788 s; 0.2212 s over it.
+    env_path = run / "environment.json"
+    env = json.loads(env_path.read_text())
+    env["link"] = {"profile": {"name": "wan"}, "measured": {"rate_mbit": 100.0, "rtt_ms": 40.0}}
+    env_path.write_text(json.dumps(env))
+    text = write_report(run).report.read_text()
+    assert f"| 0.370 | 2 | 0.43 | 0.979 | 0.221 {links}" in text
 
 
 def test_only_our_store_is_given_the_timeline_key(tmp_path):
