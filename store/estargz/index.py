@@ -790,6 +790,12 @@ class _Builder:
         device); one deeper is not (its ``setxattr`` fails, which extraction does not ignore):
         :meth:`_dir` handles it as any entry.
 
+        Likewise under a name the layer holds as a file, device or fifo: a whiteout at any
+        depth below it is ignored (its ``mknod`` gives ``ENOTDIR``), and so is an opaque
+        marker right under it (its ``setxattr`` marks that inode, which overlayfs reads on
+        directories only); one deeper is refused by :meth:`_dir`. Under a symlink extraction
+        would follow the link: :meth:`_dir` refuses that layer, which costs a normal pull.
+
         A whiteout ignored below the directory right under the device is kept aside: should
         a later entry make that directory (extraction fails there: ``ENOTDIR``, and the tree
         served is then the OCI spec's, whose layer holds the whiteouts' directories) it is
@@ -804,6 +810,12 @@ class _Builder:
             for i, part in enumerate(parts):
                 child = parent.children.get(part)
                 if child is None or child.type != "dir":
+                    if (
+                        child is not None
+                        and child.type != "symlink"
+                        and (base != OPAQUE_MARKER or i == len(parts) - 1)
+                    ):
+                        return None  # under a file, device or fifo of this layer: ignored
                     whiteout = WHITEOUT_PREFIX + part
                     if (
                         child is None
