@@ -794,7 +794,9 @@ class _Builder:
         depth below it is ignored (its ``mknod`` gives ``ENOTDIR``), and so is an opaque
         marker right under it (its ``setxattr`` marks that inode, which overlayfs reads on
         directories only); one deeper is refused by :meth:`_dir`. Under a symlink extraction
-        would follow the link: :meth:`_dir` refuses that layer, which costs a normal pull.
+        would follow the link, and under a whiteout's own ``.wh.<name>`` (no file there:
+        extraction makes a directory of that name): :meth:`_dir` refuses both, which costs a
+        normal pull.
 
         A whiteout ignored below the directory right under the device is kept aside: should
         a later entry make that directory (extraction fails there: ``ENOTDIR``, and the tree
@@ -813,6 +815,7 @@ class _Builder:
                     if (
                         child is not None
                         and child.type != "symlink"
+                        and not part.startswith(WHITEOUT_PREFIX)  # extraction made no file
                         and (base != OPAQUE_MARKER or i == len(parts) - 1)
                     ):
                         return None  # under a file, device or fifo of this layer: ignored
