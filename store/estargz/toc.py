@@ -197,7 +197,7 @@ def scan_toc(
     names = 0  # "name" keys: at least the entry count (a string can add, never hide one)
     ranges: tuple[tuple[int, int], ...] | None = None
     kept: list[bytes] | None = [] if keep else None
-    for piece in toc_json_pieces(data, footer, limits, whole=keep):
+    for piece in toc_json_pieces(data, footer, limits):
         h.update(piece)
         size += len(piece)
         if kept is not None and size <= keep:
@@ -320,21 +320,15 @@ def prefetch_ranges(flat: list[int], end: int) -> tuple[tuple[int, int], ...] | 
 
 
 def toc_json_pieces(
-    data: bytes, footer: Footer, limits: TocLimits = DEFAULT_LIMITS, whole: int = 0
+    data: bytes, footer: Footer, limits: TocLimits = DEFAULT_LIMITS
 ) -> Iterator[bytes]:
     """The uncompressed TOC JSON of the compressed TOC bytes (:func:`toc_range`), in pieces
     of at most :data:`PIECE` bytes; at most ``limits.max_bytes`` in all, else
-    :class:`InvalidToc` (raised while iterating). With ``whole``, a gzip TOC of one member
-    whose tar inflates to at most ``whole`` bytes (and the limit) is one piece, inflated in
-    one call (:func:`_gzip_tar_whole`)."""
+    :class:`InvalidToc` (raised while iterating)."""
     where = f"TOC at offset {footer.toc_offset}"
     cap = min(limits.max_bytes, MAX_TOC_SIZE)
     if footer.compression == "zstd":
         return _zstd_pieces(data, footer, cap, where)
-    if whole:
-        json_bytes = _gzip_tar_whole(data, min(cap, whole))
-        if json_bytes is not None:
-            return iter((json_bytes,))
     return _gzip_tar_pieces(data, cap, where)
 
 
@@ -400,35 +394,6 @@ def open_tar_stream(fileobj: Any) -> tarfile.TarFile:
     """``tarfile.open(fileobj=fileobj, mode="r|")`` for an untrusted stream: its PAX extended
     headers together may hold :data:`PAX_BUDGET` bytes (more: ``tarfile.HeaderError``)."""
     return tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_BoundedTarInfo)
-
-
-def _gzip_tar_whole(data: bytes, cap: int) -> bytes | None:
-    """The TOC JSON of ``data`` when it is one gzip member whose tar inflates to at most
-    ``cap`` bytes plus room for its headers, and its first entry is the TOC whole; else None,
-    and :func:`_gzip_tar_pieces` reads it (and names what is wrong with it).
-
-    Why: the TOC is inflated while other layers' TOCs are parsed in other threads. Inflated
-    in pieces through a tar stream, its thread let go of the GIL and waited to get it back
-    a few dozen times, up to the switch interval (5 ms) each: a 458 KB TOC took 67 ms to
-    verify during a pull and 11 ms on an idle machine. One ``decompress`` call and one
-    header read need it back a few times only.
-    """
-    d = zlib.decompressobj(wbits=31)
-    try:
-        raw = d.decompress(data, cap + (64 << 10))  # room for the tar headers
-    except zlib.error:
-        return None
-    if not d.eof or d.unused_data:
-        return None  # past the cap, truncated, or more than one member
-    try:
-        with open_tar_stream(io.BytesIO(raw)) as tar:
-            info = tar.next()
-    except (tarfile.TarError, EOFError):
-        return None
-    if info is None or info.name != TOC_TAR_NAME or not info.isreg() or info.size > cap:
-        return None
-    end = info.offset_data + info.size
-    return raw[info.offset_data : end] if end <= len(raw) else None
 
 
 def _gzip_tar_pieces(data: bytes, cap: int, where: str) -> Iterator[bytes]:

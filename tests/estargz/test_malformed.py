@@ -14,7 +14,6 @@ import io
 import os
 import tarfile
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -36,9 +35,6 @@ from store.estargz import (
     convert,
     estargz_footer_bytes,
     parse_footer,
-    scan_toc,
-    toc_json_pieces,
-    toc_range,
 )
 
 
@@ -166,57 +162,6 @@ def test_toc_member_with_a_huge_pax_header_is_refused_at_once(blob: bytes, engin
     with pytest.raises(InvalidToc, match="PAX"):
         engine.open(replace_toc(blob, encode_entries(toc_entries(blob)), pax=b"1" * 160_000))
     assert time.monotonic() - start < 5
-
-
-def _toc_of(blob: bytes):
-    footer = parse_footer(blob[-51:], len(blob))
-    lo, hi = toc_range(footer, len(blob))
-    return blob[lo:hi], footer
-
-
-def test_a_toc_of_one_member_is_inflated_whole_and_anything_else_in_pieces(
-    chunked_blob: bytes,
-) -> None:
-    data, footer = _toc_of(chunked_blob)
-    streamed = list(toc_json_pieces(data, footer))
-    whole = list(toc_json_pieces(data, footer, whole=8 << 20))
-    assert len(whole) == 1 and whole[0] == b"".join(streamed)
-    # More than `whole` bytes: in pieces, as without it.
-    assert list(toc_json_pieces(data, footer, whole=len(whole[0]) - 1)) == streamed
-    # The tar in two gzip members: in pieces, the same JSON.
-    tar = zlib.decompress(data, wbits=31)
-    two = zlib.compress(tar[:700], wbits=31) + zlib.compress(tar[700:], wbits=31)
-    assert b"".join(toc_json_pieces(two, footer, whole=8 << 20)) == whole[0]
-    kept, streamed_scan = scan_toc(data, footer, keep=8 << 20), scan_toc(data, footer)
-    assert kept.json == whole[0] and streamed_scan.json is None
-    assert (kept.digest, kept.json_size) == (streamed_scan.digest, streamed_scan.json_size)
-
-
-def _bad_tocs(blob: bytes) -> dict[str, bytes]:
-    data, _ = _toc_of(blob)
-    tar = zlib.decompress(data, wbits=31)
-    entries = encode_entries(toc_entries(blob))
-    pax = replace_toc(blob, entries, pax=b"1" * 160_000)
-    renamed = tar.replace(b"stargz.index.json", b"stargz.other.json", 1)
-    return {
-        "truncated": data[: len(data) // 2],
-        "not gzip": b"garbage!" * 10,
-        "huge PAX header": _toc_of(pax)[0],
-        "another first entry": zlib.compress(renamed, wbits=31),
-        "trailing bytes": data + b"x",
-    }
-
-
-@pytest.mark.parametrize("case", ["truncated", "not gzip", "huge PAX header",
-                                  "another first entry", "trailing bytes"])  # fmt: skip
-def test_a_bad_toc_is_refused_alike_inflated_whole_or_in_pieces(blob: bytes, case) -> None:
-    data = _bad_tocs(blob)[case]
-    _, footer = _toc_of(blob)
-    with pytest.raises(InvalidToc) as streamed:
-        scan_toc(data, footer)
-    with pytest.raises(InvalidToc) as whole:
-        scan_toc(data, footer, keep=8 << 20)
-    assert str(whole.value) == str(streamed.value)
 
 
 def test_toc_not_gzip(blob: bytes, engine) -> None:
