@@ -812,21 +812,22 @@ class _Builder:
             for i, part in enumerate(parts):
                 child = parent.children.get(part)
                 if child is None or child.type != "dir":
-                    if (
+                    # Does extraction find a non-directory here (ENOTDIR)? The whiteout's
+                    # device, or a file, device or fifo of the layer; not a symlink (it would
+                    # follow it), nor ``.wh.<name>`` (no file there: it makes a directory).
+                    whiteout = WHITEOUT_PREFIX + part
+                    device = (
+                        child is None
+                        and whiteout != OPAQUE_MARKER
+                        and _is_whiteout(parent.children.get(whiteout))
+                    )
+                    not_dir = device or (
                         child is not None
                         and child.type != "symlink"
-                        and not part.startswith(WHITEOUT_PREFIX)  # extraction made no file
-                        and (base != OPAQUE_MARKER or i == len(parts) - 1)
-                    ):
-                        return None  # under a file, device or fifo of this layer: ignored
-                    whiteout = WHITEOUT_PREFIX + part
-                    if (
-                        child is None
-                        and _is_whiteout(parent.children.get(whiteout))
-                        and whiteout != OPAQUE_MARKER
-                        and (base != OPAQUE_MARKER or i == len(parts) - 1)
-                    ):
-                        if i < len(parts) - 1:
+                        and not part.startswith(WHITEOUT_PREFIX)
+                    )
+                    if not_dir and (base != OPAQUE_MARKER or i == len(parts) - 1):
+                        if device and i < len(parts) - 1:
                             held = self.ignored.setdefault((id(parent), part), (parent, []))
                             held[1].append((e, where))
                         return None
