@@ -223,7 +223,29 @@ def scan_toc(
 _LANDMARK_PAIR = re.compile(
     rb'"name"\s*:\s*"(?:\./)?' + re.escape(PREFETCH_LANDMARK.encode()) + rb'"', re.ASCII
 )
-_LANDMARK_NAME = re.compile(rb'"(?:\./)?' + re.escape(PREFETCH_LANDMARK.encode()) + rb'"')
+_LANDMARK_TAIL = PREFETCH_LANDMARK.encode() + b'"'
+
+
+def _landmark_name(raw: bytes, pos: int) -> tuple[int, int] | None:
+    """``[start, end)`` of the first JSON string ``".prefetch.landmark"`` or
+    ``"./.prefetch.landmark"`` that starts at or after ``pos``, else None.
+
+    Found with ``bytes.find`` on the name's tail, then its opening quote checked: a regex
+    starting with ``"`` tried a match at every quote of the TOC (6 ms for 2.7 MB of JSON
+    holding no landmark, under the GIL, while podman waits on the pull; ``find`` is memchr
+    fast). The tail cannot overlap itself, so finds come in the order of their starts.
+    """
+    tail = _LANDMARK_TAIL
+    i = raw.find(tail, pos + 1)
+    while i >= 0:
+        if i - 3 >= pos and raw[i - 3 : i] == b'"./':
+            return i - 3, i + len(tail)
+        if raw[i - 1] == 0x22:  # '"'; i - 1 >= pos, as the find started at pos + 1
+            return i - 1, i + len(tail)
+        i = raw.find(tail, i + 1)
+    return None
+
+
 _BRACE = re.compile(rb"[{}]")
 _OFFSET_FIELD = re.compile(rb'"offset"\s*:\s*(\d+)')
 _OFFSET_DIGITS = len(str((1 << 63) - 1))  # a longer number is no offset (nor an int() input)
@@ -257,12 +279,13 @@ def landmark_hint(raw: bytes) -> tuple[int | None, tuple[tuple[int, int], ...] |
     thousands of times in one object).
     """
     pos = 0  # no byte before it is looked at again; past the start, raw[pos] is a brace
-    while (name := _LANDMARK_NAME.search(raw, pos)) is not None:
-        right = _BRACE.search(raw, name.end())
+    while (name := _landmark_name(raw, pos)) is not None:
+        start, end = name
+        right = _BRACE.search(raw, end)
         if right is None:
             break  # no brace after it: no entry closes in raw
         hi = right.start()
-        lo = max(raw.rfind(b"{", pos, name.start()), raw.rfind(b"}", pos, name.start()))
+        lo = max(raw.rfind(b"{", pos, start), raw.rfind(b"}", pos, start))
         pos = hi  # every find before hi lies in this same stretch: done with them
         if lo < 0 or raw[lo] != ord("{") or raw[hi] != ord("}"):
             continue  # not a brace-free object (or it starts before raw)
