@@ -12,6 +12,7 @@ import sys
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
+    "harness.cleanup_cmd",
     "harness.convert_cmd",
     "harness.estargz_cmd",
     "harness.images_cmd",

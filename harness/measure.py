@@ -94,8 +94,17 @@ from harness.records import (
     read_environment,
     read_json,
 )
-from harness.runtimes import HOST, Node, NodeError, build_node, runtime_versions, version_tuple
+from harness.runtimes import (
+    HOST,
+    Node,
+    NodeError,
+    build_node,
+    clean_stale_views,
+    runtime_versions,
+    version_tuple,
+)
 from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, parse_scenario
+from harness.stale import claim, sweep
 from harness.store_proc import StoreProcess, is_our_store
 from harness.timeline import write_timeline
 from harness.usage import UsageSampler, usage_doc
@@ -337,7 +346,13 @@ class Runner:
         meta["runtime_versions"] = self._versions  # as built in this run's cache
         done: list[Key] = []
         with interruptible() as self._interrupt, contextlib.ExitStack() as stack:
+            # What killed runs left: a store, a container, mounts (the link removes their
+            # namespaces when it is made).
+            left = [s.line() for s in sweep(self.workdir)] + list(map(str, clean_stale_views()))
+            for line in left:
+                self.console.print(f"  [yellow]removed what a killed run left[/]: {line}")
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))
+            claim(work)
             stack.callback(shutil.rmtree, work, ignore_errors=True)
             storage = work / "registry"
             images = ImagePreparer(self.scenario, self.console, self.cache_dir, self._node)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.processes import stop_group
+from harness.stale import claim
 
 if TYPE_CHECKING:
     from harness.runtimes import EnteredNode, Node
@@ -167,12 +168,14 @@ class PodmanEnv:
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="lzb-podman-"))
             self._own_workdir = True
+            claim(self.workdir)  # harness.stale.sweep removes it if we die uncleanly
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.node is not None:  # the same path on both sides of the node's bind mount
             self.workdir = Path(os.path.realpath(self.workdir))
         for sub in ("graph", "tmp"):
             (self.workdir / sub).mkdir(exist_ok=True)
         self._runroot = Path(tempfile.mkdtemp(prefix="lzbr-", dir="/tmp"))
+        claim(self._runroot)
         try:
             if self.auth_file is not None:  # created 0600: credentials are never world-readable
                 fd = os.open(

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.processes import Service, die_with_parent, free_port, stop_group
+from harness.stale import claim
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 _NO_VERIFY = ssl.create_default_context()
@@ -260,6 +261,7 @@ class RegistryServer(Service):
         if self._proc is not None:
             raise RegistryServerError("registry already started")
         self._workdir = Path(tempfile.mkdtemp(prefix="lazybench-registry-"))
+        claim(self._workdir)  # removed by harness.stale.sweep if we die without cleaning up
         if self.storage_dir is None:
             self.storage_dir = self._workdir / "storage"
             self._owns_storage = True

@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.processes import Service, free_port, kill_group, signal_group, wait_quietly
+from harness.processes import (
+    Service,
+    die_with_parent,
+    free_port,
+    kill_group,
+    signal_group,
+    wait_quietly,
+)
 from harness.scenario import BUILTIN_STORE_PLACEHOLDERS, DEFAULT_STORE_COMMAND
 
 
@@ -278,6 +285,8 @@ class StoreProcess(Service):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # Killed with us: it unmounts itself on SIGTERM (harness.stale sweeps the rest).
+                preexec_fn=die_with_parent,
             )
         try:
             self._wait_mounted()

@@ -236,6 +236,24 @@ def assert_build_left_nothing(tmp: Path, marker: str) -> None:
     assert mounts_below(tmp) == [], "mounts left behind"
 
 
+def start_run(tmp_path: Path, scenario: str) -> subprocess.Popen[str]:
+    """``lazybench run`` of ``scenario`` (TOML text) in ``tmp_path``, its temporary directory
+    ``tmp_path/tmp``, its stdout and stderr in one text pipe."""
+    (tmp_path / "s.toml").write_text(scenario)
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PYTHONUNBUFFERED": "1"}
+    args = ["run", str(tmp_path / "s.toml"), "--no-progress", "--run-id", "r"]
+    args += ["--results-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+
+
 @pytest.mark.e2e
 @needs_podman
 @pytest.mark.skipif(not shutil.which("docker-registry"), reason="needs docker-registry")
@@ -243,22 +261,11 @@ def assert_build_left_nothing(tmp: Path, marker: str) -> None:
 def test_lazybench_stopped_during_a_run_step_leaves_nothing(tmp_path: Path, sig: int) -> None:
     marker = f"lzb-test-step-{uuid.uuid4().hex}"
     slow_context(tmp_path / "ctx", marker)
-    (tmp_path / "s.toml").write_text(
+    proc = start_run(
+        tmp_path,
         'name = "slow"\nsamples = 1\nmodes = ["legacy"]\n[network]\nprofile = "loopback"\n'
         '[[workloads]]\nname = "cf"\ncontainerfile = "ctx/Containerfile"\n'
-        'ready = "ready-now"\ntimeout = 30\n'
-    )
-    (tmp_path / "tmp").mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PYTHONUNBUFFERED": "1"}
-    args = ["run", str(tmp_path / "s.toml"), "--no-progress", "--run-id", "r"]
-    args += ["--results-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harness", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=tmp_path,
+        'ready = "ready-now"\ntimeout = 30\n',
     )
     try:
         started = wait_for(lambda: marked(marker) or proc.poll() is not None, 120)

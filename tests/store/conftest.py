@@ -115,6 +115,7 @@ from collections.abc import Callable, Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
+from harness.processes import die_with_parent  # noqa: E402
 from tests.store import images  # noqa: E402
 
 
@@ -174,6 +175,8 @@ class StoreProcess:
             stdout=subprocess.DEVNULL,
             stderr=open(self.log, "wb"),  # noqa: SIM115 - closed with the process
             env={**os.environ, **self.env} if self.env else None,
+            # A SIGKILLed pytest takes the store along (SIGTERM: it unmounts itself).
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 20
         while not self._serving():

@@ -1,0 +1,41 @@
+"""`lazybench cleanup`: remove what killed runs left (processes, mounts, directories, links)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "cleanup",
+        help="remove what killed runs left: stores, containers, mounts, directories, links",
+        description=(
+            "Remove what lazybench processes that died without cleaning up (SIGKILL, OOM) "
+            "left: their working directories with the layer stores, containers and mounts "
+            "in them, their network namespaces and runtime node views. What live runs use "
+            "is left alone. `lazybench run` does the same before it starts."
+        ),
+    )
+    parser.add_argument(
+        "--dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also look in DIR (the temporary directory and /tmp are always looked in)",
+    )
+    parser.set_defaults(func=cmd_cleanup)
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from harness.netshape import cleanup_stale
+    from harness.runtimes import clean_stale_views
+    from harness.stale import sweep
+
+    lines = [f"removed {s.line()}" for s in sweep(*args.dir)]
+    lines += [f"removed {item}" for item in cleanup_stale()]
+    lines += [f"removed node view {p}" for p in clean_stale_views()]
+    for line in lines:
+        print(line)
+    if not lines:
+        print("nothing to clean up")
+    return 1 if any("by hand" in line for line in lines) else 0
