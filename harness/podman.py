@@ -554,7 +554,19 @@ def mounts_below(path: Path) -> list[Path]:
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
-def unmount_below(path: Path) -> None:
-    """Lazily unmount everything mounted at or below ``path`` (overlay, shm, bind mounts)."""
-    for point in mounts_below(path):
-        subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
+def unmount_below(path: Path, passes: int = 3) -> list[Path]:
+    """Lazily unmount everything mounted at or below ``path`` (overlay, shm, bind, FUSE),
+    deepest first, looking again up to ``passes`` times (a mount can be stacked on another,
+    or appear under one being removed); returns the mount points it unmounted. What is still
+    mounted after that, :func:`mounts_below` tells."""
+    done: list[Path] = []
+    for _ in range(passes):
+        points = mounts_below(path)
+        if not points:
+            break
+        for point in points:  # lazy: a busy mount detaches now and is freed later
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
+            if point not in done:
+                done.append(point)
+    return done

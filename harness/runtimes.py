@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.processes import kill_group
+from harness.stale import claim, owner_gone
 
 NODES: dict[str, str] = {"trixie": "trixie", "sid": "sid"}  # node name -> Debian suite
 HOST = "host"
@@ -485,7 +486,7 @@ def enter_node(node: Node, workdir: Path | None = None) -> Iterator[EnteredNode]
     view = base / "root"
     for d in ("root", "upper", "work"):
         (base / d).mkdir()
-    (base / "owner").write_text(str(os.getpid()))  # for clean_stale_views after a SIGKILL
+    claim(base)  # for clean_stale_views after a SIGKILL
     entered = EnteredNode(node, view)
     try:
         _run(
@@ -517,11 +518,7 @@ def clean_stale_views(directory: Path | None = None) -> list[Path]:
     owner process is gone. Returns what was removed."""
     removed = []
     for base in Path(directory or tempfile.gettempdir()).glob("lzb-node-*"):
-        try:
-            pid = int((base / "owner").read_text())
-        except (OSError, ValueError):
-            continue
-        if pid == os.getpid() or Path(f"/proc/{pid}").exists():
+        if not owner_gone(base):  # live, or without an owner file (harness.stale)
             continue
         with contextlib.suppress(NodeError):
             _teardown(base, base / "root")
@@ -530,12 +527,9 @@ def clean_stale_views(directory: Path | None = None) -> list[Path]:
 
 
 def _teardown(base: Path, view: Path) -> None:
-    for _ in range(3):
-        points = _mount_points_below(base)
-        if not points:
-            break
-        for point in points:  # deepest first; lazy: a busy mount detaches now, frees later
-            subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
+    from harness.podman import unmount_below
+
+    unmount_below(base)
     left = _mount_points_below(base)
     if left:
         raise NodeError(

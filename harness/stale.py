@@ -22,7 +22,8 @@ the directories whose owner is gone, together with what runs and is mounted in t
 
 A directory with no owner file is never touched: it may be another tool's, or a live run's
 from before owners were written. Network namespaces are :func:`harness.netshape.
-cleanup_stale`'s, runtime node views :func:`harness.runtimes.clean_stale_views`'s.
+cleanup_stale`'s; runtime node views (``lzb-node-*``) are claimed the same way and torn down
+by :func:`harness.runtimes.clean_stale_views`, which knows their mounts.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def sweep(*directories: Path | str | None) -> list[Swept]:
     directory and ``/tmp`` (a runroot's place) whose owner is gone, with their processes and
     mounts (module doc). Returns what it removed; raises nothing (what could not be removed
     is marked ``left``)."""
-    from harness.podman import mounts_below, runtime_containers, runtime_path
+    from harness.podman import mounts_below, runtime_containers, runtime_path, unmount_below
 
     bases = {os.path.realpath(d) for d in (*directories, tempfile.gettempdir(), "/tmp") if d}
     stale = [
@@ -226,15 +227,7 @@ def sweep(*directories: Path | str | None) -> list[Swept]:
                     capture_output=True,
                     timeout=30,
                 )
-        for _ in range(3):
-            points = mounts_below(d)
-            if not points:
-                break
-            for point in points:  # deepest first; lazy: a busy mount detaches now
-                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                    subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
-                if point not in swept.mounts:
-                    swept.mounts.append(point)
+        swept.mounts = unmount_below(d)
         if mounts_below(d):
             swept.left = True
         else:

@@ -13,6 +13,7 @@ from harness.measure import persistence_verdict
 from harness.podman import LOST_LAYERS_BUG, Persistence, PodmanEnv
 from harness.records import Record
 from harness.report import persistence_lines
+from harness.stale import OWNER_FILE
 
 
 def test_recipe_hash_is_stable_and_differs_per_node() -> None:
@@ -134,7 +135,7 @@ def test_a_view_left_by_a_killed_process_is_cleaned(tmp_path: Path) -> None:
     entered = cm.__enter__()  # and never left, as after a SIGKILL
     base = entered.view.parent
     assert mounts_below(base)
-    (base / "owner").write_text("999999999")  # a pid that does not run
+    (base / OWNER_FILE).write_text("999999999 1\n")  # a pid that does not run
     assert runtimes.clean_stale_views(tmp_path) == [base]
     assert mounts_below(base) == [] and not base.exists()
     with contextlib.suppress(Exception):
