@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,15 +24,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="also look in DIR (the temporary directory and /tmp are always looked in)",
     )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="the image cache whose builds to look at (default: $LAZYBENCH_CACHE or "
+        "~/.cache/lazybench)",
+    )
     parser.set_defaults(func=cmd_cleanup)
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from harness.netshape import cleanup_stale
-    from harness.runtimes import clean_stale_views
-    from harness.stale import sweep
+    from harness.runtimes import clean_stale_views, default_cache_dir
+    from harness.stale import build_dirs, sweep
 
-    lines = [f"removed {s.line()}" for s in sweep(*args.dir)]
+    cache = args.cache_dir or default_cache_dir()
+    lines = [f"removed {s.line()}" for s in sweep(*args.dir, *build_dirs(cache))]
     lines += [f"removed {item}" for item in cleanup_stale()]
     lines += [f"removed node view {p}" for p in clean_stale_views()]
     for line in lines:

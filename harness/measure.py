@@ -100,11 +100,12 @@ from harness.runtimes import (
     NodeError,
     build_node,
     clean_stale_views,
+    default_cache_dir,
     runtime_versions,
     version_tuple,
 )
 from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, parse_scenario
-from harness.stale import claim, sweep
+from harness.stale import build_dirs, claim, sweep
 from harness.store_proc import StoreProcess, is_our_store
 from harness.timeline import write_timeline
 from harness.usage import UsageSampler, usage_doc
@@ -348,7 +349,9 @@ class Runner:
         with interruptible() as self._interrupt, contextlib.ExitStack() as stack:
             # What killed runs left: a store, a container, mounts (the link removes their
             # namespaces when it is made).
-            left = [s.line() for s in sweep(self.workdir)] + list(map(str, clean_stale_views()))
+            cache = self.cache_dir or default_cache_dir()
+            left = [s.line() for s in sweep(self.workdir, *build_dirs(cache))]
+            left += map(str, clean_stale_views())
             for line in left:
                 self.console.print(f"  [yellow]removed what a killed run left[/]: {line}")
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))

@@ -41,10 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OWNER_FILE = ".lazybench-owner"
-# The directories the harness claims, in the temporary directory: a run's working directory
+# The directories the harness claims: in the temporary directory a run's working directory
 # (harness.measure), a podman env's own workdir and its runroot (harness.podman), a registry's
-# storage (harness.registry_server).
-PATTERNS = ("lzb-run-*", "lzb-podman-*", "lzbr-*", "lazybench-registry-*")
+# storage (harness.registry_server); in the cache, an image build's staging directory
+# (harness.images: a Containerfile's podman build, a recipe's layers and base).
+PATTERNS = ("lzb-run-*", "lzb-podman-*", "lzbr-*", "lazybench-registry-*", ".build-*")
+# The cache's subdirectories where builds stage (harness.images.build, .source).
+CACHE_BUILD_DIRS = ("containerfile", "images", "layers", "bases")
 KILL_WAIT = 5.0  # seconds for SIGKILLed processes to be gone before the unmounts
 RUNC_DEFAULT_ROOT = Path("/run/runc")  # runc's state directory for root (podman's containers)
 
@@ -177,6 +180,11 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def build_dirs(cache_dir: Path) -> list[Path]:
+    """Where image builds stage in the cache ``cache_dir``, for :func:`sweep`."""
+    return [cache_dir / d for d in CACHE_BUILD_DIRS]
 
 
 def bundled_below(root: Path, directory: Path) -> list[str]:

@@ -39,6 +39,7 @@ from harness.images.recipes import (
     Recipe,
     recipe_hash,
 )
+from harness.stale import claim
 
 HOST_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 Progress = Callable[[str], None]
@@ -139,6 +140,7 @@ def build_layers(
     images.mkdir(parents=True, exist_ok=True)
     final = images / recipe_hash(recipe)
     work = Path(tempfile.mkdtemp(prefix=f".build-{recipe.name}-", dir=images))
+    claim(work)  # harness.stale.sweep removes it (and its mounts) if we die uncleanly
     try:
         (work / "layers").mkdir()
         layers: list[BuiltLayer] = []
@@ -248,6 +250,7 @@ def _shared_layer(
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=final.parent))
+    claim(work)
     try:
         if build_tree is not None:
             build_tree(work)
@@ -340,6 +343,7 @@ def debian_base(cache_dir: Path, *, progress: Progress | None = None) -> Path:
         return final / "rootfs"
     bases.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-base-", dir=bases))
+    claim(work)
     try:
         cmd = [
             "mmdebstrap",

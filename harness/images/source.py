@@ -45,6 +45,7 @@ from harness.images.build import (
     publish_dir,
 )
 from harness.images.transports import TransportError, local_path, registry_host, split_transport
+from harness.stale import claim
 
 Progress = Callable[[str], None]
 SKOPEO_TIMEOUT = 3600.0
@@ -455,6 +456,7 @@ def build_containerfile(
     pointer.parent.mkdir(parents=True, exist_ok=True)
     say(f"{name}: podman build -f {containerfile} {context}")
     with tempfile.TemporaryDirectory(prefix=".build-", dir=pointer.parent) as tmp:
+        claim(Path(tmp))  # harness.stale.sweep removes it if we die uncleanly
         tag = "localhost/lazybench-build:latest"
         archive = Path(tmp) / "image.oci.tar"
         try:

@@ -1,9 +1,10 @@
 """What a killed harness leaves is found by owner and removed (harness.stale).
 
 The unit tests claim directories for live and dead owners and put a process and a mount in
-one; the end-to-end test SIGKILLs a real ``lazybench run`` while its workload runs lazily
-through our store (a FUSE mount, podman's overlay, a container under ``conmon``) and checks
-that ``lazybench cleanup`` leaves nothing of it.
+one; the end-to-end tests SIGKILL a real ``lazybench run`` while its workload runs lazily
+through our store (a FUSE mount, podman's overlay, a container under ``conmon``), or while a
+``RUN`` step of its image build runs, and check that ``lazybench cleanup`` leaves nothing of
+it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,23 @@ from pathlib import Path
 import pytest
 
 from harness.podman import mounts_below
-from harness.stale import OWNER_FILE, _below, claim, owner_gone, processes_in, sweep
-from tests.harness.test_podman_build import marked, runc_states_below, start_run, wait_for
+from harness.stale import (
+    OWNER_FILE,
+    _below,
+    build_dirs,
+    claim,
+    owner_gone,
+    processes_in,
+    sweep,
+)
+from tests.harness.test_podman_build import (
+    assert_build_left_nothing,
+    marked,
+    runc_states_below,
+    slow_context,
+    start_run,
+    wait_for,
+)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts)")
 
@@ -194,7 +210,7 @@ def test_cleanup_after_a_killed_lazy_run_leaves_nothing(tmp_path: Path) -> None:
         # (or die faulting on its lazily mounted binary); podman's mounts stay either way.
         assert mounts_below(runs[0]), "the kill left no mount: the cleanup proves nothing"
         cleanup = subprocess.run(
-            [sys.executable, "-m", "harness", "cleanup"],
+            [sys.executable, "-m", "harness", "cleanup", "--cache-dir", str(tmp_path / "cache")],
             env=env,
             capture_output=True,
             text=True,
@@ -204,7 +220,7 @@ def test_cleanup_after_a_killed_lazy_run_leaves_nothing(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=30)
-        sweep(tmp)  # a failed test leaves nothing behind either
+        sweep(tmp, *build_dirs(tmp_path / "cache"))  # a failed test leaves nothing either
         raise
     finally:
         if proc.poll() is None:
@@ -218,3 +234,49 @@ def test_cleanup_after_a_killed_lazy_run_leaves_nothing(tmp_path: Path) -> None:
     assert not runs[0].exists()
     assert [p for p in tmp.iterdir() if p.name.startswith(("lzb", "lazybench"))] == []
     assert runroots and not any(p.exists() for p in runroots)
+
+
+@pytest.mark.e2e
+@needs_root
+@pytest.mark.skipif(
+    not shutil.which("podman")
+    or not Path("/bin/busybox").exists()
+    or not shutil.which("docker-registry"),
+    reason="needs podman, busybox-static and docker-registry",
+)
+def test_cleanup_after_a_run_killed_during_a_build_step_leaves_nothing(tmp_path: Path) -> None:
+    # SIGTERM and SIGINT are lazybench's own to clean up (test_podman_build); SIGKILL is not:
+    # the RUN step keeps running in the runtime root of a runroot nobody removes.
+    marker = f"lzb-test-step-{uuid.uuid4().hex}"
+    slow_context(tmp_path / "ctx", marker)
+    proc = start_run(
+        tmp_path,
+        'name = "slow"\nsamples = 1\nmodes = ["legacy"]\n[network]\nprofile = "loopback"\n'
+        '[[workloads]]\nname = "cf"\ncontainerfile = "ctx/Containerfile"\n'
+        'ready = "ready-now"\ntimeout = 30\n',
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    try:
+        started = wait_for(lambda: marked(marker) or proc.poll() is not None, 120)
+        assert proc.poll() is None and started, proc.communicate(timeout=60)[0]
+        runroots = [p for p in Path("/tmp").glob("lzbr-*") if owned_by(p, proc.pid)]
+        proc.kill()
+        proc.communicate(timeout=60)
+        assert marked(marker), "the RUN step went with lazybench: the test proves nothing"
+        cleanup = subprocess.run(
+            [sys.executable, "-m", "harness", "cleanup", "--cache-dir", str(tmp_path / "cache")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        sweep(tmp_path / "tmp", *build_dirs(tmp_path / "cache"))
+        raise
+    assert cleanup.returncode == 0, cleanup.stdout + cleanup.stderr
+    assert_build_left_nothing(tmp_path, marker)
+    assert runroots and not any(p.exists() for p in runroots)
+    assert list((tmp_path / "cache" / "containerfile").glob(".build-*")) == []
