@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -167,14 +168,57 @@ def test_sweep_spares_this_process_and_its_ancestors(tmp_path: Path) -> None:
 # -- end to end -------------------------------------------------------------------------------
 
 
-@pytest.mark.e2e
-@needs_root
-@pytest.mark.skipif(
+def kill_then_clean_up(
+    tmp_path: Path,
+    proc: subprocess.Popen[str],
+    ready: Callable[[], object],
+    before: Callable[[], None] = lambda: None,
+    after: Callable[[], None] = lambda: None,
+) -> tuple[list[Path], subprocess.CompletedProcess[str]]:
+    """Once ``ready()``, SIGKILL the ``lazybench run`` ``proc`` (started by :func:`start_run`)
+    between the checks ``before()`` and ``after()`` (that the kill leaves something to clean
+    up), then run ``lazybench cleanup``. Returns the runroots the run owned and the cleanup's
+    result. On any failure lazybench is killed and its leftovers swept: a failed test leaves
+    nothing behind either."""
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    cache = tmp_path / "cache"
+    try:
+        started = wait_for(lambda: ready() or proc.poll() is not None, 240)
+        assert proc.poll() is None and started, proc.communicate(timeout=60)[0]
+        before()
+        runroots = [p for p in Path("/tmp").glob("lzbr-*") if owned_by(p, proc.pid)]
+        proc.kill()  # lazybench alone: no cleanup of its own runs
+        proc.communicate(timeout=60)
+        after()
+        cleanup = subprocess.run(
+            [sys.executable, "-m", "harness", "cleanup", "--cache-dir", str(cache)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        sweep(tmp_path / "tmp", *build_dirs(cache))
+        raise
+    assert cleanup.returncode == 0, cleanup.stdout + cleanup.stderr
+    assert runroots and not any(p.exists() for p in runroots)
+    return runroots, cleanup
+
+
+needs_run = pytest.mark.skipif(
     not shutil.which("podman")
     or not Path("/bin/busybox").exists()
     or not shutil.which("docker-registry"),
     reason="needs podman, busybox-static and docker-registry",
 )
+
+
+@pytest.mark.e2e
+@needs_root
+@needs_run
 def test_cleanup_after_a_killed_lazy_run_leaves_nothing(tmp_path: Path) -> None:
     marker = f"lzb-test-killed-{uuid.uuid4().hex}"
     ctx = tmp_path / "ctx"
@@ -194,56 +238,34 @@ def test_cleanup_after_a_killed_lazy_run_leaves_nothing(tmp_path: Path) -> None:
         'ready = "never-printed"\ntimeout = 300\n',
     )
     tmp = tmp_path / "tmp"
-    env = {**os.environ, "TMPDIR": str(tmp)}
-    try:
-        started = wait_for(lambda: in_container(marker) or proc.poll() is not None, 240)
-        assert proc.poll() is None and started, proc.communicate(timeout=60)[0]
-        runs = list(tmp.glob("lzb-run-*"))
+    runs: list[Path] = []
+
+    def through_the_store() -> None:
+        runs.extend(tmp.glob("lzb-run-*"))
         assert len(runs) == 1 and any(
             "fuse" in line and str(runs[0]) in line
             for line in Path("/proc/mounts").read_text().splitlines()
         ), "the workload runs, but not through a mounted store: the kill proves nothing"
-        runroots = [p for p in Path("/tmp").glob("lzbr-*") if owned_by(p, proc.pid)]
-        proc.kill()  # lazybench alone: no cleanup of its own runs
-        proc.communicate(timeout=60)
+
+    def mounts_left() -> None:
         # The store got SIGTERM with lazybench and unmounted; the container may outlive it
         # (or die faulting on its lazily mounted binary); podman's mounts stay either way.
         assert mounts_below(runs[0]), "the kill left no mount: the cleanup proves nothing"
-        cleanup = subprocess.run(
-            [sys.executable, "-m", "harness", "cleanup", "--cache-dir", str(tmp_path / "cache")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
-        sweep(tmp, *build_dirs(tmp_path / "cache"))  # a failed test leaves nothing either
-        raise
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
-    assert cleanup.returncode == 0, cleanup.stdout + cleanup.stderr
+
+    _, cleanup = kill_then_clean_up(
+        tmp_path, proc, lambda: in_container(marker), through_the_store, mounts_left
+    )
     assert f"removed {runs[0]}" in cleanup.stdout, cleanup.stdout
     assert wait_for(lambda: not marked(marker), 15), f"still running: {marked(marker)}"
     assert runc_states_below(runs[0]) == []
     assert str(runs[0]) not in Path("/proc/mounts").read_text()
     assert not runs[0].exists()
     assert [p for p in tmp.iterdir() if p.name.startswith(("lzb", "lazybench"))] == []
-    assert runroots and not any(p.exists() for p in runroots)
 
 
 @pytest.mark.e2e
 @needs_root
-@pytest.mark.skipif(
-    not shutil.which("podman")
-    or not Path("/bin/busybox").exists()
-    or not shutil.which("docker-registry"),
-    reason="needs podman, busybox-static and docker-registry",
-)
+@needs_run
 def test_cleanup_after_a_run_killed_during_a_build_step_leaves_nothing(tmp_path: Path) -> None:
     # SIGTERM and SIGINT are lazybench's own to clean up (test_podman_build); SIGKILL is not:
     # the RUN step keeps running in the runtime root of a runroot nobody removes.
@@ -255,28 +277,10 @@ def test_cleanup_after_a_run_killed_during_a_build_step_leaves_nothing(tmp_path:
         '[[workloads]]\nname = "cf"\ncontainerfile = "ctx/Containerfile"\n'
         'ready = "ready-now"\ntimeout = 30\n',
     )
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
-    try:
-        started = wait_for(lambda: marked(marker) or proc.poll() is not None, 120)
-        assert proc.poll() is None and started, proc.communicate(timeout=60)[0]
-        runroots = [p for p in Path("/tmp").glob("lzbr-*") if owned_by(p, proc.pid)]
-        proc.kill()
-        proc.communicate(timeout=60)
+
+    def step_left() -> None:
         assert marked(marker), "the RUN step went with lazybench: the test proves nothing"
-        cleanup = subprocess.run(
-            [sys.executable, "-m", "harness", "cleanup", "--cache-dir", str(tmp_path / "cache")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
-        sweep(tmp_path / "tmp", *build_dirs(tmp_path / "cache"))
-        raise
-    assert cleanup.returncode == 0, cleanup.stdout + cleanup.stderr
+
+    kill_then_clean_up(tmp_path, proc, lambda: marked(marker), after=step_left)
     assert_build_left_nothing(tmp_path, marker)
-    assert runroots and not any(p.exists() for p in runroots)
     assert list((tmp_path / "cache" / "containerfile").glob(".build-*")) == []
