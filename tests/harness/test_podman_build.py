@@ -236,6 +236,14 @@ def assert_build_left_nothing(tmp: Path, marker: str) -> None:
     assert mounts_below(tmp) == [], "mounts left behind"
 
 
+# A run of slow_context's image (built in ctx/): its build's RUN step sleeps.
+SLOW_SCENARIO = (
+    'name = "slow"\nsamples = 1\nmodes = ["legacy"]\n[network]\nprofile = "loopback"\n'
+    '[[workloads]]\nname = "cf"\ncontainerfile = "ctx/Containerfile"\n'
+    'ready = "ready-now"\ntimeout = 30\n'
+)
+
+
 def start_run(tmp_path: Path, scenario: str) -> subprocess.Popen[str]:
     """``lazybench run`` of ``scenario`` (TOML text) in ``tmp_path``, its temporary directory
     ``tmp_path/tmp``, its stdout and stderr in one text pipe."""
@@ -261,12 +269,7 @@ def start_run(tmp_path: Path, scenario: str) -> subprocess.Popen[str]:
 def test_lazybench_stopped_during_a_run_step_leaves_nothing(tmp_path: Path, sig: int) -> None:
     marker = f"lzb-test-step-{uuid.uuid4().hex}"
     slow_context(tmp_path / "ctx", marker)
-    proc = start_run(
-        tmp_path,
-        'name = "slow"\nsamples = 1\nmodes = ["legacy"]\n[network]\nprofile = "loopback"\n'
-        '[[workloads]]\nname = "cf"\ncontainerfile = "ctx/Containerfile"\n'
-        'ready = "ready-now"\ntimeout = 30\n',
-    )
+    proc = start_run(tmp_path, SLOW_SCENARIO)
     try:
         started = wait_for(lambda: marked(marker) or proc.poll() is not None, 120)
         assert proc.poll() is None and started, proc.communicate(timeout=60)[0]

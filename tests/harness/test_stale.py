@@ -31,6 +31,7 @@ from harness.stale import (
     sweep,
 )
 from tests.harness.test_podman_build import (
+    SLOW_SCENARIO,
     assert_build_left_nothing,
     marked,
     runc_states_below,
@@ -271,12 +272,7 @@ def test_cleanup_after_a_run_killed_during_a_build_step_leaves_nothing(tmp_path:
     # the RUN step keeps running in the runtime root of a runroot nobody removes.
     marker = f"lzb-test-step-{uuid.uuid4().hex}"
     slow_context(tmp_path / "ctx", marker)
-    proc = start_run(
-        tmp_path,
-        'name = "slow"\nsamples = 1\nmodes = ["legacy"]\n[network]\nprofile = "loopback"\n'
-        '[[workloads]]\nname = "cf"\ncontainerfile = "ctx/Containerfile"\n'
-        'ready = "ready-now"\ntimeout = 30\n',
-    )
+    proc = start_run(tmp_path, SLOW_SCENARIO)
 
     def step_left() -> None:
         assert marked(marker), "the RUN step went with lazybench: the test proves nothing"
