@@ -416,12 +416,6 @@ def _run(*argv: str) -> None:
         raise NodeError(f"`{' '.join(argv)}` exited {proc.returncode}: {proc.stderr.strip()}")
 
 
-def _mount_points_below(path: Path) -> list[Path]:
-    from harness.podman import mounts_below
-
-    return mounts_below(path)
-
-
 @dataclass
 class EnteredNode:
     """A node's private view while entered: bind host paths in, run commands in it."""
@@ -527,10 +521,10 @@ def clean_stale_views(directory: Path | None = None) -> list[Path]:
 
 
 def _teardown(base: Path, view: Path) -> None:
-    from harness.podman import unmount_below
+    from harness.podman import mounts_below, unmount_below
 
     unmount_below(base)
-    left = _mount_points_below(base)
+    left = mounts_below(base)
     if left:
         raise NodeError(
             f"could not unmount {', '.join(map(str, left[:5]))}: left {base} in place; "
