@@ -30,6 +30,11 @@ containers/storage's layer extraction) applies members, with the Go reader's con
   reference (``nlink``, which counts only names still in the tree at the end); the target's
   own metadata stays (the Go reader's view), the last link header of each file is kept in
   ``LayerIndex.link_headers`` for views that follow extraction's chown/chmod after linking;
+* a name (or link target) decoded from a ``\\udcXX`` JSON escape is spelled as its bytes
+  decode (surrogateescape), so two spellings of one byte string are one name, as extraction
+  sees them; one holding U+FFFD is refused (:class:`InvalidEntryName`): Go's
+  ``encoding/json``, which writes both formats' TOCs, puts it for each byte that is not
+  UTF-8, so the layer's own name is unknown (a normal pull gets it from the tar header);
 * a chunk's compressed bytes end where the next member starts (the next distinct offset of a
   data entry with ``innerOffset`` 0, or a file's ``endOffset`` — zstd:chunked writes it:
   where the file's last frame ends, see :mod:`.zstdchunked`), or at the TOC;
@@ -558,10 +563,11 @@ class _Builder:
         link_name = raw.linkName
         if etype == "hardlink":
             link_name = _checked_name(link_name, f"{where}hardlink target: ")
-        elif (
-            etype == "symlink" and not 0 < len(link_name.encode("utf-8", "surrogateescape")) < 4096
-        ):
-            raise InvalidToc(f"{where}symlink target is empty or longer than 4095 bytes")
+        elif etype == "symlink":
+            if not 0 < len(link_name.encode("utf-8", "surrogateescape")) < 4096:
+                raise InvalidToc(f"{where}symlink target is empty or longer than 4095 bytes")
+            if "\0" in link_name:  # symlink(2) takes a C string: no tar makes this target
+                raise InvalidEntryName(f"{where}symlink target {link_name[:80]!r} holds a NUL")
         small = self.ints.setdefault  # an integer most entries share: one object per value
         intern = sys.intern
         uid = small(raw.uid, raw.uid)
@@ -960,7 +966,7 @@ def _type_and_name(rawtype: Any, rawname: Any, where: _Where) -> tuple[str, str]
         raise InvalidToc(f"{where}unknown type {rawtype!r}")
     if not isinstance(rawname, str):
         raise InvalidToc(f"{where}name is {rawname!r}, not a string")
-    name = _checked_name(_encodable(rawname, "name", where), where)
+    name = _checked_name(_tar_name(rawname, "name", where), where)
     where.name = name
     return etype, name
 
@@ -978,6 +984,34 @@ def _encodable(value: str, what: str, where: Where) -> str:
     return value
 
 
+def _tar_name(value: str, what: str, where: Where) -> str:
+    """A decoded ``name`` or ``linkName`` in the one spelling of its bytes (module doc): a
+    ``\\udcXX`` escape stands for the byte ``XX``, so ``caf\\udcc3\\udca9`` is ``café``
+    (two spellings would be two entries where extraction makes one file, and a listing would
+    hold one name twice). :class:`InvalidEntryName` for a lone surrogate with no byte form
+    (:func:`_encodable`) or for U+FFFD, Go's ``encoding/json`` stand-in for a byte that is not
+    UTF-8 (containers/storage ≥ 1.55 refuses such a zstd:chunked layer for its own partial
+    pull: "tar-split and TOC data is inconsistent"). Only the dict path sees these: the typed
+    path refuses every ``\\u`` escape, so a real U+FFFD, written as itself, stays lazy unless
+    the TOC escapes something else too."""
+    if value.isascii():
+        return value
+    canonical = (
+        _encodable(value, what, where)
+        .encode("utf-8", "surrogateescape")
+        .decode("utf-8", "surrogateescape")
+    )
+    if _NOT_UTF8 in canonical:
+        raise InvalidEntryName(
+            f"{where}{what} {value[:80]!r} holds U+FFFD, what Go's encoding/json writes for a "
+            "byte that is not UTF-8: the layer's own name is unknown"
+        )
+    return canonical
+
+
+_NOT_UTF8 = "\ufffd"
+
+
 def _typed(raw: Mapping[str, Any], where: _Where) -> tuple[RawEntry, str, str]:
     """A decoded entry object checked field by field as :class:`RawEntry` is typed (``null``
     is the field's zero value), each error worded: ``(record, type, cleaned name)``."""
@@ -992,7 +1026,7 @@ def _typed(raw: Mapping[str, Any], where: _Where) -> tuple[RawEntry, str, str]:
             endOffset=_int(raw, "endOffset", where),
             chunkOffset=_int(raw, "chunkOffset", where, _MAX_SIZE),
             chunkSize=_int(raw, "chunkSize", where, _MAX_SIZE),
-            linkName=_encodable(_str(raw, "linkName", where), "linkName", where),
+            linkName=_tar_name(_str(raw, "linkName", where), "linkName", where),
             mode=_int(raw, "mode", where, 0o177777),
             uid=_int(raw, "uid", where, _MAX_ID),
             gid=_int(raw, "gid", where, _MAX_ID),

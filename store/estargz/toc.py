@@ -693,11 +693,27 @@ def _stream_entries(
 def encode_toc(entries: list[dict[str, Any]]) -> bytes:
     """TOC JSON laid out like Go's ``json.MarshalIndent(toc, "", "\\t")``.
 
-    Names that are not valid UTF-8 (carried as surrogate escapes) get U+FFFD for each bad
-    byte, as Go's encoder does; the tar headers keep the original bytes.
+    A name that is not valid UTF-8 (carried as surrogate escapes) gets the escape
+    ``\\ufffd`` for each byte that is not, as Go's encoder writes it (``encoding/json``
+    ``appendString``: a real U+FFFD it writes as itself); the tar headers keep the original
+    bytes. A reader refuses such a name (:func:`store.estargz.index._tar_name`), which costs
+    a normal pull: the TOC cannot say the name.
     """
     text = json.dumps({"version": 1, "entries": entries}, indent="\t", ensure_ascii=False)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode("utf-8")
+        raw = text.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", _GO_NOT_UTF8).encode("utf-8")
+
+
+def _escape_not_utf8(err: UnicodeError) -> tuple[str, int]:
+    """Decode error handler: ``\\ufffd`` (JSON text, inside a string) for each byte of a
+    sequence that is not UTF-8. Python reports a bad sequence's maximal subpart at once; Go's
+    ``utf8.DecodeRuneInString`` gives ``RuneError`` of size 1 for each of its bytes."""
+    assert isinstance(err, UnicodeDecodeError)
+    return "\\ufffd" * (err.end - err.start), err.end
+
+
+_GO_NOT_UTF8 = "lazybench.go-json-not-utf8"
+codecs.register_error(_GO_NOT_UTF8, _escape_not_utf8)

@@ -69,7 +69,7 @@ from .footer import (
     estargz_footer_bytes,
 )
 from .index import LayerIndex, clean_name, parent_dir
-from .toc import DEFAULT_LIMITS, encode_toc, iter_toc_entries, toc_digest, touches
+from .toc import DEFAULT_LIMITS, encode_toc, toc_digest, touches
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 # Chunks of a prioritized file read only in part: what a prefetch of the chunks read fetches
@@ -664,12 +664,10 @@ class _LayerWriter:
                 e.update(items)
         toc_json = encode_toc(self.entries)
         # A tar can hold what no layer can (an entry named "" that is a file, a hardlink to
-        # nothing, a file replacing a directory that has entries): check the TOC with the
-        # reader's own rules, so that whatever converts also reads back.
+        # nothing, a file replacing a directory that has entries, a name that is not UTF-8):
+        # check the TOC as the store reads it, so that whatever converts also reads back.
         try:
-            LayerIndex.from_entries(
-                iter_toc_entries([toc_json]), toc_offset=toc_offset, compression="gzip"
-            )
+            LayerIndex.from_toc_json([toc_json], toc_offset=toc_offset, compression="gzip")
         except InvalidToc as exc:
             raise InvalidLayerTar(f"the tar cannot be an eStargz layer: {exc}") from None
         ti = tarfile.TarInfo(TOC_TAR_NAME)

@@ -73,7 +73,7 @@ from typing import Any, BinaryIO, ClassVar, Literal
 
 import zstandard
 
-from .errors import BadFooter, InvalidEntryName, InvalidLayerTar, InvalidToc, TocDigestMismatch
+from .errors import BadFooter, InvalidLayerTar, InvalidToc, TocDigestMismatch
 from .footer import (
     ZSTD_CHUNKED_MAGIC,
     ZSTD_MANIFEST_TYPE_CRFS,
@@ -103,13 +103,6 @@ LEGACY_MANIFEST_CHECKSUM_KEY = "io.containers.zstd-chunked.manifest-checksum"
 LEGACY_MANIFEST_POSITION_KEY = "io.containers.zstd-chunked.manifest-position"
 ZSTD_CHUNKED_MAGIC_V2 = b"GNUlInUx"
 CHUNK_TYPES = ("", "zeros")
-# containers/storage writes the TOC with Go's encoding/json, which writes a byte that is not
-# UTF-8 as the escape \ufffd (a real U+FFFD it writes as itself, three bytes): a name or link
-# target holding it is not the tar's, and containers/storage ≥ 1.55 refuses such a layer for
-# its own partial pull ("tar-split and TOC data is inconsistent"). Only the dict path sees it:
-# the typed path (typed_toc_entries) refuses every \u escape, so a real U+FFFD stays lazy
-# unless the TOC escapes something else too (then: a normal pull).
-_NOT_UTF8 = "\ufffd"
 # containers/storage archive.Compression: Uncompressed, Bzip2, Gzip, Xz, Zstd
 ZSTD_COMPRESSION = 4
 
@@ -339,9 +332,10 @@ def normalize_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     A ``reg`` entry without chunk fields is one frame: its ``digest`` is that chunk's digest,
     so it becomes ``chunkDigest`` too (else the chunk could not be verified). ``chunkType``
-    must be ``""`` or ``"zeros"`` (:class:`InvalidToc` otherwise). A ``name`` or
-    ``linkName`` holding U+FFFD stood for bytes that are not UTF-8 (:data:`_NOT_UTF8`):
-    :class:`InvalidEntryName`. Entries are returned as new dicts only where something changes.
+    must be ``""`` or ``"zeros"`` (:class:`InvalidToc` otherwise). (A ``name`` or
+    ``linkName`` holding U+FFFD, which containers/storage writes for bytes that are not UTF-8,
+    is refused by the index, as in eStargz: :func:`store.estargz.index._tar_name`.) Entries
+    are returned as new dicts only where something changes.
     """
     return [_normalize(i, e) for i, e in enumerate(entries)]
 
@@ -350,13 +344,6 @@ def _normalize(i: int, e: dict[str, Any]) -> dict[str, Any]:
     ctype = e.get("chunkType", "")
     if ctype not in CHUNK_TYPES and ctype is not None:
         raise InvalidToc(f"TOC entry {i}: unknown chunkType {ctype!r}")
-    for key in ("name", "linkName"):
-        value = e.get(key)
-        if isinstance(value, str) and _NOT_UTF8 in value:
-            raise InvalidEntryName(
-                f"TOC entry {i}: {key} {value[:80]!r} holds U+FFFD, what containers/storage "
-                "writes for a tar name that is not UTF-8: the layer's own name is unknown"
-            )
     if (
         e.get("type") == "reg"
         and not e.get("chunkDigest")

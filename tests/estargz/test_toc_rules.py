@@ -136,6 +136,16 @@ def test_wrong_json_types_are_refused(entry: dict, match: str) -> None:
         ([reg("\ud800")], InvalidEntryName, "lone surrogate"),
         ([reg("\ud800" * 40 + "/" + "\ud800" * 40)], InvalidEntryName, "lone surrogate"),
         ([{"name": "l", "type": "symlink", "linkName": "\udfff"}], InvalidEntryName, "surrogate"),
+        # symlink(2) takes a C string: no extraction makes a target holding NUL.
+        ([{"name": "l", "type": "symlink", "linkName": "a\0b"}], InvalidEntryName, "NUL"),
+        # Go's encoding/json writes U+FFFD for a byte that is not UTF-8: the name is unknown.
+        ([reg("bad-\ufffd-name")], InvalidEntryName, r"name .* holds U\+FFFD"),
+        ([{"name": "l", "type": "symlink", "linkName": "t\ufffd"}], InvalidEntryName, r"U\+FFFD"),
+        (
+            [reg("f"), {"name": "h", "type": "hardlink", "linkName": "\ufffd"}],
+            InvalidEntryName,
+            "FFFD",
+        ),
         (
             [reg("f"), {"name": "h", "type": "hardlink", "linkName": "\ud800" * 70}],
             InvalidEntryName,
@@ -387,3 +397,13 @@ def test_whiteouts_ignored_under_a_whited_out_name_apply_when_a_later_entry_make
     idx = build([reg(".wh.c"), reg("c/d/.wh.y"), reg("c/x")])
     assert list(idx.lookup("c").children) == ["d", "x"]
     assert list(idx.lookup("c/d").children) == [".wh.y"]
+
+
+def test_two_spellings_of_one_byte_string_are_one_name() -> None:
+    # A \udcXX escape stands for the byte XX: "caf\udcc3\udca9" is the bytes of "café".
+    # Extraction makes one file of both, the later entry winning; so does the index.
+    idx = build([reg("café", 3, 10), reg("caf\udcc3\udca9", 4, 20), reg("d/\udcff", 5, 30)])
+    names = {name: e for name, e in idx.names()}
+    assert sorted(names) == ["", "café", "d", "d/\udcff"]
+    assert (names["café"].size, names["café"].chunks[0].offset) == (4, 20)
+    assert names["d/\udcff"].size == 5  # a byte that is not UTF-8 keeps its escape

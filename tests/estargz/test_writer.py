@@ -6,10 +6,13 @@ import gzip
 import io
 import tarfile
 
+import pytest
 import zstandard
 
 from store.estargz import BytesBlobSource, EstargzReader, convert
+from store.estargz.errors import InvalidLayerTar
 from store.estargz.listing import listing
+from store.estargz.toc import encode_toc
 
 
 def _tar(files: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
@@ -104,19 +107,30 @@ def test_multi_chunk_entries() -> None:
     assert r.read_file("f", 4000, 200) == data[4000:4200]
 
 
-def test_existing_landmarks_and_toc_are_dropped_and_non_utf8_names_survive() -> None:
+def test_existing_landmarks_and_toc_are_dropped() -> None:
     files = [
         (".no.prefetch.landmark", b"\x0f"),
         ("./.prefetch.landmark", b"\x0f"),
         ("stargz.index.json", b"{}"),
-        ("bad-\udcff-name", b"abc"),
+        ("ok", b"abc"),
     ]
-    blob, r = _convert(_tar(files))
+    _, r = _convert(_tar(files))
     names = [line["name"] for line in listing(r)]
-    assert names == ["", ".no.prefetch.landmark", "bad-\ufffd-name"]
-    # the tar stream keeps the original bytes of the name
-    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob)), errors="surrogateescape") as t:
-        assert "bad-\udcff-name" in t.getnames()
+    assert names == ["", ".no.prefetch.landmark", "ok"]
+
+
+def test_a_name_that_is_not_utf8_is_escaped_as_go_writes_it_and_refused() -> None:
+    # Go's encoding/json writes the escape \ufffd for each byte that is not UTF-8 (a real
+    # U+FFFD as itself): the TOC cannot say the name, so no reader can serve it (a normal
+    # pull takes it from the tar header), and the writer refuses the tar, naming the entry.
+    raw = encode_toc([{"name": "bad-\udcff-\udce2\udc82-name"}, {"name": "\ufffd"}])
+    assert b'"bad-\\ufffd-\\ufffd\\ufffd-name"' in raw  # one escape a byte, as Go
+    assert '"\ufffd"'.encode() in raw  # the real U+FFFD, as itself
+    with pytest.raises(InvalidLayerTar, match=r"name 'bad-.*U\+FFFD"):
+        _convert(_tar([("bad-\udcff-name", b"abc")]))
+    # A real U+FFFD is written as itself: the store's typed decode, which refuses every
+    # \u escape, serves it (a TOC decoded one dict at a time cannot tell, and refuses it).
+    convert(io.BytesIO(_tar([("\ufffd", b"a real U+FFFD")])), io.BytesIO())
 
 
 def test_gnu_format_long_names() -> None:
