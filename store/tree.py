@@ -22,9 +22,12 @@ Conventions (DESIGN.md §3; OCI image spec, "Representing Changes"):
   reads (``trusted.overlay.opaque`` rootful, ``user.overlay.opaque`` rootless, or both: the
   ``overlay_opaque_type`` config key, :mod:`store.fs`);
 * the landmark files ``.prefetch.landmark`` / ``.no.prefetch.landmark`` at the root are hidden;
-* hardlinks share one node (``nlink`` counts the names); its mode, owner and mtime are the
-  last link header's (``LayerIndex.link_headers``), as extraction applies each link header
-  to the shared inode; a directory's ``nlink`` is 2 + its
+* hardlinks share one node (``nlink`` counts the names); its mode, owner, mtime and xattrs
+  are the last link header's (``LayerIndex.link_headers``, whose xattrs hold every header's),
+  as extraction applies each link header to the shared inode — but a symlink's mode is 0777
+  and its mtime its own (no ``lchmod``, and extraction sets no time through a link header
+  naming a symlink); other mtimes before 1970 or past 2262 are the epoch, as extraction's
+  ``Chtimes`` clamps them; a directory's ``nlink`` is 2 + its
   subdirectories; a layer root is 0555 root:root whatever a ``./`` entry says, as
   containers/storage makes every layer's root; a directory the tar never names is 0755
   root:root, plus set-group-ID when its parent had it at that point of the tar (extraction's
@@ -51,6 +54,10 @@ OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 # The fraction of a second in an RFC 3339 modtime: up to 9 digits (Go's RFC3339Nano, as
 # containers/storage writes zstd:chunked TOCs); eStargz writers round to whole seconds.
 _FRACTION = re.compile(r"\.([0-9]+)")
+
+# containers/storage's Chtimes sets a time before the epoch or past Go's os.Chtimes limit
+# (time.Unix(0, 1<<63-1), in 2262) to the epoch instead (pkg/system/chtimes.go).
+_MAX_CHTIMES_NS = (1 << 63) - 1
 
 _TYPE_BITS = {
     "dir": stat.S_IFDIR,
@@ -111,6 +118,8 @@ class Node:
             return stat.S_IFDIR | 0o555
         if e.implicit and e.ino in self.tree.index.setgid_implicit:
             return stat.S_IFDIR | 0o755 | stat.S_ISGID
+        if e.type == "symlink":  # Linux has no lchmod: extraction never sets a link's mode
+            return stat.S_IFLNK | 0o777
         return _TYPE_BITS[e.type] | (self._meta.mode & 0o7777)
 
     @property
@@ -140,7 +149,13 @@ class Node:
 
     @property
     def mtime_ns(self) -> int:
-        return self.tree.mtime_ns(self._meta.modtime)
+        """As extraction sets it: a symlink's own (``LUtimesNano``; a link header naming a
+        symlink sets no time), anything else's from its last header, clamped to the epoch
+        when before 1970 or past 2262 (containers/storage ``pkg/system.Chtimes``)."""
+        if self.entry.type == "symlink":
+            return self.tree.mtime_ns(self.entry.modtime)
+        ns = self.tree.mtime_ns(self._meta.modtime)
+        return ns if 0 <= ns <= _MAX_CHTIMES_NS else 0
 
     @property
     def nlink(self) -> int:
@@ -180,14 +195,14 @@ class Node:
 
     @property
     def xattrs(self) -> dict[bytes, bytes] | None:
-        x = self.entry.xattrs
+        x = self._meta.xattrs
         return {_key(k): v for k, v in x.items()} if x and not self.whiteout else None
 
     def xattr(self, name: bytes) -> bytes | None:
         """``xattrs.get(name)``, in one lookup of the entry's own (str-keyed) xattrs: the
         name's decoding is the only key that encodes to it, unless the entry has a name whose
         bytes decode to another string (``LayerTree`` notes those, for the whole dict)."""
-        x = self.entry.xattrs
+        x = self._meta.xattrs
         if not x or self.whiteout:
             return None
         if self.entry.ino in self.tree.odd_xattrs:
@@ -339,6 +354,10 @@ class LayerTree:
         if self._odd_xattrs is None:
             self._odd_xattrs = {
                 e.ino for e in self.index.entries if e.xattrs and not all(map(_canonical, e.xattrs))
+            } | {
+                ino
+                for ino, h in self.index.link_headers.items()
+                if h.xattrs and not all(map(_canonical, h.xattrs))
             }
         return self._odd_xattrs
 

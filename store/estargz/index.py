@@ -29,7 +29,9 @@ containers/storage's layer extraction) applies members, with the Go reader's con
   is missing or comes later is refused); the target gets the link's name as another parent
   reference (``nlink``, which counts only names still in the tree at the end); the target's
   own metadata stays (the Go reader's view), the last link header of each file is kept in
-  ``LayerIndex.link_headers`` for views that follow extraction's chown/chmod after linking;
+  ``LayerIndex.link_headers`` for views that follow extraction's chown/chmod after linking,
+  its ``xattrs`` the target's with every link header's set on top in TOC order (extraction
+  calls ``Lsetxattr`` on the shared inode for each header's, and nothing removes one);
 * a name (or link target) decoded from a ``\\udcXX`` JSON escape is spelled as its bytes
   decode (surrogateescape), so two spellings of one byte string are one name, as extraction
   sees them; one holding U+FFFD is refused (:class:`InvalidEntryName`): Go's
@@ -768,6 +770,10 @@ class _Builder:
                 )
             if target.type == "dir":
                 raise InvalidToc(f"{where}hardlink target {e.link_name!r} is a directory")
+            # Each header's xattrs are set on the shared inode in turn: the last header
+            # carries them all (the target's, then every link's, a later value winning).
+            before = self.link_headers.get(id(target), (target, target))[1].xattrs
+            e.xattrs = {**before, **e.xattrs} if e.xattrs else before
             self.link_headers[id(target)] = (target, e)
             if target is old:
                 return  # a link to itself changes nothing else

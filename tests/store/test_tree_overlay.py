@@ -9,6 +9,7 @@ opaque (the lower directory is deleted, the layer's own content stays).
 
 from __future__ import annotations
 
+import base64
 import stat
 
 import pytest
@@ -135,7 +136,9 @@ def test_hardlink_header_metadata_applies_to_the_shared_inode():
 )
 def test_mtime_keeps_the_fraction_of_a_second(modtime, ns):
     t = _raw_tree([{"name": "f", "type": "reg", "modtime": modtime}])
-    assert t.lookup_path("f").mtime_ns == ns
+    assert t.mtime_ns(modtime) == ns
+    # A file's time before the epoch is the epoch, as extraction's Chtimes sets it.
+    assert t.lookup_path("f").mtime_ns == max(ns, 0)
 
 
 @pytest.mark.parametrize("replacer", ["a", "a/x"])
@@ -258,3 +261,66 @@ def test_a_hardlink_named_as_a_whiteout_of_dot_or_dotdot_is_refused(name):
     ]
     with pytest.raises(TreeError, match="a whiteout of"):
         LayerTree(LayerIndex.from_entries(entries, toc_offset=1 << 20, compression="gzip"))
+
+
+def _b64(v: bytes) -> str:
+    return base64.b64encode(v).decode()
+
+
+def test_every_link_headers_xattrs_are_set_on_the_shared_inode():
+    # Extraction calls Lsetxattr on the shared inode for each header's xattrs, in tar order.
+    t = _raw_tree(
+        [
+            {"name": "a", "type": "reg", "xattrs": {"user.q": _b64(b"1"), "user.r": _b64(b"0")}},
+            {"name": "b", "type": "hardlink", "linkName": "a", "xattrs": {"user.r": _b64(b"2")}},
+            {"name": "c", "type": "hardlink", "linkName": "a"},
+            {"name": "d", "type": "hardlink", "linkName": "a", "xattrs": {"user.s": _b64(b"3")}},
+        ]
+    )
+    for name in "abcd":
+        node = t.lookup_path(name)
+        assert node.xattrs == {b"user.q": b"1", b"user.r": b"2", b"user.s": b"3"}
+        assert node.xattr(b"user.r") == b"2"
+        assert node.getxattr(b"user.s") == b"3"
+    plain = _raw_tree([{"name": "a", "type": "reg", "xattrs": {"user.q": _b64(b"1")}},
+                       {"name": "b", "type": "hardlink", "linkName": "a"}])  # fmt: skip
+    assert plain.lookup_path("b").xattrs == {b"user.q": b"1"}
+
+
+def test_a_symlink_is_0777_and_a_link_header_naming_it_sets_no_mode_or_time():
+    # No lchmod: extraction never sets a symlink's mode; through a hardlink header naming a
+    # symlink it sets neither mode nor time (containers/storage createTarFile), only owner.
+    t = _raw_tree(
+        [
+            {"name": "s", "type": "symlink", "linkName": "t", "mode": 0o644,
+             "modtime": "2020-01-01T00:00:00Z"},
+            {"name": "h", "type": "hardlink", "linkName": "s", "mode": 0o600, "uid": 7,
+             "modtime": "2021-01-01T00:00:00Z"},
+        ]
+    )  # fmt: skip
+    for name in ("s", "h"):
+        node = t.lookup_path(name)
+        assert node.mode == stat.S_IFLNK | 0o777
+        assert node.mtime_ns == 1577836800 * 10**9
+        assert node.uid == 7
+
+
+@pytest.mark.parametrize(
+    ("modtime", "file_ns"),
+    [
+        ("1969-12-31T23:59:55Z", 0),  # before the epoch
+        ("2500-01-01T00:00:00Z", 0),  # past Go's os.Chtimes limit (2262)
+        ("2262-04-11T23:47:16.854775807Z", (1 << 63) - 1),  # the last time it sets
+        ("1970-01-01T00:00:00Z", 0),
+    ],
+)
+def test_times_extraction_cannot_set_are_the_epoch_except_on_symlinks(modtime, file_ns):
+    # containers/storage's Chtimes sets them to the epoch; a symlink's (LUtimesNano) stays.
+    entries = [
+        {"name": "d", "type": "dir", "modtime": modtime},
+        {"name": "f", "type": "reg", "modtime": modtime},
+        {"name": "s", "type": "symlink", "linkName": "f", "modtime": modtime},
+    ]
+    t = _raw_tree(entries)
+    assert t.lookup_path("d").mtime_ns == t.lookup_path("f").mtime_ns == file_ns
+    assert t.lookup_path("s").mtime_ns == t.mtime_ns(modtime)
