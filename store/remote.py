@@ -111,11 +111,7 @@ class RemoteRegistry(RegistryAccess):
                         f"bytes, over the {MAX_CONFIG_BYTES}-byte limit on image configs"
                     )
                 if on_layers is not None:
-                    try:
-                        early = manifest_layers(manifest.parsed)
-                    except (KeyError, TypeError, ValueError, AttributeError):
-                        early = []  # malformed: the full check below names what is wrong
-                    on_layers(early)
+                    on_layers(manifest_layers(manifest))  # get_manifest checked their shape
                 config_raw = await self.client.get_blob(
                     ref, manifest.config.digest, max_bytes=MAX_CONFIG_BYTES
                 )
@@ -128,7 +124,7 @@ class RemoteRegistry(RegistryAccess):
             raise error
         # Up to 4 MiB of JSON: decoded off the thread that answers FUSE requests.
         config = await trio.to_thread.run_sync(decode_json, config_raw, f"{ref} config")
-        return manifest.raw, config_raw, layer_descs(manifest.parsed, config)
+        return manifest.raw, config_raw, layer_descs(ref, manifest, config)
 
     def blob(self, ref: str, digest: str, size: int) -> BlobReader:
         return RegistryBlob(self.client, ref, digest, size, self.fetch_deadline)

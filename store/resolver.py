@@ -70,6 +70,8 @@ from store.estargz_view import (
 from store.layer import AheadBlob, BlobReader, Layer
 from store.libprefetch import LibraryPrefetcher
 from store.pullorder import TurnKey, Turns
+from store.registry.errors import ManifestError
+from store.registry.manifest import ManifestResult, config_diff_ids
 from store.timeline import Timeline, span
 from store.tree import LayerTree, TreeError
 
@@ -827,40 +829,37 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def manifest_layers(manifest: dict[str, Any]) -> list[LayerDesc]:
+def manifest_layers(manifest: ManifestResult) -> list[LayerDesc]:
     """The manifest's layer descriptors, in order, before their diff IDs are known
-    (``diff_id`` ``""``). Annotations are a string-to-string map (OCI image-spec,
-    annotations.md): an entry with another type of key or value is left out (a TOC digest
-    given as a number names no TOC: the layer is then not the store's), so one bad
-    descriptor never fails the lookups of the image's other layers."""
+    (``diff_id`` ``""``); :class:`~store.registry.manifest.ManifestResult` checked their
+    shape (a bad one raised :class:`~store.registry.ManifestError` naming the field)."""
     return [
         LayerDesc(
-            digest=str(d["digest"]),
-            size=int(d["size"]),
-            annotations=_string_map(d.get("annotations")),
+            digest=d.digest,
+            size=d.size,
+            annotations=dict(d.annotations or {}),
             diff_id="",
-            media_type=str(d.get("mediaType", "")),
+            media_type=d.media_type,
         )
-        for d in manifest.get("layers") or []
+        for d in manifest.layers
     ]
 
 
-def _string_map(value: Any) -> dict[str, str]:
-    if not isinstance(value, dict):
-        return {}
-    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
-
-
-def layer_descs(manifest: dict[str, Any], config: dict[str, Any]) -> list[LayerDesc]:
-    """Pair manifest layer descriptors with the config's diff IDs."""
+def layer_descs(ref: str, manifest: ManifestResult, config: dict[str, Any]) -> list[LayerDesc]:
+    """Pair manifest layer descriptors with the config's diff IDs; :class:`ResolveError`
+    names ``ref``, the config and what is wrong."""
     layers = manifest_layers(manifest)
-    diff_ids = ((config.get("rootfs") or {}).get("diff_ids")) or []
+    try:
+        diff_ids = config_diff_ids(config)
+    except ManifestError as exc:
+        raise ResolveError(f"{ref}: config {manifest.config.digest}: {exc}") from None
     if len(layers) != len(diff_ids):
         raise ResolveError(
-            f"manifest has {len(layers)} layers but config has {len(diff_ids)} diff_ids"
+            f"{ref}: manifest has {len(layers)} layers but config {manifest.config.digest} "
+            f"has {len(diff_ids)} rootfs.diff_ids"
         )
     for desc, diff_id in zip(layers, diff_ids, strict=True):
-        desc.diff_id = str(diff_id)
+        desc.diff_id = diff_id
     return layers
 
 

@@ -150,24 +150,64 @@ def test_an_annotation_that_is_not_a_string_is_invalid_toc(key, value):
     assert LayerDesc("sha256:x", 10, ann, "sha256:y").toc_digest is None
 
 
-def test_a_manifests_annotations_keep_only_strings():
-    """The resolver reads a manifest's annotations as the string map the spec makes them: a
-    descriptor whose TOC digest is a number names no TOC (the layer is pulled normally) and
-    fails no other layer's lookup."""
-    from store.resolver import manifest_layers
+def _image_manifest(layers: list) -> object:
+    from store.registry.manifest import OCI_MANIFEST, parse_manifest
 
-    good = {"containerd.io/snapshot/stargz/toc.digest": "sha256:" + "2" * 64}
-    bad = {"containerd.io/snapshot/stargz/toc.digest": 5, "x": "y", "n": None}
-    manifest = {
-        "layers": [
-            {"digest": "sha256:" + "1" * 64, "size": 10, "annotations": good},
-            {"digest": "sha256:" + "3" * 64, "size": 10, "annotations": bad},
-            {"digest": "sha256:" + "4" * 64, "size": 10, "annotations": ["not", "a", "map"]},
-        ]
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2}
+    obj = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config | {"digest": "sha256:" + "c" * 64},
+        "layers": layers,
     }
-    layers = manifest_layers(manifest)
-    assert [d.toc_digest for d in layers] == ["sha256:" + "2" * 64, None, None]
-    assert layers[1].annotations == {"x": "y"} and layers[2].annotations == {}
+    return parse_manifest(json.dumps(obj).encode(), None, "sha256:" + "e" * 64)
+
+
+def test_a_manifest_annotation_that_is_not_a_string_refuses_the_image():
+    """Annotations are a string map (OCI image-spec annotations.md). containers/image decodes
+    the manifest into Go's ``map[string]string`` and fails on a number, so the runtime never
+    looks one of the image's layers up: the manifest parser refuses it, naming the field."""
+    from store.registry import ManifestError
+
+    bad = {"containerd.io/snapshot/stargz/toc.digest": 5, "x": "y"}
+    with pytest.raises(ManifestError, match=r'layers\[1\]\.annotations\["containerd.io/'):
+        _image_manifest(
+            [
+                {"digest": "sha256:" + "1" * 64, "size": 10},
+                {"digest": "sha256:" + "3" * 64, "size": 10, "annotations": bad},
+            ]
+        )
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"rootfs": "x"}, 'config sha256:c{64}: rootfs: expected an object, got "x"'),
+        ({"rootfs": {"diff_ids": [5]}}, r"config sha256:c{64}: rootfs\.diff_ids\[0\]: .* got 5"),
+        ({"rootfs": {"diff_ids": []}}, r"manifest has 1 layers but config sha256:c{64} has 0"),
+        ({}, r"manifest has 1 layers but config sha256:c{64} has 0 rootfs\.diff_ids"),
+    ],
+)
+def test_a_config_that_does_not_pair_with_the_layers_names_the_image(config, message):
+    from store.resolver import ResolveError, layer_descs
+
+    manifest = _image_manifest([{"digest": "sha256:" + "1" * 64, "size": 10}])
+    with pytest.raises(ResolveError, match=r"^reg\.example/img:1: " + message):
+        layer_descs("reg.example/img:1", manifest, config)
+
+
+def test_layer_descs_pair_layers_with_diff_ids():
+    from store.resolver import layer_descs
+
+    toc = {"containerd.io/snapshot/stargz/toc.digest": "sha256:" + "2" * 64}
+    manifest = _image_manifest([{"digest": "sha256:" + "1" * 64, "size": 10, "annotations": toc}])
+    (desc,) = layer_descs("r/x:1", manifest, {"rootfs": {"diff_ids": ["sha256:" + "d" * 64]}})
+    assert (desc.digest, desc.size, desc.diff_id) == (
+        "sha256:" + "1" * 64,
+        10,
+        "sha256:" + "d" * 64,
+    )
+    assert desc.toc_digest == "sha256:" + "2" * 64
 
 
 def _rle_frame(blocks: int) -> bytes:
