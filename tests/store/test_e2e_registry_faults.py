@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import http.client
+import json
 import os
 import random
 import shutil
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from harness.podman import PodmanEnv, PodmanError
-from tests.registry.regtest_proxies import FAULTS, BlobFaults, HttpFaultProxy
+from tests.registry.regtest_proxies import FAULTS, BlobFaults, HttpFaultProxy, answer
 from tests.store.images import add_file, make_tar, push, to_estargz
 
 pytestmark = [pytest.mark.e2e]
@@ -194,3 +196,48 @@ def test_podman_workload_through_a_faulty_link_then_registry_gone(
         assert time.monotonic() - start < FETCH_TIMEOUT + 30
         assert env.run(ref, "/bin/cat", "/etc/hello", timeout=60).stdout == "hello from upper\n"
     assert os.path.ismount(store.mnt)
+
+
+class BadLayerSize:
+    """A policy for ``HttpFaultProxy`` that serves the image's manifest with ``layers[1].size``
+    a string numeral, which the store took for a number before (and served)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+
+    def __call__(self, h) -> bool:
+        if "/manifests/" not in h.path:
+            return False
+        conn = http.client.HTTPConnection(*self.upstream, timeout=10)
+        conn.request("GET", h.path, headers={"Accept": h.headers.get("Accept", "")})
+        resp = conn.getresponse()
+        manifest = json.loads(resp.read())
+        conn.close()
+        manifest["layers"][1]["size"] = str(manifest["layers"][1]["size"])
+        body = json.dumps(manifest).encode()
+        answer(h, 200, body, Content_Type=manifest["mediaType"])
+        return True
+
+
+@pytest.mark.store_ours_only(reason="asserts our store's log message for a malformed manifest")
+def test_a_malformed_manifest_fails_the_lookup_at_once_naming_the_field(
+    registry, store_factory, layers
+):
+    blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
+    push(registry.host, "crafted/img", "1", blobs)
+    with HttpFaultProxy(_addr(registry.host), BadLayerSize(_addr(registry.host))) as proxy:
+        ref = f"{proxy.host}/crafted/img:1"
+        store = store_factory(CONFIG)
+        start = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            (store.layer_dir(ref, blobs[0].digest) / "diff").stat()
+        elapsed = time.monotonic() - start
+    assert exc.value.errno == errno.EIO
+    assert elapsed < 5, elapsed  # not resolve_timeout_sec (60): the lookup fails at once
+    msgs = [json.loads(line).get("msg", "") for line in store.log.read_text().splitlines()]
+    failed = [m for m in msgs if m.startswith(f"resolution failed: {ref}: manifest sha256:")]
+    size = len(blobs[1].data)
+    assert failed, msgs[-20:]
+    assert failed[0].endswith(f'layers[1].size: expected an integer 0 <= size < 2^63, got "{size}"')
+    # No blob of the image was asked for: the manifest was refused before anything else.
+    assert not [r for r in proxy.seen if "/blobs/" in r["path"]], proxy.seen
