@@ -47,7 +47,8 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, BinaryIO
 
 from zstandard import ZstdDecompressor, ZstdError
@@ -603,8 +604,9 @@ class _LayerWriter:
         e: dict[str, Any] = {"name": ti.name + ("/" if etype == "dir" else ""), "type": etype}
         if etype == "reg" and ti.size:
             e["size"] = ti.size
-        if int(ti.mtime) != 0:
-            e["modtime"] = _rfc3339(ti.mtime)
+        modtime = estargz_modtime(ti)
+        if modtime is not None:
+            e["modtime"] = modtime
         if ti.linkname and etype in ("symlink", "hardlink"):
             e["linkName"] = ti.linkname
         if ti.mode:
@@ -714,8 +716,77 @@ def _name_if_changed(seen: dict[int, str], ident: int, name: str) -> str:
     return name
 
 
-def _rfc3339(mtime: float) -> str:
-    return datetime.fromtimestamp(round(mtime), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+NS = 1_000_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_GO_ZERO_TIME_NS = -62_135_596_800 * NS  # Go's zero time.Time, 0001-01-01T00:00:00Z
+# The seconds RFC 3339's four-digit year holds: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_RFC3339_SECONDS = range(-62_135_596_800, 253_402_300_800)
+EPOCH_RFC3339 = "1970-01-01T00:00:00Z"
+
+
+def tar_mtime_ns(ti: tarfile.TarInfo) -> int:
+    """``ti``'s modification time in nanoseconds since the epoch, as Go's archive/tar reads
+    it: a PAX ``mtime`` record to the nanosecond (``parsePAXTime``: at most 9 fraction digits,
+    the rest cut off; a minus sign applies to the fraction too), else the header's seconds.
+    ``tarfile`` keeps only a float (about 0.2 µs apart in 2023), so the record is read again."""
+    record = ti.pax_headers.get("mtime")
+    if record is not None:
+        whole, _, fraction = record.partition(".")
+        try:
+            seconds = int(whole)
+            nanos = int(fraction[:9].ljust(9, "0")) if fraction.isdigit() else 0
+        except ValueError:
+            pass  # tarfile read the header's own field then
+        else:
+            return seconds * NS + (-nanos if whole.lstrip().startswith("-") else nanos)
+    return int(Decimal(repr(ti.mtime)) * NS)
+
+
+def _rfc3339_seconds(seconds: int) -> str | None:
+    """``YYYY-MM-DDTHH:MM:SSZ``; None when the year is outside RFC 3339's 1 to 9999."""
+    if seconds not in _RFC3339_SECONDS:
+        return None
+    t = _EPOCH + timedelta(seconds=seconds)  # not strftime: glibc's %Y does not pad year 1
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}Z"
+
+
+def estargz_modtime(ti: tarfile.TarInfo) -> str | None:
+    """The eStargz TOC ``modtime`` of ``ti`` (None: left out), as the Go reference writer
+    writes it: containerd/stargz-snapshotter estargz ``formatModtime`` leaves out the zero
+    time and any time whose ``Unix()`` (seconds, floored) is 0, and otherwise writes
+    ``t.UTC().Round(time.Second).Format(time.RFC3339)``. Go's ``Round`` rounds a half
+    second up (toward the later second, also before 1970: it counts from year 1), where
+    Python's ``round`` went to the even second. A year RFC 3339 cannot hold: see
+    :func:`_out_of_range`."""
+    ns = tar_mtime_ns(ti)
+    if ns == _GO_ZERO_TIME_NS or ns // NS == 0:
+        return None
+    return _rfc3339_seconds((ns + NS // 2) // NS) or _out_of_range()
+
+
+def rfc3339_nano(ns: int) -> str:
+    """``ns`` (since the epoch) in Go's ``time.RFC3339Nano``, as ``time.Time``'s JSON form
+    writes it (containers/storage's zstd:chunked TOC ``modtime``): the fraction to the
+    nanosecond without trailing zeros, none for a whole second; before 1970 the seconds are
+    floored and the fraction counts up from them (-5.25 s is ``23:59:54.75Z``). A year
+    RFC 3339 cannot hold: see :func:`_out_of_range`."""
+    seconds, nanos = divmod(ns, NS)
+    whole = _rfc3339_seconds(seconds)
+    if whole is None:
+        return _out_of_range()
+    if not nanos:
+        return whole
+    return f"{whole[:-1]}.{nanos:09d}".rstrip("0") + "Z"
+
+
+def _out_of_range() -> str:
+    """The epoch, for a time whose year RFC 3339 cannot hold (after 9999, before 1): a normal
+    pull extracts such a file with the epoch as its time — containers/storage ``pkg/system``
+    ``Chtimes`` sets any time before 1970 or after 2262 (``time.Unix(0, 1<<63-1)``) to
+    ``time.Unix(0, 0)`` — so the lazy view shows what the pull would. (The Go writers do not
+    help: estargz writes a year of five digits that its own reader cannot parse, and
+    ``time.Time.MarshalJSON`` fails the zstd:chunked TOC.)"""
+    return EPOCH_RFC3339
 
 
 def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -656,8 +656,9 @@ def _toc_entry(ti: tarfile.TarInfo, etype: str) -> dict[str, Any]:
         e["uid"] = ti.uid
     if ti.gid:
         e["gid"] = ti.gid
-    if int(ti.mtime):
-        e["modtime"] = _w._rfc3339(ti.mtime)
+    mtime_ns = _w.tar_mtime_ns(ti)
+    if mtime_ns:  # the epoch itself is left out: a TOC without modtime reads as the epoch
+        e["modtime"] = _w.rfc3339_nano(mtime_ns)
     if etype in ("char", "block"):
         if ti.devmajor:
             e["devMajor"] = ti.devmajor
