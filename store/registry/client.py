@@ -31,10 +31,12 @@ from .auth import Challenge, TokenCache, basic_header, parse_challenge, scope_fo
 from .credentials import Credentials, CredentialStore
 from .errors import (
     AuthenticationError,
+    ContentEncodingError,
     DigestMismatch,
     ManifestError,
     NotFoundError,
     RangeError,
+    RangeNotHonoured,
     RegistryError,
     RegistryTimeout,
     RegistryUnavailable,
@@ -53,14 +55,14 @@ from .manifest import (
 )
 from .ranges import (
     Span,
+    body_limit,
     coalesce,
-    multipart_boundary,
-    parse_content_range,
     parse_multipart_byteranges,
+    range_body,
     range_header,
     slice_from,
 )
-from .rangetransport import RangeTransport
+from .rangetransport import BODY_LIMIT, RangeTransport
 from .reference import Reference, validate_digest
 
 T = TypeVar("T")
@@ -69,10 +71,16 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 # MaxConfigBodySize, 4 MiB; a body of exactly the limit is accepted there too).
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 MAX_REDIRECTS = 5
+# The start of an error answer's body read for its JSON detail; the rest is never read.
+MAX_ERROR_BODY = 64 * 1024
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 DOWN_FOR = 10.0  # seconds an endpoint that failed to connect is skipped (if others remain)
 DEFAULT_CHUNK = 8 * 1024 * 1024
 USER_AGENT = "lazybench-registry/0.1"
+# Every request asks for the stored bytes: blobs, their ranges and manifests are hashed or
+# sliced as sent, never content-decoded (see _check_identity). The Go stargz-snapshotter sends
+# the same header on its range requests (fs/remote/resolver.go, httpFetcher.fetch).
+ACCEPT_ENCODING = "identity"
 
 Reader = Callable[[httpx.Response], Awaitable[T]]
 
@@ -186,7 +194,7 @@ class RegistryClient:
             follow_redirects=False,
             timeout=self.resolver.default_timeout,
             transport=transport,
-            headers={"User-Agent": self._user_agent},
+            headers={"User-Agent": self._user_agent, "Accept-Encoding": ACCEPT_ENCODING},
             trust_env=False,
         )
         return self
@@ -293,8 +301,13 @@ class RegistryClient:
         ok: Sequence[int] = (200,),
         digest: str | None = None,
         retry: bool = True,
+        max_body: int | None = None,
     ) -> tuple[httpx.Response, T]:
-        """Send one logical request: auth, redirects, retries, status → typed errors."""
+        """Send one logical request: auth, redirects, retries, status → typed errors.
+
+        ``max_body``: the most body bytes the answer may have; the range transport reads no
+        more than that plus one (``RangeTransport``'s ``body_limit`` request extension), the
+        reader enforces it."""
         scopes = ((scope_for(repo, actions),) if repo else ()) + extra_scopes
         attempts = (self.retries + 1) if retry else 1
         what = f"{ep.host}/{repo}" if repo else ep.host
@@ -320,6 +333,7 @@ class RegistryClient:
                     ok,
                     what,
                     digest,
+                    max_body,
                 )
             except RegistryTimeout as e:
                 if not (self.retry_timeouts and method in ("GET", "HEAD")):
@@ -349,6 +363,7 @@ class RegistryClient:
         ok: Sequence[int],
         what: str,
         digest: str | None,
+        max_body: int | None = None,
     ) -> tuple[httpx.Response, T]:
         hdrs = dict(ep.headers)
         hdrs.update(headers or {})
@@ -358,6 +373,7 @@ class RegistryClient:
         redirects = 0
         cur_method = method
         timeout = httpx.Timeout(ep.request_timeout)
+        extensions = {} if max_body is None else {BODY_LIMIT: max_body}
         while True:
             send_headers = dict(hdrs)
             same_host = urlsplit(url).netloc == origin
@@ -372,6 +388,7 @@ class RegistryClient:
                 content=content if cur_method not in ("GET", "HEAD") else None,
                 params=params if redirects == 0 else None,
                 timeout=timeout,
+                extensions=extensions,
             )
             self.stats.requests += 1
             with _transport_errors(
@@ -426,7 +443,7 @@ class RegistryClient:
                 body = b""
                 if cur_method != "HEAD":
                     try:
-                        body = await resp.aread()
+                        body = await _read_raw(resp, MAX_ERROR_BODY)
                     except httpx.HTTPError:
                         body = b""
                 raise self._status_error(resp, body, what, ep, registry, repo, digest)
@@ -600,10 +617,11 @@ class RegistryClient:
 
         With ``max_bytes``, a body longer than that raises :class:`TooLargeError` as soon as
         it is read past the limit (nothing more is kept): for small metadata blobs (an image
-        config) whose size the caller bounds."""
+        config) whose size the caller bounds. A body sent content-encoded raises
+        :class:`ContentEncodingError` before any of it is read."""
         ref = _ref(ref)
         validate_digest(digest)
-        reader = _read_all if max_bytes is None else _limited_reader(max_bytes, "blob")
+        reader = _limited_reader(max_bytes, "blob")
 
         async def op(ep: Endpoint) -> bytes:
             _, data = await self._blob_call(ep, ref, digest, "GET", reader=reader)
@@ -621,10 +639,11 @@ class RegistryClient:
         tmp = dest.with_name(f".{dest.name}.part")
 
         async def reader(resp: httpx.Response) -> int:
+            _check_identity(resp)
             h = hashlib.new(digest.split(":", 1)[0])
             n = 0
             with open(tmp, "wb") as f:
-                async for chunk in resp.aiter_bytes(1 << 20):
+                async for chunk in resp.aiter_raw(1 << 20):
                     h.update(chunk)
                     f.write(chunk)
                     n += len(chunk)
@@ -707,42 +726,44 @@ class RegistryClient:
         parts: dict[tuple[int, int], bytes],
     ) -> None:
         multi = len(group) > 1
-        need_end = max(s.end for s in group)
-        need_start = min(s.start for s in group)
 
         async def reader(resp: httpx.Response) -> dict[tuple[int, int], bytes]:
-            if resp.status_code == 200:
-                if multi:
-                    return {}  # server ignores multi-range; we fall back below
-                # Server ignored Range: take what we need from the front, drop the rest.
-                buf = bytearray()
-                async for chunk in resp.aiter_raw():
-                    buf += chunk
-                    if len(buf) >= need_end:
-                        break
-                if len(buf) < need_end:
-                    raise RangeError(
-                        f"{ep.host}/{ref.repository}@{digest}: blob shorter than {need_end}",
-                        host=ep.host,
-                        repository=ref.repository,
-                        digest=digest,
-                    )
-                return {(need_start, need_end): bytes(buf[need_start:need_end])}
-            body = await resp.aread()
-            ctype = resp.headers.get("content-type", "")
-            boundary = multipart_boundary(ctype)
-            if boundary:
-                return covered(parse_multipart_byteranges(body, boundary))
-            start, end, _ = parse_content_range(resp.headers.get("content-range"))
-            if len(body) != end - start:
-                raise RangeError(
-                    f"{ep.host}/{ref.repository}@{digest}: range {start}-{end - 1} body has "
-                    f"{len(body)} bytes",
-                    host=ep.host,
-                    repository=ref.repository,
-                    digest=digest,
+            if resp.status_code == 200 and multi:
+                return {}  # server ignores multi-range; we fall back below
+            _check_identity(resp)
+            try:
+                plan = range_body(group, resp.status_code, resp.headers)
+            except RangeNotHonoured as e:
+                raise fault(f"registry {ep.host} {e}", RangeNotHonoured) from e
+            except RangeError as e:
+                raise fault(str(e)) from e
+            body = await _read_raw(
+                resp,
+                plan.limit,
+                lambda n: fault(
+                    f"answer to {range_header(group)} longer than the {plan.limit} bytes "
+                    f"expected (received {n} and stopped reading)"
+                ),
+            )
+            if plan.boundary is not None:
+                try:
+                    got = parse_multipart_byteranges(body, plan.boundary)
+                except RangeError as e:
+                    raise fault(str(e)) from e
+                return covered(got)
+            if len(body) != plan.limit:
+                raise fault(
+                    f"range {plan.start}-{plan.start + plan.limit - 1} body has {len(body)} bytes"
                 )
-            return covered({(start, end): body})
+            return covered({(plan.start, plan.start + plan.limit): body})
+
+        def fault(message: str, kind: type[RangeError] = RangeError) -> RangeError:
+            return kind(
+                f"{ep.host}/{ref.repository}@{digest}: {message}",
+                host=ep.host,
+                repository=ref.repository,
+                digest=digest,
+            )
 
         def covered(got: dict[tuple[int, int], bytes]) -> dict[tuple[int, int], bytes]:
             # Checked inside the request so that an answer for other bytes is retried.
@@ -750,12 +771,7 @@ class RegistryClient:
                 try:
                     slice_from(got, s.start, s.size)
                 except RangeError as e:
-                    raise RangeError(
-                        f"{ep.host}/{ref.repository}@{digest}: {e}",
-                        host=ep.host,
-                        repository=ref.repository,
-                        digest=digest,
-                    ) from e
+                    raise fault(str(e)) from e
             return got
 
         _, got = await self._blob_call(
@@ -766,6 +782,7 @@ class RegistryClient:
             headers={"Range": range_header(group)},
             reader=reader,
             ok=(200, 206),
+            max_body=body_limit(group),
         )
         if multi and not got:
             self._no_multirange.add(ep.host)
@@ -777,12 +794,7 @@ class RegistryClient:
             try:
                 data = slice_from(got, s.start, s.size)
             except RangeError as e:
-                raise RangeError(
-                    f"{ep.host}/{ref.repository}@{digest}: {e}",
-                    host=ep.host,
-                    repository=ref.repository,
-                    digest=digest,
-                ) from e
+                raise fault(str(e)) from e
             self.stats.body_bytes += len(data)
             parts[(s.start, s.end)] = data
 
@@ -1050,20 +1062,63 @@ def _checked_manifest(
     return parse_manifest(raw, content_type, digest)
 
 
-def _limited_reader(limit: int, what: str = "manifest") -> Reader[bytes]:
-    """Reads a body of at most ``limit`` bytes; past it, :class:`ManifestError` (``what``
-    ``"manifest"``) or :class:`TooLargeError`, naming the URL and the limit."""
+def _limited_reader(limit: int | None, what: str = "manifest") -> Reader[bytes]:
+    """Reads a body as sent (:func:`_check_identity`) of at most ``limit`` bytes (None: no
+    limit); past it, :class:`ManifestError` (``what`` ``"manifest"``) or
+    :class:`TooLargeError`, naming the URL and the limit."""
     error = ManifestError if what == "manifest" else TooLargeError
 
     async def reader(resp: httpx.Response) -> bytes:
-        buf = bytearray()
-        async for chunk in resp.aiter_bytes():
-            buf += chunk
-            if len(buf) > limit:
-                raise error(f"{resp.request.url}: {what} larger than {limit} bytes")
-        return bytes(buf)
+        _check_identity(resp)
+        return await _read_raw(
+            resp, limit, lambda n: error(f"{resp.request.url}: {what} larger than {limit} bytes")
+        )
 
     return reader
+
+
+def _check_identity(resp: httpx.Response) -> None:
+    """Refuse a body sent with a content coding (gzip, br, …): :class:`ContentEncodingError`
+    naming the URL (host, repository, blob) and the header, before any of the body is read.
+
+    The bytes wanted are the stored ones — a blob, a range of one, a manifest — which are
+    checked against a digest (the blob's, a TOC chunk's, the manifest's), so a decoded body is
+    of no use, and decoding one can expand a small answer without bound (a 1 MB gzip body
+    inflates to 1 GiB). The client asks for ``identity`` (RFC 9110 §12.5.3), as the Go
+    stargz-snapshotter does on its range requests; a server that encodes anyway is refused
+    rather than decoded."""
+    coding = resp.headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity"):
+        url = resp.request.url
+        raise ContentEncodingError(
+            f"{url}: answered with Content-Encoding: {coding} (asked for identity); the body "
+            "must be the stored bytes, verified against their digest, so it is refused, not "
+            "decoded",
+            host=url.netloc.decode("ascii", "replace"),
+            status=resp.status_code,
+        )
+
+
+async def _read_raw(
+    resp: httpx.Response, limit: int | None, too_big: Callable[[int], Exception] | None = None
+) -> bytes:
+    """The body as sent (``aiter_raw``: no content decoding), read in the pieces the
+    transport yields, joined once (one piece is returned as it is: no copy).
+
+    Past ``limit`` bytes (None: no limit) reading stops: ``too_big(bytes received)`` is
+    raised, or, without ``too_big``, the first ``limit`` bytes are returned (an error body
+    whose start is enough)."""
+    pieces: list[bytes] = []
+    n = 0
+    async for piece in resp.aiter_raw():
+        n += len(piece)
+        if limit is not None and n > limit:
+            if too_big is not None:
+                raise too_big(n)
+            pieces.append(piece[: len(piece) - (n - limit)])
+            break
+        pieces.append(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 async def _no_body(resp: httpx.Response) -> None:

@@ -63,5 +63,18 @@ class RangeError(RegistryError):
     """A range response that does not match what was asked (bad Content-Range, short body)."""
 
 
+class RangeNotHonoured(RangeError):
+    """A registry answered a Range request with the whole blob (200) where only part of it was
+    asked: it cannot serve a blob lazily. Retried like any :class:`RangeError` (a cache that
+    fills may answer 200 once), without reading the body."""
+
+
+class ContentEncodingError(RegistryError):
+    """A blob, blob range or manifest answered with a ``Content-Encoding`` other than
+    ``identity``. The client asks for ``identity`` and never decodes such a body: the bytes it
+    needs are the stored ones, which it verifies against their digest (a decoded body is not
+    them, and decoding a hostile one can expand without bound). Not retried."""
+
+
 class ConfigError(RegistryError):
     """Resolver or credentials configuration that cannot be used."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..spans import merge_spans
-from .errors import RangeError
+from .errors import RangeError, RangeNotHonoured
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.I)
 _BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.I)
@@ -45,6 +45,110 @@ def parse_content_range(value: str | None) -> tuple[int, int, int | None]:
         raise RangeError(f"bad Content-Range header {value!r}")
     total = None if m[3] == "*" else int(m[3])
     return int(m[1]), int(m[2]) + 1, total
+
+
+# Bytes a multipart/byteranges answer may spend per part besides the part's data: the delimiter
+# line and the part's headers (Content-Type, Content-Range: about 100 bytes from Go's
+# http.ServeContent, which distribution uses), with room to spare; one more share for the
+# preamble and the closing delimiter.
+MULTIPART_PART_OVERHEAD = 1024
+
+
+@dataclass(frozen=True)
+class RangeBody:
+    """What the body of an answer to a Range request must be, known from its status and
+    headers before any of it is read.
+
+    ``limit`` bytes at most are read. With ``boundary`` None the body is one part: exactly
+    ``limit`` bytes of the blob from ``start``; otherwise a multipart/byteranges body of at
+    most ``limit`` bytes, whose parts are then parsed."""
+
+    start: int
+    limit: int
+    boundary: str | None = None
+
+
+def body_limit(spans: Sequence[Span]) -> int:
+    """The most body bytes an answer to a request for ``spans`` may carry: their sizes, and
+    for several spans (a multipart answer) :data:`MULTIPART_PART_OVERHEAD` per part plus one.
+
+    Exact, not generous: ``spans`` come from :func:`coalesce`, so a server that merges them
+    (RFC 9110 §14.2 lets it) would add the bytes between them; Go's ServeContent and nginx do
+    not merge."""
+    total = sum(s.size for s in spans)
+    if len(spans) > 1:
+        total += MULTIPART_PART_OVERHEAD * (len(spans) + 1)
+    return total
+
+
+def range_body(spans: Sequence[Span], status: int, headers: Mapping[str, str]) -> RangeBody:
+    """How to read a 200 or 206 answer to ``Range: range_header(spans)`` (``spans`` sorted, as
+    :func:`coalesce` returns them); ``headers`` looked up by lower-case name.
+
+    A 200 is the whole blob: the server ignored the Range header (RFC 9110 §14.2 lets it). It
+    is read only when that is what was asked — one span from byte 0 and, by the
+    ``Content-Length`` when there is one, the whole blob; any other 200 raises
+    :class:`RangeNotHonoured` unread, since taking the wanted bytes out of it means reading
+    the blob from its start to them, for every read (the TOC at the blob's end, in up to
+    eight parallel pieces, downloaded the blob eight times over). The Go stargz-snapshotter
+    instead takes the 200 body as the whole blob and caches every chunk of it
+    (fs/remote/resolver.go ``httpFetcher.fetch``, fs/remote/blob.go ``fetchRegions``): a full
+    download per read that a lazy store should not hide. A 200 to several spans is the
+    caller's to handle (ask one range at a time).
+
+    Raises :class:`RangeError` when the headers already show the body is not what was asked,
+    so it is refused unread: a single part whose ``Content-Range`` reaches outside the
+    requested bytes (RFC 9110 §14.4: a server answers with the ranges asked, clipped to the
+    blob; one that sends more is not trusted with a bigger buffer) or that is longer than
+    :func:`body_limit` (one part merging far-apart spans), a ``Content-Length`` that
+    differs from the part's length, or a multipart ``Content-Length`` above
+    :func:`body_limit`."""
+    asked = range_header(spans)
+    length = _content_length(headers.get("content-length"))
+    if status == 200:
+        end = spans[-1].end
+        if len(spans) > 1 or spans[0].start != 0 or (length is not None and length > end):
+            whole = "" if length is None else f" of {length} bytes"
+            raise RangeNotHonoured(
+                f"ignores Range requests (answered 200{whole} to {asked}): the blob cannot be "
+                "pulled lazily from it"
+            )
+        if length is not None and length < end:
+            raise RangeError(f"answered 200 to {asked} with the whole blob: {length} bytes")
+        return RangeBody(0, end)
+    boundary = multipart_boundary(headers.get("content-type", ""))
+    if boundary:
+        limit = body_limit(spans)
+        if length is not None and length > limit:
+            raise RangeError(
+                f"multipart answer to {asked} has Content-Length {length}, more than the "
+                f"{limit} bytes its parts can take"
+            )
+        return RangeBody(spans[0].start, limit, boundary)
+    start, end, _ = parse_content_range(headers.get("content-range"))
+    if start < spans[0].start or end > spans[-1].end:
+        raise RangeError(
+            f"answer for bytes {start}-{end - 1} does not lie within the request for {asked}"
+        )
+    if end - start > body_limit(spans):  # one part for several spans, with what lies between
+        raise RangeError(
+            f"answer for bytes {start}-{end - 1} to {asked}: more than the {body_limit(spans)} "
+            "bytes asked"
+        )
+    if length is not None and length != end - start:
+        raise RangeError(
+            f"answer for bytes {start}-{end - 1} ({end - start} bytes) has Content-Length {length}"
+        )
+    return RangeBody(start, end - start)
+
+
+def _content_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    digits = value.strip()
+    if not (digits.isascii() and digits.isdigit()):
+        raise RangeError(f"bad Content-Length header {value!r}")
+    return int(digits)
 
 
 def multipart_boundary(content_type: str) -> str | None:

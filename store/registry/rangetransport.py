@@ -14,6 +14,13 @@ Cancellation returns at once: the response's socket is shut down
 and the connection is discarded. A request cancelled before its answer's head arrived leaves
 its thread to finish within the connect/read timeouts; the response is then closed unused.
 
+A request may carry the extension :data:`BODY_LIMIT`: the most body bytes its 2xx answer may
+have (the client knows it from the ranges it asked for). Then such a body is read with the head
+only when its ``Content-Length`` is within that limit, and never more than the limit plus one
+byte of it is read (the caller sees the byte too many and refuses the answer): a hostile or
+broken registry that sends a longer, or endless, body than asked costs no more memory than the
+answer asked for.
+
 Only ``GET`` requests with a ``Range`` header take this path; everything else (pushes,
 manifests, auth) goes through the httpx transport given as ``fallback``, and auth, redirects,
 retries and timeouts stay in ``RegistryClient`` above it (urllib3's own retries and redirects
@@ -40,6 +47,7 @@ T = TypeVar("T")
 EAGER_MAX = 64 * 1024 * 1024  # 206/error bodies up to this size are read with the head
 PIECE = 16 * 1024 * 1024  # other bodies are yielded in pieces of at most this size
 MAX_HOSTS = 16  # connection pools kept (one per scheme/host/port)
+BODY_LIMIT = "lazybench.body_limit"  # request extension: the most body bytes to expect
 
 
 def _timeouts(request: httpx.Request) -> urllib3.Timeout:
@@ -132,17 +140,28 @@ class _Exchange:
             resp.close()
 
 
+def _body_limit(request: httpx.Request, status: int) -> int | None:
+    """The request's ``BODY_LIMIT`` for a 2xx answer (an error body is the caller's to bound:
+    its size has nothing to do with the ranges asked)."""
+    if not 200 <= status < 300:
+        return None
+    limit = request.extensions.get(BODY_LIMIT)
+    return limit if isinstance(limit, int) and limit >= 0 else None
+
+
 def _drained(resp: urllib3.BaseHTTPResponse) -> bool:
     length = resp.length_remaining
     return length is not None and length <= 0
 
 
 class _Body(httpx.AsyncByteStream):
-    """The body of one response: already read with the head, or read in pieces."""
+    """The body of one response: already read with the head, or read in pieces of at most
+    ``PIECE`` bytes, ``limit + 1`` bytes in all with a ``limit`` (None: to its end)."""
 
-    def __init__(self, exchange: _Exchange, eager: bytes | None) -> None:
+    def __init__(self, exchange: _Exchange, eager: bytes | None, limit: int | None) -> None:
         self.exchange = exchange
         self.eager = eager
+        self.left = None if limit is None else limit + 1
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self.eager is not None:
@@ -151,8 +170,11 @@ class _Body(httpx.AsyncByteStream):
                 yield data
             return
         ex = self.exchange
-        while not ex.done:
-            data = await ex.call(ex.read, PIECE)
+        while not ex.done and self.left != 0:
+            amt = PIECE if self.left is None else min(PIECE, self.left)
+            data = await ex.call(ex.read, amt)
+            if self.left is not None:
+                self.left -= len(data)
             if data:
                 yield data
 
@@ -202,7 +224,7 @@ class RangeTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             status,
             headers=headers,
-            stream=_Body(exchange, eager),
+            stream=_Body(exchange, eager, _body_limit(request, status)),
             request=request,
             extensions={"http_version": version},
         )
@@ -211,7 +233,7 @@ class RangeTransport(httpx.AsyncBaseTransport):
         self, exchange: _Exchange
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bytes | None]:
         """Worker thread: send the request, read the head, and a 206/error body up to
-        EAGER_MAX bytes with it."""
+        EAGER_MAX bytes (and the request's ``BODY_LIMIT``) with it."""
         request = exchange.request
         headers = {
             k.decode("latin-1"): v.decode("latin-1")
@@ -233,7 +255,12 @@ class RangeTransport(httpx.AsyncBaseTransport):
         status = resp.status
         length = resp.length_remaining
         no_body = status in (204, 304) or 100 <= status < 200 or length == 0
-        small = length is not None and length <= EAGER_MAX and (status == 206 or status >= 300)
+        limit = _body_limit(request, status)
+        small = (
+            length is not None
+            and length <= (EAGER_MAX if limit is None else min(EAGER_MAX, limit))
+            and (status == 206 or status >= 300)
+        )
         eager = exchange.read(None) if no_body or small else None
         raw_headers = [
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.iteritems()

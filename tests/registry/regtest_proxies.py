@@ -7,12 +7,15 @@
   forwarding (5xx, redirects, a 200 to multi-range); it records the headers it saw.
 - `BlobFaults`: a policy for `HttpFaultProxy` that breaks blob range GETs on a schedule —
   connection resets, 5xx bursts, truncated bodies, stalls, a slow drip, a wrong
-  Content-Range, 200 with the whole blob — or plays a registry that is gone.
+  Content-Range, 200 with the whole blob — or plays a registry that is gone; or answers them
+  in ways a client must refuse (`HOSTILE`): gzip-encoded, a body longer than the range, one
+  that never ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.client
 import re
 import socket
@@ -201,6 +204,12 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 FAULTS = ("reset", "5xx", "truncate", "stall", "drip", "wrong_range", "full200")
+# Answers to refuse, not to read: the right Content-Range with Content-Encoding: gzip (the body
+# gzipped, as an nginx with `gzip on` would send it); with a Content-Length of 1 GiB (the right
+# bytes, then zeros until the client hangs up); with no Content-Length and a body that never
+# ends (until the client hangs up). Each counts the body bytes it got to send in `sent`.
+HOSTILE = ("gzip", "long_body", "endless_body")
+LONG_BODY = 1 << 30
 
 
 class BlobFaults:
@@ -210,7 +219,8 @@ class BlobFaults:
     GET gets ``schedule[n % len(schedule)]``. ``gone = "stall"`` makes every request (blob or
     not) hang until the proxy stops — a registry that accepts connections and never answers;
     ``gone = "refused"`` resets every request (see `HttpFaultProxy.refuse`).
-    Counts what it did in ``done`` (fault name → number of requests).
+    Counts what it did in ``done`` (fault name → number of requests), and the body bytes of
+    the :data:`HOSTILE` answers in ``sent`` (fault name → bytes).
     """
 
     def __init__(
@@ -225,6 +235,7 @@ class BlobFaults:
         self.gone: str | None = None
         self.stop = threading.Event()
         self.done: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
         self._n = 0
         self._lock = threading.Lock()
 
@@ -265,6 +276,8 @@ class BlobFaults:
                 _send(h, status, headers, body[: len(body) // 3], length=len(body))
                 self.stop.wait(600)
                 _reset(h)
+            elif fault in HOSTILE:
+                self._hostile(h, fault, headers, body)
             elif fault == "drip":
                 _send(h, status, headers, b"", length=len(body))
                 piece = max(1, self.drip_rate // 100)
@@ -275,6 +288,43 @@ class BlobFaults:
             else:
                 raise ValueError(f"unknown fault {fault!r}")
         return True
+
+    def _hostile(
+        self, h: BaseHTTPRequestHandler, fault: str, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        if fault == "gzip":
+            encoded = gzip.compress(body, 1)
+            _send(h, 206, [*headers, ("Content-Encoding", "gzip")], encoded)
+            self._count(fault, len(encoded))
+            return
+        h.send_response(206)
+        for k, v in headers:
+            if k.lower() not in ("transfer-encoding", "connection"):
+                h.send_header(k, v)
+        if fault == "long_body":
+            h.send_header("Content-Length", str(LONG_BODY))
+        else:
+            h.send_header("Connection", "close")
+            h.close_connection = True
+        h.end_headers()
+        sent = 0
+        junk = bytes(64 * 1024)
+        try:
+            h.wfile.write(body)
+            sent += len(body)
+            while sent < LONG_BODY and not self.stop.is_set():
+                h.wfile.write(junk)
+                sent += len(junk)
+        except OSError:
+            pass  # the client hung up: what it should do
+        finally:
+            self._count(fault, sent)
+            _reset(h)
+
+    def _count(self, fault: str, sent: int) -> None:
+        with self._lock:
+            self.sent[fault] = self.sent.get(fault, 0) + sent
 
     def _upstream(
         self, h: BaseHTTPRequestHandler, drop_range: bool = False

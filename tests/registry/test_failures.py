@@ -3,9 +3,13 @@ registries behind loopback proxies that misbehave on purpose."""
 
 from __future__ import annotations
 
+import gzip
+import http.client
 import random
+import tempfile
 import time
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 from regtest_proxies import CuttingProxy, HttpFaultProxy, SilentListener, answer
@@ -13,6 +17,7 @@ from regtest_proxies import CuttingProxy, HttpFaultProxy, SilentListener, answer
 from harness.processes import free_port
 from harness.registry_server import RegistryServer
 from store.registry import (
+    ContentEncodingError,
     Credentials,
     NotFoundError,
     RegistryClient,
@@ -170,6 +175,39 @@ async def test_multi_range_refused_falls_back(seeded) -> None:
             assert await c.read_ranges(pref, digest, ranges) == got
             # Remembered: the second call sent single ranges only.
             assert all("," not in s["headers"].get("Range", "") for s in proxy.seen[n:])
+
+
+async def test_content_encoded_manifest_and_blob_are_refused_not_decoded(seeded) -> None:
+    """Digest-verified bodies are the stored bytes: a gzip-encoded manifest or blob (as an
+    nginx with `gzip on` in front of a registry may send, ignoring Accept-Encoding: identity)
+    is refused with the URL and the header named, and not retried."""
+    reg, ref, digest, _ = seeded
+
+    def gzipping(h: BaseHTTPRequestHandler) -> bool:
+        conn = http.client.HTTPConnection(*_addr(reg), timeout=10)
+        conn.request("GET", h.path, headers={"Accept": h.headers.get("Accept", "*/*")})
+        resp = conn.getresponse()
+        body = gzip.compress(resp.read())
+        ctype = resp.getheader("Content-Type", "application/octet-stream")
+        answer(h, resp.status, body, Content_Type=ctype, Content_Encoding="gzip")
+        conn.close()
+        return True
+
+    with HttpFaultProxy(_addr(reg), gzipping) as proxy:
+        pref = ref.replace(reg.host, proxy.host)
+        async with RegistryClient(timeout=5, backoff=0.01) as c:
+            with pytest.raises(
+                ContentEncodingError, match=r"/manifests/v1: .*Content-Encoding: gzip"
+            ):
+                await c.get_manifest(pref)
+            with pytest.raises(
+                ContentEncodingError, match=rf"{proxy.host}/v2/fail/app/blobs/{digest}"
+            ):
+                await c.get_blob(pref, digest)
+            with pytest.raises(ContentEncodingError):
+                await c.download_blob(pref, digest, Path(tempfile.mkdtemp()) / "blob")
+            assert c.stats.retries == 0
+    assert all(s["headers"].get("Accept-Encoding") == "identity" for s in proxy.seen)
 
 
 async def test_redirect_does_not_leak_credentials(basic_registry, isolated_auth_env) -> None:

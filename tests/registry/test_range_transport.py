@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from store.registry.rangetransport import RangeTransport
+from store.registry.rangetransport import BODY_LIMIT, RangeTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -213,3 +213,32 @@ async def test_warm_opens_connections_that_requests_then_reuse() -> None:
         await RangeTransport(httpx.AsyncHTTPTransport()).warm(f"http://127.0.0.1:{port}", 2, 1.0)
         == 0
     )
+
+
+async def test_body_limit_reads_no_more_than_asked_plus_one(client_factory) -> None:
+    """With the BODY_LIMIT extension a 206 whose Content-Length is over the limit is not read
+    with the head, and an endless body yields limit + 1 bytes, then nothing more is read."""
+    sent = {"long": 0, "endless": 0}
+
+    def script(conn: socket.socket, n: int) -> None:
+        srv.read_request(conn)
+        long = n == 1
+        head = b"HTTP/1.1 206 OK\r\nContent-Range: bytes 0-9/10\r\n"
+        head += b"Content-Length: 1073741824\r\n\r\n" if long else b"Connection: close\r\n\r\n"
+        conn.sendall(head)
+        with contextlib.suppress(OSError):
+            while sent["long" if long else "endless"] < 1 << 30:
+                conn.sendall(bytes(65536))
+                sent["long" if long else "endless"] += 65536
+
+    with CannedServer(script) as srv:
+        async with client_factory() as c:
+            for _ in ("long", "endless"):
+                req = c.build_request(
+                    "GET", _url(srv), headers={"Range": "bytes=0-9"}, extensions={BODY_LIMIT: 10}
+                )
+                resp = await c.send(req, stream=True)
+                got = b"".join([piece async for piece in resp.aiter_raw()])
+                await resp.aclose()
+                assert got == bytes(11)
+    assert sent["long"] < 64 << 20 and sent["endless"] < 64 << 20, sent
