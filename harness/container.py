@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import io
+import json
 import locale
 import queue
 import subprocess
@@ -22,6 +23,26 @@ class MeasurementError(RuntimeError):
     """One step of a measurement failed (recorded as an error, the run goes on)."""
 
 
+def create_args(
+    ref: str,
+    command: Sequence[str],
+    stdin: str | None,
+    environment: Sequence[tuple[str, str]] = (),
+    entrypoint: Sequence[str] | None = None,
+) -> list[str]:
+    """The arguments of ``podman create``: ``ref`` with no network, interactive when ``stdin``
+    is given, the ``environment`` variables set, ``entrypoint`` (None: the image's own;
+    empty: cleared) as ``--entrypoint``, and ``command`` as the image's CMD, the arguments
+    after the entrypoint, as ``podman run IMAGE COMMAND`` takes them."""
+    opts = ["--network=none"]
+    if stdin is not None:
+        opts.append("--interactive")
+    opts += [f"--env={k}={v}" for k, v in environment]
+    if entrypoint is not None:
+        opts.append(f"--entrypoint={json.dumps(list(entrypoint)) if entrypoint else ''}")
+    return ["create", *opts, ref, *command]
+
+
 def create_container(
     env: PodmanEnv,
     ref: str,
@@ -29,14 +50,11 @@ def create_container(
     stdin: str | None,
     timeout: float,
     environment: Sequence[tuple[str, str]] = (),
+    entrypoint: Sequence[str] | None = None,
 ) -> str:
-    """``podman create`` ``ref`` with no network, interactive when ``stdin`` is given, with the
-    ``environment`` variables set; the container id."""
-    opts = ["--network=none"]
-    if stdin is not None:
-        opts.append("--interactive")
-    opts += [f"--env={k}={v}" for k, v in environment]
-    return env.podman("create", *opts, ref, *command, timeout=timeout).stdout.strip()
+    """``podman create`` (:func:`create_args`); the container id."""
+    args = create_args(ref, command, stdin, environment, entrypoint)
+    return env.podman(*args, timeout=timeout).stdout.strip()
 
 
 @dataclass

@@ -38,7 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--command",
         help="the workload's command for --optimize, a shell-quoted string or a JSON array "
-        "(default: the image's own)",
+        "(default: the image's own CMD; as in `podman run`, the arguments after any "
+        "ENTRYPOINT)",
+    )
+    p.add_argument(
+        "--entrypoint",
+        help="(--optimize) replace the image's ENTRYPOINT: a shell-quoted string or a JSON "
+        'array; "" clears it (podman\'s --entrypoint)',
     )
     p.add_argument("--stdin", help="text fed to the workload's stdin (--optimize)")
     p.add_argument("--ready", help="a line on stdout meaning ready (--optimize; default: exit)")
@@ -91,21 +97,28 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _command(text: str | None) -> list[str]:
+def _command(text: str | None, option: str = "--command") -> list[str]:
     if not text:
         return []
     if text.lstrip().startswith("["):
         try:
             value = json.loads(text)
         except ValueError as exc:
-            raise UserError(f"--command: not a JSON array: {exc}") from None
+            raise UserError(f"{option}: not a JSON array: {exc}") from None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError("--command: a JSON array must hold strings only")
+            raise UserError(f"{option}: a JSON array must hold strings only")
         return value
     try:
         return shlex.split(text)
     except ValueError as exc:
-        raise UserError(f"--command: {exc}") from None
+        raise UserError(f"{option}: {exc}") from None
+
+
+def _entrypoint(text: str | None) -> tuple[str, ...] | None:
+    """``--entrypoint``: None when not given (the image's own), () when "" (cleared)."""
+    if text is None:
+        return None
+    return tuple(_command(text, "--entrypoint"))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -114,9 +127,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from harness.images.source import ImageSourceError
 
     console = Console(stderr=True, soft_wrap=True)
-    run_opts = (args.command, args.stdin, args.ready, args.env)
+    run_opts = (args.command, args.stdin, args.ready, args.env, args.entrypoint is not None)
     if not args.optimize and any(run_opts):
-        raise UserError("--command, --stdin, --ready and --env go with --optimize")
+        raise UserError("--command, --entrypoint, --stdin, --ready and --env go with --optimize")
+    if args.entrypoint == "" and not args.command:
+        raise UserError(
+            '--entrypoint "" clears the image\'s ENTRYPOINT, and podman then ignores its CMD '
+            "too: give the --command to run"
+        )
     env = []
     for item in args.env:
         name, sep, value = item.partition("=")
@@ -138,6 +156,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             traced = optimize_files(
                 args.src,
                 command=_command(args.command),
+                entrypoint=_entrypoint(args.entrypoint),
                 stdin=args.stdin,
                 ready=args.ready,
                 timeout=args.timeout,

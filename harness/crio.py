@@ -93,6 +93,25 @@ class CrioTimes:
     stdout: str
 
 
+def cri_command(
+    command: tuple[str, ...], entrypoint: tuple[str, ...] | None
+) -> dict[str, list[str]]:
+    """A workload's ``command`` (the image's CMD) and ``entrypoint`` as CRI's container
+    config takes them, which are Kubernetes' names: ``command`` replaces the image's
+    ENTRYPOINT (and, as with podman's ``--entrypoint``, drops its CMD), ``args`` its CMD. A
+    cleared entrypoint (empty) runs ``command`` as the whole command line (the scenario
+    requires one then)."""
+    if entrypoint is None:
+        return {"args": list(command)} if command else {}
+    if entrypoint:
+        return {"command": list(entrypoint), **({"args": list(command)} if command else {})}
+    if not command:
+        raise RuntimeError(
+            'entrypoint = "" without a command: nothing to run; give the workload a command = [...]'
+        )
+    return {"command": list(command)}
+
+
 @dataclass
 class CrioDriver:
     """Pull, create and start one workload through CRI-O, timing each step."""
@@ -127,6 +146,7 @@ class CrioDriver:
         ready: str | None,
         timeout: float,
         after_pull: Callable[[], None] = lambda: None,
+        entrypoint: tuple[str, ...] | None = None,
     ) -> CrioTimes:
         """Pull ``ref``, create and start the container until ``ready``; ``after_pull`` is
         called between pull and create (untimed: the laziness verdict reads the storage).
@@ -148,9 +168,12 @@ class CrioDriver:
                     }
                 )
             )
-            ctr = {"metadata": {"name": name}, "image": {"image": ref}, "log_path": "ctr.log"}
-            if command:
-                ctr["command"] = list(command)
+            ctr = {
+                "metadata": {"name": name},
+                "image": {"image": ref},
+                "log_path": "ctr.log",
+                **cri_command(command, entrypoint),
+            }
             ctr_cfg.write_text(json.dumps(ctr))
             # The pod sandbox first, as the kubelet does (RunPodSandbox, then PullImage): no
             # untimed work between pull and create, where a lazy store fetches on.

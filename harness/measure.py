@@ -592,7 +592,7 @@ class Runner:
                 # gets for free (podman 5 in a node spends ~2 s on the persistence check).
                 layers = storage_verdict(env.graphroot, ref, store.mountpoint if store else None)
                 t = time.monotonic()
-                cid = create_container(env, ref, w.command, w.stdin, w.timeout, w.env)
+                cid = create_container(env, ref, w.command, w.stdin, w.timeout, w.env, w.entrypoint)
                 rec.create_s = time.monotonic() - t
                 # The log's size at the first output line, not a settled mark: the run is
                 # timed until the ready line, and nothing in its reading loop may wait.
@@ -769,6 +769,7 @@ class Runner:
                 w.ready,
                 w.timeout,
                 after_pull=verdict if lazy else lambda: None,
+                entrypoint=w.entrypoint,
             )
             served = registry.access_log()[mark:]
             rec.pull_s, rec.create_s, rec.run_s = t.pull_s, t.create_s, t.run_s

@@ -52,6 +52,8 @@ class ResolvedWorkload:
     expected: str | None
     timeout: float
     env: tuple[tuple[str, str], ...] = ()
+    # None: the image's own ENTRYPOINT; (): cleared; else podman's --entrypoint
+    entrypoint: tuple[str, ...] | None = None
 
     @property
     def repo(self) -> str:
@@ -85,7 +87,8 @@ def resolve(w: Workload) -> ResolvedWorkload:
         return ResolvedWorkload(
             name=w.name,
             recipe=source,
-            command=w.command or (),  # empty: the image's own entrypoint and cmd
+            command=w.command or (),  # empty: the image's own cmd (after its entrypoint)
+            entrypoint=w.entrypoint,
             stdin=w.stdin,
             ready=w.ready if w.ready is not None else w.expect,
             expected=w.expect,
@@ -106,6 +109,7 @@ def resolve(w: Workload) -> ResolvedWorkload:
         expected=w.expect if w.expect is not None else recipe.expected_output,
         timeout=w.timeout if w.timeout is not None else float(recipe.timeout),
         env=w.env or (),
+        entrypoint=w.entrypoint,
     )
 
 
@@ -114,14 +118,15 @@ def resolve(w: Workload) -> ResolvedWorkload:
 
 def _check_has_command(w: ResolvedWorkload, config: dict[str, Any] | None) -> None:
     """Refuse, before anything is measured, a workload that runs its image's own command
-    (no ``command``) when the image has none: podman would refuse every measurement."""
-    if w.command:
+    (no ``command``, no ``entrypoint``) when the image has none: podman would refuse every
+    measurement. (``entrypoint = ""`` without a ``command`` is refused with the scenario.)"""
+    if w.command or w.entrypoint:
         return
     own = (config or {}).get("config") or {}
     if not own.get("Entrypoint") and not own.get("Cmd"):
         raise UserError(
             f"workload {w.name}: its image has no Entrypoint or Cmd to run: give the "
-            "workload a command = [...] in its [[workloads]] table"
+            "workload a command = [...] (or an entrypoint = [...]) in its [[workloads]] table"
         )
 
 

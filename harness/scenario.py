@@ -40,6 +40,7 @@ Schema (all keys but ``workloads`` optional)::
     name = "python"                  # unique; default: the recipe name
     recipe = "python"                # image recipe from harness.images.RECIPES, or "tiny"
     command = ["python3", "-c", "print('hello')"]   # optional; default: the recipe's
+                                     # (for an image: its CMD, see below)
     stdin = "…"                      # optional script fed on stdin; default: the recipe's
     ready = "hello"                  # optional line (substring) on stdout that means "ready"
     timeout = 300                    # optional seconds for each step; default: the recipe's
@@ -58,7 +59,14 @@ Schema (all keys but ``workloads`` optional)::
     # containerfile = "app/Containerfile"   # or built with podman; context = "app" (default:
                                             # the Containerfile's directory)
     platform = "linux/amd64"         # optional, for image indexes; default: the host's
-    command = ["/app/server"]        # optional; default: the image's own entrypoint/cmd
+    command = ["/app/server"]        # optional: the image's CMD, as in `podman run IMAGE
+                                     # COMMAND`: the arguments after any ENTRYPOINT the
+                                     # image has; default: the image's own CMD
+    entrypoint = ["/bin/sh", "-c"]   # optional: replaces the image's ENTRYPOINT (podman's
+                                     # --entrypoint; podman then drops the image's CMD too,
+                                     # only `command` follows it); "" clears it, `command`
+                                     # (required then) is the whole command line; default:
+                                     # the image's own ENTRYPOINT
     ready = "listening"              # optional; absent: wait for exit (or for `expect`)
     timeout = 300                    # optional; default 300 s for images
 """
@@ -99,6 +107,7 @@ WORKLOAD_KEYS = {
     "context",
     "platform",
     "command",
+    "entrypoint",
     "stdin",
     "ready",
     "expect",
@@ -141,6 +150,8 @@ class Workload:
     stdin: str | None = None
     ready: str | None = None
     timeout: float | None = None
+    # None: the image's own ENTRYPOINT; (): cleared (``entrypoint = ""``)
+    entrypoint: tuple[str, ...] | None = None
     reference: str | None = None
     modes: tuple[str, ...] | None = None  # a subset of the scenario's modes; None = all
     image: str | None = None
@@ -249,7 +260,15 @@ class Scenario:
             ],
             "workloads": [
                 {
-                    k: (dict(v) if k == "env" else list(v) if isinstance(v, tuple) else v)
+                    k: (
+                        dict(v)
+                        if k == "env"
+                        else ""
+                        if k == "entrypoint" and not v
+                        else list(v)
+                        if isinstance(v, tuple)
+                        else v
+                    )
                     for k, v in vars(w).items()
                     if v is not None
                 }
@@ -500,11 +519,20 @@ def parse_scenario(
                 )
         if wmodes is not None and len(set(wmodes)) != len(wmodes):
             raise c.fail(f"{where}.modes", "lists a mode twice")
+        command = c.strings(w, "command", f"{where}.command")
+        entrypoint = _entrypoint(c, w, f"{where}.entrypoint")
+        if entrypoint == () and command is None:
+            raise c.fail(
+                f"{where}.entrypoint",
+                '"" clears the image\'s ENTRYPOINT, and podman then ignores its CMD too: give '
+                "the workload a command = [...] to run",
+            )
         workloads.append(
             Workload(
                 name=wname,
                 recipe=recipe,
-                command=c.strings(w, "command", f"{where}.command"),
+                command=command,
+                entrypoint=entrypoint,
                 stdin=stdin,
                 ready=c.string(w, "ready", f"{where}.ready"),
                 timeout=float(timeout) if timeout is not None else None,
@@ -631,6 +659,27 @@ def _image_source(
         if len(parts) not in (2, 3) or not all(parts):
             raise c.fail(f"{where}.platform", f"must be OS/ARCH[/VARIANT], got {platform!r}")
     return image, containerfile, context, platform
+
+
+def _entrypoint(c: _Checker, w: dict[str, Any], where: str) -> tuple[str, ...] | None:
+    """``entrypoint``: a non-empty list of strings (podman's ``--entrypoint`` as JSON), or
+    ``""`` to clear the image's ENTRYPOINT (``--entrypoint ""``); None when absent."""
+    value = w.get("entrypoint")
+    if value is None:
+        return None
+    if value == "":
+        return ()
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise c.fail(
+            where,
+            'must be a non-empty list of strings, or "" to clear the image\'s ENTRYPOINT, '
+            f"got {_show(value)}",
+        )
+    if not value[0]:
+        raise c.fail(
+            where, f"its first element (the program) must not be empty, got {_show(value)}"
+        )
+    return tuple(value)
 
 
 def _env(c: _Checker, w: dict[str, Any], where: str) -> tuple[tuple[str, str], ...] | None:

@@ -54,6 +54,8 @@ def trace_cache_path(image_hash: str, w: Any, cache_dir: Path | None = None) -> 
     parts: list[Any] = [image_hash, w.command, w.stdin, w.ready, TRACE_VERSION]
     if w.env:
         parts.append(w.env)
+    if w.entrypoint is not None:  # absent: the key traces had before
+        parts.append(["entrypoint", w.entrypoint])
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
     return (cache_dir or default_cache_dir()) / "traces" / f"{w.name}-{key}.json"
 
@@ -190,7 +192,7 @@ def _trace_run(
                     ],
                 )
             )
-        cid = create_container(env, ref, w.command, w.stdin, w.timeout, w.env)
+        cid = create_container(env, ref, w.command, w.stdin, w.timeout, w.env, w.entrypoint)
         outcome = start_until_ready(
             env, cid, stdin=w.stdin, ready=w.ready, timeout=w.timeout, expected=w.expected
         )

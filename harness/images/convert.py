@@ -576,6 +576,7 @@ def optimize_files(
     src: str,
     *,
     command: Sequence[str] = (),
+    entrypoint: Sequence[str] | None = None,
     stdin: str | None = None,
     ready: str | None = None,
     timeout: float = 300.0,
@@ -588,7 +589,7 @@ def optimize_files(
     """The files the workload reads from ``src``, in first-access order, with the byte ranges
     read of each: the image imported (cached), pushed unoptimized to a registry on loopback,
     run once through our store with the access trace (``harness.trace``). ``command`` empty:
-    the image's own."""
+    the image's own CMD; ``entrypoint`` None: the image's own ENTRYPOINT (empty: cleared)."""
     from harness.images.source import import_image
     from harness.prepare import ResolvedWorkload
     from harness.registry_server import RegistryServer
@@ -604,6 +605,7 @@ def optimize_files(
         expected=None,
         timeout=timeout,
         env=tuple(env),
+        entrypoint=tuple(entrypoint) if entrypoint is not None else None,
     )
     with (
         tempfile.TemporaryDirectory(prefix="lazybench-optimize-", dir=workdir) as tmp,

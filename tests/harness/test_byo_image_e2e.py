@@ -235,3 +235,35 @@ def test_an_image_listing_a_layer_twice_is_measured_lazily(base: Path) -> None:
     assert record.status == "ok", record.error
     assert record.layers_total == record.layers_from_store == layers, record
     assert OUTPUT in record.stdout_head
+
+
+def test_command_follows_the_images_entrypoint_and_entrypoint_replaces_it(base: Path) -> None:
+    """``command`` is the image's CMD, the arguments of its ENTRYPOINT (as in `podman run`);
+    ``entrypoint`` replaces the ENTRYPOINT. Without it, a command meant as the program once
+    ran as the entrypoint's arguments and the run measured the wrong program."""
+    ctx = base / "ctx-entrypoint"
+    ctx.mkdir(exist_ok=True)
+    shutil.copyfile("/bin/busybox", ctx / "busybox")
+    (ctx / "busybox").chmod(0o755)
+    (ctx / "Containerfile").write_text(
+        'FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT ["/bin/busybox", "echo", "entry"]\n'
+    )
+    (base / "entrypoint.toml").write_text(
+        'modes = ["legacy"]\nsamples = 1\n[network]\nprofile = "loopback"\n'
+        '[[workloads]]\nname = "args"\ncontainerfile = "ctx-entrypoint/Containerfile"\n'
+        'command = ["/bin/busybox", "echo", "mine"]\nexpect = "entry /bin/busybox echo mine"\n'
+        "timeout = 60\n"
+        '[[workloads]]\nname = "replaced"\ncontainerfile = "ctx-entrypoint/Containerfile"\n'
+        'entrypoint = ["/bin/busybox", "sh", "-c"]\ncommand = ["echo mine"]\n'
+        'expect = "mine"\ntimeout = 60\n'
+        '[[workloads]]\nname = "cleared"\ncontainerfile = "ctx-entrypoint/Containerfile"\n'
+        'entrypoint = ""\ncommand = ["/bin/busybox", "echo", "whole"]\n'
+        'expect = "whole"\ntimeout = 60\n'
+    )
+    rc, out = run_scenario(base, "entrypoint.toml", "entrypoint")
+    assert rc == 0, out
+    records = {r.workload: r for r in read_records(base / "runs" / "entrypoint")}
+    assert all(r.status == "ok" for r in records.values()), out
+    assert records["args"].stdout_head == "entry /bin/busybox echo mine\n"
+    assert records["replaced"].stdout_head == "mine\n"
+    assert records["cleared"].stdout_head == "whole\n"

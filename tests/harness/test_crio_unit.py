@@ -51,13 +51,13 @@ def _measure(
     storage = CrioStorage(graphroot(tmp_path, from_store, mount), mount)
     monkeypatch.setattr(crio, "crio_storage", lambda: storage)
 
-    def measure(self, ref, command, ready, timeout, after_pull=lambda: None):
+    def measure(self, ref, command, ready, timeout, after_pull=lambda: None, entrypoint=None):
         after_pull()
         return CrioTimes(1.0, 0.1, 0.5, 0.4, True, "ready\n")
 
     monkeypatch.setattr(crio.CrioDriver, "measure", measure)
     rec = Record(0, "python", "estargz", store="default", image="reg/x:y")
-    w = SimpleNamespace(command=(), ready="ready", timeout=60)
+    w = SimpleNamespace(command=(), entrypoint=None, ready="ready", timeout=60)
     return Runner._measure_crio(None, rec, w, _Registry(list(served)))  # type: ignore[arg-type]
 
 
@@ -76,3 +76,15 @@ def test_a_blob_served_whole_to_crio_fell_back(monkeypatch, tmp_path) -> None:
     whole = access(f"sha256:{'a' * 64}", 200, RUNTIME)
     rec = _measure(monkeypatch, tmp_path, [True, True, True], [whole])
     assert rec.status == "fell-back" and rec.layers_served_whole == 1
+
+
+def test_a_workloads_command_is_crios_args_and_its_entrypoint_crios_command() -> None:
+    """CRI (Kubernetes' names): ``command`` replaces the image's ENTRYPOINT, ``args`` its CMD;
+    a workload's ``command`` is the image's CMD, as with podman, so it goes in ``args``."""
+    assert crio.cri_command((), None) == {}
+    assert crio.cri_command(("-v",), None) == {"args": ["-v"]}
+    assert crio.cri_command(("-v",), ("/bin/app",)) == {"command": ["/bin/app"], "args": ["-v"]}
+    assert crio.cri_command((), ("/bin/app",)) == {"command": ["/bin/app"]}
+    assert crio.cri_command(("/bin/sh", "-c", "x"), ()) == {"command": ["/bin/sh", "-c", "x"]}
+    with pytest.raises(RuntimeError, match="nothing to run"):
+        crio.cri_command((), ())

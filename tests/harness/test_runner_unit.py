@@ -298,3 +298,32 @@ def test_lines_read_as_text_mode_gave_them() -> None:
     )
     assert outcome.ready
     assert outcome.stdout == "from stdin\na\nb\nc\n\ufffd\ndone"
+
+
+def test_the_command_follows_the_entrypoint_as_in_podman_run() -> None:
+    """``command`` is the image's CMD (after its ENTRYPOINT); ``entrypoint`` is podman's
+    ``--entrypoint`` as JSON, ``""`` when cleared, absent when the image's own is kept."""
+    from harness.container import create_args
+
+    assert create_args("img", ("-v",), None) == ["create", "--network=none", "img", "-v"]
+    args = create_args("img", ("echo hi",), "in", (("A", "1"),), ("/bin/sh", "-c"))
+    assert args == [
+        "create",
+        "--network=none",
+        "--interactive",
+        "--env=A=1",
+        '--entrypoint=["/bin/sh", "-c"]',
+        "img",
+        "echo hi",
+    ]
+    assert create_args("img", ("/bin/app",), None, (), ())[2] == "--entrypoint="
+
+
+def test_an_entrypoint_alone_is_something_to_run() -> None:
+    from harness.prepare import _check_has_command, resolve
+    from harness.scenario import Workload
+
+    bare = {"config": {}}
+    w = resolve(Workload(name="app", image="oci:/x", entrypoint=("/bin/app",)))
+    assert w.entrypoint == ("/bin/app",)
+    _check_has_command(w, bare)

@@ -262,3 +262,47 @@ def test_crio_takes_one_store_only() -> None:
             },
             "f.toml",
         )
+
+
+def _with(**workload: object) -> dict:
+    return {"workloads": [{"name": "app", "image": "oci:/x", **workload}]}
+
+
+def test_an_entrypoint_is_a_list_of_strings_or_empty_to_clear() -> None:
+    """``entrypoint``: podman's --entrypoint; ``command`` stays the image's CMD after it."""
+    (w,) = parse_scenario(_with(entrypoint=["/bin/sh", "-c"], command=["echo hi"]), "f").workloads
+    assert w.entrypoint == ("/bin/sh", "-c") and w.command == ("echo hi",)
+    (w,) = parse_scenario(_with(entrypoint="", command=["/bin/app"]), "f").workloads
+    assert w.entrypoint == ()
+    (w,) = parse_scenario(_with(), "f").workloads
+    assert w.entrypoint is None
+
+
+def test_an_entrypoint_survives_the_runs_own_copy_of_the_scenario() -> None:
+    """A resumed run re-reads the scenario from its JSON copy: a cleared entrypoint is ``""``
+    there, not an empty list (which is no entrypoint at all)."""
+    for entrypoint in ("", ["/bin/sh", "-c"]):
+        s = parse_scenario(_with(entrypoint=entrypoint, command=["x"]), "f")
+        copy = json.loads(json.dumps(s.to_dict()))
+        assert copy["workloads"][0]["entrypoint"] == entrypoint
+        assert parse_scenario(copy, "scenario.json").to_dict() == s.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "message"),
+    [
+        ("/bin/sh", r'f: workloads\[0\].entrypoint: must be a non-empty list of strings, or ""'),
+        ([], r"f: workloads\[0\].entrypoint: must be a non-empty list of strings"),
+        (["/bin/sh", 1], r"f: workloads\[0\].entrypoint: must be a non-empty list of strings"),
+        ([""], r"f: workloads\[0\].entrypoint: its first element \(the program\) must not be"),
+        (5, r"f: workloads\[0\].entrypoint: must be"),
+    ],
+)
+def test_a_malformed_entrypoint_is_named(entrypoint: object, message: str) -> None:
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario(_with(entrypoint=entrypoint, command=["x"]), "f")
+
+
+def test_a_cleared_entrypoint_needs_a_command() -> None:
+    with pytest.raises(ScenarioError, match=r'workloads\[0\].entrypoint: "" clears the image'):
+        parse_scenario(_with(entrypoint=""), "f")
