@@ -7,8 +7,13 @@ Errors meant for the user are raised as :class:`UserError` and printed as one li
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
@@ -25,6 +30,48 @@ COMMAND_MODULES = [
 
 class UserError(Exception):
     """An error caused by the user's input: printed as one line, exit status 1."""
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Refuse, with :class:`UserError`, a directory ``path`` that cannot be created or written
+    to (an existing file, a path under a file, a read-only mount, ``/proc/x``), before a
+    command makes or writes anything in it: ``lazybench: WHAT PATH: not a writable directory
+    (REASON)``. Creates what is missing of it and a temporary file in it to find out, and
+    removes both again: afterwards the file system is as it was."""
+    made: list[Path] = []  # the directories created here, outermost first
+    missing = []
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        for directory in reversed(missing):
+            directory.mkdir()
+            made.append(directory)
+        fd, probe = tempfile.mkstemp(prefix=".lazybench-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UserError(f"{what} {path}: not a writable directory ({reason})") from None
+    finally:
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def check_cache_dir(cache_dir: Path | None) -> None:
+    """``--cache-dir`` (or the default cache: ``$LAZYBENCH_CACHE`` or ``~/.cache/lazybench``)
+    must be a directory lazybench can create and write to (:func:`check_writable_dir`)."""
+    if cache_dir is not None:
+        check_writable_dir(cache_dir, "--cache-dir")
+    else:
+        env = os.environ.get("LAZYBENCH_CACHE")
+        default = Path(env) if env else Path.home() / ".cache" / "lazybench"
+        what = "cache directory ($LAZYBENCH_CACHE)" if env else "cache directory"
+        check_writable_dir(default, what)
 
 
 def positive_int(text: str) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from harness.cli import UserError, positive_int
+from harness.cli import UserError, check_cache_dir, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -148,6 +148,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             check_chunk_size(args.chunk_size)
         except ValueError as exc:
             raise UserError(f"--chunk-size: {exc}") from None
+    if args.optimize:
+        check_cache_dir(args.cache_dir)
     files = _read_prioritized(args.prioritized_files)
     read_ranges: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
     try:

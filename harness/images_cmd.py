@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from harness.cli import UserError
+from harness.cli import UserError, check_cache_dir
 from harness.images import (
     MODES,
     RECIPES,
@@ -50,6 +50,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    check_cache_dir(args.cache_dir)
     names = args.names or list(RECIPES)
     try:
         recipes = [find_recipe(n) for n in names]
@@ -142,6 +143,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    check_cache_dir(args.cache_dir)
     root = (args.cache_dir or default_cache_dir()) / "images"
     current = {recipe_hash(r) for r in [*RECIPES.values(), find_recipe("tiny")]}
     freed = 0

@@ -154,8 +154,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def check_run_args(args: argparse.Namespace) -> None:
     """Refuse, with :class:`UserError`, what ``run`` would otherwise ignore or misplace: a
     ``--run-id`` that is not one path component (``..``, ``a/b`` put the run directory
-    outside ``--results-dir``), and ``--resume`` with what only a new run takes (the resumed
-    run keeps its own scenario copy, sample count and directory)."""
+    outside ``--results-dir``), ``--resume`` with what only a new run takes (the resumed
+    run keeps its own scenario copy, sample count and directory), and a results or cache
+    directory that cannot be written (:func:`check_output_dirs`)."""
     run_id = args.run_id
     if run_id is not None and (run_id in ("", ".", "..") or "/" in run_id or "\0" in run_id):
         raise UserError(
@@ -163,6 +164,7 @@ def check_run_args(args: argparse.Namespace) -> None:
             "not '.' or '..')"
         )
     if args.resume is None:
+        check_output_dirs(args)
         return
     given = [
         what
@@ -179,6 +181,22 @@ def check_run_args(args: argparse.Namespace) -> None:
             f"--resume {args.resume}: not with {', '.join(given)}: a resumed run keeps the "
             "scenario, samples and directory it was started with"
         )
+    check_output_dirs(args)
+
+
+def check_output_dirs(args: argparse.Namespace) -> None:
+    """The results directory (a new run's) and the cache directory must be directories
+    lazybench can create and write to: found out now, not with a traceback after the run
+    directory is made (:func:`harness.cli.check_writable_dir`)."""
+    from harness.cli import check_cache_dir, check_writable_dir
+    from harness.measure import RESULTS_DIR
+
+    if args.resume is None:
+        if args.results_dir is not None:
+            check_writable_dir(args.results_dir, "--results-dir")
+        else:
+            check_writable_dir(RESULTS_DIR, "results directory")
+    check_cache_dir(args.cache_dir)
 
 
 def _run_one(

@@ -327,3 +327,70 @@ def test_an_entrypoint_alone_is_something_to_run() -> None:
     w = resolve(Workload(name="app", image="oci:/x", entrypoint=("/bin/app",)))
     assert w.entrypoint == ("/bin/app",)
     _check_has_command(w, bare)
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("option", ["--results-dir", "--cache-dir"])
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("afile", "Not a directory"),
+        ("afile/sub", "Not a directory"),
+        ("/proc/x", "No such file or directory"),
+    ],
+)
+def test_an_unwritable_results_or_cache_dir_is_refused_before_anything_is_made(
+    option: str, where: str, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Once a raw traceback after "run directory: …" (and an empty results directory left
+    behind by a bad --cache-dir)."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('[[workloads]]\nrecipe = "tiny"\n')
+    (tmp_path / "afile").write_text("")
+    bad = where if where.startswith("/") else str(tmp_path / where)
+    other = "--cache-dir" if option == "--results-dir" else "--results-dir"
+    before = _tree(tmp_path)
+    rc = main(["run", str(scenario), option, bad, other, str(tmp_path / "new" / "dir")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"lazybench: {option} {bad}: not a writable directory ({reason})" in err, err
+    assert _tree(tmp_path) == before  # nothing made, the other directory neither
+
+
+def test_a_read_only_directory_is_refused_and_what_the_check_made_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only mount (root writes anywhere else): the probe file cannot be made."""
+    import errno
+    import tempfile
+
+    from harness.cli import UserError, check_writable_dir
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(UserError, match=r"^x (.*)/a/b: not a writable directory \(Read-only file"):
+        check_writable_dir(tmp_path / "a" / "b", "x")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    check_writable_dir(tmp_path / "a" / "b", "x")  # writable: passes, and leaves nothing
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_commands_check_the_cache_dir_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "afile").write_text("")
+    bad = str(tmp_path / "afile")
+    for argv in (
+        ["images", "prune", "--cache-dir", bad],
+        ["images", "build", "tiny", "--cache-dir", bad],
+        ["runtimes", "build", "sid", "--cache-dir", bad],
+        ["convert", "--optimize", "oci:x", "oci:y", "--cache-dir", bad],
+    ):
+        assert main(argv) == 1, argv
+        assert f"--cache-dir {bad}: not a writable directory" in capsys.readouterr().err, argv
