@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness.cli import require_root
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -39,6 +41,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from harness.runtimes import clean_stale_views, default_cache_dir
     from harness.stale import build_dirs, sweep
 
+    require_root("cleanup", "stopping containers, unmounting, removing network namespaces")
     cache = args.cache_dir or default_cache_dir()
     lines = [f"removed {s.line()}" for s in sweep(*args.dir, *build_dirs(cache))]
     lines += [f"removed {item}" for item in cleanup_stale()]

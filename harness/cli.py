@@ -62,6 +62,18 @@ def check_writable_dir(path: Path, what: str) -> None:
                 directory.rmdir()
 
 
+def require_root(command: str, needs: str, euid: int | None = None) -> None:
+    """Refuse, with :class:`UserError`, to run ``lazybench COMMAND`` as anyone but root
+    (``euid``: the effective user id, default the process's): what it ``needs`` would fail
+    later, with an error that blames something else (skopeo's "unshare failed" blamed the
+    image)."""
+    if (os.geteuid() if euid is None else euid) != 0:
+        raise UserError(f"lazybench {command} needs root ({needs}): run it as root")
+
+
+RUN_NEEDS = "rootful podman, network namespaces, FUSE"
+
+
 def check_cache_dir(cache_dir: Path | None) -> None:
     """``--cache-dir`` (or the default cache: ``$LAZYBENCH_CACHE`` or ``~/.cache/lazybench``)
     must be a directory lazybench can create and write to (:func:`check_writable_dir`)."""

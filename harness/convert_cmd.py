@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from harness.cli import UserError, check_cache_dir, positive_int
+from harness.cli import UserError, check_cache_dir, positive_int, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -149,6 +149,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UserError(f"--chunk-size: {exc}") from None
     if args.optimize:
+        require_root("convert --optimize", "rootful podman, FUSE")
         check_cache_dir(args.cache_dir)
     files = _read_prioritized(args.prioritized_files)
     read_ranges: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness.cli import UserError
+from harness.cli import UserError, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_measure(args: argparse.Namespace) -> int:
     from harness.netshape import NetworkError, NetworkLink, UnknownProfile
 
+    require_root("net measure", "network namespaces, traffic shaping")
     try:
         with NetworkLink(args.profile) as link:
             m = link.measure(seconds=args.seconds)
@@ -56,6 +57,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from harness.netshape import cleanup_stale
 
+    require_root("net cleanup", "removing network namespaces")
     removed = cleanup_stale()
     for item in removed:
         print(f"removed {item}")

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from harness.cli import UserError
+from harness.cli import RUN_NEEDS, UserError, require_root
 
 # `--gate` given without a file: the gate file shipped in the package.
 PACKAGED_GATE = "packaged default gate"
@@ -116,6 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         run_dir = args.resume.resolve()
         scenario = load_run_scenario(run_dir)
+        require_root("run", RUN_NEEDS)
         recorded = read_environment(run_dir).get("shard")
         if shard is None and recorded:
             shard = Shard.parse(recorded)
@@ -127,6 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.samples < 1:
             raise UserError("--samples must be at least 1")
         scenario = replace(scenario, samples=args.samples)
+    require_root("run", RUN_NEEDS)  # the scenario's own mistakes are named first
     results = args.results_dir or RESULTS_DIR
     run_id = args.run_id or new_run_id(scenario)
     if shard is not None and not args.run_id:

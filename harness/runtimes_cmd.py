@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.cli import UserError, check_cache_dir
+from harness.cli import UserError, check_cache_dir, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +46,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     for name in names:
         if name not in NODES:
             raise UserError(f"unknown node {name!r} (known: {', '.join(NODES)})")
+    require_root("runtimes build", "mmdebstrap, chroot")
     check_cache_dir(args.cache_dir)
     for name in names:
         with console.status(f"node {name}") as status:

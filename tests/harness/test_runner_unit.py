@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -394,3 +395,48 @@ def test_other_commands_check_the_cache_dir_too(
     ):
         assert main(argv) == 1, argv
         assert f"--cache-dir {bad}: not a writable directory" in capsys.readouterr().err, argv
+
+
+def test_root_is_required_up_front_with_a_message_saying_so() -> None:
+    """As another user, skopeo once failed later with "unshare failed", blaming the image."""
+    from harness.cli import RUN_NEEDS, UserError, require_root
+
+    require_root("run", RUN_NEEDS, euid=0)
+    with pytest.raises(UserError) as exc:
+        require_root("run", RUN_NEEDS, euid=1000)
+    assert str(exc.value) == (
+        "lazybench run needs root (rootful podman, network namespaces, FUSE): run it as root"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["run", "{scenario}"], "run"),
+        (["run", "--resume", "{run_dir}"], "run"),
+        (["cleanup"], "cleanup"),
+        (["net", "cleanup"], "net cleanup"),
+        (["net", "measure", "loopback"], "net measure"),
+        (["runtimes", "build", "sid"], "runtimes build"),
+        (["convert", "--optimize", "oci:x", "oci:y"], "convert --optimize"),
+    ],
+)
+def test_commands_that_need_root_say_so_as_another_user(
+    argv: list[str],
+    command: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('[[workloads]]\nrecipe = "tiny"\n')
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    copy = parse_scenario({"workloads": [{"recipe": "tiny"}]}, "s").to_dict()
+    (run_dir / "scenario.json").write_text(json.dumps(copy))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    argv = [a.format(scenario=scenario, run_dir=run_dir) for a in argv]
+    extra = ["--results-dir", str(tmp_path / "runs")] if argv[:2] == ["run", str(scenario)] else []
+    assert main(argv + extra) == 1
+    assert f"lazybench {command} needs root (" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
