@@ -78,8 +78,9 @@ def start_until_ready(
     expected: str | None = None,
 ) -> RunOutcome:
     """``podman start --attach`` the container; return when ``ready`` shows on its stdout (then
-    stop it; the same text on stderr, e.g. in an error message, is not ready) or, without a
-    ready line, when it exits. Times out after ``timeout`` seconds.
+    stop it; the same text on stderr, e.g. in an error message, is not ready, and a timeout
+    says it appeared there) or, without a ready line, when it exits. Times out after
+    ``timeout`` seconds (:func:`timeout_message`).
     ``expected``: the workload's expected output (named so when it is also ``ready``).
     ``on_first_output`` is called at the first stdout line; each line is timed when it is
     read, so the call's own time is never counted in the run."""
@@ -144,11 +145,9 @@ def start_until_ready(
         while open_streams:
             remaining = timeout - (time.monotonic() - start)
             if remaining <= 0:
-                awaited = _awaited(ready, expected) if ready else "exit"
-                shown = "".join(out["stdout"]) + partial["stdout"]
+                printed = {k: "".join(out[k]) + partial[k] for k in out}
                 raise MeasurementError(
-                    f"run: no {awaited} within {timeout:g}s; output: {shown[-300:]!r}"
-                    + (" (its last line has no newline yet)" if partial["stdout"] else "")
+                    timeout_message(ready, expected, timeout, printed, bool(partial["stdout"]))
                 )
             try:
                 name, line, now = lines.get(timeout=min(remaining, 0.5))
@@ -189,17 +188,65 @@ def start_until_ready(
     return RunOutcome(elapsed, first, ok, exit_code, "".join(out["stdout"]), "".join(out["stderr"]))
 
 
+# What a run of a workload without a ready line that never exits fails with (a server
+# without ``ready``): the runner stops measuring such a workload after two in a row.
+NO_EXIT = "the workload did not exit within"
+
+
+def is_no_exit(error: str | None) -> bool:
+    """Whether a record's error is a run that never exited (:data:`NO_EXIT`)."""
+    return bool(error) and error.startswith(f"run: {NO_EXIT} ")  # type: ignore[union-attr]
+
+
+def timeout_message(
+    ready: str | None,
+    expected: str | None,
+    timeout: float,
+    printed: dict[str, str],
+    unfinished_line: bool = False,
+) -> str:
+    """Why a run timed out, in the workload's terms, with the tail of what it printed on
+    stdout and on stderr (many servers log to stderr). ``ready`` is read on stdout only (so
+    an error message on stderr is never "ready"): ready text that appeared on stderr is named.
+    A run without a ready line waited for the container to exit: a server never does, so the
+    message says to set one."""
+    stdout, stderr = printed.get("stdout", ""), printed.get("stderr", "")
+    if not ready:
+        head = (
+            f"run: {NO_EXIT} {timeout:g}s; for a server, set ready = a line it prints when it is up"
+        )
+    else:
+        head = f"run: no {_awaited(ready, expected)} within {timeout:g}s" + _on_stderr(
+            ready, expected, stdout, stderr
+        )
+    return (
+        f"{head}; output: {stdout[-300:]!r}"
+        + (" (its last line has no newline yet)" if unfinished_line else "")
+        + f"; stderr: {stderr.strip()[-300:]!r}"
+    )
+
+
 def _awaited(ready: str, expected: str | None) -> str:
     """What the run waits for, in the workload's terms: a workload without a ready line of its
     own is ready at its expected output."""
     return f"expected output {ready!r}" if ready == expected else f"ready line {ready!r}"
 
 
+def _on_stderr(ready: str, expected: str | None, stdout: str, stderr: str) -> str:
+    """What to add when the text awaited on stdout showed on stderr instead ("" otherwise)."""
+    if ready not in stderr or ready in stdout:
+        return ""
+    what = "the expected output" if ready == expected else "ready"
+    return f"; {ready!r} appeared on stderr; {what} must be printed on stdout"
+
+
 def not_ready_reason(ready: str | None, expected: str | None, outcome: RunOutcome) -> str:
     """Why a run that ended is not a success, in the workload's terms."""
     if ready and ready not in outcome.stdout:
         what = f"the expected {ready!r}" if ready == expected else f"its ready line {ready!r}"
-        return f"the workload exited ({outcome.exit_code}) without printing {what}"
+        return f"the workload exited ({outcome.exit_code}) without printing {what}" + _on_stderr(
+            ready, expected, outcome.stdout, outcome.stderr
+        )
     if expected is not None and expected not in outcome.stdout:
         return f"the output lacks the expected {expected!r} (exit {outcome.exit_code})"
     return f"the workload exited {outcome.exit_code}"

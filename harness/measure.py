@@ -59,6 +59,7 @@ from harness.cli import UserError
 from harness.container import (
     MeasurementError,
     create_container,
+    is_no_exit,
     not_ready_reason,
     start_until_ready,
 )
@@ -381,10 +382,19 @@ class Runner:
             registry = stack.enter_context(self._registry(storage, link))
             progress = stack.enter_context(self._progress())
             task = progress.add_task("measuring", total=len(todo))
+            # workload -> its last records when they never exited; why it is given up
+            no_exit: dict[str, list[Record]] = {}
+            given_up: dict[str, str] = {}
             for sample, name, mode, store in todo:
                 self._interrupt.check()
                 label = f"{name}/{mode}" + (f" · {store}" if store else "")
                 progress.update(task, description=f"sample {sample + 1} {label}")
+                if name in given_up:  # recorded as failed: a resumed run measures it again
+                    record = self._failed(sample, workloads[name], mode, store, given_up[name])
+                    append_record(self.run_dir, record)
+                    done.append(record.key)
+                    progress.advance(task)
+                    continue
                 if not settle():
                     progress.console.print(
                         f"  [yellow]the disk took over {SETTLE_TIMEOUT:.0f} s to flush before "
@@ -398,7 +408,36 @@ class Runner:
                 done.append(record.key)
                 progress.advance(task)
                 self._say(progress, record)
+                reason = self._give_up(no_exit, record, workloads[name])
+                if reason is not None:
+                    given_up[name] = reason
+                    left = sum(1 for k in todo[len(done) :] if k[1] == name)
+                    progress.console.print(
+                        f"  [red]{escape(name)}: skipping its {left} remaining measurements:[/] "
+                        f"{escape(reason)}"
+                    )
         return done
+
+    @staticmethod
+    def _give_up(
+        no_exit: dict[str, list[Record]], record: Record, w: ResolvedWorkload
+    ) -> str | None:
+        """Why to stop measuring ``record``'s workload, or None: a workload without a ready
+        line whose run did not exit within its timeout twice in a row (two modes, or two
+        samples) is a server missing its ``ready``; each further measurement would wait out
+        the timeout again (with the default 300 s, 40 minutes before the user learns it)."""
+        if not is_no_exit(record.error):
+            no_exit.pop(record.workload, None)
+            return None
+        streak = no_exit.setdefault(record.workload, [])
+        streak.append(record)
+        if len(streak) < 2:
+            return None
+        seen = " and ".join(f"sample {r.sample + 1} {r.mode}" for r in streak[-2:])
+        return (
+            f"not measured: the workload did not exit within {w.timeout:g}s twice in a row "
+            f"({seen}); for a server, set ready = a line it prints when it is up"
+        )
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -505,15 +544,7 @@ class Runner:
             store_name = self.scenario.store.name
         if (w.name, mode) not in self.images:  # the image could not be made in this mode
             reason = self._skipped.get((w.name, mode), "no image was pushed in this mode")
-            return Record(
-                sample=sample,
-                workload=w.name,
-                mode=mode,
-                store=store_name,
-                status="error",
-                error=f"image not available: {reason}",
-                runtime=self.scenario.runtime,
-            )
+            return self._failed(sample, w, mode, store_name, f"image not available: {reason}")
         ref = f"{registry.host}/{self.images[(w.name, mode)]}"
         rec = Record(
             sample=sample,
@@ -689,6 +720,23 @@ class Runner:
         self._interrupt.check()
         rec.finished = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         return rec
+
+    def _failed(
+        self, sample: int, w: ResolvedWorkload, mode: str, store_name: str, error: str
+    ) -> Record:
+        """The record of a measurement not made, failed with ``error`` (measured again on
+        resume, as every failure is)."""
+        if mode in LAZY_MODES and not store_name:
+            store_name = self.scenario.store.name
+        return Record(
+            sample=sample,
+            workload=w.name,
+            mode=mode,
+            store=store_name,
+            status="error",
+            error=error,
+            runtime=self.scenario.runtime,
+        )
 
     def _repull(self, env: PodmanEnv, ref: str, timeout: float, registry: Any, rec: Record) -> None:
         """``podman pull`` of the image just pulled and run, every layer now local: podman's

@@ -267,3 +267,40 @@ def test_command_follows_the_images_entrypoint_and_entrypoint_replaces_it(base: 
     assert records["args"].stdout_head == "entry /bin/busybox echo mine\n"
     assert records["replaced"].stdout_head == "mine\n"
     assert records["cleared"].stdout_head == "whole\n"
+
+
+def test_a_server_without_ready_is_given_up_after_two_timeouts_and_resumes(base: Path) -> None:
+    """A server workload without `ready` waits out its timeout in every measurement: after two
+    in a row the others are recorded as failed with what to do, the run exits 1, and a resumed
+    run measures the failed ones again (and gives up again)."""
+    (base / "noready.toml").write_text(
+        'modes = ["legacy"]\nsamples = 3\n[network]\nprofile = "loopback"\n'
+        '[[workloads]]\nname = "server"\nimage = "docker-archive:image.docker.tar"\n'
+        'command = ["/bin/busybox", "sh", "-c", "echo serving on :80 >&2; exec sleep 600"]\n'
+        "timeout = 2\n"
+    )
+    rc, out = run_scenario(base, "noready.toml", "noready")
+    assert rc == 1, out
+    run = base / "runs" / "noready"
+
+    def check() -> None:
+        records = read_records(run)
+        assert len(records) == 3 and all(r.status == "error" for r in records), out
+        timed_out = [r for r in records if not r.error.startswith("not measured")]
+        assert len(timed_out) == 2, [r.error for r in records]
+        for r in timed_out:
+            assert r.error.startswith(
+                "run: the workload did not exit within 2s; for a server, set ready = a line"
+            ), r.error
+            assert "stderr: 'serving on :80'" in r.error, r.error
+        skipped = [r for r in records if r not in timed_out]
+        assert all("did not exit within 2s twice in a row" in r.error for r in skipped)
+
+    check()
+    assert "skipping its 1 remaining measurements" in out, out
+    rc, out = lazybench(
+        base, "run", "--resume", str(run), "--no-progress", "--cache-dir", str(base / "cache")
+    )
+    assert rc == 1, out
+    check()  # the latest record of each key
+    assert "Traceback" not in out

@@ -440,3 +440,80 @@ def test_commands_that_need_root_say_so_as_another_user(
     assert main(argv + extra) == 1
     assert f"lazybench {command} needs root (" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_timeout_names_ready_text_seen_on_stderr_and_shows_stderr() -> None:
+    """Many servers log to stderr; the ready line is read on stdout only. The timeout once
+    showed only stdout ("output: ''")."""
+    from harness.container import MeasurementError
+
+    with pytest.raises(MeasurementError) as exc:
+        start_until_ready(
+            _ShellEnv("echo starting; echo 'listening on :80' >&2; sleep 5"),  # type: ignore[arg-type]
+            "cid",
+            stdin=None,
+            ready="listening on",
+            timeout=1,
+        )
+    assert str(exc.value) == (
+        "run: no ready line 'listening on' within 1s; 'listening on' appeared on stderr; "
+        "ready must be printed on stdout; output: 'starting\\n'; stderr: 'listening on :80'"
+    )
+
+
+def test_a_run_that_never_exits_without_a_ready_line_says_to_set_one() -> None:
+    from harness.container import MeasurementError, is_no_exit
+
+    with pytest.raises(MeasurementError) as exc:
+        start_until_ready(
+            _ShellEnv("echo serving >&2; sleep 5"),  # type: ignore[arg-type]
+            "cid",
+            stdin=None,
+            ready=None,
+            timeout=1,
+        )
+    assert str(exc.value) == (
+        "run: the workload did not exit within 1s; for a server, set ready = a line it prints "
+        "when it is up; output: ''; stderr: 'serving'"
+    )
+    assert is_no_exit(str(exc.value)) and not is_no_exit("run: no ready line 'x' within 1s")
+
+
+def test_an_exit_without_the_ready_line_names_it_on_stderr() -> None:
+    from harness.container import not_ready_reason
+
+    outcome = start_until_ready(
+        _ShellEnv("echo 'listening on' >&2"),  # type: ignore[arg-type]
+        "cid",
+        stdin=None,
+        ready="listening on",
+        timeout=10,
+    )
+    assert not_ready_reason("listening on", None, outcome) == (
+        "the workload exited (0) without printing its ready line 'listening on'; "
+        "'listening on' appeared on stderr; ready must be printed on stdout"
+    )
+
+
+def test_a_workload_that_never_exits_twice_in_a_row_is_given_up() -> None:
+    """A server without `ready` waits out its timeout in every measurement; after two in a
+    row (modes or samples) its other measurements are recorded as failed, not run."""
+    from harness.measure import Runner
+    from harness.prepare import ResolvedWorkload
+    from harness.records import Record
+
+    w = ResolvedWorkload("app", None, (), None, None, None, 5.0)
+    no_exit = "run: the workload did not exit within 5s; for a server, set ready = …"
+
+    def rec(sample: int, mode: str, error: str | None) -> Record:
+        return Record(sample, "app", mode, status="error" if error else "ok", error=error)
+
+    streaks: dict = {}
+    assert Runner._give_up(streaks, rec(0, "legacy", no_exit), w) is None
+    assert Runner._give_up(streaks, rec(0, "estargz", "pull: boom"), w) is None  # reset
+    assert Runner._give_up(streaks, rec(1, "legacy", no_exit), w) is None
+    reason = Runner._give_up(streaks, rec(1, "estargz", no_exit), w)
+    assert reason == (
+        "not measured: the workload did not exit within 5s twice in a row (sample 2 legacy "
+        "and sample 2 estargz); for a server, set ready = a line it prints when it is up"
+    )
