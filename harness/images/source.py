@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -467,6 +468,9 @@ def build_containerfile(
                 env.build(*args, str(context), timeout=timeout)
                 env.podman("save", "--format", "oci-archive", "--output", str(archive), tag)
         except PodmanError as exc:
+            local = local_base_problem(str(exc))
+            if local is not None:
+                raise ImageSourceError(f"building {containerfile}: {local}") from None
             raise ImageSourceError(f"building {containerfile}: {exc}") from None
         built = import_image(
             f"oci-archive:{archive}", cache_dir, platform=platform, name=name, progress=say
@@ -474,6 +478,29 @@ def build_containerfile(
     meta = {"image": built.dir.name, "containerfile": str(containerfile)}
     write_atomic(pointer, json.dumps(meta))
     return built
+
+
+# podman's error when a FROM names an image it looked for in a registry called localhost
+_LOCAL_BASE = re.compile(r"initializing source docker://(localhost/[^\s:\\\"]+(?::[^\s:\\\"]+)?)")
+
+
+def local_base_problem(podman_error: str) -> str | None:
+    """What to tell the user when a Containerfile's FROM names a local image
+    (``localhost/x:latest``, as ``podman build`` names its own): the build runs in
+    lazybench's private storage, where the host's images are not, so podman looked for it
+    in a registry at localhost and failed with that registry's noise. None for other errors."""
+    found = _LOCAL_BASE.search(podman_error)
+    if found is None:
+        return None
+    base = found.group(1)
+    return (
+        f"FROM {base} is not in lazybench's build storage: the build runs in a private "
+        "storage and cannot see your local images (`podman images`). Save the base with "
+        f"`podman save --format oci-archive -o /path/to/base.tar {base}` and write FROM "
+        "oci-archive:/path/to/base.tar (an absolute path) in the Containerfile, or build "
+        "the image yourself and give the workload image = "
+        '"containers-storage:localhost/NAME:TAG" instead of its containerfile'
+    )
 
 
 def _tree_digest(root: Path) -> str:

@@ -304,3 +304,21 @@ def test_a_server_without_ready_is_given_up_after_two_timeouts_and_resumes(base:
     assert rc == 1, out
     check()  # the latest record of each key
     assert "Traceback" not in out
+
+
+def test_a_containerfile_from_a_local_image_says_the_build_cannot_see_it(base: Path) -> None:
+    """podman builds in lazybench's private storage: FROM a host image (localhost/x) once
+    failed after retries with a registry's connection errors."""
+    ctx = base / "ctx-local-base"
+    ctx.mkdir(exist_ok=True)
+    (ctx / "Containerfile").write_text("FROM localhost/lazybench-no-such-base:latest\n")
+    (base / "localbase.toml").write_text(
+        'modes = ["legacy"]\nsamples = 1\n[network]\nprofile = "loopback"\n'
+        '[[workloads]]\nname = "app"\ncontainerfile = "ctx-local-base/Containerfile"\n'
+    )
+    rc, out = run_scenario(base, "localbase.toml", "localbase")
+    assert rc == 1, out
+    assert (
+        "FROM localhost/lazybench-no-such-base:latest is not in lazybench's build storage" in out
+    ), out
+    assert "connection refused" not in out and "Traceback" not in out

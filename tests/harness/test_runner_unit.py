@@ -517,3 +517,32 @@ def test_a_workload_that_never_exits_twice_in_a_row_is_given_up() -> None:
         "not measured: the workload did not exit within 5s twice in a row (sample 2 legacy "
         "and sample 2 estargz); for a server, set ready = a line it prints when it is up"
     )
+
+
+# What podman 4.3 says when a Containerfile's FROM names an image of the host's storage
+# that lazybench's private build storage does not have.
+_LOCAL_FROM_ERROR = (
+    "`podman build --file /x/Containerfile --tag localhost/lazybench-build:latest /x` exited "
+    '125: Trying to pull localhost/app-base:latest...\ntime="…" level=warning msg="Failed, '
+    "retrying in 2s ... (1/3). Error: initializing source docker://localhost/app-base:latest: "
+    'pinging container registry localhost: Get \\"https://localhost/v2/\\": dial tcp '
+    '127.0.0.1:443: connect: connection refused"\nError: creating build container: '
+    "initializing source docker://localhost/app-base:latest: pinging container registry "
+    'localhost: Get "https://localhost/v2/": dial tcp 127.0.0.1:443: connect: connection refused'
+)
+
+
+def test_a_local_base_image_the_build_cannot_see_is_named_with_what_to_do() -> None:
+    from harness.images.source import local_base_problem
+
+    problem = local_base_problem(_LOCAL_FROM_ERROR)
+    assert problem is not None
+    assert problem.startswith(
+        "FROM localhost/app-base:latest is not in lazybench's build storage: the build runs "
+        "in a private storage and cannot see your local images"
+    )
+    assert "podman save --format oci-archive -o /path/to/base.tar localhost/app-base:latest" in (
+        problem
+    )
+    assert local_base_problem("Error: initializing source docker://docker.io/x:1: nope") is None
+    assert local_base_problem("Error: COPY failed: no such file") is None
