@@ -4,7 +4,10 @@ A run can take an hour; a typo found after the first sample wastes it. So every 
 up front and every problem is reported as ``FILE: KEY: PROBLEM`` (a :class:`ScenarioError`,
 which the CLI prints as one line).
 
-Schema (all keys but ``workloads`` optional)::
+Schema (all keys but ``workloads`` optional; the values shown for the top-level keys are
+their defaults, except ``[network] profile``, whose default is ``"loopback"``: no shaping,
+pulls as fast as the disk, the limit model not meaningful; ``"wan"`` or another shaped
+profile gives numbers over a network and a limit to compare them with)::
 
     name = "default"                 # run-id prefix; default: the file's stem
     samples = 3                      # measurements per (workload, mode)
@@ -19,7 +22,8 @@ Schema (all keys but ``workloads`` optional)::
     seed = 0                         # shuffle seed: the same seed gives the same order
 
     [network]
-    profile = "wan"                  # a profile name from harness.netshape
+    profile = "wan"                  # a profile name from harness.netshape; default
+                                     # "loopback" (unshaped; no limit model)
 
     [[stores]]                       # the Additional Layer Stores under test (lazy modes);
     name = "ours"                    # every lazy (workload × mode) is measured once per store,

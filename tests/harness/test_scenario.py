@@ -306,3 +306,16 @@ def test_a_malformed_entrypoint_is_named(entrypoint: object, message: str) -> No
 def test_a_cleared_entrypoint_needs_a_command() -> None:
     with pytest.raises(ScenarioError, match=r'workloads\[0\].entrypoint: "" clears the image'):
         parse_scenario(_with(entrypoint=""), "f")
+
+
+def test_the_readme_states_the_defaults_a_scenario_of_your_own_gets() -> None:
+    """A newcomer's scenario has only [[workloads]]: README "Measure your own image" says what
+    the rest defaults to (and that a limit needs a shaped link), as the code has it."""
+    readme = (SCENARIOS.parent / "README.md").read_text()
+    section = readme.split("## Measure your own image", 1)[1].split("\n## ", 1)[0]
+    flat = " ".join(section.split())
+    s = parse_scenario(MINIMAL, "x.toml")
+    assert f"{s.samples} samples" in flat
+    assert f"network profile `{s.network_profile}`" in flat
+    assert ", ".join(f"`{m}`" for m in s.modes) in flat
+    assert '`profile = "wan"`' in flat and "limit" in flat
