@@ -7,6 +7,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from harness.cli import UserError, check_cache_dir
 from harness.images import (
@@ -22,6 +23,7 @@ from harness.images import (
     oci_layout,
 )
 from harness.images.recipes import LAYER_FORMAT, recipe_hash
+from harness.images.source import IMPORT_FORMAT
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--cache-dir", type=Path, default=None)
     ls.add_argument("--json", action="store_true", help="one JSON object per image")
     ls.set_defaults(func=cmd_ls)
-    prune = isub.add_parser("prune", help="remove cached builds of recipes that have changed")
+    prune = isub.add_parser(
+        "prune",
+        help="remove cached builds of recipes that have changed, and images imported in an "
+        "older format (what `images ls` marks stale)",
+    )
     prune.add_argument("--cache-dir", type=Path, default=None)
     prune.set_defaults(func=cmd_prune)
 
@@ -98,9 +104,25 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def current_recipe_hashes() -> set[str]:
+    """The hashes of today's recipes: their cached builds are current."""
+    return {recipe_hash(r) for r in [*RECIPES.values(), find_recipe("tiny")]}
+
+
+def is_current(data: dict[str, Any], recipe_hashes: set[str]) -> bool:
+    """Whether a cache entry (its ``image.json``) is what lazybench would use today: a
+    recipe's build whose recipe has not changed, or an imported image (a workload's
+    ``image`` or ``containerfile``) written in the current import format. An import that
+    records no format predates the field: kept, as nothing tells it apart from a current one.
+    ``images ls`` marks the others stale and ``images prune`` removes them."""
+    if "source" in data:
+        return data.get("import_format", IMPORT_FORMAT) == IMPORT_FORMAT
+    return data.get("hash") in recipe_hashes
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     root = (args.cache_dir or default_cache_dir()) / "images"
-    known = {recipe_hash(r): r.name for r in [*RECIPES.values(), find_recipe("tiny")]}
+    known = current_recipe_hashes()
     rows = []
     for meta in root.glob("*/image.json"):
         data = json.loads(meta.read_text())
@@ -109,7 +131,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             {
                 "name": data.get("source") or data["name"],  # an imported image: its source
                 "hash": data["hash"],
-                "current": data["hash"] in known or "source" in data,
+                "current": is_current(data, known),
                 "layers": len(data["layers"]),
                 "size": sum(layer["size"] for layer in data["layers"]),
                 "modes": _prepared_modes(oci),
@@ -145,13 +167,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     check_cache_dir(args.cache_dir)
     root = (args.cache_dir or default_cache_dir()) / "images"
-    current = {recipe_hash(r) for r in [*RECIPES.values(), find_recipe("tiny")]}
+    known = current_recipe_hashes()
     freed = 0
     for meta in sorted(root.glob("*/image.json")):
-        if meta.parent.name in current:
+        data = json.loads(meta.read_text())
+        if is_current(data, known):
             continue
         size = _du(meta.parent)
-        name = json.loads(meta.read_text()).get("name", "?")
+        name = data.get("source") or data.get("name", "?")
         trash = meta.parent.with_name(f".trash-{meta.parent.name}")
         meta.parent.rename(trash)  # atomic: a reader never sees half an entry
         shutil.rmtree(trash, ignore_errors=True)

@@ -360,6 +360,7 @@ def _import_into(ref: str, platform: Any, key: str, work: Path, say: Progress) -
     meta = {
         "name": _name_of(ref),
         "hash": f"src-{key}",
+        "import_format": IMPORT_FORMAT,  # `lazybench images prune` removes older ones
         "source": ref,
         "manifest_digest": manifest.digest,
         "platform": str(platform),
