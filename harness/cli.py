@@ -13,7 +13,12 @@ import importlib
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
@@ -60,6 +65,23 @@ def check_writable_dir(path: Path, what: str) -> None:
         for directory in reversed(made):
             with contextlib.suppress(OSError):
                 directory.rmdir()
+
+
+def make_console(**options: Any) -> Console:
+    """A rich Console as the harness uses them: ``emoji=False`` always, since rich would
+    otherwise turn ``:x:`` in printed text (an image reference ``oci:x:latest``, a workload's
+    output) into an emoji. Markup stays on unless ``markup=False`` is given: text from the
+    user printed in markup must be escaped (``rich.markup.escape``), or printed with
+    :func:`plain`."""
+    from rich.console import Console
+
+    return Console(emoji=False, **options)
+
+
+def plain(console: Console) -> Callable[[str], None]:
+    """A progress callback printing its messages on ``console`` as they are (paths, image
+    references, tool output): no markup, no emoji."""
+    return lambda message: console.print(message, markup=False, emoji=False, highlight=False)
 
 
 def require_root(command: str, needs: str, euid: int | None = None) -> None:

@@ -13,9 +13,7 @@ import json
 import shlex
 from pathlib import Path
 
-from rich.console import Console
-
-from harness.cli import UserError, check_cache_dir, positive_int, require_root
+from harness.cli import UserError, check_cache_dir, make_console, positive_int, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -126,7 +124,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from harness.images.convert import ConvertOptions, convert_image, optimize_files
     from harness.images.source import ImageSourceError
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True, markup=False)
     run_opts = (args.command, args.stdin, args.ready, args.env, args.entrypoint is not None)
     if not args.optimize and any(run_opts):
         raise UserError("--command, --entrypoint, --stdin, --ready and --env go with --optimize")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.cli import UserError, check_cache_dir
+from harness.cli import UserError, check_cache_dir, make_console
 from harness.images import (
     MODES,
     RECIPES,
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     check_cache_dir(args.cache_dir)
@@ -69,7 +69,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             f"--modes: cannot prepare {', '.join(bad)} (choose from legacy, estargz-noopt,"
             " zstd-chunked)"
         )
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         for recipe in recipes:
@@ -92,7 +92,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                         built, mode, progress=lambda m, t=task: progress.update(t, description=m)
                     )
                 except ModeUnsupported as exc:  # not fatal: runs skip this (image, mode)
-                    console.print(f"[yellow]warning[/]: {exc}")
+                    console.print(f"[yellow]warning[/]: {escape(str(exc))}")
                 except (PushError, ImageBuildError) as exc:
                     raise UserError(str(exc).splitlines()[0]) from exc
             progress.update(
@@ -144,7 +144,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("name", "hash", "layers", "uncompressed", "on disk", "prepared modes")
@@ -158,7 +157,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             _mb(row["disk"]),
             " ".join(row["modes"]),
         )
-    Console(width=max(110, shutil.get_terminal_size().columns)).print(table)
+    make_console(width=max(110, shutil.get_terminal_size().columns), markup=False).print(table)
     if not rows:
         print(f"no images cached under {root}")
     return 0

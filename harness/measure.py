@@ -55,7 +55,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from harness.cli import UserError
+from harness.cli import UserError, make_console, plain
 from harness.container import (
     MeasurementError,
     create_container,
@@ -279,7 +279,7 @@ class Runner:
 
     scenario: Scenario
     run_dir: Path
-    console: Console = field(default_factory=Console)
+    console: Console = field(default_factory=make_console)
     cache_dir: Path | None = None
     show_progress: bool = True
     workdir: Path | None = None
@@ -323,7 +323,7 @@ class Runner:
         self._check_same_shard()
         todo = [k for k in plan(self.scenario, self.shard) if k not in finished_keys(self.run_dir)]
         if not todo:
-            self.console.print(f"{self.run_dir}: every measurement is recorded already")
+            plain(self.console)(f"{self.run_dir}: every measurement is recorded already")
             return []
         if self.scenario.runtime == "crio":
             from harness.crio import crio_storage, require_crio
@@ -354,7 +354,7 @@ class Runner:
             left = [s.line() for s in sweep(self.workdir, *build_dirs(cache))]
             left += map(str, clean_stale_views())
             for line in left:
-                self.console.print(f"  [yellow]removed what a killed run left[/]: {line}")
+                self.console.print(f"  [yellow]removed what a killed run left[/]: {escape(line)}")
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))
             claim(work)
             stack.callback(shutil.rmtree, work, ignore_errors=True)
@@ -450,7 +450,7 @@ class Runner:
             node = build_node(
                 self.scenario.node,
                 self.cache_dir,
-                progress=lambda m: self.console.print(f"  {m}"),
+                progress=lambda m: plain(self.console)(f"  {m}"),
             )
         except NodeError as exc:
             raise UserError(f"runtime node {self.scenario.node}: {exc}") from None
@@ -783,7 +783,10 @@ class Runner:
                 usage=usage,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            self.console.print(f"  [yellow]pull timeline of {rec.workload}/{rec.mode}: {exc}[/]")
+            self.console.print(
+                f"  [yellow]pull timeline of {escape(rec.workload)}/{rec.mode}: "
+                f"{escape(str(exc))}[/]"
+            )
 
     def _check_resumed_code(self, meta: dict[str, Any]) -> None:
         """A run's samples measure one lazybench: a resume from another commit is refused

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 
-from harness.cli import UserError
+from harness.cli import UserError, plain
 from harness.podman import PodmanError
 from harness.runtimes import Node
 from harness.scenario import LAZY_MODES, Scenario, Workload, image_mode
@@ -143,7 +144,7 @@ def _retry(push: Callable[[], Any], console: Console, attempts: int = 3) -> Any:
         except PushError as exc:
             if attempt == attempts:
                 raise
-            console.print(f"  [yellow]push failed ({exc}); retrying[/]")
+            console.print(f"  [yellow]push failed ({escape(str(exc))}); retrying[/]")
             time.sleep(2)
     raise AssertionError("unreachable")
 
@@ -184,12 +185,15 @@ class ImagePreparer:
         from harness.registry_server import RegistryServer
 
         info: dict[str, Any] = {}
+        say = plain(self.console)
+
+        def indented(message: str) -> None:
+            say(f"  {message}")
+
         with RegistryServer(storage_dir=storage) as reg:
             for w in workloads.values():
                 self.console.print(f"[bold]image {w.name}[/]: building or importing (cached)")
-                built = build_image(
-                    w.recipe, self.cache_dir, progress=lambda m: self.console.print(f"  {m}")
-                )
+                built = build_image(w.recipe, self.cache_dir, progress=indented)
                 _check_has_command(w, built.config)
                 for mode in self.scenario.modes_of(self.scenario.workload(w.name)):
                     files = ranges = None
@@ -215,7 +219,7 @@ class ImagePreparer:
                             self.console,
                         )
                     except ModeUnsupported as exc:  # a mode this machine's tools cannot produce
-                        self.console.print(f"  [yellow]skip {w.name}:{mode}[/]: {exc}")
+                        self.console.print(f"  [yellow]skip {w.name}:{mode}[/]: {escape(str(exc))}")
                         info.setdefault(w.name, {})[mode] = {"skipped": str(exc)}
                         self.skipped[(w.name, mode)] = str(exc)
                         continue
@@ -268,7 +272,7 @@ class ImagePreparer:
                 "their byte ranges traced, the others whole)"
             )
         else:
-            self.console.print(f"  [yellow]limit {w.name}: {entry['unavailable']}[/]")
+            self.console.print(f"  [yellow]limit {w.name}: {escape(entry['unavailable'])}[/]")
         return entry
 
     def _traced_reads(
@@ -285,7 +289,7 @@ class ImagePreparer:
             work,
             cache_dir=self.cache_dir,
             mount_timeout=self.scenario.store.mount_timeout,
-            say=self.console.print,
+            say=plain(self.console),
         )
 
 
@@ -297,7 +301,7 @@ def prepare_store(command: tuple[str, ...], console: Console) -> tuple[str, ...]
     happens inside a measurement. Raises :class:`UserError` naming what to install when the
     build fails."""
     try:
-        return resolve_store_command(command, progress=console.print)
+        return resolve_store_command(command, progress=plain(console))
     except StoreError as exc:
         raise UserError(str(exc)) from None
 

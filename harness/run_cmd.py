@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from harness.cli import RUN_NEEDS, UserError, require_root
+from harness.cli import RUN_NEEDS, UserError, make_console, require_root
 
 # `--gate` given without a file: the gate file shipped in the package.
 PACKAGED_GATE = "packaged default gate"
@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.scenario import load_scenario
 
     check_run_args(args)
-    console = Console(soft_wrap=True)
+    console = make_console(soft_wrap=True)
     shard = Shard.parse(args.shard) if args.shard else None
     if args.resume is not None:
         run_dir = args.resume.resolve()
@@ -149,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.report import write_runtimes_summary
 
     summary = write_runtimes_summary(results / f"{run_id}-runtimes.md", run_dirs)
-    console.print(f"runtimes: {summary}")
+    console.print(f"runtimes: {summary}", markup=False)
     return status
 
 
@@ -207,7 +207,7 @@ def _run_one(
     from harness.measure import Interrupted, Runner
     from harness.report import write_report
 
-    console.print(f"run directory: {run_dir}")
+    console.print(f"run directory: {run_dir}", markup=False)
     runner = Runner(
         scenario,
         run_dir,
@@ -229,9 +229,9 @@ def _run_one(
     print(report.table_text)
     failed = _failures(run_dir, "error")
     fell_back = _failures(run_dir, "fell-back")
-    console.print(f"table:  {report.table}")
-    console.print(f"chart:  {report.charts[0]} (and .svg)")
-    console.print(f"report: {report.report}")
+    console.print(f"table:  {report.table}", markup=False)
+    console.print(f"chart:  {report.charts[0]} (and .svg)", markup=False)
+    console.print(f"report: {report.report}", markup=False)
     if report.missing or failed or fell_back:
         print(
             f"lazybench: {len(failed)} measurements failed, {len(fell_back)} fell back to a "

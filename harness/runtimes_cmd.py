@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.cli import UserError, check_cache_dir, require_root
+from harness.cli import UserError, check_cache_dir, make_console, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,11 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from harness.runtimes import NODES, NodeError, build_node
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True, markup=False)
     names = args.names or list(NODES)
     for name in names:
         if name not in NODES:

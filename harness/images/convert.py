@@ -370,6 +370,8 @@ def convert_layers(
         TransferSpeedColumn,
     )
 
+    from harness.cli import make_console
+
     jobs = [
         (i, str(layout.blob(d["digest"])), d, str(layout.path / "blobs" / "sha256"))
         for i, d in enumerate(layers)
@@ -389,6 +391,7 @@ def convert_layers(
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeElapsedColumn(),
+        console=make_console(stderr=True),  # no emoji from ':x:' in a layer's description
         disable=not show_progress,
         transient=True,
     )

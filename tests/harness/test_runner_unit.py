@@ -546,3 +546,41 @@ def test_a_local_base_image_the_build_cannot_see_is_named_with_what_to_do() -> N
     )
     assert local_base_problem("Error: initializing source docker://docker.io/x:1: nope") is None
     assert local_base_problem("Error: COPY failed: no such file") is None
+
+
+def test_printed_text_keeps_colons_and_brackets() -> None:
+    """rich turned ``:x:`` into an emoji (``oci:x:latest`` → ``oci❌latest``), in workload
+    output quoted in an error too, and read ``[bold]`` in user text as markup."""
+    from rich.progress import Progress
+
+    from harness.cli import make_console, plain
+    from harness.measure import Runner
+    from harness.records import Record
+
+    console = make_console(record=True, width=300)
+    plain(console)("image oci:x:latest from /srv/[bold]app[/bold]")
+    s = parse_scenario(SCENARIO, "s.toml")
+    runner = Runner(s, Path("/nonexistent"), console=console)
+    failed = Record(0, "app", "legacy", status="error", error="run: 'config :x: [bold]bad[/]'")
+    with Progress(console=console, disable=True) as progress:
+        runner._say(progress, failed)
+    text = console.export_text()
+    assert "image oci:x:latest from /srv/[bold]app[/bold]" in text
+    assert "sample 1 app/legacy failed: run: 'config :x: [bold]bad[/]'" in text
+    assert Runner(s, Path("/nonexistent")).console._emoji is False
+
+
+def test_every_console_the_harness_makes_has_no_emoji() -> None:
+    """Consoles come from harness.cli.make_console (emoji=False) only."""
+    import re
+
+    import harness
+
+    root = Path(harness.__file__).parent
+    made = [
+        f"{p.relative_to(root)}:{n}"
+        for p in root.rglob("*.py")
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(r"\bConsole\(", line) and p.name != "cli.py"
+    ]
+    assert made == []
