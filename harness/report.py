@@ -110,8 +110,26 @@ def _get(r: Any, key: str) -> float:
     return r[key] if key in r else float("nan")
 
 
+# What a ⚠ in a table means (under table.md's tables; report.md names the cells instead).
+WIDE_LEGEND = (
+    "⚠ too few samples or too wide a spread to tell anything (the median's interval is wider "
+    "than half the median)"
+)
+
+
+def _range(lo: float | None, hi: float | None) -> str:
+    """``min–max``, or one ``–`` when there is neither (a cell without samples)."""
+    if (lo is None or pd.isna(lo)) and (hi is None or pd.isna(hi)):
+        return "–"
+    return f"{fmt(lo)}–{fmt(hi)}"
+
+
 def markdown_tables(
-    cells: pd.DataFrame, percentile: float, limits: dict[str, Limit | str] | None = None
+    cells: pd.DataFrame,
+    percentile: float,
+    limits: dict[str, Limit | str] | None = None,
+    *,
+    legend: bool = True,
 ) -> str:
     """Per workload, one row per mode (and store, when there are several):
     ``pull | create | run | total`` in seconds at the chosen percentile, the total with its
@@ -122,11 +140,13 @@ def markdown_tables(
     (:func:`harness.stats.spread_too_wide`). With several stores, ``÷ FIRST`` gives each
     store's total (chosen percentile) over the first store's. With ``limits``
     (:func:`harness.limit.limits_of`), each workload's limit model is stated above its table
-    and ``÷ limit`` gives each row's total (chosen percentile) over it."""
+    and ``÷ limit`` gives each row's total (chosen percentile) over it. With ``legend``, a
+    line under the tables says what ⚠ means when one is shown."""
     p = _pct_label(percentile)
     stores = [st for st in dict.fromkeys(cells["store"]) if st]
     versus = f" ÷ {stores[0]} |" if len(stores) > 1 else ""
     out: list[str] = []
+    warned = False
     for workload, group in cells.groupby("workload", sort=False):
         out.append(f"### {workload}\n")
         limit = (limits or {}).get(str(workload))
@@ -154,6 +174,7 @@ def markdown_tables(
                 _get(r, "total_median"), _get(r, "total_median_lo"), _get(r, "total_median_hi")
             )
             warn = " ⚠" if r.get("wide", False) and r["ok"] else ""
+            warned = warned or bool(warn)
             if r["fell_back"]:
                 lazy = f"**fell back {r['fell_back']}/{r['ok'] + r['fell_back']}**"
             elif r["store"] and r["ok"]:
@@ -168,7 +189,7 @@ def markdown_tables(
                 f"| {cell_label(r['mode'], r['store'], stores)} | {fmt(_get(r, 'pull_p'))} "
                 f"| {fmt(_get(r, 'create_p'))} | {fmt(_get(r, 'run_p'))} | **{total}**{warn} "
                 f"| {fmt(_get(r, 'mb_fetched_median'), 1)} | {median} "
-                f"| {fmt(_get(r, 'total_min'))}–{fmt(_get(r, 'total_max'))} "
+                f"| {_range(_get(r, 'total_min'), _get(r, 'total_max'))} "
                 f"| {fmt(_get(r, 'mb_before_first_output_median'), 1)} | {r['ok']} | {lazy} |"
                 + (
                     f" {_ratio(_get(r, 'total_p') / firsts.get(r['mode'], float('nan')))} |"
@@ -178,6 +199,8 @@ def markdown_tables(
                 + (f" {_over_limit(_get(r, 'total_p'), limit)} |" if over else "")
             )
         out.append("")
+    if legend and warned:
+        out += [WIDE_LEGEND, ""]
     return "\n".join(out)
 
 
@@ -981,7 +1004,7 @@ def _write_report(
         "",
         "![chart](chart.svg)",
         "",
-        table_text,
+        markdown_tables(cells, percentile, limits, legend=False),  # the cells are named below
     ]
     if len(wide):
         lines += [

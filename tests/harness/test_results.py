@@ -184,3 +184,45 @@ def test_repull_fields_round_trip_and_records_without_them_still_read(tmp_path: 
     assert (new.repull_s, new.repull_requests) == (0.37, 3)
     assert (before.repull_s, before.repull_requests) == (None, None)
     assert records_frame([new, before])["repull_s"].isna().tolist() == [False, True]
+
+
+def test_table_md_says_what_its_warning_sign_means_and_an_empty_range_is_one_dash(
+    tmp_path: Path,
+) -> None:
+    """table.md used ⚠ without the legend report.md has; a cell with no successful sample
+    (every pull fell back) showed its min–max as `–––`."""
+    from harness.report import WIDE_LEGEND
+
+    run = make_run(tmp_path / "run", samples=2)
+    for s in range(2):  # gcc/estargz: both samples fell back, no figures
+        append_record(
+            run,
+            Record(
+                s,
+                "gcc",
+                "estargz",
+                store="default",
+                status="fell-back",
+                error="x",
+                pull_s=1.0,
+                create_s=0.1,
+                run_s=0.1,
+                total_s=1.2,
+            ),
+        )
+    append_record(  # its last record wins: one cell spread too wide to tell anything
+        run,
+        Record(1, "python", "legacy", pull_s=90.0, create_s=0.5, run_s=0.2, total_s=90.7),
+    )
+    report = write_report(run)
+    table = (run / "table.md").read_text()
+    assert "⚠" in table and table.rstrip().endswith(WIDE_LEGEND)
+    assert WIDE_LEGEND in report.table_text
+    (row,) = [
+        line
+        for line in table.splitlines()
+        if line.startswith("| estargz") and "fell back 2/2" in line
+    ]
+    assert "–––" not in row and "| – |" in row
+    text = (run / "report.md").read_text()
+    assert WIDE_LEGEND not in text and "⚠ Too few samples" in text
