@@ -301,6 +301,9 @@ class Runner:
         record (a wrong image, a missing runtime): nothing in it could be resumed or reported.
         Interrupted (:class:`Interrupted`) runs keep theirs, as the message to resume says."""
         created = not self.run_dir.exists()
+        made = self.run_dir  # the outermost directory this call makes
+        while not made.parent.exists():
+            made = made.parent
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             with open(self.run_dir / ".lock", "w") as lock:
@@ -314,6 +317,11 @@ class Runner:
         except Exception:
             if created and not (self.run_dir / RECORDS).exists():
                 shutil.rmtree(self.run_dir, ignore_errors=True)
+                parent = self.run_dir
+                while parent != made:  # and the results directories made for it, if empty
+                    parent = parent.parent
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
             raise
 
     def _run_locked(self) -> list[Key]:

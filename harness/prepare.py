@@ -181,7 +181,7 @@ class ImagePreparer:
     def _build_and_push(
         self, workloads: dict[str, ResolvedWorkload], storage: Path, work: Path
     ) -> dict[str, Any]:
-        from harness.images import ModeUnsupported, build_image, push_image
+        from harness.images import ModeUnsupported, push_image
         from harness.registry_server import RegistryServer
 
         info: dict[str, Any] = {}
@@ -193,7 +193,7 @@ class ImagePreparer:
         with RegistryServer(storage_dir=storage) as reg:
             for w in workloads.values():
                 self.console.print(f"[bold]image {w.name}[/]: building or importing (cached)")
-                built = build_image(w.recipe, self.cache_dir, progress=indented)
+                built = self._build(w, indented)
                 _check_has_command(w, built.config)
                 for mode in self.scenario.modes_of(self.scenario.workload(w.name)):
                     files = ranges = None
@@ -239,6 +239,22 @@ class ImagePreparer:
                     }
                 self.limits[w.name] = self._limit_entry(w, built)
         return info
+
+    def _build(self, w: ResolvedWorkload, progress: Callable[[str], None]) -> Any:
+        """The workload's image built or imported; an image or Containerfile that cannot be
+        used is a :class:`UserError` naming its key as scenario errors do
+        (``FILE: workloads[N].image: PROBLEM``)."""
+        from harness.images import ContainerfileSource, ImageBuildError, ImageSource, build_image
+
+        try:
+            return build_image(w.recipe, self.cache_dir, progress=progress)
+        except ImageBuildError as exc:
+            if not isinstance(w.recipe, ImageSource | ContainerfileSource):
+                raise
+            names = [x.name for x in self.scenario.workloads]
+            key = "image" if isinstance(w.recipe, ImageSource) else "containerfile"
+            where = f"workloads[{names.index(w.name)}].{key}"
+            raise UserError(f"{self.scenario.source or 'scenario'}: {where}: {exc}") from None
 
     def _warn_repeated_layers(self, name: str, mode: str) -> None:
         """Say up front when a lazy mode's image lists one layer more than once (identical

@@ -219,12 +219,13 @@ def _run_one(
     try:
         runner.run()
     except Interrupted as exc:
-        print(
-            f"lazybench: interrupted ({exc}); finished measurements are kept in {run_dir}; "
-            f"resume with `lazybench run --resume {run_dir}`",
-            file=sys.stderr,
-        )
+        print(interrupted_message(str(exc), run_dir), file=sys.stderr)
         return 130
+    except UserError as exc:
+        if run_dir.exists():
+            raise
+        # Runner.run removed the directory it made: nothing in it to resume or report.
+        raise UserError(f"{exc}; nothing was measured, so {run_dir} was removed") from None
     report = write_report(run_dir, cache_dir=args.cache_dir)
     print(report.table_text)
     failed = _failures(run_dir, "error")
@@ -241,6 +242,27 @@ def _run_one(
         )
         return 1
     return 0
+
+
+def interrupted_message(signal_name: str, run_dir: Path) -> str:
+    """What to say when a run is interrupted: where its finished measurements are, or that
+    none finished (interrupted while preparing), and how to resume."""
+    from harness.records import read_records
+
+    resume = f"resume with `lazybench run --resume {run_dir}`"
+    try:
+        finished = len(read_records(run_dir))
+    except (OSError, ValueError, UserError):
+        finished = 0
+    if not finished:
+        return (
+            f"lazybench: interrupted ({signal_name}) before any measurement finished; nothing "
+            f"measured is kept; {run_dir} holds the run's scenario: {resume}, or remove it"
+        )
+    return (
+        f"lazybench: interrupted ({signal_name}); {finished} finished measurements are kept in "
+        f"{run_dir}; {resume}"
+    )
 
 
 def _failures(run_dir: Path, status: str) -> list[str]:

@@ -322,3 +322,34 @@ def test_a_containerfile_from_a_local_image_says_the_build_cannot_see_it(base: P
         "FROM localhost/lazybench-no-such-base:latest is not in lazybench's build storage" in out
     ), out
     assert "connection refused" not in out and "Traceback" not in out
+
+
+def test_an_image_missing_from_local_storage_names_its_key_and_leaves_nothing(
+    base: Path,
+) -> None:
+    """Named as scenario errors are (FILE: workloads[N].image), and the run directory
+    printed at the start is said to be removed (it once silently was)."""
+    (base / "notstored.toml").write_text(
+        'modes = ["legacy"]\nsamples = 1\n[network]\nprofile = "loopback"\n'
+        '[[workloads]]\nname = "ok"\nimage = "docker-archive:image.docker.tar"\n'
+        '[[workloads]]\nname = "app"\n'
+        'image = "containers-storage:localhost/lazybench-no-such-image:latest"\n'
+    )
+    results = base / "notstored-runs"
+    rc, out = lazybench(
+        base,
+        "run",
+        str(base / "notstored.toml"),
+        "--no-progress",
+        "--results-dir",
+        str(results),
+        "--run-id",
+        "x",
+        "--cache-dir",
+        str(base / "cache"),
+    )
+    assert rc == 1, out
+    assert f"lazybench: {base / 'notstored.toml'}: workloads[1].image: cannot read image " in out
+    assert f"nothing was measured, so {results / 'x'} was removed" in out, out
+    assert not results.exists()
+    assert "Traceback" not in out

@@ -84,7 +84,7 @@ def test_crio_runtime_is_skipped_with_a_clear_message(
     scenario.write_text('runtime = "crio"\n[[workloads]]\nrecipe = "tiny"\n')
     assert main(["run", str(scenario), "--results-dir", str(tmp_path / "runs")]) == 1
     assert "runtime 'crio': crictl is not installed" in capsys.readouterr().err
-    assert list((tmp_path / "runs").iterdir()) == []  # no run directory of a run that never ran
+    assert not (tmp_path / "runs").exists()  # no run directory of a run that never ran
 
 
 def test_two_runs_cannot_share_a_run_directory(tmp_path: Path) -> None:
@@ -584,3 +584,18 @@ def test_every_console_the_harness_makes_has_no_emoji() -> None:
         if re.search(r"\bConsole\(", line) and p.name != "cli.py"
     ]
     assert made == []
+
+
+def test_an_interrupt_before_any_measurement_says_nothing_is_kept(tmp_path: Path) -> None:
+    """A SIGINT while images were prepared once said "finished measurements are kept"."""
+    from harness.records import Record, append_record
+    from harness.run_cmd import interrupted_message
+
+    text = interrupted_message("SIGINT", tmp_path)
+    assert text.startswith("lazybench: interrupted (SIGINT) before any measurement finished;")
+    assert "nothing measured is kept" in text and f"--resume {tmp_path}" in text
+    append_record(tmp_path, Record(0, "app", "legacy", total_s=1.0))
+    assert interrupted_message("SIGTERM", tmp_path) == (
+        f"lazybench: interrupted (SIGTERM); 1 finished measurements are kept in {tmp_path}; "
+        f"resume with `lazybench run --resume {tmp_path}`"
+    )
