@@ -242,6 +242,13 @@ def test_the_ready_text_on_stderr_is_not_ready() -> None:
     )
     assert not outcome.ready and outcome.exit_code == 1
     assert "ready-now" in outcome.stderr and outcome.stdout == ""
+    # and the failure says where the text appeared
+    from harness.container import not_ready_reason
+
+    assert not_ready_reason("ready-now", None, outcome) == (
+        "the workload exited (1) without printing its ready line 'ready-now'; "
+        "'ready-now' appeared on stderr; ready must be printed on stdout"
+    )
 
 
 @pytest.mark.parametrize("run_id", [".", "..", "a/b", "../x", "/tmp/x", ""])
@@ -272,19 +279,26 @@ def test_resume_refuses_what_it_would_ignore(
     assert f"not with {named}:" in capsys.readouterr().err
 
 
+def _timeout_error(script: str, ready: str | None) -> str:
+    """The error of a run of ``script`` that times out after 1 s awaiting ``ready``."""
+    from harness.container import MeasurementError
+
+    with pytest.raises(MeasurementError) as exc:
+        start_until_ready(
+            _ShellEnv(f"{script}; sleep 5"),  # type: ignore[arg-type]
+            "cid",
+            stdin=None,
+            ready=ready,
+            timeout=1,
+        )
+    return str(exc.value)
+
+
 def test_a_timeout_shows_what_was_printed_without_a_newline() -> None:
     """A ready text printed with no newline after it is no line yet; the timeout once said
     "output: ''", hiding it."""
-    from harness.container import MeasurementError
-
-    with pytest.raises(MeasurementError, match=r"output: 'first\\nserver ready-now' \(its last"):
-        start_until_ready(
-            _ShellEnv("echo first; printf 'server ready-now'; sleep 5"),  # type: ignore[arg-type]
-            "cid",
-            stdin=None,
-            ready="ready-now",
-            timeout=1,
-        )
+    error = _timeout_error("echo first; printf 'server ready-now'", "ready-now")
+    assert "output: 'first\\nserver ready-now' (its last line has no newline yet)" in error
 
 
 def test_lines_read_as_text_mode_gave_them() -> None:
@@ -445,54 +459,22 @@ def test_commands_that_need_root_say_so_as_another_user(
 def test_a_timeout_names_ready_text_seen_on_stderr_and_shows_stderr() -> None:
     """Many servers log to stderr; the ready line is read on stdout only. The timeout once
     showed only stdout ("output: ''")."""
-    from harness.container import MeasurementError
-
-    with pytest.raises(MeasurementError) as exc:
-        start_until_ready(
-            _ShellEnv("echo starting; echo 'listening on :80' >&2; sleep 5"),  # type: ignore[arg-type]
-            "cid",
-            stdin=None,
-            ready="listening on",
-            timeout=1,
-        )
-    assert str(exc.value) == (
+    error = _timeout_error("echo starting; echo 'listening on :80' >&2", "listening on")
+    assert error == (
         "run: no ready line 'listening on' within 1s; 'listening on' appeared on stderr; "
         "ready must be printed on stdout; output: 'starting\\n'; stderr: 'listening on :80'"
     )
 
 
 def test_a_run_that_never_exits_without_a_ready_line_says_to_set_one() -> None:
-    from harness.container import MeasurementError, is_no_exit
+    from harness.container import is_no_exit
 
-    with pytest.raises(MeasurementError) as exc:
-        start_until_ready(
-            _ShellEnv("echo serving >&2; sleep 5"),  # type: ignore[arg-type]
-            "cid",
-            stdin=None,
-            ready=None,
-            timeout=1,
-        )
-    assert str(exc.value) == (
+    error = _timeout_error("echo serving >&2", None)
+    assert error == (
         "run: the workload did not exit within 1s; for a server, set ready = a line it prints "
         "when it is up; output: ''; stderr: 'serving'"
     )
-    assert is_no_exit(str(exc.value)) and not is_no_exit("run: no ready line 'x' within 1s")
-
-
-def test_an_exit_without_the_ready_line_names_it_on_stderr() -> None:
-    from harness.container import not_ready_reason
-
-    outcome = start_until_ready(
-        _ShellEnv("echo 'listening on' >&2"),  # type: ignore[arg-type]
-        "cid",
-        stdin=None,
-        ready="listening on",
-        timeout=10,
-    )
-    assert not_ready_reason("listening on", None, outcome) == (
-        "the workload exited (0) without printing its ready line 'listening on'; "
-        "'listening on' appeared on stderr; ready must be printed on stdout"
-    )
+    assert is_no_exit(error) and not is_no_exit("run: no ready line 'x' within 1s")
 
 
 def test_a_workload_that_never_exits_twice_in_a_row_is_given_up() -> None:
