@@ -69,6 +69,7 @@ import bisect
 import contextlib
 import gc
 import itertools
+import logging
 import operator
 import sys
 import threading
@@ -89,6 +90,8 @@ from .toc import (
     iter_toc_entries,
     typed_toc_entries,
 )
+
+log = logging.getLogger(__name__)
 
 _MAX_INT = (1 << 63) - 1
 _MAX_SIZE = (1 << 63) - 1
@@ -484,6 +487,28 @@ class _Where:
 Where = str | _Where
 
 
+def _landmark_end(offset: int, toc_offset: int, where: Where) -> int:
+    """The end of the prefetch region a ``.prefetch.landmark`` entry at blob ``offset``
+    gives: ``offset``, or ``toc_offset`` (all the layer's data) when it is at or past the TOC.
+
+    A landmark of size 0 carries no data, so the check on data offsets
+    (:class:`TocOutOfRange`) never saw its offset, and any number made the region the
+    whole blob. It is a hint, as in the Go reader (``fs/layer``'s prefetch takes the
+    landmark's offset as its prefetch size unchecked; ``fs/remote/blob.go`` stops at the
+    blob's end, and every chunk before it is cached): the layer is not refused for it, and
+    the region stops at the TOC, where the layer's data ends. Logged at warning level.
+    """
+    if offset < toc_offset:
+        return offset
+    log.warning(
+        "%soffset %d is at or past the TOC (offset %d): the prefetch region ends at the TOC",
+        where,
+        offset,
+        toc_offset,
+    )
+    return toc_offset
+
+
 class _Builder:
     """Applies entries one by one to a :class:`LayerIndex`, validating each."""
 
@@ -620,7 +645,7 @@ class _Builder:
                     self.starts.append(offset)
                 self.idx.chunk_count += 1
             if name == PREFETCH_LANDMARK:
-                self.idx.prefetch_end_offset = offset
+                self.idx.prefetch_end_offset = _landmark_end(offset, toc_offset, where)
             elif name == NO_PREFETCH_LANDMARK:
                 self.idx.has_no_prefetch_landmark = True
         self.last = e

@@ -159,6 +159,33 @@ def test_hostile_entries_are_refused(entries, error, match) -> None:
 
 
 @pytest.mark.parametrize(
+    "offset, end",
+    [
+        (0, 0),
+        (500, 500),
+        (TOC_OFFSET - 1, TOC_OFFSET - 1),
+        (TOC_OFFSET, TOC_OFFSET),
+        (TOC_OFFSET + 1, TOC_OFFSET),
+        (1 << 50, TOC_OFFSET),
+    ],
+)
+def test_an_empty_landmark_past_the_toc_ends_the_region_at_the_toc(offset, end, caplog) -> None:
+    # Size 0: no data offset check saw it. A hint, as in the Go reader (the layer is not
+    # refused), but the region stops where the layer's data does.
+    idx = build([reg("f", 5, 10), reg(".prefetch.landmark", 0, offset)])
+    assert idx.prefetch_end_offset == end
+    warned = [r.getMessage() for r in caplog.records if "prefetch region ends" in r.getMessage()]
+    assert len(warned) == (offset >= TOC_OFFSET)
+    if warned:
+        assert "'.prefetch.landmark'" in warned[0] and str(offset) in warned[0]
+
+
+def test_a_landmark_with_data_past_the_toc_is_refused_as_any_data_entry() -> None:
+    with pytest.raises(TocOutOfRange, match=r"\.prefetch\.landmark.*at or past the TOC"):
+        build([reg("f", 5, 10), reg(".prefetch.landmark", 1, TOC_OFFSET)])
+
+
+@pytest.mark.parametrize(
     "entries",
     [
         [reg("f", 1 << 40, 10)],  # one chunk of 1 TiB
