@@ -67,10 +67,14 @@ from typing import Any
 
 import trio
 
+from store.budget import ByteBudget
+
 log = logging.getLogger(__name__)
 
 WRITE_QUIET = 1.0  # seconds without new chunks left to it before the writer writes
 WRITE_MOST_DELAY = 10.0  # seconds the writer lets the first of them wait at most
+# Uncompressed bytes of chunks being inflated at once, store-wide (ChunkCache.inflating).
+INFLATE_BYTES = 64 << 20
 
 
 @dataclass
@@ -99,9 +103,18 @@ class _InFlight:
 class ChunkCache:
     """A byte-limited LRU cache of chunk bytes on disk, keyed by ``sha256:<hex>`` digests."""
 
-    def __init__(self, root: Path, max_bytes: int, memory_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int,
+        memory_bytes: int = 64 << 20,
+        inflate_bytes: int = INFLATE_BYTES,
+    ) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
+        # Every fetch through this cache takes its chunks' uncompressed sizes from here while
+        # it inflates them (ChunkSource.deliver): bytes in flight stay bounded store-wide.
+        self.inflating = ByteBudget(inflate_bytes)
         # A few recent chunks in memory: the kernel reads a 4 MiB chunk in 128 KiB pieces,
         # and re-reading the chunk file for each piece would multiply disk reads by 32.
         self.memory_bytes = memory_bytes

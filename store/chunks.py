@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 # cost gcc 74 requests where eStargz takes 43 (5.9 s against 4.4 s of run).
 READ_BLOCK = 4 << 20  # uncompressed file bytes
 DECOMPRESS_GROUPS = 4  # worker threads inflating one download's chunks (2 cores here)
+# Uncompressed bytes one worker thread inflates at once at most (inflate_groups).
+INFLATE_GROUP = 8 << 20
+# Uncompressed bytes of the free riders one request takes along at most (_free_riders).
+FREE_RIDERS_INFLATED = READ_BLOCK
 
 
 class ChunkVerifyError(Exception):
@@ -350,7 +354,7 @@ class ChunkSource:
         if not claimed:
             return
         try:
-            await self.fetch(claimed, align=False)
+            await self.fetch(claimed, align=False, keep=False)
         except Exception as exc:
             log.debug("read-ahead failed in %s: %s", self.key, exc)
 
@@ -363,11 +367,13 @@ class ChunkSource:
         align: bool = True,
         riders: Sequence[ChunkRef] = (),
         behind: bool = False,
+        keep: bool = True,
     ) -> dict[str, bytes]:
-        """Fetch and verify claimed chunks (plus free riders in the aligned ranges): their
-        bytes by digest. Raises as :meth:`download` and :meth:`deliver` do."""
+        """Fetch and verify claimed chunks (plus free riders in the aligned ranges): the
+        claimed ones' bytes by digest (none with ``keep=False``). Raises as
+        :meth:`download` and :meth:`deliver` do."""
         got = await self.download(claimed, align=align, riders=riders)
-        return await self.deliver(got, behind=behind)
+        return await self.deliver(got, behind=behind, keep=keep)
 
     async def download(
         self, claimed: list[ChunkRef], *, align: bool = True, riders: Sequence[ChunkRef] = ()
@@ -425,78 +431,99 @@ class ChunkSource:
             compressed.append(parts[i][c.compressed_offset - lo : c.compressed_end - lo])
         return Download(chunks, compressed, len(claimed))
 
-    async def deliver(self, got: Download, *, behind: bool = False) -> dict[str, bytes]:
+    async def deliver(
+        self, got: Download, *, behind: bool = False, keep: bool = True
+    ) -> dict[str, bytes]:
         """Inflate and verify downloaded chunks, complete their claims, cache the good ones:
-        the verified bytes by digest. The cache files of the chunks the caller claimed are
-        written before it returns (except those the disk refused, which are then not cached);
-        the free riders', and all of them with ``behind`` (work ahead of reads: prefetch,
-        background fetch), are left to the cache's writer (:meth:`ChunkCache.write_behind`,
-        module doc of :mod:`store.cache`).
+        the verified bytes of the chunks the caller claimed (``got.chunks[:got.claimed]``),
+        by digest; nothing with ``keep=False`` (work ahead of reads, which no caller reads).
 
-        Raises the first verification error (:class:`ChunkVerifyError`) when a chunk the
-        caller claimed (not a free rider) failed; failed chunks are never cached or served.
+        Chunks are inflated in groups (:func:`inflate_groups`), up to
+        :data:`DECOMPRESS_GROUPS` worker threads at once, each group taking its uncompressed
+        bytes from the cache's store-wide budget (:attr:`ChunkCache.inflating`) while it
+        inflates; each group's chunks are handed to the cache (claims completed, waiters
+        woken) as soon as it is done, so what this call holds is the groups in flight and
+        the caller's own chunks, not the whole download inflated: a batch of 48 chunks of
+        64 MiB of zeros (3 MB compressed) held 3.25 GB at once when the results waited for
+        the whole batch.
+
+        The cache files of the chunks the caller claimed are written before it returns
+        (except those the disk refused, which are then not cached); the free riders', and
+        all of them with ``behind`` (work ahead of reads: prefetch, background fetch), are
+        left to the cache's writer (:meth:`ChunkCache.write_behind`, module doc of
+        :mod:`store.cache`), which writes at once past the memory cache's size.
+
+        Raises the first verification error (:class:`ChunkVerifyError`) of a chunk the
+        caller claimed (not a free rider); failed chunks are never cached or served. On
+        cancellation the claims not completed yet are completed with the error.
         """
-        try:
-            datas = await self._decompress_parallel(got.chunks, got.compressed)
-        except BaseException as exc:
-            for c in got.chunks:
-                self.cache.finish(c.digest, None, _as_error(exc))
-            raise
+        chunks, compressed, claimed = got.chunks, got.compressed, got.claimed
+        groups = inflate_groups(chunks, compressed)
+        handled = [False] * len(groups)
         out: dict[str, bytes] = {}
-        for c, data in zip(got.chunks, datas, strict=True):
-            if isinstance(data, Exception):
-                self.stats.verify_failures += 1
-                log.error(
-                    "chunk verification failed in %s at %d: %s", self.key, c.compressed_offset, data
+        own: list[str] = []  # the caller's chunks cached, written before returning
+        errors: list[Exception] = []  # the caller's chunks that failed
+
+        async def inflate(n: int) -> None:
+            group = groups[n]
+            nbytes = sum(chunks[i].size for i in group)
+            async with self.cache.inflating.taking(nbytes):
+                results = await trio.to_thread.run_sync(
+                    self._decompress_all, [chunks[i] for i in group], [compressed[i] for i in group]
                 )
-                self.cache.finish(c.digest, None, data)
+                handled[n] = True
+                rest: list[str] = []
+                for i, data in zip(group, results, strict=True):
+                    c = chunks[i]
+                    if isinstance(data, Exception):
+                        self.stats.verify_failures += 1
+                        log.error(
+                            "chunk verification failed in %s at %d: %s",
+                            self.key,
+                            c.compressed_offset,
+                            data,
+                        )
+                        self.cache.finish(c.digest, None, data)
+                        if i < claimed:
+                            errors.append(data)
+                        continue
+                    self.cache.finish(c.digest, data)
+                    if i < claimed:
+                        if keep:
+                            out[c.digest] = data
+                        if not behind:
+                            own.append(c.digest)
+                            continue
+                    rest.append(c.digest)
+                del results
+                # Waiters are served already; the disk comes after. Past the memory cache's
+                # size the writer's share is written here, inside the budget.
+                if rest:
+                    await self.cache.write_behind(rest, ahead=behind)
+
+        try:
+            if len(groups) == 1:
+                await inflate(0)
             else:
-                self.cache.finish(c.digest, data)
-                out[c.digest] = data
-        # Waiters are served already; the disk comes after. A read's own chunks are on disk
-        # when it returns; the free riders of its aligned range are left to the writer.
-        own = set() if behind else {c.digest for c in got.chunks[: got.claimed]} & out.keys()
+                todo = iter(range(len(groups)))
+
+                async def worker() -> None:
+                    for n in todo:
+                        await inflate(n)
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(min(DECOMPRESS_GROUPS, len(groups))):
+                        nursery.start_soon(worker)
+        except BaseException as exc:
+            for n, group in enumerate(groups):
+                if not handled[n]:
+                    for i in group:
+                        self.cache.finish(chunks[i].digest, None, _as_error(exc))
+            raise
+        # A read's own chunks are on disk when it returns.
         await self.cache.write_pending(own)
-        if rest := [d for d in out if d not in own]:
-            await self.cache.write_behind(rest, ahead=behind)
-        failed = [d for d in datas if isinstance(d, Exception)]
-        if failed and any(c.digest not in out for c in got.chunks[: got.claimed]):
-            raise failed[0]
-        return out
-
-    async def _decompress_parallel(
-        self, chunks: list[ChunkRef], compressed: list[bytes]
-    ) -> list[Any]:
-        """Inflate+verify in worker threads, several chunks at once (zlib, zstd and hashlib
-        release the GIL), so a multi-chunk fetch keeps the cores busy.
-
-        Chunks go in :data:`DECOMPRESS_GROUPS` groups of about equal compressed bytes, one
-        worker thread each: a 4 MiB read block of zstd:chunked holds a few hundred small
-        chunks, and a thread dispatch per chunk cost more than inflating it."""
-        if len(chunks) == 1:
-            return await trio.to_thread.run_sync(self._decompress_all, chunks, compressed)
-        total = sum(len(d) for d in compressed)
-        share = -(-total // DECOMPRESS_GROUPS) or 1
-        groups: list[list[int]] = [[]]
-        size = 0
-        for i, data in enumerate(compressed):
-            if size >= share:
-                groups.append([])
-                size = 0
-            groups[-1].append(i)
-            size += len(data)
-        out: list[Any] = [None] * len(chunks)
-
-        async def run(group: list[int]) -> None:
-            got = await trio.to_thread.run_sync(
-                self._decompress_all, [chunks[i] for i in group], [compressed[i] for i in group]
-            )
-            for i, result in zip(group, got, strict=True):
-                out[i] = result
-
-        async with trio.open_nursery() as nursery:
-            for group in groups:
-                nursery.start_soon(run, group)
+        if errors:
+            raise errors[0]
         return out
 
     def _decompress_all(self, chunks: list[ChunkRef], compressed: list[bytes]) -> list[Any]:
@@ -518,11 +545,13 @@ class ChunkSource:
         )
 
     def _free_riders(self, ranges: list[tuple[int, int]], have: set[str]) -> list[ChunkRef]:
-        """Other uncached chunks lying wholly inside ``ranges``: decompress them for free."""
+        """Other uncached chunks lying wholly inside ``ranges``, claimed: decompress them for
+        free — in blob order, up to :data:`FREE_RIDERS_INFLATED` uncompressed bytes in all."""
         all_chunks = self.index.all_chunks()
         if self._chunk_offsets is None:
             self._chunk_offsets = [c.compressed_offset for c in all_chunks]
         extra = []
+        inflated = 0
         for lo, hi in ranges:
             i = bisect.bisect_left(self._chunk_offsets, lo)
             while i < len(all_chunks) and all_chunks[i].compressed_offset < hi:
@@ -530,10 +559,45 @@ class ChunkSource:
                 i += 1
                 if c.compressed_end > hi or c.digest in have or c.digest in self.cache:
                     continue
+                if inflated + c.size > FREE_RIDERS_INFLATED:
+                    return extra  # a few KiB of gzip can claim gigabytes of chunks
                 if self.cache.begin(c.digest) is not None:
                     have.add(c.digest)
                     extra.append(c)
+                    inflated += c.size
         return extra
+
+
+def inflate_groups(
+    chunks: Sequence[ChunkRef], compressed: Sequence[bytes], most: int | None = None
+) -> list[list[int]]:
+    """The indices of ``chunks`` (with their ``compressed`` bytes) in the groups
+    :meth:`ChunkSource.deliver` inflates one per worker thread, in order: each of about
+    1/:data:`DECOMPRESS_GROUPS` of the compressed bytes (a 4 MiB read block of zstd:chunked
+    holds a few hundred small chunks, and a thread dispatch per chunk cost more than
+    inflating it), and of at most ``most`` uncompressed bytes (chunk sizes; default
+    :data:`INFLATE_GROUP`; a chunk bigger than that alone), so that what a layer compresses
+    well is not inflated all at once. None for no chunks."""
+    if most is None:
+        most = INFLATE_GROUP
+    total = 0
+    for data in compressed:
+        total += len(data)
+    share = -(-total // DECOMPRESS_GROUPS) or 1
+    groups: list[list[int]] = []
+    group: list[int] = []
+    packed = inflated = 0
+    for i, c in enumerate(chunks):
+        if group and (packed >= share or inflated + c.size > most):
+            groups.append(group)
+            group = []
+            packed = inflated = 0
+        group.append(i)
+        packed += len(compressed[i])
+        inflated += c.size
+    if group:
+        groups.append(group)
+    return groups
 
 
 async def _hurry(hurries: dict[Hurry, list[tuple[int, int]]]) -> None:

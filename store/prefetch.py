@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -53,6 +53,33 @@ FIRST_BATCH = 64 << 10  # bytes of the first early-download request; then doubli
 # each piece as a request of its own, all at once (store.registry.client.read_ranges).
 BATCH_PIECES = 16
 BACKGROUND_BATCH = 4 << 20  # compressed bytes per background request
+# Uncompressed bytes (chunk sizes) per background request and per prefetch piece at most (a
+# chunk bigger than that goes alone): what a layer compresses well is fetched in small
+# batches too (48 chunks of 64 MiB of zeros are 3 MB compressed).
+BACKGROUND_BATCH_INFLATED = 16 << 20
+PREFETCH_PIECE_INFLATED = 8 << 20
+
+
+def batches(
+    chunks: Iterable[ChunkRef], packed_most: int, inflated_most: int
+) -> Iterator[list[ChunkRef]]:
+    """``chunks`` in order, in consecutive batches of at least one chunk, each cut once it
+    holds ``packed_most`` compressed bytes (``compressed_end - compressed_offset``) or
+    ``inflated_most`` uncompressed ones (chunk sizes), whichever comes first. Lazy: a
+    chunk is looked at only once the batches before it were taken (the background fetch
+    skips those cached meanwhile)."""
+    batch: list[ChunkRef] = []
+    packed = inflated = 0
+    for c in chunks:
+        batch.append(c)
+        packed += c.compressed_end - c.compressed_offset
+        inflated += c.size
+        if packed >= packed_most or inflated >= inflated_most:
+            yield batch
+            batch = []
+            packed = inflated = 0
+    if batch:
+        yield batch
 
 
 @dataclass
@@ -443,19 +470,22 @@ class Prefetcher:
         ahead = source.blob if isinstance(source.blob, AheadBlob) else None
         pieces: list[list[ChunkRef]] = []
         piece_bytes = PREFETCH_PIECE
+        piece_inflated = 0
         piece_end = -1
         cut: int | None = None
         for c in claimed:
             if (
                 piece_bytes >= PREFETCH_PIECE
+                or piece_inflated >= PREFETCH_PIECE_INFLATED
                 or c.compressed_offset > piece_end
                 or (cut is not None and c.compressed_end > cut)
             ):
                 pieces.append([])
-                piece_bytes = 0
+                piece_bytes = piece_inflated = 0
                 cut = None if ahead is None else ahead.piece_end(c.compressed_offset)
             pieces[-1].append(c)
             piece_bytes += c.compressed_end - c.compressed_offset
+            piece_inflated += c.size
             piece_end = max(piece_end, c.compressed_end)
         log.debug(
             "prefetch of %s: %d chunks, %d bytes, %d pieces",
@@ -471,7 +501,7 @@ class Prefetcher:
 
         async def deliver(got: Download) -> None:
             try:
-                await source.deliver(got, behind=True)
+                await source.deliver(got, behind=True, keep=False)
             except Exception as exc:  # never cached; a reader's own fetch reports it
                 log.warning("prefetch of %s: %s", source.key, exc)
 
@@ -519,21 +549,14 @@ class Prefetcher:
                     source.cache.finish(c.digest, None, LayerFetchError("prefetch stopped"))
 
     async def background(self, limiter: trio.CapacityLimiter) -> None:
-        """Fetch every chunk of the layer not yet cached, in blob order, in batches of
-        :data:`BACKGROUND_BATCH` compressed bytes, each after the layer's on-demand reads
-        and under one of ``limiter``'s tokens. A failed batch is logged, and the next one
-        waits a second."""
-        batch: list[ChunkRef] = []
-        batch_bytes = 0
-        for c in self.source.index.all_chunks():
-            if c.digest in self.source.cache:
-                continue
-            batch.append(c)
-            batch_bytes += c.compressed_end - c.compressed_offset
-            if batch_bytes >= BACKGROUND_BATCH:
-                await self._background_batch(batch, limiter)
-                batch, batch_bytes = [], 0
-        if batch:
+        """Fetch every chunk of the layer not yet cached, in blob order, in batches
+        (:func:`batches`: :data:`BACKGROUND_BATCH` compressed bytes,
+        :data:`BACKGROUND_BATCH_INFLATED` uncompressed), each after the layer's on-demand
+        reads and under one of ``limiter``'s tokens. A failed batch is logged, and the next
+        one waits a second."""
+        cache = self.source.cache
+        missing = (c for c in self.source.index.all_chunks() if c.digest not in cache)
+        for batch in batches(missing, BACKGROUND_BATCH, BACKGROUND_BATCH_INFLATED):
             await self._background_batch(batch, limiter)
 
     async def _background_batch(self, batch: list[ChunkRef], limiter: trio.CapacityLimiter) -> None:
@@ -548,7 +571,7 @@ class Prefetcher:
     async def _fetch_region(self, chunks: list[ChunkRef]) -> None:
         claimed = self.source.claim(chunks)
         if claimed:
-            await self.source.fetch(claimed, behind=True)
+            await self.source.fetch(claimed, behind=True, keep=False)
 
     def stop(self) -> None:
         """Cancel the prefetch and drop an early download's bytes (the layer is released)."""
