@@ -6,6 +6,7 @@ neighbours below; the store process's peak RSS: ``test_hostile_bounds``.)"""
 from __future__ import annotations
 
 import io
+import itertools
 import tarfile
 from pathlib import Path
 
@@ -163,3 +164,128 @@ async def test_a_read_gets_its_chunks_whatever_the_groups(tmp_path, monkeypatch)
     data = await layer.read_file(node, 0, 8 * (256 << 10))
     assert len(data) == 8 * (256 << 10) and data[(256 << 10) - 1] == 1
     assert layer.cache.inflating.used == 0
+
+
+# -- the early download keeps a piece only until the prefetch has processed it -------------------
+
+
+def _region_blob(tmp_path: Path, files: int, size: int):
+    """An optimized layer of ``files`` incompressible files of ``size`` bytes, all before the
+    landmark, in 64 KiB chunks: ``(FileBlob, toc_digest)``."""
+    import random
+
+    from tests.store.conftest import FileBlob, tar_of
+
+    contents = {f"f{i}": random.Random(i).randbytes(size) for i in range(files)}
+    out = io.BytesIO()
+    res = convert(
+        io.BytesIO(tar_of(contents)),
+        out,
+        level=1,
+        chunk_size=64 << 10,
+        prioritized_files=list(contents),
+    )
+    path = tmp_path / "layer.blob"
+    path.write_bytes(out.getvalue())
+    return FileBlob(path), res.toc_digest
+
+
+async def _prefetch_through_ahead(tmp_path: Path, blob, toc_digest: str, watch):
+    """The store's chain (the early download started at verification, the layer on it),
+    its prefetch run to the end; ``watch(ahead)`` is called after every piece arrives."""
+    from store.estargz_view import load_layer_index
+    from store.prefetch import AheadBlob
+    from tests.store.conftest import view_layer
+
+    async with trio.open_nursery() as nursery:
+        ahead = AheadBlob(blob)
+        fetch = ahead._fetch
+
+        async def watched(region, *pieces):
+            await fetch(region, *pieces)
+            watch(ahead)
+
+        ahead._fetch = watched  # type: ignore[method-assign]
+        view = await load_layer_index(ahead, toc_digest, lambda e, r: ahead.start(e, nursery, r))
+        layer = view_layer(view, ahead, toc_digest, tmp_path / "cache", "region")
+        await layer.prefetch(trio.CapacityLimiter(1), 30)
+    return layer, ahead
+
+
+@pytest.mark.anyio
+async def test_the_early_download_keeps_a_bounded_part_of_the_region(tmp_path, monkeypatch):
+    """A 6 MiB region, room for 512 KiB: the pieces the prefetch has cached are let go
+    and the download waits for room, so no more than the room (and the requests on the
+    wire when it was last checked) is ever kept; every chunk still comes from the early
+    download, once."""
+    monkeypatch.setattr("store.prefetch.AHEAD_HELD", 512 << 10)
+    blob, toc_digest = _region_blob(tmp_path, 6, M)
+    held: list[int] = []
+    layer, ahead = await _prefetch_through_ahead(
+        tmp_path, blob, toc_digest, lambda a: held.append(a._held)
+    )
+    from store.prefetch import PREFETCH_PIECE, PREFETCH_STREAMS
+
+    region = [c for c in layer.index.all_chunks() if c.compressed_end <= layer.index.prefetch_end]
+    assert sum(c.size for c in region) >= 6 * M
+    assert all(c.digest in layer.cache for c in region)
+    assert max(held) <= (512 << 10) + PREFETCH_STREAMS * PREFETCH_PIECE, max(held)
+    asked = sorted(r for req in blob.requests for r in req if r[1] <= layer.index.prefetch_end)
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(asked))  # none twice
+    assert ahead._held == 0  # dropped at the end
+
+
+@pytest.mark.anyio
+async def test_a_chunk_bigger_than_the_room_does_not_stall_the_early_download(
+    tmp_path, monkeypatch
+):
+    """Room for 128 KiB, pieces of 64 KiB, one incompressible chunk of ~1 MiB: the prefetch
+    piece waiting for it fetches the rest of its pieces itself instead of waiting for room
+    its own first pieces hold."""
+    monkeypatch.setattr("store.prefetch.AHEAD_HELD", 128 << 10)
+    monkeypatch.setattr("store.prefetch.AHEAD_PIECE", 64 << 10)
+    import random
+
+    from tests.store.conftest import FileBlob, tar_of
+
+    contents = {"big": random.Random(7).randbytes(M)}
+    out = io.BytesIO()
+    res = convert(
+        io.BytesIO(tar_of(contents)), out, level=1, chunk_size=4 * M, prioritized_files=["big"]
+    )
+    (tmp_path / "layer.blob").write_bytes(out.getvalue())
+    blob = FileBlob(tmp_path / "layer.blob")
+    with trio.fail_after(10):
+        layer, _ = await _prefetch_through_ahead(tmp_path, blob, res.toc_digest, lambda a: None)
+    assert all(c.digest in layer.cache for c in layer.index.all_chunks() if c.size > 1)
+    assert layer.stats.fetched_bytes <= len(blob.data)  # nothing read twice
+
+
+@pytest.mark.anyio
+async def test_expect_lets_go_of_pieces_nobody_takes_and_reads_hold_theirs():
+    from store.prefetch import AheadBlob
+
+    class Mem:
+        size = 4 * M
+        data = bytes(range(256)) * (4 * M // 256)
+
+        async def read_ranges(self, ranges):
+            return [self.data[lo:hi] for lo, hi in ranges]
+
+    async with trio.open_nursery() as nursery:
+        ahead = AheadBlob(Mem())
+        ahead.start(M, nursery)  # pieces growing from 64 KiB to 256 KiB
+        await trio.testing.wait_all_tasks_blocked()
+        region = ahead._region
+        assert region is not None and all(d is not None for d in region.data)
+        assert ahead._held == M
+        ahead.expect([(0, 1000), (300_000, 400_000)])
+        kept = [i for i, d in enumerate(region.data) if d is not None]
+        assert kept == sorted({*region.overlapping(0, 1000), *region.overlapping(300_000, 400_000)})
+        assert ahead._held == sum(hi - lo for lo, hi in (region.pieces[i] for i in kept))
+        assert await ahead.read_ranges([(10, 20)]) == [Mem.data[10:20]]  # kept piece
+        ahead.done_with(0, 1000)
+        assert region.data[0] is None
+        assert await ahead.read_ranges([(10, 20)]) == [Mem.data[10:20]]  # from the blob
+        ahead.done_with(300_000, 400_000)
+        assert ahead._held == 0
