@@ -289,3 +289,99 @@ async def test_expect_lets_go_of_pieces_nobody_takes_and_reads_hold_theirs():
         assert await ahead.read_ranges([(10, 20)]) == [Mem.data[10:20]]  # from the blob
         ahead.done_with(300_000, 400_000)
         assert ahead._held == 0
+
+
+# -- end to end: the store process's peak RSS over a large prefetch region ------------------------
+
+REGION_MB = 256
+
+
+def _large_region_layer(total_mb: int, chunk: int = 4 * M) -> tuple[bytes, str]:
+    """``(blob, toc_digest)``: one file of ``total_mb`` MiB of incompressible bytes in stored
+    gzip members of ``chunk`` bytes, then the ``.prefetch.landmark``: the whole file is the
+    prefetch region (built by hand: converting 256 MiB at any gzip level takes seconds)."""
+    import json
+    import os
+    import zlib
+
+    from store.estargz import estargz_footer_bytes
+    from tests.store.mounted import toc_digest_of
+
+    def sha(data: bytes) -> str:
+        import hashlib
+
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    block = os.urandom(chunk)
+    head = bytearray()
+    entries: list[dict] = []
+    n = (total_mb * M) // chunk
+    for i in range(n):
+        payload = block[:-8] + i.to_bytes(8, "big")
+        entry = {"offset": len(head), "chunkOffset": i * chunk, "chunkSize": chunk}
+        entry["chunkDigest"] = sha(payload)
+        if i == 0:
+            entry.update(name="big", type="reg", mode=0o644, size=n * chunk)
+        else:
+            entry.update(name="big", type="chunk")
+        entries.append(entry)
+        head += zlib.compress(payload, 0, wbits=31)
+    landmark = {"name": ".prefetch.landmark", "type": "reg", "size": 1, "offset": len(head)}
+    landmark["chunkDigest"] = landmark["digest"] = sha(b"\x0f")
+    entries.append(landmark)
+    head += zlib.compress(b"\x0f", 0, wbits=31)
+    toc_json = json.dumps({"version": 1, "entries": entries}).encode()
+    ti = tarfile.TarInfo("stargz.index.json")
+    ti.size = len(toc_json)
+    toc_member = zlib.compress(ti.tobuf(tarfile.GNU_FORMAT) + toc_json, 6, wbits=31)
+    blob = bytes(head) + toc_member + estargz_footer_bytes(len(head))
+    return blob, toc_digest_of(blob)
+
+
+def _vm(pid: int) -> dict[str, int]:
+    """The process's VmRSS and VmHWM (its peak), in MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) >> 10
+    return out
+
+
+@pytest.mark.e2e
+def test_a_large_prefetch_region_keeps_the_store_rss_bounded(registry, tmp_path):
+    """A 256 MiB prefetch region through the real registry and the mounted store: the store
+    prefetches all of it, and its peak RSS stays well under the region's size (it held the
+    region whole, and more: 300 MB of region made 471 MB of RSS). The bound: the memory
+    cache (64 MiB), pending cache writes (64 MiB), the inflate budget (64 MiB) and the
+    early download's room, over the store's RSS before the lookup."""
+    import hashlib
+    import os
+    import time
+
+    from tests.store import images
+    from tests.store.conftest import StoreProcess
+
+    data, toc_digest = _large_region_layer(REGION_MB)
+    blob = images.Blob(data, "sha256:" + hashlib.sha256(b"region").hexdigest(), toc_digest)
+    images.push(registry.host, "region", "1", [blob])
+    config = "no_background_fetch = true\nprefetch_timeout_sec = 60\n"
+    store = StoreProcess(tmp_path / "store", config).start()
+    try:
+        assert store.proc is not None
+        pid = store.proc.pid
+        before = _vm(pid)["VmRSS"]
+        diff = store.layer_dir(f"{registry.host}/region:1", blob.digest) / "diff"
+        assert "big" in os.listdir(diff)
+        deadline = time.monotonic() + 25
+        while True:
+            (layer,) = store.status()["layers"].values()
+            if layer["prefetch_done"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        peak = _vm(pid)["VmHWM"]
+    finally:
+        store.stop()
+    assert layer["prefetch_done"] and layer["cached_bytes"] >= REGION_MB * M, layer
+    assert layer["fetched_bytes"] <= len(data), layer  # the region fetched once
+    assert peak - before < 200, f"store RSS {before} MiB before the lookup, peak {peak} MiB"
