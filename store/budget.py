@@ -21,7 +21,10 @@ import trio
 class ByteBudget:
     """At most ``limit`` bytes taken at once (one taker alone may take more: a request is
     never refused, only made to wait until nothing else is taken). Takers are served in the
-    order they asked: a big request is not passed over forever by small ones."""
+    order they asked: a big request is not passed over forever by small ones — except
+    ``urgent`` ones (a read someone waits for), which take what fits at once and otherwise
+    wait at the head of the line: work ahead of reads never keeps a read waiting for more
+    than the room one taker gives back."""
 
     def __init__(self, limit: int) -> None:
         if limit <= 0:
@@ -33,14 +36,17 @@ class ByteBudget:
     def _fits(self, nbytes: int) -> bool:
         return self.used == 0 or self.used + nbytes <= self.limit
 
-    async def acquire(self, nbytes: int) -> None:
+    async def acquire(self, nbytes: int, *, urgent: bool = False) -> None:
         """Take ``nbytes`` (>= 0), waiting for room (a checkpoint either way)."""
-        if not self._waiting and self._fits(nbytes):
+        if (urgent or not self._waiting) and self._fits(nbytes):
             self.used += nbytes
             await trio.lowlevel.checkpoint()
             return
         ticket = [nbytes, trio.Event(), False]
-        self._waiting.append(ticket)
+        if urgent:
+            self._waiting.appendleft(ticket)
+        else:
+            self._waiting.append(ticket)
         try:
             await ticket[1].wait()
         except BaseException:
@@ -64,9 +70,9 @@ class ByteBudget:
             ticket[1].set()
 
     @asynccontextmanager
-    async def taking(self, nbytes: int) -> AsyncIterator[None]:
+    async def taking(self, nbytes: int, *, urgent: bool = False) -> AsyncIterator[None]:
         """``async with budget.taking(n):`` — :meth:`acquire`, then :meth:`release` on exit."""
-        await self.acquire(nbytes)
+        await self.acquire(nbytes, urgent=urgent)
         try:
             yield
         finally:

@@ -29,6 +29,13 @@ write to :meth:`ChunkCache.write_pending`, which writes in a worker thread. A 4 
 write on the trio thread stalled every FUSE request behind it (a quarter of a cold read's wall
 time, ``benchmarks/bench_store_read.py``).
 
+Inflating bytes before they come here: every fetch through the cache takes its chunks'
+uncompressed sizes from one store-wide :class:`~store.budget.ByteBudget`
+(:attr:`ChunkCache.inflating`, :data:`INFLATE_BYTES`) while it inflates them, and hands each
+group of chunks to :meth:`ChunkCache.finish` as soon as it is done
+(:meth:`store.chunks.ChunkSource.deliver`): what a layer compresses well never sits inflated
+in memory all at once.
+
 Write-behind for what no read asked for: the prefetch, the background fetch, and the free
 riders of a read's 50 kB-aligned range hand their chunks to :meth:`ChunkCache.write_behind`.
 In the store a writer task (:meth:`ChunkCache.run_writer`) takes them: it writes once none

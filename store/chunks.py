@@ -441,11 +441,12 @@ class ChunkSource:
         Chunks are inflated in groups (:func:`inflate_groups`), up to
         :data:`DECOMPRESS_GROUPS` worker threads at once, each group taking its uncompressed
         bytes from the cache's store-wide budget (:attr:`ChunkCache.inflating`) while it
-        inflates; each group's chunks are handed to the cache (claims completed, waiters
-        woken) as soon as it is done, so what this call holds is the groups in flight and
-        the caller's own chunks, not the whole download inflated: a batch of 48 chunks of
-        64 MiB of zeros (3 MB compressed) held 3.25 GB at once when the results waited for
-        the whole batch.
+        inflates — ahead of the prefetch's and background fetch's groups unless ``behind``
+        (``urgent``: a read waits at most for the room one group gives back). Each group's
+        chunks are handed to the cache (claims completed, waiters woken) as soon as it is
+        done, so what this call holds is the groups in flight and the caller's own chunks,
+        not the whole download inflated: a batch of 48 chunks of 64 MiB of zeros (3 MB
+        compressed) held 3.25 GB at once when the results waited for the whole batch.
 
         The cache files of the chunks the caller claimed are written before it returns
         (except those the disk refused, which are then not cached); the free riders', and
@@ -467,7 +468,7 @@ class ChunkSource:
         async def inflate(n: int) -> None:
             group = groups[n]
             nbytes = sum(chunks[i].size for i in group)
-            async with self.cache.inflating.taking(nbytes):
+            async with self.cache.inflating.taking(nbytes, urgent=not behind):
                 results = await trio.to_thread.run_sync(
                     self._decompress_all, [chunks[i] for i in group], [compressed[i] for i in group]
                 )

@@ -15,6 +15,11 @@ pieces bring that region in ahead of the reads:
   the store's limiter — then (if asked) fetches the rest of the layer in
   :data:`BACKGROUND_BATCH` batches, each only while no on-demand read is waiting.
 
+Memory: neither holds the region whole. The early download keeps a piece only until the
+prefetch has cached its chunks, and waits while :data:`AHEAD_HELD` bytes are kept; prefetch
+pieces and background batches are cut by uncompressed bytes too, and their chunks are
+inflated within the cache's store-wide budget (:attr:`store.cache.ChunkCache.inflating`).
+
 When the landmark's TOC entry lists the region's ranges worth prefetching
 (:data:`store.estargz.PREFETCH_RANGES_KEY`: the chunks an access trace saw read, of files
 read in part), both take only those: the chunks that touch a range. The rest of the region

@@ -75,6 +75,33 @@ async def test_budget_a_cancelled_waiter_gives_its_place_up():
         ByteBudget(0)
 
 
+@pytest.mark.anyio
+async def test_budget_an_urgent_taker_goes_first():
+    """A read (urgent) takes what fits at once, past waiting work, and otherwise waits at
+    the head of the line."""
+    budget = ByteBudget(10)
+    await budget.acquire(6)
+    got: list[str] = []
+
+    async def take(name: str, n: int, urgent: bool) -> None:
+        await budget.acquire(n, urgent=urgent)
+        got.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "ahead", 8, False)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(take, "read", 4, True)  # fits: goes past "ahead"
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == ["read"] and budget.used == 10
+        nursery.start_soon(take, "read2", 5, True)  # does not fit: first in line
+        await trio.testing.wait_all_tasks_blocked()
+        budget.release(6)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == ["read", "read2"]
+        budget.release(9)
+    assert got == ["read", "read2", "ahead"] and budget.used == 8
+
+
 # -- batches cut by uncompressed bytes -----------------------------------------------------------
 
 
