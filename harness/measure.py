@@ -393,6 +393,7 @@ class Runner:
             # workload -> its last records when they never exited; why it is given up
             no_exit: dict[str, list[Record]] = {}
             given_up: dict[str, str] = {}
+            full_pulls = any(m not in LAZY_MODES for m in self.scenario.modes)
             for sample, name, mode, store in todo:
                 self._interrupt.check()
                 label = f"{name}/{mode}" + (f" · {store}" if store else "")
@@ -416,7 +417,7 @@ class Runner:
                 done.append(record.key)
                 progress.advance(task)
                 self._say(progress, record)
-                reason = self._give_up(no_exit, record, workloads[name])
+                reason = self._give_up(no_exit, record, workloads[name], full_pulls)
                 if reason is not None:
                     given_up[name] = reason
                     left = sum(1 for k in todo[len(done) :] if k[1] == name)
@@ -428,14 +429,23 @@ class Runner:
 
     @staticmethod
     def _give_up(
-        no_exit: dict[str, list[Record]], record: Record, w: ResolvedWorkload
+        no_exit: dict[str, list[Record]],
+        record: Record,
+        w: ResolvedWorkload,
+        full_pulls: bool = False,
     ) -> str | None:
         """Why to stop measuring ``record``'s workload, or None: a workload without a ready
         line whose run did not exit within its timeout twice in a row (two modes, or two
         samples) is a server missing its ``ready``; each further measurement would wait out
-        the timeout again (with the default 300 s, 40 minutes before the user learns it)."""
+        the timeout again (with the default 300 s, 40 minutes before the user learns it).
+        With ``full_pulls`` (the scenario measures a mode that takes no layer store) a lazy
+        mode's timeout neither counts nor breaks the streak: a hung store, not the workload,
+        may be at fault there, and the workload's other stores and modes must still be
+        measured."""
         if not is_no_exit(record.error):
             no_exit.pop(record.workload, None)
+            return None
+        if full_pulls and record.mode in LAZY_MODES:
             return None
         streak = no_exit.setdefault(record.workload, [])
         streak.append(record)
