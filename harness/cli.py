@@ -96,16 +96,22 @@ def require_root(command: str, needs: str, euid: int | None = None) -> None:
 RUN_NEEDS = "rootful podman, network namespaces, FUSE"
 
 
+def default_cache_dir() -> Path:
+    """``$LAZYBENCH_CACHE`` or ``~/.cache/lazybench``: the cache of images, traces, stores and
+    runtime nodes (one for all of them)."""
+    env = os.environ.get("LAZYBENCH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "lazybench"
+
+
 def check_cache_dir(cache_dir: Path | None) -> None:
-    """``--cache-dir`` (or the default cache: ``$LAZYBENCH_CACHE`` or ``~/.cache/lazybench``)
-    must be a directory lazybench can create and write to (:func:`check_writable_dir`)."""
+    """``--cache-dir`` (or the default cache, :func:`default_cache_dir`) must be a directory
+    lazybench can create and write to (:func:`check_writable_dir`)."""
     if cache_dir is not None:
         check_writable_dir(cache_dir, "--cache-dir")
     else:
         env = os.environ.get("LAZYBENCH_CACHE")
-        default = Path(env) if env else Path.home() / ".cache" / "lazybench"
         what = "cache directory ($LAZYBENCH_CACHE)" if env else "cache directory"
-        check_writable_dir(default, what)
+        check_writable_dir(default_cache_dir(), what)
 
 
 def positive_int(text: str) -> int:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.cli import default_cache_dir
 from harness.processes import kill_group
 from harness.stale import claim, owner_gone
 
@@ -100,12 +101,6 @@ class Node:
 
 
 # -- recipes and the cache ----------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """``$LAZYBENCH_CACHE`` or ``~/.cache/lazybench`` (shared with the image cache)."""
-    env = os.environ.get("LAZYBENCH_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "lazybench"
 
 
 def check_name(name: str) -> str:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.cli import default_cache_dir
 from harness.images.layertar import specs_to_tar, tree_to_tar
 from harness.images.recipes import (
     BUILDER_VERSION,
@@ -103,12 +104,6 @@ class BuiltImage:
     def size(self) -> int:
         """Total uncompressed bytes of the layers."""
         return sum(layer.size for layer in self.layers)
-
-
-def default_cache_dir() -> Path:
-    """``$LAZYBENCH_CACHE`` or ``~/.cache/lazybench``."""
-    env = os.environ.get("LAZYBENCH_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "lazybench"
 
 
 def cached_image(recipe: Recipe, cache_dir: Path | None = None) -> BuiltImage | None:
