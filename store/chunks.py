@@ -573,17 +573,15 @@ def inflate_groups(
     chunks: Sequence[ChunkRef], compressed: Sequence[bytes], most: int | None = None
 ) -> list[list[int]]:
     """The indices of ``chunks`` (with their ``compressed`` bytes) in the groups
-    :meth:`ChunkSource.deliver` inflates one per worker thread, in order: each of about
-    1/:data:`DECOMPRESS_GROUPS` of the compressed bytes (a 4 MiB read block of zstd:chunked
-    holds a few hundred small chunks, and a thread dispatch per chunk cost more than
-    inflating it), and of at most ``most`` uncompressed bytes (chunk sizes; default
-    :data:`INFLATE_GROUP`; a chunk bigger than that alone), so that what a layer compresses
-    well is not inflated all at once. None for no chunks."""
+    :meth:`ChunkSource.deliver` inflates, in order (up to :data:`DECOMPRESS_GROUPS` worker
+    threads take them in turn): each of about 1/:data:`DECOMPRESS_GROUPS` of the compressed
+    bytes (a 4 MiB read block of zstd:chunked holds a few hundred small chunks, and a thread
+    dispatch per chunk cost more than inflating it), and of at most ``most`` uncompressed
+    bytes (chunk sizes; default :data:`INFLATE_GROUP`; a chunk bigger than that alone), so
+    that what a layer compresses well is not inflated all at once. ``[]`` for no chunks."""
     if most is None:
         most = INFLATE_GROUP
-    total = 0
-    for data in compressed:
-        total += len(data)
+    total = sum(map(len, compressed))
     share = -(-total // DECOMPRESS_GROUPS) or 1
     groups: list[list[int]] = []
     group: list[int] = []

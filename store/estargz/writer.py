@@ -721,6 +721,11 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _GO_ZERO_TIME_NS = -62_135_596_800 * NS  # Go's zero time.Time, 0001-01-01T00:00:00Z
 # The seconds RFC 3339's four-digit year holds: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _RFC3339_SECONDS = range(-62_135_596_800, 253_402_300_800)
+# Written for a time whose year RFC 3339 cannot hold (after 9999, before 1): a normal pull
+# extracts such a file with the epoch as its time (containers/storage pkg/system Chtimes sets
+# any time before 1970 or after 2262, time.Unix(0, 1<<63-1), to time.Unix(0, 0)), so the lazy
+# view shows what the pull would. The Go writers do not help: estargz writes a year of five
+# digits that its own reader cannot parse, and time.Time.MarshalJSON fails the zstd:chunked TOC.
 EPOCH_RFC3339 = "1970-01-01T00:00:00Z"
 
 
@@ -757,11 +762,11 @@ def estargz_modtime(ti: tarfile.TarInfo) -> str | None:
     ``t.UTC().Round(time.Second).Format(time.RFC3339)``. Go's ``Round`` rounds a half
     second up (toward the later second, also before 1970: it counts from year 1), where
     Python's ``round`` went to the even second. A year RFC 3339 cannot hold: see
-    :func:`_out_of_range`."""
+    :data:`EPOCH_RFC3339`."""
     ns = tar_mtime_ns(ti)
     if ns == _GO_ZERO_TIME_NS or ns // NS == 0:
         return None
-    return _rfc3339_seconds((ns + NS // 2) // NS) or _out_of_range()
+    return _rfc3339_seconds((ns + NS // 2) // NS) or EPOCH_RFC3339
 
 
 def rfc3339_nano(ns: int) -> str:
@@ -769,24 +774,14 @@ def rfc3339_nano(ns: int) -> str:
     writes it (containers/storage's zstd:chunked TOC ``modtime``): the fraction to the
     nanosecond without trailing zeros, none for a whole second; before 1970 the seconds are
     floored and the fraction counts up from them (-5.25 s is ``23:59:54.75Z``). A year
-    RFC 3339 cannot hold: see :func:`_out_of_range`."""
+    RFC 3339 cannot hold: see :data:`EPOCH_RFC3339`."""
     seconds, nanos = divmod(ns, NS)
     whole = _rfc3339_seconds(seconds)
     if whole is None:
-        return _out_of_range()
+        return EPOCH_RFC3339
     if not nanos:
         return whole
     return f"{whole[:-1]}.{nanos:09d}".rstrip("0") + "Z"
-
-
-def _out_of_range() -> str:
-    """The epoch, for a time whose year RFC 3339 cannot hold (after 9999, before 1): a normal
-    pull extracts such a file with the epoch as its time — containers/storage ``pkg/system``
-    ``Chtimes`` sets any time before 1970 or after 2262 (``time.Unix(0, 1<<63-1)``) to
-    ``time.Unix(0, 0)`` — so the lazy view shows what the pull would. (The Go writers do not
-    help: estargz writes a year of five digits that its own reader cannot parse, and
-    ``time.Time.MarshalJSON`` fails the zstd:chunked TOC.)"""
-    return EPOCH_RFC3339
 
 
 def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
