@@ -37,8 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    from harness.cli import default_cache_dir
     from harness.netshape import cleanup_stale
-    from harness.runtimes import clean_stale_views, default_cache_dir
+    from harness.runtimes import clean_stale_views
     from harness.stale import build_dirs, sweep
 
     require_root("cleanup", "stopping containers, unmounting, removing network namespaces")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.cli import UserError, check_cache_dir, make_console
+from harness.cli import UserError, check_cache_dir, default_cache_dir, make_console
 from harness.images import (
     MODES,
     RECIPES,
@@ -18,7 +18,6 @@ from harness.images import (
     PushError,
     build_layers,
     cached_image,
-    default_cache_dir,
     find_recipe,
     oci_layout,
 )

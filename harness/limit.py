@@ -333,7 +333,7 @@ def compute_run_limits(
     image found by the manifest digests ``environment.json`` recorded, its trace by the
     workload as the run's scenario resolves it. Nothing is built or traced: what the cache
     lacks is an ``unavailable`` entry."""
-    from harness.images import default_cache_dir
+    from harness.cli import default_cache_dir
     from harness.prepare import resolve
     from harness.records import read_environment
     from harness.scenario import parse_scenario

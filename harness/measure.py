@@ -432,7 +432,7 @@ class Runner:
         no_exit: dict[str, list[Record]],
         record: Record,
         w: ResolvedWorkload,
-        full_pulls: bool = False,
+        full_pulls: bool,
     ) -> str | None:
         """Why to stop measuring ``record``'s workload, or None: a workload without a ready
         line whose run did not exit within its timeout twice in a row (two modes, or two

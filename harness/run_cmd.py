@@ -165,9 +165,6 @@ def check_run_args(args: argparse.Namespace) -> None:
             f"--run-id {run_id!r}: must be one path component (a directory name, no '/', "
             "not '.' or '..')"
         )
-    if args.resume is None:
-        check_output_dirs(args)
-        return
     given = [
         what
         for what, value in (
@@ -178,7 +175,7 @@ def check_run_args(args: argparse.Namespace) -> None:
         )
         if value is not None
     ]
-    if given:
+    if given and args.resume is not None:
         raise UserError(
             f"--resume {args.resume}: not with {', '.join(given)}: a resumed run keeps the "
             "scenario, samples and directory it was started with"

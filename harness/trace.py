@@ -49,7 +49,7 @@ class TracedFile:
 def trace_cache_path(image_hash: str, w: Any, cache_dir: Path | None = None) -> Path:
     """Where the trace of workload ``w`` (a ``harness.prepare.ResolvedWorkload``) on the built
     image with hash ``image_hash`` (``BuiltImage.hash``) is cached."""
-    from harness.images import default_cache_dir
+    from harness.cli import default_cache_dir
 
     parts: list[Any] = [image_hash, w.command, w.stdin, w.ready, TRACE_VERSION]
     if w.env:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.images.build import default_cache_dir
+from harness.cli import default_cache_dir
 from harness.processes import kill_group
 
 GOPATH = Path("/usr/share/gocode")

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from harness.cli import default_cache_dir
 from harness.images.build import (
     BuiltImage,
     BuiltLayer,
     ImageBuildError,
-    default_cache_dir,
     publish_dir,
 )
 from harness.images.transports import TransportError, local_path, registry_host, split_transport

@@ -491,10 +491,10 @@ def test_a_workload_that_never_exits_twice_in_a_row_is_given_up() -> None:
         return Record(sample, "app", mode, status="error" if error else "ok", error=error)
 
     streaks: dict = {}
-    assert Runner._give_up(streaks, rec(0, "legacy", no_exit), w) is None
-    assert Runner._give_up(streaks, rec(0, "estargz", "pull: boom"), w) is None  # reset
-    assert Runner._give_up(streaks, rec(1, "legacy", no_exit), w) is None
-    reason = Runner._give_up(streaks, rec(1, "estargz", no_exit), w)
+    assert Runner._give_up(streaks, rec(0, "legacy", no_exit), w, False) is None
+    assert Runner._give_up(streaks, rec(0, "estargz", "pull: boom"), w, False) is None  # reset
+    assert Runner._give_up(streaks, rec(1, "legacy", no_exit), w, False) is None
+    reason = Runner._give_up(streaks, rec(1, "estargz", no_exit), w, False)
     assert reason == (
         "not measured: the workload did not exit within 5s twice in a row (sample 2 legacy "
         "and sample 2 estargz); for a server, set ready = a line it prints when it is up"
