@@ -132,9 +132,7 @@ async def load_layer_index(
             f"{where}: digest {scan.digest} does not match the expected {toc_digest}"
         )
     if on_verified is not None:
-        # Past the TOC the region stops at it, as the index's does (estargz.index._landmark_end).
-        end = scan.landmark_offset
-        on_verified(None if end is None else min(end, footer.toc_offset), scan.prefetch_ranges)
+        on_verified(scan.landmark_offset, scan.prefetch_ranges)
 
     def build() -> LayerIndex:
         # Inflated once: the scan kept a TOC small enough to be decoded whole.

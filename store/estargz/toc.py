@@ -135,7 +135,9 @@ class TocScan:
 
     digest: str  # "sha256:…" of the uncompressed JSON
     json_size: int
-    landmark_offset: int | None  # the ``.prefetch.landmark`` entry's offset: a hint only
+    # The ``.prefetch.landmark`` entry's offset, a hint only: at most the TOC's offset (past
+    # it the region stops at the TOC, as the index's does: index._landmark_end).
+    landmark_offset: int | None
     json: bytes | None = None  # the whole JSON, when asked for and not over ``keep`` bytes
     # The landmark entry's ``PREFETCH_RANGES_KEY``: ``[start, end)`` blob ranges before the
     # landmark worth prefetching (None: the whole region). A hint only, as the offset is.
@@ -215,6 +217,8 @@ def scan_toc(
             hint, ranges = landmark_hint(window)
         carry = window[-(64 << 10) :]
     json = b"".join(kept) if kept is not None else None
+    if hint is not None:
+        hint = min(hint, footer.toc_offset)
     return TocScan("sha256:" + h.hexdigest(), size, hint, json, ranges if hint else None)
 
 
