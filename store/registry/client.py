@@ -112,7 +112,10 @@ def _error_detail(resp: httpx.Response, body: bytes) -> str:
 
 
 async def _read_all(resp: httpx.Response) -> bytes:
-    return await resp.aread()
+    """The default reader, for answers whose body is not used (``/v2/``, pushes): the first
+    :data:`MAX_ERROR_BODY` bytes as sent, the rest left unread, so a registry that streams
+    an endless or encoded body costs neither memory nor time."""
+    return await _read_raw(resp, MAX_ERROR_BODY)
 
 
 class RegistryClient:

@@ -210,6 +210,36 @@ async def test_content_encoded_manifest_and_blob_are_refused_not_decoded(seeded)
     assert all(s["headers"].get("Accept-Encoding") == "identity" for s in proxy.seen)
 
 
+async def test_unused_answer_bodies_are_not_read_to_the_end(seeded) -> None:
+    """An answer whose body the client does not use (``/v2/``) is read no further than its
+    first 64 KiB: a registry that streams a body without end costs neither time nor memory."""
+    reg, _, _, _ = seeded
+    sent = [0]
+
+    def endless(h: BaseHTTPRequestHandler) -> bool:
+        if h.path.rstrip("/") != "/v2":
+            return False
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.end_headers()  # no Content-Length: the body ends when the connection does
+        piece = b"{" * 65536
+        try:
+            while sent[0] < (1 << 30):
+                h.wfile.write(piece)
+                sent[0] += len(piece)
+        except OSError:
+            pass
+        h.close_connection = True
+        return True
+
+    with HttpFaultProxy(_addr(reg), endless) as proxy:
+        async with RegistryClient(timeout=5, backoff=0.01) as c:
+            started = time.monotonic()
+            await c.ping(proxy.host)
+            assert time.monotonic() - started < 5
+    assert sent[0] < (64 << 20)
+
+
 async def test_redirect_does_not_leak_credentials(basic_registry, isolated_auth_env) -> None:
     reg = basic_registry
     user, pw = "alice", "wonderland"
