@@ -211,10 +211,17 @@ _STATFS_CHILD = (
 
 def prepare_root(root: Path) -> None:
     """Create ``root`` and its chunk cache directory and check a file can be written there,
-    so that a root the store cannot use is one line at startup, not a traceback once mounted."""
+    so that a root the store cannot use is one line at startup, not a traceback once mounted.
+
+    The cache holds layer bytes of every image pulled through the store, private registries'
+    included, so its directory is the store user's only (0700, also when an older store made
+    it 0755), and a root the store creates is 0700 too, as the Go store's."""
+    cache = root / CACHE_DIR
     try:
-        (root / CACHE_DIR).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root / CACHE_DIR):
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cache.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(cache, 0o700)
+        with tempfile.TemporaryFile(dir=cache):
             pass
     except OSError as exc:
         if root.exists() and not root.is_dir():

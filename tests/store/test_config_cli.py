@@ -326,3 +326,21 @@ def test_negative_mirror_timeout_is_accepted() -> None:
     cfg = parse_config({"resolver": table})
     [mirror, _origin] = parse_resolver_config(cfg.resolver).endpoints("x")
     assert mirror.host == "m" and mirror.request_timeout == 30
+
+
+def test_root_and_chunk_cache_are_private_to_the_store(tmp_path: Path) -> None:
+    """The chunk cache holds layer bytes of private registries' images: other local users
+    must not read it. A new root is 0700 (as the Go store's); a cache directory an older
+    store left 0755 is made 0700 at the next start."""
+    from store.cli import CACHE_DIR, prepare_root
+
+    fresh = tmp_path / "fresh" / "root"
+    prepare_root(fresh)
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    assert (fresh / CACHE_DIR).stat().st_mode & 0o777 == 0o700
+
+    old = tmp_path / "old"
+    (old / CACHE_DIR).mkdir(parents=True, mode=0o755)
+    os.chmod(old / CACHE_DIR, 0o755)
+    prepare_root(old)
+    assert (old / CACHE_DIR).stat().st_mode & 0o777 == 0o700
