@@ -188,7 +188,15 @@ class ImageInfo:
             raise NotEstargzError(f"{self.ref}: no layer {digest}")
         desc = found[0]
         if desc.toc_digest is None:
-            raise NotEstargzError(f"{self.ref}: layer {desc.digest} is not eStargz (no TOC digest)")
+            why = (
+                "carries both eStargz's and zstd:chunked's TOC annotation"
+                if TOC_DIGEST_ANNOTATION in desc.annotations
+                else "is neither eStargz nor zstd:chunked (no TOC digest annotation)"
+            )
+            raise NotEstargzError(
+                f"{self.ref}: layer {desc.digest} ({desc.media_type or 'no media type'}) {why}, "
+                "so it is pulled normally"
+            )
         if (n := sum(1 for d in self.layers if d.digest == desc.digest)) > 1:
             raise NotEstargzError(
                 f"{self.ref}: layer {desc.digest} is listed {n} times; overlayfs cannot mount"
