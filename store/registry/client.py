@@ -75,6 +75,9 @@ MAX_REDIRECTS = 5
 MAX_ERROR_BODY = 64 * 1024
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 DOWN_FOR = 10.0  # seconds an endpoint that failed to connect is skipped (if others remain)
+# Seconds an endpoint that accepted a request and did not answer in time goes last: asking it
+# first again costs the whole request timeout, where a refused connection costs nothing.
+STALLED_FOR = 60.0
 DEFAULT_CHUNK = 8 * 1024 * 1024
 USER_AGENT = "lazybench-registry/0.1"
 # Every request asks for the stored bytes: blobs, their ranges and manifests are hashed or
@@ -235,8 +238,10 @@ class RegistryClient:
     ) -> T:
         """Run `op` on each endpoint in turn until one succeeds. Pushes go to the origin only.
 
-        A mirror's failure of any registry kind (down, missing, refused) falls through to the
-        next; the last endpoint's error is the one raised.
+        A mirror's failure of any registry kind (down, stalled, missing, refused) falls through
+        to the next; the last endpoint's error is the one raised. With several endpoints, one
+        that failed to connect goes last for :data:`DOWN_FOR` seconds, one that timed out for
+        :data:`STALLED_FOR`.
         """
         eps = self.endpoints(ref.registry)
         if origin_only:
@@ -248,7 +253,8 @@ class RegistryClient:
             except RegistryError as e:
                 last = e
                 if isinstance(e, RegistryUnavailable) and len(eps) > 1:
-                    self._down_until[ep.host] = time.monotonic() + DOWN_FOR
+                    down = STALLED_FOR if isinstance(e, RegistryTimeout) else DOWN_FOR
+                    self._down_until[ep.host] = time.monotonic() + down
                 if isinstance(e, DigestMismatch | RangeError) and not ep.is_mirror:
                     raise
         assert last is not None
@@ -339,7 +345,9 @@ class RegistryClient:
                     max_body,
                 )
             except RegistryTimeout as e:
-                if not (self.retry_timeouts and method in ("GET", "HEAD")):
+                # A mirror that stalls is not asked again: the next endpoint is (the origin
+                # comes after every mirror), within the caller's deadline.
+                if not (self.retry_timeouts and method in ("GET", "HEAD")) or ep.is_mirror:
                     raise
                 last_exc = e
             except RegistryUnavailable as e:

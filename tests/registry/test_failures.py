@@ -84,6 +84,23 @@ async def test_down_mirrors_fall_through_to_origin(seeded, fresh_registry) -> No
     assert any(r.kind == "manifests" and r.status == 404 for r in fresh_registry.access_log())
 
 
+async def test_a_stalled_mirror_is_asked_once_then_goes_last(seeded) -> None:
+    """A mirror that accepts connections and never answers costs one request timeout, even
+    with stalled GETs retried (as the store runs the client): the origin answers next, and
+    the following requests go to the origin first."""
+    reg, ref, digest, data = seeded
+    with SilentListener() as silent:
+        cfg = _mirrors(reg.host, silent.host, timeout=1)
+        async with RegistryClient(resolver=cfg, retry_timeouts=True, retries=3) as c:
+            start = time.monotonic()
+            assert (await c.get_manifest(ref)).layers[0].digest == digest
+            assert time.monotonic() - start < 2.5
+            start = time.monotonic()
+            assert await c.read_range(ref, digest, 1000, 10) == data[1000:1010]
+            assert time.monotonic() - start < 0.5
+            assert [e.host for e in c.endpoints(reg.host)] == [reg.host, silent.host]
+
+
 async def test_mirror_serves_when_up(seeded, fresh_registry) -> None:
     reg, ref, digest, data = seeded
     mirror_ref = f"{fresh_registry.host}/fail/app:v1"
