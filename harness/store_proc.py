@@ -45,6 +45,7 @@ from harness.processes import (
     wait_quietly,
 )
 from harness.scenario import BUILTIN_STORE_PLACEHOLDERS, DEFAULT_STORE_COMMAND
+from store.cli import is_mounted
 
 
 class StoreError(RuntimeError):
@@ -147,17 +148,6 @@ def is_our_store(command: Sequence[str]) -> bool:
 
 def _toml_str(value: str) -> str:
     return json.dumps(value)
-
-
-def is_mounted(path: Path) -> bool:
-    """Whether ``path`` is a mount point, read from mountinfo without touching ``path``
-    itself (a stat on the mount of a stuck FUSE daemon would hang)."""
-    target = os.path.join(os.path.realpath(path.parent), path.name)
-    with open("/proc/self/mountinfo") as info:
-        for line in info:
-            if line.split()[4].encode().decode("unicode_escape") == target:
-                return True
-    return False
 
 
 def store_config_text(

@@ -128,13 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
+def mount_type(path: Path) -> str | None:
+    """The filesystem type mounted on ``path`` (``fuse``, ``fuse.stargz-store``, ``tmpfs``,
+    …; the last mount when stacked), None when it is no mount point. Read from
+    ``/proc/self/mountinfo`` (proc(5)) without touching ``path`` itself: a stat on the mount
+    of a stuck FUSE server would hang."""
+    target = os.path.join(os.path.realpath(path.parent), path.name)
+    found: str | None = None
     with open("/proc/self/mountinfo") as info:
         for line in info:
-            if line.split()[4].encode().decode("unicode_escape") == real:
-                return True
-    return False
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == target:
+                found = fields[fields.index("-") + 1]
+    return found
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether ``path`` is a mount point (:func:`mount_type`)."""
+    return mount_type(path) is not None
 
 
 def prepare_mountpoint(path: Path) -> None:
@@ -158,12 +169,13 @@ def prepare_mountpoint(path: Path) -> None:
                 raise StoreError(f"cannot create mountpoint {path}: {mk.strerror}") from None
         else:
             raise StoreError(f"mountpoint {path}: {exc.strerror}") from None
-    if not stale and is_mounted(path):
+    if not stale and (fstype := mount_type(path)) is not None:
         stale = _dead_mount(path)
         if not stale:
+            unmount = "fusermount3 -u" if fstype.startswith("fuse") else "umount"
             raise StoreError(
-                f"{path} is already mounted (a store running there?): stop it, or unmount it "
-                f"with `fusermount3 -u {path}`"
+                f"{path} is already mounted ({fstype}; a store running there?): stop it, or "
+                f"unmount it with `{unmount} {path}`"
             )
     if stale:
         log.warning("cleaning up a stale mount on %s", path)
@@ -342,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(python_log_level(args.log_level))
     try:
         cfg = load_config(args.config)
+        prepare_mountpoint(args.mountpoint)  # a refused mountpoint leaves no root behind
         prepare_root(args.root)
-        prepare_mountpoint(args.mountpoint)
     except (ConfigError, StoreError) as exc:
         print(f"stargz-store: {exc}", file=sys.stderr)
         return 1

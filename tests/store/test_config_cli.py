@@ -240,16 +240,21 @@ def test_missing_mountpoint_is_created(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
 def test_live_mount_is_refused_not_unmounted(tmp_path: Path) -> None:
-    """Only a dead FUSE mount is cleaned up; a live one (a running store) is left alone."""
-    from store.cli import StoreError, is_mounted, prepare_mountpoint
+    """Only a dead FUSE mount is cleaned up; a live one (a running store) is left alone.
+    The refusal names the mount's type and the command that unmounts it, and comes before
+    the store's root is made."""
+    from store.cli import StoreError, is_mounted, main, prepare_mountpoint
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
     try:
-        with pytest.raises(StoreError, match="already mounted"):
+        with pytest.raises(StoreError, match=rf"already mounted \(tmpfs;.*`umount {mnt}`"):
             prepare_mountpoint(mnt)
         assert is_mounted(mnt)
+        root = tmp_path / "root"
+        assert main(["--config", "", "--root", str(root), str(mnt)]) == 1
+        assert not root.exists()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
