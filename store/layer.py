@@ -40,6 +40,7 @@ from store.chunks import (
     LayerStats,
 )
 from store.prefetch import AheadBlob, Prefetcher
+from store.priority import Foreground
 from store.tree import LayerTree, Node
 
 __all__ = [
@@ -107,14 +108,16 @@ class Layer:
     on_fetch: Callable[[Layer, int, float], None] | None = None
     on_file_access: Callable[[Layer, Node], None] | None = None
     on_read: Callable[[Layer], None] | None = None
+    # The store's foreground work, which the layer's reads, look-ahead fetches and prefetch
+    # mark and its background fetch waits out (store.priority); a layer of its own by
+    # default, whose background fetch waits for none of its reads to be under way.
+    foreground: Foreground = field(default_factory=lambda: Foreground(silence=0.0))
     stats: LayerStats = field(default_factory=LayerStats)
     released: bool = False
     cancel_scope: trio.CancelScope | None = None  # run()'s, once it started
     source: ChunkSource = field(init=False)
     prefetcher: Prefetcher = field(init=False)
     _nursery: trio.Nursery | None = None  # run()'s, while it runs
-    _active_reads: int = 0
-    _idle: trio.Event = field(default_factory=trio.Event)
     _whole: VerifiedBlob = field(init=False)
     _whole_watched: bool = False  # drop_when_idle runs for _whole
     _total_chunk_bytes: int | None = None
@@ -127,7 +130,6 @@ class Layer:
     _paging: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self._idle.set()
         self.source = ChunkSource(
             key=self.key,
             index=self.index,
@@ -137,15 +139,12 @@ class Layer:
             chunk_size=self.chunk_size,
             on_fetch=self._fetched,
         )
-        self.prefetcher = Prefetcher(self.source, self._wait_idle)
+        self.prefetcher = Prefetcher(self.source, self.foreground)
         self._whole = VerifiedBlob(self.blob, self.digest, self.cache.root, self._count_blob_fetch)
 
     def _fetched(self, nbytes: int, seconds: float) -> None:
         if self.on_fetch is not None:
             self.on_fetch(self, nbytes, seconds)
-
-    async def _wait_idle(self) -> None:
-        await self._idle.wait()
 
     # -- status ------------------------------------------------------------------------------
 
@@ -198,14 +197,8 @@ class Layer:
             self.on_read(self)
         if plan.wanted:
             self._read_ahead(node, chunks, plan.after, offset, size)
-        self._active_reads += 1
-        self._idle = trio.Event() if self._active_reads == 1 else self._idle
-        try:
+        with self.foreground.busy():
             return await self.source.read(plan, offset, end, nursery=self._nursery)
-        finally:
-            self._active_reads -= 1
-            if self._active_reads == 0:
-                self._idle.set()
 
     async def fetch_file(self, node: Node, offset: int, size: int) -> bytes:
         """The bytes :meth:`read_file` would return, fetched the same way (the read's whole
@@ -219,7 +212,8 @@ class Layer:
         end = min(offset + size, node.size)
         chunks = self.index.chunks_of(node.entry)
         plan = self.source.plan_read(chunks, offset, end, node.size)
-        return await self.source.read(plan, offset, end, nursery=self._nursery)
+        with self.foreground.busy():
+            return await self.source.read(plan, offset, end, nursery=self._nursery)
 
     def fetch_file_soon(self, node: Node, offset: int, size: int) -> None:
         """:meth:`fetch_file` in the layer's own nursery (cancelled by :meth:`release`),
@@ -343,7 +337,8 @@ class Layer:
         :class:`BlobVerifyError`. The downloaded blob is dropped after a minute without a
         read (:meth:`VerifiedBlob.drop_when_idle <store.blobfile.VerifiedBlob.drop_when_idle>`)."""
         try:
-            return await self._whole.read(offset, size)
+            with self.foreground.busy():
+                return await self._whole.read(offset, size)
         finally:
             if not self._whole_watched and self._nursery is not None:
                 self._whole_watched = True

@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
 from store.chunks import ONE_WINDOW, BlobReader, ChunkRef, ChunkSource, Download, LayerFetchError
 from store.estargz.head import HeadHint, head_hint
+from store.priority import Foreground
 
 log = logging.getLogger(__name__)
 
@@ -506,13 +508,14 @@ class AheadBlob:
 class Prefetcher:
     """One layer's landmark-region prefetch and background fetch, through its chunk source.
 
-    ``idle()`` returns once no on-demand read of the layer is in progress: the background
-    fetch waits for it before each batch. Progress shows in ``source.stats``
-    (``prefetch_done``, ``background_done``).
+    The prefetch is foreground work of ``foreground`` (:class:`store.priority.Foreground`,
+    the store's); each background batch runs in its background (after a quiet period,
+    interrupted by foreground work). Progress shows in ``source.stats`` (``prefetch_done``,
+    ``background_done``).
     """
 
     source: ChunkSource
-    idle: Callable[[], Awaitable[None]]
+    foreground: Foreground
     started: bool = False  # the prefetch has claimed its chunks (or is not needed)
     _finished: trio.Event = field(default_factory=trio.Event)
     _scope: trio.CancelScope | None = None
@@ -541,7 +544,11 @@ class Prefetcher:
             return
         self.started = True
         try:
-            with trio.CancelScope() as self._scope, trio.move_on_after(timeout):
+            with (
+                self.foreground.busy(),
+                trio.CancelScope() as self._scope,
+                trio.move_on_after(timeout),
+            ):
                 await self._prefetch(limiter)
         finally:
             self.source.stats.prefetch_done = True
@@ -692,19 +699,19 @@ class Prefetcher:
     async def background(self, limiter: trio.CapacityLimiter) -> None:
         """Fetch every chunk of the layer not yet cached, in blob order, in batches
         (:func:`batches`: :data:`BACKGROUND_BATCH` compressed bytes,
-        :data:`BACKGROUND_BATCH_INFLATED` uncompressed), each after the layer's on-demand
-        reads and under one of ``limiter``'s tokens. A failed batch is logged, and the next
-        one waits a second."""
+        :data:`BACKGROUND_BATCH_INFLATED` uncompressed), each in the background of the
+        store's foreground work (:meth:`Foreground.in_background
+        <store.priority.Foreground.in_background>`) and under one of ``limiter``'s tokens.
+        A failed batch is logged, and the next one waits a second."""
         cache = self.source.cache
         missing = (c for c in self.source.index.all_chunks() if c.digest not in cache)
         for batch in batches(missing, BACKGROUND_BATCH, BACKGROUND_BATCH_INFLATED):
-            await self._background_batch(batch, limiter)
+            await self.foreground.in_background(partial(self._background_batch, batch, limiter))
 
     async def _background_batch(self, batch: list[ChunkRef], limiter: trio.CapacityLimiter) -> None:
-        await self.idle()  # on-demand reads first
         async with limiter:
             try:
-                await self._fetch_region(batch)
+                await self._fetch_region(batch)  # an interrupted batch claims the rest again
             except Exception as exc:
                 log.warning("background fetch of %s failed: %s", self.source.key, exc)
                 await trio.sleep(1.0)

@@ -69,6 +69,7 @@ from store.estargz_view import (
 )
 from store.layer import AheadBlob, BlobReader, Layer
 from store.libprefetch import LibraryPrefetcher
+from store.priority import Foreground
 from store.pullorder import TurnKey, Turns
 from store.registry.errors import ManifestError
 from store.registry.manifest import ManifestResult, config_diff_ids
@@ -324,6 +325,9 @@ class LayerManager:
     # TOC decodes and index builds, one at a time: the layers podman looked up first, bottom
     # layer first (store.pullorder).
     _parse_turns: Turns = field(default_factory=Turns)
+    # Reads, look-aheads, loads and prefetches, store-wide: the background fetch waits for
+    # 5 s of quiet and yields to them (store.priority).
+    foreground: Foreground = field(default_factory=Foreground)
 
     def __post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(max(1, self.config.max_concurrency))
@@ -660,7 +664,8 @@ class LayerManager:
 
     async def _new_layer(self, ref: str, desc: LayerDesc, priority: Callable[[], TurnKey]) -> Layer:
         assert desc.toc_digest is not None
-        blob, index, tree = await self._load_index(ref, desc, priority)
+        with self.foreground.busy():  # the pull is foreground work: no background fetch now
+            blob, index, tree = await self._load_index(ref, desc, priority)
         layer = Layer(
             key=f"{ref}/{desc.digest}",
             digest=desc.digest,
@@ -673,6 +678,7 @@ class LayerManager:
             on_fetch=self.on_layer_fetch,
             on_file_access=self.on_file_access,
             on_read=self.on_read,
+            foreground=self.foreground,
         )
         # One nursery per layer, for its prefetch, background fetch and read-ahead:
         # release() cancels it whole.

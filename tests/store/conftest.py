@@ -76,10 +76,12 @@ async def local_layer(
     )
 
 
-async def one_file_layer(tmp_path: Path, size: int, chunk_size: int, key: str = "small") -> Any:
+async def one_file_layer(
+    tmp_path: Path, size: int, chunk_size: int, key: str = "small", **kw: Any
+) -> Any:
     """``(layer, node, payload)``: a local layer (:func:`local_layer`) of one file ``big`` of
     ``size`` incompressible bytes (no free riders) in ``chunk_size`` chunks, like
-    zstd:chunked's small ones; its blob and cache under ``tmp_path``."""
+    zstd:chunked's small ones; its blob and cache under ``tmp_path``; ``kw`` to Layer."""
     import io
     import random
     import tarfile
@@ -96,7 +98,7 @@ async def one_file_layer(tmp_path: Path, size: int, chunk_size: int, key: str = 
     out = tmp_path / "layer.blob"
     with out.open("wb") as f:
         result = convert(raw, f, chunk_size=chunk_size, level=1)
-    layer = await local_layer(out, result.digest, result.toc_digest, tmp_path / "cache", key)
+    layer = await local_layer(out, result.digest, result.toc_digest, tmp_path / "cache", key, **kw)
     node = next(n for p, n in layer.tree.walk() if p == "big")
     return layer, node, payload
 

@@ -19,6 +19,7 @@ import trio.testing
 from store.cache import ChunkCache
 from store.estargz_view import TocMismatchError, landmark_offset_hint, load_layer_index
 from store.layer import READ_BLOCK, READAHEAD_MIN, AheadBlob, ChunkVerifyError, Layer
+from store.priority import Foreground
 from tests.store.conftest import FileBlob, local_layer, one_file_layer
 
 VECTORS = [
@@ -205,6 +206,44 @@ async def test_background_fetch_completes_and_status_reaches_100(vectors_dir, tm
         if stat.S_ISREG(node.mode):
             await layer.read_file(node, 0, node.size)
     assert len(layer.blob.requests) == before  # all served from the cache
+
+
+@pytest.mark.anyio
+async def test_a_read_interrupts_the_background_fetch_and_fetches_its_chunk_itself(tmp_path):
+    """Store-wide foreground before background (store.priority): the background batch under
+    way is cancelled by a read (whose chunk it had claimed: the read fetches it itself, at
+    once), and runs again once the reads have been quiet for the silence period."""
+    fg = Foreground(silence=0.3)
+    layer, node, payload = await one_file_layer(tmp_path, 8 << 20, 1 << 20, "bg", foreground=fg)
+    stall = trio.Event()
+    real = layer.blob.read_ranges
+    background_asks: list[float] = []
+
+    async def read_ranges(ranges):
+        if len(ranges) == 1 and ranges[0][1] - ranges[0][0] > (2 << 20):  # a batch
+            background_asks.append(trio.current_time())
+            if not stall.is_set():
+                await trio.sleep_forever()  # the first batch hangs until cancelled
+        return await real(ranges)
+
+    layer.blob.read_ranges = read_ranges  # type: ignore[method-assign]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(layer.run)
+            nursery.start_soon(layer._background, trio.CapacityLimiter(1))
+            while not background_asks:
+                await trio.sleep(0.01)
+            start = trio.current_time()
+            assert await layer.read_file(node, 0, 4096) == payload[:4096]
+            assert trio.current_time() - start < 2  # not held up by the stalled batch
+            stall.set()
+            read_done = trio.current_time()
+            while layer.status()["percent"] < 100.0:
+                await trio.sleep(0.01)
+            assert len(background_asks) >= 2
+            assert background_asks[1] - read_done >= 0.3  # after the silence
+            nursery.cancel_scope.cancel()
+    assert layer.status()["percent"] == 100.0
 
 
 def test_cache_lru_eviction_and_restart(tmp_path):
