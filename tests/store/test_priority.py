@@ -13,13 +13,20 @@ def _run(main) -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def _recording():
+    """``(started, work)``: ``work()`` appends the time it starts at to ``started``."""
+    started: list[float] = []
+
+    async def work() -> None:
+        started.append(trio.current_time())
+
+    return started, work
+
+
 def test_background_work_waits_for_the_silence_after_the_last_foreground_work() -> None:
     async def main() -> None:
         fg = Foreground(silence=5.0)
-        started: list[float] = []
-
-        async def work() -> None:
-            started.append(trio.current_time())
+        started, work = _recording()
 
         async def reader() -> None:
             for _ in range(3):
@@ -40,10 +47,7 @@ def test_background_work_waits_for_the_silence_after_the_last_foreground_work() 
 def test_with_no_foreground_work_yet_background_work_starts_at_once() -> None:
     async def main() -> None:
         fg = Foreground(silence=5.0)
-        started: list[float] = []
-
-        async def work() -> None:
-            started.append(trio.current_time())
+        started, work = _recording()
 
         await fg.in_background(work)
         assert started == [0.0]
@@ -98,10 +102,7 @@ def test_an_outer_cancellation_is_not_taken_for_an_interruption() -> None:
 def test_nested_foreground_work_is_quiet_only_once_all_of_it_ends() -> None:
     async def main() -> None:
         fg = Foreground(silence=1.0)
-        started: list[float] = []
-
-        async def work() -> None:
-            started.append(trio.current_time())
+        started, work = _recording()
 
         async def long_read() -> None:
             with fg.busy():
