@@ -121,8 +121,13 @@ def _entrypoint(text: str | None) -> tuple[str, ...] | None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from harness.estargz_cmd import _read_prioritized
-    from harness.images.convert import ConvertOptions, convert_image, optimize_files
-    from harness.images.source import ImageSourceError
+    from harness.images.convert import (
+        ConvertOptions,
+        check_destination,
+        convert_image,
+        optimize_files,
+    )
+    from harness.images.source import ImageSourceError, check_source
 
     console = make_console(stderr=True, soft_wrap=True, markup=False)
     run_opts = (args.command, args.stdin, args.ready, args.env, args.entrypoint is not None)
@@ -149,6 +154,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.optimize:
         require_root("convert --optimize", "rootful podman, FUSE")
         check_cache_dir(args.cache_dir)
+    try:  # in convert_image's order, but before --optimize's trace run
+        check_source(args.src)
+        check_destination(args.dest, args.format)
+    except ImageSourceError as exc:
+        raise UserError(str(exc)) from None
     files = _read_prioritized(args.prioritized_files)
     read_ranges: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
     try:

@@ -18,7 +18,9 @@ The path of ``lazybench convert SRC DEST``:
    when the source was one;
 5. skopeo copies the result to DEST with ``--preserve-digests`` (a registry on loopback over
    plain HTTP, others as registries.conf says; credentials from the usual auth files, as for
-   any skopeo or podman command), and the destination's manifest digest is returned.
+   any skopeo or podman command), and the destination's manifest digest is returned. DEST
+   ``docker-archive:`` and ``containers-storage:`` are refused before anything is read: they
+   keep only uncompressed tars, never the converted blobs or their annotations.
 
 Prioritized files (``--prioritized-files`` or ``--optimize``'s trace, taken on the host's
 platform and applied to every platform converted) go first in the layers that hold them; a layer
@@ -110,6 +112,27 @@ class ConvertReport:
 # -- the whole image --------------------------------------------------------------------------
 
 
+# Destinations that keep only the layers' uncompressed tars (containers/image decompresses
+# into them), never the converted blobs or their manifest annotations.
+LOSSY_DESTINATIONS = ("docker-archive", "containers-storage")
+
+
+def check_destination(dest: str, fmt: str = "estargz") -> str:
+    """The transport of ``dest``; :class:`ConvertError` when it is not one, or is one that
+    would not keep the converted layers (:data:`LOSSY_DESTINATIONS`)."""
+    try:
+        transport, _ = split_transport(dest)
+    except TransportError as exc:
+        raise ConvertError(f"destination: {exc}") from None
+    if transport in LOSSY_DESTINATIONS:
+        raise ConvertError(
+            f"destination {dest}: {transport}: stores layers uncompressed, so the {fmt} "
+            "layers and their annotations would be lost (a podman push from there compresses "
+            "them afresh as plain gzip); write to docker://, oci:, oci-archive: or dir: instead"
+        )
+    return transport
+
+
 def convert_image(
     src: str,
     dest: str,
@@ -130,10 +153,7 @@ def convert_image(
             f"(known: {', '.join(ZSTD_GENERATIONS)})"
         )
     check_source(src)
-    try:
-        dest_transport, _ = split_transport(dest)
-    except TransportError as exc:
-        raise ConvertError(f"destination: {exc}") from None
+    dest_transport = check_destination(dest, options.format)
     want = wanted_platform(options.platform)
     with tempfile.TemporaryDirectory(prefix="lazybench-convert-", dir=workdir) as tmp:
         layout = Layout(Path(tmp) / "oci")

@@ -225,3 +225,25 @@ def test_a_failure_measured_again_on_resume_stays_in_the_report(tmp_path: Path) 
     report = write_report(run).report.read_text()
     assert "## Measured again on resume" in report
     assert "sample 1 python/estargz-noopt [ours]: error: run: boom — then ok" in report
+
+
+# -- convert: a destination that cannot hold the converted layers ------------------------------
+
+
+@pytest.mark.parametrize(
+    "dest", ["docker-archive:{tmp}/out.tar", "containers-storage:localhost/app:esgz"]
+)
+@pytest.mark.parametrize("fmt", ["estargz", "zstd-chunked"])
+def test_convert_refuses_a_destination_that_decompresses_the_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture, dest: str, fmt: str
+) -> None:
+    # Both transports keep only uncompressed tars: the run would "succeed" with an image that
+    # is neither eStargz nor zstd:chunked. Refused before the source is read (an empty file
+    # here), and so before --optimize would run the workload.
+    dest = dest.format(tmp=tmp_path)
+    (tmp_path / "src.tar").touch()
+    src = f"oci-archive:{tmp_path}/src.tar"
+    assert main(["convert", "--no-progress", "--format", fmt, src, dest]) == 1
+    err = capsys.readouterr().err
+    assert "stores layers uncompressed" in err and "oci-archive:" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out.tar").exists()

@@ -279,3 +279,17 @@ def test_an_image_that_lists_a_layer_twice(tiny, tmp_path: Path) -> None:
     assert len({d["digest"] for d in converted["layers"]}) == 5
     assert len({d["annotations"][TOC_DIGEST_ANNOTATION] for d in converted["layers"]}) == 5
     _check_estargz_image(out, converted)
+
+
+@pytest.mark.parametrize("dest", ["docker-archive:{tmp}/out.tar", "containers-storage:x/app:e"])
+def test_a_destination_that_keeps_only_uncompressed_tars_is_refused(
+    tiny, tmp_path: Path, dest: str
+) -> None:
+    # skopeo would write it and print a digest, but as plain tars: no TOC, no annotations.
+    with pytest.raises(ConvertError, match="stores layers uncompressed"):
+        convert_image(
+            f"oci:{oci_layout(tiny, 'legacy')}",
+            dest.format(tmp=tmp_path),
+            show_progress=False,
+        )
+    assert not (tmp_path / "out.tar").exists()
