@@ -202,6 +202,8 @@ def check_config_platform(ref: str, config: dict[str, Any], platform: Any) -> No
         "architecture": config.get("architecture", ""),
         "variant": config.get("variant", ""),
     }
+    if not have["variant"]:  # optional in a config: the index entry chose the variant
+        platform = type(platform)(platform.os, platform.architecture)
     if have["os"] and have["architecture"] and not platform.matches(have):
         shown = "/".join(v for v in have.values() if v)
         raise ImageSourceError(
@@ -228,6 +230,19 @@ def source_key(ref: str, platform: Any, *, timeout: float = 300.0) -> tuple[str,
     return hashlib.sha256(text.encode()).hexdigest()[:20], raw
 
 
+def _entry_platform(raw: bytes, want: Any) -> Any:
+    """``want`` with the variant of the index entry it selects (skopeo, unlike
+    ``select_platform``, takes no variant to mean "no variant" and would refuse an index
+    whose only ``linux/amd64`` entry says ``v3``); ``want`` itself for a single image."""
+    from store.registry import select_platform
+
+    top = manifest_result(raw)
+    if not top.is_index or want.variant:
+        return want
+    variant = (select_platform(top, want).platform or {}).get("variant") or ""
+    return type(want)(want.os, want.architecture, variant)
+
+
 def import_image(
     ref: str,
     cache_dir: Path | None = None,
@@ -252,7 +267,7 @@ def import_image(
         if found is not None:
             check_config_platform(ref, found.config, want)
             return found
-    key, _ = source_key(ref, want)
+    key, raw = source_key(ref, want)
     final = cache_dir / "images" / f"src-{key}"
     found = load_imported(final, name)
     if found is None:
@@ -260,7 +275,7 @@ def import_image(
         final.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".import-{key}-", dir=final.parent))
         try:
-            _import_into(ref, want, key, work, say)
+            _import_into(ref, _entry_platform(raw, want), key, work, say)
             publish_dir(work, final, lambda: load_imported(final, name) is not None)
         finally:
             if work.exists():

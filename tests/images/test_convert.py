@@ -293,3 +293,31 @@ def test_a_destination_that_keeps_only_uncompressed_tars_is_refused(
             show_progress=False,
         )
     assert not (tmp_path / "out.tar").exists()
+
+
+def test_an_index_entry_with_a_variant_the_config_does_not_repeat(
+    two_platforms: Path, tmp_path: Path
+) -> None:
+    # `podman manifest add --variant v3` writes the variant into the index only. The host's
+    # linux/amd64 selects that entry (as select_platform does), and so does linux/amd64/v3:
+    # skopeo is asked for the entry's variant, and a config without one is no mismatch.
+    from harness.images.source import import_image
+
+    layout = tmp_path / "v3"
+    shutil.copytree(two_platforms, layout)
+    top = json.loads((layout / "index.json").read_text())["manifests"][0]
+    index = json.loads(_blob(layout, top["digest"]).read_bytes())
+    amd = next(d for d in index["manifests"] if d["platform"]["architecture"] == "amd64")
+    amd["platform"]["variant"] = "v3"
+    index["manifests"] = [amd]
+    raw = json.dumps(index).encode()
+    desc = {"mediaType": INDEX, "digest": _put(layout, raw), "size": len(raw)}
+    desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    config = json.loads(_blob(layout, amd["digest"]).read_bytes())["config"]
+    assert "variant" not in json.loads(_blob(layout, config["digest"]).read_bytes())
+
+    host = import_image(f"oci:{layout}", tmp_path / "a", platform="linux/amd64")
+    v3 = import_image(f"oci:{layout}", tmp_path / "b", platform="linux/amd64/v3")
+    assert host.config["architecture"] == v3.config["architecture"] == "amd64"
+    assert [x.diff_id for x in host.layers] == [x.diff_id for x in v3.layers]
