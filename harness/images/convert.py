@@ -619,6 +619,12 @@ def optimize_files(
     from harness.trace import traced_reads
 
     built = import_image(src, cache_dir, platform=platform, name="convert", progress=say)
+    own = (built.config or {}).get("config") or {}
+    if not command and not entrypoint and not own.get("Entrypoint") and not own.get("Cmd"):
+        raise ConvertError(
+            f"{src}: its image has no Entrypoint or Cmd for --optimize to run: give the "
+            "workload's --command (or --entrypoint)"
+        )
     w = ResolvedWorkload(
         name="convert",
         recipe=None,

@@ -321,3 +321,26 @@ def test_an_index_entry_with_a_variant_the_config_does_not_repeat(
     v3 = import_image(f"oci:{layout}", tmp_path / "b", platform="linux/amd64/v3")
     assert host.config["architecture"] == v3.config["architecture"] == "amd64"
     assert [x.diff_id for x in host.layers] == [x.diff_id for x in v3.layers]
+
+
+def test_optimize_of_an_image_without_a_command_says_which_option_to_give(
+    tiny, tmp_path: Path
+) -> None:
+    # Refused before any registry, store or podman starts (podman's own "no command or
+    # entrypoint provided" named neither --command nor --entrypoint).
+    from harness.images.convert import optimize_files
+
+    layout = tmp_path / "nocmd"
+    shutil.copytree(oci_layout(tiny, "legacy"), layout)
+    top = json.loads((layout / "index.json").read_text())["manifests"][0]
+    manifest = json.loads(_blob(layout, top["digest"]).read_bytes())
+    config = json.loads(_blob(layout, manifest["config"]["digest"]).read_bytes())
+    config["config"] = {k: v for k, v in config["config"].items() if k not in ("Cmd", "Entrypoint")}
+    raw_config = json.dumps(config).encode()
+    manifest["config"] = {**manifest["config"], "digest": _put(layout, raw_config)}
+    manifest["config"]["size"] = len(raw_config)
+    raw = json.dumps(manifest).encode()
+    desc = {**top, "digest": _put(layout, raw), "size": len(raw)}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
+    with pytest.raises(ConvertError, match=r"no Entrypoint or Cmd .* --command"):
+        optimize_files(f"oci:{layout}", cache_dir=tmp_path / "cache")
