@@ -231,7 +231,8 @@ def test_a_failure_measured_again_on_resume_stays_in_the_report(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    "dest", ["docker-archive:{tmp}/out.tar", "containers-storage:localhost/app:esgz"]
+    "dest",
+    ["docker-archive:{tmp}/out.tar", "containers-storage:[overlay@{tmp}/g+{tmp}/r]localhost/a:e"],
 )
 @pytest.mark.parametrize("fmt", ["estargz", "zstd-chunked"])
 def test_convert_refuses_a_destination_that_decompresses_the_layers(

@@ -281,7 +281,14 @@ def test_an_image_that_lists_a_layer_twice(tiny, tmp_path: Path) -> None:
     _check_estargz_image(out, converted)
 
 
-@pytest.mark.parametrize("dest", ["docker-archive:{tmp}/out.tar", "containers-storage:x/app:e"])
+@pytest.mark.parametrize(
+    "dest",
+    [
+        "docker-archive:{tmp}/out.tar",
+        # a private store: a regression must not write into the host's
+        "containers-storage:[overlay@{tmp}/graph+{tmp}/run]x/app:e",
+    ],
+)
 def test_a_destination_that_keeps_only_uncompressed_tars_is_refused(
     tiny, tmp_path: Path, dest: str
 ) -> None:
@@ -292,7 +299,7 @@ def test_a_destination_that_keeps_only_uncompressed_tars_is_refused(
             dest.format(tmp=tmp_path),
             show_progress=False,
         )
-    assert not (tmp_path / "out.tar").exists()
+    assert not (tmp_path / "out.tar").exists() and not (tmp_path / "graph").exists()
 
 
 def test_an_index_entry_with_a_variant_the_config_does_not_repeat(
