@@ -201,7 +201,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     console.print(
         f"convert: {report.manifests} image(s), {report.converted} layers converted, "
         f"{report.passed_through} already {args.format}"
-        + (f", {len(files)} prioritized files" if files else "")
+        + (f", {len(files)} prioritized files asked for" if files else "")
     )
     print(report.digest)
     return 0
