@@ -10,7 +10,8 @@ it; the layer decides *when* to fetch what, in three parts with small interfaces
   (not the region's chunks the TOC's prefetch ranges leave out: the recorded run skipped them);
 - :class:`~store.prefetch.Prefetcher` (``layer.prefetcher``): the region before
   ``.prefetch.landmark`` (or its prefetch ranges) in pieces as soon as the image is known,
-  then the rest of the layer in the background, yielding to on-demand reads;
+  then the rest of the layer in the background, after 5 s without foreground work store-wide
+  and cancelled by any (:mod:`store.priority`);
 - :class:`Layer` itself: file reads with a per-file read-ahead window that grows while the
   reader reads on sequentially (fetched beside the read, in one exact range), raw blob reads
   (the whole blob checked against the layer digest first: :mod:`store.blobfile`),

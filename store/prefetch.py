@@ -13,7 +13,8 @@ pieces bring that region in ahead of the reads:
   most, :data:`PREFETCH_STREAMS` requests at a time — over an :class:`AheadBlob` that carries
   the region, each piece as soon as the early download has its bytes, without a turn under
   the store's limiter — then (if asked) fetches the rest of the layer in
-  :data:`BACKGROUND_BATCH` batches, each only while no on-demand read is waiting.
+  :data:`BACKGROUND_BATCH` batches, each in the background of the store's foreground work
+  (:mod:`store.priority`: after 5 s without reads, loads or prefetches, cancelled by one).
 
 Memory: neither holds the region whole. The early download keeps a piece only until the
 prefetch has cached its chunks, and waits while :data:`AHEAD_HELD` bytes are kept; prefetch
