@@ -5,7 +5,8 @@ default), 4 MiB per request, while the container that is starting reads on deman
 layer — a batch of a layer waited only for that layer's reads in progress — the batches of the
 image's other layers filled the link between one read and the next, and each read shared it
 with them: on a 100 Mbit/s, 40 ms link, with background fetching, gcc's start through
-``estargz-noopt`` took 8.7 s instead of 4.8 s, python's 2.8 s instead of 2.1 s (medians of 4).
+``estargz-noopt`` took 8.99 s instead of 4.78 s, python's 2.99 s instead of 2.10 s (medians
+of 4; with this rule 4.82 s and 2.13 s, ``scenarios/background-fetch.toml``).
 
 The rule is the Go store's (stargz-snapshotter ``task/task.go``, ``BackgroundTaskManager``;
 ``store/manager.go`` makes it with a 5 s silence period): foreground work — a file read, the
