@@ -316,20 +316,26 @@ class ChunkSource:
             # bytes are not on the wire yet: its region comes in blob order, and a read may
             # need a later part first.
             await _hurry(self.cache.hurries(c.digest for c in waiting))
+        again: list[ChunkRef] = []
         for c in waiting:
             try:
                 data = await self.cache.wait_inflight(c.digest)
             except (LayerFetchError, ChunkVerifyError):
-                # Someone else's fetch failed: a prefetch piece, or another layer's chunk of
-                # this digest that its bytes do not match (a hostile layer naming the digest
-                # of a chunk it does not hold). Not ours to report: fetch our own.
+                # Someone else's fetch failed: a prefetch piece, a background batch a read
+                # interrupted (store.priority), or another layer's chunk of this digest that
+                # its bytes do not match (a hostile layer naming the digest of a chunk it
+                # does not hold). Not ours to report: fetch our own.
                 data = None
             if data is None:  # finished between our check and the wait
                 data = self.cache.get(c.digest)
             if data is None:
-                data = (await self.get([c]))[0]
+                again.append(c)
+                continue
             result[c.digest] = data
             served.append(c.digest)
+        if again:  # in one request, not a round trip each
+            result.update(zip((c.digest for c in again), await self.get(again), strict=True))
+            served.extend(c.digest for c in again)
         # What reads fetched is on disk when a read returns (module doc of store.cache): a
         # chunk an earlier read's free ride left to the writer is written now; a prefetched
         # one stays the writer's.

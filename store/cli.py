@@ -169,14 +169,9 @@ def prepare_mountpoint(path: Path) -> None:
                 raise StoreError(f"cannot create mountpoint {path}: {mk.strerror}") from None
         else:
             raise StoreError(f"mountpoint {path}: {exc.strerror}") from None
-    if not stale and (fstype := mount_type(path)) is not None:
-        stale = _dead_mount(path)
-        if not stale:
-            unmount = "fusermount3 -u" if fstype.startswith("fuse") else "umount"
-            raise StoreError(
-                f"{path} is already mounted ({fstype}; a store running there?): stop it, or "
-                f"unmount it with `{unmount} {path}`"
-            )
+    if not stale and is_mounted(path):
+        refuse_live_mount(path)
+        stale = True  # not refused: a dead mount
     if stale:
         log.warning("cleaning up a stale mount on %s", path)
         for cmd in (["fusermount3", "-u", str(path)], ["umount", "-l", str(path)]):
@@ -193,6 +188,20 @@ def prepare_mountpoint(path: Path) -> None:
             )
     if not path.is_dir():
         raise StoreError(f"mountpoint {path} is not a directory")
+
+
+def refuse_live_mount(path: Path) -> None:
+    """:class:`StoreError` naming the filesystem type and the command that unmounts it, when
+    a live filesystem is mounted on ``path`` (a store still serving there, or any other); a
+    dead FUSE mount (:func:`_dead_mount`) or no mount passes. Creates nothing."""
+    fstype = mount_type(path)
+    if fstype is None or _dead_mount(path):
+        return
+    unmount = "fusermount3 -u" if fstype.startswith("fuse") else "umount"
+    raise StoreError(
+        f"{path} is already mounted ({fstype}; a store running there?): stop it, or unmount "
+        f"it with `{unmount} {path}`"
+    )
 
 
 def _dead_mount(path: Path) -> bool:
@@ -349,13 +358,25 @@ def request_timeout(cfg: StoreConfig) -> float:
     return max(1.0, min(cap, share))
 
 
+def prepare(root: Path, mountpoint: Path) -> Path:
+    """Check and make what the store needs before it mounts: no live mount on ``mountpoint``
+    (checked first, so a refusal makes nothing), ``root`` (before the mountpoint, which may
+    lie in it, as by default: then the root is made 0700, not the mountpoint's 0755), then
+    the mountpoint. Returns the mountpoint as the mount table names it (a symbolic link
+    resolved). Raises :class:`StoreError` (and ``OSError`` from the root's checks)."""
+    mountpoint = Path(os.path.realpath(mountpoint))
+    refuse_live_mount(mountpoint)
+    prepare_root(root)
+    prepare_mountpoint(mountpoint)
+    return mountpoint
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(python_log_level(args.log_level))
     try:
         cfg = load_config(args.config)
-        prepare_mountpoint(args.mountpoint)  # a refused mountpoint leaves no root behind
-        prepare_root(args.root)
+        args.mountpoint = prepare(args.root, args.mountpoint)
     except (ConfigError, StoreError) as exc:
         print(f"stargz-store: {exc}", file=sys.stderr)
         return 1

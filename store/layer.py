@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ from store.chunks import (
     LayerFetchError,
     LayerIndexView,
     LayerStats,
+    ReadPlan,
 )
 from store.prefetch import AheadBlob, Prefetcher
 from store.priority import Foreground
@@ -109,9 +111,10 @@ class Layer:
     on_fetch: Callable[[Layer, int, float], None] | None = None
     on_file_access: Callable[[Layer, Node], None] | None = None
     on_read: Callable[[Layer], None] | None = None
-    # The store's foreground work, which the layer's reads, look-ahead fetches and prefetch
-    # mark and its background fetch waits out (store.priority); a layer of its own by
-    # default, whose background fetch waits for none of its reads to be under way.
+    # The store's foreground work, which the layer's reads and look-ahead fetches that need
+    # a chunk not cached, its blob reads and its prefetch mark, and its background fetch
+    # waits out (store.priority); a layer of its own by default, whose background fetch
+    # waits for none of its reads to be under way.
     foreground: Foreground = field(default_factory=lambda: Foreground(silence=0.0))
     stats: LayerStats = field(default_factory=LayerStats)
     released: bool = False
@@ -198,8 +201,18 @@ class Layer:
             self.on_read(self)
         if plan.wanted:
             self._read_ahead(node, chunks, plan.after, offset, size)
-        with self.foreground.busy():
+        with self._fetching(plan):
             return await self.source.read(plan, offset, end, nursery=self._nursery)
+
+    def _fetching(self, plan: ReadPlan) -> AbstractContextManager[None]:
+        """Foreground work (:meth:`Foreground.busy <store.priority.Foreground.busy>`) when
+        the read needs a chunk that is not cached — on the wire already, or to fetch; a read
+        the cache answers whole interrupts no background fetch, as in the Go store, where only
+        reads of the blob are prioritized tasks."""
+        cache = self.cache
+        if all(c.digest in cache for c in plan.wanted):
+            return nullcontext()
+        return self.foreground.busy()
 
     async def fetch_file(self, node: Node, offset: int, size: int) -> bytes:
         """The bytes :meth:`read_file` would return, fetched the same way (the read's whole
@@ -213,7 +226,7 @@ class Layer:
         end = min(offset + size, node.size)
         chunks = self.index.chunks_of(node.entry)
         plan = self.source.plan_read(chunks, offset, end, node.size)
-        with self.foreground.busy():
+        with self._fetching(plan):
             return await self.source.read(plan, offset, end, nursery=self._nursery)
 
     def fetch_file_soon(self, node: Node, offset: int, size: int) -> None:

@@ -703,7 +703,8 @@ class Prefetcher:
         :data:`BACKGROUND_BATCH_INFLATED` uncompressed), each in the background of the
         store's foreground work (:meth:`Foreground.in_background
         <store.priority.Foreground.in_background>`) and under one of ``limiter``'s tokens.
-        A failed batch is logged, and the next one waits a second."""
+        A failed batch is logged, and the next one waits a second (a batch interrupted in
+        that second is taken up again at the next quiet)."""
         cache = self.source.cache
         missing = (c for c in self.source.index.all_chunks() if c.digest not in cache)
         for batch in batches(missing, BACKGROUND_BATCH, BACKGROUND_BATCH_INFLATED):

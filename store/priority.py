@@ -9,12 +9,13 @@ with them: on a 100 Mbit/s, 40 ms link, with background fetching, gcc's start th
 of 4; with this rule 4.82 s and 2.13 s, ``scenarios/background-fetch.toml``).
 
 The rule is the Go store's (stargz-snapshotter ``task/task.go``, ``BackgroundTaskManager``;
-``store/manager.go`` makes it with a 5 s silence period): foreground work — a file read, the
-store's look-ahead, a layer's load, a prefetch — marks itself (:meth:`Foreground.busy`); a
-background batch starts only once no foreground work has run for :data:`SILENCE` seconds,
-and foreground work that starts meanwhile cancels the batches under way (their claims are
-released, so a read waiting on one of their chunks fetches it itself), which run again after
-the next quiet.
+``store/manager.go`` makes it with a 5 s silence period): foreground work — a file read or
+a look-ahead fetch that needs a chunk not cached (a read the cache answers is none, as only
+blob reads are in the Go store), a blob read, an image's manifest fetch, a layer's load, a
+prefetch — marks itself (:meth:`Foreground.busy`); a background batch starts only once no
+foreground work has run for :data:`SILENCE` seconds, and foreground work that starts
+meanwhile cancels the batches under way (their claims are released, so a read waiting on
+their chunks fetches them itself, in one request), which run again after the next quiet.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Foreground:
     silence: float = SILENCE
     _active: int = 0
     _quiet_since: float = -math.inf
-    _changed: trio.Event = field(default_factory=trio.Event)
+    _idle: trio.Event = field(default_factory=trio.Event)  # set when _active drops to 0
     _background: set[trio.CancelScope] = field(default_factory=set)
 
     @contextmanager
@@ -54,25 +55,21 @@ class Foreground:
             yield
         finally:
             self._active -= 1
-            if not self._active:
+            if not self._active:  # the waiters' quiet starts now: wake them (once, not per read)
                 self._quiet_since = trio.current_time()
-            self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+                self._idle.set()
+                self._idle = trio.Event()
 
     async def _quiet(self) -> None:
         """Return once no foreground work has run for :attr:`silence` seconds."""
         while True:
             if self._active:
-                await self._changed.wait()
+                await self._idle.wait()
                 continue
-            left = self._quiet_since + self.silence - trio.current_time()
-            if left <= 0:
+            until = self._quiet_since + self.silence
+            if trio.current_time() >= until:
                 return
-            with trio.move_on_after(left):
-                await self._changed.wait()
+            await trio.sleep_until(until)  # then look again: work may have come and gone
 
     async def in_background(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work()`` after a quiet period; while foreground work interrupts it (cancels

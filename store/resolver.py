@@ -429,7 +429,11 @@ class LayerManager:
         async def work() -> ImageInfo:
             bound = IMAGE_FETCH_BOUNDS * self.config.resolve_timeout_sec
             try:
-                with span(self.timeline, "manifest", ref=ref), trio.fail_after(bound):
+                with (
+                    self.foreground.busy(),  # a pull: no background fetch meanwhile
+                    span(self.timeline, "manifest", ref=ref),
+                    trio.fail_after(bound),
+                ):
                     manifest, config, layers = await self.registry.image(
                         ref, on_layers=partial(self._start_indexes, ref)
                     )
@@ -664,7 +668,7 @@ class LayerManager:
 
     async def _new_layer(self, ref: str, desc: LayerDesc, priority: Callable[[], TurnKey]) -> Layer:
         assert desc.toc_digest is not None
-        with self.foreground.busy():  # the pull is foreground work: no background fetch now
+        with self.foreground.busy():  # a pull: no background fetch meanwhile
             blob, index, tree = await self._load_index(ref, desc, priority)
         layer = Layer(
             key=f"{ref}/{desc.digest}",

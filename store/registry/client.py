@@ -226,7 +226,8 @@ class RegistryClient:
 
     # ---- endpoints -----------------------------------------------------------------------
     def endpoints(self, registry: str) -> list[Endpoint]:
-        """Mirrors then origin; endpoints that recently refused connections go last."""
+        """Mirrors then origin; endpoints that recently refused connections or stalled go
+        last (for :data:`DOWN_FOR` or :data:`STALLED_FOR` seconds)."""
         eps = self.resolver.endpoints(registry)
         now = time.monotonic()
         up = [e for e in eps if self._down_until.get(e.host, 0) <= now]

@@ -25,6 +25,7 @@ from store.registry import (
     RegistryUnavailable,
     parse_resolver_config,
 )
+from store.registry.client import DOWN_FOR
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -99,6 +100,8 @@ async def test_a_stalled_mirror_is_asked_once_then_goes_last(seeded) -> None:
             assert await c.read_range(ref, digest, 1000, 10) == data[1000:1010]
             assert time.monotonic() - start < 0.5
             assert [e.host for e in c.endpoints(reg.host)] == [reg.host, silent.host]
+            # Last for STALLED_FOR, not the DOWN_FOR of a refused connection.
+            assert c._down_until[silent.host] - time.monotonic() > DOWN_FOR
 
 
 async def test_mirror_serves_when_up(seeded, fresh_registry) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -254,6 +255,9 @@ def test_live_mount_is_refused_not_unmounted(tmp_path: Path) -> None:
         assert is_mounted(mnt)
         root = tmp_path / "root"
         assert main(["--config", "", "--root", str(root), str(mnt)]) == 1
+        link = tmp_path / "link"
+        link.symlink_to(mnt)  # the same mount, named through a symbolic link
+        assert main(["--config", "", "--root", str(root), str(link)]) == 1
         assert not root.exists()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -331,6 +335,18 @@ def test_negative_mirror_timeout_is_accepted() -> None:
     cfg = parse_config({"resolver": table})
     [mirror, _origin] = parse_resolver_config(cfg.resolver).endpoints("x")
     assert mirror.host == "m" and mirror.request_timeout == 30
+
+
+def test_a_root_holding_the_mountpoint_is_made_private_too(tmp_path: Path) -> None:
+    """The default layout (/var/lib/stargz-store with its mountpoint store/ inside): the
+    root is made before the mountpoint, so it is 0700, not the mountpoint's parents' 0755."""
+    from store.cli import prepare
+
+    root = tmp_path / "var" / "stargz-store"
+    mountpoint = prepare(root, root / "store")
+    assert mountpoint == root / "store" and mountpoint.is_dir()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE((root / "cache").stat().st_mode) == 0o700
 
 
 def test_root_and_chunk_cache_are_private_to_the_store(tmp_path: Path) -> None:

@@ -246,6 +246,78 @@ async def test_a_read_interrupts_the_background_fetch_and_fetches_its_chunk_itse
     assert layer.status()["percent"] == 100.0
 
 
+@pytest.mark.anyio
+async def test_a_read_that_interrupts_a_batch_fetches_its_small_chunks_in_one_request(tmp_path):
+    """A read of eight 16 KiB chunks a stalled background batch had claimed: once the read
+    cancels the batch, the chunks it waited on come in one request, not one round trip each."""
+    fg = Foreground(silence=30.0)
+    layer, node, payload = await one_file_layer(tmp_path, 4 << 20, 16 << 10, "small", foreground=fg)
+    real = layer.blob.read_ranges
+    asked: list[list[tuple[int, int]]] = []
+    batch_on_wire = trio.Event()
+
+    async def read_ranges(ranges):
+        if sum(hi - lo for lo, hi in ranges) > (1 << 20):  # the batch: hangs until cancelled
+            batch_on_wire.set()
+            await trio.sleep_forever()
+        asked.append(list(ranges))
+        return await real(ranges)
+
+    layer.blob.read_ranges = read_ranges  # type: ignore[method-assign]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(layer.run)
+            nursery.start_soon(layer._background, trio.CapacityLimiter(1))
+            await batch_on_wire.wait()
+            assert await layer.read_file(node, 0, 128 << 10) == payload[: 128 << 10]
+            nursery.cancel_scope.cancel()
+    read = layer.index.chunks_of(node.entry)[:8]
+
+    def covering(c) -> list[int]:
+        return [
+            i
+            for i, ranges in enumerate(asked)
+            if any(lo <= c.compressed_offset and c.compressed_end <= hi for lo, hi in ranges)
+        ]
+
+    # The eight together; the block's chunks the batch had not claimed yet came as riders,
+    # in a request of their own, as before.
+    assert len({i for c in read for i in covering(c)}) == 1
+
+
+@pytest.mark.anyio
+async def test_a_read_the_cache_answers_whole_leaves_the_background_fetch_alone(tmp_path):
+    """Only a read that needs a chunk not cached is foreground work (as in the Go store, where
+    only reads of the blob are prioritized): re-reading cached bytes cancels no batch."""
+    fg = Foreground(silence=0.0)
+    layer, node, payload = await one_file_layer(tmp_path, 8 << 20, 1 << 20, "cached", foreground=fg)
+    assert await layer.read_file(node, 0, 4096) == payload[:4096]  # its chunk is cached now
+    real = layer.blob.read_ranges
+    batches_started = 0
+    release = trio.Event()
+
+    async def read_ranges(ranges):
+        nonlocal batches_started
+        batches_started += 1
+        await release.wait()
+        return await real(ranges)
+
+    layer.blob.read_ranges = read_ranges  # type: ignore[method-assign]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(layer.run)
+            nursery.start_soon(layer._background, trio.CapacityLimiter(1))
+            while not batches_started:
+                await trio.sleep(0.01)
+            for _ in range(3):
+                assert await layer.read_file(node, 0, 4096) == payload[:4096]
+            await trio.sleep(0.1)
+            assert batches_started == 1
+            assert not next(iter(fg._background)).cancel_called
+            release.set()
+            nursery.cancel_scope.cancel()
+
+
 def test_cache_lru_eviction_and_restart(tmp_path):
     cache = ChunkCache(tmp_path, max_bytes=250)
     datas = [bytes([i]) * 100 for i in range(4)]
