@@ -208,6 +208,14 @@ async def test_background_fetch_completes_and_status_reaches_100(vectors_dir, tm
     assert len(layer.blob.requests) == before  # all served from the cache
 
 
+async def _start_background(nursery, layer, started) -> None:
+    """Run ``layer`` in ``nursery`` with its background fetch; return once ``started()``."""
+    await nursery.start(layer.run)
+    nursery.start_soon(layer._background, trio.CapacityLimiter(1))
+    while not started():
+        await trio.sleep(0.01)
+
+
 @pytest.mark.anyio
 async def test_a_read_interrupts_the_background_fetch_and_fetches_its_chunk_itself(tmp_path):
     """Store-wide foreground before background (store.priority): the background batch under
@@ -229,10 +237,7 @@ async def test_a_read_interrupts_the_background_fetch_and_fetches_its_chunk_itse
     layer.blob.read_ranges = read_ranges  # type: ignore[method-assign]
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            await nursery.start(layer.run)
-            nursery.start_soon(layer._background, trio.CapacityLimiter(1))
-            while not background_asks:
-                await trio.sleep(0.01)
+            await _start_background(nursery, layer, lambda: bool(background_asks))
             start = trio.current_time()
             assert await layer.read_file(node, 0, 4096) == payload[:4096]
             assert trio.current_time() - start < 2  # not held up by the stalled batch
@@ -266,9 +271,7 @@ async def test_a_read_that_interrupts_a_batch_fetches_its_small_chunks_in_one_re
     layer.blob.read_ranges = read_ranges  # type: ignore[method-assign]
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            await nursery.start(layer.run)
-            nursery.start_soon(layer._background, trio.CapacityLimiter(1))
-            await batch_on_wire.wait()
+            await _start_background(nursery, layer, batch_on_wire.is_set)
             assert await layer.read_file(node, 0, 128 << 10) == payload[: 128 << 10]
             nursery.cancel_scope.cancel()
     read = layer.index.chunks_of(node.entry)[:8]
@@ -305,10 +308,7 @@ async def test_a_read_the_cache_answers_whole_leaves_the_background_fetch_alone(
     layer.blob.read_ranges = read_ranges  # type: ignore[method-assign]
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            await nursery.start(layer.run)
-            nursery.start_soon(layer._background, trio.CapacityLimiter(1))
-            while not batches_started:
-                await trio.sleep(0.01)
+            await _start_background(nursery, layer, lambda: batches_started > 0)
             for _ in range(3):
                 assert await layer.read_file(node, 0, 4096) == payload[:4096]
             await trio.sleep(0.1)
