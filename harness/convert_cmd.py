@@ -69,7 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="zstd:chunked layout and annotation keys podman reads: podman4 (containers/storage "
         "before 1.5x, this machine's) or podman5",
     )
-    p.add_argument("--platform", help="OS/ARCH[/VARIANT] of an index to convert (host's)")
+    p.add_argument(
+        "--platform",
+        help="OS/ARCH[/VARIANT] to convert: an index's entry; a single image must be of it "
+        "(default: the host's for an index, any for a single image)",
+    )
     p.add_argument(
         "--all-platforms",
         action="store_true",

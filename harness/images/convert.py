@@ -44,6 +44,7 @@ from harness.images.layertar import repeat_numbers
 from harness.images.source import (
     ImageSourceError,
     Layout,
+    check_config_platform,
     check_source,
     copy_to_layout,
     manifest_result,
@@ -179,6 +180,9 @@ def convert_image(
                 index["annotations"] = top.parsed["annotations"]
             new_top = _write_blob(layout, json.dumps(index).encode(), index["mediaType"])
         else:
+            if options.platform:  # asked for by name: a single image of another one is no match
+                manifest = manifest_result(raw, top_desc.get("mediaType"))
+                check_config_platform(src, layout.read_json(manifest.config.digest), want)
             new_top = _convert_manifest(layout, top_desc, options, report, show_progress, say)
         new_top["annotations"] = {REF_NAME: "latest"}
         (layout.path / "index.json").write_text(

@@ -176,3 +176,22 @@ def test_unreachable_source_and_bad_destination_are_clear(tmp_path: Path) -> Non
     rc, _, err = lazybench(tmp_path, "convert", f"oci:{tmp_path}/missing", "somewhere")
     assert rc == 1 and "does not exist" in err, err
     assert "Traceback" not in err
+
+
+def test_a_platform_asked_for_by_name_must_match_a_single_image(
+    image: Path, tmp_path: Path
+) -> None:
+    """A single image is converted only for its own platform: ``--platform linux/arm64`` of
+    an amd64 image is refused, as ``run`` refuses it, and nothing is written."""
+    dest = tmp_path / "out"
+    rc, _, err = lazybench(
+        tmp_path, "convert", "--platform", "linux/arm64", f"docker-archive:{image}", f"oci:{dest}"
+    )
+    assert rc == 1, err
+    assert "has no layers for platform linux/arm64: it is a linux/amd64 image" in err, err
+    assert "Traceback" not in err
+    assert not dest.exists()
+    rc, _, err = lazybench(
+        tmp_path, "convert", "--platform", "linux/amd64", f"docker-archive:{image}", f"oci:{dest}"
+    )
+    assert rc == 0, err
