@@ -93,8 +93,24 @@ def skopeo(
         raise ImageSourceError(f"{what}: skopeo not installed (ci/install-system-deps)") from None
     if proc.returncode != 0:
         tail = proc.stderr.strip()[-1500:]
-        raise ImageSourceError(f"{what}: skopeo exited {proc.returncode}: {tail}")
+        raise ImageSourceError(f"{what}: skopeo exited {proc.returncode}: {tail}{_hint(tail)}")
     return proc
+
+
+# skopeo's words for a docker-archive that holds several images (containers/image
+# docker/internal/tarfile), and what to write instead (containers-transports(5)).
+_SEVERAL_IMAGES = re.compile(r"tar manifest\.json: expected 1 item, got (\d+)")
+
+
+def _hint(stderr: str) -> str:
+    """What to do next, for a skopeo failure whose cause the user can fix in the reference."""
+    several = _SEVERAL_IMAGES.search(stderr)
+    if several:
+        return (
+            f" (the archive holds {several.group(1)} images: name one as "
+            "docker-archive:FILE:NAME:TAG, or by its place as docker-archive:FILE:@N from @0)"
+        )
+    return ""
 
 
 def check_source(ref: str) -> str:

@@ -248,3 +248,16 @@ def test_convert_refuses_a_destination_that_decompresses_the_layers(
     err = capsys.readouterr().err
     assert "stores layers uncompressed" in err and "oci-archive:" in err, err
     assert "Traceback" not in err and not (tmp_path / "out.tar").exists()
+
+
+def test_a_docker_archive_of_several_images_says_how_to_name_one() -> None:
+    from harness.images.source import _hint
+
+    stderr = (
+        'level=fatal msg="determining manifest MIME type for docker-archive:/x.tar: '
+        'Unexpected tar manifest.json: expected 1 item, got 3"'
+    )
+    hint = _hint(stderr)
+    assert "holds 3 images" in hint
+    assert "docker-archive:FILE:NAME:TAG" in hint and "docker-archive:FILE:@N" in hint
+    assert _hint('level=fatal msg="pinging container registry: connection refused"') == ""
