@@ -917,6 +917,18 @@ class _OnlyFailures(UserError):
     """Every measurement of the run failed: report.md, listing why, is all there is."""
 
 
+def _incomplete_lines(missing: list[Any]) -> list[str]:
+    """The report header's note of planned measurements without a record (none: no lines),
+    placed under the measurement count it qualifies."""
+    if not missing:
+        return []
+    return [
+        f"**Incomplete**: {len(missing)} planned measurements have no record "
+        "(resume with `lazybench run --resume RUN_DIR`).",
+        "",
+    ]
+
+
 def _failure_lines(errors: Sequence[Any]) -> list[str]:
     lines = ["", "## Failed measurements", ""]
     return lines + [
@@ -942,22 +954,17 @@ def _write_report(
         errors = [r for r in records if r.status == "error"]
         if not errors:
             raise UserError(f"{run_dir}: no successful measurements to report on")
+        recorded = {r.key for r in records}
         lines = [
             f"# lazybench run `{run_dir.name}`",
             "",
             f"Scenario **{scenario.get('name', '?')}**: no measurement succeeded; "
             f"{len(errors)} failed (no table, no chart).",
             "",
+            *_incomplete_lines([k for k in planned_keys(env) if k not in recorded]),
             *_environment_lines(env),
             *_failure_lines(errors),
         ]
-        recorded = {r.key for r in records}
-        if missing := [k for k in planned_keys(env) if k not in recorded]:
-            lines += [
-                "",
-                f"**Incomplete**: {len(missing)} planned measurements have no record "
-                "(resume with `lazybench run --resume RUN_DIR`).",
-            ]
         write_atomic(out / "report.md", "\n".join(lines) + "\n")
         raise _OnlyFailures(
             f"{run_dir}: no successful measurements to report on; "
@@ -998,6 +1005,7 @@ def _write_report(
         f"figures are the {p} of the samples unless marked median; intervals are 95 % "
         "bootstrap intervals.",
         "",
+        *_incomplete_lines(missing),
         *_environment_lines(env),
         "",
         "## Time to first exec",
@@ -1048,12 +1056,6 @@ def _write_report(
                 for s in env.get("shards", [])
             )
             + ". Compare cells measured on the same machine only.",
-        ]
-    if missing:
-        lines += [
-            "",
-            f"**Incomplete**: {len(missing)} planned measurements have no record "
-            "(resume with `lazybench run --resume RUN_DIR`).",
         ]
     if errors:
         lines += _failure_lines(errors)
