@@ -654,8 +654,12 @@ def _toc_entry(ti: tarfile.TarInfo, etype: str) -> dict[str, Any]:
     e: dict[str, Any] = {"type": etype, "name": ti.name + ("/" if etype == "dir" else "")}
     if ti.linkname and etype in ("symlink", "hardlink"):
         e["linkName"] = ti.linkname
-    if ti.mode:
-        e["mode"] = ti.mode
+    # Go's tar writer (buildah, podman save) puts the file-type bits in the header's mode
+    # (0o40755 for a directory); the header this writer emits keeps only the low 12 bits
+    # (tarfile's tobuf), and podman >= 5 refuses a layer whose TOC disagrees with its
+    # tar-split (containers/storage pkg/chunked, "TOC and tar-split metadata doesn't match").
+    if mode := ti.mode & 0o7777:
+        e["mode"] = mode
     if etype == "reg" and ti.size:
         e["size"] = ti.size
     if ti.uid:

@@ -200,6 +200,27 @@ def test_the_toc_is_compressed_harder_than_the_data(generation):
     )
 
 
+@pytest.mark.parametrize("generation", ["podman4", "podman5"])
+def test_a_mode_with_file_type_bits_is_written_as_the_stream_header_has_it(generation):
+    """Go's tar writer puts the type bits in a header's mode (0o40755 for a directory); the
+    TOC says what the re-encoded header in the stream and tar-split says (0o755), which
+    podman >= 5 checks before a partial pull."""
+    ti = tarfile.TarInfo("d")
+    ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+    header = bytearray(ti.tobuf(tarfile.USTAR_FORMAT))
+    header[100:108] = b"0040755\0"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    out = io.BytesIO()
+    res = E.write_zstd_chunked(io.BytesIO(bytes(header) + bytes(1024)), out, generation=generation)
+    blob = out.getvalue()
+    lo, hi = E.zstd_chunked_layer(res.annotations).toc_range
+    (entry,) = json.loads(zstandard.ZstdDecompressor().decompress(blob[lo:hi]))["entries"]
+    assert entry["mode"] == 0o755
+    with tarfile.open(fileobj=io.BytesIO(_plain(blob))) as t:
+        assert t.getmember("d").mode == 0o755
+
+
 def test_podman5_tar_split_reassembles_the_tar():
     """The tar-split frame (vbatts/tar-split JSON lines: segments of raw tar bytes, files by
     name, size and CRC-64/ISO) plus the files' contents give back the exact tar."""

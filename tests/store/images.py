@@ -176,6 +176,32 @@ def push_two_layer_estargz(host: str, repo: str, layers: dict) -> tuple[str, lis
     return f"{host}/{repo}:1", blobs
 
 
+# The file-type bits Go's tar writer (buildah, podman save) puts in a header's mode field.
+_GO_TYPE_BITS = {
+    tarfile.DIRTYPE: 0o040000,
+    tarfile.REGTYPE: 0o100000,
+    tarfile.AREGTYPE: 0o100000,
+    tarfile.SYMTYPE: 0o120000,
+    tarfile.LNKTYPE: 0o100000,
+}
+
+
+def with_go_mode_bits(tar_bytes: bytes) -> bytes:
+    """``tar_bytes`` with each member's mode field as Go's tar writer writes it: the file-type
+    bits included (0o40755 for a directory; Python's tarfile writes 0o755)."""
+    out = bytearray(tar_bytes)
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        for ti in tar.getmembers():
+            at = ti.offset_data - 512  # the member's own header, after any PAX header
+            header = out[at : at + 512]
+            mode = int(header[100:107].decode().strip("\0 ") or "0", 8)
+            header[100:108] = b"%07o\0" % (mode | _GO_TYPE_BITS.get(ti.type, 0))
+            header[148:156] = b" " * 8
+            header[148:156] = b"%06o\0 " % sum(header)
+            out[at : at + 512] = header
+    return bytes(out)
+
+
 # -- zstd:chunked ----------------------------------------------------------------------
 
 

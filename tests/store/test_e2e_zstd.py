@@ -28,6 +28,7 @@ from tests.store.images import (
     to_gzip,
     to_zstd_chunked_ours,
     to_zstd_chunked_skopeo,
+    with_go_mode_bits,
 )
 from tests.store.test_e2e_podman import LISTING
 
@@ -223,6 +224,37 @@ def test_our_writer_is_accepted_by_podman_partial_pull_and_by_the_store(
         env.pull(ref, timeout=120)
         assert env.run(ref, "/bin/cat", "/etc/hello", timeout=60).stdout == "hello from upper\n"
         assert len(store.status()["layers"]) == 2
+
+
+def test_podman_5_partial_pull_takes_our_writer_s_layers_of_go_written_tars(
+    registry, tmp_path, layers
+):
+    """A tar as Go writes it (buildah, ``podman save``: the file-type bits in each header's
+    mode) through our writer's podman 5 layout: podman 5.4 checks the TOC against the
+    tar-split before its partial pull, and every layer is "Retrieved partial blob"."""
+    from harness.runtimes import NodeError, build_node
+
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("mmdebstrap not installed (ci/install-system-deps)")
+    try:
+        node = build_node("trixie")
+    except NodeError as exc:
+        pytest.fail(f"building runtime node trixie: {exc}")
+    tars = [with_go_mode_bits(layers["lower"]), with_go_mode_bits(layers["upper"])]
+    with tarfile.open(fileobj=__import__("io").BytesIO(tars[1])) as t:
+        assert t.getmember("data").mode == 0o40755  # what the layer is made of
+    blobs = [to_zstd_chunked_ours(tar, generation="podman5") for tar in tars]
+    host = registry.host
+    push(host, "zgo/img", "1", blobs)
+    ref = f"{host}/zgo/img:1"
+    mark = registry.log_mark()
+    with PodmanEnv(
+        tmp_path / "p5", insecure_registries=[host], partial_pulls=True, node=node
+    ) as env:
+        log = env.podman("--log-level", "debug", "pull", ref, timeout=180).stderr
+        assert log.count("Retrieved partial blob") == len(blobs), log[-3000:]
+        assert env.run(ref, "/bin/cat", "/etc/hello", timeout=120).stdout == "hello from upper\n"
+    assert full_blob_gets(registry, mark, blobs) == []
 
 
 def test_new_protocol_by_manifest_checksum_podman5_layout(registry, store_factory, layers):
