@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -226,22 +227,27 @@ def test_our_writer_is_accepted_by_podman_partial_pull_and_by_the_store(
         assert len(store.status()["layers"]) == 2
 
 
+def _trixie() -> object:
+    """The podman 5.4 runtime node (built on first use, cached)."""
+    from harness.runtimes import NodeError, build_node
+
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("mmdebstrap not installed (ci/install-system-deps)")
+    try:
+        return build_node("trixie")
+    except NodeError as exc:
+        pytest.fail(f"building runtime node trixie: {exc}")
+
+
 def test_podman_5_partial_pull_takes_our_writer_s_layers_of_go_written_tars(
     registry, tmp_path, layers
 ):
     """A tar as Go writes it (buildah, ``podman save``: the file-type bits in each header's
     mode) through our writer's podman 5 layout: podman 5.4 checks the TOC against the
     tar-split before its partial pull, and every layer is "Retrieved partial blob"."""
-    from harness.runtimes import NodeError, build_node
-
-    if shutil.which("mmdebstrap") is None:
-        pytest.skip("mmdebstrap not installed (ci/install-system-deps)")
-    try:
-        node = build_node("trixie")
-    except NodeError as exc:
-        pytest.fail(f"building runtime node trixie: {exc}")
+    node = _trixie()
     tars = [with_go_mode_bits(layers["lower"]), with_go_mode_bits(layers["upper"])]
-    with tarfile.open(fileobj=__import__("io").BytesIO(tars[1])) as t:
+    with tarfile.open(fileobj=io.BytesIO(tars[1])) as t:
         assert t.getmember("data").mode == 0o40755  # what the layer is made of
     blobs = [to_zstd_chunked_ours(tar, generation="podman5") for tar in tars]
     host = registry.host
@@ -323,15 +329,9 @@ def test_podman_5_pulls_its_own_zstd_chunked_image_lazily_by_toc_digest(
     wrote into the image — and the store serves it lazily: no whole-layer GET, the container
     runs, every layer counted by the store."""
     from harness.images import TINY_OUTPUT, build_layers, find_recipe, push_image
-    from harness.runtimes import NodeError, build_node
     from store.estargz import MANIFEST_CHECKSUM_KEY
 
-    if shutil.which("mmdebstrap") is None:
-        pytest.skip("mmdebstrap not installed (ci/install-system-deps)")
-    try:
-        node = build_node("trixie")
-    except NodeError as exc:
-        pytest.fail(f"building runtime node trixie: {exc}")
+    node = _trixie()
     built = build_layers(find_recipe("tiny"), None)
     pushed = push_image(built, registry.host, "tiny5", "z", "zstd-chunked", node=node)
     checksums = {x.annotations[MANIFEST_CHECKSUM_KEY] for x in pushed.layers}
