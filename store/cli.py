@@ -277,7 +277,13 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
     cache = ChunkCache(root / CACHE_DIR, cfg.cache_max_bytes)
     metrics = StoreMetrics()
     if cfg.metrics_address:
-        metrics.serve(cfg.metrics_address)
+        try:
+            metrics.serve(cfg.metrics_address)
+        except OSError as exc:  # before anything is mounted
+            raise StoreError(
+                f"metrics_address {cfg.metrics_address}: cannot listen there: {exc.strerror} "
+                "(pick a free port, or leave metrics_address empty)"
+            ) from None
     trace = AccessTrace(Path(cfg.access_trace_path)) if cfg.access_trace_path else None
     timeline = open_timeline(cfg.timeline_path)
     credentials = (
@@ -358,14 +364,22 @@ def request_timeout(cfg: StoreConfig) -> float:
     return max(1.0, min(cap, share))
 
 
-def prepare(root: Path, mountpoint: Path) -> Path:
+def prepare(root: Path, mountpoint: Path, addr: Path | None = None) -> Path:
     """Check and make what the store needs before it mounts: no live mount on ``mountpoint``
-    (checked first, so a refusal makes nothing), ``root`` (before the mountpoint, which may
-    lie in it, as by default: then the root is made 0700, not the mountpoint's 0755), then
-    the mountpoint. Returns the mountpoint as the mount table names it (a symbolic link
-    resolved). Raises :class:`StoreError` (and ``OSError`` from the root's checks)."""
+    and a credential socket path (``addr``, default ``<root>/store.sock``) the store may take
+    (:func:`store.credsocket.check_socket_path`), both checked first so a refusal makes
+    nothing; ``root`` (before the mountpoint, which may lie in it, as by default: then the
+    root is made 0700, not the mountpoint's 0755), then the mountpoint. Returns the
+    mountpoint as the mount table names it (a symbolic link resolved). Raises
+    :class:`StoreError` (and ``OSError`` from the root's checks)."""
+    from store.credsocket import SOCKET_NAME, SocketPathError, check_socket_path
+
     mountpoint = Path(os.path.realpath(mountpoint))
     refuse_live_mount(mountpoint)
+    try:
+        check_socket_path(addr or root / SOCKET_NAME)
+    except SocketPathError as exc:
+        raise StoreError(str(exc)) from None
     prepare_root(root)
     prepare_mountpoint(mountpoint)
     return mountpoint
@@ -376,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(python_log_level(args.log_level))
     try:
         cfg = load_config(args.config)
-        args.mountpoint = prepare(args.root, args.mountpoint)
+        args.mountpoint = prepare(args.root, args.mountpoint, args.addr)
     except (ConfigError, StoreError) as exc:
         print(f"stargz-store: {exc}", file=sys.stderr)
         return 1
@@ -391,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(serve, cfg, args.root, args.mountpoint, args.addr)
     except KeyboardInterrupt:
         pass
+    except StoreError as exc:
+        print(f"stargz-store: {exc}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         if "fuse" in str(exc).lower() or "mount" in str(exc).lower():
             print(f"stargz-store: cannot mount {args.mountpoint}: {exc}", file=sys.stderr)

@@ -288,6 +288,8 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
             if name in _CHOICES and value not in _CHOICES[name]:
                 want = ", ".join(repr(c) for c in _CHOICES[name])
                 raise ConfigError(f"{source}: key {key!r} must be one of {want}, got {value!r}")
+            if name == "metrics_address" and value:
+                _check_host_port(value, f"{source}: key {key!r}")
             values[name] = value
         elif key in _IGNORED or key.split(".")[0] in _IGNORED:
             if key in _CHOICES and value not in _CHOICES[key]:
@@ -305,6 +307,25 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
         raise ConfigError(f"{source}: [resolver] must be a table")
     _check_resolver(resolver, source)
     return StoreConfig(resolver=resolver, **values)
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` as Go's ``net.SplitHostPort`` takes it (an IPv6 host in brackets,
+    ``:PORT`` for every address) -> (host, port); the port in 1..65535. Raises ValueError."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or "[" in host:
+        raise ValueError(f"expected HOST:PORT with a port in 1..65535, got {value!r}")
+    return host, int(port)
+
+
+def _check_host_port(value: str, where: str) -> None:
+    """:func:`split_host_port`, or :class:`ConfigError` naming ``where``."""
+    try:
+        split_host_port(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _check_resolver(resolver: dict[str, Any], source: str) -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 from pathlib import Path
 
@@ -29,6 +30,40 @@ log = logging.getLogger("store.credsocket")
 SOCKET_NAME = "store.sock"
 MAX_REQUEST = 1 << 20
 REQUEST_TIMEOUT = 10.0
+
+
+class SocketPathError(Exception):
+    """The credential socket's path holds something the store must not replace."""
+
+
+def check_socket_path(path: Path) -> None:
+    """Whether the store may listen on ``path``: nothing there, or a socket nobody answers
+    on (left by a store that stopped). Raises :class:`SocketPathError` for anything else —
+    a file or directory (never deleted, unlike the Go store's ``os.RemoveAll``), or the
+    socket of a store still running (its helper requests would go to the newcomer)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SocketPathError(f"credential socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise SocketPathError(
+            f"credential socket {path}: something else is there (not a socket); the store "
+            "replaces only a socket an earlier store left: pick another --addr or remove it"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except OSError:  # ECONNREFUSED: nobody listens, a stale socket
+        return
+    finally:
+        probe.close()
+    raise SocketPathError(
+        f"credential socket {path}: a running store listens there (same --root or --addr); "
+        "stop it first, or give this store another --root or --addr"
+    )
 
 
 def _peer_uid(sock: trio.socket.SocketType) -> int:
@@ -80,18 +115,22 @@ async def serve_credentials(
 ) -> None:
     """Listen on ``path`` until cancelled, started with ``nursery.start``; reports ``path``
     once listening, or ``None`` (and returns) when the socket cannot be made — the store
-    then serves without it, with the auth files' credentials only. Removes ``path`` on exit."""
+    then serves without it, with the auth files' credentials only (also when ``path`` is not
+    free, :func:`check_socket_path`). Removes its socket on exit, not one bound there since."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mine: int | None = None  # the inode bound: only that socket is removed on exit
     try:
+        check_socket_path(path)
         path.unlink(missing_ok=True)  # a socket left by an earlier store
         old = os.umask(0o177)
         try:
             await sock.bind(str(path))
         finally:
             os.umask(old)
+        mine = os.lstat(path).st_ino
         os.chmod(path, 0o600)
         sock.listen(16)
-    except OSError as exc:
+    except (OSError, SocketPathError) as exc:
         sock.close()
         log.warning("no credential socket at %s (%s): the auth helper cannot reach us", path, exc)
         task_status.started(None)
@@ -105,4 +144,6 @@ async def serve_credentials(
                     stream = await listener.accept()
                     nursery.start_soon(_handle, stream, credentials)
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            if os.lstat(path).st_ino == mine:
+                path.unlink()

@@ -99,8 +99,12 @@ class StoreMetrics:
         self.files_accessed.labels(layer.digest).inc()
 
     def serve(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        """Serve the metrics on ``address`` (``HOST:PORT``, :func:`store.config.split_host_port`;
+        an empty host: 127.0.0.1) from a thread. Raises OSError when it cannot bind."""
+        from store.config import split_host_port
+
+        host, port = split_host_port(address)
+        start_http_server(port, addr=host or "127.0.0.1", registry=self.registry)
 
 
 def merge_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from store.cli import main, request_timeout
+from store.cli import is_mounted, main, prepare, request_timeout
 from store.config import ConfigError, StoreConfig, load_config, parse_config
 
 GO_CONFIG = """
@@ -59,6 +59,8 @@ def test_go_config_loads(tmp_path: Path) -> None:
         ({"overlay_opaque_type": "both"}, "'overlay_opaque_type' must be one of 'trusted'"),
         ({"toc_max_bytes": 0}, "'toc_max_bytes' must be positive"),
         ({"toc_max_entries": "many"}, "'toc_max_entries' must be int"),
+        ({"metrics_address": "notaport"}, "'metrics_address': expected HOST:PORT"),
+        ({"metrics_address": "127.0.0.1:99999"}, "port in 1..65535"),
     ],
 )
 def test_bad_keys_are_named(data: dict, message: str) -> None:
@@ -365,3 +367,48 @@ def test_root_and_chunk_cache_are_private_to_the_store(tmp_path: Path) -> None:
     os.chmod(old / CACHE_DIR, 0o755)
     prepare_root(old)
     assert (old / CACHE_DIR).stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:9999", ":9999", "[::1]:9999", "localhost:1"])
+def test_metrics_addresses_go_takes_are_taken(value: str) -> None:
+    assert parse_config({"metrics_address": value}).metrics_address == value
+
+
+def test_a_busy_metrics_port_is_one_line_before_anything_is_mounted(tmp_path: Path, capsys) -> None:
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        config = tmp_path / "c.toml"
+        config.write_text(f'metrics_address = "127.0.0.1:{busy.getsockname()[1]}"\n')
+        mnt = tmp_path / "mnt"
+        assert main(["--config", str(config), "--root", str(tmp_path / "r"), str(mnt)]) == 1
+    finally:
+        busy.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot listen there: Address already in use" in err[0], err
+    assert not is_mounted(mnt)
+
+
+def test_addr_never_replaces_a_file_nor_a_live_store_s_socket(tmp_path: Path, capsys) -> None:
+    import socket
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("important\n")
+    root, mnt = tmp_path / "r", tmp_path / "m"
+    argv = ["--config", "", "--root", str(root), "--addr"]
+    assert main([*argv, str(precious), str(mnt)]) == 1
+    assert "not a socket" in capsys.readouterr().err
+    assert precious.read_text() == "important\n" and not root.exists() and not mnt.exists()
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(tmp_path / "live.sock"))
+    live.listen(1)
+    try:
+        assert main([*argv, str(tmp_path / "live.sock"), str(mnt)]) == 1
+        assert "a running store listens there" in capsys.readouterr().err
+    finally:
+        live.close()
+    # Nobody listens on it now: a stale socket, which the store may take over.
+    assert prepare(root, mnt, tmp_path / "live.sock") == mnt
