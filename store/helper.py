@@ -51,9 +51,26 @@ def send(data: bytes, path: str = DEFAULT_SOCKET, timeout: float = TIMEOUT) -> N
         raise ValueError(f"the store refused the credentials: {error}")
 
 
+USAGE = (
+    "usage: stargz-store-helper [SOCKET]\n\n"
+    "podman's additional-layer-store-auth-helper: reads podman's credentials JSON on stdin and\n"
+    f"hands it to the running stargz-store over SOCKET (default {DEFAULT_SOCKET}).\n"
+    "podman runs it; to try it by hand, pipe the JSON in: echo '{}' | stargz-store-helper\n"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help", "-help"):
+        print(USAGE, end="")
+        return 0
+    if len(args) > 1 or (args and args[0].startswith("-")):
+        print(f"stargz-store-helper: unexpected arguments {args}\n{USAGE}", end="", file=sys.stderr)
+        return 2
     path = args[0] if args else DEFAULT_SOCKET
+    if sys.stdin.isatty():  # podman always pipes the JSON: waiting on a terminal would hang
+        print(f"stargz-store-helper: stdin is a terminal\n{USAGE}", end="", file=sys.stderr)
+        return 2
     data = sys.stdin.buffer.read(MAX_INPUT + 1)
     if len(data) > MAX_INPUT:
         print("stargz-store-helper: more than 1 MiB on stdin", file=sys.stderr)

@@ -99,3 +99,22 @@ def test_the_socket_path_can_be_given_as_the_go_store_takes_it() -> None:
     args = build_parser().parse_args(["--addr", "/run/x.sock", "/mnt"])
     assert args.addr == Path("/run/x.sock")
     assert build_parser().parse_args(["/mnt"]).addr is None  # <root>/store.sock
+
+
+def test_helper_help_and_a_terminal_on_stdin_never_wait_for_input() -> None:
+    """``--help`` prints the usage; run by hand at a terminal (podman always pipes the JSON)
+    it says so instead of waiting on stdin for ever."""
+    import pty
+
+    run = [sys.executable, "-I", helper.__file__]
+    proc = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "usage: stargz-store-helper [SOCKET]" in proc.stdout
+    proc = subprocess.run([*run, "-x"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "unexpected arguments" in proc.stderr
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(run, stdin=secondary, capture_output=True, text=True, timeout=30)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert proc.returncode == 2 and "stdin is a terminal" in proc.stderr
