@@ -114,6 +114,15 @@ def check_cache_dir(cache_dir: Path | None) -> None:
         check_writable_dir(default_cache_dir(), what)
 
 
+LAYER_FORMATS = ("estargz", "zstd-chunked")
+
+
+def layer_format(text: str) -> str:
+    """An argparse ``type`` for ``--format``: ``estargz`` or ``zstd-chunked``, the latter also
+    spelled as its media type names it, ``zstd:chunked`` (podman's --compression-format)."""
+    return "zstd-chunked" if text == "zstd:chunked" else text
+
+
 def positive_int(text: str) -> int:
     """An argparse ``type``: a positive integer, else a usage error naming the value."""
     try:

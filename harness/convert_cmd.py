@@ -13,7 +13,15 @@ import json
 import shlex
 from pathlib import Path
 
-from harness.cli import UserError, check_cache_dir, make_console, positive_int, require_root
+from harness.cli import (
+    LAYER_FORMATS,
+    UserError,
+    check_cache_dir,
+    layer_format,
+    make_console,
+    positive_int,
+    require_root,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -26,7 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("src", help="source image (docker://, oci:, oci-archive:, docker-archive:, …)")
     p.add_argument("dest", help="destination (docker:// to push, oci: / oci-archive: locally)")
-    p.add_argument("--format", choices=("estargz", "zstd-chunked"), default="estargz")
+    p.add_argument(
+        "--format",
+        type=layer_format,
+        choices=LAYER_FORMATS,
+        default="estargz",
+        help="layer format to write (default estargz; zstd-chunked may be spelled zstd:chunked)",
+    )
     p.add_argument(
         "--optimize",
         action="store_true",
@@ -67,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         choices=("podman4", "podman5"),
         default="podman4",
         help="zstd:chunked layout and annotation keys podman reads: podman4 (containers/storage "
-        "before 1.5x, this machine's) or podman5",
+        "before 1.5x, this machine's; the default) or podman5",
     )
     p.add_argument(
         "--platform",

@@ -1,10 +1,11 @@
 """`lazybench estargz convert|ls`: the format library for users and scripts.
 
 ``convert`` prints one JSON object (what the layer descriptor and its annotations need) —
-eStargz, or with ``--format zstd:chunked`` the layout containers/storage writes (``--zstd-for
-podman4|podman5`` picks the generation); ``ls`` verifies a blob (every chunk; the TOC too when
-``--toc-digest`` is given, or ``--annotations`` for zstd:chunked) and prints one JSON line per
-path, in the shape of the reference vectors' ``NAME.entries.jsonl``. Output
+eStargz, or with ``--format zstd-chunked`` (or ``zstd:chunked``) the layout containers/storage
+writes (``--zstd-generation podman4|podman5`` picks the generation, podman4 by default as for
+``lazybench convert``; ``--zstd-for`` is its older name); ``ls`` verifies a blob (every
+chunk; the TOC too when ``--toc-digest`` is given, or ``--annotations`` for zstd:chunked) and
+prints one JSON line per path, in the shape of the reference vectors' ``NAME.entries.jsonl``. Output
 files are written atomically; bad input is one line on stderr and a non-zero exit.
 """
 
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from harness.cli import UserError, positive_int
+from harness.cli import LAYER_FORMATS, UserError, layer_format, positive_int
 from store.estargz import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
@@ -42,13 +43,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     conv.add_argument("input", help="layer tar, or - for stdin")
     conv.add_argument("output", help="blob to write (atomically)")
-    conv.add_argument("--format", choices=("estargz", "zstd:chunked"), default="estargz")
     conv.add_argument(
+        "--format",
+        type=layer_format,
+        choices=LAYER_FORMATS,
+        default="estargz",
+        help="blob format to write (default estargz; zstd-chunked may be spelled zstd:chunked)",
+    )
+    conv.add_argument(
+        "--zstd-generation",
         "--zstd-for",
+        dest="zstd_generation",
         choices=("podman4", "podman5"),
-        default="podman5",
-        help="zstd:chunked layout: podman 4.3's (io.containers. keys) or podman 5's "
-        "(tar-split, io.github.containers. keys; the one podman >= 5.1 looks up by TOC digest)",
+        default="podman4",
+        help="zstd:chunked layout: podman 4.3's (io.containers. keys; the default, as "
+        "`lazybench convert`'s) or podman 5's (tar-split, io.github.containers. keys; the one "
+        "podman >= 5.1 looks up by TOC digest)",
     )
     conv.add_argument(
         "--chunk-size",
@@ -81,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _level(args: argparse.Namespace) -> int:
-    if args.format == "zstd:chunked":
+    if args.format == "zstd-chunked":
         level = DEFAULT_ZSTD_LEVEL if args.level is None else args.level
         if not 1 <= level <= 22:
             raise UserError(f"--level: zstd level must be 1-22, got {level}")
@@ -118,11 +128,11 @@ def _convert(args: argparse.Namespace) -> int:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "wb") as out:
             result: Any
-            if args.format == "zstd:chunked":
+            if args.format == "zstd-chunked":
                 result = write_zstd_chunked(
                     src,
                     out,
-                    generation=args.zstd_for,
+                    generation=args.zstd_generation,
                     chunk_size=args.chunk_size or DEFAULT_ZSTD_CHUNK_SIZE,
                     level=level,
                     prioritized_files=prioritized,

@@ -167,3 +167,32 @@ def test_convert_to_zstd_chunked_then_ls_with_its_annotations(tmp_path: Path, ge
         "estargz", "convert", str(src), str(out), "--format", "zstd:chunked", "--level", "30"
     )
     assert res.code != 0 and "zstd level must be 1-22" in res.err
+
+
+def test_both_convert_commands_take_one_format_spelling_and_generation_default(
+    tmp_path: Path,
+) -> None:
+    """``zstd-chunked`` and ``zstd:chunked`` are one format, and the generation is podman 4's
+    unless ``--zstd-generation`` (or its older name ``--zstd-for``) says otherwise, as in
+    ``lazybench convert``."""
+    src = tmp_path / "in.tar"
+    _small_tar(src)
+    keys = {}
+    for spelling, *generation in (
+        ("zstd-chunked",),
+        ("zstd:chunked",),
+        ("zstd-chunked", "--zstd-generation", "podman5"),
+        ("zstd-chunked", "--zstd-for", "podman5"),
+    ):
+        out = tmp_path / f"{len(keys)}.blob"
+        res = run_lazybench_process(
+            "estargz", "convert", str(src), str(out), "--format", spelling, *generation
+        )
+        assert res.code == 0, res.err
+        keys[(spelling, *generation)] = sorted(json.loads(res.out)["annotations"])
+    podman4, podman4_colon, podman5, podman5_old = keys.values()
+    assert podman4 == podman4_colon and all(k.startswith("io.containers.") for k in podman4)
+    assert podman5 == podman5_old and all(k.startswith("io.github.containers.") for k in podman5)
+    parser = __import__("harness.cli", fromlist=["build_parser"]).build_parser()
+    args = parser.parse_args(["convert", "--format", "zstd:chunked", "oci:a", "oci:b"])
+    assert (args.format, args.zstd_generation) == ("zstd-chunked", "podman4")
