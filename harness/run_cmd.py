@@ -86,15 +86,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "compare",
         help="per workload × mode deltas between two runs; --gate fails on regressions",
     )
-    compare.add_argument("base", type=Path, help="the reference run directory")
-    compare.add_argument("new", type=Path, help="the run to judge")
+    # Optional in argparse's eyes only: `--gate BASE NEW` takes BASE as its file, which
+    # cmd_compare puts back; it refuses a missing one itself.
+    compare.add_argument("base", type=Path, nargs="?", help="the reference run directory")
+    compare.add_argument("new", type=Path, nargs="?", help="the run to judge")
     compare.add_argument(
         "--gate",
         nargs="?",
         const=PACKAGED_GATE,
         metavar="GATE_TOML",
         help="exit 1 when NEW regresses past these thresholds (without a file: the packaged "
-        "default, harness/data/gate.toml)",
+        "default, harness/data/gate.toml; a run directory right after --gate is BASE)",
     )
     compare.add_argument(
         "--statistic", choices=("median", "percentile"), help="override the gate's statistic"
@@ -325,6 +327,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         load_gate,
     )
 
+    if args.new is None and args.gate not in (None, PACKAGED_GATE) and Path(args.gate).is_dir():
+        # `compare --gate BASE NEW`: the option took BASE for its file.
+        args.base, args.new, args.gate = Path(args.gate), args.base, PACKAGED_GATE
+    if args.base is None or args.new is None:
+        raise UserError(
+            "compare: name the two run directories: lazybench compare BASE NEW [--gate [GATE_TOML]]"
+        )
     if args.gate is None:
         gate = Gate()
     else:
