@@ -134,6 +134,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seconds_between(low: float, high: float):  # type: ignore[no-untyped-def]
+    """An argparse ``type``: a number of seconds in ``[low, high]``, else a usage error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not low <= value <= high:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be {low:g} to {high:g} s, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lazybench", description="Measure lazy pulling of container images."

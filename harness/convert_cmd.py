@@ -21,6 +21,7 @@ from harness.cli import (
     make_console,
     positive_int,
     require_root,
+    seconds_between,
 )
 
 
@@ -61,7 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--stdin", help="text fed to the workload's stdin (--optimize)")
     p.add_argument("--ready", help="a line on stdout meaning ready (--optimize; default: exit)")
     p.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds the workload may take (300)"
+        "--timeout",
+        type=seconds_between(0.1, 86400),
+        default=300.0,
+        help="seconds the workload may take (--optimize; 0.1 to 86400, default 300)",
     )
     p.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="(--optimize) repeatable"

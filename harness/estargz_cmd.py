@@ -116,6 +116,13 @@ def _convert(args: argparse.Namespace) -> int:
     prioritized = _read_prioritized(args.prioritized_files)
     level = _level(args)
     out_path = Path(args.output)
+    if args.output == "-":
+        raise UserError(
+            "output: - would be a file named '-' (stdout carries the descriptor JSON): name "
+            "the blob's file"
+        )
+    if not (out_path.parent if str(out_path.parent) else Path(".")).is_dir():
+        raise UserError(f"output {out_path}: directory {out_path.parent} does not exist")
     try:
         src: BinaryIO = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
     except OSError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness.cli import UserError, require_root
+from harness.cli import UserError, require_root, seconds_between
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,8 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     nsub.add_parser("ls", help="list the network profiles").set_defaults(func=cmd_ls)
     measure = nsub.add_parser("measure", help="build a profile's link and measure rate and RTT")
     measure.add_argument("profile")
-    measure.add_argument("--seconds", type=float, default=2.0, help="length of the transfer")
-    measure.add_argument("--json", action="store_true")
+    measure.add_argument(
+        "--seconds",
+        type=seconds_between(0.1, 600),
+        default=2.0,
+        help="length of the transfer, 0.1 to 600 s (default 2)",
+    )
+    measure.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     measure.set_defaults(func=cmd_measure)
     cleanup = nsub.add_parser("cleanup", help="remove namespaces and veths of crashed runs")
     cleanup.set_defaults(func=cmd_cleanup)

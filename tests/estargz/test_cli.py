@@ -196,3 +196,14 @@ def test_both_convert_commands_take_one_format_spelling_and_generation_default(
     parser = __import__("harness.cli", fromlist=["build_parser"]).build_parser()
     args = parser.parse_args(["convert", "--format", "zstd:chunked", "oci:a", "oci:b"])
     assert (args.format, args.zstd_generation) == ("zstd-chunked", "podman4")
+
+
+def test_an_output_of_dash_or_in_a_missing_directory_is_one_line(tmp_path: Path) -> None:
+    src = tmp_path / "in.tar"
+    _small_tar(src)
+    res = run_lazybench_process("estargz", "convert", str(src), "-")
+    _assert_one_line_error(res, "stdout carries the descriptor JSON")
+    missing = tmp_path / "nodir" / "out.blob"
+    res = run_lazybench_process("estargz", "convert", str(src), str(missing))
+    _assert_one_line_error(res, f"directory {missing.parent} does not exist")
+    assert not (tmp_path / "nodir").exists()
