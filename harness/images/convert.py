@@ -53,7 +53,7 @@ from harness.images.source import (
     tls_args,
     wanted_platform,
 )
-from harness.images.transports import TransportError, split_transport
+from harness.images.transports import TransportError, local_path, split_transport
 
 if TYPE_CHECKING:
     from harness.trace import TracedFile
@@ -131,7 +131,37 @@ def check_destination(dest: str, fmt: str = "estargz") -> str:
             "layers and their annotations would be lost (a podman push from there compresses "
             "them afresh as plain gzip); write to docker://, oci:, oci-archive: or dir: instead"
         )
+    path = local_path(dest)
+    if path is not None:  # checked now, not after every layer converted
+        parent = path.absolute().parent
+        if not parent.is_dir():
+            raise ConvertError(f"destination {dest}: directory {parent} does not exist")
+    elif transport == "docker":
+        _check_reachable(dest)
     return transport
+
+
+def _check_reachable(dest: str) -> None:
+    """A ``docker://HOST:PORT/…`` destination whose port refuses connections is refused now,
+    before the conversion (a destination without a port, whose scheme and port registries.conf
+    decides, is left to skopeo)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit("//" + split_transport(dest)[1].lstrip("/").split("/", 1)[0])
+        host, port = url.hostname, url.port
+    except ValueError:
+        return
+    if not host or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as exc:
+        raise ConvertError(
+            f"destination {dest}: registry {host}:{port} cannot be reached "
+            f"({exc.strerror or exc}): start it, or check the host and port"
+        ) from None
 
 
 def convert_image(
@@ -182,7 +212,8 @@ def convert_image(
         else:
             if options.platform:  # asked for by name: a single image of another one is no match
                 manifest = manifest_result(raw, top_desc.get("mediaType"))
-                check_config_platform(src, layout.read_json(manifest.config.digest), want)
+                config = layout.read_json(manifest.config.digest)
+                check_config_platform(src, config, want, option="--platform ")
             new_top = _convert_manifest(layout, top_desc, options, report, show_progress, say)
         new_top["annotations"] = {REF_NAME: "latest"}
         (layout.path / "index.json").write_text(

@@ -211,8 +211,11 @@ def wanted_platform(text: str | None) -> Any:
         raise ImageSourceError(str(exc)) from None
 
 
-def check_config_platform(ref: str, config: dict[str, Any], platform: Any) -> None:
-    """Refuse an image whose config says it is for another platform than ``platform``."""
+def check_config_platform(
+    ref: str, config: dict[str, Any], platform: Any, option: str = "the workload's platform = "
+) -> None:
+    """Refuse an image whose config says it is for another platform than ``platform``; the
+    message suggests ``option`` (how the user names a platform there) with the image's own."""
     have = {
         "os": config.get("os", ""),
         "architecture": config.get("architecture", ""),
@@ -224,7 +227,7 @@ def check_config_platform(ref: str, config: dict[str, Any], platform: Any) -> No
         shown = "/".join(v for v in have.values() if v)
         raise ImageSourceError(
             f"image {ref} has no layers for platform {platform}: it is a {shown} image "
-            f"(set the workload's platform = {shown!r} or use an image built for {platform})"
+            f"(set {option}{shown!r} or use an image built for {platform})"
         )
 
 

@@ -195,3 +195,17 @@ def test_a_platform_asked_for_by_name_must_match_a_single_image(
         tmp_path, "convert", "--platform", "linux/amd64", f"docker-archive:{image}", f"oci:{dest}"
     )
     assert rc == 0, err
+
+
+def test_a_destination_that_cannot_be_written_is_refused_before_converting(
+    image: Path, tmp_path: Path
+) -> None:
+    src = f"docker-archive:{image}"
+    for dest, problem in (
+        ("docker://127.0.0.1:9/app:esgz", "registry 127.0.0.1:9 cannot be reached"),
+        (f"oci-archive:{tmp_path}/no/dir/x.tar", f"directory {tmp_path}/no/dir does not exist"),
+        (f"oci:{tmp_path}/no/layout:latest", f"directory {tmp_path}/no does not exist"),
+    ):
+        rc, out, err = lazybench(tmp_path, "convert", src, dest)
+        assert rc == 1 and problem in err, err
+        assert "reading" not in out + err and "Traceback" not in err
