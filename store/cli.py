@@ -289,6 +289,12 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
     credentials = (
         CredentialStore(auth_files=[Path(cfg.auth_file)]) if cfg.auth_file else CredentialStore()
     )
+    if cfg.auth_file and not Path(cfg.auth_file).exists():
+        log.warning(
+            "auth_file %s does not exist: registries that need credentials get none from it "
+            "(check the path in the config)",
+            cfg.auth_file,
+        )
     client = RegistryClient(
         resolver=parse_resolver_config(cfg.resolver),
         credentials=credentials,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -173,6 +174,15 @@ def test_sigterm_unmounts_and_exits_0(store_factory) -> None:
     sp.proc.terminate()
     assert sp.proc.wait(15) == 0
     assert not _mounted(sp.mnt)
+
+
+@pytest.mark.e2e
+@pytest.mark.store_ours_only(reason="auth_file is our key; the warning is our log line")
+def test_a_missing_auth_file_is_said_at_startup(store_factory, tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "auth.json"
+    sp = store_factory(f'auth_file = "{missing}"\n')
+    msgs = [json.loads(line).get("msg", "") for line in sp.log.read_text().splitlines()]
+    assert any(m.startswith(f"auth_file {missing} does not exist") for m in msgs), msgs
 
 
 # Conformance with the Go store's interface (cmd/stargz-store/main.go, fs/config/config.go,
