@@ -114,6 +114,9 @@ def check_cache_dir(cache_dir: Path | None) -> None:
         check_writable_dir(default_cache_dir(), what)
 
 
+# Where --cache-dir defaults to (default_cache_dir), as every command's help says it.
+CACHE_DIR_DEFAULT = "$LAZYBENCH_CACHE or ~/.cache/lazybench"
+
 LAYER_FORMATS = ("estargz", "zstd-chunked")
 
 

@@ -25,7 +25,14 @@ import numpy as np
 import pandas as pd
 
 from harness.cli import UserError
-from harness.records import RECORDS, Record, read_environment, read_records, sort_records
+from harness.records import (
+    RECORDS,
+    Record,
+    read_environment,
+    read_records,
+    require_run_files,
+    sort_records,
+)
 from harness.report import fmt
 from harness.scenario import MODES
 from harness.stats import (
@@ -125,8 +132,7 @@ def load_gate(path: Path | None = None) -> Gate:
 
 def _run_records(run_dir: Path) -> tuple[list[Record], float]:
     run_dir = Path(run_dir)
-    if not (run_dir / RECORDS).exists():
-        raise UserError(f"{run_dir}: no {RECORDS} here (not a run directory?)")
+    require_run_files(run_dir, RECORDS)
     env = read_environment(run_dir)
     percentile = float(env.get("scenario", {}).get("percentile", 95))
     records = sort_records(read_records(run_dir), env)

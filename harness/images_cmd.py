@@ -9,7 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.cli import UserError, check_cache_dir, default_cache_dir, make_console
+from harness.cli import (
+    CACHE_DIR_DEFAULT,
+    UserError,
+    check_cache_dir,
+    default_cache_dir,
+    make_console,
+)
 from harness.images import (
     MODES,
     RECIPES,
@@ -30,7 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     isub = parser.add_subparsers(dest="images_command", required=True, metavar="ACTION")
     build = isub.add_parser("build", help="build workload images (reusing cached builds)")
     build.add_argument("names", nargs="*", metavar="NAME", help="workloads (default: all)")
-    build.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/lazybench")
+    build.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"default: {CACHE_DIR_DEFAULT}",
+    )
     build.add_argument(
         "--modes",
         default="",

@@ -94,6 +94,7 @@ from harness.records import (
     git_commit,
     read_environment,
     read_json,
+    require_run_files,
 )
 from harness.runtimes import (
     HOST,
@@ -249,8 +250,7 @@ def load_run_scenario(run_dir: Path) -> Scenario:
     records (a copy replaced by another scenario's): resuming would mix two scenarios'
     records in one run."""
     path = run_dir / SCENARIO_COPY
-    if not path.exists():
-        raise UserError(f"{run_dir}: no {SCENARIO_COPY} here (not a run directory?)")
+    require_run_files(run_dir, SCENARIO_COPY)
     scenario = parse_scenario(read_json(path), str(path))
     recorded = read_environment(run_dir).get("scenario")
     if not recorded:

@@ -29,6 +29,7 @@ from harness.records import (
     read_environment,
     read_json,
     read_records,
+    require_run_files,
 )
 from harness.scenario import parse_scenario
 
@@ -37,8 +38,7 @@ MACHINE_KEYS = ("host", "cpu", "cpus", "kernel", "podman")
 
 def _scenario(run_dir: Path) -> dict[str, Any]:
     path = run_dir / SCENARIO_COPY
-    if not (run_dir / RECORDS).exists() or not path.exists():
-        raise UserError(f"{run_dir}: no {RECORDS} and {SCENARIO_COPY} here (not a run directory?)")
+    require_run_files(run_dir, RECORDS, SCENARIO_COPY)
     # Parsed, so copies written in older forms compare equal.
     return parse_scenario(read_json(path), str(path)).to_dict()
 

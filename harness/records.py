@@ -344,6 +344,19 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
 
 
+def require_run_files(run_dir: Path, *names: str) -> None:
+    """Raise :class:`UserError` unless ``run_dir`` holds every file in ``names``: saying
+    that the path does not exist or is no directory, else which file is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a directory (name a run directory)")
+    missing = [n for n in names if not (run_dir / n).exists()]
+    if missing:
+        raise UserError(f"{run_dir}: no {' and '.join(missing)} here (not a run directory?)")
+
+
 def read_environment(run_dir: Path) -> dict[str, Any]:
     """``environment.json`` ({} when there is none). Raises :class:`UserError` naming the file
     when it is not a JSON object, or its scenario not an object with a percentile in (0, 100]

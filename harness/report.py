@@ -41,6 +41,7 @@ from harness.records import (
     read_environment,
     read_records,
     read_superseded,
+    require_run_files,
     sort_records,
 )
 from harness.stats import (
@@ -885,8 +886,7 @@ def write_report(
     run_dir = Path(run_dir)
     staging: Path | None = None
     try:
-        if not (run_dir / RECORDS).exists():
-            raise UserError(f"{run_dir}: no {RECORDS} here (not a run directory?)")
+        require_run_files(run_dir, RECORDS)
         staging = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
         try:
             report = _write_report(run_dir, staging, cache_dir, recompute_limits)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.cli import UserError, check_cache_dir, make_console, require_root
+from harness.cli import CACHE_DIR_DEFAULT, UserError, check_cache_dir, make_console, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument(
         "names", nargs="*", metavar="NAME", help=f"{' | '.join(NODES)} (default: all)"
     )
-    build.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/lazybench")
+    build.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"default: {CACHE_DIR_DEFAULT}",
+    )
     build.add_argument("--mirror", default=None, help="Debian archive (default: as apt's sources)")
     build.set_defaults(func=cmd_build)
     ls = rsub.add_parser("ls", help="list cached nodes with their podman versions and sizes")

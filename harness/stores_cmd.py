@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli import UserError
+from harness.cli import CACHE_DIR_DEFAULT, UserError
 
 BUILDABLE = ("go",)
 
@@ -24,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ssub = parser.add_subparsers(dest="stores_command", required=True, metavar="ACTION")
     build = ssub.add_parser("build", help="build a store into the cache and print its path")
     build.add_argument("name", choices=BUILDABLE, help="go: the reference Go stargz-store")
-    build.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/lazybench")
+    build.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"default: {CACHE_DIR_DEFAULT}",
+    )
     build.set_defaults(func=cmd_build)
     ls = ssub.add_parser("ls", help="list the stores and where their binaries are")
     ls.add_argument("--cache-dir", type=Path, default=None)

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         type=str.lower,
         choices=list(LOG_LEVELS),
-        help="log level",
+        metavar="LEVEL",
+        help=f"log level, as logrus names them: {', '.join(LOG_LEVELS)} (default info)",
     )
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     return p

@@ -261,3 +261,17 @@ def test_a_docker_archive_of_several_images_says_how_to_name_one() -> None:
     assert "holds 3 images" in hint
     assert "docker-archive:FILE:NAME:TAG" in hint and "docker-archive:FILE:@N" in hint
     assert _hint('level=fatal msg="pinging container registry: connection refused"') == ""
+
+
+@pytest.mark.parametrize("command", [["report"], ["run", "--resume"], ["merge", "OUT"]])
+def test_a_run_directory_that_is_missing_or_a_file_is_said_so(
+    tmp_path: Path, capsys, command: list[str]
+) -> None:
+    argv = [str(tmp_path / c) if c == "OUT" else c for c in command]
+    extra = [str(tmp_path / "other")] if command[0] == "merge" else []
+    assert main([*argv, str(tmp_path / "nope"), *extra]) == 1
+    assert f"{tmp_path / 'nope'}: no such run directory" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main([*argv, str(afile), *extra]) == 1
+    assert f"{afile}: not a directory" in capsys.readouterr().err
