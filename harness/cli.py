@@ -117,6 +117,17 @@ def check_cache_dir(cache_dir: Path | None) -> None:
 # Where --cache-dir defaults to (default_cache_dir), as every command's help says it.
 CACHE_DIR_DEFAULT = "$LAZYBENCH_CACHE or ~/.cache/lazybench"
 
+
+def existing_dir(text: str) -> Path:
+    """An argparse ``type`` for a ``--cache-dir`` that is only read (``ls``, ``prune``): an
+    existing directory, so a mistyped path is an error, not an empty listing."""
+    path = Path(text)
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "no such directory"
+        raise argparse.ArgumentTypeError(f"{what}: {text}")
+    return path
+
+
 LAYER_FORMATS = ("estargz", "zstd-chunked")
 
 

@@ -14,6 +14,7 @@ from harness.cli import (
     UserError,
     check_cache_dir,
     default_cache_dir,
+    existing_dir,
     make_console,
 )
 from harness.images import (
@@ -50,7 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     build.set_defaults(func=cmd_build)
     ls = isub.add_parser("ls", help="list cached workload images with sizes")
-    ls.add_argument("--cache-dir", type=Path, default=None)
+    ls.add_argument(
+        "--cache-dir", type=existing_dir, default=None, help=f"default: {CACHE_DIR_DEFAULT}"
+    )
     ls.add_argument("--json", action="store_true", help="one JSON object per image")
     ls.set_defaults(func=cmd_ls)
     prune = isub.add_parser(
@@ -58,7 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="remove cached builds of recipes that have changed, and images imported in an "
         "older format (what `images ls` marks stale)",
     )
-    prune.add_argument("--cache-dir", type=Path, default=None)
+    prune.add_argument(
+        "--cache-dir", type=existing_dir, default=None, help=f"default: {CACHE_DIR_DEFAULT}"
+    )
     prune.set_defaults(func=cmd_prune)
 
 

@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.cli import CACHE_DIR_DEFAULT, UserError, check_cache_dir, make_console, require_root
+from harness.cli import (
+    CACHE_DIR_DEFAULT,
+    UserError,
+    check_cache_dir,
+    existing_dir,
+    make_console,
+    require_root,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,14 +36,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--mirror", default=None, help="Debian archive (default: as apt's sources)")
     build.set_defaults(func=cmd_build)
     ls = rsub.add_parser("ls", help="list cached nodes with their podman versions and sizes")
-    ls.add_argument("--cache-dir", type=Path, default=None)
+    ls.add_argument(
+        "--cache-dir", type=existing_dir, default=None, help=f"default: {CACHE_DIR_DEFAULT}"
+    )
     ls.add_argument("--json", action="store_true", help="one JSON object per node")
     ls.set_defaults(func=cmd_ls)
     prune = rsub.add_parser(
         "prune",
         help="remove nodes built from older recipes, and node views a killed run left mounted",
     )
-    prune.add_argument("--cache-dir", type=Path, default=None)
+    prune.add_argument(
+        "--cache-dir", type=existing_dir, default=None, help=f"default: {CACHE_DIR_DEFAULT}"
+    )
     prune.add_argument("--all", action="store_true", help="remove the current builds too")
     prune.set_defaults(func=cmd_prune)
 

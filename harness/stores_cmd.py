@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.cli import CACHE_DIR_DEFAULT, UserError
+from harness.cli import CACHE_DIR_DEFAULT, UserError, existing_dir
 
 BUILDABLE = ("go",)
 
@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     build.set_defaults(func=cmd_build)
     ls = ssub.add_parser("ls", help="list the stores and where their binaries are")
-    ls.add_argument("--cache-dir", type=Path, default=None)
+    ls.add_argument(
+        "--cache-dir", type=existing_dir, default=None, help=f"default: {CACHE_DIR_DEFAULT}"
+    )
     ls.add_argument("--json", action="store_true", help="one JSON object per store")
     ls.set_defaults(func=cmd_ls)
 

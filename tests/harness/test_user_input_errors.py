@@ -275,3 +275,13 @@ def test_a_run_directory_that_is_missing_or_a_file_is_said_so(
     afile.write_text("")
     assert main([*argv, str(afile), *extra]) == 1
     assert f"{afile}: not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["images", "ls"], ["runtimes", "prune"], ["stores", "ls"]])
+def test_a_mistyped_cache_dir_to_read_is_an_error_not_an_empty_listing(
+    tmp_path: Path, capsys, command: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--cache-dir", str(tmp_path / "nope")])
+    assert exc.value.code == 2
+    assert f"no such directory: {tmp_path / 'nope'}" in capsys.readouterr().err
