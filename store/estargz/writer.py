@@ -718,7 +718,7 @@ def _name_if_changed(seen: dict[int, str], ident: int, name: str) -> str:
 
 NS = 1_000_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_GO_ZERO_TIME_NS = -62_135_596_800 * NS  # Go's zero time.Time, 0001-01-01T00:00:00Z
+GO_ZERO_TIME_NS = -62_135_596_800 * NS  # Go's zero time.Time, 0001-01-01T00:00:00Z
 # The seconds RFC 3339's four-digit year holds: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _RFC3339_SECONDS = range(-62_135_596_800, 253_402_300_800)
 # Written for a time whose year RFC 3339 cannot hold (after 9999, before 1): a normal pull
@@ -735,16 +735,23 @@ def tar_mtime_ns(ti: tarfile.TarInfo) -> int:
     the rest cut off; a minus sign applies to the fraction too), else the header's seconds.
     ``tarfile`` keeps only a float (about 0.2 µs apart in 2023), so the record is read again."""
     record = ti.pax_headers.get("mtime")
-    if record is not None:
-        whole, _, fraction = record.partition(".")
-        try:
-            seconds = int(whole)
-            nanos = int(fraction[:9].ljust(9, "0")) if fraction.isdigit() else 0
-        except ValueError:
-            pass  # tarfile read the header's own field then
-        else:
-            return seconds * NS + (-nanos if whole.lstrip().startswith("-") else nanos)
-    return int(Decimal(repr(ti.mtime)) * NS)
+    ns = None if record is None else pax_time_ns(record)
+    if ns is not None:
+        return ns
+    return int(Decimal(repr(ti.mtime)) * NS)  # no usable record: tarfile read the header's
+
+
+def pax_time_ns(record: str) -> int | None:
+    """A PAX time record (``mtime``, ``atime``, ``ctime``: seconds with an optional fraction)
+    in nanoseconds since the epoch as Go's ``parsePAXTime`` reads it (at most 9 fraction
+    digits, the rest cut off; a minus sign applies to the fraction too); None if malformed."""
+    whole, _, fraction = record.partition(".")
+    try:
+        seconds = int(whole)
+        nanos = int(fraction[:9].ljust(9, "0")) if fraction.isdigit() else 0
+    except ValueError:
+        return None
+    return seconds * NS + (-nanos if whole.lstrip().startswith("-") else nanos)
 
 
 def _rfc3339_seconds(seconds: int) -> str | None:
@@ -764,7 +771,7 @@ def estargz_modtime(ti: tarfile.TarInfo) -> str | None:
     Python's ``round`` went to the even second. A year RFC 3339 cannot hold: see
     :data:`EPOCH_RFC3339`."""
     ns = tar_mtime_ns(ti)
-    if ns == _GO_ZERO_TIME_NS or ns // NS == 0:
+    if ns == GO_ZERO_TIME_NS or ns // NS == 0:
         return None
     return _rfc3339_seconds((ns + NS // 2) // NS) or EPOCH_RFC3339
 

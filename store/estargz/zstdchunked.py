@@ -652,7 +652,11 @@ def _toc_entry(ti: tarfile.TarInfo, etype: str) -> dict[str, Any]:
     from . import writer as _w
 
     e: dict[str, Any] = {"type": etype, "name": ti.name + ("/" if etype == "dir" else "")}
-    if ti.linkname and etype in ("symlink", "hardlink"):
+    # Every field containers/storage's NewFileMetadata copies from the header, as the header
+    # this writer emits (and podman 5's tar-split) has it: podman >= 5 compares them all
+    # before a partial pull (pkg/chunked ensureFileMetadataAttributesMatch). A linkname on
+    # any type (containers/storage leaves one on whiteout files).
+    if ti.linkname:
         e["linkName"] = ti.linkname
     # Go's tar writer (buildah, podman save) puts the file-type bits in the header's mode
     # (0o40755 for a directory); the header this writer emits keeps only the low 12 bits
@@ -666,9 +670,16 @@ def _toc_entry(ti: tarfile.TarInfo, etype: str) -> dict[str, Any]:
         e["uid"] = ti.uid
     if ti.gid:
         e["gid"] = ti.gid
+    # Times as Go's timeIfNotZero leaves them: only year 1 is no time; the epoch is written
+    # (podman's partial pull leaves a file without modtime at the time it made it).
     mtime_ns = _w.tar_mtime_ns(ti)
-    if mtime_ns:  # the epoch itself is left out: a TOC without modtime reads as the epoch
+    if mtime_ns != _w.GO_ZERO_TIME_NS:
         e["modtime"] = _w.rfc3339_nano(mtime_ns)
+    for record, key in (("atime", "accesstime"), ("ctime", "changetime")):
+        value = ti.pax_headers.get(record)  # re-emitted as they are: tarfile keeps them
+        ns = None if value is None else _w.pax_time_ns(value)
+        if ns is not None and ns != _w.GO_ZERO_TIME_NS:
+            e[key] = _w.rfc3339_nano(ns)
     if etype in ("char", "block"):
         if ti.devmajor:
             e["devMajor"] = ti.devmajor

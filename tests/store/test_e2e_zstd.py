@@ -22,6 +22,7 @@ from tests.store.concurrent_pulls import pull_at_once
 from tests.store.images import (
     Blob,
     add_file,
+    add_node,
     full_blob_gets,
     make_tar,
     push,
@@ -239,16 +240,33 @@ def _trixie() -> object:
         pytest.fail(f"building runtime node trixie: {exc}")
 
 
+def _as_buildah_writes_it(tar: tarfile.TarFile) -> None:
+    """What Go-written layer tars carry and Python's tarfile never writes on its own: a
+    whiteout file with a linkname left over from an earlier header (containers/storage),
+    PAX atime/ctime records, a file at the epoch (``--timestamp 0``); the file-type bits
+    in the modes come from :func:`with_go_mode_bits`."""
+    add_node(tar, "t", tarfile.DIRTYPE)
+    add_file(tar, "t/.wh.gone", b"", linkname="t/dir2/sub")
+    add_file(
+        tar, "t/times", b"times\n", pax_headers={"atime": "1700000000.5", "ctime": "1700000001"}
+    )
+    add_file(tar, "t/epoch", b"epoch\n", mtime=0)
+    add_file(tar, "etc/hello", b"hello from upper\n")
+
+
 def test_podman_5_partial_pull_takes_our_writer_s_layers_of_go_written_tars(
     registry, tmp_path, layers
 ):
-    """A tar as Go writes it (buildah, ``podman save``: the file-type bits in each header's
-    mode) through our writer's podman 5 layout: podman 5.4 checks the TOC against the
-    tar-split before its partial pull, and every layer is "Retrieved partial blob"."""
+    """A tar as Go writes it (buildah, ``podman save``; :func:`_as_buildah_writes_it`)
+    through our writer's podman 5 layout: podman 5.4 checks every TOC field against the
+    tar-split before its partial pull (a mismatch fails the pull), every layer is "Retrieved
+    partial blob", and the file at the epoch keeps its time."""
     node = _trixie()
-    tars = [with_go_mode_bits(layers["lower"]), with_go_mode_bits(layers["upper"])]
-    with tarfile.open(fileobj=io.BytesIO(tars[1])) as t:
-        assert t.getmember("data").mode == 0o40755  # what the layer is made of
+    tars = [with_go_mode_bits(layers["lower"]), with_go_mode_bits(make_tar(_as_buildah_writes_it))]
+    with tarfile.open(fileobj=io.BytesIO(tars[1])) as t:  # what the layer is made of
+        assert t.getmember("t").mode == 0o40755
+        assert t.getmember("t/.wh.gone").linkname == "t/dir2/sub"
+        assert t.getmember("t/times").pax_headers["atime"] == "1700000000.5"
     blobs = [to_zstd_chunked_ours(tar, generation="podman5") for tar in tars]
     host = registry.host
     push(host, "zgo/img", "1", blobs)
@@ -259,6 +277,8 @@ def test_podman_5_partial_pull_takes_our_writer_s_layers_of_go_written_tars(
     ) as env:
         log = env.podman("--log-level", "debug", "pull", ref, timeout=180).stderr
         assert log.count("Retrieved partial blob") == len(blobs), log[-3000:]
+        out = env.run(ref, "/bin/stat", "-c", "%n %Y", "/t/epoch", "/t/times", timeout=120).stdout
+        assert out.split("\n")[:2] == ["/t/epoch 0", "/t/times 1700000000"], out
         assert env.run(ref, "/bin/cat", "/etc/hello", timeout=120).stdout == "hello from upper\n"
     assert full_blob_gets(registry, mark, blobs) == []
 
