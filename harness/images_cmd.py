@@ -61,9 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="remove cached builds of recipes that have changed, and images imported in an "
         "older format (what `images ls` marks stale)",
     )
-    prune.add_argument(
-        "--cache-dir", type=existing_dir, default=None, help=f"default: {CACHE_DIR_DEFAULT}"
-    )
+    prune.add_argument("--cache-dir", type=Path, default=None, help=f"default: {CACHE_DIR_DEFAULT}")
     prune.set_defaults(func=cmd_prune)
 
 

@@ -45,9 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prune",
         help="remove nodes built from older recipes, and node views a killed run left mounted",
     )
-    prune.add_argument(
-        "--cache-dir", type=existing_dir, default=None, help=f"default: {CACHE_DIR_DEFAULT}"
-    )
+    prune.add_argument("--cache-dir", type=Path, default=None, help=f"default: {CACHE_DIR_DEFAULT}")
     prune.add_argument("--all", action="store_true", help="remove the current builds too")
     prune.set_defaults(func=cmd_prune)
 

@@ -277,7 +277,7 @@ def test_a_run_directory_that_is_missing_or_a_file_is_said_so(
     assert f"{afile}: not a directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["images", "ls"], ["runtimes", "prune"], ["stores", "ls"]])
+@pytest.mark.parametrize("command", [["images", "ls"], ["runtimes", "ls"], ["stores", "ls"]])
 def test_a_mistyped_cache_dir_to_read_is_an_error_not_an_empty_listing(
     tmp_path: Path, capsys, command: list[str]
 ) -> None:
