@@ -200,10 +200,6 @@ def layout_name(
         parts.append(_ZSTD_CHUNKED_SOURCE)  # layouts made from the untrimmed tars are not reused
         if node is not None:
             parts.append(f"skopeo of node {node.directory.name}")
-        else:  # layouts of our writer from before its metadata level are not reused
-            from store.estargz.zstdchunked import METADATA_ZSTD_LEVEL
-
-            parts.append(f"metadata at zstd level {METADATA_ZSTD_LEVEL}")
     key = json.dumps(parts)
     return f"{mode}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
