@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--timeout",
         type=seconds_between(0.1, 86400),
-        default=300.0,
+        default=None,
         help="seconds the workload may take (--optimize; 0.1 to 86400, default 300)",
     )
     p.add_argument(
@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--zstd-generation",
         choices=("podman4", "podman5"),
-        default="podman4",
+        default=None,
         help="zstd:chunked layout and annotation keys podman reads: podman4 (containers/storage "
         "before 1.5x, this machine's; the default) or podman5",
     )
@@ -152,9 +152,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from harness.images.source import ImageSourceError, check_source
 
     console = make_console(stderr=True, soft_wrap=True, markup=False)
-    run_opts = (args.command, args.stdin, args.ready, args.env, args.entrypoint is not None)
+    run_opts = (
+        args.command,
+        args.stdin,
+        args.ready,
+        args.env,
+        args.entrypoint is not None,
+        args.timeout is not None,
+        args.cache_dir is not None,
+    )
     if not args.optimize and any(run_opts):
-        raise UserError("--command, --entrypoint, --stdin, --ready and --env go with --optimize")
+        raise UserError(
+            "--command, --entrypoint, --stdin, --ready, --env, --timeout and --cache-dir go "
+            "with --optimize"
+        )
+    if args.platform and args.all_platforms:
+        raise UserError("--platform picks one image of an index, --all-platforms all: give one")
+    if args.format == "estargz" and args.zstd_generation is not None:
+        raise UserError("--zstd-generation goes with --format zstd-chunked")
     if args.entrypoint == "" and not args.command:
         raise UserError(
             '--entrypoint "" clears the image\'s ENTRYPOINT, and podman then ignores its CMD '
@@ -192,7 +207,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 entrypoint=_entrypoint(args.entrypoint),
                 stdin=args.stdin,
                 ready=args.ready,
-                timeout=args.timeout,
+                timeout=300.0 if args.timeout is None else args.timeout,
                 env=env,
                 platform=args.platform,
                 cache_dir=args.cache_dir,
@@ -208,7 +223,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             read_ranges=read_ranges,
             chunk_size=args.chunk_size,
             dest_tls_verify=args.dest_tls_verify,
-            zstd_generation=args.zstd_generation,
+            zstd_generation=args.zstd_generation or "podman4",
         )
         console.print(f"convert: {args.src} → {args.dest} ({args.format})")
         report = convert_image(

@@ -209,3 +209,19 @@ def test_a_destination_that_cannot_be_written_is_refused_before_converting(
         rc, out, err = lazybench(tmp_path, "convert", src, dest)
         assert rc == 1 and problem in err, err
         assert "reading" not in out + err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        (["--timeout", "5"], "go with --optimize"),
+        (["--cache-dir", "/tmp"], "go with --optimize"),
+        (["--platform", "linux/amd64", "--all-platforms"], "give one"),
+        (["--zstd-generation", "podman5"], "goes with --format zstd-chunked"),
+    ],
+)
+def test_options_that_would_do_nothing_are_refused(
+    tmp_path: Path, extra: list[str], problem: str
+) -> None:
+    rc, _, err = lazybench(tmp_path, "convert", *extra, "oci:/x", f"oci:{tmp_path}/o")
+    assert rc == 1 and problem in err, err
