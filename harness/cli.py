@@ -174,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.run_cmd import gate_before_runs
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(gate_before_runs(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -86,10 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "compare",
         help="per workload × mode deltas between two runs; --gate fails on regressions",
     )
-    # Optional in argparse's eyes only: `--gate BASE NEW` takes BASE as its file, which
-    # cmd_compare puts back; it refuses a missing one itself.
-    compare.add_argument("base", type=Path, nargs="?", help="the reference run directory")
-    compare.add_argument("new", type=Path, nargs="?", help="the run to judge")
+    compare.add_argument("base", type=Path, help="the reference run directory")
+    compare.add_argument("new", type=Path, help="the run to judge")
     compare.add_argument(
         "--gate",
         nargs="?",
@@ -102,6 +100,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--statistic", choices=("median", "percentile"), help="override the gate's statistic"
     )
     compare.set_defaults(func=cmd_compare)
+
+
+def gate_before_runs(argv: list[str]) -> list[str]:
+    """``argv`` with ``compare --gate BASE NEW`` (flags first, as podman users write them)
+    spelled so that argparse reads it so: a bare ``--gate`` followed by a directory takes the
+    packaged gate, and the directory stays a run directory. Other command lines unchanged."""
+    if not argv or argv[0] != "compare":
+        return argv
+    out = list(argv)
+    for i, word in enumerate(out[:-1]):
+        if word == "--gate" and Path(out[i + 1]).is_dir():
+            out[i] = f"--gate={PACKAGED_GATE}"
+    return out
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -327,13 +338,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         load_gate,
     )
 
-    if args.new is None and args.gate not in (None, PACKAGED_GATE) and Path(args.gate).is_dir():
-        # `compare --gate BASE NEW`: the option took BASE for its file.
-        args.base, args.new, args.gate = Path(args.gate), args.base, PACKAGED_GATE
-    if args.base is None or args.new is None:
-        raise UserError(
-            "compare: name the two run directories: lazybench compare BASE NEW [--gate [GATE_TOML]]"
-        )
     if args.gate is None:
         gate = Gate()
     else:

@@ -302,13 +302,16 @@ def test_a_run_whose_every_measurement_failed_still_gets_a_report_listing_them(
 
 def test_compare_takes_gate_before_the_run_directories(tmp_path: Path, capsys) -> None:
     """``compare --gate BASE NEW``, flags first as podman users write them: BASE is a run
-    directory, not the gate's file; with one run directory the command says what it needs."""
+    directory, not the gate's file; the other orders keep working as before."""
     from harness.cli import main
 
     base = write_run(tmp_path / "a", {"": [30, 30.5, 29.8, 30.2], "ours": [5, 5.1, 4.9, 5.0]})
     slow = write_run(tmp_path / "b", {"": [30, 30.5, 29.8, 30.2], "ours": [9, 9.2, 9.1, 8.9]})
     assert main(["compare", "--gate", str(base), str(slow)]) == 1
     assert "FAILED" in capsys.readouterr().err
+    assert main(["compare", str(base), str(slow), "--gate"]) == 1
     assert main(["compare", "--gate", str(base), str(base)]) == 0
-    assert main(["compare", str(base)]) == 1
-    assert "name the two run directories" in capsys.readouterr().err
+    assert main(["compare", str(base), "--statistic", "median", str(slow)]) == 0
+    assert "(median)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # one run directory: argparse's usage error, as before
+        main(["compare", str(base)])
