@@ -142,26 +142,39 @@ def check_destination(dest: str, fmt: str = "estargz") -> str:
 
 
 def _check_reachable(dest: str) -> None:
-    """A ``docker://HOST:PORT/…`` destination whose port refuses connections is refused now,
-    before the conversion (a destination without a port, whose scheme and port registries.conf
-    decides, is left to skopeo)."""
+    """A ``docker://`` destination on this machine (``localhost``, a loopback address) with
+    an explicit port that refuses connections is refused now, before the conversion: the
+    usual local registry not started. Any other destination is left to skopeo (a proxy, the
+    registries.conf scheme and port, name resolution: skopeo knows them, a probe here does
+    not)."""
+    import ipaddress
     import socket
     from urllib.parse import urlsplit
 
+    first, slash, _ = split_transport(dest)[1].lstrip("/").partition("/")
     try:
-        url = urlsplit("//" + split_transport(dest)[1].lstrip("/").split("/", 1)[0])
+        url = urlsplit("//" + first)
         host, port = url.hostname, url.port
     except ValueError:
         return
-    if not host or port is None:
+    if not slash or not host or port is None:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: not this machine's
+        return
+    if not loopback:
         return
     try:
         socket.create_connection((host, port), timeout=10).close()
-    except OSError as exc:
+    except ConnectionRefusedError:
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise ConvertError(
-            f"destination {dest}: registry {host}:{port} cannot be reached "
-            f"({exc.strerror or exc}): start it, or check the host and port"
+            f"destination {dest}: nothing listens on {shown} (connection refused): start "
+            "the registry, or check the port"
         ) from None
+    except OSError:  # anything else (a firewall, a timeout): skopeo will say
+        return
 
 
 def convert_image(

@@ -202,7 +202,8 @@ def test_a_destination_that_cannot_be_written_is_refused_before_converting(
 ) -> None:
     src = f"docker-archive:{image}"
     for dest, problem in (
-        ("docker://127.0.0.1:9/app:esgz", "registry 127.0.0.1:9 cannot be reached"),
+        ("docker://127.0.0.1:9/app:esgz", "nothing listens on 127.0.0.1:9"),
+        ("docker://[::1]:9/app:esgz", "nothing listens on [::1]:9"),
         (f"oci-archive:{tmp_path}/no/dir/x.tar", f"directory {tmp_path}/no/dir does not exist"),
         (f"oci:{tmp_path}/no/layout:latest", f"directory {tmp_path}/no does not exist"),
     ):
