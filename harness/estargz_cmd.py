@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--zstd-for",
         dest="zstd_generation",
         choices=("podman4", "podman5"),
-        default="podman4",
+        default=None,
         help="zstd:chunked layout: podman 4.3's (io.containers. keys; the default, as "
         "`lazybench convert`'s) or podman 5's (tar-split, io.github.containers. keys; the one "
         "podman >= 5.1 looks up by TOC digest)",
@@ -113,6 +113,8 @@ def _read_prioritized(path: str | None) -> list[str]:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.format == "estargz" and args.zstd_generation is not None:
+        raise UserError("--zstd-generation goes with --format zstd-chunked")
     prioritized = _read_prioritized(args.prioritized_files)
     level = _level(args)
     out_path = Path(args.output)
@@ -139,7 +141,7 @@ def _convert(args: argparse.Namespace) -> int:
                 result = write_zstd_chunked(
                     src,
                     out,
-                    generation=args.zstd_generation,
+                    generation=args.zstd_generation or "podman4",
                     chunk_size=args.chunk_size or DEFAULT_ZSTD_CHUNK_SIZE,
                     level=level,
                     prioritized_files=prioritized,

@@ -311,12 +311,14 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
 
 def split_host_port(value: str) -> tuple[str, int]:
     """``HOST:PORT`` as Go's ``net.SplitHostPort`` takes it (an IPv6 host in brackets,
-    ``:PORT`` for every address) -> (host, port); the port in 1..65535. Raises ValueError."""
+    ``:PORT`` for every address) -> (host, port); the port a number 0..65535 (0: any free
+    one; a service name such as ``:http``, which Go's ``net.Listen`` also takes, is not
+    taken here). Raises ValueError."""
     host, sep, port = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or "[" in host:
-        raise ValueError(f"expected HOST:PORT with a port in 1..65535, got {value!r}")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536 or "[" in host:
+        raise ValueError(f"expected HOST:PORT with a numeric port 0..65535, got {value!r}")
     return host, int(port)
 
 

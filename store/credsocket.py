@@ -56,8 +56,13 @@ def check_socket_path(path: Path) -> None:
     probe.settimeout(2.0)
     try:
         probe.connect(str(path))
-    except OSError:  # ECONNREFUSED: nobody listens, a stale socket
+    except (ConnectionRefusedError, FileNotFoundError):  # nobody listens: a stale socket
         return
+    except OSError as exc:  # EACCES, a timeout on a full backlog: not known to be stale
+        raise SocketPathError(
+            f"credential socket {path}: cannot tell whether a store listens there "
+            f"({exc.strerror or exc}): stop it or remove the socket, or give another --addr"
+        ) from None
     finally:
         probe.close()
     raise SocketPathError(
@@ -118,7 +123,7 @@ async def serve_credentials(
     then serves without it, with the auth files' credentials only (also when ``path`` is not
     free, :func:`check_socket_path`). Removes its socket on exit, not one bound there since."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    mine: int | None = None  # the inode bound: only that socket is removed on exit
+    mine: tuple[int, int] | None = None  # (device, inode) bound: only it is removed on exit
     try:
         check_socket_path(path)
         path.unlink(missing_ok=True)  # a socket left by an earlier store
@@ -127,7 +132,8 @@ async def serve_credentials(
             await sock.bind(str(path))
         finally:
             os.umask(old)
-        mine = os.lstat(path).st_ino
+        bound = os.lstat(path)
+        mine = (bound.st_dev, bound.st_ino)
         os.chmod(path, 0o600)
         sock.listen(16)
     except (OSError, SocketPathError) as exc:
@@ -145,5 +151,6 @@ async def serve_credentials(
                     nursery.start_soon(_handle, stream, credentials)
     finally:
         with contextlib.suppress(OSError):
-            if os.lstat(path).st_ino == mine:
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) == mine:
                 path.unlink()

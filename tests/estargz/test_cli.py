@@ -210,3 +210,12 @@ def test_an_output_of_dash_or_in_a_missing_directory_is_one_line(tmp_path: Path)
     res = run_lazybench_process("estargz", "convert", str(src), str(missing))
     _assert_one_line_error(res, f"directory {missing.parent} does not exist")
     assert not (tmp_path / "nodir").exists()
+
+
+def test_a_zstd_generation_with_estargz_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "in.tar"
+    _small_tar(src)
+    res = run_lazybench_process(
+        "estargz", "convert", str(src), str(tmp_path / "o"), "--zstd-generation", "podman5"
+    )
+    _assert_one_line_error(res, "--zstd-generation goes with --format zstd-chunked")

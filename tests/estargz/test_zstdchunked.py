@@ -179,8 +179,8 @@ def test_writer_round_trip_both_layouts(generation):
 
 @pytest.mark.parametrize("generation", ["podman4", "podman5"])
 def test_the_toc_is_compressed_harder_than_the_data(generation):
-    """The TOC, which every lazy pull fetches first, is written at METADATA_ZSTD_LEVEL (as is
-    podman 5's tar-split); the data frames at the layer's level."""
+    """The TOC, which every lazy pull fetches first, is written at METADATA_ZSTD_LEVEL, not
+    at the layer's level (podman 5's tar-split, written the same way, is not checked here)."""
     files = [(f"dir{i % 7}/file{i}", f"{i}\n".encode()) for i in range(400)]
     out = io.BytesIO()
     res = E.write_zstd_chunked(io.BytesIO(_tar(files)), out, generation=generation, level=3)

@@ -61,7 +61,8 @@ def test_go_config_loads(tmp_path: Path) -> None:
         ({"toc_max_bytes": 0}, "'toc_max_bytes' must be positive"),
         ({"toc_max_entries": "many"}, "'toc_max_entries' must be int"),
         ({"metrics_address": "notaport"}, "'metrics_address': expected HOST:PORT"),
-        ({"metrics_address": "127.0.0.1:99999"}, "port in 1..65535"),
+        ({"metrics_address": "127.0.0.1:99999"}, "numeric port 0..65535"),
+        ({"metrics_address": ":http"}, "numeric port 0..65535"),
     ],
 )
 def test_bad_keys_are_named(data: dict, message: str) -> None:
@@ -379,7 +380,9 @@ def test_root_and_chunk_cache_are_private_to_the_store(tmp_path: Path) -> None:
     assert (old / CACHE_DIR).stat().st_mode & 0o777 == 0o700
 
 
-@pytest.mark.parametrize("value", ["127.0.0.1:9999", ":9999", "[::1]:9999", "localhost:1"])
+@pytest.mark.parametrize(
+    "value", ["127.0.0.1:9999", ":9999", "[::1]:9999", "localhost:1", "127.0.0.1:0"]
+)
 def test_metrics_addresses_go_takes_are_taken(value: str) -> None:
     assert parse_config({"metrics_address": value}).metrics_address == value
 
