@@ -148,6 +148,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def zstd_generation(fmt: str, given: str | None) -> str:
+    """The zstd:chunked generation a convert command writes: ``--zstd-generation`` as
+    ``given``, else the writer's default (podman 4.3's); :class:`UserError` when it is given
+    with a format it does not apply to."""
+    from store.estargz.zstdchunked import DEFAULT_GENERATION
+
+    if given is not None and fmt != "zstd-chunked":
+        raise UserError("--zstd-generation goes with --format zstd-chunked")
+    return given or DEFAULT_GENERATION
+
+
 def seconds_between(low: float, high: float):  # type: ignore[no-untyped-def]
     """An argparse ``type``: a number of seconds in ``[low, high]``, else a usage error."""
 

@@ -22,6 +22,7 @@ from harness.cli import (
     positive_int,
     require_root,
     seconds_between,
+    zstd_generation,
 )
 
 
@@ -168,8 +169,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
     if args.platform and args.all_platforms:
         raise UserError("--platform picks one image of an index, --all-platforms all: give one")
-    if args.format == "estargz" and args.zstd_generation is not None:
-        raise UserError("--zstd-generation goes with --format zstd-chunked")
+    generation = zstd_generation(args.format, args.zstd_generation)
     if args.entrypoint == "" and not args.command:
         raise UserError(
             '--entrypoint "" clears the image\'s ENTRYPOINT, and podman then ignores its CMD '
@@ -207,7 +207,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 entrypoint=_entrypoint(args.entrypoint),
                 stdin=args.stdin,
                 ready=args.ready,
-                timeout=300.0 if args.timeout is None else args.timeout,
+                **({} if args.timeout is None else {"timeout": args.timeout}),
                 env=env,
                 platform=args.platform,
                 cache_dir=args.cache_dir,
@@ -223,7 +223,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             read_ranges=read_ranges,
             chunk_size=args.chunk_size,
             dest_tls_verify=args.dest_tls_verify,
-            zstd_generation=args.zstd_generation or "podman4",
+            zstd_generation=generation,
         )
         console.print(f"convert: {args.src} → {args.dest} ({args.format})")
         report = convert_image(

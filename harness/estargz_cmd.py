@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from harness.cli import LAYER_FORMATS, UserError, layer_format, positive_int
+from harness.cli import LAYER_FORMATS, UserError, layer_format, positive_int, zstd_generation
 from store.estargz import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
@@ -113,8 +113,7 @@ def _read_prioritized(path: str | None) -> list[str]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    if args.format == "estargz" and args.zstd_generation is not None:
-        raise UserError("--zstd-generation goes with --format zstd-chunked")
+    generation = zstd_generation(args.format, args.zstd_generation)
     prioritized = _read_prioritized(args.prioritized_files)
     level = _level(args)
     out_path = Path(args.output)
@@ -141,7 +140,7 @@ def _convert(args: argparse.Namespace) -> int:
                 result = write_zstd_chunked(
                     src,
                     out,
-                    generation=args.zstd_generation or "podman4",
+                    generation=generation,
                     chunk_size=args.chunk_size or DEFAULT_ZSTD_CHUNK_SIZE,
                     level=level,
                     prioritized_files=prioritized,

@@ -54,6 +54,7 @@ from harness.images.source import (
     wanted_platform,
 )
 from harness.images.transports import TransportError, local_path, split_transport
+from store.estargz.zstdchunked import DEFAULT_GENERATION
 
 if TYPE_CHECKING:
     from harness.trace import TracedFile
@@ -95,7 +96,7 @@ class ConvertOptions:
     dest_tls_verify: bool | None = None  # None: off for a loopback registry, else as configured
     # zstd:chunked layout and annotation keys: podman4 (containers/storage < 1.5x, io.containers.)
     # or podman5 (tar-split frame, io.github.containers.); see store.estargz.zstdchunked.
-    zstd_generation: str = "podman4"
+    zstd_generation: str = DEFAULT_GENERATION
     workers: int | None = None  # layer conversions at once (default: every core)
 
 

@@ -107,6 +107,8 @@ CHUNK_TYPES = ("", "zeros")
 ZSTD_COMPRESSION = 4
 
 Generation = Literal["podman4", "podman5"]
+# What a writer makes when not told: podman 4.3's layout (this machine's podman).
+DEFAULT_GENERATION: Generation = "podman4"
 # A position field: ASCII digits that fit a u64, as Go's strconv.ParseUint reads them
 # (str.isdigit also takes "²", which int() refuses, and int() refuses 4301 digits).
 _DECIMAL = re.compile(r"[0-9]{1,20}")
@@ -467,7 +469,7 @@ def write_zstd_chunked(
     tar_in: BinaryIO,
     out: BinaryIO,
     *,
-    generation: Generation = "podman4",
+    generation: Generation = DEFAULT_GENERATION,
     prioritized_files: Iterable[str] = (),
     chunk_size: int = DEFAULT_ZSTD_CHUNK_SIZE,
     level: int = DEFAULT_ZSTD_LEVEL,
