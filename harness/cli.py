@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import store
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -178,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lazybench", description="Measure lazy pulling of container images."
     )
+    parser.add_argument("--version", action="version", version=f"lazybench {store.version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

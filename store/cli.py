@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from store import version
 from store.config import DEFAULT_ROOT, ConfigError, StoreConfig, load_config
 from store.registry.hosts import DEFAULT_REQUEST_TIMEOUT
 
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     p.add_argument("-h", "--help", "-help", action="help", help="show this help and exit")
+    p.add_argument(
+        "--version",
+        "-version",
+        action="version",
+        version=f"stargz-store (lazybench) {version()}",
+        help="print the version and exit",
+    )
     p.add_argument(
         "--config",
         "-config",

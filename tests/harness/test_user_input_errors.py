@@ -285,3 +285,15 @@ def test_a_mistyped_cache_dir_to_read_is_an_error_not_an_empty_listing(
         main([*command, "--cache-dir", str(tmp_path / "nope")])
     assert exc.value.code == 2
     assert f"no such directory: {tmp_path / 'nope'}" in capsys.readouterr().err
+
+
+# -- the command line itself ------------------------------------------------------------------
+
+
+def test_version_is_the_installed_distribution_s(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lazybench {version('lazybench')}"

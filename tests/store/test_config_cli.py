@@ -226,6 +226,16 @@ def test_help_spellings(flag: str, capsys) -> None:
     assert exc.value.code == 0 and "MOUNTPOINT" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag", ["--version", "-version"])
+def test_version_spellings(flag: str, capsys) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main([flag])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"stargz-store (lazybench) {version('lazybench')}"
+
+
 def test_unknown_flag_is_refused(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--no-such-flag", "m"])
