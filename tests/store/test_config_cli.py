@@ -100,7 +100,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
         main(["--config", str(empty), "--root", str(tmp_path / "r"), str(tmp_path / "file" / "m")])
         == 1
     )
-    assert "file/m: Not a directory" in capsys.readouterr().err
+    assert f"file/m: {tmp_path / 'file'} is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.e2e
@@ -260,6 +261,24 @@ def test_missing_mountpoint_is_created(tmp_path: Path) -> None:
 
     prepare_mountpoint(tmp_path / "a" / "mnt")
     assert (tmp_path / "a" / "mnt").is_dir()
+
+
+@pytest.mark.parametrize("where", ["file", "file/mnt", "file/a/mnt"])
+def test_a_mountpoint_that_is_or_lies_under_a_file_is_refused_before_the_root_is_made(
+    tmp_path: Path, where: str, capsys
+) -> None:
+    from store.cli import main
+
+    (tmp_path / "file").write_text("x")
+    root = tmp_path / "root"
+    assert main(["--config", "", "--root", str(root), str(tmp_path / where)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    if where == "file":
+        assert f"mountpoint {tmp_path / 'file'} is not a directory" in err
+    else:
+        assert f"cannot create mountpoint {tmp_path / where}: {tmp_path / 'file'} is not a" in err
+    assert not root.exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
