@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from harness.cli import UserError
+from harness.cli import UserError, check_writable_dir
 from harness.limit import read_limits, write_limits
 from harness.records import (
     ENVIRONMENT,
@@ -54,8 +54,11 @@ def merge_runs(out: Path, run_dirs: list[Path]) -> Path:
     if not run_dirs:
         raise UserError("merge: name at least one RUN_DIR")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; merge into a new directory")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty; merge into a new directory")
+    check_writable_dir(out.absolute().parent, "merge: OUT's parent")
     run_dirs = [Path(d) for d in run_dirs]
     named: dict[Path, Path] = {}
     for d in run_dirs:

@@ -402,7 +402,7 @@ def prepare(root: Path, mountpoint: Path, addr: Path | None = None) -> Path:
     """Check and make what the store needs before it mounts: no live mount on ``mountpoint``,
     no file on it or in its way (:func:`refuse_unmakeable_mountpoint`) and a credential
     socket path (``addr``, default ``<root>/store.sock``) the store may take
-    (:func:`store.credsocket.check_socket_path`), both checked first so a refusal makes
+    (:func:`store.credsocket.check_socket_path`), all checked first so a refusal makes
     nothing; ``root`` (before the mountpoint, which may lie in it, as by default: then the
     root is made 0700, not the mountpoint's 0755), then the mountpoint. Returns the
     mountpoint as the mount table names it (a symbolic link resolved). Raises

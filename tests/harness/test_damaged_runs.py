@@ -261,8 +261,10 @@ def test_merge_into_a_place_it_cannot_write_is_a_user_error(tmp_path: Path) -> N
     run = make_run(tmp_path / "run")
     (run / SCENARIO_COPY).write_text(json.dumps(read_environment(run)["scenario"]))
     (tmp_path / "file").write_text("")  # a file where the output's parent should be
-    with pytest.raises(UserError, match=r"merge: .*file"):
+    with pytest.raises(UserError, match=r"merge: .*file: not a writable directory \(Not a dir"):
         merge_runs(tmp_path / "file" / "out", [run])
+    with pytest.raises(UserError, match=r"file: exists and is not a directory"):
+        merge_runs(tmp_path / "file", [run])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]
 
 
