@@ -20,7 +20,10 @@ Layout follows the Go writer (containerd/stargz-snapshotter ``estargz.Writer``/`
   footer, decompressed;
 * a name that appears more than once in the input is written once, as extracting the input
   would leave it (the later entry wins; see :func:`_extracted`), so ``tar -xf`` of the output,
-  the TOC and a normal pull of either agree whatever the order of entries.
+  the TOC and a normal pull of either agree whatever the order of entries;
+* a modification time with a fraction of a second is written in the tar header as the whole
+  second the TOC holds (:func:`toc_time_header`): an eStargz TOC has whole seconds only, and
+  a normal pull (the header's time) and a lazy pull (the TOC's) must show the same time.
 
 Members are independent, so they are compressed in a thread pool (``compress`` releases the
 GIL) and written in order. Deflate comes from zlib-ng when installed (a dependency): its level
@@ -555,7 +558,7 @@ class _LayerWriter:
         etype = _TYPES.get(ti.type)
         if etype is None:
             raise InvalidLayerTar(f"{ti.name!r}: tar entry type {ti.type!r} is not supported")
-        self.m.write(_header(ti))
+        self.m.write(_header(toc_time_header(ti)))
         entry = self._toc_entry(ti, etype)
         self.entries.append(entry)
         if etype != "reg":
@@ -774,6 +777,28 @@ def estargz_modtime(ti: tarfile.TarInfo) -> str | None:
     if ns == GO_ZERO_TIME_NS or ns // NS == 0:
         return None
     return _rfc3339_seconds((ns + NS // 2) // NS) or EPOCH_RFC3339
+
+
+def toc_time_header(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+    """``ti``, or a copy of it whose time is the whole second its TOC ``modtime`` holds
+    (:func:`estargz_modtime`; the epoch where that is left out) when its own time has a
+    fraction of a second. The TOC cannot hold the fraction, and the header is what a normal
+    pull of the blob extracts: with both at the TOC's time, the lazy view (store/tree.py)
+    and a normal pull agree (a header at 12:00:00.7 gave 12:00:00.7 extracted, 12:00:01
+    lazily). Whole-second times are left as they are (the TOC holds them, or both views
+    clamp them to the epoch)."""
+    if tar_mtime_ns(ti) % NS == 0:
+        return ti
+    modtime = estargz_modtime(ti)
+    seconds = 0
+    if modtime is not None:
+        seconds = int(
+            (datetime.fromisoformat(modtime.replace("Z", "+00:00")) - _EPOCH).total_seconds()
+        )
+    out = copy.copy(ti)
+    out.mtime = seconds
+    out.pax_headers = {k: v for k, v in ti.pax_headers.items() if k != "mtime"}
+    return out
 
 
 def rfc3339_nano(ns: int) -> str:

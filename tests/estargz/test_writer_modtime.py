@@ -9,6 +9,7 @@ the time a normal pull gives such a file (containers/storage ``pkg/system.Chtime
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import subprocess
@@ -183,3 +184,35 @@ def test_estargz_modtimes_agree_with_the_go_writer(gowrite: Path, tmp_path: Path
     ours = EstargzReader(BytesBlobSource(out.getvalue()), res.toc_digest)
     assert _toc_modtimes(ours) == _toc_modtimes(go)
     assert {n: _toc_modtimes(go)[n] for n in names} == {n: ESTARGZ[p] for n, p in names.items()}
+
+
+def test_a_fraction_of_a_second_is_the_tocs_whole_second_in_the_header_too() -> None:
+    """A normal pull of an eStargz blob extracts its tar headers' times; the store shows the
+    TOC's, which has whole seconds only. A header that kept its fraction gave a file
+    12:00:00.25 in a normal pull and 12:00:00 lazily (a directory at .7 gave 12:00:01): the
+    writer writes the TOC's second in the header. The TOC is still the Go writer's."""
+    files = {"f": f"{T}.25", "g": f"{T}.75", "h": "0.75", "n": "-5.25", "w": f"{T}"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, pax in files.items():
+            ti = _entry(pax, name)
+            ti.size, ti.mode = 2, 0o644
+            tar.addfile(ti, io.BytesIO(b"x\n"))
+        for name, kind in (("d", tarfile.DIRTYPE), ("l", tarfile.SYMTYPE)):
+            ti = _entry(f"{T}.7", name)
+            ti.type, ti.linkname = kind, "f" if kind == tarfile.SYMTYPE else ""
+            tar.addfile(ti)
+    out = io.BytesIO()
+    res = convert(io.BytesIO(buf.getvalue()), out)
+    reader = EstargzReader(BytesBlobSource(out.getvalue()), res.toc_digest)
+    tree = LayerTree(reader.index)
+    headers = {
+        ti.name: tar_mtime_ns(ti)
+        for ti in _read_back(gzip.decompress(out.getvalue())).values()
+        if ti.name in {"f", "g", "h", "n", "w", "d", "l"}
+    }
+    shown = {name: tree.mtime_ns(reader.lookup(name).modtime) for name in headers}
+    assert headers == shown
+    assert headers["f"] == T * NS and headers["g"] == headers["d"] == (T + 1) * NS
+    assert headers["h"] == 0 and headers["n"] == -5 * NS and headers["w"] == T * NS
+    assert _toc_modtimes(reader)["f"] == ESTARGZ[f"{T}.25"]
