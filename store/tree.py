@@ -321,6 +321,10 @@ class LayerTree:
             # link to, and a link named like a whiteout is a whiteout).
             if _base(name).startswith(WHITEOUT_PREFIX) != _base(e.name).startswith(WHITEOUT_PREFIX):
                 raise TreeError(f"{name!r}: a hardlink to {e.name!r} (a whiteout on one side)")
+            # Likewise a whiteout linked to an opaque marker: its name showed a 0:0 device, its
+            # inode number (the marker's entry, not shown as a whiteout) the marker's own type.
+            if _base(e.name) == OPAQUE_MARKER and _base(name) != OPAQUE_MARKER:
+                raise TreeError(f"{name!r}: a hardlink to {e.name!r} (an opaque marker)")
 
     def mtime_ns(self, modtime: str) -> int:
         """Nanoseconds since the epoch of a TOC ``modtime`` (RFC 3339; 0 when absent or bad).

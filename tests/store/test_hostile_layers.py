@@ -391,6 +391,16 @@ def test_a_hardlink_between_a_whiteout_and_a_file_is_refused(
     _tree_refused(mounted, entries, "a whiteout on one side")
 
 
+def test_a_whiteout_hardlinked_to_an_opaque_marker_is_refused(mounted: MountedStore) -> None:
+    # Served, a lookup of d/x gave a 0:0 character device (the whiteout) and a getattr of
+    # its inode number, once the attributes expired, the marker entry's device 1:3.
+    entries = [
+        {"name": ".wh..wh..opq", "type": "char", "mode": 0o666, "devMajor": 1, "devMinor": 3},
+        {"name": "d/.wh.x", "type": "hardlink", "linkName": ".wh..wh..opq"},
+    ]
+    _tree_refused(mounted, entries, "(an opaque marker)")
+
+
 def test_a_blob_whose_bytes_were_changed_is_not_served(mounted: MountedStore) -> None:
     # The first gzip member's header MTIME changed in the registry's copy: every chunk still
     # inflates to bytes that match its chunkDigest, so files read right; only the layer

@@ -224,6 +224,30 @@ def test_a_hardlink_between_a_whiteout_and_a_file_is_refused(entries):
         LayerTree(index)
 
 
+def test_a_whiteout_hardlinked_to_an_opaque_marker_is_refused():
+    # Served, the lookup of d/x gave a 0:0 character device (a whiteout) and a getattr of
+    # the same inode number the marker entry's own type and device numbers (here 1:3).
+    entries = [
+        {"name": ".wh..wh..opq", "type": "char", "devMajor": 1, "devMinor": 3},
+        {"name": "d/.wh.x", "type": "hardlink", "linkName": ".wh..wh..opq"},
+    ]
+    index = LayerIndex.from_entries(entries, toc_offset=100, compression="gzip")
+    with pytest.raises(TreeError, match=r"\(an opaque marker\)"):
+        LayerTree(index)
+
+
+def test_an_opaque_marker_hardlinked_to_a_whiteout_shows_both():
+    # The link is hidden (a marker, as extraction takes it by its name); no inode shows two ways.
+    entries = [
+        {"name": ".wh.x", "type": "fifo"},
+        {"name": "d/.wh..wh..opq", "type": "hardlink", "linkName": ".wh.x"},
+    ]
+    t = LayerTree(LayerIndex.from_entries(entries, toc_offset=100, compression="gzip"))
+    assert t.lookup_path("d").opaque and stat.S_ISCHR(t.lookup_path("x").mode)
+    for _, node in t.walk():
+        assert node.mode == t.nodes[node.index].mode and node.rdev == t.nodes[node.index].rdev
+
+
 def test_every_name_of_an_inode_shows_one_type():
     entries = [
         {"name": "f", "type": "reg"},
