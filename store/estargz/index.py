@@ -14,8 +14,9 @@ containers/storage's layer extraction) applies members, with the Go reader's con
   every data offset must lie before the TOC (:class:`TocOutOfRange`);
 * ``userName``/``groupName`` missing for a non-zero uid/gid carry forward from the last entry
   that named that id (the writer omits repeats);
-* directories the TOC never names but that hold entries are created (mode 0755); an entry
-  under a name that is not a directory (at that point) is refused;
+* directories the TOC never names but that hold entries are created (mode 0755), at most
+  ``max_entries`` of them holding ``max_bytes`` of names (the TOC's limits); an entry under a
+  name that is not a directory (at that point) is refused;
 * a whiteout under a name this layer whited out (the first missing directory of its path has
   ``.wh.<dir>`` beside it, at any depth) is ignored, and so is an opaque marker right in such
   a directory, as containers/storage's overlay extraction ignores them (pkg/archive
@@ -441,12 +442,14 @@ class LayerIndex:
         """Apply TOC entries in order, as ``tar -x`` applies members (module doc): decoded
         JSON objects, checked field by field, or :class:`~store.estargz.toc.RawEntry`
         records msgspec already typed. A chunk larger than ``limits.max_chunk_bytes`` is
-        refused. The garbage collector is paused meanwhile (:data:`gc_paused`, module doc)."""
+        refused, and so are directories the TOC never names past ``limits.max_entries`` of
+        them or ``limits.max_bytes`` of their names (:meth:`_Builder._implicit`). The
+        garbage collector is paused meanwhile (:data:`gc_paused`, module doc)."""
         idx = cls()
         idx.toc_offset = toc_offset
         idx.compression = compression
         with gc_paused():
-            _Builder(idx, limits.max_chunk_bytes).run(raw_entries)
+            _Builder(idx, limits.max_chunk_bytes, limits).run(raw_entries)
         return idx
 
 
@@ -512,9 +515,18 @@ def _landmark_end(offset: int, toc_offset: int, where: Where) -> int:
 class _Builder:
     """Applies entries one by one to a :class:`LayerIndex`, validating each."""
 
-    def __init__(self, idx: LayerIndex, max_chunk: int = DEFAULT_LIMITS.max_chunk_bytes) -> None:
+    def __init__(
+        self,
+        idx: LayerIndex,
+        max_chunk: int = DEFAULT_LIMITS.max_chunk_bytes,
+        limits: TocLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.idx = idx
         self.max_chunk = max_chunk
+        self.limits = limits
+        # What implicit directories (_dir) may still take: their number, their names' bytes
+        self.implicit_left = limits.max_entries
+        self.implicit_bytes_left = limits.max_bytes
         self.unames: dict[int, str] = {}
         self.gnames: dict[int, str] = {}
         self.ints: dict[int, int] = {}
@@ -727,6 +739,7 @@ class _Builder:
             path = f"{path}/{part}" if path else part
             child = e.children.get(part)
             if child is None:
+                self._implicit(path, where)
                 child = Entry(name=path, type="dir", mode=0o755, nlink=2, implicit=True)
                 if e is not self.idx.root and (
                     id(e) in self.setgid_implicit if e.implicit else e.mode & _S_ISGID
@@ -740,6 +753,21 @@ class _Builder:
             e = child
         self.last_dir = (name, e)
         return e
+
+    def _implicit(self, path: str, where: Where) -> None:
+        """Count the implicit directory ``path`` against the TOC's limits: each holds its
+        whole path, so one 4 KB name ``x1/a/a/…/f`` made 2,000 of them holding 4 MB of
+        names, and 800 KB of such TOC entries took 950 MB (entries and names, which the caps
+        on TOC entries and bytes never saw). A layer's real implicit directories are far
+        fewer than its entries, their names shorter than its TOC."""
+        self.implicit_left -= 1
+        self.implicit_bytes_left -= len(path)
+        if self.implicit_left < 0 or self.implicit_bytes_left < 0:
+            raise InvalidToc(
+                f"{where}the directories the TOC never names are over the limit on TOC "
+                f"entries ({self.limits.max_entries}) or TOC bytes ({self.limits.max_bytes}) "
+                "in their number or the bytes of their names"
+            )
 
     def _attach(self, parent: Entry, base: str, e: Entry) -> None:
         old = parent.children.get(base)

@@ -268,6 +268,18 @@ def test_deep_nesting_builds_without_recursion() -> None:
     assert idx.lookup(deep) is not None and len(idx.entries) == 2002
 
 
+def test_directories_the_toc_never_names_count_against_the_toc_limits() -> None:
+    # Each implicit directory holds its whole path: 200 entries "x<k>/a/a/…/f" (800 KB of
+    # TOC) made 400,000 of them holding 800 MB of names, and the build took 950 MB.
+    deep = [{"name": f"x{k}/" + "a/" * 2000 + "f", "type": "reg"} for k in range(200)]
+    with pytest.raises(InvalidToc, match="directories the TOC never names are over the limit"):
+        build(deep, TocLimits(max_bytes=8 << 20))
+    many = [{"name": f"d{k}/e/f", "type": "reg"} for k in range(11)]  # two directories each
+    with pytest.raises(InvalidToc, match="directories the TOC never names are over the limit"):
+        build(many, TocLimits(max_entries=20))
+    assert len(build(many[:10], TocLimits(max_entries=20)).entries) == 31
+
+
 def test_entry_cap_stops_decoding_early() -> None:
     entries = [{"name": f"f{i}", "type": "reg"} for i in range(1000)]
     with pytest.raises(InvalidToc, match="more than 100 entries"):

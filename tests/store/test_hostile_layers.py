@@ -236,6 +236,18 @@ def test_entry_cap_alone_refuses(mounted: MountedStore) -> None:
     assert isinstance(got, InvalidToc) and f"more than {MAX_ENTRIES} entries" in str(got), got
 
 
+def test_deep_names_under_new_directories_are_refused_in_bounded_memory(
+    mounted: MountedStore,
+) -> None:
+    # Each directory the TOC does not name is made with its whole path: 400 entries
+    # "x<k>/a/a/…/f" (1.6 MB of TOC) made 800,000 directories holding 1.6 GB of names.
+    entries = [{"name": f"x{k}/" + "a/" * 2000 + "f", "type": "reg"} for k in range(400)]
+    before = vm_hwm_mb(mounted)
+    got = refused(mounted, with_toc(b"", json.dumps({"version": 1, "entries": entries}).encode()))
+    assert isinstance(got, InvalidToc) and "directories the TOC never names" in str(got), got
+    assert vm_hwm_mb(mounted) - before < 100
+
+
 def test_toc_byte_cap_refuses_a_huge_toc(mounted: MountedStore) -> None:
     entry = {"name": "x", "type": "reg", "xattrs": {"user.pad": "QUFB" * (3 << 20)}}
     got = refused(mounted, with_toc(b"", json.dumps({"version": 1, "entries": [entry]}).encode()))
