@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import stat
+import time
 
 import pytest
 
@@ -309,6 +310,23 @@ def test_every_link_headers_xattrs_are_set_on_the_shared_inode():
     plain = _raw_tree([{"name": "a", "type": "reg", "xattrs": {"user.q": _b64(b"1")}},
                        {"name": "b", "type": "hardlink", "linkName": "a"}])  # fmt: skip
     assert plain.lookup_path("b").xattrs == {b"user.q": b"1"}
+
+
+def test_many_link_headers_with_xattrs_build_in_linear_time():
+    # Each header's xattrs were merged into a fresh copy of all the earlier ones: 80,000
+    # links to one file, each naming its own xattr (7 MB of TOC), held the GIL for 18 s.
+    n = 60_000
+    entries = [{"name": "f", "type": "reg", "xattrs": {"user.f": _b64(b"0")}}]
+    entries += [
+        {"name": f"h{k}", "type": "hardlink", "linkName": "f", "xattrs": {f"user.{k}": "eQ=="}}
+        for k in range(n)
+    ]
+    start = time.monotonic()
+    index = LayerIndex.from_entries(entries, toc_offset=100, compression="gzip")
+    assert time.monotonic() - start < 3
+    assert index.lookup("f").xattrs == {"user.f": b"0"}  # the target's own stay its own
+    node = LayerTree(index).lookup_path("h7")
+    assert len(node.xattrs) == n + 1 and node.xattr(b"user.7") == b"y"
 
 
 def test_a_symlink_is_0777_and_a_link_header_naming_it_sets_no_mode_or_time():
