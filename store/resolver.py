@@ -612,9 +612,11 @@ class LayerManager:
             "diff-digest": desc.diff_id,
             "compression": desc.compression,
         }
-        size = desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION)
-        if size is not None and size.isdigit():
-            info["diff-size"] = int(size)
+        size = _uncompressed_size(
+            desc.annotations.get(UNCOMPRESSED_SIZE_ANNOTATION), f"layer {desc.digest} of {ref}"
+        )
+        if size is not None:
+            info["diff-size"] = size
         elif desc.zstd_chunked is not None and self.config.zstd_measure_diff_size:
             # No annotation carries a zstd:chunked tar's size, and podman 4.3's `podman save`
             # needs it: without it (0) save writes a 0-byte tar entry ("write too long"); -1
@@ -838,6 +840,25 @@ class LayerManager:
             "released": list(self.released),
             "cache_bytes": self.cache.total_bytes,
         }
+
+
+def _uncompressed_size(value: str | None, where: str) -> int | None:
+    """The layer descriptor's uncompressed-size annotation as ``info``'s ``diff-size``: a
+    decimal int64 (ASCII digits: ``str.isdigit`` takes ``²``, which ``int`` refuses, and
+    ``int`` refuses more than 4,300 digits), else None (``info`` then carries none, as for a
+    layer without the annotation), with a warning naming it. A hint only: nothing is served
+    by it."""
+    if value is None:
+        return None
+    if value.isascii() and value.isdigit() and len(value) <= 19 and int(value) < 1 << 63:
+        return int(value)
+    log.warning(
+        "%s: annotation %s is %r, not a byte count: info carries no diff-size",
+        where,
+        UNCOMPRESSED_SIZE_ANNOTATION,
+        value[:80],
+    )
+    return None
 
 
 def _malloc_trim() -> None:

@@ -413,6 +413,36 @@ def test_a_whiteout_hardlinked_to_an_opaque_marker_is_refused(mounted: MountedSt
     _tree_refused(mounted, entries, "(an opaque marker)")
 
 
+@pytest.mark.parametrize(
+    "size",
+    ["\u00b2", "9" * 5000, "9" * 25, "-5", " 42"],
+    ids=["superscript-two", "5000-digits", "past-int64", "negative", "blank"],
+)
+def test_an_uncompressed_size_annotation_that_is_no_byte_count_is_left_out(
+    mounted: MountedStore, size: str
+) -> None:
+    # "²" passes str.isdigit and 5,000 digits int()'s limit: both failed the lookup of
+    # info with EIO (an "unexpected error" traceback in the log); 25 digits gave podman a
+    # diff-size past int64. info now carries none, as for a layer without the annotation.
+    from tests.store.mounted import toc_digest_of
+
+    blob = VECTOR.read_bytes()
+    tag = hashlib.sha256(size.encode()).hexdigest()[:12]
+    layer = images.Blob(
+        blob,
+        "sha256:" + hashlib.sha256(b"usize" + tag.encode()).hexdigest(),
+        annotations={images.TOC_ANN: toc_digest_of(blob), images.USIZE_ANN: size},
+    )
+    images.push(mounted.registry.host, f"hostile/usize-{tag}", "1", [layer])
+    layer_dir = mounted.store.layer_dir(
+        f"{mounted.registry.host}/hostile/usize-{tag}:1", layer.digest
+    )
+    info = json.loads((layer_dir / "info").read_bytes())
+    assert "diff-size" not in info and info["compressed-diff-digest"] == layer.digest, info
+    assert os.path.isdir(layer_dir / "diff")
+    assert mounted.log_lines(f"annotation {images.USIZE_ANN} is {size[:80]!r}")
+
+
 def test_a_blob_whose_bytes_were_changed_is_not_served(mounted: MountedStore) -> None:
     # The first gzip member's header MTIME changed in the registry's copy: every chunk still
     # inflates to bytes that match its chunkDigest, so files read right; only the layer
