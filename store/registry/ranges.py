@@ -9,7 +9,12 @@ from dataclasses import dataclass
 from ..spans import merge_spans
 from .errors import RangeError, RangeNotHonoured
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.I)
+# ASCII digits only (RFC 9110 §14.4's DIGIT; ``\d`` alone takes any Unicode decimal digit), at
+# most 19 of them: a byte position fits in int64 (a 5,000-digit one reached ``int``'s limit on
+# digits as a ValueError, not a RangeError).
+_CONTENT_RANGE = re.compile(
+    r"^\s*bytes\s+([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)\s*$", re.I | re.ASCII
+)
 _BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.I)
 
 

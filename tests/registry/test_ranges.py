@@ -36,6 +36,19 @@ def test_content_range() -> None:
         parse_content_range("items 1-2/3")
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "bytes \u0665-\u0669/100",  # Arabic-Indic digits: int() reads them, HTTP has none
+        "bytes 0-9/" + "9" * 5000,  # past int()'s limit on digits (ValueError before)
+        "bytes 0-9/" + "9" * 20,  # past int64
+    ],
+)
+def test_a_content_range_of_no_http_byte_positions_is_a_range_error(value: str) -> None:
+    with pytest.raises(RangeError, match="bad Content-Range header"):
+        parse_content_range(value)
+
+
 def _multipart(boundary: str, parts: list[tuple[int, bytes]], total: int) -> bytes:
     out = b""
     for start, data in parts:
