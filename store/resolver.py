@@ -9,7 +9,9 @@ pulls normally) does not cancel work a later lookup can use.
 Layers are keyed by their compressed blob digest, whichever name they were looked up by (the
 manifest digest for podman < 5.1, the TOC digest for podman ≥ 5.1) and whichever image they
 belong to: two images sharing a layer share one :class:`~store.layer.Layer` and one reference
-count. At count zero the layer is released: background fetching stops and its memory goes
+count (when both annotate it with the TOC digest it was verified against; an image naming
+another one for the loaded blob gets :class:`ResolveError` for it, not a layer nothing checked
+that digest of). At count zero the layer is released: background fetching stops and its memory goes
 once the kernel forgets its inodes; its chunks stay in the disk cache.
 
 A layer is served only when it is eStargz or zstd:chunked and verifiable: its descriptor must
@@ -666,6 +668,15 @@ class LayerManager:
                 raise type(state.error)(str(state.error))
             raise ResolveError(f"{what}: {state.error}")
         assert state.layer is not None
+        if state.layer.toc_digest != desc.toc_digest:
+            # Loaded for another image whose descriptor of this blob names another TOC digest:
+            # the TOC was verified against that one, and this image's annotation is not the
+            # blob's (a fresh load would refuse it: LayerRefused). Served under this name,
+            # it would be vouched for by a TOC digest nothing checked. (Logged per lookup.)
+            raise ResolveError(
+                f"{what}: {ref} annotates it with TOC digest {desc.toc_digest}, but its TOC "
+                f"hashes to {state.layer.toc_digest} (verified for another image)"
+            )
         return state.layer
 
     async def _new_layer(self, ref: str, desc: LayerDesc, priority: Callable[[], TurnKey]) -> Layer:

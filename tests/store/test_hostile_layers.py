@@ -462,3 +462,29 @@ def test_a_blob_whose_bytes_were_changed_is_not_served(mounted: MountedStore) ->
     lines = mounted.log_lines("refusing unverified data: ")
     assert any(f"{digest}: the blob's {len(blob)} bytes hash to sha256:" in m for m in lines)
     assert mounted.read(diff / "usr" / "bin" / "tool")  # the files are still served
+
+
+def test_a_blob_annotated_with_another_toc_digest_by_a_second_image_is_refused_there(
+    mounted: MountedStore,
+) -> None:
+    # Layers are shared across images by blob digest. Image b lists image a's blob with a
+    # TOC digest it does not have: looked up in b (by that TOC digest, as podman >= 5.1
+    # does, or by the blob digest), the layer loaded and verified for a is not handed out
+    # under b's annotation; in a it is still served.
+    from tests.store.mounted import toc_digest_of
+
+    data = VECTOR.read_bytes()
+    real, bogus = toc_digest_of(data), "sha256:" + "1" * 64
+    host = mounted.registry.host
+    for name, toc in (("a", real), ("b", bogus)):
+        layer = images.Blob(data, "sha256:" + hashlib.sha256(b"two-tocs").hexdigest(), toc)
+        images.push(host, f"hostile/two-tocs-{name}", "1", [layer])
+    a, b = f"{host}/hostile/two-tocs-a:1", f"{host}/hostile/two-tocs-b:1"
+    digest = images.sha(data)
+    assert os.path.isdir(mounted.store.layer_dir(a, digest) / "diff")
+    for name in (bogus, digest):
+        with pytest.raises(OSError) as exc:
+            os.stat(mounted.store.layer_dir(b, name) / "diff")
+        assert exc.value.errno == errno.EIO, name
+    assert mounted.log_lines(f"annotates it with TOC digest {bogus}, but its TOC hashes to {real}")
+    assert os.path.isdir(mounted.store.layer_dir(a, real) / "diff")
