@@ -230,12 +230,21 @@ def _tap(entries: Iterable[dict[str, Any]], files: array) -> Iterator[dict[str, 
             files.extend(frame)
 
 
+# Header frames whose header leaves their content size out are read and inflated to count it:
+# at most this many compressed bytes of them per layer (a TOC may put any gap between two
+# files), read this many at a time, their output counted, never kept.
+MEASURE_UNSIZED_MAX = 64 << 20
+MEASURE_READ_BYTES = 4 << 20
+
+
 async def measure_tar_size(view: EstargzLayerView, blob: BlobReader) -> int | None:
     """The size of the tar a zstd:chunked blob decompresses to (None for other layers),
     measured once: podman < 5.1 wants it in ``info`` (``diff-size``; ``podman save`` writes a
     tar entry that long) and no annotation carries it. The files' sizes from the TOC plus each
     header frame's content size — read from the frame's header (18 bytes; one ranged read of
-    up to 32 frames at a time) where the writer recorded it, else by inflating that frame."""
+    up to 32 frames at a time) where the writer recorded it, else by inflating that frame
+    (counted, not kept; :class:`store.estargz.InvalidToc` when such frames hold more than
+    :data:`MEASURE_UNSIZED_MAX` bytes or do not inflate; the blob's read errors pass)."""
     if view.uncompressed_size is not None or view._zstd_files is None:
         return view.uncompressed_size
     flat = view._zstd_files
@@ -250,10 +259,21 @@ async def measure_tar_size(view: EstargzLayerView, blob: BlobReader) -> int | No
             unknown.append(frame)
         else:
             total += size
-    if unknown:
-        for (lo, hi), data in zip(unknown, await blob.read_ranges(unknown), strict=True):
+    unknown_bytes = sum(hi - lo for lo, hi in unknown)
+    if unknown_bytes > MEASURE_UNSIZED_MAX:
+        raise estargz.InvalidToc(
+            f"zstd:chunked: {len(unknown)} header frames without a content size hold "
+            f"{unknown_bytes} bytes, over the {MEASURE_UNSIZED_MAX} this measure reads"
+        )
+    batch: list[tuple[int, int]] = []
+    for i, frame in enumerate(unknown):
+        batch.append(frame)
+        if i + 1 < len(unknown) and sum(hi - lo for lo, hi in batch) < MEASURE_READ_BYTES:
+            continue
+        for (lo, hi), data in zip(batch, await blob.read_ranges(batch), strict=True):
             where = f"zstd:chunked header frame at offset {lo}"
-            total += len(zstdchunked.inflate_bounded(data, 64 * (hi - lo) + (1 << 20), where))
+            total += zstdchunked.inflated_size(data, 64 * (hi - lo) + (1 << 20), where)
+        batch = []
     view.uncompressed_size = total
     view._zstd_files = None
     return total

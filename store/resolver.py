@@ -73,7 +73,7 @@ from store.layer import AheadBlob, BlobReader, Layer
 from store.libprefetch import LibraryPrefetcher
 from store.priority import Foreground
 from store.pullorder import TurnKey, Turns
-from store.registry.errors import ManifestError
+from store.registry.errors import ManifestError, RegistryError
 from store.registry.manifest import ManifestResult, config_diff_ids
 from store.timeline import Timeline, span
 from store.tree import LayerTree, TreeError
@@ -628,7 +628,13 @@ class LayerManager:
             layer = await self.get_layer(ref, digest, deadline)
             if isinstance(layer.index, EstargzLayerView):
                 with trio.move_on_after(self.config.resolve_timeout_sec):
-                    measured = await measure_tar_size(layer.index, layer.blob)
+                    try:
+                        measured = await measure_tar_size(layer.index, layer.blob)
+                    except (EstargzError, RegistryError) as exc:
+                        raise ResolveError(
+                            f"layer {desc.digest} of {ref}: its tar size could not be measured "
+                            f"(zstd_measure_diff_size): {exc}"
+                        ) from exc
                     if measured is not None:
                         info["diff-size"] = measured
         return info

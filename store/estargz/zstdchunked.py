@@ -302,21 +302,36 @@ _MAX_RATIO = 1 << 15
 def inflate_bounded(data: bytes, limit: int, where: str) -> bytes:
     """Decompress zstd ``data`` (one or more frames), refusing more than ``limit`` bytes
     (:class:`InvalidToc`, as for a truncated frame or bytes that are not zstd). Memory stays
-    within about ``limit`` plus 2 MiB: the decompressor has no output bound, so it is fed
-    slices small enough that even RLE blocks (:data:`_MAX_RATIO`) cannot inflate one past
-    what is left of ``limit`` (a 64 KiB slice of them made 4 GiB before the check ran)."""
-    out = bytearray()
+    within about ``limit`` plus 2 MiB (:func:`_inflate_pieces`)."""
+    return b"".join(_inflate_pieces(data, limit, where))
+
+
+def inflated_size(data: bytes, limit: int, where: str) -> int:
+    """How many bytes zstd ``data`` (one or more frames) decompresses to, without keeping
+    them: errors as :func:`inflate_bounded`'s, memory about 2 MiB beside ``data``."""
+    return sum(len(piece) for piece in _inflate_pieces(data, limit, where))
+
+
+def _inflate_pieces(data: bytes, limit: int, where: str) -> Iterator[bytes]:
+    """The decompressed pieces of zstd ``data``, in order, at most ``limit`` bytes in all
+    (:class:`InvalidToc` past it, for a truncated frame, or bytes that are not zstd). The
+    decompressor has no output bound, so it is fed slices small enough that even RLE blocks
+    (:data:`_MAX_RATIO`) cannot inflate one past what is left of ``limit`` (a 64 KiB slice of
+    them made 4 GiB before the check ran)."""
+    total = 0
     rest = data
     try:
         while rest:
             d = zstandard.ZstdDecompressor().decompressobj()
             i = 0
             while i < len(rest):
-                step = min(1 << 16, max(64, (limit - len(out)) // _MAX_RATIO + 1))
-                out += d.decompress(rest[i : i + step])
+                step = min(1 << 16, max(64, (limit - total) // _MAX_RATIO + 1))
+                piece = d.decompress(rest[i : i + step])
                 i += step
-                if len(out) > limit:
+                total += len(piece)
+                if total > limit:
                     raise InvalidToc(f"{where}: inflates past {limit} bytes")
+                yield piece
                 if d.eof:
                     rest = d.unused_data + rest[i:]
                     break
@@ -326,7 +341,6 @@ def inflate_bounded(data: bytes, limit: int, where: str) -> bytes:
                 rest = b""
     except zstandard.ZstdError as exc:
         raise InvalidToc(f"{where}: not zstd: {exc}") from None
-    return bytes(out)
 
 
 def normalize_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -170,3 +170,27 @@ def test_layer_descriptor_toc_digest_rules():
         LayerDesc("d", 1, {}, "i", "application/vnd.oci.image.layer.v1.tar+zstd").compression == 4
     )
     assert LayerDesc("d", 1, {}, "i").compression == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("writer", WRITERS)
+async def test_unsized_header_frames_past_the_cap_are_refused_unread(tmp_path, writer, monkeypatch):
+    # A TOC may leave any gap between two files; a frame that does not say its size is read
+    # and inflated to count it, so those frames' bytes are capped (a hostile gap held GBs).
+    import store.estargz_view
+
+    meta = json.loads((DATA / f"{writer}.json").read_text())
+    blob = FileBlob(DATA / f"{writer}.blob")
+    layer = await _open(blob, meta["descriptor"]["annotations"], tmp_path)
+    await measure_tar_size(layer.index, blob)
+    unsized_reads = len(blob.requests) - 2  # the TOC, the frame headers
+    if unsized_reads == 0:
+        pytest.skip(f"{writer}: every header frame says its size")
+    blob = FileBlob(DATA / f"{writer}.blob")
+    layer = await _open(blob, meta["descriptor"]["annotations"], tmp_path)
+    monkeypatch.setattr(store.estargz_view, "MEASURE_UNSIZED_MAX", 1)
+    with pytest.raises(
+        estargz.InvalidToc, match=r"without a content size hold \d+ bytes, over the 1"
+    ):
+        await measure_tar_size(layer.index, blob)
+    assert len(blob.requests) == 2  # nothing of them read
