@@ -14,11 +14,12 @@ the root, long), empty files, xattrs, setuid/setgid/sticky modes, owners, a fifo
 a deep directory, non-ASCII and long names, mtimes with a fraction of a second, and a whiteout
 and an opaque directory in the upper layer.
 
-Left out, as the normal pulls disagree among themselves, not with the store: an xattr with an
-empty value (containers/storage 1.43 drops it, both from the TOC skopeo writes and when podman
-4.3 extracts a tar; podman 5 keeps it, and so does the store when the TOC has it), and an mtime
-before 1970 (extraction sets a file's or directory's to the epoch, containers/storage
-``pkg/system.Chtimes``, but keeps a symlink's; the store shows the TOC's).
+Mtimes before 1970 are in: extraction sets a file's or directory's to the epoch
+(containers/storage ``pkg/system.Chtimes``) but keeps a symlink's, and the store shows them
+the same way. Left out, as the normal pulls disagree among themselves, not with the store: an
+xattr with an empty value (containers/storage 1.43 drops it, both from the TOC skopeo writes
+and when podman 4.3 extracts a tar; podman 5 keeps it, and so does the store when the TOC has
+it).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ LISTING = (
     'echo "$p|$s|$h"; done'
 )
 FRACTION = 1_700_000_000.1234567  # a built file's mtime has a fraction (tarfile: 7 digits)
+BEFORE_1970 = -86400  # 1969-12-31: extraction clamps a file's or directory's to the epoch
 
 
 def _lower(tar: tarfile.TarFile) -> None:
@@ -131,6 +133,9 @@ def _lower(tar: tarfile.TarFile) -> None:
     add_file(tar, "opq/old", b"old\n")
     add_node(tar, "etc", tarfile.DIRTYPE)
     add_file(tar, "etc/passwd", b"root:x:0:0::/:/bin/sh\n")
+    add_node(tar, "old", tarfile.DIRTYPE, mtime=BEFORE_1970)
+    add_file(tar, "old/file", b"old\n", mtime=BEFORE_1970)
+    add_node(tar, "old/link", tarfile.SYMTYPE, 0o777, linkname="file", mtime=BEFORE_1970)
 
 
 def _upper(tar: tarfile.TarFile) -> None:
