@@ -533,14 +533,16 @@ def is_estargz(blob: Path, desc: dict[str, Any]) -> bool:
         return False
 
 
-def is_zstd_chunked(blob: Path, desc: dict[str, Any]) -> bool:
-    """Whether the layer already is zstd:chunked: its annotations parse and the TOC they point
-    at hashes to their checksum and decodes (chunks are not read)."""
+def is_zstd_chunked(blob: Path, desc: dict[str, Any], generation: str = DEFAULT_GENERATION) -> bool:
+    """Whether the layer already is zstd:chunked of ``generation``: its annotations (that
+    generation's keys) parse and the TOC they point at hashes to their checksum and decodes
+    (chunks are not read). A layer of the other generation is not: its keys are ones the
+    asked-for podman does not read, so it would pull the layer whole."""
     from store.estargz import EstargzError, manifest_entries, zstd_chunked_layer
 
     try:
         layer = zstd_chunked_layer(desc.get("annotations") or {})
-        if layer is None:
+        if layer is None or layer.generation != generation:
             return False
         start, end = layer.toc_range
         with open(blob, "rb") as f:
@@ -575,8 +577,13 @@ def _convert_one(
 
     path = Path(blob)
     wanted = _present(path, prioritized) if prioritized else []
-    already = is_zstd_chunked if fmt == "zstd-chunked" else is_estargz
-    if not wanted and not repeat and already(path, desc):
+
+    def already() -> bool:
+        if fmt == "zstd-chunked":
+            return is_zstd_chunked(path, desc, generation)
+        return is_estargz(path, desc)
+
+    if not wanted and not repeat and already():
         if _counters is not None:
             _counters[index] = desc["size"]
         return {

@@ -351,3 +351,32 @@ def test_optimize_of_an_image_without_a_command_says_which_option_to_give(
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
     with pytest.raises(ConvertError, match=r"no Entrypoint or Cmd .* --command"):
         optimize_files(f"oci:{layout}", cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize(("first", "then"), [("podman5", "podman4"), ("podman4", "podman5")])
+def test_zstd_chunked_of_the_other_generation_is_converted_not_passed_through(
+    tiny, tmp_path: Path, first: str, then: str
+) -> None:
+    """A zstd:chunked layer carries its generation's annotation keys, and each podman reads
+    only its own: one passed through into the other generation would be pulled whole."""
+    keys = {"podman4": "io.containers.", "podman5": "io.github.containers."}
+    src = tmp_path / first
+    convert_image(
+        f"oci:{oci_layout(tiny, 'legacy')}",
+        f"oci:{src}:z",
+        ConvertOptions(format="zstd-chunked", zstd_generation=first),
+        show_progress=False,
+    )
+    out = tmp_path / then
+    report = convert_image(
+        f"oci:{src}:z",
+        f"oci:{out}:z",
+        ConvertOptions(format="zstd-chunked", zstd_generation=then),
+        show_progress=False,
+    )
+    assert report.converted == 3 and report.passed_through == 0
+    top = json.loads((out / "index.json").read_text())["manifests"][0]
+    manifest = json.loads(_blob(out, top["digest"]).read_bytes())
+    for d in manifest["layers"]:
+        assert f"{keys[then]}zstd-chunked.manifest-checksum" in d["annotations"], d
+        assert not any(k.startswith(keys[first]) for k in d["annotations"]), d
