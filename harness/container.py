@@ -81,7 +81,8 @@ def start_until_ready(
     stop it; the same text on stderr, e.g. in an error message, is not ready, and a timeout
     says it appeared there) or, without a ready line, when it exits. Times out after
     ``timeout`` seconds (:func:`timeout_message`).
-    ``expected``: the workload's expected output (named so when it is also ``ready``).
+    ``expected``: the workload's expected output: the run is ready only when its stdout holds
+    it (by the ready line, or by the exit: every caller, the trace run's too, checks it so).
     ``on_first_output`` is called at the first stdout line; each line is timed when it is
     read, so the call's own time is never counted in the run."""
     args = ["start", "--attach"]
@@ -184,8 +185,9 @@ def start_until_ready(
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
-    ok = seen_ready if ready else exit_code == 0
-    return RunOutcome(elapsed, first, ok, exit_code, "".join(out["stdout"]), "".join(out["stderr"]))
+    stdout = "".join(out["stdout"])
+    ok = (seen_ready if ready else exit_code == 0) and (expected is None or expected in stdout)
+    return RunOutcome(elapsed, first, ok, exit_code, stdout, "".join(out["stderr"]))
 
 
 # What a run of a workload without a ready line that never exits fails with (a server

@@ -591,3 +591,30 @@ def test_an_interrupt_before_any_measurement_says_nothing_is_kept(tmp_path: Path
         f"lazybench: interrupted (SIGTERM); 1 finished measurements are kept in {tmp_path}; "
         f"resume with `lazybench run --resume {tmp_path}`"
     )
+
+
+@pytest.mark.parametrize(
+    ("script", "ready"),
+    [
+        ("echo listening; echo other; sleep 5", "listening"),  # ready, expected output lacking
+        ("echo other", None),  # exited 0 without it
+    ],
+)
+def test_a_run_without_its_expected_output_is_not_ready(script: str, ready: str | None) -> None:
+    """The expected output is checked where the run is judged, so the trace run that
+    prepares ``estargz`` checks it too (it once optimized such an image, and only its
+    measurements failed)."""
+    from harness.container import not_ready_reason
+
+    outcome = start_until_ready(
+        _ShellEnv(script),  # type: ignore[arg-type]
+        "cid",
+        stdin=None,
+        ready=ready,
+        timeout=10,
+        expected="hello",
+    )
+    assert not outcome.ready
+    assert not_ready_reason(ready, "hello", outcome).startswith(
+        "the output lacks the expected 'hello'"
+    )
