@@ -100,6 +100,9 @@ def skopeo(
 # skopeo's words for a docker-archive that holds several images (containers/image
 # docker/internal/tarfile), and what to write instead (containers-transports(5)).
 _SEVERAL_IMAGES = re.compile(r"tar manifest\.json: expected 1 item, got (\d+)")
+# And for an OCI layout (a directory or an archive of one) whose index names several images
+# (containers/image oci/layout: "more than one image in oci, choose an image").
+_SEVERAL_OCI = re.compile(r"\b(oci-archive|oci):\S*\s+more than one image in oci")
 
 
 def _hint(stderr: str) -> str:
@@ -109,6 +112,14 @@ def _hint(stderr: str) -> str:
         return (
             f" (the archive holds {several.group(1)} images: name one as "
             "docker-archive:FILE:NAME:TAG, or by its place as docker-archive:FILE:@N from @0)"
+        )
+    oci = _SEVERAL_OCI.search(stderr)
+    if oci:
+        transport = oci.group(1)
+        where = "DIR" if transport == "oci" else "FILE"
+        return (
+            f" (the layout holds several images: name one as {transport}:{where}:TAG, a tag "
+            "its index.json gives as org.opencontainers.image.ref.name)"
         )
     return ""
 

@@ -263,6 +263,21 @@ def test_a_docker_archive_of_several_images_says_how_to_name_one() -> None:
     assert _hint('level=fatal msg="pinging container registry: connection refused"') == ""
 
 
+@pytest.mark.parametrize(("transport", "where"), [("oci", "DIR"), ("oci-archive", "FILE")])
+@pytest.mark.parametrize(
+    "words",  # skopeo 1.9's, from `inspect --raw` and from `copy`
+    ['Error parsing image name \\"{ref}\\": ', "initializing source {ref}:: "],
+)
+def test_an_oci_layout_of_several_images_says_how_to_name_one(
+    transport: str, where: str, words: str
+) -> None:
+    from harness.images.source import _hint
+
+    said = words.format(ref=f"{transport}:/tmp/x")
+    stderr = f'level=fatal msg="{said}more than one image in oci, choose an image"'
+    assert f"name one as {transport}:{where}:TAG" in _hint(stderr)
+
+
 @pytest.mark.parametrize("command", [["report"], ["run", "--resume"], ["merge", "OUT"]])
 def test_a_run_directory_that_is_missing_or_a_file_is_said_so(
     tmp_path: Path, capsys, command: list[str]
