@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from store.fs import Attr, FSError, StoreFS
+from store.fs import BLOCK_SIZE, Attr, FSError, StoreFS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,8 +74,8 @@ class StoreOperations(pyfuse3.Operations):
         e.st_gid = a.gid
         e.st_rdev = a.rdev
         e.st_size = a.size
-        e.st_blksize = 4096
-        e.st_blocks = (a.size + 511) // 512
+        e.st_blksize = BLOCK_SIZE
+        e.st_blocks = a.blocks
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
         return e
 

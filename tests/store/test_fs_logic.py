@@ -611,3 +611,24 @@ async def test_a_directory_is_listed_in_linear_work_across_the_kernels_calls(tmp
             list(fs.readdir(fh))  # released
         assert exc.value.errno_value == errno.EBADF
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("kind", "size", "blocks"),
+    [
+        (0o100644, 0, 0),
+        (0o100644, 1, 8),  # one whole 4 KiB block, as extraction on ext4 gives it
+        (0o100644, 4096, 8),
+        (0o100644, 4097, 16),
+        (0o040755, 4096, 8),
+        (0o120777, 59, 0),  # a fast symlink: its target in the inode
+        (0o120777, 60, 8),
+        (0o020666, 0, 0),
+    ],
+)
+def test_blocks_count_whole_4k_blocks_as_a_normal_pull_shows_them(
+    kind: int, size: int, blocks: int
+) -> None:
+    from store.fs import Attr
+
+    assert Attr(ino=1, mode=kind, size=size).blocks == blocks
