@@ -72,7 +72,14 @@ from harness.laziness import (
 )
 from harness.limit import write_limits
 from harness.plan import Shard, plan
-from harness.podman import LOST_LAYERS_BUG, Persistence, PodmanEnv, PodmanError, write_atomic
+from harness.podman import (
+    LOST_LAYERS_BUG,
+    PARTIAL_PULL_143_BUG,
+    Persistence,
+    PodmanEnv,
+    PodmanError,
+    write_atomic,
+)
 from harness.prepare import (
     ImagePreparer,
     Link,
@@ -138,6 +145,14 @@ def settle(timeout: float = SETTLE_TIMEOUT) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return True
+
+
+def partial_pull_failure(failure: str, storage_version: str) -> str:
+    """A failed run of podman's own zstd:chunked partial pull, with the containers/storage
+    1.43 bug that may be its cause named (:data:`harness.podman.PARTIAL_PULL_143_BUG`)."""
+    if storage_version and version_tuple(storage_version) < (1, 44):
+        return f"{failure} (maybe {PARTIAL_PULL_143_BUG})"
+    return failure
 
 
 def persistence_verdict(check: Persistence, storage_version: str) -> tuple[bool, str | None]:
@@ -696,6 +711,8 @@ class Runner:
                     else f"run: {not_ready_reason(w.ready, w.expected, outcome)}: "
                     f"{outcome.stdout[-200:]!r} {outcome.stderr.strip()[-300:]!r}"
                 )
+                if failure is not None and mode == "zstd-chunked":
+                    failure = partial_pull_failure(failure, rec.storage_version)
                 if mode == "legacy" and failure is None:
                     # Untimed, after the run and its registry log: podman's own pull work.
                     self._repull(env, ref, w.timeout, registry, rec)

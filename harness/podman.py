@@ -71,6 +71,12 @@ RUNTIME_DELETE_TIMEOUT = 30.0
 
 
 # What a runtime that forgets lazily pulled images is reported with (DESIGN.md §7).
+PARTIAL_PULL_143_BUG = (
+    "podman 4.3's own zstd:chunked partial pull (containers/storage 1.43) makes / mode 0700 "
+    "unless a layer carries a ./ entry, and drops file owners and modification times: a "
+    "workload that runs as a user other than root, or needs its files' owners, fails there "
+    "(README, the two podman 4.3 bugs)"
+)
 LOST_LAYERS_BUG = (
     "containers/storage >= 1.58 PutAdditionalLayer bug: the layer's storage location is never "
     "set, so a lazily pulled image's layer records are not saved; once the pull exits the "

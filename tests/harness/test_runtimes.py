@@ -92,6 +92,16 @@ def test_persistence_verdict_names_the_containers_storage_bug() -> None:
     assert persistence_lines([Record(0, "w", "legacy")]) == []
 
 
+def test_a_failed_partial_pull_run_names_the_containers_storage_1_43_bug() -> None:
+    from harness.measure import partial_pull_failure
+    from harness.podman import PARTIAL_PULL_143_BUG
+
+    failure = "run: the workload exited (126) without printing its ready line 'ok'"
+    assert partial_pull_failure(failure, "1.43.0") == f"{failure} (maybe {PARTIAL_PULL_143_BUG})"
+    assert partial_pull_failure(failure, "1.57.2") == failure
+    assert partial_pull_failure(failure, "") == failure  # unknown: nothing guessed
+
+
 def test_partial_pulls_are_written_explicitly(tmp_path: Path) -> None:
     with PodmanEnv(tmp_path / "p", partial_pulls=True, keep_blob_info_cache=True) as env:
         conf = (env.workdir / "storage.conf").read_text()
