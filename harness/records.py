@@ -123,13 +123,27 @@ class Record:
         check_fields(data)
         return cls(**data)
 
-    def with_honest_status(self) -> Record:
+    def with_honest_status(self, verdict_due: bool = True) -> Record:
         """This record, or — a lazy record marked ok whose laziness verdict says a layer did
         not come from the store or was served whole (a hand edit, another tool) — the same
         record as "fell-back": a lazy figure counts only when every layer came from the store
-        (:func:`harness.laziness.counts_lazy`, as :meth:`~harness.laziness.Verdict.lazy`)."""
-        if self.status != "ok" or not self.store or self.layers_total is None:
+        (:func:`harness.laziness.counts_lazy`, as :meth:`~harness.laziness.Verdict.lazy`).
+
+        A lazy record marked ok with no verdict, or a lazy mode's record naming no store, is
+        one no lazybench wrote since the verdict exists (``verdict_due``: the record's schema
+        is 2 or later): nothing shows its layers came from the store, so it falls back too.
+        Only records from before the verdict (schema 1) stay ok, "not checked"."""
+        if self.status != "ok" or not (self.store or self.mode in LAZY_MODES):
             return self
+        if self.layers_total is None or not self.store:
+            if self.store and not verdict_due:
+                return self
+            why = (
+                f"names no store in lazy mode {self.mode}"
+                if not self.store
+                else "carries no laziness verdict (layers_total)"
+            )
+            return replace(self, status="fell-back", error=f"recorded as ok, but {why}")
         from_store, whole = self.layers_from_store or 0, self.layers_served_whole or 0
         if counts_lazy(self.layers_total, from_store, whole):
             return self
@@ -284,7 +298,9 @@ def _read_all(run_dir: Path) -> list[Record]:
         if not isinstance(data, dict):
             raise UserError(f"{path}:{n}: not a JSON object")
         try:
-            rec = Record.from_dict(data).with_honest_status()
+            # schema 1 (no ``schema``) was written before the laziness verdict existed
+            due = data.get("schema", 1) != 1
+            rec = Record.from_dict(data).with_honest_status(verdict_due=due)
         except (ValueError, TypeError) as exc:
             raise UserError(f"{path}:{n}: {exc}") from None
         out.append(rec)

@@ -134,6 +134,26 @@ def test_a_lazy_record_marked_ok_whose_layers_did_not_all_come_from_the_store_fe
     assert "1 served whole" in (whole.error or "")
 
 
+def test_a_lazy_record_marked_ok_without_its_verdict_or_store_fell_back(tmp_path: Path) -> None:
+    # A fell-back record edited to ok with its layer counts deleted, or its store name too:
+    # no lazybench since the verdict writes either, so nothing shows the layers came from
+    # the store. Only a record from before the verdict (schema 1) stays ok, "not checked".
+    verdict = ("layers_total", "layers_from_store", "layers_served_whole")
+    bare = {k: v for k, v in _record(mode="estargz").items() if k not in verdict}
+    old = {k: v for k, v in bare.items() if k not in ("schema", "store")}
+    _write_records(
+        tmp_path,
+        bare | {"store": "default"},
+        bare | {"sample": 1, "store": ""},
+        old | {"sample": 2},
+    )
+    unchecked, storeless, before = read_records(tmp_path)
+    assert (unchecked.status, storeless.status) == ("fell-back", "fell-back")
+    assert "no laziness verdict" in (unchecked.error or "")
+    assert "names no store" in (storeless.error or "")
+    assert (before.status, before.store, before.layers_total) == ("ok", "default", None)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -128,6 +128,8 @@ def test_report_sets_zstd_chunked_lazy_against_estargz_noopt(tmp_path: Path) -> 
                     bytes_fetched=int(20e6),
                     bytes_before_first_output=int(5.5e6),
                     requests=3,
+                    layers_total=2,
+                    layers_from_store=2,
                 ),
             )
     text = write_report(run).report.read_text()
