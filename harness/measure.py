@@ -39,10 +39,10 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -68,6 +68,7 @@ from harness.laziness import (
     Verdict,
     blobs_served_whole_to_runtime,
     fallback_reason,
+    is_runtime_request,
     storage_verdict,
 )
 from harness.limit import write_limits
@@ -119,6 +120,9 @@ from harness.store_proc import StoreProcess, is_our_store
 from harness.timeline import write_timeline
 from harness.usage import UsageSampler, usage_doc
 
+if TYPE_CHECKING:
+    from harness.registry_server import AccessRecord
+
 # Where run directories go unless ``--results-dir`` says otherwise: under the current directory,
 # wherever lazybench is installed.
 RESULTS_DIR = Path("results") / "runs"
@@ -166,19 +170,28 @@ def persistence_verdict(check: Persistence, storage_version: str) -> tuple[bool,
 
 
 def lost_records_verdict(
-    layer_digests: list[str], served_whole: set[str], unreadable: Verdict
+    layer_digests: list[str], served: Sequence[AccessRecord], unreadable: Verdict
 ) -> Verdict:
     """The laziness verdict of a pull whose runtime lost its layer records (containers/storage
-    >= 1.58): a layer whose blob the registry never served whole to the runtime came from the
-    store. Without the image's layer digests the storage's problem stands."""
+    >= 1.58), from the registry's log of the measurement (``served``): a layer whose blob the
+    runtime never asked for, whole or a range of it (a partial pull), came from the store.
+
+    That is evidence by absence, so it must show it could have seen the runtime: with no
+    manifest the registry served the runtime in ``served`` (a log missing, emptied or in
+    another format) nothing is known, and the storage's problem stands — as it does without
+    the image's layer digests."""
     if not layer_digests:
         return unreadable
+    runtime = [r for r in served if is_runtime_request(r.user_agent)]
+    if not any(r.method == "GET" and r.kind == "manifests" and r.status == 200 for r in runtime):
+        return Verdict(
+            problem=f"{unreadable.problem}; and the registry's log shows no manifest served "
+            "to the runtime, so it cannot tell either"
+        )
+    fetched = {r.digest for r in runtime if r.is_blob_get and r.digest}
     return Verdict(
-        [
-            LayerEvidence(layer_id="", digest=d, from_store=d not in served_whole)
-            for d in layer_digests
-        ]
-    ).with_registry(served_whole)
+        [LayerEvidence(layer_id="", digest=d, from_store=d not in fetched) for d in layer_digests]
+    ).with_registry(blobs_served_whole_to_runtime(served))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -724,9 +737,7 @@ class Runner:
                     # The runtime lost its layer records (so its storage cannot say where the
                     # layers came from): the registry's log is the evidence left.
                     layers = lost_records_verdict(
-                        self._layer_digests.get((w.name, mode), []),
-                        blobs_served_whole_to_runtime(served),
-                        layers,
+                        self._layer_digests.get((w.name, mode), []), served, layers
                     )
                 if layers.problem is None:
                     rec.layers_total = layers.total

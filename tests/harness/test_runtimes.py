@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,13 +180,52 @@ def test_podman_5_partial_pull_of_a_zstd_chunked_image_its_node_wrote(tmp_path: 
         assert served and all(r.status == 206 for r in served), served
 
 
+def _served(*lines: tuple[str, str, int, str]) -> list[Any]:
+    """Access records of (method, path, status, user agent)."""
+    from harness.registry_server import parse_access_line
+
+    out = []
+    for method, path, status, agent in lines:
+        line = f'127.0.0.1 - - [5/Dec/2026:10:00:00 +0000] "{method} {path} HTTP/1.1" {status} 9'
+        out.append(parse_access_line(f'{line} "" "{agent}"'))
+    return out
+
+
+PODMAN_UA = "containers/5.39.2 (github.com/containers/image)"
+STORE_UA = "stargz-store/0.1"
+MANIFEST = ("GET", "/v2/tiny/manifests/z", 200, PODMAN_UA)
+
+
 def test_lost_layer_records_leave_the_registry_as_the_evidence() -> None:
     from harness.laziness import Verdict
     from harness.measure import lost_records_verdict
 
     unreadable = Verdict(problem="cannot read the runtime's storage: layer not known")
-    lazy = lost_records_verdict(["sha256:a", "sha256:b"], {"sha256:config"}, unreadable)
+    layers = ["sha256:a", "sha256:b"]
+    config = ("GET", "/v2/tiny/blobs/sha256:config", 200, PODMAN_UA)
+    by_store = [("GET", f"/v2/tiny/blobs/{d}", 206, STORE_UA) for d in layers]
+    lazy = lost_records_verdict(layers, _served(MANIFEST, config, *by_store), unreadable)
     assert lazy.lazy and lazy.total == 2 and lazy.from_store == 2
-    whole = lost_records_verdict(["sha256:a", "sha256:b"], {"sha256:b"}, unreadable)
+    whole_b = ("GET", "/v2/tiny/blobs/sha256:b", 200, PODMAN_UA)
+    whole = lost_records_verdict(layers, _served(MANIFEST, whole_b), unreadable)
     assert not whole.lazy and whole.served_whole == 1 and whole.from_store == 1
-    assert lost_records_verdict([], set(), unreadable) is unreadable
+    assert lost_records_verdict([], [], unreadable) is unreadable
+
+
+def test_lost_layer_records_with_no_runtime_in_the_log_or_a_partial_pull_are_not_lazy() -> None:
+    """With the runtime's records lost, the registry's log is the only evidence, and it is
+    evidence by absence: a log that is missing (read as no records) or shows only the store
+    said every layer came from the store; a layer the runtime fetched in ranges (a partial
+    pull, 206 only) was counted as the store's."""
+    from harness.laziness import Verdict
+    from harness.measure import lost_records_verdict
+
+    unreadable = Verdict(problem="cannot read the runtime's storage: layer not known")
+    layers = ["sha256:a", "sha256:b"]
+    for served in ([], _served(("GET", "/v2/tiny/blobs/sha256:a", 206, STORE_UA))):
+        unknown = lost_records_verdict(layers, served, unreadable)
+        assert not unknown.lazy and unknown.problem is not None
+        assert "no manifest served to the runtime" in unknown.problem
+    ranges = _served(MANIFEST, ("GET", "/v2/tiny/blobs/sha256:b", 206, PODMAN_UA))
+    partial = lost_records_verdict(layers, ranges, unreadable)
+    assert not partial.lazy and partial.from_store == 1 and partial.served_whole == 0
