@@ -217,6 +217,23 @@ def blobs_served_whole_to_runtime(records: Iterable[Any]) -> set[str]:
     }
 
 
+def fetched_before_pull(records: Sequence[Any]) -> str | None:
+    """Why a lazy measurement cannot count when the registry served blobs (GET) between the
+    store's start and the pull's start — ``records``, that stretch of its access log — else
+    None. A store fetches nothing before the runtime asks it for a layer; one that does (a
+    prefetch of every image in the registry before it mounts) takes its download out of the
+    timed window and the bytes counted, and its layers then look lazy."""
+    gets = [r for r in records if r.is_blob_get]
+    if not gets:
+        return None
+    agents = ", ".join(dict.fromkeys(r.user_agent or "no User-Agent" for r in gets))
+    return (
+        f"the registry served {sum(r.bytes for r in gets)} bytes in {len(gets)} blob "
+        f"requests after the store started and before the pull did, neither timed nor "
+        f"counted ({agents[:200]})"
+    )
+
+
 def trouble_lines(text: str, limit: int = 3) -> list[str]:
     """The last ``limit`` distinct lines of a log that look like errors or warnings (of a JSON
     log line, such as the stores write, its level and message: the same message logged at

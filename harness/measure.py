@@ -68,6 +68,7 @@ from harness.laziness import (
     Verdict,
     blobs_served_whole_to_runtime,
     fallback_reason,
+    fetched_before_pull,
     is_runtime_request,
     storage_verdict,
 )
@@ -612,6 +613,7 @@ class Runner:
             with contextlib.ExitStack() as stack:
                 stack.callback(shutil.rmtree, mdir, ignore_errors=True)
                 store = None
+                store_mark = 0
                 pull_clock: dict[str, Any] = {}
                 with_timeline = False
                 if mode in LAZY_MODES:
@@ -628,6 +630,9 @@ class Runner:
                         stack.callback(
                             self._keep_timeline, mdir / "store" / "timeline.jsonl", rec, pull_clock
                         )
+                    # The log before the store starts: whatever it fetches until the pull
+                    # does is neither timed nor counted (harness.laziness.fetched_before_pull).
+                    store_mark = registry.log_mark()
                     store = stack.enter_context(
                         StoreProcess(
                             mdir / "store",
@@ -743,6 +748,10 @@ class Runner:
                     rec.layers_total = layers.total
                     rec.layers_from_store = layers.from_store
                     rec.layers_served_whole = layers.served_whole
+                early = fetched_before_pull(log[store_mark:mark]) if store is not None else None
+                if early is not None:
+                    problems = [p for p in (layers.problem, early) if p]
+                    layers = Verdict(layers.layers, "; ".join(problems))
                 if store is not None and not layers.lazy:
                     rec.status = "fell-back"
                     rec.error = fallback_reason(

@@ -11,6 +11,7 @@ from harness.laziness import (
     Verdict,
     blobs_served_whole_to_runtime,
     fallback_reason,
+    fetched_before_pull,
     storage_verdict,
     trouble_lines,
 )
@@ -125,3 +126,21 @@ def test_a_layer_recorded_without_its_digest_is_matched_by_its_place_in_the_imag
     assert [x.served_whole for x in v.layers] == [False, True, False]
     # A storage that lists another number of layers than the manifest: places mean nothing.
     assert storage.with_registry({pushed[1]}, pushed[:2]).served_whole == 0
+
+
+def test_blobs_served_before_the_pull_are_named_whoever_asked() -> None:
+    from harness.registry_server import parse_access_line
+
+    def line(method: str, path: str, status: int, size: int, agent: str) -> object:
+        head = f'127.0.0.1 - - [5/Dec/2026:10:00:00 +0000] "{method} {path} HTTP/1.1"'
+        return parse_access_line(f'{head} {status} {size} "" "{agent}"')
+
+    ping = line("GET", "/v2/", 200, 2, "stargz-store")
+    catalog = line("GET", "/v2/_catalog", 200, 40, "prefetcher/1")
+    assert fetched_before_pull([]) is None
+    assert fetched_before_pull([ping, catalog]) is None  # no blob: nothing fetched
+    blob = line("GET", "/v2/x/blobs/sha256:ab", 200, 5000, "prefetcher/1")
+    ranged = line("GET", "/v2/x/blobs/sha256:cd", 206, 100, "stargz-store")
+    why = fetched_before_pull([ping, catalog, blob, ranged])
+    assert why is not None and "5100 bytes in 2 blob requests" in why
+    assert "prefetcher/1, stargz-store" in why

@@ -22,6 +22,7 @@ from harness.records import read_records
 from tests.harness.test_run_e2e import assert_nothing_left, finish, lazybench
 
 BROKEN = Path(__file__).with_name("stores") / "broken_store.py"
+PREFETCH = Path(__file__).with_name("stores") / "prefetch_store.py"
 
 pytestmark = [
     pytest.mark.e2e,
@@ -126,3 +127,28 @@ def test_compare_gate_fails_on_fallbacks(verdict_run: tuple[Path, Path]) -> None
     assert "tiny/estargz-noopt [eio]: 1 of 1 measurements fell back" in proc.stderr
     failures = proc.stderr.split("FAILED", 1)[1]
     assert "[ours]" not in failures
+
+
+def test_a_store_that_downloads_before_the_pull_is_not_counted(
+    verdict_run: tuple[Path, Path],
+) -> None:
+    """A store that fetched every blob whole before it mounted had all its layers taken from
+    it and none served whole to the runtime — and was counted lazy, its download untimed and
+    its bytes uncounted. Blobs served between the store's start and the pull's now fail it."""
+    base, _ = verdict_run
+    argv = [sys.executable, str(PREFETCH), "--config", "{config}", "--root", "{root}"]
+    scenario = SCENARIO.split("[[stores]]")[0] + (
+        f'[[stores]]\nname = "prefetch"\ncommand = {json.dumps([*argv, "{mountpoint}"])}\n'
+        '[[workloads]]\nname = "tiny"\nrecipe = "tiny"\ntimeout = 90\n'
+    )
+    scenario = scenario.replace('modes = ["legacy", "estargz-noopt"]', 'modes = ["estargz-noopt"]')
+    (base / "prefetch.toml").write_text(scenario)
+    args = ["run", str(base / "prefetch.toml"), "--results-dir", str(base / "runs")]
+    rc, out = finish(lazybench(base, *args, "--run-id", "p", "--cache-dir", str(base / "cache")))
+    assert rc == 1, out
+    assert_nothing_left(base)
+    (rec,) = read_records(base / "runs" / "p")
+    assert rec.status == "fell-back", rec
+    assert rec.layers_total and rec.layers_from_store == rec.layers_total  # it did serve them
+    assert "after the store started and before the pull did" in (rec.error or "")
+    assert "prefetch-store/1" in (rec.error or "")
