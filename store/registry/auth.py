@@ -142,9 +142,12 @@ class TokenCache:
                 if service:
                     params.append(("service", service))
                 params += [("scope", s) for s in scopes]
-                if creds and creds.username:
-                    params.append(("account", creds.username))
-                headers = {"Authorization": basic_header(creds)} if creds else {}
+                # As containers/image: Basic only with a user and a password (credentials
+                # without them, e.g. podman's helper's empty strings, mean anonymous).
+                login = creds if creds and creds.username and creds.password else None
+                if login:
+                    params.append(("account", login.username))
+                headers = {"Authorization": basic_header(login)} if login else {}
                 request = http.build_request(
                     "GET", realm, params=params, headers=headers, timeout=timeout
                 )

@@ -106,6 +106,27 @@ async def test_token_auth_anonymous(
             await anon.get_manifest(f"{reg.host}/private/app:v1")
 
 
+async def test_token_auth_anonymous_with_empty_auth_entry(
+    token_registry: tuple[RegistryServer, TokenServer],
+    isolated_auth_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docker's config.json beside a `credsStore` holds `{}` per registry: that is no
+    credentials, so the token is asked for anonymously, not with an empty Basic login (which
+    the token server refuses)."""
+    reg, tokens = token_registry
+    ref = f"{reg.host}/public/app:empty"
+    async with RegistryClient(timeout=10, credentials=creds(reg.host, "bob", "builder")) as c:
+        pushed = await c.push_image(ref, CONFIG, [(b"public empty-entry layer", LAYER)])
+    config = isolated_auth_env / ".docker" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"auths": {reg.host: {}}, "credsStore": "desktop"}))
+    async with RegistryClient(timeout=10) as anon:
+        assert (await anon.get_manifest(ref)).digest == pushed.digest
+        assert await anon.get_blob(ref, pushed.layers[0].digest) == b"public empty-entry layer"
+    assert tokens.requests[-1] == {"user": "", "ok": True, "scope": tokens.requests[-1]["scope"]}
+
+
 async def test_token_auth_wrong_password(
     token_registry: tuple[RegistryServer, TokenServer], isolated_auth_env: Path
 ) -> None:
