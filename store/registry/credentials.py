@@ -51,7 +51,9 @@ def default_auth_files() -> list[Path]:
 def _normalize_key(key: str) -> str:
     for prefix in ("https://", "http://"):
         if key.startswith(prefix):
-            key = key[len(prefix) :]
+            # A URL names a registry, never a namespace (containers/image's
+            # normalizeAuthFileKey): `https://host/v1/`, `https://host/anything` -> `host`.
+            key = key[len(prefix) :].split("/", 1)[0]
     key = key.rstrip("/")
     if key.endswith("/v1") or key.endswith("/v2"):
         key = key[:-3]
@@ -60,7 +62,10 @@ def _normalize_key(key: str) -> str:
     return key
 
 
-def _decode_entry(entry: Mapping[str, object], where: str) -> Credentials:
+def _decode_entry(entry: Mapping[str, object], where: str) -> Credentials | None:
+    """The entry's credentials; None for one that holds none (docker writes `{}` for a
+    registry whose credentials a `credsStore` keeps; `auth` without a colon is skipped too,
+    as containers/image does). `auth` that is not base64 is an error."""
     user = str(entry.get("username") or "")
     password = str(entry.get("password") or "")
     if auth := entry.get("auth"):
@@ -70,8 +75,14 @@ def _decode_entry(entry: Mapping[str, object], where: str) -> Credentials:
             raise ConfigError(f"{where}: 'auth' is not base64 of user:password") from e
         user, sep, password = decoded.partition(":")
         if not sep:
-            raise ConfigError(f"{where}: 'auth' is not base64 of user:password")
-    return Credentials(user, password, str(entry.get("identitytoken") or ""))
+            user = password = ""
+        password = password.strip("\n")  # as containers/image
+    creds = Credentials(user, password, str(entry.get("identitytoken") or ""))
+    return creds if _holds_any(creds) else None
+
+
+def _holds_any(creds: Credentials) -> bool:
+    return bool(creds.username or creds.password or creds.identity_token)
 
 
 class CredentialStore:
@@ -84,7 +95,7 @@ class CredentialStore:
     ) -> None:
         self._explicit = {_normalize_key(k): v for k, v in (explicit or {}).items()}
         self._files = auth_files if auth_files is not None else default_auth_files()
-        self._loaded: list[dict[str, Credentials]] | None = None
+        self._loaded: list[tuple[Path, dict[str, tuple[str, Mapping[str, object]]]]] | None = None
         self._given: dict[tuple[str, str], Credentials] = {}
 
     def add_for_references(self, data: object) -> list[str]:
@@ -114,7 +125,7 @@ class CredentialStore:
         self._given.update(taken)
         return list(data)
 
-    def _load(self) -> list[dict[str, Credentials]]:
+    def _load(self) -> list[tuple[Path, dict[str, tuple[str, Mapping[str, object]]]]]:
         if self._loaded is None:
             self._loaded = []
             for path in self._files:
@@ -127,12 +138,9 @@ class CredentialStore:
                 auths = data.get("auths", {}) if isinstance(data, dict) else {}
                 if not isinstance(auths, dict):
                     raise ConfigError(f"{path}: 'auths' must be an object")
-                table = {
-                    _normalize_key(k): _decode_entry(v, f"{path} [{k}]")
-                    for k, v in auths.items()
-                    if isinstance(v, dict)
-                }
-                self._loaded.append(table)
+                # Decoded when matched: a broken entry only fails the registry it is for.
+                table = {_normalize_key(k): (k, v) for k, v in auths.items() if isinstance(v, dict)}
+                self._loaded.append((path, table))
         return self._loaded
 
     def lookup(
@@ -142,7 +150,8 @@ class CredentialStore:
 
         Credentials given for an image reference match only its own registry and repository,
         and only when ``origin`` (the request goes to that registry, not to a mirror)."""
-        if origin and (given := self._given.get((registry, repository))) is not None:
+        given = self._given.get((registry, repository)) if origin else None
+        if given is not None and _holds_any(given):
             return given
         keys = []
         path = f"{registry}/{repository}" if repository else registry
@@ -151,8 +160,16 @@ class CredentialStore:
             if "/" not in path:
                 break
             path = path.rsplit("/", 1)[0]
-        for table in [self._explicit, *self._load()]:
+        for k in keys:
+            if k in self._explicit:
+                return self._explicit[k]
+        # As containers/image: the most specific key of the first file that has one decides
+        # for that file; an entry without credentials sends the search on to the next file.
+        for path, table in self._load():
             for k in keys:
                 if k in table:
-                    return table[k]
+                    raw_key, entry = table[k]
+                    if (creds := _decode_entry(entry, f"{path} [{raw_key}]")) is not None:
+                        return creds
+                    break
         return None

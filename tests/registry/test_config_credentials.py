@@ -113,6 +113,40 @@ def test_bad_auth_file(isolated_auth_env: Path) -> None:
         CredentialStore(auth_files=[bad]).lookup("q.io")
 
 
+def test_auth_file_entries_decoded_as_containers_do(isolated_auth_env: Path) -> None:
+    """A broken entry fails only its own registry; an entry without credentials (docker's
+    `{}` beside a credsStore, `auth` without a colon) means none, and the next file is asked;
+    a URL key names its host whatever its path; a password's newlines are trimmed."""
+    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    first = isolated_auth_env / "first.json"
+    second = isolated_auth_env / "second.json"
+    first.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "broken.io": {"auth": "!!notbase64"},
+                    "https://index.docker.io/v1/": {},
+                    "nocolon.io": {"auth": b64("justatoken")},
+                    "https://q.io/some/path": {"auth": b64("url:1")},
+                    "nl.io": {"auth": b64("nl:pw\n")},
+                },
+                "credsStore": "desktop",
+            }
+        )
+    )
+    _auth_file(second, {"docker.io": "hub:2"})
+    store = CredentialStore(auth_files=[first, second])
+    assert store.lookup("docker.io", "library/python") == Credentials("hub", "2")
+    assert store.lookup("nocolon.io", "x") is None
+    assert store.lookup("q.io", "org/app") == Credentials("url", "1")
+    assert store.lookup("nl.io", "x") == Credentials("nl", "pw")
+    with pytest.raises(ConfigError, match=r"first\.json \[broken\.io\]"):
+        store.lookup("broken.io", "x")
+    # Empty strings handed over by podman's auth helper are no credentials: the files answer.
+    store.add_for_references({"docker.io/library/python:3": {"username": "", "password": ""}})
+    assert store.lookup("docker.io", "library/python") == Credentials("hub", "2")
+
+
 def test_platform_parse_and_match() -> None:
     p = Platform.parse("linux/arm64/v8")
     assert p.matches({"os": "linux", "architecture": "arm64"})
