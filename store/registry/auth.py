@@ -19,7 +19,10 @@ import httpx
 from .credentials import Credentials
 from .errors import AuthenticationError, RegistryTimeout, RegistryUnavailable
 
-_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+_PARAM = re.compile(
+    r'[\s,]*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))\s*(?:,|$)'
+)
+_SCHEME = re.compile(r"[\s,]*([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:\s+|(?=,)|$)")
 TOKEN_DEFAULT_EXPIRY = 60.0
 TOKEN_EXPIRY_MARGIN = 5.0
 # A token answer is a small JSON object (real ones: a few KB); a bigger one is refused unread.
@@ -37,13 +40,30 @@ class Challenge:
 
 
 def parse_challenge(value: str | None) -> Challenge | None:
-    """The first challenge of a WWW-Authenticate header (registries send one)."""
-    if not value:
-        return None
-    scheme, _, rest = value.strip().partition(" ")
-    params = {m[1].lower(): (m[2] if m[2] is not None else m[3]) for m in _PARAM.finditer(rest)}
-    params = {k: v.replace('\\"', '"') for k, v in params.items()}
-    return Challenge(scheme.lower(), params)
+    """The challenge to answer from a WWW-Authenticate header (several headers arrive joined
+    by commas): the first Basic or Bearer one, as containers/image picks, else the first.
+    Each challenge's parameters are its own (a later challenge's realm is not taken)."""
+    challenges = parse_challenges(value)
+    for c in challenges:
+        if c.scheme in ("basic", "bearer"):
+            return c
+    return challenges[0] if challenges else None
+
+
+def parse_challenges(value: str | None) -> list[Challenge]:
+    """Every challenge of a WWW-Authenticate value (RFC 9110 §11.6.1: ``scheme param=v, …``,
+    challenges separated by commas)."""
+    out: list[Challenge] = []
+    text, pos = value or "", 0
+    while (m := _SCHEME.match(text, pos)) is not None and m.end() > pos:
+        scheme, pos = m[1].lower(), m.end()
+        params: dict[str, str] = {}
+        while (p := _PARAM.match(text, pos)) is not None:
+            raw = p[2].replace('\\"', '"') if p[2] is not None else p[3]
+            params.setdefault(p[1].lower(), raw)
+            pos = p.end()
+        out.append(Challenge(scheme, params))
+    return out
 
 
 def basic_header(creds: Credentials) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from store.registry.auth import TOKEN_MAX_BYTES, Challenge, TokenCache
+from store.registry.auth import TOKEN_MAX_BYTES, Challenge, TokenCache, parse_challenge
 from store.registry.errors import AuthenticationError
 
 CHALLENGE = Challenge("bearer", {"realm": "http://auth.test/token", "service": "reg"})
@@ -45,3 +45,23 @@ async def test_the_cache_keeps_no_lock_per_key_it_fetched():
         assert await _fetch(cache, b'{"token": "t"}', f"repository:r{i}:pull") == "t"
     assert cache._locks == {}
     assert cache.fetches == 50
+
+
+@pytest.mark.parametrize(
+    ("header", "scheme", "realm"),
+    [
+        # Two challenges (two headers joined, or one header): the realm is the first one's.
+        (
+            'Bearer realm="http://auth.test/token",service="reg", Basic realm="proxy"',
+            "bearer",
+            "http://auth.test/token",
+        ),
+        ('Negotiate, Bearer realm="http://auth.test/token"', "bearer", "http://auth.test/token"),
+        ('Basic realm="reg", Bearer realm="http://auth.test/token"', "basic", "reg"),
+        ('Bearer\trealm="http://auth.test/t?a=1&b=2"', "bearer", "http://auth.test/t?a=1&b=2"),
+    ],
+)
+def test_each_challenge_keeps_its_own_realm(header: str, scheme: str, realm: str) -> None:
+    challenge = parse_challenge(header)
+    assert challenge is not None
+    assert (challenge.scheme, challenge.realm) == (scheme, realm)
