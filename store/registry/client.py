@@ -423,7 +423,16 @@ class RegistryClient:
                     redirects += 1
                     if redirects > MAX_REDIRECTS:
                         raise RegistryError(f"{what}: too many redirects", host=ep.host)
-                    url = urljoin(str(resp.request.url), resp.headers["location"])
+                    try:
+                        url = urljoin(str(resp.request.url), resp.headers["location"])
+                        httpx.URL(url)  # what build_request would refuse, refused here
+                    except (ValueError, httpx.InvalidURL) as e:
+                        raise RegistryError(
+                            f"{what}: HTTP {status} to an invalid Location "
+                            f"{resp.headers['location']!r}: {e}",
+                            host=ep.host,
+                            status=status,
+                        ) from None
                     if status == 303 or (
                         status in (301, 302) and cur_method not in ("GET", "HEAD")
                     ):

@@ -21,6 +21,7 @@ from store.registry import (
     Credentials,
     NotFoundError,
     RegistryClient,
+    RegistryError,
     RegistryTimeout,
     RegistryUnavailable,
     parse_resolver_config,
@@ -333,3 +334,24 @@ async def test_broken_upload_is_restarted(fresh_registry) -> None:
             assert pushed.how == "uploaded" and c.stats.retries >= 1
             assert await c.get_blob(f"{proxy.host}/up/load", pushed.digest) == data
     assert broken["left"] == 0
+
+
+@pytest.mark.parametrize("location", ["http://[bad/blob", "http://\x01/blob"])
+async def test_redirect_to_an_invalid_location_is_a_registry_error(seeded, location: str) -> None:
+    """A Location that is no URL ends the read with a RegistryError naming it, not with a
+    ValueError (urljoin) or httpx.InvalidURL out of the client."""
+    reg, ref, digest, _ = seeded
+
+    def bad_redirect(h) -> bool:  # type: ignore[no-untyped-def]
+        if "/blobs/" not in h.path:
+            return False
+        answer(h, 307, b"", Location=location)
+        return True
+
+    with HttpFaultProxy(_addr(reg), bad_redirect) as proxy:
+        pref = ref.replace(reg.host, proxy.host)
+        async with RegistryClient(timeout=5, backoff=0.01) as c:
+            with pytest.raises(RegistryError, match=r"HTTP 307 to an invalid Location"):
+                await c.read_range(pref, digest, 10, 10)
+            with pytest.raises(RegistryError, match=r"(?i)invalid (url in )?location"):
+                await c.get_blob(pref, digest)
