@@ -148,6 +148,13 @@ class TokenCache:
         realm, service, _, user = key
         self.fetches += 1
         try:
+            url = httpx.URL(realm)
+        except httpx.InvalidURL as e:
+            raise AuthenticationError(
+                f"{registry_host}: Bearer challenge names an invalid realm {realm!r}: {e}",
+                host=registry_host,
+            ) from None
+        try:
             if creds and creds.identity_token:
                 form = {
                     "grant_type": "refresh_token",
@@ -156,9 +163,10 @@ class TokenCache:
                     "scope": " ".join(scopes),
                     "client_id": "lazybench",
                 }
-                request = http.build_request("POST", realm, data=form, timeout=timeout)
+                request = http.build_request("POST", url, data=form, timeout=timeout)
             else:
-                params: list[tuple[str, str]] = []
+                # The realm's own query is kept, ours added to it (httpx's params= replaces it).
+                params = list(url.params.multi_items())
                 if service:
                     params.append(("service", service))
                 params += [("scope", s) for s in scopes]
@@ -169,7 +177,11 @@ class TokenCache:
                     params.append(("account", login.username))
                 headers = {"Authorization": basic_header(login)} if login else {}
                 request = http.build_request(
-                    "GET", realm, params=params, headers=headers, timeout=timeout
+                    "GET",
+                    url.copy_with(query=None),
+                    params=params,
+                    headers=headers,
+                    timeout=timeout,
                 )
             resp = await http.send(request, stream=True)
             try:
@@ -207,6 +219,8 @@ class TokenCache:
         try:
             body = json.loads(raw)
             token = body.get("token") or body.get("access_token")
+            if token and not isinstance(token, str):
+                raise TypeError("token is not a string")
             expires_in = float(body.get("expires_in") or TOKEN_DEFAULT_EXPIRY)
         except (ValueError, AttributeError, TypeError, RecursionError) as e:
             raise AuthenticationError(

@@ -65,3 +65,29 @@ def test_each_challenge_keeps_its_own_realm(header: str, scheme: str, realm: str
     challenge = parse_challenge(header)
     assert challenge is not None
     assert (challenge.scheme, challenge.realm) == (scheme, realm)
+
+
+@pytest.mark.anyio
+async def test_a_realm_keeps_its_own_query_and_an_invalid_one_is_refused() -> None:
+    """A realm with a query (``…/token?tenant=x``) keeps it, our parameters added; a realm
+    that is no URL is an AuthenticationError, not httpx.InvalidURL; so is a token that is no
+    string."""
+    seen: list[httpx.URL] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url)
+        return httpx.Response(200, content=b'{"token": "t"}')
+
+    challenge = Challenge("bearer", {"realm": "http://auth.test/token?tenant=x", "service": "reg"})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+        token = await TokenCache().fetch(
+            http, challenge, ("repository:a:pull",), None, 5.0, "reg.test"
+        )
+        assert token == "t"
+        assert seen[0].params.get("tenant") == "x"
+        assert seen[0].params.get_list("scope") == ["repository:a:pull"]
+        bad = Challenge("bearer", {"realm": "http://\x01/token"})
+        with pytest.raises(AuthenticationError, match="invalid realm"):
+            await TokenCache().fetch(http, bad, (), None, 5.0, "reg.test")
+    with pytest.raises(AuthenticationError, match="unreadable"):
+        await _fetch(TokenCache(), b'{"token": ["t"]}')
