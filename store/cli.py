@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -421,12 +422,41 @@ def prepare(root: Path, mountpoint: Path, addr: Path | None = None) -> Path:
     return mountpoint
 
 
+def lock_mountpoint(path: Path) -> int:
+    """Take ``path``'s lock for this store's life: an open descriptor of the (still unmounted)
+    directory, flocked. Returns the descriptor, to be kept open while the store serves.
+
+    Why: :func:`prepare` checks that nothing is mounted on ``path``, but a second store
+    started at the same moment passes the same check before either mounts; both then mounted
+    (stacked), and a mount outlived them. The lock makes that second store refuse
+    (:class:`StoreError`); one that opens the directory after this store mounted finds the
+    mount once it holds the lock, and refuses too. The kernel drops the lock with the
+    process, also on ``kill -9``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StoreError(f"mountpoint {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(
+            f"{path}: another store is starting or serving there: stop it first"
+        ) from None
+    if is_mounted(path):
+        os.close(fd)
+        raise StoreError(f"{path} is already mounted (a store started there meanwhile?)")
+    return fd
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(python_log_level(args.log_level))
     try:
         cfg = load_config(args.config)
         args.mountpoint = prepare(args.root, args.mountpoint, args.addr)
+        lock = lock_mountpoint(args.mountpoint)
     except (ConfigError, StoreError) as exc:
         print(f"stargz-store: {exc}", file=sys.stderr)
         return 1
@@ -449,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stargz-store: cannot mount {args.mountpoint}: {exc}", file=sys.stderr)
             return 1
         raise
+    finally:
+        os.close(lock)
     log.info("stopped after %.1fs", time.monotonic() - started)
     return 0
 

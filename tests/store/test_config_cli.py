@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,58 @@ def test_stale_mount_is_cleaned_and_sigterm_unmounts(tmp_path: Path) -> None:
         assert not _mounted(sp.mnt)
     finally:
         sp.stop()
+
+
+def _serving(mnt: Path) -> bool:
+    try:
+        return (mnt / "status").read_bytes().startswith(b"{")
+    except OSError:
+        return False
+
+
+@pytest.mark.e2e
+def test_two_stores_started_at_once_on_one_mountpoint_leave_one_mount(tmp_path: Path) -> None:
+    """Two stores started together on one mountpoint (each with its own root): one serves,
+    the other exits 1 with one line naming the mountpoint, and once the one serving stops
+    nothing is left mounted. Before, both passed the mount check before either mounted,
+    both mounted (stacked), and a mount stayed behind after both exited."""
+    from tests.store.conftest import _mounted
+
+    mnt = tmp_path / "mnt"
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    for attempt in range(3):
+        store = [sys.executable, "-m", "store", "--config", str(empty)]
+        procs = [
+            subprocess.Popen(
+                [*store, "--root", str(tmp_path / f"root{attempt}-{i}"), str(mnt)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for i in range(2)
+        ]
+        try:
+            deadline = time.monotonic() + 20
+            while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            refused = [p for p in procs if p.poll() is not None]
+            assert len(refused) == 1, "both stores are serving on one mountpoint"
+            assert refused[0].returncode == 1
+            err = refused[0].communicate(timeout=5)[1].decode()
+            assert f"stargz-store: {mnt}" in err and "Traceback" not in err, err
+            (serving,) = [p for p in procs if p.poll() is None]
+            while not _serving(mnt) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            serving.terminate()
+            assert serving.wait(15) == 0
+            assert not _mounted(mnt)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                    p.wait(15)
+            while _mounted(mnt):
+                subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_module_entry_point_help() -> None:
