@@ -12,6 +12,8 @@ before the origin; redirects are followed by hand so Authorization never goes to
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.utils
 import functools
 import hashlib
 import json
@@ -74,6 +76,28 @@ MAX_REDIRECTS = 5
 # The start of an error answer's body read for its JSON detail; the rest is never read.
 MAX_ERROR_BODY = 64 * 1024
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# The longest wait a Retry-After (429, 503) gets before the next try; callers' deadlines bound
+# the whole request anyway.
+RETRY_AFTER_MAX = 10.0
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110 §10.2.3: delay-seconds or an
+    HTTP-date), None when absent or unreadable; never negative."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
+
+
 DOWN_FOR = 10.0  # seconds an endpoint that failed to connect is skipped (if others remain)
 # Seconds an endpoint that accepted a request and did not answer in time goes last: asking it
 # first again costs the whole request timeout, where a refused connection costs nothing.
@@ -327,7 +351,10 @@ class RegistryClient:
         for attempt in range(attempts):
             if attempt:
                 self.stats.retries += 1
-                await anyio.sleep(self.backoff * (2 ** (attempt - 1)))
+                delay = self.backoff * (2 ** (attempt - 1))
+                if isinstance(last_exc, RegistryUnavailable) and last_exc.retry_after:
+                    delay = max(delay, min(last_exc.retry_after, RETRY_AFTER_MAX))
+                await anyio.sleep(delay)
             try:
                 return await self._send_once(
                     ep,
@@ -503,7 +530,9 @@ class RegistryClient:
         if status == 416:
             return RangeError(f"{what}: range not satisfiable (HTTP 416){detail}", **kw)
         if status in RETRY_STATUSES:
-            return RegistryUnavailable(f"{what}: server error HTTP {status}{detail}", **kw)
+            err = RegistryUnavailable(f"{what}: server error HTTP {status}{detail}", **kw)
+            err.retry_after = retry_after(resp.headers.get("retry-after"))
+            return err
         return RegistryError(f"{what}: unexpected HTTP {status}{detail}", **kw)
 
     async def _blob_call(

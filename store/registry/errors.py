@@ -39,7 +39,10 @@ class NotFoundError(RegistryError):
 
 
 class RegistryUnavailable(RegistryError):
-    """Could not talk to any endpoint: refused, reset, 5xx after retries."""
+    """Could not talk to any endpoint: refused, reset, 5xx after retries. ``retry_after``:
+    the seconds the registry asked to wait before the next try (``Retry-After``), if any."""
+
+    retry_after: float | None = None
 
 
 class RegistryTimeout(RegistryUnavailable):

@@ -177,6 +177,48 @@ async def test_5xx_retried_with_backoff(seeded) -> None:
                 await c.read_range(pref, digest, 10, 10)
 
 
+async def test_429_waits_as_retry_after_says(seeded) -> None:
+    # A rate-limited registry: the next try waits the Retry-After it asked for (here 1 s,
+    # against a backoff of 0.01 s), not the backoff alone (six tries in about 3 s).
+    reg, ref, digest, data = seeded
+    tries: list[float] = []
+
+    def limited(h: BaseHTTPRequestHandler) -> bool:
+        if "/blobs/" in h.path and not tries:
+            tries.append(time.monotonic())
+            answer(h, 429, b'{"errors":[{"code":"TOOMANYREQUESTS"}]}', Retry_After="1")
+            return True
+        if "/blobs/" in h.path:
+            tries.append(time.monotonic())
+        return False
+
+    with HttpFaultProxy(_addr(reg), limited) as proxy:
+        pref = ref.replace(reg.host, proxy.host)
+        async with RegistryClient(timeout=5, backoff=0.01) as c:
+            assert await c.read_range(pref, digest, 10, 10) == data[10:20]
+    assert len(tries) == 2 and tries[1] - tries[0] >= 0.95
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, None),
+        ("7", 7.0),
+        (" 0 ", 0.0),
+        ("-3", None),
+        ("\u0663", None),  # a digit, but not HTTP's
+        ("soon", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date past: no wait
+    ],
+)
+def test_retry_after_reads_delay_seconds_and_dates(
+    value: str | None, seconds: float | None
+) -> None:
+    from store.registry.client import retry_after
+
+    assert retry_after(value) == seconds
+
+
 async def test_multi_range_refused_falls_back(seeded) -> None:
     reg, ref, digest, data = seeded
 
