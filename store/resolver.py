@@ -9,10 +9,10 @@ pulls normally) does not cancel work a later lookup can use.
 Layers are keyed by their compressed blob digest, whichever name they were looked up by (the
 manifest digest for podman < 5.1, the TOC digest for podman ≥ 5.1) and whichever image they
 belong to: two images sharing a layer share one :class:`~store.layer.Layer` and one reference
-count (when both annotate it with the TOC digest it was verified against; an image naming
+count, when both annotate it with the TOC digest it was verified against (an image naming
 another one for the loaded blob gets :class:`ResolveError` for it, not a layer nothing checked
-that digest of). At count zero the layer is released: background fetching stops and its memory goes
-once the kernel forgets its inodes; its chunks stay in the disk cache.
+that digest of). At count zero the layer is released: background fetching stops and its
+memory goes once the kernel forgets its inodes; its chunks stay in the disk cache.
 
 A layer is served only when it is eStargz or zstd:chunked and verifiable: its descriptor must
 carry the TOC digest annotation (eStargz ``containerd.io/snapshot/stargz/toc.digest``, or
