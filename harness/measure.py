@@ -360,6 +360,16 @@ class Runner:
         self._check_same_shard()
         todo = [k for k in plan(self.scenario, self.shard) if k not in finished_keys(self.run_dir)]
         if not todo:
+            if not (self.run_dir / ENVIRONMENT).exists():
+                # A shard the plan gives no measurement (more shards than measurements): an
+                # empty run directory of that shard, which `merge` takes with the others.
+                meta = environment(self.scenario)
+                if self.shard is not None:
+                    meta["shard"] = str(self.shard)
+                write_atomic(self.run_dir / ENVIRONMENT, json.dumps(meta, indent=1, sort_keys=True))
+                (self.run_dir / RECORDS).touch()
+                plain(self.console)(f"{self.run_dir}: this shard has no measurement in the plan")
+                return []
             plain(self.console)(f"{self.run_dir}: every measurement is recorded already")
             return []
         if self.scenario.runtime == "crio":

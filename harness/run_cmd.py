@@ -215,6 +215,7 @@ def _run_one(
     scenario: Any, run_dir: Path, args: argparse.Namespace, console: Console, shard: Any
 ) -> int:
     from harness.measure import Interrupted, Runner
+    from harness.plan import plan
     from harness.report import write_report
 
     console.print(f"run directory: {run_dir}", markup=False)
@@ -236,6 +237,10 @@ def _run_one(
             raise
         # Runner.run removed the directory it made: nothing in it to resume or report.
         raise UserError(f"{exc}; nothing was measured, so {run_dir} was removed") from None
+    if shard is not None and not plan(scenario, shard):
+        # More shards than measurements: an empty shard directory, nothing to report on.
+        console.print(f"shard {shard}: no report (merge takes {run_dir} with the others)")
+        return 0
     report = write_report(run_dir, cache_dir=args.cache_dir)
     print(report.table_text)
     failed = _failures(run_dir, "error")

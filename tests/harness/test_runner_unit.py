@@ -618,3 +618,20 @@ def test_a_run_without_its_expected_output_is_not_ready(script: str, ready: str 
     assert not_ready_reason(ready, "hello", outcome).startswith(
         "the output lacks the expected 'hello'"
     )
+
+
+def test_a_shard_the_plan_gives_nothing_is_an_empty_run_merge_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """More shards than measurements: the empty shard once failed ("no records.jsonl here")
+    and so did every merge of the shards."""
+    from harness.records import read_environment, read_records
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('samples = 1\nmodes = ["legacy"]\n[[workloads]]\nrecipe = "tiny"\n')
+    runs = tmp_path / "runs"
+    argv = ["run", str(scenario), "--results-dir", str(runs), "--no-progress", "--shard", "2/2"]
+    assert main(argv) == 0
+    (run_dir,) = runs.iterdir()
+    assert read_environment(run_dir)["shard"] == "2/2" and read_records(run_dir) == []
+    assert "shard 2/2: no report" in capsys.readouterr().out
