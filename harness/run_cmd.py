@@ -307,7 +307,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(
             f"lazybench: shard {', '.join(absent)} is not among the inputs: "
             f"{len(report.missing)} planned measurements have no record; merge again with "
-            "every shard's run directory",
+            f"every shard's run directory into a new OUT (or remove {out} first), or measure "
+            f"them with `lazybench run --resume {out}`",
             file=sys.stderr,
         )
         return 1
