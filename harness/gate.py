@@ -227,8 +227,9 @@ CONDITIONS = (
 
 def condition_differences(base: Path, new: Path) -> list[str]:
     """What the two runs were measured under differently (network profile, runtime, podman
-    node, the percentile reported): a change between them is not the code's alone, so
-    ``compare`` warns. Runs without ``environment.json`` are not compared here."""
+    node, the percentile reported, store names no lazy cell can pair across): a change
+    between them is not the code's alone, so ``compare`` warns. Runs without
+    ``environment.json`` are not compared here."""
     envs = [read_environment(Path(d)) for d in (base, new)]
     if not all(envs):
         return []
@@ -243,6 +244,13 @@ def condition_differences(base: Path, new: Path) -> list[str]:
         a, b = (get(e, keys, default) for e in envs)
         if a != b:
             out.append(f"{name}: {a!r} in the base run, {b!r} in the new one")
+    # Lazy cells pair by store name: runs whose stores are named apart share none of them.
+    names = [sorted(s.get("name", "") for s in get(e, ("scenario", "stores"), [])) for e in envs]
+    if names[0] and names[1] and not set(names[0]) & set(names[1]):
+        out.append(
+            f"stores: {names[0]!r} in the base run, {names[1]!r} in the new one, so no lazy "
+            "cell pairs (a scenario without [[stores]] names its store 'default')"
+        )
     return out
 
 

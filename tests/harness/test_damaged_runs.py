@@ -303,6 +303,25 @@ def test_compare_names_what_two_runs_were_measured_under_differently(tmp_path: P
     ]
 
 
+def test_compare_says_when_store_names_leave_no_lazy_cell_to_pair(tmp_path: Path) -> None:
+    """The default benchmark's store is 'default', the side-by-side run's 'ours' and 'go':
+    compared, no lazy cell paired and nothing said why."""
+    base = make_run(tmp_path / "a")
+    new = make_run(tmp_path / "b", seed=2)
+    for run, names in ((base, ["default"]), (new, ["ours", "go"])):
+        env = read_environment(run)
+        env["scenario"]["stores"] = [{"name": n, "command": ["x"]} for n in names]
+        (run / ENVIRONMENT).write_text(json.dumps(env))
+    assert condition_differences(base, new) == [
+        "stores: ['default'] in the base run, ['go', 'ours'] in the new one, so no lazy cell "
+        "pairs (a scenario without [[stores]] names its store 'default')"
+    ]
+    env = read_environment(new)
+    env["scenario"]["stores"].append({"name": "default", "command": ["x"]})
+    (new / ENVIRONMENT).write_text(json.dumps(env))
+    assert condition_differences(base, new) == []
+
+
 def test_resume_refuses_a_scenario_copy_of_another_scenario(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
     scenario = read_environment(run)["scenario"]
