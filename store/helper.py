@@ -77,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         send(data, path)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        print(
+            f"stargz-store-helper: {path}: {exc.strerror}: no store listens there (start "
+            "stargz-store; a store with another --root takes --addr with this path)",
+            file=sys.stderr,
+        )
+        return 1
     except (OSError, ValueError) as exc:
         print(f"stargz-store-helper: {path}: {exc}", file=sys.stderr)
         return 1

@@ -85,6 +85,17 @@ def test_helper_reports_a_refusal_and_a_missing_store(tmp_path: Path) -> None:
         helper.send(b"{}", str(tmp_path / "nothing.sock"))
 
 
+def test_a_missing_store_says_what_to_start(tmp_path: Path, monkeypatch, capsys) -> None:
+    import io
+    import sys
+
+    stdin = io.TextIOWrapper(io.BytesIO(b"{}"))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert helper.main([str(tmp_path / "nothing.sock")]) == 1
+    err = capsys.readouterr().err
+    assert "No such file or directory: no store listens there (start stargz-store" in err
+
+
 def _error(fn) -> BaseException | None:  # type: ignore[no-untyped-def]
     try:
         fn()
