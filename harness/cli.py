@@ -200,3 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lazybench: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`lazybench estargz ls … | head`): stop quietly, as
+        # a process killed by SIGPIPE would (the Python docs' recipe: stdout to /dev/null, so
+        # the interpreter's final flush does not fail again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -312,3 +312,22 @@ def test_version_is_the_installed_distribution_s(capsys: pytest.CaptureFixture[s
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"lazybench {version('lazybench')}"
+
+
+def test_a_closed_pipe_on_stdout_ends_quietly(tmp_path: Path) -> None:
+    """`lazybench estargz ls BLOB | head -1` once ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import VECTORS
+
+    blob = VECTORS / "chunked-default-level1.blob"
+    proc = subprocess.run(
+        f"'{sys.executable}' -m harness estargz ls '{blob}' | head -1 >/dev/null",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        executable="/bin/bash",
+    )
+    assert proc.returncode == 0 and proc.stderr == ""
