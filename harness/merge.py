@@ -89,7 +89,13 @@ def merge_runs(out: Path, run_dirs: list[Path]) -> Path:
     for d in run_dirs:
         for r in read_records(d):
             if r.key in owner:
-                raise UserError(f"merge: {tuple(r.key)} is recorded in both {owner[r.key]} and {d}")
+                where = f"sample {r.sample} of {r.workload}/{r.mode}" + (
+                    f" [{r.store}]" if r.store else ""
+                )
+                raise UserError(
+                    f"merge: {where} is recorded in both {owner[r.key]} and {d}: merge the "
+                    "shards of one `run --shard K/N` each once (not a whole run beside them)"
+                )
             owner[r.key] = d
             records.append(r)
 

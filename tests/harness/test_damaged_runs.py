@@ -7,6 +7,7 @@ import errno
 import http.server
 import json
 import os
+import re
 import stat
 import threading
 from pathlib import Path
@@ -398,3 +399,16 @@ def test_a_resume_measures_the_images_and_the_code_the_run_started_with(
     runner._check_resumed_code({"git_commit": ""})  # started outside a checkout: not compared
     with pytest.raises(UserError, match=r"started at commit ef5a781, the checkout is at b8df9b0"):
         runner._check_resumed_code({"git_commit": "ef5a781"})
+
+
+def test_merge_of_two_runs_recording_one_measurement_names_it_and_what_to_merge(
+    tmp_path: Path,
+) -> None:
+    a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b")
+    for run in (a, b):
+        (run / SCENARIO_COPY).write_text(json.dumps(read_environment(run)["scenario"]))
+    with pytest.raises(UserError) as exc:
+        merge_runs(tmp_path / "out", [a, b])
+    message = str(exc.value)
+    assert re.search(r"merge: sample \d+ of \w+/[\w-]+( \[\w+\])? is recorded in both", message)
+    assert "each once" in message and "(0," not in message
