@@ -23,6 +23,7 @@ from harness.cli import LAYER_FORMATS, UserError, layer_format, positive_int, zs
 from store.estargz import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_LEVEL,
+    BadFooter,
     EstargzError,
     EstargzReader,
     FileBlobSource,
@@ -202,6 +203,11 @@ def _ls(args: argparse.Namespace) -> int:
             reader = EstargzReader(src, args.toc_digest, zstd_chunked=zstd)
             # Verify everything before printing anything: no partial listing of a bad blob.
             lines = list(listing(reader))
+    except BadFooter as exc:
+        raise UserError(
+            f"{args.blob}: {exc}: not a lazily pullable layer (`lazybench estargz convert` "
+            "makes one of a tar or tar.gz layer)"
+        ) from None
     except EstargzError as exc:
         raise UserError(f"{args.blob}: {exc}") from None
     except OSError as exc:

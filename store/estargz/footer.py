@@ -136,7 +136,7 @@ def parse_footer(tail: bytes, blob_size: int) -> Footer:
         return Footer(kind, toc_offset, toc_end - toc_offset, None, size)
     raise BadFooter(
         f"no eStargz, stargz or zstd:chunked footer in the last {ESTARGZ_FOOTER_SIZE} bytes "
-        f"of the {blob_size}-byte blob ({'; '.join(errors)})"
+        f"of the {blob_size}-byte blob ({'; '.join(dict.fromkeys(errors))})"
     )
 
 
