@@ -117,8 +117,8 @@ def test_ls_not_a_blob(tmp_path: Path) -> None:
     _small_tar(p)
     res = run_lazybench_process("estargz", "ls", str(p))
     _assert_one_line_error(res, "plain.tar", "footer")
-    assert "(no gzip magic)" in res.stderr  # each reason once (it was said twice)
-    assert "`lazybench estargz convert` makes one" in res.stderr
+    assert "(no gzip magic)" in res.err  # each reason once (it was said twice)
+    assert "`lazybench estargz convert` makes one" in res.err
 
 
 def test_ls_wrong_toc_digest(vectors: dict[str, Vector]) -> None:
