@@ -266,14 +266,16 @@ async def measure_tar_size(view: EstargzLayerView, blob: BlobReader) -> int | No
             f"{unknown_bytes} bytes, over the {MEASURE_UNSIZED_MAX} this measure reads"
         )
     batch: list[tuple[int, int]] = []
-    for i, frame in enumerate(unknown):
-        batch.append(frame)
-        if i + 1 < len(unknown) and sum(hi - lo for lo, hi in batch) < MEASURE_READ_BYTES:
+    batch_bytes = 0
+    for i, (start, end) in enumerate(unknown):
+        batch.append((start, end))
+        batch_bytes += end - start
+        if i + 1 < len(unknown) and batch_bytes < MEASURE_READ_BYTES:
             continue
         for (lo, hi), data in zip(batch, await blob.read_ranges(batch), strict=True):
             where = f"zstd:chunked header frame at offset {lo}"
             total += zstdchunked.inflated_size(data, 64 * (hi - lo) + (1 << 20), where)
-        batch = []
+        batch, batch_bytes = [], 0
     view.uncompressed_size = total
     view._zstd_files = None
     return total
