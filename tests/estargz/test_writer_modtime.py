@@ -53,13 +53,18 @@ def _entry(pax_mtime: str, name: str = "f") -> tarfile.TarInfo:
     return ti
 
 
+def _add_file(tar: tarfile.TarFile, name: str, pax_mtime: str) -> None:
+    """A 2-byte file ``name`` whose PAX ``mtime`` record is ``pax_mtime``."""
+    ti = _entry(pax_mtime, name)
+    ti.size, ti.mode = 2, 0o644
+    tar.addfile(ti, io.BytesIO(b"x\n"))
+
+
 def _tar(mtimes: dict[str, str]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, mtime in mtimes.items():
-            ti = _entry(mtime, name)
-            ti.size, ti.mode = 2, 0o644
-            tar.addfile(ti, io.BytesIO(b"x\n"))
+            _add_file(tar, name, mtime)
     raw = buf.getvalue()
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:  # the records are what we meant
         assert {ti.name: ti.pax_headers.get("mtime") for ti in tar} == mtimes
@@ -195,9 +200,7 @@ def test_a_fraction_of_a_second_is_the_tocs_whole_second_in_the_header_too() -> 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, pax in files.items():
-            ti = _entry(pax, name)
-            ti.size, ti.mode = 2, 0o644
-            tar.addfile(ti, io.BytesIO(b"x\n"))
+            _add_file(tar, name, pax)
         for name, kind in (("d", tarfile.DIRTYPE), ("l", tarfile.SYMTYPE)):
             ti = _entry(f"{T}.7", name)
             ti.type, ti.linkname = kind, "f" if kind == tarfile.SYMTYPE else ""
