@@ -185,15 +185,9 @@ class ImagePreparer:
         from harness.registry_server import RegistryServer
 
         info: dict[str, Any] = {}
-        say = plain(self.console)
-
-        def indented(message: str) -> None:
-            say(f"  {message}")
-
         with RegistryServer(storage_dir=storage) as reg:
             for w in workloads.values():
-                self.console.print(f"[bold]image {w.name}[/]: building or importing (cached)")
-                built = self._build(w, indented)
+                built = self._prepare_image(w)
                 _check_has_command(w, built.config)
                 for mode in self.scenario.modes_of(self.scenario.workload(w.name)):
                     files = ranges = None
@@ -239,6 +233,22 @@ class ImagePreparer:
                     }
                 self.limits[w.name] = self._limit_entry(w, built)
         return info
+
+    def _prepare_image(self, w: ResolvedWorkload) -> Any:
+        """:meth:`_build`, saying what happened: the build's or import's own progress lines,
+        or that the cache had the image."""
+        say = plain(self.console)
+        self.console.print(f"[bold]image {w.name}[/]: preparing")
+        said: list[str] = []  # progress lines: none when the cache had the image
+
+        def progress(message: str) -> None:
+            said.append(message)
+            say(f"  {message}")
+
+        built = self._build(w, progress)
+        if not said:
+            say(f"  reused from the cache ({built.dir})")
+        return built
 
     def _build(self, w: ResolvedWorkload, progress: Callable[[str], None]) -> Any:
         """The workload's image built or imported; an image or Containerfile that cannot be

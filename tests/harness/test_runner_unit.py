@@ -635,3 +635,25 @@ def test_a_shard_the_plan_gives_nothing_is_an_empty_run_merge_takes(
     (run_dir,) = runs.iterdir()
     assert read_environment(run_dir)["shard"] == "2/2" and read_records(run_dir) == []
     assert "shard 2/2: no report" in capsys.readouterr().out
+
+
+def test_preparing_an_image_says_whether_it_was_built_or_reused(tmp_path: Path) -> None:
+    """The first preparation shows the build's own steps; the second says the cache had
+    it (the line once read "building or importing (cached)" either way)."""
+    from rich.console import Console
+
+    from harness.images import tiny_recipe
+    from harness.prepare import ImagePreparer, ResolvedWorkload
+
+    s = parse_scenario(SCENARIO, "s.toml")
+    w = ResolvedWorkload("app", tiny_recipe(big_file_size=4096), ("true",), None, None, None, 5)
+    texts = []
+    for _ in range(2):
+        console = Console(record=True, width=200)
+        ImagePreparer(s, console, cache_dir=tmp_path)._prepare_image(w)
+        texts.append(console.export_text())
+    assert texts[0].startswith("image app: preparing\n") and "reused" not in texts[0]
+    assert len(texts[0].splitlines()) > 1
+    reused = texts[1].splitlines()
+    assert reused[0] == "image app: preparing" and len(reused) == 2
+    assert reused[1].startswith(f"  reused from the cache ({tmp_path / 'images'}/")
