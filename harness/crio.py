@@ -1,4 +1,4 @@
-"""The CRI-O runtime driver, through ``crictl``: used when CRI-O is installed, skipped otherwise.
+"""The CRI-O runtime driver, through ``crictl``: used when CRI-O is installed, refused otherwise.
 
 CRI-O reads the same ``storage.conf`` as podman (containers/storage), so lazy pulling through
 an Additional Layer Store works the same way; what differs is the client: images are pulled
@@ -65,22 +65,25 @@ def crio_storage(storage_conf: Path = STORAGE_CONF, crio_conf: Path = CRIO_CONF)
 
 
 class CrioUnavailable(UserError):
-    """CRI-O or crictl is missing: the CRI-O driver is skipped."""
+    """CRI-O or crictl is missing: a scenario with ``runtime = "crio"`` is refused."""
 
 
 def crio_unavailable() -> str | None:
     """Why the CRI-O driver cannot run here, or ``None`` when it can."""
     if shutil.which("crictl") is None:
-        return "crictl is not installed (the CRI-O driver is skipped)"
+        return "crictl is not installed"
     if not CRIO_SOCKET.is_socket():
-        return f"CRI-O is not running: no socket at {CRIO_SOCKET} (the CRI-O driver is skipped)"
+        return f"CRI-O is not running: no socket at {CRIO_SOCKET}"
     return None
 
 
 def require_crio() -> None:
     reason = crio_unavailable()
     if reason is not None:
-        raise CrioUnavailable(f"runtime 'crio': {reason}")
+        raise CrioUnavailable(
+            f"runtime 'crio': {reason}; install and start CRI-O with crictl (it is in no Debian "
+            'suite), or measure podman: runtime = "podman" in the scenario'
+        )
 
 
 @dataclass

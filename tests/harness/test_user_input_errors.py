@@ -331,3 +331,21 @@ def test_a_closed_pipe_on_stdout_ends_quietly(tmp_path: Path) -> None:
         executable="/bin/bash",
     )
     assert proc.returncode == 0 and proc.stderr == ""
+
+
+def test_runtime_crio_without_crio_is_refused_saying_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """This machine has no CRI-O (DESIGN.md §6): the run stops before anything starts, and
+    says so as a refusal, not as a "skipped" driver."""
+    import shutil
+
+    if shutil.which("crictl") is not None:
+        pytest.skip("crictl is installed here")
+    path = tmp_path / "s.toml"
+    path.write_text('runtime = "crio"\n[[workloads]]\nrecipe = "tiny"\n')
+    assert main(["run", str(path), "--results-dir", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "runtime 'crio': crictl is not installed" in err and "skipped" not in err
+    assert 'runtime = "podman"' in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
