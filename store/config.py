@@ -91,6 +91,11 @@ is immutable); the store's own directories and files always use short timeouts.
 ``max_retries`` retries (a reader gets EIO past it); each attempt may wait an equal share of
 it, 1–30 s, for a connection or for its next bytes before it is retried
 (:func:`store.cli.request_timeout`).
+
+As in the Go store, 0 means the default for ``max_concurrency``, ``prefetch_timeout_sec``,
+``resolve_result_entry_ttl_sec``, ``[blob] chunk_size / fetching_timeout_sec / max_retries``
+and ``[fuse] attr_timeout / entry_timeout`` (a config that lists every key with Go's zero
+values loads with the defaults, not with no retries or no timeouts).
 """
 
 from __future__ import annotations
@@ -227,7 +232,23 @@ _IGNORED = {
 }
 _SECTIONS = {"blob", "fuse"}
 
-# Values that must be positive for the store to work at all.
+# Go keys where 0 means the Go store's default, not zero (upstream fs/remote/resolver.go,
+# fs/fs.go, fs/layer/layer.go, store/manager.go: ``if cfg.X == 0 { X = default }``): a Go
+# config that spells them out as 0 gets the defaults here too, never 0 retries, 0 s timeouts
+# or a refusal. The value stays checked first (a negative one is refused as before).
+_ZERO_IS_DEFAULT = {
+    "max_concurrency",
+    "chunk_size",
+    "fetching_timeout_sec",
+    "max_retries",
+    "prefetch_timeout_sec",
+    "resolve_result_entry_ttl_sec",
+    "attr_timeout",
+    "entry_timeout",
+}
+
+# Values that must be positive for the store to work at all (0 of a key of _ZERO_IS_DEFAULT
+# means its default and passes).
 _POSITIVE = {
     "chunk_size",
     "max_concurrency",
@@ -279,12 +300,12 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
             if not isinstance(value, types):
                 want = " or ".join(t.__name__ for t in types)
                 raise ConfigError(f"{source}: key {key!r} must be {want}, got {value!r}")
+            if name in _ZERO_IS_DEFAULT and value == 0:
+                continue  # Go: 0 = the default
             if name in _POSITIVE and value <= 0:
                 raise ConfigError(f"{source}: key {key!r} must be positive, got {value!r}")
-            if name == "resolve_result_entry_ttl_sec":
-                if value < 0:
-                    raise ConfigError(f"{source}: key {key!r} must not be negative, got {value!r}")
-                value = value or StoreConfig.resolve_result_entry_ttl_sec  # Go: 0 = default
+            if name == "resolve_result_entry_ttl_sec" and value < 0:
+                raise ConfigError(f"{source}: key {key!r} must not be negative, got {value!r}")
             if name in _CHOICES and value not in _CHOICES[name]:
                 want = ", ".join(repr(c) for c in _CHOICES[name])
                 raise ConfigError(f"{source}: key {key!r} must be one of {want}, got {value!r}")

@@ -56,7 +56,7 @@ def test_go_config_loads(tmp_path: Path) -> None:
         ({"no_such_key": 1}, "unknown key 'no_such_key'"),
         ({"blob": {"chunksize": 1}}, "unknown key 'blob.chunksize'"),
         ({"noprefetch": "yes"}, "'noprefetch' must be bool"),
-        ({"blob": {"chunk_size": 0}}, "must be positive"),
+        ({"blob": {"chunk_size": -1}}, "must be positive"),
         ({"max_concurrency": True}, "must be a number"),
         ({"overlay_opaque_type": "both"}, "'overlay_opaque_type' must be one of 'trusted'"),
         ({"toc_max_bytes": 0}, "'toc_max_bytes' must be positive"),
@@ -200,6 +200,30 @@ def test_resolved_layer_ttl_is_gos_key() -> None:
     assert StoreConfig().resolve_result_entry_ttl_sec == 120
     with pytest.raises(ConfigError, match="'resolve_result_entry_ttl_sec' must not be negative"):
         parse_config({"resolve_result_entry_ttl_sec": -1})
+
+
+GO_ZEROS = """
+max_concurrency = 0
+prefetch_timeout_sec = 0
+resolve_result_entry_ttl_sec = 0
+[blob]
+chunk_size = 0
+fetching_timeout_sec = 0
+max_retries = 0
+[fuse]
+attr_timeout = 0
+entry_timeout = 0
+"""
+
+
+def test_go_zero_values_mean_the_defaults(tmp_path: Path) -> None:
+    """A Go config that spells keys out with Go's zero values (upstream: ``if cfg.X == 0``
+    then the default, in fs/remote/resolver.go, fs/fs.go, fs/layer/layer.go) loads with the
+    defaults: not refused (chunk_size, max_concurrency, fetching_timeout_sec), and not 0
+    retries, a 0 s prefetch or no attribute caching."""
+    path = tmp_path / "config.toml"
+    path.write_text(GO_ZEROS)
+    assert load_config(path) == StoreConfig()
 
 
 def test_chunk_cap_is_read() -> None:
