@@ -7,8 +7,10 @@ and the credential socket ``<root>/store.sock`` that podman's layer-store auth h
 (``stargz-store-helper``) hands credentials to (:mod:`store.credsocket`).
 MOUNTPOINT is created when missing, as the Go store does. A stale FUSE mount left on it by a
 crashed store is unmounted first (``fusermount3 -u``, then ``umount -l``); if that fails, or
-MOUNTPOINT carries a live mount, the store says so and exits non-zero. Logs are JSON
-lines on stderr. Errors the user can fix are printed as one line, exit status 1.
+MOUNTPOINT carries a live mount, the store says so and exits non-zero. Under systemd
+(``$NOTIFY_SOCKET``, a ``Type=notify`` unit) it reports ``READY=1`` once mounted and
+``STOPPING=1`` when it stops, as the Go store does. Logs are JSON lines on stderr. Errors
+the user can fix are printed as one line, exit status 1.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -351,9 +354,11 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
         try:
             nursery.start_soon(watch_signals)
             await nursery.start(serve_credentials, addr or root / SOCKET_NAME, credentials)
+            notify_systemd("READY=1")
             await pyfuse3.main()
             log.info("filesystem unmounted externally")
         finally:
+            notify_systemd("STOPPING=1")
             nursery.cancel_scope.cancel()
             pyfuse3.close(unmount=True)
             try:
@@ -363,6 +368,27 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
                 if timeline is not None:
                     timeline.close()
             log.info("unmounted %s", mountpoint)
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd ``state`` (``READY=1``, ``STOPPING=1``) over ``$NOTIFY_SOCKET``, as the
+    Go store does (sd_notify in cmd/stargz-store/main.go upstream); nothing without it.
+
+    Why: upstream's unit files run the store with ``Type=notify``: a unit moved over to this
+    store unchanged would wait for READY=1 until systemd's start timeout, kill the store,
+    and restart it in a loop. A ``@`` name is an abstract socket (sd_notify(3)). A failed
+    send is logged, never fatal: the store serves either way.
+    """
+    target = os.environ.get("NOTIFY_SOCKET", "")
+    if not target:
+        return
+    address = "\0" + target[1:] if target.startswith("@") else target
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(5)
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify systemd (%s) over NOTIFY_SOCKET %s: %s", state, target, exc)
 
 
 def request_timeout(cfg: StoreConfig) -> float:

@@ -531,3 +531,28 @@ def test_addr_never_replaces_a_file_nor_a_live_store_s_socket(tmp_path: Path, ca
         live.close()
     # Nobody listens on it now: a stale socket, which the store may take over.
     assert prepare(root, mnt, tmp_path / "live.sock") == mnt
+
+
+@pytest.mark.e2e
+def test_systemd_type_notify_gets_ready_once_mounted_and_stopping(tmp_path: Path) -> None:
+    """Upstream's stargz-store.service is ``Type=notify``: the Go store sends READY=1 over
+    ``$NOTIFY_SOCKET`` once mounted. Without it, that unit waits for its start timeout and
+    kills the store. An abstract ``@`` socket, as systemd may hand out."""
+    import socket
+
+    from tests.store.conftest import StoreProcess, _mounted
+
+    name = f"lazybench-notify-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind("\0" + name)
+        listener.settimeout(30)
+        sp = StoreProcess(tmp_path / "store", env={"NOTIFY_SOCKET": "@" + name})
+        try:
+            sp.start()
+            assert listener.recv(4096) == b"READY=1"
+            assert _mounted(sp.mnt)
+            sp.proc.terminate()
+            assert listener.recv(4096) == b"STOPPING=1"
+            assert sp.proc.wait(15) == 0
+        finally:
+            sp.stop()
