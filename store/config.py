@@ -2,11 +2,12 @@
 
 Why this shape: operators move between the Go store and this one with the same
 ``/etc/stargz-store/config.toml``. Keys that mean the same thing here are honoured
-(``noprefetch``, ``prefetch_size``, ``prefetch_timeout_sec``, ``no_background_fetch``,
+(``noprefetch``, ``prefetch_timeout_sec``, ``no_background_fetch``,
 ``max_concurrency``, ``resolve_result_entry_ttl_sec``, ``[blob] chunk_size /
 fetching_timeout_sec / max_retries``,
 ``[fuse] attr_timeout / entry_timeout``, ``[resolver]``). Keys the Go store knows but that have
-no meaning here (its HTTP/directory cache tuning, kubeconfig keychains …) are accepted and
+no meaning here (its HTTP/directory cache tuning, kubeconfig keychains, ``prefetch_size`` …)
+are accepted and
 ignored with a log line, so a Go config loads unchanged; what the Go store refuses is refused
 here too (``disable_verification = true``, a ``metadata_store`` other than memory or db, a
 honoured key of the wrong type, a malformed ``[resolver]`` table). Anything else is a typo and is
@@ -124,7 +125,6 @@ class StoreConfig:
     """Everything the store needs to know, with the Go store's defaults where it has them."""
 
     noprefetch: bool = False
-    prefetch_size: int = 0
     prefetch_timeout_sec: float = 10.0
     no_background_fetch: bool = False
     max_concurrency: int = 2
@@ -170,7 +170,6 @@ OVERLAY_OPAQUE_TYPES: dict[str, tuple[bytes, ...]] = {
 _NUM = (int, float)
 _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "noprefetch": ("noprefetch", (bool,)),
-    "prefetch_size": ("prefetch_size", (int,)),
     "prefetch_timeout_sec": ("prefetch_timeout_sec", _NUM),
     "no_background_fetch": ("no_background_fetch", (bool,)),
     "max_concurrency": ("max_concurrency", (int,)),
@@ -204,6 +203,10 @@ _CHOICES = {
 
 # Keys of the Go store that have no effect here; accepted so a Go config loads unchanged.
 _IGNORED = {
+    # The prefetch here is the image's landmark region (eStargz ``.prefetch.landmark``) only;
+    # Go's default byte count for a layer without landmarks (legacy stargz, zstd:chunked) has
+    # no counterpart: its layers are read on demand and fetched in the background.
+    "prefetch_size",
     "http_cache_type",
     "http_cache_chunk_ttl_sec",
     "filesystem_cache_type",

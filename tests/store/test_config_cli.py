@@ -43,7 +43,7 @@ def test_go_config_loads(tmp_path: Path) -> None:
     path.write_text('metrics_address = "127.0.0.1:9999"\ncache_max_bytes = 1000\n' + GO_CONFIG)
     cfg = load_config(path)
     assert cfg.noprefetch and cfg.no_background_fetch
-    assert (cfg.prefetch_size, cfg.max_concurrency, cfg.chunk_size) == (1048576, 4, 100000)
+    assert (cfg.max_concurrency, cfg.chunk_size) == (4, 100000)
     assert (cfg.fetching_timeout_sec, cfg.max_retries) == (60, 2)
     assert (cfg.attr_timeout, cfg.entry_timeout) == (3, 4)
     assert cfg.resolver["host"]["docker.io"]["mirrors"][0]["host"] == "mirror.example:5000"
@@ -224,6 +224,15 @@ def test_go_zero_values_mean_the_defaults(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(GO_ZEROS)
     assert load_config(path) == StoreConfig()
+
+
+def test_prefetch_size_loads_and_says_it_does_nothing(caplog) -> None:
+    """``prefetch_size`` (Go: bytes to prefetch of a layer without landmarks) has no
+    counterpart here: it loads, changes nothing, and the log says so — it was taken as an
+    honoured key and silently never used."""
+    with caplog.at_level("INFO", logger="store.config"):
+        assert parse_config({"prefetch_size": 1 << 20}) == StoreConfig()
+    assert "config key 'prefetch_size' (Go stargz-store) has no effect here" in caplog.text
 
 
 def test_chunk_cap_is_read() -> None:
