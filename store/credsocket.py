@@ -7,6 +7,8 @@ store's own user) by ``SO_PEERCRED``. One request per connection: the helper sen
 store answers one JSON line, ``{"ok": true}`` or ``{"error": "…"}`` (protocol in
 :mod:`store.helper`). The credentials go to :meth:`CredentialStore.add_for_references`, which
 uses them for that reference's registry only, never for a mirror. Secrets are never logged.
+The Go store's helper (one gRPC call) is recognized by its HTTP/2 preface and refused at
+once, with a log line saying which helper podman should run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,22 @@ log = logging.getLogger("store.credsocket")
 SOCKET_NAME = "store.sock"
 MAX_REQUEST = 1 << 20
 REQUEST_TIMEOUT = 10.0
+
+# What every HTTP/2 client sends first (RFC 9113 §3.4): the Go store's own helper speaks gRPC
+# (``/Controller/AddCredential``), not this socket's protocol. It is recognized, told apart
+# and refused at once, so a mixed install is named in the log instead of the Go helper
+# waiting out its handshake and podman pulling without the credentials.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+GRPC_CLIENT = (
+    "a gRPC client connected (the Go stargz-store's stargz-store-helper?): this store speaks "
+    "its own protocol; make the additional-layer-store-auth-helper podman runs this "
+    "project's stargz-store-helper (`which -a stargz-store-helper` shows which one is first "
+    "on PATH)"
+)
+
+
+class _GrpcClient(Exception):
+    """The peer opened with the HTTP/2 preface: a gRPC client, answered by closing."""
 
 
 class SocketPathError(Exception):
@@ -90,6 +108,8 @@ async def _handle(stream: trio.SocketStream, credentials: CredentialStore) -> No
                     if not chunk:
                         break
                     data += chunk
+                    if data.startswith(HTTP2_PREFACE):
+                        raise _GrpcClient  # it waits for our SETTINGS, never for EOF
             if len(data) > MAX_REQUEST:
                 raise ConfigError("credentials: request larger than 1 MiB")
             try:
@@ -99,6 +119,9 @@ async def _handle(stream: trio.SocketStream, credentials: CredentialStore) -> No
             refs = credentials.add_for_references(decoded)
             log.info("auth helper: credentials for %s", ", ".join(refs) or "no reference")
             reply = {"ok": True}
+        except _GrpcClient:
+            log.warning("auth helper: %s", GRPC_CLIENT)
+            return  # closed: the gRPC client fails at once, not after its handshake timeout
         except (ConfigError, trio.TooSlowError, OSError) as exc:
             problem = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
             log.warning("auth helper: %s", problem)

@@ -129,3 +129,27 @@ def test_helper_help_and_a_terminal_on_stdin_never_wait_for_input() -> None:
         os.close(primary)
         os.close(secondary)
     assert proc.returncode == 2 and "stdin is a terminal" in proc.stderr
+
+
+def test_the_go_stores_grpc_helper_is_named_and_closed_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Go store's helper opens with HTTP/2's preface and waits for our SETTINGS: it used
+    to wait out its handshake timeout while we waited 10 s for its end of input."""
+    import socket
+    import time
+
+    from store.credsocket import GRPC_CLIENT, HTTP2_PREFACE
+
+    def grpc_client(path: str) -> tuple[bytes, float]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            start = time.monotonic()
+            sock.sendall(HTTP2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # SETTINGS
+            return sock.recv(100), time.monotonic() - start
+
+    creds, (answer, took) = _serve_then(tmp_path, grpc_client)  # type: ignore[misc]
+    assert answer == b"" and took < 2  # closed, not a JSON line after the 10 s timeout
+    assert GRPC_CLIENT in caplog.text
+    assert creds.lookup("127.0.0.1:5000", "auth/img") is None
