@@ -202,9 +202,17 @@ def build_node(
             return node
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
-            return _build(name, tmp, final, mirror or debian_mirror(), progress)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            node = _build(name, tmp, final, mirror or debian_mirror(), progress)
+        except BaseException as exc:
+            # mmdebstrap killed part way (Ctrl-C, the watchdog) leaves proc, sys and dev
+            # mounted in the root it was making: unmounted first, never removed through.
+            try:
+                _remove_tree(tmp)
+            except NodeError as left:
+                exc.add_note(str(left))
+            raise
+        _remove_tree(tmp)  # gone once renamed into place; not when another build landed first
+        return node
 
 
 def _build(name: str, tmp: Path, final: Path, mirror: str, progress: Callable[[str], None]) -> Node:
@@ -390,14 +398,15 @@ def prune_nodes(cache_dir: Path | None = None, *, everything: bool = False) -> l
         shutil.rmtree(trash, ignore_errors=True)
         removed.append(directory)
     for stale in base.glob(".tmp-*") if base.exists() else []:
-        # A build that died (no process holds its lock) leaves its temporary directory.
+        # A build that died (no process holds its lock) leaves its temporary directory, with
+        # mmdebstrap's mounts in it if that was killed too.
         lock_path = base / f".{stale.name[5:].rsplit('-', 1)[0]}.lock"
         try:
             lock = _lock(lock_path, blocking=False)
         except BlockingIOError:
             continue
         lock.close()
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove_tree(stale)
         removed.append(stale)
     return removed
 
@@ -516,13 +525,23 @@ def clean_stale_views(directory: Path | None = None) -> list[Path]:
 
 
 def _teardown(base: Path, view: Path) -> None:
+    _remove_tree(base, f"umount -R -l {view}")
+
+
+def _remove_tree(base: Path, unmount: str = "") -> None:
+    """Remove ``base`` after unmounting everything mounted below it (deepest first, lazily):
+    a tree is never removed through a mount (a view's proc, sys, dev and binds; mmdebstrap's
+    in a build it did not finish). Raises :class:`NodeError` naming what stays mounted, with
+    ``base`` left in place; ``unmount`` is the command the message suggests (default:
+    ``umount -l`` of each)."""
     from harness.podman import mounts_below, unmount_below
 
     unmount_below(base)
     left = mounts_below(base)
     if left:
+        command = unmount or "umount -l " + " ".join(map(str, left[:5]))
         raise NodeError(
             f"could not unmount {', '.join(map(str, left[:5]))}: left {base} in place; "
-            f"unmount them with `umount -R -l {view}` and remove it"
+            f"unmount them with `{command}` and remove it"
         )
     shutil.rmtree(base, ignore_errors=True)

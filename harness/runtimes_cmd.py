@@ -102,9 +102,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from harness.runtimes import clean_stale_views, prune_nodes
+    from harness.runtimes import NodeError, clean_stale_views, prune_nodes
 
-    removed = clean_stale_views() + prune_nodes(args.cache_dir, everything=args.all)
+    try:
+        removed = clean_stale_views() + prune_nodes(args.cache_dir, everything=args.all)
+    except NodeError as exc:
+        raise UserError(str(exc)) from None
     for path in removed:
         print(f"removed {path}")
     if not removed:

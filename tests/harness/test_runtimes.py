@@ -72,6 +72,58 @@ def test_cache_ls_and_prune(tmp_path: Path) -> None:
     assert runtimes.list_nodes(tmp_path) == []
 
 
+def _mount_tmpfs(path: Path) -> None:
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], check=True)
+    (path / "inside").write_text("a file of the mounted filesystem\n")
+
+
+@pytest.fixture
+def unmounted_after(tmp_path: Path) -> Any:
+    """Whatever a failing test left mounted below ``tmp_path`` is unmounted afterwards."""
+    from harness.podman import unmount_below
+
+    yield
+    unmount_below(tmp_path)
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, runtimes.NodeError])
+def test_a_build_stopped_part_way_leaves_no_mount_and_no_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unmounted_after: None, interrupt: type
+) -> None:
+    """mmdebstrap killed part way (Ctrl-C, the build's watchdog) leaves proc, sys and dev
+    mounted in the root it was making: they are unmounted, and the temporary directory
+    removed, not removed through (its files stayed, and so did the mounts)."""
+    from harness.podman import mounts_below
+
+    def killed_mmdebstrap(name: str, tmp: Path, *args: object) -> runtimes.Node:
+        for d in ("proc", "sys", "dev/pts"):
+            _mount_tmpfs(tmp / "root" / d)
+        raise interrupt("mmdebstrap stopped")
+
+    monkeypatch.setattr(runtimes, "_build", killed_mmdebstrap)
+    monkeypatch.setattr(runtimes.shutil, "which", lambda name: f"/usr/bin/{name}")
+    with pytest.raises(interrupt, match="mmdebstrap stopped"):
+        runtimes.build_node("trixie", tmp_path)
+    assert mounts_below(tmp_path) == []
+    assert list((tmp_path / "nodes").glob(".tmp-*")) == []
+
+
+def test_prune_unmounts_a_dead_build_s_directory_before_removing_it(
+    tmp_path: Path, unmounted_after: None
+) -> None:
+    """A build killed with its lazybench (no process holds its lock) left its temporary
+    directory with mmdebstrap's mounts: prune unmounts them, then removes it."""
+    from harness.podman import mounts_below
+
+    stale = tmp_path / "nodes" / f".tmp-trixie-{runtimes.recipe_hash('trixie')}-x1y2z3"
+    _mount_tmpfs(stale / "root" / "proc")
+    assert runtimes.prune_nodes(tmp_path) == [stale]
+    assert mounts_below(tmp_path) == [] and not stale.exists()
+
+
 def test_host_versions_name_podman_and_containers_storage() -> None:
     v = runtimes.runtime_versions("host")
     assert v["node"] == "host"
