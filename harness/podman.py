@@ -269,11 +269,8 @@ class PodmanEnv:
                 unmount_below(self._runroot)
                 shutil.rmtree(self._runroot, ignore_errors=True)
             return
-        try:
-            self.podman("rm", "--all", "--force", "--time", "0", timeout=60, check=False)
-            self.podman("system", "reset", "--force", timeout=60, check=False)
-        except PodmanError:
-            pass
+        with contextlib.suppress(PodmanError):
+            self._remove_all()
         if self._entered is not None:
             unmount_below(self._entered.host_path(self.workdir))
             if self._runroot is not None:
@@ -288,6 +285,21 @@ class PodmanEnv:
         else:
             for sub in ("graph", "tmp"):
                 shutil.rmtree(self.workdir / sub, ignore_errors=True)
+
+    def _remove_all(self) -> None:
+        """``podman rm --all --force`` and ``system reset``. A layer store's dead mount (its
+        store killed; in a node, stopped too: the node's bind of it stays dead, whatever the
+        host's mountpoint holds since) fails every podman command that opens the storage ("can't
+        stat additionallayerstore dir: transport endpoint is not connected"), which would leave
+        the containers running: then both again with a storage.conf without the store, which
+        removing containers and layers does not need."""
+        commands = (("rm", "--all", "--force", "--time", "0"), ("system", "reset", "--force"))
+        failed = [self.podman(*c, timeout=60, check=False).returncode != 0 for c in commands]
+        if any(failed) and self.additional_layer_store is not None:
+            assert self.workdir is not None
+            write_atomic(self.workdir / "storage.conf", self._storage_conf(layer_store=False))
+            for command in commands:
+                self.podman(*command, timeout=60, check=False)
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -326,22 +338,27 @@ class PodmanEnv:
             options["pull_options"] = {"enable_partial_images": "true"}
         return options
 
-    def _write_configs(self) -> None:
-        assert self.workdir is not None
+    def _storage_conf(self, *, layer_store: bool = True) -> str:
+        """The storage.conf text: the env's storage, its layer store unless ``layer_store``
+        is false."""
         options: list[str] = []
-        if self.additional_layer_store is not None:
+        if self.additional_layer_store is not None and layer_store:
             options.append(
                 f"additionallayerstores = [{toml_str(f'{self.additional_layer_store}:ref')}]"
             )
         if self.partial_pulls:
             options.append('pull_options = {enable_partial_images = "true"}')
-        storage = (
+        return (
             "[storage]\n"
             'driver = "overlay"\n'
             f"graphroot = {toml_str(str(self.graphroot))}\n"
             f"runroot = {toml_str(str(self.runroot))}\n\n"
             "[storage.options]\n" + "\n".join(options) + "\n"
         )
+
+    def _write_configs(self) -> None:
+        assert self.workdir is not None
+        storage = self._storage_conf()
         registries = 'unqualified-search-registries = []\nshort-name-mode = "disabled"\n'
         if self.store_socket is not None and self._entered is not None:
             from harness.runtimes import HELPER_IN_NODE

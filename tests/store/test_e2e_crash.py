@@ -97,3 +97,67 @@ def test_sigkill_under_a_running_container_then_restart(registry, store_factory,
         env.podman("rm", "-f", "-t", "0", cid, timeout=120)
         got = env.run(ref, "/bin/sh", "-c", "cat /cold | sha256sum", timeout=120).stdout
         assert got.split()[0] == __import__("hashlib").sha256(COLD).hexdigest()
+
+
+def _processes_running(argv: list[str]) -> list[int]:
+    """The pids of processes whose command line is ``argv``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    cmdline = f.read().split(b"\0")[:-1]
+            except OSError:
+                continue
+            if cmdline == [a.encode() for a in argv]:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+@pytest.mark.store_ours_only(reason="the env's cleanup under a dead mount, whatever store left it")
+def test_closing_the_env_stops_its_containers_when_the_store_is_gone(
+    registry, store_factory, layers, tmp_path, podman_env, runtime_node, how
+):
+    """A store killed (or, in a node, stopped: the node's bind of its mount stays dead) under
+    a running container leaves a dead mount that fails every podman command on the storage,
+    `podman rm` too: closing the env still stops and removes the container."""
+    import signal
+
+    if how == "stopped" and runtime_node is None:
+        pytest.skip("on the host a stopped store leaves an empty directory: podman works")
+    host = registry.host
+    push(host, "gone/img", "1", [to_estargz(layers["lower"])])
+    ref = f"{host}/gone/img:1"
+    store = store_factory(CONFIG)
+    sleeper = ["sleep", f"86399.{os.getpid()}"]  # this test's container, and no other process
+    try:
+        with podman_env(
+            tmp_path / "env", additional_layer_store=store.mnt, insecure_registries=[host]
+        ) as env:
+            env.pull(ref, timeout=180)
+            # busybox read whole first: the container's sleep needs nothing more from the store.
+            script = f"cat /bin/busybox > /dev/null; exec {' '.join(sleeper)}"
+            env.podman("run", "-d", "--network=none", ref, "/bin/sh", "-c", script, timeout=120)
+            deadline = time.monotonic() + 60
+            while not _processes_running(sleeper) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _processes_running(sleeper)
+            if how == "killed":
+                assert store.proc is not None
+                store.proc.kill()
+                store.proc.wait(10)
+            else:
+                store.stop()
+            # The mount's root attributes stay cached a moment after the connection died.
+            deadline = time.monotonic() + 10
+            while env.podman("ps", timeout=60, check=False).returncode == 0:
+                assert time.monotonic() < deadline, "podman works on: nothing to test"
+                time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while _processes_running(sleeper) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _processes_running(sleeper) == [], "the container outlived its env"
+    finally:
+        for pid in _processes_running(sleeper):  # what a failure left: conmon exits with it
+            os.kill(pid, signal.SIGKILL)
