@@ -274,6 +274,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
     from store.credsocket import SOCKET_NAME, serve_credentials
     from store.fs import StoreFS
     from store.fuse_ops import StoreOperations
+    from store.helper import DEFAULT_SOCKET as HELPER_SOCKET
     from store.metrics import AccessTrace, StoreMetrics
     from store.registry.client import RegistryClient
     from store.registry.credentials import CredentialStore
@@ -353,7 +354,18 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
 
         try:
             nursery.start_soon(watch_signals)
-            await nursery.start(serve_credentials, addr or root / SOCKET_NAME, credentials)
+            listening = await nursery.start(
+                serve_credentials, addr or root / SOCKET_NAME, credentials
+            )
+            if listening is not None and listening != Path(HELPER_SOCKET):
+                log.info(
+                    "credential socket %s: podman runs stargz-store-helper without arguments, "
+                    "so it looks at %s only; for podman's credentials to reach this store, "
+                    "start it with --addr %s",
+                    listening,
+                    HELPER_SOCKET,
+                    HELPER_SOCKET,
+                )
             notify_systemd("READY=1")
             await pyfuse3.main()
             log.info("filesystem unmounted externally")

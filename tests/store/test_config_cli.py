@@ -565,3 +565,24 @@ def test_systemd_type_notify_gets_ready_once_mounted_and_stopping(tmp_path: Path
             assert sp.proc.wait(15) == 0
         finally:
             sp.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.store_ours_only(reason="the hint is our log line")
+def test_a_credential_socket_where_the_helper_does_not_look_is_said_at_startup(
+    store_factory,
+) -> None:
+    """podman runs the helper without arguments, so it looks only at the default socket; a
+    store on another --root without --addr never gets podman's credentials (the Go store's
+    socket is at the default whatever its --root): said once the socket is up."""
+    import time
+
+    sp = store_factory()
+    deadline = time.monotonic() + 10  # the mount is up a moment before the socket
+    while True:
+        msgs = [json.loads(line).get("msg", "") for line in sp.log.read_text().splitlines()]
+        hint = [m for m in msgs if "podman runs stargz-store-helper without arguments" in m]
+        if hint or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(hint) == 1 and "--addr /var/lib/stargz-store/store.sock" in hint[0], msgs
