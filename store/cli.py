@@ -344,6 +344,14 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
         pyfuse3.init(ops, str(mountpoint), options)
         fs.page_cache = pyfuse3.notify_store  # unused while an access trace is on (StoreFS)
         log.info("mounted on %s (cache %s)", mountpoint, root / CACHE_DIR)
+        if cfg.overlay_opaque_type == "auto":
+            log.info(
+                "opaque directories answer %s (overlay_opaque_type auto: %s)",
+                " and ".join(x.decode() for x in cfg.opaque_xattrs),
+                "in a user namespace, for overlayfs with userxattr"
+                if cfg.opaque_type == "user"
+                else "rootful overlayfs",
+            )
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

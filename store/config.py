@@ -29,10 +29,15 @@ Our additions (top level):
 ``auth_file``            a containers auth.json / docker config.json to take credentials from
 ``overlay_opaque_type``  which extended attribute marks a layer directory opaque (it holds a
                          ``.wh..wh..opq`` entry): the one the overlay mount over the store
-                         reads. ``"trusted"`` (default) answers ``trusted.overlay.opaque``:
-                         kernel overlayfs mounted by root, as rootful podman and CRI-O do.
+                         reads. ``"trusted"`` answers ``trusted.overlay.opaque``: kernel
+                         overlayfs mounted by root, as rootful podman and CRI-O do.
                          ``"user"`` answers ``user.overlay.opaque``: overlayfs mounted with
-                         ``userxattr`` (rootless podman, kernel >= 5.11). ``"all"`` answers
+                         ``userxattr`` (rootless podman, kernel >= 5.11). ``"auto"`` (default)
+                         is ``"user"`` for a store running in a user namespace (rootless, as
+                         upstream's ``podman unshare stargz-store`` starts it: overlayfs
+                         there must use ``userxattr``, and no process in it can read a
+                         ``trusted.`` attribute), else ``"trusted"`` — the Go snapshotter's
+                         rule (``NeedsUserXAttr``). ``"all"`` answers
                          both, as the Go store does (its ``layer.OverlayOpaqueAll``; the Go
                          snapshotter names the same choice ``OverlayOpaqueType``, trusted/user/
                          all, but its store has no key for it). Answer only what the mount
@@ -144,7 +149,7 @@ class StoreConfig:
     timeline_path: str = ""
     resolve_timeout_sec: float = 15.0
     auth_file: str = ""
-    overlay_opaque_type: str = "trusted"
+    overlay_opaque_type: str = "auto"
     toc_max_bytes: int = 256 << 20
     toc_max_entries: int = 1_000_000
     chunk_max_bytes: int = 64 << 20
@@ -153,17 +158,44 @@ class StoreConfig:
     prefetch_entrypoint: bool = True
 
     @property
+    def opaque_type(self) -> str:
+        """``overlay_opaque_type`` with ``"auto"`` decided: ``"user"`` in a user namespace
+        (:func:`in_user_namespace`), else ``"trusted"``."""
+        if self.overlay_opaque_type != "auto":
+            return self.overlay_opaque_type
+        return "user" if in_user_namespace() else "trusted"
+
+    @property
     def opaque_xattrs(self) -> tuple[bytes, ...]:
-        """The xattr names an opaque directory answers (``y``), per ``overlay_opaque_type``."""
-        return OVERLAY_OPAQUE_TYPES[self.overlay_opaque_type]
+        """The xattr names an opaque directory answers (``y``), per :attr:`opaque_type`."""
+        return OVERLAY_OPAQUE_TYPES[self.opaque_type]
 
 
-# overlay_opaque_type -> the attributes an opaque layer directory answers.
+# overlay_opaque_type -> the attributes an opaque layer directory answers ("auto": see
+# StoreConfig.opaque_type).
 OVERLAY_OPAQUE_TYPES: dict[str, tuple[bytes, ...]] = {
     "trusted": (b"trusted.overlay.opaque",),
     "user": (b"user.overlay.opaque",),
     "all": (b"trusted.overlay.opaque", b"user.overlay.opaque"),
 }
+
+# /proc/self/uid_map of the initial user namespace: every uid mapped to itself.
+_INITIAL_UID_MAP = ("0", "0", "4294967295")
+
+
+def in_user_namespace(uid_map: str | None = None) -> bool:
+    """Whether the process runs in a user namespace other than the initial one, from
+    ``uid_map`` (default: ``/proc/self/uid_map``; unreadable counts as the initial one).
+    The rule of containerd's ``userns.RunningInUserNS``: only the initial namespace maps
+    the whole range 0-4294967294 onto itself."""
+    if uid_map is None:
+        try:
+            with open("/proc/self/uid_map") as f:
+                uid_map = f.read()
+        except OSError:
+            return False
+    lines = uid_map.split("\n")
+    return not (tuple(lines[0].split()) == _INITIAL_UID_MAP and not "".join(lines[1:]).strip())
 
 
 # Keys we honour: dotted TOML path -> (StoreConfig field, accepted python types).
@@ -197,7 +229,7 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
 # Keys whose value must be one of a few words (``metadata_store``: upstream
 # cmd/stargz-store/main.go refuses any other; "" is its default, memory).
 _CHOICES = {
-    "overlay_opaque_type": tuple(OVERLAY_OPAQUE_TYPES),
+    "overlay_opaque_type": ("auto", *OVERLAY_OPAQUE_TYPES),
     "metadata_store": ("memory", "db", ""),
 }
 

@@ -58,7 +58,7 @@ def test_go_config_loads(tmp_path: Path) -> None:
         ({"noprefetch": "yes"}, "'noprefetch' must be bool"),
         ({"blob": {"chunk_size": -1}}, "must be positive"),
         ({"max_concurrency": True}, "must be a number"),
-        ({"overlay_opaque_type": "both"}, "'overlay_opaque_type' must be one of 'trusted'"),
+        ({"overlay_opaque_type": "both"}, "'overlay_opaque_type' must be one of 'auto', 'trusted'"),
         ({"toc_max_bytes": 0}, "'toc_max_bytes' must be positive"),
         ({"toc_max_entries": "many"}, "'toc_max_entries' must be int"),
         ({"metrics_address": "notaport"}, "'metrics_address': expected HOST:PORT"),
