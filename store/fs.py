@@ -22,6 +22,7 @@ import base64
 import binascii
 import bisect
 import errno
+import itertools
 import json
 import logging
 import stat
@@ -55,6 +56,7 @@ class _DirHandle:
     ino: int
     listing: list[tuple[bytes, Node]] | None = None
     slot: _LayerSlot | None = None  # the directory's layer view, with the listing
+    dots: list[tuple[str, Attr]] = field(default_factory=list)  # ``.`` and ``..``, with it
 
 
 class FSError(OSError):
@@ -117,6 +119,7 @@ class _LayerSlot:
     base: int
     ref: str
     lookups: int = 0
+    parent: int = ROOT_INO  # the layer directory's inode: what ``diff/..`` lists as
 
 
 @dataclass
@@ -173,8 +176,9 @@ class StoreFS:
         self._names[(parent, name)] = node.ino
         return node
 
-    def _mount_layer(self, layer: Layer, ref: str) -> _LayerSlot:
-        """The inode block of ``layer`` as image ``ref`` sees it.
+    def _mount_layer(self, layer: Layer, ref: str, parent: int) -> _LayerSlot:
+        """The inode block of ``layer`` as image ``ref`` sees it, below the layer directory
+        of inode ``parent``.
 
         Why one block per image and not per layer: images sharing a layer share its tree, but
         if its directories had one inode number the kernel would see one directory under
@@ -185,8 +189,9 @@ class StoreFS:
         key = (ref, layer.digest)
         slot = self._views.get(key)
         if slot is not None and slot.layer is layer and slot.base in self._slots:
+            slot.parent = parent  # the layer directory's node may have been forgotten
             return slot
-        slot = _LayerSlot(layer, self._alloc(len(layer.tree.nodes)), ref)
+        slot = _LayerSlot(layer, self._alloc(len(layer.tree.nodes)), ref, parent=parent)
         bisect.insort(self._bases, slot.base)
         self._slots[slot.base] = slot
         self._views[key] = slot
@@ -385,7 +390,7 @@ class StoreFS:
             layer = await self._resolve(self.manager.get_layer(d.ref, d.digest))
             if name == BLOB:
                 return self._synth_attr(self._new_synth(d.ino, name, kind="blob", layer=layer))
-            return self._node_attr(self._mount_layer(layer, d.ref), layer.tree.root)
+            return self._node_attr(self._mount_layer(layer, d.ref, d.ino), layer.tree.root)
         raise FSError(errno.ENOENT)  # includes "use": it never exists
 
     async def _resolve(self, awaitable: Any) -> Any:
@@ -438,33 +443,58 @@ class StoreFS:
         return self._next_handle
 
     def readdir(self, fh: int, start: int = 0) -> Iterator[tuple[str, Attr]]:
-        """Entries of the directory open as ``fh`` (:meth:`opendir`), by name, from the
-        ``start``-th on; each entry's attributes are made as it is taken. The listing is
+        """Entries of the directory open as ``fh`` (:meth:`opendir`): ``.`` and ``..``, then
+        its children by name, from the ``start``-th on; each child's attributes are made as
+        it is taken. ``.`` and ``..`` are listed as every directory on disk lists them (a
+        directory only in lower layers is listed by overlayfs as its lower directory lists
+        itself: without them, ``ls -a`` in a container showed neither). The listing is
         sorted once per handle: the kernel lists a directory in calls of a page of entries
         each, and sorting (and making the attributes of) every entry on every call made
-        listing a 16,000-entry directory take 30 s. The store's skeleton lists nothing: it is
-        lookup-only. Raises :class:`FSError` (EBADF for an unknown handle, ENOTDIR)."""
+        listing a 16,000-entry directory take 30 s. The store's skeleton lists nothing else:
+        it is lookup-only. Raises :class:`FSError` (EBADF for an unknown handle, ENOTDIR)."""
         handle = self._dirs.get(fh)
         if handle is None:
             raise FSError(errno.EBADF)
         if handle.listing is None:
-            if handle.ino in self._synth:
+            synth = self._synth.get(handle.ino)
+            if synth is not None:
+                parent = synth.key[0] if synth.key is not None else ROOT_INO
+                handle.dots = [(".", self._synth_attr(synth)), ("..", Attr(parent, DIR_MODE))]
                 handle.listing = []
             else:
-                handle.slot, node = self._layer_dir(handle.ino)
+                handle.slot, node = slot, node = self._layer_dir(handle.ino)
+                up = slot.layer.tree.index.parent(node.entry)
+                handle.dots = [
+                    (".", self._node_attr(slot, node)),
+                    (
+                        "..",
+                        Attr(slot.parent, DIR_MODE)
+                        if up is None
+                        else self._node_attr(slot, slot.layer.tree.nodes[up.ino]),
+                    ),
+                ]
                 handle.listing = sorted(node.children.items())
-        listing, slot = handle.listing, handle.slot
-        return (
-            (listing[i][0].decode("utf-8", "surrogateescape"), self._node_attr(slot, listing[i][1]))
-            for i in range(start, len(listing))
+        dots, listing, slot = handle.dots, handle.listing, handle.slot
+        first = max(start - len(dots), 0)
+        return itertools.chain(
+            dots[start:],
+            (
+                (
+                    listing[i][0].decode("utf-8", "surrogateescape"),
+                    self._node_attr(slot, listing[i][1]),
+                )
+                for i in range(first, len(listing))
+            ),
         )
 
     def releasedir(self, fh: int) -> None:
         """Forget directory handle ``fh`` and its listing."""
         self._dirs.pop(fh, None)
 
-    def readdir_counted(self, attr: Attr) -> Attr:
-        return self._counted(attr)
+    def readdir_counted(self, name: str, attr: Attr) -> Attr:
+        """Count the lookup the kernel counts for an entry :meth:`readdir` handed it: one
+        for each but ``.`` and ``..`` (readdirplus links no inode for those)."""
+        return attr if name in (".", "..") else self._counted(attr)
 
     def readlink(self, ino: int) -> bytes:
         found = self._layer_of(ino)

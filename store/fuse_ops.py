@@ -104,7 +104,7 @@ class StoreOperations(pyfuse3.Operations):
             name, attr = entry
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), i + 1):
                 break
-            self.fs.readdir_counted(attr)
+            self.fs.readdir_counted(name, attr)
 
     async def releasedir(self, fh: int):
         self.fs.releasedir(fh)

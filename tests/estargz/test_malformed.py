@@ -83,20 +83,11 @@ class _Store:
 
 @pytest.fixture(scope="module")
 def mounted(tmp_path_factory):
-    import shutil
+    from tests.store.mounted import mounted_store
 
-    from harness.registry_server import RegistryServer
-    from tests.store.mounted import MountedStore
-
-    if shutil.which("docker-registry") is None:
-        pytest.skip("docker-registry not installed")
-    work = tmp_path_factory.mktemp("malformed-store")
-    with RegistryServer(storage_dir=work / "registry") as reg:
-        store = MountedStore(work / "store", reg, "noprefetch = true\nno_background_fetch = true\n")
-        try:
-            yield store
-        finally:
-            store.stop()
+    config = "noprefetch = true\nno_background_fetch = true\n"
+    with mounted_store(tmp_path_factory.mktemp("malformed-store"), config) as store:
+        yield store
 
 
 @pytest.fixture(params=["library", pytest.param("store", marks=pytest.mark.e2e)])

@@ -11,14 +11,19 @@ test body can check the library and the mounted store alike.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
 import json
 import os
 import re
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from store import estargz
 from tests.store import images
@@ -104,6 +109,22 @@ class MountedStore:
         assert lines, "EIO without a log line"
         text = re.sub(r"^refusing unverified data: chunk \S*: ", "", lines[-1])
         raise _error_from(text)
+
+
+@contextlib.contextmanager
+def mounted_store(work: Path, config: str = "") -> Iterator[MountedStore]:
+    """A registry and a :class:`MountedStore` on it (``config``), under ``work``; both
+    stopped on leaving. Skips the test when ``docker-registry`` is not installed."""
+    from harness.registry_server import RegistryServer
+
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry not installed")
+    with RegistryServer(storage_dir=work / "registry") as reg:
+        store = MountedStore(work / "store", reg, config)
+        try:
+            yield store
+        finally:
+            store.stop()
 
 
 def _error_from(text: str) -> estargz.EstargzError:

@@ -605,8 +605,9 @@ async def test_a_directory_is_listed_in_linear_work_across_the_kernels_calls(tmp
                 break
             names += box
         await ops.releasedir(fh)
-        assert names == sorted(f"f{i:06d}".encode() for i in range(1, count + 1))
-        assert made <= count + calls  # each call makes at most one entry it cannot hand out
+        assert names == [b".", b"..", *sorted(f"f{i:06d}".encode() for i in range(1, count + 1))]
+        # each call makes at most one entry it cannot hand out; "." and ".." once
+        assert made <= count + calls + 2
         with pytest.raises(FSError) as exc:
             list(fs.readdir(fh))  # released
         assert exc.value.errno_value == errno.EBADF
@@ -632,3 +633,36 @@ def test_blocks_count_whole_4k_blocks_as_a_normal_pull_shows_them(
     from store.fs import Attr
 
     assert Attr(ino=1, mode=kind, size=size).blocks == blocks
+
+
+@pytest.mark.anyio
+async def test_a_listing_counts_no_lookup_for_dot_and_dotdot(vectors_dir, tmp_path, monkeypatch):
+    """readdirplus links an inode for every entry but ``.`` and ``..`` (the kernel skips
+    those): counting them too left the layer's tree mounted forever once released."""
+    import pyfuse3
+
+    from store.fuse_ops import StoreOperations
+
+    async with trio.open_nursery() as nursery:
+        fs, meta = await _fs(nursery, vectors_dir, tmp_path)
+        b64 = base64.b64encode(REF.encode()).decode()
+        diff = await _path(fs, b64, meta["digest"], "diff")
+        with pytest.raises(FSError):
+            fs.create(await _path(fs, b64, meta["digest"]), "use")
+        ops = StoreOperations(fs)
+        listed: list[tuple[bytes, int]] = []
+        monkeypatch.setattr(
+            pyfuse3, "readdir_reply", lambda t, name, a, n: listed.append((name, a.st_ino)) or True
+        )
+        fh = await ops.opendir(diff, None)
+        await ops.readdir(fh, 0, None)
+        await ops.releasedir(fh)
+        assert [n for n, _ in listed[:2]] == [b".", b".."] and len(listed) > 2
+        with pytest.raises(FSError):
+            fs.rmdir(await _path(fs, b64), meta["digest"])
+        assert fs.mounted_layers() == 1  # the kernel holds diff and what it listed
+        for _, ino in listed[2:]:
+            fs.forget(ino, 1)
+        fs.forget(diff, 1)
+        assert fs.mounted_layers() == 0
+        nursery.cancel_scope.cancel()

@@ -279,7 +279,7 @@ async def test_big_device_numbers_do_not_escape_readdir(tmp_path):
         def is_layer_inode(self, ino):
             return True
 
-        def readdir_counted(self, attr):
+        def readdir_counted(self, name, attr):
             return attr
 
     ops = StoreOperations(_FS())  # type: ignore[arg-type]

@@ -12,7 +12,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import stat
 import tarfile
 import time
@@ -29,7 +28,7 @@ from store.estargz import (
     parse_footer,
 )
 from tests.store import images
-from tests.store.mounted import MountedStore
+from tests.store.mounted import MountedStore, mounted_store
 
 pytestmark = pytest.mark.e2e
 
@@ -40,21 +39,12 @@ VECTOR = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "estargz" 
 
 @pytest.fixture(scope="module")
 def mounted(tmp_path_factory):
-    from harness.registry_server import RegistryServer
-
-    if shutil.which("docker-registry") is None:
-        pytest.skip("docker-registry not installed")
-    work = tmp_path_factory.mktemp("hostile")
     config = (
         "noprefetch = true\nno_background_fetch = true\n"
         f"toc_max_entries = {MAX_ENTRIES}\ntoc_max_bytes = {MAX_BYTES}\n"
     )
-    with RegistryServer(storage_dir=work / "registry") as reg:
-        store = MountedStore(work / "store", reg, config)
-        try:
-            yield store
-        finally:
-            store.stop()
+    with mounted_store(tmp_path_factory.mktemp("hostile"), config) as store:
+        yield store
 
 
 def _basic() -> tuple[bytes, list[dict]]:

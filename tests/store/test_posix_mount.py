@@ -1,0 +1,88 @@
+"""What programs see through the mounted store, compared with the same layer extracted on disk.
+
+One registry and one store serve the module (real FUSE mount); each test pushes its own small
+layer (:meth:`MountedStore.serve`) and compares what system calls answer in its ``diff`` with
+what they answer in the tar extracted with ``tarfile`` into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import struct
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.store import images
+from tests.store.mounted import MountedStore, mounted_store
+
+pytestmark = pytest.mark.e2e
+
+_SYS_GETDENTS64 = 217  # x86_64
+
+
+@pytest.fixture(scope="module")
+def mounted(tmp_path_factory) -> Iterator[MountedStore]:
+    with mounted_store(tmp_path_factory.mktemp("posix"), "noprefetch = true\n") as store:
+        yield store
+
+
+def _serve(mounted: MountedStore, add, tmp_path: Path) -> tuple[Path, Path]:
+    """``(diff, extracted)``: the layer ``add`` writes, through the store and on disk."""
+    tar = images.make_tar(add)
+    diff, _ = mounted.serve(images.to_estargz(tar).data)
+    extracted = tmp_path / "extracted"
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(extracted, filter="fully_trusted")
+    return diff, extracted
+
+
+def getdents(path: Path, bufsize: int = 4096) -> list[tuple[bytes, int]]:
+    """``(name, d_ino)`` of every entry ``getdents64`` lists in ``path``, in its order."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    buf = ctypes.create_string_buffer(bufsize)
+    out = []
+    try:
+        while (n := libc.syscall(_SYS_GETDENTS64, fd, buf, bufsize)) > 0:
+            pos = 0
+            while pos < n:
+                ino, _, reclen, _ = struct.unpack_from("QqHB", buf.raw, pos)
+                out.append((buf.raw[pos + 19 : pos + reclen].split(b"\0")[0], ino))
+                pos += reclen
+        assert n == 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+    return out
+
+
+def _tree(tar: tarfile.TarFile) -> None:
+    images.add_node(tar, "d", tarfile.DIRTYPE)
+    images.add_node(tar, "d/sub", tarfile.DIRTYPE)
+    images.add_file(tar, "d/sub/f", b"f\n")
+    for i in range(40):
+        images.add_file(tar, f"d/file{i:02d}", b"%d\n" % i)
+
+
+@pytest.mark.parametrize("bufsize", [64, 4096])
+def test_directories_list_dot_and_dotdot_as_on_disk(mounted, tmp_path, bufsize):
+    """A directory on disk lists ``.`` and ``..``; overlayfs lists a directory found in one
+    lower layer only as that directory lists itself, so a container's ``ls -a`` showed
+    neither. Listed with a buffer of one entry a call, too (``..`` and the first child
+    across calls)."""
+    diff, extracted = _serve(mounted, _tree, tmp_path)
+    for rel in ("", "d", "d/sub"):
+        got = getdents(diff / rel, bufsize)
+        want = getdents(extracted / rel, bufsize)
+        assert sorted(n for n, _ in got) == sorted(n for n, _ in want), rel
+        assert [n for n, _ in got[:2]] == [b".", b".."]
+        inos = dict(got)
+        assert inos[b"."] == os.stat(diff / rel).st_ino
+        assert inos[b".."] == os.stat(diff / rel / "..").st_ino
+        # each child's d_ino is its st_ino
+        for name, ino in got[2:]:
+            assert ino == os.lstat(diff / rel / name.decode()).st_ino
