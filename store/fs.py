@@ -389,7 +389,10 @@ class StoreFS:
         if name in (DIFF, BLOB):
             layer = await self._resolve(self.manager.get_layer(d.ref, d.digest))
             if name == BLOB:
-                return self._synth_attr(self._new_synth(d.ino, name, kind="blob", layer=layer))
+                blob = self._new_synth(
+                    d.ino, name, kind="blob", ref=d.ref, digest=d.digest, layer=layer
+                )
+                return self._synth_attr(blob)
             return self._node_attr(self._mount_layer(layer, d.ref, d.ino), layer.tree.root)
         raise FSError(errno.ENOENT)  # includes "use": it never exists
 
@@ -576,8 +579,7 @@ class StoreFS:
         try:
             if synth is not None:
                 if synth.kind == "blob":
-                    assert synth.layer is not None
-                    return await synth.layer.read_blob(offset, size)
+                    return await self._read_blob(synth, offset, size)
                 data = self.status_bytes() if synth.kind == "status" else synth.data
                 return data[offset : offset + size]
             found = self._layer_of(ino)
@@ -602,6 +604,16 @@ class StoreFS:
         except LayerFetchError as exc:
             log.error("read failed: %s", exc)
             raise FSError(errno.EIO, str(exc)) from None
+
+    async def _read_blob(self, synth: Synth, offset: int, size: int) -> bytes:
+        """Bytes of a layer directory's ``blob``. Its layer may have been released since the
+        lookup (the runtime removed the image while the file was open, or the kernel still
+        caches the name): the blob is read through the layer loaded afresh, as a new lookup
+        would, not refused — its bytes are the same."""
+        assert synth.layer is not None
+        if synth.layer.released:
+            synth.layer = await self._resolve(self.manager.get_layer(synth.ref, synth.digest))
+        return await synth.layer.read_blob(offset, size)
 
     def status_bytes(self) -> bytes:
         return (json.dumps(self.manager.status(), indent=1, sort_keys=True) + "\n").encode()

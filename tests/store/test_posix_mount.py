@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import io
+import mmap
 import os
+import random
 import struct
 import tarfile
 from collections.abc import Iterator
@@ -86,3 +88,35 @@ def test_directories_list_dot_and_dotdot_as_on_disk(mounted, tmp_path, bufsize):
         # each child's d_ino is its st_ino
         for name, ino in got[2:]:
             assert ino == os.lstat(diff / rel / name.decode()).st_ino
+
+
+def _direct_pread(fd: int, size: int, offset: int) -> bytes:
+    """``pread`` on an ``O_DIRECT`` descriptor (an aligned buffer): past the page cache."""
+    buf = mmap.mmap(-1, size)
+    with buf:
+        return buf[: os.preadv(fd, [buf], offset)]
+
+
+def test_blob_reads_on_after_its_layer_is_released(mounted, tmp_path):
+    """``podman rmi`` (the layer's release) while ``blob`` is open, or within the kernel's
+    entry timeout of its lookup, made every later read of it EIO, while the files of
+    ``diff`` read on: a ``podman save`` racing an ``rmi`` failed."""
+    payload = random.Random(5).randbytes(1 << 20)
+    data = images.to_estargz(images.make_tar(lambda t: images.add_file(t, "f", payload))).data
+    diff, _ = mounted.serve(data)
+    layer_dir = diff.parent
+    fd = os.open(layer_dir / "blob", os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert _direct_pread(fd, 4096, 0) == data[:4096]
+        with pytest.raises(FileNotFoundError):
+            os.close(os.open(layer_dir / "use", os.O_WRONLY | os.O_CREAT))  # refcount +1
+        with pytest.raises(FileNotFoundError):
+            os.rmdir(layer_dir)  # refcount 0: released
+        assert _direct_pread(fd, 8192, 4096) == data[4096 : 4096 + 8192]
+        again = os.open(layer_dir / "blob", os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert _direct_pread(again, len(data) + 4096, 0) == data
+        finally:
+            os.close(again)
+    finally:
+        os.close(fd)
