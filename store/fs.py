@@ -435,6 +435,14 @@ class StoreFS:
             raise FSError(errno.EROFS)
         raise FSError(errno.ENOENT)
 
+    def modify(self, ino: int) -> None:
+        """Any other change to inode ``ino`` or a directory's entries (mkdir, mknod, symlink,
+        link, unlink, rename, chmod/chown/utimes/truncate, setxattr, removexattr): EROFS, as
+        a read-only mount answers. The store cannot be mounted read-only (the kernel would
+        answer ``use`` and ``rmdir`` itself); unanswered, these failed with ENOSYS
+        ("Function not implemented") or EOPNOTSUPP."""
+        raise FSError(errno.EROFS, f"inode {ino}: the layer store is read-only")
+
     # -- contents ----------------------------------------------------------------------------
 
     def opendir(self, ino: int) -> int:

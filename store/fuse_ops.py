@@ -137,6 +137,42 @@ class StoreOperations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any):
         _call(self.fs.rmdir, parent_inode, os.fsdecode(name))
 
+    # Every other change: EROFS (StoreFS.modify), never ENOSYS.
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any):
+        _call(self.fs.modify, inode)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any):
+        _call(self.fs.modify, parent_inode)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any):
+        _call(self.fs.modify, parent_inode)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any):
+        _call(self.fs.modify, parent_inode)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any):
+        _call(self.fs.modify, new_parent_inode)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any):
+        _call(self.fs.modify, parent_inode)
+
+    async def rename(
+        self,
+        parent_old: int,
+        name_old: bytes,
+        parent_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ):
+        _call(self.fs.modify, parent_old)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any):
+        _call(self.fs.modify, inode)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: Any):
+        _call(self.fs.modify, inode)
+
     async def access(self, inode: int, mode: int, ctx: Any):
         return True
 

@@ -8,6 +8,7 @@ what they answer in the tar extracted with ``tarfile`` into a temporary director
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import mmap
 import os
@@ -120,3 +121,47 @@ def test_blob_reads_on_after_its_layer_is_released(mounted, tmp_path):
             os.close(again)
     finally:
         os.close(fd)
+
+
+_CHANGES = {
+    "mkdir": lambda p: os.mkdir(p / "new"),
+    "mknod": lambda p: os.mkfifo(p / "new"),
+    "symlink": lambda p: os.symlink("x", p / "new"),
+    "link": lambda p: os.link(p / "f", p / "new"),
+    "unlink": lambda p: os.unlink(p / "f"),
+    "rmdir": lambda p: os.rmdir(p / "sub"),
+    "rename": lambda p: os.rename(p / "f", p / "new"),
+    "chmod": lambda p: os.chmod(p / "f", 0o600),
+    "chown": lambda p: os.chown(p / "f", 1, 1),
+    "utime": lambda p: os.utime(p / "f", (1, 1)),
+    "truncate": lambda p: os.truncate(p / "f", 0),
+    "setxattr": lambda p: os.setxattr(p / "f", "user.x", b"1"),
+    "removexattr": lambda p: os.removexattr(p / "f", "user.x"),
+    "open-wronly": lambda p: os.close(os.open(p / "f", os.O_WRONLY)),
+    "create": lambda p: os.close(os.open(p / "new", os.O_WRONLY | os.O_CREAT, 0o644)),
+}
+
+
+def _changes_tree(tar: tarfile.TarFile) -> None:
+    images.add_node(tar, "sub", tarfile.DIRTYPE)
+    info = tarfile.TarInfo("f")
+    info.size, info.pax_headers = 2, {"SCHILY.xattr.user.x": "v"}
+    tar.addfile(info, io.BytesIO(b"f\n"))
+
+
+@pytest.fixture(scope="module")
+def changes_diff(mounted) -> Path:
+    diff, _ = mounted.serve(images.to_estargz(images.make_tar(_changes_tree)).data)
+    return diff
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+def test_every_change_answers_erofs(changes_diff, change):
+    """The store is read-only, but cannot be mounted ``ro`` (the kernel would answer the
+    protocol's ``use`` and ``rmdir`` itself): each change must answer EROFS, as a read-only
+    mount does. Unanswered, most failed with ENOSYS ("Function not implemented"), xattr
+    changes with EOPNOTSUPP, link with EPERM."""
+    with pytest.raises(OSError) as exc:
+        _CHANGES[change](changes_diff)
+    assert exc.value.errno == errno.EROFS, exc.value
+    assert (changes_diff / "f").read_bytes() == b"f\n"
