@@ -25,6 +25,7 @@ import errno
 import itertools
 import json
 import logging
+import os
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -442,6 +443,21 @@ class StoreFS:
         answer ``use`` and ``rmdir`` itself); unanswered, these failed with ENOSYS
         ("Function not implemented") or EOPNOTSUPP."""
         raise FSError(errno.EROFS, f"inode {ino}: the layer store is read-only")
+
+    def access(self, ino: int, mode: int) -> None:
+        """``access(2)`` and ``chdir`` of inode ``ino`` (``mode``: ``os.R_OK | os.W_OK |
+        os.X_OK``), answered as root is answered on a read-only mount: writing a file or
+        directory is EROFS, executing a non-directory with no execute bit EACCES. (The
+        kernel asks nothing of a symbolic link: it allows all.)
+        Owners and other permission bits are not checked (the mount has no
+        ``default_permissions``: rootless podman reads layers owned by uid 0 as another
+        user). Raises :class:`FSError`."""
+        node_mode = self.getattr(ino).mode
+        kind = stat.S_IFMT(node_mode)
+        if mode & os.W_OK and kind in (stat.S_IFREG, stat.S_IFDIR):
+            raise FSError(errno.EROFS, f"inode {ino}: the layer store is read-only")
+        if mode & os.X_OK and kind != stat.S_IFDIR and not node_mode & 0o111:
+            raise FSError(errno.EACCES, f"inode {ino}: no execute bit")
 
     # -- contents ----------------------------------------------------------------------------
 

@@ -174,6 +174,7 @@ class StoreOperations(pyfuse3.Operations):
         _call(self.fs.modify, inode)
 
     async def access(self, inode: int, mode: int, ctx: Any):
+        _call(self.fs.access, inode, mode)
         return True
 
     async def statfs(self, ctx: Any):

@@ -14,6 +14,7 @@ import mmap
 import os
 import random
 import struct
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,3 +166,37 @@ def test_every_change_answers_erofs(changes_diff, change):
         _CHANGES[change](changes_diff)
     assert exc.value.errno == errno.EROFS, exc.value
     assert (changes_diff / "f").read_bytes() == b"f\n"
+
+
+def _access_tree(tar: tarfile.TarFile) -> None:
+    images.add_node(tar, "d", tarfile.DIRTYPE, 0o700)
+    images.add_file(tar, "d/plain", b"x", 0o644)
+    images.add_file(tar, "d/exe", b"x", 0o700)
+    images.add_file(tar, "d/other-exe", b"x", 0o601)
+    images.add_node(tar, "d/fifo", tarfile.FIFOTYPE, 0o644)
+    images.add_node(tar, "d/null", tarfile.CHRTYPE, 0o666, devmajor=1, devminor=3)
+
+
+def test_access_answers_as_a_read_only_mount_does(mounted, tmp_path):
+    """``access(2)`` answered yes to everything: ``test -w`` called a layer's files
+    writable (a read-only mount says EROFS) and ``test -x`` a file with no execute bit
+    executable (root too is refused that; execve is)."""
+    diff, extracted = _serve(mounted, _access_tree, tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", extracted, ro], check=True)
+    try:
+        # (not d/link: the kernel asks a FUSE filesystem nothing of a symbolic link)
+        for rel in ("", "d", "d/plain", "d/exe", "d/other-exe", "d/fifo", "d/null"):
+            for mode in (os.R_OK, os.W_OK, os.X_OK, os.R_OK | os.X_OK, os.F_OK):
+                got = _access(diff / rel, mode)
+                assert got == _access(ro / rel, mode), (rel, mode, got)
+    finally:
+        subprocess.run(["umount", ro], check=True)
+
+
+def _access(path: Path, mode: int) -> int:
+    """``faccessat(path, mode, AT_SYMLINK_NOFOLLOW)``'s errno (0: allowed)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    ok = libc.faccessat(-100, os.fsencode(path), mode, 0x100)  # AT_FDCWD, AT_SYMLINK_NOFOLLOW
+    return 0 if ok == 0 else ctypes.get_errno()
