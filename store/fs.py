@@ -69,6 +69,7 @@ class FSError(OSError):
 
 
 BLOCK_SIZE = 4096  # the st_blksize of every node
+NAME_MAX = 255  # bytes in a layer's names (the index refuses longer); statfs's f_namemax
 FAST_SYMLINK_MAX = 59  # ext4 keeps a symbolic link's target up to this long in its inode
 
 
@@ -343,7 +344,10 @@ class StoreFS:
         synth = self._synth.get(parent)
         if synth is None:
             slot, node = self._layer_dir(parent)
-            child = node.children.get(name.encode("utf-8", "surrogateescape"))
+            key = name.encode("utf-8", "surrogateescape")
+            if len(key) > NAME_MAX:  # the kernel passes names up to 1024 bytes to FUSE
+                raise FSError(errno.ENAMETOOLONG)
+            child = node.children.get(key)
             if child is None:
                 raise FSError(errno.ENOENT)
             return self._node_attr(slot, child)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from store.fs import BLOCK_SIZE, Attr, FSError, StoreFS
+from store.fs import BLOCK_SIZE, NAME_MAX, Attr, FSError, StoreFS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -180,5 +180,5 @@ class StoreOperations(pyfuse3.Operations):
     async def statfs(self, ctx: Any):
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
-        s.f_namemax = 255
+        s.f_namemax = NAME_MAX
         return s

@@ -200,3 +200,15 @@ def _access(path: Path, mode: int) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     ok = libc.faccessat(-100, os.fsencode(path), mode, 0x100)  # AT_FDCWD, AT_SYMLINK_NOFOLLOW
     return 0 if ok == 0 else ctypes.get_errno()
+
+
+@pytest.mark.parametrize("length", [255, 256, 1024])
+def test_a_name_too_long_for_a_layer_is_enametoolong(changes_diff, tmp_path, length):
+    """A layer holds no name over 255 bytes (statfs's ``f_namemax``), and ext4 answers a
+    longer one with ENAMETOOLONG; the kernel passes FUSE names up to 1024 bytes, which
+    the store answered with ENOENT."""
+    want = errno.ENOENT if length <= 255 else errno.ENAMETOOLONG
+    for base in (changes_diff, tmp_path):
+        with pytest.raises(OSError) as exc:
+            os.stat(base / ("é" * (length // 2) + "x" * (length % 2)))
+        assert exc.value.errno == want, base
