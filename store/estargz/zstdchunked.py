@@ -102,6 +102,7 @@ TARSPLIT_POSITION_KEY = "io.github.containers.zstd-chunked.tarsplit-position"
 LEGACY_MANIFEST_CHECKSUM_KEY = "io.containers.zstd-chunked.manifest-checksum"
 LEGACY_MANIFEST_POSITION_KEY = "io.containers.zstd-chunked.manifest-position"
 ZSTD_CHUNKED_MAGIC_V2 = b"GNUlInUx"
+ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"  # RFC 8878 3.1.1
 CHUNK_TYPES = ("", "zeros")
 # containers/storage archive.Compression: Uncompressed, Bzip2, Gzip, Xz, Zstd
 ZSTD_COMPRESSION = 4
@@ -404,7 +405,11 @@ def header_frames(files: Iterable[tuple[int, int, int]], toc_offset: int) -> lis
 
 def frame_content_size(head: bytes) -> int | None:
     """The Frame_Content_Size in a zstd frame header (its first up to 18 bytes), None if the
-    writer left it out (klauspost's streaming encoder does for some frames)."""
+    writer left it out (klauspost's streaming encoder does for some frames) or ``head`` is not
+    a zstd frame's: a skippable frame's header holds its payload's length, which decoders
+    skip (zstandard reports it as the content size)."""
+    if head[:4] != ZSTD_FRAME_MAGIC:
+        return None
     try:
         size = zstandard.get_frame_parameters(head).content_size
     except zstandard.ZstdError:

@@ -194,3 +194,40 @@ async def test_unsized_header_frames_past_the_cap_are_refused_unread(tmp_path, w
     ):
         await measure_tar_size(layer.index, blob)
     assert len(blob.requests) == 2  # nothing of them read
+
+
+@pytest.mark.anyio
+async def test_a_skippable_frame_between_files_adds_nothing_to_the_tar_size(tmp_path):
+    """A skippable frame's header holds its payload's length where a frame's holds its content
+    size: read as one, a skippable frame between two files (plain zstd decoders skip it, so
+    the tar has none of it) counted its 1,000 bytes into ``diff-size``."""
+    Z = estargz.zstdchunked
+    cctx = zstandard.ZstdCompressor()
+    p1, p2 = b"one" * 100, b"two" * 200
+    pieces = [
+        cctx.compress(b"H" * 512),
+        cctx.compress(p1),
+        Z.skippable_frame(b"x" * 1000) + cctx.compress(b"I" * 1024),
+        cctx.compress(p2),
+        cctx.compress(bytes(1024)),
+    ]
+    starts = [sum(map(len, pieces[:i])) for i in range(len(pieces) + 1)]
+    entries = [
+        {"type": "reg", "name": name, "size": len(p), "offset": starts[i],
+         "endOffset": starts[i + 1], "digest": "sha256:" + hashlib.sha256(p).hexdigest()}
+        for name, p, i in (("a", p1, 1), ("b", p2, 3))
+    ]  # fmt: skip
+    raw = json.dumps({"version": 1, "entries": entries}).encode()
+    compressed = cctx.compress(raw)
+    position = estargz.ManifestPosition(starts[-1] + 8, len(compressed), len(raw))
+    blob = b"".join(pieces) + Z.skippable_frame(compressed)
+    ann = {Z.MANIFEST_CHECKSUM_KEY: Z.manifest_checksum(compressed)}
+    ann[Z.MANIFEST_POSITION_KEY] = str(position)
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    fb = FileBlob(path)
+    layer = await _open(fb, ann, tmp_path)
+    assert await layer.read_file(layer.tree.lookup_path("b"), 0, len(p2)) == p2
+    tar = zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=True).read()
+    assert len(tar) == 512 + len(p1) + 1024 + len(p2) + 1024
+    assert await measure_tar_size(layer.index, fb) == len(tar)
