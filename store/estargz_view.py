@@ -20,11 +20,13 @@ bytes arrive and which thread does the work:
 
 zstd:chunked layers written by containers/storage are found through their descriptor's
 annotations instead (:mod:`store.estargz.zstdchunked`): one read (in pieces, as above) of
-exactly the compressed TOC where ``manifest-position`` says, its sha256 checked against
+exactly the compressed TOC where ``manifest-position`` says — with the tar-split frame after
+it where ``tarsplit-position`` says (podman 5's layout) —, the TOC's sha256 checked against
 ``manifest-checksum`` before anything is decompressed, then the same streaming decode into
-the validated index. Their tar's size, which no annotation carries and podman 4.3 needs, is
-measured from the frames between the files, when podman first asks for it
-(:func:`measure_tar_size`).
+the validated index, and the TOC checked against the tar-split it names
+(:mod:`store.estargz.tarsplit`: a TOC that disagrees with its tar is refused). Their tar's
+size, which no annotation carries and podman 4.3 needs, is measured from the frames between
+the files, when podman first asks for it (:func:`measure_tar_size`).
 
 Every error of the layer's own bytes is an :class:`store.estargz.EstargzError` (or
 :class:`TocError` for a format the store does not serve): the caller refuses the layer.
@@ -169,8 +171,10 @@ async def _load_zstd_chunked(
             f"{where}: {hi - lo} bytes ({layer.position.uncompressed_length} uncompressed), "
             f"over the limit on TOC bytes ({limits.max_bytes}, store config toc_max_bytes)"
         )
-    with span(timeline, "toc_fetch", bytes=hi - lo, requests=len(split_spans(lo, hi))):
-        toc_bytes = await read_split(blob, lo, hi)
+    split = _tar_split_range(layer, blob.size, limits)
+    fetched = hi - lo + (split[1] - split[0] if split is not None else 0)
+    with span(timeline, "toc_fetch", bytes=fetched, requests=len(split_spans(lo, hi))):
+        toc_bytes, split_bytes = await _read_toc_and_tar_split(blob, (lo, hi), split)
     with span(timeline, "verify"):
         digest = await trio.to_thread.run_sync(estargz.manifest_checksum, toc_bytes)
     if digest != toc_digest:
@@ -184,10 +188,58 @@ async def _load_zstd_chunked(
             index, files = await trio.to_thread.run_sync(
                 zstd_chunked_index, toc_bytes, layer.position, limits
             )
+            await trio.to_thread.run_sync(
+                zstdchunked.check_manifest_tar_split,
+                toc_bytes,
+                layer.position,
+                split_bytes,
+                limits,
+            )
             view = EstargzLayerView(index)
             out["entries"] = len(view.index.entries)
     view._zstd_files = files
     return view
+
+
+# The tar-split frame follows the TOC's (containers/storage writes them one after the other):
+# read with it when at most this far apart, in one range.
+_TAR_SPLIT_GAP = 64 << 10
+
+
+def _tar_split_range(
+    layer: estargz.ZstdChunkedLayer, blob_size: int, limits: TocLimits
+) -> tuple[int, int] | None:
+    """``[start, end)`` of the compressed tar-split the annotations locate (None: none, as
+    containers/storage reads a zero offset). :class:`TocError` past the blob,
+    :class:`~store.estargz.InvalidToc` when longer than ``toc_max_bytes`` allows."""
+    if layer.tar_split is None or layer.tar_split[0] == 0:
+        return None
+    offset, length, _ = layer.tar_split
+    where = f"zstd:chunked tar-split at offset {offset}"
+    if offset + length > blob_size:
+        raise TocError(f"{where}: [{offset}, +{length}) is past the blob's {blob_size} bytes")
+    if length > limits.max_bytes + _COMPRESSED_SLACK:
+        raise estargz.InvalidToc(
+            f"{where}: {length} bytes, over the limit on TOC bytes ({limits.max_bytes}, store "
+            "config toc_max_bytes)"
+        )
+    return offset, offset + length
+
+
+async def _read_toc_and_tar_split(
+    blob: BlobReader, toc: tuple[int, int], split: tuple[int, int] | None
+) -> tuple[bytes, bytes | None]:
+    """The compressed TOC's bytes and the tar-split's (None without ``split``): one read
+    (:func:`~store.chunks.read_split`) when the two lie within :data:`_TAR_SPLIT_GAP` of each
+    other, else one each."""
+    lo, hi = toc
+    if split is None:
+        return await read_split(blob, lo, hi), None
+    a, b = min(lo, split[0]), max(hi, split[1])
+    if (b - a) - (hi - lo) - (split[1] - split[0]) <= _TAR_SPLIT_GAP:
+        both = await read_split(blob, a, b)
+        return both[lo - a : hi - a], both[split[0] - a : split[1] - a]
+    return await read_split(blob, lo, hi), await read_split(blob, *split)
 
 
 def _turn(

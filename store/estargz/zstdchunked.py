@@ -242,6 +242,23 @@ def manifest_entries(
     return _normalized(iter_toc_entries(pieces, where, limits))
 
 
+def check_manifest_tar_split(
+    compressed: bytes,
+    position: ManifestPosition,
+    tar_split: bytes | None,
+    limits: TocLimits = DEFAULT_LIMITS,
+) -> None:
+    """Refuse (:class:`InvalidToc`) a verified compressed TOC that does not match the layer's
+    tar-split (``tar_split``: the compressed bytes ``tarsplit-position`` locates, None when it
+    locates none), as containers/storage refuses it for its own partial pull:
+    :func:`~store.estargz.tarsplit.check_tar_split`."""
+    from .tarsplit import check_tar_split
+
+    where = f"zstd:chunked TOC at offset {position.offset}"
+    toc_json = b"".join(toc_json_pieces(compressed, _annotated_footer(position), limits))
+    check_tar_split(toc_json, tar_split, where, limits)
+
+
 def _annotated_footer(position: ManifestPosition) -> Footer:
     """The TOC's place as the annotation gives it, in the shape the TOC decoders take (not
     read from a footer)."""

@@ -23,6 +23,7 @@ from tests.store.images import (
     Blob,
     add_file,
     add_node,
+    busybox,
     full_blob_gets,
     make_tar,
     push,
@@ -371,3 +372,67 @@ def test_podman_5_pulls_its_own_zstd_chunked_image_lazily_by_toc_digest(
     assert full_blob_gets(registry, mark, pushed.layers) == []
     log = store.log.read_text()
     assert all(f"{ref}/{checksum} in use" in log for checksum in checksums), log[-3000:]
+
+
+def _with_toc_edited(blob: Blob, edit) -> Blob:
+    """``blob`` (podman 5's layout) with its TOC decoded, changed by ``edit`` and written
+    again, its annotations to match: a TOC the manifest checksum vouches for, disagreeing
+    with the tar (and the tar-split) it came with."""
+    from store.estargz import zstdchunked as Z
+
+    pos = Z.ManifestPosition.parse(blob.annotations[Z.MANIFEST_POSITION_KEY])
+    offset, length, usize = (int(v) for v in blob.annotations[Z.TARSPLIT_POSITION_KEY].split(":"))
+    toc = json.loads(zstandard.ZstdDecompressor().decompress(blob.data[pos.offset :][: pos.length]))
+    edit(toc)
+    raw = json.dumps(toc, separators=(",", ":")).encode()
+    compressed = zstandard.ZstdCompressor(level=19).compress(raw)
+    head = blob.data[: pos.offset - 8]
+    new_pos = Z.ManifestPosition(len(head) + 8, len(compressed), len(raw))
+    split = (new_pos.offset + len(compressed) + 8, length, usize)
+    data = (
+        head
+        + Z.skippable_frame(compressed)
+        + blob.data[offset - 8 : offset + length]
+        + Z.footer_bytes(new_pos, split)
+    )
+    annotations = {
+        Z.MANIFEST_CHECKSUM_KEY: Z.manifest_checksum(compressed),
+        Z.MANIFEST_POSITION_KEY: str(new_pos),
+        Z.TARSPLIT_POSITION_KEY: ":".join(map(str, split)),
+    }
+    return Blob(
+        data,
+        blob.diff_id,
+        annotations[Z.MANIFEST_CHECKSUM_KEY],
+        media_type=blob.media_type,
+        annotations=annotations,
+    )
+
+
+def test_a_toc_that_disagrees_with_its_tar_split_is_refused(
+    registry, store_factory, tmp_path, podman_env
+):
+    """A TOC giving a file a setuid bit its tar header (and tar-split) does not have: the
+    store served it with the bit (4755) where a normal pull of the layer gives 755.
+    containers/storage refuses such a TOC for its own partial pull ("tar-split and TOC data is
+    inconsistent"); the store refuses the layer, naming it, and podman pulls it normally."""
+    tar = make_tar(lambda t: (busybox(t), add_file(t, "f", b"hello\n", 0o755)))
+    blob = to_zstd_chunked_ours(tar, generation="podman5")
+
+    def setuid(toc: dict) -> None:
+        next(e for e in toc["entries"] if e["name"] == "f")["mode"] = 0o4755
+
+    bad = _with_toc_edited(blob, setuid)
+    host = registry.host
+    push(host, "split/img", "1", [bad])
+    ref = f"{host}/split/img:1"
+    store = store_factory("noprefetch = true\nno_background_fetch = true\n")
+    with podman_env(
+        tmp_path / "lazy", additional_layer_store=store.mnt, insecure_registries=[host]
+    ) as env:
+        env.pull(ref, timeout=120)
+        assert env.run(ref, "/bin/stat", "-c", "%a", "/f", timeout=60).stdout == "755\n"
+        assert store.status()["layers"] == {}  # pulled normally
+    log = store.log.read_text()
+    assert f"refusing layer {bad.digest}" in log
+    assert "'f' does not match the layer's tar-split: mode 4755, the tar's 755" in log

@@ -1,0 +1,320 @@
+"""A zstd:chunked TOC checked against the layer's tar-split (podman 5's layout).
+
+The store serves a layer's tree from its TOC; a normal pull extracts the tar stream, whose
+headers the tar-split frame records (github.com/vbatts/tar-split ``tar/storage`` JSON lines:
+``{"type":2,"payload":<base64 raw tar bytes>}`` for headers and padding, ``{"type":1,
+"size":N,…}`` for each entry's contents). A TOC can say anything the tar does not — a setuid
+bit, another owner, a file the tar never had — and the manifest checksum vouches only for the
+TOC. containers/storage ≥ 1.55 therefore refuses a partial pull whose TOC does not match its
+tar-split (``pkg/chunked/compression_linux.go``: ``readZstdChunkedManifest`` authenticates
+the tar-split by the TOC's ``tarSplitDigest`` — sha256 of its *compressed* bytes —, then
+``ensureTOCMatchesTarSplit``: the same names, each with the same type, link target, mode,
+size, owner, times, device numbers and xattrs). :func:`check_tar_split` applies that rule;
+the caller refuses the layer on :class:`~.errors.InvalidToc`.
+
+What is compared is what the store serves of an entry: the names (cleaned: the index
+serves ``./a`` and ``a`` as one), type, link target, permission bits, owner, modification time
+(as an instant; the zero time and the epoch count as none, as upstream), xattrs, a regular
+file's size and a device's numbers. Upstream also compares the raw mode (with any file-type
+bits), every size and device field, and the access and change times, which the store serves
+nothing of (and which Python's ``tarfile`` does not read from a GNU header as Go does).
+The check cannot see a tar stream that differs from its tar-split: that needs every byte
+of the layer (upstream compares the diff ID after its pull).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import hashlib
+import io
+import re
+import tarfile
+from collections.abc import Iterator
+from datetime import datetime
+
+import msgspec
+
+from .errors import InvalidEntryName, InvalidToc
+from .index import clean_name
+from .toc import DEFAULT_LIMITS, TocLimits
+from .writer import _TYPES as _TAR_TYPES
+from .writer import GO_ZERO_TIME_NS, NS, XATTR_PREFIX, pax_time_ns
+
+_FRACTION = re.compile(r"\.([0-9]+)")
+
+
+class _Meta(msgspec.Struct, gc=False):
+    """The fields of one TOC entry the check compares (``null``: absent)."""
+
+    type: str | None = None
+    name: str | None = None
+    linkName: str | None = None
+    mode: int | None = None
+    size: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    modtime: str | None = None
+    devMajor: int | None = None
+    devMinor: int | None = None
+    xattrs: dict[str, str] | None = None
+
+
+class _SplitToc(msgspec.Struct, gc=False):
+    tarSplitDigest: str | None = None
+    entries: list[_Meta] | None = None
+
+
+_DECODER = msgspec.json.Decoder(_SplitToc)
+
+
+def tar_split_digest(toc_json: bytes, where: str) -> str:
+    """The TOC's ``tarSplitDigest`` (``""``: none). :class:`InvalidToc` when the TOC's
+    fields are not of the types the check reads."""
+    return _decode(toc_json, where).tarSplitDigest or ""
+
+
+def _decode(toc_json: bytes, where: str) -> _SplitToc:
+    try:
+        return _DECODER.decode(toc_json)
+    except msgspec.DecodeError as exc:
+        raise InvalidToc(f"{where}: cannot be checked against its tar-split: {exc}") from None
+
+
+def check_tar_split(
+    toc_json: bytes,
+    tar_split: bytes | None,
+    where: str,
+    limits: TocLimits = DEFAULT_LIMITS,
+) -> None:
+    """Refuse (:class:`InvalidToc`) a TOC that does not match its tar-split, the rule
+    containers/storage applies before a partial pull (module docstring).
+
+    ``toc_json`` is the verified TOC; ``tar_split`` the compressed tar-split frame's payload
+    (None: the layer's annotations locate none). A TOC without ``tarSplitDigest`` is not
+    checked (nothing authenticates a tar-split then); one with it needs ``tar_split``, whose
+    sha256 must be that digest and which may inflate to at most ``limits.max_bytes``."""
+    toc = _decode(toc_json, where)
+    want = toc.tarSplitDigest
+    if not want:
+        return
+    if tar_split is None:
+        raise InvalidToc(
+            f"{where}: the TOC names a tar-split ({want}) but the layer's annotations locate "
+            "none (io.github.containers.zstd-chunked.tarsplit-position)"
+        )
+    got = "sha256:" + hashlib.sha256(tar_split).hexdigest()
+    if got != want:
+        raise InvalidToc(
+            f"{where}: the tar-split hashes to {got}, the TOC's tarSplitDigest says {want}"
+        )
+    pending: dict[str, _Meta] = {}
+    for i, e in enumerate(toc.entries or ()):
+        if e.type == "chunk":
+            continue
+        name = _clean(e.name or "", f"{where}: TOC entry {i}")
+        if name in pending:
+            raise InvalidToc(f"{where}: the TOC names {name!r} twice (its tar-split cannot match)")
+        pending[name] = e
+    for ti in _headers(tar_split, where, limits):
+        name = _clean(ti.name, f"{where}: tar-split")
+        e = pending.pop(name, None)
+        if e is None:
+            raise InvalidToc(f"{where}: the tar-split holds {name!r}, which the TOC does not")
+        diff = _mismatch(e, ti)
+        if diff:
+            raise InvalidToc(
+                f"{where}: the TOC's entry {name!r} does not match the layer's tar-split: {diff}"
+            )
+    if pending:
+        names = sorted(pending)[:5]
+        raise InvalidToc(f"{where}: the TOC holds entries its tar-split does not: {names}")
+
+
+def _clean(name: str, where: str) -> str:
+    try:
+        return clean_name(name, where=f"{where}: ")
+    except InvalidEntryName as exc:
+        raise InvalidToc(str(exc)) from None
+
+
+def _mismatch(e: _Meta, ti: tarfile.TarInfo) -> str:
+    """What of TOC entry ``e`` differs from tar header ``ti`` (``""``: nothing)."""
+    etype = _TAR_TYPES.get(ti.type)
+    if etype is None:
+        return f"tar type {ti.type!r} is no TOC type"
+    if e.type != etype:
+        return f"type {e.type!r}, the tar's {etype!r}"
+    if (e.linkName or "") != ti.linkname:
+        return f"link target {e.linkName!r}, the tar's {ti.linkname!r}"
+    if (e.mode or 0) & 0o7777 != ti.mode & 0o7777:
+        return f"mode {(e.mode or 0) & 0o7777:o}, the tar's {ti.mode & 0o7777:o}"
+    if etype == "reg" and (e.size or 0) != ti.size:
+        return f"size {e.size or 0}, the tar's {ti.size}"
+    if (e.uid or 0, e.gid or 0) != (ti.uid, ti.gid):
+        return f"owner {e.uid or 0}:{e.gid or 0}, the tar's {ti.uid}:{ti.gid}"
+    toc_ns = _rfc3339_ns(e.modtime)
+    record = ti.pax_headers.get("mtime")
+    tar_ns = None if record is None else pax_time_ns(record)
+    if tar_ns is None:
+        tar_ns = int(ti.mtime) * NS
+    if _no_time(toc_ns) != _no_time(tar_ns):
+        return f"modtime {e.modtime!r}, the tar's {tar_ns} ns since the epoch"
+    if etype in ("char", "block") and (e.devMajor or 0, e.devMinor or 0) != (
+        ti.devmajor,
+        ti.devminor,
+    ):
+        return f"device {e.devMajor or 0}:{e.devMinor or 0}, the tar's {ti.devmajor}:{ti.devminor}"
+    toc_x = _toc_xattrs(e.xattrs)
+    tar_x = {
+        k[len(XATTR_PREFIX) :]: v.encode("utf-8", "surrogateescape")
+        for k, v in ti.pax_headers.items()
+        if k.startswith(XATTR_PREFIX)
+    }
+    if toc_x != tar_x:
+        return f"xattrs {sorted(toc_x)}, the tar's {sorted(tar_x)}"
+    return ""
+
+
+def _toc_xattrs(xattrs: dict[str, str] | None) -> dict[str, bytes] | None:
+    out = {}
+    for k, v in (xattrs or {}).items():
+        try:
+            out[k] = base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError):
+            return None  # never equal to the tar's (the index refuses it anyway)
+    return out
+
+
+def _no_time(ns: int | None) -> int | None:
+    """Upstream's ``ensureTimePointersMatch``: the zero time and the epoch are no time."""
+    return None if ns in (0, GO_ZERO_TIME_NS) else ns
+
+
+_UNPARSED = -(1 << 80)  # a TOC time that does not parse: no header's time
+
+
+def _rfc3339_ns(value: str | None) -> int | None:
+    """An RFC 3339 time to the nanosecond; None when absent; a value that does not parse
+    is :data:`_UNPARSED`, no header's time."""
+    if not value:
+        return None
+    fraction = _FRACTION.search(value)
+    whole = value if fraction is None else _FRACTION.sub("", value, count=1)
+    try:
+        seconds = int(datetime.fromisoformat(whole.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return _UNPARSED
+    digits = fraction.group(1)[:9].ljust(9, "0") if fraction is not None else "0"
+    return seconds * NS + int(digits)  # the fraction counts forward, before 1970 too
+
+
+class _SplitEntry(msgspec.Struct, gc=False):
+    """One tar-split line: type 2 holds raw tar bytes (``payload``, base64), type 1 a
+    file's contents (``size`` bytes, not in the tar-split)."""
+
+    type: int
+    size: int | None = None
+    payload: bytes | None = None
+
+
+_SPLIT_DECODER = msgspec.json.Decoder(_SplitEntry)
+
+
+def _headers(tar_split: bytes, where: str, limits: TocLimits) -> Iterator[tarfile.TarInfo]:
+    """The tar headers the tar-split records, in order (:class:`InvalidToc` for a tar-split
+    that does not inflate within ``limits.max_bytes``, is not tar-split JSON, or whose
+    headers ``tarfile`` cannot read)."""
+    from .zstdchunked import inflate_bounded
+
+    what = f"{where}: tar-split"
+    lines = inflate_bounded(tar_split, limits.max_bytes, what)
+    stream = _SkippedPayloads(what)
+    for n, line in enumerate(lines.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            entry = _SPLIT_DECODER.decode(line)
+        except msgspec.DecodeError as exc:
+            raise InvalidToc(f"{what}: line {n + 1} is not a tar-split entry: {exc}") from None
+        if entry.type == 2:
+            stream.add(entry.payload or b"")
+        elif entry.type == 1 and (entry.size or 0) >= 0:
+            stream.skip(entry.size or 0)
+        else:
+            raise InvalidToc(f"{what}: line {n + 1} is of type {entry.type}, size {entry.size}")
+    del lines
+    try:
+        tf = tarfile.TarFile(fileobj=stream, mode="r", encoding="utf-8", errors="surrogateescape")
+        while True:
+            ti = tf.next()
+            if ti is None:
+                return
+            tf.members.clear()  # one header at a time, not a list of all
+            yield ti
+    except (tarfile.TarError, EOFError, ValueError, OverflowError) as exc:
+        raise InvalidToc(f"{what}: its tar headers do not read: {exc}") from None
+
+
+class _SkippedPayloads(io.RawIOBase):
+    """The tar stream a tar-split describes, its files' contents left out: ``tarfile`` seeks
+    over them (it reads the byte before each header: zeros), and a read of more of them is
+    refused (:class:`InvalidToc`: a PAX header claiming an exabyte of data that the
+    tar-split puts in a file's contents is not read as zeros)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self._starts: list[int] = []
+        self._pieces: list[bytes | int] = []  # bytes, or the length of a skipped payload
+        self._size = 0
+        self._pos = 0
+
+    def add(self, data: bytes) -> None:
+        if data:
+            self._starts.append(self._size)
+            self._pieces.append(data)
+            self._size += len(data)
+
+    def skip(self, n: int) -> None:
+        if n:
+            self._starts.append(self._size)
+            self._pieces.append(n)
+            self._size += n
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
+        out = bytearray()
+        skipped = 0
+        while self._pos < end:
+            i = bisect.bisect_right(self._starts, self._pos) - 1
+            piece, start = self._pieces[i], self._starts[i]
+            length = piece if isinstance(piece, int) else len(piece)
+            take = min(end, start + length) - self._pos
+            if isinstance(piece, int):
+                # tarfile reads the byte before each header; more is header data there
+                skipped += take
+                if skipped > tarfile.BLOCKSIZE:
+                    raise InvalidToc(
+                        f"{self.where}: tar header data at offset {self._pos} lies in a "
+                        "file's contents"
+                    )
+                out += bytes(take)
+            else:
+                out += piece[self._pos - start : self._pos - start + take]
+            self._pos += take
+        return bytes(out)

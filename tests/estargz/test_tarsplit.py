@@ -1,0 +1,142 @@
+"""A zstd:chunked TOC against its tar-split (podman 5's layout): what containers/storage
+refuses before its own partial pull, the store refuses before serving the layer."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import tarfile
+
+import pytest
+import zstandard
+
+from store import estargz as E
+from store.estargz import zstdchunked as Z
+from store.estargz.tarsplit import check_tar_split
+
+
+def _layer_tar() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        d = tarfile.TarInfo("d")
+        d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+        tar.addfile(d)
+        for name, data in (("d/f", b"hello\n"), ("d/big", bytes(range(256)) * 40)):
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o755, 1_700_000_000.25
+            ti.pax_headers = {"SCHILY.xattr.user.k": "v"} if name == "d/f" else {}
+            tar.addfile(ti, io.BytesIO(data))
+        link = tarfile.TarInfo("d/link")
+        link.type, link.linkname, link.mtime = tarfile.LNKTYPE, "d/f", 1_700_000_000
+        tar.addfile(link)
+        dev = tarfile.TarInfo("d/null")
+        dev.type, dev.devmajor, dev.devminor, dev.mode = tarfile.CHRTYPE, 1, 3, 0o666
+        tar.addfile(dev)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def layer() -> tuple[dict, bytes]:
+    """The TOC (decoded) and compressed tar-split our writer makes in podman 5's layout."""
+    out = io.BytesIO()
+    res = Z.write_zstd_chunked(io.BytesIO(_layer_tar()), out, generation="podman5", chunk_size=4096)
+    blob = out.getvalue()
+    pos = E.ManifestPosition.parse(res.annotations[Z.MANIFEST_POSITION_KEY])
+    offset, length, _ = (int(v) for v in res.annotations[Z.TARSPLIT_POSITION_KEY].split(":"))
+    toc = json.loads(zstandard.ZstdDecompressor().decompress(blob[pos.offset :][: pos.length]))
+    return toc, blob[offset : offset + length]
+
+
+def _check(toc: dict, tar_split: bytes | None) -> None:
+    check_tar_split(json.dumps(toc).encode(), tar_split, "layer X")
+
+
+def test_the_writers_toc_matches_its_tar_split(layer):
+    toc, split = layer
+    assert toc["tarSplitDigest"] and any(e["type"] == "chunk" for e in toc["entries"])
+    _check(toc, split)
+
+
+def _entry(toc: dict, name: str) -> dict:
+    return next(e for e in toc["entries"] if e["name"] == name and e["type"] != "chunk")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: _entry(t, "d/f").update(mode=0o4755), "mode 4755, the tar's 755"),
+        (lambda t: _entry(t, "d/f").update(uid=1000), "owner 1000:0, the tar's 0:0"),
+        (lambda t: _entry(t, "d/f").update(size=5), "size 5, the tar's 6"),
+        (lambda t: _entry(t, "d/f").update(modtime="2023-11-14T22:13:20Z"), "modtime"),
+        (lambda t: _entry(t, "d/f").update(xattrs={}), "xattrs"),
+        (lambda t: _entry(t, "d/f").update(xattrs={"user.k": "dw=="}), "xattrs"),
+        (lambda t: _entry(t, "d/link").update(linkName="d/big"), "link target 'd/big'"),
+        (lambda t: _entry(t, "d/null").update(devMinor=5), "device 1:5, the tar's 1:3"),
+        (lambda t: _entry(t, "d/null").update(type="block"), "type 'block'"),
+        (lambda t: t["entries"].append({"type": "reg", "name": "extra"}), "does not: ['extra']"),
+        (lambda t: t["entries"].remove(_entry(t, "d/link")), "holds 'd/link', which the TOC"),
+        (lambda t: t["entries"].append({"type": "dir", "name": "d/"}), "names 'd' twice"),
+        (lambda t: t.update(tarSplitDigest="sha256:" + "0" * 64), "tarSplitDigest says"),
+    ],
+)
+def test_a_toc_that_disagrees_with_its_tar_split_is_refused(layer, edit, message):
+    toc, split = layer
+    toc = json.loads(json.dumps(toc))
+    edit(toc)
+    with pytest.raises(E.InvalidToc, match="layer X") as caught:
+        _check(toc, split)
+    assert message in str(caught.value)
+
+
+def test_a_toc_naming_a_tar_split_the_annotations_do_not_locate_is_refused(layer):
+    with pytest.raises(E.InvalidToc, match="locate none"):
+        _check(layer[0], None)
+
+
+def test_a_toc_without_tar_split_digest_is_not_checked(layer):
+    toc = {k: v for k, v in layer[0].items() if k != "tarSplitDigest"}
+    toc["entries"] = [{"type": "reg", "name": "anything"}]
+    _check(toc, None)
+    _check(toc, b"not even zstd")
+
+
+def _split_of(lines: list[dict]) -> bytes:
+    raw = b"".join(json.dumps(e).encode() + b"\n" for e in lines)
+    return zstandard.ZstdCompressor().compress(raw)
+
+
+def _with_split(toc: dict, split: bytes) -> dict:
+    return {**toc, "tarSplitDigest": "sha256:" + hashlib.sha256(split).hexdigest()}
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ([{"type": 3}], "type 3"),
+        ([{"type": 1, "size": -1}], "size -1"),
+        ([{"type": 2, "payload": "not base64!"}], "not a tar-split entry"),
+        ([{"type": 2, "payload": base64.b64encode(b"x" * 512).decode()}], "do not read"),
+    ],
+)
+def test_a_tar_split_that_is_not_one_is_refused(layer, lines, message):
+    split = _split_of(lines)
+    with pytest.raises(E.InvalidToc, match=message):
+        _check(_with_split(layer[0], split), split)
+
+
+def test_header_data_a_tar_split_puts_in_a_files_contents_is_not_read():
+    """A PAX header claiming an exabyte of records whose bytes the tar-split says are a
+    file's contents (not in it): refused, not inflated as zeros."""
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, 1 << 60
+    head = pax.tobuf(tarfile.GNU_FORMAT)
+    split = _split_of(
+        [
+            {"type": 2, "payload": base64.b64encode(head).decode()},
+            {"type": 1, "name": "x", "size": 1 << 60},
+        ]
+    )
+    with pytest.raises(E.InvalidToc, match="lies in a file's contents"):
+        _check(_with_split({"version": 1, "entries": []}, split), split)
