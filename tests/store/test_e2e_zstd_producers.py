@@ -9,10 +9,12 @@ can look up (podman ≥ 5.1 only by the ``io.github.`` TOC annotation the 5.x pr
 
 The layers hold what real images hold: files larger than one chunk (containers/storage's
 rolling-checksum split), runs of zeros (its ``zeros`` chunks), many identical files, hardlinks
-(to a chunked and to an empty file), symlinks (relative, absolute, dangling, pointing out of
-the root, long), empty files, xattrs, setuid/setgid/sticky modes, owners, a fifo and devices,
-a deep directory, non-ASCII and long names, mtimes with a fraction of a second, and a whiteout
-and an opaque directory in the upper layer.
+(to a chunked and to an empty file; 300 across directories to files of several chunks),
+symlinks (relative, absolute, dangling, pointing out of the root, long), empty files, xattrs,
+setuid/setgid/sticky modes, owners, a fifo and devices, a deep directory, non-ASCII and long
+names, mtimes with a fraction of a second, and a whiteout and an opaque directory in the
+upper layer. (A run of zeros longer than ``chunk_max_bytes`` is one ``zeros`` chunk there: the
+store refuses such a layer, as store/config.py documents, and podman pulls it normally.)
 
 Mtimes before 1970 are in: extraction sets a file's or directory's to the epoch
 (containers/storage ``pkg/system.Chtimes``) but keeps a symlink's, and the store shows them
@@ -88,6 +90,11 @@ def _lower(tar: tarfile.TarFile) -> None:
     add_node(tar, "hl/link2", tarfile.LNKTYPE, 0o644, linkname="hl/orig")
     add_node(tar, "hl/big", tarfile.LNKTYPE, 0o644, linkname="big")
     add_node(tar, "hl/empty", tarfile.LNKTYPE, 0o644, linkname="empty")
+    for d in range(3):  # many links, across directories, to files of several chunks
+        add_node(tar, f"farm{d}", tarfile.DIRTYPE)
+        for i in range(100):
+            target = "sparse" if i % 2 else "allzeros"
+            add_node(tar, f"farm{d}/{i}", tarfile.LNKTYPE, 0o644, linkname=target)
     add_node(tar, "sl", tarfile.DIRTYPE)
     for name, target in [
         ("rel", "../big"),
@@ -222,6 +229,7 @@ def test_lazy_pull_of_a_real_producers_layers_matches_a_normal_pull(
         full = env.run(f"{host}/p/g:1", "/bin/sh", "-c", LISTING, timeout=300).stdout
         full_tree = None if lost else _mounted_tree(env, f"{host}/p/g:1")
     assert "/hl/big|regular file 644 0 0 1500000 2 " in full and "/opq/new|" in full
+    assert "/farm2/99|regular file 644 0 0 8462609 151 " in full
     lazy_set, full_set = set(lazy.splitlines()), set(full.splitlines())
     assert lazy_set == full_set, (sorted(lazy_set - full_set), sorted(full_set - lazy_set))
     if lazy_tree is not None:
