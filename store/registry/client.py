@@ -59,6 +59,7 @@ from .ranges import (
     Span,
     body_limit,
     coalesce,
+    covers,
     parse_multipart_byteranges,
     range_body,
     range_header,
@@ -742,8 +743,9 @@ class RegistryClient:
         """Several (offset, size) ranges; results in the order asked.
 
         Overlapping and adjacent ranges are coalesced; up to `max_ranges_per_request` spans go
-        in one multi-range request; a server that answers multi-range with 200 is remembered
-        and then asked one range at a time.
+        in one multi-range request; a server that does not answer multi-range requests as
+        such (200, 416, or a single-part 206 that covers only some of the spans, as S3 may
+        send) is remembered and then asked one range at a time.
         """
         ref = _ref(ref)
         validate_digest(digest)
@@ -805,7 +807,11 @@ class RegistryClient:
                 raise fault(
                     f"range {plan.start}-{plan.start + plan.limit - 1} body has {len(body)} bytes"
                 )
-            return covered({(plan.start, plan.start + plan.limit): body})
+            got = {(plan.start, plan.start + plan.limit): body}
+            # One part to several spans: all of them when the server merged them (RFC 9110
+            # §14.2 lets it), some when it answers the first range only (S3 may): the spans
+            # it left out are asked one at a time below.
+            return got if multi else covered(got)
 
         def fault(message: str, kind: type[RangeError] = RangeError) -> RangeError:
             return kind(
@@ -824,20 +830,30 @@ class RegistryClient:
                     raise fault(str(e)) from e
             return got
 
-        _, got = await self._blob_call(
-            ep,
-            ref,
-            digest,
-            "GET",
-            headers={"Range": range_header(group)},
-            reader=reader,
-            ok=(200, 206),
-            max_body=body_limit(group),
-        )
-        if multi and not got:
+        try:
+            _, got = await self._blob_call(
+                ep,
+                ref,
+                digest,
+                "GET",
+                headers={"Range": range_header(group)},
+                reader=reader,
+                ok=(200, 206),
+                max_body=body_limit(group),
+            )
+        except RangeError as e:
+            if not (multi and e.status == 416):
+                raise
+            got = {}  # the multi-range request refused as such: each range is asked alone
+        missing = [s for s in group if not covers(got, s.start, s.size)]
+        if multi and missing:
             self._no_multirange.add(ep.host)
+            for s in group:
+                if s not in missing:
+                    parts[(s.start, s.end)] = slice_from(got, s.start, s.size)
+                    self.stats.body_bytes += s.size
             await _run_all(
-                [functools.partial(self._fetch_spans, ep, ref, digest, [s], parts) for s in group]
+                [functools.partial(self._fetch_spans, ep, ref, digest, [s], parts) for s in missing]
             )
             return
         for s in group:

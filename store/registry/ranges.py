@@ -196,6 +196,11 @@ def parse_multipart_byteranges(body: bytes, boundary: str) -> dict[tuple[int, in
             raise RangeError("multipart body ends without closing boundary")
 
 
+def covers(parts: Mapping[tuple[int, int], bytes], offset: int, size: int) -> bool:
+    """Whether one of ``parts`` (keyed by (start, end)) holds all of [offset, offset+size)."""
+    return any(start <= offset and offset + size <= end for start, end in parts)
+
+
 def slice_from(parts: dict[tuple[int, int], bytes], offset: int, size: int) -> bytes:
     """The bytes [offset, offset+size) out of whichever part contains them."""
     for (start, end), data in parts.items():

