@@ -417,6 +417,7 @@ class RegistryClient:
         while True:
             send_headers = dict(hdrs)
             same_host = urlsplit(url).netloc == origin
+            auth = None
             if same_host:
                 auth = await self._auth_header(ep, registry, scopes, repo)
                 if auth:
@@ -473,8 +474,11 @@ class RegistryClient:
                         extra = challenge.params.get("scope")
                         if extra and extra not in scopes:
                             scopes = (*scopes, extra)
-                        if challenge == self._challenges.get(ep.host):
-                            self.tokens.clear()  # what we sent was refused: fetch afresh
+                        if auth:
+                            # What we sent was refused — a token the registry calls expired
+                            # (its challenge then adds error="invalid_token") while the
+                            # expiry it came with says otherwise: fetch afresh.
+                            self.tokens.clear()
                         self._challenges[ep.host] = challenge
                         authed_once = True
                         self.stats.auth_round_trips += 1

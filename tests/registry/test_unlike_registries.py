@@ -8,8 +8,11 @@ the client does; a client closed after error answers.
 
 from __future__ import annotations
 
+import json
 import random
+import time
 
+import anyio
 import pytest
 from regtest_mimic import Mimic, send, serve_bytes
 
@@ -58,3 +61,45 @@ async def test_a_multi_range_request_not_answered_as_such_falls_back_to_single_r
             assert await c.read_ranges(ref, digest, more) == _want(more)
             # Remembered: single ranges only from then on.
             assert all("," not in r for r in _ranges_sent(reg)[len(sent) :])
+
+
+@pytest.mark.parametrize("expires_in", [60, None])
+async def test_a_token_the_registry_calls_expired_is_fetched_afresh(expires_in) -> None:
+    """The token service (on another host) says a token lasts 60 s (or says nothing: 60 s by
+    the spec), the registry refuses it after 1 s with distribution's challenge
+    ``error="invalid_token"``: the next read gets a new token, not an AuthenticationError."""
+    issued: dict[str, float] = {}
+
+    def token_service(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+        token = f"t{len(issued)}"
+        issued[token] = time.monotonic()
+        answer = {"token": token} | ({} if expires_in is None else {"expires_in": expires_in})
+        send(h, 200, json.dumps(answer).encode(), content_type="application/json")
+        return True
+
+    with Mimic(token_service, bind="127.0.0.2") as tokens:
+
+        def registry(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+            challenge = (
+                f'Bearer realm="http://{tokens.host}/token",service="mimic",'
+                'scope="repository:unlike/token:pull"'
+            )
+            token = h.headers.get("Authorization", "").removeprefix("Bearer ")
+            if token not in issued:
+                send(h, 401, b"", www_authenticate=challenge)
+            elif time.monotonic() - issued[token] > 1.0:
+                body = b'{"errors":[{"code":"UNAUTHORIZED","message":"token expired"}]}'
+                send(h, 401, body, www_authenticate=challenge + ',error="invalid_token"')
+            else:
+                return False
+            return True
+
+        with Mimic(registry) as reg:
+            digest = reg.add_blob(DATA)
+            ref = f"{reg.host}/unlike/token:v1"
+            async with RegistryClient(timeout=5, backoff=0.01) as c:
+                for i in range(3):
+                    if i:
+                        await anyio.sleep(1.2)
+                    assert await c.read_range(ref, digest, 7, 70) == DATA[7:77]
+                assert c.tokens.fetches == 3
