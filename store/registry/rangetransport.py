@@ -327,5 +327,13 @@ class RangeTransport(httpx.AsyncBaseTransport):
         return opened
 
     async def aclose(self) -> None:
+        # PoolManager.clear() only forgets its pools (urllib3 2): their kept-alive connections
+        # would stay open until the pools are garbage, which anything holding a response —
+        # an exception's traceback — delays. Closed here, each pool closes its idle ones.
+        # (keys(): the container refuses iteration)
+        pools = [self._pool.pools.get(key) for key in self._pool.pools.keys()]  # noqa: SIM118
         self._pool.clear()
+        for pool in pools:
+            if pool is not None:
+                pool.close()
         await self.fallback.aclose()

@@ -4,7 +4,8 @@
 Range with single and multipart/byteranges answers, as Go's ``http.ServeContent`` does), and
 lets a test's ``policy(handler, path)`` answer any request its own way first: a redirect to
 another `Mimic` playing the storage host, a 401 with a challenge, a multi-range answered with
-the first range only, a Content-Type of its choosing. It records every request in ``seen``.
+the first range only, a Content-Type of its choosing. It records every request in ``seen``
+and counts the connections its clients have open in ``open_connections``.
 """
 
 from __future__ import annotations
@@ -41,11 +42,24 @@ class Mimic:
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[str, tuple[bytes, str]] = {}
         self.seen: list[dict[str, Any]] = []
+        self.connections = 0  # accepted so far
+        self.open_connections = 0  # not yet closed by the client (or by the server)
         self.lock = threading.Lock()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with owner.lock:
+                    owner.connections += 1
+                    owner.open_connections += 1
+
+            def finish(self) -> None:
+                with owner.lock:
+                    owner.open_connections -= 1
+                super().finish()
 
             def _any(self) -> None:
                 with owner.lock:

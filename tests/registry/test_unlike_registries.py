@@ -16,7 +16,7 @@ import anyio
 import pytest
 from regtest_mimic import Mimic, send, serve_bytes
 
-from store.registry import RegistryClient
+from store.registry import NotFoundError, RegistryClient
 
 pytestmark = pytest.mark.anyio
 DATA = random.Random(5).randbytes(300_000)
@@ -103,3 +103,20 @@ async def test_a_token_the_registry_calls_expired_is_fetched_afresh(expires_in) 
                         await anyio.sleep(1.2)
                     assert await c.read_range(ref, digest, 7, 70) == DATA[7:77]
                 assert c.tokens.fetches == 3
+
+
+async def test_closing_the_client_closes_its_kept_alive_connections() -> None:
+    """Range connections kept alive after an error answer (a 404) are closed with the client,
+    not when the garbage collector gets to them: the exception a caller keeps holds the
+    urllib3 pool they sit in."""
+    with Mimic() as reg:
+        digest = reg.add_blob(DATA)
+        async with RegistryClient(timeout=5, backoff=0.01) as c:
+            assert await c.read_range(f"{reg.host}/unlike/ok:v1", digest, 0, 10) == DATA[:10]
+            with pytest.raises(NotFoundError) as kept:
+                await c.read_range(f"{reg.host}/unlike/ok:v1", "sha256:" + "0" * 64, 0, 10)
+            assert reg.open_connections >= 1
+        with anyio.fail_after(5):
+            while reg.open_connections:
+                await anyio.sleep(0.01)
+        assert kept.value.status == 404
