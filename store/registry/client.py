@@ -17,6 +17,7 @@ import email.utils
 import functools
 import hashlib
 import json
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -130,13 +131,23 @@ class ClientStats:
     auth_round_trips: int = 0
 
 
+# An object store's XML error (S3, GCS, Azure Blob, CloudFront: <Error><Code>…</Code>
+# <Message>…</Message></Error>), as a storage host a registry redirected to answers.
+_XML_CODE = re.compile(rb"<Code>([^<]{1,200})</Code>")
+_XML_MESSAGE = re.compile(rb"<Message>([^<]{1,200})</Message>")
+
+
 def _error_detail(resp: httpx.Response, body: bytes) -> str:
-    """The registry's own error code/message, when it sent the standard JSON."""
+    """The server's own error code/message: a registry's standard JSON, or an object store's
+    XML ``Code`` and ``Message``; empty when it sent neither."""
     try:
         errs = json.loads(body).get("errors") or []
         return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip() for e in errs)
     except Exception:
-        return ""
+        pass
+    code, message = _XML_CODE.search(body), _XML_MESSAGE.search(body)
+    found = [m[1].decode("utf-8", "replace").strip() for m in (code, message) if m]
+    return ": ".join(found)
 
 
 async def _read_all(resp: httpx.Response) -> bytes:
@@ -499,7 +510,9 @@ class RegistryClient:
                         body = await _read_raw(resp, MAX_ERROR_BODY)
                     except httpx.HTTPError:
                         body = b""
-                raise self._status_error(resp, body, what, ep, registry, repo, digest)
+                raise self._status_error(
+                    resp, body, what, ep, registry, repo, digest, redirected=not same_host
+                )
             finally:
                 await resp.aclose()
 
@@ -512,7 +525,14 @@ class RegistryClient:
         registry: str,
         repo: str,
         digest: str | None,
+        redirected: bool = False,
     ) -> RegistryError:
+        """The typed error for an answer with a status not asked for.
+
+        ``redirected``: the answer is from the host the registry redirected to (a storage
+        host, a CDN), which the message names; a 401/403 there is about the signed URL the
+        registry gave (expired, or refused), not the client's credentials, so it is retried
+        — the registry gives a new URL — as a 5xx is."""
         status = resp.status_code
         detail = _error_detail(resp, body)
         detail = f" ({detail})" if detail else ""
@@ -522,20 +542,24 @@ class RegistryClient:
             "digest": digest,
             "status": status,
         }
-        if status == 401:
+        if redirected:
+            where = resp.request.url.netloc.decode("ascii", "replace")
+            detail += f" from {where}, where the registry redirected"
+        if status == 401 and not redirected:
             creds = self._creds_for(ep, registry, repo)
             who = f"user {creds.username!r}" if creds and creds.username else "no credentials"
             return AuthenticationError(
                 f"{what}: authentication failed with {who} (HTTP 401){detail}", **kw
             )
-        if status == 403:
+        if status == 403 and not redirected:
             return AuthenticationError(f"{what}: access denied (HTTP 403){detail}", **kw)
         if status == 404:
             return NotFoundError(f"{what}: not found (HTTP 404){detail}", **kw)
         if status == 416:
             return RangeError(f"{what}: range not satisfiable (HTTP 416){detail}", **kw)
-        if status in RETRY_STATUSES:
-            err = RegistryUnavailable(f"{what}: server error HTTP {status}{detail}", **kw)
+        if status in RETRY_STATUSES or status in (401, 403):
+            kind = "server error" if status in RETRY_STATUSES else "refused:"
+            err = RegistryUnavailable(f"{what}: {kind} HTTP {status}{detail}", **kw)
             err.retry_after = retry_after(resp.headers.get("retry-after"))
             return err
         return RegistryError(f"{what}: unexpected HTTP {status}{detail}", **kw)

@@ -16,7 +16,7 @@ import anyio
 import pytest
 from regtest_mimic import Mimic, send, serve_bytes
 
-from store.registry import NotFoundError, RegistryClient
+from store.registry import NotFoundError, RegistryClient, RegistryUnavailable
 
 pytestmark = pytest.mark.anyio
 DATA = random.Random(5).randbytes(300_000)
@@ -120,3 +120,53 @@ async def test_closing_the_client_closes_its_kept_alive_connections() -> None:
             while reg.open_connections:
                 await anyio.sleep(0.01)
         assert kept.value.status == 404
+
+
+EXPIRED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Request has expired</Message><RequestId>X</RequestId></Error>"
+)
+
+
+@pytest.mark.parametrize("refused", ["first", "all"])
+async def test_a_signed_url_the_storage_host_refuses_is_asked_of_the_registry_again(
+    refused: str,
+) -> None:
+    """Blob GETs are redirected (307) to a storage host with a signed query; the storage host
+    answers 403 with S3's XML error for an expired signature. Once: the registry is asked
+    again for a new URL, and the bytes arrive. Every time: an error that names the storage
+    host and what it said, after the client's retries — not "access denied" laid on the
+    registry's credentials."""
+    with Mimic(bind="127.0.0.2") as storage:
+        digest = storage.add_blob(DATA)
+        issued = []
+
+        def storage_policy(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+            if refused == "all" or h.path.endswith("sig=1"):
+                send(h, 403, EXPIRED, content_type="application/xml")
+                return True
+            return False
+
+        storage.policy = storage_policy
+
+        def registry(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+            if "/blobs/" not in path or h.command != "GET":
+                return False
+            issued.append(h.path)
+            location = f"http://{storage.host}{path}?X-Amz-Expires=1&sig={len(issued)}"
+            send(h, 307, location=location)
+            return True
+
+        with Mimic(registry) as reg:
+            ref = f"{reg.host}/unlike/signed:v1"
+            async with RegistryClient(timeout=5, retries=2, backoff=0.01) as c:
+                if refused == "first":
+                    assert await c.read_range(ref, digest, 100, 50) == DATA[100:150]
+                    assert len(issued) == 2
+                    return
+                with pytest.raises(RegistryUnavailable) as exc:
+                    await c.read_range(ref, digest, 100, 50)
+            assert len(issued) == 3  # the first try and two retries
+    message = str(exc.value)
+    assert message.startswith(f"{reg.host}/unlike/signed@{digest}: refused: HTTP 403 "), message
+    assert f"(AccessDenied: Request has expired) from {storage.host}, where" in message, message
