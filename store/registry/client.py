@@ -427,7 +427,14 @@ class RegistryClient:
         extensions = {} if max_body is None else {BODY_LIMIT: max_body}
         while True:
             send_headers = dict(hdrs)
-            same_host = urlsplit(url).netloc == origin
+            target = urlsplit(url)
+            same_host = target.netloc == origin
+            # Whom a transport failure is about: the registry, or the host it redirected to.
+            peer = (
+                ep.base_url
+                if same_host
+                else f"{target.scheme}://{target.netloc}, where the registry redirected"
+            )
             auth = None
             if same_host:
                 auth = await self._auth_header(ep, registry, scopes, repo)
@@ -447,8 +454,8 @@ class RegistryClient:
                 ep,
                 repo,
                 digest,
-                f"{what}: no answer within {ep.request_timeout:g}s",
-                f"{what}: cannot connect to {ep.base_url}",
+                f"{what}: no answer from {peer} within {ep.request_timeout:g}s",
+                f"{what}: cannot connect to {peer}",
             ):
                 if self._fast is not None and self._fast.handles(req):
                     # Range GETs skip AsyncClient.send (auth flow, cookies, hooks: none used
@@ -499,8 +506,8 @@ class RegistryClient:
                         ep,
                         repo,
                         digest,
-                        f"{what}: body stalled for {ep.request_timeout:g}s",
-                        f"{what}: connection lost while reading the body",
+                        f"{what}: body from {peer} stalled for {ep.request_timeout:g}s",
+                        f"{what}: connection to {peer} lost while reading the body",
                     ):
                         result = await reader(resp)
                     return resp, result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import time
 
 import anyio
@@ -170,3 +171,32 @@ async def test_a_signed_url_the_storage_host_refuses_is_asked_of_the_registry_ag
     message = str(exc.value)
     assert message.startswith(f"{reg.host}/unlike/signed@{digest}: refused: HTTP 403 "), message
     assert f"(AccessDenied: Request has expired) from {storage.host}, where" in message, message
+
+
+@pytest.mark.parametrize("storage", ["refused", "silent"])
+async def test_a_storage_host_that_fails_is_named_not_the_registry(storage: str) -> None:
+    """The registry answers, the host it redirects blob GETs to refuses connections or never
+    answers: the error says so, naming that host (the registry is fine)."""
+    listener = socket.create_server(("127.0.0.2", 0))
+    where = f"127.0.0.2:{listener.getsockname()[1]}"
+    if storage == "refused":
+        listener.close()
+
+    def registry(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+        if "/blobs/" not in path:
+            return False
+        send(h, 307, location=f"http://{where}{path}?sig=1")
+        return True
+
+    try:
+        with Mimic(registry) as reg:
+            digest = reg.add_blob(DATA)
+            async with RegistryClient(timeout=1, retries=1, backoff=0.01) as c:
+                with pytest.raises(RegistryUnavailable) as exc:
+                    await c.read_range(f"{reg.host}/unlike/gone:v1", digest, 0, 10)
+    finally:
+        listener.close()
+    message = str(exc.value)
+    what = "cannot connect to" if storage == "refused" else "no answer from"
+    assert f"{what} http://{where}, where the registry redirected" in message, message
+    assert message.startswith(f"{reg.host}/unlike/gone@{digest}: "), message
