@@ -6,7 +6,8 @@ the request (wrong ``Content-Range``, short part) are retried with backoff. A ti
 retried (it is the answer the caller configured) unless the client is made with
 ``retry_timeouts=True``: then a GET or HEAD that stalls is sent again — the store does so, and
 bounds the whole read by its own deadline instead; mirrors are tried in order
-before the origin; redirects are followed by hand so Authorization never goes to another host.
+before the origin; redirects are followed by hand so Authorization never goes to another origin
+(scheme, host and port).
 """
 
 from __future__ import annotations
@@ -419,7 +420,9 @@ class RegistryClient:
         hdrs = dict(ep.headers)
         hdrs.update(headers or {})
         url = path if path.startswith(("http://", "https://")) else ep.base_url + path
-        origin = urlsplit(url).netloc
+        # Authorization goes to this origin only: same scheme, host and port (an https://
+        # registry redirecting to http:// on the same host would have it sent in clear text).
+        origin = urlsplit(url)[:2]
         authed_once = False
         redirects = 0
         cur_method = method
@@ -428,7 +431,7 @@ class RegistryClient:
         while True:
             send_headers = dict(hdrs)
             target = urlsplit(url)
-            same_host = target.netloc == origin
+            same_host = target[:2] == origin
             # Whom a transport failure is about: the registry, or the host it redirected to.
             peer = (
                 ep.base_url

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,9 +37,15 @@ class _Server(ThreadingHTTPServer):
 
 class Mimic:
     """``blobs``: digest → bytes (any repository); ``manifests``: ``repo:reference`` →
-    (bytes, Content-Type). ``bind`` may be ``"::1"`` (then ``host`` is ``[::1]:port``)."""
+    (bytes, Content-Type). ``bind`` may be ``"::1"`` (then ``host`` is ``[::1]:port``). With
+    ``tls`` (a server context) the port speaks HTTPS, and plain HTTP as well."""
 
-    def __init__(self, policy: Policy | None = None, bind: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        bind: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.policy = policy
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[str, tuple[bytes, str]] = {}
@@ -76,16 +84,17 @@ class Mimic:
             def log_message(self, *args: object) -> None:
                 pass
 
-        server_cls = _Server
-        if ":" in bind:
+        class Server(_Server):
+            address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
 
-            class _Server6(_Server):
-                import socket
+            def get_request(self) -> tuple[socket.socket, Any]:
+                conn, addr = super().get_request()
+                # With ``tls``, TLS and plain HTTP on one port: a TLS ClientHello starts 0x16.
+                if tls is not None and conn.recv(1, socket.MSG_PEEK) == b"\x16":
+                    conn = tls.wrap_socket(conn, server_side=True)
+                return conn, addr
 
-                address_family = socket.AF_INET6
-
-            server_cls = _Server6
-        self._server = server_cls((bind, 0), Handler)
+        self._server = Server((bind, 0), Handler)
         self.port = self._server.server_address[1]
         self.bind = bind
 

@@ -8,9 +8,11 @@ the client does; a client closed after error answers.
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import socket
+import ssl
 import time
 
 import anyio
@@ -18,6 +20,9 @@ import pytest
 from regtest_mimic import Mimic, send, serve_bytes
 
 from store.registry import NotFoundError, RegistryClient, RegistryUnavailable
+from store.registry.credentials import Credentials
+from store.registry.hosts import parse_resolver_config
+from tests.tls import make_tls_files
 
 pytestmark = pytest.mark.anyio
 DATA = random.Random(5).randbytes(300_000)
@@ -200,3 +205,40 @@ async def test_a_storage_host_that_fails_is_named_not_the_registry(storage: str)
     what = "cannot connect to" if storage == "refused" else "no answer from"
     assert f"{what} http://{where}, where the registry redirected" in message, message
     assert message.startswith(f"{reg.host}/unlike/gone@{digest}: "), message
+
+
+async def test_credentials_do_not_follow_a_redirect_from_https_to_plain_http(tmp_path) -> None:
+    """A registry on HTTPS redirects a blob GET to ``http://`` on the same host and port
+    (one port speaking both here): the Authorization it took over TLS is not sent in clear
+    text, as Go's client does not send it either (another scheme is another origin)."""
+    tls_files = make_tls_files(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tls_files.cert, tls_files.key)
+    basic = "Basic " + base64.b64encode(b"alice:wonderland").decode()
+
+    def registry(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+        over_tls = isinstance(h.connection, ssl.SSLSocket)
+        if not over_tls:
+            return False  # the plain-HTTP side serves the blob, to anyone
+        if h.headers.get("Authorization") != basic:
+            send(h, 401, www_authenticate='Basic realm="mimic"')
+        elif "/blobs/" in path:
+            send(h, 307, location=f"http://{reg.host}{path}")
+        else:
+            return False
+        return True
+
+    with Mimic(registry, tls=server_tls) as reg:
+        digest = reg.add_blob(DATA)
+        resolver = parse_resolver_config(
+            {"host": {reg.host: {"mirrors": [{"host": f"https://{reg.host}"}]}}}
+        )
+        async with RegistryClient(
+            resolver=resolver,
+            credentials={reg.host: Credentials("alice", "wonderland")},
+            verify=str(tls_files.ca),
+            timeout=5,
+        ) as c:
+            assert await c.read_range(f"{reg.host}/unlike/tls:v1", digest, 3, 30) == DATA[3:33]
+    plain = [s for s in reg.seen if "/blobs/" in s["path"]][-1]
+    assert "Authorization" not in plain["headers"], plain
