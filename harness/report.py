@@ -344,9 +344,11 @@ PHASE_COLORS = {"pull": "#4472c4", "create": "#ed7d31", "run": "#70ad47"}
 def draw_chart(
     df: pd.DataFrame, cells: pd.DataFrame, percentile: float, stem: Path, title: str = ""
 ) -> list[Path]:
-    """Stacked pull/create/run bars (chosen percentile) per mode (and store), one panel per
-    workload, each sample's total as a black dot, the percentile's 95 % interval as an error
-    bar, and with several stores each store's total over the first store's (``1.23×``);
+    """Stacked pull/create/run bars (each phase's chosen percentile) per mode (and store), one
+    panel per workload, the total's chosen percentile — the table's figure, which the phases'
+    percentiles need not add up to — as a labelled line with its 95 % interval, each sample's
+    total as a black dot, and with several stores each store's total over the first store's
+    (``1.23×``);
     a cell with fallbacks has its label in red with "fell back N×" (and no bar when
     nothing was ok). Written as ``stem.png`` and ``stem.svg``."""
     import matplotlib
@@ -391,16 +393,34 @@ def draw_chart(
                 & (df["store"] == r["store"])
             ]["total_s"]
             ax.scatter([x] * len(mine), mine, s=9, color="black", zorder=3)
-            lo, hi = _get(r, "total_p_lo"), _get(r, "total_p_hi")
-            if not pd.isna(lo) and not pd.isna(hi) and bottom[x] > 0:
-                err = [[max(0.0, bottom[x] - lo)], [max(0.0, hi - bottom[x])]]
-                ax.errorbar([x], [bottom[x]], yerr=err, color="#444", capsize=3, lw=0.8)
-            if bottom[x] > 0:
-                label = f"{bottom[x]:.1f}"
+            # The total's percentile (the table's figure) is not the stacked phases'
+            # percentiles added up when the phases peak in different samples: it is drawn,
+            # labelled and given its interval on its own.
+            total = _get(r, "total_p")
+            if not pd.isna(total) and bottom[x] > 0:
+                lo, hi = _get(r, "total_p_lo"), _get(r, "total_p_hi")
+                bounds = [v for v in (lo, hi) if not pd.isna(v) and math.isfinite(v)]
+                err = [[max(0.0, total - lo)], [max(0.0, hi - total)]] if len(bounds) == 2 else None
+                ax.errorbar(
+                    [x],
+                    [total],
+                    yerr=err,
+                    fmt="_",
+                    markersize=14,
+                    mew=1.5,
+                    color="#222",
+                    capsize=3,
+                    lw=0.8,
+                    zorder=4,
+                    label=f"total ({_pct_label(percentile)})" if x == 0 else None,
+                )
+                label = f"{total:.1f}"
                 first = firsts.get(r["mode"], float("nan"))
                 if len(stores) > 1 and r["store"] and r["store"] != stores[0] and first > 0:
-                    label += f"\n{_get(r, 'total_p') / first:.2f}× {stores[0]}"
-                ax.text(x, bottom[x], label, ha="center", va="bottom", fontsize=8)
+                    label += f"\n{total / first:.2f}× {stores[0]}"
+                ax.text(
+                    x, max([bottom[x], total, *bounds]), label, ha="center", va="bottom", fontsize=8
+                )
         fell = list(group["fell_back"])
         labels = [
             f"{lab}\nfell back {n}×" if n else lab for lab, n in zip(labels, fell, strict=True)
@@ -414,7 +434,7 @@ def draw_chart(
         ax.set_ylim(0, max([*bottom, top]) * 1.3 or 1)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle(
         title or f"time to first exec ({_pct_label(percentile)}; dots: samples)", fontsize=10
     )
