@@ -4,7 +4,7 @@ Everything here is regenerated from ``records.jsonl`` and ``environment.json`` a
 (``lazybench report RUN_DIR``):
 
 * ``summary.csv`` — one row per workload × mode: median, chosen percentile, min/max/std;
-* ``table.md`` — ``mode | pull | create | run | total | MB fetched`` per workload;
+* ``table.md`` — ``mode | pull | create | run | total | MB fetched (median)`` per workload;
 * ``chart.png`` / ``chart.svg`` — stacked pull/create/run bars per workload and mode, the shape
   of the upstream stargz-snapshotter figure, with every sample's total drawn as a dot;
 * ``report.md`` — one page: environment, link, tables, chart, the estargz ÷ legacy ratio
@@ -134,8 +134,9 @@ def markdown_tables(
 ) -> str:
     """Per workload, one row per mode (and store, when there are several):
     ``pull | create | run | total`` in seconds at the chosen percentile, the total with its
-    95 % bootstrap interval, MB fetched (from the pull's start to the ready line), the median
-    total with its interval, range, MB before first output, samples, and the laziness verdict
+    95 % bootstrap interval, MB fetched (median; from the pull's start to the ready line), the
+    median total with its interval, range, MB before first output (median), samples, and the
+    laziness verdict
     (``fell back`` counts, ``not checked`` for records from before the verdict existed). A ⚠
     marks a cell whose spread is too wide to tell anything
     (:func:`harness.stats.spread_too_wide`). With several stores, ``÷ FIRST`` gives each
@@ -156,8 +157,8 @@ def markdown_tables(
         over = " ÷ limit |" if limits is not None else ""
         out.append(
             f"| mode | pull ({p}, s) | create ({p}, s) | run ({p}, s) | total ({p}, s) [95% CI] "
-            f"| MB fetched | total median (s) [95% CI] | total min–max (s) "
-            f"| MB before first output | samples | lazy |{versus}{over}"
+            f"| MB fetched (median) | total median (s) [95% CI] | total min–max (s) "
+            f"| MB before first output (median) | samples | lazy |{versus}{over}"
         )
         out.append(
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"

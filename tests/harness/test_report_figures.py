@@ -60,3 +60,39 @@ def test_the_chart_labels_each_bar_with_the_tables_total(tmp_path: Path) -> None
     texts = svg_texts(run / "chart.svg")
     assert f"{p95:.1f}" in texts
     assert "8.4" not in texts
+
+
+def table_rows(table: str) -> list[dict[str, str]]:
+    """table.md's rows as {column header: cell}."""
+    rows, header = [], None
+    for line in table.splitlines():
+        if not line.startswith("|") or line.startswith("|---"):
+            header = None if not line.startswith("|") else header
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if header is None:
+            header = cells
+        else:
+            rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+def test_the_table_marks_its_byte_columns_as_the_median(tmp_path: Path) -> None:
+    """The byte columns give the samples' median while the report says every figure is the
+    percentile "unless marked median": their headers did not say so."""
+    run = phase_run(tmp_path / "run", [(1, 0, 1)] * 5)
+    lines = (run / "records.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    fetched = [10e6, 10e6, 10e6, 10e6, 50e6]
+    for r, b in zip(records, fetched, strict=True):
+        r["bytes_fetched"] = r["bytes_before_first_output"] = int(b)
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_report(run)
+    (row,) = table_rows((run / "table.md").read_text())
+    median, p95 = np.median(fetched) / 1e6, np.percentile(fetched, 95) / 1e6
+    assert f"{median:.1f}" != f"{p95:.1f}"
+    columns = {name: cell for name, cell in row.items() if name.startswith("MB")}
+    assert columns == {
+        "MB fetched (median)": f"{median:.1f}",
+        "MB before first output (median)": f"{median:.1f}",
+    }
