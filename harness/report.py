@@ -69,7 +69,12 @@ def _pct_label(percentile: float) -> str:
 
 
 def fmt(value: float, digits: int = 2) -> str:
-    return "–" if pd.isna(value) else f"{value:.{digits}f}"
+    """``value`` to ``digits`` places; "–" for none (nan), "∞" for an interval's open end."""
+    if pd.isna(value):
+        return "–"
+    if math.isinf(value):
+        return "∞" if value > 0 else "−∞"
+    return f"{value:.{digits}f}"
 
 
 def cell_label(mode: str, store: str, stores: Sequence[str]) -> str:
@@ -134,9 +139,9 @@ def markdown_tables(
 ) -> str:
     """Per workload, one row per mode (and store, when there are several):
     ``pull | create | run | total`` in seconds at the chosen percentile, the total with its
-    95 % bootstrap interval, MB fetched (median; from the pull's start to the ready line), the
-    median total with its interval, range, MB before first output (median), samples, and the
-    laziness verdict
+    95 % interval (:func:`harness.stats.quantile_interval`), MB fetched (median; from the
+    pull's start to the ready line), the median total with its interval, range, MB before
+    first output (median), samples, and the laziness verdict
     (``fell back`` counts, ``not checked`` for records from before the verdict existed). A ⚠
     marks a cell whose spread is too wide to tell anything
     (:func:`harness.stats.spread_too_wide`). With several stores, ``÷ FIRST`` gives each
@@ -702,7 +707,8 @@ class Report:
 def store_rows(df: pd.DataFrame, percentile: float, counts: pd.DataFrame) -> list[dict[str, Any]]:
     """Per workload × lazy mode measured through several stores: each store's total (median
     and chosen percentile) and its ratio to the first store's, with 95 % bootstrap intervals
-    of the ratios and the two-sided Mann–Whitney p-value of the totals; ``fell_back`` counts
+    of the ratios (:func:`harness.stats.ratio_of`: none for the percentile's from too few
+    samples) and the two-sided Mann–Whitney p-value of the totals; ``fell_back`` counts
     each store's fallbacks (``counts``: :func:`harness.stats.status_counts`)."""
     lazy = counts[(counts["store"] != "") & (counts["ok"] + counts["fell_back"] > 0)]
     stores = list(dict.fromkeys(lazy["store"]))
@@ -1023,8 +1029,10 @@ def _write_report(
         f"{scenario.get('samples', '?')} samples per workload × mode"
         + (" × store" if stores else "")
         + f", network profile `{scenario.get('network', {}).get('profile', '?')}`, "
-        f"figures are the {p} of the samples unless marked median; intervals are 95 % "
-        "bootstrap intervals.",
+        f"figures are the {p} of the samples (interpolated linearly between them) unless "
+        f"marked median; intervals are 95 %: the median's a bootstrap interval, the {p}'s "
+        "between two of the samples, whatever their distribution (∞: too few samples to "
+        f"bound the {p} above).",
         "",
         *_incomplete_lines(missing),
         *_environment_lines(env),

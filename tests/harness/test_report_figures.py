@@ -4,13 +4,23 @@ report say the same numbers, and each says which statistic it is."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
 
 from harness.records import ENVIRONMENT, Record, append_record
 from harness.report import write_report
+from harness.stats import aggregate, compare_samples, quantile_interval, ratio_of
+
+CELL = {"workload": "w", "mode": "legacy", "store": ""}
+METRICS = ["pull_s", "create_s", "run_s", "total_s", "mb_fetched", "mb_before_first_output"]
+METRICS += ["requests", "first_output_s"]
 
 
 def phase_run(run_dir: Path, phases: list[tuple[float, float, float]]) -> Path:
@@ -96,3 +106,57 @@ def test_the_table_marks_its_byte_columns_as_the_median(tmp_path: Path) -> None:
         "MB fetched (median)": f"{median:.1f}",
         "MB before first output (median)": f"{median:.1f}",
     }
+
+
+def covered(interval: Any, draw: Any, truth: float, n: int, trials: int = 200) -> float:
+    """How often ``interval(sample)`` holds ``truth`` over samples of ``n`` from ``draw``."""
+    rng = np.random.default_rng(7)
+    hits = 0
+    for _ in range(trials):
+        lo, hi = interval(draw(rng, n))
+        hits += lo <= truth <= hi
+    return hits / trials
+
+
+@pytest.mark.parametrize("n", [3, 5, 20])
+def test_the_percentiles_95_percent_interval_holds_it_95_percent_of_the_time(n: int) -> None:
+    """The p95's interval was a percentile bootstrap, which never reaches past the largest
+    sample: from 5 normal samples it held the true p95 about a fifth of the time."""
+    truth = float(stats.norm.ppf(0.95, 10, 1))
+
+    def interval(x: np.ndarray) -> Any:
+        frame = pd.DataFrame({**CELL, "total_s": x}).reindex(columns=[*CELL, *METRICS])
+        row = aggregate(frame, 95).iloc[0]
+        return row["total_p_lo"], row["total_p_hi"]
+
+    assert covered(interval, lambda rng, n: rng.normal(10, 1, n), truth, n) >= 0.93
+
+
+def test_the_percentile_interval_is_between_order_statistics() -> None:
+    x = [5.0, 1.0, 4.0, 3.0, 2.0]
+    assert quantile_interval(x, 0.95) == (4.0, math.inf)  # P(Bin(5, .95) >= 4) = 0.977
+    assert quantile_interval(x, 0.5) == (-math.inf, math.inf)  # 1 - 2 / 32 < 95 %
+    assert quantile_interval(np.arange(1.0, 11.0), 0.5) == (2.0, 9.0)
+    assert all(math.isnan(v) for v in quantile_interval([1.0, 2.0], 0.95))
+
+
+def test_a_ratio_or_change_of_percentiles_gets_no_interval_from_too_few_samples() -> None:
+    """Bootstrapped, the ratio of two p95s of 5 samples each was given an interval that could
+    not hold it; the medians' keep theirs."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(10, 1, 5), rng.normal(12, 1, 5)
+    assert all(math.isnan(v) for v in ratio_of(a, b, "percentile", 95)[1:])
+    assert all(math.isnan(v) for v in (compare_samples(a, b, "percentile", 95).lo,))
+    assert not any(math.isnan(v) for v in ratio_of(a, b, "median")[1:])
+    a, b = rng.normal(10, 1, 100), rng.normal(12, 1, 100)
+    lo, hi = ratio_of(a, b, "percentile", 95)[1:]
+    assert lo < hi
+
+
+def test_the_report_says_how_its_percentile_and_intervals_are_taken(tmp_path: Path) -> None:
+    run = phase_run(tmp_path / "run", [(1, 0, 1), (2, 0, 1), (3, 0, 1), (4, 0, 1), (5, 0, 1)])
+    write_report(run)
+    (row,) = table_rows((run / "table.md").read_text())
+    assert row["total (p95, s) [95% CI]"].startswith("**5.80 [5.00–∞]**")
+    text = (run / "report.md").read_text()
+    assert "interpolated linearly" in text and "bootstrap" in text and "∞" in text
