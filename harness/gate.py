@@ -316,11 +316,15 @@ def gate_failures(cmp: pd.DataFrame, gate: Gate) -> list[str]:
                 f"p-value can reach alpha = {gate.alpha:g}); measure more samples"
             )
         elif significant and past:
+            interval = (
+                f"Δ 95% CI [{r['total_lo']:+.2f}, {r['total_hi']:+.2f}] s, "
+                if not pd.isna(r["total_lo"]) and not pd.isna(r["total_hi"])
+                else ""  # too few samples for one (harness.stats.compare_samples)
+            )
             problems.append(
                 f"{where}: total {r['total_base']:.2f}s → {r['total_new']:.2f}s "
                 f"(+{r['total_delta_pct']:.0f}% > {gate.max_total_increase_pct:g}%, "
-                f"Δ 95% CI [{r['total_lo']:+.2f}, {r['total_hi']:+.2f}] s, "
-                f"p = {r['total_p_value']:.3f})"
+                f"{interval}p = {r['total_p_value']:.3f})"
             )
         significant = not pd.isna(r["mb_p_value"]) and r["mb_p_value"] <= gate.alpha
         past = (

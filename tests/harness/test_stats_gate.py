@@ -317,3 +317,19 @@ def test_compare_takes_gate_before_the_run_directories(tmp_path: Path, capsys) -
     assert "(median)" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # one run directory: argparse's usage error, as before
         main(["compare", str(base)])
+
+
+@pytest.mark.parametrize(
+    ("new", "statistic"), [([9.0, 9.1], "median"), ([9.0, 9.1, 9.2, 9.0, 9.1], "percentile")]
+)
+def test_a_gate_failure_names_no_interval_it_does_not_have(
+    tmp_path: Path, new: list[float], statistic: str
+) -> None:
+    """With 2 new samples (or a percentile of 5), the change has no interval: the failure
+    read "Δ 95% CI [+nan, +nan] s"."""
+    legacy = [30, 30.5, 29.8, 30.2, 30.1]
+    base = write_run(tmp_path / "a", {"": legacy, "ours": [4.0, 4.1, 4.2, 4.0, 4.0]})
+    slow = write_run(tmp_path / "b", {"": legacy, "ours": new})
+    (problem,) = gate_failures(compare_runs(base, slow, statistic), Gate())
+    assert "python/estargz-noopt [ours]: total 4." in problem and "p = 0.0" in problem
+    assert "nan" not in problem and "CI" not in problem
