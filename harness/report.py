@@ -317,7 +317,10 @@ def limit_section(
             f"({limit.files_with_ranges if limit.files_with_ranges is not None else '–'}) "
             f"| {limit.transfer_s:.2f} | {limit.rtt_s:.2f} | {limit.floor_s:.2f} "
             f"| **{limit.total_s:.2f}** | "
-            + " | ".join(_ratio(ratios.get(label)) + "×" * (label in ratios) for label in labels)
+            + " | ".join(
+                _ratio(ratios.get(label), LIMIT_TARGET) + "×" * (label in ratios)
+                for label in labels
+            )
             + f" | {verdict} |"
         )
     whole = [
@@ -541,8 +544,22 @@ def ratio_rows(
     return rows
 
 
-def _ratio(value: float | None) -> str:
-    return "–" if value is None or pd.isna(value) else f"{value:.2f}"
+def _ratio(value: float | None, against: float | None = None) -> str:
+    """``value`` to 2 places, or as many more (up to 6) as it takes not to print it equal to
+    ``against``, the bound a verdict beside it compares it with, when it is not: 1.201
+    against 1.2 reads "1.201", not "1.20" beside "no"."""
+    if value is None or pd.isna(value):
+        return "–"
+    digits = 2
+    while (
+        against is not None
+        and not pd.isna(against)
+        and value != against
+        and digits < 6
+        and f"{value:.{digits}f}" == f"{against:.{digits}f}"
+    ):
+        digits += 1
+    return f"{value:.{digits}f}"
 
 
 def ratio_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -555,8 +572,8 @@ def ratio_table(rows: Sequence[dict[str, Any]]) -> str:
         ours, pub = r["estargz"], r["published_estargz"]
         verdict = "–" if ours is None or pub is None else ("yes" if ours <= pub else "no")
         lines.append(
-            f"| {r['workload']} | {r['published_image'] or '–'} | **{_ratio(ours)}** "
-            f"| {_ratio(pub)} | {_ratio(r['estargz-noopt'])} "
+            f"| {r['workload']} | {r['published_image'] or '–'} | **{_ratio(ours, pub)}** "
+            f"| {_ratio(pub, ours)} | {_ratio(r['estargz-noopt'])} "
             f"| {_ratio(r['published_estargz-noopt'])} | {_ratio(r['zstd-chunked'])} | {verdict} |"
         )
     return "\n".join(lines) + "\n"
@@ -610,7 +627,10 @@ def zstd_lazy_lines(
                 else "no"
             )
         )
-        lines.append(f"| {workload} | {_ratio(median)} | {_ratio(p95)} | {_ratio(mb)} | {within} |")
+        lines.append(
+            f"| {workload} | {_ratio(median, ZSTD_LAZY_TARGETS['total'])} | {_ratio(p95)} "
+            f"| {_ratio(mb, ZSTD_LAZY_TARGETS['mb_before_first_output'])} | {within} |"
+        )
     return [*lines, ""]
 
 

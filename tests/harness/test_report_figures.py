@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from harness.limit import Limit
 from harness.records import ENVIRONMENT, Record, append_record
-from harness.report import write_report
+from harness.report import limit_section, ratio_table, write_report, zstd_lazy_lines
 from harness.stats import aggregate, compare_samples, quantile_interval, ratio_of
 
 CELL = {"workload": "w", "mode": "legacy", "store": ""}
@@ -160,3 +161,25 @@ def test_the_report_says_how_its_percentile_and_intervals_are_taken(tmp_path: Pa
     assert row["total (p95, s) [95% CI]"].startswith("**5.80 [5.00–∞]**")
     text = (run / "report.md").read_text()
     assert "interpolated linearly" in text and "bootstrap" in text and "∞" in text
+
+
+def test_a_figure_beside_a_verdict_is_not_rounded_onto_its_bound() -> None:
+    """The committed default baseline printed python's zstd ÷ noopt bytes as "1.20" beside
+    "no" (against a 1.2× target: the figure was 1.201)."""
+    agg = pd.DataFrame(
+        [
+            {**CELL, "mode": m, "store": "default", "total_median": t, "total_p": t}
+            | {"mb_before_first_output_median": mb}
+            for m, t, mb in (("estargz-noopt", 2.0, 6.161), ("zstd-chunked-lazy", 2.1, 7.4))
+        ]
+    )
+    (row,) = [line for line in zstd_lazy_lines(agg, 95) if line.startswith("| w |")]
+    assert row == "| w | 1.05 | 1.05 | 1.201 | no |"
+    rows = [{"workload": "w", "published_image": "x", "estargz": 0.1106}]
+    rows[0] |= {"published_estargz": 0.1105, "estargz-noopt": None, "zstd-chunked": None}
+    rows[0] |= {"published_estargz-noopt": None}
+    assert "| **0.1106** | 0.1105 |" in ratio_table(rows) and "| no |" in ratio_table(rows)
+    cells = pd.DataFrame([{**CELL, "mode": "estargz", "store": "default", "total_p": 1.503}])
+    limits = {"w": Limit(0, 100.0, 0.0, 1.0)}
+    (row,) = [line for line in limit_section(cells, limits, 95) if line.startswith("| w |")]
+    assert row.endswith("| 1.503× | no |")
