@@ -1045,7 +1045,7 @@ def _write_report(
     lines = [
         f"# lazybench run `{run_dir.name}`",
         "",
-        f"Scenario **{scenario.get('name', '?')}**: {len(df)} measurements, "
+        f"Scenario **{scenario.get('name', '?')}**: {_measured(records, len(df))}, "
         f"{scenario.get('samples', '?')} samples per workload × mode"
         + (" × store" if stores else "")
         + f", network profile `{scenario.get('network', {}).get('profile', '?')}`, "
@@ -1134,6 +1134,17 @@ def _write_report(
         missing,
         table_text,
         stores,
+    )
+
+
+def _measured(records: Sequence[Any], ok: int) -> str:
+    """``125 measurements``, or with those the figures leave out: ``7 measurements (5 in the
+    figures, 1 fell back, 1 failed)``."""
+    fell = sum(1 for r in records if r.status == "fell-back")
+    failed = sum(1 for r in records if r.status == "error")
+    out = [f"{n} {what}" for n, what in ((fell, "fell back"), (failed, "failed")) if n]
+    return f"{len(records)} measurements" + (
+        f" ({ok} in the figures, {', '.join(out)})" if out else ""
     )
 
 

@@ -183,3 +183,14 @@ def test_a_figure_beside_a_verdict_is_not_rounded_onto_its_bound() -> None:
     limits = {"w": Limit(0, 100.0, 0.0, 1.0)}
     (row,) = [line for line in limit_section(cells, limits, 95) if line.startswith("| w |")]
     assert row.endswith("| 1.503× | no |")
+
+
+def test_the_report_counts_the_measurements_its_figures_leave_out(tmp_path: Path) -> None:
+    """The header's measurement count was the ok ones alone: a run of 7 measurements, 2 of
+    them failed, said "5 measurements"."""
+    run = phase_run(tmp_path / "run", [(1, 0, 1)] * 5)
+    for i in (5, 6):
+        append_record(run, Record(i, "python", "legacy", status="error", error="boom"))
+    write_report(run)
+    text = (run / "report.md").read_text()
+    assert "7 measurements (5 in the figures, 2 failed)" in text
