@@ -35,13 +35,7 @@ from harness.records import (
 )
 from harness.report import fmt
 from harness.scenario import MODES
-from harness.stats import (
-    bootstrap_interval,
-    compare_samples,
-    median_of,
-    mode_rank,
-    spread_too_wide,
-)
+from harness.stats import compare_samples, median_interval, mode_rank, spread_too_wide
 
 DEFAULT_GATE = resources.files("harness") / "data" / "gate.toml"
 
@@ -260,12 +254,12 @@ def _stat(values: list[float], statistic: str, percentile: float) -> float:
 
 
 def _noisy(values: list[float]) -> bool:
-    """Too few samples to test, or a median whose bootstrap interval is wider than
+    """Too few samples for the median's interval, or a median whose interval is wider than
     :data:`harness.stats.WIDE_SPREAD` of it (:func:`harness.stats.spread_too_wide`)."""
     if not values:
         return False
     median = float(np.median(values))
-    lo, hi = bootstrap_interval(values, median_of)
+    lo, hi = median_interval(values)
     return spread_too_wide(median, lo, hi)
 
 

@@ -46,6 +46,7 @@ from harness.records import (
 )
 from harness.stats import (
     CELL,
+    MEDIAN_MIN_SAMPLES,
     PHASES,
     aggregate,
     compare_samples,
@@ -1050,7 +1051,8 @@ def _write_report(
         + (" × store" if stores else "")
         + f", network profile `{scenario.get('network', {}).get('profile', '?')}`, "
         f"figures are the {p} of the samples (interpolated linearly between them) unless "
-        f"marked median; intervals are 95 %: the median's a bootstrap interval, the {p}'s "
+        f"marked median; intervals are 95 %: the median's a bootstrap interval (from "
+        f"{MEDIAN_MIN_SAMPLES} samples on), the {p}'s "
         "between two of the samples, whatever their distribution (∞: too few samples to "
         f"bound the {p} above).",
         "",

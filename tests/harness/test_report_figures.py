@@ -194,3 +194,20 @@ def test_the_report_counts_the_measurements_its_figures_leave_out(tmp_path: Path
     write_report(run)
     text = (run / "report.md").read_text()
     assert "7 measurements (5 in the figures, 2 failed)" in text
+
+
+def test_the_median_gets_an_interval_only_from_samples_that_can_give_one() -> None:
+    """From 3 samples the median's bootstrap "95 %" interval was [min, max], which holds the
+    median 75 % of the time (87.5 % from 4): those cells now have none, and are flagged."""
+    truth = 10.0
+
+    def interval(x: np.ndarray) -> Any:
+        frame = pd.DataFrame({**CELL, "total_s": x}).reindex(columns=[*CELL, *METRICS])
+        row = aggregate(frame, 95).iloc[0]
+        return row["total_median_lo"], row["total_median_hi"], row["wide"]
+
+    rng = np.random.default_rng(1)
+    for n in (3, 4):
+        lo, hi, wide = interval(rng.normal(10, 1, n))
+        assert math.isnan(lo) and math.isnan(hi) and wide
+    assert covered(lambda x: interval(x)[:2], lambda rng, n: rng.normal(10, 1, n), truth, 5) > 0.9
