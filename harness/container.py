@@ -79,7 +79,9 @@ def start_until_ready(
 ) -> RunOutcome:
     """``podman start --attach`` the container; return when ``ready`` shows on its stdout (then
     stop it; the same text on stderr, e.g. in an error message, is not ready, and a timeout
-    says it appeared there) or, without a ready line, when it exits. Times out after
+    says it appeared there) or, without a ready line, when it exits. A ``ready`` text of
+    several lines (an image workload's multi-line ``expect`` stands in for it) is ready once
+    stdout holds it, at the line that completes it. Times out after
     ``timeout`` seconds (:func:`timeout_message`).
     ``expected``: the workload's expected output: the run is ready only when its stdout holds
     it (by the ready line, or by the exit: every caller, the trace run's too, checks it so).
@@ -142,6 +144,9 @@ def start_until_ready(
     first: float | None = None
     seen_ready = False
     open_streams = 2
+    # The end of stdout before the line just read, as long as a ready text that ends in that
+    # line can reach back (nothing for a ready text of one line).
+    before = ""
     try:
         while open_streams:
             remaining = timeout - (time.monotonic() - start)
@@ -161,10 +166,13 @@ def start_until_ready(
             if first is None and name == "stdout":
                 first = now - start
                 on_first_output()
-            if ready and name == "stdout" and ready in line:  # a line on stdout, as documented
-                seen_ready = True
-                elapsed = now - start
-                break
+            if ready and name == "stdout":  # on stdout, as documented
+                if ready in before + line:
+                    seen_ready = True
+                    elapsed = now - start
+                    break
+                if "\n" in ready and len(ready) > 1:
+                    before = (before + line)[-(len(ready) - 1) :]
         if seen_ready:
             exit_code = None
         else:

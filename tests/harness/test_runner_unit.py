@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.container import start_until_ready
+from harness.container import RunOutcome, start_until_ready
 from harness.plan import plan
 from harness.prepare import resolve
 from harness.scenario import parse_scenario
@@ -249,6 +249,30 @@ def test_the_ready_text_on_stderr_is_not_ready() -> None:
         "the workload exited (1) without printing its ready line 'ready-now'; "
         "'ready-now' appeared on stderr; ready must be printed on stdout"
     )
+
+
+def test_an_expected_output_of_several_lines_is_ready_when_stdout_holds_it() -> None:
+    """An image workload's ``expect`` stands in for its ready line; one of several lines was
+    looked for in each line alone, so a run printing exactly it failed ("the workload
+    exited 0: 'first\\nsecond\\n'")."""
+    expected = "first\nsecond"
+
+    def run(script: str) -> RunOutcome:
+        return start_until_ready(
+            _ShellEnv(script),  # type: ignore[arg-type]
+            "cid",
+            stdin=None,
+            ready=expected,
+            timeout=10,
+            expected=expected,
+        )
+
+    outcome = run("echo zeroth; echo first; echo second; sleep 5")
+    assert outcome.ready and outcome.seconds < 3
+    assert outcome.stdout == "zeroth\nfirst\nsecond\n"
+    # the lines must follow each other on stdout: not split by a line between them
+    split = run("echo first; echo other; echo second")
+    assert not split.ready and split.exit_code == 0
 
 
 @pytest.mark.parametrize("run_id", [".", "..", "a/b", "../x", "/tmp/x", ""])
