@@ -339,7 +339,20 @@ class _Checker:
             or not all(isinstance(v, str) and v for v in value)
         ):
             raise self.fail(where, f"must be a non-empty list of strings, got {_show(value)}")
+        self.arguments(value, where)
         return tuple(value)
+
+    def arguments(self, values: Any, where: str) -> None:
+        """Strings that become a program's arguments, environment or paths (a command, an
+        image reference) cannot hold a NUL character: found now, not as a ``ValueError``
+        traceback when the first process is started with one."""
+        for value in values:
+            if isinstance(value, str) and "\0" in value:
+                raise self.fail(
+                    where,
+                    f"{_show(value)} holds a NUL character (\\u0000), which no command line, "
+                    "environment or path can carry: remove it",
+                )
 
 
 def _show(value: Any) -> str:
@@ -641,6 +654,8 @@ def _image_source(
     """(image, containerfile, context, platform) of a workload, paths made absolute."""
     from harness.images.transports import TransportError, absolute
 
+    for key in ("image", "containerfile", "context", "platform"):
+        c.arguments([w.get(key)], f"{where}.{key}")
     image = c.string(w, "image", f"{where}.image")
     if image is not None:
         try:
@@ -683,6 +698,7 @@ def _entrypoint(c: _Checker, w: dict[str, Any], where: str) -> tuple[str, ...] |
         raise c.fail(
             where, f"its first element (the program) must not be empty, got {_show(value)}"
         )
+    c.arguments(value, where)
     return tuple(value)
 
 
@@ -694,6 +710,8 @@ def _env(c: _Checker, w: dict[str, Any], where: str) -> tuple[tuple[str, str], .
         isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
     ):
         raise c.fail(where, f'must be a table of NAME = "value" strings, got {_show(env)}')
+    for name, value in env.items():
+        c.arguments([name, value], where)
     return tuple(env.items())
 
 

@@ -49,6 +49,44 @@ def test_escaped_braces_stay_allowed() -> None:
     assert parse_scenario(data, "s.toml").store.command[1] == "--opt={{a}}"
 
 
+# -- scenario: a NUL character where a process or a path takes the string ----------------------
+
+
+@pytest.mark.parametrize(
+    ("lines", "where"),
+    [
+        ('recipe = "tiny"\ncommand = ["/bin/sh", "-c", "echo a\\u0000b"]', "command"),
+        ('recipe = "tiny"\nentrypoint = ["/bin/sh\\u0000"]', "entrypoint"),
+        ('recipe = "tiny"\nenv = { A = "x\\u0000" }', "env"),
+        ('recipe = "tiny"\nenv = { "A\\u0000" = "x" }', "env"),
+        ('name = "app"\nimage = "oci-archive:/tmp/a\\u0000b"', "image"),
+        ('name = "app"\ncontainerfile = "/tmp/a\\u0000b"', "containerfile"),
+    ],
+)
+def test_a_nul_character_in_a_command_environment_or_path_is_a_scenario_error(
+    tmp_path: Path, lines: str, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Loaded, a command with a NUL ended the run with a ValueError traceback ("embedded null
+    byte") when its container was created, after every image was pushed; a Containerfile
+    path with one, when the scenario was read."""
+    path = tmp_path / "s.toml"
+    path.write_text(f"[[workloads]]\n{lines}\n")
+    with pytest.raises(ScenarioError, match=rf"s\.toml: workloads\[0\]\.{where}: .*NUL"):
+        load_scenario(path)
+    assert main(["run", str(path), "--results-dir", str(tmp_path / "r")]) == 1
+    assert "NUL character" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_nul_character_in_a_store_command_or_stdin() -> None:
+    """A store command cannot carry one either; a workload's stdin is fed as bytes, and may."""
+    workloads = [{"recipe": "tiny", "stdin": "a\0b"}]
+    data = {"store": {"command": ["x", "{mountpoint}\0"]}, "workloads": workloads}
+    with pytest.raises(ScenarioError, match=r"store\.command: .*NUL"):
+        parse_scenario(data, "s.toml")
+    assert parse_scenario({"workloads": workloads}, "s.toml").workloads[0].stdin == "a\0b"
+
+
 # -- scenario: a local image source that does not exist ----------------------------------------
 
 
