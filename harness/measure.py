@@ -23,8 +23,8 @@ Order of a run:
 
 Records are appended as they complete (:mod:`harness.records`); a run is resumed by skipping the
 keys already recorded as successful. SIGINT/SIGTERM raise :class:`Interrupted` once (further
-signals are ignored while cleaning up), so every mount, process, namespace and qdisc is torn
-down by the context managers that made it.
+signals are ignored while cleaning up; one that comes during a teardown, when it is over), so
+every mount, process, namespace and qdisc is torn down by the context managers that made it.
 """
 
 from __future__ import annotations
@@ -241,22 +241,44 @@ class InterruptState:
     otherwise replace (and so swallow) the :class:`Interrupted` exception."""
 
     signal: str | None = None
+    # > 0 while a teardown runs (:meth:`teardown`): a signal is noted, not raised.
+    shielded: int = 0
 
     def check(self) -> None:
         if self.signal is not None:
             raise Interrupted(self.signal)
 
+    @contextlib.contextmanager
+    def teardown(self) -> Iterator[contextlib.ExitStack]:
+        """An ExitStack whose unwinding a signal does not cut short. Raised in the middle of
+        it, :class:`Interrupted` skipped the rest of that cleanup: a ``podman system reset``
+        or an unmount, the link's namespace and veth, the run's working directory (its owner
+        file deleted first, so ``lazybench cleanup`` never found the rest of it). A signal
+        that comes while the stack unwinds is raised once it has, unless another exception
+        is on its way out already."""
+        try:
+            with contextlib.ExitStack() as stack:
+                try:
+                    yield stack
+                finally:
+                    self.shielded += 1
+        finally:
+            self.shielded -= 1
+        self.check()
+
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[InterruptState]:
-    """SIGINT/SIGTERM raise :class:`Interrupted` once; later ones are ignored so cleanup ends."""
+    """SIGINT/SIGTERM raise :class:`Interrupted` once; later ones are ignored so cleanup ends.
+    One that comes during an :meth:`InterruptState.teardown` is raised when it is over."""
     state = InterruptState()
 
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         state.signal = signal.Signals(signum).name
-        raise Interrupted(state.signal)
+        if not state.shielded:
+            raise Interrupted(state.signal)
 
     if threading.current_thread() is not threading.main_thread():
         yield state
@@ -394,7 +416,7 @@ class Runner:
             meta["shard"] = str(self.shard)
         meta["runtime_versions"] = self._versions  # as built in this run's cache
         done: list[Key] = []
-        with interruptible() as self._interrupt, contextlib.ExitStack() as stack:
+        with interruptible() as self._interrupt, self._interrupt.teardown() as stack:
             # What killed runs left: a store, a container, mounts (the link removes their
             # namespaces when it is made).
             cache = self.cache_dir or default_cache_dir()
@@ -620,7 +642,7 @@ class Runner:
         if self.scenario.runtime == "crio":
             return self._measure_crio(rec, w, registry)
         try:
-            with contextlib.ExitStack() as stack:
+            with self._interrupt.teardown() as stack:
                 stack.callback(shutil.rmtree, mdir, ignore_errors=True)
                 store = None
                 store_mark = 0

@@ -216,3 +216,52 @@ def test_two_shards_merged_are_one_run(full_run: Path, base: Path) -> None:
     assert env["machines_differ"] is False and [s["shard"] for s in env["shards"]] == ["1/2", "2/2"]
     assert "Incomplete" not in (merged / "report.md").read_text()
     assert_nothing_left(base)
+
+
+# A layer store that is slow to stop: SIGTERM (which the harness sends its process group) stops
+# the real store, and the wrapper says so in FLAG and goes on until it is killed, as a store
+# finishing its work would.
+SLOW_STOPPING_STORE = """#!/bin/sh
+trap 'touch "{flag}"' TERM
+"{python}" -m store "$@" &
+while :; do sleep 0.1; done
+"""
+
+
+def test_a_signal_while_a_measurement_is_torn_down_lets_the_teardown_finish(
+    tmp_path: Path, base: Path
+) -> None:
+    """Ctrl-C raised in the middle of a teardown skipped the rest of it: here the SIGKILL of
+    a store that outlives its SIGTERM, which then ran on after lazybench exited (at the end
+    of a run, the link's namespace and the work directory were left the same way)."""
+    flag = tmp_path / "store-stopping"
+    wrapper = tmp_path / "slow-stopping-store"
+    wrapper.write_text(SLOW_STOPPING_STORE.format(flag=flag, python=sys.executable))
+    wrapper.chmod(0o755)
+    scenario = tmp_path / "slow.toml"
+    scenario.write_text(
+        SCENARIO.replace("samples = 2", "samples = 1")
+        .replace('["legacy", "estargz-noopt"]', '["estargz-noopt"]')
+        .replace(
+            "[network]",
+            f'[store]\ncommand = ["{wrapper}", "--config", "{{config}}", "--root", "{{root}}", '
+            '"{mountpoint}"]\n[network]',
+        )
+    )
+    proc = lazybench(
+        tmp_path,
+        "run",
+        str(scenario),
+        "--results-dir",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(base / "cache"),
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not flag.exists():
+        time.sleep(0.02)
+    assert flag.exists(), finish(proc)[1]
+    proc.send_signal(signal.SIGINT)  # while the harness waits for the store to stop
+    rc, out = finish(proc, timeout=120)
+    assert rc == 130, out
+    assert_nothing_left(tmp_path)
