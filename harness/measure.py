@@ -116,7 +116,7 @@ from harness.runtimes import (
     version_tuple,
 )
 from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, parse_scenario
-from harness.stale import build_dirs, claim, sweep
+from harness.stale import build_dirs, claim, release, sweep
 from harness.store_proc import StoreProcess, is_our_store
 from harness.timeline import write_timeline
 from harness.usage import UsageSampler, usage_doc
@@ -426,7 +426,7 @@ class Runner:
                 self.console.print(f"  [yellow]removed what a killed run left[/]: {escape(line)}")
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))
             claim(work)
-            stack.callback(shutil.rmtree, work, ignore_errors=True)
+            stack.callback(release, work)
             storage = work / "registry"
             images = ImagePreparer(self.scenario, self.console, self.cache_dir, self._node)
             prepared = images.prepare(workloads, storage, work)

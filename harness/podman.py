@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.processes import stop_group
-from harness.stale import claim
+from harness.stale import claim, release
 
 if TYPE_CHECKING:
     from harness.runtimes import EnteredNode, Node
@@ -200,9 +200,9 @@ class PodmanEnv:
             # No podman ran yet, and without its configs a podman call would reach the host's
             # default storage: undo by hand what was made, nothing else.
             self._leave_node()
-            shutil.rmtree(self._runroot, ignore_errors=True)
+            release(self._runroot)
             if self._own_workdir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
+                release(self.workdir)
             raise
         if not self.keep_blob_info_cache and self.node is None:
             # A node's blob-info cache lives in its throw-away view: fresh on every entry.
@@ -267,7 +267,7 @@ class PodmanEnv:
         if self.workdir is None or not self.workdir.exists():
             if self._runroot is not None:
                 unmount_below(self._runroot)
-                shutil.rmtree(self._runroot, ignore_errors=True)
+                release(self._runroot)
             return
         with contextlib.suppress(PodmanError):
             self._remove_all()
@@ -279,9 +279,9 @@ class PodmanEnv:
         unmount_below(self.workdir)
         if self._runroot is not None:
             unmount_below(self._runroot)
-            shutil.rmtree(self._runroot, ignore_errors=True)
+            release(self._runroot)
         if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            release(self.workdir)
         else:
             for sub in ("graph", "tmp"):
                 shutil.rmtree(self.workdir / sub, ignore_errors=True)

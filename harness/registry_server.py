@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import ssl
 import subprocess
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.processes import Service, die_with_parent, free_port, stop_group
-from harness.stale import claim
+from harness.stale import claim, release
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 _NO_VERIFY = ssl.create_default_context()
@@ -338,7 +337,7 @@ class RegistryServer(Service):
         """Kill the process; remove the temp dir (and storage if we created it)."""
         self._kill()
         if self._workdir is not None and os.environ.get("LAZYBENCH_KEEP_REGISTRY") != "1":
-            shutil.rmtree(self._workdir, ignore_errors=True)
+            release(self._workdir)
             self._workdir = None
             if self._owns_storage:
                 self.storage_dir = None

@@ -88,6 +88,29 @@ def claim(directory: Path) -> None:
     os.replace(tmp, directory / OWNER_FILE)
 
 
+def release(directory: Path) -> None:
+    """Remove a directory :func:`claim` marked, its owner file last. A removal cut short (a
+    SIGKILL in the middle of a large registry storage, a mount that is still there) leaves the
+    directory claimed, for :func:`sweep` to finish once its owner is gone; removed with the
+    rest, the owner file went first and the remainder was no cleanup's. Raises nothing."""
+    directory = Path(directory)
+    try:
+        entries = [Path(e.path) for e in os.scandir(directory) if e.name != OWNER_FILE]
+    except OSError:
+        return
+    for path in entries:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    with contextlib.suppress(OSError):
+        if any(e.name != OWNER_FILE for e in os.scandir(directory)):
+            return  # what could not be removed stays claimed
+        (directory / OWNER_FILE).unlink(missing_ok=True)
+        directory.rmdir()
+
+
 def owner_gone(directory: Path) -> bool:
     """Whether ``directory`` was claimed by a process that no longer runs (False without an
     owner file, or with one that cannot be read: never ours to judge)."""

@@ -28,6 +28,7 @@ from harness.stale import (
     claim,
     owner_gone,
     processes_in,
+    release,
     sweep,
 )
 from tests.harness.test_podman_build import (
@@ -155,6 +156,37 @@ def test_sweep_removes_a_dead_owners_directory_with_its_process_and_mount(
     assert mine[0].processes and mine[0].mounts == [stale / "mnt"]
     assert not mine[0].left
     assert not stale.exists() and live.exists() and unclaimed.exists()
+
+
+@needs_root
+def test_a_removal_cut_short_leaves_the_directory_claimed_for_sweep(tmp_path: Path) -> None:
+    """A run's work directory (the registry's storage, every measurement's podman) was removed
+    with ``shutil.rmtree``, its owner file among the first to go: whatever stopped the removal
+    part-way (a mount left in it, a SIGKILL in the middle of gigabytes) left a directory no
+    cleanup would touch. ``release`` deletes the owner file last."""
+    work = tmp_path / "lzb-run-x"
+    work.mkdir()
+    claim(work)
+    for i in range(20):
+        (work / f"blob-{i}").write_bytes(b"x")
+    (work / "podman" / "overlay").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(work / "podman" / "overlay")], check=True)
+    try:
+        release(work)
+        assert sorted(p.name for p in work.iterdir()) == [OWNER_FILE, "podman"]
+        (work / OWNER_FILE).write_text(f"{dead_pid()} 1\n")  # and then the run is gone
+        swept = [s for s in sweep(tmp_path) if s.path == work]
+        assert swept and swept[0].mounts == [work / "podman" / "overlay"]
+        assert not work.exists()
+    finally:
+        for point in mounts_below(work) if work.exists() else []:
+            subprocess.run(["umount", "-l", str(point)], check=False)
+    done = tmp_path / "lzb-run-y"  # nothing in the way: all of it goes
+    (done / "a" / "b").mkdir(parents=True)
+    claim(done)
+    (done / "link").symlink_to(tmp_path)
+    release(done)
+    assert not done.exists() and tmp_path.exists()
 
 
 def test_sweep_spares_this_process_and_its_ancestors(tmp_path: Path) -> None:
