@@ -231,15 +231,34 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def append_record(run_dir: Path, record: Record) -> None:
-    """Append one record and fsync it: once this returns, the measurement survives a crash."""
+    """Append one record and fsync it: once this returns, the measurement survives a crash.
+    A torn last line (a run that died mid-write; :func:`read_records` skips it) is cut off
+    first: the record written after it joined it in one line that no reader takes, and the
+    run could be neither reported nor resumed."""
     path = run_dir / RECORDS
     line = (record.to_json() + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        _cut_torn_line(fd)
         os.write(fd, line)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _cut_torn_line(fd: int, block: int = 65536) -> None:
+    """Truncate the file open at ``fd`` after its last newline (to nothing without one)."""
+    end = size = os.fstat(fd).st_size
+    if not size or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    while end > 0:
+        start = max(0, end - block)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            os.ftruncate(fd, start + newline + 1)
+            return
+        end = start
+    os.ftruncate(fd, 0)
 
 
 def read_records(run_dir: Path) -> list[Record]:

@@ -24,6 +24,7 @@ from harness.records import (
     RECORDS,
     SCENARIO_COPY,
     Record,
+    append_record,
     check_fields,
     read_environment,
     read_records,
@@ -116,6 +117,26 @@ def test_records_that_are_not_utf8_or_not_readable_are_refused(tmp_path: Path) -
     (tmp_path / RECORDS).mkdir()
     with pytest.raises(UserError, match=r"records.jsonl: cannot read"):
         read_records(tmp_path)
+
+
+@pytest.mark.parametrize("kept", [0, 1, 3])
+def test_a_record_appended_after_a_torn_last_line_is_read(tmp_path: Path, kept: int) -> None:
+    """A run that died mid-write leaves a torn last line, which reading skips; the resume's
+    first record was appended to it, making one line no reader takes: the run could be
+    neither reported nor resumed again ("records.jsonl:2: not a JSON record")."""
+    whole = [_record(sample=s) for s in range(kept)]
+    run_dir = _write_records(tmp_path / "run", *whole) if whole else tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    torn = json.dumps(_record(sample=kept))[:-40].encode()
+    with (run_dir / RECORDS).open("ab") as f:
+        f.write(torn)
+    assert [r.sample for r in read_records(run_dir)] == list(range(kept))
+    append_record(run_dir, Record(kept, "w", "legacy", total_s=2.0))
+    append_record(run_dir, Record(kept + 1, "w", "legacy", total_s=3.0))
+    records = read_records(run_dir)
+    assert [r.sample for r in records] == list(range(kept + 2))
+    assert records[kept].total_s == 2.0
+    assert (run_dir / RECORDS).read_bytes().count(b"\n") == kept + 2
 
 
 def test_a_lazy_record_marked_ok_whose_layers_did_not_all_come_from_the_store_fell_back(
