@@ -212,9 +212,14 @@ def check_fields(data: dict[str, Any]) -> None:
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
     """Bring a decoded record of any known schema to :data:`SCHEMA_VERSION`. Raises
-    :class:`ValueError` for a record written by a newer lazybench."""
+    :class:`ValueError` for a record written by a newer lazybench, or whose ``schema`` is no
+    version at all (a hand edit)."""
     version = data.get("schema", 1)
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(
+            f"schema: must be a record schema version (1 to {SCHEMA_VERSION}), got {version!r}"
+        )
+    if version > SCHEMA_VERSION:
         raise ValueError(
             f"record schema {version!r} is newer than this lazybench reads "
             f"({SCHEMA_VERSION}): upgrade lazybench"

@@ -119,6 +119,15 @@ def test_records_that_are_not_utf8_or_not_readable_are_refused(tmp_path: Path) -
         read_records(tmp_path)
 
 
+@pytest.mark.parametrize("schema", ["2", "x", 0, -1, True, 1.5, None])
+def test_a_schema_that_is_no_version_is_refused_as_such(tmp_path: Path, schema: object) -> None:
+    """It was called "newer than this lazybench reads: upgrade lazybench" (a string, a float),
+    or read as an old record (0, -1, true)."""
+    run_dir = _write_records(tmp_path, _record(), _record(sample=1, schema=schema))
+    with pytest.raises(UserError, match=r"records.jsonl:2: schema: must be a record schema"):
+        read_records(run_dir)
+
+
 @pytest.mark.parametrize("kept", [0, 1, 3])
 def test_a_record_appended_after_a_torn_last_line_is_read(tmp_path: Path, kept: int) -> None:
     """A run that died mid-write leaves a torn last line, which reading skips; the resume's
