@@ -551,7 +551,7 @@ def parse_scenario(
                 command=command,
                 entrypoint=entrypoint,
                 stdin=stdin,
-                ready=c.string(w, "ready", f"{where}.ready"),
+                ready=_output_text(c, w, "ready", where),
                 timeout=float(timeout) if timeout is not None else None,
                 reference=_reference(c, w, where, published),
                 modes=wmodes,
@@ -559,7 +559,7 @@ def parse_scenario(
                 containerfile=containerfile,
                 context=context,
                 platform=platform,
-                expect=c.string(w, "expect", f"{where}.expect"),
+                expect=_output_text(c, w, "expect", where),
                 env=_env(c, w, f"{where}.env"),
             )
         )
@@ -700,6 +700,20 @@ def _entrypoint(c: _Checker, w: dict[str, Any], where: str) -> tuple[str, ...] |
         )
     c.arguments(value, where)
     return tuple(value)
+
+
+def _output_text(c: _Checker, w: dict[str, Any], key: str, where: str) -> str | None:
+    """``ready`` or ``expect``: text of the workload's stdout, which is read as lines with
+    universal newlines (``\\r\\n`` and ``\\r`` become ``\\n``), so a carriage return in it
+    would never match and every run of the workload would fail or time out."""
+    text = c.string(w, key, f"{where}.{key}")
+    if text is not None and "\r" in text:
+        raise c.fail(
+            f"{where}.{key}",
+            f"{_show(text)} holds a carriage return (\\r), which the output never does: it is "
+            "read as lines, \\r\\n and \\r ending one as \\n does; write \\n instead",
+        )
+    return text
 
 
 def _env(c: _Checker, w: dict[str, Any], where: str) -> tuple[tuple[str, str], ...] | None:

@@ -87,6 +87,29 @@ def test_a_nul_character_in_a_store_command_or_stdin() -> None:
     assert parse_scenario({"workloads": workloads}, "s.toml").workloads[0].stdin == "a\0b"
 
 
+@pytest.mark.parametrize("key", ["ready", "expect"])
+def test_a_carriage_return_in_ready_or_expect_is_a_scenario_error(key: str) -> None:
+    """The output is read as lines with universal newlines: text with a \\r in it never
+    matched, and every run of the workload failed or timed out."""
+    from harness.container import start_until_ready
+    from tests.harness.test_runner_unit import _ShellEnv
+
+    crlf = "listening\r\nready"
+    outcome = start_until_ready(
+        _ShellEnv("printf 'listening\\r\\nready\\n'"),  # type: ignore[arg-type]
+        "cid",
+        stdin=None,
+        ready=crlf,
+        timeout=10,
+    )
+    assert not outcome.ready and outcome.stdout == "listening\nready\n"
+    data = {"workloads": [{"recipe": "tiny", key: crlf}]}
+    with pytest.raises(ScenarioError, match=rf"s\.toml: workloads\[0\]\.{key}: .*carriage"):
+        parse_scenario(data, "s.toml")
+    data = {"workloads": [{"recipe": "tiny", key: "listening\nready"}]}
+    assert parse_scenario(data, "s.toml").workloads[0]
+
+
 # -- scenario: a local image source that does not exist ----------------------------------------
 
 
