@@ -11,9 +11,11 @@ import contextlib
 import errno
 import importlib
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,18 +189,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is (:func:`terminated_as_interrupt`)."""
+
+
+@contextlib.contextmanager
+def terminated_as_interrupt() -> Iterator[None]:
+    """Within: SIGTERM (``kill``, ``timeout``, ``systemctl stop``) raises :class:`Terminated`,
+    so the cleanup a Ctrl-C runs (``finally`` blocks, context managers) runs for it too. By
+    default SIGTERM ended the process where it stood: a report's staging directory stayed in
+    the run directory, an image build's or a runtime node's half-made directory in the
+    cache. (``lazybench run`` measures under its own handler, :func:`harness.measure.
+    interruptible`.) Outside the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     from harness.run_cmd import gate_before_runs
 
     parser = build_parser()
     args = parser.parse_args(gate_before_runs(sys.argv[1:] if argv is None else argv))
     try:
-        return int(args.func(args) or 0)
+        with terminated_as_interrupt():
+            return int(args.func(args) or 0)
     except UserError as exc:
         print(f"lazybench: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("lazybench: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        signame = " (SIGTERM)" if isinstance(exc, Terminated) else ""
+        print(f"lazybench: interrupted{signame}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader of stdout went away (`lazybench estargz ls … | head`): stop quietly, as

@@ -214,7 +214,7 @@ def check_output_dirs(args: argparse.Namespace) -> None:
 def _run_one(
     scenario: Any, run_dir: Path, args: argparse.Namespace, console: Console, shard: Any
 ) -> int:
-    from harness.measure import Interrupted, Runner
+    from harness.measure import Runner
     from harness.plan import plan
     from harness.report import write_report
 
@@ -229,8 +229,10 @@ def _run_one(
     )
     try:
         runner.run()
-    except Interrupted as exc:
-        print(interrupted_message(str(exc), run_dir), file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Interrupted, or a signal before measuring began
+        if not run_dir.exists():
+            raise
+        print(interrupted_message(str(exc) or "SIGINT", run_dir), file=sys.stderr)
         return 130
     except UserError as exc:
         if run_dir.exists():
@@ -241,7 +243,15 @@ def _run_one(
         # More shards than measurements: an empty shard directory, nothing to report on.
         console.print(f"shard {shard}: no report (merge takes {run_dir} with the others)")
         return 0
-    report = write_report(run_dir, cache_dir=args.cache_dir)
+    try:
+        report = write_report(run_dir, cache_dir=args.cache_dir)
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (harness.cli.Terminated)
+        print(
+            f"lazybench: interrupted ({str(exc) or 'SIGINT'}) while writing the report; every "
+            f"measurement is recorded in {run_dir}: `lazybench report {run_dir}` writes it",
+            file=sys.stderr,
+        )
+        return 130
     print(report.table_text)
     failed = _failures(run_dir, "error")
     fell_back = _failures(run_dir, "fell-back")

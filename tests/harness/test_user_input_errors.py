@@ -410,3 +410,76 @@ def test_runtime_crio_without_crio_is_refused_saying_what_to_do(
     assert "runtime 'crio': crictl is not installed" in err and "skipped" not in err
     assert 'runtime = "podman"' in err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+# -- signals outside the measurement loop --------------------------------------------------------
+
+
+def test_sigterm_while_a_report_is_written_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
+    """SIGTERM (``kill``, ``timeout``, ``systemctl stop``) ended lazybench where it stood
+    outside ``run``'s measurements: ``report`` left its staging directory in the run
+    directory, with no word said (exit -15). It is raised as Ctrl-C is now."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.harness.test_results import make_run
+
+    run_dir = make_run(tmp_path / "run", samples=40)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", "report", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LAZYBENCH_CACHE": str(tmp_path / "cache")},
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(run_dir.glob(".report-*")):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "lazybench: interrupted (SIGTERM)" in err
+    assert list(run_dir.glob(".report-*")) == []
+
+
+@pytest.mark.parametrize("where", ["preparing", "reporting"])
+def test_a_run_interrupted_outside_its_measurements_says_what_is_kept(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before measuring began (a runtime node's build, the runtime's versions), a signal left
+    the run directory with its scenario and said only "interrupted"; while the report was
+    written, that every measurement was kept and `lazybench report` writes it went unsaid."""
+    import harness.measure
+    import harness.report
+    from harness.cli import Terminated
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise Terminated("SIGTERM")
+
+    def measured_all(self: harness.measure.Runner) -> list[object]:
+        self.run_dir.mkdir(parents=True)
+        return []
+
+    if where == "preparing":
+        monkeypatch.setattr(harness.measure.Runner, "_runtime_node", interrupted)
+    else:
+        monkeypatch.setattr(harness.measure.Runner, "run", measured_all)
+        monkeypatch.setattr(harness.report, "write_report", interrupted)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('modes = ["legacy"]\n[[workloads]]\nrecipe = "tiny"\n')
+    runs = tmp_path / "runs"
+    args = ["run", str(scenario), "--results-dir", str(runs), "--run-id", "r"]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 130
+    err = capsys.readouterr().err
+    if where == "preparing":
+        assert "interrupted (SIGTERM) before any measurement finished" in err
+        assert f"lazybench run --resume {runs / 'r'}" in err
+    else:
+        assert "interrupted (SIGTERM) while writing the report; every measurement is " in err
+        assert f"`lazybench report {runs / 'r'}` writes it" in err
