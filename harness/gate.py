@@ -33,7 +33,7 @@ from harness.records import (
     require_run_files,
     sort_records,
 )
-from harness.report import fmt
+from harness.report import fmt, refuse_unplanned
 from harness.scenario import MODES
 from harness.stats import compare_samples, median_interval, mode_rank, spread_too_wide
 
@@ -130,6 +130,7 @@ def _run_records(run_dir: Path) -> tuple[list[Record], float]:
     env = read_environment(run_dir)
     percentile = float(env.get("scenario", {}).get("percentile", 95))
     records = sort_records(read_records(run_dir), env)
+    refuse_unplanned(run_dir, records, env)
     if not any(r.status in ("ok", "fell-back") for r in records):
         raise UserError(f"{run_dir}: no successful measurements")
     return records, percentile

@@ -996,6 +996,7 @@ def _write_report(
     scenario = env.get("scenario", {})
     percentile = float(scenario.get("percentile", 95))
     records = sort_records(read_records(run_dir), env)
+    refuse_unplanned(run_dir, records, env)
     df = records_frame(records)
     counts = status_counts(records)
     if df.empty and not counts["fell_back"].any():
@@ -1155,6 +1156,26 @@ def _chart_title(env: dict[str, Any]) -> str:
     p = _pct_label(float(scenario.get("percentile", 95)))
     profile = scenario.get("network", {}).get("profile", "")
     return f"time to first exec, {p} of {scenario.get('samples', '?')} samples, {profile} link"
+
+
+def refuse_unplanned(run_dir: Path, records: Sequence[Any], env: dict[str, Any]) -> None:
+    """Raise :class:`UserError` for records of measurements the run's scenario (``env``, its
+    environment.json) does not plan (records of another run copied or appended into this
+    one): reported and compared, they became rows of the table and cells of the gate as if
+    this run had measured them. Nothing is checked without a plan (a run recorded before
+    ``environment.json`` kept its scenario)."""
+    known = set(planned_keys(env))
+    if not known:
+        return
+    foreign = [r for r in records if r.key not in known]
+    if foreign:
+        r = foreign[0]
+        what = f"sample {r.sample} of {r.workload}/{r.mode}" + (f" [{r.store}]" if r.store else "")
+        raise UserError(
+            f"{run_dir / RECORDS}: holds {len(foreign)} records of measurements its scenario "
+            f"(environment.json) does not plan, such as {what}: records of another run? Move "
+            "them out of it (shards of one run are joined with `lazybench merge`)"
+        )
 
 
 def planned_keys(env: dict[str, Any]) -> list[Key]:

@@ -119,6 +119,33 @@ def test_records_that_are_not_utf8_or_not_readable_are_refused(tmp_path: Path) -
         read_records(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("foreign", "named"),
+    [
+        ({"workload": "other"}, "sample 0 of other/legacy"),
+        ({"mode": "zstd-chunked"}, "sample 0 of python/zstd-chunked"),
+        ({"sample": 7}, "sample 7 of python/legacy"),
+        ({"mode": "estargz", "store": "go"}, "sample 0 of python/estargz [go]"),
+    ],
+)
+def test_records_of_measurements_the_scenario_does_not_plan_are_refused(
+    tmp_path: Path, foreign: dict[str, object], named: str
+) -> None:
+    """A record of another run in this one's records.jsonl (a copy, an append by hand) was
+    reported and gated on as one of this run's measurements, a workload it never measured
+    becoming a row of its table."""
+    run_dir = make_run(tmp_path / "run")
+    base = make_run(tmp_path / "base")
+    record = Record(0, "python", "legacy", total_s=1.0)
+    append_record(run_dir, Record(**{**vars(record), **foreign}))  # type: ignore[arg-type]
+    message = rf"run/records.jsonl: holds 1 records .* does not plan, such as {re.escape(named)}"
+    with pytest.raises(UserError, match=message):
+        write_report(run_dir)
+    with pytest.raises(UserError, match=message):
+        compare_runs(base, run_dir, "median")
+    write_report(base)  # the run's own records only: reported as before
+
+
 @pytest.mark.parametrize("schema", ["2", "x", 0, -1, True, 1.5, None])
 def test_a_schema_that_is_no_version_is_refused_as_such(tmp_path: Path, schema: object) -> None:
     """It was called "newer than this lazybench reads: upgrade lazybench" (a string, a float),

@@ -112,6 +112,11 @@ def test_report_writes_table_chart_and_ratios(tmp_path: Path) -> None:
 def test_report_sets_zstd_chunked_lazy_against_estargz_noopt(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
     assert "zstd:chunked through the store" not in write_report(run).report.read_text()
+    # A run that measures zstd-chunked-lazy too, for python and gcc.
+    env = json.loads((run / ENVIRONMENT).read_text())
+    env["scenario"]["modes"] = [*MODES, "zstd-chunked-lazy"]
+    env["scenario"]["workloads"][2]["modes"] = MODES
+    (run / ENVIRONMENT).write_text(json.dumps(env))
     for s in range(3):
         for w, slow in (("python", 1.0), ("gcc", 2.0)):
             append_record(

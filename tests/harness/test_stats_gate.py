@@ -159,8 +159,9 @@ def test_old_records_migrate_and_the_committed_baseline_still_reads(tmp_path: Pa
 def test_gate_fails_on_failed_and_on_unchecked_lazy_measurements(tmp_path: Path) -> None:
     """Four of five samples that failed left one ok sample, and no test can call one sample
     a slow-down: the gate passed. A lazy record without a verdict passed as a lazy figure."""
-    base = write_run(tmp_path / "a", {"": [30] * 5, "ours": [5] * 5})
-    new = write_run(tmp_path / "b", {"": [30] * 5, "ours": [5]})
+    six = {**SCENARIO, "samples": 6}  # samples 0 to 5 are recorded
+    base = write_run(tmp_path / "a", {"": [30] * 5, "ours": [5] * 5}, scenario=six)
+    new = write_run(tmp_path / "b", {"": [30] * 5, "ours": [5]}, scenario=six)
     for sample in range(1, 5):
         append_record(
             new,
