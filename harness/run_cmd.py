@@ -12,6 +12,9 @@ from rich.console import Console
 
 from harness.cli import RUN_NEEDS, UserError, make_console, require_root
 
+# The longest --run-id: a file name's 255 bytes, less a runtime node's "-<node>" and the
+# "-runtimes.md" beside a run of several nodes.
+MAX_RUN_ID = 200
 # `--gate` given without a file: the gate file shipped in the package.
 PACKAGED_GATE = "packaged default gate"
 
@@ -169,14 +172,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 def check_run_args(args: argparse.Namespace) -> None:
     """Refuse, with :class:`UserError`, what ``run`` would otherwise ignore or misplace: a
     ``--run-id`` that is not one path component (``..``, ``a/b`` put the run directory
-    outside ``--results-dir``), ``--resume`` with what only a new run takes (the resumed
-    run keeps its own scenario copy, sample count and directory), and a results or cache
-    directory that cannot be written (:func:`check_output_dirs`)."""
+    outside ``--results-dir``) or is too long for one (:data:`MAX_RUN_ID`), ``--resume``
+    with what only a new run takes (the resumed run keeps its own scenario copy, sample
+    count and directory), and a results or cache directory that cannot be written
+    (:func:`check_output_dirs`)."""
     run_id = args.run_id
     if run_id is not None and (run_id in ("", ".", "..") or "/" in run_id or "\0" in run_id):
         raise UserError(
             f"--run-id {run_id!r}: must be one path component (a directory name, no '/', "
             "not '.' or '..')"
+        )
+    if run_id is not None and len(run_id.encode()) > MAX_RUN_ID:
+        raise UserError(
+            f"--run-id: {len(run_id.encode())} bytes long, at most {MAX_RUN_ID} fit (a "
+            "directory name, with room for a runtime node's suffix); shorten it"
         )
     given = [
         what

@@ -342,6 +342,16 @@ class _Checker:
         self.arguments(value, where)
         return tuple(value)
 
+    def short(self, value: str, where: str, most: int, names: str) -> None:
+        """A name that becomes part of file names (``names``: which) must leave room in the
+        255 bytes of one: longer, the run failed with a traceback (File name too long) once
+        it made the first of them."""
+        size = len(value.encode())
+        if size > most:
+            raise self.fail(
+                where, f"is {size} bytes long, at most {most} fit: it names {names}; shorten it"
+            )
+
     def arguments(self, values: Any, where: str) -> None:
         """Strings that become a program's arguments, environment or paths (a command, an
         image reference) cannot hold a NUL character: found now, not as a ``ValueError``
@@ -424,6 +434,7 @@ def parse_scenario(
     name = c.string(data, "name", "name", default=Path(source).stem or "scenario")
     if not all(ch.isalnum() or ch in "-_." for ch in name):
         raise c.fail("name", f"may only hold letters, digits, '-', '_' and '.', got {name!r}")
+    c.short(name, "name", 100, "the run directory (<time>-<name>; without a name, the file's)")
     samples = c.integer(data, "samples", "samples", 3, lo=1, hi=1000)
     percentile = float(c.number(data, "percentile", "percentile", 95.0, lo=1, hi=100))
     seed = c.integer(data, "seed", "seed", 0, lo=0, hi=2**32 - 1)
@@ -521,6 +532,7 @@ def parse_scenario(
             )
         if (problem := repository_name_problem(wname)) is not None:
             raise c.fail(f"{where}.name", problem)
+        c.short(wname, f"{where}.name", 100, "each measurement's working directory and logs")
         if any(x.name == wname for x in workloads):
             raise c.fail(f"{where}.name", f"duplicate workload name {wname!r}")
         stdin = w.get("stdin")
@@ -614,6 +626,7 @@ def _parse_store(c: _Checker, data: dict[str, Any], where: str, *, named: bool) 
             raise c.fail(
                 f"{where}.name", f"may only hold letters, digits, '.', '_', '-', got {name!r}"
             )
+        c.short(name, f"{where}.name", 50, "each measurement's working directory and logs")
     command = c.strings(data, "command", f"{where}.command") or DEFAULT_STORE_COMMAND
     for arg in command:
         try:

@@ -110,6 +110,40 @@ def test_a_carriage_return_in_ready_or_expect_is_a_scenario_error(key: str) -> N
     assert parse_scenario(data, "s.toml").workloads[0]
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('name = "{long}"\n[[workloads]]\nrecipe = "tiny"', "name"),
+        ('[[workloads]]\nrecipe = "tiny"\nname = "{long}"', r"workloads\[0\]\.name"),
+        ('[[workloads]]\nrecipe = "tiny"\n[[stores]]\nname = "{long}"', r"stores\[0\]\.name"),
+    ],
+)
+def test_a_name_too_long_for_the_files_it_names_is_a_scenario_error(
+    tmp_path: Path, text: str, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A scenario name of 250 characters ended `run` with a traceback (OSError: File name too
+    long) when it made the run directory; a long workload or store name, every lazy
+    measurement, in its working directory."""
+    path = tmp_path / "s.toml"
+    path.write_text(text.format(long="a" * 120) + "\n")
+    with pytest.raises(ScenarioError, match=rf"s\.toml: {where}: is 120 bytes long, at most"):
+        load_scenario(path)
+    assert main(["run", str(path), "--results-dir", str(tmp_path / "r")]) == 1
+    assert "shorten it" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_id_too_long_for_a_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('[[workloads]]\nrecipe = "tiny"\n')
+    runs = tmp_path / "runs"
+    assert main(["run", str(scenario), "--results-dir", str(runs), "--run-id", "b" * 300]) == 1
+    assert "--run-id: 300 bytes long, at most 200 fit" in capsys.readouterr().err
+    assert not runs.exists()
+
+
 # -- scenario: a local image source that does not exist ----------------------------------------
 
 
