@@ -222,7 +222,7 @@ CONDITIONS = (
 
 def condition_differences(base: Path, new: Path) -> list[str]:
     """What the two runs were measured under differently (network profile, runtime, podman
-    node, the percentile reported, store names no lazy cell can pair across): a change
+    node, the percentile reported, workload or store names no cell can pair across): a change
     between them is not the code's alone, so ``compare`` warns. Runs without
     ``environment.json`` are not compared here."""
     envs = [read_environment(Path(d)) for d in (base, new)]
@@ -239,6 +239,16 @@ def condition_differences(base: Path, new: Path) -> list[str]:
         a, b = (get(e, keys, default) for e in envs)
         if a != b:
             out.append(f"{name}: {a!r} in the base run, {b!r} in the new one")
+    # Cells pair by workload name: runs of scenarios with no workload in common share none.
+    workloads = [
+        sorted(str(w.get("name") or w.get("recipe")) for w in get(e, ("scenario", "workloads"), []))
+        for e in envs
+    ]
+    if workloads[0] and workloads[1] and not set(workloads[0]) & set(workloads[1]):
+        out.append(
+            f"workloads: {workloads[0]!r} in the base run, {workloads[1]!r} in the new one, so "
+            "no cell pairs (runs of different scenarios?)"
+        )
     # Lazy cells pair by store name: runs whose stores are named apart share none of them.
     names = [sorted(s.get("name", "") for s in get(e, ("scenario", "stores"), [])) for e in envs]
     if names[0] and names[1] and not set(names[0]) & set(names[1]):

@@ -380,6 +380,21 @@ def test_compare_says_when_store_names_leave_no_lazy_cell_to_pair(tmp_path: Path
     assert condition_differences(base, new) == []
 
 
+def test_compare_says_when_two_runs_share_no_workload(tmp_path: Path) -> None:
+    """Runs of two scenarios with no workload in common: an empty table and every cell
+    "missing", with nothing said why."""
+    base = make_run(tmp_path / "a")
+    new = tmp_path / "b"
+    _write_records(new, _record(workload="app"))
+    scenario = {"name": "mine", "network": {"profile": "wan"}, "workloads": [{"name": "app"}]}
+    (new / ENVIRONMENT).write_text(json.dumps({"scenario": scenario}))
+    assert condition_differences(base, new) == [
+        "workloads: ['db', 'gcc', 'python'] in the base run, ['app'] in the new one, so no "
+        "cell pairs (runs of different scenarios?)"
+    ]
+    assert condition_differences(base, make_run(tmp_path / "c", seed=2)) == []
+
+
 def test_resume_refuses_a_scenario_copy_of_another_scenario(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
     scenario = read_environment(run)["scenario"]
