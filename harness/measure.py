@@ -103,6 +103,7 @@ from harness.records import (
     git_commit,
     read_environment,
     read_json,
+    read_records,
     require_run_files,
 )
 from harness.runtimes import (
@@ -380,6 +381,13 @@ class Runner:
             raise UserError("a run measures one runtime node: use Scenario.for_node")
         self._check_same_scenario()
         self._check_same_shard()
+        if (self.run_dir / ENVIRONMENT).exists():
+            from harness.report import refuse_unplanned
+
+            # Refused by the report at the end: found before anything is measured.
+            refuse_unplanned(
+                self.run_dir, read_records(self.run_dir), read_environment(self.run_dir)
+            )
         todo = [k for k in plan(self.scenario, self.shard) if k not in finished_keys(self.run_dir)]
         if not todo:
             if not (self.run_dir / ENVIRONMENT).exists():

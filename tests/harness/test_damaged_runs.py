@@ -146,6 +146,24 @@ def test_records_of_measurements_the_scenario_does_not_plan_are_refused(
     write_report(base)  # the run's own records only: reported as before
 
 
+def test_a_resume_refuses_records_the_scenario_does_not_plan_before_measuring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report refuses them at the end: a resume found out only after its measurements."""
+    import harness.measure
+    from harness.scenario import parse_scenario
+
+    def preparing(*args: object) -> None:
+        raise AssertionError("the run went on to prepare its measurements")
+
+    monkeypatch.setattr(harness.measure, "preflight_link", preparing)
+    run_dir = make_run(tmp_path / "run")
+    append_record(run_dir, Record(0, "other", "legacy", total_s=1.0))
+    scenario = parse_scenario(read_environment(run_dir)["scenario"], "s")
+    with pytest.raises(UserError, match="does not plan, such as sample 0 of other/legacy"):
+        harness.measure.Runner(scenario, run_dir).run()
+
+
 @pytest.mark.parametrize("schema", ["2", "x", 0, -1, True, 1.5, None])
 def test_a_schema_that_is_no_version_is_refused_as_such(tmp_path: Path, schema: object) -> None:
     """It was called "newer than this lazybench reads: upgrade lazybench" (a string, a float),
