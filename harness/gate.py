@@ -34,7 +34,7 @@ from harness.records import (
     sort_records,
 )
 from harness.report import fmt, refuse_unplanned
-from harness.scenario import MODES
+from harness.scenario import MODES, not_utf8
 from harness.stats import compare_samples, median_interval, mode_rank, spread_too_wide
 
 DEFAULT_GATE = resources.files("harness") / "data" / "gate.toml"
@@ -62,9 +62,11 @@ def load_gate(path: Path | None = None) -> Gate:
     if path is None:
         path = Path("harness/data/gate.toml")  # how errors name the packaged file
     try:
-        data = tomllib.loads(source.read_text())
+        data = tomllib.loads(source.read_text(encoding="utf-8"))
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: {not_utf8(exc)}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
     allowed = {"statistic", "total", "fetched", "ratio", "fail_on_missing", "alpha"}

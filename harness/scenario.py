@@ -365,6 +365,14 @@ class _Checker:
                 )
 
 
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """What to say of a TOML file that is not UTF-8 (as TOML requires), where it is not."""
+    return (
+        f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): a TOML "
+        "file is UTF-8; save it so"
+    )
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -433,7 +441,10 @@ def parse_scenario(
     )
     name = c.string(data, "name", "name", default=Path(source).stem or "scenario")
     if not all(ch.isalnum() or ch in "-_." for ch in name):
-        raise c.fail("name", f"may only hold letters, digits, '-', '_' and '.', got {name!r}")
+        unset = "" if "name" in data else " (the file's name, as no name is given: set one)"
+        raise c.fail(
+            "name", f"may only hold letters, digits, '-', '_' and '.', got {name!r}{unset}"
+        )
     c.short(name, "name", 100, "the run directory (<time>-<name>; without a name, the file's)")
     samples = c.integer(data, "samples", "samples", 3, lo=1, hi=1000)
     percentile = float(c.number(data, "percentile", "percentile", 95.0, lo=1, hi=100))
@@ -785,9 +796,11 @@ def load_scenario(path: Path | str, *, check_references: bool = True) -> Scenari
     harness.images / harness.netshape when those are importable and ``check_references``."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScenarioError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{path}: {not_utf8(exc)}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
+from harness.cli import UserError, main
 from harness.gate import Gate, compare_runs, gate_failures, load_gate
 from harness.scenario import ScenarioError, load_scenario, parse_scenario
 from tests.harness.test_stats_gate import write_run
@@ -142,6 +142,27 @@ def test_a_run_id_too_long_for_a_directory_is_refused(
     assert main(["run", str(scenario), "--results-dir", str(runs), "--run-id", "b" * 300]) == 1
     assert "--run-id: 300 bytes long, at most 200 fit" in capsys.readouterr().err
     assert not runs.exists()
+
+
+def test_a_scenario_or_gate_file_that_is_not_utf8_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both ended with a UnicodeDecodeError traceback (a file saved as Latin-1)."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_bytes(b'name = "caf\xe9"\n[[workloads]]\nrecipe = "tiny"\n')
+    assert main(["run", str(scenario), "--results-dir", str(tmp_path / "r")]) == 1
+    assert "s.toml: not UTF-8 text (byte 0xe9 at offset 11)" in capsys.readouterr().err
+    gate = tmp_path / "gate.toml"
+    gate.write_bytes(b"# r\xe9sum\xe9\nalpha = 0.05\n")
+    with pytest.raises(UserError, match=r"gate\.toml: not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        load_gate(gate)
+
+
+def test_a_file_name_that_cannot_be_the_scenario_name_says_so() -> None:
+    """Without ``name`` the file's name is the scenario's: an error about a ``name`` the user
+    never wrote did not say where it came from."""
+    with pytest.raises(ScenarioError, match=r"got 'my app' \(the file's name, as no name is"):
+        parse_scenario({"workloads": [{"recipe": "tiny"}]}, "my app.toml")
 
 
 # -- scenario: a local image source that does not exist ----------------------------------------
