@@ -302,8 +302,12 @@ class _Checker:
                 raise self.fail(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
     def string(self, data: dict[str, Any], key: str, where: str, default: Any = None) -> Any:
-        value = data.get(key, default)
-        if value is not default and (not isinstance(value, str) or not value):
+        """``data[key]``, a non-empty string, or ``default`` when the key is absent (a key
+        given as JSON ``null``, in a run's scenario.json, is no string either)."""
+        if key not in data:
+            return default
+        value = data[key]
+        if not isinstance(value, str) or not value:
             raise self.fail(where, f"must be a non-empty string, got {_show(value)}")
         return value
 

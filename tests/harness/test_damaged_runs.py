@@ -271,6 +271,15 @@ def test_a_damaged_scenario_copy_is_refused_on_resume_and_merge(tmp_path: Path) 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_null_in_a_scenario_copy_is_refused_by_key(tmp_path: Path) -> None:
+    """TOML has no null, a run's scenario.json may (a hand edit): an image workload's
+    ``"name": null`` ended the resume with a TypeError traceback."""
+    scenario = {"workloads": [{"name": None, "image": "docker://localhost:5000/app:1"}]}
+    (tmp_path / SCENARIO_COPY).write_text(json.dumps(scenario))
+    with pytest.raises(UserError, match=r"workloads\[0\]\.name: must be a non-empty string"):
+        load_run_scenario(tmp_path)
+
+
 def test_a_nan_threshold_in_a_gate_file_is_refused(tmp_path: Path) -> None:
     gate = tmp_path / "gate.toml"
     gate.write_text("[total]\nmax_increase_pct = nan\n")
