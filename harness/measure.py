@@ -853,9 +853,10 @@ class Runner:
     def _keep_timeline(self, events: Path, rec: Record, pull_clock: dict[str, Any]) -> None:
         """Turn the stopped store's timeline into ``<run>/timeline/`` (harness.timeline), with
         the link's and CPUs' load from the pull's start to the run's end (harness.usage) when
-        the run finished; a measurement whose pull did not finish has none. Never fails the
-        measurement."""
-        if "seconds" not in pull_clock:
+        the run finished; a measurement whose pull did not finish has none, nor one
+        interrupted (SIGINT/SIGTERM: no record of it is kept, and a timeline left beside the
+        others was reported as sample 0's). Never fails the measurement."""
+        if "seconds" not in pull_clock or self._interrupt.signal is not None:
             return
         sampler = pull_clock.get("usage")
         try:

@@ -214,6 +214,33 @@ class _FakeEnv:
         return Persistence(True, True)
 
 
+def test_an_interrupted_measurement_keeps_no_timeline(tmp_path, monkeypatch):
+    """Ctrl-C after the pull: the measurement has no record, yet its timeline was written and
+    reported as sample 0's ("Pull phase") by a report of the interrupted run."""
+    import harness.measure as measure
+
+    verdict = Verdict([LayerEvidence("id", L1, True)])
+    monkeypatch.setattr(_FakeStore, "made", [])
+    monkeypatch.setattr(measure, "StoreProcess", _FakeStore)
+    monkeypatch.setattr(measure, "PodmanEnv", _FakeEnv)
+    monkeypatch.setattr(measure, "storage_verdict", lambda *a: verdict)
+    monkeypatch.setattr(measure, "create_container", lambda *a: "cid")
+    scenario = parse_scenario({"workloads": [{"recipe": "tiny"}]}, "s.toml")
+    run = tmp_path / "run"
+    runner = measure.Runner(scenario, run, show_progress=False)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        runner._interrupt.signal = "SIGINT"  # as the handler does
+        raise measure.Interrupted("SIGINT")
+
+    monkeypatch.setattr(measure, "start_until_ready", interrupted)
+    runner.images = {("tiny", "estargz"): "lazybench/tiny:estargz"}
+    w = resolve(scenario.workloads[0])
+    with pytest.raises(measure.Interrupted):
+        runner.measure(0, w, "estargz", _Registry([]), tmp_path / "work", "default")
+    assert not (run / "timeline").exists()
+
+
 def test_a_measurement_keeps_the_timeline_of_sample_0_through_our_store(tmp_path, monkeypatch):
     import harness.measure as measure
 
