@@ -454,7 +454,11 @@ def draw_chart(
         path = stem.with_suffix(f".{ext}")
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{ext}")
         try:
-            fig.savefig(tmp, dpi=120)
+            # No date, fixed element ids: a chart rebuilt from the same records is the same
+            # file (a committed baseline's chart.svg changes only with its figures).
+            meta = {"Date": None} if ext == "svg" else {"Software": None}
+            with plt.rc_context({"svg.hashsalt": "lazybench"}):
+                fig.savefig(tmp, dpi=120, metadata=meta)
             os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

@@ -211,3 +211,14 @@ def test_the_median_gets_an_interval_only_from_samples_that_can_give_one() -> No
         lo, hi, wide = interval(rng.normal(10, 1, n))
         assert math.isnan(lo) and math.isnan(hi) and wide
     assert covered(lambda x: interval(x)[:2], lambda rng, n: rng.normal(10, 1, n), truth, 5) > 0.9
+
+
+def test_a_chart_rebuilt_from_the_same_records_is_the_same_file(tmp_path: Path) -> None:
+    """The SVG carried its date and random element ids: every `lazybench report` of a committed
+    baseline changed its chart.svg although no figure had."""
+    run = phase_run(tmp_path / "run", [(1, 0, 5), (1, 0, 1), (1, 0, 1), (1, 0, 1), (5, 0, 1)])
+    charts = []
+    for _ in range(2):
+        write_report(run)
+        charts.append({ext: (run / f"chart.{ext}").read_bytes() for ext in ("svg", "png")})
+    assert charts[0] == charts[1]
