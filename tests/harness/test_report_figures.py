@@ -24,12 +24,15 @@ METRICS = ["pull_s", "create_s", "run_s", "total_s", "mb_fetched", "mb_before_fi
 METRICS += ["requests", "first_output_s"]
 
 
-def phase_run(run_dir: Path, phases: list[tuple[float, float, float]]) -> Path:
-    """A run of one workload, legacy only, whose samples have the given (pull, create, run)."""
+def phase_run(
+    run_dir: Path, phases: list[tuple[float, float, float]], samples: int | None = None
+) -> Path:
+    """A run of one workload, legacy only, whose samples have the given (pull, create, run);
+    its scenario plans ``samples`` (default: one for each)."""
     run_dir.mkdir(parents=True)
     scenario = {
         "name": "figures",
-        "samples": len(phases),
+        "samples": samples or len(phases),
         "percentile": 95,
         "modes": ["legacy"],
         "network": {"profile": "wan"},
@@ -188,7 +191,7 @@ def test_a_figure_beside_a_verdict_is_not_rounded_onto_its_bound() -> None:
 def test_the_report_counts_the_measurements_its_figures_leave_out(tmp_path: Path) -> None:
     """The header's measurement count was the ok ones alone: a run of 7 measurements, 2 of
     them failed, said "5 measurements"."""
-    run = phase_run(tmp_path / "run", [(1, 0, 1)] * 5)
+    run = phase_run(tmp_path / "run", [(1, 0, 1)] * 5, samples=7)
     for i in (5, 6):
         append_record(run, Record(i, "python", "legacy", status="error", error="boom"))
     write_report(run)
