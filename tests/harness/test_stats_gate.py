@@ -51,9 +51,10 @@ SCENARIO = {
 
 def write_run(run_dir: Path, totals: dict[str, list[float]], *, scenario=SCENARIO, **env) -> Path:
     """A run directory whose legacy/lazy cells have the given totals (per store name, "" for
-    legacy) for workload python."""
+    legacy) for workload python; its scenario plans as many samples as the longest list."""
     run_dir.mkdir(parents=True)
-    s = parse_scenario(scenario, "s.toml")
+    samples = max([scenario.get("samples", 1), *map(len, totals.values())])
+    s = parse_scenario({**scenario, "samples": samples}, "s.toml")
     (run_dir / SCENARIO_COPY).write_text(json.dumps(s.to_dict()))
     (run_dir / ENVIRONMENT).write_text(json.dumps({"scenario": s.to_dict(), **env}))
     for store, values in totals.items():
