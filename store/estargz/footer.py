@@ -7,6 +7,10 @@ here. Layouts (checked against containerd/stargz-snapshotter ``estargz`` and
 * eStargz, 51 bytes: an empty gzip member whose header has FEXTRA with subfield ``SG``
   (length 22) holding ``%016x`` TOC offset + ``STARGZ``, then an empty stored block.
 * legacy stargz, 47 bytes: the same without the ``SG`` subfield header (extra = 22 bytes).
+* (not served) eStargz with an external TOC (stargz-snapshotter >= 0.13,
+  ``--estargz-external-toc``), 46 bytes: the same empty gzip member with ``SG`` subfield
+  ``STARGZEXTERNALTOC`` and no offset; the TOC is in a separate "TOC image". Recognised only
+  to name it in the refusal.
 * zstd:chunked, 48 bytes: a zstd skippable frame (magic ``50 2a 4d 18``, length 40) holding
   little-endian u64 TOC offset, compressed TOC length, uncompressed TOC length, manifest type
   (1) and the magic ``GnUlInUx``. The offset points at the zstd-compressed TOC JSON itself.
@@ -25,6 +29,8 @@ from .errors import BadFooter, TruncatedBlob
 
 ESTARGZ_FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
+EXTERNAL_TOC_FOOTER_SIZE = 46
+EXTERNAL_TOC_MARKER = b"STARGZEXTERNALTOC"
 ZSTD_FOOTER_SIZE = 48  # stargz-snapshotter's zstdchunked: 8 + 40
 ZSTD_FOOTER_V2_SIZE = 72  # containers/storage pkg/chunked (with tar-split): 8 + 64
 MAX_FOOTER_SIZE = ZSTD_FOOTER_V2_SIZE
@@ -134,6 +140,13 @@ def parse_footer(tail: bytes, blob_size: int) -> Footer:
                 f"the blob's payload [0, {toc_end})"
             )
         return Footer(kind, toc_offset, toc_end - toc_offset, None, size)
+    if _is_external_toc(tail[-EXTERNAL_TOC_FOOTER_SIZE:]):
+        raise BadFooter(
+            f"the footer at offset {blob_size - EXTERNAL_TOC_FOOTER_SIZE} marks an eStargz layer "
+            f"with its TOC outside the blob ({EXTERNAL_TOC_MARKER.decode()}): the TOC is in a "
+            "separate TOC image, which this store does not read; convert the image without "
+            "--estargz-external-toc"
+        )
     raise BadFooter(
         f"no eStargz, stargz or zstd:chunked footer in the last {ESTARGZ_FOOTER_SIZE} bytes "
         f"of the {blob_size}-byte blob ({'; '.join(dict.fromkeys(errors))})"
@@ -179,6 +192,16 @@ def _parse_estargz(footer: bytes) -> int:
     if len(extra) != 26 or extra[:2] != b"SG" or struct.unpack_from("<H", extra, 2)[0] != 22:
         raise _NotThisFooter("no SG subfield of length 22")
     return _toc_offset_field(extra[4:])
+
+
+def _is_external_toc(footer: bytes) -> bool:
+    """Whether ``footer`` is the 46-byte footer of an eStargz layer with an external TOC."""
+    try:
+        extra = _gzip_extra(footer)
+    except _NotThisFooter:
+        return False
+    marker = EXTERNAL_TOC_MARKER
+    return extra == b"SG" + struct.pack("<H", len(marker)) + marker
 
 
 def _parse_legacy(footer: bytes) -> int:

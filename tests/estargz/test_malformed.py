@@ -300,3 +300,24 @@ def test_unmodified_copy_still_reads(blob: bytes, engine) -> None:
     r = engine.open(replace_toc(blob, encode_entries(entries)))
     assert engine.read(r, "etc/hostname") == _open(blob).read_file("etc/hostname")
     assert len(engine.read(r, "etc/hostname")) == 5
+
+
+def test_external_toc_footer_is_named(blob: bytes, engine) -> None:
+    """stargz-snapshotter >= 0.13 ``--estargz-external-toc``: the TOC is in a separate image
+    and the blob ends with a 46-byte footer (an empty gzip member whose ``SG`` subfield is
+    ``STARGZEXTERNALTOC``). Not served; the refusal says what the layer is."""
+    import struct
+
+    payload = b"STARGZEXTERNALTOC"
+    extra = b"SG" + struct.pack("<H", len(payload)) + payload
+    footer = (
+        b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
+        + struct.pack("<H", len(extra))
+        + extra
+        + b"\x01\x00\x00\xff\xff"
+        + b"\x00" * 8
+    )
+    assert len(footer) == 46
+    toc_offset = parse_footer(blob[-51:], len(blob)).toc_offset
+    with pytest.raises(BadFooter, match=r"TOC outside the blob .*--estargz-external-toc"):
+        engine.open(blob[:toc_offset] + footer)
