@@ -50,6 +50,7 @@ def every_type_tar(fmt: int = tarfile.PAX_FORMAT, big: int = 200_000, zeros: int
         _add(tar, "d/small", data=_random(3000), mode=0o600, uid=33, gid=33)
         _add(tar, "d/big", data=_random(big), mode=0o4755, uname="root", gname="root")
         _add(tar, "d/zeros", data=bytes(zeros), mode=0o2755)
+        _add(tar, "d/exact", data=_random(4096))  # a whole number of 1 KiB and 4 KiB chunks
         # link headers carry their file's metadata, as tar writers write them
         _add(tar, "d/hard-big", tarfile.LNKTYPE, linkname="d/big", mode=0o4755)
         _add(tar, "d/hard-empty", tarfile.LNKTYPE, linkname="./d/empty")

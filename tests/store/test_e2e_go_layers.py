@@ -18,6 +18,7 @@ is the Go reader's on the same blob. Runs against one registry and the two mount
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -84,10 +85,13 @@ class Lab:
                  go: StoreProcess) -> None:  # fmt: skip
         self.work, self.gowrite, self.registry = work, gowrite, registry
         self.ours, self.go = ours, go
-        self.count = 0
+        self.count = 0  # layers written
+        self.pushes = 0  # images pushed
 
     def write(self, tar: bytes, *flags: str, prioritized: tuple[str, ...] = (),
-              legacy: bool = False) -> GoLayer:  # fmt: skip
+              legacy: bool = False, measure: bool = True) -> GoLayer:  # fmt: skip
+        """The Go writer's layer of ``tar``; ``measure=False`` leaves out the (optional)
+        uncompressed-size annotation instead of inflating the blob for it."""
         self.count += 1
         src, out = self.work / f"in{self.count}.tar", self.work / f"out{self.count}.blob"
         src.write_bytes(tar)
@@ -107,17 +111,17 @@ class Lab:
             toc_offset = int(data[-len(footer) :][16:32], 16)
             data = data[: -len(footer)] + legacy_footer(toc_offset)
             out.write_bytes(data)
-        annotations = None
-        if zstd:
-            annotations = {
-                **res["annotations"],
-                images.USIZE_ANN: str(_uncompressed_size(data, True)),
-            }
+        size = _uncompressed_size(data, zstd) if measure else 0
+        annotations = None  # eStargz: push() writes the TOC digest and size annotations
+        if zstd or not measure:
+            annotations = dict(res["annotations"])
+            if measure:
+                annotations[images.USIZE_ANN] = str(size)
         blob = images.Blob(
             data,
             res["diff_id"],
             res["toc_digest"],
-            _uncompressed_size(data, zstd),
+            size,
             images.LAYER_ZSTD if zstd else images.LAYER_GZIP,
             annotations,
         )
@@ -125,7 +129,8 @@ class Lab:
 
     def serve(self, layer: GoLayer) -> tuple[Path, Path]:
         """Push the layer as a one-layer image; its ``diff`` in our mount and in the Go one."""
-        repo = f"golayers/l{self.count}"
+        self.pushes += 1
+        repo = f"golayers/i{self.pushes}"
         images.push(self.registry.host, repo, "1", [layer.blob])
         ref = f"{self.registry.host}/{repo}:1"
         return (
@@ -134,15 +139,14 @@ class Lab:
         )
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, go_store_binary: Path) -> Iterator[Lab]:
+@contextlib.contextmanager
+def _lab(work: Path, go_store_binary: Path, config: str) -> Iterator[Lab]:
+    """A registry and the two stores, both with ``config``."""
     from harness.registry_server import RegistryServer
 
     if os.geteuid() != 0:
         pytest.skip("device nodes in a FUSE mount and foreign owners need root")
-    work = tmp_path_factory.mktemp("golayers")
     gowrite = gotools.build("estargz/gowrite", work)
-    config = ""  # prefetch on: the landmark cases fetch their prioritized region
     with RegistryServer(storage_dir=work / "registry") as reg:
         ours = StoreProcess(work / "ours", config).start()
         try:
@@ -153,6 +157,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory, go_store_binary: Path) -> Iter
                 go.stop()
         finally:
             ours.stop()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, go_store_binary: Path) -> Iterator[Lab]:
+    # prefetch on: the landmark cases fetch their prioritized region
+    with _lab(tmp_path_factory.mktemp("golayers"), go_store_binary, "") as lab:
+        yield lab
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +186,7 @@ def mounted_tree(root: Path) -> dict[str, tuple]:
     first path of their inode."""
     out: dict[str, tuple] = {}
     inodes: dict[int, str] = {}
+    root.lstat()  # a layer not served raises here (os.walk would list nothing)
     for dirpath, dirs, files in os.walk(root):
         dirs.sort()
         for name in ["", *sorted(dirs + files)] if dirpath == str(root) else sorted(dirs + files):
@@ -332,6 +344,7 @@ def check_layer(lab: Lab, gocheck: Path, layer: GoLayer, source: bytes | None) -
 ALL = every_type_tar()
 SMALL = every_type_tar(big=2000, zeros=1000)  # 1-byte chunks: the Go reader is quadratic in them
 GNU = every_type_tar(tarfile.GNU_FORMAT)
+EMPTY = b"\0" * 1024  # no entries: estargz.Build writes the no-prefetch landmark only
 
 CASES: dict[str, Callable[[Lab], tuple[GoLayer, bytes | None]]] = {
     "build-default": lambda lab: (lab.write(ALL), ALL),
@@ -375,6 +388,7 @@ CASES: dict[str, Callable[[Lab], tuple[GoLayer, bytes | None]]] = {
         ALL,
     ),
     "legacy-footer-build": lambda lab: (lab.write(ALL, "-chunk", "1024", legacy=True), ALL),
+    "empty-tar": lambda lab: (lab.write(EMPTY), EMPTY),
 }
 
 
@@ -392,3 +406,53 @@ def test_sparse_files(lab: Lab, gocheck: Path, tmp_path: Path) -> None:
     tar = sparse_tar(tmp_path, "posix")
     layer = lab.write(tar, "-writer", "append", "-chunk", "4096")
     check_layer(lab, gocheck, layer, tar)
+
+
+@pytest.mark.slow
+def test_a_file_over_8_gib(tmp_path: Path, go_store_binary: Path) -> None:
+    """A 9 GiB file (its tar size in a PAX record: the octal field stops at 8 GiB), written
+    by the streaming Go writer from a sparse tar in 4 MiB chunks (~1 min): both stores give
+    its size and the same bytes at its start, across a chunk boundary and at its end. No
+    prefetch or background fetch (each would inflate 9 GiB into its cache)."""
+    size = 9 * (1 << 30) + 12_345 + len(TAIL)
+    src = tmp_path / "huge"
+    with src.open("wb") as f:
+        f.seek(size - len(TAIL))
+        f.write(TAIL)
+    tar = tmp_path / "huge.tar"
+    subprocess.run(
+        [
+            "tar",
+            "--sparse",
+            "--format=posix",
+            "--owner=0",
+            "--group=0",
+            "-C",
+            str(tmp_path),
+            "-cf",
+            str(tar),
+            "huge",
+        ],
+        check=True,
+        timeout=60,
+    )
+    config = "noprefetch = true\nno_background_fetch = true\n"
+    with _lab(tmp_path / "lab", go_store_binary, config) as lab:
+        layer = lab.write(tar.read_bytes(), "-writer", "append", "-level", "1", measure=False)
+        ours, go = lab.serve(layer)
+        _read_huge(ours, go, size)
+
+
+def _read_huge(ours: Path, go: Path, size: int) -> None:
+    chunk = 4 << 20
+    for diff in (ours, go):
+        assert (diff / "huge").stat().st_size == size
+        with (diff / "huge").open("rb") as f:
+            assert f.read(10) == bytes(10)
+            f.seek(1000 * chunk - 5)
+            assert f.read(10) == bytes(10)
+            f.seek(size - len(TAIL) - 3)
+            assert f.read(100) == bytes(3) + TAIL
+
+
+TAIL = b"the end of a file over 8 GiB"
