@@ -96,7 +96,9 @@ async def load_layer_index(
     ``toc_digest`` is its manifest checksum (sha256 of the compressed TOC); the footer is not
     read. ``timeline`` (the layer's view of :class:`store.timeline.Timeline`) receives the
     footer, toc_fetch, verify and parse spans. The TOC's decode and index build wait for
-    ``parse_turn()`` (:meth:`store.pullorder.Turns.turn`), if given.
+    ``parse_turn()`` (:meth:`store.pullorder.Turns.turn`), if given. The view keeps each
+    digest the TOC is now known by (:meth:`EstargzLayerView.verified_as`): its JSON's and,
+    for a zstd blob, its compressed bytes'.
     """
     if zstd_chunked is not None:
         return await _load_zstd_chunked(
@@ -133,6 +135,9 @@ async def load_layer_index(
         raise TocMismatchError(
             f"{where}: digest {scan.digest} does not match the expected {toc_digest}"
         )
+    checksum = None  # stargz-snapshotter's zstd: also its zstd:chunked manifest checksum
+    if footer.compression == "zstd":
+        checksum = await trio.to_thread.run_sync(estargz.manifest_checksum, toc_bytes)
     if on_verified is not None:
         on_verified(scan.landmark_offset, scan.prefetch_ranges)
 
@@ -150,6 +155,7 @@ async def load_layer_index(
             view = EstargzLayerView(await trio.to_thread.run_sync(build))
             out["entries"] = len(view.index.entries)
     view.prefetch_ranges = scan.prefetch_ranges
+    view.toc_json_digest, view.manifest_checksum = scan.digest, checksum
     return view
 
 
@@ -177,9 +183,13 @@ async def _load_zstd_chunked(
         toc_bytes, split_bytes = await _read_toc_and_tar_split(blob, (lo, hi), split)
     with span(timeline, "verify"):
         digest = await trio.to_thread.run_sync(estargz.manifest_checksum, toc_bytes)
-    if digest != toc_digest:
-        raise TocMismatchError(
-            f"{where}: compressed TOC hashes to {digest}, the annotation says {toc_digest}"
+        if digest != toc_digest:
+            raise TocMismatchError(
+                f"{where}: compressed TOC hashes to {digest}, the annotation says {toc_digest}"
+            )
+        # The TOC JSON's digest too: eStargz's annotation of the same blob names that one.
+        json_digest = await trio.to_thread.run_sync(
+            estargz.toc_json_digest, toc_bytes, layer.position, limits
         )
     if on_verified is not None:
         on_verified(None, None)  # zstd:chunked has no prefetch landmark
@@ -198,6 +208,7 @@ async def _load_zstd_chunked(
             view = EstargzLayerView(index)
             out["entries"] = len(view.index.entries)
     view._zstd_files = files
+    view.toc_json_digest, view.manifest_checksum = json_digest, digest
     return view
 
 
@@ -345,6 +356,17 @@ class EstargzLayerView:
         # The landmark's prefetch ranges (the TOC scan's hint): the prefetch takes only the
         # region's chunks that touch them; None: the whole region.
         self.prefetch_ranges: PrefetchRanges = None
+        # The digests the TOC was verified under (load_layer_index): its JSON's (eStargz's
+        # annotation) and, for a zstd blob, its compressed bytes' (zstd:chunked's manifest
+        # checksum). One blob may be annotated either way by two images.
+        self.toc_json_digest: str | None = None
+        self.manifest_checksum: str | None = None
+
+    def verified_as(self, toc_digest: str, zstd_chunked: bool) -> bool:
+        """Whether the TOC was verified under ``toc_digest``, a zstd:chunked manifest
+        checksum if ``zstd_chunked``, else an eStargz TOC digest."""
+        verified = self.manifest_checksum if zstd_chunked else self.toc_json_digest
+        return verified is not None and verified == toc_digest
 
     def chunks_of(self, entry: Entry) -> Sequence[Chunk]:
         return entry.chunks

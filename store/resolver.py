@@ -674,11 +674,13 @@ class LayerManager:
                 raise type(state.error)(str(state.error))
             raise ResolveError(f"{what}: {state.error}")
         assert state.layer is not None
-        if state.layer.toc_digest != desc.toc_digest:
+        if state.layer.toc_digest != desc.toc_digest and not _verified_as(state.layer, desc):
             # Loaded for another image whose descriptor of this blob names another TOC digest:
             # the TOC was verified against that one, and this image's annotation is not the
             # blob's (a fresh load would refuse it: LayerRefused). Served under this name,
             # it would be vouched for by a TOC digest nothing checked. (Logged per lookup.)
+            # A zstd blob's TOC has two digests of different kinds (_verified_as): either
+            # annotation is the blob's own.
             raise ResolveError(
                 f"{what}: {ref} annotates it with TOC digest {desc.toc_digest}, but its TOC "
                 f"hashes to {state.layer.toc_digest} (verified for another image)"
@@ -857,6 +859,17 @@ class LayerManager:
             "released": list(self.released),
             "cache_bytes": self.cache.total_bytes,
         }
+
+
+def _verified_as(layer: Layer, desc: LayerDesc) -> bool:
+    """Whether ``layer``'s TOC was verified under the TOC digest ``desc`` annotates, of its
+    kind: a zstd:chunked manifest checksum (the compressed TOC's) or eStargz's TOC digest
+    (its JSON's). The loads record both for a zstd blob (``EstargzLayerView``)."""
+    assert desc.toc_digest is not None
+    view = layer.index
+    if not isinstance(view, EstargzLayerView):
+        return False
+    return view.verified_as(desc.toc_digest, desc.zstd_chunked is not None)
 
 
 def _uncompressed_size(value: str | None, where: str) -> int | None:

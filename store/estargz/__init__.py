@@ -104,6 +104,7 @@ from .zstdchunked import (
     manifest_checksum,
     manifest_entries,
     parse_manifest,
+    toc_json_digest,
     write_zstd_chunked,
 )
 from .zstdchunked import from_annotations as zstd_chunked_layer
@@ -181,6 +182,7 @@ __all__ = [
     "toc_bytes_from_tail",
     "toc_digest",
     "toc_json_bytes",
+    "toc_json_digest",
     "toc_json_pieces",
     "toc_range",
     "touches",

@@ -193,6 +193,18 @@ def manifest_checksum(compressed_toc: bytes) -> str:
     return "sha256:" + hashlib.sha256(compressed_toc).hexdigest()
 
 
+def toc_json_digest(
+    compressed: bytes, position: ManifestPosition, limits: TocLimits = DEFAULT_LIMITS
+) -> str:
+    """``sha256:`` of the TOC JSON the compressed TOC inflates to: the digest eStargz's TOC
+    annotation gives (stargz-snapshotter's zstd writer annotates its blobs with both). Raises
+    :class:`InvalidToc` if it does not inflate within ``limits``."""
+    h = hashlib.sha256()
+    for piece in toc_json_pieces(compressed, _annotated_footer(position), limits):
+        h.update(piece)
+    return "sha256:" + h.hexdigest()
+
+
 def parse_manifest(
     compressed: bytes,
     position: ManifestPosition,

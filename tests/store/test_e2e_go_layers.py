@@ -19,6 +19,7 @@ is the Go reader's on the same blob. Runs against one registry and the two mount
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import gzip
 import hashlib
@@ -456,3 +457,43 @@ def _read_huge(ours: Path, go: Path, size: int) -> None:
 
 
 TAIL = b"the end of a file over 8 GiB"
+
+
+@pytest.mark.parametrize("first", ["zstd:chunked", "eStargz"])
+def test_one_zstd_blob_under_both_annotations(lab: Lab, first: str) -> None:
+    """The Go library's zstd blob carries two TOC digests: eStargz's (its TOC JSON's, which
+    the Go store verifies) and zstd:chunked's manifest checksum (the compressed TOC's, which
+    containers/storage reads). Two images holding the one blob, each annotating it one way
+    (tools differ in what they keep): whichever is looked up first, both are served — the
+    blob's TOC was verified under both digests."""
+    # a blob of its own per order (the lab's stores outlive a test)
+    layer = lab.write(every_type_tar(big=3000 + order_id(first)), "-zstd", "-chunk", "1024")
+    both = dict(layer.blob.annotations or {})
+    ways = {
+        "zstd:chunked": {k: v for k, v in both.items() if k != images.TOC_ANN},
+        "eStargz": {images.TOC_ANN: both[images.TOC_ANN], images.USIZE_ANN: both[images.USIZE_ANN]},
+    }
+    order = [first, *(w for w in ways if w != first)]
+    trees = []
+    for way in order:
+        layer.blob = dataclasses.replace(layer.blob, annotations=ways[way])
+        ours, go = lab.serve(layer)
+        trees.append(mounted_tree(ours))
+        if way == "eStargz":
+            assert mounted_tree(go) is not None  # the Go store serves this one
+    assert trees[0] == trees[1]
+    # A third image naming another TOC digest is still refused.
+    wrong = "sha256:" + "5" * 64
+    for way in ({images.TOC_ANN: wrong}, {**ways["zstd:chunked"], ZSTD_CHECKSUM_ANN: wrong}):
+        layer.blob = dataclasses.replace(layer.blob, annotations=way)
+        ours, _ = lab.serve(layer)
+        with pytest.raises(OSError) as refused:
+            ours.lstat()
+        assert refused.value.errno == errno.EIO
+
+
+ZSTD_CHECKSUM_ANN = "io.containers.zstd-chunked.manifest-checksum"  # the Go library's key
+
+
+def order_id(first: str) -> int:
+    return ["zstd:chunked", "eStargz"].index(first)
