@@ -75,10 +75,14 @@ def legacy_footer(toc_offset: int) -> bytes:
 
 
 def _uncompressed_size(data: bytes, zstd: bool) -> int:
+    """Counted while streaming (``gzip.decompress`` copies the rest of the blob at each of
+    its members: hours for a blob of 1-byte chunks)."""
     if zstd:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-        return len(reader.read())
-    return len(gzip.decompress(data))
+    else:
+        reader = gzip.GzipFile(fileobj=io.BytesIO(data))
+    with reader:
+        return sum(len(piece) for piece in iter(lambda: reader.read(1 << 20), b""))
 
 
 class Lab:
