@@ -77,6 +77,9 @@ CASES = {
     "prioritized": (ALL, {"chunk_size": 1024, "prioritized_files": ["d/big", "d/small"]}),
     "prioritized-hardlink": (ALL, {"chunk_size": 1024, "prioritized_files": ["d/hard-big"]}),
     "prioritized-directory": (ALL, {"chunk_size": 1024, "prioritized_files": ["d/sub", "opq"]}),
+    # ours skips a prioritized file the tar lacks, as the Go writer with
+    # WithAllowPrioritizeNotFound (without it, Go refuses the tar)
+    "prioritized-missing": (ALL, {"chunk_size": 1024, "prioritized_files": ["nope", "d/one"]}),
 }
 
 
@@ -86,6 +89,8 @@ def _go_flags(kw: dict) -> list[str]:
         flags += ["-chunk", str(kw["chunk_size"])]
     if "level" in kw:
         flags += ["-level", str(kw["level"])]
+    if kw.get("prioritized_files"):
+        flags.append("-allow-missing")
     return flags
 
 
