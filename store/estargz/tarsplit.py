@@ -40,7 +40,7 @@ from .errors import InvalidEntryName, InvalidToc
 from .index import clean_name
 from .toc import DEFAULT_LIMITS, TocLimits
 from .writer import _TYPES as _TAR_TYPES
-from .writer import GO_ZERO_TIME_NS, NS, XATTR_PREFIX, pax_time_ns
+from .writer import GO_ZERO_TIME_NS, NS, XATTR_PREFIX, tar_mtime_ns
 
 _FRACTION = re.compile(r"\.([0-9]+)")
 
@@ -155,10 +155,10 @@ def _mismatch(e: _Meta, ti: tarfile.TarInfo) -> str:
     if (e.uid or 0, e.gid or 0) != (ti.uid, ti.gid):
         return f"owner {e.uid or 0}:{e.gid or 0}, the tar's {ti.uid}:{ti.gid}"
     toc_ns = _rfc3339_ns(e.modtime)
-    record = ti.pax_headers.get("mtime")
-    tar_ns = None if record is None else pax_time_ns(record)
-    if tar_ns is None:
-        tar_ns = int(ti.mtime) * NS
+    try:
+        tar_ns = tar_mtime_ns(ti)
+    except (OverflowError, ValueError):  # a PAX mtime tarfile reads as inf or nan
+        return f"modtime {e.modtime!r}, the tar's {ti.pax_headers.get('mtime')!r}: no time"
     if _no_time(toc_ns) != _no_time(tar_ns):
         return f"modtime {e.modtime!r}, the tar's {tar_ns} ns since the epoch"
     if etype in ("char", "block") and (e.devMajor or 0, e.devMinor or 0) != (

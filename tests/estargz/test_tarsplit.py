@@ -140,3 +140,18 @@ def test_header_data_a_tar_split_puts_in_a_files_contents_is_not_read():
     )
     with pytest.raises(E.InvalidToc, match="lies in a file's contents"):
         _check(_with_split({"version": 1, "entries": []}, split), split)
+
+
+@pytest.mark.parametrize("mtime", ["inf", "-inf", "nan", "1e400"])
+def test_a_pax_mtime_that_is_no_number_is_refused_as_a_mismatch(mtime):
+    """A PAX ``mtime`` record ``tarfile`` reads as an infinite or NaN float (Go's tar reader
+    refuses it: ErrHeader) is a TOC mismatch, an :class:`~store.estargz.InvalidToc`; its
+    OverflowError or ValueError escaped the check, and the layer failed (loaded again at
+    every lookup) instead of being refused."""
+    info = tarfile.TarInfo("f")
+    info.mode, info.pax_headers = 0o644, {"mtime": mtime}
+    head = info.tobuf(tarfile.PAX_FORMAT) + bytes(2 * tarfile.BLOCKSIZE)
+    split = _split_of([{"type": 2, "payload": base64.b64encode(head).decode()}])
+    toc = {"version": 1, "entries": [{"type": "reg", "name": "f", "mode": 0o644}]}
+    with pytest.raises(E.InvalidToc, match="modtime"):
+        _check(_with_split(toc, split), split)
