@@ -343,6 +343,8 @@ class Runner:
     _layer_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict, repr=False)
     _blob_digests: dict[tuple[str, str], list[str]] = field(default_factory=dict, repr=False)
     _versions: dict[str, str] = field(default_factory=dict, repr=False)
+    # The pull timeline files the measurement under way wrote (_keep_timeline)
+    _timeline_files: list[Path] = field(default_factory=list, repr=False)
     # The host's interface of the run's link (harness.usage reads its received bytes).
     _link_iface: str | None = field(default=None, repr=False)
 
@@ -626,7 +628,28 @@ class Runner:
         store_name: str = "",
     ) -> Record:
         """One measurement from empty caches (through store ``store_name`` in lazy modes);
-        failures become an error record, a lazy pull that fell back a "fell-back" record."""
+        failures become an error record, a lazy pull that fell back a "fell-back" record.
+        Interrupted (SIGINT/SIGTERM), it has no record, and the pull timeline its teardown
+        wrote before the signal came (:meth:`_keep_timeline`) is removed: a report showed it
+        as sample 0's."""
+        self._timeline_files = []
+        try:
+            return self._measure(sample, w, mode, registry, work, store_name)
+        except Interrupted:
+            for path in self._timeline_files:
+                path.unlink(missing_ok=True)
+            raise
+
+    def _measure(
+        self,
+        sample: int,
+        w: ResolvedWorkload,
+        mode: str,
+        registry: Any,
+        work: Path,
+        store_name: str,
+    ) -> Record:
+        """:meth:`measure`, but for what an interrupted one leaves."""
         if mode in LAZY_MODES and not store_name:
             store_name = self.scenario.store.name
         if (w.name, mode) not in self.images:  # the image could not be made in this mode
@@ -855,7 +878,8 @@ class Runner:
         the link's and CPUs' load from the pull's start to the run's end (harness.usage) when
         the run finished; a measurement whose pull did not finish has none, nor one
         interrupted (SIGINT/SIGTERM: no record of it is kept, and a timeline left beside the
-        others was reported as sample 0's). Never fails the measurement."""
+        others was reported as sample 0's; one that comes later in the teardown, :meth:`measure`
+        removes what this wrote). Never fails the measurement."""
         if "seconds" not in pull_clock or self._interrupt.signal is not None:
             return
         sampler = pull_clock.get("usage")
@@ -865,7 +889,7 @@ class Runner:
                 if isinstance(sampler, UsageSampler) and "end" in pull_clock
                 else None
             )
-            write_timeline(
+            written = write_timeline(
                 events,
                 self.run_dir,
                 workload=rec.workload,
@@ -876,6 +900,8 @@ class Runner:
                 pull_s=pull_clock["seconds"],
                 usage=usage,
             )
+            if written is not None:
+                self._timeline_files += [written, written.with_suffix(".md")]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.console.print(
                 f"  [yellow]pull timeline of {escape(rec.workload)}/{rec.mode}: "

@@ -214,9 +214,12 @@ class _FakeEnv:
         return Persistence(True, True)
 
 
-def test_an_interrupted_measurement_keeps_no_timeline(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["run", "teardown"])
+def test_an_interrupted_measurement_keeps_no_timeline(tmp_path, monkeypatch, when):
     """Ctrl-C after the pull: the measurement has no record, yet its timeline was written and
-    reported as sample 0's ("Pull phase") by a report of the interrupted run."""
+    reported as sample 0's ("Pull phase") by a report of the interrupted run. ``teardown``:
+    the signal comes while the teardown runs on after the timeline was written (the store's
+    log kept, its directory removed), and is raised once the teardown is over."""
     import harness.measure as measure
 
     verdict = Verdict([LayerEvidence("id", L1, True)])
@@ -228,17 +231,26 @@ def test_an_interrupted_measurement_keeps_no_timeline(tmp_path, monkeypatch):
     scenario = parse_scenario({"workloads": [{"recipe": "tiny"}]}, "s.toml")
     run = tmp_path / "run"
     runner = measure.Runner(scenario, run, show_progress=False)
+    outcome = RunOutcome(0.5, 0.4, True, 0, "hello from lazybench\n", "")
+    keep_log = measure._keep_log
 
-    def interrupted(*args: object, **kwargs: object) -> None:
+    def interrupted(*args: object, **kwargs: object) -> RunOutcome:
         runner._interrupt.signal = "SIGINT"  # as the handler does
+        if runner._interrupt.shielded:  # in a teardown: noted, raised once it is over
+            keep_log(*args)
+            return outcome
         raise measure.Interrupted("SIGINT")
 
-    monkeypatch.setattr(measure, "start_until_ready", interrupted)
+    if when == "run":
+        monkeypatch.setattr(measure, "start_until_ready", interrupted)
+    else:
+        monkeypatch.setattr(measure, "start_until_ready", lambda *a, **kw: outcome)
+        monkeypatch.setattr(measure, "_keep_log", interrupted)
     runner.images = {("tiny", "estargz"): "lazybench/tiny:estargz"}
     w = resolve(scenario.workloads[0])
     with pytest.raises(measure.Interrupted):
         runner.measure(0, w, "estargz", _Registry([]), tmp_path / "work", "default")
-    assert not (run / "timeline").exists()
+    assert not list((run / "timeline").glob("*"))  # (none, or no directory)
 
 
 def test_a_measurement_keeps_the_timeline_of_sample_0_through_our_store(tmp_path, monkeypatch):
