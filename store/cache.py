@@ -66,6 +66,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
+import stat
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +84,7 @@ WRITE_QUIET = 1.0  # seconds without new chunks left to it before the writer wri
 WRITE_MOST_DELAY = 10.0  # seconds the writer lets the first of them wait at most
 # Uncompressed bytes of chunks being inflated at once, store-wide (ChunkCache.inflating).
 INFLATE_BYTES = 64 << 20
+_CHUNK_KEY = re.compile(r"sha256:[0-9a-f]{64}")  # fullmatch: "$" would let a final "\n" pass
 
 
 @dataclass
@@ -144,7 +147,9 @@ class ChunkCache:
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def _scan(self) -> None:
-        """Rebuild the LRU order from what is on disk (oldest access first)."""
+        """Rebuild the LRU order from what is on disk (oldest access first). Only regular
+        files named as chunks are the cache's: anything else there (a file copied in, an
+        editor's backup, a directory) is left alone and never counted or evicted."""
         found: list[tuple[float, str, int]] = []
         algo_dir = self.root / "sha256"
         if algo_dir.is_dir():
@@ -153,20 +158,28 @@ class ChunkCache:
                     continue
                 for f in sub.iterdir():
                     if f.name.startswith("."):  # a temp file left by a crash
-                        f.unlink(missing_ok=True)
+                        with contextlib.suppress(OSError):
+                            f.unlink()
                         continue
-                    st = f.stat()
-                    found.append((st.st_atime, f"sha256:{sub.name}{f.name}", st.st_size))
+                    key = f"sha256:{sub.name}{f.name}"
+                    try:
+                        st = f.lstat()
+                    except OSError:
+                        continue
+                    if not _CHUNK_KEY.fullmatch(key) or not stat.S_ISREG(st.st_mode):
+                        log.warning("chunk cache: %s is not a chunk file: left alone", f)
+                        continue
+                    found.append((st.st_atime, key, st.st_size))
         for _, key, size in sorted(found):
             self._lru[key] = size
             self._total += size
         self._evict()
 
     def _path(self, key: str) -> Path:
-        algo, _, hexd = key.partition(":")
-        if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
+        if not _CHUNK_KEY.fullmatch(key):
             raise ValueError(f"cache key must be sha256:<64 hex>, got {key!r}")
-        return self.root / algo / hexd[:2] / hexd[2:]
+        hexd = key[len("sha256:") :]
+        return self.root / "sha256" / hexd[:2] / hexd[2:]
 
     @property
     def total_bytes(self) -> int:

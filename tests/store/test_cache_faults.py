@@ -47,6 +47,31 @@ def test_torn_chunk_file_is_never_served_after_a_restart(tmp_path):
     assert ChunkCache(tmp_path, 1 << 20).get(key) == data
 
 
+def test_files_in_the_cache_dir_that_are_not_chunks_are_left_alone(tmp_path):
+    # What a long-lived cache directory gathers besides chunks: a file copied in, an
+    # editor's backup, a directory named like a chunk, a temp directory named like a
+    # crash's. They were counted as chunks, and the first eviction raised ValueError ("cache
+    # key must be sha256:<64 hex>") at start and in every read that admitted a chunk.
+    sub = tmp_path / "sha256" / "ab"
+    sub.mkdir(parents=True)
+    strays = [sub / "notes.txt", sub / ("c" * 62 + "~"), tmp_path / "sha256" / "zz" / ("d" * 62)]
+    strays[2].parent.mkdir()
+    for p in strays:
+        p.write_bytes(b"x" * 100)
+        os.utime(p, (0, 0))  # the oldest: evicted first, if they were counted
+    (sub / ("e" * 62)).mkdir()
+    (sub / ".crashed.tmp").mkdir()
+    cache = ChunkCache(tmp_path, 150)
+    assert cache.total_bytes == 0
+    data = [os.urandom(100) for _ in range(2)]
+    for d in data:
+        cache.put(_key(d), d)  # the second evicts the first: the chunk, not a stray
+    assert _key(data[0]) not in cache and cache.get(_key(data[1])) == data[1]
+    assert all(p.read_bytes() == b"x" * 100 for p in strays)
+    assert ChunkCache(tmp_path, 50).total_bytes == 0  # a start over the limit evicts
+    assert all(p.exists() for p in strays)
+
+
 def test_full_disk_serves_uncached_and_leaves_no_entry(tmp_path, monkeypatch):
     cache = ChunkCache(tmp_path, 1 << 20, memory_bytes=0)
     data = os.urandom(3000)
