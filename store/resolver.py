@@ -256,6 +256,9 @@ class _LayerState:
     wanted: bool = False  # looked up (while loading: resolve as soon as loaded)
     layer: Layer | None = None
     error: BaseException | None = None
+    # Set when the state leaves the manager's table: its expiry timers end then, rather than
+    # keep the released layer (tree, index, read streams) in memory until they fire.
+    ended: trio.Event = field(default_factory=trio.Event)
 
 
 # Resolved images (manifest, config, layer list) kept for later lookups, least recently used
@@ -512,6 +515,9 @@ class LayerManager:
         """Start loading ``desc``. Its TOC's parse takes its turn (:class:`Turns`) by
         (not looked up yet, *order*): ``order`` is (when its image's layers started loading,
         its place in the manifest)."""
+        old = self._states.get(desc.digest)
+        if old is not None:  # FAILED: replaced
+            old.ended.set()
         state = self._states[desc.digest] = _LayerState(wanted=not early)
 
         def priority() -> TurnKey:
@@ -565,17 +571,18 @@ class LayerManager:
         self.nursery.start_soon(self._expire_unused, desc.digest, state)
 
     async def _expire_early(self, digest: str, state: _LayerState) -> None:
-        await trio.sleep(self.early_ttl)
+        with trio.move_on_after(self.early_ttl):
+            await state.ended.wait()
         if self._states.get(digest) is not state or state.wanted:
-            return  # looked up meanwhile (or replaced)
-        del self._states[digest]
+            return  # looked up meanwhile (or replaced, or released)
+        self._end(digest, state)
         if state.layer is not None:
             state.layer.release()
-        state.phase = LayerPhase.RELEASED
         log.info("layer %s was loaded with its image but never looked up: dropped", digest)
 
     async def _expire_unused(self, digest: str, state: _LayerState) -> None:
-        await trio.sleep(self.early_ttl)
+        with trio.move_on_after(self.early_ttl):
+            await state.ended.wait()
         if self._states.get(digest) is not state or self._refcount.get(digest):
             return  # in use (a use that was released since took the state with it)
         log.info("layer %s was looked up but never used: released", digest)
@@ -584,8 +591,7 @@ class LayerManager:
     def _drop(self, key: str, state: _LayerState, ref: str | None = None) -> None:
         """``RESOLVED`` → ``RELEASED``: background work cancelled, memory freed once the
         filesystem lets go of the tree (:attr:`on_released`); chunks stay in the disk cache."""
-        del self._states[key]
-        state.phase = LayerPhase.RELEASED
+        self._end(key, state)
         assert state.layer is not None
         state.layer.release()
         self.released.append(key)
@@ -595,6 +601,12 @@ class LayerManager:
             self.timeline.flush()
         if self.on_released is not None:
             self.on_released(state.layer)
+
+    def _end(self, key: str, state: _LayerState) -> None:
+        """Take ``state`` out of the table as ``RELEASED``; its expiry timers end now."""
+        del self._states[key]
+        state.phase = LayerPhase.RELEASED
+        state.ended.set()
 
     async def layer_info(self, ref: str, digest: str) -> dict[str, Any]:
         """The ``info`` JSON for the protocol generation the lookup name implies."""
@@ -832,8 +844,7 @@ class LayerManager:
                 log.info("layer %s released: no references left", key)
                 self._drop(key, state, ref)
             else:  # still loading: it goes when its load ends (_run_load)
-                del self._states[key]
-                state.phase = LayerPhase.RELEASED
+                self._end(key, state)
                 if state.layer is not None:
                     state.layer.release()
         return 0
