@@ -68,6 +68,7 @@ import logging
 import os
 import re
 import stat
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,10 @@ WRITE_QUIET = 1.0  # seconds without new chunks left to it before the writer wri
 WRITE_MOST_DELAY = 10.0  # seconds the writer lets the first of them wait at most
 # Uncompressed bytes of chunks being inflated at once, store-wide (ChunkCache.inflating).
 INFLATE_BYTES = 64 << 20
+# A failing cache disk (full, read-only) fails every chunk file write: one warning per this
+# many seconds at most, counting the writes that failed since (a lazy pull of 80 MB onto a
+# full disk logged 430 warnings, one per chunk).
+WRITE_FAILURE_LOG_EVERY = 60.0
 _CHUNK_KEY = re.compile(r"sha256:[0-9a-f]{64}")  # fullmatch: "$" would let a final "\n" pass
 
 
@@ -141,6 +146,8 @@ class ChunkCache:
         self._writing: set[str] = set()
         self._evicted_writing: set[str] = set()  # evicted while in _writing
         self._wake: trio.Event | None = None  # run_writer()'s, while it runs
+        self._write_failures = 0  # chunk files not written since the last warning
+        self._write_failure_logged: float | None = None  # time.monotonic() of that warning
         self.root.mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -250,7 +257,9 @@ class ChunkCache:
         if key in self._lru:
             self._lru.move_to_end(key)
             return
-        if not self._write_file(key, path, data):
+        failure = self._write_file(key, path, data)
+        if failure is not None:
+            self._write_failed(key, failure)
             return
         self._lru[key] = len(data)
         self._total += len(data)
@@ -258,9 +267,9 @@ class ChunkCache:
         self._evict()
 
     @staticmethod
-    def _write_file(key: str, path: Path, data: bytes) -> bool:
-        """Write one chunk file atomically (temp file + rename); False when the disk refused.
-        Thread-safe: touches no cache state."""
+    def _write_file(key: str, path: Path, data: bytes) -> OSError | None:
+        """Write chunk ``key``'s file atomically (temp file + rename); the error when the
+        disk refused. Thread-safe: touches no cache state."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}.tmp")
         try:
             if not path.parent.is_dir():  # one stat: mkdir's FileExistsError cost more
@@ -269,12 +278,30 @@ class ChunkCache:
                 f.write(data)
             os.replace(tmp, path)
         except OSError as exc:
-            # A full or broken cache disk must not fail the read: the bytes are still served.
-            log.warning("chunk cache write failed for %s: %s", key, exc)
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            return False
-        return True
+            return exc
+        return None
+
+    def _write_failed(self, key: str, exc: OSError) -> None:
+        """A chunk file the disk refused: the read is not failed (the bytes are served, just
+        not cached); warned of at most once per :data:`WRITE_FAILURE_LOG_EVERY` seconds."""
+        self._write_failures += 1
+        now = time.monotonic()
+        last = self._write_failure_logged
+        if last is not None and now - last < WRITE_FAILURE_LOG_EVERY:
+            return
+        log.warning(
+            "chunk cache write failed for %s: %s (%d chunk file(s) not written since the last "
+            "such warning, in %s; their bytes are served uncached, fetched again when evicted "
+            "from memory: free space there or lower cache_max_bytes)",
+            key,
+            exc,
+            self._write_failures,
+            self.root,
+        )
+        self._write_failures = 0
+        self._write_failure_logged = now
 
     def _admit(self, key: str, data: bytes) -> None:
         """Take ``data`` (already verified against ``key``) into the cache now, its file to be
@@ -315,7 +342,7 @@ class ChunkCache:
         self._writing.update(todo)
         batch = [(k, self._path(k), self._pending[k]) for k in todo]
 
-        def write_all() -> list[bool]:
+        def write_all() -> list[OSError | None]:
             return [self._write_file(k, p, d) for k, p, d in batch]
 
         try:
@@ -326,10 +353,12 @@ class ChunkCache:
             evicted = self._evicted_writing.intersection(todo)
             self._evicted_writing.difference_update(todo)
         again = []
-        for (key, path, _), ok in zip(batch, written, strict=True):
+        for (key, path, _), failure in zip(batch, written, strict=True):
+            if failure is not None:
+                self._write_failed(key, failure)
             if key not in evicted:  # still the copy written: nothing else replaces a pending one
                 self._unpend(key)
-                if not ok:
+                if failure is not None:
                     self._forget(key)
             elif key not in self._lru:  # evicted while it was written: no file, no entry
                 with contextlib.suppress(OSError):

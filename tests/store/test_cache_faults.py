@@ -94,6 +94,34 @@ def test_full_disk_serves_uncached_and_leaves_no_entry(tmp_path, monkeypatch):
     assert leftovers == []
 
 
+def test_a_full_disk_is_warned_of_once_a_minute_not_once_per_chunk(tmp_path, caplog, monkeypatch):
+    # A lazy pull of 80 MB onto a full cache disk logged 430 warnings, one per chunk; a store
+    # left on a full disk for days floods its journal.
+    cache = ChunkCache(tmp_path, 1 << 30, memory_bytes=0)
+    real_open = open
+
+    def full_open(path, mode="r", *a, **kw):  # type: ignore[no-untyped-def]
+        if "w" in mode and str(path).startswith(str(tmp_path)):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", full_open)
+    clock = [1000.0]
+    monkeypatch.setattr("time.monotonic", lambda: clock[0])
+    chunks = [os.urandom(100) for _ in range(300)]
+    with caplog.at_level("WARNING", logger="store.cache"):
+        for d in chunks[:200]:
+            cache.put(_key(d), d)  # served uncached: no exception, no entry
+        clock[0] += 61
+        for d in chunks[200:]:
+            cache.put(_key(d), d)
+    warnings = [r.getMessage() for r in caplog.records if "write failed" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "No space left" in warnings[0] and "(1 chunk file(s) not written" in warnings[0]
+    assert "(200 chunk file(s) not written" in warnings[1] and str(tmp_path) in warnings[1]
+    assert cache.total_bytes == 0
+
+
 @pytest.mark.anyio
 async def test_finish_serves_at_once_and_the_file_follows_off_the_trio_thread(
     tmp_path, monkeypatch
@@ -108,7 +136,7 @@ async def test_finish_serves_at_once_and_the_file_follows_off_the_trio_thread(
     writers: list[str] = []
     real_write = ChunkCache._write_file
 
-    def spy(k: str, p: Path, d: bytes) -> bool:
+    def spy(k: str, p: Path, d: bytes) -> OSError | None:
         writers.append(threading.current_thread().name)
         return real_write(k, p, d)
 
@@ -141,7 +169,9 @@ async def test_a_pending_chunk_that_fails_to_write_or_is_evicted_leaves_nothing(
     for d in (a, b):
         cache.begin(_key(d))
         cache.finish(_key(d), d)
-    monkeypatch.setattr(ChunkCache, "_write_file", staticmethod(lambda k, p, d: False))
+    monkeypatch.setattr(
+        ChunkCache, "_write_file", staticmethod(lambda k, p, d: OSError(errno.EIO, "I/O error"))
+    )
     await cache.write_pending()  # the disk refused both
     monkeypatch.undo()
     assert _key(a) not in cache and _key(b) not in cache and cache.total_bytes == 0
@@ -341,7 +371,7 @@ async def test_a_chunk_evicted_or_admitted_again_while_written_keeps_the_books_r
     real = ChunkCache._write_file
     meanwhile: list = []
 
-    def slow(k: str, p: Path, d: bytes) -> bool:
+    def slow(k: str, p: Path, d: bytes) -> OSError | None:
         ok = real(k, p, d)
         while meanwhile:  # once, after the first write
             trio.from_thread.run_sync(meanwhile.pop(0))
