@@ -655,9 +655,19 @@ class LayerManager:
 
     async def get_layer(self, ref: str, digest: str, deadline: float | None = None) -> Layer:
         """The loaded layer ``digest`` of ``ref``; image and layer together wait at most the
-        resolve bound (until ``deadline`` when given)."""
+        resolve bound (until ``deadline`` when given).
+
+        A layer the runtime holds a reference to under this name (``use``) is answered from
+        memory, without the image's resolution: its lowerdir is looked up again whenever a
+        container of its image starts (the kernel keeps the name ``entry_timeout`` seconds),
+        and that resolution may have left the LRU (:data:`IMAGE_CACHE_ENTRIES` images pulled
+        since, or the image that brought a shared base layer) while the registry is away or
+        the tag has moved: every container start of the image failed with EIO."""
         if deadline is None:
             deadline = trio.current_time() + self.config.resolve_timeout_sec
+        held = self._held(ref, digest)
+        if held is not None:
+            return held
         image = await self._image_naming(ref, digest, deadline)
         desc = image.servable(digest)[0]
         what = f"layer {ref}/{desc.digest}"
@@ -698,6 +708,16 @@ class LayerManager:
                 f"hashes to {state.layer.toc_digest} (verified for another image)"
             )
         return state.layer
+
+    def _held(self, ref: str, digest: str) -> Layer | None:
+        """The live layer counted (``use``) under ``ref`` and ``digest``, its blob or TOC
+        digest, else None."""
+        key = self._counted.get((ref, digest))
+        state = None if key is None else self._states.get(key)
+        if state is None or state.phase is not LayerPhase.RESOLVED or state.layer is None:
+            return None
+        layer = state.layer
+        return None if layer.released or digest not in (layer.digest, layer.toc_digest) else layer
 
     async def _new_layer(self, ref: str, desc: LayerDesc, priority: Callable[[], TurnKey]) -> Layer:
         assert desc.toc_digest is not None

@@ -18,7 +18,13 @@ from store.config import ConfigError, StoreConfig, parse_config
 from store.credsocket import serve_credentials
 from store.layer import Layer
 from store.registry.credentials import CredentialStore
-from store.resolver import LayerDesc, LayerManager, ResolveTimeout
+from store.resolver import (
+    IMAGE_CACHE_ENTRIES,
+    LayerDesc,
+    LayerManager,
+    ResolveError,
+    ResolveTimeout,
+)
 from tests.store.conftest import FileBlob
 from tests.store.test_fs_logic import REF, VectorRegistry
 
@@ -272,6 +278,49 @@ async def test_a_lookup_waiting_through_a_release_gets_a_live_layer(vectors_dir,
             while not got:
                 await trio.sleep(0.01)
         assert not got[0].released
+        nursery.cancel_scope.cancel()
+
+
+class GoneRegistry(VectorRegistry):
+    """Answers until ``gone`` is set, then every image fetch fails (the registry is away)."""
+
+    def __init__(self, vectors: Path) -> None:
+        super().__init__(vectors)
+        self.gone = False
+
+    async def image(self, ref: str, on_layers=None):
+        if self.gone:
+            raise OSError(f"cannot connect to {ref.split('/')[0]}")
+        return await super().image(ref, on_layers)
+
+
+@pytest.mark.anyio
+async def test_a_layer_in_use_is_served_after_its_image_left_the_lru_and_the_registry(
+    vectors_dir, tmp_path
+):
+    """A container start looks its image's lowerdirs up again (once the kernel's entry for
+    ``diff`` expired). With the image's resolution pushed out of the LRU by 30 others (or,
+    for a shared base layer, the first image that brought it) that lookup fetched the
+    manifest again, and with the registry away every ``podman run`` of an image pulled long
+    ago failed with EIO ("can't stat lower layer"), its layers held and loaded all along."""
+    async with trio.open_nursery() as nursery:
+        reg = GoneRegistry(vectors_dir)
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=2)
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        digest = reg.meta["digest"]
+        layer = await manager.get_layer(REF, digest)
+        manager.use(REF, digest)  # pulled: podman holds it
+        for i in range(IMAGE_CACHE_ENTRIES):
+            await manager.image(f"127.0.0.1:5000/other/img{i}:1")
+        reg.gone = True
+        assert await manager.get_layer(REF, digest) is layer
+        # Only what the runtime holds: a name nothing counted still needs the registry, and
+        # so does the layer once released.
+        with pytest.raises(ResolveError):
+            await manager.get_layer("127.0.0.1:5000/vec/other:1", digest)
+        assert manager.release(REF, digest) == 0
+        with pytest.raises(ResolveError):
+            await manager.get_layer(REF, digest)
         nursery.cancel_scope.cancel()
 
 
