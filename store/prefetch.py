@@ -71,6 +71,10 @@ BACKGROUND_BATCH = 4 << 20  # compressed bytes per background request
 # batches too (48 chunks of 64 MiB of zeros are 3 MB compressed).
 BACKGROUND_BATCH_INFLATED = 16 << 20
 PREFETCH_PIECE_INFLATED = 8 << 20
+# A background batch the registry did not deliver is tried again (with the rest of the layer)
+# after this many seconds, doubled per attempt that fetched nothing, up to the most.
+BACKGROUND_RETRY = 1.0
+BACKGROUND_RETRY_MOST = 60.0
 
 
 def _span(piece: Sequence[ChunkRef]) -> tuple[int, int]:
@@ -703,17 +707,55 @@ class Prefetcher:
         :data:`BACKGROUND_BATCH_INFLATED` uncompressed), each in the background of the
         store's foreground work (:meth:`Foreground.in_background
         <store.priority.Foreground.in_background>`) and under one of ``limiter``'s tokens.
-        A failed batch is logged, and the next one waits a second (a batch interrupted in
-        that second is taken up again at the next quiet)."""
+        A batch the registry did not deliver (:class:`LayerFetchError`: unreachable, timed
+        out) ends the pass: the rest of the layer is tried again after
+        :data:`BACKGROUND_RETRY` seconds, doubled per attempt that fetched nothing up to
+        :data:`BACKGROUND_RETRY_MOST`, until it is all in (or the layer is released). Skipped,
+        a registry away for a minute ended the background fetch of every layer resolved then,
+        marked done with nothing cached. Another failure (a chunk that does not verify) is
+        logged, and the next batch waits a second (a batch interrupted in that second is
+        taken up again at the next quiet)."""
         cache = self.source.cache
-        missing = (c for c in self.source.index.all_chunks() if c.digest not in cache)
-        for batch in batches(missing, BACKGROUND_BATCH, BACKGROUND_BATCH_INFLATED):
-            await self.foreground.in_background(partial(self._background_batch, batch, limiter))
+        wait = BACKGROUND_RETRY
+        while True:
+            unreachable: list[LayerFetchError] = []
+            fetched = False
+            missing = (c for c in self.source.index.all_chunks() if c.digest not in cache)
+            for batch in batches(missing, BACKGROUND_BATCH, BACKGROUND_BATCH_INFLATED):
+                work = partial(self._background_batch, batch, limiter, unreachable)
+                await self.foreground.in_background(work)
+                if unreachable:
+                    break
+                fetched = True
+            if not unreachable:
+                return
+            if fetched:
+                wait = BACKGROUND_RETRY
+            log_at = logging.WARNING if wait == BACKGROUND_RETRY else logging.DEBUG
+            log.log(
+                log_at,
+                "background fetch of %s: the registry did not deliver (%s); trying again in "
+                "%gs, then less often while it fails",
+                self.source.key,
+                unreachable[0],
+                wait,
+            )
+            await trio.sleep(wait)
+            wait = min(2 * wait, BACKGROUND_RETRY_MOST)
 
-    async def _background_batch(self, batch: list[ChunkRef], limiter: trio.CapacityLimiter) -> None:
+    async def _background_batch(
+        self,
+        batch: list[ChunkRef],
+        limiter: trio.CapacityLimiter,
+        unreachable: list[LayerFetchError],
+    ) -> None:
+        """Fetch ``batch``; a registry failure goes into ``unreachable`` (for
+        :meth:`background` to try again), another is logged and waited a second after."""
         async with limiter:
             try:
                 await self._fetch_region(batch)  # an interrupted batch claims the rest again
+            except LayerFetchError as exc:
+                unreachable.append(exc)
             except Exception as exc:
                 log.warning("background fetch of %s failed: %s", self.source.key, exc)
                 await trio.sleep(1.0)

@@ -208,6 +208,30 @@ async def test_background_fetch_completes_and_status_reaches_100(vectors_dir, tm
     assert len(layer.blob.requests) == before  # all served from the cache
 
 
+@pytest.mark.anyio
+async def test_background_fetch_outlasts_a_registry_outage(tmp_path, monkeypatch):
+    """The registry away while the background fetch runs: each batch failed, was skipped, and
+    the fetch ended marked done with nothing cached, never resumed once the registry came
+    back (a 45 s outage after a pull left its layers at 0% for good)."""
+    monkeypatch.setattr("store.prefetch.BACKGROUND_RETRY", 0.05, raising=False)
+    monkeypatch.setattr("store.prefetch.BACKGROUND_BATCH", 256 << 10)  # several batches
+    layer, node, payload = await one_file_layer(tmp_path, 2 << 20, 64 << 10)
+    blob, outage = layer.blob, [4]  # its first four requests fail, then it answers
+    read_ranges = blob.read_ranges
+
+    async def flaky(ranges):  # type: ignore[no-untyped-def]
+        if outage[0]:
+            outage[0] -= 1
+            raise OSError("cannot connect to 127.0.0.1:5000: connection refused")
+        return await read_ranges(ranges)
+
+    monkeypatch.setattr(blob, "read_ranges", flaky)
+    with trio.fail_after(20):
+        await layer.prefetcher.run(trio.CapacityLimiter(1), None, background=True)
+    assert layer.status()["percent"] == 100.0 and layer.stats.background_done
+    assert await layer.read_file(node, 0, node.size) == payload
+
+
 async def _start_background(nursery, layer, started) -> None:
     """Run ``layer`` in ``nursery`` with its background fetch; return once ``started()``."""
     await nursery.start(layer.run)
