@@ -10,7 +10,9 @@ same directory and are renamed into place (``os.replace``), so a crash of the st
 either nothing or a whole chunk; temporary files left behind are deleted at start. A chunk
 torn by a crash of the machine (the rename reached the disk, the data did not) or damaged on
 disk fails that hash: it is dropped and fetched again, never served. A full or failing cache
-disk does not fail reads: the verified bytes are served uncached. The cache has a byte limit;
+disk does not fail reads: the verified bytes are served, and those the disk refused stay in
+the memory cache only (a chunk forgotten at once was fetched again for each 128 KiB piece the
+kernel read of it: 3.6-6.3 times the blob on a full disk). The cache has a byte limit;
 when an insertion crosses it, least recently used files are deleted until it fits. The LRU
 order lives in memory and is rebuilt from file access times at start, so the disk cache
 survives store restarts and layer releases.
@@ -193,14 +195,19 @@ class ChunkCache:
         return self._total
 
     def __contains__(self, key: str) -> bool:
-        return key in self._lru
+        """Whether ``key`` is served without a fetch: on disk, pending, or in memory only."""
+        return key in self._lru or key in self._mem
 
     # -- access ------------------------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
         """The cached bytes of ``key``, or None (also when the file vanished under us)."""
         if key not in self._lru:
-            return None
+            data = self._mem.get(key)  # the disk refused its file: held in memory only
+            if data is not None:
+                self._mem.move_to_end(key)
+                self.stats.hits += 1
+            return data
         data = self._pending.get(key)
         if data is None:
             data = self._mem.get(key)
@@ -234,8 +241,6 @@ class ChunkCache:
     def peek(self, key: str) -> bytes | None:
         """The bytes of ``key`` if they are in memory (pending or recently used), else None:
         no disk read, no change to the LRU order or the statistics."""
-        if key not in self._lru:
-            return None
         data = self._pending.get(key)
         return self._mem.get(key) if data is None else data
 
@@ -260,6 +265,7 @@ class ChunkCache:
         failure = self._write_file(key, path, data)
         if failure is not None:
             self._write_failed(key, failure)
+            self._remember(key, data)  # in memory only
             return
         self._lru[key] = len(data)
         self._total += len(data)
@@ -359,7 +365,7 @@ class ChunkCache:
             if key not in evicted:  # still the copy written: nothing else replaces a pending one
                 self._unpend(key)
                 if failure is not None:
-                    self._forget(key)
+                    self._forget(key, keep_memory=True)
             elif key not in self._lru:  # evicted while it was written: no file, no entry
                 with contextlib.suppress(OSError):
                     path.unlink()
@@ -419,11 +425,14 @@ class ChunkCache:
             with trio.CancelScope(shield=True):
                 await self.write_pending()
 
-    def _forget(self, key: str) -> None:
+    def _forget(self, key: str, *, keep_memory: bool = False) -> None:
+        """Drop ``key`` from the cache (``keep_memory``: but for the memory cache, which
+        then holds it alone: its file could not be written)."""
         self._unpend(key)
-        data = self._mem.pop(key, None)
-        if data is not None:
-            self._mem_total -= len(data)
+        if not keep_memory:
+            data = self._mem.pop(key, None)
+            if data is not None:
+                self._mem_total -= len(data)
         size = self._lru.pop(key, None)
         if size is not None:
             self._total -= size
