@@ -420,9 +420,10 @@ class RegistryClient:
         hdrs = dict(ep.headers)
         hdrs.update(headers or {})
         url = path if path.startswith(("http://", "https://")) else ep.base_url + path
-        # Authorization goes to this origin only: same scheme, host and port (an https://
-        # registry redirecting to http:// on the same host would have it sent in clear text).
-        origin = urlsplit(url)[:2]
+        # Authorization goes to this host and port only, and never from https:// down to
+        # http:// (it would go out in clear text); http:// up to https:// keeps it, as Python
+        # requests' rule (should_strip_auth) has it.
+        origin = urlsplit(url)
         authed_once = False
         redirects = 0
         cur_method = method
@@ -431,7 +432,9 @@ class RegistryClient:
         while True:
             send_headers = dict(hdrs)
             target = urlsplit(url)
-            same_host = target[:2] == origin
+            same_host = target.netloc == origin.netloc and not (
+                origin.scheme == "https" and target.scheme == "http"
+            )
             # Whom a transport failure is about: the registry, or the host it redirected to.
             peer = (
                 ep.base_url
