@@ -207,20 +207,43 @@ async def test_a_storage_host_that_fails_is_named_not_the_registry(storage: str)
     assert message.startswith(f"{reg.host}/unlike/gone@{digest}: "), message
 
 
+BASIC = "Basic " + base64.b64encode(b"alice:wonderland").decode()
+
+
+def _both_schemes(tmp_path):  # type: ignore[no-untyped-def]
+    """A CA file and the server TLS context of a mimic speaking HTTPS and plain HTTP on one
+    port."""
+    tls_files = make_tls_files(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tls_files.cert, tls_files.key)
+    return tls_files.ca, server_tls
+
+
+async def _read_as_alice(reg, scheme: str, ca, digest: str) -> bytes:  # type: ignore[no-untyped-def]
+    """Bytes 3-33 of ``digest`` read with alice's credentials from ``reg`` over ``scheme``."""
+    resolver = parse_resolver_config(
+        {"host": {reg.host: {"mirrors": [{"host": f"{scheme}://{reg.host}"}]}}}
+    )
+    async with RegistryClient(
+        resolver=resolver,
+        credentials={reg.host: Credentials("alice", "wonderland")},
+        verify=str(ca),
+        timeout=5,
+    ) as c:
+        return await c.read_range(f"{reg.host}/unlike/{scheme}:v1", digest, 3, 30)
+
+
 async def test_credentials_do_not_follow_a_redirect_from_https_to_plain_http(tmp_path) -> None:
     """A registry on HTTPS redirects a blob GET to ``http://`` on the same host and port
     (one port speaking both here): the Authorization it took over TLS is not sent in clear
     text (an upgrade from http:// to https:// keeps it)."""
-    tls_files = make_tls_files(tmp_path)
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(tls_files.cert, tls_files.key)
-    basic = "Basic " + base64.b64encode(b"alice:wonderland").decode()
+    ca, server_tls = _both_schemes(tmp_path)
 
     def registry(h, path: str) -> bool:  # type: ignore[no-untyped-def]
         over_tls = isinstance(h.connection, ssl.SSLSocket)
         if not over_tls:
             return False  # the plain-HTTP side serves the blob, to anyone
-        if h.headers.get("Authorization") != basic:
+        if h.headers.get("Authorization") != BASIC:
             send(h, 401, www_authenticate='Basic realm="mimic"')
         elif "/blobs/" in path:
             send(h, 307, location=f"http://{reg.host}{path}")
@@ -230,16 +253,7 @@ async def test_credentials_do_not_follow_a_redirect_from_https_to_plain_http(tmp
 
     with Mimic(registry, tls=server_tls) as reg:
         digest = reg.add_blob(DATA)
-        resolver = parse_resolver_config(
-            {"host": {reg.host: {"mirrors": [{"host": f"https://{reg.host}"}]}}}
-        )
-        async with RegistryClient(
-            resolver=resolver,
-            credentials={reg.host: Credentials("alice", "wonderland")},
-            verify=str(tls_files.ca),
-            timeout=5,
-        ) as c:
-            assert await c.read_range(f"{reg.host}/unlike/tls:v1", digest, 3, 30) == DATA[3:33]
+        assert await _read_as_alice(reg, "https", ca, digest) == DATA[3:33]
     plain = [s for s in reg.seen if "/blobs/" in s["path"]][-1]
     assert "Authorization" not in plain["headers"], plain
 
@@ -249,13 +263,10 @@ async def test_credentials_follow_a_redirect_from_plain_http_up_to_https(tmp_pat
     same host and port, whose side asks for the credentials too: they go along (the
     Authorization only gains TLS), where a rule of same scheme, host and port dropped them
     and the read failed on the 401."""
-    tls_files = make_tls_files(tmp_path)
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(tls_files.cert, tls_files.key)
-    basic = "Basic " + base64.b64encode(b"alice:wonderland").decode()
+    ca, server_tls = _both_schemes(tmp_path)
 
     def registry(h, path: str) -> bool:  # type: ignore[no-untyped-def]
-        if h.headers.get("Authorization") != basic:
+        if h.headers.get("Authorization") != BASIC:
             send(h, 401, www_authenticate='Basic realm="mimic"')
         elif "/blobs/" in path and not isinstance(h.connection, ssl.SSLSocket):
             send(h, 307, location=f"https://{reg.host}{path}")
@@ -265,13 +276,4 @@ async def test_credentials_follow_a_redirect_from_plain_http_up_to_https(tmp_pat
 
     with Mimic(registry, tls=server_tls) as reg:
         digest = reg.add_blob(DATA)
-        resolver = parse_resolver_config(
-            {"host": {reg.host: {"mirrors": [{"host": f"http://{reg.host}"}]}}}
-        )
-        async with RegistryClient(
-            resolver=resolver,
-            credentials={reg.host: Credentials("alice", "wonderland")},
-            verify=str(tls_files.ca),
-            timeout=5,
-        ) as c:
-            assert await c.read_range(f"{reg.host}/unlike/up:v1", digest, 3, 30) == DATA[3:33]
+        assert await _read_as_alice(reg, "http", ca, digest) == DATA[3:33]
