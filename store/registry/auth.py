@@ -103,6 +103,12 @@ class TokenCache:
     def invalidate(self, key: tuple[str, str, tuple[str, ...], str]) -> None:
         self._tokens.pop(key, None)
 
+    def forget(self, token: str) -> None:
+        """Drop every cached entry holding ``token`` (one a registry refused), and only those:
+        the other registries' and scopes' tokens stay."""
+        for key in [k for k, entry in self._tokens.items() if entry.token == token]:
+            del self._tokens[key]
+
     async def fetch(
         self,
         http: httpx.AsyncClient,

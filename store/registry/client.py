@@ -498,11 +498,11 @@ class RegistryClient:
                         extra = challenge.params.get("scope")
                         if extra and extra not in scopes:
                             scopes = (*scopes, extra)
-                        if auth:
-                            # What we sent was refused — a token the registry calls expired
+                        if auth and auth.startswith("Bearer "):
+                            # The token we sent was refused — one the registry calls expired
                             # (its challenge then adds error="invalid_token") while the
-                            # expiry it came with says otherwise: fetch afresh.
-                            self.tokens.clear()
+                            # expiry it came with says otherwise: that one is fetched afresh.
+                            self.tokens.forget(auth.removeprefix("Bearer "))
                         self._challenges[ep.host] = challenge
                         authed_once = True
                         self.stats.auth_round_trips += 1

@@ -213,3 +213,24 @@ async def test_concurrent_first_reads_share_one_token(
             for i in range(16):
                 nursery.start_soon(c.read_range, ref, layer.digest, i, 10)
         assert c.tokens.fetches == before + 1
+
+
+def test_a_refused_token_is_forgotten_alone() -> None:
+    """A 401 to a token we sent drops that token only; it used to clear every registry's and
+    every scope's tokens (each then fetched again)."""
+    import time
+
+    from store.registry.auth import TokenCache, _CachedToken
+
+    cache = TokenCache()
+    later = time.monotonic() + 60
+    refused = ("https://auth/token", "reg", ("repository:a:pull",), "alice")
+    kept = ("https://auth/token", "reg", ("repository:b:pull",), "alice")
+    other = ("https://other/token", "other", ("repository:a:pull",), "")
+    cache._tokens.update(
+        {refused: _CachedToken("t1", later), kept: _CachedToken("t2", later)}
+        | {other: _CachedToken("t3", later)}
+    )
+    cache.forget("t1")
+    assert cache.get(refused) is None
+    assert (cache.get(kept), cache.get(other)) == ("t2", "t3")
