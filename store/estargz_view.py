@@ -178,9 +178,14 @@ async def _load_zstd_chunked(
             f"over the limit on TOC bytes ({limits.max_bytes}, store config toc_max_bytes)"
         )
     split = _tar_split_range(layer, blob.size, limits)
-    fetched = hi - lo + (split[1] - split[0] if split is not None else 0)
-    with span(timeline, "toc_fetch", bytes=fetched, requests=len(split_spans(lo, hi))):
-        toc_bytes, split_bytes = await _read_toc_and_tar_split(blob, (lo, hi), split)
+    reads = _toc_reads((lo, hi), split)
+    with span(
+        timeline,
+        "toc_fetch",
+        bytes=sum(b - a for a, b in reads),
+        requests=sum(len(split_spans(a, b)) for a, b in reads),
+    ):
+        toc_bytes, split_bytes = await _read_toc_and_tar_split(blob, (lo, hi), split, reads)
     with span(timeline, "verify"):
         digest = await trio.to_thread.run_sync(estargz.manifest_checksum, toc_bytes)
         if digest != toc_digest:
@@ -237,20 +242,33 @@ def _tar_split_range(
     return offset, offset + length
 
 
-async def _read_toc_and_tar_split(
-    blob: BlobReader, toc: tuple[int, int], split: tuple[int, int] | None
-) -> tuple[bytes, bytes | None]:
-    """The compressed TOC's bytes and the tar-split's (None without ``split``): one read
-    (:func:`~store.chunks.read_split`) when the two lie within :data:`_TAR_SPLIT_GAP` of each
-    other, else one each."""
-    lo, hi = toc
+def _toc_reads(toc: tuple[int, int], split: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """The ``[start, end)`` ranges that fetch the compressed TOC and the tar-split (None:
+    none): one when the two lie within :data:`_TAR_SPLIT_GAP` of each other, else one each."""
     if split is None:
-        return await read_split(blob, lo, hi), None
-    a, b = min(lo, split[0]), max(hi, split[1])
-    if (b - a) - (hi - lo) - (split[1] - split[0]) <= _TAR_SPLIT_GAP:
-        both = await read_split(blob, a, b)
-        return both[lo - a : hi - a], both[split[0] - a : split[1] - a]
-    return await read_split(blob, lo, hi), await read_split(blob, *split)
+        return [toc]
+    (lo, hi), (s_lo, s_hi) = toc, split
+    a, b = min(lo, s_lo), max(hi, s_hi)
+    if (b - a) - (hi - lo) - (s_hi - s_lo) <= _TAR_SPLIT_GAP:
+        return [(a, b)]
+    return [toc, split]
+
+
+async def _read_toc_and_tar_split(
+    blob: BlobReader,
+    toc: tuple[int, int],
+    split: tuple[int, int] | None,
+    reads: list[tuple[int, int]],
+) -> tuple[bytes, bytes | None]:
+    """The compressed TOC's bytes and the tar-split's (None without ``split``), fetched as
+    ``reads`` (:func:`_toc_reads`) says, each in pieces (:func:`~store.chunks.read_split`)."""
+    got = [(a, await read_split(blob, a, b)) for a, b in reads]
+
+    def cut(lo: int, hi: int) -> bytes:
+        a, data = next((a, data) for a, data in got if a <= lo and hi <= a + len(data))
+        return data[lo - a : hi - a]
+
+    return cut(*toc), (None if split is None else cut(*split))
 
 
 def _turn(

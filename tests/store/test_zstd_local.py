@@ -235,3 +235,13 @@ async def test_a_skippable_frame_between_files_adds_nothing_to_the_tar_size(tmp_
     tar = zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=True).read()
     assert len(tar) == 512 + len(p1) + 1024 + len(p2) + 1024
     assert await measure_tar_size(layer.index, fb) == len(tar)
+
+
+def test_the_toc_and_its_tar_split_are_read_in_one_range_when_close() -> None:
+    """The ranges the TOC fetch reads (and the timeline counts: it counted the TOC's alone)."""
+    from store.estargz_view import _TAR_SPLIT_GAP, _toc_reads
+
+    assert _toc_reads((100, 200), None) == [(100, 200)]
+    assert _toc_reads((100, 200), (200, 300)) == [(100, 300)]
+    far = 300 + _TAR_SPLIT_GAP + 1
+    assert _toc_reads((100, 200), (far, far + 50)) == [(100, 200), (far, far + 50)]
