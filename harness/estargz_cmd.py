@@ -79,7 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     conv.set_defaults(func=_convert)
 
-    ls = esub.add_parser("ls", help="verify an eStargz blob and list its entries as JSON lines")
+    ls = esub.add_parser(
+        "ls", aliases=["list"], help="verify an eStargz blob and list its entries as JSON lines"
+    )
     ls.add_argument("blob")
     ls.add_argument("--toc-digest", help="expected TOC digest (sha256:…)")
     ls.add_argument(

@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         " zstd-chunked); estargz needs a traced run and is made by `lazybench run`",
     )
     build.set_defaults(func=cmd_build)
-    ls = isub.add_parser("ls", help="list cached workload images with sizes")
+    ls = isub.add_parser("ls", aliases=["list"], help="list cached workload images with sizes")
     ls.add_argument(
         "--cache-dir", type=existing_dir, default=None, help=f"default: {CACHE_DIR_DEFAULT}"
     )

@@ -11,7 +11,9 @@ from harness.cli import UserError, require_root, seconds_between
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("net", help="network profiles: list, measure, clean up")
     nsub = parser.add_subparsers(dest="net_command", required=True, metavar="ACTION")
-    nsub.add_parser("ls", help="list the network profiles").set_defaults(func=cmd_ls)
+    nsub.add_parser("ls", aliases=["list"], help="list the network profiles").set_defaults(
+        func=cmd_ls
+    )
     measure = nsub.add_parser("measure", help="build a profile's link and measure rate and RTT")
     measure.add_argument("profile")
     measure.add_argument(

@@ -35,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--mirror", default=None, help="Debian archive (default: as apt's sources)")
     build.set_defaults(func=cmd_build)
-    ls = rsub.add_parser("ls", help="list cached nodes with their podman versions and sizes")
+    ls = rsub.add_parser(
+        "ls", aliases=["list"], help="list cached nodes with their podman versions and sizes"
+    )
     ls.add_argument(
         "--cache-dir", type=existing_dir, default=None, help=f"default: {CACHE_DIR_DEFAULT}"
     )

@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"default: {CACHE_DIR_DEFAULT}",
     )
     build.set_defaults(func=cmd_build)
-    ls = ssub.add_parser("ls", help="list the stores and where their binaries are")
+    ls = ssub.add_parser(
+        "ls", aliases=["list"], help="list the stores and where their binaries are"
+    )
     ls.add_argument(
         "--cache-dir", type=existing_dir, default=None, help=f"default: {CACHE_DIR_DEFAULT}"
     )

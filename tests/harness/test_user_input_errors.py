@@ -538,3 +538,15 @@ def test_a_run_interrupted_outside_its_measurements_says_what_is_kept(
     else:
         assert "interrupted (SIGTERM) while writing the report; every measurement is " in err
         assert f"`lazybench report {runs / 'r'}` writes it" in err
+
+
+@pytest.mark.parametrize("command", ["net", "images", "runtimes", "stores"])
+def test_list_is_an_alias_of_ls_as_in_podman(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`podman image list` is `podman image ls`; the same spelling lists here too."""
+    from harness.cli import build_parser
+
+    parser = build_parser()
+    ls, alias = parser.parse_args([command, "ls"]), parser.parse_args([command, "list"])
+    assert alias.func is ls.func
