@@ -11,12 +11,16 @@ are accepted and
 ignored with a log line, so a Go config loads unchanged; what the Go store refuses is refused
 here too (``disable_verification = true``, a ``metadata_store`` other than memory or db, a
 honoured key of the wrong type, a malformed ``[resolver]`` table). Anything else is a typo and is
-rejected with the key's dotted path and the file name.
+rejected with the key's dotted path, the file name and the known key it is closest to; so is a
+key the Go store's ``[resolver]`` schema lacks (a ``mirror`` table for ``mirrors`` would leave
+the mirror unused without a word).
 
 Our additions (top level):
 
 ``cache_max_bytes``      size limit of the on-disk chunk cache (LRU eviction), default 10 GiB
-``metrics_address``      ``HOST:PORT`` for the Prometheus endpoint; empty = off
+``metrics_address``      ``HOST:PORT`` for the Prometheus endpoint; empty = off. An empty
+                         host (``:9110``) listens on 127.0.0.1 only, not on every address
+                         as the Go store's ``:PORT`` does
 ``access_trace_path``    JSON-lines file receiving per-layer first-access file order, and the
                          byte ranges read of each file when the store stops; empty = off.
                          With it on, the page-cache fill is off (every read reaches the store)
@@ -106,6 +110,7 @@ values loads with the defaults, not with no retries or no timeouts).
 
 from __future__ import annotations
 
+import difflib
 import logging
 import tomllib
 from dataclasses import dataclass, field
@@ -267,6 +272,12 @@ _IGNORED = {
 }
 _SECTIONS = {"blob", "fuse"}
 
+# The Go store's [resolver] schema (upstream service/resolver/registry.go: Config, HostConfig,
+# MirrorConfig): the keys of the table, of each ``host."NAME"`` and of each of its mirrors.
+_RESOLVER_KEYS = ("host", "request_timeout_sec")
+_RESOLVER_HOST_KEYS = ("mirrors",)
+_RESOLVER_MIRROR_KEYS = ("header", "host", "insecure", "request_timeout_sec")
+
 # Go keys where 0 means the Go store's default, not zero (upstream fs/remote/resolver.go,
 # fs/fs.go, fs/layer/layer.go, store/manager.go: ``if cfg.X == 0 { X = default }``): a Go
 # config that spells them out as 0 gets the defaults here too, never 0 retries, 0 s timeouts
@@ -357,7 +368,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
                 raise ConfigError(f"{source}: content verification cannot be disabled")
             log.info("config key %r (Go stargz-store) has no effect here; ignored", key)
         else:
-            raise ConfigError(f"{source}: unknown key {key!r}")
+            raise ConfigError(f"{source}: {_unknown(key, [*_KNOWN, *_IGNORED])}")
     resolver = data.get("resolver", {})
     if not isinstance(resolver, dict):
         raise ConfigError(f"{source}: [resolver] must be a table")
@@ -365,11 +376,17 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
     return StoreConfig(resolver=resolver, **values)
 
 
+def _unknown(key: str, known: list[str]) -> str:
+    """``unknown key 'KEY'``, with the known key closest to it when one is close (a typo)."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
 def split_host_port(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` as Go's ``net.SplitHostPort`` takes it (an IPv6 host in brackets,
-    ``:PORT`` for every address) -> (host, port); the port a number 0..65535 (0: any free
-    one; a service name such as ``:http``, which Go's ``net.Listen`` also takes, is not
-    taken here). Raises ValueError."""
+    """``HOST:PORT`` as Go's ``net.SplitHostPort`` takes it (an IPv6 host in brackets; an
+    empty host in ``:PORT``, which the metrics endpoint takes as 127.0.0.1) -> (host, port);
+    the port a number 0..65535 (0: any free one; a service name such as ``:http``, which Go's
+    ``net.Listen`` also takes, is not taken here). Raises ValueError."""
     host, sep, port = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -393,6 +410,19 @@ def _check_resolver(resolver: dict[str, Any], source: str) -> None:
         parsed = parse_resolver_config(resolver)
     except ResolverConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    # The table's shape is checked above: hosts are tables, their mirrors arrays of tables.
+    tables: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
+        ("resolver", resolver, _RESOLVER_KEYS)
+    ]
+    for name, host_table in (resolver.get("host") or {}).items():
+        where = f'resolver.host."{name}"'
+        tables.append((where, host_table, _RESOLVER_HOST_KEYS))
+        for i, mirror_table in enumerate(host_table.get("mirrors") or []):
+            tables.append((f"{where}.mirrors[{i}]", mirror_table, _RESOLVER_MIRROR_KEYS))
+    for where, table, keys in tables:
+        for key in table:
+            if key not in keys:
+                raise ConfigError(f"{source}: {where}: {_unknown(key, list(keys))}")
     for name, host in parsed.hosts.items():
         for i, mirror in enumerate(host.mirrors):
             if mirror.request_timeout_sec < 0:

@@ -64,6 +64,8 @@ def test_go_config_loads(tmp_path: Path) -> None:
         ({"metrics_address": "notaport"}, "'metrics_address': expected HOST:PORT"),
         ({"metrics_address": "127.0.0.1:99999"}, "numeric port 0..65535"),
         ({"metrics_address": ":http"}, "numeric port 0..65535"),
+        ({"noprefetchh": True}, r"unknown key 'noprefetchh' \(did you mean 'noprefetch'\?\)"),
+        ({"blob": {"chunksize": 1}}, r"'blob.chunksize' \(did you mean 'blob.chunk_size'\?\)"),
     ],
 )
 def test_bad_keys_are_named(data: dict, message: str) -> None:
@@ -431,6 +433,34 @@ def test_metadata_store_is_accepted(value: str) -> None:
 def test_go_rejects_these_too(data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(data, source="c.toml")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"host": {"x": {"mirror": [{"host": "m"}]}}},
+            r"c.toml: resolver.host.\"x\": unknown key 'mirror' \(did you mean 'mirrors'\?\)",
+        ),
+        (
+            {"host": {"x": {"mirrors": [{"host": "m", "insecur": True}]}}},
+            r"resolver.host.\"x\".mirrors\[0\]: unknown key 'insecur' \(did you mean 'insecure'",
+        ),
+        ({"request_timeout": 5}, r"c.toml: resolver: unknown key 'request_timeout' \(did you"),
+    ],
+)
+def test_a_resolver_key_the_go_schema_lacks_is_named(table: dict, message: str) -> None:
+    """A typo in ``[resolver]`` was taken silently: ``[[resolver.host."x".mirror]]`` loaded
+    and the store never used the mirror."""
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"resolver": table}, source="c.toml")
+
+
+def test_every_resolver_key_of_the_go_store_loads() -> None:
+    """Upstream service/resolver/registry.go: Config, HostConfig, MirrorConfig."""
+    mirror = {"host": "m", "insecure": True, "request_timeout_sec": 3, "header": {"a": "b"}}
+    table = {"request_timeout_sec": 4, "host": {"x": {"mirrors": [mirror]}}}
+    assert parse_config({"resolver": table}).resolver == table
 
 
 def test_disable_verification_false_is_fine() -> None:
