@@ -427,10 +427,11 @@ def request_timeout(cfg: StoreConfig) -> float:
     return max(1.0, min(cap, share))
 
 
-def refuse_unmakeable_mountpoint(path: Path) -> None:
-    """:class:`StoreError` when ``path`` is a file, or lies under one (its nearest existing
-    ancestor is no directory), so that :func:`prepare` refuses it before it makes the root.
-    Anything else (a missing path, a directory, a dead mount) passes; creates nothing."""
+def refuse_unmakeable_dir(path: Path, what: str) -> None:
+    """:class:`StoreError` naming ``what`` (``mountpoint``, ``root``) when ``path`` is a file,
+    or lies under one (its nearest existing ancestor is no directory), so that :func:`prepare`
+    refuses it before it makes anything. Anything else (a missing path, a directory, a dead
+    mount) passes; creates nothing."""
     for candidate in (path, *path.parents):
         try:
             st = candidate.stat()
@@ -441,13 +442,13 @@ def refuse_unmakeable_mountpoint(path: Path) -> None:
         if stat.S_ISDIR(st.st_mode):
             return
         if candidate == path:
-            raise StoreError(f"mountpoint {path} is not a directory")
-        raise StoreError(f"cannot create mountpoint {path}: {candidate} is not a directory")
+            raise StoreError(f"{what} {path} is not a directory")
+        raise StoreError(f"cannot create {what} {path}: {candidate} is not a directory")
 
 
 def prepare(root: Path, mountpoint: Path, addr: Path | None = None) -> Path:
     """Check and make what the store needs before it mounts: no live mount on ``mountpoint``,
-    no file on it or in its way (:func:`refuse_unmakeable_mountpoint`) and a credential
+    no file on it, on ``root`` or in their way (:func:`refuse_unmakeable_dir`) and a credential
     socket path (``addr``, default ``<root>/store.sock``) the store may take
     (:func:`store.credsocket.check_socket_path`), all checked first so a refusal makes
     nothing; ``root`` (before the mountpoint, which may lie in it, as by default: then the
@@ -458,7 +459,8 @@ def prepare(root: Path, mountpoint: Path, addr: Path | None = None) -> Path:
 
     mountpoint = Path(os.path.realpath(mountpoint))
     refuse_live_mount(mountpoint)
-    refuse_unmakeable_mountpoint(mountpoint)
+    refuse_unmakeable_dir(mountpoint, "mountpoint")
+    refuse_unmakeable_dir(root, "root")
     try:
         check_socket_path(addr or root / SOCKET_NAME)
     except SocketPathError as exc:

@@ -351,22 +351,23 @@ def test_missing_mountpoint_is_created(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "mnt").is_dir()
 
 
-@pytest.mark.parametrize("where", ["file", "file/mnt", "file/a/mnt"])
-def test_a_mountpoint_that_is_or_lies_under_a_file_is_refused_before_the_root_is_made(
-    tmp_path: Path, where: str, capsys
+@pytest.mark.parametrize("what", ["mountpoint", "root"])
+@pytest.mark.parametrize("where", ["file", "file/x", "file/a/x"])
+def test_a_mountpoint_or_root_that_is_or_lies_under_a_file_is_refused_before_anything_is_made(
+    tmp_path: Path, what: str, where: str, capsys
 ) -> None:
-    from store.cli import main
-
+    """Named as what it is: a ``--root`` naming a file was refused as 'credential socket
+    FILE/store.sock: Not a directory', which says nothing of the option at fault."""
     (tmp_path / "file").write_text("x")
-    root = tmp_path / "root"
-    assert main(["--config", "", "--root", str(root), str(tmp_path / where)]) == 1
+    paths = {"mountpoint": tmp_path / "mnt", "root": tmp_path / "root", what: tmp_path / where}
+    assert main(["--config", "", "--root", str(paths["root"]), str(paths["mountpoint"])]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.count("\n") == 1 and "Traceback" not in err and "credential socket" not in err
     if where == "file":
-        assert f"mountpoint {tmp_path / 'file'} is not a directory" in err
+        assert f"{what} {tmp_path / 'file'} is not a directory" in err
     else:
-        assert f"cannot create mountpoint {tmp_path / where}: {tmp_path / 'file'} is not a" in err
-    assert not root.exists()
+        assert f"cannot create {what} {tmp_path / where}: {tmp_path / 'file'} is not a" in err
+    assert not (tmp_path / "mnt").exists() and not (tmp_path / "root").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
