@@ -1,7 +1,9 @@
 """``lazybench convert SRC DEST``: any image to eStargz (optimized if asked) or zstd:chunked.
 
-SRC and DEST are containers-image references (``docker://``, ``oci:``, ``oci-archive:``,
-``docker-archive:``, ``containers-storage:``, ``dir:``). The destination's manifest digest is
+SRC is a containers-image reference (``docker://``, ``oci:``, ``oci-archive:``,
+``docker-archive:``, ``containers-storage:``, ``dir:``), DEST one of ``docker://``, ``oci:``,
+``oci-archive:`` and ``dir:`` (the other two keep only the layers' uncompressed tars, and are
+refused). The destination's manifest digest is
 the only thing printed on stdout; progress and messages go to stderr. See
 ``harness.images.convert`` for what is done to the image.
 """
@@ -35,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "Prints the destination's manifest digest.",
     )
     p.add_argument("src", help="source image (docker://, oci:, oci-archive:, docker-archive:, …)")
-    p.add_argument("dest", help="destination (docker:// to push, oci: / oci-archive: locally)")
+    p.add_argument(
+        "dest", help="destination (docker:// to push, oci: / oci-archive: / dir: locally)"
+    )
     p.add_argument(
         "--format",
         type=layer_format,
