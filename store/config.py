@@ -99,8 +99,8 @@ is immutable); the store's own directories and files always use short timeouts.
 
 ``[blob] fetching_timeout_sec`` bounds one read from the registry with all its
 ``max_retries`` retries (a reader gets EIO past it); each attempt may wait an equal share of
-it, 1–30 s, for a connection or for its next bytes before it is retried
-(:func:`store.cli.request_timeout`).
+it, at least 1 s and at most ``[resolver] request_timeout_sec`` (default 30 s), for a
+connection or for its next bytes before it is retried (:func:`store.cli.request_timeout`).
 
 As in the Go store, 0 means the default for ``max_concurrency``, ``prefetch_timeout_sec``,
 ``resolve_result_entry_ttl_sec``, ``[blob] chunk_size / fetching_timeout_sec / max_retries``
