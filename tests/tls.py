@@ -21,9 +21,12 @@ class TlsFiles:
     key: Path
 
 
-def make_tls_files(directory: Path, ip: str = "127.0.0.1", hours: float = 6.0) -> TlsFiles:
+def make_tls_files(
+    directory: Path, ip: str = "127.0.0.1", hours: float = 6.0, *, client: bool = False
+) -> TlsFiles:
     """Write ``ca.pem``, ``cert.pem`` and ``key.pem`` into ``directory``: a CA valid for
-    ``hours`` and a server certificate it signed for the IP address ``ip`` (subjectAltName)."""
+    ``hours`` and a server certificate it signed for the IP address ``ip`` (subjectAltName);
+    with ``client``, a client certificate instead (extended key usage clientAuth)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -75,7 +78,12 @@ def make_tls_files(directory: Path, ip: str = "127.0.0.1", hours: float = 6.0) -
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            critical=False,
+        )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,

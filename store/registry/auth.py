@@ -11,13 +11,15 @@ import base64
 import json
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import httpx
 
 from .credentials import Credentials
-from .errors import AuthenticationError, RegistryTimeout, RegistryUnavailable
+from .errors import AuthenticationError, RegistryTimeout, RegistryUnavailable, is_tls_failure
 
 _PARAM = re.compile(
     r'[\s,]*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))\s*(?:,|$)'
@@ -117,7 +119,13 @@ class TokenCache:
         creds: Credentials | None,
         timeout: float,
         registry_host: str,
+        *,
+        extensions: Mapping[str, Any] | None = None,
+        tls_note: Callable[[], str] | None = None,
     ) -> str:
+        """A token for ``scopes``, cached or fetched from the challenge's realm; the request
+        carries ``extensions`` (the registry's TLS settings), a TLS failure says
+        ``tls_note()``."""
         realm = challenge.realm
         if not realm:
             raise AuthenticationError(
@@ -135,7 +143,15 @@ class TokenCache:
                 if token := self.get(key):
                     return token
                 return await self._fetch_new(
-                    http, challenge, key, scopes, creds, timeout, registry_host
+                    http,
+                    challenge,
+                    key,
+                    scopes,
+                    creds,
+                    timeout,
+                    registry_host,
+                    dict(extensions or {}),
+                    tls_note,
                 )
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:
@@ -150,6 +166,8 @@ class TokenCache:
         creds: Credentials | None,
         timeout: float,
         registry_host: str,
+        extensions: dict[str, Any],
+        tls_note: Callable[[], str] | None,
     ) -> str:
         realm, service, _, user = key
         self.fetches += 1
@@ -169,7 +187,9 @@ class TokenCache:
                     "scope": " ".join(scopes),
                     "client_id": "lazybench",
                 }
-                request = http.build_request("POST", url, data=form, timeout=timeout)
+                request = http.build_request(
+                    "POST", url, data=form, timeout=timeout, extensions=extensions
+                )
             else:
                 # The realm's own query is kept, ours added to it (httpx's params= replaces it).
                 params = list(url.params.multi_items())
@@ -188,6 +208,7 @@ class TokenCache:
                     params=params,
                     headers=headers,
                     timeout=timeout,
+                    extensions=extensions,
                 )
             resp = await http.send(request, stream=True)
             try:
@@ -200,8 +221,10 @@ class TokenCache:
                 host=registry_host,
             ) from e
         except httpx.TransportError as e:
+            note = f" ({tls_note()})" if tls_note is not None and is_tls_failure(e) else ""
             raise RegistryUnavailable(
-                f"token server {realm} for {registry_host} unreachable: {e}", host=registry_host
+                f"token server {realm} for {registry_host} unreachable: {e}{note}",
+                host=registry_host,
             ) from e
         if resp.status_code in (401, 403):
             who = f"user {user!r}" if user else "anonymous access"

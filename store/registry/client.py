@@ -7,7 +7,9 @@ retried (it is the answer the caller configured) unless the client is made with
 ``retry_timeouts=True``: then a GET or HEAD that stalls is sent again — the store does so, and
 bounds the whole read by its own deadline instead; mirrors are tried in order
 before the origin; redirects are followed by hand so Authorization never goes to another origin
-(scheme, host and port).
+(scheme, host and port). Every request made for an endpoint over HTTPS (to the registry, its
+token server, a host it redirects to) uses that endpoint's TLS settings: the CAs and client
+certificate of its certs.d directory (:func:`hosts.read_certs_dir`), as containers/image.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .auth import Challenge, TokenCache, basic_header, parse_challenge, scope_fo
 from .credentials import Credentials, CredentialStore
 from .errors import (
     AuthenticationError,
+    ConfigError,
     ContentEncodingError,
     DigestMismatch,
     ManifestError,
@@ -45,8 +48,9 @@ from .errors import (
     RegistryTimeout,
     RegistryUnavailable,
     TooLargeError,
+    is_tls_failure,
 )
-from .hosts import DEFAULT_REQUEST_TIMEOUT, Endpoint, ResolverConfig
+from .hosts import DEFAULT_REQUEST_TIMEOUT, Endpoint, HostTls, ResolverConfig, read_certs_dir
 from .manifest import (
     ACCEPT,
     INDEX_TYPES,
@@ -67,7 +71,7 @@ from .ranges import (
     range_header,
     slice_from,
 )
-from .rangetransport import BODY_LIMIT, RangeTransport
+from .rangetransport import BODY_LIMIT, SSL_CONTEXT, RangeTransport
 from .reference import Reference, validate_digest
 
 T = TypeVar("T")
@@ -111,6 +115,9 @@ USER_AGENT = "lazybench-registry/0.1"
 # sliced as sent, never content-decoded (see _check_identity). The Go stargz-snapshotter sends
 # the same header on its range requests (fs/remote/resolver.go, httpFetcher.fetch).
 ACCEPT_ENCODING = "identity"
+# Seconds a host's certs.d reading is used before the directory is looked at again (a CA or
+# client certificate added while the store runs is taken within this long).
+TLS_RECHECK = 10.0
 
 Reader = Callable[[httpx.Response], Awaitable[T]]
 
@@ -158,6 +165,80 @@ async def _read_all(resp: httpx.Response) -> bytes:
     return await _read_raw(resp, MAX_ERROR_BODY)
 
 
+class _TlsContexts:
+    """The SSL context for each HTTPS host: ``verify``'s trust (True: the system's CAs, a
+    path: that CA bundle alone, False: none checked) plus the host's certs.d directory under
+    ``roots`` (None: containers/image's). An SSLContext given as ``verify`` is used for every
+    host as it is (certs.d is not read)."""
+
+    def __init__(self, verify: ssl.SSLContext | str | bool, roots: Sequence[Path] | None) -> None:
+        self._verify = verify
+        self._roots = roots
+        self._by_host: dict[str, tuple[float, HostTls, ssl.SSLContext]] = {}
+        if isinstance(verify, ssl.SSLContext):
+            self.default = verify
+        else:
+            self.default = HostTls("", ()).context(self._cafile, verify is not False)
+
+    @property
+    def _cafile(self) -> str | None:
+        return self._verify if isinstance(self._verify, str) else None
+
+    def for_host(self, host: str) -> ssl.SSLContext:
+        """Raises ConfigError for a certs.d directory that cannot be used."""
+        if isinstance(self._verify, ssl.SSLContext):
+            return self._verify
+        now = time.monotonic()
+        held = self._by_host.get(host)
+        if held is not None and now < held[0]:
+            return held[2]
+        tls = read_certs_dir(host, self._roots)
+        if held is not None and held[1] == tls:
+            ctx = held[2]
+        elif not tls.ca_files and tls.client_cert is None:
+            ctx = self.default
+        else:
+            ctx = tls.context(self._cafile, self._verify is not False)
+        self._by_host[host] = (now + TLS_RECHECK, tls, ctx)
+        return ctx
+
+    def describe(self, host: str) -> str:
+        """Where ``host``'s trust comes from, for an error about its certificate."""
+        if isinstance(self._verify, ssl.SSLContext):
+            return "the client's own SSL context"
+        held = self._by_host.get(host)
+        tls = held[1] if held is not None else read_certs_dir(host, self._roots)
+        base = f"CA bundle {self._verify}" if self._cafile else "the system's CAs"
+        return f"trusting {base}; {tls.describe()}"
+
+
+class _TransportPerContext(httpx.AsyncBaseTransport):
+    """One httpx transport per SSL context a request carries (:data:`SSL_CONTEXT`; none: the
+    default one): httpx takes its TLS settings per transport, not per request."""
+
+    def __init__(
+        self,
+        make: Callable[[ssl.SSLContext], httpx.AsyncBaseTransport],
+        default: ssl.SSLContext,
+    ) -> None:
+        self._make = make
+        self._default = default
+        # id -> (context, transport): the context is held, so its id is never reused meanwhile.
+        self._by_id: dict[int, tuple[ssl.SSLContext, httpx.AsyncBaseTransport]] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        ctx = request.extensions.get(SSL_CONTEXT) or self._default
+        held = self._by_id.get(id(ctx))
+        if held is None:
+            held = self._by_id[id(ctx)] = (ctx, self._make(ctx))
+        return await held[1].handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for _, transport in list(self._by_id.values()):
+            await transport.aclose()
+        self._by_id.clear()
+
+
 class RegistryClient:
     """Async context manager: `async with RegistryClient() as c: await c.get_manifest(ref)`."""
 
@@ -176,6 +257,7 @@ class RegistryClient:
         fast_ranges: bool = True,
         verify: ssl.SSLContext | str | bool = True,
         retry_timeouts: bool = False,
+        certs_roots: Sequence[Path] | None = None,
     ) -> None:
         self.resolver = resolver or ResolverConfig(
             default_timeout=timeout or DEFAULT_REQUEST_TIMEOUT
@@ -197,6 +279,10 @@ class RegistryClient:
         self._max_connections = max_connections
         self._fast_ranges = fast_ranges
         self._verify = verify  # TLS: True (system CAs), a CA bundle path, or an SSLContext
+        # Where HOST[:PORT] directories of CAs and client certificates are looked for (None:
+        # containers/image's certs.d places, see hosts.default_certs_roots).
+        self._certs_roots = certs_roots
+        self._tls: _TlsContexts | None = None  # made on entering
         self._http: httpx.AsyncClient | None = None
         self._fast: RangeTransport | None = None
         self._challenges: dict[str, Challenge | None] = {}
@@ -205,32 +291,25 @@ class RegistryClient:
 
     # ---- lifetime ------------------------------------------------------------------------
     async def __aenter__(self) -> RegistryClient:
-        verify = self._verify
-        if verify is True:
-            # The system's CAs as OpenSSL finds them, SSL_CERT_FILE / SSL_CERT_DIR honoured (as
-            # the Go store's crypto/x509 does), for both transports: httpx's own default would
-            # be certifi's bundle, which no private registry's CA is in.
-            verify = ssl.create_default_context()
-        elif isinstance(verify, str):
-            verify = ssl.create_default_context(cafile=verify)
-        transport: httpx.AsyncBaseTransport = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(
-                max_connections=self._max_connections,
-                max_keepalive_connections=self._max_connections,
-            ),
-            trust_env=False,
-            verify=verify,
+        # The system's CAs as OpenSSL finds them, SSL_CERT_FILE / SSL_CERT_DIR honoured (as
+        # the Go store's crypto/x509 does), for both transports: httpx's own default would
+        # be certifi's bundle, which no private registry's CA is in. Plus, per host, its
+        # certs.d directory.
+        self._tls = _TlsContexts(self._verify, self._certs_roots)
+        limits = httpx.Limits(
+            max_connections=self._max_connections,
+            max_keepalive_connections=self._max_connections,
         )
+
+        def plain(ctx: ssl.SSLContext) -> httpx.AsyncBaseTransport:
+            return httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=ctx)
+
+        transport: httpx.AsyncBaseTransport = _TransportPerContext(plain, self._tls.default)
         self._fast = None
         if self._fast_ranges:
-            if verify is False:
-                ctx = ssl.create_default_context()
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-                verify = ctx
             transport = self._fast = RangeTransport(
                 transport,
-                ssl_context=verify if isinstance(verify, ssl.SSLContext) else None,
+                ssl_context=self._tls.default,
                 max_connections=self._max_connections,
             )
         self._http = httpx.AsyncClient(
@@ -254,6 +333,16 @@ class RegistryClient:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+
+    def _tls_extensions(self, ep: Endpoint, url: str | httpx.URL) -> dict[str, Any]:
+        """The request extension carrying ``ep``'s SSL context for an ``https://`` ``url``
+        (the registry, its token server, where it redirects), none for ``http://``."""
+        if str(url).startswith("https:") and self._tls is not None:
+            return {SSL_CONTEXT: self._tls.for_host(ep.host)}
+        return {}
+
+    def _tls_note(self, ep: Endpoint) -> str:
+        return self._tls.describe(ep.host) if self._tls is not None else ""
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -323,7 +412,14 @@ class RegistryClient:
             return basic_header(creds)
         if challenge.scheme == "bearer":
             token = await self.tokens.fetch(
-                self.http, challenge, scopes, creds, ep.request_timeout, ep.host
+                self.http,
+                challenge,
+                scopes,
+                creds,
+                ep.request_timeout,
+                ep.host,
+                extensions=self._tls_extensions(ep, challenge.realm or ""),
+                tls_note=functools.partial(self._tls_note, ep),
             )
             return f"Bearer {token}"
         raise AuthenticationError(
@@ -453,7 +549,7 @@ class RegistryClient:
                 content=content if cur_method not in ("GET", "HEAD") else None,
                 params=params if redirects == 0 else None,
                 timeout=timeout,
-                extensions=extensions,
+                extensions={**extensions, **self._tls_extensions(ep, url)},
             )
             self.stats.requests += 1
             with _transport_errors(
@@ -462,6 +558,7 @@ class RegistryClient:
                 digest,
                 f"{what}: no answer from {peer} within {ep.request_timeout:g}s",
                 f"{what}: cannot connect to {peer}",
+                tls_note=functools.partial(self._tls_note, ep),
             ):
                 if self._fast is not None and self._fast.handles(req):
                     # Range GETs skip AsyncClient.send (auth flow, cookies, hooks: none used
@@ -514,6 +611,7 @@ class RegistryClient:
                         digest,
                         f"{what}: body from {peer} stalled for {ep.request_timeout:g}s",
                         f"{what}: connection to {peer} lost while reading the body",
+                        tls_note=functools.partial(self._tls_note, ep),
                     ):
                         result = await reader(resp)
                     return resp, result
@@ -610,7 +708,11 @@ class RegistryClient:
             return 0
         ep = eps[0]
         count = min(connections, self._max_connections)
-        return await self._fast.warm(ep.base_url, count, ep.request_timeout)
+        try:
+            ctx = self._tls_extensions(ep, ep.base_url).get(SSL_CONTEXT)
+        except ConfigError:
+            return 0  # the requests that follow report it
+        return await self._fast.warm(ep.base_url, count, ep.request_timeout, ctx)
 
     async def _fetch_manifest(
         self, ref: Reference, reference: str, *, origin_only: bool = False
@@ -1090,16 +1192,23 @@ class RegistryClient:
 
 @contextlib.contextmanager
 def _transport_errors(
-    ep: Endpoint, repo: str, digest: str | None, on_timeout: str, on_error: str
+    ep: Endpoint,
+    repo: str,
+    digest: str | None,
+    on_timeout: str,
+    on_error: str,
+    tls_note: Callable[[], str] | None = None,
 ) -> Iterator[None]:
-    """httpx transport failures → RegistryTimeout (not retried) / RegistryUnavailable."""
+    """httpx transport failures → RegistryTimeout (not retried) / RegistryUnavailable; a TLS
+    failure says where the host's CAs and client certificate were looked for (``tls_note``)."""
     where = {"host": ep.host, "repository": repo or None, "digest": digest}
     try:
         yield
     except httpx.TimeoutException as e:
         raise RegistryTimeout(f"{on_timeout} ({type(e).__name__})", **where) from e
     except (httpx.TransportError, ConnectionError) as e:
-        raise RegistryUnavailable(f"{on_error}: {_describe(e)}", **where) from e
+        note = f" ({tls_note()})" if tls_note is not None and is_tls_failure(e) else ""
+        raise RegistryUnavailable(f"{on_error}: {_describe(e)}{note}", **where) from e
 
 
 def _describe(exc: BaseException) -> str:

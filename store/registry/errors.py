@@ -6,6 +6,8 @@ messages; they never need to look at httpx exceptions.
 
 from __future__ import annotations
 
+import ssl
+
 
 class RegistryError(Exception):
     """Base of every error the registry client raises."""
@@ -81,3 +83,14 @@ class ContentEncodingError(RegistryError):
 
 class ConfigError(RegistryError):
     """Resolver or credentials configuration that cannot be used."""
+
+
+def is_tls_failure(exc: BaseException) -> bool:
+    """Whether an SSL error (a certificate not trusted, a client certificate refused) is
+    along ``exc``'s cause chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or "[SSL" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -10,16 +10,30 @@ The configuration keys are the Go `stargz-store`'s, so one TOML file serves both
 
 `parse_resolver_config` is a pure function over the decoded TOML table (the store's config
 module owns file reading).
+
+How each HTTPS host is verified, and which client certificate it is shown, is podman's
+per-host TLS directory (containers-certs.d(5), containers/image's ``dockerCertDir`` and
+``tlsclientconfig.SetupCertificates``): the first of ``~/.config/containers/certs.d/HOST[:PORT]``,
+``/etc/containers/certs.d/HOST[:PORT]``, ``/etc/docker/certs.d/HOST[:PORT]`` that exists is
+the host's; in it ``*.crt`` files are CAs trusted beside the system's, and ``NAME.cert`` with
+``NAME.key`` a client certificate (one without the other is an error). The Go store has no
+setting for this (it trusts the system's CAs only), so none is added here.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+import logging
+import os
+import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
@@ -170,3 +184,125 @@ def parse_resolver_config(
             mirrors.append(MirrorConfig(m["host"], insecure, float(timeout), header))
         hosts[str(name)] = HostConfig(tuple(mirrors))
     return ResolverConfig(hosts, frozenset(insecure_hosts), default_timeout)
+
+
+def default_certs_roots() -> tuple[Path, ...]:
+    """The directories holding a ``HOST[:PORT]`` directory each, in containers/image's order
+    of search (``$HOME`` first)."""
+    home = Path(os.path.expanduser("~"))
+    return (
+        home / ".config" / "containers" / "certs.d",
+        Path("/etc/containers/certs.d"),
+        Path("/etc/docker/certs.d"),
+    )
+
+
+@dataclass(frozen=True)
+class HostTls:
+    """What a host's certs.d directory holds: CA files and at most one client key pair.
+
+    ``searched``: the directories looked at, in order; ``directory``: the first of them that
+    exists (None: none does, the system's CAs alone are trusted)."""
+
+    host: str
+    searched: tuple[Path, ...]
+    directory: Path | None = None
+    ca_files: tuple[Path, ...] = ()
+    client_cert: tuple[Path, Path] | None = None  # (NAME.cert, NAME.key)
+    # Files' (name, size, mtime) when read: the context is rebuilt when they change.
+    stamp: tuple[tuple[str, int, int], ...] = ()
+
+    def describe(self) -> str:
+        """Where the host's CAs and client certificate come from, for error messages."""
+        if self.directory is None:
+            dirs = ", ".join(str(d) for d in self.searched)
+            return f"no certs.d directory for {self.host} (none of {dirs} exists)"
+        cas = ", ".join(p.name for p in self.ca_files) or "no *.crt file"
+        cert = self.client_cert[0].name if self.client_cert else "no client certificate"
+        return f"certs.d directory for {self.host}: {self.directory} ({cas}; {cert})"
+
+    def context(self, cafile: str | None = None, verify: bool = True) -> ssl.SSLContext:
+        """An SSL context trusting the system's CAs (or ``cafile`` alone) plus the *.crt
+        files, showing the client certificate (``verify=False``: checking nothing, showing
+        the client certificate). Raises ConfigError naming the file that cannot be used."""
+        ctx = ssl.create_default_context(cafile=cafile)
+        if not verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        for path in self.ca_files if verify else ():
+            try:
+                ctx.load_verify_locations(cadata=path.read_text(errors="replace"))
+            except FileNotFoundError:
+                log.warning("%s: dangling or removed, not trusted", path)
+            except OSError as exc:
+                raise ConfigError(
+                    f"{path}: cannot read CA file: {exc.strerror}", host=self.host
+                ) from None
+            except (ssl.SSLError, ValueError) as exc:
+                # containers/image skips a file without a PEM certificate (Go's
+                # AppendCertsFromPEM); a verification that needed it names the directory.
+                log.warning("%s: no PEM certificate in it, not trusted (%s)", path, exc)
+        if self.client_cert is not None:
+            cert, key = self.client_cert
+            try:
+                ctx.load_cert_chain(cert, key, password=_no_password)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                raise ConfigError(
+                    f"{cert} with {key.name}: not a usable client certificate and key "
+                    f"(PEM, unencrypted, matching): {why}",
+                    host=self.host,
+                ) from None
+        return ctx
+
+
+def _no_password() -> bytes:
+    # An encrypted client key cannot be used unattended (containers/image refuses it too);
+    # without this OpenSSL would prompt on the terminal.
+    raise ValueError("the key is encrypted")
+
+
+def read_certs_dir(host: str, roots: Sequence[Path] | None = None) -> HostTls:
+    """The host's certs.d directory and what it holds, read as containers/image reads it.
+
+    Directories that do not exist or cannot be read are skipped, as there; in the one used,
+    a ``NAME.cert`` without ``NAME.key`` (or the reverse) is a ConfigError naming both."""
+    searched = tuple(Path(r) / host for r in (default_certs_roots() if roots is None else roots))
+    for d in searched:
+        try:
+            names = sorted(os.listdir(d))
+        except (FileNotFoundError, PermissionError):
+            continue
+        except NotADirectoryError:
+            raise ConfigError(f"{d}: certs.d entry for {host} is not a directory") from None
+        except OSError as exc:
+            raise ConfigError(f"{d}: cannot read certs.d directory: {exc.strerror}") from None
+        cas, pairs = [], []
+        for name in names:
+            if name.endswith(".crt"):
+                cas.append(d / name)
+            elif name.endswith(".cert"):
+                key = name[: -len(".cert")] + ".key"
+                if key not in names:
+                    raise ConfigError(
+                        f"{d}: missing key {key} for client certificate {name} (CA "
+                        "certificates take the extension .crt)",
+                        host=host,
+                    )
+                pairs.append((d / name, d / key))
+            elif name.endswith(".key") and name[: -len(".key")] + ".cert" not in names:
+                raise ConfigError(
+                    f"{d}: missing client certificate {name[: -len('.key')]}.cert for key {name}",
+                    host=host,
+                )
+        if len(pairs) > 1:
+            log.info("%s: %d client certificates; %s is shown", d, len(pairs), pairs[0][0].name)
+        stamp = []
+        for path in [*cas, *(p for pair in pairs[:1] for p in pair)]:
+            try:
+                st = path.stat()
+                stamp.append((path.name, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stamp.append((path.name, -1, -1))
+        return HostTls(host, searched, d, tuple(cas), pairs[0] if pairs else None, tuple(stamp))
+    return HostTls(host, searched)

@@ -48,6 +48,9 @@ EAGER_MAX = 64 * 1024 * 1024  # 206/error bodies up to this size are read with t
 PIECE = 16 * 1024 * 1024  # other bodies are yielded in pieces of at most this size
 MAX_HOSTS = 16  # connection pools kept (one per scheme/host/port)
 BODY_LIMIT = "lazybench.body_limit"  # request extension: the most body bytes to expect
+# Request extension: the ssl.SSLContext an https:// request is made with (the registry's own,
+# from its certs.d directory); absent: the transport's default.
+SSL_CONTEXT = "lazybench.ssl_context"
 
 
 def _timeouts(request: httpx.Request) -> urllib3.Timeout:
@@ -185,8 +188,9 @@ class _Body(httpx.AsyncByteStream):
 class RangeTransport(httpx.AsyncBaseTransport):
     """urllib3 in worker threads for range GETs; delegates every other request.
 
-    ``ssl_context`` verifies ``https://`` registries (None: the system's CAs);
-    ``max_connections`` bounds the kept-alive connections per host."""
+    ``ssl_context`` verifies ``https://`` registries (None: the system's CAs) unless a request
+    carries its own (:data:`SSL_CONTEXT`); ``max_connections`` bounds the kept-alive
+    connections per host."""
 
     def __init__(
         self,
@@ -240,16 +244,18 @@ class RangeTransport(httpx.AsyncBaseTransport):
             for k, v in request.headers.raw
             if k.lower() not in (b"connection", b"keep-alive", b"transfer-encoding", b"host")
         }
+        url = str(request.url)
         with _as_httpx(request):
-            resp = self._pool.urlopen(
+            resp = self._pool_for(url, request.extensions.get(SSL_CONTEXT)).urlopen(
                 "GET",
-                str(request.url),
+                urllib3.util.parse_url(url).request_uri,
                 headers=headers,
                 redirect=False,
                 retries=False,
                 preload_content=False,
                 decode_content=False,
                 timeout=_timeouts(request),
+                assert_same_host=False,
             )
         exchange.adopt(resp)
         status = resp.status
@@ -268,7 +274,19 @@ class RangeTransport(httpx.AsyncBaseTransport):
         version = b"HTTP/1.0" if resp.version == 10 else b"HTTP/1.1"
         return status, raw_headers, version, eager
 
-    async def warm(self, url: str, connections: int, timeout: float | None) -> int:
+    def _pool_for(self, url: str, ssl_context: ssl.SSLContext | None) -> Any:
+        """The connection pool for ``url``'s host made with ``ssl_context`` (one per context:
+        urllib3 keys its pools by it)."""
+        kw = {"ssl_context": ssl_context} if ssl_context and url.startswith("https:") else None
+        return self._pool.connection_from_url(url, pool_kwargs=kw)
+
+    async def warm(
+        self,
+        url: str,
+        connections: int,
+        timeout: float | None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> int:
         """Open up to ``connections`` kept-alive connections to ``url``'s host (TCP, and TLS
         for ``https://``) without sending a request; returns how many are open afterwards.
 
@@ -280,7 +298,7 @@ class RangeTransport(httpx.AsyncBaseTransport):
         them). urllib3 has no public call to open a pool's connection ahead of a request,
         so this takes and returns them through the pool's ``_get_conn``/``_put_conn``.
         """
-        pool = self._pool.connection_from_url(url)
+        pool = self._pool_for(url, ssl_context)
         # Take them all first (never blocks: the pool does not), so that one connected here
         # and put back is not taken again as another. Each goes back to the pool once, by
         # whoever claims it first: its worker thread (after connecting, even when the task

@@ -1,0 +1,207 @@
+"""Per-host TLS settings from certs.d directories, as podman's containers/image reads them:
+``*.crt`` CAs trusted beside the system's, ``NAME.cert`` + ``NAME.key`` a client certificate.
+
+The end-to-end tests serve docker-registry over HTTPS with a throwaway CA that only a certs.d
+directory names (and, for one, demanding a client certificate of another CA)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.processes import free_port
+from harness.registry_server import RegistryServer
+from store.registry import RegistryClient, parse_resolver_config
+from store.registry.errors import ConfigError, RegistryUnavailable
+from store.registry.hosts import default_certs_roots, read_certs_dir
+from tests.tls import make_tls_files
+
+pytestmark = [pytest.mark.timeout(120)]
+
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+CONFIG = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+
+
+# ---- the lookup rule (pure) --------------------------------------------------------------
+def test_first_existing_directory_is_the_hosts(tmp_path: Path) -> None:
+    """containers/image's dockerCertDir: roots in order, the first with a HOST:PORT directory
+    wins (even if empty); no directory at all means the system's CAs alone."""
+    roots = [tmp_path / "home", tmp_path / "etc-containers", tmp_path / "etc-docker"]
+    host = "reg.example:5000"
+    none = read_certs_dir(host, roots)
+    assert none.directory is None and none.ca_files == () and none.client_cert is None
+    assert none.searched == tuple(r / host for r in roots)
+    assert str(roots[2] / host) in none.describe()
+
+    (roots[2] / host).mkdir(parents=True)
+    (roots[2] / host / "ca.crt").write_text("x")
+    (roots[2] / host / "client.cert").write_text("x")
+    (roots[2] / host / "client.key").write_text("x")
+    (roots[2] / host / "notes.txt").write_text("x")
+    (roots[1] / host).mkdir(parents=True)  # empty, yet first: it decides
+    assert read_certs_dir(host, roots).directory == roots[1] / host
+    assert read_certs_dir(host, roots).ca_files == ()
+
+    shutil.rmtree(roots[1])
+    got = read_certs_dir(host, roots)
+    assert got.directory == roots[2] / host
+    assert got.ca_files == (roots[2] / host / "ca.crt",)
+    assert got.client_cert == (roots[2] / host / "client.cert", roots[2] / host / "client.key")
+    assert read_certs_dir("other:5000", roots).directory is None
+
+
+def test_default_roots_are_containers_image_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "/home/u")
+    assert default_certs_roots() == (
+        Path("/home/u/.config/containers/certs.d"),
+        Path("/etc/containers/certs.d"),
+        Path("/etc/docker/certs.d"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["client.cert"], r"missing key client\.key for client certificate client\.cert"),
+        (["client.key"], r"missing client certificate client\.cert for key client\.key"),
+        (["ca.crt", "a.cert", "b.key"], r"missing key a\.key"),
+    ],
+)
+def test_half_a_key_pair_is_an_error_naming_the_directory(
+    tmp_path: Path, names: list[str], message: str
+) -> None:
+    d = tmp_path / "certs.d" / "h:1"
+    d.mkdir(parents=True)
+    for n in names:
+        (d / n).write_text("x")
+    with pytest.raises(ConfigError, match=message) as info:
+        read_certs_dir("h:1", [tmp_path / "certs.d"])
+    assert str(d) in str(info.value)
+
+
+def test_unusable_client_key_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    """A key that does not match, or is not PEM, fails with the file named (and never asks
+    for a password on the terminal)."""
+    a = make_tls_files(tmp_path / "a", client=True)
+    b = make_tls_files(tmp_path / "b", client=True)
+    d = tmp_path / "certs.d" / "h:1"
+    d.mkdir(parents=True)
+    shutil.copy(a.cert, d / "client.cert")
+    shutil.copy(b.key, d / "client.key")
+    with pytest.raises(ConfigError, match=r"client\.cert with client\.key: not a usable"):
+        read_certs_dir("h:1", [tmp_path / "certs.d"]).context()
+
+
+# ---- against a real TLS registry ---------------------------------------------------------
+def _wait_listening(reg: RegistryServer, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", reg.port or 0), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _client(reg: RegistryServer, **kw: object) -> RegistryClient:
+    """A client reaching the loopback registry over HTTPS (loopback defaults to HTTP)."""
+    cfg = parse_resolver_config(
+        {"resolver": {"host": {reg.host: {"mirrors": [{"host": f"https://{reg.host}"}]}}}}
+    )
+    return RegistryClient(resolver=cfg, timeout=10, retries=0, **kw)  # type: ignore[arg-type]
+
+
+async def _push(reg: RegistryServer, tls_ca: Path, data: bytes) -> tuple[str, str]:
+    ref = f"{reg.host}/certs/app:v1"
+    async with _client(reg, verify=str(tls_ca)) as c:
+        m = await c.push_image(ref, CONFIG, [(data, LAYER)])
+    return ref, m.layers[0].digest
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_ca_only_certs_d_knows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry's CA is in ``~/.config/containers/certs.d/HOST:PORT/ca.crt`` only (not in
+    the system's trust): manifests and ranged blob reads succeed. Without it, or with another
+    CA there, the error names the host and the directories searched."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    tls = make_tls_files(tmp_path / "tls")
+    data = random.Random(3).randbytes(100_000)
+    with RegistryServer(tls_cert=tls.cert, tls_key=tls.key) as reg:
+        ref, digest = await _push(reg, tls.ca, data)
+        home_dir = tmp_path / "home/.config/containers/certs.d" / reg.host
+
+        async with _client(reg) as c:  # no certs.d directory at all
+            with pytest.raises(RegistryUnavailable) as info:
+                await c.get_manifest(ref)
+        msg = str(info.value)
+        assert "CERTIFICATE_VERIFY_FAILED" in msg and reg.host in msg
+        assert str(home_dir) in msg and "/etc/containers/certs.d/" in msg, msg
+
+        home_dir.mkdir(parents=True)
+        shutil.copy(tls.ca, home_dir / "ca.crt")
+        async with _client(reg) as c:
+            assert (await c.get_manifest(ref)).layers[0].digest == digest
+            assert await c.read_ranges(ref, digest, [(10, 20), (5000, 7)]) == [
+                data[10:30],
+                data[5000:5007],
+            ]
+            assert await c.get_blob(ref, digest) == data
+
+        other = make_tls_files(tmp_path / "other")
+        shutil.copy(other.ca, home_dir / "ca.crt")
+        async with _client(reg) as c:
+            with pytest.raises(RegistryUnavailable) as info:
+                await c.read_ranges(ref, digest, [(0, 10)])
+        msg = str(info.value)
+        assert "CERTIFICATE_VERIFY_FAILED" in msg
+        assert f"certs.d directory for {reg.host}: {home_dir} (ca.crt;" in msg, msg
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_client_certificate_from_certs_d(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry that demands a client certificate (``clientcas``): refused without one,
+    served with ``client.cert`` + ``client.key`` beside the CA in its certs.d directory."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    tls = make_tls_files(tmp_path / "tls")
+    client = make_tls_files(tmp_path / "client", client=True)
+    roots = [tmp_path / "certs.d"]
+    data = random.Random(4).randbytes(50_000)
+    # Readiness is probed on the plain-HTTP debug listener: the TLS one wants a certificate.
+    debug = f"127.0.0.1:{free_port()}"
+    extra = {"http": {"tls": {"clientcas": [str(client.ca)]}, "debug": {"addr": debug}}}
+    with RegistryServer(
+        tls_cert=tls.cert,
+        tls_key=tls.key,
+        extra_config=extra,
+        ready_url=f"http://{debug}/debug/vars",
+    ) as reg:
+        _wait_listening(reg)
+        d = roots[0] / reg.host
+        d.mkdir(parents=True)
+        shutil.copy(tls.ca, d / "ca.crt")
+        async with _client(reg, certs_roots=roots) as c:
+            with pytest.raises(RegistryUnavailable) as info:
+                await c.get_manifest(f"{reg.host}/certs/app:v1")
+        msg = str(info.value)
+        assert reg.host in msg and f"{d} (ca.crt; no client certificate)" in msg, msg
+
+        shutil.copy(client.cert, d / "client.cert")
+        shutil.copy(client.key, d / "client.key")
+        async with _client(reg, certs_roots=roots) as c:
+            m = await c.push_image(f"{reg.host}/certs/app:v1", CONFIG, [(data, LAYER)])
+            digest = m.layers[0].digest
+            assert await c.read_ranges(f"{reg.host}/certs/app:v1", digest, [(1, 3)]) == [data[1:4]]
