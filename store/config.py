@@ -31,6 +31,8 @@ Our additions (top level):
 ``resolve_timeout_sec``  bound on any lookup that needs the registry (the runtime then falls
                          back to a normal pull), default 15
 ``auth_file``            a containers auth.json / docker config.json to take credentials from
+                         (its ``credHelpers`` and ``credsStore`` helpers are run,
+                         :mod:`store.registry.credentials`)
 ``overlay_opaque_type``  which extended attribute marks a layer directory opaque (it holds a
                          ``.wh..wh..opq`` entry): the one the overlay mount over the store
                          reads. ``"trusted"`` answers ``trusted.overlay.opaque``: kernel

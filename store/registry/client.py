@@ -388,11 +388,12 @@ class RegistryClient:
         raise last
 
     # ---- auth ----------------------------------------------------------------------------
-    def _creds_for(self, ep: Endpoint, registry: str, repo: str) -> Credentials | None:
-        """The origin's credentials go to the origin only; a mirror gets its own, if any."""
+    async def _creds_for(self, ep: Endpoint, registry: str, repo: str) -> Credentials | None:
+        """The origin's credentials go to the origin only; a mirror gets its own, if any
+        (credential helpers run off the event loop)."""
         if ep.is_mirror:
-            return self.credentials.lookup(ep.host, repo, origin=False)
-        return self.credentials.lookup(registry, repo)
+            return await self.credentials.alookup(ep.host, repo, origin=False)
+        return await self.credentials.alookup(registry, repo)
 
     async def _auth_header(
         self, ep: Endpoint, ref_registry: str, scopes: tuple[str, ...], repo: str
@@ -400,7 +401,7 @@ class RegistryClient:
         challenge = self._challenges.get(ep.host)
         if challenge is None:
             return None
-        creds = self._creds_for(ep, ref_registry, repo)
+        creds = await self._creds_for(ep, ref_registry, repo)
         if challenge.scheme == "basic":
             if creds is None or not creds.username:
                 raise AuthenticationError(
@@ -657,7 +658,9 @@ class RegistryClient:
             where = resp.request.url.netloc.decode("ascii", "replace")
             detail += f" from {where}, where the registry redirected"
         if status == 401 and not redirected:
-            creds = self._creds_for(ep, registry, repo)
+            # What was sent: a helper's answer is cached by now (never run here, on the loop).
+            host, origin = (ep.host, False) if ep.is_mirror else (registry, True)
+            creds = self.credentials.lookup(host, repo, origin=origin, helpers=False)
             who = f"user {creds.username!r}" if creds and creds.username else "no credentials"
             return AuthenticationError(
                 f"{what}: authentication failed with {who} (HTTP 401){detail}", **kw

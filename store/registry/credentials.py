@@ -3,7 +3,21 @@
 Lookup order (as containers/image): `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/
 auth.json`, `~/.config/containers/auth.json`, `~/.docker/config.json`. Keys may be a registry
 (`quay.io`), a namespace (`quay.io/org/repo`, most specific wins), or docker's legacy
-`https://index.docker.io/v1/`. Credential helpers are not run.
+`https://index.docker.io/v1/`.
+
+Credential helpers, as docker and containers/image run them: a file's ``credHelpers``
+(registry -> NAME) decides for that registry, ``credsStore`` (NAME) for an entry without
+credentials (docker's ``{}``) or a registry the file has no entry for.
+``docker-credential-NAME get`` is run with the server on stdin (the entry's own key, else the
+registry; Docker Hub's is ``https://index.docker.io/v1/``) and answers JSON ``{"ServerURL",
+"Username", "Secret"}`` (``Username`` ``<token>``: the secret is an identity token); "credentials
+not found in native keychain" means none, the search goes on to the next file. Any other
+failure (a helper that exits non-zero, answers no JSON, or takes more than
+:data:`HELPER_TIMEOUT` seconds) is a ConfigError naming the helper and the file, as is a
+``credHelpers`` helper not on ``PATH``; a ``credsStore`` helper not on ``PATH`` (a config.json
+copied from Docker Desktop) is logged and gives none, the outcome podman (which does not read
+``credsStore``) has. Answers are kept :data:`HELPER_CACHE_TTL` seconds;
+:meth:`CredentialStore.alookup` runs helpers in a worker thread, off the event loop.
 
 Credentials handed over per image reference by podman's layer-store auth helper
 (:meth:`CredentialStore.add_for_references`, fed by ``stargz-store-helper`` through the store's
@@ -16,13 +30,32 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import functools
 import json
+import logging
 import os
-from collections.abc import Mapping
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
+
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+HELPER_TIMEOUT = 10.0  # seconds one `docker-credential-NAME get` may take
+HELPER_CACHE_TTL = 60.0  # seconds a helper's answer (credentials or none) is reused
+# What a helper prints when it has nothing for the server (docker-credential-helpers'
+# credentials.errCredentialsNotFound).
+HELPER_NOT_FOUND = "credentials not found in native keychain"
+HELPER_TOKEN_USER = "<token>"  # Username of an identity token (docker's tokenUsername)
+DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
 
 
 @dataclass(frozen=True)
@@ -85,6 +118,138 @@ def _holds_any(creds: Credentials) -> bool:
     return bool(creds.username or creds.password or creds.identity_token)
 
 
+@dataclass(frozen=True)
+class HelperCall:
+    """One ``docker-credential-NAME get``: NAME, the server on its stdin, and the file and key
+    that named it (for messages); ``required``: a missing helper is an error (credHelpers),
+    not a logged none (credsStore)."""
+
+    helper: str
+    server: str
+    where: str
+    required: bool = True
+
+
+def run_credential_helper(call: HelperCall, timeout: float = HELPER_TIMEOUT) -> Credentials | None:
+    """Run ``docker-credential-NAME get``; its credentials, None for "not found".
+    Raises ConfigError naming the helper for any other outcome; never waits past
+    ``timeout`` (the helper's whole process group is killed then)."""
+    if not call.helper or "/" in call.helper or call.helper.startswith("-"):
+        raise ConfigError(f"{call.where}: {call.helper!r} is not a credential helper name")
+    program = f"docker-credential-{call.helper}"
+    what = f"credential helper {program} ({call.where})"
+    try:
+        proc = subprocess.Popen(
+            [program, "get"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except FileNotFoundError:
+        if not call.required:
+            log.warning("%s is not on PATH: no credentials from it for %s", what, call.server)
+            return None
+        raise ConfigError(f"{what} is not on PATH") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} cannot be run: {exc.strerror}") from None
+    with proc:
+        try:
+            out, err = proc.communicate(call.server.encode(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise ConfigError(
+                f"{what} gave no answer for {call.server} within {timeout:g}s"
+            ) from None
+    said = (out.decode(errors="replace").strip() or err.decode(errors="replace").strip())[:300]
+    if proc.returncode != 0:
+        if said == HELPER_NOT_FOUND:
+            return None
+        raise ConfigError(
+            f"{what} failed for {call.server} (exit status {proc.returncode}): {said}"
+        )
+    try:
+        answer = json.loads(out)
+        user, secret = answer.get("Username", ""), answer.get("Secret", "")
+        if not isinstance(user, str) or not isinstance(secret, str):
+            raise TypeError("Username and Secret must be strings")
+    except (ValueError, AttributeError, TypeError):
+        # Not quoted: it may hold the secret.
+        raise ConfigError(
+            f"{what} answered for {call.server} without a JSON object of Username and Secret"
+        ) from None
+    if user == HELPER_TOKEN_USER:
+        creds = Credentials(identity_token=secret)
+    else:
+        creds = Credentials(user, secret)
+    return creds if _holds_any(creds) else None
+
+
+class _NotCached(Exception):
+    """A lookup needs a helper's answer that is not cached."""
+
+
+@dataclass(frozen=True)
+class _AuthFile:
+    path: Path
+    # normalized key -> (key as written, entry)
+    auths: Mapping[str, tuple[str, Mapping[str, object]]]
+    # normalized registry -> (key as written, helper NAME)
+    helpers: Mapping[str, tuple[str, object]]
+    store: object  # credsStore: a NAME, or "" for none
+
+
+def find_credentials(
+    files: list[_AuthFile],
+    registry: str,
+    repository: str,
+    run: Callable[[HelperCall], Credentials | None],
+) -> Credentials | None:
+    """The credentials the auth ``files`` give ``registry/repository``, running helpers
+    through ``run``.
+
+    Per file, in order: a ``credHelpers`` entry for the registry decides for that file (as
+    containers/image: registries only, not namespaces); else the most specific ``auths``
+    key, whose credentials, or for an entry without any the ``credsStore``, decide; with no
+    key at all the ``credsStore`` is asked for the registry (as docker). None from a file
+    sends the search on to the next."""
+    keys = []
+    path = f"{registry}/{repository}" if repository else registry
+    while True:
+        keys.append(path)
+        if "/" not in path:
+            break
+        path = path.rsplit("/", 1)[0]
+    for f in files:
+        if registry in f.helpers:
+            raw, name = f.helpers[registry]
+            where = f"{f.path} credHelpers[{raw!r}]"
+            if not isinstance(name, str):
+                raise ConfigError(f"{where}: a credential helper name must be a string")
+            if creds := run(HelperCall(name, registry, where)):
+                return creds
+            continue
+        server = DOCKER_HUB_SERVER if registry == "docker.io" else registry
+        for k in keys:
+            if k in f.auths:
+                raw, entry = f.auths[k]
+                if (creds := _decode_entry(entry, f"{f.path} [{raw}]")) is not None:
+                    return creds
+                server = raw
+                break
+        else:
+            if not f.store:
+                continue
+        if f.store:
+            if not isinstance(f.store, str):
+                raise ConfigError(f"{f.path}: 'credsStore' must be a string")
+            call = HelperCall(f.store, server, f"{f.path} credsStore", required=False)
+            if creds := run(call):
+                return creds
+    return None
+
+
 class CredentialStore:
     """Explicit credentials first, then auth files; a file that is missing is skipped."""
 
@@ -95,8 +260,11 @@ class CredentialStore:
     ) -> None:
         self._explicit = {_normalize_key(k): v for k, v in (explicit or {}).items()}
         self._files = auth_files if auth_files is not None else default_auth_files()
-        self._loaded: list[tuple[Path, dict[str, tuple[str, Mapping[str, object]]]]] | None = None
+        self._loaded: list[_AuthFile] | None = None
         self._given: dict[tuple[str, str], Credentials] = {}
+        # (helper, server) -> (until, answer)
+        self._helper_answers: dict[tuple[str, str], tuple[float, Credentials | None]] = {}
+        self._helper_lock: anyio.Lock | None = None
 
     def add_for_references(self, data: object) -> list[str]:
         """Take ``{"<image ref>": {"username", "password", "identityToken"}}`` (what podman
@@ -125,9 +293,9 @@ class CredentialStore:
         self._given.update(taken)
         return list(data)
 
-    def _load(self) -> list[tuple[Path, dict[str, tuple[str, Mapping[str, object]]]]]:
+    def _load(self) -> list[_AuthFile]:
         if self._loaded is None:
-            self._loaded = []
+            loaded = []
             for path in self._files:
                 try:
                     data = json.loads(path.read_text())
@@ -135,41 +303,83 @@ class CredentialStore:
                     continue
                 except (OSError, ValueError) as e:
                     raise ConfigError(f"cannot read credentials file {path}: {e}") from e
-                auths = data.get("auths", {}) if isinstance(data, dict) else {}
+                data = data if isinstance(data, dict) else {}
+                auths = data.get("auths", {})
                 if not isinstance(auths, dict):
                     raise ConfigError(f"{path}: 'auths' must be an object")
+                helpers = data.get("credHelpers") or {}
+                if not isinstance(helpers, dict):
+                    raise ConfigError(f"{path}: 'credHelpers' must be an object")
                 # Decoded when matched: a broken entry only fails the registry it is for.
                 table = {_normalize_key(k): (k, v) for k, v in auths.items() if isinstance(v, dict)}
-                self._loaded.append((path, table))
+                by_registry = {_normalize_key(k): (k, v) for k, v in helpers.items()}
+                loaded.append(_AuthFile(path, table, by_registry, data.get("credsStore") or ""))
+            self._loaded = loaded
         return self._loaded
 
+    def _run_cached(self, call: HelperCall) -> Credentials | None:
+        key = (call.helper, call.server)
+        held = self._helper_answers.get(key)
+        if held is not None and time.monotonic() < held[0]:
+            return held[1]
+        creds = run_credential_helper(call)
+        self._helper_answers[key] = (time.monotonic() + HELPER_CACHE_TTL, creds)
+        return creds
+
+    def _cached_only(self, call: HelperCall) -> Credentials | None:
+        held = self._helper_answers.get((call.helper, call.server))
+        if held is None or time.monotonic() >= held[0]:
+            raise _NotCached
+        return held[1]
+
+    def _find(
+        self,
+        registry: str,
+        repository: str,
+        origin: bool,
+        run: Callable[[HelperCall], Credentials | None],
+    ) -> Credentials | None:
+        given = self._given.get((registry, repository)) if origin else None
+        if given is not None and _holds_any(given):
+            return given
+        path = f"{registry}/{repository}" if repository else registry
+        while True:
+            if path in self._explicit:
+                return self._explicit[path]
+            if "/" not in path:
+                break
+            path = path.rsplit("/", 1)[0]
+        return find_credentials(self._load(), registry, repository, run)
+
     def lookup(
-        self, registry: str, repository: str = "", *, origin: bool = True
+        self, registry: str, repository: str = "", *, origin: bool = True, helpers: bool = True
     ) -> Credentials | None:
         """Most specific match of `registry/repository` prefixes, explicit before files.
 
         Credentials given for an image reference match only its own registry and repository,
-        and only when ``origin`` (the request goes to that registry, not to a mirror)."""
-        given = self._given.get((registry, repository)) if origin else None
-        if given is not None and _holds_any(given):
-            return given
-        keys = []
-        path = f"{registry}/{repository}" if repository else registry
-        while True:
-            keys.append(path)
-            if "/" not in path:
-                break
-            path = path.rsplit("/", 1)[0]
-        for k in keys:
-            if k in self._explicit:
-                return self._explicit[k]
-        # As containers/image: the most specific key of the first file that has one decides
-        # for that file; an entry without credentials sends the search on to the next file.
-        for path, table in self._load():
-            for k in keys:
-                if k in table:
-                    raw_key, entry = table[k]
-                    if (creds := _decode_entry(entry, f"{path} [{raw_key}]")) is not None:
-                        return creds
-                    break
-        return None
+        and only when ``origin`` (the request goes to that registry, not to a mirror).
+        Credential helpers run here, blocking (:meth:`alookup` does not block); with
+        ``helpers=False`` only their cached answers count (one not cached gives None)."""
+        if helpers:
+            return self._find(registry, repository, origin, self._run_cached)
+        try:
+            return self._find(registry, repository, origin, self._cached_only)
+        except _NotCached:
+            return None
+
+    async def alookup(
+        self, registry: str, repository: str = "", *, origin: bool = True
+    ) -> Credentials | None:
+        """:meth:`lookup` for async callers: a helper not answered yet runs in a worker
+        thread, one such lookup at a time (a burst of requests runs it once)."""
+        with contextlib.suppress(_NotCached):
+            return self._find(registry, repository, origin, self._cached_only)
+        if self._helper_lock is None:
+            self._helper_lock = anyio.Lock()
+        async with self._helper_lock:
+            with contextlib.suppress(_NotCached):
+                return self._find(registry, repository, origin, self._cached_only)
+            return await anyio.to_thread.run_sync(
+                functools.partial(self.lookup, registry, repository, origin=origin),
+                abandon_on_cancel=True,
+            )
