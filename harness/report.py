@@ -870,12 +870,16 @@ def run_limits(
     return limits_of(entries, env, df, workloads)
 
 
-def timeline_lines(run_dir: Path, env: dict[str, Any] | None = None) -> list[str]:
+def timeline_lines(
+    run_dir: Path, env: dict[str, Any] | None = None, records: Sequence[Any] | None = None
+) -> list[str]:
     """The pull phase split per workload × lazy mode × store, from the run's pull timelines
     (harness.timeline: sample 0, our store only), each linked, with each pull's floor on the
     run's link (``env``: its ``environment.json``; :class:`harness.limit.PullFloor`, "–"
     without a measured link); nothing for a run without timelines (older runs, foreign
-    stores)."""
+    stores). With the run's ``records``, a timeline whose measurement is not in the figures
+    (it fell back to a full pull, or failed) is no lazy pull's: it is listed under the table
+    with its status and link, never tabled as a pull of the store."""
     from harness.limit import PULL_ROUND_TRIPS, pull_floor
     from harness.timeline import read_timelines
 
@@ -883,6 +887,25 @@ def timeline_lines(run_dir: Path, env: dict[str, Any] | None = None) -> list[str
     if not docs:
         return []
     docs.sort(key=lambda d: (str(d.get("workload")), mode_rank(str(d.get("mode"))), d["file"]))
+    aside: list[str] = []
+    if records is not None:
+        status = {r.key: r.status for r in records}
+        kept = []
+        for d in docs:
+            key = Key(d.get("sample"), d.get("workload"), d.get("mode"), d.get("store") or "")
+            what = {"fell-back": "fell back to a full pull", "error": "failed"}.get(
+                status.get(key, "ok")
+            )
+            if what is None:
+                kept.append(d)
+                continue
+            md = d["file"].removesuffix(".json") + ".md"
+            aside.append(
+                f"- {d.get('workload', '?')}/{d.get('mode', '?')} · {d.get('store') or '–'}: "
+                f"sample {d.get('sample', '?')} {what}, so its timeline "
+                f"([table]({md}) · [events]({d['file']})) is no lazy pull's"
+            )
+        docs = kept
     lines = [
         "",
         "## Pull phase (timeline of sample 0)",
@@ -922,6 +945,10 @@ def timeline_lines(run_dir: Path, env: dict[str, Any] | None = None) -> list[str
             f"| {num(floor.total_s if floor else None)} | {num(over)} "
             f"| [table]({md}) · [events]({d['file']}) |"
         )
+    if not docs:
+        lines = lines[:4]  # the heading and what a timeline is, no empty table
+    if aside:
+        lines += ["", "Not in the table (their measurement is not in the figures):", "", *aside]
     return lines
 
 
@@ -1101,7 +1128,7 @@ def _write_report(
     if limits is not None:
         lines += limit_section(cells, limits, percentile)
     lines += zstd_lazy_lines(agg, percentile, first_store)
-    lines += timeline_lines(run_dir, env)
+    lines += timeline_lines(run_dir, env, records)
     lines += persistence_lines(records)
     if env.get("machines_differ"):
         lines += [

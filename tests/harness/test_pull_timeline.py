@@ -14,6 +14,7 @@ from harness.container import RunOutcome
 from harness.laziness import LayerEvidence, Verdict
 from harness.podman import Persistence, PodmanResult
 from harness.prepare import resolve
+from harness.records import Record, append_record
 from harness.report import timeline_lines, write_report
 from harness.scenario import parse_scenario
 from harness.store_proc import is_our_store, store_config_text
@@ -478,3 +479,33 @@ def test_mb_fetched_is_the_timed_window_the_store_fetching_on_after_the_ready_li
     assert rec.status == "ok", rec.error
     assert (rec.bytes_fetched, rec.requests) == (1_000_000, 2)
     assert rec.bytes_before_first_output == 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("status", "said"), [("fell-back", "fell back to a full pull"), ("error", "failed")]
+)
+def test_a_timeline_of_a_measurement_out_of_the_figures_is_no_lazy_pull(tmp_path, status, said):
+    """Sample 0 fell back (or failed) after its pull: its timeline was tabled as the store's
+    pull, with a floor and the store's time over it, beside figures that leave it out."""
+    run = make_run(tmp_path / "run", samples=1)
+    events = tmp_path / "t.jsonl"
+    events.write_text("\n".join(json.dumps(e) for e in example_events()) + "\n")
+    for mode in ("estargz", "estargz-noopt"):
+        write_timeline(
+            events, run, workload="gcc", mode=mode, store="default", sample=0,
+            pull_start=START, pull_s=PULL_S,
+        )  # fmt: skip
+    append_record(
+        run,
+        Record(0, "gcc", "estargz", status=status, error="2 of 2 layers not from the store",
+               store="default", total_s=5.0, layers_total=2, layers_from_store=0),
+    )  # fmt: skip
+    text = write_report(run).report.read_text()
+    section = text.split("## Pull phase", 1)[1]
+    assert "| gcc | estargz-noopt | default | 1.200 |" in section  # still ok: tabled
+    assert "| gcc | estargz | default |" not in section
+    assert (
+        f"- gcc/estargz · default: sample 0 {said}, so its timeline "
+        "([table](timeline/gcc-estargz-default.md) · [events](timeline/gcc-estargz-default.json))"
+        " is no lazy pull's"
+    ) in section
