@@ -9,7 +9,8 @@ a growth in bytes only when it is both past the gate's thresholds and significan
 pull, on a failed measurement of the new run, on a lazy one that carries no laziness verdict
 (nothing shows its layers came from the store), and on a cell of the base run missing from
 the new one (``fail_on_missing``). Cells with too few samples or too wide a spread are named
-as warnings: no change there can be told from noise.
+as warnings: no change there can be told from noise; so are cells whose base measurements fell
+back (not in the base figure, they leave it fewer samples, or none to test a change against).
 """
 
 from __future__ import annotations
@@ -166,8 +167,9 @@ def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFra
     Mann–Whitney p-value that new is larger (``total_p_value``, ``mb_p_value``), sample
     counts (``n_base``, ``n_new``), the new run's fallbacks (``fell_back_new`` and the last
     ``fallback_reason``), failed measurements (``failed_new``, the last ``failure``), ok lazy
-    measurements without a laziness verdict (``unchecked_new``) and ``noisy`` (too few
-    samples or too wide a spread to tell)."""
+    measurements without a laziness verdict (``unchecked_new``), the base run's fallbacks
+    (``fell_back_base``: left out of its figure, as the new run's are) and ``noisy`` (too
+    few samples or too wide a spread to tell)."""
     base_records, percentile = _run_records(base)
     new_records, _ = _run_records(new)
     a, b = _cells(base_records), _cells(new_records)
@@ -205,6 +207,7 @@ def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFra
         row["failed_new"] = len(cb["failed"])
         row["failure"] = cb["failed"][-1].error or "" if cb["failed"] else ""
         row["unchecked_new"] = cb["unchecked"]
+        row["fell_back_base"] = len(ca["fell_back"])
         row["noisy"] = _noisy(ca["total"]) or _noisy(cb["total"])
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -376,18 +379,33 @@ def _untestable(r: Any, alpha: float) -> bool:
 
 
 def gate_warnings(cmp: pd.DataFrame) -> list[str]:
-    """Cells where no change can be told from noise (too few samples or too wide a spread)."""
-    return [
-        f"{_where(r)}: too few samples or too wide a spread to tell a change from noise "
-        f"({r['n_base']} base, {r['n_new']} new samples)"
-        for _, r in cmp.iterrows()
-        if r["noisy"]
-    ]
+    """Cells where no change can be told from noise (too few samples or too wide a spread),
+    and cells whose base measurements fell back to a full pull: left out of the base figure,
+    they leave it fewer samples, or none, and then no change of the cell is tested."""
+    out = []
+    for _, r in cmp.iterrows():
+        if r["fell_back_base"]:
+            n = r["fell_back_base"] + r["n_base"]
+            out.append(
+                f"{_where(r)}: {r['fell_back_base']} of {n} base measurements fell back to a "
+                "full pull and are not in the base figure"
+                + (
+                    "; with no base figure, no change of this cell is tested"
+                    if not r["n_base"]
+                    else ""
+                )
+            )
+        if r["noisy"]:
+            out.append(
+                f"{_where(r)}: too few samples or too wide a spread to tell a change from "
+                f"noise ({r['n_base']} base, {r['n_new']} new samples)"
+            )
+    return out
 
 
 def compare_table(cmp: pd.DataFrame) -> str:
     """One row per cell: totals, Δ with its 95 % interval, Δ %, the Mann–Whitney p-value,
-    MB fetched and its Δ %, and a note (fell back, noisy)."""
+    MB fetched and its Δ %, and a note (fell back, in the new run or the base, noisy)."""
     lines = [
         "| workload | mode | store | total base (s) | total new (s) | Δ s [95% CI] | Δ % "
         "| p (new > base) | MB base | MB new | Δ MB % | note |",
@@ -404,6 +422,8 @@ def compare_table(cmp: pd.DataFrame) -> str:
             notes.append(f"**failed {r['failed_new']}**")
         if r["unchecked_new"]:
             notes.append(f"**laziness not checked {r['unchecked_new']}**")
+        if r["fell_back_base"]:
+            notes.append(f"base fell back {r['fell_back_base']}")
         if r["noisy"]:
             notes.append("⚠ noisy")
         lines.append(

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.cli import UserError, main
-from harness.gate import Gate, compare_runs, gate_failures, gate_warnings
+from harness.gate import Gate, compare_runs, compare_table, gate_failures, gate_warnings
 from harness.limit import Limit
 from harness.merge import merge_runs
 from harness.plan import Shard, plan
@@ -131,6 +131,29 @@ def test_gate_fails_on_a_fallback(tmp_path: Path) -> None:
     assert problems == [
         "python/estargz-noopt [ours]: 1 of 3 measurements fell back to a full pull: "
         "3 of 3 layers not from the store"
+    ]
+
+
+def test_fallbacks_of_the_base_run_are_named_not_dropped(tmp_path: Path) -> None:
+    """A base run whose lazy measurements fell back has no figure (or a thinner one) for the
+    cell: the compare showed "–" with no note and the gate passed a new run twice as slow
+    there, saying nothing."""
+    legacy = [30, 30.5, 29.8, 30.2, 30.1]
+    base = write_run(tmp_path / "a", {"": legacy, "ours": [5, 5.1, 5, 4.9, 5]})
+    new = write_run(tmp_path / "b", {"": legacy, "ours": [10, 10.1, 9.9, 10.2, 10]})
+    _append_fell_back(base, 3)
+    cmp = compare_runs(base, new)
+    assert "base fell back 3" in compare_table(cmp)
+    assert gate_warnings(cmp)[0] == (
+        "python/estargz-noopt [ours]: 3 of 5 base measurements fell back to a full pull and "
+        "are not in the base figure"
+    )
+    _append_fell_back(base, 5)  # now every base measurement of the cell fell back
+    cmp = compare_runs(base, new)
+    assert gate_failures(cmp, Gate()) == []  # the new run's own measurements are fine...
+    assert gate_warnings(cmp) == [  # ...but nothing of it was compared, and that is said
+        "python/estargz-noopt [ours]: 5 of 5 base measurements fell back to a full pull and "
+        "are not in the base figure; with no base figure, no change of this cell is tested"
     ]
 
 
