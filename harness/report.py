@@ -305,12 +305,17 @@ def limit_section(
             reasons.append(f"- {workload}: {limit or 'unavailable'}")
             continue
         ratios: dict[str, float] = {}
+        fell: dict[str, str] = {}
         lazy: list[float] = []
         for _, r in group.iterrows():
             ratio = _get(r, "total_p") / limit.total_s
-            ratios[cell_label(r["mode"], r["store"], stores)] = ratio
-            if r["store"]:  # a lazy cell with no ok figure (all fell back) is not within
-                lazy.append(math.inf if pd.isna(ratio) else ratio)
+            label = cell_label(r["mode"], r["store"], stores)
+            ratios[label] = ratio
+            fell[label] = _fell_back_note(r)
+            # A lazy cell with a start that fell back to a full pull (or no ok figure at
+            # all) is not within, whatever its other starts' figure.
+            if r["store"]:
+                lazy.append(math.inf if pd.isna(ratio) or fell[label] else ratio)
         verdict = "–" if not lazy else ("yes" if max(lazy) <= LIMIT_TARGET else "no")
         lines.append(
             f"| {workload} | {limit.compressed_bytes / 1e6:.1f} "
@@ -319,7 +324,9 @@ def limit_section(
             f"| {limit.transfer_s:.2f} | {limit.rtt_s:.2f} | {limit.floor_s:.2f} "
             f"| **{limit.total_s:.2f}** | "
             + " | ".join(
-                _ratio(ratios.get(label), LIMIT_TARGET) + "×" * (label in ratios)
+                _ratio(ratios.get(label), LIMIT_TARGET)
+                + "×" * (label in ratios)
+                + fell.get(label, "")
                 for label in labels
             )
             + f" | {verdict} |"
@@ -524,16 +531,33 @@ def _through(agg: pd.DataFrame, first_store: str | None) -> pd.DataFrame:
     return agg[(agg["store"] == "") | (agg["store"] == first_store)]
 
 
+def _fell_back_note(cell: Any) -> str:
+    """`` (N of M fell back)`` for a cell (a row of :func:`cells_frame` or
+    :func:`harness.stats.status_counts`) with fallbacks, else ""."""
+    n = int(cell.get("fell_back", 0) or 0)
+    return f" ({n} of {int(cell.get('ok', 0) or 0) + n} fell back)" if n else ""
+
+
 def ratio_rows(
     agg: pd.DataFrame,
     workloads: Sequence[dict[str, Any]],
     published: Sequence[Published],
     first_store: str | None = None,
+    counts: pd.DataFrame | None = None,
 ) -> list[dict[str, Any]]:
     """Per workload: lazy-mode total ÷ legacy total (chosen percentile) through
-    ``first_store`` (see :func:`_through`), beside published."""
+    ``first_store`` (see :func:`_through`), beside published; with the run's status
+    ``counts`` (:func:`harness.stats.status_counts`), ``<mode>_fell_back`` notes the
+    first store's fallbacks in that mode (:func:`_fell_back_note`), left out of the ratio."""
     info = {w["name"]: w for w in workloads}
     rows = []
+    if first_store is None:
+        first_store = next((st for st in agg["store"] if st), "")
+    fell = {
+        (c["workload"], c["mode"]): _fell_back_note(c)
+        for _, c in (counts if counts is not None else pd.DataFrame()).iterrows()
+        if first_store and c["store"] == first_store
+    }
     agg = _through(agg, first_store)
     for workload, group in agg.groupby("workload", sort=False):
         totals = dict(zip(group["mode"], group["total_p"], strict=True))
@@ -545,6 +569,7 @@ def ratio_rows(
             ours = totals.get(mode)
             row[mode] = ours / legacy if legacy and ours is not None and legacy > 0 else None
             row[f"published_{mode}"] = pub.ratio(mode) if pub else None
+            row[f"{mode}_fell_back"] = fell.get((workload, mode), "")
         rows.append(row)
     return rows
 
@@ -575,10 +600,14 @@ def ratio_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for r in rows:
         ours, pub = r["estargz"], r["published_estargz"]
+        fell = {mode: r.get(f"{mode}_fell_back", "") for mode in ("estargz", "estargz-noopt")}
         verdict = "–" if ours is None or pub is None else ("yes" if ours <= pub else "no")
+        if fell["estargz"] and pub is not None:  # a start that was a full pull is not at it
+            verdict = "no"
         lines.append(
-            f"| {r['workload']} | {r['published_image'] or '–'} | **{_ratio(ours, pub)}** "
-            f"| {_ratio(pub, ours)} | {_ratio(r['estargz-noopt'])} "
+            f"| {r['workload']} | {r['published_image'] or '–'} "
+            f"| **{_ratio(ours, pub)}**{fell['estargz']} "
+            f"| {_ratio(pub, ours)} | {_ratio(r['estargz-noopt'])}{fell['estargz-noopt']} "
             f"| {_ratio(r['published_estargz-noopt'])} | {_ratio(r['zstd-chunked'])} | {verdict} |"
         )
     return "\n".join(lines) + "\n"
@@ -1063,7 +1092,7 @@ def _write_report(
     store_names = [st for st in dict.fromkeys(cells["store"]) if st]
     first_store = store_names[0] if store_names else ""
     ratios = (
-        ratio_rows(agg, scenario.get("workloads", []), read_published(), first_store)
+        ratio_rows(agg, scenario.get("workloads", []), read_published(), first_store, counts)
         if len(agg)
         else []
     )

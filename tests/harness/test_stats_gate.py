@@ -27,7 +27,7 @@ from harness.records import (
     migrate,
     read_records,
 )
-from harness.report import cells_frame, limit_section, write_report
+from harness.report import cells_frame, limit_section, ratio_table, write_report
 from harness.scenario import parse_scenario
 from harness.stats import (
     aggregate,
@@ -301,6 +301,33 @@ def test_the_limit_verdict_counts_a_lazy_cell_that_only_fell_back(tmp_path: Path
     limit = Limit(3_000_000, 100.0, 40.0, 6.0, floor_repull=True)  # go is within 1.5×
     row = next(line for line in limit_section(cells, {"python": limit}, 95) if "| python" in line)
     assert row.rstrip().endswith("| no |"), row
+
+
+def test_a_lazy_cell_with_some_fallbacks_is_not_within_the_limit_nor_at_published(
+    tmp_path: Path,
+) -> None:
+    """One of ours' four starts fell back to a full pull, the other three were fast: the limit
+    section said "yes" (within 1.5×) and the ratio table "at or below published: yes", from
+    the three alone, nothing in either saying a start was a full pull."""
+    run = write_run(tmp_path / "run", {"": [30] * 4, "ours": [3] * 4})
+    _append_fell_back(run, 1)
+    records = read_records(run)
+    counts = status_counts(records)
+    cells = cells_frame(aggregate(records_frame(records), 95), counts)
+    limit = Limit(3_000_000, 100.0, 40.0, 3.0, floor_repull=True)  # ours' 3 s within 1.5×
+    row = next(line for line in limit_section(cells, {"python": limit}, 95) if "| python" in line)
+    assert "× (1 of 4 fell back) | no |" in row, row
+    report = write_report(run)
+    (ratio,) = report.ratios
+    assert ratio["estargz-noopt"] == pytest.approx(0.1)
+    assert ratio["estargz-noopt_fell_back"] == " (1 of 4 fell back)"
+    text = report.report.read_text()
+    assert "| 0.10 (1 of 4 fell back) |" in text
+    row = {"workload": "python", "published_image": "python:3.7", "estargz": 0.1}
+    row |= {"published_estargz": 0.11, "estargz_fell_back": " (1 of 4 fell back)"}
+    row |= {"estargz-noopt": None, "published_estargz-noopt": None, "zstd-chunked": None}
+    assert "| **0.10** (1 of 4 fell back) | 0.11 |" in ratio_table([row])
+    assert ratio_table([row]).rstrip().endswith("| no |")  # not "yes": 0.10 ≤ 0.11 of three
 
 
 def test_a_run_whose_every_measurement_fell_back_is_reported(tmp_path: Path) -> None:
