@@ -624,7 +624,9 @@ def zstd_lazy_lines(
     """A report section: per workload, ``zstd-chunked-lazy`` ÷ ``estargz-noopt`` through
     ``first_store`` (see :func:`_through`) — total (median and the chosen percentile) and MB
     fetched before the first output (median) — against :data:`ZSTD_LAZY_TARGETS`. Empty
-    when the run lacks either mode."""
+    when the run lacks either mode. ``agg`` may be :func:`cells_frame`'s cells: a mode's
+    fallbacks are then named beside the workload, a zstd-chunked-lazy start that fell back
+    is not within the targets, and one of estargz-noopt leaves nothing to tell ("–")."""
     if agg.empty or not {"zstd-chunked-lazy", "estargz-noopt"} <= set(agg["mode"]):
         return []
     agg = _through(agg, first_store)
@@ -661,8 +663,14 @@ def zstd_lazy_lines(
                 else "no"
             )
         )
+        fell = {m: _fell_back_note(r) for m, r in (("zstd-chunked-lazy", z), ("estargz-noopt", e))}
+        if fell["zstd-chunked-lazy"]:
+            within = "no"
+        elif fell["estargz-noopt"]:
+            within = "–"
+        notes = "".join(f" ({m}: {note[2:]}" for m, note in fell.items() if note)
         lines.append(
-            f"| {workload} | {_ratio(median, ZSTD_LAZY_TARGETS['total'])} | {_ratio(p95)} "
+            f"| {workload}{notes} | {_ratio(median, ZSTD_LAZY_TARGETS['total'])} | {_ratio(p95)} "
             f"| {_ratio(mb, ZSTD_LAZY_TARGETS['mb_before_first_output'])} | {within} |"
         )
     return [*lines, ""]
@@ -1156,7 +1164,7 @@ def _write_report(
     ]
     if limits is not None:
         lines += limit_section(cells, limits, percentile)
-    lines += zstd_lazy_lines(agg, percentile, first_store)
+    lines += zstd_lazy_lines(cells, percentile, first_store)
     lines += timeline_lines(run_dir, env, records)
     lines += persistence_lines(records)
     if env.get("machines_differ"):

@@ -225,3 +225,26 @@ def test_a_chart_rebuilt_from_the_same_records_is_the_same_file(tmp_path: Path) 
         write_report(run)
         charts.append({ext: (run / f"chart.{ext}").read_bytes() for ext in ("svg", "png")})
     assert charts[0] == charts[1]
+
+
+def test_the_zstd_lazy_verdict_names_fallbacks_and_is_not_from_the_ok_starts_alone() -> None:
+    """Three of four zstd-chunked-lazy starts fell back to a full pull, the one left as fast
+    as estargz-noopt: the section said "yes" (within targets) with no word of the others; a
+    mode whose every start fell back had no row at all."""
+    cells = pd.DataFrame(
+        [
+            {**CELL, "mode": m, "store": "default", "total_median": t, "total_p": t}
+            | {"mb_before_first_output_median": 6.0, "ok": ok, "fell_back": fell}
+            for m, t, ok, fell in (("estargz-noopt", 2.0, 4, 0), ("zstd-chunked-lazy", 2.0, 1, 3))
+        ]
+    )
+    (row,) = [line for line in zstd_lazy_lines(cells, 95) if line.startswith("| w ")]
+    assert row == "| w (zstd-chunked-lazy: 3 of 4 fell back) | 1.00 | 1.00 | 1.00 | no |"
+    figures = ["total_median", "total_p", "mb_before_first_output_median"]
+    cells.loc[1, [*figures, "ok", "fell_back"]] = [float("nan")] * 3 + [0, 4]  # no ok figure
+    (row,) = [line for line in zstd_lazy_lines(cells, 95) if line.startswith("| w ")]
+    assert row == "| w (zstd-chunked-lazy: 4 of 4 fell back) | – | – | – | no |"
+    cells.loc[1, [*figures, "ok", "fell_back"]] = [2.0, 2.0, 6.0, 4, 0]
+    cells.loc[0, ["ok", "fell_back"]] = [3, 1]
+    (row,) = [line for line in zstd_lazy_lines(cells, 95) if line.startswith("| w ")]
+    assert row == "| w (estargz-noopt: 1 of 4 fell back) | 1.00 | 1.00 | 1.00 | – |"
