@@ -27,11 +27,12 @@ Conventions (DESIGN.md §3; OCI image spec, "Representing Changes"):
   as extraction applies each link header to the shared inode — but a symlink's mode is 0777
   and its mtime its own (no ``lchmod``, and extraction sets no time through a link header
   naming a symlink); other mtimes before 1970 or past 2262 are the epoch, as extraction's
-  ``Chtimes`` clamps them; a directory's ``nlink`` is 2 + its
-  subdirectories; a layer root is 0555 root:root whatever a ``./`` entry says, as
-  containers/storage makes every layer's root; a directory the tar never names is 0755
-  root:root, plus set-group-ID when its parent had it at that point of the tar (extraction's
-  mkdir; ``LayerIndex.setgid_implicit`` lists them).
+  ``Chtimes`` clamps them; an owner id of 2**32-1 is ``lchown``'s "leave it", so the
+  inode keeps what extraction made it with (``LayerIndex.owners``); a directory's
+  ``nlink`` is 2 + its subdirectories; a layer root is 0555 root:root whatever a ``./``
+  entry says, as containers/storage makes every layer's root; a directory the tar never
+  names is 0755 root:root, plus set-group-ID when its parent had it at that point of the
+  tar (extraction's mkdir; ``LayerIndex.setgid_implicit`` lists them).
 
 Inode numbering: node ``i`` is ``LayerIndex.entries[i]`` (root 0); a whiteout is its
 ``.wh.`` entry's number.
@@ -141,11 +142,23 @@ class Node:
 
     @property
     def uid(self) -> int:
-        return 0 if self.entry is self.tree.index.root else self._meta.uid
+        return self._owner[0]
 
     @property
     def gid(self) -> int:
-        return 0 if self.entry is self.tree.index.root else self._meta.gid
+        return self._owner[1]
+
+    @property
+    def _owner(self) -> tuple[int, int]:
+        e = self.entry
+        if e is self.tree.index.root:
+            return (0, 0)
+        owners = self.tree.index.owners
+        found = owners.get(e.ino) if owners else None
+        if found is not None:  # a header's id was 2**32-1: what extraction left instead
+            return found
+        meta = self._meta
+        return (meta.uid, meta.gid)
 
     @property
     def mtime_ns(self) -> int:

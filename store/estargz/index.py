@@ -299,6 +299,8 @@ class LayerIndex:
         self.setgid_implicit: set[int] = set()
         # inos of directories whose name came after ``.wh.<name>`` in their parent (_Builder)
         self.after_whiteout: set[int] = set()
+        # ino -> (uid, gid) extraction leaves where a header's id is 2**32-1 (_Builder._owner)
+        self.owners: dict[int, tuple[int, int]] = {}
 
     # -- queries -------------------------------------------------------------------------
 
@@ -537,6 +539,7 @@ class _Builder:
         # id(target) -> the xattrs its link headers carry so far (link_headers keeps it alive)
         self.link_xattrs: dict[int, dict[str, bytes]] = {}
         self.setgid_implicit: dict[int, Entry] = {}  # id(dir) -> dir (see _dir)
+        self.owners: dict[int, tuple[Entry, int, int]] = {}  # id(inode) -> (it, uid, gid): _owner
         # (directory, name): a name first added to a directory holding .wh.<name> already
         self.after_whiteout: list[tuple[Entry, str]] = []
         # (id(dir), name) -> (dir, [(whiteout, where)]): whiteouts ignored deeper under a name
@@ -815,6 +818,8 @@ class _Builder:
                 parent.nlink += 1
             else:
                 e.nlink = 1
+            if e.uid == _MAX_ID or e.gid == _MAX_ID:
+                self._owner(e, e, parent)
             return
         if etype == "hardlink":
             # Resolved now, as tar -x links to what exists when it reaches the link.
@@ -829,7 +834,10 @@ class _Builder:
             # carries them all (the target's, then every link's, a later value winning),
             # in one dict per target updated in place (a copy per header took quadratic
             # time: 80,000 links each naming its own xattr, 18 s of the GIL).
-            before = self.link_headers.get(id(target), (target, target))[1].xattrs
+            last = self.link_headers.get(id(target), (target, target))[1]
+            if e.uid == _MAX_ID or e.gid == _MAX_ID or id(target) in self.owners:
+                self._owner(target, e, None, last)
+            before = last.xattrs
             if e.xattrs:
                 merged = self.link_xattrs.get(id(target))
                 if merged is None:
@@ -847,11 +855,41 @@ class _Builder:
             return
         if old is not None and old.type == "dir" and etype == "dir":
             # A repeated directory entry updates metadata; its children stay.
+            if e.uid == _MAX_ID or e.gid == _MAX_ID or id(old) in self.owners:
+                self._owner(old, e, None, old)
             _copy_meta(old, e)
             return
         self.idx._hardlinks.pop(name, None)
         e.nlink = 2 if etype == "dir" else 1
         self._attach(parent, base, e)
+        if e.uid == _MAX_ID or e.gid == _MAX_ID:
+            self._owner(e, e, parent)
+
+    def _owner(
+        self, inode: Entry, header: Entry, parent: Entry | None, prev: Entry | None = None
+    ) -> None:
+        """Note the owner extraction gives ``inode`` when ``header`` has an id of 2**32-1:
+        ``lchown`` takes it as ``(uid_t)-1``, "leave this id as it is". A new inode (made in
+        ``parent``) keeps what it was made with: uid 0 (extraction runs as root), gid 0, or its
+        parent's group where the parent has set-group-ID at this point of the tar (the
+        kernel's rule). A header applied to an existing inode (a directory named again,
+        ``prev`` its last header; a hardlink, ``prev`` its target's last header) keeps that
+        id as it was. Served as it is, the id showed as the overflow id 65534."""
+        if prev is None:
+            assert parent is not None
+            setgid = parent is not self.idx.root and (
+                id(parent) in self.setgid_implicit if parent.implicit else parent.mode & _S_ISGID
+            )
+            was = (0, self.owners.get(id(parent), (parent, 0, parent.gid))[2] if setgid else 0)
+        else:
+            _, *ids = self.owners.get(id(inode), (inode, prev.uid, prev.gid))
+            was = (ids[0], ids[1])
+        uid = was[0] if header.uid == _MAX_ID else header.uid
+        gid = was[1] if header.gid == _MAX_ID else header.gid
+        if (uid, gid) == (header.uid, header.gid):
+            self.owners.pop(id(inode), None)
+        else:
+            self.owners[id(inode)] = (inode, uid, gid)
 
     def _whiteout_parent(self, e: Entry, parent_name: str, base: str, where: Where) -> Entry | None:
         """The directory that gets the whiteout or opaque marker ``base``, made if missing
@@ -960,6 +998,7 @@ class _Builder:
         idx.setgid_implicit = {
             d.ino for d in self.setgid_implicit.values() if d.ino >= 0 and d.implicit
         }
+        idx.owners = {e.ino: (uid, gid) for e, uid, gid in self.owners.values() if e.ino >= 0}
         # A name keeps its place in its directory's dict when its entry is replaced (and no
         # name is ever removed): what the name finally holds, if a directory still in the tree.
         idx.after_whiteout = {

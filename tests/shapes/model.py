@@ -6,7 +6,8 @@ serialise to JSON (the regression files in ``regressions/``) and to a PAX tar.
 :func:`spec_tree` is the reference for layers a normal pull refuses: it applies each layer's tar
 entries in order with extraction's rules (the later entry of a name wins; a non-directory over
 a directory removes what was under it; a directory re-declared keeps its children, takes the
-later mode and owner and accumulates xattrs), then the OCI image spec's layer rules
+later mode and owner and accumulates xattrs; an owner id of 2**32-1 leaves that id as it was,
+root's or a set-group-ID parent's group for a new inode), then the OCI image spec's layer rules
 (image-spec ``layer.md``: a whiteout ``.wh.NAME`` hides ``NAME`` in lower layers only; an opaque
 marker ``.wh..wh..opq`` hides its directory's lower children; entries of the same layer stay),
 then merges the layers the way overlayfs shows them. It answers ``None`` where no tree exists:
@@ -33,6 +34,7 @@ WH = ".wh."
 OPQ = ".wh..wh..opq"
 XATTR = "SCHILY.xattr."
 MTIME = 1_700_000_000
+NO_ID = 2**32 - 1  # an owner id lchown takes as "leave it as it is"
 
 # (type, mode, uid, gid, size, body, xattrs, nlink)
 Row = tuple[str, int | None, int, int, int | None, Any, tuple[tuple[str, str], ...], int | None]
@@ -185,15 +187,19 @@ def _layer_tree(
                 _remove(tree, name)
                 tree[name] = target
                 # extraction chowns and chmods the shared inode from the link's header
-                target.mode, target.uid, target.gid = ti.mode, ti.uid, ti.gid
+                target.mode = ti.mode
+                target.uid, target.gid = _ids(ti, target.uid, target.gid)
                 continue
             old = tree.get(name)
             if kind == "dir" and old is not None and old.kind == "dir":
-                old.mode, old.uid, old.gid = ti.mode, ti.uid, ti.gid
+                old.mode = ti.mode
+                old.uid, old.gid = _ids(ti, old.uid, old.gid)
                 old.xattrs.update(xattrs)
                 continue
             _remove(tree, name)
-            node = _Node(kind, ti.mode, ti.uid, ti.gid)
+            # a new inode is root's, in a set-group-ID directory of the directory's group
+            up = tree[parent]
+            node = _Node(kind, ti.mode, *_ids(ti, 0, up.gid if up.mode & stat.S_ISGID else 0))
             node.xattrs = xattrs
             if kind == "reg":
                 f = tar.extractfile(ti)
@@ -204,6 +210,12 @@ def _layer_tree(
                 node.dev = (ti.devmajor, ti.devminor)
             tree[name] = node
     return tree, whiteouts
+
+
+def _ids(ti: tarfile.TarInfo, uid: int, gid: int) -> tuple[int, int]:
+    """The owner ``lchown`` leaves from ``ti``'s ids over ``uid``/``gid``: an id of
+    :data:`NO_ID` changes nothing."""
+    return (uid if ti.uid == NO_ID else ti.uid, gid if ti.gid == NO_ID else ti.gid)
 
 
 def _ensure_dir(tree: dict[str, _Node], path: str, notes: set[str]) -> None:

@@ -18,7 +18,7 @@ DEEP = [p for p in PATHS if "/" in p]
 DIR_PATHS = [*TOP[:3], "a/x", "b/y z"]
 FILE_MODES = [0o644, 0o755, 0o600, 0o4755, 0o2755, 0o6711, 0o1644, 0o444, 0o000]
 DIR_MODES = [0o755, 0o700, 0o1777, 0o2775, 0o555, 0o3750]
-IDS = [0, 1, 1000, 65534]
+IDS = [0, 1, 1000, 65534, 2**32 - 1]  # 2**32-1: lchown's "leave it"
 CONTENTS = ["", "old\n", "new\n", "x" * 100, "é日本\n" * 20, "".join(map(chr, range(32, 127)))]
 XATTRS = st.dictionaries(
     st.sampled_from(["user.a", "user.b", "user.long name"]),

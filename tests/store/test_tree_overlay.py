@@ -106,6 +106,53 @@ def test_the_bit_is_the_parents_at_mkdir_time_not_its_final_one():
     assert t.lookup_path("b/y").mode == stat.S_IFDIR | 0o2755  # made while b had it
 
 
+NO_ID = 2**32 - 1  # (uid_t)-1: lchown's "leave this id as it is"
+
+
+def test_an_owner_id_of_2_32_minus_1_is_what_extraction_leaves():
+    """``lchown(path, -1, -1)`` changes nothing: a file, directory or symlink whose header has
+    uid or gid 4294967295 keeps the owner extraction made it with (root, the group of a
+    set-group-ID parent), and a header naming an existing inode (a directory again, a
+    hardlink) leaves that id as it was. Served as it is, the id showed as 65534 (the
+    kernel's overflow id) where podman 4.3 and 5.4's normal pulls give 0 (a shape fuzzer
+    find)."""
+    t = _raw_tree(
+        [
+            {"name": "f", "type": "reg", "uid": NO_ID, "gid": NO_ID},
+            {"name": "s", "type": "symlink", "linkName": "f", "uid": NO_ID, "gid": 5},
+            {"name": "g/", "type": "dir", "mode": 0o2775, "uid": 3, "gid": 7},
+            {"name": "g/f", "type": "reg", "uid": 4, "gid": NO_ID},
+            {"name": "g/sub/", "type": "dir", "uid": NO_ID, "gid": NO_ID},
+            {"name": "g/sub/x", "type": "reg", "gid": NO_ID},  # g/sub is 0755: no inheriting
+            {"name": "g/", "type": "dir", "uid": NO_ID, "gid": 9},  # named again
+            {"name": "h/x/f", "type": "reg", "uid": 2, "gid": 2},
+            {"name": "h/x/f", "type": "reg", "uid": NO_ID, "gid": NO_ID},  # a new inode
+            {"name": "a", "type": "reg", "uid": 6, "gid": 6},
+            {"name": "l1", "type": "hardlink", "linkName": "a", "uid": NO_ID, "gid": 8},
+            {"name": "l2", "type": "hardlink", "linkName": "a", "uid": 1, "gid": NO_ID},
+            {"name": "b", "type": "reg", "uid": NO_ID},
+            {"name": "l3", "type": "hardlink", "linkName": "b", "uid": 5, "gid": 5},
+        ]
+    )
+    owners = {p: (n.uid, n.gid) for p, n in t.walk() if p}
+    assert owners == {
+        "f": (0, 0),
+        "s": (0, 5),
+        "g": (3, 9),
+        "g/f": (4, 7),
+        "g/sub": (0, 7),
+        "g/sub/x": (0, 0),
+        "h": (0, 0),
+        "h/x": (0, 0),
+        "h/x/f": (0, 0),
+        "a": (1, 8),
+        "l1": (1, 8),
+        "l2": (1, 8),
+        "b": (5, 5),
+        "l3": (5, 5),
+    }
+
+
 def test_hardlink_header_metadata_applies_to_the_shared_inode():
     t = _raw_tree(
         [
