@@ -12,6 +12,7 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -74,13 +75,15 @@ class TokenServer:
     expires_in: int = 300
     refresh_tokens: Mapping[str, str] = field(default_factory=dict)  # token -> user
     requests: list[dict[str, object]] = field(default_factory=list)
+    # Serve HTTPS with this PEM certificate and key (None: plain HTTP).
+    tls: tuple[Path, Path] | None = None
     _server: ThreadingHTTPServer | None = None
 
     @property
     def realm(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/token"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}/token"
 
     def issue(self, subject: str, access: list[dict[str, object]]) -> str:
         now = int(time.time())
@@ -152,6 +155,10 @@ class TokenServer:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if self.tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 

@@ -91,9 +91,15 @@ def to_gzip(tar_bytes: bytes) -> Blob:
 
 
 async def push_image(
-    host: str, repo: str, tag: str, blobs: list[Blob], toc_override: dict[int, str] | None = None
+    host: str,
+    repo: str,
+    tag: str,
+    blobs: list[Blob],
+    toc_override: dict[int, str] | None = None,
+    client: dict | None = None,
 ) -> str:
-    """Push layers + config + OCI manifest; returns the manifest digest."""
+    """Push layers + config + OCI manifest; returns the manifest digest. ``client``: keyword
+    arguments of the RegistryClient that pushes (a registry over TLS, with credentials)."""
     config = {
         "architecture": "amd64",
         "os": "linux",
@@ -103,9 +109,9 @@ async def push_image(
     config_raw = json.dumps(config).encode()
     ref = f"{host}/{repo}:{tag}"
     layers = []
-    async with RegistryClient() as client:
+    async with RegistryClient(**(client or {})) as c:
         for i, b in enumerate(blobs):
-            await client.push_blob(ref, b.data)
+            await c.push_blob(ref, b.data)
             desc: dict = {"mediaType": b.media_type, "digest": b.digest, "size": len(b.data)}
             if b.annotations is not None:
                 desc["annotations"] = dict(b.annotations)
@@ -115,14 +121,14 @@ async def push_image(
                     USIZE_ANN: str(b.uncompressed_size),
                 }
             layers.append(desc)
-        await client.push_blob(ref, config_raw)
+        await c.push_blob(ref, config_raw)
         manifest = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "config": {"mediaType": OCI_CONFIG, "digest": sha(config_raw), "size": len(config_raw)},
             "layers": layers,
         }
-        return await client.push_manifest(ref, json.dumps(manifest).encode(), OCI_MANIFEST)
+        return await c.push_manifest(ref, json.dumps(manifest).encode(), OCI_MANIFEST)
 
 
 def push(host: str, repo: str, tag: str, blobs: list[Blob], **kw) -> str:
@@ -169,10 +175,11 @@ def full_blob_gets(reg, mark: int, blobs) -> list:
     ]
 
 
-def push_two_layer_estargz(host: str, repo: str, layers: dict) -> tuple[str, list[Blob]]:
-    """Push the ``layers`` fixture's two tars as eStargz to ``host/repo:1``; (ref, blobs)."""
+def push_two_layer_estargz(host: str, repo: str, layers: dict, **kw) -> tuple[str, list[Blob]]:
+    """Push the ``layers`` fixture's two tars as eStargz to ``host/repo:1``; (ref, blobs);
+    ``kw`` to :func:`push_image`."""
     blobs = [to_estargz(layers["lower"]), to_estargz(layers["upper"])]
-    push(host, repo, "1", blobs)
+    push(host, repo, "1", blobs, **kw)
     return f"{host}/{repo}:1", blobs
 
 

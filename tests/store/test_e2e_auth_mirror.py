@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import shutil
+import tomllib
 
 import pytest
 
@@ -159,3 +161,109 @@ def test_credentials_reach_the_store_only_through_podmans_auth_helper(
         ours = [r for r in served if r.user_agent.startswith("lazybench") and r.kind == "blobs"]
         assert any(r.status == 206 and r.digest in layer_digests for r in ours)
         assert f"auth helper: credentials for {ref}" in store.log.read_text()
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")
+@pytest.mark.parametrize("helper", ["credHelpers", "credsStore"])
+@pytest.mark.store_ours_only(
+    reason="the Go store v0.12 reads no certs.d directory: it trusts the system's CAs only"
+)
+def test_lazy_pull_over_tls_known_to_certs_d_with_credentials_from_a_helper(
+    helper, tmp_path, store_factory, layers, monkeypatch, runtime_node, podman_env
+):
+    """A registry over HTTPS whose CA only a certs.d directory names, demanding the client
+    certificate that directory holds, with Bearer tokens from a token server over HTTPS (the
+    same CA): the store reads every layer lazily with credentials that only a credential
+    helper on its PATH knows (``credHelpers`` for the registry, or the ``credsStore`` behind
+    docker's ``{}`` entry). On the host podman and the store read one certs.d directory
+    (``~/.config/containers/certs.d``); a node's podman its own ``/etc/containers/certs.d``."""
+    from harness.registry_server import TokenAuthConfig
+    from store.registry import Credentials, parse_resolver_config
+    from tests.registry.regtest_tokens import TokenServer, make_signing_cert
+    from tests.tls import make_tls_files
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))  # the store's and the host podman's certs.d, auth
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    for name in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    server = make_tls_files(tmp_path / "tls")
+    client = make_tls_files(tmp_path / "client", client=True)
+    user, password = "alice", "wonderland"
+    key, signing = make_signing_cert(tmp_path)
+    debug = f"127.0.0.1:{free_port()}"  # readiness: the TLS listener wants a certificate
+    with (
+        TokenServer(
+            key=key,
+            issuer="t",
+            service="reg",
+            users={user: password},
+            tls=(server.cert, server.key),
+        ) as tokens,
+        RegistryServer(
+            storage_dir=tmp_path / "reg",
+            token_auth=TokenAuthConfig(tokens.realm, "reg", "t", signing),
+            tls_cert=server.cert,
+            tls_key=server.key,
+            extra_config={
+                "http": {"tls": {"clientcas": [str(client.ca)]}, "debug": {"addr": debug}}
+            },
+            ready_url=f"http://{debug}/debug/vars",
+        ) as registry,
+    ):
+        assert tokens.realm.startswith("https://")
+        host = registry.host
+        certs = home / ".config" / "containers" / "certs.d" / host
+        certs.mkdir(parents=True)
+        shutil.copy(server.ca, certs / "ca.crt")
+        shutil.copy(client.cert, certs / "client.cert")
+        shutil.copy(client.key, certs / "client.key")
+        # A loopback registry is plain HTTP to the store unless a mirror entry says https.
+        https = f'[[resolver.host."{host}".mirrors]]\nhost = "https://{host}"\n'
+
+        ref, blobs = push_two_layer_estargz(
+            host,
+            "tls/img",
+            layers,
+            client={
+                "resolver": parse_resolver_config(tomllib.loads(https)),
+                "credentials": {host: Credentials(user, password)},
+            },
+        )
+        # The store's only credentials: a helper on its PATH, named by docker's config.json.
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        program = bin_dir / "docker-credential-lzb"
+        answer = json.dumps({"ServerURL": host, "Username": user, "Secret": password})
+        program.write_text(
+            f'#!/bin/sh\n[ "$1" = get ] || exit 9\nread -r s\necho "$s" >> {bin_dir}/asked\n'
+            f"echo '{answer}'\n"
+        )
+        program.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+        config = (
+            {"credHelpers": {host: "lzb"}}
+            if helper == "credHelpers"
+            else {"auths": {host: {}}, "credsStore": "lzb"}
+        )
+        (home / ".docker").mkdir()
+        (home / ".docker" / "config.json").write_text(json.dumps(config))
+        store = store_factory(https)
+        podman_auth = _auth_file(tmp_path / "podman-auth.json", host, user, password)
+        mark = registry.log_mark()
+        with podman_env(
+            tmp_path / "podman", additional_layer_store=store.mnt, auth_file=podman_auth
+        ) as env:
+            if runtime_node is not None:  # the node's podman: its own (throw-away) /etc
+                shutil.copytree(certs, env.host_path(f"/etc/containers/certs.d/{host}"))
+            env.pull(ref, timeout=120)
+            assert set(store.status()["layers"]) == {f"{ref}/{b.digest}" for b in blobs}
+            assert full_blob_gets(registry, mark, blobs) == []
+            assert env.run(ref, "/bin/cat", "/etc/hello", timeout=120).stdout == (
+                "hello from upper\n"
+            )
+        assert full_blob_gets(registry, mark, blobs) == []
+        ours = [r for r in registry.access_log_since(mark) if r.user_agent.startswith("lazybench")]
+        assert {r.digest for r in ours if r.status == 206} == {b.digest for b in blobs}
+        assert (bin_dir / "asked").read_text().splitlines()[0] == host
+        assert any(r["user"] == user for r in tokens.requests)
