@@ -338,11 +338,11 @@ class RegistryClient:
         """The request extension carrying ``ep``'s SSL context for an ``https://`` ``url``
         (the registry, its token server, where it redirects), none for ``http://``."""
         if str(url).startswith("https:") and self._tls is not None:
-            return {SSL_CONTEXT: self._tls.for_host(ep.host)}
+            return {SSL_CONTEXT: self._tls.for_host(ep.certs_host)}
         return {}
 
     def _tls_note(self, ep: Endpoint) -> str:
-        return self._tls.describe(ep.host) if self._tls is not None else ""
+        return self._tls.describe(ep.certs_host) if self._tls is not None else ""
 
     @property
     def http(self) -> httpx.AsyncClient:

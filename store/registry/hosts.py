@@ -63,10 +63,18 @@ class Endpoint:
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     headers: tuple[tuple[str, str], ...] = ()
     is_mirror: bool = False
+    # The registry as the user names it, when not ``host`` (Docker Hub's origin: docker.io).
+    registry: str = ""
 
     @property
     def base_url(self) -> str:
         return f"{self.scheme}://{self.host}"
+
+    @property
+    def certs_host(self) -> str:
+        """The HOST[:PORT] of its certs.d directory: containers/image names Docker Hub's as
+        users write the registry, ``docker.io``, not by the host it connects to."""
+        return self.registry or self.host
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,14 @@ class ResolverConfig:
         if registry not in seen:
             host = DOCKER_HUB_ENDPOINT if registry == "docker.io" else registry
             scheme = "http" if (origin_insecure or is_local_host(host)) else "https"
-            out.append(Endpoint(host, scheme, self.default_timeout))
+            out.append(
+                Endpoint(
+                    host,
+                    scheme,
+                    self.default_timeout,
+                    registry=registry if host != registry else "",
+                )
+            )
         return out
 
 

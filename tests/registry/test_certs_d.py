@@ -19,6 +19,7 @@ from harness.registry_server import RegistryServer
 from store.registry import RegistryClient, parse_resolver_config
 from store.registry.errors import ConfigError, RegistryUnavailable
 from store.registry.hosts import default_certs_roots, read_certs_dir
+from store.registry.rangetransport import SSL_CONTEXT
 from tests.tls import make_tls_files
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -62,6 +63,27 @@ def test_default_roots_are_containers_image_ones(monkeypatch: pytest.MonkeyPatch
         Path("/etc/containers/certs.d"),
         Path("/etc/docker/certs.d"),
     )
+
+
+@pytest.mark.anyio
+async def test_docker_hub_reads_the_docker_io_directory(tmp_path: Path) -> None:
+    """containers/image names Docker Hub's certs.d directory as users write the registry,
+    ``docker.io`` (newDockerClient's ``hostName``), not by the host it connects to
+    (``registry-1.docker.io``): a client certificate there is shown to Docker Hub."""
+    client = make_tls_files(tmp_path / "client", client=True)
+    hub = tmp_path / "certs.d" / "docker.io"
+    hub.mkdir(parents=True)
+    shutil.copy(client.cert, hub / "client.cert")
+    shutil.copy(client.key, hub / "client.key")
+    async with RegistryClient(certs_roots=[tmp_path / "certs.d"]) as c:
+        (ep,) = c.resolver.endpoints("docker.io")
+        assert ep.host == "registry-1.docker.io" and ep.certs_host == "docker.io"
+        assert c._tls_extensions(ep, ep.base_url)[SSL_CONTEXT] is not c._tls_extensions(
+            c.resolver.endpoints("quay.io")[0], "https://quay.io"
+        ).get(SSL_CONTEXT)
+        assert f"certs.d directory for docker.io: {hub} (no *.crt file; client.cert)" in (
+            c._tls_note(ep)
+        )
 
 
 @pytest.mark.parametrize(
