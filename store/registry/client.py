@@ -23,7 +23,8 @@ import json
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -169,11 +170,18 @@ class _TlsContexts:
     """The SSL context for each HTTPS host: ``verify``'s trust (True: the system's CAs, a
     path: that CA bundle alone, False: none checked) plus the host's certs.d directory under
     ``roots`` (None: containers/image's). An SSLContext given as ``verify`` is used for every
-    host as it is (certs.d is not read)."""
+    host as it is (certs.d is not read). A host's context replaced after its directory
+    changed is handed to ``retire`` (its connections are closed)."""
 
-    def __init__(self, verify: ssl.SSLContext | str | bool, roots: Sequence[Path] | None) -> None:
+    def __init__(
+        self,
+        verify: ssl.SSLContext | str | bool,
+        roots: Sequence[Path] | None,
+        retire: Callable[[ssl.SSLContext], None] | None = None,
+    ) -> None:
         self._verify = verify
         self._roots = roots
+        self._retire = retire
         self._by_host: dict[str, tuple[float, HostTls, ssl.SSLContext]] = {}
         if isinstance(verify, ssl.SSLContext):
             self.default = verify
@@ -200,6 +208,8 @@ class _TlsContexts:
         else:
             ctx = tls.context(self._cafile, self._verify is not False)
         self._by_host[host] = (now + TLS_RECHECK, tls, ctx)
+        if held is not None and held[2] not in (ctx, self.default) and self._retire is not None:
+            self._retire(held[2])  # the host's own: no other host uses it
         return ctx
 
     def describe(self, host: str) -> str:
@@ -214,7 +224,11 @@ class _TlsContexts:
 
 class _TransportPerContext(httpx.AsyncBaseTransport):
     """One httpx transport per SSL context a request carries (:data:`SSL_CONTEXT`; none: the
-    default one): httpx takes its TLS settings per transport, not per request."""
+    default one): httpx takes its TLS settings per transport, not per request.
+
+    The transport of a context given to :meth:`retire` (its host's certs.d changed) is
+    closed once no response of it is open: closing it earlier would cut a body being read,
+    never closing it would keep its connections open for the life of the client."""
 
     def __init__(
         self,
@@ -225,18 +239,77 @@ class _TransportPerContext(httpx.AsyncBaseTransport):
         self._default = default
         # id -> (context, transport): the context is held, so its id is never reused meanwhile.
         self._by_id: dict[int, tuple[ssl.SSLContext, httpx.AsyncBaseTransport]] = {}
+        self._open: dict[httpx.AsyncBaseTransport, int] = {}  # responses not closed yet
+        self._retired: set[httpx.AsyncBaseTransport] = set()  # closed when none is open
+        # Contexts retired (weakly: a request built before may still carry one).
+        self._retired_contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+
+    def retire(self, ctx: ssl.SSLContext) -> None:
+        self._retired_contexts.add(ctx)
+        held = self._by_id.pop(id(ctx), None)
+        if held is not None:
+            self._retired.add(held[1])
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await self._close_retired()
         ctx = request.extensions.get(SSL_CONTEXT) or self._default
         held = self._by_id.get(id(ctx))
-        if held is None:
-            held = self._by_id[id(ctx)] = (ctx, self._make(ctx))
-        return await held[1].handle_async_request(request)
+        if held is not None:
+            transport = held[1]
+        elif ctx in self._retired_contexts:
+            transport = self._make(ctx)  # for this request only
+            self._retired.add(transport)
+        else:
+            transport = self._make(ctx)
+            self._by_id[id(ctx)] = (ctx, transport)
+        self._open[transport] = self._open.get(transport, 0) + 1
+        try:
+            resp = await transport.handle_async_request(request)
+        except BaseException:
+            await self._closed(transport)
+            raise
+        resp.stream = _ClosedCall(resp.stream, functools.partial(self._closed, transport))
+        return resp
+
+    async def _closed(self, transport: httpx.AsyncBaseTransport) -> None:
+        self._open[transport] -= 1
+        if not self._open[transport]:
+            del self._open[transport]
+        await self._close_retired()
+
+    async def _close_retired(self) -> None:
+        for transport in [t for t in self._retired if t not in self._open]:
+            self._retired.discard(transport)
+            with anyio.CancelScope(shield=True):
+                await transport.aclose()
 
     async def aclose(self) -> None:
-        for _, transport in list(self._by_id.values()):
+        for transport in [*(t for _, t in self._by_id.values()), *self._retired]:
             await transport.aclose()
         self._by_id.clear()
+        self._retired.clear()
+
+
+class _ClosedCall(httpx.AsyncByteStream):
+    """A response body that calls ``closed`` once, when it is closed."""
+
+    def __init__(
+        self, stream: httpx.AsyncByteStream, closed: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._stream = stream
+        self._closed: Callable[[], Awaitable[None]] | None = closed
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            closed, self._closed = self._closed, None
+            if closed is not None:
+                await closed()
 
 
 class RegistryClient:
@@ -283,6 +356,7 @@ class RegistryClient:
         # containers/image's certs.d places, see hosts.default_certs_roots).
         self._certs_roots = certs_roots
         self._tls: _TlsContexts | None = None  # made on entering
+        self._per_context: _TransportPerContext | None = None
         self._http: httpx.AsyncClient | None = None
         self._fast: RangeTransport | None = None
         self._challenges: dict[str, Challenge | None] = {}
@@ -295,7 +369,7 @@ class RegistryClient:
         # the Go store's crypto/x509 does), for both transports: httpx's own default would
         # be certifi's bundle, which no private registry's CA is in. Plus, per host, its
         # certs.d directory.
-        self._tls = _TlsContexts(self._verify, self._certs_roots)
+        self._tls = _TlsContexts(self._verify, self._certs_roots, self._retire_context)
         limits = httpx.Limits(
             max_connections=self._max_connections,
             max_keepalive_connections=self._max_connections,
@@ -304,7 +378,8 @@ class RegistryClient:
         def plain(ctx: ssl.SSLContext) -> httpx.AsyncBaseTransport:
             return httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=ctx)
 
-        transport: httpx.AsyncBaseTransport = _TransportPerContext(plain, self._tls.default)
+        transport: httpx.AsyncBaseTransport
+        transport = self._per_context = _TransportPerContext(plain, self._tls.default)
         self._fast = None
         if self._fast_ranges:
             transport = self._fast = RangeTransport(
@@ -333,6 +408,13 @@ class RegistryClient:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+
+    def _retire_context(self, ctx: ssl.SSLContext) -> None:
+        """A host's SSL context was replaced (its certs.d changed): its connections go."""
+        if self._per_context is not None:
+            self._per_context.retire(ctx)
+        if self._fast is not None:
+            self._fast.retire(ctx)
 
     def _tls_extensions(self, ep: Endpoint, url: str | httpx.URL) -> dict[str, Any]:
         """The request extension carrying ``ep``'s SSL context for an ``https://`` ``url``

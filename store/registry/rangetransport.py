@@ -344,6 +344,14 @@ class RangeTransport(httpx.AsyncBaseTransport):
                     pool._put_conn(conn)
         return opened
 
+    def retire(self, ssl_context: ssl.SSLContext) -> None:
+        """Close the pools made with ``ssl_context`` (a host's certs.d changed): their idle
+        connections now, a connection still reading a body when it is done."""
+        for key in self._pool.pools.keys():  # noqa: SIM118 - the container refuses iteration
+            if key.key_ssl_context is ssl_context:
+                with contextlib.suppress(KeyError):
+                    del self._pool.pools[key]  # the PoolManager's dispose_func closes it
+
     async def aclose(self) -> None:
         # PoolManager.clear() only forgets its pools (urllib3 2): their kept-alive connections
         # would stay open until the pools are garbage, which anything holding a response —

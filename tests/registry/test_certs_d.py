@@ -227,3 +227,58 @@ async def test_client_certificate_from_certs_d(
             m = await c.push_image(f"{reg.host}/certs/app:v1", CONFIG, [(data, LAYER)])
             digest = m.layers[0].digest
             assert await c.read_ranges(f"{reg.host}/certs/app:v1", digest, [(1, 3)]) == [data[1:4]]
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections from this host to ``port`` on 127.0.0.1."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        remote, state = line.split()[2:4]
+        count += state == "01" and remote == f"0100007F:{port:04X}"
+    return count
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_a_changed_certs_d_directory_closes_the_old_connections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each time a host's certs.d directory changes (a CA or client certificate rotated) its
+    requests get a new SSL context, with new connections: those of the old context are
+    closed (a body being read through one first), not kept open for the client's life."""
+    import store.registry.client as client_module
+
+    monkeypatch.setattr(client_module, "TLS_RECHECK", 0.0)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    tls = make_tls_files(tmp_path / "tls")
+    roots = [tmp_path / "certs.d"]
+    data = random.Random(6).randbytes(3_000_000)
+    with RegistryServer(tls_cert=tls.cert, tls_key=tls.key) as reg:
+        d = roots[0] / reg.host
+        d.mkdir(parents=True)
+        shutil.copy(tls.ca, d / "ca.crt")
+        async with _client(reg, certs_roots=roots) as c:
+            ref = f"{reg.host}/certs/app:v1"
+            digest = (await c.push_image(ref, CONFIG, [(data, LAYER)])).layers[0].digest
+            ep = c.resolver.endpoints(reg.host)[0]
+            blob_url = f"{ep.base_url}/v2/certs/app/blobs/{digest}"
+            # A body being read while the directory changes under it is read to its end.
+            async with c.http.stream(
+                "GET", blob_url, extensions=c._tls_extensions(ep, blob_url)
+            ) as streaming:
+                chunks = streaming.aiter_raw(65536)
+                body = [await chunks.__anext__()]
+                for rotation in range(12):
+                    (d / "ca.crt").write_bytes(tls.ca.read_bytes() + b"\n" * (rotation % 2 + 1))
+                    await c.get_manifest(ref)
+                    assert await c.read_ranges(ref, digest, [(rotation, 5), (10**6, 5)]) == [
+                        data[rotation : rotation + 5],
+                        data[10**6 : 10**6 + 5],
+                    ]
+                async for chunk in chunks:
+                    body.append(chunk)
+            assert b"".join(body) == data
+            await c.get_manifest(ref)  # the streamed body's transport closes on the next
+            # One context's connections at most (two transports: httpx's, urllib3's ranges).
+            assert _connections_to(reg.port or 0) <= 4, _connections_to(reg.port or 0)
