@@ -133,13 +133,13 @@ def _check_has_command(w: ResolvedWorkload, config: dict[str, Any] | None) -> No
 
 def _retry(push: Callable[[], Any], console: Console, attempts: int = 3) -> Any:
     """Pushes go over loopback to a registry we own: a failure other than an unsupported
-    mode is most likely transient, so try again before giving up on the run."""
-    from harness.images import ModeUnsupported, PushError
+    mode or a refused layer is most likely transient, so try again before giving up on the run."""
+    from harness.images import LayerRefused, ModeUnsupported, PushError
 
     for attempt in range(1, attempts + 1):
         try:
             return push()
-        except ModeUnsupported:
+        except (ModeUnsupported, LayerRefused):
             raise
         except PushError as exc:
             if attempt == attempts:

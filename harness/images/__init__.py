@@ -26,6 +26,7 @@ from harness.images.build import (
 )
 from harness.images.push import (
     MODES,
+    LayerRefused,
     ModeUnsupported,
     PushedImage,
     PushedLayer,
@@ -80,6 +81,7 @@ __all__ = [
     "ImageBuildError",
     "ImageSource",
     "ImageSourceError",
+    "LayerRefused",
     "LayerSpec",
     "ModeUnsupported",
     "PushError",

@@ -37,6 +37,7 @@ import httpx
 
 from harness.images.build import BuiltImage, BuiltLayer, publish_dir
 from harness.images.layertar import file_digest, normalize, repeat_numbers, tar_names
+from store.estargz.errors import EstargzError
 
 if TYPE_CHECKING:
     from harness.runtimes import Node
@@ -58,6 +59,12 @@ ZSTD_CHUNKED_MANIFEST_CHECKSUM_NEW = "io.github.containers.zstd-chunked.manifest
 
 class PushError(RuntimeError):
     """Compressing or pushing an image failed: names the image, mode and registry."""
+
+
+class LayerRefused(PushError):
+    """The format library refuses one of the image's layers (a tar that cannot be an eStargz
+    layer, e.g. a hard link to a file the layer does not hold): the same every time, so it is
+    not tried again; the message names the image, the layer and why."""
 
 
 class ModeUnsupported(PushError):
@@ -257,9 +264,14 @@ def _write_layout(
         message = f"{built.name}: layer {i}/{n} ({mb:.0f} MB) → {mode}"
         ranges = {n: read_ranges[n] for n in wanted if n in read_ranges}
         repeat = repeats[i - 1] if kind == "estargz" else 0
-        blob = _converted_layer(
-            built, layer, kind, wanted, ranges, chunk_size, say, message, repeat
-        )
+        try:
+            blob = _converted_layer(
+                built, layer, kind, wanted, ranges, chunk_size, say, message, repeat
+            )
+        except EstargzError as exc:
+            raise LayerRefused(
+                f"{built.name}: layer {i}/{n} (diff ID {layer.diff_id}) as {mode}: {exc}"
+            ) from None
         meta = json.loads((blob / "blob.json").read_text())
         _link_or_copy(blob / "blob", blobs / meta["digest"].split(":")[1])
         descriptors.append(meta["descriptor"])

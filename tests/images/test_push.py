@@ -197,3 +197,54 @@ def test_a_layer_listed_twice_gets_a_blob_of_its_own_in_estargz_modes(registry, 
     with PodmanEnv(insecure_registries=[registry.host]) as env:
         env.pull(f"{registry.host}/t/twice:estargz-noopt")
         assert _run(env, f"{registry.host}/t/twice:estargz-noopt").strip() == TINY_OUTPUT
+
+
+def test_a_layer_the_writer_refuses_is_named_not_retried_and_leaves_nothing(tmp_path):
+    """A user's image whose layer holds a hard link to a file of a lower layer (podman refuses
+    to pull it too): the eStargz modes once ended `lazybench run` in a traceback, after
+    trying the push three times. Now the image, the layer and the reason are named, once, and
+    no layout or blob is left half-written."""
+    import dataclasses
+    import hashlib
+    import io
+    import tarfile
+
+    from rich.console import Console
+
+    from harness.images import LayerRefused
+    from harness.images.build import BuiltLayer
+    from harness.prepare import _retry
+
+    built = tiny_image(tmp_path, big_file_size=4096)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        link = tarfile.TarInfo("data/hello-link.txt")
+        link.type, link.linkname = tarfile.LNKTYPE, "data/hello.txt"  # in layer 1, not here
+        tar.addfile(link)
+    data = buf.getvalue()
+    diff_id = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    (tmp_path / "link.tar").write_bytes(data)
+    config = json.loads(json.dumps(built.config))
+    config["rootfs"]["diff_ids"].append(diff_id)
+    linked = dataclasses.replace(
+        built,
+        name="linked",
+        dir=tmp_path / "images" / "linked",
+        layers=(*built.layers, BuiltLayer(tmp_path / "link.tar", diff_id, len(data), "")),
+        config=config,
+    )
+    linked.dir.mkdir(parents=True)
+    calls = []
+
+    def convert() -> None:
+        calls.append(1)
+        oci_layout(linked, "estargz-noopt")
+
+    with pytest.raises(LayerRefused) as refused:
+        _retry(convert, Console(file=io.StringIO()))
+    assert len(calls) == 1
+    message = str(refused.value)
+    assert message.startswith(f"linked: layer 4/4 (diff ID {diff_id}) as estargz-noopt: ")
+    assert "hardlink target not found: 'data/hello.txt'" in message
+    assert not (linked.dir / "oci").exists() or not any((linked.dir / "oci").iterdir())
+    assert not [p for p in (tmp_path / "blobs").iterdir() if p.name.startswith(".")]
