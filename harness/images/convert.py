@@ -120,10 +120,10 @@ LOSSY_DESTINATIONS = ("docker-archive", "containers-storage")
 
 
 def check_destination(dest: str, fmt: str = "estargz") -> str:
-    """The transport of ``dest``; :class:`ConvertError` when it is not one, or is one that
-    would not keep the converted layers (:data:`LOSSY_DESTINATIONS`)."""
+    """The transport of ``dest``; :class:`ConvertError` when it is not one, is one that
+    would not keep the converted layers (:data:`LOSSY_DESTINATIONS`), or names a digest."""
     try:
-        transport, _ = split_transport(dest)
+        transport, rest = split_transport(dest)
     except TransportError as exc:
         raise ConvertError(f"destination: {exc}") from None
     if transport in LOSSY_DESTINATIONS:
@@ -138,6 +138,12 @@ def check_destination(dest: str, fmt: str = "estargz") -> str:
         if not parent.is_dir():
             raise ConvertError(f"destination {dest}: directory {parent} does not exist")
     elif transport == "docker":
+        if "@" in rest:  # skopeo refuses it after every layer is converted
+            raise ConvertError(
+                f"destination {dest}: names a digest, which the converted image cannot have "
+                "(its manifest is new; its digest is printed once written): name a tag, "
+                "docker://HOST/REPO:TAG"
+            )
         _check_reachable(dest)
     return transport
 

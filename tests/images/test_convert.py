@@ -302,6 +302,16 @@ def test_a_destination_that_keeps_only_uncompressed_tars_is_refused(
     assert not (tmp_path / "out.tar").exists() and not (tmp_path / "graph").exists()
 
 
+@pytest.mark.parametrize("tail", ["@sha256:" + "a" * 64, ":esgz@sha256:" + "a" * 64])
+def test_a_registry_destination_named_by_digest_is_refused_before_converting(tail: str) -> None:
+    """A converted image's manifest digest is new: skopeo refused such a destination only
+    after every layer was converted ("Digest of source image's manifest would not match")."""
+    from harness.images.convert import check_destination
+
+    with pytest.raises(ConvertError, match=r"names a digest.*name a tag, docker://HOST/REPO:TAG"):
+        check_destination(f"docker://127.0.0.1:9/app{tail}")
+
+
 def test_an_index_entry_with_a_variant_the_config_does_not_repeat(
     two_platforms: Path, tmp_path: Path
 ) -> None:
