@@ -62,9 +62,10 @@ class PushError(RuntimeError):
 
 
 class LayerRefused(PushError):
-    """The format library refuses one of the image's layers (a tar that cannot be an eStargz
-    layer, e.g. a hard link to a file the layer does not hold): the same every time, so it is
-    not tried again; the message names the image, the layer and why."""
+    """One of the image's layers cannot be written in the mode (a tar the eStargz writer
+    refuses, e.g. a hard link to a file the layer does not hold; data after a tar's
+    end-of-archive marker): the same every time, so it is not tried again; the message names
+    the image, the layer and why."""
 
 
 class ModeUnsupported(PushError):
@@ -246,7 +247,10 @@ def _write_layout(
             diff_ids.append(layer.diff_id)
             continue
         if mode == "uncompressed-trimmed":
-            digest, size = _trimmed_tar(layer, blobs)
+            try:
+                digest, size = _trimmed_tar(layer, blobs)
+            except LayerRefused as exc:
+                raise _refused(built, i, layer, "zstd-chunked", exc) from None
             descriptors.append({"mediaType": MEDIA_TAR, "digest": digest, "size": size})
             diff_ids.append(digest)
             continue
@@ -269,9 +273,7 @@ def _write_layout(
                 built, layer, kind, wanted, ranges, chunk_size, say, message, repeat
             )
         except EstargzError as exc:
-            raise LayerRefused(
-                f"{built.name}: layer {i}/{n} (diff ID {layer.diff_id}) as {mode}: {exc}"
-            ) from None
+            raise _refused(built, i, layer, mode, exc) from None
         meta = json.loads((blob / "blob.json").read_text())
         _link_or_copy(blob / "blob", blobs / meta["digest"].split(":")[1])
         descriptors.append(meta["descriptor"])
@@ -289,6 +291,14 @@ def _write_layout(
     manifest_desc["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
     (work / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     (work / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest_desc]}))
+
+
+def _refused(
+    built: BuiltImage, i: int, layer: BuiltLayer, mode: str, exc: Exception
+) -> LayerRefused:
+    """:class:`LayerRefused` naming the image, its ``i``-th layer and the mode."""
+    where = f"layer {i}/{len(built.layers)} (diff ID {layer.diff_id})"
+    return LayerRefused(f"{built.name}: {where} as {mode}: {exc}")
 
 
 _ZSTD_CHUNKED_SOURCE = "tars cut after the end-of-archive marker"
@@ -332,18 +342,27 @@ def tar_archive_end(path: Path) -> int:
                 pass
             start = tar.offset  # the first zero block: where the reader stopped
     except (tarfile.TarError, OSError) as exc:
-        raise PushError(f"{path}: not a readable tar: {exc}") from exc
+        raise LayerRefused(f"{path}: not a readable tar: {exc}") from exc
     size = path.stat().st_size
     with open(path, "rb") as f:
         f.seek(start)
         while block := f.read(1 << 20):
             if block.count(0) != len(block):
-                raise PushError(f"{path}: non-zero bytes after the end of the archive at {start}")
+                raise LayerRefused(
+                    f"{path}: non-zero bytes after the end of the archive at {start}"
+                )
     return min(size, start + 1024)
 
 
 def _trimmed_tar(layer: BuiltLayer, blobs: Path) -> tuple[str, int]:
-    """Put ``layer`` cut at :func:`tar_archive_end` into ``blobs``; (its digest, its size)."""
+    """Put ``layer`` cut at :func:`tar_archive_end` into ``blobs``; (its digest, its size).
+
+    An empty file (a layer podman pulls as an empty one) becomes the end-of-archive marker
+    alone, the same empty layer: the zstd:chunked writer of containers/storage 1.43 waits for
+    the marker and never finishes without one (skopeo hangs)."""
+    if layer.path.stat().st_size == 0:
+        desc = _write_blob(blobs, bytes(1024), MEDIA_TAR)
+        return desc["digest"], desc["size"]
     end = tar_archive_end(layer.path)
     if end == layer.size:
         _link_or_copy(layer.path, blobs / layer.diff_id.split(":")[1])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
 import sys
+import tarfile
 
 import httpx
 import pytest
@@ -199,52 +201,95 @@ def test_a_layer_listed_twice_gets_a_blob_of_its_own_in_estargz_modes(registry, 
         assert _run(env, f"{registry.host}/t/twice:estargz-noopt").strip() == TINY_OUTPUT
 
 
+def _with_layer(built, root, data: bytes, name: str):
+    """``built`` as image ``name`` with one more layer, the tar ``data``."""
+    import dataclasses
+    import hashlib
+
+    from harness.images.build import BuiltLayer
+
+    directory = root / "images" / name
+    (directory / "layers").mkdir(parents=True)
+    path = directory / "layers" / "extra.tar"
+    path.write_bytes(data)
+    extra = BuiltLayer(path, f"sha256:{hashlib.sha256(data).hexdigest()}", len(data), "")
+    config = json.loads(json.dumps(built.config))
+    config["rootfs"]["diff_ids"].append(extra.diff_id)
+    layers = (*built.layers, extra)
+    return dataclasses.replace(built, name=name, dir=directory, layers=layers, config=config)
+
+
+def _refused_once(built, mode: str) -> str:
+    """The message of the :class:`LayerRefused` that writing ``built`` in ``mode`` raises,
+    through the preparer's retries: it is not tried again."""
+    import io
+
+    from rich.console import Console
+
+    from harness.images import LayerRefused
+    from harness.prepare import _retry
+
+    calls = []
+
+    def write() -> None:
+        calls.append(1)
+        oci_layout(built, mode)
+
+    with pytest.raises(LayerRefused) as refused:
+        _retry(write, Console(file=io.StringIO()))
+    assert len(calls) == 1
+    return str(refused.value)
+
+
+def _tar_of(*members: tarfile.TarInfo) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for member in members:
+            tar.addfile(member, io.BytesIO(b"x" * member.size))
+    return buf.getvalue()
+
+
 def test_a_layer_the_writer_refuses_is_named_not_retried_and_leaves_nothing(tmp_path):
     """A user's image whose layer holds a hard link to a file of a lower layer (podman refuses
     to pull it too): the eStargz modes once ended `lazybench run` in a traceback, after
     trying the push three times. Now the image, the layer and the reason are named, once, and
     no layout or blob is left half-written."""
-    import dataclasses
-    import hashlib
-    import io
-    import tarfile
-
-    from rich.console import Console
-
-    from harness.images import LayerRefused
-    from harness.images.build import BuiltLayer
-    from harness.prepare import _retry
-
-    built = tiny_image(tmp_path, big_file_size=4096)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        link = tarfile.TarInfo("data/hello-link.txt")
-        link.type, link.linkname = tarfile.LNKTYPE, "data/hello.txt"  # in layer 1, not here
-        tar.addfile(link)
-    data = buf.getvalue()
-    diff_id = f"sha256:{hashlib.sha256(data).hexdigest()}"
-    (tmp_path / "link.tar").write_bytes(data)
-    config = json.loads(json.dumps(built.config))
-    config["rootfs"]["diff_ids"].append(diff_id)
-    linked = dataclasses.replace(
-        built,
-        name="linked",
-        dir=tmp_path / "images" / "linked",
-        layers=(*built.layers, BuiltLayer(tmp_path / "link.tar", diff_id, len(data), "")),
-        config=config,
+    link = tarfile.TarInfo("data/hello-link.txt")
+    link.type, link.linkname = tarfile.LNKTYPE, "data/hello.txt"  # in layer 1, not here
+    linked = _with_layer(
+        tiny_image(tmp_path, big_file_size=4096), tmp_path, _tar_of(link), "linked"
     )
-    linked.dir.mkdir(parents=True)
-    calls = []
-
-    def convert() -> None:
-        calls.append(1)
-        oci_layout(linked, "estargz-noopt")
-
-    with pytest.raises(LayerRefused) as refused:
-        _retry(convert, Console(file=io.StringIO()))
-    assert len(calls) == 1
-    message = str(refused.value)
+    message = _refused_once(linked, "estargz-noopt")
+    diff_id = linked.layers[-1].diff_id
     assert message.startswith(f"linked: layer 4/4 (diff ID {diff_id}) as estargz-noopt: ")
     assert "hardlink target not found: 'data/hello.txt'" in message
     assert not (linked.dir / "oci").exists() or not any((linked.dir / "oci").iterdir())
     assert not [p for p in (tmp_path / "blobs").iterdir() if p.name.startswith(".")]
+
+
+def test_data_after_a_layers_end_of_archive_is_named_and_not_retried(tmp_path):
+    """The zstd-chunked modes named only a cache path and tried three times."""
+    member = tarfile.TarInfo("a")
+    member.size = 1
+    junk = _with_layer(tiny_image(tmp_path), tmp_path, _tar_of(member) + b"junk", "junk")
+    message = _refused_once(junk, "zstd-chunked")
+    diff_id = junk.layers[-1].diff_id
+    assert message.startswith(f"junk: layer 4/4 (diff ID {diff_id}) as zstd-chunked: ")
+    assert "non-zero bytes after the end of the archive" in message
+
+
+def test_an_empty_layer_file_is_written_as_the_end_of_archive_marker(tmp_path):
+    """A 0-byte layer (podman pulls it as an empty layer) failed the zstd-chunked modes with
+    "not a readable tar: empty file"; given to skopeo as it is, containers/storage 1.43's
+    writer never finishes. It is written as the marker alone, the same empty layer."""
+    import hashlib
+
+    layout = oci_layout(_with_layer(tiny_image(tmp_path), tmp_path, b"", "empty"), "zstd-chunked")
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())
+    config = json.loads((blobs / manifest["config"]["digest"][7:]).read_text())
+    last = blobs / manifest["layers"][-1]["digest"][7:]
+    plain = subprocess.run(["zstd", "-dc", last], capture_output=True, check=True).stdout
+    assert plain == bytes(1024)
+    assert config["rootfs"]["diff_ids"][-1] == f"sha256:{hashlib.sha256(plain).hexdigest()}"
