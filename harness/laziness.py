@@ -110,6 +110,8 @@ class Verdict:
         sha256:cd34…); the registry served 2 whole to the runtime``."""
         if self.problem:
             return self.problem
+        if not self.layers:  # nothing to take from a store (counts_lazy: not a lazy pull)
+            return "the image has no layers, so none came from the store"
         parts = []
         missing = [x.digest or x.layer_id for x in self.layers if not x.from_store]
         if missing:

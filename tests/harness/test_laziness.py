@@ -114,6 +114,14 @@ def test_a_layer_the_store_declines_is_named_once_with_the_stores_reason() -> No
     assert "store log: info: not served (normal pull fallback)" in reason, reason
 
 
+def test_an_image_without_layers_is_not_said_to_have_every_layer_from_the_store() -> None:
+    """A zero-layer image (`FROM scratch` with only a CMD, as `docker build` makes it) is no
+    lazy pull; its fall-back once read "every layer from the store"."""
+    v = Verdict([])
+    assert not v.lazy
+    assert v.describe() == "the image has no layers, so none came from the store"
+
+
 def test_a_layer_recorded_without_its_digest_is_matched_by_its_place_in_the_image() -> None:
     """podman >= 5.1 takes a store's layer by TOC digest and may record no compressed digest
     for it: a whole GET of its blob by the runtime was matched against nothing, so the
