@@ -80,6 +80,8 @@ CASES = {
     # ours skips a prioritized file the tar lacks, as the Go writer with
     # WithAllowPrioritizeNotFound (without it, Go refuses the tar)
     "prioritized-missing": (ALL, {"chunk_size": 1024, "prioritized_files": ["nope", "d/one"]}),
+    # no bytes at all: Go's tar reader takes it as an archive of no entries, and so do we
+    "empty-input": (b"", {}),
 }
 
 
