@@ -44,7 +44,7 @@ OWNER_FILE = ".lazybench-owner"
 # The directories the harness claims: in the temporary directory a run's working directory
 # (harness.measure), a podman env's own workdir and its runroot (harness.podman), a registry's
 # storage (harness.registry_server); in the cache, an image build's staging directory
-# (harness.images: a Containerfile's podman build, a recipe's layers and base).
+# (harness.images: a Containerfile's podman build, a recipe's layers and base, an import).
 PATTERNS = ("lzb-run-*", "lzb-podman-*", "lzbr-*", "lazybench-registry-*", ".build-*")
 # The cache's subdirectories where builds stage (harness.images.build, .source).
 CACHE_BUILD_DIRS = ("containerfile", "images", "layers", "bases")

@@ -303,7 +303,9 @@ def import_image(
     if found is None:
         say(f"{name}: importing {ref} ({want})")
         final.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".import-{key}-", dir=final.parent))
+        # A .build-* name with an owner: harness.stale.sweep removes it if we die uncleanly.
+        work = Path(tempfile.mkdtemp(prefix=f".build-import-{key}-", dir=final.parent))
+        claim(work)
         try:
             _import_into(ref, _entry_platform(raw, want), key, work, say)
             publish_dir(work, final, lambda: load_imported(final, name) is not None)

@@ -390,3 +390,43 @@ def test_zstd_chunked_of_the_other_generation_is_converted_not_passed_through(
     for d in manifest["layers"]:
         assert f"{keys[then]}zstd-chunked.manifest-checksum" in d["annotations"], d
         assert not any(k.startswith(keys[first]) for k in d["annotations"]), d
+
+
+def test_an_import_killed_part_way_is_swept(tiny, tmp_path: Path) -> None:
+    """SIGKILL during an import left ``<cache>/images/.import-*`` that neither ``lazybench
+    cleanup`` nor ``images prune`` removed; the staging directory is now claimed."""
+    import multiprocessing
+    import signal
+    import time
+
+    from harness import stale
+    from harness.images import source
+
+    ref = f"oci:{oci_layout(tiny, 'legacy')}"
+    cache = tmp_path / "cache"
+    started = tmp_path / "started"
+
+    def stalled_import(*args: object) -> None:
+        started.write_text(str(args[3]))  # the staging directory
+        time.sleep(600)
+
+    def child() -> None:
+        source._import_into = stalled_import  # type: ignore[assignment]
+        source.import_image(ref, cache)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and proc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "the import never reached its staging step"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    staging = Path(started.read_text())
+    assert staging.is_dir() and staging.parent == cache / "images"
+    swept = stale.sweep(*stale.build_dirs(cache))
+    assert [s.path for s in swept] == [staging] and not staging.exists()
