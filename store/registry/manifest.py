@@ -91,6 +91,26 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+# Architecture names -> (OCI name (GOARCH), implied variant): the kernel's (``uname -m``) and
+# the aliases containerd's platforms.Normalize takes.
+_ARCH_NAMES = {
+    "x86_64": ("amd64", ""),
+    "x86-64": ("amd64", ""),
+    "amd64": ("amd64", ""),
+    "aarch64": ("arm64", ""),
+    "arm64": ("arm64", ""),
+    "armv7l": ("arm", "v7"),
+    "armhf": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "armel": ("arm", "v6"),
+    "i686": ("386", ""),
+    "i386": ("386", ""),
+    "ppc64le": ("ppc64le", ""),
+    "s390x": ("s390x", ""),
+    "riscv64": ("riscv64", ""),
+}
+
+
 @dataclass(frozen=True)
 class Platform:
     os: str
@@ -101,28 +121,24 @@ class Platform:
     def host(cls) -> Platform:
         """The platform of this machine in OCI terms (GOARCH names)."""
         m = _platform.machine().lower()
-        arch, variant = {
-            "x86_64": ("amd64", ""),
-            "amd64": ("amd64", ""),
-            "aarch64": ("arm64", ""),
-            "arm64": ("arm64", ""),
-            "armv7l": ("arm", "v7"),
-            "armv6l": ("arm", "v6"),
-            "i686": ("386", ""),
-            "i386": ("386", ""),
-            "ppc64le": ("ppc64le", ""),
-            "s390x": ("s390x", ""),
-            "riscv64": ("riscv64", ""),
-        }.get(m, (m, ""))
+        arch, variant = _ARCH_NAMES.get(m, (m, ""))
         return cls("linux", arch, variant)
 
     @classmethod
     def parse(cls, text: str) -> Platform:
-        """`os/arch[/variant]`, e.g. `linux/arm64/v8`."""
-        parts = text.split("/")
+        """`os/arch[/variant]`, e.g. `linux/arm64/v8`, normalized as containerd's
+        ``platforms.Parse`` (what docker's and nerdctl's ``--platform`` take): lower case, and
+        the kernel's names for an architecture taken for the OCI one (``Linux/x86_64`` is
+        ``linux/amd64``, ``linux/aarch64`` ``linux/arm64``, ``linux/armhf`` ``linux/arm/v7``).
+        Raises ManifestError."""
+        parts = text.lower().split("/")
         if len(parts) not in (2, 3) or not all(parts):
             raise ManifestError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT]")
-        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else "")
+        arch, variant = parts[1], parts[2] if len(parts) == 3 else ""
+        alias = _ARCH_NAMES.get(arch)
+        if alias is not None:
+            arch, variant = alias[0], variant or alias[1]
+        return cls(parts[0], arch, variant)
 
     def matches(self, desc_platform: dict[str, Any]) -> bool:
         if desc_platform.get("os") != self.os:

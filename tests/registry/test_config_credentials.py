@@ -156,3 +156,20 @@ def test_platform_parse_and_match() -> None:
         {"os": "linux", "architecture": "arm", "variant": "v7"}
     )
     assert Platform.host().os == "linux"
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("Linux/AMD64", Platform("linux", "amd64")),
+        ("linux/x86_64", Platform("linux", "amd64")),
+        ("linux/aarch64", Platform("linux", "arm64")),
+        ("linux/armhf", Platform("linux", "arm", "v7")),
+        ("linux/ARM/V6", Platform("linux", "arm", "v6")),
+        ("linux/i386", Platform("linux", "386")),
+    ],
+)
+def test_platform_names_are_normalized_as_containerd_does(text: str, parsed: Platform) -> None:
+    """`Linux/AMD64` gave "no manifest for platform Linux/AMD64" where docker's and nerdctl's
+    --platform (containerd's platforms.Parse) pick linux/amd64."""
+    assert Platform.parse(text) == parsed
