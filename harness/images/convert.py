@@ -53,7 +53,12 @@ from harness.images.source import (
     tls_args,
     wanted_platform,
 )
-from harness.images.transports import TransportError, local_path, split_transport
+from harness.images.transports import (
+    TransportError,
+    local_path,
+    pull_reference,
+    split_transport,
+)
 from store.estargz.zstdchunked import DEFAULT_GENERATION
 
 if TYPE_CHECKING:
@@ -204,6 +209,7 @@ def convert_image(
             f"(known: {', '.join(ZSTD_GENERATIONS)})"
         )
     check_source(src)
+    src = pull_reference(src)
     dest_transport = check_destination(dest, options.format)
     want = wanted_platform(options.platform)
     with tempfile.TemporaryDirectory(prefix="lazybench-convert-", dir=workdir) as tmp:

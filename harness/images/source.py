@@ -45,7 +45,13 @@ from harness.images.build import (
     ImageBuildError,
     publish_dir,
 )
-from harness.images.transports import TransportError, local_path, registry_host, split_transport
+from harness.images.transports import (
+    TransportError,
+    local_path,
+    pull_reference,
+    registry_host,
+    split_transport,
+)
 from harness.stale import claim
 
 Progress = Callable[[str], None]
@@ -287,6 +293,10 @@ def import_image(
 
     say = progress or (lambda message: None)
     cache_dir = cache_dir or default_cache_dir()
+    try:
+        ref = pull_reference(ref)
+    except TransportError as exc:
+        raise ImageSourceError(str(exc)) from None
     want = wanted_platform(platform)
     name = name or _name_of(ref)
     # An archive file unchanged since it was imported is not read again (for oci-archive:

@@ -49,6 +49,20 @@ def split_transport(ref: str) -> tuple[str, str]:
     return transport, rest
 
 
+def pull_reference(ref: str) -> str:
+    """``ref`` as skopeo reads it: a ``docker://`` reference with a tag and a digest loses the
+    tag, as podman pulls it (by the digest; containers/image refuses the pair, "Docker
+    references with both a tag and digest are currently not supported"). Other references
+    are returned as they are. Raises TransportError."""
+    transport, rest = split_transport(ref)
+    if transport != "docker" or "@" not in rest:
+        return ref
+    name, _, digest = rest.partition("@")
+    if name.rfind(":") > name.rfind("/"):
+        name = name[: name.rfind(":")]
+    return f"docker://{name}@{digest}"
+
+
 def registry_host(ref: str) -> str | None:
     """The registry host (with port) of a ``docker://`` reference, else ``None``."""
     transport, rest = split_transport(ref)

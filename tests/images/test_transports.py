@@ -10,6 +10,7 @@ from harness.images.transports import (
     TransportError,
     absolute,
     local_path,
+    pull_reference,
     registry_host,
     split_transport,
 )
@@ -68,3 +69,20 @@ def test_paths() -> None:
     assert absolute("oci:lay:v1", base) == "oci:/srv/scenarios/lay:v1"
     assert absolute("oci:/abs:v1", base) == "oci:/abs:v1"
     assert absolute("docker://h:1/a", base) == "docker://h:1/a"
+
+
+@pytest.mark.parametrize(
+    ("ref", "pulled"),
+    [
+        ("docker://h:5000/app:1@sha256:" + "a" * 64, "docker://h:5000/app@sha256:" + "a" * 64),
+        (
+            "docker://[::1]:5000/a/b:t@sha256:" + "b" * 64,
+            "docker://[::1]:5000/a/b@sha256:" + "b" * 64,
+        ),
+        ("docker://h:5000/app@sha256:" + "c" * 64, "docker://h:5000/app@sha256:" + "c" * 64),
+        ("docker://h:5000/app:1", "docker://h:5000/app:1"),
+        ("oci:/x/layout:tag", "oci:/x/layout:tag"),
+    ],
+)
+def test_a_tag_beside_a_digest_is_dropped_as_podman_pulls_it(ref: str, pulled: str) -> None:
+    assert pull_reference(ref) == pulled
