@@ -9,6 +9,14 @@ thread: one thread hop per request for a 206 or error body up to ``EAGER_MAX`` b
 whole), one per ``PIECE`` for bigger or unframed bodies. Connections are kept alive per host
 by urllib3's pool; one the server closed while idle is noticed before reuse and replaced.
 
+The worker threads of one host's requests are that host's own: at most ``max_connections`` at
+once (its kept-alive connections), under a limiter of its own, never anyio's and trio's default
+one (40 threads for the whole process). A registry that accepts requests and never answers
+keeps each of its threads for up to the request's timeout; in the default limiter 40 such
+requests (the footers and TOCs of one image's layers) left no thread to the rest of the
+process — another registry's reads, and the store's chunk inflating, cache writes and
+manifest checks — until they timed out.
+
 Cancellation returns at once: the response's socket is shut down
 (``HTTPResponse.shutdown()``, urllib3 ≥ 2.3), which ends the worker thread's blocking read,
 and the connection is discarded. A request cancelled before its answer's head arrived leaves
@@ -87,10 +95,12 @@ def _as_httpx(request: httpx.Request) -> Iterator[None]:
 
 
 class _Exchange:
-    """One request's urllib3 response, shared by the task and its worker thread."""
+    """One request's urllib3 response, shared by the task and its worker thread, whose
+    thread runs under ``limiter`` (its host's)."""
 
-    def __init__(self, request: httpx.Request) -> None:
+    def __init__(self, request: httpx.Request, limiter: anyio.CapacityLimiter) -> None:
         self.request = request
+        self.limiter = limiter
         self.resp: urllib3.BaseHTTPResponse | None = None
         self.lock = threading.Lock()
         self.abandoned = False
@@ -127,7 +137,9 @@ class _Exchange:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(
+                fn, *args, abandon_on_cancel=True, limiter=self.limiter
+            )
         except anyio.get_cancelled_exc_class():
             self.abandon()
             raise
@@ -190,7 +202,7 @@ class RangeTransport(httpx.AsyncBaseTransport):
 
     ``ssl_context`` verifies ``https://`` registries (None: the system's CAs) unless a request
     carries its own (:data:`SSL_CONTEXT`); ``max_connections`` bounds the kept-alive
-    connections per host."""
+    connections per host, and its requests' worker threads at once (see the module doc)."""
 
     def __init__(
         self,
@@ -207,6 +219,8 @@ class RangeTransport(httpx.AsyncBaseTransport):
             retries=False,
             ssl_context=ssl_context,
         )
+        self._max_connections = max(1, max_connections)
+        self._limiters: dict[tuple[str, str, int | None], anyio.CapacityLimiter] = {}
 
     @staticmethod
     def handles(request: httpx.Request) -> bool:
@@ -219,7 +233,7 @@ class RangeTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not self.handles(request):
             return await self.fallback.handle_async_request(request)
-        exchange = _Exchange(request)
+        exchange = _Exchange(request, self._limiter(request.url))
         try:
             status, headers, version, eager = await exchange.call(self._open, exchange)
         except BaseException:
@@ -274,6 +288,18 @@ class RangeTransport(httpx.AsyncBaseTransport):
         version = b"HTTP/1.0" if resp.version == 10 else b"HTTP/1.1"
         return status, raw_headers, version, eager
 
+    def _limiter(self, url: httpx.URL) -> anyio.CapacityLimiter:
+        """The worker-thread limiter of ``url``'s scheme, host and port (made on first use;
+        those of hosts with no thread out are forgotten past :data:`MAX_HOSTS` hosts)."""
+        key = (url.scheme, url.host, url.port)
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            if len(self._limiters) >= MAX_HOSTS:
+                for old in [k for k, v in self._limiters.items() if not v.borrowed_tokens]:
+                    del self._limiters[old]
+            limiter = self._limiters[key] = anyio.CapacityLimiter(self._max_connections)
+        return limiter
+
     def _pool_for(self, url: str, ssl_context: ssl.SSLContext | None) -> Any:
         """The connection pool for ``url``'s host made with ``ssl_context`` (one per context:
         urllib3 keys its pools by it)."""
@@ -299,6 +325,7 @@ class RangeTransport(httpx.AsyncBaseTransport):
         so this takes and returns them through the pool's ``_get_conn``/``_put_conn``.
         """
         pool = self._pool_for(url, ssl_context)
+        limiter = self._limiter(httpx.URL(url))
         # Take them all first (never blocks: the pool does not), so that one connected here
         # and put back is not taken again as another. Each goes back to the pool once, by
         # whoever claims it first: its worker thread (after connecting, even when the task
@@ -331,7 +358,7 @@ class RangeTransport(httpx.AsyncBaseTransport):
 
         async def run(i: int) -> None:
             nonlocal opened
-            ok = await anyio.to_thread.run_sync(connect, i, abandon_on_cancel=True)
+            ok = await anyio.to_thread.run_sync(connect, i, abandon_on_cancel=True, limiter=limiter)
             opened += ok  # not `opened += await ...`: that reads `opened` before the await
 
         try:

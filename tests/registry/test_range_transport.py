@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import threading
 import time
@@ -242,3 +243,50 @@ async def test_body_limit_reads_no_more_than_asked_plus_one(client_factory) -> N
                 await resp.aclose()
                 assert got == bytes(11)
     assert sent["long"] < 64 << 20 and sent["endless"] < 64 << 20, sent
+
+
+async def test_a_silent_host_keeps_its_threads_to_itself() -> None:
+    """Range reads waiting on a host that accepts them and never answers take at most
+    ``max_connections`` worker threads, under the host's own limiter: another host's reads and
+    the process's other worker threads (anyio's and trio's default limiter, 40 threads) go on
+    at once. In the default limiter, 40 such reads (the footers and TOCs of one image's
+    layers, in the store) held every thread until their timeout."""
+    import anyio
+    import anyio.to_thread
+    import trio
+
+    stop = threading.Event()
+
+    def silent(conn: socket.socket, n: int) -> None:
+        hung.read_request(conn)
+        stop.wait(30)
+
+    def answers(conn: socket.socket, n: int) -> None:
+        while ok.read_request(conn):
+            conn.sendall(
+                b"HTTP/1.1 206 OK\r\nContent-Range: bytes 0-1/2\r\nContent-Length: 2\r\n\r\nok"
+            )
+
+    transport = RangeTransport(httpx.AsyncHTTPTransport(), max_connections=8)
+    with CannedServer(silent) as hung, CannedServer(answers) as ok:
+        async with httpx.AsyncClient(transport=transport, timeout=20.0) as c:
+            async with trio.open_nursery() as nursery:
+                for _ in range(50):
+                    nursery.start_soon(
+                        functools.partial(c.get, _url(hung), headers={"Range": "bytes=0-1"})
+                    )
+                for _ in range(100):  # the silent host has all it may have
+                    if len(hung.requests) >= 8:
+                        break
+                    await trio.sleep(0.02)
+                start = time.monotonic()
+                with trio.fail_after(5):
+                    resp = await c.get(_url(ok), headers={"Range": "bytes=0-1"})
+                    assert resp.content == b"ok"
+                    assert await anyio.to_thread.run_sync(lambda: 42) == 42
+                    assert await trio.to_thread.run_sync(lambda: 43) == 43
+                elapsed = time.monotonic() - start
+                assert len(hung.requests) == 8, len(hung.requests)
+                nursery.cancel_scope.cancel()
+            stop.set()
+    assert elapsed < 1, elapsed
