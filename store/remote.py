@@ -16,6 +16,7 @@ import trio
 from store.chunks import BlobReader
 from store.registry.client import MAX_CONFIG_BYTES, RegistryClient
 from store.registry.errors import RegistryError
+from store.registry.reference import Reference
 from store.resolver import (
     LayerDesc,
     RegistryAccess,
@@ -38,6 +39,15 @@ class RegistryBlob:
     After such a failure, reads of this blob fail at once for :data:`QUIET_AFTER_DEADLINE`
     seconds: the kernel retries a failed page read synchronously, and that retry must not
     wait a second deadline before the reader sees its EIO.
+
+    A layer is loaded once per blob digest, through the ``ref`` of the image that brought it;
+    another image naming the same blob (a base layer shared by images of two registries)
+    adds its reference with :meth:`add_ref`. A read then goes to the repository that answered
+    last, and to the others in turn, within the same deadline, when it fails there; one whose
+    deadline passed on a repository goes to the next one first (only the repository that did
+    not answer is kept quiet). Before, such a layer read only from the first image's
+    registry: that registry gone, stalled, or the blob deleted there, the other image's
+    containers got EIO from a registry that still served it.
     """
 
     client: RegistryClient
@@ -45,28 +55,62 @@ class RegistryBlob:
     digest: str
     size: int
     deadline: float = math.inf
-    _quiet_until: float = field(default=-math.inf, init=False)
+    _refs: list[str] = field(default_factory=list, init=False)  # the one to ask first, first
+    _quiet_until: dict[str, float] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self._refs = [self.ref]
+
+    def add_ref(self, ref: str) -> None:
+        """Read from ``ref``'s repository too when the others fail (one per repository: the
+        blob's URL does not depend on the tag)."""
+        try:
+            new = Reference.parse(ref)
+        except ValueError:
+            return
+        for known in self._refs:
+            old = Reference.parse(known)
+            if (old.registry, old.repository) == (new.registry, new.repository):
+                return
+        self._refs.append(ref)
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        if trio.current_time() < self._quiet_until:
+        now = trio.current_time()
+        refs = [r for r in self._refs if self._quiet_until.get(r, -math.inf) <= now]
+        if not refs:
             raise ResolveError(
                 f"{self.ref}@{self.digest}: the registry did not answer within "
                 f"{self.deadline:g}s a moment ago (blob.fetching_timeout_sec); not asked again yet"
             )
+        spans = [(lo, hi - lo) for lo, hi in ranges]
+        asking = refs[0]
         with trio.move_on_after(self.deadline) as scope:
-            parts = await self.client.read_ranges(
-                self.ref, self.digest, [(lo, hi - lo) for lo, hi in ranges]
-            )
+            for asking in refs:
+                try:
+                    parts = await self.client.read_ranges(asking, self.digest, spans)
+                except RegistryError:
+                    if asking == refs[-1]:
+                        raise
+                    continue
+                self._prefer(asking)
+                break
         if scope.cancelled_caught:
-            self._quiet_until = trio.current_time() + QUIET_AFTER_DEADLINE
+            self._quiet_until[asking] = trio.current_time() + QUIET_AFTER_DEADLINE
+            self._refs.remove(asking)
+            self._refs.append(asking)  # the next read asks another repository first
             raise ResolveError(
-                f"{self.ref}@{self.digest}: no answer for {len(ranges)} range(s) within "
+                f"{asking}@{self.digest}: no answer for {len(ranges)} range(s) within "
                 f"{self.deadline:g}s (blob.fetching_timeout_sec)"
             )
         for (lo, hi), part in zip(ranges, parts, strict=True):
             if len(part) != hi - lo:
                 raise ResolveError(f"{self.digest}: short range {lo}-{hi}: got {len(part)}")
         return parts
+
+    def _prefer(self, ref: str) -> None:
+        if self._refs[0] != ref:
+            self._refs.remove(ref)
+            self._refs.insert(0, ref)
 
 
 # Range connections opened while an image's manifest is fetched (RegistryClient.warm): the
@@ -128,3 +172,7 @@ class RemoteRegistry(RegistryAccess):
 
     def blob(self, ref: str, digest: str, size: int) -> BlobReader:
         return RegistryBlob(self.client, ref, digest, size, self.fetch_deadline)
+
+    def also_from(self, blob: BlobReader, ref: str) -> None:
+        if isinstance(blob, RegistryBlob):
+            blob.add_ref(ref)

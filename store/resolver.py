@@ -224,6 +224,11 @@ class RegistryAccess:
     def blob(self, ref: str, digest: str, size: int) -> BlobReader:
         raise NotImplementedError
 
+    def also_from(self, blob: BlobReader, ref: str) -> None:
+        """``ref``, another image's reference, names ``blob``'s blob too (one layer is loaded
+        per blob digest): its reads may go there when the registry ``blob`` was made for
+        fails them. Nothing by default."""
+
 
 @dataclass
 class _Task:
@@ -251,6 +256,7 @@ class _LayerState:
     its last reference goes, or when no ``use`` counted one within ``early_ttl``. Every
     transition happens in :class:`LayerManager`."""
 
+    source: BlobReader  # the registry's blob the layer reads (RegistryAccess.blob)
     phase: LayerPhase = LayerPhase.LOADING
     settled: trio.Event = field(default_factory=trio.Event)  # set when LOADING ends
     wanted: bool = False  # looked up (while loading: resolve as soon as loaded)
@@ -518,7 +524,8 @@ class LayerManager:
         old = self._states.get(desc.digest)
         if old is not None:  # FAILED: replaced
             old.ended.set()
-        state = self._states[desc.digest] = _LayerState(wanted=not early)
+        source = self.registry.blob(ref, desc.digest, desc.size)
+        state = self._states[desc.digest] = _LayerState(source, wanted=not early)
 
         def priority() -> TurnKey:
             return (not state.wanted, *order)
@@ -535,7 +542,7 @@ class LayerManager:
         priority: Callable[[], TurnKey],
     ) -> None:
         try:
-            layer = await self._new_layer(ref, desc, priority)
+            layer = await self._new_layer(ref, desc, priority, state.source)
         except Exception as exc:
             state.error = exc
             if state.phase is LayerPhase.LOADING:
@@ -707,6 +714,7 @@ class LayerManager:
                 f"{what}: {ref} annotates it with TOC digest {desc.toc_digest}, but its TOC "
                 f"hashes to {state.layer.toc_digest} (verified for another image)"
             )
+        self.registry.also_from(state.source, ref)
         return state.layer
 
     def _held(self, ref: str, digest: str) -> Layer | None:
@@ -719,10 +727,16 @@ class LayerManager:
         layer = state.layer
         return None if layer.released or digest not in (layer.digest, layer.toc_digest) else layer
 
-    async def _new_layer(self, ref: str, desc: LayerDesc, priority: Callable[[], TurnKey]) -> Layer:
+    async def _new_layer(
+        self,
+        ref: str,
+        desc: LayerDesc,
+        priority: Callable[[], TurnKey],
+        source: BlobReader,
+    ) -> Layer:
         assert desc.toc_digest is not None
         with self.foreground.busy():  # a pull: no background fetch meanwhile
-            blob, index, tree = await self._load_index(ref, desc, priority)
+            blob, index, tree = await self._load_index(ref, desc, priority, source)
         layer = Layer(
             key=f"{ref}/{desc.digest}",
             digest=desc.digest,
@@ -751,12 +765,13 @@ class LayerManager:
         return layer
 
     async def _load_index(
-        self, ref: str, desc: LayerDesc, priority: Callable[[], TurnKey]
+        self, ref: str, desc: LayerDesc, priority: Callable[[], TurnKey], source: BlobReader
     ) -> tuple[BlobReader, EstargzLayerView, LayerTree]:
-        """Footer+TOC → verified index and tree (the decoded TOC entries are freed); the
-        parse waits for its turn (by ``priority()``, :class:`~store.pullorder.Turns`)."""
+        """Footer+TOC of ``source`` → verified index and tree (the decoded TOC entries are
+        freed); the parse waits for its turn (by ``priority()``,
+        :class:`~store.pullorder.Turns`)."""
         assert desc.toc_digest is not None
-        ahead = AheadBlob(self.registry.blob(ref, desc.digest, desc.size))
+        ahead = AheadBlob(source)
         # The prefetch region starts downloading once the TOC is verified, before its parse;
         # a gzip layer whose head says it starts with prioritized files, sooner still.
         on_verified: Callable[[int | None, PrefetchRanges], None] | None = None

@@ -1,18 +1,25 @@
 """The store's registry access (store/remote.py) against a real registry: what it refuses
-before reading, and what it bounds while reading."""
+before reading, what it bounds while reading, and where a layer two images share is read."""
 
 from __future__ import annotations
 
 import json
+import random
+import threading
 
 import pytest
 import trio
 
+from store.cache import ChunkCache
+from store.chunks import LayerFetchError
+from store.config import StoreConfig
 from store.registry import RegistryClient, TooLargeError
 from store.registry.client import MAX_CONFIG_BYTES
 from store.registry.manifest import OCI_CONFIG, OCI_MANIFEST, dumps_canonical
 from store.remote import RemoteRegistry
-from store.resolver import ResolveError
+from store.resolver import LayerManager, ResolveError
+from tests.registry.regtest_proxies import HttpFaultProxy, answer
+from tests.store.images import add_file, make_tar, push_image, to_estargz
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -78,3 +85,69 @@ async def test_a_blob_read_with_a_bound_stops_past_it(registry) -> None:
         with pytest.raises(TooLargeError) as exc:
             await client.get_blob(ref, digest, max_bytes=len(data) - 1)
         assert f"blob larger than {len(data) - 1} bytes" in str(exc.value)
+
+
+class _BlobsGone:
+    """A policy for ``HttpFaultProxy``: blob range reads stall until the proxy stops
+    (``stall``), or are answered 404 (the blob deleted in that registry)."""
+
+    def __init__(self, how: str = "") -> None:
+        self.how = how
+        self.stop = threading.Event()
+        self.asked = 0
+
+    def __call__(self, h) -> bool:
+        if not self.how or "/blobs/" not in h.path or "Range" not in h.headers:
+            return False
+        self.asked += 1
+        if self.how == "stall":
+            self.stop.wait(60)
+            h.close_connection = True
+            return True
+        answer(h, 404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}')
+        return True
+
+
+@pytest.mark.parametrize("how", ["404", "stall"])
+async def test_a_layer_two_images_share_reads_from_the_other_when_one_registry_fails(
+    registry, tmp_path, how
+) -> None:
+    """One layer is loaded per blob digest, through the image that brought it first. When that
+    image's registry stalls or lost the blob, the other image's lookups and reads of the
+    layer went there all the same (EIO); they now go to the other image's registry: at once
+    after a 404, and from the next read on after a read that hit its deadline."""
+    data = random.Random(3).randbytes(600_000)
+    tar = make_tar(lambda t: add_file(t, "f", data))
+    blob = to_estargz(tar, chunk_size=64 << 10)
+    await push_image(registry.host, "shared/a", "1", [blob])
+    await push_image(registry.host, "shared/b", "1", [blob])
+    host, port = registry.host.rsplit(":", 1)
+    gone = _BlobsGone()
+    deadline = 2.0
+    with HttpFaultProxy((host, int(port)), gone) as proxy:
+        ref_a, ref_b = f"{proxy.host}/shared/a:1", f"{registry.host}/shared/b:1"
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=10)
+        async with (
+            RegistryClient(timeout=1.0, retries=2, backoff=0.01, retry_timeouts=True) as client,
+            trio.open_nursery() as nursery,
+        ):
+            # As the store makes them (store.cli.request_timeout): the tries fill the deadline.
+            remote = RemoteRegistry(client, fetch_deadline=deadline, warm_connections=0)
+            manager = LayerManager(cfg, remote, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+            layer = await manager.get_layer(ref_a, blob.digest)
+            gone.how = how
+            assert await manager.get_layer(ref_b, blob.digest) is layer
+            node = layer.tree.lookup_path("f")
+            start = trio.current_time()
+            with trio.fail_after(10):
+                if how == "stall":
+                    with pytest.raises(LayerFetchError, match="within 2s"):
+                        await layer.read_file(node, 0, 100_000)
+                got = await layer.read_file(node, 0, 100_000)
+                got += await layer.read_file(node, 300_000, 300_000)
+            elapsed = trio.current_time() - start
+            nursery.cancel_scope.cancel()
+        gone.stop.set()
+    assert got == data[:100_000] + data[300_000:]
+    assert gone.asked >= 1
+    assert elapsed < (deadline + 1 if how == "stall" else 1), elapsed
