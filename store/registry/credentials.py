@@ -134,7 +134,7 @@ def run_credential_helper(call: HelperCall, timeout: float = HELPER_TIMEOUT) -> 
     """Run ``docker-credential-NAME get``; its credentials, None for "not found".
     Raises ConfigError naming the helper for any other outcome; never waits past
     ``timeout`` (the helper's whole process group is killed then)."""
-    if not call.helper or "/" in call.helper or call.helper.startswith("-"):
+    if not call.helper or "/" in call.helper or "\0" in call.helper or call.helper.startswith("-"):
         raise ConfigError(f"{call.where}: {call.helper!r} is not a credential helper name")
     program = f"docker-credential-{call.helper}"
     what = f"credential helper {program} ({call.where})"

@@ -130,6 +130,8 @@ def test_helper_answers(helper_bin: Path) -> None:
     assert run_credential_helper(HelperCall("missing", "r", "w", required=False)) is None
     with pytest.raises(ConfigError, match=r"'\.\./x' is not a credential helper name"):
         run_credential_helper(call("../x"))
+    with pytest.raises(ConfigError, match=r"'a\\x00b' is not a credential helper name"):
+        run_credential_helper(call("a\0b"))  # a JSON "\u0000": no program name holds one
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"docker-credential-slow .*no answer .*within 0.5s"):
         run_credential_helper(call("slow"), timeout=0.5)
