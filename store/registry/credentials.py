@@ -16,7 +16,8 @@ failure (a helper that exits non-zero, answers no JSON, or takes more than
 :data:`HELPER_TIMEOUT` seconds) is a ConfigError naming the helper and the file, as is a
 ``credHelpers`` helper not on ``PATH``; a ``credsStore`` helper not on ``PATH`` (a config.json
 copied from Docker Desktop) is logged and gives none, the outcome podman (which does not read
-``credsStore``) has. Answers are kept :data:`HELPER_CACHE_TTL` seconds;
+``credsStore``) has. Answers, a failure too, are kept :data:`HELPER_CACHE_TTL` seconds (a
+burst of requests behind a helper that hangs waits for it once, not once each);
 :meth:`CredentialStore.alookup` runs helpers in a worker thread, off the event loop.
 
 Credentials handed over per image reference by podman's layer-store auth helper
@@ -50,7 +51,7 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 HELPER_TIMEOUT = 10.0  # seconds one `docker-credential-NAME get` may take
-HELPER_CACHE_TTL = 60.0  # seconds a helper's answer (credentials or none) is reused
+HELPER_CACHE_TTL = 60.0  # seconds a helper's answer (credentials, none, failure) is reused
 # What a helper prints when it has nothing for the server (docker-credential-helpers'
 # credentials.errCredentialsNotFound).
 HELPER_NOT_FOUND = "credentials not found in native keychain"
@@ -262,8 +263,8 @@ class CredentialStore:
         self._files = auth_files if auth_files is not None else default_auth_files()
         self._loaded: list[_AuthFile] | None = None
         self._given: dict[tuple[str, str], Credentials] = {}
-        # (helper, server) -> (until, answer)
-        self._helper_answers: dict[tuple[str, str], tuple[float, Credentials | None]] = {}
+        # (helper, server) -> (until, answer: credentials, None, or the failure's message)
+        self._helper_answers: dict[tuple[str, str], tuple[float, Credentials | str | None]] = {}
         self._helper_lock: anyio.Lock | None = None
 
     def add_for_references(self, data: object) -> list[str]:
@@ -318,18 +319,25 @@ class CredentialStore:
         return self._loaded
 
     def _run_cached(self, call: HelperCall) -> Credentials | None:
+        with contextlib.suppress(_NotCached):
+            return self._cached_only(call)
         key = (call.helper, call.server)
-        held = self._helper_answers.get(key)
-        if held is not None and time.monotonic() < held[0]:
-            return held[1]
-        creds = run_credential_helper(call)
+        try:
+            creds = run_credential_helper(call)
+        except ConfigError as exc:
+            self._helper_answers[key] = (time.monotonic() + HELPER_CACHE_TTL, str(exc))
+            raise
         self._helper_answers[key] = (time.monotonic() + HELPER_CACHE_TTL, creds)
         return creds
 
     def _cached_only(self, call: HelperCall) -> Credentials | None:
+        """The helper's answer kept for ``call``; raises _NotCached, or the ConfigError it
+        failed with."""
         held = self._helper_answers.get((call.helper, call.server))
         if held is None or time.monotonic() >= held[0]:
             raise _NotCached
+        if isinstance(held[1], str):
+            raise ConfigError(held[1])
         return held[1]
 
     def _find(

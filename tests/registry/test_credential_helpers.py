@@ -138,6 +138,34 @@ def test_helper_answers(helper_bin: Path) -> None:
     assert time.monotonic() - start < 5  # the sleeping grandchild held no pipe open
 
 
+@pytest.mark.anyio
+async def test_a_failing_helper_runs_once_for_a_burst(helper_bin: Path, tmp_path: Path) -> None:
+    """A helper that fails (or hangs until HELPER_TIMEOUT) is not run again by each of the
+    lookups queued behind it: they get its failure at once, for HELPER_CACHE_TTL seconds.
+    Run again each, a burst of an image's layer reads behind a hanging helper waited
+    HELPER_TIMEOUT once per read, in turn."""
+    import trio
+
+    _helper(helper_bin, "failing", 'echo "no dbus" >&2; exit 1')
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"credHelpers": {"reg.example": "failing"}}))
+    store = CredentialStore(auth_files=[auth])
+    errors: list[str] = []
+
+    async def one() -> None:
+        with pytest.raises(ConfigError, match=r"docker-credential-failing .*no dbus") as info:
+            await store.alookup("reg.example", "app")
+        errors.append(str(info.value))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(one)
+    with pytest.raises(ConfigError, match=r"docker-credential-failing .*no dbus"):
+        store.lookup("reg.example", "app")
+    assert len(errors) == 5
+    assert (helper_bin / "failing.log").read_text() == "reg.example\n"
+
+
 @pytest.mark.e2e
 @pytest.mark.anyio
 async def test_registry_credentials_from_helpers(isolated_auth_env: Path, helper_bin: Path) -> None:
