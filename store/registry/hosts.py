@@ -160,7 +160,7 @@ def parse_resolver_config(
         raise ConfigError("resolver.request_timeout_sec must be a number")
     if global_timeout > 0:
         default_timeout = float(global_timeout)
-    hosts_raw = table.get("host", {}) or {}
+    hosts_raw = table.get("host", {})
     if not isinstance(hosts_raw, Mapping):
         raise ConfigError("resolver.host must be a table of registry names")
     hosts: dict[str, HostConfig] = {}
@@ -168,7 +168,7 @@ def parse_resolver_config(
         where = f'resolver.host."{name}"'
         if not isinstance(hc, Mapping):
             raise ConfigError(f"{where} must be a table")
-        mirrors_raw = hc.get("mirrors", []) or []
+        mirrors_raw = hc.get("mirrors", [])
         if not isinstance(mirrors_raw, list):
             raise ConfigError(f"{where}.mirrors must be an array of tables")
         mirrors = []
@@ -182,7 +182,7 @@ def parse_resolver_config(
             timeout = m.get("request_timeout_sec", 0)
             if isinstance(timeout, bool) or not isinstance(timeout, int | float):
                 raise ConfigError(f"{mwhere}.request_timeout_sec must be a number")
-            header_raw = m.get("header", {}) or {}
+            header_raw = m.get("header", {})
             if not isinstance(header_raw, Mapping):
                 raise ConfigError(f"{mwhere}.header must be a table")
             header: dict[str, tuple[str, ...]] = {}

@@ -67,6 +67,11 @@ def test_mirrors_in_order_then_origin() -> None:
             "request_timeout_sec",
         ),
         ({"resolver": {"host": {"d": {"mirrors": {"host": "m"}}}}}, "mirrors"),
+        # A wrong type that is falsy is as wrong: the Go store refuses `host = ""` too.
+        ({"resolver": {"host": ""}}, r"resolver\.host must"),
+        ({"resolver": {"host": []}}, r"resolver\.host must"),
+        ({"resolver": {"host": {"d": {"mirrors": 0}}}}, r"mirrors must"),
+        ({"resolver": {"host": {"d": {"mirrors": [{"host": "m", "header": ""}]}}}}, "header"),
     ],
 )
 def test_bad_config_names_key(table: dict, where: str) -> None:
