@@ -293,12 +293,12 @@ def import_image(
 
     say = progress or (lambda message: None)
     cache_dir = cache_dir or default_cache_dir()
+    want = wanted_platform(platform)
+    name = name or _name_of(ref)
     try:
         ref = pull_reference(ref)
     except TransportError as exc:
         raise ImageSourceError(str(exc)) from None
-    want = wanted_platform(platform)
-    name = name or _name_of(ref)
     # An archive file unchanged since it was imported is not read again (for oci-archive:
     # skopeo would unpack all of it just to show the manifest).
     memo = _archive_memo(ref, want, cache_dir)

@@ -55,12 +55,13 @@ def pull_reference(ref: str) -> str:
     references with both a tag and digest are currently not supported"). Other references
     are returned as they are. Raises TransportError."""
     transport, rest = split_transport(ref)
-    if transport != "docker" or "@" not in rest:
+    if transport != "docker":
         return ref
-    name, _, digest = rest.partition("@")
-    if name.rfind(":") > name.rfind("/"):
-        name = name[: name.rfind(":")]
-    return f"docker://{name}@{digest}"
+    parsed = Reference.parse(rest)  # checked by split_transport
+    if parsed.tag is None or parsed.digest is None:
+        return ref
+    name = rest.partition("@")[0]
+    return f"docker://{name[: -len(parsed.tag) - 1]}@{parsed.digest}"
 
 
 def registry_host(ref: str) -> str | None:
