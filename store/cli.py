@@ -341,7 +341,10 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
         options = set(pyfuse3.default_options)
         options.discard("default_permissions")
         options |= {"fsname=stargzstore", "allow_other", "suid", "dev"}
-        pyfuse3.init(ops, str(mountpoint), options)
+        try:
+            pyfuse3.init(ops, str(mountpoint), options)
+        except RuntimeError as exc:  # libfuse printed its reason on stderr just before
+            raise StoreError(mount_failure(mountpoint, exc)) from None
         fs.page_cache = pyfuse3.notify_store  # unused while an access trace is on (StoreFS)
         log.info("mounted on %s (cache %s)", mountpoint, root / CACHE_DIR)
         if cfg.overlay_opaque_type == "auto":
@@ -388,6 +391,27 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
                 if timeline is not None:
                     timeline.close()
             log.info("unmounted %s", mountpoint)
+
+
+def mount_failure(mountpoint: Path, exc: RuntimeError) -> str:
+    """What the store says when libfuse cannot mount ``mountpoint`` (``exc``: pyfuse3's
+    "fuse_session_mount failed"; libfuse's own reason is the stderr line before it), with what
+    to change where this user's cause can be told: a ``/dev/fuse`` it may not open (udev makes
+    it 0666; rootless stores need that), or a non-root store outside a user namespace, which
+    libfuse mounts through ``fusermount3``: that refuses ``allow_other`` unless
+    ``/etc/fuse.conf`` says ``user_allow_other``, as the Go store's mount is refused too."""
+    from store.config import in_user_namespace
+
+    message = f"cannot mount {mountpoint}: {exc} (libfuse's reason is on the line above)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return f"{message}; /dev/fuse is not readable and writable by this user (udev: 0666)"
+    if os.geteuid() != 0 and not in_user_namespace():
+        return (
+            f"{message}; a store run by a user other than root mounts through fusermount3: "
+            "start it in podman's user namespace (`podman unshare stargz-store …`), or allow "
+            "user_allow_other in /etc/fuse.conf"
+        )
+    return message
 
 
 def notify_systemd(state: str) -> None:
@@ -519,18 +543,25 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(serve, cfg, args.root, args.mountpoint, args.addr)
     except KeyboardInterrupt:
         pass
-    except StoreError as exc:
-        print(f"stargz-store: {exc}", file=sys.stderr)
+    except (StoreError, BaseExceptionGroup) as exc:
+        error = _store_error(exc)
+        if error is None:
+            raise
+        print(f"stargz-store: {error}", file=sys.stderr)
         return 1
-    except RuntimeError as exc:
-        if "fuse" in str(exc).lower() or "mount" in str(exc).lower():
-            print(f"stargz-store: cannot mount {args.mountpoint}: {exc}", file=sys.stderr)
-            return 1
-        raise
     finally:
         os.close(lock)
     log.info("stopped after %.1fs", time.monotonic() - started)
     return 0
+
+
+def _store_error(exc: BaseException) -> StoreError | None:
+    """``exc`` when it is a :class:`StoreError`, or the one error of the trio nursery groups
+    around it (a nursery wraps even its body's error: a failed mount arrives so); else
+    None."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, StoreError) else None
 
 
 def _one_malloc_arena() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -127,6 +128,25 @@ def test_stale_mount_is_cleaned_and_sigterm_unmounts(tmp_path: Path) -> None:
         assert not _mounted(sp.mnt)
     finally:
         sp.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) not installed")
+def test_a_mount_libfuse_refuses_is_one_line(tmp_path: Path) -> None:
+    """A store in a user namespace that does not own its mount namespace (``unshare --user``
+    without ``--mount``): libfuse cannot mount there, nor can fusermount3. The store said so
+    in a traceback of trio's exception group; now in one line, after libfuse's reason."""
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-m", "store",
+         "--config", os.devnull, "--root", str(tmp_path / "root"), str(tmp_path / "mnt")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"stargz-store: cannot mount {tmp_path / 'mnt'}: "), proc.stderr
+    assert "libfuse's reason is on the line above" in last
+    assert not is_mounted(tmp_path / "mnt")
 
 
 def _serving(mnt: Path) -> bool:
