@@ -410,6 +410,24 @@ def _known_profiles() -> set[str] | None:
     return set(PROFILES)
 
 
+# The keys of a scenario's top-level table.
+SCENARIO_KEYS = frozenset(
+    {
+        "name",
+        "samples",
+        "percentile",
+        "modes",
+        "runtime",
+        "node",
+        "seed",
+        "network",
+        "store",
+        "stores",
+        "workloads",
+    }
+)
+
+
 def parse_scenario(
     data: dict[str, Any],
     source: str = "<scenario>",
@@ -426,23 +444,7 @@ def parse_scenario(
     c = _Checker(source)
     if not isinstance(data, dict):  # a JSON copy (scenario.json) can hold any value
         raise ScenarioError(f"{source}: must be a table of the scenario's keys, got {_show(data)}")
-    c.unknown(
-        data,
-        {
-            "name",
-            "samples",
-            "percentile",
-            "modes",
-            "runtime",
-            "node",
-            "seed",
-            "network",
-            "store",
-            "stores",
-            "workloads",
-        },
-        "",
-    )
+    c.unknown(data, SCENARIO_KEYS, "")
     name = c.string(data, "name", "name", default=Path(source).stem or "scenario")
     if not all(ch.isalnum() or ch in "-_." for ch in name):
         unset = "" if "name" in data else " (the file's name, as no name is given: set one)"

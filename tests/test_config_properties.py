@@ -11,70 +11,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.scenario import ScenarioError, parse_scenario
-from store.config import ConfigError, parse_config
+from harness.scenario import SCENARIO_KEYS, WORKLOAD_KEYS, ScenarioError, parse_scenario
+from store.config import _IGNORED, _KNOWN, _SECTIONS, ConfigError, parse_config
 
-# Keys the parsers know, so that generated tables reach past the unknown-key check.
-_STORE_KEYS = [
-    "noprefetch",
-    "prefetch_timeout_sec",
-    "no_background_fetch",
-    "max_concurrency",
-    "resolve_result_entry_ttl_sec",
-    "cache_max_bytes",
-    "metrics_address",
-    "access_trace_path",
-    "timeline_path",
-    "resolve_timeout_sec",
-    "auth_file",
-    "toc_max_bytes",
-    "toc_max_entries",
-    "chunk_max_bytes",
-    "overlay_opaque_type",
-    "blob",
-    "fuse",
-    "resolver",
-    "host",
-    "mirrors",
-    "insecure",
-    "request_timeout_sec",
-    "header",
-    "chunk_size",
-    "valid_interval",
-    "fetching_timeout_sec",
-    "max_retries",
-    "attr_timeout",
-    "entry_timeout",
-    "prefetch_size",
-    "disable_verification",
-    "metadata_store",
-]
-_SCENARIO_KEYS = [
-    "name",
-    "samples",
-    "percentile",
-    "modes",
-    "runtime",
-    "node",
-    "seed",
-    "network",
-    "store",
-    "stores",
-    "workloads",
-    "recipe",
-    "image",
-    "ready",
-    "expect",
-    "entrypoint",
-    "env",
-    "reference",
-    "command",
-    "profile",
-    "estargz",
-    "legacy",
-    "zstd-chunked-lazy",
-    "python",
-]
+# Keys the parsers know (and a few values they take), so that generated tables reach past
+# the unknown-key checks.
+_STORE_KEYS = sorted(
+    {part for key in (*_KNOWN, *_IGNORED) for part in key.split(".")}
+    | {*_SECTIONS, "resolver", "host", "mirrors", "insecure", "header", "request_timeout_sec"}
+)
+_SCENARIO_KEYS = sorted(
+    {*SCENARIO_KEYS, *WORKLOAD_KEYS, "profile", "command", "estargz", "legacy", "python"}
+)
 
 _scalars = st.one_of(
     st.none(),
