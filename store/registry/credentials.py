@@ -201,6 +201,17 @@ class _AuthFile:
     store: object  # credsStore: a NAME, or "" for none
 
 
+def _keys_of(registry: str, repository: str) -> list[str]:
+    """The keys that may name ``registry/repository``, most specific first
+    (``quay.io/org/repo``, ``quay.io/org``, ``quay.io``)."""
+    path = f"{registry}/{repository}" if repository else registry
+    keys = [path]
+    while "/" in path:
+        path = path.rsplit("/", 1)[0]
+        keys.append(path)
+    return keys
+
+
 def find_credentials(
     files: list[_AuthFile],
     registry: str,
@@ -215,13 +226,7 @@ def find_credentials(
     key, whose credentials, or for an entry without any the ``credsStore``, decide; with no
     key at all the ``credsStore`` is asked for the registry (as docker). None from a file
     sends the search on to the next."""
-    keys = []
-    path = f"{registry}/{repository}" if repository else registry
-    while True:
-        keys.append(path)
-        if "/" not in path:
-            break
-        path = path.rsplit("/", 1)[0]
+    keys = _keys_of(registry, repository)
     for f in files:
         if registry in f.helpers:
             raw, name = f.helpers[registry]
@@ -350,13 +355,9 @@ class CredentialStore:
         given = self._given.get((registry, repository)) if origin else None
         if given is not None and _holds_any(given):
             return given
-        path = f"{registry}/{repository}" if repository else registry
-        while True:
-            if path in self._explicit:
-                return self._explicit[path]
-            if "/" not in path:
-                break
-            path = path.rsplit("/", 1)[0]
+        for key in _keys_of(registry, repository):
+            if key in self._explicit:
+                return self._explicit[key]
         return find_credentials(self._load(), registry, repository, run)
 
     def lookup(
