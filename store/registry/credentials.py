@@ -267,6 +267,7 @@ class CredentialStore:
         self._explicit = {_normalize_key(k): v for k, v in (explicit or {}).items()}
         self._files = auth_files if auth_files is not None else default_auth_files()
         self._loaded: list[_AuthFile] | None = None
+        self._loaded_as: list[tuple[int, int, int, int] | None] = []  # the files' stamps then
         self._given: dict[tuple[str, str], Credentials] = {}
         # (helper, server) -> (until, answer: credentials, None, or the failure's message)
         self._helper_answers: dict[tuple[str, str], tuple[float, Credentials | str | None]] = {}
@@ -299,28 +300,48 @@ class CredentialStore:
         self._given.update(taken)
         return list(data)
 
+    def _stamps(self) -> list[tuple[int, int, int, int] | None]:
+        """Each auth file's (device, inode, size, mtime in ns), None for one missing."""
+        stamps: list[tuple[int, int, int, int] | None] = []
+        for path in self._files:
+            try:
+                st = path.stat()
+            except OSError:  # missing, or unreadable: the read below says which
+                stamps.append(None)
+                continue
+            stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return stamps
+
     def _load(self) -> list[_AuthFile]:
-        if self._loaded is None:
-            loaded = []
-            for path in self._files:
-                try:
-                    data = json.loads(path.read_text())
-                except FileNotFoundError:
-                    continue
-                except (OSError, ValueError) as e:
-                    raise ConfigError(f"cannot read credentials file {path}: {e}") from e
-                data = data if isinstance(data, dict) else {}
-                auths = data.get("auths", {})
-                if not isinstance(auths, dict):
-                    raise ConfigError(f"{path}: 'auths' must be an object")
-                helpers = data.get("credHelpers") or {}
-                if not isinstance(helpers, dict):
-                    raise ConfigError(f"{path}: 'credHelpers' must be an object")
-                # Decoded when matched: a broken entry only fails the registry it is for.
-                table = {_normalize_key(k): (k, v) for k, v in auths.items() if isinstance(v, dict)}
-                by_registry = {_normalize_key(k): (k, v) for k, v in helpers.items()}
-                loaded.append(_AuthFile(path, table, by_registry, data.get("credsStore") or ""))
-            self._loaded = loaded
+        """The auth files as they are now: read again when one appeared, went or changed
+        since the last read (a ``podman login`` or ``logout`` while the store runs takes
+        effect at the next lookup, as the Go store reads docker's config file at each one).
+        Raises ConfigError naming a file that cannot be read or is malformed."""
+        stamps = self._stamps()
+        if self._loaded is not None and stamps == self._loaded_as:
+            return self._loaded
+        if self._loaded is not None:
+            log.info("credential files changed: reading them again")
+        loaded = []
+        for path in self._files:
+            try:
+                data = json.loads(path.read_text())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot read credentials file {path}: {e}") from e
+            data = data if isinstance(data, dict) else {}
+            auths = data.get("auths", {})
+            if not isinstance(auths, dict):
+                raise ConfigError(f"{path}: 'auths' must be an object")
+            helpers = data.get("credHelpers") or {}
+            if not isinstance(helpers, dict):
+                raise ConfigError(f"{path}: 'credHelpers' must be an object")
+            # Decoded when matched: a broken entry only fails the registry it is for.
+            table = {_normalize_key(k): (k, v) for k, v in auths.items() if isinstance(v, dict)}
+            by_registry = {_normalize_key(k): (k, v) for k, v in helpers.items()}
+            loaded.append(_AuthFile(path, table, by_registry, data.get("credsStore") or ""))
+        self._loaded, self._loaded_as = loaded, stamps
         return self._loaded
 
     def _run_cached(self, call: HelperCall) -> Credentials | None:

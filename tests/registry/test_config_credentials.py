@@ -111,6 +111,30 @@ def test_credentials_lookup_order(isolated_auth_env: Path, monkeypatch: pytest.M
     assert "6" not in repr(Credentials("given", "6"))
 
 
+def test_a_login_or_logout_while_the_store_runs_is_seen_at_the_next_lookup(
+    isolated_auth_env: Path,
+) -> None:
+    """The auth files are read again when one appears, changes or goes (``podman login``
+    writes a new file and renames it over the old one); unchanged, they are not re-read."""
+    auth = isolated_auth_env / "run/containers/auth.json"
+    later = isolated_auth_env / ".docker/config.json"
+    store = CredentialStore(auth_files=[auth, later])
+    assert store.lookup("q.io", "org/app") is None
+    _auth_file(auth, {"q.io": "first:1"})
+    assert store.lookup("q.io", "org/app") == Credentials("first", "1")
+    fresh = auth.with_name("auth.json.tmp")
+    _auth_file(fresh, {"q.io": "second:2"})
+    fresh.rename(auth)
+    assert store.lookup("q.io", "org/app") == Credentials("second", "2")
+    _auth_file(later, {"r.io": "other:3"})
+    assert store.lookup("r.io") == Credentials("other", "3")
+    auth.unlink()
+    assert store.lookup("q.io", "org/app") is None
+    # an unchanged file is not read again
+    loaded = store._load()
+    assert store._load() is loaded
+
+
 def test_bad_auth_file(isolated_auth_env: Path) -> None:
     bad = isolated_auth_env / "bad.json"
     bad.write_text(json.dumps({"auths": {"q.io": {"auth": "!!notbase64"}}}))

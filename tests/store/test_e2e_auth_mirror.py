@@ -74,6 +74,32 @@ def test_lazy_pull_from_a_registry_that_needs_credentials(
         assert any(r.digest in layer_digests for r in ranges)
 
 
+def test_a_login_after_the_store_started_is_used_at_the_next_lookup(
+    tmp_path, store_factory, layers, monkeypatch
+):
+    """The store starts before the user logs in (a store started at boot): a lookup without
+    credentials fails; once the auth file is written (as ``podman login`` writes it: a new
+    file renamed over the place), the next lookup of the same layer reads it and succeeds."""
+    with RegistryServer(
+        storage_dir=tmp_path / "reg", htpasswd_users={"alice": "s3cret"}
+    ) as registry:
+        host = registry.host
+        written = _auth_file(tmp_path / "written.json", host, "alice", "s3cret")
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(written))
+        ref, blobs = push_two_layer_estargz(host, "auth/login", layers)
+        auth = tmp_path / "auth.json"
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        (tmp_path / "docker").mkdir()
+        (tmp_path / "docker" / "config.json").symlink_to(auth)
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+        store = store_factory()
+        layer = store.layer_dir(ref, blobs[0].digest)
+        with pytest.raises(OSError):
+            os.listdir(layer / "diff")
+        written.rename(auth)
+        assert (layer / "diff" / "etc" / "hello").read_bytes() == b"hello from lower\n"
+
+
 def test_store_reads_layers_through_a_mirror_when_the_origin_is_down(
     tmp_path,
     store_factory,
