@@ -7,9 +7,11 @@ bytes themselves are covered by nothing smaller than the layer digest, so no par
 can be checked before all of it is in. The first read therefore downloads the whole blob in
 :data:`WINDOW` pieces, hashing as it goes, into an anonymous temporary file in the chunk cache's
 directory (``O_TMPFILE``: nothing is left behind if the store dies), and every read waits until
-the digest matched; reads are then served from that file. A mismatch is final (every read
-raises :class:`BlobVerifyError`); a download that failed or was cancelled resumes where it
-stopped at the next read.
+the digest matched; reads are then served from that file. After a mismatch the blob is
+downloaded once more, whole (a registry, proxy or cache that answered wrong bytes once may
+answer right the next time); a second mismatch is final (every read raises
+:class:`BlobVerifyError`: a blob that is wrong where it is kept is not downloaded again per
+read). A download that failed or was cancelled resumes where it stopped at the next read.
 
 Disk: the file holds the whole compressed blob and is not counted in ``cache_max_bytes``. It is
 dropped once no read came for :data:`IDLE_SECONDS` (:meth:`VerifiedBlob.drop_when_idle`; a
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -34,8 +37,11 @@ import trio
 
 from store.chunks import BlobReader, LayerFetchError
 
+log = logging.getLogger(__name__)
+
 WINDOW = 4 << 20  # compressed bytes per registry request while the blob downloads
 IDLE_SECONDS = 60.0  # a verified blob's file is dropped after this long without a read
+MISMATCHES_FINAL = 2  # whole downloads that hashed wrong before the verdict is final
 
 
 def _free_bytes(directory: Path) -> int:
@@ -69,6 +75,7 @@ class VerifiedBlob:
     _done: int = 0  # bytes downloaded and hashed so far, from the start
     _verified: bool = False
     _failed: str = ""
+    _mismatches: int = 0  # whole downloads that did not hash to the digest
     _closed: bool = False
     _reads: int = 0  # reads in progress, those waiting for the download included
     _last_read: float = 0.0  # trio clock, when the last read ended
@@ -128,6 +135,17 @@ class VerifiedBlob:
             await trio.sleep_until(max(due, trio.current_time() + idle / 8))
 
     async def _download(self) -> None:
+        while not await self._download_once():
+            log.warning(
+                "%s: the blob's bytes did not hash to its digest; downloading it again",
+                self.digest,
+            )
+
+    async def _download_once(self) -> bool:
+        """Download (or resume) the whole blob into the file and check its digest: True once
+        verified; False after a mismatch that is not final yet (the file is dropped: the next
+        try starts from the first byte). Raises :class:`BlobVerifyError` (final) or
+        :class:`LayerFetchError`."""
         if self._failed:
             raise BlobVerifyError(self._failed)
         if self._closed:
@@ -178,12 +196,18 @@ class VerifiedBlob:
             self._done = hi
         got = self._hasher.hexdigest()
         if got != want:
+            self._mismatches += 1
+            if self._mismatches < MISMATCHES_FINAL:
+                self._drop()
+                return False
             self._failed = (
                 f"{self.digest}: the blob's {self.blob.size} bytes hash to {algorithm}:{got}"
+                f" ({self._mismatches} downloads)"
             )
             self.close()
             raise BlobVerifyError(self._failed)
         self._verified = True
+        return True
 
 
 def _append(fd: int, offset: int, data: bytes, hasher: Any) -> None:

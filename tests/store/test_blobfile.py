@@ -62,11 +62,35 @@ async def test_a_blob_that_does_not_hash_to_its_digest_is_never_served(tmp_path)
     tampered = DATA[:9_000] + bytes([DATA[9_000] ^ 1]) + DATA[9_001:]
     blob = Blob(tampered)
     whole = VerifiedBlob(blob, DIGEST, tmp_path)
-    with pytest.raises(BlobVerifyError, match=r"10000 bytes hash to sha256:"):
+    with pytest.raises(BlobVerifyError, match=r"10000 bytes hash to sha256:.*2 downloads"):
         await whole.read(0, 100)  # the first 100 bytes are right, and still not served
+    assert len(blob.requests) == 6  # downloaded whole twice
     with pytest.raises(BlobVerifyError):
         await whole.read(0, 100)
-    assert len(blob.requests) == 3  # final: not downloaded again
+    assert len(blob.requests) == 6  # final: not downloaded again
+
+
+@pytest.mark.anyio
+async def test_wrong_bytes_answered_once_are_downloaded_again(tmp_path):
+    """A registry (or a proxy before it) that answered one range with wrong bytes: the
+    mismatch drops the download and the same read downloads the blob again, whole; the
+    right bytes are then served."""
+    tampered = DATA[:9_000] + bytes([DATA[9_000] ^ 1]) + DATA[9_001:]
+
+    class OnceWrong(Blob):
+        async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+            (data,) = await super().read_ranges(ranges)
+            if len(self.requests) <= 3:
+                (lo, hi) = ranges[0]
+                return [tampered[lo:hi]]
+            return [data]
+
+    blob = OnceWrong(DATA)
+    whole = VerifiedBlob(blob, DIGEST, tmp_path)
+    assert await whole.read(8_990, 20) == DATA[8_990:9_010]
+    assert blob.requests == [(0, 4096), (4096, 8192), (8192, 10_000)] * 2
+    assert await whole.read(0, 10) == DATA[:10]
+    assert len(blob.requests) == 6
 
 
 @pytest.mark.anyio
