@@ -510,7 +510,13 @@ def convert_layers(
             _wait_any(futures, 0.2)
         for task, (_, _, d, _) in zip(tasks, jobs, strict=True):
             progress.update(task, completed=d["size"])
-        return [f.result() for f in futures]
+        results = []
+        for i, future in enumerate(futures):
+            try:
+                results.append(future.result())
+            except ConvertError as exc:  # the worker names the blob; say which layer it is
+                raise ConvertError(f"layer {i + 1} of {len(jobs)}, {exc}") from None
+        return results
 
 
 def _start_method() -> str:
@@ -585,7 +591,13 @@ def _convert_one(
     digest; returns digest, size, diff_id, annotations, passed_through. ``repeat`` (eStargz):
     how many times the image listed this layer before; a repeat is always converted, with that
     landmark time (:func:`~harness.images.layertar.repeat_numbers`)."""
-    from store.estargz import EstargzError, clean_name, convert, write_zstd_chunked
+    from store.estargz import (
+        EstargzError,
+        UnreadableLayerTar,
+        clean_name,
+        convert,
+        write_zstd_chunked,
+    )
 
     path = Path(blob)
     wanted = _present(path, prioritized) if prioritized else []
@@ -629,7 +641,10 @@ def _convert_one(
                 }
         os.replace(tmp, Path(out_dir) / digest.split(":", 1)[1])
     except EstargzError as exc:
-        raise ConvertError(f"layer {desc['digest']}: {exc}") from None
+        hint = ""
+        if isinstance(exc, UnreadableLayerTar):
+            hint = "; the source's copy of this layer is damaged: pull or export the image again"
+        raise ConvertError(f"{desc['digest']}: {exc}{hint}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     return {

@@ -43,6 +43,7 @@ from .errors import (
     TocDigestMismatch,
     TocOutOfRange,
     TruncatedBlob,
+    UnreadableLayerTar,
 )
 from .footer import (
     DEFAULT_TAIL_FETCH,
@@ -162,6 +163,7 @@ __all__ = [
     "TocOutOfRange",
     "TocScan",
     "TruncatedBlob",
+    "UnreadableLayerTar",
     "ZstdChunkedLayer",
     "ZstdChunkedResult",
     "clean_name",

@@ -49,4 +49,10 @@ class FileDigestMismatch(EstargzError):
 
 
 class InvalidLayerTar(EstargzError):
-    """The writer's input is not a readable (plain, gzip or zstd) tar stream."""
+    """The writer's input cannot be written as a layer: not a readable (plain, gzip or zstd)
+    tar stream (:class:`UnreadableLayerTar`), or an entry the format cannot carry."""
+
+
+class UnreadableLayerTar(InvalidLayerTar):
+    """The writer's input does not read as a tar stream at all: its compression or tar
+    framing is damaged (a CRC or length that does not match), or it is no tar."""

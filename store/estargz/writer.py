@@ -56,7 +56,7 @@ from typing import Any, BinaryIO
 
 from zstandard import ZstdDecompressor, ZstdError
 
-from .errors import InvalidLayerTar, InvalidToc
+from .errors import InvalidLayerTar, InvalidToc, UnreadableLayerTar
 
 try:
     from zlib_ng import zlib_ng as _deflate
@@ -165,7 +165,7 @@ def convert(
                 for item in _ordered(spool, prioritized):
                     w.add(*item)
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, ZstdError) as exc:
-            raise InvalidLayerTar(f"input is not a readable tar: {exc}") from None
+            raise UnreadableLayerTar(f"input is not a readable tar: {exc}") from None
         return w.finish()
     finally:
         members.close()

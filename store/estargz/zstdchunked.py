@@ -73,7 +73,13 @@ from typing import Any, BinaryIO, ClassVar, Literal
 
 import zstandard
 
-from .errors import BadFooter, InvalidLayerTar, InvalidToc, TocDigestMismatch
+from .errors import (
+    BadFooter,
+    InvalidLayerTar,
+    InvalidToc,
+    TocDigestMismatch,
+    UnreadableLayerTar,
+)
 from .footer import (
     ZSTD_CHUNKED_MAGIC,
     ZSTD_MANIFEST_TYPE_CRFS,
@@ -549,7 +555,7 @@ def write_zstd_chunked(
                 if ti is not None:  # no landmark in zstd:chunked
                     lw.add(ti, payload)
     except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as exc:
-        raise InvalidLayerTar(f"input is not a readable tar: {exc}") from None
+        raise UnreadableLayerTar(f"input is not a readable tar: {exc}") from None
     return lw.finish()
 
 

@@ -237,6 +237,35 @@ def test_legacy_pushes_the_sources_own_gzip_layers(tiny, tmp_path: Path) -> None
         assert [x.diff_id for x in built.layers] == [x.diff_id for x in tiny.layers]
 
 
+@pytest.mark.parametrize("fmt", ["estargz", "zstd-chunked"])
+def test_a_source_layer_whose_gzip_is_damaged_is_named_by_its_place(
+    tiny, tmp_path: Path, fmt: str
+) -> None:
+    """A source blob that hashes to its digest but does not inflate (a CRC that does not
+    match): the error says which layer of the image it is, its digest, and what to do."""
+    layout = tmp_path / "damaged"
+    shutil.copytree(oci_layout(tiny, "legacy"), layout)
+    top = json.loads((layout / "index.json").read_text())["manifests"][0]
+    manifest = json.loads(_blob(layout, top["digest"]).read_bytes())
+    last = manifest["layers"][-1]
+    data = bytearray(_blob(layout, last["digest"]).read_bytes())
+    data[-8] ^= 0xFF  # the gzip trailer's CRC-32
+    last["digest"] = _put(layout, bytes(data))
+    raw = json.dumps(manifest).encode()
+    top.update(digest=_put(layout, raw), size=len(raw))
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+    n = len(manifest["layers"])
+    with pytest.raises(ConvertError) as exc:
+        convert_image(
+            f"oci:{layout}",
+            f"oci:{tmp_path / 'out'}:x",
+            ConvertOptions(format=fmt),
+            show_progress=False,
+        )
+    assert str(exc.value).startswith(f"layer {n} of {n}, {last['digest']}: "), exc.value
+    assert "not a readable tar" in str(exc.value) and "pull or export" in str(exc.value)
+
+
 def test_an_image_that_lists_a_layer_twice(tiny, tmp_path: Path) -> None:
     """Images may repeat a layer (old Docker images repeat their empty layer): imported,
     made in the harness's modes and converted all the same. In eStargz each repeat gets a
