@@ -61,7 +61,20 @@ TAIL_GUESS = ONE_WINDOW
 # refused before it is fetched.
 _COMPRESSED_SLACK = 64 << 10
 
-__all__ = ["TAIL_GUESS", "EstargzLayerView", "TocError", "landmark_offset_hint"]
+__all__ = [
+    "TAIL_GUESS",
+    "EstargzLayerView",
+    "TocError",
+    "footer_read_takes_whole",
+    "landmark_offset_hint",
+]
+
+
+def footer_read_takes_whole(blob_size: int) -> bool:
+    """Whether :func:`load_layer_index`'s first read of an eStargz blob of ``blob_size``
+    bytes (its tail, :data:`TAIL_GUESS`) is the whole blob: a small layer's every byte is on
+    the wire with its footer."""
+    return estargz.tail_fetch_size(blob_size, TAIL_GUESS) >= blob_size
 
 
 class TocError(estargz.EstargzError):

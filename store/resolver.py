@@ -66,6 +66,7 @@ from store.estargz import (
 from store.estargz_view import (
     EstargzLayerView,
     PrefetchRanges,
+    footer_read_takes_whole,
     load_layer_index,
     measure_tar_size,
 )
@@ -773,7 +774,9 @@ class LayerManager:
         assert desc.toc_digest is not None
         ahead = AheadBlob(source)
         # The prefetch region starts downloading once the TOC is verified, before its parse;
-        # a gzip layer whose head says it starts with prioritized files, sooner still.
+        # a gzip layer whose head says it starts with prioritized files, sooner still — unless
+        # the footer read takes the whole blob: its head probe would only ask for the same
+        # bytes again (a second ranged GET of every small layer).
         on_verified: Callable[[int | None, PrefetchRanges], None] | None = None
         if not self.config.noprefetch:
 
@@ -781,7 +784,11 @@ class LayerManager:
                 ahead.start(end, self.nursery, ranges)
 
             on_verified = start_region
-        if not self.config.noprefetch and desc.zstd_chunked is None:
+        if (
+            not self.config.noprefetch
+            and desc.zstd_chunked is None
+            and not footer_read_takes_whole(source.size)
+        ):
             ahead.speculate(self.nursery)
         limits = TocLimits(
             self.config.toc_max_bytes, self.config.toc_max_entries, self.config.chunk_max_bytes

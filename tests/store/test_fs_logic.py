@@ -308,6 +308,42 @@ async def test_layer_loads_start_with_the_manifest_before_the_config_arrives(vec
         nursery.cancel_scope.cancel()
 
 
+class RecordingRegistry(VectorRegistry):
+    """:class:`VectorRegistry` keeping the blob readers it hands out (their requests)."""
+
+    def __init__(self, vectors: Path, name: str) -> None:
+        super().__init__(vectors, name=name)
+        self.readers: list[FileBlob] = []
+
+    def blob(self, ref: str, digest: str, size: int):
+        self.readers.append(FileBlob(self.path))
+        return self.readers[-1]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("vector", ["whiteout", "basic"])
+async def test_a_blob_the_footer_read_takes_whole_is_asked_for_once(vectors_dir, tmp_path, vector):
+    """A blob no bigger than the footer read (TAIL_GUESS: a small layer, e.g. one config file)
+    comes whole in that read: the head probe asked for the same bytes again (two identical
+    ranged GETs of every such layer in a pull). A bigger one gets its head probe as before."""
+    from store.estargz_view import TAIL_GUESS
+    from store.prefetch import HEAD_PROBE
+
+    async with trio.open_nursery() as nursery:
+        reg = RecordingRegistry(vectors_dir, vector)
+        cfg = StoreConfig(no_background_fetch=True, resolve_timeout_sec=5)
+        manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
+        await manager.get_layer(REF, reg.meta["digest"])
+        await trio.testing.wait_all_tasks_blocked()
+        (blob,) = reg.readers
+        size = blob.size
+        if size <= TAIL_GUESS:
+            assert blob.requests == [[(0, size)]]
+        else:
+            assert sorted(blob.requests) == [[(0, HEAD_PROBE)], [(size - TAIL_GUESS, size)]]
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.anyio
 async def test_a_layer_loaded_with_its_image_but_never_looked_up_is_dropped(vectors_dir, tmp_path):
     async with trio.open_nursery() as nursery:
