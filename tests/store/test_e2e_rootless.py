@@ -26,6 +26,7 @@ import pytest
 
 from harness.podman import CONTAINERS_CONF
 from store.config import in_user_namespace
+from store.registry.client import USER_AGENT
 from tests.store.images import full_blob_gets, push, push_two_layer_estargz, to_estargz
 from tests.store.test_e2e_podman import _opaque_case_layers
 
@@ -268,6 +269,16 @@ def test_rootless_podman_pulls_lazily_through_a_store_in_its_user_namespace(
     log = (run / "store.log").read_text() if (run / "store.log").exists() else ""
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\nstore log:\n{log[-3000:]}"
     assert full_blob_gets(registry, mark, blobs) == []
+    # The registry's log of this pull is a rootful pull's: podman GETs the manifest and the
+    # config itself, and the store once more (its own user agent) for its one resolution of
+    # the image; per layer, the store's footer read and, for a blob bigger than that read,
+    # its head probe (store.prefetch.AheadBlob.speculate): two ranged GETs of different bytes.
+    store_manifest_gets = [
+        r
+        for r in registry.access_log_since(mark)
+        if r.kind == "manifests" and r.user_agent == USER_AGENT
+    ]
+    assert len(store_manifest_gets) == 1, store_manifest_gets
     listed = proc.stdout.split("== run\n", 1)[1].split("== stop\n")
     assert listed[0].splitlines() == [
         "/data:",
