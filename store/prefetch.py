@@ -50,6 +50,9 @@ PREFETCH_PIECE = 1 << 20  # compressed bytes per prefetch request
 # hands a piece's chunks on as soon as it is in.
 AHEAD_PIECE = 256 << 10
 PREFETCH_STREAMS = 3  # prefetch requests in flight per layer
+# A blob this small that one read brought whole is kept whole (AheadBlob): reads of its
+# files then need no request (a small top layer's files cost a round trip each).
+WHOLE_KEPT_MAX = 64 << 10
 # Before the TOC: the head probe (the first tar headers), then a region guessed from it,
 # fetched one growing piece at a time: 256 KiB, 512 KiB, 1 MiB, 2 MiB (at most the last one
 # is wasted when the TOC says the region ends sooner).
@@ -196,6 +199,10 @@ class AheadBlob:
     fetched 10-22% more bytes and made ``estargz`` totals up to 10% longer here (five
     workloads, ``wan``): during a prefetch the link is full, and a read's own request only
     takes a share of it.
+    A blob of at most :data:`WHOLE_KEPT_MAX` bytes that one read took whole (a small layer's
+    footer read takes all of it) is kept: every later read is answered from it, and
+    :meth:`start` downloads nothing. Before, each first read of one of its files asked the
+    registry for bytes the footer read had already brought.
     The bytes are handed to the layer raw: every chunk is still inflated and verified before
     anything is served. Reads outside the region (or of a failed, released or dropped piece)
     go to the registry as usual.
@@ -219,6 +226,9 @@ class AheadBlob:
     _held: int = 0  # bytes of the region's pieces kept (data not None)
     _stuck: int = 0  # of those, bytes of ranges waiting for an unclaimed piece (arrived())
     _room: trio.Event | None = None  # set when _held drops, for workers waiting for room
+    # The whole blob, once one read took all of it (a small layer's footer read does):
+    # every later read is served from it, no request (at most WHOLE_KEPT_MAX bytes).
+    _whole: bytes | None = None
 
     @property
     def size(self) -> int:
@@ -268,6 +278,8 @@ class AheadBlob:
             return
         self._started = True
         region = self._region
+        if self._whole is not None:  # every byte is here already
+            end = None
         if not end or end <= 0:
             if region is not None:
                 self.drop()
@@ -481,6 +493,9 @@ class AheadBlob:
         return list(range(first, last + 1))
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        whole = self._whole
+        if whole is not None:
+            return [whole[lo:hi] for lo, hi in ranges]
         out: list[bytes | None] = [None] * len(ranges)
         for n, (lo, hi) in enumerate(ranges):
             region = self._region
@@ -506,6 +521,8 @@ class AheadBlob:
             fetched = await self.blob.read_ranges([ranges[n] for n in missing])
             for n, part in zip(missing, fetched, strict=True):
                 out[n] = part
+                if ranges[n] == (0, self.size) and len(part) == self.size <= WHOLE_KEPT_MAX:
+                    self._whole = part
         return [p for p in out if p is not None]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import errno
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -321,11 +322,13 @@ class RecordingRegistry(VectorRegistry):
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("vector", ["whiteout", "basic"])
+@pytest.mark.parametrize("vector", ["whiteout", "special", "basic"])
 async def test_a_blob_the_footer_read_takes_whole_is_asked_for_once(vectors_dir, tmp_path, vector):
     """A blob no bigger than the footer read (TAIL_GUESS: a small layer, e.g. one config file)
     comes whole in that read: the head probe asked for the same bytes again (two identical
-    ranged GETs of every such layer in a pull). A bigger one gets its head probe as before."""
+    ranged GETs of every such layer in a pull), and each first read of one of its files asked
+    for some of them once more. Now its files are read (verified) from that one answer. A
+    bigger one gets its head probe as before."""
     from store.estargz_view import TAIL_GUESS
     from store.prefetch import HEAD_PROBE
 
@@ -333,7 +336,7 @@ async def test_a_blob_the_footer_read_takes_whole_is_asked_for_once(vectors_dir,
         reg = RecordingRegistry(vectors_dir, vector)
         cfg = StoreConfig(no_background_fetch=True, resolve_timeout_sec=5)
         manager = LayerManager(cfg, reg, ChunkCache(tmp_path / "c", 1 << 30), nursery)
-        await manager.get_layer(REF, reg.meta["digest"])
+        layer = await manager.get_layer(REF, reg.meta["digest"])
         await trio.testing.wait_all_tasks_blocked()
         (blob,) = reg.readers
         size = blob.size
@@ -341,6 +344,15 @@ async def test_a_blob_the_footer_read_takes_whole_is_asked_for_once(vectors_dir,
             assert blob.requests == [[(0, size)]]
         else:
             assert sorted(blob.requests) == [[(0, HEAD_PROBE)], [(size - TAIL_GUESS, size)]]
+        asked = len(blob.requests)
+        files = [n for n in layer.tree.nodes if stat.S_ISREG(n.mode) and n.size]
+        assert files
+        for node in files:
+            assert len(await layer.read_file(node, 0, node.size)) == node.size
+        if size <= TAIL_GUESS:
+            assert len(blob.requests) == asked, blob.requests[asked:]
+        else:
+            assert len(blob.requests) > asked
         nursery.cancel_scope.cancel()
 
 
