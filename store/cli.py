@@ -339,6 +339,9 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
         fs = StoreFS(manager, on_read_range=trace.record_read if trace is not None else None)
         ops = StoreOperations(fs, cfg.attr_timeout, cfg.entry_timeout)
         options = set(pyfuse3.default_options)
+        # allow_other without default_permissions: the kernel asks the store about every
+        # caller, and StoreFS.admit serves root and this process's user only (the Go store
+        # mounts the same way and serves everyone: serve_all_users).
         options.discard("default_permissions")
         options |= {"fsname=stargzstore", "allow_other", "suid", "dev"}
         try:
@@ -347,6 +350,10 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
             raise StoreError(mount_failure(mountpoint, exc)) from None
         fs.page_cache = pyfuse3.notify_store  # unused while an access trace is on (StoreFS)
         log.info("mounted on %s (cache %s)", mountpoint, root / CACHE_DIR)
+        if cfg.serve_all_users:
+            log.info("every user may read the mount (serve_all_users)")
+        else:
+            log.info("root and uid %d may read the mount, no other user", fs.own_uid)
         if cfg.overlay_opaque_type == "auto":
             log.info(
                 "opaque directories answer %s (overlay_opaque_type auto: %s)",

@@ -63,6 +63,13 @@ Our additions (top level):
                          cuts data into chunks of ~64 KiB but makes a run of zeros one chunk,
                          so a layer with a sparse file holding more zeros in a row than this
                          is refused (the runtime pulls it normally) unless it is raised
+``serve_all_users``      serve every local user through the mount (default false: only
+                         root and the user the store runs as; any other caller gets EACCES,
+                         :meth:`store.fs.StoreFS.admit`). The mount is ``allow_other`` without
+                         ``default_permissions``, so a served user reads every file of every
+                         layer and its ``blob``, whatever their modes, as every user can
+                         through the Go store. Turn it on for a store shared on purpose:
+                         a root store named in rootless users' ``storage.conf``
 ``zstd_measure_diff_size`` give podman < 5.1 a zstd:chunked layer's exact tar size in
                          ``info`` (default false). No annotation carries it; measuring reads
                          each header frame's size, one 18-byte range per file (~0.3 KB and
@@ -163,6 +170,7 @@ class StoreConfig:
     zstd_measure_diff_size: bool = False
     prefetch_libraries: bool = True
     prefetch_entrypoint: bool = True
+    serve_all_users: bool = False
 
     @property
     def opaque_type(self) -> str:
@@ -231,6 +239,7 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "zstd_measure_diff_size": ("zstd_measure_diff_size", (bool,)),
     "prefetch_libraries": ("prefetch_libraries", (bool,)),
     "prefetch_entrypoint": ("prefetch_entrypoint", (bool,)),
+    "serve_all_users": ("serve_all_users", (bool,)),
 }
 
 # Keys whose value must be one of a few words (``metadata_store``: upstream

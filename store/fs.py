@@ -153,6 +153,9 @@ class StoreFS:
     # Open directory handles (:meth:`opendir`): the directory's inode, and its sorted listing
     # once the first :meth:`readdir` made it, until :meth:`releasedir`.
     _dirs: dict[int, _DirHandle] = field(default_factory=dict)
+    # The store's own effective uid: its callers besides root (:meth:`admit`).
+    own_uid: int = field(default_factory=os.geteuid)
+    _refused: set[int] = field(default_factory=set)  # callers refused so far (logged once)
 
     def __post_init__(self) -> None:
         self._synth[ROOT_INO] = Synth(ROOT_INO, "root", lookups=1)
@@ -164,6 +167,38 @@ class StoreFS:
         rest go at their last :meth:`forget`)."""
         for slot in [s for s in self._slots.values() if s.layer is layer]:
             self._maybe_unmount(slot)
+
+    # -- who is served ------------------------------------------------------------------------
+
+    def admit(self, uid: int) -> None:
+        """Serve a request of the caller ``uid`` (its fsuid as the mount's user namespace
+        sees it: pyfuse3's ``ctx.uid``) only if it is root or the store's own user, unless
+        the config's ``serve_all_users`` serves everyone. Raises :class:`FSError` (EACCES).
+
+        Why: the mount has ``allow_other`` (root must reach a store mounted by a user, and
+        overlayfs reads with its mounter's credentials) and no ``default_permissions``
+        (:meth:`access`), so without this every local user could read every file of every
+        layer, its ``blob`` too, whatever its mode, where a normal pull keeps them under
+        ``/var/lib/containers/storage`` (0700). Those who use the mount are root (rootful
+        podman, CRI-O: overlayfs reads its lower layers as the mounter, root), uid 0 of the
+        user namespace a rootless store runs in (``podman unshare``: podman and its
+        overlayfs there are uid 0 too), and the user a store runs as: about what FUSE
+        itself allows without ``allow_other`` (the mounter's user), with root let in. The
+        Go stargz-store v0.12 serves every user (``AllowOther: true`` in its
+        ``store/fs.go``, no check of the caller: ``nobody`` reads a 0600 file and ``blob``
+        through it). The kernel answers from its caches without asking: another user may
+        ``stat`` a name root looked up less than ``[fuse] entry_timeout`` ago, but opens
+        and listings always reach the store."""
+        if uid != 0 and uid != self.own_uid and not self.manager.config.serve_all_users:
+            if uid not in self._refused:
+                self._refused.add(uid)
+                log.warning(
+                    "uid %d refused (EACCES): the store serves root and uid %d only; set "
+                    "serve_all_users = true in the config for a store shared on purpose",
+                    uid,
+                    self.own_uid,
+                )
+            raise FSError(errno.EACCES, f"uid {uid}: the layer store serves root and its user")
 
     # -- inode bookkeeping -------------------------------------------------------------------
 
@@ -454,8 +489,9 @@ class StoreFS:
         directory is EROFS, executing a non-directory with no execute bit EACCES. (The
         kernel asks nothing of a symbolic link: it allows all.)
         Owners and other permission bits are not checked (the mount has no
-        ``default_permissions``: rootless podman reads layers owned by uid 0 as another
-        user). Raises :class:`FSError`."""
+        ``default_permissions``: rootless podman reading a shared store, ``serve_all_users``,
+        reads layers owned by uid 0 as another user); who may ask at all is :meth:`admit`'s
+        rule. Raises :class:`FSError`."""
         node_mode = self.getattr(ino).mode
         kind = stat.S_IFMT(node_mode)
         if mode & os.W_OK and kind in (stat.S_IFREG, stat.S_IFDIR):

@@ -5,7 +5,9 @@ this class converts names/attributes and turns :class:`~store.fs.FSError` into
 ``pyfuse3.FUSEError``. Files open with ``keep_cache``: layer content never changes, so the
 kernel page cache may serve re-reads across opens; the store also fills it with what it
 already holds (``StoreFS.page_cache``, set to ``pyfuse3.notify_store`` once mounted; not used
-while the store records an access trace).
+while the store records an access trace). Every request that names its caller (a ``ctx``)
+but ``statfs`` is first put to ``StoreFS.admit``; read and readdir name none, but follow an
+open or opendir that did.
 """
 
 from __future__ import annotations
@@ -79,11 +81,16 @@ class StoreOperations(pyfuse3.Operations):
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
         return e
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None):
+    def _admit(self, ctx: Any) -> None:
+        _call(self.fs.admit, ctx.uid)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any):
+        self._admit(ctx)
         attr = await _acall(self.fs.lookup(parent_inode, os.fsdecode(name)), "lookup")
         return self._entry(attr)
 
-    async def getattr(self, inode: int, ctx: Any = None):
+    async def getattr(self, inode: int, ctx: Any):
+        self._admit(ctx)
         return self._entry(_call(self.fs.getattr, inode))
 
     async def forget(self, inode_list):
@@ -91,6 +98,7 @@ class StoreOperations(pyfuse3.Operations):
             self.fs.forget(ino, nlookup)
 
     async def opendir(self, inode: int, ctx: Any):
+        self._admit(ctx)
         return _call(self.fs.opendir, inode)
 
     async def readdir(self, fh: int, start_id: int, token):
@@ -110,6 +118,7 @@ class StoreOperations(pyfuse3.Operations):
         self.fs.releasedir(fh)
 
     async def open(self, inode: int, flags: int, ctx: Any):
+        self._admit(ctx)
         handle = _call(self.fs.open, inode, bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)))
         if handle is not None:  # `status`: its own handle, read past the page cache
             return pyfuse3.FileInfo(fh=handle, direct_io=True)
@@ -122,38 +131,49 @@ class StoreOperations(pyfuse3.Operations):
         self.fs.release(fh)
 
     async def readlink(self, inode: int, ctx: Any):
+        self._admit(ctx)
         return _call(self.fs.readlink, inode)
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any):
+        self._admit(ctx)
         return _call(self.fs.getxattr, inode, name)
 
     async def listxattr(self, inode: int, ctx: Any):
+        self._admit(ctx)
         return _call(self.fs.listxattr, inode)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any):
+        self._admit(ctx)
         _call(self.fs.create, parent_inode, os.fsdecode(name))
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any):
+        self._admit(ctx)
         _call(self.fs.rmdir, parent_inode, os.fsdecode(name))
 
     # Every other change: EROFS (StoreFS.modify), never ENOSYS.
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any):
+        self._admit(ctx)
         _call(self.fs.modify, inode)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any):
+        self._admit(ctx)
         _call(self.fs.modify, parent_inode)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any):
+        self._admit(ctx)
         _call(self.fs.modify, parent_inode)
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any):
+        self._admit(ctx)
         _call(self.fs.modify, parent_inode)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any):
+        self._admit(ctx)
         _call(self.fs.modify, new_parent_inode)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any):
+        self._admit(ctx)
         _call(self.fs.modify, parent_inode)
 
     async def rename(
@@ -165,15 +185,19 @@ class StoreOperations(pyfuse3.Operations):
         flags: int,
         ctx: Any,
     ):
+        self._admit(ctx)
         _call(self.fs.modify, parent_old)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any):
+        self._admit(ctx)
         _call(self.fs.modify, inode)
 
     async def removexattr(self, inode: int, name: bytes, ctx: Any):
+        self._admit(ctx)
         _call(self.fs.modify, inode)
 
     async def access(self, inode: int, mode: int, ctx: Any):
+        self._admit(ctx)
         _call(self.fs.access, inode, mode)
         return True
 

@@ -67,6 +67,9 @@ def test_go_config_loads(tmp_path: Path) -> None:
         ({"metrics_address": ":http"}, "numeric port 0..65535"),
         ({"noprefetchh": True}, r"unknown key 'noprefetchh' \(did you mean 'noprefetch'\?\)"),
         ({"blob": {"chunksize": 1}}, r"'blob.chunksize' \(did you mean 'blob.chunk_size'\?\)"),
+        ({"serve_all_user": True}, r"'serve_all_user' \(did you mean 'serve_all_users'\?\)"),
+        ({"fuse": {"serve_all_users": True}}, r"did you mean 'serve_all_users'"),
+        ({"serve_all_users": "yes"}, "'serve_all_users' must be bool"),
     ],
 )
 def test_bad_keys_are_named(data: dict, message: str) -> None:
@@ -267,6 +270,7 @@ def test_chunk_cap_is_read() -> None:
 def test_shipped_example_config_loads() -> None:
     path = Path(__file__).resolve().parents[2] / "store" / "packaging" / "config.toml"
     assert load_config(path).metrics_address == "127.0.0.1:9110"
+    assert load_config(path).serve_all_users is False
 
 
 def test_request_timeout_is_a_share_of_the_fetch_bound():

@@ -634,7 +634,7 @@ async def test_a_directory_is_listed_in_linear_work_across_the_kernels_calls(tmp
         b64 = base64.b64encode(REF.encode()).decode()
         d = await _path(fs, b64, reg.desc.digest, "diff", "d")
         ops = StoreOperations(fs)
-        fh = await ops.opendir(d, None)
+        fh = await ops.opendir(d, pyfuse3.RequestContext())  # uid 0
         names: list[bytes] = []
         calls, made = 0, 0
         while True:
@@ -702,7 +702,7 @@ async def test_a_listing_counts_no_lookup_for_dot_and_dotdot(vectors_dir, tmp_pa
         monkeypatch.setattr(
             pyfuse3, "readdir_reply", lambda t, name, a, n: listed.append((name, a.st_ino)) or True
         )
-        fh = await ops.opendir(diff, None)
+        fh = await ops.opendir(diff, pyfuse3.RequestContext())  # uid 0
         await ops.readdir(fh, 0, None)
         await ops.releasedir(fh)
         assert [n for n, _ in listed[:2]] == [b".", b".."] and len(listed) > 2
@@ -713,4 +713,79 @@ async def test_a_listing_counts_no_lookup_for_dot_and_dotdot(vectors_dir, tmp_pa
             fs.forget(ino, 1)
         fs.forget(diff, 1)
         assert fs.mounted_layers() == 0
+        nursery.cancel_scope.cancel()
+
+
+# -- who is served ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("uid", "serve_all", "served"),
+    [
+        (0, False, True),  # root: rootful podman, CRI-O, uid 0 of a rootless store's namespace
+        (1000, False, True),  # the store's own user
+        (65534, False, False),  # any other user
+        (1001, False, False),
+        (65534, True, True),  # serve_all_users: a store shared on purpose
+    ],
+)
+async def test_only_root_and_the_stores_own_user_are_served(
+    vectors_dir, tmp_path, uid: int, serve_all: bool, served: bool
+) -> None:
+    """The mount is ``allow_other`` without ``default_permissions``: every local user could
+    read every layer file and ``blob`` through it, whatever their modes."""
+    async with trio.open_nursery() as nursery:
+        fs, _ = await _fs(nursery, vectors_dir, tmp_path, serve_all_users=serve_all)
+        fs.own_uid = 1000
+        if served:
+            fs.admit(uid)
+        else:
+            with pytest.raises(FSError) as exc:
+                fs.admit(uid)
+            assert exc.value.errno_value == errno.EACCES
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_every_request_naming_its_caller_is_refused_to_another_user(vectors_dir, tmp_path):
+    """Each pyfuse3 handler given a caller (``ctx``) answers another user EACCES before it
+    does anything (``statfs`` excepted: it shows nothing of a layer): an ``rmdir`` of a layer
+    directory, which drops a reference, leaves the layer in use."""
+    import inspect
+    import types
+
+    import pyfuse3
+
+    from store.fuse_ops import StoreOperations
+
+    async with trio.open_nursery() as nursery:
+        fs, meta = await _fs(nursery, vectors_dir, tmp_path)
+        b64 = base64.b64encode(REF.encode()).decode()
+        ref_ino = await _path(fs, b64)
+        layer_ino = await _path(fs, b64, meta["digest"])
+        with pytest.raises(FSError):
+            fs.create(layer_ino, "use")
+        assert fs.manager.refcount(REF, meta["digest"]) == 1
+        ops = StoreOperations(fs)
+        stranger = types.SimpleNamespace(uid=65534, gid=65534, pid=1, umask=0)
+        handlers = [
+            name
+            for name, fn in vars(StoreOperations).items()  # pyfuse3's own answer ENOSYS
+            if inspect.iscoroutinefunction(fn)
+            and "ctx" in inspect.signature(fn).parameters
+            and name != "statfs"
+        ]
+        assert {"lookup", "getattr", "open", "opendir", "access", "rmdir"} <= set(handlers)
+        for name in handlers:
+            params = list(inspect.signature(getattr(StoreOperations, name)).parameters)[1:-1]
+            args: list[object] = [ref_ino] * len(params)
+            if name == "rmdir":
+                args = [ref_ino, meta["digest"].encode()]
+            with pytest.raises(pyfuse3.FUSEError) as exc:
+                await getattr(ops, name)(*args, ctx=stranger)
+            assert exc.value.errno == errno.EACCES, name
+        assert fs.manager.refcount(REF, meta["digest"]) == 1
+        root = pyfuse3.RequestContext()  # uid 0
+        assert (await ops.lookup(ref_ino, meta["digest"].encode(), root)).st_ino == layer_ino
         nursery.cancel_scope.cancel()
