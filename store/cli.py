@@ -316,6 +316,7 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
         timeout=request_timeout(cfg),
         retries=cfg.max_retries,
         retry_timeouts=True,
+        redirect_ttl=0.0 if cfg.check_always else cfg.valid_interval,
     )
 
     def on_access(layer, node) -> None:  # type: ignore[no-untyped-def]

@@ -4,7 +4,7 @@ Why this shape: operators move between the Go store and this one with the same
 ``/etc/stargz-store/config.toml``. Keys that mean the same thing here are honoured
 (``noprefetch``, ``prefetch_timeout_sec``, ``no_background_fetch``,
 ``max_concurrency``, ``resolve_result_entry_ttl_sec``, ``[blob] chunk_size /
-fetching_timeout_sec / max_retries``,
+fetching_timeout_sec / max_retries / valid_interval / check_always``,
 ``[fuse] attr_timeout / entry_timeout``, ``[resolver]``). Keys the Go store knows but that have
 no meaning here (its HTTP/directory cache tuning, kubeconfig keychains, ``prefetch_size`` …)
 are accepted and
@@ -106,15 +106,21 @@ fetch; its cached chunks stay). A layer in use is kept however long.
 ``[fuse] attr_timeout / entry_timeout`` apply to the layer trees (default 60 s: their content
 is immutable); the store's own directories and files always use short timeouts.
 
+``[blob] valid_interval`` (seconds, default 60) and ``check_always``: a blob GET the registry
+redirected (to a CDN or object store) goes straight to the location it gave for that long
+(:class:`store.registry.RegistryClient`'s ``redirect_ttl``), as the Go store reads a blob from
+its resolved URL until the interval passes; an answer other than the bytes asked for from there
+sends the read to the registry at once. ``check_always = true`` asks the registry every time.
+
 ``[blob] fetching_timeout_sec`` bounds one read from the registry with all its
 ``max_retries`` retries (a reader gets EIO past it); each attempt may wait an equal share of
 it, at least 1 s and at most ``[resolver] request_timeout_sec`` (default 30 s), for a
 connection or for its next bytes before it is retried (:func:`store.cli.request_timeout`).
 
 As in the Go store, 0 means the default for ``max_concurrency``, ``prefetch_timeout_sec``,
-``resolve_result_entry_ttl_sec``, ``[blob] chunk_size / fetching_timeout_sec / max_retries``
-and ``[fuse] attr_timeout / entry_timeout`` (a config that lists every key with Go's zero
-values loads with the defaults, not with no retries or no timeouts).
+``resolve_result_entry_ttl_sec``, ``[blob] chunk_size / fetching_timeout_sec / max_retries /
+valid_interval`` and ``[fuse] attr_timeout / entry_timeout`` (a config that lists every key
+with Go's zero values loads with the defaults, not with no retries or no timeouts).
 """
 
 from __future__ import annotations
@@ -150,6 +156,8 @@ class StoreConfig:
     chunk_size: int = 50000
     fetching_timeout_sec: float = 300.0
     max_retries: int = 5
+    valid_interval: float = 60.0
+    check_always: bool = False
     # Layer contents never change, so the kernel may cache their entries and attributes long
     # (the Go store uses 1 s; page-cache re-reads through FUSE are much faster with more).
     attr_timeout: float = 60.0
@@ -223,6 +231,8 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "blob.chunk_size": ("chunk_size", (int,)),
     "blob.fetching_timeout_sec": ("fetching_timeout_sec", _NUM),
     "blob.max_retries": ("max_retries", (int,)),
+    "blob.valid_interval": ("valid_interval", _NUM),
+    "blob.check_always": ("check_always", (bool,)),
     "resolve_result_entry_ttl_sec": ("resolve_result_entry_ttl_sec", _NUM),
     "fuse.attr_timeout": ("attr_timeout", _NUM),
     "fuse.entry_timeout": ("entry_timeout", _NUM),
@@ -265,8 +275,6 @@ _IGNORED = {
     "disable_verification",
     "no_prometheus",
     "log_file_access",
-    "blob.valid_interval",
-    "blob.check_always",
     "blob.force_single_range_mode",
     "blob.prefetch_chunk_size",
     "blob.min_wait_msec",
@@ -298,6 +306,7 @@ _ZERO_IS_DEFAULT = {
     "chunk_size",
     "fetching_timeout_sec",
     "max_retries",
+    "valid_interval",
     "prefetch_timeout_sec",
     "resolve_result_entry_ttl_sec",
     "attr_timeout",

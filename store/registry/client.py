@@ -7,7 +7,12 @@ retried (it is the answer the caller configured) unless the client is made with
 ``retry_timeouts=True``: then a GET or HEAD that stalls is sent again — the store does so, and
 bounds the whole read by its own deadline instead; mirrors are tried in order
 before the origin; redirects are followed by hand so Authorization never goes to another origin
-(scheme, host and port). Every request made for an endpoint over HTTPS (to the registry, its
+(scheme, host and port). Where a blob GET was redirected (a registry in front of a CDN or an
+object store: Docker Hub, ghcr.io, Quay, ECR, GCR do so) the client reads that blob from the
+last location for ``redirect_ttl`` seconds without asking the registry again, as the Go store
+reads a blob from its resolved URL for ``[blob] valid_interval``; an answer other than the one
+asked for from there (an expired signature's 403) sends the request to the registry at once.
+Every request made for an endpoint over HTTPS (to the registry, its
 token server, a host it redirects to) uses that endpoint's TLS settings: the CAs and client
 certificate of its certs.d directory (:func:`hosts.read_certs_dir`), as containers/image.
 """
@@ -24,6 +29,7 @@ import re
 import ssl
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +87,9 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 # MaxConfigBodySize, 4 MiB; a body of exactly the limit is accepted there too).
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 MAX_REDIRECTS = 5
+# Blob locations a registry redirected to, kept (least recently used go first).
+REDIRECTS_KEPT = 4096
+DEFAULT_REDIRECT_TTL = 60.0  # seconds; the Go store's default [blob] valid_interval
 # The start of an error answer's body read for its JSON detail; the rest is never read.
 MAX_ERROR_BODY = 64 * 1024
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -138,6 +147,7 @@ class ClientStats:
     retries: int = 0
     body_bytes: int = 0
     auth_round_trips: int = 0
+    redirects_reused: int = 0  # blob GETs sent straight to a location the registry gave before
 
 
 # An object store's XML error (S3, GCS, Azure Blob, CloudFront: <Error><Code>…</Code>
@@ -331,6 +341,7 @@ class RegistryClient:
         verify: ssl.SSLContext | str | bool = True,
         retry_timeouts: bool = False,
         certs_roots: Sequence[Path] | None = None,
+        redirect_ttl: float = DEFAULT_REDIRECT_TTL,
     ) -> None:
         self.resolver = resolver or ResolverConfig(
             default_timeout=timeout or DEFAULT_REQUEST_TIMEOUT
@@ -362,6 +373,10 @@ class RegistryClient:
         self._challenges: dict[str, Challenge | None] = {}
         self._down_until: dict[str, float] = {}
         self._no_multirange: set[str] = set()
+        # (registry URL of a blob GET) -> (where it was redirected last, trio/anyio clock
+        # time until which that location is used without asking the registry); 0 s: never.
+        self.redirect_ttl = redirect_ttl
+        self._redirects: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     # ---- lifetime ------------------------------------------------------------------------
     async def __aenter__(self) -> RegistryClient:
@@ -608,6 +623,15 @@ class RegistryClient:
         cur_method = method
         timeout = httpx.Timeout(ep.request_timeout)
         extensions = {} if max_body is None else {BODY_LIMIT: max_body}
+        # A blob GET the registry redirected before goes where it went then (no params: the
+        # location carries its own query); what comes back other than asked sends it to the
+        # registry again, a failure to get there leaves the retry to the registry too.
+        start = url
+        kept_key = url if method == "GET" and "/blobs/" in path and not params else None
+        kept = self._kept_redirect(kept_key)
+        if kept is not None:
+            url, redirects = kept, 1
+            self.stats.redirects_reused += 1
         while True:
             send_headers = dict(hdrs)
             target = urlsplit(url)
@@ -635,21 +659,26 @@ class RegistryClient:
                 extensions={**extensions, **self._tls_extensions(ep, url)},
             )
             self.stats.requests += 1
-            with _transport_errors(
-                ep,
-                repo,
-                digest,
-                f"{what}: no answer from {peer} within {ep.request_timeout:g}s",
-                f"{what}: cannot connect to {peer}",
-                tls_note=functools.partial(self._tls_note, ep),
-            ):
-                if self._fast is not None and self._fast.handles(req):
-                    # Range GETs skip AsyncClient.send (auth flow, cookies, hooks: none used
-                    # here) and go straight to the transport: less work per request.
-                    resp = await self._fast.handle_async_request(req)
-                    resp.request = req
-                else:
-                    resp = await self.http.send(req, stream=True)
+            try:
+                with _transport_errors(
+                    ep,
+                    repo,
+                    digest,
+                    f"{what}: no answer from {peer} within {ep.request_timeout:g}s",
+                    f"{what}: cannot connect to {peer}",
+                    tls_note=functools.partial(self._tls_note, ep),
+                ):
+                    if self._fast is not None and self._fast.handles(req):
+                        # Range GETs skip AsyncClient.send (auth flow, cookies, hooks: none
+                        # used here) and go straight to the transport: less work per request.
+                        resp = await self._fast.handle_async_request(req)
+                        resp.request = req
+                    else:
+                        resp = await self.http.send(req, stream=True)
+            except BaseException:
+                if kept is not None:
+                    self._forget_redirect(kept_key)
+                raise
             try:
                 status = resp.status_code
                 if status in (301, 302, 303, 307, 308) and "location" in resp.headers:
@@ -688,16 +717,27 @@ class RegistryClient:
                         self.stats.auth_round_trips += 1
                         continue
                 if status in ok:
-                    with _transport_errors(
-                        ep,
-                        repo,
-                        digest,
-                        f"{what}: body from {peer} stalled for {ep.request_timeout:g}s",
-                        f"{what}: connection to {peer} lost while reading the body",
-                        tls_note=functools.partial(self._tls_note, ep),
-                    ):
-                        result = await reader(resp)
+                    try:
+                        with _transport_errors(
+                            ep,
+                            repo,
+                            digest,
+                            f"{what}: body from {peer} stalled for {ep.request_timeout:g}s",
+                            f"{what}: connection to {peer} lost while reading the body",
+                            tls_note=functools.partial(self._tls_note, ep),
+                        ):
+                            result = await reader(resp)
+                    except BaseException:
+                        if kept is not None:
+                            self._forget_redirect(kept_key)
+                        raise
+                    if kept is None and redirects:
+                        self._keep_redirect(kept_key, url)
                     return resp, result
+                if kept is not None:  # an expired signature, a moved object: ask the registry
+                    self._forget_redirect(kept_key)
+                    kept, url, redirects, cur_method = None, start, 0, method
+                    continue
                 body = b""
                 if cur_method != "HEAD":
                     try:
@@ -709,6 +749,32 @@ class RegistryClient:
                 )
             finally:
                 await resp.aclose()
+
+    def _kept_redirect(self, key: str | None) -> str | None:
+        """Where the blob GET of registry URL ``key`` was redirected last, while that is
+        fresh (``redirect_ttl``), else None."""
+        if key is None:
+            return None
+        held = self._redirects.get(key)
+        if held is None:
+            return None
+        if time.monotonic() >= held[1]:
+            del self._redirects[key]
+            return None
+        self._redirects.move_to_end(key)
+        return held[0]
+
+    def _keep_redirect(self, key: str | None, location: str) -> None:
+        if key is None or self.redirect_ttl <= 0:
+            return
+        self._redirects[key] = (location, time.monotonic() + self.redirect_ttl)
+        self._redirects.move_to_end(key)
+        while len(self._redirects) > REDIRECTS_KEPT:
+            self._redirects.popitem(last=False)
+
+    def _forget_redirect(self, key: str | None) -> None:
+        if key is not None:
+            self._redirects.pop(key, None)
 
     def _status_error(
         self,

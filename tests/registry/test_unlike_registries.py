@@ -178,6 +178,81 @@ async def test_a_signed_url_the_storage_host_refuses_is_asked_of_the_registry_ag
     assert f"(AccessDenied: Request has expired) from {storage.host}, where" in message, message
 
 
+def _redirecting(storage: Mimic, issued: list[str]):  # type: ignore[no-untyped-def]
+    """A registry policy: every blob GET is a 307 to ``storage`` with a new signature."""
+
+    def registry(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+        if "/blobs/" not in path or h.command != "GET":
+            return False
+        issued.append(h.path)
+        send(h, 307, location=f"http://{storage.host}{path}?sig={len(issued)}")
+        return True
+
+    return registry
+
+
+@pytest.mark.parametrize("ttl", [60.0, 0.0])
+async def test_reads_of_a_redirected_blob_go_straight_to_where_it_was_redirected(
+    ttl: float,
+) -> None:
+    """A registry in front of a CDN or object store redirects every blob GET: once it did,
+    the client reads that blob from the location it gave, one request per read instead of
+    two, for ``redirect_ttl`` seconds (0: the registry is asked every time, the Go store's
+    ``check_always``)."""
+    with Mimic(bind="127.0.0.2") as storage:
+        digest = storage.add_blob(DATA)
+        issued: list[str] = []
+        with Mimic(_redirecting(storage, issued)) as reg:
+            ref = f"{reg.host}/unlike/cdn:v1"
+            async with RegistryClient(timeout=5, backoff=0.01, redirect_ttl=ttl) as c:
+                for offset, size in SPANS:
+                    assert await c.read_range(ref, digest, offset, size) == _want(
+                        [(offset, size)]
+                    )[0]
+                assert c.stats.retries == 0
+                reused = c.stats.redirects_reused
+    stored = [s["path"] for s in storage.seen if "/blobs/" in s["path"]]
+    assert len(stored) == 3
+    if ttl:
+        assert len(issued) == 1 and reused == 2
+        assert all(p.endswith("?sig=1") for p in stored), stored
+    else:
+        assert len(issued) == 3 and reused == 0
+
+
+async def test_a_kept_location_that_is_refused_or_gone_stale_is_asked_of_the_registry() -> None:
+    """The storage host refuses the signature the client kept (S3's 403 "Request has
+    expired"): that read goes to the registry at once for a new location, with no retry
+    spent and no error; a location older than ``redirect_ttl`` is not used at all."""
+    with Mimic(bind="127.0.0.2") as storage:
+        digest = storage.add_blob(DATA)
+        issued: list[str] = []
+
+        first_signature_uses = 0
+
+        def storage_policy(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+            nonlocal first_signature_uses
+            if h.path.endswith("sig=1"):
+                first_signature_uses += 1
+                if first_signature_uses > 1:  # it expired after its first use
+                    send(h, 403, EXPIRED, content_type="application/xml")
+                    return True
+            return False
+
+        storage.policy = storage_policy
+        with Mimic(_redirecting(storage, issued)) as reg:
+            ref = f"{reg.host}/unlike/expiring:v1"
+            async with RegistryClient(timeout=5, backoff=0.01, redirect_ttl=0.5) as c:
+                assert await c.read_range(ref, digest, 0, 10) == DATA[:10]
+                assert await c.read_range(ref, digest, 10, 10) == DATA[10:20]  # refused, anew
+                assert len(issued) == 2 and c.stats.retries == 0
+                assert await c.read_range(ref, digest, 20, 10) == DATA[20:30]  # sig=2 kept
+                assert len(issued) == 2
+                await anyio.sleep(0.6)
+                assert await c.read_range(ref, digest, 30, 10) == DATA[30:40]
+                assert len(issued) == 3  # stale: the registry was asked
+
+
 @pytest.mark.parametrize("storage", ["refused", "silent"])
 async def test_a_storage_host_that_fails_is_named_not_the_registry(storage: str) -> None:
     """The registry answers, the host it redirects blob GETs to refuses connections or never

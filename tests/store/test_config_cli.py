@@ -46,7 +46,10 @@ def test_go_config_loads(tmp_path: Path) -> None:
     assert cfg.noprefetch and cfg.no_background_fetch
     assert (cfg.max_concurrency, cfg.chunk_size) == (4, 100000)
     assert (cfg.fetching_timeout_sec, cfg.max_retries) == (60, 2)
+    assert cfg.check_always and cfg.valid_interval == 60  # Go's default interval
     assert (cfg.attr_timeout, cfg.entry_timeout) == (3, 4)
+    assert parse_config({"blob": {"valid_interval": 0}}).valid_interval == 60  # 0: default
+    assert parse_config({"blob": {"valid_interval": 15}}).valid_interval == 15
     assert cfg.resolver["host"]["docker.io"]["mirrors"][0]["host"] == "mirror.example:5000"
     assert cfg.metrics_address == "127.0.0.1:9999" and cfg.cache_max_bytes == 1000
 
@@ -58,6 +61,7 @@ def test_go_config_loads(tmp_path: Path) -> None:
         ({"blob": {"chunksize": 1}}, "unknown key 'blob.chunksize'"),
         ({"noprefetch": "yes"}, "'noprefetch' must be bool"),
         ({"blob": {"chunk_size": -1}}, "must be positive"),
+        ({"blob": {"check_always": "yes"}}, "'blob.check_always' must be bool"),
         ({"max_concurrency": True}, "must be a number"),
         ({"overlay_opaque_type": "both"}, "'overlay_opaque_type' must be one of 'auto', 'trusted'"),
         ({"toc_max_bytes": 0}, "'toc_max_bytes' must be positive"),
