@@ -30,6 +30,7 @@ is read on demand, as the rest of the layer is.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -200,9 +201,12 @@ class AheadBlob:
     workloads, ``wan``): during a prefetch the link is full, and a read's own request only
     takes a share of it.
     A blob of at most :data:`WHOLE_KEPT_MAX` bytes that one read took whole (a small layer's
-    footer read takes all of it) is kept: every later read is answered from it, and
-    :meth:`start` downloads nothing. Before, each first read of one of its files asked the
-    registry for bytes the footer read had already brought.
+    footer read takes all of it) is kept once it hashed to ``digest`` (the layer's): every
+    later read is answered from it, and :meth:`start` downloads nothing. Before, each first
+    read of one of its files asked the registry for bytes the footer read had already
+    brought. Bytes that do not hash to it are not kept: kept, a wrong answer would be every
+    later read's (a chunk failing to verify for the layer's life, the ``blob`` file's second
+    download hashing the same bytes again).
     The bytes are handed to the layer raw: every chunk is still inflated and verified before
     anything is served. Reads outside the region (or of a failed, released or dropped piece)
     go to the registry as usual.
@@ -218,6 +222,7 @@ class AheadBlob:
     """
 
     blob: BlobReader
+    digest: str = ""  # the blob's (``algorithm:hex``): a whole blob is kept only if it matches
     _region: _Region | None = None
     _started: bool = False  # start() was called: the region's end is the TOC's
     _speculating: bool = False
@@ -226,8 +231,9 @@ class AheadBlob:
     _held: int = 0  # bytes of the region's pieces kept (data not None)
     _stuck: int = 0  # of those, bytes of ranges waiting for an unclaimed piece (arrived())
     _room: trio.Event | None = None  # set when _held drops, for workers waiting for room
-    # The whole blob, once one read took all of it (a small layer's footer read does):
-    # every later read is served from it, no request (at most WHOLE_KEPT_MAX bytes).
+    # The whole blob, once one read took all of it (a small layer's footer read does) and it
+    # hashed to ``digest``: every later read is served from it, no request (at most
+    # WHOLE_KEPT_MAX bytes).
     _whole: bytes | None = None
 
     @property
@@ -492,6 +498,15 @@ class AheadBlob:
             return None  # a gap: the region holds only the ranges worth prefetching
         return list(range(first, last + 1))
 
+    def _is_whole(self, data: bytes) -> bool:
+        """Whether ``data`` is the blob, small enough to keep: its size, and its digest."""
+        if len(data) != self.size or self.size > WHOLE_KEPT_MAX:
+            return False
+        algorithm, _, want = self.digest.partition(":")
+        if algorithm not in hashlib.algorithms_available:
+            return False
+        return hashlib.new(algorithm, data).hexdigest() == want
+
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         whole = self._whole
         if whole is not None:
@@ -521,7 +536,7 @@ class AheadBlob:
             fetched = await self.blob.read_ranges([ranges[n] for n in missing])
             for n, part in zip(missing, fetched, strict=True):
                 out[n] = part
-                if ranges[n] == (0, self.size) and len(part) == self.size <= WHOLE_KEPT_MAX:
+                if ranges[n] == (0, self.size) and self._is_whole(part):
                     self._whole = part
         return [p for p in out if p is not None]
 

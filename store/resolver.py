@@ -772,7 +772,7 @@ class LayerManager:
         freed); the parse waits for its turn (by ``priority()``,
         :class:`~store.pullorder.Turns`)."""
         assert desc.toc_digest is not None
-        ahead = AheadBlob(source)
+        ahead = AheadBlob(source, desc.digest)
         # The prefetch region starts downloading once the TOC is verified, before its parse;
         # a gzip layer whose head says it starts with prioritized files, sooner still — unless
         # the footer read takes the whole blob: its head probe would only ask for the same
