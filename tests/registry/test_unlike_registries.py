@@ -206,9 +206,9 @@ async def test_reads_of_a_redirected_blob_go_straight_to_where_it_was_redirected
             ref = f"{reg.host}/unlike/cdn:v1"
             async with RegistryClient(timeout=5, backoff=0.01, redirect_ttl=ttl) as c:
                 for offset, size in SPANS:
-                    assert await c.read_range(ref, digest, offset, size) == _want(
-                        [(offset, size)]
-                    )[0]
+                    assert (
+                        await c.read_range(ref, digest, offset, size) == _want([(offset, size)])[0]
+                    )
                 assert c.stats.retries == 0
                 reused = c.stats.redirects_reused
     stored = [s["path"] for s in storage.seen if "/blobs/" in s["path"]]
