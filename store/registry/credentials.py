@@ -268,6 +268,7 @@ class CredentialStore:
         self._files = auth_files if auth_files is not None else default_auth_files()
         self._loaded: list[_AuthFile] | None = None
         self._loaded_as: list[tuple[int, int, int, int] | None] = []  # the files' stamps then
+        self._refused_as: list[tuple[int, int, int, int] | None] = []  # a change that did not read
         self._given: dict[tuple[str, str], Credentials] = {}
         # (helper, server) -> (until, answer: credentials, None, or the failure's message)
         self._helper_answers: dict[tuple[str, str], tuple[float, Credentials | str | None]] = {}
@@ -316,12 +317,28 @@ class CredentialStore:
         """The auth files as they are now: read again when one appeared, went or changed
         since the last read (a ``podman login`` or ``logout`` while the store runs takes
         effect at the next lookup, as the Go store reads docker's config file at each one).
-        Raises ConfigError naming a file that cannot be read or is malformed."""
+        A change that does not read (a file rewritten in place, caught half written) keeps
+        the last reading, with a warning, until the files change again. Raises ConfigError
+        naming a file that cannot be read or is malformed when no reading came before."""
         stamps = self._stamps()
-        if self._loaded is not None and stamps == self._loaded_as:
+        if self._loaded is not None and stamps in (self._loaded_as, self._refused_as):
             return self._loaded
         if self._loaded is not None:
             log.info("credential files changed: reading them again")
+        try:
+            loaded = self._read_files()
+        except ConfigError as exc:
+            if self._loaded is None:
+                raise
+            log.warning("%s; the credentials read before stay in use until it reads", exc)
+            self._refused_as = stamps
+            return self._loaded
+        self._loaded, self._loaded_as = loaded, stamps
+        return self._loaded
+
+    def _read_files(self) -> list[_AuthFile]:
+        """Every auth file there is, read; raises ConfigError naming one that cannot be read
+        or is malformed."""
         loaded = []
         for path in self._files:
             try:
@@ -341,8 +358,7 @@ class CredentialStore:
             table = {_normalize_key(k): (k, v) for k, v in auths.items() if isinstance(v, dict)}
             by_registry = {_normalize_key(k): (k, v) for k, v in helpers.items()}
             loaded.append(_AuthFile(path, table, by_registry, data.get("credsStore") or ""))
-        self._loaded, self._loaded_as = loaded, stamps
-        return self._loaded
+        return loaded
 
     def _run_cached(self, call: HelperCall) -> Credentials | None:
         with contextlib.suppress(_NotCached):

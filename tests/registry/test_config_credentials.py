@@ -135,6 +135,33 @@ def test_a_login_or_logout_while_the_store_runs_is_seen_at_the_next_lookup(
     assert store._load() is loaded
 
 
+def test_an_auth_file_caught_half_written_keeps_the_credentials_read_before(
+    isolated_auth_env: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file rewritten in place (not renamed over) reads as broken JSON until its writer is
+    done: a lookup then keeps what the files said before, and says why once (before, every
+    lookup of every registry failed meanwhile: each of the store's blob reads looks
+    credentials up, so running containers got EIO). The finished file counts at the next
+    lookup; a file that never read well fails as ever."""
+    auth = isolated_auth_env / "run/containers/auth.json"
+    _auth_file(auth, {"q.io": "first:1"})
+    store = CredentialStore(auth_files=[auth])
+    assert store.lookup("q.io") == Credentials("first", "1")
+    whole = auth.read_bytes()
+    with auth.open("r+b") as f:  # in place: truncated, then the first bytes written
+        f.truncate(0)
+        f.write(whole[:10])
+    for _ in range(3):
+        assert store.lookup("q.io") == Credentials("first", "1")
+    warned = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith(f"cannot read credentials file {auth}:")
+    _auth_file(auth, {"q.io": "second:22"})
+    assert store.lookup("q.io") == Credentials("second", "22")
+    auth.write_text("{")
+    with pytest.raises(ConfigError, match="cannot read credentials file"):
+        CredentialStore(auth_files=[auth]).lookup("q.io")
+
+
 def test_bad_auth_file(isolated_auth_env: Path) -> None:
     bad = isolated_auth_env / "bad.json"
     bad.write_text(json.dumps({"auths": {"q.io": {"auth": "!!notbase64"}}}))
