@@ -625,9 +625,12 @@ class RegistryClient:
         extensions = {} if max_body is None else {BODY_LIMIT: max_body}
         # A blob GET the registry redirected before goes where it went then (no params: the
         # location carries its own query); what comes back other than asked sends it to the
-        # registry again, a failure to get there leaves the retry to the registry too.
+        # registry again, a failure to get there leaves the retry to the registry too. A
+        # blob's path ends so (a repository may be named ``…/blobs``: its manifests' paths
+        # have ``/blobs/`` in them, and a tag may name another manifest a moment later).
         start = url
-        kept_key = url if method == "GET" and "/blobs/" in path and not params else None
+        blob_get = method == "GET" and bool(digest) and path.endswith(f"/blobs/{digest}")
+        kept_key = url if blob_get and not params else None
         kept = self._kept_redirect(kept_key)
         if kept is not None:
             url, redirects = kept, 1

@@ -253,6 +253,43 @@ async def test_a_kept_location_that_is_refused_or_gone_stale_is_asked_of_the_reg
                 assert len(issued) == 3  # stale: the registry was asked
 
 
+async def test_a_manifest_of_a_repository_named_blobs_is_not_read_from_a_kept_location() -> None:
+    """Only a blob GET's location is kept: a repository may be named ``…/blobs`` (its
+    manifest's path has ``/blobs/`` in it too), and a tag its registry redirected to one
+    manifest may name another a moment later. Before, the second read of the tag went
+    straight to where the first was redirected: the manifest the tag no longer named."""
+
+    def manifest(n: int) -> bytes:
+        config = {"mediaType": "application/vnd.oci.image.config.v1+json", "size": n}
+        config["digest"] = f"sha256:{n:064x}"
+        media = "application/vnd.oci.image.manifest.v1+json"
+        return json.dumps(
+            {"schemaVersion": 2, "mediaType": media, "config": config, "layers": []}
+        ).encode()
+
+    tagged = ["1"]
+    with Mimic(bind="127.0.0.2") as storage:
+        for n in (1, 2):
+            storage.manifests[f"org/blobs:{n}"] = (
+                manifest(n),
+                "application/vnd.oci.image.manifest.v1+json",
+            )
+
+        def registry(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+            if path != "/v2/org/blobs/manifests/latest":
+                return False
+            send(h, 307, location=f"http://{storage.host}/v2/org/blobs/manifests/{tagged[0]}")
+            return True
+
+        with Mimic(registry) as reg:
+            ref = f"{reg.host}/org/blobs:latest"
+            async with RegistryClient(timeout=5, backoff=0.01) as c:
+                assert (await c.get_index(ref)).raw == manifest(1)
+                tagged[0] = "2"  # the tag moved
+                assert (await c.get_index(ref)).raw == manifest(2)
+                assert c.stats.redirects_reused == 0
+
+
 @pytest.mark.parametrize("storage", ["refused", "silent"])
 async def test_a_storage_host_that_fails_is_named_not_the_registry(storage: str) -> None:
     """The registry answers, the host it redirects blob GETs to refuses connections or never
