@@ -591,16 +591,13 @@ def _convert_one(
     digest; returns digest, size, diff_id, annotations, passed_through. ``repeat`` (eStargz):
     how many times the image listed this layer before; a repeat is always converted, with that
     landmark time (:func:`~harness.images.layertar.repeat_numbers`)."""
-    from store.estargz import (
-        EstargzError,
-        UnreadableLayerTar,
-        clean_name,
-        convert,
-        write_zstd_chunked,
-    )
+    from store.estargz import EstargzError, clean_name, convert, write_zstd_chunked
 
     path = Path(blob)
-    wanted = _present(path, prioritized) if prioritized else []
+    try:
+        wanted = _present(path, prioritized) if prioritized else []
+    except EstargzError as exc:
+        raise _layer_error(desc, exc) from None
 
     def already() -> bool:
         if fmt == "zstd-chunked":
@@ -641,10 +638,7 @@ def _convert_one(
                 }
         os.replace(tmp, Path(out_dir) / digest.split(":", 1)[1])
     except EstargzError as exc:
-        hint = ""
-        if isinstance(exc, UnreadableLayerTar):
-            hint = "; the source's copy of this layer is damaged: pull or export the image again"
-        raise ConvertError(f"{desc['digest']}: {exc}{hint}") from None
+        raise _layer_error(desc, exc) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     return {
@@ -657,14 +651,42 @@ def _convert_one(
     }
 
 
+def _layer_error(desc: dict[str, Any], exc: Exception) -> ConvertError:
+    """The error for layer ``desc`` that ``exc`` (an EstargzError) failed, with what to do
+    when its source copy does not read (:class:`~store.estargz.UnreadableLayerTar`)."""
+    from store.estargz import UnreadableLayerTar
+
+    hint = ""
+    if isinstance(exc, UnreadableLayerTar):
+        hint = "; the source's copy of this layer is damaged: pull or export the image again"
+    return ConvertError(f"{desc['digest']}: {exc}{hint}")
+
+
 def _present(blob: Path, names: Sequence[str]) -> list[str]:
-    """The prioritized names this layer holds, in the given order."""
+    """The prioritized names this layer holds, in the given order. Raises
+    :class:`~store.estargz.UnreadableLayerTar` when the layer does not read as a tar (as
+    the writer would, a moment later)."""
+    import gzip
     import tarfile
+    import zlib
 
-    from store.estargz import clean_name
+    from zlib_ng import zlib_ng
+    from zstandard import ZstdError
 
-    with open_layer(blob) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        have = {clean_name(ti.name) for ti in tar}
+    from store.estargz import UnreadableLayerTar, clean_name
+
+    try:
+        with open_layer(blob) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            have = {clean_name(ti.name) for ti in tar}
+    except (
+        tarfile.TarError,
+        EOFError,
+        gzip.BadGzipFile,
+        zlib.error,
+        zlib_ng.error,
+        ZstdError,
+    ) as exc:
+        raise UnreadableLayerTar(f"input is not a readable tar: {exc}") from None
     seen: set[str] = set()
     out = []
     for n in names:

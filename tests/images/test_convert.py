@@ -237,12 +237,15 @@ def test_legacy_pushes_the_sources_own_gzip_layers(tiny, tmp_path: Path) -> None
         assert [x.diff_id for x in built.layers] == [x.diff_id for x in tiny.layers]
 
 
+@pytest.mark.parametrize("prioritized", [(), ("etc/hostname",)])
 @pytest.mark.parametrize("fmt", ["estargz", "zstd-chunked"])
 def test_a_source_layer_whose_gzip_is_damaged_is_named_by_its_place(
-    tiny, tmp_path: Path, fmt: str
+    tiny, tmp_path: Path, fmt: str, prioritized: tuple[str, ...]
 ) -> None:
     """A source blob that hashes to its digest but does not inflate (a CRC that does not
-    match): the error says which layer of the image it is, its digest, and what to do."""
+    match, or a damaged byte in its deflate stream): the error says which layer of the image
+    it is, its digest, and what to do, with prioritized files too (the layer is read once
+    to find which of them it holds: that read's error was a bare ``zlib.error``)."""
     layout = tmp_path / "damaged"
     shutil.copytree(oci_layout(tiny, "legacy"), layout)
     top = json.loads((layout / "index.json").read_text())["manifests"][0]
@@ -250,6 +253,7 @@ def test_a_source_layer_whose_gzip_is_damaged_is_named_by_its_place(
     last = manifest["layers"][-1]
     data = bytearray(_blob(layout, last["digest"]).read_bytes())
     data[-8] ^= 0xFF  # the gzip trailer's CRC-32
+    data[len(data) // 2] ^= 0xFF  # and a byte of the deflate stream
     last["digest"] = _put(layout, bytes(data))
     raw = json.dumps(manifest).encode()
     top.update(digest=_put(layout, raw), size=len(raw))
@@ -259,7 +263,7 @@ def test_a_source_layer_whose_gzip_is_damaged_is_named_by_its_place(
         convert_image(
             f"oci:{layout}",
             f"oci:{tmp_path / 'out'}:x",
-            ConvertOptions(format=fmt),
+            ConvertOptions(format=fmt, prioritized_files=prioritized),
             show_progress=False,
         )
     assert str(exc.value).startswith(f"layer {n} of {n}, {last['digest']}: "), exc.value
