@@ -373,8 +373,8 @@ class RegistryClient:
         self._challenges: dict[str, Challenge | None] = {}
         self._down_until: dict[str, float] = {}
         self._no_multirange: set[str] = set()
-        # (registry URL of a blob GET) -> (where it was redirected last, trio/anyio clock
-        # time until which that location is used without asking the registry); 0 s: never.
+        # (registry URL of a blob GET) -> (where it was redirected last, time.monotonic()
+        # until which that location is used without asking the registry); 0 s: never.
         self.redirect_ttl = redirect_ttl
         self._redirects: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
@@ -678,7 +678,7 @@ class RegistryClient:
                         resp.request = req
                     else:
                         resp = await self.http.send(req, stream=True)
-            except BaseException:
+            except Exception:  # not a cancellation: the caller's, not the location's doing
                 if kept is not None:
                     self._forget_redirect(kept_key)
                 raise
@@ -730,7 +730,7 @@ class RegistryClient:
                             tls_note=functools.partial(self._tls_note, ep),
                         ):
                             result = await reader(resp)
-                    except BaseException:
+                    except Exception:
                         if kept is not None:
                             self._forget_redirect(kept_key)
                         raise

@@ -220,6 +220,32 @@ async def test_reads_of_a_redirected_blob_go_straight_to_where_it_was_redirected
         assert len(issued) == 3 and reused == 0
 
 
+async def test_a_read_cancelled_at_a_kept_location_keeps_it() -> None:
+    """A read given up by its caller (a dropped prefetch, a deadline) while the storage host
+    answers says nothing against the location: the next read still goes straight there."""
+    with Mimic(bind="127.0.0.2") as storage:
+        digest = storage.add_blob(DATA)
+        issued: list[str] = []
+        slow = {"next": False}
+
+        def storage_policy(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+            if slow["next"]:
+                slow["next"] = False
+                time.sleep(1.0)  # the client has given up by then
+            return False
+
+        storage.policy = storage_policy
+        with Mimic(_redirecting(storage, issued)) as reg:
+            ref = f"{reg.host}/unlike/cancelled:v1"
+            async with RegistryClient(timeout=5, backoff=0.01) as c:
+                assert await c.read_range(ref, digest, 0, 10) == DATA[:10]
+                slow["next"] = True
+                with anyio.move_on_after(0.2):
+                    await c.read_range(ref, digest, 10, 10)
+                assert await c.read_range(ref, digest, 20, 10) == DATA[20:30]
+    assert len(issued) == 1, issued
+
+
 async def test_a_kept_location_that_is_refused_or_gone_stale_is_asked_of_the_registry() -> None:
     """The storage host refuses the signature the client kept (S3's 403 "Request has
     expired"): that read goes to the registry at once for a new location, with no retry
