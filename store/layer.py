@@ -21,9 +21,11 @@ it; the layer decides *when* to fetch what, in three parts with small interfaces
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -134,6 +136,11 @@ class Layer:
     _paging: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        # Its parts hold no reference back to the layer (their callbacks reach it through a
+        # weak one): a released layer, tree and index with it, is freed by reference counting
+        # as soon as its last holder lets go. A reference cycle left it to the collector's
+        # next full pass, which an idle store may not make for hours: two released
+        # 60,000-entry layers kept 85 MB.
         self.source = ChunkSource(
             key=self.key,
             index=self.index,
@@ -141,14 +148,12 @@ class Layer:
             cache=self.cache,
             stats=self.stats,
             chunk_size=self.chunk_size,
-            on_fetch=self._fetched,
+            on_fetch=partial(_fetched, weakref.ref(self)),
         )
         self.prefetcher = Prefetcher(self.source, self.foreground)
-        self._whole = VerifiedBlob(self.blob, self.digest, self.cache.root, self._count_blob_fetch)
-
-    def _fetched(self, nbytes: int, seconds: float) -> None:
-        if self.on_fetch is not None:
-            self.on_fetch(self, nbytes, seconds)
+        self._whole = VerifiedBlob(
+            self.blob, self.digest, self.cache.root, partial(_count_blob_fetch, self.stats)
+        )
 
     # -- status ------------------------------------------------------------------------------
 
@@ -364,10 +369,6 @@ class Layer:
         finally:
             self._whole_watched = False
 
-    def _count_blob_fetch(self, nbytes: int) -> None:
-        self.stats.fetched_bytes += nbytes
-        self.stats.fetch_requests += 1
-
     # -- background work ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -434,3 +435,16 @@ class Layer:
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
         self.prefetcher.stop()
+
+
+def _fetched(layer: weakref.ref[Layer], nbytes: int, seconds: float) -> None:
+    """A request of ``layer``'s chunk source was answered: its ``on_fetch``."""
+    me = layer()
+    if me is not None and me.on_fetch is not None:
+        me.on_fetch(me, nbytes, seconds)
+
+
+def _count_blob_fetch(stats: LayerStats, nbytes: int) -> None:
+    """A request of a layer's whole-blob download was answered: counted in its ``stats``."""
+    stats.fetched_bytes += nbytes
+    stats.fetch_requests += 1

@@ -310,8 +310,6 @@ class LayerTree:
 
     def __init__(self, index: LayerIndex) -> None:
         self.index = index
-        self.nodes = _Nodes(self)
-        self.root = Node(self, index.root)
         self._mtimes: dict[str, int] = {}
         self._paths: dict[int, str] | None = None
         self._odd_xattrs: set[int] | None = None
@@ -338,6 +336,19 @@ class LayerTree:
             # inode number (the marker's entry, not shown as a whiteout) the marker's own type.
             if _base(e.name) == OPAQUE_MARKER and _base(name) != OPAQUE_MARKER:
                 raise TreeError(f"{name!r}: a hardlink to {e.name!r} (an opaque marker)")
+
+    # Made per request, as every node: a tree holds nothing that refers back to it, so a
+    # released layer's tree and index (a 60,000-entry one: ~40 MB) are freed by reference
+    # counting when its last holder lets go. Held here, they made a reference cycle, freed
+    # at the collector's next full pass only, which an idle store may not make for hours.
+    @property
+    def nodes(self) -> Sequence[Node]:
+        """``nodes[i]``: the node of inode offset ``i``."""
+        return _Nodes(self)
+
+    @property
+    def root(self) -> Node:
+        return Node(self, self.index.root)
 
     def mtime_ns(self, modtime: str) -> int:
         """Nanoseconds since the epoch of a TOC ``modtime`` (RFC 3339; 0 when absent or bad).

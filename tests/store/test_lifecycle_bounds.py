@@ -26,7 +26,7 @@ from store.resolver import (
     ResolveTimeout,
 )
 from tests.store.conftest import FileBlob
-from tests.store.test_fs_logic import REF, VectorRegistry
+from tests.store.test_fs_logic import REF, VectorRegistry, _manager
 
 # -- credential socket ---------------------------------------------------------------------
 
@@ -156,6 +156,35 @@ async def test_a_released_layer_is_freed_at_its_release_not_after_the_ttl(vector
         await trio.testing.wait_all_tasks_blocked()
         gc.collect()
         assert not [o for o in gc.get_objects() if isinstance(o, Layer) and o.released]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_released_layer_is_freed_without_the_collector(vectors_dir, tmp_path):
+    """A released layer goes by reference counting, tree and index with it. Reference cycles
+    (the chunk source's and the blob download's callbacks to the layer, the tree's node
+    table and root node to the tree) left them to the collector's next full pass, which an
+    idle store may not make for hours: after three 60,000-entry layers were used and
+    released, the store stayed at 130 MB where it started at 45 (70 MB once fixed)."""
+    async with trio.open_nursery() as nursery:
+        reg = VectorRegistry(vectors_dir)
+        manager, digest = _manager(nursery, reg, tmp_path), reg.meta["digest"]
+        layer = await manager.get_layer(REF, digest)
+        manager.use(REF, digest)
+        node = layer.tree.lookup_path("etc/hostname")
+        assert node is not None and await layer.read_file(node, 0, 5)  # fetches, counted
+        assert await layer.read_blob(0, 2) == b"\x1f\x8b"  # the whole blob, verified
+        held = [weakref.ref(x) for x in (layer, layer.tree, layer.index, layer.source)]
+        del layer, node
+        gc.collect()
+        gc.disable()
+        try:
+            assert manager.release(REF, digest) == 0
+            await trio.testing.wait_all_tasks_blocked()
+            alive = [type(r()).__name__ for r in held if r() is not None]
+        finally:
+            gc.enable()
+        assert alive == []
         nursery.cancel_scope.cancel()
 
 
