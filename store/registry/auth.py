@@ -262,7 +262,12 @@ class TokenCache:
             )
         expires_in = max(expires_in, 1.0)
         margin = min(TOKEN_EXPIRY_MARGIN, expires_in / 2)
-        self._tokens[key] = _CachedToken(token, time.monotonic() + expires_in - margin)
+        now = time.monotonic()
+        # The other keys' expired tokens go too: one nobody asks for again (a repository
+        # pulled once) was otherwise kept for the life of the client.
+        for stale in [k for k, t in self._tokens.items() if now >= t.expires_at]:
+            del self._tokens[stale]
+        self._tokens[key] = _CachedToken(token, now + expires_in - margin)
         return token
 
 

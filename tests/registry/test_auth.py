@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -136,27 +138,55 @@ async def test_token_auth_wrong_password(
             await c.get_manifest(f"{reg.host}/private/app:v1")
 
 
-async def test_token_refetched_after_expiry(
-    token_registry: tuple[RegistryServer, TokenServer], isolated_auth_env: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def _short_lived_tokens(
+    token_registry: tuple[RegistryServer, TokenServer],
+) -> AsyncIterator[RegistryClient]:
+    """A client of alice's on the token registry, whose tokens are cached for 1 s (they
+    expire in 2, less a margin)."""
     reg, tokens = token_registry
-    ref = f"{reg.host}/private/expiring:v1"
     old = tokens.expires_in
-    tokens.expires_in = 2  # cached for 1 s (expiry minus a margin)
+    tokens.expires_in = 2
     try:
         async with RegistryClient(
             timeout=10, credentials=creds(reg.host, "alice", "wonderland")
         ) as c:
-            await c.push_image(ref, CONFIG, [(b"short-lived", LAYER)])
-            await c.get_manifest(ref)
-            fetched = c.tokens.fetches
-            await c.get_manifest(ref)
-            assert c.tokens.fetches == fetched
-            await trio.sleep(1.2)
-            await c.get_manifest(ref)
-            assert c.tokens.fetches == fetched + 1
+            yield c
     finally:
         tokens.expires_in = old
+
+
+async def test_token_refetched_after_expiry(
+    token_registry: tuple[RegistryServer, TokenServer], isolated_auth_env: Path
+) -> None:
+    ref = f"{token_registry[0].host}/private/expiring:v1"
+    async with _short_lived_tokens(token_registry) as c:
+        await c.push_image(ref, CONFIG, [(b"short-lived", LAYER)])
+        await c.get_manifest(ref)
+        fetched = c.tokens.fetches
+        await c.get_manifest(ref)
+        assert c.tokens.fetches == fetched
+        await trio.sleep(1.2)
+        await c.get_manifest(ref)
+        assert c.tokens.fetches == fetched + 1
+
+
+async def test_expired_tokens_of_repositories_not_asked_again_are_dropped(
+    token_registry: tuple[RegistryServer, TokenServer], isolated_auth_env: Path
+) -> None:
+    """A token is kept per registry, scope (repository) and user until it expires; an
+    expired one was dropped only when its own key was asked for again, so a store that
+    pulled from many repositories over its life kept one token for each, for good."""
+    host = token_registry[0].host
+    async with _short_lived_tokens(token_registry) as c:
+        for i in range(6):
+            ref = f"{host}/private/many{i}:v1"
+            await c.push_image(ref, CONFIG, [(b"one of many", LAYER)])
+            await c.get_manifest(ref)
+        assert len(c.tokens._tokens) >= 6
+        await trio.sleep(1.2)
+        await c.get_manifest(f"{host}/private/many0:v1")
+        assert len(c.tokens._tokens) == 1  # the one just fetched
 
 
 async def test_origin_credentials_not_sent_to_mirror(
