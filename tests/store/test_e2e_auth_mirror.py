@@ -34,6 +34,15 @@ def _auth_file(path, host: str, user: str, password: str):
     return path
 
 
+def _use_auth_file(tmp_path, monkeypatch, auth) -> None:  # type: ignore[no-untyped-def]
+    """``auth`` is the auth file of everyone here: podman's (REGISTRY_AUTH_FILE) and the
+    docker config the Go store reads (DOCKER_CONFIG/config.json, a link to it)."""
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+    (tmp_path / "docker").mkdir()
+    (tmp_path / "docker" / "config.json").symlink_to(auth)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+
+
 @pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")
 def test_lazy_pull_from_a_registry_that_needs_credentials(
     tmp_path,
@@ -48,10 +57,7 @@ def test_lazy_pull_from_a_registry_that_needs_credentials(
         host = registry.host
         # One auth file for all three, as a user would have it: our push, the store, podman.
         auth = _auth_file(tmp_path / "auth.json", host, "alice", "s3cret")
-        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
-        (tmp_path / "docker").mkdir()
-        (tmp_path / "docker" / "config.json").symlink_to(auth)
-        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+        _use_auth_file(tmp_path, monkeypatch, auth)
         ref, blobs = push_two_layer_estargz(host, "auth/img", layers)
         store = store_factory()
         mark = registry.log_mark()
@@ -88,10 +94,7 @@ def test_a_login_after_the_store_started_is_used_at_the_next_lookup(
         monkeypatch.setenv("REGISTRY_AUTH_FILE", str(written))
         ref, blobs = push_two_layer_estargz(host, "auth/login", layers)
         auth = tmp_path / "auth.json"
-        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
-        (tmp_path / "docker").mkdir()
-        (tmp_path / "docker" / "config.json").symlink_to(auth)
-        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+        _use_auth_file(tmp_path, monkeypatch, auth)  # not there yet: no credentials
         store = store_factory()
         layer = store.layer_dir(ref, blobs[0].digest)
         with pytest.raises(OSError):
