@@ -24,7 +24,6 @@ read ``blob``, so a layer that is only run never has one.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import tempfile
@@ -36,6 +35,7 @@ from typing import IO, Any
 import trio
 
 from store.chunks import BlobReader, LayerFetchError
+from store.registry.reference import digest_hasher
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ class VerifiedBlob:
             raise LayerFetchError(f"{self.digest}: the layer was released")
         algorithm, _, want = self.digest.partition(":")
         if self._file is None:
-            if algorithm not in hashlib.algorithms_available:
+            hasher = digest_hasher(self.digest)
+            if hasher is None:
                 self._failed = f"{self.digest}: cannot check a digest of algorithm {algorithm!r}"
                 raise BlobVerifyError(self._failed)
             try:
@@ -166,7 +167,7 @@ class VerifiedBlob:
                 raise LayerFetchError(
                     f"{self.digest}: the blob's temporary file in {self.directory}: {exc}"
                 ) from exc
-            self._hasher = hashlib.new(algorithm)
+            self._hasher = hasher
         while self._done < self.blob.size:
             lo, hi = self._done, min(self._done + WINDOW, self.blob.size)
             try:

@@ -30,7 +30,6 @@ is read on demand, as the rest of the layer is.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -42,6 +41,7 @@ import trio
 from store.chunks import ONE_WINDOW, BlobReader, ChunkRef, ChunkSource, Download, LayerFetchError
 from store.estargz.head import HeadHint, head_hint
 from store.priority import Foreground
+from store.registry.reference import digest_hasher
 
 log = logging.getLogger(__name__)
 
@@ -502,10 +502,11 @@ class AheadBlob:
         """Whether ``data`` is the blob, small enough to keep: its size, and its digest."""
         if len(data) != self.size or self.size > WHOLE_KEPT_MAX:
             return False
-        algorithm, _, want = self.digest.partition(":")
-        if algorithm not in hashlib.algorithms_available:
+        hasher = digest_hasher(self.digest)
+        if hasher is None:
             return False
-        return hashlib.new(algorithm, data).hexdigest() == want
+        hasher.update(data)
+        return hasher.hexdigest() == self.digest.partition(":")[2]
 
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         whole = self._whole

@@ -55,7 +55,7 @@ from .manifest import (
     select_platform,
     sha256_digest,
 )
-from .reference import Reference, validate_digest
+from .reference import Reference, digest_hasher, validate_digest
 
 __all__ = [
     "DOCKER_CONFIG",
@@ -96,6 +96,7 @@ __all__ = [
     "build_index",
     "build_manifest",
     "default_auth_files",
+    "digest_hasher",
     "is_local_host",
     "parse_challenge",
     "parse_manifest",

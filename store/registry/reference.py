@@ -7,8 +7,10 @@ keeps both (the digest wins when fetching). The grammar follows distribution's
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ReferenceError
 
@@ -36,6 +38,16 @@ def validate_digest(digest: str) -> str:
     if digest.startswith("sha256:") and not _SHA256.match(digest):
         raise ReferenceError(f"invalid digest {digest!r}: sha256 needs 64 lowercase hex digits")
     return digest
+
+
+def digest_hasher(digest: str) -> Any | None:
+    """A new ``hashlib`` hasher of ``digest``'s algorithm (``ALGORITHM:HEX``, as in an OCI
+    descriptor), None when this Python has no such algorithm: the digest cannot be checked.
+    Its ``hexdigest()`` is compared with the part after the colon."""
+    algorithm = digest.partition(":")[0]
+    if algorithm not in hashlib.algorithms_available:
+        return None
+    return hashlib.new(algorithm)
 
 
 @dataclass(frozen=True)
