@@ -11,7 +11,8 @@ before the origin; redirects are followed by hand so Authorization never goes to
 object store: Docker Hub, ghcr.io, Quay, ECR, GCR do so) the client reads that blob from the
 last location for ``redirect_ttl`` seconds without asking the registry again, as the Go store
 reads a blob from its resolved URL for ``[blob] valid_interval``; an answer other than the one
-asked for from there (an expired signature's 403) sends the request to the registry at once.
+asked for from there (an expired signature's 403) sends the request to the registry at once;
+a redirect from there is followed, and where it went is kept instead.
 Every request made for an endpoint over HTTPS (to the registry, its
 token server, a host it redirects to) uses that endpoint's TLS settings: the CAs and client
 certificate of its certs.d directory (:func:`hosts.read_certs_dir`), as containers/image.
@@ -734,7 +735,7 @@ class RegistryClient:
                         if kept is not None:
                             self._forget_redirect(kept_key)
                         raise
-                    if kept is None and redirects:
+                    if redirects and url != kept:  # a location the kept one moved to, too
                         self._keep_redirect(kept_key, url)
                     return resp, result
                 if kept is not None:  # an expired signature, a moved object: ask the registry

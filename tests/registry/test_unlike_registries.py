@@ -279,6 +279,39 @@ async def test_a_kept_location_that_is_refused_or_gone_stale_is_asked_of_the_reg
                 assert len(issued) == 3  # stale: the registry was asked
 
 
+async def test_a_kept_location_that_redirects_elsewhere_is_replaced_by_where_it_went() -> None:
+    """The storage host moves the object the client kept a location of (a 307 to another
+    host): that read follows it, and the next reads go straight to the new location. Before,
+    each read went to the kept location and was redirected again, two requests instead of
+    one, until the kept location went stale."""
+    with Mimic(bind="127.0.0.3") as moved, Mimic(bind="127.0.0.2") as storage:
+        digest = storage.add_blob(DATA)
+        moved.add_blob(DATA)
+        issued: list[str] = []
+        first_signature_uses = 0
+
+        def storage_policy(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+            nonlocal first_signature_uses
+            if h.path.endswith("sig=1"):
+                first_signature_uses += 1
+                if first_signature_uses > 1:  # moved after its first use
+                    send(h, 307, location=f"http://{moved.host}{path}?moved=1")
+                    return True
+            return False
+
+        storage.policy = storage_policy
+        with Mimic(_redirecting(storage, issued)) as reg:
+            ref = f"{reg.host}/unlike/moving:v1"
+            async with RegistryClient(timeout=5, backoff=0.01) as c:
+                for offset in (0, 10, 20, 30):
+                    assert await c.read_range(ref, digest, offset, 10) == DATA[offset:][:10]
+    assert len(issued) == 1, issued
+    assert first_signature_uses == 2  # the second read was redirected; the others were not
+    assert [s["path"] for s in moved.seen if "/blobs/" in s["path"]] == [
+        f"/v2/unlike/moving/blobs/{digest}?moved=1"
+    ] * 3
+
+
 async def test_a_manifest_of_a_repository_named_blobs_is_not_read_from_a_kept_location() -> None:
     """Only a blob GET's location is kept: a repository may be named ``…/blobs`` (its
     manifest's path has ``/blobs/`` in it too), and a tag its registry redirected to one
