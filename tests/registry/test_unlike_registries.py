@@ -191,6 +191,24 @@ def _redirecting(storage: Mimic, issued: list[str]):  # type: ignore[no-untyped-
     return registry
 
 
+def _after_first_use(storage: Mimic, answer) -> list[int]:  # type: ignore[no-untyped-def]
+    """Make ``storage`` answer with ``answer(h, path)`` every use of the first signature
+    (``sig=1``) after its first; the returned list holds the count of its uses."""
+    uses = [0]
+
+    def storage_policy(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+        if not h.path.endswith("sig=1"):
+            return False
+        uses[0] += 1
+        if uses[0] == 1:
+            return False
+        answer(h, path)
+        return True
+
+    storage.policy = storage_policy
+    return uses
+
+
 @pytest.mark.parametrize("ttl", [60.0, 0.0])
 async def test_reads_of_a_redirected_blob_go_straight_to_where_it_was_redirected(
     ttl: float,
@@ -253,19 +271,9 @@ async def test_a_kept_location_that_is_refused_or_gone_stale_is_asked_of_the_reg
     with Mimic(bind="127.0.0.2") as storage:
         digest = storage.add_blob(DATA)
         issued: list[str] = []
-
-        first_signature_uses = 0
-
-        def storage_policy(h, path: str) -> bool:  # type: ignore[no-untyped-def]
-            nonlocal first_signature_uses
-            if h.path.endswith("sig=1"):
-                first_signature_uses += 1
-                if first_signature_uses > 1:  # it expired after its first use
-                    send(h, 403, EXPIRED, content_type="application/xml")
-                    return True
-            return False
-
-        storage.policy = storage_policy
+        _after_first_use(
+            storage, lambda h, path: send(h, 403, EXPIRED, content_type="application/xml")
+        )  # the first signature expired after its first use
         with Mimic(_redirecting(storage, issued)) as reg:
             ref = f"{reg.host}/unlike/expiring:v1"
             async with RegistryClient(timeout=5, backoff=0.01, redirect_ttl=0.5) as c:
@@ -288,25 +296,16 @@ async def test_a_kept_location_that_redirects_elsewhere_is_replaced_by_where_it_
         digest = storage.add_blob(DATA)
         moved.add_blob(DATA)
         issued: list[str] = []
-        first_signature_uses = 0
-
-        def storage_policy(h, path: str) -> bool:  # type: ignore[no-untyped-def]
-            nonlocal first_signature_uses
-            if h.path.endswith("sig=1"):
-                first_signature_uses += 1
-                if first_signature_uses > 1:  # moved after its first use
-                    send(h, 307, location=f"http://{moved.host}{path}?moved=1")
-                    return True
-            return False
-
-        storage.policy = storage_policy
+        first_signature_uses = _after_first_use(
+            storage, lambda h, path: send(h, 307, location=f"http://{moved.host}{path}?moved=1")
+        )  # the object moved after the first signature's first use
         with Mimic(_redirecting(storage, issued)) as reg:
             ref = f"{reg.host}/unlike/moving:v1"
             async with RegistryClient(timeout=5, backoff=0.01) as c:
                 for offset in (0, 10, 20, 30):
                     assert await c.read_range(ref, digest, offset, 10) == DATA[offset:][:10]
     assert len(issued) == 1, issued
-    assert first_signature_uses == 2  # the second read was redirected; the others were not
+    assert first_signature_uses == [2]  # the second read was redirected; the others were not
     assert [s["path"] for s in moved.seen if "/blobs/" in s["path"]] == [
         f"/v2/unlike/moving/blobs/{digest}?moved=1"
     ] * 3
