@@ -320,17 +320,24 @@ class RangeTransport(httpx.AsyncBaseTransport):
         before the manifest fetched beside it has arrived, so the layer loads that follow
         the manifest skip their handshakes. A request would keep the connection busy one
         round trip longer, and the first ranged reads would open new ones meanwhile.
-        Connections already open count; failures are not errors (the real requests report
-        them). urllib3 has no public call to open a pool's connection ahead of a request,
-        so this takes and returns them through the pool's ``_get_conn``/``_put_conn``.
+        Connections already open count, those out of the pool too (a request's, or another
+        warm's: images resolved at once warm their host at once), and none is opened past
+        the pool's size: urllib3 would close it when it came back ("Connection pool is
+        full" warnings, one per connection). Failures are not errors (the real requests
+        report them). urllib3 has no public call to open a pool's connection ahead of a
+        request, so this takes and returns them through the pool's ``_get_conn``/``_put_conn``.
         """
         pool = self._pool_for(url, ssl_context)
         limiter = self._limiter(httpx.URL(url))
+        # The pool's queue holds its idle connections and a placeholder per one never made:
+        # what is not in it is out.
+        free = pool.pool.qsize()
+        out = pool.pool.maxsize - free
         # Take them all first (never blocks: the pool does not), so that one connected here
         # and put back is not taken again as another. Each goes back to the pool once, by
         # whoever claims it first: its worker thread (after connecting, even when the task
         # was cancelled and abandoned it) or the cleanup below (a thread that never ran).
-        conns = [pool._get_conn() for _ in range(connections)]
+        conns = [pool._get_conn() for _ in range(max(0, min(connections - out, free)))]
         claimed = [False] * len(conns)
         lock = threading.Lock()
 
@@ -369,7 +376,7 @@ class RangeTransport(httpx.AsyncBaseTransport):
             for i, conn in enumerate(conns):
                 if claim(i):
                     pool._put_conn(conn)
-        return opened
+        return min(connections, out + opened)
 
     def retire(self, ssl_context: ssl.SSLContext) -> None:
         """Close the pools made with ``ssl_context`` (a host's certs.d changed): their idle

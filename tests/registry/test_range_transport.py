@@ -216,6 +216,39 @@ async def test_warm_opens_connections_that_requests_then_reuse() -> None:
     )
 
 
+async def test_warms_at_once_open_no_more_than_the_pool_keeps(caplog) -> None:
+    """Two images resolved at once warm their host at once: the connections out of the pool
+    (another warm's, or requests') count as open, so no more are opened than asked for in
+    all, none past the pool's size, and none is discarded ("Connection pool is full"
+    warnings, one per connection: 64 of them for four pulls at once)."""
+    import anyio
+
+    def script(conn: socket.socket, n: int) -> None:
+        while srv.read_request(conn):
+            pass
+
+    transport = RangeTransport(httpx.AsyncHTTPTransport(), max_connections=4)
+    with CannedServer(script) as srv:
+        url = f"http://127.0.0.1:{srv.port}"
+        opened: list[int] = []
+
+        async def warm() -> None:
+            opened.append(await transport.warm(url, 3, 2.0))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(warm)
+        for _ in range(50):  # the server thread counts accepted connections
+            if srv.connections >= 3:
+                break
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert srv.connections == 3
+        assert sorted(opened) == [3, 3, 3]
+        await transport.aclose()
+    assert [r.getMessage() for r in caplog.records if "pool is full" in r.getMessage()] == []
+
+
 async def test_body_limit_reads_no_more_than_asked_plus_one(client_factory) -> None:
     """With the BODY_LIMIT extension a 206 whose Content-Length is over the limit is not read
     with the head, and an endless body yields limit + 1 bytes, then nothing more is read."""
