@@ -117,3 +117,18 @@ def pull_at_once(
             stacklevel=2,
         )
     return errors, deadlocked
+
+
+def pull_all(
+    env, refs: Sequence[str], *, timeout: float = 180.0
+) -> tuple[list[BaseException], bool]:
+    """:func:`pull_at_once`, and when containers/storage's lock inversion deadlocked the
+    pulls, every ref again one at a time (each raising :class:`harness.podman.PodmanError`
+    if it fails). Returns the concurrent pulls' errors (none after the one-at-a-time pulls)
+    and whether they deadlocked (the killed pulls' references to layers stay counted)."""
+    errors, deadlocked = pull_at_once(env, refs, timeout=timeout)
+    if deadlocked:
+        for ref in refs:
+            env.pull(ref, timeout=timeout)
+        errors = []
+    return errors, deadlocked

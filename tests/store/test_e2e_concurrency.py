@@ -1,18 +1,21 @@
 """The mounted store under concurrency: parallel readers, parallel images, inode numbers.
 
-Every range request the store sends goes through a recording proxy in front of the real
-registry, so "one fetch per chunk" is checked on the wire: each chunk of the big file is
-inside exactly one request, however many readers and images wanted it at once.
+Where fetches are counted, every range request the store sends goes through a recording
+proxy in front of the real registry, so "one fetch per chunk" is checked on the wire: each
+chunk of the big file is inside exactly one request, however many readers and images wanted
+it at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,7 +23,9 @@ import pytest
 from harness.podman import PodmanEnv
 from store.estargz import BytesBlobSource, EstargzReader
 from tests.registry.regtest_proxies import HttpFaultProxy
-from tests.store.images import Blob, add_file, make_tar, push, to_estargz
+from tests.store.concurrent_pulls import pull_all
+from tests.store.conftest import lost_lazy_layers
+from tests.store.images import Blob, add_file, full_blob_gets, make_tar, push, to_estargz
 
 pytestmark = [pytest.mark.e2e]
 CONFIG = "noprefetch = true\nno_background_fetch = true\n"
@@ -188,3 +193,56 @@ def test_eight_images_sharing_layers_pulled_and_run_in_parallel(
         assert len(store.status()["layers"]) == 8 + 2  # a shared layer is one layer
     # Eight containers read the shared big file at once: each chunk came over the wire once.
     assert _fetches_per_chunk(recorded, lower, "big") == [1] * 5
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")
+@pytest.mark.store_ours_only(
+    reason="checks the layers and releases in our store's status file (the Go store has none)"
+)
+def test_six_images_sharing_layers_pulled_at_once_into_one_storage(
+    registry, store_factory, layers, tmp_path, podman_env, runtime_node
+):
+    """Six ``podman pull`` processes of one storage pull six images sharing their base
+    layers at once, then six containers run at once: every layer lazily served (no layer
+    blob fetched whole), every file's bytes right, each shared layer one layer of the
+    store, and every layer released once the images are removed."""
+    if lost_lazy_layers(runtime_node):
+        pytest.skip("containers/storage >= 1.58 forgets lazily pulled images (conftest)")
+    host = registry.host
+    lower, upper = to_estargz(layers["lower"]), to_estargz(layers["upper"])
+    refs, blobs = [], {lower.digest: lower, upper.digest: upper}
+    for i in range(6):
+        own = to_estargz(make_tar(lambda t, i=i: add_file(t, "etc/id", b"image %d\n" % i)))
+        blobs[own.digest] = own
+        push(host, f"share6/img{i}", "1", [lower, upper, own] if i % 2 else [lower, own])
+        refs.append(f"{host}/share6/img{i}:1")
+    store = store_factory()
+    mark = registry.log_mark()
+    want_big = hashlib.sha256(layers["big"]).hexdigest()
+    with podman_env(
+        tmp_path / "env", additional_layer_store=store.mnt, insecure_registries=[host]
+    ) as env:
+        errors, deadlocked = pull_all(env, refs)  # one at a time if podman 4.3 deadlocked
+        if errors:
+            pytest.fail(f"concurrent pulls failed: {errors}\n{store.hang_report()}")
+
+        def run(i: int) -> list[str]:
+            script = "sha256sum /big | cut -c1-64; cat /etc/id /etc/hello"
+            return env.run(refs[i], "/bin/sh", "-c", script, timeout=180).stdout.splitlines()
+
+        outs = _in_threads(6, run, timeout=300)
+        for i, out in enumerate(outs):
+            hello = "hello from upper" if i % 2 else "hello from lower"
+            assert out == [want_big, f"image {i}", hello], (i, out)
+        assert full_blob_gets(registry, mark, blobs.values()) == []
+        # Nothing went wrong on the way, the store says.
+        logged = [json.loads(line) for line in store.log.read_text().splitlines()]
+        assert [e["msg"] for e in logged if e["level"] in ("warning", "error")] == []
+        assert sorted(s["digest"] for s in store.status()["layers"].values()) == sorted(blobs)
+        env.podman("rmi", *refs, timeout=120)
+        if not deadlocked:  # a killed pull keeps the references it counted, for good
+            deadline = time.monotonic() + 10
+            while store.status()["layers"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert store.status()["layers"] == {}
+            assert sorted(store.status()["released"]) == sorted(blobs)
