@@ -35,6 +35,11 @@ from pathlib import Path
 from store import version
 from store.config import DEFAULT_ROOT, ConfigError, StoreConfig, load_config
 from store.registry.hosts import DEFAULT_REQUEST_TIMEOUT
+from store.registry.registriesconf import (
+    RegistriesConfError,
+    RegistriesConfFiles,
+    config_locations,
+)
 
 log = logging.getLogger("store")
 
@@ -264,7 +269,32 @@ def prepare_root(root: Path) -> None:
         raise StoreError(f"root {root} is not writable: {exc.strerror}") from None
 
 
-async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | None = None) -> None:
+def open_registries_conf(setting: str | None) -> RegistriesConfFiles | None:
+    """The registries.conf files for ``registries_conf`` (None: where podman reads them),
+    read once: a file named in the config that cannot be read or used is a
+    :class:`StoreError`; one of the default places is logged and left out (the store reads
+    it once it changes and reads)."""
+    locations = config_locations(setting, os.environ, Path(os.path.expanduser("~")))
+    if locations is None:
+        return None
+    files = RegistriesConfFiles(locations)
+    try:
+        files.load()
+    except RegistriesConfError as exc:
+        if locations.required:
+            raise StoreError(f"registries_conf: {exc}") from None
+        log.warning("%s: left out, the store goes on without registries.conf", exc)
+    return files
+
+
+async def serve(
+    cfg: StoreConfig,
+    root: Path,
+    mountpoint: Path,
+    addr: Path | None = None,
+    registries_conf: RegistriesConfFiles | None = None,
+) -> None:
+    import dataclasses
     import gc
 
     import pyfuse3
@@ -311,7 +341,9 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
             cfg.auth_file,
         )
     client = RegistryClient(
-        resolver=parse_resolver_config(cfg.resolver),
+        resolver=dataclasses.replace(
+            parse_resolver_config(cfg.resolver), registries_conf=registries_conf
+        ),
         credentials=credentials,
         timeout=request_timeout(cfg),
         retries=cfg.max_retries,
@@ -351,6 +383,10 @@ async def serve(cfg: StoreConfig, root: Path, mountpoint: Path, addr: Path | Non
             raise StoreError(mount_failure(mountpoint, exc)) from None
         fs.page_cache = pyfuse3.notify_store  # unused while an access trace is on (StoreFS)
         log.info("mounted on %s (cache %s)", mountpoint, root / CACHE_DIR)
+        if registries_conf is None:
+            log.info('registries.conf: none read (registries_conf = "")')
+        else:
+            log.info("registries.conf: %s", registries_conf.describe())
         if cfg.serve_all_users:
             log.info("every user may read the mount (serve_all_users)")
         else:
@@ -535,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(python_log_level(args.log_level))
     try:
         cfg = load_config(args.config)
+        registries_conf = open_registries_conf(cfg.registries_conf)
         args.mountpoint = prepare(args.root, args.mountpoint, args.addr)
         lock = lock_mountpoint(args.mountpoint)
     except (ConfigError, StoreError) as exc:
@@ -548,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     _one_malloc_arena()
     started = time.monotonic()
     try:
-        trio.run(serve, cfg, args.root, args.mountpoint, args.addr)
+        trio.run(serve, cfg, args.root, args.mountpoint, args.addr, registries_conf)
     except KeyboardInterrupt:
         pass
     except (StoreError, BaseExceptionGroup) as exc:

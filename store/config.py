@@ -70,6 +70,18 @@ Our additions (top level):
                          layer and its ``blob``, whatever their modes, as every user can
                          through the Go store. Turn it on for a store shared on purpose:
                          a root store named in rootless users' ``storage.conf``
+``registries_conf``      the containers-registries.conf(5) file to take podman's registry
+                         settings from (mirrors, ``location`` rewrites, ``insecure``,
+                         ``blocked``: :mod:`store.registry.registriesconf`), instead of the
+                         places podman reads (``$CONTAINERS_REGISTRIES_CONF``, else
+                         ``~/.config/containers/registries.conf`` when it exists, else
+                         ``/etc/containers/registries.conf``, each with the
+                         ``registries.conf.d`` drop-ins); ``""`` reads none. Unset (default):
+                         those places. Its mirrors come after the ``[resolver]`` mirrors. A
+                         file named here must exist and read, or the store does not start; one
+                         of the default places that does not read is logged and left out. A
+                         change while the store runs counts within a second (a change that
+                         does not read keeps the reading before, with a warning)
 ``zstd_measure_diff_size`` give podman < 5.1 a zstd:chunked layer's exact tar size in
                          ``info`` (default false). No annotation carries it; measuring reads
                          each header frame's size, one 18-byte range per file (~0.3 KB and
@@ -179,6 +191,7 @@ class StoreConfig:
     prefetch_libraries: bool = True
     prefetch_entrypoint: bool = True
     serve_all_users: bool = False
+    registries_conf: str | None = None  # None: where podman looks; "": none
 
     @property
     def opaque_type(self) -> str:
@@ -250,6 +263,7 @@ _KNOWN: dict[str, tuple[str, tuple[type, ...]]] = {
     "prefetch_libraries": ("prefetch_libraries", (bool,)),
     "prefetch_entrypoint": ("prefetch_entrypoint", (bool,)),
     "serve_all_users": ("serve_all_users", (bool,)),
+    "registries_conf": ("registries_conf", (str,)),
 }
 
 # Keys whose value must be one of a few words (``metadata_store``: upstream

@@ -17,8 +17,10 @@ from store.chunks import BlobReader
 from store.registry.client import MAX_CONFIG_BYTES, RegistryClient
 from store.registry.errors import RegistryError
 from store.registry.reference import Reference
+from store.registry.registriesconf import RegistriesBlocked
 from store.resolver import (
     LayerDesc,
+    NotEstargzError,
     RegistryAccess,
     ResolveError,
     decode_json,
@@ -162,6 +164,8 @@ class RemoteRegistry(RegistryAccess):
             except Exception as exc:
                 error = exc
             nursery.cancel_scope.cancel()  # warming still under way is of no use now
+        if isinstance(error, RegistriesBlocked):  # podman refuses to pull it as well
+            raise NotEstargzError(f"{ref}: {error}") from None
         if isinstance(error, RegistryError):
             raise ResolveError(f"{ref}: {error}") from error
         if error is not None:

@@ -21,6 +21,7 @@ certificate of its certs.d directory (:func:`hosts.read_certs_dir`), as containe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import email.utils
 import functools
@@ -199,6 +200,11 @@ class _TlsContexts:
         else:
             self.default = HostTls("", ()).context(self._cafile, verify is not False)
 
+    @functools.cached_property
+    def unverified(self) -> ssl.SSLContext:
+        """For an endpoint registries.conf calls ``insecure``: no certificate checked."""
+        return HostTls("", ()).context(verify=False)
+
     @property
     def _cafile(self) -> str | None:
         return self._verify if isinstance(self._verify, str) else None
@@ -348,7 +354,7 @@ class RegistryClient:
             default_timeout=timeout or DEFAULT_REQUEST_TIMEOUT
         )
         if timeout is not None and resolver is not None:
-            self.resolver = ResolverConfig(resolver.hosts, resolver.insecure_hosts, timeout)
+            self.resolver = dataclasses.replace(resolver, default_timeout=timeout)
         if isinstance(credentials, CredentialStore):
             self.credentials = credentials
         else:
@@ -436,6 +442,8 @@ class RegistryClient:
         """The request extension carrying ``ep``'s SSL context for an ``https://`` ``url``
         (the registry, its token server, where it redirects), none for ``http://``."""
         if str(url).startswith("https:") and self._tls is not None:
+            if not ep.verify:
+                return {SSL_CONTEXT: self._tls.unverified}
             return {SSL_CONTEXT: self._tls.for_host(ep.certs_host)}
         return {}
 
@@ -449,10 +457,13 @@ class RegistryClient:
         return self._http
 
     # ---- endpoints -----------------------------------------------------------------------
-    def endpoints(self, registry: str) -> list[Endpoint]:
-        """Mirrors then origin; endpoints that recently refused connections or stalled go
-        last (for :data:`DOWN_FOR` or :data:`STALLED_FOR` seconds)."""
-        eps = self.resolver.endpoints(registry)
+    def endpoints(
+        self, registry: str, repository: str = "", *, digested: bool = False
+    ) -> list[Endpoint]:
+        """Mirrors then origin (:meth:`ResolverConfig.endpoints`); endpoints that recently
+        refused connections or stalled go last (for :data:`DOWN_FOR` or :data:`STALLED_FOR`
+        seconds)."""
+        eps = self.resolver.endpoints(registry, repository, digested=digested)
         now = time.monotonic()
         up = [e for e in eps if self._down_until.get(e.host, 0) <= now]
         down = [e for e in eps if self._down_until.get(e.host, 0) > now]
@@ -468,9 +479,10 @@ class RegistryClient:
         that failed to connect goes last for :data:`DOWN_FOR` seconds, one that timed out for
         :data:`STALLED_FOR`.
         """
-        eps = self.endpoints(ref.registry)
         if origin_only:
-            eps = [e for e in eps if not e.is_mirror]
+            eps = [e for e in self.endpoints(ref.registry) if not e.is_mirror]
+        else:
+            eps = self.endpoints(ref.registry, ref.repository, digested=ref.digest is not None)
         last: RegistryError | None = None
         for ep in eps:
             try:
@@ -490,13 +502,14 @@ class RegistryClient:
         """The origin's credentials go to the origin only; a mirror gets its own, if any
         (credential helpers run off the event loop)."""
         if ep.is_mirror:
-            return await self.credentials.alookup(ep.host, repo, origin=False)
+            return await self.credentials.alookup(ep.certs_host, repo, origin=False)
         return await self.credentials.alookup(registry, repo)
 
     async def _auth_header(
         self, ep: Endpoint, ref_registry: str, scopes: tuple[str, ...], repo: str
     ) -> str | None:
-        challenge = self._challenges.get(ep.host)
+        # By scheme too: a challenge met over TLS never sends credentials over plain HTTP.
+        challenge = self._challenges.get(ep.base_url)
         if challenge is None:
             return None
         creds = await self._creds_for(ep, ref_registry, repo)
@@ -716,7 +729,7 @@ class RegistryClient:
                             # (its challenge then adds error="invalid_token") while the
                             # expiry it came with says otherwise: that one is fetched afresh.
                             self.tokens.forget(auth.removeprefix("Bearer "))
-                        self._challenges[ep.host] = challenge
+                        self._challenges[ep.base_url] = challenge
                         authed_once = True
                         self.stats.auth_round_trips += 1
                         continue
@@ -833,13 +846,15 @@ class RegistryClient:
     async def _blob_call(
         self, ep: Endpoint, ref: Reference, digest: str, method: str, **kw: Any
     ) -> tuple[httpx.Response, Any]:
-        """A request on `/v2/<repo>/blobs/<digest>` of the origin or a mirror."""
+        """A request on `/v2/<repo>/blobs/<digest>` of the origin or a mirror (the repository
+        there, as registries.conf may rewrite it)."""
+        repo = ep.repository or ref.repository
         return await self._call(
             ep,
             method,
-            f"/v2/{ref.repository}/blobs/{digest}",
+            f"/v2/{repo}/blobs/{digest}",
             registry=ref.registry,
-            repo=ref.repository,
+            repo=repo,
             digest=digest,
             **kw,
         )
@@ -858,7 +873,10 @@ class RegistryClient:
         them (:meth:`RangeTransport.warm`), on the first endpoint; how many are open. A
         no-op (0) without the fast range path."""
         ref = _ref(ref)
-        eps = self.endpoints(ref.registry)
+        try:
+            eps = self.endpoints(ref.registry, ref.repository, digested=ref.digest is not None)
+        except RegistryError:  # registries.conf blocks it, or names nothing: fetches report it
+            return 0
         if self._fast is None or not eps or connections <= 0:
             return 0
         ep = eps[0]
@@ -873,12 +891,13 @@ class RegistryClient:
         self, ref: Reference, reference: str, *, origin_only: bool = False
     ) -> ManifestResult:
         async def op(ep: Endpoint) -> ManifestResult:
+            repo = ep.repository or ref.repository  # as registries.conf may rewrite it
             resp, raw = await self._call(
                 ep,
                 "GET",
-                f"/v2/{ref.repository}/manifests/{reference}",
+                f"/v2/{repo}/manifests/{reference}",
                 registry=ref.registry,
-                repo=ref.repository,
+                repo=repo,
                 headers={"Accept": ACCEPT},
                 reader=_limited_reader(MAX_MANIFEST_BYTES),
                 digest=reference if ":" in reference else None,

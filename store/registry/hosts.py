@@ -11,6 +11,10 @@ The configuration keys are the Go `stargz-store`'s, so one TOML file serves both
 `parse_resolver_config` is a pure function over the decoded TOML table (the store's config
 module owns file reading).
 
+Podman's own configuration, containers-registries.conf(5) (:mod:`.registriesconf`), adds to
+that for a pull: after the store's mirrors, the mirrors registries.conf lists for the
+image, then its (possibly rewritten) location; ``insecure`` from either source.
+
 How each HTTPS host is verified, and which client certificate it is shown, is podman's
 per-host TLS directory (containers-certs.d(5), containers/image's ``dockerCertDir`` and
 ``tlsclientconfig.SetupCertificates``): the first of ``~/.config/containers/certs.d/HOST[:PORT]``,
@@ -26,12 +30,13 @@ import ipaddress
 import logging
 import os
 import ssl
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .registriesconf import PullSource, RegistriesConf
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,10 @@ class Endpoint:
     is_mirror: bool = False
     # The registry as the user names it, when not ``host`` (Docker Hub's origin: docker.io).
     registry: str = ""
+    # The image's repository here, when registries.conf rewrote it ("": the reference's).
+    repository: str = ""
+    # False: TLS without checking the certificate (registries.conf ``insecure``).
+    verify: bool = True
 
     @property
     def base_url(self) -> str:
@@ -98,11 +107,23 @@ class ResolverConfig:
     # Registries reached over plain HTTP although not loopback (e.g. a namespace address).
     insecure_hosts: frozenset[str] = frozenset()
     default_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    # registries.conf as it is now (registriesconf.RegistriesConfFiles); None: not read.
+    registries_conf: Callable[[], RegistriesConf] | None = None
 
-    def endpoints(self, registry: str) -> list[Endpoint]:
-        """Mirrors in configured order, then the origin (skipped if already listed)."""
+    def endpoints(
+        self, registry: str, repository: str = "", *, digested: bool = False
+    ) -> list[Endpoint]:
+        """The store's mirrors in configured order, then, for a pull of ``repository`` (by
+        digest: ``digested``), the places registries.conf lists for it (its mirrors, then
+        the registry's location, rewritten); without a repository (a push) the origin.
+        An endpoint already listed is skipped.
+
+        An ``insecure`` registries.conf endpoint is reached over plain HTTP, then over TLS
+        without verification (containers/image allows both; plain HTTP first: what such a
+        registry mostly speaks). Raises :class:`~.registriesconf.RegistriesBlocked` for a
+        pull registries.conf blocks, ConfigError for a rewrite that names no image."""
         out: list[Endpoint] = []
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
         origin_insecure = registry in self.insecure_hosts
         for m in self.hosts.get(registry, HostConfig()).mirrors:
             host, scheme = _split_scheme(m.host)
@@ -114,18 +135,31 @@ class ResolverConfig:
             timeout = m.request_timeout_sec if m.request_timeout_sec > 0 else self.default_timeout
             headers = tuple((k, v) for k, vs in m.header.items() for v in vs)
             out.append(Endpoint(host, scheme, timeout, headers, is_mirror=host != registry))
-            seen.add(host)
-        if registry not in seen:
-            host = DOCKER_HUB_ENDPOINT if registry == "docker.io" else registry
-            scheme = "http" if (origin_insecure or is_local_host(host)) else "https"
-            out.append(
-                Endpoint(
-                    host,
-                    scheme,
-                    self.default_timeout,
-                    registry=registry if host != registry else "",
-                )
+            seen.add((host, ""))
+        conf = self.registries_conf() if self.registries_conf is not None else None
+        if conf is not None and repository:
+            sources = conf.pull_sources(registry, repository, digested)
+        else:
+            insecure = conf is not None and conf.insecure(registry)
+            sources = [PullSource(registry, repository, insecure, False)]
+        for src in sources:
+            repo = "" if src.repository == repository else src.repository
+            if (src.registry, repo) in seen:
+                continue
+            seen.add((src.registry, repo))
+            host = DOCKER_HUB_ENDPOINT if src.registry == "docker.io" else src.registry
+            plain = origin_insecure and src.registry == registry
+            ep = Endpoint(
+                host,
+                "http" if (plain or src.insecure or is_local_host(host)) else "https",
+                self.default_timeout,
+                is_mirror=src.mirror or src.registry != registry,
+                registry=src.registry if host != src.registry else "",
+                repository=repo,
             )
+            out.append(ep)
+            if src.insecure and not plain:
+                out.append(replace(ep, scheme="https", verify=False))
         return out
 
 
