@@ -378,7 +378,10 @@ class RegistryClient:
         self._http: httpx.AsyncClient | None = None
         self._fast: RangeTransport | None = None
         self._challenges: dict[str, Challenge | None] = {}
-        self._down_until: dict[str, float] = {}
+        self._down_until: dict[str, float] = {}  # by base URL: a host's two schemes apart
+        # HOST[:PORT] -> the scheme it answered on after the other failed (a registries.conf
+        # ``insecure`` registry is listed over both): that one is tried first from then on.
+        self._answers_on: dict[str, str] = {}
         self._no_multirange: set[str] = set()
         # (registry URL of a blob GET) -> (where it was redirected last, time.monotonic()
         # until which that location is used without asking the registry); 0 s: never.
@@ -464,15 +467,26 @@ class RegistryClient:
         refused connections or stalled go last (for :data:`DOWN_FOR` or :data:`STALLED_FOR`
         seconds)."""
         eps = self.resolver.endpoints(registry, repository, digested=digested)
+        for i, ep in enumerate(eps):  # a host's scheme that answered goes before its other one
+            scheme = self._answers_on.get(ep.host)
+            if scheme is None or ep.scheme == scheme:
+                continue
+            for j in range(i + 1, len(eps)):
+                if eps[j].host == ep.host and eps[j].scheme == scheme:
+                    eps[i], eps[j] = eps[j], eps[i]
+                    break
         now = time.monotonic()
-        up = [e for e in eps if self._down_until.get(e.host, 0) <= now]
-        down = [e for e in eps if self._down_until.get(e.host, 0) > now]
+        up = [e for e in eps if self._down_until.get(e.base_url, 0) <= now]
+        down = [e for e in eps if self._down_until.get(e.base_url, 0) > now]
         return up + down
 
     async def _on_endpoints(
         self, ref: Reference, op: Callable[[Endpoint], Awaitable[T]], *, origin_only: bool = False
     ) -> T:
         """Run `op` on each endpoint in turn until one succeeds. Pushes go to the origin only.
+        A host that answers on one scheme after failing on the other (registries.conf's
+        ``insecure``: plain HTTP, then TLS unverified) is asked on that scheme first from then
+        on, so each later request does not pay the failed one again.
 
         A mirror's failure of any registry kind (down, stalled, missing, refused) falls through
         to the next; the last endpoint's error is the one raised. With several endpoints, one
@@ -484,16 +498,22 @@ class RegistryClient:
         else:
             eps = self.endpoints(ref.registry, ref.repository, digested=ref.digest is not None)
         last: RegistryError | None = None
+        failed: set[tuple[str, str]] = set()
         for ep in eps:
             try:
-                return await op(ep)
+                result = await op(ep)
             except RegistryError as e:
                 last = e
+                failed.add((ep.host, ep.scheme))
                 if isinstance(e, RegistryUnavailable) and len(eps) > 1:
                     down = STALLED_FOR if isinstance(e, RegistryTimeout) else DOWN_FOR
-                    self._down_until[ep.host] = time.monotonic() + down
+                    self._down_until[ep.base_url] = time.monotonic() + down
                 if isinstance(e, DigestMismatch | RangeError) and not ep.is_mirror:
                     raise
+            else:
+                if any(h == ep.host and sch != ep.scheme for h, sch in failed):
+                    self._answers_on[ep.host] = ep.scheme
+                return result
         assert last is not None
         raise last
 

@@ -102,7 +102,7 @@ async def test_a_stalled_mirror_is_asked_once_then_goes_last(seeded) -> None:
             assert time.monotonic() - start < 0.5
             assert [e.host for e in c.endpoints(reg.host)] == [reg.host, silent.host]
             # Last for STALLED_FOR, not the DOWN_FOR of a refused connection.
-            assert c._down_until[silent.host] - time.monotonic() > DOWN_FOR
+            assert c._down_until[f"http://{silent.host}"] - time.monotonic() > DOWN_FOR
 
 
 async def test_mirror_serves_when_up(seeded, fresh_registry) -> None:
