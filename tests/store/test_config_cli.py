@@ -277,6 +277,22 @@ def test_shipped_example_config_loads() -> None:
     assert load_config(path).serve_all_users is False
 
 
+def test_every_key_is_named_in_the_readme_and_the_config_docstring() -> None:
+    """README's store section lists the keys a config may hold (an unknown one is an error),
+    and store.config's docstring documents each: a key added without them is unfindable."""
+    import store.config
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## The store: `stargz-store`", 1)[1].split("\n**", 1)[0]
+    for key in store.config._KNOWN:
+        section_name, _, name = key.rpartition(".")
+        if section_name:
+            assert f"[{section_name}]" in section, key
+        else:
+            assert f"`{name}`" in section, key
+        assert name in (store.config.__doc__ or ""), key
+
+
 def test_request_timeout_is_a_share_of_the_fetch_bound():
     assert request_timeout(StoreConfig()) == 30  # 300 s over 6 attempts, capped at 30
     assert request_timeout(StoreConfig(fetching_timeout_sec=15, max_retries=8)) == 15 / 9
