@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "on it. Shards of different scenarios are refused; shards run on different machines "
         "are marked in environment.json and the report.",
     )
-    merge.add_argument("out", type=Path, help="the merged run directory (new)")
+    merge.add_argument("out", type=Path, metavar="OUT", help="the merged run directory (new)")
     merge.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     merge.set_defaults(func=cmd_merge)
 
@@ -89,8 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "compare",
         help="per workload × mode deltas between two runs; --gate fails on regressions",
     )
-    compare.add_argument("base", type=Path, help="the reference run directory")
-    compare.add_argument("new", type=Path, help="the run to judge")
+    compare.add_argument("base", type=Path, metavar="BASE", help="the reference run directory")
+    compare.add_argument("new", type=Path, metavar="NEW", help="the run to judge")
     compare.add_argument(
         "--gate",
         nargs="?",

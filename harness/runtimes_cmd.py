@@ -33,7 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=f"default: {CACHE_DIR_DEFAULT}",
     )
-    build.add_argument("--mirror", default=None, help="Debian archive (default: as apt's sources)")
+    build.add_argument(
+        "--mirror",
+        default=None,
+        help="Debian archive (default: $LAZYBENCH_DEBIAN_MIRROR, else as apt's sources)",
+    )
     build.set_defaults(func=cmd_build)
     ls = rsub.add_parser(
         "ls", aliases=["list"], help="list cached nodes with their podman versions and sizes"
