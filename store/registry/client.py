@@ -194,7 +194,8 @@ class _TlsContexts:
         self._verify = verify
         self._roots = roots
         self._retire = retire
-        self._by_host: dict[str, tuple[float, HostTls, ssl.SSLContext]] = {}
+        # (host, verify) -> (until when, its certs.d reading, its context)
+        self._by_host: dict[tuple[str, bool], tuple[float, HostTls, ssl.SSLContext]] = {}
         if isinstance(verify, ssl.SSLContext):
             self.default = verify
         else:
@@ -202,30 +203,35 @@ class _TlsContexts:
 
     @functools.cached_property
     def unverified(self) -> ssl.SSLContext:
-        """For an endpoint registries.conf calls ``insecure``: no certificate checked."""
+        """For an endpoint registries.conf calls ``insecure`` without a certs.d directory of
+        its own: no certificate checked, none shown."""
         return HostTls("", ()).context(verify=False)
 
     @property
     def _cafile(self) -> str | None:
         return self._verify if isinstance(self._verify, str) else None
 
-    def for_host(self, host: str) -> ssl.SSLContext:
-        """Raises ConfigError for a certs.d directory that cannot be used."""
+    def for_host(self, host: str, verify: bool = True) -> ssl.SSLContext:
+        """``host``'s context; ``verify=False`` (registries.conf ``insecure``): no certificate
+        checked, the client certificate of its certs.d directory still shown, as
+        containers/image does. Raises ConfigError for a certs.d directory that cannot be
+        used."""
         if isinstance(self._verify, ssl.SSLContext):
-            return self._verify
+            return self._verify if verify else self.unverified
         now = time.monotonic()
-        held = self._by_host.get(host)
+        held = self._by_host.get((host, verify))
         if held is not None and now < held[0]:
             return held[2]
         tls = read_certs_dir(host, self._roots)
+        base = self.default if verify else self.unverified
         if held is not None and held[1] == tls:
             ctx = held[2]
         elif not tls.ca_files and tls.client_cert is None:
-            ctx = self.default
+            ctx = base
         else:
-            ctx = tls.context(self._cafile, self._verify is not False)
-        self._by_host[host] = (now + TLS_RECHECK, tls, ctx)
-        if held is not None and held[2] not in (ctx, self.default) and self._retire is not None:
+            ctx = tls.context(self._cafile, verify and self._verify is not False)
+        self._by_host[host, verify] = (now + TLS_RECHECK, tls, ctx)
+        if held is not None and held[2] not in (ctx, base) and self._retire is not None:
             self._retire(held[2])  # the host's own: no other host uses it
         return ctx
 
@@ -233,7 +239,7 @@ class _TlsContexts:
         """Where ``host``'s trust comes from, for an error about its certificate."""
         if isinstance(self._verify, ssl.SSLContext):
             return "the client's own SSL context"
-        held = self._by_host.get(host)
+        held = self._by_host.get((host, True))
         tls = held[1] if held is not None else read_certs_dir(host, self._roots)
         base = f"CA bundle {self._verify}" if self._cafile else "the system's CAs"
         return f"trusting {base}; {tls.describe()}"
@@ -445,9 +451,7 @@ class RegistryClient:
         """The request extension carrying ``ep``'s SSL context for an ``https://`` ``url``
         (the registry, its token server, where it redirects), none for ``http://``."""
         if str(url).startswith("https:") and self._tls is not None:
-            if not ep.verify:
-                return {SSL_CONTEXT: self._tls.unverified}
-            return {SSL_CONTEXT: self._tls.for_host(ep.certs_host)}
+            return {SSL_CONTEXT: self._tls.for_host(ep.certs_host, ep.verify)}
         return {}
 
     def _tls_note(self, ep: Endpoint) -> str:

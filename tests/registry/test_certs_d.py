@@ -6,10 +6,13 @@ directory names (and, for one, demanding a client certificate of another CA)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import random
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,8 @@ from store.registry import RegistryClient, parse_resolver_config
 from store.registry.errors import ConfigError, RegistryUnavailable
 from store.registry.hosts import default_certs_roots, read_certs_dir
 from store.registry.rangetransport import SSL_CONTEXT
-from tests.tls import make_tls_files
+from store.registry.registriesconf import merge, parse_text
+from tests.tls import TlsFiles, make_tls_files
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -189,19 +193,16 @@ async def test_ca_only_certs_d_knows(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert f"certs.d directory for {reg.host}: {home_dir} (ca.crt;" in msg, msg
 
 
-@pytest.mark.e2e
-@pytest.mark.anyio
-async def test_client_certificate_from_certs_d(
+@contextlib.contextmanager
+def _demanding_client_certificates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A registry that demands a client certificate (``clientcas``): refused without one,
-    served with ``client.cert`` + ``client.key`` beside the CA in its certs.d directory."""
+) -> Iterator[tuple[RegistryServer, TlsFiles, Path]]:
+    """An HTTPS registry that demands a client certificate (``clientcas``) signed by the CA
+    of ``tmp_path/client``; its TLS files; its (empty) directory under ``tmp_path/certs.d``."""
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     tls = make_tls_files(tmp_path / "tls")
     client = make_tls_files(tmp_path / "client", client=True)
-    roots = [tmp_path / "certs.d"]
-    data = random.Random(4).randbytes(50_000)
     # Readiness is probed on the plain-HTTP debug listener: the TLS one wants a certificate.
     debug = f"127.0.0.1:{free_port()}"
     extra = {"http": {"tls": {"clientcas": [str(client.ca)]}, "debug": {"addr": debug}}}
@@ -212,8 +213,21 @@ async def test_client_certificate_from_certs_d(
         ready_url=f"http://{debug}/debug/vars",
     ) as reg:
         _wait_listening(reg)
-        d = roots[0] / reg.host
+        d = tmp_path / "certs.d" / reg.host
         d.mkdir(parents=True)
+        yield reg, tls, d
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_client_certificate_from_certs_d(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry that demands a client certificate (``clientcas``): refused without one,
+    served with ``client.cert`` + ``client.key`` beside the CA in its certs.d directory."""
+    roots = [tmp_path / "certs.d"]
+    data = random.Random(4).randbytes(50_000)
+    with _demanding_client_certificates(tmp_path, monkeypatch) as (reg, tls, d):
         shutil.copy(tls.ca, d / "ca.crt")
         async with _client(reg, certs_roots=roots) as c:
             with pytest.raises(RegistryUnavailable) as info:
@@ -221,12 +235,35 @@ async def test_client_certificate_from_certs_d(
         msg = str(info.value)
         assert reg.host in msg and f"{d} (ca.crt; no client certificate)" in msg, msg
 
-        shutil.copy(client.cert, d / "client.cert")
-        shutil.copy(client.key, d / "client.key")
+        shutil.copy(tmp_path / "client" / "cert.pem", d / "client.cert")
+        shutil.copy(tmp_path / "client" / "key.pem", d / "client.key")
         async with _client(reg, certs_roots=roots) as c:
             m = await c.push_image(f"{reg.host}/certs/app:v1", CONFIG, [(data, LAYER)])
             digest = m.layers[0].digest
             assert await c.read_ranges(f"{reg.host}/certs/app:v1", digest, [(1, 3)]) == [data[1:4]]
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_an_insecure_registry_is_still_shown_its_client_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """registries.conf ``insecure = true`` skips the server certificate's check only: a
+    registry that demands a client certificate gets the one of its certs.d directory, as
+    containers/image shows it (the CA that signed the server's is nowhere)."""
+    roots = [tmp_path / "certs.d"]
+    data = random.Random(6).randbytes(30_000)
+    with _demanding_client_certificates(tmp_path, monkeypatch) as (reg, tls, d):
+        shutil.copy(tmp_path / "client" / "cert.pem", d / "client.cert")
+        shutil.copy(tmp_path / "client" / "key.pem", d / "client.key")
+        ref = f"{reg.host}/certs/insecure:v1"
+        async with _client(reg, verify=str(tls.ca), certs_roots=roots) as c:
+            digest = (await c.push_image(ref, CONFIG, [(data, LAYER)])).layers[0].digest
+        text = f'[[registry]]\nlocation = "{reg.host}"\ninsecure = true\n'
+        conf = merge([parse_text(text.encode(), "r.conf")], ["r.conf"])
+        resolver = dataclasses.replace(parse_resolver_config({}), registries_conf=lambda: conf)
+        async with RegistryClient(resolver=resolver, certs_roots=roots, timeout=10, retries=0) as c:
+            assert await c.read_ranges(ref, digest, [(7, 5)]) == [data[7:12]]
 
 
 def _connections_to(port: int) -> int:
