@@ -27,9 +27,11 @@ import email.utils
 import functools
 import hashlib
 import json
+import logging
 import re
 import ssl
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -41,6 +43,7 @@ from urllib.parse import urljoin, urlsplit
 
 import anyio
 import httpx
+import urllib3.exceptions
 
 from .auth import Challenge, TokenCache, basic_header, parse_challenge, scope_for
 from .credentials import Credentials, CredentialStore
@@ -82,6 +85,8 @@ from .ranges import (
 )
 from .rangetransport import BODY_LIMIT, SSL_CONTEXT, RangeTransport
 from .reference import Reference, validate_digest
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
@@ -389,6 +394,7 @@ class RegistryClient:
         # ``insecure`` registry is listed over both): that one is tried first from then on.
         self._answers_on: dict[str, str] = {}
         self._no_multirange: set[str] = set()
+        self._said_unverified: set[str] = set()  # hosts reached over unverified TLS, logged
         # (registry URL of a blob GET) -> (where it was redirected last, time.monotonic()
         # until which that location is used without asking the registry); 0 s: never.
         self.redirect_ttl = redirect_ttl
@@ -451,8 +457,20 @@ class RegistryClient:
         """The request extension carrying ``ep``'s SSL context for an ``https://`` ``url``
         (the registry, its token server, where it redirects), none for ``http://``."""
         if str(url).startswith("https:") and self._tls is not None:
+            if not ep.verify and ep.host not in self._said_unverified:
+                self._say_unverified(ep)
             return {SSL_CONTEXT: self._tls.for_host(ep.certs_host, ep.verify)}
         return {}
+
+    def _say_unverified(self, ep: Endpoint) -> None:
+        """Log once per host that its TLS certificate goes unchecked, as the user asked
+        (registries.conf ``insecure``), in place of urllib3's InsecureRequestWarning, which
+        it prints on stderr at every request."""
+        self._said_unverified.add(ep.host)
+        warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
+        log.warning(
+            "%s: TLS certificate not verified (insecure = true in registries.conf)", ep.host
+        )
 
     def _tls_note(self, ep: Endpoint) -> str:
         return self._tls.describe(ep.certs_host) if self._tls is not None else ""
