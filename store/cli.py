@@ -39,6 +39,7 @@ from store.registry.registriesconf import (
     RegistriesConfError,
     RegistriesConfFiles,
     config_locations,
+    default_locations,
 )
 
 log = logging.getLogger("store")
@@ -274,10 +275,15 @@ def open_registries_conf(setting: str | None) -> RegistriesConfFiles | None:
     read once: a file named in the config that cannot be read or used is a
     :class:`StoreError`; one of the default places is logged and left out (the store reads
     it once it changes and reads)."""
-    locations = config_locations(setting, os.environ, Path(os.path.expanduser("~")))
+    home = Path(os.path.expanduser("~"))
+    locations = config_locations(setting, os.environ, home)
     if locations is None:
         return None
-    files = RegistriesConfFiles(locations)
+    # The default places are looked up again at each check, as podman does at each run.
+    files = RegistriesConfFiles(
+        locations,
+        locate=None if setting is not None else lambda: default_locations(os.environ, home),
+    )
     try:
         files.load()
     except RegistriesConfError as exc:

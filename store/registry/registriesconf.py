@@ -405,6 +405,13 @@ def config_locations(
         return None
     if setting is not None:
         return Locations(Path(setting), required=True)
+    return default_locations(environ, home, exists)
+
+
+def default_locations(
+    environ: Mapping[str, str], home: Path, exists: Callable[[Path], bool] = os.path.exists
+) -> Locations:
+    """Where containers/image finds the files (``newConfigWrapper``), as they are now."""
     user_dir = home / USER_DROP_IN_DIR
     if env := environ.get(ENV_VAR):
         return Locations(Path(env), (SYSTEM_DROP_IN_DIR, user_dir))
@@ -445,10 +452,13 @@ class RegistriesConfFiles:
     seconds the files' stamps (device, inode, size, mtime) and the drop-in directories'
     listings are compared with those of the last reading; on a change they are read again.
     A change that does not read (a file caught half written, a mistake) keeps the last good
-    reading, with one warning naming the file and the problem, until the files change again."""
+    reading, with one warning naming the file and the problem, until the files change again.
+    With ``locate``, the locations are looked up again each time too (the default places:
+    a home file created or removed switches podman between it and the system file)."""
 
     locations: Locations
     clock: Callable[[], float] = time.monotonic
+    locate: Callable[[], Locations] | None = None
     _current: RegistriesConf = field(default_factory=RegistriesConf)
     _stamp: Stamp | None = None
     _refused: Stamp | None = None
@@ -499,6 +509,8 @@ class RegistriesConfFiles:
         return f"{len(conf.registries)} [[registry]] tables from {files}"
 
     def _listing(self) -> tuple[Stamp, list[tuple[Path, bool]]]:
+        if self.locate is not None:
+            self.locations = self.locate()
         files = [(self.locations.main, False)]
         for d in self.locations.drop_in_dirs:
             files += [(p, True) for p in _drop_ins(d)]

@@ -453,3 +453,29 @@ def test_a_default_file_that_does_not_read_is_left_out_with_a_warning(
     assert files is not None and files().registries == ()
     assert any(str(bad) in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
     assert open_registries_conf("") is None
+
+
+def test_a_home_file_made_or_removed_while_the_store_runs_switches_as_podman_does(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Podman reads ``~/.config/containers/registries.conf`` instead of the system file when
+    it exists, looking at each run: one created after the store started counts, and once
+    removed the system file counts again."""
+    from store.registry import registriesconf
+
+    system, home = tmp_path / "etc-registries.conf", tmp_path / "home"
+    system.write_text('[[registry]]\nlocation = "system.io"\n')
+    monkeypatch.setattr(registriesconf, "SYSTEM_FILE", system)
+    monkeypatch.setattr(registriesconf, "SYSTEM_DROP_IN_DIR", tmp_path / "no-drop-ins")
+    monkeypatch.setattr(registriesconf, "RECHECK", 0.0)
+    monkeypatch.delenv("CONTAINERS_REGISTRIES_CONF", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    files = open_registries_conf(None)
+    assert files is not None and [r.prefix for r in files().registries] == ["system.io"]
+    user = home / ".config/containers/registries.conf"
+    user.parent.mkdir(parents=True)
+    user.write_text('[[registry]]\nlocation = "home.io"\n')
+    assert [r.prefix for r in files().registries] == ["home.io"]
+    assert files().files == (str(user),)
+    user.unlink()
+    assert [r.prefix for r in files().registries] == ["system.io"]
