@@ -370,6 +370,30 @@ def test_endpoints_insecure_from_either_source_and_docker_hub() -> None:
     )
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1:5000", "10.200.0.2:5000"])
+def test_the_bench_harness_registry_keeps_one_plain_http_endpoint(host: str) -> None:
+    """lazybench gives its plain-HTTP registry (loopback, or a namespace address) both a
+    store ``[resolver]`` mirror (``insecure``) and podman's registries.conf ``insecure``
+    table: the store reaches it as before, over plain HTTP once, with no TLS try after it
+    (a read is one request)."""
+    import tomllib
+
+    from harness.store_proc import store_config_text
+
+    resolver = parse_resolver_config(tomllib.loads(store_config_text([host])))
+    podman = conf(
+        'unqualified-search-registries = []\nshort-name-mode = "disabled"\n'
+        f'\n[[registry]]\nlocation = "{host}"\ninsecure = true\n'
+    )
+    for registries_conf in (None, lambda: podman):
+        r = dataclasses.replace(resolver, registries_conf=registries_conf)
+        for repository, digested in (("bench/python", False), ("bench/python", True), ("", False)):
+            eps = r.endpoints(host, repository, digested=digested)
+            assert [(e.base_url, e.verify, e.repository, e.is_mirror) for e in eps] == [
+                (f"http://{host}", True, "", False)
+            ]
+
+
 @pytest.mark.e2e
 @pytest.mark.anyio
 async def test_an_insecure_registry_speaking_tls_with_a_certificate_nobody_trusts(
