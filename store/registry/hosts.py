@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .reference import DOCKER_HUB_ENDPOINT
 from .registriesconf import PullSource, RegistriesConf
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
-DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 
 
 def is_local_host(host: str) -> bool:

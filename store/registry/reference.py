@@ -15,7 +15,8 @@ from typing import Any
 from .errors import ReferenceError
 
 DEFAULT_REGISTRY = "docker.io"
-LEGACY_REGISTRIES = ("index.docker.io", "registry-1.docker.io")
+DOCKER_HUB_ENDPOINT = "registry-1.docker.io"  # the host Docker Hub's API answers on
+LEGACY_REGISTRIES = ("index.docker.io", DOCKER_HUB_ENDPOINT)
 OFFICIAL_PREFIX = "library/"
 NAME_MAX = 255
 

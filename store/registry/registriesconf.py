@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ReferenceError, RegistryError
-from .reference import Reference
+from .reference import DOCKER_HUB_ENDPOINT, Reference
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,11 @@ def rewrite(name: str, reg: ConfRegistry, ep: ConfEndpoint, *, mirror: bool) -> 
             f"{reg.source}: [[registry]] prefix {reg.prefix!r}: {name} rewritten to "
             f"{new}, which is not an image name: {exc}"
         ) from None
-    if ref.name != new:  # docker.io/x → docker.io/library/x, or no registry host at all
+    # Not canonical (docker.io/x reads as docker.io/library/x, or no registry host at all)
+    # is refused, as there; Docker Hub's endpoint host, which reads as docker.io here, is a
+    # canonical name there (only index.docker.io is not): the same place.
+    hub = new == f"{DOCKER_HUB_ENDPOINT}/{ref.repository}"
+    if ref.name != new and not hub:
         raise ConfigError(
             f"{reg.source}: [[registry]] prefix {reg.prefix!r}: {name} rewritten to {new}, "
             f"which is not a fully qualified image name (it reads as {ref.name})"

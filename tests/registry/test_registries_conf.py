@@ -176,6 +176,36 @@ def test_a_rewrite_to_no_image_name_names_the_file() -> None:
         c.pull_sources("example.com", "img", False)
 
 
+@pytest.mark.parametrize(
+    ("location", "pulled"),
+    [
+        ("registry-1.docker.io", "docker.io/library/app"),
+        ("registry-1.docker.io/team", "docker.io/team/library/app"),
+        ("index.docker.io", None),  # not canonical
+        ("index.docker.io/team", None),
+    ],
+)
+def test_docker_hubs_endpoint_host_as_a_location_is_docker_hub(
+    location: str, pulled: str | None
+) -> None:
+    """``registry-1.docker.io`` is a canonical name for containers/image (only
+    ``index.docker.io`` is not): podman pulls through such a location, and so does the store,
+    at Docker Hub; a location that is not canonical is still refused."""
+    c = conf(f'[[registry]]\nprefix = "docker.io"\nlocation = "{location}"\n')
+    if pulled is None:
+        with pytest.raises(ConfigError, match="which is not a fully qualified image name"):
+            sources(c, "docker.io/library/app")
+        return
+    assert sources(c, "docker.io/library/app") == [pulled]
+    resolver = dataclasses.replace(parse_resolver_config({}), registries_conf=lambda: c)
+    eps = resolver.endpoints("docker.io", "library/app")
+    # The repository there, when not the reference's own.
+    repository = "" if pulled == "docker.io/library/app" else pulled.removeprefix("docker.io/")
+    assert [(e.base_url, e.repository, e.certs_host) for e in eps] == [
+        ("https://registry-1.docker.io", repository, "docker.io")
+    ]
+
+
 # -- the v1 format, drop-ins, bad files -------------------------------------------------------
 
 
