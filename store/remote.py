@@ -16,6 +16,7 @@ import trio
 from store.chunks import BlobReader
 from store.registry.client import MAX_CONFIG_BYTES, RegistryClient
 from store.registry.errors import RegistryError
+from store.registry.manifest import Descriptor
 from store.registry.reference import Reference
 from store.registry.registriesconf import RegistriesBlocked
 from store.resolver import (
@@ -143,10 +144,31 @@ class RemoteRegistry(RegistryAccess):
     async def image(
         self, ref: str, on_layers: Callable[[list[LayerDesc]], None] | None = None
     ) -> tuple[bytes, bytes, list[LayerDesc]]:
+        return await self._image(ref, on_layers, self.warm_connections)
+
+    async def index_manifests(self, ref: str) -> list[Descriptor]:
+        try:
+            index = await self.client.get_index(ref)
+        except RegistriesBlocked as exc:
+            raise NotEstargzError(f"{ref}: {exc}") from None
+        except RegistryError as exc:
+            raise ResolveError(f"{ref}: {exc}") from exc
+        return index.manifests if index.is_index else []
+
+    async def index_image(self, ref: str, digest: str) -> tuple[bytes, bytes, list[LayerDesc]]:
+        # No connections warmed: the image's own resolution did, for the same registry.
+        return await self._image(str(Reference.parse(ref).with_digest(digest)), None, 0)
+
+    async def _image(
+        self,
+        ref: str,
+        on_layers: Callable[[list[LayerDesc]], None] | None,
+        warm_connections: int,
+    ) -> tuple[bytes, bytes, list[LayerDesc]]:
         error: Exception | None = None  # raised after the nursery: not in an exception group
         async with trio.open_nursery() as nursery:
-            if self.warm_connections:
-                nursery.start_soon(self.client.warm, ref, self.warm_connections)
+            if warm_connections:
+                nursery.start_soon(self.client.warm, ref, warm_connections)
             try:
                 manifest = await self.client.get_manifest(ref)
                 # A bigger config (client.MAX_CONFIG_BYTES) is refused before a byte of it is

@@ -30,6 +30,13 @@ A blob an image lists more than once (identical layers, e.g. two empty ones) is 
 either: the runtime looks each occurrence up under the same ``<ref>/<digest>`` directory, and
 overlayfs refuses to mount one directory as two lower layers (ELOOP, "too many levels of
 symbolic links"), so such a layer is pulled normally, once per occurrence.
+
+A reference naming an index (a multi-platform image) resolves to this host's manifest, but the
+runtime may pull another platform's (``podman pull --platform``, ``--arch``, ``--variant``) and
+passes the store only the reference and the layer's digest. A layer looked up that this host's
+manifest lacks is looked for in the index's other manifests (:meth:`ImageInfo.holder`), which
+are fetched with their configs on the first such lookup, once per resolution of the reference
+(:data:`PLATFORM_MANIFESTS_MAX` of them at most), and served as that manifest describes it.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ from store.libprefetch import LibraryPrefetcher
 from store.priority import Foreground
 from store.pullorder import TurnKey, Turns
 from store.registry.errors import ManifestError, RegistryError
-from store.registry.manifest import ManifestResult, config_diff_ids
+from store.registry.manifest import Descriptor, ManifestResult, config_diff_ids, sha256_digest
 from store.timeline import Timeline, span
 from store.tree import LayerTree, TreeError
 
@@ -102,6 +109,16 @@ IMAGE_FETCH_BOUNDS = 2
 SUPERSEDED_KEPT = 4
 # Releases listed in ``status`` (the most recent): the list must not grow with the store's age.
 RELEASED_KEPT = 256
+# The other manifests of an index fetched (with their configs) to find a layer this host's
+# manifest lacks, at most: an index lists one per platform (docker.io's official images up to
+# nine, beside as many attestation manifests, which are not fetched); a hostile one can list
+# thousands within its 4 MiB. Those past the first are not searched (logged).
+PLATFORM_MANIFESTS_MAX = 16
+# Of those, fetched at once.
+PLATFORM_FETCHES_AT_ONCE = 4
+# buildx's attestation manifests (annotation ``vnd.docker.reference.type``) hold no layers of
+# an image; their platform is ``unknown/unknown``.
+ATTESTATION_MANIFEST = "attestation-manifest"
 
 
 class ResolveError(Exception):
@@ -173,6 +190,15 @@ class ImageInfo:
     layers: list[LayerDesc]
     serial: int = field(default_factory=lambda: next(_RESOLUTIONS))  # one per resolution
     resolved_at: float = field(default_factory=time.monotonic)
+    # The platform of an index's other manifest this is ("": the one the reference resolves
+    # to, this host's; LayerManager._other_platforms).
+    platform: str = ""
+    # The index's other manifests (:meth:`holder`), fetched on the first lookup of a layer
+    # this one lacks and kept as long as this resolution is: a table of one shared task
+    # (key ``""``; LayerManager._shared) whose value is their list ([]: ``ref`` names no index).
+    others: dict[str, _Task] = field(default_factory=dict, repr=False)
+    # Its layers started loading (another platform's: when a first one was found in it).
+    early_started: bool = False
 
     def find(self, digest: str) -> tuple[LayerDesc, bool] | None:
         """The layer named ``digest``; the flag says it was named by TOC digest (new protocol)."""
@@ -183,6 +209,17 @@ class ImageInfo:
             if desc.toc_digest == digest:
                 return desc, True
         return None
+
+    def holder(self, digest: str) -> ImageInfo | None:
+        """The manifest the layer named ``digest`` is served from: this one when it names it
+        (:meth:`find`), else the first of the index's other manifests fetched so far that
+        does; None when none does (or they are not fetched yet)."""
+        if self.find(digest) is not None:
+            return self
+        task = self.others.get("")
+        if task is None or not task.done.is_set() or not task.value:
+            return None
+        return next((o for o in task.value if o.find(digest) is not None), None)
 
     def servable(self, digest: str) -> tuple[LayerDesc, bool]:
         """:meth:`find`, refusing (:class:`NotEstargzError`) a layer the store cannot serve:
@@ -223,6 +260,16 @@ class RegistryAccess:
         raise NotImplementedError
 
     def blob(self, ref: str, digest: str, size: int) -> BlobReader:
+        raise NotImplementedError
+
+    async def index_manifests(self, ref: str) -> list[Descriptor]:
+        """The manifests listed by the index ``ref`` names, in its order; [] when ``ref``
+        names an image manifest (the default: a registry that serves no index)."""
+        return []
+
+    async def index_image(self, ref: str, digest: str) -> tuple[bytes, bytes, list[LayerDesc]]:
+        """:meth:`image` of the manifest ``digest`` in ``ref``'s repository (an entry of the
+        index ``ref`` names)."""
         raise NotImplementedError
 
     def also_from(self, blob: BlobReader, ref: str) -> None:
@@ -356,22 +403,43 @@ class LayerManager:
     def image_whole(self, ref: str) -> tuple[int, bytes, list[Layer]] | None:
         """Image ``ref``'s resolution (its serial number), config JSON bytes and layers,
         topmost first — None unless it is resolved and every one of its layers is loaded
-        (all of them lazily served)."""
-        task = self._images.get(ref)
-        if task is None or not task.done.is_set() or task.value is None:
+        (all of them lazily served). Of an index, the manifest :meth:`_taken` says."""
+        image = self._taken(ref)
+        if image is None:
             return None
-        layers = self.image_layers(ref)
-        if len(layers) != len(task.value.layers):
+        layers = self._loaded(image)
+        if len(layers) != len(image.layers):
             return None
-        return task.value.serial, task.value.config_bytes, layers
+        return image.serial, image.config_bytes, layers
 
     def image_layers(self, ref: str) -> list[Layer]:
-        """The loaded layers of image ``ref``, topmost first ([] if it is not resolved)."""
+        """The loaded layers of image ``ref``, topmost first ([] if it is not resolved); of
+        an index, those of the manifest :meth:`_taken` says."""
+        image = self._taken(ref)
+        return [] if image is None else self._loaded(image)
+
+    def _taken(self, ref: str) -> ImageInfo | None:
+        """The manifest of ``ref``'s resolution the runtime took: another platform's of its
+        index (:meth:`_other_platforms`) when all of its layers were looked up and not all of
+        this host's were (the runtime pulled that platform), else this host's. None: not
+        resolved."""
         task = self._images.get(ref)
         if task is None or not task.done.is_set() or task.value is None:
-            return []
+            return None
+        image: ImageInfo = task.value
+        others = image.others.get("")
+        if others is None or not others.done.is_set() or not others.value:
+            return image
+        for candidate in (image, *others.value):
+            states = [self._states.get(desc.digest) for desc in candidate.layers]
+            if all(s is not None and s.wanted and s.layer is not None for s in states):
+                return candidate
+        return image
+
+    def _loaded(self, image: ImageInfo) -> list[Layer]:
+        """The loaded layers of ``image``, topmost first."""
         out = []
-        for desc in reversed(task.value.layers):
+        for desc in reversed(image.layers):
             state = self._states.get(desc.digest)
             if state is not None and state.layer is not None and not state.layer.released:
                 out.append(state.layer)
@@ -464,16 +532,19 @@ class LayerManager:
         return await self._shared(self._images, ref, work, f"image {ref}", deadline)
 
     async def _image_naming(self, ref: str, digest: str, deadline: float) -> ImageInfo:
-        """The resolution of ``ref`` that names ``digest``: :meth:`image`, else one it
-        superseded (the layers of containers made before the tag moved are still looked
-        up), else :meth:`image` resolved afresh once, when the cached resolution is older
-        than :data:`IMAGE_REFRESH_AFTER` (the tag moved); the one it replaces is kept."""
+        """The manifest of ``ref`` that names ``digest`` (:meth:`ImageInfo.holder`):
+        :meth:`image`'s, else one of a resolution it superseded (the layers of containers
+        made before the tag moved are still looked up), else another platform's of the index
+        ``ref`` names (:meth:`_other_platforms`), else :meth:`image` resolved afresh once,
+        when the cached resolution is older than :data:`IMAGE_REFRESH_AFTER` (the tag moved;
+        the one it replaces is kept), and its index's. None naming it: :meth:`image`'s
+        (whose ``servable`` refuses the digest)."""
         image = await self.image(ref, deadline)
-        if image.find(digest) is not None:
-            return image
-        for old in reversed(self._superseded.get(ref, ())):
-            if old.find(digest) is not None:
-                return old
+        for known in (image, *reversed(self._superseded.get(ref, ()))):
+            if (holder := known.holder(digest)) is not None:
+                return holder
+        if (holder := await self._other_platforms(image, digest, deadline)) is not None:
+            return holder
         if time.monotonic() - image.resolved_at < IMAGE_REFRESH_AFTER:
             return image
         task = self._images.get(ref)
@@ -486,7 +557,111 @@ class LayerManager:
             self._superseded[ref] = kept[-SUPERSEDED_KEPT:]  # the most recent ref last
             while len(self._superseded) > IMAGE_CACHE_ENTRIES:
                 self._superseded.popitem(last=False)
+            if fresh.find(digest) is None:
+                return await self._other_platforms(fresh, digest, deadline) or fresh
         return fresh
+
+    async def _other_platforms(
+        self, image: ImageInfo, digest: str, deadline: float
+    ) -> ImageInfo | None:
+        """The other manifest of the index ``image.ref`` names that holds ``digest`` (a pull
+        of another platform: ``podman pull --platform``); None when ``ref`` names no index or
+        none of its manifests names the digest (logged, with the manifests searched).
+
+        The index's manifests other than ``image``'s (attestation manifests left out, the
+        first :data:`PLATFORM_MANIFESTS_MAX`) and their configs are fetched on the first
+        such lookup, shared by the lookups meanwhile, within :data:`IMAGE_FETCH_BOUNDS`
+        resolve bounds, and kept with ``image``; one that fails to resolve is logged and not
+        searched. The layers of the one found start loading then (:meth:`_start_indexes`),
+        as an image's do when it is resolved: the runtime looks up its other layers next."""
+        ref = image.ref
+
+        async def work() -> list[ImageInfo]:
+            bound = IMAGE_FETCH_BOUNDS * self.config.resolve_timeout_sec
+            try:
+                with self.foreground.busy(), trio.fail_after(bound):
+                    return await self._fetch_other_platforms(image)
+            except trio.TooSlowError:
+                raise ResolveError(
+                    f"{ref}: the manifests of its index not in within {bound:g}s "
+                    f"({IMAGE_FETCH_BOUNDS} x resolve_timeout_sec)"
+                ) from None
+            except ResolveError:
+                raise
+            except Exception as exc:
+                raise ResolveError(f"{ref}: its index: {exc}") from exc
+
+        others = await self._shared(
+            image.others, "", work, f"image {ref}: the manifests of its index", deadline
+        )
+        holder = image.holder(digest)
+        if holder is None:
+            if others:
+                log.info(
+                    "%s: no manifest of its index names layer %s; searched %s",
+                    ref,
+                    digest,
+                    ", ".join(
+                        f"{sha256_digest(o.manifest_bytes)} ({o.platform or 'this host'})"
+                        for o in (image, *others)
+                    ),
+                )
+            return None
+        if not holder.early_started:
+            holder.early_started = True
+            log.info(
+                "%s: layer %s is in its index's %s manifest %s, not this host's: served from it",
+                ref,
+                digest,
+                holder.platform or "platformless",
+                sha256_digest(holder.manifest_bytes),
+            )
+            self._start_indexes(ref, holder.layers)
+        return holder
+
+    async def _fetch_other_platforms(self, image: ImageInfo) -> list[ImageInfo]:
+        """The resolutions of the manifests of the index ``image.ref`` names other than
+        ``image``'s (see :meth:`_other_platforms`), in the index's order."""
+        ref = image.ref
+        entries = await self.registry.index_manifests(ref)
+        chosen = sha256_digest(image.manifest_bytes)
+        candidates = [
+            d
+            for d in entries
+            if d.digest != chosen
+            and (d.annotations or {}).get("vnd.docker.reference.type") != ATTESTATION_MANIFEST
+        ]
+        if len(candidates) > PLATFORM_MANIFESTS_MAX:
+            log.warning(
+                "%s: its index lists %d other manifests; only the first %d are searched for "
+                "the layers of other platforms (the rest are pulled normally)",
+                ref,
+                len(candidates),
+                PLATFORM_MANIFESTS_MAX,
+            )
+            del candidates[PLATFORM_MANIFESTS_MAX:]
+        found: list[ImageInfo | None] = [None] * len(candidates)
+        limiter = trio.CapacityLimiter(PLATFORM_FETCHES_AT_ONCE)
+
+        async def fetch(i: int, desc: Descriptor) -> None:
+            async with limiter:
+                try:
+                    manifest, config, layers = await self.registry.index_image(ref, desc.digest)
+                except ResolveError as exc:
+                    log.warning(
+                        "%s: its index's %s manifest %s is not searched for layers: %s",
+                        ref,
+                        desc.platform_name or "platformless",
+                        desc.digest,
+                        exc,
+                    )
+                    return
+            found[i] = ImageInfo(ref, manifest, config, layers, platform=desc.platform_name)
+
+        async with trio.open_nursery() as nursery:
+            for i, desc in enumerate(candidates):
+                nursery.start_soon(fetch, i, desc)
+        return [o for o in found if o is not None]
 
     def _start_indexes(self, ref: str, layers: list[LayerDesc]) -> None:
         """Load the eStargz layers of ``ref`` at once (the first :data:`EARLY_LOADS_MAX`),
@@ -855,8 +1030,10 @@ class LayerManager:
         if task is not None and task.done.is_set() and task.error is None:
             images.append(task.value)
         for image in reversed(images):
-            found = image.find(digest)
-            if found is not None:
+            holder = image.holder(digest)
+            if holder is not None:
+                found = holder.find(digest)
+                assert found is not None
                 return found[0].digest
         return digest
 

@@ -186,6 +186,14 @@ class Descriptor:
             _object(platform, f"{where}.platform")
         return cls(media_type, digest, size, annotations, platform)
 
+    @property
+    def platform_name(self) -> str:
+        """An index entry's ``os/architecture[/variant]`` ("" without a platform)."""
+        if not self.platform:
+            return ""
+        parts = (str(self.platform.get(k, "")) for k in ("os", "architecture", "variant"))
+        return "/".join(parts).rstrip("/")
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "mediaType": self.media_type,
@@ -309,13 +317,7 @@ def select_platform(index: ManifestResult, wanted: Platform) -> Descriptor:
     """The first manifest of the index that matches `wanted` (variant preferring exact)."""
     candidates = [d for d in index.manifests if d.platform and wanted.matches(d.platform)]
     if not candidates:
-        have = ", ".join(
-            "/".join(str(d.platform.get(k, "")) for k in ("os", "architecture", "variant")).rstrip(
-                "/"
-            )
-            for d in index.manifests
-            if d.platform
-        )
+        have = ", ".join(d.platform_name for d in index.manifests if d.platform)
         raise ManifestError(
             f"index {index.digest} has no manifest for platform {wanted} (has: {have or 'none'})"
         )

@@ -19,6 +19,7 @@ import trio
 
 from store.estargz import convert, write_zstd_chunked
 from store.registry.client import RegistryClient
+from store.registry.manifest import Descriptor, build_index
 
 TOC_ANN = "containerd.io/snapshot/stargz/toc.digest"
 USIZE_ANN = "io.containers.estargz.uncompressed-size"
@@ -97,11 +98,13 @@ async def push_image(
     blobs: list[Blob],
     toc_override: dict[int, str] | None = None,
     client: dict | None = None,
+    architecture: str = "amd64",
 ) -> str:
     """Push layers + config + OCI manifest; returns the manifest digest. ``client``: keyword
-    arguments of the RegistryClient that pushes (a registry over TLS, with credentials)."""
+    arguments of the RegistryClient that pushes (a registry over TLS, with credentials);
+    ``architecture``: the config's."""
     config = {
-        "architecture": "amd64",
+        "architecture": architecture,
         "os": "linux",
         "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
         "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b in blobs]},
@@ -133,6 +136,23 @@ async def push_image(
 
 def push(host: str, repo: str, tag: str, blobs: list[Blob], **kw) -> str:
     return trio.run(lambda: push_image(host, repo, tag, blobs, **kw))
+
+
+async def push_index_of(host: str, repo: str, tag: str, images: dict[str, str]) -> str:
+    """Push an OCI index to ``host/repo:tag`` naming the manifests ``images`` maps platforms
+    (``os/arch[/variant]``) to (digests in ``repo``), in that order; returns its digest."""
+    descs = []
+    async with RegistryClient() as c:
+        for platform, digest in images.items():
+            m = await c.get_index(f"{host}/{repo}@{digest}")
+            fields = dict(zip(("os", "architecture", "variant"), platform.split("/"), strict=False))
+            descs.append(Descriptor(m.media_type, m.digest, len(m.raw), platform=fields))
+        raw, media_type = build_index(descs)
+        return await c.push_manifest(f"{host}/{repo}:{tag}", raw, media_type)
+
+
+def push_index(host: str, repo: str, tag: str, images: dict[str, str]) -> str:
+    return trio.run(lambda: push_index_of(host, repo, tag, images))
 
 
 def write_tar(path: Path, data: bytes) -> Path:

@@ -19,7 +19,7 @@ from store.registry.manifest import OCI_CONFIG, OCI_MANIFEST, dumps_canonical
 from store.remote import RemoteRegistry
 from store.resolver import LayerManager, ResolveError
 from tests.registry.regtest_proxies import HttpFaultProxy, answer
-from tests.store.images import add_file, make_tar, push_image, to_estargz
+from tests.store.images import add_file, make_tar, push_image, push_index_of, to_estargz
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -151,3 +151,24 @@ async def test_a_layer_two_images_share_reads_from_the_other_when_one_registry_f
     assert got == data[:100_000] + data[300_000:]
     assert gone.asked >= 1
     assert elapsed < (deadline + 1 if how == "stall" else 1), elapsed
+
+
+async def test_an_index_lists_its_manifests_and_each_resolves_by_digest(registry) -> None:
+    """What the manager searches for another platform's layer (resolver._other_platforms)."""
+    host, repo = registry.host, "remote/multi"
+    amd = [to_estargz(make_tar(lambda t: add_file(t, "arch", b"amd64\n")))]
+    arm = [to_estargz(make_tar(lambda t: add_file(t, "arch", b"arm64\n")))]
+    on_amd = await push_image(host, repo, "amd64", amd)
+    on_arm = await push_image(host, repo, "arm64", arm, architecture="arm64")
+    await push_index_of(host, repo, "multi", {"linux/amd64": on_amd, "linux/arm64/v8": on_arm})
+    async with RegistryClient(timeout=10) as client:
+        remote = RemoteRegistry(client, warm_connections=0)
+        entries = await remote.index_manifests(f"{host}/{repo}:multi")
+        assert [(d.digest, d.platform_name) for d in entries] == [
+            (on_amd, "linux/amd64"),
+            (on_arm, "linux/arm64/v8"),
+        ]
+        assert await remote.index_manifests(f"{host}/{repo}:arm64") == []
+        _, config, layers = await remote.index_image(f"{host}/{repo}:multi", on_arm)
+        assert json.loads(config)["architecture"] == "arm64"
+        assert [(d.digest, d.diff_id) for d in layers] == [(b.digest, b.diff_id) for b in arm]
