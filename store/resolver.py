@@ -621,10 +621,20 @@ class LayerManager:
 
     async def _fetch_other_platforms(self, image: ImageInfo) -> list[ImageInfo]:
         """The resolutions of the manifests of the index ``image.ref`` names other than
-        ``image``'s (see :meth:`_other_platforms`), in the index's order."""
+        ``image``'s (see :meth:`_other_platforms`), in the index's order; none when the index
+        no longer lists ``image``'s (the tag moved)."""
         ref = image.ref
         entries = await self.registry.index_manifests(ref)
         chosen = sha256_digest(image.manifest_bytes)
+        if entries and all(d.digest != chosen for d in entries):
+            # The tag moved since ``image`` was resolved: these are another image's manifests
+            # (:meth:`_image_naming` resolves the reference afresh, and searches its index).
+            log.info(
+                "%s: its index no longer lists manifest %s (the tag moved): not searched",
+                ref,
+                chosen,
+            )
+            return []
         candidates = [
             d
             for d in entries

@@ -298,3 +298,32 @@ async def test_a_gzip_layer_of_another_platform_is_not_served(tmp_path, reg):
         with pytest.raises(NotEstargzError, match="neither eStargz nor zstd:chunked"):
             await manager.get_layer(REF, gz.digest)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_tag_moved_to_another_index_is_resolved_afresh_not_searched(tmp_path, reg):
+    """The tag now names another index (the runtime looks up the layers of the manifest it
+    fetched): its index no longer lists the resolution's manifest, so its manifests are not
+    taken for the cached resolution's other platforms; the reference is resolved afresh, as
+    for an image manifest, and its ``manifest`` is the new one."""
+    new_amd = [_layer("etc/arch", "amd64 v2\n"), _layer("etc/hello", "hello amd64 v2\n")]
+    new_arm = [_layer("etc/arch", "arm64 v2\n")]
+    async with trio.open_nursery() as nursery:
+        fs = _fs(nursery, reg, tmp_path)
+        manager = fs.manager
+        await manager.get_layer(REF, reg.blobs[HOST][0].digest)
+        old = await manager.image(REF)
+        old.resolved_at -= 2  # past IMAGE_REFRESH_AFTER
+        reg.entries = []
+        reg.add(HOST, new_amd)
+        reg.add("linux/arm64", new_arm)
+        reg.calls.clear()
+        layer = await manager.get_layer(REF, new_amd[1].digest)
+        assert layer.digest == new_amd[1].digest
+        assert [c[0] for c in reg.calls] == ["index", "image"]
+        assert await _read(fs, B64, "manifest") == reg.images[reg.entries[0].digest][0]
+        # The new index's other platform is searched from the new resolution.
+        reg.calls.clear()
+        assert (await manager.get_layer(REF, new_arm[0].digest)).digest == new_arm[0].digest
+        assert reg.fetched() == [("index",), ("index_image", reg.entries[1].digest)]
+        nursery.cancel_scope.cancel()
