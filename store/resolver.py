@@ -568,9 +568,9 @@ class LayerManager:
         of another platform: ``podman pull --platform``); None when ``ref`` names no index or
         none of its manifests names the digest (logged, with the manifests searched).
 
-        The index's manifests other than ``image``'s (attestation manifests left out, the
-        first :data:`PLATFORM_MANIFESTS_MAX`) and their configs are fetched on the first
-        such lookup, shared by the lookups meanwhile, within :data:`IMAGE_FETCH_BOUNDS`
+        The index's manifests other than ``image``'s (each once, attestation manifests left
+        out, the first :data:`PLATFORM_MANIFESTS_MAX`) and their configs are fetched on the
+        first such lookup, shared by the lookups meanwhile, within :data:`IMAGE_FETCH_BOUNDS`
         resolve bounds, and kept with ``image``; one that fails to resolve is logged and not
         searched. The layers of the one found start loading then (:meth:`_start_indexes`),
         as an image's do when it is resolved: the runtime looks up its other layers next."""
@@ -635,9 +635,13 @@ class LayerManager:
                 chosen,
             )
             return []
+        # Each manifest once (an index may list one under two platforms), in the index's order.
+        unique: dict[str, Descriptor] = {}
+        for d in entries:
+            unique.setdefault(d.digest, d)
         candidates = [
             d
-            for d in entries
+            for d in unique.values()
             if d.digest != chosen
             and (d.annotations or {}).get("vnd.docker.reference.type") != ATTESTATION_MANIFEST
         ]

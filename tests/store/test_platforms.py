@@ -8,6 +8,7 @@ import base64
 import errno
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,24 @@ async def test_a_tag_moved_to_another_index_is_resolved_afresh_not_searched(tmp_
         assert (await manager.get_layer(REF, new_arm[0].digest)).digest == new_arm[0].digest
         assert reg.fetched() == [("index",), ("index_image", reg.entries[1].digest)]
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_manifest_the_index_lists_twice_is_fetched_once(tmp_path, reg):
+    """An index may list one manifest under two platforms (``linux/arm64`` and
+    ``linux/arm64/v8``), or a hostile one many times over: it is fetched once, and the copies
+    do not take the places of the manifests after them (:data:`PLATFORM_MANIFESTS_MAX`)."""
+    arm = reg.entries[1]
+    v8 = {**(arm.platform or {}), "variant": "v8"}
+    reg.entries[2:] = [replace(arm, platform=v8)] * PLATFORM_MANIFESTS_MAX
+    riscv = [_layer("etc/arch", "riscv64\n")]
+    reg.add("linux/riscv64", riscv)
+    async with trio.open_nursery() as nursery:
+        manager = _fs(nursery, reg, tmp_path).manager
+        assert (await manager.get_layer(REF, riscv[0].digest)).digest == riscv[0].digest
+        nursery.cancel_scope.cancel()
+    fetched = reg.fetched()
+    assert fetched[0] == ("index",)
+    assert sorted(fetched[1:]) == sorted(
+        [("index_image", arm.digest), ("index_image", reg.entries[-1].digest)]
+    )
