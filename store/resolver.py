@@ -558,11 +558,11 @@ class LayerManager:
             while len(self._superseded) > IMAGE_CACHE_ENTRIES:
                 self._superseded.popitem(last=False)
             if fresh.find(digest) is None:
-                return await self._other_platforms(fresh, digest, deadline) or fresh
+                return await self._other_platforms(fresh, digest, deadline, image) or fresh
         return fresh
 
     async def _other_platforms(
-        self, image: ImageInfo, digest: str, deadline: float
+        self, image: ImageInfo, digest: str, deadline: float, previous: ImageInfo | None = None
     ) -> ImageInfo | None:
         """The other manifest of the index ``image.ref`` names that holds ``digest`` (a pull
         of another platform: ``podman pull --platform``); None when ``ref`` names no index or
@@ -572,15 +572,17 @@ class LayerManager:
         out, the first :data:`PLATFORM_MANIFESTS_MAX`) and their configs are fetched on the
         first such lookup, shared by the lookups meanwhile, within :data:`IMAGE_FETCH_BOUNDS`
         resolve bounds, and kept with ``image``; one that fails to resolve is logged and not
-        searched. The layers of the one found start loading then (:meth:`_start_indexes`),
-        as an image's do when it is resolved: the runtime looks up its other layers next."""
+        searched; one the search of ``previous`` (the resolution ``image`` replaces) fetched
+        is not fetched again. The layers of the one found start loading then
+        (:meth:`_start_indexes`), as an image's do when it is resolved: the runtime looks up
+        its other layers next."""
         ref = image.ref
 
         async def work() -> list[ImageInfo]:
             bound = IMAGE_FETCH_BOUNDS * self.config.resolve_timeout_sec
             try:
                 with self.foreground.busy(), trio.fail_after(bound):
-                    return await self._fetch_other_platforms(image)
+                    return await self._fetch_other_platforms(image, previous)
             except trio.TooSlowError:
                 raise ResolveError(
                     f"{ref}: the manifests of its index not in within {bound:g}s "
@@ -619,7 +621,9 @@ class LayerManager:
             self._start_indexes(ref, holder.layers)
         return holder
 
-    async def _fetch_other_platforms(self, image: ImageInfo) -> list[ImageInfo]:
+    async def _fetch_other_platforms(
+        self, image: ImageInfo, previous: ImageInfo | None
+    ) -> list[ImageInfo]:
         """The resolutions of the manifests of the index ``image.ref`` names other than
         ``image``'s (see :meth:`_other_platforms`), in the index's order; none when the index
         no longer lists ``image``'s (the tag moved)."""
@@ -656,8 +660,17 @@ class LayerManager:
             del candidates[PLATFORM_MANIFESTS_MAX:]
         found: list[ImageInfo | None] = [None] * len(candidates)
         limiter = trio.CapacityLimiter(PLATFORM_FETCHES_AT_ONCE)
+        search = None if previous is None else previous.others.get("")
+        known = (
+            {sha256_digest(o.manifest_bytes): o for o in search.value}
+            if search is not None and search.done.is_set() and search.error is None
+            else {}
+        )
 
         async def fetch(i: int, desc: Descriptor) -> None:
+            if desc.digest in known:  # fetched for ``previous``: a manifest never changes
+                found[i] = known[desc.digest]
+                return
             async with limiter:
                 try:
                     manifest, config, layers = await self.registry.index_image(ref, desc.digest)

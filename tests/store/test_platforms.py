@@ -349,3 +349,22 @@ async def test_a_manifest_the_index_lists_twice_is_fetched_once(tmp_path, reg):
     assert sorted(fetched[1:]) == sorted(
         [("index_image", arm.digest), ("index_image", reg.entries[-1].digest)]
     )
+
+
+@pytest.mark.anyio
+async def test_a_missing_layer_looked_up_again_later_fetches_no_manifest_again(tmp_path, reg):
+    """A layer in no manifest, looked up past IMAGE_REFRESH_AFTER, resolves the reference
+    afresh (the tag may have moved) and fetches its index; the index unchanged, its other
+    manifests are not fetched again, neither for the stale resolution nor for the fresh one."""
+    stray = _layer("etc/stray", "x\n")
+    async with trio.open_nursery() as nursery:
+        manager = _fs(nursery, reg, tmp_path).manager
+        await manager.image(REF)
+        searched = [("index",), ("index_image", reg.entries[1].digest)]
+        for i in range(3):
+            (await manager.image(REF)).resolved_at -= 2  # past IMAGE_REFRESH_AFTER
+            reg.calls.clear()
+            with pytest.raises(NotEstargzError):
+                await manager.get_layer(REF, stray.digest)
+            assert reg.calls == (searched if i == 0 else []) + [("image",), ("index",)]
+        nursery.cancel_scope.cancel()
