@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import json
@@ -300,7 +301,6 @@ async def serve(
     addr: Path | None = None,
     registries_conf: RegistriesConfFiles | None = None,
 ) -> None:
-    import dataclasses
     import gc
 
     import pyfuse3
