@@ -47,6 +47,7 @@ import anyio
 import anyio.to_thread
 
 from .errors import ConfigError
+from .stamps import FileStamp, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +268,8 @@ class CredentialStore:
         self._explicit = {_normalize_key(k): v for k, v in (explicit or {}).items()}
         self._files = auth_files if auth_files is not None else default_auth_files()
         self._loaded: list[_AuthFile] | None = None
-        self._loaded_as: list[tuple[int, int, int, int] | None] = []  # the files' stamps then
-        self._refused_as: list[tuple[int, int, int, int] | None] = []  # a change that did not read
+        self._loaded_as: list[FileStamp | None] = []  # the files' stamps then
+        self._refused_as: list[FileStamp | None] = []  # a change that did not read
         self._given: dict[tuple[str, str], Credentials] = {}
         # (helper, server) -> (until, answer: credentials, None, or the failure's message)
         self._helper_answers: dict[tuple[str, str], tuple[float, Credentials | str | None]] = {}
@@ -301,17 +302,9 @@ class CredentialStore:
         self._given.update(taken)
         return list(data)
 
-    def _stamps(self) -> list[tuple[int, int, int, int] | None]:
-        """Each auth file's (device, inode, size, mtime in ns), None for one missing."""
-        stamps: list[tuple[int, int, int, int] | None] = []
-        for path in self._files:
-            try:
-                st = path.stat()
-            except OSError:  # missing, or unreadable: the read below says which
-                stamps.append(None)
-                continue
-            stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-        return stamps
+    def _stamps(self) -> list[FileStamp | None]:
+        """Each auth file's stamp (:func:`~.stamps.file_stamp`), None for one missing."""
+        return [file_stamp(path) for path in self._files]
 
     def _load(self) -> list[_AuthFile]:
         """The auth files as they are now: read again when one appeared, went or changed

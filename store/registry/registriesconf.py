@@ -46,6 +46,7 @@ from typing import Any
 
 from .errors import ConfigError, ReferenceError, RegistryError
 from .reference import DOCKER_HUB_ENDPOINT, Reference
+from .stamps import FileStamp, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -424,15 +425,11 @@ def default_locations(
     return Locations(SYSTEM_FILE, (SYSTEM_DROP_IN_DIR, user_dir))
 
 
-Stamp = tuple[tuple[str, int, int, int, int], ...]
+Stamp = tuple[tuple[str, FileStamp | None], ...]
 
 
-def _stamp(path: Path) -> tuple[str, int, int, int, int]:
-    try:
-        st = path.stat()
-    except OSError:
-        return (str(path), -1, -1, -1, -1)
-    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def _stamp(path: Path) -> tuple[str, FileStamp | None]:
+    return (str(path), file_stamp(path))
 
 
 def _drop_ins(directory: Path) -> list[Path]:
