@@ -102,9 +102,10 @@ async def load_layer_index(
     Raises :class:`TocMismatchError` (digest), :class:`TocError` (footer) or another
     :class:`store.estargz.EstargzError` naming the bad entry; the layer is then refused.
     ``on_verified`` is called (in the trio thread) with the ``.prefetch.landmark`` offset
-    hint of the verified TOC and its prefetch ranges (:attr:`TocScan.prefetch_ranges
-    <store.estargz.TocScan.prefetch_ranges>`; None: the whole region) before the index is
-    built; the view keeps the ranges (:attr:`EstargzLayerView.prefetch_ranges`). With
+    hint of the verified TOC and its prefetch ranges in the order to fetch them
+    (:attr:`TocScan.fetch_ranges <store.estargz.TocScan.fetch_ranges>`: the TOC's order, else
+    ascending; None: the whole region in blob order) before the index is built; the view
+    keeps the ranges, ascending (:attr:`EstargzLayerView.prefetch_ranges`). With
     ``zstd_chunked`` (the layer's annotations) the TOC is read where they say and
     ``toc_digest`` is its manifest checksum (sha256 of the compressed TOC); the footer is not
     read. ``timeline`` (the layer's view of :class:`store.timeline.Timeline`) receives the
@@ -152,7 +153,7 @@ async def load_layer_index(
     if footer.compression == "zstd":
         checksum = await trio.to_thread.run_sync(estargz.manifest_checksum, toc_bytes)
     if on_verified is not None:
-        on_verified(scan.landmark_offset, scan.prefetch_ranges)
+        on_verified(scan.landmark_offset, scan.fetch_ranges)
 
     def build() -> LayerIndex:
         # Inflated once: the scan kept a TOC small enough to be decoded whole.

@@ -42,6 +42,7 @@ from store.chunks import ONE_WINDOW, BlobReader, ChunkRef, ChunkSource, Download
 from store.estargz.head import HeadHint, head_hint
 from store.priority import Foreground
 from store.registry.reference import digest_hasher
+from store.spans import merge_spans
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class _Region:
     claimed: list[bool] = field(default_factory=list)
     users: list[int] = field(default_factory=list)
     final: bool = False  # the end is the TOC's, not a guess
+    # The order workers claim pieces in (indices into ``pieces``); None: blob order.
+    order: list[int] | None = None
     expected: bool = False  # the prefetch said which pieces it takes (AheadBlob.expect)
     more: trio.Event = field(default_factory=trio.Event)  # set when pieces are added
 
@@ -145,13 +148,13 @@ class _Region:
         self.more = trio.Event()
 
     def claim_batch(self, limit: int) -> list[int]:
-        """Claim the first unclaimed piece and the unclaimed ones after it, in blob order,
-        up to ``limit`` bytes and :data:`BATCH_PIECES` pieces in all (at least one piece; []
-        when none is left)."""
+        """Claim the first unclaimed piece and the unclaimed ones after it, in :attr:`order`
+        (blob order when None), up to ``limit`` bytes and :data:`BATCH_PIECES` pieces in all
+        (at least one piece; [] when none is left); returned ascending (one request)."""
         batch: list[int] = []
         total = 0
-        for i, taken in enumerate(self.claimed):
-            if taken:
+        for i in self.order if self.order is not None else range(len(self.pieces)):
+            if self.claimed[i]:
                 continue
             lo, hi = self.pieces[i]
             if batch and (total + (hi - lo) > limit or len(batch) >= BATCH_PIECES):
@@ -159,7 +162,17 @@ class _Region:
             self.claimed[i] = True
             batch.append(i)
             total += hi - lo
-        return batch
+        return sorted(batch)
+
+    def rank(self, listed: Sequence[tuple[int, int]]) -> None:
+        """Claim pieces in the order of ``listed`` (``[start, end)`` blob ranges in the order
+        to fetch them): a piece goes where the first listed range holding any of its bytes
+        is, pieces of one range in blob order, pieces no range holds last."""
+        rank = [len(listed)] * len(self.pieces)
+        for n, (lo, hi) in enumerate(listed):
+            for i in self.overlapping(lo, hi):
+                rank[i] = min(rank[i], n)
+        self.order = sorted(range(len(self.pieces)), key=lambda i: (rank[i], i))
 
     def overlapping(self, lo: int, hi: int) -> range:
         """The indices of the pieces holding any byte of ``[lo, hi)``."""
@@ -278,8 +291,9 @@ class AheadBlob:
         ranges: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         """Download ``[0, end)``, ``end`` the TOC's landmark offset — only the parts in
-        ``ranges`` (ascending ``[start, end)`` blob ranges) when given (once; ``None`` or 0:
-        nothing to do, and a speculative download stops)."""
+        ``ranges`` (``[start, end)`` blob ranges, not overlapping) when given, in the order
+        they are listed (:data:`store.estargz.PREFETCH_ORDER_KEY`; ascending: blob order) —
+        once; ``None`` or 0: nothing to do, and a speculative download stops."""
         if self._started:
             return
         self._started = True
@@ -292,8 +306,10 @@ class AheadBlob:
             return
         end = min(end, self.blob.size)
         wanted = [(0, end)]
+        listed: list[tuple[int, int]] = []
         if ranges is not None:
-            wanted = [(lo, min(hi, end)) for lo, hi in ranges if lo < end]
+            listed = [(lo, min(hi, end)) for lo, hi in ranges if lo < end]
+            wanted = merge_spans(listed)
         if region is None:
             region = self._region = _Region(end=0)
         else:  # a speculative start: pieces past the end are not needed
@@ -311,6 +327,8 @@ class AheadBlob:
                 region.add(max(lo, covered), hi, min(AHEAD_PIECE, PREFETCH_PIECE), first)
                 first = None
         region.end = end if covered <= end else covered
+        if listed != sorted(listed):
+            region.rank(listed)
         nursery.start_soon(self._run, region)
 
     async def _run(self, region: _Region) -> None:

@@ -35,8 +35,10 @@ import msgspec
 
 from .errors import InvalidToc, TocDigestMismatch
 from .footer import (
+    MAX_PREFETCH_ORDER,
     MAX_PREFETCH_RANGES,
     PREFETCH_LANDMARK,
+    PREFETCH_ORDER_KEY,
     PREFETCH_RANGES_KEY,
     TOC_TAR_NAME,
     Footer,
@@ -142,6 +144,16 @@ class TocScan:
     # The landmark entry's ``PREFETCH_RANGES_KEY``: ``[start, end)`` blob ranges before the
     # landmark worth prefetching (None: the whole region). A hint only, as the offset is.
     prefetch_ranges: tuple[tuple[int, int], ...] | None = None
+    # Its ``PREFETCH_ORDER_KEY``: the region's ranges in the order to fetch them
+    # (:func:`prefetch_order`; None: blob order). A hint only, as the ranges are.
+    prefetch_order: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def fetch_ranges(self) -> tuple[tuple[int, int], ...] | None:
+        """What the early download takes, in the order to take it: :attr:`prefetch_order`
+        when the TOC gives one, else :attr:`prefetch_ranges` (ascending; None: the whole
+        region in blob order)."""
+        return self.prefetch_order if self.prefetch_order is not None else self.prefetch_ranges
 
 
 def toc_digest(toc_json: bytes) -> str:
@@ -198,6 +210,7 @@ def scan_toc(
     carry = b""
     names = 0  # "name" keys: at least the entry count (a string can add, never hide one)
     ranges: tuple[tuple[int, int], ...] | None = None
+    order: tuple[tuple[int, int], ...] | None = None
     kept: list[bytes] | None = [] if keep else None
     for piece in toc_json_pieces(data, footer, limits):
         h.update(piece)
@@ -214,12 +227,19 @@ def scan_toc(
                 "(the limit on TOC entries)"
             )
         if hint is None:
-            hint, ranges = landmark_hint(window)
+            hint, ranges, order = _landmark_fields(window)
         carry = window[-(64 << 10) :]
     json = b"".join(kept) if kept is not None else None
     if hint is not None:
         hint = min(hint, footer.toc_offset)
-    return TocScan("sha256:" + h.hexdigest(), size, hint, json, ranges if hint else None)
+    return TocScan(
+        "sha256:" + h.hexdigest(),
+        size,
+        hint,
+        json,
+        ranges if hint else None,
+        order if hint else None,
+    )
 
 
 # The landmark entry: a flat JSON object (no ``{`` or ``}`` inside, as the writer lays it out)
@@ -258,6 +278,9 @@ _OFFSET_DIGITS = len(str((1 << 63) - 1))  # a longer number is no offset (nor an
 _RANGES_FIELD = re.compile(
     rb'"' + re.escape(PREFETCH_RANGES_KEY.encode()) + rb'"\s*:\s*\[([0-9,\s]*)\]', re.ASCII
 )
+_ORDER_FIELD = re.compile(
+    rb'"' + re.escape(PREFETCH_ORDER_KEY.encode()) + rb'"\s*:\s*\[([0-9,\s]*)\]', re.ASCII
+)
 
 
 def landmark_offset_hint(raw: bytes) -> int | None:
@@ -282,6 +305,15 @@ def landmark_hint(raw: bytes) -> tuple[int | None, tuple[tuple[int, int], ...] |
     looked at once, however many finds it holds (a hostile TOC may repeat the name as a key
     thousands of times in one object).
     """
+    offset, ranges, _order = _landmark_fields(raw)
+    return offset, ranges
+
+
+def _landmark_fields(
+    raw: bytes,
+) -> tuple[int | None, tuple[tuple[int, int], ...] | None, tuple[tuple[int, int], ...] | None]:
+    """:func:`landmark_hint`, and the entry's :data:`~.footer.PREFETCH_ORDER_KEY` ranges
+    (:func:`prefetch_order`; None when absent or unreadable)."""
     pos = 0  # no byte before it is looked at again; past the start, raw[pos] is a brace
     while (name := _landmark_name(raw, pos)) is not None:
         start, end = name
@@ -297,17 +329,26 @@ def landmark_hint(raw: bytes) -> tuple[int | None, tuple[tuple[int, int], ...] |
             continue  # the name is there as a key or another value, not as the name
         offset_field = _OFFSET_FIELD.search(raw, lo, hi)
         if offset_field is None or len(offset_field.group(1)) > _OFFSET_DIGITS:
-            return None, None
+            return None, None, None
         offset = int(offset_field.group(1))
-        listed = _RANGES_FIELD.search(raw, lo, hi)
-        if listed is None:
-            return offset, None
-        try:
-            flat = [int(v) for v in listed.group(1).split(b",") if v.strip()]
-        except ValueError:
-            return offset, None
-        return offset, prefetch_ranges(flat, offset)
-    return None, None
+        flat = _int_list(_RANGES_FIELD.search(raw, lo, hi))
+        listed = _int_list(_ORDER_FIELD.search(raw, lo, hi))
+        return (
+            offset,
+            None if flat is None else prefetch_ranges(flat, offset),
+            None if listed is None else prefetch_order(listed, offset),
+        )
+    return None, None, None
+
+
+def _int_list(found: re.Match[bytes] | None) -> list[int] | None:
+    """The integers of a matched ``[…]`` list field; None when absent or not integers."""
+    if found is None:
+        return None
+    try:
+        return [int(v) for v in found.group(1).split(b",") if v.strip()]
+    except ValueError:
+        return None
 
 
 def touches(ranges: Sequence[tuple[int, int]], lo: int, hi: int) -> bool:
@@ -341,6 +382,24 @@ def prefetch_ranges(flat: list[int], end: int) -> tuple[tuple[int, int], ...] | 
         else:
             out.append((lo, min(hi, end)))
     return tuple(out)
+
+
+def prefetch_order(flat: list[int], end: int) -> tuple[tuple[int, int], ...] | None:
+    """``[start, end, start, end, …]`` as ``(start, end)`` pairs in the listed order (the
+    order to fetch them in), each cut at ``end`` (the landmark's offset), those starting at
+    or past it left out; None (blob order) unless the list is non-empty pairs, not
+    overlapping one another, at most :data:`~.footer.MAX_PREFETCH_ORDER` of them — a
+    malformed hint costs the order, nothing else.
+    """
+    if len(flat) % 2 or len(flat) > 2 * MAX_PREFETCH_ORDER:
+        return None
+    pairs = list(zip(flat[::2], flat[1::2], strict=True))
+    if any(not 0 <= lo < hi for lo, hi in pairs):
+        return None
+    ascending = sorted(pairs)
+    if any(a[1] > b[0] for a, b in itertools.pairwise(ascending)):
+        return None
+    return tuple((lo, min(hi, end)) for lo, hi in pairs if lo < end)
 
 
 # -- the container: gzip member + tar entry, or a zstd frame ------------------------------

@@ -12,6 +12,11 @@ Layout follows the Go writer (containerd/stargz-snapshotter ``estargz.Writer``/`
   ``.prefetch.landmark`` TOC entry lists the blob ranges of the chunks that were read
   (:data:`~.footer.PREFETCH_RANGES_KEY`), so a prefetch can skip the rest of the region.
   Readers that do not know the key prefetch the whole region, as before;
+* fetch order (``read_order``, from the same trace): the ``.prefetch.landmark`` entry also
+  lists the region's chunks in the order the workload first read them
+  (:data:`~.footer.PREFETCH_ORDER_KEY`), so a prefetch brings in what is read first first,
+  across files; a prioritized file read whole but in more than one go is cut into
+  :data:`ORDER_CHUNK_SIZE` chunks for it;
 * TOC entries carry ``digest`` (sha256 of the whole file) and ``chunkDigest`` (sha256 of the
   chunk's bytes); the reg entry doubles as its first chunk; ``chunkSize`` is written for
   every chunk except a trailing partial one;
@@ -65,9 +70,11 @@ except ImportError:  # pragma: no cover - zlib-ng is a dependency; stdlib zlib s
 from ..spans import merge_spans
 from .footer import (
     LANDMARK_CONTENTS,
+    MAX_PREFETCH_ORDER,
     MAX_PREFETCH_RANGES,
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
+    PREFETCH_ORDER_KEY,
     PREFETCH_RANGES_KEY,
     TOC_TAR_NAME,
     estargz_footer_bytes,
@@ -80,6 +87,10 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 # beyond the bytes read is at most one chunk per range end. 64 KiB: readers take 4-128 KiB at
 # a time (pages, the kernel's read-ahead), and each chunk costs a TOC entry (~150 bytes).
 RANGE_CHUNK_SIZE = 64 << 10
+# Chunks of a prioritized file read whole but at different times (``read_order``): what the
+# fetch order can tell apart. 256 KiB: the unit a store's early download fetches in
+# (store.prefetch.AHEAD_PIECE); smaller members compress a little worse.
+ORDER_CHUNK_SIZE = 256 << 10
 DEFAULT_LEVEL = 9  # the Go library's default (gzip.BestCompression)
 BATCH_BYTES = 1 << 20  # small members are compressed in batches of about this size
 XATTR_PREFIX = "SCHILY.xattr."
@@ -122,6 +133,7 @@ def convert(
     prioritized_files: Iterable[str] = (),
     read_ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     range_chunk_size: int = RANGE_CHUNK_SIZE,
+    read_order: Mapping[str, Sequence[tuple[int, int, int]]] | None = None,
     workers: int | None = None,
     landmark_mtime: int = 0,
 ) -> ConvertResult:
@@ -131,6 +143,13 @@ def convert(
     a workload read (an access trace; a file not in it counts as read whole): a file read in
     part is chunked at ``range_chunk_size`` bytes, and the landmark's TOC entry names the
     chunks read (module doc).
+
+    ``read_order`` maps a prioritized file's path to ``(start, end, seq)`` tuples: its
+    ``[start, end)`` bytes were first read by the workload's read number ``seq`` (one count
+    over every file of the run). The landmark's TOC entry then lists the region's chunks in
+    that order (:data:`~.footer.PREFETCH_ORDER_KEY`; a chunk with no read of its own goes
+    with the chunk before it), and a file read whole in more than one read is chunked at
+    :data:`ORDER_CHUNK_SIZE` (at most ``chunk_size``).
 
     ``landmark_mtime`` is the landmark's modification time (whole seconds since the epoch;
     default 0). One layer tar always converts to the same blob and TOC, and an image that
@@ -160,7 +179,7 @@ def convert(
             if not prioritized:
                 w.add_landmark(NO_PREFETCH_LANDMARK)
             else:
-                w.start_region(read_ranges or {}, range_chunk_size)
+                w.start_region(read_ranges or {}, range_chunk_size, read_order or {})
             with _seekable(plain) as spool:
                 for item in _ordered(spool, prioritized):
                     w.add(*item)
@@ -530,16 +549,26 @@ class _LayerWriter:
         # The prioritized region, while it is written: each payload member's index and
         # whether a chunk the trace read starts it; then the landmark's TOC entry.
         self.region: list[tuple[int, bool]] | None = None
+        self.region_seq: list[int | None] = []  # per region member: its first read's number
         self.read_ranges: dict[str, list[tuple[int, int]]] = {}
+        self.read_order: dict[str, list[tuple[int, int, int]]] = {}
         self.range_chunk_size = chunk_size
         self.landmark_entry: dict[str, Any] | None = None
 
     def start_region(
-        self, read_ranges: Mapping[str, Sequence[tuple[int, int]]], range_chunk_size: int
+        self,
+        read_ranges: Mapping[str, Sequence[tuple[int, int]]],
+        range_chunk_size: int,
+        read_order: Mapping[str, Sequence[tuple[int, int, int]]] | None = None,
     ) -> None:
         """The prioritized files come next, until the prefetch landmark: note their chunks."""
         self.region = []
+        self.region_seq = []
         self.read_ranges = {clean_name(k): _merged(v) for k, v in read_ranges.items()}
+        self.read_order = {
+            clean_name(k): sorted((max(0, int(a)), int(b), int(q)) for a, b, q in v if b > a)
+            for k, v in (read_order or {}).items()
+        }
         self.range_chunk_size = range_chunk_size
 
     def add_landmark(self, name: str) -> None:
@@ -572,12 +601,17 @@ class _LayerWriter:
         assert payload is not None
         chunk_size = self.chunk_size
         read: list[tuple[int, int]] | None = None  # None: read whole (or not prioritized)
+        order: list[tuple[int, int, int]] = []  # its first reads, by start
         if self.region is not None and self.landmark_entry is None:
             read = self.read_ranges.get(clean_name(ti.name))
+            order = self.read_order.get(clean_name(ti.name), [])
             if read is not None and _covers(read, ti.size):
                 read = None
             if read is not None:
                 chunk_size = self.range_chunk_size
+            elif len({q for _, _, q in order}) > 1:
+                chunk_size = min(chunk_size, ORDER_CHUNK_SIZE)
+        k = 0  # order[:k] lie wholly before the chunk being written
         whole = hashlib.sha256() if ti.size > chunk_size else None
         done = 0
         chunk_entry = entry
@@ -596,6 +630,16 @@ class _LayerWriter:
             self.fixups.append((chunk_entry, idx))
             if self.region is not None and self.landmark_entry is None:
                 self.region.append((idx, read is None or touches(read, done, done + n)))
+                # the earliest read of this chunk's bytes (order: by start)
+                while k < len(order) and order[k][1] <= done:
+                    k += 1
+                seq: int | None = None
+                j = k
+                while j < len(order) and order[j][0] < done + n:
+                    if order[j][1] > done and (seq is None or order[j][2] < seq):
+                        seq = order[j][2]
+                    j += 1
+                self.region_seq.append(seq)
             done += n
             if done < ti.size:
                 chunk_entry = {"name": ti.name, "type": "chunk"}
@@ -605,6 +649,15 @@ class _LayerWriter:
         pad = -ti.size % tarfile.BLOCKSIZE
         if pad:
             self.m.write(b"\0" * pad)
+
+    def _region_spans(self, toc_offset: int) -> list[tuple[int, int]]:
+        """The compressed ``[start, end)`` blob span of each region member (its chunk and the
+        tar headers riding in it), in blob order."""
+        offsets = self.m.offsets
+        return [
+            (offsets[i], offsets[i + 1] if i + 1 < len(offsets) else toc_offset)
+            for i, _wanted in self.region or ()
+        ]
 
     def _toc_entry(self, ti: tarfile.TarInfo, etype: str) -> dict[str, Any]:
         e: dict[str, Any] = {"name": ti.name + ("/" if etype == "dir" else ""), "type": etype}
@@ -663,6 +716,16 @@ class _LayerWriter:
             ]
             flat = [v for span in _joined(spans, MAX_PREFETCH_RANGES) for v in span]
             self.landmark_entry[PREFETCH_RANGES_KEY] = flat
+        if (
+            self.landmark_entry is not None
+            and region
+            and any(q is not None for q in self.region_seq)
+        ):
+            listed = self.landmark_entry.get(PREFETCH_RANGES_KEY)
+            fetched = None if listed is None else list(zip(listed[::2], listed[1::2], strict=True))
+            order = _fetch_order(self._region_spans(toc_offset), self.region_seq, fetched)
+            if order is not None:
+                self.landmark_entry[PREFETCH_ORDER_KEY] = [v for span in order for v in span]
         for e in self.entries:
             if e.get("type") == "chunk":
                 # Go's field order: name, type, offset, chunkOffset, chunkSize, chunkDigest
@@ -828,6 +891,44 @@ def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 def _covers(ranges: list[tuple[int, int]], size: int) -> bool:
     """Whether merged ``ranges`` hold all of ``[0, size)``."""
     return bool(ranges) and ranges[0][0] <= 0 and ranges[0][1] >= size
+
+
+def _fetch_order(
+    spans: Sequence[tuple[int, int]],
+    seqs: Sequence[int | None],
+    fetched: Sequence[tuple[int, int]] | None,
+    most: int = MAX_PREFETCH_ORDER,
+) -> list[tuple[int, int]] | None:
+    """The :data:`~.footer.PREFETCH_ORDER_KEY` ranges: the region members' ``spans`` (blob
+    order) that a prefetch takes — those inside ``fetched`` (the ranges key's, ascending;
+    None: all) — sorted by the number of the read that first took their bytes (``seqs``,
+    one per span; None: the member before it's, the first ones' first of all), then by
+    offset, and neighbours in both orders joined. Coarsened (reads taken in groups of 2, 4,
+    8, …) until at most ``most`` ranges remain; None when the order is blob order anyway, or
+    cannot be listed within ``most``."""
+    rows: list[tuple[int, int, int]] = []  # (seq, start, end)
+    last = -1
+    for (lo, hi), seq in zip(spans, seqs, strict=True):
+        if seq is not None:
+            last = seq
+        if fetched is None or touches(fetched, lo, hi):
+            rows.append((last if seq is None else seq, lo, hi))
+    if not rows:
+        return None
+    rank = {q: n for n, q in enumerate(sorted({q for q, _, _ in rows}))}
+    group = 1
+    while True:
+        out: list[tuple[int, int]] = []
+        for _q, lo, hi in sorted(rows, key=lambda r: (rank[r[0]] // group, r[1])):
+            if out and out[-1][1] == lo:
+                out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+        if out == sorted(out) or group >= len(rank):
+            return None  # blob order: the key would say nothing
+        if len(out) <= most:
+            return out
+        group *= 2
 
 
 def _joined(spans: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:

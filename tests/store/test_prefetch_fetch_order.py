@@ -1,0 +1,202 @@
+"""Fetch order: the writer lists the prioritized region's chunks in the order a traced
+workload first read them (``read_order`` → :data:`PREFETCH_ORDER_KEY`), the TOC scan hands
+that order to the early download, and :class:`AheadBlob` puts the region on the wire in it —
+across files, where blob order keeps each file whole."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import stat
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from store.estargz import (
+    MAX_PREFETCH_ORDER,
+    PREFETCH_ORDER_KEY,
+    PREFETCH_RANGES_KEY,
+    BytesBlobSource,
+    EstargzReader,
+    convert,
+    prefetch_order,
+)
+from store.estargz.toc import landmark_hint
+from store.estargz.writer import DEFAULT_CHUNK_SIZE, ORDER_CHUNK_SIZE, _fetch_order
+from store.estargz_view import load_layer_index
+from store.layer import AheadBlob
+from tests.store.conftest import FileBlob, tar_of, view_layer
+
+LIB = random.Random(21).randbytes(1 << 20)  # read in three goes, early, late, later
+ARCHIVE = random.Random(22).randbytes(600_000)  # read whole, in one go, between them
+PART = random.Random(23).randbytes(700_000)  # read in part
+REST = random.Random(24).randbytes(100_000)  # not read
+FILES = {"lib.so": LIB, "archive": ARCHIVE, "part": PART, "rest": REST}
+PRIORITIZED = ["lib.so", "archive", "part"]
+ORDER = {
+    "lib.so": [(0, 65536, 0), (65536, 1 << 19, 9), ((1 << 19) + 65536, 1 << 20, 20)],
+    "archive": [(0, 600_000, 3)],
+    "part": [(300_000, 320_000, 1)],
+}
+RANGES = {"lib.so": [(0, 1 << 19), ((1 << 19) + 65536, 1 << 20)], "part": [(300_000, 320_000)]}
+
+
+def _convert(**kw) -> tuple[bytes, str]:
+    out = io.BytesIO()
+    res = convert(io.BytesIO(tar_of(FILES)), out, level=1, prioritized_files=PRIORITIZED, **kw)
+    return out.getvalue(), res.toc_digest
+
+
+def _landmark(data: bytes, toc_digest: str) -> tuple[dict, EstargzReader]:
+    reader = EstargzReader(BytesBlobSource(data), toc_digest)
+    (entry,) = [e for e in reader.toc.entries if e["name"] == ".prefetch.landmark"]
+    return entry, reader
+
+
+def _pairs(flat: list[int]) -> list[tuple[int, int]]:
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _chunks(reader: EstargzReader, name: str) -> list[tuple[int, int]]:
+    """``(chunk offset in the file, blob offset)`` of each of a file's chunks."""
+    return [
+        (e.get("chunkOffset", 0), e["offset"])
+        for e in reader.toc.entries
+        if e["name"] == name and e["type"] in ("reg", "chunk")
+    ]
+
+
+def test_the_landmark_lists_the_chunks_in_first_read_order():
+    data, toc_digest = _convert(read_order=ORDER)
+    entry, reader = _landmark(data, toc_digest)
+    order = _pairs(entry[PREFETCH_ORDER_KEY])
+    starts = {name: dict(_chunks(reader, name)) for name in PRIORITIZED}
+    # Each listed range starts at a chunk: which file's, at what file offset.
+    where = {blob: (name, off) for name in starts for off, blob in starts[name].items()}
+    firsts = [where[lo] for lo, _hi in order]
+    # lib.so's first chunk (read 0), part (1), archive (3), then the rest of lib.so (9, 20:
+    # its chunks follow one another both in blob order and in read order, so one range).
+    assert firsts == [("lib.so", 0), ("part", 0), ("archive", 0), ("lib.so", 262144)]
+    assert order[-1][1] == starts["archive"][0]  # the rest of lib.so runs up to archive
+    # lib.so was read whole in several goes: cut for the order; archive in one go: whole.
+    assert [off for off, _ in _chunks(reader, "lib.so")] == [0, 262144, 524288, 786432]
+    assert ORDER_CHUNK_SIZE == 262144 and len(_chunks(reader, "archive")) == 1
+
+
+def test_the_order_covers_exactly_what_the_ranges_key_prefetches():
+    data, toc_digest = _convert(read_order=ORDER, read_ranges=RANGES)
+    entry, _reader = _landmark(data, toc_digest)
+    ranges = _pairs(entry[PREFETCH_RANGES_KEY])
+    order = _pairs(entry[PREFETCH_ORDER_KEY])
+    assert ranges == sorted(ranges) and order != sorted(order)
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(order):
+        if merged and merged[-1][1] == lo:
+            merged[-1] = (merged[-1][0], hi)
+        else:
+            merged.append((lo, hi))
+    assert merged == ranges
+
+
+def test_no_order_key_without_an_order_or_when_it_is_blob_order():
+    data, toc_digest = _convert()
+    assert PREFETCH_ORDER_KEY not in _landmark(data, toc_digest)[0]
+    in_blob_order = {"lib.so": [(0, 1 << 20, 0)], "archive": [(0, 600_000, 1)]}
+    data, toc_digest = _convert(read_order=in_blob_order)
+    entry, reader = _landmark(data, toc_digest)
+    assert PREFETCH_ORDER_KEY not in entry
+    assert len(_chunks(reader, "lib.so")) == -(-len(LIB) // DEFAULT_CHUNK_SIZE)
+
+
+def test_the_converted_layer_reads_back_the_same():
+    data, toc_digest = _convert(read_order=ORDER, read_ranges=RANGES)
+    _entry, reader = _landmark(data, toc_digest)
+    for name, content in FILES.items():
+        assert reader.read_file(name) == content, name
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seqs=st.lists(st.one_of(st.none(), st.integers(0, 40)), min_size=1, max_size=60),
+    most=st.integers(1, 12),
+    data=st.data(),
+)
+def test_fetch_order_covers_the_fetched_spans_within_most(seqs, most, data):
+    spans = [(i * 10, i * 10 + 10) for i in range(len(seqs))]
+    keep = data.draw(st.lists(st.booleans(), min_size=len(seqs), max_size=len(seqs)))
+    fetched = [s for s, k in zip(spans, keep, strict=True) if k] or None
+    out = _fetch_order(spans, seqs, fetched, most)
+    if out is None:
+        return
+    assert len(out) <= most and out != sorted(out)
+    covered = sorted(p for lo, hi in out for p in range(lo, hi, 10))
+    want = [lo for lo, _ in (fetched or spans)]
+    assert covered == want  # every fetched span once, nothing else
+
+
+def test_fetch_order_coarsens_to_stay_within_most():
+    spans = [(i, i + 1) for i in range(8)]
+    seqs = [5, 4, 7, 6, 1, 0, 3, 2]  # the second half first, each pair read backwards
+    exact = [(5, 6), (4, 5), (7, 8), (6, 7), (1, 2), (0, 1), (3, 4), (2, 3)]
+    assert _fetch_order(spans, seqs, None) == exact
+    assert _fetch_order(spans, seqs, None, most=4) == [(4, 8), (0, 4)]  # reads in twos
+    assert _fetch_order(spans, seqs, None, most=1) is None  # only blob order is one range
+
+
+@pytest.mark.parametrize(
+    ("flat", "end", "want"),
+    [
+        ([50, 60, 0, 10, 20, 30], 100, ((50, 60), (0, 10), (20, 30))),
+        ([50, 60, 0, 10], 55, ((50, 55), (0, 10))),
+        ([150, 160, 0, 10], 100, ((0, 10),)),
+        ([0, 10, 5, 20], 100, None),  # overlapping
+        ([10, 10], 100, None),  # empty
+        ([0, 10, 20], 100, None),  # not pairs
+    ],
+)
+def test_prefetch_order_reads_a_valid_list_and_refuses_others(flat, end, want):
+    assert prefetch_order(flat, end) == want
+
+
+def test_prefetch_order_refuses_a_list_over_the_most():
+    flat = [v for i in range(MAX_PREFETCH_ORDER + 1) for v in (2 * i, 2 * i + 1)]
+    assert prefetch_order(flat, 1 << 40) is None
+    assert prefetch_order(flat[:-2], 1 << 40) is not None
+
+
+def test_the_landmark_hint_is_unchanged_by_an_order():
+    data, toc_digest = _convert(read_order=ORDER, read_ranges=RANGES)
+    entry, _reader = _landmark(data, toc_digest)
+    offset, ranges = landmark_hint(json.dumps({"entries": [entry]}).encode())
+    assert offset == entry["offset"] and ranges == tuple(_pairs(entry[PREFETCH_RANGES_KEY]))
+
+
+@pytest.mark.anyio
+async def test_the_early_download_puts_the_region_on_the_wire_in_the_listed_order(
+    tmp_path, monkeypatch
+):
+    """One stream, pieces of 64 KiB: the requests follow the TOC's order (through
+    ``on_verified``), and the layer still reads back every byte."""
+    monkeypatch.setattr("store.prefetch.PREFETCH_STREAMS", 1)
+    monkeypatch.setattr("store.prefetch.AHEAD_PIECE", 64 << 10)
+    monkeypatch.setattr("store.prefetch.PREFETCH_PIECE", 64 << 10)
+    data, toc_digest = _convert(read_order=ORDER, read_ranges=RANGES)
+    entry, _reader = _landmark(data, toc_digest)
+    order = _pairs(entry[PREFETCH_ORDER_KEY])
+    path = tmp_path / "layer.blob"
+    path.write_bytes(data)
+    blob = FileBlob(path)
+    ahead = AheadBlob(blob)
+    async with trio.open_nursery() as nursery:
+        view = await load_layer_index(ahead, toc_digest, lambda e, r: ahead.start(e, nursery, r))
+    asked = [r for req in blob.requests for r in req if r[1] <= entry["offset"]]
+    # Each request's pieces lie in the listed range being worked on, ranges in their order.
+    rank = [next(n for n, (lo, hi) in enumerate(order) if lo < b and a < hi) for a, b in asked]
+    assert rank == sorted(rank) and rank[-1] == len(order) - 1
+    layer = view_layer(view, ahead, toc_digest, tmp_path / "cache", "order")
+    for p, node in layer.tree.walk():
+        if stat.S_ISREG(node.mode) and p in FILES:
+            assert await layer.read_file(node, 0, node.size) == FILES[p], p
