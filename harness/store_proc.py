@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -384,6 +384,11 @@ class StoreProcess(Service):
         store writes them when it stops, so ask after :meth:`stop`."""
         return read_trace_ranges(self.trace_path)
 
+    def trace_order(self) -> dict[str, list[list[int]]]:
+        """When the workload first read each piece of each file (:func:`read_trace_order`):
+        written by the store when it stops, so ask after :meth:`stop`."""
+        return read_trace_order(self.trace_path)
+
 
 def read_trace(path: Path) -> list[str]:
     """Read an access trace (JSON lines). Each line names one layer and the files it served in
@@ -415,6 +420,26 @@ def read_trace(path: Path) -> list[str]:
     return list(seen)
 
 
+def _range_lines(path: Path, key: str) -> Iterator[tuple[str, list[Any]]]:
+    """``(path without a leading /, the list under key)`` of each line of the access trace at
+    ``path`` whose ``key`` is a list (the range lines, :mod:`store.metrics`); a missing trace
+    gives none, a torn or foreign line is skipped."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return
+    for line in text.splitlines():
+        try:
+            entry: Any = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue  # a torn last line
+        if not isinstance(entry, dict) or not isinstance(entry.get(key), list):
+            continue
+        name = entry.get("path")
+        if isinstance(name, str) and name:
+            yield name.lstrip("/"), entry[key]
+
+
 def read_trace_ranges(path: Path) -> dict[str, list[list[int]]]:
     """The byte ranges read per file from an access trace's range lines (``{"layer": …,
     "path": …, "ranges": [[start, end], …]}``, written by the store when it stops; see
@@ -424,23 +449,37 @@ def read_trace_ranges(path: Path) -> dict[str, list[list[int]]]:
     from store.metrics import merge_ranges
 
     found: dict[str, list[list[int]]] = {}
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    for line in text.splitlines():
-        try:
-            entry: Any = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        if not isinstance(entry, dict) or not isinstance(entry.get("ranges"), list):
-            continue
-        name = entry.get("path")
-        ranges = [
+    for name, ranges in _range_lines(path, "ranges"):
+        found.setdefault(name, []).extend(
             r
-            for r in entry["ranges"]
+            for r in ranges
             if isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
-        ]
-        if isinstance(name, str) and name:
-            found.setdefault(name.lstrip("/"), []).extend(ranges)
+        )
     return {name: merge_ranges(ranges) for name, ranges in found.items()}
+
+
+def read_trace_order(path: Path) -> dict[str, list[list[int]]]:
+    """The first-read order per file from an access trace's range lines (their ``"order":
+    [[start, end, seq], …]``; see :mod:`store.metrics`): path (no leading ``/``, keyed as
+    :func:`read_trace_ranges` keys it) → ``[start, end, seq]`` runs, ``[start, end)`` file
+    offsets first read by the read numbered ``seq`` (one counter across files and layers),
+    sorted, disjoint; a path in several layers gets each byte's smallest ``seq``
+    (:func:`store.metrics.merge_order`). Files without an order are absent; a missing trace,
+    one from a store that never stopped or from before the order was recorded gives ``{}``.
+    Malformed lines and entries are skipped."""
+    from store.metrics import merge_order
+
+    found: dict[str, list[list[int]]] = {}
+    for name, runs in _range_lines(path, "order"):
+        good = [
+            r
+            for r in runs
+            if isinstance(r, list)
+            and len(r) == 3
+            and all(type(x) is int for x in r)
+            and 0 <= r[0] < r[1]
+            and r[2] >= 0
+        ]
+        if good:
+            found.setdefault(name, []).extend(good)
+    return {name: merge_order(runs) for name, runs in found.items()}

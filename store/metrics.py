@@ -19,20 +19,37 @@ When the store stops, one more line per file read gives the byte ranges it serve
 in file offsets (``[start, end)``, sorted, neither overlapping nor touching)::
 
     {"layer": "sha256:…", "toc_digest": "sha256:…", "path": "usr/bin/python3",
-     "ranges": [[0, 4096], [65536, 1114112]]}
+     "ranges": [[0, 4096], [65536, 1114112]], …}
+
+A range line also gives the order in which the store first served each piece of the file,
+``"order": [[start, end, seq], …]``: ``[start, end)`` file offsets in :data:`ORDER_BLOCK`
+blocks (block ends, not clipped to the bytes read) and ``seq``, the sequence number of the
+read that first touched them, from one counter (from 0) shared by every read of every file
+of every layer in the store's life; sorted by ``start``, disjoint, touching runs of one
+``seq`` joined (:func:`merge_order`). Comparing ``seq`` across files and layers gives the
+order of first reads (a JVM reads pages of libjvm.so, then classes.jsa, then more of
+libjvm.so and ``modules``)::
+
+    {"layer": "sha256:…", "toc_digest": "sha256:…", "path": "usr/bin/python3",
+     "ranges": [[0, 4096], [65536, 1114112]], "order": [[0, 65536, 3], [65536, 1114112, 7]]}
+
+Readers from before the order ignore the key.
 
 They are written in one ``write`` after the last read (a reader that sees the trace earlier,
 or the trace of a store that was killed, has the files without their ranges); a reader that
 only wants the files can take every line's ``path`` (the range lines repeat names already
-seen). Recording a read costs O(1) (a sequential read extends the file's last range); the
-merging happens when the lines are written.
+seen). Recording a read costs O(1) for its ranges (a sequential read extends the file's
+last range) plus O(blocks it touches) for its order; the merging happens when the lines are
+written.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -114,6 +131,43 @@ def merge_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
     return [[start, end] for start, end in merge_spans((int(r[0]), int(r[1])) for r in ranges)]
 
 
+# The granularity of the first-read order (module docstring): 64 KiB blocks of a file.
+ORDER_BLOCK = 64 << 10
+
+
+def merge_order(runs: Iterable[Sequence[int]]) -> list[list[int]]:
+    """``[start, end, seq]`` runs (``[start, end)`` byte offsets, the sequence number of the
+    read that first touched them) as the trace's ``order`` gives them: each byte with the
+    smallest ``seq`` of the runs that cover it, in sorted disjoint runs, touching runs of the
+    same ``seq`` joined, empty ones dropped. ``[[0, 10, 5], [5, 20, 2], [20, 30, 2]]`` →
+    ``[[0, 5, 5], [5, 30, 2]]``; JSON-ready lists. O(n log n) for n runs."""
+    items = sorted((int(r[0]), int(r[1]), int(r[2])) for r in runs)
+    items = [r for r in items if r[1] > r[0]]
+    bounds = sorted({x for start, end, _ in items for x in (start, end)})
+    out: list[list[int]] = []
+    active: list[tuple[int, int]] = []  # heap of (seq, end) of the runs begun so far
+    i = 0
+    for lo, hi in itertools.pairwise(bounds):
+        while i < len(items) and items[i][0] <= lo:
+            heapq.heappush(active, (items[i][2], items[i][1]))
+            i += 1
+        while active and active[0][1] <= lo:
+            heapq.heappop(active)  # ended: no bound lies inside [lo, hi), so it misses it
+        if not active:
+            continue
+        seq = active[0][0]
+        if out and out[-1][1] == lo and out[-1][2] == seq:
+            out[-1][1] = hi
+        else:
+            out.append([lo, hi, seq])
+    return out
+
+
+def _order_runs(blocks: Mapping[int, int]) -> list[list[int]]:
+    """A file's ``{block index: seq}`` as the trace's ``order`` (:func:`merge_order`)."""
+    return merge_order([b * ORDER_BLOCK, (b + 1) * ORDER_BLOCK, seq] for b, seq in blocks.items())
+
+
 class AccessTrace:
     """Appends one JSON line per first read of a file, and the ranges read of each file when
     closed (see the module docstring)."""
@@ -124,6 +178,9 @@ class AccessTrace:
         # (layer digest, node index) -> ([layer digest, TOC digest, path], ranges as read)
         self._reads: dict[tuple[str, int], tuple[list[str], list[list[int]]]] = {}
         self._merge_at: dict[tuple[str, int], int] = {}  # list length that triggers a merge
+        # (layer digest, node index) -> {ORDER_BLOCK index: seq of the read that first touched it}
+        self._order: dict[tuple[str, int], dict[int, int]] = {}
+        self._seq = 0  # the next read's sequence number, across files and layers
 
     def record(self, layer: Layer, node: Node) -> None:
         line: dict[str, Any] = {
@@ -136,13 +193,21 @@ class AccessTrace:
         self._f.flush()
 
     def record_read(self, layer: Layer, node: Node, offset: int, size: int) -> None:
-        """``size`` bytes of ``node`` served from ``offset``: O(1) amortized (a read that
-        starts inside or right after the file's last range extends it; others are appended,
-        and a file's list is merged whenever it has doubled since its last merge, and at
-        :meth:`close`)."""
+        """``size`` bytes of ``node`` served from ``offset``: O(1) amortized for the ranges (a
+        read that starts inside or right after the file's last range extends it; others are
+        appended, and a file's list is merged whenever it has doubled since its last merge,
+        and at :meth:`close`), plus O(blocks touched) for the order: each :data:`ORDER_BLOCK`
+        block of the file this read is the first to touch gets its sequence number."""
         if size <= 0:
             return
         key = (layer.digest, node.index)
+        seq = self._seq
+        self._seq += 1
+        blocks = self._order.get(key)
+        if blocks is None:
+            blocks = self._order[key] = {}
+        for b in range(offset // ORDER_BLOCK, (offset + size - 1) // ORDER_BLOCK + 1):
+            blocks.setdefault(b, seq)
         found = self._reads.get(key)
         if found is None:
             names = [layer.digest, layer.toc_digest, layer.tree.path_of(node)]
@@ -161,15 +226,23 @@ class AccessTrace:
             self._merge_at[key] = max(64, 2 * len(ranges))
 
     def close(self) -> None:
-        """Write the ranges read of every file (one write), then close the trace."""
+        """Write the ranges read of every file and their first-read order (one write), then
+        close the trace."""
         lines = [
             json.dumps(
-                {"layer": layer, "toc_digest": toc, "path": path, "ranges": merge_ranges(ranges)}
+                {
+                    "layer": layer,
+                    "toc_digest": toc,
+                    "path": path,
+                    "ranges": merge_ranges(ranges),
+                    "order": _order_runs(self._order.get(key, {})),
+                }
             )
             + "\n"
-            for (layer, toc, path), ranges in self._reads.values()
+            for key, ((layer, toc, path), ranges) in self._reads.items()
         ]
         self._reads = {}
+        self._order = {}
         try:
             if lines:
                 self._f.write("".join(lines))
