@@ -202,6 +202,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     files = _read_prioritized(args.prioritized_files)
     read_ranges: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    read_order: tuple[tuple[str, tuple[tuple[int, int, int], ...]], ...] = ()
     try:
         if args.optimize:
             console.print(f"optimize: tracing the workload in {args.src}")
@@ -219,12 +220,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
             )
             files += [f.path for f in traced]
             read_ranges = tuple((f.path, f.ranges) for f in traced if f.ranges is not None)
+            read_order = tuple((f.path, f.order) for f in traced if f.order is not None)
         options = ConvertOptions(
             format=args.format,
             platform=args.platform,
             all_platforms=args.all_platforms,
             prioritized_files=tuple(files),
             read_ranges=read_ranges,
+            read_order=read_order,
             chunk_size=args.chunk_size,
             dest_tls_verify=args.dest_tls_verify,
             zstd_generation=generation,

@@ -5,14 +5,20 @@ pushed as eStargz without prioritized files to a registry on loopback, pulled th
 ``stargz-store`` (prefetch off, ``access_trace_path`` on, which turns its page-cache fill off:
 every read reaches the store) by a private podman, and run until its ready line (or its
 exit); the store's trace lists the files in first-access order and, once the store has
-stopped, the byte ranges read of each (:mod:`store.metrics`). Traces are cached under
-``<cache>/traces/`` by image, by how the workload is run and by :data:`TRACE_VERSION`:
+stopped, the byte ranges read of each and the order in which their pieces were first read
+(:mod:`store.metrics`). Traces are cached under ``<cache>/traces/`` by image, by how the
+workload is run and by :data:`TRACE_VERSION`:
 
 * ``<workload>-<key>.json`` — a JSON list of image paths in first-access order (the form every
   version of lazybench reads: the ``estargz`` mode prioritizes these files);
 * ``<workload>-<key>.ranges.json`` — beside it, written first, ``{path: [[start, end], …]}``:
   the merged ``[start, end)`` file offsets read of each file. Traces from before the store
-  recorded ranges have none: their files count whole (:func:`read_cached_trace`).
+  recorded ranges have none: their files count whole (:func:`read_cached_trace`);
+* ``<workload>-<key>.order.json`` — beside it too, written before the list, ``{path: [[start,
+  end, seq], …]}``: ``[start, end)`` file offsets (64 KiB blocks,
+  :data:`store.metrics.ORDER_BLOCK`) and ``seq``, the number of the read that first touched
+  them, from one counter across every file of the run: the order of first reads. Traces from
+  before version 3 have none (the cache key changed, so they are recorded again).
 """
 
 from __future__ import annotations
@@ -33,17 +39,22 @@ TRACE_STORE_COMMAND = ("stargz-store", "--config", "{config}", "--root", "{root}
 # In the cache key: traces recorded by an older store are not reused. 2: the stores from
 # d57e1e9 until 23685cc filled the kernel's page cache while tracing, so the reads the kernel
 # then answered (gcc: 6 of the 14 MB compressed) were missing from their traces.
-TRACE_VERSION = 2
+# 3: the trace records when each piece of each file was first read (the order file).
+TRACE_VERSION = 3
 
 
 @dataclass(frozen=True)
 class TracedFile:
     """One file a workload read: its image path (no leading ``/``) and the ``[start, end)``
     byte ranges read of it, merged and sorted; ``ranges`` None means unknown (a trace from
-    before ranges were recorded): the whole file."""
+    before ranges were recorded): the whole file. ``order``: ``(start, end, seq)`` runs
+    sorted by ``start`` — ``[start, end)`` file offsets first read by the run's read number
+    ``seq`` (one counter across files: comparable between TracedFiles of one trace); None:
+    unknown."""
 
     path: str
     ranges: tuple[tuple[int, int], ...] | None = None
+    order: tuple[tuple[int, int, int], ...] | None = None
 
 
 def trace_cache_path(image_hash: str, w: Any, cache_dir: Path | None = None) -> Path:
@@ -65,25 +76,39 @@ def ranges_path(trace: Path) -> Path:
     return trace.with_suffix(".ranges.json")
 
 
+def order_path(trace: Path) -> Path:
+    """The order file beside a cached trace (``x.json`` → ``x.order.json``)."""
+    return trace.with_suffix(".order.json")
+
+
+def _read_side(side: Path, what: str, trace: Path) -> dict[str, Any]:
+    """The JSON object in ``side`` (``{}`` when there is none); :class:`UserError` naming it
+    when it does not read as one."""
+    if not side.exists():
+        return {}
+    try:
+        found = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"trace {what} {side}: {exc}; delete it and {trace.name}") from None
+    if not isinstance(found, dict):
+        raise UserError(f"trace {what} {side}: not a JSON object; delete it")
+    return found
+
+
 def read_cached_trace(path: Path) -> list[TracedFile]:
-    """A cached trace: its files in first-access order, each with its ranges when the ranges
-    file beside it names them. Raises :class:`UserError` naming the file when it is not a
-    JSON list of paths (or its ranges file not a JSON object of range lists)."""
+    """A cached trace: its files in first-access order, each with its ranges and order when
+    the ranges and order files beside it name them. Raises :class:`UserError` naming the file
+    when it is not a JSON list of paths (or its ranges file not a JSON object of range lists,
+    its order file not one of ``[start, end, seq]`` lists)."""
     try:
         files = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"trace {path}: {exc}; delete it to trace the workload again") from None
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise UserError(f"trace {path}: not a JSON list of paths; delete it to trace again")
-    ranges: Any = {}
-    side = ranges_path(path)
-    if side.exists():
-        try:
-            ranges = json.loads(side.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"trace ranges {side}: {exc}; delete it and {path.name}") from None
-        if not isinstance(ranges, dict):
-            raise UserError(f"trace ranges {side}: not a JSON object; delete it")
+    side, oside = ranges_path(path), order_path(path)
+    ranges = _read_side(side, "ranges", path)
+    order = _read_side(oside, "order", path)
     out = []
     for name in files:
         found = ranges.get(name)
@@ -91,20 +116,30 @@ def read_cached_trace(path: Path) -> list[TracedFile]:
             rs = tuple((int(a), int(b)) for a, b in found) if found is not None else None
         except (TypeError, ValueError):
             raise UserError(f"trace ranges {side}: bad ranges for {name!r}: {found!r}") from None
-        out.append(TracedFile(name, rs))
+        runs = order.get(name)
+        try:
+            seqs = tuple((int(a), int(b), int(q)) for a, b, q in runs) if runs is not None else None
+        except (TypeError, ValueError):
+            raise UserError(f"trace order {oside}: bad order for {name!r}: {runs!r}") from None
+        out.append(TracedFile(name, rs, seqs))
     return out
 
 
 def write_cached_trace(
-    path: Path, files: Sequence[str], ranges: dict[str, list[list[int]]] | None
+    path: Path,
+    files: Sequence[str],
+    ranges: dict[str, list[list[int]]] | None,
+    order: dict[str, list[list[int]]] | None = None,
 ) -> None:
-    """Cache a trace (module docstring): the ranges file first, then the list, each atomically,
-    so a trace list that exists is complete."""
+    """Cache a trace (module docstring): the ranges and order files first (``{path: [[start,
+    end], …]}``, ``{path: [[start, end, seq], …]}``, kept for the paths in ``files``), then
+    the list, each atomically, so a trace list that exists is complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if ranges:
-        write_atomic(ranges_path(path), json.dumps({f: ranges[f] for f in files if f in ranges}))
-    else:  # none traced (a store that did not stop cleanly): no stale ranges beside the list
-        ranges_path(path).unlink(missing_ok=True)
+    for side, found in ((ranges_path(path), ranges), (order_path(path), order)):
+        if found:
+            write_atomic(side, json.dumps({f: found[f] for f in files if f in found}))
+        else:  # none traced (a store that did not stop cleanly): nothing stale beside the list
+            side.unlink(missing_ok=True)
     write_atomic(path, json.dumps(list(files)))
 
 
@@ -120,9 +155,10 @@ def traced_reads(
 ) -> list[TracedFile]:
     """The files workload ``w`` (a ``harness.prepare.ResolvedWorkload``) reads from
     ``built`` (a ``BuiltImage``), in first-access order, with the byte ranges read of each
-    (cached: :func:`trace_cache_path`). ``registry_host`` is a plain-HTTP registry the image
-    may be pushed to (as ``<repo>:trace``); ``work`` a scratch directory. Raises
-    :class:`UserError` when the workload does not get ready or its run fails."""
+    and the order of their first reads (cached: :func:`trace_cache_path`). ``registry_host``
+    is a plain-HTTP registry the image may be pushed to (as ``<repo>:trace``); ``work`` a
+    scratch directory. Raises :class:`UserError` when the workload does not get ready or its
+    run fails."""
     from harness.container import MeasurementError
     from harness.images import PushError
     from harness.podman import PodmanError
@@ -143,9 +179,10 @@ def traced_reads(
     # byte ranges read of each.
     files = store.trace_files()
     ranges = store.trace_ranges()
+    order = store.trace_order()
     if not files:
         say(f"  [yellow]trace {w.name}: the store traced no files[/]")
-    write_cached_trace(cache, files, ranges)
+    write_cached_trace(cache, files, ranges, order)
     say(f"  trace {w.name}: {len(files)} files, {len(ranges)} with their byte ranges")
     return read_cached_trace(cache)
 

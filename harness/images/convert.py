@@ -96,6 +96,9 @@ class ConvertOptions:
     # (path, ((start, end), …)): byte ranges a traced run read of prioritized files (eStargz:
     # files read in part get the chunk-level layout of store.estargz.convert)
     read_ranges: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    # (path, ((start, end, seq), …)): when that traced run first read each piece of those
+    # files (seq: one read counter across files; harness.trace.TracedFile.order); eStargz only
+    read_order: tuple[tuple[str, tuple[tuple[int, int, int], ...]], ...] = ()
     chunk_size: int | None = None
     level: int | None = None
     dest_tls_verify: bool | None = None  # None: off for a loopback registry, else as configured
@@ -497,6 +500,7 @@ def convert_layers(
                 options.zstd_generation,
                 tuple(options.prioritized_files),
                 options.read_ranges,
+                options.read_order,
                 options.chunk_size,
                 options.level,
                 cores,
@@ -582,6 +586,7 @@ def _convert_one(
     generation: str,
     prioritized: tuple[str, ...],
     read_ranges: tuple[tuple[str, tuple[tuple[int, int], ...]], ...],
+    read_order: tuple[tuple[str, tuple[tuple[int, int, int], ...]], ...],
     chunk_size: int | None,
     level: int | None,
     workers: int,
@@ -628,8 +633,15 @@ def _convert_one(
                 digest, size, diff_id, annotations = z.digest, z.size, z.diff_id, z.annotations
             else:
                 ranges = {clean_name(n): r for n, r in read_ranges if clean_name(n) in wanted}
+                order = {clean_name(n): r for n, r in read_order if clean_name(n) in wanted}
                 e = convert(  # type: ignore[arg-type]
-                    src, out, workers=workers, read_ranges=ranges, landmark_mtime=repeat, **kwargs
+                    src,
+                    out,
+                    workers=workers,
+                    read_ranges=ranges,
+                    read_order=order,
+                    landmark_mtime=repeat,
+                    **kwargs,
                 )
                 digest, size, diff_id = e.digest, e.size, e.diff_id
                 annotations = {
@@ -715,9 +727,11 @@ def optimize_files(
     say: Any = lambda message: None,
 ) -> list[TracedFile]:
     """The files the workload reads from ``src``, in first-access order, with the byte ranges
-    read of each: the image imported (cached), pushed unoptimized to a registry on loopback,
-    run once through our store with the access trace (``harness.trace``). ``command`` empty:
-    the image's own CMD; ``entrypoint`` None: the image's own ENTRYPOINT (empty: cleared)."""
+    read of each and the order of their first reads (:class:`~harness.trace.TracedFile`;
+    ``ConvertOptions.read_ranges`` and ``read_order`` take them): the image imported
+    (cached), pushed unoptimized to a registry on loopback, run once through our store with
+    the access trace (``harness.trace``). ``command`` empty: the image's own CMD;
+    ``entrypoint`` None: the image's own ENTRYPOINT (empty: cleared)."""
     from harness.images.source import import_image
     from harness.prepare import ResolvedWorkload
     from harness.registry_server import RegistryServer

@@ -469,3 +469,108 @@ def test_an_import_killed_part_way_is_swept(tiny, tmp_path: Path) -> None:
     assert staging.is_dir() and staging.parent == cache / "images"
     swept = stale.sweep(*stale.build_dirs(cache))
     assert [s.path for s in swept] == [staging] and not staging.exists()
+
+
+def _layer_blob(path: Path, files: dict[str, bytes]) -> dict:
+    """A gzip'd layer tar of ``files`` at ``path``; its descriptor."""
+    import gzip
+
+    from tests.harness.test_limit import _tar
+
+    path.write_bytes(gzip.compress(_tar(files), mtime=0))
+    return {
+        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+        "digest": "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest(),
+        "size": path.stat().st_size,
+    }
+
+
+@pytest.mark.parametrize("fmt", ["estargz", "zstd-chunked"])
+def test_a_layer_conversion_hands_the_first_read_order_to_the_estargz_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """The order of first reads goes to ``store.estargz.convert`` beside the ranges, keyed as
+    they are (the layer's files among the prioritized ones); zstd:chunked takes neither."""
+    import store.estargz
+    from harness.images.convert import _convert_one
+
+    desc = _layer_blob(tmp_path / "blob", {"usr/lib/a.so": b"a" * 5000, "etc/b": b"b"})
+    seen: dict[str, dict] = {}
+
+    def spy(name: str):
+        real = getattr(store.estargz, name)
+
+        def call(*args, **kwargs):
+            seen[name] = kwargs
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(store.estargz, "convert", spy("convert"))
+    monkeypatch.setattr(store.estargz, "write_zstd_chunked", spy("write_zstd_chunked"))
+    out = tmp_path / "out"
+    out.mkdir()
+    got = _convert_one(
+        0,
+        str(tmp_path / "blob"),
+        desc,
+        str(out),
+        fmt,
+        "podman5",
+        ("/usr/lib/a.so", "not/here"),
+        (("/usr/lib/a.so", ((0, 10),)), ("etc/b", ((0, 1),))),
+        (("/usr/lib/a.so", ((0, 65536, 3),)), ("etc/b", ((0, 65536, 1),))),
+        None,
+        None,
+        1,
+    )
+    assert got["prioritized"] == 1 and not got["passed_through"]
+    if fmt == "estargz":
+        assert seen["convert"]["read_order"] == {"usr/lib/a.so": ((0, 65536, 3),)}
+        assert seen["convert"]["read_ranges"] == {"usr/lib/a.so": ((0, 10),)}
+    else:
+        assert "read_order" not in seen["write_zstd_chunked"]
+        assert "read_ranges" not in seen["write_zstd_chunked"]
+
+
+def test_convert_optimize_takes_the_order_of_first_reads_from_the_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lazybench convert --optimize``: each traced file's order goes into the options, as
+    its ranges do (files without one are left out)."""
+    import harness.convert_cmd
+    import harness.images.convert
+    import harness.images.source
+    from harness.cli import build_parser
+    from harness.images.convert import ConvertReport
+    from harness.trace import TracedFile
+
+    traced = [
+        TracedFile("usr/lib/libjvm.so", ((0, 100),), ((0, 65536, 0), (65536, 131072, 2))),
+        TracedFile("usr/lib/classes.jsa", ((0, 9),), ((0, 65536, 1),)),
+        TracedFile("etc/hosts"),
+    ]
+    asked: list = []
+    monkeypatch.setattr(harness.convert_cmd, "require_root", lambda *a: None)
+    monkeypatch.setattr(harness.images.source, "check_source", lambda src: None)
+    monkeypatch.setattr(harness.images.convert, "optimize_files", lambda *a, **k: traced)
+
+    def convert_image(src, dest, options, **kwargs):
+        asked.append(options)
+        return ConvertReport(digest="sha256:" + "0" * 64)
+
+    monkeypatch.setattr(harness.images.convert, "convert_image", convert_image)
+    args = build_parser().parse_args(
+        ["convert", "--optimize", "--cache-dir", str(tmp_path), "oci:/src", f"oci:{tmp_path}/o:x"]
+    )
+    assert args.func(args) == 0
+    (options,) = asked
+    assert options.prioritized_files == ("usr/lib/libjvm.so", "usr/lib/classes.jsa", "etc/hosts")
+    assert options.read_order == (
+        ("usr/lib/libjvm.so", ((0, 65536, 0), (65536, 131072, 2))),
+        ("usr/lib/classes.jsa", ((0, 65536, 1),)),
+    )
+    assert options.read_ranges == (
+        ("usr/lib/libjvm.so", ((0, 100),)),
+        ("usr/lib/classes.jsa", ((0, 9),)),
+    )
