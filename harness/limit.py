@@ -241,7 +241,8 @@ def chunk_level_layout(image_dir: Path, traced: Sequence[Any]) -> Path | None:
     ranges = {f.path: f.ranges for f in traced if f.ranges is not None}
     if not ranges:
         return None
-    name = layout_name("estargz", [f.path for f in traced], read_ranges=ranges)
+    order = {f.path: f.order for f in traced if f.order is not None}
+    name = layout_name("estargz", [f.path for f in traced], read_ranges=ranges, read_order=order)
     path = image_dir / "oci" / name
     return path if (path / "index.json").is_file() else None
 

@@ -190,11 +190,12 @@ class ImagePreparer:
                 built = self._prepare_image(w)
                 _check_has_command(w, built.config)
                 for mode in self.scenario.modes_of(self.scenario.workload(w.name)):
-                    files = ranges = None
+                    files = ranges = order = None
                     if mode == "estargz":
                         traced = self._traced_reads(w, built, reg, work)
                         files = [f.path for f in traced]
                         ranges = {f.path: f.ranges for f in traced if f.ranges is not None}
+                        order = {f.path: f.order for f in traced if f.order is not None}
                     self.console.print(f"  push {w.name}:{mode}")
                     try:
                         pushed = _retry(
@@ -207,6 +208,7 @@ class ImagePreparer:
                                 image_mode(mode),
                                 prioritized_files=files,
                                 read_ranges=ranges,
+                                read_order=order,
                                 # podman 5.x partial-pulls only what its generation writes
                                 node=self.node if image_mode(mode) == "zstd-chunked" else None,
                             ),

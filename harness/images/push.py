@@ -117,6 +117,7 @@ def push_image(
     *,
     prioritized_files: Sequence[str] | None = None,
     read_ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    read_order: Mapping[str, Sequence[tuple[int, int, int]]] | None = None,
     chunk_size: int | None = None,
     timeout: float = 900.0,
     progress: Callable[[str], None] | None = None,
@@ -127,9 +128,11 @@ def push_image(
     ``prioritized_files`` (image paths, in access order) is used by mode ``estargz`` only; the
     runner gets it from a traced run, with ``read_ranges`` (image path → ``[start, end)`` byte
     ranges read; a file absent counts whole): the chunk-level layout of
-    :func:`store.estargz.convert`. Compressed layouts are cached, so pushing the same image
-    and mode again (another registry, another sample) costs only the upload. ``progress``
-    receives a line per layer converted. ``node`` (a runtime node) writes ``zstd-chunked`` with
+    :func:`store.estargz.convert`, and ``read_order`` (image path → ``(start, end, seq)``
+    first reads, ``harness.trace.TracedFile.order``): the fetch order it lists. Compressed
+    layouts are cached, so pushing the same image and mode again (another registry, another
+    sample) costs only the upload. ``progress`` receives a line per layer converted.
+    ``node`` (a runtime node) writes ``zstd-chunked`` with
     that node's skopeo: podman 5.x's partial pull reads only what its own generation writes.
     """
     if mode not in MODES:
@@ -140,6 +143,7 @@ def push_image(
         mode,
         prioritized_files=prioritized_files,
         read_ranges=read_ranges,
+        read_order=read_order,
         chunk_size=chunk_size,
         progress=progress,
         node=node,
@@ -160,6 +164,7 @@ def oci_layout(
     *,
     prioritized_files: Sequence[str] | None = None,
     read_ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    read_order: Mapping[str, Sequence[tuple[int, int, int]]] | None = None,
     chunk_size: int | None = None,
     progress: Callable[[str], None] | None = None,
     node: Node | None = None,
@@ -176,7 +181,12 @@ def oci_layout(
     """
     say = progress or (lambda message: None)
     ranges = _ranges_of(read_ranges) if mode == "estargz" else {}
-    final = built.dir / "oci" / layout_name(mode, prioritized_files, chunk_size, node, read_ranges)
+    order = _order_of(read_order) if mode == "estargz" else {}
+    final = (
+        built.dir
+        / "oci"
+        / layout_name(mode, prioritized_files, chunk_size, node, read_ranges, read_order)
+    )
     if (final / "index.json").is_file():
         return final
     if mode == "zstd-chunked":
@@ -185,7 +195,9 @@ def oci_layout(
         return _publish(final, lambda work: _zstd_chunked_layout(built, work, node))
     return _publish(
         final,
-        lambda work: _write_layout(built, mode, work, prioritized_files, ranges, chunk_size, say),
+        lambda work: _write_layout(
+            built, mode, work, prioritized_files, ranges, chunk_size, say, order
+        ),
     )
 
 
@@ -195,6 +207,7 @@ def layout_name(
     chunk_size: int | None = None,
     node: Node | None = None,
     read_ranges: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    read_order: Mapping[str, Sequence[tuple[int, int, int]]] | None = None,
 ) -> str:
     """The directory name, under a built image's ``oci/``, of its layout in ``mode`` with these
     options (:func:`oci_layout`)."""
@@ -204,6 +217,9 @@ def layout_name(
     ranges = _ranges_of(read_ranges) if mode == "estargz" else {}
     if ranges:  # chunk-level layouts: a key of their own (older layouts keep theirs)
         parts.append(_chunk_level_key(ranges))
+    order = _order_of(read_order) if mode == "estargz" else {}
+    if order:  # layouts listing a fetch order: a key of their own too
+        parts.append(_fetch_order_key(order))
     if mode == "zstd-chunked":
         parts.append(_ZSTD_CHUNKED_SOURCE)  # layouts made from the untrimmed tars are not reused
         if node is not None:
@@ -233,6 +249,7 @@ def _write_layout(
     read_ranges: Mapping[str, list[tuple[int, int]]],
     chunk_size: int | None,
     say: Callable[[str], None],
+    read_order: Mapping[str, list[tuple[int, int, int]]] | None = None,
 ) -> None:
     blobs = work / "blobs" / "sha256"
     blobs.mkdir(parents=True)
@@ -267,10 +284,11 @@ def _write_layout(
         n, mb = len(built.layers), layer.size / 1e6
         message = f"{built.name}: layer {i}/{n} ({mb:.0f} MB) → {mode}"
         ranges = {n: read_ranges[n] for n in wanted if n in read_ranges}
+        order = {n: (read_order or {})[n] for n in wanted if n in (read_order or {})}
         repeat = repeats[i - 1] if kind == "estargz" else 0
         try:
             blob = _converted_layer(
-                built, layer, kind, wanted, ranges, chunk_size, say, message, repeat
+                built, layer, kind, wanted, ranges, chunk_size, say, message, repeat, order
             )
         except EstargzError as exc:
             raise _refused(built, i, layer, mode, exc) from None
@@ -392,6 +410,7 @@ def _converted_layer(
     say: Callable[[str], None],
     message: str,
     repeat: int = 0,
+    order: dict[str, list[tuple[int, int, int]]] | None = None,
 ) -> Path:
     """One layer compressed as ``kind`` (gzip | estargz), cached by what determines its bytes.
     ``repeat``: how many times the image listed this layer before (an eStargz repeat gets a
@@ -405,6 +424,8 @@ def _converted_layer(
     parts: list = [kind, layer.diff_id, wanted, chunk_size]
     if ranges:  # the chunk-level layout (read ranges known): other bytes, another key
         parts.append(_chunk_level_key(ranges))
+    if order:  # a fetch order listed (first reads known): other bytes, another key
+        parts.append(_fetch_order_key(order))
     if repeat:
         parts.append(f"repeat {repeat}")
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
@@ -420,7 +441,9 @@ def _converted_layer(
             desc: dict = {"mediaType": MEDIA_GZIP}
             diff_id = layer.diff_id
         else:
-            desc, diff_id = _estargz(layer.path, out, wanted, ranges, chunk_size, repeat)
+            desc, diff_id = _estargz(
+                layer.path, out, wanted, ranges, chunk_size, repeat, order or {}
+            )
         digest = file_digest(out)
         desc.update(digest=digest, size=out.stat().st_size)
         meta = {"digest": digest, "diff_id": diff_id, "descriptor": desc}
@@ -492,6 +515,26 @@ def _chunk_level_key(ranges: dict[str, list[tuple[int, int]]]) -> list:
     return [RANGE_CHUNK_SIZE, MAX_PREFETCH_RANGES, sorted(ranges.items())]
 
 
+def _fetch_order_key(order: dict[str, list[tuple[int, int, int]]]) -> list:
+    """What else decides a layout that lists a fetch order: the first reads and the
+    writer's constants."""
+    from store.estargz import MAX_PREFETCH_ORDER
+    from store.estargz.writer import ORDER_CHUNK_SIZE
+
+    return ["fetch order", ORDER_CHUNK_SIZE, MAX_PREFETCH_ORDER, sorted(order.items())]
+
+
+def _order_of(
+    read_order: Mapping[str, Sequence[tuple[int, int, int]]] | None,
+) -> dict[str, list[tuple[int, int, int]]]:
+    """``read_order`` keyed by normalized path (as :func:`_ranges_of` keys ranges), each a
+    sorted list of int triples."""
+    return {
+        normalize(name): sorted((int(lo), int(hi), int(seq)) for lo, hi, seq in runs)
+        for name, runs in (read_order or {}).items()
+    }
+
+
 def _ranges_of(
     read_ranges: Mapping[str, Sequence[tuple[int, int]]] | None,
 ) -> dict[str, list[tuple[int, int]]]:
@@ -525,6 +568,7 @@ def _estargz(
     ranges: dict[str, list[tuple[int, int]]],
     chunk_size: int | None,
     landmark_mtime: int = 0,
+    order: dict[str, list[tuple[int, int, int]]] | None = None,
 ) -> tuple[dict, str]:
     """Convert one layer with the project's eStargz writer; (descriptor fields, diff ID)."""
     from store.estargz import convert  # the format library (store/estargz)
@@ -534,6 +578,8 @@ def _estargz(
         "read_ranges": ranges,
         "landmark_mtime": landmark_mtime,
     }
+    if order:
+        kwargs["read_order"] = order
     if chunk_size:
         kwargs["chunk_size"] = chunk_size
     with open(tar, "rb") as fin, open(out, "wb") as fout:

@@ -175,6 +175,43 @@ def test_optimized_image_reconverts_only_layers_with_prioritized_files(tmp_path)
     assert a[0] == b[0] and a[2] == b[2] and a[1] != b[1]
 
 
+def test_an_optimized_layout_lists_the_traced_fetch_order(tmp_path):
+    """The bench's path: ``read_order`` from the trace reaches the writer (the landmark
+    lists the fetch order), gives the layout a name of its own, and the limit model finds it
+    by the same trace."""
+    from harness.limit import chunk_level_layout
+    from harness.trace import TracedFile
+    from store.estargz import PREFETCH_ORDER_KEY, EstargzReader, FileBlobSource
+
+    built = tiny_image(tmp_path, big_file_size=1 << 20)
+    traced = [
+        TracedFile("data/big.bin", ((0, 1 << 20),), ((0, 65536, 0), (65536, 1 << 20, 2))),
+        TracedFile("data/hello.txt", ((0, 5),), ((0, 65536, 1),)),
+    ]
+    files = [f.path for f in traced]
+    ranges = {f.path: f.ranges for f in traced}
+    order = {f.path: f.order for f in traced}
+    plain = oci_layout(built, "estargz", prioritized_files=files, read_ranges=ranges)
+    ordered = oci_layout(
+        built, "estargz", prioritized_files=files, read_ranges=ranges, read_order=order
+    )
+    assert plain != ordered and chunk_level_layout(built.dir, traced) == ordered
+
+    def landmarks(layout):
+        index = json.loads((layout / "index.json").read_text())
+        digest = index["manifests"][0]["digest"].split(":")[1]
+        manifest = json.loads((layout / "blobs" / "sha256" / digest).read_text())
+        for desc in manifest["layers"]:
+            blob = layout / "blobs" / "sha256" / desc["digest"].split(":")[1]
+            toc_digest = desc["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+            reader = EstargzReader(FileBlobSource(blob), toc_digest)
+            yield from (e for e in reader.toc.entries if e["name"] == ".prefetch.landmark")
+
+    (entry,) = landmarks(ordered)
+    assert PREFETCH_ORDER_KEY in entry  # big.bin's first chunk, hello.txt, big.bin's rest
+    assert [PREFETCH_ORDER_KEY in e for e in landmarks(plain)] == [False]
+
+
 def test_a_layer_listed_twice_gets_a_blob_of_its_own_in_estargz_modes(registry, tiny, tmp_path):
     """One layer tar listed twice converts to two eStargz blobs with their own TOC digests
     (a layer store cannot serve one blob at two places of an image); legacy keeps the
