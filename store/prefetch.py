@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import bisect
 import logging
+import sys
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -70,6 +71,8 @@ BATCH_PIECES = 16
 AHEAD_HELD = 16 << 20
 # Prefetch pieces downloaded and not yet delivered (inflated, verified, cached), per layer.
 PREFETCH_DELIVERS = 2 * PREFETCH_STREAMS
+# The rank of a piece no ranked range holds: after all of them.
+UNRANKED = sys.maxsize
 BACKGROUND_BATCH = 4 << 20  # compressed bytes per background request
 # Uncompressed bytes (chunk sizes) per background request and per prefetch piece at most (a
 # chunk bigger than that goes alone): what a layer compresses well is fetched in small
@@ -127,6 +130,10 @@ class _Region:
     final: bool = False  # the end is the TOC's, not a guess
     # The order workers claim pieces in (indices into ``pieces``); None: blob order.
     order: list[int] | None = None
+    # Each piece's fetch rank from the TOC (PREFETCH_ORDER_KEY), comparable across layers
+    # (WireOrder); None: the region has none.
+    ranks: list[int] | None = None
+    _cursor: int = 0  # order[:_cursor] are claimed
     expected: bool = False  # the prefetch said which pieces it takes (AheadBlob.expect)
     more: trio.Event = field(default_factory=trio.Event)  # set when pieces are added
 
@@ -164,15 +171,32 @@ class _Region:
             total += hi - lo
         return sorted(batch)
 
-    def rank(self, listed: Sequence[tuple[int, int]]) -> None:
-        """Claim pieces in the order of ``listed`` (``[start, end)`` blob ranges in the order
-        to fetch them): a piece goes where the first listed range holding any of its bytes
-        is, pieces of one range in blob order, pieces no range holds last."""
-        rank = [len(listed)] * len(self.pieces)
-        for n, (lo, hi) in enumerate(listed):
-            for i in self.overlapping(lo, hi):
-                rank[i] = min(rank[i], n)
+    def rank(self, listed: Sequence[tuple[int, ...]]) -> None:
+        """Claim pieces by ``listed``: ``(start, end)`` blob ranges in the order to fetch
+        them, or ``(start, end, rank)`` triples (lower ranks first; kept in :attr:`ranks`
+        for :class:`WireOrder`). A piece goes where the first range holding any of its bytes
+        does (the lowest rank), pieces of one place in blob order, pieces no range holds
+        last."""
+        ranked = bool(listed) and all(len(t) == 3 for t in listed)
+        rank = [UNRANKED] * len(self.pieces)
+        for n, item in enumerate(listed):
+            r = item[2] if ranked else n
+            for i in self.overlapping(item[0], item[1]):
+                rank[i] = min(rank[i], r)
         self.order = sorted(range(len(self.pieces)), key=lambda i: (rank[i], i))
+        self.ranks = rank if ranked else None
+        self._cursor = 0
+
+    def next_rank(self) -> int | None:
+        """The rank of the next piece a worker would claim (None: no ranks, or every piece
+        is claimed)."""
+        if self.ranks is None or self.order is None:
+            return None
+        while self._cursor < len(self.order) and self.claimed[self.order[self._cursor]]:
+            self._cursor += 1
+        if self._cursor == len(self.order):
+            return None
+        return self.ranks[self.order[self._cursor]]
 
     def overlapping(self, lo: int, hi: int) -> range:
         """The indices of the pieces holding any byte of ``[lo, hi)``."""
@@ -181,6 +205,64 @@ class _Region:
         while first < last and self.pieces[first][1] <= lo:
             first += 1
         return range(first, last)
+
+
+@dataclass(eq=False)
+class WireOrder:
+    """Turns on the wire, store-wide, for the early downloads whose TOC ranks their pieces
+    (:data:`store.estargz.PREFETCH_ORDER_KEY`: the number of the traced read that first took
+    each piece, one count across an image's layers).
+
+    A worker of such a download puts its next batch on the wire only while its region's
+    next piece ranks lowest among them (ties go together), or while fewer than
+    :data:`PREFETCH_STREAMS` of their batches are on the wire (the link stays full while the
+    lowest one waits for room). Why: each layer's download has its own workers, so layers
+    loaded together shared the link evenly — tomcat's JVM waited for ``libjvm.so`` and
+    ``classes.jsa`` pages while the link carried the tomcat jars of another layer, read
+    seconds later. Downloads without ranks take no turns (blob order, as before).
+    """
+
+    on_wire: int = 0  # batches of ranked regions on the wire
+    _regions: list[_Region] = field(default_factory=list)
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def join(self, region: _Region) -> None:
+        self._regions.append(region)
+        self._wake()
+
+    def leave(self, region: _Region) -> None:
+        self._regions = [g for g in self._regions if g is not region]
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def turn(self, region: _Region) -> None:
+        """Wait until ``region`` may claim its next batch (at once when it has no ranks or
+        nothing left to claim). Cancellable."""
+        while True:
+            mine = region.next_rank()
+            if mine is None or self.on_wire < PREFETCH_STREAMS:
+                return
+            lowest = min(
+                (r for r in (g.next_rank() for g in self._regions) if r is not None),
+                default=None,
+            )
+            if lowest is None or mine <= lowest:
+                return
+            await self._changed.wait()
+
+    @contextmanager
+    def sending(self) -> Iterator[None]:
+        """A batch of a ranked region is on the wire (just claimed: the next ranks moved)."""
+        self.on_wire += 1
+        self._wake()
+        try:
+            yield
+        finally:
+            self.on_wire -= 1
+            self._wake()
 
 
 @dataclass
@@ -236,6 +318,8 @@ class AheadBlob:
 
     blob: BlobReader
     digest: str = ""  # the blob's (``algorithm:hex``): a whole blob is kept only if it matches
+    # The store's turns on the wire for ranked regions (None: this download takes none).
+    wire: WireOrder | None = None
     _region: _Region | None = None
     _started: bool = False  # start() was called: the region's end is the TOC's
     _speculating: bool = False
@@ -292,8 +376,10 @@ class AheadBlob:
     ) -> None:
         """Download ``[0, end)``, ``end`` the TOC's landmark offset — only the parts in
         ``ranges`` (``[start, end)`` blob ranges, not overlapping) when given, in the order
-        they are listed (:data:`store.estargz.PREFETCH_ORDER_KEY`; ascending: blob order) —
-        once; ``None`` or 0: nothing to do, and a speculative download stops."""
+        they are listed (ascending: blob order), or by rank when each is a ``(start, end,
+        rank)`` triple (:data:`store.estargz.PREFETCH_ORDER_KEY`; the download then takes
+        turns on the wire with other ranked ones, :class:`WireOrder`) — once; ``None`` or 0:
+        nothing to do, and a speculative download stops."""
         if self._started:
             return
         self._started = True
@@ -306,10 +392,10 @@ class AheadBlob:
             return
         end = min(end, self.blob.size)
         wanted = [(0, end)]
-        listed: list[tuple[int, int]] = []
+        listed: list[tuple[int, ...]] = []
         if ranges is not None:
-            listed = [(lo, min(hi, end)) for lo, hi in ranges if lo < end]
-            wanted = merge_spans(listed)
+            listed = [(t[0], min(t[1], end), *t[2:]) for t in ranges if t[0] < end]
+            wanted = merge_spans((t[0], t[1]) for t in listed)
         if region is None:
             region = self._region = _Region(end=0)
         else:  # a speculative start: pieces past the end are not needed
@@ -327,12 +413,13 @@ class AheadBlob:
                 region.add(max(lo, covered), hi, min(AHEAD_PIECE, PREFETCH_PIECE), first)
                 first = None
         region.end = end if covered <= end else covered
-        if listed != sorted(listed):
+        if listed != sorted(listed) or any(len(t) == 3 for t in listed):
             region.rank(listed)
         nursery.start_soon(self._run, region)
 
     async def _run(self, region: _Region) -> None:
         limit = min(FIRST_BATCH, PREFETCH_PIECE)
+        wire = self.wire if region.ranks is not None else None
 
         async def worker() -> None:
             nonlocal limit
@@ -342,16 +429,25 @@ class AheadBlob:
                     if self._room is None:
                         self._room = trio.Event()
                     await self._room.wait()
+                if wire is not None:
+                    await wire.turn(region)
                 batch = region.claim_batch(limit)
                 if not batch:
                     return
                 limit = min(2 * limit, PREFETCH_PIECE)
-                await self._fetch(region, *batch)
+                with wire.sending() if wire is not None else nullcontext():
+                    await self._fetch(region, *batch)
 
         with self._cancellable():
-            async with trio.open_nursery() as nursery:
-                for _ in range(PREFETCH_STREAMS):
-                    nursery.start_soon(worker)
+            if wire is not None:
+                wire.join(region)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(PREFETCH_STREAMS):
+                        nursery.start_soon(worker)
+            finally:
+                if wire is not None:
+                    wire.leave(region)
 
     def _cancellable(self) -> trio.CancelScope:
         """A cancel scope for one of this blob's tasks, cancelled by :meth:`drop`."""

@@ -79,6 +79,7 @@ from store.estargz_view import (
 )
 from store.layer import AheadBlob, BlobReader, Layer
 from store.libprefetch import LibraryPrefetcher
+from store.prefetch import WireOrder
 from store.priority import Foreground
 from store.pullorder import TurnKey, Turns
 from store.registry.errors import ManifestError, RegistryError
@@ -387,6 +388,8 @@ class LayerManager:
     # Reads, look-aheads, loads and prefetches, store-wide: the background fetch waits for
     # 5 s of quiet and yields to them (store.priority).
     foreground: Foreground = field(default_factory=Foreground)
+    # Early downloads whose TOCs rank their pieces take turns on the wire by rank, store-wide.
+    wire: WireOrder = field(default_factory=WireOrder)
 
     def __post_init__(self) -> None:
         self._limiter = trio.CapacityLimiter(max(1, self.config.max_concurrency))
@@ -974,7 +977,7 @@ class LayerManager:
         freed); the parse waits for its turn (by ``priority()``,
         :class:`~store.pullorder.Turns`)."""
         assert desc.toc_digest is not None
-        ahead = AheadBlob(source, desc.digest)
+        ahead = AheadBlob(source, desc.digest, wire=self.wire)
         # The prefetch region starts downloading once the TOC is verified, before its parse;
         # a gzip layer whose head says it starts with prioritized files, sooner still — unless
         # the footer read takes the whole blob: its head probe would only ask for the same

@@ -521,7 +521,7 @@ def _fetch_order_key(order: dict[str, list[tuple[int, int, int]]]) -> list:
     from store.estargz import MAX_PREFETCH_ORDER
     from store.estargz.writer import ORDER_CHUNK_SIZE
 
-    return ["fetch order", ORDER_CHUNK_SIZE, MAX_PREFETCH_ORDER, sorted(order.items())]
+    return ["fetch order, ranked", ORDER_CHUNK_SIZE, MAX_PREFETCH_ORDER, sorted(order.items())]
 
 
 def _order_of(

@@ -52,16 +52,18 @@ PREFETCH_RANGES_KEY = "lazybench.prefetchRanges"
 # writer joins the nearest to stay within it; the landmark entry stays a few KiB of TOC text.
 MAX_PREFETCH_RANGES = 1024
 # The ``.prefetch.landmark`` TOC entry's key for the order to fetch the region in: a flat
-# JSON list ``[start, end, start, end, …]`` of compressed blob ranges before the landmark,
-# not overlapping, in the order the traced workload first read their bytes (a big file read
-# a page at a time interleaves with the files read meanwhile: a JVM reads ``libjvm.so``,
-# then ``classes.jsa`` whole, then more of both ``libjvm.so`` and ``modules``). This
-# project's extension, beside :data:`PREFETCH_RANGES_KEY` (which stays ascending, for readers
-# that know only it): a reader that knows it downloads the region's pieces in this order;
-# without it, in blob order (the region's files are in first-access order).
+# JSON list ``[start, end, rank, start, end, rank, …]`` of compressed blob ranges before the
+# landmark, not overlapping, each with ``rank``, the number of the traced read that first took
+# its bytes (one count across the image's layers, so a store fetching several layers at once
+# can interleave them: lower ranks first), listed by rank. A big file read a page at a time
+# interleaves with the files read meanwhile: a JVM reads ``libjvm.so``, then ``classes.jsa``
+# whole, then more of both ``libjvm.so`` and ``modules``, from two layers. This project's
+# extension, beside :data:`PREFETCH_RANGES_KEY` (which stays ascending, for readers that know
+# only it): a reader that knows it downloads the region's pieces by rank; without it, in blob
+# order (the region's files are in first-access order).
 PREFETCH_ORDER_KEY = "lazybench.prefetchOrder"
 # At most this many ranges (a longer list is ignored: blob order). The writer coarsens the
-# order to stay within it; ~20 bytes of TOC text per range.
+# order to stay within it; ~25 bytes of TOC text per range.
 MAX_PREFETCH_ORDER = 2048
 # Tail bytes fetched in one go: enough for the TOC of most layers (a compressed TOC is
 # ~25 bytes per entry), so footer and TOC usually come in a single read.

@@ -144,15 +144,15 @@ class TocScan:
     # The landmark entry's ``PREFETCH_RANGES_KEY``: ``[start, end)`` blob ranges before the
     # landmark worth prefetching (None: the whole region). A hint only, as the offset is.
     prefetch_ranges: tuple[tuple[int, int], ...] | None = None
-    # Its ``PREFETCH_ORDER_KEY``: the region's ranges in the order to fetch them
+    # Its ``PREFETCH_ORDER_KEY``: the region's ranges with their fetch ranks
     # (:func:`prefetch_order`; None: blob order). A hint only, as the ranges are.
-    prefetch_order: tuple[tuple[int, int], ...] | None = None
+    prefetch_order: tuple[tuple[int, int, int], ...] | None = None
 
     @property
-    def fetch_ranges(self) -> tuple[tuple[int, int], ...] | None:
-        """What the early download takes, in the order to take it: :attr:`prefetch_order`
-        when the TOC gives one, else :attr:`prefetch_ranges` (ascending; None: the whole
-        region in blob order)."""
+    def fetch_ranges(self) -> tuple[tuple[int, ...], ...] | None:
+        """What the early download takes: :attr:`prefetch_order` (``(start, end, rank)``)
+        when the TOC gives one, else :attr:`prefetch_ranges` (``(start, end)``, ascending;
+        None: the whole region in blob order)."""
         return self.prefetch_order if self.prefetch_order is not None else self.prefetch_ranges
 
 
@@ -210,7 +210,7 @@ def scan_toc(
     carry = b""
     names = 0  # "name" keys: at least the entry count (a string can add, never hide one)
     ranges: tuple[tuple[int, int], ...] | None = None
-    order: tuple[tuple[int, int], ...] | None = None
+    order: tuple[tuple[int, int, int], ...] | None = None
     kept: list[bytes] | None = [] if keep else None
     for piece in toc_json_pieces(data, footer, limits):
         h.update(piece)
@@ -311,7 +311,7 @@ def landmark_hint(raw: bytes) -> tuple[int | None, tuple[tuple[int, int], ...] |
 
 def _landmark_fields(
     raw: bytes,
-) -> tuple[int | None, tuple[tuple[int, int], ...] | None, tuple[tuple[int, int], ...] | None]:
+) -> tuple[int | None, tuple[tuple[int, int], ...] | None, tuple[tuple[int, int, int], ...] | None]:
     """:func:`landmark_hint`, and the entry's :data:`~.footer.PREFETCH_ORDER_KEY` ranges
     (:func:`prefetch_order`; None when absent or unreadable)."""
     pos = 0  # no byte before it is looked at again; past the start, raw[pos] is a brace
@@ -384,22 +384,24 @@ def prefetch_ranges(flat: list[int], end: int) -> tuple[tuple[int, int], ...] | 
     return tuple(out)
 
 
-def prefetch_order(flat: list[int], end: int) -> tuple[tuple[int, int], ...] | None:
-    """``[start, end, start, end, …]`` as ``(start, end)`` pairs in the listed order (the
-    order to fetch them in), each cut at ``end`` (the landmark's offset), those starting at
-    or past it left out; None (blob order) unless the list is non-empty pairs, not
-    overlapping one another, at most :data:`~.footer.MAX_PREFETCH_ORDER` of them — a
-    malformed hint costs the order, nothing else.
+def prefetch_order(flat: list[int], end: int) -> tuple[tuple[int, int, int], ...] | None:
+    """``[start, end, rank, …]`` as ``(start, end, rank)`` triples sorted by rank (the listed
+    order among equal ranks), each cut at ``end`` (the landmark's offset), those starting at
+    or past it left out; None (blob order) unless the list is triples of a non-empty range
+    and a rank of at least 0, the ranges not overlapping one another, at most
+    :data:`~.footer.MAX_PREFETCH_ORDER` of them — a malformed hint costs the order, nothing
+    else.
     """
-    if len(flat) % 2 or len(flat) > 2 * MAX_PREFETCH_ORDER:
+    if len(flat) % 3 or len(flat) > 3 * MAX_PREFETCH_ORDER:
         return None
-    pairs = list(zip(flat[::2], flat[1::2], strict=True))
-    if any(not 0 <= lo < hi for lo, hi in pairs):
+    triples = list(zip(flat[::3], flat[1::3], flat[2::3], strict=True))
+    if any(not (0 <= lo < hi and rank >= 0) for lo, hi, rank in triples):
         return None
-    ascending = sorted(pairs)
+    ascending = sorted((lo, hi) for lo, hi, _ in triples)
     if any(a[1] > b[0] for a, b in itertools.pairwise(ascending)):
         return None
-    return tuple((lo, min(hi, end)) for lo, hi in pairs if lo < end)
+    ranked = sorted(triples, key=lambda t: t[2])  # stable: the listed order among equals
+    return tuple((lo, min(hi, end), rank) for lo, hi, rank in ranked if lo < end)
 
 
 # -- the container: gzip member + tar entry, or a zstd frame ------------------------------

@@ -146,10 +146,10 @@ def convert(
 
     ``read_order`` maps a prioritized file's path to ``(start, end, seq)`` tuples: its
     ``[start, end)`` bytes were first read by the workload's read number ``seq`` (one count
-    over every file of the run). The landmark's TOC entry then lists the region's chunks in
-    that order (:data:`~.footer.PREFETCH_ORDER_KEY`; a chunk with no read of its own goes
-    with the chunk before it), and a file read whole in more than one read is chunked at
-    :data:`ORDER_CHUNK_SIZE` (at most ``chunk_size``).
+    over every file of every layer of the run). The landmark's TOC entry then lists the
+    region's chunks in that order, ranked by those numbers (:data:`~.footer.PREFETCH_ORDER_KEY`;
+    a chunk with no read of its own goes with the chunk before it), and a file read whole in
+    more than one read is chunked at :data:`ORDER_CHUNK_SIZE` (at most ``chunk_size``).
 
     ``landmark_mtime`` is the landmark's modification time (whole seconds since the epoch;
     default 0). One layer tar always converts to the same blob and TOC, and an image that
@@ -725,7 +725,7 @@ class _LayerWriter:
             fetched = None if listed is None else list(zip(listed[::2], listed[1::2], strict=True))
             order = _fetch_order(self._region_spans(toc_offset), self.region_seq, fetched)
             if order is not None:
-                self.landmark_entry[PREFETCH_ORDER_KEY] = [v for span in order for v in span]
+                self.landmark_entry[PREFETCH_ORDER_KEY] = [v for t in order for v in t]
         for e in self.entries:
             if e.get("type") == "chunk":
                 # Go's field order: name, type, offset, chunkOffset, chunkSize, chunkDigest
@@ -898,14 +898,15 @@ def _fetch_order(
     seqs: Sequence[int | None],
     fetched: Sequence[tuple[int, int]] | None,
     most: int = MAX_PREFETCH_ORDER,
-) -> list[tuple[int, int]] | None:
-    """The :data:`~.footer.PREFETCH_ORDER_KEY` ranges: the region members' ``spans`` (blob
-    order) that a prefetch takes — those inside ``fetched`` (the ranges key's, ascending;
-    None: all) — sorted by the number of the read that first took their bytes (``seqs``,
-    one per span; None: the member before it's, the first ones' first of all), then by
-    offset, and neighbours in both orders joined. Coarsened (reads taken in groups of 2, 4,
-    8, …) until at most ``most`` ranges remain; None when the order is blob order anyway, or
-    cannot be listed within ``most``."""
+) -> list[tuple[int, int, int]] | None:
+    """The :data:`~.footer.PREFETCH_ORDER_KEY` triples ``(start, end, rank)``: the region
+    members' ``spans`` (blob order) that a prefetch takes — those inside ``fetched`` (the
+    ranges key's, ascending; None: all) — sorted by the number of the read that first took
+    their bytes (``seqs``, one per span; None: the member before it's, the first ones' first
+    of all), then by offset; neighbours in both orders joined, each range ranked by its first
+    read. Coarsened until at most ``most`` ranges remain: the reads taken in groups of 2, 4,
+    8, … (a group's spans in blob order, ranked by the group's first read). None when the
+    order is blob order anyway, or cannot be listed within ``most``."""
     rows: list[tuple[int, int, int]] = []  # (seq, start, end)
     last = -1
     for (lo, hi), seq in zip(spans, seqs, strict=True):
@@ -915,16 +916,18 @@ def _fetch_order(
             rows.append((last if seq is None else seq, lo, hi))
     if not rows:
         return None
-    rank = {q: n for n, q in enumerate(sorted({q for q, _, _ in rows}))}
+    ordered = sorted({q for q, _, _ in rows})
+    rank = {q: n for n, q in enumerate(ordered)}
     group = 1
     while True:
-        out: list[tuple[int, int]] = []
-        for _q, lo, hi in sorted(rows, key=lambda r: (rank[r[0]] // group, r[1])):
+        out: list[tuple[int, int, int]] = []
+        for q, lo, hi in sorted(rows, key=lambda r: (rank[r[0]] // group, r[1])):
+            first = ordered[rank[q] // group * group]  # the group's first read
             if out and out[-1][1] == lo:
-                out[-1] = (out[-1][0], hi)
+                out[-1] = (out[-1][0], hi, out[-1][2])
             else:
-                out.append((lo, hi))
-        if out == sorted(out) or group >= len(rank):
+                out.append((lo, hi, max(0, first)))
+        if [r[:2] for r in out] == sorted(r[:2] for r in out) or group >= len(rank):
             return None  # blob order: the key would say nothing
         if len(out) <= most:
             return out

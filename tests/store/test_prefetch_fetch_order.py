@@ -12,6 +12,7 @@ import stat
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +29,7 @@ from store.estargz.toc import landmark_hint
 from store.estargz.writer import DEFAULT_CHUNK_SIZE, ORDER_CHUNK_SIZE, _fetch_order
 from store.estargz_view import load_layer_index
 from store.layer import AheadBlob
+from store.prefetch import WireOrder
 from tests.store.conftest import FileBlob, tar_of, view_layer
 
 LIB = random.Random(21).randbytes(1 << 20)  # read in three goes, early, late, later
@@ -60,6 +62,10 @@ def _pairs(flat: list[int]) -> list[tuple[int, int]]:
     return list(zip(flat[::2], flat[1::2], strict=True))
 
 
+def _triples(flat: list[int]) -> list[tuple[int, int, int]]:
+    return list(zip(flat[::3], flat[1::3], flat[2::3], strict=True))
+
+
 def _chunks(reader: EstargzReader, name: str) -> list[tuple[int, int]]:
     """``(chunk offset in the file, blob offset)`` of each of a file's chunks."""
     return [
@@ -72,14 +78,15 @@ def _chunks(reader: EstargzReader, name: str) -> list[tuple[int, int]]:
 def test_the_landmark_lists_the_chunks_in_first_read_order():
     data, toc_digest = _convert(read_order=ORDER)
     entry, reader = _landmark(data, toc_digest)
-    order = _pairs(entry[PREFETCH_ORDER_KEY])
+    order = _triples(entry[PREFETCH_ORDER_KEY])
     starts = {name: dict(_chunks(reader, name)) for name in PRIORITIZED}
     # Each listed range starts at a chunk: which file's, at what file offset.
     where = {blob: (name, off) for name in starts for off, blob in starts[name].items()}
-    firsts = [where[lo] for lo, _hi in order]
+    firsts = [where[lo] for lo, _hi, _rank in order]
     # lib.so's first chunk (read 0), part (1), archive (3), then the rest of lib.so (9, 20:
     # its chunks follow one another both in blob order and in read order, so one range).
     assert firsts == [("lib.so", 0), ("part", 0), ("archive", 0), ("lib.so", 262144)]
+    assert [rank for _lo, _hi, rank in order] == [0, 1, 3, 9]  # each range's first read
     assert order[-1][1] == starts["archive"][0]  # the rest of lib.so runs up to archive
     # lib.so was read whole in several goes: cut for the order; archive in one go: whole.
     assert [off for off, _ in _chunks(reader, "lib.so")] == [0, 262144, 524288, 786432]
@@ -90,7 +97,7 @@ def test_the_order_covers_exactly_what_the_ranges_key_prefetches():
     data, toc_digest = _convert(read_order=ORDER, read_ranges=RANGES)
     entry, _reader = _landmark(data, toc_digest)
     ranges = _pairs(entry[PREFETCH_RANGES_KEY])
-    order = _pairs(entry[PREFETCH_ORDER_KEY])
+    order = [t[:2] for t in _triples(entry[PREFETCH_ORDER_KEY])]
     assert ranges == sorted(ranges) and order != sorted(order)
     merged: list[tuple[int, int]] = []
     for lo, hi in sorted(order):
@@ -131,8 +138,10 @@ def test_fetch_order_covers_the_fetched_spans_within_most(seqs, most, data):
     out = _fetch_order(spans, seqs, fetched, most)
     if out is None:
         return
-    assert len(out) <= most and out != sorted(out)
-    covered = sorted(p for lo, hi in out for p in range(lo, hi, 10))
+    spans_out = [t[:2] for t in out]
+    assert len(out) <= most and spans_out != sorted(spans_out)
+    assert [t[2] for t in out] == sorted(t[2] for t in out)  # listed by rank
+    covered = sorted(p for lo, hi, _rank in out for p in range(lo, hi, 10))
     want = [lo for lo, _ in (fetched or spans)]
     assert covered == want  # every fetched span once, nothing else
 
@@ -140,21 +149,23 @@ def test_fetch_order_covers_the_fetched_spans_within_most(seqs, most, data):
 def test_fetch_order_coarsens_to_stay_within_most():
     spans = [(i, i + 1) for i in range(8)]
     seqs = [5, 4, 7, 6, 1, 0, 3, 2]  # the second half first, each pair read backwards
-    exact = [(5, 6), (4, 5), (7, 8), (6, 7), (1, 2), (0, 1), (3, 4), (2, 3)]
+    exact = [(5, 6, 0), (4, 5, 1), (7, 8, 2), (6, 7, 3), (1, 2, 4), (0, 1, 5), (3, 4, 6), (2, 3, 7)]
     assert _fetch_order(spans, seqs, None) == exact
-    assert _fetch_order(spans, seqs, None, most=4) == [(4, 8), (0, 4)]  # reads in twos
+    # Reads in twos: each group's spans in blob order, ranked by the group's first read.
+    assert _fetch_order(spans, seqs, None, most=4) == [(4, 8, 0), (0, 4, 4)]
     assert _fetch_order(spans, seqs, None, most=1) is None  # only blob order is one range
 
 
 @pytest.mark.parametrize(
     ("flat", "end", "want"),
     [
-        ([50, 60, 0, 10, 20, 30], 100, ((50, 60), (0, 10), (20, 30))),
-        ([50, 60, 0, 10], 55, ((50, 55), (0, 10))),
-        ([150, 160, 0, 10], 100, ((0, 10),)),
-        ([0, 10, 5, 20], 100, None),  # overlapping
-        ([10, 10], 100, None),  # empty
-        ([0, 10, 20], 100, None),  # not pairs
+        ([50, 60, 0, 0, 10, 1, 20, 30, 1], 100, ((50, 60, 0), (0, 10, 1), (20, 30, 1))),
+        ([0, 10, 7, 50, 60, 2], 55, ((50, 55, 2), (0, 10, 7))),  # by rank, cut at the end
+        ([150, 160, 0, 0, 10, 1], 100, ((0, 10, 1),)),
+        ([0, 10, 0, 5, 20, 1], 100, None),  # overlapping
+        ([10, 10, 0], 100, None),  # empty
+        ([0, 10, -1], 100, None),  # a negative rank
+        ([0, 10, 20, 30], 100, None),  # not triples
     ],
 )
 def test_prefetch_order_reads_a_valid_list_and_refuses_others(flat, end, want):
@@ -162,9 +173,9 @@ def test_prefetch_order_reads_a_valid_list_and_refuses_others(flat, end, want):
 
 
 def test_prefetch_order_refuses_a_list_over_the_most():
-    flat = [v for i in range(MAX_PREFETCH_ORDER + 1) for v in (2 * i, 2 * i + 1)]
+    flat = [v for i in range(MAX_PREFETCH_ORDER + 1) for v in (2 * i, 2 * i + 1, i)]
     assert prefetch_order(flat, 1 << 40) is None
-    assert prefetch_order(flat[:-2], 1 << 40) is not None
+    assert prefetch_order(flat[:-3], 1 << 40) is not None
 
 
 def test_the_landmark_hint_is_unchanged_by_an_order():
@@ -185,7 +196,7 @@ async def test_the_early_download_puts_the_region_on_the_wire_in_the_listed_orde
     monkeypatch.setattr("store.prefetch.PREFETCH_PIECE", 64 << 10)
     data, toc_digest = _convert(read_order=ORDER, read_ranges=RANGES)
     entry, _reader = _landmark(data, toc_digest)
-    order = _pairs(entry[PREFETCH_ORDER_KEY])
+    order = _triples(entry[PREFETCH_ORDER_KEY])
     path = tmp_path / "layer.blob"
     path.write_bytes(data)
     blob = FileBlob(path)
@@ -194,9 +205,56 @@ async def test_the_early_download_puts_the_region_on_the_wire_in_the_listed_orde
         view = await load_layer_index(ahead, toc_digest, lambda e, r: ahead.start(e, nursery, r))
     asked = [r for req in blob.requests for r in req if r[1] <= entry["offset"]]
     # Each request's pieces lie in the listed range being worked on, ranges in their order.
-    rank = [next(n for n, (lo, hi) in enumerate(order) if lo < b and a < hi) for a, b in asked]
+    rank = [next(n for n, (lo, hi, _) in enumerate(order) if lo < b and a < hi) for a, b in asked]
     assert rank == sorted(rank) and rank[-1] == len(order) - 1
     layer = view_layer(view, ahead, toc_digest, tmp_path / "cache", "order")
     for p, node in layer.tree.walk():
         if stat.S_ISREG(node.mode) and p in FILES:
             assert await layer.read_file(node, 0, node.size) == FILES[p], p
+
+
+class _Wire:
+    """Blobs whose requests land in one shared list, each taking a moment on the wire."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int]] = []
+
+    def blob(self, name: str, size: int) -> object:
+        wire = self
+
+        class Blob:
+            def __init__(self) -> None:
+                self.size = size
+
+            async def read_ranges(self, ranges):
+                wire.requests.extend((name, lo) for lo, _hi in ranges)
+                await trio.sleep(0.01)
+                return [bytes(hi - lo) for lo, hi in ranges]
+
+        return Blob()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("shared", [True, False])
+async def test_ranked_downloads_of_two_layers_take_turns_on_the_wire_by_rank(monkeypatch, shared):
+    """Two layers loaded together, one stream each: with the store's WireOrder, layer b's
+    pieces (ranks 3-5) wait while layer a's (0-2) go; without it, they go side by side."""
+    monkeypatch.setattr("store.prefetch.PREFETCH_STREAMS", 1)
+    monkeypatch.setattr("store.prefetch.AHEAD_PIECE", 1000)
+    monkeypatch.setattr("store.prefetch.PREFETCH_PIECE", 1000)
+    monkeypatch.setattr("store.prefetch.FIRST_BATCH", 1000)
+    wire = _Wire()
+    order = WireOrder() if shared else None
+    a = AheadBlob(wire.blob("a", 10_000), wire=order)
+    b = AheadBlob(wire.blob("b", 10_000), wire=order)
+    async with trio.open_nursery() as nursery:
+        a.start(5000, nursery, [(0, 1000, 0), (1000, 2000, 1), (2000, 3000, 2)])
+        await trio.testing.wait_all_tasks_blocked()  # a's first piece is on the wire
+        b.start(5000, nursery, [(2000, 3000, 5), (0, 1000, 3), (1000, 2000, 4)])
+    a_first = [("a", 0), ("a", 1000), ("a", 2000), ("b", 0), ("b", 1000), ("b", 2000)]
+    if shared:
+        assert wire.requests == a_first
+    else:  # b's pieces go beside a's
+        assert sorted(wire.requests) == a_first
+        assert wire.requests.index(("b", 0)) < wire.requests.index(("a", 2000))
+    assert order is None or (order.on_wire == 0 and not order._regions)
