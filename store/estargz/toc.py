@@ -228,7 +228,7 @@ def scan_toc(
             )
         if hint is None:
             hint, ranges, order = _landmark_fields(window)
-        carry = window[-(64 << 10) :]
+        carry = window[-_CARRY:]
     json = b"".join(kept) if kept is not None else None
     if hint is not None:
         hint = min(hint, footer.toc_offset)
@@ -273,6 +273,15 @@ def _landmark_name(raw: bytes, pos: int) -> tuple[int, int] | None:
 _BRACE = re.compile(rb"[{}]")
 _OFFSET_FIELD = re.compile(rb'"offset"\s*:\s*(\d+)')
 _OFFSET_DIGITS = len(str((1 << 63) - 1))  # a longer number is no offset (nor an int() input)
+
+
+# TOC text one window of :func:`scan_toc` carries into the next: the longest landmark entry
+# the writer lays out (its ranges and order at their most, one number of up to
+# _OFFSET_DIGITS digits a line, indented; the other fields within 4 KiB), so an entry a
+# piece boundary cuts is found whole in the next window. 64 KiB held the ranges alone; with
+# an order an entry reaches ~125 KB (offsets of ten digits), and one starting more than
+# 64 KiB before a boundary gave no hint at all (no early download, no ranges).
+_CARRY = (2 * MAX_PREFETCH_RANGES + 3 * MAX_PREFETCH_ORDER) * (_OFFSET_DIGITS + 8) + (4 << 10)
 
 
 _RANGES_FIELD = re.compile(

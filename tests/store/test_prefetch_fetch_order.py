@@ -5,10 +5,12 @@ across files, where blob order keeps each file whole."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import random
 import stat
+import tarfile
 
 import pytest
 import trio
@@ -18,14 +20,18 @@ from hypothesis import strategies as st
 
 from store.estargz import (
     MAX_PREFETCH_ORDER,
+    MAX_PREFETCH_RANGES,
     PREFETCH_ORDER_KEY,
     PREFETCH_RANGES_KEY,
     BytesBlobSource,
     EstargzReader,
     convert,
+    parse_footer,
     prefetch_order,
+    scan_toc,
 )
-from store.estargz.toc import landmark_hint
+from store.estargz.footer import estargz_footer_bytes
+from store.estargz.toc import PIECE, encode_toc, landmark_hint
 from store.estargz.writer import DEFAULT_CHUNK_SIZE, ORDER_CHUNK_SIZE, _fetch_order
 from store.estargz_view import load_layer_index
 from store.layer import AheadBlob
@@ -183,6 +189,58 @@ def test_the_landmark_hint_is_unchanged_by_an_order():
     entry, _reader = _landmark(data, toc_digest)
     offset, ranges = landmark_hint(json.dumps({"entries": [entry]}).encode())
     assert offset == entry["offset"] and ranges == tuple(_pairs(entry[PREFETCH_RANGES_KEY]))
+
+
+def _toc_member(toc_json: bytes) -> bytes:
+    """The TOC's gzip member (a tar of ``stargz.index.json``), as a blob ends with it."""
+    ti = tarfile.TarInfo("stargz.index.json")
+    ti.size = len(toc_json)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(ti, io.BytesIO(toc_json))
+    return gzip.compress(buf.getvalue())
+
+
+@pytest.mark.parametrize("before", [1000, 70_000, 120_000])
+def test_a_landmark_entry_at_its_longest_is_found_across_a_toc_piece_boundary(before):
+    """The TOC is scanned 1 MiB at a time, each window carrying the end of the one before:
+    a landmark entry listing ranges and an order at their most (~125 KB as the writer lays
+    it out, a number of ten digits a line) starting ``before`` bytes ahead of a boundary is
+    found whole.
+    The carry was 64 KiB: such an entry gave no hint at all (no early download, no ranges)."""
+    base = 10**9  # offsets of ten digits
+    ranges = [v for i in range(MAX_PREFETCH_RANGES) for v in (base + 2 * i, base + 2 * i + 1)]
+    order = [v for i in range(MAX_PREFETCH_ORDER) for v in (base + 2 * i, base + 2 * i + 1, -i)]
+    order[2::3] = [10**6 - i for i in range(MAX_PREFETCH_ORDER)]  # backwards
+    landmark = {
+        "name": ".prefetch.landmark",
+        "type": "reg",
+        "size": 1,
+        "offset": base + 10**6,
+        "digest": "sha256:" + "0" * 64,
+        "chunkDigest": "sha256:" + "0" * 64,
+        PREFETCH_RANGES_KEY: ranges,
+        PREFETCH_ORDER_KEY: order,
+    }
+
+    def toc(pad: int) -> bytes:
+        filler = {"name": "d", "type": "dir", "x": "y" * pad}
+        return encode_toc([filler, landmark, {"name": "z", "type": "dir"}])
+
+    at = toc(0).index(b'"name": ".prefetch.landmark"')
+    start = toc(0).rindex(b"{", 0, at)
+    toc_json = toc(PIECE - before - start)
+    start = toc_json.rindex(b"{", 0, toc_json.index(b'"name": ".prefetch.landmark"'))
+    stop = toc_json.index(b"}", start)
+    assert start == PIECE - before and stop - start > 120_000 and stop > PIECE
+    member = _toc_member(toc_json)
+    toc_at = base + 2 * 10**6
+    footer = parse_footer(estargz_footer_bytes(toc_at), toc_at + len(member) + 51)
+    scan = scan_toc(member, footer)
+    assert scan.landmark_offset == base + 10**6
+    assert scan.prefetch_ranges is not None and scan.prefetch_order is not None
+    assert scan.prefetch_ranges == landmark_hint(toc_json)[1]
+    assert scan.prefetch_order == prefetch_order(order, base + 10**6)
 
 
 @pytest.mark.anyio
