@@ -64,6 +64,7 @@ _COMPRESSED_SLACK = 64 << 10
 __all__ = [
     "TAIL_GUESS",
     "EstargzLayerView",
+    "FetchRanges",
     "TocError",
     "footer_read_takes_whole",
     "landmark_offset_hint",
@@ -85,12 +86,15 @@ TocMismatchError = estargz.TocDigestMismatch
 
 # ``[start, end)`` compressed blob ranges before the landmark to prefetch; None: all of them.
 PrefetchRanges = tuple[tuple[int, int], ...] | None
+# What the early download takes (TocScan.fetch_ranges): those ranges as ``(start, end)``
+# pairs, ascending, or as ``(start, end, rank)`` triples by rank; None: the whole region.
+FetchRanges = tuple[tuple[int, ...], ...] | None
 
 
 async def load_layer_index(
     blob: BlobReader,
     toc_digest: str,
-    on_verified: Callable[[int | None, PrefetchRanges], None] | None = None,
+    on_verified: Callable[[int | None, FetchRanges], None] | None = None,
     limits: TocLimits = estargz.DEFAULT_LIMITS,
     zstd_chunked: estargz.ZstdChunkedLayer | None = None,
     timeline: BoundTimeline | None = None,
@@ -103,8 +107,9 @@ async def load_layer_index(
     :class:`store.estargz.EstargzError` naming the bad entry; the layer is then refused.
     ``on_verified`` is called (in the trio thread) with the ``.prefetch.landmark`` offset
     hint of the verified TOC and its prefetch ranges in the order to fetch them
-    (:attr:`TocScan.fetch_ranges <store.estargz.TocScan.fetch_ranges>`: the TOC's order, else
-    ascending; None: the whole region in blob order) before the index is built; the view
+    (:attr:`TocScan.fetch_ranges <store.estargz.TocScan.fetch_ranges>`: ``(start, end,
+    rank)`` triples by the TOC's order, else ascending pairs; None: the whole region in blob
+    order) before the index is built; the view
     keeps the ranges, ascending (:attr:`EstargzLayerView.prefetch_ranges`). With
     ``zstd_chunked`` (the layer's annotations) the TOC is read where they say and
     ``toc_digest`` is its manifest checksum (sha256 of the compressed TOC); the footer is not
@@ -176,7 +181,7 @@ async def load_layer_index(
 async def _load_zstd_chunked(
     blob: BlobReader,
     toc_digest: str,
-    on_verified: Callable[[int | None, PrefetchRanges], None] | None,
+    on_verified: Callable[[int | None, FetchRanges], None] | None,
     limits: TocLimits,
     layer: estargz.ZstdChunkedLayer,
     timeline: BoundTimeline | None = None,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import logging
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import trio
 
 from store.chunks import ONE_WINDOW, BlobReader, ChunkRef, ChunkSource, Download, LayerFetchError
 from store.estargz.head import HeadHint, head_hint
+from store.estargz.toc import UNLISTED_RANK
 from store.priority import Foreground
 from store.registry.reference import digest_hasher
 from store.spans import merge_spans
@@ -72,8 +72,9 @@ BATCH_PIECES = 16
 AHEAD_HELD = 16 << 20
 # Prefetch pieces downloaded and not yet delivered (inflated, verified, cached), per layer.
 PREFETCH_DELIVERS = 2 * PREFETCH_STREAMS
-# The rank of a piece no ranked range holds: after all of them.
-UNRANKED = sys.maxsize
+# The rank of a piece no ranked range holds: after all of them (as the TOC scan ranks the
+# bytes an order does not list, store.estargz.TocScan.fetch_ranges).
+UNRANKED = UNLISTED_RANK
 BACKGROUND_BATCH = 4 << 20  # compressed bytes per background request
 # Uncompressed bytes (chunk sizes) per background request and per prefetch piece at most (a
 # chunk bigger than that goes alone): what a layer compresses well is fetched in small
@@ -417,7 +418,7 @@ class AheadBlob:
         self,
         end: int | None,
         nursery: trio.Nursery,
-        ranges: Sequence[tuple[int, int]] | None = None,
+        ranges: Sequence[tuple[int, ...]] | None = None,
     ) -> None:
         """Download ``[0, end)``, ``end`` the TOC's landmark offset — only the parts in
         ``ranges`` (``[start, end)`` blob ranges, not overlapping) when given, in the order

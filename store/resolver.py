@@ -72,7 +72,7 @@ from store.estargz import (
 )
 from store.estargz_view import (
     EstargzLayerView,
-    PrefetchRanges,
+    FetchRanges,
     footer_read_takes_whole,
     load_layer_index,
     measure_tar_size,
@@ -982,10 +982,10 @@ class LayerManager:
         # a gzip layer whose head says it starts with prioritized files, sooner still — unless
         # the footer read takes the whole blob: its head probe would only ask for the same
         # bytes again (a second ranged GET of every small layer).
-        on_verified: Callable[[int | None, PrefetchRanges], None] | None = None
+        on_verified: Callable[[int | None, FetchRanges], None] | None = None
         if not self.config.noprefetch:
 
-            def start_region(end: int | None, ranges: PrefetchRanges) -> None:
+            def start_region(end: int | None, ranges: FetchRanges) -> None:
                 ahead.start(end, self.nursery, ranges)
 
             on_verified = start_region

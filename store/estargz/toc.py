@@ -25,6 +25,7 @@ import io
 import itertools
 import json
 import re
+import sys
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -150,10 +151,59 @@ class TocScan:
 
     @property
     def fetch_ranges(self) -> tuple[tuple[int, ...], ...] | None:
-        """What the early download takes: :attr:`prefetch_order` (``(start, end, rank)``)
-        when the TOC gives one, else :attr:`prefetch_ranges` (``(start, end)``, ascending;
-        None: the whole region in blob order)."""
-        return self.prefetch_order if self.prefetch_order is not None else self.prefetch_ranges
+        """What the early download takes: the bytes of :attr:`prefetch_ranges` (None: the
+        whole region, ``[0, landmark_offset)``) — with an order (:attr:`prefetch_order`) as
+        ``(start, end, rank)`` triples: the order's ranges cut to those bytes, by rank, then
+        the bytes it does not list, ascending, ranked :data:`UNLISTED_RANK`; else as
+        :attr:`prefetch_ranges` gives them (``(start, end)``, ascending; None: the whole
+        region in blob order). The order changes when bytes are fetched, never which: an
+        order that does not list them all (a writer's other idea of the region, a malformed
+        hint) cost the early download of the bytes it left out, and the prefetch, finding
+        them missing from it, its fast path."""
+        order, ranges, end = self.prefetch_order, self.prefetch_ranges, self.landmark_offset
+        if order is None or end is None:
+            return ranges
+        ranked = confine_order(order, ranges if ranges is not None else ((0, end),))
+        return ranked or ranges
+
+
+# The rank TocScan.fetch_ranges gives the bytes an order does not list: after every listed
+# one (store.prefetch.UNRANKED).
+UNLISTED_RANK = sys.maxsize
+
+
+def confine_order(
+    order: Sequence[tuple[int, int, int]], ranges: Sequence[tuple[int, int]]
+) -> tuple[tuple[int, int, int], ...]:
+    """``order``'s ``(start, end, rank)`` triples (not overlapping) cut to ``ranges``
+    (ascending ``[start, end)``, not overlapping; parts outside left out), in ``order``'s
+    order, then the parts of ``ranges`` no triple holds, ascending, ranked
+    :data:`UNLISTED_RANK`; ``()`` when no triple holds a byte of ``ranges``. O((n + m)
+    log(n + m)) for n triples and m ranges, O(n + m) triples out."""
+    starts = [lo for lo, _hi in ranges]
+    out: list[tuple[int, int, int]] = []
+    for lo, hi, rank in order:
+        i = max(bisect.bisect_right(starts, lo) - 1, 0)
+        while i < len(ranges) and ranges[i][0] < hi:
+            a, b = max(lo, ranges[i][0]), min(hi, ranges[i][1])
+            if a < b:
+                out.append((a, b, rank))
+            i += 1
+    if not out:
+        return ()
+    listed = sorted((a, b) for a, b, _rank in out)  # each inside one of ranges
+    j = 0
+    for lo, hi in ranges:
+        at = lo
+        while j < len(listed) and listed[j][0] < hi:
+            a, b = listed[j]
+            if at < a:
+                out.append((at, a, UNLISTED_RANK))
+            at = max(at, b)
+            j += 1
+        if at < hi:
+            out.append((at, hi, UNLISTED_RANK))
+    return tuple(out)
 
 
 def toc_digest(toc_json: bytes) -> str:

@@ -31,7 +31,14 @@ from store.estargz import (
     scan_toc,
 )
 from store.estargz.footer import estargz_footer_bytes
-from store.estargz.toc import PIECE, encode_toc, landmark_hint
+from store.estargz.toc import (
+    PIECE,
+    UNLISTED_RANK,
+    TocScan,
+    confine_order,
+    encode_toc,
+    landmark_hint,
+)
 from store.estargz.writer import DEFAULT_CHUNK_SIZE, ORDER_CHUNK_SIZE, _fetch_order
 from store.estargz_view import load_layer_index
 from store.layer import AheadBlob
@@ -182,6 +189,69 @@ def test_prefetch_order_refuses_a_list_over_the_most():
     flat = [v for i in range(MAX_PREFETCH_ORDER + 1) for v in (2 * i, 2 * i + 1, i)]
     assert prefetch_order(flat, 1 << 40) is None
     assert prefetch_order(flat[:-3], 1 << 40) is not None
+
+
+M = UNLISTED_RANK
+
+
+@pytest.mark.parametrize(
+    ("order", "ranges", "want"),
+    [
+        # the writer's: the order lists exactly the ranges' bytes
+        (((20, 30, 0), (0, 10, 4)), ((0, 10), (20, 30)), ((20, 30, 0), (0, 10, 4))),
+        # it lists part of them: the rest after it, ascending
+        (((20, 25, 0),), ((0, 10), (20, 30)), ((20, 25, 0), (0, 10, M), (25, 30, M))),
+        # bytes outside them: left out; a listed range across two: cut in two
+        (
+            ((5, 25, 3), (40, 50, 0)),
+            ((0, 10), (20, 30)),
+            ((5, 10, 3), (20, 25, 3), (0, 5, M), (25, 30, M)),
+        ),
+        # nothing of them: no order
+        (((40, 50, 0),), ((0, 10),), ()),
+        ((), ((0, 10),), ()),
+    ],
+)
+def test_confine_order_keeps_the_ranges_bytes_and_only_them(order, ranges, want):
+    assert confine_order(order, ranges) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 60), unique=True),
+    st.lists(st.integers(0, 60), unique=True),
+    st.randoms(),
+)
+def test_confine_order_covers_the_ranges_once(order_cuts, range_cuts, rnd):
+    """Whatever the order lists, the triples hold each byte of the ranges once, nothing
+    else; the listed ones first, by the order's ranks."""
+
+    def spans(cuts):
+        cuts = sorted(cuts)
+        return [(a, b) for a, b in zip(cuts[::2], cuts[1::2], strict=False)]
+
+    ranges = spans(range_cuts)
+    order = [(a, b, rnd.randrange(5)) for a, b in spans(order_cuts)]
+    rnd.shuffle(order)
+    out = confine_order(sorted(order, key=lambda t: t[2]), ranges)
+    got = sorted(p for a, b, _ in out for p in range(a, b))
+    want = sorted(p for a, b in ranges for p in range(a, b))
+    assert got == (want if out else [])
+    ranks = [r for _a, _b, r in out]
+    assert ranks == sorted(ranks)
+
+
+def test_fetch_ranges_download_what_the_ranges_say_in_the_order_given():
+    """An order that leaves bytes of the ranges out (or the region, without ranges) no longer
+    leaves them out of the early download: they come after the listed ones."""
+    scan = TocScan("sha256:x", 1, 100, None, ((0, 10), (20, 30)), ((20, 25, 0), (90, 95, 1)))
+    assert scan.fetch_ranges == ((20, 25, 0), (0, 10, M), (25, 30, M))
+    whole = TocScan("sha256:x", 1, 100, None, None, ((50, 60, 7),))
+    assert whole.fetch_ranges == ((50, 60, 7), (0, 50, M), (60, 100, M))
+    listed_none = TocScan("sha256:x", 1, 100, None, ((0, 10),), ((40, 50, 0),))
+    assert listed_none.fetch_ranges == ((0, 10),)  # blob order
+    assert TocScan("sha256:x", 1, 100, None, (), ((0, 10, 0),)).fetch_ranges == ()
+    assert TocScan("sha256:x", 1, 100, None, None, ()).fetch_ranges is None
 
 
 def test_the_landmark_hint_is_unchanged_by_an_order():
