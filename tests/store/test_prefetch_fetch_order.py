@@ -43,6 +43,7 @@ from store.estargz.writer import DEFAULT_CHUNK_SIZE, ORDER_CHUNK_SIZE, _fetch_or
 from store.estargz_view import load_layer_index
 from store.layer import AheadBlob
 from store.prefetch import WireOrder
+from store.spans import merge_spans
 from tests.store.conftest import FileBlob, tar_of, view_layer
 
 LIB = random.Random(21).randbytes(1 << 20)  # read in three goes, early, late, later
@@ -136,6 +137,81 @@ def test_the_converted_layer_reads_back_the_same():
     _entry, reader = _landmark(data, toc_digest)
     for name, content in FILES.items():
         assert reader.read_file(name) == content, name
+
+
+@st.composite
+def _traced_layers(draw):
+    """A small layer tar's files, the prioritized ones, and random read ranges and first
+    reads of them (some files read whole, some in part, some not at all)."""
+    sizes = draw(
+        st.lists(st.sampled_from([0, 1, 5000, 70_000, 300_000, 600_000]), min_size=2, max_size=6)
+    )
+    files = {f"f{i}": random.Random(i * 7 + n).randbytes(n) for i, n in enumerate(sizes)}
+    prioritized = draw(st.permutations(list(files)))[: draw(st.integers(2, len(files)))]
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    order: dict[str, list[tuple[int, int, int]]] = {}
+    for name in prioritized:
+        size = len(files[name])
+        if not size:
+            continue
+        if draw(st.booleans()):
+            starts = draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=3))
+            ranges[name] = [(a, draw(st.integers(a + 1, size))) for a in starts]
+        if draw(st.integers(0, 4)):
+            starts = draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=4))
+            order[name] = [
+                (a, draw(st.integers(a + 1, size + 65536)), draw(st.integers(0, 30)))
+                for a in starts
+            ]
+    return files, prioritized, ranges, order
+
+
+@settings(max_examples=150, deadline=None)
+@given(_traced_layers())
+def test_the_written_order_lists_exactly_what_the_prefetch_claims(tmp_path_factory, layer):
+    """Converted with random read ranges and first reads, the landmark's order (when
+    written) lists the bytes of the ranges key exactly (without one: the region from its
+    first chunk), so every chunk the prefetch claims is in the early download's pieces
+    (Prefetcher's ``carried``: else it takes its slow path)."""
+    files, prioritized, ranges, order = layer
+    out = io.BytesIO()
+    res = convert(
+        io.BytesIO(tar_of(files)),
+        out,
+        level=1,
+        prioritized_files=prioritized,
+        read_ranges=ranges,
+        read_order=order,
+    )
+    path = tmp_path_factory.mktemp("layer") / "blob"
+    path.write_bytes(out.getvalue())
+    entry, _reader = _landmark(out.getvalue(), res.toc_digest)
+    listed = _triples(entry.get(PREFETCH_ORDER_KEY, []))
+
+    async def check() -> None:
+        ahead = AheadBlob(FileBlob(path))
+        async with trio.open_nursery() as nursery:
+            view = await load_layer_index(
+                ahead, res.toc_digest, lambda e, r: ahead.start(e, nursery, r)
+            )
+            layer = view_layer(view, ahead, res.toc_digest, path.parent / "cache")
+            end = view.prefetch_end
+            claimed = [
+                c
+                for c in view.all_chunks()
+                if c.compressed_end <= end and not layer.source.off_trace(c)
+            ]
+            for c in claimed:
+                assert ahead.carries(c.offset, c.compressed_end), (c.offset, listed)
+            if listed:
+                covered = merge_spans((lo, hi) for lo, hi, _rank in listed)
+                if view.prefetch_ranges is not None:
+                    assert covered == list(view.prefetch_ranges)
+                else:
+                    assert covered == [(min(c.offset for c in claimed), end)]
+            ahead.drop()
+
+    trio.run(check)
 
 
 @settings(max_examples=60, deadline=None)
