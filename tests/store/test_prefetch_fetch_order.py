@@ -462,3 +462,25 @@ async def test_ranked_downloads_of_two_layers_take_turns_on_the_wire_by_rank(mon
         assert sorted(wire.requests) == a_first
         assert wire.requests.index(("b", 0)) < wire.requests.index(("a", 2000))
     assert order is None or (order.on_wire == 0 and not order._regions)
+
+
+@pytest.mark.anyio
+async def test_a_region_that_does_not_rank_lowest_goes_while_the_wire_has_room(monkeypatch):
+    """Small first batches leave the wire room (less than a full batch of bytes on it):
+    layer b's first piece goes beside layer a's, though a ranks lower."""
+    monkeypatch.setattr("store.prefetch.PREFETCH_STREAMS", 1)
+    monkeypatch.setattr("store.prefetch.AHEAD_PIECE", 200)
+    monkeypatch.setattr("store.prefetch.PREFETCH_PIECE", 1000)  # room: a full batch, 1000 bytes
+    monkeypatch.setattr("store.prefetch.FIRST_BATCH", 200)
+    wire = _Wire()
+    order = WireOrder()
+    a = AheadBlob(wire.blob("a", 10_000), wire=order)
+    b = AheadBlob(wire.blob("b", 10_000), wire=order)
+    async with trio.open_nursery() as nursery:
+        a.start(5000, nursery, [(0, 200, 0), (200, 400, 1), (400, 600, 2)])
+        await trio.testing.wait_all_tasks_blocked()  # a's first piece (200 bytes) is on the wire
+        assert order.on_wire_bytes == 200
+        b.start(5000, nursery, [(0, 200, 3), (200, 400, 4), (400, 600, 5)])
+        await trio.testing.wait_all_tasks_blocked()
+        assert wire.requests[:2] == [("a", 0), ("b", 0)]
+    assert order.on_wire == 0 and order.on_wire_bytes == 0
