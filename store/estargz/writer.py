@@ -708,12 +708,8 @@ class _LayerWriter:
         toc_offset = self.m.written
         region = self.region
         if self.landmark_entry is not None and region and not all(w for _, w in region):
-            offsets = self.m.offsets
-            spans = [
-                (offsets[i], offsets[i + 1] if i + 1 < len(offsets) else toc_offset)
-                for i, wanted in region
-                if wanted
-            ]
+            every = self._region_spans(toc_offset)
+            spans = [span for span, (_i, wanted) in zip(every, region, strict=True) if wanted]
             flat = [v for span in _joined(spans, MAX_PREFETCH_RANGES) for v in span]
             self.landmark_entry[PREFETCH_RANGES_KEY] = flat
         if (
