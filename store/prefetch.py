@@ -349,13 +349,20 @@ class AheadBlob:
     average, and three streams of requests that small kept the link at half its rate). The
     byte limit of a batch grows from :data:`FIRST_BATCH` to :data:`PREFETCH_PIECE`, doubling
     with every batch claimed (a piece bigger than the limit goes alone): the first files are
-    needed first, and a batch's bytes are handed on only once all of it arrived. A read that
-    needs a piece no worker has started fetches that piece itself at once rather than wait
-    for the workers to reach it; a read whose bytes are in a piece already on the wire waits
-    for that piece. A read waiting for chunks the prefetch claimed puts their pieces on the
-    wire at once too (:meth:`hurry`) when no worker has started them: a JVM reads
-    ``libjava.so`` early, but it lies after the ``modules`` ranges read later, and waited
-    0.7-1.1 s for the workers to get there (tomcat, ``wan``). Asking the registry again
+    needed first, and a batch's bytes are handed on only once all of it arrived. Ranked
+    batches of one piece each, so that every piece was handed on as it arrived, made the
+    ``estargz`` totals longer instead (A/B of 5 samples in one invocation, ``wan``: tomcat
+    5.86 → 6.19 s, p = 0.03; gcc 2.12 → 2.22 s, p = 0.10): four times the requests, each
+    starting with a round trip of its own. Nor did more workers for a ranked region help
+    (4 or 6 instead of 3, same A/B: tomcat, gcc and python totals 1-7% longer, p ≥ 0.10):
+    in gcc's run the link carried 80-85% of its rate while the region's three 1 MiB
+    requests were on the wire, and the cause is not the gaps between one worker's requests.
+    A read that needs a piece no worker has started fetches that piece itself at once rather
+    than wait for the workers to reach it; a read whose bytes are in a piece already on the
+    wire waits for that piece. A read waiting for chunks the prefetch claimed puts their
+    pieces on the wire at once too (:meth:`hurry`) when no worker has started them: a JVM
+    reads ``libjava.so`` early, but it lies after the ``modules`` ranges read later, and
+    waited 0.7-1.1 s for the workers to get there (tomcat, ``wan``). Asking the registry again
     instead (reads of up to 256 KiB, and reads of chunks a prefetch piece had claimed)
     fetched 10-22% more bytes and made ``estargz`` totals up to 10% longer here (five
     workloads, ``wan``): during a prefetch the link is full, and a read's own request only
