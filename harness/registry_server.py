@@ -20,6 +20,7 @@ import os
 import re
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -30,9 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from harness.processes import Service, die_with_parent, free_port, stop_group
-from harness.stale import claim, release
+from harness.stale import claim, disown, release
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
+# Set to 1: a stopped registry's directory (its storage, config and logs) is kept, disowned,
+# for a look afterwards; its path is printed on stderr. Remove it by hand.
+KEEP_ENV = "LAZYBENCH_KEEP_REGISTRY"
 _NO_VERIFY = ssl.create_default_context()
 _NO_VERIFY.check_hostname = False
 _NO_VERIFY.verify_mode = ssl.CERT_NONE
@@ -334,14 +338,21 @@ class RegistryServer(Service):
             stop_group(proc, timeout=5, kill_timeout=5)
 
     def stop(self) -> None:
-        """Kill the process; remove the temp dir (and storage if we created it)."""
+        """Kill the process; remove the temp dir (and storage if we created it), unless
+        :data:`KEEP_ENV` is ``1``: then the dir is kept, and disowned so that no later run's
+        sweep (:func:`harness.stale.sweep`) removes it."""
         self._kill()
-        if self._workdir is not None and os.environ.get("LAZYBENCH_KEEP_REGISTRY") != "1":
+        if self._workdir is None:
+            return
+        if os.environ.get(KEEP_ENV) == "1":
+            disown(self._workdir)
+            print(f"{KEEP_ENV}=1: registry directory kept: {self._workdir}", file=sys.stderr)
+        else:
             release(self._workdir)
-            self._workdir = None
             if self._owns_storage:
                 self.storage_dir = None
                 self._owns_storage = False
+        self._workdir = None
 
     @property
     def running(self) -> bool:

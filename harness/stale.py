@@ -111,6 +111,14 @@ def release(directory: Path) -> None:
         directory.rmdir()
 
 
+def disown(directory: Path) -> None:
+    """Keep ``directory`` for good: remove the owner file :func:`claim` wrote, so that no
+    :func:`sweep` takes it once this process is gone (a directory kept on purpose for a look
+    afterwards). Raises nothing."""
+    with contextlib.suppress(OSError):
+        (Path(directory) / OWNER_FILE).unlink(missing_ok=True)
+
+
 def owner_gone(directory: Path) -> bool:
     """Whether ``directory`` was claimed by a process that no longer runs (False without an
     owner file, or with one that cannot be read: never ours to judge)."""

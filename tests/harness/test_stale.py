@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 
 from harness.podman import mounts_below
+from harness.registry_server import KEEP_ENV, RegistryServer
 from harness.stale import (
     OWNER_FILE,
     _below,
     build_dirs,
     claim,
+    disown,
     owner_gone,
     processes_in,
     release,
@@ -91,6 +93,32 @@ def test_a_directory_whose_owner_exited_is_stale(tmp_path: Path) -> None:
 def test_a_reused_pid_is_not_taken_for_the_owner(tmp_path: Path) -> None:
     # Our own pid, with a start time that is not ours: the owner that wrote it is gone.
     assert owner_gone(claimed_by(tmp_path / "d", f"{os.getpid()} 1\n"))
+
+
+def test_a_disowned_directory_is_never_stale(tmp_path: Path) -> None:
+    d = claimed_by(tmp_path / "lazybench-registry-kept", f"{dead_pid()} 12345\n")
+    disown(d)
+    assert d.is_dir() and not (d / OWNER_FILE).exists()
+    assert not owner_gone(d)
+
+
+@pytest.mark.e2e
+def test_a_registry_kept_on_request_is_disowned_for_the_next_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``LAZYBENCH_KEEP_REGISTRY=1`` keeps a stopped registry's directory for a look
+    afterwards. It was kept still claimed by the run, so the next run's sweep (the owner
+    gone) removed it before anyone could look."""
+    monkeypatch.setenv(KEEP_ENV, "1")
+    with RegistryServer() as reg:
+        workdir = reg.workdir
+    try:
+        assert (workdir / "storage").is_dir()
+        assert not (workdir / OWNER_FILE).exists()
+        assert not owner_gone(workdir)
+        assert f"registry directory kept: {workdir}" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("owner", [None, "", "garbage", "12 34 56"])
