@@ -38,7 +38,11 @@ COMMAND_MODULES = [
 
 
 class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit status 1."""
+    """An error caused by the user's input: printed as one line, exit status :attr:`status`
+    (1; ``compare`` sets 2, so that a CI gate tells a regression from runs it could not
+    compare)."""
+
+    status = 1
 
 
 def check_writable_dir(path: Path, what: str) -> None:
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except UserError as exc:
         print(f"lazybench: {exc}", file=sys.stderr)
-        return 1
+        return exc.status
     except KeyboardInterrupt as exc:
         signame = " (SIGTERM)" if isinstance(exc, Terminated) else ""
         print(f"lazybench: interrupted{signame}", file=sys.stderr)

@@ -96,8 +96,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         nargs="?",
         const=PACKAGED_GATE,
         metavar="GATE_TOML",
-        help="exit 1 when NEW regresses past these thresholds (without a file: the packaged "
-        "default, harness/data/gate.toml; a run directory right after --gate is BASE)",
+        help="exit 1 when NEW regresses past these thresholds, 2 when the runs cannot be "
+        "compared (without a file: the packaged default, harness/data/gate.toml; a run "
+        "directory right after --gate is BASE)",
     )
     compare.add_argument(
         "--statistic", choices=("median", "percentile"), help="override the gate's statistic"
@@ -352,7 +353,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# compare's exit status when the runs could not be compared (a run directory missing or
+# damaged, a bad gate file): not 1, which a failed gate returns (as diff and cmp do).
+COMPARE_TROUBLE = 2
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    try:
+        return _compare(args)
+    except UserError as exc:
+        exc.status = COMPARE_TROUBLE
+        raise
+
+
+def _compare(args: argparse.Namespace) -> int:
     from harness.gate import (
         Gate,
         compare_runs,

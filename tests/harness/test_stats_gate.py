@@ -372,6 +372,23 @@ def test_compare_takes_gate_before_the_run_directories(tmp_path: Path, capsys) -
         main(["compare", str(base)])
 
 
+def test_compare_tells_runs_it_cannot_compare_from_a_failed_gate(tmp_path: Path, capsys) -> None:
+    """A failed gate exits 1; runs that cannot be compared (a missing run directory, a bad
+    gate file) exit 2, each naming what was wrong. Both were 1, so a CI job gating on the
+    status took a typo in its baseline path for a performance regression."""
+    from harness.cli import main
+
+    base = write_run(tmp_path / "a", {"": [30, 30.5, 29.8, 30.2], "ours": [5, 5.1, 4.9, 5.0]})
+    missing = tmp_path / "no-such-run"
+    assert main(["compare", str(base), str(missing), "--gate"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    bad_gate = tmp_path / "gate.toml"
+    bad_gate.write_text("alpha = 7\n")
+    assert main(["compare", str(base), str(base), f"--gate={bad_gate}"]) == 2
+    assert f"{bad_gate}: alpha" in capsys.readouterr().err
+    assert main(["compare", str(base), str(missing)]) == 2  # without a gate as well
+
+
 @pytest.mark.parametrize(
     ("new", "statistic"), [([9.0, 9.1], "median"), ([9.0, 9.1, 9.2, 9.0, 9.1], "percentile")]
 )
