@@ -25,7 +25,10 @@ RESERVED = {".prefetch.landmark", ".no.prefetch.landmark", "stargz.index.json"}
 KINDS = ["dir", "reg", "reg", "reg", "symlink", "hardlink", "char", "block", "fifo"]
 UNAMES = {0: "root", 5: "", 1000: "dev", 4242: "ünïcödé", 65534: "nobody"}
 
-name_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00")
+# Not U+FFFD either: Go's encoding/json writes it for a byte that is not UTF-8, so a name
+# holding it is refused by design (store.estargz.index._tar_name; tests/estargz/
+# test_toc_rules.py), and the writer refuses such a tar (a rare draw failed this test).
+name_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00\ufffd")
 short_names = st.text(name_chars, min_size=1, max_size=12)
 long_names = st.text(st.sampled_from("abcdefghij_é日"), min_size=90, max_size=140)
 base_names = st.one_of(short_names, short_names, long_names).filter(
