@@ -243,8 +243,7 @@ class WireOrder:
     batch: 100 layers loaded at once, 92 s of CPU for 10,000 batches).
     """
 
-    on_wire: int = 0  # batches of ranked regions on the wire
-    on_wire_bytes: int = 0  # their bytes
+    on_wire_bytes: int = 0  # bytes of ranked regions' batches on the wire
     _regions: list[_Region] = field(default_factory=list)
     # id(region) -> (region, event): regions whose workers wait for a turn, on that event.
     _waiting: dict[int, tuple[_Region, trio.Event]] = field(default_factory=dict)
@@ -311,13 +310,11 @@ class WireOrder:
     def sending(self, size: int) -> Iterator[None]:
         """A batch of ``size`` bytes of a ranked region is on the wire (just claimed: the
         next ranks moved)."""
-        self.on_wire += 1
         self.on_wire_bytes += size
         self._dispatch()
         try:
             yield
         finally:
-            self.on_wire -= 1
             self.on_wire_bytes -= size
             self._dispatch()
 

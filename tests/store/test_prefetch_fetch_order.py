@@ -461,7 +461,7 @@ async def test_ranked_downloads_of_two_layers_take_turns_on_the_wire_by_rank(mon
     else:  # b's pieces go beside a's
         assert sorted(wire.requests) == a_first
         assert wire.requests.index(("b", 0)) < wire.requests.index(("a", 2000))
-    assert order is None or (order.on_wire == 0 and not order._regions)
+    assert order is None or (order.on_wire_bytes == 0 and not order._regions)
 
 
 @pytest.mark.anyio
@@ -483,4 +483,4 @@ async def test_a_region_that_does_not_rank_lowest_goes_while_the_wire_has_room(m
         b.start(5000, nursery, [(0, 200, 3), (200, 400, 4), (400, 600, 5)])
         await trio.testing.wait_all_tasks_blocked()
         assert wire.requests[:2] == [("a", 0), ("b", 0)]
-    assert order.on_wire == 0 and order.on_wire_bytes == 0
+    assert order.on_wire_bytes == 0

@@ -69,7 +69,7 @@ def _run(test) -> None:
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await test(wire, nursery)
-        assert wire.on_wire == 0 and not wire._regions and not wire._waiting
+        assert wire.on_wire_bytes == 0 and not wire._regions and not wire._waiting
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
@@ -104,7 +104,7 @@ def test_a_dropped_download_on_the_wire_lets_the_others_go():
         await trio.testing.wait_all_tasks_blocked()
         b = _start(wire, nursery, [10, 11])
         await trio.testing.wait_all_tasks_blocked()
-        assert b.blob.read == [] and wire.on_wire == 1  # waiting for its turn
+        assert b.blob.read == [] and wire.on_wire_bytes == PIECE  # waiting for its turn
         a.drop()
         while not _done(b):
             await trio.sleep(0.01)
