@@ -272,6 +272,11 @@ class _TransportPerContext(httpx.AsyncBaseTransport):
         # Contexts retired (weakly: a request built before may still carry one).
         self._retired_contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
 
+    def prepare(self) -> None:
+        """Make the default context's transport now, not on the first request."""
+        if id(self._default) not in self._by_id:
+            self._by_id[id(self._default)] = (self._default, self._make(self._default))
+
     def retire(self, ctx: ssl.SSLContext) -> None:
         self._retired_contexts.add(ctx)
         held = self._by_id.pop(id(ctx), None)
@@ -431,6 +436,12 @@ class RegistryClient:
             headers={"User-Agent": self._user_agent, "Accept-Encoding": ACCEPT_ENCODING},
             trust_env=False,
         )
+        # Made and loaded now, not by the first request: the default transport imports
+        # httpcore and h11, and anyio loads its trio backend on first use (the range
+        # transport's limiters). Left to the first request, that was 25-45 ms before its
+        # connection was even opened, on the critical path of the first pull after start.
+        self._per_context.prepare()
+        await anyio.sleep(0)
         return self
 
     async def __aexit__(
