@@ -75,17 +75,24 @@ def layer_tar() -> Path:
         return path
     if shutil.which("mmdebstrap") is None:
         pytest.skip("mmdebstrap not installed (ci/install-system-deps) and no cached layer tar")
+    if path.is_dir():  # a root directory an earlier version of this function left in its place
+        shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # --format=tar: mmdebstrap picks the format from the target's name otherwise, and makes a
+    # root directory of a name that does not end in .tar, as the temporary one does not.
     cmd = ["mmdebstrap", "--variant=minbase", "--include=python3", "--mode=root", "--quiet"]
-    cmd += [SUITE, str(tmp)]
+    cmd += ["--format=tar", SUITE, str(tmp)]
     if APT_SOURCES.is_file():
         cmd.append(str(APT_SOURCES))
     try:
         subprocess.run(cmd, check=True, timeout=1800)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
     return path
 
 
