@@ -89,10 +89,7 @@ def layer_tar() -> Path:
         subprocess.run(cmd, check=True, timeout=1800)
         os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        else:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return path
 
 
