@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,15 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from store.elfdeps import FETCH_MAX, MAX_ROUNDS, SparseFile, read_elf_deps, system_dirs
+from store.elfdeps import (
+    FETCH_MAX,
+    MAX_NEEDED,
+    MAX_ROUNDS,
+    READ_BUDGET,
+    SparseFile,
+    read_elf_deps,
+    system_dirs,
+)
 
 LS = Path("/bin/ls")
 LDCONFIG = Path("/sbin/ldconfig")  # statically linked on Debian
@@ -108,3 +118,55 @@ def test_a_huge_segment_in_the_header_fetches_little():
             data[ph + 0x20 : ph + 0x28] = (1 << 40).to_bytes(8, "little")  # p_filesz
     _, reads = deps_of(bytes(data), "usr/bin/ls")
     assert len(reads) <= MAX_ROUNDS and all(size <= FETCH_MAX for _, size in reads)
+
+
+def _elf_naming_one_string(n_tags: int, string: bytes, tag: int) -> bytes:
+    """A well-formed ELF64 (x86-64, ET_DYN): one PT_LOAD over the whole file and a PT_DYNAMIC
+    of ``n_tags`` tags of type ``tag`` (1 DT_NEEDED, 15 DT_RPATH, 29 DT_RUNPATH), each
+    naming the same ``string`` of its string table."""
+    dyn_off = 0x1000
+    body = struct.pack("<qQ", tag, 0) * n_tags + struct.pack("<qQ", 0, 0)  # ..., DT_NULL
+    str_off = dyn_off + 16 + len(body)
+    dyn = struct.pack("<qQ", 5, str_off) + body  # DT_STRTAB first
+    size = str_off + len(string) + 1
+    eh = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    eh += struct.pack("<HHIQQQIHHHHHH", 3, 0x3E, 1, 0, 64, 0, 0, 64, 56, 2, 64, 0, 0)
+    ph = struct.pack("<IIQQQQQQ", 1, 5, 0, 0, 0, size, size, 0x1000)
+    ph += struct.pack("<IIQQQQQQ", 2, 6, dyn_off, dyn_off, dyn_off, len(dyn), len(dyn), 8)
+    data = eh + ph
+    return data + bytes(dyn_off - len(data)) + dyn + string + b"\0"
+
+
+@pytest.mark.parametrize(
+    ("n_tags", "string", "tag"),
+    [
+        (1000, b"ab:" * 9000, 15),  # 9 million directories: was 750 MB
+        (1000, b"ab:" * 9000, 29),
+        (4000, b"a" * 60_000, 1),  # 4,000 names of 60 KB: was 4 s and 250 MB
+    ],
+    ids=["rpath", "runpath", "needed"],
+)
+def test_tags_naming_one_long_string_cost_a_bounded_read(n_tags, string, tag):
+    """Each dynamic tag's name is read as the tag is: thousands of tags naming one long
+    string made the parse read, and keep, their product. It reads READ_BUDGET bytes at
+    most, and gives no hint past it."""
+    data = _elf_naming_one_string(n_tags, string, tag)
+    tracemalloc.start()
+    try:
+        deps, _ = deps_of(data, "usr/bin/prog", head=len(data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert deps is None
+    assert peak < 8 * READ_BUDGET + len(data), f"{peak} bytes at the peak"
+
+
+def test_a_few_tags_naming_long_strings_still_give_the_hint():
+    """Within the budget, the names and directories come through, cut to their bounds."""
+    data = _elf_naming_one_string(2, b"/opt/lib:" * 2000, 29)  # 4,000 directories of 18 KB
+    deps, _ = deps_of(data, "usr/bin/prog", head=len(data))
+    assert deps is not None and deps.search[0] == "/opt/lib"
+    assert deps.search[1:] == tuple(system_dirs("EM_X86_64"))  # one directory, kept once
+    data = _elf_naming_one_string(MAX_NEEDED + 10, b"libx.so.1", 1)
+    deps, _ = deps_of(data, "usr/bin/prog", head=len(data))
+    assert deps is not None and deps.needed == ("libx.so.1",) * MAX_NEEDED
