@@ -222,16 +222,31 @@ class _SplitEntry(msgspec.Struct, gc=False):
 _SPLIT_DECODER = msgspec.json.Decoder(_SplitEntry)
 
 
+# Tar-split lines one layer may hold: two per tar member (its raw headers, then its contents'
+# entry), a member per TOC entry at most, and the end-of-archive padding.
+def _max_lines(limits: TocLimits) -> int:
+    return 2 * limits.max_entries + 16
+
+
 def _headers(tar_split: bytes, where: str, limits: TocLimits) -> Iterator[tarfile.TarInfo]:
     """The tar headers the tar-split records, in order (:class:`InvalidToc` for a tar-split
-    that does not inflate within ``limits.max_bytes``, is not tar-split JSON, or whose
-    headers ``tarfile`` cannot read)."""
+    that does not inflate within ``limits.max_bytes``, has more lines than
+    ``limits.max_entries`` members need, is not tar-split JSON, or whose headers ``tarfile``
+    cannot read, :class:`_PaxCheckedTarInfo`'s included). Its lines are decoded one at a
+    time: a list of them all was 60 bytes of memory per line (64 MiB of 3-byte lines, 1.3
+    GB)."""
     from .zstdchunked import inflate_bounded
 
     what = f"{where}: tar-split"
     lines = inflate_bounded(tar_split, limits.max_bytes, what)
     stream = _SkippedPayloads(what)
-    for n, line in enumerate(lines.splitlines()):
+    most = _max_lines(limits)
+    for n, line in enumerate(io.BytesIO(lines)):
+        if n >= most:
+            raise InvalidToc(
+                f"{what}: more than {most} lines, more than the limit on TOC entries "
+                f"({limits.max_entries}) allows"
+            )
         if not line.strip():
             continue
         try:
@@ -246,7 +261,13 @@ def _headers(tar_split: bytes, where: str, limits: TocLimits) -> Iterator[tarfil
             raise InvalidToc(f"{what}: line {n + 1} is of type {entry.type}, size {entry.size}")
     del lines
     try:
-        tf = tarfile.TarFile(fileobj=stream, mode="r", encoding="utf-8", errors="surrogateescape")
+        tf = tarfile.TarFile(
+            fileobj=stream,
+            mode="r",
+            encoding="utf-8",
+            errors="surrogateescape",
+            tarinfo=_PaxCheckedTarInfo,
+        )
         while True:
             ti = tf.next()
             if ti is None:
@@ -255,6 +276,30 @@ def _headers(tar_split: bytes, where: str, limits: TocLimits) -> Iterator[tarfil
             yield ti
     except (tarfile.TarError, EOFError, ValueError, OverflowError) as exc:
         raise InvalidToc(f"{what}: its tar headers do not read: {exc}") from None
+
+
+# A run of more digits than any PAX record needs (a length field, a size, a time with its
+# fraction: at most about 20). CPython before 3.11.10 and 3.12.6 parses a PAX header in time
+# quadratic in such a run (CVE-2024-6232: 120,000 digits, 16 s). The TOC's own tar stream
+# takes a budget of PAX bytes for all its headers (toc.open_tar_stream); a tar-split holds a
+# whole layer's headers, long names and xattrs in PAX records, so each header is checked.
+_DIGIT_RUN = re.compile(rb"[0-9]{65}")
+
+
+class _PaxCheckedTarInfo(tarfile.TarInfo):
+    """A tar header whose PAX records are parsed only when they hold no run of 65 digits
+    (``tarfile.HeaderError``): within that, CPython's parse is linear."""
+
+    def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        stream = tarfile_.fileobj
+        at = stream.tell()
+        records = stream.read(self._block(self.size))  # type: ignore[attr-defined]
+        stream.seek(at)
+        if _DIGIT_RUN.search(records):
+            raise tarfile.HeaderError(
+                f"PAX extended header of {self.size} bytes holds a run of more than 64 digits"
+            )
+        return super()._proc_pax(tarfile_)  # type: ignore[misc]
 
 
 class _SkippedPayloads(io.RawIOBase):

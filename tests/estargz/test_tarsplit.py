@@ -8,9 +8,12 @@ import hashlib
 import io
 import json
 import tarfile
+import time
+import tracemalloc
 
 import pytest
 import zstandard
+from fmt_helpers import pax_header
 
 from store import estargz as E
 from store.estargz import zstdchunked as Z
@@ -155,3 +158,69 @@ def test_a_pax_mtime_that_is_no_number_is_refused_as_a_mismatch(mtime):
     toc = {"version": 1, "entries": [{"type": "reg", "name": "f", "mode": 0o644}]}
     with pytest.raises(E.InvalidToc, match="modtime"):
         _check(_with_split(toc, split), split)
+
+
+def test_a_pax_header_with_a_long_run_of_digits_is_refused_at_once(layer):
+    """CPython before 3.11.10 parses a PAX header in time quadratic in a run of digits
+    (CVE-2024-6232): a tar-split whose header held 120,000 of them took 16 s to load, and
+    was then served. Refused, naming the header, before tarfile parses it."""
+    ti = tarfile.TarInfo("f")
+    ti.mode, ti.mtime = 0o644, 1_700_000_000
+    raw = pax_header(b"1" * 120_000) + ti.tobuf(tarfile.USTAR_FORMAT)
+    split = _split_of(
+        [
+            {"type": 2, "payload": base64.b64encode(raw).decode()},
+            {"type": 1, "name": "f"},
+            {"type": 2, "payload": base64.b64encode(bytes(1024)).decode()},
+        ]
+    )
+    toc = {"version": 1, "entries": [{"type": "reg", "name": "f", "mode": 0o644}]}
+    started = time.monotonic()
+    with pytest.raises(E.InvalidToc, match="PAX extended header of 120000 bytes holds a run"):
+        _check(_with_split(toc, split), split)
+    assert time.monotonic() - started < 5
+
+
+def test_pax_records_of_a_real_layer_still_read(layer):
+    """Long names, xattrs and times with fractions in PAX records: read as before."""
+    buf = io.BytesIO()
+    name = "d/" + "n" * 150 + "/" + "9" * 60  # a long name, with a long run of digits
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        d = tarfile.TarInfo("d")
+        d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+        tar.addfile(d)
+        d2 = tarfile.TarInfo(name.rsplit("/", 1)[0])
+        d2.type, d2.mode, d2.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+        tar.addfile(d2)
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mode, ti.mtime = 3, 0o644, 1_700_000_000.123456789
+        ti.pax_headers = {"SCHILY.xattr.user.k": "v" * 300}
+        tar.addfile(ti, io.BytesIO(b"abc"))
+    out = io.BytesIO()
+    res = Z.write_zstd_chunked(io.BytesIO(buf.getvalue()), out, generation="podman5")
+    blob = out.getvalue()
+    pos = E.ManifestPosition.parse(res.annotations[Z.MANIFEST_POSITION_KEY])
+    offset, length, _ = (int(v) for v in res.annotations[Z.TARSPLIT_POSITION_KEY].split(":"))
+    toc = json.loads(zstandard.ZstdDecompressor().decompress(blob[pos.offset :][: pos.length]))
+    _check(toc, blob[offset : offset + length])
+
+
+def test_a_tar_split_of_more_lines_than_the_toc_allows_is_refused_in_bounded_memory(layer):
+    """Its lines were split into a list before the first was decoded: 64 MiB of 3-byte lines
+    (a 6 KB zstd frame) took 1.3 GB to refuse. Now decoded one at a time, and no more of
+    them than the limit on TOC entries allows (two per tar member): 3 million empty file
+    entries are refused at the 2,017th."""
+    line = b'{"type":1,"size":0}\n'
+    lines = line * ((64 << 20) // len(line))
+    split = zstandard.ZstdCompressor(level=19).compress(lines)
+    del lines
+    toc = _with_split({"version": 1, "entries": []}, split)
+    limits = E.TocLimits(max_bytes=64 << 20, max_entries=1000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(E.InvalidToc, match="more than 2016 lines"):
+            check_tar_split(json.dumps(toc).encode(), split, "layer X", limits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 << 20, f"{peak >> 20} MB at the peak"
