@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import re
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 
 from store.estargz import LayerIndex
@@ -207,16 +207,25 @@ class Node:
         return e.implicit if e.ino in self.tree.index.after_whiteout else True
 
     @property
+    def _xattrs(self) -> Mapping[str, bytes] | None:
+        """The entry's own xattrs: none on a whiteout, nor on the layer root, whose TOC entry
+        extraction skips (containers/storage ``pkg/archive`` ``Unpack``: a directory named
+        ``.``), as it does its mode and owner."""
+        if self.whiteout or self.entry is self.tree.index.root:
+            return None
+        return self._meta.xattrs
+
+    @property
     def xattrs(self) -> dict[bytes, bytes] | None:
-        x = self._meta.xattrs
-        return {_key(k): v for k, v in x.items()} if x and not self.whiteout else None
+        x = self._xattrs
+        return {_key(k): v for k, v in x.items()} if x else None
 
     def xattr(self, name: bytes) -> bytes | None:
         """``xattrs.get(name)``, in one lookup of the entry's own (str-keyed) xattrs: the
         name's decoding is the only key that encodes to it, unless the entry has a name whose
         bytes decode to another string (``LayerTree`` notes those, for the whole dict)."""
-        x = self._meta.xattrs
-        if not x or self.whiteout:
+        x = self._xattrs
+        if not x:
             return None
         if self.entry.ino in self.tree.odd_xattrs:
             return self.xattrs.get(name)  # type: ignore[union-attr]

@@ -830,6 +830,13 @@ class _Builder:
                 )
             if target.type == "dir":
                 raise InvalidToc(f"{where}hardlink target {e.link_name!r} is a directory")
+            if e.link_name.startswith(name + "/"):
+                # Extraction removes what the link replaces (a directory: all under it)
+                # before it links: the target is gone (containers/storage fails the pull).
+                raise InvalidToc(
+                    f"{where}hardlink target {e.link_name!r} lies under {name!r}, which the "
+                    "link replaces"
+                )
             # Each header's xattrs are set on the shared inode in turn: the last header
             # carries them all (the target's, then every link's, a later value winning),
             # in one dict per target updated in place (a copy per header took quadratic

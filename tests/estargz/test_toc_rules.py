@@ -99,6 +99,11 @@ def test_wrong_json_types_are_refused(entry: dict, match: str) -> None:
             InvalidToc,
             "is a directory",
         ),
+        (  # extraction removes the directory "a" before it links: the target is gone
+            [reg("a/x/deep"), {"name": "a", "type": "hardlink", "linkName": "a/x/deep"}],
+            InvalidToc,
+            "'a/x/deep' lies under 'a', which the link replaces",
+        ),
         ([reg("a" * 256)], InvalidEntryName, "longer than Linux allows"),
         ([reg("a/" * 2048 + "f")], InvalidEntryName, "longer than Linux allows"),
         ([reg("a\0b")], InvalidEntryName, "NUL"),

@@ -11,7 +11,8 @@ root's or a set-group-ID parent's group for a new inode), then the OCI image spe
 (image-spec ``layer.md``: a whiteout ``.wh.NAME`` hides ``NAME`` in lower layers only; an opaque
 marker ``.wh..wh..opq`` hides its directory's lower children; entries of the same layer stay),
 then merges the layers the way overlayfs shows them. It answers ``None`` where no tree exists:
-a hardlink to nothing (or to a directory) in its layer, an entry under a non-directory.
+a hardlink to nothing (or to a directory, or to a path under the name it replaces) in its
+layer, an entry under a non-directory.
 
 A listing row (:data:`Row`) is what the comparison sees of one path: type, permission bits
 with suid/sgid/sticky, owner, size, content sha256 or link target or device numbers, xattrs,
@@ -168,9 +169,8 @@ def _layer_tree(
             kind = _KINDS[ti.type]
             xattrs = {k[len(XATTR) :]: v for k, v in ti.pax_headers.items() if k.startswith(XATTR)}
             if not name:
-                if kind == "dir":
-                    # containers/storage keeps every layer root 0555 root:root
-                    tree[""].xattrs.update(xattrs)
+                # containers/storage skips a directory entry named "." (pkg/archive Unpack):
+                # every layer root stays 0555 root:root, without xattrs
                 continue
             parent, _, base = name.rpartition("/")
             _ensure_dir(tree, parent, notes)
@@ -181,9 +181,12 @@ def _layer_tree(
                 whiteouts.add(f"{parent}/{base[len(WH) :]}".lstrip("/"))
                 continue
             if kind == "hardlink":
-                target = tree.get(_clean(ti.linkname))
+                link = _clean(ti.linkname)
+                target = tree.get(link)
                 if target is None or target.kind == "dir":
                     raise _Refused(f"hardlink {name!r} to missing {ti.linkname!r}")
+                if link.startswith(name + "/"):  # removed with the directory the link replaces
+                    raise _Refused(f"hardlink {name!r} to {ti.linkname!r}, under itself")
                 _remove(tree, name)
                 tree[name] = target
                 # extraction chowns and chmods the shared inode from the link's header

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 import pytest
 
 from store.estargz import LayerIndex
-from store.tree import LayerTree
+from store.tree import OPAQUE_XATTRS, LayerTree
 
 
 def _tree(xattrs: dict[str, bytes]) -> LayerTree:
@@ -68,3 +68,20 @@ def test_getxattr_answers_what_the_bytes_keyed_dict_answers(xattrs):
     for name in [*whole, b"user.\xc3", b"user.absent"]:
         assert node.getxattr(name) == whole.get(name)
     assert node.listxattr() == list(whole)
+
+
+def test_the_layer_root_shows_no_xattrs_of_its_toc_entry():
+    """Extraction skips a layer's ``./`` entry (containers/storage keeps the root 0555
+    root:root): its xattrs are not the root's; an opaque marker still is."""
+    x = {"user.a": base64.b64encode(b"1").decode()}
+    for opaque in (False, True):
+        entries = [{"name": "./", "type": "dir", "mode": 0o711, "xattrs": x}]
+        entries += [{"name": "f", "type": "reg", "xattrs": x}]
+        if opaque:
+            entries.append({"name": ".wh..wh..opq", "type": "reg"})
+        t = LayerTree(LayerIndex.from_entries(entries, toc_offset=100, compression="gzip"))
+        root, f = t.root, t.lookup_path("f")
+        assert f is not None and f.getxattr(b"user.a") == b"1"
+        assert root.xattrs is None and root.getxattr(b"user.a") is None
+        assert root.listxattr() == (list(OPAQUE_XATTRS) if opaque else [])
+        assert root.mode & 0o7777 == 0o555
