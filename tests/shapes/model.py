@@ -12,7 +12,8 @@ root's or a set-group-ID parent's group for a new inode), then the OCI image spe
 marker ``.wh..wh..opq`` hides its directory's lower children; entries of the same layer stay),
 then merges the layers the way overlayfs shows them. It answers ``None`` where no tree exists:
 a hardlink to nothing (or to a directory, or to a path under the name it replaces) in its
-layer, an entry under a non-directory.
+layer, an entry under a non-directory (but a whiteout, or an opaque marker right under a
+file, device or fifo: extraction ignores them).
 
 A listing row (:data:`Row`) is what the comparison sees of one path: type, permission bits
 with suid/sgid/sticky, owner, size, content sha256 or link target or device numbers, xattrs,
@@ -173,6 +174,13 @@ def _layer_tree(
                 # every layer root stays 0555 root:root, without xattrs
                 continue
             parent, _, base = name.rpartition("/")
+            if base == OPQ or base.startswith(WH):
+                # Under a file, device or fifo of the layer extraction ignores a whiteout at
+                # any depth (its mknod: ENOTDIR) and an opaque marker right under it (its
+                # setxattr marks that inode); a deeper opaque marker fails it, as below.
+                blocker = _non_dir_above(tree, parent)
+                if blocker is not None and (base != OPQ or blocker == parent):
+                    continue
             _ensure_dir(tree, parent, notes)
             if base == OPQ:
                 tree[parent].opaque = True
@@ -219,6 +227,19 @@ def _ids(ti: tarfile.TarInfo, uid: int, gid: int) -> tuple[int, int]:
     """The owner ``lchown`` leaves from ``ti``'s ids over ``uid``/``gid``: an id of
     :data:`NO_ID` changes nothing."""
     return (uid if ti.uid == NO_ID else ti.uid, gid if ti.gid == NO_ID else ti.gid)
+
+
+def _non_dir_above(tree: dict[str, _Node], path: str) -> str | None:
+    """The first of ``path`` and its parents, from the root down, that the layer holds as a
+    file, device or fifo (not a symlink: extraction follows it), else None."""
+    parts = path.split("/") if path else []
+    for i in range(1, len(parts) + 1):
+        node = tree.get("/".join(parts[:i]))
+        if node is None:
+            return None
+        if node.kind not in ("dir", "symlink"):
+            return "/".join(parts[:i])
+    return None
 
 
 def _ensure_dir(tree: dict[str, _Node], path: str, notes: set[str]) -> None:
