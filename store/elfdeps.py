@@ -39,7 +39,7 @@ MAX_NEEDED = 256  # DT_NEEDED names kept of a file's
 # resolves its name at once, so a hostile file naming one long string from thousands of tags
 # made it read (and keep) their product: 1,000 DT_RPATH tags naming a 27 KB string of
 # directories cost 750 MB and 4 s. A real program's parse reads a few KB: at most 3.6 KB
-# (gdb's) of the 1,164 ELF files in /usr/bin, /usr/lib/x86_64-linux-gnu and gcc's cc1 here.
+# (gdb's) of the ELF files among 1,164 in /usr/bin, /usr/lib/x86_64-linux-gnu and gcc's here.
 READ_BUDGET = 64 << 10
 
 # Where ld.so looks when the runpath does not name the library, by ELF machine (Debian's
