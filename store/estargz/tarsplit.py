@@ -222,12 +222,6 @@ class _SplitEntry(msgspec.Struct, gc=False):
 _SPLIT_DECODER = msgspec.json.Decoder(_SplitEntry)
 
 
-# Tar-split lines one layer may hold: two per tar member (its raw headers, then its contents'
-# entry), a member per TOC entry at most, and the end-of-archive padding.
-def _max_lines(limits: TocLimits) -> int:
-    return 2 * limits.max_entries + 16
-
-
 def _headers(tar_split: bytes, where: str, limits: TocLimits) -> Iterator[tarfile.TarInfo]:
     """The tar headers the tar-split records, in order (:class:`InvalidToc` for a tar-split
     that does not inflate within ``limits.max_bytes``, has more lines than
@@ -240,7 +234,9 @@ def _headers(tar_split: bytes, where: str, limits: TocLimits) -> Iterator[tarfil
     what = f"{where}: tar-split"
     lines = inflate_bounded(tar_split, limits.max_bytes, what)
     stream = _SkippedPayloads(what)
-    most = _max_lines(limits)
+    # Two lines per tar member (its raw headers, then its contents' entry), a member per TOC
+    # entry at most, and the end-of-archive padding.
+    most = 2 * limits.max_entries + 16
     for n, line in enumerate(io.BytesIO(lines)):
         if n >= most:
             raise InvalidToc(
