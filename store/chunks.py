@@ -44,6 +44,12 @@ DECOMPRESS_GROUPS = 4  # worker threads inflating one download's chunks (2 cores
 INFLATE_GROUP = 8 << 20
 # Uncompressed bytes of the free riders one request takes along at most (_free_riders).
 FREE_RIDERS_INFLATED = READ_BLOCK
+# A read's block(s) cut into more chunks than this take no riders: the read fetches its own
+# chunks only, found by bisection (ChunkSource.plan_read), and a read-ahead looks at this many
+# chunks at most (store.layer). Real layers hold tens to hundreds of chunks per 4 MiB block
+# (eStargz: one; zstd:chunked: ~16-64 KiB each); a TOC may cut one into a million 4-byte
+# chunks, and every 4 KiB read of it then claimed, fetched, inflated and wrote them all.
+BLOCK_CHUNKS_MOST = 1024
 
 
 class ChunkVerifyError(Exception):
@@ -251,6 +257,11 @@ class ChunkSource:
         lo = (offset // READ_BLOCK) * READ_BLOCK
         hi = min(-(-end // READ_BLOCK) * READ_BLOCK, file_size)
         first = max(bisect.bisect_right(chunks, lo, key=_file_offset) - 1, 0)
+        if bisect.bisect_left(chunks, hi, key=_file_offset) - first > BLOCK_CHUNKS_MOST:
+            # Too finely cut to ride along (BLOCK_CHUNKS_MOST): the read's own chunks only.
+            start = max(bisect.bisect_right(chunks, offset, key=_file_offset) - 1, 0)
+            stop = bisect.bisect_left(chunks, end, key=_file_offset)
+            return ReadPlan(list(chunks[start:stop]), [], stop)
         wanted: list[ChunkRef] = []
         riders: list[ChunkRef] = []
         after = first

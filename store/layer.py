@@ -20,6 +20,7 @@ it; the layer decides *when* to fetch what, in three parts with small interfaces
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,6 +34,7 @@ import trio
 from store.blobfile import BlobVerifyError, VerifiedBlob
 from store.cache import ChunkCache
 from store.chunks import (
+    BLOCK_CHUNKS_MOST,
     DECOMPRESS_GROUPS,
     READ_BLOCK,
     BlobReader,
@@ -334,7 +336,7 @@ class Layer:
         horizon = end + stream.window
         ahead: list[ChunkRef] = []
         missing = 0
-        for c in chunks[after:]:
+        for c in itertools.islice(chunks, after, after + BLOCK_CHUNKS_MOST):
             if c.file_offset >= horizon:
                 break
             if not self.source.is_missing(c) or self.source.off_trace(c):

@@ -520,3 +520,32 @@ async def test_a_hostile_layers_failed_chunk_fails_no_read_of_another_layer(tmp_
         views["hostile"][1].gate.set()
     assert isinstance(got["hostile"], ChunkVerifyError)
     assert got["valid"] == good
+
+
+# -- a block cut into tiny chunks: one small read fetched, inflated and cached all of them --
+
+
+@pytest.mark.anyio
+async def test_a_block_cut_into_tiny_chunks_fetches_only_the_reads_own(tmp_path):
+    """A read fetches the other chunks of its 4 MiB block too (riders), however many the TOC
+    cut it into: a 160 KB file in 20,000 chunks of 8 bytes, each its own frame, and one 4 KiB
+    read fetched the whole blob and inflated, verified and cached all 20,000 chunks (200,000:
+    25 s, the store's event loop blocked for seconds at a time). A block that finely cut
+    takes no riders: the read's own 512 chunks, in one aligned range."""
+    n, size = 20_000, 8
+    payload = b"".join(i.to_bytes(size, "big") for i in range(n))
+    pieces = [payload[i * size : (i + 1) * size] for i in range(n)]
+    entries = []
+    for i, piece in enumerate(pieces):
+        entry = {"name": "f", "type": "chunk", "frame": i, "chunkOffset": i * size}
+        if i == 0:
+            entry.update(type="reg", size=len(payload), digest=_sha(payload))
+            del entry["chunkOffset"]
+        entries.append({**entry, "chunkSize": size, "chunkDigest": _sha(piece)})
+    blob, ann = _zstd_layer(pieces, entries)
+    view, fb = await _load(tmp_path, blob, ann)
+    layer = view_layer(view, fb, ann[Z.MANIFEST_CHECKSUM_KEY], tmp_path / "c")
+    node = layer.tree.lookup_path("f")
+    assert await layer.read_file(node, 8192, 4096) == payload[8192 : 8192 + 4096]
+    assert layer.stats.fetched_bytes <= 2 * layer.chunk_size, layer.stats.fetched_bytes
+    assert await layer.read_file(node, len(payload) - 100, 4096) == payload[-100:]
