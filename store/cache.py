@@ -115,6 +115,9 @@ class _InFlight:
     # The claimant's way to hurry this chunk and its blob range, when its bytes may not be on
     # the wire yet; None when they are (a read's own fetch, a rider, the background fetch).
     hurry: tuple[Hurry, tuple[int, int]] | None = None
+    # Who claimed it (a layer's chunk source; None: not said): a waiter from another layer
+    # waits for it a bounded time only (store.chunks.FOREIGN_WAIT).
+    owner: object = None
 
 
 class ChunkCache:
@@ -457,16 +460,21 @@ class ChunkCache:
                 log.warning("chunk cache eviction of %s failed: %s", key, exc)
 
     def begin(
-        self, key: str, hurry: tuple[Hurry, tuple[int, int]] | None = None
+        self, key: str, hurry: tuple[Hurry, tuple[int, int]] | None = None, owner: object = None
     ) -> _InFlight | None:
         """Claim ``key`` for a batch fetch; None when someone else is already fetching it.
         ``hurry``: how a waiter puts the claimed bytes on the wire now, if they may not be
-        (:attr:`_InFlight.hurry`)."""
+        (:attr:`_InFlight.hurry`); ``owner``: the claimant (:meth:`claimant`)."""
         if key in self._inflight:
             return None
         self.stats.misses += 1
-        flight = self._inflight[key] = _InFlight(hurry=hurry)
+        flight = self._inflight[key] = _InFlight(hurry=hurry, owner=owner)
         return flight
+
+    def claimant(self, key: str) -> object:
+        """The ``owner`` the claim on ``key`` was made with (None: no claim, or none said)."""
+        flight = self._inflight.get(key)
+        return None if flight is None else flight.owner
 
     def hurries(self, keys: Iterable[str]) -> dict[Hurry, list[tuple[int, int]]]:
         """Of the claims on ``keys``, those whose bytes may not be on the wire yet: their

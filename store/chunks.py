@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ FREE_RIDERS_INFLATED = READ_BLOCK
 # (eStargz: one; zstd:chunked: ~16-64 KiB each); a TOC may cut one into a million 4-byte
 # chunks, and every 4 KiB read of it then claimed, fetched, inflated and wrote them all.
 BLOCK_CHUNKS_MOST = 1024
+# Seconds a read waits for chunks another layer's source claimed before it fetches them from
+# its own blob (ChunkSource.get): that layer's registry may be slow, or never answer (its
+# fetch then ends at its fetching_timeout_sec, 300 s by default), and its TOC may name the
+# digests of any other image's files (libc's, say) on purpose.
+FOREIGN_WAIT = 5.0
 
 
 class ChunkVerifyError(Exception):
@@ -239,13 +245,16 @@ class ChunkSource:
         hurry = self.blob.hurry if ahead and isinstance(self.blob, HurriedBlob) else None
         if hurry is None:
             return [
-                c for c in chunks if c.digest not in cache and cache.begin(c.digest) is not None
+                c
+                for c in chunks
+                if c.digest not in cache and cache.begin(c.digest, owner=self) is not None
             ]
         return [
             c
             for c in chunks
             if c.digest not in cache
-            and cache.begin(c.digest, (hurry, (c.compressed_offset, c.compressed_end))) is not None
+            and cache.begin(c.digest, (hurry, (c.compressed_offset, c.compressed_end)), self)
+            is not None
         ]
 
     def plan_read(
@@ -314,7 +323,7 @@ class ChunkSource:
             if data is not None:
                 result[c.digest] = data
                 served.append(c.digest)
-            elif self.cache.begin(c.digest) is not None:
+            elif self.cache.begin(c.digest, owner=self) is not None:
                 claimed.append(c)
             else:
                 waiting.append(c)
@@ -322,15 +331,26 @@ class ChunkSource:
             result.update(await self.fetch(claimed, riders=self.claim(riders)))
         elif riders and nursery is not None:
             nursery.start_soon(self.fetch_run, list(riders))
+        # Another layer's claim is waited for FOREIGN_WAIT seconds at most: then the chunks
+        # still missing are fetched from this layer's own blob.
+        foreign = any(self.cache.claimant(c.digest) not in (None, self) for c in waiting)
+        deadline = trio.current_time() + FOREIGN_WAIT if foreign else math.inf
         if waiting:
             # Chunks a prefetch (of this layer or another with the same chunks) claimed whose
             # bytes are not on the wire yet: its region comes in blob order, and a read may
             # need a later part first.
-            await _hurry(self.cache.hurries(c.digest for c in waiting))
+            with trio.move_on_at(deadline):
+                await _hurry(self.cache.hurries(c.digest for c in waiting))
         again: list[ChunkRef] = []
+        late: list[ChunkRef] = []
         for c in waiting:
             try:
-                data = await self.cache.wait_inflight(c.digest)
+                data = None
+                with trio.move_on_at(deadline) as scope:
+                    data = await self.cache.wait_inflight(c.digest)
+                if scope.cancelled_caught:
+                    late.append(c)
+                    continue
             except (LayerFetchError, ChunkVerifyError):
                 # Someone else's fetch failed: a prefetch piece, a background batch a read
                 # interrupted (store.priority), or another layer's chunk of this digest that
@@ -344,6 +364,10 @@ class ChunkSource:
                 continue
             result[c.digest] = data
             served.append(c.digest)
+        if late:  # fetched here, unclaimed: their claims complete with these bytes
+            got = await self.fetch(late)
+            result.update(got)
+            served.extend(got)
         if again:  # in one request, not a round trip each
             result.update(zip((c.digest for c in again), await self.get(again), strict=True))
             served.extend(c.digest for c in again)
@@ -579,7 +603,7 @@ class ChunkSource:
                     continue
                 if inflated + c.size > FREE_RIDERS_INFLATED:
                     return extra  # a few KiB of gzip can claim gigabytes of chunks
-                if self.cache.begin(c.digest) is not None:
+                if self.cache.begin(c.digest, owner=self) is not None:
                     have.add(c.digest)
                     extra.append(c)
                     inflated += c.size

@@ -549,3 +549,55 @@ async def test_a_block_cut_into_tiny_chunks_fetches_only_the_reads_own(tmp_path)
     assert await layer.read_file(node, 8192, 4096) == payload[8192 : 8192 + 4096]
     assert layer.stats.fetched_bytes <= 2 * layer.chunk_size, layer.stats.fetched_bytes
     assert await layer.read_file(node, len(payload) - 100, 4096) == payload[-100:]
+
+
+@pytest.mark.anyio
+async def test_another_layers_stalled_fetch_holds_up_no_read_for_long(tmp_path, monkeypatch):
+    """A read waiting for a chunk another layer claimed (the fetches of one digest are
+    shared store-wide) waited for as long as that layer's registry took: a hostile TOC names
+    another image's digests (libc's, say), its registry never answers, and the other image's
+    reads of them waited out that fetch's deadline (fetching_timeout_sec, 300 s). A read now
+    waits FOREIGN_WAIT seconds at most, then fetches and verifies its own bytes."""
+    import trio
+
+    from store import chunks
+    from store.cache import ChunkCache
+    from store.layer import Layer
+    from store.tree import LayerTree
+
+    monkeypatch.setattr(chunks, "FOREIGN_WAIT", 0.2, raising=False)
+    good, evil = b"shared library bytes " * 100, b"X" * 2100
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+    layers, blobs = {}, {}
+    for name, data in (("valid", good), ("hostile", evil)):
+        entries = [
+            {"name": "f", "type": "reg", "size": len(data), "frame": 0, "digest": _sha(good)}
+        ]
+        blob, ann = _zstd_layer([data], entries)
+        path = tmp_path / f"{name}.blob"
+        path.write_bytes(blob)
+        layer = E.zstd_chunked_layer(ann)
+        fb = blobs[name] = _GatedBlob(path)
+        view = await load_layer_index(fb, layer.checksum, zstd_chunked=layer)
+        layers[name] = Layer(
+            key=name,
+            digest="sha256:" + "0" * 64,
+            toc_digest=layer.checksum,
+            tree=LayerTree(view.index),
+            index=view,
+            blob=fb,
+            cache=cache,
+        )
+    blobs["hostile"].armed = True  # its registry never answers
+
+    async def hostile_read() -> None:
+        lay = layers["hostile"]
+        await lay.read_file(lay.tree.lookup_path("f"), 0, len(evil))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hostile_read)
+        await trio.sleep(0.05)  # its claim on the shared digest is on its way, never answered
+        valid = layers["valid"]
+        with trio.fail_after(5):
+            assert await valid.read_file(valid.tree.lookup_path("f"), 0, len(good)) == good
+        nursery.cancel_scope.cancel()
