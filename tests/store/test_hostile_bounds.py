@@ -465,33 +465,30 @@ class _GatedBlob(FileBlob):
         return await super().read_ranges(ranges)
 
 
-@pytest.mark.anyio
-async def test_a_hostile_layers_failed_chunk_fails_no_read_of_another_layer(tmp_path):
-    """Layers share the chunk cache and its fetches in flight, by digest. A hostile layer's
-    file naming the digest of a valid layer's file but holding other bytes: while its fetch
-    was in flight, the valid layer's read of that digest waited on it and got its
-    ChunkVerifyError (EIO). The valid read now fetches and verifies its own bytes."""
-    import trio
+_GOOD, _EVIL = b"shared library bytes " * 100, b"X" * 2100
 
+
+async def _sharing_layers(tmp_path: Path) -> tuple[dict, dict]:
+    """Two layers on one chunk cache whose file ``f`` names the same digest (the valid
+    one's bytes): ``valid`` holds those bytes, ``hostile`` others. Returns the layers and
+    their gated blobs, by name."""
     from store.cache import ChunkCache
-    from store.layer import ChunkVerifyError, Layer
+    from store.layer import Layer
     from store.tree import LayerTree
 
-    good, evil = b"shared library bytes " * 100, b"X" * 2100
-    views = {}
-    for name, data in (("valid", good), ("hostile", evil)):
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+    layers, blobs = {}, {}
+    for name, data in (("valid", _GOOD), ("hostile", _EVIL)):
         entries = [
-            {"name": "f", "type": "reg", "size": len(data), "frame": 0, "digest": _sha(good)}
+            {"name": "f", "type": "reg", "size": len(data), "frame": 0, "digest": _sha(_GOOD)}
         ]
         blob, ann = _zstd_layer([data], entries)
         path = tmp_path / f"{name}.blob"
         path.write_bytes(blob)
         layer = E.zstd_chunked_layer(ann)
-        fb = _GatedBlob(path)
-        views[name] = (await load_layer_index(fb, layer.checksum, zstd_chunked=layer), fb, layer)
-    cache = ChunkCache(tmp_path / "cache", 1 << 30)
-    layers = {
-        name: Layer(
+        fb = blobs[name] = _GatedBlob(path)
+        view = await load_layer_index(fb, layer.checksum, zstd_chunked=layer)
+        layers[name] = Layer(
             key=name,
             digest="sha256:" + "0" * 64,
             toc_digest=layer.checksum,
@@ -500,15 +497,27 @@ async def test_a_hostile_layers_failed_chunk_fails_no_read_of_another_layer(tmp_
             blob=fb,
             cache=cache,
         )
-        for name, (view, fb, layer) in views.items()
-    }
-    views["hostile"][1].armed = True  # its file's bytes come when the test says
+    return layers, blobs
+
+
+@pytest.mark.anyio
+async def test_a_hostile_layers_failed_chunk_fails_no_read_of_another_layer(tmp_path):
+    """Layers share the chunk cache and its fetches in flight, by digest. A hostile layer's
+    file naming the digest of a valid layer's file but holding other bytes: while its fetch
+    was in flight, the valid layer's read of that digest waited on it and got its
+    ChunkVerifyError (EIO). The valid read now fetches and verifies its own bytes."""
+    import trio
+
+    from store.layer import ChunkVerifyError
+
+    layers, blobs = await _sharing_layers(tmp_path)
+    blobs["hostile"].armed = True  # its file's bytes come when the test says
     got: dict[str, object] = {}
 
     async def read(name: str) -> None:
         layer = layers[name]
         try:
-            got[name] = await layer.read_file(layer.tree.lookup_path("f"), 0, len(good))
+            got[name] = await layer.read_file(layer.tree.lookup_path("f"), 0, len(_GOOD))
         except ChunkVerifyError as exc:
             got[name] = exc
 
@@ -517,9 +526,9 @@ async def test_a_hostile_layers_failed_chunk_fails_no_read_of_another_layer(tmp_
         await trio.sleep(0.05)  # its fetch of the shared digest is claimed, not answered
         nursery.start_soon(read, "valid")
         await trio.sleep(0.05)  # the valid read waits on that claim
-        views["hostile"][1].gate.set()
+        blobs["hostile"].gate.set()
     assert isinstance(got["hostile"], ChunkVerifyError)
-    assert got["valid"] == good
+    assert got["valid"] == _GOOD
 
 
 # -- a block cut into tiny chunks: one small read fetched, inflated and cached all of them --
@@ -561,43 +570,19 @@ async def test_another_layers_stalled_fetch_holds_up_no_read_for_long(tmp_path, 
     import trio
 
     from store import chunks
-    from store.cache import ChunkCache
-    from store.layer import Layer
-    from store.tree import LayerTree
 
-    monkeypatch.setattr(chunks, "FOREIGN_WAIT", 0.2, raising=False)
-    good, evil = b"shared library bytes " * 100, b"X" * 2100
-    cache = ChunkCache(tmp_path / "cache", 1 << 30)
-    layers, blobs = {}, {}
-    for name, data in (("valid", good), ("hostile", evil)):
-        entries = [
-            {"name": "f", "type": "reg", "size": len(data), "frame": 0, "digest": _sha(good)}
-        ]
-        blob, ann = _zstd_layer([data], entries)
-        path = tmp_path / f"{name}.blob"
-        path.write_bytes(blob)
-        layer = E.zstd_chunked_layer(ann)
-        fb = blobs[name] = _GatedBlob(path)
-        view = await load_layer_index(fb, layer.checksum, zstd_chunked=layer)
-        layers[name] = Layer(
-            key=name,
-            digest="sha256:" + "0" * 64,
-            toc_digest=layer.checksum,
-            tree=LayerTree(view.index),
-            index=view,
-            blob=fb,
-            cache=cache,
-        )
+    monkeypatch.setattr(chunks, "FOREIGN_WAIT", 0.2)
+    layers, blobs = await _sharing_layers(tmp_path)
     blobs["hostile"].armed = True  # its registry never answers
 
     async def hostile_read() -> None:
         lay = layers["hostile"]
-        await lay.read_file(lay.tree.lookup_path("f"), 0, len(evil))
+        await lay.read_file(lay.tree.lookup_path("f"), 0, len(_EVIL))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(hostile_read)
         await trio.sleep(0.05)  # its claim on the shared digest is on its way, never answered
         valid = layers["valid"]
         with trio.fail_after(5):
-            assert await valid.read_file(valid.tree.lookup_path("f"), 0, len(good)) == good
+            assert await valid.read_file(valid.tree.lookup_path("f"), 0, len(_GOOD)) == _GOOD
         nursery.cancel_scope.cancel()
