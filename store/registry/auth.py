@@ -212,6 +212,17 @@ class TokenCache:
                 )
             resp = await http.send(request, stream=True)
             try:
+                # Asked as identity (the client's Accept-Encoding): a content-coded answer is
+                # refused unread, not decoded: a 32 KB zstd body inflates to 1 GiB in one
+                # decode, long before the size cap below could see it.
+                coding = resp.headers.get("content-encoding", "").strip().lower()
+                if coding not in ("", "identity"):
+                    raise AuthenticationError(
+                        f"{registry_host}: token server {realm} answered with "
+                        f"Content-Encoding: {coding} (asked for identity); refused, not decoded",
+                        host=registry_host,
+                        status=resp.status_code,
+                    )
                 raw = await _read_capped(resp, TOKEN_MAX_BYTES)
             finally:
                 await resp.aclose()
@@ -260,6 +271,15 @@ class TokenCache:
             raise AuthenticationError(
                 f"{registry_host}: token server {realm} sent no token", host=registry_host
             )
+        if not all(" " <= ch <= "~" for ch in token):
+            # It goes in an Authorization header: a CR, LF, NUL or non-ASCII character there
+            # failed each request as a bare ValueError/UnicodeEncodeError naming no host (or
+            # as "cannot connect", retried), the token echoed in the message.
+            raise AuthenticationError(
+                f"{registry_host}: token server {realm} sent a token that cannot go in an HTTP "
+                "header (control or non-ASCII characters)",
+                host=registry_host,
+            )
         expires_in = max(expires_in, 1.0)
         margin = min(TOKEN_EXPIRY_MARGIN, expires_in / 2)
         now = time.monotonic()
@@ -272,9 +292,10 @@ class TokenCache:
 
 
 async def _read_capped(resp: httpx.Response, limit: int) -> bytes | None:
-    """The body of ``resp``, or None once it passes ``limit`` bytes (the rest is not read)."""
+    """The body of ``resp`` as sent, or None once it passes ``limit`` bytes (the rest is not
+    read)."""
     out = bytearray()
-    async for piece in resp.aiter_bytes():
+    async for piece in resp.aiter_raw():
         out += piece
         if len(out) > limit:
             return None

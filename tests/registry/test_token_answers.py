@@ -4,8 +4,13 @@ keeps a lock only for the keys being fetched."""
 
 from __future__ import annotations
 
+import json
+import tracemalloc
+import zlib
+
 import httpx
 import pytest
+import zstandard
 
 from store.registry.auth import TOKEN_MAX_BYTES, Challenge, TokenCache, parse_challenge
 from store.registry.errors import AuthenticationError
@@ -13,9 +18,21 @@ from store.registry.errors import AuthenticationError
 CHALLENGE = Challenge("bearer", {"realm": "http://auth.test/token", "service": "reg"})
 
 
-def _client(body: bytes) -> httpx.AsyncClient:
+class _Sent(httpx.AsyncByteStream):
+    """A body as a server sends it, in 64 KiB pieces (``content=`` would have httpx read, and
+    decode, all of it when the answer is made)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        for i in range(0, len(self.body), 65536):
+            yield self.body[i : i + 65536]
+
+
+def _client(body: bytes, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
     def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=body)
+        return httpx.Response(200, stream=_Sent(body), headers=headers)
 
     return httpx.AsyncClient(transport=httpx.MockTransport(answer))
 
@@ -33,9 +50,45 @@ async def test_a_token_answer_over_the_limit_is_refused():
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("coding", ["zstd", "gzip"])
+async def test_a_content_encoded_token_answer_is_refused_not_decoded(coding: str) -> None:
+    """A token answer sent content-encoded (asked as identity) is refused unread, naming the
+    coding: decoding it first, a few KB of zstd or gzip took hundreds of MB before the size
+    cap saw a byte (256 MiB of zeros: 8 KB of zstd, peak 557 MB)."""
+    size = 256 << 20
+    if coding == "zstd":
+        co = zstandard.ZstdCompressor().compressobj(size=size)
+    else:
+        co = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zero = bytes(1 << 20)
+    bomb = b"".join(co.compress(zero) for _ in range(size >> 20)) + co.flush()
+    async with _client(bomb, {"Content-Encoding": coding}) as http:
+        tracemalloc.start()
+        try:
+            with pytest.raises(AuthenticationError, match=f"Content-Encoding: {coding}"):
+                await TokenCache().fetch(http, CHALLENGE, ("repository:a:pull",), None, 5.0, "r")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
+@pytest.mark.anyio
 async def test_a_deeply_nested_token_answer_is_an_authentication_error():
     with pytest.raises(AuthenticationError, match="unreadable"):
         await _fetch(TokenCache(), b"[" * 200_000)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("token", ["abc\r\nX-Injected: 1", "tok\u20ac", "a\x00b"])
+async def test_a_token_that_cannot_go_in_a_header_is_an_authentication_error(token: str):
+    """A token with a control or non-ASCII character is refused where it arrives, naming the
+    token server, not left to fail every request with a ValueError naming no host."""
+    body = json.dumps({"token": token}).encode()
+    with pytest.raises(AuthenticationError, match="cannot go in an HTTP header") as exc:
+        await _fetch(TokenCache(), body)
+    assert "auth.test/token" in str(exc.value)
+    assert token not in str(exc.value)
 
 
 @pytest.mark.anyio
@@ -76,7 +129,7 @@ async def test_a_realm_keeps_its_own_query_and_an_invalid_one_is_refused() -> No
 
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request.url)
-        return httpx.Response(200, content=b'{"token": "t"}')
+        return httpx.Response(200, stream=_Sent(b'{"token": "t"}'))
 
     challenge = Challenge("bearer", {"realm": "http://auth.test/token?tenant=x", "service": "reg"})
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
