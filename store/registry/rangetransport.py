@@ -19,8 +19,12 @@ manifest checks — until they timed out.
 
 Cancellation returns at once: the response's socket is shut down
 (``HTTPResponse.shutdown()``, urllib3 ≥ 2.3), which ends the worker thread's blocking read,
-and the connection is discarded. A request cancelled before its answer's head arrived leaves
-its thread to finish within the connect/read timeouts; the response is then closed unused.
+and the connection is discarded. A request cancelled while its answer's head is awaited has
+its connection's socket shut down the same way (the thread is told which connection through
+:data:`_SENDING`): a head that never ends — ``100 Continue`` heads one after another, or one
+dripped a byte at a time, each inside the read timeout — kept the thread, and its place under
+the host's limiter, for as long as the server went on. One cancelled before it was sent
+leaves its thread to finish within the connect timeout; the response is then closed unused.
 
 A request may carry the extension :data:`BODY_LIMIT`: the most body bytes its 2xx answer may
 have (the client knows it from the ranges it asked for). Then such a body is read with the head
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -49,6 +54,7 @@ import anyio
 import anyio.to_thread
 import httpx
 import urllib3
+import urllib3.connection
 import urllib3.exceptions as u3
 
 T = TypeVar("T")
@@ -56,9 +62,44 @@ EAGER_MAX = 64 * 1024 * 1024  # 206/error bodies up to this size are read with t
 PIECE = 16 * 1024 * 1024  # other bodies are yielded in pieces of at most this size
 MAX_HOSTS = 16  # connection pools kept (one per scheme/host/port)
 BODY_LIMIT = "lazybench.body_limit"  # request extension: the most body bytes to expect
+# The most of an answer's body other than 2xx (an error, a redirect) that is read: the client
+# reads no more of one than its first 64 KiB (client.MAX_ERROR_BODY), for its JSON detail.
+ERROR_BODY_MAX = 64 * 1024
 # Request extension: the ssl.SSLContext an https:// request is made with (the registry's own,
 # from its certs.d directory); absent: the transport's default.
 SSL_CONTEXT = "lazybench.ssl_context"
+
+
+# The worker thread's exchange while it sends a request and reads its answer's head: the
+# connection records itself there (:class:`_Watched`), so a cancellation can shut it down.
+_SENDING = threading.local()
+
+
+class _Watched:
+    """A urllib3 connection that tells the worker thread's exchange it is the one awaiting
+    the answer's head (:meth:`_Exchange.watch`)."""
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        exchange = getattr(_SENDING, "exchange", None)
+        if exchange is not None:
+            exchange.watch(self)
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPConnection(_Watched, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
 
 
 def _timeouts(request: httpx.Request) -> urllib3.Timeout:
@@ -102,6 +143,7 @@ class _Exchange:
         self.request = request
         self.limiter = limiter
         self.resp: urllib3.BaseHTTPResponse | None = None
+        self.conn: Any = None  # the connection awaiting the head (before ``resp``)
         self.lock = threading.Lock()
         self.abandoned = False
         self.done = False  # the body was read to its end and the connection released
@@ -115,14 +157,26 @@ class _Exchange:
         resp.close()
         raise httpx.ReadError("request cancelled", request=self.request)
 
+    def watch(self, conn: Any) -> None:
+        """Worker thread: ``conn`` awaits the answer's head; refused if the task gave up."""
+        with self.lock:
+            if not self.abandoned:
+                self.conn = conn
+                return
+        raise httpx.ReadError("request cancelled", request=self.request)
+
     def abandon(self) -> None:
-        """Event loop: the task gives up; a thread blocked reading the body wakes at once."""
+        """Event loop: the task gives up; a thread blocked reading the head or the body wakes
+        at once."""
         with self.lock:
             self.abandoned = True
-            resp = self.resp
+            resp, conn = self.resp, self.conn
         if resp is not None and not self.done:
             with contextlib.suppress(Exception):
                 resp.shutdown()  # type: ignore[attr-defined]  # HTTPResponse, urllib3 ≥ 2.3
+        elif resp is None and conn is not None and conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
 
     def read(self, amt: int | None) -> bytes:
         """Worker thread: up to ``amt`` bytes of the raw body (all with None); the connection
@@ -156,10 +210,11 @@ class _Exchange:
 
 
 def _body_limit(request: httpx.Request, status: int) -> int | None:
-    """The request's ``BODY_LIMIT`` for a 2xx answer (an error body is the caller's to bound:
-    its size has nothing to do with the ranges asked)."""
+    """The request's ``BODY_LIMIT`` for a 2xx answer; :data:`ERROR_BODY_MAX` for any other (an
+    error body's size has nothing to do with the ranges asked: a 503 with a 64 MiB body was
+    read whole with its head, where the client wanted its first 64 KiB)."""
     if not 200 <= status < 300:
-        return None
+        return ERROR_BODY_MAX
     limit = request.extensions.get(BODY_LIMIT)
     return limit if isinstance(limit, int) and limit >= 0 else None
 
@@ -219,6 +274,7 @@ class RangeTransport(httpx.AsyncBaseTransport):
             retries=False,
             ssl_context=ssl_context,
         )
+        self._pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
         self._max_connections = max(1, max_connections)
         self._limiters: dict[tuple[str, str, int | None], anyio.CapacityLimiter] = {}
 
@@ -259,18 +315,22 @@ class RangeTransport(httpx.AsyncBaseTransport):
             if k.lower() not in (b"connection", b"keep-alive", b"transfer-encoding", b"host")
         }
         url = str(request.url)
-        with _as_httpx(request):
-            resp = self._pool_for(url, request.extensions.get(SSL_CONTEXT)).urlopen(
-                "GET",
-                urllib3.util.parse_url(url).request_uri,
-                headers=headers,
-                redirect=False,
-                retries=False,
-                preload_content=False,
-                decode_content=False,
-                timeout=_timeouts(request),
-                assert_same_host=False,
-            )
+        _SENDING.exchange = exchange
+        try:
+            with _as_httpx(request):
+                resp = self._pool_for(url, request.extensions.get(SSL_CONTEXT)).urlopen(
+                    "GET",
+                    urllib3.util.parse_url(url).request_uri,
+                    headers=headers,
+                    redirect=False,
+                    retries=False,
+                    preload_content=False,
+                    decode_content=False,
+                    timeout=_timeouts(request),
+                    assert_same_host=False,
+                )
+        finally:
+            _SENDING.exchange = None
         exchange.adopt(resp)
         status = resp.status
         length = resp.length_remaining

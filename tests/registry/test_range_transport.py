@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from store.registry.rangetransport import BODY_LIMIT, RangeTransport
+from store.registry.rangetransport import BODY_LIMIT, ERROR_BODY_MAX, RangeTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -175,6 +175,47 @@ async def test_cancellation_returns_promptly(client_factory) -> None:
             assert time.monotonic() - start < 1.0
 
 
+@pytest.mark.parametrize("head", ["continues", "dripped"])
+async def test_a_read_cancelled_before_an_endless_head_gives_its_thread_back(head: str) -> None:
+    """A read cancelled while the server sends a head that never ends (``100 Continue`` heads
+    one after another, or a head dripped a byte at a time), each byte inside the read timeout,
+    ends its worker thread at once: before, the thread read on for as long as the server went
+    on, keeping its place under the host's limiter, and the host's next read waited for it."""
+    import trio
+
+    stop = threading.Event()
+
+    def script(conn: socket.socket, n: int) -> None:
+        while srv.read_request(conn):
+            if n > 1:
+                conn.sendall(
+                    b"HTTP/1.1 206 OK\r\nContent-Range: bytes 0-1/2\r\nContent-Length: 2\r\n\r\nok"
+                )
+                continue
+            piece = b"HTTP/1.1 100 Continue\r\n\r\n" if head == "continues" else b"X"
+            if head == "dripped":
+                conn.sendall(b"HTTP/1.1 206 OK\r\nX-Pad: ")
+            while not stop.is_set():
+                conn.sendall(piece)
+                stop.wait(0.2)
+            return
+
+    transport = RangeTransport(httpx.AsyncHTTPTransport(), max_connections=1)
+    with CannedServer(script) as srv:
+        try:
+            async with httpx.AsyncClient(transport=transport, timeout=5.0) as c:
+                with trio.move_on_after(0.5):
+                    await c.get(_url(srv), headers={"Range": "bytes=0-1"})
+                start = time.monotonic()
+                with trio.move_on_after(3):
+                    resp = await c.get(_url(srv), headers={"Range": "bytes=0-1"})
+                    assert resp.content == b"ok"
+                elapsed = time.monotonic() - start
+        finally:
+            stop.set()
+    assert elapsed < 1, elapsed
+
+
 async def test_warm_opens_connections_that_requests_then_reuse() -> None:
     """``warm`` opens connections without sending anything; the range reads that follow
     take them (the server sees no new connection), and a refused host is a count of 0."""
@@ -276,6 +317,37 @@ async def test_body_limit_reads_no_more_than_asked_plus_one(client_factory) -> N
                 await resp.aclose()
                 assert got == bytes(11)
     assert sent["long"] < 64 << 20 and sent["endless"] < 64 << 20, sent
+
+
+async def test_an_error_body_is_read_no_further_than_its_start(client_factory) -> None:
+    """An error answer to a range GET (a 503 with a 60 MiB body, said by its Content-Length
+    or not) yields at most ERROR_BODY_MAX + 1 bytes: the client reads its first 64 KiB for the
+    detail, and a registry's long error body costs neither memory nor the time to receive it
+    (read whole with the head before: 8 reads at once held 393 MB)."""
+    sent = {1: 0, 2: 0}
+
+    def script(conn: socket.socket, n: int) -> None:
+        srv.read_request(conn)
+        head = b"HTTP/1.1 503 Busy\r\nContent-Type: text/plain\r\n"
+        head += b"Content-Length: 62914560\r\n\r\n" if n == 1 else b"Connection: close\r\n\r\n"
+        conn.sendall(head)
+        with contextlib.suppress(OSError):
+            while sent[n] < 60 << 20:
+                conn.sendall(b"e" * 65536)
+                sent[n] += 65536
+
+    with CannedServer(script) as srv:
+        async with client_factory() as c:
+            for _ in sent:
+                req = c.build_request(
+                    "GET", _url(srv), headers={"Range": "bytes=0-9"}, extensions={BODY_LIMIT: 10}
+                )
+                resp = await c.send(req, stream=True)
+                got = b"".join([piece async for piece in resp.aiter_raw()])
+                await resp.aclose()
+                assert resp.status_code == 503
+                assert got == b"e" * (ERROR_BODY_MAX + 1)
+    assert sent[1] < 16 << 20 and sent[2] < 16 << 20, sent
 
 
 async def test_a_silent_host_keeps_its_threads_to_itself() -> None:
