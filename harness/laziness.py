@@ -27,10 +27,12 @@ taken from the store's log (its error lines) and from the evidence itself.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +236,30 @@ def fetched_before_pull(records: Sequence[Any]) -> str | None:
         f"requests after the store started and before the pull did, neither timed nor "
         f"counted ({agents[:200]})"
     )
+
+
+def request_started(record: Any) -> int | None:
+    """The second (Unix time) at which the registry began serving ``record``'s request: its
+    combined-log time (``06/Dec/2026:15:49:12 +0000``, taken by gorilla/handlers before the
+    handler runs); None when that cannot be read. Month names are English, as Go writes them
+    (``strptime``'s ``%b`` follows LC_TIME, which Python leaves at "C")."""
+    try:
+        when = datetime.strptime(str(getattr(record, "time", "") or ""), "%d/%b/%Y:%H:%M:%S %z")
+    except ValueError:
+        return None
+    return int(when.timestamp())
+
+
+def started_before(records: Iterable[Any], wall: float) -> list[Any]:
+    """Of ``records`` (logged after the pull began), those whose request the registry began
+    serving in a second before the one ``wall`` (the pull's start, Unix time) falls in.
+
+    A line is logged when its request ends: a store that opens a whole-blob GET before the
+    pull and leaves its last bytes unread until the pull began (or the run ended) had that
+    line logged after the pull's mark, so the log before the mark showed nothing fetched,
+    while the blob had crossed the link untimed."""
+    cutoff = math.floor(wall)
+    return [r for r in records if (t := request_started(r)) is not None and t < cutoff]
 
 
 def trouble_lines(text: str, limit: int = 3) -> list[str]:

@@ -70,6 +70,7 @@ from harness.laziness import (
     fallback_reason,
     fetched_before_pull,
     is_runtime_request,
+    started_before,
     storage_verdict,
 )
 from harness.limit import write_limits
@@ -676,7 +677,8 @@ class Runner:
             with self._interrupt.teardown() as stack:
                 stack.callback(shutil.rmtree, mdir, ignore_errors=True)
                 store = None
-                store_mark = 0
+                store_mark = mark = 0
+                pull_wall = 0.0
                 pull_clock: dict[str, Any] = {}
                 with_timeline = False
                 if mode in LAZY_MODES:
@@ -727,6 +729,7 @@ class Runner:
                         UsageSampler(self._link_iface, store.pid)
                     )
                 mark = registry.log_mark()
+                pull_wall = time.time()  # the registry's log times are wall-clock seconds
                 pull_clock["start"] = time.monotonic()  # the store's timeline clock too
                 pull = env.pull(ref, timeout=w.timeout)
                 rec.pull_s = pull_clock["seconds"] = pull.seconds
@@ -828,6 +831,17 @@ class Runner:
                         rec.error = f"{rec.error}; and {failure}"[:2000]
                 elif failure is not None:
                     raise MeasurementError(failure)
+            if store is not None and rec.status in ("ok", "fell-back"):
+                # The store has stopped now. A request is logged when it ends, stamped with
+                # the second it began: a blob download the store opened before the pull and
+                # held open across its start (its last bytes unread) was logged only once the
+                # store let go of it, or died with it — after the log above was read.
+                registry.settle_log()
+                late = fetched_before_pull(started_before(registry.access_log()[mark:], pull_wall))
+                if late is not None:
+                    rec.error = (f"{rec.error}; " if rec.status == "fell-back" else "") + late
+                    rec.error = rec.error[:2000]
+                    rec.status = "fell-back"
         except (MeasurementError, PodmanError, OSError, RuntimeError, UserError) as exc:
             # An error out of the cleanup of an interrupted measurement is not a result.
             self._interrupt.check()

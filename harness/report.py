@@ -869,7 +869,15 @@ def laziness_lines(records: Sequence[Any]) -> list[str]:
             f"{r.layers_from_store}/{r.layers_total} layers from the store — {r.error}"
             for r in fell
         ]
-    else:
+    unchecked = [r for r in lazy if r.status == "ok" and r.layers_total is None]
+    if unchecked:
+        lines += [""] * bool(fell) + [
+            f"**{len(unchecked)} counted without a verdict** (records from before it existed: "
+            "nothing shows their layers came from the store):",
+            "",
+        ]
+        lines += [f"- sample {r.sample} {r.workload}/{r.mode} [{r.store}]" for r in unchecked]
+    elif not fell:
         lines.append("Every lazy measurement took all its layers from the store.")
     return [*lines, ""]
 

@@ -152,3 +152,52 @@ def test_blobs_served_before_the_pull_are_named_whoever_asked() -> None:
     why = fetched_before_pull([ping, catalog, blob, ranged])
     assert why is not None and "5100 bytes in 2 blob requests" in why
     assert "prefetcher/1, stargz-store" in why
+
+
+def test_a_blob_download_begun_before_the_pull_and_logged_after_it_is_named() -> None:
+    """The registry logs a request when it ends, stamped with the second it began: a store
+    that opened a whole-blob GET before it mounted and left its last bytes unread until the
+    pull had begun had its line logged after the pull's mark, so the log before the mark
+    showed nothing and the measurement counted lazy, 61.7 MB crossing the link untimed and
+    uncounted (redis estargz-noopt, loopback). Its time is before the pull's start."""
+    from harness.laziness import request_started, started_before
+    from harness.registry_server import parse_access_line
+
+    def line(when: str, path: str, status: int, size: int, agent: str) -> object:
+        head = f'127.0.0.1 - - [{when}] "GET {path} HTTP/1.1"'
+        return parse_access_line(f'{head} {status} {size} "" "{agent}"')
+
+    pull_wall = 1796572153.4  # 06/Dec/2026:15:49:13.4 UTC
+    held = line("06/Dec/2026:15:49:12 +0000", "/v2/r/blobs/sha256:ab", 200, 61677167, "evil/1")
+    same_second = line("06/Dec/2026:15:49:13 +0000", "/v2/r/blobs/sha256:cd", 206, 9, "store")
+    runtime = line("06/Dec/2026:15:49:14 +0000", "/v2/r/blobs/sha256:ef", 206, 9, "store")
+    assert request_started(held) == 1796572152
+    assert request_started(line("06/Dec/2026:17:49:12 +0200", "/v2/", 200, 2, "x")) == 1796572152
+    assert request_started(SimpleNamespace(time="not a time")) is None
+    assert started_before([held, same_second, runtime], pull_wall) == [held]
+    why = fetched_before_pull(started_before([held, same_second, runtime], pull_wall))
+    assert why is not None and "61677167 bytes in 1 blob requests" in why and "evil/1" in why
+
+
+def test_the_report_does_not_call_unchecked_lazy_records_lazy() -> None:
+    """A lazy record without a verdict (schema 1, or one stripped to look so) is counted as
+    "not checked" in the table; the report's Laziness section said "Every lazy measurement
+    took all its layers from the store" beside "0 with the runtime's storage read"."""
+    from harness.records import Record
+    from harness.report import laziness_lines
+
+    unchecked = Record(0, "redis", "estargz-noopt", total_s=1.0, store="default")
+    checked = Record(
+        1,
+        "redis",
+        "estargz-noopt",
+        total_s=1.0,
+        store="default",
+        layers_total=3,
+        layers_from_store=3,
+        layers_served_whole=0,
+    )
+    text = "\n".join(laziness_lines([unchecked, checked]))
+    assert "Every lazy measurement took all its layers" not in text, text
+    assert "1 counted without a verdict" in text and "sample 0 redis/estargz-noopt" in text
+    assert "Every lazy measurement took all its layers" in "\n".join(laziness_lines([checked]))
