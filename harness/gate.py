@@ -34,7 +34,7 @@ from harness.records import (
     require_run_files,
     sort_records,
 )
-from harness.report import fmt, refuse_unplanned
+from harness.report import fmt, planned_keys, refuse_unplanned
 from harness.scenario import MODES, not_utf8
 from harness.stats import compare_samples, median_interval, mode_rank, spread_too_wide
 
@@ -173,6 +173,16 @@ def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFra
     base_records, percentile = _run_records(base)
     new_records, _ = _run_records(new)
     a, b = _cells(base_records), _cells(new_records)
+    # The new run's planned measurements without a record (a run or shard that was killed or
+    # interrupted part way: its report says "Incomplete"), per cell.
+    recorded = {r.key for r in new_records}
+    planned: dict[tuple[str, str, str], int] = {}
+    unrecorded: dict[tuple[str, str, str], int] = {}
+    for k in planned_keys(read_environment(Path(new))):
+        cell_key = (k.workload, k.mode, k.store)
+        planned[cell_key] = planned.get(cell_key, 0) + 1
+        if k not in recorded:
+            unrecorded[cell_key] = unrecorded.get(cell_key, 0) + 1
     keys = list(dict.fromkeys([*a, *b]))
     workloads = list(dict.fromkeys(k[0] for k in keys))
     # Stable: stores keep the scenario's order (sort_records), the first store first.
@@ -207,6 +217,8 @@ def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFra
         row["failed_new"] = len(cb["failed"])
         row["failure"] = cb["failed"][-1].error or "" if cb["failed"] else ""
         row["unchecked_new"] = cb["unchecked"]
+        row["unrecorded_new"] = unrecorded.get(key, 0)
+        row["planned_new"] = planned.get(key, 0)
         row["fell_back_base"] = len(ca["fell_back"])
         row["noisy"] = _noisy(ca["total"]) or _noisy(cb["total"])
         rows.append(row)
@@ -285,7 +297,8 @@ def _where(r: Any) -> str:
 
 def gate_failures(cmp: pd.DataFrame, gate: Gate) -> list[str]:
     """Why the new run fails the gate (empty: it passes): fallbacks, failed measurements,
-    lazy measurements without a laziness verdict, missing cells, changes both significant
+    lazy measurements without a laziness verdict, missing cells, cells of the new run with fewer
+    records than it planned (an interrupted run), changes both significant
     and past the thresholds, lazy ÷ legacy ratios over their ceilings."""
     problems = []
     for _, r in cmp.iterrows():
@@ -305,6 +318,13 @@ def gate_failures(cmp: pd.DataFrame, gate: Gate) -> list[str]:
                 f"{where}: {r['unchecked_new']} lazy measurements carry no laziness verdict "
                 "(nothing shows their layers came from the store), so they count as no lazy "
                 "figure"
+            )
+        recorded_new = r["n_new"] + r["fell_back_new"] + r["failed_new"]
+        if gate.fail_on_missing and r["unrecorded_new"] and recorded_new:
+            problems.append(
+                f"{where}: {r['unrecorded_new']} of {r['planned_new']} "
+                "planned measurements have no record (the run or a shard of it was interrupted "
+                "or killed part way: finish it with `lazybench run --resume RUN_DIR`)"
             )
         if pd.isna(r["total_new"]):
             missing = not (r["fell_back_new"] or r["failed_new"])

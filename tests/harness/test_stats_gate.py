@@ -42,7 +42,7 @@ BASELINE = Path(__file__).resolve().parents[2] / "results" / "baselines" / "defa
 SCHEMA1_RUN = Path(__file__).resolve().parent / "data" / "schema1-run"
 SCENARIO = {
     "name": "s",
-    "samples": 4,
+    "samples": 1,  # write_run plans as many samples as its longest list: a complete run
     "modes": ["legacy", "estargz-noopt"],
     "stores": [{"name": "ours"}, {"name": "go", "command": ["go", "{mountpoint}"]}],
     "workloads": [{"recipe": "python"}, {"recipe": "gcc"}],
@@ -184,8 +184,8 @@ def test_gate_fails_on_failed_and_on_unchecked_lazy_measurements(tmp_path: Path)
     """Four of five samples that failed left one ok sample, and no test can call one sample
     a slow-down: the gate passed. A lazy record without a verdict passed as a lazy figure."""
     six = {**SCENARIO, "samples": 6}  # samples 0 to 5 are recorded
-    base = write_run(tmp_path / "a", {"": [30] * 5, "ours": [5] * 5}, scenario=six)
-    new = write_run(tmp_path / "b", {"": [30] * 5, "ours": [5]}, scenario=six)
+    base = write_run(tmp_path / "a", {"": [30] * 6, "ours": [5] * 5}, scenario=six)
+    new = write_run(tmp_path / "b", {"": [30] * 6, "ours": [5]}, scenario=six)
     for sample in range(1, 5):
         append_record(
             new,
@@ -200,6 +200,25 @@ def test_gate_fails_on_failed_and_on_unchecked_lazy_measurements(tmp_path: Path)
         "recorded as ok, but carries no laziness verdict (layers_total)",
         "python/estargz-noopt [ours]: 4 of 6 measurements failed: run: no ready line within 60s",
     ]
+
+
+def test_gate_fails_on_a_run_with_planned_measurements_unrecorded(tmp_path: Path) -> None:
+    """A run (or a shard merged with the others) killed after 2 of its 5 samples had a cell of
+    every kind, fewer samples each: its report said "Incomplete", yet the gate passed it."""
+    five = {**SCENARIO, "samples": 5}
+    base = write_run(tmp_path / "a", {"": [30] * 5, "ours": [5] * 5}, scenario=five)
+    new = write_run(tmp_path / "b", {"": [30] * 2, "ours": [5] * 2}, scenario=five)
+    assert gate_failures(compare_runs(base, new), Gate()) == [
+        f"python/{mode}: 3 of 5 planned measurements have no record (the run or a shard of "
+        "it was interrupted or killed part way: finish it with `lazybench run --resume "
+        "RUN_DIR`)"
+        for mode in ("legacy", "estargz-noopt [ours]")
+    ]
+    # fail_on_missing = false lets an incomplete run through, as it does a missing cell.
+    assert gate_failures(compare_runs(base, new), Gate(fail_on_missing=False)) == []
+    # Cells the new run planned but recorded nothing of are the missing-cell check's.
+    complete = write_run(tmp_path / "c", {"": [30] * 5, "ours": [5] * 5}, scenario=five)
+    assert gate_failures(compare_runs(base, complete), Gate()) == []
 
 
 def test_shards_are_disjoint_and_together_the_plan() -> None:
@@ -332,7 +351,7 @@ def test_a_lazy_cell_with_some_fallbacks_is_not_within_the_limit_nor_at_publishe
 
 def test_a_run_whose_every_measurement_fell_back_is_reported(tmp_path: Path) -> None:
     """No ok measurement, so no aggregate columns: the chart once failed on ``total_p``."""
-    run = write_run(tmp_path / "run", {})
+    run = write_run(tmp_path / "run", {}, scenario={**SCENARIO, "samples": 2})
     _append_fell_back(run, 2)
     write_report(run)
     assert (run / "chart.svg").exists()
@@ -399,7 +418,7 @@ def test_a_gate_failure_names_no_interval_it_does_not_have(
     read "Δ 95% CI [+nan, +nan] s"."""
     legacy = [30, 30.5, 29.8, 30.2, 30.1]
     base = write_run(tmp_path / "a", {"": legacy, "ours": [4.0, 4.1, 4.2, 4.0, 4.0]})
-    slow = write_run(tmp_path / "b", {"": legacy, "ours": new})
+    slow = write_run(tmp_path / "b", {"": legacy[: len(new)], "ours": new})
     (problem,) = gate_failures(compare_runs(base, slow, statistic), Gate())
     assert "python/estargz-noopt [ours]: total 4." in problem and "p = 0.0" in problem
     assert "nan" not in problem and "CI" not in problem
