@@ -142,8 +142,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("run: name a SCENARIO file or --resume RUN_DIR")
     scenario = load_scenario(args.scenario)
     if args.samples is not None:
-        if args.samples < 1:
-            raise UserError("--samples must be at least 1")
+        from harness.scenario import MAX_SAMPLES
+
+        if not 1 <= args.samples <= MAX_SAMPLES:
+            # Above the scenario's bound, the run's own scenario copy no longer reads back:
+            # `--resume` refused it and its report could not tell it incomplete.
+            raise UserError(f"--samples must be between 1 and {MAX_SAMPLES}, got {args.samples}")
         scenario = replace(scenario, samples=args.samples)
     require_root("run", RUN_NEEDS)  # the scenario's own mistakes are named first
     results = args.results_dir or RESULTS_DIR

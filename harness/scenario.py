@@ -103,6 +103,9 @@ def image_mode(mode: str) -> str:
 
 
 RUNTIMES = ("podman", "crio")
+# The most samples a scenario (or `lazybench run --samples`) may ask for: a run directory's
+# scenario copy is read back with this bound (resume, report, compare).
+MAX_SAMPLES = 1000
 WORKLOAD_KEYS = {
     "name",
     "recipe",
@@ -452,7 +455,7 @@ def parse_scenario(
             "name", f"may only hold letters, digits, '-', '_' and '.', got {name!r}{unset}"
         )
     c.short(name, "name", 100, "the run directory (<time>-<name>; without a name, the file's)")
-    samples = c.integer(data, "samples", "samples", 3, lo=1, hi=1000)
+    samples = c.integer(data, "samples", "samples", 3, lo=1, hi=MAX_SAMPLES)
     percentile = float(c.number(data, "percentile", "percentile", 95.0, lo=1, hi=100))
     seed = c.integer(data, "seed", "seed", 0, lo=0, hi=2**32 - 1)
 

@@ -87,6 +87,21 @@ def test_crio_runtime_is_skipped_with_a_clear_message(
     assert not (tmp_path / "runs").exists()  # no run directory of a run that never ran
 
 
+@pytest.mark.parametrize("samples", ["0", "1001"])
+def test_samples_override_keeps_the_scenario_bound(
+    samples: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--samples 1001` was taken: the run went, and once interrupted, the `--resume` it
+    offered refused its own scenario copy ("samples: must be between 1 and 1000")."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('[[workloads]]\nrecipe = "tiny"\n')
+    runs = tmp_path / "runs"
+    assert main(["run", str(scenario), "--results-dir", str(runs), "--samples", samples]) == 1
+    err = capsys.readouterr().err
+    assert f"--samples must be between 1 and 1000, got {samples}" in err
+    assert not runs.exists()
+
+
 def test_two_runs_cannot_share_a_run_directory(tmp_path: Path) -> None:
     import fcntl
 
