@@ -237,6 +237,19 @@ def _keep_log(src: Path, dest: Path) -> None:
 # -- the runner -------------------------------------------------------------------------
 
 
+def sweep_killed_runs(workdir: Path | str | None, cache: Path) -> list[str]:
+    """Remove what killed runs left, as `lazybench cleanup` does, and say what: their
+    directories (stores, containers, mounts: :func:`harness.stale.sweep`), runtime node views
+    and network namespaces. The namespaces are not left to the link: a ``loopback`` run makes
+    none, and a killed shaped run's stayed through any number of loopback runs after it."""
+    from harness.netshape import cleanup_stale
+
+    left = [s.line() for s in sweep(workdir, *build_dirs(cache))]
+    left += map(str, clean_stale_views())
+    left += cleanup_stale()
+    return left
+
+
 @dataclass
 class InterruptState:
     """Set by the signal handler; checked where an error raised during cleanup could
@@ -428,11 +441,9 @@ class Runner:
         meta["runtime_versions"] = self._versions  # as built in this run's cache
         done: list[Key] = []
         with interruptible() as self._interrupt, self._interrupt.teardown() as stack:
-            # What killed runs left: a store, a container, mounts (the link removes their
-            # namespaces when it is made).
+            # What killed runs left: a store, a container, mounts, network namespaces.
             cache = self.cache_dir or default_cache_dir()
-            left = [s.line() for s in sweep(self.workdir, *build_dirs(cache))]
-            left += map(str, clean_stale_views())
+            left = sweep_killed_runs(self.workdir, cache)
             for line in left:
                 self.console.print(f"  [yellow]removed what a killed run left[/]: {escape(line)}")
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))
