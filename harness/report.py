@@ -143,7 +143,8 @@ def markdown_tables(
     95 % interval (:func:`harness.stats.quantile_interval`), MB fetched (median; from the
     pull's start to the ready line), the median total with its interval, range, MB before
     first output (median), samples, and the laziness verdict
-    (``fell back`` counts, ``not checked`` for records from before the verdict existed). A ⚠
+    (``fell back`` counts, ``not checked`` for records from before the verdict existed) and
+    how many measurements failed (``N failed``: a cell where all did still has its row). A ⚠
     marks a cell whose spread is too wide to tell anything
     (:func:`harness.stats.spread_too_wide`). With several stores, ``÷ FIRST`` gives each
     store's total (chosen percentile) over the first store's. With ``limits``
@@ -193,6 +194,8 @@ def markdown_tables(
                 lazy = "–"
             else:
                 lazy = ""
+            if r["error"]:  # failed measurements are no sample: said here, listed in report.md
+                lazy = f"{lazy} · " * (lazy not in ("", "–")) + f"**{r['error']} failed**"
             out.append(
                 f"| {cell_label(r['mode'], r['store'], stores)} | {fmt(_get(r, 'pull_p'))} "
                 f"| {fmt(_get(r, 'create_p'))} | {fmt(_get(r, 'run_p'))} | **{total}**{warn} "
@@ -438,13 +441,14 @@ def draw_chart(
                 ax.text(
                     x, max([bottom[x], total, *bounds]), label, ha="center", va="bottom", fontsize=8
                 )
-        fell = list(group["fell_back"])
+        fell, failed = list(group["fell_back"]), list(group["error"])
         labels = [
-            f"{lab}\nfell back {n}×" if n else lab for lab, n in zip(labels, fell, strict=True)
+            lab + f"\nfell back {n}×" * bool(n) + f"\nfailed {e}×" * bool(e)
+            for lab, n, e in zip(labels, fell, failed, strict=True)
         ]
         ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
-        for tick, n in zip(ax.get_xticklabels(), fell, strict=True):
-            if n:
+        for tick, n, e in zip(ax.get_xticklabels(), fell, failed, strict=True):
+            if n or e:
                 tick.set_color("#c00000")
         ax.set_title(workload)
         ax.set_ylabel("seconds")
@@ -1096,7 +1100,7 @@ def _write_report(
             f"{run_dir / 'report.md'} lists the {len(errors)} failures"
         )
     agg = aggregate(df, percentile) if not df.empty else pd.DataFrame()
-    cells = cells_frame(agg, counts[counts["ok"] + counts["fell_back"] > 0])
+    cells = cells_frame(agg, counts)  # a cell whose every measurement failed has its row too
     workload_names = [str(w) for w in dict.fromkeys(cells["workload"])]
     limits = run_limits(
         run_dir, env, df, workload_names, cache_dir=cache_dir, recompute=recompute_limits

@@ -422,3 +422,23 @@ def test_a_gate_failure_names_no_interval_it_does_not_have(
     (problem,) = gate_failures(compare_runs(base, slow, statistic), Gate())
     assert "python/estargz-noopt [ours]: total 4." in problem and "p = 0.0" in problem
     assert "nan" not in problem and "CI" not in problem
+
+
+def test_a_cell_whose_every_measurement_failed_keeps_its_row(tmp_path: Path) -> None:
+    """table.md left out a cell where every measurement failed (a fell-back one kept its
+    row), so a mode that never started read as one the run did not plan; a partly failed
+    cell showed a smaller sample count only. The limit verdict counts the failed lazy cell."""
+    run = write_run(
+        tmp_path / "run", {"": [30] * 2, "ours": [5]}, scenario={**SCENARIO, "samples": 2}
+    )
+    append_record(run, Record(1, "python", "estargz-noopt", store="ours", status="error",
+                              error="the workload exited 1"))  # fmt: skip
+    for sample in range(2):
+        append_record(run, Record(sample, "python", "estargz-noopt", store="go", status="error",
+                                  error="no ready line"))  # fmt: skip
+    write_report(run)
+    table = (run / "table.md").read_text()
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "| 0 | **2 failed** |" in rows["| estargz-noopt · go"], table
+    assert "| 1 | yes · **1 failed** |" in rows["| estargz-noopt · ours"], table
+    assert "| 2 |  |" in rows["| legacy"], table
