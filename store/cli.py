@@ -1,8 +1,8 @@
 """`stargz-store [--config PATH] [--root DIR] [--addr SOCKET] [--log-level L] MOUNTPOINT` — drop-in
 for the Go one.
 
-Mounts the Additional Layer Store at MOUNTPOINT with pyfuse3 and serves until SIGINT/SIGTERM
-or an external unmount, then unmounts. ``--root`` holds the chunk cache (``<root>/cache``)
+Mounts the Additional Layer Store at MOUNTPOINT with pyfuse3 and serves until SIGINT, SIGTERM,
+SIGHUP or an external unmount, then unmounts. ``--root`` holds the chunk cache (``<root>/cache``)
 and the credential socket ``<root>/store.sock`` that podman's layer-store auth helper
 (``stargz-store-helper``) hands credentials to (:mod:`store.credsocket`).
 MOUNTPOINT is created when missing, as the Go store does. A stale FUSE mount left on it by a
@@ -46,6 +46,8 @@ from store.registry.registriesconf import (
 log = logging.getLogger("store")
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
+# Signals that stop the store cleanly (unmount, then exit 0).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CACHE_DIR = "cache"  # the chunk cache, under --root
 
 
@@ -407,7 +409,10 @@ async def serve(
             )
 
         async def watch_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            # SIGHUP too: its default action ends the process without unmounting, which left
+            # a dead mount (every podman command on the storage failing) and no log line when
+            # the terminal or ssh session a store ran in went away.
+            with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
                 async for signum in signals:
                     log.info("signal %d: unmounting", signum)
                     nursery.cancel_scope.cancel()

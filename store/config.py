@@ -139,6 +139,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -380,6 +381,13 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
             if not isinstance(value, types):
                 want = " or ".join(t.__name__ for t in types)
                 raise ConfigError(f"{source}: key {key!r} must be {want}, got {value!r}")
+            if isinstance(value, float) and math.isnan(value):
+                # TOML's nan passes every comparison below (nan <= 0 is false): it loaded,
+                # the store mounted, and the first lookup or read met trio's "seconds must
+                # not be NaN" (prefetch_timeout_sec, resolve_result_entry_ttl_sec: the store
+                # died with a traceback; resolve_timeout_sec, fetching_timeout_sec: every
+                # lookup or read answered EIO). inf stays: no bound, and it works as one.
+                raise ConfigError(f"{source}: key {key!r} must be a number, got nan")
             if name in _ZERO_IS_DEFAULT and value == 0:
                 continue  # Go: 0 = the default
             if name in _POSITIVE and value <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -79,6 +80,45 @@ def test_go_config_loads(tmp_path: Path) -> None:
 def test_bad_keys_are_named(data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(data, source="c.toml")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "prefetch_timeout_sec",
+        "resolve_result_entry_ttl_sec",
+        "resolve_timeout_sec",
+        "blob.fetching_timeout_sec",
+        "blob.valid_interval",
+        "fuse.attr_timeout",
+    ],
+)
+def test_a_nan_number_is_refused_before_anything_is_mounted(tmp_path: Path, key: str) -> None:
+    """TOML's ``nan`` loaded (``nan <= 0`` is false), the store mounted, and the first layer
+    lookup ended it with a traceback (``prefetch_timeout_sec``,
+    ``resolve_result_entry_ttl_sec``: trio's "`seconds` must not be NaN") or answered EIO to
+    every lookup or read (``resolve_timeout_sec``, ``blob.fetching_timeout_sec``)."""
+    section, _, name = key.rpartition(".")
+    conf = tmp_path / "c.toml"
+    conf.write_text((f"[{section}]\n" if section else "") + f"{name} = nan\n")
+    mnt = tmp_path / "mnt"
+    # A process of its own: a store that took the config would mount and serve until stopped.
+    argv = [sys.executable, "-m", "store", "--config", str(conf), "--root", str(tmp_path / "r")]
+    proc = subprocess.Popen([*argv, str(mnt)], stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # it serves: SIGTERM unmounts
+            proc.communicate(timeout=15)
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == [
+        f"stargz-store: {conf}: key {key!r} must be a number, got nan"
+    ]
+    assert not mnt.exists() and not (tmp_path / "r").exists()
+    # inf is no bound, and loads.
+    conf.write_text((f"[{section}]\n" if section else "") + f"{name} = inf\n")
+    load_config(conf)
 
 
 def test_overlay_opaque_type_defaults_to_rootful_overlayfs() -> None:
@@ -308,6 +348,25 @@ def test_sigterm_unmounts_and_exits_0(store_factory) -> None:
     sp.proc.terminate()
     assert sp.proc.wait(15) == 0
     assert not _mounted(sp.mnt)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["sighup", "sigint"])
+def test_sighup_and_sigint_unmount_and_exit_0_as_sigterm_does(tmp_path: Path, signum) -> None:
+    """SIGHUP (the terminal or ssh session the store ran in went away) ended the store by its
+    default action: exit status 129, no log line, and a dead mount left on MOUNTPOINT that
+    failed every podman command on the storage until the store was started again."""
+    from tests.store.conftest import StoreProcess, _mounted
+
+    sp = StoreProcess(tmp_path / "s").start()
+    try:
+        assert sp.proc is not None
+        sp.proc.send_signal(signum)
+        assert sp.proc.wait(15) == 0
+        assert not _mounted(sp.mnt)
+        assert f"signal {int(signum)}: unmounting" in sp.log.read_text()
+    finally:
+        sp.stop()
 
 
 @pytest.mark.e2e
