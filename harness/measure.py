@@ -847,8 +847,9 @@ class Runner:
                 # the second it began: a blob download the store opened before the pull and
                 # held open across its start (its last bytes unread) was logged only once the
                 # store let go of it, or died with it — after the log above was read.
-                registry.settle_log()
-                late = fetched_before_pull(started_before(registry.access_log()[mark:], pull_wall))
+                settled = registry.log_mark()  # the count once the log stopped growing
+                since_pull = registry.access_log()[mark:settled]
+                late = fetched_before_pull(started_before(since_pull, pull_wall))
                 if late is not None:
                     rec.error = (f"{rec.error}; " if rec.status == "fell-back" else "") + late
                     rec.error = rec.error[:2000]
