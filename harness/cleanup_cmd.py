@@ -38,15 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from harness.cli import default_cache_dir
-    from harness.netshape import cleanup_stale
-    from harness.runtimes import clean_stale_views
-    from harness.stale import build_dirs, sweep
+    from harness.stale import sweep_killed_runs
 
     require_root("cleanup", "stopping containers, unmounting, removing network namespaces")
     cache = args.cache_dir or default_cache_dir()
-    lines = [f"removed {s.line()}" for s in sweep(*args.dir, *build_dirs(cache))]
-    lines += [f"removed {item}" for item in cleanup_stale()]
-    lines += [f"removed node view {p}" for p in clean_stale_views()]
+    lines = [f"removed {line}" for line in sweep_killed_runs(*args.dir, cache_dir=cache)]
     for line in lines:
         print(line)
     if not lines:

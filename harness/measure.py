@@ -112,13 +112,12 @@ from harness.runtimes import (
     Node,
     NodeError,
     build_node,
-    clean_stale_views,
     default_cache_dir,
     runtime_versions,
     version_tuple,
 )
 from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, parse_scenario
-from harness.stale import build_dirs, claim, release, sweep
+from harness.stale import claim, release, sweep_killed_runs
 from harness.store_proc import StoreProcess, is_our_store
 from harness.timeline import write_timeline
 from harness.usage import UsageSampler, usage_doc
@@ -235,19 +234,6 @@ def _keep_log(src: Path, dest: Path) -> None:
 
 
 # -- the runner -------------------------------------------------------------------------
-
-
-def sweep_killed_runs(workdir: Path | str | None, cache: Path) -> list[str]:
-    """Remove what killed runs left, as `lazybench cleanup` does, and say what: their
-    directories (stores, containers, mounts: :func:`harness.stale.sweep`), runtime node views
-    and network namespaces. The namespaces are not left to the link: a ``loopback`` run makes
-    none, and a killed shaped run's stayed through any number of loopback runs after it."""
-    from harness.netshape import cleanup_stale
-
-    left = [s.line() for s in sweep(workdir, *build_dirs(cache))]
-    left += map(str, clean_stale_views())
-    left += cleanup_stale()
-    return left
 
 
 @dataclass
@@ -443,7 +429,7 @@ class Runner:
         with interruptible() as self._interrupt, self._interrupt.teardown() as stack:
             # What killed runs left: a store, a container, mounts, network namespaces.
             cache = self.cache_dir or default_cache_dir()
-            left = sweep_killed_runs(self.workdir, cache)
+            left = sweep_killed_runs(self.workdir, cache_dir=cache)
             for line in left:
                 self.console.print(f"  [yellow]removed what a killed run left[/]: {escape(line)}")
             work = Path(tempfile.mkdtemp(prefix="lzb-run-", dir=self.workdir))

@@ -274,3 +274,20 @@ def sweep(*directories: Path | str | None) -> list[Swept]:
             swept.left = d.exists()
         done.append(swept)
     return done
+
+
+def sweep_killed_runs(*directories: Path | str | None, cache_dir: Path) -> list[str]:
+    """Remove what killed runs left and say what, one line each: their directories under
+    ``directories`` and the runtime builds of ``cache_dir`` (stores, containers, mounts:
+    :func:`sweep`), their network namespaces (:func:`harness.netshape.cleanup_stale`) and
+    runtime node views (:func:`harness.runtimes.clean_stale_views`). `lazybench cleanup`, and
+    every `lazybench run` before it starts: the namespaces are not left to the link, as a
+    ``loopback`` run makes none, and a killed shaped run's stayed through any number of
+    loopback runs after it."""
+    from harness.netshape import cleanup_stale
+    from harness.runtimes import clean_stale_views
+
+    lines = [s.line() for s in sweep(*directories, *build_dirs(cache_dir))]
+    lines += cleanup_stale()
+    lines += [f"node view {p}" for p in clean_stale_views()]
+    return lines

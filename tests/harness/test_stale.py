@@ -283,12 +283,12 @@ def test_a_run_removes_a_killed_runs_network_namespace_whatever_its_profile(
 ) -> None:
     """A run killed on a shaped link leaves its ``lzb-<pid>-N`` namespace; only making a
     shaped link removed it, so any number of loopback runs after it left it in place."""
-    from harness.measure import sweep_killed_runs
+    from harness.stale import sweep_killed_runs
 
     name = f"lzb-{dead_pid()}-0"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        left = sweep_killed_runs(tmp_path, tmp_path / "cache")
+        left = sweep_killed_runs(tmp_path, cache_dir=tmp_path / "cache")
         assert f"netns {name}" in left
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert name not in listed
