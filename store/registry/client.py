@@ -737,6 +737,7 @@ class RegistryClient:
                     f"{what}: no answer from {peer} within {ep.request_timeout:g}s",
                     f"{what}: cannot connect to {peer}",
                     tls_note=functools.partial(self._tls_note, ep),
+                    on_broken=f"{what}: connection to {peer} broke off",
                 ):
                     if self._fast is not None and self._fast.handles(req):
                         # Range GETs skip AsyncClient.send (auth flow, cookies, hooks: none
@@ -1425,9 +1426,13 @@ def _transport_errors(
     on_timeout: str,
     on_error: str,
     tls_note: Callable[[], str] | None = None,
+    on_broken: str | None = None,
 ) -> Iterator[None]:
     """httpx transport failures → RegistryTimeout (not retried) / RegistryUnavailable; a TLS
-    failure says where the host's CAs and client certificate were looked for (``tls_note``)."""
+    failure says where the host's CAs and client certificate were looked for (``tls_note``).
+    ``on_broken``, if given, opens the message of a failure after the connection was made (a
+    connection reset, a body shorter than its Content-Length), so that it does not read
+    "cannot connect"; ``on_error`` opens the others."""
     where = {"host": ep.host, "repository": repo or None, "digest": digest}
     try:
         yield
@@ -1435,7 +1440,9 @@ def _transport_errors(
         raise RegistryTimeout(f"{on_timeout} ({type(e).__name__})", **where) from e
     except (httpx.TransportError, ConnectionError) as e:
         note = f" ({tls_note()})" if tls_note is not None and is_tls_failure(e) else ""
-        raise RegistryUnavailable(f"{on_error}: {_describe(e)}{note}", **where) from e
+        connected = isinstance(e, httpx.ReadError | httpx.WriteError | httpx.RemoteProtocolError)
+        opening = on_broken if on_broken is not None and connected and not note else on_error
+        raise RegistryUnavailable(f"{opening}: {_describe(e)}{note}", **where) from e
 
 
 def _describe(exc: BaseException) -> str:

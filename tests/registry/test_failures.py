@@ -156,6 +156,21 @@ async def test_connection_always_cut_fails_cleanly(seeded) -> None:
             assert proxy.cut_count == 3
 
 
+async def test_connection_cut_mid_range_is_not_called_a_failure_to_connect(seeded) -> None:
+    """A range answer whose body stops short of its Content-Length, every time, fails naming
+    the connection that broke off and what arrived — not "cannot connect", which sends the
+    user looking at addresses and firewalls."""
+    reg, ref, digest, _ = seeded
+    with CuttingProxy(_addr(reg), cut_after=100_000, cuts=None) as proxy:
+        pref = ref.replace(reg.host, proxy.host)
+        async with RegistryClient(timeout=5, retries=1, backoff=0.01) as c:
+            with pytest.raises(RegistryUnavailable) as exc:
+                await c.read_range(pref, digest, 0, 1_000_000)
+    message = str(exc.value)
+    assert f"connection to http://{proxy.host} broke off" in message, message
+    assert "cannot connect" not in message, message
+
+
 async def test_5xx_retried_with_backoff(seeded) -> None:
     reg, ref, digest, data = seeded
     failures = {"left": 2}
