@@ -640,6 +640,7 @@ class StoreFS:
         if snapshot is not None:
             return snapshot[offset : offset + size]
         synth = self._synth.get(ino)
+        found = None
         try:
             if synth is not None:
                 if synth.kind == "blob":
@@ -663,11 +664,25 @@ class StoreFS:
             self._page_in(ino, layer, found[1])  # what arrived since the open, too
             return data
         except (ChunkVerifyError, BlobVerifyError) as exc:
-            log.error("refusing unverified data: %s", exc)
+            site = self._read_site(synth, found, offset)
+            log.error("refusing unverified data: %s (read of %s)", exc, site)
             raise FSError(errno.EIO, str(exc)) from None
         except LayerFetchError as exc:
-            log.error("read failed: %s", exc)
+            site = self._read_site(synth, found, offset)
+            log.error("read failed: %s (read of %s)", exc, site)
             raise FSError(errno.EIO, str(exc)) from None
+
+    @staticmethod
+    def _read_site(synth: Synth | None, found: tuple[_LayerSlot, Node] | None, offset: int) -> str:
+        """Where a failed read was, for its log line: the image, the layer, the file and the
+        offset (a file's, or the blob's for a layer's ``blob``)."""
+        if synth is not None:
+            return f"{synth.ref}, layer {synth.digest}, blob at offset {offset}"
+        if found is None:
+            return f"offset {offset}"
+        slot, node = found
+        path = slot.layer.tree.path_of(node)
+        return f"{slot.ref}, layer {slot.layer.digest}, {path!r} at offset {offset}"
 
     async def _read_blob(self, synth: Synth, offset: int, size: int) -> bytes:
         """Bytes of a layer directory's ``blob``. Its layer may have been released since the

@@ -5,7 +5,8 @@
 annotation) and returns its ``diff`` path. :meth:`expect_refused` and :meth:`read` turn the
 store's answers back into the format library's error classes, using the one log line the
 store writes per refusal (``refusing layer <digest> of <ref>: <Class>: <message>``) or per
-unverified chunk (``refusing unverified data: chunk <digest>: <Class>: <message>``), so one
+unverified chunk (``refusing unverified data: chunk <digest>: <Class>: <message> (read of
+<image>, layer <digest>, <path> at offset <n>)``), so one
 test body can check the library and the mounted store alike.
 """
 
@@ -108,6 +109,7 @@ class MountedStore:
         lines = self.log_lines("refusing unverified data: chunk ")
         assert lines, "EIO without a log line"
         text = re.sub(r"^refusing unverified data: chunk \S*: ", "", lines[-1])
+        text = text.rpartition(" (read of ")[0] or text  # where the read was: see _read_site
         raise _error_from(text)
 
 

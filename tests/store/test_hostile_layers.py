@@ -317,7 +317,7 @@ def test_a_chunk_inflating_past_its_size_is_eio_without_inflating_it(
         "chunkDigest": "sha256:" + hashlib.sha256(b"\1" * 10).hexdigest(),
     }
     data = with_toc(head + bomb, json.dumps({"version": 1, "entries": [entry]}).encode())
-    diff, _ = mounted.serve(data)
+    diff, digest = mounted.serve(data)
     before = vm_hwm_mb(mounted)
     start = time.monotonic()
     with pytest.raises(OSError) as exc:
@@ -325,7 +325,9 @@ def test_a_chunk_inflating_past_its_size_is_eio_without_inflating_it(
     assert exc.value.errno == errno.EIO
     assert time.monotonic() - start < 5
     assert vm_hwm_mb(mounted) - before < 64  # the 256 MiB were never inflated
-    assert any("ChunkDigestMismatch" in m for m in mounted.log_lines("refusing unverified"))
+    lines = [m for m in mounted.log_lines("refusing unverified") if "ChunkDigestMismatch" in m]
+    # The line says where: the layer, the file and the offset of the refused read.
+    assert lines and f"layer {digest}, 'bomb' at offset 0)" in lines[-1], lines
 
 
 def test_a_chunk_claiming_a_gigabyte_is_refused_before_any_read(mounted: MountedStore) -> None:
