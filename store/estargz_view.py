@@ -34,6 +34,7 @@ Every error of the layer's own bytes is an :class:`store.estargz.EstargzError` (
 
 from __future__ import annotations
 
+import functools
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -212,22 +213,23 @@ async def _load_zstd_chunked(
                 f"{where}: compressed TOC hashes to {digest}, the annotation says {toc_digest}"
             )
         # The TOC JSON's digest too: eStargz's annotation of the same blob names that one.
-        json_digest = await trio.to_thread.run_sync(
-            estargz.toc_json_digest, toc_bytes, layer.position, limits
+        # The JSON, inflated once here, goes on to the decode and the tar-split check.
+        toc_json, json_digest = await trio.to_thread.run_sync(
+            zstdchunked.toc_json_and_digest, toc_bytes, layer.position, limits
         )
     if on_verified is not None:
         on_verified(None, None)  # zstd:chunked has no prefetch landmark
     async with _turn(parse_turn):
         with span(timeline, "parse") as out:
             index, files = await trio.to_thread.run_sync(
-                zstd_chunked_index, toc_bytes, layer.position, limits
-            )
-            await trio.to_thread.run_sync(
-                zstdchunked.check_manifest_tar_split,
-                toc_bytes,
-                layer.position,
-                split_bytes,
-                limits,
+                functools.partial(
+                    zstd_chunked_index,
+                    toc_bytes,
+                    layer.position,
+                    limits,
+                    toc_json=toc_json,
+                    tar_split=split_bytes,
+                )
             )
             view = EstargzLayerView(index)
             out["entries"] = len(view.index.entries)
@@ -296,27 +298,46 @@ def _turn(
     return nullcontext() if parse_turn is None else parse_turn()
 
 
+# zstd_chunked_index's default: no tar-split check (a caller that has none to make).
+NO_TAR_SPLIT_CHECK: Any = object()
+
+
 @gc_paused()  # per call, the decode included (store.estargz.index)
 def zstd_chunked_index(
-    toc_bytes: bytes, position: estargz.ManifestPosition, limits: TocLimits
+    toc_bytes: bytes,
+    position: estargz.ManifestPosition,
+    limits: TocLimits,
+    *,
+    toc_json: bytes | None = None,
+    tar_split: bytes | None = NO_TAR_SPLIT_CHECK,
 ) -> tuple[LayerIndex, array]:
     """The validated index of a verified zstd:chunked TOC, and each regular file's frames
     (``offset, endOffset, size`` triples, 24 bytes a file). Typed msgspec records when
     :func:`~store.estargz.zstdchunked.typed_manifest_entries` vouches for the TOC, else the
-    entries one at a time (every error worded). Raises :class:`~store.estargz.InvalidToc`.
-    The collector is paused throughout (:data:`~store.estargz.index.gc_paused`)."""
+    entries one at a time (every error worded). ``toc_json``: the TOC JSON already inflated
+    (:func:`~store.estargz.zstdchunked.toc_json_and_digest`), if at hand. With ``tar_split``
+    (the compressed tar-split's bytes, None when the annotations locate none) the TOC is then
+    checked against it (:func:`~store.estargz.zstdchunked.check_manifest_tar_split`), a check
+    skipped when the typed TOC names no tar-split
+    (:func:`~store.estargz.zstdchunked.names_no_tar_split`). Raises
+    :class:`~store.estargz.InvalidToc`. The collector is paused throughout
+    (:data:`~store.estargz.index.gc_paused`)."""
     files = array("q")
-    records = zstdchunked.typed_manifest_entries(toc_bytes, position, limits)
+    records = zstdchunked.typed_manifest_entries(toc_bytes, position, limits, toc_json)
     if records is not None:
         index = LayerIndex.from_entries(
             records, toc_offset=position.offset, compression="zstd", limits=limits
         )
         files.extend(v for frame in zstdchunked.file_frames(records) for v in frame)
-        return index, files
-    entries = estargz.manifest_entries(toc_bytes, position, None, limits)
-    index = LayerIndex.from_entries(
-        _tap(entries, files), toc_offset=position.offset, compression="zstd", limits=limits
-    )
+        if toc_json is not None and zstdchunked.names_no_tar_split(toc_json):
+            return index, files
+    else:
+        entries = estargz.manifest_entries(toc_bytes, position, None, limits)
+        index = LayerIndex.from_entries(
+            _tap(entries, files), toc_offset=position.offset, compression="zstd", limits=limits
+        )
+    if tar_split is not NO_TAR_SPLIT_CHECK:
+        zstdchunked.check_manifest_tar_split(toc_bytes, position, tar_split, limits, toc_json)
     return index, files
 
 

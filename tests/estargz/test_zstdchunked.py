@@ -423,6 +423,68 @@ def test_typed_zstd_path_agrees_with_the_entry_at_a_time_path(entries, spaced):
     assert store == _zstd_outcome(entry_at_a_time)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    entries=_zstd_entries(),
+    named=st.sampled_from([None, "", "sha256:" + "c" * 64, 5, "in a name"]),
+)
+def test_the_store_skips_the_tar_split_check_only_where_it_would_find_nothing(entries, named):
+    """The store's load (the JSON inflated once, the tar-split check skipped for a typed TOC
+    that names no tar-split) accepts and refuses what building the index and then checking
+    the tar-split does, for TOCs with and without a ``tarSplitDigest`` (or the word in a
+    file's name), and builds the same tree."""
+    from store.estargz.toc import DEFAULT_LIMITS
+    from store.estargz_view import zstd_chunked_index
+
+    toc: dict = {"version": 1, "entries": entries}
+    if named == "in a name":
+        entries.append({"type": "dir", "name": "tarSplitDigest"})
+    elif named is not None:
+        toc["tarSplitDigest"] = named
+    raw = json.dumps(toc).encode()
+    compressed = zstandard.ZstdCompressor().compress(raw)
+    pos = E.ManifestPosition(1000, len(compressed), len(raw))
+    limits = DEFAULT_LIMITS
+
+    def index_then_check():
+        index, files = zstd_chunked_index(compressed, pos, limits)
+        Z.check_manifest_tar_split(compressed, pos, None, limits)
+        return index, files
+
+    json_, _ = Z.toc_json_and_digest(compressed, pos, limits)
+    assert json_ == raw
+    store = _zstd_outcome(
+        lambda: zstd_chunked_index(compressed, pos, limits, toc_json=json_, tar_split=None)
+    )
+    assert store == _zstd_outcome(index_then_check)
+
+
+def test_a_typed_toc_naming_no_tar_split_is_decoded_once(monkeypatch):
+    """The pull phase's zstd:chunked parse: a TOC podman 4.3's writer made (no tar-split) is
+    inflated by the caller, decoded once and never handed to the tar-split check."""
+    from store.estargz import tarsplit
+    from store.estargz.toc import DEFAULT_LIMITS
+    from store.estargz_view import zstd_chunked_index
+
+    entries = [
+        {"type": "reg", "name": "f", "size": 3, "offset": 5, "endOffset": 40,
+         "digest": "sha256:" + "a" * 64},
+    ]  # fmt: skip
+    compressed, pos = _manifest(entries)
+    toc_json, digest = Z.toc_json_and_digest(compressed, pos, DEFAULT_LIMITS)
+    assert toc_json is not None and digest == Z.toc_json_digest(compressed, pos)
+
+    def no(*_args: object, **_kw: object) -> None:
+        raise AssertionError("inflated or checked again")
+
+    monkeypatch.setattr(tarsplit, "check_tar_split", no)
+    monkeypatch.setattr(Z, "toc_json_pieces", no)
+    index, _ = zstd_chunked_index(
+        compressed, pos, DEFAULT_LIMITS, toc_json=toc_json, tar_split=None
+    )
+    assert index.lookup("f") is not None
+
+
 def test_typed_zstd_path_is_taken_for_writer_output_and_refused_for_a_bad_chunk_type():
     entries = [
         {"type": "reg", "name": "f", "size": 3, "offset": 5, "endOffset": 40,
