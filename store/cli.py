@@ -49,6 +49,7 @@ M_ARENA_MAX = -8  # glibc mallopt parameter
 # Signals that stop the store cleanly (unmount, then exit 0).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CACHE_DIR = "cache"  # the chunk cache, under --root
+RESOLUTIONS_DIR = "resolutions"  # the tags' resolutions kept across restarts (store/resolutions.py)
 
 
 class StoreError(Exception):
@@ -318,6 +319,7 @@ async def serve(
     from store.registry.credentials import CredentialStore
     from store.registry.hosts import parse_resolver_config
     from store.remote import RemoteRegistry
+    from store.resolutions import Resolutions
     from store.resolver import LayerManager
     from store.timeline import open_timeline
 
@@ -368,7 +370,9 @@ async def serve(
         await nursery.start(cache.run_writer)  # chunk files no read waits for, written behind
         manager = LayerManager(
             cfg,
-            RemoteRegistry(client, cfg.fetching_timeout_sec),
+            RemoteRegistry(
+                client, cfg.fetching_timeout_sec, resolutions=Resolutions(root / RESOLUTIONS_DIR)
+            ),
             cache,
             nursery,
             on_layer_fetch=metrics.on_fetch,

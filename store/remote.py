@@ -7,6 +7,7 @@ testable and the client swappable (mirrors, credentials live in the client's con
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ import trio
 from store.chunks import BlobReader
 from store.registry.client import MAX_CONFIG_BYTES, RegistryClient
 from store.registry.errors import RegistryError
-from store.registry.manifest import Descriptor
+from store.registry.manifest import Descriptor, ManifestResult, parse_manifest
 from store.registry.reference import Reference
 from store.registry.registriesconf import RegistriesBlocked
+from store.resolutions import Resolution, Resolutions
 from store.resolver import (
     LayerDesc,
     NotEstargzError,
@@ -28,6 +30,8 @@ from store.resolver import (
     layer_descs,
     manifest_layers,
 )
+
+log = logging.getLogger(__name__)
 
 QUIET_AFTER_DEADLINE = 2.0  # seconds a blob whose read hit the deadline is not asked again
 
@@ -136,15 +140,42 @@ class RemoteRegistry(RegistryAccess):
         client: RegistryClient,
         fetch_deadline: float = math.inf,
         warm_connections: int = WARM_CONNECTIONS,
+        resolutions: Resolutions | None = None,
     ) -> None:
         self.client = client
         self.fetch_deadline = fetch_deadline
         self.warm_connections = warm_connections
+        self.resolutions = resolutions
 
     async def image(
         self, ref: str, on_layers: Callable[[list[LayerDesc]], None] | None = None
     ) -> tuple[bytes, bytes, list[LayerDesc]]:
-        return await self._image(ref, on_layers, self.warm_connections)
+        manifest, config_raw, layers = await self._image(ref, on_layers, self.warm_connections)
+        if self.resolutions is not None:
+            kept = Resolution(manifest.raw, manifest.media_type, manifest.digest, config_raw)
+            try:
+                await trio.to_thread.run_sync(self.resolutions.save, ref, kept)
+            except OSError as exc:  # the pull goes on; only a later restart misses it
+                log.warning(
+                    "%s: its resolution not kept in %s (a restart forgets it): %s",
+                    ref,
+                    self.resolutions.directory,
+                    exc,
+                )
+        return manifest.raw, config_raw, layers
+
+    async def remembered(self, ref: str) -> list[tuple[bytes, bytes, list[LayerDesc]]]:
+        if self.resolutions is None:
+            return []
+        out = []
+        for kept in await trio.to_thread.run_sync(self.resolutions.load, ref):
+            try:
+                manifest = parse_manifest(kept.manifest, kept.media_type, kept.digest)
+                config = await trio.to_thread.run_sync(decode_json, kept.config, f"{ref} config")
+                out.append((kept.manifest, kept.config, layer_descs(ref, manifest, config)))
+            except Exception as exc:  # ManifestError, ResolveError: that one is left out
+                log.warning("%s: kept resolution %s left out: %s", ref, kept.digest, exc)
+        return out
 
     async def index_manifests(self, ref: str) -> list[Descriptor]:
         try:
@@ -157,14 +188,17 @@ class RemoteRegistry(RegistryAccess):
 
     async def index_image(self, ref: str, digest: str) -> tuple[bytes, bytes, list[LayerDesc]]:
         # No connections warmed: the image's own resolution did, for the same registry.
-        return await self._image(str(Reference.parse(ref).with_digest(digest)), None, 0)
+        manifest, config_raw, layers = await self._image(
+            str(Reference.parse(ref).with_digest(digest)), None, 0
+        )
+        return manifest.raw, config_raw, layers
 
     async def _image(
         self,
         ref: str,
         on_layers: Callable[[list[LayerDesc]], None] | None,
         warm_connections: int,
-    ) -> tuple[bytes, bytes, list[LayerDesc]]:
+    ) -> tuple[ManifestResult, bytes, list[LayerDesc]]:
         error: Exception | None = None  # raised after the nursery: not in an exception group
         async with trio.open_nursery() as nursery:
             if warm_connections:
@@ -194,7 +228,7 @@ class RemoteRegistry(RegistryAccess):
             raise error
         # Up to 4 MiB of JSON: decoded off the thread that answers FUSE requests.
         config = await trio.to_thread.run_sync(decode_json, config_raw, f"{ref} config")
-        return manifest.raw, config_raw, layer_descs(ref, manifest, config)
+        return manifest, config_raw, layer_descs(ref, manifest, config)
 
     def blob(self, ref: str, digest: str, size: int) -> BlobReader:
         return RegistryBlob(self.client, ref, digest, size, self.fetch_deadline)

@@ -273,6 +273,11 @@ class RegistryAccess:
         index ``ref`` names)."""
         raise NotImplementedError
 
+    async def remembered(self, ref: str) -> list[tuple[bytes, bytes, list[LayerDesc]]]:
+        """Earlier resolutions of the tag ``ref`` as :meth:`image` answered them (most recent
+        first), kept across restarts (:mod:`store.resolutions`); none by default."""
+        return []
+
     def also_from(self, blob: BlobReader, ref: str) -> None:
         """``ref``, another image's reference, names ``blob``'s blob too (one layer is loaded
         per blob digest): its reads may go there when the registry ``blob`` was made for
@@ -548,6 +553,8 @@ class LayerManager:
                 return holder
         if (holder := await self._other_platforms(image, digest, deadline)) is not None:
             return holder
+        if (holder := await self._remembered(ref, digest)) is not None:
+            return holder
         if time.monotonic() - image.resolved_at < IMAGE_REFRESH_AFTER:
             return image
         task = self._images.get(ref)
@@ -563,6 +570,33 @@ class LayerManager:
             if fresh.find(digest) is None:
                 return await self._other_platforms(fresh, digest, deadline, image) or fresh
         return fresh
+
+    async def _remembered(self, ref: str, digest: str) -> ImageInfo | None:
+        """The resolution of ``ref`` kept from before a restart
+        (:meth:`RegistryAccess.remembered`) that names ``digest``, kept in memory from then
+        on as a superseded one; None when none does. A container made before the tag moved
+        looks its layers up by the tag again when it starts: without it, a restarted store
+        answered ENOENT for them, and the image no longer ran."""
+        known = {i.manifest_bytes for i in self._superseded.get(ref, ())}
+        for manifest, config, layers in await self.registry.remembered(ref):
+            if manifest in known:
+                continue  # searched already (in memory)
+            image = ImageInfo(ref, manifest, config, layers)
+            if image.find(digest) is not None:
+                kept = self._superseded.pop(ref, [])
+                kept.append(image)  # the one in use now: kept longest
+                self._superseded[ref] = kept[-SUPERSEDED_KEPT:]
+                while len(self._superseded) > IMAGE_CACHE_ENTRIES:
+                    self._superseded.popitem(last=False)
+                log.info(
+                    "%s: layer %s is in the image the tag named before (manifest %s, kept "
+                    "under --root), not in the one it names now: served from that one",
+                    ref,
+                    digest,
+                    sha256_digest(manifest),
+                )
+                return image
+        return None
 
     async def _other_platforms(
         self, image: ImageInfo, digest: str, deadline: float, previous: ImageInfo | None = None

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 import time
 
@@ -423,3 +424,53 @@ def test_commit_over_an_opaque_directory_does_not_depend_on_the_pull(
     assert "case/a/added" in members
     xattrs = {k for k in members["case/a"].pax_headers if k.startswith("SCHILY.xattr.")}
     assert ("SCHILY.xattr.user.overlay.opaque" in xattrs) is leaks, xattrs
+
+
+def _restart_store(store, env) -> None:
+    """Stop and start ``store`` on its mountpoint under an entered ``env``: inside a runtime
+    node the node's bind of the old mount stays dead, so it is replaced by a bind of the new
+    one (the host's podman sees the new mount at once)."""
+    store.stop()
+    entered = env._entered
+    if entered is not None:
+        subprocess.run(["umount", "-l", str(entered.host_path(store.mnt))], check=False)
+    store.start()
+    if entered is not None:
+        entered.bind(store.mnt)
+
+
+@pytest.mark.store_ours_only(reason="the restart of our store, which keeps what it resolved")
+def test_an_image_whose_tag_moved_still_runs_after_the_store_restarts(
+    registry, store_factory, tmp_path, layers, podman_env, runtime_node
+):
+    """A lazily pulled image's layers are looked up by the tag it was pulled with at every
+    container start. The tag pushed again since, the store (restarted: its in-memory
+    resolutions gone) found the old layers in no manifest of the tag and answered ENOENT:
+    the container made before did not start ("no such file or directory"), nor did ``podman
+    run`` or ``save`` of the image, for good. It keeps the tag's resolutions under ``--root``
+    (store/resolutions.py)."""
+    if lost_lazy_layers(runtime_node):
+        pytest.skip("podman >= 5.5 forgets lazily pulled images (documented)")
+    host = registry.host
+    ref, blobs = push_two_layer_estargz(host, "moved/img", layers)
+    store = store_factory()
+    with podman_env(
+        tmp_path / "env", additional_layer_store=store.mnt, insecure_registries=[host]
+    ) as env:
+        env.pull(ref, timeout=120)
+        cid = env.create(ref, "/bin/sh", "-c", "cat /etc/hello; sha256sum /big | cut -c1-64")
+        push(host, "moved/img", "1", [to_estargz(make_tar(busybox))])  # the tag moves
+        _restart_store(store, env)
+        out = env.podman("start", "--attach", cid, timeout=120)
+        assert out.stdout == f"hello from upper\n{hashlib.sha256(layers['big']).hexdigest()}\n"
+        assert env.run(ref, "/bin/cat", "/etc/hello", timeout=120).stdout == "hello from upper\n"
+        saved = env.workdir / "saved.tar"
+        env.podman("save", "-o", str(saved), ref, timeout=300)
+        with tarfile.open(saved) as tar:
+            manifest = json.load(tar.extractfile("manifest.json"))
+            digests = [
+                "sha256:" + hashlib.sha256(tar.extractfile(name).read()).hexdigest()
+                for name in manifest[0]["Layers"]
+            ]
+        assert digests == [b.diff_id for b in blobs]
+    assert "in the image the tag named before" in store.log.read_text()
