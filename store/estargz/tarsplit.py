@@ -222,22 +222,65 @@ class _SplitEntry(msgspec.Struct, gc=False):
 _SPLIT_DECODER = msgspec.json.Decoder(_SplitEntry)
 
 
+# The longest tar-split line read. One ``type 2`` line holds the raw tar bytes tar-split's
+# packer read for one member's headers (vbatts/tar-split ``tar/asm``: ``RawBytes`` after each
+# ``Next``): the last member's padding, its extension headers and its header. Go's
+# archive/tar, which containers/storage and tar-split read tars with, refuses an extension
+# header (PAX records, a GNU long name or link) over 1 MiB (``maxSpecialFileSize``), so one
+# member's headers are about 3 MiB, 4 MiB in base64.
+MAX_SPLIT_LINE = 16 << 20
+
+
+def _lines(tar_split: bytes, what: str, limits: TocLimits) -> Iterator[bytes]:
+    """The lines of the compressed tar-split (each with its newline, the last one perhaps
+    without), inflated a piece at a time (:func:`~.zstdchunked._inflate_pieces`, at most
+    ``limits.max_bytes`` in all): never all at once, and no line longer than
+    :data:`MAX_SPLIT_LINE` (:class:`InvalidToc`, before it is decoded; podman then pulls the
+    layer itself). One line of a 5 KB frame inflating to 60 MiB, held whole, copied, decoded
+    and its PAX header parsed, took 240 MB and 13 s to refuse."""
+    from .zstdchunked import _inflate_pieces
+
+    carry = bytearray()  # the start of a line that goes on in the next piece
+    n = 0
+    for piece in _inflate_pieces(tar_split, limits.max_bytes, what):
+        start = 0
+        while (newline := piece.find(b"\n", start)) >= 0:
+            n += 1
+            if len(carry) + newline + 1 - start > MAX_SPLIT_LINE:
+                break
+            if carry:
+                carry += piece[start : newline + 1]
+                yield bytes(carry)
+                carry.clear()
+            else:
+                yield piece[start : newline + 1]
+            start = newline + 1
+        else:
+            carry += piece[start:]
+            if len(carry) <= MAX_SPLIT_LINE:
+                continue
+            n += 1
+        raise InvalidToc(
+            f"{what}: line {n} is longer than {MAX_SPLIT_LINE} bytes, more than one tar "
+            "member's headers take (Go's archive/tar reads extension headers of at most 1 MiB)"
+        )
+    if carry:
+        yield bytes(carry)
+
+
 def _headers(tar_split: bytes, where: str, limits: TocLimits) -> Iterator[tarfile.TarInfo]:
     """The tar headers the tar-split records, in order (:class:`InvalidToc` for a tar-split
     that does not inflate within ``limits.max_bytes``, has more lines than
     ``limits.max_entries`` members need, is not tar-split JSON, or whose headers ``tarfile``
-    cannot read, :class:`_PaxCheckedTarInfo`'s included). Its lines are decoded one at a
-    time: a list of them all was 60 bytes of memory per line (64 MiB of 3-byte lines, 1.3
-    GB)."""
-    from .zstdchunked import inflate_bounded
-
+    cannot read, :class:`_PaxCheckedTarInfo`'s included, or has a line longer than
+    :data:`MAX_SPLIT_LINE`). Its lines are inflated and decoded one at a time (:func:`_lines`):
+    a list of them all was 60 bytes of memory per line (64 MiB of 3-byte lines, 1.3 GB)."""
     what = f"{where}: tar-split"
-    lines = inflate_bounded(tar_split, limits.max_bytes, what)
     stream = _SkippedPayloads(what)
     # Two lines per tar member (its raw headers, then its contents' entry), a member per TOC
     # entry at most, and the end-of-archive padding.
     most = 2 * limits.max_entries + 16
-    for n, line in enumerate(io.BytesIO(lines)):
+    for n, line in enumerate(_lines(tar_split, what, limits)):
         if n >= most:
             raise InvalidToc(
                 f"{what}: more than {most} lines, more than the limit on TOC entries "
@@ -255,7 +298,6 @@ def _headers(tar_split: bytes, where: str, limits: TocLimits) -> Iterator[tarfil
             stream.skip(entry.size or 0)
         else:
             raise InvalidToc(f"{what}: line {n + 1} is of type {entry.type}, size {entry.size}")
-    del lines
     try:
         tf = tarfile.TarFile(
             fileobj=stream,

@@ -367,6 +367,10 @@ def _normalized(entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 # The most a zstd input byte can inflate to: an RLE block is 4 bytes (a 3-byte header and the
 # byte) for up to 128 KiB of output (RFC 8878, 3.1.1.2).
 _MAX_RATIO = 1 << 15
+# The most one piece of :func:`_inflate_pieces` holds: what its smallest slice (64 bytes) of
+# RLE blocks inflates to. Slices that small cost no more than larger ones: an 88 MB
+# tar-split (459 KB of zstd) inflated in 20-33 ms either way.
+_PIECE_MAX = 64 * _MAX_RATIO
 
 
 def inflate_bounded(data: bytes, limit: int, where: str) -> bytes:
@@ -384,10 +388,12 @@ def inflated_size(data: bytes, limit: int, where: str) -> int:
 
 def _inflate_pieces(data: bytes, limit: int, where: str) -> Iterator[bytes]:
     """The decompressed pieces of zstd ``data``, in order, at most ``limit`` bytes in all
-    (:class:`InvalidToc` past it, for a truncated frame, or bytes that are not zstd). The
-    decompressor has no output bound, so it is fed slices small enough that even RLE blocks
-    (:data:`_MAX_RATIO`) cannot inflate one past what is left of ``limit`` (a 64 KiB slice of
-    them made 4 GiB before the check ran)."""
+    (:class:`InvalidToc` past it, for a truncated frame, or bytes that are not zstd), each at
+    most :data:`_PIECE_MAX` bytes. The decompressor has no output bound, so it is fed slices
+    small enough that even RLE blocks (:data:`_MAX_RATIO`) cannot inflate one past what is
+    left of ``limit`` (a 64 KiB slice of them made 4 GiB before the check ran), nor past
+    :data:`_PIECE_MAX` (a slice of what was left of 64 MiB made one 60 MiB piece, which a
+    reader of lines then held with its copy)."""
     total = 0
     rest = data
     try:
@@ -395,7 +401,7 @@ def _inflate_pieces(data: bytes, limit: int, where: str) -> Iterator[bytes]:
             d = zstandard.ZstdDecompressor().decompressobj()
             i = 0
             while i < len(rest):
-                step = min(1 << 16, max(64, (limit - total) // _MAX_RATIO + 1))
+                step = min(1 << 16, max(64, min(limit - total, _PIECE_MAX) // _MAX_RATIO + 1))
                 piece = d.decompress(rest[i : i + step])
                 i += step
                 total += len(piece)

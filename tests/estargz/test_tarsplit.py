@@ -224,3 +224,74 @@ def test_a_tar_split_of_more_lines_than_the_toc_allows_is_refused_in_bounded_mem
     finally:
         tracemalloc.stop()
     assert peak < 200 << 20, f"{peak >> 20} MB at the peak"
+
+
+def test_one_tar_split_line_of_a_bomb_is_refused_in_bounded_memory():
+    """A tar-split that is one line (a 5 KB zstd frame inflating to 60 MiB: a header whose
+    PAX records fill it) was held inflated, copied as its line, decoded, and its PAX header
+    read twice and parsed: 240 MB at the peak and 13 s under a 64 MiB limit (1.4 GB of RSS
+    under the default 256 MiB). No tar Go's archive/tar reads has a header line near that
+    long (its extension headers are at most 1 MiB each): refused at its length, unparsed,
+    never inflated whole."""
+    record = b" SCHILY.xattr.user.k=" + b"v" * 40 + b"\n"
+    record = str(len(record) + 2).encode() + record
+    body = record * ((60 << 20) * 3 // 4 // len(record))
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, len(body)
+    info = tarfile.TarInfo("f")
+    info.mode = 0o644
+    raw = (
+        pax.tobuf(tarfile.GNU_FORMAT)
+        + body
+        + bytes(-len(body) % tarfile.BLOCKSIZE)
+        + info.tobuf(tarfile.GNU_FORMAT)
+        + bytes(2 * tarfile.BLOCKSIZE)
+    )
+    del body
+    split = _split_of([{"type": 2, "payload": base64.b64encode(raw).decode()}])
+    del raw
+    entries = [{"type": "reg", "name": "f", "mode": 0o644}]
+    toc = _with_split({"version": 1, "entries": entries}, split)
+    limits = E.TocLimits(max_bytes=64 << 20)
+    started = time.monotonic()
+    tracemalloc.start()
+    try:
+        with pytest.raises(E.InvalidToc) as refused:
+            check_tar_split(json.dumps(toc).encode(), split, "layer X", limits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 << 20, f"{peak >> 20} MB at the peak"
+    assert time.monotonic() - started < 5
+    assert "tar-split: line 1 is longer than 16777216 bytes" in str(refused.value)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_tar_split_lines_cut_across_inflated_pieces_read_whole(monkeypatch, seed):
+    """Lines are read from the inflated pieces as they come: one cut anywhere across them
+    (several times, or at its newline) reads as the line, and the last without a newline."""
+    import random
+
+    from store.estargz import tarsplit, zstdchunked
+
+    rng = random.Random(seed)
+    lines = [rng.randbytes(rng.randrange(0, 300)).replace(b"\n", b"") + b"\n" for _ in range(50)]
+    lines += [b"last line without its newline"] if seed % 2 else []
+    text = b"".join(lines)
+
+    def pieces(data, limit, where):
+        at = 0
+        while at < len(text):
+            n = rng.choice([1, 2, rng.randrange(1, 700)])
+            yield text[at : at + n]
+            at += n
+
+    monkeypatch.setattr(zstdchunked, "_inflate_pieces", pieces)
+    got = list(tarsplit._lines(b"", "x", E.DEFAULT_LIMITS))
+    assert got == lines
+    longest = max(len(line) for line in lines)
+    monkeypatch.setattr(tarsplit, "MAX_SPLIT_LINE", longest)
+    assert list(tarsplit._lines(b"", "x", E.DEFAULT_LIMITS)) == lines
+    monkeypatch.setattr(tarsplit, "MAX_SPLIT_LINE", longest - 1)
+    with pytest.raises(E.InvalidToc, match=f"line {lines.index(max(lines, key=len)) + 1} is "):
+        list(tarsplit._lines(b"", "x", E.DEFAULT_LIMITS))
