@@ -32,7 +32,9 @@ containers/storage's layer extraction) applies members, with the Go reader's con
   own metadata stays (the Go reader's view), the last link header of each file is kept in
   ``LayerIndex.link_headers`` for views that follow extraction's chown/chmod after linking,
   its ``xattrs`` the target's with every link header's set on top in TOC order (extraction
-  calls ``Lsetxattr`` on the shared inode for each header's, and nothing removes one);
+  calls ``Lsetxattr`` on the shared inode for each header's), less ``security.capability``
+  where a link header's ids differ from the inode's owner and it does not set it again
+  (extraction chowns the inode then, and the kernel's chown removes it: ``CAPABILITY_XATTR``);
 * a name (or link target) decoded from a ``\\udcXX`` JSON escape is spelled as its bytes
   decode (surrogateescape), so two spellings of one byte string are one name, as extraction
   sees them; one holding U+FFFD is refused (:class:`InvalidEntryName`): Go's
@@ -467,6 +469,13 @@ COMPRESSED_SLACK = 64 << 10
 # The OCI layer's whiteout name prefix and opaque marker (image-spec layer.md); the overlay
 # view is store.tree's.
 WHITEOUT_PREFIX = ".wh."
+# The file capability xattr. Extraction chowns a hardlink header's inode when the header's
+# ids differ from the inode's (containers/storage ``idtools.SafeLchown``: ``Lchown`` unless
+# ``Lstat`` shows the same uid and gid; an id of 2**32-1 never matches), and the kernel's
+# chown of anything but a directory removes it (``chown_common`` sets ``ATTR_KILL_PRIV``,
+# ``cap_inode_killpriv``), even when the ids are -1; only then does extraction set the
+# header's own xattrs (pkg/archive ``createTarFile``). Checked with podman 4.3 and 5.4.
+CAPABILITY_XATTR = "security.capability"
 OPAQUE_MARKER = ".wh..wh..opq"
 
 
@@ -842,13 +851,19 @@ class _Builder:
             # in one dict per target updated in place (a copy per header took quadratic
             # time: 80,000 links each naming its own xattr, 18 s of the GIL).
             last = self.link_headers.get(id(target), (target, target))[1]
+            _, *was = self.owners.get(id(target), (target, last.uid, last.gid))
             if e.uid == _MAX_ID or e.gid == _MAX_ID or id(target) in self.owners:
                 self._owner(target, e, None, last)
             before = last.xattrs
-            if e.xattrs:
+            # A header whose ids differ from the inode's is chowned, and the kernel drops a
+            # file capability on chown (CAPABILITY_XATTR); its own xattrs are set after that.
+            drop = CAPABILITY_XATTR in before and [e.uid, e.gid] != was
+            if e.xattrs or drop:
                 merged = self.link_xattrs.get(id(target))
                 if merged is None:
                     merged = self.link_xattrs[id(target)] = dict(before)
+                if drop:
+                    del merged[CAPABILITY_XATTR]
                 merged.update(e.xattrs)
                 e.xattrs = merged
             else:

@@ -290,6 +290,21 @@ class _Reader:
         return data
 
 
+class _UnappliedGlobalHeaders(dict[str, str]):
+    """The records of PAX global headers (type ``g``) as extraction keeps them: none.
+
+    :mod:`tarfile` applies a global header's records (``uid``, ``mtime``,
+    ``SCHILY.xattr.*`` ...) to every later member, as POSIX says; Go's ``archive/tar`` returns
+    the header as an entry of its own and applies nothing, and containers/storage's
+    extraction (pkg/archive ``createTarFile``) skips that entry: a normal pull of the input
+    gives every file its own header's metadata only. Handed to :class:`tarfile.TarFile` as its
+    ``pax_headers``, where a global header's records are stored, it keeps none.
+    """
+
+    def __setitem__(self, key: str, value: str) -> None:
+        pass
+
+
 def _skip(ti: tarfile.TarInfo) -> bool:
     return clean_name(ti.name) in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME)
 
@@ -394,7 +409,13 @@ def _ordered(
     ``moveRec``): prioritized files (with parents and hardlink targets), the landmark, then the
     rest. Yields ``(None, None)`` where ``.prefetch.landmark`` goes; with no prioritized files
     there is none (the caller writes ``.no.prefetch.landmark`` first)."""
-    with tarfile.open(fileobj=spool, mode="r:", encoding="utf-8", errors="surrogateescape") as tar:
+    with tarfile.open(
+        fileobj=spool,
+        mode="r:",
+        encoding="utf-8",
+        errors="surrogateescape",
+        pax_headers=_UnappliedGlobalHeaders(),
+    ) as tar:
         infos = _extracted(ti for ti in tar.getmembers() if not _skip(ti))
     by_name = {clean_name(ti.name): i for i, ti in enumerate(infos)}
     moved: list[int] = []

@@ -9,7 +9,15 @@ import tarfile
 import pytest
 import zstandard
 
-from store.estargz import BytesBlobSource, EstargzReader, convert
+from store.estargz import (
+    BytesBlobSource,
+    EstargzReader,
+    LayerIndex,
+    convert,
+    manifest_entries,
+    write_zstd_chunked,
+    zstd_chunked_layer,
+)
 from store.estargz.errors import InvalidLayerTar
 from store.estargz.listing import listing
 from store.estargz.toc import encode_toc
@@ -199,3 +207,39 @@ def test_a_hardlink_to_its_own_name_keeps_the_file_with_the_links_owner_and_mode
     (entry,) = [e for e in reader.toc.entries if e["name"] == "f"]
     assert (entry["type"], entry["mode"], entry["uid"]) == ("reg", 0o600, 7)
     assert reader.read_file("f") == b"data\n"
+
+
+def test_a_pax_global_headers_records_apply_to_no_entry() -> None:
+    """Go's archive/tar returns a PAX global header (type ``g``) as an entry of its own and
+    applies none of its records; containers/storage's extraction skips it. A normal pull of the
+    input gives each file its own header's owner, time and xattrs: so must the output (its
+    tar and TOC), whatever :mod:`tarfile`'s POSIX reading would apply."""
+    records = {"uid": "7", "gid": "8", "mtime": "1000000000", "SCHILY.xattr.user.g": "glob"}
+    plain = tarfile.TarInfo._create_pax_generic_header(records, tarfile.XGLTYPE, "utf-8")
+    plain += _tar([("d/a", b"a\n"), ("d/b", b"")])
+    want = {"d/a": (0, 0, 1_700_000_000, {}), "d/b": (0, 0, 1_700_000_000, {})}
+    for write in (convert, write_zstd_chunked):
+        out = io.BytesIO()
+        res = write(io.BytesIO(plain), out)
+        data = out.getvalue()
+        if write is convert:
+            raw = gzip.decompress(data)
+            index = EstargzReader(BytesBlobSource(data), res.toc_digest).index
+        else:
+            raw = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read()
+            layer = zstd_chunked_layer(res.annotations)
+            assert layer is not None
+            start, end = layer.toc_range
+            entries = manifest_entries(data[start:end], layer.position, layer.checksum)
+            index = LayerIndex.from_entries(entries, toc_offset=start, compression="zstd")
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            headers = {
+                ti.name: (ti.uid, ti.gid, ti.mtime, ti.pax_headers)
+                for ti in tar
+                if ti.name.startswith("d/")
+            }
+        assert headers == want, write.__name__
+        for name in want:
+            e = index.lookup(name)
+            assert (e.uid, e.gid, dict(e.xattrs)) == (0, 0, {}), (write.__name__, name)
+            assert e.modtime.startswith("2023-11-14T22:13:20"), (write.__name__, e.modtime)

@@ -197,7 +197,10 @@ def _layer_tree(
                     raise _Refused(f"hardlink {name!r} to {ti.linkname!r}, under itself")
                 _remove(tree, name)
                 tree[name] = target
-                # extraction chowns and chmods the shared inode from the link's header
+                # extraction chowns and chmods the shared inode from the link's header; the
+                # chown (made only when the ids differ: SafeLchown) drops a file capability
+                if (ti.uid, ti.gid) != (target.uid, target.gid):
+                    target.xattrs.pop("security.capability", None)
                 target.mode = ti.mode
                 target.uid, target.gid = _ids(ti, target.uid, target.gid)
                 continue

@@ -359,6 +359,52 @@ def test_every_link_headers_xattrs_are_set_on_the_shared_inode():
     assert plain.lookup_path("b").xattrs == {b"user.q": b"1"}
 
 
+# A file capability (VFS_CAP_REVISION_2, one permitted bit): what `setcap` writes.
+_CAP = _b64(b"\x01\x00\x00\x02\x00\x20\x00\x00" + bytes(12))
+
+
+@pytest.mark.parametrize(
+    ("links", "kept"),
+    [
+        # same owner: SafeLchown makes no chown, the capability stays
+        ([{}], True),
+        # another owner: chowned, the kernel drops the capability
+        ([{"uid": 5}], False),
+        ([{"gid": 7}], False),
+        # ids of 2**32-1 never match the inode's: lchown(-1, -1) still drops it
+        ([{"uid": 2**32 - 1, "gid": 2**32 - 1}], False),
+        # a header that chowns and sets the capability itself: set after the chown
+        ([{"uid": 5, "cap": True}], True),
+        ([{"uid": 5, "cap": True}, {"uid": 5}], True),  # the second makes no chown
+        ([{"uid": 5, "cap": True}, {"uid": 6}], False),
+        ([{"gid": 9}, {"gid": 9, "cap": True}], True),
+    ],
+)
+def test_a_link_header_that_changes_the_owner_drops_the_file_capability(links, kept):
+    """Extraction chowns a hardlink header's inode when the header's ids differ from the
+    inode's (containers/storage ``idtools.SafeLchown``), and the kernel's chown removes
+    ``security.capability`` from anything but a directory; the header's own xattrs are set
+    after. Seen with podman 4.3 and 5.4 pulling such layers normally."""
+    entries = [
+        {"name": "f", "type": "reg", "mode": 0o755, "xattrs": {"security.capability": _CAP,
+                                                               "user.keep": _b64(b"k")}},
+    ]  # fmt: skip
+    for i, link in enumerate(links):
+        entry = {"name": f"l{i}", "type": "hardlink", "linkName": "f", "mode": 0o755}
+        entry |= {k: v for k, v in link.items() if k != "cap"}
+        if link.get("cap"):
+            entry["xattrs"] = {"security.capability": _CAP}
+        entries.append(entry)
+    index = LayerIndex.from_entries(entries, toc_offset=100, compression="gzip")
+    tree = LayerTree(index)
+    want = {b"user.keep": b"k"} | ({b"security.capability": base64.b64decode(_CAP)} if kept else {})
+    for name in ["f", *(f"l{i}" for i in range(len(links)))]:
+        node = tree.lookup_path(name)
+        assert node.xattrs == want, name
+        assert (node.getxattr(b"security.capability") is not None) == kept
+    assert "security.capability" in index.lookup("f").xattrs  # the target's own entry stays
+
+
 def test_many_link_headers_with_xattrs_build_in_linear_time():
     # Each header's xattrs were merged into a fresh copy of all the earlier ones: 80,000
     # links to one file, each naming its own xattr (7 MB of TOC), held the GIL for 18 s.
