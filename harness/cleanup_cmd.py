@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness.cli import require_root
+from harness.cli import UserError, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +41,14 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from harness.stale import sweep_killed_runs
 
     require_root("cleanup", "stopping containers, unmounting, removing network namespaces")
+    for directory in args.dir:
+        # A mistyped DIR was looked in and found clean: "nothing to clean up", while what
+        # the killed run left there stayed.
+        if not Path(directory).is_dir():
+            raise UserError(
+                f"--dir {directory}: no such directory (name the temporary directory the "
+                "killed run used, its TMPDIR)"
+            )
     cache = args.cache_dir or default_cache_dir()
     lines = [f"removed {line}" for line in sweep_killed_runs(*args.dir, cache_dir=cache)]
     for line in lines:

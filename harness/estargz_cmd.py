@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ls", aliases=["list"], help="verify an eStargz blob and list its entries as JSON lines"
     )
     ls.add_argument("blob")
-    ls.add_argument("--toc-digest", help="expected TOC digest (sha256:…)")
+    ls.add_argument("--toc-digest", type=_toc_digest, help="expected TOC digest (sha256:…)")
     ls.add_argument(
         "--annotations",
         metavar="JSON",
@@ -91,6 +91,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "TOC is then read where they say and checked against their checksum",
     )
     ls.set_defaults(func=_ls)
+
+
+def _toc_digest(text: str) -> str:
+    """``--toc-digest``: ``sha256:`` and 64 lowercase hex digits (the OCI digest form the
+    annotation ``containerd.io/snapshot/stargz/toc.digest`` carries). Anything else was read
+    whole and then reported as a TOC that "does not match the expected" one."""
+    algorithm, _, hexpart = text.partition(":")
+    if algorithm != "sha256" or len(hexpart) != 64 or set(hexpart) - set("0123456789abcdef"):
+        raise argparse.ArgumentTypeError(
+            f"expected sha256: and 64 lowercase hex digits (as `lazybench estargz convert` "
+            f"prints it), got {text!r}"
+        )
+    return text
 
 
 def _level(args: argparse.Namespace) -> int:

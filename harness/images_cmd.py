@@ -157,6 +157,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
+    if not rows:  # said, not an empty table's frame above the words
+        print(f"no images cached under {root}")
+        return 0
     from rich.table import Table
 
     table = Table("name", "hash", "layers", "uncompressed", "on disk", "prepared modes")
@@ -171,8 +174,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
             " ".join(row["modes"]),
         )
     make_console(width=max(110, shutil.get_terminal_size().columns), markup=False).print(table)
-    if not rows:
-        print(f"no images cached under {root}")
     return 0
 
 

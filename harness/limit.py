@@ -312,16 +312,22 @@ def write_limits(run_dir: Path, workloads: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-def find_image_dir(cache_dir: Path, digests: Iterable[str]) -> Path | None:
-    """The built image directory under ``cache_dir/images`` one of whose OCI layouts holds a
-    blob with one of the manifest ``digests``."""
+def find_image_dirs(cache_dir: Path, digests: Iterable[str]) -> list[Path]:
+    """The built image directories under ``cache_dir/images`` whose OCI layouts hold a blob
+    with one of the manifest ``digests``: those of the first digest first, each once, in name
+    order. One image can sit in several: a recipe's image and the same image imported from a
+    file it was exported to convert to the same manifests, each under its own directory and
+    with its own trace key (:func:`harness.trace.trace_cache_path`)."""
+    found: list[Path] = []
     for digest in digests:
         hexpart = digest.split(":", 1)[-1]
         if not hexpart:
             continue
-        for blob in (cache_dir / "images").glob(f"*/oci/*/blobs/sha256/{hexpart}"):
-            return blob.parents[4]
-    return None
+        blobs = (cache_dir / "images").glob(f"*/oci/*/blobs/sha256/{hexpart}")
+        for image_dir in sorted({blob.parents[4] for blob in blobs}):
+            if image_dir not in found:
+                found.append(image_dir)
+    return found
 
 
 def compute_run_limits(
@@ -349,11 +355,16 @@ def compute_run_limits(
         modes = images.get(w.name) or {}
         ordered = [modes.get(NOOPT, {}), *modes.values()]
         digests = [m.get("manifest_digest", "") for m in ordered if isinstance(m, dict)]
-        image_dir = find_image_dir(cache_dir, digests)
-        if image_dir is None:
+        candidates = find_image_dirs(cache_dir, digests)
+        if not candidates:
             out[w.name] = {"unavailable": "its images are not in the cache"}
             continue
-        trace = trace_cache_path(image_dir.name, resolve(w), cache_dir)
+        # The directory the run traced in is the one holding the workload's trace (the first
+        # found was taken before: another directory of the same image had none, and the run
+        # got no limit).
+        resolved = resolve(w)
+        traces = [(d, trace_cache_path(d.name, resolved, cache_dir)) for d in candidates]
+        image_dir, trace = next(((d, t) for d, t in traces if t.is_file()), traces[0])
         entry = workload_entry(image_dir, trace)
         layout = entry.get("layout", NOOPT)
         say(f"limit {w.name}: mapped the trace onto the {layout} image's TOCs")

@@ -569,7 +569,8 @@ class Runner:
         if recorded != mine:
             raise UserError(
                 f"{self.run_dir}: holds shard {recorded or 'none (the whole plan)'}, not "
-                f"{mine or 'the whole plan'}; resume it with `lazybench run --resume RUN_DIR`"
+                f"{mine or 'the whole plan'}: resume it with `lazybench run --resume RUN_DIR` "
+                "without --shard (it keeps its own), or pick a new --run-id"
             )
 
     def _progress(self) -> Progress:

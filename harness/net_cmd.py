@@ -33,7 +33,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     for p in PROFILES.values():
         rate = f"{p.rate_mbit:g} Mbit/s" if p.rate_mbit else "unshaped"
-        print(f"{p.name:<10} {rate:<14} {p.rtt_ms:g} ms RTT   {p.description}")
+        rtt = f"{p.rtt_ms:g} ms RTT"
+        print(f"{p.name:<10} {rate:<14} {rtt:<12} {p.description}")
     return 0
 
 
@@ -54,9 +55,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
     else:
         p = link.profile
         want = f"{p.rate_mbit:g} Mbit/s" if p.rate_mbit else "unshaped"
+        # A profile without an RTT adds no delay (its delay_method is None): said so, not
+        # "delay by None".
+        delay = f"delay by {info['delay_method']}" if info["delay_method"] else "no added delay"
         print(
             f"{p.name}: {m.rate_mbit:.1f} Mbit/s (profile {want}), "
-            f"RTT {m.rtt_ms:.2f} ms (profile {p.rtt_ms:g} ms), delay by {info['delay_method']}"
+            f"RTT {m.rtt_ms:.2f} ms (profile {p.rtt_ms:g} ms), {delay}"
         )
     return 0
 

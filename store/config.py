@@ -83,14 +83,18 @@ Our additions (top level):
                          change while the store runs counts within a second (a change that
                          does not read keeps the reading before, with a warning)
 ``zstd_measure_diff_size`` give podman < 5.1 a zstd:chunked layer's exact tar size in
-                         ``info`` (default false). No annotation carries it; measuring reads
+                         ``info`` (default false). No annotation containers/storage writes
+                         carries it (an ``io.containers.estargz.uncompressed-size`` one is
+                         used when a layer has it); measuring reads
                          each header frame's size, one 18-byte range per file (~0.3 KB and
                          ~0.4 ms of CPU a file with multipart responses: 13 s for a 7,000-file
                          layer here), when podman looks the layer up. Without it ``info``
-                         has no ``diff-size`` (as the Go store's) and pull and run are
-                         unaffected, but ``podman save --format oci-archive`` of the image
-                         fails ("write too long"; podman 4.3 cannot write any zstd image as
-                         a docker-archive anyway). podman ≥ 5.1 never needs it.
+                         has no ``diff-size`` (as the Go store's): pull, run and ``podman save
+                         --format oci-archive`` are unaffected, but podman 4.3 leaves the
+                         layer out of the image's size (``podman images``, ``inspect``).
+                         Its ``podman save`` as a docker-archive (the default) fails either
+                         way: "write too long" without it, "zstd compression is not
+                         supported for docker images" with it. podman ≥ 5.1 never needs it.
 ``prefetch_libraries``   when a program's first bytes are read, fetch the shared libraries
                          ``ld.so`` will load for it (its ``PT_INTERP`` and ``DT_NEEDED``,
                          transitively, found through the image's layers) side by side, instead
@@ -132,7 +136,9 @@ connection or for its next bytes before it is retried (:func:`store.cli.request_
 As in the Go store, 0 means the default for ``max_concurrency``, ``prefetch_timeout_sec``,
 ``resolve_result_entry_ttl_sec``, ``[blob] chunk_size / fetching_timeout_sec / max_retries /
 valid_interval`` and ``[fuse] attr_timeout / entry_timeout`` (a config that lists every key
-with Go's zero values loads with the defaults, not with no retries or no timeouts).
+with Go's zero values loads with the defaults, not with no retries or no timeouts). A negative
+number is refused at startup, naming the key (``[resolver]`` mirrors' ``request_timeout_sec``
+aside: Go's "no timeout", read as the default bound).
 """
 
 from __future__ import annotations
@@ -315,7 +321,7 @@ _RESOLVER_MIRROR_KEYS = ("header", "host", "insecure", "request_timeout_sec")
 # Go keys where 0 means the Go store's default, not zero (upstream fs/remote/resolver.go,
 # fs/fs.go, fs/layer/layer.go, store/manager.go: ``if cfg.X == 0 { X = default }``): a Go
 # config that spells them out as 0 gets the defaults here too, never 0 retries, 0 s timeouts
-# or a refusal. The value stays checked first (a negative one is refused as before).
+# or a refusal. A negative value is refused, as every negative number of the config is.
 _ZERO_IS_DEFAULT = {
     "max_concurrency",
     "chunk_size",
@@ -392,8 +398,16 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
                 continue  # Go: 0 = the default
             if name in _POSITIVE and value <= 0:
                 raise ConfigError(f"{source}: key {key!r} must be positive, got {value!r}")
-            if name == "resolve_result_entry_ttl_sec" and value < 0:
-                raise ConfigError(f"{source}: key {key!r} must not be negative, got {value!r}")
+            if isinstance(value, int | float) and value < 0:
+                # Every number here is a count, a size or seconds: a negative one loaded,
+                # and [blob] max_retries = -1 made every registry request fail with an
+                # empty error (podman pulled every layer itself), prefetch_timeout_sec = -1
+                # ended the store with a traceback at its first prefetch (trio: "seconds
+                # must be non-negative").
+                raise ConfigError(
+                    f"{source}: key {key!r} must not be negative, got {value!r}"
+                    + (" (0 means the default)" if name in _ZERO_IS_DEFAULT else "")
+                )
             if name in _CHOICES and value not in _CHOICES[name]:
                 want = ", ".join(repr(c) for c in _CHOICES[name])
                 raise ConfigError(f"{source}: key {key!r} must be one of {want}, got {value!r}")

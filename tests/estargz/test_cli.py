@@ -129,6 +129,17 @@ def test_ls_wrong_toc_digest(vectors: dict[str, Vector]) -> None:
     assert res.out == ""
 
 
+@pytest.mark.parametrize("given", ["bogus", "sha256:abc", "SHA256:" + "0" * 64])
+def test_ls_a_toc_digest_that_is_no_digest_is_refused_as_such(
+    vectors: dict[str, Vector], given: str
+) -> None:
+    """A malformed --toc-digest was taken, the blob read, and its TOC said not to match."""
+    res = run_lazybench_process("estargz", "ls", str(vectors["basic"].blob), "--toc-digest", given)
+    assert res.code == 2 and res.out == ""
+    assert "--toc-digest: expected sha256: and 64 lowercase hex digits" in res.err
+    assert "does not match" not in res.err
+
+
 @pytest.mark.parametrize("corrupt_at", ["chunk"])
 def test_ls_corrupt_chunk_prints_nothing(tmp_path: Path, vectors, corrupt_at: str) -> None:
     blob = bytearray(vectors["basic"].blob.read_bytes())

@@ -44,3 +44,11 @@ def test_prune_keeps_what_ls_shows_current_imports_included(
     assert left == current
     assert not old_recipe.exists() and not old_import.exists()
     assert "removed oci:/old src-c" in out
+
+
+def test_ls_of_an_empty_cache_says_so_without_an_empty_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty cache printed an empty table's frame above "no images cached"."""
+    assert main(["images", "ls", "--cache-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"no images cached under {tmp_path / 'images'}\n"

@@ -166,6 +166,33 @@ def test_workload_entry_maps_a_cached_trace_onto_the_noopt_layout(tmp_path: Path
         read_cached_trace(trace)
 
 
+def test_limits_from_the_cache_take_the_image_directory_holding_the_trace(tmp_path: Path) -> None:
+    """One image can sit in two cache directories (a recipe's, and the same image imported
+    from a file it was exported to: the same manifests). ``lazybench report`` of a run without
+    ``limits.json`` took the first directory a glob found, whose trace key is not the run's,
+    and the run got no limit although the cache held its trace."""
+    from harness.limit import compute_run_limits
+    from harness.prepare import resolve
+    from harness.scenario import parse_scenario
+    from harness.trace import trace_cache_path
+
+    run = make_run(tmp_path / "run")
+    cache = tmp_path / "cache"
+    layouts = [_layout(cache / "images" / name, [LOWER, UPPER]) for name in ("one", "two")]
+    [manifest] = json.loads((layouts[0] / "index.json").read_text())["manifests"]
+    env = json.loads((run / "environment.json").read_text())
+    workload = parse_scenario(env["scenario"], "run").workloads[0]
+    env["images"] = {workload.name: {"estargz-noopt": {"manifest_digest": manifest["digest"]}}}
+    (run / "environment.json").write_text(json.dumps(env))
+    # Whichever directory a glob lists first, the run traced in the other one.
+    first = next((cache / "images").glob(f"*/oci/*/blobs/{manifest['digest'].replace(':', '/')}"))
+    traced_in = next(d for d in (cache / "images").iterdir() if d != first.parents[4])
+    trace = trace_cache_path(traced_in.name, resolve(workload), cache)
+    write_cached_trace(trace, ["usr/bin/app"], None)
+    entry = compute_run_limits(run, cache)[workload.name]
+    assert entry.get("trace") == trace.name and entry["compressed_bytes"] > 0, entry
+
+
 def test_limit_arithmetic_and_when_there_is_none() -> None:
     limit = Limit(compressed_bytes=12_500_000, rate_mbit=100.0, rtt_ms=40.0, floor_s=0.5)
     assert limit.transfer_s == pytest.approx(1.0)

@@ -318,6 +318,23 @@ def test_resume_refuses_what_it_would_ignore(
     assert f"not with {named}:" in capsys.readouterr().err
 
 
+def test_resume_with_another_shard_says_to_leave_shard_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run --resume DIR --shard 2/2` of a shard 1/2 directory was told to "resume it with
+    `lazybench run --resume RUN_DIR`", the command it had just given."""
+    from harness.records import ENVIRONMENT, SCENARIO_COPY
+    from tests.harness.test_results import make_run
+
+    run = make_run(tmp_path / "run")
+    env = json.loads((run / ENVIRONMENT).read_text())
+    (run / SCENARIO_COPY).write_text(json.dumps(env["scenario"]))
+    (run / ENVIRONMENT).write_text(json.dumps(env | {"shard": "1/2"}))
+    assert main(["run", "--resume", str(run), "--shard", "2/2", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "holds shard 1/2, not 2/2" in err and "without --shard (it keeps its own)" in err
+
+
 def _timeout_error(script: str, ready: str | None) -> str:
     """The error of a run of ``script`` that times out after 1 s awaiting ``ready``."""
     from harness.container import MeasurementError
@@ -460,6 +477,14 @@ def test_root_is_required_up_front_with_a_message_saying_so() -> None:
     assert str(exc.value) == (
         "lazybench run needs root (rootful podman, network namespaces, FUSE): run it as root"
     )
+
+
+def test_cleanup_of_a_dir_that_is_not_there_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped `cleanup --dir` answered "nothing to clean up"."""
+    assert main(["cleanup", "--dir", str(tmp_path / "typo")]) == 1
+    assert f"--dir {tmp_path / 'typo'}: no such directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -315,6 +315,20 @@ def test_cli_measure_and_cleanup(no_leftovers):
     assert subprocess.run([*main, "cleanup"], capture_output=True, text=True).returncode == 0
 
 
+def test_cli_text_output_says_what_it_measured(no_leftovers):
+    """`net measure` of a profile without an RTT said "delay by None"; `net ls` let the
+    description column wander with the RTT's width."""
+    main = [sys.executable, "-c", "from harness.cli import main; raise SystemExit(main())", "net"]
+    out = subprocess.run(
+        [*main, "measure", "loopback", "--seconds", "0.2"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("no added delay") and "None" not in out.stdout
+    listing = subprocess.run([*main, "ls"], capture_output=True, text=True, check=True).stdout
+    starts = {line.index(PROFILES[line.split()[0]].description) for line in listing.splitlines()}
+    assert len(starts) == 1, listing
+
+
 def test_netem_commands_where_the_kernel_has_it(monkeypatch):
     """This kernel has no sch_netem, so the netem path is checked by the commands it issues."""
     import harness.netshape.link as link_mod

@@ -121,6 +121,29 @@ def test_a_nan_number_is_refused_before_anything_is_mounted(tmp_path: Path, key:
     load_config(conf)
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "prefetch_timeout_sec",
+        "blob.max_retries",
+        "blob.valid_interval",
+        "fuse.attr_timeout",
+        "fuse.entry_timeout",
+    ],
+)
+def test_a_negative_number_is_refused_naming_the_key(key: str) -> None:
+    """A negative count or number of seconds loaded: ``[blob] max_retries = -1`` made every
+    registry request fail with an empty error (podman then pulled every layer itself), and
+    ``prefetch_timeout_sec = -1`` ended the store with a traceback at its first prefetch."""
+    section, _, name = key.rpartition(".")
+    data: dict = {section: {name: -1}} if section else {name: -1}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, source="c.toml")
+    assert (
+        str(err.value) == f"c.toml: key {key!r} must not be negative, got -1 (0 means the default)"
+    )
+
+
 def test_overlay_opaque_type_defaults_to_rootful_overlayfs() -> None:
     assert StoreConfig().opaque_xattrs == (b"trusted.overlay.opaque",)
     assert parse_config({"overlay_opaque_type": "user"}).opaque_xattrs == (b"user.overlay.opaque",)
