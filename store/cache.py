@@ -10,10 +10,12 @@ same directory and are renamed into place (``os.replace``), so a crash of the st
 either nothing or a whole chunk; temporary files left behind are deleted at start. A chunk
 torn by a crash of the machine (the rename reached the disk, the data did not) or damaged on
 disk fails that hash: it is dropped and fetched again, never served. A full or failing cache
-disk does not fail reads: the verified bytes are served, and those the disk refused stay in
+disk does not fail reads: the verified bytes are served, and those the disk refused (after
+room was made by deleting least recently used chunk files, for want of space) stay in
 the memory cache only (a chunk forgotten at once was fetched again for each 128 KiB piece the
 kernel read of it: 3.6-6.3 times the blob on a full disk). The cache has a byte limit;
-when an insertion crosses it, least recently used files are deleted until it fits. The LRU
+when an insertion crosses it, least recently used files are deleted until it fits (their
+bytes stay in the memory cache, for the same reason). The LRU
 order lives in memory and is rebuilt from file access times at start, so the disk cache
 survives store restarts and layer releases.
 
@@ -65,6 +67,7 @@ writer (tests, tools) :meth:`~ChunkCache.write_behind` writes at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -91,6 +94,12 @@ INFLATE_BYTES = 64 << 20
 # many seconds at most, counting the writes that failed since (a lazy pull of 80 MB onto a
 # full disk logged 430 warnings, one per chunk).
 WRITE_FAILURE_LOG_EVERY = 60.0
+# Times chunk files the disk refused for want of space are written again after room was
+# made for them (ChunkCache._make_room): the room counted may fall short by a directory's block.
+ROOM_ATTEMPTS = 3
+# The block size room is counted in for chunks the disk refused (ChunkCache._make_room): a
+# file takes whole blocks.
+_BLOCK = 4096
 _CHUNK_KEY = re.compile(r"sha256:[0-9a-f]{64}")  # fullmatch: "$" would let a final "\n" pass
 
 
@@ -351,12 +360,20 @@ class ChunkCache:
         self._writing.update(todo)
         batch = [(k, self._path(k), self._pending[k]) for k in todo]
 
-        def write_all() -> list[OSError | None]:
-            return [self._write_file(k, p, d) for k, p, d in batch]
+        def write_all(items: list[tuple[str, Path, bytes]]) -> list[OSError | None]:
+            return [self._write_file(k, p, d) for k, p, d in items]
 
         try:
             with trio.CancelScope(shield=True):
-                written = await trio.to_thread.run_sync(write_all)
+                written = await trio.to_thread.run_sync(write_all, batch)
+                for _ in range(ROOM_ATTEMPTS):  # a new directory's block may be wanted too
+                    full = [i for i, f in enumerate(written) if _disk_full(f)]
+                    need = sum(_on_disk(len(batch[i][2])) for i in full)
+                    if not full or not self._make_room(need, keep=set(todo)):
+                        break
+                    retried = await trio.to_thread.run_sync(write_all, [batch[i] for i in full])
+                    for i, failure in zip(full, retried, strict=True):
+                        written[i] = failure
         finally:
             self._writing.difference_update(todo)
             evicted = self._evicted_writing.intersection(todo)
@@ -440,13 +457,40 @@ class ChunkCache:
         if size is not None:
             self._total -= size
 
+    def _make_room(self, nbytes: int, keep: set[str]) -> bool:
+        """Delete least recently used chunk files (not ``keep``, nor those pending or being
+        written) until about ``nbytes`` are freed, for chunks the disk refused for want of
+        space; whether any went. Their bytes stay in the memory cache (:meth:`_evict`).
+
+        Why: a cache whose own files fill its disk below ``cache_max_bytes`` (the 10 GiB
+        default on a smaller disk) never evicted, so it kept its oldest chunks and cached no
+        new one for good: on a 2 MiB disk, after four 0.9 MB images were read, a restarted
+        store read the two most recent from the registry again and the two oldest from disk."""
+        freed = 0
+        for key in list(self._lru):
+            if freed >= nbytes:
+                break
+            if key in keep or key in self._pending or key in self._writing:
+                continue
+            size = self._lru.pop(key)
+            self._total -= size
+            freed += _on_disk(size)
+            self.stats.evictions += 1
+            with contextlib.suppress(OSError):
+                self._path(key).unlink()
+        return freed > 0
+
     def _evict(self) -> None:
+        """Delete least recently used chunk files until the cache fits ``max_bytes``.
+
+        A chunk evicted stays in the memory cache (bounded by ``memory_bytes`` on its own), as
+        one the disk refused does: the kernel reads a chunk in 128 KiB pieces, and a chunk
+        just fetched that alone exceeds the limit (a 4 MiB chunk under ``cache_max_bytes`` of
+        1 MiB), or that other reads' chunks pushed out meanwhile, was fetched again for each
+        piece: an 8 MiB file of 4 MiB chunks cost 180 MB from the registry here."""
         while self._total > self.max_bytes and self._lru:
             key, size = self._lru.popitem(last=False)
             self._total -= size
-            data = self._mem.pop(key, None)
-            if data is not None:
-                self._mem_total -= len(data)
             self.stats.evictions += 1
             if key in self._writing:
                 self._evicted_writing.add(key)
@@ -508,3 +552,13 @@ class ChunkCache:
         if flight.error is not None:
             raise flight.error
         return flight.data
+
+
+def _disk_full(failure: OSError | None) -> bool:
+    """Whether a chunk file write failed for want of space (or of the user's quota)."""
+    return failure is not None and failure.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _on_disk(size: int) -> int:
+    """The bytes a file of ``size`` bytes takes on disk, in whole :data:`_BLOCK` blocks."""
+    return -(-size // _BLOCK) * _BLOCK

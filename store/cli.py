@@ -331,6 +331,7 @@ async def serve(
     gc.freeze()
     cache = ChunkCache(root / CACHE_DIR, cfg.cache_max_bytes)
     metrics = StoreMetrics()
+    metrics.watch_cache(cache)
     if cfg.metrics_address:
         try:
             metrics.serve(cfg.metrics_address)

@@ -2,7 +2,11 @@
 
 Metrics (served by prometheus-client on ``metrics_address``): bytes and requests fetched per
 layer, on-demand reads, fetch latency, chunk-cache hits/misses. Per-layer status (fetched
-bytes, percent cached) is also readable as JSON from ``<mountpoint>/status``.
+bytes, percent cached) is also readable as JSON from ``<mountpoint>/status``. The per-layer
+series are kept for the :data:`LAYER_SERIES_KEPT` layers most recently active (a fetch, a
+read, a first access): a store that runs for weeks sees ever new layers, and their series
+(8 per layer) otherwise grew for good, as did every scrape. A layer's series dropped and
+active again start from zero, which Prometheus reads as a counter reset.
 
 Access trace (``access_trace_path``): a JSON-lines file, one line per regular file the first
 time it is read through the mount, in that order::
@@ -45,24 +49,33 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from store.cache import ChunkCache
 from store.layer import Layer
 from store.spans import merge_spans
 from store.tree import Node
+
+# Layers whose per-layer series are kept (module doc): a node's live layers are well under
+# this (a few dozen images of a few dozen layers); 8 series each, about 1 MB of scrape.
+LAYER_SERIES_KEPT = 1024
 
 
 class StoreMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Digests with per-layer series, least recently active first (_layer).
+        self._layers: OrderedDict[str, None] = OrderedDict()
         self.fetched_bytes = Counter(
             "stargz_store_fetched_bytes",
             "Compressed bytes fetched from the registry",
@@ -100,20 +113,46 @@ class StoreMetrics:
             "stargz_store_cache_bytes", "Bytes in the chunk cache", registry=self.registry
         )
 
+    def watch_cache(self, cache: ChunkCache) -> None:
+        """Serve ``cache``'s hits, misses and bytes as they are at each scrape.
+
+        They were set at each registry fetch only: a store serving from its cache showed
+        the numbers of its last fetch for good (no hits at all after a restart over a warm
+        cache), and ``stargz_store_cache_bytes`` was 0 until the first fetch after a start,
+        whatever the cache held, and the bytes before that fetch's chunks after it."""
+        self.cache_hits.set_function(lambda: cache.stats.hits)
+        self.cache_misses.set_function(lambda: cache.stats.misses)
+        self.cache_bytes.set_function(lambda: cache.total_bytes)
+
+    def _layer(self, layer: Layer) -> str:
+        """``layer``'s label value, now the most recently active; the series of the least
+        recently active layer past :data:`LAYER_SERIES_KEPT` are dropped (module doc)."""
+        digest = layer.digest
+        self._layers[digest] = None
+        self._layers.move_to_end(digest)
+        while len(self._layers) > LAYER_SERIES_KEPT:
+            old, _ = self._layers.popitem(last=False)
+            for counter in (
+                self.fetched_bytes,
+                self.fetch_requests,
+                self.on_demand_reads,
+                self.files_accessed,
+            ):
+                with contextlib.suppress(KeyError):  # never counted in this one
+                    counter.remove(old)
+        return digest
+
     def on_fetch(self, layer: Layer, nbytes: int, seconds: float) -> None:
-        self.fetched_bytes.labels(layer.digest).inc(nbytes)
-        self.fetch_requests.labels(layer.digest).inc()
+        digest = self._layer(layer)
+        self.fetched_bytes.labels(digest).inc(nbytes)
+        self.fetch_requests.labels(digest).inc()
         self.fetch_seconds.observe(seconds)
-        stats = layer.cache.stats
-        self.cache_hits.set(stats.hits)
-        self.cache_misses.set(stats.misses)
-        self.cache_bytes.set(layer.cache.total_bytes)
 
     def on_read(self, layer: Layer) -> None:
-        self.on_demand_reads.labels(layer.digest).inc()
+        self.on_demand_reads.labels(self._layer(layer)).inc()
 
     def on_file_access(self, layer: Layer) -> None:
-        self.files_accessed.labels(layer.digest).inc()
+        self.files_accessed.labels(self._layer(layer)).inc()
 
     def serve(self, address: str) -> None:
         """Serve the metrics on ``address`` (``HOST:PORT``, :func:`store.config.split_host_port`;

@@ -371,6 +371,9 @@ class LayerManager:
     # (ref, lookup name) → blob digest of each counted layer: a release still finds its layer
     # after the image left the LRU (the name may be a TOC digest).
     _counted: dict[tuple[str, str], str] = field(default_factory=dict)
+    # (ref, lookup name) → the references counted under that name and not released yet: a
+    # name goes from ``_counted`` with its last one, not only with the layer's last one.
+    _name_uses: dict[tuple[str, str], int] = field(default_factory=dict)
     _limiter: trio.CapacityLimiter | None = None
     released: list[str] = field(default_factory=list)
     _trim_running: bool = False
@@ -1106,21 +1109,35 @@ class LayerManager:
 
     def use(self, ref: str, digest: str) -> int:
         key = self._key(ref, digest)
-        self._counted[(ref, digest)] = key
+        name = (ref, digest)
+        self._counted[name] = key
+        self._name_uses[name] = self._name_uses.get(name, 0) + 1
         self._refcount[key] = self._refcount.get(key, 0) + 1
         return self._refcount[key]
 
     def release(self, ref: str, digest: str) -> int:
         """Drop a reference; at zero a looked-up layer goes (``RELEASED``): its background
-        work is cancelled and its memory freed, its chunks stay in the disk cache."""
+        work is cancelled and its memory freed, its chunks stay in the disk cache.
+
+        A name (``ref`` and ``digest``) whose own references are all released is forgotten
+        even while other names hold the layer: a base layer shared by the images of a
+        container that runs for weeks otherwise kept an entry per image pulled and removed
+        meanwhile (35 images pulled, run and removed: 37 names for 2 layers in use)."""
         key = self._key(ref, digest)
+        name = (ref, digest)
+        uses = self._name_uses.pop(name, 0) - 1
+        if uses > 0:
+            self._name_uses[name] = uses
         count = self._refcount.get(key, 0) - 1
         if count > 0:
             self._refcount[key] = count
+            if uses <= 0:
+                self._counted.pop(name, None)
             return count
         self._refcount.pop(key, None)
-        for name in [n for n, k in self._counted.items() if k == key]:
-            del self._counted[name]
+        for other in [n for n, k in self._counted.items() if k == key]:
+            del self._counted[other]
+            self._name_uses.pop(other, None)
         state = self._states.get(key)
         if state is not None and state.wanted:
             if state.phase is LayerPhase.RESOLVED:

@@ -200,3 +200,31 @@ def test_trace_order_skips_bad_entries_and_takes_the_first_read_over_layers(tmp_
     )
     assert read_trace_order(path) == {"a": [[0, 10, 2], [10, 20, 1]]}
     assert read_trace_order(tmp_path / "missing.jsonl") == {}
+
+
+def test_per_layer_series_stay_bounded_over_the_store_life() -> None:
+    """Every layer the store ever served kept its 8 per-layer series for the life of the
+    store: after 40 images (41 layers) pulled, run and removed, 349 series and a 45 kB
+    scrape, growing by about 1 kB per new layer for as long as the store ran."""
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from store.metrics import StoreMetrics
+
+    metrics = StoreMetrics()
+    layers = [SimpleNamespace(digest=f"sha256:{i:064x}") for i in range(3000)]
+    for layer in layers:
+        metrics.on_fetch(layer, 100, 0.01)  # type: ignore[arg-type]
+        metrics.on_read(layer)  # type: ignore[arg-type]
+        metrics.on_file_access(layer)  # type: ignore[arg-type]
+    metrics.on_read(layers[0])  # active again: its series come back, from zero
+    text = generate_latest(metrics.registry).decode()
+    labelled = {
+        line.split('layer="')[1].split('"')[0] for line in text.splitlines() if 'layer="' in line
+    }
+    assert len(labelled) <= 1024
+    assert layers[-1].digest in labelled and layers[0].digest in labelled
+    assert layers[1].digest not in labelled
+    reads = f'stargz_store_on_demand_reads_total{{layer="{layers[0].digest}"}} 1.0'
+    assert reads in text

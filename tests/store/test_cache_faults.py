@@ -67,7 +67,8 @@ def test_files_in_the_cache_dir_that_are_not_chunks_are_left_alone(tmp_path):
     data = [os.urandom(100) for _ in range(2)]
     for d in data:
         cache.put(_key(d), d)  # the second evicts the first: the chunk, not a stray
-    assert _key(data[0]) not in cache and cache.get(_key(data[1])) == data[1]
+    assert not _file(tmp_path, _key(data[0])).exists() and cache.total_bytes == 100
+    assert cache.get(_key(data[1])) == data[1]
     assert all(p.read_bytes() == b"x" * 100 for p in strays)
     assert ChunkCache(tmp_path, 50).total_bytes == 0  # a start over the limit evicts
     assert all(p.exists() for p in strays)
@@ -150,6 +151,24 @@ async def test_on_a_full_disk_a_file_read_in_pieces_fetches_each_chunk_once(tmp_
 
 
 @pytest.mark.anyio
+async def test_a_chunk_over_the_cache_limit_is_fetched_once_for_all_its_pieces(tmp_path):
+    # Eviction dropped a chunk's bytes from the memory cache with its file. A chunk that alone
+    # passes ``cache_max_bytes`` (4 MiB chunks, a 1 MiB limit) was evicted as it was admitted,
+    # so each 128 KiB piece the kernel read of it fetched it again: 33 requests, 141 MB for a
+    # 4 MiB file (through the mount, 180 MB for an 8 MiB file of 4 MiB chunks).
+    layer, node, payload = await one_file_layer(tmp_path, 4 << 20, 4 << 20)
+    layer.cache.max_bytes = 1 << 20
+    got = bytearray()
+    for offset in range(0, node.size, 128 << 10):
+        got += await layer.read_file(node, offset, 128 << 10)
+    assert bytes(got) == payload
+    fetched = sum(hi - lo for request in layer.blob.requests for lo, hi in request)
+    assert fetched <= 1.1 * layer.blob.size, (fetched, layer.blob.size)
+    await layer.cache.write_pending()
+    assert layer.cache.total_bytes == 0 and _cache_files(layer.cache.root) == []
+
+
+@pytest.mark.anyio
 async def test_finish_serves_at_once_and_the_file_follows_off_the_trio_thread(
     tmp_path, monkeypatch
 ):
@@ -209,6 +228,31 @@ async def test_a_pending_chunk_that_fails_to_write_or_is_evicted_leaves_nothing(
     await cache.write_pending()
     files = sorted(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert files == sorted([b, c]) and cache.total_bytes == 2000
+
+
+@pytest.mark.anyio
+async def test_a_cache_filling_its_own_disk_evicts_its_oldest_for_the_newest(tmp_path, monkeypatch):
+    # Below cache_max_bytes (10 GiB by default) on a smaller disk, the cache's own files
+    # filled it and nothing was evicted: the oldest chunks stayed on disk for good and no new
+    # one was cached (a restarted store fetched the most recent images again, not the oldest).
+    capacity = 2500  # the disk: room for two 1000-byte chunk files
+    real = ChunkCache._write_file
+
+    def small_disk(key: str, path: Path, data: bytes) -> OSError | None:
+        used = sum(p.stat().st_size for p in _cache_files(tmp_path))
+        if used + len(data) > capacity:
+            return OSError(errno.ENOSPC, "No space left on device")
+        return real(key, path, data)
+
+    monkeypatch.setattr(ChunkCache, "_write_file", staticmethod(small_disk))
+    cache = ChunkCache(tmp_path, 1 << 30, memory_bytes=0)
+    a, b, c = (os.urandom(1000) for _ in range(3))
+    for d in (a, b, c):
+        cache.begin(_key(d))
+        cache.finish(_key(d), d)
+        await cache.write_pending()
+    assert sorted(p.read_bytes() for p in _cache_files(tmp_path)) == sorted([b, c])
+    assert cache.total_bytes == 2000 and cache.get(_key(c)) == c and _key(a) not in cache
 
 
 def test_a_claimed_fetch_counts_as_one_miss(tmp_path):

@@ -14,8 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from harness.processes import free_port
 from store.cache import WRITE_MOST_DELAY
 from tests.store.conftest import StoreProcess, _mounted
 from tests.store.images import push_two_layer_estargz
@@ -105,5 +107,40 @@ def test_torn_cache_file_is_never_served_after_restart(registry, layers, tmp_pat
         assert (diff / "big").read_bytes() == layers["big"]
         assert store.log.read_text().count("does not hash to its name") >= 1
         assert _all_whole(root)
+    finally:
+        store.stop()
+
+
+def _cache_metrics(port: int) -> dict[str, float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("stargz_store_cache_")
+    }
+
+
+def test_cache_metrics_show_the_cache_after_a_restart(registry, layers, tmp_path):
+    """``stargz_store_cache_{hits,misses,bytes}`` were set at each registry fetch only: a
+    store restarted over a warm cache showed 0 bytes and 0 hits while it served 2 MB from
+    it, and a store that only hits showed its last fetch's numbers for good."""
+    ref, blobs = push_two_layer_estargz(registry.host, "disk/metrics", layers)
+    port = free_port()
+    store = StoreProcess(tmp_path / "store", CONFIG + f'metrics_address = ":{port}"\n')
+    try:
+        store.start()
+        diff = store.layer_dir(ref, blobs[0].digest) / "diff"
+        assert (diff / "big").read_bytes() == layers["big"]
+        assert _written_cache_files(tmp_path / "store" / "root")
+        store.stop()
+        store.start()
+        cached = store.status()["cache_bytes"]
+        assert cached >= len(layers["big"])
+        assert _cache_metrics(port)["stargz_store_cache_bytes"] == cached
+        diff = store.layer_dir(ref, blobs[0].digest) / "diff"
+        assert (diff / "big").read_bytes() == layers["big"]  # every chunk from the cache
+        after = _cache_metrics(port)
+        assert after["stargz_store_cache_hits"] > 0 and after["stargz_store_cache_misses"] == 0
+        assert after["stargz_store_cache_bytes"] == store.status()["cache_bytes"]
     finally:
         store.stop()

@@ -343,7 +343,8 @@ async def test_a_read_the_cache_answers_whole_leaves_the_background_fetch_alone(
 
 
 def test_cache_lru_eviction_and_restart(tmp_path):
-    cache = ChunkCache(tmp_path, max_bytes=250)
+    # No memory cache: an evicted chunk's bytes stay there (ChunkCache._evict).
+    cache = ChunkCache(tmp_path, max_bytes=250, memory_bytes=0)
     datas = [bytes([i]) * 100 for i in range(4)]
     keys = ["sha256:" + hashlib.sha256(d).hexdigest() for d in datas]
     for k, d in zip(keys[:3], datas, strict=False):
