@@ -8,7 +8,7 @@ subclasses whose messages name the host, repository and digest.
 Modules: `reference` (Reference.parse), `hosts` (resolver config in the Go store's TOML keys →
 endpoints), `registriesconf` (podman's containers-registries.conf(5): mirrors, location
 rewrites, insecure, blocked), `credentials` (auth.json / docker config.json), `auth` (Basic,
-Bearer tokens cached per scope), `manifest` (media types, Platform, build/parse), `ranges`
+Bearer tokens cached per host and scope), `manifest` (media types, Platform, build/parse), `ranges`
 (coalescing, multipart parsing), `client` (RegistryClient), `rangetransport` (range GETs over
 HTTP and TLS through urllib3 in worker threads), `blobsource` (read_at adapter).
 """

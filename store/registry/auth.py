@@ -1,4 +1,4 @@
-"""Answering registry auth challenges: Basic, and Bearer tokens cached per scope until expiry.
+"""Answering registry auth challenges: Basic, and Bearer tokens cached per host and scope.
 
 The flow is distribution's token spec: a 401 carries `WWW-Authenticate: Bearer realm=…,
 service=…,scope=…`; we GET the realm with those parameters (Basic credentials if we have any,
@@ -82,15 +82,37 @@ class _CachedToken:
     expires_at: float
 
 
+# (registry host the token is sent to, realm, service, scopes, whose credentials)
+TokenKey = tuple[str, str, str, tuple[str, ...], str]
+
+
+def _holder(creds: Credentials | None) -> str:
+    """Whose token the realm gives, as :meth:`TokenCache._fetch_new` asks for it: a refresh
+    token's, a user's (Basic), or anonymous (``""``) — a refresh token with no user name is
+    not taken for anonymous access."""
+    if creds and creds.identity_token:
+        return f"refresh:{creds.username}"
+    if creds and creds.username and creds.password:
+        return f"user:{creds.username}"
+    return ""
+
+
 class TokenCache:
-    """Bearer tokens keyed by (realm, service, scopes, user); dropped when they expire."""
+    """Bearer tokens keyed by (registry host, realm, service, scopes, whose credentials);
+    dropped when they expire.
+
+    The registry host is in the key, as containers/image and containerd keep tokens per
+    registry client: a token goes only to the host whose challenge it was fetched for. Any
+    host may name another's realm, service and scope in its challenge; keyed without the
+    host, a registry (or mirror) doing so got the token another registry's credentials had
+    bought (an identity token's, keyed as anonymous, went to every anonymous host)."""
 
     def __init__(self) -> None:
-        self._tokens: dict[tuple[str, str, tuple[str, ...], str], _CachedToken] = {}
-        self._locks: dict[tuple[str, str, tuple[str, ...], str], anyio.Lock] = {}
+        self._tokens: dict[TokenKey, _CachedToken] = {}
+        self._locks: dict[TokenKey, anyio.Lock] = {}
         self.fetches = 0  # how many times a token endpoint was asked (tests check caching)
 
-    def get(self, key: tuple[str, str, tuple[str, ...], str]) -> str | None:
+    def get(self, key: TokenKey) -> str | None:
         entry = self._tokens.get(key)
         if entry is None:
             return None
@@ -102,7 +124,7 @@ class TokenCache:
     def clear(self) -> None:
         self._tokens.clear()
 
-    def invalidate(self, key: tuple[str, str, tuple[str, ...], str]) -> None:
+    def invalidate(self, key: TokenKey) -> None:
         self._tokens.pop(key, None)
 
     def forget(self, token: str) -> None:
@@ -132,8 +154,7 @@ class TokenCache:
                 f"{registry_host}: Bearer challenge without a realm", host=registry_host
             )
         service = challenge.params.get("service", "")
-        user = creds.username if creds else ""
-        key = (realm, service, scopes, user)
+        key = (registry_host, realm, service, scopes, _holder(creds))
         if token := self.get(key):
             return token
         # One fetch per key at a time: a burst of first reads must not ask the server N times.
@@ -161,7 +182,7 @@ class TokenCache:
         self,
         http: httpx.AsyncClient,
         challenge: Challenge,
-        key: tuple[str, str, tuple[str, ...], str],
+        key: TokenKey,
         scopes: tuple[str, ...],
         creds: Credentials | None,
         timeout: float,
@@ -169,7 +190,8 @@ class TokenCache:
         extensions: dict[str, Any],
         tls_note: Callable[[], str] | None,
     ) -> str:
-        realm, service, _, user = key
+        _, realm, service, _, _ = key
+        user = creds.username if creds else ""
         self.fetches += 1
         try:
             url = httpx.URL(realm)

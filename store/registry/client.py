@@ -681,10 +681,12 @@ class RegistryClient:
         hdrs = dict(ep.headers)
         hdrs.update(headers or {})
         url = path if path.startswith(("http://", "https://")) else ep.base_url + path
-        # Authorization goes to this host and port only, and never from https:// down to
-        # http:// (it would go out in clear text); http:// up to https:// keeps it, as Python
-        # requests' rule (should_strip_auth) has it.
-        origin = urlsplit(url)
+        # Authorization goes to the endpoint's host and port only, and never from https://
+        # down to http:// (it would go out in clear text); http:// up to https:// keeps it, as
+        # Python requests' rule (should_strip_auth) has it. Also for a URL the registry named
+        # (an upload's Location): one on another host gets none, as containerd's pusher
+        # strips its authorizer there (it got the registry's credentials).
+        origin = urlsplit(ep.base_url)
         authed_once = False
         redirects = 0
         cur_method = method

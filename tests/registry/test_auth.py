@@ -213,6 +213,37 @@ async def test_origin_credentials_not_sent_to_mirror(
         assert mirror.seen and all("Authorization" not in s["headers"] for s in mirror.seen)
 
 
+async def test_an_upload_location_on_another_host_gets_no_credentials(
+    basic_registry: RegistryServer, isolated_auth_env: Path
+) -> None:
+    """A registry that names another host (its storage, or anyone's) as a blob upload's
+    Location: the PUT there carries no Authorization, as containerd's pusher strips its
+    authorizer for another host (the registry's Basic credentials went there, and the push
+    succeeded with them)."""
+    from regtest_proxies import HttpFaultProxy
+
+    from store.registry import RegistryError
+
+    upstream = basic_registry.host.rsplit(":", 1)
+    registry = (upstream[0], int(upstream[1]))
+    with HttpFaultProxy(registry) as storage:
+
+        def elsewhere(h) -> bool:  # type: ignore[no-untyped-def]
+            if h.command != "POST":
+                return False
+            front.forward(h, extra_headers={"Host": storage.host})  # its Location names it
+            return True
+
+        with HttpFaultProxy(registry, elsewhere) as front:
+            user = creds(front.host, "alice", USERS["alice"])
+            async with RegistryClient(timeout=10, retries=0, credentials=user) as c:
+                with pytest.raises(RegistryError):
+                    await c.push_blob(f"{front.host}/upload/elsewhere:v1", b"blob" * 100)
+            assert any(s["method"] == "POST" for s in front.seen)
+    assert [s["method"] for s in storage.seen] == ["PUT"]
+    assert "Authorization" not in storage.seen[0]["headers"]
+
+
 async def test_token_auth_with_identity_token(
     token_registry: tuple[RegistryServer, TokenServer], isolated_auth_env: Path
 ) -> None:

@@ -13,6 +13,7 @@ import pytest
 import zstandard
 
 from store.registry.auth import TOKEN_MAX_BYTES, Challenge, TokenCache, parse_challenge
+from store.registry.credentials import Credentials
 from store.registry.errors import AuthenticationError
 
 CHALLENGE = Challenge("bearer", {"realm": "http://auth.test/token", "service": "reg"})
@@ -144,3 +145,121 @@ async def test_a_realm_keeps_its_own_query_and_an_invalid_one_is_refused() -> No
             await TokenCache().fetch(http, bad, (), None, 5.0, "reg.test")
     with pytest.raises(AuthenticationError, match="unreadable"):
         await _fetch(TokenCache(), b'{"token": ["t"]}')
+
+
+def _token_per_asker() -> httpx.AsyncClient:
+    """A token server answering each asker with its own token: the refresh token's, the Basic
+    user's and password's, or an anonymous one."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            form = dict(x.split("=", 1) for x in request.content.decode().split("&"))
+            token = f"refresh-{form['refresh_token']}"
+        elif auth := request.headers.get("authorization"):
+            token = "basic-" + auth.removeprefix("Basic ")
+        else:
+            token = "anonymous"
+        return httpx.Response(200, stream=_Sent(json.dumps({"token": token}).encode()))
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(answer))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("given", "other"),
+    [
+        # podman's helper hands an identity token with no user name; the other host has none.
+        (Credentials(identity_token="secret"), None),
+        # The same user name at two registries (the other's password differs).
+        (Credentials("alice", "secret-a"), Credentials("alice", "secret-b")),
+    ],
+)
+async def test_a_token_goes_only_to_the_host_it_was_fetched_for(
+    given: Credentials, other: Credentials | None
+) -> None:
+    """A host whose challenge names another registry's realm, service and scope (a mirror,
+    or any registry an image reference names) gets a token of its own: the cache was keyed
+    without the host, and handed it the token bought with the other registry's credentials."""
+    scope = ("repository:private/app:pull",)
+    cache = TokenCache()
+    async with _token_per_asker() as http:
+        mine = await cache.fetch(http, CHALLENGE, scope, given, 5.0, "reg.test")
+        assert "anonymous" not in mine
+        theirs = await cache.fetch(http, CHALLENGE, scope, other, 5.0, "evil.test")
+        assert theirs != mine
+        assert await cache.fetch(http, CHALLENGE, scope, given, 5.0, "reg.test") == mine
+        # An identity token is not anonymous access on its own host either.
+        anonymous = await cache.fetch(http, CHALLENGE, scope, None, 5.0, "reg.test")
+        assert anonymous == "anonymous"
+    assert cache.fetches == 3
+
+
+@pytest.mark.anyio
+async def test_a_registry_naming_anothers_realm_is_sent_no_token_of_the_other() -> None:
+    """End to end through the client, over loopback: registry A, whose private repository
+    the store was given an identity token for, then registry B (no credentials) whose
+    challenge copies A's realm and service. B used to get A's token in its Authorization."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs
+
+    from store.registry import RegistryClient
+    from store.registry.credentials import CredentialStore
+
+    class Quiet(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _send(self, status: int, headers: dict[str, str], body: bytes = b"") -> None:
+            self.send_response(status)
+            for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+    class Tokens(Quiet):
+        def _token(self, token: str) -> None:
+            self._send(200, {}, json.dumps({"token": token, "expires_in": 300}).encode())
+
+        def do_POST(self) -> None:
+            form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            self._token("A-PRIVATE" if form.get("refresh_token") == ["refresh-a"] else "x")
+
+        def do_GET(self) -> None:
+            self._token("ANONYMOUS")
+
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), Tokens)]
+    realm = f"http://127.0.0.1:{servers[0].server_port}/token"
+    seen_by_b: list[str | None] = []
+
+    def registry(seen: list[str | None] | None) -> type[Quiet]:
+        class Registry(Quiet):
+            def do_HEAD(self) -> None:
+                auth = self.headers.get("Authorization")
+                if seen is not None:
+                    seen.append(auth)
+                elif auth == "Bearer A-PRIVATE":
+                    return self._send(200, {"Content-Length": "10"})
+                challenge = f'Bearer realm="{realm}",service="registry-a"'
+                self._send(401, {"WWW-Authenticate": challenge})
+
+        return Registry
+
+    servers += [ThreadingHTTPServer(("127.0.0.1", 0), registry(s)) for s in (None, seen_by_b)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        a, b = (f"127.0.0.1:{s.server_port}" for s in servers[1:])
+        digest = "sha256:" + "0" * 64
+        store = CredentialStore(auth_files=[])
+        given = {"username": "", "password": "", "identityToken": "refresh-a"}
+        store.add_for_references({f"{a}/private/app:v1": given})
+        async with RegistryClient(credentials=store, timeout=5, retries=0) as c:
+            assert await c.blob_size(f"{a}/private/app:v1", digest) == 10
+            with pytest.raises(AuthenticationError):
+                await c.blob_size(f"{b}/private/app:v1", digest)
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+    assert seen_by_b == [None, "Bearer ANONYMOUS"]
