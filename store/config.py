@@ -137,8 +137,11 @@ As in the Go store, 0 means the default for ``max_concurrency``, ``prefetch_time
 ``resolve_result_entry_ttl_sec``, ``[blob] chunk_size / fetching_timeout_sec / max_retries /
 valid_interval`` and ``[fuse] attr_timeout / entry_timeout`` (a config that lists every key
 with Go's zero values loads with the defaults, not with no retries or no timeouts). A negative
-number is refused at startup, naming the key (``[resolver]`` mirrors' ``request_timeout_sec``
-aside: Go's "no timeout", read as the default bound).
+number is refused at startup, naming the key, but where the Go store gives it a meaning:
+``[blob] max_retries`` (no retries: go-retryablehttp stops once ``RetryMax - attempt <= 0``),
+``[blob] valid_interval`` (a check at every read, as ``check_always``: Go checks unless less
+than the interval passed) and ``[resolver]`` mirrors' ``request_timeout_sec`` (Go's "no
+timeout", read as the default bound).
 """
 
 from __future__ import annotations
@@ -334,6 +337,10 @@ _ZERO_IS_DEFAULT = {
     "entry_timeout",
 }
 
+# Go keys whose negative value means something to the Go store (module doc), and what it
+# means here: [blob] max_retries < 0 is no retry, valid_interval < 0 a check every time.
+_NEGATIVE_IS = {"max_retries": 0, "valid_interval": 0.0}
+
 # Values that must be positive for the store to work at all (0 of a key of _ZERO_IS_DEFAULT
 # means its default and passes).
 _POSITIVE = {
@@ -398,6 +405,9 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
                 continue  # Go: 0 = the default
             if name in _POSITIVE and value <= 0:
                 raise ConfigError(f"{source}: key {key!r} must be positive, got {value!r}")
+            if name in _NEGATIVE_IS and value < 0:
+                values[name] = _NEGATIVE_IS[name]  # as the Go store reads it (module doc)
+                continue
             if isinstance(value, int | float) and value < 0:
                 # Every number here is a count, a size or seconds: a negative one loaded,
                 # and [blob] max_retries = -1 made every registry request fail with an

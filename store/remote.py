@@ -7,6 +7,7 @@ testable and the client swappable (mirrors, credentials live in the client's con
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -171,9 +172,16 @@ class RemoteRegistry(RegistryAccess):
         for kept in await trio.to_thread.run_sync(self.resolutions.load, ref):
             try:
                 manifest = parse_manifest(kept.manifest, kept.media_type, kept.digest)
+                # The config vouches for the layers' diff IDs: the manifest's own, as the
+                # registry's was (client.get_blob), or the resolution is left out.
+                want = manifest.config.digest
+                algorithm = want.partition(":")[0]
+                got = f"{algorithm}:{hashlib.new(algorithm, kept.config).hexdigest()}"
+                if got != want:
+                    raise ResolveError(f"its config hashes to {got}, the manifest names {want}")
                 config = await trio.to_thread.run_sync(decode_json, kept.config, f"{ref} config")
                 out.append((kept.manifest, kept.config, layer_descs(ref, manifest, config)))
-            except Exception as exc:  # ManifestError, ResolveError: that one is left out
+            except Exception as exc:  # ManifestError, ResolveError, ValueError: left out
                 log.warning("%s: kept resolution %s left out: %s", ref, kept.digest, exc)
         return out
 

@@ -13,9 +13,10 @@ manifest lacks a digest.
 
 Trust is unchanged: a layer found this way is served only after its TOC matched the
 manifest's TOC digest annotation and each chunk its digest, as any other; the manifest read
-back must hash to its file's name. Disk: the :data:`PER_REF` most recent manifests of each of
-the :data:`REFS` most recently resolved tags (a reference by digest names one manifest for
-good, and is never written).
+back must hash to its file's name, and its config to the manifest's config digest
+(:meth:`store.remote.RemoteRegistry.remembered`: the config names the layers' diff IDs).
+Disk: the :data:`PER_REF` most recent manifests of each of the :data:`REFS` most recently
+resolved tags (a reference by digest names one manifest for good, and is never written).
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from store.resolver import SUPERSEDED_KEPT
+
 log = logging.getLogger(__name__)
 
-PER_REF = 4  # manifests kept per tag: as many as the store keeps in memory, plus the current
+# Manifests kept per tag: the current one and as many superseded as the store keeps in memory.
+PER_REF = SUPERSEDED_KEPT + 1
 REFS = 512  # tags kept; the least recently resolved go first
 
 

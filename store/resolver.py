@@ -584,6 +584,13 @@ class LayerManager:
         for manifest, config, layers in await self.registry.remembered(ref):
             if manifest in known:
                 continue  # searched already (in memory)
+            # Another lookup may have kept it while this one read (c/image looks an image's
+            # layers up in parallel): one copy, not one per layer pushing others out.
+            same = (i for i in self._superseded.get(ref, ()) if i.manifest_bytes == manifest)
+            if (image := next(same, None)) is not None:
+                if image.find(digest) is not None:
+                    return image
+                continue
             image = ImageInfo(ref, manifest, config, layers)
             if image.find(digest) is not None:
                 kept = self._superseded.pop(ref, [])

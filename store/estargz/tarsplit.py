@@ -329,6 +329,11 @@ class _PaxCheckedTarInfo(tarfile.TarInfo):
     (``tarfile.HeaderError``): within that, CPython's parse is linear."""
 
     def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        if self.type == tarfile.XGLTYPE:
+            # tarfile applies its records (uid, gid, mtime, path ...) to every later member;
+            # Go's reader returns it as an entry of its own, which containers/storage finds
+            # in no TOC entry and refuses (ensureTOCMatchesTarSplit): so is it here.
+            raise tarfile.HeaderError("a PAX global header, which no TOC entry can match")
         stream = tarfile_.fileobj
         at = stream.tell()
         records = stream.read(self._block(self.size))  # type: ignore[attr-defined]

@@ -181,6 +181,27 @@ def test_a_pax_header_with_a_long_run_of_digits_is_refused_at_once():
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("uid", [0, 1000])
+def test_a_pax_global_header_in_the_tar_split_is_refused(uid):
+    """tarfile applies a PAX global header's records to every later member; Go's reader
+    returns it as an entry of its own, applied to none, which containers/storage finds in no
+    TOC entry and refuses. Applied here, a global ``uid=0`` made a TOC calling a file root's
+    (which extraction makes uid 1000's, as its own header says) match, and the honest TOC
+    fail."""
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"uid": "0", "gid": "0"}
+    ) as tar:
+        ti = tarfile.TarInfo("f")
+        ti.uid, ti.gid, ti.mode, ti.mtime = 1000, 1000, 0o4755, 1_700_000_000
+        tar.addfile(ti)
+    split = _split_of([{"type": 2, "payload": base64.b64encode(buf.getvalue()).decode()}])
+    entry = {"type": "reg", "name": "f", "uid": uid, "gid": uid, "mode": 0o4755}
+    toc = {"version": 1, "entries": [entry | {"modtime": "2023-11-14T22:13:20Z"}]}
+    with pytest.raises(E.InvalidToc, match="PAX global header"):
+        _check(_with_split(toc, split), split)
+
+
 def test_pax_records_of_a_real_layer_still_read():
     """Long names, xattrs and times with fractions in PAX records: read as before."""
     buf = io.BytesIO()

@@ -125,8 +125,6 @@ def test_a_nan_number_is_refused_before_anything_is_mounted(tmp_path: Path, key:
     "key",
     [
         "prefetch_timeout_sec",
-        "blob.max_retries",
-        "blob.valid_interval",
         "fuse.attr_timeout",
         "fuse.entry_timeout",
     ],
@@ -142,6 +140,15 @@ def test_a_negative_number_is_refused_naming_the_key(key: str) -> None:
     assert (
         str(err.value) == f"c.toml: key {key!r} must not be negative, got -1 (0 means the default)"
     )
+
+
+def test_negative_numbers_the_go_store_gives_a_meaning_load_with_it() -> None:
+    """A Go config may say ``[blob] max_retries = -1`` (0 is the default there: go-retryablehttp
+    then makes one attempt, no retry) and ``valid_interval = -1`` (a check at every read). The
+    refusal of negative numbers refused both, so such a config no longer started the store;
+    before it, -1 retries failed every registry request."""
+    cfg = parse_config({"blob": {"max_retries": -1, "valid_interval": -1}}, source="c.toml")
+    assert cfg.max_retries == 0 and cfg.valid_interval == 0
 
 
 def test_overlay_opaque_type_defaults_to_rootful_overlayfs() -> None:

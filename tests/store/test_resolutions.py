@@ -61,3 +61,102 @@ def test_the_least_recently_resolved_tags_go_first(tmp_path):
         True,
         True,
     ]
+
+
+def _image(diff_id: str) -> tuple[Resolution, bytes]:
+    """A resolution of an image of one eStargz layer whose config names ``diff_id``, and
+    that config's bytes."""
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": "sha256:" + "1" * 64,
+                    "size": 1000,
+                    "annotations": {
+                        "containerd.io/snapshot/stargz/toc.digest": "sha256:" + "2" * 64
+                    },
+                }
+            ],
+        }
+    ).encode()
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    return Resolution(
+        manifest, "application/vnd.oci.image.manifest.v1+json", digest, config
+    ), config
+
+
+def test_a_kept_config_that_is_not_the_manifests_is_left_out(tmp_path):
+    """The config read back vouches for the layers' diff IDs (``info``'s ``diff-digest`` and
+    ``expected-layer-diffid``): it is the one the manifest names, checked as the registry's
+    was, or the resolution is left out. Only the manifest was checked: a config changed on
+    disk gave its layers another diff ID."""
+    import trio
+
+    from store.remote import RemoteRegistry
+
+    kept = Resolutions(tmp_path / "r")
+    good, _ = _image("sha256:" + "3" * 64)
+    kept.save(REF, good)
+    registry = RemoteRegistry(None, resolutions=kept)  # type: ignore[arg-type]
+    [(_, _, layers)] = trio.run(registry.remembered, REF)
+    assert layers[0].diff_id == "sha256:" + "3" * 64
+    path = kept._ref_dir(REF) / good.digest[7:]
+    record = json.loads(path.read_text())
+    other = json.dumps({"rootfs": {"type": "layers", "diff_ids": ["sha256:" + "4" * 64]}})
+    record["config"] = base64.b64encode(other.encode()).decode()
+    path.write_text(json.dumps(record))
+    assert trio.run(registry.remembered, REF) == []
+
+
+def test_a_kept_image_looked_up_by_several_layers_at_once_is_kept_once(tmp_path):
+    """c/image looks an image's layers up in parallel. After a restart, each lookup of a layer
+    the tag's current manifest lacks searched the kept resolutions (a thread's disk read)
+    and added the one it found to the tag's superseded resolutions: five layers, five copies
+    of one image, which pushed every other resolution the tag superseded out of the four
+    kept (:data:`store.resolver.SUPERSEDED_KEPT`)."""
+    import trio
+
+    from store.cache import ChunkCache
+    from store.config import StoreConfig
+    from store.resolver import ImageInfo, LayerDesc, LayerManager, RegistryAccess
+
+    def layers(first: int) -> list[LayerDesc]:  # none loads: no TOC annotation
+        return [
+            LayerDesc(f"sha256:{i:064x}", 10, {}, f"sha256:{i + 100:064x}")
+            for i in range(first, first + 5)
+        ]
+
+    class Registry(RegistryAccess):
+        async def image(self, ref, on_layers=None):
+            return b'{"now":1}', b"{}", layers(50)
+
+        async def remembered(self, ref):
+            await trio.sleep(0.01)  # read from disk in a worker thread
+            return [(b'{"before":1}', b"{}", layers(0))]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=5)
+            manager = LayerManager(cfg, Registry(), ChunkCache(tmp_path / "c", 1 << 20), nursery)
+            other = ImageInfo(REF, b'{"other":1}', b"{}", layers(20))
+            manager._superseded[REF] = [other]  # a tag move the store saw while it ran
+            deadline = trio.current_time() + 5
+            async with trio.open_nursery() as lookups:
+                for desc in layers(0):
+                    lookups.start_soon(manager._image_naming, REF, desc.digest, deadline)
+            kept = manager._superseded[REF]
+            assert [i.manifest_bytes for i in kept] == [b'{"other":1}', b'{"before":1}']
+            holders = [await manager._image_naming(REF, d.digest, deadline) for d in layers(0)]
+            assert all(h is kept[1] for h in holders)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
