@@ -256,9 +256,11 @@ def _rtt_and_floor_prose(limits: dict[str, Limit | str]) -> str:
 
 
 def _over_limit(total: float, limit: Limit | str | None) -> str:
+    """``total ÷ limit`` to 2 places, more where it would print as :data:`LIMIT_TARGET`
+    without being it (1.503 is not "1.50×", within the 1.5× target: :func:`_ratio`)."""
     if not isinstance(limit, Limit) or pd.isna(total) or limit.total_s <= 0:
         return "–"
-    return f"{total / limit.total_s:.2f}×"
+    return f"{_ratio(total / limit.total_s, LIMIT_TARGET)}×"
 
 
 def with_limits(cells: pd.DataFrame, limits: dict[str, Limit | str] | None) -> pd.DataFrame:

@@ -257,6 +257,19 @@ def test_report_gives_every_mode_its_distance_to_the_limit(tmp_path: Path) -> No
     assert header.endswith(",limit_s,total_p_over_limit")
 
 
+def test_a_distance_just_over_the_target_does_not_print_as_the_target() -> None:
+    """vs-go's python estargz·ours was 1.503× its limit: the table printed "1.50×" while the
+    limit section's verdict beside 1.503 said it was not within 1.5×."""
+    from harness.limit import Limit
+    from harness.report import _over_limit
+
+    limit = Limit(compressed_bytes=0, rate_mbit=100.0, rtt_ms=0.0, floor_s=1.0)
+    assert limit.total_s == 1.0
+    assert _over_limit(1.503, limit) == "1.503×"
+    assert _over_limit(1.5, limit) == "1.50×"
+    assert _over_limit(2.2345, limit) == "2.23×"
+
+
 def test_report_without_limits_keeps_its_shape(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
     _with_link(run)
