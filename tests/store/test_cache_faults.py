@@ -140,14 +140,20 @@ async def test_on_a_full_disk_a_file_read_in_pieces_fetches_each_chunk_once(tmp_
         return real_open(path, mode, *a, **kw)
 
     monkeypatch.setattr("builtins.open", full_open)
+    await _read_in_kernel_pieces_fetching_the_blob_once(layer, node, payload)
+    assert layer.cache.total_bytes == 0 and _cache_files(layer.cache.root) == []
+    assert all(c.digest in layer.cache for c in layer.index.all_chunks())
+
+
+async def _read_in_kernel_pieces_fetching_the_blob_once(layer, node, payload: bytes) -> None:
+    """Read ``node`` in the kernel's 128 KiB pieces: its bytes are ``payload`` and the blob
+    was fetched about once (at most 1.1 times its size) for all of them."""
     got = bytearray()
     for offset in range(0, node.size, 128 << 10):
         got += await layer.read_file(node, offset, 128 << 10)
     assert bytes(got) == payload
     fetched = sum(hi - lo for request in layer.blob.requests for lo, hi in request)
     assert fetched <= 1.1 * layer.blob.size, (fetched, layer.blob.size)
-    assert layer.cache.total_bytes == 0 and _cache_files(layer.cache.root) == []
-    assert all(c.digest in layer.cache for c in layer.index.all_chunks())
 
 
 @pytest.mark.anyio
@@ -158,12 +164,7 @@ async def test_a_chunk_over_the_cache_limit_is_fetched_once_for_all_its_pieces(t
     # 4 MiB file (through the mount, 180 MB for an 8 MiB file of 4 MiB chunks).
     layer, node, payload = await one_file_layer(tmp_path, 4 << 20, 4 << 20)
     layer.cache.max_bytes = 1 << 20
-    got = bytearray()
-    for offset in range(0, node.size, 128 << 10):
-        got += await layer.read_file(node, offset, 128 << 10)
-    assert bytes(got) == payload
-    fetched = sum(hi - lo for request in layer.blob.requests for lo, hi in request)
-    assert fetched <= 1.1 * layer.blob.size, (fetched, layer.blob.size)
+    await _read_in_kernel_pieces_fetching_the_blob_once(layer, node, payload)
     await layer.cache.write_pending()
     assert layer.cache.total_bytes == 0 and _cache_files(layer.cache.root) == []
 
