@@ -74,6 +74,7 @@ import gc
 import itertools
 import logging
 import operator
+import re
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -501,6 +502,14 @@ class _Where:
 Where = str | _Where
 
 
+_SHA256_HEX = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _is_sha256(digest: str) -> bool:
+    """``digest`` is ``sha256:`` and 64 lowercase hex digits (go-digest's form)."""
+    return _SHA256_HEX.fullmatch(digest) is not None
+
+
 def _landmark_end(offset: int, toc_offset: int, where: Where) -> int:
     """The end of the prefetch region a ``.prefetch.landmark`` entry at blob ``offset``
     gives: ``offset``, or ``toc_offset`` (all the layer's data) when it is at or past the TOC.
@@ -609,7 +618,10 @@ class _Builder:
                 raise InvalidToc(f"{where}chunk does not follow its file")
             chunk_offset = raw.chunkOffset
             chunk_size = raw.chunkSize or last.size - chunk_offset
-            self._add_chunk(last, raw.chunkDigest, chunk_offset, chunk_size, offset, inner, where)
+            chunk_digest = raw.chunkDigest
+            if len(chunk_digest) != 71 or not _is_sha256(chunk_digest):
+                chunk_digest = self._chunk_digest(chunk_digest, "", where)
+            self._add_chunk(last, chunk_digest, chunk_offset, chunk_size, offset, inner, where)
             return
         if last is not None and type(last.chunks) is list:
             self._finish_file()  # the last file has content: check its chunks cover it
@@ -664,6 +676,9 @@ class _Builder:
                 chunk_digest = raw.chunkDigest
                 if chunk_digest == digest:
                     chunk_digest = digest  # one string object for the usual single-chunk file
+                if len(chunk_digest) != 71 or not _is_sha256(chunk_digest):
+                    whole = digest if chunk_size == size else ""
+                    chunk_digest = self._chunk_digest(chunk_digest, whole, where)
                 e.chunks = [
                     Chunk(name, 0, chunk_size, offset, 0, inner, chunk_digest, self.compression)
                 ]
@@ -713,6 +728,26 @@ class _Builder:
         if inner == 0:
             self.starts.append(offset)
         self.idx.chunk_count += 1
+
+    def _chunk_digest(self, chunk_digest: str, file_digest: str, where: Where) -> str:
+        """The digest a chunk whose ``chunkDigest`` is not a ``sha256:`` digest is verified by.
+
+        A ``chunkDigest`` that is there but is no sha256 digest refuses the layer at load
+        (:class:`InvalidToc`; the runtime then pulls it whole), as the Go reader refuses one
+        that does not parse (estargz ``genVerifier``); go-digest's sha384 and sha512 are
+        refused too, as chunks are verified and cached by sha256 (:mod:`store.cache`). A
+        missing one is the file's ``digest`` when the chunk is the whole file (``file_digest``;
+        the Go reader verifies such layers by their files' digests), else ``""``: the chunk
+        cannot be verified and is never served (:func:`~store.estargz.chunk.decompress_chunk`).
+        """
+        if not chunk_digest:
+            if len(file_digest) == 71 and _is_sha256(file_digest):
+                return file_digest
+            return ""
+        raise InvalidToc(
+            f"{where}chunkDigest {chunk_digest[:80]!r} is no sha256 digest "
+            "(sha256: and 64 lowercase hex digits), by which the store verifies each chunk"
+        )
 
     def _too_big(self, chunk_size: int, where: Where, inner: int = 0) -> None:
         at = f" at innerOffset {inner}" if inner else ""

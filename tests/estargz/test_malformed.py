@@ -218,13 +218,60 @@ def test_chunk_digest_mismatch(blob: bytes, engine) -> None:
         engine.read(r, "etc/hostname")
 
 
-def test_chunk_without_digest_is_not_served(blob: bytes, engine) -> None:
+def test_chunk_without_digest_is_verified_by_the_file_digest(blob: bytes, engine) -> None:
+    """The Go reader's rule (estargz ``genVerifier``): in a TOC without ``chunk`` entries,
+    a file's ``digest`` stands in for a missing ``chunkDigest``; the bytes are verified by it."""
     entries = toc_entries(blob)
+    assert not any(e["type"] == "chunk" for e in entries)
     e = next(e for e in entries if e["name"] == "etc/hostname")
     del e["chunkDigest"]
     r = engine.open(replace_toc(blob, encode_entries(entries)))
+    assert engine.read(r, "etc/hostname") == _open(blob).read_file("etc/hostname")
+    e["digest"] = "sha256:" + "1" * 64
+    r = engine.open(replace_toc(blob, encode_entries(entries)))
+    with pytest.raises(ChunkDigestMismatch, match=r"'etc/hostname' chunk at file offset 0"):
+        engine.read(r, "etc/hostname")
+
+
+def test_chunk_without_any_digest_is_not_served(blob: bytes, engine) -> None:
+    entries = toc_entries(blob)
+    e = next(e for e in entries if e["name"] == "etc/hostname")
+    del e["chunkDigest"], e["digest"]
+    r = engine.open(replace_toc(blob, encode_entries(entries)))
     with pytest.raises(ChunkDigestMismatch, match="no sha256 chunkDigest"):
         engine.read(r, "etc/hostname")
+
+
+def test_a_file_digest_never_stands_in_for_part_of_a_file(chunked_blob: bytes, engine) -> None:
+    """A chunk that is not the whole file has no digest of its own without ``chunkDigest``:
+    the file's is of other bytes. Its reads are refused, whichever chunk lacks it."""
+    entries = toc_entries(chunked_blob)
+    first = next(i for i, e in enumerate(entries) if e["type"] == "chunk") - 1
+    name = entries[first]["name"]
+    for missing in (first, first + 1):
+        cut = copy.deepcopy(entries)
+        del cut[missing]["chunkDigest"]
+        r = engine.open(replace_toc(chunked_blob, encode_entries(cut)))
+        with pytest.raises(ChunkDigestMismatch, match="no sha256 chunkDigest"):
+            engine.read(r, name)
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "sha512:" + "ab" * 64,  # go-digest knows it; the store verifies and caches by sha256
+        "sha256:" + "AB" * 32,  # go-digest takes lowercase hex only
+        "sha256:" + "0" * 63,
+        "sha256:" + "g" * 64,
+        "md5:" + "0" * 32,
+    ],
+)
+def test_chunk_digest_that_is_no_sha256_is_refused_at_open(blob: bytes, engine, digest) -> None:
+    entries = toc_entries(blob)
+    e = next(e for e in entries if e["name"] == "etc/hostname")
+    e["chunkDigest"] = digest
+    with pytest.raises(InvalidToc, match=r"'etc/hostname'.*chunkDigest .* is no sha256 digest"):
+        engine.open(replace_toc(blob, encode_entries(entries)))
 
 
 def test_corrupt_chunk_bytes(blob: bytes, engine) -> None:
@@ -328,3 +375,13 @@ def test_external_toc_footer_is_named(blob: bytes, engine) -> None:
     toc_offset = parse_footer(blob[-51:], len(blob)).toc_offset
     with pytest.raises(BadFooter, match=r"TOC outside the blob .*--estargz-external-toc"):
         engine.open(blob[:toc_offset] + footer)
+
+
+def test_a_chunk_entrys_digest_that_is_no_sha256_is_refused_at_open(
+    chunked_blob: bytes, engine
+) -> None:
+    entries = toc_entries(chunked_blob)
+    c = next(e for e in entries if e["type"] == "chunk")
+    c["chunkDigest"] = "sha512:" + "ab" * 64
+    with pytest.raises(InvalidToc, match=r"chunkDigest 'sha512:abab.*' is no sha256 digest"):
+        engine.open(replace_toc(chunked_blob, encode_entries(entries)))
