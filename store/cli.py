@@ -9,7 +9,8 @@ MOUNTPOINT is created when missing, as the Go store does. A stale FUSE mount lef
 crashed store is unmounted first (``fusermount3 -u``, then ``umount -l``); if that fails, or
 MOUNTPOINT carries a live mount, the store says so and exits non-zero. Under systemd
 (``$NOTIFY_SOCKET``, a ``Type=notify`` unit) it reports ``READY=1`` once mounted and
-``STOPPING=1`` when it stops, as the Go store does. Logs are JSON lines on stderr. Errors
+``STOPPING=1`` when it stops, as the Go store does. Logs are JSON lines on stderr, with the
+Go store's ``time`` (RFC 3339) and ``level`` values (:class:`JsonFormatter`). Errors
 the user can fix are printed as one line, exit status 1.
 """
 
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import errno
 import fcntl
 import json
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from store import version
@@ -57,16 +60,37 @@ class StoreError(Exception):
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object a line, with the Go store's ``time`` and ``level`` values.
+
+    Why: the Go store logs through logrus's JSON formatter (containerd's ``log.JSONFormat``,
+    cmd/stargz-store/main.go upstream): ``time`` an RFC 3339 string with nanoseconds
+    (``log.RFC3339NanoFixed``), ``level`` a logrus level name. A log pipeline set up for the
+    Go store (a JSON parser with ``time`` as the timestamp) reads these lines the same way;
+    a number there was an unparseable timestamp on every line.
+    """
+
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "time": round(record.created, 3),
-            "level": record.levelname.lower(),
+            "time": rfc3339_nano(record.created),
+            "level": LOGRUS_LEVEL_NAMES.get(record.levelno, record.levelname.lower()),
             "logger": record.name,
             "msg": record.getMessage(),
         }
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line)
+
+
+# Python's level -> the name logrus gives it (logrus ``Level.String``); the others match.
+LOGRUS_LEVEL_NAMES = {logging.CRITICAL: "fatal"}
+
+
+def rfc3339_nano(when: float) -> str:
+    """``when`` (Unix time) as Go's ``time.RFC3339Nano`` with all nine fraction digits
+    (containerd's ``log.RFC3339NanoFixed``) in UTC: ``2024-05-01T12:00:00.123456000Z``
+    (``logging`` keeps microseconds)."""
+    stamp = datetime.datetime.fromtimestamp(when, datetime.UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
 
 
 def setup_logging(level: str) -> None:
@@ -304,6 +328,28 @@ async def serve(
     addr: Path | None = None,
     registries_conf: RegistriesConfFiles | None = None,
 ) -> None:
+    """Mount the store on ``mountpoint`` and serve until a stop signal (``STOP_SIGNALS``) or
+    an external unmount; unmount.
+
+    The stop signals are caught from here on, before the mount: one that arrives while the
+    store mounts is kept and answered once it serves (unmount, exit 0). Caught only once the
+    store served, a SIGTERM in the few milliseconds after the mount appeared took the
+    default action: the process died and left a dead mount, failing every podman command on
+    the storage (17 of 20 stores stopped as soon as their mount showed)."""
+    import trio
+
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        await _serve(cfg, root, mountpoint, addr, registries_conf, signals)
+
+
+async def _serve(
+    cfg: StoreConfig,
+    root: Path,
+    mountpoint: Path,
+    addr: Path | None,
+    registries_conf: RegistriesConfFiles | None,
+    signals: AsyncIterator[int],
+) -> None:
     import gc
 
     import pyfuse3
@@ -416,12 +462,12 @@ async def serve(
         async def watch_signals() -> None:
             # SIGHUP too: its default action ends the process without unmounting, which left
             # a dead mount (every podman command on the storage failing) and no log line when
-            # the terminal or ssh session a store ran in went away.
-            with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-                async for signum in signals:
-                    log.info("signal %d: unmounting", signum)
-                    nursery.cancel_scope.cancel()
-                    return
+            # the terminal or ssh session a store ran in went away. ``signals`` is open since
+            # before the mount (serve).
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
+                nursery.cancel_scope.cancel()
+                return
 
         try:
             nursery.start_soon(watch_signals)

@@ -11,7 +11,9 @@ are accepted and
 ignored with a log line, so a Go config loads unchanged; what the Go store refuses is refused
 here too (``disable_verification = true``, a ``metadata_store`` other than memory or db, a
 honoured key of the wrong type, a malformed ``[resolver]`` table). Anything else is a typo and is
-rejected with the key's dotted path, the file name and the known key it is closest to; so is a
+rejected with the key's dotted path, the file name and the known key it is closest to (the Go
+store's go-toml decoding drops an unknown key without a word, another program's ``[snapshotter]``
+table too: such a Go config must lose it here); so is a
 key the Go store's ``[resolver]`` schema lacks (a ``mirror`` table for ``mirrors`` would leave
 the mirror unused without a word).
 
