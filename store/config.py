@@ -316,6 +316,11 @@ _IGNORED = {
     "metadata_store",
 }
 _SECTIONS = {"blob", "fuse"}
+# The Go store's credential sources this one does not read (upstream service/keychain).
+_KEYCHAINS = {
+    "kubeconfig_keychain": "kubeconfig credentials",
+    "cri_keychain": "credentials from the CRI image service",
+}
 
 # The Go store's [resolver] schema (upstream service/resolver/registry.go: Config, HostConfig,
 # MirrorConfig): the keys of the table, of each ``host."NAME"`` and of each of its mirrors.
@@ -434,6 +439,18 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
                 # The Go store refuses to start with it (cmd/stargz-store/main.go upstream);
                 # ignoring it would let a user believe reads go unchecked.
                 raise ConfigError(f"{source}: content verification cannot be disabled")
+            if key in _KEYCHAINS and isinstance(value, dict) and value.get("enable_keychain"):
+                # A keychain the operator turned on was meant to reach private images: ignored
+                # quietly, every pull of one would silently go whole.
+                log.warning(
+                    "config key %r: enable_keychain is on, but the store reads no %s; private "
+                    "images pull whole unless "
+                    "their credentials are in auth_file or the runtime's auth file (README, "
+                    "Credentials)",
+                    key,
+                    _KEYCHAINS[key],
+                )
+                continue
             log.info("config key %r (Go stargz-store) has no effect here; ignored", key)
         else:
             raise ConfigError(f"{source}: {_unknown(key, [*_KNOWN, *_IGNORED])}")

@@ -334,6 +334,21 @@ def test_prefetch_size_loads_and_says_it_does_nothing(caplog) -> None:
     assert "config key 'prefetch_size' (Go stargz-store) has no effect here" in caplog.text
 
 
+@pytest.mark.parametrize("table", ["kubeconfig_keychain", "cri_keychain"])
+def test_a_keychain_turned_on_loads_with_a_warning(caplog, table: str) -> None:
+    """A Go config that turns on a keychain this store does not read loads (drop-in) but
+    warns: quietly ignored, every pull of a private image went whole without a word."""
+    with caplog.at_level("INFO", logger="store.config"):
+        assert parse_config({table: {"enable_keychain": True}}) == StoreConfig()
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and f"'{table}': enable_keychain is on" in warned[0].getMessage()
+    assert "private images pull whole" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="store.config"):
+        parse_config({table: {"enable_keychain": False}})
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_chunk_cap_is_read() -> None:
     assert parse_config({"chunk_max_bytes": 1 << 30}).chunk_max_bytes == 1 << 30
     assert StoreConfig().chunk_max_bytes == 64 << 20
