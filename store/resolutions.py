@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,7 @@ class Resolutions:
                 raise
         os.utime(path)  # the most recent of its tag
         os.utime(ref_dir)  # the most recently resolved tag
+        _drop_leftovers(ref_dir)
         _keep_newest([p for p in ref_dir.iterdir() if not p.name.startswith(".")], self.per_ref)
         _keep_newest([p for p in self.directory.iterdir() if p.is_dir()], self.refs)
 
@@ -135,6 +137,21 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+# A ``.tmp-`` file older than this is what a store that died while writing left behind (a
+# write in progress is younger by far): removed at the next save of its tag.
+LEFTOVER_AGE_SEC = 600.0
+
+
+def _drop_leftovers(ref_dir: Path) -> None:
+    """Remove the ``.tmp-`` files of writes that never finished in ``ref_dir`` (a crash
+    between ``mkstemp`` and ``os.replace``): each would stay for good, and a tag's directory
+    is never removed while it is among the :data:`REFS` kept."""
+    now = time.time()
+    for path in ref_dir.glob(".tmp-*"):
+        if now - _mtime(path) > LEFTOVER_AGE_SEC:
+            path.unlink(missing_ok=True)
 
 
 def _keep_newest(paths: list[Path], keep: int) -> None:

@@ -160,3 +160,19 @@ def test_a_kept_image_looked_up_by_several_layers_at_once_is_kept_once(tmp_path)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_write_a_crash_cut_short_is_removed_at_the_next_save(tmp_path):
+    """A store that died between ``mkstemp`` and ``os.replace`` left a ``.tmp-`` file that
+    stayed for good; the next save of the tag removes such files once they are old enough
+    that no write can still be going on, and leaves a young one alone."""
+    kept = Resolutions(tmp_path / "r")
+    kept.save(REF, _resolution(0))
+    ref_dir = kept._ref_dir(REF)
+    old, young = ref_dir / ".tmp-crashed", ref_dir / ".tmp-writing"
+    old.write_text('{"ref": "half')
+    young.write_text('{"ref": "half')
+    os.utime(old, (1000, 1000))
+    kept.save(REF, _resolution(1))
+    assert not old.exists() and young.exists()
+    assert kept.load(REF)[0] == _resolution(1)
