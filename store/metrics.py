@@ -53,6 +53,7 @@ import contextlib
 import heapq
 import itertools
 import json
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -213,7 +214,10 @@ class AccessTrace:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - long-lived
+        # The store user's only, as the chunk cache is: it names the files a private image's
+        # containers read.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._f: IO[str] = open(fd, "a", encoding="utf-8")  # noqa: SIM115 - long-lived
         # (layer digest, node index) -> ([layer digest, TOC digest, path], ranges as read)
         self._reads: dict[tuple[str, int], tuple[list[str], list[list[int]]]] = {}
         self._merge_at: dict[tuple[str, int], int] = {}  # list length that triggers a merge

@@ -63,7 +63,8 @@ class Timeline:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # The store user's only, as the chunk cache is: it names private images and layers.
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self._dead = False
         self._seen: set[Hashable] = set()

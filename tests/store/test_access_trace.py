@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 
 import pytest
 import trio
@@ -228,3 +229,15 @@ def test_per_layer_series_stay_bounded_over_the_store_life() -> None:
     assert layers[1].digest not in labelled
     reads = f'stargz_store_on_demand_reads_total{{layer="{layers[0].digest}"}} 1.0'
     assert reads in text
+
+
+def test_the_trace_is_the_store_users_only(tmp_path) -> None:
+    """It names the files a (perhaps private) image's containers read: 0600, as the chunk
+    cache is the store user's only (it was 0644 under the usual umask)."""
+    old = os.umask(0o022)
+    try:
+        trace = AccessTrace(tmp_path / "trace.jsonl")
+        trace.close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "trace.jsonl").stat().st_mode & 0o777 == 0o600

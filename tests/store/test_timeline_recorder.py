@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -112,3 +113,14 @@ async def test_a_lookup_through_the_resolver_records_every_layer_step(vectors_di
     assert all(e["ref"] == REF for e in events if e["event"] == "request")
     assert whats == ["ref", "layerdir", "info"] + ["ref", "layerdir", "diff"] * 2
     assert all(e["dur"] >= 0 for e in events if e["event"] == "request")
+
+
+def test_the_timeline_is_the_store_users_only(tmp_path):
+    """It names the images and layers pulled, private ones too: 0600 (was 0644)."""
+    old = os.umask(0o022)
+    try:
+        tl = Timeline(tmp_path / "timeline.jsonl")
+        tl.close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "timeline.jsonl").stat().st_mode & 0o777 == 0o600
