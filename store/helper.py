@@ -21,7 +21,9 @@ whose Python cannot load the store's compiled dependencies. Keep it that way.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import struct
 import sys
 
 DEFAULT_SOCKET = "/var/lib/stargz-store/store.sock"
@@ -34,6 +36,7 @@ def send(data: bytes, path: str = DEFAULT_SOCKET, timeout: float = TIMEOUT) -> N
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
+        _check_listener(sock, path)
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         reply = b""
@@ -49,6 +52,21 @@ def send(data: bytes, path: str = DEFAULT_SOCKET, timeout: float = TIMEOUT) -> N
     if not isinstance(answer, dict) or answer.get("ok") is not True:
         error = answer.get("error") if isinstance(answer, dict) else answer
         raise ValueError(f"the store refused the credentials: {error}")
+
+
+def _check_listener(sock: socket.socket, path: str) -> None:
+    """Refuse (:class:`ValueError`) to hand credentials to a listener that runs as neither
+    root nor the helper's own user: the store runs as one of them, and anyone else who
+    listens on ``path`` (a socket made before the store's, in a directory others can write)
+    would collect the registry passwords. The kernel names the listener (``SO_PEERCRED``,
+    unix(7))."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid not in (0, os.geteuid()):
+        raise ValueError(
+            f"the process listening there runs as uid {uid}, neither root nor this user "
+            f"({os.geteuid()}): credentials not sent (is it the store? check who owns {path})"
+        )
 
 
 USAGE = (

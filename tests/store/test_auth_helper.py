@@ -153,3 +153,44 @@ def test_the_go_stores_grpc_helper_is_named_and_closed_at_once(
     assert answer == b"" and took < 2  # closed, not a JSON line after the 10 s timeout
     assert GRPC_CLIENT in caplog.text
     assert creds.lookup("127.0.0.1:5000", "auth/img") is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts a listener as another user")
+def test_credentials_go_to_no_listener_of_another_user(tmp_path: Path) -> None:
+    """Whoever listens on the helper's socket path first gets what podman hands the helper:
+    one who runs as neither root nor the helper's user (a socket made in a directory others
+    can write, before the store's) is refused before a byte is sent."""
+    import shutil
+    import tempfile
+
+    # Not under tmp_path: pytest's base directory is root's only.
+    shared = Path(tempfile.mkdtemp(prefix="lazybench-helper-", dir="/tmp"))
+    shared.chmod(0o777)
+    path = shared / "store.sock"
+    listener = subprocess.Popen(
+        [
+            "/usr/bin/python3",  # the test's virtualenv may lie where that user cannot go
+            "-I",
+            "-c",
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)\n"
+            "print('ready', flush=True)\n"
+            "c, _ = s.accept(); c.settimeout(10)\n"
+            "got = b''\n"
+            "while (piece := c.recv(65536)): got += piece\n"
+            "print(len(got), flush=True)\n",
+            str(path),
+        ],
+        user=65534,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert listener.stdout is not None and listener.stdout.readline() == "ready\n"
+        with pytest.raises(ValueError, match="runs as uid 65534, neither root nor this user"):
+            helper.send(json.dumps(PODMAN_INPUT).encode(), str(path))
+        assert listener.stdout.readline() == "0\n"  # not a byte of the credentials
+    finally:
+        listener.kill()
+        listener.wait(timeout=10)
+        shutil.rmtree(shared)
