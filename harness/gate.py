@@ -8,9 +8,10 @@ a growth in bytes only when it is both past the gate's thresholds and significan
 (p ≤ ``alpha``); it always fails on a lazy measurement of the new run that fell back to a full
 pull, on a failed measurement of the new run, on a lazy one that carries no laziness verdict
 (nothing shows its layers came from the store), and on a cell of the base run missing from
-the new one (``fail_on_missing``). Cells with too few samples or too wide a spread are named
-as warnings: no change there can be told from noise; so are cells whose base measurements fell
-back (not in the base figure, they leave it fewer samples, or none to test a change against).
+the new one or measurements the new run planned but has no record of (``fail_on_missing``).
+Cells with too few samples or too wide a spread are named as warnings: no change there can be
+told from noise; so are cells whose base measurements fell back (not in the base figure, they
+leave it fewer samples, or none to test a change against).
 """
 
 from __future__ import annotations
@@ -183,7 +184,9 @@ def compare_runs(base: Path, new: Path, statistic: str = "median") -> pd.DataFra
         planned[cell_key] = planned.get(cell_key, 0) + 1
         if k not in recorded:
             unrecorded[cell_key] = unrecorded.get(cell_key, 0) + 1
-    keys = list(dict.fromkeys([*a, *b]))
+    # Cells the new run planned but recorded nothing of are rows too: the gate fails them
+    # (gate_failures), where no base figure makes the missing-cell check pass them.
+    keys = list(dict.fromkeys([*a, *b, *planned]))
     workloads = list(dict.fromkeys(k[0] for k in keys))
     # Stable: stores keep the scenario's order (sort_records), the first store first.
     keys.sort(key=lambda k: (workloads.index(k[0]), mode_rank(k[1]), k[2] != ""))
@@ -235,13 +238,21 @@ CONDITIONS = (
     ("node", ("node",), "host"),
     ("percentile", ("scenario", "percentile"), 95),
 )
+# The podman generation measured (``runtime_versions``, harness.runtimes): the host's podman
+# upgraded under one node name ("host") changes the layer-store protocol and its costs as a
+# change of node does. Compared where both runs recorded it (runs before it did are not).
+VERSIONS = (("podman", "podman"), ("containers/storage", "containers_storage"))
+# A store's settings that change what is measured through it (harness.scenario.StoreSpec),
+# with their defaults: another store binary or background fetching under the same name.
+STORE_SETTINGS = (("command", None), ("background_fetch", False))
 
 
 def condition_differences(base: Path, new: Path) -> list[str]:
     """What the two runs were measured under differently (network profile, runtime, podman
-    node, the percentile reported, workload or store names no cell can pair across): a change
-    between them is not the code's alone, so ``compare`` warns. Runs without
-    ``environment.json`` are not compared here."""
+    node and its podman and containers/storage versions, the percentile reported, a store of
+    one name started by another command or with other settings, workload or store names no
+    cell can pair across): a change between them is not the code's alone, so ``compare``
+    warns. Runs without ``environment.json`` are not compared here."""
     envs = [read_environment(Path(d)) for d in (base, new)]
     if not all(envs):
         return []
@@ -256,6 +267,20 @@ def condition_differences(base: Path, new: Path) -> list[str]:
         a, b = (get(e, keys, default) for e in envs)
         if a != b:
             out.append(f"{name}: {a!r} in the base run, {b!r} in the new one")
+    same_node = get(envs[0], ("node",), "host") == get(envs[1], ("node",), "host")
+    for name, key in VERSIONS if same_node else ():  # another node: said above
+        a, b = (str((e.get("runtime_versions") or {}).get(key) or "") for e in envs)
+        if a and b and a != b:
+            out.append(f"{name}: {a!r} in the base run, {b!r} in the new one")
+    stores = [
+        {s.get("name"): s for s in get(e, ("scenario", "stores"), []) if isinstance(s, dict)}
+        for e in envs
+    ]
+    for store in (n for n in stores[0] if n in stores[1]):
+        for key, default in STORE_SETTINGS:
+            a, b = (s[store].get(key, default) for s in stores)
+            if a is not None and b is not None and a != b:
+                out.append(f"store {store}: {key} {a!r} in the base run, {b!r} in the new one")
     # Cells pair by workload name: runs of scenarios with no workload in common share none.
     workloads = [
         sorted(str(w.get("name") or w.get("recipe")) for w in get(e, ("scenario", "workloads"), []))
@@ -320,7 +345,14 @@ def gate_failures(cmp: pd.DataFrame, gate: Gate) -> list[str]:
                 "figure"
             )
         recorded_new = r["n_new"] + r["fell_back_new"] + r["failed_new"]
-        if gate.fail_on_missing and r["unrecorded_new"] and recorded_new:
+        # A cell with no record at all is the missing-cell check's below when the base run
+        # has a figure for it; without one (its base measurements fell back, or the base run
+        # never planned it) only this check sees it: the run was cut short all the same.
+        if (
+            gate.fail_on_missing
+            and r["unrecorded_new"]
+            and (recorded_new or pd.isna(r["total_base"]))
+        ):
             problems.append(
                 f"{where}: {r['unrecorded_new']} of {r['planned_new']} "
                 "planned measurements have no record (the run or a shard of it was interrupted "

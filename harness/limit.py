@@ -280,9 +280,22 @@ def workload_entry(image_dir: Path, trace: Path) -> dict[str, Any]:
 # -- limits.json ---------------------------------------------------------------------------------
 
 
+# The counts of a limits.json entry (:class:`ReadBytes`): the model computes with them.
+COUNTS = (
+    "compressed_bytes",
+    "read_bytes",
+    "files",
+    "files_found",
+    "files_with_ranges",
+    "toc_bytes",
+)
+
+
 def read_limits(run_dir: Path) -> dict[str, dict[str, Any]] | None:
     """The per-workload entries of ``run_dir/limits.json``, or None when there is none.
-    Raises :class:`UserError` when it is there but not of the documented shape."""
+    Raises :class:`UserError` when it is there but not of the documented shape (an entry not
+    an object, a count of :data:`COUNTS` not an integer ≥ 0: the model divided and summed it,
+    and the report ended in a traceback)."""
     path = Path(run_dir) / LIMITS
     if not path.exists():
         return None
@@ -294,6 +307,14 @@ def read_limits(run_dir: Path) -> dict[str, dict[str, Any]] | None:
         for name, entry in workloads.items():
             if not isinstance(entry, dict):
                 raise TypeError(f"workloads.{name} is not an object")
+            for key in COUNTS:
+                value = entry.get(key)
+                if key in entry and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 0
+                ):
+                    raise TypeError(
+                        f"workloads.{name}.{key} is {value!r}, not a count (an integer ≥ 0)"
+                    )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: {exc}; delete it and run `lazybench report --limits`") from None
     return workloads
@@ -455,7 +476,9 @@ def link_of(env: dict[str, Any]) -> tuple[float, float] | str:
         return "not meaningful on the loopback profile (no link to be bound by)"
     measured = link.get("measured") or {}
     rate, rtt = measured.get("rate_mbit"), measured.get("rtt_ms")
-    if not rate or rtt is None or rate <= 0:
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (rate, rtt))
+    # `not … > 0` also refuses nan, which the model would have carried into every limit.
+    if not numbers or not rate > 0 or not rtt >= 0 or not math.isfinite(rate + rtt):
         return "the run's link has no measured bandwidth and RTT"
     return float(rate), float(rtt)
 

@@ -2,8 +2,9 @@
 into one run directory, as if one machine had run the whole plan.
 
 Refused, with the reason, before anything is written: inputs that are not run directories,
-shards of different scenarios, shards of different shard counts or the same shard twice, a
-measurement recorded in two inputs, an ``OUT`` that already holds a run. The merged
+shards of different scenarios, shards measured at different git commits (``git_commit``),
+shards of different shard counts or the same shard twice, a measurement recorded in two
+inputs, an ``OUT`` that already holds a run. The merged
 ``environment.json`` is the first input's, with ``merged_from`` (the inputs), ``shards`` (each
 input's shard, host, CPU, kernel, podman, start time and commit) and ``machines_differ`` (true
 when those machines differ: the report says so, since cells measured on different machines do
@@ -74,6 +75,17 @@ def merge_runs(out: Path, run_dirs: list[Path]) -> Path:
                 f"{', '.join(_differences(scenarios[0], s))}); only shards of one scenario merge"
             )
     envs = [read_environment(d) for d in run_dirs]
+    # The code measured: shards of one run are one commit's. Mixed, the merged run (and the
+    # gate on it) judged two versions as one, its report naming the first one's commit only.
+    # A run outside a git checkout records none ("") and is not compared.
+    commits = [(d, e.get("git_commit")) for d, e in zip(run_dirs, envs, strict=True)]
+    known = [(d, c) for d, c in commits if c]
+    for d, c in known[1:]:
+        if c != known[0][1]:
+            raise UserError(
+                f"merge: {known[0][0]} was measured at commit {known[0][1]} and {d} at {c}; "
+                "only shards of one run merge: run every shard at one commit"
+            )
     shards = [e.get("shard") for e in envs]
     counts = {s.split("/")[1] for s in shards if s}
     if len(counts) > 1:

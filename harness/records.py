@@ -167,7 +167,8 @@ def check_fields(data: dict[str, Any]) -> None:
     """Check a record's fields against :class:`Record`'s types: strings, integers, numbers
     (finite), booleans and objects where the dataclass says so, no negative time, count or
     sample, store metrics that are finite numbers, a status of :data:`STATUSES`, the key's
-    fields, and a total where the status is ok (every measurement that finished has one).
+    fields, and a total above 0 where the status is ok (every measurement that finished has
+    one, and no start takes no time).
     Raises :class:`ValueError` naming the field."""
     hints = _record_types()
     for name, value in data.items():
@@ -208,6 +209,12 @@ def check_fields(data: dict[str, Any]) -> None:
             raise ValueError(f"{name}: missing")
     if data.get("status", "ok") == "ok" and data.get("total_s") is None:
         raise ValueError("total_s: missing from a record with status ok")
+    # No start takes no time: a zero total divided the lazy ÷ legacy ratios (the gate let a
+    # ceiling pass unchecked; the report's ratio came out empty) and made a change's Δ % inf.
+    if data.get("status", "ok") == "ok" and data["total_s"] == 0:
+        raise ValueError(
+            f"total_s: must be more than 0 in a record with status ok, got {data['total_s']!r}"
+        )
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:

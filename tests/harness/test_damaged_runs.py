@@ -68,6 +68,9 @@ def _record(**fields: object) -> dict[str, object]:
             r"records.jsonl:2: store_metrics.q: must be finite",
         ),
         ({"total_s": None}, r"records.jsonl:2: total_s: missing from a record with status ok"),
+        # A zero total divided the ratios: the gate let a lazy ÷ legacy ceiling pass unchecked.
+        ({"total_s": 0}, r"records.jsonl:2: total_s: must be more than 0 in a record with"),
+        ({"total_s": 0.0}, r"records.jsonl:2: total_s: must be more than 0 in a record with"),
         ({"workload": None}, r"records.jsonl:2: workload: must be given, got null"),
     ],
 )
@@ -386,6 +389,45 @@ def test_compare_names_what_two_runs_were_measured_under_differently(tmp_path: P
         "node: 'host' in the base run, 'sid' in the new one",
         "percentile: 95 in the base run, 50 in the new one",
     ]
+
+
+def test_compare_names_another_podman_generation_or_store_under_the_same_name(
+    tmp_path: Path,
+) -> None:
+    """The host's podman upgraded from 4.3 to 5.4 (node "host" in both runs), or the store
+    named "default" started as the Go store or with background fetching: compared and gated
+    with nothing said, as if the code alone had changed."""
+    base = make_run(tmp_path / "a")
+    new = make_run(tmp_path / "b", seed=2)
+    stores = [{"name": "default", "command": ["stargz-store", "{mountpoint}"]}]
+    for run, podman, storage in ((base, "4.3.1", "1.43.0"), (new, "5.4.2", "1.57.1")):
+        env = read_environment(run)
+        env["node"] = "host"
+        env["runtime_versions"] = {"node": "host", "podman": podman}
+        env["runtime_versions"] |= {"containers_storage": storage}
+        env["scenario"]["stores"] = stores
+        (run / ENVIRONMENT).write_text(json.dumps(env))
+    assert condition_differences(base, new) == [
+        "podman: '4.3.1' in the base run, '5.4.2' in the new one",
+        "containers/storage: '1.43.0' in the base run, '1.57.1' in the new one",
+    ]
+    env = read_environment(new)
+    env["runtime_versions"] = {"node": "host", "podman": "4.3.1", "containers_storage": ""}
+    go = ["{go-stargz-store}", "{mountpoint}"]
+    env["scenario"]["stores"] = [{"name": "default", "command": go, "background_fetch": True}]
+    (new / ENVIRONMENT).write_text(json.dumps(env))
+    assert condition_differences(base, new) == [
+        "store default: command ['stargz-store', '{mountpoint}'] in the base run, "
+        "['{go-stargz-store}', '{mountpoint}'] in the new one",
+        "store default: background_fetch False in the base run, True in the new one",
+    ]
+    # Another node is said once, not again as its podman version.
+    env["node"] = "sid"
+    env["runtime_versions"] = {"node": "sid", "podman": "5.8.6"}
+    env["scenario"]["stores"] = stores
+    (new / ENVIRONMENT).write_text(json.dumps(env))
+    node = "node: 'host' in the base run, 'sid' in the new one"
+    assert condition_differences(base, new) == [node]
 
 
 def test_compare_says_when_store_names_leave_no_lazy_cell_to_pair(tmp_path: Path) -> None:

@@ -335,3 +335,44 @@ def test_a_floor_with_the_repull_counts_only_the_stores_round_trips(tmp_path: Pa
     write_report(run, cache_dir=tmp_path / "cache")
     text = (run / "report.md").read_text()
     assert "+ the store's 3 round trips no lazy pull can avoid" in text
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"compressed_bytes": None}, r"workloads.gcc.compressed_bytes is None, not a count"),
+        ({"compressed_bytes": "5300000"}, r"workloads.gcc.compressed_bytes is '5300000', not"),
+        ({"compressed_bytes": -1}, r"workloads.gcc.compressed_bytes is -1, not a count"),
+        ({"compressed_bytes": 5, "files": 1.5}, r"workloads.gcc.files is 1.5, not a count"),
+    ],
+)
+def test_a_limits_json_count_that_is_no_count_is_named_not_a_traceback(
+    tmp_path: Path, entry: dict[str, object], message: str
+) -> None:
+    """A limits.json whose entry held a null or a string byte count (a hand edit, another
+    tool) ended `lazybench report` in a TypeError traceback from the model's int()."""
+    run = make_run(tmp_path / "run")
+    _with_link(run)
+    (run / LIMITS).write_text(json.dumps({"schema": 1, "workloads": {"gcc": entry}}))
+    with pytest.raises(UserError, match=message + r".*lazybench report --limits"):
+        read_limits(run)
+    with pytest.raises(UserError, match=message):
+        write_report(run, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    "measured",
+    [
+        {"rate_mbit": "95.6", "rtt_ms": 40.0},
+        {"rate_mbit": 95.6, "rtt_ms": "40"},
+        {"rate_mbit": float("nan"), "rtt_ms": 40.0},
+        {"rate_mbit": 95.6, "rtt_ms": float("nan")},
+        {"rate_mbit": True, "rtt_ms": 40.0},
+    ],
+)
+def test_a_link_measured_as_no_number_gives_no_limit(measured: dict[str, object]) -> None:
+    """A measured rate that was a string ended the report in a TypeError traceback (``'95.6'
+    <= 0``); a nan one carried nan into every limit."""
+    assert link_of({"link": {**WAN, "measured": measured}}) == (
+        "the run's link has no measured bandwidth and RTT"
+    )

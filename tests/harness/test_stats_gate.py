@@ -49,9 +49,24 @@ SCENARIO = {
 }
 
 
-def write_run(run_dir: Path, totals: dict[str, list[float]], *, scenario=SCENARIO, **env) -> Path:
+def recorded(totals: dict[str, list[float]], **changes: object) -> dict[str, object]:
+    """:data:`SCENARIO` planning only the cells ``totals`` records (workload python, legacy
+    for "", estargz-noopt through the stores named), with ``changes``: a run that records
+    every cell it plans, which the gate can pass (a planned cell without a record fails it)."""
+    stores = [s for s in SCENARIO["stores"] if s["name"] in totals]
+    modes = (["legacy"] if "" in totals else []) + (["estargz-noopt"] if stores else [])
+    narrowed = {"workloads": [{"recipe": "python"}], "modes": modes, "stores": stores}
+    return SCENARIO | {k: v for k, v in narrowed.items() if v} | changes
+
+
+def write_run(
+    run_dir: Path, totals: dict[str, list[float]], *, scenario=None, **env: object
+) -> Path:
     """A run directory whose legacy/lazy cells have the given totals (per store name, "" for
-    legacy) for workload python; its scenario plans as many samples as the longest list."""
+    legacy) for workload python; its scenario (by default the cells it records:
+    :func:`recorded`) plans as many samples as the longest list."""
+    if scenario is None:
+        scenario = recorded(totals)
     run_dir.mkdir(parents=True)
     samples = max([scenario.get("samples", 1), *map(len, totals.values())])
     s = parse_scenario({**scenario, "samples": samples}, "s.toml")
@@ -96,6 +111,62 @@ def test_compare_samples_tells_a_shift_from_noise() -> None:
     assert ch.delta == pytest.approx(3.0) and ch.lo > 0 and ch.p_value < 0.01
     noisy = [5.0, 20.0, 9.0, 16.0, 11.0]
     assert compare_samples(base, noisy).p_value > 0.05
+
+
+@pytest.mark.parametrize(
+    ("base", "new", "p_one", "p_two"),
+    [
+        # Bytes fetched tie (a deterministic count): scipy's "auto" took the normal
+        # approximation, 0.033 and 0.067, where counting the 252 arrangements gives 21 / 252.
+        ([1, 1, 1, 2, 2], [2] * 5, 21 / 252, 42 / 252),
+        # 3 a side set apart: 1 / C(6, 3) = 0.05 is the least any arrangement gives (0.023).
+        ([1, 1, 1], [2, 2, 2], 1 / 20, 2 / 20),
+        ([1, 1], [2, 2, 2], 1 / 10, 2 / 10),
+        # Without ties the exact test as before.
+        ([1.0, 1.1, 1.2, 1.3, 1.4], [1.5, 1.6, 1.7, 1.8, 1.9], 1 / 252, 2 / 252),
+    ],
+)
+def test_mann_whitney_p_values_are_exact_for_few_samples_with_ties(
+    base: list[float], new: list[float], p_one: float, p_two: float
+) -> None:
+    """The p-values compare_samples gives (and the gate tests against alpha) are the exact
+    permutation p-values of the Mann–Whitney U statistic, ties included."""
+    from scipy import stats as sps
+
+    exact = sps.permutation_test(
+        (np.asarray(new, float), np.asarray(base, float)),
+        lambda x, y, axis=-1: sps.mannwhitneyu(x, y, axis=axis).statistic,
+        permutation_type="independent",
+        alternative="greater",
+        n_resamples=np.inf,
+        vectorized=True,
+    ).pvalue
+    ch = compare_samples(base, new)
+    assert ch.p_value == pytest.approx(p_one) == pytest.approx(exact)
+    assert ch.p_value_two_sided == pytest.approx(p_two)
+
+
+def test_a_tied_byte_count_past_the_threshold_but_not_significant_passes(tmp_path: Path) -> None:
+    """A cell whose base fetched 22.2 MB three times and 27.2 MB twice, and whose new run
+    fetched 27.2 MB every time: the gate failed it, "p = 0.033", from the normal
+    approximation; exactly, p = 0.083 > alpha."""
+    base = write_run(tmp_path / "a", {"": [30] * 5, "ours": [5] * 5})
+    new = write_run(tmp_path / "b", {"": [30] * 5, "ours": [5] * 5})
+    for run, fetched in ((base, [22.2, 22.2, 22.2, 27.2, 27.2]), (new, [27.2] * 5)):
+        lines = []
+        for line in (run / RECORDS).read_text().splitlines():
+            rec = json.loads(line)
+            if rec["store"] == "ours":
+                rec["bytes_fetched"] = int(fetched[rec["sample"]] * 1e6)
+            lines.append(json.dumps(rec))
+        (run / RECORDS).write_text("\n".join(lines) + "\n")
+    cmp = compare_runs(base, new)
+    ours = cmp.set_index("store").loc["ours"]
+    assert ours["mb_delta"] == pytest.approx(5.0) and ours["mb_p_value"] == pytest.approx(21 / 252)
+    assert gate_failures(cmp, Gate()) == []
+    assert gate_failures(cmp, Gate(alpha=0.09))[0].startswith(
+        "python/estargz-noopt [ours]: fetched 22.2 MB → 27.2 MB (+23% > 10%, p = 0.083)"
+    )
 
 
 def test_gate_fails_only_on_significant_changes_past_the_threshold(tmp_path: Path) -> None:
@@ -183,7 +254,7 @@ def test_old_records_migrate_and_the_committed_baseline_still_reads(tmp_path: Pa
 def test_gate_fails_on_failed_and_on_unchecked_lazy_measurements(tmp_path: Path) -> None:
     """Four of five samples that failed left one ok sample, and no test can call one sample
     a slow-down: the gate passed. A lazy record without a verdict passed as a lazy figure."""
-    six = {**SCENARIO, "samples": 6}  # samples 0 to 5 are recorded
+    six = recorded({"": [], "ours": []}, samples=6)  # samples 0 to 5 are recorded
     base = write_run(tmp_path / "a", {"": [30] * 6, "ours": [5] * 5}, scenario=six)
     new = write_run(tmp_path / "b", {"": [30] * 6, "ours": [5]}, scenario=six)
     for sample in range(1, 5):
@@ -205,7 +276,7 @@ def test_gate_fails_on_failed_and_on_unchecked_lazy_measurements(tmp_path: Path)
 def test_gate_fails_on_a_run_with_planned_measurements_unrecorded(tmp_path: Path) -> None:
     """A run (or a shard merged with the others) killed after 2 of its 5 samples had a cell of
     every kind, fewer samples each: its report said "Incomplete", yet the gate passed it."""
-    five = {**SCENARIO, "samples": 5}
+    five = recorded({"": [], "ours": []}, samples=5)
     base = write_run(tmp_path / "a", {"": [30] * 5, "ours": [5] * 5}, scenario=five)
     new = write_run(tmp_path / "b", {"": [30] * 2, "ours": [5] * 2}, scenario=five)
     assert gate_failures(compare_runs(base, new), Gate()) == [
@@ -221,6 +292,49 @@ def test_gate_fails_on_a_run_with_planned_measurements_unrecorded(tmp_path: Path
     assert gate_failures(compare_runs(base, complete), Gate()) == []
 
 
+def test_gate_fails_on_a_planned_cell_with_no_record_and_no_base_figure(tmp_path: Path) -> None:
+    """A cell of the new run's plan with no record at all passed the gate when the base run
+    had no figure for it to be "missing" from: every base measurement of it fell back, or the
+    base run never planned it (a workload the new scenario adds). The report said
+    "Incomplete"."""
+    plan5 = recorded({"": [], "ours": []}, samples=5)
+    base = write_run(tmp_path / "a", {"": [30] * 5}, scenario=plan5)
+    _append_fell_back(base, 5)
+    new = write_run(tmp_path / "b", {"": [30] * 5}, scenario=plan5)  # no ours record
+    cmp = compare_runs(base, new)
+    assert gate_failures(cmp, Gate()) == [
+        "python/estargz-noopt [ours]: 5 of 5 planned measurements have no record (the run or "
+        "a shard of it was interrupted or killed part way: finish it with `lazybench run "
+        "--resume RUN_DIR`)"
+    ]
+    assert gate_failures(cmp, Gate(fail_on_missing=False)) == []
+    complete = write_run(tmp_path / "c", {"": [30] * 5, "ours": [5] * 5}, scenario=plan5)
+    assert gate_failures(compare_runs(base, complete), Gate()) == []
+
+    both = recorded({"": [], "ours": []}, samples=5)
+    both["workloads"] = [{"recipe": "python"}, {"recipe": "gcc"}]
+    base = write_run(tmp_path / "d", {"": [30] * 5, "ours": [5] * 5}, scenario=plan5)
+    new = write_run(tmp_path / "e", {"": [30] * 5, "ours": [5] * 5}, scenario=both)
+    problems = gate_failures(compare_runs(base, new), Gate())
+    assert [p.split(":")[0] for p in problems] == ["gcc/legacy", "gcc/estargz-noopt [ours]"]
+    assert all("5 of 5 planned measurements have no record" in p for p in problems)
+
+
+def test_merge_refuses_shards_measured_at_different_commits(tmp_path: Path) -> None:
+    """Shard 1 at one commit and shard 2 at another merged in silence: the merged run's report
+    named the first commit only, and the gate judged two versions of the code as one run (a
+    resume at another commit is refused for the same reason)."""
+    a = write_run(tmp_path / "a", {"": [30]}, scenario=SCENARIO, shard="1/2", git_commit="aaa1")
+    b = write_run(tmp_path / "b", {"ours": [5]}, scenario=SCENARIO, shard="2/2", git_commit="bbb2")
+    with pytest.raises(UserError, match=r"measured at commit aaa1 and .*b at bbb2; only shards"):
+        merge_runs(tmp_path / "out", [a, b])
+    assert not (tmp_path / "out").exists()
+    # A run outside a git checkout records no commit: nothing to compare it with.
+    c = write_run(tmp_path / "c", {"ours": [5]}, scenario=SCENARIO, shard="2/2", git_commit="")
+    merge_runs(tmp_path / "out", [a, c])
+    assert len(read_records(tmp_path / "out")) == 2
+
+
 def test_shards_are_disjoint_and_together_the_plan() -> None:
     s = parse_scenario(SCENARIO, "s.toml")
     parts = [plan(s, Shard(k, 3)) for k in (1, 2, 3)]
@@ -233,20 +347,24 @@ def test_shards_are_disjoint_and_together_the_plan() -> None:
 
 
 def test_merge_refuses_shards_of_different_scenarios(tmp_path: Path) -> None:
-    a = write_run(tmp_path / "a", {"": [30]}, shard="1/2")
+    a = write_run(tmp_path / "a", {"": [30]}, scenario=SCENARIO, shard="1/2")
     other = {**SCENARIO, "samples": 5}
     b = write_run(tmp_path / "b", {"ours": [5]}, scenario=other, shard="2/2")
     with pytest.raises(UserError, match=r"are runs of different scenarios .*differ in: samples"):
         merge_runs(tmp_path / "out", [a, b])
     assert not (tmp_path / "out").exists()
-    again = write_run(tmp_path / "c", {"go": [6]}, shard="1/2")
+    again = write_run(tmp_path / "c", {"go": [6]}, scenario=SCENARIO, shard="1/2")
     with pytest.raises(UserError, match="are both shard 1/2"):
         merge_runs(tmp_path / "out", [a, again])
 
 
 def test_merge_marks_different_machines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    a = write_run(tmp_path / "a", {"": [30, 31, 30]}, shard="1/2", host="m1", cpu="x")
-    b = write_run(tmp_path / "b", {"ours": [5, 5, 6]}, shard="2/2", host="m2", cpu="x")
+    a = write_run(
+        tmp_path / "a", {"": [30, 31, 30]}, scenario=SCENARIO, shard="1/2", host="m1", cpu="x"
+    )
+    b = write_run(
+        tmp_path / "b", {"ours": [5, 5, 6]}, scenario=SCENARIO, shard="2/2", host="m2", cpu="x"
+    )
     (b / "timeline").mkdir()
     summary = {"pull_s": 1.0, "store_s": 0.4, "runtime_s": 0.6, "layers": 1}
     doc = {"workload": "w", "mode": "estargz", "store": "ours", "summary": summary}
@@ -298,7 +416,7 @@ def _append_fell_back(run: Path, samples: int) -> None:
 
 def _first_store_fell_back(tmp_path: Path) -> Path:
     """python: legacy 30 s, every `ours` measurement fell back, `go` 6 s lazily."""
-    run = write_run(tmp_path / "run", {"": [30] * 4, "go": [6] * 4})
+    run = write_run(tmp_path / "run", {"": [30] * 4, "go": [6] * 4}, scenario=SCENARIO)
     _append_fell_back(run, 4)
     return run
 

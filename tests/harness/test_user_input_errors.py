@@ -10,7 +10,7 @@ import pytest
 from harness.cli import UserError, main
 from harness.gate import Gate, compare_runs, gate_failures, load_gate
 from harness.scenario import ScenarioError, load_scenario, parse_scenario
-from tests.harness.test_stats_gate import write_run
+from tests.harness.test_stats_gate import SCENARIO, write_run
 
 # -- scenario: store command placeholders ----------------------------------------------------
 
@@ -285,8 +285,8 @@ def test_the_gate_does_not_pass_a_regression_it_cannot_test(tmp_path: Path) -> N
 def test_merging_without_every_shard_says_so_and_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    a = write_run(tmp_path / "a", {"": [30, 31, 30]}, shard="1/3")
-    b = write_run(tmp_path / "b", {"ours": [5, 5, 6]}, shard="2/3")
+    a = write_run(tmp_path / "a", {"": [30, 31, 30]}, scenario=SCENARIO, shard="1/3")
+    b = write_run(tmp_path / "b", {"ours": [5, 5, 6]}, scenario=SCENARIO, shard="2/3")
     assert main(["merge", str(tmp_path / "out"), str(a), str(b)]) == 1
     err = capsys.readouterr().err
     assert "shard 3/3" in err
