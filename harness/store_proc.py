@@ -84,6 +84,10 @@ def resolve_store_command(
 
 _built: dict[str, Path] = {}
 
+# How long a store must stay up once its mount showed to count as started: one that dies as it
+# begins serving (its mount then dead) fails its start, not the pull that meets it.
+MOUNT_SETTLE_SEC = 0.1
+
 
 def _builtin_store(name: str, progress: Callable[[str], None] | None) -> Path:
     """The binary of a built-in store placeholder, built once per process."""
@@ -285,14 +289,19 @@ class StoreProcess(Service):
             raise
 
     def _wait_mounted(self) -> None:
-        """Until the mount shows up. The store's own process may exit 0 on the way, before
-        or after mounting (a store that daemonizes leaves its server running in the group):
-        only a failed exit ends the wait early."""
+        """Until the mount shows up, and :data:`MOUNT_SETTLE_SEC` after it. The store's own
+        process may exit 0 on the way, before or after mounting (a store that daemonizes
+        leaves its server running in the group): only a failed exit ends the wait early."""
         assert self._proc is not None
         deadline = time.monotonic() + self.mount_timeout
         while time.monotonic() < deadline:
             exited = self._proc.poll()  # before the mount check: an exit then a mount is seen
             if is_mounted(self.mountpoint):
+                if exited is None:
+                    # A store that dies as it starts serving (a crash right after its mount
+                    # showed) is an error here, not a dead mount the pull then meets.
+                    time.sleep(MOUNT_SETTLE_SEC)
+                    exited = self._proc.poll()
                 if exited:
                     raise StoreError(
                         f"store exited with status {exited} after mounting "
