@@ -553,3 +553,37 @@ def test_merge_of_two_runs_recording_one_measurement_names_it_and_what_to_merge(
     message = str(exc.value)
     assert re.search(r"merge: sample \d+ of \w+/[\w-]+( \[\w+\])? is recorded in both", message)
     assert "each once" in message and "(0," not in message
+
+
+def test_the_gate_refuses_runs_of_another_link_or_runtime_and_counts_other_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A loopback run gated against a wan baseline passed green (the difference was a warning
+    on stderr, which a CI job's summary does not show): every figure changed with the link.
+    Such runs are now not gated (exit 2); differences a gate can live with are counted on the
+    ``passed`` line, on stdout."""
+    from harness.cli import main
+
+    base = make_run(tmp_path / "a")
+    new = make_run(tmp_path / "b")
+    passed = re.compile(r"gate .*: passed \((\d+) warnings, above\)\n\Z")
+    assert main(["compare", str(base), str(new), "--gate"]) == 0
+    out = capsys.readouterr()
+    warned = out.err.count("warning: ")
+    assert (m := passed.search(out.out)) and int(m[1]) == warned > 0  # noisy cells
+    env = read_environment(new)
+    env["node"] = "sid"
+    (new / ENVIRONMENT).write_text(json.dumps(env))
+    assert main(["compare", str(base), str(new), "--gate"]) == 0
+    assert (m := passed.search(capsys.readouterr().out)) and int(m[1]) == warned + 1
+    for key, value in (("network", {"profile": "loopback"}), ("runtime", "crio")):
+        env = read_environment(base)
+        env["scenario"][key] = value
+        (new / ENVIRONMENT).write_text(json.dumps(env))
+        assert main(["compare", str(base), str(new), "--gate"]) == 2
+        err = capsys.readouterr().err
+        assert "the runs cannot be compared" in err and f"\n  {key}" in err.replace(
+            "network profile", "network"
+        )
+        assert main(["compare", str(base), str(new)]) == 0  # a look without a gate: warned
+        capsys.readouterr()
