@@ -63,7 +63,12 @@ class ChunkVerifyError(Exception):
 
 
 class LayerFetchError(Exception):
-    """The registry did not deliver a chunk's bytes."""
+    """The registry did not deliver a chunk's bytes. ``source``: the chunk source whose
+    blob request failed (None: not a request's failure)."""
+
+    def __init__(self, *args: object, source: object = None) -> None:
+        super().__init__(*args)
+        self.source = source
 
 
 # One chunk of one regular file: the format library's validated record (compressed_offset,
@@ -351,11 +356,18 @@ class ChunkSource:
                 if scope.cancelled_caught:
                     late.append(c)
                     continue
-            except (LayerFetchError, ChunkVerifyError):
-                # Someone else's fetch failed: a prefetch piece, a background batch a read
-                # interrupted (store.priority), or another layer's chunk of this digest that
+            except (LayerFetchError, ChunkVerifyError) as exc:
+                # Someone else's fetch failed: a prefetch piece given back, a background
+                # batch a read interrupted (store.priority), another layer's blob (its
+                # registry may be another), or another layer's chunk of this digest that
                 # its bytes do not match (a hostile layer naming the digest of a chunk it
-                # does not hold). Not ours to report: fetch our own.
+                # does not hold). Not ours to report: fetch our own. But a request of this
+                # source's own blob that the registry did not answer is this read's answer
+                # too: asked again, each reader waiting on the chunk asked in turn, one full
+                # round of retries after another (8 readers of one chunk of a registry
+                # refusing connections got EIO after 9 to 50 s, fetching_timeout_sec = 20).
+                if isinstance(exc, LayerFetchError) and exc.source is self:
+                    raise
                 data = None
             if data is None:  # finished between our check and the wait
                 data = self.cache.get(c.digest)
@@ -452,7 +464,7 @@ class ChunkSource:
                 parts = await self.blob.read_ranges(ranges)
             except Exception as exc:
                 raise LayerFetchError(
-                    f"{self.key}: fetching {len(ranges)} range(s): {exc}"
+                    f"{self.key}: fetching {len(ranges)} range(s): {exc}", source=self
                 ) from exc
         except BaseException as exc:
             for c in chunks:

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +157,58 @@ def _registry_gone(faulty, store_factory, gone: str) -> None:
     assert (diff / "etc" / "hello").read_bytes() == b"hello from lower\n"
     if store.impl == "ours":  # only ours has a status file
         assert store.status()["layers"]
+
+
+# One 16 MiB file in 4 MiB chunks: the readers below all wait on its first chunk.
+ONE_CHUNK_FILE = random.Random(11).randbytes(16 << 20)
+WAITERS_CONFIG = """
+noprefetch = true
+no_background_fetch = true
+[blob]
+fetching_timeout_sec = 20
+"""
+
+
+def test_readers_waiting_on_one_chunk_of_a_refusing_registry_answer_eio_within_the_bound(
+    registry, store_factory
+):
+    """Eight readers of one 4 MiB chunk, the registry refusing connections: each gets EIO
+    within ``fetching_timeout_sec``. Each waiter asked the registry again in turn once the
+    fetch it waited on failed (5 retries, 3 s a round), so the last reader's EIO came after
+    50 s, and 96 requests reached the dead registry for one chunk."""
+    blob = to_estargz(
+        make_tar(lambda t: (add_file(t, "big", ONE_CHUNK_FILE), add_file(t, "small", b"x"))),
+        chunk_size=4 << 20,
+    )
+    push(registry.host, "faulty/waiters", "1", [blob])
+    faults = BlobFaults(_addr(registry.host))
+    with HttpFaultProxy(_addr(registry.host), faults) as proxy:
+        store = store_factory(WAITERS_CONFIG)
+        diff = store.layer_dir(f"{proxy.host}/faulty/waiters:1", blob.digest) / "diff"
+        assert (diff / "small").read_bytes() == b"x"  # resolved
+        proxy.refuse()
+        outcome: list[tuple[int | None, float]] = []
+
+        def read(i: int) -> None:
+            start = time.monotonic()
+            fd = os.open(diff / "big", os.O_RDONLY)
+            try:
+                os.pread(fd, 4096, i * (512 << 10))  # all in the first chunk
+                outcome.append((None, time.monotonic() - start))
+            except OSError as exc:
+                outcome.append((exc.errno, time.monotonic() - start))
+            finally:
+                os.close(fd)
+
+        threads = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a reader is stuck"
+    print("outcome:", [(e, round(s, 1)) for e, s in outcome])
+    assert [e for e, _ in outcome] == [errno.EIO] * 8
+    assert max(s for _, s in outcome) < 20 + 3
 
 
 # What the store's log says when every blob range answer is of the kind: the lookup fails

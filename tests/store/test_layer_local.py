@@ -18,7 +18,14 @@ import trio.testing
 
 from store.cache import ChunkCache
 from store.estargz_view import TocMismatchError, landmark_offset_hint, load_layer_index
-from store.layer import READ_BLOCK, READAHEAD_MIN, AheadBlob, ChunkVerifyError, Layer
+from store.layer import (
+    READ_BLOCK,
+    READAHEAD_MIN,
+    AheadBlob,
+    ChunkVerifyError,
+    Layer,
+    LayerFetchError,
+)
 from store.priority import Foreground
 from tests.store.conftest import FileBlob, local_layer, one_file_layer
 
@@ -152,6 +159,93 @@ async def test_concurrent_readers_share_one_fetch_and_corruption_is_refused(vect
     with pytest.raises(ChunkVerifyError):
         await other.read_file(node, chunk.file_offset, 10)
     assert chunk.digest not in other.cache
+
+
+@pytest.mark.anyio
+async def test_readers_waiting_on_a_fetch_the_registry_fails_get_its_error_at_once(tmp_path):
+    """Eight reads of one chunk while the registry refuses connections: the first read's
+    fetch fails, and the seven waiting on its claim answer with that failure. Each waiter
+    asked the registry again, one after another, every ask waiting for the one before it: 8
+    readers of one 4 MiB chunk of a mounted store got EIO after 9 to 50 s, with
+    ``fetching_timeout_sec = 20`` bounding a read."""
+    layer, node, _ = await one_file_layer(tmp_path, 4 << 20, 4 << 20, "gone")
+    asks: list[float] = []
+
+    async def refused(ranges):  # type: ignore[no-untyped-def]
+        asks.append(trio.current_time())
+        await trio.sleep(0.5)  # a round of retries
+        raise OSError("cannot connect to 127.0.0.1:5000: connection refused")
+
+    layer.blob.read_ranges = refused  # type: ignore[method-assign]
+    failed: list[float] = []
+
+    async def reader(i: int) -> None:
+        with pytest.raises(LayerFetchError, match="connection refused"):
+            await layer.read_file(node, i * (512 << 10), 4096)
+        failed.append(trio.current_time())
+
+    start = trio.current_time()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(reader, i)
+    assert len(asks) == 1, asks
+    assert len(failed) == 8 and max(failed) - start < 1.0, [t - start for t in failed]
+
+
+@pytest.mark.anyio
+async def test_a_reader_waiting_on_another_layers_failed_fetch_fetches_its_own(tmp_path):
+    """Two layers holding the same chunk, one cache: the first layer's registry refuses, and
+    a read of the second layer waiting on the first one's claim gets its bytes from its own
+    blob, not the other registry's failure."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, node_a, payload = await one_file_layer(tmp_path / "a", 1 << 20, 1 << 20, "a")
+    b, node_b, _ = await one_file_layer(tmp_path / "b", 1 << 20, 1 << 20, "b")
+    b.cache = b.source.cache = a.cache
+
+    async def refused(ranges):  # type: ignore[no-untyped-def]
+        await trio.sleep(0.3)
+        raise OSError("cannot connect to 127.0.0.1:5000: connection refused")
+
+    a.blob.read_ranges = refused  # type: ignore[method-assign]
+    got: list[bytes] = []
+
+    async def read_a() -> None:
+        with pytest.raises(LayerFetchError, match="connection refused"):
+            await a.read_file(node_a, 0, 4096)
+
+    async def read_b() -> None:
+        got.append(await b.read_file(node_b, 4096, 4096))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_a)
+            await trio.testing.wait_all_tasks_blocked()  # a's fetch claimed the chunk
+            nursery.start_soon(read_b)
+    assert got == [payload[4096:8192]]
+
+
+@pytest.mark.anyio
+async def test_a_reader_waiting_on_a_fetch_given_back_unfetched_fetches_its_own(tmp_path):
+    """A claim given back without the registry's answer (a background batch a read cancelled,
+    a prefetch stopped) is no answer to report: the waiting read fetches the chunk itself."""
+    layer, node, payload = await one_file_layer(tmp_path, 1 << 20, 1 << 20, "abandoned")
+    chunk = layer.index.chunks_of(node.entry)[0]
+    assert layer.cache.begin(chunk.digest, owner=layer.source) is not None
+    before = len(layer.blob.requests)
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(await layer.read_file(node, 0, 4096))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            layer.cache.finish(chunk.digest, None, LayerFetchError("prefetch stopped"))
+    assert got == [payload[:4096]]
+    assert len(layer.blob.requests) == before + 1
 
 
 @pytest.mark.anyio
