@@ -1099,6 +1099,14 @@ class LayerManager:
             self._trim_running = False
 
     def _blob_key(self, ref: str, digest: str) -> str:
+        """The blob digest the layer ``ref`` names ``digest`` (its blob or TOC digest) is
+        kept under: from the image's resolution, else from the looked-up layers.
+
+        Why the layers too: a ``use`` (or ``rmdir``) names the layer as the runtime looked
+        it up, and the image's resolution may have left the LRU since (30 other images
+        resolved meanwhile, as a burst of pulls does). Counted under a TOC digest (podman
+        ≥ 5.1's name) then, the reference held nothing: the layer in use was released as
+        never used once ``early_ttl`` passed, its background fetch stopped."""
         task = self._images.get(ref)
         images = list(self._superseded.get(ref, ()))
         if task is not None and task.done.is_set() and task.error is None:
@@ -1109,6 +1117,16 @@ class LayerManager:
                 found = holder.find(digest)
                 assert found is not None
                 return found[0].digest
+        if digest not in self._states:
+            for key, state in self._states.items():
+                layer = state.layer
+                if (
+                    state.phase is LayerPhase.RESOLVED
+                    and layer is not None
+                    and not layer.released
+                    and digest == layer.toc_digest
+                ):
+                    return key
         return digest
 
     def _key(self, ref: str, digest: str) -> str:

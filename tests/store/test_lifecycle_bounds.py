@@ -413,6 +413,32 @@ async def test_a_layer_in_use_is_served_after_its_image_left_the_lru_and_the_reg
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.anyio
+async def test_a_use_by_toc_digest_after_the_image_left_the_lru_holds_the_layer(
+    vectors_dir, tmp_path
+):
+    """podman >= 5.1 names a layer by its TOC digest. With the image's resolution pushed out
+    of the LRU between the lookup and the ``use`` (30 other images resolved meanwhile, as a
+    burst of pulls does), the reference was counted under the TOC digest and held nothing:
+    the layer in use was released as never used once ``early_ttl`` passed."""
+    async with trio.open_nursery() as nursery:
+        reg = VectorRegistry(vectors_dir)
+        cfg = StoreConfig(noprefetch=True, no_background_fetch=True, resolve_timeout_sec=2)
+        cache = ChunkCache(tmp_path / "c", 1 << 30)
+        manager = LayerManager(cfg, reg, cache, nursery, early_ttl=0.2)
+        digest, toc = reg.meta["digest"], reg.meta["toc_digest"]
+        layer = await manager.get_layer(REF, toc)
+        for i in range(IMAGE_CACHE_ENTRIES):
+            await manager.image(f"127.0.0.1:5000/other/img{i}:1")
+        assert manager.use(REF, toc) == 1
+        assert manager.refcount(REF, toc) == 1 and manager.status()["layers"]
+        await trio.sleep(0.5)  # past early_ttl
+        assert not layer.released and manager.released == []
+        assert manager.release(REF, toc) == 0
+        assert layer.released and manager.released == [digest]
+        nursery.cancel_scope.cancel()
+
+
 class StuckOnceRegistry(VectorRegistry):
     """The first image fetch never ends (a registry sending the manifest a byte at a time,
     each within the read timeout); later ones answer."""
