@@ -75,15 +75,30 @@ def check_writable_dir(path: Path, what: str) -> None:
                 directory.rmdir()
 
 
+class StdoutClosed(KeyboardInterrupt):
+    """The reader of lazybench's output went away (``lazybench run … | head``): raised where a
+    console print met the broken pipe, and handled as an interrupt is (the run's cleanup runs,
+    and stderr says what was kept and how to resume)."""
+
+
 def make_console(**options: Any) -> Console:
     """A rich Console as the harness uses them: ``emoji=False`` always, since rich would
     otherwise turn ``:x:`` in printed text (an image reference ``oci:x:latest``, a workload's
     output) into an emoji. Markup stays on unless ``markup=False`` is given: text from the
     user printed in markup must be escaped (``rich.markup.escape``), or printed with
-    :func:`plain`."""
+    :func:`plain`. A print to a closed pipe raises :class:`StdoutClosed`: rich's own answer,
+    ``SystemExit(1)``, ended a run part way with no word on stderr (exit 1, nothing said of
+    the measurements kept or of resuming)."""
     from rich.console import Console
 
-    return Console(emoji=False, **options)
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True  # nothing more is printed, as rich does
+            with contextlib.suppress(OSError):  # and the interpreter's last flush is quiet
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise StdoutClosed("stdout closed")
+
+    return _Console(emoji=False, **options)
 
 
 def plain(console: Console) -> Callable[[str], None]:
@@ -194,29 +209,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is (:func:`terminated_as_interrupt`)."""
+    """SIGTERM or SIGHUP, raised as Ctrl-C's KeyboardInterrupt is
+    (:func:`terminated_as_interrupt`); its text names the signal."""
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop lazybench with its cleanup: SIGINT, SIGTERM and SIGHUP (the
+    terminal or the ssh session that ran it went away), but not a SIGHUP this process was
+    started ignoring (``nohup lazybench run …``: it must outlive the session). By default
+    SIGHUP ended the process where it stood, like SIGKILL: no word said, and its store's
+    and podman's mounts, the container, the link's namespace and the working directories
+    left for the next run's sweep."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+    return tuple(signals)
 
 
 @contextlib.contextmanager
 def terminated_as_interrupt() -> Iterator[None]:
-    """Within: SIGTERM (``kill``, ``timeout``, ``systemctl stop``) raises :class:`Terminated`,
-    so the cleanup a Ctrl-C runs (``finally`` blocks, context managers) runs for it too. By
-    default SIGTERM ended the process where it stood: a report's staging directory stayed in
-    the run directory, an image build's or a runtime node's half-made directory in the
-    cache. (``lazybench run`` measures under its own handler, :func:`harness.measure.
-    interruptible`.) Outside the main thread, nothing changes."""
+    """Within: SIGTERM (``kill``, ``timeout``, ``systemctl stop``) and SIGHUP (a closed
+    terminal; :func:`stop_signals`) raise :class:`Terminated`, so the cleanup a Ctrl-C runs
+    (``finally`` blocks, context managers) runs for them too. By default they ended the
+    process where it stood: a report's staging directory stayed in the run directory, an
+    image build's or a runtime node's half-made directory in the cache. (``lazybench run``
+    measures under its own handler, :func:`harness.measure.interruptible`.) Outside the main
+    thread, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        raise Terminated("SIGTERM")
+        raise Terminated(signal.Signals(signum).name)
 
-    old = signal.signal(signal.SIGTERM, handler)
+    caught = [s for s in stop_signals() if s != signal.SIGINT]
+    old = {s: signal.signal(s, handler) for s in caught}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lazybench: {exc}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt as exc:
-        signame = " (SIGTERM)" if isinstance(exc, Terminated) else ""
-        print(f"lazybench: interrupted{signame}", file=sys.stderr)
+        signame = f" ({exc})" if isinstance(exc, Terminated) else ""
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone (EIO)
+            print(f"lazybench: interrupted{signame}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader of stdout went away (`lazybench estargz ls … | head`): stop quietly, as

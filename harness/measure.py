@@ -22,7 +22,7 @@ Order of a run:
    ``repull_requests``): podman's own pull work, the limit model's runtime floor.
 
 Records are appended as they complete (:mod:`harness.records`); a run is resumed by skipping the
-keys already recorded as successful. SIGINT/SIGTERM raise :class:`Interrupted` once (further
+keys already recorded as successful. SIGINT/SIGTERM/SIGHUP raise :class:`Interrupted` once (further
 signals are ignored while cleaning up; one that comes during a teardown, when it is over), so
 every mount, process, namespace and qdisc is torn down by the context managers that made it.
 """
@@ -197,7 +197,7 @@ def lost_records_verdict(
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived: stop measuring, clean up, keep the records."""
+    """SIGINT, SIGTERM or SIGHUP arrived: stop measuring, clean up, keep the records."""
 
 
 def _check_resumed_images(
@@ -270,13 +270,18 @@ class InterruptState:
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[InterruptState]:
-    """SIGINT/SIGTERM raise :class:`Interrupted` once; later ones are ignored so cleanup ends.
-    One that comes during an :meth:`InterruptState.teardown` is raised when it is over."""
+    """SIGINT/SIGTERM/SIGHUP raise :class:`Interrupted` once; later ones are ignored so
+    cleanup ends. One that comes during an :meth:`InterruptState.teardown` is raised when it
+    is over. A SIGHUP ignored when the run started (``nohup``) stays ignored
+    (:func:`harness.cli.stop_signals`)."""
+    from harness.cli import stop_signals
+
     state = InterruptState()
+    signals = stop_signals()
 
     def handler(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
         state.signal = signal.Signals(signum).name
         if not state.shielded:
             raise Interrupted(state.signal)
@@ -284,7 +289,7 @@ def interruptible() -> Iterator[InterruptState]:
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in signals}
     try:
         yield state
     finally:
@@ -634,7 +639,7 @@ class Runner:
         self._timeline_files = []
         try:
             return self._measure(sample, w, mode, registry, work, store_name)
-        except Interrupted:
+        except KeyboardInterrupt:  # Interrupted, or stdout closed (harness.cli.StdoutClosed)
             for path in self._timeline_files:
                 path.unlink(missing_ok=True)
             raise

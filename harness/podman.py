@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.processes import stop_group
+from harness.processes import run_bounded, stop_group
 from harness.stale import claim, release
 
 if TYPE_CHECKING:
@@ -391,13 +391,9 @@ class PodmanEnv:
         cmd = self.argv(*args)
         start = time.monotonic()
         try:
-            proc = subprocess.run(
-                cmd,
-                env=self.env,
-                input=input,
-                capture_output=True,
-                text=True,
-                timeout=timeout or self.default_timeout,
+            # Bounded after a kill too: a podman blocked on a hung layer store is not reaped.
+            proc = run_bounded(
+                cmd, env=self.env, input=input, timeout=timeout or self.default_timeout
             )
         except subprocess.TimeoutExpired as exc:
             raise PodmanError(

@@ -78,6 +78,68 @@ def kill_group(proc: subprocess.Popen, *, timeout: float = 10.0) -> None:
     wait_quietly(proc, timeout)
 
 
+# Seconds a killed child gets to be reaped before it is given up on (run_bounded).
+REAP_TIMEOUT = 10.0
+
+
+def run_bounded(
+    cmd: list[str],
+    *,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+    reap_timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` whose every
+    wait ends: timed out, or ended by an exception while it waits (Ctrl-C, SIGTERM's
+    :class:`KeyboardInterrupt`), the child is SIGKILLed and waited for at most
+    ``reap_timeout`` seconds more (default :data:`REAP_TIMEOUT`), then left to be reaped
+    later. Raises :class:`subprocess.TimeoutExpired` with the output read so far, as
+    ``subprocess.run`` does.
+
+    Why not ``subprocess.run``: after killing a timed-out child it waits for it without a
+    bound, and interrupted it waits again (``Popen.__exit__``). A podman thread blocked in a
+    FUSE request a layer store never answers stays in the kernel (D state) after SIGKILL, so
+    that podman is never reaped until the store dies: a hung store hung ``lazybench run``
+    for good, past the workload's timeout and past SIGTERM and Ctrl-C (its caller kills the
+    store only once the call returns)."""
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdin=subprocess.PIPE if input is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reap = REAP_TIMEOUT if reap_timeout is None else reap_timeout
+    try:
+        stdout, stderr = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        try:  # what it wrote before it was killed, as subprocess.run keeps it
+            exc.stdout, exc.stderr = proc.communicate(timeout=reap)
+        except subprocess.TimeoutExpired:
+            _abandon(proc)
+        raise
+    except BaseException:  # KeyboardInterrupt (Ctrl-C, SIGTERM, SIGHUP) while waiting
+        with contextlib.suppress(OSError):
+            proc.kill()
+        wait_quietly(proc, reap)
+        _abandon(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _abandon(proc: subprocess.Popen) -> None:
+    """Close our ends of a child's pipes: a child that could not be reaped is left to the
+    kernel, its output with it."""
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
 class Service:
     """``with service:`` calls ``start()``, and ``stop()`` however the block ends."""
 

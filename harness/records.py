@@ -400,6 +400,13 @@ def require_run_files(run_dir: Path, *names: str) -> None:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a directory (name a run directory)")
     missing = [n for n in names if not (run_dir / n).exists()]
+    if missing == [RECORDS] and (run_dir / SCENARIO_COPY).exists():
+        # What a run interrupted or killed before its first record leaves: its scenario.
+        raise UserError(
+            f"{run_dir}: no {RECORDS} here: no measurement of this run finished (it was "
+            f"interrupted or killed before the first); measure it with `lazybench run "
+            f"--resume {run_dir}`, or remove it"
+        )
     if missing:
         raise UserError(f"{run_dir}: no {' and '.join(missing)} here (not a run directory?)")
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,9 @@ def _run_one(
     except KeyboardInterrupt as exc:  # Interrupted, or a signal before measuring began
         if not run_dir.exists():
             raise
-        print(interrupted_message(str(exc) or "SIGINT", run_dir), file=sys.stderr)
+        # After SIGHUP the terminal may be gone (EIO): the exit status still says it.
+        with contextlib.suppress(OSError):
+            print(interrupted_message(str(exc) or "SIGINT", run_dir), file=sys.stderr)
         return 130
     except UserError as exc:
         if run_dir.exists():
@@ -259,7 +262,7 @@ def _run_one(
         return 0
     try:
         report = write_report(run_dir, cache_dir=args.cache_dir)
-    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (harness.cli.Terminated)
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM/SIGHUP (harness.cli.Terminated)
         print(
             f"lazybench: interrupted ({str(exc) or 'SIGINT'}) while writing the report; every "
             f"measurement is recorded in {run_dir}: `lazybench report {run_dir}` writes it",
@@ -354,6 +357,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = write_report(args.run_dir, cache_dir=args.cache_dir, recompute_limits=args.limits)
     print(report.table_text)
     print(f"table:  {report.table}\nchart:  {report.charts[0]} (and .svg)\nreport: {report.report}")
+    if report.missing:
+        # The table printed above is of part of the run: said only in report.md, it read
+        # as the whole (exit 0), as `run` and `compare --gate` say it of the same directory.
+        print(
+            f"lazybench: {len(report.missing)} planned measurements have no record (the run "
+            f"was interrupted or killed part way): the figures are of part of the run; see "
+            f"{report.report}, finish it with `lazybench run --resume {report.run_dir}`",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +59,50 @@ def test_storage_conf_names_the_layer_store(tmp_path: Path) -> None:
         assert "enable_partial_images" in storage
         registries = (env.workdir / "registries.conf").read_text()
         assert 'location = "10.0.0.1:5000"' in registries and "insecure = true" in registries
+
+
+BROKEN_STORE = Path(__file__).with_name("stores") / "broken_store.py"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a FUSE filesystem")
+def test_a_podman_call_blocked_on_a_hung_layer_store_times_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A podman blocked in a lookup the layer store never answers is not reaped after
+    SIGKILL (its thread waits in the kernel until the store dies). ``subprocess.run`` then
+    waited for it without a bound: the pull's timeout never fired, and a hung store hung
+    ``lazybench run`` for good (SIGTERM and Ctrl-C too). Now the call fails within its
+    timeout and the reaping grace, and the store, killed after it, frees the process."""
+    import harness.processes
+    from harness.podman import PodmanError
+    from harness.store_proc import StoreProcess
+
+    monkeypatch.setattr(harness.processes, "REAP_TIMEOUT", 1.0)
+    command = (sys.executable, str(BROKEN_STORE), "hang", "--root", "{root}", "{mountpoint}")
+    store = StoreProcess(tmp_path / "store", command=command, metrics=False, mount_timeout=20)
+    store.start()
+    try:
+        env = PodmanEnv(tmp_path / "env")
+        # Stands for the pull: a podman command that looks a layer up in the store.
+        monkeypatch.setattr(env, "argv", lambda *args: ["stat", str(store.mountpoint / "x")])
+        outcome: list[BaseException | None] = []
+
+        def call() -> None:
+            try:
+                env.podman("pull", "x", timeout=1)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the test's thread
+                outcome.append(exc)
+
+        thread = threading.Thread(target=call, daemon=True)
+        start = time.monotonic()
+        thread.start()
+        thread.join(timeout=15)
+        hung = thread.is_alive()
+    finally:
+        store.abort()  # what the runner does once the call fails: frees the blocked process
+        store.stop()
+    thread.join(timeout=15)
+    assert not hung, "the podman call outlived its timeout while the store hung"
+    assert isinstance(outcome[0], PodmanError) and "did not finish within 1s" in str(outcome[0])
+    assert time.monotonic() - start < 15

@@ -133,3 +133,16 @@ def test_a_store_that_fails_after_mounting_is_an_error(tmp_path: Path):
     with pytest.raises(StoreError, match="exited with status 3 after mounting"):
         store.start()
     assert not is_mounted(store.mountpoint)
+
+
+def test_run_bounded_keeps_what_a_timed_out_child_wrote():
+    """As ``subprocess.run`` does: a timeout's message names podman's last words."""
+    import subprocess
+
+    from harness.processes import run_bounded
+
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired) as exc:
+        run_bounded(["sh", "-c", "echo said >&2; exec sleep 30"], timeout=0.5)
+    assert exc.value.stderr == "said\n"
+    assert time.monotonic() - start < 10

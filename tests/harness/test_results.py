@@ -237,3 +237,39 @@ def test_table_md_says_what_its_warning_sign_means_and_an_empty_range_is_one_das
     assert "–––" not in row and "| – |" in row
     text = (run / "report.md").read_text()
     assert WIDE_LEGEND not in text and "⚠ Too few samples" in text
+
+
+def test_report_of_a_run_cut_short_says_what_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lazybench report` of an interrupted run printed its partial table and exited 0: that
+    the figures were of part of the run stood only in report.md."""
+    from harness.cli import main
+
+    run_dir = make_run(tmp_path / "run", samples=3)
+    lines = (run_dir / RECORDS).read_text().splitlines(keepends=True)
+    (run_dir / RECORDS).write_text("".join(lines[:-2]))  # the last two never finished
+    assert main(["report", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "lazybench: 2 planned measurements have no record" in err
+    assert f"lazybench run --resume {run_dir}" in err
+    whole = make_run(tmp_path / "whole", samples=3)
+    assert main(["report", str(whole)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_report_of_a_run_stopped_before_its_first_record_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run interrupted before its first measurement finished keeps its scenario.json only:
+    "no records.jsonl here (not a run directory?)" sent its owner looking for another."""
+    from harness.cli import main
+    from harness.records import SCENARIO_COPY
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / SCENARIO_COPY).write_text("{}")
+    assert main(["report", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "no measurement of this run finished" in err and "not a run directory" not in err
+    assert f"lazybench run --resume {run_dir}" in err

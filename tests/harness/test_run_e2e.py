@@ -163,6 +163,29 @@ def test_interrupted_run_resumes_to_the_same_records(full_run: Path, base: Path)
     assert {r.key: r.finished for r in kept}.items() <= {r.key: r.finished for r in resumed}.items()
 
 
+def test_a_hangup_mid_run_cleans_up_as_ctrl_c_does(base: Path) -> None:
+    """SIGHUP (the terminal or ssh session that ran lazybench closed) ended it where it
+    stood, as SIGKILL would: no word, exit -1, and the measurement's store and podman
+    working directories (with a container and mounts when it came during the run) left for
+    the next run's sweep. It is handled as Ctrl-C is now."""
+    run_dir = base / "runs" / "hangup"
+    proc = lazybench(base, *run_args(base, "hangup"))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        path = run_dir / RECORDS
+        if path.exists() and path.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, finish(proc)[1]
+    time.sleep(0.3)  # land in the middle of the next measurement
+    proc.send_signal(signal.SIGHUP)
+    rc, out = finish(proc, timeout=120)
+    assert rc == 130, out
+    assert "interrupted (SIGHUP)" in out and "resume with" in out
+    assert_nothing_left(base)
+    assert 1 <= len(read_records(run_dir)) < len(KEYS)
+
+
 @pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="needs mmdebstrap")
 def test_a_node_list_runs_once_per_runtime_node_and_flags_lost_images(tmp_path: Path) -> None:
     """podman 5.4 (trixie) keeps a lazily pulled image; podman 5.8 (sid) loses it, and the

@@ -657,6 +657,77 @@ def test_an_interrupt_before_any_measurement_says_nothing_is_kept(tmp_path: Path
     )
 
 
+HANGUP_IN_A_RUN = """
+import os, signal, time
+from harness.measure import Interrupted, interruptible
+try:
+    with interruptible():
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(5)
+except Interrupted as exc:
+    print("interrupted", exc)
+"""
+
+
+def test_a_hangup_interrupts_a_run_as_sigterm_does() -> None:
+    """SIGHUP (the terminal or ssh session went away) killed lazybench on the spot, cleanup
+    skipped; it raises :class:`~harness.measure.Interrupted` now, naming it. (In a child: the
+    old default killed the process it came to.)"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", HANGUP_IN_A_RUN], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "interrupted SIGHUP", proc
+
+
+def test_a_hangup_ignored_at_start_stays_ignored() -> None:
+    """``nohup lazybench run …`` must outlive the session: a SIGHUP ignored when lazybench
+    started is not taken over by its handlers."""
+    import signal
+
+    from harness.cli import terminated_as_interrupt
+    from harness.measure import interruptible
+
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with terminated_as_interrupt(), interruptible():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
+HANGUP_IN_A_COMMAND = """
+import os, signal, sys, time
+import harness.cleanup_cmd
+from harness.cli import main
+
+def hung_up(args):
+    os.kill(os.getpid(), signal.SIGHUP)
+    time.sleep(5)
+    return 0
+
+harness.cleanup_cmd.cmd_cleanup = hung_up
+sys.exit(main(["cleanup"]))
+"""
+
+
+def test_main_names_a_hangup_outside_a_run() -> None:
+    """Outside a run's measurements (a report, an image build) SIGHUP is raised as SIGTERM
+    is, so their cleanup runs and the exit says why."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", HANGUP_IN_A_COMMAND], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 130, proc
+    assert "lazybench: interrupted (SIGHUP)" in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("script", "ready"),
     [
@@ -721,3 +792,37 @@ def test_preparing_an_image_says_whether_it_was_built_or_reused(tmp_path: Path) 
     reused = texts[1].splitlines()
     assert reused[0] == "image app: preparing" and len(reused) == 2
     assert reused[1].startswith(f"  reused from the cache ({tmp_path / 'images'}/")
+
+
+CONSOLE_TO_A_CLOSED_PIPE = """
+import sys
+from harness.cli import make_console
+
+console = make_console()
+try:
+    for _ in range(10000):
+        console.print("sample 1 tiny/legacy: pull 0.30s create 0.05s run 0.09s")
+except KeyboardInterrupt as exc:  # handled as an interrupt: what was kept is said, and where
+    print("interrupted:", exc, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def test_a_console_print_to_a_closed_pipe_is_an_interrupt() -> None:
+    """`lazybench run … | head`: rich answers a broken pipe with ``SystemExit(1)``, which ended
+    the run part way with exit 1 and not a word on stderr of the measurements kept or of
+    resuming. It is raised as an interrupt now (harness.cli.StdoutClosed)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONSOLE_TO_A_CLOSED_PIPE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader went away
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert err.strip() == "interrupted: stdout closed"

@@ -1,9 +1,11 @@
 """A layer store that mounts but never gives podman a layer: the runtime must fall back.
 
-``python broken_store.py {empty|eio} --config C --root R MOUNTPOINT`` mounts an Additional
-Layer Store-shaped FUSE filesystem (the command line of ``stargz-store``) whose root is an empty
-directory: ``empty`` answers ENOENT for every image directory podman looks up (a store that
-serves no layer), ``eio`` answers EIO (a store whose every layer errors). It logs each lookup
+``python broken_store.py {empty|eio|hang} --config C --root R MOUNTPOINT`` mounts an
+Additional Layer Store-shaped FUSE filesystem (the command line of ``stargz-store``) whose root
+is an empty directory: ``empty`` answers ENOENT for every image directory podman looks up (a
+store that serves no layer), ``eio`` answers EIO (a store whose every layer errors), ``hang``
+never answers a lookup (a hung store: the looking process waits in the kernel, where SIGKILL
+does not end it, until the store dies). It logs each lookup
 to stdout, and unmounts cleanly on SIGINT/SIGTERM.
 """
 
@@ -38,6 +40,9 @@ class Broken(pyfuse3.Operations):
         return attr
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: object = None) -> None:
+        if self.failure == 0:  # hang
+            print(f"lookup {name.decode(errors='replace')}: never answered", flush=True)
+            await trio.sleep_forever()
         what = errno.errorcode[self.failure]
         print(f"lookup {name.decode(errors='replace')}: {what}", flush=True)
         raise pyfuse3.FUSEError(self.failure)
@@ -54,12 +59,12 @@ class Broken(pyfuse3.Operations):
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=("empty", "eio"))
+    parser.add_argument("kind", choices=("empty", "eio", "hang"))
     parser.add_argument("--config")
     parser.add_argument("--root")
     parser.add_argument("mountpoint")
     args = parser.parse_args()
-    failure = errno.ENOENT if args.kind == "empty" else errno.EIO
+    failure = {"empty": errno.ENOENT, "eio": errno.EIO, "hang": 0}[args.kind]
     pyfuse3.init(Broken(failure), args.mountpoint, {"fsname=broken-store", "ro"})
     print(f"mounted {args.mountpoint} ({args.kind})", flush=True)
 
