@@ -116,7 +116,7 @@ from harness.runtimes import (
     runtime_versions,
     version_tuple,
 )
-from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, parse_scenario
+from harness.scenario import LAZY_MODES, ON_DEMAND_MODES, Scenario, StoreSpec, parse_scenario
 from harness.stale import claim, release, sweep_killed_runs
 from harness.store_proc import StoreProcess, is_our_store
 from harness.timeline import write_timeline
@@ -441,6 +441,9 @@ class Runner:
             claim(work)
             stack.callback(release, work)
             storage = work / "registry"
+            for spec in self.scenario.stores:  # built-in stores built before anything is measured
+                if any(k.store == spec.name for k in todo):
+                    prepare_store(spec.command, self.console)
             images = ImagePreparer(self.scenario, self.console, self.cache_dir, self._node)
             prepared = images.prepare(workloads, storage, work)
             if resuming:
@@ -451,9 +454,6 @@ class Runner:
             self.images, self._skipped = images.refs, images.skipped
             self._layer_digests = images.layer_digests
             self._blob_digests = images.blob_digests
-            for spec in self.scenario.stores:  # built-in stores built before anything is measured
-                if any(k.store == spec.name for k in todo):
-                    prepare_store(spec.command, self.console)
             link = stack.enter_context(open_link(self.scenario.network_profile, self.console))
             if resuming and meta.get("link"):  # the first session's stays the run's link
                 meta.setdefault("resumed_links", []).append(link.measured)
@@ -462,6 +462,10 @@ class Runner:
             self._link_iface = link.iface
             write_atomic(env_path, json.dumps(meta, indent=1, sort_keys=True))
             registry = stack.enter_context(self._registry(storage, link))
+            # Every store started once, as a measurement starts it, before any is measured.
+            for i, spec in enumerate(self.scenario.stores):
+                if any(k.store == spec.name for k in todo):
+                    self._preflight_store(spec, work / f"preflight-store-{i}", registry.host)
             progress = stack.enter_context(self._progress())
             task = progress.add_task("measuring", total=len(todo))
             # workload -> its last records when they never exited; why it is given up
@@ -621,6 +625,32 @@ class Runner:
             storage_dir=storage, host_addr=link.address, wrapper=link.prefix
         ) as reg:
             yield reg
+
+    def _preflight_store(self, spec: StoreSpec, workdir: Path, registry_host: str) -> None:
+        """Start the store of ``spec`` once, with a measurement's configuration and nothing
+        pulled through it, and stop it: a ``[[stores]]`` command that exits at once or never
+        mounts is refused (:class:`UserError`) before the first measurement, not met by
+        each lazy measurement in turn after the legacy ones. Its stop is a teardown
+        (:meth:`InterruptState.teardown`): a signal meanwhile is raised once it is over."""
+        from harness.store_proc import StoreError
+
+        try:
+            with self._interrupt.teardown() as stack:
+                stack.callback(shutil.rmtree, workdir, True)
+                stack.enter_context(
+                    StoreProcess(
+                        workdir,
+                        command=spec.command,
+                        insecure_hosts=[registry_host],
+                        metrics=False,
+                        mount_timeout=spec.mount_timeout,
+                    )
+                )
+        except StoreError as exc:
+            raise UserError(
+                f"store {spec.name!r} does not start ({' '.join(spec.command)}): {exc}; fix "
+                "its command in the scenario's [[stores]] (or its mount_timeout)"
+            ) from None
 
     def measure(
         self,

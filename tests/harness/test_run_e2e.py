@@ -288,3 +288,22 @@ def test_a_signal_while_a_measurement_is_torn_down_lets_the_teardown_finish(
     rc, out = finish(proc, timeout=120)
     assert rc == 130, out
     assert_nothing_left(tmp_path)
+
+
+def test_a_store_that_cannot_start_is_refused_before_anything_is_measured(tmp_path: Path) -> None:
+    """A ``[[stores]]`` command that exits at once failed each lazy measurement in turn, after
+    the images were built and every legacy pull measured; it is now started once first."""
+    dead = json.dumps(["sh", "-c", "echo 'no such option' >&2; exit 7", "sh", "{mountpoint}"])
+    scenario = SCENARIO.replace(
+        "[network]", f'[[stores]]\nname = "dead"\ncommand = {dead}\n[network]'
+    )
+    (tmp_path / "dead.toml").write_text(scenario)
+    args = ["run", str(tmp_path / "dead.toml"), "--results-dir", str(tmp_path / "runs")]
+    start = time.monotonic()
+    rc, out = finish(lazybench(tmp_path, *args, "--run-id", "d"), timeout=120)
+    assert rc == 1, out
+    assert "store 'dead' does not start" in out and "exited with status 7" in out, out
+    assert "no such option" in out, out
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "runs" / "d" / "records.jsonl").exists()
+    assert_nothing_left(tmp_path)
