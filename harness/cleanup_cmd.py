@@ -15,8 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Remove what lazybench processes that died without cleaning up (SIGKILL, OOM) "
             "left: their working directories with the layer stores, containers and mounts "
-            "in them, their network namespaces and runtime node views. What live runs use "
-            "is left alone. `lazybench run` does the same before it starts."
+            "in them, their network namespaces, runtime node views and unfinished node "
+            "builds. What live runs use is left alone. `lazybench run` does the same before "
+            "it starts."
         ),
     )
     parser.add_argument(

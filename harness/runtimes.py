@@ -8,7 +8,9 @@ in which podman runs as root through ``chroot``. DESIGN.md §7 has the facts thi
 Building (:func:`build_node`): the root is cached under ``$LAZYBENCH_CACHE/nodes/<name>-<hash>``
 (``~/.cache/lazybench`` by default) where ``hash`` covers the recipe (suite, packages, apt
 options), built in a temporary directory and renamed into place, so a reader never sees half a
-node. ``versions.json`` beside ``root/`` records every package version, podman's and the
+node; a cached build whose files no longer match its packages' (``dpkg --verify``) is built
+again, and what a killed build left is removed (:func:`remove_dead_builds`).
+``versions.json`` beside ``root/`` records every package version, podman's and the
 containers/storage and containers/image versions it was built with (Debian's
 ``Built-Using``/``Static-Built-Using`` fields), the build time and the size.
 
@@ -42,7 +44,7 @@ from typing import Any
 
 from harness.cli import default_cache_dir
 from harness.processes import kill_group
-from harness.stale import claim, owner_gone
+from harness.stale import claim, kill_processes, owner_gone, processes_in
 
 NODES: dict[str, str] = {"trixie": "trixie", "sid": "sid"}  # node name -> Debian suite
 HOST = "host"
@@ -67,6 +69,7 @@ PACKAGES = (
 APT_OPTIONS = ('Acquire::Check-Valid-Until "false"',)
 RECIPE_VERSION = 1
 BUILD_TIMEOUT = 1800.0
+VERIFY_TIMEOUT = 300.0  # `dpkg --verify` of a node's root (~300 MB, read once)
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Where the layer store's auth helper is installed inside a node (registries.conf names it).
 HELPER_IN_NODE = "/usr/local/bin/stargz-store-helper"
@@ -190,16 +193,30 @@ def build_node(
 
     Concurrent builders of the same node wait for each other (a lock file beside it) and the
     second one reuses the first one's build. ``progress`` receives mmdebstrap's lines.
+
+    A cached build is checked first (:func:`node_damage`): one whose files were changed or
+    removed, or whose ``versions.json`` is unreadable, is built again (removed first; a
+    :class:`NodeError` when a running lazybench has it entered). What builds killed with
+    their lazybench left of this node (:func:`remove_dead_builds`) is removed.
     """
     check_name(name)
-    if (node := cached_node(name, cache_dir)) is not None:
+    if (node := cached_node(name, cache_dir)) is not None and not node_damage(node):
         return node
     if shutil.which("mmdebstrap") is None:
         raise NodeError("mmdebstrap is not installed: run ci/install-system-deps")
     final = node_dir(name, cache_dir)
     with _lock(final.with_name(f".{final.name}.lock")):
-        if (node := cached_node(name, cache_dir)) is not None:
+        # Checked again: another builder may have replaced it while we waited for the lock.
+        node = cached_node(name, cache_dir)
+        damage = node_damage(node) if node is not None else []
+        if node is not None and not damage:
             return node
+        for stale in sorted(final.parent.glob(f".tmp-{final.name}-*")):
+            _remove_dead_build(stale)  # ours to remove: we hold the lock its builder held
+        if final.exists():
+            why = "; ".join(damage[:5]) if damage else "its versions.json is missing or unreadable"
+            progress(f"node {name} at {final} is damaged ({why}): building it again")
+            _discard(final, name, why)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
             node = _build(name, tmp, final, mirror or debian_mirror(), progress)
@@ -213,6 +230,76 @@ def build_node(
             raise
         _remove_tree(tmp)  # gone once renamed into place; not when another build landed first
         return node
+
+
+def node_damage(node: Node) -> list[str]:
+    """What is wrong with a built node's files: ``dpkg --verify`` of its root (each file every
+    package installed, checked against the package's md5sums: ``missing /usr/bin/podman``,
+    ``??5?????? /usr/sbin/runc`` for a changed or truncated one); ``[]`` for an intact node,
+    and when dpkg cannot tell (not installed, no answer within :data:`VERIFY_TIMEOUT`).
+    dpkg(1), ``--verify``: the output is in rpm's ``--verify`` format."""
+    if not node.root.is_dir():
+        return [f"{node.root} is missing"]
+    try:
+        proc = subprocess.run(
+            ["dpkg", f"--root={node.root}", "--verify"],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=VERIFY_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [" ".join(line.split()) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _discard(directory: Path, name: str, why: str) -> None:
+    """Remove the damaged build ``directory`` of node ``name`` unless a process has it
+    entered (its ``.in-use`` lock); raise :class:`NodeError` saying what to do then."""
+    try:
+        in_use = _lock(directory / ".in-use", blocking=False)
+    except BlockingIOError:
+        raise NodeError(
+            f"node {name} at {directory} is damaged ({why}), and a running lazybench has it "
+            f"entered: once that has ended, `lazybench runtimes build {name}` builds it again"
+        ) from None
+    try:
+        trash = Path(tempfile.mkdtemp(prefix=".prune-", dir=directory.parent))
+        os.rename(directory, trash / directory.name)
+    finally:
+        in_use.close()
+    _remove_tree(trash)
+
+
+def _remove_dead_build(stale: Path) -> None:
+    """Remove the temporary directory of a build whose lazybench died (its lock is free):
+    the processes still working in it (mmdebstrap, apt, dpkg: started in a session of
+    their own, they outlive a SIGKILLed lazybench) stopped, then mmdebstrap's mounts
+    unmounted (proc, sys, a devpts, and a bind of the host's ``/dev/shm``: removed through,
+    the host's shared memory files would go), then the tree. Raises :class:`NodeError` for
+    mounts that stay."""
+    kill_processes(processes_in([stale]))
+    _remove_tree(stale)
+
+
+def remove_dead_builds(cache_dir: Path | None = None) -> list[Path]:
+    """Remove what node builds killed with their lazybench left in the cache (see
+    :func:`_remove_dead_build`): their ``.tmp-*`` directories whose build lock nobody holds.
+    Returns what was removed; raises :class:`NodeError` for one that could not be."""
+    removed = []
+    base = nodes_dir(cache_dir)
+    for stale in sorted(base.glob(".tmp-*")) if base.exists() else []:
+        lock_path = base / f".{stale.name[5:].rsplit('-', 1)[0]}.lock"
+        try:
+            lock = _lock(lock_path, blocking=False)
+        except BlockingIOError:
+            continue  # its build runs
+        try:
+            _remove_dead_build(stale)
+        finally:
+            lock.close()
+        removed.append(stale)
+    return removed
 
 
 def _build(name: str, tmp: Path, final: Path, mirror: str, progress: Callable[[str], None]) -> Node:
@@ -235,7 +322,11 @@ def _build(name: str, tmp: Path, final: Path, mirror: str, progress: Callable[[s
         stderr=subprocess.PIPE,
         text=True,
         errors="replace",
-        start_new_session=True,  # the watchdog kills apt and dpkg too: they hold stderr open
+        # The watchdog kills apt and dpkg too: they hold stderr open. Out of our session, they
+        # outlive a SIGKILLed lazybench (mmdebstrap defers SIGTERM until its work is done, so
+        # a parent-death signal would not help) until their next write to stderr: whoever
+        # removes the dead build's directory stops them first (_remove_dead_build).
+        start_new_session=True,
     )
     assert proc.stderr is not None
     watchdog = threading.Timer(BUILD_TIMEOUT, kill_group, args=(proc,))  # a silent hang ends too
@@ -397,18 +488,7 @@ def prune_nodes(cache_dir: Path | None = None, *, everything: bool = False) -> l
             lock.close()
         shutil.rmtree(trash, ignore_errors=True)
         removed.append(directory)
-    for stale in base.glob(".tmp-*") if base.exists() else []:
-        # A build that died (no process holds its lock) leaves its temporary directory, with
-        # mmdebstrap's mounts in it if that was killed too.
-        lock_path = base / f".{stale.name[5:].rsplit('-', 1)[0]}.lock"
-        try:
-            lock = _lock(lock_path, blocking=False)
-        except BlockingIOError:
-            continue
-        lock.close()
-        _remove_tree(stale)
-        removed.append(stale)
-    return removed
+    return removed + remove_dead_builds(cache_dir)
 
 
 # -- entering a node -----------------------------------------------------------------------------
@@ -513,15 +593,33 @@ def enter_node(node: Node, workdir: Path | None = None) -> Iterator[EnteredNode]
 def clean_stale_views(directory: Path | None = None) -> list[Path]:
     """Tear down node views left by processes that died without cleaning up (SIGKILL):
     ``lzb-node-*`` directories in ``directory`` (default: the temporary directory) whose
-    owner process is gone. Returns what was removed."""
+    owner process is gone. What still runs in a view is stopped first (podman, ``conmon``
+    and the containers, chrooted there) and the OCI runtime's containers in the view's
+    ``/run/runc`` deleted with the node's own ``runc`` (which removes their cgroups): the
+    view's tmpfs on ``/run`` is their only record. Returns what was removed."""
     removed = []
     for base in Path(directory or tempfile.gettempdir()).glob("lzb-node-*"):
         if not owner_gone(base):  # live, or without an owner file (harness.stale)
             continue
+        view = base / "root"
+        kill_processes(processes_in([view]))
+        _delete_runtime_containers(view)
         with contextlib.suppress(NodeError):
-            _teardown(base, base / "root")
+            _teardown(base, view)
             removed.append(base)
     return removed
+
+
+def _delete_runtime_containers(view: Path) -> None:
+    """``runc delete --force`` inside a mounted view, of every container whose state is in
+    its ``/run/runc`` (runc's state directory for root, podman's default)."""
+    from harness.podman import RUNTIME, runtime_containers
+
+    state = view / "run" / RUNTIME
+    for cid in runtime_containers(state):
+        argv = ["chroot", str(view), RUNTIME, "--root", f"/run/{RUNTIME}", "delete", "--force", cid]
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(argv, capture_output=True, timeout=30, env={"PATH": NODE_PATH})
 
 
 def _teardown(base: Path, view: Path) -> None:

@@ -68,13 +68,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     check_cache_dir(args.cache_dir)
     for name in names:
         with console.status(f"node {name}") as status:
+
+            def show(line: str, n: str = name) -> None:
+                if " is damaged " in line:  # why it is built again: kept on the screen
+                    console.print(line)
+                status.update(f"node {n}: {line}")
+
             try:
-                node = build_node(
-                    name,
-                    args.cache_dir,
-                    mirror=args.mirror,
-                    progress=lambda line, n=name: status.update(f"node {n}: {line}"),
-                )
+                node = build_node(name, args.cache_dir, mirror=args.mirror, progress=show)
             except NodeError as exc:
                 raise UserError(str(exc)) from None
         v = node.versions

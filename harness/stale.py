@@ -131,15 +131,16 @@ def owner_gone(directory: Path) -> bool:
 
 
 def _names_path(pid: int, roots: tuple[str, ...]) -> bool:
-    """Whether process ``pid``'s argv, environment or working directory names a path at or
-    below one of ``roots``."""
+    """Whether process ``pid``'s argv, environment, working directory or root directory names a
+    path at or below one of ``roots``."""
 
     def under(text: str) -> bool:
         return any(r in text and _below(text, r) for r in roots)
 
-    with contextlib.suppress(OSError):
-        if under(os.readlink(f"/proc/{pid}/cwd")):
-            return True
+    for link in ("cwd", "root"):  # root: a process chrooted below (a runtime node's view)
+        with contextlib.suppress(OSError):
+            if under(os.readlink(f"/proc/{pid}/{link}")):
+                return True
     for what in ("cmdline", "environ"):
         try:
             raw = Path(f"/proc/{pid}/{what}").read_bytes()
@@ -196,7 +197,8 @@ def processes_in(directories: Iterable[Path]) -> list[int]:
     return sorted(found)
 
 
-def _kill(pids: list[int]) -> None:
+def kill_processes(pids: list[int]) -> None:
+    """SIGKILL ``pids`` and wait (up to :data:`KILL_WAIT`) until none of them runs."""
     for p in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signal.SIGKILL)
@@ -252,7 +254,7 @@ def sweep(*directories: Path | str | None) -> list[Swept]:
     if not stale:
         return []
     found = {d: processes_in([d]) for d in stale}
-    _kill(sorted({p for pids in found.values() for p in pids}))
+    kill_processes(sorted({p for pids in found.values() for p in pids}))
     done = []
     for d in stale:
         swept = Swept(d, found[d])
@@ -279,15 +281,23 @@ def sweep(*directories: Path | str | None) -> list[Swept]:
 def sweep_killed_runs(*directories: Path | str | None, cache_dir: Path) -> list[str]:
     """Remove what killed runs left and say what, one line each: their directories under
     ``directories`` and the runtime builds of ``cache_dir`` (stores, containers, mounts:
-    :func:`sweep`), their network namespaces (:func:`harness.netshape.cleanup_stale`) and
-    runtime node views (:func:`harness.runtimes.clean_stale_views`). `lazybench cleanup`, and
+    :func:`sweep`), their network namespaces (:func:`harness.netshape.cleanup_stale`),
+    runtime node views (:func:`harness.runtimes.clean_stale_views`) and the node builds they
+    did not finish (:func:`harness.runtimes.remove_dead_builds`). `lazybench cleanup`, and
     every `lazybench run` before it starts: the namespaces are not left to the link, as a
     ``loopback`` run makes none, and a killed shaped run's stayed through any number of
     loopback runs after it."""
     from harness.netshape import cleanup_stale
-    from harness.runtimes import clean_stale_views
+    from harness.runtimes import NodeError, clean_stale_views, remove_dead_builds
 
-    lines = [s.line() for s in sweep(*directories, *build_dirs(cache_dir))]
+    # Node views first: a container podman ran in a node has its overlay and shm mounts in
+    # the view, over directories of the run's podman workdir, which cannot be removed (EBUSY)
+    # while those stay mounted.
+    lines = [f"node view {p}" for p in clean_stale_views()]
+    lines += [s.line() for s in sweep(*directories, *build_dirs(cache_dir))]
     lines += cleanup_stale()
-    lines += [f"node view {p}" for p in clean_stale_views()]
+    try:
+        lines += [f"node build {p}" for p in remove_dead_builds(cache_dir)]
+    except NodeError as exc:
+        lines.append(f"a dead node build: {exc}; some of it is still there: remove it by hand")
     return lines

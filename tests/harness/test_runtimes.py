@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +283,211 @@ def test_lost_layer_records_with_no_runtime_in_the_log_or_a_partial_pull_are_not
     ranges = _served(MANIFEST, ("GET", "/v2/tiny/blobs/sha256:b", 206, PODMAN_UA))
     partial = lost_records_verdict(layers, ranges, unreadable)
     assert not partial.lazy and partial.from_store == 1 and partial.served_whole == 0
+
+
+# -- damaged nodes, dead builds ----------------------------------------------------------------
+
+
+# A Debian root with one package, podman, whose dpkg database knows its one file.
+FAKE_ROOT = r"""
+mkdir -p "$root/usr/bin" "$root/var/lib/dpkg/info" "$root/var/lib/dpkg/updates"
+printf '#!/bin/sh\necho podman version 5.4.2\n' > "$root/usr/bin/podman"
+status="$root/var/lib/dpkg/status"
+printf 'Package: podman\nStatus: install ok installed\nPriority: optional\n' > "$status"
+printf 'Section: admin\nMaintainer: x <x@example.org>\nArchitecture: amd64\n' >> "$status"
+printf 'Version: 5.4.2+ds1-1\nDescription: fake\n\n' >> "$status"
+printf '/.\n/usr\n/usr/bin\n/usr/bin/podman\n' > "$root/var/lib/dpkg/info/podman.list"
+sum=$(md5sum < "$root/usr/bin/podman" | cut -d' ' -f1)
+echo "$sum  usr/bin/podman" > "$root/var/lib/dpkg/info/podman.md5sums"
+"""
+
+
+def _fake_mmdebstrap(bin_dir: Path, body: str = "") -> Path:
+    """An ``mmdebstrap`` in ``bin_dir`` that makes a root with one dpkg-installed file,
+    ``/usr/bin/podman`` (so ``dpkg --verify`` has something to check), after ``body``."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / "mmdebstrap"
+    script.write_text(
+        "#!/bin/sh\nset -e\n"
+        "for a; do root=$prev; prev=$a; done  # the root is the second-to-last argument\n"
+        f"{body}\necho 'I: a fake build' >&2\n{FAKE_ROOT}"
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.fixture
+def fake_mmdebstrap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake ``mmdebstrap`` first on PATH; returns its directory."""
+    import shutil
+
+    if shutil.which("dpkg") is None:
+        pytest.skip("needs dpkg")
+    bin_dir = tmp_path / "bin"
+    _fake_mmdebstrap(bin_dir)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return bin_dir
+
+
+def test_a_node_whose_files_were_damaged_is_built_again(
+    tmp_path: Path, fake_mmdebstrap: Path
+) -> None:
+    """A cached node with a file truncated or removed (dpkg --verify) is not handed out (its
+    podman would fail with "chroot: failed to run command 'podman'"): it is built again, and
+    the progress says why."""
+    cache = tmp_path / "cache"
+    node = runtimes.build_node("trixie", cache)
+    podman = node.root / "usr" / "bin" / "podman"
+    intact = podman.read_bytes()
+    for damage in (lambda: podman.write_bytes(intact[:5]), podman.unlink):
+        damage()
+        lines: list[str] = []
+        again = runtimes.build_node("trixie", cache, progress=lines.append)
+        assert again.directory == node.directory and podman.read_bytes() == intact
+        said = " ".join(lines)
+        assert "damaged" in said and "/usr/bin/podman" in said and "building it again" in said
+
+
+def test_a_node_whose_versions_file_is_unreadable_is_built_again(
+    tmp_path: Path, fake_mmdebstrap: Path
+) -> None:
+    """A node directory whose versions.json is cut short is no cached node, and it made every
+    later build fail at its end ("cannot move the built node into …: Directory not empty"),
+    with nothing that removes it (prune keeps current-recipe builds)."""
+    cache = tmp_path / "cache"
+    node = runtimes.build_node("trixie", cache)
+    (node.directory / "versions.json").write_text('{"node": "trix')
+    again = runtimes.build_node("trixie", cache)
+    assert again.directory == node.directory and again.versions["node"] == "trixie"
+    left = [p.name for p in (cache / "nodes").iterdir() if not p.name.endswith(".lock")]
+    assert left == [node.directory.name]
+
+
+def test_a_damaged_node_in_use_is_named_with_how_to_rebuild_it(
+    tmp_path: Path, fake_mmdebstrap: Path
+) -> None:
+    cache = tmp_path / "cache"
+    node = runtimes.build_node("trixie", cache)
+    (node.root / "usr" / "bin" / "podman").unlink()
+    in_use = runtimes._lock(node.directory / ".in-use", shared=True)  # as enter_node holds it
+    try:
+        with pytest.raises(runtimes.NodeError) as err:
+            runtimes.build_node("trixie", cache)
+    finally:
+        in_use.close()
+    message = str(err.value)
+    assert "missing /usr/bin/podman" in message and "lazybench runtimes build trixie" in message
+    assert (node.root / "var").exists()  # never removed under a process that entered it
+
+
+def _dead_build(cache: Path) -> tuple[Path, subprocess.Popen]:
+    """What a build killed with its lazybench leaves: the temporary directory with
+    mmdebstrap's mounts, and a process still working in it (in a session of its own)."""
+    stale = cache / "nodes" / f".tmp-trixie-{runtimes.recipe_hash('trixie')}-x1y2z3"
+    _mount_tmpfs(stale / "root" / "proc")
+    worker = subprocess.Popen(["sleep", "300"], cwd=stale / "root" / "proc", start_new_session=True)
+    return stale, worker
+
+
+@pytest.mark.parametrize("by", ["cleanup", "the next build"])
+def test_a_build_killed_with_its_lazybench_is_removed(
+    tmp_path: Path, fake_mmdebstrap: Path, unmounted_after: None, by: str
+) -> None:
+    """A SIGKILLed `lazybench runtimes build` leaves mmdebstrap running (its own session) and
+    its directory with proc, sys and dev mounted in the cache: `lazybench cleanup` and the
+    next build of the node stop the process, unmount and remove the directory."""
+    from harness.podman import mounts_below
+    from harness.stale import sweep_killed_runs
+
+    cache = tmp_path / "cache"
+    stale, worker = _dead_build(cache)
+    try:
+        if by == "cleanup":
+            lines = sweep_killed_runs(tmp_path, cache_dir=cache)
+            assert f"node build {stale}" in lines
+        else:
+            runtimes.build_node("trixie", cache)
+        assert worker.wait(timeout=10) < 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
+    assert mounts_below(cache) == [] and not stale.exists()
+
+
+KILLED_IN_NODE = """
+import os, signal, sys, tarfile
+from harness.podman import PodmanEnv
+from harness.runtimes import build_node
+
+env = PodmanEnv(node=build_node("trixie")).__enter__()  # a claimed workdir in $TMPDIR
+with tarfile.open(env.workdir / "bb.tar", "w") as tar:
+    tar.add("/bin/busybox", arcname="bin/busybox")
+env.podman("import", str(env.workdir / "bb.tar"), "localhost/bb:1", timeout=120)
+sh = ["/bin/busybox", "sh", "-c", "/bin/busybox sleep 300; :", sys.argv[1]]
+run = env.podman("run", "-d", "--network=none", "localhost/bb:1", *sh, timeout=120)
+print(run.stdout.strip(), env.workdir, env._entered.view.parent, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _running(marker: str) -> list[int]:
+    """The processes whose command line holds ``marker``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if marker.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.e2e
+def test_cleanup_after_a_run_killed_with_a_container_in_a_node_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lazybench SIGKILLed while a container runs in a runtime node: the container's overlay
+    and shm mounts are in the node's view, over directories of podman's workdir. Cleanup
+    removed the workdir first (EBUSY on those directories: "remove it by hand", and the
+    owner file went with the rest, so no later cleanup took it) and left the runtime's state
+    (in the view's /run) with the container's cgroups."""
+    import shutil
+    import sys
+    import tempfile
+    import time
+    import uuid
+
+    from harness.podman import mounts_below
+    from harness.stale import sweep_killed_runs
+
+    if shutil.which("mmdebstrap") is None or not Path("/bin/busybox").exists():
+        pytest.skip("needs mmdebstrap and busybox-static")
+    runtimes.build_node("trixie")  # built (or checked) before the child needs it
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    marker = f"lzb-test-{uuid.uuid4().hex}"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # where views are looked for
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", KILLED_IN_NODE, marker],
+            env={**os.environ, "TMPDIR": str(tmp)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert child.returncode == -9, child.stderr[-2000:]
+        cid, workdir, base = child.stdout.split()
+        assert _running(marker), "the container does not run: the cleanup proves nothing"
+        assert mounts_below(Path(base)), "no view left mounted: the cleanup proves nothing"
+        lines = sweep_killed_runs(tmp, cache_dir=tmp_path / "cache")
+        assert not [line for line in lines if "by hand" in line], lines
+        assert not Path(workdir).exists() and not Path(base).exists()
+        assert mounts_below(tmp) == []
+        deadline = time.monotonic() + 10
+        while _running(marker):
+            assert time.monotonic() < deadline, "the container still runs"
+            time.sleep(0.1)
+        cgroups = [*Path("/sys/fs/cgroup").glob(f"*/*/libpod-{cid}*")]
+        cgroups += Path("/sys/fs/cgroup").glob(f"*/libpod-{cid}*")
+        assert cgroups == [], cgroups
+    finally:
+        sweep_killed_runs(tmp, cache_dir=tmp_path / "cache")
