@@ -182,6 +182,39 @@ def _lock(path: Path, *, shared: bool = False, blocking: bool = True) -> Any:
     return f
 
 
+# How long a build waits for another build of the same node: that one's whole watchdog, and
+# a margin for its dpkg --verify and its removal of what a killed build left.
+BUILD_LOCK_WAIT = BUILD_TIMEOUT + VERIFY_TIMEOUT + 120.0
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path, name: str, progress: Callable[[str], None]) -> Iterator[None]:
+    """Hold the build lock of node ``name``: at once, or after saying so through
+    ``progress`` and waiting at most :data:`BUILD_LOCK_WAIT` seconds for the build that holds
+    it (:class:`NodeError` then, naming the lock)."""
+    try:
+        held = _lock(path, blocking=False)
+    except BlockingIOError:
+        progress(f"waiting for another build of node {name} to finish (it holds {path})")
+        deadline = time.monotonic() + BUILD_LOCK_WAIT
+        while True:
+            time.sleep(0.5)
+            try:
+                held = _lock(path, blocking=False)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise NodeError(
+                        f"another build of node {name} still holds {path} after "
+                        f"{BUILD_LOCK_WAIT:.0f} s: stop it (`fuser {path}` names it), then "
+                        f"run `lazybench runtimes build {name}` again"
+                    ) from None
+    try:
+        yield
+    finally:
+        held.close()
+
+
 def build_node(
     name: str,
     cache_dir: Path | None = None,
@@ -205,7 +238,7 @@ def build_node(
     if shutil.which("mmdebstrap") is None:
         raise NodeError("mmdebstrap is not installed: run ci/install-system-deps")
     final = node_dir(name, cache_dir)
-    with _lock(final.with_name(f".{final.name}.lock")):
+    with _build_lock(final.with_name(f".{final.name}.lock"), name, progress):
         # Checked again: another builder may have replaced it while we waited for the lock.
         node = cached_node(name, cache_dir)
         damage = node_damage(node) if node is not None else []

@@ -113,6 +113,26 @@ def test_a_build_stopped_part_way_leaves_no_mount_and_no_directory(
     assert list((tmp_path / "nodes").glob(".tmp-*")) == []
 
 
+def test_a_second_build_says_it_waits_and_waits_a_bounded_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another build of the node holding its lock: the second waited on ``flock`` without a
+    word and without a bound (only the first one's watchdog ended it)."""
+    import fcntl
+
+    monkeypatch.setattr(runtimes.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(runtimes, "BUILD_LOCK_WAIT", 1.0)
+    final = runtimes.node_dir("trixie", tmp_path)
+    lock_path = final.with_name(f".{final.name}.lock")
+    lock_path.parent.mkdir(parents=True)
+    lines: list[str] = []
+    with open(lock_path, "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(runtimes.NodeError, match=r"another build of node trixie still holds"):
+            runtimes.build_node("trixie", tmp_path, progress=lines.append)
+    assert lines == [f"waiting for another build of node trixie to finish (it holds {lock_path})"]
+
+
 def test_prune_unmounts_a_dead_build_s_directory_before_removing_it(
     tmp_path: Path, unmounted_after: None
 ) -> None:
