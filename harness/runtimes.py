@@ -380,7 +380,7 @@ def _build(name: str, tmp: Path, final: Path, mirror: str, progress: Callable[[s
     if returncode != 0:
         raise NodeError(
             f"building node {name}: mmdebstrap exited {returncode} "
-            f"(is {mirror} reachable? set LAZYBENCH_DEBIAN_MIRROR to another mirror): "
+            f"(is {mirror} reachable? name another with --mirror or LAZYBENCH_DEBIAN_MIRROR): "
             + "".join(log[-15:]).strip()
         )
     seconds = time.monotonic() - start
