@@ -19,7 +19,14 @@ import anyio
 import httpx
 
 from .credentials import Credentials
-from .errors import AuthenticationError, RegistryTimeout, RegistryUnavailable, is_tls_failure
+from .errors import (
+    RETRY_STATUSES,
+    AuthenticationError,
+    RegistryTimeout,
+    RegistryUnavailable,
+    is_tls_failure,
+    retry_after,
+)
 
 _PARAM = re.compile(
     r'[\s,]*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))\s*(?:,|$)'
@@ -29,6 +36,8 @@ TOKEN_DEFAULT_EXPIRY = 60.0
 TOKEN_EXPIRY_MARGIN = 5.0
 # A token answer is a small JSON object (real ones: a few KB); a bigger one is refused unread.
 TOKEN_MAX_BYTES = 1 << 20
+# Redirects a token request follows (the registry client's own MAX_REDIRECTS).
+TOKEN_REDIRECTS = 5
 
 
 @dataclass(frozen=True)
@@ -232,7 +241,7 @@ class TokenCache:
                     timeout=timeout,
                     extensions=extensions,
                 )
-            resp = await http.send(request, stream=True)
+            resp = await _send_following(http, request)
             try:
                 # Asked as identity (the client's Accept-Encoding): a content-coded answer is
                 # refused unread, not decoded: a 32 KB zstd body inflates to 1 GiB in one
@@ -267,6 +276,18 @@ class TokenCache:
                 host=registry_host,
                 status=resp.status_code,
             )
+        if resp.status_code in RETRY_STATUSES:
+            # Busy or failing for a moment (a 503, a 429 with Retry-After): the request that
+            # needed the token is sent again, after the wait asked for, as one the registry
+            # itself answered so. An AuthenticationError here is never retried: a token that
+            # expired mid-pull, renewed while the token server was busy, failed the read.
+            busy = RegistryUnavailable(
+                f"{registry_host}: token server {realm} answered HTTP {resp.status_code}",
+                host=registry_host,
+                status=resp.status_code,
+            )
+            busy.retry_after = retry_after(resp.headers.get("retry-after"))
+            raise busy
         if resp.status_code != 200:
             raise AuthenticationError(
                 f"{registry_host}: token server {realm} answered HTTP {resp.status_code}",
@@ -311,6 +332,44 @@ class TokenCache:
             del self._tokens[stale]
         self._tokens[key] = _CachedToken(token, now + expires_in - margin)
         return token
+
+
+async def _send_following(http: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """``request`` sent with its redirects followed, at most :data:`TOKEN_REDIRECTS`, as Go's
+    ``http.Client`` follows them for containers/image's and containerd's token requests: a
+    realm that moved (``http://`` up to ``https://``, a new path) still gives its token, where
+    its 301 was an AuthenticationError. A redirect's body is not read. A 303, and a 301 or
+    302 of a POST, go on as a GET without the form (RFC 9110 §15.4); the Authorization goes
+    to the realm's own origin only, and up from ``http://`` to ``https://`` on the same host
+    and port (as the registry client's rule); the request's extensions (its TLS settings,
+    its timeout) go along. The answer after the last redirect allowed, or one to an invalid or
+    non-HTTP Location, is returned as it is (the caller refuses it as any answer but 200)."""
+    for hop in range(TOKEN_REDIRECTS + 1):
+        resp = await http.send(request, stream=True)
+        location = resp.headers.get("location")
+        if resp.status_code not in (301, 302, 303, 307, 308) or not location:
+            return resp
+        try:
+            url = request.url.join(location)
+        except httpx.InvalidURL:
+            return resp  # answered as a refusal: "answered HTTP 30x"
+        if hop == TOKEN_REDIRECTS or url.scheme not in ("http", "https"):
+            return resp
+        await resp.aclose()
+        method, content = request.method, request.content
+        if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
+            method, content = "GET", b""
+        drop = {"host", "content-length"} | ({"content-type"} if not content else set())
+        was, now = request.url, url
+        if (was.scheme, was.host, was.port) != (now.scheme, now.host, now.port) and not (
+            was.scheme == "http" and now.scheme == "https" and was.netloc == now.netloc
+        ):
+            drop.add("authorization")
+        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in drop]
+        request = http.build_request(
+            method, url, headers=headers, content=content or None, extensions=request.extensions
+        )
+    raise AssertionError("unreachable")
 
 
 async def _read_capped(resp: httpx.Response, limit: int) -> bytes | None:

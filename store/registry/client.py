@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import email.utils
 import functools
 import hashlib
 import json
@@ -48,6 +46,8 @@ import urllib3.exceptions
 from .auth import Challenge, TokenCache, basic_header, parse_challenge, scope_for
 from .credentials import Credentials, CredentialStore
 from .errors import (
+    RETRY_AFTER_MAX,
+    RETRY_STATUSES,
     AuthenticationError,
     ConfigError,
     ContentEncodingError,
@@ -61,6 +61,7 @@ from .errors import (
     RegistryUnavailable,
     TooLargeError,
     is_tls_failure,
+    retry_after,
 )
 from .hosts import DEFAULT_REQUEST_TIMEOUT, Endpoint, HostTls, ResolverConfig, read_certs_dir
 from .manifest import (
@@ -78,6 +79,7 @@ from .ranges import (
     body_limit,
     coalesce,
     covers,
+    parse_content_range,
     parse_multipart_byteranges,
     range_body,
     range_header,
@@ -94,34 +96,13 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 # MaxConfigBodySize, 4 MiB; a body of exactly the limit is accepted there too).
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 MAX_REDIRECTS = 5
+# A blob HEAD answered so (Method Not Allowed, Not Implemented) is asked as a one-byte GET.
+HEAD_REFUSED = frozenset({405, 501})
 # Blob locations a registry redirected to, kept (least recently used go first).
 REDIRECTS_KEPT = 4096
 DEFAULT_REDIRECT_TTL = 60.0  # seconds; the Go store's default [blob] valid_interval
 # The start of an error answer's body read for its JSON detail; the rest is never read.
 MAX_ERROR_BODY = 64 * 1024
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-# The longest wait a Retry-After (429, 503) gets before the next try; callers' deadlines bound
-# the whole request anyway.
-RETRY_AFTER_MAX = 10.0
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (RFC 9110 §10.2.3: delay-seconds or an
-    HTTP-date), None when absent or unreadable; never negative."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
-
-
 DOWN_FOR = 10.0  # seconds an endpoint that failed to connect is skipped (if others remain)
 # Seconds an endpoint that accepted a request and did not answer in time goes last: asking it
 # first again costs the whole request timeout, where a refused connection costs nothing.
@@ -1001,27 +982,57 @@ class RegistryClient:
     async def blob_size(
         self, ref: Reference | str, digest: str, *, origin_only: bool = False
     ) -> int:
-        """Size by HEAD (no body transferred); `origin_only` skips mirrors (push checks)."""
+        """Size by HEAD (no body transferred); `origin_only` skips mirrors (push checks).
+
+        A registry or storage host that refuses HEAD (405, 501) or answers it without a
+        ``Content-Length`` is asked ``GET`` with ``Range: bytes=0-0`` instead, and the size
+        read from its ``Content-Range`` (a 200: its ``Content-Length``; the body is not
+        read), as the Go stargz-snapshotter does (fs/remote/resolver.go ``getSize``)."""
         ref = _ref(ref)
         validate_digest(digest)
 
+        def size_from(resp: httpx.Response) -> int | None:
+            try:
+                if resp.status_code == 206:  # bytes 0-0/TOTAL ("*": unknown, None)
+                    return parse_content_range(resp.headers.get("content-range"))[2]
+                return int(resp.headers["content-length"])
+            except (KeyError, ValueError, RangeError):
+                return None
+
         async def op(ep: Endpoint) -> int:
+            where = f"{ep.host}/{ref.repository}@{digest}"
+            try:
+                resp, _ = await self._blob_call(ep, ref, digest, "HEAD", reader=_no_body)
+            except RegistryError as e:
+                if e.status not in HEAD_REFUSED:
+                    raise
+                how = f"HEAD refused (HTTP {e.status})"
+            else:
+                size = size_from(resp)
+                if size is not None:
+                    return size
+                how = "HEAD without Content-Length"
             resp, _ = await self._blob_call(
                 ep,
                 ref,
                 digest,
-                "HEAD",
+                "GET",
+                headers={"Range": "bytes=0-0"},
                 reader=_no_body,
+                ok=(200, 206),
+                max_body=1,
             )
-            try:
-                return int(resp.headers["content-length"])
-            except (KeyError, ValueError) as e:
+            size = size_from(resp)
+            if size is None:
                 raise RegistryError(
-                    f"{ep.host}/{ref.repository}@{digest}: HEAD without Content-Length",
+                    f"{where}: {how}, and a GET of its first byte told no size (HTTP "
+                    f"{resp.status_code}, Content-Range {resp.headers.get('content-range')!r}, "
+                    f"Content-Length {resp.headers.get('content-length')!r})",
                     host=ep.host,
                     repository=ref.repository,
                     digest=digest,
-                ) from e
+                )
+            return size
 
         return await self._on_endpoints(ref, op, origin_only=origin_only)
 
@@ -1156,37 +1167,62 @@ class RegistryClient:
             if resp.status_code == 200 and multi:
                 return {}  # server ignores multi-range; we fall back below
             _check_identity(resp)
+
+            def bad(message: str, kind: type[RangeError] = RangeError) -> RangeError:
+                return fault(message, kind, _redirected_host(resp, ep))
+
             try:
                 plan = range_body(group, resp.status_code, resp.headers)
             except RangeNotHonoured as e:
-                raise fault(f"registry {ep.host} {e}", RangeNotHonoured) from e
+                raise bad(str(e), RangeNotHonoured) from e
             except RangeError as e:
-                raise fault(str(e)) from e
-            body = await _read_raw(
-                resp,
-                plan.limit,
-                lambda n: fault(
+                raise bad(str(e)) from e
+
+            def too_long(n: int) -> RangeError:
+                if resp.status_code == 200:  # no Content-Length said so before the body did
+                    return bad(
+                        f"ignores Range requests (answered 200 with more than {plan.limit} "
+                        f"bytes to {range_header(group)}): the blob cannot be pulled lazily "
+                        "from it",
+                        RangeNotHonoured,
+                    )
+                return bad(
                     f"answer to {range_header(group)} longer than the {plan.limit} bytes "
                     f"expected (received {n} and stopped reading)"
-                ),
-            )
+                )
+
+            body = await _read_raw(resp, plan.limit, too_long)
             if plan.boundary is not None:
                 try:
                     got = parse_multipart_byteranges(body, plan.boundary)
                 except RangeError as e:
-                    raise fault(str(e)) from e
-                return covered(got)
+                    raise bad(str(e)) from e
+                return covered(got, bad)
             if len(body) != plan.limit:
-                raise fault(
+                raise bad(
                     f"range {plan.start}-{plan.start + plan.limit - 1} body has {len(body)} bytes"
                 )
             got = {(plan.start, plan.start + plan.limit): body}
             # One part to several spans: all of them when the server merged them (RFC 9110
             # §14.2 lets it), some when it answers the first range only (S3 may): the spans
             # it left out are asked one at a time below.
-            return got if multi else covered(got)
+            return got if multi else covered(got, bad)
 
-        def fault(message: str, kind: type[RangeError] = RangeError) -> RangeError:
+        def fault(
+            message: str, kind: type[RangeError] = RangeError, redirected: str | None = None
+        ) -> RangeError:
+            """The error for an answer unlike the request; ``redirected``: the host that
+            answered, where the registry redirected (a CDN, an object store), is the one
+            named as doing so — the registry answered as it should."""
+            if kind is RangeNotHonoured:  # the message says what the server does
+                who = (
+                    f"storage host {redirected}, where the registry redirected,"
+                    if redirected
+                    else f"registry {ep.host}"
+                )
+                message = f"{who} {message}"
+            elif redirected:
+                message += f" (from {redirected}, where the registry redirected)"
             return kind(
                 f"{ep.host}/{ref.repository}@{digest}: {message}",
                 host=ep.host,
@@ -1194,13 +1230,15 @@ class RegistryClient:
                 digest=digest,
             )
 
-        def covered(got: dict[tuple[int, int], bytes]) -> dict[tuple[int, int], bytes]:
+        def covered(
+            got: dict[tuple[int, int], bytes], bad: Callable[[str], RangeError] = fault
+        ) -> dict[tuple[int, int], bytes]:
             # Checked inside the request so that an answer for other bytes is retried.
             for s in group:
                 try:
                     slice_from(got, s.start, s.size)
                 except RangeError as e:
-                    raise fault(str(e)) from e
+                    raise bad(str(e)) from e
             return got
 
         try:
@@ -1527,6 +1565,13 @@ def _limited_reader(limit: int | None, what: str = "manifest") -> Reader[bytes]:
         )
 
     return reader
+
+
+def _redirected_host(resp: httpx.Response, ep: Endpoint) -> str | None:
+    """The host (``HOST[:PORT]``) that sent ``resp`` when it is not ``ep``'s — one the
+    registry redirected the request to — else None."""
+    where = resp.request.url.netloc.decode("ascii", "replace")
+    return None if where == urlsplit(ep.base_url).netloc else where
 
 
 def _check_identity(resp: httpx.Response) -> None:

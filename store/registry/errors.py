@@ -6,7 +6,33 @@ messages; they never need to look at httpx exceptions.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import ssl
+
+# What a registry, the host it redirects to or its token server answers while busy or failing
+# for a moment (RFC 9110 §15.5.9, §15.6; RFC 6585 §4): the request is sent again.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# The longest wait a Retry-After (429, 503) gets before the next try; callers' deadlines bound
+# the whole request anyway.
+RETRY_AFTER_MAX = 10.0
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110 §10.2.3: delay-seconds or an
+    HTTP-date), None when absent or unreadable; never negative."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 class RegistryError(Exception):

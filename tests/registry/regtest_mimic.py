@@ -79,7 +79,7 @@ class Mimic:
                     return
                 owner.serve(self, path)
 
-            do_GET = do_HEAD = _any
+            do_GET = do_HEAD = do_POST = _any
 
             def log_message(self, *args: object) -> None:
                 pass

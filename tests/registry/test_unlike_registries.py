@@ -19,7 +19,15 @@ import anyio
 import pytest
 from regtest_mimic import Mimic, send, serve_bytes
 
-from store.registry import NotFoundError, RegistryClient, RegistryUnavailable
+from store.registry import (
+    AuthenticationError,
+    NotFoundError,
+    RangeError,
+    RangeNotHonoured,
+    RegistryBlobSource,
+    RegistryClient,
+    RegistryUnavailable,
+)
 from store.registry.credentials import Credentials
 from store.registry.hosts import parse_resolver_config
 from tests.tls import make_tls_files
@@ -447,3 +455,191 @@ async def test_credentials_follow_a_redirect_from_plain_http_up_to_https(tmp_pat
     with Mimic(registry, tls=server_tls) as reg:
         digest = reg.add_blob(DATA)
         assert await _read_as_alice(reg, "http", ca, digest) == DATA[3:33]
+
+
+@pytest.mark.parametrize("status", [503, 429])
+async def test_a_token_server_busy_for_a_moment_is_asked_again(status: int) -> None:
+    """The registry calls the token expired mid-pull (distribution's ``invalid_token``) and
+    the token server (another host) answers its next request with a 503 or a 429 with
+    ``Retry-After``: the read asks it again after that wait, as it would the registry, and
+    gets its bytes. Before, the one busy answer failed the read at once (an
+    AuthenticationError "answered HTTP 503", never retried: EIO for the file being read),
+    where the Go store's retrying HTTP client asks again."""
+    issued: dict[str, float] = {}
+    busy = {"left": 0, "at": []}
+
+    def token_service(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+        if busy["left"]:
+            busy["left"] -= 1
+            busy["at"].append(time.monotonic())
+            send(h, status, b"busy", retry_after="1")
+            return True
+        token = f"t{len(issued)}"
+        issued[token] = time.monotonic()
+        send(h, 200, json.dumps({"token": token, "expires_in": 60}).encode())
+        return True
+
+    with Mimic(token_service, bind="127.0.0.2") as tokens:
+
+        def registry(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+            challenge = f'Bearer realm="http://{tokens.host}/token",service="mimic"'
+            token = h.headers.get("Authorization", "").removeprefix("Bearer ")
+            if token not in issued or time.monotonic() - issued[token] > 0.5:
+                send(h, 401, b"", www_authenticate=challenge + ',error="invalid_token"')
+                return True
+            return False
+
+        with Mimic(registry) as reg:
+            digest = reg.add_blob(DATA)
+            ref = f"{reg.host}/unlike/busy-token:v1"
+            async with RegistryClient(timeout=5, retries=2, backoff=0.01) as c:
+                assert await c.read_range(ref, digest, 0, 10) == DATA[:10]
+                await anyio.sleep(0.6)  # the registry now calls that token expired
+                busy["left"] = 1
+                start = time.monotonic()
+                assert await c.read_range(ref, digest, 10, 10) == DATA[10:20]
+                waited = time.monotonic() - start
+            assert c.stats.retries == 1 and busy["left"] == 0
+            assert 0.9 <= waited < 5, waited  # as Retry-After said
+            assert len(issued) == 2
+
+
+def _whole_chunked(h) -> None:  # type: ignore[no-untyped-def]
+    """The whole blob, 200, chunked: no Content-Length tells its size before the body."""
+    h.send_response(200)
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    for i in range(0, len(DATA), 65536):
+        piece = DATA[i : i + 65536]
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+    h.wfile.write(b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("answer", ["200", "200-chunked", "wrong-range"])
+async def test_a_storage_host_answering_other_bytes_than_asked_is_the_one_named(
+    answer: str,
+) -> None:
+    """The registry redirects blob GETs, Range and all, to a storage host (a CDN) that ignores
+    Range (the whole blob, 200, with or without a Content-Length) or answers other bytes:
+    the error names that host as the one doing so, as a failure to reach it does. Before, a
+    200 read "registry <the registry> ignores Range requests" — the registry, which answered
+    as it should — and a wrong range named no host at all; a chunked 200 read "longer than
+    the 100 bytes expected", not that Range was ignored."""
+    with Mimic(bind="127.0.0.2") as storage:
+
+        def storage_policy(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+            if answer == "200":
+                send(h, 200, DATA)
+            elif answer == "200-chunked":
+                _whole_chunked(h)
+            else:
+                send(h, 206, DATA[5000:5100], content_range=f"bytes 5000-5099/{len(DATA)}")
+            return True
+
+        storage.policy = storage_policy
+        with Mimic(_redirecting(storage, [])) as reg:
+            digest = reg.add_blob(DATA)
+            async with RegistryClient(timeout=5, retries=1, backoff=0.01) as c:
+                with pytest.raises(RangeError) as exc:
+                    await c.read_range(f"{reg.host}/unlike/cdn-range:v1", digest, 0, 100)
+    message = str(exc.value)
+    assert message.startswith(f"{reg.host}/unlike/cdn-range@{digest}: "), message
+    if answer == "wrong-range":
+        assert message.endswith(f"(from {storage.host}, where the registry redirected)"), message
+        return
+    assert isinstance(exc.value, RangeNotHonoured)
+    assert f"storage host {storage.host}, where the registry redirected, ignores Range " in (
+        message
+    ), message
+    assert f"registry {reg.host}" not in message, message
+
+
+@pytest.mark.parametrize("head", ["405", "501", "no-length"])
+async def test_a_blob_size_a_head_does_not_tell_is_read_from_a_one_byte_get(head: str) -> None:
+    """A registry (or the storage host it redirects to) that refuses HEAD on blobs, or
+    answers it without a Content-Length: the size comes from a ``GET`` of the first byte
+    (its ``Content-Range`` total), as the Go stargz-snapshotter asks; a blob that is not
+    there is still "not found" (a push's existence check). Before, the size was an
+    "unexpected HTTP 405" (or "HEAD without Content-Length") and a push failed on it."""
+
+    def policy(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+        if h.command != "HEAD" or "/blobs/" not in path:
+            return False
+        if head == "no-length":
+            h.send_response(200)
+            h.end_headers()
+            h.close_connection = True
+        else:
+            send(h, int(head), b"")
+        return True
+
+    with Mimic(policy) as reg:
+        digest = reg.add_blob(DATA)
+        ref = f"{reg.host}/unlike/head:v1"
+        async with RegistryClient(timeout=5, backoff=0.01) as c:
+            assert await c.blob_size(ref, digest) == len(DATA)
+            assert await c.blob_exists(ref, "sha256:" + "0" * 64) is False
+            assert await RegistryBlobSource(c, ref, digest).read_at(299_990, 100) == DATA[-10:]
+    gets = [s for s in reg.seen if s["method"] == "GET" and s["path"].endswith(digest)]
+    assert gets[0]["headers"].get("Range") == "bytes=0-0", gets
+
+
+@pytest.mark.parametrize("moved", ["path", "other-host", "refresh-token", "loop"])
+async def test_a_token_realm_that_redirects_is_followed(moved: str) -> None:
+    """The registry's challenge names a realm that answers with a redirect (a token service
+    moved to a new path or host, ``http://`` sent up to ``https://``): the token request
+    follows it, as Go's http.Client does for containers/image and containerd, and the read
+    gets its bytes. Before, the 301 was an AuthenticationError ("answered HTTP 301"). The
+    user's Basic credentials go along on the realm's own host only; a refresh token's form
+    is posted again after a 307; a redirect loop ends after a few hops with an error."""
+    token_requests: list[dict] = []
+    with Mimic(bind="127.0.0.3") as elsewhere, Mimic(bind="127.0.0.2") as tokens:
+
+        def token_service(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+            length = int(h.headers.get("Content-Length") or 0)
+            form = h.rfile.read(length).decode() if length else ""
+            token_requests.append(
+                {"path": h.path, "method": h.command, "form": form}
+                | {"auth": h.headers.get("Authorization")}
+            )
+            if path == "/old" or moved == "loop":
+                target = elsewhere.host if moved == "other-host" else tokens.host
+                query = h.path.partition("?")[2]
+                status = 307 if moved == "refresh-token" else 301
+                send(h, status, location=f"http://{target}/token?{query}")
+            else:
+                send(h, 200, json.dumps({"token": "good"}).encode())
+            return True
+
+        tokens.policy = elsewhere.policy = token_service
+
+        def registry(h, path: str) -> bool:  # type: ignore[no-untyped-def]
+            if h.headers.get("Authorization") != "Bearer good":
+                realm = f"http://{tokens.host}/old"
+                send(h, 401, www_authenticate=f'Bearer realm="{realm}",service="mimic"')
+                return True
+            return False
+
+        with Mimic(registry) as reg:
+            digest = reg.add_blob(DATA)
+            creds = (
+                Credentials("alice", "", identity_token="refresh-me")
+                if moved == "refresh-token"
+                else Credentials("alice", "wonderland")
+            )
+            async with RegistryClient(timeout=5, credentials={reg.host: creds}) as c:
+                read = c.read_range(f"{reg.host}/unlike/realm:v1", digest, 0, 10)
+                if moved == "loop":
+                    with pytest.raises(AuthenticationError, match="answered HTTP 301"):
+                        await read
+                    assert len(token_requests) == 6  # the first and five redirects
+                    return
+                assert await read == DATA[:10]
+    first, last = token_requests[0], token_requests[-1]
+    assert len(token_requests) == 2 and last["path"].startswith("/token"), token_requests
+    if moved == "refresh-token":
+        assert last["method"] == "POST" and "refresh_token=refresh-me" in last["form"], last
+    elif moved == "other-host":
+        assert first["auth"] == BASIC and last["auth"] is None, token_requests
+    else:
+        assert first["auth"] == last["auth"] == BASIC, token_requests
