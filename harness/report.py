@@ -764,7 +764,10 @@ def describe_link(link: dict[str, Any]) -> str:
         f"{rate:g} Mbit/s, {profile.get('rtt_ms', 0):g} ms RTT" if rate else "unshaped"
     )
     if link.get("delay_method"):
-        text += f" (delay: {link['delay_method']})"
+        # False only: runs recorded before the delayer ran real-time do not say (None).
+        slow = link.get("delay_realtime") is False
+        text += f" (delay: {link['delay_method']}"
+        text += ", at normal priority: slower when the CPU is busy)" if slow else ")"
     measured = link.get("measured") or {}
     if measured:
         text += (

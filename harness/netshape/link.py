@@ -83,6 +83,8 @@ class NetworkLink(Service):
         self.host_addr = "127.0.0.1"
         self.ns_addr = "127.0.0.1"
         self.delay_used: str | None = None
+        # Whether the NFQUEUE delayer runs at real-time priority (None: no delayer).
+        self.delay_realtime: bool | None = None
         self.measurement: LinkMeasurement | None = None
         self._delayer: subprocess.Popen | None = None
         self._probe: subprocess.Popen | None = None
@@ -187,6 +189,13 @@ class NetworkLink(Service):
             preexec_fn=die_with_parent,
         )
         _wait_ready(self._delayer, "NFQUEUE delayer", timeout=15)
+        self.delay_realtime = _is_realtime(self._delayer.pid)
+        if not self.delay_realtime:
+            log.warning(
+                "the NFQUEUE delayer of the %s link runs at normal priority: a busy CPU "
+                "delays packets beyond the profile's RTT",
+                self.profile.name,
+            )
         _run(*self.prefix, "iptables", "-w", "5", "-I", "INPUT", *self._rule())
 
     def _rule(self) -> list[str]:
@@ -270,6 +279,7 @@ class NetworkLink(Service):
             "host_addr": self.host_addr,
             "ns_addr": self.ns_addr,
             "delay_method": self.delay_used,
+            "delay_realtime": self.delay_realtime,
             "measured": self.measurement.as_dict() if self.measurement else None,
         }
 
@@ -331,6 +341,15 @@ def _tbf_args(rate_mbit: float, rtt_ms: float) -> list[str]:
     burst = max(64 * 1024, int(rate_bytes * 0.002))
     limit = max(256 * 1024, int(rate_bytes * max(rtt_ms, 1.0) / 1000 * 2)) + burst
     return ["rate", f"{rate_mbit}mbit", "burst", str(burst), "limit", str(limit)]
+
+
+def _is_realtime(pid: int) -> bool:
+    """Whether process ``pid`` runs under a real-time policy (the delayer sets its own:
+    :func:`harness.netshape.delayer.run_realtime`)."""
+    try:
+        return os.sched_getscheduler(pid) in (os.SCHED_FIFO, os.SCHED_RR)
+    except OSError:
+        return False
 
 
 def _free_subnet() -> ipaddress.IPv4Network:

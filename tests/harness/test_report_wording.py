@@ -98,3 +98,20 @@ def test_the_ratio_section_says_how_the_published_total_was_taken(tmp_path: Path
     text = (run / "report.md").read_text()
     assert "Ours is the p95 of each sample's total" in text
     assert "pull, create and run added up" in text
+
+
+def test_a_link_delayed_at_normal_priority_says_so() -> None:
+    """A link whose NFQUEUE delayer could not run at real-time priority is slower than its
+    profile whenever the CPU is busy: the report's link line says so; a run recorded before
+    the link said either way (no ``delay_realtime``) reads as it did."""
+    from harness.report import describe_link
+
+    link = {
+        "profile": {"name": "wan", "rate_mbit": 100.0, "rtt_ms": 40.0},
+        "delay_method": "nfqueue",
+        "measured": {"rate_mbit": 95.6, "rtt_ms": 40.2},
+    }
+    assert "(delay: nfqueue);" in describe_link(link)
+    assert "(delay: nfqueue);" in describe_link({**link, "delay_realtime": True})
+    slow = describe_link({**link, "delay_realtime": False})
+    assert "(delay: nfqueue, at normal priority: slower when the CPU is busy);" in slow
