@@ -55,7 +55,9 @@ Our additions (top level):
                          opaque directory, which a normally pulled base never gives.
 ``toc_max_bytes``        largest TOC accepted, uncompressed JSON bytes (default 256 MiB); a
                          larger one — or a compressed TOC that could inflate past it — is
-                         refused before it is decoded, with an error naming the limit
+                         refused before it is decoded, with an error naming the limit; a
+                         zstd:chunked layer's tar-split (podman 5) may inflate to this plus
+                         4 KiB per tar member of its TOC
 ``toc_max_entries``      most TOC entries accepted (default 1,000,000; the index costs about
                          0.7 KB per entry); decoding stops at the first entry past it
 ``chunk_max_bytes``      largest chunk accepted, uncompressed bytes (default 64 MiB): a chunk

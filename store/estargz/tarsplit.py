@@ -94,7 +94,8 @@ def check_tar_split(
     ``toc_json`` is the verified TOC; ``tar_split`` the compressed tar-split frame's payload
     (None: the layer's annotations locate none). A TOC without ``tarSplitDigest`` is not
     checked (nothing authenticates a tar-split then); one with it needs ``tar_split``, whose
-    sha256 must be that digest and which may inflate to at most ``limits.max_bytes``."""
+    sha256 must be that digest and which may inflate to at most
+    :func:`tar_split_max_bytes` for the TOC's tar members."""
     toc = _decode(toc_json, where)
     want = toc.tarSplitDigest
     if not want:
@@ -117,7 +118,7 @@ def check_tar_split(
         if name in pending:
             raise InvalidToc(f"{where}: the TOC names {name!r} twice (its tar-split cannot match)")
         pending[name] = e
-    for ti in _headers(tar_split, where, limits):
+    for ti in _headers(tar_split, where, limits, len(pending)):
         name = _clean(ti.name, f"{where}: tar-split")
         e = pending.pop(name, None)
         if e is None:
@@ -230,19 +231,38 @@ _SPLIT_DECODER = msgspec.json.Decoder(_SplitEntry)
 # member's headers are about 3 MiB, 4 MiB in base64.
 MAX_SPLIT_LINE = 16 << 20
 
+# What a tar-split may inflate to beyond the limit on TOC bytes, for each tar member of its
+# TOC. It records every member's raw headers in base64 within JSON, with a line for the
+# member's contents: about 800 bytes for a member with a plain 512-byte header, about 2 KB
+# with PAX records (a long name, xattrs), where the member's TOC entry takes about 80. Held
+# to ``limits.max_bytes`` alone (256 MiB by default), a podman 5 zstd:chunked layer of
+# about 340,000 files — a 30 MB TOC, a third of the entries ``max_entries`` admits — was
+# refused ("tar-split: inflates past 268435456 bytes") and podman pulled it in full;
+# containers/storage itself streams a tar-split to a file, its size unbounded
+# (``pkg/chunked/compression_linux.go``: ``readZstdChunkedManifest``).
+SPLIT_BYTES_PER_MEMBER = 4 << 10
 
-def _lines(tar_split: bytes, what: str, limits: TocLimits) -> Iterator[bytes]:
+
+def tar_split_max_bytes(members: int, limits: TocLimits) -> int:
+    """The most a tar-split of a TOC naming ``members`` tar members may inflate to:
+    ``limits.max_bytes`` plus :data:`SPLIT_BYTES_PER_MEMBER` for each member. Its lines are
+    read one at a time (:func:`_lines`), so this bounds the time a hostile tar-split costs,
+    not memory; with the limit on TOC entries it is at most ~4 GiB under the defaults."""
+    return limits.max_bytes + SPLIT_BYTES_PER_MEMBER * members
+
+
+def _lines(tar_split: bytes, what: str, limits: TocLimits, members: int = 0) -> Iterator[bytes]:
     """The lines of the compressed tar-split (each with its newline, the last one perhaps
     without), inflated a piece at a time (:func:`~.zstdchunked._inflate_pieces`, at most
-    ``limits.max_bytes`` in all): never all at once, and no line longer than
-    :data:`MAX_SPLIT_LINE` (:class:`InvalidToc`, before it is decoded; podman then pulls the
-    layer itself). One line of a 5 KB frame inflating to 60 MiB, held whole, copied, decoded
-    and its PAX header parsed, took 240 MB and 13 s to refuse."""
+    :func:`tar_split_max_bytes` for ``members`` tar members in all): never all at once, and
+    no line longer than :data:`MAX_SPLIT_LINE` (:class:`InvalidToc`, before it is decoded;
+    podman then pulls the layer itself). One line of a 5 KB frame inflating to 60 MiB, held
+    whole, copied, decoded and its PAX header parsed, took 240 MB and 13 s to refuse."""
     from .zstdchunked import _inflate_pieces
 
     carry = bytearray()  # the start of a line that goes on in the next piece
     n = 0
-    for piece in _inflate_pieces(tar_split, limits.max_bytes, what):
+    for piece in _inflate_pieces(tar_split, tar_split_max_bytes(members, limits), what):
         start = 0
         while (newline := piece.find(b"\n", start)) >= 0:
             n += 1
@@ -268,9 +288,12 @@ def _lines(tar_split: bytes, what: str, limits: TocLimits) -> Iterator[bytes]:
         yield bytes(carry)
 
 
-def _headers(tar_split: bytes, where: str, limits: TocLimits) -> Iterator[tarfile.TarInfo]:
-    """The tar headers the tar-split records, in order (:class:`InvalidToc` for a tar-split
-    that does not inflate within ``limits.max_bytes``, has more lines than
+def _headers(
+    tar_split: bytes, where: str, limits: TocLimits, members: int = 0
+) -> Iterator[tarfile.TarInfo]:
+    """The tar headers the tar-split of a TOC naming ``members`` tar members records, in
+    order (:class:`InvalidToc` for a tar-split that does not inflate within
+    :func:`tar_split_max_bytes`, has more lines than
     ``limits.max_entries`` members need, is not tar-split JSON, or whose headers ``tarfile``
     cannot read, :class:`_PaxCheckedTarInfo`'s included, or has a line longer than
     :data:`MAX_SPLIT_LINE`). Its lines are inflated and decoded one at a time (:func:`_lines`):
@@ -280,7 +303,7 @@ def _headers(tar_split: bytes, where: str, limits: TocLimits) -> Iterator[tarfil
     # Two lines per tar member (its raw headers, then its contents' entry), a member per TOC
     # entry at most, and the end-of-archive padding.
     most = 2 * limits.max_entries + 16
-    for n, line in enumerate(_lines(tar_split, what, limits)):
+    for n, line in enumerate(_lines(tar_split, what, limits, members)):
         if n >= most:
             raise InvalidToc(
                 f"{what}: more than {most} lines, more than the limit on TOC entries "

@@ -316,3 +316,47 @@ def test_tar_split_lines_cut_across_inflated_pieces_read_whole(monkeypatch, seed
     monkeypatch.setattr(tarsplit, "MAX_SPLIT_LINE", longest - 1)
     with pytest.raises(E.InvalidToc, match=f"line {lines.index(max(lines, key=len)) + 1} is "):
         list(tarsplit._lines(b"", "x", E.DEFAULT_LIMITS))
+
+
+def _many_files_layer(n: int) -> tuple[bytes, bytes, int]:
+    """``(TOC JSON, compressed tar-split, its inflated size)`` of a podman 5 zstd:chunked
+    layer of ``n`` empty files, by our writer."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(n):
+            ti = tarfile.TarInfo(f"f{i:06d}")
+            ti.mode, ti.mtime = 0o644, 1_700_000_000
+            tar.addfile(ti, io.BytesIO(b""))
+    out = io.BytesIO()
+    res = Z.write_zstd_chunked(io.BytesIO(buf.getvalue()), out, generation="podman5")
+    blob = out.getvalue()
+    pos = E.ManifestPosition.parse(res.annotations[Z.MANIFEST_POSITION_KEY])
+    offset, length, inflated = (int(v) for v in res.annotations[Z.TARSPLIT_POSITION_KEY].split(":"))
+    toc_json = zstandard.ZstdDecompressor().decompress(blob[pos.offset :][: pos.length])
+    return toc_json, blob[offset : offset + length], inflated
+
+
+def test_a_tar_split_is_not_held_to_the_limit_on_toc_bytes():
+    """A tar-split records each member's raw headers in base64 (~800 bytes a plain one)
+    where the TOC has ~80 bytes an entry: held to ``max_bytes`` like the TOC, a layer of a
+    third of the entries ``max_entries`` admits (~340,000 files under the defaults, a 30 MB
+    TOC) was refused ("tar-split: inflates past 268435456 bytes") and podman pulled it in
+    full. Scaled down: a TOC within both limits, its tar-split well past ``max_bytes``."""
+    toc_json, split, inflated = _many_files_layer(300)
+    limits = E.TocLimits(max_bytes=100_000, max_entries=1000)
+    assert len(toc_json) < limits.max_bytes < inflated
+    check_tar_split(toc_json, split, "layer X", limits)
+
+
+def test_a_tar_split_past_its_allowance_per_member_is_refused():
+    """What a tar-split may inflate to grows with the TOC's members, never past
+    ``max_bytes`` plus 4 KiB a member: blank lines beyond it are refused at that size."""
+    from store.estargz.tarsplit import tar_split_max_bytes
+
+    limits = E.TocLimits(max_bytes=1 << 20, max_entries=1000)
+    cap = tar_split_max_bytes(1, limits)
+    assert cap == (1 << 20) + 4096
+    split = zstandard.ZstdCompressor().compress((b" " * 50_000 + b"\n") * 30)
+    toc = _with_split({"version": 1, "entries": [{"type": "reg", "name": "f"}]}, split)
+    with pytest.raises(E.InvalidToc, match=f"tar-split: inflates past {cap} bytes"):
+        check_tar_split(json.dumps(toc).encode(), split, "layer X", limits)

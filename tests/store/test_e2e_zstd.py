@@ -432,3 +432,38 @@ def test_a_toc_that_disagrees_with_its_tar_split_is_refused(
     log = store.log.read_text()
     assert f"refusing layer {bad.digest}" in log
     assert "'f' does not match the layer's tar-split: mode 4755, the tar's 755" in log
+
+
+def test_a_layer_within_the_toc_caps_is_served_whatever_its_tar_split_s_size(
+    registry, store_factory
+):
+    """A podman 5 layout's tar-split takes ~800 bytes a file where its TOC takes ~80: held to
+    ``toc_max_bytes`` like the TOC, a layer of ~340,000 files (a 30 MB TOC, a third of the
+    default ``toc_max_entries``) was refused ("tar-split: inflates past 268435456 bytes").
+    Scaled down: a layer at ``toc_max_entries`` whose TOC is half of ``toc_max_bytes`` and
+    its tar-split four times it is served; one entry more is refused, naming the limit."""
+    cap_bytes = 400_000
+
+    def layer(files: int) -> Blob:
+        def add(tar: tarfile.TarFile) -> None:
+            for i in range(files):
+                add_file(tar, f"f{i:05d}")
+
+        return to_zstd_chunked_ours(make_tar(add), generation="podman5")
+
+    at_cap = layer(2000)
+    pos = zstd_chunked_layer(at_cap.annotations).position
+    toc = zstandard.ZstdDecompressor().decompress(
+        at_cap.data[pos.offset : pos.offset + pos.length], max_output_size=cap_bytes
+    )
+    assert len(json.loads(toc)["entries"]) == 2000 and len(toc) < cap_bytes // 2
+    host = registry.host
+    push(host, "cap/at", "1", [at_cap])
+    push(host, "cap/over", "1", [over := layer(2001)])
+    store = store_factory(f"toc_max_entries = 2000\ntoc_max_bytes = {cap_bytes}\n")
+    diff = store.layer_dir(f"{host}/cap/at:1", at_cap.digest) / "diff"
+    assert len(os.listdir(diff)) == 2000
+    with pytest.raises(OSError) as refused:
+        os.stat(store.layer_dir(f"{host}/cap/over:1", over.digest) / "diff")
+    assert refused.value.errno == errno.EIO
+    assert "more than 2000 entries (the limit on TOC entries)" in store.log.read_text()
