@@ -307,7 +307,7 @@ def _headers(
         if n >= most:
             raise InvalidToc(
                 f"{what}: more than {most} lines, more than the limit on TOC entries "
-                f"({limits.max_entries}) allows"
+                f"({limits.max_entries}, store config toc_max_entries) allows"
             )
         if not line.strip():
             continue

@@ -274,7 +274,7 @@ def scan_toc(
         if names > limits.max_entries:
             raise InvalidToc(
                 f"TOC at offset {footer.toc_offset}: more than {limits.max_entries} entries "
-                "(the limit on TOC entries)"
+                "(the limit on TOC entries: store config toc_max_entries)"
             )
         if hint is None:
             hint, ranges, order = _landmark_fields(window)
@@ -500,7 +500,10 @@ class _Members(io.RawIOBase):
                 self._d = zlib.decompressobj(wbits=31)
                 self._in, self._rest = self._rest, b""
             if self._left <= 0:
-                raise InvalidToc(f"{self._where}: TOC inflates past the limit on TOC bytes")
+                raise InvalidToc(
+                    f"{self._where}: TOC inflates past the limit on TOC bytes (store config "
+                    "toc_max_bytes)"
+                )
             try:
                 out = self._d.decompress(self._in, min(len(b), self._left))
             except zlib.error as exc:
@@ -554,7 +557,8 @@ def _gzip_tar_pieces(data: bytes, cap: int, where: str) -> Iterator[bytes]:
                 raise InvalidToc(f"{where}: first tar entry is {info.name!r}, not {TOC_TAR_NAME}")
             if info.size > cap:
                 raise InvalidToc(
-                    f"{where}: TOC is {info.size} bytes, over the limit on TOC bytes ({cap})"
+                    f"{where}: TOC is {info.size} bytes, over the limit on TOC bytes ({cap}, "
+                    "store config toc_max_bytes)"
                 )
             f = tar.extractfile(info)
             assert f is not None
@@ -576,7 +580,10 @@ def _zstd_pieces(data: bytes, footer: Footer, cap: int, where: str) -> Iterator[
 
     expected = footer.toc_uncompressed_size
     if expected is not None and expected > cap:
-        raise InvalidToc(f"{where}: TOC is {expected} bytes, over the limit on TOC bytes ({cap})")
+        raise InvalidToc(
+            f"{where}: TOC is {expected} bytes, over the limit on TOC bytes ({cap}, store config "
+            "toc_max_bytes)"
+        )
     limit = expected if expected is not None else cap
     total = 0
     try:
@@ -793,7 +800,7 @@ def _stream_entries(
                             if count > limits.max_entries:
                                 raise InvalidToc(
                                     f"{where}: more than {limits.max_entries} entries "
-                                    "(the limit on TOC entries)"
+                                    "(the limit on TOC entries: store config toc_max_entries)"
                                 )
                             yield entry
                             if s.expect(",]", "',' or ']'") == "]":

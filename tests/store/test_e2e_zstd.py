@@ -466,4 +466,6 @@ def test_a_layer_within_the_toc_caps_is_served_whatever_its_tar_split_s_size(
     with pytest.raises(OSError) as refused:
         os.stat(store.layer_dir(f"{host}/cap/over:1", over.digest) / "diff")
     assert refused.value.errno == errno.EIO
-    assert "more than 2000 entries (the limit on TOC entries)" in store.log.read_text()
+    assert "more than 2000 entries (the limit on TOC entries: store config toc_max_entries)" in (
+        store.log.read_text()
+    )
