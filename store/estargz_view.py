@@ -174,6 +174,7 @@ async def load_layer_index(
         with span(timeline, "parse") as out:
             view = EstargzLayerView(await trio.to_thread.run_sync(build))
             out["entries"] = len(view.index.entries)
+    refuse_unverifiable(view.index, where)
     view.prefetch_ranges = scan.prefetch_ranges
     view.toc_json_digest, view.manifest_checksum = scan.digest, checksum
     return view
@@ -233,6 +234,7 @@ async def _load_zstd_chunked(
             )
             view = EstargzLayerView(index)
             out["entries"] = len(view.index.entries)
+    refuse_unverifiable(index, where)
     view._zstd_files = files
     view.toc_json_digest, view.manifest_checksum = json_digest, digest
     return view
@@ -400,6 +402,20 @@ async def measure_tar_size(view: EstargzLayerView, blob: BlobReader) -> int | No
     view.uncompressed_size = total
     view._zstd_files = None
     return total
+
+
+def refuse_unverifiable(index: LayerIndex, where: str) -> None:
+    """Refuse (:class:`~store.estargz.InvalidToc`) a layer with a chunk that no digest
+    verifies (:attr:`LayerIndex.unverifiable`: no ``chunkDigest``, and not a whole file with a
+    ``digest``), as the Go store refuses it at mount (estargz ``Reader.Verifiers``, from
+    ``VerifyTOC``: "some ChunkDigest not found in TOC JSON"). The runtime then pulls the layer
+    whole; mounted, every read of that file failed with EIO and the container with it."""
+    if index.unverifiable is not None:
+        raise estargz.InvalidToc(
+            f"{where}: {index.unverifiable}: no chunkDigest, and not a whole file with a "
+            "sha256 digest to verify it by: its bytes could never be served (the runtime "
+            "pulls the layer whole)"
+        )
 
 
 class EstargzLayerView:

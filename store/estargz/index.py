@@ -295,6 +295,9 @@ class LayerIndex:
         self.prefetch_end_offset: int | None = None
         self.has_no_prefetch_landmark = False
         self.chunk_count = 0
+        # Where the first chunk without a digest to verify it by is (its TOC entry), None when
+        # every chunk has one: such a chunk is never served (_Builder._chunk_digest).
+        self.unverifiable: str | None = None
         # ino of a hardlinked file -> its last hardlink header (TOC order): extraction chowns,
         # chmods and sets the times of the shared inode from each link header it applies
         self.link_headers: dict[int, Entry] = {}
@@ -738,11 +741,16 @@ class _Builder:
         refused too, as chunks are verified and cached by sha256 (:mod:`store.cache`). A
         missing one is the file's ``digest`` when the chunk is the whole file (``file_digest``;
         the Go reader verifies such layers by their files' digests), else ``""``: the chunk
-        cannot be verified and is never served (:func:`~store.estargz.chunk.decompress_chunk`).
+        cannot be verified and is never served (:func:`~store.estargz.chunk.decompress_chunk`),
+        and the index notes the first such place (:attr:`LayerIndex.unverifiable`): the store
+        refuses that layer at load as the Go store does (estargz ``Reader.Verifiers``: "some
+        ChunkDigest not found in TOC JSON"), :func:`store.estargz_view.refuse_unverifiable`.
         """
         if not chunk_digest:
             if len(file_digest) == 71 and _is_sha256(file_digest):
                 return file_digest
+            if self.idx.unverifiable is None:
+                self.idx.unverifiable = str(where).removesuffix(": ")
             return ""
         raise InvalidToc(
             f"{where}chunkDigest {chunk_digest[:80]!r} is no sha256 digest "
