@@ -339,9 +339,11 @@ async def _send_following(http: httpx.AsyncClient, request: httpx.Request) -> ht
     ``http.Client`` follows them for containers/image's and containerd's token requests: a
     realm that moved (``http://`` up to ``https://``, a new path) still gives its token, where
     its 301 was an AuthenticationError. A redirect's body is not read. A 303, and a 301 or
-    302 of a POST, go on as a GET without the form (RFC 9110 §15.4); the Authorization goes
-    to the realm's own origin only, and up from ``http://`` to ``https://`` on the same host
-    and port (as the registry client's rule); the request's extensions (its TLS settings,
+    302 of a POST, go on as a GET without the form (RFC 9110 §15.4); after a 307 or 308 the
+    form is posted again wherever the realm sent it, a refresh token with it, as Go's client
+    does (the token server chose the place); the Authorization header goes to the realm's
+    own origin only, and up from ``http://`` to ``https://`` on the same host and port (as
+    the registry client's rule); the request's extensions (its TLS settings,
     its timeout) go along. The answer after the last redirect allowed, or one to an invalid or
     non-HTTP Location, is returned as it is (the caller refuses it as any answer but 200)."""
     for hop in range(TOKEN_REDIRECTS + 1):
