@@ -49,8 +49,20 @@ from store.registry.registriesconf import (
 log = logging.getLogger("store")
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
-# Signals that stop the store cleanly (unmount, then exit 0).
+# Signals that stop the store cleanly (unmount, then exit 0); SIGHUP only when the store was
+# not started ignoring it (stop_signals).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The :data:`STOP_SIGNALS` this process answers: SIGHUP (the terminal or ssh session it
+    ran in went away) only when it was not ignored at start. ``nohup stargz-store …`` is
+    meant to outlive the session: caught there, the session's end unmounted the store under
+    every container using it."""
+    ignored = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    return tuple(s for s in STOP_SIGNALS if not (s == signal.SIGHUP and ignored))
+
+
 CACHE_DIR = "cache"  # the chunk cache, under --root
 RESOLUTIONS_DIR = "resolutions"  # the tags' resolutions kept across restarts (store/resolutions.py)
 
@@ -328,7 +340,7 @@ async def serve(
     addr: Path | None = None,
     registries_conf: RegistriesConfFiles | None = None,
 ) -> None:
-    """Mount the store on ``mountpoint`` and serve until a stop signal (``STOP_SIGNALS``) or
+    """Mount the store on ``mountpoint`` and serve until a stop signal (:func:`stop_signals`) or
     an external unmount; unmount.
 
     The stop signals are caught from here on, before the mount: one that arrives while the
@@ -338,7 +350,7 @@ async def serve(
     the storage (17 of 20 stores stopped as soon as their mount showed)."""
     import trio
 
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    with trio.open_signal_receiver(*stop_signals()) as signals:
         await _serve(cfg, root, mountpoint, addr, registries_conf, signals)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,7 +11,9 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -403,13 +406,45 @@ def test_sighup_and_sigint_unmount_and_exit_0_as_sigterm_does(tmp_path: Path, si
     failed every podman command on the storage until the store was started again."""
     from tests.store.conftest import StoreProcess, _mounted
 
-    sp = StoreProcess(tmp_path / "s").start()
+    with _sighup_as(signal.SIG_DFL):  # as from a terminal, whatever started the tests
+        sp = StoreProcess(tmp_path / "s").start()
     try:
         assert sp.proc is not None
         sp.proc.send_signal(signum)
         assert sp.proc.wait(15) == 0
         assert not _mounted(sp.mnt)
         assert f"signal {int(signum)}: unmounting" in sp.log.read_text()
+    finally:
+        sp.stop()
+
+
+@contextlib.contextmanager
+def _sighup_as(disposition: Any) -> Iterator[None]:
+    """SIGHUP's disposition in this process, which a child inherits if it is SIG_IGN."""
+    old = signal.signal(signal.SIGHUP, disposition)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
+@pytest.mark.e2e
+def test_a_store_started_under_nohup_outlives_its_session(tmp_path: Path) -> None:
+    """``nohup stargz-store …`` ignores SIGHUP so that the store outlives the session; the
+    store caught it anyway and unmounted under every container using it when the terminal
+    closed. Started ignoring SIGHUP, it keeps ignoring it; SIGTERM still stops it."""
+    from tests.store.conftest import StoreProcess, _mounted
+
+    with _sighup_as(signal.SIG_IGN):
+        sp = StoreProcess(tmp_path / "s").start()
+    try:
+        assert sp.proc is not None
+        sp.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert sp.proc.poll() is None and _mounted(sp.mnt)
+        sp.proc.send_signal(signal.SIGTERM)
+        assert sp.proc.wait(15) == 0
+        assert not _mounted(sp.mnt)
     finally:
         sp.stop()
 
