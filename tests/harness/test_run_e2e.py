@@ -22,6 +22,7 @@ import pytest
 from harness.images import TINY_OUTPUT
 from harness.podman import mounts_below
 from harness.records import RECORDS, read_records
+from tests.harness.test_runner_unit import as_from_a_terminal
 
 pytestmark = [
     pytest.mark.e2e,
@@ -63,6 +64,7 @@ def lazybench(tmp: Path, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=as_from_a_terminal,
     )
 
 

@@ -669,6 +669,15 @@ except Interrupted as exc:
 """
 
 
+def as_from_a_terminal() -> None:
+    """In a child before exec: SIGHUP at its default action, as in a process a terminal
+    started. A test suite run under ``nohup`` (or a CI runner started so) passes SIGHUP on
+    ignored, and lazybench then rightly leaves it ignored (``stop_signals``)."""
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def test_a_hangup_interrupts_a_run_as_sigterm_does() -> None:
     """SIGHUP (the terminal or ssh session went away) killed lazybench on the spot, cleanup
     skipped; it raises :class:`~harness.measure.Interrupted` now, naming it. (In a child: the
@@ -677,7 +686,11 @@ def test_a_hangup_interrupts_a_run_as_sigterm_does() -> None:
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-c", HANGUP_IN_A_RUN], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", HANGUP_IN_A_RUN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=as_from_a_terminal,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "interrupted SIGHUP", proc
 
@@ -722,7 +735,11 @@ def test_main_names_a_hangup_outside_a_run() -> None:
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-c", HANGUP_IN_A_COMMAND], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", HANGUP_IN_A_COMMAND],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=as_from_a_terminal,
     )
     assert proc.returncode == 130, proc
     assert "lazybench: interrupted (SIGHUP)" in proc.stderr
