@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -669,6 +670,19 @@ except Interrupted as exc:
 """
 
 
+def _python_from_a_terminal(script: str) -> subprocess.CompletedProcess[str]:
+    """``python -c script`` as a terminal starts it (:func:`as_from_a_terminal`)."""
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=as_from_a_terminal,
+    )
+
+
 def as_from_a_terminal() -> None:
     """In a child before exec: SIGHUP at its default action, as in a process a terminal
     started. A test suite run under ``nohup`` (or a CI runner started so) passes SIGHUP on
@@ -682,16 +696,7 @@ def test_a_hangup_interrupts_a_run_as_sigterm_does() -> None:
     """SIGHUP (the terminal or ssh session went away) killed lazybench on the spot, cleanup
     skipped; it raises :class:`~harness.measure.Interrupted` now, naming it. (In a child: the
     old default killed the process it came to.)"""
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-c", HANGUP_IN_A_RUN],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=as_from_a_terminal,
-    )
+    proc = _python_from_a_terminal(HANGUP_IN_A_RUN)
     assert proc.returncode == 0 and proc.stdout.strip() == "interrupted SIGHUP", proc
 
 
@@ -731,16 +736,7 @@ sys.exit(main(["cleanup"]))
 def test_main_names_a_hangup_outside_a_run() -> None:
     """Outside a run's measurements (a report, an image build) SIGHUP is raised as SIGTERM
     is, so their cleanup runs and the exit says why."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-c", HANGUP_IN_A_COMMAND],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=as_from_a_terminal,
-    )
+    proc = _python_from_a_terminal(HANGUP_IN_A_COMMAND)
     assert proc.returncode == 130, proc
     assert "lazybench: interrupted (SIGHUP)" in proc.stderr
 
