@@ -134,9 +134,12 @@ def test_small_scenario_end_to_end(full_run: Path, base: Path) -> None:
     assert_nothing_left(base)
 
 
-def test_interrupted_run_resumes_to_the_same_records(full_run: Path, base: Path) -> None:
-    run_dir = base / "runs" / "interrupted"
-    proc = lazybench(base, *run_args(base, "interrupted"))
+def _signalled_after_first_record(
+    base: Path, run_dir: Path, run_id: str, signum: signal.Signals
+) -> tuple[int, str]:
+    """Start the small run ``run_id``, send ``signum`` in the middle of the measurement after
+    its first record, and return its exit status and output."""
+    proc = lazybench(base, *run_args(base, run_id))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         path = run_dir / RECORDS
@@ -145,8 +148,13 @@ def test_interrupted_run_resumes_to_the_same_records(full_run: Path, base: Path)
         time.sleep(0.05)
     assert proc.poll() is None, finish(proc)[1]
     time.sleep(0.3)  # land in the middle of the next measurement
-    proc.send_signal(signal.SIGINT)
-    rc, out = finish(proc, timeout=120)
+    proc.send_signal(signum)
+    return finish(proc, timeout=120)
+
+
+def test_interrupted_run_resumes_to_the_same_records(full_run: Path, base: Path) -> None:
+    run_dir = base / "runs" / "interrupted"
+    rc, out = _signalled_after_first_record(base, run_dir, "interrupted", signal.SIGINT)
     assert rc == 130, out
     assert "resume with" in out
     assert_nothing_left(base)
@@ -171,17 +179,7 @@ def test_a_hangup_mid_run_cleans_up_as_ctrl_c_does(base: Path) -> None:
     working directories (with a container and mounts when it came during the run) left for
     the next run's sweep. It is handled as Ctrl-C is now."""
     run_dir = base / "runs" / "hangup"
-    proc = lazybench(base, *run_args(base, "hangup"))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        path = run_dir / RECORDS
-        if path.exists() and path.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, finish(proc)[1]
-    time.sleep(0.3)  # land in the middle of the next measurement
-    proc.send_signal(signal.SIGHUP)
-    rc, out = finish(proc, timeout=120)
+    rc, out = _signalled_after_first_record(base, run_dir, "hangup", signal.SIGHUP)
     assert rc == 130, out
     assert "interrupted (SIGHUP)" in out and "resume with" in out
     assert_nothing_left(base)
